@@ -1,0 +1,617 @@
+//! Durable cursors: what each subscription has acknowledged.
+//!
+//! A cursor is a mark-delete position (everything at or before it is acknowledged), the
+//! individually acknowledged positions beyond it (a [`RangeSet`]), and string properties.
+//! Acknowledgements change the in-memory state at once; the engine's maintenance thread
+//! persists changed cursors every `cursor_persist_interval` (and `Log::close` persists them
+//! too), so a crash forgets at most the acknowledgements of the last interval: those entries
+//! are delivered again, and nothing unacknowledged is ever skipped.
+//!
+//! Each log keeps its cursors in one journal file, `cursors.journal`: a header, then records,
+//! each a full snapshot of one cursor or a tombstone for a deleted one. The last valid record of
+//! a cursor wins. When the journal grows large it is rewritten with one snapshot per live cursor
+//! (written to `cursors.journal.new`, fsynced, renamed over the old one).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::engine::Shared;
+use crate::error::{Result, StorageError};
+use crate::format::{self, ByteReader, ByteWriter, FileHeader, FileKind, ScanEnd, HEADER_LEN};
+use crate::io::IoFile;
+use crate::log::{Log, LogState};
+use crate::range_set::RangeSet;
+use crate::Position;
+
+const JOURNAL_FILE: &str = "cursors.journal";
+const JOURNAL_REWRITE_FILE: &str = "cursors.journal.new";
+const RECORD_SNAPSHOT: u8 = 1;
+const RECORD_DELETED: u8 = 2;
+/// Journals smaller than this are never rewritten.
+const JOURNAL_REWRITE_MIN_BYTES: u64 = 1 << 20;
+/// Longest cursor name accepted.
+pub const CURSOR_NAME_MAX_BYTES: usize = 1024;
+
+/// Where a new cursor starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InitialPosition {
+    /// Before the first entry still in the log.
+    Earliest,
+    /// After the last durable entry.
+    Latest,
+}
+
+/// The acknowledged state of one cursor.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CursorState {
+    /// Every entry at or before this position is acknowledged. `None`: nothing is, not even the
+    /// first entry still in the log.
+    pub mark_delete: Option<Position>,
+    /// Acknowledged entries after the mark-delete position.
+    pub acknowledged: RangeSet,
+    pub properties: BTreeMap<String, String>,
+}
+
+impl CursorState {
+    pub fn is_acknowledged(&self, position: Position) -> bool {
+        self.mark_delete
+            .is_some_and(|mark_delete| position <= mark_delete)
+            || self.acknowledged.contains(position)
+    }
+}
+
+pub(crate) struct CursorSlot {
+    pub(crate) state: CursorState,
+    /// Changed since it was last persisted.
+    pub(crate) dirty: bool,
+    /// Mark-delete position as last persisted; trimming goes by this one.
+    pub(crate) persisted_mark_delete: Option<Position>,
+}
+
+fn encode_snapshot(name: &str, state: &CursorState, max_ranges: usize) -> Vec<u8> {
+    let mut writer = ByteWriter::default();
+    writer.u8(RECORD_SNAPSHOT);
+    writer.bytes(name.as_bytes());
+    match state.mark_delete {
+        Some(position) => {
+            writer.u8(1);
+            writer.varint(position.ledger_id);
+            writer.varint(position.entry_id);
+        }
+        None => writer.u8(0),
+    }
+    let ranges = state.acknowledged.range_count().min(max_ranges);
+    writer.varint(ranges as u64);
+    // Delta-encoded: ledger ids as increments; within a ledger, each range's first entry as the
+    // gap after the previous range's last entry.
+    let mut previous: Option<(u64, u64)> = None;
+    for (ledger_id, first, last) in state.acknowledged.iter().take(ranges) {
+        match previous {
+            Some((previous_ledger, previous_last)) if previous_ledger == ledger_id => {
+                writer.varint(0);
+                writer.varint(first - previous_last);
+            }
+            Some((previous_ledger, _)) => {
+                writer.varint(ledger_id - previous_ledger);
+                writer.varint(first);
+            }
+            None => {
+                writer.varint(ledger_id);
+                writer.varint(first);
+            }
+        }
+        writer.varint(last - first);
+        previous = Some((ledger_id, last));
+    }
+    writer.varint(state.properties.len() as u64);
+    for (key, value) in &state.properties {
+        writer.bytes(key.as_bytes());
+        writer.bytes(value.as_bytes());
+    }
+    writer.bytes
+}
+
+fn encode_tombstone(name: &str) -> Vec<u8> {
+    let mut writer = ByteWriter::default();
+    writer.u8(RECORD_DELETED);
+    writer.bytes(name.as_bytes());
+    writer.bytes
+}
+
+/// Decodes a journal record into the cursor name and its state (`None`: deleted).
+fn decode_record(body: &[u8]) -> std::result::Result<(String, Option<CursorState>), String> {
+    let mut reader = ByteReader::new(body);
+    let kind = reader.u8()?;
+    let name =
+        String::from_utf8(reader.bytes()?.to_vec()).map_err(|_| "cursor name is not UTF-8")?;
+    match kind {
+        RECORD_DELETED => return Ok((name, None)),
+        RECORD_SNAPSHOT => {}
+        other => return Err(format!("unknown cursor record kind {other}")),
+    }
+    let mut state = CursorState::default();
+    if reader.u8()? == 1 {
+        state.mark_delete = Some(Position::new(reader.varint()?, reader.varint()?));
+    }
+    let ranges = reader.varint()?;
+    let mut previous: Option<(u64, u64)> = None;
+    for _ in 0..ranges {
+        let ledger_step = reader.varint()?;
+        let first_value = reader.varint()?;
+        let length = reader.varint()?;
+        let (ledger_id, first) = match previous {
+            Some((previous_ledger, previous_last)) if ledger_step == 0 => (
+                previous_ledger,
+                previous_last
+                    .checked_add(first_value)
+                    .ok_or("range overflow")?,
+            ),
+            Some((previous_ledger, _)) => (
+                previous_ledger
+                    .checked_add(ledger_step)
+                    .ok_or("ledger overflow")?,
+                first_value,
+            ),
+            None => (ledger_step, first_value),
+        };
+        let last = first.checked_add(length).ok_or("range overflow")?;
+        state.acknowledged.insert_range(ledger_id, first, last);
+        previous = Some((ledger_id, last));
+    }
+    let properties = reader.varint()?;
+    for _ in 0..properties {
+        let key =
+            String::from_utf8(reader.bytes()?.to_vec()).map_err(|_| "property key is not UTF-8")?;
+        let value = String::from_utf8(reader.bytes()?.to_vec())
+            .map_err(|_| "property value is not UTF-8")?;
+        state.properties.insert(key, value);
+    }
+    if !reader.is_empty() {
+        return Err("trailing bytes after cursor snapshot".into());
+    }
+    Ok((name, Some(state)))
+}
+
+/// The cursor journal file of one log.
+pub(crate) struct CursorJournal {
+    directory: PathBuf,
+    path: PathBuf,
+    file: Arc<dyn IoFile>,
+    length: u64,
+    /// Length right after the last rewrite; the journal is rewritten when it grows well past it.
+    length_after_rewrite: u64,
+    /// A write or fsync failed: the file's tail is unknown, so the next persist rewrites it.
+    needs_rewrite: bool,
+    recovered: BTreeMap<String, CursorState>,
+}
+
+impl CursorJournal {
+    pub(crate) fn open(shared: &Shared, directory: &Path) -> Result<CursorJournal> {
+        let io = shared.io.as_ref();
+        let path = directory.join(JOURNAL_FILE);
+        let rewrite_path = directory.join(JOURNAL_REWRITE_FILE);
+        if io.exists(&rewrite_path) {
+            // A rewrite that did not finish; the old journal is still complete.
+            io.remove_file(&rewrite_path)
+                .map_err(|error| StorageError::io("remove", &rewrite_path, error))?;
+        }
+        if !io.exists(&path) {
+            let header = FileHeader {
+                kind: FileKind::CursorJournal,
+                fields: [0; 3],
+            };
+            let file = format::create_file(io, &path, header)?;
+            return Ok(CursorJournal {
+                directory: directory.to_path_buf(),
+                path,
+                file,
+                length: HEADER_LEN,
+                length_after_rewrite: HEADER_LEN,
+                needs_rewrite: false,
+                recovered: BTreeMap::new(),
+            });
+        }
+        let file = io
+            .open(&path)
+            .map_err(|error| StorageError::io("open", &path, error))?;
+        let file_len = file
+            .size()
+            .map_err(|error| StorageError::io("stat", &path, error))?;
+        FileHeader::read(file.as_ref(), &path, FileKind::CursorJournal)?;
+        let mut recovered = BTreeMap::new();
+        let max_body_len = u64::from(u32::MAX);
+        let scan = format::scan_records(
+            file.as_ref(),
+            &path,
+            HEADER_LEN,
+            file_len,
+            max_body_len,
+            |_, body| {
+                let (name, state) = decode_record(body)?;
+                match state {
+                    Some(state) => recovered.insert(name, state),
+                    None => recovered.remove(&name),
+                };
+                Ok(())
+            },
+        )?;
+        let length = match scan {
+            ScanEnd::Clean => file_len,
+            ScanEnd::Damaged { offset, reason } => {
+                let follows = format::valid_record_follows(
+                    file.as_ref(),
+                    &path,
+                    offset,
+                    file_len,
+                    1 << 30,
+                    |body| matches!(body.first(), Some(&RECORD_SNAPSHOT) | Some(&RECORD_DELETED)),
+                )?;
+                if let Some(valid_at) = follows {
+                    return Err(StorageError::corrupted(
+                        &path,
+                        offset,
+                        format!("{reason}, but a valid record follows at offset {valid_at}: not a torn write"),
+                    ));
+                }
+                tracing::warn!(path = %path.display(), offset, %reason, "truncating torn tail of cursor journal");
+                file.set_len(offset)
+                    .map_err(|error| StorageError::io("truncate", &path, error))?;
+                file.sync()
+                    .map_err(|error| StorageError::io("fsync", &path, error))?;
+                offset
+            }
+        };
+        Ok(CursorJournal {
+            directory: directory.to_path_buf(),
+            path,
+            file,
+            length,
+            length_after_rewrite: length,
+            needs_rewrite: false,
+            recovered,
+        })
+    }
+
+    pub(crate) fn recovered_cursors(&self) -> BTreeMap<String, CursorSlot> {
+        self.recovered
+            .iter()
+            .map(|(name, state)| {
+                (
+                    name.clone(),
+                    CursorSlot {
+                        state: state.clone(),
+                        dirty: false,
+                        persisted_mark_delete: state.mark_delete,
+                    },
+                )
+            })
+            .collect()
+    }
+
+    fn should_rewrite(&self) -> bool {
+        self.needs_rewrite
+            || (self.length > JOURNAL_REWRITE_MIN_BYTES
+                && self.length > 4 * self.length_after_rewrite)
+    }
+
+    fn append(&mut self, records: &[Vec<u8>]) -> Result<()> {
+        let mut bytes = Vec::new();
+        for record in records {
+            format::encode_record(&mut bytes, &[record]);
+        }
+        self.file
+            .write_all_at(&bytes, self.length)
+            .map_err(|error| StorageError::io("write", &self.path, error))?;
+        self.file
+            .sync()
+            .map_err(|error| StorageError::io("fsync", &self.path, error))?;
+        self.length += bytes.len() as u64;
+        Ok(())
+    }
+
+    /// Replaces the journal with one holding exactly `records` (a snapshot of every live cursor).
+    fn rewrite(&mut self, shared: &Shared, records: &[Vec<u8>]) -> Result<()> {
+        let io = shared.io.as_ref();
+        let rewrite_path = self.directory.join(JOURNAL_REWRITE_FILE);
+        if io.exists(&rewrite_path) {
+            io.remove_file(&rewrite_path)
+                .map_err(|error| StorageError::io("remove", &rewrite_path, error))?;
+        }
+        let header = FileHeader {
+            kind: FileKind::CursorJournal,
+            fields: [0; 3],
+        };
+        let file = format::create_file(io, &rewrite_path, header)?;
+        let mut bytes = Vec::new();
+        for record in records {
+            format::encode_record(&mut bytes, &[record]);
+        }
+        file.write_all_at(&bytes, HEADER_LEN)
+            .map_err(|error| StorageError::io("write", &rewrite_path, error))?;
+        file.sync()
+            .map_err(|error| StorageError::io("fsync", &rewrite_path, error))?;
+        io.rename(&rewrite_path, &self.path)
+            .map_err(|error| StorageError::io("rename", &rewrite_path, error))?;
+        io.sync_dir(&self.directory)
+            .map_err(|error| StorageError::io("fsync directory", &self.directory, error))?;
+        self.file = file;
+        self.length = HEADER_LEN + bytes.len() as u64;
+        self.length_after_rewrite = self.length;
+        self.needs_rewrite = false;
+        Ok(())
+    }
+}
+
+fn validate_cursor_name(name: &str) -> Result<()> {
+    let reason = if name.is_empty() {
+        "empty"
+    } else if name.len() > CURSOR_NAME_MAX_BYTES {
+        "longer than 1024 bytes"
+    } else {
+        return Ok(());
+    };
+    Err(StorageError::InvalidName {
+        what: "cursor",
+        name: name.chars().take(64).collect(),
+        reason,
+    })
+}
+
+impl LogState {
+    /// The first position after `mark_delete` (or the first entry, for `None`).
+    fn position_after(&self, mark_delete: Option<Position>) -> Position {
+        match mark_delete {
+            Some(position) => self.next_position(position),
+            None => self
+                .segments
+                .iter()
+                .find_map(|segment| {
+                    (segment.entry_count() > 0)
+                        .then(|| Position::new(segment.ledger_id, segment.first_entry_id))
+                })
+                .unwrap_or_else(|| self.next_position(Position::new(0, 0))),
+        }
+    }
+
+    /// Moves the mark-delete position over individually acknowledged entries that directly
+    /// follow it.
+    fn advance_mark_delete(&self, cursor: &mut CursorState) {
+        loop {
+            let next = self.position_after(cursor.mark_delete);
+            let Some((start, last)) = cursor.acknowledged.range_containing(next) else {
+                return;
+            };
+            let new_mark_delete = Position::new(start.ledger_id, last);
+            debug_assert!(Some(new_mark_delete) > cursor.mark_delete);
+            cursor.mark_delete = Some(new_mark_delete);
+            cursor.acknowledged.remove_up_to(new_mark_delete);
+        }
+    }
+
+    fn update_cursor<T>(
+        &mut self,
+        log: &str,
+        name: &str,
+        change: impl FnOnce(&LogState, &mut CursorState) -> T,
+    ) -> Result<T> {
+        let Some(mut slot) = self.cursors.remove(name) else {
+            return Err(StorageError::CursorNotFound {
+                log: log.to_string(),
+                cursor: name.to_string(),
+            });
+        };
+        let result = change(self, &mut slot.state);
+        slot.dirty = true;
+        self.cursors.insert(name.to_string(), slot);
+        Ok(result)
+    }
+}
+
+impl Log {
+    /// Opens the cursor `name`, creating it at `initial` if it does not exist.
+    pub fn open_cursor(&self, name: &str, initial: InitialPosition) -> Result<CursorState> {
+        validate_cursor_name(name)?;
+        let mut state = self.lock();
+        if let Some(slot) = state.cursors.get(name) {
+            return Ok(slot.state.clone());
+        }
+        let cursor = CursorState {
+            mark_delete: match initial {
+                InitialPosition::Earliest => None,
+                InitialPosition::Latest => state.last_durable(),
+            },
+            ..CursorState::default()
+        };
+        state.cursors.insert(
+            name.to_string(),
+            CursorSlot {
+                state: cursor.clone(),
+                dirty: true,
+                // Until it is persisted, the new cursor holds back trimming from where it starts.
+                persisted_mark_delete: cursor.mark_delete,
+            },
+        );
+        state.deleted_cursors.retain(|deleted| deleted != name);
+        Ok(cursor)
+    }
+
+    /// The state of cursor `name`, if it exists.
+    pub fn cursor(&self, name: &str) -> Option<CursorState> {
+        self.lock().cursors.get(name).map(|slot| slot.state.clone())
+    }
+
+    pub fn cursor_names(&self) -> Vec<String> {
+        self.lock().cursors.keys().cloned().collect()
+    }
+
+    /// Deletes cursor `name`; its entries no longer hold back trimming.
+    pub fn delete_cursor(&self, name: &str) -> Result<()> {
+        let mut state = self.lock();
+        if state.cursors.remove(name).is_none() {
+            return Err(StorageError::CursorNotFound {
+                log: self.name().to_string(),
+                cursor: name.to_string(),
+            });
+        }
+        state.deleted_cursors.push(name.to_string());
+        Ok(())
+    }
+
+    /// Acknowledges individual entries. Positions at or before the mark-delete position, or
+    /// beyond the last durable entry, are ignored. Returns the new mark-delete position.
+    pub fn acknowledge(&self, name: &str, positions: &[Position]) -> Result<Option<Position>> {
+        let mut state = self.lock();
+        let last_durable = state.last_durable();
+        state.update_cursor(self.name(), name, |log, cursor| {
+            for position in positions {
+                if Some(*position) <= last_durable && !cursor.is_acknowledged(*position) {
+                    cursor.acknowledged.insert(*position);
+                }
+            }
+            log.advance_mark_delete(cursor);
+            cursor.mark_delete
+        })
+    }
+
+    /// Acknowledges every entry up to and including `position`.
+    pub fn acknowledge_cumulative(
+        &self,
+        name: &str,
+        position: Position,
+    ) -> Result<Option<Position>> {
+        let mut state = self.lock();
+        let last_durable = state.last_durable();
+        state.update_cursor(self.name(), name, |log, cursor| {
+            let position = match last_durable {
+                Some(last) => position.min(last),
+                None => return cursor.mark_delete,
+            };
+            if Some(position) > cursor.mark_delete {
+                cursor.mark_delete = Some(position);
+                cursor.acknowledged.remove_up_to(position);
+                log.advance_mark_delete(cursor);
+            }
+            cursor.mark_delete
+        })
+    }
+
+    /// Moves the cursor so that everything after `mark_delete` is unacknowledged (seek, reset).
+    pub fn reset_cursor(&self, name: &str, mark_delete: Option<Position>) -> Result<()> {
+        let mut state = self.lock();
+        state.update_cursor(self.name(), name, |_, cursor| {
+            cursor.mark_delete = mark_delete;
+            cursor.acknowledged = RangeSet::new();
+        })
+    }
+
+    /// Replaces the cursor's properties.
+    pub fn set_cursor_properties(
+        &self,
+        name: &str,
+        properties: BTreeMap<String, String>,
+    ) -> Result<()> {
+        let mut state = self.lock();
+        state.update_cursor(self.name(), name, |_, cursor| {
+            cursor.properties = properties
+        })
+    }
+
+    /// Writes and fsyncs every cursor changed since the last call.
+    pub fn persist_cursors(&self) -> Result<()> {
+        let mut journal = self
+            .cursor_journal
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let max_ranges = self.shared.config.cursor_max_persisted_ranges;
+        let rewrite = journal.should_rewrite();
+        let (records, persisted, tombstones) = {
+            let mut state = self.lock();
+            let dirty = state.cursors.values().any(|slot| slot.dirty);
+            if !dirty && state.deleted_cursors.is_empty() && !rewrite {
+                return Ok(());
+            }
+            let tombstones = std::mem::take(&mut state.deleted_cursors);
+            let mut records = Vec::new();
+            let mut persisted = Vec::new();
+            for (name, slot) in state.cursors.iter_mut() {
+                if slot.dirty || rewrite {
+                    records.push(encode_snapshot(name, &slot.state, max_ranges));
+                    persisted.push((name.clone(), slot.state.mark_delete));
+                    slot.dirty = false;
+                }
+            }
+            if !rewrite {
+                records.extend(tombstones.iter().map(|name| encode_tombstone(name)));
+            }
+            (records, persisted, tombstones)
+        };
+        let written = if rewrite {
+            journal.rewrite(&self.shared, &records)
+        } else {
+            journal.append(&records)
+        };
+        let mut state = self.lock();
+        match written {
+            Ok(()) => {
+                for (name, mark_delete) in persisted {
+                    if let Some(slot) = state.cursors.get_mut(&name) {
+                        slot.persisted_mark_delete = mark_delete;
+                    }
+                }
+                Ok(())
+            }
+            Err(error) => {
+                // Try again next time, into a fresh file.
+                journal.needs_rewrite = true;
+                for (name, _) in persisted {
+                    if let Some(slot) = state.cursors.get_mut(&name) {
+                        slot.dirty = true;
+                    }
+                }
+                if !rewrite {
+                    state.deleted_cursors.extend(tombstones);
+                }
+                Err(error)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn snapshots_round_trip() {
+        let mut state = CursorState {
+            mark_delete: Some(Position::new(3, 17)),
+            ..CursorState::default()
+        };
+        state.acknowledged.insert_range(3, 19, 25);
+        state.acknowledged.insert_range(3, 40, 40);
+        state.acknowledged.insert_range(5, 0, 2);
+        state.acknowledged.insert_range(9, 1_000_000, 2_000_000);
+        state.properties.insert("replicated".into(), "true".into());
+        let body = encode_snapshot("sub/ü", &state, usize::MAX);
+        assert_eq!(
+            decode_record(&body).expect("decode"),
+            ("sub/ü".to_string(), Some(state.clone()))
+        );
+
+        let capped = encode_snapshot("sub", &state, 2);
+        let (_, decoded) = decode_record(&capped).expect("decode capped");
+        assert_eq!(decoded.expect("snapshot").acknowledged.range_count(), 2);
+
+        assert_eq!(
+            decode_record(&encode_tombstone("gone")).expect("decode"),
+            ("gone".to_string(), None)
+        );
+        for cut in 0..body.len() {
+            assert!(
+                decode_record(&body[..cut]).is_err(),
+                "prefix of {cut} bytes decoded"
+            );
+        }
+    }
+}

@@ -1,0 +1,358 @@
+//! The storage engine: the registry of open logs and the threads that serve them.
+//!
+//! Threads, all named `meridian-storage-*`:
+//! - `flush-N` (`flush_threads` of them) take logs with pending appends from a queue, write and
+//!   fsync their batches, and complete the appends. A log is queued at most once at a time.
+//! - `maintenance` persists changed cursors every `cursor_persist_interval`, runs trimming every
+//!   `trim_interval`, and fsyncs under the relaxed flush policy.
+//!
+//! On disk: `<root>/logs/<encoded log name>/` per log (see `docs/storage-format.md`).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use crate::config::{FlushPolicy, StorageConfig};
+use crate::error::{Result, StorageError};
+use crate::io::Io;
+use crate::log::Log;
+
+/// Longest encoded log name accepted: it must fit a file name (255 bytes on common file systems).
+pub const ENCODED_LOG_NAME_MAX_BYTES: usize = 250;
+
+/// What every log of an engine shares.
+pub(crate) struct Shared {
+    pub(crate) io: Arc<dyn Io>,
+    pub(crate) config: StorageConfig,
+    /// Bytes held by all logs' entry caches together.
+    pub(crate) cache_used_bytes: AtomicU64,
+    flush_queue: crossbeam_channel::Sender<Option<Arc<Log>>>,
+}
+
+impl Shared {
+    pub(crate) fn schedule_flush(&self, log: Arc<Log>) {
+        // The receivers live until `Storage::close`, which closes every log first.
+        if self.flush_queue.send(Some(log)).is_err() {
+            tracing::error!("flush queue closed while a log still had appends");
+        }
+    }
+}
+
+struct Registry {
+    logs: HashMap<String, Arc<Log>>,
+    stopping: bool,
+}
+
+struct Inner {
+    shared: Arc<Shared>,
+    root: PathBuf,
+    registry: Mutex<Registry>,
+    /// Wakes the maintenance thread early when stopping.
+    wake: Condvar,
+}
+
+impl Inner {
+    fn registry(&self) -> MutexGuard<'_, Registry> {
+        self.registry
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+/// The storage engine. Open logs with [`Storage::open_log`]; call [`Storage::close`] to stop.
+pub struct Storage {
+    inner: Arc<Inner>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl Storage {
+    /// Opens the engine rooted at `root` on the real file system.
+    pub fn open(root: impl Into<PathBuf>, config: StorageConfig) -> Result<Storage> {
+        Storage::open_with_io(root, config, Arc::new(crate::RealIo))
+    }
+
+    /// Opens the engine rooted at `root` on the given I/O implementation.
+    pub fn open_with_io(
+        root: impl Into<PathBuf>,
+        config: StorageConfig,
+        io: Arc<dyn Io>,
+    ) -> Result<Storage> {
+        let root = root.into();
+        config
+            .validate()
+            .map_err(|reason| StorageError::InvalidName {
+                what: "storage configuration",
+                name: reason,
+                reason: "invalid setting",
+            })?;
+        let logs_directory = root.join("logs");
+        io.create_dir_all(&logs_directory)
+            .map_err(|error| StorageError::io("create directory", &logs_directory, error))?;
+        let (sender, receiver) = crossbeam_channel::unbounded::<Option<Arc<Log>>>();
+        let flush_threads = config.flush_threads;
+        let inner = Arc::new(Inner {
+            shared: Arc::new(Shared {
+                io,
+                config,
+                cache_used_bytes: AtomicU64::new(0),
+                flush_queue: sender,
+            }),
+            root,
+            registry: Mutex::new(Registry {
+                logs: HashMap::new(),
+                stopping: false,
+            }),
+            wake: Condvar::new(),
+        });
+        let mut threads = Vec::new();
+        for index in 0..flush_threads {
+            let receiver = receiver.clone();
+            let thread = std::thread::Builder::new()
+                .name(format!("meridian-storage-flush-{index}"))
+                .spawn(move || {
+                    while let Ok(Some(log)) = receiver.recv() {
+                        log.flush();
+                    }
+                })
+                .map_err(|error| StorageError::io("spawn flush thread", "", error))?;
+            threads.push(thread);
+        }
+        let maintenance_inner = inner.clone();
+        let thread = std::thread::Builder::new()
+            .name("meridian-storage-maintenance".into())
+            .spawn(move || maintenance(&maintenance_inner))
+            .map_err(|error| StorageError::io("spawn maintenance thread", "", error))?;
+        threads.push(thread);
+        Ok(Storage { inner, threads })
+    }
+
+    pub fn config(&self) -> &StorageConfig {
+        &self.inner.shared.config
+    }
+
+    /// Opens the log `name`, creating it if it does not exist. Opening an open log returns the
+    /// same log.
+    pub fn open_log(&self, name: &str) -> Result<Arc<Log>> {
+        let directory = self.log_directory(name)?;
+        // Holding the registry lock while opening serialises opens; that keeps two callers
+        // from recovering the same log at once.
+        let mut registry = self.inner.registry();
+        if registry.stopping {
+            return Err(StorageError::Closed {
+                log: name.to_string(),
+            });
+        }
+        if let Some(log) = registry.logs.get(name) {
+            return Ok(log.clone());
+        }
+        let log = Log::open(self.inner.shared.clone(), name.to_string(), directory)?;
+        registry.logs.insert(name.to_string(), log.clone());
+        Ok(log)
+    }
+
+    /// The open log `name`, if it is open.
+    pub fn get_log(&self, name: &str) -> Option<Arc<Log>> {
+        self.inner.registry().logs.get(name).cloned()
+    }
+
+    /// Names of every log on disk, open or not.
+    pub fn log_names(&self) -> Result<Vec<String>> {
+        let logs_directory = self.inner.root.join("logs");
+        let names = self
+            .inner
+            .shared
+            .io
+            .list_dir(&logs_directory)
+            .map_err(|error| StorageError::io("list directory", &logs_directory, error))?;
+        let mut decoded: Vec<String> = names.iter().filter_map(|name| decode_name(name)).collect();
+        decoded.sort();
+        Ok(decoded)
+    }
+
+    /// Closes the log `name` (flushing pending appends and persisting cursors).
+    pub fn close_log(&self, name: &str) -> Result<()> {
+        let log = self.inner.registry().logs.remove(name);
+        match log {
+            Some(log) => log.close(),
+            None => Ok(()),
+        }
+    }
+
+    /// Closes and deletes the log `name` with all its data.
+    pub fn delete_log(&self, name: &str) -> Result<()> {
+        let directory = self.log_directory(name)?;
+        self.close_log(name)?;
+        let io = &self.inner.shared.io;
+        if io.exists(&directory) {
+            io.remove_dir_all(&directory)
+                .map_err(|error| StorageError::io("remove directory", &directory, error))?;
+            let parent = self.inner.root.join("logs");
+            io.sync_dir(&parent)
+                .map_err(|error| StorageError::io("fsync directory", &parent, error))?;
+        }
+        Ok(())
+    }
+
+    fn log_directory(&self, name: &str) -> Result<PathBuf> {
+        let encoded = encode_name(name);
+        if name.is_empty() || encoded.len() > ENCODED_LOG_NAME_MAX_BYTES {
+            return Err(StorageError::InvalidName {
+                what: "log",
+                name: name.chars().take(64).collect(),
+                reason: "must be non-empty and at most 250 bytes once escaped for the file system",
+            });
+        }
+        Ok(self.inner.root.join("logs").join(encoded))
+    }
+
+    /// Root directory of the engine.
+    pub fn root(&self) -> &Path {
+        &self.inner.root
+    }
+
+    /// Closes every log and stops the engine's threads.
+    pub fn close(mut self) -> Result<()> {
+        self.shutdown()
+    }
+
+    fn shutdown(&mut self) -> Result<()> {
+        let logs: Vec<Arc<Log>> = {
+            let mut registry = self.inner.registry();
+            if registry.stopping && self.threads.is_empty() {
+                return Ok(());
+            }
+            registry.stopping = true;
+            registry.logs.drain().map(|(_, log)| log).collect()
+        };
+        self.inner.wake.notify_all();
+        let mut first_error = None;
+        for log in logs {
+            if let Err(error) = log.close() {
+                tracing::error!(log = %log.name(), %error, "closing log failed");
+                first_error.get_or_insert(error);
+            }
+        }
+        for _ in 0..self.inner.shared.config.flush_threads {
+            let _ = self.inner.shared.flush_queue.send(None);
+        }
+        for thread in self.threads.drain(..) {
+            let _ = thread.join();
+        }
+        match first_error {
+            Some(error) => Err(error),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for Storage {
+    fn drop(&mut self) {
+        let _ = self.shutdown();
+    }
+}
+
+fn maintenance(inner: &Inner) {
+    let config = &inner.shared.config;
+    let mut tick = config.cursor_persist_interval.min(config.trim_interval);
+    if let FlushPolicy::RelaxedWriteOnly { fsync_interval } = config.flush_policy {
+        tick = tick.min(fsync_interval);
+    }
+    let mut last_trim = Instant::now();
+    loop {
+        let logs: Vec<Arc<Log>> = {
+            let registry = inner.registry();
+            if registry.stopping {
+                return;
+            }
+            let (registry, _) = inner
+                .wake
+                .wait_timeout(registry, tick)
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            if registry.stopping {
+                return;
+            }
+            registry.logs.values().cloned().collect()
+        };
+        let trim_now = last_trim.elapsed() >= config.trim_interval;
+        if trim_now {
+            last_trim = Instant::now();
+        }
+        for log in logs {
+            if log.is_closed() {
+                continue;
+            }
+            if matches!(config.flush_policy, FlushPolicy::RelaxedWriteOnly { .. }) {
+                log.sync_written();
+            }
+            if let Err(error) = log.persist_cursors() {
+                tracing::error!(log = %log.name(), %error, "persisting cursors failed; will retry");
+            }
+            if trim_now {
+                log.evict_consumed_cache();
+                if let Err(error) = log.trim() {
+                    tracing::error!(log = %log.name(), %error, "trimming failed; will retry");
+                }
+            }
+        }
+    }
+}
+
+/// Encodes a log name as a directory name: bytes other than ASCII letters, digits, `-`, `_`
+/// and `.` become `%XX` (and a leading `.` too, so no name is hidden or special).
+pub(crate) fn encode_name(name: &str) -> String {
+    let mut encoded = String::with_capacity(name.len());
+    for (index, byte) in name.bytes().enumerate() {
+        let plain = byte.is_ascii_alphanumeric()
+            || byte == b'-'
+            || byte == b'_'
+            || (byte == b'.' && index > 0);
+        if plain {
+            encoded.push(byte as char);
+        } else {
+            encoded.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    encoded
+}
+
+pub(crate) fn decode_name(encoded: &str) -> Option<String> {
+    let bytes = encoded.as_bytes();
+    let mut decoded = Vec::with_capacity(bytes.len());
+    let mut index = 0;
+    while index < bytes.len() {
+        if bytes[index] == b'%' {
+            let hex = std::str::from_utf8(bytes.get(index + 1..index + 3)?).ok()?;
+            decoded.push(u8::from_str_radix(hex, 16).ok()?);
+            index += 3;
+        } else {
+            decoded.push(bytes[index]);
+            index += 1;
+        }
+    }
+    String::from_utf8(decoded).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_round_trip_as_safe_file_names() {
+        for name in [
+            "persistent://public/default/orders-partition-3",
+            ".hidden",
+            "a%b",
+            "ünï",
+        ] {
+            let encoded = encode_name(name);
+            assert!(
+                !encoded.contains('/') && !encoded.starts_with('.'),
+                "{encoded}"
+            );
+            assert_eq!(decode_name(&encoded).as_deref(), Some(name));
+        }
+    }
+}

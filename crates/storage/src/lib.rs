@@ -1,0 +1,41 @@
+//! Meridian's storage engine: one append-only, segmented log per topic partition, with group
+//! commit, durable cursors, retention and crash recovery.
+//!
+//! This crate knows nothing of topics, sockets or async runtimes: it stores entries (opaque
+//! bytes) at positions `(ledger_id, entry_id)` and remembers what each cursor acknowledged.
+//! Appends complete through a channel that works from both threads and async code.
+//!
+//! # Layout
+//!
+//! - [`engine`]: [`Storage`], the registry of logs, the flush threads and the maintenance thread.
+//! - [`log`]: [`Log`]: appends, group commit, reads, the publish-time index, trimming, recovery.
+//! - [`cursor`]: durable cursors and their journal file.
+//! - [`range_set`]: the compact set of individually acknowledged positions.
+//! - [`cache`]: recent entries in memory.
+//! - [`format`]: the bytes on disk (headers, checksummed records); see `docs/storage-format.md`.
+//! - [`io`]: the file-system seam, with [`RealIo`] and the crash-simulating [`SimIo`].
+//! - [`config`]: every limit, with its default.
+//!
+//! The durability contract is in `docs/durability.md`.
+
+mod cache;
+pub mod config;
+pub mod cursor;
+pub mod engine;
+mod error;
+pub mod format;
+pub mod io;
+pub mod log;
+mod position;
+pub mod range_set;
+mod sim;
+
+pub use config::{FlushPolicy, Retention, StorageConfig};
+pub use cursor::{CursorState, InitialPosition};
+pub use engine::Storage;
+pub use error::{Result, StorageError};
+pub use io::{Io, IoFile, RealIo};
+pub use log::{Entry, Log, LogStats, PendingAppend};
+pub use position::Position;
+pub use range_set::RangeSet;
+pub use sim::{CrashMode, SimIo};

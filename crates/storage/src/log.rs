@@ -1,0 +1,1256 @@
+//! One append-only log (a topic partition): segments, group commit, reads and recovery.
+//!
+//! # Invariants
+//!
+//! - Positions are assigned under the state lock in append order; bytes reach the file in the
+//!   same order because a log has at most one flush in flight (`flush_scheduled`).
+//! - `last_durable` only moves forward, and only after the bytes up to it are fsynced (or
+//!   written, under the relaxed policy). Readers never see a position beyond it, so nothing a
+//!   consumer receives can vanish in a crash.
+//! - A failed fsync, or a failed write other than "disk full", poisons the log: every pending
+//!   and later append fails. Disk full rolls the failed appends back instead, so appends
+//!   resume once space is freed.
+//! - No I/O happens while the state lock is held, except in `open` (nobody else has the log).
+
+use std::collections::VecDeque;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use tokio::sync::{oneshot, watch};
+
+use crate::cache::EntryCache;
+use crate::config::{FlushPolicy, Retention};
+use crate::cursor::{CursorJournal, CursorSlot};
+use crate::engine::Shared;
+use crate::error::{Result, StorageError};
+use crate::format::{self, FileHeader, FileKind, ScanEnd, HEADER_LEN, RECORD_FRAMING_LEN};
+use crate::io::IoFile;
+use crate::Position;
+
+/// Bytes of an entry record's body before the entry's data: entry id and publish time.
+pub const ENTRY_HEADER_LEN: u64 = 16;
+/// Entries per block of the publish-time index.
+const TIME_BLOCK: usize = 32;
+
+/// An entry read back from a log: exactly the bytes that were appended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    pub position: Position,
+    pub publish_time_ms: u64,
+    pub data: Bytes,
+}
+
+/// Counters of one log, for stats and benchmarks.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LogStats {
+    pub entries_appended: u64,
+    pub bytes_appended: u64,
+    /// Write batches flushed; each is one write call and (under `Fsync`) one fsync.
+    pub flushes: u64,
+    pub bytes_flushed: u64,
+    /// Bytes of all segment files.
+    pub storage_bytes: u64,
+    pub segments: usize,
+    pub entries_cached: usize,
+}
+
+/// An append that has been given its position and waits to become durable. Await it, or call
+/// [`PendingAppend::wait`] outside an async runtime.
+#[derive(Debug)]
+pub struct PendingAppend {
+    position: Position,
+    receiver: oneshot::Receiver<Result<()>>,
+}
+
+impl PendingAppend {
+    pub fn position(&self) -> Position {
+        self.position
+    }
+
+    /// Blocks until the append is durable. Must not be called from async code.
+    pub fn wait(self) -> Result<Position> {
+        let position = self.position;
+        match self.receiver.blocking_recv() {
+            Ok(result) => result.map(|()| position),
+            Err(_) => Err(StorageError::Poisoned {
+                log: String::new(),
+                cause: "the flush was abandoned".into(),
+            }),
+        }
+    }
+}
+
+impl std::future::Future for PendingAppend {
+    type Output = Result<Position>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        context: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        let position = self.position;
+        std::pin::Pin::new(&mut self.receiver)
+            .poll(context)
+            .map(|received| match received {
+                Ok(result) => result.map(|()| position),
+                Err(_) => Err(StorageError::Poisoned {
+                    log: String::new(),
+                    cause: "the flush was abandoned".into(),
+                }),
+            })
+    }
+}
+
+pub(crate) struct Segment {
+    pub(crate) path: PathBuf,
+    /// `None` until the flusher has created the file (a new segment's first batch is pending).
+    file: Option<Arc<dyn IoFile>>,
+    pub(crate) ledger_id: u64,
+    pub(crate) first_entry_id: u64,
+    /// File offset of each entry's record, by `entry_id - first_entry_id`.
+    offsets: Vec<u32>,
+    /// Running maximum publish time at the end of each block of `TIME_BLOCK` entries.
+    time_marks: Vec<u64>,
+    /// File length including appended records that are not flushed yet.
+    end: u64,
+    /// File length that is flushed (written and, under `Fsync`, synced).
+    flushed_end: u64,
+    /// File length known to be fsynced (differs from `flushed_end` only under the relaxed policy).
+    synced_end: u64,
+    /// Wall-clock time of the last append, for time-based retention.
+    last_write_ms: u64,
+}
+
+impl Segment {
+    fn new(directory: &Path, ledger_id: u64, first_entry_id: u64) -> Segment {
+        Segment {
+            path: directory.join(segment_file_name(ledger_id, first_entry_id)),
+            file: None,
+            ledger_id,
+            first_entry_id,
+            offsets: Vec::new(),
+            time_marks: Vec::new(),
+            end: HEADER_LEN,
+            flushed_end: 0,
+            synced_end: 0,
+            last_write_ms: now_ms(),
+        }
+    }
+
+    pub(crate) fn entry_count(&self) -> u64 {
+        self.offsets.len() as u64
+    }
+
+    fn first_position(&self) -> Option<Position> {
+        (!self.offsets.is_empty()).then(|| Position::new(self.ledger_id, self.first_entry_id))
+    }
+
+    pub(crate) fn last_position(&self) -> Option<Position> {
+        let count = self.entry_count();
+        (count > 0).then(|| Position::new(self.ledger_id, self.first_entry_id + count - 1))
+    }
+
+    fn contains(&self, position: Position) -> bool {
+        position.ledger_id == self.ledger_id
+            && position.entry_id >= self.first_entry_id
+            && position.entry_id < self.first_entry_id + self.entry_count()
+    }
+
+    fn push_entry(&mut self, offset: u64, publish_time_ms: u64) {
+        let index = self.offsets.len();
+        self.offsets.push(offset as u32);
+        if index.is_multiple_of(TIME_BLOCK) {
+            let previous = self.time_marks.last().copied().unwrap_or(0);
+            self.time_marks.push(previous.max(publish_time_ms));
+        } else if let Some(mark) = self.time_marks.last_mut() {
+            *mark = (*mark).max(publish_time_ms);
+        }
+    }
+
+    /// Drops entries from index `keep` on (used when rolling back after a full disk).
+    fn truncate_entries(&mut self, keep: usize) {
+        if let Some(offset) = self.offsets.get(keep) {
+            self.end = u64::from(*offset);
+        }
+        self.offsets.truncate(keep);
+        self.time_marks.truncate(keep.div_ceil(TIME_BLOCK));
+    }
+
+    /// Byte range of entry `index`'s record in the file.
+    fn record_range(&self, index: usize) -> (u64, u64) {
+        let start = u64::from(self.offsets[index]);
+        let end = self
+            .offsets
+            .get(index + 1)
+            .map(|offset| u64::from(*offset))
+            .unwrap_or(self.end);
+        (start, end)
+    }
+
+    fn size_bytes(&self) -> u64 {
+        self.flushed_end.max(HEADER_LEN)
+    }
+}
+
+pub(crate) fn segment_file_name(ledger_id: u64, first_entry_id: u64) -> String {
+    format!("{ledger_id:020}-{first_entry_id:020}.segment")
+}
+
+fn parse_segment_file_name(name: &str) -> Option<(u64, u64)> {
+    let stem = name.strip_suffix(".segment")?;
+    let (ledger, entry) = stem.split_once('-')?;
+    Some((ledger.parse().ok()?, entry.parse().ok()?))
+}
+
+/// Appended records waiting for the flusher, all for one segment.
+struct PendingBatch {
+    ledger_id: u64,
+    segment_first_entry_id: u64,
+    /// The segment file does not exist yet; the flusher creates it first.
+    create: bool,
+    file_offset: u64,
+    bytes: Vec<u8>,
+    first: Position,
+    last: Position,
+    waiters: Vec<oneshot::Sender<Result<()>>>,
+}
+
+pub(crate) struct LogState {
+    pub(crate) segments: Vec<Segment>,
+    ledger_id: u64,
+    next_entry_id: u64,
+    last_durable: Option<Position>,
+    pending: VecDeque<PendingBatch>,
+    pending_bytes: u64,
+    flush_scheduled: bool,
+    /// Set when the log is poisoned: appends fail with this error.
+    failure: Option<StorageError>,
+    /// Set when a read found corrupted bytes: reads and appends fail with this error.
+    corruption: Option<StorageError>,
+    closed: bool,
+    pub(crate) cache: EntryCache,
+    pub(crate) cursors: std::collections::BTreeMap<String, CursorSlot>,
+    /// Cursors deleted since the last persist, to be written as tombstones.
+    pub(crate) deleted_cursors: Vec<String>,
+    pub(crate) retention: Retention,
+    stats: LogStats,
+}
+
+/// An append-only log of entries with durable cursors. Cheap to share: `Arc<Log>`.
+pub struct Log {
+    name: String,
+    directory: PathBuf,
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) state: Mutex<LogState>,
+    /// Signalled whenever a flush finishes, so `close` can wait for the pending ones.
+    flush_finished: Condvar,
+    durable: watch::Sender<Option<Position>>,
+    pub(crate) cursor_journal: Mutex<CursorJournal>,
+}
+
+impl std::fmt::Debug for Log {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter
+            .debug_struct("Log")
+            .field("name", &self.name)
+            .field("directory", &self.directory)
+            .finish_non_exhaustive()
+    }
+}
+
+pub(crate) fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|elapsed| elapsed.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+enum FlushStage {
+    Create,
+    Write,
+    Sync,
+}
+
+impl Log {
+    /// Opens (recovering if needed) or creates the log in `directory` and starts a new ledger.
+    pub(crate) fn open(shared: Arc<Shared>, name: String, directory: PathBuf) -> Result<Arc<Log>> {
+        let io = shared.io.clone();
+        io.create_dir_all(&directory)
+            .map_err(|error| StorageError::io("create directory", &directory, error))?;
+        let names = io
+            .list_dir(&directory)
+            .map_err(|error| StorageError::io("list directory", &directory, error))?;
+        let mut segment_keys: Vec<(u64, u64)> = names
+            .iter()
+            .filter_map(|name| parse_segment_file_name(name))
+            .collect();
+        segment_keys.sort_unstable();
+
+        let mut segments = Vec::with_capacity(segment_keys.len() + 1);
+        let last_index = segment_keys.len().checked_sub(1);
+        for (index, (ledger_id, first_entry_id)) in segment_keys.iter().copied().enumerate() {
+            let is_tail = Some(index) == last_index;
+            if let Some(segment) =
+                recover_segment(&shared, &directory, ledger_id, first_entry_id, is_tail)?
+            {
+                segments.push(segment);
+            }
+        }
+
+        // A fresh ledger id for this open: larger than every id ever used, because the newest
+        // segment file (which holds the largest id) is only ever deleted once a newer one is
+        // durable.
+        let ledger_id = segment_keys
+            .last()
+            .map(|(ledger, _)| ledger + 1)
+            .unwrap_or(1);
+        let mut active = Segment::new(&directory, ledger_id, 0);
+        let header = FileHeader {
+            kind: FileKind::Segment,
+            fields: [ledger_id, 0, now_ms()],
+        };
+        active.file = Some(format::create_file(io.as_ref(), &active.path, header)?);
+        active.flushed_end = HEADER_LEN;
+        active.synced_end = HEADER_LEN;
+
+        // Segments of earlier ledgers that hold no entries are useless now that a newer
+        // segment is durable.
+        let mut removed_empty = false;
+        segments.retain(|segment: &Segment| {
+            if segment.entry_count() > 0 {
+                return true;
+            }
+            removed_empty |= io.remove_file(&segment.path).is_ok();
+            false
+        });
+        if removed_empty {
+            io.sync_dir(&directory)
+                .map_err(|error| StorageError::io("fsync directory", &directory, error))?;
+        }
+        segments.push(active);
+
+        let last_durable = segments.iter().rev().find_map(Segment::last_position);
+        let cursor_journal = CursorJournal::open(&shared, &directory)?;
+        let cursors = cursor_journal.recovered_cursors();
+        let (durable, _) = watch::channel(last_durable);
+        let log = Arc::new(Log {
+            name,
+            directory,
+            state: Mutex::new(LogState {
+                segments,
+                ledger_id,
+                next_entry_id: 0,
+                last_durable,
+                pending: VecDeque::new(),
+                pending_bytes: 0,
+                flush_scheduled: false,
+                failure: None,
+                corruption: None,
+                closed: false,
+                cache: EntryCache::default(),
+                cursors,
+                deleted_cursors: Vec::new(),
+                retention: Retention::default(),
+                stats: LogStats::default(),
+            }),
+            shared,
+            flush_finished: Condvar::new(),
+            durable,
+            cursor_journal: Mutex::new(cursor_journal),
+        });
+        tracing::debug!(log = %log.name, ledger_id, ?last_durable, "log opened");
+        Ok(log)
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn directory(&self) -> &Path {
+        &self.directory
+    }
+
+    pub(crate) fn lock(&self) -> MutexGuard<'_, LogState> {
+        // Nothing panics while holding this lock except on broken invariants; recover the
+        // guard so that one bug does not take every later caller down with it.
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The ledger id of this open of the log; new entries get positions in it.
+    pub fn current_ledger_id(&self) -> u64 {
+        self.lock().ledger_id
+    }
+
+    /// Appends one entry. Returns at once with its position; the returned [`PendingAppend`]
+    /// completes once the entry and everything before it are durable.
+    pub fn append(self: &Arc<Self>, data: Bytes, publish_time_ms: u64) -> Result<PendingAppend> {
+        let config = &self.shared.config;
+        if data.len() > config.entry_max_bytes {
+            return Err(StorageError::EntryTooLarge {
+                size: data.len(),
+                max: config.entry_max_bytes,
+            });
+        }
+        let record_len = RECORD_FRAMING_LEN + ENTRY_HEADER_LEN + data.len() as u64;
+        let (sender, receiver) = oneshot::channel();
+        let mut guard = self.lock();
+        let state = &mut *guard;
+        if let Some(error) = state.corruption.as_ref().or(state.failure.as_ref()) {
+            return Err(error.clone());
+        }
+        if state.closed {
+            return Err(StorageError::Closed {
+                log: self.name.clone(),
+            });
+        }
+        if state.pending_bytes + record_len > config.pending_max_bytes_per_log {
+            return Err(StorageError::TooManyPendingBytes {
+                log: self.name.clone(),
+                pending_bytes: state.pending_bytes,
+                limit: config.pending_max_bytes_per_log,
+            });
+        }
+        let ledger_id = state.ledger_id;
+        let entry_id = state.next_entry_id;
+        let position = Position::new(ledger_id, entry_id);
+        let mut rolled = false;
+        let needs_roll = state.segments.last().is_some_and(|active| {
+            active.entry_count() > 0 && active.end + record_len > config.segment_max_bytes
+        });
+        if needs_roll {
+            state
+                .segments
+                .push(Segment::new(&self.directory, ledger_id, entry_id));
+            rolled = true;
+        }
+        let Some(active) = state.segments.last_mut() else {
+            return Err(StorageError::Closed {
+                log: self.name.clone(),
+            });
+        };
+        let offset = active.end;
+        active.push_entry(offset, publish_time_ms);
+        active.end += record_len;
+        active.last_write_ms = now_ms();
+        let segment_first_entry_id = active.first_entry_id;
+        let joins_last_batch = !rolled
+            && state.pending.back().is_some_and(|batch| {
+                batch.ledger_id == ledger_id
+                    && batch.segment_first_entry_id == segment_first_entry_id
+            });
+        if !joins_last_batch {
+            state.pending.push_back(PendingBatch {
+                ledger_id,
+                segment_first_entry_id,
+                create: rolled,
+                file_offset: offset,
+                bytes: Vec::with_capacity(record_len as usize),
+                first: position,
+                last: position,
+                waiters: Vec::new(),
+            });
+        }
+        let Some(batch) = state.pending.back_mut() else {
+            return Err(StorageError::Closed {
+                log: self.name.clone(),
+            });
+        };
+        format::encode_record(
+            &mut batch.bytes,
+            &[
+                &entry_id.to_le_bytes(),
+                &publish_time_ms.to_le_bytes(),
+                &data,
+            ],
+        );
+        batch.last = position;
+        batch.waiters.push(sender);
+        state.next_entry_id += 1;
+        state.pending_bytes += record_len;
+        state.stats.entries_appended += 1;
+        state.stats.bytes_appended += data.len() as u64;
+        state.cache.insert(
+            Entry {
+                position,
+                publish_time_ms,
+                data,
+            },
+            &self.shared.cache_used_bytes,
+            self.shared.config.cache_max_bytes,
+        );
+        let schedule = !state.flush_scheduled;
+        state.flush_scheduled = true;
+        drop(guard);
+        if schedule {
+            self.shared.schedule_flush(self.clone());
+        }
+        Ok(PendingAppend { position, receiver })
+    }
+
+    /// Writes (and fsyncs) pending batches until none is left. Runs on a flush thread; at
+    /// most one call per log is active (guarded by `flush_scheduled`).
+    pub(crate) fn flush(&self) {
+        loop {
+            let (batch, file, path) = {
+                let mut state = self.lock();
+                if let Some(error) = state.failure.clone() {
+                    let abandoned: Vec<PendingBatch> = state.pending.drain(..).collect();
+                    state.pending_bytes = 0;
+                    state.flush_scheduled = false;
+                    drop(state);
+                    self.flush_finished.notify_all();
+                    for batch in abandoned {
+                        complete(batch.waiters, Err(error.clone()));
+                    }
+                    return;
+                }
+                let Some(batch) = state.pending.pop_front() else {
+                    state.flush_scheduled = false;
+                    drop(state);
+                    self.flush_finished.notify_all();
+                    return;
+                };
+                let segment = state.segment_for_batch(&batch);
+                let file = segment.and_then(|segment| segment.file.clone());
+                let path = segment
+                    .map(|segment| segment.path.clone())
+                    .unwrap_or_else(|| self.directory.clone());
+                (batch, file, path)
+            };
+
+            let outcome = self.write_batch(&batch, file, &path);
+
+            let mut state = self.lock();
+            match outcome {
+                Ok(file) => {
+                    let fsynced = matches!(self.shared.config.flush_policy, FlushPolicy::Fsync);
+                    if let Some(segment) = state.segment_for_batch_mut(&batch) {
+                        segment.file = Some(file);
+                        segment.flushed_end = batch.file_offset + batch.bytes.len() as u64;
+                        if fsynced {
+                            segment.synced_end = segment.flushed_end;
+                        }
+                    }
+                    debug_assert!(state.last_durable < Some(batch.first));
+                    state.last_durable = Some(batch.last);
+                    state.pending_bytes -= batch.bytes.len() as u64;
+                    state.stats.flushes += 1;
+                    state.stats.bytes_flushed += batch.bytes.len() as u64;
+                    drop(state);
+                    self.durable.send_replace(Some(batch.last));
+                    complete(batch.waiters, Ok(()));
+                }
+                Err((stage, error)) => {
+                    let rolled_back = matches!(stage, FlushStage::Create | FlushStage::Write)
+                        && matches!(error, StorageError::DiskFull { .. })
+                        && self.undo_partial_write(&batch, &path);
+                    let mut failed = vec![batch];
+                    if rolled_back {
+                        tracing::warn!(log = %self.name, %error, "append failed, disk full; rolled back");
+                        failed.extend(state.pending.drain(..));
+                        state.rollback_to(failed[0].first, &self.shared.cache_used_bytes);
+                    } else {
+                        tracing::error!(log = %self.name, %error, "flush failed; log poisoned, appends refused until it is reopened");
+                        state.failure = Some(StorageError::Poisoned {
+                            log: self.name.clone(),
+                            cause: error.to_string(),
+                        });
+                        failed.extend(state.pending.drain(..));
+                        state.pending_bytes = 0;
+                    }
+                    state.flush_scheduled = false;
+                    drop(state);
+                    self.flush_finished.notify_all();
+                    for batch in failed {
+                        complete(batch.waiters, Err(error.clone()));
+                    }
+                    return;
+                }
+            }
+        }
+    }
+
+    fn write_batch(
+        &self,
+        batch: &PendingBatch,
+        file: Option<Arc<dyn IoFile>>,
+        path: &Path,
+    ) -> std::result::Result<Arc<dyn IoFile>, (FlushStage, StorageError)> {
+        let io = self.shared.io.as_ref();
+        let file = match file {
+            Some(file) => file,
+            None => {
+                debug_assert!(batch.create, "batch for a segment without a file");
+                let header = FileHeader {
+                    kind: FileKind::Segment,
+                    fields: [batch.ledger_id, batch.segment_first_entry_id, now_ms()],
+                };
+                format::create_file(io, path, header)
+                    .map_err(|error| (FlushStage::Create, error))?
+            }
+        };
+        file.write_all_at(&batch.bytes, batch.file_offset)
+            .map_err(|error| (FlushStage::Write, StorageError::io("write", path, error)))?;
+        if matches!(self.shared.config.flush_policy, FlushPolicy::Fsync) {
+            file.sync()
+                .map_err(|error| (FlushStage::Sync, StorageError::io("fsync", path, error)))?;
+        }
+        Ok(file)
+    }
+
+    /// After a "disk full" failure, removes the failed batch's bytes from the file so that the
+    /// file again ends at its last flushed record. Returns false if that was not possible (the
+    /// caller then poisons the log).
+    fn undo_partial_write(&self, batch: &PendingBatch, path: &Path) -> bool {
+        let io = self.shared.io.as_ref();
+        if batch.create {
+            // The new segment held nothing yet: remove whatever part of it was created.
+            return match io.remove_file(path) {
+                Ok(()) => true,
+                Err(error) => error.kind() == std::io::ErrorKind::NotFound,
+            };
+        }
+        match io.open(path) {
+            Ok(file) => file.set_len(batch.file_offset).is_ok(),
+            Err(_) => false,
+        }
+    }
+
+    /// Under the relaxed policy, fsyncs every segment with written but unsynced bytes. A
+    /// failure poisons the log.
+    pub(crate) fn sync_written(&self) {
+        struct SyncTarget {
+            ledger_id: u64,
+            first_entry_id: u64,
+            flushed_end: u64,
+            file: Arc<dyn IoFile>,
+            path: PathBuf,
+        }
+        let targets: Vec<SyncTarget> = {
+            let state = self.lock();
+            state
+                .segments
+                .iter()
+                .filter(|segment| segment.synced_end < segment.flushed_end)
+                .filter_map(|segment| {
+                    Some(SyncTarget {
+                        ledger_id: segment.ledger_id,
+                        first_entry_id: segment.first_entry_id,
+                        flushed_end: segment.flushed_end,
+                        file: segment.file.clone()?,
+                        path: segment.path.clone(),
+                    })
+                })
+                .collect()
+        };
+        for target in targets {
+            if let Err(error) = target.file.sync() {
+                let error = StorageError::io("fsync", &target.path, error);
+                tracing::error!(log = %self.name, %error, "periodic fsync failed; log poisoned");
+                self.lock().failure = Some(StorageError::Poisoned {
+                    log: self.name.clone(),
+                    cause: error.to_string(),
+                });
+                return;
+            }
+            let mut state = self.lock();
+            if let Some(segment) = state.segments.iter_mut().find(|segment| {
+                segment.ledger_id == target.ledger_id
+                    && segment.first_entry_id == target.first_entry_id
+            }) {
+                segment.synced_end = segment.synced_end.max(target.flushed_end);
+            }
+        }
+    }
+
+    /// Reads the entry at `position`.
+    pub fn read(&self, position: Position) -> Result<Entry> {
+        let mut entries = self.read_from(position, 1, 1)?;
+        match entries.pop() {
+            Some(entry) if entry.position == position => Ok(entry),
+            _ => Err(StorageError::PositionNotFound {
+                log: self.name.clone(),
+                position,
+            }),
+        }
+    }
+
+    /// Reads durable entries at or after `start`, in order: at most `max_entries`, and stopping
+    /// once `max_bytes` of data are gathered (at least one entry is returned if any exists).
+    /// `start` need not be the position of an existing entry.
+    pub fn read_from(
+        &self,
+        start: Position,
+        max_entries: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<Entry>> {
+        enum Part {
+            Cached(Entry),
+            Disk {
+                file: Arc<dyn IoFile>,
+                path: PathBuf,
+                ledger_id: u64,
+                first_entry_id: u64,
+                ranges: Vec<(u64, u64)>,
+            },
+        }
+        let mut parts = Vec::new();
+        {
+            let state = self.lock();
+            if let Some(error) = &state.corruption {
+                return Err(error.clone());
+            }
+            let Some(last_durable) = state.last_durable else {
+                return Ok(Vec::new());
+            };
+            let mut count = 0usize;
+            let mut bytes = 0usize;
+            let first_segment = state.segments.partition_point(|segment| {
+                segment.last_position().is_some_and(|last| last < start)
+            });
+            'segments: for segment in &state.segments[first_segment..] {
+                if segment.entry_count() == 0 {
+                    continue;
+                }
+                let first_index = if segment.contains(start) {
+                    (start.entry_id - segment.first_entry_id) as usize
+                } else {
+                    0
+                };
+                let mut disk_ranges = Vec::new();
+                let mut disk_first: Option<u64> = None;
+                for index in first_index..segment.offsets.len() {
+                    let position =
+                        Position::new(segment.ledger_id, segment.first_entry_id + index as u64);
+                    if position > last_durable
+                        || count >= max_entries
+                        || (count > 0 && bytes >= max_bytes)
+                    {
+                        if let (Some(first_entry_id), Some(file)) =
+                            (disk_first, segment.file.clone())
+                        {
+                            parts.push(Part::Disk {
+                                file,
+                                path: segment.path.clone(),
+                                ledger_id: segment.ledger_id,
+                                first_entry_id,
+                                ranges: std::mem::take(&mut disk_ranges),
+                            });
+                        }
+                        break 'segments;
+                    }
+                    count += 1;
+                    if let Some(entry) = state.cache.get(position) {
+                        bytes += entry.data.len();
+                        if let (Some(first_entry_id), Some(file)) =
+                            (disk_first.take(), segment.file.clone())
+                        {
+                            parts.push(Part::Disk {
+                                file,
+                                path: segment.path.clone(),
+                                ledger_id: segment.ledger_id,
+                                first_entry_id,
+                                ranges: std::mem::take(&mut disk_ranges),
+                            });
+                        }
+                        parts.push(Part::Cached(entry.clone()));
+                    } else {
+                        let range = segment.record_range(index);
+                        bytes += (range.1 - range.0) as usize;
+                        disk_first.get_or_insert(position.entry_id);
+                        disk_ranges.push(range);
+                    }
+                }
+                if let (Some(first_entry_id), Some(file)) = (disk_first, segment.file.clone()) {
+                    parts.push(Part::Disk {
+                        file,
+                        path: segment.path.clone(),
+                        ledger_id: segment.ledger_id,
+                        first_entry_id,
+                        ranges: disk_ranges,
+                    });
+                }
+            }
+        }
+
+        let mut entries = Vec::new();
+        for part in parts {
+            match part {
+                Part::Cached(entry) => entries.push(entry),
+                Part::Disk {
+                    file,
+                    path,
+                    ledger_id,
+                    first_entry_id,
+                    ranges,
+                } => {
+                    let (Some(first), Some(last)) = (ranges.first(), ranges.last()) else {
+                        continue;
+                    };
+                    let (start_offset, end_offset) = (first.0, last.1);
+                    let mut buffer = vec![0u8; (end_offset - start_offset) as usize];
+                    file.read_exact_at(&mut buffer, start_offset)
+                        .map_err(|error| StorageError::io("read", &path, error))?;
+                    let buffer = Bytes::from(buffer);
+                    for (index, (record_start, record_end)) in ranges.iter().enumerate() {
+                        let entry_id = first_entry_id + index as u64;
+                        let at = (record_start - start_offset) as usize;
+                        let record = buffer.slice(at..(record_end - start_offset) as usize);
+                        match decode_entry(&record, entry_id) {
+                            Ok((publish_time_ms, data_start)) => entries.push(Entry {
+                                position: Position::new(ledger_id, entry_id),
+                                publish_time_ms,
+                                data: record.slice(data_start..),
+                            }),
+                            Err(reason) => {
+                                let error = StorageError::corrupted(&path, *record_start, reason);
+                                tracing::error!(log = %self.name, %error, "read found corrupted data; log refuses service");
+                                self.lock().corruption = Some(error.clone());
+                                return Err(error);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        Ok(entries)
+    }
+
+    /// The first durable entry's position at or after which `publish_time_ms` is reached: the
+    /// first entry whose publish time is `>= publish_time_ms`. `None` if there is none.
+    pub fn find_by_publish_time(&self, publish_time_ms: u64) -> Result<Option<Position>> {
+        let start = {
+            let state = self.lock();
+            let mut start = None;
+            for segment in &state.segments {
+                let Some(block) = segment
+                    .time_marks
+                    .iter()
+                    .position(|mark| *mark >= publish_time_ms)
+                else {
+                    continue;
+                };
+                start = Some(Position::new(
+                    segment.ledger_id,
+                    segment.first_entry_id + (block * TIME_BLOCK) as u64,
+                ));
+                break;
+            }
+            start
+        };
+        let Some(mut position) = start else {
+            return Ok(None);
+        };
+        loop {
+            let entries = self.read_from(position, TIME_BLOCK, usize::MAX)?;
+            let Some(last) = entries.last() else {
+                return Ok(None);
+            };
+            if let Some(found) = entries
+                .iter()
+                .find(|entry| entry.publish_time_ms >= publish_time_ms)
+            {
+                return Ok(Some(found.position));
+            }
+            position = self.next_position(last.position);
+        }
+    }
+
+    /// Position of the first durable entry, if any.
+    pub fn first_position(&self) -> Option<Position> {
+        let state = self.lock();
+        let last_durable = state.last_durable?;
+        state
+            .segments
+            .iter()
+            .find_map(Segment::first_position)
+            .filter(|first| *first <= last_durable)
+    }
+
+    /// Position of the last durable entry, if any.
+    pub fn last_position(&self) -> Option<Position> {
+        self.lock().last_durable
+    }
+
+    /// The position the next append will get.
+    pub fn end_position(&self) -> Position {
+        let state = self.lock();
+        Position::new(state.ledger_id, state.next_entry_id)
+    }
+
+    /// The position that follows `position` in this log: the next entry, or where the next
+    /// append will go if none follows yet.
+    pub fn next_position(&self, position: Position) -> Position {
+        self.lock().next_position(position)
+    }
+
+    /// The entry before `position` (`None` if `position` is at or before the first entry).
+    pub fn previous_position(&self, position: Position) -> Option<Position> {
+        let state = self.lock();
+        state
+            .segments
+            .iter()
+            .rev()
+            .filter_map(|segment| {
+                let first = segment.first_position()?;
+                let last = segment.last_position()?;
+                if first >= position {
+                    return None;
+                }
+                Some(if last < position {
+                    last
+                } else {
+                    Position::new(position.ledger_id, position.entry_id - 1)
+                })
+            })
+            .next()
+    }
+
+    /// A receiver of the last durable position, for tailing reads: it changes whenever new
+    /// entries become readable.
+    pub fn watch_durable(&self) -> watch::Receiver<Option<Position>> {
+        self.durable.subscribe()
+    }
+
+    /// Waits until an entry after `position` (or any entry, for `None`) is durable.
+    pub async fn wait_for_entry_after(&self, position: Option<Position>) {
+        let mut receiver = self.durable.subscribe();
+        // The sender lives as long as the log, so this cannot fail while `self` exists.
+        let _ = receiver.wait_for(|last| *last > position).await;
+    }
+
+    /// Sets how much acknowledged data is kept.
+    pub fn set_retention(&self, retention: Retention) {
+        self.lock().retention = retention;
+    }
+
+    pub fn stats(&self) -> LogStats {
+        let state = self.lock();
+        LogStats {
+            storage_bytes: state.segments.iter().map(Segment::size_bytes).sum(),
+            segments: state.segments.len(),
+            entries_cached: state.cache.len(),
+            ..state.stats
+        }
+    }
+
+    /// Deletes segments that every cursor has passed and that retention no longer needs.
+    /// Returns the number of bytes freed.
+    pub fn trim(&self) -> Result<u64> {
+        let now = now_ms();
+        let removed: Vec<Segment> = {
+            let mut state = self.lock();
+            // Cursors count with their persisted mark-delete position, so that a crash never
+            // leaves a cursor pointing before data that no longer exists.
+            let slowest = if state.cursors.is_empty() {
+                state.last_durable
+            } else {
+                state
+                    .cursors
+                    .values()
+                    .map(|cursor| cursor.persisted_mark_delete)
+                    .min()
+                    .flatten()
+            };
+            let Some(slowest) = slowest else {
+                return Ok(0);
+            };
+            let retention = state.retention;
+            let total: u64 = state.segments.iter().map(Segment::size_bytes).sum();
+            let mut size_to_delete = 0u64;
+            let mut count = 0usize;
+            // Never the active (last) segment.
+            for segment in &state.segments[..state.segments.len().saturating_sub(1)] {
+                if segment.last_position().is_some_and(|last| last > slowest) {
+                    break;
+                }
+                let over_size = retention
+                    .size_bytes
+                    .is_some_and(|limit| total - size_to_delete > limit);
+                let expired = retention.time.is_some_and(|limit| {
+                    now.saturating_sub(segment.last_write_ms) >= limit.as_millis() as u64
+                });
+                if !over_size && !expired {
+                    break;
+                }
+                size_to_delete += segment.size_bytes();
+                count += 1;
+            }
+            let removed: Vec<Segment> = state.segments.drain(..count).collect();
+            if let Some(last) = removed.iter().rev().find_map(Segment::last_position) {
+                state.cache.evict_up_to(last, &self.shared.cache_used_bytes);
+            }
+            removed
+        };
+        if removed.is_empty() {
+            return Ok(0);
+        }
+        let mut freed = 0;
+        for segment in &removed {
+            self.shared
+                .io
+                .remove_file(&segment.path)
+                .map_err(|error| StorageError::io("remove segment", &segment.path, error))?;
+            freed += segment.size_bytes();
+            tracing::debug!(log = %self.name, path = %segment.path.display(), "segment trimmed");
+        }
+        self.shared
+            .io
+            .sync_dir(&self.directory)
+            .map_err(|error| StorageError::io("fsync directory", &self.directory, error))?;
+        Ok(freed)
+    }
+
+    /// Stops accepting appends, waits for pending ones to finish and persists cursors.
+    pub fn close(&self) -> Result<()> {
+        {
+            let mut state = self.lock();
+            state.closed = true;
+            while state.flush_scheduled {
+                state = self
+                    .flush_finished
+                    .wait(state)
+                    .unwrap_or_else(|poisoned| poisoned.into_inner());
+            }
+            state.cache.clear(&self.shared.cache_used_bytes);
+        }
+        if matches!(
+            self.shared.config.flush_policy,
+            FlushPolicy::RelaxedWriteOnly { .. }
+        ) {
+            self.sync_written();
+        }
+        self.persist_cursors()
+    }
+
+    pub(crate) fn is_closed(&self) -> bool {
+        self.lock().closed
+    }
+
+    pub(crate) fn evict_consumed_cache(&self) {
+        let mut state = self.lock();
+        let slowest = state
+            .cursors
+            .values()
+            .map(|cursor| cursor.state.mark_delete)
+            .min()
+            .flatten();
+        if let Some(slowest) = slowest {
+            state
+                .cache
+                .evict_up_to(slowest, &self.shared.cache_used_bytes);
+        }
+    }
+}
+
+impl LogState {
+    fn segment_for_batch(&self, batch: &PendingBatch) -> Option<&Segment> {
+        self.segments.iter().rev().find(|segment| {
+            segment.ledger_id == batch.ledger_id
+                && segment.first_entry_id == batch.segment_first_entry_id
+        })
+    }
+
+    fn segment_for_batch_mut(&mut self, batch: &PendingBatch) -> Option<&mut Segment> {
+        self.segments.iter_mut().rev().find(|segment| {
+            segment.ledger_id == batch.ledger_id
+                && segment.first_entry_id == batch.segment_first_entry_id
+        })
+    }
+
+    /// Forgets every entry at or after `first_removed` (all of them in the current ledger and
+    /// not yet flushed).
+    fn rollback_to(&mut self, first_removed: Position, cache_used_bytes: &AtomicU64) {
+        debug_assert_eq!(first_removed.ledger_id, self.ledger_id);
+        while let Some(segment) = self.segments.last_mut() {
+            if segment.file.is_none() {
+                // Never created, so it holds only entries of failed batches.
+                self.segments.pop();
+                continue;
+            }
+            let keep = first_removed
+                .entry_id
+                .saturating_sub(segment.first_entry_id);
+            segment.truncate_entries(keep as usize);
+            break;
+        }
+        self.next_entry_id = first_removed.entry_id;
+        self.pending_bytes = 0;
+        self.cache.truncate_from(first_removed, cache_used_bytes);
+    }
+
+    pub(crate) fn next_position(&self, position: Position) -> Position {
+        for segment in &self.segments {
+            let Some(last) = segment.last_position() else {
+                continue;
+            };
+            if last <= position {
+                continue;
+            }
+            if segment.contains(position) {
+                return Position::new(position.ledger_id, position.entry_id + 1);
+            }
+            if let Some(first) = segment.first_position() {
+                if first > position {
+                    return first;
+                }
+            }
+        }
+        Position::new(self.ledger_id, self.next_entry_id)
+    }
+
+    pub(crate) fn last_durable(&self) -> Option<Position> {
+        self.last_durable
+    }
+}
+
+fn complete(waiters: Vec<oneshot::Sender<Result<()>>>, result: Result<()>) {
+    for waiter in waiters {
+        // The appender may have stopped waiting; that is fine.
+        let _ = waiter.send(result.clone());
+    }
+}
+
+/// Validates an entry record read from a segment and returns its publish time and the offset
+/// of its data within the record.
+fn decode_entry(
+    record: &[u8],
+    expected_entry_id: u64,
+) -> std::result::Result<(u64, usize), String> {
+    let body = format::decode_record(record)?;
+    if body.len() < ENTRY_HEADER_LEN as usize {
+        return Err("entry record shorter than its header".into());
+    }
+    let mut reader = format::ByteReader::new(body);
+    let entry_id = reader.u64()?;
+    let publish_time_ms = reader.u64()?;
+    if entry_id != expected_entry_id {
+        return Err(format!(
+            "expected entry {expected_entry_id}, found entry {entry_id}"
+        ));
+    }
+    Ok((
+        publish_time_ms,
+        (RECORD_FRAMING_LEN + ENTRY_HEADER_LEN) as usize,
+    ))
+}
+
+/// Opens one segment file and indexes its entries. For the tail segment (the newest file,
+/// which was being appended to when the log was last closed or crashed), damage at the end is
+/// a torn write and is truncated; anywhere else it is corruption. Returns `None` for a tail
+/// segment that was torn while being created (it never held an entry).
+fn recover_segment(
+    shared: &Shared,
+    directory: &Path,
+    ledger_id: u64,
+    first_entry_id: u64,
+    is_tail: bool,
+) -> Result<Option<Segment>> {
+    let io = shared.io.as_ref();
+    let mut segment = Segment::new(directory, ledger_id, first_entry_id);
+    let path = segment.path.clone();
+    let file = io
+        .open(&path)
+        .map_err(|error| StorageError::io("open", &path, error))?;
+    let file_len = file
+        .size()
+        .map_err(|error| StorageError::io("stat", &path, error))?;
+    let header = match FileHeader::read(file.as_ref(), &path, FileKind::Segment) {
+        Ok(header) => header,
+        Err(StorageError::Corrupted { .. }) if is_tail && file_len <= HEADER_LEN => {
+            // Created but never completed (a crash before its header was fsynced); entries are
+            // only ever written after that, so it held none.
+            tracing::warn!(path = %path.display(), "removing a segment torn while being created");
+            io.remove_file(&path)
+                .map_err(|error| StorageError::io("remove", &path, error))?;
+            return Ok(None);
+        }
+        Err(error) => return Err(error),
+    };
+    if header.fields[0] != ledger_id || header.fields[1] != first_entry_id {
+        return Err(StorageError::corrupted(
+            &path,
+            0,
+            format!(
+                "header says ledger {} entry {}, file name says ledger {ledger_id} entry {first_entry_id}",
+                header.fields[0], header.fields[1]
+            ),
+        ));
+    }
+    segment.last_write_ms = header.fields[2];
+    let max_body_len = ENTRY_HEADER_LEN + shared.config.entry_max_bytes as u64;
+    let scan = format::scan_records(
+        file.as_ref(),
+        &path,
+        HEADER_LEN,
+        file_len,
+        max_body_len,
+        |offset, body| {
+            let mut reader = format::ByteReader::new(body);
+            let entry_id = reader.u64()?;
+            let publish_time_ms = reader.u64()?;
+            let expected = first_entry_id + segment.entry_count();
+            if entry_id != expected {
+                return Err(format!("expected entry {expected}, found entry {entry_id}"));
+            }
+            segment.push_entry(offset, publish_time_ms);
+            Ok(())
+        },
+    )?;
+    let valid_end = match scan {
+        ScanEnd::Clean => file_len,
+        ScanEnd::Damaged { offset, reason } => {
+            if !is_tail {
+                return Err(StorageError::corrupted(&path, offset, reason));
+            }
+            let next_entry = first_entry_id + segment.entry_count();
+            let follows = format::valid_record_follows(
+                file.as_ref(),
+                &path,
+                offset,
+                file_len,
+                max_body_len,
+                |body| {
+                    body.len() >= ENTRY_HEADER_LEN as usize
+                        && body[..8]
+                            .try_into()
+                            .map(u64::from_le_bytes)
+                            .is_ok_and(|entry_id| {
+                                entry_id >= next_entry && entry_id < next_entry + (1 << 20)
+                            })
+                },
+            )?;
+            if let Some(valid_at) = follows {
+                return Err(StorageError::corrupted(
+                    &path,
+                    offset,
+                    format!("{reason}, but a valid record follows at offset {valid_at}: not a torn write"),
+                ));
+            }
+            tracing::warn!(
+                path = %path.display(),
+                offset,
+                discarded_bytes = file_len - offset,
+                %reason,
+                "truncating torn tail of segment"
+            );
+            file.set_len(offset)
+                .map_err(|error| StorageError::io("truncate", &path, error))?;
+            file.sync()
+                .map_err(|error| StorageError::io("fsync", &path, error))?;
+            offset
+        }
+    };
+    if let Some(mark) = segment.time_marks.iter().max() {
+        segment.last_write_ms = segment.last_write_ms.max(*mark);
+    }
+    segment.end = valid_end;
+    segment.flushed_end = valid_end;
+    segment.synced_end = valid_end;
+    segment.file = Some(file);
+    Ok(Some(segment))
+}

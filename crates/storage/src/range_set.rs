@@ -1,0 +1,201 @@
+//! A compact set of log positions: the individually acknowledged entries of a cursor.
+//!
+//! Positions are kept as closed ranges of entry ids within one ledger, so a million
+//! acknowledgements in any order cost memory proportional to the number of *gaps* between them,
+//! not to their count. Ranges never span ledgers (the set does not know where ledgers end);
+//! that costs at most one extra range per ledger.
+
+use std::collections::BTreeMap;
+
+use crate::Position;
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RangeSet {
+    /// Start of each range → last entry id of that range (inclusive), same ledger.
+    ranges: BTreeMap<Position, u64>,
+}
+
+impl RangeSet {
+    pub fn new() -> Self {
+        RangeSet::default()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ranges.is_empty()
+    }
+
+    /// Number of disjoint ranges.
+    pub fn range_count(&self) -> usize {
+        self.ranges.len()
+    }
+
+    /// Number of positions in the set.
+    pub fn position_count(&self) -> u64 {
+        self.ranges
+            .iter()
+            .map(|(start, last)| last - start.entry_id + 1)
+            .sum()
+    }
+
+    pub fn contains(&self, position: Position) -> bool {
+        match self.ranges.range(..=position).next_back() {
+            Some((start, last)) => {
+                start.ledger_id == position.ledger_id && position.entry_id <= *last
+            }
+            None => false,
+        }
+    }
+
+    /// Adds one position; returns whether it was new.
+    pub fn insert(&mut self, position: Position) -> bool {
+        if self.contains(position) {
+            return false;
+        }
+        self.insert_range(position.ledger_id, position.entry_id, position.entry_id);
+        true
+    }
+
+    /// Adds entries `first..=last` of `ledger_id`, merging with overlapping or adjacent ranges.
+    pub fn insert_range(&mut self, ledger_id: u64, first: u64, last: u64) {
+        debug_assert!(first <= last, "empty range {first}..={last}");
+        let mut merged_first = first;
+        let mut merged_last = last;
+        // A range that starts before `first` and reaches it (or touches it) absorbs the new one.
+        if let Some((start, end)) = self
+            .ranges
+            .range(..=Position::new(ledger_id, first))
+            .next_back()
+            .map(|(start, end)| (*start, *end))
+        {
+            if start.ledger_id == ledger_id && end.saturating_add(1) >= first {
+                merged_first = start.entry_id;
+                merged_last = merged_last.max(end);
+                self.ranges.remove(&start);
+            }
+        }
+        // Ranges that start inside the new one or right after it are absorbed too.
+        let upper = Position::new(ledger_id, merged_last.saturating_add(1));
+        let absorbed: Vec<(Position, u64)> = self
+            .ranges
+            .range(Position::new(ledger_id, merged_first)..=upper)
+            .map(|(start, end)| (*start, *end))
+            .collect();
+        for (start, end) in absorbed {
+            merged_last = merged_last.max(end);
+            self.ranges.remove(&start);
+        }
+        self.ranges
+            .insert(Position::new(ledger_id, merged_first), merged_last);
+    }
+
+    /// Removes every position `<= position`.
+    pub fn remove_up_to(&mut self, position: Position) {
+        let covered: Vec<(Position, u64)> = self
+            .ranges
+            .range(..=position)
+            .map(|(start, end)| (*start, *end))
+            .collect();
+        for (start, end) in covered {
+            self.ranges.remove(&start);
+            if start.ledger_id == position.ledger_id && end > position.entry_id {
+                self.ranges.insert(
+                    Position::new(position.ledger_id, position.entry_id + 1),
+                    end,
+                );
+            }
+        }
+    }
+
+    /// The range containing `position`, as (first position, last entry id).
+    pub fn range_containing(&self, position: Position) -> Option<(Position, u64)> {
+        let (start, last) = self.ranges.range(..=position).next_back()?;
+        (start.ledger_id == position.ledger_id && position.entry_id <= *last)
+            .then_some((*start, *last))
+    }
+
+    /// Ranges in order, as (ledger id, first entry id, last entry id).
+    pub fn iter(&self) -> impl Iterator<Item = (u64, u64, u64)> + '_ {
+        self.ranges
+            .iter()
+            .map(|(start, last)| (start.ledger_id, start.entry_id, *last))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use proptest::prelude::*;
+
+    use super::*;
+
+    #[derive(Debug, Clone)]
+    enum Operation {
+        Insert(u64, u64),
+        InsertRange(u64, u64, u64),
+        RemoveUpTo(u64, u64),
+    }
+
+    fn operation() -> impl Strategy<Value = Operation> {
+        prop_oneof![
+            6 => (0..3u64, 0..60u64).prop_map(|(ledger, entry)| Operation::Insert(ledger, entry)),
+            2 => (0..3u64, 0..60u64, 0..8u64)
+                .prop_map(|(ledger, first, length)| Operation::InsertRange(ledger, first, first + length)),
+            1 => (0..3u64, 0..60u64).prop_map(|(ledger, entry)| Operation::RemoveUpTo(ledger, entry)),
+        ]
+    }
+
+    proptest! {
+        /// The set behaves exactly like a plain set of positions, and stays canonical: ranges
+        /// are disjoint, non-adjacent within a ledger, and never empty.
+        #[test]
+        fn matches_a_plain_set(operations in prop::collection::vec(operation(), 0..200)) {
+            let mut set = RangeSet::new();
+            let mut model: BTreeSet<Position> = BTreeSet::new();
+            for operation in operations {
+                match operation {
+                    Operation::Insert(ledger, entry) => {
+                        let position = Position::new(ledger, entry);
+                        prop_assert_eq!(set.insert(position), model.insert(position));
+                    }
+                    Operation::InsertRange(ledger, first, last) => {
+                        set.insert_range(ledger, first, last);
+                        model.extend((first..=last).map(|entry| Position::new(ledger, entry)));
+                    }
+                    Operation::RemoveUpTo(ledger, entry) => {
+                        let bound = Position::new(ledger, entry);
+                        set.remove_up_to(bound);
+                        model.retain(|position| *position > bound);
+                    }
+                }
+                prop_assert_eq!(set.position_count(), model.len() as u64);
+                for ledger in 0..3 {
+                    for entry in 0..70 {
+                        let position = Position::new(ledger, entry);
+                        prop_assert_eq!(set.contains(position), model.contains(&position));
+                    }
+                }
+                let ranges: Vec<_> = set.iter().collect();
+                for pair in ranges.windows(2) {
+                    let ((ledger_a, _, last_a), (ledger_b, first_b, _)) = (pair[0], pair[1]);
+                    prop_assert!(ledger_a < ledger_b || last_a + 1 < first_b, "not canonical: {:?}", ranges);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_million_out_of_order_acks_collapse() {
+        let mut set = RangeSet::new();
+        // Acknowledge the odd entries, then the even ones, in reverse order.
+        for entry in (0..1_000_000u64).rev().filter(|entry| entry % 2 == 1) {
+            set.insert(Position::new(1, entry));
+        }
+        assert_eq!(set.range_count(), 500_000);
+        for entry in (0..1_000_000u64).rev().filter(|entry| entry % 2 == 0) {
+            set.insert(Position::new(1, entry));
+        }
+        assert_eq!(set.range_count(), 1);
+        assert_eq!(set.position_count(), 1_000_000);
+    }
+}

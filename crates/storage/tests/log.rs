@@ -1,0 +1,248 @@
+//! Appends, reads, positions, segments, the publish-time index and restarts, on the real file
+//! system.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use meridian_storage::{Position, Storage, StorageConfig, StorageError};
+
+fn small_segments() -> StorageConfig {
+    StorageConfig {
+        segment_max_bytes: 4096,
+        entry_max_bytes: 1024,
+        pending_max_bytes_per_log: 1 << 20,
+        ..StorageConfig::default()
+    }
+}
+
+fn append_all(
+    log: &std::sync::Arc<meridian_storage::Log>,
+    payloads: &[Bytes],
+    publish_time_ms: u64,
+) -> Vec<Position> {
+    let pending: Vec<_> = payloads
+        .iter()
+        .map(|payload| {
+            log.append(payload.clone(), publish_time_ms)
+                .expect("append")
+        })
+        .collect();
+    pending
+        .into_iter()
+        .map(|append| append.wait().expect("durable"))
+        .collect()
+}
+
+#[test]
+fn entries_come_back_byte_exact_in_order_across_segments_and_restarts() {
+    let directory = tempfile::tempdir().expect("tempdir");
+    let payloads: Vec<Bytes> = (0..200u32)
+        .map(|index| {
+            Bytes::from(format!(
+                "entry {index} {}",
+                "x".repeat(index as usize % 300)
+            ))
+        })
+        .collect();
+    let first_ledger;
+    let positions;
+    {
+        let storage = Storage::open(directory.path(), small_segments()).expect("open");
+        let log = storage
+            .open_log("persistent://public/default/t")
+            .expect("log");
+        first_ledger = log.current_ledger_id();
+        positions = append_all(&log, &payloads, 1_000);
+        assert!(
+            log.stats().segments > 5,
+            "small segments roll: {:?}",
+            log.stats()
+        );
+        // Positions are dense within the ledger.
+        for (index, position) in positions.iter().enumerate() {
+            assert_eq!(*position, Position::new(first_ledger, index as u64));
+        }
+        let read = log
+            .read_from(positions[0], usize::MAX, usize::MAX)
+            .expect("read");
+        assert_eq!(
+            read.iter()
+                .map(|entry| entry.data.clone())
+                .collect::<Vec<_>>(),
+            payloads
+        );
+        storage.close().expect("close");
+    }
+    let storage = Storage::open(directory.path(), small_segments()).expect("reopen");
+    let log = storage
+        .open_log("persistent://public/default/t")
+        .expect("log");
+    assert!(
+        log.current_ledger_id() > first_ledger,
+        "a new ledger on every open"
+    );
+    // Cold reads (nothing cached after a restart), one by one and as ranges.
+    for (position, payload) in positions.iter().zip(&payloads) {
+        assert_eq!(&log.read(*position).expect("read").data, payload);
+    }
+    let mut gathered = Vec::new();
+    let mut next = log.first_position().expect("first");
+    loop {
+        let batch = log.read_from(next, 7, 2_000).expect("read range");
+        let Some(last) = batch.last() else { break };
+        next = log.next_position(last.position);
+        gathered.extend(batch.into_iter().map(|entry| entry.data));
+    }
+    assert_eq!(gathered, payloads);
+    // New appends continue after the old ones, in the new ledger.
+    let more = append_all(&log, &[Bytes::from_static(b"after restart")], 2_000);
+    assert_eq!(more[0], Position::new(log.current_ledger_id(), 0));
+    assert_eq!(log.next_position(*positions.last().expect("last")), more[0]);
+    assert_eq!(log.previous_position(more[0]), positions.last().copied());
+    assert_eq!(log.last_position(), Some(more[0]));
+    assert_eq!(
+        storage.log_names().expect("names"),
+        vec!["persistent://public/default/t".to_string()]
+    );
+}
+
+#[test]
+fn limits_are_enforced_with_clear_errors() {
+    let directory = tempfile::tempdir().expect("tempdir");
+    let storage = Storage::open(directory.path(), small_segments()).expect("open");
+    let log = storage.open_log("limits").expect("log");
+    let error = log
+        .append(Bytes::from(vec![0u8; 1025]), 0)
+        .expect_err("too large");
+    assert!(
+        matches!(
+            error,
+            StorageError::EntryTooLarge {
+                size: 1025,
+                max: 1024
+            }
+        ),
+        "{error}"
+    );
+    assert!(log
+        .append(Bytes::from(vec![0u8; 1024]), 0)
+        .expect("fits")
+        .wait()
+        .is_ok());
+    let error = storage.open_log("").expect_err("empty name");
+    assert!(matches!(error, StorageError::InvalidName { .. }), "{error}");
+    let error = storage.open_log(&"n/".repeat(100)).expect_err("long name");
+    assert!(matches!(error, StorageError::InvalidName { .. }), "{error}");
+    let bad = StorageConfig {
+        segment_max_bytes: 100,
+        ..StorageConfig::default()
+    };
+    let error = Storage::open(directory.path().join("bad"), bad)
+        .err()
+        .expect("invalid config");
+    assert!(error.to_string().contains("segment_max_bytes"), "{error}");
+}
+
+#[test]
+fn seek_by_publish_time_finds_the_first_entry_at_or_after() {
+    let directory = tempfile::tempdir().expect("tempdir");
+    let storage = Storage::open(directory.path(), small_segments()).expect("open");
+    let log = storage.open_log("times").expect("log");
+    let mut positions = Vec::new();
+    for index in 0..300u64 {
+        // Publish times rise by 10 ms per entry, with a little disorder like real clients.
+        let time = 10_000 + index * 10 - if index % 7 == 3 { 15 } else { 0 };
+        positions.push(
+            log.append(Bytes::from(vec![1u8; 50]), time)
+                .expect("append"),
+        );
+    }
+    let positions: Vec<Position> = positions
+        .into_iter()
+        .map(|append| append.wait().expect("durable"))
+        .collect();
+    let times: Vec<u64> = (0..300u64)
+        .map(|index| 10_000 + index * 10 - if index % 7 == 3 { 15 } else { 0 })
+        .collect();
+    for target in [
+        0, 9_999, 10_000, 10_001, 10_995, 11_000, 12_345, 12_990, 12_991,
+    ] {
+        let expected = times
+            .iter()
+            .position(|time| *time >= target)
+            .map(|index| positions[index]);
+        assert_eq!(
+            log.find_by_publish_time(target).expect("find"),
+            expected,
+            "target {target}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tailing_readers_wake_up_when_entries_land() {
+    let directory = tempfile::tempdir().expect("tempdir");
+    let storage = Storage::open(directory.path(), StorageConfig::default()).expect("open");
+    let log = storage.open_log("tail").expect("log");
+    let waiter = {
+        let log = log.clone();
+        tokio::spawn(async move {
+            log.wait_for_entry_after(None).await;
+            log.read_from(log.first_position().expect("first"), 10, usize::MAX)
+                .expect("read")
+        })
+    };
+    let position = log
+        .append(Bytes::from_static(b"hello"), 1)
+        .expect("append")
+        .await
+        .expect("durable");
+    let entries = tokio::time::timeout(Duration::from_secs(30), waiter)
+        .await
+        .expect("woken")
+        .expect("task");
+    assert_eq!(entries.len(), 1);
+    assert_eq!(entries[0].position, position);
+    assert_eq!(&entries[0].data[..], b"hello");
+    // Served from memory: the entry is in the cache.
+    assert_eq!(log.stats().entries_cached, 1);
+}
+
+#[test]
+fn concurrent_appenders_share_fsyncs() {
+    let directory = tempfile::tempdir().expect("tempdir");
+    let storage = Storage::open(directory.path(), StorageConfig::default()).expect("open");
+    let log = storage.open_log("group-commit").expect("log");
+    let threads: Vec<_> = (0..16)
+        .map(|thread| {
+            let log = log.clone();
+            std::thread::spawn(move || {
+                let mut positions = Vec::new();
+                for index in 0..50 {
+                    let payload = Bytes::from(format!("{thread}-{index}"));
+                    positions.push(
+                        log.append(payload, 0)
+                            .expect("append")
+                            .wait()
+                            .expect("durable"),
+                    );
+                }
+                positions
+            })
+        })
+        .collect();
+    let mut all: Vec<Position> = threads
+        .into_iter()
+        .flat_map(|thread| thread.join().expect("join"))
+        .collect();
+    let stats = log.stats();
+    assert_eq!(stats.entries_appended, 800);
+    assert!(
+        stats.flushes < 800,
+        "group commit: {} flushes for 800 appends",
+        stats.flushes
+    );
+    all.sort();
+    all.dedup();
+    assert_eq!(all.len(), 800, "every append got its own position");
+}
