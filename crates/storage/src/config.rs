@@ -14,9 +14,9 @@ pub enum FlushPolicy {
     RelaxedWriteOnly { fsync_interval: Duration },
 }
 
-/// How much acknowledged data a log keeps. `None` means unlimited. Pulsar's semantics: a
-/// segment every cursor has passed is deleted once it is older than `time` **or** the log is
-/// larger than `size_bytes` without it.
+/// How much acknowledged data a log keeps. `None` means unlimited. As in Pulsar, a segment
+/// every cursor has passed is deleted once it is older than `time` **or** the log stays at
+/// least `size_bytes` large without it (so at least `size_bytes` are always kept).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Retention {
     pub time: Option<Duration>,

@@ -81,13 +81,7 @@ impl Storage {
         io: Arc<dyn Io>,
     ) -> Result<Storage> {
         let root = root.into();
-        config
-            .validate()
-            .map_err(|reason| StorageError::InvalidName {
-                what: "storage configuration",
-                name: reason,
-                reason: "invalid setting",
-            })?;
+        config.validate().map_err(StorageError::InvalidConfig)?;
         let logs_directory = root.join("logs");
         io.create_dir_all(&logs_directory)
             .map_err(|error| StorageError::io("create directory", &logs_directory, error))?;

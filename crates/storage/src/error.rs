@@ -74,6 +74,9 @@ pub enum StorageError {
         reason: &'static str,
     },
 
+    #[error("invalid storage configuration: {0}")]
+    InvalidConfig(String),
+
     #[error("log {log} is closed")]
     Closed { log: String },
 }

@@ -968,9 +968,11 @@ impl Log {
                 if segment.last_position().is_some_and(|last| last > slowest) {
                     break;
                 }
+                // Unlike Pulsar, which may delete one segment too many, at least `limit`
+                // bytes of acknowledged data stay.
                 let over_size = retention
                     .size_bytes
-                    .is_some_and(|limit| total - size_to_delete > limit);
+                    .is_some_and(|limit| total - size_to_delete - segment.size_bytes() >= limit);
                 let expired = retention.time.is_some_and(|limit| {
                     now.saturating_sub(segment.last_write_ms) >= limit.as_millis() as u64
                 });

@@ -1,0 +1,239 @@
+//! Recovery from damaged files on the real file system: torn tails are truncated, corruption
+//! anywhere else makes that log refuse to open (and only that log).
+
+use std::fs::{self, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use bytes::Bytes;
+use meridian_storage::{InitialPosition, Storage, StorageConfig, StorageError};
+
+const PAYLOAD_LEN: usize = 100;
+/// Record framing (8) + entry header (16) + payload.
+const RECORD_LEN: u64 = 24 + PAYLOAD_LEN as u64;
+const HEADER_LEN: u64 = 64;
+
+fn config() -> StorageConfig {
+    StorageConfig {
+        // Ten records per segment.
+        segment_max_bytes: HEADER_LEN + 10 * RECORD_LEN,
+        entry_max_bytes: 1024,
+        ..StorageConfig::default()
+    }
+}
+
+fn payload(index: u64) -> Bytes {
+    let mut bytes = format!("entry-{index:06}-").into_bytes();
+    bytes.resize(PAYLOAD_LEN, b'.');
+    Bytes::from(bytes)
+}
+
+/// Writes `count` entries to log `name` and closes the engine. Returns the log's directory.
+fn write_entries(root: &Path, name: &str, count: u64) -> PathBuf {
+    let storage = Storage::open(root, config()).expect("open");
+    let log = storage.open_log(name).expect("log");
+    let pending: Vec<_> = (0..count)
+        .map(|index| log.append(payload(index), 1_000 + index).expect("append"))
+        .collect();
+    for append in pending {
+        append.wait().expect("durable");
+    }
+    let directory = log.directory().to_path_buf();
+    storage.close().expect("close");
+    directory
+}
+
+fn segment_files(directory: &Path) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = fs::read_dir(directory)
+        .expect("list")
+        .map(|entry| entry.expect("entry").path())
+        .filter(|path| {
+            path.extension()
+                .is_some_and(|extension| extension == "segment")
+        })
+        .collect();
+    files.sort();
+    files
+}
+
+fn read_all(storage: &Storage, name: &str) -> Vec<Bytes> {
+    let log = storage.open_log(name).expect("log");
+    let Some(first) = log.first_position() else {
+        return Vec::new();
+    };
+    log.read_from(first, usize::MAX, usize::MAX)
+        .expect("read")
+        .into_iter()
+        .map(|entry| entry.data)
+        .collect()
+}
+
+fn flip_byte(path: &Path, offset: u64) {
+    let mut bytes = fs::read(path).expect("read file");
+    bytes[offset as usize] ^= 0x40;
+    fs::write(path, bytes).expect("write file");
+}
+
+#[test]
+fn a_torn_tail_is_truncated_and_every_acknowledged_entry_survives() {
+    // Models a crash in the middle of writing a batch: the last record is cut short.
+    let root = tempfile::tempdir().expect("tempdir");
+    let directory = write_entries(root.path(), "torn", 25);
+    let tail = segment_files(&directory).pop().expect("tail segment");
+    let clean_length = fs::metadata(&tail).expect("stat").len();
+    let mut partial_record = Vec::new();
+    partial_record.extend_from_slice(&(16 + PAYLOAD_LEN as u32).to_le_bytes());
+    partial_record.extend_from_slice(&[0xAB; 4]);
+    partial_record.extend_from_slice(&25u64.to_le_bytes());
+    OpenOptions::new()
+        .append(true)
+        .open(&tail)
+        .expect("open tail")
+        .write_all(&partial_record)
+        .expect("tear");
+
+    let storage = Storage::open(root.path(), config()).expect("reopen");
+    assert_eq!(
+        read_all(&storage, "torn"),
+        (0..25).map(payload).collect::<Vec<_>>()
+    );
+    assert_eq!(
+        fs::metadata(&tail).expect("stat").len(),
+        clean_length,
+        "torn bytes truncated"
+    );
+    let log = storage.open_log("torn").expect("log");
+    log.append(payload(25), 0)
+        .expect("append")
+        .wait()
+        .expect("appends continue");
+}
+
+#[test]
+fn garbage_after_the_last_record_is_truncated() {
+    // Models a crash that left unsynced garbage after the last complete record.
+    let root = tempfile::tempdir().expect("tempdir");
+    let directory = write_entries(root.path(), "garbage", 13);
+    let tail = segment_files(&directory).pop().expect("tail segment");
+    OpenOptions::new()
+        .append(true)
+        .open(&tail)
+        .expect("open tail")
+        .write_all(&[0x5A; 300])
+        .expect("garbage");
+    let storage = Storage::open(root.path(), config()).expect("reopen");
+    assert_eq!(
+        read_all(&storage, "garbage"),
+        (0..13).map(payload).collect::<Vec<_>>()
+    );
+}
+
+#[test]
+fn a_bit_flip_in_a_sealed_segment_refuses_that_log_only() {
+    // Models bit rot in data that was durable long ago.
+    let root = tempfile::tempdir().expect("tempdir");
+    let directory = write_entries(root.path(), "rotten", 25);
+    write_entries(root.path(), "healthy", 5);
+    let sealed = segment_files(&directory).remove(0);
+    let offset = HEADER_LEN + 3 * RECORD_LEN + 40;
+    flip_byte(&sealed, offset);
+
+    let storage = Storage::open(root.path(), config()).expect("engine opens");
+    let error = storage
+        .open_log("rotten")
+        .expect_err("corrupted log refuses to open");
+    match &error {
+        StorageError::Corrupted {
+            path, offset: at, ..
+        } => {
+            assert_eq!(path, &sealed);
+            assert_eq!(
+                *at,
+                HEADER_LEN + 3 * RECORD_LEN,
+                "offset of the damaged record"
+            );
+        }
+        other => panic!("expected Corrupted, got {other}"),
+    }
+    let message = error.to_string();
+    assert!(message.contains(&sealed.display().to_string()), "{message}");
+    assert_eq!(
+        read_all(&storage, "healthy"),
+        (0..5).map(payload).collect::<Vec<_>>()
+    );
+}
+
+#[test]
+fn damage_followed_by_valid_records_in_the_tail_is_corruption_not_a_torn_write() {
+    // Models bit rot inside the last segment: valid records after the damage prove that the
+    // damaged bytes were once durable.
+    let root = tempfile::tempdir().expect("tempdir");
+    let directory = write_entries(root.path(), "tail-rot", 25);
+    let tail = segment_files(&directory).pop().expect("tail segment");
+    flip_byte(&tail, HEADER_LEN + RECORD_LEN + 30);
+    let storage = Storage::open(root.path(), config()).expect("engine opens");
+    let error = storage.open_log("tail-rot").expect_err("refuses");
+    assert!(
+        matches!(&error, StorageError::Corrupted { reason, .. } if reason.contains("valid record follows")),
+        "{error}"
+    );
+}
+
+#[test]
+fn a_damaged_segment_header_refuses_the_log() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let directory = write_entries(root.path(), "header", 25);
+    let sealed = segment_files(&directory).remove(0);
+    flip_byte(&sealed, 17);
+    let storage = Storage::open(root.path(), config()).expect("engine opens");
+    let error = storage.open_log("header").expect_err("refuses");
+    assert!(error.to_string().contains("header checksum"), "{error}");
+}
+
+#[test]
+fn a_corrupted_record_read_at_runtime_is_an_error_never_wrong_bytes() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let directory = write_entries(root.path(), "runtime", 25);
+    let storage = Storage::open(root.path(), config()).expect("open");
+    let log = storage.open_log("runtime").expect("log");
+    let first = log.first_position().expect("first");
+    // Damage a payload byte after the log was opened (nothing of it is cached).
+    let sealed = segment_files(&directory).remove(0);
+    flip_byte(&sealed, HEADER_LEN + 2 * RECORD_LEN + 50);
+    let error = log
+        .read_from(first, 100, usize::MAX)
+        .expect_err("checksum catches it");
+    assert!(matches!(error, StorageError::Corrupted { .. }), "{error}");
+    // The log now refuses service instead of serving around the hole.
+    assert!(log.read(first).is_err());
+    assert!(log.append(payload(99), 0).is_err());
+}
+
+#[test]
+fn a_corrupted_cursor_journal_refuses_the_log() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let directory = {
+        let storage = Storage::open(root.path(), config()).expect("open");
+        let log = storage.open_log("cursors").expect("log");
+        for index in 0..5 {
+            log.append(payload(index), 0)
+                .expect("append")
+                .wait()
+                .expect("durable");
+        }
+        log.open_cursor("a", InitialPosition::Earliest)
+            .expect("cursor");
+        log.persist_cursors().expect("persist");
+        log.acknowledge_cumulative("a", log.last_position().expect("last"))
+            .expect("ack");
+        log.persist_cursors().expect("persist");
+        let directory = log.directory().to_path_buf();
+        storage.close().expect("close");
+        directory
+    };
+    // Damage the first snapshot record; later records are intact, so this is not a torn write.
+    flip_byte(&directory.join("cursors.journal"), HEADER_LEN + 10);
+    let storage = Storage::open(root.path(), config()).expect("engine opens");
+    let error = storage.open_log("cursors").expect_err("refuses");
+    assert!(error.to_string().contains("cursors.journal"), "{error}");
+}
