@@ -1,0 +1,178 @@
+//! Encoding frames and entries.
+//!
+//! A payload frame is returned as two [`Bytes`]: a freshly encoded header and
+//! the entry, untouched. A broker dispatching a stored entry therefore never
+//! copies or re-encodes it; the connection writes both parts (vectored, or
+//! one after the other) with [`PayloadFrame::write_to`] as the fallback.
+
+use bytes::{BufMut, Bytes, BytesMut};
+use prost::Message;
+
+use crate::error::EncodeError;
+use crate::proto::{
+    base_command, BaseCommand, BrokerEntryMetadata, CommandMessage, CommandSend, MessageMetadata,
+};
+use crate::{BROKER_ENTRY_METADATA_MAGIC, CHECKSUM_MAGIC};
+
+/// A `usize` length as a wire `u32`, or an error naming what was too large.
+fn wire_size(section: &'static str, length: usize) -> Result<u32, EncodeError> {
+    u32::try_from(length).map_err(|_| EncodeError::TooLarge { section, length })
+}
+
+/// Appends a simple command frame, `[total_size][command_size][BaseCommand]`,
+/// to `buffer`.
+pub fn encode_command(command: &BaseCommand, buffer: &mut BytesMut) -> Result<(), EncodeError> {
+    let command_length = command.encoded_len();
+    let command_size = wire_size("command", command_length)?;
+    let total_size = wire_size("frame", command_length.saturating_add(4))?;
+    buffer.reserve(command_length.saturating_add(8));
+    let start = buffer.len();
+    buffer.put_u32(total_size);
+    buffer.put_u32(command_size);
+    command.encode(buffer)?;
+    debug_assert_eq!(buffer.len() - start, command_length + 8);
+    Ok(())
+}
+
+/// A payload frame (SEND or MESSAGE) as its two parts.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PayloadFrame {
+    /// `[total_size][command_size][BaseCommand]`.
+    pub header: Bytes,
+    /// The entry, exactly as it was given.
+    pub entry: Bytes,
+}
+
+impl PayloadFrame {
+    /// Length of the whole frame on the wire.
+    pub fn frame_length(&self) -> usize {
+        self.header.len() + self.entry.len()
+    }
+
+    /// Appends the whole frame to `buffer` (copies the entry).
+    pub fn write_to(&self, buffer: &mut BytesMut) {
+        buffer.reserve(self.frame_length());
+        buffer.extend_from_slice(&self.header);
+        buffer.extend_from_slice(&self.entry);
+    }
+
+    /// The whole frame as one contiguous buffer (copies the entry).
+    pub fn to_bytes(&self) -> Bytes {
+        let mut buffer = BytesMut::with_capacity(self.frame_length());
+        self.write_to(&mut buffer);
+        buffer.freeze()
+    }
+}
+
+/// Builds a payload frame: a header for `command` in front of `entry`, which
+/// is not copied or inspected.
+pub fn encode_payload_frame(
+    command: &BaseCommand,
+    entry: Bytes,
+) -> Result<PayloadFrame, EncodeError> {
+    let command_length = command.encoded_len();
+    let command_size = wire_size("command", command_length)?;
+    let total_length = command_length
+        .checked_add(4)
+        .and_then(|length| length.checked_add(entry.len()))
+        .ok_or(EncodeError::TooLarge {
+            section: "frame",
+            length: usize::MAX,
+        })?;
+    let total_size = wire_size("frame", total_length)?;
+
+    let mut header = BytesMut::with_capacity(command_length.saturating_add(8));
+    header.put_u32(total_size);
+    header.put_u32(command_size);
+    command.encode(&mut header)?;
+    debug_assert_eq!(header.len() + entry.len(), total_length + 4);
+    Ok(PayloadFrame {
+        header: header.freeze(),
+        entry,
+    })
+}
+
+/// Builds the MESSAGE frame a broker sends to a consumer: a new header in
+/// front of the stored entry, which goes out byte for byte as it was stored.
+pub fn encode_message_frame(
+    message: CommandMessage,
+    entry: Bytes,
+) -> Result<PayloadFrame, EncodeError> {
+    let command = BaseCommand {
+        r#type: base_command::Type::Message as i32,
+        message: Some(message),
+        ..BaseCommand::default()
+    };
+    encode_payload_frame(&command, entry)
+}
+
+/// Builds the SEND frame a producer sends, with the 0x0e01 checksum block.
+pub fn encode_send_frame(
+    send: CommandSend,
+    metadata: &MessageMetadata,
+    payload: &[u8],
+) -> Result<PayloadFrame, EncodeError> {
+    let command = BaseCommand {
+        r#type: base_command::Type::Send as i32,
+        send: Some(send),
+        ..BaseCommand::default()
+    };
+    encode_payload_frame(&command, encode_entry(metadata, payload)?)
+}
+
+/// Encodes an entry with its checksum block:
+/// `[0x0e01][crc32c][metadata_size][metadata][payload]`. This is what a
+/// producer sends and what a broker writes for its own entries (markers).
+pub fn encode_entry(metadata: &MessageMetadata, payload: &[u8]) -> Result<Bytes, EncodeError> {
+    let mut buffer = BytesMut::new();
+    buffer.put_u16(CHECKSUM_MAGIC);
+    // Placeholder for the checksum, filled in once the covered bytes exist.
+    buffer.put_u32(0);
+    put_metadata_and_payload(&mut buffer, metadata, payload)?;
+    let checksum = crc32c::crc32c(&buffer[6..]);
+    buffer[2..6].copy_from_slice(&checksum.to_be_bytes());
+    Ok(buffer.freeze())
+}
+
+/// Encodes an entry without a checksum block, as producers did before
+/// protocol v6: `[metadata_size][metadata][payload]`.
+pub fn encode_entry_without_checksum(
+    metadata: &MessageMetadata,
+    payload: &[u8],
+) -> Result<Bytes, EncodeError> {
+    let mut buffer = BytesMut::new();
+    put_metadata_and_payload(&mut buffer, metadata, payload)?;
+    Ok(buffer.freeze())
+}
+
+fn put_metadata_and_payload(
+    buffer: &mut BytesMut,
+    metadata: &MessageMetadata,
+    payload: &[u8],
+) -> Result<(), EncodeError> {
+    let metadata_length = metadata.encoded_len();
+    let metadata_size = wire_size("metadata", metadata_length)?;
+    buffer.reserve(4 + metadata_length + payload.len());
+    let start = buffer.len();
+    buffer.put_u32(metadata_size);
+    metadata.encode(buffer)?;
+    debug_assert_eq!(buffer.len() - start, 4 + metadata_length);
+    buffer.extend_from_slice(payload);
+    Ok(())
+}
+
+/// Puts a 0x0e02 broker-entry-metadata block in front of `entry` (copying
+/// it), for a broker that records broker timestamps or indexes with entries.
+pub fn prepend_broker_entry_metadata(
+    broker_entry_metadata: &BrokerEntryMetadata,
+    entry: &[u8],
+) -> Result<Bytes, EncodeError> {
+    let metadata_length = broker_entry_metadata.encoded_len();
+    let metadata_size = wire_size("broker entry metadata", metadata_length)?;
+    let mut buffer = BytesMut::with_capacity(6 + metadata_length + entry.len());
+    buffer.put_u16(BROKER_ENTRY_METADATA_MAGIC);
+    buffer.put_u32(metadata_size);
+    broker_entry_metadata.encode(&mut buffer)?;
+    buffer.extend_from_slice(entry);
+    Ok(buffer.freeze())
+}

@@ -1,0 +1,674 @@
+//! Frame decoding, in two phases as in mini-redis: [`check_frame`] says
+//! whether a whole frame is buffered, then [`parse_frame`] decodes it.
+//! [`decode_frame`] combines the two over a connection's read buffer.
+//!
+//! Unlike mini-redis, the check enforces a maximum frame size given by the
+//! caller, and it does so from the 4-byte size field alone: a peer announcing
+//! a huge frame is refused before the reader buffers any of it.
+//!
+//! Which frames carry a payload is decided by the command type, as Pulsar
+//! does: SEND and MESSAGE must be followed by an entry, every other command
+//! must not. Frames whose type this crate does not know are returned as
+//! simple commands if nothing follows them.
+
+use bytes::{Bytes, BytesMut};
+use prost::Message;
+
+use crate::entry::{parse_entry, ParsedEntry};
+use crate::error::FrameError;
+use crate::proto::{base_command, BaseCommand};
+use crate::read;
+
+/// Bytes of the `total_size` field that starts every frame.
+const TOTAL_SIZE_LENGTH: usize = 4;
+
+/// Bytes of `total_size` plus `command_size`.
+const HEADER_LENGTH: usize = 8;
+
+/// Outcome of [`check_frame`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FrameCheck {
+    /// A whole frame of `frame_length` bytes (size field included) starts the
+    /// buffer.
+    Complete { frame_length: usize },
+    /// The frame is not all there yet; at least `bytes_needed` more bytes
+    /// must arrive before checking again is useful.
+    Incomplete { bytes_needed: usize },
+}
+
+/// Checks whether `buffer` starts with a whole frame, without decoding it.
+///
+/// `max_frame_size` bounds the whole frame, size field included (Pulsar's is
+/// the max message size plus 10 KiB, [`crate::DEFAULT_MAX_FRAME_SIZE`]). A
+/// larger declared frame is an error as soon as its size field is buffered.
+pub fn check_frame(buffer: &[u8], max_frame_size: usize) -> Result<FrameCheck, FrameError> {
+    let Some(total_size) = read::u32_at(buffer, 0) else {
+        return Ok(FrameCheck::Incomplete {
+            bytes_needed: TOTAL_SIZE_LENGTH - buffer.len(),
+        });
+    };
+    // Widen before adding: total_size may be u32::MAX.
+    let frame_length = u64::from(total_size) + TOTAL_SIZE_LENGTH as u64;
+    let max_frame_length = u64::try_from(max_frame_size).unwrap_or(u64::MAX);
+    if frame_length > max_frame_length {
+        return Err(FrameError::FrameTooLarge {
+            frame_length,
+            max_frame_size,
+        });
+    }
+    if total_size < 4 {
+        return Err(FrameError::FrameTooSmall { total_size });
+    }
+    // frame_length <= max_frame_size, so it fits a usize.
+    let frame_length = usize::try_from(frame_length).unwrap_or(usize::MAX);
+    if buffer.len() < frame_length {
+        return Ok(FrameCheck::Incomplete {
+            bytes_needed: frame_length - buffer.len(),
+        });
+    }
+    Ok(FrameCheck::Complete { frame_length })
+}
+
+/// A decoded frame.
+///
+/// Both variants are boxed: prost lays every optional command of
+/// `BaseCommand` out inline, which makes it several KiB, and frames are moved
+/// through queues.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Frame {
+    /// A command alone: everything except SEND and MESSAGE.
+    Simple(Box<BaseCommand>),
+    /// A SEND or MESSAGE command and the entry that follows it.
+    Payload(Box<PayloadCommand>),
+}
+
+impl Frame {
+    /// The command, whichever shape the frame has.
+    pub fn command(&self) -> &BaseCommand {
+        match self {
+            Frame::Simple(command) => command,
+            Frame::Payload(payload_command) => &payload_command.command,
+        }
+    }
+}
+
+/// A SEND or MESSAGE command with its entry.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PayloadCommand {
+    /// The command (its `send` or `message` field is the one set).
+    pub command: BaseCommand,
+    /// The entry after the command: its exact bytes to store
+    /// ([`ParsedEntry::bytes`], without any 0x0e02 block), the decoded
+    /// metadata, the payload, the checksum verdict, and the broker entry
+    /// metadata if a 0x0e02 block was present.
+    pub entry: ParsedEntry,
+}
+
+/// Decodes one whole frame: exactly the bytes [`check_frame`] reported as
+/// complete, size field included.
+pub fn parse_frame(frame: Bytes) -> Result<Frame, FrameError> {
+    let (Some(total_size), Some(command_size)) = (read::u32_at(&frame, 0), read::u32_at(&frame, 4))
+    else {
+        return Err(FrameError::Truncated {
+            needed: HEADER_LENGTH,
+            available: frame.len(),
+        });
+    };
+    let declared_length = u64::from(total_size) + TOTAL_SIZE_LENGTH as u64;
+    if u64::try_from(frame.len()).ok() != Some(declared_length) {
+        return Err(FrameError::FrameLengthMismatch {
+            declared_length,
+            actual_length: frame.len(),
+        });
+    }
+
+    let after_header = frame.len() - HEADER_LENGTH;
+    let command_length = read::size(command_size);
+    if command_length > after_header {
+        return Err(FrameError::CommandSizeOutOfBounds {
+            command_size,
+            available: after_header,
+        });
+    }
+    let command_end = HEADER_LENGTH + command_length;
+    let command = BaseCommand::decode(frame.slice(HEADER_LENGTH..command_end))
+        .map_err(FrameError::InvalidCommand)?;
+    let rest = frame.slice(command_end..);
+
+    if !carries_payload(command.r#type) {
+        if !rest.is_empty() {
+            return Err(FrameError::UnexpectedPayload {
+                command_type: command.r#type,
+                payload_length: rest.len(),
+            });
+        }
+        return Ok(Frame::Simple(Box::new(command)));
+    }
+    if rest.is_empty() {
+        return Err(FrameError::MissingPayload {
+            command_type: command.r#type,
+        });
+    }
+    match parse_entry(rest) {
+        Ok(entry) => Ok(Frame::Payload(Box::new(PayloadCommand { command, entry }))),
+        Err(source) => Err(FrameError::InvalidEntry {
+            command: Box::new(command),
+            source,
+        }),
+    }
+}
+
+/// Takes one frame off the front of a connection's read buffer, if a whole
+/// one is there. Returns `Ok(None)` when more bytes are needed.
+///
+/// The frame is split off the buffer before parsing, so after an error that
+/// is not about the size field the buffer is positioned at the next frame.
+pub fn decode_frame(
+    buffer: &mut BytesMut,
+    max_frame_size: usize,
+) -> Result<Option<Frame>, FrameError> {
+    match check_frame(buffer, max_frame_size)? {
+        FrameCheck::Incomplete { .. } => Ok(None),
+        FrameCheck::Complete { frame_length } => {
+            let frame = buffer.split_to(frame_length).freeze();
+            parse_frame(frame).map(Some)
+        }
+    }
+}
+
+/// Whether frames of this command type carry an entry after the command.
+fn carries_payload(command_type: i32) -> bool {
+    command_type == base_command::Type::Send as i32
+        || command_type == base_command::Type::Message as i32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::encode::{
+        encode_command, encode_entry, encode_entry_without_checksum, encode_message_frame,
+        encode_payload_frame, encode_send_frame, prepend_broker_entry_metadata,
+    };
+    use crate::entry::ChecksumStatus;
+    use crate::proto::{
+        command_subscribe, BrokerEntryMetadata, CommandConnect, CommandError, CommandFlow,
+        CommandMessage, CommandPing, CommandSend, CommandSubscribe, FeatureFlags, IntRange,
+        KeySharedMeta, KeySharedMode, MessageIdData, MessageMetadata, ServerError,
+    };
+    use crate::{command_type, CommandType, DEFAULT_MAX_FRAME_SIZE};
+
+    fn simple_frame(command: &BaseCommand) -> Bytes {
+        let mut buffer = BytesMut::new();
+        encode_command(command, &mut buffer).expect("encode");
+        buffer.freeze()
+    }
+
+    fn ping() -> BaseCommand {
+        BaseCommand {
+            r#type: CommandType::Ping as i32,
+            ping: Some(CommandPing {}),
+            ..BaseCommand::default()
+        }
+    }
+
+    fn send_command(sequence_id: u64) -> CommandSend {
+        CommandSend {
+            producer_id: 3,
+            sequence_id,
+            num_messages: Some(1),
+            ..CommandSend::default()
+        }
+    }
+
+    fn metadata(sequence_id: u64) -> MessageMetadata {
+        MessageMetadata {
+            producer_name: "standalone-0-1".to_owned(),
+            sequence_id,
+            publish_time: 1_700_000_000_123,
+            ..MessageMetadata::default()
+        }
+    }
+
+    fn message_command() -> CommandMessage {
+        CommandMessage {
+            consumer_id: 11,
+            message_id: MessageIdData {
+                ledger_id: 5,
+                entry_id: 42,
+                ..MessageIdData::default()
+            },
+            redelivery_count: Some(2),
+            ..CommandMessage::default()
+        }
+    }
+
+    fn expect_payload(frame: Frame) -> PayloadCommand {
+        match frame {
+            Frame::Payload(payload_command) => *payload_command,
+            Frame::Simple(command) => panic!("expected a payload frame, got {command:?}"),
+        }
+    }
+
+    #[test]
+    fn ping_frame_matches_the_pulsar_bytes() {
+        // type = 18 (field 1, varint), ping = {} (field 18, empty message).
+        let expected: &[u8] = &[0, 0, 0, 9, 0, 0, 0, 5, 0x08, 0x12, 0x92, 0x01, 0x00];
+        assert_eq!(&simple_frame(&ping())[..], expected);
+        let frame = parse_frame(Bytes::from_static(expected)).expect("parse");
+        assert_eq!(frame, Frame::Simple(Box::new(ping())));
+    }
+
+    #[test]
+    fn required_fields_are_encoded_even_when_zero() {
+        let flow = CommandFlow {
+            consumer_id: 0,
+            message_permits: 0,
+        };
+        assert_eq!(flow.encode_to_vec(), vec![0x08, 0x00, 0x10, 0x00]);
+    }
+
+    #[test]
+    fn proto2_defaults_apply_to_absent_fields() {
+        let message_id = MessageIdData::default();
+        assert_eq!(message_id.partition(), -1);
+        assert_eq!(message_id.batch_index(), -1);
+        let subscribe = CommandSubscribe::default();
+        assert!(subscribe.durable());
+        assert!(subscribe.force_topic_creation());
+        assert_eq!(
+            subscribe.initial_position(),
+            command_subscribe::InitialPosition::Latest
+        );
+        assert_eq!(MessageMetadata::default().num_messages_in_batch(), 1);
+        assert_eq!(CommandSend::default().num_messages(), 1);
+        let producer_success = crate::proto::CommandProducerSuccess::default();
+        assert_eq!(producer_success.last_sequence_id(), -1);
+        assert!(producer_success.producer_ready());
+        assert!(crate::proto::CommandPartitionedTopicMetadata::default()
+            .metadata_auto_creation_enabled());
+    }
+
+    #[test]
+    fn simple_commands_round_trip() {
+        let commands = [
+            ping(),
+            BaseCommand {
+                r#type: CommandType::Connect as i32,
+                connect: Some(CommandConnect {
+                    client_version: "Pulsar-CPP-v4.2.0".to_owned(),
+                    auth_method_name: Some("none".to_owned()),
+                    protocol_version: Some(20),
+                    feature_flags: Some(FeatureFlags {
+                        supports_auth_refresh: Some(true),
+                        supports_broker_entry_metadata: Some(true),
+                        ..FeatureFlags::default()
+                    }),
+                    ..CommandConnect::default()
+                }),
+                ..BaseCommand::default()
+            },
+            BaseCommand {
+                r#type: CommandType::Subscribe as i32,
+                subscribe: Some(CommandSubscribe {
+                    topic: "persistent://public/default/orders".to_owned(),
+                    subscription: "billing".to_owned(),
+                    sub_type: command_subscribe::SubType::KeyShared as i32,
+                    consumer_id: 1,
+                    request_id: 2,
+                    key_shared_meta: Some(KeySharedMeta {
+                        key_shared_mode: KeySharedMode::Sticky as i32,
+                        hash_ranges: vec![IntRange {
+                            start: 0,
+                            end: 32_767,
+                        }],
+                        allow_out_of_order_delivery: Some(false),
+                    }),
+                    ..CommandSubscribe::default()
+                }),
+                ..BaseCommand::default()
+            },
+            BaseCommand {
+                r#type: CommandType::Error as i32,
+                error: Some(CommandError {
+                    request_id: 9,
+                    error: ServerError::TopicNotFound as i32,
+                    message: "no such topic".to_owned(),
+                }),
+                ..BaseCommand::default()
+            },
+        ];
+        for command in commands {
+            let frame = parse_frame(simple_frame(&command)).expect("parse");
+            assert_eq!(frame, Frame::Simple(Box::new(command)));
+        }
+    }
+
+    #[test]
+    fn unknown_and_unsupported_command_types_still_decode() {
+        // 56 is END_TXN (recognised, to be refused); 75 is a scalable-topic
+        // command this crate does not describe.
+        for type_number in [56, 75] {
+            let command = BaseCommand {
+                r#type: type_number,
+                ..BaseCommand::default()
+            };
+            let frame = parse_frame(simple_frame(&command)).expect("parse");
+            assert_eq!(frame.command().r#type, type_number);
+        }
+        let end_transaction = BaseCommand {
+            r#type: 56,
+            ..BaseCommand::default()
+        };
+        assert_eq!(command_type(&end_transaction), Some(CommandType::EndTxn));
+        let scalable = BaseCommand {
+            r#type: 75,
+            ..BaseCommand::default()
+        };
+        assert_eq!(command_type(&scalable), None);
+    }
+
+    #[test]
+    fn send_frame_round_trips_with_a_verified_checksum() {
+        let frame = encode_send_frame(send_command(17), &metadata(17), b"hello pulsar")
+            .expect("encode")
+            .to_bytes();
+        let payload_command = expect_payload(parse_frame(frame).expect("parse"));
+        assert_eq!(payload_command.command.send, Some(send_command(17)));
+        assert_eq!(payload_command.entry.metadata, metadata(17));
+        assert_eq!(&payload_command.entry.payload[..], b"hello pulsar");
+        assert_eq!(payload_command.entry.checksum, ChecksumStatus::Verified);
+        assert_eq!(
+            payload_command.entry.bytes,
+            encode_entry(&metadata(17), b"hello pulsar").expect("entry")
+        );
+    }
+
+    #[test]
+    fn send_frame_without_checksum_round_trips() {
+        let entry = encode_entry_without_checksum(&metadata(4), b"old client").expect("entry");
+        let command = BaseCommand {
+            r#type: CommandType::Send as i32,
+            send: Some(send_command(4)),
+            ..BaseCommand::default()
+        };
+        let frame = encode_payload_frame(&command, entry.clone())
+            .expect("encode")
+            .to_bytes();
+        let payload_command = expect_payload(parse_frame(frame).expect("parse"));
+        assert_eq!(payload_command.entry.checksum, ChecksumStatus::Absent);
+        assert_eq!(payload_command.entry.bytes, entry);
+        assert_eq!(&payload_command.entry.payload[..], b"old client");
+    }
+
+    #[test]
+    fn send_frame_with_a_corrupt_payload_reports_the_mismatch() {
+        let frame = encode_send_frame(send_command(5), &metadata(5), b"payload")
+            .expect("encode")
+            .to_bytes();
+        let mut corrupted = frame.to_vec();
+        let last = corrupted.len() - 1;
+        corrupted[last] ^= 0xff;
+        let payload_command = expect_payload(parse_frame(Bytes::from(corrupted)).expect("parse"));
+        assert!(payload_command.entry.checksum.is_present());
+        assert!(!payload_command.entry.checksum.is_verified());
+        // The command is intact, so a broker can answer SEND_ERROR(ChecksumError).
+        assert_eq!(payload_command.command.send, Some(send_command(5)));
+    }
+
+    #[test]
+    fn message_frame_carries_the_stored_entry_unchanged() {
+        let stored = encode_entry(&metadata(1), b"stored payload").expect("entry");
+        let encoded = encode_message_frame(message_command(), stored.clone()).expect("encode");
+        // The entry is the same allocation, not a copy.
+        assert_eq!(encoded.entry.as_ptr(), stored.as_ptr());
+        let frame_bytes = encoded.to_bytes();
+        assert_eq!(frame_bytes.len(), encoded.frame_length());
+        assert_eq!(&frame_bytes[encoded.header.len()..], &stored[..]);
+
+        let payload_command = expect_payload(parse_frame(frame_bytes).expect("parse"));
+        assert_eq!(payload_command.command.message, Some(message_command()));
+        assert_eq!(payload_command.entry.bytes, stored);
+        assert_eq!(payload_command.entry.checksum, ChecksumStatus::Verified);
+    }
+
+    #[test]
+    fn message_frame_with_broker_entry_metadata_round_trips() {
+        let stored = encode_entry(&metadata(1), b"with index").expect("entry");
+        let broker_metadata = BrokerEntryMetadata {
+            broker_timestamp: Some(1_700_000_000_999),
+            index: Some(12),
+        };
+        let with_block = prepend_broker_entry_metadata(&broker_metadata, &stored).expect("block");
+        let frame = encode_message_frame(message_command(), with_block)
+            .expect("encode")
+            .to_bytes();
+        let payload_command = expect_payload(parse_frame(frame).expect("parse"));
+        assert_eq!(
+            payload_command.entry.broker_entry_metadata,
+            Some(broker_metadata)
+        );
+        // The entry exposed for storage excludes the 0x0e02 block.
+        assert_eq!(payload_command.entry.bytes, stored);
+        assert_eq!(payload_command.entry.checksum, ChecksumStatus::Verified);
+        assert_eq!(&payload_command.entry.payload[..], b"with index");
+    }
+
+    #[test]
+    fn check_says_incomplete_at_every_split_point() {
+        let frame = encode_send_frame(send_command(1), &metadata(1), b"split me anywhere")
+            .expect("encode")
+            .to_bytes();
+        for split in 0..frame.len() {
+            match check_frame(&frame[..split], DEFAULT_MAX_FRAME_SIZE).expect("check") {
+                FrameCheck::Incomplete { bytes_needed } => {
+                    assert!(bytes_needed > 0, "split {split}");
+                    assert!(split + bytes_needed <= frame.len(), "split {split}");
+                }
+                FrameCheck::Complete { .. } => panic!("complete at split {split}"),
+            }
+        }
+        assert_eq!(
+            check_frame(&frame, DEFAULT_MAX_FRAME_SIZE).expect("check"),
+            FrameCheck::Complete {
+                frame_length: frame.len()
+            }
+        );
+    }
+
+    #[test]
+    fn decode_frame_reassembles_frames_fed_one_byte_at_a_time() {
+        let mut stream = BytesMut::new();
+        encode_command(&ping(), &mut stream).expect("ping");
+        encode_send_frame(send_command(2), &metadata(2), b"second")
+            .expect("send")
+            .write_to(&mut stream);
+        encode_command(&ping(), &mut stream).expect("ping");
+
+        let mut read_buffer = BytesMut::new();
+        let mut frames = Vec::new();
+        for byte in stream.iter() {
+            read_buffer.extend_from_slice(&[*byte]);
+            while let Some(frame) =
+                decode_frame(&mut read_buffer, DEFAULT_MAX_FRAME_SIZE).expect("decode")
+            {
+                frames.push(frame);
+            }
+        }
+        assert!(read_buffer.is_empty());
+        assert_eq!(frames.len(), 3);
+        assert_eq!(frames[0], Frame::Simple(Box::new(ping())));
+        assert_eq!(
+            &expect_payload(frames[1].clone()).entry.payload[..],
+            b"second"
+        );
+        assert_eq!(frames[2], Frame::Simple(Box::new(ping())));
+    }
+
+    #[test]
+    fn oversized_frame_is_rejected_from_its_size_field_alone() {
+        // Only the 4-byte size is buffered: 100 MiB declared.
+        let size_only = (100u32 * 1024 * 1024).to_be_bytes();
+        let error = check_frame(&size_only, DEFAULT_MAX_FRAME_SIZE).expect_err("too large");
+        assert!(matches!(
+            error,
+            FrameError::FrameTooLarge {
+                frame_length,
+                max_frame_size: DEFAULT_MAX_FRAME_SIZE,
+            } if frame_length == 100 * 1024 * 1024 + 4
+        ));
+
+        let largest = u32::MAX.to_be_bytes();
+        assert!(matches!(
+            check_frame(&largest, DEFAULT_MAX_FRAME_SIZE),
+            Err(FrameError::FrameTooLarge { .. })
+        ));
+
+        let mut read_buffer = BytesMut::from(&size_only[..]);
+        assert!(decode_frame(&mut read_buffer, DEFAULT_MAX_FRAME_SIZE).is_err());
+    }
+
+    #[test]
+    fn the_maximum_counts_the_size_field_and_is_inclusive() {
+        let frame = simple_frame(&ping());
+        assert!(matches!(
+            check_frame(&frame, frame.len()),
+            Ok(FrameCheck::Complete { .. })
+        ));
+        assert!(matches!(
+            check_frame(&frame, frame.len() - 1),
+            Err(FrameError::FrameTooLarge { .. })
+        ));
+    }
+
+    #[test]
+    fn total_size_too_small_for_a_command_size_is_rejected() {
+        for total_size in 0u32..4 {
+            let mut bytes = total_size.to_be_bytes().to_vec();
+            bytes.extend_from_slice(&[0; 8]);
+            assert!(matches!(
+                check_frame(&bytes, DEFAULT_MAX_FRAME_SIZE),
+                Err(FrameError::FrameTooSmall { .. })
+            ));
+        }
+    }
+
+    #[test]
+    fn command_size_beyond_the_frame_is_rejected() {
+        let bytes = Bytes::from_static(&[0, 0, 0, 6, 0, 0, 0, 3, 0x08, 0x12]);
+        assert!(matches!(
+            parse_frame(bytes),
+            Err(FrameError::CommandSizeOutOfBounds {
+                command_size: 3,
+                available: 2
+            })
+        ));
+        let huge = Bytes::from_static(&[0, 0, 0, 6, 0xff, 0xff, 0xff, 0xff, 0x08, 0x12]);
+        assert!(matches!(
+            parse_frame(huge),
+            Err(FrameError::CommandSizeOutOfBounds { .. })
+        ));
+    }
+
+    #[test]
+    fn parse_frame_requires_exactly_one_frame() {
+        assert!(matches!(
+            parse_frame(Bytes::from_static(&[0, 0, 0])),
+            Err(FrameError::Truncated { .. })
+        ));
+        let mut two_pings = simple_frame(&ping()).to_vec();
+        two_pings.extend_from_slice(&simple_frame(&ping()));
+        assert!(matches!(
+            parse_frame(Bytes::from(two_pings)),
+            Err(FrameError::FrameLengthMismatch { .. })
+        ));
+    }
+
+    #[test]
+    fn garbage_command_bytes_are_an_invalid_command() {
+        // Wire type 7 does not exist.
+        let bytes = Bytes::from_static(&[0, 0, 0, 6, 0, 0, 0, 2, 0x0f, 0xff]);
+        assert!(matches!(
+            parse_frame(bytes),
+            Err(FrameError::InvalidCommand(_))
+        ));
+        // A length-delimited field whose length runs past the command.
+        let bytes = Bytes::from_static(&[0, 0, 0, 7, 0, 0, 0, 3, 0x12, 0x7f, 0x00]);
+        assert!(matches!(
+            parse_frame(bytes),
+            Err(FrameError::InvalidCommand(_))
+        ));
+    }
+
+    #[test]
+    fn payload_after_a_simple_command_is_rejected() {
+        let mut bytes = simple_frame(&ping()).to_vec();
+        bytes.extend_from_slice(b"junk");
+        let total_size = u32::try_from(bytes.len() - 4).expect("fits");
+        bytes[..4].copy_from_slice(&total_size.to_be_bytes());
+        assert!(matches!(
+            parse_frame(Bytes::from(bytes)),
+            Err(FrameError::UnexpectedPayload {
+                payload_length: 4,
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn send_without_payload_is_rejected() {
+        let command = BaseCommand {
+            r#type: CommandType::Send as i32,
+            send: Some(send_command(1)),
+            ..BaseCommand::default()
+        };
+        assert!(matches!(
+            parse_frame(simple_frame(&command)),
+            Err(FrameError::MissingPayload { command_type: 6 })
+        ));
+    }
+
+    #[test]
+    fn a_bad_entry_keeps_the_command_for_the_reply() {
+        let command = BaseCommand {
+            r#type: CommandType::Send as i32,
+            send: Some(send_command(77)),
+            ..BaseCommand::default()
+        };
+        // Metadata size 1000 with 2 bytes behind it.
+        let entry = Bytes::from_static(&[0, 0, 0x03, 0xe8, 1, 2]);
+        let frame = encode_payload_frame(&command, entry)
+            .expect("encode")
+            .to_bytes();
+        let error = parse_frame(frame).expect_err("bad entry");
+        let sequence_id = error
+            .command()
+            .and_then(|command| command.send.as_ref())
+            .map(|send| send.sequence_id);
+        assert_eq!(sequence_id, Some(77));
+        assert!(matches!(
+            error,
+            FrameError::InvalidEntry {
+                source: crate::EntryError::MetadataSizeOutOfBounds { .. },
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn decoded_payload_shares_the_read_buffer_allocation() {
+        let mut read_buffer = BytesMut::new();
+        encode_send_frame(send_command(1), &metadata(1), b"no copies please")
+            .expect("encode")
+            .write_to(&mut read_buffer);
+        let buffer_start = read_buffer.as_ptr() as usize;
+        let buffer_end = buffer_start + read_buffer.len();
+        let frame = decode_frame(&mut read_buffer, DEFAULT_MAX_FRAME_SIZE)
+            .expect("decode")
+            .expect("complete");
+        let payload_command = expect_payload(frame);
+        let payload_start = payload_command.entry.payload.as_ptr() as usize;
+        let entry_start = payload_command.entry.bytes.as_ptr() as usize;
+        assert!((buffer_start..buffer_end).contains(&payload_start));
+        assert!((buffer_start..buffer_end).contains(&entry_start));
+    }
+}

@@ -1,0 +1,188 @@
+//! Property tests of the decoder through the public API: no input panics it,
+//! and every frame it encodes decodes back to the same values.
+
+use bytes::{Bytes, BytesMut};
+use meridian_wire::proto::{CommandSend, KeyValue, SingleMessageMetadata};
+use meridian_wire::{
+    batch_messages, check_frame, decode_frame, encode_payload_frame, encode_send_frame,
+    BaseCommand, ChecksumStatus, CommandType, Frame, FrameCheck, MessageMetadata,
+    DEFAULT_MAX_FRAME_SIZE,
+};
+use proptest::collection::vec;
+use proptest::prelude::*;
+use prost::Message;
+
+/// Decodes every frame in `bytes` until the decoder needs more or fails, and
+/// walks into batch payloads, as a broker would. Returns how many frames
+/// decoded.
+fn decode_everything(bytes: &[u8], max_frame_size: usize) -> usize {
+    let mut buffer = BytesMut::from(bytes);
+    let mut decoded = 0;
+    while let Ok(Some(frame)) = decode_frame(&mut buffer, max_frame_size) {
+        decoded += 1;
+        if let Frame::Payload(payload_command) = frame {
+            let entry = payload_command.entry;
+            if let Ok(messages) = batch_messages(&entry.metadata, entry.payload) {
+                for message in messages.take(10_000) {
+                    let _ = message;
+                }
+            }
+        }
+    }
+    decoded
+}
+
+/// A frame header with a truthful total size in front of arbitrary bytes, so
+/// that the decoder goes past the size check into the command and entry.
+fn with_valid_total_size(body: &[u8]) -> Vec<u8> {
+    let total_size = u32::try_from(body.len()).expect("test bodies are small");
+    let mut frame = total_size.to_be_bytes().to_vec();
+    frame.extend_from_slice(body);
+    frame
+}
+
+fn send_command(sequence_id: u64) -> BaseCommand {
+    BaseCommand {
+        r#type: CommandType::Send as i32,
+        send: Some(CommandSend {
+            producer_id: 1,
+            sequence_id,
+            ..CommandSend::default()
+        }),
+        ..BaseCommand::default()
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(2_000))]
+
+    #[test]
+    fn random_bytes_never_panic(
+        bytes in vec(any::<u8>(), 0..1_024),
+        max_frame_size in prop_oneof![Just(DEFAULT_MAX_FRAME_SIZE), 0usize..2_048],
+    ) {
+        decode_everything(&bytes, max_frame_size);
+    }
+
+    #[test]
+    fn random_frame_bodies_never_panic(body in vec(any::<u8>(), 0..1_024)) {
+        decode_everything(&with_valid_total_size(&body), DEFAULT_MAX_FRAME_SIZE);
+    }
+
+    #[test]
+    fn random_entries_after_a_send_never_panic(
+        entry in vec(any::<u8>(), 1..1_024),
+        checksum_magic in any::<bool>(),
+    ) {
+        let mut entry = entry;
+        if checksum_magic && entry.len() >= 2 {
+            entry[0] = 0x0e;
+            entry[1] = 0x01;
+        }
+        let frame = encode_payload_frame(&send_command(1), Bytes::from(entry))
+            .expect("encode")
+            .to_bytes();
+        decode_everything(&frame, DEFAULT_MAX_FRAME_SIZE);
+    }
+
+    #[test]
+    fn random_batch_payloads_never_panic(
+        payload in vec(any::<u8>(), 0..1_024),
+        count in any::<i32>(),
+    ) {
+        let metadata = MessageMetadata {
+            num_messages_in_batch: Some(count),
+            ..MessageMetadata::default()
+        };
+        if let Ok(messages) = batch_messages(&metadata, Bytes::from(payload)) {
+            for message in messages.take(10_000) {
+                let _ = message;
+            }
+        }
+    }
+
+    #[test]
+    fn send_frames_round_trip_and_flips_never_panic(
+        sequence_id in any::<u64>(),
+        producer_name in "[a-z0-9.-]{0,24}",
+        properties in vec(("[a-z]{1,8}", "[ -~]{0,16}"), 0..4),
+        payload in vec(any::<u8>(), 0..512),
+        flip_position in any::<prop::sample::Index>(),
+        flip_mask in 1u8..=255,
+    ) {
+        let metadata = MessageMetadata {
+            producer_name,
+            sequence_id,
+            publish_time: 1_700_000_000_000,
+            properties: properties
+                .into_iter()
+                .map(|(key, value)| KeyValue { key, value })
+                .collect(),
+            ..MessageMetadata::default()
+        };
+        let send = CommandSend { producer_id: 9, sequence_id, ..CommandSend::default() };
+        let frame = encode_send_frame(send.clone(), &metadata, &payload)
+            .expect("encode")
+            .to_bytes();
+
+        let mut buffer = BytesMut::from(&frame[..]);
+        let decoded = decode_frame(&mut buffer, DEFAULT_MAX_FRAME_SIZE)
+            .expect("decode")
+            .expect("complete");
+        let Frame::Payload(payload_command) = decoded else {
+            panic!("a SEND decodes as a payload frame");
+        };
+        prop_assert_eq!(payload_command.command.send, Some(send));
+        prop_assert_eq!(&payload_command.entry.metadata, &metadata);
+        prop_assert_eq!(&payload_command.entry.payload[..], &payload[..]);
+        prop_assert_eq!(payload_command.entry.checksum, ChecksumStatus::Verified);
+
+        let mut flipped = frame.to_vec();
+        let position = flip_position.index(flipped.len());
+        flipped[position] ^= flip_mask;
+        decode_everything(&flipped, DEFAULT_MAX_FRAME_SIZE);
+    }
+
+    #[test]
+    fn check_never_reports_complete_before_the_last_byte(
+        payload in vec(any::<u8>(), 0..256),
+        split_position in any::<prop::sample::Index>(),
+    ) {
+        let metadata = MessageMetadata { producer_name: "p".to_owned(), ..MessageMetadata::default() };
+        let frame = encode_send_frame(CommandSend::default(), &metadata, &payload)
+            .expect("encode")
+            .to_bytes();
+        let split = split_position.index(frame.len());
+        match check_frame(&frame[..split], DEFAULT_MAX_FRAME_SIZE).expect("check") {
+            FrameCheck::Incomplete { bytes_needed } => {
+                prop_assert!(bytes_needed > 0 && split + bytes_needed <= frame.len());
+            }
+            FrameCheck::Complete { .. } => prop_assert!(false, "complete at {}", split),
+        }
+    }
+
+    #[test]
+    fn batches_round_trip(bodies in vec(vec(any::<u8>(), 0..64), 1..16)) {
+        let mut payload = Vec::new();
+        for body in &bodies {
+            let single = SingleMessageMetadata {
+                payload_size: i32::try_from(body.len()).expect("small"),
+                ..SingleMessageMetadata::default()
+            };
+            let encoded = single.encode_to_vec();
+            payload.extend_from_slice(&u32::try_from(encoded.len()).expect("small").to_be_bytes());
+            payload.extend_from_slice(&encoded);
+            payload.extend_from_slice(body);
+        }
+        let metadata = MessageMetadata {
+            num_messages_in_batch: Some(i32::try_from(bodies.len()).expect("small")),
+            ..MessageMetadata::default()
+        };
+        let messages: Vec<_> = batch_messages(&metadata, Bytes::from(payload))
+            .expect("a batch")
+            .collect::<Result<_, _>>()
+            .expect("valid");
+        let decoded: Vec<Vec<u8>> = messages.iter().map(|message| message.payload.to_vec()).collect();
+        prop_assert_eq!(decoded, bodies);
+    }
+}
