@@ -1,12 +1,24 @@
-//! The `meridian` binary: command-line parsing, tracing, and the subcommands.
+//! The `meridian` binary: command-line parsing, configuration, tracing, and wiring the crates
+//! together.
 //!
-//! Today it offers `meridian standalone`, which opens the embedded storage under `--data-dir`
-//! and keeps it open until interrupted; the Pulsar protocol listener is not built yet.
+//! `meridian standalone` runs one broker with embedded storage (`<data-dir>/storage`) and
+//! embedded metadata (`<data-dir>/metadata.redb`), serving the Pulsar protocol on the broker
+//! port and HTTP on the web port, until SIGINT or SIGTERM.
+
+mod config;
 
 use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use meridian_broker::Broker;
+use meridian_metadata::{EmbeddedStore, ExpectedVersion, MetadataStore};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
 
 #[derive(Parser)]
 #[command(
@@ -22,11 +34,32 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run one broker with embedded storage and metadata.
-    Standalone {
-        /// Directory for all data.
-        #[arg(long, default_value = "./data", env = "MERIDIAN_DATA_DIR")]
-        data_dir: PathBuf,
-    },
+    Standalone(StandaloneArgs),
+}
+
+#[derive(clap::Args)]
+struct StandaloneArgs {
+    /// TOML configuration file (every key: docs/configuration.md).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Directory for all data (default ./data).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Name of this cluster (default standalone).
+    #[arg(long)]
+    cluster_name: Option<String>,
+    /// Port of the Pulsar binary protocol (default 6650).
+    #[arg(long)]
+    broker_port: Option<u16>,
+    /// Port of the HTTP API (default 8080).
+    #[arg(long)]
+    web_port: Option<u16>,
+    /// Address to listen on (default 127.0.0.1).
+    #[arg(long)]
+    bind_address: Option<String>,
+    /// Host name that lookups return (default: the bind address).
+    #[arg(long)]
+    advertised_address: Option<String>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -38,21 +71,134 @@ fn main() -> anyhow::Result<()> {
         .init();
     let cli = Cli::parse();
     match cli.command {
-        Command::Standalone { data_dir } => {
-            let storage_root = data_dir.join("storage");
-            let storage = meridian_storage::Storage::open(
-                &storage_root,
-                meridian_storage::StorageConfig::default(),
-            )
-            .with_context(|| format!("opening storage in {}", storage_root.display()))?;
-            let logs = storage.log_names().context("listing logs")?;
-            tracing::info!(
-                data_dir = %data_dir.display(),
-                logs = logs.len(),
-                "storage open; the Pulsar protocol listener is not implemented yet, so there is nothing to serve"
-            );
-            storage.close().context("closing storage")?;
-            Ok(())
+        Command::Standalone(arguments) => {
+            let mut config = Config::load(arguments.config.as_deref(), std::env::vars())?;
+            if let Some(data_dir) = arguments.data_dir {
+                config.data_dir = data_dir;
+            }
+            if let Some(cluster_name) = arguments.cluster_name {
+                config.cluster_name = cluster_name;
+            }
+            if let Some(port) = arguments.broker_port {
+                config.broker_port = port;
+            }
+            if let Some(port) = arguments.web_port {
+                config.web_port = port;
+            }
+            if let Some(address) = arguments.bind_address {
+                config.bind_address = address;
+            }
+            if let Some(address) = arguments.advertised_address {
+                config.advertised_address = Some(address);
+            }
+            config.validate()?;
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .thread_name("meridian")
+                .build()
+                .context("starting the async runtime")?;
+            runtime.block_on(standalone(config))
         }
     }
+}
+
+/// Creates the records Pulsar standalone creates on first start: the cluster, tenant `public`
+/// and namespace `public/default`.
+fn initialize_metadata(metadata: &dyn MetadataStore, config: &Config) -> anyhow::Result<()> {
+    let broker = config.broker_config();
+    let records = [
+        (
+            format!("/clusters/{}", config.cluster_name),
+            serde_json::json!({
+                "serviceUrl": broker.web_service_url,
+                "brokerServiceUrl": broker.broker_service_url,
+            }),
+        ),
+        (
+            "/tenants/public".to_string(),
+            serde_json::json!({ "adminRoles": [], "allowedClusters": [config.cluster_name] }),
+        ),
+        (
+            "/namespaces/public/default".to_string(),
+            serde_json::json!({}),
+        ),
+    ];
+    for (key, value) in records {
+        if metadata.get(&key)?.is_none() {
+            metadata.put(&key, value.to_string().as_bytes(), ExpectedVersion::Absent)?;
+        }
+    }
+    Ok(())
+}
+
+async fn standalone(config: Config) -> anyhow::Result<()> {
+    let started = Instant::now();
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("creating data directory {}", config.data_dir.display()))?;
+    let storage_root = config.data_dir.join("storage");
+    let storage_config = config.storage_config();
+    let storage = tokio::task::spawn_blocking(move || {
+        meridian_storage::Storage::open(storage_root, storage_config)
+    })
+    .await?
+    .context("opening storage")?;
+    let metadata: Arc<dyn MetadataStore> =
+        EmbeddedStore::open(&config.data_dir.join("metadata.redb"))
+            .context("opening the metadata store")?;
+    initialize_metadata(metadata.as_ref(), &config)?;
+    let broker =
+        Broker::new(config.broker_config(), storage, metadata).context("starting the broker")?;
+
+    let broker_address = format!("{}:{}", config.bind_address, config.broker_port);
+    let web_address = format!("{}:{}", config.bind_address, config.web_port);
+    let broker_listener = TcpListener::bind(&broker_address)
+        .await
+        .with_context(|| format!("listening on {broker_address}"))?;
+    let web_listener = TcpListener::bind(&web_address)
+        .await
+        .with_context(|| format!("listening on {web_address}"))?;
+
+    let shutdown = CancellationToken::new();
+    let server = tokio::spawn(meridian_server::serve(
+        broker_listener,
+        broker.clone(),
+        config.server_config(),
+        shutdown.clone(),
+    ));
+    let web = tokio::spawn(meridian_admin::serve(
+        web_listener,
+        broker.clone(),
+        shutdown.clone(),
+    ));
+    tracing::info!(
+        cluster = %config.cluster_name,
+        broker_service_url = %broker.config().broker_service_url,
+        web_service_url = %broker.config().web_service_url,
+        data_dir = %config.data_dir.display(),
+        startup_ms = started.elapsed().as_millis() as u64,
+        "meridian standalone is serving"
+    );
+
+    wait_for_signal().await?;
+    tracing::info!("shutting down: no new connections, closing clients, flushing");
+    shutdown.cancel();
+    let _ = server.await;
+    if let Ok(Err(error)) = web.await {
+        tracing::warn!(%error, "HTTP server stopped with an error");
+    }
+    broker.close().await;
+    tracing::info!("meridian standalone stopped");
+    Ok(())
+}
+
+async fn wait_for_signal() -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut terminate =
+        signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut interrupt = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    tokio::select! {
+        _ = terminate.recv() => {}
+        _ = interrupt.recv() => {}
+    }
+    Ok(())
 }

@@ -63,6 +63,9 @@ impl CursorState {
 
 pub(crate) struct CursorSlot {
     pub(crate) state: CursorState,
+    /// Durable cursors are persisted and hold back trimming; non-durable ones (readers) live in
+    /// memory only.
+    pub(crate) durable: bool,
     /// Changed since it was last persisted.
     pub(crate) dirty: bool,
     /// Mark-delete position as last persisted; trimming goes by this one.
@@ -281,6 +284,7 @@ impl CursorJournal {
                     name.clone(),
                     CursorSlot {
                         state: state.clone(),
+                        durable: true,
                         dirty: false,
                         persisted_mark_delete: state.mark_delete,
                     },
@@ -409,8 +413,19 @@ impl LogState {
 }
 
 impl Log {
-    /// Opens the cursor `name`, creating it at `initial` if it does not exist.
+    /// Opens the durable cursor `name`, creating it at `initial` if it does not exist.
     pub fn open_cursor(&self, name: &str, initial: InitialPosition) -> Result<CursorState> {
+        self.open_cursor_with(name, initial, true)
+    }
+
+    /// Opens the cursor `name`, creating it at `initial` if it does not exist. A non-durable
+    /// cursor (a reader's) is never persisted and does not hold back trimming.
+    pub fn open_cursor_with(
+        &self,
+        name: &str,
+        initial: InitialPosition,
+        durable: bool,
+    ) -> Result<CursorState> {
         validate_cursor_name(name)?;
         let mut state = self.lock();
         if let Some(slot) = state.cursors.get(name) {
@@ -427,13 +442,41 @@ impl Log {
             name.to_string(),
             CursorSlot {
                 state: cursor.clone(),
-                dirty: true,
+                durable,
+                dirty: durable,
                 // Until it is persisted, the new cursor holds back trimming from where it starts.
                 persisted_mark_delete: cursor.mark_delete,
             },
         );
-        state.deleted_cursors.retain(|deleted| deleted != name);
+        if durable {
+            state.deleted_cursors.retain(|deleted| deleted != name);
+        }
         Ok(cursor)
+    }
+
+    /// Whether cursor `name` has acknowledged `position` (false if the cursor does not exist).
+    pub fn is_acknowledged(&self, name: &str, position: Position) -> bool {
+        self.lock()
+            .cursors
+            .get(name)
+            .is_some_and(|slot| slot.state.is_acknowledged(position))
+    }
+
+    /// The mark-delete position of cursor `name`; `None` if the cursor does not exist.
+    pub fn mark_delete_position(&self, name: &str) -> Option<Option<Position>> {
+        self.lock()
+            .cursors
+            .get(name)
+            .map(|slot| slot.state.mark_delete)
+    }
+
+    /// Number of entries after the cursor's mark-delete position that it has not acknowledged
+    /// (its backlog, in entries).
+    pub fn backlog_entries(&self, name: &str) -> Option<u64> {
+        let state = self.lock();
+        let slot = state.cursors.get(name)?;
+        let total = state.entries_after(slot.state.mark_delete);
+        Some(total.saturating_sub(slot.state.acknowledged.position_count()))
     }
 
     /// The state of cursor `name`, if it exists.
@@ -527,14 +570,17 @@ impl Log {
         let rewrite = journal.should_rewrite();
         let (records, persisted, tombstones) = {
             let mut state = self.lock();
-            let dirty = state.cursors.values().any(|slot| slot.dirty);
+            let dirty = state
+                .cursors
+                .values()
+                .any(|slot| slot.durable && slot.dirty);
             if !dirty && state.deleted_cursors.is_empty() && !rewrite {
                 return Ok(());
             }
             let tombstones = std::mem::take(&mut state.deleted_cursors);
             let mut records = Vec::new();
             let mut persisted = Vec::new();
-            for (name, slot) in state.cursors.iter_mut() {
+            for (name, slot) in state.cursors.iter_mut().filter(|(_, slot)| slot.durable) {
                 if slot.dirty || rewrite {
                     records.push(encode_snapshot(name, &slot.state, max_ranges));
                     persisted.push((name.clone(), slot.state.mark_delete));

@@ -923,6 +923,11 @@ impl Log {
         let _ = receiver.wait_for(|last| *last > position).await;
     }
 
+    /// Number of durable entries after `position` (all of them for `None`).
+    pub fn entries_after(&self, position: Option<Position>) -> u64 {
+        self.lock().entries_after(position)
+    }
+
     /// Sets how much acknowledged data is kept.
     pub fn set_retention(&self, retention: Retention) {
         self.lock().retention = retention;
@@ -946,12 +951,15 @@ impl Log {
             let mut state = self.lock();
             // Cursors count with their persisted mark-delete position, so that a crash never
             // leaves a cursor pointing before data that no longer exists.
-            let slowest = if state.cursors.is_empty() {
+            let mut durable_cursors = state
+                .cursors
+                .values()
+                .filter(|cursor| cursor.durable)
+                .peekable();
+            let slowest = if durable_cursors.peek().is_none() {
                 state.last_durable
             } else {
-                state
-                    .cursors
-                    .values()
+                durable_cursors
                     .map(|cursor| cursor.persisted_mark_delete)
                     .min()
                     .flatten()
@@ -1107,6 +1115,28 @@ impl LogState {
 
     pub(crate) fn last_durable(&self) -> Option<Position> {
         self.last_durable
+    }
+
+    /// Number of durable entries after `position` (all of them for `None`).
+    pub(crate) fn entries_after(&self, position: Option<Position>) -> u64 {
+        let Some(last_durable) = self.last_durable else {
+            return 0;
+        };
+        self.segments
+            .iter()
+            .filter_map(|segment| {
+                let first = segment.first_position()?;
+                let last = segment.last_position()?.min(last_durable);
+                if last < first || position.is_some_and(|position| last <= position) {
+                    return Some(0);
+                }
+                let start = match position {
+                    Some(position) if segment.contains(position) => position.entry_id + 1,
+                    _ => first.entry_id,
+                };
+                Some(last.entry_id + 1 - start)
+            })
+            .sum()
     }
 }
 

@@ -1,0 +1,67 @@
+//! Broker settings, with Pulsar's defaults where Pulsar has one.
+
+use serde::Deserialize;
+
+/// How topics are auto-created on first use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AutoTopicCreationType {
+    NonPartitioned,
+    Partitioned,
+}
+
+#[derive(Debug, Clone)]
+pub struct BrokerConfig {
+    /// Name of this cluster (`standalone` by default).
+    pub cluster_name: String,
+    /// `pulsar://host:port` that lookups return.
+    pub broker_service_url: String,
+    /// `http://host:port` of the web service.
+    pub web_service_url: String,
+    /// Topics are created on first use (Pulsar's `allowAutoTopicCreation`, default true).
+    pub allow_auto_topic_creation: bool,
+    pub auto_topic_creation_type: AutoTopicCreationType,
+    /// Partitions of an auto-created partitioned topic (`defaultNumPartitions`, default 1).
+    pub default_num_partitions: u32,
+    /// Largest message (entry) accepted (`maxMessageSize`, 5 MiB).
+    pub max_message_size: usize,
+    /// Broker-wide de-duplication switch (`brokerDeduplicationEnabled`, default false).
+    pub deduplication_enabled: bool,
+    /// Dedup state is snapshotted into the topic's `pulsar.dedup` cursor every this many entries.
+    pub deduplication_snapshot_interval_entries: u64,
+    /// Entries read from storage per dispatch round.
+    pub dispatch_max_entries_per_read: usize,
+    /// Bytes read from storage per dispatch round (at least one entry is read).
+    pub dispatch_max_bytes_per_read: usize,
+    /// Dispatch to a consumer pauses while it has this many unacknowledged messages
+    /// (`maxUnackedMessagesPerConsumer`, 50,000).
+    pub max_unacked_messages_per_consumer: u64,
+    /// Messages waiting for redelivery per subscription before reading new entries pauses.
+    pub max_redelivery_backlog: usize,
+    /// Delayed messages tracked per subscription before reading new entries pauses.
+    pub max_delayed_messages: usize,
+    /// Delayed delivery is honoured (`delayedDeliveryEnabled`, default true).
+    pub delayed_delivery_enabled: bool,
+}
+
+impl Default for BrokerConfig {
+    fn default() -> Self {
+        BrokerConfig {
+            cluster_name: "standalone".into(),
+            broker_service_url: "pulsar://127.0.0.1:6650".into(),
+            web_service_url: "http://127.0.0.1:8080".into(),
+            allow_auto_topic_creation: true,
+            auto_topic_creation_type: AutoTopicCreationType::NonPartitioned,
+            default_num_partitions: 1,
+            max_message_size: meridian_wire::DEFAULT_MAX_MESSAGE_SIZE,
+            deduplication_enabled: false,
+            deduplication_snapshot_interval_entries: 1000,
+            dispatch_max_entries_per_read: 100,
+            dispatch_max_bytes_per_read: 5 * 1024 * 1024,
+            max_unacked_messages_per_consumer: 50_000,
+            max_redelivery_backlog: 10_000,
+            max_delayed_messages: 1_000_000,
+            delayed_delivery_enabled: true,
+        }
+    }
+}

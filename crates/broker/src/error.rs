@@ -1,0 +1,59 @@
+//! The broker's error type and its mapping to Pulsar's `ServerError` codes.
+
+use meridian_wire::ServerError;
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum BrokerError {
+    #[error("invalid topic name {name:?}: {reason}")]
+    InvalidTopicName { name: String, reason: String },
+    #[error("topic {0} does not exist and automatic topic creation is disabled")]
+    TopicNotFound(String),
+    #[error("subscription {subscription} does not exist on {topic}")]
+    SubscriptionNotFound { topic: String, subscription: String },
+    #[error("{0}")]
+    ConsumerBusy(String),
+    #[error("{0}")]
+    ProducerBusy(String),
+    #[error("{0}")]
+    ProducerFenced(String),
+    #[error("{0}")]
+    NotAllowed(String),
+    #[error("{0}")]
+    IncompatibleSchema(String),
+    #[error("storage failure: {0}")]
+    Storage(#[from] meridian_storage::StorageError),
+    #[error("metadata failure: {0}")]
+    Metadata(String),
+    #[error("broker is shutting down")]
+    ShuttingDown,
+    #[error("{0}")]
+    Unknown(String),
+}
+
+impl From<meridian_metadata::MetadataError> for BrokerError {
+    fn from(error: meridian_metadata::MetadataError) -> Self {
+        BrokerError::Metadata(error.to_string())
+    }
+}
+
+impl BrokerError {
+    /// The one place where broker errors become Pulsar error codes.
+    pub fn server_error(&self) -> ServerError {
+        match self {
+            BrokerError::InvalidTopicName { .. } => ServerError::InvalidTopicName,
+            BrokerError::TopicNotFound(_) => ServerError::TopicNotFound,
+            BrokerError::SubscriptionNotFound { .. } => ServerError::SubscriptionNotFound,
+            BrokerError::ConsumerBusy(_) => ServerError::ConsumerBusy,
+            BrokerError::ProducerBusy(_) => ServerError::ProducerBusy,
+            BrokerError::ProducerFenced(_) => ServerError::ProducerFenced,
+            BrokerError::NotAllowed(_) => ServerError::NotAllowedError,
+            BrokerError::IncompatibleSchema(_) => ServerError::IncompatibleSchema,
+            BrokerError::Storage(_) => ServerError::PersistenceError,
+            BrokerError::Metadata(_) => ServerError::MetadataError,
+            BrokerError::ShuttingDown => ServerError::ServiceNotReady,
+            BrokerError::Unknown(_) => ServerError::UnknownError,
+        }
+    }
+}
+
+pub type Result<T, E = BrokerError> = std::result::Result<T, E>;

@@ -1,0 +1,33 @@
+//! Meridian's broker: topics, producers, subscriptions and dispatch, de-duplication and schemas.
+//!
+//! The broker knows Pulsar's semantics but not sockets: connections (the `server` crate) call
+//! into it and give it a bounded [`outbound::OutboundSender`] per connection for the frames it
+//! sends on its own (MESSAGE, ACTIVE_CONSUMER_CHANGE, CLOSE_CONSUMER).
+//!
+//! # Layout
+//!
+//! - [`broker`]: [`Broker`], the registry of loaded topics, partitioned-topic metadata and
+//!   auto-creation rules.
+//! - [`topic`]: [`Topic`]: producers (names, access modes), publishing with de-duplication,
+//!   subscriptions, seek, last message id.
+//! - [`subscription`]: [`Subscription`] and its dispatcher task (Exclusive, Shared, Failover,
+//!   Key_Shared; redelivery; delayed delivery).
+//! - [`dedup`], [`schema`], [`topic_name`], [`config`], [`error`] (the one mapping of errors to
+//!   Pulsar's `ServerError`).
+
+pub mod broker;
+pub mod config;
+pub mod dedup;
+pub mod error;
+pub mod outbound;
+pub mod schema;
+pub mod subscription;
+pub mod topic;
+pub mod topic_name;
+
+pub use broker::Broker;
+pub use config::{AutoTopicCreationType, BrokerConfig};
+pub use error::{BrokerError, Result};
+pub use subscription::{NewConsumer, StartPosition, Subscription, SubscriptionType};
+pub use topic::{AccessMode, NewProducer, ProducerGrant, PublishFuture, SeekTarget, Topic};
+pub use topic_name::TopicName;

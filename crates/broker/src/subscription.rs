@@ -1,0 +1,982 @@
+//! A subscription: a cursor, its consumers, and the dispatcher that sends them entries.
+//!
+//! The dispatcher is one task per subscription. Each round it plans under the state lock (what
+//! to read: entries waiting for redelivery first, then new ones from the read position, as many
+//! as consumers have permits for), reads outside the lock, assigns each entry to a consumer by
+//! the subscription type, and sends the MESSAGE frames outside the lock. It sleeps until new
+//! entries are durable, permits arrive, consumers change, or a delayed message falls due.
+//!
+//! Bookkeeping per entry in flight: `pending` (which consumer has it, how many messages it
+//! holds, its sticky-key hash) until it is acknowledged; `replay` for entries to send again
+//! (negative acks, closed consumers, entries no consumer could take yet); `redelivery_counts`
+//! for `redelivery_count`; `delayed` for Shared/Key_Shared messages with `deliver_at_time`.
+//!
+//! Ordering rules: Exclusive and Failover send everything to one active consumer in log order
+//! (replays first). Key_Shared sends all messages of one sticky key to one consumer; a key is
+//! *blocked* while an earlier message of it waits for replay, and a consumer that joins while
+//! messages are in flight receives no new messages until every message before its joining point
+//! is acknowledged (so a key moved to it never overtakes its own earlier messages).
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use meridian_storage::{InitialPosition, Log, Position};
+use meridian_wire::proto::{
+    base_command, BaseCommand, CommandActiveConsumerChange, CommandCloseConsumer, CommandMessage,
+    IntRange, MessageIdData,
+};
+use tokio::sync::Notify;
+
+use crate::config::BrokerConfig;
+use crate::error::{BrokerError, Result};
+use crate::outbound::{command_frame, Outbound, OutboundSender};
+
+/// Pulsar's subscription types (wire values 0..=3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SubscriptionType {
+    Exclusive,
+    Shared,
+    Failover,
+    KeyShared,
+}
+
+impl SubscriptionType {
+    pub fn from_wire(value: i32) -> Option<SubscriptionType> {
+        match value {
+            0 => Some(SubscriptionType::Exclusive),
+            1 => Some(SubscriptionType::Shared),
+            2 => Some(SubscriptionType::Failover),
+            3 => Some(SubscriptionType::KeyShared),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            SubscriptionType::Exclusive => "Exclusive",
+            SubscriptionType::Shared => "Shared",
+            SubscriptionType::Failover => "Failover",
+            SubscriptionType::KeyShared => "Key_Shared",
+        }
+    }
+
+    fn honours_delays(self) -> bool {
+        matches!(self, SubscriptionType::Shared | SubscriptionType::KeyShared)
+    }
+}
+
+/// Size of Key_Shared's hash space (Pulsar's 0..65535).
+const HASH_RANGE: u32 = 65_536;
+/// Points per consumer on the Key_Shared consistent-hash ring.
+const RING_POINTS_PER_CONSUMER: u32 = 100;
+
+/// Murmur3-32 of a sticky key, folded into the Key_Shared hash space.
+pub fn sticky_key_hash(key: &[u8]) -> u16 {
+    let hash = murmur3::murmur3_32(&mut std::io::Cursor::new(key), 0).unwrap_or(0);
+    (hash % HASH_RANGE) as u16
+}
+
+/// A consumer as the connection describes it when subscribing.
+pub struct NewConsumer {
+    pub consumer_id: u64,
+    pub name: String,
+    pub priority: i32,
+    pub kind: SubscriptionType,
+    pub sink: OutboundSender,
+    /// Set by the subscription when it closes the consumer itself (seek, unload).
+    pub closed: Arc<AtomicBool>,
+    /// Key_Shared STICKY mode: the hash ranges this consumer asked for (inclusive).
+    pub sticky_ranges: Vec<IntRange>,
+    /// Key_Shared `allow_out_of_order_delivery`.
+    pub allow_out_of_order: bool,
+}
+
+struct ConsumerSlot {
+    key: u64,
+    consumer_id: u64,
+    name: String,
+    priority: i32,
+    permits: i64,
+    unacked_messages: u64,
+    sink: OutboundSender,
+    closed: Arc<AtomicBool>,
+    sticky_ranges: Vec<(u16, u16)>,
+    /// Key_Shared: joined while messages were in flight; gets no new messages at or after this
+    /// position until everything before it is acknowledged.
+    held_from: Option<Position>,
+}
+
+struct Pending {
+    consumer_key: u64,
+    messages: u32,
+    hash: Option<u16>,
+}
+
+struct DispatchState {
+    kind: SubscriptionType,
+    consumers: Vec<ConsumerSlot>,
+    round_robin: usize,
+    /// Next entry to read from the log.
+    read_position: Position,
+    /// Entries to send again before new ones, with their sticky-key hash if known.
+    replay: BTreeMap<Position, Option<u16>>,
+    pending: BTreeMap<Position, Pending>,
+    redelivery_counts: HashMap<Position, u32>,
+    /// Delayed messages by (deliver-at time in ms, position).
+    delayed: BTreeMap<(u64, Position), Option<u16>>,
+    /// Active consumer of an Exclusive or Failover subscription.
+    active: Option<u64>,
+    /// Key_Shared consistent-hash ring: (point, consumer key), sorted.
+    ring: Vec<(u16, u64)>,
+    /// Bumped by seek: reads planned before it are discarded.
+    generation: u64,
+}
+
+/// What one dispatch round reads.
+enum ReadPlan {
+    Replay(Vec<Position>),
+    New { from: Position, max_entries: usize },
+}
+
+/// The outcome of one dispatch round.
+enum Round {
+    Progress,
+    Idle { wake_at_ms: Option<u64> },
+}
+
+pub struct Subscription {
+    pub name: String,
+    /// Name of the storage cursor (the subscription name, or a generated one for readers).
+    cursor: String,
+    durable: bool,
+    topic: String,
+    partition_index: i32,
+    log: Arc<Log>,
+    config: Arc<BrokerConfig>,
+    state: Mutex<DispatchState>,
+    wake: Notify,
+    stopped: AtomicBool,
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|elapsed| elapsed.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn message_id(position: Position, partition_index: i32) -> MessageIdData {
+    MessageIdData {
+        ledger_id: position.ledger_id,
+        entry_id: position.entry_id,
+        partition: Some(partition_index),
+        ..MessageIdData::default()
+    }
+}
+
+/// Where reading starts after a mark-delete position.
+fn position_after(log: &Log, mark_delete: Option<Position>) -> Position {
+    match mark_delete {
+        Some(position) => log.next_position(position),
+        None => log.first_position().unwrap_or_else(|| log.end_position()),
+    }
+}
+
+/// Where a subscription's cursor starts.
+#[derive(Debug, Clone, Copy)]
+pub enum StartPosition {
+    Initial(InitialPosition),
+    /// Deliver from this entry on (readers).
+    At(Position),
+}
+
+impl Subscription {
+    /// Opens (or creates) the subscription's cursor and starts its dispatcher task.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn open(
+        name: String,
+        cursor: String,
+        durable: bool,
+        kind: SubscriptionType,
+        start: StartPosition,
+        topic: String,
+        partition_index: i32,
+        log: Arc<Log>,
+        config: Arc<BrokerConfig>,
+    ) -> Result<Arc<Subscription>> {
+        let mark_delete = match start {
+            StartPosition::Initial(initial) => {
+                log.open_cursor_with(&cursor, initial, durable)?.mark_delete
+            }
+            StartPosition::At(position) => {
+                log.open_cursor_with(&cursor, InitialPosition::Earliest, durable)?;
+                let mark_delete = log.previous_position(position);
+                log.reset_cursor(&cursor, mark_delete)?;
+                mark_delete
+            }
+        };
+        let read_position = position_after(&log, mark_delete);
+        let subscription = Arc::new(Subscription {
+            name,
+            cursor,
+            durable,
+            topic,
+            partition_index,
+            state: Mutex::new(DispatchState {
+                kind,
+                consumers: Vec::new(),
+                round_robin: 0,
+                read_position,
+                replay: BTreeMap::new(),
+                pending: BTreeMap::new(),
+                redelivery_counts: HashMap::new(),
+                delayed: BTreeMap::new(),
+                active: None,
+                ring: Vec::new(),
+                generation: 0,
+            }),
+            log,
+            config,
+            wake: Notify::new(),
+            stopped: AtomicBool::new(false),
+        });
+        let dispatcher = subscription.clone();
+        tokio::spawn(async move { dispatcher.dispatch_loop().await });
+        Ok(subscription)
+    }
+
+    fn lock(&self) -> MutexGuard<'_, DispatchState> {
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    pub fn is_durable(&self) -> bool {
+        self.durable
+    }
+
+    pub fn cursor_name(&self) -> &str {
+        &self.cursor
+    }
+
+    pub fn kind(&self) -> SubscriptionType {
+        self.lock().kind
+    }
+
+    pub fn consumer_count(&self) -> usize {
+        self.lock().consumers.len()
+    }
+
+    /// Stops the dispatcher and closes every consumer (CLOSE_CONSUMER is sent to each).
+    pub(crate) fn stop(&self) {
+        self.stopped.store(true, Ordering::SeqCst);
+        let frames = self.close_all_consumers();
+        send_now(frames);
+        self.wake.notify_one();
+    }
+
+    /// Adds a consumer; returns its broker-wide key.
+    pub(crate) fn add_consumer(&self, key: u64, consumer: NewConsumer) -> Result<()> {
+        let mut frames = Vec::new();
+        {
+            let mut state = self.lock();
+            if !state.consumers.is_empty() {
+                if state.kind != consumer.kind {
+                    return Err(BrokerError::ConsumerBusy(format!(
+                        "subscription {} is of type {}, not {}",
+                        self.name,
+                        state.kind.name(),
+                        consumer.kind.name()
+                    )));
+                }
+                if state.kind == SubscriptionType::Exclusive {
+                    return Err(BrokerError::ConsumerBusy(format!(
+                        "exclusive consumer is already connected to subscription {}",
+                        self.name
+                    )));
+                }
+            }
+            state.kind = consumer.kind;
+            let in_flight = !state.pending.is_empty() || !state.replay.is_empty();
+            let held_from = (consumer.kind == SubscriptionType::KeyShared
+                && in_flight
+                && !consumer.allow_out_of_order)
+                .then_some(state.read_position);
+            let sticky_ranges = consumer
+                .sticky_ranges
+                .iter()
+                .map(|range| {
+                    (
+                        range.start.clamp(0, 65_535) as u16,
+                        range.end.clamp(0, 65_535) as u16,
+                    )
+                })
+                .collect();
+            state.consumers.push(ConsumerSlot {
+                key,
+                consumer_id: consumer.consumer_id,
+                name: consumer.name,
+                priority: consumer.priority,
+                permits: 0,
+                unacked_messages: 0,
+                sink: consumer.sink,
+                closed: consumer.closed,
+                sticky_ranges,
+                held_from,
+            });
+            self.membership_changed(&mut state, &mut frames);
+        }
+        send_now(frames);
+        self.wake.notify_one();
+        Ok(())
+    }
+
+    /// Removes a consumer; its unacknowledged messages go to the others (or wait for the next
+    /// one) with a higher redelivery count.
+    pub(crate) fn remove_consumer(&self, key: u64) {
+        let mut frames = Vec::new();
+        {
+            let mut state = self.lock();
+            let Some(index) = state
+                .consumers
+                .iter()
+                .position(|consumer| consumer.key == key)
+            else {
+                return;
+            };
+            state.consumers.remove(index);
+            redeliver_pending_of(&mut state, key, None, true);
+            self.membership_changed(&mut state, &mut frames);
+        }
+        send_now(frames);
+        self.wake.notify_one();
+    }
+
+    /// Recomputes the active consumer (Exclusive/Failover) or the hash ring (Key_Shared).
+    fn membership_changed(
+        &self,
+        state: &mut DispatchState,
+        frames: &mut Vec<(OutboundSender, Outbound)>,
+    ) {
+        match state.kind {
+            SubscriptionType::Exclusive | SubscriptionType::Failover => {
+                let mut order: Vec<&ConsumerSlot> = state.consumers.iter().collect();
+                order.sort_by(|a, b| {
+                    (a.priority, &a.name, a.key).cmp(&(b.priority, &b.name, b.key))
+                });
+                let active = if order.is_empty() {
+                    None
+                } else {
+                    let index = if self.partition_index >= 0 {
+                        self.partition_index as usize % order.len()
+                    } else {
+                        0
+                    };
+                    Some(order[index].key)
+                };
+                let changed = active != state.active;
+                if changed {
+                    if let Some(previous) = state.active {
+                        // The previous active consumer's messages go to the new one.
+                        redeliver_pending_of(state, previous, None, false);
+                    }
+                    state.active = active;
+                }
+                if state.kind == SubscriptionType::Failover {
+                    for consumer in &state.consumers {
+                        let command = BaseCommand {
+                            r#type: base_command::Type::ActiveConsumerChange as i32,
+                            active_consumer_change: Some(CommandActiveConsumerChange {
+                                consumer_id: consumer.consumer_id,
+                                is_active: Some(Some(consumer.key) == active),
+                            }),
+                            ..BaseCommand::default()
+                        };
+                        frames.push((consumer.sink.clone(), command_frame(&command)));
+                    }
+                }
+            }
+            SubscriptionType::KeyShared => {
+                let mut ring = Vec::new();
+                for consumer in state
+                    .consumers
+                    .iter()
+                    .filter(|consumer| consumer.sticky_ranges.is_empty())
+                {
+                    for point in 0..RING_POINTS_PER_CONSUMER {
+                        let label = format!("{}-{}-{point}", consumer.name, consumer.key);
+                        ring.push((sticky_key_hash(label.as_bytes()), consumer.key));
+                    }
+                }
+                ring.sort_unstable();
+                state.ring = ring;
+            }
+            SubscriptionType::Shared => {}
+        }
+    }
+
+    /// Adds permits (counted in messages).
+    pub fn flow(&self, key: u64, permits: u32) {
+        {
+            let mut state = self.lock();
+            if let Some(consumer) = state
+                .consumers
+                .iter_mut()
+                .find(|consumer| consumer.key == key)
+            {
+                consumer.permits = consumer.permits.saturating_add(i64::from(permits));
+            }
+        }
+        self.wake.notify_one();
+    }
+
+    /// Acknowledges individual entries.
+    pub fn acknowledge(&self, positions: &[Position]) -> Result<()> {
+        self.log.acknowledge(&self.cursor, positions)?;
+        {
+            let mut state = self.lock();
+            for position in positions {
+                forget_pending(&mut state, *position);
+                state.replay.remove(position);
+            }
+        }
+        self.wake.notify_one();
+        Ok(())
+    }
+
+    /// Acknowledges everything up to and including `position`.
+    pub fn acknowledge_cumulative(&self, position: Position) -> Result<()> {
+        self.log.acknowledge_cumulative(&self.cursor, position)?;
+        {
+            let mut state = self.lock();
+            let acknowledged: Vec<Position> = state
+                .pending
+                .range(..=position)
+                .map(|(position, _)| *position)
+                .collect();
+            for acknowledged in acknowledged {
+                forget_pending(&mut state, acknowledged);
+            }
+            state.replay = state
+                .replay
+                .split_off(&Position::new(position.ledger_id, position.entry_id + 1));
+        }
+        self.wake.notify_one();
+        Ok(())
+    }
+
+    /// Sends a consumer's unacknowledged messages again: all of them (`None`), or the given ones.
+    pub fn redeliver(&self, key: u64, positions: Option<Vec<Position>>) {
+        {
+            let mut state = self.lock();
+            redeliver_pending_of(&mut state, key, positions, true);
+        }
+        self.wake.notify_one();
+    }
+
+    /// Moves the cursor so that delivery restarts after `mark_delete`, and disconnects every
+    /// consumer (they reconnect and resubscribe, as with Pulsar).
+    pub(crate) fn seek(&self, mark_delete: Option<Position>) -> Result<()> {
+        let frames = self.close_all_consumers();
+        self.log.reset_cursor(&self.cursor, mark_delete)?;
+        {
+            let mut state = self.lock();
+            state.read_position = position_after(&self.log, mark_delete);
+            state.replay.clear();
+            state.pending.clear();
+            state.delayed.clear();
+            state.redelivery_counts.clear();
+            state.generation += 1;
+        }
+        send_now(frames);
+        self.wake.notify_one();
+        Ok(())
+    }
+
+    fn close_all_consumers(&self) -> Vec<(OutboundSender, Outbound)> {
+        let mut state = self.lock();
+        let mut frames = Vec::new();
+        for consumer in state.consumers.drain(..) {
+            consumer.closed.store(true, Ordering::SeqCst);
+            let command = BaseCommand {
+                r#type: base_command::Type::CloseConsumer as i32,
+                close_consumer: Some(CommandCloseConsumer {
+                    consumer_id: consumer.consumer_id,
+                    request_id: 0,
+                    ..CommandCloseConsumer::default()
+                }),
+                ..BaseCommand::default()
+            };
+            frames.push((consumer.sink.clone(), command_frame(&command)));
+        }
+        let pending: Vec<Position> = state.pending.keys().copied().collect();
+        for position in pending {
+            state.pending.remove(&position);
+            state.replay.insert(position, None);
+        }
+        state.active = None;
+        state.ring.clear();
+        frames
+    }
+
+    /// Messages delivered and not yet acknowledged, over all consumers.
+    pub fn unacked_messages(&self) -> u64 {
+        self.lock()
+            .consumers
+            .iter()
+            .map(|consumer| consumer.unacked_messages)
+            .sum()
+    }
+
+    async fn dispatch_loop(self: Arc<Self>) {
+        let mut durable = self.log.watch_durable();
+        loop {
+            if self.stopped.load(Ordering::SeqCst) {
+                return;
+            }
+            // Arm the wake-ups before looking at the state, so none is missed.
+            let notified = self.wake.notified();
+            durable.borrow_and_update();
+            match self.dispatch_round().await {
+                Round::Progress => continue,
+                Round::Idle { wake_at_ms } => {
+                    let sleep = wake_at_ms
+                        .map(|at| Duration::from_millis(at.saturating_sub(now_ms()).max(1)));
+                    tokio::select! {
+                        _ = notified => {}
+                        changed = durable.changed() => {
+                            if changed.is_err() {
+                                return;
+                            }
+                        }
+                        _ = tokio::time::sleep(sleep.unwrap_or(Duration::from_secs(3600))), if sleep.is_some() => {}
+                    }
+                }
+            }
+        }
+    }
+
+    async fn dispatch_round(&self) -> Round {
+        let (plan, generation) = {
+            let mut state = self.lock();
+            let now = now_ms();
+            let due: Vec<((u64, Position), Option<u16>)> = state
+                .delayed
+                .range(..(now + 1, Position::new(0, 0)))
+                .map(|(key, hash)| (*key, *hash))
+                .collect();
+            for (key, hash) in due {
+                state.delayed.remove(&key);
+                state.replay.insert(key.1, hash);
+            }
+            let wake_at_ms = state.delayed.keys().next().map(|(at, _)| *at);
+            let permits = self.available_permits(&state);
+            if permits == 0 {
+                return Round::Idle { wake_at_ms };
+            }
+            let max_entries =
+                permits.min(self.config.dispatch_max_entries_per_read as u64) as usize;
+            let plan = if !state.replay.is_empty() && self.replay_is_dispatchable(&state) {
+                ReadPlan::Replay(state.replay.keys().take(max_entries).copied().collect())
+            } else if state.replay.len() < self.config.max_redelivery_backlog
+                && state.delayed.len() < self.config.max_delayed_messages
+                && self
+                    .log
+                    .last_position()
+                    .is_some_and(|last| last >= state.read_position)
+            {
+                ReadPlan::New {
+                    from: state.read_position,
+                    max_entries,
+                }
+            } else {
+                return Round::Idle { wake_at_ms };
+            };
+            (plan, state.generation)
+        };
+
+        let log = self.log.clone();
+        let max_bytes = self.config.dispatch_max_bytes_per_read;
+        let planned_replay: Vec<Position> = match &plan {
+            ReadPlan::Replay(positions) => positions.clone(),
+            ReadPlan::New { .. } => Vec::new(),
+        };
+        let is_replay = !planned_replay.is_empty();
+        let read = tokio::task::spawn_blocking(
+            move || -> meridian_storage::Result<Vec<meridian_storage::Entry>> {
+                match plan {
+                    ReadPlan::Replay(positions) => {
+                        let mut entries = Vec::with_capacity(positions.len());
+                        for position in positions {
+                            match log.read(position) {
+                                Ok(entry) => entries.push(entry),
+                                Err(meridian_storage::StorageError::PositionNotFound {
+                                    ..
+                                }) => {}
+                                Err(error) => return Err(error),
+                            }
+                        }
+                        Ok(entries)
+                    }
+                    ReadPlan::New { from, max_entries } => {
+                        log.read_from(from, max_entries, max_bytes)
+                    }
+                }
+            },
+        )
+        .await;
+        let entries = match read {
+            Ok(Ok(entries)) => entries,
+            Ok(Err(error)) => {
+                tracing::error!(topic = %self.topic, subscription = %self.name, %error, "dispatch read failed");
+                return Round::Idle {
+                    wake_at_ms: Some(now_ms() + 1000),
+                };
+            }
+            Err(error) => {
+                tracing::error!(topic = %self.topic, subscription = %self.name, %error, "dispatch read task failed");
+                return Round::Idle {
+                    wake_at_ms: Some(now_ms() + 1000),
+                };
+            }
+        };
+
+        let sends = {
+            let mut state = self.lock();
+            if state.generation != generation {
+                return Round::Progress;
+            }
+            // Planned entries that no longer exist (trimmed) leave the replay set.
+            let read: HashSet<Position> = entries.iter().map(|entry| entry.position).collect();
+            for position in &planned_replay {
+                if !read.contains(position) {
+                    state.replay.remove(position);
+                }
+            }
+            let sends = self.assign(&mut state, entries, is_replay);
+            if sends.is_empty() && is_replay {
+                // Nothing from the replay set could go out: wait for permits or acks.
+                return Round::Idle {
+                    wake_at_ms: state.delayed.keys().next().map(|(at, _)| *at),
+                };
+            }
+            sends
+        };
+        for (sink, frame) in sends {
+            // A closed connection drops its consumers, which puts their messages back.
+            let _ = sink.send(frame).await;
+        }
+        Round::Progress
+    }
+
+    /// Permits of the consumers that can receive now.
+    fn available_permits(&self, state: &DispatchState) -> u64 {
+        let max_unacked = self.config.max_unacked_messages_per_consumer;
+        let usable = |consumer: &ConsumerSlot| {
+            if consumer.permits > 0 && consumer.unacked_messages < max_unacked {
+                consumer.permits as u64
+            } else {
+                0
+            }
+        };
+        match state.kind {
+            SubscriptionType::Exclusive | SubscriptionType::Failover => state
+                .active
+                .and_then(|active| {
+                    state
+                        .consumers
+                        .iter()
+                        .find(|consumer| consumer.key == active)
+                })
+                .map(usable)
+                .unwrap_or(0),
+            SubscriptionType::Shared | SubscriptionType::KeyShared => {
+                state.consumers.iter().map(usable).sum()
+            }
+        }
+    }
+
+    /// Whether some replay entry could be sent now (for Key_Shared, the consumer owning its
+    /// key must have permits).
+    fn replay_is_dispatchable(&self, state: &DispatchState) -> bool {
+        if state.kind != SubscriptionType::KeyShared {
+            return true;
+        }
+        state
+            .replay
+            .iter()
+            .take(self.config.dispatch_max_entries_per_read)
+            .any(|(_, hash)| match hash {
+                None => true,
+                Some(hash) => self
+                    .key_shared_owner(state, *hash)
+                    .and_then(|key| state.consumers.iter().find(|consumer| consumer.key == key))
+                    .is_some_and(|consumer| consumer.permits > 0),
+            })
+    }
+
+    fn key_shared_owner(&self, state: &DispatchState, hash: u16) -> Option<u64> {
+        if let Some(consumer) = state.consumers.iter().find(|consumer| {
+            consumer
+                .sticky_ranges
+                .iter()
+                .any(|(start, end)| (*start..=*end).contains(&hash))
+        }) {
+            return Some(consumer.key);
+        }
+        if state.ring.is_empty() {
+            return None;
+        }
+        let index = state.ring.partition_point(|(point, _)| *point < hash);
+        Some(state.ring[index % state.ring.len()].1)
+    }
+
+    /// Assigns entries to consumers; returns the frames to send.
+    fn assign(
+        &self,
+        state: &mut DispatchState,
+        entries: Vec<meridian_storage::Entry>,
+        is_replay: bool,
+    ) -> Vec<(OutboundSender, Outbound)> {
+        let mut sends = Vec::new();
+        let now = now_ms();
+        // Key_Shared: keys with an earlier message waiting for replay must not be overtaken.
+        let mut blocked_hashes: HashSet<u16> = if is_replay {
+            HashSet::new()
+        } else {
+            state.replay.values().flatten().copied().collect()
+        };
+        let mut last_read = None;
+        for entry in entries {
+            let position = entry.position;
+            last_read = Some(position);
+            if is_replay {
+                state.replay.remove(&position);
+            }
+            if state.pending.contains_key(&position)
+                || self.log.is_acknowledged(&self.cursor, position)
+            {
+                continue;
+            }
+            let parsed = meridian_wire::parse_entry(entry.data.clone());
+            let (messages, hash, deliver_at, is_marker) = match &parsed {
+                Ok(parsed) => {
+                    let metadata = &parsed.metadata;
+                    let messages = metadata.num_messages_in_batch.unwrap_or(1).max(1) as u32;
+                    let key: &[u8] = match (&metadata.ordering_key, &metadata.partition_key) {
+                        (Some(ordering_key), _) if !ordering_key.is_empty() => ordering_key,
+                        (_, Some(partition_key)) if !partition_key.is_empty() => {
+                            partition_key.as_bytes()
+                        }
+                        _ => b"NONE_KEY",
+                    };
+                    (
+                        messages,
+                        sticky_key_hash(key),
+                        metadata
+                            .deliver_at_time
+                            .filter(|at| *at > 0)
+                            .map(|at| at as u64),
+                        metadata.marker_type.is_some(),
+                    )
+                }
+                Err(error) => {
+                    tracing::warn!(topic = %self.topic, %position, %error, "entry metadata does not decode; delivering it as one message");
+                    (1, sticky_key_hash(b"NONE_KEY"), None, false)
+                }
+            };
+            if is_marker {
+                if let Err(error) = self.log.acknowledge(&self.cursor, &[position]) {
+                    tracing::error!(topic = %self.topic, %error, "acknowledging a marker failed");
+                }
+                continue;
+            }
+            if let Some(at) = deliver_at {
+                if at > now && state.kind.honours_delays() && self.config.delayed_delivery_enabled {
+                    state.delayed.insert((at, position), Some(hash));
+                    continue;
+                }
+            }
+            let hash_for_routing = (state.kind == SubscriptionType::KeyShared).then_some(hash);
+            let chosen = match hash_for_routing {
+                Some(hash) if blocked_hashes.contains(&hash) => None,
+                _ => self.choose_consumer(state, position, hash_for_routing),
+            };
+            let Some(consumer_index) = chosen else {
+                // Nobody can take it now: keep it (and, for Key_Shared, everything after it
+                // with the same key) for a later round.
+                state.replay.insert(position, Some(hash));
+                if let Some(hash) = hash_for_routing {
+                    blocked_hashes.insert(hash);
+                }
+                continue;
+            };
+            let redelivery_count = state.redelivery_counts.get(&position).copied().unwrap_or(0);
+            let consumer = &mut state.consumers[consumer_index];
+            consumer.permits -= i64::from(messages);
+            consumer.unacked_messages += u64::from(messages);
+            let command = CommandMessage {
+                consumer_id: consumer.consumer_id,
+                message_id: message_id(position, self.partition_index),
+                redelivery_count: (redelivery_count > 0).then_some(redelivery_count),
+                ..CommandMessage::default()
+            };
+            match meridian_wire::encode_message_frame(command, entry.data) {
+                Ok(frame) => sends.push((consumer.sink.clone(), Outbound::Payload(frame))),
+                Err(error) => {
+                    tracing::error!(topic = %self.topic, %error, "encoding MESSAGE failed")
+                }
+            }
+            let consumer_key = consumer.key;
+            state.pending.insert(
+                position,
+                Pending {
+                    consumer_key,
+                    messages,
+                    hash: Some(hash),
+                },
+            );
+        }
+        if !is_replay {
+            if let Some(last) = last_read {
+                if last >= state.read_position {
+                    state.read_position = self.log.next_position(last);
+                }
+            }
+        }
+        sends
+    }
+
+    /// The index of the consumer that gets `position`, if one can take it now.
+    fn choose_consumer(
+        &self,
+        state: &mut DispatchState,
+        position: Position,
+        hash: Option<u16>,
+    ) -> Option<usize> {
+        let max_unacked = self.config.max_unacked_messages_per_consumer;
+        let can_take = |consumer: &ConsumerSlot| {
+            consumer.permits > 0
+                && consumer.unacked_messages < max_unacked
+                && !consumer.closed.load(Ordering::Relaxed)
+        };
+        match state.kind {
+            SubscriptionType::Exclusive | SubscriptionType::Failover => {
+                let active = state.active?;
+                let index = state
+                    .consumers
+                    .iter()
+                    .position(|consumer| consumer.key == active)?;
+                can_take(&state.consumers[index]).then_some(index)
+            }
+            SubscriptionType::Shared => {
+                let count = state.consumers.len();
+                // Lowest priority level first, round robin within it.
+                let best_priority = state
+                    .consumers
+                    .iter()
+                    .filter(|consumer| can_take(consumer))
+                    .map(|consumer| consumer.priority)
+                    .min()?;
+                for step in 0..count {
+                    let index = (state.round_robin + step) % count;
+                    let consumer = &state.consumers[index];
+                    if consumer.priority == best_priority && can_take(consumer) {
+                        state.round_robin = (index + 1) % count;
+                        return Some(index);
+                    }
+                }
+                None
+            }
+            SubscriptionType::KeyShared => {
+                let owner = self.key_shared_owner(state, hash?)?;
+                let index = state
+                    .consumers
+                    .iter()
+                    .position(|consumer| consumer.key == owner)?;
+                if let Some(held_from) = state.consumers[index].held_from {
+                    let earlier_in_flight = state.pending.range(..held_from).next().is_some()
+                        || state.replay.range(..held_from).next().is_some();
+                    if earlier_in_flight && position >= held_from {
+                        return None;
+                    }
+                    if !earlier_in_flight {
+                        state.consumers[index].held_from = None;
+                    }
+                }
+                can_take(&state.consumers[index]).then_some(index)
+            }
+        }
+    }
+}
+
+/// Drops the pending record of an acknowledged entry.
+fn forget_pending(state: &mut DispatchState, position: Position) {
+    if let Some(pending) = state.pending.remove(&position) {
+        if let Some(consumer) = state
+            .consumers
+            .iter_mut()
+            .find(|consumer| consumer.key == pending.consumer_key)
+        {
+            consumer.unacked_messages = consumer
+                .unacked_messages
+                .saturating_sub(u64::from(pending.messages));
+        }
+    }
+    state.redelivery_counts.remove(&position);
+}
+
+/// Moves a consumer's pending entries (all, or the listed ones) to the replay set.
+fn redeliver_pending_of(
+    state: &mut DispatchState,
+    key: u64,
+    positions: Option<Vec<Position>>,
+    count_it: bool,
+) {
+    let chosen: Vec<Position> = match positions {
+        Some(positions) => positions
+            .into_iter()
+            .filter(|position| {
+                state
+                    .pending
+                    .get(position)
+                    .is_some_and(|pending| pending.consumer_key == key)
+            })
+            .collect(),
+        None => state
+            .pending
+            .iter()
+            .filter(|(_, pending)| pending.consumer_key == key)
+            .map(|(position, _)| *position)
+            .collect(),
+    };
+    for position in chosen {
+        if let Some(pending) = state.pending.remove(&position) {
+            if let Some(consumer) = state
+                .consumers
+                .iter_mut()
+                .find(|consumer| consumer.key == key)
+            {
+                consumer.unacked_messages = consumer
+                    .unacked_messages
+                    .saturating_sub(u64::from(pending.messages));
+            }
+            state.replay.insert(position, pending.hash);
+            if count_it {
+                *state.redelivery_counts.entry(position).or_insert(0) += 1;
+            }
+        }
+    }
+}
+
+/// Sends frames without waiting (control frames; a full queue drops them with a warning, and
+/// a closed one means the consumer is gone anyway).
+fn send_now(frames: Vec<(OutboundSender, Outbound)>) {
+    for (sink, frame) in frames {
+        if let Err(tokio::sync::mpsc::error::TrySendError::Full(_)) = sink.try_send(frame) {
+            tracing::warn!("connection queue full; control frame dropped");
+        }
+    }
+}

@@ -1,0 +1,285 @@
+//! `meridian standalone` configuration: one TOML file, environment overrides, CLI flags.
+//!
+//! Precedence, lowest first: built-in defaults, the `--config` file, environment variables
+//! `MERIDIAN_<KEY>` (nested keys with a double underscore: `MERIDIAN_STORAGE__SEGMENT_MAX_BYTES`),
+//! then command-line flags. Every key is documented in `docs/configuration.md`; unknown keys are
+//! an error that names the key.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use meridian_broker::{AutoTopicCreationType, BrokerConfig};
+use meridian_server::ServerConfig;
+use meridian_storage::{FlushPolicy, StorageConfig};
+use serde::Deserialize;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub cluster_name: String,
+    pub data_dir: PathBuf,
+    pub bind_address: String,
+    /// Host name that lookups return; defaults to `bind_address`.
+    pub advertised_address: Option<String>,
+    pub broker_port: u16,
+    pub web_port: u16,
+    pub allow_auto_topic_creation: bool,
+    pub allow_auto_topic_creation_type: AutoTopicCreationType,
+    pub default_num_partitions: u32,
+    pub max_message_size: usize,
+    pub deduplication_enabled: bool,
+    pub max_connections: usize,
+    pub keep_alive_interval_seconds: u64,
+    pub max_pending_sends_per_producer: usize,
+    pub max_unacked_messages_per_consumer: u64,
+    pub storage: StorageSection,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StorageSection {
+    /// `fsync` (default) or `relaxed-write-only` (NOT durable against machine crashes).
+    pub flush_policy: String,
+    pub relaxed_fsync_interval_ms: u64,
+    pub segment_max_bytes: u64,
+    pub cache_max_bytes: u64,
+    pub pending_max_bytes_per_log: u64,
+    pub flush_threads: usize,
+    pub cursor_persist_interval_ms: u64,
+    pub cursor_max_persisted_ranges: usize,
+    pub trim_interval_ms: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        let broker = BrokerConfig::default();
+        let server = ServerConfig::default();
+        Config {
+            cluster_name: broker.cluster_name,
+            data_dir: PathBuf::from("./data"),
+            bind_address: "127.0.0.1".into(),
+            advertised_address: None,
+            broker_port: 6650,
+            web_port: 8080,
+            allow_auto_topic_creation: broker.allow_auto_topic_creation,
+            allow_auto_topic_creation_type: broker.auto_topic_creation_type,
+            default_num_partitions: broker.default_num_partitions,
+            max_message_size: broker.max_message_size,
+            deduplication_enabled: broker.deduplication_enabled,
+            max_connections: server.max_connections,
+            keep_alive_interval_seconds: server.keep_alive_interval.as_secs(),
+            max_pending_sends_per_producer: server.max_pending_sends_per_producer,
+            max_unacked_messages_per_consumer: broker.max_unacked_messages_per_consumer,
+            storage: StorageSection::default(),
+        }
+    }
+}
+
+impl Default for StorageSection {
+    fn default() -> Self {
+        let storage = StorageConfig::default();
+        StorageSection {
+            flush_policy: "fsync".into(),
+            relaxed_fsync_interval_ms: 1000,
+            segment_max_bytes: storage.segment_max_bytes,
+            cache_max_bytes: storage.cache_max_bytes,
+            pending_max_bytes_per_log: storage.pending_max_bytes_per_log,
+            flush_threads: storage.flush_threads,
+            cursor_persist_interval_ms: storage.cursor_persist_interval.as_millis() as u64,
+            cursor_max_persisted_ranges: storage.cursor_max_persisted_ranges,
+            trim_interval_ms: storage.trim_interval.as_millis() as u64,
+        }
+    }
+}
+
+/// Reads a value given in an environment variable as TOML (number, boolean), else as a string.
+fn env_value(raw: &str) -> toml::Value {
+    let parsed: Result<toml::Table, _> = toml::from_str(&format!("value = {raw}"));
+    match parsed.ok().and_then(|mut table| table.remove("value")) {
+        Some(value) => value,
+        None => toml::Value::String(raw.to_string()),
+    }
+}
+
+impl Config {
+    /// Loads the file (if any), then applies `MERIDIAN_*` environment variables.
+    pub fn load(
+        file: Option<&Path>,
+        environment: impl Iterator<Item = (String, String)>,
+    ) -> anyhow::Result<Config> {
+        let mut table = match file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("reading {}", path.display()))?;
+                toml::from_str::<toml::Table>(&text)
+                    .with_context(|| format!("parsing {}", path.display()))?
+            }
+            None => toml::Table::new(),
+        };
+        for (name, raw) in environment {
+            let Some(key) = name.strip_prefix("MERIDIAN_") else {
+                continue;
+            };
+            let path: Vec<String> = key
+                .to_ascii_lowercase()
+                .split("__")
+                .map(str::to_string)
+                .collect();
+            let Some((last, parents)) = path.split_last() else {
+                continue;
+            };
+            let mut target = &mut table;
+            for parent in parents {
+                let entry = target
+                    .entry(parent.clone())
+                    .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+                let toml::Value::Table(inner) = entry else {
+                    bail!("environment variable {name}: {parent} is not a section");
+                };
+                target = inner;
+            }
+            target.insert(last.clone(), env_value(&raw));
+        }
+        let config: Config = toml::Value::Table(table)
+            .try_into()
+            .context("invalid configuration")?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks values that parse but cannot work, naming the key.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        if self.cluster_name.is_empty()
+            || !meridian_broker::topic_name::is_valid_entity_name(&self.cluster_name)
+        {
+            bail!("cluster_name {:?} is not a valid name", self.cluster_name);
+        }
+        if self.default_num_partitions == 0 {
+            bail!("default_num_partitions must be at least 1");
+        }
+        if self.max_message_size == 0 || self.max_message_size > 100 * 1024 * 1024 {
+            bail!("max_message_size must be between 1 byte and 100 MiB");
+        }
+        if self.keep_alive_interval_seconds == 0 {
+            bail!("keep_alive_interval_seconds must be positive");
+        }
+        if !matches!(
+            self.storage.flush_policy.as_str(),
+            "fsync" | "relaxed-write-only"
+        ) {
+            bail!(
+                "storage.flush_policy must be \"fsync\" or \"relaxed-write-only\", not {:?}",
+                self.storage.flush_policy
+            );
+        }
+        self.storage_config()
+            .validate()
+            .map_err(|reason| anyhow::anyhow!("storage: {reason}"))?;
+        Ok(())
+    }
+
+    pub fn advertised_address(&self) -> &str {
+        self.advertised_address
+            .as_deref()
+            .unwrap_or(&self.bind_address)
+    }
+
+    pub fn storage_config(&self) -> StorageConfig {
+        let storage = &self.storage;
+        StorageConfig {
+            flush_policy: if storage.flush_policy == "relaxed-write-only" {
+                FlushPolicy::RelaxedWriteOnly {
+                    fsync_interval: Duration::from_millis(storage.relaxed_fsync_interval_ms.max(1)),
+                }
+            } else {
+                FlushPolicy::Fsync
+            },
+            segment_max_bytes: storage.segment_max_bytes,
+            // An entry is a message plus Pulsar's frame padding.
+            entry_max_bytes: self.max_message_size + meridian_broker_padding(),
+            cache_max_bytes: storage.cache_max_bytes,
+            pending_max_bytes_per_log: storage.pending_max_bytes_per_log,
+            flush_threads: storage.flush_threads,
+            cursor_persist_interval: Duration::from_millis(storage.cursor_persist_interval_ms),
+            cursor_max_persisted_ranges: storage.cursor_max_persisted_ranges,
+            trim_interval: Duration::from_millis(storage.trim_interval_ms),
+        }
+    }
+
+    pub fn broker_config(&self) -> BrokerConfig {
+        BrokerConfig {
+            cluster_name: self.cluster_name.clone(),
+            broker_service_url: format!(
+                "pulsar://{}:{}",
+                self.advertised_address(),
+                self.broker_port
+            ),
+            web_service_url: format!("http://{}:{}", self.advertised_address(), self.web_port),
+            allow_auto_topic_creation: self.allow_auto_topic_creation,
+            auto_topic_creation_type: self.allow_auto_topic_creation_type,
+            default_num_partitions: self.default_num_partitions,
+            max_message_size: self.max_message_size,
+            deduplication_enabled: self.deduplication_enabled,
+            max_unacked_messages_per_consumer: self.max_unacked_messages_per_consumer,
+            ..BrokerConfig::default()
+        }
+    }
+
+    pub fn server_config(&self) -> ServerConfig {
+        ServerConfig {
+            max_frame_size: self.max_message_size + meridian_broker_padding(),
+            max_connections: self.max_connections,
+            keep_alive_interval: Duration::from_secs(self.keep_alive_interval_seconds),
+            max_pending_sends_per_producer: self.max_pending_sends_per_producer,
+            ..ServerConfig::default()
+        }
+    }
+}
+
+fn meridian_broker_padding() -> usize {
+    10 * 1024
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_environment_and_errors() {
+        let directory = tempfile::tempdir().expect("tempdir");
+        let path = directory.path().join("meridian.toml");
+        std::fs::write(
+            &path,
+            "broker_port = 7000\nallow_auto_topic_creation_type = \"partitioned\"\n[storage]\nsegment_max_bytes = 67108864\n",
+        )
+        .expect("write");
+        let environment = vec![
+            ("MERIDIAN_WEB_PORT".to_string(), "9000".to_string()),
+            (
+                "MERIDIAN_STORAGE__FLUSH_POLICY".to_string(),
+                "relaxed-write-only".to_string(),
+            ),
+            ("OTHER".to_string(), "ignored".to_string()),
+        ];
+        let config = Config::load(Some(&path), environment.into_iter()).expect("load");
+        assert_eq!(config.broker_port, 7000);
+        assert_eq!(config.web_port, 9000);
+        assert_eq!(
+            config.allow_auto_topic_creation_type,
+            AutoTopicCreationType::Partitioned
+        );
+        assert_eq!(config.storage.segment_max_bytes, 64 * 1024 * 1024);
+        assert!(matches!(
+            config.storage_config().flush_policy,
+            FlushPolicy::RelaxedWriteOnly { .. }
+        ));
+
+        std::fs::write(&path, "brokr_port = 1\n").expect("write");
+        let error = Config::load(Some(&path), std::iter::empty()).expect_err("unknown key");
+        assert!(format!("{error:#}").contains("brokr_port"), "{error:#}");
+        std::fs::write(&path, "[storage]\nflush_policy = \"sometimes\"\n").expect("write");
+        let error = Config::load(Some(&path), std::iter::empty()).expect_err("bad value");
+        assert!(format!("{error:#}").contains("flush_policy"), "{error:#}");
+    }
+}

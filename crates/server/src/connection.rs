@@ -1,0 +1,1178 @@
+//! One client connection: reads frames, runs commands against the broker, writes responses.
+//!
+//! Three pieces per connection:
+//! - the read loop (this task): decodes frames from a bounded buffer and handles each command;
+//! - the writer task: drains the connection's bounded outbound queue into the socket, so a slow
+//!   client slows down only the senders to it;
+//! - one receipt task per producer: awaits its publishes in order and sends the receipts, so
+//!   receipts leave strictly in the order of the SENDs.
+//!
+//! Any frame error (too large, truncated, undecodable) closes this connection only.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use meridian_broker::outbound::{command_frame, Outbound, OutboundSender};
+use meridian_broker::schema::{decode_version, encode_version};
+use meridian_broker::{
+    AccessMode, Broker, BrokerError, NewConsumer, NewProducer, PublishFuture, SeekTarget,
+    StartPosition, Subscription, SubscriptionType, Topic, TopicName,
+};
+use meridian_storage::{InitialPosition, Position};
+use meridian_wire::proto::{
+    base_command::Type, command_ack, command_lookup_topic_response,
+    command_partitioned_topic_metadata_response, BaseCommand, CommandAck, CommandAckResponse,
+    CommandConnected, CommandError, CommandGetLastMessageIdResponse,
+    CommandGetOrCreateSchemaResponse, CommandGetSchemaResponse,
+    CommandGetTopicsOfNamespaceResponse, CommandLookupTopicResponse,
+    CommandPartitionedTopicMetadataResponse, CommandPing, CommandPong, CommandProducerSuccess,
+    CommandSendError, CommandSendReceipt, CommandSubscribe, CommandSuccess, FeatureFlags,
+    KeySharedMode, MessageIdData, ServerError,
+};
+use meridian_wire::{command_type, ChecksumStatus, Frame, FrameError};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufWriter};
+use tokio::net::tcp::OwnedWriteHalf;
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::ServerConfig;
+
+/// Highest protocol version this broker speaks.
+pub const PROTOCOL_VERSION: i32 = 20;
+const SERVER_VERSION: &str = concat!("Meridian ", env!("CARGO_PKG_VERSION"));
+
+/// The outcome of a SEND, queued in order for the producer's receipt task.
+enum Receipt {
+    Pending {
+        sequence_id: u64,
+        highest_sequence_id: u64,
+        publish: PublishFuture,
+    },
+    Failed {
+        sequence_id: u64,
+        error: ServerError,
+        message: String,
+    },
+}
+
+struct ProducerSlot {
+    key: u64,
+    topic: Arc<Topic>,
+    name: String,
+    receipts: mpsc::Sender<Receipt>,
+}
+
+struct ConsumerSlot {
+    key: u64,
+    topic: Arc<Topic>,
+    subscription: Arc<Subscription>,
+    closed: Arc<AtomicBool>,
+}
+
+pub(crate) struct Connection {
+    broker: Arc<Broker>,
+    config: Arc<ServerConfig>,
+    peer: SocketAddr,
+    outbound: OutboundSender,
+    protocol_version: Option<i32>,
+    producers: HashMap<u64, ProducerSlot>,
+    consumers: HashMap<u64, ConsumerSlot>,
+}
+
+/// Why a connection ends early.
+struct Close(String);
+
+fn command(kind: Type) -> BaseCommand {
+    BaseCommand {
+        r#type: kind as i32,
+        ..BaseCommand::default()
+    }
+}
+
+fn message_id_of(id: &MessageIdData) -> Position {
+    Position::new(id.ledger_id, id.entry_id)
+}
+
+/// Runs one connection until the client leaves, a frame is bad, or the server shuts down.
+pub(crate) async fn run(
+    stream: TcpStream,
+    peer: SocketAddr,
+    broker: Arc<Broker>,
+    config: Arc<ServerConfig>,
+    shutdown: CancellationToken,
+) {
+    let _ = stream.set_nodelay(true);
+    let (mut reader, writer) = stream.into_split();
+    let (outbound, outbound_receiver) = mpsc::channel(config.outbound_queue_frames);
+    let writer_failed = CancellationToken::new();
+    let writer_task = tokio::spawn(write_loop(writer, outbound_receiver, writer_failed.clone()));
+    let mut connection = Connection {
+        broker,
+        config: config.clone(),
+        peer,
+        outbound,
+        protocol_version: None,
+        producers: HashMap::new(),
+        consumers: HashMap::new(),
+    };
+    let mut buffer = BytesMut::with_capacity(64 * 1024);
+    let mut last_received = Instant::now();
+    let mut keep_alive = tokio::time::interval(config.keep_alive_interval);
+    keep_alive.tick().await;
+    let reason = loop {
+        tokio::select! {
+            read = reader.read_buf(&mut buffer) => {
+                match read {
+                    Ok(0) => break "client closed the connection".to_string(),
+                    Ok(_) => {}
+                    Err(error) => break format!("read failed: {error}"),
+                }
+                last_received = Instant::now();
+                match connection.handle_buffered(&mut buffer).await {
+                    Ok(()) => {}
+                    Err(Close(reason)) => break reason,
+                }
+                // Never hold more than one maximal frame plus what one read brings.
+                if buffer.capacity() > config.max_frame_size * 2 && buffer.is_empty() {
+                    buffer = BytesMut::with_capacity(64 * 1024);
+                }
+            }
+            _ = keep_alive.tick() => {
+                let idle = last_received.elapsed();
+                if idle > config.keep_alive_interval * 2 {
+                    break format!("no traffic for {} s; keep-alive timed out", idle.as_secs());
+                }
+                if idle >= config.keep_alive_interval {
+                    let ping = BaseCommand { ping: Some(CommandPing {}), ..command(Type::Ping) };
+                    connection.send(command_frame(&ping)).await;
+                }
+            }
+            _ = writer_failed.cancelled() => break "writing to the client failed".to_string(),
+            _ = shutdown.cancelled() => break "broker shutting down".to_string(),
+        }
+    };
+    tracing::debug!(peer = %peer, %reason, "connection closing");
+    connection.release();
+    drop(connection);
+    let _ = writer_task.await;
+}
+
+/// Drains the outbound queue into the socket, flushing whenever the queue is momentarily empty.
+async fn write_loop(
+    writer: OwnedWriteHalf,
+    mut frames: mpsc::Receiver<Outbound>,
+    failed: CancellationToken,
+) {
+    let mut writer = BufWriter::with_capacity(64 * 1024, writer);
+    while let Some(frame) = frames.recv().await {
+        let mut next = Some(frame);
+        while let Some(frame) = next.take() {
+            let written = match &frame {
+                Outbound::Frame(bytes) => writer.write_all(bytes).await,
+                Outbound::Payload(payload) => match writer.write_all(&payload.header).await {
+                    Ok(()) => writer.write_all(&payload.entry).await,
+                    Err(error) => Err(error),
+                },
+            };
+            if written.is_err() {
+                failed.cancel();
+                return;
+            }
+            next = frames.try_recv().ok();
+        }
+        if writer.flush().await.is_err() {
+            failed.cancel();
+            return;
+        }
+    }
+    let _ = writer.shutdown().await;
+}
+
+impl Connection {
+    async fn send(&self, frame: Outbound) {
+        // Fails only if the writer is gone, and then the connection is closing anyway.
+        let _ = self.outbound.send(frame).await;
+    }
+
+    async fn send_command(&self, command: BaseCommand) {
+        self.send(command_frame(&command)).await;
+    }
+
+    async fn success(&self, request_id: u64) {
+        self.send_command(BaseCommand {
+            success: Some(CommandSuccess {
+                request_id,
+                schema: None,
+            }),
+            ..command(Type::Success)
+        })
+        .await;
+    }
+
+    async fn error(&self, request_id: u64, error: ServerError, message: impl Into<String>) {
+        self.send_command(BaseCommand {
+            error: Some(CommandError {
+                request_id,
+                error: error as i32,
+                message: message.into(),
+            }),
+            ..command(Type::Error)
+        })
+        .await;
+    }
+
+    async fn broker_error(&self, request_id: u64, error: &BrokerError) {
+        self.error(request_id, error.server_error(), error.to_string())
+            .await;
+    }
+
+    /// Handles every complete frame in the buffer.
+    async fn handle_buffered(&mut self, buffer: &mut BytesMut) -> Result<(), Close> {
+        loop {
+            match meridian_wire::decode_frame(buffer, self.config.max_frame_size) {
+                Ok(Some(frame)) => self.handle(frame).await?,
+                Ok(None) => return Ok(()),
+                Err(FrameError::InvalidEntry { command, source }) => {
+                    // A SEND whose entry does not parse: refuse that message, keep the order.
+                    if let Some(send) = command.send.as_ref() {
+                        if let Some(producer) = self.producers.get(&send.producer_id) {
+                            let _ = producer
+                                .receipts
+                                .send(Receipt::Failed {
+                                    sequence_id: send.sequence_id,
+                                    error: ServerError::NotAllowedError,
+                                    message: format!("malformed message: {source}"),
+                                })
+                                .await;
+                            continue;
+                        }
+                    }
+                    return Err(Close(format!("malformed frame: {source}")));
+                }
+                Err(error) => {
+                    tracing::warn!(peer = %self.peer, %error, "closing connection after a bad frame");
+                    return Err(Close(format!("bad frame: {error}")));
+                }
+            }
+        }
+    }
+
+    async fn handle(&mut self, frame: Frame) -> Result<(), Close> {
+        let (base, entry) = match frame {
+            Frame::Simple(command) => (*command, None),
+            Frame::Payload(payload) => {
+                let payload = *payload;
+                (payload.command, Some(payload.entry))
+            }
+        };
+        let kind = command_type(&base);
+        if self.protocol_version.is_none() && kind != Some(Type::Connect) {
+            self.error(
+                0,
+                ServerError::NotAllowedError,
+                "the first command must be CONNECT",
+            )
+            .await;
+            return Err(Close("command before CONNECT".into()));
+        }
+        match (kind, base) {
+            (Some(Type::Connect), base) => self.handle_connect(base).await,
+            (Some(Type::Ping), _) => {
+                self.send_command(BaseCommand {
+                    pong: Some(CommandPong {}),
+                    ..command(Type::Pong)
+                })
+                .await;
+                Ok(())
+            }
+            (Some(Type::Pong), _) => Ok(()),
+            (
+                Some(Type::PartitionedMetadata),
+                BaseCommand {
+                    partitioned_metadata: Some(request),
+                    ..
+                },
+            ) => {
+                let response = match TopicName::parse(&request.topic).and_then(|name| {
+                    self.broker
+                        .partitioned_metadata(&name, request.metadata_auto_creation_enabled())
+                }) {
+                    Ok(partitions) => CommandPartitionedTopicMetadataResponse {
+                        partitions: Some(partitions),
+                        request_id: request.request_id,
+                        response: Some(
+                            command_partitioned_topic_metadata_response::LookupType::Success as i32,
+                        ),
+                        ..Default::default()
+                    },
+                    Err(error) => CommandPartitionedTopicMetadataResponse {
+                        request_id: request.request_id,
+                        response: Some(
+                            command_partitioned_topic_metadata_response::LookupType::Failed as i32,
+                        ),
+                        error: Some(error.server_error() as i32),
+                        message: Some(error.to_string()),
+                        ..Default::default()
+                    },
+                };
+                self.send_command(BaseCommand {
+                    partitioned_metadata_response: Some(response),
+                    ..command(Type::PartitionedMetadataResponse)
+                })
+                .await;
+                Ok(())
+            }
+            (
+                Some(Type::Lookup),
+                BaseCommand {
+                    lookup: Some(request),
+                    ..
+                },
+            ) => {
+                let response = match TopicName::parse(&request.topic) {
+                    Ok(_) => CommandLookupTopicResponse {
+                        broker_service_url: Some(self.broker.config().broker_service_url.clone()),
+                        response: Some(command_lookup_topic_response::LookupType::Connect as i32),
+                        request_id: request.request_id,
+                        authoritative: Some(true),
+                        ..Default::default()
+                    },
+                    Err(error) => CommandLookupTopicResponse {
+                        response: Some(command_lookup_topic_response::LookupType::Failed as i32),
+                        request_id: request.request_id,
+                        error: Some(error.server_error() as i32),
+                        message: Some(error.to_string()),
+                        ..Default::default()
+                    },
+                };
+                self.send_command(BaseCommand {
+                    lookup_response: Some(response),
+                    ..command(Type::LookupResponse)
+                })
+                .await;
+                Ok(())
+            }
+            (Some(Type::Producer), base) => self.handle_producer(base).await,
+            (Some(Type::Send), base) => self.handle_send(base, entry).await,
+            (
+                Some(Type::CloseProducer),
+                BaseCommand {
+                    close_producer: Some(request),
+                    ..
+                },
+            ) => {
+                if let Some(producer) = self.producers.remove(&request.producer_id) {
+                    producer.topic.remove_producer(producer.key);
+                }
+                self.success(request.request_id).await;
+                Ok(())
+            }
+            (
+                Some(Type::Subscribe),
+                BaseCommand {
+                    subscribe: Some(request),
+                    ..
+                },
+            ) => {
+                self.handle_subscribe(request).await;
+                Ok(())
+            }
+            (
+                Some(Type::Flow),
+                BaseCommand {
+                    flow: Some(request),
+                    ..
+                },
+            ) => {
+                if let Some(consumer) = self.live_consumer(request.consumer_id) {
+                    consumer
+                        .subscription
+                        .flow(consumer.key, request.message_permits);
+                }
+                Ok(())
+            }
+            (
+                Some(Type::Ack),
+                BaseCommand {
+                    ack: Some(request), ..
+                },
+            ) => {
+                self.handle_ack(request).await;
+                Ok(())
+            }
+            (
+                Some(Type::RedeliverUnacknowledgedMessages),
+                BaseCommand {
+                    redeliver_unacknowledged_messages: Some(request),
+                    ..
+                },
+            ) => {
+                if let Some(consumer) = self.live_consumer(request.consumer_id) {
+                    let positions = (!request.message_ids.is_empty())
+                        .then(|| request.message_ids.iter().map(message_id_of).collect());
+                    consumer.subscription.redeliver(consumer.key, positions);
+                }
+                Ok(())
+            }
+            (
+                Some(Type::Unsubscribe),
+                BaseCommand {
+                    unsubscribe: Some(request),
+                    ..
+                },
+            ) => {
+                match self.consumers.get(&request.consumer_id) {
+                    None => {
+                        self.error(
+                            request.request_id,
+                            ServerError::ConsumerNotFound,
+                            "no such consumer",
+                        )
+                        .await
+                    }
+                    Some(consumer) => match consumer
+                        .topic
+                        .unsubscribe(&consumer.subscription.name, consumer.key)
+                    {
+                        Ok(()) => {
+                            self.consumers.remove(&request.consumer_id);
+                            self.success(request.request_id).await;
+                        }
+                        Err(error) => self.broker_error(request.request_id, &error).await,
+                    },
+                }
+                Ok(())
+            }
+            (
+                Some(Type::CloseConsumer),
+                BaseCommand {
+                    close_consumer: Some(request),
+                    ..
+                },
+            ) => {
+                if let Some(consumer) = self.consumers.remove(&request.consumer_id) {
+                    consumer
+                        .topic
+                        .remove_consumer(&consumer.subscription.name, consumer.key);
+                }
+                self.success(request.request_id).await;
+                Ok(())
+            }
+            (
+                Some(Type::Seek),
+                BaseCommand {
+                    seek: Some(request),
+                    ..
+                },
+            ) => {
+                let Some(consumer) = self.consumers.get(&request.consumer_id) else {
+                    self.error(
+                        request.request_id,
+                        ServerError::ConsumerNotFound,
+                        "no such consumer",
+                    )
+                    .await;
+                    return Ok(());
+                };
+                let target = match (&request.message_id, request.message_publish_time) {
+                    (Some(id), _) if id.ledger_id == u64::MAX => SeekTarget::Earliest,
+                    (Some(id), _) if id.ledger_id == i64::MAX as u64 => SeekTarget::Latest,
+                    (Some(id), _) => SeekTarget::Position(message_id_of(id)),
+                    (None, Some(time)) => SeekTarget::PublishTime(time),
+                    (None, None) => {
+                        self.error(
+                            request.request_id,
+                            ServerError::NotAllowedError,
+                            "seek needs a message id or a time",
+                        )
+                        .await;
+                        return Ok(());
+                    }
+                };
+                match consumer.topic.seek(&consumer.subscription.name, target) {
+                    Ok(()) => self.success(request.request_id).await,
+                    Err(error) => self.broker_error(request.request_id, &error).await,
+                }
+                Ok(())
+            }
+            (
+                Some(Type::GetLastMessageId),
+                BaseCommand {
+                    get_last_message_id: Some(request),
+                    ..
+                },
+            ) => {
+                let Some(consumer) = self.consumers.get(&request.consumer_id) else {
+                    self.error(
+                        request.request_id,
+                        ServerError::ConsumerNotFound,
+                        "no such consumer",
+                    )
+                    .await;
+                    return Ok(());
+                };
+                let partition = Some(consumer.topic.partition_index());
+                let log = consumer.topic.log();
+                let last = match consumer.topic.last_message_id() {
+                    Ok(last) => last,
+                    Err(error) => {
+                        self.broker_error(request.request_id, &error).await;
+                        return Ok(());
+                    }
+                };
+                let last_message_id = match last {
+                    Some((position, batch_index)) => MessageIdData {
+                        ledger_id: position.ledger_id,
+                        entry_id: position.entry_id,
+                        partition,
+                        batch_index: Some(batch_index),
+                        ..Default::default()
+                    },
+                    None => MessageIdData {
+                        ledger_id: log.current_ledger_id(),
+                        entry_id: u64::MAX,
+                        partition,
+                        batch_index: Some(-1),
+                        ..Default::default()
+                    },
+                };
+                let mark_delete = log
+                    .mark_delete_position(consumer.subscription.cursor_name())
+                    .flatten()
+                    .map(|position| MessageIdData {
+                        ledger_id: position.ledger_id,
+                        entry_id: position.entry_id,
+                        partition,
+                        ..Default::default()
+                    });
+                self.send_command(BaseCommand {
+                    get_last_message_id_response: Some(CommandGetLastMessageIdResponse {
+                        last_message_id,
+                        request_id: request.request_id,
+                        consumer_mark_delete_position: mark_delete,
+                    }),
+                    ..command(Type::GetLastMessageIdResponse)
+                })
+                .await;
+                Ok(())
+            }
+            (
+                Some(Type::GetTopicsOfNamespace),
+                BaseCommand {
+                    get_topics_of_namespace: Some(request),
+                    ..
+                },
+            ) => {
+                match self.broker.topics_of_namespace(&request.namespace) {
+                    Ok(topics) => {
+                        self.send_command(BaseCommand {
+                            get_topics_of_namespace_response: Some(
+                                CommandGetTopicsOfNamespaceResponse {
+                                    request_id: request.request_id,
+                                    topics,
+                                    filtered: Some(false),
+                                    topics_hash: None,
+                                    changed: Some(true),
+                                },
+                            ),
+                            ..command(Type::GetTopicsOfNamespaceResponse)
+                        })
+                        .await
+                    }
+                    Err(error) => self.broker_error(request.request_id, &error).await,
+                }
+                Ok(())
+            }
+            (
+                Some(Type::GetSchema),
+                BaseCommand {
+                    get_schema: Some(request),
+                    ..
+                },
+            ) => {
+                let version = request.schema_version.as_deref().and_then(decode_version);
+                let result = TopicName::parse(&request.topic)
+                    .and_then(|name| self.broker.schemas().get(&name, version));
+                let response = match result {
+                    Ok(Some((version, schema))) => CommandGetSchemaResponse {
+                        request_id: request.request_id,
+                        schema: Some(schema),
+                        schema_version: Some(encode_version(version).into()),
+                        ..Default::default()
+                    },
+                    Ok(None) => CommandGetSchemaResponse {
+                        request_id: request.request_id,
+                        error_code: Some(ServerError::TopicNotFound as i32),
+                        error_message: Some("topic has no schema".into()),
+                        ..Default::default()
+                    },
+                    Err(error) => CommandGetSchemaResponse {
+                        request_id: request.request_id,
+                        error_code: Some(error.server_error() as i32),
+                        error_message: Some(error.to_string()),
+                        ..Default::default()
+                    },
+                };
+                self.send_command(BaseCommand {
+                    get_schema_response: Some(response),
+                    ..command(Type::GetSchemaResponse)
+                })
+                .await;
+                Ok(())
+            }
+            (
+                Some(Type::GetOrCreateSchema),
+                BaseCommand {
+                    get_or_create_schema: Some(request),
+                    ..
+                },
+            ) => {
+                let result = TopicName::parse(&request.topic)
+                    .and_then(|name| self.broker.schemas().get_or_create(&name, &request.schema));
+                let response = match result {
+                    Ok(version) => CommandGetOrCreateSchemaResponse {
+                        request_id: request.request_id,
+                        schema_version: Some(encode_version(version).into()),
+                        ..Default::default()
+                    },
+                    Err(error) => CommandGetOrCreateSchemaResponse {
+                        request_id: request.request_id,
+                        error_code: Some(error.server_error() as i32),
+                        error_message: Some(error.to_string()),
+                        ..Default::default()
+                    },
+                };
+                self.send_command(BaseCommand {
+                    get_or_create_schema_response: Some(response),
+                    ..command(Type::GetOrCreateSchemaResponse)
+                })
+                .await;
+                Ok(())
+            }
+            (Some(Type::AuthResponse), _) => Ok(()),
+            (kind, base) => {
+                let request_id = request_id_of(&base);
+                let name = kind.map_or_else(
+                    || format!("type {}", base.r#type),
+                    |kind| kind.as_str_name().to_string(),
+                );
+                self.error(
+                    request_id,
+                    ServerError::NotAllowedError,
+                    format!("command {name} is not supported"),
+                )
+                .await;
+                Ok(())
+            }
+        }
+    }
+
+    async fn handle_connect(&mut self, base: BaseCommand) -> Result<(), Close> {
+        if self.protocol_version.is_some() {
+            self.error(0, ServerError::NotAllowedError, "already connected")
+                .await;
+            return Ok(());
+        }
+        let Some(connect) = base.connect else {
+            return Err(Close("CONNECT without its body".into()));
+        };
+        let version = connect.protocol_version().clamp(0, PROTOCOL_VERSION);
+        self.protocol_version = Some(version);
+        tracing::debug!(peer = %self.peer, client = %connect.client_version, version, "client connected");
+        self.send_command(BaseCommand {
+            connected: Some(CommandConnected {
+                server_version: SERVER_VERSION.into(),
+                protocol_version: Some(version),
+                max_message_size: Some(self.broker.config().max_message_size as i32),
+                feature_flags: Some(FeatureFlags {
+                    supports_get_partitioned_metadata_without_auto_creation: Some(true),
+                    ..Default::default()
+                }),
+            }),
+            ..command(Type::Connected)
+        })
+        .await;
+        Ok(())
+    }
+
+    async fn handle_producer(&mut self, base: BaseCommand) -> Result<(), Close> {
+        let Some(request) = base.producer else {
+            return Err(Close("PRODUCER without its body".into()));
+        };
+        if let Some(existing) = self.producers.get(&request.producer_id) {
+            if existing.topic.full_name()
+                == TopicName::parse(&request.topic)
+                    .map(|name| name.to_string())
+                    .unwrap_or_default()
+            {
+                let response = CommandProducerSuccess {
+                    request_id: request.request_id,
+                    producer_name: existing.name.clone(),
+                    ..Default::default()
+                };
+                self.send_command(BaseCommand {
+                    producer_success: Some(response),
+                    ..command(Type::ProducerSuccess)
+                })
+                .await;
+            } else {
+                self.error(
+                    request.request_id,
+                    ServerError::ProducerBusy,
+                    "producer id already in use",
+                )
+                .await;
+            }
+            return Ok(());
+        }
+        let name = match TopicName::parse(&request.topic) {
+            Ok(name) => name,
+            Err(error) => {
+                self.broker_error(request.request_id, &error).await;
+                return Ok(());
+            }
+        };
+        let topic = match self.broker.topic(&name, true).await {
+            Ok(topic) => topic,
+            Err(error) => {
+                self.broker_error(request.request_id, &error).await;
+                return Ok(());
+            }
+        };
+        let schema_version = match &request.schema {
+            Some(schema) => match self.broker.schemas().get_or_create(&name, schema) {
+                Ok(version) => Some(encode_version(version)),
+                Err(error) => {
+                    self.broker_error(request.request_id, &error).await;
+                    return Ok(());
+                }
+            },
+            None => None,
+        };
+        let key = self.broker.next_key();
+        let user_name = request
+            .producer_name
+            .clone()
+            .filter(|name| !name.is_empty());
+        let grant = match topic.add_producer(
+            key,
+            NewProducer {
+                name: user_name,
+                mode: AccessMode::from_wire(request.producer_access_mode.unwrap_or(0)),
+            },
+        ) {
+            Ok(grant) => grant,
+            Err(error) => {
+                self.broker_error(request.request_id, &error).await;
+                return Ok(());
+            }
+        };
+        let (receipts, receipt_queue) = mpsc::channel(self.config.max_pending_sends_per_producer);
+        tokio::spawn(receipt_loop(
+            request.producer_id,
+            receipt_queue,
+            self.outbound.clone(),
+        ));
+        self.producers.insert(
+            request.producer_id,
+            ProducerSlot {
+                key,
+                topic,
+                name: grant.name.clone(),
+                receipts,
+            },
+        );
+        let success = |ready: bool| BaseCommand {
+            producer_success: Some(CommandProducerSuccess {
+                request_id: request.request_id,
+                producer_name: grant.name.clone(),
+                last_sequence_id: Some(grant.last_sequence_id),
+                schema_version: schema_version.clone().map(Into::into),
+                topic_epoch: None,
+                producer_ready: Some(ready),
+            }),
+            ..command(Type::ProducerSuccess)
+        };
+        match grant.ready {
+            None => self.send_command(success(true)).await,
+            Some(ready) => {
+                self.send_command(success(false)).await;
+                let outbound = self.outbound.clone();
+                let frame = command_frame(&success(true));
+                tokio::spawn(async move {
+                    if ready.await.is_ok() {
+                        let _ = outbound.send(frame).await;
+                    }
+                });
+            }
+        }
+        Ok(())
+    }
+
+    async fn handle_send(
+        &mut self,
+        base: BaseCommand,
+        entry: Option<meridian_wire::entry::ParsedEntry>,
+    ) -> Result<(), Close> {
+        let (Some(send), Some(entry)) = (base.send, entry) else {
+            return Err(Close("SEND without its body".into()));
+        };
+        let Some(producer) = self.producers.get(&send.producer_id) else {
+            self.send_command(BaseCommand {
+                send_error: Some(CommandSendError {
+                    producer_id: send.producer_id,
+                    sequence_id: send.sequence_id,
+                    error: ServerError::NotAllowedError as i32,
+                    message: "no producer with this id on this connection".into(),
+                }),
+                ..command(Type::SendError)
+            })
+            .await;
+            return Ok(());
+        };
+        let failure = if let ChecksumStatus::Mismatch { stored, computed } = entry.checksum {
+            Some((
+                ServerError::ChecksumError,
+                format!("checksum mismatch: sent {stored:#x}, computed {computed:#x}"),
+            ))
+        } else if entry.bytes.len() > self.broker.config().max_message_size {
+            Some((
+                ServerError::NotAllowedError,
+                format!(
+                    "message of {} bytes exceeds the maximum of {}",
+                    entry.bytes.len(),
+                    self.broker.config().max_message_size
+                ),
+            ))
+        } else if send.message_id.is_some() {
+            Some((
+                ServerError::NotAllowedError,
+                "SEND with a message id is only for shadow topics".into(),
+            ))
+        } else {
+            None
+        };
+        let receipt = match failure {
+            Some((error, message)) => Receipt::Failed {
+                sequence_id: send.sequence_id,
+                error,
+                message,
+            },
+            None => {
+                let messages = u64::try_from(send.num_messages.unwrap_or(1).max(1)).unwrap_or(1);
+                let highest = send
+                    .highest_sequence_id
+                    .unwrap_or(0)
+                    .max(send.sequence_id.saturating_add(messages - 1));
+                let publish_time = entry.metadata.publish_time;
+                match producer.topic.publish(
+                    &producer.name,
+                    send.sequence_id,
+                    highest,
+                    entry.bytes,
+                    publish_time,
+                ) {
+                    Ok(publish) => Receipt::Pending {
+                        sequence_id: send.sequence_id,
+                        highest_sequence_id: send.highest_sequence_id.unwrap_or(highest),
+                        publish,
+                    },
+                    Err(error) => Receipt::Failed {
+                        sequence_id: send.sequence_id,
+                        error: error.server_error(),
+                        message: error.to_string(),
+                    },
+                }
+            }
+        };
+        // Waiting here when the producer has too many sends in flight is the back-pressure:
+        // this connection stops reading until receipts drain.
+        let _ = producer.receipts.send(receipt).await;
+        Ok(())
+    }
+
+    async fn handle_subscribe(&mut self, request: CommandSubscribe) {
+        if let Some(existing) = self.consumers.get(&request.consumer_id) {
+            if existing.closed.load(Ordering::SeqCst) {
+                self.consumers.remove(&request.consumer_id);
+            } else if existing.subscription.name == request.subscription {
+                self.success(request.request_id).await;
+                return;
+            } else {
+                self.error(
+                    request.request_id,
+                    ServerError::ConsumerBusy,
+                    "consumer id already in use",
+                )
+                .await;
+                return;
+            }
+        }
+        let name = match TopicName::parse(&request.topic) {
+            Ok(name) => name,
+            Err(error) => {
+                self.broker_error(request.request_id, &error).await;
+                return;
+            }
+        };
+        let Some(kind) = SubscriptionType::from_wire(request.sub_type) else {
+            self.error(
+                request.request_id,
+                ServerError::NotAllowedError,
+                "unknown subscription type",
+            )
+            .await;
+            return;
+        };
+        let topic = match self
+            .broker
+            .topic(&name, request.force_topic_creation())
+            .await
+        {
+            Ok(topic) => topic,
+            Err(error) => {
+                self.broker_error(request.request_id, &error).await;
+                return;
+            }
+        };
+        if let Some(schema) = &request.schema {
+            if let Err(error) = self.broker.schemas().get_or_create(&name, schema) {
+                self.broker_error(request.request_id, &error).await;
+                return;
+            }
+        }
+        let durable = request.durable();
+        let initial = if request.initial_position()
+            == meridian_wire::proto::command_subscribe::InitialPosition::Earliest
+        {
+            InitialPosition::Earliest
+        } else {
+            InitialPosition::Latest
+        };
+        let start = match (&request.start_message_id, durable) {
+            (Some(id), false) if id.ledger_id == u64::MAX => {
+                StartPosition::Initial(InitialPosition::Earliest)
+            }
+            (Some(id), false) if id.ledger_id == i64::MAX as u64 => {
+                StartPosition::Initial(InitialPosition::Latest)
+            }
+            (Some(id), false) => StartPosition::At(message_id_of(id)),
+            _ => StartPosition::Initial(initial),
+        };
+        let (sticky_ranges, allow_out_of_order) = match &request.key_shared_meta {
+            Some(meta) => (
+                if meta.key_shared_mode == KeySharedMode::Sticky as i32 {
+                    meta.hash_ranges.clone()
+                } else {
+                    Vec::new()
+                },
+                meta.allow_out_of_order_delivery(),
+            ),
+            None => (Vec::new(), false),
+        };
+        let key = self.broker.next_key();
+        let closed = Arc::new(AtomicBool::new(false));
+        let consumer = NewConsumer {
+            consumer_id: request.consumer_id,
+            name: request.consumer_name.clone().unwrap_or_default(),
+            priority: request.priority_level.unwrap_or(0),
+            kind,
+            sink: self.outbound.clone(),
+            closed: closed.clone(),
+            sticky_ranges,
+            allow_out_of_order,
+        };
+        match topic.subscribe(&request.subscription, durable, start, key, consumer) {
+            Ok(subscription) => {
+                self.consumers.insert(
+                    request.consumer_id,
+                    ConsumerSlot {
+                        key,
+                        topic,
+                        subscription,
+                        closed,
+                    },
+                );
+                self.success(request.request_id).await;
+            }
+            Err(error) => self.broker_error(request.request_id, &error).await,
+        }
+    }
+
+    async fn handle_ack(&mut self, request: CommandAck) {
+        let result = match self.live_consumer(request.consumer_id) {
+            None => Err((
+                ServerError::ConsumerNotFound,
+                "no such consumer".to_string(),
+            )),
+            Some(consumer) => {
+                let subscription = &consumer.subscription;
+                // A batch entry whose ack set still has unacknowledged messages stays unacked
+                // (batch-index acknowledgement is not enabled).
+                let fully_acked = |id: &MessageIdData| id.ack_set.iter().all(|word| *word == 0);
+                if request.ack_type == command_ack::AckType::Cumulative as i32 {
+                    if matches!(
+                        subscription.kind(),
+                        SubscriptionType::Shared | SubscriptionType::KeyShared
+                    ) {
+                        Err((
+                            ServerError::NotAllowedError,
+                            "cumulative acknowledgement is not allowed on Shared and Key_Shared subscriptions".to_string(),
+                        ))
+                    } else {
+                        let target = request.message_id.first().and_then(|id| {
+                            let position = message_id_of(id);
+                            if fully_acked(id) {
+                                Some(position)
+                            } else {
+                                consumer.topic.log().previous_position(position)
+                            }
+                        });
+                        match target {
+                            Some(position) => subscription
+                                .acknowledge_cumulative(position)
+                                .map_err(|error| (error.server_error(), error.to_string())),
+                            None => Ok(()),
+                        }
+                    }
+                } else {
+                    let positions: Vec<Position> = request
+                        .message_id
+                        .iter()
+                        .filter(|id| fully_acked(id))
+                        .map(message_id_of)
+                        .collect();
+                    subscription
+                        .acknowledge(&positions)
+                        .map_err(|error| (error.server_error(), error.to_string()))
+                }
+            }
+        };
+        if let Err((_, message)) = &result {
+            tracing::debug!(peer = %self.peer, %message, "acknowledgement refused");
+        }
+        if let Some(request_id) = request.request_id {
+            let (error, message) = match result {
+                Ok(()) => (None, None),
+                Err((error, message)) => (Some(error as i32), Some(message)),
+            };
+            self.send_command(BaseCommand {
+                ack_response: Some(CommandAckResponse {
+                    consumer_id: request.consumer_id,
+                    error,
+                    message,
+                    request_id: Some(request_id),
+                    ..Default::default()
+                }),
+                ..command(Type::AckResponse)
+            })
+            .await;
+        }
+    }
+
+    /// The consumer with this id, unless the broker closed it (seek, unload).
+    fn live_consumer(&self, consumer_id: u64) -> Option<&ConsumerSlot> {
+        self.consumers
+            .get(&consumer_id)
+            .filter(|consumer| !consumer.closed.load(Ordering::SeqCst))
+    }
+
+    /// Detaches every producer and consumer of this connection from their topics.
+    fn release(&mut self) {
+        for (_, producer) in self.producers.drain() {
+            producer.topic.remove_producer(producer.key);
+        }
+        for (_, consumer) in self.consumers.drain() {
+            consumer
+                .topic
+                .remove_consumer(&consumer.subscription.name, consumer.key);
+        }
+    }
+}
+
+/// The request id of a command we refuse, so the client can match the error to its request.
+fn request_id_of(base: &BaseCommand) -> u64 {
+    base.consumer_stats
+        .as_ref()
+        .map(|request| request.request_id)
+        .unwrap_or(0)
+}
+
+/// Sends a producer's receipts in the order of its SENDs.
+async fn receipt_loop(
+    producer_id: u64,
+    mut receipts: mpsc::Receiver<Receipt>,
+    outbound: OutboundSender,
+) {
+    while let Some(receipt) = receipts.recv().await {
+        let frame = match receipt {
+            Receipt::Pending {
+                sequence_id,
+                highest_sequence_id,
+                publish,
+            } => match publish.await {
+                Ok(stored) => {
+                    // A duplicate that was not stored again is acknowledged with (-1, -1).
+                    let (ledger_id, entry_id) = stored
+                        .map(|position| (position.ledger_id, position.entry_id))
+                        .unwrap_or((u64::MAX, u64::MAX));
+                    BaseCommand {
+                        send_receipt: Some(CommandSendReceipt {
+                            producer_id,
+                            sequence_id,
+                            message_id: Some(MessageIdData {
+                                ledger_id,
+                                entry_id,
+                                ..Default::default()
+                            }),
+                            highest_sequence_id: Some(highest_sequence_id),
+                        }),
+                        ..command(Type::SendReceipt)
+                    }
+                }
+                Err(error) => {
+                    tracing::warn!(producer_id, %error, "publish failed");
+                    send_error(
+                        producer_id,
+                        sequence_id,
+                        error.server_error(),
+                        error.to_string(),
+                    )
+                }
+            },
+            Receipt::Failed {
+                sequence_id,
+                error,
+                message,
+            } => send_error(producer_id, sequence_id, error, message),
+        };
+        if outbound.send(command_frame(&frame)).await.is_err() {
+            return;
+        }
+    }
+}
+
+fn send_error(
+    producer_id: u64,
+    sequence_id: u64,
+    error: ServerError,
+    message: String,
+) -> BaseCommand {
+    BaseCommand {
+        send_error: Some(CommandSendError {
+            producer_id,
+            sequence_id,
+            error: error as i32,
+            message,
+        }),
+        ..command(Type::SendError)
+    }
+}
+
+/// How long the broker waits between keep-alive checks by default (Pulsar's 30 s).
+pub const DEFAULT_KEEP_ALIVE: Duration = Duration::from_secs(30);
