@@ -4,6 +4,15 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# The Rust `pulsar` crate used by the integration tests needs protoc at build time.
+if ! command -v protoc >/dev/null 2>&1; then
+  echo "== installing protoc (Debian package protobuf-compiler)"
+  sudo_if_needed=""
+  if [ "$(id -u)" != "0" ]; then sudo_if_needed="sudo"; fi
+  $sudo_if_needed apt-get update -q
+  DEBIAN_FRONTEND=noninteractive $sudo_if_needed apt-get install -y -q protobuf-compiler
+fi
+
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 
