@@ -22,4 +22,12 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "== cargo test"
 cargo test --workspace --locked
 
+echo "== fuzzing the frame decoder for 20 s"
+# cargo-fuzz needs nightly-only compiler flags; RUSTC_BOOTSTRAP lets the stable toolchain
+# accept them for this one build.
+if ! command -v cargo-fuzz >/dev/null 2>&1; then
+  cargo install cargo-fuzz --locked
+fi
+(cd crates/wire && RUSTC_BOOTSTRAP=1 cargo fuzz run frame -- -max_total_time=20)
+
 echo "== all tests passed"
