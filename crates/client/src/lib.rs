@@ -1,0 +1,1 @@
+//! Meridian's async Pulsar client (under construction).
