@@ -12,6 +12,7 @@ use tokio::sync::OnceCell;
 
 use crate::config::{AutoTopicCreationType, BrokerConfig};
 use crate::error::{BrokerError, Result};
+use crate::resources::Resources;
 use crate::schema::SchemaRegistry;
 use crate::topic::Topic;
 use crate::topic_name::TopicName;
@@ -41,6 +42,7 @@ pub struct Broker {
     shared: Arc<BrokerShared>,
     metadata: Arc<dyn MetadataStore>,
     schemas: SchemaRegistry,
+    resources: Resources,
     topics: Mutex<HashMap<String, Arc<OnceCell<Arc<Topic>>>>>,
     /// Every topic (or partition) that has a log.
     known_topics: Mutex<BTreeSet<String>>,
@@ -74,6 +76,7 @@ impl Broker {
                 instance: format!("{instance:x}"),
             }),
             schemas: SchemaRegistry::new(metadata.clone()),
+            resources: Resources::new(metadata.clone()),
             metadata,
             topics: Mutex::new(HashMap::new()),
             known_topics: Mutex::new(known_topics),
@@ -91,6 +94,40 @@ impl Broker {
 
     pub fn metadata(&self) -> &Arc<dyn MetadataStore> {
         &self.metadata
+    }
+
+    pub fn resources(&self) -> &Resources {
+        &self.resources
+    }
+
+    /// Whether topics of `namespace` may be auto-created, and as partitioned with how many
+    /// partitions (`None`: non-partitioned): the namespace override, else the broker settings.
+    fn auto_creation(&self, name: &TopicName) -> Result<(bool, Option<u32>)> {
+        let config = &self.shared.config;
+        let broker_default = (
+            config.allow_auto_topic_creation,
+            (config.auto_topic_creation_type == AutoTopicCreationType::Partitioned)
+                .then_some(config.default_num_partitions.max(1)),
+        );
+        let policies = match self.resources.policies(&name.tenant, &name.namespace) {
+            Ok(policies) => policies,
+            Err(BrokerError::NotFound(_)) => return Ok((false, None)),
+            Err(error) => return Err(error),
+        };
+        Ok(match policies.auto_topic_creation_override {
+            Some(rule) => {
+                let partitioned = rule.topic_type.as_deref() == Some("partitioned");
+                (
+                    rule.allow_auto_topic_creation,
+                    partitioned.then(|| {
+                        rule.default_num_partitions
+                            .unwrap_or(config.default_num_partitions)
+                            .max(1)
+                    }),
+                )
+            }
+            None => broker_default,
+        })
     }
 
     /// A broker-wide unique key for a producer or consumer.
@@ -123,9 +160,18 @@ impl Broker {
         };
         let topic = cell
             .get_or_try_init(|| async {
+                if !self
+                    .resources
+                    .namespace_exists(&name.tenant, &name.namespace)?
+                {
+                    return Err(BrokerError::TopicNotFound(format!(
+                        "{key}: namespace {} does not exist",
+                        name.namespace_name()
+                    )));
+                }
                 if !self.topic_exists(name) {
-                    let allowed = create_if_missing && self.shared.config.allow_auto_topic_creation;
-                    if !allowed {
+                    let (allowed, _) = self.auto_creation(name)?;
+                    if !(create_if_missing && allowed) {
                         return Err(BrokerError::TopicNotFound(key.clone()));
                     }
                     if self.partition_count(name)?.is_some() {
@@ -134,13 +180,15 @@ impl Broker {
                         )));
                     }
                 }
+                let policies = self.resources.effective_policies(name)?;
                 let shared = self.shared.clone();
                 let name = name.clone();
-                let topic = tokio::task::spawn_blocking(move || Topic::load(shared, name))
-                    .await
-                    .map_err(|error| {
-                        BrokerError::Unknown(format!("topic load task failed: {error}"))
-                    })??;
+                let topic =
+                    tokio::task::spawn_blocking(move || Topic::load(shared, name, &policies))
+                        .await
+                        .map_err(|error| {
+                            BrokerError::Unknown(format!("topic load task failed: {error}"))
+                        })??;
                 self.known_topics
                     .lock()
                     .unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -192,7 +240,7 @@ impl Broker {
             .put(&partitioned_key(name), &value, ExpectedVersion::Absent)
             .map_err(|error| match error {
                 meridian_metadata::MetadataError::BadVersion { .. } => {
-                    BrokerError::NotAllowed(format!("partitioned topic {name} already exists"))
+                    BrokerError::AlreadyExists(format!("partitioned topic {name} already exists"))
                 }
                 other => other.into(),
             })?;
@@ -206,15 +254,12 @@ impl Broker {
         if let Some(partitions) = self.partition_count(name)? {
             return Ok(partitions);
         }
-        let config = &self.shared.config;
-        let creates_partitioned = allow_create
-            && config.allow_auto_topic_creation
-            && config.auto_topic_creation_type == AutoTopicCreationType::Partitioned
-            && name.partition_index().is_none()
-            && !self.topic_exists(name);
-        if creates_partitioned {
-            match self.create_partitioned_topic(name, config.default_num_partitions.max(1)) {
-                Ok(()) | Err(BrokerError::NotAllowed(_)) => {}
+        if !allow_create || name.partition_index().is_some() || self.topic_exists(name) {
+            return Ok(0);
+        }
+        if let (true, Some(partitions)) = self.auto_creation(name)? {
+            match self.create_partitioned_topic(name, partitions) {
+                Ok(()) | Err(BrokerError::AlreadyExists(_)) => {}
                 Err(error) => return Err(error),
             }
             return Ok(self.partition_count(name)?.unwrap_or(0));
@@ -247,6 +292,209 @@ impl Broker {
             }
         }
         Ok(topics.into_iter().collect())
+    }
+
+    /// All topics (and partitions) that exist, loaded or not.
+    pub fn all_topics(&self) -> Vec<String> {
+        self.known_topics
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .iter()
+            .cloned()
+            .collect()
+    }
+
+    /// Whether a non-partitioned topic or partition exists.
+    pub fn exists(&self, name: &TopicName) -> bool {
+        self.topic_exists(name)
+    }
+
+    /// Loaded topics.
+    pub fn loaded_topics(&self) -> Vec<Arc<Topic>> {
+        let topics = self
+            .topics
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        topics
+            .values()
+            .filter_map(|cell| cell.get().cloned())
+            .collect()
+    }
+
+    /// Grows a partitioned topic to `partitions` partitions (never shrinks).
+    pub fn update_partitions(&self, name: &TopicName, partitions: u32) -> Result<()> {
+        let current = self.partition_count(name)?.ok_or_else(|| {
+            BrokerError::NotFound(format!("partitioned topic {name} does not exist"))
+        })?;
+        if partitions <= current {
+            return Err(BrokerError::PreconditionFailed(format!(
+                "{name} has {current} partitions; the count can only grow"
+            )));
+        }
+        let value = serde_json::to_vec(&PartitionedTopicMetadata { partitions })
+            .map_err(|error| BrokerError::Metadata(error.to_string()))?;
+        self.metadata
+            .put(&partitioned_key(name), &value, ExpectedVersion::Any)?;
+        Ok(())
+    }
+
+    /// Closes a loaded topic's producers and consumers (they reconnect and the topic is loaded
+    /// again, with current policies).
+    pub async fn unload(&self, name: &TopicName) {
+        let cell = {
+            let mut topics = self
+                .topics
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            topics.remove(&name.to_string())
+        };
+        let Some(topic) = cell.and_then(|cell| cell.get().cloned()) else {
+            return;
+        };
+        let shared = self.shared.clone();
+        let full_name = topic.full_name().to_string();
+        let closed = tokio::task::spawn_blocking(move || {
+            topic.unload();
+            shared.storage.close_log(&full_name)
+        })
+        .await;
+        match closed {
+            Ok(Ok(())) => tracing::info!(topic = %name, "topic unloaded"),
+            Ok(Err(error)) => {
+                tracing::warn!(topic = %name, %error, "closing the topic's log failed")
+            }
+            Err(error) => tracing::warn!(topic = %name, %error, "unload task failed"),
+        }
+    }
+
+    /// Deletes a non-partitioned topic (or one partition) with its data; refused with
+    /// `PreconditionFailed` while it has clients unless `force`.
+    pub async fn delete_topic(&self, name: &TopicName, force: bool) -> Result<()> {
+        if !self.topic_exists(name) {
+            return Err(BrokerError::NotFound(format!(
+                "topic {name} does not exist"
+            )));
+        }
+        if let Some(topic) = self.loaded_topic(name) {
+            if topic.has_clients() && !force {
+                return Err(BrokerError::PreconditionFailed(format!(
+                    "topic {name} has active producers or consumers; use force=true"
+                )));
+            }
+        }
+        self.unload(name).await;
+        let shared = self.shared.clone();
+        let full_name = name.to_string();
+        tokio::task::spawn_blocking(move || shared.storage.delete_log(&full_name))
+            .await
+            .map_err(|error| BrokerError::Unknown(error.to_string()))??;
+        self.known_topics
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .remove(&name.to_string());
+        Ok(())
+    }
+
+    /// Deletes a partitioned topic: its partitions, then its metadata.
+    pub async fn delete_partitioned_topic(&self, name: &TopicName, force: bool) -> Result<()> {
+        let partitions = self.partition_count(name)?.ok_or_else(|| {
+            BrokerError::NotFound(format!("partitioned topic {name} does not exist"))
+        })?;
+        for index in 0..partitions {
+            let partition = name.partition(index);
+            if let Some(topic) = self.loaded_topic(&partition) {
+                if topic.has_clients() && !force {
+                    return Err(BrokerError::PreconditionFailed(format!(
+                        "partition {partition} has active producers or consumers; use force=true"
+                    )));
+                }
+            }
+        }
+        for index in 0..partitions {
+            match self.delete_topic(&name.partition(index), true).await {
+                Ok(()) | Err(BrokerError::NotFound(_)) => {}
+                Err(error) => return Err(error),
+            }
+        }
+        self.metadata
+            .delete(&partitioned_key(name), ExpectedVersion::Any)?;
+        Ok(())
+    }
+
+    /// Creates a non-partitioned topic (its log) without a client.
+    pub async fn create_topic(&self, name: &TopicName) -> Result<()> {
+        if self.topic_exists(name) {
+            return Err(BrokerError::AlreadyExists(format!(
+                "topic {name} already exists"
+            )));
+        }
+        if self.partition_count(name)?.is_some() {
+            return Err(BrokerError::AlreadyExists(format!(
+                "{name} is a partitioned topic"
+            )));
+        }
+        if !self
+            .resources
+            .namespace_exists(&name.tenant, &name.namespace)?
+        {
+            return Err(BrokerError::NotFound(format!(
+                "namespace {} does not exist",
+                name.namespace_name()
+            )));
+        }
+        let shared = self.shared.clone();
+        let full_name = name.to_string();
+        tokio::task::spawn_blocking(move || shared.storage.open_log(&full_name).map(|_| ()))
+            .await
+            .map_err(|error| BrokerError::Unknown(error.to_string()))??;
+        self.known_topics
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .insert(name.to_string());
+        Ok(())
+    }
+
+    /// Re-reads the policies of every loaded topic (after an admin change): retention at once,
+    /// a de-duplication change by unloading the topic, TTL and quotas at the next check.
+    pub async fn policies_changed(&self, tenant: &str, namespace: Option<&str>) {
+        for topic in self.loaded_topics() {
+            let name = &topic.name;
+            if name.tenant != tenant
+                || namespace.is_some_and(|namespace| name.namespace != namespace)
+            {
+                continue;
+            }
+            let Ok(policies) = self.resources.effective_policies(name) else {
+                continue;
+            };
+            let deduplication = policies
+                .deduplication_enabled
+                .unwrap_or(self.shared.config.deduplication_enabled);
+            if deduplication != topic.deduplication_enabled() {
+                self.unload(&name.clone()).await;
+            } else {
+                topic.enforce_policies(&policies);
+            }
+        }
+    }
+
+    /// Runs TTL expiry, backlog quotas and retention on every loaded topic.
+    pub fn enforce_policies(&self) {
+        for topic in self.loaded_topics() {
+            match self.resources.effective_policies(&topic.name) {
+                Ok(policies) => topic.enforce_policies(&policies),
+                Err(error) => {
+                    tracing::warn!(topic = %topic.name, %error, "reading policies failed")
+                }
+            }
+        }
+    }
+
+    /// Updates every rate (messages and bytes per second) from the counters.
+    pub fn sample_rates(&self) {
+        for topic in self.loaded_topics() {
+            topic.sample_rates();
+        }
     }
 
     /// Stops dispatch on every topic and closes storage (flushing and persisting cursors).

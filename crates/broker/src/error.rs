@@ -24,6 +24,24 @@ pub enum BrokerError {
     Storage(#[from] meridian_storage::StorageError),
     #[error("metadata failure: {0}")]
     Metadata(String),
+    /// An admin resource (cluster, tenant, namespace, topic, subscription) does not exist.
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    AlreadyExists(String),
+    /// A request that is well-formed but not possible in the current state (HTTP 412).
+    #[error("{0}")]
+    PreconditionFailed(String),
+    /// A request whose body or parameters are invalid (HTTP 400).
+    #[error("{0}")]
+    BadRequest(String),
+    /// A request that conflicts with existing state, like deleting a non-empty tenant (HTTP 409).
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    ProducerBlockedQuotaExceededError(String),
+    #[error("{0}")]
+    ProducerBlockedQuotaExceededException(String),
     #[error("broker is shutting down")]
     ShuttingDown,
     #[error("{0}")]
@@ -51,6 +69,17 @@ impl BrokerError {
             BrokerError::Storage(_) => ServerError::PersistenceError,
             BrokerError::Metadata(_) => ServerError::MetadataError,
             BrokerError::ShuttingDown => ServerError::ServiceNotReady,
+            BrokerError::NotFound(_) => ServerError::TopicNotFound,
+            BrokerError::AlreadyExists(_)
+            | BrokerError::PreconditionFailed(_)
+            | BrokerError::BadRequest(_)
+            | BrokerError::Conflict(_) => ServerError::NotAllowedError,
+            BrokerError::ProducerBlockedQuotaExceededError(_) => {
+                ServerError::ProducerBlockedQuotaExceededError
+            }
+            BrokerError::ProducerBlockedQuotaExceededException(_) => {
+                ServerError::ProducerBlockedQuotaExceededException
+            }
             BrokerError::Unknown(_) => ServerError::UnknownError,
         }
     }

@@ -32,6 +32,7 @@ use tokio::sync::Notify;
 use crate::config::BrokerConfig;
 use crate::error::{BrokerError, Result};
 use crate::outbound::{command_frame, Outbound, OutboundSender};
+use crate::stats::{ConsumerStats, Meter, SubscriptionStats};
 
 /// Pulsar's subscription types (wire values 0..=3).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -91,6 +92,8 @@ pub struct NewConsumer {
     pub sticky_ranges: Vec<IntRange>,
     /// Key_Shared `allow_out_of_order_delivery`.
     pub allow_out_of_order: bool,
+    pub address: String,
+    pub client_version: String,
 }
 
 struct ConsumerSlot {
@@ -106,6 +109,10 @@ struct ConsumerSlot {
     /// Key_Shared: joined while messages were in flight; gets no new messages at or after this
     /// position until everything before it is acknowledged.
     held_from: Option<Position>,
+    address: String,
+    client_version: String,
+    connected_since: String,
+    meter: Meter,
 }
 
 struct Pending {
@@ -158,6 +165,8 @@ pub struct Subscription {
     state: Mutex<DispatchState>,
     wake: Notify,
     stopped: AtomicBool,
+    meter_out: Meter,
+    redelivered: Meter,
 }
 
 fn now_ms() -> u64 {
@@ -241,6 +250,8 @@ impl Subscription {
             config,
             wake: Notify::new(),
             stopped: AtomicBool::new(false),
+            meter_out: Meter::default(),
+            redelivered: Meter::default(),
         });
         let dispatcher = subscription.clone();
         tokio::spawn(async move { dispatcher.dispatch_loop().await });
@@ -325,6 +336,10 @@ impl Subscription {
                 closed: consumer.closed,
                 sticky_ranges,
                 held_from,
+                address: consumer.address,
+                client_version: consumer.client_version,
+                connected_since: crate::topic::now_rfc3339(),
+                meter: Meter::default(),
             });
             self.membership_changed(&mut state, &mut frames);
         }
@@ -519,6 +534,69 @@ impl Subscription {
         state.active = None;
         state.ring.clear();
         frames
+    }
+
+    pub(crate) fn sample_rates(&self) {
+        self.meter_out.sample();
+        self.redelivered.sample();
+        for consumer in &self.lock().consumers {
+            consumer.meter.sample();
+        }
+    }
+
+    /// This subscription's part of Pulsar's `SubscriptionStats` (backlog figures are filled in
+    /// by the topic, which knows the cursor).
+    pub fn stats(&self) -> SubscriptionStats {
+        let (msg_rate_out, msg_throughput_out) = self.meter_out.rates();
+        let state = self.lock();
+        let max_unacked = self.config.max_unacked_messages_per_consumer;
+        let consumers: Vec<ConsumerStats> = state
+            .consumers
+            .iter()
+            .map(|consumer| {
+                let (rate, throughput) = consumer.meter.rates();
+                ConsumerStats {
+                    consumer_name: consumer.name.clone(),
+                    msg_rate_out: rate,
+                    msg_throughput_out: throughput,
+                    bytes_out_counter: consumer.meter.bytes(),
+                    msg_out_counter: consumer.meter.messages(),
+                    available_permits: consumer.permits,
+                    unacked_messages: consumer.unacked_messages,
+                    blocked_consumer_on_unacked_msgs: consumer.unacked_messages >= max_unacked,
+                    address: consumer.address.clone(),
+                    connected_since: consumer.connected_since.clone(),
+                    client_version: consumer.client_version.clone(),
+                }
+            })
+            .collect();
+        let active_consumer_name = state
+            .active
+            .and_then(|active| {
+                state
+                    .consumers
+                    .iter()
+                    .find(|consumer| consumer.key == active)
+            })
+            .map(|consumer| consumer.name.clone());
+        SubscriptionStats {
+            msg_rate_out,
+            msg_throughput_out,
+            bytes_out_counter: self.meter_out.bytes(),
+            msg_out_counter: self.meter_out.messages(),
+            msg_rate_redeliver: self.redelivered.rates().0,
+            msg_delayed: state.delayed.len() as u64,
+            msg_in_replay: state.replay.len() as u64,
+            unacked_messages: consumers
+                .iter()
+                .map(|consumer| consumer.unacked_messages)
+                .sum(),
+            kind: state.kind.name().to_string(),
+            active_consumer_name,
+            consumers,
+            is_durable: self.durable,
+            ..SubscriptionStats::default()
+        }
     }
 
     /// Messages delivered and not yet acknowledged, over all consumers.
@@ -817,6 +895,14 @@ impl Subscription {
             let consumer = &mut state.consumers[consumer_index];
             consumer.permits -= i64::from(messages);
             consumer.unacked_messages += u64::from(messages);
+            consumer
+                .meter
+                .record(u64::from(messages), entry.data.len() as u64);
+            self.meter_out
+                .record(u64::from(messages), entry.data.len() as u64);
+            if redelivery_count > 0 {
+                self.redelivered.record(u64::from(messages), 0);
+            }
             let command = CommandMessage {
                 consumer_id: consumer.consumer_id,
                 message_id: message_id(position, self.partition_index),

@@ -4,9 +4,10 @@
 //! Lock order: a topic's state lock may be held while taking a subscription's or the log's
 //! lock, never the other way round.
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::Bytes;
@@ -16,8 +17,12 @@ use tokio::sync::oneshot;
 use crate::broker::BrokerShared;
 use crate::dedup::{Dedup, Verdict, DEDUP_CURSOR};
 use crate::error::{BrokerError, Result};
+use crate::outbound::{command_frame, OutboundSender};
+use crate::resources::{BacklogQuotaPolicy, EffectivePolicies, RetentionPolicies};
+use crate::stats::{self, Meter, PublisherStats, SubscriptionStats, TopicStats};
 use crate::subscription::{NewConsumer, StartPosition, Subscription, SubscriptionType};
 use crate::topic_name::TopicName;
+use meridian_wire::proto::{base_command, BaseCommand, CommandCloseProducer};
 
 /// Pulsar's producer access modes (wire values 0..=3).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -58,6 +63,14 @@ pub struct ProducerGrant {
 pub struct NewProducer {
     pub name: Option<String>,
     pub mode: AccessMode,
+    /// The client's id of the producer on its connection.
+    pub producer_id: u64,
+    /// The connection's outbound queue, for CLOSE_PRODUCER.
+    pub sink: OutboundSender,
+    /// Set when the broker closes the producer itself (unload, backlog quota).
+    pub closed: Arc<AtomicBool>,
+    pub address: String,
+    pub client_version: String,
 }
 
 /// A future that completes when a publish is durable: `Some(position)`, or `None` for a
@@ -67,11 +80,18 @@ pub type PublishFuture = Pin<Box<dyn Future<Output = Result<Option<Position>>> +
 struct ProducerEntry {
     name: String,
     mode: AccessMode,
+    producer_id: u64,
+    sink: OutboundSender,
+    closed: Arc<AtomicBool>,
+    address: String,
+    client_version: String,
+    connected_since: String,
+    meter: Arc<Meter>,
 }
 
 struct Waiting {
     key: u64,
-    name: String,
+    entry: ProducerEntry,
     ready: oneshot::Sender<()>,
 }
 
@@ -82,6 +102,8 @@ struct TopicState {
     dedup: Option<Dedup>,
     /// Appended entries whose completion has not been processed yet (bounds dedup snapshots).
     in_flight: BTreeSet<Position>,
+    /// Messages expired by TTL or evicted by a backlog quota, per subscription.
+    expired: BTreeMap<String, u64>,
 }
 
 pub struct Topic {
@@ -91,6 +113,12 @@ pub struct Topic {
     log: Arc<Log>,
     shared: Arc<BrokerShared>,
     state: Mutex<TopicState>,
+    meter_in: Meter,
+    /// Whether de-duplication is on for this load of the topic.
+    deduplication: bool,
+    closed: AtomicBool,
+    /// Entries appended since the topic was loaded.
+    entries_added: AtomicU64,
 }
 
 /// Cursor names the broker uses for itself; never shown or usable as subscriptions.
@@ -101,10 +129,18 @@ pub fn is_system_cursor(name: &str) -> bool {
 impl Topic {
     /// Opens the topic's log and recovers its de-duplication state. Blocking: call it off the
     /// async runtime.
-    pub(crate) fn load(shared: Arc<BrokerShared>, name: TopicName) -> Result<Arc<Topic>> {
+    pub(crate) fn load(
+        shared: Arc<BrokerShared>,
+        name: TopicName,
+        policies: &EffectivePolicies,
+    ) -> Result<Arc<Topic>> {
         let full_name = name.to_string();
         let log = shared.storage.open_log(&full_name)?;
-        let dedup = if shared.config.deduplication_enabled {
+        log.set_retention(retention_of(policies.retention));
+        let deduplication = policies
+            .deduplication_enabled
+            .unwrap_or(shared.config.deduplication_enabled);
+        let dedup = if deduplication {
             Some(recover_dedup(&log)?)
         } else {
             if log.cursor(DEDUP_CURSOR).is_some() {
@@ -127,7 +163,12 @@ impl Topic {
                 subscriptions: HashMap::new(),
                 dedup,
                 in_flight: BTreeSet::new(),
+                expired: BTreeMap::new(),
             }),
+            meter_in: Meter::default(),
+            deduplication,
+            closed: AtomicBool::new(false),
+            entries_added: AtomicU64::new(0),
         }))
     }
 
@@ -159,7 +200,7 @@ impl Topic {
             || state
                 .waiting_for_exclusive
                 .iter()
-                .any(|waiting| waiting.name == name)
+                .any(|waiting| waiting.entry.name == name)
         {
             return Err(BrokerError::ProducerBusy(format!(
                 "producer with name '{name}' is already connected to topic {}",
@@ -193,26 +234,29 @@ impl Topic {
                     )));
                 }
             }
-            AccessMode::WaitForExclusive => {
-                if !state.producers.is_empty() {
-                    let (sender, receiver) = oneshot::channel();
-                    state.waiting_for_exclusive.push_back(Waiting {
-                        key,
-                        name: name.clone(),
-                        ready: sender,
-                    });
-                    ready = Some(receiver);
-                }
-            }
+            AccessMode::WaitForExclusive => {}
         }
-        if ready.is_none() {
-            state.producers.insert(
+        let entry = ProducerEntry {
+            name: name.clone(),
+            mode: request.mode,
+            producer_id: request.producer_id,
+            sink: request.sink,
+            closed: request.closed,
+            address: request.address,
+            client_version: request.client_version,
+            connected_since: now_rfc3339(),
+            meter: Arc::new(Meter::default()),
+        };
+        if request.mode == AccessMode::WaitForExclusive && !state.producers.is_empty() {
+            let (sender, receiver) = oneshot::channel();
+            state.waiting_for_exclusive.push_back(Waiting {
                 key,
-                ProducerEntry {
-                    name: name.clone(),
-                    mode: request.mode,
-                },
-            );
+                entry,
+                ready: sender,
+            });
+            ready = Some(receiver);
+        } else {
+            state.producers.insert(key, entry);
         }
         Ok(ProducerGrant {
             key,
@@ -233,13 +277,7 @@ impl Topic {
         }
         while let Some(next) = state.waiting_for_exclusive.pop_front() {
             if next.ready.send(()).is_ok() {
-                state.producers.insert(
-                    next.key,
-                    ProducerEntry {
-                        name: next.name,
-                        mode: AccessMode::WaitForExclusive,
-                    },
-                );
+                state.producers.insert(next.key, next.entry);
                 return;
             }
         }
@@ -247,8 +285,11 @@ impl Topic {
 
     /// Appends an entry (exactly the bytes the producer sent after the command) unless
     /// de-duplication recognises it.
+    #[allow(clippy::too_many_arguments)]
     pub fn publish(
         self: &Arc<Self>,
+        producer_key: u64,
+        messages: u64,
         producer_name: &str,
         sequence_id: u64,
         highest_sequence_id: u64,
@@ -267,8 +308,14 @@ impl Topic {
                 }
                 Some(Verdict::New) | None => {}
             }
+            let entry_bytes = entry.len() as u64;
             match self.log.append(entry, publish_time_ms) {
                 Ok(pending) => {
+                    self.meter_in.record(messages, entry_bytes);
+                    self.entries_added.fetch_add(1, Ordering::Relaxed);
+                    if let Some(producer) = state.producers.get(&producer_key) {
+                        producer.meter.record(messages, entry_bytes);
+                    }
                     if state.dedup.is_some() {
                         state.in_flight.insert(pending.position());
                     }
@@ -556,4 +603,513 @@ fn recover_dedup(log: &Arc<Log>) -> Result<Dedup> {
         next = log.next_position(last);
     }
     Ok(dedup)
+}
+
+/// Storage retention from Pulsar's retention policies (-1 unlimited; none set: keep nothing
+/// that every cursor acknowledged).
+pub fn retention_of(policies: Option<RetentionPolicies>) -> meridian_storage::Retention {
+    let Some(policies) = policies else {
+        return meridian_storage::Retention::default();
+    };
+    meridian_storage::Retention {
+        time: (policies.retention_time_in_minutes >= 0).then(|| {
+            std::time::Duration::from_secs(policies.retention_time_in_minutes as u64 * 60)
+        }),
+        size_bytes: (policies.retention_size_in_mb >= 0)
+            .then(|| policies.retention_size_in_mb as u64 * 1024 * 1024),
+    }
+}
+
+/// The current time as RFC 3339 (UTC), as Pulsar's stats show `connectedSince`.
+pub fn now_rfc3339() -> String {
+    let seconds = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|elapsed| elapsed.as_secs())
+        .unwrap_or(0);
+    let days = (seconds / 86_400) as i64;
+    let time_of_day = seconds % 86_400;
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let shifted = days + 719_468;
+    let era = shifted.div_euclid(146_097);
+    let day_of_era = shifted - era * 146_097;
+    let year_of_era =
+        (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
+    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
+    let month_index = (5 * day_of_year + 2) / 153;
+    let day = day_of_year - (153 * month_index + 2) / 5 + 1;
+    let month = if month_index < 10 {
+        month_index + 3
+    } else {
+        month_index - 9
+    };
+    let year = year_of_era + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        time_of_day / 3600,
+        time_of_day % 3600 / 60,
+        time_of_day % 60
+    )
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|elapsed| elapsed.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn format_position(position: Option<Position>) -> String {
+    match position {
+        Some(position) => format!("{}:{}", position.ledger_id, position.entry_id),
+        None => "-1:-1".to_string(),
+    }
+}
+
+/// What a backlog-quota check found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QuotaBreach {
+    pub policy: BacklogQuotaPolicy,
+    pub by_size: bool,
+}
+
+impl Topic {
+    pub fn deduplication_enabled(&self) -> bool {
+        self.deduplication
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::SeqCst)
+    }
+
+    /// Durable cursors that count for backlog: subscriptions (and, later, replicators).
+    fn backlog_cursors(&self) -> Vec<String> {
+        self.log
+            .cursor_names()
+            .into_iter()
+            .filter(|name| name != DEDUP_CURSOR && !name.starts_with("__reader-"))
+            .collect()
+    }
+
+    /// Whether the topic's backlog exceeds a quota, and which policy applies.
+    pub fn backlog_quota_breach(&self, policies: &EffectivePolicies) -> Option<QuotaBreach> {
+        let cursors = self.backlog_cursors();
+        if let Some(quota) = policies.backlog_quotas.get("destination_storage") {
+            if quota.limit_size >= 0 {
+                let largest = cursors
+                    .iter()
+                    .filter_map(|cursor| self.log.mark_delete_position(cursor))
+                    .map(|mark_delete| self.log.bytes_after(mark_delete))
+                    .max()
+                    .unwrap_or(0);
+                if largest > quota.limit_size as u64 {
+                    return Some(QuotaBreach {
+                        policy: quota.policy,
+                        by_size: true,
+                    });
+                }
+            }
+        }
+        if let Some(quota) = policies.backlog_quotas.get("message_age") {
+            if quota.limit_time >= 0 {
+                let oldest = self.oldest_unacknowledged_publish_time(&cursors);
+                if oldest.is_some_and(|time| {
+                    now_ms().saturating_sub(time) > quota.limit_time as u64 * 1000
+                }) {
+                    return Some(QuotaBreach {
+                        policy: quota.policy,
+                        by_size: false,
+                    });
+                }
+            }
+        }
+        None
+    }
+
+    fn oldest_unacknowledged_publish_time(&self, cursors: &[String]) -> Option<u64> {
+        cursors
+            .iter()
+            .filter_map(|cursor| {
+                let mark_delete = self.log.mark_delete_position(cursor)?;
+                let next = match mark_delete {
+                    Some(position) => self.log.next_position(position),
+                    None => self.log.first_position()?,
+                };
+                self.log.read(next).ok().map(|entry| entry.publish_time_ms)
+            })
+            .min()
+    }
+
+    /// The error a producer gets while a quota with a producer policy is exceeded.
+    pub fn quota_error(&self, breach: QuotaBreach) -> Option<BrokerError> {
+        let what = if breach.by_size { "size" } else { "time" };
+        let message = format!(
+            "backlog quota ({what}) exceeded on topic {}",
+            self.full_name
+        );
+        match breach.policy {
+            BacklogQuotaPolicy::ProducerRequestHold => {
+                Some(BrokerError::ProducerBlockedQuotaExceededError(message))
+            }
+            BacklogQuotaPolicy::ProducerException => {
+                Some(BrokerError::ProducerBlockedQuotaExceededException(message))
+            }
+            BacklogQuotaPolicy::ConsumerBacklogEviction => None,
+        }
+    }
+
+    /// Applies time- and quota-based policies: TTL expiry, backlog quotas (disconnecting
+    /// producers or evicting backlog), retention.
+    pub fn enforce_policies(&self, policies: &EffectivePolicies) {
+        self.log.set_retention(retention_of(policies.retention));
+        if let Some(ttl) = policies.message_ttl_seconds.filter(|ttl| *ttl > 0) {
+            self.expire_older_than(now_ms().saturating_sub(ttl as u64 * 1000));
+        }
+        let Some(breach) = self.backlog_quota_breach(policies) else {
+            return;
+        };
+        match breach.policy {
+            BacklogQuotaPolicy::ConsumerBacklogEviction => {
+                if breach.by_size {
+                    if let Some(quota) = policies.backlog_quotas.get("destination_storage") {
+                        self.evict_to_size(quota.limit_size.max(0) as u64 * 9 / 10);
+                    }
+                } else if let Some(quota) = policies.backlog_quotas.get("message_age") {
+                    self.expire_older_than(
+                        now_ms().saturating_sub(quota.limit_time.max(0) as u64 * 1000),
+                    );
+                }
+            }
+            BacklogQuotaPolicy::ProducerRequestHold | BacklogQuotaPolicy::ProducerException => {
+                tracing::info!(topic = %self.full_name, ?breach, "backlog quota exceeded; disconnecting producers");
+                self.close_producers();
+            }
+        }
+    }
+
+    /// Acknowledges, on every subscription, the messages published before `cutoff_ms`.
+    pub fn expire_older_than(&self, cutoff_ms: u64) {
+        let last_expired = match self.log.find_by_publish_time(cutoff_ms) {
+            Ok(Some(first_kept)) => self.log.previous_position(first_kept),
+            Ok(None) => self.log.last_position(),
+            Err(error) => {
+                tracing::warn!(topic = %self.full_name, %error, "message expiry failed");
+                return;
+            }
+        };
+        let Some(last_expired) = last_expired else {
+            return;
+        };
+        for cursor in self.backlog_cursors() {
+            self.advance_cursor(&cursor, last_expired);
+        }
+    }
+
+    /// Moves every cursor forward until its backlog is at most `target_bytes`.
+    fn evict_to_size(&self, target_bytes: u64) {
+        for cursor in self.backlog_cursors() {
+            while let Some(mark_delete) = self.log.mark_delete_position(&cursor) {
+                if self.log.bytes_after(mark_delete) <= target_bytes {
+                    break;
+                }
+                let next = match mark_delete {
+                    Some(position) => self.log.next_position(position),
+                    None => match self.log.first_position() {
+                        Some(first) => first,
+                        None => break,
+                    },
+                };
+                let Ok(entries) = self.log.read_from(next, 100, usize::MAX) else {
+                    break;
+                };
+                let Some(last) = entries.last() else {
+                    break;
+                };
+                self.advance_cursor(&cursor, last.position);
+            }
+        }
+    }
+
+    fn advance_cursor(&self, cursor: &str, to: Position) {
+        let before = self.log.mark_delete_position(cursor).flatten();
+        if before.is_some_and(|before| before >= to) {
+            return;
+        }
+        let backlog_before = self.log.backlog_entries(cursor).unwrap_or(0);
+        if let Err(error) = self.log.acknowledge_cumulative(cursor, to) {
+            tracing::warn!(topic = %self.full_name, cursor, %error, "advancing cursor failed");
+            return;
+        }
+        let expired = backlog_before.saturating_sub(self.log.backlog_entries(cursor).unwrap_or(0));
+        *self.lock().expired.entry(cursor.to_string()).or_insert(0) += expired;
+    }
+
+    /// Sends CLOSE_PRODUCER to every producer; the clients reconnect (and meet the quota or
+    /// the reloaded topic).
+    pub fn close_producers(&self) {
+        let mut state = self.lock();
+        for (_, producer) in state.producers.drain() {
+            producer.closed.store(true, Ordering::SeqCst);
+            let command = BaseCommand {
+                r#type: base_command::Type::CloseProducer as i32,
+                close_producer: Some(CommandCloseProducer {
+                    producer_id: producer.producer_id,
+                    request_id: 0,
+                    ..CommandCloseProducer::default()
+                }),
+                ..BaseCommand::default()
+            };
+            let _ = producer.sink.try_send(command_frame(&command));
+        }
+        state.waiting_for_exclusive.clear();
+    }
+
+    /// Closes every producer and consumer (they reconnect) and stops dispatch: an unload.
+    pub(crate) fn unload(&self) {
+        self.closed.store(true, Ordering::SeqCst);
+        self.close_producers();
+        self.close();
+    }
+
+    pub fn has_clients(&self) -> bool {
+        let state = self.lock();
+        !state.producers.is_empty()
+            || !state.waiting_for_exclusive.is_empty()
+            || state
+                .subscriptions
+                .values()
+                .any(|subscription| subscription.consumer_count() > 0)
+    }
+
+    pub(crate) fn sample_rates(&self) {
+        self.meter_in.sample();
+        let state = self.lock();
+        for producer in state.producers.values() {
+            producer.meter.sample();
+        }
+        for subscription in state.subscriptions.values() {
+            subscription.sample_rates();
+        }
+    }
+
+    /// Pulsar's `TopicStats`.
+    pub fn stats(&self, policies: &EffectivePolicies) -> TopicStats {
+        let (msg_rate_in, msg_throughput_in) = self.meter_in.rates();
+        let state = self.lock();
+        let publishers = state
+            .producers
+            .values()
+            .map(|producer| {
+                let (rate, throughput) = producer.meter.rates();
+                PublisherStats {
+                    producer_id: producer.producer_id,
+                    producer_name: producer.name.clone(),
+                    msg_rate_in: rate,
+                    msg_throughput_in: throughput,
+                    average_msg_size: if rate > 0.0 { throughput / rate } else { 0.0 },
+                    address: producer.address.clone(),
+                    connected_since: producer.connected_since.clone(),
+                    client_version: producer.client_version.clone(),
+                    access_mode: format!("{:?}", producer.mode),
+                    metadata: BTreeMap::new(),
+                }
+            })
+            .collect();
+        let mut subscriptions = BTreeMap::new();
+        let mut totals_out = (0.0, 0.0, 0u64, 0u64);
+        let mut backlog_size = 0u64;
+        for cursor in self.backlog_cursors() {
+            let mark_delete = self.log.mark_delete_position(&cursor).flatten();
+            let backlog_bytes = self.log.bytes_after(mark_delete);
+            backlog_size = backlog_size.max(backlog_bytes);
+            let mut subscription_stats = match state.subscriptions.get(&cursor) {
+                Some(subscription) => subscription.stats(),
+                None => SubscriptionStats {
+                    kind: "Exclusive".into(),
+                    is_durable: true,
+                    ..SubscriptionStats::default()
+                },
+            };
+            let cursor_state = self.log.cursor(&cursor);
+            subscription_stats.msg_backlog = self.log.backlog_entries(&cursor).unwrap_or(0);
+            subscription_stats.msg_backlog_no_delayed = subscription_stats
+                .msg_backlog
+                .saturating_sub(subscription_stats.msg_delayed);
+            subscription_stats.backlog_size = backlog_bytes;
+            subscription_stats.total_msg_expired = state.expired.get(&cursor).copied().unwrap_or(0);
+            subscription_stats.non_contiguous_deleted_messages_ranges = cursor_state
+                .map(|cursor| cursor.acknowledged.range_count() as u64)
+                .unwrap_or(0);
+            totals_out.0 += subscription_stats.msg_rate_out;
+            totals_out.1 += subscription_stats.msg_throughput_out;
+            totals_out.2 += subscription_stats.msg_out_counter;
+            totals_out.3 += subscription_stats.bytes_out_counter;
+            subscriptions.insert(cursor, subscription_stats);
+        }
+        let quota = policies.backlog_quotas.get("destination_storage");
+        let age_quota = policies.backlog_quotas.get("message_age");
+        TopicStats {
+            msg_rate_in,
+            msg_throughput_in,
+            msg_rate_out: totals_out.0,
+            msg_throughput_out: totals_out.1,
+            bytes_in_counter: self.meter_in.bytes(),
+            msg_in_counter: self.meter_in.messages(),
+            bytes_out_counter: totals_out.3,
+            msg_out_counter: totals_out.2,
+            average_msg_size: if msg_rate_in > 0.0 {
+                msg_throughput_in / msg_rate_in
+            } else {
+                0.0
+            },
+            storage_size: self.log.stats().storage_bytes,
+            backlog_size,
+            offloaded_storage_size: 0,
+            backlog_quota_limit_size: quota.map_or(-1, |quota| quota.limit_size),
+            backlog_quota_limit_time: age_quota.map_or(-1, |quota| quota.limit_time),
+            deduplication_status: if self.deduplication {
+                "Enabled"
+            } else {
+                "Disabled"
+            }
+            .into(),
+            publishers,
+            waiting_publishers: state.waiting_for_exclusive.len() as u64,
+            subscriptions,
+            replication: BTreeMap::new(),
+        }
+    }
+
+    /// Pulsar's `PersistentTopicInternalStats`.
+    pub fn internal_stats(&self) -> stats::InternalStats {
+        let ledgers: Vec<stats::LedgerInfo> = self
+            .log
+            .ledgers()
+            .into_iter()
+            .map(|(ledger_id, entries, size)| stats::LedgerInfo {
+                ledger_id,
+                entries,
+                size,
+                offloaded: false,
+            })
+            .collect();
+        let current_ledger = self.log.current_ledger_id();
+        let current = ledgers
+            .iter()
+            .find(|ledger| ledger.ledger_id == current_ledger);
+        let mut cursors = BTreeMap::new();
+        let loaded: Vec<String> = self.lock().subscriptions.keys().cloned().collect();
+        for name in self.log.cursor_names() {
+            let Some(cursor) = self.log.cursor(&name) else {
+                continue;
+            };
+            let ranges: Vec<String> = cursor
+                .acknowledged
+                .iter()
+                .map(|(ledger, first, last)| {
+                    format!("({ledger}:{}..{ledger}:{last}]", first.saturating_sub(1))
+                })
+                .collect();
+            let read_position = match cursor.mark_delete {
+                Some(position) => self.log.next_position(position),
+                None => self
+                    .log
+                    .first_position()
+                    .unwrap_or_else(|| self.log.end_position()),
+            };
+            cursors.insert(
+                name.clone(),
+                stats::CursorStats {
+                    mark_delete_position: format_position(cursor.mark_delete),
+                    read_position: format_position(Some(read_position)),
+                    messages_consumed_counter: 0,
+                    individually_deleted_messages: format!("[{}]", ranges.join(", ")),
+                    total_non_contiguous_deleted_messages_range: ranges.len() as u64,
+                    properties: cursor.properties.clone(),
+                    state: "Open".into(),
+                    active: loaded.contains(&name),
+                },
+            );
+        }
+        let stats = self.log.stats();
+        stats::InternalStats {
+            entries_added_counter: self.entries_added.load(Ordering::Relaxed),
+            number_of_entries: ledgers.iter().map(|ledger| ledger.entries).sum(),
+            total_size: stats.storage_bytes,
+            current_ledger_entries: current.map_or(0, |ledger| ledger.entries),
+            current_ledger_size: current.map_or(0, |ledger| ledger.size),
+            last_confirmed_entry: format_position(self.log.last_position()),
+            state: if self.is_closed() {
+                "Closed"
+            } else {
+                "LedgerOpened"
+            }
+            .into(),
+            pending_add_entries_count: stats
+                .entries_appended
+                .saturating_sub(self.entries_added.load(Ordering::Relaxed)),
+            ledgers,
+            cursors,
+        }
+    }
+
+    /// Creates a durable subscription at a position (the admin API's create-subscription).
+    pub fn create_subscription(
+        &self,
+        name: &str,
+        mark_delete: Option<Option<Position>>,
+    ) -> Result<()> {
+        if name.is_empty() || is_system_cursor(name) {
+            return Err(BrokerError::PreconditionFailed(format!(
+                "invalid subscription name {name:?}"
+            )));
+        }
+        if self.log.cursor(name).is_some() {
+            return Err(BrokerError::AlreadyExists(format!(
+                "subscription {name} already exists"
+            )));
+        }
+        self.log.open_cursor(name, InitialPosition::Latest)?;
+        if let Some(mark_delete) = mark_delete {
+            self.log.reset_cursor(name, mark_delete)?;
+        }
+        Ok(())
+    }
+
+    /// Deletes a subscription; refused while it has consumers unless `force`.
+    pub fn delete_subscription(&self, name: &str, force: bool) -> Result<()> {
+        if self.log.cursor(name).is_none() || is_system_cursor(name) {
+            return Err(BrokerError::NotFound(format!(
+                "subscription {name} does not exist on {}",
+                self.full_name
+            )));
+        }
+        let mut state = self.lock();
+        if let Some(subscription) = state.subscriptions.get(name).cloned() {
+            if subscription.consumer_count() > 0 && !force {
+                return Err(BrokerError::PreconditionFailed(format!(
+                    "subscription {name} has active consumers"
+                )));
+            }
+            state.subscriptions.remove(name);
+            subscription.stop();
+        }
+        drop(state);
+        self.log.delete_cursor(name)?;
+        Ok(())
+    }
+
+    /// Moves a subscription's mark-delete position (reset-cursor, skip); connected consumers
+    /// are disconnected so they restart from the new position.
+    pub fn reset_subscription(&self, name: &str, mark_delete: Option<Position>) -> Result<()> {
+        if self.log.cursor(name).is_none() || is_system_cursor(name) {
+            return Err(BrokerError::NotFound(format!(
+                "subscription {name} does not exist on {}",
+                self.full_name
+            )));
+        }
+        match self.subscription(name) {
+            Some(subscription) => subscription.seek(mark_delete),
+            None => Ok(self.log.reset_cursor(name, mark_delete)?),
+        }
+    }
 }

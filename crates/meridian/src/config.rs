@@ -33,6 +33,10 @@ pub struct Config {
     pub keep_alive_interval_seconds: u64,
     pub max_pending_sends_per_producer: usize,
     pub max_unacked_messages_per_consumer: u64,
+    /// How often TTL expiry, backlog quotas and retention are enforced.
+    pub policy_check_interval_seconds: u64,
+    /// How often message and byte rates are recomputed for stats.
+    pub stats_interval_seconds: u64,
     pub storage: StorageSection,
 }
 
@@ -71,6 +75,8 @@ impl Default for Config {
             keep_alive_interval_seconds: server.keep_alive_interval.as_secs(),
             max_pending_sends_per_producer: server.max_pending_sends_per_producer,
             max_unacked_messages_per_consumer: broker.max_unacked_messages_per_consumer,
+            policy_check_interval_seconds: 60,
+            stats_interval_seconds: 5,
             storage: StorageSection::default(),
         }
     }
@@ -160,6 +166,9 @@ impl Config {
         }
         if self.max_message_size == 0 || self.max_message_size > 100 * 1024 * 1024 {
             bail!("max_message_size must be between 1 byte and 100 MiB");
+        }
+        if self.policy_check_interval_seconds == 0 || self.stats_interval_seconds == 0 {
+            bail!("policy_check_interval_seconds and stats_interval_seconds must be positive");
         }
         if self.keep_alive_interval_seconds == 0 {
             bail!("keep_alive_interval_seconds must be positive");

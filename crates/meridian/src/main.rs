@@ -9,7 +9,7 @@ mod config;
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -170,6 +170,12 @@ async fn standalone(config: Config) -> anyhow::Result<()> {
         broker.clone(),
         shutdown.clone(),
     ));
+    let background = tokio::spawn(background_loop(
+        broker.clone(),
+        Duration::from_secs(config.policy_check_interval_seconds),
+        Duration::from_secs(config.stats_interval_seconds),
+        shutdown.clone(),
+    ));
     tracing::info!(
         cluster = %config.cluster_name,
         broker_service_url = %broker.config().broker_service_url,
@@ -183,12 +189,36 @@ async fn standalone(config: Config) -> anyhow::Result<()> {
     tracing::info!("shutting down: no new connections, closing clients, flushing");
     shutdown.cancel();
     let _ = server.await;
+    let _ = background.await;
     if let Ok(Err(error)) = web.await {
         tracing::warn!(%error, "HTTP server stopped with an error");
     }
     broker.close().await;
     tracing::info!("meridian standalone stopped");
     Ok(())
+}
+
+/// Periodic broker work: policy enforcement (TTL, backlog quotas, retention) and stats rates.
+async fn background_loop(
+    broker: Arc<Broker>,
+    policy_interval: Duration,
+    stats_interval: Duration,
+    shutdown: CancellationToken,
+) {
+    let mut policies = tokio::time::interval(policy_interval);
+    let mut stats = tokio::time::interval(stats_interval);
+    loop {
+        tokio::select! {
+            _ = policies.tick() => {
+                let broker = broker.clone();
+                if let Err(error) = tokio::task::spawn_blocking(move || broker.enforce_policies()).await {
+                    tracing::error!(%error, "policy enforcement task failed");
+                }
+            }
+            _ = stats.tick() => broker.sample_rates(),
+            _ = shutdown.cancelled() => return,
+        }
+    }
 }
 
 async fn wait_for_signal() -> anyhow::Result<()> {

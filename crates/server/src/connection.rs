@@ -65,6 +65,8 @@ struct ProducerSlot {
     topic: Arc<Topic>,
     name: String,
     receipts: mpsc::Sender<Receipt>,
+    /// Set when the broker closed the producer (unload, backlog quota); the client re-creates it.
+    closed: Arc<AtomicBool>,
 }
 
 struct ConsumerSlot {
@@ -80,6 +82,7 @@ pub(crate) struct Connection {
     peer: SocketAddr,
     outbound: OutboundSender,
     protocol_version: Option<i32>,
+    client_version: String,
     producers: HashMap<u64, ProducerSlot>,
     consumers: HashMap<u64, ConsumerSlot>,
 }
@@ -117,6 +120,7 @@ pub(crate) async fn run(
         peer,
         outbound,
         protocol_version: None,
+        client_version: String::new(),
         producers: HashMap::new(),
         consumers: HashMap::new(),
     };
@@ -683,6 +687,7 @@ impl Connection {
         };
         let version = connect.protocol_version().clamp(0, PROTOCOL_VERSION);
         self.protocol_version = Some(version);
+        self.client_version = connect.client_version.clone();
         tracing::debug!(peer = %self.peer, client = %connect.client_version, version, "client connected");
         self.send_command(BaseCommand {
             connected: Some(CommandConnected {
@@ -704,6 +709,13 @@ impl Connection {
         let Some(request) = base.producer else {
             return Err(Close("PRODUCER without its body".into()));
         };
+        if self
+            .producers
+            .get(&request.producer_id)
+            .is_some_and(|existing| existing.closed.load(Ordering::SeqCst))
+        {
+            self.producers.remove(&request.producer_id);
+        }
         if let Some(existing) = self.producers.get(&request.producer_id) {
             if existing.topic.full_name()
                 == TopicName::parse(&request.topic)
@@ -754,16 +766,37 @@ impl Connection {
             },
             None => None,
         };
+        match self.broker.resources().effective_policies(&name) {
+            Ok(policies) => {
+                let refusal = topic
+                    .backlog_quota_breach(&policies)
+                    .and_then(|breach| topic.quota_error(breach));
+                if let Some(error) = refusal {
+                    self.broker_error(request.request_id, &error).await;
+                    return Ok(());
+                }
+            }
+            Err(error) => {
+                self.broker_error(request.request_id, &error).await;
+                return Ok(());
+            }
+        }
         let key = self.broker.next_key();
         let user_name = request
             .producer_name
             .clone()
             .filter(|name| !name.is_empty());
+        let closed = Arc::new(AtomicBool::new(false));
         let grant = match topic.add_producer(
             key,
             NewProducer {
                 name: user_name,
                 mode: AccessMode::from_wire(request.producer_access_mode.unwrap_or(0)),
+                producer_id: request.producer_id,
+                sink: self.outbound.clone(),
+                closed: closed.clone(),
+                address: self.peer.to_string(),
+                client_version: self.client_version.clone(),
             },
         ) {
             Ok(grant) => grant,
@@ -785,6 +818,7 @@ impl Connection {
                 topic,
                 name: grant.name.clone(),
                 receipts,
+                closed,
             },
         );
         let success = |ready: bool| BaseCommand {
@@ -835,6 +869,10 @@ impl Connection {
             .await;
             return Ok(());
         };
+        if producer.closed.load(Ordering::SeqCst) {
+            // The broker closed this producer; the client resends after re-creating it.
+            return Ok(());
+        }
         let failure = if let ChecksumStatus::Mismatch { stored, computed } = entry.checksum {
             Some((
                 ServerError::ChecksumError,
@@ -871,6 +909,8 @@ impl Connection {
                     .max(send.sequence_id.saturating_add(messages - 1));
                 let publish_time = entry.metadata.publish_time;
                 match producer.topic.publish(
+                    producer.key,
+                    messages,
                     &producer.name,
                     send.sequence_id,
                     highest,
@@ -986,6 +1026,8 @@ impl Connection {
             closed: closed.clone(),
             sticky_ranges,
             allow_out_of_order,
+            address: self.peer.to_string(),
+            client_version: self.client_version.clone(),
         };
         match topic.subscribe(&request.subscription, durable, start, key, consumer) {
             Ok(subscription) => {

@@ -928,6 +928,58 @@ impl Log {
         self.lock().entries_after(position)
     }
 
+    /// Bytes of the durable entries after `position` (all of them for `None`), framing included.
+    pub fn bytes_after(&self, position: Option<Position>) -> u64 {
+        let state = self.lock();
+        let Some(last_durable) = state.last_durable else {
+            return 0;
+        };
+        let mut total = 0;
+        for segment in &state.segments {
+            let (Some(first), Some(last)) = (segment.first_position(), segment.last_position())
+            else {
+                continue;
+            };
+            if position.is_some_and(|position| last <= position) || first > last_durable {
+                continue;
+            }
+            let start_index = match position {
+                Some(position) if segment.contains(position) => {
+                    (position.entry_id + 1 - segment.first_entry_id) as usize
+                }
+                _ => 0,
+            };
+            let end_index = (last.min(last_durable).entry_id + 1 - segment.first_entry_id) as usize;
+            if start_index >= end_index {
+                continue;
+            }
+            let start = u64::from(segment.offsets[start_index]);
+            let end = segment.record_range(end_index - 1).1;
+            total += end - start;
+        }
+        total
+    }
+
+    /// Every ledger still in the log: (ledger id, entries, bytes).
+    pub fn ledgers(&self) -> Vec<(u64, u64, u64)> {
+        let state = self.lock();
+        let mut ledgers: Vec<(u64, u64, u64)> = Vec::new();
+        for segment in &state.segments {
+            match ledgers.last_mut() {
+                Some(last) if last.0 == segment.ledger_id => {
+                    last.1 += segment.entry_count();
+                    last.2 += segment.size_bytes();
+                }
+                _ => ledgers.push((
+                    segment.ledger_id,
+                    segment.entry_count(),
+                    segment.size_bytes(),
+                )),
+            }
+        }
+        ledgers
+    }
+
     /// Sets how much acknowledged data is kept.
     pub fn set_retention(&self, retention: Retention) {
         self.lock().retention = retention;

@@ -1,0 +1,191 @@
+//! `GET /metrics`: Prometheus text with Pulsar's metric names, labelled by cluster, namespace
+//! and topic (and subscription where Pulsar has that label).
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+
+use axum::extract::State;
+use axum::http::header;
+use axum::response::IntoResponse;
+
+use crate::AppState;
+
+/// One metric family: help text, type, and samples (labels, value).
+struct Family {
+    help: &'static str,
+    kind: &'static str,
+    samples: Vec<(String, f64)>,
+}
+
+fn escape(value: &str) -> String {
+    value
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+pub async fn metrics(State(broker): State<AppState>) -> impl IntoResponse {
+    let cluster = escape(&broker.config().cluster_name);
+    let mut families: BTreeMap<&'static str, Family> = BTreeMap::new();
+    let mut add =
+        |name: &'static str, help: &'static str, kind: &'static str, labels: String, value: f64| {
+            families
+                .entry(name)
+                .or_insert_with(|| Family {
+                    help,
+                    kind,
+                    samples: Vec::new(),
+                })
+                .samples
+                .push((labels, value));
+        };
+    let mut topics_per_namespace: BTreeMap<String, u64> = BTreeMap::new();
+    for topic in broker.all_topics() {
+        if let Ok(name) = meridian_broker::TopicName::parse(&topic) {
+            *topics_per_namespace
+                .entry(name.namespace_name())
+                .or_insert(0) += 1;
+        }
+    }
+    for (namespace, count) in &topics_per_namespace {
+        add(
+            "pulsar_topics_count",
+            "Number of topics in the namespace",
+            "gauge",
+            format!("cluster=\"{cluster}\",namespace=\"{}\"", escape(namespace)),
+            *count as f64,
+        );
+    }
+    for topic in broker.loaded_topics() {
+        let Ok(policies) = broker.resources().effective_policies(&topic.name) else {
+            continue;
+        };
+        let stats = topic.stats(&policies);
+        let labels = format!(
+            "cluster=\"{cluster}\",namespace=\"{}\",topic=\"{}\"",
+            escape(&topic.name.namespace_name()),
+            escape(topic.full_name())
+        );
+        let backlog: u64 = stats
+            .subscriptions
+            .values()
+            .map(|subscription| subscription.msg_backlog)
+            .sum();
+        let consumers: usize = stats
+            .subscriptions
+            .values()
+            .map(|subscription| subscription.consumers.len())
+            .sum();
+        let gauges: [(&'static str, &'static str, f64); 11] = [
+            (
+                "pulsar_subscriptions_count",
+                "Number of subscriptions",
+                stats.subscriptions.len() as f64,
+            ),
+            (
+                "pulsar_producers_count",
+                "Number of producers",
+                stats.publishers.len() as f64,
+            ),
+            (
+                "pulsar_consumers_count",
+                "Number of consumers",
+                consumers as f64,
+            ),
+            (
+                "pulsar_rate_in",
+                "Messages per second published",
+                stats.msg_rate_in,
+            ),
+            (
+                "pulsar_rate_out",
+                "Messages per second dispatched",
+                stats.msg_rate_out,
+            ),
+            (
+                "pulsar_throughput_in",
+                "Bytes per second published",
+                stats.msg_throughput_in,
+            ),
+            (
+                "pulsar_throughput_out",
+                "Bytes per second dispatched",
+                stats.msg_throughput_out,
+            ),
+            (
+                "pulsar_storage_size",
+                "Bytes stored for the topic",
+                stats.storage_size as f64,
+            ),
+            (
+                "pulsar_storage_backlog_size",
+                "Bytes of the largest subscription backlog",
+                stats.backlog_size as f64,
+            ),
+            (
+                "pulsar_msg_backlog",
+                "Entries not yet acknowledged, over all subscriptions",
+                backlog as f64,
+            ),
+            (
+                "pulsar_in_messages_total",
+                "Messages published since the topic was loaded",
+                stats.msg_in_counter as f64,
+            ),
+        ];
+        for (name, help, value) in gauges {
+            let kind = if name.ends_with("_total") {
+                "counter"
+            } else {
+                "gauge"
+            };
+            add(name, help, kind, labels.clone(), value);
+        }
+        add(
+            "pulsar_in_bytes_total",
+            "Bytes published since the topic was loaded",
+            "counter",
+            labels.clone(),
+            stats.bytes_in_counter as f64,
+        );
+        for (subscription, subscription_stats) in &stats.subscriptions {
+            let labels = format!("{labels},subscription=\"{}\"", escape(subscription));
+            add(
+                "pulsar_subscription_back_log",
+                "Entries the subscription has not acknowledged",
+                "gauge",
+                labels.clone(),
+                subscription_stats.msg_backlog as f64,
+            );
+            add(
+                "pulsar_subscription_unacked_messages",
+                "Messages delivered and not acknowledged",
+                "gauge",
+                labels.clone(),
+                subscription_stats.unacked_messages as f64,
+            );
+            add(
+                "pulsar_subscription_msg_rate_out",
+                "Messages per second dispatched to the subscription",
+                "gauge",
+                labels,
+                subscription_stats.msg_rate_out,
+            );
+        }
+    }
+    let mut text = String::new();
+    for (name, family) in families {
+        let _ = writeln!(text, "# HELP {name} {}", family.help);
+        let _ = writeln!(text, "# TYPE {name} {}", family.kind);
+        for (labels, value) in family.samples {
+            let _ = writeln!(text, "{name}{{{labels}}} {value}");
+        }
+    }
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        text,
+    )
+}

@@ -1,0 +1,429 @@
+//! `/admin/v2/namespaces`: namespaces and the policies the broker enforces.
+
+use axum::body::Bytes;
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{Path, Query, State};
+use axum::routing::{get, post, put};
+use axum::{Json, Router};
+use meridian_broker::resources::{
+    AutoTopicCreationOverride, BacklogQuota, Policies, RetentionPolicies,
+};
+use meridian_broker::TopicName;
+use serde::Deserialize;
+use serde_json::Value;
+
+use crate::{body, ApiError, ApiResult, AppState};
+
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/admin/v2/namespaces/{tenant}", get(list))
+        .route(
+            "/admin/v2/namespaces/{tenant}/{namespace}",
+            get(get_policies).put(create).delete(delete),
+        )
+        .route(
+            "/admin/v2/namespaces/{tenant}/{namespace}/replication",
+            get(get_replication).post(set_replication),
+        )
+        .route(
+            "/admin/v2/namespaces/{tenant}/{namespace}/retention",
+            get(get_retention)
+                .post(set_retention)
+                .delete(remove_retention),
+        )
+        .route(
+            "/admin/v2/namespaces/{tenant}/{namespace}/backlogQuotaMap",
+            get(get_backlog_quotas),
+        )
+        .route(
+            "/admin/v2/namespaces/{tenant}/{namespace}/backlogQuota",
+            post(set_backlog_quota).delete(remove_backlog_quota),
+        )
+        .route(
+            "/admin/v2/namespaces/{tenant}/{namespace}/deduplication",
+            get(get_deduplication)
+                .post(set_deduplication)
+                .delete(remove_deduplication),
+        )
+        .route(
+            "/admin/v2/namespaces/{tenant}/{namespace}/messageTTL",
+            get(get_ttl).post(set_ttl).delete(remove_ttl),
+        )
+        .route(
+            "/admin/v2/namespaces/{tenant}/{namespace}/autoTopicCreation",
+            get(get_auto_creation)
+                .post(set_auto_creation)
+                .delete(remove_auto_creation),
+        )
+        .route(
+            "/admin/v2/namespaces/{tenant}/{namespace}/unload",
+            put(unload).post(unload),
+        )
+        .route(
+            "/admin/v2/namespaces/{tenant}/{namespace}/topics",
+            get(topics),
+        )
+}
+
+#[derive(Deserialize)]
+struct Force {
+    #[serde(default)]
+    force: bool,
+}
+
+async fn list(
+    State(broker): State<AppState>,
+    Path(tenant): Path<String>,
+) -> ApiResult<Json<Vec<String>>> {
+    broker.resources().tenant(&tenant)?;
+    Ok(Json(broker.resources().namespaces(&tenant)?))
+}
+
+async fn create(
+    State(broker): State<AppState>,
+    Path((tenant, namespace)): Path<(String, String)>,
+    payload: Bytes,
+) -> ApiResult<()> {
+    let mut policies: Policies = if payload.iter().all(u8::is_ascii_whitespace) {
+        Policies::default()
+    } else {
+        serde_json::from_slice(&payload)
+            .map_err(|error| ApiError::bad_request(format!("invalid Policies body: {error}")))?
+    };
+    if policies.replication_clusters.is_empty() {
+        policies.replication_clusters = vec![broker.config().cluster_name.clone()];
+    }
+    broker
+        .resources()
+        .create_namespace(&tenant, &namespace, &policies)?;
+    Ok(())
+}
+
+async fn get_policies(
+    State(broker): State<AppState>,
+    Path((tenant, namespace)): Path<(String, String)>,
+) -> ApiResult<Json<Policies>> {
+    Ok(Json(broker.resources().policies(&tenant, &namespace)?))
+}
+
+async fn delete(
+    State(broker): State<AppState>,
+    Path((tenant, namespace)): Path<(String, String)>,
+    Query(query): Query<Force>,
+) -> ApiResult<()> {
+    broker.resources().policies(&tenant, &namespace)?;
+    let topics = broker.topics_of_namespace(&format!("{tenant}/{namespace}"))?;
+    if !topics.is_empty() && !query.force {
+        return Err(ApiError::new(
+            axum::http::StatusCode::CONFLICT,
+            format!(
+                "namespace {tenant}/{namespace} still has {} topic(s); use force=true",
+                topics.len()
+            ),
+        ));
+    }
+    for topic in topics {
+        let name = TopicName::parse(&topic)?;
+        if name.partition_index().is_some() && broker.partition_count(&name.base())?.is_some() {
+            continue;
+        }
+        broker.delete_topic(&name, true).await?;
+    }
+    for base in broker
+        .metadata()
+        .children(&format!("/partitioned-topics/{tenant}/{namespace}"))
+        .map_err(meridian_broker::BrokerError::from)?
+    {
+        let name = TopicName::parse(&format!("persistent://{tenant}/{namespace}/{base}"))?;
+        broker.delete_partitioned_topic(&name, true).await?;
+    }
+    broker.resources().delete_namespace(&tenant, &namespace)?;
+    Ok(())
+}
+
+/// Applies a change to a namespace's policies and lets loaded topics pick it up.
+async fn change(
+    broker: &AppState,
+    tenant: &str,
+    namespace: &str,
+    mut apply: impl FnMut(&mut Policies),
+) -> ApiResult<()> {
+    broker
+        .resources()
+        .update_policies(tenant, namespace, |policies| {
+            apply(policies);
+            Ok(())
+        })?;
+    broker.policies_changed(tenant, Some(namespace)).await;
+    Ok(())
+}
+
+async fn get_replication(
+    State(broker): State<AppState>,
+    Path((tenant, namespace)): Path<(String, String)>,
+) -> ApiResult<Json<Vec<String>>> {
+    Ok(Json(
+        broker
+            .resources()
+            .policies(&tenant, &namespace)?
+            .replication_clusters,
+    ))
+}
+
+async fn set_replication(
+    State(broker): State<AppState>,
+    Path((tenant, namespace)): Path<(String, String)>,
+    payload: Result<Json<Vec<String>>, JsonRejection>,
+) -> ApiResult<()> {
+    let clusters = body(payload)?;
+    if clusters.is_empty() {
+        return Err(ApiError::new(
+            axum::http::StatusCode::PRECONDITION_FAILED,
+            "replication clusters cannot be empty",
+        ));
+    }
+    broker
+        .resources()
+        .set_replication_clusters(&tenant, &namespace, clusters)?;
+    broker.policies_changed(&tenant, Some(&namespace)).await;
+    Ok(())
+}
+
+async fn get_retention(
+    State(broker): State<AppState>,
+    Path((tenant, namespace)): Path<(String, String)>,
+) -> ApiResult<Json<Option<RetentionPolicies>>> {
+    Ok(Json(
+        broker
+            .resources()
+            .policies(&tenant, &namespace)?
+            .retention_policies,
+    ))
+}
+
+async fn set_retention(
+    State(broker): State<AppState>,
+    Path((tenant, namespace)): Path<(String, String)>,
+    payload: Result<Json<RetentionPolicies>, JsonRejection>,
+) -> ApiResult<()> {
+    let retention = validate_retention(body(payload)?)?;
+    change(&broker, &tenant, &namespace, |policies| {
+        policies.retention_policies = Some(retention)
+    })
+    .await
+}
+
+pub fn validate_retention(retention: RetentionPolicies) -> ApiResult<RetentionPolicies> {
+    if retention.retention_time_in_minutes < -1 || retention.retention_size_in_mb < -1 {
+        return Err(ApiError::new(
+            axum::http::StatusCode::PRECONDITION_FAILED,
+            "retention time and size must be -1 (unlimited), 0 (none) or positive",
+        ));
+    }
+    Ok(retention)
+}
+
+async fn remove_retention(
+    State(broker): State<AppState>,
+    Path((tenant, namespace)): Path<(String, String)>,
+) -> ApiResult<()> {
+    change(&broker, &tenant, &namespace, |policies| {
+        policies.retention_policies = None
+    })
+    .await
+}
+
+async fn get_backlog_quotas(
+    State(broker): State<AppState>,
+    Path((tenant, namespace)): Path<(String, String)>,
+) -> ApiResult<Json<std::collections::BTreeMap<String, BacklogQuota>>> {
+    Ok(Json(
+        broker
+            .resources()
+            .policies(&tenant, &namespace)?
+            .backlog_quota_map,
+    ))
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct QuotaType {
+    backlog_quota_type: Option<String>,
+}
+
+pub fn quota_type(query: &QuotaType) -> ApiResult<String> {
+    let kind = query
+        .backlog_quota_type
+        .clone()
+        .unwrap_or_else(|| "destination_storage".into());
+    if kind != "destination_storage" && kind != "message_age" {
+        return Err(ApiError::bad_request(format!(
+            "backlogQuotaType must be destination_storage or message_age, not {kind:?}"
+        )));
+    }
+    Ok(kind)
+}
+
+async fn set_backlog_quota(
+    State(broker): State<AppState>,
+    Path((tenant, namespace)): Path<(String, String)>,
+    Query(query): Query<QuotaType>,
+    payload: Result<Json<BacklogQuota>, JsonRejection>,
+) -> ApiResult<()> {
+    let kind = quota_type(&query)?;
+    let quota = body(payload)?;
+    change(&broker, &tenant, &namespace, |policies| {
+        policies.backlog_quota_map.insert(kind.clone(), quota);
+    })
+    .await
+}
+
+async fn remove_backlog_quota(
+    State(broker): State<AppState>,
+    Path((tenant, namespace)): Path<(String, String)>,
+    Query(query): Query<QuotaType>,
+) -> ApiResult<()> {
+    let kind = quota_type(&query)?;
+    change(&broker, &tenant, &namespace, |policies| {
+        policies.backlog_quota_map.remove(&kind);
+    })
+    .await
+}
+
+async fn get_deduplication(
+    State(broker): State<AppState>,
+    Path((tenant, namespace)): Path<(String, String)>,
+) -> ApiResult<Json<Option<bool>>> {
+    Ok(Json(
+        broker
+            .resources()
+            .policies(&tenant, &namespace)?
+            .deduplication_enabled,
+    ))
+}
+
+async fn set_deduplication(
+    State(broker): State<AppState>,
+    Path((tenant, namespace)): Path<(String, String)>,
+    payload: Result<Json<bool>, JsonRejection>,
+) -> ApiResult<()> {
+    let enabled = body(payload)?;
+    change(&broker, &tenant, &namespace, |policies| {
+        policies.deduplication_enabled = Some(enabled)
+    })
+    .await
+}
+
+async fn remove_deduplication(
+    State(broker): State<AppState>,
+    Path((tenant, namespace)): Path<(String, String)>,
+) -> ApiResult<()> {
+    change(&broker, &tenant, &namespace, |policies| {
+        policies.deduplication_enabled = None
+    })
+    .await
+}
+
+async fn get_ttl(
+    State(broker): State<AppState>,
+    Path((tenant, namespace)): Path<(String, String)>,
+) -> ApiResult<Json<Option<i64>>> {
+    Ok(Json(
+        broker
+            .resources()
+            .policies(&tenant, &namespace)?
+            .message_ttl_in_seconds,
+    ))
+}
+
+async fn set_ttl(
+    State(broker): State<AppState>,
+    Path((tenant, namespace)): Path<(String, String)>,
+    payload: Result<Json<i64>, JsonRejection>,
+) -> ApiResult<()> {
+    let seconds = body(payload)?;
+    if seconds < 0 {
+        return Err(ApiError::new(
+            axum::http::StatusCode::PRECONDITION_FAILED,
+            "message TTL must be 0 (none) or positive seconds",
+        ));
+    }
+    change(&broker, &tenant, &namespace, |policies| {
+        policies.message_ttl_in_seconds = Some(seconds)
+    })
+    .await
+}
+
+async fn remove_ttl(
+    State(broker): State<AppState>,
+    Path((tenant, namespace)): Path<(String, String)>,
+) -> ApiResult<()> {
+    change(&broker, &tenant, &namespace, |policies| {
+        policies.message_ttl_in_seconds = None
+    })
+    .await
+}
+
+async fn get_auto_creation(
+    State(broker): State<AppState>,
+    Path((tenant, namespace)): Path<(String, String)>,
+) -> ApiResult<Json<Option<AutoTopicCreationOverride>>> {
+    Ok(Json(
+        broker
+            .resources()
+            .policies(&tenant, &namespace)?
+            .auto_topic_creation_override,
+    ))
+}
+
+async fn set_auto_creation(
+    State(broker): State<AppState>,
+    Path((tenant, namespace)): Path<(String, String)>,
+    payload: Result<Json<AutoTopicCreationOverride>, JsonRejection>,
+) -> ApiResult<()> {
+    let rule = body(payload)?;
+    if let Some(kind) = &rule.topic_type {
+        if kind != "partitioned" && kind != "non-partitioned" {
+            return Err(ApiError::bad_request(format!(
+                "topicType must be partitioned or non-partitioned, not {kind:?}"
+            )));
+        }
+    }
+    change(&broker, &tenant, &namespace, |policies| {
+        policies.auto_topic_creation_override = Some(rule.clone())
+    })
+    .await
+}
+
+async fn remove_auto_creation(
+    State(broker): State<AppState>,
+    Path((tenant, namespace)): Path<(String, String)>,
+) -> ApiResult<()> {
+    change(&broker, &tenant, &namespace, |policies| {
+        policies.auto_topic_creation_override = None
+    })
+    .await
+}
+
+async fn unload(
+    State(broker): State<AppState>,
+    Path((tenant, namespace)): Path<(String, String)>,
+) -> ApiResult<()> {
+    broker.resources().policies(&tenant, &namespace)?;
+    for topic in broker.loaded_topics() {
+        if topic.name.tenant == tenant && topic.name.namespace == namespace {
+            broker.unload(&topic.name.clone()).await;
+        }
+    }
+    Ok(())
+}
+
+async fn topics(
+    State(broker): State<AppState>,
+    Path((tenant, namespace)): Path<(String, String)>,
+) -> ApiResult<Json<Value>> {
+    broker.resources().policies(&tenant, &namespace)?;
+    Ok(Json(Value::from(
+        broker.topics_of_namespace(&format!("{tenant}/{namespace}"))?,
+    )))
+}

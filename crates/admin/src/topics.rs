@@ -1,0 +1,975 @@
+//! `/admin/v2/persistent/...`: topics, partitions, subscriptions, stats, topic-level policies,
+//! and `/lookup/v2` for clients configured with an `http://` service URL.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use axum::body::{Body, Bytes};
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use axum::{Json, Router};
+use meridian_broker::resources::{BacklogQuota, RetentionPolicies};
+use meridian_broker::{BrokerError, SeekTarget, Topic, TopicName};
+use meridian_storage::Position;
+use serde::Deserialize;
+use serde_json::{json, Map, Value};
+
+use crate::namespaces::{quota_type, validate_retention, QuotaType};
+use crate::{body, ApiError, ApiResult, AppState};
+
+type TopicPath = Path<(String, String, String)>;
+type SubscriptionPath = Path<(String, String, String, String)>;
+
+pub fn routes() -> Router<AppState> {
+    let base = "/admin/v2/persistent/{tenant}/{namespace}";
+    Router::new()
+        .route(base, get(list))
+        .route(&format!("{base}/partitioned"), get(list_partitioned))
+        .route(&format!("{base}/{{topic}}"), put(create).delete(delete))
+        .route(
+            &format!("{base}/{{topic}}/partitions"),
+            get(get_partitions)
+                .put(create_partitioned)
+                .post(update_partitions)
+                .delete(delete_partitioned),
+        )
+        .route(&format!("{base}/{{topic}}/stats"), get(stats))
+        .route(
+            &format!("{base}/{{topic}}/partitioned-stats"),
+            get(partitioned_stats),
+        )
+        .route(
+            &format!("{base}/{{topic}}/internalStats"),
+            get(internal_stats),
+        )
+        .route(
+            &format!("{base}/{{topic}}/lastMessageId"),
+            get(last_message_id),
+        )
+        .route(&format!("{base}/{{topic}}/unload"), put(unload))
+        .route(
+            &format!("{base}/{{topic}}/subscriptions"),
+            get(subscriptions),
+        )
+        .route(
+            &format!("{base}/{{topic}}/subscription/{{subscription}}"),
+            put(create_subscription).delete(delete_subscription),
+        )
+        .route(
+            &format!("{base}/{{topic}}/subscription/{{subscription}}/resetcursor/{{timestamp}}"),
+            post(reset_cursor_by_time),
+        )
+        .route(
+            &format!("{base}/{{topic}}/subscription/{{subscription}}/resetcursor"),
+            post(reset_cursor_by_id),
+        )
+        .route(
+            &format!("{base}/{{topic}}/subscription/{{subscription}}/skip/{{count}}"),
+            post(skip),
+        )
+        .route(
+            &format!("{base}/{{topic}}/subscription/{{subscription}}/skip_all"),
+            post(skip_all),
+        )
+        .route(
+            &format!("{base}/{{topic}}/subscription/{{subscription}}/expireMessages/{{seconds}}"),
+            post(expire_messages),
+        )
+        .route(
+            &format!("{base}/{{topic}}/subscription/{{subscription}}/position/{{position}}"),
+            get(peek),
+        )
+        .route(
+            &format!("{base}/{{topic}}/retention"),
+            get(get_retention)
+                .post(set_retention)
+                .delete(remove_retention),
+        )
+        .route(
+            &format!("{base}/{{topic}}/messageTTL"),
+            get(get_ttl).post(set_ttl).delete(remove_ttl),
+        )
+        .route(
+            &format!("{base}/{{topic}}/backlogQuota"),
+            post(set_backlog_quota).delete(remove_backlog_quota),
+        )
+        .route(
+            &format!("{base}/{{topic}}/backlogQuotaMap"),
+            get(get_backlog_quotas),
+        )
+        .route(
+            &format!("{base}/{{topic}}/deduplicationEnabled"),
+            get(get_deduplication)
+                .post(set_deduplication)
+                .delete(remove_deduplication),
+        )
+        .route(
+            &format!("{base}/{{topic}}/replication"),
+            get(get_replication)
+                .post(set_replication)
+                .delete(remove_replication),
+        )
+        .route(
+            "/lookup/v2/topic/persistent/{tenant}/{namespace}/{topic}",
+            get(lookup),
+        )
+}
+
+fn topic_name(tenant: &str, namespace: &str, topic: &str) -> ApiResult<TopicName> {
+    Ok(TopicName::parse(&format!(
+        "persistent://{tenant}/{namespace}/{topic}"
+    ))?)
+}
+
+fn require_namespace(broker: &AppState, name: &TopicName) -> ApiResult<()> {
+    broker.resources().policies(&name.tenant, &name.namespace)?;
+    Ok(())
+}
+
+/// The loaded topic, loading an existing one; 404 if it does not exist.
+async fn existing_topic(broker: &AppState, name: &TopicName) -> ApiResult<Arc<Topic>> {
+    if !broker.exists(name) {
+        return Err(BrokerError::NotFound(format!("topic {name} does not exist")).into());
+    }
+    Ok(broker.topic(name, false).await?)
+}
+
+/// The topics a request about `name` covers: its partitions for a partitioned topic.
+fn covered_topics(broker: &AppState, name: &TopicName) -> ApiResult<Vec<TopicName>> {
+    match broker.partition_count(name)? {
+        Some(partitions) => Ok((0..partitions).map(|index| name.partition(index)).collect()),
+        None => Ok(vec![name.clone()]),
+    }
+}
+
+#[derive(Deserialize, Default)]
+struct Force {
+    #[serde(default)]
+    force: bool,
+}
+
+async fn list(
+    State(broker): State<AppState>,
+    Path((tenant, namespace)): Path<(String, String)>,
+) -> ApiResult<Json<Vec<String>>> {
+    broker.resources().policies(&tenant, &namespace)?;
+    Ok(Json(
+        broker.topics_of_namespace(&format!("{tenant}/{namespace}"))?,
+    ))
+}
+
+async fn list_partitioned(
+    State(broker): State<AppState>,
+    Path((tenant, namespace)): Path<(String, String)>,
+) -> ApiResult<Json<Vec<String>>> {
+    broker.resources().policies(&tenant, &namespace)?;
+    let names = broker
+        .metadata()
+        .children(&format!("/partitioned-topics/{tenant}/{namespace}"))
+        .map_err(BrokerError::from)?;
+    Ok(Json(
+        names
+            .into_iter()
+            .map(|name| format!("persistent://{tenant}/{namespace}/{name}"))
+            .collect(),
+    ))
+}
+
+async fn create(
+    State(broker): State<AppState>,
+    Path((tenant, namespace, topic)): TopicPath,
+) -> ApiResult<()> {
+    let name = topic_name(&tenant, &namespace, &topic)?;
+    require_namespace(&broker, &name)?;
+    broker.create_topic(&name).await?;
+    Ok(())
+}
+
+async fn delete(
+    State(broker): State<AppState>,
+    Path((tenant, namespace, topic)): TopicPath,
+    Query(query): Query<Force>,
+) -> ApiResult<()> {
+    let name = topic_name(&tenant, &namespace, &topic)?;
+    if broker.partition_count(&name)?.is_some() {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            format!("{name} is a partitioned topic; delete it through /partitions"),
+        ));
+    }
+    broker.delete_topic(&name, query.force).await?;
+    Ok(())
+}
+
+fn partitions_body(payload: Bytes) -> ApiResult<u32> {
+    let value: i64 = serde_json::from_slice(&payload).map_err(|error| {
+        ApiError::bad_request(format!("expected the number of partitions: {error}"))
+    })?;
+    if !(1..=100_000).contains(&value) {
+        return Err(ApiError::new(
+            StatusCode::NOT_ACCEPTABLE,
+            format!("the number of partitions must be between 1 and 100000, not {value}"),
+        ));
+    }
+    Ok(value as u32)
+}
+
+async fn create_partitioned(
+    State(broker): State<AppState>,
+    Path((tenant, namespace, topic)): TopicPath,
+    payload: Bytes,
+) -> ApiResult<()> {
+    let name = topic_name(&tenant, &namespace, &topic)?;
+    require_namespace(&broker, &name)?;
+    let partitions = partitions_body(payload)?;
+    if broker.exists(&name) {
+        return Err(BrokerError::AlreadyExists(format!(
+            "{name} exists as a non-partitioned topic"
+        ))
+        .into());
+    }
+    broker.create_partitioned_topic(&name, partitions)?;
+    Ok(())
+}
+
+async fn update_partitions(
+    State(broker): State<AppState>,
+    Path((tenant, namespace, topic)): TopicPath,
+    payload: Bytes,
+) -> ApiResult<()> {
+    let name = topic_name(&tenant, &namespace, &topic)?;
+    broker.update_partitions(&name, partitions_body(payload)?)?;
+    Ok(())
+}
+
+async fn get_partitions(
+    State(broker): State<AppState>,
+    Path((tenant, namespace, topic)): TopicPath,
+) -> ApiResult<Json<Value>> {
+    let name = topic_name(&tenant, &namespace, &topic)?;
+    require_namespace(&broker, &name)?;
+    let partitions = broker.partition_count(&name)?.unwrap_or(0);
+    Ok(Json(json!({ "partitions": partitions })))
+}
+
+async fn delete_partitioned(
+    State(broker): State<AppState>,
+    Path((tenant, namespace, topic)): TopicPath,
+    Query(query): Query<Force>,
+) -> ApiResult<()> {
+    let name = topic_name(&tenant, &namespace, &topic)?;
+    broker.delete_partitioned_topic(&name, query.force).await?;
+    Ok(())
+}
+
+async fn stats(
+    State(broker): State<AppState>,
+    Path((tenant, namespace, topic)): TopicPath,
+) -> ApiResult<Json<Value>> {
+    let name = topic_name(&tenant, &namespace, &topic)?;
+    let loaded = existing_topic(&broker, &name).await?;
+    let policies = broker.resources().effective_policies(&name)?;
+    let stats = serde_json::to_value(loaded.stats(&policies))
+        .map_err(|error| BrokerError::Unknown(error.to_string()))?;
+    Ok(Json(stats))
+}
+
+/// Adds numbers, concatenates lists and merges objects key by key (Pulsar's aggregation of
+/// partition stats).
+fn merge_stats(into: &mut Value, from: &Value) {
+    match (into, from) {
+        (Value::Object(into), Value::Object(from)) => {
+            for (key, value) in from {
+                match into.get_mut(key) {
+                    Some(existing) => merge_stats(existing, value),
+                    None => {
+                        into.insert(key.clone(), value.clone());
+                    }
+                }
+            }
+        }
+        (Value::Array(into), Value::Array(from)) => into.extend(from.iter().cloned()),
+        (into @ Value::Number(_), Value::Number(from)) => {
+            let sum = match (into.as_i64(), from.as_i64()) {
+                (Some(a), Some(b)) => json!(a.saturating_add(b)),
+                _ => json!(into.as_f64().unwrap_or(0.0) + from.as_f64().unwrap_or(0.0)),
+            };
+            *into = sum;
+        }
+        _ => {}
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct PerPartition {
+    #[serde(default = "yes")]
+    per_partition: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+async fn partitioned_stats(
+    State(broker): State<AppState>,
+    Path((tenant, namespace, topic)): TopicPath,
+    Query(query): Query<PerPartition>,
+) -> ApiResult<Json<Value>> {
+    let name = topic_name(&tenant, &namespace, &topic)?;
+    let partitions = broker
+        .partition_count(&name)?
+        .ok_or_else(|| BrokerError::NotFound(format!("partitioned topic {name} does not exist")))?;
+    let mut aggregate = Value::Object(Map::new());
+    let mut per_partition = Map::new();
+    for index in 0..partitions {
+        let partition = name.partition(index);
+        let loaded = broker.topic(&partition, true).await?;
+        let policies = broker.resources().effective_policies(&partition)?;
+        let stats = serde_json::to_value(loaded.stats(&policies))
+            .map_err(|error| BrokerError::Unknown(error.to_string()))?;
+        merge_stats(&mut aggregate, &stats);
+        per_partition.insert(partition.to_string(), stats);
+    }
+    if let Value::Object(object) = &mut aggregate {
+        object.insert("metadata".into(), json!({ "partitions": partitions }));
+        if query.per_partition {
+            object.insert("partitions".into(), Value::Object(per_partition));
+        }
+    }
+    Ok(Json(aggregate))
+}
+
+async fn internal_stats(
+    State(broker): State<AppState>,
+    Path((tenant, namespace, topic)): TopicPath,
+) -> ApiResult<Json<Value>> {
+    let name = topic_name(&tenant, &namespace, &topic)?;
+    let loaded = existing_topic(&broker, &name).await?;
+    Ok(Json(
+        serde_json::to_value(loaded.internal_stats())
+            .map_err(|error| BrokerError::Unknown(error.to_string()))?,
+    ))
+}
+
+async fn last_message_id(
+    State(broker): State<AppState>,
+    Path((tenant, namespace, topic)): TopicPath,
+) -> ApiResult<Json<Value>> {
+    let name = topic_name(&tenant, &namespace, &topic)?;
+    let loaded = existing_topic(&broker, &name).await?;
+    let partition_index = loaded.partition_index();
+    Ok(Json(match loaded.last_message_id()? {
+        Some((position, batch_index)) => json!({
+            "ledgerId": position.ledger_id,
+            "entryId": position.entry_id,
+            "partitionIndex": partition_index,
+            "batchIndex": batch_index,
+        }),
+        None => json!({
+            "ledgerId": loaded.log().current_ledger_id(),
+            "entryId": -1,
+            "partitionIndex": partition_index,
+        }),
+    }))
+}
+
+async fn unload(
+    State(broker): State<AppState>,
+    Path((tenant, namespace, topic)): TopicPath,
+) -> ApiResult<()> {
+    let name = topic_name(&tenant, &namespace, &topic)?;
+    for topic in covered_topics(&broker, &name)? {
+        broker.unload(&topic).await;
+    }
+    Ok(())
+}
+
+async fn subscriptions(
+    State(broker): State<AppState>,
+    Path((tenant, namespace, topic)): TopicPath,
+) -> ApiResult<Json<Vec<String>>> {
+    let name = topic_name(&tenant, &namespace, &topic)?;
+    let mut names = std::collections::BTreeSet::new();
+    for covered in covered_topics(&broker, &name)? {
+        if broker.partition_count(&name)?.is_some() && !broker.exists(&covered) {
+            continue;
+        }
+        names.extend(
+            existing_topic(&broker, &covered)
+                .await?
+                .subscription_names(),
+        );
+    }
+    Ok(Json(names.into_iter().collect()))
+}
+
+/// Pulsar's `MessageIdImpl` JSON body.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct MessageIdBody {
+    ledger_id: i64,
+    entry_id: i64,
+    #[serde(default)]
+    #[allow(dead_code)]
+    partition_index: Option<i64>,
+}
+
+impl MessageIdBody {
+    /// Earliest (-1:-1), latest (i64::MAX), or a position.
+    fn target(&self) -> SeekTarget {
+        if self.ledger_id < 0 || self.entry_id < 0 {
+            SeekTarget::Earliest
+        } else if self.ledger_id == i64::MAX {
+            SeekTarget::Latest
+        } else {
+            SeekTarget::Position(Position::new(self.ledger_id as u64, self.entry_id as u64))
+        }
+    }
+}
+
+/// The mark-delete position that makes delivery start at `target`.
+fn mark_delete_for(topic: &Topic, target: SeekTarget) -> ApiResult<Option<Position>> {
+    let log = topic.log();
+    Ok(match target {
+        SeekTarget::Earliest => None,
+        SeekTarget::Latest => log.last_position(),
+        SeekTarget::Position(position) => log.previous_position(position),
+        SeekTarget::PublishTime(time) => {
+            match log.find_by_publish_time(time).map_err(BrokerError::from)? {
+                Some(position) => log.previous_position(position),
+                None => log.last_position(),
+            }
+        }
+    })
+}
+
+async fn create_subscription(
+    State(broker): State<AppState>,
+    Path((tenant, namespace, topic, subscription)): SubscriptionPath,
+    payload: Bytes,
+) -> ApiResult<()> {
+    let name = topic_name(&tenant, &namespace, &topic)?;
+    let target = if payload.iter().all(u8::is_ascii_whitespace) {
+        SeekTarget::Latest
+    } else {
+        serde_json::from_slice::<MessageIdBody>(&payload)
+            .map_err(|error| ApiError::bad_request(format!("invalid MessageId body: {error}")))?
+            .target()
+    };
+    for covered in covered_topics(&broker, &name)? {
+        let loaded = broker.topic(&covered, true).await?;
+        let mark_delete = mark_delete_for(&loaded, target)?;
+        loaded.create_subscription(&subscription, Some(mark_delete))?;
+    }
+    Ok(())
+}
+
+async fn delete_subscription(
+    State(broker): State<AppState>,
+    Path((tenant, namespace, topic, subscription)): SubscriptionPath,
+    Query(query): Query<Force>,
+) -> ApiResult<()> {
+    let name = topic_name(&tenant, &namespace, &topic)?;
+    for covered in covered_topics(&broker, &name)? {
+        existing_topic(&broker, &covered)
+            .await?
+            .delete_subscription(&subscription, query.force)?;
+    }
+    Ok(())
+}
+
+async fn reset(
+    broker: &AppState,
+    name: &TopicName,
+    subscription: &str,
+    target: SeekTarget,
+) -> ApiResult<()> {
+    for covered in covered_topics(broker, name)? {
+        let loaded = existing_topic(broker, &covered).await?;
+        let mark_delete = mark_delete_for(&loaded, target)?;
+        loaded.reset_subscription(subscription, mark_delete)?;
+    }
+    Ok(())
+}
+
+async fn reset_cursor_by_time(
+    State(broker): State<AppState>,
+    Path((tenant, namespace, topic, subscription, timestamp)): Path<(
+        String,
+        String,
+        String,
+        String,
+        u64,
+    )>,
+) -> ApiResult<()> {
+    let name = topic_name(&tenant, &namespace, &topic)?;
+    reset(
+        &broker,
+        &name,
+        &subscription,
+        SeekTarget::PublishTime(timestamp),
+    )
+    .await
+}
+
+async fn reset_cursor_by_id(
+    State(broker): State<AppState>,
+    Path((tenant, namespace, topic, subscription)): SubscriptionPath,
+    payload: Result<Json<MessageIdBody>, JsonRejection>,
+) -> ApiResult<()> {
+    let name = topic_name(&tenant, &namespace, &topic)?;
+    let target = body(payload)?.target();
+    reset(&broker, &name, &subscription, target).await
+}
+
+/// Acknowledges the next `count` unacknowledged entries of a subscription (all with `None`).
+fn skip_entries(topic: &Topic, subscription: &str, count: Option<u64>) -> ApiResult<()> {
+    let log = topic.log();
+    let Some(mark_delete) = log.mark_delete_position(subscription) else {
+        return Err(
+            BrokerError::NotFound(format!("subscription {subscription} does not exist")).into(),
+        );
+    };
+    if count.is_none() {
+        if let Some(last) = log.last_position() {
+            log.acknowledge_cumulative(subscription, last)
+                .map_err(BrokerError::from)?;
+        }
+        return Ok(());
+    }
+    let mut remaining = count.unwrap_or(0);
+    let mut next = match mark_delete {
+        Some(position) => log.next_position(position),
+        None => match log.first_position() {
+            Some(first) => first,
+            None => return Ok(()),
+        },
+    };
+    while remaining > 0 {
+        let entries = log
+            .read_from(next, 1000, 16 * 1024 * 1024)
+            .map_err(BrokerError::from)?;
+        let Some(last) = entries.last().map(|entry| entry.position) else {
+            break;
+        };
+        let skipped: Vec<Position> = entries
+            .iter()
+            .map(|entry| entry.position)
+            .filter(|position| !log.is_acknowledged(subscription, *position))
+            .take(remaining as usize)
+            .collect();
+        remaining -= skipped.len() as u64;
+        log.acknowledge(subscription, &skipped)
+            .map_err(BrokerError::from)?;
+        next = log.next_position(last);
+    }
+    Ok(())
+}
+
+async fn skip(
+    State(broker): State<AppState>,
+    Path((tenant, namespace, topic, subscription, count)): Path<(
+        String,
+        String,
+        String,
+        String,
+        u64,
+    )>,
+) -> ApiResult<()> {
+    let name = topic_name(&tenant, &namespace, &topic)?;
+    for covered in covered_topics(&broker, &name)? {
+        let loaded = existing_topic(&broker, &covered).await?;
+        skip_entries(&loaded, &subscription, Some(count))?;
+    }
+    Ok(())
+}
+
+async fn skip_all(
+    State(broker): State<AppState>,
+    Path((tenant, namespace, topic, subscription)): SubscriptionPath,
+) -> ApiResult<()> {
+    let name = topic_name(&tenant, &namespace, &topic)?;
+    for covered in covered_topics(&broker, &name)? {
+        let loaded = existing_topic(&broker, &covered).await?;
+        skip_entries(&loaded, &subscription, None)?;
+    }
+    Ok(())
+}
+
+async fn expire_messages(
+    State(broker): State<AppState>,
+    Path((tenant, namespace, topic, subscription, seconds)): Path<(
+        String,
+        String,
+        String,
+        String,
+        u64,
+    )>,
+) -> ApiResult<()> {
+    let name = topic_name(&tenant, &namespace, &topic)?;
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|elapsed| elapsed.as_millis() as u64)
+        .unwrap_or(0);
+    let cutoff = now_ms.saturating_sub(seconds * 1000);
+    for covered in covered_topics(&broker, &name)? {
+        let loaded = existing_topic(&broker, &covered).await?;
+        let log = loaded.log();
+        if log.mark_delete_position(&subscription).is_none() {
+            return Err(BrokerError::NotFound(format!(
+                "subscription {subscription} does not exist"
+            ))
+            .into());
+        }
+        let last_expired = match log
+            .find_by_publish_time(cutoff)
+            .map_err(BrokerError::from)?
+        {
+            Some(first_kept) => log.previous_position(first_kept),
+            None => log.last_position(),
+        };
+        if let Some(last_expired) = last_expired {
+            log.acknowledge_cumulative(&subscription, last_expired)
+                .map_err(BrokerError::from)?;
+        }
+    }
+    Ok(())
+}
+
+/// The `position`-th (1-based) unacknowledged message of a subscription, with Pulsar's
+/// `X-Pulsar-*` headers (peek-messages).
+async fn peek(
+    State(broker): State<AppState>,
+    Path((tenant, namespace, topic, subscription, position)): Path<(
+        String,
+        String,
+        String,
+        String,
+        u64,
+    )>,
+) -> ApiResult<Response> {
+    let name = topic_name(&tenant, &namespace, &topic)?;
+    let loaded = existing_topic(&broker, &name).await?;
+    let log = loaded.log();
+    let Some(mark_delete) = log.mark_delete_position(&subscription) else {
+        return Err(
+            BrokerError::NotFound(format!("subscription {subscription} does not exist")).into(),
+        );
+    };
+    let mut next = match mark_delete {
+        Some(position) => log.next_position(position),
+        None => log.first_position().unwrap_or_else(|| log.end_position()),
+    };
+    let mut remaining = position.max(1);
+    loop {
+        let entries = log
+            .read_from(next, 1000, 16 * 1024 * 1024)
+            .map_err(BrokerError::from)?;
+        let Some(last) = entries.last().map(|entry| entry.position) else {
+            return Err(ApiError::new(
+                StatusCode::NOT_FOUND,
+                "no message at that position",
+            ));
+        };
+        for entry in entries {
+            if log.is_acknowledged(&subscription, entry.position) {
+                continue;
+            }
+            remaining -= 1;
+            if remaining == 0 {
+                return message_response(entry);
+            }
+        }
+        next = log.next_position(last);
+    }
+}
+
+fn message_response(entry: meridian_storage::Entry) -> ApiResult<Response> {
+    let parsed = meridian_wire::parse_entry(entry.data).map_err(|error| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("stored entry does not parse: {error}"),
+        )
+    })?;
+    let metadata = parsed.metadata;
+    let mut headers = HeaderMap::new();
+    let mut add = |key: String, value: String| {
+        if let (Ok(key), Ok(value)) = (
+            axum::http::HeaderName::try_from(key),
+            HeaderValue::from_str(&value),
+        ) {
+            headers.insert(key, value);
+        }
+    };
+    add(
+        "X-Pulsar-Message-ID".into(),
+        format!("{}:{}", entry.position.ledger_id, entry.position.entry_id),
+    );
+    add(
+        "X-Pulsar-publish-time".into(),
+        metadata.publish_time.to_string(),
+    );
+    add(
+        "X-Pulsar-producer-name".into(),
+        metadata.producer_name.clone(),
+    );
+    add(
+        "X-Pulsar-sequence-id".into(),
+        metadata.sequence_id.to_string(),
+    );
+    if let Some(key) = &metadata.partition_key {
+        add("X-Pulsar-partition-key".into(), key.clone());
+    }
+    if let Some(count) = metadata.num_messages_in_batch {
+        add("X-Pulsar-num-batch-message".into(), count.to_string());
+    }
+    for property in &metadata.properties {
+        add(
+            format!("X-Pulsar-PROPERTY-{}", property.key),
+            property.value.clone(),
+        );
+    }
+    Ok((StatusCode::OK, headers, Body::from(parsed.payload)).into_response())
+}
+
+// Topic-level policies.
+
+async fn get_retention(
+    State(broker): State<AppState>,
+    Path((tenant, namespace, topic)): TopicPath,
+) -> ApiResult<Json<Option<RetentionPolicies>>> {
+    let name = topic_name(&tenant, &namespace, &topic)?;
+    Ok(Json(
+        broker.resources().topic_policies(&name)?.retention_policies,
+    ))
+}
+
+async fn change_topic_policies(
+    broker: &AppState,
+    name: &TopicName,
+    apply: impl FnMut(&mut meridian_broker::resources::TopicPolicies),
+) -> ApiResult<()> {
+    require_namespace(broker, name)?;
+    broker.resources().update_topic_policies(name, apply)?;
+    broker
+        .policies_changed(&name.tenant, Some(&name.namespace))
+        .await;
+    Ok(())
+}
+
+async fn set_retention(
+    State(broker): State<AppState>,
+    Path((tenant, namespace, topic)): TopicPath,
+    payload: Result<Json<RetentionPolicies>, JsonRejection>,
+) -> ApiResult<()> {
+    let name = topic_name(&tenant, &namespace, &topic)?;
+    let retention = validate_retention(body(payload)?)?;
+    change_topic_policies(&broker, &name, |policies| {
+        policies.retention_policies = Some(retention)
+    })
+    .await
+}
+
+async fn remove_retention(
+    State(broker): State<AppState>,
+    Path((tenant, namespace, topic)): TopicPath,
+) -> ApiResult<()> {
+    let name = topic_name(&tenant, &namespace, &topic)?;
+    change_topic_policies(&broker, &name, |policies| {
+        policies.retention_policies = None
+    })
+    .await
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct TtlQuery {
+    #[serde(rename = "messageTTL")]
+    message_ttl: Option<i64>,
+}
+
+async fn get_ttl(
+    State(broker): State<AppState>,
+    Path((tenant, namespace, topic)): TopicPath,
+) -> ApiResult<Json<Option<i64>>> {
+    let name = topic_name(&tenant, &namespace, &topic)?;
+    Ok(Json(
+        broker
+            .resources()
+            .topic_policies(&name)?
+            .message_ttl_in_seconds,
+    ))
+}
+
+async fn set_ttl(
+    State(broker): State<AppState>,
+    Path((tenant, namespace, topic)): TopicPath,
+    Query(query): Query<TtlQuery>,
+    payload: Bytes,
+) -> ApiResult<()> {
+    let name = topic_name(&tenant, &namespace, &topic)?;
+    let seconds = match query.message_ttl {
+        Some(seconds) => seconds,
+        None => serde_json::from_slice(&payload).map_err(|error| {
+            ApiError::bad_request(format!("expected messageTTL seconds: {error}"))
+        })?,
+    };
+    if seconds < 0 {
+        return Err(ApiError::new(
+            StatusCode::PRECONDITION_FAILED,
+            "message TTL must not be negative",
+        ));
+    }
+    change_topic_policies(&broker, &name, |policies| {
+        policies.message_ttl_in_seconds = Some(seconds)
+    })
+    .await
+}
+
+async fn remove_ttl(
+    State(broker): State<AppState>,
+    Path((tenant, namespace, topic)): TopicPath,
+) -> ApiResult<()> {
+    let name = topic_name(&tenant, &namespace, &topic)?;
+    change_topic_policies(&broker, &name, |policies| {
+        policies.message_ttl_in_seconds = None
+    })
+    .await
+}
+
+async fn get_backlog_quotas(
+    State(broker): State<AppState>,
+    Path((tenant, namespace, topic)): TopicPath,
+) -> ApiResult<Json<BTreeMap<String, BacklogQuota>>> {
+    let name = topic_name(&tenant, &namespace, &topic)?;
+    Ok(Json(
+        broker.resources().topic_policies(&name)?.backlog_quota_map,
+    ))
+}
+
+async fn set_backlog_quota(
+    State(broker): State<AppState>,
+    Path((tenant, namespace, topic)): TopicPath,
+    Query(query): Query<QuotaType>,
+    payload: Result<Json<BacklogQuota>, JsonRejection>,
+) -> ApiResult<()> {
+    let name = topic_name(&tenant, &namespace, &topic)?;
+    let kind = quota_type(&query)?;
+    let quota = body(payload)?;
+    change_topic_policies(&broker, &name, |policies| {
+        policies.backlog_quota_map.insert(kind.clone(), quota);
+    })
+    .await
+}
+
+async fn remove_backlog_quota(
+    State(broker): State<AppState>,
+    Path((tenant, namespace, topic)): TopicPath,
+    Query(query): Query<QuotaType>,
+) -> ApiResult<()> {
+    let name = topic_name(&tenant, &namespace, &topic)?;
+    let kind = quota_type(&query)?;
+    change_topic_policies(&broker, &name, |policies| {
+        policies.backlog_quota_map.remove(&kind);
+    })
+    .await
+}
+
+async fn get_deduplication(
+    State(broker): State<AppState>,
+    Path((tenant, namespace, topic)): TopicPath,
+) -> ApiResult<Json<Option<bool>>> {
+    let name = topic_name(&tenant, &namespace, &topic)?;
+    Ok(Json(
+        broker
+            .resources()
+            .topic_policies(&name)?
+            .deduplication_enabled,
+    ))
+}
+
+async fn set_deduplication(
+    State(broker): State<AppState>,
+    Path((tenant, namespace, topic)): TopicPath,
+    payload: Result<Json<bool>, JsonRejection>,
+) -> ApiResult<()> {
+    let name = topic_name(&tenant, &namespace, &topic)?;
+    let enabled = body(payload)?;
+    change_topic_policies(&broker, &name, |policies| {
+        policies.deduplication_enabled = Some(enabled)
+    })
+    .await
+}
+
+async fn remove_deduplication(
+    State(broker): State<AppState>,
+    Path((tenant, namespace, topic)): TopicPath,
+) -> ApiResult<()> {
+    let name = topic_name(&tenant, &namespace, &topic)?;
+    change_topic_policies(&broker, &name, |policies| {
+        policies.deduplication_enabled = None
+    })
+    .await
+}
+
+async fn get_replication(
+    State(broker): State<AppState>,
+    Path((tenant, namespace, topic)): TopicPath,
+) -> ApiResult<Json<Option<Vec<String>>>> {
+    let name = topic_name(&tenant, &namespace, &topic)?;
+    Ok(Json(
+        broker
+            .resources()
+            .topic_policies(&name)?
+            .replication_clusters,
+    ))
+}
+
+async fn set_replication(
+    State(broker): State<AppState>,
+    Path((tenant, namespace, topic)): TopicPath,
+    payload: Result<Json<Vec<String>>, JsonRejection>,
+) -> ApiResult<()> {
+    let name = topic_name(&tenant, &namespace, &topic)?;
+    let clusters = body(payload)?;
+    let known = broker.resources().clusters()?;
+    if let Some(unknown) = clusters.iter().find(|cluster| !known.contains(cluster)) {
+        return Err(ApiError::new(
+            StatusCode::PRECONDITION_FAILED,
+            format!("cluster {unknown} does not exist"),
+        ));
+    }
+    change_topic_policies(&broker, &name, |policies| {
+        policies.replication_clusters = Some(clusters.clone())
+    })
+    .await
+}
+
+async fn remove_replication(
+    State(broker): State<AppState>,
+    Path((tenant, namespace, topic)): TopicPath,
+) -> ApiResult<()> {
+    let name = topic_name(&tenant, &namespace, &topic)?;
+    change_topic_policies(&broker, &name, |policies| {
+        policies.replication_clusters = None
+    })
+    .await
+}
+
+async fn lookup(
+    State(broker): State<AppState>,
+    Path((tenant, namespace, topic)): TopicPath,
+) -> ApiResult<Json<Value>> {
+    let name = topic_name(&tenant, &namespace, &topic)?;
+    require_namespace(&broker, &name)?;
+    let config = broker.config();
+    Ok(Json(json!({
+        "brokerUrl": config.broker_service_url,
+        "httpUrl": config.web_service_url,
+        "nativeUrl": config.broker_service_url,
+    })))
+}
