@@ -5,6 +5,7 @@
 //! embedded metadata (`<data-dir>/metadata.redb`), serving the Pulsar protocol on the broker
 //! port and HTTP on the web port, until SIGINT or SIGTERM.
 
+mod admin_cli;
 mod config;
 
 use std::path::PathBuf;
@@ -35,6 +36,8 @@ struct Cli {
 enum Command {
     /// Run one broker with embedded storage and metadata.
     Standalone(StandaloneArgs),
+    /// Administer a broker through its REST API (pulsar-admin's nouns and verbs).
+    Admin(admin_cli::AdminArgs),
 }
 
 #[derive(clap::Args)]
@@ -71,6 +74,7 @@ fn main() -> anyhow::Result<()> {
         .init();
     let cli = Cli::parse();
     match cli.command {
+        Command::Admin(arguments) => admin_cli::run(arguments),
         Command::Standalone(arguments) => {
             let mut config = Config::load(arguments.config.as_deref(), std::env::vars())?;
             if let Some(data_dir) = arguments.data_dir {

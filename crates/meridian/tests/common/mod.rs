@@ -113,6 +113,9 @@ impl BrokerProcess {
     /// Stops the broker with SIGTERM and waits for it; returns its exit code.
     pub fn stop(&mut self) -> Option<i32> {
         let mut child = self.child.take()?;
+        if let Ok(Some(status)) = child.try_wait() {
+            return status.code();
+        }
         let pid = child.id().to_string();
         let _ = Command::new("kill").args(["-TERM", &pid]).status();
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -168,4 +171,94 @@ impl Drop for BrokerProcess {
             self.stop();
         }
     }
+}
+
+/// A minimal HTTP client for the admin API.
+pub struct Admin {
+    base: String,
+}
+
+/// Status code and body (JSON when it parses, else a JSON string).
+pub type Reply = (u16, serde_json::Value);
+
+impl Admin {
+    pub fn new(broker: &BrokerProcess) -> Admin {
+        Admin {
+            base: format!("http://127.0.0.1:{}", broker.web_port),
+        }
+    }
+
+    pub fn call(&self, method: &str, path: &str, body: Option<&str>) -> Reply {
+        let request = ureq::request(method, &format!("{}{}", self.base, path))
+            .set("Content-Type", "application/json");
+        let response = match body {
+            Some(body) => request.send_string(body),
+            None => request.call(),
+        };
+        let (status, text) = match response {
+            Ok(response) => (
+                response.status(),
+                response.into_string().unwrap_or_default(),
+            ),
+            Err(ureq::Error::Status(status, response)) => {
+                (status, response.into_string().unwrap_or_default())
+            }
+            Err(error) => panic!("{method} {path}: {error}"),
+        };
+        let value = serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text));
+        (status, value)
+    }
+
+    pub fn get(&self, path: &str) -> Reply {
+        self.call("GET", path, None)
+    }
+
+    pub fn put(&self, path: &str, body: Option<&str>) -> Reply {
+        self.call("PUT", path, body)
+    }
+
+    pub fn post(&self, path: &str, body: &str) -> Reply {
+        self.call("POST", path, Some(body))
+    }
+
+    pub fn delete(&self, path: &str) -> Reply {
+        self.call("DELETE", path, None)
+    }
+
+    /// Asserts a 2xx status and returns the body.
+    pub fn ok(&self, reply: Reply) -> serde_json::Value {
+        assert!(
+            (200..300).contains(&reply.0),
+            "expected success, got {} {}",
+            reply.0,
+            reply.1
+        );
+        reply.1
+    }
+}
+
+/// Asserts an error status with a JSON reason.
+pub fn assert_error(reply: Reply, status: u16) {
+    assert_eq!(reply.0, status, "unexpected reply {}", reply.1);
+    assert!(
+        reply
+            .1
+            .get("reason")
+            .and_then(|reason| reason.as_str())
+            .is_some_and(|reason| !reason.is_empty()),
+        "error without a reason: {}",
+        reply.1
+    );
+}
+
+/// Polls `condition` until it holds or `timeout` passes.
+pub fn eventually(timeout: Duration, mut condition: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if condition() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    condition()
 }

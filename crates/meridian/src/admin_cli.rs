@@ -1,0 +1,769 @@
+//! `meridian admin`: pulsar-admin's nouns and verbs over the `/admin/v2` REST API.
+//!
+//! Output is a human-readable table by default and the server's JSON with `--output json`. An
+//! error response exits non-zero with the server's reason.
+
+use anyhow::{anyhow, bail, Context};
+use clap::{Args, Subcommand, ValueEnum};
+use serde_json::{json, Value};
+
+#[derive(Args)]
+pub struct AdminArgs {
+    /// Web service URL of the broker.
+    #[arg(
+        long,
+        default_value = "http://127.0.0.1:8080",
+        env = "MERIDIAN_ADMIN_URL"
+    )]
+    url: String,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = Output::Table)]
+    output: Output,
+    #[command(subcommand)]
+    noun: Noun,
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
+enum Output {
+    Table,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Noun {
+    /// Clusters known to this cluster.
+    #[command(subcommand)]
+    Clusters(ClusterVerb),
+    /// Tenants.
+    #[command(subcommand)]
+    Tenants(TenantVerb),
+    /// Namespaces and their policies.
+    #[command(subcommand)]
+    Namespaces(NamespaceVerb),
+    /// Topics, partitions and subscriptions.
+    #[command(subcommand)]
+    Topics(TopicVerb),
+}
+
+#[derive(Subcommand)]
+enum ClusterVerb {
+    List,
+    Get { cluster: String },
+    Create(ClusterData),
+    Update(ClusterData),
+    Delete { cluster: String },
+}
+
+#[derive(Args)]
+struct ClusterData {
+    cluster: String,
+    /// HTTP service URL (http://host:8080).
+    #[arg(long)]
+    url: Option<String>,
+    /// Broker service URL (pulsar://host:6650).
+    #[arg(long)]
+    broker_url: Option<String>,
+}
+
+#[derive(Subcommand)]
+enum TenantVerb {
+    List,
+    Get { tenant: String },
+    Create(TenantData),
+    Update(TenantData),
+    Delete { tenant: String },
+}
+
+#[derive(Args)]
+struct TenantData {
+    tenant: String,
+    /// Comma-separated admin roles.
+    #[arg(long, value_delimiter = ',')]
+    admin_roles: Vec<String>,
+    /// Comma-separated clusters the tenant may use.
+    #[arg(long, value_delimiter = ',')]
+    allowed_clusters: Vec<String>,
+}
+
+#[derive(Subcommand)]
+enum NamespaceVerb {
+    /// Namespaces of a tenant.
+    List {
+        tenant: String,
+    },
+    /// Create tenant/namespace.
+    Create {
+        namespace: String,
+        #[arg(long, value_delimiter = ',')]
+        clusters: Vec<String>,
+    },
+    Delete {
+        namespace: String,
+        #[arg(long, short)]
+        force: bool,
+    },
+    /// All policies of a namespace.
+    Policies {
+        namespace: String,
+    },
+    SetClusters {
+        namespace: String,
+        #[arg(long, value_delimiter = ',', required = true)]
+        clusters: Vec<String>,
+    },
+    GetClusters {
+        namespace: String,
+    },
+    /// Retention of acknowledged messages: --time 3h, --size 500M (-1 unlimited, 0 none).
+    SetRetention {
+        namespace: String,
+        #[arg(long, allow_hyphen_values = true)]
+        time: String,
+        #[arg(long, allow_hyphen_values = true)]
+        size: String,
+    },
+    GetRetention {
+        namespace: String,
+    },
+    /// Message TTL in seconds (0: none).
+    SetMessageTtl {
+        namespace: String,
+        #[arg(long)]
+        ttl: u64,
+    },
+    GetMessageTtl {
+        namespace: String,
+    },
+    /// Backlog quota: --limit 10G and/or --limit-time 3600, with a policy.
+    SetBacklogQuota {
+        namespace: String,
+        #[arg(long, allow_hyphen_values = true)]
+        limit: Option<String>,
+        #[arg(long, allow_hyphen_values = true)]
+        limit_time: Option<i64>,
+        #[arg(long, value_parser = ["producer_request_hold", "producer_exception", "consumer_backlog_eviction"])]
+        policy: String,
+        #[arg(long = "type", default_value = "destination_storage", value_parser = ["destination_storage", "message_age"])]
+        quota_type: String,
+    },
+    GetBacklogQuotas {
+        namespace: String,
+    },
+    SetDeduplication {
+        namespace: String,
+        #[arg(long, conflicts_with = "disable")]
+        enable: bool,
+        #[arg(long)]
+        disable: bool,
+    },
+    Unload {
+        namespace: String,
+    },
+    Topics {
+        namespace: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum TopicVerb {
+    /// Topics of tenant/namespace.
+    List {
+        namespace: String,
+    },
+    Create {
+        topic: String,
+    },
+    CreatePartitionedTopic {
+        topic: String,
+        #[arg(long, short)]
+        partitions: u32,
+    },
+    UpdatePartitionedTopic {
+        topic: String,
+        #[arg(long, short)]
+        partitions: u32,
+    },
+    GetPartitionedTopicMetadata {
+        topic: String,
+    },
+    Delete {
+        topic: String,
+        #[arg(long, short)]
+        force: bool,
+    },
+    DeletePartitionedTopic {
+        topic: String,
+        #[arg(long, short)]
+        force: bool,
+    },
+    Stats {
+        topic: String,
+    },
+    PartitionedStats {
+        topic: String,
+    },
+    StatsInternal {
+        topic: String,
+    },
+    LastMessageId {
+        topic: String,
+    },
+    Subscriptions {
+        topic: String,
+    },
+    CreateSubscription {
+        topic: String,
+        #[arg(long, short)]
+        subscription: String,
+        /// Start position: latest, earliest or ledger:entry.
+        #[arg(long, short, default_value = "latest")]
+        message_id: String,
+    },
+    Unsubscribe {
+        topic: String,
+        #[arg(long, short)]
+        subscription: String,
+        #[arg(long, short)]
+        force: bool,
+    },
+    /// Reset a subscription to a time (--time 10m: ten minutes ago) or a message id.
+    ResetCursor {
+        topic: String,
+        #[arg(long, short)]
+        subscription: String,
+        #[arg(long, short, conflicts_with = "message_id")]
+        time: Option<String>,
+        #[arg(long, short)]
+        message_id: Option<String>,
+    },
+    Skip {
+        topic: String,
+        #[arg(long, short)]
+        subscription: String,
+        #[arg(long, short = 'n')]
+        count: u64,
+    },
+    SkipAll {
+        topic: String,
+        #[arg(long, short)]
+        subscription: String,
+    },
+    ExpireMessages {
+        topic: String,
+        #[arg(long, short)]
+        subscription: String,
+        #[arg(long, short = 't')]
+        expire_time_in_seconds: u64,
+    },
+    PeekMessages {
+        topic: String,
+        #[arg(long, short)]
+        subscription: String,
+        #[arg(long, short = 'n', default_value_t = 1)]
+        count: u64,
+    },
+    Unload {
+        topic: String,
+    },
+}
+
+/// `persistent://t/ns/x`, `t/ns/x` or `x` → the REST path part `t/ns/x`.
+fn topic_path(topic: &str) -> anyhow::Result<String> {
+    let name = meridian_broker::TopicName::parse(topic).map_err(|error| anyhow!("{error}"))?;
+    Ok(format!(
+        "{}/{}/{}",
+        name.tenant,
+        name.namespace,
+        encode_segment(&name.local)
+    ))
+}
+
+fn encode_segment(segment: &str) -> String {
+    let mut encoded = String::new();
+    for byte in segment.bytes() {
+        if byte.is_ascii_alphanumeric() || b"-_.~".contains(&byte) {
+            encoded.push(byte as char);
+        } else {
+            encoded.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    encoded
+}
+
+/// `10`, `10s`, `5m`, `3h`, `2d`, `1w` → seconds (or minutes with `to_minutes`); `-1` stays -1.
+fn parse_duration_seconds(text: &str) -> anyhow::Result<i64> {
+    if text == "-1" {
+        return Ok(-1);
+    }
+    let (number, unit) = text.split_at(
+        text.find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(text.len()),
+    );
+    let value: i64 = number
+        .parse()
+        .with_context(|| format!("invalid duration {text:?}"))?;
+    let factor = match unit {
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        "w" => 604_800,
+        other => bail!("invalid duration unit {other:?} in {text:?} (use s, m, h, d or w)"),
+    };
+    Ok(value * factor)
+}
+
+/// `100`, `10K`, `5M`, `2G`, `1T` → bytes; `-1` stays -1.
+fn parse_size_bytes(text: &str) -> anyhow::Result<i64> {
+    if text == "-1" {
+        return Ok(-1);
+    }
+    let (number, unit) = text.split_at(
+        text.find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(text.len()),
+    );
+    let value: i64 = number
+        .parse()
+        .with_context(|| format!("invalid size {text:?}"))?;
+    let factor: i64 = match unit.to_ascii_uppercase().as_str() {
+        "" | "B" => 1,
+        "K" => 1 << 10,
+        "M" => 1 << 20,
+        "G" => 1 << 30,
+        "T" => 1 << 40,
+        other => bail!("invalid size unit {other:?} in {text:?} (use K, M, G or T)"),
+    };
+    Ok(value * factor)
+}
+
+fn message_id_body(text: &str) -> anyhow::Result<Value> {
+    Ok(match text {
+        "latest" => json!({ "ledgerId": i64::MAX, "entryId": i64::MAX }),
+        "earliest" => json!({ "ledgerId": -1, "entryId": -1 }),
+        other => {
+            let (ledger, entry) = other.split_once(':').ok_or_else(|| {
+                anyhow!("message id {other:?} must be latest, earliest or ledger:entry")
+            })?;
+            json!({ "ledgerId": ledger.parse::<i64>()?, "entryId": entry.parse::<i64>()? })
+        }
+    })
+}
+
+struct Http {
+    base: String,
+}
+
+enum Reply {
+    Json(Value),
+    Text(String),
+}
+
+impl Http {
+    fn call(&self, method: &str, path: &str, body: Option<Value>) -> anyhow::Result<Reply> {
+        let url = format!("{}{}", self.base.trim_end_matches('/'), path);
+        let request = ureq::request(method, &url);
+        let response = match body {
+            Some(body) => request.send_json(body),
+            None => request.call(),
+        };
+        let response = match response {
+            Ok(response) => response,
+            Err(ureq::Error::Status(status, response)) => {
+                let text = response.into_string().unwrap_or_default();
+                let reason = serde_json::from_str::<Value>(&text)
+                    .ok()
+                    .and_then(|value| {
+                        value
+                            .get("reason")
+                            .and_then(Value::as_str)
+                            .map(str::to_string)
+                    })
+                    .unwrap_or(text);
+                bail!("{status}: {reason}");
+            }
+            Err(error) => bail!("cannot reach {url}: {error}"),
+        };
+        let is_json = response.content_type() == "application/json";
+        let text = response.into_string().context("reading the response")?;
+        if is_json {
+            Ok(Reply::Json(
+                serde_json::from_str(&text).context("the server sent invalid JSON")?,
+            ))
+        } else {
+            Ok(Reply::Text(text))
+        }
+    }
+}
+
+/// Renders a JSON value as indented `key  value` rows (lists: one item per line).
+fn table(value: &Value, prefix: &str, out: &mut String) {
+    match value {
+        Value::Object(map) => {
+            for (key, value) in map {
+                let path = if prefix.is_empty() {
+                    key.clone()
+                } else {
+                    format!("{prefix}.{key}")
+                };
+                match value {
+                    Value::Object(inner) if !inner.is_empty() => table(value, &path, out),
+                    Value::Array(items) if items.iter().any(|item| item.is_object()) => {
+                        for (index, item) in items.iter().enumerate() {
+                            table(item, &format!("{path}[{index}]"), out);
+                        }
+                    }
+                    other => out.push_str(&format!("{path:<60} {}\n", scalar(other))),
+                }
+            }
+        }
+        Value::Array(items) => {
+            for item in items {
+                match item {
+                    Value::Object(_) => table(item, prefix, out),
+                    other => out.push_str(&format!("{}\n", scalar(other))),
+                }
+            }
+        }
+        other => out.push_str(&format!("{}\n", scalar(other))),
+    }
+}
+
+fn scalar(value: &Value) -> String {
+    match value {
+        Value::String(text) => text.clone(),
+        Value::Null => "-".into(),
+        Value::Array(items) => items.iter().map(scalar).collect::<Vec<_>>().join(","),
+        other => other.to_string(),
+    }
+}
+
+pub fn run(arguments: AdminArgs) -> anyhow::Result<()> {
+    let http = Http {
+        base: arguments.url,
+    };
+    let (method, path, body): (&str, String, Option<Value>) = match arguments.noun {
+        Noun::Clusters(verb) => match verb {
+            ClusterVerb::List => ("GET", "/admin/v2/clusters".into(), None),
+            ClusterVerb::Get { cluster } => ("GET", format!("/admin/v2/clusters/{cluster}"), None),
+            ClusterVerb::Create(data) => (
+                "PUT",
+                format!("/admin/v2/clusters/{}", data.cluster),
+                Some(json!({ "serviceUrl": data.url, "brokerServiceUrl": data.broker_url })),
+            ),
+            ClusterVerb::Update(data) => (
+                "POST",
+                format!("/admin/v2/clusters/{}", data.cluster),
+                Some(json!({ "serviceUrl": data.url, "brokerServiceUrl": data.broker_url })),
+            ),
+            ClusterVerb::Delete { cluster } => {
+                ("DELETE", format!("/admin/v2/clusters/{cluster}"), None)
+            }
+        },
+        Noun::Tenants(verb) => match verb {
+            TenantVerb::List => ("GET", "/admin/v2/tenants".into(), None),
+            TenantVerb::Get { tenant } => ("GET", format!("/admin/v2/tenants/{tenant}"), None),
+            TenantVerb::Create(data) => (
+                "PUT",
+                format!("/admin/v2/tenants/{}", data.tenant),
+                Some(
+                    json!({ "adminRoles": data.admin_roles, "allowedClusters": data.allowed_clusters }),
+                ),
+            ),
+            TenantVerb::Update(data) => (
+                "POST",
+                format!("/admin/v2/tenants/{}", data.tenant),
+                Some(
+                    json!({ "adminRoles": data.admin_roles, "allowedClusters": data.allowed_clusters }),
+                ),
+            ),
+            TenantVerb::Delete { tenant } => {
+                ("DELETE", format!("/admin/v2/tenants/{tenant}"), None)
+            }
+        },
+        Noun::Namespaces(verb) => namespace_request(verb)?,
+        Noun::Topics(verb) => topic_request(verb)?,
+    };
+    let reply = http.call(method, &path, body)?;
+    match (reply, arguments.output) {
+        (Reply::Json(value), Output::Json) => println!("{}", serde_json::to_string_pretty(&value)?),
+        (Reply::Json(value), Output::Table) => {
+            let mut out = String::new();
+            table(&value, "", &mut out);
+            print!("{out}");
+        }
+        (Reply::Text(text), _) => {
+            if !text.is_empty() {
+                println!("{text}");
+            }
+        }
+    }
+    Ok(())
+}
+
+fn namespace_request(verb: NamespaceVerb) -> anyhow::Result<(&'static str, String, Option<Value>)> {
+    let path = |namespace: &str, rest: &str| format!("/admin/v2/namespaces/{namespace}{rest}");
+    Ok(match verb {
+        NamespaceVerb::List { tenant } => ("GET", format!("/admin/v2/namespaces/{tenant}"), None),
+        NamespaceVerb::Create {
+            namespace,
+            clusters,
+        } => (
+            "PUT",
+            path(&namespace, ""),
+            (!clusters.is_empty()).then(|| json!({ "replication_clusters": clusters })),
+        ),
+        NamespaceVerb::Delete { namespace, force } => {
+            ("DELETE", path(&namespace, &format!("?force={force}")), None)
+        }
+        NamespaceVerb::Policies { namespace } => ("GET", path(&namespace, ""), None),
+        NamespaceVerb::SetClusters {
+            namespace,
+            clusters,
+        } => (
+            "POST",
+            path(&namespace, "/replication"),
+            Some(json!(clusters)),
+        ),
+        NamespaceVerb::GetClusters { namespace } => ("GET", path(&namespace, "/replication"), None),
+        NamespaceVerb::SetRetention {
+            namespace,
+            time,
+            size,
+        } => {
+            let seconds = parse_duration_seconds(&time)?;
+            let minutes = if seconds < 0 { -1 } else { seconds / 60 };
+            let bytes = parse_size_bytes(&size)?;
+            let megabytes = if bytes < 0 { -1 } else { bytes / (1 << 20) };
+            (
+                "POST",
+                path(&namespace, "/retention"),
+                Some(json!({ "retentionTimeInMinutes": minutes, "retentionSizeInMB": megabytes })),
+            )
+        }
+        NamespaceVerb::GetRetention { namespace } => ("GET", path(&namespace, "/retention"), None),
+        NamespaceVerb::SetMessageTtl { namespace, ttl } => {
+            ("POST", path(&namespace, "/messageTTL"), Some(json!(ttl)))
+        }
+        NamespaceVerb::GetMessageTtl { namespace } => {
+            ("GET", path(&namespace, "/messageTTL"), None)
+        }
+        NamespaceVerb::SetBacklogQuota {
+            namespace,
+            limit,
+            limit_time,
+            policy,
+            quota_type,
+        } => {
+            let limit_size = match limit {
+                Some(limit) => parse_size_bytes(&limit)?,
+                None => -1,
+            };
+            (
+                "POST",
+                path(
+                    &namespace,
+                    &format!("/backlogQuota?backlogQuotaType={quota_type}"),
+                ),
+                Some(
+                    json!({ "limitSize": limit_size, "limitTime": limit_time.unwrap_or(-1), "policy": policy }),
+                ),
+            )
+        }
+        NamespaceVerb::GetBacklogQuotas { namespace } => {
+            ("GET", path(&namespace, "/backlogQuotaMap"), None)
+        }
+        NamespaceVerb::SetDeduplication {
+            namespace,
+            enable,
+            disable,
+        } => {
+            if enable == disable {
+                bail!("give exactly one of --enable or --disable");
+            }
+            (
+                "POST",
+                path(&namespace, "/deduplication"),
+                Some(json!(enable)),
+            )
+        }
+        NamespaceVerb::Unload { namespace } => ("PUT", path(&namespace, "/unload"), None),
+        NamespaceVerb::Topics { namespace } => ("GET", path(&namespace, "/topics"), None),
+    })
+}
+
+fn topic_request(verb: TopicVerb) -> anyhow::Result<(&'static str, String, Option<Value>)> {
+    let base = |topic: &str| -> anyhow::Result<String> {
+        Ok(format!("/admin/v2/persistent/{}", topic_path(topic)?))
+    };
+    Ok(match verb {
+        TopicVerb::List { namespace } => ("GET", format!("/admin/v2/persistent/{namespace}"), None),
+        TopicVerb::Create { topic } => ("PUT", base(&topic)?, None),
+        TopicVerb::CreatePartitionedTopic { topic, partitions } => (
+            "PUT",
+            format!("{}/partitions", base(&topic)?),
+            Some(json!(partitions)),
+        ),
+        TopicVerb::UpdatePartitionedTopic { topic, partitions } => (
+            "POST",
+            format!("{}/partitions", base(&topic)?),
+            Some(json!(partitions)),
+        ),
+        TopicVerb::GetPartitionedTopicMetadata { topic } => {
+            ("GET", format!("{}/partitions", base(&topic)?), None)
+        }
+        TopicVerb::Delete { topic, force } => {
+            ("DELETE", format!("{}?force={force}", base(&topic)?), None)
+        }
+        TopicVerb::DeletePartitionedTopic { topic, force } => (
+            "DELETE",
+            format!("{}/partitions?force={force}", base(&topic)?),
+            None,
+        ),
+        TopicVerb::Stats { topic } => ("GET", format!("{}/stats", base(&topic)?), None),
+        TopicVerb::PartitionedStats { topic } => {
+            ("GET", format!("{}/partitioned-stats", base(&topic)?), None)
+        }
+        TopicVerb::StatsInternal { topic } => {
+            ("GET", format!("{}/internalStats", base(&topic)?), None)
+        }
+        TopicVerb::LastMessageId { topic } => {
+            ("GET", format!("{}/lastMessageId", base(&topic)?), None)
+        }
+        TopicVerb::Subscriptions { topic } => {
+            ("GET", format!("{}/subscriptions", base(&topic)?), None)
+        }
+        TopicVerb::CreateSubscription {
+            topic,
+            subscription,
+            message_id,
+        } => (
+            "PUT",
+            format!(
+                "{}/subscription/{}",
+                base(&topic)?,
+                encode_segment(&subscription)
+            ),
+            Some(message_id_body(&message_id)?),
+        ),
+        TopicVerb::Unsubscribe {
+            topic,
+            subscription,
+            force,
+        } => (
+            "DELETE",
+            format!(
+                "{}/subscription/{}?force={force}",
+                base(&topic)?,
+                encode_segment(&subscription)
+            ),
+            None,
+        ),
+        TopicVerb::ResetCursor {
+            topic,
+            subscription,
+            time,
+            message_id,
+        } => {
+            let subscription_path = format!(
+                "{}/subscription/{}",
+                base(&topic)?,
+                encode_segment(&subscription)
+            );
+            match (time, message_id) {
+                (Some(time), _) => {
+                    let now_ms = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map(|elapsed| elapsed.as_millis() as i64)?;
+                    let timestamp = now_ms - parse_duration_seconds(&time)? * 1000;
+                    (
+                        "POST",
+                        format!("{subscription_path}/resetcursor/{timestamp}"),
+                        None,
+                    )
+                }
+                (None, Some(message_id)) => (
+                    "POST",
+                    format!("{subscription_path}/resetcursor"),
+                    Some(message_id_body(&message_id)?),
+                ),
+                (None, None) => bail!("give --time or --message-id"),
+            }
+        }
+        TopicVerb::Skip {
+            topic,
+            subscription,
+            count,
+        } => (
+            "POST",
+            format!(
+                "{}/subscription/{}/skip/{count}",
+                base(&topic)?,
+                encode_segment(&subscription)
+            ),
+            None,
+        ),
+        TopicVerb::SkipAll {
+            topic,
+            subscription,
+        } => (
+            "POST",
+            format!(
+                "{}/subscription/{}/skip_all",
+                base(&topic)?,
+                encode_segment(&subscription)
+            ),
+            None,
+        ),
+        TopicVerb::ExpireMessages {
+            topic,
+            subscription,
+            expire_time_in_seconds,
+        } => (
+            "POST",
+            format!(
+                "{}/subscription/{}/expireMessages/{expire_time_in_seconds}",
+                base(&topic)?,
+                encode_segment(&subscription)
+            ),
+            None,
+        ),
+        TopicVerb::PeekMessages {
+            topic,
+            subscription,
+            count,
+        } => (
+            "GET",
+            format!(
+                "{}/subscription/{}/position/{count}",
+                base(&topic)?,
+                encode_segment(&subscription)
+            ),
+            None,
+        ),
+        TopicVerb::Unload { topic } => ("PUT", format!("{}/unload", base(&topic)?), None),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn units_and_names() {
+        assert_eq!(parse_duration_seconds("90").expect("seconds"), 90);
+        assert_eq!(parse_duration_seconds("3h").expect("hours"), 10_800);
+        assert_eq!(parse_duration_seconds("-1").expect("unlimited"), -1);
+        assert!(parse_duration_seconds("3y").is_err());
+        assert_eq!(parse_size_bytes("10M").expect("size"), 10 << 20);
+        assert!(parse_size_bytes("ten").is_err());
+        assert_eq!(
+            topic_path("orders").expect("short"),
+            "public/default/orders"
+        );
+        assert_eq!(
+            topic_path("persistent://a/b/c d").expect("encoded"),
+            "a/b/c%20d"
+        );
+        assert!(topic_path("persistent://a/b").is_err());
+    }
+}

@@ -1,0 +1,541 @@
+//! The `/admin/v2` REST API against a real broker: every resource, its error cases, and the
+//! policies the broker enforces.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{assert_error, eventually, Admin, BrokerProcess};
+use pulsar::consumer::{ConsumerOptions, InitialPosition};
+use pulsar::message::proto::command_subscribe::SubType;
+use pulsar::{Pulsar, TokioExecutor};
+use serde_json::json;
+
+fn setup_tenant(admin: &Admin, tenant: &str, namespace: &str) {
+    admin.ok(admin.put(
+        &format!("/admin/v2/tenants/{tenant}"),
+        Some(r#"{"adminRoles":["ops"],"allowedClusters":["standalone"]}"#),
+    ));
+    admin.ok(admin.put(&format!("/admin/v2/namespaces/{tenant}/{namespace}"), None));
+}
+
+#[test]
+fn clusters_and_tenants() {
+    let broker = BrokerProcess::start(&[]);
+    let admin = Admin::new(&broker);
+    assert_eq!(
+        admin.ok(admin.get("/admin/v2/clusters")),
+        json!(["standalone"])
+    );
+    let own = admin.ok(admin.get("/admin/v2/clusters/standalone"));
+    assert_eq!(own["brokerServiceUrl"], json!(broker.url()));
+
+    let east = r#"{"serviceUrl":"http://east:8080","brokerServiceUrl":"pulsar://east:6650","peerClusterNames":["west"]}"#;
+    admin.ok(admin.put("/admin/v2/clusters/east", Some(east)));
+    assert_error(admin.put("/admin/v2/clusters/east", Some(east)), 409);
+    assert_error(admin.put("/admin/v2/clusters/bad%20name", Some(east)), 412);
+    assert_error(
+        admin.put(
+            "/admin/v2/clusters/west",
+            Some(r#"{"brokerServiceUrl":"http://x"}"#),
+        ),
+        400,
+    );
+    assert_error(admin.put("/admin/v2/clusters/west", Some("{not json")), 400);
+    assert_eq!(
+        admin.ok(admin.get("/admin/v2/clusters/east"))["peerClusterNames"],
+        json!(["west"])
+    );
+    admin.ok(admin.post(
+        "/admin/v2/clusters/east",
+        r#"{"serviceUrl":"http://east2:8080"}"#,
+    ));
+    assert_eq!(
+        admin.ok(admin.get("/admin/v2/clusters/east"))["serviceUrl"],
+        json!("http://east2:8080")
+    );
+    assert_error(admin.get("/admin/v2/clusters/nowhere"), 404);
+
+    assert_eq!(admin.ok(admin.get("/admin/v2/tenants")), json!(["public"]));
+    admin.ok(admin.put(
+        "/admin/v2/tenants/acme",
+        Some(r#"{"adminRoles":["ops"],"allowedClusters":["standalone","east"]}"#),
+    ));
+    assert_error(
+        admin.put("/admin/v2/tenants/acme", Some(r#"{"allowedClusters":[]}"#)),
+        409,
+    );
+    assert_error(
+        admin.put(
+            "/admin/v2/tenants/other",
+            Some(r#"{"allowedClusters":["mars"]}"#),
+        ),
+        412,
+    );
+    assert_eq!(
+        admin.ok(admin.get("/admin/v2/tenants/acme"))["adminRoles"],
+        json!(["ops"])
+    );
+    // A cluster still allowed for a tenant cannot be deleted.
+    assert_error(admin.delete("/admin/v2/clusters/east"), 412);
+    admin.ok(admin.put("/admin/v2/namespaces/acme/orders", None));
+    // A tenant with namespaces cannot be deleted, nor lose clusters.
+    assert_error(admin.delete("/admin/v2/tenants/acme"), 409);
+    assert_error(
+        admin.post(
+            "/admin/v2/tenants/acme",
+            r#"{"allowedClusters":["standalone"]}"#,
+        ),
+        412,
+    );
+    admin.ok(admin.delete("/admin/v2/namespaces/acme/orders"));
+    admin.ok(admin.delete("/admin/v2/tenants/acme"));
+    admin.ok(admin.delete("/admin/v2/clusters/east"));
+    assert_error(admin.get("/admin/v2/tenants/acme"), 404);
+    broker.assert_no_errors();
+}
+
+#[test]
+fn namespaces_and_their_policies() {
+    let broker = BrokerProcess::start(&[]);
+    let admin = Admin::new(&broker);
+    setup_tenant(&admin, "acme", "orders");
+    assert_eq!(
+        admin.ok(admin.get("/admin/v2/namespaces/acme")),
+        json!(["acme/orders"])
+    );
+    assert_error(admin.put("/admin/v2/namespaces/acme/orders", None), 409);
+    assert_error(admin.put("/admin/v2/namespaces/nobody/orders", None), 404);
+    assert_error(admin.get("/admin/v2/namespaces/acme/missing"), 404);
+    admin.ok(admin.put(
+        "/admin/v2/namespaces/acme/billing",
+        Some(r#"{"replication_clusters":["standalone"],"message_ttl_in_seconds":30,"bundles":{"numBundles":4}}"#),
+    ));
+    let policies = admin.ok(admin.get("/admin/v2/namespaces/acme/billing"));
+    assert_eq!(policies["message_ttl_in_seconds"], json!(30));
+    assert_eq!(
+        policies["bundles"],
+        json!({"numBundles": 4}),
+        "unknown policy fields are kept"
+    );
+
+    let ns = "/admin/v2/namespaces/acme/orders";
+    assert_eq!(
+        admin.ok(admin.get(&format!("{ns}/replication"))),
+        json!(["standalone"])
+    );
+    assert_error(admin.post(&format!("{ns}/replication"), r#"["mars"]"#), 412);
+    assert_error(admin.post(&format!("{ns}/replication"), r#"[]"#), 412);
+    admin.ok(admin.post(
+        &format!("{ns}/retention"),
+        r#"{"retentionTimeInMinutes":60,"retentionSizeInMB":-1}"#,
+    ));
+    assert_eq!(
+        admin.ok(admin.get(&format!("{ns}/retention"))),
+        json!({"retentionTimeInMinutes":60,"retentionSizeInMB":-1})
+    );
+    assert_error(
+        admin.post(
+            &format!("{ns}/retention"),
+            r#"{"retentionTimeInMinutes":-5,"retentionSizeInMB":1}"#,
+        ),
+        412,
+    );
+    admin.ok(admin.post(&format!("{ns}/messageTTL"), "120"));
+    assert_eq!(admin.ok(admin.get(&format!("{ns}/messageTTL"))), json!(120));
+    assert_error(admin.post(&format!("{ns}/messageTTL"), "-3"), 412);
+    assert_error(admin.post(&format!("{ns}/messageTTL"), "\"soon\""), 400);
+    admin.ok(admin.post(
+        &format!("{ns}/backlogQuota?backlogQuotaType=destination_storage"),
+        r#"{"limitSize":1048576,"policy":"producer_exception"}"#,
+    ));
+    assert_eq!(
+        admin.ok(admin.get(&format!("{ns}/backlogQuotaMap")))["destination_storage"]["policy"],
+        json!("producer_exception")
+    );
+    assert_error(
+        admin.post(
+            &format!("{ns}/backlogQuota?backlogQuotaType=elsewhere"),
+            r#"{"limitSize":1,"policy":"producer_exception"}"#,
+        ),
+        400,
+    );
+    assert_error(
+        admin.post(
+            &format!("{ns}/backlogQuota"),
+            r#"{"limitSize":1,"policy":"shrug"}"#,
+        ),
+        400,
+    );
+    admin.ok(admin.delete(&format!(
+        "{ns}/backlogQuota?backlogQuotaType=destination_storage"
+    )));
+    admin.ok(admin.post(&format!("{ns}/deduplication"), "true"));
+    assert_eq!(
+        admin.ok(admin.get(&format!("{ns}/deduplication"))),
+        json!(true)
+    );
+    admin.ok(admin.delete(&format!("{ns}/deduplication")));
+    admin.ok(admin.delete(&format!("{ns}/retention")));
+    admin.ok(admin.delete(&format!("{ns}/messageTTL")));
+    let policies = admin.ok(admin.get(ns));
+    assert!(
+        policies.get("retention_policies").is_none()
+            && policies.get("message_ttl_in_seconds").is_none()
+    );
+    admin.ok(admin.post(
+        &format!("{ns}/autoTopicCreation"),
+        r#"{"allowAutoTopicCreation":false}"#,
+    ));
+    assert_error(
+        admin.post(
+            &format!("{ns}/autoTopicCreation"),
+            r#"{"allowAutoTopicCreation":true,"topicType":"round"}"#,
+        ),
+        400,
+    );
+
+    // A namespace with topics is only deleted with force.
+    admin.ok(admin.put("/admin/v2/persistent/acme/orders/kept", None));
+    assert_error(admin.delete(ns), 409);
+    admin.ok(admin.delete(&format!("{ns}?force=true")));
+    assert_error(admin.get(ns), 404);
+    broker.assert_no_errors();
+}
+
+async fn produce(pulsar: &Pulsar<TokioExecutor>, topic: &str, count: usize, size: usize) {
+    let mut producer = pulsar
+        .producer()
+        .with_topic(topic)
+        .build()
+        .await
+        .expect("producer");
+    for index in 0..count {
+        let mut payload = format!("{index}-").into_bytes();
+        payload.resize(size.max(payload.len()), b'x');
+        producer
+            .send_non_blocking(payload)
+            .await
+            .expect("queued")
+            .await
+            .expect("receipt");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn topics_subscriptions_and_stats() {
+    let broker = BrokerProcess::start(&[]);
+    let admin = Admin::new(&broker);
+    setup_tenant(&admin, "acme", "orders");
+    let base = "/admin/v2/persistent/acme/orders";
+    admin.ok(admin.put(&format!("{base}/plain"), None));
+    assert_error(admin.put(&format!("{base}/plain"), None), 409);
+    admin.ok(admin.put(&format!("{base}/parted/partitions"), Some("3")));
+    assert_error(
+        admin.put(&format!("{base}/parted/partitions"), Some("3")),
+        409,
+    );
+    assert_error(
+        admin.put(&format!("{base}/other/partitions"), Some("zero")),
+        400,
+    );
+    assert_eq!(
+        admin.ok(admin.get(&format!("{base}/parted/partitions"))),
+        json!({"partitions": 3})
+    );
+    admin.ok(admin.post(&format!("{base}/parted/partitions"), "5"));
+    assert_error(admin.post(&format!("{base}/parted/partitions"), "2"), 412);
+    assert_eq!(
+        admin.ok(admin.get(&format!("{base}/partitioned"))),
+        json!(["persistent://acme/orders/parted"])
+    );
+    let all = admin.ok(admin.get(base));
+    assert!(all
+        .as_array()
+        .expect("list")
+        .contains(&json!("persistent://acme/orders/plain")));
+    assert!(all
+        .as_array()
+        .expect("list")
+        .contains(&json!("persistent://acme/orders/parted-partition-4")));
+    assert_error(admin.get(&format!("{base}/missing/stats")), 404);
+    assert_error(
+        admin.get("/admin/v2/persistent/acme/nowhere/plain/stats"),
+        404,
+    );
+
+    let topic = "persistent://acme/orders/plain";
+    let pulsar = Pulsar::builder(broker.url(), TokioExecutor)
+        .build()
+        .await
+        .expect("connect");
+    admin.ok(admin.put(
+        &format!("{base}/plain/subscription/audit"),
+        Some(r#"{"ledgerId":-1,"entryId":-1}"#),
+    ));
+    assert_error(
+        admin.put(&format!("{base}/plain/subscription/audit"), None),
+        409,
+    );
+    let before = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_millis() as u64;
+    produce(&pulsar, topic, 20, 100).await;
+    assert_eq!(
+        admin.ok(admin.get(&format!("{base}/plain/subscriptions"))),
+        json!(["audit"])
+    );
+
+    let stats = admin.ok(admin.get(&format!("{base}/plain/stats")));
+    assert_eq!(stats["msgInCounter"], json!(20));
+    assert_eq!(stats["subscriptions"]["audit"]["msgBacklog"], json!(20));
+    assert!(stats["storageSize"].as_u64().expect("size") > 2000);
+    let internal = admin.ok(admin.get(&format!("{base}/plain/internalStats")));
+    assert_eq!(internal["numberOfEntries"], json!(20));
+    assert_eq!(
+        internal["cursors"]["audit"]["markDeletePosition"],
+        json!("-1:-1")
+    );
+    let last = admin.ok(admin.get(&format!("{base}/plain/lastMessageId")));
+    assert_eq!(last["entryId"], json!(19));
+
+    // Peek the third unacknowledged message, then skip and expire.
+    let (status, body) = admin.get(&format!("{base}/plain/subscription/audit/position/3"));
+    assert_eq!(status, 200);
+    assert!(body.as_str().expect("payload").starts_with("2-"));
+    admin.ok(admin.post(&format!("{base}/plain/subscription/audit/skip/5"), ""));
+    let backlog = |admin: &Admin| {
+        admin.ok(admin.get(&format!("{base}/plain/stats")))["subscriptions"]["audit"]["msgBacklog"]
+            .clone()
+    };
+    assert_eq!(backlog(&admin), json!(15));
+    admin.ok(admin.post(
+        &format!("{base}/plain/subscription/audit/resetcursor/{before}"),
+        "",
+    ));
+    assert_eq!(backlog(&admin), json!(20));
+    admin.ok(admin.post(
+        &format!("{base}/plain/subscription/audit/resetcursor"),
+        &format!(r#"{{"ledgerId":{},"entryId":10}}"#, last["ledgerId"]),
+    ));
+    assert_eq!(backlog(&admin), json!(10));
+    admin.ok(admin.post(
+        &format!("{base}/plain/subscription/audit/expireMessages/0"),
+        "",
+    ));
+    assert_eq!(backlog(&admin), json!(0));
+    admin.ok(admin.post(
+        &format!("{base}/plain/subscription/audit/resetcursor/0"),
+        "",
+    ));
+    admin.ok(admin.post(&format!("{base}/plain/subscription/audit/skip_all"), ""));
+    assert_eq!(backlog(&admin), json!(0));
+    assert_error(
+        admin.post(&format!("{base}/plain/subscription/nobody/skip/1"), ""),
+        404,
+    );
+
+    // Partitioned stats aggregate the partitions.
+    produce(&pulsar, "persistent://acme/orders/parted", 10, 10).await;
+    let parted = admin.ok(admin.get(&format!("{base}/parted/partitioned-stats")));
+    assert_eq!(parted["msgInCounter"], json!(10));
+    assert_eq!(parted["metadata"]["partitions"], json!(5));
+    assert_eq!(
+        parted["partitions"].as_object().expect("partitions").len(),
+        5
+    );
+
+    // A topic with a connected consumer is only deleted with force.
+    let _consumer: pulsar::Consumer<Vec<u8>, TokioExecutor> = pulsar
+        .consumer()
+        .with_topic(topic)
+        .with_subscription("live")
+        .with_subscription_type(SubType::Shared)
+        .with_options(ConsumerOptions::default().with_initial_position(InitialPosition::Earliest))
+        .build()
+        .await
+        .expect("consumer");
+    assert_error(admin.delete(&format!("{base}/plain")), 412);
+    assert_error(
+        admin.delete(&format!("{base}/plain/subscription/live")),
+        412,
+    );
+    admin.ok(admin.delete(&format!("{base}/plain/subscription/audit")));
+    admin.ok(admin.delete(&format!("{base}/plain?force=true")));
+    assert_error(admin.get(&format!("{base}/plain/stats")), 404);
+    admin.ok(admin.delete(&format!("{base}/parted/partitions?force=true")));
+    assert_eq!(
+        admin.ok(admin.get(&format!("{base}/partitioned"))),
+        json!([])
+    );
+
+    let lookup = admin.ok(admin.get("/lookup/v2/topic/persistent/acme/orders/anything"));
+    assert_eq!(lookup["brokerUrl"], json!(broker.url()));
+    let (status, metrics) = admin.get("/metrics");
+    assert_eq!(status, 200);
+    let metrics = metrics.as_str().expect("text").to_string();
+    for name in [
+        "pulsar_topics_count",
+        "pulsar_rate_in",
+        "pulsar_storage_size",
+        "pulsar_msg_backlog",
+        "pulsar_subscription_back_log",
+    ] {
+        assert!(
+            metrics.contains(&format!("# TYPE {name} ")),
+            "missing {name} in\n{metrics}"
+        );
+    }
+    broker.assert_no_errors();
+}
+
+/// A config file that makes policy checks run every second.
+fn fast_policy_config(directory: &std::path::Path, extra: &str) -> String {
+    let path = directory.join("meridian.toml");
+    std::fs::write(
+        &path,
+        format!("policy_check_interval_seconds = 1\nstats_interval_seconds = 1\nmax_message_size = 32768\n{extra}\n[storage]\ntrim_interval_ms = 200\nsegment_max_bytes = 65536\n"),
+    )
+    .expect("config");
+    path.display().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ttl_expires_and_retention_trims_disk() {
+    let directory = tempfile::tempdir().expect("tempdir");
+    let config = fast_policy_config(directory.path(), "");
+    let broker = BrokerProcess::start(&["--config", &config]);
+    let admin = Admin::new(&broker);
+    setup_tenant(&admin, "acme", "events");
+    let base = "/admin/v2/persistent/acme/events";
+    let pulsar = Pulsar::builder(broker.url(), TokioExecutor)
+        .build()
+        .await
+        .expect("connect");
+
+    // TTL: a subscription's old messages are acknowledged by expiry.
+    admin.ok(admin.put(&format!("{base}/ttl"), None));
+    admin.ok(admin.put(
+        &format!("{base}/ttl/subscription/slow"),
+        Some(r#"{"ledgerId":-1,"entryId":-1}"#),
+    ));
+    produce(&pulsar, "persistent://acme/events/ttl", 10, 100).await;
+    admin.ok(admin.post("/admin/v2/namespaces/acme/events/messageTTL", "1"));
+    assert!(eventually(Duration::from_secs(20), || {
+        admin.ok(admin.get(&format!("{base}/ttl/stats")))["subscriptions"]["slow"]["msgBacklog"]
+            == json!(0)
+    }));
+
+    // Retention: consumed data is deleted and storage really shrinks.
+    admin.ok(admin.put(&format!("{base}/retained"), None));
+    admin.ok(admin.put(
+        &format!("{base}/retained/subscription/reader"),
+        Some(r#"{"ledgerId":-1,"entryId":-1}"#),
+    ));
+    produce(&pulsar, "persistent://acme/events/retained", 300, 1000).await;
+    let size_before = admin.ok(admin.get(&format!("{base}/retained/stats")))["storageSize"]
+        .as_u64()
+        .expect("size");
+    assert!(size_before > 250_000);
+    admin.ok(admin.post(&format!("{base}/retained/subscription/reader/skip_all"), ""));
+    assert!(eventually(Duration::from_secs(20), || {
+        let size = admin.ok(admin.get(&format!("{base}/retained/stats")))["storageSize"]
+            .as_u64()
+            .unwrap_or(u64::MAX);
+        size < size_before / 4
+    }));
+    broker.assert_no_errors();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backlog_quotas_hold_reject_or_evict() {
+    let directory = tempfile::tempdir().expect("tempdir");
+    let config = fast_policy_config(directory.path(), "");
+    let broker = BrokerProcess::start(&["--config", &config]);
+    let admin = Admin::new(&broker);
+    let pulsar = Pulsar::builder(broker.url(), TokioExecutor)
+        .with_operation_retry_options(pulsar::OperationRetryOptions {
+            max_retries: Some(0),
+            ..Default::default()
+        })
+        .build()
+        .await
+        .expect("connect");
+    for (namespace, policy) in [
+        ("hold", "producer_request_hold"),
+        ("exception", "producer_exception"),
+        ("evict", "consumer_backlog_eviction"),
+    ] {
+        setup_tenant(&admin, namespace, "ns");
+        let base = format!("/admin/v2/persistent/{namespace}/ns");
+        admin.ok(admin.put(&format!("{base}/t"), None));
+        admin.ok(admin.put(
+            &format!("{base}/t/subscription/idle"),
+            Some(r#"{"ledgerId":-1,"entryId":-1}"#),
+        ));
+        admin.ok(admin.post(
+            &format!("/admin/v2/namespaces/{namespace}/ns/backlogQuota?backlogQuotaType=destination_storage"),
+            &format!(r#"{{"limitSize":20000,"policy":"{policy}"}}"#),
+        ));
+        let topic = format!("persistent://{namespace}/ns/t");
+        produce(&pulsar, &topic, 40, 1000).await;
+        if policy == "consumer_backlog_eviction" {
+            // The idle subscription is moved forward until its backlog fits the quota again.
+            assert!(eventually(Duration::from_secs(20), || {
+                let backlog = admin.ok(admin.get(&format!("{base}/t/stats")))["subscriptions"]
+                    ["idle"]["backlogSize"]
+                    .as_u64()
+                    .unwrap_or(u64::MAX);
+                backlog <= 20_000
+            }));
+            produce(&pulsar, &topic, 1, 10).await;
+        } else {
+            // New producers are refused while the backlog exceeds the quota.
+            let refused = pulsar.producer().with_topic(&topic).build().await;
+            let error = refused.err().expect("producer refused").to_string();
+            assert!(
+                error.contains("ProducerBlockedQuotaExceeded"),
+                "{policy}: {error}"
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_creation_override_and_namespace_deduplication() {
+    let broker = BrokerProcess::start(&[]);
+    let admin = Admin::new(&broker);
+    setup_tenant(&admin, "acme", "strict");
+    admin.ok(admin.post(
+        "/admin/v2/namespaces/acme/strict/autoTopicCreation",
+        r#"{"allowAutoTopicCreation":false}"#,
+    ));
+    let pulsar = Pulsar::builder(broker.url(), TokioExecutor)
+        .with_operation_retry_options(pulsar::OperationRetryOptions {
+            max_retries: Some(0),
+            ..Default::default()
+        })
+        .build()
+        .await
+        .expect("connect");
+    let refused = pulsar
+        .producer()
+        .with_topic("persistent://acme/strict/unknown")
+        .build()
+        .await;
+    let error = refused.err().expect("unknown topic refused").to_string();
+    assert!(error.contains("TopicNotFound"), "{error}");
+    admin.ok(admin.put("/admin/v2/persistent/acme/strict/known", None));
+    produce(&pulsar, "persistent://acme/strict/known", 1, 10).await;
+
+    // De-duplication switched on for one namespace only.
+    setup_tenant(&admin, "dedup", "on");
+    admin.ok(admin.post("/admin/v2/namespaces/dedup/on/deduplication", "true"));
+    admin.ok(admin.put("/admin/v2/persistent/dedup/on/t", None));
+    produce(&pulsar, "persistent://dedup/on/t", 1, 10).await;
+    let stats = admin.ok(admin.get("/admin/v2/persistent/dedup/on/t/stats"));
+    assert_eq!(stats["deduplicationStatus"], json!("Enabled"));
+    let stats = admin.ok(admin.get("/admin/v2/persistent/acme/strict/known/stats"));
+    assert_eq!(stats["deduplicationStatus"], json!("Disabled"));
+}
