@@ -50,6 +50,7 @@ pub fn routes() -> Router<AppState> {
             get(last_message_id),
         )
         .route(&format!("{base}/{{topic}}/unload"), put(unload))
+        .route(&format!("{base}/{{topic}}/terminate"), post(terminate))
         .route(
             &format!("{base}/{{topic}}/subscriptions"),
             get(subscriptions),
@@ -386,6 +387,29 @@ async fn unload(
         broker.unload(&topic).await;
     }
     Ok(())
+}
+
+async fn terminate(
+    State(broker): State<AppState>,
+    Path((tenant, namespace, topic)): TopicPath,
+) -> ApiResult<Json<Value>> {
+    let name = topic_name(&tenant, &namespace, &topic)?;
+    if broker.partition_count(&name)?.is_some() {
+        return Err(ApiError::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            format!("{name} is a partitioned topic; terminate its partitions"),
+        ));
+    }
+    let last = broker.terminate(&name).await?;
+    let partition_index = name.partition_index().map_or(-1, i64::from);
+    Ok(Json(match last {
+        Some(position) => json!({
+            "ledgerId": position.ledger_id,
+            "entryId": position.entry_id,
+            "partitionIndex": partition_index,
+        }),
+        None => json!({ "ledgerId": -1, "entryId": -1, "partitionIndex": partition_index }),
+    }))
 }
 
 async fn subscriptions(

@@ -49,6 +49,13 @@ pub struct Broker {
     next_key: AtomicU64,
 }
 
+fn terminated_key(topic: &TopicName) -> String {
+    format!(
+        "/terminated-topics/{}/{}/{}",
+        topic.tenant, topic.namespace, topic.local
+    )
+}
+
 fn partitioned_key(topic: &TopicName) -> String {
     let base = topic.base();
     format!(
@@ -181,14 +188,16 @@ impl Broker {
                     }
                 }
                 let policies = self.resources.effective_policies(name)?;
+                let terminated = self.metadata.get(&terminated_key(name))?.is_some();
                 let shared = self.shared.clone();
                 let name = name.clone();
-                let topic =
-                    tokio::task::spawn_blocking(move || Topic::load(shared, name, &policies))
-                        .await
-                        .map_err(|error| {
-                            BrokerError::Unknown(format!("topic load task failed: {error}"))
-                        })??;
+                let topic = tokio::task::spawn_blocking(move || {
+                    Topic::load(shared, name, &policies, terminated)
+                })
+                .await
+                .map_err(|error| {
+                    BrokerError::Unknown(format!("topic load task failed: {error}"))
+                })??;
                 self.known_topics
                     .lock()
                     .unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -392,6 +401,8 @@ impl Broker {
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
             .remove(&name.to_string());
+        self.metadata
+            .delete(&terminated_key(name), ExpectedVersion::Any)?;
         Ok(())
     }
 
@@ -419,6 +430,19 @@ impl Broker {
         self.metadata
             .delete(&partitioned_key(name), ExpectedVersion::Any)?;
         Ok(())
+    }
+
+    /// Terminates a topic for good (it survives restarts); returns its last message's position.
+    pub async fn terminate(&self, name: &TopicName) -> Result<Option<meridian_storage::Position>> {
+        if !self.topic_exists(name) {
+            return Err(BrokerError::NotFound(format!(
+                "topic {name} does not exist"
+            )));
+        }
+        let topic = self.topic(name, false).await?;
+        self.metadata
+            .put(&terminated_key(name), b"{}", ExpectedVersion::Any)?;
+        Ok(topic.terminate())
     }
 
     /// Creates a non-partitioned topic (its log) without a client.

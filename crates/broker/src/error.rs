@@ -42,6 +42,8 @@ pub enum BrokerError {
     ProducerBlockedQuotaExceededError(String),
     #[error("{0}")]
     ProducerBlockedQuotaExceededException(String),
+    #[error("topic {0} is terminated")]
+    TopicTerminated(String),
     #[error("broker is shutting down")]
     ShuttingDown,
     #[error("{0}")]
@@ -69,6 +71,7 @@ impl BrokerError {
             BrokerError::Storage(_) => ServerError::PersistenceError,
             BrokerError::Metadata(_) => ServerError::MetadataError,
             BrokerError::ShuttingDown => ServerError::ServiceNotReady,
+            BrokerError::TopicTerminated(_) => ServerError::TopicTerminatedError,
             BrokerError::NotFound(_) => ServerError::TopicNotFound,
             BrokerError::AlreadyExists(_)
             | BrokerError::PreconditionFailed(_)

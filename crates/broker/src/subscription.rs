@@ -25,7 +25,7 @@ use std::time::Duration;
 use meridian_storage::{InitialPosition, Log, Position};
 use meridian_wire::proto::{
     base_command, BaseCommand, CommandActiveConsumerChange, CommandCloseConsumer, CommandMessage,
-    IntRange, MessageIdData,
+    CommandReachedEndOfTopic, IntRange, MessageIdData,
 };
 use tokio::sync::Notify;
 
@@ -109,6 +109,8 @@ struct ConsumerSlot {
     /// Key_Shared: joined while messages were in flight; gets no new messages at or after this
     /// position until everything before it is acknowledged.
     held_from: Option<Position>,
+    /// REACHED_END_OF_TOPIC was sent.
+    told_end: bool,
     address: String,
     client_version: String,
     connected_since: String,
@@ -167,6 +169,8 @@ pub struct Subscription {
     stopped: AtomicBool,
     meter_out: Meter,
     redelivered: Meter,
+    /// The topic's termination flag.
+    terminated: Arc<AtomicBool>,
 }
 
 fn now_ms() -> u64 {
@@ -214,6 +218,7 @@ impl Subscription {
         partition_index: i32,
         log: Arc<Log>,
         config: Arc<BrokerConfig>,
+        terminated: Arc<AtomicBool>,
     ) -> Result<Arc<Subscription>> {
         let mark_delete = match start {
             StartPosition::Initial(initial) => {
@@ -252,6 +257,7 @@ impl Subscription {
             stopped: AtomicBool::new(false),
             meter_out: Meter::default(),
             redelivered: Meter::default(),
+            terminated,
         });
         let dispatcher = subscription.clone();
         tokio::spawn(async move { dispatcher.dispatch_loop().await });
@@ -336,6 +342,7 @@ impl Subscription {
                 closed: consumer.closed,
                 sticky_ranges,
                 held_from,
+                told_end: false,
                 address: consumer.address,
                 client_version: consumer.client_version,
                 connected_since: crate::topic::now_rfc3339(),
@@ -536,6 +543,42 @@ impl Subscription {
         frames
     }
 
+    /// Makes the dispatcher look at the state again.
+    pub(crate) fn wake(&self) {
+        self.wake.notify_one();
+    }
+
+    /// For a terminated topic: tells consumers that have everything that the topic ended.
+    fn end_of_topic_frames(&self, state: &mut DispatchState) -> Vec<(OutboundSender, Outbound)> {
+        let drained = self.terminated.load(Ordering::SeqCst)
+            && state.replay.is_empty()
+            && state.delayed.is_empty()
+            && self
+                .log
+                .last_position()
+                .is_none_or(|last| state.read_position > last);
+        if !drained {
+            return Vec::new();
+        }
+        let mut frames = Vec::new();
+        for consumer in state
+            .consumers
+            .iter_mut()
+            .filter(|consumer| !consumer.told_end)
+        {
+            consumer.told_end = true;
+            let command = BaseCommand {
+                r#type: base_command::Type::ReachedEndOfTopic as i32,
+                reached_end_of_topic: Some(CommandReachedEndOfTopic {
+                    consumer_id: consumer.consumer_id,
+                }),
+                ..BaseCommand::default()
+            };
+            frames.push((consumer.sink.clone(), command_frame(&command)));
+        }
+        frames
+    }
+
     pub(crate) fn sample_rates(&self) {
         self.meter_out.sample();
         self.redelivered.sample();
@@ -650,6 +693,7 @@ impl Subscription {
                 state.replay.insert(key.1, hash);
             }
             let wake_at_ms = state.delayed.keys().next().map(|(at, _)| *at);
+            send_now(self.end_of_topic_frames(&mut state));
             let permits = self.available_permits(&state);
             if permits == 0 {
                 return Round::Idle { wake_at_ms };

@@ -116,6 +116,9 @@ pub struct Topic {
     meter_in: Meter,
     /// Whether de-duplication is on for this load of the topic.
     deduplication: bool,
+    /// Terminated topics accept no more messages; shared with the subscriptions, which tell
+    /// their consumers when they have read everything.
+    terminated: Arc<AtomicBool>,
     closed: AtomicBool,
     /// Entries appended since the topic was loaded.
     entries_added: AtomicU64,
@@ -133,6 +136,7 @@ impl Topic {
         shared: Arc<BrokerShared>,
         name: TopicName,
         policies: &EffectivePolicies,
+        terminated: bool,
     ) -> Result<Arc<Topic>> {
         let full_name = name.to_string();
         let log = shared.storage.open_log(&full_name)?;
@@ -167,6 +171,7 @@ impl Topic {
             }),
             meter_in: Meter::default(),
             deduplication,
+            terminated: Arc::new(AtomicBool::new(terminated)),
             closed: AtomicBool::new(false),
             entries_added: AtomicU64::new(0),
         }))
@@ -188,6 +193,9 @@ impl Topic {
 
     /// Admits a producer, enforcing unique names and access modes.
     pub fn add_producer(&self, key: u64, request: NewProducer) -> Result<ProducerGrant> {
+        if self.is_terminated() {
+            return Err(BrokerError::TopicTerminated(self.full_name.clone()));
+        }
         let mut state = self.lock();
         let name = match request.name {
             Some(name) if !name.is_empty() => name,
@@ -297,6 +305,9 @@ impl Topic {
         publish_time_ms: u64,
     ) -> Result<PublishFuture> {
         let highest = sequence_id.max(highest_sequence_id);
+        if self.is_terminated() {
+            return Err(BrokerError::TopicTerminated(self.full_name.clone()));
+        }
         let pending = {
             let mut state = self.lock();
             match state.dedup.as_mut().map(|dedup| dedup.check(producer_name, sequence_id, highest)) {
@@ -419,6 +430,7 @@ impl Topic {
                     self.partition_index,
                     self.log.clone(),
                     self.shared.config.clone(),
+                    self.terminated.clone(),
                 )?;
                 state
                     .subscriptions
@@ -673,6 +685,22 @@ pub struct QuotaBreach {
 }
 
 impl Topic {
+    pub fn is_terminated(&self) -> bool {
+        self.terminated.load(Ordering::SeqCst)
+    }
+
+    /// Terminates the topic: no more messages are accepted, producers are closed, and
+    /// consumers are told once they have read everything. Returns the last message's position.
+    /// The caller persists the termination.
+    pub fn terminate(&self) -> Option<Position> {
+        self.terminated.store(true, Ordering::SeqCst);
+        self.close_producers();
+        for subscription in self.lock().subscriptions.values() {
+            subscription.wake();
+        }
+        self.log.last_position()
+    }
+
     pub fn deduplication_enabled(&self) -> bool {
         self.deduplication
     }

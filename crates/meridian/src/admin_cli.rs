@@ -265,6 +265,10 @@ enum TopicVerb {
     Unload {
         topic: String,
     },
+    /// Terminate a topic: no more messages are accepted.
+    Terminate {
+        topic: String,
+    },
 }
 
 /// `persistent://t/ns/x`, `t/ns/x` or `x` → the REST path part `t/ns/x`.
@@ -741,6 +745,7 @@ fn topic_request(verb: TopicVerb) -> anyhow::Result<(&'static str, String, Optio
             None,
         ),
         TopicVerb::Unload { topic } => ("PUT", format!("{}/unload", base(&topic)?), None),
+        TopicVerb::Terminate { topic } => ("POST", format!("{}/terminate", base(&topic)?), None),
     })
 }
 

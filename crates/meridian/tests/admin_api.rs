@@ -539,3 +539,55 @@ async fn auto_creation_override_and_namespace_deduplication() {
     let stats = admin.ok(admin.get("/admin/v2/persistent/acme/strict/known/stats"));
     assert_eq!(stats["deduplicationStatus"], json!("Disabled"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn terminated_topics_refuse_producers_across_restarts() {
+    let mut broker = BrokerProcess::start(&[]);
+    let admin = Admin::new(&broker);
+    let pulsar = Pulsar::builder(broker.url(), TokioExecutor)
+        .with_operation_retry_options(pulsar::OperationRetryOptions {
+            max_retries: Some(0),
+            ..Default::default()
+        })
+        .build()
+        .await
+        .expect("connect");
+    produce(&pulsar, "persistent://public/default/ending", 3, 10).await;
+    let last = admin.ok(admin.post("/admin/v2/persistent/public/default/ending/terminate", ""));
+    assert_eq!(last["entryId"], json!(2));
+    let refused = pulsar
+        .producer()
+        .with_topic("persistent://public/default/ending")
+        .build()
+        .await;
+    assert!(refused
+        .err()
+        .expect("refused")
+        .to_string()
+        .contains("TopicTerminated"));
+    assert_error(
+        admin.post("/admin/v2/persistent/public/default/nothing/terminate", ""),
+        404,
+    );
+    drop(pulsar);
+    broker.stop();
+    broker.restart();
+    let pulsar = Pulsar::builder(broker.url(), TokioExecutor)
+        .with_operation_retry_options(pulsar::OperationRetryOptions {
+            max_retries: Some(0),
+            ..Default::default()
+        })
+        .build()
+        .await
+        .expect("connect");
+    let refused = pulsar
+        .producer()
+        .with_topic("persistent://public/default/ending")
+        .build()
+        .await;
+    assert!(refused
+        .err()
+        .expect("still refused")
+        .to_string()
+        .contains("TopicTerminated"));
+}
