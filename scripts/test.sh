@@ -22,6 +22,10 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "== cargo test"
 cargo test --workspace --locked
 
+echo "== official Python client compatibility suite (compat/)"
+# Uses the broker binary that `cargo test` just built (target/debug/meridian).
+./compat/run.sh -q
+
 echo "== fuzzing the frame decoder for 20 s"
 # cargo-fuzz needs nightly-only compiler flags; RUSTC_BOOTSTRAP lets the stable toolchain
 # accept them for this one build.

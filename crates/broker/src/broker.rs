@@ -260,6 +260,10 @@ impl Broker {
     /// `allow_create`, an unknown topic is auto-created as partitioned if the broker is
     /// configured that way.
     pub fn partitioned_metadata(&self, name: &TopicName, allow_create: bool) -> Result<u32> {
+        // A partition is a plain topic, never partitioned itself.
+        if name.partition_index().is_some() {
+            return Ok(0);
+        }
         if let Some(partitions) = self.partition_count(name)? {
             return Ok(partitions);
         }

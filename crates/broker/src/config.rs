@@ -1,9 +1,9 @@
 //! Broker settings, with Pulsar's defaults where Pulsar has one.
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// How topics are auto-created on first use.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum AutoTopicCreationType {
     NonPartitioned,

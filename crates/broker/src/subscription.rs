@@ -449,6 +449,7 @@ impl Subscription {
                 .find(|consumer| consumer.key == key)
             {
                 consumer.permits = consumer.permits.saturating_add(i64::from(permits));
+                tracing::trace!(subscription = %self.name, added = permits, permits = consumer.permits, "flow");
             }
         }
         self.wake.notify_one();
@@ -696,6 +697,14 @@ impl Subscription {
             send_now(self.end_of_topic_frames(&mut state));
             let permits = self.available_permits(&state);
             if permits == 0 {
+                tracing::trace!(
+                    topic = %self.topic,
+                    subscription = %self.name,
+                    replay = state.replay.len(),
+                    pending = state.pending.len(),
+                    consumers = ?state.consumers.iter().map(|consumer| (consumer.permits, consumer.unacked_messages)).collect::<Vec<_>>(),
+                    "dispatcher idle: no permits"
+                );
                 return Round::Idle { wake_at_ms };
             }
             let max_entries =

@@ -12,9 +12,9 @@ use anyhow::{bail, Context};
 use meridian_broker::{AutoTopicCreationType, BrokerConfig};
 use meridian_server::ServerConfig;
 use meridian_storage::{FlushPolicy, StorageConfig};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     pub cluster_name: String,
@@ -40,7 +40,7 @@ pub struct Config {
     pub storage: StorageSection,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct StorageSection {
     /// `fsync` (default) or `relaxed-write-only` (NOT durable against machine crashes).
@@ -99,6 +99,9 @@ impl Default for StorageSection {
     }
 }
 
+/// Keys without a default value (absent from the serialized defaults).
+const OPTIONAL_KEYS: &[&str] = &["advertised_address"];
+
 /// Reads a value given in an environment variable as TOML (number, boolean), else as a string.
 fn env_value(raw: &str) -> toml::Value {
     let parsed: Result<toml::Table, _> = toml::from_str(&format!("value = {raw}"));
@@ -123,6 +126,8 @@ impl Config {
             }
             None => toml::Table::new(),
         };
+        let known =
+            toml::Value::try_from(Config::default()).context("listing configuration keys")?;
         for (name, raw) in environment {
             let Some(key) = name.strip_prefix("MERIDIAN_") else {
                 continue;
@@ -132,6 +137,16 @@ impl Config {
                 .split("__")
                 .map(str::to_string)
                 .collect();
+            // Other tools' MERIDIAN_* variables (MERIDIAN_BIN, MERIDIAN_ADMIN_URL, ...) are not
+            // configuration: only variables naming a known key apply.
+            let is_key = (path.len() == 1 && OPTIONAL_KEYS.contains(&path[0].as_str()))
+                || path
+                    .iter()
+                    .try_fold(&known, |value, part| value.get(part))
+                    .is_some_and(|value| !value.is_table());
+            if !is_key {
+                continue;
+            }
             let Some((last, parents)) = path.split_last() else {
                 continue;
             };
@@ -270,10 +285,16 @@ mod tests {
                 "relaxed-write-only".to_string(),
             ),
             ("OTHER".to_string(), "ignored".to_string()),
+            ("MERIDIAN_BIN".to_string(), "/not/a/key".to_string()),
+            (
+                "MERIDIAN_ADVERTISED_ADDRESS".to_string(),
+                "broker.example".to_string(),
+            ),
         ];
         let config = Config::load(Some(&path), environment.into_iter()).expect("load");
         assert_eq!(config.broker_port, 7000);
         assert_eq!(config.web_port, 9000);
+        assert_eq!(config.advertised_address(), "broker.example");
         assert_eq!(
             config.allow_auto_topic_creation_type,
             AutoTopicCreationType::Partitioned

@@ -1,0 +1,263 @@
+"""Fixtures: real `meridian standalone` brokers, official-client clients, and the log rule.
+
+Fixtures
+- `broker` (module scope): one broker with the default configuration for the whole test module.
+  A module that needs another configuration overrides it:
+
+      @pytest.fixture(scope="module")
+      def broker(module_brokers):
+          return module_brokers.start(config={"deduplication_enabled": True})
+
+- `broker_factory` (function scope): `broker_factory.start(config=None)` starts a broker that
+  belongs to the current test, for tests that restart or kill it or provoke errors.
+- `client_factory` (function scope): `client_factory(broker)` returns a `pulsar.Client` for that
+  broker; every client is closed at teardown, before the test's own brokers are stopped.
+- `client`: `client_factory(broker)`.
+- `topic`: a fresh persistent topic name in public/default, unique to the test.
+
+Every broker exposes `service_url`, `web_url`, `data_dir`, `restart()` and
+`kill9_and_restart()` (same data directory and ports); see broker_process.py.
+
+The log rule (neon's): after each test, the ` ERROR ` lines and Rust panics that the brokers
+logged while it ran fail the test, unless the test declares them expected with
+`@pytest.mark.allow_broker_errors(*regexes)` (no regex: any ERROR line is expected). Panics are
+never expected. A broker that exits without being told to also fails the test.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import re
+import signal
+from pathlib import Path
+from typing import Optional
+
+import pulsar
+import pytest
+
+import broker_process
+from broker_process import BrokerError, BrokerProcess
+from helpers import unique_topic
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+# Client operation timeout (create producer/consumer, close, ...). Bounded so that a broker that
+# never answers fails a test instead of hanging it; generous for a debug build.
+CLIENT_OPERATION_TIMEOUT_S = 20
+
+atexit.register(broker_process.kill_leftovers)
+
+
+def _interrupt_on_sigterm(signum, frame):
+    raise KeyboardInterrupt(f"received signal {signum}")
+
+
+def pytest_configure(config):
+    # A runner that stops the suite with SIGTERM gets the same orderly teardown as Ctrl-C:
+    # every broker is stopped through its fixture instead of being left behind.
+    signal.signal(signal.SIGTERM, _interrupt_on_sigterm)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    broker_process.kill_leftovers()
+
+
+# ------------------------------------------------------------------ the broker binary
+
+
+@pytest.fixture(scope="session")
+def meridian_bin() -> Path:
+    default = Path(os.environ.get("CARGO_TARGET_DIR", REPO_ROOT / "target")) / "debug" / "meridian"
+    binary = Path(os.environ.get("MERIDIAN_BIN", default))
+    if not binary.is_absolute():
+        binary = REPO_ROOT / binary
+    if not (binary.is_file() and os.access(binary, os.X_OK)):
+        pytest.exit(
+            f"broker binary {binary} not found or not executable: build it with "
+            "`cargo build -p meridian` or point MERIDIAN_BIN at it (compat/run.sh does both)",
+            returncode=3,
+        )
+    return binary
+
+
+# ------------------------------------------------------------------ brokers
+
+
+def _allowed_errors(node) -> Optional[list[re.Pattern]]:
+    """The test's allowance: None = any ERROR line allowed; a list = only those matching."""
+    allowed: list[re.Pattern] = []
+    for marker in node.iter_markers("allow_broker_errors"):
+        if not marker.args:
+            return None
+        allowed += [re.compile(pattern) for pattern in marker.args]
+    return allowed
+
+
+class BrokerFactory:
+    """Starts brokers for one scope and stops every one of them when the scope ends."""
+
+    def __init__(self, binary: Path, tmp_path_factory, label: str, allowed_errors):
+        self.binary = binary
+        self.tmp_path_factory = tmp_path_factory
+        self.label = label
+        self.allowed_errors = allowed_errors
+        self.brokers: list[BrokerProcess] = []
+
+    def start(self, config: Optional[dict] = None) -> BrokerProcess:
+        name = f"{self.label}#{len(self.brokers)}"
+        base_dir = self.tmp_path_factory.mktemp(re.sub(r"[^A-Za-z0-9_.-]+", "_", name)[:80])
+        broker = BrokerProcess(self.binary, base_dir, name, config)
+        self.brokers.append(broker)
+        broker_process.KNOWN_BROKERS.append(broker)
+        failure = None
+        try:
+            broker.start()
+        except BrokerError as error:
+            failure = str(error)
+        if failure is not None:
+            pytest.fail(failure, pytrace=False)
+        return broker
+
+    def stop_all(self) -> None:
+        """Stop every broker; then fail if any stop went wrong or the logs broke the rule."""
+        failures = []
+        for broker in self.brokers:
+            try:
+                broker.stop()
+            except BrokerError as error:
+                failures.append(str(error))
+            finally:
+                broker.kill()  # no-op unless stop() left it running
+            problems = broker.take_new_problems(self.allowed_errors)
+            if problems:
+                failures.append(
+                    f"{broker.name} logged unexpected errors (after the last test that used it or "
+                    f"while stopping); log: {broker.log_path}\n" + "\n".join(map(str, problems))
+                )
+            if broker in broker_process.KNOWN_BROKERS:
+                broker_process.KNOWN_BROKERS.remove(broker)
+        if failures:
+            pytest.fail("\n\n".join(failures), pytrace=False)
+
+
+@pytest.fixture(scope="module")
+def module_brokers(meridian_bin, tmp_path_factory, request):
+    factory = BrokerFactory(meridian_bin, tmp_path_factory, request.module.__name__, allowed_errors=[])
+    yield factory
+    factory.stop_all()
+
+
+@pytest.fixture(scope="module")
+def broker(module_brokers) -> BrokerProcess:
+    return module_brokers.start()
+
+
+@pytest.fixture
+def broker_factory(meridian_bin, tmp_path_factory, request):
+    factory = BrokerFactory(
+        meridian_bin, tmp_path_factory, request.node.name, _allowed_errors(request.node)
+    )
+    yield factory
+    factory.stop_all()
+
+
+# ------------------------------------------------------------------ clients
+
+
+class ClientFactory:
+    def __init__(self, log_dir: Path):
+        self.log_dir = log_dir
+        self.clients: list[pulsar.Client] = []
+        self.log_paths: list[Path] = []
+
+    def __call__(self, broker: BrokerProcess, **kwargs) -> pulsar.Client:
+        if broker.exited_unexpectedly() is not None:
+            pytest.fail(
+                f"{broker.name} is not running (it exited earlier with code "
+                f"{broker.exited_unexpectedly()}); log: {broker.log_path}",
+                pytrace=False,
+            )
+        log_path = self.log_dir / f"pulsar-client-{len(self.clients)}.log"
+        kwargs.setdefault("operation_timeout_seconds", CLIENT_OPERATION_TIMEOUT_S)
+        kwargs.setdefault("logger", pulsar.FileLogger(pulsar.LoggerLevel.Info, str(log_path)))
+        client = pulsar.Client(broker.service_url, **kwargs)
+        self.clients.append(client)
+        self.log_paths.append(log_path)
+        return client
+
+    def close_all(self) -> None:
+        for client in self.clients:
+            try:
+                client.close()
+            except pulsar.PulsarException:
+                pass  # already closed, or the broker is gone: nothing left to release
+
+
+@pytest.fixture
+def client_factory(broker_factory, tmp_path, request):
+    # Depends on broker_factory so that clients are closed before the test's brokers stop.
+    factory = ClientFactory(tmp_path)
+    request.node.compat_clients = factory
+    yield factory
+    factory.close_all()
+
+
+@pytest.fixture
+def client(broker, client_factory) -> pulsar.Client:
+    return client_factory(broker)
+
+
+@pytest.fixture
+def topic(request) -> str:
+    return unique_topic(request.node.name)
+
+
+# ------------------------------------------------------------------ the log rule
+
+
+def _tail(path: Path, lines: int = 40) -> str:
+    """The end of a client log, without the client's "Receive timeout" noise."""
+    try:
+        text = path.read_text(errors="replace")
+    except FileNotFoundError:
+        return "(no log)"
+    kept = [line for line in text.splitlines() if "Receive timeout after" not in line]
+    return "\n".join(kept[-lines:])
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item):
+    allowed = _allowed_errors(item)
+    try:
+        result = yield
+    except BaseException:
+        # The test failed by itself: attach the logs, and consume the broker lines so that they
+        # are not blamed on the next test.
+        for broker in list(broker_process.KNOWN_BROKERS):
+            broker.take_new_problems(allowed)
+            item.add_report_section("call", f"broker log tail {broker.name}", broker.log_tail())
+        clients = getattr(item, "compat_clients", None)
+        if clients is not None:
+            clients.close_all()  # the client's file logger writes its buffer out on close
+            for path in clients.log_paths:
+                item.add_report_section("call", f"client log tail {path.name}", _tail(path))
+        raise
+    failures = []
+    for broker in list(broker_process.KNOWN_BROKERS):
+        problems = broker.take_new_problems(allowed)
+        if problems:
+            failures.append(
+                f"{broker.name} logged unexpected errors during the test (log: {broker.log_path}):\n"
+                + "\n".join(map(str, problems))
+            )
+        code = broker.exited_unexpectedly()
+        if code is not None and not broker.crash_reported:
+            broker.crash_reported = True
+            failures.append(
+                f"{broker.name} exited unexpectedly with code {code} during the test\n"
+                f"--- log tail ---\n{broker.log_tail()}"
+            )
+    if failures:
+        pytest.fail("\n\n".join(failures), pytrace=False)
+    return result
