@@ -6,6 +6,7 @@
 //! port and HTTP on the web port, until SIGINT or SIGTERM.
 
 mod admin_cli;
+mod client_cli;
 mod config;
 
 use std::path::PathBuf;
@@ -38,6 +39,8 @@ enum Command {
     Standalone(StandaloneArgs),
     /// Administer a broker through its REST API (pulsar-admin's nouns and verbs).
     Admin(admin_cli::AdminArgs),
+    /// Produce or consume messages from the command line.
+    Client(client_cli::ClientArgs),
 }
 
 #[derive(clap::Args)]
@@ -75,6 +78,12 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Admin(arguments) => admin_cli::run(arguments),
+        Command::Client(arguments) => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .context("starting the async runtime")?
+            .block_on(client_cli::run(arguments)),
         Command::Standalone(arguments) => {
             let mut config = Config::load(arguments.config.as_deref(), std::env::vars())?;
             if let Some(data_dir) = arguments.data_dir {
