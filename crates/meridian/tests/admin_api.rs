@@ -591,3 +591,85 @@ async fn terminated_topics_refuse_producers_across_restarts() {
         .to_string()
         .contains("TopicTerminated"));
 }
+
+#[test]
+fn topic_level_policies_override_the_namespace() {
+    let broker = BrokerProcess::start(&[]);
+    let admin = Admin::new(&broker);
+    setup_tenant(&admin, "acme", "orders");
+    let topic = "/admin/v2/persistent/acme/orders/special";
+    admin.ok(admin.put(topic, None));
+    admin.ok(admin.post(
+        "/admin/v2/namespaces/acme/orders/backlogQuota",
+        r#"{"limitSize":1000000,"policy":"producer_request_hold"}"#,
+    ));
+    assert_eq!(
+        admin.ok(admin.get(&format!("{topic}/stats")))["backlogQuotaLimitSize"],
+        json!(1_000_000)
+    );
+    admin.ok(admin.post(
+        &format!("{topic}/backlogQuota?backlogQuotaType=destination_storage"),
+        r#"{"limitSize":5000,"policy":"producer_exception"}"#,
+    ));
+    assert_eq!(
+        admin.ok(admin.get(&format!("{topic}/stats")))["backlogQuotaLimitSize"],
+        json!(5000)
+    );
+    assert_eq!(
+        admin.ok(admin.get(&format!("{topic}/backlogQuotaMap")))["destination_storage"]["policy"],
+        json!("producer_exception")
+    );
+    admin.ok(admin.delete(&format!(
+        "{topic}/backlogQuota?backlogQuotaType=destination_storage"
+    )));
+    assert_eq!(
+        admin.ok(admin.get(&format!("{topic}/stats")))["backlogQuotaLimitSize"],
+        json!(1_000_000)
+    );
+
+    admin.ok(admin.call("POST", &format!("{topic}/messageTTL?messageTTL=45"), None));
+    assert_eq!(
+        admin.ok(admin.get(&format!("{topic}/messageTTL"))),
+        json!(45)
+    );
+    admin.ok(admin.delete(&format!("{topic}/messageTTL")));
+    assert_eq!(
+        admin.ok(admin.get(&format!("{topic}/messageTTL"))),
+        json!(null)
+    );
+    admin.ok(admin.post(
+        &format!("{topic}/retention"),
+        r#"{"retentionTimeInMinutes":-1,"retentionSizeInMB":100}"#,
+    ));
+    assert_eq!(
+        admin.ok(admin.get(&format!("{topic}/retention")))["retentionSizeInMB"],
+        json!(100)
+    );
+    admin.ok(admin.post(&format!("{topic}/deduplicationEnabled"), "true"));
+    assert_eq!(
+        admin.ok(admin.get(&format!("{topic}/stats")))["deduplicationStatus"],
+        json!("Enabled")
+    );
+    admin.ok(admin.post(&format!("{topic}/replication"), r#"["standalone"]"#));
+    assert_eq!(
+        admin.ok(admin.get(&format!("{topic}/replication"))),
+        json!(["standalone"])
+    );
+    assert_error(
+        admin.post(&format!("{topic}/replication"), r#"["mars"]"#),
+        412,
+    );
+
+    assert_eq!(
+        admin.ok(admin.get("/admin/v2/namespaces/acme/orders/topics")),
+        json!(["persistent://acme/orders/special"])
+    );
+    admin.ok(admin.put("/admin/v2/namespaces/acme/orders/unload", None));
+    admin.ok(admin.put(&format!("{topic}/unload"), None));
+    // Still there after the unload, loaded again on demand.
+    assert_eq!(
+        admin.ok(admin.get(&format!("{topic}/stats")))["deduplicationStatus"],
+        json!("Enabled")
+    );
+    broker.assert_no_errors();
+}
