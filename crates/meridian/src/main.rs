@@ -8,6 +8,7 @@
 mod admin_cli;
 mod client_cli;
 mod config;
+mod perf;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -41,6 +42,8 @@ enum Command {
     Admin(admin_cli::AdminArgs),
     /// Produce or consume messages from the command line.
     Client(client_cli::ClientArgs),
+    /// Measure throughput and latency, like pulsar-perf (produce, consume, end-to-end).
+    Perf(perf::PerfArgs),
 }
 
 #[derive(clap::Args)]
@@ -74,6 +77,8 @@ fn main() -> anyhow::Result<()> {
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
+        // Logs go to stderr so that command output (`--output json`) stays clean on stdout.
+        .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
     match cli.command {
@@ -84,6 +89,12 @@ fn main() -> anyhow::Result<()> {
             .build()
             .context("starting the async runtime")?
             .block_on(client_cli::run(arguments)),
+        Command::Perf(arguments) => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .thread_name("meridian-perf")
+            .build()
+            .context("starting the async runtime")?
+            .block_on(perf::run(arguments)),
         Command::Standalone(arguments) => {
             let mut config = Config::load(arguments.config.as_deref(), std::env::vars())?;
             if let Some(data_dir) = arguments.data_dir {
@@ -146,6 +157,11 @@ fn initialize_metadata(metadata: &dyn MetadataStore, config: &Config) -> anyhow:
 
 async fn standalone(config: Config) -> anyhow::Result<()> {
     let started = Instant::now();
+    // Every topic holds a file descriptor for its active segment; use the hard limit.
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) => tracing::debug!(limit, "open file limit"),
+        Err(error) => tracing::warn!(%error, "could not raise the open file limit"),
+    }
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("creating data directory {}", config.data_dir.display()))?;
     let storage_root = config.data_dir.join("storage");

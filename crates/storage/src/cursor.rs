@@ -14,12 +14,10 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use crate::engine::Shared;
 use crate::error::{Result, StorageError};
 use crate::format::{self, ByteReader, ByteWriter, FileHeader, FileKind, ScanEnd, HEADER_LEN};
-use crate::io::IoFile;
 use crate::log::{Log, LogState};
 use crate::range_set::RangeSet;
 use crate::Position;
@@ -176,11 +174,11 @@ fn decode_record(body: &[u8]) -> std::result::Result<(String, Option<CursorState
     Ok((name, Some(state)))
 }
 
-/// The cursor journal file of one log.
+/// The cursor journal file of one log. It is opened only while being written, so that an idle
+/// log holds a single file descriptor (its active segment) however many cursors it has.
 pub(crate) struct CursorJournal {
     directory: PathBuf,
     path: PathBuf,
-    file: Arc<dyn IoFile>,
     length: u64,
     /// Length right after the last rewrite; the journal is rewritten when it grows well past it.
     length_after_rewrite: u64,
@@ -204,11 +202,10 @@ impl CursorJournal {
                 kind: FileKind::CursorJournal,
                 fields: [0; 3],
             };
-            let file = format::create_file(io, &path, header)?;
+            format::create_file(io, &path, header)?;
             return Ok(CursorJournal {
                 directory: directory.to_path_buf(),
                 path,
-                file,
                 length: HEADER_LEN,
                 length_after_rewrite: HEADER_LEN,
                 needs_rewrite: false,
@@ -268,7 +265,6 @@ impl CursorJournal {
         Ok(CursorJournal {
             directory: directory.to_path_buf(),
             path,
-            file,
             length,
             length_after_rewrite: length,
             needs_rewrite: false,
@@ -299,16 +295,18 @@ impl CursorJournal {
                 && self.length > 4 * self.length_after_rewrite)
     }
 
-    fn append(&mut self, records: &[Vec<u8>]) -> Result<()> {
+    fn append(&mut self, shared: &Shared, records: &[Vec<u8>]) -> Result<()> {
         let mut bytes = Vec::new();
         for record in records {
             format::encode_record(&mut bytes, &[record]);
         }
-        self.file
-            .write_all_at(&bytes, self.length)
+        let file = shared
+            .io
+            .open(&self.path)
+            .map_err(|error| StorageError::io("open", &self.path, error))?;
+        file.write_all_at(&bytes, self.length)
             .map_err(|error| StorageError::io("write", &self.path, error))?;
-        self.file
-            .sync()
+        file.sync()
             .map_err(|error| StorageError::io("fsync", &self.path, error))?;
         self.length += bytes.len() as u64;
         Ok(())
@@ -339,7 +337,7 @@ impl CursorJournal {
             .map_err(|error| StorageError::io("rename", &rewrite_path, error))?;
         io.sync_dir(&self.directory)
             .map_err(|error| StorageError::io("fsync directory", &self.directory, error))?;
-        self.file = file;
+        drop(file);
         self.length = HEADER_LEN + bytes.len() as u64;
         self.length_after_rewrite = self.length;
         self.needs_rewrite = false;
@@ -595,7 +593,7 @@ impl Log {
         let written = if rewrite {
             journal.rewrite(&self.shared, &records)
         } else {
-            journal.append(&records)
+            journal.append(&self.shared, &records)
         };
         let mut state = self.lock();
         match written {
