@@ -19,6 +19,15 @@ cargo fmt --all -- --check
 echo "== cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
+echo "== pulsar-lite (a third-party Pulsar-protocol broker our client is tested against)"
+lite_venv="target/pulsar-lite-venv"
+if [ ! -x "$lite_venv/bin/python" ]; then
+  python3 -m venv "$lite_venv"
+fi
+"$lite_venv/bin/python" -m pip install --disable-pip-version-check --quiet "pulsar-lite==0.2.0"
+PULSAR_LITE_BIN="$("$lite_venv/bin/python" -c 'import os, pulsar_lite; print(os.path.join(os.path.dirname(pulsar_lite.__file__), "bin", "pulsar-lite"))')"
+export PULSAR_LITE_BIN
+
 echo "== cargo test"
 cargo test --workspace --locked
 
