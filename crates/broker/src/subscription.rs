@@ -891,10 +891,10 @@ impl Subscription {
             {
                 continue;
             }
-            let parsed = meridian_wire::parse_entry(entry.data.clone());
+            // Storage verified its own checksum on read; the producer's was verified on publish.
+            let parsed = meridian_wire::entry_metadata(entry.data.clone());
             let (messages, hash, deliver_at, is_marker) = match &parsed {
-                Ok(parsed) => {
-                    let metadata = &parsed.metadata;
+                Ok(metadata) => {
                     let messages = metadata.num_messages_in_batch.unwrap_or(1).max(1) as u32;
                     let key: &[u8] = match (&metadata.ordering_key, &metadata.partition_key) {
                         (Some(ordering_key), _) if !ordering_key.is_empty() => ordering_key,

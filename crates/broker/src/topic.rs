@@ -516,8 +516,8 @@ impl Topic {
             return Ok(None);
         };
         let entry = self.log.read(last)?;
-        let batch_index = match meridian_wire::parse_entry(entry.data) {
-            Ok(parsed) => match parsed.metadata.num_messages_in_batch {
+        let batch_index = match meridian_wire::entry_metadata(entry.data) {
+            Ok(metadata) => match metadata.num_messages_in_batch {
                 Some(count) => count.max(1) - 1,
                 None => -1,
             },
@@ -604,8 +604,7 @@ fn recover_dedup(log: &Arc<Log>) -> Result<Dedup> {
             break;
         };
         for entry in entries {
-            if let Ok(parsed) = meridian_wire::parse_entry(entry.data) {
-                let metadata = parsed.metadata;
+            if let Ok(metadata) = meridian_wire::entry_metadata(entry.data) {
                 let batch_last = metadata.sequence_id
                     + (metadata.num_messages_in_batch.unwrap_or(1).max(1) as u64 - 1);
                 let highest = batch_last.max(metadata.highest_sequence_id.unwrap_or(0));

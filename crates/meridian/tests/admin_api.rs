@@ -346,30 +346,6 @@ async fn topics_subscriptions_and_stats() {
         5
     );
 
-    // A topic with a connected consumer is only deleted with force.
-    let _consumer: pulsar::Consumer<Vec<u8>, TokioExecutor> = pulsar
-        .consumer()
-        .with_topic(topic)
-        .with_subscription("live")
-        .with_subscription_type(SubType::Shared)
-        .with_options(ConsumerOptions::default().with_initial_position(InitialPosition::Earliest))
-        .build()
-        .await
-        .expect("consumer");
-    assert_error(admin.delete(&format!("{base}/plain")), 412);
-    assert_error(
-        admin.delete(&format!("{base}/plain/subscription/live")),
-        412,
-    );
-    admin.ok(admin.delete(&format!("{base}/plain/subscription/audit")));
-    admin.ok(admin.delete(&format!("{base}/plain?force=true")));
-    assert_error(admin.get(&format!("{base}/plain/stats")), 404);
-    admin.ok(admin.delete(&format!("{base}/parted/partitions?force=true")));
-    assert_eq!(
-        admin.ok(admin.get(&format!("{base}/partitioned"))),
-        json!([])
-    );
-
     let lookup = admin.ok(admin.get("/lookup/v2/topic/persistent/acme/orders/anything"));
     assert_eq!(lookup["brokerUrl"], json!(broker.url()));
     let (status, metrics) = admin.get("/metrics");
@@ -387,6 +363,36 @@ async fn topics_subscriptions_and_stats() {
             "missing {name} in\n{metrics}"
         );
     }
+    // A topic with a connected consumer is only deleted with force.
+    let _consumer: pulsar::Consumer<Vec<u8>, TokioExecutor> = pulsar
+        .consumer()
+        .with_topic(topic)
+        .with_subscription("live")
+        .with_subscription_type(SubType::Shared)
+        .with_options(ConsumerOptions::default().with_initial_position(InitialPosition::Earliest))
+        .build()
+        .await
+        .expect("consumer");
+    assert_error(admin.delete(&format!("{base}/plain")), 412);
+    assert_error(
+        admin.delete(&format!("{base}/plain/subscription/live")),
+        412,
+    );
+    admin.ok(admin.delete(&format!("{base}/plain/subscription/audit")));
+    // The disconnected consumer resubscribes at once; without auto-creation it cannot bring the
+    // deleted topic back.
+    admin.ok(admin.post(
+        "/admin/v2/namespaces/acme/orders/autoTopicCreation",
+        r#"{"allowAutoTopicCreation":false}"#,
+    ));
+    admin.ok(admin.delete(&format!("{base}/plain?force=true")));
+    assert_error(admin.get(&format!("{base}/plain/stats")), 404);
+    admin.ok(admin.delete(&format!("{base}/parted/partitions?force=true")));
+    assert_eq!(
+        admin.ok(admin.get(&format!("{base}/partitioned"))),
+        json!([])
+    );
+
     broker.assert_no_errors();
 }
 
