@@ -129,14 +129,27 @@ async fn produce_and_consume_against_pulsar_lite() {
         .expect("client");
     let topic = "persistent://public/default/meridian-client-compat";
 
-    let consumer = client
-        .consumer(topic)
-        .subscription("compat")
-        .sub_type(SubscriptionType::Exclusive)
-        .initial_position(InitialPosition::Earliest)
-        .subscribe()
-        .await
-        .unwrap_or_else(|error| panic!("subscribe: {error}; log:\n{}", broker.log()));
+    // pulsar-lite accepts connections a moment before it serves topics (it has no readiness
+    // endpoint): retry the first subscribe until it is ready.
+    let mut attempts = 0;
+    let consumer = loop {
+        attempts += 1;
+        match client
+            .consumer(topic)
+            .subscription("compat")
+            .sub_type(SubscriptionType::Exclusive)
+            .initial_position(InitialPosition::Earliest)
+            .subscribe()
+            .await
+        {
+            Ok(consumer) => break consumer,
+            Err(error) if attempts < 20 => {
+                eprintln!("subscribe attempt {attempts} failed: {error}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(error) => panic!("subscribe: {error}; log:\n{}", broker.log()),
+        }
+    };
 
     // One producer without batching, one with batching and compression.
     let plain = client.producer(topic).create().await.expect("producer");
@@ -168,14 +181,30 @@ async fn produce_and_consume_against_pulsar_lite() {
             .unwrap_or_else(|error| panic!("batched send: {error}; log:\n{}", broker.log()));
     }
 
+    // pulsar-lite sometimes delivers an entry twice (at-least-once, which Pulsar allows): count
+    // each message id once, in order of first delivery.
     let mut received = Vec::new();
-    for _ in 0..expected.len() {
+    let mut seen = std::collections::HashSet::new();
+    let mut deliveries = 0;
+    while received.len() < expected.len() {
+        deliveries += 1;
+        assert!(
+            deliveries <= 3 * expected.len(),
+            "endless redeliveries: {received:?}"
+        );
         let message = tokio::time::timeout(PATIENCE, consumer.receive())
             .await
-            .unwrap_or_else(|_| panic!("no message within {PATIENCE:?}; log:\n{}", broker.log()))
+            .unwrap_or_else(|_| {
+                panic!(
+                    "no message within {PATIENCE:?} after {received:?}; log:\n{}",
+                    broker.log()
+                )
+            })
             .expect("receive");
         consumer.ack(&message).await.expect("ack");
-        received.push(String::from_utf8_lossy(&message.payload).into_owned());
+        if seen.insert(message.id) {
+            received.push(String::from_utf8_lossy(&message.payload).into_owned());
+        }
     }
     assert_eq!(received, expected);
 
