@@ -455,22 +455,6 @@ impl MessageIdBody {
     }
 }
 
-/// The mark-delete position that makes delivery start at `target`.
-fn mark_delete_for(topic: &Topic, target: SeekTarget) -> ApiResult<Option<Position>> {
-    let log = topic.log();
-    Ok(match target {
-        SeekTarget::Earliest => None,
-        SeekTarget::Latest => log.last_position(),
-        SeekTarget::Position(position) => log.previous_position(position),
-        SeekTarget::PublishTime(time) => {
-            match log.find_by_publish_time(time).map_err(BrokerError::from)? {
-                Some(position) => log.previous_position(position),
-                None => log.last_position(),
-            }
-        }
-    })
-}
-
 async fn create_subscription(
     State(broker): State<AppState>,
     Path((tenant, namespace, topic, subscription)): SubscriptionPath,
@@ -486,7 +470,7 @@ async fn create_subscription(
     };
     for covered in covered_topics(&broker, &name)? {
         let loaded = broker.topic(&covered, true).await?;
-        let mark_delete = mark_delete_for(&loaded, target)?;
+        let mark_delete = loaded.mark_delete_for(target)?;
         loaded.create_subscription(&subscription, Some(mark_delete))?;
     }
     Ok(())
@@ -514,7 +498,7 @@ async fn reset(
 ) -> ApiResult<()> {
     for covered in covered_topics(broker, name)? {
         let loaded = existing_topic(broker, &covered).await?;
-        let mark_delete = mark_delete_for(&loaded, target)?;
+        let mark_delete = loaded.mark_delete_for(target)?;
         loaded.reset_subscription(subscription, mark_delete)?;
     }
     Ok(())
@@ -635,31 +619,11 @@ async fn expire_messages(
     )>,
 ) -> ApiResult<()> {
     let name = topic_name(&tenant, &namespace, &topic)?;
-    let now_ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|elapsed| elapsed.as_millis() as u64)
-        .unwrap_or(0);
-    let cutoff = now_ms.saturating_sub(seconds * 1000);
+    let cutoff = meridian_broker::topic::now_ms().saturating_sub(seconds * 1000);
     for covered in covered_topics(&broker, &name)? {
-        let loaded = existing_topic(&broker, &covered).await?;
-        let log = loaded.log();
-        if log.mark_delete_position(&subscription).is_none() {
-            return Err(BrokerError::NotFound(format!(
-                "subscription {subscription} does not exist"
-            ))
-            .into());
-        }
-        let last_expired = match log
-            .find_by_publish_time(cutoff)
-            .map_err(BrokerError::from)?
-        {
-            Some(first_kept) => log.previous_position(first_kept),
-            None => log.last_position(),
-        };
-        if let Some(last_expired) = last_expired {
-            log.acknowledge_cumulative(&subscription, last_expired)
-                .map_err(BrokerError::from)?;
-        }
+        existing_topic(&broker, &covered)
+            .await?
+            .expire_subscription(&subscription, cutoff)?;
     }
     Ok(())
 }

@@ -33,6 +33,7 @@ use crate::config::BrokerConfig;
 use crate::error::{BrokerError, Result};
 use crate::outbound::{command_frame, Outbound, OutboundSender};
 use crate::stats::{ConsumerStats, Meter, SubscriptionStats};
+use crate::topic::now_ms;
 
 /// Pulsar's subscription types (wire values 0..=3).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -171,13 +172,6 @@ pub struct Subscription {
     redelivered: Meter,
     /// The topic's termination flag.
     terminated: Arc<AtomicBool>,
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|elapsed| elapsed.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 fn message_id(position: Position, partition_index: i32) -> MessageIdData {

@@ -498,7 +498,13 @@ impl Topic {
                 topic: self.full_name.clone(),
                 subscription: subscription.to_string(),
             })?;
-        let mark_delete = match target {
+        existing.seek(self.mark_delete_for(target)?)
+    }
+
+    /// The mark-delete position that makes delivery (re)start at `target`: everything before a
+    /// message id, or everything published before a time, counts as acknowledged.
+    pub fn mark_delete_for(&self, target: SeekTarget) -> Result<Option<Position>> {
+        Ok(match target {
             SeekTarget::Earliest => None,
             SeekTarget::Latest => self.log.last_position(),
             SeekTarget::Position(position) => self.log.previous_position(position),
@@ -506,8 +512,7 @@ impl Topic {
                 Some(position) => self.log.previous_position(position),
                 None => self.log.last_position(),
             },
-        };
-        existing.seek(mark_delete)
+        })
     }
 
     /// The last entry's position and, if it is a batch, the index of its last message.
@@ -662,7 +667,8 @@ pub fn now_rfc3339() -> String {
     )
 }
 
-fn now_ms() -> u64 {
+/// Wall-clock time in milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|elapsed| elapsed.as_millis() as u64)
@@ -713,7 +719,7 @@ impl Topic {
         self.log
             .cursor_names()
             .into_iter()
-            .filter(|name| name != DEDUP_CURSOR && !name.starts_with("__reader-"))
+            .filter(|name| !is_system_cursor(name))
             .collect()
     }
 
@@ -815,9 +821,8 @@ impl Topic {
 
     /// Acknowledges, on every subscription, the messages published before `cutoff_ms`.
     pub fn expire_older_than(&self, cutoff_ms: u64) {
-        let last_expired = match self.log.find_by_publish_time(cutoff_ms) {
-            Ok(Some(first_kept)) => self.log.previous_position(first_kept),
-            Ok(None) => self.log.last_position(),
+        let last_expired = match self.mark_delete_for(SeekTarget::PublishTime(cutoff_ms)) {
+            Ok(last_expired) => last_expired,
             Err(error) => {
                 tracing::warn!(topic = %self.full_name, %error, "message expiry failed");
                 return;
@@ -829,6 +834,21 @@ impl Topic {
         for cursor in self.backlog_cursors() {
             self.advance_cursor(&cursor, last_expired);
         }
+    }
+
+    /// Acknowledges, on one subscription, the messages published before `cutoff_ms` (the admin
+    /// API's expire-messages).
+    pub fn expire_subscription(&self, subscription: &str, cutoff_ms: u64) -> Result<()> {
+        if is_system_cursor(subscription) || self.log.cursor(subscription).is_none() {
+            return Err(BrokerError::NotFound(format!(
+                "subscription {subscription} does not exist on {}",
+                self.full_name
+            )));
+        }
+        if let Some(last_expired) = self.mark_delete_for(SeekTarget::PublishTime(cutoff_ms))? {
+            self.advance_cursor(subscription, last_expired);
+        }
+        Ok(())
     }
 
     /// Moves every cursor forward until its backlog is at most `target_bytes`.
