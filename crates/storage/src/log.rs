@@ -698,6 +698,23 @@ impl Log {
                 ranges: Vec<(u64, u64)>,
             },
         }
+        /// Ends a run of consecutive entries to read from one segment file, if one is open.
+        fn close_disk_run(
+            parts: &mut Vec<Part>,
+            segment: &Segment,
+            disk_first: &mut Option<u64>,
+            disk_ranges: &mut Vec<(u64, u64)>,
+        ) {
+            if let (Some(first_entry_id), Some(file)) = (disk_first.take(), segment.file.clone()) {
+                parts.push(Part::Disk {
+                    file,
+                    path: segment.path.clone(),
+                    ledger_id: segment.ledger_id,
+                    first_entry_id,
+                    ranges: std::mem::take(disk_ranges),
+                });
+            }
+        }
         let mut parts = Vec::new();
         {
             let state = self.lock();
@@ -730,33 +747,13 @@ impl Log {
                         || count >= max_entries
                         || (count > 0 && bytes >= max_bytes)
                     {
-                        if let (Some(first_entry_id), Some(file)) =
-                            (disk_first, segment.file.clone())
-                        {
-                            parts.push(Part::Disk {
-                                file,
-                                path: segment.path.clone(),
-                                ledger_id: segment.ledger_id,
-                                first_entry_id,
-                                ranges: std::mem::take(&mut disk_ranges),
-                            });
-                        }
+                        close_disk_run(&mut parts, segment, &mut disk_first, &mut disk_ranges);
                         break 'segments;
                     }
                     count += 1;
                     if let Some(entry) = state.cache.get(position) {
                         bytes += entry.data.len();
-                        if let (Some(first_entry_id), Some(file)) =
-                            (disk_first.take(), segment.file.clone())
-                        {
-                            parts.push(Part::Disk {
-                                file,
-                                path: segment.path.clone(),
-                                ledger_id: segment.ledger_id,
-                                first_entry_id,
-                                ranges: std::mem::take(&mut disk_ranges),
-                            });
-                        }
+                        close_disk_run(&mut parts, segment, &mut disk_first, &mut disk_ranges);
                         parts.push(Part::Cached(entry.clone()));
                     } else {
                         let range = segment.record_range(index);
@@ -765,15 +762,7 @@ impl Log {
                         disk_ranges.push(range);
                     }
                 }
-                if let (Some(first_entry_id), Some(file)) = (disk_first, segment.file.clone()) {
-                    parts.push(Part::Disk {
-                        file,
-                        path: segment.path.clone(),
-                        ledger_id: segment.ledger_id,
-                        first_entry_id,
-                        ranges: disk_ranges,
-                    });
-                }
+                close_disk_run(&mut parts, segment, &mut disk_first, &mut disk_ranges);
             }
         }
 
