@@ -859,6 +859,24 @@ async fn consumers_and_readers_resubscribe_after_a_broker_restart() {
     assert_eq!(text(&message), "before");
     consumer.ack(&message).await.expect("ack");
     assert_eq!(text(&read(&reader).await), "before");
+    // An acknowledgement has no receipt: wait until the broker has applied it, so that the
+    // restart below does not race it (an ack still in flight at shutdown is legitimately lost,
+    // and the message redelivered).
+    let stats_path = format!(
+        "/admin/v2/persistent/public/default/{}/stats",
+        topic.rsplit('/').next().expect("local name")
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !broker
+        .admin_get(&stats_path)
+        .is_some_and(|stats| stats.contains("\"msgBacklog\":0"))
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the acknowledgement never reached the broker"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 
     tokio::task::block_in_place(|| {
         broker.stop();

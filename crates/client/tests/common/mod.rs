@@ -65,19 +65,20 @@ fn free_port() -> u16 {
         .expect("free port")
 }
 
-fn healthy(web_port: u16) -> bool {
-    let Ok(mut stream) = TcpStream::connect(("127.0.0.1", web_port)) else {
-        return false;
-    };
+/// A plain HTTP GET on the broker's web port: the response, status line included.
+fn http_get(web_port: u16, path: &str) -> Option<String> {
+    let mut stream = TcpStream::connect(("127.0.0.1", web_port)).ok()?;
     let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
-    let request =
-        "GET /admin/v2/brokers/health HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n";
-    if stream.write_all(request.as_bytes()).is_err() {
-        return false;
-    }
+    let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).ok()?;
     let mut response = String::new();
     let _ = stream.read_to_string(&mut response);
-    response.starts_with("HTTP/1.1 200")
+    Some(response)
+}
+
+fn healthy(web_port: u16) -> bool {
+    http_get(web_port, "/admin/v2/brokers/health")
+        .is_some_and(|response| response.starts_with("HTTP/1.1 200"))
 }
 
 impl BrokerProcess {
@@ -160,6 +161,17 @@ impl BrokerProcess {
             // what the loop waits for.
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// The body of an admin API GET, if it answered 200.
+    pub fn admin_get(&self, path: &str) -> Option<String> {
+        let response = http_get(self.web_port, path)?;
+        if !response.starts_with("HTTP/1.1 200") {
+            return None;
+        }
+        response
+            .split_once("\r\n\r\n")
+            .map(|(_, body)| body.to_string())
     }
 
     pub fn url(&self) -> String {
