@@ -34,6 +34,7 @@ async fn create(
     broker
         .resources()
         .create_cluster(&cluster, &body(payload)?)?;
+    broker.clusters_changed();
     Ok(())
 }
 
@@ -45,10 +46,12 @@ async fn update(
     broker
         .resources()
         .update_cluster(&cluster, &body(payload)?)?;
+    broker.clusters_changed();
     Ok(())
 }
 
 async fn delete(State(broker): State<AppState>, Path(cluster): Path<String>) -> ApiResult<()> {
     broker.resources().delete_cluster(&cluster)?;
+    broker.clusters_changed();
     Ok(())
 }

@@ -12,9 +12,10 @@ use tokio::sync::OnceCell;
 
 use crate::config::{AutoTopicCreationType, BrokerConfig};
 use crate::error::{BrokerError, Result};
+use crate::replicator::RemoteCluster;
 use crate::resources::Resources;
 use crate::schema::SchemaRegistry;
-use crate::topic::Topic;
+use crate::topic::{ReplicationPlan, Topic};
 use crate::topic_name::TopicName;
 
 /// What every topic shares.
@@ -202,10 +203,77 @@ impl Broker {
                     .lock()
                     .unwrap_or_else(|poisoned| poisoned.into_inner())
                     .insert(key.clone());
+                self.update_replication(&topic);
                 Ok(topic)
             })
             .await?;
         Ok(topic.clone())
+    }
+
+    /// Starts and stops the topic's replicators to match its replication policy and the
+    /// cluster registry. Problems are logged: local traffic does not depend on them.
+    pub fn update_replication(&self, topic: &Arc<Topic>) {
+        if let Err(error) = self
+            .plan_replication(topic)
+            .and_then(|plan| topic.set_replication(plan))
+        {
+            tracing::warn!(topic = %topic.name, %error, "updating replication failed");
+        }
+    }
+
+    fn plan_replication(&self, topic: &Topic) -> Result<ReplicationPlan> {
+        let local = &self.shared.config.cluster_name;
+        let policies = self.resources.effective_policies(&topic.name)?;
+        // A cluster replicates a topic only if its own name is in the topic's clusters.
+        let configured: Vec<String> = if policies.replication_clusters.contains(local) {
+            policies
+                .replication_clusters
+                .iter()
+                .filter(|cluster| *cluster != local)
+                .cloned()
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let mut remotes = Vec::new();
+        for name in &configured {
+            let data = match self.resources.cluster(name) {
+                Ok(data) => data,
+                Err(BrokerError::NotFound(_)) => {
+                    tracing::warn!(topic = %topic.name, cluster = %name, "replication cluster is not registered; not replicating to it");
+                    continue;
+                }
+                Err(error) => return Err(error),
+            };
+            match RemoteCluster::from_data(name, &data) {
+                Some(remote) => remotes.push(remote),
+                None => {
+                    tracing::warn!(topic = %topic.name, cluster = %name, "replication cluster has no brokerServiceUrl; not replicating to it")
+                }
+            }
+        }
+        let partitions = match topic.name.partition_index() {
+            Some(_) => self.partition_count(&topic.name.base())?,
+            None => None,
+        };
+        Ok(ReplicationPlan {
+            configured,
+            remotes,
+            partitions,
+            rate: policies
+                .replicator_dispatch_rate
+                .get(local)
+                .filter(|rate| rate.is_limited())
+                .cloned(),
+            start_at_earliest: self.shared.config.replication_start_earliest,
+        })
+    }
+
+    /// The cluster registry changed: re-plan every loaded topic's replicators.
+    pub fn clusters_changed(&self) {
+        for topic in self.loaded_topics() {
+            self.update_replication(&topic);
+        }
     }
 
     /// The loaded topic, if it is loaded.
@@ -502,6 +570,7 @@ impl Broker {
                 self.unload(&name.clone()).await;
             } else {
                 topic.enforce_policies(&policies);
+                self.update_replication(&topic);
             }
         }
     }

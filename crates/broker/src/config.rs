@@ -42,6 +42,9 @@ pub struct BrokerConfig {
     pub max_delayed_messages: usize,
     /// Delayed delivery is honoured (`delayedDeliveryEnabled`, default true).
     pub delayed_delivery_enabled: bool,
+    /// A topic's new replicator starts at its earliest message (back-fill) instead of the
+    /// latest, Pulsar's default.
+    pub replication_start_earliest: bool,
 }
 
 impl Default for BrokerConfig {
@@ -62,6 +65,7 @@ impl Default for BrokerConfig {
             max_redelivery_backlog: 10_000,
             max_delayed_messages: 1_000_000,
             delayed_delivery_enabled: true,
+            replication_start_earliest: false,
         }
     }
 }

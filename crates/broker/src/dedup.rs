@@ -6,11 +6,37 @@
 //! flight and the outcome is unknown (the client is told to retry). The persisted map survives
 //! restarts as properties of the topic's `pulsar.dedup` cursor, snapshotted every N entries by
 //! a mark-delete at the snapshot position; on load the entries after it are replayed.
+//!
+//! Entries that replicators bring from other clusters are de-duplicated the same way, keyed by
+//! origin cluster (`pulsar.repl.<cluster>`) with the origin position `(ledger, entry)` as the
+//! sequence: [`position_sequence`] packs it into one ordered number. That key is tracked even
+//! when de-duplication is off for the namespace, because replication depends on it.
 
 use std::collections::{BTreeMap, HashMap};
 
 /// Name of the cursor that holds de-duplication snapshots.
 pub const DEDUP_CURSOR: &str = "pulsar.dedup";
+
+/// Prefix of replicator producer names and of the de-duplication keys of replicated entries.
+pub const REPLICATOR_PREFIX: &str = "pulsar.repl.";
+
+/// A de-duplication sequence: a producer's sequence id, or a packed origin position.
+pub type Sequence = u128;
+
+/// Packs an origin position so that positions compare as their sequences do.
+pub fn position_sequence(ledger_id: u64, entry_id: u64) -> Sequence {
+    (u128::from(ledger_id) << 64) | u128::from(entry_id)
+}
+
+/// The de-duplication key of entries replicated from `cluster`.
+pub fn replication_key(cluster: &str) -> String {
+    format!("{REPLICATOR_PREFIX}{cluster}")
+}
+
+/// Whether a key or producer name belongs to replication.
+pub fn is_replication_key(name: &str) -> bool {
+    name.starts_with(REPLICATOR_PREFIX)
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verdict {
@@ -22,15 +48,15 @@ pub enum Verdict {
 
 #[derive(Debug, Default)]
 pub struct Dedup {
-    pushed: HashMap<String, u64>,
-    persisted: HashMap<String, u64>,
+    pushed: HashMap<String, Sequence>,
+    persisted: HashMap<String, Sequence>,
     pub(crate) entries_since_snapshot: u64,
 }
 
 impl Dedup {
     /// State recovered from a snapshot's cursor properties.
     pub fn from_snapshot(properties: &BTreeMap<String, String>) -> Dedup {
-        let persisted: HashMap<String, u64> = properties
+        let persisted: HashMap<String, Sequence> = properties
             .iter()
             .filter_map(|(name, value)| Some((name.clone(), value.parse().ok()?)))
             .collect();
@@ -44,8 +70,8 @@ impl Dedup {
     pub fn check(
         &mut self,
         producer_name: &str,
-        sequence_id: u64,
-        highest_sequence_id: u64,
+        sequence_id: Sequence,
+        highest_sequence_id: Sequence,
     ) -> Verdict {
         let highest = sequence_id.max(highest_sequence_id);
         if let Some(pushed) = self.pushed.get(producer_name) {
@@ -63,7 +89,7 @@ impl Dedup {
     }
 
     /// Records a durable entry (also used when replaying entries on load).
-    pub fn persisted(&mut self, producer_name: &str, highest_sequence_id: u64) {
+    pub fn persisted(&mut self, producer_name: &str, highest_sequence_id: Sequence) {
         for map in [&mut self.persisted, &mut self.pushed] {
             let entry = map
                 .entry(producer_name.to_string())
@@ -81,8 +107,19 @@ impl Dedup {
     pub fn last_sequence_id(&self, producer_name: &str) -> i64 {
         self.pushed
             .get(producer_name)
-            .map(|sequence| *sequence as i64)
+            .and_then(|sequence| i64::try_from(*sequence).ok())
             .unwrap_or(-1)
+    }
+
+    /// Keeps only the replication keys (de-duplication is off for the namespace).
+    pub fn retain_replication(&mut self) {
+        self.pushed.retain(|name, _| is_replication_key(name));
+        self.persisted.retain(|name, _| is_replication_key(name));
+    }
+
+    /// Whether any replication key is tracked.
+    pub fn tracks_replication(&self) -> bool {
+        self.persisted.keys().any(|name| is_replication_key(name))
     }
 
     pub fn snapshot(&self) -> BTreeMap<String, String> {
@@ -114,5 +151,26 @@ mod tests {
         let restored = Dedup::from_snapshot(&dedup.snapshot());
         assert_eq!(restored.last_sequence_id("p"), 4);
         assert_eq!(restored.last_sequence_id("q"), -1);
+    }
+
+    #[test]
+    fn origin_positions_order_like_positions() {
+        let mut dedup = Dedup::default();
+        let key = replication_key("east");
+        let first = position_sequence(3, u64::MAX);
+        let next = position_sequence(4, 0);
+        assert!(first < next);
+        assert_eq!(dedup.check(&key, first, first), Verdict::New);
+        dedup.persisted(&key, first);
+        assert_eq!(dedup.check(&key, next, next), Verdict::New);
+        dedup.persisted(&key, next);
+        assert_eq!(dedup.check(&key, first, first), Verdict::Duplicate);
+        let mut restored = Dedup::from_snapshot(&dedup.snapshot());
+        dedup.persisted("local-producer", 7);
+        restored.persisted("local-producer", 7);
+        restored.retain_replication();
+        assert!(restored.tracks_replication());
+        assert_eq!(restored.last_sequence_id("local-producer"), -1);
+        assert_eq!(restored.check(&key, next, next), Verdict::Duplicate);
     }
 }

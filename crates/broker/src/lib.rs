@@ -20,6 +20,7 @@ pub mod config;
 pub mod dedup;
 pub mod error;
 pub mod outbound;
+pub mod replicator;
 pub mod resources;
 pub mod schema;
 pub mod stats;
@@ -31,5 +32,7 @@ pub use broker::Broker;
 pub use config::{AutoTopicCreationType, BrokerConfig};
 pub use error::{BrokerError, Result};
 pub use subscription::{NewConsumer, StartPosition, Subscription, SubscriptionType};
-pub use topic::{AccessMode, NewProducer, ProducerGrant, PublishFuture, SeekTarget, Topic};
+pub use topic::{
+    AccessMode, NewProducer, ProducerGrant, Publish, PublishFuture, SeekTarget, Topic,
+};
 pub use topic_name::TopicName;

@@ -29,6 +29,11 @@ pub struct ClusterData {
     pub broker_service_url_tls: Option<String>,
     #[serde(default)]
     pub peer_cluster_names: Vec<String>,
+    /// Replication connections to this cluster go through this proxy when set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub proxy_service_url: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub proxy_protocol: Option<String>,
     #[serde(flatten)]
     pub other: Map<String, Value>,
 }
@@ -89,6 +94,33 @@ pub struct AutoTopicCreationOverride {
     pub default_num_partitions: Option<u32>,
 }
 
+/// Pulsar's `DispatchRate` (here: the replicator dispatch rate).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DispatchRate {
+    /// Messages per period (0 or less: unlimited).
+    #[serde(default)]
+    pub dispatch_throttling_rate_in_msg: i64,
+    /// Bytes per period (0 or less: unlimited).
+    #[serde(default)]
+    pub dispatch_throttling_rate_in_byte: i64,
+    #[serde(default = "one_second")]
+    pub rate_period_in_second: u32,
+    #[serde(default)]
+    pub relative_to_publish_rate: bool,
+}
+
+fn one_second() -> u32 {
+    1
+}
+
+impl DispatchRate {
+    /// Whether the rate limits anything.
+    pub fn is_limited(&self) -> bool {
+        self.dispatch_throttling_rate_in_msg > 0 || self.dispatch_throttling_rate_in_byte > 0
+    }
+}
+
 /// Pulsar's namespace `Policies` (the fields Meridian enforces; the rest are kept as written).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Policies {
@@ -112,6 +144,13 @@ pub struct Policies {
         skip_serializing_if = "Option::is_none"
     )]
     pub auto_topic_creation_override: Option<AutoTopicCreationOverride>,
+    /// Replicator dispatch rates, keyed by the cluster they apply in.
+    #[serde(
+        rename = "replicatorDispatchRate",
+        default,
+        skip_serializing_if = "BTreeMap::is_empty"
+    )]
+    pub replicator_dispatch_rate: BTreeMap<String, DispatchRate>,
     #[serde(flatten)]
     pub other: Map<String, Value>,
 }
@@ -142,6 +181,8 @@ pub struct EffectivePolicies {
     pub message_ttl_seconds: Option<i64>,
     pub backlog_quotas: BTreeMap<String, BacklogQuota>,
     pub deduplication_enabled: Option<bool>,
+    /// The namespace's replicator dispatch rates by cluster.
+    pub replicator_dispatch_rate: BTreeMap<String, DispatchRate>,
 }
 
 fn not_found(what: &str, name: &str) -> BrokerError {
@@ -504,6 +545,7 @@ impl Resources {
             deduplication_enabled: overrides
                 .deduplication_enabled
                 .or(namespace.deduplication_enabled),
+            replicator_dispatch_rate: namespace.replicator_dispatch_rate,
         })
     }
 }
@@ -525,6 +567,11 @@ fn validate_cluster_urls(data: &ClusterData) -> Result<()> {
             &data.broker_service_url_tls,
             &["pulsar+ssl://"][..],
             "brokerServiceUrlTls",
+        ),
+        (
+            &data.proxy_service_url,
+            &["pulsar://"][..],
+            "proxyServiceUrl",
         ),
     ];
     for (value, schemes, field) in checks {

@@ -162,7 +162,7 @@ pub struct TopicStats {
     pub publishers: Vec<PublisherStats>,
     pub waiting_publishers: u64,
     pub subscriptions: BTreeMap<String, SubscriptionStats>,
-    pub replication: BTreeMap<String, serde_json::Value>,
+    pub replication: BTreeMap<String, crate::replicator::ReplicatorStats>,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]

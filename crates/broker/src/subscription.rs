@@ -956,7 +956,11 @@ impl Subscription {
                 redelivery_count: (redelivery_count > 0).then_some(redelivery_count),
                 ..CommandMessage::default()
             };
-            match meridian_wire::encode_message_frame(command, entry.data) {
+            let data = match &parsed {
+                Ok(metadata) => crate::replicator::without_origin(metadata, entry.data),
+                Err(_) => entry.data,
+            };
+            match meridian_wire::encode_message_frame(command, data) {
                 Ok(frame) => sends.push((consumer.sink.clone(), Outbound::Payload(frame))),
                 Err(error) => {
                     tracing::error!(topic = %self.topic, %error, "encoding MESSAGE failed")

@@ -15,10 +15,13 @@ use meridian_storage::{InitialPosition, Log, Position};
 use tokio::sync::oneshot;
 
 use crate::broker::BrokerShared;
-use crate::dedup::{Dedup, Verdict, DEDUP_CURSOR};
+use crate::dedup::{
+    is_replication_key, position_sequence, replication_key, Dedup, Sequence, Verdict, DEDUP_CURSOR,
+};
 use crate::error::{BrokerError, Result};
 use crate::outbound::{command_frame, OutboundSender};
-use crate::resources::{BacklogQuotaPolicy, EffectivePolicies, RetentionPolicies};
+use crate::replicator::{self, RemoteCluster, Replicator, ReplicatorSpec, ReplicatorStats};
+use crate::resources::{BacklogQuotaPolicy, DispatchRate, EffectivePolicies, RetentionPolicies};
 use crate::stats::{self, Meter, PublisherStats, SubscriptionStats, TopicStats};
 use crate::subscription::{NewConsumer, StartPosition, Subscription, SubscriptionType};
 use crate::topic_name::TopicName;
@@ -73,6 +76,32 @@ pub struct NewProducer {
     pub client_version: String,
 }
 
+/// The replicators a topic should run.
+pub(crate) struct ReplicationPlan {
+    /// Remote clusters in the replication policy (whether or not they are registered).
+    pub configured: Vec<String>,
+    /// The ones to replicate to.
+    pub remotes: Vec<RemoteCluster>,
+    /// The partition count of the topic this partition belongs to.
+    pub partitions: Option<u32>,
+    pub rate: Option<DispatchRate>,
+    /// A new replicator cursor starts at the earliest message instead of the latest.
+    pub start_at_earliest: bool,
+}
+
+/// One SEND to append.
+pub struct Publish {
+    /// Messages in the entry (more than one for a batch).
+    pub messages: u64,
+    pub sequence_id: u64,
+    pub highest_sequence_id: u64,
+    /// The entry exactly as the producer sent it (metadata and payload).
+    pub entry: Bytes,
+    pub publish_time_ms: u64,
+    /// For an entry a replicator brought: the cluster and position it comes from.
+    pub origin: Option<(String, Position)>,
+}
+
 /// A future that completes when a publish is durable: `Some(position)`, or `None` for a
 /// duplicate that was not stored again.
 pub type PublishFuture = Pin<Box<dyn Future<Output = Result<Option<Position>>> + Send>>;
@@ -104,6 +133,8 @@ struct TopicState {
     in_flight: BTreeSet<Position>,
     /// Messages expired by TTL or evicted by a backlog quota, per subscription.
     expired: BTreeMap<String, u64>,
+    /// Running replicators by remote cluster.
+    replicators: BTreeMap<String, Replicator>,
 }
 
 pub struct Topic {
@@ -129,6 +160,12 @@ pub fn is_system_cursor(name: &str) -> bool {
     name == DEDUP_CURSOR || name.starts_with("__reader-")
 }
 
+/// A replicator's cursor (`pulsar.repl.<remote>`): not a subscription, but it holds a backlog
+/// that quotas count and that the admin API may skip or reset.
+pub fn is_replicator_cursor(name: &str) -> bool {
+    is_replication_key(name)
+}
+
 impl Topic {
     /// Opens the topic's log and recovers its de-duplication state. Blocking: call it off the
     /// async runtime.
@@ -146,11 +183,18 @@ impl Topic {
             .unwrap_or(shared.config.deduplication_enabled);
         let dedup = if deduplication {
             Some(recover_dedup(&log)?)
-        } else {
-            if log.cursor(DEDUP_CURSOR).is_some() {
-                // De-duplication was switched off: its cursor must not hold back trimming.
+        } else if log.cursor(DEDUP_CURSOR).is_some() {
+            // De-duplication is off: only replicated entries still need it. Without them its
+            // cursor must not hold back trimming.
+            let mut recovered = recover_dedup(&log)?;
+            recovered.retain_replication();
+            if recovered.tracks_replication() {
+                Some(recovered)
+            } else {
                 log.delete_cursor(DEDUP_CURSOR)?;
+                None
             }
+        } else {
             None
         };
         let partition_index = name.partition_index().map_or(-1, |index| index as i32);
@@ -168,6 +212,7 @@ impl Topic {
                 dedup,
                 in_flight: BTreeSet::new(),
                 expired: BTreeMap::new(),
+                replicators: BTreeMap::new(),
             }),
             meter_in: Meter::default(),
             deduplication,
@@ -215,10 +260,19 @@ impl Topic {
                 self.full_name
             )));
         }
-        let last_sequence_id = state
-            .dedup
-            .as_ref()
-            .map_or(-1, |dedup| dedup.last_sequence_id(&name));
+        let replicator = is_replication_key(&name);
+        if replicator && state.dedup.is_none() {
+            // Replicated entries are de-duplicated by origin position even when the namespace
+            // does not de-duplicate: start tracking them from here, durably.
+            self.log
+                .open_cursor(DEDUP_CURSOR, InitialPosition::Latest)?;
+            self.log.persist_cursors()?;
+            state.dedup = Some(Dedup::default());
+        }
+        let last_sequence_id = match &state.dedup {
+            Some(dedup) if !replicator => dedup.last_sequence_id(&name),
+            _ => -1,
+        };
         let exclusive_holder = state
             .producers
             .values()
@@ -293,39 +347,57 @@ impl Topic {
 
     /// Appends an entry (exactly the bytes the producer sent after the command) unless
     /// de-duplication recognises it.
-    #[allow(clippy::too_many_arguments)]
     pub fn publish(
         self: &Arc<Self>,
         producer_key: u64,
-        messages: u64,
         producer_name: &str,
-        sequence_id: u64,
-        highest_sequence_id: u64,
-        entry: Bytes,
-        publish_time_ms: u64,
+        request: Publish,
     ) -> Result<PublishFuture> {
-        let highest = sequence_id.max(highest_sequence_id);
         if self.is_terminated() {
             return Err(BrokerError::TopicTerminated(self.full_name.clone()));
         }
+        // Replicated entries are always de-duplicated by origin position; local ones by
+        // sequence id when the namespace asks for it.
+        let dedup_key = match &request.origin {
+            Some((cluster, position)) => {
+                let sequence = position_sequence(position.ledger_id, position.entry_id);
+                Some((replication_key(cluster), sequence, sequence))
+            }
+            None if self.deduplication => {
+                let highest = request.sequence_id.max(request.highest_sequence_id);
+                Some((
+                    producer_name.to_string(),
+                    Sequence::from(request.sequence_id),
+                    Sequence::from(highest),
+                ))
+            }
+            None => None,
+        };
         let pending = {
             let mut state = self.lock();
-            match state.dedup.as_mut().map(|dedup| dedup.check(producer_name, sequence_id, highest)) {
-                Some(Verdict::Duplicate) => return Ok(Box::pin(std::future::ready(Ok(None)))),
-                Some(Verdict::Unknown) => {
+            let verdict = match (&dedup_key, state.dedup.as_mut()) {
+                (Some((key, sequence, highest)), Some(dedup)) => {
+                    dedup.check(key, *sequence, *highest)
+                }
+                _ => Verdict::New,
+            };
+            match verdict {
+                Verdict::Duplicate => return Ok(Box::pin(std::future::ready(Ok(None)))),
+                Verdict::Unknown => {
                     return Err(BrokerError::Unknown(format!(
-                        "message {sequence_id} of producer {producer_name} may still be in flight; retry"
+                        "message {} of producer {producer_name} may still be in flight; retry",
+                        request.sequence_id
                     )))
                 }
-                Some(Verdict::New) | None => {}
+                Verdict::New => {}
             }
-            let entry_bytes = entry.len() as u64;
-            match self.log.append(entry, publish_time_ms) {
+            let entry_bytes = request.entry.len() as u64;
+            match self.log.append(request.entry, request.publish_time_ms) {
                 Ok(pending) => {
-                    self.meter_in.record(messages, entry_bytes);
+                    self.meter_in.record(request.messages, entry_bytes);
                     self.entries_added.fetch_add(1, Ordering::Relaxed);
                     if let Some(producer) = state.producers.get(&producer_key) {
-                        producer.meter.record(messages, entry_bytes);
+                        producer.meter.record(request.messages, entry_bytes);
                     }
                     if state.dedup.is_some() {
                         state.in_flight.insert(pending.position());
@@ -341,19 +413,19 @@ impl Topic {
             }
         };
         let topic = self.clone();
-        let producer_name = producer_name.to_string();
+        let persisted = dedup_key.map(|(key, _, highest)| (key, highest));
         Ok(Box::pin(async move {
             let position = pending.position();
             let result = pending.await;
-            topic.append_completed(&producer_name, highest, position, result.is_ok());
+            topic.append_completed(persisted, position, result.is_ok());
             Ok(Some(result?))
         }))
     }
 
+    /// Records a finished append: `persisted` is its de-duplication key and sequence.
     fn append_completed(
         &self,
-        producer_name: &str,
-        highest_sequence_id: u64,
+        persisted: Option<(String, Sequence)>,
         position: Position,
         succeeded: bool,
     ) {
@@ -367,7 +439,9 @@ impl Topic {
             dedup.reset_pushed();
             return;
         }
-        dedup.persisted(producer_name, highest_sequence_id);
+        if let Some((key, sequence)) = persisted {
+            dedup.persisted(&key, sequence);
+        }
         dedup.entries_since_snapshot += 1;
         if dedup.entries_since_snapshot < self.shared.config.deduplication_snapshot_interval_entries
         {
@@ -406,7 +480,10 @@ impl Topic {
         key: u64,
         consumer: NewConsumer,
     ) -> Result<Arc<Subscription>> {
-        if subscription.is_empty() || is_system_cursor(subscription) {
+        if subscription.is_empty()
+            || is_system_cursor(subscription)
+            || is_replicator_cursor(subscription)
+        {
             return Err(BrokerError::NotAllowed(format!(
                 "invalid subscription name {subscription:?}"
             )));
@@ -537,6 +614,10 @@ impl Topic {
 
     /// Stops every dispatcher and persists the de-duplication snapshot.
     pub(crate) fn close(&self) {
+        let replicators = std::mem::take(&mut self.lock().replicators);
+        for replicator in replicators.values() {
+            replicator.stop();
+        }
         let subscriptions: Vec<Arc<Subscription>> =
             self.lock().subscriptions.drain().map(|(_, s)| s).collect();
         for subscription in subscriptions {
@@ -565,7 +646,7 @@ impl Topic {
         self.log
             .cursor_names()
             .into_iter()
-            .filter(|name| !is_system_cursor(name))
+            .filter(|name| !is_system_cursor(name) && !is_replicator_cursor(name))
             .collect()
     }
 
@@ -609,12 +690,20 @@ fn recover_dedup(log: &Arc<Log>) -> Result<Dedup> {
             break;
         };
         for entry in entries {
-            if let Ok(metadata) = meridian_wire::entry_metadata(entry.data) {
-                let batch_last = metadata.sequence_id
-                    + (metadata.num_messages_in_batch.unwrap_or(1).max(1) as u64 - 1);
-                let highest = batch_last.max(metadata.highest_sequence_id.unwrap_or(0));
-                dedup.persisted(&metadata.producer_name, highest);
+            let Ok(metadata) = meridian_wire::entry_metadata(entry.data) else {
+                continue;
+            };
+            if let Some((cluster, origin)) = crate::replicator::origin_of(&metadata) {
+                dedup.persisted(
+                    &replication_key(&cluster),
+                    position_sequence(origin.ledger_id, origin.entry_id),
+                );
+                continue;
             }
+            let batch_last = metadata.sequence_id
+                + (metadata.num_messages_in_batch.unwrap_or(1).max(1) as u64 - 1);
+            let highest = batch_last.max(metadata.highest_sequence_id.unwrap_or(0));
+            dedup.persisted(&metadata.producer_name, Sequence::from(highest));
         }
         next = log.next_position(last);
     }
@@ -930,6 +1019,9 @@ impl Topic {
     pub(crate) fn sample_rates(&self) {
         self.meter_in.sample();
         let state = self.lock();
+        for replicator in state.replicators.values() {
+            replicator.sample_rates();
+        }
         for producer in state.producers.values() {
             producer.meter.sample();
         }
@@ -968,6 +1060,9 @@ impl Topic {
             let mark_delete = self.log.mark_delete_position(&cursor).flatten();
             let backlog_bytes = self.log.bytes_after(mark_delete);
             backlog_size = backlog_size.max(backlog_bytes);
+            if is_replicator_cursor(&cursor) {
+                continue;
+            }
             let mut subscription_stats = match state.subscriptions.get(&cursor) {
                 Some(subscription) => subscription.stats(),
                 None => SubscriptionStats {
@@ -1022,8 +1117,95 @@ impl Topic {
             publishers,
             waiting_publishers: state.waiting_for_exclusive.len() as u64,
             subscriptions,
-            replication: BTreeMap::new(),
+            replication: self.replication_stats(&state),
         }
+    }
+
+    /// Per remote cluster: what this topic's replicator sends there and what that cluster's
+    /// replicator producer brings here.
+    fn replication_stats(&self, state: &TopicState) -> BTreeMap<String, ReplicatorStats> {
+        let mut replication: BTreeMap<String, ReplicatorStats> = state
+            .replicators
+            .iter()
+            .map(|(remote, replicator)| (remote.clone(), replicator.stats()))
+            .collect();
+        for producer in state.producers.values() {
+            let Some(source) = replicator::source_cluster(&producer.name) else {
+                continue;
+            };
+            let stats = replication.entry(source.to_string()).or_default();
+            let (rate, throughput) = producer.meter.rates();
+            stats.msg_rate_in += rate;
+            stats.msg_throughput_in += throughput;
+            stats.msg_in_count += producer.meter.messages();
+            stats.bytes_in_count += producer.meter.bytes();
+            stats.inbound_connection = Some(producer.address.clone());
+            stats.inbound_connected_since = Some(producer.connected_since.clone());
+        }
+        replication
+    }
+
+    /// Starts and stops replicators to match `remotes` (the clusters this topic replicates to
+    /// now). A cluster no longer `configured` for replication loses its cursor; one that is
+    /// configured but cannot be reached keeps it, and its backlog.
+    pub(crate) fn set_replication(&self, plan: ReplicationPlan) -> Result<()> {
+        let mut state = self.lock();
+        if self.closed.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        let wanted: BTreeMap<String, RemoteCluster> = plan
+            .remotes
+            .into_iter()
+            .map(|remote| (remote.name.clone(), remote))
+            .collect();
+        let stale: Vec<String> = state
+            .replicators
+            .iter()
+            .filter(|(name, replicator)| wanted.get(*name) != Some(replicator.remote()))
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in stale {
+            if let Some(replicator) = state.replicators.remove(&name) {
+                replicator.stop();
+                tracing::info!(topic = %self.full_name, remote = %name, "replicator removed");
+            }
+        }
+        for cursor in self.log.cursor_names() {
+            let Some(remote) = cursor.strip_prefix(crate::dedup::REPLICATOR_PREFIX) else {
+                continue;
+            };
+            if !plan.configured.iter().any(|name| name == remote) {
+                self.log.delete_cursor(&cursor)?;
+            }
+        }
+        for (name, remote) in wanted {
+            if let Some(existing) = state.replicators.get(&name) {
+                existing.set_rate(plan.rate.clone());
+                continue;
+            }
+            let cursor = replicator::cursor_name(&name);
+            if self.log.cursor(&cursor).is_none() {
+                let initial = if plan.start_at_earliest {
+                    InitialPosition::Earliest
+                } else {
+                    InitialPosition::Latest
+                };
+                self.log.open_cursor(&cursor, initial)?;
+                // Where replication starts must survive a crash right after this.
+                self.log.persist_cursors()?;
+            }
+            tracing::info!(topic = %self.full_name, remote = %name, "replicator added");
+            let replicator = Replicator::start(ReplicatorSpec {
+                topic: self.name.clone(),
+                log: self.log.clone(),
+                local_cluster: self.shared.config.cluster_name.clone(),
+                remote,
+                partitions: plan.partitions,
+                rate: plan.rate.clone(),
+            });
+            state.replicators.insert(name, replicator);
+        }
+        Ok(())
     }
 
     /// Pulsar's `PersistentTopicInternalStats`.
@@ -1105,7 +1287,7 @@ impl Topic {
         name: &str,
         mark_delete: Option<Option<Position>>,
     ) -> Result<()> {
-        if name.is_empty() || is_system_cursor(name) {
+        if name.is_empty() || is_system_cursor(name) || is_replicator_cursor(name) {
             return Err(BrokerError::PreconditionFailed(format!(
                 "invalid subscription name {name:?}"
             )));
@@ -1124,7 +1306,7 @@ impl Topic {
 
     /// Deletes a subscription; refused while it has consumers unless `force`.
     pub fn delete_subscription(&self, name: &str, force: bool) -> Result<()> {
-        if self.log.cursor(name).is_none() || is_system_cursor(name) {
+        if self.log.cursor(name).is_none() || is_system_cursor(name) || is_replicator_cursor(name) {
             return Err(BrokerError::NotFound(format!(
                 "subscription {name} does not exist on {}",
                 self.full_name

@@ -47,6 +47,8 @@ pub(crate) struct EncodedEntry {
 pub(crate) fn batch_compatible(first: &ProducerMessage, next: &ProducerMessage) -> bool {
     first.deliver_at.is_none()
         && next.deliver_at.is_none()
+        && first.entry.is_none()
+        && next.entry.is_none()
         && first.replicated_from == next.replicated_from
         && first.replicate_to == next.replicate_to
         && first.metadata == next.metadata
@@ -109,6 +111,22 @@ pub(crate) fn encode_entry(
             "an entry needs at least one message".to_string(),
         ));
     };
+    if let Some(stored) = &first.message.entry {
+        if messages.len() > 1 {
+            return Err(Error::InvalidConfiguration(
+                "a stored entry is sent on its own".to_string(),
+            ));
+        }
+        let num_messages = stored.num_messages_in_batch.unwrap_or(1).max(1);
+        return Ok(EncodedEntry {
+            metadata: (**stored).clone(),
+            payload: first.message.payload.clone(),
+            sequence_id: first.sequence_id,
+            highest_sequence_id: first.sequence_id,
+            num_messages: usize::try_from(num_messages).unwrap_or(1),
+            batched: false,
+        });
+    }
     let mut metadata = entry_metadata(first, producer_name, publish_time_ms);
     let batched = messages.len() > 1;
     let uncompressed = if batched {

@@ -49,6 +49,7 @@ pub struct ClientBuilder {
     backoff_max: Duration,
     outbound_queue: usize,
     max_pending_requests: usize,
+    proxy_url: Option<String>,
 }
 
 impl ClientBuilder {
@@ -97,10 +98,32 @@ impl ClientBuilder {
         self
     }
 
+    /// Sends every connection through a proxy at `url` (`pulsar://host:port`),
+    /// telling it which broker each connection is for (CONNECT's
+    /// `proxy_to_broker_url`), as Pulsar clients do with a proxy. Replicators
+    /// use it for a cluster registered with a `proxyServiceUrl`.
+    pub fn proxy_url(mut self, url: impl Into<String>) -> Self {
+        self.proxy_url = Some(url.into());
+        self
+    }
+
     /// Checks the settings and creates the client. Connections open lazily,
     /// on the first lookup.
     pub async fn build(self) -> Result<Client> {
         let addresses = parse_service_url(&self.service_url)?;
+        let proxy = match &self.proxy_url {
+            Some(url) => {
+                let mut proxies = parse_service_url(url)?;
+                if proxies.len() != 1 {
+                    return Err(crate::error::Error::InvalidServiceUrl {
+                        url: url.clone(),
+                        reason: "a proxy URL names exactly one host:port",
+                    });
+                }
+                proxies.pop()
+            }
+            None => None,
+        };
         let settings = ConnectionSettings {
             connect_timeout: self.connect_timeout,
             operation_timeout: self.operation_timeout,
@@ -110,7 +133,7 @@ impl ClientBuilder {
         };
         Ok(Client {
             inner: Arc::new(ClientInner {
-                pool: ConnectionPool::new(settings, addresses, self.max_lookup_redirects),
+                pool: ConnectionPool::new(settings, addresses, self.max_lookup_redirects, proxy),
                 next_id: AtomicU64::new(0),
                 operation_timeout: self.operation_timeout,
                 backoff_initial: self.backoff_initial,
@@ -134,6 +157,7 @@ impl Client {
             backoff_max: Duration::from_secs(30),
             outbound_queue: 1024,
             max_pending_requests: 50_000,
+            proxy_url: None,
         }
     }
 

@@ -41,6 +41,12 @@ pub struct ProducerMessage {
     /// `highest_sequence_id`); a non-zero `publish_time` is kept too. Only
     /// messages with equal templates share a batch.
     pub metadata: Option<Box<MessageMetadata>>,
+    /// For replicators: a whole stored entry, sent as it is. Its metadata
+    /// goes out unchanged (the original producer name, sequence id, publish
+    /// time, batch size and compression) and `payload` is the entry's payload
+    /// as stored (compressed, possibly a batch). Such a message is never
+    /// batched; the producer's own sequence id only tags the SEND.
+    pub entry: Option<Box<MessageMetadata>>,
 }
 
 impl ProducerMessage {
@@ -48,6 +54,15 @@ impl ProducerMessage {
     pub fn new(payload: impl Into<Bytes>) -> ProducerMessage {
         ProducerMessage {
             payload: payload.into(),
+            ..ProducerMessage::default()
+        }
+    }
+
+    /// A stored entry to send unchanged (see [`ProducerMessage::entry`]).
+    pub fn entry(metadata: MessageMetadata, payload: impl Into<Bytes>) -> ProducerMessage {
+        ProducerMessage {
+            payload: payload.into(),
+            entry: Some(Box::new(metadata)),
             ..ProducerMessage::default()
         }
     }

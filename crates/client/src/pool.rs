@@ -32,6 +32,9 @@ pub(crate) struct ConnectionPool {
     service_addresses: Vec<String>,
     next_service_address: AtomicUsize,
     max_lookup_redirects: u32,
+    /// When set, every connection physically goes to this `host:port` (a
+    /// proxy), still naming the broker it is meant for.
+    proxy: Option<String>,
 }
 
 impl ConnectionPool {
@@ -39,6 +42,7 @@ impl ConnectionPool {
         settings: ConnectionSettings,
         service_addresses: Vec<String>,
         max_lookup_redirects: u32,
+        proxy: Option<String>,
     ) -> ConnectionPool {
         ConnectionPool {
             settings,
@@ -46,6 +50,7 @@ impl ConnectionPool {
             service_addresses,
             next_service_address: AtomicUsize::new(0),
             max_lookup_redirects,
+            proxy,
         }
     }
 
@@ -61,6 +66,17 @@ impl ConnectionPool {
 
     /// An open connection to `address`, opening one if needed.
     pub(crate) async fn get(&self, address: &BrokerAddress) -> Result<Arc<Connection>> {
+        let proxied;
+        let address = match &self.proxy {
+            Some(proxy) => {
+                proxied = BrokerAddress {
+                    logical: address.logical.clone(),
+                    physical: proxy.clone(),
+                };
+                &proxied
+            }
+            None => address,
+        };
         // Two rounds: the second replaces a connection found closed in the first.
         for _ in 0..2 {
             let slot = self.slots().entry(address.clone()).or_default().clone();

@@ -853,7 +853,9 @@ impl ProducerEngine {
             message,
         };
         let now = Instant::now();
-        let batchable = self.config.batching.is_some() && sequenced.message.deliver_at.is_none();
+        let batchable = self.config.batching.is_some()
+            && sequenced.message.deliver_at.is_none()
+            && sequenced.message.entry.is_none();
         if !batchable {
             // Keep the order: whatever is batched goes first.
             self.flush_batch().await;

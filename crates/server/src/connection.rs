@@ -16,10 +16,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
+use meridian_broker::dedup::is_replication_key;
 use meridian_broker::outbound::{command_frame, Outbound, OutboundSender};
+use meridian_broker::replicator;
 use meridian_broker::schema::{decode_version, encode_version};
 use meridian_broker::{
-    AccessMode, Broker, BrokerError, NewConsumer, NewProducer, PublishFuture, SeekTarget,
+    AccessMode, Broker, BrokerError, NewConsumer, NewProducer, Publish, PublishFuture, SeekTarget,
     StartPosition, Subscription, SubscriptionType, Topic, TopicName,
 };
 use meridian_storage::{InitialPosition, Position};
@@ -907,16 +909,22 @@ impl Connection {
                     .highest_sequence_id
                     .unwrap_or(0)
                     .max(send.sequence_id.saturating_add(messages - 1));
-                let publish_time = entry.metadata.publish_time;
-                match producer.topic.publish(
-                    producer.key,
+                // A replicator's entries are de-duplicated by the position they come from.
+                let origin = is_replication_key(&producer.name)
+                    .then(|| replicator::origin_of(&entry.metadata))
+                    .flatten();
+                let publish = Publish {
                     messages,
-                    &producer.name,
-                    send.sequence_id,
-                    highest,
-                    entry.bytes,
-                    publish_time,
-                ) {
+                    sequence_id: send.sequence_id,
+                    highest_sequence_id: highest,
+                    entry: entry.bytes,
+                    publish_time_ms: entry.metadata.publish_time,
+                    origin,
+                };
+                match producer
+                    .topic
+                    .publish(producer.key, &producer.name, publish)
+                {
                     Ok(publish) => Receipt::Pending {
                         sequence_id: send.sequence_id,
                         highest_sequence_id: send.highest_sequence_id.unwrap_or(highest),
@@ -930,6 +938,13 @@ impl Connection {
                 }
             }
         };
+        if matches!(receipt, Receipt::Failed { .. }) && is_replication_key(&producer.name) {
+            // A replicator's later sends must not be stored before this one: drop the producer
+            // so they are ignored; the replicator re-creates it and resends from here.
+            producer.closed.store(true, Ordering::SeqCst);
+            producer.topic.remove_producer(producer.key);
+            tracing::info!(producer = %producer.name, topic = %producer.topic.full_name(), "replicator send failed; producer closed");
+        }
         // Waiting here when the producer has too many sends in flight is the back-pressure:
         // this connection stops reading until receipts drain.
         let _ = producer.receipts.send(receipt).await;

@@ -93,6 +93,12 @@ pub fn parse_entry(entry: Bytes) -> Result<ParsedEntry, EntryError> {
     })
 }
 
+/// An entry's metadata and payload, **without** verifying its checksum (for entries read back
+/// from storage, like [`entry_metadata`]).
+pub fn entry_parts(entry: Bytes) -> Result<(MessageMetadata, Bytes), EntryError> {
+    split_entry(entry).map(|parts| (parts.metadata, parts.payload))
+}
+
 /// Decodes only an entry's metadata, **without** verifying its checksum: for entries read back
 /// from storage, which verified them when they were published (and checks its own CRC on
 /// every record it reads). Saves a pass over the payload per dispatched entry.

@@ -1,0 +1,765 @@
+//! Geo-replication: one replicator per topic (or partition) per remote cluster.
+//!
+//! A replicator reads the topic through its durable cursor `pulsar.repl.<remote>` and publishes
+//! every locally produced entry to the same topic on the remote cluster, with Meridian's own
+//! client, as a producer named `pulsar.repl.<local>--><remote>`:
+//!
+//! - an entry is sent whole and unchanged (a batch stays one batch, compression, keys,
+//!   properties, producer name, sequence id and publish time are kept), with `replicated_from`
+//!   set to the local cluster and the property `__MSG_PROP_REPL_SOURCE_POSITION =
+//!   "<ledger>:<entry>"` naming its origin position;
+//! - entries that came from another cluster (`replicated_from` set), entries whose
+//!   `replicate_to` list leaves this remote out, and markers are acknowledged and skipped, so a
+//!   full mesh has no loops;
+//! - the source entry is acknowledged when the remote's receipt arrives, so the cursor's
+//!   mark-delete follows what the remote has made durable, and the backlog of an unreachable
+//!   remote stays on disk: at most [`MAX_IN_FLIGHT_ENTRIES`] entries (and
+//!   [`MAX_IN_FLIGHT_BYTES`]) are read ahead;
+//! - the remote de-duplicates by origin position (see `dedup.rs`), and closes a replicator's
+//!   producer on any failed send so that nothing pipelined behind a failure is stored before it;
+//!   the client resends in order. So rewinds, reconnections and restarts on either side never
+//!   store a second copy and never skip one;
+//! - before producing, the replicator makes the remote topic exist with the same partition
+//!   count (through the remote's admin API). A mismatch stops that replicator with a clear
+//!   status instead of replicating into the wrong shape;
+//! - failures back off from 100 ms to 60 s and retry; an optional rate limit
+//!   (`replicatorDispatchRate`) caps messages and bytes per period.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use meridian_client::{Client, Producer, ProducerMessage, SendReceipt};
+use meridian_storage::{Entry, Log, Position};
+use meridian_wire::proto::KeyValue;
+use meridian_wire::MessageMetadata;
+use serde::Serialize;
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use crate::resources::{ClusterData, DispatchRate};
+use crate::stats::Meter;
+use crate::topic::{now_ms, now_rfc3339};
+use crate::topic_name::TopicName;
+
+/// The property that carries an entry's origin position (`<ledger>:<entry>`).
+pub const ORIGIN_PROPERTY: &str = "__MSG_PROP_REPL_SOURCE_POSITION";
+/// Entries sent and not yet confirmed, per replicator (Pulsar's `replicationProducerQueueSize`).
+pub const MAX_IN_FLIGHT_ENTRIES: usize = 1000;
+/// Bytes sent and not yet confirmed, per replicator.
+pub const MAX_IN_FLIGHT_BYTES: usize = 16 * 1024 * 1024;
+const READ_MAX_ENTRIES: usize = 100;
+const READ_MAX_BYTES: usize = 4 * 1024 * 1024;
+const BACKOFF_INITIAL: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(60);
+
+/// The cursor of the replicator to `remote`.
+pub fn cursor_name(remote: &str) -> String {
+    format!("{}{remote}", crate::dedup::REPLICATOR_PREFIX)
+}
+
+/// The producer name a replicator from `local` to `remote` uses on the remote cluster.
+pub fn producer_name(local: &str, remote: &str) -> String {
+    format!("{}{local}-->{remote}", crate::dedup::REPLICATOR_PREFIX)
+}
+
+/// The cluster a replicator producer name says it replicates from.
+pub fn source_cluster(producer_name: &str) -> Option<&str> {
+    let rest = producer_name.strip_prefix(crate::dedup::REPLICATOR_PREFIX)?;
+    Some(rest.split_once("-->").map_or(rest, |(source, _)| source))
+}
+
+/// The origin cluster and position of a replicated entry, from its metadata.
+pub fn origin_of(metadata: &MessageMetadata) -> Option<(String, Position)> {
+    let cluster = metadata.replicated_from.as_ref()?;
+    let value = &metadata
+        .properties
+        .iter()
+        .find(|property| property.key == ORIGIN_PROPERTY)?
+        .value;
+    let (ledger, entry) = value.split_once(':')?;
+    Some((
+        cluster.clone(),
+        Position::new(ledger.parse().ok()?, entry.parse().ok()?),
+    ))
+}
+
+/// A replicated entry as consumers get it: without the origin-position property, which only
+/// replication uses, so that applications see the properties they sent. Other entries are
+/// returned as they are, without a copy.
+pub fn without_origin(metadata: &MessageMetadata, entry: Bytes) -> Bytes {
+    if metadata.replicated_from.is_none()
+        || !metadata
+            .properties
+            .iter()
+            .any(|property| property.key == ORIGIN_PROPERTY)
+    {
+        return entry;
+    }
+    let Ok((mut metadata, payload)) = meridian_wire::entry_parts(entry.clone()) else {
+        return entry;
+    };
+    metadata
+        .properties
+        .retain(|property| property.key != ORIGIN_PROPERTY);
+    meridian_wire::encode_entry(&metadata, &payload).unwrap_or(entry)
+}
+
+/// A remote cluster as the cluster registry describes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RemoteCluster {
+    pub name: String,
+    /// `http://...` of its admin API, used to create the remote topic.
+    pub service_url: Option<String>,
+    /// `pulsar://...` of its brokers.
+    pub broker_service_url: String,
+    /// When set, every replication connection goes through this proxy.
+    pub proxy_service_url: Option<String>,
+}
+
+impl RemoteCluster {
+    /// The remote as registered; `None` if it has no broker service URL.
+    pub fn from_data(name: &str, data: &ClusterData) -> Option<RemoteCluster> {
+        let non_empty = |value: &Option<String>| value.clone().filter(|url| !url.is_empty());
+        Some(RemoteCluster {
+            name: name.to_string(),
+            service_url: non_empty(&data.service_url),
+            broker_service_url: non_empty(&data.broker_service_url)?,
+            proxy_service_url: non_empty(&data.proxy_service_url),
+        })
+    }
+
+    async fn client(&self) -> meridian_client::Result<Client> {
+        let mut builder = Client::builder(self.broker_service_url.clone())
+            .operation_timeout(Duration::from_secs(30))
+            .connect_timeout(Duration::from_secs(10))
+            .keep_alive_interval(Duration::from_secs(10))
+            .reconnect_backoff(BACKOFF_INITIAL, Duration::from_secs(30));
+        if let Some(proxy) = &self.proxy_service_url {
+            builder = builder.proxy_url(proxy.clone());
+        }
+        builder.build().await
+    }
+}
+
+/// Pulsar's `ReplicatorStats` for one remote cluster, in topic stats.
+#[derive(Debug, Clone, Default, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ReplicatorStats {
+    pub msg_rate_in: f64,
+    pub msg_throughput_in: f64,
+    pub msg_rate_out: f64,
+    pub msg_throughput_out: f64,
+    pub msg_in_count: u64,
+    pub bytes_in_count: u64,
+    pub msg_out_count: u64,
+    pub bytes_out_count: u64,
+    pub msg_rate_expired: f64,
+    pub replication_backlog: u64,
+    pub connected: bool,
+    pub replication_delay_in_seconds: u64,
+    pub inbound_connection: Option<String>,
+    pub inbound_connected_since: Option<String>,
+    pub outbound_connection: Option<String>,
+    pub outbound_connected_since: Option<String>,
+    /// Meridian: what the replicator is doing (`Started`, `Connecting`, or why it is stopped).
+    pub state: String,
+}
+
+/// What a running replicator shares with stats.
+#[derive(Debug, Default)]
+struct Status {
+    connected: AtomicBool,
+    connected_since: Mutex<Option<String>>,
+    /// Publish time of the oldest entry sent and not yet confirmed (0: none).
+    oldest_pending_publish_ms: AtomicU64,
+    out: Meter,
+    state: Mutex<String>,
+}
+
+impl Status {
+    fn set_state(&self, state: impl Into<String>) {
+        *self
+            .state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = state.into();
+    }
+
+    fn set_connected(&self, connected: bool) {
+        self.connected.store(connected, Ordering::Relaxed);
+        *self
+            .connected_since
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = connected.then(now_rfc3339);
+    }
+}
+
+/// A running replicator; stops when dropped.
+pub struct Replicator {
+    remote: RemoteCluster,
+    cursor: String,
+    log: Arc<Log>,
+    status: Arc<Status>,
+    stop: watch::Sender<bool>,
+    rate: watch::Sender<Option<DispatchRate>>,
+}
+
+/// What a replicator needs to start.
+pub(crate) struct ReplicatorSpec {
+    pub topic: TopicName,
+    pub log: Arc<Log>,
+    pub local_cluster: String,
+    pub remote: RemoteCluster,
+    /// The partition count of the topic this partition belongs to (`None`: not partitioned).
+    pub partitions: Option<u32>,
+    pub rate: Option<DispatchRate>,
+}
+
+impl Replicator {
+    /// Starts replicating to `spec.remote`. The cursor already exists (the caller created it
+    /// where replication starts).
+    pub(crate) fn start(spec: ReplicatorSpec) -> Replicator {
+        let (stop, stopped) = watch::channel(false);
+        let (rate, rates) = watch::channel(spec.rate);
+        let status = Arc::new(Status::default());
+        status.set_state("Starting");
+        let cursor = cursor_name(&spec.remote.name);
+        let worker = Worker {
+            producer_name: producer_name(&spec.local_cluster, &spec.remote.name),
+            cursor: cursor.clone(),
+            topic: spec.topic,
+            log: spec.log.clone(),
+            local_cluster: spec.local_cluster,
+            remote: spec.remote.clone(),
+            partitions: spec.partitions,
+            status: status.clone(),
+            stopped,
+            rates,
+            throttle: Throttle::default(),
+        };
+        tokio::spawn(worker.run());
+        Replicator {
+            remote: spec.remote,
+            cursor,
+            log: spec.log,
+            status,
+            stop,
+            rate,
+        }
+    }
+
+    pub fn remote(&self) -> &RemoteCluster {
+        &self.remote
+    }
+
+    pub fn cursor(&self) -> &str {
+        &self.cursor
+    }
+
+    /// Applies a new `replicatorDispatchRate` (None: unlimited).
+    pub fn set_rate(&self, rate: Option<DispatchRate>) {
+        self.rate.send_if_modified(|current| {
+            let changed = *current != rate;
+            *current = rate.clone();
+            changed
+        });
+    }
+
+    /// Stops the replicator (its producer closes; its cursor stays).
+    pub fn stop(&self) {
+        let _ = self.stop.send(true);
+    }
+
+    /// Out rates and backlog; the caller adds the inbound side.
+    pub fn stats(&self) -> ReplicatorStats {
+        let (msg_rate_out, msg_throughput_out) = self.status.out.rates();
+        let oldest = self
+            .status
+            .oldest_pending_publish_ms
+            .load(Ordering::Relaxed);
+        let backlog = self.log.backlog_entries(&self.cursor).unwrap_or(0);
+        let connected = self.status.connected.load(Ordering::Relaxed);
+        ReplicatorStats {
+            msg_rate_out,
+            msg_throughput_out,
+            msg_out_count: self.status.out.messages(),
+            bytes_out_count: self.status.out.bytes(),
+            replication_backlog: backlog,
+            connected,
+            replication_delay_in_seconds: if oldest == 0 {
+                0
+            } else {
+                now_ms().saturating_sub(oldest) / 1000
+            },
+            outbound_connection: connected.then(|| self.remote.broker_service_url.clone()),
+            outbound_connected_since: self
+                .status
+                .connected_since
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .clone(),
+            state: self
+                .status
+                .state
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .clone(),
+            ..ReplicatorStats::default()
+        }
+    }
+
+    /// Samples the out rates (the broker's stats loop calls this every few seconds).
+    pub fn sample_rates(&self) {
+        self.status.out.sample();
+    }
+}
+
+impl Drop for Replicator {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Why a replication session ended.
+enum Ended {
+    Stopped,
+    /// Retry after a backoff.
+    Failed(String),
+    /// Configuration that retrying cannot fix (a partition-count mismatch): wait for a change.
+    Refused(String),
+}
+
+/// A fixed-window limiter of messages and bytes per period.
+#[derive(Default)]
+struct Throttle {
+    window_start: Option<Instant>,
+    messages: u64,
+    bytes: u64,
+}
+
+impl Throttle {
+    /// How long to wait before sending more under `rate` (None: go on).
+    fn wait(&mut self, rate: Option<&DispatchRate>) -> Option<Duration> {
+        let rate = rate?;
+        let period = Duration::from_secs(u64::from(rate.rate_period_in_second.max(1)));
+        let now = Instant::now();
+        let start = *self.window_start.get_or_insert(now);
+        if now >= start + period {
+            self.window_start = Some(now);
+            self.messages = 0;
+            self.bytes = 0;
+            return None;
+        }
+        let over_messages = rate.dispatch_throttling_rate_in_msg > 0
+            && self.messages >= rate.dispatch_throttling_rate_in_msg as u64;
+        let over_bytes = rate.dispatch_throttling_rate_in_byte > 0
+            && self.bytes >= rate.dispatch_throttling_rate_in_byte as u64;
+        (over_messages || over_bytes).then(|| start + period - now)
+    }
+
+    fn record(&mut self, messages: u64, bytes: u64) {
+        self.messages += messages;
+        self.bytes += bytes;
+    }
+}
+
+/// One entry sent and not yet confirmed.
+struct Sent {
+    position: Position,
+    publish_time_ms: u64,
+    messages: u64,
+    bytes: usize,
+    receipt: SendReceipt,
+}
+
+/// What to do with an entry read from the log.
+enum Plan {
+    Skip,
+    Send {
+        message: Box<ProducerMessage>,
+        messages: u64,
+    },
+}
+
+struct Worker {
+    topic: TopicName,
+    log: Arc<Log>,
+    local_cluster: String,
+    remote: RemoteCluster,
+    partitions: Option<u32>,
+    cursor: String,
+    producer_name: String,
+    status: Arc<Status>,
+    stopped: watch::Receiver<bool>,
+    rates: watch::Receiver<Option<DispatchRate>>,
+    throttle: Throttle,
+}
+
+impl Worker {
+    async fn run(mut self) {
+        let mut delay = BACKOFF_INITIAL;
+        let mut client: Option<Client> = None;
+        loop {
+            if *self.stopped.borrow() {
+                break;
+            }
+            let ended = match &client {
+                Some(client) => self.session(client).await,
+                None => match self.remote.client().await {
+                    Ok(created) => {
+                        client = Some(created);
+                        continue;
+                    }
+                    Err(error) => Ended::Refused(format!("invalid remote cluster URL: {error}")),
+                },
+            };
+            self.status.set_connected(false);
+            self.status
+                .oldest_pending_publish_ms
+                .store(0, Ordering::Relaxed);
+            let wait = match ended {
+                Ended::Stopped => break,
+                Ended::Failed(reason) => {
+                    tracing::warn!(topic = %self.topic, remote = %self.remote.name, %reason, retry_in = ?delay, "replication interrupted");
+                    self.status.set_state(format!("Disconnected: {reason}"));
+                    let wait = delay;
+                    delay = (delay * 2).min(BACKOFF_MAX);
+                    wait
+                }
+                Ended::Refused(reason) => {
+                    tracing::error!(topic = %self.topic, remote = %self.remote.name, %reason, "replication stopped");
+                    self.status.set_state(format!("Stopped: {reason}"));
+                    BACKOFF_MAX
+                }
+            };
+            tokio::select! {
+                _ = self.stopped.changed() => {}
+                () = tokio::time::sleep(wait) => {}
+            }
+        }
+        if let Some(client) = client {
+            client.close().await;
+        }
+        self.status.set_state("Stopped");
+        tracing::debug!(topic = %self.topic, remote = %self.remote.name, "replicator stopped");
+    }
+
+    /// One connected session: prepare the remote topic, create the producer, replicate until
+    /// stopped or something fails.
+    async fn session(&mut self, client: &Client) -> Ended {
+        self.status.set_state("Connecting");
+        if let Some(service_url) = self.remote.service_url.clone() {
+            let topic = self.topic.clone();
+            let partitions = self.partitions;
+            let prepared = tokio::task::spawn_blocking(move || {
+                prepare_remote_topic(&service_url, &topic, partitions)
+            })
+            .await;
+            match prepared {
+                Ok(Ok(())) => {}
+                Ok(Err(Prepare::Mismatch(reason))) => return Ended::Refused(reason),
+                Ok(Err(Prepare::Failed(reason))) => return Ended::Failed(reason),
+                Err(error) => return Ended::Failed(error.to_string()),
+            }
+        }
+        let create = client
+            .producer(self.topic.to_string())
+            .name(self.producer_name.clone())
+            .send_timeout(Duration::ZERO)
+            .max_pending(MAX_IN_FLIGHT_ENTRIES)
+            .create();
+        let producer = tokio::select! {
+            _ = self.stopped.changed() => return Ended::Stopped,
+            created = create => match created {
+                Ok(producer) => producer,
+                Err(error) => return Ended::Failed(format!("creating the remote producer failed: {error}")),
+            },
+        };
+        self.status.set_connected(true);
+        self.status.set_state("Started");
+        tracing::info!(topic = %self.topic, remote = %self.remote.name, "replicator started");
+        let ended = self.replicate(&producer).await;
+        let _ = producer.close().await;
+        ended
+    }
+
+    /// The read → send → acknowledge loop.
+    async fn replicate(&mut self, producer: &Producer) -> Ended {
+        let mut tail = self.log.watch_durable();
+        let Some(cursor) = self.log.cursor(&self.cursor) else {
+            return Ended::Refused(format!("cursor {} is gone", self.cursor));
+        };
+        // Start after the mark-delete position: a rewind to the first unconfirmed entry.
+        let mut next = match cursor.mark_delete {
+            Some(mark_delete) => self.log.next_position(mark_delete),
+            None => match self.log.first_position() {
+                Some(first) => first,
+                None => self.log.end_position(),
+            },
+        };
+        let mut sent: VecDeque<Sent> = VecDeque::new();
+        let mut sent_bytes = 0usize;
+        let mut throttled_until: Option<Instant> = None;
+        loop {
+            // Confirmations that have arrived.
+            let mut confirmed = Vec::new();
+            while let Some(head) = sent.front_mut() {
+                match futures_poll(&mut head.receipt) {
+                    None => break,
+                    Some(Err(error)) => return Ended::Failed(format!("send failed: {error}")),
+                    Some(Ok(())) => {
+                        if let Some(done) = sent.pop_front() {
+                            sent_bytes -= done.bytes;
+                            confirmed.push(self.confirmed(done));
+                        }
+                    }
+                }
+            }
+            self.acknowledge(&confirmed);
+            self.status.oldest_pending_publish_ms.store(
+                sent.front().map_or(0, |head| head.publish_time_ms.max(1)),
+                Ordering::Relaxed,
+            );
+
+            let has_room = sent.len() < MAX_IN_FLIGHT_ENTRIES && sent_bytes < MAX_IN_FLIGHT_BYTES;
+            let readable = self.log.last_position().is_some_and(|last| next <= last);
+            if throttled_until.is_some_and(|until| Instant::now() >= until) {
+                throttled_until = None;
+            }
+            if throttled_until.is_none() {
+                throttled_until = self
+                    .throttle
+                    .wait(self.rates.borrow().as_ref())
+                    .map(|wait| Instant::now() + wait);
+            }
+            if has_room && readable && throttled_until.is_none() {
+                let room = (MAX_IN_FLIGHT_ENTRIES - sent.len()).min(READ_MAX_ENTRIES);
+                let log = self.log.clone();
+                let from = next;
+                let read =
+                    tokio::task::spawn_blocking(move || log.read_from(from, room, READ_MAX_BYTES))
+                        .await;
+                let entries = match read {
+                    Ok(Ok(entries)) => entries,
+                    Ok(Err(meridian_storage::StorageError::PositionNotFound { .. })) => {
+                        // Trimmed away under us (retention, a reset): start at what is left.
+                        next = self.log.first_position().unwrap_or(next);
+                        continue;
+                    }
+                    Ok(Err(error)) => {
+                        return Ended::Failed(format!("reading the log failed: {error}"))
+                    }
+                    Err(error) => return Ended::Failed(error.to_string()),
+                };
+                let mut skipped = Vec::new();
+                for entry in entries {
+                    next = self.log.next_position(entry.position);
+                    if self.log.is_acknowledged(&self.cursor, entry.position) {
+                        continue;
+                    }
+                    let position = entry.position;
+                    let publish_time_ms = entry.publish_time_ms;
+                    let bytes = entry.data.len();
+                    match self.plan(entry) {
+                        Plan::Skip => skipped.push(position),
+                        Plan::Send { message, messages } => {
+                            let receipt = match producer.send(*message).await {
+                                Ok(receipt) => receipt,
+                                Err(error) => {
+                                    return Ended::Failed(format!("send failed: {error}"))
+                                }
+                            };
+                            self.throttle.record(messages, bytes as u64);
+                            sent_bytes += bytes;
+                            sent.push_back(Sent {
+                                position,
+                                publish_time_ms,
+                                messages,
+                                bytes,
+                                receipt,
+                            });
+                        }
+                    }
+                }
+                self.acknowledge(&skipped);
+                continue;
+            }
+            let wait_for_tail = has_room && !readable;
+            let throttle_sleep = async {
+                match throttled_until {
+                    Some(until) => tokio::time::sleep_until(until).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = self.stopped.changed() => return Ended::Stopped,
+                result = head_receipt(&mut sent) => {
+                    if let Err(error) = result {
+                        return Ended::Failed(format!("send failed: {error}"));
+                    }
+                    if let Some(done) = sent.pop_front() {
+                        sent_bytes -= done.bytes;
+                        let position = self.confirmed(done);
+                        self.acknowledge(&[position]);
+                    }
+                }
+                changed = tail.changed(), if wait_for_tail => {
+                    if changed.is_err() {
+                        return Ended::Failed("the topic's log closed".into());
+                    }
+                }
+                () = throttle_sleep => {}
+                _ = self.rates.changed() => {}
+            }
+        }
+    }
+
+    /// Skips what must not be replicated; prepares the rest.
+    fn plan(&self, entry: Entry) -> Plan {
+        let Ok((mut metadata, payload)) = meridian_wire::entry_parts(entry.data) else {
+            tracing::warn!(topic = %self.topic, position = %entry.position, "skipping an entry whose metadata does not decode");
+            return Plan::Skip;
+        };
+        let routed_here =
+            metadata.replicate_to.is_empty() || metadata.replicate_to.contains(&self.remote.name);
+        if metadata.replicated_from.is_some() || metadata.marker_type.is_some() || !routed_here {
+            return Plan::Skip;
+        }
+        metadata.replicated_from = Some(self.local_cluster.clone());
+        metadata
+            .properties
+            .retain(|property| property.key != ORIGIN_PROPERTY);
+        metadata.properties.push(KeyValue {
+            key: ORIGIN_PROPERTY.to_string(),
+            value: format!("{}:{}", entry.position.ledger_id, entry.position.entry_id),
+        });
+        let messages =
+            u64::try_from(metadata.num_messages_in_batch.unwrap_or(1).max(1)).unwrap_or(1);
+        Plan::Send {
+            message: Box::new(ProducerMessage::entry(metadata, payload)),
+            messages,
+        }
+    }
+
+    /// Counts a confirmed send; returns its source position.
+    fn confirmed(&self, done: Sent) -> Position {
+        self.status.out.record(done.messages, done.bytes as u64);
+        done.position
+    }
+
+    fn acknowledge(&self, positions: &[Position]) {
+        if positions.is_empty() {
+            return;
+        }
+        if let Err(error) = self.log.acknowledge(&self.cursor, positions) {
+            tracing::warn!(topic = %self.topic, remote = %self.remote.name, %error, "acknowledging replicated entries failed");
+        }
+    }
+}
+
+/// Polls a receipt without waiting.
+fn futures_poll(receipt: &mut SendReceipt) -> Option<meridian_client::Result<()>> {
+    use std::future::Future;
+    let waker = std::task::Waker::noop();
+    let mut context = std::task::Context::from_waker(waker);
+    match std::pin::Pin::new(receipt).poll(&mut context) {
+        std::task::Poll::Ready(result) => Some(result.map(|_| ())),
+        std::task::Poll::Pending => None,
+    }
+}
+
+/// Waits for the oldest unconfirmed send (forever if there is none).
+async fn head_receipt(sent: &mut VecDeque<Sent>) -> meridian_client::Result<()> {
+    match sent.front_mut() {
+        Some(head) => (&mut head.receipt).await.map(|_| ()),
+        None => std::future::pending().await,
+    }
+}
+
+enum Prepare {
+    Mismatch(String),
+    Failed(String),
+}
+
+#[derive(serde::Deserialize)]
+struct PartitionedMetadata {
+    partitions: u32,
+}
+
+/// Makes the topic exist on the remote cluster with the local partition count.
+fn prepare_remote_topic(
+    service_url: &str,
+    topic: &TopicName,
+    partitions: Option<u32>,
+) -> Result<(), Prepare> {
+    let base = topic.base();
+    let url = format!(
+        "{}/admin/v2/persistent/{}/{}/{}",
+        service_url.trim_end_matches('/'),
+        base.tenant,
+        base.namespace,
+        base.local
+    );
+    let agent = ureq::AgentBuilder::new()
+        .timeout(Duration::from_secs(10))
+        .build();
+    let failed = |what: &str, error: ureq::Error| {
+        Prepare::Failed(format!(
+            "{what} on the remote cluster failed: {}",
+            describe(error)
+        ))
+    };
+    let remote_partitions = |agent: &ureq::Agent| -> Result<u32, Prepare> {
+        let metadata: PartitionedMetadata = agent
+            .get(&format!("{url}/partitions"))
+            .call()
+            .map_err(|error| failed("reading the partition count", error))?
+            .into_json()
+            .map_err(|error| Prepare::Failed(format!("bad partition metadata: {error}")))?;
+        Ok(metadata.partitions)
+    };
+    let mismatch = |remote: u32| {
+        Prepare::Mismatch(format!(
+            "partitions inconsistent: {} has {} locally and {remote} on the remote cluster",
+            base,
+            partitions.unwrap_or(0)
+        ))
+    };
+    let existing = remote_partitions(&agent)?;
+    let wanted = partitions.unwrap_or(0);
+    if existing == wanted && wanted > 0 {
+        return Ok(());
+    }
+    if existing != 0 {
+        return Err(mismatch(existing));
+    }
+    let created = match partitions {
+        Some(count) => agent
+            .put(&format!("{url}/partitions"))
+            .set("Content-Type", "application/json")
+            .send_string(&count.to_string()),
+        None => agent.put(&url).call(),
+    };
+    match created {
+        Ok(_) | Err(ureq::Error::Status(409, _)) => {}
+        Err(error) => return Err(failed("creating the topic", error)),
+    }
+    // Someone else may have created it first, with another shape.
+    let now = remote_partitions(&agent)?;
+    if now != wanted {
+        return Err(mismatch(now));
+    }
+    Ok(())
+}
+
+fn describe(error: ureq::Error) -> String {
+    match error {
+        ureq::Error::Status(code, response) => {
+            let body = response.into_string().unwrap_or_default();
+            format!("HTTP {code}: {body}")
+        }
+        other => other.to_string(),
+    }
+}
