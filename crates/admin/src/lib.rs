@@ -14,6 +14,7 @@
 mod clusters;
 mod metrics;
 mod namespaces;
+mod propagate;
 mod tenants;
 mod topics;
 

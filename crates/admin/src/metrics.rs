@@ -148,6 +148,58 @@ pub async fn metrics(State(broker): State<AppState>) -> impl IntoResponse {
             labels.clone(),
             stats.bytes_in_counter as f64,
         );
+        for (remote, replication) in &stats.replication {
+            let labels = format!("{labels},remote_cluster=\"{}\"", escape(remote));
+            let samples: [(&'static str, &'static str, f64); 8] = [
+                (
+                    "pulsar_replication_rate_in",
+                    "Messages per second replicated in from the remote cluster",
+                    replication.msg_rate_in,
+                ),
+                (
+                    "pulsar_replication_rate_out",
+                    "Messages per second replicated out to the remote cluster",
+                    replication.msg_rate_out,
+                ),
+                (
+                    "pulsar_replication_throughput_in",
+                    "Bytes per second replicated in from the remote cluster",
+                    replication.msg_throughput_in,
+                ),
+                (
+                    "pulsar_replication_throughput_out",
+                    "Bytes per second replicated out to the remote cluster",
+                    replication.msg_throughput_out,
+                ),
+                (
+                    "pulsar_replication_backlog",
+                    "Entries not yet replicated to the remote cluster",
+                    replication.replication_backlog as f64,
+                ),
+                (
+                    "pulsar_replication_delay_in_seconds",
+                    "Age of the oldest message sent and not yet confirmed by the remote cluster",
+                    replication.replication_delay_in_seconds as f64,
+                ),
+                (
+                    "pulsar_replication_connected_count",
+                    "1 if the replicator to the remote cluster is connected",
+                    f64::from(u8::from(replication.connected)),
+                ),
+                (
+                    "pulsar_replication_disconnected_count",
+                    "1 if the replicator to the remote cluster is not connected",
+                    f64::from(u8::from(!replication.connected)),
+                ),
+            ];
+            // Only an outbound replicator has a connection state.
+            let outbound = !replication.state.is_empty();
+            for (name, help, value) in samples {
+                if outbound || !name.ends_with("connected_count") {
+                    add(name, help, "gauge", labels.clone(), value);
+                }
+            }
+        }
         for (subscription, subscription_stats) in &stats.subscriptions {
             let labels = format!("{labels},subscription=\"{}\"", escape(subscription));
             add(

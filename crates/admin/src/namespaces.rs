@@ -3,16 +3,17 @@
 use axum::body::Bytes;
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{Path, Query, State};
+use axum::http::HeaderMap;
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use meridian_broker::resources::{
-    AutoTopicCreationOverride, BacklogQuota, Policies, RetentionPolicies,
+    AutoTopicCreationOverride, BacklogQuota, DispatchRate, Policies, RetentionPolicies,
 };
 use meridian_broker::TopicName;
 use serde::Deserialize;
 use serde_json::Value;
 
-use crate::{body, ApiError, ApiResult, AppState};
+use crate::{body, propagate, ApiError, ApiResult, AppState};
 
 pub fn routes() -> Router<AppState> {
     Router::new()
@@ -54,6 +55,12 @@ pub fn routes() -> Router<AppState> {
             get(get_auto_creation)
                 .post(set_auto_creation)
                 .delete(remove_auto_creation),
+        )
+        .route(
+            "/admin/v2/namespaces/{tenant}/{namespace}/replicatorDispatchRate",
+            get(get_replicator_rate)
+                .post(set_replicator_rate)
+                .delete(remove_replicator_rate),
         )
         .route(
             "/admin/v2/namespaces/{tenant}/{namespace}/unload",
@@ -173,6 +180,7 @@ async fn get_replication(
 async fn set_replication(
     State(broker): State<AppState>,
     Path((tenant, namespace)): Path<(String, String)>,
+    headers: HeaderMap,
     payload: Result<Json<Vec<String>>, JsonRejection>,
 ) -> ApiResult<()> {
     let clusters = body(payload)?;
@@ -186,7 +194,54 @@ async fn set_replication(
         .resources()
         .set_replication_clusters(&tenant, &namespace, clusters)?;
     broker.policies_changed(&tenant, Some(&namespace)).await;
+    if !headers.contains_key(propagate::PROPAGATED_HEADER) {
+        propagate::spawn(&broker, &tenant, &namespace);
+    }
     Ok(())
+}
+
+/// The replicator dispatch rate in force on this cluster (`null`: unlimited).
+async fn get_replicator_rate(
+    State(broker): State<AppState>,
+    Path((tenant, namespace)): Path<(String, String)>,
+) -> ApiResult<Json<Option<DispatchRate>>> {
+    let mut policies = broker.resources().policies(&tenant, &namespace)?;
+    Ok(Json(
+        policies
+            .replicator_dispatch_rate
+            .remove(&broker.config().cluster_name),
+    ))
+}
+
+async fn set_replicator_rate(
+    State(broker): State<AppState>,
+    Path((tenant, namespace)): Path<(String, String)>,
+    payload: Result<Json<DispatchRate>, JsonRejection>,
+) -> ApiResult<()> {
+    let rate = body(payload)?;
+    if rate.rate_period_in_second == 0 {
+        return Err(ApiError::bad_request(
+            "ratePeriodInSecond must be at least 1",
+        ));
+    }
+    let cluster = broker.config().cluster_name.clone();
+    change(&broker, &tenant, &namespace, |policies| {
+        policies
+            .replicator_dispatch_rate
+            .insert(cluster.clone(), rate.clone());
+    })
+    .await
+}
+
+async fn remove_replicator_rate(
+    State(broker): State<AppState>,
+    Path((tenant, namespace)): Path<(String, String)>,
+) -> ApiResult<()> {
+    let cluster = broker.config().cluster_name.clone();
+    change(&broker, &tenant, &namespace, |policies| {
+        policies.replicator_dispatch_rate.remove(&cluster);
+    })
+    .await
 }
 
 async fn get_retention(

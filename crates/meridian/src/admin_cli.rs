@@ -134,6 +134,23 @@ enum NamespaceVerb {
     GetMessageTtl {
         namespace: String,
     },
+    /// Caps what each replicator of the namespace sends per period (0: no cap).
+    SetReplicatorDispatchRate {
+        namespace: String,
+        #[arg(long, default_value_t = 0)]
+        msg_dispatch_rate: i64,
+        #[arg(long, default_value_t = 0)]
+        byte_dispatch_rate: i64,
+        /// Period in seconds.
+        #[arg(long, default_value_t = 1)]
+        dispatch_rate_period: u32,
+    },
+    GetReplicatorDispatchRate {
+        namespace: String,
+    },
+    RemoveReplicatorDispatchRate {
+        namespace: String,
+    },
     /// Backlog quota: --limit 10G and/or --limit-time 3600, with a policy.
     SetBacklogQuota {
         namespace: String,
@@ -550,6 +567,27 @@ fn namespace_request(verb: NamespaceVerb) -> anyhow::Result<(&'static str, Strin
         }
         NamespaceVerb::GetMessageTtl { namespace } => {
             ("GET", path(&namespace, "/messageTTL"), None)
+        }
+        NamespaceVerb::SetReplicatorDispatchRate {
+            namespace,
+            msg_dispatch_rate,
+            byte_dispatch_rate,
+            dispatch_rate_period,
+        } => (
+            "POST",
+            path(&namespace, "/replicatorDispatchRate"),
+            Some(json!({
+                "dispatchThrottlingRateInMsg": msg_dispatch_rate,
+                "dispatchThrottlingRateInByte": byte_dispatch_rate,
+                "ratePeriodInSecond": dispatch_rate_period,
+                "relativeToPublishRate": false,
+            })),
+        ),
+        NamespaceVerb::GetReplicatorDispatchRate { namespace } => {
+            ("GET", path(&namespace, "/replicatorDispatchRate"), None)
+        }
+        NamespaceVerb::RemoveReplicatorDispatchRate { namespace } => {
+            ("DELETE", path(&namespace, "/replicatorDispatchRate"), None)
         }
         NamespaceVerb::SetBacklogQuota {
             namespace,

@@ -29,6 +29,9 @@ pub struct Config {
     pub default_num_partitions: u32,
     pub max_message_size: usize,
     pub deduplication_enabled: bool,
+    /// Where a topic's new replicator starts: `latest` (Pulsar's default) or `earliest`
+    /// (back-fill the messages already stored).
+    pub replication_start_at: ReplicationStart,
     pub max_connections: usize,
     pub keep_alive_interval_seconds: u64,
     pub max_pending_sends_per_producer: usize,
@@ -38,6 +41,14 @@ pub struct Config {
     /// How often message and byte rates are recomputed for stats.
     pub stats_interval_seconds: u64,
     pub storage: StorageSection,
+}
+
+/// Where a new replicator starts reading.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ReplicationStart {
+    Latest,
+    Earliest,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -71,6 +82,7 @@ impl Default for Config {
             default_num_partitions: broker.default_num_partitions,
             max_message_size: broker.max_message_size,
             deduplication_enabled: broker.deduplication_enabled,
+            replication_start_at: ReplicationStart::Latest,
             max_connections: server.max_connections,
             keep_alive_interval_seconds: server.keep_alive_interval.as_secs(),
             max_pending_sends_per_producer: server.max_pending_sends_per_producer,
@@ -245,6 +257,7 @@ impl Config {
             default_num_partitions: self.default_num_partitions,
             max_message_size: self.max_message_size,
             deduplication_enabled: self.deduplication_enabled,
+            replication_start_earliest: self.replication_start_at == ReplicationStart::Earliest,
             max_unacked_messages_per_consumer: self.max_unacked_messages_per_consumer,
             ..BrokerConfig::default()
         }

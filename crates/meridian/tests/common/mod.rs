@@ -17,6 +17,7 @@ pub struct BrokerProcess {
     pub web_port: u16,
     log_path: PathBuf,
     extra_args: Vec<String>,
+    environment: Vec<(String, String)>,
     _temporary: Option<tempfile::TempDir>,
 }
 
@@ -45,6 +46,11 @@ fn healthy(web_port: u16) -> bool {
 impl BrokerProcess {
     /// Starts a broker on a fresh data directory.
     pub fn start(extra_args: &[&str]) -> BrokerProcess {
+        BrokerProcess::start_with_env(extra_args, &[])
+    }
+
+    /// Starts a broker with extra `MERIDIAN_*` settings in its environment.
+    pub fn start_with_env(extra_args: &[&str], environment: &[(&str, &str)]) -> BrokerProcess {
         let temporary = tempfile::tempdir().expect("tempdir");
         let mut broker = BrokerProcess {
             child: None,
@@ -55,6 +61,10 @@ impl BrokerProcess {
             extra_args: extra_args
                 .iter()
                 .map(|argument| argument.to_string())
+                .collect(),
+            environment: environment
+                .iter()
+                .map(|(name, value)| (name.to_string(), value.to_string()))
                 .collect(),
             _temporary: Some(temporary),
         };
@@ -77,6 +87,7 @@ impl BrokerProcess {
             .arg("--web-port")
             .arg(self.web_port.to_string())
             .args(&self.extra_args)
+            .envs(self.environment.iter().cloned())
             .env("RUST_LOG", "info")
             .env("NO_COLOR", "1")
             .stdout(Stdio::from(log.try_clone().expect("log file")))
@@ -100,6 +111,14 @@ impl BrokerProcess {
             );
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// The running process's id.
+    pub fn pid(&self) -> u32 {
+        self.child
+            .as_ref()
+            .map(|child| child.id())
+            .expect("broker running")
     }
 
     pub fn url(&self) -> String {
