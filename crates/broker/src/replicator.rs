@@ -22,7 +22,7 @@
 //! - before producing, the replicator makes the remote topic exist with the same partition
 //!   count (through the remote's admin API). A mismatch stops that replicator with a clear
 //!   status instead of replicating into the wrong shape;
-//! - failures back off from 100 ms to 60 s and retry; an optional rate limit
+//! - failures back off from 100 ms to 10 s and retry; an optional rate limit
 //!   (`replicatorDispatchRate`) caps messages and bytes per period.
 
 use std::collections::VecDeque;
@@ -53,7 +53,7 @@ pub const MAX_IN_FLIGHT_BYTES: usize = 16 * 1024 * 1024;
 const READ_MAX_ENTRIES: usize = 100;
 const READ_MAX_BYTES: usize = 4 * 1024 * 1024;
 const BACKOFF_INITIAL: Duration = Duration::from_millis(100);
-const BACKOFF_MAX: Duration = Duration::from_secs(60);
+const BACKOFF_MAX: Duration = Duration::from_secs(10);
 
 /// The cursor of the replicator to `remote`.
 pub fn cursor_name(remote: &str) -> String {
@@ -136,7 +136,7 @@ impl RemoteCluster {
             .operation_timeout(Duration::from_secs(30))
             .connect_timeout(Duration::from_secs(10))
             .keep_alive_interval(Duration::from_secs(10))
-            .reconnect_backoff(BACKOFF_INITIAL, Duration::from_secs(30));
+            .reconnect_backoff(BACKOFF_INITIAL, BACKOFF_MAX);
         if let Some(proxy) = &self.proxy_service_url {
             builder = builder.proxy_url(proxy.clone());
         }

@@ -184,6 +184,10 @@ struct Consuming {
     /// Messages each consumer buffers ahead of receive (flow-control permits).
     #[arg(long, default_value_t = 1000)]
     receiver_queue_size: u32,
+    /// Service URL the consumers use (default: --url). In end-to-end mode with another
+    /// cluster's URL, the latency measured is the geo-replication lag.
+    #[arg(long)]
+    consumer_url: Option<String>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
@@ -485,8 +489,24 @@ pub async fn run(arguments: PerfArgs) -> anyhow::Result<()> {
         .build()
         .await
         .with_context(|| format!("connecting to {}", plan.common.url))?;
-    let result = run_with(&plan, &client).await;
+    let consumer_client = match plan
+        .consuming
+        .as_ref()
+        .and_then(|consuming| consuming.consumer_url.as_deref())
+    {
+        Some(url) => Some(
+            Client::builder(url)
+                .build()
+                .await
+                .with_context(|| format!("connecting to {url}"))?,
+        ),
+        None => None,
+    };
+    let result = run_with(&plan, &client, consumer_client.as_ref().unwrap_or(&client)).await;
     client.close().await;
+    if let Some(consumer_client) = consumer_client {
+        consumer_client.close().await;
+    }
     let summary = result?;
     match plan.common.output {
         Output::Text => print!("{}", summary.text(&plan.heading())),
@@ -500,7 +520,11 @@ pub async fn run(arguments: PerfArgs) -> anyhow::Result<()> {
 
 type RunSummary<'a> = Summary<Settings<'a>>;
 
-async fn run_with<'a>(plan: &'a Plan, client: &Client) -> anyhow::Result<RunSummary<'a>> {
+async fn run_with<'a>(
+    plan: &'a Plan,
+    client: &Client,
+    consumer_client: &Client,
+) -> anyhow::Result<RunSummary<'a>> {
     let common = &plan.common;
     let topics = plan.topics();
     let shards = std::thread::available_parallelism().map_or(4, |threads| threads.get() * 2);
@@ -514,7 +538,7 @@ async fn run_with<'a>(plan: &'a Plan, client: &Client) -> anyhow::Result<RunSumm
     if let Some(consuming) = &plan.consuming {
         for topic in &topics {
             for index in 0..consuming.consumers {
-                let consumer = client
+                let consumer = consumer_client
                     .consumer(topic.as_str())
                     .subscription(consuming.subscription.as_str())
                     .sub_type(consuming.subscription_type.sub_type())
