@@ -190,12 +190,16 @@ async fn set_replication(
             "replication clusters cannot be empty",
         ));
     }
+    let previous = broker
+        .resources()
+        .policies(&tenant, &namespace)?
+        .replication_clusters;
     broker
         .resources()
         .set_replication_clusters(&tenant, &namespace, clusters)?;
     broker.policies_changed(&tenant, Some(&namespace)).await;
     if !headers.contains_key(propagate::PROPAGATED_HEADER) {
-        propagate::spawn(&broker, &tenant, &namespace);
+        propagate::spawn(&broker, &tenant, &namespace, previous);
     }
     Ok(())
 }

@@ -2,7 +2,10 @@
 //! tenant, namespace and policies are created or updated on every other named cluster through
 //! its admin API (`serviceUrl` in the cluster registry), so an operator does not have to
 //! repeat the configuration on each cluster. Configuring each cluster by hand still works: every
-//! step is idempotent (an existing cluster entry, tenant or namespace is kept).
+//! step is idempotent (an existing cluster entry or tenant is kept), and a namespace that already
+//! exists on the other cluster gets the new replication list only if it *follows* this one (its
+//! list was this cluster's previous list, or is the new one already). A cluster given its own
+//! list by hand (say `["c"]` alone, for one-way replication into `c`) keeps it.
 //!
 //! The requests this sends carry the header [`PROPAGATED_HEADER`]; a cluster that receives one
 //! applies it without propagating further, so two clusters never bounce a change between them.
@@ -35,10 +38,12 @@ struct Change {
     tenant_info: TenantInfo,
     namespace: String,
     policies: Policies,
+    /// This cluster's list before the change.
+    previous: Vec<String>,
 }
 
 /// Starts propagating the namespace's replication settings to the other clusters it names.
-pub fn spawn(broker: &AppState, tenant: &str, namespace: &str) {
+pub fn spawn(broker: &AppState, tenant: &str, namespace: &str, previous: Vec<String>) {
     let resources = broker.resources();
     let local_cluster = broker.config().cluster_name.clone();
     let (Ok(tenant_info), Ok(policies)) = (
@@ -79,6 +84,7 @@ pub fn spawn(broker: &AppState, tenant: &str, namespace: &str) {
             tenant_info: tenant_info.clone(),
             namespace: namespace.to_string(),
             policies: policies.clone(),
+            previous: previous.clone(),
         };
         tokio::spawn(run(broker.clone(), change));
     }
@@ -168,10 +174,30 @@ fn push(change: &Change) -> Result<(), String> {
         }
     }
     let namespace_path = format!("/namespaces/{}/{}", change.tenant, change.namespace);
-    send("PUT", &namespace_path, Some(json(&change.policies)))?;
+    if send("PUT", &namespace_path, Some(json(&change.policies)))? != 409 {
+        // Created with our policies, replication list included.
+        return Ok(());
+    }
+    let replication_path = format!("{namespace_path}/replication");
+    let theirs: Vec<String> = agent
+        .get(&format!("{base}{replication_path}"))
+        .call()
+        .map_err(|error| format!("GET {replication_path}: {error}"))?
+        .into_json()
+        .map_err(|error| format!("GET {replication_path}: {error}"))?;
+    let as_set = |list: &[String]| list.iter().cloned().collect::<BTreeSet<String>>();
+    let wanted = as_set(&change.policies.replication_clusters);
+    let theirs = as_set(&theirs);
+    if theirs == wanted {
+        return Ok(());
+    }
+    if theirs != as_set(&change.previous) {
+        tracing::info!(cluster = %change.remote, namespace = %format!("{}/{}", change.tenant, change.namespace), ?theirs, "the cluster has its own replication list; left as it is");
+        return Ok(());
+    }
     send(
         "POST",
-        &format!("{namespace_path}/replication"),
+        &replication_path,
         Some(json(&change.policies.replication_clusters)),
     )?;
     Ok(())

@@ -26,12 +26,12 @@
 //!   (`replicatorDispatchRate`) caps messages and bytes per period.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use meridian_client::{Client, Producer, ProducerMessage, SendReceipt};
+use meridian_client::{Client, ConnectionWatch, Producer, ProducerMessage, SendReceipt};
 use meridian_storage::{Entry, Log, Position};
 use meridian_wire::proto::KeyValue;
 use meridian_wire::MessageMetadata;
@@ -171,7 +171,8 @@ pub struct ReplicatorStats {
 /// What a running replicator shares with stats.
 #[derive(Debug, Default)]
 struct Status {
-    connected: AtomicBool,
+    /// The current session's producer connection, if a session runs.
+    connection: Mutex<Option<ConnectionWatch>>,
     connected_since: Mutex<Option<String>>,
     /// Publish time of the oldest entry sent and not yet confirmed (0: none).
     oldest_pending_publish_ms: AtomicU64,
@@ -187,12 +188,27 @@ impl Status {
             .unwrap_or_else(|poisoned| poisoned.into_inner()) = state.into();
     }
 
-    fn set_connected(&self, connected: bool) {
-        self.connected.store(connected, Ordering::Relaxed);
+    /// A session's producer was created (`Some`) or closed (`None`).
+    fn set_connection(&self, connection: Option<ConnectionWatch>) {
         *self
             .connected_since
             .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner()) = connected.then(now_rfc3339);
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) =
+            connection.is_some().then(now_rfc3339);
+        *self
+            .connection
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = connection;
+    }
+
+    /// Whether replication to the remote is connected now: a session runs and its producer
+    /// is on a live connection (it reconnects by itself after a cut).
+    fn is_connected(&self) -> bool {
+        self.connection
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .as_ref()
+            .is_some_and(ConnectionWatch::is_connected)
     }
 }
 
@@ -280,7 +296,7 @@ impl Replicator {
             .oldest_pending_publish_ms
             .load(Ordering::Relaxed);
         let backlog = self.log.backlog_entries(&self.cursor).unwrap_or(0);
-        let connected = self.status.connected.load(Ordering::Relaxed);
+        let connected = self.status.is_connected();
         ReplicatorStats {
             msg_rate_out,
             msg_throughput_out,
@@ -415,7 +431,7 @@ impl Worker {
                     Err(error) => Ended::Refused(format!("invalid remote cluster URL: {error}")),
                 },
             };
-            self.status.set_connected(false);
+            self.status.set_connection(None);
             self.status
                 .oldest_pending_publish_ms
                 .store(0, Ordering::Relaxed);
@@ -477,7 +493,7 @@ impl Worker {
                 Err(error) => return Ended::Failed(format!("creating the remote producer failed: {error}")),
             },
         };
-        self.status.set_connected(true);
+        self.status.set_connection(Some(producer.connection_watch()));
         self.status.set_state("Started");
         tracing::info!(topic = %self.topic, remote = %self.remote.name, "replicator started");
         let ended = self.replicate(&producer).await;
@@ -491,13 +507,12 @@ impl Worker {
         let Some(cursor) = self.log.cursor(&self.cursor) else {
             return Ended::Refused(format!("cursor {} is gone", self.cursor));
         };
-        // Start after the mark-delete position: a rewind to the first unconfirmed entry.
+        // Start after the mark-delete position: a rewind to the first unconfirmed entry. With
+        // none, start before everything: entries appended and not yet durable count too, so
+        // neither the first durable entry nor the end of the log is the right place.
         let mut next = match cursor.mark_delete {
             Some(mark_delete) => self.log.next_position(mark_delete),
-            None => match self.log.first_position() {
-                Some(first) => first,
-                None => self.log.end_position(),
-            },
+            None => Position::new(0, 0),
         };
         let mut sent: VecDeque<Sent> = VecDeque::new();
         let mut sent_bytes = 0usize;

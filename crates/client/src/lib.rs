@@ -127,7 +127,9 @@ pub use consumer::{Consumer, ConsumerBuilder, InitialPosition, SeekTarget, Subsc
 pub use error::{Error, Result};
 pub use message::{Message, ProducerMessage};
 pub use message_id::MessageId;
-pub use producer::{AccessMode, BatchingPolicy, Producer, ProducerBuilder, SendReceipt};
+pub use producer::{
+    AccessMode, BatchingPolicy, ConnectionWatch, Producer, ProducerBuilder, SendReceipt,
+};
 pub use reader::{Reader, ReaderBuilder};
 pub use routing::{key_hash, key_partition};
 pub use topic::{normalize_topic, partition_topic};

@@ -29,7 +29,7 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -233,6 +233,17 @@ impl ProducerBuilder {
     }
 }
 
+/// Tells whether a producer is connected (see [`Producer::connection_watch`]);
+/// once the producer is closed it reports its last state.
+#[derive(Clone, Debug)]
+pub struct ConnectionWatch(Vec<Arc<AtomicBool>>);
+
+impl ConnectionWatch {
+    pub fn is_connected(&self) -> bool {
+        self.0.iter().all(|flag| flag.load(Ordering::Relaxed))
+    }
+}
+
 /// Sends messages to a topic; see the module documentation.
 pub struct Producer {
     topic: String,
@@ -263,6 +274,22 @@ impl Producer {
             .first()
             .map(|producer| producer.shared.name())
             .unwrap_or_default()
+    }
+
+    /// Whether every partition's producer is connected to its broker now (it
+    /// reconnects on its own after a lost connection).
+    pub fn is_connected(&self) -> bool {
+        self.connection_watch().is_connected()
+    }
+
+    /// A handle that tells whether the producer is connected, for monitoring.
+    pub fn connection_watch(&self) -> ConnectionWatch {
+        ConnectionWatch(
+            self.producers
+                .iter()
+                .map(|producer| producer.shared.connected.clone())
+                .collect(),
+        )
     }
 
     /// The highest sequence id the broker has acknowledged (at creation, the
@@ -346,6 +373,8 @@ impl Future for SendReceipt {
 struct ProducerShared {
     name: Mutex<String>,
     last_sequence_id: AtomicI64,
+    /// Whether the producer is registered on a live connection now.
+    connected: Arc<AtomicBool>,
 }
 
 impl ProducerShared {
@@ -428,6 +457,7 @@ impl PartitionProducer {
                     .unwrap_or(i64::MAX)
                     .saturating_sub(1),
             ),
+            connected: Arc::new(AtomicBool::new(true)),
         });
         let semaphore = Arc::new(Semaphore::new(config.max_pending));
         let (commands, command_queue) = mpsc::channel(config.max_pending.saturating_add(16));
@@ -1060,6 +1090,7 @@ impl ProducerEngine {
     }
 
     fn disconnected(&mut self, reason: &str) {
+        self.shared.connected.store(false, Ordering::Relaxed);
         if let Some(link) = self.link.take() {
             link.connection.unregister_producer(self.producer_id);
         }
@@ -1091,6 +1122,7 @@ impl ProducerEngine {
         );
         let connection = established.link.connection.clone();
         self.link = Some(established.link);
+        self.shared.connected.store(true, Ordering::Relaxed);
         // Resend in order, original sequence ids and all.
         let frames: Vec<PayloadFrame> = self
             .pending

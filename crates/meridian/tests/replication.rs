@@ -110,13 +110,46 @@ async fn subscribe(client: &Client, topic: &str) -> Consumer {
 async fn receive_exactly(
     consumer: &Consumer,
     expected: usize,
+    clusters: &[&Cluster],
 ) -> (BTreeMap<Vec<u8>, meridian_client::Message>, Vec<Vec<u8>>) {
     let mut received = BTreeMap::new();
-    let mut order = Vec::new();
+    let mut order: Vec<Vec<u8>> = Vec::new();
     while received.len() < expected {
         let message = tokio::time::timeout(WAIT, consumer.receive())
             .await
-            .unwrap_or_else(|_| panic!("only {} of {expected} messages arrived", received.len()))
+            .unwrap_or_else(|_| {
+                let logs: Vec<String> = clusters
+                    .iter()
+                    .map(|cluster| {
+                        let local = consumer.topic().rsplit('/').next().unwrap_or_default();
+                        let stats = cluster
+                            .admin()
+                            .get(&format!("/admin/v2/persistent/t/ns/{local}/stats"));
+                        let internal = cluster
+                            .admin()
+                            .get(&format!("/admin/v2/persistent/t/ns/{local}/internalStats"));
+                        format!(
+                            "--- {}: stats {}\ninternal stats {}\nlog:\n{}",
+                            cluster.name,
+                            stats.1,
+                            internal.1,
+                            cluster.broker.log()
+                        )
+                    })
+                    .collect();
+                panic!(
+                    "only {} of {expected} messages arrived; received {:?}\n{}",
+                    received.len(),
+                    order
+                        .iter()
+                        .map(|payload: &Vec<u8>| String::from_utf8_lossy(payload)
+                            .chars()
+                            .take(16)
+                            .collect::<String>())
+                        .collect::<Vec<_>>(),
+                    logs.join("\n")
+                )
+            })
             .expect("receive");
         consumer.ack(&message).await.expect("ack");
         let payload = message.payload.to_vec();
@@ -193,7 +226,7 @@ async fn configure_once_replicates_both_ways_with_everything_kept() {
     }
 
     for consumer in [&consumer_a, &consumer_b] {
-        let (received, _) = receive_exactly(consumer, 100).await;
+        let (received, _) = receive_exactly(consumer, 100, &[&a, &b]).await;
         for index in 0..50u64 {
             let from_a = &received[format!("a-{index}").as_bytes()];
             assert_eq!(
@@ -321,7 +354,7 @@ async fn remote_down_backlog_stays_on_disk_then_catches_up() {
     b.broker.restart();
     let client_b = b.client().await;
     let consumer_b = subscribe(&client_b, topic).await;
-    let (received, _) = receive_exactly(&consumer_b, total).await;
+    let (received, _) = receive_exactly(&consumer_b, total, &[&a, &b]).await;
     assert_eq!(received.len(), total);
     assert!(eventually(WAIT, || {
         a.stats(topic)["replication"]["b"]["replicationBacklog"].as_u64() == Some(0)
@@ -373,7 +406,7 @@ async fn kill9_of_the_remote_mid_replication_leaves_no_duplicates() {
     }
     let client_b = b.client().await;
     let consumer_b = subscribe(&client_b, topic).await;
-    let (_, order) = receive_exactly(&consumer_b, total).await;
+    let (_, order) = receive_exactly(&consumer_b, total, &[&a, &b]).await;
     // Per-producer order is kept: payloads arrive in the order they were sent.
     let sent: Vec<Vec<u8>> = (0..total)
         .map(|index| format!("m-{index:06}").into_bytes())
@@ -381,4 +414,71 @@ async fn kill9_of_the_remote_mid_replication_leaves_no_duplicates() {
     assert!(order == sent, "replicated messages arrived out of order");
     client_a.close().await;
     client_b.close().await;
+}
+
+/// Produces `count` messages named `<prefix>-<index>` and waits for their receipts.
+async fn produce(client: &Client, topic: &str, prefix: &str, count: usize) {
+    let producer = client
+        .producer(format!("persistent://t/ns/{topic}"))
+        .create()
+        .await
+        .expect("producer");
+    for index in 0..count {
+        producer
+            .send_and_wait(format!("{prefix}-{index}"))
+            .await
+            .expect("send");
+    }
+    producer.close().await.expect("close");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn adding_a_cluster_starts_at_latest_or_back_fills_from_earliest() {
+    for (start_at, back_filled) in [("latest", false), ("earliest", true)] {
+        let a = Cluster::start("a", &[("MERIDIAN_REPLICATION_START_AT", start_at)]);
+        let b = Cluster::start("b", &[]);
+        // The namespace is local to a at first.
+        configure(&a, &[]);
+        let admin = a.admin();
+        admin.ok(admin.put("/admin/v2/clusters/b", Some(&b.registry_entry())));
+        admin.ok(admin.post(
+            "/admin/v2/tenants/t",
+            r#"{"adminRoles":[],"allowedClusters":["a","b"]}"#,
+        ));
+        let topic = "added-later";
+        let client_a = a.client().await;
+        produce(&client_a, topic, "before", 20).await;
+
+        // Adding b while the topic is loaded starts its replicator at once.
+        admin.ok(admin.post("/admin/v2/namespaces/t/ns/replication", r#"["a","b"]"#));
+        await_namespace(&b, &["a", "b"]);
+        assert!(eventually(WAIT, || {
+            a.stats(topic)["replication"]["b"]["connected"] == true
+        }));
+        produce(&client_a, topic, "after", 20).await;
+
+        let client_b = b.client().await;
+        let consumer_b = subscribe(&client_b, topic).await;
+        let expected = if back_filled { 40 } else { 20 };
+        let (received, _) = receive_exactly(&consumer_b, expected, &[&a, &b]).await;
+        assert!(
+            received.contains_key(b"after-19".as_slice()),
+            "start at {start_at}: the messages after the change must arrive"
+        );
+        assert_eq!(
+            received.contains_key(b"before-0".as_slice()),
+            back_filled,
+            "start at {start_at}: earlier messages back-filled or not"
+        );
+
+        // Removing b stops its replicator and deletes its cursor.
+        admin.ok(admin.post("/admin/v2/namespaces/t/ns/replication", r#"["a"]"#));
+        assert!(eventually(WAIT, || {
+            let internal =
+                admin.ok(admin.get(&format!("/admin/v2/persistent/t/ns/{topic}/internalStats")));
+            internal["cursors"].get("pulsar.repl.b").is_none()
+        }));
+        client_a.close().await;
+        client_b.close().await;
+    }
 }
