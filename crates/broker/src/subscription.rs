@@ -183,11 +183,12 @@ fn message_id(position: Position, partition_index: i32) -> MessageIdData {
     }
 }
 
-/// Where reading starts after a mark-delete position.
+/// Where reading starts after a mark-delete position. With none, before everything: the first
+/// *durable* entry or the end of the log would skip entries appended and not yet durable.
 fn position_after(log: &Log, mark_delete: Option<Position>) -> Position {
     match mark_delete {
         Some(position) => log.next_position(position),
-        None => log.first_position().unwrap_or_else(|| log.end_position()),
+        None => Position::new(0, 0),
     }
 }
 
