@@ -375,6 +375,24 @@ impl Throttle {
         (over_messages || over_bytes).then(|| start + period - now)
     }
 
+    /// Messages and bytes the current period still allows (unlimited: `usize::MAX`).
+    fn left(&self, rate: Option<&DispatchRate>) -> (usize, usize) {
+        let left = |limit: i64, used: u64| {
+            if limit > 0 {
+                usize::try_from((limit as u64).saturating_sub(used).max(1)).unwrap_or(usize::MAX)
+            } else {
+                usize::MAX
+            }
+        };
+        match rate {
+            Some(rate) => (
+                left(rate.dispatch_throttling_rate_in_msg, self.messages),
+                left(rate.dispatch_throttling_rate_in_byte, self.bytes),
+            ),
+            None => (usize::MAX, usize::MAX),
+        }
+    }
+
     fn record(&mut self, messages: u64, bytes: u64) {
         self.messages += messages;
         self.bytes += bytes;
@@ -493,7 +511,8 @@ impl Worker {
                 Err(error) => return Ended::Failed(format!("creating the remote producer failed: {error}")),
             },
         };
-        self.status.set_connection(Some(producer.connection_watch()));
+        self.status
+            .set_connection(Some(producer.connection_watch()));
         self.status.set_state("Started");
         tracing::info!(topic = %self.topic, remote = %self.remote.name, "replicator started");
         let ended = self.replicate(&producer).await;
@@ -550,12 +569,17 @@ impl Worker {
                     .map(|wait| Instant::now() + wait);
             }
             if has_room && readable && throttled_until.is_none() {
-                let room = (MAX_IN_FLIGHT_ENTRIES - sent.len()).min(READ_MAX_ENTRIES);
+                // Under a rate limit, read no more than the period has left (every entry holds
+                // at least one message; at least one entry is always read).
+                let (messages_left, bytes_left) = self.throttle.left(self.rates.borrow().as_ref());
+                let room = (MAX_IN_FLIGHT_ENTRIES - sent.len())
+                    .min(READ_MAX_ENTRIES)
+                    .min(messages_left);
+                let max_bytes = READ_MAX_BYTES.min(bytes_left);
                 let log = self.log.clone();
                 let from = next;
                 let read =
-                    tokio::task::spawn_blocking(move || log.read_from(from, room, READ_MAX_BYTES))
-                        .await;
+                    tokio::task::spawn_blocking(move || log.read_from(from, room, max_bytes)).await;
                 let entries = match read {
                     Ok(Ok(entries)) => entries,
                     Ok(Err(meridian_storage::StorageError::PositionNotFound { .. })) => {
@@ -626,7 +650,7 @@ impl Worker {
                     }
                 }
                 () = throttle_sleep => {}
-                _ = self.rates.changed() => {}
+                _ = self.rates.changed() => throttled_until = None,
             }
         }
     }

@@ -482,3 +482,39 @@ async fn adding_a_cluster_starts_at_latest_or_back_fills_from_earliest() {
         client_b.close().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicator_dispatch_rate_caps_what_is_sent_per_period() {
+    let a = Cluster::start("a", &[]);
+    let b = Cluster::start("b", &[]);
+    configure(&a, &[&b]);
+    await_namespace(&b, &["a", "b"]);
+    let admin = a.admin();
+    // Five messages per hour: the replicator must stop at five.
+    admin.ok(admin.post(
+        "/admin/v2/namespaces/t/ns/replicatorDispatchRate",
+        r#"{"dispatchThrottlingRateInMsg":5,"dispatchThrottlingRateInByte":0,"ratePeriodInSecond":3600}"#,
+    ));
+    let rate = admin.ok(admin.get("/admin/v2/namespaces/t/ns/replicatorDispatchRate"));
+    assert_eq!(rate["dispatchThrottlingRateInMsg"], 5, "{rate}");
+    let topic = "throttled";
+    let client_a = a.client().await;
+    produce(&client_a, topic, "m", 20).await;
+    assert!(
+        eventually(WAIT, || {
+            let stats = a.stats(topic);
+            stats["replication"]["b"]["msgOutCount"].as_u64() == Some(5)
+                && stats["replication"]["b"]["replicationBacklog"].as_u64() == Some(15)
+        }),
+        "the replicator did not stop at the limit: {}",
+        a.stats(topic)
+    );
+    // Lifting the limit lets the rest through at once.
+    admin.ok(admin.delete("/admin/v2/namespaces/t/ns/replicatorDispatchRate"));
+    let client_b = b.client().await;
+    let consumer_b = subscribe(&client_b, topic).await;
+    let (received, _) = receive_exactly(&consumer_b, 20, &[&a, &b]).await;
+    assert_eq!(received.len(), 20);
+    client_a.close().await;
+    client_b.close().await;
+}
