@@ -10,12 +10,13 @@
 //! Any frame error (too large, truncated, undecodable) closes this connection only.
 
 use std::collections::HashMap;
+use std::io::IoSlice;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use meridian_broker::dedup::is_replication_key;
 use meridian_broker::outbound::{command_frame, Outbound, OutboundSender};
 use meridian_broker::replicator;
@@ -36,7 +37,7 @@ use meridian_wire::proto::{
     KeySharedMode, MessageIdData, ServerError,
 };
 use meridian_wire::{command_type, ChecksumStatus, Frame, FrameError};
-use tokio::io::{AsyncReadExt, AsyncWriteExt, BufWriter};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
@@ -168,35 +169,65 @@ pub(crate) async fn run(
     let _ = writer_task.await;
 }
 
-/// Drains the outbound queue into the socket, flushing whenever the queue is momentarily empty.
+/// Frames gathered into one vectored write at most (Linux allows 1024 slices per `writev`).
+const MAX_WRITE_SLICES: usize = 512;
+/// Bytes gathered into one vectored write at most.
+const MAX_WRITE_BYTES: usize = 1024 * 1024;
+
+/// Drains the outbound queue into the socket: whatever is queued (up to the limits above) goes
+/// out in one vectored write, headers and stored entries as they are, without copying them
+/// into a buffer first.
 async fn write_loop(
-    writer: OwnedWriteHalf,
+    mut writer: OwnedWriteHalf,
     mut frames: mpsc::Receiver<Outbound>,
     failed: CancellationToken,
 ) {
-    let mut writer = BufWriter::with_capacity(64 * 1024, writer);
+    let mut parts: Vec<Bytes> = Vec::with_capacity(MAX_WRITE_SLICES);
     while let Some(frame) = frames.recv().await {
+        let mut bytes = 0;
         let mut next = Some(frame);
         while let Some(frame) = next.take() {
-            let written = match &frame {
-                Outbound::Frame(bytes) => writer.write_all(bytes).await,
-                Outbound::Payload(payload) => match writer.write_all(&payload.header).await {
-                    Ok(()) => writer.write_all(&payload.entry).await,
-                    Err(error) => Err(error),
-                },
-            };
-            if written.is_err() {
-                failed.cancel();
-                return;
+            match frame {
+                Outbound::Frame(frame) => {
+                    bytes += frame.len();
+                    parts.push(frame);
+                }
+                Outbound::Payload(payload) => {
+                    bytes += payload.frame_length();
+                    parts.push(payload.header);
+                    parts.push(payload.entry);
+                }
+            }
+            if parts.len() + 2 > MAX_WRITE_SLICES || bytes >= MAX_WRITE_BYTES {
+                break;
             }
             next = frames.try_recv().ok();
         }
-        if writer.flush().await.is_err() {
+        if write_all_vectored(&mut writer, &parts).await.is_err() {
             failed.cancel();
             return;
         }
+        parts.clear();
     }
     let _ = writer.shutdown().await;
+}
+
+/// Writes every part, in order, with as few `writev` calls as the socket allows.
+async fn write_all_vectored(writer: &mut OwnedWriteHalf, parts: &[Bytes]) -> std::io::Result<()> {
+    let mut slices: Vec<IoSlice<'_>> = parts
+        .iter()
+        .filter(|part| !part.is_empty())
+        .map(|part| IoSlice::new(part))
+        .collect();
+    let mut remaining = &mut slices[..];
+    while !remaining.is_empty() {
+        let written = writer.write_vectored(remaining).await?;
+        if written == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        IoSlice::advance_slices(&mut remaining, written);
+    }
+    Ok(())
 }
 
 impl Connection {
