@@ -254,6 +254,7 @@ impl Replicator {
             stopped,
             rates,
             throttle: Throttle::default(),
+            started: false,
         };
         tokio::spawn(worker.run());
         Replicator {
@@ -429,6 +430,8 @@ struct Worker {
     stopped: watch::Receiver<bool>,
     rates: watch::Receiver<Option<DispatchRate>>,
     throttle: Throttle,
+    /// The current session got as far as producing.
+    started: bool,
 }
 
 impl Worker {
@@ -453,6 +456,10 @@ impl Worker {
             self.status
                 .oldest_pending_publish_ms
                 .store(0, Ordering::Relaxed);
+            if std::mem::take(&mut self.started) {
+                // A session that ran resets the backoff: the next failure is a new one.
+                delay = BACKOFF_INITIAL;
+            }
             let wait = match ended {
                 Ended::Stopped => break,
                 Ended::Failed(reason) => {
@@ -514,6 +521,7 @@ impl Worker {
         self.status
             .set_connection(Some(producer.connection_watch()));
         self.status.set_state("Started");
+        self.started = true;
         tracing::info!(topic = %self.topic, remote = %self.remote.name, "replicator started");
         let ended = self.replicate(&producer).await;
         let _ = producer.close().await;

@@ -1130,10 +1130,12 @@ impl Topic {
             .map(|(remote, replicator)| (remote.clone(), replicator.stats()))
             .collect();
         for producer in state.producers.values() {
-            let Some(source) = replicator::source_cluster(&producer.name) else {
+            // As in Pulsar, the inbound side is shown for clusters this topic also replicates to.
+            let Some(stats) = replicator::source_cluster(&producer.name)
+                .and_then(|source| replication.get_mut(source))
+            else {
                 continue;
             };
-            let stats = replication.entry(source.to_string()).or_default();
             let (rate, throughput) = producer.meter.rates();
             stats.msg_rate_in += rate;
             stats.msg_throughput_in += throughput;
