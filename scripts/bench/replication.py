@@ -105,6 +105,8 @@ def main():
     parser.add_argument("--delay-ms", type=float, default=20)
     parser.add_argument("--duration", type=int, default=20)
     parser.add_argument("--backlog-mb", type=int, default=512)
+    parser.add_argument("--no-proxy", action="store_true",
+                        help="replicate directly, without the proxy (the delay runs are skipped)")
     options = parser.parse_args()
     binary = os.path.abspath(options.binary)
 
@@ -112,9 +114,10 @@ def main():
         a, b = Broker(binary, "a", root), Broker(binary, "b", root)
         proxy = FaultProxy(("127.0.0.1", b.port), name="a-to-b", max_queued_chunks=256)
         try:
-            http("PUT", a.admin + "/admin/v2/clusters/b", {
-                "serviceUrl": b.admin, "brokerServiceUrl": b.url,
-                "proxyServiceUrl": proxy.url, "proxyProtocol": "SNI"})
+            entry = {"serviceUrl": b.admin, "brokerServiceUrl": b.url}
+            if not options.no_proxy:
+                entry.update({"proxyServiceUrl": proxy.url, "proxyProtocol": "SNI"})
+            http("PUT", a.admin + "/admin/v2/clusters/b", entry)
             http("PUT", a.admin + "/admin/v2/tenants/t", {"adminRoles": [], "allowedClusters": ["a", "b"]})
             http("PUT", a.admin + "/admin/v2/namespaces/t/ns")
             http("POST", a.admin + "/admin/v2/namespaces/t/ns/replication", ["a", "b"])
@@ -124,7 +127,7 @@ def main():
                     raise RuntimeError("configure-once did not reach b")
                 time.sleep(0.1)
 
-            for delay in (0.0, options.delay_ms / 1000):
+            for delay in (0.0,) if options.no_proxy else (0.0, options.delay_ms / 1000):
                 proxy.set_delay(delay)
                 topic = f"lag-{int(delay * 1000)}ms"
                 summary = perf(binary, "end-to-end", "--url", a.url, "--consumer-url", b.url,
