@@ -34,7 +34,7 @@ async fn create(
     broker
         .resources()
         .create_cluster(&cluster, &body(payload)?)?;
-    broker.clusters_changed();
+    broker.clusters_changed().await;
     Ok(())
 }
 
@@ -46,12 +46,12 @@ async fn update(
     broker
         .resources()
         .update_cluster(&cluster, &body(payload)?)?;
-    broker.clusters_changed();
+    broker.clusters_changed().await;
     Ok(())
 }
 
 async fn delete(State(broker): State<AppState>, Path(cluster): Path<String>) -> ApiResult<()> {
     broker.resources().delete_cluster(&cluster)?;
-    broker.clusters_changed();
+    broker.clusters_changed().await;
     Ok(())
 }

@@ -12,7 +12,7 @@ use tokio::sync::OnceCell;
 
 use crate::config::{AutoTopicCreationType, BrokerConfig};
 use crate::error::{BrokerError, Result};
-use crate::replicator::RemoteCluster;
+use crate::replicator::{RemoteClients, RemoteCluster};
 use crate::resources::Resources;
 use crate::schema::SchemaRegistry;
 use crate::topic::{ReplicationPlan, Topic};
@@ -25,6 +25,8 @@ pub(crate) struct BrokerShared {
     producer_names: AtomicU64,
     /// Makes generated producer names unique across restarts (they key de-duplication state).
     instance: String,
+    /// The clients replicators use, one per remote cluster.
+    pub(crate) remote_clients: Arc<RemoteClients>,
 }
 
 impl BrokerShared {
@@ -82,6 +84,7 @@ impl Broker {
                 storage,
                 producer_names: AtomicU64::new(0),
                 instance: format!("{instance:x}"),
+                remote_clients: Arc::new(RemoteClients::default()),
             }),
             schemas: SchemaRegistry::new(metadata.clone()),
             resources: Resources::new(metadata.clone()),
@@ -269,11 +272,19 @@ impl Broker {
         })
     }
 
-    /// The cluster registry changed: re-plan every loaded topic's replicators.
-    pub fn clusters_changed(&self) {
+    /// The cluster registry changed: re-plan every loaded topic's replicators, and close the
+    /// clients of remotes whose registration changed.
+    pub async fn clusters_changed(&self) {
         for topic in self.loaded_topics() {
             self.update_replication(&topic);
         }
+        let mut current = Vec::new();
+        for name in self.resources.clusters().unwrap_or_default() {
+            if let Ok(data) = self.resources.cluster(&name) {
+                current.extend(RemoteCluster::from_data(&name, &data));
+            }
+        }
+        self.shared.remote_clients.retain(&current).await;
     }
 
     /// The loaded topic, if it is loaded.

@@ -25,7 +25,7 @@
 //! - failures back off from 100 ms to 10 s and retry; an optional rate limit
 //!   (`replicatorDispatchRate`) caps messages and bytes per period.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -108,7 +108,7 @@ pub fn without_origin(metadata: &MessageMetadata, entry: Bytes) -> Bytes {
 }
 
 /// A remote cluster as the cluster registry describes it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct RemoteCluster {
     pub name: String,
     /// `http://...` of its admin API, used to create the remote topic.
@@ -141,6 +141,44 @@ impl RemoteCluster {
             builder = builder.proxy_url(proxy.clone());
         }
         builder.build().await
+    }
+}
+
+/// One client per remote cluster, shared by every replicator to it: their producers share its
+/// connections instead of opening one each.
+#[derive(Default)]
+pub(crate) struct RemoteClients {
+    clients: tokio::sync::Mutex<HashMap<RemoteCluster, Client>>,
+}
+
+impl RemoteClients {
+    async fn get(&self, remote: &RemoteCluster) -> meridian_client::Result<Client> {
+        let mut clients = self.clients.lock().await;
+        if let Some(client) = clients.get(remote) {
+            return Ok(client.clone());
+        }
+        let client = remote.client().await?;
+        clients.insert(remote.clone(), client.clone());
+        Ok(client)
+    }
+
+    /// Closes the clients of remotes that are no longer registered as they were.
+    pub(crate) async fn retain(&self, current: &[RemoteCluster]) {
+        let stale: Vec<Client> = {
+            let mut clients = self.clients.lock().await;
+            let names: Vec<RemoteCluster> = clients
+                .keys()
+                .filter(|remote| !current.contains(remote))
+                .cloned()
+                .collect();
+            names
+                .iter()
+                .filter_map(|remote| clients.remove(remote))
+                .collect()
+        };
+        for client in stale {
+            client.close().await;
+        }
     }
 }
 
@@ -231,6 +269,7 @@ pub(crate) struct ReplicatorSpec {
     /// The partition count of the topic this partition belongs to (`None`: not partitioned).
     pub partitions: Option<u32>,
     pub rate: Option<DispatchRate>,
+    pub clients: Arc<RemoteClients>,
 }
 
 impl Replicator {
@@ -250,6 +289,7 @@ impl Replicator {
             local_cluster: spec.local_cluster,
             remote: spec.remote.clone(),
             partitions: spec.partitions,
+            clients: spec.clients,
             status: status.clone(),
             stopped,
             rates,
@@ -424,6 +464,7 @@ struct Worker {
     local_cluster: String,
     remote: RemoteCluster,
     partitions: Option<u32>,
+    clients: Arc<RemoteClients>,
     cursor: String,
     producer_name: String,
     status: Arc<Status>,
@@ -438,13 +479,14 @@ impl Worker {
     async fn run(mut self) {
         let mut delay = BACKOFF_INITIAL;
         let mut client: Option<Client> = None;
+        let clients = self.clients.clone();
         loop {
             if *self.stopped.borrow() {
                 break;
             }
             let ended = match &client {
                 Some(client) => self.session(client).await,
-                None => match self.remote.client().await {
+                None => match clients.get(&self.remote).await {
                     Ok(created) => {
                         client = Some(created);
                         continue;
@@ -479,9 +521,6 @@ impl Worker {
                 _ = self.stopped.changed() => {}
                 () = tokio::time::sleep(wait) => {}
             }
-        }
-        if let Some(client) = client {
-            client.close().await;
         }
         self.status.set_state("Stopped");
         tracing::debug!(topic = %self.topic, remote = %self.remote.name, "replicator stopped");

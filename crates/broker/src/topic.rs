@@ -1204,6 +1204,7 @@ impl Topic {
                 remote,
                 partitions: plan.partitions,
                 rate: plan.rate.clone(),
+                clients: self.shared.remote_clients.clone(),
             });
             state.replicators.insert(name, replicator);
         }

@@ -518,3 +518,38 @@ async fn replicator_dispatch_rate_caps_what_is_sent_per_period() {
     client_a.close().await;
     client_b.close().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicators_to_one_cluster_share_its_connection() {
+    let a = Cluster::start("a", &[]);
+    let b = Cluster::start("b", &[]);
+    configure(&a, &[&b]);
+    await_namespace(&b, &["a", "b"]);
+    let client_a = a.client().await;
+    let topics = ["shared-0", "shared-1", "shared-2", "shared-3"];
+    for topic in topics {
+        produce(&client_a, topic, topic, 1).await;
+    }
+    // On b, each topic's producer from a's replicator comes from the same client address.
+    let mut addresses = std::collections::BTreeSet::new();
+    for topic in topics {
+        let mut address = None;
+        assert!(
+            eventually(WAIT, || {
+                address = b.stats(topic)["replication"]["a"]["inboundConnection"]
+                    .as_str()
+                    .map(str::to_string);
+                address.is_some()
+            }),
+            "no inbound replication on b for {topic}: {}",
+            b.stats(topic)
+        );
+        addresses.extend(address);
+    }
+    assert_eq!(
+        addresses.len(),
+        1,
+        "replicators opened several connections: {addresses:?}"
+    );
+    client_a.close().await;
+}
