@@ -26,6 +26,7 @@
 //!   (`replicatorDispatchRate`) caps messages and bytes per period.
 
 use std::collections::{HashMap, VecDeque};
+use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -580,32 +581,17 @@ impl Worker {
             Some(mark_delete) => self.log.next_position(mark_delete),
             None => Position::new(0, 0),
         };
-        let mut sent: VecDeque<Sent> = VecDeque::new();
-        let mut sent_bytes = 0usize;
+        let mut in_flight = InFlight::default();
         let mut throttled_until: Option<Instant> = None;
         loop {
-            // Confirmations that have arrived.
-            let mut confirmed = Vec::new();
-            while let Some(head) = sent.front_mut() {
-                match futures_poll(&mut head.receipt) {
-                    None => break,
-                    Some(Err(error)) => return Ended::Failed(format!("send failed: {error}")),
-                    Some(Ok(())) => {
-                        if let Some(done) = sent.pop_front() {
-                            sent_bytes -= done.bytes;
-                            confirmed.push(self.confirmed(done));
-                        }
-                    }
-                }
+            match in_flight.take_confirmed() {
+                Ok(confirmed) => self.confirm(confirmed),
+                Err(reason) => return Ended::Failed(reason),
             }
-            self.acknowledge(&confirmed);
-            self.status.oldest_pending_publish_ms.store(
-                sent.front().map_or(0, |head| head.publish_time_ms.max(1)),
-                Ordering::Relaxed,
-            );
+            self.status
+                .oldest_pending_publish_ms
+                .store(in_flight.oldest_publish_time_ms(), Ordering::Relaxed);
 
-            let has_room = sent.len() < MAX_IN_FLIGHT_ENTRIES && sent_bytes < MAX_IN_FLIGHT_BYTES;
-            let readable = self.log.last_position().is_some_and(|last| next <= last);
             if throttled_until.is_some_and(|until| Instant::now() >= until) {
                 throttled_until = None;
             }
@@ -615,64 +601,14 @@ impl Worker {
                     .wait(self.rates.borrow().as_ref())
                     .map(|wait| Instant::now() + wait);
             }
-            if has_room && readable && throttled_until.is_none() {
-                // Under a rate limit, read no more than the period has left (every entry holds
-                // at least one message; at least one entry is always read).
-                let (messages_left, bytes_left) = self.throttle.left(self.rates.borrow().as_ref());
-                let room = (MAX_IN_FLIGHT_ENTRIES - sent.len())
-                    .min(READ_MAX_ENTRIES)
-                    .min(messages_left);
-                let max_bytes = READ_MAX_BYTES.min(bytes_left);
-                let log = self.log.clone();
-                let from = next;
-                let read =
-                    tokio::task::spawn_blocking(move || log.read_from(from, room, max_bytes)).await;
-                let entries = match read {
-                    Ok(Ok(entries)) => entries,
-                    Ok(Err(meridian_storage::StorageError::PositionNotFound { .. })) => {
-                        // Trimmed away under us (retention, a reset): start at what is left.
-                        next = self.log.first_position().unwrap_or(next);
-                        continue;
-                    }
-                    Ok(Err(error)) => {
-                        return Ended::Failed(format!("reading the log failed: {error}"))
-                    }
-                    Err(error) => return Ended::Failed(error.to_string()),
-                };
-                let mut skipped = Vec::new();
-                for entry in entries {
-                    next = self.log.next_position(entry.position);
-                    if self.log.is_acknowledged(&self.cursor, entry.position) {
-                        continue;
-                    }
-                    let position = entry.position;
-                    let publish_time_ms = entry.publish_time_ms;
-                    let bytes = entry.data.len();
-                    match self.plan(entry) {
-                        Plan::Skip => skipped.push(position),
-                        Plan::Send { message, messages } => {
-                            let receipt = match producer.send(*message).await {
-                                Ok(receipt) => receipt,
-                                Err(error) => {
-                                    return Ended::Failed(format!("send failed: {error}"))
-                                }
-                            };
-                            self.throttle.record(messages, bytes as u64);
-                            sent_bytes += bytes;
-                            sent.push_back(Sent {
-                                position,
-                                publish_time_ms,
-                                messages,
-                                bytes,
-                                receipt,
-                            });
-                        }
-                    }
+            let readable = self.log.last_position().is_some_and(|last| next <= last);
+            if in_flight.has_room() && readable && throttled_until.is_none() {
+                if let Err(ended) = self.send_more(producer, &mut next, &mut in_flight).await {
+                    return ended;
                 }
-                self.acknowledge(&skipped);
                 continue;
             }
-            let wait_for_tail = has_room && !readable;
+            let wait_for_tail = in_flight.has_room() && !readable;
             let throttle_sleep = async {
                 match throttled_until {
                     Some(until) => tokio::time::sleep_until(until).await,
@@ -681,16 +617,10 @@ impl Worker {
             };
             tokio::select! {
                 _ = self.stopped.changed() => return Ended::Stopped,
-                result = head_receipt(&mut sent) => {
-                    if let Err(error) = result {
-                        return Ended::Failed(format!("send failed: {error}"));
-                    }
-                    if let Some(done) = sent.pop_front() {
-                        sent_bytes -= done.bytes;
-                        let position = self.confirmed(done);
-                        self.acknowledge(&[position]);
-                    }
-                }
+                confirmed = in_flight.next_confirmed() => match confirmed {
+                    Ok(done) => self.confirm(vec![done]),
+                    Err(reason) => return Ended::Failed(reason),
+                },
                 changed = tail.changed(), if wait_for_tail => {
                     if changed.is_err() {
                         return Ended::Failed("the topic's log closed".into());
@@ -700,6 +630,64 @@ impl Worker {
                 _ = self.rates.changed() => throttled_until = None,
             }
         }
+    }
+
+    /// Reads the next entries (as many as there is room for and the rate allows) and sends
+    /// what must be replicated; acknowledges the rest at once.
+    async fn send_more(
+        &mut self,
+        producer: &Producer,
+        next: &mut Position,
+        in_flight: &mut InFlight,
+    ) -> Result<(), Ended> {
+        // Under a rate limit, read no more than the period has left (every entry holds at
+        // least one message; at least one entry is always read).
+        let (messages_left, bytes_left) = self.throttle.left(self.rates.borrow().as_ref());
+        let room = in_flight.room().min(READ_MAX_ENTRIES).min(messages_left);
+        let max_bytes = READ_MAX_BYTES.min(bytes_left);
+        let log = self.log.clone();
+        let from = *next;
+        let read = tokio::task::spawn_blocking(move || log.read_from(from, room, max_bytes)).await;
+        let entries = match read {
+            Ok(Ok(entries)) => entries,
+            Ok(Err(meridian_storage::StorageError::PositionNotFound { .. })) => {
+                // Trimmed away under us (retention, a reset): go on with what is left.
+                *next = self.log.first_position().unwrap_or(*next);
+                return Ok(());
+            }
+            Ok(Err(error)) => {
+                return Err(Ended::Failed(format!("reading the log failed: {error}")))
+            }
+            Err(error) => return Err(Ended::Failed(error.to_string())),
+        };
+        let mut skipped = Vec::new();
+        for entry in entries {
+            *next = self.log.next_position(entry.position);
+            if self.log.is_acknowledged(&self.cursor, entry.position) {
+                continue;
+            }
+            let position = entry.position;
+            let publish_time_ms = entry.publish_time_ms;
+            let bytes = entry.data.len();
+            let Plan::Send { message, messages } = self.plan(entry) else {
+                skipped.push(position);
+                continue;
+            };
+            let receipt = producer
+                .send(*message)
+                .await
+                .map_err(|error| Ended::Failed(format!("send failed: {error}")))?;
+            self.throttle.record(messages, bytes as u64);
+            in_flight.push(Sent {
+                position,
+                publish_time_ms,
+                messages,
+                bytes,
+                receipt,
+            });
+        }
+        self.acknowledge(&skipped);
+        Ok(())
     }
 
     /// Skips what must not be replicated; prepares the rest.
@@ -729,10 +717,16 @@ impl Worker {
         }
     }
 
-    /// Counts a confirmed send; returns its source position.
-    fn confirmed(&self, done: Sent) -> Position {
-        self.status.out.record(done.messages, done.bytes as u64);
-        done.position
+    /// Counts confirmed sends and acknowledges their source entries.
+    fn confirm(&self, confirmed: Vec<Sent>) {
+        let positions: Vec<Position> = confirmed
+            .iter()
+            .map(|done| {
+                self.status.out.record(done.messages, done.bytes as u64);
+                done.position
+            })
+            .collect();
+        self.acknowledge(&positions);
     }
 
     fn acknowledge(&self, positions: &[Position]) {
@@ -745,22 +739,65 @@ impl Worker {
     }
 }
 
-/// Polls a receipt without waiting.
-fn futures_poll(receipt: &mut SendReceipt) -> Option<meridian_client::Result<()>> {
-    use std::future::Future;
-    let waker = std::task::Waker::noop();
-    let mut context = std::task::Context::from_waker(waker);
-    match std::pin::Pin::new(receipt).poll(&mut context) {
-        std::task::Poll::Ready(result) => Some(result.map(|_| ())),
-        std::task::Poll::Pending => None,
-    }
+/// Entries sent and not yet confirmed, oldest first. Receipts complete in this order.
+#[derive(Default)]
+struct InFlight {
+    sent: VecDeque<Sent>,
+    bytes: usize,
 }
 
-/// Waits for the oldest unconfirmed send (forever if there is none).
-async fn head_receipt(sent: &mut VecDeque<Sent>) -> meridian_client::Result<()> {
-    match sent.front_mut() {
-        Some(head) => (&mut head.receipt).await.map(|_| ()),
-        None => std::future::pending().await,
+impl InFlight {
+    fn room(&self) -> usize {
+        MAX_IN_FLIGHT_ENTRIES.saturating_sub(self.sent.len())
+    }
+
+    fn has_room(&self) -> bool {
+        self.room() > 0 && self.bytes < MAX_IN_FLIGHT_BYTES
+    }
+
+    fn push(&mut self, sent: Sent) {
+        self.bytes += sent.bytes;
+        self.sent.push_back(sent);
+    }
+
+    fn pop(&mut self) -> Option<Sent> {
+        let done = self.sent.pop_front()?;
+        self.bytes -= done.bytes;
+        Some(done)
+    }
+
+    /// Publish time of the oldest unconfirmed entry (0: none).
+    fn oldest_publish_time_ms(&self) -> u64 {
+        self.sent
+            .front()
+            .map_or(0, |head| head.publish_time_ms.max(1))
+    }
+
+    /// The sends confirmed so far, without waiting; an error if one failed.
+    fn take_confirmed(&mut self) -> Result<Vec<Sent>, String> {
+        let mut confirmed = Vec::new();
+        let mut context = std::task::Context::from_waker(std::task::Waker::noop());
+        while let Some(head) = self.sent.front_mut() {
+            match std::pin::Pin::new(&mut head.receipt).poll(&mut context) {
+                std::task::Poll::Pending => break,
+                std::task::Poll::Ready(Err(error)) => return Err(format!("send failed: {error}")),
+                std::task::Poll::Ready(Ok(_)) => confirmed.extend(self.pop()),
+            }
+        }
+        Ok(confirmed)
+    }
+
+    /// Waits for the oldest send's confirmation (forever if nothing is in flight).
+    async fn next_confirmed(&mut self) -> Result<Sent, String> {
+        let Some(head) = self.sent.front_mut() else {
+            return std::future::pending().await;
+        };
+        match (&mut head.receipt).await {
+            Ok(_) => self
+                .pop()
+                .ok_or_else(|| "confirmation without a send".to_string()),
+            Err(error) => Err(format!("send failed: {error}")),
+        }
     }
 }
 

@@ -536,13 +536,16 @@ async fn replicators_to_one_cluster_share_its_connection() {
         let mut address = None;
         assert!(
             eventually(WAIT, || {
-                address = b.stats(topic)["replication"]["a"]["inboundConnection"]
+                // 404 until a's replicator has created the topic on b.
+                let (status, stats) = b
+                    .admin()
+                    .get(&format!("/admin/v2/persistent/t/ns/{topic}/stats"));
+                address = stats["replication"]["a"]["inboundConnection"]
                     .as_str()
                     .map(str::to_string);
-                address.is_some()
+                status == 200 && address.is_some()
             }),
-            "no inbound replication on b for {topic}: {}",
-            b.stats(topic)
+            "no inbound replication on b for {topic}"
         );
         addresses.extend(address);
     }
