@@ -285,6 +285,16 @@ fn merge_stats(into: &mut Value, from: &Value) {
         (Value::Object(into), Value::Object(from)) => {
             for (key, value) in from {
                 match into.get_mut(key) {
+                    // A replication delay is an age: the partitioned topic's is the oldest.
+                    Some(existing) if key == "replicationDelayInSeconds" => {
+                        if value.as_u64() > existing.as_u64() {
+                            *existing = value.clone();
+                        }
+                    }
+                    // Connected only if every partition's replicator is.
+                    Some(Value::Bool(existing)) if key == "connected" => {
+                        *existing = *existing && value.as_bool().unwrap_or(false);
+                    }
                     Some(existing) => merge_stats(existing, value),
                     None => {
                         into.insert(key.clone(), value.clone());
@@ -960,4 +970,30 @@ async fn lookup(
         "httpUrl": config.web_service_url,
         "nativeUrl": config.broker_service_url,
     })))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn partition_stats_add_up_and_replication_ages_do_not() {
+        let mut total = Value::Object(Map::new());
+        for (backlog, delay, connected) in [(3, 7, true), (4, 2, false), (5, 0, true)] {
+            let partition = json!({
+                "msgInCounter": backlog * 10,
+                "replication": { "b": {
+                    "replicationBacklog": backlog,
+                    "replicationDelayInSeconds": delay,
+                    "connected": connected,
+                }},
+            });
+            merge_stats(&mut total, &partition);
+        }
+        assert_eq!(total["msgInCounter"], 120);
+        let replication = &total["replication"]["b"];
+        assert_eq!(replication["replicationBacklog"], 12);
+        assert_eq!(replication["replicationDelayInSeconds"], 7);
+        assert_eq!(replication["connected"], false);
+    }
 }
