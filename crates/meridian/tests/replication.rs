@@ -556,3 +556,29 @@ async fn replicators_to_one_cluster_share_its_connection() {
     );
     client_a.close().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_topic_deleted_and_created_again_still_replicates() {
+    let a = Cluster::start("a", &[]);
+    let b = Cluster::start("b", &[]);
+    configure(&a, &[&b]);
+    await_namespace(&b, &["a", "b"]);
+    let topic = "reborn";
+    let client_a = a.client().await;
+    produce(&client_a, topic, "first-life", 30).await;
+    let client_b = b.client().await;
+    let consumer_b = subscribe(&client_b, topic).await;
+    receive_exactly(&consumer_b, 30, &[&a, &b]).await;
+
+    // Deleted on a only; b keeps the topic and what it remembers of a's positions.
+    let admin = a.admin();
+    admin.ok(admin.delete(&format!("/admin/v2/persistent/t/ns/{topic}?force=true")));
+    produce(&client_a, topic, "second-life", 30).await;
+    let (received, _) = receive_exactly(&consumer_b, 30, &[&a, &b]).await;
+    assert!(
+        received.contains_key(b"second-life-0".as_slice()),
+        "the new topic's messages were taken for duplicates"
+    );
+    client_a.close().await;
+    client_b.close().await;
+}

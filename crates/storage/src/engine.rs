@@ -10,7 +10,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::Instant;
@@ -29,6 +29,10 @@ pub(crate) struct Shared {
     pub(crate) config: StorageConfig,
     /// Bytes held by all logs' entry caches together.
     pub(crate) cache_used_bytes: AtomicU64,
+    /// Every ledger id a deleted log used is at or below this: new ledgers start above it, so
+    /// a log deleted and created again never reuses a position of its earlier life (which
+    /// other clusters may remember as an origin position). Persisted in `ledger-floor`.
+    pub(crate) ledger_floor: AtomicU64,
     flush_queue: crossbeam_channel::Sender<Option<Arc<Log>>>,
 }
 
@@ -85,6 +89,7 @@ impl Storage {
         let logs_directory = root.join("logs");
         io.create_dir_all(&logs_directory)
             .map_err(|error| StorageError::io("create directory", &logs_directory, error))?;
+        let ledger_floor = read_ledger_floor(io.as_ref(), &root)?;
         let (sender, receiver) = crossbeam_channel::unbounded::<Option<Arc<Log>>>();
         let flush_threads = config.flush_threads;
         let inner = Arc::new(Inner {
@@ -92,6 +97,7 @@ impl Storage {
                 io,
                 config,
                 cache_used_bytes: AtomicU64::new(0),
+                ledger_floor: AtomicU64::new(ledger_floor),
                 flush_queue: sender,
             }),
             root,
@@ -181,6 +187,21 @@ impl Storage {
         self.close_log(name)?;
         let io = &self.inner.shared.io;
         if io.exists(&directory) {
+            // Raise the floor above this log's ledgers before they disappear.
+            let names = io
+                .list_dir(&directory)
+                .map_err(|error| StorageError::io("list directory", &directory, error))?;
+            let highest = names
+                .iter()
+                .filter_map(|name| crate::log::parse_segment_file_name(name))
+                .map(|(ledger_id, _)| ledger_id)
+                .max()
+                .unwrap_or(0);
+            let floor = &self.inner.shared.ledger_floor;
+            if highest > floor.load(Ordering::SeqCst) {
+                write_ledger_floor(io.as_ref(), &self.inner.root, highest)?;
+                floor.fetch_max(highest, Ordering::SeqCst);
+            }
             io.remove_dir_all(&directory)
                 .map_err(|error| StorageError::io("remove directory", &directory, error))?;
             let parent = self.inner.root.join("logs");
@@ -327,6 +348,49 @@ pub(crate) fn decode_name(encoded: &str) -> Option<String> {
         }
     }
     String::from_utf8(decoded).ok()
+}
+
+const LEDGER_FLOOR_FILE: &str = "ledger-floor";
+
+/// The persisted ledger floor (0 when none was ever written).
+fn read_ledger_floor(io: &dyn Io, root: &Path) -> Result<u64> {
+    let path = root.join(LEDGER_FLOOR_FILE);
+    if !io.exists(&path) {
+        return Ok(0);
+    }
+    let file = io
+        .open(&path)
+        .map_err(|error| StorageError::io("open", &path, error))?;
+    let mut bytes = [0u8; 12];
+    file.read_exact_at(&mut bytes, 0)
+        .map_err(|error| StorageError::io("read", &path, error))?;
+    let (value, checksum) = bytes.split_at(8);
+    if crc32c::crc32c(value).to_be_bytes() != checksum {
+        return Err(StorageError::Corrupted {
+            path: path.clone(),
+            offset: 0,
+            reason: "ledger floor checksum mismatch".into(),
+        });
+    }
+    Ok(u64::from_be_bytes(value.try_into().unwrap_or_default()))
+}
+
+/// Persists the ledger floor: a new file, fsynced, renamed over the old one.
+fn write_ledger_floor(io: &dyn Io, root: &Path, floor: u64) -> Result<()> {
+    let path = root.join(LEDGER_FLOOR_FILE);
+    let temporary = root.join(format!("{LEDGER_FLOOR_FILE}.tmp"));
+    let mut bytes = floor.to_be_bytes().to_vec();
+    bytes.extend_from_slice(&crc32c::crc32c(&floor.to_be_bytes()).to_be_bytes());
+    let file = io
+        .create(&temporary)
+        .map_err(|error| StorageError::io("create", &temporary, error))?;
+    file.write_all_at(&bytes, 0)
+        .and_then(|()| file.sync())
+        .map_err(|error| StorageError::io("write", &temporary, error))?;
+    io.rename(&temporary, &path)
+        .and_then(|()| io.sync_dir(root))
+        .map_err(|error| StorageError::io("rename", &path, error))?;
+    Ok(())
 }
 
 #[cfg(test)]

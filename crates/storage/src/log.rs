@@ -14,7 +14,7 @@
 
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -198,7 +198,7 @@ pub(crate) fn segment_file_name(ledger_id: u64, first_entry_id: u64) -> String {
     format!("{ledger_id:020}-{first_entry_id:020}.segment")
 }
 
-fn parse_segment_file_name(name: &str) -> Option<(u64, u64)> {
+pub(crate) fn parse_segment_file_name(name: &str) -> Option<(u64, u64)> {
     let stem = name.strip_suffix(".segment")?;
     let (ledger, entry) = stem.split_once('-')?;
     Some((ledger.parse().ok()?, entry.parse().ok()?))
@@ -305,7 +305,8 @@ impl Log {
         let ledger_id = segment_keys
             .last()
             .map(|(ledger, _)| ledger + 1)
-            .unwrap_or(1);
+            .unwrap_or(1)
+            .max(shared.ledger_floor.load(Ordering::SeqCst) + 1);
         let mut active = Segment::new(&directory, ledger_id, 0);
         let header = FileHeader {
             kind: FileKind::Segment,

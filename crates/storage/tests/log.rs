@@ -246,3 +246,37 @@ fn concurrent_appenders_share_fsyncs() {
     all.dedup();
     assert_eq!(all.len(), 800, "every append got its own position");
 }
+
+#[test]
+fn a_log_created_again_never_reuses_a_position_of_its_deleted_predecessor() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let payloads: Vec<Bytes> = (0..20u8)
+        .map(|index| Bytes::from(vec![index; 300]))
+        .collect();
+    let old_last = {
+        let storage = Storage::open(root.path(), small_segments()).expect("open");
+        // Several opens: the log's ledger ids climb.
+        for _ in 0..3 {
+            let log = storage.open_log("topic").expect("log");
+            append_all(&log, &payloads, 1);
+            storage.close_log("topic").expect("close");
+        }
+        let last = storage
+            .open_log("topic")
+            .expect("log")
+            .last_position()
+            .expect("entries");
+        storage.delete_log("topic").expect("delete");
+        storage.close().expect("close");
+        last
+    };
+    // Created again, after a restart too: its positions start above every old one.
+    let storage = Storage::open(root.path(), small_segments()).expect("reopen");
+    let log = storage.open_log("topic").expect("log");
+    let first_new = append_all(&log, &payloads[..1], 1)[0];
+    assert!(
+        first_new > old_last,
+        "new position {first_new} does not follow the deleted log's {old_last}"
+    );
+    storage.close().expect("close");
+}
