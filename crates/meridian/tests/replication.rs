@@ -582,3 +582,31 @@ async fn a_topic_deleted_and_created_again_still_replicates() {
     client_a.close().await;
     client_b.close().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_cluster_rebuilt_from_scratch_still_replicates() {
+    let mut a = Cluster::start("a", &[]);
+    let b = Cluster::start("b", &[]);
+    configure(&a, &[&b]);
+    await_namespace(&b, &["a", "b"]);
+    let topic = "rebuilt";
+    let client_b = b.client().await;
+    let consumer_b = subscribe(&client_b, topic).await;
+    let client_a = a.client().await;
+    produce(&client_a, topic, "before", 30).await;
+    receive_exactly(&consumer_b, 30, &[&a, &b]).await;
+    client_a.close().await;
+
+    // Cluster a loses everything and is configured again; b remembers a's old positions.
+    a.broker.rebuild();
+    configure(&a, &[&b]);
+    let client_a = a.client().await;
+    produce(&client_a, topic, "after", 30).await;
+    let (received, _) = receive_exactly(&consumer_b, 30, &[&a, &b]).await;
+    assert!(
+        received.contains_key(b"after-0".as_slice()),
+        "the rebuilt cluster's messages were taken for duplicates"
+    );
+    client_a.close().await;
+    client_b.close().await;
+}

@@ -89,7 +89,18 @@ impl Storage {
         let logs_directory = root.join("logs");
         io.create_dir_all(&logs_directory)
             .map_err(|error| StorageError::io("create directory", &logs_directory, error))?;
-        let ledger_floor = read_ledger_floor(io.as_ref(), &root)?;
+        let ledger_floor = match read_ledger_floor(io.as_ref(), &root)? {
+            Some(floor) => floor,
+            None if list_is_empty(io.as_ref(), &logs_directory)? => {
+                // A new storage: its ledger ids start at the current time in milliseconds, above
+                // any id an earlier storage at this place (or of this cluster, rebuilt) used:
+                // those grew by one per open or roll of a log since *its* start.
+                let floor = crate::log::now_ms();
+                write_ledger_floor(io.as_ref(), &root, floor)?;
+                floor
+            }
+            None => 0,
+        };
         let (sender, receiver) = crossbeam_channel::unbounded::<Option<Arc<Log>>>();
         let flush_threads = config.flush_threads;
         let inner = Arc::new(Inner {
@@ -352,11 +363,17 @@ pub(crate) fn decode_name(encoded: &str) -> Option<String> {
 
 const LEDGER_FLOOR_FILE: &str = "ledger-floor";
 
-/// The persisted ledger floor (0 when none was ever written).
-fn read_ledger_floor(io: &dyn Io, root: &Path) -> Result<u64> {
+fn list_is_empty(io: &dyn Io, directory: &Path) -> Result<bool> {
+    io.list_dir(directory)
+        .map(|names| names.is_empty())
+        .map_err(|error| StorageError::io("list directory", directory, error))
+}
+
+/// The persisted ledger floor, if one was written.
+fn read_ledger_floor(io: &dyn Io, root: &Path) -> Result<Option<u64>> {
     let path = root.join(LEDGER_FLOOR_FILE);
     if !io.exists(&path) {
-        return Ok(0);
+        return Ok(None);
     }
     let file = io
         .open(&path)
@@ -372,7 +389,9 @@ fn read_ledger_floor(io: &dyn Io, root: &Path) -> Result<u64> {
             reason: "ledger floor checksum mismatch".into(),
         });
     }
-    Ok(u64::from_be_bytes(value.try_into().unwrap_or_default()))
+    Ok(Some(u64::from_be_bytes(
+        value.try_into().unwrap_or_default(),
+    )))
 }
 
 /// Persists the ledger floor: a new file, fsynced, renamed over the old one.

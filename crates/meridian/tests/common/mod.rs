@@ -165,6 +165,14 @@ impl BrokerProcess {
         self.launch();
     }
 
+    /// Stops the broker, empties its data directory and starts it again on the same ports:
+    /// a cluster rebuilt from scratch.
+    pub fn rebuild(&mut self) {
+        self.stop();
+        std::fs::remove_dir_all(&self.data_dir).expect("remove the data directory");
+        self.launch();
+    }
+
     pub fn data_dir(&self) -> &Path {
         &self.data_dir
     }
