@@ -272,6 +272,40 @@ impl Broker {
         })
     }
 
+    /// Loads the topics of `tenant` (and `namespace`, if given; everything for `None`) that
+    /// replicate to another cluster and are not loaded yet, so that their replicators run
+    /// without waiting for a client, as Pulsar loads a bundle's topics when it takes the bundle.
+    pub async fn load_replicated_topics(&self, scope: Option<(&str, Option<&str>)>) {
+        let local = &self.shared.config.cluster_name;
+        for topic in self.all_topics() {
+            let Ok(name) = TopicName::parse(&topic) else {
+                continue;
+            };
+            let in_scope = scope.is_none_or(|(tenant, namespace)| {
+                name.tenant == tenant
+                    && namespace.is_none_or(|namespace| name.namespace == namespace)
+            });
+            if !in_scope || self.loaded_topic(&name).is_some() {
+                continue;
+            }
+            let replicated = self
+                .resources
+                .effective_policies(&name)
+                .is_ok_and(|policies| {
+                    policies.replication_clusters.contains(local)
+                        && policies
+                            .replication_clusters
+                            .iter()
+                            .any(|cluster| cluster != local)
+                });
+            if replicated {
+                if let Err(error) = self.topic(&name, false).await {
+                    tracing::warn!(topic = %name, %error, "loading a replicated topic failed");
+                }
+            }
+        }
+    }
+
     /// The cluster registry changed: re-plan every loaded topic's replicators, and close the
     /// clients of remotes whose registration changed.
     pub async fn clusters_changed(&self) {
@@ -584,6 +618,7 @@ impl Broker {
                 self.update_replication(&topic);
             }
         }
+        self.load_replicated_topics(Some((tenant, namespace))).await;
     }
 
     /// Runs TTL expiry, backlog quotas and retention on every loaded topic.

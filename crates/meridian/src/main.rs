@@ -199,6 +199,11 @@ async fn standalone(config: Config) -> anyhow::Result<()> {
         broker.clone(),
         shutdown.clone(),
     ));
+    // Replicated topics with a backlog must not wait for a client to resume replicating.
+    tokio::spawn({
+        let broker = broker.clone();
+        async move { broker.load_replicated_topics(None).await }
+    });
     let background = tokio::spawn(background_loop(
         broker.clone(),
         Duration::from_secs(config.policy_check_interval_seconds),

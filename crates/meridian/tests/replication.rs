@@ -610,3 +610,33 @@ async fn a_source_cluster_rebuilt_from_scratch_still_replicates() {
     client_a.close().await;
     client_b.close().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replication_resumes_after_a_restart_without_any_client() {
+    let mut a = Cluster::start("a", &[]);
+    let mut b = Cluster::start("b", &[]);
+    configure(&a, &[&b]);
+    await_namespace(&b, &["a", "b"]);
+    let topic = "untouched";
+    let client_b = b.client().await;
+    subscribe(&client_b, topic)
+        .await
+        .close()
+        .await
+        .expect("close");
+    client_b.close().await;
+    b.broker.stop();
+    let client_a = a.client().await;
+    produce(&client_a, topic, "waiting", 25).await;
+    client_a.close().await;
+
+    // a restarts and nobody uses the topic there; b comes back.
+    a.broker.stop();
+    a.broker.restart();
+    b.broker.restart();
+    let client_b = b.client().await;
+    let consumer_b = subscribe(&client_b, topic).await;
+    let (received, _) = receive_exactly(&consumer_b, 25, &[&a, &b]).await;
+    assert_eq!(received.len(), 25);
+    client_b.close().await;
+}
