@@ -49,6 +49,8 @@ pub struct Broker {
     topics: Mutex<HashMap<String, Arc<OnceCell<Arc<Topic>>>>>,
     /// Every topic (or partition) that has a log.
     known_topics: Mutex<BTreeSet<String>>,
+    /// Topics being deleted: nothing loads them until the deletion is over.
+    deleting: Mutex<BTreeSet<String>>,
     next_key: AtomicU64,
 }
 
@@ -91,6 +93,7 @@ impl Broker {
             metadata,
             topics: Mutex::new(HashMap::new()),
             known_topics: Mutex::new(known_topics),
+            deleting: Mutex::new(BTreeSet::new()),
             next_key: AtomicU64::new(1),
         }))
     }
@@ -162,6 +165,9 @@ impl Broker {
     /// The loaded topic, loading it (and creating it if allowed) on first use.
     pub async fn topic(&self, name: &TopicName, create_if_missing: bool) -> Result<Arc<Topic>> {
         let key = name.to_string();
+        if self.is_being_deleted(&key) {
+            return Err(BrokerError::BeingDeleted(key));
+        }
         let cell = {
             let mut topics = self
                 .topics
@@ -493,9 +499,36 @@ impl Broker {
         }
     }
 
+    fn is_being_deleted(&self, topic: &str) -> bool {
+        self.deleting
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .contains(topic)
+    }
+
     /// Deletes a non-partitioned topic (or one partition) with its data; refused with
-    /// `PreconditionFailed` while it has clients unless `force`.
+    /// `PreconditionFailed` while it has clients unless `force`. Clients that reconnect
+    /// meanwhile are told to retry (`ServiceNotReady`) instead of loading the topic again
+    /// while its log is being removed.
     pub async fn delete_topic(&self, name: &TopicName, force: bool) -> Result<()> {
+        let key = name.to_string();
+        if !self
+            .deleting
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .insert(key.clone())
+        {
+            return Err(BrokerError::BeingDeleted(key));
+        }
+        let result = self.delete_topic_now(name, force).await;
+        self.deleting
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .remove(&key);
+        result
+    }
+
+    async fn delete_topic_now(&self, name: &TopicName, force: bool) -> Result<()> {
         if !self.topic_exists(name) {
             return Err(BrokerError::NotFound(format!(
                 "topic {name} does not exist"

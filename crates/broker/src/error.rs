@@ -46,6 +46,9 @@ pub enum BrokerError {
     TopicTerminated(String),
     #[error("broker is shutting down")]
     ShuttingDown,
+    /// The topic is being deleted; clients retry (ServiceNotReady) and then meet the outcome.
+    #[error("topic {0} is being deleted")]
+    BeingDeleted(String),
     #[error("{0}")]
     Unknown(String),
 }
@@ -70,7 +73,9 @@ impl BrokerError {
             BrokerError::IncompatibleSchema(_) => ServerError::IncompatibleSchema,
             BrokerError::Storage(_) => ServerError::PersistenceError,
             BrokerError::Metadata(_) => ServerError::MetadataError,
-            BrokerError::ShuttingDown => ServerError::ServiceNotReady,
+            BrokerError::ShuttingDown | BrokerError::BeingDeleted(_) => {
+                ServerError::ServiceNotReady
+            }
             BrokerError::TopicTerminated(_) => ServerError::TopicTerminatedError,
             BrokerError::NotFound(_) => ServerError::TopicNotFound,
             BrokerError::AlreadyExists(_)
