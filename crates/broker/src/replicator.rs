@@ -3,7 +3,7 @@
 //! A replicator reads the topic through its durable cursor `pulsar.repl.<remote>` and publishes
 //! every locally produced entry to the same topic on the remote cluster, with Meridian's own
 //! client, as a producer named `pulsar.repl.<local>--><remote>` (all replicators to one remote
-//! share one client, [`RemoteClients`], so one connection per remote broker):
+//! share one client, `RemoteClients`, so one connection per remote broker):
 //!
 //! - an entry is sent whole and unchanged (a batch stays one batch, compression, keys,
 //!   properties, producer name, sequence id and publish time are kept), with `replicated_from`
