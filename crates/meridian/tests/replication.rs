@@ -557,58 +557,51 @@ async fn replicators_to_one_cluster_share_its_connection() {
     client_a.close().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_topic_deleted_and_created_again_still_replicates() {
-    let a = Cluster::start("a", &[]);
+/// Replicates 30 messages from a to b, lets `disrupt` take the source's positions back to the
+/// start (b still remembers the old ones), and checks that 30 more messages still arrive: they
+/// must not be taken for duplicates of the first life.
+async fn replicates_after(topic: &str, disrupt: impl FnOnce(&mut Cluster, &Cluster)) {
+    let mut a = Cluster::start("a", &[]);
     let b = Cluster::start("b", &[]);
     configure(&a, &[&b]);
     await_namespace(&b, &["a", "b"]);
-    let topic = "reborn";
-    let client_a = a.client().await;
-    produce(&client_a, topic, "first-life", 30).await;
     let client_b = b.client().await;
     let consumer_b = subscribe(&client_b, topic).await;
+    let client_a = a.client().await;
+    produce(&client_a, topic, "first-life", 30).await;
     receive_exactly(&consumer_b, 30, &[&a, &b]).await;
+    client_a.close().await;
 
-    // Deleted on a only; b keeps the topic and what it remembers of a's positions.
-    let admin = a.admin();
-    admin.ok(admin.delete(&format!("/admin/v2/persistent/t/ns/{topic}?force=true")));
+    disrupt(&mut a, &b);
+    let client_a = a.client().await;
     produce(&client_a, topic, "second-life", 30).await;
     let (received, _) = receive_exactly(&consumer_b, 30, &[&a, &b]).await;
     assert!(
         received.contains_key(b"second-life-0".as_slice()),
-        "the new topic's messages were taken for duplicates"
+        "the second life's messages were taken for duplicates"
     );
     client_a.close().await;
     client_b.close().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_source_cluster_rebuilt_from_scratch_still_replicates() {
-    let mut a = Cluster::start("a", &[]);
-    let b = Cluster::start("b", &[]);
-    configure(&a, &[&b]);
-    await_namespace(&b, &["a", "b"]);
-    let topic = "rebuilt";
-    let client_b = b.client().await;
-    let consumer_b = subscribe(&client_b, topic).await;
-    let client_a = a.client().await;
-    produce(&client_a, topic, "before", 30).await;
-    receive_exactly(&consumer_b, 30, &[&a, &b]).await;
-    client_a.close().await;
+async fn a_topic_deleted_and_created_again_still_replicates() {
+    // Deleted on a only; b keeps the topic.
+    replicates_after("reborn", |a, _| {
+        let admin = a.admin();
+        admin.ok(admin.delete("/admin/v2/persistent/t/ns/reborn?force=true"));
+    })
+    .await;
+}
 
-    // Cluster a loses everything and is configured again; b remembers a's old positions.
-    a.broker.rebuild();
-    configure(&a, &[&b]);
-    let client_a = a.client().await;
-    produce(&client_a, topic, "after", 30).await;
-    let (received, _) = receive_exactly(&consumer_b, 30, &[&a, &b]).await;
-    assert!(
-        received.contains_key(b"after-0".as_slice()),
-        "the rebuilt cluster's messages were taken for duplicates"
-    );
-    client_a.close().await;
-    client_b.close().await;
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_cluster_rebuilt_from_scratch_still_replicates() {
+    // Cluster a loses everything and is configured again.
+    replicates_after("rebuilt", |a, b| {
+        a.broker.rebuild();
+        configure(a, &[b]);
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
