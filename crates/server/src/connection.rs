@@ -29,12 +29,15 @@ use meridian_storage::{InitialPosition, Position};
 use meridian_wire::proto::{
     base_command::Type, command_ack, command_lookup_topic_response,
     command_partitioned_topic_metadata_response, BaseCommand, CommandAck, CommandAckResponse,
-    CommandConnected, CommandError, CommandGetLastMessageIdResponse,
-    CommandGetOrCreateSchemaResponse, CommandGetSchemaResponse,
-    CommandGetTopicsOfNamespaceResponse, CommandLookupTopicResponse,
+    CommandCloseConsumer, CommandCloseProducer, CommandConnected, CommandError, CommandFlow,
+    CommandGetLastMessageId, CommandGetLastMessageIdResponse, CommandGetOrCreateSchema,
+    CommandGetOrCreateSchemaResponse, CommandGetSchema, CommandGetSchemaResponse,
+    CommandGetTopicsOfNamespace, CommandGetTopicsOfNamespaceResponse, CommandLookupTopic,
+    CommandLookupTopicResponse, CommandPartitionedTopicMetadata,
     CommandPartitionedTopicMetadataResponse, CommandPing, CommandPong, CommandProducerSuccess,
-    CommandSendError, CommandSendReceipt, CommandSubscribe, CommandSuccess, FeatureFlags,
-    KeySharedMode, MessageIdData, ServerError,
+    CommandRedeliverUnacknowledgedMessages, CommandSeek, CommandSendError, CommandSendReceipt,
+    CommandSubscribe, CommandSuccess, CommandUnsubscribe, FeatureFlags, KeySharedMode,
+    MessageIdData, ServerError,
 };
 use meridian_wire::{command_type, ChecksumStatus, Frame, FrameError};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -334,66 +337,14 @@ impl Connection {
                     partitioned_metadata: Some(request),
                     ..
                 },
-            ) => {
-                let response = match TopicName::parse(&request.topic).and_then(|name| {
-                    self.broker
-                        .partitioned_metadata(&name, request.metadata_auto_creation_enabled())
-                }) {
-                    Ok(partitions) => CommandPartitionedTopicMetadataResponse {
-                        partitions: Some(partitions),
-                        request_id: request.request_id,
-                        response: Some(
-                            command_partitioned_topic_metadata_response::LookupType::Success as i32,
-                        ),
-                        ..Default::default()
-                    },
-                    Err(error) => CommandPartitionedTopicMetadataResponse {
-                        request_id: request.request_id,
-                        response: Some(
-                            command_partitioned_topic_metadata_response::LookupType::Failed as i32,
-                        ),
-                        error: Some(error.server_error() as i32),
-                        message: Some(error.to_string()),
-                        ..Default::default()
-                    },
-                };
-                self.send_command(BaseCommand {
-                    partitioned_metadata_response: Some(response),
-                    ..command(Type::PartitionedMetadataResponse)
-                })
-                .await;
-                Ok(())
-            }
+            ) => self.handle_partitioned_metadata(request).await,
             (
                 Some(Type::Lookup),
                 BaseCommand {
                     lookup: Some(request),
                     ..
                 },
-            ) => {
-                let response = match TopicName::parse(&request.topic) {
-                    Ok(_) => CommandLookupTopicResponse {
-                        broker_service_url: Some(self.broker.config().broker_service_url.clone()),
-                        response: Some(command_lookup_topic_response::LookupType::Connect as i32),
-                        request_id: request.request_id,
-                        authoritative: Some(true),
-                        ..Default::default()
-                    },
-                    Err(error) => CommandLookupTopicResponse {
-                        response: Some(command_lookup_topic_response::LookupType::Failed as i32),
-                        request_id: request.request_id,
-                        error: Some(error.server_error() as i32),
-                        message: Some(error.to_string()),
-                        ..Default::default()
-                    },
-                };
-                self.send_command(BaseCommand {
-                    lookup_response: Some(response),
-                    ..command(Type::LookupResponse)
-                })
-                .await;
-                Ok(())
-            }
+            ) => self.handle_lookup(request).await,
             (Some(Type::Producer), base) => self.handle_producer(base).await,
             (Some(Type::Send), base) => self.handle_send(base, entry).await,
             (
@@ -402,13 +353,7 @@ impl Connection {
                     close_producer: Some(request),
                     ..
                 },
-            ) => {
-                if let Some(producer) = self.producers.remove(&request.producer_id) {
-                    producer.topic.remove_producer(producer.key);
-                }
-                self.success(request.request_id).await;
-                Ok(())
-            }
+            ) => self.handle_close_producer(request).await,
             (
                 Some(Type::Subscribe),
                 BaseCommand {
@@ -425,14 +370,7 @@ impl Connection {
                     flow: Some(request),
                     ..
                 },
-            ) => {
-                if let Some(consumer) = self.live_consumer(request.consumer_id) {
-                    consumer
-                        .subscription
-                        .flow(consumer.key, request.message_permits);
-                }
-                Ok(())
-            }
+            ) => self.handle_flow(request).await,
             (
                 Some(Type::Ack),
                 BaseCommand {
@@ -448,249 +386,56 @@ impl Connection {
                     redeliver_unacknowledged_messages: Some(request),
                     ..
                 },
-            ) => {
-                if let Some(consumer) = self.live_consumer(request.consumer_id) {
-                    let positions = (!request.message_ids.is_empty())
-                        .then(|| request.message_ids.iter().map(message_id_of).collect());
-                    consumer.subscription.redeliver(consumer.key, positions);
-                }
-                Ok(())
-            }
+            ) => self.handle_redeliver_unacknowledged_messages(request).await,
             (
                 Some(Type::Unsubscribe),
                 BaseCommand {
                     unsubscribe: Some(request),
                     ..
                 },
-            ) => {
-                match self.consumers.get(&request.consumer_id) {
-                    None => {
-                        self.error(
-                            request.request_id,
-                            ServerError::ConsumerNotFound,
-                            "no such consumer",
-                        )
-                        .await
-                    }
-                    Some(consumer) => match consumer
-                        .topic
-                        .unsubscribe(&consumer.subscription.name, consumer.key)
-                    {
-                        Ok(()) => {
-                            self.consumers.remove(&request.consumer_id);
-                            self.success(request.request_id).await;
-                        }
-                        Err(error) => self.broker_error(request.request_id, &error).await,
-                    },
-                }
-                Ok(())
-            }
+            ) => self.handle_unsubscribe(request).await,
             (
                 Some(Type::CloseConsumer),
                 BaseCommand {
                     close_consumer: Some(request),
                     ..
                 },
-            ) => {
-                if let Some(consumer) = self.consumers.remove(&request.consumer_id) {
-                    consumer
-                        .topic
-                        .remove_consumer(&consumer.subscription.name, consumer.key);
-                }
-                self.success(request.request_id).await;
-                Ok(())
-            }
+            ) => self.handle_close_consumer(request).await,
             (
                 Some(Type::Seek),
                 BaseCommand {
                     seek: Some(request),
                     ..
                 },
-            ) => {
-                let Some(consumer) = self.consumers.get(&request.consumer_id) else {
-                    self.error(
-                        request.request_id,
-                        ServerError::ConsumerNotFound,
-                        "no such consumer",
-                    )
-                    .await;
-                    return Ok(());
-                };
-                let target = match (&request.message_id, request.message_publish_time) {
-                    (Some(id), _) if id.ledger_id == u64::MAX => SeekTarget::Earliest,
-                    (Some(id), _) if id.ledger_id == i64::MAX as u64 => SeekTarget::Latest,
-                    (Some(id), _) => SeekTarget::Position(message_id_of(id)),
-                    (None, Some(time)) => SeekTarget::PublishTime(time),
-                    (None, None) => {
-                        self.error(
-                            request.request_id,
-                            ServerError::NotAllowedError,
-                            "seek needs a message id or a time",
-                        )
-                        .await;
-                        return Ok(());
-                    }
-                };
-                match consumer.topic.seek(&consumer.subscription.name, target) {
-                    Ok(()) => self.success(request.request_id).await,
-                    Err(error) => self.broker_error(request.request_id, &error).await,
-                }
-                Ok(())
-            }
+            ) => self.handle_seek(request).await,
             (
                 Some(Type::GetLastMessageId),
                 BaseCommand {
                     get_last_message_id: Some(request),
                     ..
                 },
-            ) => {
-                let Some(consumer) = self.consumers.get(&request.consumer_id) else {
-                    self.error(
-                        request.request_id,
-                        ServerError::ConsumerNotFound,
-                        "no such consumer",
-                    )
-                    .await;
-                    return Ok(());
-                };
-                let partition = Some(consumer.topic.partition_index());
-                let log = consumer.topic.log();
-                let last = match consumer.topic.last_message_id() {
-                    Ok(last) => last,
-                    Err(error) => {
-                        self.broker_error(request.request_id, &error).await;
-                        return Ok(());
-                    }
-                };
-                let last_message_id = match last {
-                    Some((position, batch_index)) => MessageIdData {
-                        ledger_id: position.ledger_id,
-                        entry_id: position.entry_id,
-                        partition,
-                        batch_index: Some(batch_index),
-                        ..Default::default()
-                    },
-                    None => MessageIdData {
-                        ledger_id: log.current_ledger_id(),
-                        entry_id: u64::MAX,
-                        partition,
-                        batch_index: Some(-1),
-                        ..Default::default()
-                    },
-                };
-                let mark_delete = log
-                    .mark_delete_position(consumer.subscription.cursor_name())
-                    .flatten()
-                    .map(|position| MessageIdData {
-                        ledger_id: position.ledger_id,
-                        entry_id: position.entry_id,
-                        partition,
-                        ..Default::default()
-                    });
-                self.send_command(BaseCommand {
-                    get_last_message_id_response: Some(CommandGetLastMessageIdResponse {
-                        last_message_id,
-                        request_id: request.request_id,
-                        consumer_mark_delete_position: mark_delete,
-                    }),
-                    ..command(Type::GetLastMessageIdResponse)
-                })
-                .await;
-                Ok(())
-            }
+            ) => self.handle_get_last_message_id(request).await,
             (
                 Some(Type::GetTopicsOfNamespace),
                 BaseCommand {
                     get_topics_of_namespace: Some(request),
                     ..
                 },
-            ) => {
-                match self.broker.topics_of_namespace(&request.namespace) {
-                    Ok(topics) => {
-                        self.send_command(BaseCommand {
-                            get_topics_of_namespace_response: Some(
-                                CommandGetTopicsOfNamespaceResponse {
-                                    request_id: request.request_id,
-                                    topics,
-                                    filtered: Some(false),
-                                    topics_hash: None,
-                                    changed: Some(true),
-                                },
-                            ),
-                            ..command(Type::GetTopicsOfNamespaceResponse)
-                        })
-                        .await
-                    }
-                    Err(error) => self.broker_error(request.request_id, &error).await,
-                }
-                Ok(())
-            }
+            ) => self.handle_get_topics_of_namespace(request).await,
             (
                 Some(Type::GetSchema),
                 BaseCommand {
                     get_schema: Some(request),
                     ..
                 },
-            ) => {
-                let version = request.schema_version.as_deref().and_then(decode_version);
-                let result = TopicName::parse(&request.topic)
-                    .and_then(|name| self.broker.schemas().get(&name, version));
-                let response = match result {
-                    Ok(Some((version, schema))) => CommandGetSchemaResponse {
-                        request_id: request.request_id,
-                        schema: Some(schema),
-                        schema_version: Some(encode_version(version).into()),
-                        ..Default::default()
-                    },
-                    Ok(None) => CommandGetSchemaResponse {
-                        request_id: request.request_id,
-                        error_code: Some(ServerError::TopicNotFound as i32),
-                        error_message: Some("topic has no schema".into()),
-                        ..Default::default()
-                    },
-                    Err(error) => CommandGetSchemaResponse {
-                        request_id: request.request_id,
-                        error_code: Some(error.server_error() as i32),
-                        error_message: Some(error.to_string()),
-                        ..Default::default()
-                    },
-                };
-                self.send_command(BaseCommand {
-                    get_schema_response: Some(response),
-                    ..command(Type::GetSchemaResponse)
-                })
-                .await;
-                Ok(())
-            }
+            ) => self.handle_get_schema(request).await,
             (
                 Some(Type::GetOrCreateSchema),
                 BaseCommand {
                     get_or_create_schema: Some(request),
                     ..
                 },
-            ) => {
-                let result = TopicName::parse(&request.topic)
-                    .and_then(|name| self.broker.schemas().get_or_create(&name, &request.schema));
-                let response = match result {
-                    Ok(version) => CommandGetOrCreateSchemaResponse {
-                        request_id: request.request_id,
-                        schema_version: Some(encode_version(version).into()),
-                        ..Default::default()
-                    },
-                    Err(error) => CommandGetOrCreateSchemaResponse {
-                        request_id: request.request_id,
-                        error_code: Some(error.server_error() as i32),
-                        error_message: Some(error.to_string()),
-                        ..Default::default()
-                    },
-                };
-                self.send_command(BaseCommand {
-                    get_or_create_schema_response: Some(response),
-                    ..command(Type::GetOrCreateSchemaResponse)
-                })
-                .await;
-                Ok(())
-            }
+            ) => self.handle_get_or_create_schema(request).await,
             (Some(Type::AuthResponse), _) => Ok(()),
             (kind, base) => {
                 let request_id = request_id_of(&base);
@@ -707,6 +452,301 @@ impl Connection {
                 Ok(())
             }
         }
+    }
+
+    async fn handle_partitioned_metadata(
+        &mut self,
+        request: CommandPartitionedTopicMetadata,
+    ) -> Result<(), Close> {
+        let response = match TopicName::parse(&request.topic).and_then(|name| {
+            self.broker
+                .partitioned_metadata(&name, request.metadata_auto_creation_enabled())
+        }) {
+            Ok(partitions) => CommandPartitionedTopicMetadataResponse {
+                partitions: Some(partitions),
+                request_id: request.request_id,
+                response: Some(
+                    command_partitioned_topic_metadata_response::LookupType::Success as i32,
+                ),
+                ..Default::default()
+            },
+            Err(error) => CommandPartitionedTopicMetadataResponse {
+                request_id: request.request_id,
+                response: Some(
+                    command_partitioned_topic_metadata_response::LookupType::Failed as i32,
+                ),
+                error: Some(error.server_error() as i32),
+                message: Some(error.to_string()),
+                ..Default::default()
+            },
+        };
+        self.send_command(BaseCommand {
+            partitioned_metadata_response: Some(response),
+            ..command(Type::PartitionedMetadataResponse)
+        })
+        .await;
+        Ok(())
+    }
+
+    async fn handle_lookup(&mut self, request: CommandLookupTopic) -> Result<(), Close> {
+        let response = match TopicName::parse(&request.topic) {
+            Ok(_) => CommandLookupTopicResponse {
+                broker_service_url: Some(self.broker.config().broker_service_url.clone()),
+                response: Some(command_lookup_topic_response::LookupType::Connect as i32),
+                request_id: request.request_id,
+                authoritative: Some(true),
+                ..Default::default()
+            },
+            Err(error) => CommandLookupTopicResponse {
+                response: Some(command_lookup_topic_response::LookupType::Failed as i32),
+                request_id: request.request_id,
+                error: Some(error.server_error() as i32),
+                message: Some(error.to_string()),
+                ..Default::default()
+            },
+        };
+        self.send_command(BaseCommand {
+            lookup_response: Some(response),
+            ..command(Type::LookupResponse)
+        })
+        .await;
+        Ok(())
+    }
+
+    async fn handle_close_producer(&mut self, request: CommandCloseProducer) -> Result<(), Close> {
+        if let Some(producer) = self.producers.remove(&request.producer_id) {
+            producer.topic.remove_producer(producer.key);
+        }
+        self.success(request.request_id).await;
+        Ok(())
+    }
+
+    async fn handle_flow(&mut self, request: CommandFlow) -> Result<(), Close> {
+        if let Some(consumer) = self.live_consumer(request.consumer_id) {
+            consumer
+                .subscription
+                .flow(consumer.key, request.message_permits);
+        }
+        Ok(())
+    }
+
+    async fn handle_redeliver_unacknowledged_messages(
+        &mut self,
+        request: CommandRedeliverUnacknowledgedMessages,
+    ) -> Result<(), Close> {
+        if let Some(consumer) = self.live_consumer(request.consumer_id) {
+            let positions = (!request.message_ids.is_empty())
+                .then(|| request.message_ids.iter().map(message_id_of).collect());
+            consumer.subscription.redeliver(consumer.key, positions);
+        }
+        Ok(())
+    }
+
+    async fn handle_unsubscribe(&mut self, request: CommandUnsubscribe) -> Result<(), Close> {
+        match self.consumers.get(&request.consumer_id) {
+            None => {
+                self.error(
+                    request.request_id,
+                    ServerError::ConsumerNotFound,
+                    "no such consumer",
+                )
+                .await
+            }
+            Some(consumer) => match consumer
+                .topic
+                .unsubscribe(&consumer.subscription.name, consumer.key)
+            {
+                Ok(()) => {
+                    self.consumers.remove(&request.consumer_id);
+                    self.success(request.request_id).await;
+                }
+                Err(error) => self.broker_error(request.request_id, &error).await,
+            },
+        }
+        Ok(())
+    }
+
+    async fn handle_close_consumer(&mut self, request: CommandCloseConsumer) -> Result<(), Close> {
+        if let Some(consumer) = self.consumers.remove(&request.consumer_id) {
+            consumer
+                .topic
+                .remove_consumer(&consumer.subscription.name, consumer.key);
+        }
+        self.success(request.request_id).await;
+        Ok(())
+    }
+
+    async fn handle_seek(&mut self, request: CommandSeek) -> Result<(), Close> {
+        let Some(consumer) = self.consumers.get(&request.consumer_id) else {
+            self.error(
+                request.request_id,
+                ServerError::ConsumerNotFound,
+                "no such consumer",
+            )
+            .await;
+            return Ok(());
+        };
+        let target = match (&request.message_id, request.message_publish_time) {
+            (Some(id), _) if id.ledger_id == u64::MAX => SeekTarget::Earliest,
+            (Some(id), _) if id.ledger_id == i64::MAX as u64 => SeekTarget::Latest,
+            (Some(id), _) => SeekTarget::Position(message_id_of(id)),
+            (None, Some(time)) => SeekTarget::PublishTime(time),
+            (None, None) => {
+                self.error(
+                    request.request_id,
+                    ServerError::NotAllowedError,
+                    "seek needs a message id or a time",
+                )
+                .await;
+                return Ok(());
+            }
+        };
+        match consumer.topic.seek(&consumer.subscription.name, target) {
+            Ok(()) => self.success(request.request_id).await,
+            Err(error) => self.broker_error(request.request_id, &error).await,
+        }
+        Ok(())
+    }
+
+    async fn handle_get_last_message_id(
+        &mut self,
+        request: CommandGetLastMessageId,
+    ) -> Result<(), Close> {
+        let Some(consumer) = self.consumers.get(&request.consumer_id) else {
+            self.error(
+                request.request_id,
+                ServerError::ConsumerNotFound,
+                "no such consumer",
+            )
+            .await;
+            return Ok(());
+        };
+        let partition = Some(consumer.topic.partition_index());
+        let log = consumer.topic.log();
+        let last = match consumer.topic.last_message_id() {
+            Ok(last) => last,
+            Err(error) => {
+                self.broker_error(request.request_id, &error).await;
+                return Ok(());
+            }
+        };
+        let last_message_id = match last {
+            Some((position, batch_index)) => MessageIdData {
+                ledger_id: position.ledger_id,
+                entry_id: position.entry_id,
+                partition,
+                batch_index: Some(batch_index),
+                ..Default::default()
+            },
+            None => MessageIdData {
+                ledger_id: log.current_ledger_id(),
+                entry_id: u64::MAX,
+                partition,
+                batch_index: Some(-1),
+                ..Default::default()
+            },
+        };
+        let mark_delete = log
+            .mark_delete_position(consumer.subscription.cursor_name())
+            .flatten()
+            .map(|position| MessageIdData {
+                ledger_id: position.ledger_id,
+                entry_id: position.entry_id,
+                partition,
+                ..Default::default()
+            });
+        self.send_command(BaseCommand {
+            get_last_message_id_response: Some(CommandGetLastMessageIdResponse {
+                last_message_id,
+                request_id: request.request_id,
+                consumer_mark_delete_position: mark_delete,
+            }),
+            ..command(Type::GetLastMessageIdResponse)
+        })
+        .await;
+        Ok(())
+    }
+
+    async fn handle_get_topics_of_namespace(
+        &mut self,
+        request: CommandGetTopicsOfNamespace,
+    ) -> Result<(), Close> {
+        match self.broker.topics_of_namespace(&request.namespace) {
+            Ok(topics) => {
+                self.send_command(BaseCommand {
+                    get_topics_of_namespace_response: Some(CommandGetTopicsOfNamespaceResponse {
+                        request_id: request.request_id,
+                        topics,
+                        filtered: Some(false),
+                        topics_hash: None,
+                        changed: Some(true),
+                    }),
+                    ..command(Type::GetTopicsOfNamespaceResponse)
+                })
+                .await
+            }
+            Err(error) => self.broker_error(request.request_id, &error).await,
+        }
+        Ok(())
+    }
+
+    async fn handle_get_schema(&mut self, request: CommandGetSchema) -> Result<(), Close> {
+        let version = request.schema_version.as_deref().and_then(decode_version);
+        let result = TopicName::parse(&request.topic)
+            .and_then(|name| self.broker.schemas().get(&name, version));
+        let response = match result {
+            Ok(Some((version, schema))) => CommandGetSchemaResponse {
+                request_id: request.request_id,
+                schema: Some(schema),
+                schema_version: Some(encode_version(version).into()),
+                ..Default::default()
+            },
+            Ok(None) => CommandGetSchemaResponse {
+                request_id: request.request_id,
+                error_code: Some(ServerError::TopicNotFound as i32),
+                error_message: Some("topic has no schema".into()),
+                ..Default::default()
+            },
+            Err(error) => CommandGetSchemaResponse {
+                request_id: request.request_id,
+                error_code: Some(error.server_error() as i32),
+                error_message: Some(error.to_string()),
+                ..Default::default()
+            },
+        };
+        self.send_command(BaseCommand {
+            get_schema_response: Some(response),
+            ..command(Type::GetSchemaResponse)
+        })
+        .await;
+        Ok(())
+    }
+
+    async fn handle_get_or_create_schema(
+        &mut self,
+        request: CommandGetOrCreateSchema,
+    ) -> Result<(), Close> {
+        let result = TopicName::parse(&request.topic)
+            .and_then(|name| self.broker.schemas().get_or_create(&name, &request.schema));
+        let response = match result {
+            Ok(version) => CommandGetOrCreateSchemaResponse {
+                request_id: request.request_id,
+                schema_version: Some(encode_version(version).into()),
+                ..Default::default()
+            },
+            Err(error) => CommandGetOrCreateSchemaResponse {
+                request_id: request.request_id,
+                error_code: Some(error.server_error() as i32),
+                error_message: Some(error.to_string()),
+                ..Default::default()
+            },
+        };
+        self.send_command(BaseCommand {
+            get_or_create_schema_response: Some(response),
+            ..command(Type::GetOrCreateSchemaResponse)
+        })
+        .await;
+        Ok(())
     }
 
     async fn handle_connect(&mut self, base: BaseCommand) -> Result<(), Close> {
