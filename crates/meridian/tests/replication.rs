@@ -94,6 +94,28 @@ fn await_namespace(cluster: &Cluster, clusters: &[&str]) {
     );
 }
 
+/// Clusters a and b, started with these environments, with `t/ns` replicated between them:
+/// configured on a only, then awaited on b (configure-once).
+fn replicated_pair(environment_a: &[(&str, &str)]) -> (Cluster, Cluster) {
+    let a = Cluster::start("a", environment_a);
+    let b = Cluster::start("b", &[]);
+    configure(&a, &[&b]);
+    await_namespace(&b, &["a", "b"]);
+    (a, b)
+}
+
+/// Creates the subscription the tests read with on `cluster`, so that it keeps every message
+/// from now on even while nobody is connected.
+async fn create_subscription(cluster: &Cluster, topic: &str) {
+    let client = cluster.client().await;
+    subscribe(&client, topic)
+        .await
+        .close()
+        .await
+        .expect("close");
+    client.close().await;
+}
+
 async fn subscribe(client: &Client, topic: &str) -> Consumer {
     client
         .consumer(format!("persistent://t/ns/{topic}"))
@@ -172,11 +194,8 @@ async fn receive_exactly(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn configure_once_replicates_both_ways_with_everything_kept() {
-    let a = Cluster::start("a", &[]);
-    let b = Cluster::start("b", &[]);
     // Only cluster a is configured; it creates the cluster entry, tenant and namespace on b.
-    configure(&a, &[&b]);
-    await_namespace(&b, &["a", "b"]);
+    let (a, b) = replicated_pair(&[]);
     let b_admin = b.admin();
     let tenant = b_admin.ok(b_admin.get("/admin/v2/tenants/t"));
     assert!(
@@ -295,15 +314,9 @@ fn rss_bytes(pid: u32) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn remote_down_backlog_stays_on_disk_then_catches_up() {
     // A 16 MiB entry cache: the broker's other memory must not grow with the backlog.
-    let a = Cluster::start("a", &[("MERIDIAN_STORAGE__CACHE_MAX_BYTES", "16777216")]);
-    let mut b = Cluster::start("b", &[]);
-    configure(&a, &[&b]);
-    await_namespace(&b, &["a", "b"]);
+    let (a, mut b) = replicated_pair(&[("MERIDIAN_STORAGE__CACHE_MAX_BYTES", "16777216")]);
     let topic = "backlog";
-    let client_b = b.client().await;
-    let consumer_b = subscribe(&client_b, topic).await;
-    consumer_b.close().await.expect("close");
-    client_b.close().await;
+    create_subscription(&b, topic).await;
     b.broker.stop();
 
     let client_a = a.client().await;
@@ -365,18 +378,9 @@ async fn remote_down_backlog_stays_on_disk_then_catches_up() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill9_of_the_remote_mid_replication_leaves_no_duplicates() {
-    let a = Cluster::start("a", &[]);
-    let mut b = Cluster::start("b", &[]);
-    configure(&a, &[&b]);
-    await_namespace(&b, &["a", "b"]);
+    let (a, mut b) = replicated_pair(&[]);
     let topic = "remote-crash";
-    let client_b = b.client().await;
-    subscribe(&client_b, topic)
-        .await
-        .close()
-        .await
-        .expect("close");
-    client_b.close().await;
+    create_subscription(&b, topic).await;
 
     let client_a = a.client().await;
     let producer = client_a
@@ -485,10 +489,7 @@ async fn adding_a_cluster_starts_at_latest_or_back_fills_from_earliest() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replicator_dispatch_rate_caps_what_is_sent_per_period() {
-    let a = Cluster::start("a", &[]);
-    let b = Cluster::start("b", &[]);
-    configure(&a, &[&b]);
-    await_namespace(&b, &["a", "b"]);
+    let (a, b) = replicated_pair(&[]);
     let admin = a.admin();
     // Five messages per hour: the replicator must stop at five.
     admin.ok(admin.post(
@@ -521,10 +522,7 @@ async fn replicator_dispatch_rate_caps_what_is_sent_per_period() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replicators_to_one_cluster_share_its_connection() {
-    let a = Cluster::start("a", &[]);
-    let b = Cluster::start("b", &[]);
-    configure(&a, &[&b]);
-    await_namespace(&b, &["a", "b"]);
+    let (a, b) = replicated_pair(&[]);
     let client_a = a.client().await;
     let topics = ["shared-0", "shared-1", "shared-2", "shared-3"];
     for topic in topics {
@@ -561,10 +559,7 @@ async fn replicators_to_one_cluster_share_its_connection() {
 /// start (b still remembers the old ones), and checks that 30 more messages still arrive: they
 /// must not be taken for duplicates of the first life.
 async fn replicates_after(topic: &str, disrupt: impl FnOnce(&mut Cluster, &Cluster)) {
-    let mut a = Cluster::start("a", &[]);
-    let b = Cluster::start("b", &[]);
-    configure(&a, &[&b]);
-    await_namespace(&b, &["a", "b"]);
+    let (mut a, b) = replicated_pair(&[]);
     let client_b = b.client().await;
     let consumer_b = subscribe(&client_b, topic).await;
     let client_a = a.client().await;
@@ -606,18 +601,9 @@ async fn a_source_cluster_rebuilt_from_scratch_still_replicates() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replication_resumes_after_a_restart_without_any_client() {
-    let mut a = Cluster::start("a", &[]);
-    let mut b = Cluster::start("b", &[]);
-    configure(&a, &[&b]);
-    await_namespace(&b, &["a", "b"]);
+    let (mut a, mut b) = replicated_pair(&[]);
     let topic = "untouched";
-    let client_b = b.client().await;
-    subscribe(&client_b, topic)
-        .await
-        .close()
-        .await
-        .expect("close");
-    client_b.close().await;
+    create_subscription(&b, topic).await;
     b.broker.stop();
     let client_a = a.client().await;
     produce(&client_a, topic, "waiting", 25).await;
