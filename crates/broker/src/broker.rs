@@ -13,7 +13,7 @@ use tokio::sync::OnceCell;
 use crate::config::{AutoTopicCreationType, BrokerConfig};
 use crate::error::{BrokerError, Result};
 use crate::replicator::{RemoteClients, RemoteCluster};
-use crate::resources::Resources;
+use crate::resources::{EffectivePolicies, Resources};
 use crate::schema::SchemaRegistry;
 use crate::topic::{ReplicationPlan, Topic};
 use crate::topic_name::TopicName;
@@ -230,20 +230,25 @@ impl Broker {
         }
     }
 
+    /// The remote clusters a topic with these policies replicates to. A cluster replicates a
+    /// topic only if its own name is in the topic's clusters.
+    fn replication_remotes(&self, policies: &EffectivePolicies) -> Vec<String> {
+        let local = &self.shared.config.cluster_name;
+        if !policies.replication_clusters.contains(local) {
+            return Vec::new();
+        }
+        policies
+            .replication_clusters
+            .iter()
+            .filter(|cluster| *cluster != local)
+            .cloned()
+            .collect()
+    }
+
     fn plan_replication(&self, topic: &Topic) -> Result<ReplicationPlan> {
         let local = &self.shared.config.cluster_name;
         let policies = self.resources.effective_policies(&topic.name)?;
-        // A cluster replicates a topic only if its own name is in the topic's clusters.
-        let configured: Vec<String> = if policies.replication_clusters.contains(local) {
-            policies
-                .replication_clusters
-                .iter()
-                .filter(|cluster| *cluster != local)
-                .cloned()
-                .collect()
-        } else {
-            Vec::new()
-        };
+        let configured = self.replication_remotes(&policies);
         let mut remotes = Vec::new();
         for name in &configured {
             let data = match self.resources.cluster(name) {
@@ -282,7 +287,6 @@ impl Broker {
     /// replicate to another cluster and are not loaded yet, so that their replicators run
     /// without waiting for a client, as Pulsar loads a bundle's topics when it takes the bundle.
     pub async fn load_replicated_topics(&self, scope: Option<(&str, Option<&str>)>) {
-        let local = &self.shared.config.cluster_name;
         for topic in self.all_topics() {
             let Ok(name) = TopicName::parse(&topic) else {
                 continue;
@@ -297,13 +301,7 @@ impl Broker {
             let replicated = self
                 .resources
                 .effective_policies(&name)
-                .is_ok_and(|policies| {
-                    policies.replication_clusters.contains(local)
-                        && policies
-                            .replication_clusters
-                            .iter()
-                            .any(|cluster| cluster != local)
-                });
+                .is_ok_and(|policies| !self.replication_remotes(&policies).is_empty());
             if replicated {
                 if let Err(error) = self.topic(&name, false).await {
                     tracing::warn!(topic = %name, %error, "loading a replicated topic failed");

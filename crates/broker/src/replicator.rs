@@ -313,10 +313,6 @@ impl Replicator {
         &self.remote
     }
 
-    pub fn cursor(&self) -> &str {
-        &self.cursor
-    }
-
     /// Applies a new `replicatorDispatchRate` (None: unlimited).
     pub fn set_rate(&self, rate: Option<DispatchRate>) {
         self.rate.send_if_modified(|current| {
