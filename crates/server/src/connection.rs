@@ -951,12 +951,14 @@ impl Connection {
                 ServerError::ChecksumError,
                 format!("checksum mismatch: sent {stored:#x}, computed {computed:#x}"),
             ))
-        } else if entry.bytes.len() > self.broker.config().max_message_size {
+        } else if entry.payload.len() > self.broker.config().max_message_size {
+            // The limit is on the payload, as the client cuts chunks by it: metadata rides in the
+            // frame padding on top (`FRAME_SIZE_PADDING`), as in Pulsar.
             Some((
                 ServerError::NotAllowedError,
                 format!(
-                    "message of {} bytes exceeds the maximum of {}",
-                    entry.bytes.len(),
+                    "payload of {} bytes exceeds the maximum message size of {}",
+                    entry.payload.len(),
                     self.broker.config().max_message_size
                 ),
             ))
