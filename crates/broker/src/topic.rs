@@ -106,6 +106,63 @@ pub struct Publish {
 /// duplicate that was not stored again.
 pub type PublishFuture = Pin<Box<dyn Future<Output = Result<Option<Position>>> + Send>>;
 
+/// Awaits a stored append and then does the topic's bookkeeping for it (de-duplication
+/// state, the in-flight set that bounds dedup snapshots). The bookkeeping runs on storage
+/// completion whatever happens to the caller: dropped early (a connection that went away with
+/// sends in flight), it hands the append to a task that finishes the job.
+struct AppendCompletion {
+    topic: Arc<Topic>,
+    persisted: Option<(String, Sequence)>,
+    pending: Option<meridian_storage::PendingAppend>,
+}
+
+impl Future for AppendCompletion {
+    type Output = Result<Option<Position>>;
+
+    fn poll(
+        mut self: Pin<&mut Self>,
+        context: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        let Some(pending) = self.pending.as_mut() else {
+            panic!("AppendCompletion polled after it completed");
+        };
+        let position = pending.position();
+        let std::task::Poll::Ready(result) = Pin::new(pending).poll(context) else {
+            return std::task::Poll::Pending;
+        };
+        self.pending = None;
+        let persisted = self.persisted.take();
+        self.topic
+            .append_completed(persisted, position, result.is_ok());
+        std::task::Poll::Ready(result.map(Some).map_err(Into::into))
+    }
+}
+
+impl Drop for AppendCompletion {
+    fn drop(&mut self) {
+        let Some(pending) = self.pending.take() else {
+            return;
+        };
+        let topic = self.topic.clone();
+        let persisted = self.persisted.take();
+        let position = pending.position();
+        let finish = async move {
+            let result = pending.await;
+            topic.append_completed(persisted, position, result.is_ok());
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => {
+                runtime.spawn(finish);
+            }
+            // Outside a runtime (only when the broker is being torn down) nobody is left to
+            // need the bookkeeping: the dedup state is rebuilt from the log at the next load.
+            Err(_) => {
+                tracing::debug!(topic = %self.topic.full_name, "append bookkeeping dropped outside a runtime")
+            }
+        }
+    }
+}
+
 struct ProducerEntry {
     name: String,
     mode: AccessMode,
@@ -412,13 +469,10 @@ impl Topic {
                 }
             }
         };
-        let topic = self.clone();
-        let persisted = dedup_key.map(|(key, _, highest)| (key, highest));
-        Ok(Box::pin(async move {
-            let position = pending.position();
-            let result = pending.await;
-            topic.append_completed(persisted, position, result.is_ok());
-            Ok(Some(result?))
+        Ok(Box::pin(AppendCompletion {
+            topic: self.clone(),
+            persisted: dedup_key.map(|(key, _, highest)| (key, highest)),
+            pending: Some(pending),
         }))
     }
 
