@@ -181,8 +181,8 @@ impl Broker {
                     .resources
                     .namespace_exists(&name.tenant, &name.namespace)?
                 {
-                    return Err(BrokerError::TopicNotFound(format!(
-                        "{key}: namespace {} does not exist",
+                    return Err(BrokerError::NotFound(format!(
+                        "topic {key}: namespace {} does not exist",
                         name.namespace_name()
                     )));
                 }

@@ -106,6 +106,21 @@ pub struct Publish {
 /// duplicate that was not stored again.
 pub type PublishFuture = Pin<Box<dyn Future<Output = Result<Option<Position>>> + Send>>;
 
+/// Why a name cannot be a subscription's: empty, a control character (a NUL would cut the
+/// name short in C-based clients and tools), or a name the broker keeps for its own cursors.
+fn check_subscription_name(name: &str) -> std::result::Result<(), String> {
+    let reason = if name.is_empty() {
+        "a subscription name cannot be empty"
+    } else if name.chars().any(char::is_control) {
+        "a subscription name cannot contain control characters"
+    } else if is_system_cursor(name) || is_replicator_cursor(name) {
+        "the name is reserved for the broker's own cursors"
+    } else {
+        return Ok(());
+    };
+    Err(format!("invalid subscription name {name:?}: {reason}"))
+}
+
 /// Awaits a stored append and then does the topic's bookkeeping for it (de-duplication
 /// state, the in-flight set that bounds dedup snapshots). The bookkeeping runs on storage
 /// completion whatever happens to the caller: dropped early (a connection that went away with
@@ -534,13 +549,8 @@ impl Topic {
         key: u64,
         consumer: NewConsumer,
     ) -> Result<Arc<Subscription>> {
-        if subscription.is_empty()
-            || is_system_cursor(subscription)
-            || is_replicator_cursor(subscription)
-        {
-            return Err(BrokerError::NotAllowed(format!(
-                "invalid subscription name {subscription:?}"
-            )));
+        if let Err(reason) = check_subscription_name(subscription) {
+            return Err(BrokerError::NotAllowed(reason));
         }
         let mut state = self.lock();
         let (existing, created) = match state.subscriptions.get(subscription) {
@@ -1344,10 +1354,8 @@ impl Topic {
         name: &str,
         mark_delete: Option<Option<Position>>,
     ) -> Result<()> {
-        if name.is_empty() || is_system_cursor(name) || is_replicator_cursor(name) {
-            return Err(BrokerError::PreconditionFailed(format!(
-                "invalid subscription name {name:?}"
-            )));
+        if let Err(reason) = check_subscription_name(name) {
+            return Err(BrokerError::PreconditionFailed(reason));
         }
         if self.log.cursor(name).is_some() {
             return Err(BrokerError::AlreadyExists(format!(

@@ -10,6 +10,7 @@ mod client_cli;
 mod config;
 mod perf;
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -79,6 +80,12 @@ fn main() -> anyhow::Result<()> {
         )
         // Logs go to stderr so that command output (`--output json`) stays clean on stdout.
         .with_writer(std::io::stderr)
+        // Colour codes only for a person at a terminal (and not when NO_COLOR asks for none),
+        // never in a log file or a pipe.
+        .with_ansi(
+            std::io::stderr().is_terminal()
+                && std::env::var_os("NO_COLOR").is_none_or(|value| value.is_empty()),
+        )
         .init();
     let cli = Cli::parse();
     match cli.command {

@@ -679,3 +679,60 @@ fn topic_level_policies_override_the_namespace() {
     );
     broker.assert_no_errors();
 }
+
+/// Names and error messages a user reads: a control character is refused in a subscription name
+/// (over REST and the protocol), a topic in a namespace that does not exist says just that, and
+/// a log written to a file carries no terminal colour codes even when `NO_COLOR` is unset.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn names_messages_and_plain_logs() {
+    let broker = BrokerProcess::start_with_env(&[], &[("NO_COLOR", "")]);
+    let admin = Admin::new(&broker);
+    admin.ok(admin.put("/admin/v2/persistent/public/default/named", None));
+
+    let reply = admin.put(
+        "/admin/v2/persistent/public/default/named/subscription/bad%00name",
+        None,
+    );
+    let reason = reply.1["reason"].as_str().unwrap_or_default().to_string();
+    assert_error(reply, 412);
+    assert!(reason.contains("control characters"), "{reason}");
+
+    let pulsar = Pulsar::builder(broker.url(), TokioExecutor)
+        .with_operation_retry_options(pulsar::OperationRetryOptions {
+            max_retries: Some(0),
+            ..Default::default()
+        })
+        .build()
+        .await
+        .expect("connect");
+    let refused = pulsar
+        .consumer()
+        .with_topic("persistent://public/default/named")
+        .with_subscription("nul\0inside")
+        .build::<Vec<u8>>()
+        .await;
+    let error = refused.err().expect("NUL refused").to_string();
+    assert!(error.contains("control characters"), "{error}");
+
+    let refused = pulsar
+        .producer()
+        .with_topic("persistent://public/nowhere/topic")
+        .build()
+        .await;
+    let error = refused
+        .err()
+        .expect("missing namespace refused")
+        .to_string();
+    assert!(
+        error.contains("namespace public/nowhere does not exist")
+            && !error.contains("does not exist does not exist"),
+        "{error}"
+    );
+
+    let log = broker.log();
+    assert!(log.contains("INFO"), "the broker logged nothing: {log}");
+    assert!(
+        !log.contains('\u{1b}'),
+        "colour codes in a log file:\n{log}"
+    );
+}

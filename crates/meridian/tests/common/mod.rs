@@ -87,9 +87,10 @@ impl BrokerProcess {
             .arg("--web-port")
             .arg(self.web_port.to_string())
             .args(&self.extra_args)
-            .envs(self.environment.iter().cloned())
             .env("RUST_LOG", "info")
             .env("NO_COLOR", "1")
+            // The test's own settings win over the defaults above.
+            .envs(self.environment.iter().cloned())
             .stdout(Stdio::from(log.try_clone().expect("log file")))
             .stderr(Stdio::from(log))
             .spawn()
