@@ -191,9 +191,9 @@ impl Broker {
                     if !(create_if_missing && allowed) {
                         return Err(BrokerError::TopicNotFound(key.clone()));
                     }
-                    if self.partition_count(name)?.is_some() {
+                    if self.partition_count(&name.base())?.is_some() {
                         return Err(BrokerError::NotAllowed(format!(
-                            "{key} is a partitioned topic; use its partitions"
+                            "{key} is a partitioned topic or a partition beyond its count; use its partitions"
                         )));
                     }
                 }
@@ -338,6 +338,10 @@ impl Broker {
 
     /// Partition count of a partitioned topic; `None` if it is not partitioned.
     pub fn partition_count(&self, name: &TopicName) -> Result<Option<u32>> {
+        // A partition is a plain topic, never partitioned itself (its base may be).
+        if name.partition_index().is_some() {
+            return Ok(None);
+        }
         let Some(stored) = self.metadata.get(&partitioned_key(name))? else {
             return Ok(None);
         };
@@ -600,9 +604,9 @@ impl Broker {
                 "topic {name} already exists"
             )));
         }
-        if self.partition_count(name)?.is_some() {
+        if self.partition_count(&name.base())?.is_some() {
             return Err(BrokerError::AlreadyExists(format!(
-                "{name} is a partitioned topic"
+                "{name} is a partitioned topic or one of its partitions"
             )));
         }
         if !self

@@ -736,3 +736,53 @@ async fn names_messages_and_plain_logs() {
         "colour codes in a log file:\n{log}"
     );
 }
+
+/// Every topic-level call works on one partition of a partitioned topic, as in Pulsar: a
+/// partition is a plain topic (its subscriptions, skip, reset, terminate), never a partitioned
+/// topic of its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn topic_calls_work_on_a_single_partition() {
+    let broker = BrokerProcess::start(&[]);
+    let admin = Admin::new(&broker);
+    let base = "/admin/v2/persistent/public/default";
+    admin.ok(admin.put(&format!("{base}/p3/partitions"), Some("3")));
+    admin.ok(admin.put(&format!("{base}/p3/subscription/sub1"), None));
+    let pulsar = Pulsar::builder(broker.url(), TokioExecutor)
+        .build()
+        .await
+        .expect("connect");
+    produce(&pulsar, "persistent://public/default/p3-partition-0", 4, 10).await;
+
+    let partition = format!("{base}/p3-partition-0");
+    let subscriptions = admin.ok(admin.get(&format!("{partition}/subscriptions")));
+    assert_eq!(subscriptions, json!(["sub1"]));
+    let backlog = |admin: &Admin| {
+        admin.ok(admin.get(&format!("{partition}/stats")))["subscriptions"]["sub1"]["msgBacklog"]
+            .as_u64()
+    };
+    assert_eq!(backlog(&admin), Some(4));
+    admin.ok(admin.post(&format!("{partition}/subscription/sub1/skip/1"), ""));
+    assert_eq!(backlog(&admin), Some(3));
+    admin.ok(admin.post(&format!("{partition}/subscription/sub1/skip_all"), ""));
+    assert_eq!(backlog(&admin), Some(0));
+    admin.ok(admin.post(
+        &format!("{partition}/subscription/sub1/resetcursor"),
+        r#"{"ledgerId":-1,"entryId":-1}"#,
+    ));
+    assert_eq!(backlog(&admin), Some(4));
+    admin.ok(admin.put(&format!("{partition}/subscription/sub2"), None));
+    admin.ok(admin.delete(&format!("{partition}/subscription/sub2")));
+
+    assert_eq!(
+        admin.ok(admin.get(&format!("{partition}/partitions")))["partitions"],
+        json!(0),
+        "a partition is not partitioned itself"
+    );
+    assert_error(admin.get(&format!("{partition}/partitioned-stats")), 404);
+    let terminated = admin.ok(admin.post(&format!("{partition}/terminate"), ""));
+    assert_eq!(terminated["partitionIndex"], json!(0));
+    // The other partitions are untouched.
+    let others = admin.ok(admin.get(&format!("{base}/p3-partition-1/subscriptions")));
+    assert_eq!(others, json!(["sub1"]));
+    broker.assert_no_errors();
+}
