@@ -177,6 +177,7 @@ impl Broker {
         };
         let topic = cell
             .get_or_try_init(|| async {
+                self.check_loaded_topics_budget(&key)?;
                 if !self
                     .resources
                     .namespace_exists(&name.tenant, &name.namespace)?
@@ -196,6 +197,7 @@ impl Broker {
                             "{key} is a partitioned topic or a partition beyond its count; use its partitions"
                         )));
                     }
+                    self.check_namespace_room(name, 1)?;
                 }
                 let policies = self.resources.effective_policies(name)?;
                 let terminated = self.metadata.get(&terminated_key(name))?.is_some();
@@ -352,6 +354,53 @@ impl Broker {
         Ok(Some(metadata.partitions))
     }
 
+    /// Refuses to load one more topic when `max_loaded_topics` are loaded.
+    fn check_loaded_topics_budget(&self, key: &str) -> Result<()> {
+        let limit = self.shared.config.max_loaded_topics;
+        let loaded = self
+            .topics
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .values()
+            .filter(|cell| cell.initialized())
+            .count();
+        if limit > 0 && loaded >= limit {
+            tracing::warn!(topic = key, loaded, limit, "loaded-topic limit reached");
+            return Err(BrokerError::Overloaded(format!(
+                "cannot load {key}: {loaded} topics are loaded, the limit (max_loaded_topics) is {limit}"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Refuses a partition count above `max_partitions_per_topic`.
+    fn check_partition_limit(&self, name: &TopicName, partitions: u32) -> Result<()> {
+        let limit = self.shared.config.max_partitions_per_topic;
+        if limit > 0 && partitions > limit {
+            return Err(BrokerError::PreconditionFailed(format!(
+                "{name}: {partitions} partitions exceed the limit of {limit} (max_partitions_per_topic)"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Refuses `adding` more topics (partitions count one each) to a namespace that would then
+    /// hold more than `max_topics_per_namespace`.
+    fn check_namespace_room(&self, name: &TopicName, adding: usize) -> Result<()> {
+        let limit = self.shared.config.max_topics_per_namespace;
+        if limit == 0 {
+            return Ok(());
+        }
+        let existing = self.topics_of_namespace(&name.namespace_name())?.len();
+        if existing + adding > limit {
+            return Err(BrokerError::PreconditionFailed(format!(
+                "namespace {} holds {existing} topics; {adding} more would exceed the limit of {limit} (max_topics_per_namespace)",
+                name.namespace_name()
+            )));
+        }
+        Ok(())
+    }
+
     /// Creates a partitioned topic with `partitions` partitions.
     pub fn create_partitioned_topic(&self, name: &TopicName, partitions: u32) -> Result<()> {
         if partitions == 0 {
@@ -364,6 +413,8 @@ impl Broker {
                 "{name} is a partition name"
             )));
         }
+        self.check_partition_limit(name, partitions)?;
+        self.check_namespace_room(name, partitions as usize)?;
         let value = serde_json::to_vec(&PartitionedTopicMetadata { partitions })
             .map_err(|error| BrokerError::Metadata(error.to_string()))?;
         self.metadata
@@ -465,6 +516,8 @@ impl Broker {
                 "{name} has {current} partitions; the count can only grow"
             )));
         }
+        self.check_partition_limit(name, partitions)?;
+        self.check_namespace_room(name, (partitions - current) as usize)?;
         let value = serde_json::to_vec(&PartitionedTopicMetadata { partitions })
             .map_err(|error| BrokerError::Metadata(error.to_string()))?;
         self.metadata
@@ -618,6 +671,7 @@ impl Broker {
                 name.namespace_name()
             )));
         }
+        self.check_namespace_room(name, 1)?;
         let shared = self.shared.clone();
         let full_name = name.to_string();
         tokio::task::spawn_blocking(move || shared.storage.open_log(&full_name).map(|_| ()))

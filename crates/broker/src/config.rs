@@ -25,6 +25,15 @@ pub struct BrokerConfig {
     pub default_num_partitions: u32,
     /// Largest message (entry) accepted (`maxMessageSize`, 5 MiB).
     pub max_message_size: usize,
+    /// Partitions a partitioned topic may have (`maxNumPartitionsPerPartitionedTopic`; 0: no
+    /// limit).
+    pub max_partitions_per_topic: u32,
+    /// Topics a namespace may hold, each partition counted (`maxTopicsPerNamespace`; 0: no
+    /// limit).
+    pub max_topics_per_namespace: usize,
+    /// Topics loaded at once: loading one more is refused (ServiceNotReady, HTTP 503) until
+    /// others are unloaded. Every loaded topic holds open files and memory.
+    pub max_loaded_topics: usize,
     /// Broker-wide de-duplication switch (`brokerDeduplicationEnabled`, default false).
     pub deduplication_enabled: bool,
     /// Dedup state is snapshotted into the topic's `pulsar.dedup` cursor every this many entries.
@@ -57,6 +66,9 @@ impl Default for BrokerConfig {
             auto_topic_creation_type: AutoTopicCreationType::NonPartitioned,
             default_num_partitions: 1,
             max_message_size: meridian_wire::DEFAULT_MAX_MESSAGE_SIZE,
+            max_partitions_per_topic: 1000,
+            max_topics_per_namespace: 0,
+            max_loaded_topics: 10_000,
             deduplication_enabled: false,
             deduplication_snapshot_interval_entries: 1000,
             dispatch_max_entries_per_read: 100,

@@ -46,6 +46,10 @@ pub enum BrokerError {
     TopicTerminated(String),
     #[error("broker is shutting down")]
     ShuttingDown,
+    /// A limit of the broker as a whole (loaded topics) is reached; clients retry later
+    /// (ServiceNotReady, HTTP 503).
+    #[error("{0}")]
+    Overloaded(String),
     /// The topic is being deleted; clients retry (ServiceNotReady) and then meet the outcome.
     #[error("topic {0} is being deleted")]
     BeingDeleted(String),
@@ -73,9 +77,9 @@ impl BrokerError {
             BrokerError::IncompatibleSchema(_) => ServerError::IncompatibleSchema,
             BrokerError::Storage(_) => ServerError::PersistenceError,
             BrokerError::Metadata(_) => ServerError::MetadataError,
-            BrokerError::ShuttingDown | BrokerError::BeingDeleted(_) => {
-                ServerError::ServiceNotReady
-            }
+            BrokerError::ShuttingDown
+            | BrokerError::BeingDeleted(_)
+            | BrokerError::Overloaded(_) => ServerError::ServiceNotReady,
             BrokerError::TopicTerminated(_) => ServerError::TopicTerminatedError,
             BrokerError::NotFound(_) => ServerError::TopicNotFound,
             BrokerError::AlreadyExists(_)

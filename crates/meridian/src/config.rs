@@ -28,6 +28,9 @@ pub struct Config {
     pub allow_auto_topic_creation_type: AutoTopicCreationType,
     pub default_num_partitions: u32,
     pub max_message_size: usize,
+    pub max_partitions_per_topic: u32,
+    pub max_topics_per_namespace: usize,
+    pub max_loaded_topics: usize,
     pub deduplication_enabled: bool,
     /// Where a topic's new replicator starts: `latest` (Pulsar's default) or `earliest`
     /// (back-fill the messages already stored).
@@ -81,6 +84,9 @@ impl Default for Config {
             allow_auto_topic_creation_type: broker.auto_topic_creation_type,
             default_num_partitions: broker.default_num_partitions,
             max_message_size: broker.max_message_size,
+            max_partitions_per_topic: broker.max_partitions_per_topic,
+            max_topics_per_namespace: broker.max_topics_per_namespace,
+            max_loaded_topics: broker.max_loaded_topics,
             deduplication_enabled: broker.deduplication_enabled,
             replication_start_at: ReplicationStart::Latest,
             max_connections: server.max_connections,
@@ -191,6 +197,11 @@ impl Config {
         if self.default_num_partitions == 0 {
             bail!("default_num_partitions must be at least 1");
         }
+        if self.max_partitions_per_topic > 0
+            && self.default_num_partitions > self.max_partitions_per_topic
+        {
+            bail!("default_num_partitions must not exceed max_partitions_per_topic");
+        }
         if self.max_message_size == 0 || self.max_message_size > 100 * 1024 * 1024 {
             bail!("max_message_size must be between 1 byte and 100 MiB");
         }
@@ -255,6 +266,9 @@ impl Config {
             allow_auto_topic_creation: self.allow_auto_topic_creation,
             auto_topic_creation_type: self.allow_auto_topic_creation_type,
             default_num_partitions: self.default_num_partitions,
+            max_partitions_per_topic: self.max_partitions_per_topic,
+            max_topics_per_namespace: self.max_topics_per_namespace,
+            max_loaded_topics: self.max_loaded_topics,
             max_message_size: self.max_message_size,
             deduplication_enabled: self.deduplication_enabled,
             replication_start_earliest: self.replication_start_at == ReplicationStart::Earliest,

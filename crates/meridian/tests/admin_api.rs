@@ -786,3 +786,72 @@ async fn topic_calls_work_on_a_single_partition() {
     assert_eq!(others, json!(["sub1"]));
     broker.assert_no_errors();
 }
+
+/// Pulsar's limits on partitions per topic and topics per namespace, and a budget of loaded
+/// topics: each is refused with a clear reason (412 over REST, an error code on the protocol;
+/// 503 and a retry for the loaded-topic budget), and what exists keeps working.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn topic_count_limits_are_enforced() {
+    let broker = BrokerProcess::start_with_env(
+        &[],
+        &[
+            ("MERIDIAN_MAX_PARTITIONS_PER_TOPIC", "4"),
+            ("MERIDIAN_MAX_TOPICS_PER_NAMESPACE", "6"),
+            ("MERIDIAN_MAX_LOADED_TOPICS", "3"),
+        ],
+    );
+    let admin = Admin::new(&broker);
+    let base = "/admin/v2/persistent/public/default";
+    assert_error(
+        admin.put(&format!("{base}/wide/partitions"), Some("5")),
+        412,
+    );
+    admin.ok(admin.put(&format!("{base}/wide/partitions"), Some("4")));
+    assert_error(admin.post(&format!("{base}/wide/partitions"), "5"), 412);
+    admin.ok(admin.put(&format!("{base}/fifth"), None));
+    admin.ok(admin.put(&format!("{base}/sixth"), None));
+    assert_error(admin.put(&format!("{base}/seventh"), None), 412);
+    assert_error(
+        admin.put(&format!("{base}/more/partitions"), Some("1")),
+        412,
+    );
+
+    let pulsar = Pulsar::builder(broker.url(), TokioExecutor)
+        .with_operation_retry_options(pulsar::OperationRetryOptions {
+            max_retries: Some(0),
+            ..Default::default()
+        })
+        .build()
+        .await
+        .expect("connect");
+    let refused = pulsar
+        .producer()
+        .with_topic("persistent://public/default/auto-created")
+        .build()
+        .await;
+    let error = refused.err().expect("namespace full").to_string();
+    assert!(error.contains("max_topics_per_namespace"), "{error}");
+
+    // Three topics loaded by their producers; a fourth is refused until one is unloaded.
+    for index in 0..3 {
+        produce(
+            &pulsar,
+            &format!("persistent://public/default/wide-partition-{index}"),
+            1,
+            10,
+        )
+        .await;
+    }
+    let stats = admin.get(&format!("{base}/fifth/stats"));
+    assert_error(stats, 503);
+    // No client left to load the topic again once it is unloaded.
+    drop(pulsar);
+    admin.ok(admin.put(&format!("{base}/wide-partition-0/unload"), None));
+    assert!(
+        eventually(Duration::from_secs(10), || admin
+            .get(&format!("{base}/fifth/stats"))
+            .0
+            == 200),
+        "an unloaded topic makes room"
+    );
+}
