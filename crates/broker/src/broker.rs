@@ -51,7 +51,34 @@ pub struct Broker {
     known_topics: Mutex<BTreeSet<String>>,
     /// Topics being deleted: nothing loads them until the deletion is over.
     deleting: Mutex<BTreeSet<String>>,
+    /// One lock per topic name that creation and deletion take, so that racing requests on
+    /// one topic run one after the other and each meets the outcome of the one before
+    /// (exists: 409, gone: 404) instead of half of a storage operation.
+    lifecycle: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     next_key: AtomicU64,
+}
+
+/// Holds a topic name's creation/deletion lock; forgets the name once nobody else wants it.
+struct LifecycleGuard<'a> {
+    broker: &'a Broker,
+    key: String,
+    lock: Arc<tokio::sync::Mutex<()>>,
+    guard: Option<tokio::sync::OwnedMutexGuard<()>>,
+}
+
+impl Drop for LifecycleGuard<'_> {
+    fn drop(&mut self) {
+        drop(self.guard.take());
+        let mut locks = self
+            .broker
+            .lifecycle
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        // Two references: the map's and ours. More means someone else holds or awaits it.
+        if Arc::strong_count(&self.lock) == 2 {
+            locks.remove(&self.key);
+        }
+    }
 }
 
 fn terminated_key(topic: &TopicName) -> String {
@@ -94,6 +121,7 @@ impl Broker {
             topics: Mutex::new(HashMap::new()),
             known_topics: Mutex::new(known_topics),
             deleting: Mutex::new(BTreeSet::new()),
+            lifecycle: Mutex::new(HashMap::new()),
             next_key: AtomicU64::new(1),
         }))
     }
@@ -354,6 +382,25 @@ impl Broker {
         Ok(Some(metadata.partitions))
     }
 
+    /// Takes the creation/deletion lock of one topic name. The map keeps only names whose lock
+    /// is held or awaited.
+    async fn lifecycle_lock(&self, key: &str) -> LifecycleGuard<'_> {
+        let lock = self
+            .lifecycle
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .entry(key.to_string())
+            .or_default()
+            .clone();
+        let guard = lock.clone().lock_owned().await;
+        LifecycleGuard {
+            broker: self,
+            key: key.to_string(),
+            lock,
+            guard: Some(guard),
+        }
+    }
+
     /// Refuses to load one more topic when `max_loaded_topics` are loaded.
     fn check_loaded_topics_budget(&self, key: &str) -> Result<()> {
         let limit = self.shared.config.max_loaded_topics;
@@ -567,6 +614,7 @@ impl Broker {
     /// while its log is being removed.
     pub async fn delete_topic(&self, name: &TopicName, force: bool) -> Result<()> {
         let key = name.to_string();
+        let _lifecycle = self.lifecycle_lock(&key).await;
         if !self
             .deleting
             .lock()
@@ -652,6 +700,7 @@ impl Broker {
 
     /// Creates a non-partitioned topic (its log) without a client.
     pub async fn create_topic(&self, name: &TopicName) -> Result<()> {
+        let _lifecycle = self.lifecycle_lock(&name.to_string()).await;
         if self.topic_exists(name) {
             return Err(BrokerError::AlreadyExists(format!(
                 "topic {name} already exists"

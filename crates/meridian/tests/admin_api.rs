@@ -855,3 +855,51 @@ async fn topic_count_limits_are_enforced() {
         "an unloaded topic makes room"
     );
 }
+
+/// Creates and deletes of one topic racing each other answer as Pulsar does — created (204),
+/// already exists (409), does not exist (404) — never a storage failure (500), and the topic
+/// ends in a consistent state: after a last delete it is gone, after a last create it works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn racing_creates_and_deletes_stay_consistent() {
+    let broker = BrokerProcess::start(&[]);
+    let path = "/admin/v2/persistent/public/default/contested";
+    let workers: Vec<_> = (0..6)
+        .map(|worker| {
+            let admin = Admin::new(&broker);
+            std::thread::spawn(move || {
+                let mut statuses = Vec::new();
+                for round in 0..40 {
+                    let reply = if (worker + round) % 2 == 0 {
+                        admin.put(path, None)
+                    } else {
+                        admin.delete(path)
+                    };
+                    statuses.push((reply.0, reply.1.to_string()));
+                }
+                statuses
+            })
+        })
+        .collect();
+    for worker in workers {
+        for (status, body) in worker.join().expect("worker") {
+            assert!(
+                [200, 204, 404, 409].contains(&status),
+                "unexpected {status}: {body}"
+            );
+        }
+    }
+    let admin = Admin::new(&broker);
+    let deleted = admin.delete(path).0;
+    assert!([200, 204, 404].contains(&deleted));
+    let topics = admin.ok(admin.get("/admin/v2/persistent/public/default"));
+    assert!(!topics.to_string().contains("contested"), "{topics}");
+    admin.ok(admin.put(path, None));
+    let pulsar = Pulsar::builder(broker.url(), TokioExecutor)
+        .build()
+        .await
+        .expect("connect");
+    produce(&pulsar, "persistent://public/default/contested", 3, 10).await;
+    let stats = admin.ok(admin.get(&format!("{path}/stats")));
+    assert_eq!(stats["msgInCounter"], json!(3));
+    broker.assert_no_errors();
+}
