@@ -1,0 +1,336 @@
+//! A subscription's acknowledgements in *origin coordinates*: the form in which one cluster
+//! tells another exactly what its consumers have acknowledged.
+//!
+//! Positions differ between clusters, but every entry of a replicated topic has an origin: the
+//! cluster that first stored it and its position there (a local entry is its own origin; a
+//! replicated one carries `replicated_from` and the origin position). Replication sends each
+//! origin's entries in order and the remote refuses gaps, so in every cluster the entries of one
+//! origin appear in the order of their origin positions. That makes a per-origin description
+//! exact:
+//!
+//! - `acked_below`: every entry of this origin that the sender stores with an origin position
+//!   below this bound is acknowledged;
+//! - `ranges`: the acknowledged origin positions at or beyond the bound, as inclusive ranges
+//!   (out-of-order acknowledgements: Shared and Key_Shared subscriptions, negative acks).
+//!
+//! The receiver acknowledges an entry of its own when the sender's state covers the entry's
+//! origin position *and* the entry reached the sender at all (a message whose `replicate_to`
+//! left the sender out was never offered to the sender's consumers). Entries the receiver has
+//! not received yet are covered when they arrive.
+
+use std::collections::BTreeMap;
+
+use meridian_storage::Position;
+use serde::{Deserialize, Serialize};
+
+/// What one cluster's subscription has acknowledged, per origin cluster.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OriginAcks {
+    pub origins: BTreeMap<String, OriginProgress>,
+}
+
+/// The acknowledged entries of one origin cluster.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OriginProgress {
+    /// Every entry of this origin with an origin position below this one is acknowledged.
+    #[serde(rename = "ackedBelow", with = "position_text::option")]
+    pub acked_below: Option<Position>,
+    /// Acknowledged origin positions at or beyond `acked_below`: ascending, disjoint, inclusive.
+    #[serde(with = "position_text::ranges")]
+    pub ranges: Vec<(Position, Position)>,
+}
+
+impl OriginAcks {
+    /// Whether the sender acknowledged the entry of `origin` at `position`. `reached_sender`
+    /// says whether that entry was meant for the sender at all (its replication list allows the
+    /// sender); an entry the sender never had is never covered.
+    pub fn covers(&self, origin: &str, position: Position, reached_sender: bool) -> bool {
+        if !reached_sender {
+            return false;
+        }
+        let Some(progress) = self.origins.get(origin) else {
+            return false;
+        };
+        if progress.acked_below.is_some_and(|bound| position < bound) {
+            return true;
+        }
+        // The last range starting at or before the position is the only one that can hold it.
+        let after = progress
+            .ranges
+            .partition_point(|(start, _)| *start <= position);
+        after > 0 && position <= progress.ranges[after - 1].1
+    }
+
+    /// How many acknowledged ranges beyond the bounds the state holds (its size on the wire).
+    pub fn range_count(&self) -> usize {
+        self.origins
+            .values()
+            .map(|progress| progress.ranges.len())
+            .sum()
+    }
+}
+
+/// Builds [`OriginAcks`] from a walk over a subscription's entries.
+///
+/// Give it, per origin, the origin position of its last entry at or before the mark-delete
+/// position ([`OriginAcksBuilder::new`]), then every entry after the mark-delete position in log
+/// order with its origin and whether it is acknowledged ([`OriginAcksBuilder::entry`]), at least
+/// up to the last individually acknowledged entry. Everything after the walk is taken as
+/// unacknowledged, and an origin the builder never hears of is not acknowledged at all: a
+/// missing piece of input can only cost a redelivery, never a lost message.
+#[derive(Debug, Default)]
+pub struct OriginAcksBuilder {
+    origins: BTreeMap<String, Walk>,
+}
+
+#[derive(Debug, Default)]
+struct Walk {
+    /// The bound below which everything is acknowledged, while no unacknowledged entry has
+    /// been met; fixed at the first unacknowledged entry.
+    acked_below: Option<Position>,
+    met_unacknowledged: bool,
+    ranges: Vec<(Position, Position)>,
+    /// Whether the previous entry of this origin in the walk was acknowledged (and so ends the
+    /// last range).
+    previous_acknowledged: bool,
+}
+
+impl OriginAcksBuilder {
+    /// `through_mark_delete`: per origin, the origin position of its last entry at or before
+    /// the subscription's mark-delete position.
+    pub fn new(through_mark_delete: &BTreeMap<String, Position>) -> OriginAcksBuilder {
+        let origins = through_mark_delete
+            .iter()
+            .map(|(origin, position)| {
+                let walk = Walk {
+                    acked_below: Some(just_after(*position)),
+                    ..Walk::default()
+                };
+                (origin.clone(), walk)
+            })
+            .collect();
+        OriginAcksBuilder { origins }
+    }
+
+    /// The next entry after the mark-delete position, in log order.
+    pub fn entry(&mut self, origin: &str, position: Position, acknowledged: bool) {
+        let walk = self.origins.entry(origin.to_string()).or_default();
+        match (acknowledged, walk.met_unacknowledged) {
+            (true, false) => walk.acked_below = Some(just_after(position)),
+            (true, true) => match walk.ranges.last_mut() {
+                Some(last) if walk.previous_acknowledged => last.1 = position,
+                _ => walk.ranges.push((position, position)),
+            },
+            (false, _) => {
+                if !walk.met_unacknowledged {
+                    walk.met_unacknowledged = true;
+                    walk.acked_below = Some(position);
+                }
+            }
+        }
+        walk.previous_acknowledged = acknowledged;
+    }
+
+    /// The state.
+    pub fn finish(self) -> OriginAcks {
+        let origins = self
+            .origins
+            .into_iter()
+            .map(|(origin, walk)| {
+                let progress = OriginProgress {
+                    acked_below: walk.acked_below,
+                    ranges: walk.ranges,
+                };
+                (origin, progress)
+            })
+            .collect();
+        OriginAcks { origins }
+    }
+}
+
+/// The smallest position after `position` in the order of positions (an exclusive bound that
+/// admits `position`; it need not exist in any log).
+fn just_after(position: Position) -> Position {
+    Position::new(position.ledger_id, position.entry_id.saturating_add(1))
+}
+
+/// Positions as Pulsar writes them in JSON: `"ledger:entry"`.
+mod position_text {
+    use meridian_storage::Position;
+    use serde::de::Error;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    fn parse<E: Error>(text: &str) -> Result<Position, E> {
+        let (ledger, entry) = text
+            .split_once(':')
+            .ok_or_else(|| E::custom(format!("position {text:?} is not ledger:entry")))?;
+        let number = |part: &str| {
+            part.parse::<u64>()
+                .map_err(|_| E::custom(format!("position {text:?} is not ledger:entry")))
+        };
+        Ok(Position::new(number(ledger)?, number(entry)?))
+    }
+
+    fn text(position: &Position) -> String {
+        format!("{}:{}", position.ledger_id, position.entry_id)
+    }
+
+    pub mod option {
+        use super::*;
+
+        pub fn serialize<S: Serializer>(
+            value: &Option<Position>,
+            serializer: S,
+        ) -> Result<S::Ok, S::Error> {
+            match value {
+                Some(position) => serializer.serialize_some(&text(position)),
+                None => serializer.serialize_none(),
+            }
+        }
+
+        pub fn deserialize<'de, D: Deserializer<'de>>(
+            deserializer: D,
+        ) -> Result<Option<Position>, D::Error> {
+            Option::<String>::deserialize(deserializer)?
+                .map(|value| parse(&value))
+                .transpose()
+        }
+    }
+
+    pub mod ranges {
+        use super::*;
+
+        pub fn serialize<S: Serializer>(
+            ranges: &[(Position, Position)],
+            serializer: S,
+        ) -> Result<S::Ok, S::Error> {
+            serializer.collect_seq(ranges.iter().map(|(start, end)| [text(start), text(end)]))
+        }
+
+        pub fn deserialize<'de, D: Deserializer<'de>>(
+            deserializer: D,
+        ) -> Result<Vec<(Position, Position)>, D::Error> {
+            let raw = Vec::<[String; 2]>::deserialize(deserializer)?;
+            let ranges = raw
+                .iter()
+                .map(|[start, end]| Ok((parse(start)?, parse(end)?)))
+                .collect::<Result<Vec<_>, D::Error>>()?;
+            let ordered = ranges.iter().all(|(start, end)| start <= end)
+                && ranges.windows(2).all(|pair| pair[0].1 < pair[1].0);
+            if !ordered {
+                return Err(D::Error::custom(
+                    "ranges must be ascending, disjoint and each start at or before its end",
+                ));
+            }
+            Ok(ranges)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(ledger: u64, entry: u64) -> Position {
+        Position::new(ledger, entry)
+    }
+
+    /// One cluster's log: (origin cluster, origin position, acknowledged) in log order.
+    fn walk(
+        through_mark_delete: &[(&str, Position)],
+        entries: &[(&str, Position, bool)],
+    ) -> OriginAcks {
+        let base = through_mark_delete
+            .iter()
+            .map(|(origin, position)| (origin.to_string(), *position))
+            .collect();
+        let mut builder = OriginAcksBuilder::new(&base);
+        for (origin, position, acknowledged) in entries {
+            builder.entry(origin, *position, *acknowledged);
+        }
+        builder.finish()
+    }
+
+    #[test]
+    fn out_of_order_acknowledgements_translate_exactly() {
+        // Cluster a's log: its own entries interleaved with entries from b.
+        let acks = walk(
+            &[("a", at(1, 4)), ("b", at(7, 2))],
+            &[
+                ("a", at(1, 5), true),
+                ("b", at(7, 3), true),
+                ("a", at(1, 6), false),
+                ("b", at(7, 4), false),
+                ("a", at(1, 7), true),
+                ("a", at(1, 8), true),
+                ("b", at(7, 5), true),
+                ("a", at(1, 9), false),
+                ("a", at(2, 0), true),
+            ],
+        );
+        let covered = |origin, position| acks.covers(origin, position, true);
+        // Before the mark-delete and the acknowledged prefix.
+        assert!(covered("a", at(1, 0)) && covered("a", at(1, 5)));
+        assert!(covered("b", at(7, 2)) && covered("b", at(7, 3)));
+        // The gaps stay unacknowledged, the out-of-order acks are carried.
+        assert!(!covered("a", at(1, 6)) && !covered("a", at(1, 9)));
+        assert!(covered("a", at(1, 7)) && covered("a", at(1, 8)) && covered("a", at(2, 0)));
+        assert!(!covered("b", at(7, 4)) && covered("b", at(7, 5)));
+        // What the sender never stored yet is not acknowledged.
+        assert!(!covered("a", at(2, 1)) && !covered("b", at(7, 6)));
+        assert!(
+            !covered("c", at(1, 0)),
+            "an origin the sender knows nothing of"
+        );
+        assert_eq!(acks.range_count(), 3);
+    }
+
+    #[test]
+    fn an_entry_that_never_reached_the_sender_is_not_covered() {
+        let acks = walk(&[("a", at(1, 9))], &[]);
+        assert!(acks.covers("a", at(1, 3), true));
+        assert!(!acks.covers("a", at(1, 3), false));
+    }
+
+    #[test]
+    fn entries_after_the_walk_are_unacknowledged() {
+        // b's entries all lie before the mark-delete position; a's acknowledged after it.
+        let acks = walk(
+            &[("b", at(5, 8))],
+            &[("a", at(3, 0), true), ("a", at(3, 1), true)],
+        );
+        assert!(acks.covers("a", at(3, 1), true) && !acks.covers("a", at(3, 2), true));
+        assert!(acks.covers("b", at(5, 8), true) && !acks.covers("b", at(5, 9), true));
+    }
+
+    #[test]
+    fn nothing_acknowledged_covers_nothing() {
+        let acks = walk(&[], &[("a", at(1, 0), false)]);
+        assert!(!acks.covers("a", at(1, 0), true));
+        assert_eq!(acks.origins["a"].acked_below, Some(at(1, 0)));
+    }
+
+    #[test]
+    fn the_wire_form_round_trips_and_rejects_malformed_ranges() {
+        let acks = walk(
+            &[("a", at(1, 1))],
+            &[("a", at(1, 2), false), ("a", at(1, 3), true)],
+        );
+        let text = serde_json::to_string(&acks).expect("encode");
+        assert_eq!(
+            text,
+            r#"{"origins":{"a":{"ackedBelow":"1:2","ranges":[["1:3","1:3"]]}}}"#
+        );
+        assert_eq!(
+            serde_json::from_str::<OriginAcks>(&text).expect("decode"),
+            acks
+        );
+        let overlapping =
+            r#"{"origins":{"a":{"ackedBelow":null,"ranges":[["1:3","1:5"],["1:4","1:6"]]}}}"#;
+        assert!(serde_json::from_str::<OriginAcks>(overlapping).is_err());
+        let reversed = r#"{"origins":{"a":{"ackedBelow":null,"ranges":[["1:5","1:3"]]}}}"#;
+        assert!(serde_json::from_str::<OriginAcks>(reversed).is_err());
+        let garbage = r#"{"origins":{"a":{"ackedBelow":"x","ranges":[]}}}"#;
+        assert!(serde_json::from_str::<OriginAcks>(garbage).is_err());
+    }
+}
