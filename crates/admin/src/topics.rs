@@ -76,6 +76,10 @@ pub fn routes() -> Router<AppState> {
             post(skip_all),
         )
         .route(
+            &format!("{base}/{{topic}}/subscription/{{subscription}}/replicatedSubscriptionStatus"),
+            get(get_replicated_status).post(set_replicated_status),
+        )
+        .route(
             &format!("{base}/{{topic}}/subscription/{{subscription}}/expireMessages/{{seconds}}"),
             post(expire_messages),
         )
@@ -465,9 +469,17 @@ impl MessageIdBody {
     }
 }
 
+#[derive(Deserialize, Default)]
+struct CreateSubscription {
+    /// Pulsar's `replicated`: the new subscription is a replicated one.
+    #[serde(default)]
+    replicated: bool,
+}
+
 async fn create_subscription(
     State(broker): State<AppState>,
     Path((tenant, namespace, topic, subscription)): SubscriptionPath,
+    Query(query): Query<CreateSubscription>,
     payload: Bytes,
 ) -> ApiResult<()> {
     let name = topic_name(&tenant, &namespace, &topic)?;
@@ -482,8 +494,45 @@ async fn create_subscription(
         let loaded = broker.topic(&covered, true).await?;
         let mark_delete = loaded.mark_delete_for(target)?;
         loaded.create_subscription(&subscription, Some(mark_delete))?;
+        if query.replicated {
+            loaded.set_subscription_replicated(&subscription, true)?;
+        }
     }
     Ok(())
+}
+
+/// Pulsar's `replicatedSubscriptionStatus`: `true` or `false` for the subscription on the topic
+/// (on every partition of a partitioned topic).
+async fn set_replicated_status(
+    State(broker): State<AppState>,
+    Path((tenant, namespace, topic, subscription)): SubscriptionPath,
+    payload: Result<Json<bool>, JsonRejection>,
+) -> ApiResult<()> {
+    let name = topic_name(&tenant, &namespace, &topic)?;
+    let replicated = body(payload)?;
+    for covered in covered_topics(&broker, &name)? {
+        existing_topic(&broker, &covered)
+            .await?
+            .set_subscription_replicated(&subscription, replicated)?;
+    }
+    Ok(())
+}
+
+/// Whether the subscription is replicated, per topic (each partition of a partitioned one).
+async fn get_replicated_status(
+    State(broker): State<AppState>,
+    Path((tenant, namespace, topic, subscription)): SubscriptionPath,
+) -> ApiResult<Json<BTreeMap<String, bool>>> {
+    let name = topic_name(&tenant, &namespace, &topic)?;
+    let mut statuses = BTreeMap::new();
+    for covered in covered_topics(&broker, &name)? {
+        let loaded = existing_topic(&broker, &covered).await?;
+        statuses.insert(
+            covered.to_string(),
+            loaded.is_subscription_replicated(&subscription)?,
+        );
+    }
+    Ok(Json(statuses))
 }
 
 async fn delete_subscription(

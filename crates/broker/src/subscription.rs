@@ -93,6 +93,9 @@ pub struct NewConsumer {
     pub sticky_ranges: Vec<IntRange>,
     /// Key_Shared `allow_out_of_order_delivery`.
     pub allow_out_of_order: bool,
+    /// SUBSCRIBE's `replicate_subscription_state`: the consumer asks for the subscription's
+    /// state to be replicated to the topic's other clusters.
+    pub replicate_state: bool,
     pub address: String,
     pub client_version: String,
 }

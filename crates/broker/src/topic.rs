@@ -20,6 +20,7 @@ use crate::dedup::{
 };
 use crate::error::{BrokerError, Result};
 use crate::outbound::{command_frame, OutboundSender};
+use crate::replication::replicated_subscriptions;
 use crate::replicator::{self, RemoteCluster, Replicator, ReplicatorSpec, ReplicatorStats};
 use crate::resources::{BacklogQuotaPolicy, DispatchRate, EffectivePolicies, RetentionPolicies};
 use crate::stats::{self, Meter, PublisherStats, SubscriptionStats, TopicStats};
@@ -579,11 +580,18 @@ impl Topic {
                 (created, true)
             }
         };
+        let replicate = consumer.replicate_state && durable;
         if let Err(error) = existing.add_consumer(key, consumer) {
             if created {
                 self.drop_subscription(&mut state, subscription);
             }
             return Err(error);
+        }
+        drop(state);
+        // A consumer can switch replication on (as in Pulsar), never off: that is the admin
+        // API's job, so that one old client cannot stop what the others rely on.
+        if replicate {
+            self.set_subscription_replicated(subscription, true)?;
         }
         Ok(existing)
     }
@@ -607,6 +615,37 @@ impl Topic {
                 tracing::warn!(topic = %self.full_name, %error, "deleting cursor failed");
             }
         }
+    }
+
+    /// A durable subscription's cursor (not the broker's own cursors).
+    fn subscription_cursor(&self, subscription: &str) -> Result<meridian_storage::CursorState> {
+        self.log
+            .cursor(subscription)
+            .filter(|_| !is_system_cursor(subscription) && !is_replicator_cursor(subscription))
+            .ok_or_else(|| BrokerError::SubscriptionNotFound {
+                topic: self.full_name.clone(),
+                subscription: subscription.to_string(),
+            })
+    }
+
+    /// Whether a subscription is replicated.
+    pub fn is_subscription_replicated(&self, subscription: &str) -> Result<bool> {
+        let cursor = self.subscription_cursor(subscription)?;
+        Ok(replicated_subscriptions::is_replicated(&cursor))
+    }
+
+    /// Marks a durable subscription replicated or not (Pulsar's
+    /// `replicatedSubscriptionStatus`); the mark is a cursor property, so it lasts.
+    pub fn set_subscription_replicated(&self, subscription: &str, replicated: bool) -> Result<()> {
+        let cursor = self.subscription_cursor(subscription)?;
+        if replicated_subscriptions::is_replicated(&cursor) == replicated {
+            return Ok(());
+        }
+        let mut properties = cursor.properties;
+        replicated_subscriptions::mark(&mut properties, replicated);
+        self.log.set_cursor_properties(subscription, properties)?;
+        tracing::info!(topic = %self.full_name, subscription, replicated, "replicated subscription status changed");
+        Ok(())
     }
 
     /// Deletes a subscription and its cursor; refused while other consumers are connected.
@@ -1142,6 +1181,9 @@ impl Topic {
                 .saturating_sub(subscription_stats.msg_delayed);
             subscription_stats.backlog_size = backlog_bytes;
             subscription_stats.total_msg_expired = state.expired.get(&cursor).copied().unwrap_or(0);
+            subscription_stats.is_replicated = cursor_state
+                .as_ref()
+                .is_some_and(replicated_subscriptions::is_replicated);
             subscription_stats.non_contiguous_deleted_messages_ranges = cursor_state
                 .map(|cursor| cursor.acknowledged.range_count() as u64)
                 .unwrap_or(0);

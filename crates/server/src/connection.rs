@@ -1114,6 +1114,7 @@ impl Connection {
             closed: closed.clone(),
             sticky_ranges,
             allow_out_of_order,
+            replicate_state: request.replicate_subscription_state.unwrap_or(false),
             address: self.peer.to_string(),
             client_version: self.client_version.clone(),
         };

@@ -1,4 +1,6 @@
-//! Cross-cluster features beyond moving entries: today the form in which clusters exchange a
-//! subscription's acknowledgements ([`origin_acks`]), the base of replicated subscriptions.
+//! Cross-cluster features beyond moving entries: which subscriptions are replicated
+//! ([`replicated_subscriptions`]) and the form in which clusters exchange a subscription's
+//! acknowledgements ([`origin_acks`]).
 
 pub mod origin_acks;
+pub mod replicated_subscriptions;
