@@ -220,33 +220,21 @@ impl CursorJournal {
             .map_err(|error| StorageError::io("stat", &path, error))?;
         FileHeader::read(file.as_ref(), &path, FileKind::CursorJournal)?;
         let mut recovered = BTreeMap::new();
-        let max_body_len = u64::from(u32::MAX);
-        let scan = format::scan_records(
-            file.as_ref(),
-            &path,
-            HEADER_LEN,
-            file_len,
-            max_body_len,
-            |_, body| {
-                let (name, state) = decode_record(body)?;
-                match state {
-                    Some(state) => recovered.insert(name, state),
-                    None => recovered.remove(&name),
-                };
-                Ok(())
-            },
-        )?;
+        let scan = format::scan_records(file.as_ref(), &path, HEADER_LEN, file_len, |_, body| {
+            let (name, state) = decode_record(body)?;
+            match state {
+                Some(state) => recovered.insert(name, state),
+                None => recovered.remove(&name),
+            };
+            Ok(())
+        })?;
         let length = match scan {
             ScanEnd::Clean => file_len,
             ScanEnd::Damaged { offset, reason } => {
-                let follows = format::valid_record_follows(
-                    file.as_ref(),
-                    &path,
-                    offset,
-                    file_len,
-                    1 << 30,
-                    |body| matches!(body.first(), Some(&RECORD_SNAPSHOT) | Some(&RECORD_DELETED)),
-                )?;
+                let follows =
+                    format::valid_record_follows(file.as_ref(), &path, offset, file_len, |body| {
+                        matches!(body.first(), Some(&RECORD_SNAPSHOT) | Some(&RECORD_DELETED))
+                    })?;
                 if let Some(valid_at) = follows {
                     return Err(StorageError::corrupted(
                         &path,

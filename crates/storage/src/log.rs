@@ -1256,13 +1256,11 @@ fn recover_segment(
         ));
     }
     segment.last_write_ms = header.fields[2];
-    let max_body_len = ENTRY_HEADER_LEN + shared.config.entry_max_bytes as u64;
     let scan = format::scan_records(
         file.as_ref(),
         &path,
         HEADER_LEN,
         file_len,
-        max_body_len,
         |offset, body| {
             let mut reader = format::ByteReader::new(body);
             let entry_id = reader.u64()?;
@@ -1282,13 +1280,8 @@ fn recover_segment(
                 return Err(StorageError::corrupted(&path, offset, reason));
             }
             let next_entry = first_entry_id + segment.entry_count();
-            let follows = format::valid_record_follows(
-                file.as_ref(),
-                &path,
-                offset,
-                file_len,
-                max_body_len,
-                |body| {
+            let follows =
+                format::valid_record_follows(file.as_ref(), &path, offset, file_len, |body| {
                     body.len() >= ENTRY_HEADER_LEN as usize
                         && body[..8]
                             .try_into()
@@ -1296,8 +1289,7 @@ fn recover_segment(
                             .is_ok_and(|entry_id| {
                                 entry_id >= next_entry && entry_id < next_entry + (1 << 20)
                             })
-                },
-            )?;
+                })?;
             if let Some(valid_at) = follows {
                 return Err(StorageError::corrupted(
                     &path,

@@ -237,3 +237,26 @@ fn a_corrupted_cursor_journal_refuses_the_log() {
     let error = storage.open_log("cursors").expect_err("refuses");
     assert!(error.to_string().contains("cursors.journal"), "{error}");
 }
+
+#[test]
+fn records_written_under_a_larger_entry_limit_survive_a_restart_with_a_smaller_one() {
+    // Models an operator lowering `max_message_size` (and with it `entry_max_bytes`) and
+    // restarting: records that were valid when written must still be served, in the newest
+    // segment (not mistaken for a torn tail) and in older ones (not mistaken for corruption).
+    let root = tempfile::tempdir().expect("tempdir");
+    write_entries(root.path(), "one-segment", 5);
+    write_entries(root.path(), "three-segments", 25);
+    let smaller_limit = StorageConfig {
+        entry_max_bytes: PAYLOAD_LEN / 2,
+        ..config()
+    };
+    let storage = Storage::open(root.path(), smaller_limit).expect("reopen");
+    assert_eq!(
+        read_all(&storage, "one-segment"),
+        (0..5).map(payload).collect::<Vec<_>>()
+    );
+    assert_eq!(
+        read_all(&storage, "three-segments"),
+        (0..25).map(payload).collect::<Vec<_>>()
+    );
+}
