@@ -87,7 +87,7 @@ impl Storage {
         let root = root.into();
         config.validate().map_err(StorageError::InvalidConfig)?;
         let logs_directory = root.join("logs");
-        io.create_dir_all(&logs_directory)
+        crate::io::create_dir_durable(io.as_ref(), &logs_directory)
             .map_err(|error| StorageError::io("create directory", &logs_directory, error))?;
         let ledger_floor = match read_ledger_floor(io.as_ref(), &root)? {
             Some(floor) => floor,
@@ -208,16 +208,22 @@ impl Storage {
                 .map(|(ledger_id, _)| ledger_id)
                 .max()
                 .unwrap_or(0);
-            let floor = &self.inner.shared.ledger_floor;
-            if highest > floor.load(Ordering::SeqCst) {
-                write_ledger_floor(io.as_ref(), &self.inner.root, highest)?;
-                floor.fetch_max(highest, Ordering::SeqCst);
-            }
+            self.raise_ledger_floor(highest)?;
             io.remove_dir_all(&directory)
                 .map_err(|error| StorageError::io("remove directory", &directory, error))?;
             let parent = self.inner.root.join("logs");
             io.sync_dir(&parent)
                 .map_err(|error| StorageError::io("fsync directory", &parent, error))?;
+        }
+        Ok(())
+    }
+
+    /// Raises the persisted ledger floor to `ledger_id` if it is below it.
+    fn raise_ledger_floor(&self, ledger_id: u64) -> Result<()> {
+        let shared = &self.inner.shared;
+        if ledger_id > shared.ledger_floor.load(Ordering::SeqCst) {
+            write_ledger_floor(shared.io.as_ref(), &self.inner.root, ledger_id)?;
+            shared.ledger_floor.store(ledger_id, Ordering::SeqCst);
         }
         Ok(())
     }
@@ -394,10 +400,14 @@ fn read_ledger_floor(io: &dyn Io, root: &Path) -> Result<Option<u64>> {
     )))
 }
 
+fn ledger_floor_temporary(root: &Path) -> PathBuf {
+    root.join(format!("{LEDGER_FLOOR_FILE}.tmp"))
+}
+
 /// Persists the ledger floor: a new file, fsynced, renamed over the old one.
 fn write_ledger_floor(io: &dyn Io, root: &Path, floor: u64) -> Result<()> {
     let path = root.join(LEDGER_FLOOR_FILE);
-    let temporary = root.join(format!("{LEDGER_FLOOR_FILE}.tmp"));
+    let temporary = ledger_floor_temporary(root);
     let mut bytes = floor.to_be_bytes().to_vec();
     bytes.extend_from_slice(&crc32c::crc32c(&floor.to_be_bytes()).to_be_bytes());
     let file = io

@@ -277,7 +277,7 @@ impl Log {
     /// Opens (recovering if needed) or creates the log in `directory` and starts a new ledger.
     pub(crate) fn open(shared: Arc<Shared>, name: String, directory: PathBuf) -> Result<Arc<Log>> {
         let io = shared.io.clone();
-        io.create_dir_all(&directory)
+        crate::io::create_dir_durable(io.as_ref(), &directory)
             .map_err(|error| StorageError::io("create directory", &directory, error))?;
         let names = io
             .list_dir(&directory)

@@ -267,3 +267,22 @@ fn a_full_disk_fails_appends_promptly_keeps_reads_and_recovers_when_space_is_fre
     let storage = open(&io.crash(CrashMode::LoseUnsynced, 7));
     check_history(&read_everything(&storage), &acknowledged);
 }
+
+#[test]
+fn a_new_log_survives_a_power_cut_once_an_append_to_it_is_acknowledged() {
+    // Models a power cut right after the first acknowledged append to a new log: the log's
+    // directory entry must have been made durable in `logs/`, or the log vanishes with it.
+    let io = SimIo::new();
+    let storage = open(&io);
+    let log = storage.open_log(LOG).expect("log");
+    let position = log
+        .append(payload(0, 0), 0)
+        .expect("append")
+        .wait()
+        .expect("durable");
+    let crashed = io.crash(CrashMode::LoseUnsynced, 0);
+    storage.close().ok();
+    let storage = open(&crashed);
+    assert_eq!(storage.log_names().expect("names"), vec![LOG.to_string()]);
+    check_history(&read_everything(&storage), &[(position, 0, 0)]);
+}
