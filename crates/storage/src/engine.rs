@@ -33,6 +33,9 @@ pub(crate) struct Shared {
     /// a log deleted and created again never reuses a position of its earlier life (which
     /// other clusters may remember as an origin position). Persisted in `ledger-floor`.
     pub(crate) ledger_floor: AtomicU64,
+    /// Held while the floor is raised and persisted, so that concurrent deletes never persist
+    /// a lower floor over a higher one.
+    ledger_floor_update: Mutex<()>,
     flush_queue: crossbeam_channel::Sender<Option<Arc<Log>>>,
 }
 
@@ -89,6 +92,7 @@ impl Storage {
         let logs_directory = root.join("logs");
         crate::io::create_dir_durable(io.as_ref(), &logs_directory)
             .map_err(|error| StorageError::io("create directory", &logs_directory, error))?;
+        remove_stale_ledger_floor_temporary(io.as_ref(), &root)?;
         let ledger_floor = match read_ledger_floor(io.as_ref(), &root)? {
             Some(floor) => floor,
             None if list_is_empty(io.as_ref(), &logs_directory)? => {
@@ -109,6 +113,7 @@ impl Storage {
                 config,
                 cache_used_bytes: AtomicU64::new(0),
                 ledger_floor: AtomicU64::new(ledger_floor),
+                ledger_floor_update: Mutex::new(()),
                 flush_queue: sender,
             }),
             root,
@@ -221,6 +226,10 @@ impl Storage {
     /// Raises the persisted ledger floor to `ledger_id` if it is below it.
     fn raise_ledger_floor(&self, ledger_id: u64) -> Result<()> {
         let shared = &self.inner.shared;
+        let _serialized = shared
+            .ledger_floor_update
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         if ledger_id > shared.ledger_floor.load(Ordering::SeqCst) {
             write_ledger_floor(shared.io.as_ref(), &self.inner.root, ledger_id)?;
             shared.ledger_floor.store(ledger_id, Ordering::SeqCst);
@@ -404,10 +413,25 @@ fn ledger_floor_temporary(root: &Path) -> PathBuf {
     root.join(format!("{LEDGER_FLOOR_FILE}.tmp"))
 }
 
-/// Persists the ledger floor: a new file, fsynced, renamed over the old one.
+/// Removes the temporary file of a floor update that a crash interrupted (the floor it was
+/// to replace is still complete), so that the next update can create it again.
+fn remove_stale_ledger_floor_temporary(io: &dyn Io, root: &Path) -> Result<()> {
+    let temporary = ledger_floor_temporary(root);
+    if !io.exists(&temporary) {
+        return Ok(());
+    }
+    tracing::warn!(path = %temporary.display(), "removing an unfinished ledger floor update");
+    io.remove_file(&temporary)
+        .and_then(|()| io.sync_dir(root))
+        .map_err(|error| StorageError::io("remove", &temporary, error))
+}
+
+/// Persists the ledger floor: a new file, fsynced, renamed over the old one. Callers serialize.
 fn write_ledger_floor(io: &dyn Io, root: &Path, floor: u64) -> Result<()> {
     let path = root.join(LEDGER_FLOOR_FILE);
     let temporary = ledger_floor_temporary(root);
+    // Left by an update that failed part-way.
+    remove_stale_ledger_floor_temporary(io, root)?;
     let mut bytes = floor.to_be_bytes().to_vec();
     bytes.extend_from_slice(&crc32c::crc32c(&floor.to_be_bytes()).to_be_bytes());
     let file = io

@@ -286,3 +286,56 @@ fn a_new_log_survives_a_power_cut_once_an_append_to_it_is_acknowledged() {
     assert_eq!(storage.log_names().expect("names"), vec![LOG.to_string()]);
     check_history(&read_everything(&storage), &[(position, 0, 0)]);
 }
+
+#[test]
+fn concurrent_deletes_all_succeed_and_keep_the_highest_ledger_floor() {
+    // Models several topics deleted at once: each raises the persisted ledger floor, and none
+    // may persist a lower floor over a higher one (positions would repeat after re-creation).
+    let io = SimIo::new();
+    let storage = open(&io);
+    let names: Vec<String> = (0..16).map(|index| format!("{LOG}-{index}")).collect();
+    let mut highest = None;
+    for (index, name) in names.iter().enumerate() {
+        // Each log's ledger id is larger than the previous one's, by a different number of opens.
+        for _ in 0..=index {
+            storage.open_log(name).expect("log");
+            storage.close_log(name).expect("close");
+        }
+        let log = storage.open_log(name).expect("log");
+        let position = log
+            .append(payload(0, 0), 0)
+            .expect("append")
+            .wait()
+            .expect("durable");
+        highest = highest.max(Some(position));
+    }
+    let storage = Arc::new(storage);
+    let start = Arc::new(std::sync::Barrier::new(names.len()));
+    let deleters: Vec<_> = names
+        .iter()
+        .map(|name| {
+            let storage = storage.clone();
+            let start = start.clone();
+            let name = name.clone();
+            std::thread::spawn(move || {
+                start.wait();
+                storage.delete_log(&name)
+            })
+        })
+        .collect();
+    for deleter in deleters {
+        deleter.join().expect("deleter").expect("delete succeeds");
+    }
+    drop(storage);
+    let storage = open(&io.crash(CrashMode::LoseUnsynced, 0));
+    let log = storage.open_log(&names[0]).expect("created again");
+    let position = log
+        .append(payload(0, 1), 0)
+        .expect("append")
+        .wait()
+        .expect("durable");
+    assert!(
+        Some(position) > highest,
+        "position {position} is not above every deleted log's ({highest:?})"
+    );
+}

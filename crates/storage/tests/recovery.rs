@@ -260,3 +260,21 @@ fn records_written_under_a_larger_entry_limit_survive_a_restart_with_a_smaller_o
         (0..25).map(payload).collect::<Vec<_>>()
     );
 }
+
+#[test]
+fn a_leftover_ledger_floor_update_does_not_wedge_the_engine() {
+    // Models a kill between creating `ledger-floor.tmp` and renaming it over the floor: once in
+    // a data directory that has logs, once in a brand-new one.
+    let root = tempfile::tempdir().expect("tempdir");
+    write_entries(root.path(), "doomed", 5);
+    fs::write(root.path().join("ledger-floor.tmp"), b"half").expect("leftover");
+    let storage = Storage::open(root.path(), config()).expect("reopen");
+    storage.delete_log("doomed").expect("delete still works");
+    assert!(storage.log_names().expect("names").is_empty());
+    storage.close().expect("close");
+
+    let fresh = tempfile::tempdir().expect("tempdir");
+    fs::write(fresh.path().join("ledger-floor.tmp"), b"").expect("leftover");
+    let storage = Storage::open(fresh.path(), config()).expect("a fresh start opens");
+    storage.close().expect("close");
+}
