@@ -278,3 +278,38 @@ fn a_leftover_ledger_floor_update_does_not_wedge_the_engine() {
     let storage = Storage::open(fresh.path(), config()).expect("a fresh start opens");
     storage.close().expect("close");
 }
+
+#[test]
+fn an_empty_or_torn_cursor_journal_is_replaced_not_refused() {
+    // Models a crash while a log's cursor journal was being created: its name became durable
+    // (another file's creation synced the directory) but not its header.
+    let root = tempfile::tempdir().expect("tempdir");
+    let empty = write_entries(root.path(), "empty-journal", 5);
+    let torn = write_entries(root.path(), "torn-journal", 5);
+    fs::write(empty.join("cursors.journal"), b"").expect("empty journal");
+    let journal = torn.join("cursors.journal");
+    let header = fs::read(&journal).expect("journal");
+    fs::write(&journal, &header[..30]).expect("torn journal");
+
+    let storage = Storage::open(root.path(), config()).expect("reopen");
+    for name in ["empty-journal", "torn-journal"] {
+        assert_eq!(
+            read_all(&storage, name),
+            (0..5).map(payload).collect::<Vec<_>>()
+        );
+        let log = storage.open_log(name).expect("log");
+        log.open_cursor("sub", InitialPosition::Earliest)
+            .expect("cursor");
+        log.acknowledge_cumulative("sub", log.last_position().expect("last"))
+            .expect("ack");
+        log.persist_cursors().expect("the journal works again");
+    }
+    storage.close().expect("close");
+    let storage = Storage::open(root.path(), config()).expect("reopen");
+    let log = storage.open_log("torn-journal").expect("log");
+    assert_eq!(
+        log.mark_delete_position("sub"),
+        Some(log.last_position()),
+        "the cursor persisted into the new journal survives"
+    );
+}
