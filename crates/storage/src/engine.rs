@@ -326,7 +326,8 @@ fn maintenance(inner: &Inner) {
                 continue;
             }
             if matches!(config.flush_policy, FlushPolicy::RelaxedWriteOnly { .. }) {
-                log.sync_written();
+                // A failure is logged, and poisons the log, where it happens.
+                let _ = log.sync_written();
             }
             if let Err(error) = log.persist_cursors() {
                 tracing::error!(log = %log.name(), %error, "persisting cursors failed; will retry");

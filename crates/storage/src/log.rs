@@ -586,6 +586,16 @@ impl Log {
             Some(file) => file,
             None => {
                 debug_assert!(batch.create, "batch for a segment without a file");
+                // Under the relaxed policy the segment being sealed may hold unsynced bytes.
+                // Sync them before its successor exists: recovery allows a torn tail only in
+                // the newest segment, so a sealed one must never be torn.
+                if matches!(
+                    self.shared.config.flush_policy,
+                    FlushPolicy::RelaxedWriteOnly { .. }
+                ) {
+                    self.sync_written()
+                        .map_err(|error| (FlushStage::Sync, error))?;
+                }
                 let header = FileHeader {
                     kind: FileKind::Segment,
                     fields: [batch.ledger_id, batch.segment_first_entry_id, now_ms()],
@@ -622,8 +632,8 @@ impl Log {
     }
 
     /// Under the relaxed policy, fsyncs every segment with written but unsynced bytes. A
-    /// failure poisons the log.
-    pub(crate) fn sync_written(&self) {
+    /// failure poisons the log (and is logged here).
+    pub(crate) fn sync_written(&self) -> Result<()> {
         struct SyncTarget {
             ledger_id: u64,
             first_entry_id: u64,
@@ -651,12 +661,12 @@ impl Log {
         for target in targets {
             if let Err(error) = target.file.sync() {
                 let error = StorageError::io("fsync", &target.path, error);
-                tracing::error!(log = %self.name, %error, "periodic fsync failed; log poisoned");
+                tracing::error!(log = %self.name, %error, "fsync of written appends failed; log poisoned");
                 self.lock().failure = Some(StorageError::Poisoned {
                     log: self.name.clone(),
                     cause: error.to_string(),
                 });
-                return;
+                return Err(error);
             }
             let mut state = self.lock();
             if let Some(segment) = state.segments.iter_mut().find(|segment| {
@@ -666,6 +676,7 @@ impl Log {
                 segment.synced_end = segment.synced_end.max(target.flushed_end);
             }
         }
+        Ok(())
     }
 
     /// Reads the entry at `position`.
@@ -1070,13 +1081,12 @@ impl Log {
             }
             state.cache.clear(&self.shared.cache_used_bytes);
         }
-        if matches!(
-            self.shared.config.flush_policy,
-            FlushPolicy::RelaxedWriteOnly { .. }
-        ) {
-            self.sync_written();
-        }
-        self.persist_cursors()
+        let synced = match self.shared.config.flush_policy {
+            FlushPolicy::RelaxedWriteOnly { .. } => self.sync_written(),
+            FlushPolicy::Fsync => Ok(()),
+        };
+        let persisted = self.persist_cursors();
+        synced.and(persisted)
     }
 
     pub(crate) fn is_closed(&self) -> bool {
