@@ -93,6 +93,7 @@ impl Storage {
         crate::io::create_dir_durable(io.as_ref(), &logs_directory)
             .map_err(|error| StorageError::io("create directory", &logs_directory, error))?;
         remove_stale_ledger_floor_temporary(io.as_ref(), &root)?;
+        remove_tombstones(io.as_ref(), &logs_directory)?;
         let ledger_floor = match read_ledger_floor(io.as_ref(), &root)? {
             Some(floor) => floor,
             None if list_is_empty(io.as_ref(), &logs_directory)? => {
@@ -183,7 +184,11 @@ impl Storage {
             .io
             .list_dir(&logs_directory)
             .map_err(|error| StorageError::io("list directory", &logs_directory, error))?;
-        let mut decoded: Vec<String> = names.iter().filter_map(|name| decode_name(name)).collect();
+        let mut decoded: Vec<String> = names
+            .iter()
+            .filter(|name| !name.starts_with(TOMBSTONE_PREFIX))
+            .filter_map(|name| decode_name(name))
+            .collect();
         decoded.sort();
         Ok(decoded)
     }
@@ -214,11 +219,15 @@ impl Storage {
                 .max()
                 .unwrap_or(0);
             self.raise_ledger_floor(highest)?;
-            io.remove_dir_all(&directory)
-                .map_err(|error| StorageError::io("remove directory", &directory, error))?;
-            let parent = self.inner.root.join("logs");
-            io.sync_dir(&parent)
-                .map_err(|error| StorageError::io("fsync directory", &parent, error))?;
+            // Removing a directory is one removal per file, which a crash can interrupt; a
+            // durable rename to a tombstone first makes the log disappear at once.
+            let logs_directory = self.inner.root.join("logs");
+            let tombstone = tombstone_path(&directory);
+            remove_tombstone(io.as_ref(), &tombstone)?;
+            io.rename(&directory, &tombstone)
+                .and_then(|()| io.sync_dir(&logs_directory))
+                .map_err(|error| StorageError::io("rename", &directory, error))?;
+            remove_tombstone(io.as_ref(), &tombstone)?;
         }
         Ok(())
     }
@@ -378,6 +387,44 @@ pub(crate) fn decode_name(encoded: &str) -> Option<String> {
 }
 
 const LEDGER_FLOOR_FILE: &str = "ledger-floor";
+/// A deleted log's directory is renamed to this prefix + its name before its files are removed.
+/// Encoded log names never start with a `.`.
+const TOMBSTONE_PREFIX: &str = ".deleted-";
+
+fn tombstone_path(log_directory: &Path) -> PathBuf {
+    let name = log_directory
+        .file_name()
+        .map(|name| name.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    crate::io::parent_dir(log_directory).join(format!("{TOMBSTONE_PREFIX}{name}"))
+}
+
+/// Removes a deleted log's tombstone directory, if there is one, durably.
+fn remove_tombstone(io: &dyn Io, tombstone: &Path) -> Result<()> {
+    if !io.exists(tombstone) {
+        return Ok(());
+    }
+    let parent = crate::io::parent_dir(tombstone);
+    io.remove_dir_all(tombstone)
+        .and_then(|()| io.sync_dir(&parent))
+        .map_err(|error| StorageError::io("remove directory", tombstone, error))
+}
+
+/// Finishes the deletions a crash interrupted: removes every tombstone in `logs_directory`.
+fn remove_tombstones(io: &dyn Io, logs_directory: &Path) -> Result<()> {
+    let names = io
+        .list_dir(logs_directory)
+        .map_err(|error| StorageError::io("list directory", logs_directory, error))?;
+    for name in names
+        .iter()
+        .filter(|name| name.starts_with(TOMBSTONE_PREFIX))
+    {
+        let tombstone = logs_directory.join(name);
+        tracing::warn!(path = %tombstone.display(), "finishing the deletion of a log");
+        remove_tombstone(io, &tombstone)?;
+    }
+    Ok(())
+}
 
 fn list_is_empty(io: &dyn Io, directory: &Path) -> Result<bool> {
     io.list_dir(directory)

@@ -299,6 +299,8 @@ impl Log {
             }
         }
 
+        check_continuity(&segments)?;
+
         // A fresh ledger id for this open: larger than every id ever used, because the newest
         // segment file (which holds the largest id) is only ever deleted once a newer one is
         // durable.
@@ -1052,19 +1054,18 @@ impl Log {
         if removed.is_empty() {
             return Ok(0);
         }
+        // Oldest first, each removal durable before the next: a crash part-way leaves a log
+        // that starts at a later segment, never one with a hole in the middle.
         let mut freed = 0;
         for segment in &removed {
-            self.shared
-                .io
-                .remove_file(&segment.path)
+            let io = self.shared.io.as_ref();
+            io.remove_file(&segment.path)
                 .map_err(|error| StorageError::io("remove segment", &segment.path, error))?;
+            io.sync_dir(&self.directory)
+                .map_err(|error| StorageError::io("fsync directory", &self.directory, error))?;
             freed += segment.size_bytes();
             tracing::debug!(log = %self.name, path = %segment.path.display(), "segment trimmed");
         }
-        self.shared
-            .io
-            .sync_dir(&self.directory)
-            .map_err(|error| StorageError::io("fsync directory", &self.directory, error))?;
         Ok(freed)
     }
 
@@ -1221,6 +1222,35 @@ fn decode_entry(
         publish_time_ms,
         (RECORD_FRAMING_LEN + ENTRY_HEADER_LEN) as usize,
     ))
+}
+
+/// Checks that each segment continues the one before it: within a ledger, a segment starts
+/// with the entry after the previous one's last; a later ledger starts at entry 0. Only the
+/// oldest segment may start anywhere (trimming deletes from the front). A missing segment in
+/// the middle would otherwise make the log serve around a hole.
+fn check_continuity(segments: &[Segment]) -> Result<()> {
+    for pair in segments.windows(2) {
+        let (previous, next) = (&pair[0], &pair[1]);
+        let expected = if next.ledger_id == previous.ledger_id {
+            previous.first_entry_id + previous.entry_count()
+        } else {
+            0
+        };
+        if next.first_entry_id != expected {
+            return Err(StorageError::corrupted(
+                &next.path,
+                0,
+                format!(
+                    "gap in the log: expected ledger {} to continue at entry {expected} after {}, \
+                     but this segment starts at entry {}; a segment file is missing",
+                    next.ledger_id,
+                    previous.path.display(),
+                    next.first_entry_id
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Opens one segment file and indexes its entries. For the tail segment (the newest file,

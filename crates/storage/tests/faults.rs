@@ -329,6 +329,51 @@ fn relaxed_mode_a_power_cut_after_a_segment_roll_leaves_a_log_that_opens() {
 }
 
 #[test]
+fn a_power_cut_while_a_log_is_deleted_never_brings_part_of_it_back() {
+    // Models a power cut at each step of `delete_log`: afterwards the log is either gone or
+    // whole, never a remnant missing some of its entries.
+    let write = |io: &SimIo| -> (Storage, Vec<(Position, u64, u64)>) {
+        let storage = open(io);
+        let log = storage.open_log(LOG).expect("log");
+        let acknowledged = (0..60)
+            .map(|sequence| {
+                let position = log
+                    .append(payload(0, sequence), 0)
+                    .expect("append")
+                    .wait()
+                    .expect("durable");
+                (position, 0, sequence)
+            })
+            .collect();
+        (storage, acknowledged)
+    };
+    let (deletion_starts, deletion_ends) = {
+        let io = SimIo::new();
+        let (storage, _) = write(&io);
+        let starts = io.operation_count();
+        storage.delete_log(LOG).expect("delete");
+        (starts, io.operation_count())
+    };
+    for step in deletion_starts..deletion_ends {
+        for mode in [CrashMode::LoseUnsynced, CrashMode::TornPrefix] {
+            let io = SimIo::new();
+            io.crash_before_operation(step, mode, step);
+            let (storage, acknowledged) = write(&io);
+            storage.delete_log(LOG).expect("delete");
+            storage.close().ok();
+            let crashed = io.take_crashed().expect("crashed during the deletion");
+            let storage = open(&crashed);
+            if storage.log_names().expect("names").is_empty() {
+                continue;
+            }
+            let entries = read_everything(&storage);
+            check_history(&entries, &acknowledged);
+            assert_eq!(entries.len(), acknowledged.len(), "step {step} ({mode:?})");
+        }
+    }
+}
+
+#[test]
 fn concurrent_deletes_all_succeed_and_keep_the_highest_ledger_floor() {
     // Models several topics deleted at once: each raises the persisted ledger floor, and none
     // may persist a lower floor over a higher one (positions would repeat after re-creation).

@@ -313,3 +313,24 @@ fn an_empty_or_torn_cursor_journal_is_replaced_not_refused() {
         "the cursor persisted into the new journal survives"
     );
 }
+
+#[test]
+fn a_missing_middle_segment_refuses_the_log_naming_the_gap() {
+    // Models a segment file lost or deleted by hand between two others: serving the log would
+    // silently skip its entries.
+    let root = tempfile::tempdir().expect("tempdir");
+    let directory = write_entries(root.path(), "holed", 30);
+    let middle = segment_files(&directory).remove(1);
+    fs::remove_file(&middle).expect("remove middle segment");
+    let storage = Storage::open(root.path(), config()).expect("engine opens");
+    let error = storage.open_log("holed").expect_err("refuses");
+    let message = error.to_string();
+    assert!(
+        matches!(error, StorageError::Corrupted { .. }) && message.contains("gap"),
+        "{message}"
+    );
+    assert!(
+        message.contains("entry 10") && message.contains("entry 20"),
+        "names the missing entries: {message}"
+    );
+}
