@@ -1004,8 +1004,10 @@ impl Log {
         let now = now_ms();
         let removed: Vec<Segment> = {
             let mut state = self.lock();
-            // Cursors count with their persisted mark-delete position, so that a crash never
-            // leaves a cursor pointing before data that no longer exists.
+            // A cursor counts with the lower of its persisted and its current mark-delete
+            // position: the persisted one, so that a crash never leaves a cursor pointing
+            // before data that no longer exists; the current one, because after a backward
+            // seek whose persistence failed the cursor needs the earlier data again.
             let mut durable_cursors = state
                 .cursors
                 .values()
@@ -1015,7 +1017,7 @@ impl Log {
                 state.last_durable
             } else {
                 durable_cursors
-                    .map(|cursor| cursor.persisted_mark_delete)
+                    .map(|cursor| cursor.persisted_mark_delete.min(cursor.state.mark_delete))
                     .min()
                     .flatten()
             };

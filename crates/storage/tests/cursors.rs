@@ -271,3 +271,35 @@ fn a_million_out_of_order_acks_stay_compact_and_persist() {
         Some(Position::new(ledger, 999_999))
     );
 }
+
+#[test]
+fn trimming_after_a_backward_seek_keeps_what_the_cursor_needs_even_if_persisting_failed() {
+    // Models a `reset_cursor` to an earlier position whose persistence then fails (a failed
+    // fsync of the journal): the cursor needs the earlier entries again, so trimming must not
+    // go by the stale, later persisted position.
+    let io = SimIo::new();
+    let storage =
+        Storage::open_with_io(Path::new("/data"), config(), Arc::new(io.clone())).expect("open");
+    let log = storage.open_log("t").expect("log");
+    let positions = append(&log, 200);
+    log.open_cursor("sub", InitialPosition::Earliest)
+        .expect("cursor");
+    log.acknowledge_cumulative("sub", positions[149])
+        .expect("ack");
+    log.persist_cursors().expect("persist");
+    log.reset_cursor("sub", Some(positions[9]))
+        .expect("seek back");
+    io.fail_syncs(1);
+    log.persist_cursors()
+        .expect_err("persisting the seek fails");
+    log.trim().expect("trim");
+    let entries = log
+        .read_from(positions[10], usize::MAX, usize::MAX)
+        .expect("read");
+    assert_eq!(
+        entries.first().map(|entry| entry.position),
+        Some(positions[10]),
+        "the entries after the cursor's position are still there"
+    );
+    assert_eq!(entries.len(), 190);
+}
