@@ -198,19 +198,7 @@ impl CursorJournal {
                 .map_err(|error| StorageError::io("remove", &rewrite_path, error))?;
         }
         if !io.exists(&path) {
-            let header = FileHeader {
-                kind: FileKind::CursorJournal,
-                fields: [0; 3],
-            };
-            format::create_file(io, &path, header)?;
-            return Ok(CursorJournal {
-                directory: directory.to_path_buf(),
-                path,
-                length: HEADER_LEN,
-                length_after_rewrite: HEADER_LEN,
-                needs_rewrite: false,
-                recovered: BTreeMap::new(),
-            });
+            return CursorJournal::create(shared, directory, path);
         }
         let file = io
             .open(&path)
@@ -218,35 +206,36 @@ impl CursorJournal {
         let file_len = file
             .size()
             .map_err(|error| StorageError::io("stat", &path, error))?;
-        FileHeader::read(file.as_ref(), &path, FileKind::CursorJournal)?;
+        match FileHeader::read(file.as_ref(), &path, FileKind::CursorJournal) {
+            Ok(_) => {}
+            Err(StorageError::Corrupted { .. }) if file_len <= HEADER_LEN => {
+                // Created but never completed (a crash before its header was fsynced, while its
+                // name was made durable by another file's creation in the directory). Records
+                // are only ever appended after the header is durable, so it held none.
+                tracing::warn!(path = %path.display(), "replacing a cursor journal torn while being created");
+                drop(file);
+                io.remove_file(&path)
+                    .map_err(|error| StorageError::io("remove", &path, error))?;
+                return CursorJournal::create(shared, directory, path);
+            }
+            Err(error) => return Err(error),
+        }
         let mut recovered = BTreeMap::new();
-        let max_body_len = u64::from(u32::MAX);
-        let scan = format::scan_records(
-            file.as_ref(),
-            &path,
-            HEADER_LEN,
-            file_len,
-            max_body_len,
-            |_, body| {
-                let (name, state) = decode_record(body)?;
-                match state {
-                    Some(state) => recovered.insert(name, state),
-                    None => recovered.remove(&name),
-                };
-                Ok(())
-            },
-        )?;
+        let scan = format::scan_records(file.as_ref(), &path, HEADER_LEN, file_len, |_, body| {
+            let (name, state) = decode_record(body)?;
+            match state {
+                Some(state) => recovered.insert(name, state),
+                None => recovered.remove(&name),
+            };
+            Ok(())
+        })?;
         let length = match scan {
             ScanEnd::Clean => file_len,
             ScanEnd::Damaged { offset, reason } => {
-                let follows = format::valid_record_follows(
-                    file.as_ref(),
-                    &path,
-                    offset,
-                    file_len,
-                    1 << 30,
-                    |body| matches!(body.first(), Some(&RECORD_SNAPSHOT) | Some(&RECORD_DELETED)),
-                )?;
+                let follows =
+                    format::valid_record_follows(file.as_ref(), &path, offset, file_len, |body| {
+                        matches!(body.first(), Some(&RECORD_SNAPSHOT) | Some(&RECORD_DELETED))
+                    })?;
                 if let Some(valid_at) = follows {
                     return Err(StorageError::corrupted(
                         &path,
@@ -269,6 +258,23 @@ impl CursorJournal {
             length_after_rewrite: length,
             needs_rewrite: false,
             recovered,
+        })
+    }
+
+    /// Creates an empty journal at `path` (durably, directory entry included).
+    fn create(shared: &Shared, directory: &Path, path: PathBuf) -> Result<CursorJournal> {
+        let header = FileHeader {
+            kind: FileKind::CursorJournal,
+            fields: [0; 3],
+        };
+        format::create_file(shared.io.as_ref(), &path, header)?;
+        Ok(CursorJournal {
+            directory: directory.to_path_buf(),
+            path,
+            length: HEADER_LEN,
+            length_after_rewrite: HEADER_LEN,
+            needs_rewrite: false,
+            recovered: BTreeMap::new(),
         })
     }
 

@@ -33,6 +33,9 @@ pub(crate) struct Shared {
     /// a log deleted and created again never reuses a position of its earlier life (which
     /// other clusters may remember as an origin position). Persisted in `ledger-floor`.
     pub(crate) ledger_floor: AtomicU64,
+    /// Held while the floor is raised and persisted, so that concurrent deletes never persist
+    /// a lower floor over a higher one.
+    ledger_floor_update: Mutex<()>,
     flush_queue: crossbeam_channel::Sender<Option<Arc<Log>>>,
 }
 
@@ -87,8 +90,10 @@ impl Storage {
         let root = root.into();
         config.validate().map_err(StorageError::InvalidConfig)?;
         let logs_directory = root.join("logs");
-        io.create_dir_all(&logs_directory)
+        crate::io::create_dir_durable(io.as_ref(), &logs_directory)
             .map_err(|error| StorageError::io("create directory", &logs_directory, error))?;
+        remove_stale_ledger_floor_temporary(io.as_ref(), &root)?;
+        remove_tombstones(io.as_ref(), &logs_directory)?;
         let ledger_floor = match read_ledger_floor(io.as_ref(), &root)? {
             Some(floor) => floor,
             None if list_is_empty(io.as_ref(), &logs_directory)? => {
@@ -109,6 +114,7 @@ impl Storage {
                 config,
                 cache_used_bytes: AtomicU64::new(0),
                 ledger_floor: AtomicU64::new(ledger_floor),
+                ledger_floor_update: Mutex::new(()),
                 flush_queue: sender,
             }),
             root,
@@ -178,7 +184,11 @@ impl Storage {
             .io
             .list_dir(&logs_directory)
             .map_err(|error| StorageError::io("list directory", &logs_directory, error))?;
-        let mut decoded: Vec<String> = names.iter().filter_map(|name| decode_name(name)).collect();
+        let mut decoded: Vec<String> = names
+            .iter()
+            .filter(|name| !name.starts_with(TOMBSTONE_PREFIX))
+            .filter_map(|name| decode_name(name))
+            .collect();
         decoded.sort();
         Ok(decoded)
     }
@@ -208,16 +218,30 @@ impl Storage {
                 .map(|(ledger_id, _)| ledger_id)
                 .max()
                 .unwrap_or(0);
-            let floor = &self.inner.shared.ledger_floor;
-            if highest > floor.load(Ordering::SeqCst) {
-                write_ledger_floor(io.as_ref(), &self.inner.root, highest)?;
-                floor.fetch_max(highest, Ordering::SeqCst);
-            }
-            io.remove_dir_all(&directory)
-                .map_err(|error| StorageError::io("remove directory", &directory, error))?;
-            let parent = self.inner.root.join("logs");
-            io.sync_dir(&parent)
-                .map_err(|error| StorageError::io("fsync directory", &parent, error))?;
+            self.raise_ledger_floor(highest)?;
+            // Removing a directory is one removal per file, which a crash can interrupt; a
+            // durable rename to a tombstone first makes the log disappear at once.
+            let logs_directory = self.inner.root.join("logs");
+            let tombstone = tombstone_path(&directory);
+            remove_tombstone(io.as_ref(), &tombstone)?;
+            io.rename(&directory, &tombstone)
+                .and_then(|()| io.sync_dir(&logs_directory))
+                .map_err(|error| StorageError::io("rename", &directory, error))?;
+            remove_tombstone(io.as_ref(), &tombstone)?;
+        }
+        Ok(())
+    }
+
+    /// Raises the persisted ledger floor to `ledger_id` if it is below it.
+    fn raise_ledger_floor(&self, ledger_id: u64) -> Result<()> {
+        let shared = &self.inner.shared;
+        let _serialized = shared
+            .ledger_floor_update
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if ledger_id > shared.ledger_floor.load(Ordering::SeqCst) {
+            write_ledger_floor(shared.io.as_ref(), &self.inner.root, ledger_id)?;
+            shared.ledger_floor.store(ledger_id, Ordering::SeqCst);
         }
         Ok(())
     }
@@ -311,7 +335,8 @@ fn maintenance(inner: &Inner) {
                 continue;
             }
             if matches!(config.flush_policy, FlushPolicy::RelaxedWriteOnly { .. }) {
-                log.sync_written();
+                // A failure is logged, and poisons the log, where it happens.
+                let _ = log.sync_written();
             }
             if let Err(error) = log.persist_cursors() {
                 tracing::error!(log = %log.name(), %error, "persisting cursors failed; will retry");
@@ -362,6 +387,44 @@ pub(crate) fn decode_name(encoded: &str) -> Option<String> {
 }
 
 const LEDGER_FLOOR_FILE: &str = "ledger-floor";
+/// A deleted log's directory is renamed to this prefix + its name before its files are removed.
+/// Encoded log names never start with a `.`.
+const TOMBSTONE_PREFIX: &str = ".deleted-";
+
+fn tombstone_path(log_directory: &Path) -> PathBuf {
+    let name = log_directory
+        .file_name()
+        .map(|name| name.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    crate::io::parent_dir(log_directory).join(format!("{TOMBSTONE_PREFIX}{name}"))
+}
+
+/// Removes a deleted log's tombstone directory, if there is one, durably.
+fn remove_tombstone(io: &dyn Io, tombstone: &Path) -> Result<()> {
+    if !io.exists(tombstone) {
+        return Ok(());
+    }
+    let parent = crate::io::parent_dir(tombstone);
+    io.remove_dir_all(tombstone)
+        .and_then(|()| io.sync_dir(&parent))
+        .map_err(|error| StorageError::io("remove directory", tombstone, error))
+}
+
+/// Finishes the deletions a crash interrupted: removes every tombstone in `logs_directory`.
+fn remove_tombstones(io: &dyn Io, logs_directory: &Path) -> Result<()> {
+    let names = io
+        .list_dir(logs_directory)
+        .map_err(|error| StorageError::io("list directory", logs_directory, error))?;
+    for name in names
+        .iter()
+        .filter(|name| name.starts_with(TOMBSTONE_PREFIX))
+    {
+        let tombstone = logs_directory.join(name);
+        tracing::warn!(path = %tombstone.display(), "finishing the deletion of a log");
+        remove_tombstone(io, &tombstone)?;
+    }
+    Ok(())
+}
 
 fn list_is_empty(io: &dyn Io, directory: &Path) -> Result<bool> {
     io.list_dir(directory)
@@ -394,10 +457,29 @@ fn read_ledger_floor(io: &dyn Io, root: &Path) -> Result<Option<u64>> {
     )))
 }
 
-/// Persists the ledger floor: a new file, fsynced, renamed over the old one.
+fn ledger_floor_temporary(root: &Path) -> PathBuf {
+    root.join(format!("{LEDGER_FLOOR_FILE}.tmp"))
+}
+
+/// Removes the temporary file of a floor update that a crash interrupted (the floor it was
+/// to replace is still complete), so that the next update can create it again.
+fn remove_stale_ledger_floor_temporary(io: &dyn Io, root: &Path) -> Result<()> {
+    let temporary = ledger_floor_temporary(root);
+    if !io.exists(&temporary) {
+        return Ok(());
+    }
+    tracing::warn!(path = %temporary.display(), "removing an unfinished ledger floor update");
+    io.remove_file(&temporary)
+        .and_then(|()| io.sync_dir(root))
+        .map_err(|error| StorageError::io("remove", &temporary, error))
+}
+
+/// Persists the ledger floor: a new file, fsynced, renamed over the old one. Callers serialize.
 fn write_ledger_floor(io: &dyn Io, root: &Path, floor: u64) -> Result<()> {
     let path = root.join(LEDGER_FLOOR_FILE);
-    let temporary = root.join(format!("{LEDGER_FLOOR_FILE}.tmp"));
+    let temporary = ledger_floor_temporary(root);
+    // Left by an update that failed part-way.
+    remove_stale_ledger_floor_temporary(io, root)?;
     let mut bytes = floor.to_be_bytes().to_vec();
     bytes.extend_from_slice(&crc32c::crc32c(&floor.to_be_bytes()).to_be_bytes());
     let file = io

@@ -143,14 +143,17 @@ pub enum ScanEnd {
 }
 
 /// Reads a file's records from `start` to `end` in chunks, calling `on_record(offset, body)` for
-/// each valid one. A record that fails its checksum, runs past `end`, exceeds `max_body_len`, or
-/// that `on_record` rejects stops the scan with [`ScanEnd::Damaged`].
+/// each valid one. A record that fails its checksum, runs past `end`, or that `on_record` rejects
+/// stops the scan with [`ScanEnd::Damaged`].
+///
+/// Validity depends only on the bytes and the file, never on today's configuration: a record
+/// written under a larger entry limit than the one configured now is as valid as it was then.
+/// A length field of garbage cannot make the scan allocate more than the file holds.
 pub fn scan_records(
     file: &dyn IoFile,
     path: &Path,
     start: u64,
     end: u64,
-    max_body_len: u64,
     mut on_record: impl FnMut(u64, &[u8]) -> std::result::Result<(), String>,
 ) -> Result<ScanEnd> {
     const CHUNK: u64 = 1 << 20;
@@ -188,12 +191,6 @@ pub fn scan_records(
         let at = (offset - buffer_start) as usize;
         let body_len =
             u32::from_le_bytes([buffer[at], buffer[at + 1], buffer[at + 2], buffer[at + 3]]) as u64;
-        if body_len > max_body_len {
-            return Ok(ScanEnd::Damaged {
-                offset,
-                reason: format!("record length {body_len} exceeds the limit of {max_body_len}"),
-            });
-        }
         let record_len = RECORD_FRAMING_LEN + body_len;
         if !fill(&mut buffer, &mut buffer_start, offset, record_len)? {
             return Ok(ScanEnd::Damaged {
@@ -224,7 +221,6 @@ pub fn valid_record_follows(
     path: &Path,
     damaged_at: u64,
     end: u64,
-    max_body_len: u64,
     plausible: impl Fn(&[u8]) -> bool,
 ) -> Result<Option<u64>> {
     let first = damaged_at + 1;
@@ -239,11 +235,8 @@ pub fn valid_record_follows(
             break;
         };
         let body_len = u32::from_le_bytes([framing[0], framing[1], framing[2], framing[3]]) as u64;
-        if body_len > max_body_len {
-            continue;
-        }
         let body_start = at + RECORD_FRAMING_LEN as usize;
-        let Some(body) = bytes.get(body_start..body_start + body_len as usize) else {
+        let Some(body) = bytes.get(body_start..body_start.saturating_add(body_len as usize)) else {
             continue;
         };
         if plausible(body) && decode_record(&bytes[at..body_start + body.len()]).is_ok() {

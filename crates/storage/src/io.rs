@@ -124,6 +124,24 @@ impl Io for RealIo {
     }
 }
 
+/// Creates `path` and any missing parents, and makes each new directory's entry durable by
+/// fsyncing its parent: a directory whose entry is not durable can vanish in a power cut, and
+/// everything in it with it.
+pub(crate) fn create_dir_durable(io: &dyn Io, path: &Path) -> io::Result<()> {
+    let missing: Vec<&Path> = path
+        .ancestors()
+        .take_while(|ancestor| !io.exists(ancestor))
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    io.create_dir_all(path)?;
+    for directory in missing {
+        io.sync_dir(&parent_dir(directory))?;
+    }
+    Ok(())
+}
+
 /// The parent directory of a path inside the engine's tree (which always has one).
 pub(crate) fn parent_dir(path: &Path) -> PathBuf {
     path.parent()

@@ -277,7 +277,7 @@ impl Log {
     /// Opens (recovering if needed) or creates the log in `directory` and starts a new ledger.
     pub(crate) fn open(shared: Arc<Shared>, name: String, directory: PathBuf) -> Result<Arc<Log>> {
         let io = shared.io.clone();
-        io.create_dir_all(&directory)
+        crate::io::create_dir_durable(io.as_ref(), &directory)
             .map_err(|error| StorageError::io("create directory", &directory, error))?;
         let names = io
             .list_dir(&directory)
@@ -298,6 +298,8 @@ impl Log {
                 segments.push(segment);
             }
         }
+
+        check_continuity(&segments)?;
 
         // A fresh ledger id for this open: larger than every id ever used, because the newest
         // segment file (which holds the largest id) is only ever deleted once a newer one is
@@ -586,6 +588,16 @@ impl Log {
             Some(file) => file,
             None => {
                 debug_assert!(batch.create, "batch for a segment without a file");
+                // Under the relaxed policy the segment being sealed may hold unsynced bytes.
+                // Sync them before its successor exists: recovery allows a torn tail only in
+                // the newest segment, so a sealed one must never be torn.
+                if matches!(
+                    self.shared.config.flush_policy,
+                    FlushPolicy::RelaxedWriteOnly { .. }
+                ) {
+                    self.sync_written()
+                        .map_err(|error| (FlushStage::Sync, error))?;
+                }
                 let header = FileHeader {
                     kind: FileKind::Segment,
                     fields: [batch.ledger_id, batch.segment_first_entry_id, now_ms()],
@@ -622,8 +634,8 @@ impl Log {
     }
 
     /// Under the relaxed policy, fsyncs every segment with written but unsynced bytes. A
-    /// failure poisons the log.
-    pub(crate) fn sync_written(&self) {
+    /// failure poisons the log (and is logged here).
+    pub(crate) fn sync_written(&self) -> Result<()> {
         struct SyncTarget {
             ledger_id: u64,
             first_entry_id: u64,
@@ -651,12 +663,12 @@ impl Log {
         for target in targets {
             if let Err(error) = target.file.sync() {
                 let error = StorageError::io("fsync", &target.path, error);
-                tracing::error!(log = %self.name, %error, "periodic fsync failed; log poisoned");
+                tracing::error!(log = %self.name, %error, "fsync of written appends failed; log poisoned");
                 self.lock().failure = Some(StorageError::Poisoned {
                     log: self.name.clone(),
                     cause: error.to_string(),
                 });
-                return;
+                return Err(error);
             }
             let mut state = self.lock();
             if let Some(segment) = state.segments.iter_mut().find(|segment| {
@@ -666,6 +678,7 @@ impl Log {
                 segment.synced_end = segment.synced_end.max(target.flushed_end);
             }
         }
+        Ok(())
     }
 
     /// Reads the entry at `position`.
@@ -991,8 +1004,10 @@ impl Log {
         let now = now_ms();
         let removed: Vec<Segment> = {
             let mut state = self.lock();
-            // Cursors count with their persisted mark-delete position, so that a crash never
-            // leaves a cursor pointing before data that no longer exists.
+            // A cursor counts with the lower of its persisted and its current mark-delete
+            // position: the persisted one, so that a crash never leaves a cursor pointing
+            // before data that no longer exists; the current one, because after a backward
+            // seek whose persistence failed the cursor needs the earlier data again.
             let mut durable_cursors = state
                 .cursors
                 .values()
@@ -1002,7 +1017,7 @@ impl Log {
                 state.last_durable
             } else {
                 durable_cursors
-                    .map(|cursor| cursor.persisted_mark_delete)
+                    .map(|cursor| cursor.persisted_mark_delete.min(cursor.state.mark_delete))
                     .min()
                     .flatten()
             };
@@ -1041,19 +1056,18 @@ impl Log {
         if removed.is_empty() {
             return Ok(0);
         }
+        // Oldest first, each removal durable before the next: a crash part-way leaves a log
+        // that starts at a later segment, never one with a hole in the middle.
         let mut freed = 0;
         for segment in &removed {
-            self.shared
-                .io
-                .remove_file(&segment.path)
+            let io = self.shared.io.as_ref();
+            io.remove_file(&segment.path)
                 .map_err(|error| StorageError::io("remove segment", &segment.path, error))?;
+            io.sync_dir(&self.directory)
+                .map_err(|error| StorageError::io("fsync directory", &self.directory, error))?;
             freed += segment.size_bytes();
             tracing::debug!(log = %self.name, path = %segment.path.display(), "segment trimmed");
         }
-        self.shared
-            .io
-            .sync_dir(&self.directory)
-            .map_err(|error| StorageError::io("fsync directory", &self.directory, error))?;
         Ok(freed)
     }
 
@@ -1070,13 +1084,12 @@ impl Log {
             }
             state.cache.clear(&self.shared.cache_used_bytes);
         }
-        if matches!(
-            self.shared.config.flush_policy,
-            FlushPolicy::RelaxedWriteOnly { .. }
-        ) {
-            self.sync_written();
-        }
-        self.persist_cursors()
+        let synced = match self.shared.config.flush_policy {
+            FlushPolicy::RelaxedWriteOnly { .. } => self.sync_written(),
+            FlushPolicy::Fsync => Ok(()),
+        };
+        let persisted = self.persist_cursors();
+        synced.and(persisted)
     }
 
     pub(crate) fn is_closed(&self) -> bool {
@@ -1213,6 +1226,35 @@ fn decode_entry(
     ))
 }
 
+/// Checks that each segment continues the one before it: within a ledger, a segment starts
+/// with the entry after the previous one's last; a later ledger starts at entry 0. Only the
+/// oldest segment may start anywhere (trimming deletes from the front). A missing segment in
+/// the middle would otherwise make the log serve around a hole.
+fn check_continuity(segments: &[Segment]) -> Result<()> {
+    for pair in segments.windows(2) {
+        let (previous, next) = (&pair[0], &pair[1]);
+        let expected = if next.ledger_id == previous.ledger_id {
+            previous.first_entry_id + previous.entry_count()
+        } else {
+            0
+        };
+        if next.first_entry_id != expected {
+            return Err(StorageError::corrupted(
+                &next.path,
+                0,
+                format!(
+                    "gap in the log: expected ledger {} to continue at entry {expected} after {}, \
+                     but this segment starts at entry {}; a segment file is missing",
+                    next.ledger_id,
+                    previous.path.display(),
+                    next.first_entry_id
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Opens one segment file and indexes its entries. For the tail segment (the newest file,
 /// which was being appended to when the log was last closed or crashed), damage at the end is
 /// a torn write and is truncated; anywhere else it is corruption. Returns `None` for a tail
@@ -1256,13 +1298,11 @@ fn recover_segment(
         ));
     }
     segment.last_write_ms = header.fields[2];
-    let max_body_len = ENTRY_HEADER_LEN + shared.config.entry_max_bytes as u64;
     let scan = format::scan_records(
         file.as_ref(),
         &path,
         HEADER_LEN,
         file_len,
-        max_body_len,
         |offset, body| {
             let mut reader = format::ByteReader::new(body);
             let entry_id = reader.u64()?;
@@ -1282,13 +1322,8 @@ fn recover_segment(
                 return Err(StorageError::corrupted(&path, offset, reason));
             }
             let next_entry = first_entry_id + segment.entry_count();
-            let follows = format::valid_record_follows(
-                file.as_ref(),
-                &path,
-                offset,
-                file_len,
-                max_body_len,
-                |body| {
+            let follows =
+                format::valid_record_follows(file.as_ref(), &path, offset, file_len, |body| {
                     body.len() >= ENTRY_HEADER_LEN as usize
                         && body[..8]
                             .try_into()
@@ -1296,8 +1331,7 @@ fn recover_segment(
                             .is_ok_and(|entry_id| {
                                 entry_id >= next_entry && entry_id < next_entry + (1 << 20)
                             })
-                },
-            )?;
+                })?;
             if let Some(valid_at) = follows {
                 return Err(StorageError::corrupted(
                     &path,

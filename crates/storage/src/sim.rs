@@ -1,14 +1,21 @@
 //! An in-memory, crash-simulating implementation of [`Io`] for tests.
 //!
 //! Each file keeps two versions of its bytes: what was written (what reads see) and what was
-//! last made durable by `sync`. Directory entries likewise exist at once but are durable only
-//! after `sync_dir` on their parent. [`SimIo::crash`] returns the file system as a machine would
-//! find it after a power cut: only durable names, each file with its durable bytes plus, depending
-//! on the [`CrashMode`], a prefix of what was written after the last sync, possibly ending in
-//! garbage. Faults can be injected: failing writes, failing syncs, and a capacity that makes
-//! writes fail with "no space left on device".
+//! last made durable by `sync`. Directory entries (files and directories alike) exist at once,
+//! but a creation, rename or removal is durable only after `sync_dir` on its parent; until then
+//! a power cut may or may not have written it back, and each pending change independently
+//! survives or not. A file whose directory did not survive is gone with it. `remove_dir_all` is
+//! a sequence of removals, one entry at a time, that a crash can interrupt.
+//!
+//! [`SimIo::crash`] returns the file system as a machine would find it after a power cut: the
+//! durable names plus, depending on the [`CrashMode`], some of the pending name changes; each
+//! file with its durable bytes plus a prefix of what was written after the last sync, possibly
+//! ending in garbage. A file created but never synced can so survive with a torn header.
+//! [`SimIo::crash_before_operation`] takes that snapshot at an exact step of a workload, so a test
+//! can crash at every step in turn. Faults can be injected: failing writes, failing syncs, and a
+//! capacity that makes writes fail with "no space left on device".
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -18,14 +25,15 @@ use rand::{Rng, SeedableRng};
 
 use crate::io::{parent_dir, Io, IoFile};
 
-/// What survives of the bytes written after the last sync when the simulated machine crashes.
+/// What survives of the changes made after the last sync when the simulated machine crashes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CrashMode {
-    /// Unsynced bytes are lost entirely.
+    /// Unsynced bytes and unsynced directory changes are lost entirely.
     LoseUnsynced,
-    /// A random prefix of the unsynced bytes survives (a torn write).
+    /// A random prefix of each file's unsynced bytes survives (a torn write), and each unsynced
+    /// directory change survives or not at random.
     TornPrefix,
-    /// A random prefix survives and its last bytes are overwritten with garbage.
+    /// As `TornPrefix`, and the last surviving unsynced bytes are overwritten with garbage.
     TornWithGarbage,
 }
 
@@ -37,19 +45,109 @@ struct FileData {
     durable: Vec<u8>,
 }
 
+/// What a name refers to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Node {
+    File(FileId),
+    Directory,
+}
+
+/// A directory change not yet made durable by a `sync_dir` of its parent.
+#[derive(Debug, Clone)]
+enum NameChange {
+    Create {
+        path: PathBuf,
+        node: Node,
+    },
+    Remove {
+        path: PathBuf,
+    },
+    Rename {
+        from: PathBuf,
+        to: PathBuf,
+        node: Node,
+    },
+}
+
+impl NameChange {
+    /// Whether a `sync_dir` of `directory` makes this change durable.
+    fn is_in(&self, directory: &Path) -> bool {
+        match self {
+            NameChange::Create { path, .. } | NameChange::Remove { path } => {
+                parent_dir(path) == directory
+            }
+            NameChange::Rename { from, to, .. } => {
+                parent_dir(from) == directory || parent_dir(to) == directory
+            }
+        }
+    }
+
+    fn apply(&self, names: &mut BTreeMap<PathBuf, Node>) {
+        match self {
+            NameChange::Create { path, node } => {
+                names.insert(path.clone(), *node);
+            }
+            NameChange::Remove { path } => {
+                names.remove(path);
+            }
+            NameChange::Rename { from, to, node } => {
+                // The renamed entry is on disk even if its creation's own change was lost:
+                // a file system persists a rename only with the entry it renames.
+                names.entry(from.clone()).or_insert(*node);
+                rename_subtree(names, from, to);
+            }
+        }
+    }
+}
+
+/// Moves `from` and everything below it to `to`, replacing whatever was at `to`.
+fn rename_subtree(names: &mut BTreeMap<PathBuf, Node>, from: &Path, to: &Path) {
+    names.retain(|name, _| !name.starts_with(to));
+    let moved: Vec<(PathBuf, Node)> = names
+        .iter()
+        .filter(|(name, _)| name.starts_with(from))
+        .map(|(name, node)| (name.clone(), *node))
+        .collect();
+    for (name, node) in moved {
+        names.remove(&name);
+        let renamed = match name.strip_prefix(from) {
+            Ok(rest) if !rest.as_os_str().is_empty() => to.join(rest),
+            _ => to.to_path_buf(),
+        };
+        names.insert(renamed, node);
+    }
+}
+
+/// When to take a crash snapshot: before the mutating operation with this index.
+#[derive(Debug, Clone, Copy)]
+struct CrashPlan {
+    operation: u64,
+    mode: CrashMode,
+    seed: u64,
+}
+
 #[derive(Debug, Default)]
 struct State {
     next_file_id: FileId,
     files: HashMap<FileId, FileData>,
     /// Directory entries as reads see them.
-    names: BTreeMap<PathBuf, FileId>,
+    names: BTreeMap<PathBuf, Node>,
     /// Directory entries that survive a crash.
-    durable_names: BTreeMap<PathBuf, FileId>,
+    durable_names: BTreeMap<PathBuf, Node>,
+    /// Directory changes made since the last `sync_dir` of their parent, oldest first.
+    pending_changes: Vec<NameChange>,
+    /// Every directory ever created here. Any other directory (the root of the simulated tree,
+    /// say) is taken to exist durably from the start.
+    created_directories: BTreeSet<PathBuf>,
     capacity_bytes: Option<u64>,
     failing_writes: u32,
     failing_syncs: u32,
     writes: u64,
     syncs: u64,
+    /// Mutating operations so far (creations, writes, syncs, truncations, removals, renames).
+    operations: u64,
+    crash_plan: Option<CrashPlan>,
+    crashed: Option<Box<State>>,
 }
 
 impl State {
@@ -57,10 +155,127 @@ impl State {
     fn used_bytes(&self) -> u64 {
         self.names
             .values()
-            .filter_map(|file_id| self.files.get(file_id))
+            .filter_map(|node| match node {
+                Node::File(file_id) => self.files.get(file_id),
+                Node::Directory => None,
+            })
             .map(|file| file.written.len() as u64)
             .sum()
     }
+
+    fn file_id(&self, path: &Path) -> io::Result<FileId> {
+        match self.names.get(path) {
+            Some(Node::File(file_id)) => Ok(*file_id),
+            Some(Node::Directory) => Err(io::Error::other(format!(
+                "{} is a directory",
+                path.display()
+            ))),
+            None => Err(not_found(path)),
+        }
+    }
+
+    /// Whether `path` is a directory: the root, a created directory, or one that was never
+    /// created here but has entries below it (the tree the simulation starts from).
+    fn directory_exists(&self, path: &Path) -> bool {
+        path.parent().is_none()
+            || self.names.get(path) == Some(&Node::Directory)
+            || !self.created_directories.contains(path)
+                && self
+                    .names
+                    .keys()
+                    .any(|name| name != path && name.starts_with(path))
+    }
+
+    /// Counts one mutating operation, taking the planned crash snapshot first if it is due.
+    fn step(&mut self) {
+        if let Some(plan) = self.crash_plan {
+            if plan.operation == self.operations && self.crashed.is_none() {
+                self.crashed = Some(Box::new(self.after_crash(plan.mode, plan.seed)));
+            }
+        }
+        self.operations += 1;
+    }
+
+    /// Changes the visible namespace and remembers the change until its directory is synced.
+    fn change_names(&mut self, change: NameChange) {
+        change.apply(&mut self.names);
+        self.pending_changes.push(change);
+    }
+
+    /// The state a restarted machine would find after a power cut now.
+    fn after_crash(&self, mode: CrashMode, seed: u64) -> State {
+        let mut random = SmallRng::seed_from_u64(seed);
+        let mut names = self.durable_names.clone();
+        if mode != CrashMode::LoseUnsynced {
+            for change in &self.pending_changes {
+                if random.gen_bool(0.5) {
+                    change.apply(&mut names);
+                }
+            }
+        }
+        // An entry whose directory did not survive went with it.
+        let orphaned: Vec<PathBuf> = names
+            .keys()
+            .filter(|name| {
+                name.ancestors().skip(1).any(|ancestor| {
+                    self.created_directories.contains(ancestor)
+                        && names.get(ancestor) != Some(&Node::Directory)
+                })
+            })
+            .cloned()
+            .collect();
+        for name in orphaned {
+            names.remove(&name);
+        }
+        let mut crashed = State {
+            next_file_id: self.next_file_id,
+            created_directories: self.created_directories.clone(),
+            ..State::default()
+        };
+        for node in names.values() {
+            let Node::File(file_id) = node else {
+                continue;
+            };
+            let Some(file) = self.files.get(file_id) else {
+                continue;
+            };
+            crashed.files.entry(*file_id).or_insert_with(|| {
+                let bytes = surviving_bytes(file, mode, &mut random);
+                FileData {
+                    written: bytes.clone(),
+                    durable: bytes,
+                }
+            });
+        }
+        crashed.names = names.clone();
+        crashed.durable_names = names;
+        crashed
+    }
+}
+
+/// A file's bytes after a power cut: the durable ones plus, depending on `mode`, a torn prefix
+/// of what was written after the last sync.
+fn surviving_bytes(file: &FileData, mode: CrashMode, random: &mut SmallRng) -> Vec<u8> {
+    let mut bytes = file.durable.clone();
+    let common = bytes.len().min(file.written.len());
+    let unsynced = file.written.get(common..).unwrap_or_default();
+    if file.written.len() >= bytes.len() && !unsynced.is_empty() {
+        match mode {
+            CrashMode::LoseUnsynced => {}
+            CrashMode::TornPrefix | CrashMode::TornWithGarbage => {
+                let kept = random.gen_range(0..=unsynced.len());
+                bytes.extend_from_slice(&unsynced[..kept]);
+                if mode == CrashMode::TornWithGarbage && kept > 0 {
+                    let garbage = random.gen_range(1..=kept.min(64));
+                    let length = bytes.len();
+                    for byte in &mut bytes[length - garbage..] {
+                        *byte = random.gen();
+                    }
+                }
+            }
+        }
+    }
+    bytes
 }
 
 /// The simulated file system. Cloning shares the same state.
@@ -118,63 +333,49 @@ impl SimIo {
         self.lock().syncs
     }
 
+    /// Number of mutating operations (creations, writes, syncs, truncations, removals, renames,
+    /// directory syncs) so far: the crash points of a workload.
+    pub fn operation_count(&self) -> u64 {
+        self.lock().operations
+    }
+
     /// The file system a restarted machine would see after a power cut now.
     pub fn crash(&self, mode: CrashMode, seed: u64) -> SimIo {
-        let state = self.lock();
-        let mut random = SmallRng::seed_from_u64(seed);
-        let mut crashed = State {
-            next_file_id: state.next_file_id,
-            ..State::default()
-        };
-        for (path, file_id) in &state.durable_names {
-            let Some(file) = state.files.get(file_id) else {
-                continue;
-            };
-            let mut bytes = file.durable.clone();
-            let common = bytes.len().min(file.written.len());
-            let unsynced = file.written.get(common..).unwrap_or_default();
-            if file.written.len() >= bytes.len() && !unsynced.is_empty() {
-                match mode {
-                    CrashMode::LoseUnsynced => {}
-                    CrashMode::TornPrefix | CrashMode::TornWithGarbage => {
-                        let kept = random.gen_range(0..=unsynced.len());
-                        bytes.extend_from_slice(&unsynced[..kept]);
-                        if mode == CrashMode::TornWithGarbage && kept > 0 {
-                            let garbage = random.gen_range(1..=kept.min(64));
-                            let length = bytes.len();
-                            for byte in &mut bytes[length - garbage..] {
-                                *byte = random.gen();
-                            }
-                        }
-                    }
-                }
-            }
-            crashed.files.insert(
-                *file_id,
-                FileData {
-                    written: bytes.clone(),
-                    durable: bytes,
-                },
-            );
-            crashed.names.insert(path.clone(), *file_id);
-            crashed.durable_names.insert(path.clone(), *file_id);
-        }
         SimIo {
-            state: Arc::new(Mutex::new(crashed)),
+            state: Arc::new(Mutex::new(self.lock().after_crash(mode, seed))),
         }
+    }
+
+    /// Plans a power cut just before mutating operation number `operation` (counted from
+    /// this file system's creation): the snapshot is taken then, while the workload carries on;
+    /// collect it with [`SimIo::take_crashed`].
+    pub fn crash_before_operation(&self, operation: u64, mode: CrashMode, seed: u64) {
+        self.lock().crash_plan = Some(CrashPlan {
+            operation,
+            mode,
+            seed,
+        });
+    }
+
+    /// The file system as the planned power cut left it, if it has happened.
+    pub fn take_crashed(&self) -> Option<SimIo> {
+        let crashed = self.lock().crashed.take()?;
+        Some(SimIo {
+            state: Arc::new(Mutex::new(*crashed)),
+        })
     }
 
     /// Reads a whole file, as reads see it (for tests that inspect or damage files).
     pub fn read_file(&self, path: &Path) -> io::Result<Vec<u8>> {
         let state = self.lock();
-        let file_id = state.names.get(path).ok_or_else(|| not_found(path))?;
-        Ok(state.files[file_id].written.clone())
+        let file_id = state.file_id(path)?;
+        Ok(state.files[&file_id].written.clone())
     }
 
     /// Replaces a whole file's bytes, durably (for tests that damage files).
     pub fn write_file(&self, path: &Path, bytes: Vec<u8>) -> io::Result<()> {
         let mut state = self.lock();
-        let file_id = *state.names.get(path).ok_or_else(|| not_found(path))?;
+        let file_id = state.file_id(path)?;
         let file = state.files.entry(file_id).or_default();
         file.written = bytes.clone();
         file.durable = bytes;
@@ -183,7 +384,12 @@ impl SimIo {
 
     /// Every file path that currently exists.
     pub fn paths(&self) -> Vec<PathBuf> {
-        self.lock().names.keys().cloned().collect()
+        self.lock()
+            .names
+            .iter()
+            .filter(|(_, node)| matches!(node, Node::File(_)))
+            .map(|(name, _)| name.clone())
+            .collect()
     }
 }
 
@@ -221,6 +427,7 @@ impl IoFile for SimFile {
 
     fn write_all_at(&self, bytes: &[u8], offset: u64) -> io::Result<()> {
         self.with_data(|state, file_id| {
+            state.step();
             if state.failing_writes > 0 {
                 state.failing_writes -= 1;
                 return Err(injected("write"));
@@ -265,6 +472,7 @@ impl IoFile for SimFile {
 
     fn sync(&self) -> io::Result<()> {
         self.with_data(|state, file_id| {
+            state.step();
             if state.failing_syncs > 0 {
                 state.failing_syncs -= 1;
                 return Err(injected("fsync"));
@@ -282,6 +490,7 @@ impl IoFile for SimFile {
 
     fn set_len(&self, length: u64) -> io::Result<()> {
         self.with_data(|state, file_id| {
+            state.step();
             let length = usize::try_from(length).map_err(io::Error::other)?;
             state
                 .files
@@ -295,25 +504,41 @@ impl IoFile for SimFile {
 }
 
 impl Io for SimIo {
-    fn create_dir_all(&self, _path: &Path) -> io::Result<()> {
-        // Directories are implicit in the simulated file system.
+    fn create_dir_all(&self, path: &Path) -> io::Result<()> {
+        let mut state = self.lock();
+        let mut missing: Vec<&Path> = path
+            .ancestors()
+            .take_while(|ancestor| !state.directory_exists(ancestor))
+            .collect();
+        missing.reverse();
+        for directory in missing {
+            if let Some(Node::File(_)) = state.names.get(directory) {
+                return Err(io::Error::other(format!(
+                    "{} is a file",
+                    directory.display()
+                )));
+            }
+            state.step();
+            state.created_directories.insert(directory.to_path_buf());
+            state.change_names(NameChange::Create {
+                path: directory.to_path_buf(),
+                node: Node::Directory,
+            });
+        }
         Ok(())
     }
 
     fn list_dir(&self, path: &Path) -> io::Result<Vec<String>> {
         let state = self.lock();
-        let mut names = Vec::new();
+        let mut names = BTreeSet::new();
         for entry in state.names.keys() {
             if let Ok(rest) = entry.strip_prefix(path) {
                 if let Some(first) = rest.components().next() {
-                    let name = first.as_os_str().to_string_lossy().into_owned();
-                    if names.last() != Some(&name) && !names.contains(&name) {
-                        names.push(name);
-                    }
+                    names.insert(first.as_os_str().to_string_lossy().into_owned());
                 }
             }
         }
-        Ok(names)
+        Ok(names.into_iter().collect())
     }
 
     fn exists(&self, path: &Path) -> bool {
@@ -322,8 +547,7 @@ impl Io for SimIo {
     }
 
     fn open(&self, path: &Path) -> io::Result<Arc<dyn IoFile>> {
-        let state = self.lock();
-        let file_id = *state.names.get(path).ok_or_else(|| not_found(path))?;
+        let file_id = self.lock().file_id(path)?;
         Ok(Arc::new(SimFile {
             io: self.clone(),
             file_id,
@@ -338,10 +562,14 @@ impl Io for SimIo {
                 format!("{} exists", path.display()),
             ));
         }
+        state.step();
         let file_id = state.next_file_id;
         state.next_file_id += 1;
         state.files.insert(file_id, FileData::default());
-        state.names.insert(path.to_path_buf(), file_id);
+        state.change_names(NameChange::Create {
+            path: path.to_path_buf(),
+            node: Node::File(file_id),
+        });
         Ok(Arc::new(SimFile {
             io: self.clone(),
             file_id,
@@ -350,37 +578,59 @@ impl Io for SimIo {
 
     fn remove_file(&self, path: &Path) -> io::Result<()> {
         let mut state = self.lock();
-        state.names.remove(path).ok_or_else(|| not_found(path))?;
+        state.file_id(path)?;
+        state.step();
+        state.change_names(NameChange::Remove {
+            path: path.to_path_buf(),
+        });
         Ok(())
     }
 
     fn remove_dir_all(&self, path: &Path) -> io::Result<()> {
-        let mut state = self.lock();
-        state.names.retain(|name, _| !name.starts_with(path));
-        state
-            .durable_names
-            .retain(|name, _| !name.starts_with(path));
-        Ok(())
+        // One entry at a time, deepest first, each a step a crash can land before, as the
+        // real `remove_dir_all` does with one unlink or rmdir per entry.
+        loop {
+            let mut state = self.lock();
+            let Some(next) = state
+                .names
+                .keys()
+                .filter(|name| name.starts_with(path))
+                .max_by_key(|name| name.components().count())
+                .cloned()
+            else {
+                return Ok(());
+            };
+            state.step();
+            state.change_names(NameChange::Remove { path: next });
+        }
     }
 
     fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
         let mut state = self.lock();
-        let file_id = state.names.remove(from).ok_or_else(|| not_found(from))?;
-        state.names.insert(to.to_path_buf(), file_id);
+        let node = *state.names.get(from).ok_or_else(|| not_found(from))?;
+        state.step();
+        if node == Node::Directory {
+            state.created_directories.insert(to.to_path_buf());
+        }
+        state.change_names(NameChange::Rename {
+            from: from.to_path_buf(),
+            to: to.to_path_buf(),
+            node,
+        });
         Ok(())
     }
 
     fn sync_dir(&self, path: &Path) -> io::Result<()> {
         let mut state = self.lock();
-        let in_dir = |name: &PathBuf| parent_dir(name) == path;
-        let current: Vec<(PathBuf, FileId)> = state
-            .names
-            .iter()
-            .filter(|(name, _)| in_dir(name))
-            .map(|(name, id)| (name.clone(), *id))
-            .collect();
-        state.durable_names.retain(|name, _| !in_dir(name));
-        state.durable_names.extend(current);
+        state.step();
+        let (synced, pending): (Vec<NameChange>, Vec<NameChange>) =
+            std::mem::take(&mut state.pending_changes)
+                .into_iter()
+                .partition(|change| change.is_in(path));
+        for change in &synced {
+            change.apply(&mut state.durable_names);
+        }
+        state.pending_changes = pending;
         Ok(())
     }
 }

@@ -271,3 +271,199 @@ fn a_million_out_of_order_acks_stay_compact_and_persist() {
         Some(Position::new(ledger, 999_999))
     );
 }
+
+#[test]
+fn trimming_after_a_backward_seek_keeps_what_the_cursor_needs_even_if_persisting_failed() {
+    // Models a `reset_cursor` to an earlier position whose persistence then fails (a failed
+    // fsync of the journal): the cursor needs the earlier entries again, so trimming must not
+    // go by the stale, later persisted position.
+    let io = SimIo::new();
+    let storage =
+        Storage::open_with_io(Path::new("/data"), config(), Arc::new(io.clone())).expect("open");
+    let log = storage.open_log("t").expect("log");
+    let positions = append(&log, 200);
+    log.open_cursor("sub", InitialPosition::Earliest)
+        .expect("cursor");
+    log.acknowledge_cumulative("sub", positions[149])
+        .expect("ack");
+    log.persist_cursors().expect("persist");
+    log.reset_cursor("sub", Some(positions[9]))
+        .expect("seek back");
+    io.fail_syncs(1);
+    log.persist_cursors()
+        .expect_err("persisting the seek fails");
+    log.trim().expect("trim");
+    let entries = log
+        .read_from(positions[10], usize::MAX, usize::MAX)
+        .expect("read");
+    assert_eq!(
+        entries.first().map(|entry| entry.position),
+        Some(positions[10]),
+        "the entries after the cursor's position are still there"
+    );
+    assert_eq!(entries.len(), 190);
+}
+
+fn open_sim(io: &SimIo, config: StorageConfig) -> Storage {
+    Storage::open_with_io(Path::new("/data"), config, Arc::new(io.clone())).expect("open")
+}
+
+/// Acknowledges every other entry of `positions` from `from` on: one range per acknowledgement.
+fn acknowledge_every_other(log: &meridian_storage::Log, positions: &[Position], from: usize) {
+    let acks: Vec<Position> = positions[from..].iter().step_by(2).copied().collect();
+    log.acknowledge("sub", &acks).expect("ack");
+}
+
+#[test]
+fn a_large_journal_is_rewritten_and_its_cursors_survive_a_restart() {
+    // Exercises the rewrite path: many large snapshots grow the journal past its rewrite
+    // threshold, the next persist replaces it with one snapshot per live cursor.
+    let io = SimIo::new();
+    let storage = open_sim(&io, config());
+    let log = storage.open_log("t").expect("log");
+    let positions = append(&log, 6_000);
+    let journal = log.directory().join("cursors.journal");
+    log.open_cursor("sub", InitialPosition::Earliest)
+        .expect("cursor");
+    log.open_cursor("gone", InitialPosition::Earliest)
+        .expect("cursor");
+    acknowledge_every_other(&log, &positions, 1);
+    let mut largest = 0;
+    let mut rewritten = false;
+    for (index, position) in positions.iter().take(400).enumerate() {
+        log.acknowledge_cumulative("sub", *position).expect("ack");
+        if index == 10 {
+            log.delete_cursor("gone").expect("delete cursor");
+        }
+        log.persist_cursors().expect("persist");
+        let length = io.read_file(&journal).expect("journal").len();
+        if length < largest {
+            rewritten = true;
+            break;
+        }
+        largest = length;
+    }
+    assert!(
+        rewritten,
+        "the journal was rewritten (it reached {largest} bytes)"
+    );
+    assert!(largest > 1 << 20, "rewritten only past 1 MiB, at {largest}");
+    let expected = log.cursor("sub").expect("state");
+    storage.close().expect("close");
+
+    let storage = open_sim(&io.crash(CrashMode::LoseUnsynced, 0), config());
+    let log = storage.open_log("t").expect("log");
+    assert_eq!(log.cursor_names(), vec!["sub".to_string()]);
+    assert_eq!(log.cursor("sub").expect("state"), expected);
+}
+
+#[test]
+fn after_a_failed_journal_write_the_next_persist_rewrites_it_and_a_crash_recovers_that_state() {
+    // Models a journal write that fails (I/O error) and leaves an unknown tail: the next persist
+    // must not append after it, but write a fresh journal, and a power cut afterwards recovers
+    // exactly the state that persist wrote.
+    let io = SimIo::new();
+    let storage = open_sim(&io, config());
+    let log = storage.open_log("t").expect("log");
+    let positions = append(&log, 100);
+    log.open_cursor("sub", InitialPosition::Earliest)
+        .expect("cursor");
+    log.acknowledge_cumulative("sub", positions[9])
+        .expect("ack");
+    log.persist_cursors().expect("persist");
+
+    log.acknowledge_cumulative("sub", positions[19])
+        .expect("ack");
+    io.fail_writes(1);
+    log.persist_cursors().expect_err("the journal write fails");
+    log.acknowledge("sub", &[positions[30]]).expect("ack");
+    log.persist_cursors().expect("persisting works again");
+    let expected = log.cursor("sub").expect("state");
+    assert_eq!(expected.mark_delete, Some(positions[19]));
+
+    let storage_crashed = open_sim(&io.crash(CrashMode::TornWithGarbage, 5), config());
+    drop(storage);
+    let log = storage_crashed.open_log("t").expect("log");
+    assert_eq!(log.cursor("sub").expect("state"), expected);
+}
+
+#[test]
+fn a_torn_journal_tail_is_truncated_and_the_last_complete_snapshot_wins() {
+    // Models a power cut between writing a snapshot to the journal and its fsync, in each way
+    // the unsynced bytes can survive: none, a prefix, a prefix ending in garbage.
+    for (seed, mode) in [
+        CrashMode::LoseUnsynced,
+        CrashMode::TornPrefix,
+        CrashMode::TornWithGarbage,
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let io = SimIo::new();
+        let storage = open_sim(&io, config());
+        let log = storage.open_log("t").expect("log");
+        let positions = append(&log, 100);
+        log.open_cursor("sub", InitialPosition::Earliest)
+            .expect("cursor");
+        log.acknowledge_cumulative("sub", positions[9])
+            .expect("ack");
+        log.persist_cursors().expect("persist");
+        let persisted = log.cursor("sub").expect("state");
+        acknowledge_every_other(&log, &positions, 21);
+        // The next step writes the snapshot; the one after it would fsync it.
+        io.crash_before_operation(io.operation_count() + 1, mode, seed as u64);
+        log.persist_cursors().expect("persist");
+        let crashed = io.take_crashed().expect("crashed before the fsync");
+        storage.close().expect("close");
+
+        let storage = open_sim(&crashed, config());
+        let log = storage.open_log("t").expect("log opens");
+        assert_eq!(
+            log.cursor("sub").expect("state"),
+            persisted,
+            "{mode:?}: back to the last complete snapshot"
+        );
+        // The journal keeps working after the truncation.
+        log.acknowledge_cumulative("sub", positions[50])
+            .expect("ack");
+        log.persist_cursors().expect("persist after recovery");
+    }
+}
+
+#[test]
+fn acknowledgements_beyond_the_persisted_range_cap_are_redelivered_after_a_restart() {
+    // `cursor_max_persisted_ranges` bounds each snapshot: the ranges beyond it are kept in
+    // memory only, so after a restart those entries are delivered again, and nothing that was
+    // not acknowledged looks acknowledged.
+    let capped = StorageConfig {
+        cursor_max_persisted_ranges: 10,
+        ..config()
+    };
+    let io = SimIo::new();
+    let storage = open_sim(&io, capped.clone());
+    let log = storage.open_log("t").expect("log");
+    let positions = append(&log, 100);
+    log.open_cursor("sub", InitialPosition::Earliest)
+        .expect("cursor");
+    // Entries 1, 3, 5, ... 59: thirty ranges.
+    acknowledge_every_other(&log, &positions[..60], 1);
+    assert_eq!(
+        log.cursor("sub").expect("state").acknowledged.range_count(),
+        30
+    );
+    storage.close().expect("close");
+
+    let storage = open_sim(&io, capped);
+    let log = storage.open_log("t").expect("log");
+    let recovered = log.cursor("sub").expect("state");
+    assert_eq!(recovered.mark_delete, None);
+    assert_eq!(recovered.acknowledged.range_count(), 10);
+    for (index, position) in positions.iter().enumerate() {
+        let persisted = index % 2 == 1 && index < 20;
+        assert_eq!(
+            recovered.is_acknowledged(*position),
+            persisted,
+            "entry {index}"
+        );
+    }
+}

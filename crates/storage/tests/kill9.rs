@@ -4,6 +4,11 @@
 //! The test binary plays both roles: run normally it is the parent; started by the parent with
 //! `MERIDIAN_KILL9_CHILD_DIR` set, the same test function becomes the child that appends until
 //! it is killed, printing one `ACK writer sequence ledger entry` line per durable append.
+//!
+//! What this test cannot see: a missing or misplaced fsync. SIGKILL ends the process but not the
+//! machine, and the operating system's page cache keeps every byte the process wrote, synced
+//! or not. Power cuts, which lose unsynced bytes and directory entries, are simulated instead
+//! with `SimIo` (`tests/faults.rs`, `tests/crash_loop.rs`).
 
 use std::collections::{HashMap, HashSet};
 use std::io::{BufRead, BufReader, Write};
@@ -21,6 +26,9 @@ fn config() -> StorageConfig {
         // Small segments so that kills also land around segment rolls.
         segment_max_bytes: 256 * 1024,
         entry_max_bytes: 4096,
+        // The log has no cursor, so the default retention would trim every entry once durable;
+        // this test is about durability, not retention.
+        trim_interval: std::time::Duration::from_secs(3600),
         ..StorageConfig::default()
     }
 }

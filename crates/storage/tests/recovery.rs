@@ -237,3 +237,100 @@ fn a_corrupted_cursor_journal_refuses_the_log() {
     let error = storage.open_log("cursors").expect_err("refuses");
     assert!(error.to_string().contains("cursors.journal"), "{error}");
 }
+
+#[test]
+fn records_written_under_a_larger_entry_limit_survive_a_restart_with_a_smaller_one() {
+    // Models an operator lowering `max_message_size` (and with it `entry_max_bytes`) and
+    // restarting: records that were valid when written must still be served, in the newest
+    // segment (not mistaken for a torn tail) and in older ones (not mistaken for corruption).
+    let root = tempfile::tempdir().expect("tempdir");
+    write_entries(root.path(), "one-segment", 5);
+    write_entries(root.path(), "three-segments", 25);
+    let smaller_limit = StorageConfig {
+        entry_max_bytes: PAYLOAD_LEN / 2,
+        ..config()
+    };
+    let storage = Storage::open(root.path(), smaller_limit).expect("reopen");
+    assert_eq!(
+        read_all(&storage, "one-segment"),
+        (0..5).map(payload).collect::<Vec<_>>()
+    );
+    assert_eq!(
+        read_all(&storage, "three-segments"),
+        (0..25).map(payload).collect::<Vec<_>>()
+    );
+}
+
+#[test]
+fn a_leftover_ledger_floor_update_does_not_wedge_the_engine() {
+    // Models a kill between creating `ledger-floor.tmp` and renaming it over the floor: once in
+    // a data directory that has logs, once in a brand-new one.
+    let root = tempfile::tempdir().expect("tempdir");
+    write_entries(root.path(), "doomed", 5);
+    fs::write(root.path().join("ledger-floor.tmp"), b"half").expect("leftover");
+    let storage = Storage::open(root.path(), config()).expect("reopen");
+    storage.delete_log("doomed").expect("delete still works");
+    assert!(storage.log_names().expect("names").is_empty());
+    storage.close().expect("close");
+
+    let fresh = tempfile::tempdir().expect("tempdir");
+    fs::write(fresh.path().join("ledger-floor.tmp"), b"").expect("leftover");
+    let storage = Storage::open(fresh.path(), config()).expect("a fresh start opens");
+    storage.close().expect("close");
+}
+
+#[test]
+fn an_empty_or_torn_cursor_journal_is_replaced_not_refused() {
+    // Models a crash while a log's cursor journal was being created: its name became durable
+    // (another file's creation synced the directory) but not its header.
+    let root = tempfile::tempdir().expect("tempdir");
+    let empty = write_entries(root.path(), "empty-journal", 5);
+    let torn = write_entries(root.path(), "torn-journal", 5);
+    fs::write(empty.join("cursors.journal"), b"").expect("empty journal");
+    let journal = torn.join("cursors.journal");
+    let header = fs::read(&journal).expect("journal");
+    fs::write(&journal, &header[..30]).expect("torn journal");
+
+    let storage = Storage::open(root.path(), config()).expect("reopen");
+    for name in ["empty-journal", "torn-journal"] {
+        assert_eq!(
+            read_all(&storage, name),
+            (0..5).map(payload).collect::<Vec<_>>()
+        );
+        let log = storage.open_log(name).expect("log");
+        log.open_cursor("sub", InitialPosition::Earliest)
+            .expect("cursor");
+        log.acknowledge_cumulative("sub", log.last_position().expect("last"))
+            .expect("ack");
+        log.persist_cursors().expect("the journal works again");
+    }
+    storage.close().expect("close");
+    let storage = Storage::open(root.path(), config()).expect("reopen");
+    let log = storage.open_log("torn-journal").expect("log");
+    assert_eq!(
+        log.mark_delete_position("sub"),
+        Some(log.last_position()),
+        "the cursor persisted into the new journal survives"
+    );
+}
+
+#[test]
+fn a_missing_middle_segment_refuses_the_log_naming_the_gap() {
+    // Models a segment file lost or deleted by hand between two others: serving the log would
+    // silently skip its entries.
+    let root = tempfile::tempdir().expect("tempdir");
+    let directory = write_entries(root.path(), "holed", 30);
+    let middle = segment_files(&directory).remove(1);
+    fs::remove_file(&middle).expect("remove middle segment");
+    let storage = Storage::open(root.path(), config()).expect("engine opens");
+    let error = storage.open_log("holed").expect_err("refuses");
+    let message = error.to_string();
+    assert!(
+        matches!(error, StorageError::Corrupted { .. }) && message.contains("gap"),
+        "{message}"
+    );
+    assert!(
+        message.contains("entry 10") && message.contains("entry 20"),
+        "names the missing entries: {message}"
+    );
+}
