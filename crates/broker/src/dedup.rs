@@ -11,6 +11,12 @@
 //! origin cluster (`pulsar.repl.<cluster>`) with the origin position `(ledger, entry)` as the
 //! sequence: [`position_sequence`] packs it into one ordered number. That key is tracked even
 //! when de-duplication is off for the namespace, because replication depends on it.
+//!
+//! A replicated entry also names the origin position of the entry its replicator sent before
+//! it to this cluster (the *chain*, see `replicator.rs`). [`Dedup::check_replicated`] stores a
+//! new entry only if that previous position is the last one stored from its origin, so a gap in
+//! what a replicator sends is refused ([`Verdict::Gap`]) instead of being papered over by a
+//! high-water mark: the remote proves it holds every entry meant for it.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -33,6 +39,12 @@ pub fn replication_key(cluster: &str) -> String {
     format!("{REPLICATOR_PREFIX}{cluster}")
 }
 
+/// The origin position `(ledger, entry)` a sequence packs.
+pub fn sequence_position(sequence: Sequence) -> (u64, u64) {
+    // Truncation is the unpacking: the high half is the ledger, the low half the entry.
+    ((sequence >> 64) as u64, sequence as u64)
+}
+
 /// Whether a key or producer name belongs to replication.
 pub fn is_replication_key(name: &str) -> bool {
     name.starts_with(REPLICATOR_PREFIX)
@@ -44,6 +56,11 @@ pub enum Verdict {
     Duplicate,
     /// The original may still be in flight.
     Unknown,
+    /// A replicated entry that does not continue its chain: the last entry stored from its
+    /// origin (`None`: nothing) is not the one it names as previous.
+    Gap {
+        last: Option<Sequence>,
+    },
 }
 
 #[derive(Debug, Default)]
@@ -86,6 +103,24 @@ impl Dedup {
         }
         self.pushed.insert(producer_name.to_string(), highest);
         Verdict::New
+    }
+
+    /// Checks an entry replicated from another cluster under `key`: `sequence` is its origin
+    /// position, `previous` the origin position of the entry its replicator sent before it
+    /// (`None`: it starts a chain, as after a new or reset replication cursor). A duplicate is
+    /// recognised first; a new entry must continue the chain.
+    pub fn check_replicated(
+        &mut self,
+        key: &str,
+        sequence: Sequence,
+        previous: Option<Sequence>,
+    ) -> Verdict {
+        let last = self.pushed.get(key).copied();
+        let seen = last.is_some_and(|last| sequence <= last);
+        if !seen && previous.is_some() && previous != last {
+            return Verdict::Gap { last };
+        }
+        self.check(key, sequence, sequence)
     }
 
     /// Records a durable entry (also used when replaying entries on load).
@@ -151,6 +186,40 @@ mod tests {
         let restored = Dedup::from_snapshot(&dedup.snapshot());
         assert_eq!(restored.last_sequence_id("p"), 4);
         assert_eq!(restored.last_sequence_id("q"), -1);
+    }
+
+    #[test]
+    fn a_replicated_entry_must_continue_its_chain() {
+        let mut dedup = Dedup::default();
+        let key = replication_key("east");
+        let (first, second, third) = (
+            position_sequence(3, 0),
+            position_sequence(3, 4),
+            position_sequence(5, 0),
+        );
+        assert_eq!(
+            dedup.check_replicated(&key, second, Some(first)),
+            Verdict::Gap { last: None },
+            "nothing stored yet, so nothing to continue"
+        );
+        assert_eq!(dedup.check_replicated(&key, first, None), Verdict::New);
+        dedup.persisted(&key, first);
+        assert_eq!(
+            dedup.check_replicated(&key, third, Some(second)),
+            Verdict::Gap { last: Some(first) },
+            "the entry in between is missing"
+        );
+        assert_eq!(
+            dedup.check_replicated(&key, second, Some(first)),
+            Verdict::New
+        );
+        dedup.persisted(&key, second);
+        assert_eq!(
+            dedup.check_replicated(&key, first, Some(third)),
+            Verdict::Duplicate,
+            "a resent entry is a duplicate whatever it names as previous"
+        );
+        assert_eq!(sequence_position(third), (5, 0));
     }
 
     #[test]

@@ -26,21 +26,22 @@
 //! - failures back off from 100 ms to 10 s and retry; an optional rate limit
 //!   (`replicatorDispatchRate`) caps messages and bytes per period.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use meridian_client::{Client, ConnectionWatch, Producer, ProducerMessage, SendReceipt};
+use meridian_client::{Client, ConnectionWatch, MessageId, Producer, ProducerMessage, SendReceipt};
 use meridian_storage::{Entry, Log, Position};
 use meridian_wire::proto::KeyValue;
-use meridian_wire::MessageMetadata;
+use meridian_wire::{MessageMetadata, ServerError};
 use serde::Serialize;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
+use crate::dedup::{position_sequence, Dedup, Verdict};
 use crate::resources::{ClusterData, DispatchRate};
 use crate::stats::Meter;
 use crate::topic::{now_ms, now_rfc3339};
@@ -48,6 +49,12 @@ use crate::topic_name::TopicName;
 
 /// The property that carries an entry's origin position (`<ledger>:<entry>`).
 pub const ORIGIN_PROPERTY: &str = "__MSG_PROP_REPL_SOURCE_POSITION";
+/// The property that carries the origin position of the entry the replicator sent before this
+/// one to the same remote (the chain the remote checks); absent on the first entry of a chain.
+pub const PREVIOUS_PROPERTY: &str = "__MSG_PROP_REPL_PREVIOUS_POSITION";
+/// Property of the replicator's cursor: the origin position of the last entry the remote
+/// confirmed, where the chain goes on after a restart.
+pub const CHAIN_CURSOR_PROPERTY: &str = "replication.lastConfirmed";
 /// Entries sent and not yet confirmed, per replicator (Pulsar's `replicationProducerQueueSize`).
 pub const MAX_IN_FLIGHT_ENTRIES: usize = 1000;
 /// Bytes sent and not yet confirmed, per replicator.
@@ -56,6 +63,8 @@ const READ_MAX_ENTRIES: usize = 100;
 const READ_MAX_BYTES: usize = 4 * 1024 * 1024;
 const BACKOFF_INITIAL: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(10);
+/// A send the remote has not answered this long fails, and the session starts again.
+const SEND_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// The cursor of the replicator to `remote`.
 pub fn cursor_name(remote: &str) -> String {
@@ -73,30 +82,53 @@ pub fn source_cluster(producer_name: &str) -> Option<&str> {
     Some(rest.split_once("-->").map_or(rest, |(source, _)| source))
 }
 
-/// The origin cluster and position of a replicated entry, from its metadata.
-pub fn origin_of(metadata: &MessageMetadata) -> Option<(String, Position)> {
-    let cluster = metadata.replicated_from.as_ref()?;
-    let value = &metadata
-        .properties
-        .iter()
-        .find(|property| property.key == ORIGIN_PROPERTY)?
-        .value;
-    let (ledger, entry) = value.split_once(':')?;
-    Some((
-        cluster.clone(),
-        Position::new(ledger.parse().ok()?, entry.parse().ok()?),
-    ))
+/// Where a replicated entry comes from, as its metadata says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Origin {
+    pub cluster: String,
+    /// Its position in the origin cluster.
+    pub position: Position,
+    /// The origin position of the entry its replicator sent before it to this cluster;
+    /// `None` on the first entry of a chain.
+    pub previous: Option<Position>,
 }
 
-/// A replicated entry as consumers get it: without the origin-position property, which only
+/// The origin of a replicated entry, from its metadata.
+pub fn origin_of(metadata: &MessageMetadata) -> Option<Origin> {
+    let cluster = metadata.replicated_from.as_ref()?;
+    let property = |key: &str| {
+        metadata
+            .properties
+            .iter()
+            .find(|property| property.key == key)
+            .map(|property| property.value.as_str())
+    };
+    Some(Origin {
+        cluster: cluster.clone(),
+        position: parse_position(property(ORIGIN_PROPERTY)?)?,
+        previous: property(PREVIOUS_PROPERTY).and_then(parse_position),
+    })
+}
+
+fn parse_position(value: &str) -> Option<Position> {
+    let (ledger, entry) = value.split_once(':')?;
+    Some(Position::new(ledger.parse().ok()?, entry.parse().ok()?))
+}
+
+fn format_position(position: Position) -> String {
+    format!("{}:{}", position.ledger_id, position.entry_id)
+}
+
+fn is_replication_property(property: &KeyValue) -> bool {
+    property.key == ORIGIN_PROPERTY || property.key == PREVIOUS_PROPERTY
+}
+
+/// A replicated entry as consumers get it: without the origin and chain properties, which only
 /// replication uses, so that applications see the properties they sent. Other entries are
 /// returned as they are, without a copy.
 pub fn without_origin(metadata: &MessageMetadata, entry: Bytes) -> Bytes {
     if metadata.replicated_from.is_none()
-        || !metadata
-            .properties
-            .iter()
-            .any(|property| property.key == ORIGIN_PROPERTY)
+        || !metadata.properties.iter().any(is_replication_property)
     {
         return entry;
     }
@@ -105,8 +137,32 @@ pub fn without_origin(metadata: &MessageMetadata, entry: Bytes) -> Bytes {
     };
     metadata
         .properties
-        .retain(|property| property.key != ORIGIN_PROPERTY);
+        .retain(|property| !is_replication_property(property));
     meridian_wire::encode_entry(&metadata, &payload).unwrap_or(entry)
+}
+
+/// The remote's verdict on a replicated entry: a duplicate, or new if it continues its chain.
+pub(crate) fn check_chain(dedup: &mut Dedup, key: &str, origin: &Origin) -> Verdict {
+    let sequence = |position: Position| position_sequence(position.ledger_id, position.entry_id);
+    dedup.check_replicated(
+        key,
+        sequence(origin.position),
+        origin.previous.map(sequence),
+    )
+}
+
+/// Why the remote refuses an entry that does not continue its chain.
+pub fn gap_message(origin: &Origin, last: Option<(u64, u64)>) -> String {
+    let show =
+        |position: Option<Position>| position.map_or_else(|| "none".to_string(), format_position);
+    format!(
+        "replication gap: entry {} from cluster {} follows {}, but the last entry stored from {} is {}",
+        format_position(origin.position),
+        origin.cluster,
+        show(origin.previous),
+        origin.cluster,
+        show(last.map(|(ledger, entry)| Position::new(ledger, entry))),
+    )
 }
 
 /// A remote cluster as the cluster registry describes it.
@@ -260,6 +316,11 @@ pub struct Replicator {
     status: Arc<Status>,
     stop: watch::Sender<bool>,
     rate: watch::Sender<Option<DispatchRate>>,
+    /// Bumped when an admin moves the cursor: the session starts again from there.
+    resets: watch::Sender<u64>,
+    /// Held while the cursor is read at a session's start, moved by an admin, or acknowledged
+    /// with its chain property, so that these never interleave.
+    cursor_lock: Arc<Mutex<()>>,
 }
 
 /// What a replicator needs to start.
@@ -280,6 +341,8 @@ impl Replicator {
     pub(crate) fn start(spec: ReplicatorSpec) -> Replicator {
         let (stop, stopped) = watch::channel(false);
         let (rate, rates) = watch::channel(spec.rate);
+        let (resets, reset_seen) = watch::channel(0);
+        let cursor_lock = Arc::new(Mutex::new(()));
         let status = Arc::new(Status::default());
         status.set_state("Starting");
         let cursor = cursor_name(&spec.remote.name);
@@ -296,7 +359,10 @@ impl Replicator {
             stopped,
             rates,
             throttle: Throttle::default(),
-            started: false,
+            chain: None,
+            confirmed: false,
+            resets: reset_seen,
+            cursor_lock: cursor_lock.clone(),
         };
         tokio::spawn(worker.run());
         Replicator {
@@ -306,7 +372,14 @@ impl Replicator {
             status,
             stop,
             rate,
+            resets,
+            cursor_lock,
         }
+    }
+
+    /// The name of its cursor.
+    pub fn cursor(&self) -> &str {
+        &self.cursor
     }
 
     pub fn remote(&self) -> &RemoteCluster {
@@ -375,6 +448,27 @@ impl Drop for Replicator {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// Moves a replication cursor (admin `resetCursor` or `skip` on `pulsar.repl.<remote>`) and
+/// restarts its running replicator from there. The chain starts again too: the next entry sent
+/// names no previous one, so moving the cursor is how an operator explicitly lets a remote
+/// accept a gap (or resends what a remote lost).
+pub(crate) fn reset_cursor(
+    log: &Log,
+    replicator: Option<&Replicator>,
+    cursor: &str,
+    mark_delete: Option<Position>,
+) -> meridian_storage::Result<()> {
+    let lock = replicator.map(|replicator| replicator.cursor_lock.clone());
+    let _held = lock
+        .as_ref()
+        .map(|lock| lock.lock().unwrap_or_else(|poisoned| poisoned.into_inner()));
+    if let Some(replicator) = replicator {
+        replicator.resets.send_modify(|resets| *resets += 1);
+    }
+    log.reset_cursor(cursor, mark_delete)?;
+    log.set_cursor_properties(cursor, BTreeMap::new())
 }
 
 /// Why a replication session ended.
@@ -447,6 +541,19 @@ struct Sent {
     receipt: SendReceipt,
 }
 
+/// A send the remote answered.
+struct Confirmed {
+    sent: Sent,
+    /// False for a duplicate the remote already held (answered with the id -1:-1).
+    stored: bool,
+}
+
+/// A send that failed: the entry and why.
+struct SendFailure {
+    position: Position,
+    error: meridian_client::Error,
+}
+
 /// What to do with an entry read from the log.
 enum Plan {
     Skip,
@@ -469,8 +576,14 @@ struct Worker {
     stopped: watch::Receiver<bool>,
     rates: watch::Receiver<Option<DispatchRate>>,
     throttle: Throttle,
-    /// The current session got as far as producing.
-    started: bool,
+    /// The origin position of the last entry sent in this session, or at its start the last
+    /// one the remote confirmed (the cursor's chain property): the previous link of the next
+    /// entry sent. `None`: the next entry starts a chain.
+    chain: Option<Position>,
+    /// The remote confirmed something since the last failure (resets the backoff).
+    confirmed: bool,
+    resets: watch::Receiver<u64>,
+    cursor_lock: Arc<Mutex<()>>,
 }
 
 impl Worker {
@@ -493,11 +606,8 @@ impl Worker {
                 },
             };
             self.status.set_connection(None);
-            self.status
-                .oldest_pending_publish_ms
-                .store(0, Ordering::Relaxed);
-            if std::mem::take(&mut self.started) {
-                // A session that ran resets the backoff: the next failure is a new one.
+            if std::mem::take(&mut self.confirmed) {
+                // The remote confirmed something since the last failure: the next one is new.
                 delay = BACKOFF_INITIAL;
             }
             let wait = match ended {
@@ -517,6 +627,7 @@ impl Worker {
             };
             tokio::select! {
                 _ = self.stopped.changed() => {}
+                _ = self.resets.changed() => {}
                 () = tokio::time::sleep(wait) => {}
             }
         }
@@ -524,53 +635,79 @@ impl Worker {
         tracing::debug!(topic = %self.topic, remote = %self.remote.name, "replicator stopped");
     }
 
+    /// Runs `work` unless the replicator is stopped first (then `None`).
+    async fn unless_stopped<T>(&mut self, work: impl Future<Output = T>) -> Option<T> {
+        if *self.stopped.borrow_and_update() {
+            return None;
+        }
+        tokio::select! {
+            _ = self.stopped.changed() => None,
+            done = work => Some(done),
+        }
+    }
+
     /// One connected session: prepare the remote topic, create the producer, replicate until
-    /// stopped or something fails.
+    /// stopped or something fails. Every wait on the remote is bounded and ends on stop.
     async fn session(&mut self, client: &Client) -> Ended {
         self.status.set_state("Connecting");
         if let Some(service_url) = self.remote.service_url.clone() {
             let topic = self.topic.clone();
             let partitions = self.partitions;
-            let prepared = tokio::task::spawn_blocking(move || {
+            let prepare = tokio::task::spawn_blocking(move || {
                 prepare_remote_topic(&service_url, &topic, partitions)
-            })
-            .await;
-            match prepared {
-                Ok(Ok(())) => {}
-                Ok(Err(Prepare::Mismatch(reason))) => return Ended::Refused(reason),
-                Ok(Err(Prepare::Failed(reason))) => return Ended::Failed(reason),
-                Err(error) => return Ended::Failed(error.to_string()),
+            });
+            match self.unless_stopped(prepare).await {
+                None => return Ended::Stopped,
+                Some(Ok(Ok(()))) => {}
+                Some(Ok(Err(Prepare::Mismatch(reason)))) => return Ended::Refused(reason),
+                Some(Ok(Err(Prepare::Failed(reason)))) => return Ended::Failed(reason),
+                Some(Err(error)) => return Ended::Failed(error.to_string()),
             }
         }
+        // A failed send fails everything after it (`stop_on_failure`): nothing is sent past a
+        // gap, and the session starts again from the cursor.
         let create = client
             .producer(self.topic.to_string())
             .name(self.producer_name.clone())
-            .send_timeout(Duration::ZERO)
+            .send_timeout(SEND_TIMEOUT)
+            .stop_on_failure()
             .max_pending(MAX_IN_FLIGHT_ENTRIES)
             .create();
-        let producer = tokio::select! {
-            _ = self.stopped.changed() => return Ended::Stopped,
-            created = create => match created {
-                Ok(producer) => producer,
-                Err(error) => return Ended::Failed(format!("creating the remote producer failed: {error}")),
-            },
+        let producer = match self.unless_stopped(create).await {
+            None => return Ended::Stopped,
+            Some(Ok(producer)) => producer,
+            Some(Err(error)) => {
+                return Ended::Failed(format!("creating the remote producer failed: {error}"))
+            }
         };
         self.status
             .set_connection(Some(producer.connection_watch()));
         self.status.set_state("Started");
-        self.started = true;
         tracing::info!(topic = %self.topic, remote = %self.remote.name, "replicator started");
         let ended = self.replicate(&producer).await;
-        let _ = producer.close().await;
+        // What is in flight is resent from the cursor by the next session: do not wait for it.
+        let _ = self.unless_stopped(producer.close_now()).await;
         ended
     }
 
     /// The read → send → acknowledge loop.
     async fn replicate(&mut self, producer: &Producer) -> Ended {
         let mut tail = self.log.watch_durable();
-        let Some(cursor) = self.log.cursor(&self.cursor) else {
+        let cursor = {
+            let cursor_lock = self.cursor_lock.clone();
+            let _held = cursor_lock
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            self.resets.borrow_and_update();
+            self.log.cursor(&self.cursor)
+        };
+        let Some(cursor) = cursor else {
             return Ended::Refused(format!("cursor {} is gone", self.cursor));
         };
+        self.chain = cursor
+            .properties
+            .get(CHAIN_CURSOR_PROPERTY)
+            .and_then(|value| parse_position(value));
         // Start after the mark-delete position: a rewind to the first unconfirmed entry. With
         // none, start before everything: entries appended and not yet durable count too, so
         // neither the first durable entry nor the end of the log is the right place.
@@ -581,13 +718,20 @@ impl Worker {
         let mut in_flight = InFlight::default();
         let mut throttled_until: Option<Instant> = None;
         loop {
+            if *self.stopped.borrow() {
+                return Ended::Stopped;
+            }
             match in_flight.take_confirmed() {
                 Ok(confirmed) => self.confirm(confirmed),
-                Err(reason) => return Ended::Failed(reason),
+                Err(failure) => return self.send_failed(failure),
             }
-            self.status
-                .oldest_pending_publish_ms
-                .store(in_flight.oldest_publish_time_ms(), Ordering::Relaxed);
+            let readable = self.log.last_position().is_some_and(|last| next <= last);
+            if !in_flight.is_empty() || !readable {
+                // Else the delay stays what it was: entries wait on disk for this session.
+                self.status
+                    .oldest_pending_publish_ms
+                    .store(in_flight.oldest_publish_time_ms(), Ordering::Relaxed);
+            }
 
             if throttled_until.is_some_and(|until| Instant::now() >= until) {
                 throttled_until = None;
@@ -598,7 +742,6 @@ impl Worker {
                     .wait(self.rates.borrow().as_ref())
                     .map(|wait| Instant::now() + wait);
             }
-            let readable = self.log.last_position().is_some_and(|last| next <= last);
             if in_flight.has_room() && readable && throttled_until.is_none() {
                 if let Err(ended) = self.send_more(producer, &mut next, &mut in_flight).await {
                     return ended;
@@ -614,9 +757,10 @@ impl Worker {
             };
             tokio::select! {
                 _ = self.stopped.changed() => return Ended::Stopped,
+                _ = self.resets.changed() => return Ended::Failed("the replication cursor was moved".into()),
                 confirmed = in_flight.next_confirmed() => match confirmed {
                     Ok(done) => self.confirm(vec![done]),
-                    Err(reason) => return Ended::Failed(reason),
+                    Err(failure) => return self.send_failed(failure),
                 },
                 changed = tail.changed(), if wait_for_tail => {
                     if changed.is_err() {
@@ -673,7 +817,8 @@ impl Worker {
             let receipt = producer
                 .send(*message)
                 .await
-                .map_err(|error| Ended::Failed(format!("send failed: {error}")))?;
+                .map_err(|error| self.send_failed(SendFailure { position, error }))?;
+            self.chain = Some(position);
             self.throttle.record(messages, bytes as u64);
             in_flight.push(Sent {
                 position,
@@ -687,7 +832,7 @@ impl Worker {
         Ok(())
     }
 
-    /// Skips what must not be replicated; prepares the rest.
+    /// Skips what must not be replicated; prepares the rest as the next link of the chain.
     fn plan(&self, entry: Entry) -> Plan {
         let Ok((mut metadata, payload)) = meridian_wire::entry_parts(entry.data) else {
             tracing::warn!(topic = %self.topic, position = %entry.position, "skipping an entry whose metadata does not decode");
@@ -701,11 +846,17 @@ impl Worker {
         metadata.replicated_from = Some(self.local_cluster.clone());
         metadata
             .properties
-            .retain(|property| property.key != ORIGIN_PROPERTY);
+            .retain(|property| !is_replication_property(property));
         metadata.properties.push(KeyValue {
             key: ORIGIN_PROPERTY.to_string(),
-            value: format!("{}:{}", entry.position.ledger_id, entry.position.entry_id),
+            value: format_position(entry.position),
         });
+        if let Some(previous) = self.chain {
+            metadata.properties.push(KeyValue {
+                key: PREVIOUS_PROPERTY.to_string(),
+                value: format_position(previous),
+            });
+        }
         let messages =
             u64::try_from(metadata.num_messages_in_batch.unwrap_or(1).max(1)).unwrap_or(1);
         Plan::Send {
@@ -714,16 +865,63 @@ impl Worker {
         }
     }
 
-    /// Counts confirmed sends and acknowledges their source entries.
-    fn confirm(&self, confirmed: Vec<Sent>) {
+    /// How a session ends after a send failed: an error retrying cannot fix (the remote
+    /// refuses the entry: too large for it, a gap, a terminated topic) stops the replicator at
+    /// that entry until the cause is fixed; anything else is retried after a backoff.
+    fn send_failed(&self, failure: SendFailure) -> Ended {
+        let SendFailure { position, error } = failure;
+        let permanent = matches!(error, meridian_client::Error::MessageTooLarge { .. })
+            || matches!(
+                error.server_error(),
+                Some(ServerError::NotAllowedError | ServerError::TopicTerminatedError)
+            );
+        let reason = format!(
+            "entry {} was not replicated: {error}",
+            format_position(position)
+        );
+        if permanent {
+            Ended::Refused(reason)
+        } else {
+            Ended::Failed(reason)
+        }
+    }
+
+    /// Counts what the remote stored and acknowledges the confirmed entries' source entries.
+    fn confirm(&mut self, confirmed: Vec<Confirmed>) {
+        let Some(last) = confirmed.last() else {
+            return;
+        };
+        let cursor_lock = self.cursor_lock.clone();
+        let _held = cursor_lock
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if self.resets.has_changed().unwrap_or(true) {
+            // An admin moved the cursor: what was in flight no longer counts.
+            return;
+        }
+        // The chain's head first, then the acknowledgements: a cursor never has acknowledged
+        // an entry its chain property does not cover (both are persisted together).
+        let head = BTreeMap::from([(
+            CHAIN_CURSOR_PROPERTY.to_string(),
+            format_position(last.sent.position),
+        )]);
+        if let Err(error) = self.log.set_cursor_properties(&self.cursor, head) {
+            tracing::warn!(topic = %self.topic, remote = %self.remote.name, %error, "recording the replication chain failed");
+            return;
+        }
         let positions: Vec<Position> = confirmed
             .iter()
             .map(|done| {
-                self.status.out.record(done.messages, done.bytes as u64);
-                done.position
+                if done.stored {
+                    self.status
+                        .out
+                        .record(done.sent.messages, done.sent.bytes as u64);
+                }
+                done.sent.position
             })
             .collect();
         self.acknowledge(&positions);
+        self.confirmed = true;
     }
 
     fn acknowledge(&self, positions: &[Position]) {
@@ -752,15 +950,37 @@ impl InFlight {
         self.room() > 0 && self.bytes < MAX_IN_FLIGHT_BYTES
     }
 
+    fn is_empty(&self) -> bool {
+        self.sent.is_empty()
+    }
+
     fn push(&mut self, sent: Sent) {
         self.bytes += sent.bytes;
         self.sent.push_back(sent);
     }
 
-    fn pop(&mut self) -> Option<Sent> {
-        let done = self.sent.pop_front()?;
-        self.bytes -= done.bytes;
-        Some(done)
+    /// The head, answered with `result`.
+    fn complete(
+        &mut self,
+        result: meridian_client::Result<MessageId>,
+    ) -> Result<Confirmed, SendFailure> {
+        let Some(sent) = self.sent.pop_front() else {
+            return Err(SendFailure {
+                position: Position::new(0, 0),
+                error: meridian_client::Error::NotAllowed("confirmation without a send".into()),
+            });
+        };
+        self.bytes -= sent.bytes;
+        match result {
+            Ok(id) => Ok(Confirmed {
+                stored: id.ledger_id != u64::MAX,
+                sent,
+            }),
+            Err(error) => Err(SendFailure {
+                position: sent.position,
+                error,
+            }),
+        }
     }
 
     /// Publish time of the oldest unconfirmed entry (0: none).
@@ -770,31 +990,26 @@ impl InFlight {
             .map_or(0, |head| head.publish_time_ms.max(1))
     }
 
-    /// The sends confirmed so far, without waiting; an error if one failed.
-    fn take_confirmed(&mut self) -> Result<Vec<Sent>, String> {
+    /// The sends answered so far, without waiting; the first failure if one failed.
+    fn take_confirmed(&mut self) -> Result<Vec<Confirmed>, SendFailure> {
         let mut confirmed = Vec::new();
         let mut context = std::task::Context::from_waker(std::task::Waker::noop());
         while let Some(head) = self.sent.front_mut() {
             match std::pin::Pin::new(&mut head.receipt).poll(&mut context) {
                 std::task::Poll::Pending => break,
-                std::task::Poll::Ready(Err(error)) => return Err(format!("send failed: {error}")),
-                std::task::Poll::Ready(Ok(_)) => confirmed.extend(self.pop()),
+                std::task::Poll::Ready(result) => confirmed.push(self.complete(result)?),
             }
         }
         Ok(confirmed)
     }
 
-    /// Waits for the oldest send's confirmation (forever if nothing is in flight).
-    async fn next_confirmed(&mut self) -> Result<Sent, String> {
+    /// Waits for the oldest send's answer (forever if nothing is in flight).
+    async fn next_confirmed(&mut self) -> Result<Confirmed, SendFailure> {
         let Some(head) = self.sent.front_mut() else {
             return std::future::pending().await;
         };
-        match (&mut head.receipt).await {
-            Ok(_) => self
-                .pop()
-                .ok_or_else(|| "confirmation without a send".to_string()),
-            Err(error) => Err(format!("send failed: {error}")),
-        }
+        let result = (&mut head.receipt).await;
+        self.complete(result)
     }
 }
 

@@ -16,7 +16,8 @@ use tokio::sync::oneshot;
 
 use crate::broker::BrokerShared;
 use crate::dedup::{
-    is_replication_key, position_sequence, replication_key, Dedup, Sequence, Verdict, DEDUP_CURSOR,
+    is_replication_key, position_sequence, replication_key, sequence_position, Dedup, Sequence,
+    Verdict, DEDUP_CURSOR,
 };
 use crate::error::{BrokerError, Result};
 use crate::outbound::{command_frame, OutboundSender};
@@ -99,8 +100,8 @@ pub struct Publish {
     /// The entry exactly as the producer sent it (metadata and payload).
     pub entry: Bytes,
     pub publish_time_ms: u64,
-    /// For an entry a replicator brought: the cluster and position it comes from.
-    pub origin: Option<(String, Position)>,
+    /// For an entry a replicator brought: where it comes from.
+    pub origin: Option<replicator::Origin>,
 }
 
 /// A future that completes when a publish is durable: `Some(position)`, or `None` for a
@@ -432,9 +433,10 @@ impl Topic {
         // Replicated entries are always de-duplicated by origin position; local ones by
         // sequence id when the namespace asks for it.
         let dedup_key = match &request.origin {
-            Some((cluster, position)) => {
-                let sequence = position_sequence(position.ledger_id, position.entry_id);
-                Some((replication_key(cluster), sequence, sequence))
+            Some(origin) => {
+                let sequence =
+                    position_sequence(origin.position.ledger_id, origin.position.entry_id);
+                Some((replication_key(&origin.cluster), sequence, sequence))
             }
             None if self.deduplication => {
                 let highest = request.sequence_id.max(request.highest_sequence_id);
@@ -449,9 +451,10 @@ impl Topic {
         let pending = {
             let mut state = self.lock();
             let verdict = match (&dedup_key, state.dedup.as_mut()) {
-                (Some((key, sequence, highest)), Some(dedup)) => {
-                    dedup.check(key, *sequence, *highest)
-                }
+                (Some((key, sequence, highest)), Some(dedup)) => match &request.origin {
+                    Some(origin) => replicator::check_chain(dedup, key, origin),
+                    None => dedup.check(key, *sequence, *highest),
+                },
                 _ => Verdict::New,
             };
             match verdict {
@@ -461,6 +464,16 @@ impl Topic {
                         "message {} of producer {producer_name} may still be in flight; retry",
                         request.sequence_id
                     )))
+                }
+                Verdict::Gap { last } => {
+                    let origin = request
+                        .origin
+                        .as_ref()
+                        .expect("a gap is in a replicated chain");
+                    return Err(BrokerError::NotAllowed(replicator::gap_message(
+                        origin,
+                        last.map(sequence_position),
+                    )));
                 }
                 Verdict::New => {}
             }
@@ -796,10 +809,10 @@ fn recover_dedup(log: &Arc<Log>) -> Result<Dedup> {
             let Ok(metadata) = meridian_wire::entry_metadata(entry.data) else {
                 continue;
             };
-            if let Some((cluster, origin)) = crate::replicator::origin_of(&metadata) {
+            if let Some(origin) = crate::replicator::origin_of(&metadata) {
                 dedup.persisted(
-                    &replication_key(&cluster),
-                    position_sequence(origin.ledger_id, origin.entry_id),
+                    &replication_key(&origin.cluster),
+                    position_sequence(origin.position.ledger_id, origin.position.entry_id),
                 );
                 continue;
             }
@@ -1442,6 +1455,19 @@ impl Topic {
                 "subscription {name} does not exist on {}",
                 self.full_name
             )));
+        }
+        if is_replicator_cursor(name) {
+            let state = self.lock();
+            let replicator = state
+                .replicators
+                .values()
+                .find(|replicator| replicator.cursor() == name);
+            return Ok(replicator::reset_cursor(
+                &self.log,
+                replicator,
+                name,
+                mark_delete,
+            )?);
         }
         match self.subscription(name) {
             Some(subscription) => subscription.seek(mark_delete),

@@ -307,6 +307,20 @@ impl Connection {
             .map_err(|_| self.shared.disconnected())
     }
 
+    /// Asks the broker to close producer `producer_id`, without waiting for the reply.
+    pub(crate) async fn close_producer(&self, producer_id: u64) -> Result<()> {
+        let request_id = self.next_request_id.fetch_add(1, Ordering::Relaxed);
+        self.send_command(&BaseCommand {
+            close_producer: Some(meridian_wire::proto::CommandCloseProducer {
+                producer_id,
+                request_id,
+                ..Default::default()
+            }),
+            ..command(CommandType::CloseProducer)
+        })
+        .await
+    }
+
     /// Sends a SEND frame.
     pub(crate) async fn send_payload(&self, frame: PayloadFrame) -> Result<()> {
         self.outbound

@@ -13,15 +13,18 @@
 //! 3. encodes the entry once (compressed, checksummed) and keeps the SEND
 //!    frame in the FIFO of in-flight sends until its receipt arrives;
 //! 4. completes receipts in order. A receipt for a later sequence id than the
-//!    head's means the broker lost something: the connection is closed and
-//!    everything resent, as Pulsar's C++ client does. An earlier one is a
+//!    head's means the broker lost something: the producer is closed on the
+//!    broker and re-created, and everything resent. An earlier one is a
 //!    late receipt for a message that timed out, and is ignored;
 //! 5. on a lost connection, a broker CLOSE_PRODUCER, or a SEND_ERROR other
 //!    than `ChecksumError`: looks the topic up again with capped exponential
 //!    backoff, re-creates the producer (same producer id, same name, the
 //!    epoch bumped) and resends every in-flight frame byte for byte, so each
 //!    message keeps its original sequence id and a deduplicating broker
-//!    stores it once;
+//!    stores it once. A SEND_ERROR closes only this producer (CLOSE_PRODUCER
+//!    first): the connection, shared with other producers, stays up. With
+//!    `stop_on_failure` a failed message fails everything after it instead
+//!    of being resent;
 //! 6. fails messages older than the send timeout with [`Error::SendTimeout`].
 //!
 //! A message's permit is released when its send completes, whichever way.
@@ -98,6 +101,7 @@ struct ProducerConfig {
     access_mode: AccessMode,
     initial_sequence_id: Option<u64>,
     properties: BTreeMap<String, String>,
+    stop_on_failure: bool,
 }
 
 /// Settings of a [`Producer`].
@@ -121,6 +125,7 @@ impl ProducerBuilder {
                 access_mode: AccessMode::Shared,
                 initial_sequence_id: None,
                 properties: BTreeMap::new(),
+                stop_on_failure: false,
             },
         }
     }
@@ -170,6 +175,16 @@ impl ProducerBuilder {
     /// `last_sequence_id` is ignored when this is set.
     pub fn initial_sequence_id(mut self, sequence_id: u64) -> Self {
         self.config.initial_sequence_id = Some(sequence_id);
+        self
+    }
+
+    /// Once a send fails (rejected here, refused by the broker, timed out), every message
+    /// queued or in flight after it fails too, and so does every later `send`: nothing is
+    /// sent after a message that was not stored. For callers that must not leave gaps, such
+    /// as geo-replication; they close the producer and start again from the failed message.
+    /// Default: off (a failed message is dropped and the next ones go on).
+    pub fn stop_on_failure(mut self) -> Self {
+        self.config.stop_on_failure = true;
         self
     }
 
@@ -348,6 +363,21 @@ impl Producer {
     }
 }
 
+impl Producer {
+    /// Fails whatever is queued or in flight with [`Error::ProducerClosed`] (without waiting
+    /// for receipts) and closes the producer on the broker, waiting at most the operation
+    /// timeout for its answer.
+    pub async fn close_now(&self) -> Result<()> {
+        let mut result = Ok(());
+        for producer in &self.producers {
+            if let Err(error) = producer.close_with(ProducerCommand::CloseNow).await {
+                result = Err(error);
+            }
+        }
+        result
+    }
+}
+
 /// Resolves to the id of a sent message, or to why it was not sent.
 #[must_use = "a receipt tells whether the message was stored"]
 pub struct SendReceipt {
@@ -403,6 +433,8 @@ enum ProducerCommand {
     },
     Flush(oneshot::Sender<Result<()>>),
     Close(oneshot::Sender<Result<()>>),
+    /// Close without waiting for what is in flight.
+    CloseNow(oneshot::Sender<Result<()>>),
 }
 
 /// The handle of one partition's engine.
@@ -490,6 +522,7 @@ impl PartitionProducer {
             flush_waiters: Vec::new(),
             close_waiters: Vec::new(),
             closing: false,
+            failed: None,
             config,
         };
         tokio::spawn(engine.run().instrument(span));
@@ -542,7 +575,14 @@ impl PartitionProducer {
     }
 
     async fn close(&self) -> Result<()> {
-        match self.request(ProducerCommand::Close).await {
+        self.close_with(ProducerCommand::Close).await
+    }
+
+    async fn close_with(
+        &self,
+        build: impl FnOnce(oneshot::Sender<Result<()>>) -> ProducerCommand,
+    ) -> Result<()> {
+        match self.request(build).await {
             // Already closed is closed.
             Err(Error::ProducerClosed { .. }) => Ok(()),
             other => other,
@@ -711,6 +751,8 @@ struct ProducerEngine {
     flush_waiters: Vec<(u64, oneshot::Sender<Result<()>>)>,
     close_waiters: Vec<oneshot::Sender<Result<()>>>,
     closing: bool,
+    /// With `stop_on_failure`: why sends fail from now on.
+    failed: Option<Error>,
 }
 
 async fn next_event(link: &mut Option<Link>) -> Option<ProducerEvent> {
@@ -823,6 +865,10 @@ impl ProducerEngine {
                     let _ = responder.send(Err(self.closed_error()));
                     return;
                 }
+                if let Some(earlier) = &self.failed {
+                    let _ = responder.send(Err(earlier.clone()));
+                    return;
+                }
                 self.enqueue(*message, responder, permit).await;
             }
             ProducerCommand::Flush(responder) => {
@@ -840,6 +886,12 @@ impl ProducerEngine {
             ProducerCommand::Close(responder) => {
                 self.close_waiters.push(responder);
                 self.start_closing().await;
+            }
+            ProducerCommand::CloseNow(responder) => {
+                self.close_waiters.push(responder);
+                self.start_closing().await;
+                let closed = self.closed_error();
+                self.fail_everything(&closed);
             }
         }
     }
@@ -865,10 +917,12 @@ impl ProducerEngine {
     ) {
         let size = message.payload.len();
         if size > self.max_message_size {
-            let _ = responder.send(Err(Error::MessageTooLarge {
+            let error = Error::MessageTooLarge {
                 size,
                 max_size: self.max_message_size,
-            }));
+            };
+            let _ = responder.send(Err(error.clone()));
+            self.send_failed(&error, Failed::Newest);
             return;
         }
         let sequence_id = message.sequence_id.unwrap_or(self.next_sequence_id);
@@ -934,6 +988,13 @@ impl ProducerEngine {
         sends: Vec<PendingSend>,
         queued_at: Instant,
     ) {
+        // An entry handed over whole (geo-replication) may carry the metadata the replicator
+        // adds on top of what its producer sent.
+        let allowance = if messages.iter().any(|sent| sent.message.entry.is_some()) {
+            meridian_wire::REPLICATION_METADATA_ALLOWANCE
+        } else {
+            0
+        };
         let encoded = encode_entry(
             &messages,
             &self.producer_name,
@@ -961,21 +1022,19 @@ impl ProducerEngine {
             Ok(encoded) => encoded,
             Err(error) => {
                 tracing::warn!(%error, "could not encode an entry; failing its messages");
-                for send in sends {
-                    let _ = send.responder.send(Err(error.clone()));
-                }
+                fail_sends(sends, &error);
+                self.send_failed(&error, Failed::Newest);
                 return;
             }
         };
         let frame_size = frame.frame_length();
-        if frame_size > self.max_message_size + meridian_wire::FRAME_SIZE_PADDING {
+        if frame_size > self.max_message_size + meridian_wire::FRAME_SIZE_PADDING + allowance {
             let error = Error::MessageTooLarge {
                 size: frame_size,
                 max_size: self.max_message_size,
             };
-            for send in sends {
-                let _ = send.responder.send(Err(error.clone()));
-            }
+            fail_sends(sends, &error);
+            self.send_failed(&error, Failed::Newest);
             return;
         }
         self.pending.push_back(InFlight {
@@ -1016,9 +1075,9 @@ impl ProducerEngine {
                     tracing::warn!(
                         sequence_id = receipt.sequence_id,
                         expected = head.sequence_id,
-                        "receipt out of order; reconnecting to resend"
+                        "receipt out of order; re-creating the producer to resend"
                     );
-                    self.reset_connection("out-of-order receipt");
+                    self.recreate("out-of-order receipt").await;
                     return;
                 }
                 let Some(in_flight) = self.pending.pop_front() else {
@@ -1061,13 +1120,21 @@ impl ProducerEngine {
                     if let Some(in_flight) = self.pending.pop_front() {
                         fail_sends(in_flight.sends, &server_error);
                     }
+                    self.send_failed(&server_error, Failed::OldestInFlight);
                     self.complete_flushes();
                 } else if error.error == ServerError::TopicTerminatedError as i32 {
                     tracing::warn!("topic terminated; failing pending messages");
                     self.fail_everything(&server_error);
+                } else if self.config.stop_on_failure && head_matches {
+                    tracing::warn!(sequence_id = error.sequence_id, error = %server_error, "send failed; failing what follows it");
+                    if let Some(in_flight) = self.pending.pop_front() {
+                        fail_sends(in_flight.sends, &server_error);
+                    }
+                    self.send_failed(&server_error, Failed::OldestInFlight);
+                    self.recreate("send error").await;
                 } else {
-                    tracing::warn!(sequence_id = error.sequence_id, error = %server_error, "send failed; reconnecting to resend");
-                    self.reset_connection("send error");
+                    tracing::warn!(sequence_id = error.sequence_id, error = %server_error, "send failed; re-creating the producer to resend");
+                    self.recreate("send error").await;
                 }
             }
             ProducerEvent::Closed => {
@@ -1077,16 +1144,32 @@ impl ProducerEngine {
         }
     }
 
-    /// Closes the whole connection (as Pulsar's C++ client does): its
-    /// reader drops this producer's channel, which leads to a reconnection.
-    fn reset_connection(&mut self, reason: &str) {
+    /// Closes this producer on the broker and creates it again (after the
+    /// backoff), resending what is in flight. Only this producer: the
+    /// connection, which other producers and consumers share, stays up.
+    async fn recreate(&mut self, reason: &str) {
         if let Some(link) = &self.link {
-            link.connection.close(Error::Protocol {
-                address: link.connection.address().to_string(),
-                reason: format!("producer {}: {reason}", self.producer_id),
-            });
+            // Written before the PRODUCER of the re-creation, on the same connection, so the
+            // broker handles it first; its reply is not awaited.
+            let _ = link.connection.close_producer(self.producer_id).await;
         }
         self.disconnected(reason);
+    }
+
+    /// With `stop_on_failure`, a send failed: every later send fails. Messages queued before
+    /// it (the open batch, the in-flight queue) go on, unless `after` says the failed one was
+    /// the oldest in flight, so that all of them came after it.
+    fn send_failed(&mut self, error: &Error, after: Failed) {
+        if !self.config.stop_on_failure {
+            return;
+        }
+        let earlier = Error::NotAllowed(format!(
+            "not sent: an earlier message of this producer failed ({error})"
+        ));
+        if after == Failed::OldestInFlight {
+            self.fail_everything(&earlier);
+        }
+        self.failed = Some(earlier);
     }
 
     fn disconnected(&mut self, reason: &str) {
@@ -1149,6 +1232,7 @@ impl ProducerEngine {
             timeout,
         };
         let mut failed = 0usize;
+        let mut first_failure = None;
         while self
             .pending
             .front()
@@ -1156,6 +1240,7 @@ impl ProducerEngine {
         {
             if let Some(in_flight) = self.pending.pop_front() {
                 failed += in_flight.sends.len();
+                first_failure.get_or_insert(timed_out(in_flight.sequence_id));
                 for send in in_flight.sends {
                     let _ = send.responder.send(Err(timed_out(send.sequence_id)));
                 }
@@ -1168,6 +1253,9 @@ impl ProducerEngine {
         {
             let batch = std::mem::take(&mut self.batch);
             failed += batch.sends.len();
+            if let Some(first) = batch.sends.first() {
+                first_failure.get_or_insert(timed_out(first.sequence_id));
+            }
             for send in batch.sends {
                 let _ = send.responder.send(Err(timed_out(send.sequence_id)));
             }
@@ -1178,6 +1266,9 @@ impl ProducerEngine {
                 timeout_ms = timeout.as_millis() as u64,
                 "sends timed out"
             );
+        }
+        if let Some(error) = first_failure {
+            self.send_failed(&error, Failed::OldestInFlight);
         }
         self.complete_flushes();
     }
@@ -1217,7 +1308,9 @@ impl ProducerEngine {
                     ProducerCommand::Send { responder, .. } => {
                         let _ = responder.send(Err(error.clone()));
                     }
-                    ProducerCommand::Flush(responder) | ProducerCommand::Close(responder) => {
+                    ProducerCommand::Flush(responder)
+                    | ProducerCommand::Close(responder)
+                    | ProducerCommand::CloseNow(responder) => {
                         let _ = responder.send(Err(error.clone()));
                     }
                 }
@@ -1250,6 +1343,15 @@ impl ProducerEngine {
         }
         tracing::debug!("producer closed");
     }
+}
+
+/// Which message failed, for `stop_on_failure`.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Failed {
+    /// The one being queued: everything queued before it goes on.
+    Newest,
+    /// The oldest in flight: everything queued or in flight came after it.
+    OldestInFlight,
 }
 
 fn fail_sends(sends: Vec<PendingSend>, error: &Error) {

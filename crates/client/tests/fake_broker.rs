@@ -257,14 +257,48 @@ fn record_send(sends: &Sends, connection: usize, frame: &Frame) -> Option<u64> {
     Some(send.sequence_id)
 }
 
+/// Whether the fake saw exactly one SEND so far (the one just recorded).
+fn first_send(sends: &Sends) -> bool {
+    sends.lock().expect("lock").len() == 1
+}
+
+/// The producer was closed on the broker and created again on the same connection, and the
+/// message resent: the connection, shared with other producers, stayed up.
+fn assert_recreated_on_the_same_connection(sends: &Sends, closes: &Arc<Mutex<usize>>) {
+    let sends = sends.lock().expect("lock").clone();
+    assert!(sends.len() >= 2, "{sends:?}");
+    let (first_connection, first_sequence, first_bytes) = &sends[0];
+    let (last_connection, last_sequence, last_bytes) = &sends[sends.len() - 1];
+    assert_eq!(
+        first_connection, last_connection,
+        "resent on the same connection"
+    );
+    assert_eq!(first_sequence, last_sequence, "the original sequence id");
+    assert_eq!(first_bytes, last_bytes, "the same entry, byte for byte");
+    assert_eq!(
+        *closes.lock().expect("lock"),
+        1,
+        "CLOSE_PRODUCER before re-creating"
+    );
+}
+
+/// Counts CLOSE_PRODUCER commands.
+fn count_close_producer(closes: &Arc<Mutex<usize>>, frame: &Frame) {
+    if command_type(frame.command()) == Some(CommandType::CloseProducer) {
+        *closes.lock().expect("lock") += 1;
+    }
+}
+
 #[tokio::test]
-async fn an_out_of_order_receipt_closes_the_connection_and_resends() {
+async fn an_out_of_order_receipt_recreates_the_producer_and_resends() {
     let sends: Sends = Arc::new(Mutex::new(Vec::new()));
-    let recorded = sends.clone();
+    let closes = Arc::new(Mutex::new(0));
+    let (recorded, counted) = (sends.clone(), closes.clone());
     let broker = fake_broker(move |address, connection, frame| {
+        count_close_producer(&counted, frame);
         match record_send(&recorded, connection, frame) {
-            // First connection: acknowledge a message that was never sent.
-            Some(sequence_id) if connection == 1 => vec![receipt(sequence_id + 5, 0)],
+            // First send: acknowledge a message that was never sent.
+            Some(sequence_id) if first_send(&recorded) => vec![receipt(sequence_id + 5, 0)],
             Some(sequence_id) => vec![receipt(sequence_id, 42)],
             None => standard(address, frame),
         }
@@ -278,23 +312,18 @@ async fn an_out_of_order_receipt_closes_the_connection_and_resends() {
         .expect("resent and acknowledged")
         .expect("send");
     assert_eq!((id.ledger_id, id.entry_id), (7, 42));
-    let sends = sends.lock().expect("lock").clone();
-    assert!(sends.len() >= 2, "{sends:?}");
-    let (first_connection, first_sequence, first_bytes) = &sends[0];
-    let (last_connection, last_sequence, last_bytes) = &sends[sends.len() - 1];
-    assert_eq!(*first_connection, 1);
-    assert!(*last_connection > 1, "resent on a new connection");
-    assert_eq!(first_sequence, last_sequence, "the original sequence id");
-    assert_eq!(first_bytes, last_bytes, "the same entry, byte for byte");
+    assert_recreated_on_the_same_connection(&sends, &closes);
 }
 
 #[tokio::test]
-async fn a_send_error_leads_to_a_resend() {
+async fn a_send_error_recreates_only_that_producer_and_resends() {
     let sends: Sends = Arc::new(Mutex::new(Vec::new()));
-    let recorded = sends.clone();
+    let closes = Arc::new(Mutex::new(0));
+    let (recorded, counted) = (sends.clone(), closes.clone());
     let broker = fake_broker(move |address, connection, frame| {
+        count_close_producer(&counted, frame);
         match record_send(&recorded, connection, frame) {
-            Some(sequence_id) if connection == 1 => vec![Action::Reply(BaseCommand {
+            Some(sequence_id) if first_send(&recorded) => vec![Action::Reply(BaseCommand {
                 send_error: Some(CommandSendError {
                     producer_id: 0,
                     sequence_id,
@@ -315,11 +344,7 @@ async fn a_send_error_leads_to_a_resend() {
         .expect("resent")
         .expect("send");
     assert_eq!(id.entry_id, 9);
-    let sends = sends.lock().expect("lock").clone();
-    assert_eq!(
-        sends.first().map(|send| send.1),
-        sends.last().map(|send| send.1)
-    );
+    assert_recreated_on_the_same_connection(&sends, &closes);
 }
 
 #[tokio::test]
@@ -423,4 +448,52 @@ async fn a_silent_broker_is_dropped_by_keep_alive() {
         .partitions("t")
         .await
         .expect("request on a new connection");
+}
+
+#[tokio::test]
+async fn with_stop_on_failure_nothing_is_sent_after_a_failed_message() {
+    let sends: Sends = Arc::new(Mutex::new(Vec::new()));
+    let recorded = sends.clone();
+    let broker = fake_broker(move |address, connection, frame| {
+        match record_send(&recorded, connection, frame) {
+            Some(sequence_id) => vec![receipt(sequence_id, sequence_id)],
+            None => standard(address, frame),
+        }
+    })
+    .await;
+    let client = client(&broker).await;
+    let producer = client
+        .producer("t")
+        .stop_on_failure()
+        .create()
+        .await
+        .expect("producer");
+    // Queued back to back, as a pipelining caller does, before any outcome is known.
+    let fits = producer.send("fits").await.expect("queued");
+    let too_large = producer
+        .send(vec![0u8; (1 << 20) + 1])
+        .await
+        .expect("queued");
+    let after = producer.send("after").await.expect("queued");
+    assert_eq!(fits.await.expect("first send").entry_id, 0);
+    assert!(matches!(
+        too_large.await,
+        Err(Error::MessageTooLarge { .. })
+    ));
+    assert!(
+        after.await.is_err(),
+        "a message after the failed one was sent"
+    );
+    assert!(producer.send_and_wait("later").await.is_err());
+    let sent: Vec<u64> = sends
+        .lock()
+        .expect("lock")
+        .iter()
+        .map(|send| send.1)
+        .collect();
+    assert_eq!(
+        sent,
+        vec![0],
+        "only the message before the failure reached the broker"
+    );
 }

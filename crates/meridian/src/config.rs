@@ -288,8 +288,10 @@ impl Config {
     }
 }
 
+/// What a frame and a stored entry may hold beyond `max_message_size`: Pulsar's frame padding
+/// for the command and metadata, and the metadata geo-replication adds on top.
 fn meridian_broker_padding() -> usize {
-    10 * 1024
+    meridian_wire::FRAME_SIZE_PADDING + meridian_wire::REPLICATION_METADATA_ALLOWANCE
 }
 
 #[cfg(test)]

@@ -117,6 +117,12 @@ pub const DEFAULT_MAX_MESSAGE_SIZE: usize = 5 * 1024 * 1024;
 /// size fields and the metadata. Pulsar uses 10 KiB.
 pub const FRAME_SIZE_PADDING: usize = 10 * 1024;
 
+/// What geo-replication may add to an entry's metadata on top of what its producer sent
+/// (`replicated_from` and the origin and chain properties): a broker accepts frames this much
+/// larger than [`FRAME_SIZE_PADDING`] allows, so that any entry a cluster accepted is accepted
+/// by a remote cluster with the same limits.
+pub const REPLICATION_METADATA_ALLOWANCE: usize = 1024;
+
 /// The default limit for [`check_frame`], counting the whole frame including
 /// its 4-byte size field.
 pub const DEFAULT_MAX_FRAME_SIZE: usize = DEFAULT_MAX_MESSAGE_SIZE + FRAME_SIZE_PADDING;
