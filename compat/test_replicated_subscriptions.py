@@ -5,6 +5,8 @@ stats, kept across a restart."""
 
 from __future__ import annotations
 
+import pytest
+
 from test_admin import call, ok
 
 
@@ -59,3 +61,88 @@ def test_the_status_covers_every_partition(broker_factory, client_factory):
     assert statuses == {
         f"persistent://public/default/replicated-partitioned-partition-{index}": True for index in range(2)
     }
+
+
+# ------------------------------------------------------------------ failover between clusters
+
+import pulsar  # noqa: E402
+
+from helpers import receive_n  # noqa: E402
+from replication_harness import (  # noqa: E402
+    REPLICATION_TIMEOUT_S,
+    await_condition,
+    clusters_factory,  # noqa: F401 (fixture)
+)
+
+Earliest = pulsar.InitialPosition.Earliest
+
+
+def backlog(clusters, cluster: str, topic: str, subscription: str):
+    subscriptions = clusters.stats(cluster, topic)["subscriptions"]
+    return subscriptions.get(subscription, {}).get("msgBacklog")
+
+
+def test_graceful_failover_delivers_exactly_the_unacknowledged_messages(clusters_factory):
+    """Two clusters replicating both ways. On a, two Shared consumers acknowledge 70 of 100
+    messages out of order and leave; within a sync interval, b's copy of the subscription holds
+    exactly the 30 others, and consumers that move to b get those 30 and nothing else (a
+    mark-delete-only sync, Pulsar's, would have redelivered every message after the first
+    unacknowledged one)."""
+    clusters = clusters_factory(("a", "b"))
+    namespace = clusters.new_namespace("failover")
+    clusters.create_replicated_namespace(namespace, ["a", "b"])
+    topic = f"persistent://{namespace}/orders"
+    subscription = "billing"
+
+    on_a = [
+        clusters.client("a").subscribe(
+            topic, subscription, consumer_type=pulsar.ConsumerType.Shared,
+            initial_position=Earliest, replicate_subscription_state_enabled=True,
+        )
+        for _ in range(2)
+    ]
+    producer = clusters.client("a").create_producer(topic, batching_enabled=False)
+    payloads = [f"m{index:03d}".encode() for index in range(100)]
+    for payload in payloads:
+        producer.send(payload)
+    await_condition(
+        lambda: backlog(clusters, "b", topic, subscription) == 100,
+        REPLICATION_TIMEOUT_S,
+        "b has the subscription with all 100 messages",
+    )
+
+    # Receive everything on a; acknowledge all but every 10th and the 3rd of each ten.
+    unacknowledged = set()
+    received = 0
+    while received < 100:
+        for consumer in on_a:
+            try:
+                message = consumer.receive(timeout_millis=200)
+            except pulsar.Timeout:
+                continue
+            received += 1
+            index = int(message.data()[1:])
+            if index % 10 in (0, 3):
+                unacknowledged.add(message.data())
+            else:
+                consumer.acknowledge(message)
+    assert len(unacknowledged) == 20
+    for consumer in on_a:
+        consumer.close()
+
+    await_condition(
+        lambda: backlog(clusters, "b", topic, subscription) == 20,
+        REPLICATION_TIMEOUT_S,
+        "b's subscription holds exactly a's unacknowledged messages",
+    )
+    on_b = clusters.client("b").subscribe(
+        topic, subscription, consumer_type=pulsar.ConsumerType.Shared,
+        replicate_subscription_state_enabled=True,
+    )
+    delivered = {message.data() for message in receive_n(on_b, 20)}
+    assert delivered == unacknowledged
+    try:
+        extra = on_b.receive(timeout_millis=1000)
+        pytest.fail(f"b delivered {extra.data()!r} again")
+    except pulsar.Timeout:
+        pass

@@ -11,6 +11,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
+use meridian_broker::replication::subscription_sync::{self, SyncedAcks};
 use meridian_broker::resources::{BacklogQuota, RetentionPolicies};
 use meridian_broker::{BrokerError, SeekTarget, Topic, TopicName};
 use meridian_storage::Position;
@@ -78,6 +79,10 @@ pub fn routes() -> Router<AppState> {
         .route(
             &format!("{base}/{{topic}}/subscription/{{subscription}}/replicatedSubscriptionStatus"),
             get(get_replicated_status).post(set_replicated_status),
+        )
+        .route(
+            &format!("{base}/{{topic}}/subscription/{{subscription}}/replicatedSubscriptionState"),
+            post(receive_replicated_state),
         )
         .route(
             &format!("{base}/{{topic}}/subscription/{{subscription}}/expireMessages/{{seconds}}"),
@@ -515,6 +520,25 @@ async fn set_replicated_status(
             .await?
             .set_subscription_replicated(&subscription, replicated)?;
     }
+    Ok(())
+}
+
+/// Another cluster's acknowledgements of a replicated subscription (Meridian's sync between
+/// clusters; see `replication::subscription_sync`).
+async fn receive_replicated_state(
+    State(broker): State<AppState>,
+    Path((tenant, namespace, topic, subscription)): SubscriptionPath,
+    payload: Result<Json<SyncedAcks>, JsonRejection>,
+) -> ApiResult<()> {
+    let name = topic_name(&tenant, &namespace, &topic)?;
+    let acks = body(payload)?;
+    let loaded = existing_topic(&broker, &name).await?;
+    let local_cluster = broker.config().cluster_name.clone();
+    tokio::task::spawn_blocking(move || {
+        subscription_sync::receive(&loaded, &subscription, acks, &local_cluster)
+    })
+    .await
+    .map_err(|error| BrokerError::Unknown(error.to_string()))??;
     Ok(())
 }
 

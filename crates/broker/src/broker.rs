@@ -258,6 +258,9 @@ impl Broker {
         {
             tracing::warn!(topic = %topic.name, %error, "updating replication failed");
         }
+        if topic.needs_subscription_sync() {
+            topic.ensure_subscription_sync();
+        }
     }
 
     /// The remote clusters a topic with these policies replicates to. A cluster replicates a

@@ -51,6 +51,9 @@ pub struct BrokerConfig {
     pub max_delayed_messages: usize,
     /// Delayed delivery is honoured (`delayedDeliveryEnabled`, default true).
     pub delayed_delivery_enabled: bool,
+    /// How often a replicated subscription's acknowledgements are sent to the topic's other
+    /// clusters (and at once when a consumer closes).
+    pub replicated_subscriptions_sync_interval: std::time::Duration,
     /// A topic's new replicator starts at its earliest message (back-fill) instead of the
     /// latest, Pulsar's default.
     pub replication_start_earliest: bool,
@@ -78,6 +81,7 @@ impl Default for BrokerConfig {
             max_delayed_messages: 1_000_000,
             delayed_delivery_enabled: true,
             replication_start_earliest: false,
+            replicated_subscriptions_sync_interval: std::time::Duration::from_millis(100),
         }
     }
 }

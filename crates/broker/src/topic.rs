@@ -22,6 +22,7 @@ use crate::dedup::{
 use crate::error::{BrokerError, Result};
 use crate::outbound::{command_frame, OutboundSender};
 use crate::replication::replicated_subscriptions;
+use crate::replication::subscription_sync::SubscriptionSync;
 use crate::replicator::{self, RemoteCluster, Replicator, ReplicatorSpec, ReplicatorStats};
 use crate::resources::{BacklogQuotaPolicy, DispatchRate, EffectivePolicies, RetentionPolicies};
 use crate::stats::{self, Meter, PublisherStats, SubscriptionStats, TopicStats};
@@ -227,6 +228,8 @@ pub struct Topic {
     closed: AtomicBool,
     /// Entries appended since the topic was loaded.
     entries_added: AtomicU64,
+    /// The replicated-subscription sync task, started once the topic needs it.
+    subscription_sync: std::sync::OnceLock<SubscriptionSync>,
 }
 
 /// Cursor names the broker uses for itself; never shown or usable as subscriptions.
@@ -292,6 +295,7 @@ impl Topic {
             deduplication,
             terminated: Arc::new(AtomicBool::new(terminated)),
             closed: AtomicBool::new(false),
+            subscription_sync: std::sync::OnceLock::new(),
             entries_added: AtomicU64::new(0),
         }))
     }
@@ -619,6 +623,12 @@ impl Topic {
         if !existing.is_durable() && existing.consumer_count() == 0 {
             self.drop_subscription(&mut state, subscription);
         }
+        drop(state);
+        // A consumer that leaves may be failing over to another cluster: send its
+        // acknowledgements now rather than at the next tick.
+        if let Some(sync) = self.subscription_sync.get() {
+            sync.now();
+        }
     }
 
     fn drop_subscription(&self, state: &mut TopicState, subscription: &str) {
@@ -649,7 +659,11 @@ impl Topic {
 
     /// Marks a durable subscription replicated or not (Pulsar's
     /// `replicatedSubscriptionStatus`); the mark is a cursor property, so it lasts.
-    pub fn set_subscription_replicated(&self, subscription: &str, replicated: bool) -> Result<()> {
+    pub fn set_subscription_replicated(
+        self: &Arc<Self>,
+        subscription: &str,
+        replicated: bool,
+    ) -> Result<()> {
         let cursor = self.subscription_cursor(subscription)?;
         if replicated_subscriptions::is_replicated(&cursor) == replicated {
             return Ok(());
@@ -658,7 +672,41 @@ impl Topic {
         replicated_subscriptions::mark(&mut properties, replicated);
         self.log.set_cursor_properties(subscription, properties)?;
         tracing::info!(topic = %self.full_name, subscription, replicated, "replicated subscription status changed");
+        if replicated {
+            self.ensure_subscription_sync();
+        }
         Ok(())
+    }
+
+    /// Starts the replicated-subscription sync task if it is not running.
+    pub(crate) fn ensure_subscription_sync(self: &Arc<Self>) {
+        self.subscription_sync.get_or_init(|| {
+            SubscriptionSync::start(
+                Arc::downgrade(self),
+                self.name.clone(),
+                self.shared.config.cluster_name.clone(),
+                self.shared.config.replicated_subscriptions_sync_interval,
+            )
+        });
+    }
+
+    /// Whether the topic has replicators or replicated subscriptions (it needs the sync task).
+    pub(crate) fn needs_subscription_sync(&self) -> bool {
+        !self.lock().replicators.is_empty()
+            || self.log.cursor_names().iter().any(|name| {
+                self.log
+                    .cursor(name)
+                    .is_some_and(|cursor| replicated_subscriptions::is_replicated(&cursor))
+            })
+    }
+
+    /// The remote clusters this topic's replicators send to now.
+    pub(crate) fn replication_remotes_running(&self) -> Vec<RemoteCluster> {
+        self.lock()
+            .replicators
+            .values()
+            .map(|replicator| replicator.remote().clone())
+            .collect()
     }
 
     /// Deletes a subscription and its cursor; refused while other consumers are connected.

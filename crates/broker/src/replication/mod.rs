@@ -4,3 +4,4 @@
 
 pub mod origin_acks;
 pub mod replicated_subscriptions;
+pub mod subscription_sync;

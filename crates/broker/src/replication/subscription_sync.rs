@@ -1,0 +1,383 @@
+//! Replicated subscriptions: clusters tell each other exactly what their consumers acknowledged.
+//!
+//! Every sync interval (and at once when a consumer of a replicated subscription closes), a
+//! topic's sync task walks each replicated subscription's acknowledgements, expresses them in
+//! origin coordinates ([`OriginAcks`]) and, when they changed, sends them to every other cluster
+//! the topic replicates to, through that cluster's admin API
+//! (`POST …/subscription/{sub}/replicatedSubscriptionState`, a Meridian extension). The
+//! receiving cluster creates the subscription where it is missing, keeps the latest state of each
+//! sender durably (cursor property `meridian.synced.<cluster>`) and acknowledges every entry of
+//! its own that the state covers: now, and for entries that arrive later, at the next tick after
+//! they do.
+//!
+//! Acknowledgements only ever add up: a state never un-acknowledges an entry in the receiving
+//! cluster, so consumers should be active in one cluster at a time (as with Pulsar).
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use meridian_storage::{Log, Position};
+use meridian_wire::MessageMetadata;
+use serde::{Deserialize, Serialize};
+use tokio::sync::Notify;
+
+use super::origin_acks::{OriginAcks, OriginAcksBuilder};
+use super::replicated_subscriptions;
+use crate::error::{BrokerError, Result};
+use crate::replicator::{self, RemoteCluster};
+use crate::topic::Topic;
+use crate::topic_name::TopicName;
+
+/// Prefix of the cursor property that keeps the latest state received from one cluster.
+pub const SYNCED_PROPERTY_PREFIX: &str = "meridian.synced.";
+
+/// Entries read per storage call while walking a log.
+const READ_BATCH: usize = 1000;
+/// How far back from the mark-delete position the walk looks for the last entry of each origin.
+const FRONTIER_SCAN_LIMIT: usize = 10_000;
+
+/// What one cluster sends another: the acknowledgements of one subscription.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SyncedAcks {
+    /// The sending cluster.
+    pub cluster: String,
+    pub acks: OriginAcks,
+}
+
+/// Where a stored entry comes from: `(cluster, position there)`. Markers have none (they are
+/// never delivered), nor do replicated entries without an origin position.
+pub fn entry_origin(
+    local_cluster: &str,
+    position: Position,
+    metadata: &MessageMetadata,
+) -> Option<(String, Position)> {
+    if metadata.marker_type.is_some() {
+        return None;
+    }
+    if metadata.replicated_from.is_some() {
+        let origin = replicator::origin_of(metadata)?;
+        return Some((origin.cluster, origin.position));
+    }
+    Some((local_cluster.to_string(), position))
+}
+
+/// Whether an entry was meant for `cluster` too: it comes from there, or its replication list
+/// does not leave it out.
+fn reached(metadata: &MessageMetadata, origin_cluster: &str, cluster: &str) -> bool {
+    origin_cluster == cluster
+        || metadata.replicate_to.is_empty()
+        || metadata.replicate_to.iter().any(|name| name == cluster)
+}
+
+/// Reads entries from `start` on (at most `limit`), calling `each(position, metadata)` until it
+/// returns `false`.
+fn walk_entries(
+    log: &Log,
+    start: Position,
+    limit: usize,
+    mut each: impl FnMut(Position, &MessageMetadata) -> bool,
+) -> Result<()> {
+    let mut next = start;
+    let mut seen = 0;
+    while seen < limit {
+        let entries = log.read_from(next, READ_BATCH.min(limit - seen), 16 * 1024 * 1024)?;
+        let Some(last) = entries.last().map(|entry| entry.position) else {
+            return Ok(());
+        };
+        for entry in entries {
+            seen += 1;
+            let Ok(metadata) = meridian_wire::entry_metadata(entry.data) else {
+                continue;
+            };
+            if !each(entry.position, &metadata) {
+                return Ok(());
+            }
+        }
+        next = log.next_position(last);
+    }
+    Ok(())
+}
+
+/// Per origin, the origin position of its last entry at or before `mark_delete`, looking back
+/// at most [`FRONTIER_SCAN_LIMIT`] entries (an origin not found is left out, which can only
+/// cost redeliveries in the other cluster, never a loss).
+fn frontier(
+    log: &Log,
+    local_cluster: &str,
+    mark_delete: Option<Position>,
+) -> BTreeMap<String, Position> {
+    let mut through = BTreeMap::new();
+    let mut at = mark_delete;
+    for _ in 0..FRONTIER_SCAN_LIMIT {
+        let Some(position) = at else {
+            break;
+        };
+        if let Ok(entry) = log.read(position) {
+            if let Ok(metadata) = meridian_wire::entry_metadata(entry.data) {
+                if let Some((cluster, origin)) = entry_origin(local_cluster, position, &metadata) {
+                    through.entry(cluster).or_insert(origin);
+                }
+            }
+        }
+        at = log.previous_position(position);
+    }
+    through
+}
+
+/// The acknowledgements of subscription `cursor` in origin coordinates.
+pub fn origin_acks(log: &Log, cursor: &str, local_cluster: &str) -> Result<OriginAcks> {
+    let state = log
+        .cursor(cursor)
+        .ok_or_else(|| BrokerError::SubscriptionNotFound {
+            topic: log.name().to_string(),
+            subscription: cursor.to_string(),
+        })?;
+    let mut builder = OriginAcksBuilder::new(&frontier(log, local_cluster, state.mark_delete));
+    let Some((ledger, _, last_entry)) = state.acknowledged.iter().last() else {
+        return Ok(builder.finish());
+    };
+    let last_acknowledged = Position::new(ledger, last_entry);
+    let start = match state.mark_delete {
+        Some(position) => log.next_position(position),
+        None => Position::new(0, 0),
+    };
+    walk_entries(log, start, usize::MAX, |position, metadata| {
+        if position > last_acknowledged {
+            return false;
+        }
+        if let Some((cluster, origin)) = entry_origin(local_cluster, position, metadata) {
+            builder.entry(&cluster, origin, state.is_acknowledged(position));
+        }
+        true
+    })?;
+    Ok(builder.finish())
+}
+
+/// Acknowledges, in subscription `name` of `topic`, every unacknowledged entry that a state
+/// received from another cluster covers. Returns how many it acknowledged.
+pub fn apply(topic: &Topic, name: &str, local_cluster: &str) -> Result<usize> {
+    let log = topic.log();
+    let Some(state) = log.cursor(name) else {
+        return Ok(0);
+    };
+    let received: Vec<SyncedAcks> = state
+        .properties
+        .iter()
+        .filter(|(key, _)| key.starts_with(SYNCED_PROPERTY_PREFIX))
+        .filter_map(|(_, value)| serde_json::from_str(value).ok())
+        .collect();
+    if received.is_empty() {
+        return Ok(0);
+    }
+    let start = match state.mark_delete {
+        Some(position) => log.next_position(position),
+        None => Position::new(0, 0),
+    };
+    let mut covered = Vec::new();
+    walk_entries(log, start, usize::MAX, |position, metadata| {
+        if state.is_acknowledged(position) {
+            return true;
+        }
+        let Some((cluster, origin)) = entry_origin(local_cluster, position, metadata) else {
+            return true;
+        };
+        let acknowledged_elsewhere = received.iter().any(|sender| {
+            sender.acks.covers(
+                &cluster,
+                origin,
+                reached(metadata, &cluster, &sender.cluster),
+            )
+        });
+        if acknowledged_elsewhere {
+            covered.push(position);
+        }
+        true
+    })?;
+    if covered.is_empty() {
+        return Ok(0);
+    }
+    match topic.subscription(name) {
+        Some(subscription) => subscription.acknowledge(&covered)?,
+        None => {
+            log.acknowledge(name, &covered)?;
+        }
+    }
+    Ok(covered.len())
+}
+
+/// Keeps a state received from `acks.cluster` for subscription `name` (creating the subscription,
+/// replicated, where it is missing) and applies it.
+pub fn receive(
+    topic: &Arc<Topic>,
+    name: &str,
+    acks: SyncedAcks,
+    local_cluster: &str,
+) -> Result<usize> {
+    if acks.cluster == local_cluster {
+        return Err(BrokerError::BadRequest(
+            "a cluster does not send subscription state to itself".into(),
+        ));
+    }
+    let log = topic.log();
+    if log.cursor(name).is_none() {
+        topic.create_subscription(name, Some(None))?;
+    }
+    let mut properties = log
+        .cursor(name)
+        .map(|cursor| cursor.properties)
+        .unwrap_or_default();
+    replicated_subscriptions::mark(&mut properties, true);
+    let encoded =
+        serde_json::to_string(&acks).map_err(|error| BrokerError::Unknown(error.to_string()))?;
+    properties.insert(format!("{SYNCED_PROPERTY_PREFIX}{}", acks.cluster), encoded);
+    log.set_cursor_properties(name, properties)?;
+    // Entries that arrive later are covered by the sync task's next ticks.
+    topic.ensure_subscription_sync();
+    apply(topic, name, local_cluster)
+}
+
+/// A topic's sync task: sends its replicated subscriptions' state to the other clusters and
+/// applies what they sent as entries arrive. Stops when the topic is gone.
+pub struct SubscriptionSync {
+    wake: Arc<Notify>,
+}
+
+impl SubscriptionSync {
+    pub fn start(
+        topic: Weak<Topic>,
+        name: TopicName,
+        local_cluster: String,
+        interval: Duration,
+    ) -> SubscriptionSync {
+        let wake = Arc::new(Notify::new());
+        tokio::spawn(run(topic, name, local_cluster, interval, wake.clone()));
+        SubscriptionSync { wake }
+    }
+
+    /// Sends changed state now instead of at the next tick (a consumer closed).
+    pub fn now(&self) {
+        self.wake.notify_one();
+    }
+}
+
+async fn run(
+    topic: Weak<Topic>,
+    name: TopicName,
+    local_cluster: String,
+    interval: Duration,
+    wake: Arc<Notify>,
+) {
+    // Per subscription and remote cluster: the state that remote has confirmed.
+    let mut sent: HashMap<(String, String), OriginAcks> = HashMap::new();
+    let mut applied_through: HashMap<String, Option<Position>> = HashMap::new();
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(interval) => {}
+            () = wake.notified() => {}
+        }
+        let Some(topic) = topic.upgrade() else {
+            return;
+        };
+        if topic.is_closed() {
+            return;
+        }
+        let remotes = topic.replication_remotes_running();
+        for cursor in topic.log().cursor_names() {
+            let Some(state) = topic.log().cursor(&cursor) else {
+                continue;
+            };
+            if !replicated_subscriptions::is_replicated(&state) {
+                continue;
+            }
+            // Entries arrived since the last application: apply what others sent to them.
+            let end = topic.log().last_position();
+            if applied_through.get(&cursor) != Some(&end) {
+                match apply(&topic, &cursor, &local_cluster) {
+                    Ok(_) => {
+                        applied_through.insert(cursor.clone(), end);
+                    }
+                    Err(error) => {
+                        tracing::warn!(topic = %name, subscription = %cursor, %error, "applying replicated subscription state failed");
+                    }
+                }
+            }
+            if remotes.is_empty() {
+                continue;
+            }
+            let acks = match origin_acks(topic.log(), &cursor, &local_cluster) {
+                Ok(acks) => acks,
+                Err(error) => {
+                    tracing::warn!(topic = %name, subscription = %cursor, %error, "reading replicated subscription state failed");
+                    continue;
+                }
+            };
+            for remote in &remotes {
+                let key = (cursor.clone(), remote.name.clone());
+                if sent.get(&key) == Some(&acks) {
+                    continue;
+                }
+                let body = SyncedAcks {
+                    cluster: local_cluster.clone(),
+                    acks: acks.clone(),
+                };
+                match send(remote, &name, &cursor, &body).await {
+                    Ok(()) => {
+                        sent.insert(key, acks.clone());
+                    }
+                    Err(error) => {
+                        tracing::debug!(topic = %name, subscription = %cursor, remote = %remote.name, %error, "sending replicated subscription state failed; retrying at the next tick");
+                    }
+                }
+            }
+        }
+        drop(topic);
+    }
+}
+
+/// Posts one subscription's state to a remote cluster's admin API.
+async fn send(
+    remote: &RemoteCluster,
+    topic: &TopicName,
+    subscription: &str,
+    body: &SyncedAcks,
+) -> std::result::Result<(), String> {
+    let Some(service_url) = remote.service_url.clone() else {
+        return Err(format!("cluster {} has no serviceUrl", remote.name));
+    };
+    let url = format!(
+        "{}/admin/v2/persistent/{}/{}/{}/subscription/{}/replicatedSubscriptionState",
+        service_url.trim_end_matches('/'),
+        topic.tenant,
+        topic.namespace,
+        encode(&topic.local),
+        encode(subscription),
+    );
+    let body = serde_json::to_string(body).map_err(|error| error.to_string())?;
+    tokio::task::spawn_blocking(move || {
+        let agent = ureq::AgentBuilder::new()
+            .timeout(Duration::from_secs(10))
+            .build();
+        agent
+            .post(&url)
+            .set("Content-Type", "application/json")
+            .send_string(&body)
+            .map(|_| ())
+            .map_err(|error| error.to_string())
+    })
+    .await
+    .map_err(|error| error.to_string())?
+}
+
+/// Percent-encodes a path segment.
+fn encode(segment: &str) -> String {
+    let mut encoded = String::with_capacity(segment.len());
+    for byte in segment.bytes() {
+        if byte.is_ascii_alphanumeric() || b"-_.~".contains(&byte) {
+            encoded.push(byte as char);
+        } else {
+            encoded.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    encoded
+}
