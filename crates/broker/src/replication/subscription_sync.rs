@@ -17,7 +17,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-use meridian_storage::{Log, Position};
+use meridian_storage::{CursorState, Log, Position, RangeSet};
 use meridian_wire::MessageMetadata;
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
@@ -99,49 +99,96 @@ fn walk_entries(
     Ok(())
 }
 
-/// Per origin, the origin position of its last entry at or before `mark_delete`, looking back
-/// at most [`FRONTIER_SCAN_LIMIT`] entries (an origin not found is left out, which can only
-/// cost redeliveries in the other cluster, never a loss).
-fn frontier(
-    log: &Log,
-    local_cluster: &str,
-    mark_delete: Option<Position>,
-) -> BTreeMap<String, Position> {
-    let mut through = BTreeMap::new();
-    let mut at = mark_delete;
-    for _ in 0..FRONTIER_SCAN_LIMIT {
-        let Some(position) = at else {
-            break;
-        };
-        if let Ok(entry) = log.read(position) {
-            if let Ok(metadata) = meridian_wire::entry_metadata(entry.data) {
-                if let Some((cluster, origin)) = entry_origin(local_cluster, position, &metadata) {
-                    through.entry(cluster).or_insert(origin);
-                }
-            }
-        }
-        at = log.previous_position(position);
-    }
-    through
+/// Per origin, the origin position of its last entry at or before a mark-delete position.
+#[derive(Debug, Clone, Default)]
+struct Frontier {
+    /// The mark-delete position it describes.
+    at: Option<Position>,
+    through: BTreeMap<String, Position>,
 }
 
-/// The acknowledgements of subscription `cursor` in origin coordinates.
-pub fn origin_acks(log: &Log, cursor: &str, local_cluster: &str) -> Result<OriginAcks> {
-    let state = log
-        .cursor(cursor)
-        .ok_or_else(|| BrokerError::SubscriptionNotFound {
-            topic: log.name().to_string(),
-            subscription: cursor.to_string(),
-        })?;
-    let mut builder = OriginAcksBuilder::new(&frontier(log, local_cluster, state.mark_delete));
+impl Frontier {
+    /// The frontier at `mark_delete`: moved forward from `known` by reading the entries in
+    /// between (what consumers just acknowledged, usually still cached), or found by looking back
+    /// at most [`FRONTIER_SCAN_LIMIT`] entries for each of `origins`. An origin not found is left
+    /// out, which can only cost redeliveries in the other cluster, never a loss.
+    fn at(
+        log: &Log,
+        local_cluster: &str,
+        origins: &[String],
+        mark_delete: Option<Position>,
+        known: Option<&Frontier>,
+    ) -> Result<Frontier> {
+        if let Some(known) = known.filter(|known| known.at <= mark_delete) {
+            let mut frontier = known.clone();
+            frontier.at = mark_delete;
+            let Some(end) = mark_delete else {
+                return Ok(frontier);
+            };
+            let start = position_after(log, known.at);
+            walk_entries(log, start, usize::MAX, |position, metadata| {
+                if position > end {
+                    return false;
+                }
+                if let Some((cluster, origin)) = entry_origin(local_cluster, position, metadata) {
+                    frontier.through.insert(cluster, origin);
+                }
+                true
+            })?;
+            return Ok(frontier);
+        }
+        let mut frontier = Frontier {
+            at: mark_delete,
+            through: BTreeMap::new(),
+        };
+        let mut at = mark_delete;
+        for _ in 0..FRONTIER_SCAN_LIMIT {
+            let Some(position) = at else {
+                break;
+            };
+            if origins
+                .iter()
+                .all(|origin| frontier.through.contains_key(origin))
+            {
+                break;
+            }
+            if let Ok(entry) = log.read(position) {
+                if let Ok(metadata) = meridian_wire::entry_metadata(entry.data) {
+                    if let Some((cluster, origin)) =
+                        entry_origin(local_cluster, position, &metadata)
+                    {
+                        frontier.through.entry(cluster).or_insert(origin);
+                    }
+                }
+            }
+            at = log.previous_position(position);
+        }
+        Ok(frontier)
+    }
+}
+
+/// Where reading starts after a mark-delete position.
+fn position_after(log: &Log, mark_delete: Option<Position>) -> Position {
+    match mark_delete {
+        Some(position) => log.next_position(position),
+        None => Position::new(0, 0),
+    }
+}
+
+/// The acknowledgements of a subscription whose cursor is in `state`, in origin coordinates,
+/// given the frontier at its mark-delete position.
+fn origin_acks(
+    log: &Log,
+    state: &CursorState,
+    frontier: &Frontier,
+    local_cluster: &str,
+) -> Result<OriginAcks> {
+    let mut builder = OriginAcksBuilder::new(&frontier.through);
     let Some((ledger, _, last_entry)) = state.acknowledged.iter().last() else {
         return Ok(builder.finish());
     };
     let last_acknowledged = Position::new(ledger, last_entry);
-    let start = match state.mark_delete {
-        Some(position) => log.next_position(position),
-        None => Position::new(0, 0),
-    };
+    let start = position_after(log, state.mark_delete);
     walk_entries(log, start, usize::MAX, |position, metadata| {
         if position > last_acknowledged {
             return false;
@@ -154,28 +201,41 @@ pub fn origin_acks(log: &Log, cursor: &str, local_cluster: &str) -> Result<Origi
     Ok(builder.finish())
 }
 
-/// Acknowledges, in subscription `name` of `topic`, every unacknowledged entry that a state
-/// received from another cluster covers. Returns how many it acknowledged.
-pub fn apply(topic: &Topic, name: &str, local_cluster: &str) -> Result<usize> {
-    let log = topic.log();
-    let Some(state) = log.cursor(name) else {
-        return Ok(0);
-    };
-    let received: Vec<SyncedAcks> = state
+/// The states other clusters sent for a subscription, as stored (raw JSON, in key order).
+fn received_states(state: &CursorState) -> Vec<&String> {
+    state
         .properties
         .iter()
         .filter(|(key, _)| key.starts_with(SYNCED_PROPERTY_PREFIX))
-        .filter_map(|(_, value)| serde_json::from_str(value).ok())
+        .map(|(_, value)| value)
+        .collect()
+}
+
+/// Acknowledges, in subscription `name` of `topic`, every unacknowledged entry that a state
+/// received from another cluster covers, looking at entries after the mark-delete position and
+/// at or after `from`. Returns the last position it looked at.
+pub fn apply(
+    topic: &Topic,
+    name: &str,
+    local_cluster: &str,
+    from: Option<Position>,
+) -> Result<Option<Position>> {
+    let log = topic.log();
+    let Some(state) = log.cursor(name) else {
+        return Ok(None);
+    };
+    let received: Vec<SyncedAcks> = received_states(&state)
+        .into_iter()
+        .filter_map(|value| serde_json::from_str(value).ok())
         .collect();
     if received.is_empty() {
-        return Ok(0);
+        return Ok(None);
     }
-    let start = match state.mark_delete {
-        Some(position) => log.next_position(position),
-        None => Position::new(0, 0),
-    };
+    let start = position_after(log, state.mark_delete).max(from.unwrap_or(Position::new(0, 0)));
     let mut covered = Vec::new();
+    let mut walked = None;
     walk_entries(log, start, usize::MAX, |position, metadata| {
+        walked = Some(position);
         if state.is_acknowledged(position) {
             return true;
         }
@@ -194,26 +254,25 @@ pub fn apply(topic: &Topic, name: &str, local_cluster: &str) -> Result<usize> {
         }
         true
     })?;
-    if covered.is_empty() {
-        return Ok(0);
-    }
-    match topic.subscription(name) {
-        Some(subscription) => subscription.acknowledge(&covered)?,
-        None => {
-            log.acknowledge(name, &covered)?;
+    if !covered.is_empty() {
+        match topic.subscription(name) {
+            Some(subscription) => subscription.acknowledge(&covered)?,
+            None => {
+                log.acknowledge(name, &covered)?;
+            }
         }
     }
-    Ok(covered.len())
+    Ok(walked)
 }
 
 /// Keeps a state received from `acks.cluster` for subscription `name` (creating the subscription,
-/// replicated, where it is missing) and applies it.
+/// replicated, where it is missing) and applies it to the entries stored now.
 pub fn receive(
     topic: &Arc<Topic>,
     name: &str,
     acks: SyncedAcks,
     local_cluster: &str,
-) -> Result<usize> {
+) -> Result<()> {
     if acks.cluster == local_cluster {
         return Err(BrokerError::BadRequest(
             "a cluster does not send subscription state to itself".into(),
@@ -234,7 +293,7 @@ pub fn receive(
     log.set_cursor_properties(name, properties)?;
     // Entries that arrive later are covered by the sync task's next ticks.
     topic.ensure_subscription_sync();
-    apply(topic, name, local_cluster)
+    apply(topic, name, local_cluster, None).map(|_| ())
 }
 
 /// A topic's sync task: sends its replicated subscriptions' state to the other clusters and
@@ -261,6 +320,19 @@ impl SubscriptionSync {
     }
 }
 
+/// What the sync task remembers of one replicated subscription between ticks.
+#[derive(Default)]
+struct Tracked {
+    /// The frontier at the mark-delete position the last walk saw.
+    frontier: Option<Frontier>,
+    /// The cursor state (mark-delete, acknowledged ranges) of the last walk and its result.
+    walked: Option<(Option<Position>, RangeSet, OriginAcks)>,
+    /// Per remote cluster, the state it confirmed.
+    sent: HashMap<String, OriginAcks>,
+    /// The received states as last applied, and the last entry that application looked at.
+    applied: Option<(Vec<String>, Option<Position>)>,
+}
+
 async fn run(
     topic: Weak<Topic>,
     name: TopicName,
@@ -268,9 +340,7 @@ async fn run(
     interval: Duration,
     wake: Arc<Notify>,
 ) {
-    // Per subscription and remote cluster: the state that remote has confirmed.
-    let mut sent: HashMap<(String, String), OriginAcks> = HashMap::new();
-    let mut applied_through: HashMap<String, Option<Position>> = HashMap::new();
+    let mut tracked: HashMap<String, Tracked> = HashMap::new();
     loop {
         tokio::select! {
             () = tokio::time::sleep(interval) => {}
@@ -283,6 +353,9 @@ async fn run(
             return;
         }
         let remotes = topic.replication_remotes_running();
+        let mut origins: Vec<String> = remotes.iter().map(|remote| remote.name.clone()).collect();
+        origins.push(local_cluster.clone());
+        let mut replicated = Vec::new();
         for cursor in topic.log().cursor_names() {
             let Some(state) = topic.log().cursor(&cursor) else {
                 continue;
@@ -290,22 +363,15 @@ async fn run(
             if !replicated_subscriptions::is_replicated(&state) {
                 continue;
             }
-            // Entries arrived since the last application: apply what others sent to them.
-            let end = topic.log().last_position();
-            if applied_through.get(&cursor) != Some(&end) {
-                match apply(&topic, &cursor, &local_cluster) {
-                    Ok(_) => {
-                        applied_through.insert(cursor.clone(), end);
-                    }
-                    Err(error) => {
-                        tracing::warn!(topic = %name, subscription = %cursor, %error, "applying replicated subscription state failed");
-                    }
-                }
+            replicated.push(cursor.clone());
+            let entry = tracked.entry(cursor.clone()).or_default();
+            if let Err(error) = apply_received(&topic, &cursor, &state, &local_cluster, entry) {
+                tracing::warn!(topic = %name, subscription = %cursor, %error, "applying replicated subscription state failed");
             }
             if remotes.is_empty() {
                 continue;
             }
-            let acks = match origin_acks(topic.log(), &cursor, &local_cluster) {
+            let acks = match walk(&topic, &cursor, &local_cluster, &origins, entry) {
                 Ok(acks) => acks,
                 Err(error) => {
                     tracing::warn!(topic = %name, subscription = %cursor, %error, "reading replicated subscription state failed");
@@ -313,8 +379,7 @@ async fn run(
                 }
             };
             for remote in &remotes {
-                let key = (cursor.clone(), remote.name.clone());
-                if sent.get(&key) == Some(&acks) {
+                if entry.sent.get(&remote.name) == Some(&acks) {
                     continue;
                 }
                 let body = SyncedAcks {
@@ -323,7 +388,7 @@ async fn run(
                 };
                 match send(remote, &name, &cursor, &body).await {
                     Ok(()) => {
-                        sent.insert(key, acks.clone());
+                        entry.sent.insert(remote.name.clone(), acks.clone());
                     }
                     Err(error) => {
                         tracing::debug!(topic = %name, subscription = %cursor, remote = %remote.name, %error, "sending replicated subscription state failed; retrying at the next tick");
@@ -331,8 +396,69 @@ async fn run(
                 }
             }
         }
+        tracked.retain(|cursor, _| replicated.contains(cursor));
         drop(topic);
     }
+}
+
+/// Applies the states other clusters sent: to every entry after the mark-delete position when
+/// they changed, else only to the entries that arrived since the last application.
+fn apply_received(
+    topic: &Topic,
+    cursor: &str,
+    state: &CursorState,
+    local_cluster: &str,
+    tracked: &mut Tracked,
+) -> Result<()> {
+    let received: Vec<String> = received_states(state).into_iter().cloned().collect();
+    if received.is_empty() {
+        return Ok(());
+    }
+    let from = match &tracked.applied {
+        Some((applied, walked)) if *applied == received => match walked {
+            Some(last) if topic.log().last_position() == Some(*last) => return Ok(()),
+            Some(last) => Some(topic.log().next_position(*last)),
+            None => None,
+        },
+        _ => None,
+    };
+    let walked = apply(topic, cursor, local_cluster, from)?;
+    let previous = tracked.applied.take().and_then(|(_, walked)| walked);
+    tracked.applied = Some((received, walked.or(previous)));
+    Ok(())
+}
+
+/// The subscription's state in origin coordinates; walks the log only when the cursor moved.
+fn walk(
+    topic: &Topic,
+    cursor: &str,
+    local_cluster: &str,
+    origins: &[String],
+    tracked: &mut Tracked,
+) -> Result<OriginAcks> {
+    let log = topic.log();
+    let state = log
+        .cursor(cursor)
+        .ok_or_else(|| BrokerError::SubscriptionNotFound {
+            topic: log.name().to_string(),
+            subscription: cursor.to_string(),
+        })?;
+    if let Some((mark_delete, acknowledged, acks)) = &tracked.walked {
+        if *mark_delete == state.mark_delete && *acknowledged == state.acknowledged {
+            return Ok(acks.clone());
+        }
+    }
+    let frontier = Frontier::at(
+        log,
+        local_cluster,
+        origins,
+        state.mark_delete,
+        tracked.frontier.as_ref(),
+    )?;
+    let acks = origin_acks(log, &state, &frontier, local_cluster)?;
+    tracked.frontier = Some(frontier);
+    tracked.walked = Some((state.mark_delete, state.acknowledged.clone(), acks.clone()));
+    Ok(acks)
 }
 
 /// Posts one subscription's state to a remote cluster's admin API.
