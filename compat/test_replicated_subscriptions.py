@@ -71,6 +71,7 @@ import pulsar  # noqa: E402
 
 from helpers import receive_n  # noqa: E402
 from replication_harness import (  # noqa: E402
+    topic_path,
     REPLICATION_TIMEOUT_S,
     await_condition,
     clusters_factory,  # noqa: F401 (fixture)
@@ -233,3 +234,26 @@ def _drain(consumer) -> list:
             messages.append(consumer.receive(timeout_millis=100))
         except pulsar.Timeout:
             return messages
+
+
+def test_seek_and_skip_carry_over(clusters_factory):
+    """On a, everything is acknowledged, then the subscription is moved back to the start (a
+    consumer's seek) and then skips 30 through the admin API: b's copy follows each move, so
+    consumers moving to b get exactly the 70 messages after the skipped ones."""
+    clusters = clusters_factory(("a", "b"))
+    topic = replicated_topic(clusters, ("a", "b"), "seek")
+    subscription = "audit"
+    on_a = shared_consumers(clusters, "a", topic, subscription, 1)[0]
+    payloads = produce(clusters, "a", topic, 100)
+    assert not consume([on_a], 100, keep=lambda payload: False)
+    await_backlog(clusters, "b", topic, subscription, 0, "everything acknowledged in a")
+
+    on_a.seek(pulsar.MessageId.earliest)
+    await_backlog(clusters, "b", topic, subscription, 100, "moved back to the start like a")
+    on_a.close()
+    clusters.admin("a", "POST", f"{topic_path(topic)}/subscription/{subscription}/skip/30")
+    await_backlog(clusters, "b", topic, subscription, 70, "30 skipped like a")
+
+    on_b = shared_consumers(clusters, "b", topic, subscription, 1)[0]
+    assert {message.data() for message in receive_n(on_b, 70)} == set(payloads[30:])
+    assert_nothing_more(on_b)

@@ -739,7 +739,8 @@ impl Topic {
                 topic: self.full_name.clone(),
                 subscription: subscription.to_string(),
             })?;
-        existing.seek(self.mark_delete_for(target)?)
+        existing.seek(self.mark_delete_for(target)?)?;
+        self.note_reset(subscription)
     }
 
     /// The mark-delete position that makes delivery (re)start at `target`: everything before a
@@ -1496,8 +1497,36 @@ impl Topic {
     }
 
     /// Moves a subscription's mark-delete position (reset-cursor, skip); connected consumers
-    /// are disconnected so they restart from the new position.
+    /// are disconnected so they restart from the new position. A replicated subscription's other
+    /// clusters follow.
     pub fn reset_subscription(&self, name: &str, mark_delete: Option<Position>) -> Result<()> {
+        self.reset_subscription_here(name, mark_delete)?;
+        if !is_replicator_cursor(name) {
+            self.note_reset(name)?;
+        }
+        Ok(())
+    }
+
+    /// Records that a replicated subscription was moved back by a user here (seek, reset), so
+    /// that its other clusters reset their copies too instead of adding acknowledgements up.
+    fn note_reset(&self, subscription: &str) -> Result<()> {
+        let Some(cursor) = self.log.cursor(subscription) else {
+            return Ok(());
+        };
+        if !replicated_subscriptions::is_replicated(&cursor) {
+            return Ok(());
+        }
+        let mut properties = cursor.properties;
+        replicated_subscriptions::note_reset(&mut properties);
+        Ok(self.log.set_cursor_properties(subscription, properties)?)
+    }
+
+    /// [`Topic::reset_subscription`] without telling other clusters (it follows one of theirs).
+    pub(crate) fn reset_subscription_here(
+        &self,
+        name: &str,
+        mark_delete: Option<Position>,
+    ) -> Result<()> {
         if self.log.cursor(name).is_none() || is_system_cursor(name) {
             return Err(BrokerError::NotFound(format!(
                 "subscription {name} does not exist on {}",

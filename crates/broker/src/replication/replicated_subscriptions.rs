@@ -6,8 +6,14 @@ use std::collections::BTreeMap;
 
 use meridian_storage::CursorState;
 
+use super::subscription_sync::SYNCED_PROPERTY_PREFIX;
+
 /// The cursor property that marks a replicated subscription (Pulsar's name).
 pub const REPLICATED_PROPERTY: &str = "pulsar.replicated.subscription";
+
+/// The cursor property with the time (ms) a user last moved the subscription back here (seek,
+/// reset-cursor): other clusters reset their copies when it grows.
+pub const RESET_PROPERTY: &str = "meridian.reset.at";
 
 /// Whether the cursor belongs to a replicated subscription.
 pub fn is_replicated(cursor: &CursorState) -> bool {
@@ -24,4 +30,33 @@ pub fn mark(properties: &mut BTreeMap<String, String>, replicated: bool) {
     } else {
         properties.remove(REPLICATED_PROPERTY);
     }
+}
+
+/// When a user last moved the subscription back here (ms since the epoch), if ever.
+pub fn reset_at(cursor: &CursorState) -> Option<u64> {
+    cursor
+        .properties
+        .get(RESET_PROPERTY)
+        .and_then(|value| value.parse().ok())
+}
+
+/// Records a reset made by a user here, now; the value always grows, even if the clock does not.
+/// The states other clusters sent before are dropped: they describe the subscription before it
+/// moved back.
+pub fn note_reset(properties: &mut BTreeMap<String, String>) {
+    let previous = properties
+        .get(RESET_PROPERTY)
+        .and_then(|value| value.parse::<u64>().ok())
+        .unwrap_or(0);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.as_millis() as u64);
+    adopt_reset(properties, now.max(previous + 1));
+}
+
+/// Records a reset (made here or in another cluster) and drops the states other clusters sent
+/// before it.
+pub fn adopt_reset(properties: &mut BTreeMap<String, String>, reset_at: u64) {
+    properties.retain(|key, _| !key.starts_with(SYNCED_PROPERTY_PREFIX));
+    properties.insert(RESET_PROPERTY.into(), reset_at.to_string());
 }

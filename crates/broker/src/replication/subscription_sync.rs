@@ -43,6 +43,10 @@ pub struct SyncedAcks {
     /// The sending cluster.
     pub cluster: String,
     pub acks: OriginAcks,
+    /// When a user last moved the subscription back in the sending cluster (ms): a receiver that
+    /// saw an older value resets its copy before applying `acks`.
+    #[serde(rename = "resetAt", default, skip_serializing_if = "Option::is_none")]
+    pub reset_at: Option<u64>,
 }
 
 /// Where a stored entry comes from: `(cluster, position there)`. Markers have none (they are
@@ -282,14 +286,32 @@ pub fn receive(
     if log.cursor(name).is_none() {
         topic.create_subscription(name, Some(None))?;
     }
+    let key = format!("{SYNCED_PROPERTY_PREFIX}{}", acks.cluster);
+    let own_reset = log
+        .cursor(name)
+        .and_then(|cursor| replicated_subscriptions::reset_at(&cursor));
+    if acks.reset_at < own_reset {
+        // Sent before the sender learnt of a reset made since: it would undo the reset.
+        tracing::debug!(topic = %topic.name, subscription = name, from = %acks.cluster, "ignoring a replicated subscription state older than the last reset");
+        return Ok(());
+    }
+    let reset = acks.reset_at > own_reset;
+    if reset {
+        // A user moved the subscription back in the sender: start over from its state alone.
+        topic.reset_subscription_here(name, None)?;
+        tracing::info!(topic = %topic.name, subscription = name, from = %acks.cluster, "replicated subscription reset by another cluster");
+    }
     let mut properties = log
         .cursor(name)
         .map(|cursor| cursor.properties)
         .unwrap_or_default();
+    if let (true, Some(reset_at)) = (reset, acks.reset_at) {
+        replicated_subscriptions::adopt_reset(&mut properties, reset_at);
+    }
     replicated_subscriptions::mark(&mut properties, true);
     let encoded =
         serde_json::to_string(&acks).map_err(|error| BrokerError::Unknown(error.to_string()))?;
-    properties.insert(format!("{SYNCED_PROPERTY_PREFIX}{}", acks.cluster), encoded);
+    properties.insert(key, encoded);
     log.set_cursor_properties(name, properties)?;
     // Entries that arrive later are covered by the sync task's next ticks.
     topic.ensure_subscription_sync();
@@ -328,7 +350,7 @@ struct Tracked {
     /// The cursor state (mark-delete, acknowledged ranges) of the last walk and its result.
     walked: Option<(Option<Position>, RangeSet, OriginAcks)>,
     /// Per remote cluster, the state it confirmed.
-    sent: HashMap<String, OriginAcks>,
+    sent: HashMap<String, SyncedAcks>,
     /// The received states as last applied, and the last entry that application looked at.
     applied: Option<(Vec<String>, Option<Position>)>,
 }
@@ -371,6 +393,7 @@ async fn run(
             if remotes.is_empty() {
                 continue;
             }
+            let reset_at = replicated_subscriptions::reset_at(&state);
             let acks = match walk(&topic, &cursor, &local_cluster, &origins, entry) {
                 Ok(acks) => acks,
                 Err(error) => {
@@ -378,17 +401,18 @@ async fn run(
                     continue;
                 }
             };
+            let body = SyncedAcks {
+                cluster: local_cluster.clone(),
+                acks,
+                reset_at,
+            };
             for remote in &remotes {
-                if entry.sent.get(&remote.name) == Some(&acks) {
+                if entry.sent.get(&remote.name) == Some(&body) {
                     continue;
                 }
-                let body = SyncedAcks {
-                    cluster: local_cluster.clone(),
-                    acks: acks.clone(),
-                };
                 match send(remote, &name, &cursor, &body).await {
                     Ok(()) => {
-                        entry.sent.insert(remote.name.clone(), acks.clone());
+                        entry.sent.insert(remote.name.clone(), body.clone());
                     }
                     Err(error) => {
                         tracing::debug!(topic = %name, subscription = %cursor, remote = %remote.name, %error, "sending replicated subscription state failed; retrying at the next tick");
