@@ -145,9 +145,10 @@ def replicated_topic(clusters, names, prefix: str) -> str:
     return f"persistent://{namespace}/orders"
 
 
-def produce(clusters, cluster: str, topic: str, count: int) -> list:
+def produce(clusters, cluster: str, topic: str, count: int, prefix: str = "m") -> list:
+    """Sends `count` messages `<prefix><index>` (three digits)."""
     producer = clusters.client(cluster).create_producer(topic, batching_enabled=False)
-    payloads = [f"m{index:03d}".encode() for index in range(count)]
+    payloads = [f"{prefix}{index:03d}".encode() for index in range(count)]
     for payload in payloads:
         producer.send(payload)
     producer.close()
@@ -256,4 +257,32 @@ def test_seek_and_skip_carry_over(clusters_factory):
 
     on_b = shared_consumers(clusters, "b", topic, subscription, 1)[0]
     assert {message.data() for message in receive_n(on_b, 70)} == set(payloads[30:])
+    assert_nothing_more(on_b)
+
+
+def test_one_way_state_for_entries_not_yet_arrived_is_applied_when_they_arrive(clusters_factory):
+    """One-way replication a -> b (b's list is [b]). While the a -> b link is cut, a produces 100
+    messages and acknowledges 60 of them out of order; the state reaches b (over the admin API)
+    before the messages do. Once the link heals, b's subscription acknowledges them as they
+    arrive: it holds exactly the 40 a did not acknowledge."""
+    clusters = clusters_factory(("a", "b"))
+    namespace = clusters.new_namespace("oneway")
+    clusters.create_replicated_namespace(namespace, ["b"], on=["b"])
+    clusters.create_replicated_namespace(namespace, ["a", "b"], on=["a"])
+    topic = f"persistent://{namespace}/orders"
+    subscription = "billing"
+    on_a = shared_consumers(clusters, "a", topic, subscription, 1)[0]
+    produce(clusters, "a", topic, 1, prefix="x")  # the topic exists on b, with the subscription
+    assert not consume([on_a], 1, keep=lambda payload: False)
+    await_backlog(clusters, "b", topic, subscription, 0, "created by a's state")
+
+    clusters.link("a", "b").cut()
+    produce(clusters, "a", topic, 100)
+    left = consume([on_a], 100, keep=lambda payload: int(payload[1:]) % 5 in (1, 4))
+    assert len(left) == 40
+    on_a.close()
+    clusters.link("a", "b").heal()
+    await_backlog(clusters, "b", topic, subscription, 40, "a's 40 unacknowledged messages")
+    on_b = shared_consumers(clusters, "b", topic, subscription, 1)[0]
+    assert {message.data() for message in receive_n(on_b, 40)} == left
     assert_nothing_more(on_b)
