@@ -286,3 +286,69 @@ def test_one_way_state_for_entries_not_yet_arrived_is_applied_when_they_arrive(c
     on_b = shared_consumers(clusters, "b", topic, subscription, 1)[0]
     assert {message.data() for message in receive_n(on_b, 40)} == left
     assert_nothing_more(on_b)
+
+
+def test_three_clusters_a_partitioned_topic_key_shared_and_a_restart(clusters_factory):
+    """Three clusters in a full mesh and a topic with two partitions. A Key_Shared subscription
+    on a acknowledges 75 of 120 keyed messages out of order; b and c both end with exactly the
+    other 45, c keeps them across a restart, and consumers on c get those 45, each key's
+    messages in order."""
+    clusters = clusters_factory(("a", "b", "c"))
+    namespace = clusters.new_namespace("mesh")
+    clusters.create_replicated_namespace(namespace, ["a", "b", "c"])
+    topic = f"persistent://{namespace}/orders"
+    for cluster in ("a", "b", "c"):
+        clusters.create_partitioned_topic(cluster, topic, 2)
+    subscription = "shipping"
+    on_a = clusters.client("a").subscribe(
+        topic, subscription, consumer_type=pulsar.ConsumerType.KeyShared,
+        initial_position=Earliest, replicate_subscription_state_enabled=True,
+    )
+    producer = clusters.client("a").create_producer(topic, batching_enabled=False)
+    payloads = [f"m{index:03d}".encode() for index in range(120)]
+    for index, payload in enumerate(payloads):
+        producer.send(payload, partition_key=f"key-{index % 6}")
+
+    def total_backlog(cluster):
+        stats = clusters.partitioned_stats(cluster, topic)
+        return stats.get("subscriptions", {}).get(subscription, {}).get("msgBacklog")
+
+    for cluster in ("b", "c"):
+        await_condition(lambda: total_backlog(cluster) == 120, REPLICATION_TIMEOUT_S, f"{cluster} has the subscription")
+    left = consume([on_a], 120, keep=lambda payload: int(payload[1:]) % 8 in (1, 2, 6))
+    assert len(left) == 45
+    on_a.close()
+    for cluster in ("b", "c"):
+        await_condition(lambda: total_backlog(cluster) == 45, REPLICATION_TIMEOUT_S, f"{cluster} holds a's 45")
+
+    clusters["c"].broker.restart()
+    assert total_backlog("c") == 45, "the applied state survives a restart"
+    on_c = clusters.client("c").subscribe(topic, subscription, consumer_type=pulsar.ConsumerType.KeyShared)
+    messages = receive_n(on_c, 45)
+    assert {message.data() for message in messages} == left
+    by_key = {}
+    for message in messages:
+        by_key.setdefault(message.partition_key(), []).append(int(message.data()[1:]))
+    assert all(indexes == sorted(indexes) for indexes in by_key.values()), by_key
+    assert_nothing_more(on_c)
+
+
+def test_failover_subscription_cumulative_acknowledgements(clusters_factory):
+    """A Failover subscription acknowledged cumulatively up to the 60th of 100 messages on a:
+    b delivers exactly the last 40."""
+    clusters = clusters_factory(("a", "b"))
+    topic = replicated_topic(clusters, ("a", "b"), "failover-type")
+    subscription = "ledger"
+    on_a = clusters.client("a").subscribe(
+        topic, subscription, consumer_type=pulsar.ConsumerType.Failover,
+        initial_position=Earliest, replicate_subscription_state_enabled=True,
+    )
+    payloads = produce(clusters, "a", topic, 100)
+    await_backlog(clusters, "b", topic, subscription, 100, "created with every message")
+    messages = receive_n(on_a, 60)
+    on_a.acknowledge_cumulative(messages[-1])
+    on_a.close()
+    await_backlog(clusters, "b", topic, subscription, 40, "a's cumulative acknowledgement")
+    on_b = clusters.client("b").subscribe(topic, subscription, consumer_type=pulsar.ConsumerType.Failover)
+    assert [message.data() for message in receive_n(on_b, 40)] == payloads[60:]
+    assert_nothing_more(on_b)
