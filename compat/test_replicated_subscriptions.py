@@ -6,6 +6,7 @@ stats, kept across a restart."""
 from __future__ import annotations
 
 import time
+import urllib.request
 
 import pytest
 
@@ -349,6 +350,24 @@ def test_failover_subscription_cumulative_acknowledgements(clusters_factory):
     on_a.acknowledge_cumulative(messages[-1])
     on_a.close()
     await_backlog(clusters, "b", topic, subscription, 40, "a's cumulative acknowledgement")
+
+    # Stats and metrics say where the sync stands, on both sides.
+    def sync_stats(cluster):
+        stats = clusters.stats(cluster, topic)["subscriptions"][subscription]
+        return stats.get("replicatedSubscriptionSync", {})
+
+    await_condition(
+        lambda: sync_stats("a").get("b", {}).get("unsentForMs") == 0,
+        REPLICATION_TIMEOUT_S,
+        "a's stats show b has its state",
+    )
+    assert sync_stats("a")["b"]["lastSentTimestamp"] > 0
+    assert sync_stats("b")["a"]["lastReceivedTimestamp"] > 0
+    with urllib.request.urlopen(clusters["a"].web_url + "/metrics", timeout=20) as response:
+        metrics = response.read().decode()
+    assert f'subscription="{subscription}",remote_cluster="b"' in metrics
+    assert "meridian_replicated_subscription_unsent_seconds" in metrics
+
     on_b = clusters.client("b").subscribe(topic, subscription, consumer_type=pulsar.ConsumerType.Failover)
     assert [message.data() for message in receive_n(on_b, 40)] == payloads[60:]
     assert_nothing_more(on_b)

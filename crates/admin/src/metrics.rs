@@ -220,9 +220,28 @@ pub async fn metrics(State(broker): State<AppState>) -> impl IntoResponse {
                 "pulsar_subscription_msg_rate_out",
                 "Messages per second dispatched to the subscription",
                 "gauge",
-                labels,
+                labels.clone(),
                 subscription_stats.msg_rate_out,
             );
+            for (remote, sync) in &subscription_stats.replicated_subscription_sync {
+                let labels = format!("{labels},remote_cluster=\"{}\"", escape(remote));
+                add(
+                    "meridian_replicated_subscription_unsent_seconds",
+                    "How long the replicated subscription's current state has waited to reach the remote cluster",
+                    "gauge",
+                    labels.clone(),
+                    sync.unsent_for_ms as f64 / 1000.0,
+                );
+                if let Some(received) = sync.last_received_timestamp {
+                    add(
+                        "meridian_replicated_subscription_last_received_timestamp_seconds",
+                        "When the remote cluster's state of the subscription was last received and applied",
+                        "gauge",
+                        labels,
+                        received as f64 / 1000.0,
+                    );
+                }
+            }
         }
     }
     let mut text = String::new();

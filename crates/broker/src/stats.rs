@@ -139,6 +139,21 @@ pub struct SubscriptionStats {
     pub is_durable: bool,
     pub is_replicated: bool,
     pub non_contiguous_deleted_messages_ranges: u64,
+    /// Meridian's replicated-subscription sync, per other cluster.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub replicated_subscription_sync: BTreeMap<String, SubscriptionSyncStats>,
+}
+
+/// How a replicated subscription's sync with one other cluster stands.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SubscriptionSyncStats {
+    /// When this cluster last sent the subscription's state there (ms since the epoch).
+    pub last_sent_timestamp: Option<u64>,
+    /// How long this cluster's current state has waited to be sent there (0: it has it).
+    pub unsent_for_ms: u64,
+    /// When a state from there was last received and applied here (ms since the epoch).
+    pub last_received_timestamp: Option<u64>,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]

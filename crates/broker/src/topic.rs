@@ -1246,6 +1246,13 @@ impl Topic {
             subscription_stats.is_replicated = cursor_state
                 .as_ref()
                 .is_some_and(replicated_subscriptions::is_replicated);
+            if let (true, Some(sync), Some(state)) = (
+                subscription_stats.is_replicated,
+                self.subscription_sync.get(),
+                cursor_state.as_ref(),
+            ) {
+                subscription_stats.replicated_subscription_sync = sync.stats(&cursor, state);
+            }
             subscription_stats.non_contiguous_deleted_messages_ranges = cursor_state
                 .map(|cursor| cursor.acknowledged.range_count() as u64)
                 .unwrap_or(0);

@@ -14,7 +14,7 @@
 //! cluster, so consumers should be active in one cluster at a time (as with Pulsar).
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Weak};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use meridian_storage::{CursorState, Log, Position, RangeSet};
@@ -26,11 +26,14 @@ use super::origin_acks::{OriginAcks, OriginAcksBuilder};
 use super::replicated_subscriptions;
 use crate::error::{BrokerError, Result};
 use crate::replicator::{self, RemoteCluster};
+use crate::stats::SubscriptionSyncStats;
 use crate::topic::Topic;
 use crate::topic_name::TopicName;
 
 /// Prefix of the cursor property that keeps the latest state received from one cluster.
 pub const SYNCED_PROPERTY_PREFIX: &str = "meridian.synced.";
+/// Prefix of the cursor property with the time (ms) a state from one cluster was last received.
+pub const RECEIVED_AT_PROPERTY_PREFIX: &str = "meridian.received-at.";
 
 /// Entries read per storage call while walking a log.
 const READ_BATCH: usize = 1000;
@@ -312,16 +315,36 @@ pub fn receive(
     let encoded =
         serde_json::to_string(&acks).map_err(|error| BrokerError::Unknown(error.to_string()))?;
     properties.insert(key, encoded);
+    properties.insert(
+        format!("{RECEIVED_AT_PROPERTY_PREFIX}{}", acks.cluster),
+        now_ms().to_string(),
+    );
     log.set_cursor_properties(name, properties)?;
     // Entries that arrive later are covered by the sync task's next ticks.
     topic.ensure_subscription_sync();
     apply(topic, name, local_cluster, None).map(|_| ())
 }
 
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.as_millis() as u64)
+}
+
+/// How sending one subscription's state to one remote cluster stands.
+#[derive(Debug, Clone, Copy, Default)]
+struct SendStatus {
+    last_sent_ms: Option<u64>,
+    /// Since when the current state differs from what the remote confirmed.
+    unsent_since_ms: Option<u64>,
+}
+
 /// A topic's sync task: sends its replicated subscriptions' state to the other clusters and
 /// applies what they sent as entries arrive. Stops when the topic is gone.
 pub struct SubscriptionSync {
     wake: Arc<Notify>,
+    /// By (subscription, remote cluster).
+    sending: Arc<Mutex<HashMap<(String, String), SendStatus>>>,
 }
 
 impl SubscriptionSync {
@@ -332,8 +355,49 @@ impl SubscriptionSync {
         interval: Duration,
     ) -> SubscriptionSync {
         let wake = Arc::new(Notify::new());
-        tokio::spawn(run(topic, name, local_cluster, interval, wake.clone()));
-        SubscriptionSync { wake }
+        let sending = Arc::new(Mutex::new(HashMap::new()));
+        tokio::spawn(run(
+            topic,
+            name,
+            local_cluster,
+            interval,
+            wake.clone(),
+            sending.clone(),
+        ));
+        SubscriptionSync { wake, sending }
+    }
+
+    /// The sync stats of subscription `name`, whose cursor is in `cursor`, per other cluster.
+    pub fn stats(
+        &self,
+        name: &str,
+        cursor: &CursorState,
+    ) -> BTreeMap<String, SubscriptionSyncStats> {
+        let now = now_ms();
+        let mut stats: BTreeMap<String, SubscriptionSyncStats> = BTreeMap::new();
+        for ((subscription, remote), status) in self
+            .sending
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .iter()
+        {
+            if subscription == name {
+                let entry = stats.entry(remote.clone()).or_default();
+                entry.last_sent_timestamp = status.last_sent_ms;
+                entry.unsent_for_ms = status
+                    .unsent_since_ms
+                    .map_or(0, |since| now.saturating_sub(since));
+            }
+        }
+        for (key, value) in &cursor.properties {
+            if let Some(cluster) = key.strip_prefix(RECEIVED_AT_PROPERTY_PREFIX) {
+                stats
+                    .entry(cluster.to_string())
+                    .or_default()
+                    .last_received_timestamp = value.parse().ok();
+            }
+        }
+        stats
     }
 
     /// Sends changed state now instead of at the next tick (a consumer closed).
@@ -361,6 +425,7 @@ async fn run(
     local_cluster: String,
     interval: Duration,
     wake: Arc<Notify>,
+    sending: Arc<Mutex<HashMap<(String, String), SendStatus>>>,
 ) {
     let mut tracked: HashMap<String, Tracked> = HashMap::new();
     loop {
@@ -407,12 +472,20 @@ async fn run(
                 reset_at,
             };
             for remote in &remotes {
+                let key = (cursor.clone(), remote.name.clone());
                 if entry.sent.get(&remote.name) == Some(&body) {
                     continue;
                 }
+                update_status(&sending, &key, |status| {
+                    status.unsent_since_ms.get_or_insert_with(now_ms);
+                });
                 match send(remote, &name, &cursor, &body).await {
                     Ok(()) => {
                         entry.sent.insert(remote.name.clone(), body.clone());
+                        update_status(&sending, &key, |status| {
+                            status.last_sent_ms = Some(now_ms());
+                            status.unsent_since_ms = None;
+                        });
                     }
                     Err(error) => {
                         tracing::debug!(topic = %name, subscription = %cursor, remote = %remote.name, %error, "sending replicated subscription state failed; retrying at the next tick");
@@ -421,8 +494,25 @@ async fn run(
             }
         }
         tracked.retain(|cursor, _| replicated.contains(cursor));
+        sending
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .retain(|(cursor, remote), _| {
+                replicated.contains(cursor) && remotes.iter().any(|known| known.name == *remote)
+            });
         drop(topic);
     }
+}
+
+fn update_status(
+    sending: &Mutex<HashMap<(String, String), SendStatus>>,
+    key: &(String, String),
+    change: impl FnOnce(&mut SendStatus),
+) {
+    let mut sending = sending
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    change(sending.entry(key.clone()).or_default());
 }
 
 /// Applies the states other clusters sent: to every entry after the mark-delete position when
