@@ -371,3 +371,26 @@ def test_failover_subscription_cumulative_acknowledgements(clusters_factory):
     on_b = clusters.client("b").subscribe(topic, subscription, consumer_type=pulsar.ConsumerType.Failover)
     assert [message.data() for message in receive_n(on_b, 40)] == payloads[60:]
     assert_nothing_more(on_b)
+
+
+def test_a_namespace_sets_its_own_sync_interval_and_a_closing_consumer_still_syncs_at_once(clusters_factory):
+    """The namespace on a syncs only every 60 s, yet the acknowledgements of a consumer that
+    closes reach b at once; the interval is validated and can be removed again."""
+    clusters = clusters_factory(("a", "b"))
+    topic = replicated_topic(clusters, ("a", "b"), "interval")
+    namespace = topic.split("//", 1)[1].rsplit("/", 1)[0]
+    path = f"/admin/v2/namespaces/{namespace}/replicatedSubscriptionSyncInterval"
+    subscription = "slow"
+    on_a = shared_consumers(clusters, "a", topic, subscription, 1)[0]
+    produce(clusters, "a", topic, 20)
+    await_backlog(clusters, "b", topic, subscription, 20, "created with every message")
+
+    clusters.admin("a", "POST", path, 60_000)
+    assert clusters.admin("a", "GET", path) == 60_000
+    status, _ = clusters.call("a", "POST", path, 5)
+    assert status == 400
+    assert not consume([on_a], 10, keep=lambda payload: False)
+    on_a.close()
+    await_backlog(clusters, "b", topic, subscription, 10, "synced when the consumer closed")
+    clusters.admin("a", "DELETE", path)
+    assert clusters.admin("a", "GET", path) is None

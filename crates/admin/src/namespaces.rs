@@ -63,6 +63,12 @@ pub fn routes() -> Router<AppState> {
                 .delete(remove_replicator_rate),
         )
         .route(
+            "/admin/v2/namespaces/{tenant}/{namespace}/replicatedSubscriptionSyncInterval",
+            get(get_sync_interval)
+                .post(set_sync_interval)
+                .delete(remove_sync_interval),
+        )
+        .route(
             "/admin/v2/namespaces/{tenant}/{namespace}/unload",
             put(unload).post(unload),
         )
@@ -244,6 +250,46 @@ async fn remove_replicator_rate(
     let cluster = broker.config().cluster_name.clone();
     change(&broker, &tenant, &namespace, |policies| {
         policies.replicator_dispatch_rate.remove(&cluster);
+    })
+    .await
+}
+
+/// The namespace's replicated-subscription sync interval in ms (`null`: the broker's default).
+async fn get_sync_interval(
+    State(broker): State<AppState>,
+    Path((tenant, namespace)): Path<(String, String)>,
+) -> ApiResult<Json<Option<u64>>> {
+    Ok(Json(
+        broker
+            .resources()
+            .policies(&tenant, &namespace)?
+            .replicated_subscription_sync_interval_ms,
+    ))
+}
+
+async fn set_sync_interval(
+    State(broker): State<AppState>,
+    Path((tenant, namespace)): Path<(String, String)>,
+    payload: Result<Json<u64>, JsonRejection>,
+) -> ApiResult<()> {
+    let interval = body(payload)?;
+    if !(10..=60_000).contains(&interval) {
+        return Err(ApiError::bad_request(
+            "the sync interval must be between 10 and 60000 ms",
+        ));
+    }
+    change(&broker, &tenant, &namespace, |policies| {
+        policies.replicated_subscription_sync_interval_ms = Some(interval);
+    })
+    .await
+}
+
+async fn remove_sync_interval(
+    State(broker): State<AppState>,
+    Path((tenant, namespace)): Path<(String, String)>,
+) -> ApiResult<()> {
+    change(&broker, &tenant, &namespace, |policies| {
+        policies.replicated_subscription_sync_interval_ms = None;
     })
     .await
 }

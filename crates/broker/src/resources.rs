@@ -151,6 +151,13 @@ pub struct Policies {
         skip_serializing_if = "BTreeMap::is_empty"
     )]
     pub replicator_dispatch_rate: BTreeMap<String, DispatchRate>,
+    /// How often replicated subscriptions sync between clusters (Meridian's own policy).
+    #[serde(
+        rename = "replicatedSubscriptionSyncIntervalMs",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub replicated_subscription_sync_interval_ms: Option<u64>,
     #[serde(flatten)]
     pub other: Map<String, Value>,
 }
@@ -183,6 +190,8 @@ pub struct EffectivePolicies {
     pub deduplication_enabled: Option<bool>,
     /// The namespace's replicator dispatch rates by cluster.
     pub replicator_dispatch_rate: BTreeMap<String, DispatchRate>,
+    /// The namespace's replicated-subscription sync interval, if it sets one.
+    pub replicated_subscription_sync_interval_ms: Option<u64>,
 }
 
 fn not_found(what: &str, name: &str) -> BrokerError {
@@ -546,6 +555,8 @@ impl Resources {
                 .deduplication_enabled
                 .or(namespace.deduplication_enabled),
             replicator_dispatch_rate: namespace.replicator_dispatch_rate,
+            replicated_subscription_sync_interval_ms: namespace
+                .replicated_subscription_sync_interval_ms,
         })
     }
 }

@@ -230,6 +230,18 @@ pub struct Topic {
     entries_added: AtomicU64,
     /// The replicated-subscription sync task, started once the topic needs it.
     subscription_sync: std::sync::OnceLock<SubscriptionSync>,
+    /// Held while a subscription's cursor properties are read, changed and written back (the
+    /// replicated mark, resets, states from other clusters), so that no change is lost.
+    cursor_properties: Mutex<()>,
+    /// How often replicated subscriptions sync (namespace policy or broker default), in ms.
+    sync_interval_ms: AtomicU64,
+}
+
+/// The replicated-subscription sync interval in ms: the namespace's, else the broker's.
+fn sync_interval_ms(policies: &EffectivePolicies, config: &crate::config::BrokerConfig) -> u64 {
+    policies
+        .replicated_subscription_sync_interval_ms
+        .unwrap_or(config.replicated_subscriptions_sync_interval.as_millis() as u64)
 }
 
 /// Cursor names the broker uses for itself; never shown or usable as subscriptions.
@@ -275,6 +287,7 @@ impl Topic {
             None
         };
         let partition_index = name.partition_index().map_or(-1, |index| index as i32);
+        let sync_interval_ms = sync_interval_ms(policies, &shared.config);
         tracing::debug!(topic = %full_name, "topic loaded");
         Ok(Arc::new(Topic {
             name,
@@ -296,6 +309,8 @@ impl Topic {
             terminated: Arc::new(AtomicBool::new(terminated)),
             closed: AtomicBool::new(false),
             subscription_sync: std::sync::OnceLock::new(),
+            cursor_properties: Mutex::new(()),
+            sync_interval_ms: AtomicU64::new(sync_interval_ms),
             entries_added: AtomicU64::new(0),
         }))
     }
@@ -664,6 +679,7 @@ impl Topic {
         subscription: &str,
         replicated: bool,
     ) -> Result<()> {
+        let _properties = self.lock_cursor_properties();
         let cursor = self.subscription_cursor(subscription)?;
         if replicated_subscriptions::is_replicated(&cursor) == replicated {
             return Ok(());
@@ -678,6 +694,24 @@ impl Topic {
         Ok(())
     }
 
+    /// Takes the namespace's replicated-subscription sync interval, or the broker's.
+    fn set_sync_interval(&self, policies: &EffectivePolicies) {
+        let interval = sync_interval_ms(policies, &self.shared.config);
+        self.sync_interval_ms.store(interval, Ordering::Relaxed);
+    }
+
+    /// How often replicated subscriptions sync now.
+    pub(crate) fn sync_interval(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.sync_interval_ms.load(Ordering::Relaxed))
+    }
+
+    /// Serializes read-change-write cycles of subscriptions' cursor properties.
+    pub(crate) fn lock_cursor_properties(&self) -> MutexGuard<'_, ()> {
+        self.cursor_properties
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
     /// Starts the replicated-subscription sync task if it is not running.
     pub(crate) fn ensure_subscription_sync(self: &Arc<Self>) {
         self.subscription_sync.get_or_init(|| {
@@ -685,7 +719,6 @@ impl Topic {
                 Arc::downgrade(self),
                 self.name.clone(),
                 self.shared.config.cluster_name.clone(),
-                self.shared.config.replicated_subscriptions_sync_interval,
             )
         });
     }
@@ -1048,6 +1081,7 @@ impl Topic {
     /// producers or evicting backlog), retention.
     pub fn enforce_policies(&self, policies: &EffectivePolicies) {
         self.log.set_retention(retention_of(policies.retention));
+        self.set_sync_interval(policies);
         if let Some(ttl) = policies.message_ttl_seconds.filter(|ttl| *ttl > 0) {
             self.expire_older_than(now_ms().saturating_sub(ttl as u64 * 1000));
         }
@@ -1517,6 +1551,7 @@ impl Topic {
     /// Records that a replicated subscription was moved back by a user here (seek, reset), so
     /// that its other clusters reset their copies too instead of adding acknowledgements up.
     fn note_reset(&self, subscription: &str) -> Result<()> {
+        let _properties = self.lock_cursor_properties();
         let Some(cursor) = self.log.cursor(subscription) else {
             return Ok(());
         };

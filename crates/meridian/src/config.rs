@@ -35,6 +35,8 @@ pub struct Config {
     /// Where a topic's new replicator starts: `latest` (Pulsar's default) or `earliest`
     /// (back-fill the messages already stored).
     pub replication_start_at: ReplicationStart,
+    /// How often replicated subscriptions sync between clusters, unless a namespace says.
+    pub replicated_subscriptions_sync_interval_ms: u64,
     pub max_connections: usize,
     pub keep_alive_interval_seconds: u64,
     pub max_pending_sends_per_producer: usize,
@@ -89,6 +91,9 @@ impl Default for Config {
             max_loaded_topics: broker.max_loaded_topics,
             deduplication_enabled: broker.deduplication_enabled,
             replication_start_at: ReplicationStart::Latest,
+            replicated_subscriptions_sync_interval_ms: broker
+                .replicated_subscriptions_sync_interval
+                .as_millis() as u64,
             max_connections: server.max_connections,
             keep_alive_interval_seconds: server.keep_alive_interval.as_secs(),
             max_pending_sends_per_producer: server.max_pending_sends_per_producer,
@@ -194,6 +199,9 @@ impl Config {
         {
             bail!("cluster_name {:?} is not a valid name", self.cluster_name);
         }
+        if !(10..=60_000).contains(&self.replicated_subscriptions_sync_interval_ms) {
+            bail!("replicated_subscriptions_sync_interval_ms must be between 10 and 60000");
+        }
         if self.default_num_partitions == 0 {
             bail!("default_num_partitions must be at least 1");
         }
@@ -272,6 +280,9 @@ impl Config {
             max_message_size: self.max_message_size,
             deduplication_enabled: self.deduplication_enabled,
             replication_start_earliest: self.replication_start_at == ReplicationStart::Earliest,
+            replicated_subscriptions_sync_interval: std::time::Duration::from_millis(
+                self.replicated_subscriptions_sync_interval_ms,
+            ),
             max_unacked_messages_per_consumer: self.max_unacked_messages_per_consumer,
             ..BrokerConfig::default()
         }

@@ -15,7 +15,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use meridian_storage::{CursorState, Log, Position, RangeSet};
 use meridian_wire::MessageMetadata;
@@ -39,6 +39,9 @@ pub const RECEIVED_AT_PROPERTY_PREFIX: &str = "meridian.received-at.";
 const READ_BATCH: usize = 1000;
 /// How far back from the mark-delete position the walk looks for the last entry of each origin.
 const FRONTIER_SCAN_LIMIT: usize = 10_000;
+/// An unchanged state is sent again this often, so that a remote that lost it (a cluster rebuilt
+/// from an empty data directory) gets it back.
+const RESEND_UNCHANGED_AFTER: Duration = Duration::from_secs(30);
 
 /// What one cluster sends another: the acknowledgements of one subscription.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -286,6 +289,7 @@ pub fn receive(
         ));
     }
     let log = topic.log();
+    let properties_lock = topic.lock_cursor_properties();
     if log.cursor(name).is_none() {
         topic.create_subscription(name, Some(None))?;
     }
@@ -320,6 +324,7 @@ pub fn receive(
         now_ms().to_string(),
     );
     log.set_cursor_properties(name, properties)?;
+    drop(properties_lock);
     // Entries that arrive later are covered by the sync task's next ticks.
     topic.ensure_subscription_sync();
     apply(topic, name, local_cluster, None).map(|_| ())
@@ -348,19 +353,13 @@ pub struct SubscriptionSync {
 }
 
 impl SubscriptionSync {
-    pub fn start(
-        topic: Weak<Topic>,
-        name: TopicName,
-        local_cluster: String,
-        interval: Duration,
-    ) -> SubscriptionSync {
+    pub fn start(topic: Weak<Topic>, name: TopicName, local_cluster: String) -> SubscriptionSync {
         let wake = Arc::new(Notify::new());
         let sending = Arc::new(Mutex::new(HashMap::new()));
         tokio::spawn(run(
             topic,
             name,
             local_cluster,
-            interval,
             wake.clone(),
             sending.clone(),
         ));
@@ -413,8 +412,8 @@ struct Tracked {
     frontier: Option<Frontier>,
     /// The cursor state (mark-delete, acknowledged ranges) of the last walk and its result.
     walked: Option<(Option<Position>, RangeSet, OriginAcks)>,
-    /// Per remote cluster, the state it confirmed.
-    sent: HashMap<String, SyncedAcks>,
+    /// Per remote cluster, the state it confirmed and when.
+    sent: HashMap<String, (SyncedAcks, Instant)>,
     /// The received states as last applied, and the last entry that application looked at.
     applied: Option<(Vec<String>, Option<Position>)>,
 }
@@ -423,12 +422,15 @@ async fn run(
     topic: Weak<Topic>,
     name: TopicName,
     local_cluster: String,
-    interval: Duration,
     wake: Arc<Notify>,
     sending: Arc<Mutex<HashMap<(String, String), SendStatus>>>,
 ) {
     let mut tracked: HashMap<String, Tracked> = HashMap::new();
     loop {
+        // The interval can change with the namespace's policy.
+        let Some(interval) = topic.upgrade().map(|topic| topic.sync_interval()) else {
+            return;
+        };
         tokio::select! {
             () = tokio::time::sleep(interval) => {}
             () = wake.notified() => {}
@@ -473,7 +475,10 @@ async fn run(
             };
             for remote in &remotes {
                 let key = (cursor.clone(), remote.name.clone());
-                if entry.sent.get(&remote.name) == Some(&body) {
+                let confirmed = entry.sent.get(&remote.name).is_some_and(|(state, at)| {
+                    *state == body && at.elapsed() < RESEND_UNCHANGED_AFTER
+                });
+                if confirmed {
                     continue;
                 }
                 update_status(&sending, &key, |status| {
@@ -481,7 +486,9 @@ async fn run(
                 });
                 match send(remote, &name, &cursor, &body).await {
                     Ok(()) => {
-                        entry.sent.insert(remote.name.clone(), body.clone());
+                        entry
+                            .sent
+                            .insert(remote.name.clone(), (body.clone(), Instant::now()));
                         update_status(&sending, &key, |status| {
                             status.last_sent_ms = Some(now_ms());
                             status.unsent_since_ms = None;
