@@ -18,73 +18,14 @@ backlog reaching zero gives the rate; it is compared with the rate of that local
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "compat"))
+from cluster_pair import Broker, http, replicate_namespace  # noqa: E402
 from fault_proxy import FaultProxy  # noqa: E402
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def http(method, url, body=None):
-    data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(url, data=data, method=method,
-                                     headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=10) as response:
-            text = response.read().decode()
-            try:
-                return response.status, json.loads(text) if text else None
-            except ValueError:
-                return response.status, text
-    except urllib.error.HTTPError as error:
-        return error.code, error.read().decode()
-
-
-class Broker:
-    def __init__(self, binary, name, root):
-        self.binary, self.name = binary, name
-        self.data = os.path.join(root, name)
-        self.port, self.web = free_port(), free_port()
-        self.log = open(os.path.join(root, name + ".log"), "ab")
-        self.process = None
-        self.start()
-
-    def start(self):
-        self.process = subprocess.Popen(
-            [self.binary, "standalone", "--data-dir", self.data, "--cluster-name", self.name,
-             "--broker-port", str(self.port), "--web-port", str(self.web)],
-            stdout=self.log, stderr=self.log)
-        deadline = time.time() + 30
-        while time.time() < deadline:
-            try:
-                if http("GET", self.admin + "/admin/v2/brokers/health")[0] == 200:
-                    return
-            except OSError:
-                pass
-            time.sleep(0.05)
-        raise RuntimeError(f"broker {self.name} did not start")
-
-    def stop(self):
-        self.process.terminate()
-        self.process.wait(30)
-
-    @property
-    def url(self):
-        return f"pulsar://127.0.0.1:{self.port}"
-
-    @property
-    def admin(self):
-        return f"http://127.0.0.1:{self.web}"
 
 
 def perf(binary, *arguments):
@@ -114,18 +55,7 @@ def main():
         a, b = Broker(binary, "a", root), Broker(binary, "b", root)
         proxy = FaultProxy(("127.0.0.1", b.port), name="a-to-b", max_queued_chunks=256)
         try:
-            entry = {"serviceUrl": b.admin, "brokerServiceUrl": b.url}
-            if not options.no_proxy:
-                entry.update({"proxyServiceUrl": proxy.url, "proxyProtocol": "SNI"})
-            http("PUT", a.admin + "/admin/v2/clusters/b", entry)
-            http("PUT", a.admin + "/admin/v2/tenants/t", {"adminRoles": [], "allowedClusters": ["a", "b"]})
-            http("PUT", a.admin + "/admin/v2/namespaces/t/ns")
-            http("POST", a.admin + "/admin/v2/namespaces/t/ns/replication", ["a", "b"])
-            deadline = time.time() + 30
-            while http("GET", b.admin + "/admin/v2/namespaces/t/ns/replication") != (200, ["a", "b"]):
-                if time.time() > deadline:
-                    raise RuntimeError("configure-once did not reach b")
-                time.sleep(0.1)
+            replicate_namespace(a, b, None if options.no_proxy else proxy)
 
             for delay in (0.0,) if options.no_proxy else (0.0, options.delay_ms / 1000):
                 proxy.set_delay(delay)

@@ -1,0 +1,191 @@
+"""Replicated-subscription benchmark: duplicates after a SIGKILL failover under a steady load with
+out-of-order acknowledgements, per sync interval, next to what a mark-delete-only sync (Pulsar's)
+would redeliver; and the broker CPU that replicated subscriptions cost over plain replication.
+
+Usage (from the repository root, after `cargo build --release`):
+
+    compat/.venv/bin/python scripts/bench/replicated_subscriptions.py target/release/meridian \
+        [--rate 500] [--duration 8] [--intervals 10,100,1000]
+
+Failover runs, one per interval: clusters a and b replicate `t/ns` both ways; the namespace's sync
+interval is set on a; a producer on a sends 1 KiB messages at `--rate`; two Shared consumers on a
+(replicated subscription) acknowledge 90% of the messages at once and hold every tenth for half a
+second before acknowledging it (out of order). After `--duration` s, a is killed with SIGKILL; a
+consumer on b drains the subscription. Duplicates are messages b delivers that a had acknowledged;
+"mark-delete only" counts the messages b would have redelivered had only a's mark-delete position
+been synced (everything present on b after a's first unacknowledged message).
+
+Cost run: the same load for `--duration` s on a topic with a plain subscription and on one with a
+replicated subscription; broker a's CPU (utime + stime) per message consumed.
+"""
+
+import argparse
+import os
+import sys
+import tempfile
+import threading
+import time
+
+import pulsar
+
+sys.path.insert(0, os.path.dirname(__file__))
+from cluster_pair import Broker, http, replicate_namespace  # noqa: E402
+
+PAYLOAD_SIZE = 1024
+
+
+class Load:
+    """A producer at a steady rate and two Shared consumers acknowledging out of order."""
+
+    def __init__(self, client, topic, rate, replicated):
+        self.acknowledged = {}  # index -> when
+        self.lock = threading.Lock()
+        self.stop = threading.Event()
+        self.sent = 0
+        self.producer = client.create_producer(topic, batching_enabled=False)
+        self.consumers = [
+            client.subscribe(topic, "bench", consumer_type=pulsar.ConsumerType.Shared,
+                             initial_position=pulsar.InitialPosition.Earliest,
+                             replicate_subscription_state_enabled=replicated)
+            for _ in range(2)
+        ]
+        self.threads = [threading.Thread(target=self.produce, args=(rate,), daemon=True)]
+        self.threads += [threading.Thread(target=self.consume, args=(consumer,), daemon=True)
+                         for consumer in self.consumers]
+        for thread in self.threads:
+            thread.start()
+
+    def produce(self, rate):
+        started = time.time()
+        while not self.stop.is_set():
+            due = started + self.sent / rate
+            if due > time.time():
+                time.sleep(due - time.time())
+            payload = f"{self.sent:09d}".encode().ljust(PAYLOAD_SIZE, b".")
+            try:
+                self.producer.send_async(payload, None)
+            except Exception:
+                return
+            self.sent += 1
+
+    def consume(self, consumer):
+        held = []
+        while not self.stop.is_set():
+            try:
+                message = consumer.receive(timeout_millis=100)
+                index = int(message.data()[:9])
+                if index % 10 == 0:
+                    held.append((time.time(), message))
+                else:
+                    self.ack(consumer, message, index)
+            except pulsar.Timeout:
+                pass
+            except Exception:
+                return
+            while held and time.time() - held[0][0] > 0.5:
+                _, message = held.pop(0)
+                try:
+                    self.ack(consumer, message, int(message.data()[:9]))
+                except Exception:
+                    return
+
+    def ack(self, consumer, message, index):
+        consumer.acknowledge(message)
+        with self.lock:
+            self.acknowledged[index] = time.time()
+
+    def halt(self):
+        self.stop.set()
+        for thread in self.threads:
+            thread.join(10)
+
+
+def drain(client, topic):
+    consumer = client.subscribe(topic, "bench", consumer_type=pulsar.ConsumerType.Shared)
+    delivered = set()
+    while True:
+        try:
+            message = consumer.receive(timeout_millis=3000)
+        except pulsar.Timeout:
+            return delivered
+        delivered.add(int(message.data()[:9]))
+        consumer.acknowledge(message)
+
+
+def failover_run(binary, root, interval, options):
+    a, b = Broker(binary, "a", root), Broker(binary, "b", root)
+    try:
+        replicate_namespace(a, b)
+        http("POST", a.admin + "/admin/v2/namespaces/t/ns/replicatedSubscriptionSyncInterval", interval)
+        topic = f"persistent://t/ns/failover-{interval}"
+        client_a = pulsar.Client(a.url)
+        load = Load(client_a, topic, options.rate, replicated=True)
+        time.sleep(options.duration)
+        a.kill9()
+        killed_at = time.time()
+        load.halt()
+        client_b = pulsar.Client(b.url)
+        delivered = drain(client_b, topic)
+        client_b.close()
+        acknowledged = set(load.acknowledged)
+        duplicates = delivered & acknowledged
+        last_interval = {index for index, at in load.acknowledged.items()
+                         if at > killed_at - interval / 1000}
+        present = max(delivered | acknowledged, default=-1)
+        first_unacknowledged = min((index for index in range(present + 1)
+                                    if index not in acknowledged), default=present + 1)
+        mark_delete_only = sum(1 for index in range(first_unacknowledged, present + 1)
+                               if index in acknowledged)
+        print(f"sync every {interval:>4} ms: sent {load.sent}, acknowledged on a {len(acknowledged)}, "
+              f"delivered on b {len(delivered)}; duplicates {len(duplicates)} "
+              f"(acknowledged in a's last interval: {len(last_interval)}); "
+              f"mark-delete only: {mark_delete_only}")
+        try:
+            client_a.close()
+        except Exception:
+            pass
+    finally:
+        for broker in (a, b):
+            if broker.process.poll() is None:
+                broker.stop()
+
+
+def cost_run(binary, root, options):
+    a, b = Broker(binary, "a", root), Broker(binary, "b", root)
+    try:
+        replicate_namespace(a, b)
+        client = pulsar.Client(a.url)
+        for replicated in (False, True):
+            topic = f"persistent://t/ns/cost-{'replicated' if replicated else 'plain'}"
+            load = Load(client, topic, options.rate, replicated)
+            time.sleep(2)  # warm-up
+            cpu, consumed = a.cpu_seconds(), len(load.acknowledged)
+            time.sleep(options.duration)
+            cpu, consumed = a.cpu_seconds() - cpu, len(load.acknowledged) - consumed
+            load.halt()
+            kind = "replicated subscription" if replicated else "plain subscription     "
+            print(f"{kind}: {consumed} messages consumed, broker a CPU {cpu:.2f} s = "
+                  f"{cpu / max(consumed, 1) * 1e6:.0f} us per message")
+        client.close()
+    finally:
+        for broker in (a, b):
+            broker.stop()
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("binary")
+    parser.add_argument("--rate", type=int, default=500)
+    parser.add_argument("--duration", type=int, default=8)
+    parser.add_argument("--intervals", default="10,100,1000")
+    options = parser.parse_args()
+    binary = os.path.abspath(options.binary)
+    for interval in (int(value) for value in options.intervals.split(",")):
+        with tempfile.TemporaryDirectory() as root:
+            failover_run(binary, root, interval, options)
+    with tempfile.TemporaryDirectory() as root:
+        cost_run(binary, root, options)
+
+
+if __name__ == "__main__":
+    main()
