@@ -33,6 +33,10 @@ pub struct Config {
     /// (back-fill the messages already stored).
     pub replication_start_at: ReplicationStart,
     pub max_connections: usize,
+    /// Connections served at once from one IP address (0: no limit).
+    pub max_connections_per_ip: usize,
+    /// Bytes queued for one connection's socket before the broker stops sending to it.
+    pub max_outbound_bytes_per_connection: usize,
     pub keep_alive_interval_seconds: u64,
     pub max_pending_sends_per_producer: usize,
     pub max_unacked_messages_per_consumer: u64,
@@ -84,6 +88,8 @@ impl Default for Config {
             deduplication_enabled: broker.deduplication_enabled,
             replication_start_at: ReplicationStart::Latest,
             max_connections: server.max_connections,
+            max_connections_per_ip: server.max_connections_per_ip,
+            max_outbound_bytes_per_connection: server.max_outbound_bytes,
             keep_alive_interval_seconds: server.keep_alive_interval.as_secs(),
             max_pending_sends_per_producer: server.max_pending_sends_per_producer,
             max_unacked_messages_per_consumer: broker.max_unacked_messages_per_consumer,
@@ -200,6 +206,9 @@ impl Config {
         if self.keep_alive_interval_seconds == 0 {
             bail!("keep_alive_interval_seconds must be positive");
         }
+        if self.max_outbound_bytes_per_connection == 0 {
+            bail!("max_outbound_bytes_per_connection must be positive");
+        }
         if !matches!(
             self.storage.flush_policy.as_str(),
             "fsync" | "relaxed-write-only"
@@ -267,9 +276,10 @@ impl Config {
         ServerConfig {
             max_frame_size: self.max_message_size + meridian_broker_padding(),
             max_connections: self.max_connections,
+            max_connections_per_ip: self.max_connections_per_ip,
+            max_outbound_bytes: self.max_outbound_bytes_per_connection,
             keep_alive_interval: Duration::from_secs(self.keep_alive_interval_seconds),
             max_pending_sends_per_producer: self.max_pending_sends_per_producer,
-            ..ServerConfig::default()
         }
     }
 }

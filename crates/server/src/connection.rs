@@ -18,7 +18,9 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use meridian_broker::dedup::is_replication_key;
-use meridian_broker::outbound::{command_frame, Outbound, OutboundSender};
+use meridian_broker::outbound::{
+    command_frame, outbound_queue, Outbound, OutboundReceiver, OutboundSender,
+};
 use meridian_broker::replicator;
 use meridian_broker::schema::{decode_version, encode_version};
 use meridian_broker::{
@@ -91,6 +93,8 @@ pub(crate) struct Connection {
     client_version: String,
     producers: HashMap<u64, ProducerSlot>,
     consumers: HashMap<u64, ConsumerSlot>,
+    /// When the last complete frame arrived: single bytes do not keep a connection alive.
+    last_frame: Instant,
 }
 
 /// Why a connection ends early.
@@ -117,7 +121,7 @@ pub(crate) async fn run(
 ) {
     let _ = stream.set_nodelay(true);
     let (mut reader, writer) = stream.into_split();
-    let (outbound, outbound_receiver) = mpsc::channel(config.outbound_queue_frames);
+    let (outbound, outbound_receiver) = outbound_queue(config.max_outbound_bytes);
     let writer_failed = CancellationToken::new();
     let writer_task = tokio::spawn(write_loop(writer, outbound_receiver, writer_failed.clone()));
     let mut connection = Connection {
@@ -129,9 +133,9 @@ pub(crate) async fn run(
         client_version: String::new(),
         producers: HashMap::new(),
         consumers: HashMap::new(),
+        last_frame: Instant::now(),
     };
     let mut buffer = BytesMut::with_capacity(64 * 1024);
-    let mut last_received = Instant::now();
     let mut keep_alive = tokio::time::interval(config.keep_alive_interval);
     keep_alive.tick().await;
     let reason = loop {
@@ -142,7 +146,6 @@ pub(crate) async fn run(
                     Ok(_) => {}
                     Err(error) => break format!("read failed: {error}"),
                 }
-                last_received = Instant::now();
                 match connection.handle_buffered(&mut buffer).await {
                     Ok(()) => {}
                     Err(Close(reason)) => break reason,
@@ -153,13 +156,18 @@ pub(crate) async fn run(
                 }
             }
             _ = keep_alive.tick() => {
-                let idle = last_received.elapsed();
+                // As Pulsar: a connection without a handshake by the first check is closed.
+                if connection.protocol_version.is_none() {
+                    break "no CONNECT within the keep-alive interval".to_string();
+                }
+                let idle = connection.last_frame.elapsed();
                 if idle > config.keep_alive_interval * 2 {
-                    break format!("no traffic for {} s; keep-alive timed out", idle.as_secs());
+                    break format!("no complete frame for {} s; keep-alive timed out", idle.as_secs());
                 }
                 if idle >= config.keep_alive_interval {
+                    // Never waits: a full queue must not stop this check from running again.
                     let ping = BaseCommand { ping: Some(CommandPing {}), ..command(Type::Ping) };
-                    connection.send(command_frame(&ping)).await;
+                    let _ = connection.outbound.try_send(command_frame(&ping));
                 }
             }
             _ = writer_failed.cancelled() => break "writing to the client failed".to_string(),
@@ -169,7 +177,32 @@ pub(crate) async fn run(
     tracing::debug!(peer = %peer, %reason, "connection closing");
     connection.release();
     drop(connection);
-    let _ = writer_task.await;
+    // What is queued goes out, unless the client does not read it within the keep-alive
+    // timeout: then the socket is closed with the rest.
+    let mut writer_task = writer_task;
+    if tokio::time::timeout(config.keep_alive_interval * 2, &mut writer_task)
+        .await
+        .is_err()
+    {
+        writer_task.abort();
+    }
+}
+
+/// Runs `future` (handling one command) with the keep-alive timeout: a command whose answer
+/// cannot be queued because the client does not read must not hold the connection forever.
+async fn within_keep_alive<T>(
+    config: &ServerConfig,
+    future: impl std::future::Future<Output = Result<T, Close>>,
+) -> Result<T, Close> {
+    let timeout = config.keep_alive_interval * 2;
+    tokio::time::timeout(timeout, future)
+        .await
+        .unwrap_or_else(|_| {
+            Err(Close(format!(
+                "a command could not be answered within {} s: the client does not read",
+                timeout.as_secs()
+            )))
+        })
 }
 
 /// Frames gathered into one vectored write at most (Linux allows 1024 slices per `writev`).
@@ -182,7 +215,7 @@ const MAX_WRITE_BYTES: usize = 1024 * 1024;
 /// into a buffer first.
 async fn write_loop(
     mut writer: OwnedWriteHalf,
-    mut frames: mpsc::Receiver<Outbound>,
+    mut frames: OutboundReceiver,
     failed: CancellationToken,
 ) {
     let mut parts: Vec<Bytes> = Vec::with_capacity(MAX_WRITE_SLICES);
@@ -190,13 +223,10 @@ async fn write_loop(
         let mut bytes = 0;
         let mut next = Some(frame);
         while let Some(frame) = next.take() {
+            bytes += frame.len();
             match frame {
-                Outbound::Frame(frame) => {
-                    bytes += frame.len();
-                    parts.push(frame);
-                }
+                Outbound::Frame(frame) => parts.push(frame),
                 Outbound::Payload(payload) => {
-                    bytes += payload.frame_length();
                     parts.push(payload.header);
                     parts.push(payload.entry);
                 }
@@ -204,12 +234,13 @@ async fn write_loop(
             if parts.len() + 2 > MAX_WRITE_SLICES || bytes >= MAX_WRITE_BYTES {
                 break;
             }
-            next = frames.try_recv().ok();
+            next = frames.try_recv();
         }
         if write_all_vectored(&mut writer, &parts).await.is_err() {
             failed.cancel();
             return;
         }
+        frames.written(bytes);
         parts.clear();
     }
     let _ = writer.shutdown().await;
@@ -275,20 +306,27 @@ impl Connection {
     async fn handle_buffered(&mut self, buffer: &mut BytesMut) -> Result<(), Close> {
         loop {
             match meridian_wire::decode_frame(buffer, self.config.max_frame_size) {
-                Ok(Some(frame)) => self.handle(frame).await?,
+                Ok(Some(frame)) => {
+                    self.last_frame = Instant::now();
+                    let config = self.config.clone();
+                    within_keep_alive(&config, self.handle(frame)).await?;
+                }
                 Ok(None) => return Ok(()),
                 Err(FrameError::InvalidEntry { command, source }) => {
+                    self.last_frame = Instant::now();
                     // A SEND whose entry does not parse: refuse that message, keep the order.
                     if let Some(send) = command.send.as_ref() {
                         if let Some(producer) = self.producers.get(&send.producer_id) {
-                            let _ = producer
-                                .receipts
-                                .send(Receipt::Failed {
-                                    sequence_id: send.sequence_id,
-                                    error: ServerError::NotAllowedError,
-                                    message: format!("malformed message: {source}"),
-                                })
-                                .await;
+                            let refusal = producer.receipts.send(Receipt::Failed {
+                                sequence_id: send.sequence_id,
+                                error: ServerError::NotAllowedError,
+                                message: format!("malformed message: {source}"),
+                            });
+                            within_keep_alive(&self.config, async {
+                                let _ = refusal.await;
+                                Ok(())
+                            })
+                            .await?;
                             continue;
                         }
                     }
