@@ -285,3 +285,41 @@ def test_running_out_of_file_descriptors_backs_off_without_flooding_the_log(brok
             connection.close()
     with frames.RawConnection(broker.broker_port) as after:
         after.handshake()
+
+
+def test_a_batch_count_the_payload_cannot_hold_is_refused(broker_factory, client_factory):
+    # Item 8: num_messages_in_batch = i32::MAX on a plain payload was stored, and the official
+    # consumer crashed on it: a poison message for every consumer of the topic.
+    broker = broker_factory.start()
+    client = client_factory(broker)
+    topic = unique_topic("bad-batch")
+    consumer = client.subscribe(topic, "work")
+    with frames.RawConnection(broker.broker_port) as producer:
+        producer.handshake()
+        producer.request(frames.producer_frame(topic, 1, 1), frames.PRODUCER_SUCCESS)
+        poison = frames.field_varint(11, 2**31 - 1)
+        reply = producer.request(frames.send_frame(1, 0, b"plain", metadata_fields=poison), frames.SEND_ERROR)
+        assert b"num_messages_in_batch" in reply.first(4, b"")
+        good = frames.send_frame(1, 1, b"a plain message")
+        producer.request(good, frames.SEND_RECEIPT)
+    assert receive_one(consumer).data() == b"a plain message"
+    assert topic_stats(broker, topic)["msgInCounter"] == 1
+
+
+def test_acknowledgements_of_entries_that_never_existed_are_ignored(broker_factory, client_factory):
+    # Item 9: acks of positions that never existed were stored and lowered the backlog (five
+    # undelivered messages shown as a backlog of 0).
+    broker = broker_factory.start()
+    client = client_factory(broker)
+    topic = unique_topic("bogus-acks")
+    with frames.RawConnection(broker.broker_port) as consumer:
+        consumer.handshake()
+        consumer.request(frames.subscribe_frame(topic, "work", 1, 1, frames.EXCLUSIVE), frames.SUCCESS)
+        producer = client.create_producer(topic, batching_enabled=False)
+        ids = [producer.send(f"message-{index}".encode()) for index in range(5)]
+        ledger, last_entry = ids[-1].ledger_id(), ids[-1].entry_id()
+        # Before the first ledger, and beyond the end (which storage already ignored).
+        bogus = [(ledger - 1, n) for n in range(5)] + [(ledger, last_entry + 1 + n) for n in range(5)]
+        consumer.send(frames.ack_frame(1, bogus))
+        consumer.ping()  # the ACK before it was handled
+        assert topic_stats(broker, topic)["subscriptions"]["work"]["msgBacklog"] == 5

@@ -458,8 +458,18 @@ impl Subscription {
         self.wake.notify_one();
     }
 
-    /// Acknowledges individual entries.
+    /// Acknowledges individual entries. Positions of entries that do not exist (never did, or
+    /// were trimmed) are ignored, as Pulsar does: stored, they would lower the backlog.
     pub fn acknowledge(&self, positions: &[Position]) -> Result<()> {
+        let existing: Vec<Position> = positions
+            .iter()
+            .copied()
+            .filter(|position| entry_exists(&self.log, *position))
+            .collect();
+        if existing.len() < positions.len() {
+            tracing::debug!(topic = %self.topic, subscription = %self.name, ignored = positions.len() - existing.len(), "acknowledgement of entries that do not exist ignored");
+        }
+        let positions = &existing[..];
         self.log.acknowledge(&self.cursor, positions)?;
         {
             let mut state = self.lock();
@@ -472,8 +482,13 @@ impl Subscription {
         Ok(())
     }
 
-    /// Acknowledges everything up to and including `position`.
+    /// Acknowledges everything up to and including `position`; a position beyond the last
+    /// entry is ignored (as Pulsar: it would acknowledge messages not yet written).
     pub fn acknowledge_cumulative(&self, position: Position) -> Result<()> {
+        if self.log.last_position().is_none_or(|last| position > last) {
+            tracing::debug!(topic = %self.topic, subscription = %self.name, %position, "cumulative acknowledgement beyond the last entry ignored");
+            return Ok(());
+        }
         self.log.acknowledge_cumulative(&self.cursor, position)?;
         {
             let mut state = self.lock();
@@ -1065,6 +1080,13 @@ impl Subscription {
             }
         }
     }
+}
+
+/// Whether the log holds an entry at `position`: it is the entry before the one that follows
+/// it (a position in a gap or beyond the end is not).
+fn entry_exists(log: &Log, position: Position) -> bool {
+    log.last_position().is_some_and(|last| position <= last)
+        && log.previous_position(log.next_position(position)) == Some(position)
 }
 
 /// Drops the pending record of an acknowledged entry.

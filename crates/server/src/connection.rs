@@ -38,10 +38,11 @@ use meridian_wire::proto::{
     CommandLookupTopicResponse, CommandPartitionedTopicMetadata,
     CommandPartitionedTopicMetadataResponse, CommandPing, CommandPong, CommandProducerSuccess,
     CommandRedeliverUnacknowledgedMessages, CommandSeek, CommandSendError, CommandSendReceipt,
-    CommandSubscribe, CommandSuccess, CommandUnsubscribe, FeatureFlags, KeySharedMode,
-    MessageIdData, ServerError,
+    CommandSubscribe, CommandSuccess, CommandUnsubscribe, CompressionType, FeatureFlags,
+    KeySharedMode, MessageIdData, MessageMetadata, ServerError, SingleMessageMetadata,
 };
 use meridian_wire::{command_type, ChecksumStatus, Frame, FrameError};
+use prost::Message;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::TcpStream;
@@ -1005,6 +1006,15 @@ impl Connection {
                 ServerError::NotAllowedError,
                 "SEND with a message id is only for shadow topics".into(),
             ))
+        } else if let Err(reason) = check_batch_metadata(
+            &entry.metadata,
+            &entry.payload,
+            self.broker.config().max_message_size,
+        ) {
+            Some((
+                ServerError::NotAllowedError,
+                format!("invalid message metadata: {reason}"),
+            ))
         } else {
             None
         };
@@ -1263,6 +1273,72 @@ impl Connection {
     }
 }
 
+/// Smallest batched message: a 4-byte size and a `SingleMessageMetadata` with its required
+/// `payload_size` (2 bytes at least).
+const MIN_BATCHED_MESSAGE_BYTES: usize = 6;
+
+/// Checks what consumers will trust in a message's metadata, so that a message no consumer
+/// could decode is refused instead of stored for every consumer of the topic. Consumers treat
+/// any `num_messages_in_batch` as a batch and allocate `uncompressed_size` bytes to decompress.
+fn check_batch_metadata(
+    metadata: &MessageMetadata,
+    payload: &[u8],
+    max_message_size: usize,
+) -> Result<(), String> {
+    let compressed = metadata.compression.unwrap_or(0) != CompressionType::None as i32;
+    let encrypted = !metadata.encryption_keys.is_empty();
+    let chunked = metadata
+        .num_chunks_from_msg
+        .is_some_and(|chunks| chunks > 1);
+    let uncompressed_size = metadata.uncompressed_size.unwrap_or(0) as usize;
+    if compressed && !chunked && uncompressed_size > max_message_size {
+        return Err(format!(
+            "uncompressed size {uncompressed_size} exceeds the maximum message size of {max_message_size}"
+        ));
+    }
+    if compressed && uncompressed_size == 0 && !payload.is_empty() {
+        return Err("a compressed payload without its uncompressed size".into());
+    }
+    let Some(count) = metadata.num_messages_in_batch else {
+        return Ok(());
+    };
+    let count =
+        usize::try_from(count).map_err(|_| format!("num_messages_in_batch {count} is negative"))?;
+    let batch_bytes = if compressed {
+        uncompressed_size
+    } else {
+        payload.len()
+    };
+    if count.saturating_mul(MIN_BATCHED_MESSAGE_BYTES) > batch_bytes.max(MIN_BATCHED_MESSAGE_BYTES)
+    {
+        return Err(format!(
+            "num_messages_in_batch {count} cannot fit in a batch of {batch_bytes} bytes"
+        ));
+    }
+    if compressed || encrypted || chunked {
+        // The batch cannot be read before it is decompressed, decrypted or reassembled.
+        return Ok(());
+    }
+    // A plain batch: every message's metadata and payload must lie within it.
+    let mut rest = payload;
+    for index in 0..count {
+        let size = rest
+            .get(..4)
+            .map(|bytes| u32::from_be_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]) as usize)
+            .ok_or_else(|| format!("batched message {index} of {count} is missing"))?;
+        let single = rest
+            .get(4..4 + size)
+            .and_then(|bytes| SingleMessageMetadata::decode(bytes).ok())
+            .ok_or_else(|| format!("batched message {index} has no valid metadata"))?;
+        let payload_size = usize::try_from(single.payload_size)
+            .map_err(|_| format!("batched message {index} has a negative payload size"))?;
+        rest = rest
+            .get(4 + size + payload_size..)
+            .ok_or_else(|| format!("batched message {index} runs past the end of the batch"))?;
+    }
+    Ok(())
+}
+
 /// The request id of a command we refuse, so the client can match the error to its request.
 fn request_id_of(base: &BaseCommand) -> u64 {
     base.consumer_stats
@@ -1344,3 +1420,59 @@ fn send_error(
 
 /// How long the broker waits between keep-alive checks by default (Pulsar's 30 s).
 pub const DEFAULT_KEEP_ALIVE: Duration = Duration::from_secs(30);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn batch(messages: &[&[u8]]) -> Vec<u8> {
+        let mut bytes = Vec::new();
+        for payload in messages {
+            let single = SingleMessageMetadata {
+                payload_size: payload.len() as i32,
+                ..Default::default()
+            }
+            .encode_to_vec();
+            bytes.extend_from_slice(&(single.len() as u32).to_be_bytes());
+            bytes.extend_from_slice(&single);
+            bytes.extend_from_slice(payload);
+        }
+        bytes
+    }
+
+    fn metadata(count: Option<i32>) -> MessageMetadata {
+        MessageMetadata {
+            num_messages_in_batch: count,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn batches_are_checked_against_their_payload() {
+        let limit = 1024 * 1024;
+        let payload = batch(&[b"one", b"two", b""]);
+        assert!(check_batch_metadata(&metadata(Some(3)), &payload, limit).is_ok());
+        assert!(check_batch_metadata(&metadata(None), b"not a batch", limit).is_ok());
+        assert!(check_batch_metadata(&metadata(Some(4)), &payload, limit).is_err());
+        assert!(check_batch_metadata(&metadata(Some(i32::MAX)), b"plain", limit).is_err());
+        assert!(check_batch_metadata(&metadata(Some(-1)), &payload, limit).is_err());
+        assert!(check_batch_metadata(&metadata(Some(1)), b"plain payload", limit).is_err());
+        let truncated = &payload[..payload.len() - 2];
+        assert!(check_batch_metadata(&metadata(Some(3)), truncated, limit).is_err());
+    }
+
+    #[test]
+    fn compressed_payloads_need_a_plausible_uncompressed_size() {
+        let limit = 1024;
+        let compressed = |uncompressed_size, count| MessageMetadata {
+            compression: Some(CompressionType::Lz4 as i32),
+            uncompressed_size: Some(uncompressed_size),
+            num_messages_in_batch: count,
+            ..Default::default()
+        };
+        assert!(check_batch_metadata(&compressed(600, Some(100)), b"lz4", limit).is_ok());
+        assert!(check_batch_metadata(&compressed(2048, None), b"lz4", limit).is_err());
+        assert!(check_batch_metadata(&compressed(0, None), b"lz4", limit).is_err());
+        assert!(check_batch_metadata(&compressed(600, Some(1000)), b"lz4", limit).is_err());
+    }
+}
