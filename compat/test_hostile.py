@@ -323,3 +323,39 @@ def test_acknowledgements_of_entries_that_never_existed_are_ignored(broker_facto
         consumer.send(frames.ack_frame(1, bogus))
         consumer.ping()  # the ACK before it was handled
         assert topic_stats(broker, topic)["subscriptions"]["work"]["msgBacklog"] == 5
+
+
+def test_a_topic_name_too_long_for_storage_is_refused_up_front(broker_factory):
+    # Item 10: names up to 1024 bytes passed the protocol's check but storage allows 250 escaped
+    # bytes: a 300-character name got "storage failure" on the protocol and HTTP 500.
+    broker = broker_factory.start()
+    topic = "persistent://public/default/" + "t" * 300
+    with frames.RawConnection(broker.broker_port) as connection:
+        connection.handshake()
+        reply = connection.request(frames.producer_frame(topic, 1, 1), frames.ERROR)
+        assert reply.first(2) == frames.SERVER_ERROR_INVALID_TOPIC_NAME, reply.body
+        reply = connection.request(frames.subscribe_frame(topic, "work", 1, 2), frames.ERROR)
+        assert reply.first(2) == frames.SERVER_ERROR_INVALID_TOPIC_NAME, reply.body
+    status, body = admin_call(broker.web_url, "PUT", topic_path(topic))
+    assert status == 412, f"{status} {body}"
+    status, body = admin_call(broker.web_url, "PUT", topic_path("persistent://public/default/" + "t" * 200) + "/partitions", 1000)
+    assert status == 412, f"partition names too long: {status} {body}"
+
+
+def test_small_things_a_careless_client_sees(broker_factory):
+    # Item 13: a SUBSCRIBE without its body was "not supported"; NUL was accepted in a
+    # subscription name; a missing namespace was "... does not exist does not exist and
+    # automatic topic creation is disabled"; the log carried ANSI colour codes in a file.
+    broker = broker_factory.start()
+    with frames.RawConnection(broker.broker_port) as connection:
+        connection.handshake()
+        reply = connection.request(frames.simple_frame(frames.field_varint(1, frames.SUBSCRIBE)), frames.ERROR)
+        assert b"SUBSCRIBE without its body" in reply.first(3, b""), reply.body
+        reply = connection.request(frames.subscribe_frame(unique_topic("nul"), "sub\0name", 1, 1), frames.ERROR)
+        assert b"invalid subscription name" in reply.first(3, b""), reply.body
+        topic = "persistent://public/no-such-namespace/t"
+        reply = connection.request(frames.producer_frame(topic, 1, 2), frames.ERROR)
+        message = reply.first(3, b"")
+        assert b"namespace public/no-such-namespace does not exist" in message, reply.body
+        assert b"does not exist does not exist" not in message, reply.body
+    assert "\x1b[" not in broker.log_text()

@@ -182,14 +182,16 @@ impl Broker {
                     .namespace_exists(&name.tenant, &name.namespace)?
                 {
                     return Err(BrokerError::TopicNotFound(format!(
-                        "{key}: namespace {} does not exist",
+                        "topic {key} does not exist: namespace {} does not exist",
                         name.namespace_name()
                     )));
                 }
                 if !self.topic_exists(name) {
                     let (allowed, _) = self.auto_creation(name)?;
                     if !(create_if_missing && allowed) {
-                        return Err(BrokerError::TopicNotFound(key.clone()));
+                        return Err(BrokerError::TopicNotFound(format!(
+                            "topic {key} does not exist and automatic topic creation is disabled"
+                        )));
                     }
                     if self.partition_count(name)?.is_some() {
                         return Err(BrokerError::NotAllowed(format!(
@@ -360,6 +362,7 @@ impl Broker {
                 "{name} is a partition name"
             )));
         }
+        name.check_partition_names(partitions)?;
         let value = serde_json::to_vec(&PartitionedTopicMetadata { partitions })
             .map_err(|error| BrokerError::Metadata(error.to_string()))?;
         self.metadata

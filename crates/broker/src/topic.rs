@@ -166,6 +166,15 @@ pub fn is_replicator_cursor(name: &str) -> bool {
     is_replication_key(name)
 }
 
+/// A name clients may give a subscription: not empty, no control characters (NUL included),
+/// and not a cursor the broker keeps for itself.
+fn is_valid_subscription_name(name: &str) -> bool {
+    !name.is_empty()
+        && !name.chars().any(char::is_control)
+        && !is_system_cursor(name)
+        && !is_replicator_cursor(name)
+}
+
 impl Topic {
     /// Opens the topic's log and recovers its de-duplication state. Blocking: call it off the
     /// async runtime.
@@ -480,10 +489,7 @@ impl Topic {
         key: u64,
         consumer: NewConsumer,
     ) -> Result<Arc<Subscription>> {
-        if subscription.is_empty()
-            || is_system_cursor(subscription)
-            || is_replicator_cursor(subscription)
-        {
+        if !is_valid_subscription_name(subscription) {
             return Err(BrokerError::NotAllowed(format!(
                 "invalid subscription name {subscription:?}"
             )));
@@ -1290,7 +1296,7 @@ impl Topic {
         name: &str,
         mark_delete: Option<Option<Position>>,
     ) -> Result<()> {
-        if name.is_empty() || is_system_cursor(name) || is_replicator_cursor(name) {
+        if !is_valid_subscription_name(name) {
             return Err(BrokerError::PreconditionFailed(format!(
                 "invalid subscription name {name:?}"
             )));

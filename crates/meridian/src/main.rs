@@ -10,6 +10,7 @@ mod client_cli;
 mod config;
 mod perf;
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -77,8 +78,10 @@ fn main() -> anyhow::Result<()> {
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
-        // Logs go to stderr so that command output (`--output json`) stays clean on stdout.
+        // Logs go to stderr so that command output (`--output json`) stays clean on stdout;
+        // colours only for a terminal, never into a log file.
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     let cli = Cli::parse();
     match cli.command {

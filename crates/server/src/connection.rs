@@ -478,16 +478,16 @@ impl Connection {
             (Some(Type::AuthResponse), _) => Ok(()),
             (kind, base) => {
                 let request_id = request_id_of(&base);
-                let name = kind.map_or_else(
-                    || format!("type {}", base.r#type),
-                    |kind| kind.as_str_name().to_string(),
-                );
-                self.error(
-                    request_id,
-                    ServerError::NotAllowedError,
-                    format!("command {name} is not supported"),
-                )
-                .await;
+                let message = match kind {
+                    // A command handled above whose body did not match: it is missing.
+                    Some(kind) if HANDLED_WITH_BODY.contains(&kind) => {
+                        format!("command {} without its body", kind.as_str_name())
+                    }
+                    Some(kind) => format!("command {} is not supported", kind.as_str_name()),
+                    None => format!("command type {} is not supported", base.r#type),
+                };
+                self.error(request_id, ServerError::NotAllowedError, message)
+                    .await;
                 Ok(())
             }
         }
@@ -1272,6 +1272,24 @@ impl Connection {
         }
     }
 }
+
+/// Commands handled by [`Connection::handle`] only with their body.
+const HANDLED_WITH_BODY: &[Type] = &[
+    Type::PartitionedMetadata,
+    Type::Lookup,
+    Type::CloseProducer,
+    Type::Subscribe,
+    Type::Flow,
+    Type::Ack,
+    Type::RedeliverUnacknowledgedMessages,
+    Type::Unsubscribe,
+    Type::CloseConsumer,
+    Type::Seek,
+    Type::GetLastMessageId,
+    Type::GetTopicsOfNamespace,
+    Type::GetSchema,
+    Type::GetOrCreateSchema,
+];
 
 /// Smallest batched message: a 4-byte size and a `SingleMessageMetadata` with its required
 /// `payload_size` (2 bytes at least).
