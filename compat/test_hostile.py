@@ -359,3 +359,40 @@ def test_small_things_a_careless_client_sees(broker_factory):
         assert b"namespace public/no-such-namespace does not exist" in message, reply.body
         assert b"does not exist does not exist" not in message, reply.body
     assert "\x1b[" not in broker.log_text()
+
+
+def test_every_topic_level_call_works_on_a_single_partition(broker_factory, client_factory):
+    # Item 12: a partition's name was taken for its partitioned topic, so calls on
+    # t1-partition-0 looked at t1-partition-0-partition-N: no subscriptions, 404 on skip_all.
+    broker = broker_factory.start()
+    client = client_factory(broker)
+    topic = unique_topic("t1")
+    status, body = admin_call(broker.web_url, "PUT", topic_path(topic) + "/partitions", 3)
+    assert status in (200, 204), f"{status} {body}"
+    consumer = client.subscribe(topic, "sub1")
+    producer = client.create_producer(topic, batching_enabled=False)
+    for index in range(30):
+        producer.send(f"m{index}".encode())
+    partition = topic_path(f"{topic}-partition-0")
+
+    def call(method: str, path: str, expected: tuple = (200, 204)):
+        status, body = admin_call(broker.web_url, method, partition + path)
+        assert status in expected, f"{method} {path} on a partition: {status} {body}"
+        return body
+
+    assert call("GET", "/subscriptions") == ["sub1"]
+    backlog = call("GET", "/stats")["subscriptions"]["sub1"]["msgBacklog"]
+    assert backlog > 0
+    call("POST", "/subscription/sub1/skip/1")
+    call("POST", "/subscription/sub1/skip_all")
+    assert call("GET", "/stats")["subscriptions"]["sub1"]["msgBacklog"] == 0
+    call("GET", "/internalStats")
+    call("GET", "/lastMessageId")
+    call("PUT", "/subscription/sub2")
+    assert call("GET", "/subscriptions") == ["sub1", "sub2"]
+    call("DELETE", "/subscription/sub2")
+    assert call("GET", "/partitions") == {"partitions": 0}
+    # The other partitions kept their backlog.
+    other = topic_stats(broker, f"{topic}-partition-1")["subscriptions"]["sub1"]["msgBacklog"]
+    assert other > 0
+    consumer.close()

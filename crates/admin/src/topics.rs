@@ -138,9 +138,19 @@ async fn existing_topic(broker: &AppState, name: &TopicName) -> ApiResult<Arc<To
     Ok(broker.topic(name, false).await?)
 }
 
+/// The partition count if `name` is a partitioned topic. A partition's name (`t-partition-0`)
+/// is a topic of its own here, as in Pulsar: every topic-level call works on one partition
+/// (the broker's `partition_count` answers for the partitioned topic a partition belongs to).
+fn partitions_of(broker: &AppState, name: &TopicName) -> ApiResult<Option<u32>> {
+    if name.partition_index().is_some() {
+        return Ok(None);
+    }
+    Ok(broker.partition_count(name)?)
+}
+
 /// The topics a request about `name` covers: its partitions for a partitioned topic.
 fn covered_topics(broker: &AppState, name: &TopicName) -> ApiResult<Vec<TopicName>> {
-    match broker.partition_count(name)? {
+    match partitions_of(broker, name)? {
         Some(partitions) => Ok((0..partitions).map(|index| name.partition(index)).collect()),
         None => Ok(vec![name.clone()]),
     }
@@ -195,7 +205,7 @@ async fn delete(
     Query(query): Query<Force>,
 ) -> ApiResult<()> {
     let name = topic_name(&tenant, &namespace, &topic)?;
-    if broker.partition_count(&name)?.is_some() {
+    if partitions_of(&broker, &name)?.is_some() {
         return Err(ApiError::new(
             StatusCode::CONFLICT,
             format!("{name} is a partitioned topic; delete it through /partitions"),
@@ -252,7 +262,7 @@ async fn get_partitions(
 ) -> ApiResult<Json<Value>> {
     let name = topic_name(&tenant, &namespace, &topic)?;
     require_namespace(&broker, &name)?;
-    let partitions = broker.partition_count(&name)?.unwrap_or(0);
+    let partitions = partitions_of(&broker, &name)?.unwrap_or(0);
     Ok(Json(json!({ "partitions": partitions })))
 }
 
@@ -331,8 +341,7 @@ async fn partitioned_stats(
     Query(query): Query<PerPartition>,
 ) -> ApiResult<Json<Value>> {
     let name = topic_name(&tenant, &namespace, &topic)?;
-    let partitions = broker
-        .partition_count(&name)?
+    let partitions = partitions_of(&broker, &name)?
         .ok_or_else(|| BrokerError::NotFound(format!("partitioned topic {name} does not exist")))?;
     let mut aggregate = Value::Object(Map::new());
     let mut per_partition = Map::new();
@@ -404,7 +413,7 @@ async fn terminate(
     Path((tenant, namespace, topic)): TopicPath,
 ) -> ApiResult<Json<Value>> {
     let name = topic_name(&tenant, &namespace, &topic)?;
-    if broker.partition_count(&name)?.is_some() {
+    if partitions_of(&broker, &name)?.is_some() {
         return Err(ApiError::new(
             StatusCode::METHOD_NOT_ALLOWED,
             format!("{name} is a partitioned topic; terminate its partitions"),
@@ -429,7 +438,7 @@ async fn subscriptions(
     let name = topic_name(&tenant, &namespace, &topic)?;
     let mut names = std::collections::BTreeSet::new();
     for covered in covered_topics(&broker, &name)? {
-        if broker.partition_count(&name)?.is_some() && !broker.exists(&covered) {
+        if partitions_of(&broker, &name)?.is_some() && !broker.exists(&covered) {
             continue;
         }
         names.extend(
