@@ -396,3 +396,20 @@ def test_every_topic_level_call_works_on_a_single_partition(broker_factory, clie
     other = topic_stats(broker, f"{topic}-partition-1")["subscriptions"]["sub1"]["msgBacklog"]
     assert other > 0
     consumer.close()
+
+
+@pytest.mark.parametrize("behaviour", ["silent", "dribbling"])
+def test_http_connections_that_send_nothing_or_dribble_are_closed(broker_factory, behaviour):
+    # Item 5: the HTTP server had no header or idle timeout, so idle and slowloris connections
+    # were held forever.
+    broker = broker_factory.start(config={"http_header_read_timeout_seconds": 1})
+    with frames.RawConnection(broker.web_port) as connection:
+        if behaviour == "silent":
+            connection.sock.settimeout(30)
+            try:
+                assert connection.sock.recv(1024) == b"", "the broker answered a request never sent"
+            except ConnectionResetError:
+                pass
+        else:
+            dribble_until_closed(connection, b"GET /admin/v2/brokers/health HTTP/1.1\r\nHost: x\r\n")
+    assert broker.health_status() == 200

@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{bail, Context};
+use meridian_admin::HttpLimits;
 use meridian_broker::{AutoTopicCreationType, BrokerConfig};
 use meridian_server::ServerConfig;
 use meridian_storage::{FlushPolicy, StorageConfig};
@@ -38,6 +39,10 @@ pub struct Config {
     /// Bytes queued for one connection's socket before the broker stops sending to it.
     pub max_outbound_bytes_per_connection: usize,
     pub keep_alive_interval_seconds: u64,
+    /// HTTP connections served at once.
+    pub http_max_connections: usize,
+    /// Time an HTTP client has to send a request's headers (also closes idle connections).
+    pub http_header_read_timeout_seconds: u64,
     pub max_pending_sends_per_producer: usize,
     pub max_unacked_messages_per_consumer: u64,
     /// How often TTL expiry, backlog quotas and retention are enforced.
@@ -74,6 +79,7 @@ impl Default for Config {
     fn default() -> Self {
         let broker = BrokerConfig::default();
         let server = ServerConfig::default();
+        let http = HttpLimits::default();
         Config {
             cluster_name: broker.cluster_name,
             data_dir: PathBuf::from("./data"),
@@ -91,6 +97,8 @@ impl Default for Config {
             max_connections_per_ip: server.max_connections_per_ip,
             max_outbound_bytes_per_connection: server.max_outbound_bytes,
             keep_alive_interval_seconds: server.keep_alive_interval.as_secs(),
+            http_max_connections: http.max_connections,
+            http_header_read_timeout_seconds: http.header_read_timeout.as_secs(),
             max_pending_sends_per_producer: server.max_pending_sends_per_producer,
             max_unacked_messages_per_consumer: broker.max_unacked_messages_per_consumer,
             policy_check_interval_seconds: 60,
@@ -209,6 +217,9 @@ impl Config {
         if self.max_outbound_bytes_per_connection == 0 {
             bail!("max_outbound_bytes_per_connection must be positive");
         }
+        if self.http_max_connections == 0 || self.http_header_read_timeout_seconds == 0 {
+            bail!("http_max_connections and http_header_read_timeout_seconds must be positive");
+        }
         if !matches!(
             self.storage.flush_policy.as_str(),
             "fsync" | "relaxed-write-only"
@@ -269,6 +280,13 @@ impl Config {
             replication_start_earliest: self.replication_start_at == ReplicationStart::Earliest,
             max_unacked_messages_per_consumer: self.max_unacked_messages_per_consumer,
             ..BrokerConfig::default()
+        }
+    }
+
+    pub fn http_limits(&self) -> HttpLimits {
+        HttpLimits {
+            max_connections: self.http_max_connections,
+            header_read_timeout: Duration::from_secs(self.http_header_read_timeout_seconds),
         }
     }
 

@@ -200,6 +200,7 @@ async fn standalone(config: Config) -> anyhow::Result<()> {
     let web = tokio::spawn(meridian_admin::serve(
         web_listener,
         broker.clone(),
+        config.http_limits(),
         shutdown.clone(),
     ));
     // Replicated topics with a backlog must not wait for a client to resume replicating.
