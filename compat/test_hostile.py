@@ -9,6 +9,7 @@ writes to them stop after a few megabytes of kernel buffers.
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import resource
 import socket
@@ -413,3 +414,23 @@ def test_http_connections_that_send_nothing_or_dribble_are_closed(broker_factory
         else:
             dribble_until_closed(connection, b"GET /admin/v2/brokers/health HTTP/1.1\r\nHost: x\r\n")
     assert broker.health_status() == 200
+
+
+def test_concurrent_creates_and_deletes_of_one_topic_never_fail_with_500(broker_factory):
+    # Item 11: a create racing a delete of the same topic saw its directory vanish (ENOENT,
+    # ENOTEMPTY in storage) and answered HTTP 500.
+    broker = broker_factory.start()
+    path = topic_path(unique_topic("race"))
+
+    def hammer(method: str) -> list:
+        return [admin_call(broker.web_url, method, path)[0] for _ in range(40)]
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
+        runs = [pool.submit(hammer, method) for method in ("PUT", "DELETE", "PUT", "DELETE")]
+        statuses = [status for run in runs for status in run.result()]
+    unexpected = sorted({status for status in statuses if status not in (200, 204, 404, 409, 412)})
+    assert unexpected == [], f"statuses other than 2xx/404/409/412: {unexpected}"
+    # The outcome is consistent: the topic either exists (and can be deleted) or not.
+    status, _ = admin_call(broker.web_url, "DELETE", path)
+    assert status in (204, 404)
+    assert admin_call(broker.web_url, "DELETE", path)[0] == 404

@@ -49,7 +49,7 @@ pub struct Broker {
     topics: Mutex<HashMap<String, Arc<OnceCell<Arc<Topic>>>>>,
     /// Every topic (or partition) that has a log.
     known_topics: Mutex<BTreeSet<String>>,
-    /// Topics being deleted: nothing loads them until the deletion is over.
+    /// Topics being created or deleted by an admin call: nothing loads them until it is over.
     deleting: Mutex<BTreeSet<String>>,
     next_key: AtomicU64,
 }
@@ -512,6 +512,17 @@ impl Broker {
     /// meanwhile are told to retry (`ServiceNotReady`) instead of loading the topic again
     /// while its log is being removed.
     pub async fn delete_topic(&self, name: &TopicName, force: bool) -> Result<()> {
+        self.claimed(name, self.delete_topic_now(name, force)).await
+    }
+
+    /// Runs an admin creation or deletion of `name` with the name claimed (clients loading it
+    /// meanwhile get `BeingDeleted`), so that two never overlap on one name: storage would see
+    /// a directory vanish under a creation. The second one gets `Conflict` (HTTP 409).
+    async fn claimed<T>(
+        &self,
+        name: &TopicName,
+        change: impl std::future::Future<Output = Result<T>>,
+    ) -> Result<T> {
         let key = name.to_string();
         if !self
             .deleting
@@ -519,9 +530,11 @@ impl Broker {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
             .insert(key.clone())
         {
-            return Err(BrokerError::BeingDeleted(key));
+            return Err(BrokerError::Conflict(format!(
+                "topic {key} is being created or deleted by another request"
+            )));
         }
-        let result = self.delete_topic_now(name, force).await;
+        let result = change.await;
         self.deleting
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -598,6 +611,10 @@ impl Broker {
 
     /// Creates a non-partitioned topic (its log) without a client.
     pub async fn create_topic(&self, name: &TopicName) -> Result<()> {
+        self.claimed(name, self.create_topic_now(name)).await
+    }
+
+    async fn create_topic_now(&self, name: &TopicName) -> Result<()> {
         if self.topic_exists(name) {
             return Err(BrokerError::AlreadyExists(format!(
                 "topic {name} already exists"
