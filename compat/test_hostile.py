@@ -434,3 +434,33 @@ def test_concurrent_creates_and_deletes_of_one_topic_never_fail_with_500(broker_
     status, _ = admin_call(broker.web_url, "DELETE", path)
     assert status in (204, 404)
     assert admin_call(broker.web_url, "DELETE", path)[0] == 404
+
+
+def test_partition_and_namespace_limits_and_stats_that_create_nothing(broker_factory, client_factory):
+    # Item 7: a topic of 100,000 partitions was accepted and one partitioned-stats call created
+    # and loaded its partitions until the broker ran out of file descriptors.
+    broker = broker_factory.start(
+        config={"max_num_partitions_per_partitioned_topic": 8, "max_topics_per_namespace": 10}
+    )
+    client = client_factory(broker)
+    topic = unique_topic("limits")
+    status, body = admin_call(broker.web_url, "PUT", topic_path(topic) + "/partitions", 9)
+    assert status == 412, f"9 partitions beyond a limit of 8: {status} {body}"
+    status, body = admin_call(broker.web_url, "PUT", topic_path(topic) + "/partitions", 8)
+    assert status in (200, 204), f"{status} {body}"
+
+    status, stats = admin_call(broker.web_url, "GET", topic_path(topic) + "/partitioned-stats")
+    assert status == 200, f"{status} {stats}"
+    assert stats["metadata"]["partitions"] == 8 and len(stats["partitions"]) == 8
+    logs = broker.data_dir / "storage" / "logs"
+    local = topic.rsplit("/", 1)[1]
+    assert [log.name for log in logs.iterdir() if local in log.name] == [], "stats created partitions"
+
+    # 8 partitions count as 8 topics: two more fit in the namespace, the third does not.
+    for index in range(2):
+        status, body = admin_call(broker.web_url, "PUT", topic_path(f"{topic}-plain-{index}"))
+        assert status in (200, 204), f"{status} {body}"
+    status, body = admin_call(broker.web_url, "PUT", topic_path(f"{topic}-plain-2"))
+    assert status == 412, f"an eleventh topic: {status} {body}"
+    with pytest.raises(pulsar.PulsarException):
+        client.create_producer(f"{topic}-auto", send_timeout_millis=5000)

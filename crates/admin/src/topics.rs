@@ -12,6 +12,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use meridian_broker::resources::{BacklogQuota, RetentionPolicies};
+use meridian_broker::stats::TopicStats;
 use meridian_broker::{BrokerError, SeekTarget, Topic, TopicName};
 use meridian_storage::Position;
 use serde::Deserialize;
@@ -345,12 +346,19 @@ async fn partitioned_stats(
         .ok_or_else(|| BrokerError::NotFound(format!("partitioned topic {name} does not exist")))?;
     let mut aggregate = Value::Object(Map::new());
     let mut per_partition = Map::new();
+    // Partitions that were never used have no log: they are reported empty, not created (a
+    // topic of 100,000 partitions would otherwise open them all).
+    let created: std::collections::HashSet<String> = broker.all_topics().into_iter().collect();
     for index in 0..partitions {
         let partition = name.partition(index);
-        let loaded = broker.topic(&partition, true).await?;
-        let policies = broker.resources().effective_policies(&partition)?;
-        let stats = serde_json::to_value(loaded.stats(&policies))
-            .map_err(|error| BrokerError::Unknown(error.to_string()))?;
+        let stats = if created.contains(&partition.to_string()) {
+            let loaded = broker.topic(&partition, false).await?;
+            let policies = broker.resources().effective_policies(&partition)?;
+            serde_json::to_value(loaded.stats(&policies))
+        } else {
+            serde_json::to_value(TopicStats::default())
+        }
+        .map_err(|error| BrokerError::Unknown(error.to_string()))?;
         merge_stats(&mut aggregate, &stats);
         per_partition.insert(partition.to_string(), stats);
     }

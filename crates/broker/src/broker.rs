@@ -198,6 +198,7 @@ impl Broker {
                             "{key} is a partitioned topic; use its partitions"
                         )));
                     }
+                    self.check_namespace_room(name, 1)?;
                 }
                 let policies = self.resources.effective_policies(name)?;
                 let terminated = self.metadata.get(&terminated_key(name))?.is_some();
@@ -363,6 +364,8 @@ impl Broker {
             )));
         }
         name.check_partition_names(partitions)?;
+        self.check_partition_limit(name, partitions)?;
+        self.check_namespace_room(name, partitions as usize)?;
         let value = serde_json::to_vec(&PartitionedTopicMetadata { partitions })
             .map_err(|error| BrokerError::Metadata(error.to_string()))?;
         self.metadata
@@ -398,6 +401,34 @@ impl Broker {
             return Ok(self.partition_count(name)?.unwrap_or(0));
         }
         Ok(0)
+    }
+
+    /// Refuses a partitioned topic of more than `max_num_partitions_per_partitioned_topic`.
+    fn check_partition_limit(&self, name: &TopicName, partitions: u32) -> Result<()> {
+        let limit = self.shared.config.max_num_partitions_per_partitioned_topic;
+        if limit > 0 && partitions > limit {
+            return Err(BrokerError::PreconditionFailed(format!(
+                "{name}: {partitions} partitions exceed the maximum of {limit} per partitioned topic"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Refuses `new_topics` more topics (partitions count) in `name`'s namespace beyond
+    /// `max_topics_per_namespace`.
+    fn check_namespace_room(&self, name: &TopicName, new_topics: usize) -> Result<()> {
+        let limit = self.shared.config.max_topics_per_namespace;
+        if limit == 0 {
+            return Ok(());
+        }
+        let namespace = name.namespace_name();
+        let existing = self.topics_of_namespace(&namespace)?.len();
+        if existing + new_topics > limit {
+            return Err(BrokerError::PreconditionFailed(format!(
+                "namespace {namespace} has {existing} topics; {new_topics} more exceed the maximum of {limit}"
+            )));
+        }
+        Ok(())
     }
 
     /// Every persistent topic of a namespace (`tenant/namespace`), partitions included.
@@ -464,6 +495,9 @@ impl Broker {
                 "{name} has {current} partitions; the count can only grow"
             )));
         }
+        name.check_partition_names(partitions)?;
+        self.check_partition_limit(name, partitions)?;
+        self.check_namespace_room(name, (partitions - current) as usize)?;
         let value = serde_json::to_vec(&PartitionedTopicMetadata { partitions })
             .map_err(|error| BrokerError::Metadata(error.to_string()))?;
         self.metadata
@@ -625,6 +659,7 @@ impl Broker {
                 "{name} is a partitioned topic"
             )));
         }
+        self.check_namespace_room(name, 1)?;
         if !self
             .resources
             .namespace_exists(&name.tenant, &name.namespace)?

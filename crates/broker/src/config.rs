@@ -45,6 +45,12 @@ pub struct BrokerConfig {
     /// A topic's new replicator starts at its earliest message (back-fill) instead of the
     /// latest, Pulsar's default.
     pub replication_start_earliest: bool,
+    /// Partitions of one partitioned topic at most (`maxNumPartitionsPerPartitionedTopic`;
+    /// 0: no limit).
+    pub max_num_partitions_per_partitioned_topic: u32,
+    /// Topics of one namespace at most, partitions counted (`maxTopicsPerNamespace`; 0: no
+    /// limit).
+    pub max_topics_per_namespace: usize,
 }
 
 impl Default for BrokerConfig {
@@ -66,6 +72,8 @@ impl Default for BrokerConfig {
             max_delayed_messages: 1_000_000,
             delayed_delivery_enabled: true,
             replication_start_earliest: false,
+            max_num_partitions_per_partitioned_topic: 10_000,
+            max_topics_per_namespace: 0,
         }
     }
 }

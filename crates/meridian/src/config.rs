@@ -28,6 +28,8 @@ pub struct Config {
     pub allow_auto_topic_creation: bool,
     pub allow_auto_topic_creation_type: AutoTopicCreationType,
     pub default_num_partitions: u32,
+    pub max_num_partitions_per_partitioned_topic: u32,
+    pub max_topics_per_namespace: usize,
     pub max_message_size: usize,
     pub deduplication_enabled: bool,
     /// Where a topic's new replicator starts: `latest` (Pulsar's default) or `earliest`
@@ -90,6 +92,9 @@ impl Default for Config {
             allow_auto_topic_creation: broker.allow_auto_topic_creation,
             allow_auto_topic_creation_type: broker.auto_topic_creation_type,
             default_num_partitions: broker.default_num_partitions,
+            max_num_partitions_per_partitioned_topic: broker
+                .max_num_partitions_per_partitioned_topic,
+            max_topics_per_namespace: broker.max_topics_per_namespace,
             max_message_size: broker.max_message_size,
             deduplication_enabled: broker.deduplication_enabled,
             replication_start_at: ReplicationStart::Latest,
@@ -205,6 +210,10 @@ impl Config {
         if self.default_num_partitions == 0 {
             bail!("default_num_partitions must be at least 1");
         }
+        let max_partitions = self.max_num_partitions_per_partitioned_topic;
+        if max_partitions > 0 && self.default_num_partitions > max_partitions {
+            bail!("default_num_partitions exceeds max_num_partitions_per_partitioned_topic");
+        }
         if self.max_message_size == 0 || self.max_message_size > 100 * 1024 * 1024 {
             bail!("max_message_size must be between 1 byte and 100 MiB");
         }
@@ -275,6 +284,8 @@ impl Config {
             allow_auto_topic_creation: self.allow_auto_topic_creation,
             auto_topic_creation_type: self.allow_auto_topic_creation_type,
             default_num_partitions: self.default_num_partitions,
+            max_num_partitions_per_partitioned_topic: self.max_num_partitions_per_partitioned_topic,
+            max_topics_per_namespace: self.max_topics_per_namespace,
             max_message_size: self.max_message_size,
             deduplication_enabled: self.deduplication_enabled,
             replication_start_earliest: self.replication_start_at == ReplicationStart::Earliest,
