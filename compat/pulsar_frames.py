@@ -15,9 +15,19 @@ Numbers are those of Meridian's own protocol definition, crates/wire/proto/pulsa
   Response: response 3 (Redirect 0 / Connect 1 / Failed 2), request_id 4, error 6, message 7.
 - CommandError: request_id 1, error 2, message 3.
 - ServerError.InvalidTopicName = 17.
+- CommandSubscribe: topic 1, subscription 2, sub_type 3 (Exclusive 0, Shared 1, Failover 2,
+  Key_Shared 3), consumer_id 4, request_id 5, consumer_name 6, initial_position 13 (Earliest 1).
+- CommandFlow: consumer_id 1, message_permits 2. CommandAck: consumer_id 1, ack_type 2,
+  message_id 3 (MessageIdData: ledger_id 1, entry_id 2).
+- CommandProducer: topic 1, producer_id 2, request_id 3. CommandSend: producer_id 1,
+  sequence_id 2, num_messages 3. CommandSendReceipt / CommandSendError: producer_id 1,
+  sequence_id 2; SendError's error 3 and message 4.
+- MessageMetadata: producer_name 1, sequence_id 2, publish_time 3, compression 8,
+  uncompressed_size 9, num_messages_in_batch 11.
 
 Framing (all sizes big-endian): a simple command is
-`[u32 total_size][u32 command_size][BaseCommand]` with total_size = 4 + command_size.
+`[u32 total_size][u32 command_size][BaseCommand]` with total_size = 4 + command_size; a SEND
+adds `[u32 metadata_size][MessageMetadata][payload]` (the optional checksum block is left out).
 The default frame limit is 5 MiB of message plus 10 KiB of padding.
 """
 
@@ -32,7 +42,18 @@ from typing import Optional
 # BaseCommand.Type values and the BaseCommand field that carries each command's body.
 CONNECT = 2
 CONNECTED = 3
+SUBSCRIBE = 4
+PRODUCER = 5
+SEND = 6
+SEND_RECEIPT = 7
+SEND_ERROR = 8
+MESSAGE = 9
+ACK = 10
+FLOW = 11
+SUCCESS = 13
 ERROR = 14
+PRODUCER_SUCCESS = 17
+ACTIVE_CONSUMER_CHANGE = 31
 PING = 18
 PONG = 19
 PARTITIONED_METADATA = 21
@@ -43,7 +64,18 @@ LOOKUP_RESPONSE = 24
 TYPE_NAMES = {
     CONNECT: "CONNECT",
     CONNECTED: "CONNECTED",
+    SUBSCRIBE: "SUBSCRIBE",
+    PRODUCER: "PRODUCER",
+    SEND: "SEND",
+    SEND_RECEIPT: "SEND_RECEIPT",
+    SEND_ERROR: "SEND_ERROR",
+    MESSAGE: "MESSAGE",
+    ACK: "ACK",
+    FLOW: "FLOW",
+    SUCCESS: "SUCCESS",
     ERROR: "ERROR",
+    PRODUCER_SUCCESS: "PRODUCER_SUCCESS",
+    ACTIVE_CONSUMER_CHANGE: "ACTIVE_CONSUMER_CHANGE",
     PING: "PING",
     PONG: "PONG",
     PARTITIONED_METADATA: "PARTITIONED_METADATA",
@@ -53,6 +85,8 @@ TYPE_NAMES = {
 }
 
 SERVER_ERROR_INVALID_TOPIC_NAME = 17
+
+EXCLUSIVE, SHARED, FAILOVER, KEY_SHARED = 0, 1, 2, 3
 PARTITIONED_METADATA_FAILED = 1
 LOOKUP_FAILED = 2
 
@@ -120,6 +154,51 @@ def lookup_frame(topic: str, request_id: int) -> bytes:
 def partitioned_metadata_frame(topic: str, request_id: int) -> bytes:
     body = field_string(1, topic) + field_varint(2, request_id)
     return simple_frame(base_command(PARTITIONED_METADATA, body))
+
+
+def subscribe_frame(
+    topic: str, subscription: str, consumer_id: int, request_id: int, sub_type: int = SHARED,
+    consumer_name: str = "raw-consumer",
+) -> bytes:
+    body = (
+        field_string(1, topic) + field_string(2, subscription) + field_varint(3, sub_type)
+        + field_varint(4, consumer_id) + field_varint(5, request_id)
+        + field_string(6, consumer_name) + field_varint(13, 1)
+    )
+    return simple_frame(base_command(SUBSCRIBE, body))
+
+
+def flow_frame(consumer_id: int, permits: int) -> bytes:
+    return simple_frame(base_command(FLOW, field_varint(1, consumer_id) + field_varint(2, permits)))
+
+
+def ack_frame(consumer_id: int, positions: list[tuple[int, int]]) -> bytes:
+    body = field_varint(1, consumer_id) + field_varint(2, 0)
+    for ledger_id, entry_id in positions:
+        body += field_bytes(3, field_varint(1, ledger_id) + field_varint(2, entry_id))
+    return simple_frame(base_command(ACK, body))
+
+
+def producer_frame(topic: str, producer_id: int, request_id: int) -> bytes:
+    body = field_string(1, topic) + field_varint(2, producer_id) + field_varint(3, request_id)
+    return simple_frame(base_command(PRODUCER, body))
+
+
+def send_frame(
+    producer_id: int, sequence_id: int, payload: bytes, producer_name: str = "raw-producer",
+    num_messages: Optional[int] = None, metadata_fields: bytes = b"",
+) -> bytes:
+    """A SEND without checksum; `metadata_fields` are appended to the MessageMetadata."""
+    command = field_varint(1, producer_id) + field_varint(2, sequence_id)
+    if num_messages is not None:
+        command += field_varint(3, num_messages)
+    command = base_command(SEND, command)
+    metadata = (
+        field_string(1, producer_name) + field_varint(2, sequence_id)
+        + field_varint(3, int(time.time() * 1000)) + metadata_fields
+    )
+    rest = struct.pack(">I", len(command)) + command + struct.pack(">I", len(metadata)) + metadata + payload
+    return struct.pack(">I", len(rest)) + rest
 
 
 # ------------------------------------------------------------------ protobuf decoding
@@ -190,8 +269,19 @@ class Frame:
 class RawConnection:
     """A plain TCP connection to the broker's binary port, speaking frames by hand."""
 
-    def __init__(self, port: int, timeout_s: float = 10.0):
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout_s)
+    def __init__(
+        self, port: int, timeout_s: float = 10.0, receive_buffer: Optional[int] = None,
+        source_address: str = "127.0.0.1",
+    ):
+        """`receive_buffer` shrinks the socket's receive buffer (before connecting), so that a
+        client that stops reading stops the broker's writes soon; `source_address` connects
+        from another loopback address (127.0.0.0/8)."""
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        if receive_buffer is not None:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+        self.sock.settimeout(timeout_s)
+        self.sock.bind((source_address, 0))
+        self.sock.connect(("127.0.0.1", port))
         self.timeout_s = timeout_s
         self.buffer = b""
 
@@ -264,6 +354,17 @@ class RawConnection:
         frame = self.reply()
         assert frame is not None, "broker closed the connection instead of answering PING"
         assert frame.command_type == PONG, f"expected PONG, got {frame.name} {frame.body}"
+
+    def request(self, frame: bytes, expected: int) -> Frame:
+        """Send a request and expect a reply of type `expected` (ACTIVE_CONSUMER_CHANGE, which
+        may come first, is skipped)."""
+        self.send(frame)
+        reply = self.reply()
+        while reply is not None and reply.command_type == ACTIVE_CONSUMER_CHANGE:
+            reply = self.reply()
+        assert reply is not None, "broker closed the connection instead of answering"
+        assert reply.command_type == expected, f"expected {TYPE_NAMES.get(expected)}, got {reply.name} {reply.body}"
+        return reply
 
     def frames_until_closed(self, timeout_s: float = 10.0) -> list[Frame]:
         """Every frame the broker still sends, until it closes the connection.

@@ -19,16 +19,22 @@ mod tenants;
 mod topics;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::extract::rejection::JsonRejection;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
+use hyper::server::conn::http1;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
 use meridian_broker::{Broker, BrokerError};
 use serde::de::DeserializeOwned;
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 /// State shared by every handler.
 pub type AppState = Arc<Broker>;
@@ -121,13 +127,85 @@ async fn not_found() -> ApiError {
     ApiError::new(StatusCode::NOT_FOUND, "no such resource")
 }
 
-/// Serves the HTTP API until `shutdown` is cancelled.
+/// Limits of the HTTP server, so that idle or slow clients cannot hold it.
+#[derive(Debug, Clone)]
+pub struct HttpLimits {
+    /// Connections served at once; more wait to be accepted.
+    pub max_connections: usize,
+    /// Time a client has to send a request's headers, counted from the first byte of the
+    /// request or, between requests of a kept-alive connection, from the previous response:
+    /// an idle or dribbling connection is closed after it.
+    pub header_read_timeout: Duration,
+}
+
+impl Default for HttpLimits {
+    fn default() -> Self {
+        HttpLimits {
+            max_connections: 2048,
+            header_read_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Serves the HTTP API until `shutdown` is cancelled and the requests in progress are done.
+///
+/// One task per connection (hyper's HTTP/1 with the header timeout); a semaphore bounds the
+/// connections. Accept errors (out of descriptors) pause the loop instead of spinning.
 pub async fn serve(
     listener: TcpListener,
     broker: Arc<Broker>,
+    limits: HttpLimits,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(broker))
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
-        .await
+    let router = router(broker);
+    let connections = Arc::new(Semaphore::new(limits.max_connections));
+    let tracker = TaskTracker::new();
+    loop {
+        let permit = tokio::select! {
+            permit = connections.clone().acquire_owned() => match permit {
+                Ok(permit) => permit,
+                Err(_) => break,
+            },
+            _ = shutdown.cancelled() => break,
+        };
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = shutdown.cancelled() => break,
+        };
+        let stream = match accepted {
+            Ok((stream, _)) => stream,
+            Err(error) => {
+                tracing::debug!(%error, "HTTP accept failed; pausing");
+                tokio::select! {
+                    _ = tokio::time::sleep(ACCEPT_ERROR_PAUSE) => continue,
+                    _ = shutdown.cancelled() => break,
+                }
+            }
+        };
+        let service = TowerToHyperService::new(router.clone());
+        let shutdown = shutdown.clone();
+        let header_read_timeout = limits.header_read_timeout;
+        tracker.spawn(async move {
+            let connection = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(header_read_timeout)
+                .serve_connection(TokioIo::new(stream), service);
+            tokio::pin!(connection);
+            tokio::select! {
+                _ = connection.as_mut() => {}
+                _ = shutdown.cancelled() => {
+                    // Finish the request in progress, then close.
+                    connection.as_mut().graceful_shutdown();
+                    let _ = connection.await;
+                }
+            }
+            drop(permit);
+        });
+    }
+    tracker.close();
+    tracker.wait().await;
+    Ok(())
 }
+
+/// Pause after a failed accept (out of file descriptors), so the loop does not spin.
+const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);

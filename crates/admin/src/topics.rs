@@ -13,6 +13,7 @@ use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use meridian_broker::replication::subscription_sync::{self, SyncedAcks};
 use meridian_broker::resources::{BacklogQuota, RetentionPolicies};
+use meridian_broker::stats::TopicStats;
 use meridian_broker::{BrokerError, SeekTarget, Topic, TopicName};
 use meridian_storage::Position;
 use serde::Deserialize;
@@ -147,9 +148,19 @@ async fn existing_topic(broker: &AppState, name: &TopicName) -> ApiResult<Arc<To
     Ok(broker.topic(name, false).await?)
 }
 
+/// The partition count if `name` is a partitioned topic. A partition's name (`t-partition-0`)
+/// is a topic of its own here, as in Pulsar: every topic-level call works on one partition
+/// (the broker's `partition_count` answers for the partitioned topic a partition belongs to).
+fn partitions_of(broker: &AppState, name: &TopicName) -> ApiResult<Option<u32>> {
+    if name.partition_index().is_some() {
+        return Ok(None);
+    }
+    Ok(broker.partition_count(name)?)
+}
+
 /// The topics a request about `name` covers: its partitions for a partitioned topic.
 fn covered_topics(broker: &AppState, name: &TopicName) -> ApiResult<Vec<TopicName>> {
-    match broker.partition_count(name)? {
+    match partitions_of(broker, name)? {
         Some(partitions) => Ok((0..partitions).map(|index| name.partition(index)).collect()),
         None => Ok(vec![name.clone()]),
     }
@@ -204,7 +215,7 @@ async fn delete(
     Query(query): Query<Force>,
 ) -> ApiResult<()> {
     let name = topic_name(&tenant, &namespace, &topic)?;
-    if broker.partition_count(&name)?.is_some() {
+    if partitions_of(&broker, &name)?.is_some() {
         return Err(ApiError::new(
             StatusCode::CONFLICT,
             format!("{name} is a partitioned topic; delete it through /partitions"),
@@ -261,7 +272,7 @@ async fn get_partitions(
 ) -> ApiResult<Json<Value>> {
     let name = topic_name(&tenant, &namespace, &topic)?;
     require_namespace(&broker, &name)?;
-    let partitions = broker.partition_count(&name)?.unwrap_or(0);
+    let partitions = partitions_of(&broker, &name)?.unwrap_or(0);
     Ok(Json(json!({ "partitions": partitions })))
 }
 
@@ -340,17 +351,23 @@ async fn partitioned_stats(
     Query(query): Query<PerPartition>,
 ) -> ApiResult<Json<Value>> {
     let name = topic_name(&tenant, &namespace, &topic)?;
-    let partitions = broker
-        .partition_count(&name)?
+    let partitions = partitions_of(&broker, &name)?
         .ok_or_else(|| BrokerError::NotFound(format!("partitioned topic {name} does not exist")))?;
     let mut aggregate = Value::Object(Map::new());
     let mut per_partition = Map::new();
+    // Partitions that were never used have no log: they are reported empty, not created (a
+    // topic of 100,000 partitions would otherwise open them all).
+    let created: std::collections::HashSet<String> = broker.all_topics().into_iter().collect();
     for index in 0..partitions {
         let partition = name.partition(index);
-        let loaded = broker.topic(&partition, true).await?;
-        let policies = broker.resources().effective_policies(&partition)?;
-        let stats = serde_json::to_value(loaded.stats(&policies))
-            .map_err(|error| BrokerError::Unknown(error.to_string()))?;
+        let stats = if created.contains(&partition.to_string()) {
+            let loaded = broker.topic(&partition, false).await?;
+            let policies = broker.resources().effective_policies(&partition)?;
+            serde_json::to_value(loaded.stats(&policies))
+        } else {
+            serde_json::to_value(TopicStats::default())
+        }
+        .map_err(|error| BrokerError::Unknown(error.to_string()))?;
         merge_stats(&mut aggregate, &stats);
         per_partition.insert(partition.to_string(), stats);
     }
@@ -413,7 +430,7 @@ async fn terminate(
     Path((tenant, namespace, topic)): TopicPath,
 ) -> ApiResult<Json<Value>> {
     let name = topic_name(&tenant, &namespace, &topic)?;
-    if broker.partition_count(&name)?.is_some() {
+    if partitions_of(&broker, &name)?.is_some() {
         return Err(ApiError::new(
             StatusCode::METHOD_NOT_ALLOWED,
             format!("{name} is a partitioned topic; terminate its partitions"),
@@ -438,7 +455,7 @@ async fn subscriptions(
     let name = topic_name(&tenant, &namespace, &topic)?;
     let mut names = std::collections::BTreeSet::new();
     for covered in covered_topics(&broker, &name)? {
-        if broker.partition_count(&name)?.is_some() && !broker.exists(&covered) {
+        if partitions_of(&broker, &name)?.is_some() && !broker.exists(&covered) {
             continue;
         }
         names.extend(

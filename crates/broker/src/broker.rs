@@ -49,7 +49,7 @@ pub struct Broker {
     topics: Mutex<HashMap<String, Arc<OnceCell<Arc<Topic>>>>>,
     /// Every topic (or partition) that has a log.
     known_topics: Mutex<BTreeSet<String>>,
-    /// Topics being deleted: nothing loads them until the deletion is over.
+    /// Topics being created or deleted by an admin call: nothing loads them until it is over.
     deleting: Mutex<BTreeSet<String>>,
     /// One lock per topic name that creation and deletion take, so that racing requests on
     /// one topic run one after the other and each meets the outcome of the one before
@@ -210,15 +210,17 @@ impl Broker {
                     .resources
                     .namespace_exists(&name.tenant, &name.namespace)?
                 {
-                    return Err(BrokerError::NotFound(format!(
-                        "topic {key}: namespace {} does not exist",
+                    return Err(BrokerError::TopicNotFound(format!(
+                        "topic {key} does not exist: namespace {} does not exist",
                         name.namespace_name()
                     )));
                 }
                 if !self.topic_exists(name) {
                     let (allowed, _) = self.auto_creation(name)?;
                     if !(create_if_missing && allowed) {
-                        return Err(BrokerError::TopicNotFound(key.clone()));
+                        return Err(BrokerError::TopicNotFound(format!(
+                            "topic {key} does not exist and automatic topic creation is disabled"
+                        )));
                     }
                     if self.partition_count(&name.base())?.is_some() {
                         return Err(BrokerError::NotAllowed(format!(
@@ -423,12 +425,12 @@ impl Broker {
         Ok(())
     }
 
-    /// Refuses a partition count above `max_partitions_per_topic`.
+    /// Refuses a partition count above `max_num_partitions_per_partitioned_topic`.
     fn check_partition_limit(&self, name: &TopicName, partitions: u32) -> Result<()> {
-        let limit = self.shared.config.max_partitions_per_topic;
+        let limit = self.shared.config.max_num_partitions_per_partitioned_topic;
         if limit > 0 && partitions > limit {
             return Err(BrokerError::PreconditionFailed(format!(
-                "{name}: {partitions} partitions exceed the limit of {limit} (max_partitions_per_topic)"
+                "{name}: {partitions} partitions exceed the limit of {limit} (max_num_partitions_per_partitioned_topic)"
             )));
         }
         Ok(())
@@ -463,6 +465,7 @@ impl Broker {
                 "{name} is a partition name"
             )));
         }
+        name.check_partition_names(partitions)?;
         self.check_partition_limit(name, partitions)?;
         self.check_namespace_room(name, partitions as usize)?;
         let value = serde_json::to_vec(&PartitionedTopicMetadata { partitions })
@@ -566,6 +569,7 @@ impl Broker {
                 "{name} has {current} partitions; the count can only grow"
             )));
         }
+        name.check_partition_names(partitions)?;
         self.check_partition_limit(name, partitions)?;
         self.check_namespace_room(name, (partitions - current) as usize)?;
         let value = serde_json::to_vec(&PartitionedTopicMetadata { partitions })
@@ -616,6 +620,17 @@ impl Broker {
     /// meanwhile are told to retry (`ServiceNotReady`) instead of loading the topic again
     /// while its log is being removed.
     pub async fn delete_topic(&self, name: &TopicName, force: bool) -> Result<()> {
+        self.claimed(name, self.delete_topic_now(name, force)).await
+    }
+
+    /// Runs an admin creation or deletion of `name` with the name claimed (clients loading it
+    /// meanwhile get `BeingDeleted`), so that two never overlap on one name: storage would see
+    /// a directory vanish under a creation. The second one gets `Conflict` (HTTP 409).
+    async fn claimed<T>(
+        &self,
+        name: &TopicName,
+        change: impl std::future::Future<Output = Result<T>>,
+    ) -> Result<T> {
         let key = name.to_string();
         let _lifecycle = self.lifecycle_lock(&key).await;
         if !self
@@ -624,9 +639,11 @@ impl Broker {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
             .insert(key.clone())
         {
-            return Err(BrokerError::BeingDeleted(key));
+            return Err(BrokerError::Conflict(format!(
+                "topic {key} is being created or deleted by another request"
+            )));
         }
-        let result = self.delete_topic_now(name, force).await;
+        let result = change.await;
         self.deleting
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -703,7 +720,10 @@ impl Broker {
 
     /// Creates a non-partitioned topic (its log) without a client.
     pub async fn create_topic(&self, name: &TopicName) -> Result<()> {
-        let _lifecycle = self.lifecycle_lock(&name.to_string()).await;
+        self.claimed(name, self.create_topic_now(name)).await
+    }
+
+    async fn create_topic_now(&self, name: &TopicName) -> Result<()> {
         if self.topic_exists(name) {
             return Err(BrokerError::AlreadyExists(format!(
                 "topic {name} already exists"
@@ -714,6 +734,7 @@ impl Broker {
                 "{name} is a partitioned topic or one of its partitions"
             )));
         }
+        self.check_namespace_room(name, 1)?;
         if !self
             .resources
             .namespace_exists(&name.tenant, &name.namespace)?

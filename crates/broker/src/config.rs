@@ -25,12 +25,6 @@ pub struct BrokerConfig {
     pub default_num_partitions: u32,
     /// Largest message (entry) accepted (`maxMessageSize`, 5 MiB).
     pub max_message_size: usize,
-    /// Partitions a partitioned topic may have (`maxNumPartitionsPerPartitionedTopic`; 0: no
-    /// limit).
-    pub max_partitions_per_topic: u32,
-    /// Topics a namespace may hold, each partition counted (`maxTopicsPerNamespace`; 0: no
-    /// limit).
-    pub max_topics_per_namespace: usize,
     /// Topics loaded at once: loading one more is refused (ServiceNotReady, HTTP 503) until
     /// others are unloaded. Every loaded topic holds open files and memory.
     pub max_loaded_topics: usize,
@@ -57,6 +51,12 @@ pub struct BrokerConfig {
     /// A topic's new replicator starts at its earliest message (back-fill) instead of the
     /// latest, Pulsar's default.
     pub replication_start_earliest: bool,
+    /// Partitions of one partitioned topic at most (`maxNumPartitionsPerPartitionedTopic`;
+    /// 0: no limit).
+    pub max_num_partitions_per_partitioned_topic: u32,
+    /// Topics of one namespace at most, partitions counted (`maxTopicsPerNamespace`; 0: no
+    /// limit).
+    pub max_topics_per_namespace: usize,
 }
 
 impl Default for BrokerConfig {
@@ -69,8 +69,6 @@ impl Default for BrokerConfig {
             auto_topic_creation_type: AutoTopicCreationType::NonPartitioned,
             default_num_partitions: 1,
             max_message_size: meridian_wire::DEFAULT_MAX_MESSAGE_SIZE,
-            max_partitions_per_topic: 1000,
-            max_topics_per_namespace: 0,
             max_loaded_topics: 10_000,
             deduplication_enabled: false,
             deduplication_snapshot_interval_entries: 1000,
@@ -82,6 +80,8 @@ impl Default for BrokerConfig {
             delayed_delivery_enabled: true,
             replication_start_earliest: false,
             replicated_subscriptions_sync_interval: std::time::Duration::from_millis(100),
+            max_num_partitions_per_partitioned_topic: 10_000,
+            max_topics_per_namespace: 0,
         }
     }
 }

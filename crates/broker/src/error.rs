@@ -6,7 +6,8 @@ use meridian_wire::ServerError;
 pub enum BrokerError {
     #[error("invalid topic name {name:?}: {reason}")]
     InvalidTopicName { name: String, reason: String },
-    #[error("topic {0} does not exist and automatic topic creation is disabled")]
+    /// A topic that does not exist (the message says why it was not created).
+    #[error("{0}")]
     TopicNotFound(String),
     #[error("subscription {subscription} does not exist on {topic}")]
     SubscriptionNotFound { topic: String, subscription: String },

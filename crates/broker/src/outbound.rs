@@ -1,9 +1,27 @@
-//! Frames the broker hands to a connection's writer.
+//! Frames the broker hands to a connection's writer, through a queue bounded in bytes.
+//!
+//! One queue per connection. Its limit is in bytes because frames vary from a 10-byte PONG to a
+//! 5 MiB MESSAGE: a limit in frames would let one slow client hold gigabytes. Three ways in:
+//! - [`OutboundSender::send`] waits for room (responses, receipts: their sender slows down with
+//!   the client, which is the back-pressure);
+//! - [`OutboundSender::push`] never waits: dispatchers check [`OutboundSender::has_room`] first
+//!   and skip a full connection, so one client that does not read never holds up the others
+//!   (the limit is then exceeded by at most the frame pushed);
+//! - [`OutboundSender::try_send`] for small control frames, which may use a little headroom
+//!   beyond the limit so that CLOSE_CONSUMER or a PING still reaches a connection full of
+//!   messages, and are dropped beyond it.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 
 use bytes::{Bytes, BytesMut};
 use meridian_wire::encode::PayloadFrame;
 use meridian_wire::{encode_command, BaseCommand};
-use tokio::sync::mpsc;
+use tokio::sync::mpsc::error::{SendError, TrySendError};
+use tokio::sync::{mpsc, Notify};
+
+/// Headroom beyond the byte limit for control frames ([`OutboundSender::try_send`]).
+pub const CONTROL_HEADROOM_BYTES: usize = 64 * 1024;
 
 /// One frame to write to a client, already encoded.
 #[derive(Debug, Clone)]
@@ -14,8 +32,185 @@ pub enum Outbound {
     Payload(PayloadFrame),
 }
 
-/// Where a connection's frames go. Bounded: a slow client makes its senders wait.
-pub type OutboundSender = mpsc::Sender<Outbound>;
+impl Outbound {
+    /// Bytes this frame takes on the wire (and in the queue).
+    pub fn len(&self) -> usize {
+        match self {
+            Outbound::Frame(frame) => frame.len(),
+            Outbound::Payload(payload) => payload.frame_length(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// State shared by the two ends of one connection's queue.
+struct Queue {
+    queued_bytes: AtomicUsize,
+    max_bytes: usize,
+    /// Wakes senders waiting in [`OutboundSender::send`] once bytes were written.
+    room: Notify,
+    /// Dispatchers that skipped this connection because it was full; woken when it has room.
+    waiting_dispatchers: Mutex<Vec<Weak<Notify>>>,
+}
+
+impl Queue {
+    fn has_room(&self) -> bool {
+        self.queued_bytes.load(Ordering::SeqCst) < self.max_bytes
+    }
+
+    fn wake_everybody(&self) {
+        self.room.notify_waiters();
+        let waiting = std::mem::take(
+            &mut *self
+                .waiting_dispatchers
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner()),
+        );
+        for dispatcher in waiting.iter().filter_map(Weak::upgrade) {
+            dispatcher.notify_one();
+        }
+    }
+}
+
+/// Where a connection's frames go: cloned for each producer and consumer of the connection.
+#[derive(Clone)]
+pub struct OutboundSender {
+    frames: mpsc::UnboundedSender<Outbound>,
+    queue: Arc<Queue>,
+}
+
+/// The connection writer's end of the queue.
+pub struct OutboundReceiver {
+    frames: mpsc::UnboundedReceiver<Outbound>,
+    queue: Arc<Queue>,
+}
+
+/// A connection's outbound queue holding at most about `max_bytes` (see the module notes).
+pub fn outbound_queue(max_bytes: usize) -> (OutboundSender, OutboundReceiver) {
+    let (sender, receiver) = mpsc::unbounded_channel();
+    let queue = Arc::new(Queue {
+        queued_bytes: AtomicUsize::new(0),
+        max_bytes,
+        room: Notify::new(),
+        waiting_dispatchers: Mutex::new(Vec::new()),
+    });
+    (
+        OutboundSender {
+            frames: sender,
+            queue: queue.clone(),
+        },
+        OutboundReceiver {
+            frames: receiver,
+            queue,
+        },
+    )
+}
+
+impl OutboundSender {
+    /// Whether the queue holds less than its limit.
+    pub fn has_room(&self) -> bool {
+        self.queue.has_room()
+    }
+
+    /// Bytes queued and not yet written to the socket.
+    pub fn queued_bytes(&self) -> usize {
+        self.queue.queued_bytes.load(Ordering::SeqCst)
+    }
+
+    /// Queues a frame without waiting, whatever the queue holds: for callers that checked
+    /// [`has_room`](Self::has_room) and must not wait on one client.
+    pub fn push(&self, frame: Outbound) -> Result<(), SendError<Outbound>> {
+        let length = frame.len();
+        self.queue.queued_bytes.fetch_add(length, Ordering::SeqCst);
+        self.frames.send(frame).inspect_err(|_| {
+            self.queue.queued_bytes.fetch_sub(length, Ordering::SeqCst);
+        })
+    }
+
+    /// Waits until the queue has room, then queues the frame. Fails only once the connection's
+    /// writer is gone.
+    pub async fn send(&self, frame: Outbound) -> Result<(), SendError<Outbound>> {
+        loop {
+            let room = self.queue.room.notified();
+            tokio::pin!(room);
+            // Registered before looking, so a write finishing in between is not missed.
+            room.as_mut().enable();
+            if self.frames.is_closed() {
+                return Err(SendError(frame));
+            }
+            if self.has_room() {
+                return self.push(frame);
+            }
+            room.await;
+        }
+    }
+
+    /// Queues a small control frame if the queue holds less than its limit plus
+    /// [`CONTROL_HEADROOM_BYTES`]; otherwise gives it back as `Full`.
+    pub fn try_send(&self, frame: Outbound) -> Result<(), TrySendError<Outbound>> {
+        if self.frames.is_closed() {
+            return Err(TrySendError::Closed(frame));
+        }
+        let limit = self.queue.max_bytes.saturating_add(CONTROL_HEADROOM_BYTES);
+        if self.queued_bytes().saturating_add(frame.len()) > limit {
+            return Err(TrySendError::Full(frame));
+        }
+        self.push(frame)
+            .map_err(|SendError(frame)| TrySendError::Closed(frame))
+    }
+
+    /// Asks for `dispatcher` to be notified once this queue has room again (or is closed).
+    pub fn notify_when_room(&self, dispatcher: &Arc<Notify>) {
+        let mut waiting = self
+            .queue
+            .waiting_dispatchers
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        waiting.retain(|waiter| waiter.strong_count() > 0);
+        if !waiting
+            .iter()
+            .any(|waiter| std::ptr::eq(waiter.as_ptr(), Arc::as_ptr(dispatcher)))
+        {
+            waiting.push(Arc::downgrade(dispatcher));
+        }
+        drop(waiting);
+        // The writer may have made room between the caller's check and the registration.
+        if self.has_room() || self.frames.is_closed() {
+            self.queue.wake_everybody();
+        }
+    }
+}
+
+impl OutboundReceiver {
+    /// The next frame, or `None` once every sender is gone.
+    pub async fn recv(&mut self) -> Option<Outbound> {
+        self.frames.recv().await
+    }
+
+    /// The next frame if one is queued.
+    pub fn try_recv(&mut self) -> Option<Outbound> {
+        self.frames.try_recv().ok()
+    }
+
+    /// Records that `bytes` of received frames reached the socket: frees their room.
+    pub fn written(&self, bytes: usize) {
+        self.queue.queued_bytes.fetch_sub(bytes, Ordering::SeqCst);
+        if self.queue.has_room() {
+            self.queue.wake_everybody();
+        }
+    }
+}
+
+impl Drop for OutboundReceiver {
+    fn drop(&mut self) {
+        // Senders waiting for room learn that the connection is gone.
+        self.frames.close();
+        self.queue.wake_everybody();
+    }
+}
 
 /// Encodes a simple command frame. Commands built by the broker always encode.
 pub fn command_frame(command: &BaseCommand) -> Outbound {
@@ -24,4 +219,52 @@ pub fn command_frame(command: &BaseCommand) -> Outbound {
         tracing::error!(%error, "encoding a command failed");
     }
     Outbound::Frame(buffer.freeze())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(bytes: usize) -> Outbound {
+        Outbound::Frame(Bytes::from(vec![0u8; bytes]))
+    }
+
+    #[tokio::test]
+    async fn the_limit_is_in_bytes_and_writing_frees_room() {
+        let (sender, mut receiver) = outbound_queue(100);
+        sender.push(frame(60)).expect("push");
+        assert!(sender.has_room());
+        sender.push(frame(60)).expect("push beyond the limit");
+        assert!(!sender.has_room());
+        assert_eq!(sender.queued_bytes(), 120);
+
+        let dispatcher = Arc::new(Notify::new());
+        sender.notify_when_room(&dispatcher);
+        let woken = dispatcher.notified();
+        let waiting_send = tokio::spawn({
+            let sender = sender.clone();
+            async move { sender.send(frame(10)).await }
+        });
+        let first = receiver.recv().await.expect("frame");
+        receiver.written(first.len());
+        woken.await;
+        waiting_send.await.expect("task").expect("send");
+        assert_eq!(sender.queued_bytes(), 70);
+    }
+
+    #[test]
+    fn control_frames_use_the_headroom_then_are_refused() {
+        let (sender, receiver) = outbound_queue(100);
+        sender.push(frame(100)).expect("push");
+        assert!(sender.try_send(frame(10)).is_ok());
+        assert!(matches!(
+            sender.try_send(frame(CONTROL_HEADROOM_BYTES)),
+            Err(TrySendError::Full(_))
+        ));
+        drop(receiver);
+        assert!(matches!(
+            sender.try_send(frame(1)),
+            Err(TrySendError::Closed(_))
+        ));
+    }
 }

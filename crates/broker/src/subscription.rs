@@ -3,8 +3,14 @@
 //! The dispatcher is one task per subscription. Each round it plans under the state lock (what
 //! to read: entries waiting for redelivery first, then new ones from the read position, as many
 //! as consumers have permits for), reads outside the lock, assigns each entry to a consumer by
-//! the subscription type, and sends the MESSAGE frames outside the lock. It sleeps until new
-//! entries are durable, permits arrive, consumers change, or a delayed message falls due.
+//! the subscription type and queues its MESSAGE frame on that consumer's connection without
+//! waiting. It sleeps until new entries are durable, permits arrive, consumers change, a
+//! delayed message falls due, or a full connection it skipped has room again.
+//!
+//! A consumer can take an entry only if it has permits, is below its unacknowledged limit and
+//! its connection's outbound queue is below its byte limit: a client that asks for messages and
+//! never reads them fills its own queue and is then skipped, so the other consumers of a Shared
+//! or Key_Shared subscription keep their rate (the dispatcher never awaits one connection).
 //!
 //! Bookkeeping per entry in flight: `pending` (which consumer has it, how many messages it
 //! holds, its sticky-key hash) until it is acknowledged; `replay` for entries to send again
@@ -27,6 +33,7 @@ use meridian_wire::proto::{
     base_command, BaseCommand, CommandActiveConsumerChange, CommandCloseConsumer, CommandMessage,
     CommandReachedEndOfTopic, IntRange, MessageIdData,
 };
+use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::Notify;
 
 use crate::config::BrokerConfig;
@@ -169,7 +176,8 @@ pub struct Subscription {
     log: Arc<Log>,
     config: Arc<BrokerConfig>,
     state: Mutex<DispatchState>,
-    wake: Notify,
+    /// Wakes the dispatcher; shared with the connections it skipped because they were full.
+    wake: Arc<Notify>,
     stopped: AtomicBool,
     meter_out: Meter,
     redelivered: Meter,
@@ -251,7 +259,7 @@ impl Subscription {
             }),
             log,
             config,
-            wake: Notify::new(),
+            wake: Arc::new(Notify::new()),
             stopped: AtomicBool::new(false),
             meter_out: Meter::default(),
             redelivered: Meter::default(),
@@ -453,8 +461,18 @@ impl Subscription {
         self.wake.notify_one();
     }
 
-    /// Acknowledges individual entries.
+    /// Acknowledges individual entries. Positions of entries that do not exist (never did, or
+    /// were trimmed) are ignored, as Pulsar does: stored, they would lower the backlog.
     pub fn acknowledge(&self, positions: &[Position]) -> Result<()> {
+        let existing: Vec<Position> = positions
+            .iter()
+            .copied()
+            .filter(|position| entry_exists(&self.log, *position))
+            .collect();
+        if existing.len() < positions.len() {
+            tracing::debug!(topic = %self.topic, subscription = %self.name, ignored = positions.len() - existing.len(), "acknowledgement of entries that do not exist ignored");
+        }
+        let positions = &existing[..];
         self.log.acknowledge(&self.cursor, positions)?;
         {
             let mut state = self.lock();
@@ -467,8 +485,13 @@ impl Subscription {
         Ok(())
     }
 
-    /// Acknowledges everything up to and including `position`.
+    /// Acknowledges everything up to and including `position`; a position beyond the last
+    /// entry is ignored (as Pulsar: it would acknowledge messages not yet written).
     pub fn acknowledge_cumulative(&self, position: Position) -> Result<()> {
+        if self.log.last_position().is_none_or(|last| position > last) {
+            tracing::debug!(topic = %self.topic, subscription = %self.name, %position, "cumulative acknowledgement beyond the last entry ignored");
+            return Ok(());
+        }
         self.log.acknowledge_cumulative(&self.cursor, position)?;
         {
             let mut state = self.lock();
@@ -772,39 +795,48 @@ impl Subscription {
             }
         };
 
-        let sends = {
-            let mut state = self.lock();
-            if state.generation != generation {
-                return Round::Progress;
+        let mut state = self.lock();
+        if state.generation != generation {
+            return Round::Progress;
+        }
+        // Planned entries that no longer exist (trimmed) leave the replay set.
+        let read: HashSet<Position> = entries.iter().map(|entry| entry.position).collect();
+        for position in &planned_replay {
+            if !read.contains(position) {
+                state.replay.remove(position);
             }
-            // Planned entries that no longer exist (trimmed) leave the replay set.
-            let read: HashSet<Position> = entries.iter().map(|entry| entry.position).collect();
-            for position in &planned_replay {
-                if !read.contains(position) {
-                    state.replay.remove(position);
-                }
-            }
-            let sends = self.assign(&mut state, entries, is_replay);
-            if sends.is_empty() && is_replay {
-                // Nothing from the replay set could go out: wait for permits or acks.
-                return Round::Idle {
-                    wake_at_ms: state.delayed.keys().next().map(|(at, _)| *at),
-                };
-            }
-            sends
-        };
-        for (sink, frame) in sends {
-            // A closed connection drops its consumers, which puts their messages back.
-            let _ = sink.send(frame).await;
+        }
+        let queued = self.assign(&mut state, entries, is_replay);
+        if queued == 0 && is_replay {
+            // Nothing from the replay set could go out: wait for permits, acks or room.
+            return Round::Idle {
+                wake_at_ms: state.delayed.keys().next().map(|(at, _)| *at),
+            };
         }
         Round::Progress
     }
 
+    /// Whether `consumer` can take a message now: permits, below its unacknowledged limit, and
+    /// room on its connection. One that lacks only room asks its connection to wake the
+    /// dispatcher once it has drained, and is skipped meanwhile.
+    fn can_take(&self, consumer: &ConsumerSlot) -> bool {
+        if consumer.permits <= 0
+            || consumer.unacked_messages >= self.config.max_unacked_messages_per_consumer
+            || consumer.closed.load(Ordering::Relaxed)
+        {
+            return false;
+        }
+        if consumer.sink.has_room() {
+            return true;
+        }
+        consumer.sink.notify_when_room(&self.wake);
+        false
+    }
+
     /// Permits of the consumers that can receive now.
     fn available_permits(&self, state: &DispatchState) -> u64 {
-        let max_unacked = self.config.max_unacked_messages_per_consumer;
         let usable = |consumer: &ConsumerSlot| {
-            if consumer.permits > 0 && consumer.unacked_messages < max_unacked {
+            if self.can_take(consumer) {
                 consumer.permits as u64
             } else {
                 0
@@ -842,7 +874,7 @@ impl Subscription {
                 Some(hash) => self
                     .key_shared_owner(state, *hash)
                     .and_then(|key| state.consumers.iter().find(|consumer| consumer.key == key))
-                    .is_some_and(|consumer| consumer.permits > 0),
+                    .is_some_and(|consumer| self.can_take(consumer)),
             })
     }
 
@@ -862,14 +894,15 @@ impl Subscription {
         Some(state.ring[index % state.ring.len()].1)
     }
 
-    /// Assigns entries to consumers; returns the frames to send.
+    /// Assigns entries to consumers and queues their MESSAGE frames (never waiting: a consumer
+    /// is chosen only while its connection has room); returns how many were queued.
     fn assign(
         &self,
         state: &mut DispatchState,
         entries: Vec<meridian_storage::Entry>,
         is_replay: bool,
-    ) -> Vec<(OutboundSender, Outbound)> {
-        let mut sends = Vec::new();
+    ) -> usize {
+        let mut queued = 0;
         let now = now_ms();
         // Key_Shared: keys with an earlier message waiting for replay must not be overtaken.
         let mut blocked_hashes: HashSet<u16> = if is_replay {
@@ -965,7 +998,11 @@ impl Subscription {
                 Err(_) => entry.data,
             };
             match meridian_wire::encode_message_frame(command, data) {
-                Ok(frame) => sends.push((consumer.sink.clone(), Outbound::Payload(frame))),
+                Ok(frame) => {
+                    // A closed connection drops its consumers, which puts their messages back.
+                    let _ = consumer.sink.push(Outbound::Payload(frame));
+                    queued += 1;
+                }
                 Err(error) => {
                     tracing::error!(topic = %self.topic, %error, "encoding MESSAGE failed")
                 }
@@ -987,7 +1024,7 @@ impl Subscription {
                 }
             }
         }
-        sends
+        queued
     }
 
     /// The index of the consumer that gets `position`, if one can take it now.
@@ -997,12 +1034,7 @@ impl Subscription {
         position: Position,
         hash: Option<u16>,
     ) -> Option<usize> {
-        let max_unacked = self.config.max_unacked_messages_per_consumer;
-        let can_take = |consumer: &ConsumerSlot| {
-            consumer.permits > 0
-                && consumer.unacked_messages < max_unacked
-                && !consumer.closed.load(Ordering::Relaxed)
-        };
+        let can_take = |consumer: &ConsumerSlot| self.can_take(consumer);
         match state.kind {
             SubscriptionType::Exclusive | SubscriptionType::Failover => {
                 let active = state.active?;
@@ -1051,6 +1083,13 @@ impl Subscription {
             }
         }
     }
+}
+
+/// Whether the log holds an entry at `position`: it is the entry before the one that follows
+/// it (a position in a gap or beyond the end is not).
+fn entry_exists(log: &Log, position: Position) -> bool {
+    log.last_position().is_some_and(|last| position <= last)
+        && log.previous_position(log.next_position(position)) == Some(position)
 }
 
 /// Drops the pending record of an acknowledged entry.
@@ -1116,7 +1155,7 @@ fn redeliver_pending_of(
 /// a closed one means the consumer is gone anyway).
 fn send_now(frames: Vec<(OutboundSender, Outbound)>) {
     for (sink, frame) in frames {
-        if let Err(tokio::sync::mpsc::error::TrySendError::Full(_)) = sink.try_send(frame) {
+        if let Err(TrySendError::Full(_)) = sink.try_send(frame) {
             tracing::warn!("connection queue full; control frame dropped");
         }
     }

@@ -255,6 +255,8 @@ pub fn is_replicator_cursor(name: &str) -> bool {
     is_replication_key(name)
 }
 
+/// A name clients may give a subscription: not empty, no control characters (NUL included),
+/// and not a cursor the broker keeps for itself.
 impl Topic {
     /// Opens the topic's log and recovers its de-duplication state. Blocking: call it off the
     /// async runtime.

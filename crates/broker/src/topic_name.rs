@@ -6,6 +6,32 @@ use crate::error::BrokerError;
 
 const PARTITION_SUFFIX: &str = "-partition-";
 
+/// The one limit on a topic name's length: storage keeps a topic in a directory named after its
+/// full name, escaped (every byte other than an ASCII letter, digit, `-`, `_` or `.` takes three
+/// bytes, see `meridian_storage`'s `encode_name`), and that name may have at most this many
+/// bytes. Checked when a name is parsed, so a name too long is `InvalidTopicName` (HTTP 412)
+/// before anything is created.
+pub const MAX_ESCAPED_TOPIC_NAME_BYTES: usize =
+    meridian_storage::engine::ENCODED_LOG_NAME_MAX_BYTES;
+
+/// Length of `name` as storage escapes it.
+fn escaped_length(name: &str) -> usize {
+    name.bytes()
+        .enumerate()
+        .map(|(index, byte)| {
+            let plain = byte.is_ascii_alphanumeric()
+                || byte == b'-'
+                || byte == b'_'
+                || (byte == b'.' && index > 0);
+            if plain {
+                1
+            } else {
+                3
+            }
+        })
+        .sum()
+}
+
 /// A parsed, validated topic name.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct TopicName {
@@ -38,8 +64,8 @@ impl TopicName {
         if name.is_empty() {
             return Err(invalid(name, "empty"));
         }
-        if name.len() > 1024 {
-            return Err(invalid(name, "longer than 1024 bytes"));
+        if name.len() > MAX_ESCAPED_TOPIC_NAME_BYTES {
+            return Err(invalid(name, Self::too_long()));
         }
         let rest = if let Some(rest) = name.strip_prefix("persistent://") {
             rest
@@ -76,11 +102,32 @@ impl TopicName {
         if local.chars().any(|character| character.is_control()) {
             return Err(invalid(name, "control characters in the topic name"));
         }
-        Ok(TopicName {
+        let parsed = TopicName {
             tenant: tenant.to_string(),
             namespace: namespace.to_string(),
             local: local.to_string(),
-        })
+        };
+        if escaped_length(&parsed.to_string()) > MAX_ESCAPED_TOPIC_NAME_BYTES {
+            return Err(invalid(name, Self::too_long()));
+        }
+        Ok(parsed)
+    }
+
+    fn too_long() -> String {
+        format!(
+            "longer than {MAX_ESCAPED_TOPIC_NAME_BYTES} bytes once escaped for storage \
+             (characters other than letters, digits, '-', '_' and '.' count three)"
+        )
+    }
+
+    /// Checks that every partition's name of a topic with `partitions` partitions is within
+    /// the length limit (the last one is the longest).
+    pub fn check_partition_names(&self, partitions: u32) -> Result<(), BrokerError> {
+        let last = self.partition(partitions.saturating_sub(1)).to_string();
+        if escaped_length(&last) > MAX_ESCAPED_TOPIC_NAME_BYTES {
+            return Err(invalid(&last, Self::too_long()));
+        }
+        Ok(())
     }
 
     /// `tenant/namespace`.
@@ -133,6 +180,24 @@ impl fmt::Display for TopicName {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn one_length_limit_counted_as_storage_escapes_it() {
+        let prefix = "persistent://public/default/";
+        // "persistent://public/default/" escapes to 38 bytes.
+        let fits = format!("{prefix}{}", "a".repeat(MAX_ESCAPED_TOPIC_NAME_BYTES - 38));
+        assert!(TopicName::parse(&fits).is_ok());
+        let longer = format!("{fits}a");
+        assert!(matches!(
+            TopicName::parse(&longer),
+            Err(BrokerError::InvalidTopicName { .. })
+        ));
+        let escaped = format!("{prefix}{}", ":".repeat(80));
+        assert!(TopicName::parse(&escaped).is_err());
+        let name = TopicName::parse(&format!("{prefix}{}", "a".repeat(200))).expect("fits");
+        assert!(name.check_partition_names(1).is_ok());
+        assert!(name.check_partition_names(100).is_err());
+    }
 
     #[test]
     fn parses_full_and_short_names() {

@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{bail, Context};
+use meridian_admin::HttpLimits;
 use meridian_broker::{AutoTopicCreationType, BrokerConfig};
 use meridian_server::ServerConfig;
 use meridian_storage::{FlushPolicy, StorageConfig};
@@ -27,9 +28,9 @@ pub struct Config {
     pub allow_auto_topic_creation: bool,
     pub allow_auto_topic_creation_type: AutoTopicCreationType,
     pub default_num_partitions: u32,
-    pub max_message_size: usize,
-    pub max_partitions_per_topic: u32,
+    pub max_num_partitions_per_partitioned_topic: u32,
     pub max_topics_per_namespace: usize,
+    pub max_message_size: usize,
     pub max_loaded_topics: usize,
     pub deduplication_enabled: bool,
     /// Where a topic's new replicator starts: `latest` (Pulsar's default) or `earliest`
@@ -38,7 +39,15 @@ pub struct Config {
     /// How often replicated subscriptions sync between clusters, unless a namespace says.
     pub replicated_subscriptions_sync_interval_ms: u64,
     pub max_connections: usize,
+    /// Connections served at once from one IP address (0: no limit).
+    pub max_connections_per_ip: usize,
+    /// Bytes queued for one connection's socket before the broker stops sending to it.
+    pub max_outbound_bytes_per_connection: usize,
     pub keep_alive_interval_seconds: u64,
+    /// HTTP connections served at once.
+    pub http_max_connections: usize,
+    /// Time an HTTP client has to send a request's headers (also closes idle connections).
+    pub http_header_read_timeout_seconds: u64,
     pub max_pending_sends_per_producer: usize,
     pub max_unacked_messages_per_consumer: u64,
     /// How often TTL expiry, backlog quotas and retention are enforced.
@@ -75,6 +84,7 @@ impl Default for Config {
     fn default() -> Self {
         let broker = BrokerConfig::default();
         let server = ServerConfig::default();
+        let http = HttpLimits::default();
         Config {
             cluster_name: broker.cluster_name,
             data_dir: PathBuf::from("./data"),
@@ -85,9 +95,10 @@ impl Default for Config {
             allow_auto_topic_creation: broker.allow_auto_topic_creation,
             allow_auto_topic_creation_type: broker.auto_topic_creation_type,
             default_num_partitions: broker.default_num_partitions,
-            max_message_size: broker.max_message_size,
-            max_partitions_per_topic: broker.max_partitions_per_topic,
+            max_num_partitions_per_partitioned_topic: broker
+                .max_num_partitions_per_partitioned_topic,
             max_topics_per_namespace: broker.max_topics_per_namespace,
+            max_message_size: broker.max_message_size,
             max_loaded_topics: broker.max_loaded_topics,
             deduplication_enabled: broker.deduplication_enabled,
             replication_start_at: ReplicationStart::Latest,
@@ -95,7 +106,11 @@ impl Default for Config {
                 .replicated_subscriptions_sync_interval
                 .as_millis() as u64,
             max_connections: server.max_connections,
+            max_connections_per_ip: server.max_connections_per_ip,
+            max_outbound_bytes_per_connection: server.max_outbound_bytes,
             keep_alive_interval_seconds: server.keep_alive_interval.as_secs(),
+            http_max_connections: http.max_connections,
+            http_header_read_timeout_seconds: http.header_read_timeout.as_secs(),
             max_pending_sends_per_producer: server.max_pending_sends_per_producer,
             max_unacked_messages_per_consumer: broker.max_unacked_messages_per_consumer,
             policy_check_interval_seconds: 60,
@@ -205,10 +220,9 @@ impl Config {
         if self.default_num_partitions == 0 {
             bail!("default_num_partitions must be at least 1");
         }
-        if self.max_partitions_per_topic > 0
-            && self.default_num_partitions > self.max_partitions_per_topic
-        {
-            bail!("default_num_partitions must not exceed max_partitions_per_topic");
+        let max_partitions = self.max_num_partitions_per_partitioned_topic;
+        if max_partitions > 0 && self.default_num_partitions > max_partitions {
+            bail!("default_num_partitions exceeds max_num_partitions_per_partitioned_topic");
         }
         if self.max_message_size == 0 || self.max_message_size > 100 * 1024 * 1024 {
             bail!("max_message_size must be between 1 byte and 100 MiB");
@@ -218,6 +232,12 @@ impl Config {
         }
         if self.keep_alive_interval_seconds == 0 {
             bail!("keep_alive_interval_seconds must be positive");
+        }
+        if self.max_outbound_bytes_per_connection == 0 {
+            bail!("max_outbound_bytes_per_connection must be positive");
+        }
+        if self.http_max_connections == 0 || self.http_header_read_timeout_seconds == 0 {
+            bail!("http_max_connections and http_header_read_timeout_seconds must be positive");
         }
         if !matches!(
             self.storage.flush_policy.as_str(),
@@ -274,7 +294,7 @@ impl Config {
             allow_auto_topic_creation: self.allow_auto_topic_creation,
             auto_topic_creation_type: self.allow_auto_topic_creation_type,
             default_num_partitions: self.default_num_partitions,
-            max_partitions_per_topic: self.max_partitions_per_topic,
+            max_num_partitions_per_partitioned_topic: self.max_num_partitions_per_partitioned_topic,
             max_topics_per_namespace: self.max_topics_per_namespace,
             max_loaded_topics: self.max_loaded_topics,
             max_message_size: self.max_message_size,
@@ -288,13 +308,21 @@ impl Config {
         }
     }
 
+    pub fn http_limits(&self) -> HttpLimits {
+        HttpLimits {
+            max_connections: self.http_max_connections,
+            header_read_timeout: Duration::from_secs(self.http_header_read_timeout_seconds),
+        }
+    }
+
     pub fn server_config(&self) -> ServerConfig {
         ServerConfig {
             max_frame_size: self.max_message_size + meridian_broker_padding(),
             max_connections: self.max_connections,
+            max_connections_per_ip: self.max_connections_per_ip,
+            max_outbound_bytes: self.max_outbound_bytes_per_connection,
             keep_alive_interval: Duration::from_secs(self.keep_alive_interval_seconds),
             max_pending_sends_per_producer: self.max_pending_sends_per_producer,
-            ..ServerConfig::default()
         }
     }
 }

@@ -78,7 +78,8 @@ fn main() -> anyhow::Result<()> {
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
-        // Logs go to stderr so that command output (`--output json`) stays clean on stdout.
+        // Logs go to stderr so that command output (`--output json`) stays clean on stdout;
+        // colours only for a terminal, never into a log file.
         .with_writer(std::io::stderr)
         // Colour codes only for a person at a terminal (and not when NO_COLOR asks for none),
         // never in a log file or a pipe.
@@ -204,6 +205,7 @@ async fn standalone(config: Config) -> anyhow::Result<()> {
     let web = tokio::spawn(meridian_admin::serve(
         web_listener,
         broker.clone(),
+        config.http_limits(),
         shutdown.clone(),
     ));
     // Replicated topics with a backlog must not wait for a client to resume replicating.

@@ -795,7 +795,7 @@ async fn topic_count_limits_are_enforced() {
     let broker = BrokerProcess::start_with_env(
         &[],
         &[
-            ("MERIDIAN_MAX_PARTITIONS_PER_TOPIC", "4"),
+            ("MERIDIAN_MAX_NUM_PARTITIONS_PER_PARTITIONED_TOPIC", "4"),
             ("MERIDIAN_MAX_TOPICS_PER_NAMESPACE", "6"),
             ("MERIDIAN_MAX_LOADED_TOPICS", "3"),
         ],

@@ -18,7 +18,9 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use meridian_broker::dedup::is_replication_key;
-use meridian_broker::outbound::{command_frame, Outbound, OutboundSender};
+use meridian_broker::outbound::{
+    command_frame, outbound_queue, Outbound, OutboundReceiver, OutboundSender,
+};
 use meridian_broker::replicator;
 use meridian_broker::schema::{decode_version, encode_version};
 use meridian_broker::{
@@ -36,10 +38,11 @@ use meridian_wire::proto::{
     CommandLookupTopicResponse, CommandPartitionedTopicMetadata,
     CommandPartitionedTopicMetadataResponse, CommandPing, CommandPong, CommandProducerSuccess,
     CommandRedeliverUnacknowledgedMessages, CommandSeek, CommandSendError, CommandSendReceipt,
-    CommandSubscribe, CommandSuccess, CommandUnsubscribe, FeatureFlags, KeySharedMode,
-    MessageIdData, ServerError,
+    CommandSubscribe, CommandSuccess, CommandUnsubscribe, CompressionType, FeatureFlags,
+    KeySharedMode, MessageIdData, MessageMetadata, ServerError, SingleMessageMetadata,
 };
 use meridian_wire::{command_type, ChecksumStatus, Frame, FrameError};
+use prost::Message;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::TcpStream;
@@ -91,6 +94,8 @@ pub(crate) struct Connection {
     client_version: String,
     producers: HashMap<u64, ProducerSlot>,
     consumers: HashMap<u64, ConsumerSlot>,
+    /// When the last complete frame arrived: single bytes do not keep a connection alive.
+    last_frame: Instant,
 }
 
 /// Why a connection ends early.
@@ -117,7 +122,7 @@ pub(crate) async fn run(
 ) {
     let _ = stream.set_nodelay(true);
     let (mut reader, writer) = stream.into_split();
-    let (outbound, outbound_receiver) = mpsc::channel(config.outbound_queue_frames);
+    let (outbound, outbound_receiver) = outbound_queue(config.max_outbound_bytes);
     let writer_failed = CancellationToken::new();
     let writer_task = tokio::spawn(write_loop(writer, outbound_receiver, writer_failed.clone()));
     let mut connection = Connection {
@@ -129,9 +134,9 @@ pub(crate) async fn run(
         client_version: String::new(),
         producers: HashMap::new(),
         consumers: HashMap::new(),
+        last_frame: Instant::now(),
     };
     let mut buffer = BytesMut::with_capacity(64 * 1024);
-    let mut last_received = Instant::now();
     let mut keep_alive = tokio::time::interval(config.keep_alive_interval);
     keep_alive.tick().await;
     let reason = loop {
@@ -142,7 +147,6 @@ pub(crate) async fn run(
                     Ok(_) => {}
                     Err(error) => break format!("read failed: {error}"),
                 }
-                last_received = Instant::now();
                 match connection.handle_buffered(&mut buffer).await {
                     Ok(()) => {}
                     Err(Close(reason)) => break reason,
@@ -153,13 +157,18 @@ pub(crate) async fn run(
                 }
             }
             _ = keep_alive.tick() => {
-                let idle = last_received.elapsed();
+                // As Pulsar: a connection without a handshake by the first check is closed.
+                if connection.protocol_version.is_none() {
+                    break "no CONNECT within the keep-alive interval".to_string();
+                }
+                let idle = connection.last_frame.elapsed();
                 if idle > config.keep_alive_interval * 2 {
-                    break format!("no traffic for {} s; keep-alive timed out", idle.as_secs());
+                    break format!("no complete frame for {} s; keep-alive timed out", idle.as_secs());
                 }
                 if idle >= config.keep_alive_interval {
+                    // Never waits: a full queue must not stop this check from running again.
                     let ping = BaseCommand { ping: Some(CommandPing {}), ..command(Type::Ping) };
-                    connection.send(command_frame(&ping)).await;
+                    let _ = connection.outbound.try_send(command_frame(&ping));
                 }
             }
             _ = writer_failed.cancelled() => break "writing to the client failed".to_string(),
@@ -169,7 +178,32 @@ pub(crate) async fn run(
     tracing::debug!(peer = %peer, %reason, "connection closing");
     connection.release();
     drop(connection);
-    let _ = writer_task.await;
+    // What is queued goes out, unless the client does not read it within the keep-alive
+    // timeout: then the socket is closed with the rest.
+    let mut writer_task = writer_task;
+    if tokio::time::timeout(config.keep_alive_interval * 2, &mut writer_task)
+        .await
+        .is_err()
+    {
+        writer_task.abort();
+    }
+}
+
+/// Runs `future` (handling one command) with the keep-alive timeout: a command whose answer
+/// cannot be queued because the client does not read must not hold the connection forever.
+async fn within_keep_alive<T>(
+    config: &ServerConfig,
+    future: impl std::future::Future<Output = Result<T, Close>>,
+) -> Result<T, Close> {
+    let timeout = config.keep_alive_interval * 2;
+    tokio::time::timeout(timeout, future)
+        .await
+        .unwrap_or_else(|_| {
+            Err(Close(format!(
+                "a command could not be answered within {} s: the client does not read",
+                timeout.as_secs()
+            )))
+        })
 }
 
 /// Frames gathered into one vectored write at most (Linux allows 1024 slices per `writev`).
@@ -182,7 +216,7 @@ const MAX_WRITE_BYTES: usize = 1024 * 1024;
 /// into a buffer first.
 async fn write_loop(
     mut writer: OwnedWriteHalf,
-    mut frames: mpsc::Receiver<Outbound>,
+    mut frames: OutboundReceiver,
     failed: CancellationToken,
 ) {
     let mut parts: Vec<Bytes> = Vec::with_capacity(MAX_WRITE_SLICES);
@@ -190,13 +224,10 @@ async fn write_loop(
         let mut bytes = 0;
         let mut next = Some(frame);
         while let Some(frame) = next.take() {
+            bytes += frame.len();
             match frame {
-                Outbound::Frame(frame) => {
-                    bytes += frame.len();
-                    parts.push(frame);
-                }
+                Outbound::Frame(frame) => parts.push(frame),
                 Outbound::Payload(payload) => {
-                    bytes += payload.frame_length();
                     parts.push(payload.header);
                     parts.push(payload.entry);
                 }
@@ -204,12 +235,13 @@ async fn write_loop(
             if parts.len() + 2 > MAX_WRITE_SLICES || bytes >= MAX_WRITE_BYTES {
                 break;
             }
-            next = frames.try_recv().ok();
+            next = frames.try_recv();
         }
         if write_all_vectored(&mut writer, &parts).await.is_err() {
             failed.cancel();
             return;
         }
+        frames.written(bytes);
         parts.clear();
     }
     let _ = writer.shutdown().await;
@@ -275,20 +307,27 @@ impl Connection {
     async fn handle_buffered(&mut self, buffer: &mut BytesMut) -> Result<(), Close> {
         loop {
             match meridian_wire::decode_frame(buffer, self.config.max_frame_size) {
-                Ok(Some(frame)) => self.handle(frame).await?,
+                Ok(Some(frame)) => {
+                    self.last_frame = Instant::now();
+                    let config = self.config.clone();
+                    within_keep_alive(&config, self.handle(frame)).await?;
+                }
                 Ok(None) => return Ok(()),
                 Err(FrameError::InvalidEntry { command, source }) => {
+                    self.last_frame = Instant::now();
                     // A SEND whose entry does not parse: refuse that message, keep the order.
                     if let Some(send) = command.send.as_ref() {
                         if let Some(producer) = self.producers.get(&send.producer_id) {
-                            let _ = producer
-                                .receipts
-                                .send(Receipt::Failed {
-                                    sequence_id: send.sequence_id,
-                                    error: ServerError::NotAllowedError,
-                                    message: format!("malformed message: {source}"),
-                                })
-                                .await;
+                            let refusal = producer.receipts.send(Receipt::Failed {
+                                sequence_id: send.sequence_id,
+                                error: ServerError::NotAllowedError,
+                                message: format!("malformed message: {source}"),
+                            });
+                            within_keep_alive(&self.config, async {
+                                let _ = refusal.await;
+                                Ok(())
+                            })
+                            .await?;
                             continue;
                         }
                     }
@@ -439,16 +478,16 @@ impl Connection {
             (Some(Type::AuthResponse), _) => Ok(()),
             (kind, base) => {
                 let request_id = request_id_of(&base);
-                let name = kind.map_or_else(
-                    || format!("type {}", base.r#type),
-                    |kind| kind.as_str_name().to_string(),
-                );
-                self.error(
-                    request_id,
-                    ServerError::NotAllowedError,
-                    format!("command {name} is not supported"),
-                )
-                .await;
+                let message = match kind {
+                    // A command handled above whose body did not match: it is missing.
+                    Some(kind) if HANDLED_WITH_BODY.contains(&kind) => {
+                        format!("command {} without its body", kind.as_str_name())
+                    }
+                    Some(kind) => format!("command {} is not supported", kind.as_str_name()),
+                    None => format!("command type {} is not supported", base.r#type),
+                };
+                self.error(request_id, ServerError::NotAllowedError, message)
+                    .await;
                 Ok(())
             }
         }
@@ -967,6 +1006,15 @@ impl Connection {
                 ServerError::NotAllowedError,
                 "SEND with a message id is only for shadow topics".into(),
             ))
+        } else if let Err(reason) = check_batch_metadata(
+            &entry.metadata,
+            &entry.payload,
+            self.broker.config().max_message_size,
+        ) {
+            Some((
+                ServerError::NotAllowedError,
+                format!("invalid message metadata: {reason}"),
+            ))
         } else {
             None
         };
@@ -1226,6 +1274,90 @@ impl Connection {
     }
 }
 
+/// Commands handled by [`Connection::handle`] only with their body.
+const HANDLED_WITH_BODY: &[Type] = &[
+    Type::PartitionedMetadata,
+    Type::Lookup,
+    Type::CloseProducer,
+    Type::Subscribe,
+    Type::Flow,
+    Type::Ack,
+    Type::RedeliverUnacknowledgedMessages,
+    Type::Unsubscribe,
+    Type::CloseConsumer,
+    Type::Seek,
+    Type::GetLastMessageId,
+    Type::GetTopicsOfNamespace,
+    Type::GetSchema,
+    Type::GetOrCreateSchema,
+];
+
+/// Smallest batched message: a 4-byte size and a `SingleMessageMetadata` with its required
+/// `payload_size` (2 bytes at least).
+const MIN_BATCHED_MESSAGE_BYTES: usize = 6;
+
+/// Checks what consumers will trust in a message's metadata, so that a message no consumer
+/// could decode is refused instead of stored for every consumer of the topic. Consumers treat
+/// any `num_messages_in_batch` as a batch and allocate `uncompressed_size` bytes to decompress.
+fn check_batch_metadata(
+    metadata: &MessageMetadata,
+    payload: &[u8],
+    max_message_size: usize,
+) -> Result<(), String> {
+    let compressed = metadata.compression.unwrap_or(0) != CompressionType::None as i32;
+    let encrypted = !metadata.encryption_keys.is_empty();
+    let chunked = metadata
+        .num_chunks_from_msg
+        .is_some_and(|chunks| chunks > 1);
+    let uncompressed_size = metadata.uncompressed_size.unwrap_or(0) as usize;
+    if compressed && !chunked && uncompressed_size > max_message_size {
+        return Err(format!(
+            "uncompressed size {uncompressed_size} exceeds the maximum message size of {max_message_size}"
+        ));
+    }
+    if compressed && uncompressed_size == 0 && !payload.is_empty() {
+        return Err("a compressed payload without its uncompressed size".into());
+    }
+    let Some(count) = metadata.num_messages_in_batch else {
+        return Ok(());
+    };
+    let count =
+        usize::try_from(count).map_err(|_| format!("num_messages_in_batch {count} is negative"))?;
+    let batch_bytes = if compressed {
+        uncompressed_size
+    } else {
+        payload.len()
+    };
+    if count.saturating_mul(MIN_BATCHED_MESSAGE_BYTES) > batch_bytes.max(MIN_BATCHED_MESSAGE_BYTES)
+    {
+        return Err(format!(
+            "num_messages_in_batch {count} cannot fit in a batch of {batch_bytes} bytes"
+        ));
+    }
+    if compressed || encrypted || chunked {
+        // The batch cannot be read before it is decompressed, decrypted or reassembled.
+        return Ok(());
+    }
+    // A plain batch: every message's metadata and payload must lie within it.
+    let mut rest = payload;
+    for index in 0..count {
+        let size = rest
+            .get(..4)
+            .map(|bytes| u32::from_be_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]) as usize)
+            .ok_or_else(|| format!("batched message {index} of {count} is missing"))?;
+        let single = rest
+            .get(4..4 + size)
+            .and_then(|bytes| SingleMessageMetadata::decode(bytes).ok())
+            .ok_or_else(|| format!("batched message {index} has no valid metadata"))?;
+        let payload_size = usize::try_from(single.payload_size)
+            .map_err(|_| format!("batched message {index} has a negative payload size"))?;
+        rest = rest
+            .get(4 + size + payload_size..)
+            .ok_or_else(|| format!("batched message {index} runs past the end of the batch"))?;
+    }
+    Ok(())
+}
+
 /// The request id of a command we refuse, so the client can match the error to its request.
 fn request_id_of(base: &BaseCommand) -> u64 {
     base.consumer_stats
@@ -1307,3 +1439,59 @@ fn send_error(
 
 /// How long the broker waits between keep-alive checks by default (Pulsar's 30 s).
 pub const DEFAULT_KEEP_ALIVE: Duration = Duration::from_secs(30);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn batch(messages: &[&[u8]]) -> Vec<u8> {
+        let mut bytes = Vec::new();
+        for payload in messages {
+            let single = SingleMessageMetadata {
+                payload_size: payload.len() as i32,
+                ..Default::default()
+            }
+            .encode_to_vec();
+            bytes.extend_from_slice(&(single.len() as u32).to_be_bytes());
+            bytes.extend_from_slice(&single);
+            bytes.extend_from_slice(payload);
+        }
+        bytes
+    }
+
+    fn metadata(count: Option<i32>) -> MessageMetadata {
+        MessageMetadata {
+            num_messages_in_batch: count,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn batches_are_checked_against_their_payload() {
+        let limit = 1024 * 1024;
+        let payload = batch(&[b"one", b"two", b""]);
+        assert!(check_batch_metadata(&metadata(Some(3)), &payload, limit).is_ok());
+        assert!(check_batch_metadata(&metadata(None), b"not a batch", limit).is_ok());
+        assert!(check_batch_metadata(&metadata(Some(4)), &payload, limit).is_err());
+        assert!(check_batch_metadata(&metadata(Some(i32::MAX)), b"plain", limit).is_err());
+        assert!(check_batch_metadata(&metadata(Some(-1)), &payload, limit).is_err());
+        assert!(check_batch_metadata(&metadata(Some(1)), b"plain payload", limit).is_err());
+        let truncated = &payload[..payload.len() - 2];
+        assert!(check_batch_metadata(&metadata(Some(3)), truncated, limit).is_err());
+    }
+
+    #[test]
+    fn compressed_payloads_need_a_plausible_uncompressed_size() {
+        let limit = 1024;
+        let compressed = |uncompressed_size, count| MessageMetadata {
+            compression: Some(CompressionType::Lz4 as i32),
+            uncompressed_size: Some(uncompressed_size),
+            num_messages_in_batch: count,
+            ..Default::default()
+        };
+        assert!(check_batch_metadata(&compressed(600, Some(100)), b"lz4", limit).is_ok());
+        assert!(check_batch_metadata(&compressed(2048, None), b"lz4", limit).is_err());
+        assert!(check_batch_metadata(&compressed(0, None), b"lz4", limit).is_err());
+        assert!(check_batch_metadata(&compressed(600, Some(1000)), b"lz4", limit).is_err());
+    }
+}

@@ -1,0 +1,466 @@
+"""Hostile and careless clients: one of them must never hurt another.
+
+Each test starts its own broker with small limits (so a few megabytes show what gigabytes
+would), lets a raw-socket client misbehave (pulsar_frames.py) beside healthy official-client
+consumers, and checks what the healthy ones, or the broker's memory, connection slots and log,
+show. Raw consumers that "never read" shrink their socket's receive buffer, so the broker's
+writes to them stop after a few megabytes of kernel buffers.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import resource
+import socket
+import time
+import urllib.parse
+
+import pulsar
+import pytest
+
+import pulsar_frames as frames
+from helpers import receive_one, send_all_async, unique_topic, wait_until
+from replication_harness import admin_call
+
+pytestmark = pytest.mark.allow_broker_errors()
+
+NEVER_READER_RECEIVE_BUFFER = 4096
+
+
+def topic_path(topic: str) -> str:
+    """`persistent://tenant/ns/name` as the REST path `/admin/v2/persistent/tenant/ns/name`."""
+    return "/admin/v2/" + topic.replace("://", "/", 1)
+
+
+def topic_stats(broker, topic: str) -> dict:
+    status, stats = admin_call(broker.web_url, "GET", topic_path(topic) + "/stats")
+    assert status == 200, f"stats of {topic}: {status} {stats}"
+    return stats
+
+
+def never_reader(broker, topic: str, subscription: str, sub_type: int, name: str = "never-reads"):
+    """A consumer that asks for a million messages and never reads one."""
+    connection = frames.RawConnection(broker.broker_port, receive_buffer=NEVER_READER_RECEIVE_BUFFER)
+    connection.handshake()
+    connection.request(frames.subscribe_frame(topic, subscription, 1, 1, sub_type, name), frames.SUCCESS)
+    connection.send(frames.flow_frame(1, 1_000_000))
+    return connection
+
+
+def produce(client, topic: str, count: int, size: int, keys: int = 0) -> None:
+    producer = client.create_producer(topic, batching_enabled=False, max_pending_messages=count)
+    payload = b"x" * size
+    send_kwargs = {}
+    for index in range(count):
+        if keys:
+            send_kwargs["partition_key"] = f"key-{index % keys}"
+        producer.send_async(payload, None, **send_kwargs)
+    producer.flush()
+    producer.close()
+
+
+def held_for(stats: dict, subscription: str, consumer_name: str) -> int:
+    """Messages a subscription holds for one consumer: sent to it unacknowledged, or waiting
+    for it in the replay set (Key_Shared keys it owns)."""
+    subscription_stats = stats["subscriptions"][subscription]
+    unacked = sum(
+        consumer["unackedMessages"]
+        for consumer in subscription_stats["consumers"]
+        if consumer["consumerName"] == consumer_name
+    )
+    return unacked + subscription_stats.get("msgInReplay", 0)
+
+
+@pytest.mark.parametrize(
+    "sub_type,client_type",
+    [(frames.SHARED, pulsar.ConsumerType.Shared), (frames.KEY_SHARED, pulsar.ConsumerType.KeyShared)],
+    ids=["Shared", "Key_Shared"],
+)
+def test_a_consumer_that_never_reads_does_not_stop_the_others(broker_factory, client_factory, sub_type, client_type):
+    # Item 2 of issue 12: the dispatcher awaited each consumer's queue in turn, so one consumer
+    # with permits that never read froze the whole subscription.
+    broker = broker_factory.start(config={"max_outbound_bytes_per_connection": 64 * 1024})
+    client = client_factory(broker)
+    topic = unique_topic("never-reader")
+    count, size = 20_000, 1024
+    stuck = never_reader(broker, topic, "work", sub_type)
+    healthy = [
+        client.subscribe(topic, "work", consumer_type=client_type, consumer_name=f"healthy-{index}")
+        for index in range(2)
+    ]
+    produce(client, topic, count, size, keys=20 if sub_type == frames.KEY_SHARED else 0)
+
+    received = [0, 0]
+
+    def everything_is_delivered_or_held_for_the_never_reader() -> bool:
+        for index, consumer in enumerate(healthy):
+            while True:
+                try:
+                    message = consumer.receive(timeout_millis=20)
+                except pulsar.Timeout:
+                    break
+                consumer.acknowledge(message)
+                received[index] += 1
+        return sum(received) + held_for(topic_stats(broker, topic), "work", "never-reads") == count
+
+    wait_until(
+        everything_is_delivered_or_held_for_the_never_reader,
+        "every message reached a healthy consumer or is held for the one that never reads",
+        timeout_s=120,
+    )
+    assert all(received), f"a healthy consumer got nothing: {received}"
+    stuck.close()
+
+
+def test_failover_partitions_of_healthy_consumers_keep_going(broker_factory, client_factory):
+    # Failover has one active consumer per partition: the partitions whose active consumer
+    # reads keep going while another partition's active consumer never reads.
+    broker = broker_factory.start(config={"max_outbound_bytes_per_connection": 64 * 1024})
+    client = client_factory(broker)
+    topic = unique_topic("failover-never-reader")
+    status, body = admin_call(broker.web_url, "PUT", topic_path(topic) + "/partitions", 2)
+    assert status in (200, 204), f"{status} {body}"
+    # Active consumers are chosen by name per partition: "a-..." gets partition 0.
+    stuck = [never_reader(broker, f"{topic}-partition-{p}", "work", frames.FAILOVER, "a-never-reads") for p in (0, 1)]
+    healthy = client.subscribe(topic, "work", consumer_type=pulsar.ConsumerType.Failover, consumer_name="b-healthy")
+    produce(client, topic, 10_000, 1024)
+    partition_1 = topic_stats(broker, f"{topic}-partition-1")["msgInCounter"]
+    assert partition_1 > 0
+    got = 0
+    while got < partition_1:
+        message = receive_one(healthy)
+        assert message.message_id().partition() == 1, "the healthy consumer got a partition it is not active for"
+        healthy.acknowledge(message)
+        got += 1
+    for connection in stuck:
+        connection.close()
+
+
+def rss_bytes(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS in /proc/PID/status")
+
+
+def test_memory_per_slow_consumer_is_bounded_in_bytes(broker_factory, client_factory):
+    # Item 3: the outbound queue was bounded by 4096 frames, so every connection that did not
+    # read could hold 4096 messages (20 GiB of 5 MiB messages). Ten never-reading consumers of
+    # 1 MiB messages, each on its own subscription, reading from disk (small cache).
+    mib = 1024 * 1024
+    outbound_limit = 1 * mib
+    broker = broker_factory.start(
+        config={
+            "max_message_size": mib,
+            "max_outbound_bytes_per_connection": outbound_limit,
+            "storage.cache_max_bytes": 4 * mib,
+            # Publishing holds little too: the producer's connection waits after 4 sends.
+            "max_pending_sends_per_producer": 4,
+        }
+    )
+    client = client_factory(broker)
+    topic = unique_topic("slow-consumers")
+    readers = 10
+    count = 100
+    stuck = [never_reader(broker, topic, f"sub-{index}", frames.EXCLUSIVE) for index in range(readers)]
+    healthy = client.subscribe(topic, "healthy", consumer_type=pulsar.ConsumerType.Exclusive)
+    baseline = rss_bytes(broker.pid)
+    produce(client, topic, count, mib - 1024)
+    for _ in range(count):
+        healthy.acknowledge(receive_one(healthy))
+
+    def every_never_reader_got_a_queue_full() -> bool:
+        subscriptions = topic_stats(broker, topic)["subscriptions"]
+        return all(subscriptions[f"sub-{index}"]["msgOutCounter"] >= 2 for index in range(readers))
+
+    wait_until(every_never_reader_got_a_queue_full, "each never-reader was sent more than its queue holds")
+    # Per never-reader: its queue (the limit plus the one frame that may overshoot it) and a
+    # dispatch read (5 MiB); plus the cache and 64 MiB of slack. Measured: about 95 MiB here,
+    # about 600 MiB with the queue bounded by frames (every reader held the whole backlog).
+    bound = baseline + readers * (outbound_limit + mib + 5 * mib) + 4 * mib + 64 * mib
+    rss = rss_bytes(broker.pid)
+    assert rss <= bound, f"broker RSS {rss // mib} MiB exceeds {bound // mib} MiB (baseline {baseline // mib} MiB)"
+    for connection in stuck:
+        connection.close()
+
+
+def test_a_stuck_connection_is_closed_whatever_its_queue_holds(broker_factory, client_factory):
+    # Item 4: the keep-alive PING waited for room in the full outbound queue, so the check that
+    # closes a silent connection never ran again and the consumer kept its messages forever.
+    broker = broker_factory.start(
+        config={"keep_alive_interval_seconds": 1, "max_outbound_bytes_per_connection": 64 * 1024}
+    )
+    client = client_factory(broker)
+    topic = unique_topic("stuck")
+    stuck = never_reader(broker, topic, "work", frames.SHARED)
+    produce(client, topic, 8_000, 1024)
+
+    def the_never_reader_is_gone() -> bool:
+        return topic_stats(broker, topic)["subscriptions"]["work"]["consumers"] == []
+
+    wait_until(the_never_reader_is_gone, "the broker closed the connection that does not read")
+    healthy = client.subscribe(topic, "work", consumer_type=pulsar.ConsumerType.Shared)
+    for _ in range(8_000):
+        healthy.acknowledge(receive_one(healthy))
+    stuck.close()
+
+
+def dribble_until_closed(connection: frames.RawConnection, data: bytes, deadline_s: float = 30.0) -> None:
+    """Send `data` one byte at a time (pacing on the socket's read timeout) and return once the
+    broker closed the connection; fail if it is still open at the deadline."""
+    deadline = time.monotonic() + deadline_s
+    connection.sock.settimeout(0.2)
+    for byte in data * 1000:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"the broker kept a connection sending single bytes open for {deadline_s:.0f} s")
+        try:
+            connection.sock.sendall(bytes([byte]))
+            if connection.sock.recv(65536) == b"":
+                return
+        except socket.timeout:
+            continue
+        except (ConnectionResetError, BrokenPipeError):
+            return
+
+
+@pytest.mark.parametrize("stage", ["before-connect", "after-connect"])
+def test_a_client_sending_single_bytes_is_closed(broker_factory, stage):
+    # Item 5: any byte reset the idle timer and there was no deadline for CONNECT or for a frame
+    # to complete, so a client dribbling bytes held its connection slot forever.
+    broker = broker_factory.start(config={"keep_alive_interval_seconds": 1})
+    with frames.RawConnection(broker.broker_port) as connection:
+        if stage == "after-connect":
+            connection.handshake()
+            dribble_until_closed(connection, frames.ping_frame()[:-1])
+        else:
+            dribble_until_closed(connection, frames.connect_frame()[:-1])
+
+
+def test_one_address_cannot_take_every_connection_slot(broker_factory):
+    # Item 5: connections from one address were limited only by the global limit, so one host
+    # could lock every other client out.
+    broker = broker_factory.start(config={"max_connections_per_ip": 3})
+    held = [frames.RawConnection(broker.broker_port) for _ in range(3)]
+    for connection in held:
+        connection.handshake()
+    with frames.RawConnection(broker.broker_port) as refused:
+        assert refused.frames_until_closed() == []
+    with frames.RawConnection(broker.broker_port, source_address="127.0.0.2") as other_address:
+        other_address.handshake()
+    held.pop().close()
+
+    def a_slot_came_back() -> bool:
+        with frames.RawConnection(broker.broker_port) as again:
+            again.send(frames.connect_frame())
+            reply = again.read_frame()
+            return reply is not None and reply.command_type == frames.CONNECTED
+
+    wait_until(a_slot_came_back, "a connection from the first address is served again")
+    for connection in held:
+        connection.close()
+
+
+def test_running_out_of_file_descriptors_backs_off_without_flooding_the_log(broker_factory, client_factory):
+    # Item 6: the accept loop retried at once when accept failed (EMFILE): 1.4 million WARN
+    # lines in 5 s. The broker's descriptor limit is lowered so that a few connections exhaust it.
+    broker = broker_factory.start()
+    pid = broker.pid
+    _, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+    in_use = len(os.listdir(f"/proc/{pid}/fd"))
+    resource.prlimit(pid, resource.RLIMIT_NOFILE, (in_use + 3, hard))
+    held = []
+    try:
+        for _ in range(6):
+            connection = frames.RawConnection(broker.broker_port, timeout_s=2)
+            held.append(connection)
+        wait_until(lambda: "accept failed" in broker.log_text(), "the broker logged that accept failed")
+        # The absence of a flood can only be observed over a window.
+        time.sleep(1.5)
+        failures = broker.log_text().count("accept failed")
+        assert failures <= 2, f"{failures} 'accept failed' lines in 1.5 s"
+    finally:
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, (hard, hard))
+        for connection in held:
+            connection.close()
+    with frames.RawConnection(broker.broker_port) as after:
+        after.handshake()
+
+
+def test_a_batch_count_the_payload_cannot_hold_is_refused(broker_factory, client_factory):
+    # Item 8: num_messages_in_batch = i32::MAX on a plain payload was stored, and the official
+    # consumer crashed on it: a poison message for every consumer of the topic.
+    broker = broker_factory.start()
+    client = client_factory(broker)
+    topic = unique_topic("bad-batch")
+    consumer = client.subscribe(topic, "work")
+    with frames.RawConnection(broker.broker_port) as producer:
+        producer.handshake()
+        producer.request(frames.producer_frame(topic, 1, 1), frames.PRODUCER_SUCCESS)
+        poison = frames.field_varint(11, 2**31 - 1)
+        reply = producer.request(frames.send_frame(1, 0, b"plain", metadata_fields=poison), frames.SEND_ERROR)
+        assert b"num_messages_in_batch" in reply.first(4, b"")
+        good = frames.send_frame(1, 1, b"a plain message")
+        producer.request(good, frames.SEND_RECEIPT)
+    assert receive_one(consumer).data() == b"a plain message"
+    assert topic_stats(broker, topic)["msgInCounter"] == 1
+
+
+def test_acknowledgements_of_entries_that_never_existed_are_ignored(broker_factory, client_factory):
+    # Item 9: acks of positions that never existed were stored and lowered the backlog (five
+    # undelivered messages shown as a backlog of 0).
+    broker = broker_factory.start()
+    client = client_factory(broker)
+    topic = unique_topic("bogus-acks")
+    with frames.RawConnection(broker.broker_port) as consumer:
+        consumer.handshake()
+        consumer.request(frames.subscribe_frame(topic, "work", 1, 1, frames.EXCLUSIVE), frames.SUCCESS)
+        producer = client.create_producer(topic, batching_enabled=False)
+        ids = [producer.send(f"message-{index}".encode()) for index in range(5)]
+        ledger, last_entry = ids[-1].ledger_id(), ids[-1].entry_id()
+        # Before the first ledger, and beyond the end (which storage already ignored).
+        bogus = [(ledger - 1, n) for n in range(5)] + [(ledger, last_entry + 1 + n) for n in range(5)]
+        consumer.send(frames.ack_frame(1, bogus))
+        consumer.ping()  # the ACK before it was handled
+        assert topic_stats(broker, topic)["subscriptions"]["work"]["msgBacklog"] == 5
+
+
+def test_a_topic_name_too_long_for_storage_is_refused_up_front(broker_factory):
+    # Item 10: names up to 1024 bytes passed the protocol's check but storage allows 250 escaped
+    # bytes: a 300-character name got "storage failure" on the protocol and HTTP 500.
+    broker = broker_factory.start()
+    topic = "persistent://public/default/" + "t" * 300
+    with frames.RawConnection(broker.broker_port) as connection:
+        connection.handshake()
+        reply = connection.request(frames.producer_frame(topic, 1, 1), frames.ERROR)
+        assert reply.first(2) == frames.SERVER_ERROR_INVALID_TOPIC_NAME, reply.body
+        reply = connection.request(frames.subscribe_frame(topic, "work", 1, 2), frames.ERROR)
+        assert reply.first(2) == frames.SERVER_ERROR_INVALID_TOPIC_NAME, reply.body
+    status, body = admin_call(broker.web_url, "PUT", topic_path(topic))
+    assert status == 412, f"{status} {body}"
+    status, body = admin_call(broker.web_url, "PUT", topic_path("persistent://public/default/" + "t" * 200) + "/partitions", 1000)
+    assert status == 412, f"partition names too long: {status} {body}"
+
+
+def test_small_things_a_careless_client_sees(broker_factory):
+    # Item 13: a SUBSCRIBE without its body was "not supported"; NUL was accepted in a
+    # subscription name; a missing namespace was "... does not exist does not exist and
+    # automatic topic creation is disabled"; the log carried ANSI colour codes in a file.
+    broker = broker_factory.start()
+    with frames.RawConnection(broker.broker_port) as connection:
+        connection.handshake()
+        reply = connection.request(frames.simple_frame(frames.field_varint(1, frames.SUBSCRIBE)), frames.ERROR)
+        assert b"SUBSCRIBE without its body" in reply.first(3, b""), reply.body
+        reply = connection.request(frames.subscribe_frame(unique_topic("nul"), "sub\0name", 1, 1), frames.ERROR)
+        assert b"invalid subscription name" in reply.first(3, b""), reply.body
+        topic = "persistent://public/no-such-namespace/t"
+        reply = connection.request(frames.producer_frame(topic, 1, 2), frames.ERROR)
+        message = reply.first(3, b"")
+        assert b"namespace public/no-such-namespace does not exist" in message, reply.body
+        assert b"does not exist does not exist" not in message, reply.body
+    assert "\x1b[" not in broker.log_text()
+
+
+def test_every_topic_level_call_works_on_a_single_partition(broker_factory, client_factory):
+    # Item 12: a partition's name was taken for its partitioned topic, so calls on
+    # t1-partition-0 looked at t1-partition-0-partition-N: no subscriptions, 404 on skip_all.
+    broker = broker_factory.start()
+    client = client_factory(broker)
+    topic = unique_topic("t1")
+    status, body = admin_call(broker.web_url, "PUT", topic_path(topic) + "/partitions", 3)
+    assert status in (200, 204), f"{status} {body}"
+    consumer = client.subscribe(topic, "sub1")
+    producer = client.create_producer(topic, batching_enabled=False)
+    for index in range(30):
+        producer.send(f"m{index}".encode())
+    partition = topic_path(f"{topic}-partition-0")
+
+    def call(method: str, path: str, expected: tuple = (200, 204)):
+        status, body = admin_call(broker.web_url, method, partition + path)
+        assert status in expected, f"{method} {path} on a partition: {status} {body}"
+        return body
+
+    assert call("GET", "/subscriptions") == ["sub1"]
+    backlog = call("GET", "/stats")["subscriptions"]["sub1"]["msgBacklog"]
+    assert backlog > 0
+    call("POST", "/subscription/sub1/skip/1")
+    call("POST", "/subscription/sub1/skip_all")
+    assert call("GET", "/stats")["subscriptions"]["sub1"]["msgBacklog"] == 0
+    call("GET", "/internalStats")
+    call("GET", "/lastMessageId")
+    call("PUT", "/subscription/sub2")
+    assert call("GET", "/subscriptions") == ["sub1", "sub2"]
+    call("DELETE", "/subscription/sub2")
+    assert call("GET", "/partitions") == {"partitions": 0}
+    # The other partitions kept their backlog.
+    other = topic_stats(broker, f"{topic}-partition-1")["subscriptions"]["sub1"]["msgBacklog"]
+    assert other > 0
+    consumer.close()
+
+
+@pytest.mark.parametrize("behaviour", ["silent", "dribbling"])
+def test_http_connections_that_send_nothing_or_dribble_are_closed(broker_factory, behaviour):
+    # Item 5: the HTTP server had no header or idle timeout, so idle and slowloris connections
+    # were held forever.
+    broker = broker_factory.start(config={"http_header_read_timeout_seconds": 1})
+    with frames.RawConnection(broker.web_port) as connection:
+        if behaviour == "silent":
+            connection.sock.settimeout(30)
+            try:
+                assert connection.sock.recv(1024) == b"", "the broker answered a request never sent"
+            except ConnectionResetError:
+                pass
+        else:
+            dribble_until_closed(connection, b"GET /admin/v2/brokers/health HTTP/1.1\r\nHost: x\r\n")
+    assert broker.health_status() == 200
+
+
+def test_concurrent_creates_and_deletes_of_one_topic_never_fail_with_500(broker_factory):
+    # Item 11: a create racing a delete of the same topic saw its directory vanish (ENOENT,
+    # ENOTEMPTY in storage) and answered HTTP 500.
+    broker = broker_factory.start()
+    path = topic_path(unique_topic("race"))
+
+    def hammer(method: str) -> list:
+        return [admin_call(broker.web_url, method, path)[0] for _ in range(40)]
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
+        runs = [pool.submit(hammer, method) for method in ("PUT", "DELETE", "PUT", "DELETE")]
+        statuses = [status for run in runs for status in run.result()]
+    unexpected = sorted({status for status in statuses if status not in (200, 204, 404, 409, 412)})
+    assert unexpected == [], f"statuses other than 2xx/404/409/412: {unexpected}"
+    # The outcome is consistent: the topic either exists (and can be deleted) or not.
+    status, _ = admin_call(broker.web_url, "DELETE", path)
+    assert status in (204, 404)
+    assert admin_call(broker.web_url, "DELETE", path)[0] == 404
+
+
+def test_partition_and_namespace_limits_and_stats_that_create_nothing(broker_factory, client_factory):
+    # Item 7: a topic of 100,000 partitions was accepted and one partitioned-stats call created
+    # and loaded its partitions until the broker ran out of file descriptors.
+    broker = broker_factory.start(
+        config={"max_num_partitions_per_partitioned_topic": 8, "max_topics_per_namespace": 10}
+    )
+    client = client_factory(broker)
+    topic = unique_topic("limits")
+    status, body = admin_call(broker.web_url, "PUT", topic_path(topic) + "/partitions", 9)
+    assert status == 412, f"9 partitions beyond a limit of 8: {status} {body}"
+    status, body = admin_call(broker.web_url, "PUT", topic_path(topic) + "/partitions", 8)
+    assert status in (200, 204), f"{status} {body}"
+
+    status, stats = admin_call(broker.web_url, "GET", topic_path(topic) + "/partitioned-stats")
+    assert status == 200, f"{status} {stats}"
+    assert stats["metadata"]["partitions"] == 8 and len(stats["partitions"]) == 8
+    logs = broker.data_dir / "storage" / "logs"
+    local = topic.rsplit("/", 1)[1]
+    assert [log.name for log in logs.iterdir() if local in log.name] == [], "stats created partitions"
+
+    # 8 partitions count as 8 topics: two more fit in the namespace, the third does not.
+    for index in range(2):
+        status, body = admin_call(broker.web_url, "PUT", topic_path(f"{topic}-plain-{index}"))
+        assert status in (200, 204), f"{status} {body}"
+    status, body = admin_call(broker.web_url, "PUT", topic_path(f"{topic}-plain-2"))
+    assert status == 412, f"an eleventh topic: {status} {body}"
+    with pytest.raises(pulsar.PulsarException):
+        client.create_producer(f"{topic}-auto", send_timeout_millis=5000)
