@@ -714,15 +714,21 @@ impl Topic {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Starts the replicated-subscription sync task if it is not running.
+    /// Starts the task if it is not running, or wakes it (a subscription just became
+    /// replicated, or a state arrived).
     pub(crate) fn ensure_subscription_sync(self: &Arc<Self>) {
-        self.subscription_sync.get_or_init(|| {
+        let mut started = false;
+        let sync = self.subscription_sync.get_or_init(|| {
+            started = true;
             SubscriptionSync::start(
                 Arc::downgrade(self),
                 self.name.clone(),
                 self.shared.config.cluster_name.clone(),
             )
         });
+        if !started {
+            sync.now();
+        }
     }
 
     /// Whether the topic has replicators or replicated subscriptions (it needs the sync task).

@@ -39,6 +39,8 @@ pub const RECEIVED_AT_PROPERTY_PREFIX: &str = "meridian.received-at.";
 const READ_BATCH: usize = 1000;
 /// How far back from the mark-delete position the walk looks for the last entry of each origin.
 const FRONTIER_SCAN_LIMIT: usize = 10_000;
+/// How often a topic without replicated subscriptions is looked at again.
+const IDLE_INTERVAL: Duration = Duration::from_secs(5);
 /// An unchanged state is sent again this often, so that a remote that lost it (a cluster rebuilt
 /// from an empty data directory) gets it back.
 const RESEND_UNCHANGED_AFTER: Duration = Duration::from_secs(30);
@@ -426,11 +428,14 @@ async fn run(
     sending: Arc<Mutex<HashMap<(String, String), SendStatus>>>,
 ) {
     let mut tracked: HashMap<String, Tracked> = HashMap::new();
+    let mut idle = false;
     loop {
-        // The interval can change with the namespace's policy.
+        // The interval can change with the namespace's policy. A topic without replicated
+        // subscriptions is looked at rarely; marking one replicated wakes the task.
         let Some(interval) = topic.upgrade().map(|topic| topic.sync_interval()) else {
             return;
         };
+        let interval = if idle { IDLE_INTERVAL } else { interval };
         tokio::select! {
             () = tokio::time::sleep(interval) => {}
             () = wake.notified() => {}
@@ -500,6 +505,7 @@ async fn run(
                 }
             }
         }
+        idle = replicated.is_empty();
         tracked.retain(|cursor, _| replicated.contains(cursor));
         sending
             .lock()
