@@ -719,7 +719,7 @@ async fn expire_messages(
     )>,
 ) -> ApiResult<()> {
     let name = topic_name(&tenant, &namespace, &topic)?;
-    let cutoff = meridian_broker::topic::now_ms().saturating_sub(seconds * 1000);
+    let cutoff = meridian_broker::clock::now_ms().saturating_sub(seconds * 1000);
     for covered in covered_topics(&broker, &name)? {
         existing_topic(&broker, &covered)
             .await?

@@ -16,6 +16,7 @@
 //!   Pulsar's `ServerError`).
 
 pub mod broker;
+pub mod clock;
 pub mod config;
 pub mod dedup;
 pub mod error;

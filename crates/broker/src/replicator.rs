@@ -41,10 +41,10 @@ use serde::Serialize;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
+use crate::clock::{now_ms, now_rfc3339};
 use crate::dedup::{position_sequence, Dedup, Verdict};
 use crate::resources::{ClusterData, DispatchRate};
 use crate::stats::Meter;
-use crate::topic::{now_ms, now_rfc3339};
 use crate::topic_name::TopicName;
 
 /// The property that carries an entry's origin position (`<ledger>:<entry>`).

@@ -36,11 +36,11 @@ use meridian_wire::proto::{
 use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::Notify;
 
+use crate::clock::now_ms;
 use crate::config::BrokerConfig;
 use crate::error::{BrokerError, Result};
 use crate::outbound::{command_frame, Outbound, OutboundSender};
 use crate::stats::{ConsumerStats, Meter, SubscriptionStats};
-use crate::topic::now_ms;
 
 /// Pulsar's subscription types (wire values 0..=3).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -351,7 +351,7 @@ impl Subscription {
                 told_end: false,
                 address: consumer.address,
                 client_version: consumer.client_version,
-                connected_since: crate::topic::now_rfc3339(),
+                connected_since: crate::clock::now_rfc3339(),
                 meter: Meter::default(),
             });
             self.membership_changed(&mut state, &mut frames);

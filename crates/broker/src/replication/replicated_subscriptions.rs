@@ -48,10 +48,7 @@ pub fn note_reset(properties: &mut BTreeMap<String, String>) {
         .get(RESET_PROPERTY)
         .and_then(|value| value.parse::<u64>().ok())
         .unwrap_or(0);
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |elapsed| elapsed.as_millis() as u64);
-    adopt_reset(properties, now.max(previous + 1));
+    adopt_reset(properties, crate::clock::now_ms().max(previous + 1));
 }
 
 /// Records a reset (made here or in another cluster) and drops the states other clusters sent

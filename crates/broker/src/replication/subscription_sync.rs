@@ -24,6 +24,7 @@ use tokio::sync::Notify;
 
 use super::origin_acks::{OriginAcks, OriginAcksBuilder};
 use super::replicated_subscriptions;
+use crate::clock::now_ms;
 use crate::error::{BrokerError, Result};
 use crate::replicator::{self, RemoteCluster};
 use crate::stats::SubscriptionSyncStats;
@@ -330,12 +331,6 @@ pub fn receive(
     // Entries that arrive later are covered by the sync task's next ticks.
     topic.ensure_subscription_sync();
     apply(topic, name, local_cluster, None).map(|_| ())
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |elapsed| elapsed.as_millis() as u64)
 }
 
 /// How sending one subscription's state to one remote cluster stands.
