@@ -603,10 +603,7 @@ async fn send(
     );
     let body = serde_json::to_string(body).map_err(|error| error.to_string())?;
     tokio::task::spawn_blocking(move || {
-        let agent = ureq::AgentBuilder::new()
-            .timeout(Duration::from_secs(10))
-            .build();
-        agent
+        http_agent()
             .post(&url)
             .set("Content-Type", "application/json")
             .send_string(&body)
@@ -615,6 +612,18 @@ async fn send(
     })
     .await
     .map_err(|error| error.to_string())?
+}
+
+/// One HTTP client for every sync task of the process, so that posts to a remote cluster reuse
+/// its connections instead of opening one each.
+fn http_agent() -> &'static ureq::Agent {
+    static AGENT: std::sync::OnceLock<ureq::Agent> = std::sync::OnceLock::new();
+    AGENT.get_or_init(|| {
+        ureq::AgentBuilder::new()
+            .timeout(Duration::from_secs(10))
+            .max_idle_connections_per_host(4)
+            .build()
+    })
 }
 
 /// Percent-encodes a path segment.
