@@ -2,7 +2,8 @@
 //!
 //! Threads, all named `meridian-storage-*`:
 //! - `flush-N` (`flush_threads` of them) take logs with pending appends from a queue, write and
-//!   fsync their batches, and complete the appends. A log is queued at most once at a time.
+//!   fsync one batch, and complete its appends; a log with more batches queues itself again at
+//!   the back, so busy logs take turns with quiet ones. A log is queued at most once at a time.
 //! - `maintenance` persists changed cursors every `cursor_persist_interval`, runs trimming every
 //!   `trim_interval`, and fsyncs under the relaxed flush policy.
 //!
@@ -258,6 +259,13 @@ impl Storage {
         Ok(self.inner.root.join("logs").join(encoded))
     }
 
+    /// Persists the changed cursors of every open log: the pass the maintenance thread makes
+    /// every `cursor_persist_interval`. Failures are logged and retried on the next pass.
+    pub fn persist_cursors(&self) {
+        let logs: Vec<Arc<Log>> = self.inner.registry().logs.values().cloned().collect();
+        persist_cursors_of(&logs);
+    }
+
     /// Root directory of the engine.
     pub fn root(&self) -> &Path {
         &self.inner.root
@@ -330,23 +338,30 @@ fn maintenance(inner: &Inner) {
         if trim_now {
             last_trim = Instant::now();
         }
-        for log in logs {
-            if log.is_closed() {
-                continue;
-            }
-            if matches!(config.flush_policy, FlushPolicy::RelaxedWriteOnly { .. }) {
+        let logs: Vec<Arc<Log>> = logs.into_iter().filter(|log| !log.is_closed()).collect();
+        if matches!(config.flush_policy, FlushPolicy::RelaxedWriteOnly { .. }) {
+            for log in &logs {
                 // A failure is logged, and poisons the log, where it happens.
                 let _ = log.sync_written();
             }
-            if let Err(error) = log.persist_cursors() {
-                tracing::error!(log = %log.name(), %error, "persisting cursors failed; will retry");
-            }
-            if trim_now {
+        }
+        persist_cursors_of(&logs);
+        if trim_now {
+            for log in &logs {
                 log.evict_consumed_cache();
                 if let Err(error) = log.trim() {
                     tracing::error!(log = %log.name(), %error, "trimming failed; will retry");
                 }
             }
+        }
+    }
+}
+
+/// Persists the changed cursors of `logs`; a failure is logged and retried on the next pass.
+fn persist_cursors_of(logs: &[Arc<Log>]) {
+    for log in logs {
+        if let Err(error) = log.persist_cursors() {
+            tracing::error!(log = %log.name(), %error, "persisting cursors failed; will retry");
         }
     }
 }

@@ -494,84 +494,92 @@ impl Log {
         Ok(PendingAppend { position, receiver })
     }
 
-    /// Writes (and fsyncs) pending batches until none is left. Runs on a flush thread; at
-    /// most one call per log is active (guarded by `flush_scheduled`).
-    pub(crate) fn flush(&self) {
-        loop {
-            let (batch, file, path) = {
-                let mut state = self.lock();
-                if let Some(error) = state.failure.clone() {
-                    let abandoned: Vec<PendingBatch> = state.pending.drain(..).collect();
-                    state.pending_bytes = 0;
-                    state.flush_scheduled = false;
-                    drop(state);
-                    self.flush_finished.notify_all();
-                    for batch in abandoned {
-                        complete(batch.waiters, Err(error.clone()));
-                    }
-                    return;
-                }
-                let Some(batch) = state.pending.pop_front() else {
-                    state.flush_scheduled = false;
-                    drop(state);
-                    self.flush_finished.notify_all();
-                    return;
-                };
-                let segment = state.segment_for_batch(&batch);
-                let file = segment.and_then(|segment| segment.file.clone());
-                let path = segment
-                    .map(|segment| segment.path.clone())
-                    .unwrap_or_else(|| self.directory.clone());
-                (batch, file, path)
-            };
-
-            let outcome = self.write_batch(&batch, file, &path);
-
+    /// Writes (and fsyncs) the oldest pending batch. Runs on a flush thread; at most one call
+    /// per log is active (guarded by `flush_scheduled`). If more batches are pending, the log
+    /// queues itself again behind the other logs waiting for a flush thread, so that a busy
+    /// log cannot keep a thread to itself while other logs' appends wait.
+    pub(crate) fn flush(self: &Arc<Self>) {
+        let (batch, file, path) = {
             let mut state = self.lock();
-            match outcome {
-                Ok(file) => {
-                    let fsynced = matches!(self.shared.config.flush_policy, FlushPolicy::Fsync);
-                    if let Some(segment) = state.segment_for_batch_mut(&batch) {
-                        segment.file = Some(file);
-                        segment.flushed_end = batch.file_offset + batch.bytes.len() as u64;
-                        if fsynced {
-                            segment.synced_end = segment.flushed_end;
-                        }
-                    }
-                    debug_assert!(state.last_durable < Some(batch.first));
-                    state.last_durable = Some(batch.last);
-                    state.pending_bytes -= batch.bytes.len() as u64;
-                    state.stats.flushes += 1;
-                    state.stats.bytes_flushed += batch.bytes.len() as u64;
-                    drop(state);
-                    self.durable.send_replace(Some(batch.last));
-                    complete(batch.waiters, Ok(()));
+            if let Some(error) = state.failure.clone() {
+                let abandoned: Vec<PendingBatch> = state.pending.drain(..).collect();
+                state.pending_bytes = 0;
+                state.flush_scheduled = false;
+                drop(state);
+                self.flush_finished.notify_all();
+                for batch in abandoned {
+                    complete(batch.waiters, Err(error.clone()));
                 }
-                Err((stage, error)) => {
-                    let rolled_back = matches!(stage, FlushStage::Create | FlushStage::Write)
-                        && matches!(error, StorageError::DiskFull { .. })
-                        && self.undo_partial_write(&batch, &path);
-                    let mut failed = vec![batch];
-                    if rolled_back {
-                        tracing::warn!(log = %self.name, %error, "append failed, disk full; rolled back");
-                        failed.extend(state.pending.drain(..));
-                        state.rollback_to(failed[0].first, &self.shared.cache_used_bytes);
-                    } else {
-                        tracing::error!(log = %self.name, %error, "flush failed; log poisoned, appends refused until it is reopened");
-                        state.failure = Some(StorageError::Poisoned {
-                            log: self.name.clone(),
-                            cause: error.to_string(),
-                        });
-                        failed.extend(state.pending.drain(..));
-                        state.pending_bytes = 0;
+                return;
+            }
+            let Some(batch) = state.pending.pop_front() else {
+                state.flush_scheduled = false;
+                drop(state);
+                self.flush_finished.notify_all();
+                return;
+            };
+            let segment = state.segment_for_batch(&batch);
+            let file = segment.and_then(|segment| segment.file.clone());
+            let path = segment
+                .map(|segment| segment.path.clone())
+                .unwrap_or_else(|| self.directory.clone());
+            (batch, file, path)
+        };
+
+        let outcome = self.write_batch(&batch, file, &path);
+
+        let mut state = self.lock();
+        match outcome {
+            Ok(file) => {
+                let fsynced = matches!(self.shared.config.flush_policy, FlushPolicy::Fsync);
+                if let Some(segment) = state.segment_for_batch_mut(&batch) {
+                    segment.file = Some(file);
+                    segment.flushed_end = batch.file_offset + batch.bytes.len() as u64;
+                    if fsynced {
+                        segment.synced_end = segment.flushed_end;
                     }
+                }
+                debug_assert!(state.last_durable < Some(batch.first));
+                state.last_durable = Some(batch.last);
+                state.pending_bytes -= batch.bytes.len() as u64;
+                state.stats.flushes += 1;
+                state.stats.bytes_flushed += batch.bytes.len() as u64;
+                let more = !state.pending.is_empty();
+                if !more {
                     state.flush_scheduled = false;
-                    drop(state);
+                }
+                drop(state);
+                if more {
+                    self.shared.schedule_flush(self.clone());
+                } else {
                     self.flush_finished.notify_all();
-                    for batch in failed {
-                        complete(batch.waiters, Err(error.clone()));
-                    }
-                    return;
+                }
+                self.durable.send_replace(Some(batch.last));
+                complete(batch.waiters, Ok(()));
+            }
+            Err((stage, error)) => {
+                let rolled_back = matches!(stage, FlushStage::Create | FlushStage::Write)
+                    && matches!(error, StorageError::DiskFull { .. })
+                    && self.undo_partial_write(&batch, &path);
+                let mut failed = vec![batch];
+                if rolled_back {
+                    tracing::warn!(log = %self.name, %error, "append failed, disk full; rolled back");
+                    failed.extend(state.pending.drain(..));
+                    state.rollback_to(failed[0].first, &self.shared.cache_used_bytes);
+                } else {
+                    tracing::error!(log = %self.name, %error, "flush failed; log poisoned, appends refused until it is reopened");
+                    state.failure = Some(StorageError::Poisoned {
+                        log: self.name.clone(),
+                        cause: error.to_string(),
+                    });
+                    failed.extend(state.pending.drain(..));
+                    state.pending_bytes = 0;
+                }
+                state.flush_scheduled = false;
+                drop(state);
+                self.flush_finished.notify_all();
+                for batch in failed {
+                    complete(batch.waiters, Err(error.clone()));
                 }
             }
         }
