@@ -51,6 +51,10 @@ impl Shared {
 
 struct Registry {
     logs: HashMap<String, Arc<Log>>,
+    /// One lock per log name that is being opened or deleted, held across the I/O (a recovery
+    /// reads every segment) instead of the registry lock, so that one long recovery never
+    /// stalls the other logs. Removed once nobody holds or waits for it.
+    name_locks: HashMap<String, Arc<Mutex<()>>>,
     stopping: bool,
 }
 
@@ -121,6 +125,7 @@ impl Storage {
             root,
             registry: Mutex::new(Registry {
                 logs: HashMap::new(),
+                name_locks: HashMap::new(),
                 stopping: false,
             }),
             wake: Condvar::new(),
@@ -155,20 +160,60 @@ impl Storage {
     /// same log.
     pub fn open_log(&self, name: &str) -> Result<Arc<Log>> {
         let directory = self.log_directory(name)?;
-        // Holding the registry lock while opening serialises opens; that keeps two callers
-        // from recovering the same log at once.
-        let mut registry = self.inner.registry();
+        if let Some(log) = self.registered_log(name)? {
+            return Ok(log);
+        }
+        self.with_name_lock(name, || {
+            // Another caller may have opened it while this one waited.
+            if let Some(log) = self.registered_log(name)? {
+                return Ok(log);
+            }
+            let log = Log::open(self.inner.shared.clone(), name.to_string(), directory)?;
+            let mut registry = self.inner.registry();
+            if registry.stopping {
+                drop(registry);
+                // The engine began to stop during the recovery; it no longer closes this log.
+                log.close()?;
+                return Err(StorageError::Closed {
+                    log: name.to_string(),
+                });
+            }
+            registry.logs.insert(name.to_string(), log.clone());
+            Ok(log)
+        })
+    }
+
+    /// The open log `name`, if it is open; an error once the engine is stopping.
+    fn registered_log(&self, name: &str) -> Result<Option<Arc<Log>>> {
+        let registry = self.inner.registry();
         if registry.stopping {
             return Err(StorageError::Closed {
                 log: name.to_string(),
             });
         }
-        if let Some(log) = registry.logs.get(name) {
-            return Ok(log.clone());
+        Ok(registry.logs.get(name).cloned())
+    }
+
+    /// Runs `operation` holding the lock of log name `name` (not the registry lock): opening
+    /// and deleting one log are serialized, other logs are not held up.
+    fn with_name_lock<T>(&self, name: &str, operation: impl FnOnce() -> Result<T>) -> Result<T> {
+        let lock = self
+            .inner
+            .registry()
+            .name_locks
+            .entry(name.to_string())
+            .or_default()
+            .clone();
+        let result = {
+            let _serialized = lock.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            operation()
+        };
+        let mut registry = self.inner.registry();
+        // Clones are only taken under the registry lock: two references are the map's and ours.
+        if Arc::strong_count(&lock) == 2 {
+            registry.name_locks.remove(name);
         }
-        let log = Log::open(self.inner.shared.clone(), name.to_string(), directory)?;
-        registry.logs.insert(name.to_string(), log.clone());
-        Ok(log)
+        result
     }
 
     /// The open log `name`, if it is open.
@@ -206,6 +251,10 @@ impl Storage {
     /// Closes and deletes the log `name` with all its data.
     pub fn delete_log(&self, name: &str) -> Result<()> {
         let directory = self.log_directory(name)?;
+        self.with_name_lock(name, || self.close_and_delete(name, directory))
+    }
+
+    fn close_and_delete(&self, name: &str, directory: PathBuf) -> Result<()> {
         self.close_log(name)?;
         let io = &self.inner.shared.io;
         if io.exists(&directory) {
