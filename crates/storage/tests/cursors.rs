@@ -467,3 +467,32 @@ fn acknowledgements_beyond_the_persisted_range_cap_are_redelivered_after_a_resta
         );
     }
 }
+
+#[test]
+fn one_persistence_pass_makes_the_cursors_of_every_open_log_durable() {
+    // The engine-wide pass (the maintenance thread's) persists many logs' journals at once;
+    // after it, a power cut keeps every acknowledgement it covered.
+    let io = SimIo::new();
+    let storage = open_sim(&io, config());
+    let mut expected = Vec::new();
+    for index in 0..100 {
+        let log = storage.open_log(&format!("t-{index}")).expect("log");
+        let positions = append(&log, 3);
+        log.open_cursor("sub", InitialPosition::Earliest)
+            .expect("cursor");
+        let acknowledged = positions[index % 3];
+        log.acknowledge_cumulative("sub", acknowledged)
+            .expect("ack");
+        expected.push(acknowledged);
+    }
+    storage.persist_cursors();
+    let storage = open_sim(&io.crash(CrashMode::LoseUnsynced, 0), config());
+    for (index, acknowledged) in expected.into_iter().enumerate() {
+        let log = storage.open_log(&format!("t-{index}")).expect("log");
+        assert_eq!(
+            log.mark_delete_position("sub"),
+            Some(Some(acknowledged)),
+            "log t-{index}"
+        );
+    }
+}
