@@ -21,7 +21,22 @@ fn config() -> StorageConfig {
 }
 
 fn open(io: &SimIo) -> Storage {
-    Storage::open_with_io(Path::new("/data"), config(), Arc::new(io.clone())).expect("open storage")
+    open_with(io, config())
+}
+
+fn open_with(io: &SimIo, config: StorageConfig) -> Storage {
+    Storage::open_with_io(Path::new("/data"), config, Arc::new(io.clone())).expect("open storage")
+}
+
+/// The relaxed flush policy with fsyncs (and cursor persistence) left to the test.
+fn relaxed() -> StorageConfig {
+    StorageConfig {
+        flush_policy: meridian_storage::FlushPolicy::RelaxedWriteOnly {
+            fsync_interval: Duration::from_secs(3600),
+        },
+        cursor_persist_interval: Duration::from_secs(3600),
+        ..config()
+    }
 }
 
 fn payload(writer: u64, sequence: u64) -> Bytes {
@@ -292,18 +307,9 @@ fn relaxed_mode_a_power_cut_after_a_segment_roll_leaves_a_log_that_opens() {
     // Models a power cut under the relaxed policy after the log rolled to a new segment: the
     // sealed segment's unsynced tail must not be torn, because recovery accepts a torn tail only
     // in the newest segment.
-    let relaxed = StorageConfig {
-        flush_policy: meridian_storage::FlushPolicy::RelaxedWriteOnly {
-            fsync_interval: Duration::from_secs(3600),
-        },
-        cursor_persist_interval: Duration::from_secs(3600),
-        ..config()
-    };
     for seed in 0..20 {
         let io = SimIo::new();
-        let storage =
-            Storage::open_with_io(Path::new("/data"), relaxed.clone(), Arc::new(io.clone()))
-                .expect("open");
+        let storage = open_with(&io, relaxed());
         let log = storage.open_log(LOG).expect("log");
         for sequence in 0..300 {
             log.append(payload(0, sequence), 0)
@@ -314,8 +320,7 @@ fn relaxed_mode_a_power_cut_after_a_segment_roll_leaves_a_log_that_opens() {
         assert!(log.stats().segments > 2, "the log rolled");
         let crashed = io.crash(CrashMode::TornWithGarbage, seed);
         storage.close().ok();
-        let storage = Storage::open_with_io(Path::new("/data"), relaxed.clone(), Arc::new(crashed))
-            .expect("open after the power cut");
+        let storage = open_with(&crashed, relaxed());
         let sequences: Vec<u64> = read_everything(&storage)
             .into_iter()
             .map(|(_, _, sequence)| sequence)
@@ -431,17 +436,14 @@ fn relaxed_mode_completes_appends_before_fsync_and_a_clean_close_makes_them_dura
     // Relaxed mode end to end: appends complete once written (no fsync per append), a process
     // that closes cleanly leaves everything durable, and a power cut before the periodic fsync
     // loses only a tail of the appends, never the log.
-    let relaxed = StorageConfig {
-        flush_policy: meridian_storage::FlushPolicy::RelaxedWriteOnly {
-            fsync_interval: Duration::from_secs(3600),
-        },
-        cursor_persist_interval: Duration::from_secs(3600),
-        segment_max_bytes: 1 << 20,
-        ..config()
-    };
     let open_relaxed = |io: &SimIo| {
-        Storage::open_with_io(Path::new("/data"), relaxed.clone(), Arc::new(io.clone()))
-            .expect("open")
+        open_with(
+            io,
+            StorageConfig {
+                segment_max_bytes: 1 << 20,
+                ..relaxed()
+            },
+        )
     };
     let io = SimIo::new();
     let storage = open_relaxed(&io);
