@@ -18,6 +18,10 @@
 //! - **persistence**: N logs, each with a durable cursor whose acknowledgement changed.
 //!   Reported: the duration of one pass that persists every cursor (what the maintenance thread
 //!   does every `cursor_persist_interval`).
+//! - **snapshot**: one log whose cursor has 100,000 acknowledged ranges is persisted in a loop
+//!   (each time after one more acknowledgement); meanwhile another thread makes a call that
+//!   takes the log's lock (`Log::last_position`) every 100 µs. Reported: that call's latency
+//!   (p50, p99, max): how long the persisting holds the log's lock.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -186,6 +190,74 @@ fn persistence(directory: &Path, logs: usize) {
     );
 }
 
+fn snapshot(directory: &Path, seconds: f64) {
+    let _ = fs::remove_dir_all(directory);
+    let config = StorageConfig {
+        cursor_persist_interval: Duration::from_secs(3600),
+        trim_interval: Duration::from_secs(3600),
+        ..StorageConfig::default()
+    };
+    let storage = Storage::open(directory, config).expect("open storage");
+    let log = storage.open_log("acks").expect("log");
+    let ledger_id = log.current_ledger_id();
+    let entries = 200_002u64;
+    for _ in 0..entries.div_ceil(10_000) {
+        let pending: Vec<_> = (0..10_000)
+            .map(|_| log.append(Bytes::from_static(b"x"), 0).expect("append"))
+            .collect();
+        for append in pending {
+            append.wait().expect("durable");
+        }
+    }
+    log.open_cursor("sub", InitialPosition::Earliest)
+        .expect("cursor");
+    let every_other: Vec<meridian_storage::Position> = (1..entries - 2)
+        .step_by(2)
+        .map(|entry| meridian_storage::Position::new(ledger_id, entry))
+        .collect();
+    log.acknowledge("sub", &every_other).expect("ack");
+    let stop = Arc::new(AtomicBool::new(false));
+    let persister = {
+        let (log, stop) = (log.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut passes = 0u64;
+            let mut toggle = false;
+            while !stop.load(Ordering::Relaxed) {
+                // Change the cursor so that each pass has a snapshot to write.
+                let key = if toggle { "a" } else { "b" };
+                toggle = !toggle;
+                let mut properties = std::collections::BTreeMap::new();
+                properties.insert(key.to_string(), String::new());
+                log.set_cursor_properties("sub", properties)
+                    .expect("properties");
+                log.persist_cursors().expect("persist");
+                passes += 1;
+            }
+            passes
+        })
+    };
+    let mut latencies = Vec::new();
+    let started = Instant::now();
+    while started.elapsed().as_secs_f64() < seconds {
+        let call_started = Instant::now();
+        std::hint::black_box(log.last_position());
+        latencies.push(call_started.elapsed());
+        std::thread::sleep(Duration::from_micros(100));
+    }
+    stop.store(true, Ordering::Relaxed);
+    let passes = persister.join().expect("persister");
+    drop(log);
+    storage.close().expect("close");
+    let _ = fs::remove_dir_all(directory);
+    latencies.sort();
+    println!(
+        "| snapshot | a cursor of 100,000 ranges persisted in a loop ({passes} passes) | log-lock call p50 {} ms, p99 {} ms, max {} ms |",
+        milliseconds(percentile(&latencies, 0.5)),
+        milliseconds(percentile(&latencies, 0.99)),
+        milliseconds(latencies.last().copied().unwrap_or_default()),
+    );
+}
+
 fn main() {
     let directory: PathBuf = std::env::var("MERIDIAN_BENCH_DIR")
         .map(PathBuf::from)
@@ -195,7 +267,7 @@ fn main() {
     let logs: usize = environment("MERIDIAN_BENCH_LOGS", 10_000);
     let cases: String = environment(
         "MERIDIAN_BENCH_CASES",
-        "starvation,recovery,persistence".to_string(),
+        "starvation,recovery,persistence,snapshot".to_string(),
     );
     let cases: Vec<&str> = cases.split(',').collect();
     println!("| case | load | result |");
@@ -208,5 +280,8 @@ fn main() {
     }
     if cases.contains(&"persistence") {
         persistence(&directory.join("persistence"), logs);
+    }
+    if cases.contains(&"snapshot") {
+        snapshot(&directory.join("snapshot"), seconds);
     }
 }
