@@ -22,6 +22,9 @@
 //!   (each time after one more acknowledgement); meanwhile another thread makes a call that
 //!   takes the log's lock (`Log::last_position`) every 100 µs. Reported: that call's latency
 //!   (p50, p99, max): how long the persisting holds the log's lock.
+//! - **descriptors**: a log of 256 segments of 1 MiB is written, the engine reopened and the
+//!   whole log read. Reported: the process's open file descriptors (`/proc/self/fd`) before the
+//!   engine opens, and after each step.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -258,6 +261,63 @@ fn snapshot(directory: &Path, seconds: f64) {
     );
 }
 
+fn open_descriptors() -> usize {
+    fs::read_dir("/proc/self/fd")
+        .map(|entries| entries.count())
+        .unwrap_or(0)
+}
+
+fn descriptors(directory: &Path) {
+    let _ = fs::remove_dir_all(directory);
+    let config = StorageConfig {
+        segment_max_bytes: 1024 * 1024,
+        entry_max_bytes: 64 * 1024,
+        pending_max_bytes_per_log: 64 * 1024 * 1024,
+        // The log has no cursor: the default retention would trim it away.
+        trim_interval: Duration::from_secs(3600),
+        ..StorageConfig::default()
+    };
+    let baseline = open_descriptors();
+    let written = {
+        let storage = Storage::open(directory, config.clone()).expect("open storage");
+        let log = storage.open_log("long").expect("log");
+        let payload = Bytes::from(vec![0x44u8; 64 * 1024]);
+        for _ in 0..256 {
+            let pending: Vec<_> = (0..16)
+                .map(|_| log.append(payload.clone(), 0).expect("append"))
+                .collect();
+            for append in pending {
+                append.wait().expect("durable");
+            }
+        }
+        let written = open_descriptors();
+        storage.close().expect("close");
+        written
+    };
+    let storage = Storage::open(directory, config).expect("reopen");
+    let log = storage.open_log("long").expect("log");
+    let segments = log.stats().segments;
+    let recovered = open_descriptors();
+    let first = log.first_position().expect("entries");
+    let mut next = Some(first);
+    while let Some(position) = next {
+        let entries = log.read_from(position, 64, usize::MAX).expect("read");
+        next = entries
+            .last()
+            .map(|entry| log.next_position(entry.position));
+        if entries.len() < 64 {
+            break;
+        }
+    }
+    let read = open_descriptors();
+    drop(log);
+    storage.close().expect("close");
+    let _ = fs::remove_dir_all(directory);
+    println!(
+        "| descriptors | one log of {segments} segments of 1 MiB | open fds: {baseline} before the engine; {written} after writing; {recovered} after reopening; {read} after reading it all |"
+    );
+}
+
 fn main() {
     let directory: PathBuf = std::env::var("MERIDIAN_BENCH_DIR")
         .map(PathBuf::from)
@@ -267,7 +327,7 @@ fn main() {
     let logs: usize = environment("MERIDIAN_BENCH_LOGS", 10_000);
     let cases: String = environment(
         "MERIDIAN_BENCH_CASES",
-        "starvation,recovery,persistence,snapshot".to_string(),
+        "starvation,recovery,persistence,snapshot,descriptors".to_string(),
     );
     let cases: Vec<&str> = cases.split(',').collect();
     println!("| case | load | result |");
@@ -283,5 +343,8 @@ fn main() {
     }
     if cases.contains(&"snapshot") {
         snapshot(&directory.join("snapshot"), seconds);
+    }
+    if cases.contains(&"descriptors") {
+        descriptors(&directory.join("descriptors"));
     }
 }

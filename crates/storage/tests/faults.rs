@@ -477,3 +477,39 @@ fn relaxed_mode_completes_appends_before_fsync_and_a_clean_close_makes_them_dura
     check_history(&entries, &acknowledged);
     assert_eq!(entries.len(), acknowledged.len());
 }
+
+#[test]
+fn a_log_keeps_one_segment_file_open_however_many_segments_it_retains() {
+    // File descriptors must not grow with retained data: sealed segments are closed and
+    // opened again only to be read.
+    let io = SimIo::new();
+    let storage = open(&io);
+    let log = storage.open_log(LOG).expect("log");
+    let mut acknowledged = Vec::new();
+    for sequence in 0..400 {
+        let position = log
+            .append(payload(0, sequence), 0)
+            .expect("append")
+            .wait()
+            .expect("durable");
+        acknowledged.push((position, 0, sequence));
+    }
+    assert!(
+        log.stats().segments > 5,
+        "{} segments",
+        log.stats().segments
+    );
+    assert_eq!(io.open_files(), 1, "only the active segment is open");
+    check_history(&read_everything(&storage), &acknowledged);
+    assert_eq!(
+        io.open_files(),
+        1,
+        "files opened for reading are closed again"
+    );
+    storage.close().expect("close");
+    drop(log);
+
+    let storage = open(&io);
+    check_history(&read_everything(&storage), &acknowledged);
+    assert_eq!(io.open_files(), 1, "after recovery too");
+}
