@@ -42,6 +42,17 @@ fn environment<T: std::str::FromStr>(name: &str, default: T) -> T {
         .unwrap_or(default)
 }
 
+/// The defaults, with the maintenance thread's cursor persistence and trimming out of the way
+/// (it wakes at the shorter of the two intervals): the cases drive those themselves, and a log
+/// without cursors would otherwise be trimmed away under the default retention.
+fn quiet_maintenance() -> StorageConfig {
+    StorageConfig {
+        cursor_persist_interval: Duration::from_secs(3600),
+        trim_interval: Duration::from_secs(3600),
+        ..StorageConfig::default()
+    }
+}
+
 fn percentile(sorted: &[Duration], fraction: f64) -> Duration {
     let index = ((sorted.len() as f64 - 1.0) * fraction).round() as usize;
     sorted.get(index).copied().unwrap_or_default()
@@ -160,14 +171,7 @@ fn recovery(directory: &Path, megabytes: u64) {
 
 fn persistence(directory: &Path, logs: usize) {
     let _ = fs::remove_dir_all(directory);
-    let config = StorageConfig {
-        // The pass is driven below, not by the maintenance thread (which wakes at the shorter
-        // of the two intervals).
-        cursor_persist_interval: Duration::from_secs(3600),
-        trim_interval: Duration::from_secs(3600),
-        ..StorageConfig::default()
-    };
-    let storage = Storage::open(directory, config).expect("open storage");
+    let storage = Storage::open(directory, quiet_maintenance()).expect("open storage");
     let mut opened = Vec::with_capacity(logs);
     for index in 0..logs {
         let log = storage.open_log(&format!("topic-{index}")).expect("log");
@@ -195,12 +199,7 @@ fn persistence(directory: &Path, logs: usize) {
 
 fn snapshot(directory: &Path, seconds: f64) {
     let _ = fs::remove_dir_all(directory);
-    let config = StorageConfig {
-        cursor_persist_interval: Duration::from_secs(3600),
-        trim_interval: Duration::from_secs(3600),
-        ..StorageConfig::default()
-    };
-    let storage = Storage::open(directory, config).expect("open storage");
+    let storage = Storage::open(directory, quiet_maintenance()).expect("open storage");
     let log = storage.open_log("acks").expect("log");
     let ledger_id = log.current_ledger_id();
     let entries = 200_002u64;
@@ -272,10 +271,7 @@ fn descriptors(directory: &Path) {
     let config = StorageConfig {
         segment_max_bytes: 1024 * 1024,
         entry_max_bytes: 64 * 1024,
-        pending_max_bytes_per_log: 64 * 1024 * 1024,
-        // The log has no cursor: the default retention would trim it away.
-        trim_interval: Duration::from_secs(3600),
-        ..StorageConfig::default()
+        ..quiet_maintenance()
     };
     let baseline = open_descriptors();
     let written = {

@@ -59,6 +59,24 @@ fn parse(data: &[u8]) -> (u64, u64) {
     (writer, sequence)
 }
 
+/// Appends writer 0's entries `sequences` one at a time, each awaited, and returns them as
+/// acknowledged (position, writer, sequence).
+fn append_acknowledged(
+    log: &Arc<meridian_storage::Log>,
+    sequences: std::ops::Range<u64>,
+) -> Vec<(Position, u64, u64)> {
+    sequences
+        .map(|sequence| {
+            let position = log
+                .append(payload(0, sequence), 0)
+                .expect("append")
+                .wait()
+                .expect("durable");
+            (position, 0, sequence)
+        })
+        .collect()
+}
+
 /// Every entry of the log, in order, as (position, writer, sequence).
 fn read_everything(storage: &Storage) -> Vec<(Position, u64, u64)> {
     let log = storage.open_log(LOG).expect("log");
@@ -230,15 +248,7 @@ fn a_full_disk_fails_appends_promptly_keeps_reads_and_recovers_when_space_is_fre
     let io = SimIo::new();
     let storage = open(&io);
     let log = storage.open_log(LOG).expect("log");
-    let mut acknowledged = Vec::new();
-    for sequence in 0..20 {
-        let position = log
-            .append(payload(0, sequence), 0)
-            .expect("append")
-            .wait()
-            .expect("durable");
-        acknowledged.push((position, 0, sequence));
-    }
+    let mut acknowledged = append_acknowledged(&log, 0..20);
     io.set_capacity(Some(io.used_bytes() + 3_000));
     let mut full = None;
     for sequence in 20..200 {
@@ -263,14 +273,7 @@ fn a_full_disk_fails_appends_promptly_keeps_reads_and_recovers_when_space_is_fre
     assert!(matches!(error, StorageError::DiskFull { .. }), "{error}");
     // ...and succeed again once space is freed.
     io.set_capacity(None);
-    for sequence in 501..510 {
-        let position = log
-            .append(payload(0, sequence), 0)
-            .expect("append")
-            .wait()
-            .expect("durable again");
-        acknowledged.push((position, 0, sequence));
-    }
+    acknowledged.extend(append_acknowledged(&log, 501..510));
     let entries = read_everything(&storage);
     check_history(&entries, &acknowledged);
     assert_eq!(
@@ -290,16 +293,12 @@ fn a_new_log_survives_a_power_cut_once_an_append_to_it_is_acknowledged() {
     let io = SimIo::new();
     let storage = open(&io);
     let log = storage.open_log(LOG).expect("log");
-    let position = log
-        .append(payload(0, 0), 0)
-        .expect("append")
-        .wait()
-        .expect("durable");
+    let acknowledged = append_acknowledged(&log, 0..1);
     let crashed = io.crash(CrashMode::LoseUnsynced, 0);
     storage.close().ok();
     let storage = open(&crashed);
     assert_eq!(storage.log_names().expect("names"), vec![LOG.to_string()]);
-    check_history(&read_everything(&storage), &[(position, 0, 0)]);
+    check_history(&read_everything(&storage), &acknowledged);
 }
 
 #[test]
@@ -340,16 +339,7 @@ fn a_power_cut_while_a_log_is_deleted_never_brings_part_of_it_back() {
     let write = |io: &SimIo| -> (Storage, Vec<(Position, u64, u64)>) {
         let storage = open(io);
         let log = storage.open_log(LOG).expect("log");
-        let acknowledged = (0..60)
-            .map(|sequence| {
-                let position = log
-                    .append(payload(0, sequence), 0)
-                    .expect("append")
-                    .wait()
-                    .expect("durable");
-                (position, 0, sequence)
-            })
-            .collect();
+        let acknowledged = append_acknowledged(&log, 0..60);
         (storage, acknowledged)
     };
     let (deletion_starts, deletion_ends) = {
@@ -449,15 +439,7 @@ fn relaxed_mode_completes_appends_before_fsync_and_a_clean_close_makes_them_dura
     let storage = open_relaxed(&io);
     let log = storage.open_log(LOG).expect("log");
     let syncs_before = io.sync_count();
-    let mut acknowledged = Vec::new();
-    for sequence in 0..50 {
-        let position = log
-            .append(payload(0, sequence), 0)
-            .expect("append")
-            .wait()
-            .expect("written");
-        acknowledged.push((position, 0, sequence));
-    }
+    let acknowledged = append_acknowledged(&log, 0..50);
     assert_eq!(io.sync_count(), syncs_before, "no fsync per append");
 
     // A power cut now loses the unsynced appends, but the log opens and holds a prefix.
@@ -485,15 +467,7 @@ fn a_log_keeps_one_segment_file_open_however_many_segments_it_retains() {
     let io = SimIo::new();
     let storage = open(&io);
     let log = storage.open_log(LOG).expect("log");
-    let mut acknowledged = Vec::new();
-    for sequence in 0..400 {
-        let position = log
-            .append(payload(0, sequence), 0)
-            .expect("append")
-            .wait()
-            .expect("durable");
-        acknowledged.push((position, 0, sequence));
-    }
+    let acknowledged = append_acknowledged(&log, 0..400);
     assert!(
         log.stats().segments > 5,
         "{} segments",
