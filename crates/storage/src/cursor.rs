@@ -584,6 +584,17 @@ impl Log {
         })
     }
 
+    /// Whether [`Log::persist_cursors`] has anything to write: a changed durable cursor or a
+    /// deleted one. (A failed persist marks its cursors changed again.)
+    pub(crate) fn cursors_changed(&self) -> bool {
+        let state = self.lock();
+        !state.deleted_cursors.is_empty()
+            || state
+                .cursors
+                .values()
+                .any(|slot| slot.durable && slot.dirty)
+    }
+
     /// Writes and fsyncs every cursor changed since the last call.
     pub fn persist_cursors(&self) -> Result<()> {
         let mut journal = self

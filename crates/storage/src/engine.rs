@@ -415,6 +415,8 @@ const PERSIST_PARALLELISM: usize = 32;
 /// Persists the changed cursors of `logs`, several logs at a time; a failure is logged and
 /// retried on the next pass.
 fn persist_cursors_of(logs: &[Arc<Log>]) {
+    // Most logs of a large engine are idle: only the changed ones are worth a thread.
+    let logs: Vec<&Arc<Log>> = logs.iter().filter(|log| log.cursors_changed()).collect();
     let next = AtomicUsize::new(0);
     let persist_next = || {
         while let Some(log) = logs.get(next.fetch_add(1, Ordering::Relaxed)) {
