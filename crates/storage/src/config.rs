@@ -51,7 +51,8 @@ pub struct StorageConfig {
     /// more logs fsync in parallel.
     pub flush_threads: usize,
     /// How often changed cursor state is written and fsynced. A crash can redeliver the
-    /// acknowledgements of at most this long (plus one fsync).
+    /// acknowledgements of at most this long plus one persistence pass (about one fsync with
+    /// few changed logs; see `docs/durability.md` for many).
     pub cursor_persist_interval: Duration,
     /// Individually acknowledged ranges persisted per cursor; ranges beyond it are kept in
     /// memory but redelivered after a crash.

@@ -70,47 +70,67 @@ pub(crate) struct CursorSlot {
     pub(crate) persisted_mark_delete: Option<Position>,
 }
 
-fn encode_snapshot(name: &str, state: &CursorState, max_ranges: usize) -> Vec<u8> {
-    let mut writer = ByteWriter::default();
-    writer.u8(RECORD_SNAPSHOT);
-    writer.bytes(name.as_bytes());
-    match state.mark_delete {
-        Some(position) => {
-            writer.u8(1);
-            writer.varint(position.ledger_id);
-            writer.varint(position.entry_id);
+/// What one snapshot record holds, copied out of the log's state under its lock; the encoding,
+/// which takes longer for a cursor of many ranges, happens after the lock is released.
+struct SnapshotCopy {
+    name: String,
+    mark_delete: Option<Position>,
+    /// (ledger id, first entry id, last entry id), at most `cursor_max_persisted_ranges`.
+    ranges: Vec<(u64, u64, u64)>,
+    properties: BTreeMap<String, String>,
+}
+
+impl SnapshotCopy {
+    fn of(name: &str, state: &CursorState, max_ranges: usize) -> SnapshotCopy {
+        SnapshotCopy {
+            name: name.to_string(),
+            mark_delete: state.mark_delete,
+            ranges: state.acknowledged.iter().take(max_ranges).collect(),
+            properties: state.properties.clone(),
         }
-        None => writer.u8(0),
     }
-    let ranges = state.acknowledged.range_count().min(max_ranges);
-    writer.varint(ranges as u64);
-    // Delta-encoded: ledger ids as increments; within a ledger, each range's first entry as the
-    // gap after the previous range's last entry.
-    let mut previous: Option<(u64, u64)> = None;
-    for (ledger_id, first, last) in state.acknowledged.iter().take(ranges) {
-        match previous {
-            Some((previous_ledger, previous_last)) if previous_ledger == ledger_id => {
-                writer.varint(0);
-                writer.varint(first - previous_last);
+
+    fn encode(&self) -> Vec<u8> {
+        let mut writer = ByteWriter::default();
+        writer.u8(RECORD_SNAPSHOT);
+        writer.bytes(self.name.as_bytes());
+        match self.mark_delete {
+            Some(position) => {
+                writer.u8(1);
+                writer.varint(position.ledger_id);
+                writer.varint(position.entry_id);
             }
-            Some((previous_ledger, _)) => {
-                writer.varint(ledger_id - previous_ledger);
-                writer.varint(first);
-            }
-            None => {
-                writer.varint(ledger_id);
-                writer.varint(first);
-            }
+            None => writer.u8(0),
         }
-        writer.varint(last - first);
-        previous = Some((ledger_id, last));
+        writer.varint(self.ranges.len() as u64);
+        // Delta-encoded: ledger ids as increments; within a ledger, each range's first entry as
+        // the gap after the previous range's last entry.
+        let mut previous: Option<(u64, u64)> = None;
+        for &(ledger_id, first, last) in &self.ranges {
+            match previous {
+                Some((previous_ledger, previous_last)) if previous_ledger == ledger_id => {
+                    writer.varint(0);
+                    writer.varint(first - previous_last);
+                }
+                Some((previous_ledger, _)) => {
+                    writer.varint(ledger_id - previous_ledger);
+                    writer.varint(first);
+                }
+                None => {
+                    writer.varint(ledger_id);
+                    writer.varint(first);
+                }
+            }
+            writer.varint(last - first);
+            previous = Some((ledger_id, last));
+        }
+        writer.varint(self.properties.len() as u64);
+        for (key, value) in &self.properties {
+            writer.bytes(key.as_bytes());
+            writer.bytes(value.as_bytes());
+        }
+        writer.bytes
     }
-    writer.varint(state.properties.len() as u64);
-    for (key, value) in &state.properties {
-        writer.bytes(key.as_bytes());
-        writer.bytes(value.as_bytes());
-    }
-    writer.bytes
 }
 
 fn encode_tombstone(name: &str) -> Vec<u8> {
@@ -564,6 +584,17 @@ impl Log {
         })
     }
 
+    /// Whether [`Log::persist_cursors`] has anything to write: a changed durable cursor or a
+    /// deleted one. (A failed persist marks its cursors changed again.)
+    pub(crate) fn cursors_changed(&self) -> bool {
+        let state = self.lock();
+        !state.deleted_cursors.is_empty()
+            || state
+                .cursors
+                .values()
+                .any(|slot| slot.durable && slot.dirty)
+    }
+
     /// Writes and fsyncs every cursor changed since the last call.
     pub fn persist_cursors(&self) -> Result<()> {
         let mut journal = self
@@ -572,7 +603,7 @@ impl Log {
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         let max_ranges = self.shared.config.cursor_max_persisted_ranges;
         let rewrite = journal.should_rewrite();
-        let (records, persisted, tombstones) = {
+        let (snapshots, persisted, tombstones) = {
             let mut state = self.lock();
             let dirty = state
                 .cursors
@@ -582,20 +613,21 @@ impl Log {
                 return Ok(());
             }
             let tombstones = std::mem::take(&mut state.deleted_cursors);
-            let mut records = Vec::new();
+            let mut snapshots = Vec::new();
             let mut persisted = Vec::new();
             for (name, slot) in state.cursors.iter_mut().filter(|(_, slot)| slot.durable) {
                 if slot.dirty || rewrite {
-                    records.push(encode_snapshot(name, &slot.state, max_ranges));
+                    snapshots.push(SnapshotCopy::of(name, &slot.state, max_ranges));
                     persisted.push((name.clone(), slot.state.mark_delete));
                     slot.dirty = false;
                 }
             }
-            if !rewrite {
-                records.extend(tombstones.iter().map(|name| encode_tombstone(name)));
-            }
-            (records, persisted, tombstones)
+            (snapshots, persisted, tombstones)
         };
+        let mut records: Vec<Vec<u8>> = snapshots.iter().map(SnapshotCopy::encode).collect();
+        if !rewrite {
+            records.extend(tombstones.iter().map(|name| encode_tombstone(name)));
+        }
         let written = if rewrite {
             journal.rewrite(&self.shared, &records)
         } else {
@@ -643,13 +675,13 @@ mod tests {
         state.acknowledged.insert_range(5, 0, 2);
         state.acknowledged.insert_range(9, 1_000_000, 2_000_000);
         state.properties.insert("replicated".into(), "true".into());
-        let body = encode_snapshot("sub/ü", &state, usize::MAX);
+        let body = SnapshotCopy::of("sub/ü", &state, usize::MAX).encode();
         assert_eq!(
             decode_record(&body).expect("decode"),
             ("sub/ü".to_string(), Some(state.clone()))
         );
 
-        let capped = encode_snapshot("sub", &state, 2);
+        let capped = SnapshotCopy::of("sub", &state, 2).encode();
         let (_, decoded) = decode_record(&capped).expect("decode capped");
         assert_eq!(decoded.expect("snapshot").acknowledged.range_count(), 2);
 

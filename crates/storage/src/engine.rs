@@ -2,15 +2,17 @@
 //!
 //! Threads, all named `meridian-storage-*`:
 //! - `flush-N` (`flush_threads` of them) take logs with pending appends from a queue, write and
-//!   fsync their batches, and complete the appends. A log is queued at most once at a time.
-//! - `maintenance` persists changed cursors every `cursor_persist_interval`, runs trimming every
+//!   fsync one batch, and complete its appends; a log with more batches queues itself again at
+//!   the back, so busy logs take turns with quiet ones. A log is queued at most once at a time.
+//! - `maintenance` persists changed cursors every `cursor_persist_interval` (with up to
+//!   `PERSIST_PARALLELISM` short-lived helper threads per pass), runs trimming every
 //!   `trim_interval`, and fsyncs under the relaxed flush policy.
 //!
 //! On disk: `<root>/logs/<encoded log name>/` per log (see `docs/storage-format.md`).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::Instant;
@@ -50,6 +52,10 @@ impl Shared {
 
 struct Registry {
     logs: HashMap<String, Arc<Log>>,
+    /// One lock per log name that is being opened or deleted, held across the I/O (a recovery
+    /// reads every segment) instead of the registry lock, so that one long recovery never
+    /// stalls the other logs. Removed once nobody holds or waits for it.
+    name_locks: HashMap<String, Arc<Mutex<()>>>,
     stopping: bool,
 }
 
@@ -120,6 +126,7 @@ impl Storage {
             root,
             registry: Mutex::new(Registry {
                 logs: HashMap::new(),
+                name_locks: HashMap::new(),
                 stopping: false,
             }),
             wake: Condvar::new(),
@@ -154,20 +161,60 @@ impl Storage {
     /// same log.
     pub fn open_log(&self, name: &str) -> Result<Arc<Log>> {
         let directory = self.log_directory(name)?;
-        // Holding the registry lock while opening serialises opens; that keeps two callers
-        // from recovering the same log at once.
-        let mut registry = self.inner.registry();
+        if let Some(log) = self.registered_log(name)? {
+            return Ok(log);
+        }
+        self.with_name_lock(name, || {
+            // Another caller may have opened it while this one waited.
+            if let Some(log) = self.registered_log(name)? {
+                return Ok(log);
+            }
+            let log = Log::open(self.inner.shared.clone(), name.to_string(), directory)?;
+            let mut registry = self.inner.registry();
+            if registry.stopping {
+                drop(registry);
+                // The engine began to stop during the recovery; it no longer closes this log.
+                log.close()?;
+                return Err(StorageError::Closed {
+                    log: name.to_string(),
+                });
+            }
+            registry.logs.insert(name.to_string(), log.clone());
+            Ok(log)
+        })
+    }
+
+    /// The open log `name`, if it is open; an error once the engine is stopping.
+    fn registered_log(&self, name: &str) -> Result<Option<Arc<Log>>> {
+        let registry = self.inner.registry();
         if registry.stopping {
             return Err(StorageError::Closed {
                 log: name.to_string(),
             });
         }
-        if let Some(log) = registry.logs.get(name) {
-            return Ok(log.clone());
+        Ok(registry.logs.get(name).cloned())
+    }
+
+    /// Runs `operation` holding the lock of log name `name` (not the registry lock): opening
+    /// and deleting one log are serialized, other logs are not held up.
+    fn with_name_lock<T>(&self, name: &str, operation: impl FnOnce() -> Result<T>) -> Result<T> {
+        let lock = self
+            .inner
+            .registry()
+            .name_locks
+            .entry(name.to_string())
+            .or_default()
+            .clone();
+        let result = {
+            let _serialized = lock.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            operation()
+        };
+        let mut registry = self.inner.registry();
+        // Clones are only taken under the registry lock: two references are the map's and ours.
+        if Arc::strong_count(&lock) == 2 {
+            registry.name_locks.remove(name);
         }
-        let log = Log::open(self.inner.shared.clone(), name.to_string(), directory)?;
-        registry.logs.insert(name.to_string(), log.clone());
-        Ok(log)
+        result
     }
 
     /// The open log `name`, if it is open.
@@ -205,6 +252,10 @@ impl Storage {
     /// Closes and deletes the log `name` with all its data.
     pub fn delete_log(&self, name: &str) -> Result<()> {
         let directory = self.log_directory(name)?;
+        self.with_name_lock(name, || self.close_and_delete(name, directory))
+    }
+
+    fn close_and_delete(&self, name: &str, directory: PathBuf) -> Result<()> {
         self.close_log(name)?;
         let io = &self.inner.shared.io;
         if io.exists(&directory) {
@@ -256,6 +307,13 @@ impl Storage {
             });
         }
         Ok(self.inner.root.join("logs").join(encoded))
+    }
+
+    /// Persists the changed cursors of every open log: the pass the maintenance thread makes
+    /// every `cursor_persist_interval`. Failures are logged and retried on the next pass.
+    pub fn persist_cursors(&self) {
+        let logs: Vec<Arc<Log>> = self.inner.registry().logs.values().cloned().collect();
+        persist_cursors_of(&logs);
     }
 
     /// Root directory of the engine.
@@ -330,18 +388,16 @@ fn maintenance(inner: &Inner) {
         if trim_now {
             last_trim = Instant::now();
         }
-        for log in logs {
-            if log.is_closed() {
-                continue;
-            }
-            if matches!(config.flush_policy, FlushPolicy::RelaxedWriteOnly { .. }) {
+        let logs: Vec<Arc<Log>> = logs.into_iter().filter(|log| !log.is_closed()).collect();
+        if matches!(config.flush_policy, FlushPolicy::RelaxedWriteOnly { .. }) {
+            for log in &logs {
                 // A failure is logged, and poisons the log, where it happens.
                 let _ = log.sync_written();
             }
-            if let Err(error) = log.persist_cursors() {
-                tracing::error!(log = %log.name(), %error, "persisting cursors failed; will retry");
-            }
-            if trim_now {
+        }
+        persist_cursors_of(&logs);
+        if trim_now {
+            for log in &logs {
                 log.evict_consumed_cache();
                 if let Err(error) = log.trim() {
                     tracing::error!(log = %log.name(), %error, "trimming failed; will retry");
@@ -349,6 +405,36 @@ fn maintenance(inner: &Inner) {
             }
         }
     }
+}
+
+/// Journals written and fsynced at once by one persistence pass. Each log's journal is its own
+/// file, so one fsync after another would make a pass over 10,000 logs take seconds; file
+/// systems commit concurrent fsyncs together.
+const PERSIST_PARALLELISM: usize = 32;
+
+/// Persists the changed cursors of `logs`, several logs at a time; a failure is logged and
+/// retried on the next pass.
+fn persist_cursors_of(logs: &[Arc<Log>]) {
+    // Most logs of a large engine are idle: only the changed ones are worth a thread.
+    let logs: Vec<&Arc<Log>> = logs.iter().filter(|log| log.cursors_changed()).collect();
+    let next = AtomicUsize::new(0);
+    let persist_next = || {
+        while let Some(log) = logs.get(next.fetch_add(1, Ordering::Relaxed)) {
+            if let Err(error) = log.persist_cursors() {
+                tracing::error!(log = %log.name(), %error, "persisting cursors failed; will retry");
+            }
+        }
+    };
+    let workers = logs.len().min(PERSIST_PARALLELISM);
+    if workers <= 1 {
+        persist_next();
+        return;
+    }
+    std::thread::scope(|scope| {
+        for _ in 0..workers {
+            scope.spawn(persist_next);
+        }
+    });
 }
 
 /// Encodes a log name as a directory name: bytes other than ASCII letters, digits, `-`, `_`

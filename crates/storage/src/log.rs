@@ -103,10 +103,20 @@ impl std::future::Future for PendingAppend {
     }
 }
 
+/// A segment's file, as far as the log holds it.
+enum SegmentFile {
+    /// Not created yet: the flusher creates it with the segment's first batch.
+    NotCreated,
+    /// Open: the segment appends go to (or went to, until its successor exists).
+    Open(Arc<dyn IoFile>),
+    /// Sealed and durable; opened again for each read, so that a log holds one file descriptor
+    /// however many segments it retains.
+    Closed,
+}
+
 pub(crate) struct Segment {
     pub(crate) path: PathBuf,
-    /// `None` until the flusher has created the file (a new segment's first batch is pending).
-    file: Option<Arc<dyn IoFile>>,
+    file: SegmentFile,
     pub(crate) ledger_id: u64,
     pub(crate) first_entry_id: u64,
     /// File offset of each entry's record, by `entry_id - first_entry_id`.
@@ -127,7 +137,7 @@ impl Segment {
     fn new(directory: &Path, ledger_id: u64, first_entry_id: u64) -> Segment {
         Segment {
             path: directory.join(segment_file_name(ledger_id, first_entry_id)),
-            file: None,
+            file: SegmentFile::NotCreated,
             ledger_id,
             first_entry_id,
             offsets: Vec::new(),
@@ -136,6 +146,14 @@ impl Segment {
             flushed_end: 0,
             synced_end: 0,
             last_write_ms: now_ms(),
+        }
+    }
+
+    /// The file, if the log holds it open.
+    fn open_file(&self) -> Option<Arc<dyn IoFile>> {
+        match &self.file {
+            SegmentFile::Open(file) => Some(file.clone()),
+            SegmentFile::NotCreated | SegmentFile::Closed => None,
         }
     }
 
@@ -314,7 +332,7 @@ impl Log {
             kind: FileKind::Segment,
             fields: [ledger_id, 0, now_ms()],
         };
-        active.file = Some(format::create_file(io.as_ref(), &active.path, header)?);
+        active.file = SegmentFile::Open(format::create_file(io.as_ref(), &active.path, header)?);
         active.flushed_end = HEADER_LEN;
         active.synced_end = HEADER_LEN;
 
@@ -494,84 +512,95 @@ impl Log {
         Ok(PendingAppend { position, receiver })
     }
 
-    /// Writes (and fsyncs) pending batches until none is left. Runs on a flush thread; at
-    /// most one call per log is active (guarded by `flush_scheduled`).
-    pub(crate) fn flush(&self) {
-        loop {
-            let (batch, file, path) = {
-                let mut state = self.lock();
-                if let Some(error) = state.failure.clone() {
-                    let abandoned: Vec<PendingBatch> = state.pending.drain(..).collect();
-                    state.pending_bytes = 0;
-                    state.flush_scheduled = false;
-                    drop(state);
-                    self.flush_finished.notify_all();
-                    for batch in abandoned {
-                        complete(batch.waiters, Err(error.clone()));
-                    }
-                    return;
-                }
-                let Some(batch) = state.pending.pop_front() else {
-                    state.flush_scheduled = false;
-                    drop(state);
-                    self.flush_finished.notify_all();
-                    return;
-                };
-                let segment = state.segment_for_batch(&batch);
-                let file = segment.and_then(|segment| segment.file.clone());
-                let path = segment
-                    .map(|segment| segment.path.clone())
-                    .unwrap_or_else(|| self.directory.clone());
-                (batch, file, path)
-            };
-
-            let outcome = self.write_batch(&batch, file, &path);
-
+    /// Writes (and fsyncs) the oldest pending batch. Runs on a flush thread; at most one call
+    /// per log is active (guarded by `flush_scheduled`). If more batches are pending, the log
+    /// queues itself again behind the other logs waiting for a flush thread, so that a busy
+    /// log cannot keep a thread to itself while other logs' appends wait.
+    pub(crate) fn flush(self: &Arc<Self>) {
+        let (batch, file, path) = {
             let mut state = self.lock();
-            match outcome {
-                Ok(file) => {
-                    let fsynced = matches!(self.shared.config.flush_policy, FlushPolicy::Fsync);
-                    if let Some(segment) = state.segment_for_batch_mut(&batch) {
-                        segment.file = Some(file);
-                        segment.flushed_end = batch.file_offset + batch.bytes.len() as u64;
-                        if fsynced {
-                            segment.synced_end = segment.flushed_end;
-                        }
-                    }
-                    debug_assert!(state.last_durable < Some(batch.first));
-                    state.last_durable = Some(batch.last);
-                    state.pending_bytes -= batch.bytes.len() as u64;
-                    state.stats.flushes += 1;
-                    state.stats.bytes_flushed += batch.bytes.len() as u64;
-                    drop(state);
-                    self.durable.send_replace(Some(batch.last));
-                    complete(batch.waiters, Ok(()));
+            if let Some(error) = state.failure.clone() {
+                let abandoned: Vec<PendingBatch> = state.pending.drain(..).collect();
+                state.pending_bytes = 0;
+                state.flush_scheduled = false;
+                drop(state);
+                self.flush_finished.notify_all();
+                for batch in abandoned {
+                    complete(batch.waiters, Err(error.clone()));
                 }
-                Err((stage, error)) => {
-                    let rolled_back = matches!(stage, FlushStage::Create | FlushStage::Write)
-                        && matches!(error, StorageError::DiskFull { .. })
-                        && self.undo_partial_write(&batch, &path);
-                    let mut failed = vec![batch];
-                    if rolled_back {
-                        tracing::warn!(log = %self.name, %error, "append failed, disk full; rolled back");
-                        failed.extend(state.pending.drain(..));
-                        state.rollback_to(failed[0].first, &self.shared.cache_used_bytes);
-                    } else {
-                        tracing::error!(log = %self.name, %error, "flush failed; log poisoned, appends refused until it is reopened");
-                        state.failure = Some(StorageError::Poisoned {
-                            log: self.name.clone(),
-                            cause: error.to_string(),
-                        });
-                        failed.extend(state.pending.drain(..));
-                        state.pending_bytes = 0;
+                return;
+            }
+            let Some(batch) = state.pending.pop_front() else {
+                state.flush_scheduled = false;
+                drop(state);
+                self.flush_finished.notify_all();
+                return;
+            };
+            let segment = state.segment_for_batch(&batch);
+            let file = segment.and_then(Segment::open_file);
+            let path = segment
+                .map(|segment| segment.path.clone())
+                .unwrap_or_else(|| self.directory.clone());
+            (batch, file, path)
+        };
+
+        let outcome = self.write_batch(&batch, file, &path);
+
+        let mut state = self.lock();
+        match outcome {
+            Ok(file) => {
+                let fsynced = matches!(self.shared.config.flush_policy, FlushPolicy::Fsync);
+                if let Some(segment) = state.segment_for_batch_mut(&batch) {
+                    segment.file = SegmentFile::Open(file);
+                    segment.flushed_end = batch.file_offset + batch.bytes.len() as u64;
+                    if fsynced {
+                        segment.synced_end = segment.flushed_end;
                     }
+                }
+                if batch.create {
+                    state.close_sealed_files();
+                }
+                debug_assert!(state.last_durable < Some(batch.first));
+                state.last_durable = Some(batch.last);
+                state.pending_bytes -= batch.bytes.len() as u64;
+                state.stats.flushes += 1;
+                state.stats.bytes_flushed += batch.bytes.len() as u64;
+                let more = !state.pending.is_empty();
+                if !more {
                     state.flush_scheduled = false;
-                    drop(state);
+                }
+                drop(state);
+                if more {
+                    self.shared.schedule_flush(self.clone());
+                } else {
                     self.flush_finished.notify_all();
-                    for batch in failed {
-                        complete(batch.waiters, Err(error.clone()));
-                    }
-                    return;
+                }
+                self.durable.send_replace(Some(batch.last));
+                complete(batch.waiters, Ok(()));
+            }
+            Err((stage, error)) => {
+                let rolled_back = matches!(stage, FlushStage::Create | FlushStage::Write)
+                    && matches!(error, StorageError::DiskFull { .. })
+                    && self.undo_partial_write(&batch, &path);
+                let mut failed = vec![batch];
+                if rolled_back {
+                    tracing::warn!(log = %self.name, %error, "append failed, disk full; rolled back");
+                    failed.extend(state.pending.drain(..));
+                    state.rollback_to(failed[0].first, &self.shared.cache_used_bytes);
+                } else {
+                    tracing::error!(log = %self.name, %error, "flush failed; log poisoned, appends refused until it is reopened");
+                    state.failure = Some(StorageError::Poisoned {
+                        log: self.name.clone(),
+                        cause: error.to_string(),
+                    });
+                    failed.extend(state.pending.drain(..));
+                    state.pending_bytes = 0;
+                }
+                state.flush_scheduled = false;
+                drop(state);
+                self.flush_finished.notify_all();
+                for batch in failed {
+                    complete(batch.waiters, Err(error.clone()));
                 }
             }
         }
@@ -654,7 +683,7 @@ impl Log {
                         ledger_id: segment.ledger_id,
                         first_entry_id: segment.first_entry_id,
                         flushed_end: segment.flushed_end,
-                        file: segment.file.clone()?,
+                        file: segment.open_file()?,
                         path: segment.path.clone(),
                     })
                 })
@@ -705,7 +734,8 @@ impl Log {
         enum Part {
             Cached(Entry),
             Disk {
-                file: Arc<dyn IoFile>,
+                /// `None` for a sealed segment: opened for this read.
+                file: Option<Arc<dyn IoFile>>,
                 path: PathBuf,
                 ledger_id: u64,
                 first_entry_id: u64,
@@ -713,15 +743,16 @@ impl Log {
             },
         }
         /// Ends a run of consecutive entries to read from one segment file, if one is open.
+        /// (A segment not created yet holds no durable entry, so no run reaches it.)
         fn close_disk_run(
             parts: &mut Vec<Part>,
             segment: &Segment,
             disk_first: &mut Option<u64>,
             disk_ranges: &mut Vec<(u64, u64)>,
         ) {
-            if let (Some(first_entry_id), Some(file)) = (disk_first.take(), segment.file.clone()) {
+            if let Some(first_entry_id) = disk_first.take() {
                 parts.push(Part::Disk {
-                    file,
+                    file: segment.open_file(),
                     path: segment.path.clone(),
                     ledger_id: segment.ledger_id,
                     first_entry_id,
@@ -795,6 +826,14 @@ impl Log {
                         continue;
                     };
                     let (start_offset, end_offset) = (first.0, last.1);
+                    let file = match file {
+                        Some(file) => file,
+                        None => self
+                            .shared
+                            .io
+                            .open(&path)
+                            .map_err(|error| StorageError::io("open", &path, error))?,
+                    };
                     let mut buffer = vec![0u8; (end_offset - start_offset) as usize];
                     file.read_exact_at(&mut buffer, start_offset)
                         .map_err(|error| StorageError::io("read", &path, error))?;
@@ -1132,7 +1171,7 @@ impl LogState {
     fn rollback_to(&mut self, first_removed: Position, cache_used_bytes: &AtomicU64) {
         debug_assert_eq!(first_removed.ledger_id, self.ledger_id);
         while let Some(segment) = self.segments.last_mut() {
-            if segment.file.is_none() {
+            if matches!(segment.file, SegmentFile::NotCreated) {
                 // Never created, so it holds only entries of failed batches.
                 self.segments.pop();
                 continue;
@@ -1146,6 +1185,20 @@ impl LogState {
         self.next_entry_id = first_removed.entry_id;
         self.pending_bytes = 0;
         self.cache.truncate_from(first_removed, cache_used_bytes);
+    }
+
+    /// Closes the files of sealed segments, once a newer segment exists and every byte of
+    /// theirs is durable (under the relaxed policy, sealing syncs them).
+    fn close_sealed_files(&mut self) {
+        let sealed = self.segments.len().saturating_sub(1);
+        for segment in &mut self.segments[..sealed] {
+            if matches!(segment.file, SegmentFile::Open(_))
+                && segment.synced_end == segment.flushed_end
+                && segment.flushed_end == segment.end
+            {
+                segment.file = SegmentFile::Closed;
+            }
+        }
     }
 
     pub(crate) fn next_position(&self, position: Position) -> Position {
@@ -1359,6 +1412,8 @@ fn recover_segment(
     segment.end = valid_end;
     segment.flushed_end = valid_end;
     segment.synced_end = valid_end;
-    segment.file = Some(file);
+    // Every recovered segment is sealed: the open that recovers it starts a new one.
+    drop(file);
+    segment.file = SegmentFile::Closed;
     Ok(Some(segment))
 }

@@ -144,6 +144,8 @@ struct State {
     failing_syncs: u32,
     writes: u64,
     syncs: u64,
+    /// File handles opened or created and not yet dropped.
+    open_handles: u64,
     /// Mutating operations so far (creations, writes, syncs, truncations, removals, renames).
     operations: u64,
     crash_plan: Option<CrashPlan>,
@@ -333,6 +335,12 @@ impl SimIo {
         self.lock().syncs
     }
 
+    /// Number of file handles currently open (opened or created, not yet dropped): what file
+    /// descriptors the engine would hold.
+    pub fn open_files(&self) -> u64 {
+        self.lock().open_handles
+    }
+
     /// Number of mutating operations (creations, writes, syncs, truncations, removals, renames,
     /// directory syncs) so far: the crash points of a workload.
     pub fn operation_count(&self) -> u64 {
@@ -396,6 +404,23 @@ impl SimIo {
 struct SimFile {
     io: SimIo,
     file_id: FileId,
+}
+
+impl SimFile {
+    /// A handle to `file_id`, counted in `open_handles` until dropped. Takes the locked state.
+    fn handle(io: &SimIo, state: &mut State, file_id: FileId) -> Arc<dyn IoFile> {
+        state.open_handles += 1;
+        Arc::new(SimFile {
+            io: io.clone(),
+            file_id,
+        })
+    }
+}
+
+impl Drop for SimFile {
+    fn drop(&mut self) {
+        self.io.lock().open_handles -= 1;
+    }
 }
 
 impl SimFile {
@@ -547,11 +572,9 @@ impl Io for SimIo {
     }
 
     fn open(&self, path: &Path) -> io::Result<Arc<dyn IoFile>> {
-        let file_id = self.lock().file_id(path)?;
-        Ok(Arc::new(SimFile {
-            io: self.clone(),
-            file_id,
-        }))
+        let mut state = self.lock();
+        let file_id = state.file_id(path)?;
+        Ok(SimFile::handle(self, &mut state, file_id))
     }
 
     fn create(&self, path: &Path) -> io::Result<Arc<dyn IoFile>> {
@@ -570,10 +593,7 @@ impl Io for SimIo {
             path: path.to_path_buf(),
             node: Node::File(file_id),
         });
-        Ok(Arc::new(SimFile {
-            io: self.clone(),
-            file_id,
-        }))
+        Ok(SimFile::handle(self, &mut state, file_id))
     }
 
     fn remove_file(&self, path: &Path) -> io::Result<()> {

@@ -278,8 +278,7 @@ fn trimming_after_a_backward_seek_keeps_what_the_cursor_needs_even_if_persisting
     // fsync of the journal): the cursor needs the earlier entries again, so trimming must not
     // go by the stale, later persisted position.
     let io = SimIo::new();
-    let storage =
-        Storage::open_with_io(Path::new("/data"), config(), Arc::new(io.clone())).expect("open");
+    let storage = open_sim(&io, config());
     let log = storage.open_log("t").expect("log");
     let positions = append(&log, 200);
     log.open_cursor("sub", InitialPosition::Earliest)
@@ -306,6 +305,19 @@ fn trimming_after_a_backward_seek_keeps_what_the_cursor_needs_even_if_persisting
 
 fn open_sim(io: &SimIo, config: StorageConfig) -> Storage {
     Storage::open_with_io(Path::new("/data"), config, Arc::new(io.clone())).expect("open")
+}
+
+/// A log of 100 entries on `io` whose cursor `sub` has persisted acknowledging the first ten.
+fn log_with_a_persisted_cursor(io: &SimIo) -> (Storage, Arc<meridian_storage::Log>, Vec<Position>) {
+    let storage = open_sim(io, config());
+    let log = storage.open_log("t").expect("log");
+    let positions = append(&log, 100);
+    log.open_cursor("sub", InitialPosition::Earliest)
+        .expect("cursor");
+    log.acknowledge_cumulative("sub", positions[9])
+        .expect("ack");
+    log.persist_cursors().expect("persist");
+    (storage, log, positions)
 }
 
 /// Acknowledges every other entry of `positions` from `from` on: one range per acknowledgement.
@@ -363,15 +375,7 @@ fn after_a_failed_journal_write_the_next_persist_rewrites_it_and_a_crash_recover
     // must not append after it, but write a fresh journal, and a power cut afterwards recovers
     // exactly the state that persist wrote.
     let io = SimIo::new();
-    let storage = open_sim(&io, config());
-    let log = storage.open_log("t").expect("log");
-    let positions = append(&log, 100);
-    log.open_cursor("sub", InitialPosition::Earliest)
-        .expect("cursor");
-    log.acknowledge_cumulative("sub", positions[9])
-        .expect("ack");
-    log.persist_cursors().expect("persist");
-
+    let (storage, log, positions) = log_with_a_persisted_cursor(&io);
     log.acknowledge_cumulative("sub", positions[19])
         .expect("ack");
     io.fail_writes(1);
@@ -400,14 +404,7 @@ fn a_torn_journal_tail_is_truncated_and_the_last_complete_snapshot_wins() {
     .enumerate()
     {
         let io = SimIo::new();
-        let storage = open_sim(&io, config());
-        let log = storage.open_log("t").expect("log");
-        let positions = append(&log, 100);
-        log.open_cursor("sub", InitialPosition::Earliest)
-            .expect("cursor");
-        log.acknowledge_cumulative("sub", positions[9])
-            .expect("ack");
-        log.persist_cursors().expect("persist");
+        let (storage, log, positions) = log_with_a_persisted_cursor(&io);
         let persisted = log.cursor("sub").expect("state");
         acknowledge_every_other(&log, &positions, 21);
         // The next step writes the snapshot; the one after it would fsync it.
@@ -464,6 +461,35 @@ fn acknowledgements_beyond_the_persisted_range_cap_are_redelivered_after_a_resta
             recovered.is_acknowledged(*position),
             persisted,
             "entry {index}"
+        );
+    }
+}
+
+#[test]
+fn one_persistence_pass_makes_the_cursors_of_every_open_log_durable() {
+    // The engine-wide pass (the maintenance thread's) persists many logs' journals at once;
+    // after it, a power cut keeps every acknowledgement it covered.
+    let io = SimIo::new();
+    let storage = open_sim(&io, config());
+    let mut expected = Vec::new();
+    for index in 0..100 {
+        let log = storage.open_log(&format!("t-{index}")).expect("log");
+        let positions = append(&log, 3);
+        log.open_cursor("sub", InitialPosition::Earliest)
+            .expect("cursor");
+        let acknowledged = positions[index % 3];
+        log.acknowledge_cumulative("sub", acknowledged)
+            .expect("ack");
+        expected.push(acknowledged);
+    }
+    storage.persist_cursors();
+    let storage = open_sim(&io.crash(CrashMode::LoseUnsynced, 0), config());
+    for (index, acknowledged) in expected.into_iter().enumerate() {
+        let log = storage.open_log(&format!("t-{index}")).expect("log");
+        assert_eq!(
+            log.mark_delete_position("sub"),
+            Some(Some(acknowledged)),
+            "log t-{index}"
         );
     }
 }

@@ -21,7 +21,22 @@ fn config() -> StorageConfig {
 }
 
 fn open(io: &SimIo) -> Storage {
-    Storage::open_with_io(Path::new("/data"), config(), Arc::new(io.clone())).expect("open storage")
+    open_with(io, config())
+}
+
+fn open_with(io: &SimIo, config: StorageConfig) -> Storage {
+    Storage::open_with_io(Path::new("/data"), config, Arc::new(io.clone())).expect("open storage")
+}
+
+/// The relaxed flush policy with fsyncs (and cursor persistence) left to the test.
+fn relaxed() -> StorageConfig {
+    StorageConfig {
+        flush_policy: meridian_storage::FlushPolicy::RelaxedWriteOnly {
+            fsync_interval: Duration::from_secs(3600),
+        },
+        cursor_persist_interval: Duration::from_secs(3600),
+        ..config()
+    }
 }
 
 fn payload(writer: u64, sequence: u64) -> Bytes {
@@ -42,6 +57,24 @@ fn parse(data: &[u8]) -> (u64, u64) {
         .and_then(|part| part.parse().ok())
         .expect("sequence");
     (writer, sequence)
+}
+
+/// Appends writer 0's entries `sequences` one at a time, each awaited, and returns them as
+/// acknowledged (position, writer, sequence).
+fn append_acknowledged(
+    log: &Arc<meridian_storage::Log>,
+    sequences: std::ops::Range<u64>,
+) -> Vec<(Position, u64, u64)> {
+    sequences
+        .map(|sequence| {
+            let position = log
+                .append(payload(0, sequence), 0)
+                .expect("append")
+                .wait()
+                .expect("durable");
+            (position, 0, sequence)
+        })
+        .collect()
 }
 
 /// Every entry of the log, in order, as (position, writer, sequence).
@@ -215,15 +248,7 @@ fn a_full_disk_fails_appends_promptly_keeps_reads_and_recovers_when_space_is_fre
     let io = SimIo::new();
     let storage = open(&io);
     let log = storage.open_log(LOG).expect("log");
-    let mut acknowledged = Vec::new();
-    for sequence in 0..20 {
-        let position = log
-            .append(payload(0, sequence), 0)
-            .expect("append")
-            .wait()
-            .expect("durable");
-        acknowledged.push((position, 0, sequence));
-    }
+    let mut acknowledged = append_acknowledged(&log, 0..20);
     io.set_capacity(Some(io.used_bytes() + 3_000));
     let mut full = None;
     for sequence in 20..200 {
@@ -248,14 +273,7 @@ fn a_full_disk_fails_appends_promptly_keeps_reads_and_recovers_when_space_is_fre
     assert!(matches!(error, StorageError::DiskFull { .. }), "{error}");
     // ...and succeed again once space is freed.
     io.set_capacity(None);
-    for sequence in 501..510 {
-        let position = log
-            .append(payload(0, sequence), 0)
-            .expect("append")
-            .wait()
-            .expect("durable again");
-        acknowledged.push((position, 0, sequence));
-    }
+    acknowledged.extend(append_acknowledged(&log, 501..510));
     let entries = read_everything(&storage);
     check_history(&entries, &acknowledged);
     assert_eq!(
@@ -275,16 +293,12 @@ fn a_new_log_survives_a_power_cut_once_an_append_to_it_is_acknowledged() {
     let io = SimIo::new();
     let storage = open(&io);
     let log = storage.open_log(LOG).expect("log");
-    let position = log
-        .append(payload(0, 0), 0)
-        .expect("append")
-        .wait()
-        .expect("durable");
+    let acknowledged = append_acknowledged(&log, 0..1);
     let crashed = io.crash(CrashMode::LoseUnsynced, 0);
     storage.close().ok();
     let storage = open(&crashed);
     assert_eq!(storage.log_names().expect("names"), vec![LOG.to_string()]);
-    check_history(&read_everything(&storage), &[(position, 0, 0)]);
+    check_history(&read_everything(&storage), &acknowledged);
 }
 
 #[test]
@@ -292,18 +306,9 @@ fn relaxed_mode_a_power_cut_after_a_segment_roll_leaves_a_log_that_opens() {
     // Models a power cut under the relaxed policy after the log rolled to a new segment: the
     // sealed segment's unsynced tail must not be torn, because recovery accepts a torn tail only
     // in the newest segment.
-    let relaxed = StorageConfig {
-        flush_policy: meridian_storage::FlushPolicy::RelaxedWriteOnly {
-            fsync_interval: Duration::from_secs(3600),
-        },
-        cursor_persist_interval: Duration::from_secs(3600),
-        ..config()
-    };
     for seed in 0..20 {
         let io = SimIo::new();
-        let storage =
-            Storage::open_with_io(Path::new("/data"), relaxed.clone(), Arc::new(io.clone()))
-                .expect("open");
+        let storage = open_with(&io, relaxed());
         let log = storage.open_log(LOG).expect("log");
         for sequence in 0..300 {
             log.append(payload(0, sequence), 0)
@@ -314,8 +319,7 @@ fn relaxed_mode_a_power_cut_after_a_segment_roll_leaves_a_log_that_opens() {
         assert!(log.stats().segments > 2, "the log rolled");
         let crashed = io.crash(CrashMode::TornWithGarbage, seed);
         storage.close().ok();
-        let storage = Storage::open_with_io(Path::new("/data"), relaxed.clone(), Arc::new(crashed))
-            .expect("open after the power cut");
+        let storage = open_with(&crashed, relaxed());
         let sequences: Vec<u64> = read_everything(&storage)
             .into_iter()
             .map(|(_, _, sequence)| sequence)
@@ -335,16 +339,7 @@ fn a_power_cut_while_a_log_is_deleted_never_brings_part_of_it_back() {
     let write = |io: &SimIo| -> (Storage, Vec<(Position, u64, u64)>) {
         let storage = open(io);
         let log = storage.open_log(LOG).expect("log");
-        let acknowledged = (0..60)
-            .map(|sequence| {
-                let position = log
-                    .append(payload(0, sequence), 0)
-                    .expect("append")
-                    .wait()
-                    .expect("durable");
-                (position, 0, sequence)
-            })
-            .collect();
+        let acknowledged = append_acknowledged(&log, 0..60);
         (storage, acknowledged)
     };
     let (deletion_starts, deletion_ends) = {
@@ -431,31 +426,20 @@ fn relaxed_mode_completes_appends_before_fsync_and_a_clean_close_makes_them_dura
     // Relaxed mode end to end: appends complete once written (no fsync per append), a process
     // that closes cleanly leaves everything durable, and a power cut before the periodic fsync
     // loses only a tail of the appends, never the log.
-    let relaxed = StorageConfig {
-        flush_policy: meridian_storage::FlushPolicy::RelaxedWriteOnly {
-            fsync_interval: Duration::from_secs(3600),
-        },
-        cursor_persist_interval: Duration::from_secs(3600),
-        segment_max_bytes: 1 << 20,
-        ..config()
-    };
     let open_relaxed = |io: &SimIo| {
-        Storage::open_with_io(Path::new("/data"), relaxed.clone(), Arc::new(io.clone()))
-            .expect("open")
+        open_with(
+            io,
+            StorageConfig {
+                segment_max_bytes: 1 << 20,
+                ..relaxed()
+            },
+        )
     };
     let io = SimIo::new();
     let storage = open_relaxed(&io);
     let log = storage.open_log(LOG).expect("log");
     let syncs_before = io.sync_count();
-    let mut acknowledged = Vec::new();
-    for sequence in 0..50 {
-        let position = log
-            .append(payload(0, sequence), 0)
-            .expect("append")
-            .wait()
-            .expect("written");
-        acknowledged.push((position, 0, sequence));
-    }
+    let acknowledged = append_acknowledged(&log, 0..50);
     assert_eq!(io.sync_count(), syncs_before, "no fsync per append");
 
     // A power cut now loses the unsynced appends, but the log opens and holds a prefix.
@@ -474,4 +458,32 @@ fn relaxed_mode_completes_appends_before_fsync_and_a_clean_close_makes_them_dura
     let entries = read_everything(&storage);
     check_history(&entries, &acknowledged);
     assert_eq!(entries.len(), acknowledged.len());
+}
+
+#[test]
+fn a_log_keeps_one_segment_file_open_however_many_segments_it_retains() {
+    // File descriptors must not grow with retained data: sealed segments are closed and
+    // opened again only to be read.
+    let io = SimIo::new();
+    let storage = open(&io);
+    let log = storage.open_log(LOG).expect("log");
+    let acknowledged = append_acknowledged(&log, 0..400);
+    assert!(
+        log.stats().segments > 5,
+        "{} segments",
+        log.stats().segments
+    );
+    assert_eq!(io.open_files(), 1, "only the active segment is open");
+    check_history(&read_everything(&storage), &acknowledged);
+    assert_eq!(
+        io.open_files(),
+        1,
+        "files opened for reading are closed again"
+    );
+    storage.close().expect("close");
+    drop(log);
+
+    let storage = open(&io);
+    check_history(&read_everything(&storage), &acknowledged);
+    assert_eq!(io.open_files(), 1, "after recovery too");
 }

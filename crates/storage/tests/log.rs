@@ -1,6 +1,7 @@
 //! Appends, reads, positions, segments, the publish-time index and restarts, on the real file
 //! system.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -279,4 +280,52 @@ fn a_log_created_again_never_reuses_a_position_of_its_deleted_predecessor() {
         "new position {first_new} does not follow the deleted log's {old_last}"
     );
     storage.close().expect("close");
+}
+
+#[test]
+fn concurrent_opens_of_one_log_share_one_recovery_and_other_logs_open_meanwhile() {
+    // Opens no longer hold the engine-wide registry lock while recovering; opens of the same
+    // log must still be serialized (one recovery, one `Log`), and opens of others must work.
+    let root = tempfile::tempdir().expect("tempdir");
+    let payloads: Vec<Bytes> = (0..50u8)
+        .map(|index| Bytes::from(vec![index; 300]))
+        .collect();
+    {
+        let storage = Storage::open(root.path(), small_segments()).expect("open");
+        append_all(&storage.open_log("shared").expect("log"), &payloads, 1);
+        storage.close().expect("close");
+    }
+    let storage = Arc::new(Storage::open(root.path(), small_segments()).expect("reopen"));
+    let start = Arc::new(std::sync::Barrier::new(8));
+    let openers: Vec<_> = (0..8)
+        .map(|index| {
+            let (storage, start) = (storage.clone(), start.clone());
+            std::thread::spawn(move || {
+                start.wait();
+                let other = storage
+                    .open_log(&format!("other-{index}"))
+                    .expect("other log");
+                (storage.open_log("shared").expect("shared log"), other)
+            })
+        })
+        .collect();
+    let logs: Vec<_> = openers
+        .into_iter()
+        .map(|opener| opener.join().expect("opener"))
+        .collect();
+    for (shared, _) in &logs {
+        assert!(Arc::ptr_eq(shared, &logs[0].0), "one log for all openers");
+    }
+    let ledger_id = logs[0].0.current_ledger_id();
+    assert_eq!(
+        logs[0].0.ledgers().last().map(|ledger| ledger.0),
+        Some(ledger_id),
+        "recovered once: one new ledger"
+    );
+    assert_eq!(
+        logs[0].0.ledgers().len(),
+        2,
+        "the old ledger and one new one"
+    );
+    assert_eq!(storage.log_names().expect("names").len(), 9);
 }
