@@ -1036,8 +1036,15 @@ impl Log {
             let total: u64 = state.segments.iter().map(Segment::size_bytes).sum();
             let mut size_to_delete = 0u64;
             let mut count = 0usize;
-            // Never the active (last) segment.
-            for segment in &state.segments[..state.segments.len().saturating_sub(1)] {
+            // Never the newest segment that has a file, nor any after it. Right after a roll
+            // the last segment has no file yet; the newest file is then the only record on disk
+            // of the current ledger id, which the next open must start above.
+            let newest_file = state
+                .segments
+                .iter()
+                .rposition(|segment| segment.file.is_some())
+                .unwrap_or(0);
+            for segment in &state.segments[..newest_file] {
                 if segment.last_position().is_some_and(|last| last > slowest) {
                     break;
                 }
