@@ -234,6 +234,10 @@ pub(crate) struct LogState {
     pub(crate) cursors: std::collections::BTreeMap<String, CursorSlot>,
     /// Cursors deleted since the last persist, to be written as tombstones.
     pub(crate) deleted_cursors: Vec<String>,
+    /// Persisted mark-delete position of each durable cursor deleted since the last successful
+    /// persist. Trimming still counts them: a crash before the tombstone is durable brings the
+    /// cursor back, and it must find its data.
+    pub(crate) deletions_in_flight: std::collections::BTreeMap<String, Option<Position>>,
     pub(crate) retention: Retention,
     stats: LogStats,
 }
@@ -355,6 +359,7 @@ impl Log {
                 cache: EntryCache::default(),
                 cursors,
                 deleted_cursors: Vec::new(),
+                deletions_in_flight: std::collections::BTreeMap::new(),
                 retention: Retention::default(),
                 stats: LogStats::default(),
             }),
@@ -1020,14 +1025,13 @@ impl Log {
                 .cursors
                 .values()
                 .filter(|cursor| cursor.durable)
+                .map(|cursor| cursor.persisted_mark_delete.min(cursor.state.mark_delete))
+                .chain(state.deletions_in_flight.values().copied())
                 .peekable();
             let slowest = if durable_cursors.peek().is_none() {
                 state.last_durable
             } else {
-                durable_cursors
-                    .map(|cursor| cursor.persisted_mark_delete.min(cursor.state.mark_delete))
-                    .min()
-                    .flatten()
+                durable_cursors.min().flatten()
             };
             let Some(slowest) = slowest else {
                 return Ok(0);
