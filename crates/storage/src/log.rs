@@ -1302,6 +1302,11 @@ fn recover_segment(
             tracing::warn!(path = %path.display(), "removing a segment torn while being created");
             io.remove_file(&path)
                 .map_err(|error| StorageError::io("remove", &path, error))?;
+            // Durably, before a newer segment is created: were the removal lost in a power cut
+            // that kept the newer file, the torn one would no longer be the newest and would
+            // refuse the log.
+            io.sync_dir(directory)
+                .map_err(|error| StorageError::io("fsync directory", directory, error))?;
             return Ok(None);
         }
         Err(error) => return Err(error),
