@@ -230,7 +230,13 @@ impl CursorJournal {
             Ok(())
         })?;
         let length = match scan {
-            ScanEnd::Clean => file_len,
+            // Records written but never fsynced (a process killed in between) become durable
+            // before the cursors they describe are used to trim or to skip entries.
+            ScanEnd::Clean => {
+                file.sync()
+                    .map_err(|error| StorageError::io("fsync", &path, error))?;
+                file_len
+            }
             ScanEnd::Damaged { offset, reason } => {
                 let follows =
                     format::valid_record_follows(file.as_ref(), &path, offset, file_len, |body| {

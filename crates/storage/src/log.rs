@@ -1340,6 +1340,14 @@ fn recover_segment(
         },
     )?;
     let valid_end = match scan {
+        // The newest segment may hold bytes written but never fsynced (a process killed
+        // between the two; the page cache kept them). Make them durable before serving them:
+        // a reader must never see an entry that a power cut can still erase.
+        ScanEnd::Clean if is_tail => {
+            file.sync()
+                .map_err(|error| StorageError::io("fsync", &path, error))?;
+            file_len
+        }
         ScanEnd::Clean => file_len,
         ScanEnd::Damaged { offset, reason } => {
             if !is_tail {
