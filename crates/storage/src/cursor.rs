@@ -271,7 +271,7 @@ impl CursorJournal {
     fn create(shared: &Shared, directory: &Path, path: PathBuf) -> Result<CursorJournal> {
         let header = FileHeader {
             kind: FileKind::CursorJournal,
-            fields: [0; 3],
+            fields: [0; 5],
         };
         format::create_file(shared.io.as_ref(), &path, header)?;
         Ok(CursorJournal {
@@ -334,7 +334,7 @@ impl CursorJournal {
         }
         let header = FileHeader {
             kind: FileKind::CursorJournal,
-            fields: [0; 3],
+            fields: [0; 5],
         };
         let file = format::create_file(io, &rewrite_path, header)?;
         let mut bytes = Vec::new();

@@ -5,7 +5,7 @@
 //!
 //! ```text
 //! file header (64 bytes): magic[8] version:u16 header_len:u16 reserved:u32
-//!                         field0:u64 field1:u64 field2:u64 zero[20] crc32c(bytes 0..60):u32
+//!                         field0:u64 ... field4:u64 zero[4] crc32c(bytes 0..60):u32
 //! record:                 body_len:u32 crc32c(body):u32 body[body_len]
 //! ```
 
@@ -25,7 +25,9 @@ pub const RECORD_FRAMING_LEN: u64 = 8;
 /// What a file holds; each kind has its own magic number.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FileKind {
-    /// Entries of one ledger of a log. Fields: ledger id, first entry id, creation time (ms).
+    /// Entries of one ledger of a log. Fields: ledger id, first entry id, creation time (ms),
+    /// and the position this segment continues: the previous segment's ledger id and the entry
+    /// id after its last entry (both 0: not recorded, as in files written before they were).
     Segment,
     /// Snapshots of a log's cursors. Fields: unused.
     CursorJournal,
@@ -44,7 +46,7 @@ impl FileKind {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FileHeader {
     pub kind: FileKind,
-    pub fields: [u64; 3],
+    pub fields: [u64; 5],
 }
 
 impl FileHeader {
@@ -92,7 +94,7 @@ impl FileHeader {
                 supported: FORMAT_VERSION,
             });
         }
-        let mut fields = [0u64; 3];
+        let mut fields = [0u64; 5];
         for (index, field) in fields.iter_mut().enumerate() {
             let start = 16 + index * 8;
             let mut word = [0u8; 8];
@@ -357,7 +359,7 @@ mod tests {
     fn header_round_trips_and_rejects_damage() {
         let header = FileHeader {
             kind: FileKind::Segment,
-            fields: [7, 42, 1_700_000_000_000],
+            fields: [7, 42, 1_700_000_000_000, 6, 99],
         };
         let io = crate::SimIo::new();
         let path = Path::new("/x/header");

@@ -119,6 +119,9 @@ pub(crate) struct Segment {
     flushed_end: u64,
     /// File length known to be fsynced (differs from `flushed_end` only under the relaxed policy).
     synced_end: u64,
+    /// The position this segment continues, from its header: the previous segment's ledger id
+    /// and the entry id after its last entry. `None` in files written before it was recorded.
+    continues: Option<Position>,
     /// Wall-clock time of the last append, for time-based retention.
     last_write_ms: u64,
 }
@@ -135,6 +138,7 @@ impl Segment {
             end: HEADER_LEN,
             flushed_end: 0,
             synced_end: 0,
+            continues: None,
             last_write_ms: now_ms(),
         }
     }
@@ -314,9 +318,17 @@ impl Log {
             .unwrap_or(1)
             .max(shared.ledger_floor.load(Ordering::SeqCst) + 1);
         let mut active = Segment::new(&directory, ledger_id, 0);
+        // The new ledger's first segment records where the previous ledger ended, so that a
+        // lost last segment of that ledger is detected as a gap.
+        let continues = segments
+            .iter()
+            .rev()
+            .find_map(Segment::last_position)
+            .map(|last| [last.ledger_id, last.entry_id + 1])
+            .unwrap_or([0, 0]);
         let header = FileHeader {
             kind: FileKind::Segment,
-            fields: [ledger_id, 0, now_ms()],
+            fields: [ledger_id, 0, now_ms(), continues[0], continues[1]],
         };
         active.file = Some(format::create_file(io.as_ref(), &active.path, header)?);
         active.flushed_end = HEADER_LEN;
@@ -613,7 +625,14 @@ impl Log {
                 }
                 let header = FileHeader {
                     kind: FileKind::Segment,
-                    fields: [batch.ledger_id, batch.segment_first_entry_id, now_ms()],
+                    // A roll continues the same ledger at the entry it starts with.
+                    fields: [
+                        batch.ledger_id,
+                        batch.segment_first_entry_id,
+                        now_ms(),
+                        batch.ledger_id,
+                        batch.segment_first_entry_id,
+                    ],
                 };
                 format::create_file(io, path, header)
                     .map_err(|error| (FlushStage::Create, error))?
@@ -1250,6 +1269,33 @@ fn decode_entry(
 /// oldest segment may start anywhere (trimming deletes from the front). A missing segment in
 /// the middle would otherwise make the log serve around a hole.
 fn check_continuity(segments: &[Segment]) -> Result<()> {
+    // Where a segment says its predecessor ended must be where the last non-empty segment
+    // before it ends: this finds a missing last segment of a ledger, which starts no gap in
+    // entry ids.
+    let mut last_end: Option<(&Segment, Position)> = None;
+    for next in segments {
+        if let (Some((previous, end)), Some(continues)) = (last_end, next.continues) {
+            if continues != end {
+                return Err(StorageError::corrupted(
+                    &next.path,
+                    0,
+                    format!(
+                        "gap in the log: this segment continues ledger {} at entry {}, but the \
+                         segment before it, {}, ends before ledger {} entry {}; a segment file \
+                         is missing",
+                        continues.ledger_id,
+                        continues.entry_id,
+                        previous.path.display(),
+                        end.ledger_id,
+                        end.entry_id
+                    ),
+                ));
+            }
+        }
+        if let Some(last) = next.last_position() {
+            last_end = Some((next, Position::new(last.ledger_id, last.entry_id + 1)));
+        }
+    }
     for pair in segments.windows(2) {
         let (previous, next) = (&pair[0], &pair[1]);
         let expected = if next.ledger_id == previous.ledger_id {
@@ -1322,6 +1368,9 @@ fn recover_segment(
         ));
     }
     segment.last_write_ms = header.fields[2];
+    if header.fields[3] != 0 {
+        segment.continues = Some(Position::new(header.fields[3], header.fields[4]));
+    }
     let scan = format::scan_records(
         file.as_ref(),
         &path,

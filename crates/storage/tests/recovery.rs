@@ -334,3 +334,27 @@ fn a_missing_middle_segment_refuses_the_log_naming_the_gap() {
         "names the missing entries: {message}"
     );
 }
+
+#[test]
+fn a_missing_last_segment_of_a_ledger_refuses_the_log_naming_the_gap() {
+    // Models the loss of the last segment of an earlier ledger: entry ids show no gap (the next
+    // ledger starts at entry 0), only the next segment's record of where its predecessor ended.
+    let root = tempfile::tempdir().expect("tempdir");
+    // Ledger L: two segments (entries 0..10 and 10..13); then ledger L+1: three entries.
+    let directory = write_entries(root.path(), "holed", 13);
+    write_entries(root.path(), "holed", 3);
+    let files = segment_files(&directory);
+    assert_eq!(files.len(), 3, "{files:?}");
+    fs::remove_file(&files[1]).expect("remove the last segment of the first ledger");
+    let storage = Storage::open(root.path(), config()).expect("engine opens");
+    let error = storage.open_log("holed").expect_err("refuses");
+    let message = error.to_string();
+    assert!(
+        matches!(error, StorageError::Corrupted { .. }) && message.contains("gap"),
+        "{message}"
+    );
+    assert!(
+        message.contains("entry 13"),
+        "names the missing end: {message}"
+    );
+}
