@@ -214,10 +214,15 @@ pub fn scan_records(
     Ok(ScanEnd::Clean)
 }
 
-/// Looks for any valid record starting after `damaged_at`. Used to tell a torn tail (nothing
-/// valid follows the damage: the unsynced end of the last write) from interior corruption
-/// (valid records follow: bytes that were once durable went bad). `plausible` cheaply filters
-/// candidate bodies before their checksum is computed.
+/// Looks for any valid record after the damaged record at `damaged_at`. Used to tell a torn
+/// tail (nothing valid follows the damage: the unsynced end of the last write) from interior
+/// corruption (valid records follow: bytes that were once durable went bad). `plausible`
+/// cheaply filters candidate bodies before their checksum is computed.
+///
+/// The search starts where the damaged record claims to end, never inside it: its body is an
+/// entry whose bytes a producer chooses, and may well hold a valid record. A damaged record
+/// whose framing is cut off, or whose length reaches past the end of the file, is the last one
+/// written, torn: nothing follows it.
 pub fn valid_record_follows(
     file: &dyn IoFile,
     path: &Path,
@@ -225,7 +230,14 @@ pub fn valid_record_follows(
     end: u64,
     plausible: impl Fn(&[u8]) -> bool,
 ) -> Result<Option<u64>> {
-    let first = damaged_at + 1;
+    if damaged_at + RECORD_FRAMING_LEN > end {
+        return Ok(None);
+    }
+    let mut framing = [0u8; RECORD_FRAMING_LEN as usize];
+    file.read_exact_at(&mut framing, damaged_at)
+        .map_err(|error| StorageError::io("read", path, error))?;
+    let body_len = u32::from_le_bytes([framing[0], framing[1], framing[2], framing[3]]) as u64;
+    let first = damaged_at + RECORD_FRAMING_LEN + body_len;
     if first >= end {
         return Ok(None);
     }
