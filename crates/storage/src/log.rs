@@ -584,6 +584,11 @@ impl Log {
                     failed.extend(state.pending.drain(..));
                     state.rollback_to(failed[0].first, &self.shared.cache_used_bytes);
                 } else {
+                    if matches!(stage, FlushStage::Sync)
+                        && matches!(self.shared.config.flush_policy, FlushPolicy::Fsync)
+                    {
+                        self.cut_back_unsynced(&failed[0], &path);
+                    }
                     tracing::error!(log = %self.name, %error, "flush failed; log poisoned, appends refused until it is reopened");
                     state.failure = Some(StorageError::Poisoned {
                         log: self.name.clone(),
@@ -662,6 +667,20 @@ impl Log {
         match io.open(path) {
             Ok(file) => file.set_len(batch.file_offset).is_ok(),
             Err(_) => false,
+        }
+    }
+
+    /// After a failed fsync of `batch`, cuts its bytes off the file (durably), so that reopening
+    /// the log in this process, which reads the file through the page cache, does not serve
+    /// appends that failed. Failures are logged; the log is poisoned either way.
+    fn cut_back_unsynced(&self, batch: &PendingBatch, path: &Path) {
+        let cut = self
+            .shared
+            .io
+            .open(path)
+            .and_then(|file| file.set_len(batch.file_offset).and_then(|()| file.sync()));
+        if let Err(error) = cut {
+            tracing::error!(log = %self.name, path = %path.display(), %error, "could not cut back the appends whose fsync failed; a reopen may serve them until a power cut");
         }
     }
 

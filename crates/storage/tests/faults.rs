@@ -801,3 +801,33 @@ fn after_a_kill_between_write_and_fsync_the_restart_makes_what_it_serves_durable
     std::mem::forget(log);
     std::mem::forget(first);
 }
+
+#[test]
+fn an_append_whose_fsync_failed_is_not_served_after_the_log_is_reopened() {
+    // Models a failed fsync whose bytes stay in the page cache, then a reopen of the log in the
+    // same process (a topic reload): the failed append must not come back as a durable entry.
+    let sim = SimIo::new();
+    let storage =
+        Storage::open_with_io("/data", stepwise_config(), Arc::new(sim.clone())).expect("open");
+    let log = storage.open_log("t").expect("log");
+    let acknowledged = append_all(&log, 0..2);
+    sim.fail_syncs(1);
+    let pending = log.append(stepwise_payload(2), 2).expect("append");
+    let failed_position = pending.position();
+    assert!(
+        pending.wait().is_err(),
+        "the fsync failure fails the append"
+    );
+    drop(log);
+    let _ = storage.close_log("t");
+    let log = storage.open_log("t").expect("reopen");
+    let served = log.read(failed_position);
+    assert!(
+        served.is_err(),
+        "the append that failed (never durable) is served after the reopen: {:?}",
+        served.map(|entry| entry.position)
+    );
+    for position in acknowledged {
+        assert!(log.read(position).is_ok(), "{position} lost");
+    }
+}
