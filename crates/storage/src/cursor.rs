@@ -250,7 +250,13 @@ impl CursorJournal {
             Ok(())
         })?;
         let length = match scan {
-            ScanEnd::Clean => file_len,
+            // Records written but never fsynced (a process killed in between) become durable
+            // before the cursors they describe are used to trim or to skip entries.
+            ScanEnd::Clean => {
+                file.sync()
+                    .map_err(|error| StorageError::io("fsync", &path, error))?;
+                file_len
+            }
             ScanEnd::Damaged { offset, reason } => {
                 let follows =
                     format::valid_record_follows(file.as_ref(), &path, offset, file_len, |body| {
@@ -285,7 +291,7 @@ impl CursorJournal {
     fn create(shared: &Shared, directory: &Path, path: PathBuf) -> Result<CursorJournal> {
         let header = FileHeader {
             kind: FileKind::CursorJournal,
-            fields: [0; 3],
+            fields: [0; 5],
         };
         format::create_file(shared.io.as_ref(), &path, header)?;
         Ok(CursorJournal {
@@ -348,7 +354,7 @@ impl CursorJournal {
         }
         let header = FileHeader {
             kind: FileKind::CursorJournal,
-            fields: [0; 3],
+            fields: [0; 5],
         };
         let file = format::create_file(io, &rewrite_path, header)?;
         let mut bytes = Vec::new();
@@ -515,11 +521,20 @@ impl Log {
     /// Deletes cursor `name`; its entries no longer hold back trimming.
     pub fn delete_cursor(&self, name: &str) -> Result<()> {
         let mut state = self.lock();
-        if state.cursors.remove(name).is_none() {
+        let Some(slot) = state.cursors.remove(name) else {
             return Err(StorageError::CursorNotFound {
                 log: self.name().to_string(),
                 cursor: name.to_string(),
             });
+        };
+        if slot.durable {
+            // Until its tombstone is durable a crash brings the cursor back as persisted, so
+            // trimming keeps counting that position.
+            let held = slot.persisted_mark_delete.min(slot.state.mark_delete);
+            let earlier = state.deletions_in_flight.get(name).copied().unwrap_or(held);
+            state
+                .deletions_in_flight
+                .insert(name.to_string(), held.min(earlier));
         }
         state.deleted_cursors.push(name.to_string());
         Ok(())
@@ -636,6 +651,14 @@ impl Log {
         let mut state = self.lock();
         match written {
             Ok(()) => {
+                // A deleted cursor's tombstone (or a snapshot of the cursor created again under
+                // its name) is durable: a crash can no longer bring the old cursor back.
+                for name in tombstones
+                    .iter()
+                    .chain(persisted.iter().map(|(name, _)| name))
+                {
+                    state.deletions_in_flight.remove(name);
+                }
                 for (name, mark_delete) in persisted {
                     if let Some(slot) = state.cursors.get_mut(&name) {
                         slot.persisted_mark_delete = mark_delete;

@@ -5,7 +5,7 @@
 //!
 //! ```text
 //! file header (64 bytes): magic[8] version:u16 header_len:u16 reserved:u32
-//!                         field0:u64 field1:u64 field2:u64 zero[20] crc32c(bytes 0..60):u32
+//!                         field0:u64 ... field4:u64 zero[4] crc32c(bytes 0..60):u32
 //! record:                 body_len:u32 crc32c(body):u32 body[body_len]
 //! ```
 
@@ -25,7 +25,9 @@ pub const RECORD_FRAMING_LEN: u64 = 8;
 /// What a file holds; each kind has its own magic number.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FileKind {
-    /// Entries of one ledger of a log. Fields: ledger id, first entry id, creation time (ms).
+    /// Entries of one ledger of a log. Fields: ledger id, first entry id, creation time (ms),
+    /// and the position this segment continues: the previous segment's ledger id and the entry
+    /// id after its last entry (both 0: not recorded, as in files written before they were).
     Segment,
     /// Snapshots of a log's cursors. Fields: unused.
     CursorJournal,
@@ -44,7 +46,7 @@ impl FileKind {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FileHeader {
     pub kind: FileKind,
-    pub fields: [u64; 3],
+    pub fields: [u64; 5],
 }
 
 impl FileHeader {
@@ -92,7 +94,7 @@ impl FileHeader {
                 supported: FORMAT_VERSION,
             });
         }
-        let mut fields = [0u64; 3];
+        let mut fields = [0u64; 5];
         for (index, field) in fields.iter_mut().enumerate() {
             let start = 16 + index * 8;
             let mut word = [0u8; 8];
@@ -212,10 +214,15 @@ pub fn scan_records(
     Ok(ScanEnd::Clean)
 }
 
-/// Looks for any valid record starting after `damaged_at`. Used to tell a torn tail (nothing
-/// valid follows the damage: the unsynced end of the last write) from interior corruption
-/// (valid records follow: bytes that were once durable went bad). `plausible` cheaply filters
-/// candidate bodies before their checksum is computed.
+/// Looks for any valid record after the damaged record at `damaged_at`. Used to tell a torn
+/// tail (nothing valid follows the damage: the unsynced end of the last write) from interior
+/// corruption (valid records follow: bytes that were once durable went bad). `plausible`
+/// cheaply filters candidate bodies before their checksum is computed.
+///
+/// The search starts where the damaged record claims to end, never inside it: its body is an
+/// entry whose bytes a producer chooses, and may well hold a valid record. A damaged record
+/// whose framing is cut off, or whose length reaches past the end of the file, is the last one
+/// written, torn: nothing follows it.
 pub fn valid_record_follows(
     file: &dyn IoFile,
     path: &Path,
@@ -223,7 +230,14 @@ pub fn valid_record_follows(
     end: u64,
     plausible: impl Fn(&[u8]) -> bool,
 ) -> Result<Option<u64>> {
-    let first = damaged_at + 1;
+    if damaged_at + RECORD_FRAMING_LEN > end {
+        return Ok(None);
+    }
+    let mut framing = [0u8; RECORD_FRAMING_LEN as usize];
+    file.read_exact_at(&mut framing, damaged_at)
+        .map_err(|error| StorageError::io("read", path, error))?;
+    let body_len = u32::from_le_bytes([framing[0], framing[1], framing[2], framing[3]]) as u64;
+    let first = damaged_at + RECORD_FRAMING_LEN + body_len;
     if first >= end {
         return Ok(None);
     }
@@ -357,7 +371,7 @@ mod tests {
     fn header_round_trips_and_rejects_damage() {
         let header = FileHeader {
             kind: FileKind::Segment,
-            fields: [7, 42, 1_700_000_000_000],
+            fields: [7, 42, 1_700_000_000_000, 6, 99],
         };
         let io = crate::SimIo::new();
         let path = Path::new("/x/header");

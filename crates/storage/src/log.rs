@@ -129,6 +129,9 @@ pub(crate) struct Segment {
     flushed_end: u64,
     /// File length known to be fsynced (differs from `flushed_end` only under the relaxed policy).
     synced_end: u64,
+    /// The position this segment continues, from its header: the previous segment's ledger id
+    /// and the entry id after its last entry. `None` in files written before it was recorded.
+    continues: Option<Position>,
     /// Wall-clock time of the last append, for time-based retention.
     last_write_ms: u64,
 }
@@ -145,6 +148,7 @@ impl Segment {
             end: HEADER_LEN,
             flushed_end: 0,
             synced_end: 0,
+            continues: None,
             last_write_ms: now_ms(),
         }
     }
@@ -252,6 +256,10 @@ pub(crate) struct LogState {
     pub(crate) cursors: std::collections::BTreeMap<String, CursorSlot>,
     /// Cursors deleted since the last persist, to be written as tombstones.
     pub(crate) deleted_cursors: Vec<String>,
+    /// Persisted mark-delete position of each durable cursor deleted since the last successful
+    /// persist. Trimming still counts them: a crash before the tombstone is durable brings the
+    /// cursor back, and it must find its data.
+    pub(crate) deletions_in_flight: std::collections::BTreeMap<String, Option<Position>>,
     pub(crate) retention: Retention,
     stats: LogStats,
 }
@@ -328,9 +336,17 @@ impl Log {
             .unwrap_or(1)
             .max(shared.ledger_floor.load(Ordering::SeqCst) + 1);
         let mut active = Segment::new(&directory, ledger_id, 0);
+        // The new ledger's first segment records where the previous ledger ended, so that a
+        // lost last segment of that ledger is detected as a gap.
+        let continues = segments
+            .iter()
+            .rev()
+            .find_map(Segment::last_position)
+            .map(|last| [last.ledger_id, last.entry_id + 1])
+            .unwrap_or([0, 0]);
         let header = FileHeader {
             kind: FileKind::Segment,
-            fields: [ledger_id, 0, now_ms()],
+            fields: [ledger_id, 0, now_ms(), continues[0], continues[1]],
         };
         active.file = SegmentFile::Open(format::create_file(io.as_ref(), &active.path, header)?);
         active.flushed_end = HEADER_LEN;
@@ -373,6 +389,7 @@ impl Log {
                 cache: EntryCache::default(),
                 cursors,
                 deleted_cursors: Vec::new(),
+                deletions_in_flight: std::collections::BTreeMap::new(),
                 retention: Retention::default(),
                 stats: LogStats::default(),
             }),
@@ -588,6 +605,11 @@ impl Log {
                     failed.extend(state.pending.drain(..));
                     state.rollback_to(failed[0].first, &self.shared.cache_used_bytes);
                 } else {
+                    if matches!(stage, FlushStage::Sync)
+                        && matches!(self.shared.config.flush_policy, FlushPolicy::Fsync)
+                    {
+                        self.cut_back_unsynced(&failed[0], &path);
+                    }
                     tracing::error!(log = %self.name, %error, "flush failed; log poisoned, appends refused until it is reopened");
                     state.failure = Some(StorageError::Poisoned {
                         log: self.name.clone(),
@@ -629,7 +651,14 @@ impl Log {
                 }
                 let header = FileHeader {
                     kind: FileKind::Segment,
-                    fields: [batch.ledger_id, batch.segment_first_entry_id, now_ms()],
+                    // A roll continues the same ledger at the entry it starts with.
+                    fields: [
+                        batch.ledger_id,
+                        batch.segment_first_entry_id,
+                        now_ms(),
+                        batch.ledger_id,
+                        batch.segment_first_entry_id,
+                    ],
                 };
                 format::create_file(io, path, header)
                     .map_err(|error| (FlushStage::Create, error))?
@@ -659,6 +688,20 @@ impl Log {
         match io.open(path) {
             Ok(file) => file.set_len(batch.file_offset).is_ok(),
             Err(_) => false,
+        }
+    }
+
+    /// After a failed fsync of `batch`, cuts its bytes off the file (durably), so that reopening
+    /// the log in this process, which reads the file through the page cache, does not serve
+    /// appends that failed. Failures are logged; the log is poisoned either way.
+    fn cut_back_unsynced(&self, batch: &PendingBatch, path: &Path) {
+        let cut = self
+            .shared
+            .io
+            .open(path)
+            .and_then(|file| file.set_len(batch.file_offset).and_then(|()| file.sync()));
+        if let Err(error) = cut {
+            tracing::error!(log = %self.name, path = %path.display(), %error, "could not cut back the appends whose fsync failed; a reopen may serve them until a power cut");
         }
     }
 
@@ -1051,14 +1094,13 @@ impl Log {
                 .cursors
                 .values()
                 .filter(|cursor| cursor.durable)
+                .map(|cursor| cursor.persisted_mark_delete.min(cursor.state.mark_delete))
+                .chain(state.deletions_in_flight.values().copied())
                 .peekable();
             let slowest = if durable_cursors.peek().is_none() {
                 state.last_durable
             } else {
-                durable_cursors
-                    .map(|cursor| cursor.persisted_mark_delete.min(cursor.state.mark_delete))
-                    .min()
-                    .flatten()
+                durable_cursors.min().flatten()
             };
             let Some(slowest) = slowest else {
                 return Ok(0);
@@ -1067,8 +1109,15 @@ impl Log {
             let total: u64 = state.segments.iter().map(Segment::size_bytes).sum();
             let mut size_to_delete = 0u64;
             let mut count = 0usize;
-            // Never the active (last) segment.
-            for segment in &state.segments[..state.segments.len().saturating_sub(1)] {
+            // Never the newest segment that has a file, nor any after it. Right after a roll
+            // the last segment has no file yet; the newest file is then the only record on disk
+            // of the current ledger id, which the next open must start above.
+            let newest_file = state
+                .segments
+                .iter()
+                .rposition(|segment| !matches!(segment.file, SegmentFile::NotCreated))
+                .unwrap_or(0);
+            for segment in &state.segments[..newest_file] {
                 if segment.last_position().is_some_and(|last| last > slowest) {
                     break;
                 }
@@ -1284,6 +1333,33 @@ fn decode_entry(
 /// oldest segment may start anywhere (trimming deletes from the front). A missing segment in
 /// the middle would otherwise make the log serve around a hole.
 fn check_continuity(segments: &[Segment]) -> Result<()> {
+    // Where a segment says its predecessor ended must be where the last non-empty segment
+    // before it ends: this finds a missing last segment of a ledger, which starts no gap in
+    // entry ids.
+    let mut last_end: Option<(&Segment, Position)> = None;
+    for next in segments {
+        if let (Some((previous, end)), Some(continues)) = (last_end, next.continues) {
+            if continues != end {
+                return Err(StorageError::corrupted(
+                    &next.path,
+                    0,
+                    format!(
+                        "gap in the log: this segment continues ledger {} at entry {}, but the \
+                         segment before it, {}, ends before ledger {} entry {}; a segment file \
+                         is missing",
+                        continues.ledger_id,
+                        continues.entry_id,
+                        previous.path.display(),
+                        end.ledger_id,
+                        end.entry_id
+                    ),
+                ));
+            }
+        }
+        if let Some(last) = next.last_position() {
+            last_end = Some((next, Position::new(last.ledger_id, last.entry_id + 1)));
+        }
+    }
     for pair in segments.windows(2) {
         let (previous, next) = (&pair[0], &pair[1]);
         let expected = if next.ledger_id == previous.ledger_id {
@@ -1336,6 +1412,11 @@ fn recover_segment(
             tracing::warn!(path = %path.display(), "removing a segment torn while being created");
             io.remove_file(&path)
                 .map_err(|error| StorageError::io("remove", &path, error))?;
+            // Durably, before a newer segment is created: were the removal lost in a power cut
+            // that kept the newer file, the torn one would no longer be the newest and would
+            // refuse the log.
+            io.sync_dir(directory)
+                .map_err(|error| StorageError::io("fsync directory", directory, error))?;
             return Ok(None);
         }
         Err(error) => return Err(error),
@@ -1351,6 +1432,9 @@ fn recover_segment(
         ));
     }
     segment.last_write_ms = header.fields[2];
+    if header.fields[3] != 0 {
+        segment.continues = Some(Position::new(header.fields[3], header.fields[4]));
+    }
     let scan = format::scan_records(
         file.as_ref(),
         &path,
@@ -1369,6 +1453,14 @@ fn recover_segment(
         },
     )?;
     let valid_end = match scan {
+        // The newest segment may hold bytes written but never fsynced (a process killed
+        // between the two; the page cache kept them). Make them durable before serving them:
+        // a reader must never see an entry that a power cut can still erase.
+        ScanEnd::Clean if is_tail => {
+            file.sync()
+                .map_err(|error| StorageError::io("fsync", &path, error))?;
+            file_len
+        }
         ScanEnd::Clean => file_len,
         ScanEnd::Damaged { offset, reason } => {
             if !is_tail {

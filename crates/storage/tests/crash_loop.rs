@@ -5,6 +5,7 @@
 //! file bytes survive or not as `SimIo` decides. After each crash the data directory must open,
 //! every log in it must open, nothing acknowledged may be missing, no log may have a gap, a
 //! deleted log must not come back (in part or whole), and logs can be deleted and created again.
+//! The same holds after a second power cut before any step of the recovery from the first.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -207,6 +208,18 @@ fn verify(crashed: &SimIo, history: &History, crash_point: u64, flush_policy: Fl
     storage.close().expect("close");
 }
 
+/// What a restart does: opens the data directory and every log in it, then closes it. Errors
+/// are `verify`'s business.
+fn recover(io: &SimIo, flush_policy: FlushPolicy) {
+    let Ok(storage) = open(io, flush_policy) else {
+        return;
+    };
+    for name in storage.log_names().unwrap_or_default() {
+        let _ = storage.open_log(&name);
+    }
+    let _ = storage.close();
+}
+
 fn crash_at_every_step(flush_policy: FlushPolicy) {
     let steps = {
         let io = SimIo::new();
@@ -221,12 +234,38 @@ fn crash_at_every_step(flush_policy: FlushPolicy) {
             let crashed = io
                 .take_crashed()
                 .unwrap_or_else(|| io.crash(mode, crash_point));
+            // `verify` changes what it opens; keep an exact copy for the second power cut.
+            let before_recovery = crashed.crash(CrashMode::LoseUnsynced, 0);
             let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                 verify(&crashed, &history, crash_point, flush_policy)
             }));
             if let Err(panic) = outcome {
                 eprintln!("power cut before step {crash_point} of {steps} ({mode:?})");
                 std::panic::resume_unwind(panic);
+            }
+            // A second power cut before each step of the recovery from the first.
+            let recovery_steps = {
+                let probe = before_recovery.crash(CrashMode::LoseUnsynced, 0);
+                recover(&probe, flush_policy);
+                probe.operation_count()
+            };
+            for second in 0..=recovery_steps {
+                let copy = before_recovery.crash(CrashMode::LoseUnsynced, 0);
+                copy.crash_before_operation(second, mode, crash_point + second);
+                recover(&copy, flush_policy);
+                let twice = copy
+                    .take_crashed()
+                    .unwrap_or_else(|| copy.crash(mode, crash_point + second));
+                let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    verify(&twice, &history, crash_point, flush_policy)
+                }));
+                if let Err(panic) = outcome {
+                    eprintln!(
+                        "power cut before step {crash_point} of {steps} ({mode:?}), then before \
+                         step {second} of {recovery_steps} of the recovery"
+                    );
+                    std::panic::resume_unwind(panic);
+                }
             }
         }
     }

@@ -493,3 +493,50 @@ fn one_persistence_pass_makes_the_cursors_of_every_open_log_durable() {
         );
     }
 }
+
+#[test]
+fn a_deleted_cursor_holds_back_trimming_until_its_deletion_is_durable() {
+    // Models a power cut after `delete_cursor` returned but before its tombstone was persisted:
+    // the cursor comes back from the journal as last persisted, so trimming must not have
+    // deleted the entries it had not acknowledged.
+    let sim = SimIo::new();
+    let storage = open_sim(&sim, config());
+    let log = storage.open_log("t").expect("log");
+    let positions = append(&log, 50);
+    assert!(log.stats().segments > 1, "the test needs a sealed segment");
+    log.open_cursor("sub", InitialPosition::Earliest)
+        .expect("cursor");
+    log.persist_cursors().expect("persist");
+    log.delete_cursor("sub").expect("delete cursor");
+    assert_eq!(
+        log.trim().expect("trim"),
+        0,
+        "the deletion is not durable yet"
+    );
+    let crashed = sim.crash(CrashMode::LoseUnsynced, 0);
+    // Once the tombstone is durable, the cursor no longer holds anything back.
+    log.persist_cursors().expect("persist the deletion");
+    assert!(
+        log.trim().expect("trim") > 0,
+        "the consumed segment is trimmed"
+    );
+    drop(storage);
+
+    let storage = open_sim(&crashed, config());
+    let log = storage.open_log("t").expect("log");
+    let cursor = log
+        .cursor("sub")
+        .expect("the deletion was lost with the power cut");
+    let first = log.first_position();
+    let skipped: Vec<Position> = positions
+        .iter()
+        .copied()
+        .filter(|position| !cursor.is_acknowledged(*position))
+        .filter(|position| first.is_none_or(|first| *position < first))
+        .collect();
+    assert!(
+        skipped.is_empty(),
+        "cursor 'sub' is back after the crash but its unacknowledged entries {skipped:?} were \
+         trimmed: they will never be delivered"
+    );
+}

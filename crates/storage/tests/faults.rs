@@ -3,11 +3,14 @@
 
 use std::collections::HashSet;
 use std::path::Path;
+use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use meridian_storage::{CrashMode, Position, SimIo, Storage, StorageConfig, StorageError};
+use meridian_storage::{
+    CrashMode, InitialPosition, Io, IoFile, Position, SimIo, Storage, StorageConfig, StorageError,
+};
 
 const LOG: &str = "persistent://public/default/faults";
 
@@ -486,4 +489,357 @@ fn a_log_keeps_one_segment_file_open_however_many_segments_it_retains() {
     let storage = open(&io);
     check_history(&read_everything(&storage), &acknowledged);
     assert_eq!(io.open_files(), 1, "after recovery too");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Interleavings: an `Io` that delegates to `SimIo` but stops one operation on one path until the
+// test lets it go, so that a flush thread and the test's calls run in a chosen order.
+// ---------------------------------------------------------------------------------------------
+
+/// Record framing (8) + entry header (16) + payload (100), with [`stepwise_payload`].
+const STEPWISE_RECORD_LEN: u64 = 124;
+/// Entries that fit one segment under [`stepwise_config`]: 64 + 7 * 124 = 932 bytes.
+const STEPWISE_PER_SEGMENT: u64 = 7;
+
+/// Small segments and one flush thread; the tests persist and trim themselves, so every step
+/// happens in a known order.
+fn stepwise_config() -> StorageConfig {
+    StorageConfig {
+        segment_max_bytes: 1024,
+        entry_max_bytes: 256,
+        flush_threads: 1,
+        cursor_persist_interval: Duration::from_secs(3600),
+        trim_interval: Duration::from_secs(3600),
+        ..StorageConfig::default()
+    }
+}
+
+fn stepwise_payload(index: u64) -> Bytes {
+    let mut bytes = format!("entry-{index}-").into_bytes();
+    bytes.resize((STEPWISE_RECORD_LEN - 24) as usize, b'.');
+    Bytes::from(bytes)
+}
+
+fn segment_name(ledger_id: u64, first_entry_id: u64) -> String {
+    format!("{ledger_id:020}-{first_entry_id:020}.segment")
+}
+
+/// Appends entries `indexes` to `log` and waits until each is durable.
+fn append_all(log: &Arc<meridian_storage::Log>, indexes: std::ops::Range<u64>) -> Vec<Position> {
+    indexes
+        .map(|index| {
+            log.append(stepwise_payload(index), 1_000 + index)
+                .expect("append")
+                .wait()
+                .expect("durable")
+        })
+        .collect()
+}
+
+struct Gate {
+    operation: &'static str,
+    path_suffix: String,
+    reached: Sender<()>,
+    release: Receiver<()>,
+}
+
+type GateSlot = Arc<Mutex<Option<Gate>>>;
+
+struct GatedIo {
+    inner: SimIo,
+    gate: GateSlot,
+}
+
+/// Stops here if the armed gate is for `operation` on `path`.
+fn pass(gate: &GateSlot, operation: &'static str, path: &Path) {
+    let gate = {
+        let mut slot = gate.lock().expect("gate");
+        let matches = slot.as_ref().is_some_and(|gate| {
+            gate.operation == operation
+                && path.to_string_lossy().ends_with(gate.path_suffix.as_str())
+        });
+        if matches {
+            slot.take()
+        } else {
+            None
+        }
+    };
+    if let Some(gate) = gate {
+        let _ = gate.reached.send(());
+        let _ = gate.release.recv();
+    }
+}
+
+impl GatedIo {
+    fn new(inner: SimIo) -> Arc<GatedIo> {
+        Arc::new(GatedIo {
+            inner,
+            gate: Arc::new(Mutex::new(None)),
+        })
+    }
+
+    /// Arms a one-shot gate: the next `operation` on a path ending in `path_suffix` signals
+    /// `reached` and then waits for `release` (or for the sender to be dropped). Operations:
+    /// "create", "list_dir", "write", "sync" (before they run), "write_failed" (after a write
+    /// that returned an error).
+    fn arm(&self, operation: &'static str, path_suffix: &str) -> (Receiver<()>, Sender<()>) {
+        let (reached_tx, reached_rx) = channel();
+        let (release_tx, release_rx) = channel();
+        *self.gate.lock().expect("gate") = Some(Gate {
+            operation,
+            path_suffix: path_suffix.to_string(),
+            reached: reached_tx,
+            release: release_rx,
+        });
+        (reached_rx, release_tx)
+    }
+
+    fn wrap(&self, path: &Path, file: Arc<dyn IoFile>) -> Arc<dyn IoFile> {
+        Arc::new(GatedFile {
+            inner: file,
+            path: path.to_path_buf(),
+            gate: self.gate.clone(),
+        })
+    }
+}
+
+struct GatedFile {
+    inner: Arc<dyn IoFile>,
+    path: std::path::PathBuf,
+    gate: GateSlot,
+}
+
+impl IoFile for GatedFile {
+    fn read_exact_at(&self, buffer: &mut [u8], offset: u64) -> std::io::Result<()> {
+        self.inner.read_exact_at(buffer, offset)
+    }
+    fn write_all_at(&self, bytes: &[u8], offset: u64) -> std::io::Result<()> {
+        pass(&self.gate, "write", &self.path);
+        let result = self.inner.write_all_at(bytes, offset);
+        if result.is_err() {
+            pass(&self.gate, "write_failed", &self.path);
+        }
+        result
+    }
+    fn sync(&self) -> std::io::Result<()> {
+        pass(&self.gate, "sync", &self.path);
+        self.inner.sync()
+    }
+    fn size(&self) -> std::io::Result<u64> {
+        self.inner.size()
+    }
+    fn set_len(&self, length: u64) -> std::io::Result<()> {
+        self.inner.set_len(length)
+    }
+}
+
+impl Io for GatedIo {
+    fn create_dir_all(&self, path: &Path) -> std::io::Result<()> {
+        self.inner.create_dir_all(path)
+    }
+    fn list_dir(&self, path: &Path) -> std::io::Result<Vec<String>> {
+        pass(&self.gate, "list_dir", path);
+        self.inner.list_dir(path)
+    }
+    fn exists(&self, path: &Path) -> bool {
+        self.inner.exists(path)
+    }
+    fn open(&self, path: &Path) -> std::io::Result<Arc<dyn IoFile>> {
+        let file = self.inner.open(path)?;
+        Ok(self.wrap(path, file))
+    }
+    fn create(&self, path: &Path) -> std::io::Result<Arc<dyn IoFile>> {
+        pass(&self.gate, "create", path);
+        let file = self.inner.create(path)?;
+        Ok(self.wrap(path, file))
+    }
+    fn remove_file(&self, path: &Path) -> std::io::Result<()> {
+        self.inner.remove_file(path)
+    }
+    fn remove_dir_all(&self, path: &Path) -> std::io::Result<()> {
+        self.inner.remove_dir_all(path)
+    }
+    fn rename(&self, from: &Path, to: &Path) -> std::io::Result<()> {
+        self.inner.rename(from, to)
+    }
+    fn sync_dir(&self, path: &Path) -> std::io::Result<()> {
+        self.inner.sync_dir(path)
+    }
+}
+
+/// A log whose first segment (entries 0..7) is full and acknowledged by cursor `sub`
+/// (persisted), and whose flush thread is stopped right before it creates the file of the
+/// segment that entry 7 rolled to.
+struct RollInFlight {
+    // Declared first so that it is dropped first: a failing test must let the flush thread go
+    // before the storage waits for it.
+    release: Sender<()>,
+    sim: SimIo,
+    storage: Storage,
+    log: Arc<meridian_storage::Log>,
+    ledger: u64,
+    acknowledged: Vec<Position>,
+    append: std::thread::JoinHandle<meridian_storage::Result<Position>>,
+}
+
+fn roll_in_flight() -> RollInFlight {
+    let sim = SimIo::new();
+    let gated = GatedIo::new(sim.clone());
+    let storage = Storage::open_with_io("/data", stepwise_config(), gated.clone()).expect("open");
+    let log = storage.open_log("t").expect("log");
+    let ledger = log.current_ledger_id();
+    let acknowledged = append_all(&log, 0..STEPWISE_PER_SEGMENT);
+    log.open_cursor("sub", InitialPosition::Earliest)
+        .expect("cursor");
+    log.acknowledge_cumulative("sub", acknowledged[acknowledged.len() - 1])
+        .expect("ack");
+    log.persist_cursors().expect("persist");
+    let (reached, release) = gated.arm("create", &segment_name(ledger, STEPWISE_PER_SEGMENT));
+    let appender = log.clone();
+    let append = std::thread::spawn(move || {
+        appender
+            .append(
+                stepwise_payload(STEPWISE_PER_SEGMENT),
+                1_000 + STEPWISE_PER_SEGMENT,
+            )
+            .expect("append")
+            .wait()
+    });
+    reached
+        .recv()
+        .expect("the flush thread reaches the creation of the rolled segment");
+    RollInFlight {
+        release,
+        sim,
+        storage,
+        log,
+        ledger,
+        acknowledged,
+        append,
+    }
+}
+
+#[test]
+fn trimming_during_a_roll_keeps_the_newest_segment_file_so_positions_are_never_reused() {
+    // Models the maintenance thread trimming while a roll is in flight (the new segment has no
+    // file yet), then a power cut. The sealed segment is the only file that names the current
+    // ledger: were it trimmed, the next open would start that ledger again, and the persisted
+    // cursor would count the new entries as acknowledged.
+    let run = roll_in_flight();
+    run.log.trim().expect("trim");
+    let crashed = run.sim.crash(CrashMode::LoseUnsynced, 0);
+    run.release.send(()).expect("release");
+    run.append
+        .join()
+        .expect("appender")
+        .expect("entry 7 durable");
+    run.storage.close().expect("close");
+
+    let storage = Storage::open_with_io("/data", stepwise_config(), Arc::new(crashed))
+        .expect("the data directory opens");
+    let log = storage.open_log("t").expect("log opens");
+    let new_ledger = log.current_ledger_id();
+    let position = append_all(&log, 100..101)[0];
+    assert!(
+        new_ledger > run.ledger,
+        "reopened log starts ledger {new_ledger}, not above ledger {} used before the crash \
+         (positions {:?} were acknowledged); the new entry got position {position}",
+        run.ledger,
+        run.acknowledged
+    );
+    assert!(
+        !log.is_acknowledged("sub", position),
+        "a new, never-delivered entry at {position} looks acknowledged to cursor 'sub'"
+    );
+}
+
+#[test]
+fn a_full_disk_on_a_roll_while_trimming_leaves_a_log_that_accepts_appends_again() {
+    // Models trimming during a roll whose segment creation then fails with "no space left on
+    // device": the rollback must leave the log a segment to append to once space is freed.
+    let run = roll_in_flight();
+    run.log.trim().expect("trim");
+    run.sim.set_capacity(Some(run.sim.used_bytes()));
+    run.release.send(()).expect("release");
+    let outcome = run.append.join().expect("appender");
+    assert!(
+        matches!(outcome, Err(StorageError::DiskFull { .. })),
+        "append during a full disk: {outcome:?}"
+    );
+    run.sim.set_capacity(None);
+    let again = run
+        .log
+        .append(stepwise_payload(200), 1)
+        .and_then(|pending| pending.wait());
+    assert!(
+        again.is_ok(),
+        "appends must succeed again once there is space; got {again:?}"
+    );
+}
+
+#[test]
+fn after_a_kill_between_write_and_fsync_the_restart_makes_what_it_serves_durable() {
+    // Models a process killed after writing a batch and before its fsync (the page cache keeps
+    // the bytes; the append was never acknowledged), a restart that serves the entry, then a
+    // power cut: an entry a reader has seen must not disappear.
+    let sim = SimIo::new();
+    let gated = GatedIo::new(sim.clone());
+    let first = Storage::open_with_io("/data", stepwise_config(), gated.clone()).expect("open");
+    let log = first.open_log("t").expect("log");
+    append_all(&log, 0..2);
+    let segment = segment_name(log.current_ledger_id(), 0);
+    // The process dies before the fsync of entry 2 (its flush thread never runs again).
+    let (reached, _never_released) = gated.arm("sync", &segment);
+    let pending = log.append(stepwise_payload(2), 2).expect("append");
+    let unsynced = pending.position();
+    reached.recv().expect("the flush thread reaches the fsync");
+
+    let second =
+        Storage::open_with_io("/data", stepwise_config(), Arc::new(sim.clone())).expect("restart");
+    let log2 = second.open_log("t").expect("log");
+    let read = log2
+        .read(unsynced)
+        .expect("the restarted engine serves entry 2");
+    assert_eq!(read.data, stepwise_payload(2));
+    let crashed = sim.crash(CrashMode::LoseUnsynced, 0);
+    let third = Storage::open_with_io("/data", stepwise_config(), Arc::new(crashed)).expect("open");
+    let log3 = third.open_log("t").expect("log");
+    assert!(
+        log3.read(unsynced).is_ok(),
+        "entry {unsynced} was served to readers after the restart, then erased by a power cut"
+    );
+    // The first engine's flush thread is parked at the gate for good: never wait for it.
+    std::mem::forget(pending);
+    std::mem::forget(log);
+    std::mem::forget(first);
+}
+
+#[test]
+fn an_append_whose_fsync_failed_is_not_served_after_the_log_is_reopened() {
+    // Models a failed fsync whose bytes stay in the page cache, then a reopen of the log in the
+    // same process (a topic reload): the failed append must not come back as a durable entry.
+    let sim = SimIo::new();
+    let storage =
+        Storage::open_with_io("/data", stepwise_config(), Arc::new(sim.clone())).expect("open");
+    let log = storage.open_log("t").expect("log");
+    let acknowledged = append_all(&log, 0..2);
+    sim.fail_syncs(1);
+    let pending = log.append(stepwise_payload(2), 2).expect("append");
+    let failed_position = pending.position();
+    assert!(
+        pending.wait().is_err(),
+        "the fsync failure fails the append"
+    );
+    drop(log);
+    let _ = storage.close_log("t");
+    let log = storage.open_log("t").expect("reopen");
+    let served = log.read(failed_position);
+    assert!(
+        served.is_err(),
+        "the append that failed (never durable) is served after the reopen: {:?}",
+        served.map(|entry| entry.position)
+    );
+    for position in acknowledged {
+        assert!(log.read(position).is_ok(), "{position} lost");
+    }
 }

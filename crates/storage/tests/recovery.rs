@@ -334,3 +334,65 @@ fn a_missing_middle_segment_refuses_the_log_naming_the_gap() {
         "names the missing entries: {message}"
     );
 }
+
+#[test]
+fn a_missing_last_segment_of_a_ledger_refuses_the_log_naming_the_gap() {
+    // Models the loss of the last segment of an earlier ledger: entry ids show no gap (the next
+    // ledger starts at entry 0), only the next segment's record of where its predecessor ended.
+    let root = tempfile::tempdir().expect("tempdir");
+    // Ledger L: two segments (entries 0..10 and 10..13); then ledger L+1: three entries.
+    let directory = write_entries(root.path(), "holed", 13);
+    write_entries(root.path(), "holed", 3);
+    let files = segment_files(&directory);
+    assert_eq!(files.len(), 3, "{files:?}");
+    fs::remove_file(&files[1]).expect("remove the last segment of the first ledger");
+    let storage = Storage::open(root.path(), config()).expect("engine opens");
+    let error = storage.open_log("holed").expect_err("refuses");
+    let message = error.to_string();
+    assert!(
+        matches!(error, StorageError::Corrupted { .. }) && message.contains("gap"),
+        "{message}"
+    );
+    assert!(
+        message.contains("entry 13"),
+        "names the missing end: {message}"
+    );
+}
+
+#[test]
+fn a_torn_entry_whose_payload_embeds_a_record_is_still_a_torn_tail() {
+    // Models a power cut while writing an entry whose payload (chosen by the producer) holds a
+    // complete, valid record frame for its own position: the torn prefix must be truncated as a
+    // torn tail, not taken for a valid record after damage (which would refuse the log).
+    let root = tempfile::tempdir().expect("tempdir");
+    let directory = write_entries(root.path(), "embedded", 2);
+    let mut inner_body = Vec::new();
+    inner_body.extend_from_slice(&2u64.to_le_bytes());
+    inner_body.extend_from_slice(&0u64.to_le_bytes());
+    inner_body.extend_from_slice(b"hello");
+    let mut payload_bytes = b"prefix".to_vec();
+    payload_bytes.extend_from_slice(&(inner_body.len() as u32).to_le_bytes());
+    payload_bytes.extend_from_slice(&crc32c::crc32c(&inner_body).to_le_bytes());
+    payload_bytes.extend_from_slice(&inner_body);
+    let embedded_end = payload_bytes.len() as u64;
+    payload_bytes.extend_from_slice(&[b'.'; 40]);
+    {
+        let storage = Storage::open(root.path(), config()).expect("open");
+        let log = storage.open_log("embedded").expect("log");
+        log.append(Bytes::from(payload_bytes), 5)
+            .expect("append")
+            .wait()
+            .expect("durable");
+        storage.close().expect("close");
+    }
+    // The torn write kept a prefix of the entry's record (the first in the newest segment)
+    // that ends after the embedded record.
+    let segment = segment_files(&directory).pop().expect("newest segment");
+    let file = OpenOptions::new().write(true).open(&segment).expect("open");
+    file.set_len(HEADER_LEN + 8 + 16 + embedded_end + 10)
+        .expect("tear");
+    drop(file);
+    let storage = Storage::open(root.path(), config()).expect("open");
+    let entries = read_all(&storage, "embedded");
+    assert_eq!(entries, vec![payload(0), payload(1)]);
+}
