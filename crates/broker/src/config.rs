@@ -45,6 +45,9 @@ pub struct BrokerConfig {
     /// A topic's new replicator starts at its earliest message (back-fill) instead of the
     /// latest, Pulsar's default.
     pub replication_start_earliest: bool,
+    /// Bytes of replicated entries held in memory (read and not yet confirmed by the remote)
+    /// across every replicator.
+    pub replication_max_memory_bytes: usize,
 }
 
 impl Default for BrokerConfig {
@@ -66,6 +69,7 @@ impl Default for BrokerConfig {
             max_delayed_messages: 1_000_000,
             delayed_delivery_enabled: true,
             replication_start_earliest: false,
+            replication_max_memory_bytes: 128 * 1024 * 1024,
         }
     }
 }

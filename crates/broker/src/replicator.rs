@@ -38,7 +38,7 @@ use meridian_storage::{Entry, Log, Position};
 use meridian_wire::proto::KeyValue;
 use meridian_wire::{MessageMetadata, ServerError};
 use serde::Serialize;
-use tokio::sync::watch;
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
 use crate::dedup::{position_sequence, Dedup, Verdict};
@@ -202,14 +202,22 @@ impl RemoteCluster {
     }
 }
 
-/// One client per remote cluster, shared by every replicator to it: their producers share its
-/// connections instead of opening one each.
-#[derive(Default)]
+/// What every replicator of a broker shares: one client per remote cluster (their producers
+/// share its connections instead of opening one each) and the memory bound.
 pub(crate) struct RemoteClients {
     clients: tokio::sync::Mutex<HashMap<RemoteCluster, Client>>,
+    memory: MemoryBudget,
 }
 
 impl RemoteClients {
+    /// `max_memory_bytes`: the bytes of entries all replicators together hold in memory.
+    pub(crate) fn new(max_memory_bytes: usize) -> RemoteClients {
+        RemoteClients {
+            clients: tokio::sync::Mutex::default(),
+            memory: MemoryBudget::new(max_memory_bytes),
+        }
+    }
+
     async fn get(&self, remote: &RemoteCluster) -> meridian_client::Result<Client> {
         let mut clients = self.clients.lock().await;
         if let Some(client) = clients.get(remote) {
@@ -237,6 +245,64 @@ impl RemoteClients {
         for client in stale {
             client.close().await;
         }
+    }
+}
+
+/// The bytes of entries that replicators may hold in memory (read, sent and not yet confirmed),
+/// across all of them: a remote that is slow or down for many topics cannot make the broker
+/// grow. Each entry holds its share from the read until the remote's receipt.
+struct MemoryBudget {
+    semaphore: Arc<Semaphore>,
+    total: usize,
+}
+
+impl MemoryBudget {
+    fn new(total: usize) -> MemoryBudget {
+        let total = total.clamp(1, u32::MAX as usize);
+        MemoryBudget {
+            semaphore: Arc::new(Semaphore::new(total)),
+            total,
+        }
+    }
+
+    /// `bytes` (at most the whole budget) if they are free now.
+    fn try_reserve(&self, bytes: usize) -> Option<OwnedSemaphorePermit> {
+        self.semaphore
+            .clone()
+            .try_acquire_many_owned(self.clamp(bytes))
+            .ok()
+    }
+
+    /// `bytes` (at most the whole budget), once they are free.
+    async fn reserve(&self, bytes: usize) -> OwnedSemaphorePermit {
+        match self
+            .semaphore
+            .clone()
+            .acquire_many_owned(self.clamp(bytes))
+            .await
+        {
+            Ok(permit) => permit,
+            // The semaphore is never closed.
+            Err(_) => std::future::pending().await,
+        }
+    }
+
+    fn clamp(&self, bytes: usize) -> u32 {
+        u32::try_from(bytes.clamp(1, self.total)).unwrap_or(u32::MAX)
+    }
+
+    /// Takes an entry's share of `bytes` out of `reserved`, reserving more if it falls short;
+    /// `None` if the memory is not free now. An entry larger than the whole budget gets it all.
+    fn take(
+        &self,
+        reserved: &mut OwnedSemaphorePermit,
+        bytes: usize,
+    ) -> Option<OwnedSemaphorePermit> {
+        let have = reserved.num_permits();
+        if have < bytes && have < self.total {
+            reserved.merge(self.try_reserve(bytes - have)?);
+        }
+        reserved.split(bytes.min(reserved.num_permits()))
     }
 }
 
@@ -539,6 +605,16 @@ struct Sent {
     messages: u64,
     bytes: usize,
     receipt: SendReceipt,
+    /// Its share of the memory bound, released with it.
+    _memory: OwnedSemaphorePermit,
+}
+
+/// One read: where it starts (moved past what was handled), the memory reserved for it, and
+/// the memory the next read should wait for.
+struct Read<'a> {
+    next: &'a mut Position,
+    budget: OwnedSemaphorePermit,
+    wanted: usize,
 }
 
 /// A send the remote answered.
@@ -717,13 +793,19 @@ impl Worker {
         };
         let mut in_flight = InFlight::default();
         let mut throttled_until: Option<Instant> = None;
+        let clients = self.clients.clone();
+        let memory = &clients.memory;
+        // Memory reserved for the next read, and how much to ask for.
+        let mut reserved: Option<OwnedSemaphorePermit> = None;
+        let mut wanted = READ_MAX_BYTES;
         loop {
             if *self.stopped.borrow() {
                 return Ended::Stopped;
             }
-            match in_flight.take_confirmed() {
-                Ok(confirmed) => self.confirm(confirmed),
-                Err(failure) => return self.send_failed(failure),
+            let (confirmed, failed) = in_flight.take_confirmed();
+            self.confirm(confirmed);
+            if let Some(failure) = failed {
+                return self.send_failed(failure);
             }
             let readable = self.log.last_position().is_some_and(|last| next <= last);
             if !in_flight.is_empty() || !readable {
@@ -742,12 +824,23 @@ impl Worker {
                     .wait(self.rates.borrow().as_ref())
                     .map(|wait| Instant::now() + wait);
             }
-            if in_flight.has_room() && readable && throttled_until.is_none() {
-                if let Err(ended) = self.send_more(producer, &mut next, &mut in_flight).await {
+            let may_read = in_flight.has_room() && readable && throttled_until.is_none();
+            if may_read && reserved.is_none() {
+                reserved = memory.try_reserve(wanted);
+            }
+            if let (true, Some(budget)) = (may_read, reserved.take()) {
+                let mut read = Read {
+                    next: &mut next,
+                    budget,
+                    wanted: READ_MAX_BYTES,
+                };
+                if let Err(ended) = self.send_more(producer, &mut read, &mut in_flight).await {
                     return ended;
                 }
+                wanted = read.wanted;
                 continue;
             }
+            let wait_for_memory = may_read;
             let wait_for_tail = in_flight.has_room() && !readable;
             let throttle_sleep = async {
                 match throttled_until {
@@ -769,27 +862,32 @@ impl Worker {
                 }
                 () = throttle_sleep => {}
                 _ = self.rates.changed() => throttled_until = None,
+                budget = memory.reserve(wanted), if wait_for_memory => reserved = Some(budget),
             }
         }
     }
 
-    /// Reads the next entries (as many as there is room for and the rate allows) and sends
-    /// what must be replicated; acknowledges the rest at once.
+    /// Reads the next entries (as many as there is room, memory and rate for) and sends what
+    /// must be replicated; acknowledges the rest at once.
     async fn send_more(
         &mut self,
         producer: &Producer,
-        next: &mut Position,
+        read: &mut Read<'_>,
         in_flight: &mut InFlight,
     ) -> Result<(), Ended> {
         // Under a rate limit, read no more than the period has left (every entry holds at
         // least one message; at least one entry is always read).
         let (messages_left, bytes_left) = self.throttle.left(self.rates.borrow().as_ref());
         let room = in_flight.room().min(READ_MAX_ENTRIES).min(messages_left);
-        let max_bytes = READ_MAX_BYTES.min(bytes_left);
+        let max_bytes = READ_MAX_BYTES
+            .min(bytes_left)
+            .min(read.budget.num_permits());
         let log = self.log.clone();
+        let next = &mut *read.next;
         let from = *next;
-        let read = tokio::task::spawn_blocking(move || log.read_from(from, room, max_bytes)).await;
-        let entries = match read {
+        let result =
+            tokio::task::spawn_blocking(move || log.read_from(from, room, max_bytes)).await;
+        let entries = match result {
             Ok(Ok(entries)) => entries,
             Ok(Err(meridian_storage::StorageError::PositionNotFound { .. })) => {
                 // Trimmed away under us (retention, a reset): go on with what is left.
@@ -801,15 +899,22 @@ impl Worker {
             }
             Err(error) => return Err(Ended::Failed(error.to_string())),
         };
+        let clients = self.clients.clone();
         let mut skipped = Vec::new();
         for entry in entries {
-            *next = self.log.next_position(entry.position);
-            if self.log.is_acknowledged(&self.cursor, entry.position) {
+            let position = entry.position;
+            if self.log.is_acknowledged(&self.cursor, position) {
+                *next = self.log.next_position(position);
                 continue;
             }
-            let position = entry.position;
             let publish_time_ms = entry.publish_time_ms;
             let bytes = entry.data.len();
+            let Some(memory) = clients.memory.take(&mut read.budget, bytes) else {
+                // Not enough memory free now: this entry is read again once it is.
+                read.wanted = bytes;
+                break;
+            };
+            *next = self.log.next_position(position);
             let Plan::Send { message, messages } = self.plan(entry) else {
                 skipped.push(position);
                 continue;
@@ -826,6 +931,7 @@ impl Worker {
                 messages,
                 bytes,
                 receipt,
+                _memory: memory,
             });
         }
         self.acknowledge(&skipped);
@@ -990,17 +1096,21 @@ impl InFlight {
             .map_or(0, |head| head.publish_time_ms.max(1))
     }
 
-    /// The sends answered so far, without waiting; the first failure if one failed.
-    fn take_confirmed(&mut self) -> Result<Vec<Confirmed>, SendFailure> {
+    /// The sends confirmed so far, without waiting, and the failure that ended them if one
+    /// failed.
+    fn take_confirmed(&mut self) -> (Vec<Confirmed>, Option<SendFailure>) {
         let mut confirmed = Vec::new();
         let mut context = std::task::Context::from_waker(std::task::Waker::noop());
         while let Some(head) = self.sent.front_mut() {
             match std::pin::Pin::new(&mut head.receipt).poll(&mut context) {
                 std::task::Poll::Pending => break,
-                std::task::Poll::Ready(result) => confirmed.push(self.complete(result)?),
+                std::task::Poll::Ready(result) => match self.complete(result) {
+                    Ok(done) => confirmed.push(done),
+                    Err(failure) => return (confirmed, Some(failure)),
+                },
             }
         }
-        Ok(confirmed)
+        (confirmed, None)
     }
 
     /// Waits for the oldest send's answer (forever if nothing is in flight).

@@ -32,6 +32,9 @@ pub struct Config {
     /// Where a topic's new replicator starts: `latest` (Pulsar's default) or `earliest`
     /// (back-fill the messages already stored).
     pub replication_start_at: ReplicationStart,
+    /// Bytes of replicated entries held in memory (read and not yet confirmed by the remote)
+    /// across every replicator of this broker.
+    pub replication_max_memory_bytes: usize,
     pub max_connections: usize,
     pub keep_alive_interval_seconds: u64,
     pub max_pending_sends_per_producer: usize,
@@ -83,6 +86,7 @@ impl Default for Config {
             max_message_size: broker.max_message_size,
             deduplication_enabled: broker.deduplication_enabled,
             replication_start_at: ReplicationStart::Latest,
+            replication_max_memory_bytes: broker.replication_max_memory_bytes,
             max_connections: server.max_connections,
             keep_alive_interval_seconds: server.keep_alive_interval.as_secs(),
             max_pending_sends_per_producer: server.max_pending_sends_per_producer,
@@ -194,6 +198,9 @@ impl Config {
         if self.max_message_size == 0 || self.max_message_size > 100 * 1024 * 1024 {
             bail!("max_message_size must be between 1 byte and 100 MiB");
         }
+        if self.replication_max_memory_bytes < 1024 * 1024 {
+            bail!("replication_max_memory_bytes must be at least 1 MiB");
+        }
         if self.policy_check_interval_seconds == 0 || self.stats_interval_seconds == 0 {
             bail!("policy_check_interval_seconds and stats_interval_seconds must be positive");
         }
@@ -258,6 +265,7 @@ impl Config {
             max_message_size: self.max_message_size,
             deduplication_enabled: self.deduplication_enabled,
             replication_start_earliest: self.replication_start_at == ReplicationStart::Earliest,
+            replication_max_memory_bytes: self.replication_max_memory_bytes,
             max_unacked_messages_per_consumer: self.max_unacked_messages_per_consumer,
             ..BrokerConfig::default()
         }
