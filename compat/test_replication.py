@@ -834,11 +834,12 @@ def test_an_entry_too_large_for_the_remote_stops_only_its_replicator_until_the_l
     connected_since = clusters.await_replication_stats(
         "a", other, "b", lambda section: section["connected"], "other replicates to b",
     )["outboundConnectedSince"]
-    retries = log_count(clusters, "a", "replication stopped", "big")
+    retries = log_count(clusters, "a", "replicator started", "big")
     await_condition(
-        lambda: log_count(clusters, "a", "replication stopped", "big") > retries,
+        lambda: log_count(clusters, "a", "replicator started", "big") > retries,
         REPLICATION_TIMEOUT_S, "big's replicator retried",
     )
+    assert log_count(clusters, "a", "replication stopped", "big") == 1, "an ERROR per retry"
     history.collect({"other": other_b}, {"other": 10})
     check_exactly_once({"other": history.sent_payloads("other")}, history)
     still = clusters.replication_stats("a", other, "b")

@@ -665,6 +665,8 @@ struct Worker {
 impl Worker {
     async fn run(mut self) {
         let mut delay = BACKOFF_INITIAL;
+        // Why the replicator is stopped, logged as an ERROR once, not at every retry.
+        let mut stopped_for: Option<String> = None;
         let mut client: Option<Client> = None;
         let clients = self.clients.clone();
         loop {
@@ -685,6 +687,7 @@ impl Worker {
             if std::mem::take(&mut self.confirmed) {
                 // The remote confirmed something since the last failure: the next one is new.
                 delay = BACKOFF_INITIAL;
+                stopped_for = None;
             }
             let wait = match ended {
                 Ended::Stopped => break,
@@ -696,8 +699,13 @@ impl Worker {
                     wait
                 }
                 Ended::Refused(reason) => {
-                    tracing::error!(topic = %self.topic, remote = %self.remote.name, %reason, "replication stopped");
+                    if stopped_for.as_ref() == Some(&reason) {
+                        tracing::debug!(topic = %self.topic, remote = %self.remote.name, %reason, "replication still stopped");
+                    } else {
+                        tracing::error!(topic = %self.topic, remote = %self.remote.name, %reason, "replication stopped");
+                    }
                     self.status.set_state(format!("Stopped: {reason}"));
+                    stopped_for = Some(reason);
                     BACKOFF_MAX
                 }
             };
