@@ -20,6 +20,7 @@ pub mod config;
 pub mod dedup;
 pub mod error;
 pub mod outbound;
+pub mod replication;
 pub mod replicator;
 pub mod resources;
 pub mod schema;

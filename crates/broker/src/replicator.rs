@@ -7,62 +7,67 @@
 //!
 //! - an entry is sent whole and unchanged (a batch stays one batch, compression, keys,
 //!   properties, producer name, sequence id and publish time are kept), with `replicated_from`
-//!   set to the local cluster and the property `__MSG_PROP_REPL_SOURCE_POSITION =
-//!   "<ledger>:<entry>"` naming its origin position;
+//!   set to the local cluster and the properties naming its origin position and the previous
+//!   link of the chain (`crate::replication::chain`);
 //! - entries that came from another cluster (`replicated_from` set), entries whose
 //!   `replicate_to` list leaves this remote out, and markers are acknowledged and skipped, so a
 //!   full mesh has no loops;
 //! - the source entry is acknowledged when the remote's receipt arrives, so the cursor's
 //!   mark-delete follows what the remote has made durable, and the backlog of an unreachable
 //!   remote stays on disk: at most [`MAX_IN_FLIGHT_ENTRIES`] entries (and
-//!   [`MAX_IN_FLIGHT_BYTES`]) are read ahead;
-//! - the remote de-duplicates by origin position (see `dedup.rs`), and closes a replicator's
-//!   producer on any failed send so that nothing pipelined behind a failure is stored before it;
-//!   the client resends in order. So rewinds, reconnections and restarts on either side never
-//!   store a second copy and never skip one;
+//!   [`MAX_IN_FLIGHT_BYTES`]) are read ahead, and all replicators together stay within one
+//!   memory bound (`crate::replication::memory`);
+//! - the remote de-duplicates by origin position (see `dedup.rs`) and stores a new entry only
+//!   if it continues the chain; it closes a replicator's producer on any failed send, and the
+//!   replicator's producer sends nothing after a failed entry (`stop_on_failure`): the next
+//!   session resends from the cursor, in order. So rewinds, reconnections and restarts on
+//!   either side never store a second copy, and a gap is refused, never acknowledged;
+//! - an entry the remote refuses for good (too large, a gap, a terminated topic) stops this
+//!   replicator at that entry (`Stopped: ...`) and is retried every 10 s; every wait on the
+//!   remote is bounded and ends on stop;
 //! - before producing, the replicator makes the remote topic exist with the same partition
 //!   count (through the remote's admin API). A mismatch stops that replicator with a clear
 //!   status instead of replicating into the wrong shape;
-//! - failures back off from 100 ms to 10 s and retry; an optional rate limit
+//! - failures back off from 100 ms to 10 s (reset once the remote confirmed something) and
+//!   retry; an optional rate limit
 //!   (`replicatorDispatchRate`) caps messages and bytes per period.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bytes::Bytes;
 use meridian_client::{Client, ConnectionWatch, MessageId, Producer, ProducerMessage, SendReceipt};
 use meridian_storage::{Entry, Log, Position};
 use meridian_wire::proto::KeyValue;
-use meridian_wire::{MessageMetadata, ServerError};
+use meridian_wire::ServerError;
 use serde::Serialize;
-use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{watch, OwnedSemaphorePermit};
 use tokio::time::Instant;
 
-use crate::dedup::{position_sequence, Dedup, Verdict};
-use crate::resources::{ClusterData, DispatchRate};
+pub(crate) use crate::replication::chain::check_chain;
+use crate::replication::chain::{format_position, is_replication_property, parse_position};
+pub use crate::replication::chain::{
+    gap_message, origin_of, without_origin, Origin, CHAIN_CURSOR_PROPERTY, ORIGIN_PROPERTY,
+    PREVIOUS_PROPERTY,
+};
+pub(crate) use crate::replication::remote::RemoteClients;
+pub use crate::replication::remote::RemoteCluster;
+use crate::replication::remote::{prepare_remote_topic, Prepare};
+use crate::resources::DispatchRate;
 use crate::stats::Meter;
 use crate::topic::{now_ms, now_rfc3339};
 use crate::topic_name::TopicName;
 
-/// The property that carries an entry's origin position (`<ledger>:<entry>`).
-pub const ORIGIN_PROPERTY: &str = "__MSG_PROP_REPL_SOURCE_POSITION";
-/// The property that carries the origin position of the entry the replicator sent before this
-/// one to the same remote (the chain the remote checks); absent on the first entry of a chain.
-pub const PREVIOUS_PROPERTY: &str = "__MSG_PROP_REPL_PREVIOUS_POSITION";
-/// Property of the replicator's cursor: the origin position of the last entry the remote
-/// confirmed, where the chain goes on after a restart.
-pub const CHAIN_CURSOR_PROPERTY: &str = "replication.lastConfirmed";
 /// Entries sent and not yet confirmed, per replicator (Pulsar's `replicationProducerQueueSize`).
 pub const MAX_IN_FLIGHT_ENTRIES: usize = 1000;
 /// Bytes sent and not yet confirmed, per replicator.
 pub const MAX_IN_FLIGHT_BYTES: usize = 16 * 1024 * 1024;
 const READ_MAX_ENTRIES: usize = 100;
 const READ_MAX_BYTES: usize = 4 * 1024 * 1024;
-const BACKOFF_INITIAL: Duration = Duration::from_millis(100);
-const BACKOFF_MAX: Duration = Duration::from_secs(10);
+pub(crate) const BACKOFF_INITIAL: Duration = Duration::from_millis(100);
+pub(crate) const BACKOFF_MAX: Duration = Duration::from_secs(10);
 /// A send the remote has not answered this long fails, and the session starts again.
 const SEND_TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -80,230 +85,6 @@ pub fn producer_name(local: &str, remote: &str) -> String {
 pub fn source_cluster(producer_name: &str) -> Option<&str> {
     let rest = producer_name.strip_prefix(crate::dedup::REPLICATOR_PREFIX)?;
     Some(rest.split_once("-->").map_or(rest, |(source, _)| source))
-}
-
-/// Where a replicated entry comes from, as its metadata says.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Origin {
-    pub cluster: String,
-    /// Its position in the origin cluster.
-    pub position: Position,
-    /// The origin position of the entry its replicator sent before it to this cluster;
-    /// `None` on the first entry of a chain.
-    pub previous: Option<Position>,
-}
-
-/// The origin of a replicated entry, from its metadata.
-pub fn origin_of(metadata: &MessageMetadata) -> Option<Origin> {
-    let cluster = metadata.replicated_from.as_ref()?;
-    let property = |key: &str| {
-        metadata
-            .properties
-            .iter()
-            .find(|property| property.key == key)
-            .map(|property| property.value.as_str())
-    };
-    Some(Origin {
-        cluster: cluster.clone(),
-        position: parse_position(property(ORIGIN_PROPERTY)?)?,
-        previous: property(PREVIOUS_PROPERTY).and_then(parse_position),
-    })
-}
-
-fn parse_position(value: &str) -> Option<Position> {
-    let (ledger, entry) = value.split_once(':')?;
-    Some(Position::new(ledger.parse().ok()?, entry.parse().ok()?))
-}
-
-fn format_position(position: Position) -> String {
-    format!("{}:{}", position.ledger_id, position.entry_id)
-}
-
-fn is_replication_property(property: &KeyValue) -> bool {
-    property.key == ORIGIN_PROPERTY || property.key == PREVIOUS_PROPERTY
-}
-
-/// A replicated entry as consumers get it: without the origin and chain properties, which only
-/// replication uses, so that applications see the properties they sent. Other entries are
-/// returned as they are, without a copy.
-pub fn without_origin(metadata: &MessageMetadata, entry: Bytes) -> Bytes {
-    if metadata.replicated_from.is_none()
-        || !metadata.properties.iter().any(is_replication_property)
-    {
-        return entry;
-    }
-    let Ok((mut metadata, payload)) = meridian_wire::entry_parts(entry.clone()) else {
-        return entry;
-    };
-    metadata
-        .properties
-        .retain(|property| !is_replication_property(property));
-    meridian_wire::encode_entry(&metadata, &payload).unwrap_or(entry)
-}
-
-/// The remote's verdict on a replicated entry: a duplicate, or new if it continues its chain.
-pub(crate) fn check_chain(dedup: &mut Dedup, key: &str, origin: &Origin) -> Verdict {
-    let sequence = |position: Position| position_sequence(position.ledger_id, position.entry_id);
-    dedup.check_replicated(
-        key,
-        sequence(origin.position),
-        origin.previous.map(sequence),
-    )
-}
-
-/// Why the remote refuses an entry that does not continue its chain.
-pub fn gap_message(origin: &Origin, last: Option<(u64, u64)>) -> String {
-    let show =
-        |position: Option<Position>| position.map_or_else(|| "none".to_string(), format_position);
-    format!(
-        "replication gap: entry {} from cluster {} follows {}, but the last entry stored from {} is {}",
-        format_position(origin.position),
-        origin.cluster,
-        show(origin.previous),
-        origin.cluster,
-        show(last.map(|(ledger, entry)| Position::new(ledger, entry))),
-    )
-}
-
-/// A remote cluster as the cluster registry describes it.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct RemoteCluster {
-    pub name: String,
-    /// `http://...` of its admin API, used to create the remote topic.
-    pub service_url: Option<String>,
-    /// `pulsar://...` of its brokers.
-    pub broker_service_url: String,
-    /// When set, every replication connection goes through this proxy.
-    pub proxy_service_url: Option<String>,
-}
-
-impl RemoteCluster {
-    /// The remote as registered; `None` if it has no broker service URL.
-    pub fn from_data(name: &str, data: &ClusterData) -> Option<RemoteCluster> {
-        let non_empty = |value: &Option<String>| value.clone().filter(|url| !url.is_empty());
-        Some(RemoteCluster {
-            name: name.to_string(),
-            service_url: non_empty(&data.service_url),
-            broker_service_url: non_empty(&data.broker_service_url)?,
-            proxy_service_url: non_empty(&data.proxy_service_url),
-        })
-    }
-
-    async fn client(&self) -> meridian_client::Result<Client> {
-        let mut builder = Client::builder(self.broker_service_url.clone())
-            .operation_timeout(Duration::from_secs(30))
-            .connect_timeout(Duration::from_secs(10))
-            .keep_alive_interval(Duration::from_secs(10))
-            .reconnect_backoff(BACKOFF_INITIAL, BACKOFF_MAX);
-        if let Some(proxy) = &self.proxy_service_url {
-            builder = builder.proxy_url(proxy.clone());
-        }
-        builder.build().await
-    }
-}
-
-/// What every replicator of a broker shares: one client per remote cluster (their producers
-/// share its connections instead of opening one each) and the memory bound.
-pub(crate) struct RemoteClients {
-    clients: tokio::sync::Mutex<HashMap<RemoteCluster, Client>>,
-    memory: MemoryBudget,
-}
-
-impl RemoteClients {
-    /// `max_memory_bytes`: the bytes of entries all replicators together hold in memory.
-    pub(crate) fn new(max_memory_bytes: usize) -> RemoteClients {
-        RemoteClients {
-            clients: tokio::sync::Mutex::default(),
-            memory: MemoryBudget::new(max_memory_bytes),
-        }
-    }
-
-    async fn get(&self, remote: &RemoteCluster) -> meridian_client::Result<Client> {
-        let mut clients = self.clients.lock().await;
-        if let Some(client) = clients.get(remote) {
-            return Ok(client.clone());
-        }
-        let client = remote.client().await?;
-        clients.insert(remote.clone(), client.clone());
-        Ok(client)
-    }
-
-    /// Closes the clients of remotes that are no longer registered as they were.
-    pub(crate) async fn retain(&self, current: &[RemoteCluster]) {
-        let stale: Vec<Client> = {
-            let mut clients = self.clients.lock().await;
-            let names: Vec<RemoteCluster> = clients
-                .keys()
-                .filter(|remote| !current.contains(remote))
-                .cloned()
-                .collect();
-            names
-                .iter()
-                .filter_map(|remote| clients.remove(remote))
-                .collect()
-        };
-        for client in stale {
-            client.close().await;
-        }
-    }
-}
-
-/// The bytes of entries that replicators may hold in memory (read, sent and not yet confirmed),
-/// across all of them: a remote that is slow or down for many topics cannot make the broker
-/// grow. Each entry holds its share from the read until the remote's receipt.
-struct MemoryBudget {
-    semaphore: Arc<Semaphore>,
-    total: usize,
-}
-
-impl MemoryBudget {
-    fn new(total: usize) -> MemoryBudget {
-        let total = total.clamp(1, u32::MAX as usize);
-        MemoryBudget {
-            semaphore: Arc::new(Semaphore::new(total)),
-            total,
-        }
-    }
-
-    /// `bytes` (at most the whole budget) if they are free now.
-    fn try_reserve(&self, bytes: usize) -> Option<OwnedSemaphorePermit> {
-        self.semaphore
-            .clone()
-            .try_acquire_many_owned(self.clamp(bytes))
-            .ok()
-    }
-
-    /// `bytes` (at most the whole budget), once they are free.
-    async fn reserve(&self, bytes: usize) -> OwnedSemaphorePermit {
-        match self
-            .semaphore
-            .clone()
-            .acquire_many_owned(self.clamp(bytes))
-            .await
-        {
-            Ok(permit) => permit,
-            // The semaphore is never closed.
-            Err(_) => std::future::pending().await,
-        }
-    }
-
-    fn clamp(&self, bytes: usize) -> u32 {
-        u32::try_from(bytes.clamp(1, self.total)).unwrap_or(u32::MAX)
-    }
-
-    /// Takes an entry's share of `bytes` out of `reserved`, reserving more if it falls short;
-    /// `None` if the memory is not free now. An entry larger than the whole budget gets it all.
-    fn take(
-        &self,
-        reserved: &mut OwnedSemaphorePermit,
-        bytes: usize,
-    ) -> Option<OwnedSemaphorePermit> {
-        let have = reserved.num_permits();
-        if have < bytes && have < self.total {
-            reserved.merge(self.try_reserve(bytes - have)?);
-        }
-        reserved.split(bytes.min(reserved.num_permits()))
-    }
 }
 
 /// Pulsar's `ReplicatorStats` for one remote cluster, in topic stats.
@@ -516,7 +297,7 @@ impl Drop for Replicator {
     }
 }
 
-/// Moves a replication cursor (admin `resetCursor` or `skip` on `pulsar.repl.<remote>`) and
+/// Moves a replication cursor (admin `resetCursor` on `pulsar.repl.<remote>`) and
 /// restarts its running replicator from there. The chain starts again too: the next entry sent
 /// names no previous one, so moving the cursor is how an operator explicitly lets a remote
 /// accept a gap (or resends what a remote lost).
@@ -802,7 +583,7 @@ impl Worker {
         let mut in_flight = InFlight::default();
         let mut throttled_until: Option<Instant> = None;
         let clients = self.clients.clone();
-        let memory = &clients.memory;
+        let memory = clients.memory();
         // Memory reserved for the next read, and how much to ask for.
         let mut reserved: Option<OwnedSemaphorePermit> = None;
         let mut wanted = READ_MAX_BYTES;
@@ -917,7 +698,7 @@ impl Worker {
             }
             let publish_time_ms = entry.publish_time_ms;
             let bytes = entry.data.len();
-            let Some(memory) = clients.memory.take(&mut read.budget, bytes) else {
+            let Some(memory) = clients.memory().take(&mut read.budget, bytes) else {
                 // Not enough memory free now: this entry is read again once it is.
                 read.wanted = bytes;
                 break;
@@ -1128,91 +909,5 @@ impl InFlight {
         };
         let result = (&mut head.receipt).await;
         self.complete(result)
-    }
-}
-
-enum Prepare {
-    Mismatch(String),
-    Failed(String),
-}
-
-#[derive(serde::Deserialize)]
-struct PartitionedMetadata {
-    partitions: u32,
-}
-
-/// Makes the topic exist on the remote cluster with the local partition count.
-fn prepare_remote_topic(
-    service_url: &str,
-    topic: &TopicName,
-    partitions: Option<u32>,
-) -> Result<(), Prepare> {
-    let base = topic.base();
-    let url = format!(
-        "{}/admin/v2/persistent/{}/{}/{}",
-        service_url.trim_end_matches('/'),
-        base.tenant,
-        base.namespace,
-        base.local
-    );
-    let agent = ureq::AgentBuilder::new()
-        .timeout(Duration::from_secs(10))
-        .build();
-    let failed = |what: &str, error: ureq::Error| {
-        Prepare::Failed(format!(
-            "{what} on the remote cluster failed: {}",
-            describe(error)
-        ))
-    };
-    let remote_partitions = |agent: &ureq::Agent| -> Result<u32, Prepare> {
-        let metadata: PartitionedMetadata = agent
-            .get(&format!("{url}/partitions"))
-            .call()
-            .map_err(|error| failed("reading the partition count", error))?
-            .into_json()
-            .map_err(|error| Prepare::Failed(format!("bad partition metadata: {error}")))?;
-        Ok(metadata.partitions)
-    };
-    let mismatch = |remote: u32| {
-        Prepare::Mismatch(format!(
-            "partitions inconsistent: {} has {} locally and {remote} on the remote cluster",
-            base,
-            partitions.unwrap_or(0)
-        ))
-    };
-    let existing = remote_partitions(&agent)?;
-    let wanted = partitions.unwrap_or(0);
-    if existing == wanted && wanted > 0 {
-        return Ok(());
-    }
-    if existing != 0 {
-        return Err(mismatch(existing));
-    }
-    let created = match partitions {
-        Some(count) => agent
-            .put(&format!("{url}/partitions"))
-            .set("Content-Type", "application/json")
-            .send_string(&count.to_string()),
-        None => agent.put(&url).call(),
-    };
-    match created {
-        Ok(_) | Err(ureq::Error::Status(409, _)) => {}
-        Err(error) => return Err(failed("creating the topic", error)),
-    }
-    // Someone else may have created it first, with another shape.
-    let now = remote_partitions(&agent)?;
-    if now != wanted {
-        return Err(mismatch(now));
-    }
-    Ok(())
-}
-
-fn describe(error: ureq::Error) -> String {
-    match error {
-        ureq::Error::Status(code, response) => {
-            let body = response.into_string().unwrap_or_default();
-            format!("HTTP {code}: {body}")
-        }
-        other => other.to_string(),
     }
 }
