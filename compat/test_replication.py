@@ -979,3 +979,30 @@ def test_a_terminated_remote_topic_stops_its_replicator_and_local_traffic_goes_o
     check_exactly_once(
         {"a": history.sent_payloads("a"), "b": history.sent_payloads("a")[:5]}, history
     )
+
+
+@pytest.mark.allow_broker_errors(r"replication stopped")
+def test_a_remote_that_lost_its_topic_is_a_gap_until_the_replication_cursor_is_reset(
+    clusters_factory,
+):
+    """b's topic is deleted (b loses what a had replicated). a's next entry names a previous
+    one b no longer holds: b refuses it as a gap and a's replicator stops, instead of going on
+    as if nothing were missing. Resetting a's replication cursor to the start resends what a
+    retains: b holds all of it again, each once, in order."""
+    clusters, topic, history, consumer_b, producer = one_message_through(clusters_factory, "lost")
+    consumer_b.close()
+    clusters.admin("b", "DELETE", f"{topic_path(topic)}?force=true")
+    for i in range(1, 4):
+        history.send(producer, "a", "a", i)
+    stopped = clusters.await_replication_stats(
+        "a", topic, "b", lambda section: section["state"].startswith("Stopped: "),
+        "the replicator to b is stopped at the gap",
+    )
+    assert "replication gap" in stopped["state"], stopped
+    assert stopped["replicationBacklog"] == 3, stopped
+
+    clusters.admin("a", "POST", f"{topic_path(topic)}/subscription/pulsar.repl.b/resetcursor/0")
+    again = subscribe(clusters, "b", topic, name="again")
+    history.collect({"b": again}, {"b": 1 + 4})
+    sent = history.sent_payloads("a")
+    check_exactly_once({"b": sent}, {"b": history.received_payloads("b")[1:]})
