@@ -785,3 +785,150 @@ async fn the_remote_refuses_an_entry_that_does_not_continue_its_chain() {
     }
     client.close().await;
 }
+
+/// A benchmark, not run in CI (`docs/BENCHMARKS.md`): `MERIDIAN_BENCH_BACKLOG_MIB` (default
+/// 1024) of 64 KiB messages pile up on a (16 MiB entry cache) while b is down, then drain;
+/// a's RSS is sampled while the backlog builds and while it drains, and printed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "benchmark: run with --ignored, see docs/BENCHMARKS.md"]
+async fn bench_catch_up_of_a_large_backlog() {
+    let mebibytes: usize = std::env::var("MERIDIAN_BENCH_BACKLOG_MIB")
+        .ok()
+        .and_then(|value| value.parse().ok())
+        .unwrap_or(1024);
+    // A 16 MiB entry cache, so that what grows is not the cache.
+    let (a, mut b) = replicated_pair(&[("MERIDIAN_STORAGE__CACHE_MAX_BYTES", "16777216")]);
+    let topic = "bench-backlog";
+    create_subscription(&b, topic).await;
+    b.broker.stop();
+    let client_a = a.client().await;
+    let producer = client_a
+        .producer(format!("persistent://t/ns/{topic}"))
+        .batching(16, 1 << 20, Duration::from_millis(2))
+        .create()
+        .await
+        .expect("producer");
+    let total = mebibytes * 16;
+    let pid = a.broker.pid();
+    let start = rss_bytes(pid);
+    let mut building = start;
+    let mut receipts = Vec::new();
+    for index in 0..total {
+        receipts.push(
+            producer
+                .send(padded(&format!("{index:08}-"), 64 * 1024))
+                .await
+                .expect("send"),
+        );
+        if receipts.len() >= 256 {
+            for receipt in receipts.drain(..) {
+                receipt.await.expect("receipt");
+            }
+            building = building.max(rss_bytes(pid));
+        }
+    }
+    for receipt in receipts {
+        receipt.await.expect("receipt");
+    }
+    let began = std::time::Instant::now();
+    b.broker.restart();
+    let client_b = b.client().await;
+    let consumer_b = subscribe(&client_b, topic).await;
+    let mut draining = rss_bytes(pid);
+    for count in 1..=total {
+        let message = tokio::time::timeout(WAIT, consumer_b.receive())
+            .await
+            .expect("catch-up stalled")
+            .expect("receive");
+        consumer_b.ack(&message).await.expect("ack");
+        if count % 256 == 0 {
+            draining = draining.max(rss_bytes(pid));
+        }
+    }
+    let mib = |bytes: u64| bytes / (1024 * 1024);
+    eprintln!(
+        "backlog {mebibytes} MiB: a's RSS {} MiB at start, peak {} MiB while it built, peak {} MiB while it drained in {:.1} s",
+        mib(start),
+        mib(building),
+        mib(draining),
+        began.elapsed().as_secs_f64()
+    );
+    client_a.close().await;
+    client_b.close().await;
+}
+
+/// A benchmark, not run in CI (`docs/BENCHMARKS.md`): a topic of 100 partitions on a replicates
+/// to b and to c, and c is down. `MERIDIAN_BENCH_PARTITIONED_MIB` (default 256) of 16 KiB
+/// messages are produced; a's RSS is sampled until everything reached b, and printed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "benchmark: run with --ignored, see docs/BENCHMARKS.md"]
+async fn bench_100_partitions_to_two_remotes_one_down() {
+    let mebibytes: usize = std::env::var("MERIDIAN_BENCH_PARTITIONED_MIB")
+        .ok()
+        .and_then(|value| value.parse().ok())
+        .unwrap_or(256);
+    let cache = [("MERIDIAN_STORAGE__CACHE_MAX_BYTES", "16777216")];
+    let a = Cluster::start("a", &cache);
+    let b = Cluster::start("b", &[]);
+    let mut c = Cluster::start("c", &[]);
+    configure(&a, &[&b, &c]);
+    await_namespace(&b, &["a", "b", "c"]);
+    await_namespace(&c, &["a", "b", "c"]);
+    let topic = "bench-partitions";
+    let admin = a.admin();
+    admin.ok(admin.put(
+        &format!("/admin/v2/persistent/t/ns/{topic}/partitions"),
+        Some("100"),
+    ));
+    c.broker.stop();
+    let client_a = a.client().await;
+    let producer = producer(&client_a, topic).await;
+    let pid = a.broker.pid();
+    let start = rss_bytes(pid);
+    let mut peak = start;
+    let total = mebibytes * 64;
+    let mut receipts = Vec::new();
+    for index in 0..total {
+        receipts.push(
+            producer
+                .send(padded(&format!("{index:08}-"), 16 * 1024))
+                .await
+                .expect("send"),
+        );
+        if receipts.len() >= 512 {
+            for receipt in receipts.drain(..) {
+                receipt.await.expect("receipt");
+            }
+            peak = peak.max(rss_bytes(pid));
+        }
+    }
+    for receipt in receipts {
+        receipt.await.expect("receipt");
+    }
+    let backlog_to = |remote: &str| -> u64 {
+        (0..100)
+            .map(|index| {
+                a.stats(&format!("{topic}-partition-{index}"))["replication"][remote]
+                    ["replicationBacklog"]
+                    .as_u64()
+                    .unwrap_or(u64::MAX)
+            })
+            .fold(0, u64::saturating_add)
+    };
+    assert!(
+        eventually(WAIT, || {
+            peak = peak.max(rss_bytes(pid));
+            backlog_to("b") == 0
+        }),
+        "the backlog to b did not drain"
+    );
+    let mib = |bytes: u64| bytes / (1024 * 1024);
+    eprintln!(
+        "100 partitions, {mebibytes} MiB, c down: a's RSS {} MiB at start, peak {} MiB, {} MiB at the end; backlog to c {} entries",
+        mib(start),
+        mib(peak),
+        mib(rss_bytes(pid)),
+        backlog_to("c")
+    );
+    client_a.close().await;
+}
