@@ -319,14 +319,12 @@ fn rss_bytes(pid: u32) -> u64 {
         .expect("VmRSS")
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn remote_down_backlog_stays_on_disk_then_catches_up() {
-    // A 16 MiB entry cache: the broker's other memory must not grow with the backlog.
+/// a and b replicating `topic`, with a 16 MiB entry cache on a (so that the cache is not what
+/// grows), the reading subscription on b, b stopped, and a batching producer on a.
+async fn remote_down(topic: &str) -> (Cluster, Cluster, Client, Producer) {
     let (a, mut b) = replicated_pair(&[("MERIDIAN_STORAGE__CACHE_MAX_BYTES", "16777216")]);
-    let topic = "backlog";
     create_subscription(&b, topic).await;
     b.broker.stop();
-
     let client_a = a.client().await;
     let producer = client_a
         .producer(format!("persistent://t/ns/{topic}"))
@@ -334,27 +332,18 @@ async fn remote_down_backlog_stays_on_disk_then_catches_up() {
         .create()
         .await
         .expect("producer");
-    let payload = vec![7u8; 64 * 1024];
+    (a, b, client_a, producer)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn remote_down_backlog_stays_on_disk_then_catches_up() {
+    // The broker's memory other than its entry cache must not grow with the backlog.
+    let topic = "backlog";
+    let (a, mut b, client_a, producer) = remote_down(topic).await;
     let total = 3_200usize; // 200 MiB
     let pid = a.broker.pid();
     let before = rss_bytes(pid);
-    let mut peak = before;
-    let mut receipts = Vec::new();
-    for index in 0..total {
-        let mut body = format!("{index:08}-").into_bytes();
-        body.extend_from_slice(&payload);
-        receipts.push(producer.send(body).await.expect("send"));
-        if receipts.len() >= 256 {
-            for receipt in receipts.drain(..) {
-                receipt.await.expect("receipt");
-            }
-            peak = peak.max(rss_bytes(pid));
-        }
-    }
-    for receipt in receipts {
-        receipt.await.expect("receipt");
-    }
-    peak = peak.max(rss_bytes(pid));
+    let peak = produce_sampling_rss(&producer, total, 64 * 1024, pid).await;
     let stats = a.stats(topic);
     assert_eq!(stats["replication"]["b"]["connected"], false, "{stats}");
     assert!(
@@ -786,50 +775,45 @@ async fn the_remote_refuses_an_entry_that_does_not_continue_its_chain() {
     client.close().await;
 }
 
+/// Produces `count` messages of `size` bytes, 256 receipts awaited at a time, and returns the
+/// highest RSS of process `pid` seen meanwhile.
+async fn produce_sampling_rss(producer: &Producer, count: usize, size: usize, pid: u32) -> u64 {
+    let mut peak = rss_bytes(pid);
+    let mut receipts = Vec::new();
+    for index in 0..count {
+        let body = padded(&format!("{index:08}-"), size);
+        receipts.push(producer.send(body).await.expect("send"));
+        if receipts.len() >= 256 || index + 1 == count {
+            for receipt in receipts.drain(..) {
+                receipt.await.expect("receipt");
+            }
+            peak = peak.max(rss_bytes(pid));
+        }
+    }
+    peak
+}
+
+/// A benchmark's size in MiB: environment variable `name`, else `default`.
+fn bench_mebibytes(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|value| value.parse().ok())
+        .unwrap_or(default)
+}
+
 /// A benchmark, not run in CI (`docs/BENCHMARKS.md`): `MERIDIAN_BENCH_BACKLOG_MIB` (default
 /// 1024) of 64 KiB messages pile up on a (16 MiB entry cache) while b is down, then drain;
 /// a's RSS is sampled while the backlog builds and while it drains, and printed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "benchmark: run with --ignored, see docs/BENCHMARKS.md"]
 async fn bench_catch_up_of_a_large_backlog() {
-    let mebibytes: usize = std::env::var("MERIDIAN_BENCH_BACKLOG_MIB")
-        .ok()
-        .and_then(|value| value.parse().ok())
-        .unwrap_or(1024);
-    // A 16 MiB entry cache, so that what grows is not the cache.
-    let (a, mut b) = replicated_pair(&[("MERIDIAN_STORAGE__CACHE_MAX_BYTES", "16777216")]);
+    let mebibytes = bench_mebibytes("MERIDIAN_BENCH_BACKLOG_MIB", 1024);
     let topic = "bench-backlog";
-    create_subscription(&b, topic).await;
-    b.broker.stop();
-    let client_a = a.client().await;
-    let producer = client_a
-        .producer(format!("persistent://t/ns/{topic}"))
-        .batching(16, 1 << 20, Duration::from_millis(2))
-        .create()
-        .await
-        .expect("producer");
+    let (a, mut b, client_a, producer) = remote_down(topic).await;
     let total = mebibytes * 16;
     let pid = a.broker.pid();
     let start = rss_bytes(pid);
-    let mut building = start;
-    let mut receipts = Vec::new();
-    for index in 0..total {
-        receipts.push(
-            producer
-                .send(padded(&format!("{index:08}-"), 64 * 1024))
-                .await
-                .expect("send"),
-        );
-        if receipts.len() >= 256 {
-            for receipt in receipts.drain(..) {
-                receipt.await.expect("receipt");
-            }
-            building = building.max(rss_bytes(pid));
-        }
-    }
-    for receipt in receipts {
-        receipt.await.expect("receipt");
-    }
+    let building = produce_sampling_rss(&producer, total, 64 * 1024, pid).await;
     let began = std::time::Instant::now();
     b.broker.restart();
     let client_b = b.client().await;
@@ -863,10 +847,7 @@ async fn bench_catch_up_of_a_large_backlog() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "benchmark: run with --ignored, see docs/BENCHMARKS.md"]
 async fn bench_100_partitions_to_two_remotes_one_down() {
-    let mebibytes: usize = std::env::var("MERIDIAN_BENCH_PARTITIONED_MIB")
-        .ok()
-        .and_then(|value| value.parse().ok())
-        .unwrap_or(256);
+    let mebibytes = bench_mebibytes("MERIDIAN_BENCH_PARTITIONED_MIB", 256);
     let cache = [("MERIDIAN_STORAGE__CACHE_MAX_BYTES", "16777216")];
     let a = Cluster::start("a", &cache);
     let b = Cluster::start("b", &[]);
@@ -885,26 +866,7 @@ async fn bench_100_partitions_to_two_remotes_one_down() {
     let producer = producer(&client_a, topic).await;
     let pid = a.broker.pid();
     let start = rss_bytes(pid);
-    let mut peak = start;
-    let total = mebibytes * 64;
-    let mut receipts = Vec::new();
-    for index in 0..total {
-        receipts.push(
-            producer
-                .send(padded(&format!("{index:08}-"), 16 * 1024))
-                .await
-                .expect("send"),
-        );
-        if receipts.len() >= 512 {
-            for receipt in receipts.drain(..) {
-                receipt.await.expect("receipt");
-            }
-            peak = peak.max(rss_bytes(pid));
-        }
-    }
-    for receipt in receipts {
-        receipt.await.expect("receipt");
-    }
+    let mut peak = produce_sampling_rss(&producer, mebibytes * 64, 16 * 1024, pid).await;
     let backlog_to = |remote: &str| -> u64 {
         (0..100)
             .map(|index| {
