@@ -61,3 +61,36 @@ impl MemoryBudget {
         reserved.split(bytes.min(reserved.num_permits()))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entries_take_their_share_and_wait_when_the_budget_is_used() {
+        let budget = MemoryBudget::new(1000);
+        let mut reserved = budget.try_reserve(600).expect("free");
+        let first = budget
+            .take(&mut reserved, 400)
+            .expect("within what was reserved");
+        assert_eq!((first.num_permits(), reserved.num_permits()), (400, 200));
+        let second = budget
+            .take(&mut reserved, 500)
+            .expect("topped up from what is free");
+        assert_eq!((second.num_permits(), reserved.num_permits()), (500, 0));
+        assert!(
+            budget.take(&mut reserved, 200).is_none(),
+            "only 100 bytes are free"
+        );
+        drop((first, second, reserved));
+        let mut whole = budget
+            .try_reserve(5000)
+            .expect("clamped to the whole budget");
+        assert_eq!(whole.num_permits(), 1000);
+        let huge = budget
+            .take(&mut whole, 5000)
+            .expect("larger than the budget");
+        assert_eq!(huge.num_permits(), 1000, "it gets all of it");
+        assert!(budget.try_reserve(1).is_none());
+    }
+}
