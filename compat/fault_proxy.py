@@ -14,6 +14,11 @@ test thread steers it:
   there), then are reset on both sides (SO_LINGER 0: an RST, no FIN). After `connections`
   resets the rule is cleared by itself; `connections=None` keeps resetting every connection
   until `reset_after(None)`.
+- `corrupt(marker, times=1)`: in data going to the target, the byte right after the next
+  `times` occurrences of `marker` (each found within one chunk) is flipped, as a bad link or
+  NIC would; `times=None` corrupts every occurrence until `corrupt(None)`. Put the marker in
+  a message payload, followed by payload bytes, so that only that payload is damaged and the
+  broker sees a checksum mismatch. `corrupted` counts the bytes flipped.
 - `close()`: stops listening, resets what is open, stops and joins the proxy's thread. It is
   idempotent; nothing (thread, socket) is left behind afterwards.
 
@@ -89,6 +94,9 @@ class FaultProxy:
         self.connections_accepted = 0
         self.connections_refused = 0
         self.resets = 0
+        self.corrupted = 0
+        # (marker, occurrences left to corrupt or None for "until cleared")
+        self._corrupt_rule: Optional[tuple[bytes, Optional[int]]] = None
         self._links: dict[int, _Link] = {}
         # Every task the proxy runs, until it ends: close() cancels and awaits what is left.
         self._tasks: set[asyncio.Task] = set()
@@ -178,6 +186,13 @@ class FaultProxy:
         if connections is not None and connections < 1:
             raise ValueError("connections must be >= 1 or None")
         self._call(self._do_reset_after(n_bytes, connections))
+
+    def corrupt(self, marker: Optional[bytes], times: Optional[int] = 1) -> None:
+        """Flip the byte after the next `times` occurrences of `marker` sent to the target."""
+        if marker is not None and not marker:
+            raise ValueError("marker must not be empty")
+        rule = None if marker is None else (bytes(marker), times)
+        self._call(self._set(lambda: setattr(self, "_corrupt_rule", rule)))
 
     def close(self) -> None:
         """Stop listening, reset every connection, stop the thread. Idempotent."""
@@ -357,6 +372,8 @@ class FaultProxy:
                         await writer.drain()
                     self._reset_by_rule(link)
                     return
+                if to_target and self._corrupt_rule is not None:
+                    chunk = self._corrupted(chunk)
                 # Counted first: the peer may see the bytes before this thread runs again.
                 self._count(link, len(chunk), to_target)
                 writer.write(chunk)
@@ -367,6 +384,23 @@ class FaultProxy:
             self._reset_link(link)
         except asyncio.CancelledError:
             pass
+
+    def _corrupted(self, chunk: bytes) -> bytes:
+        marker, left = self._corrupt_rule
+        damaged = bytearray(chunk)
+        start = 0
+        while left is None or left > 0:
+            found = damaged.find(marker, start)
+            flip = found + len(marker)
+            if found < 0 or flip >= len(damaged):
+                break
+            damaged[flip] ^= 0xFF
+            self.corrupted += 1
+            start = flip + 1
+            if left is not None:
+                left -= 1
+        self._corrupt_rule = None if left == 0 else (marker, left)
+        return bytes(damaged)
 
     def _count(self, link: _Link, n: int, to_target: bool) -> None:
         link.forwarded += n

@@ -43,7 +43,7 @@ from typing import Callable, Hashable, Iterable, Mapping, Optional, Sequence
 import pulsar
 import pytest
 
-from broker_process import BrokerError, BrokerProcess
+from broker_process import BrokerError, BrokerProcess, toml_value
 from fault_proxy import FaultProxy
 from helpers import unique
 
@@ -603,6 +603,31 @@ class Clusters:
                     failures.append(f"closing {proxy!r}: {error!r}")
         if failures:
             pytest.fail("\n\n".join(failures), pytrace=False)
+
+    def reconfigure(self, name: str, **changes) -> None:
+        """Restarts cluster `name`'s broker (same ports and data) with `changes` applied to
+        its configuration file, as an operator changing a setting would."""
+        broker = self.clusters[name].broker
+        config = {**self.config, **self.configs.get(name, {}), "cluster_name": name}
+        self.configs[name] = {**self.configs.get(name, {}), **changes}
+        config.update(changes)
+        broker.stop()
+        broker.config_path.write_text(
+            "".join(f"{key} = {toml_value(value)}\n" for key, value in config.items())
+        )
+        broker.start()
+
+    def metrics(self, name: str) -> str:
+        """Cluster `name`'s Prometheus metrics (`GET /metrics`)."""
+        with urllib.request.urlopen(f"{self.clusters[name].web_url}/metrics", timeout=30) as reply:
+            return reply.read().decode()
+
+    def log_lines(self, name: str, *needles: str) -> list[str]:
+        """The lines of cluster `name`'s broker log that contain every one of `needles`."""
+        return [
+            line for line in self.clusters[name].broker.log_text().splitlines()
+            if all(needle in line for needle in needles)
+        ]
 
     # ---------------------------------------------------------------- access
 

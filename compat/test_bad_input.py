@@ -81,7 +81,7 @@ def test_client_vanishing_in_the_middle_of_a_frame(broker, bystander, client_fac
 
 
 def test_oversized_frame_closes_that_connection(broker, bystander, client_factory):
-    oversized = frames.MAX_FRAME_SIZE + 1  # total_size alone exceeds 5 MiB + 10 KiB
+    oversized = frames.MAX_FRAME_SIZE + 1  # total_size alone exceeds 5 MiB + 11 KiB
     with frames.RawConnection(broker.broker_port) as connection:
         connection.handshake()
         header = struct.pack(">II", oversized, 64)

@@ -164,6 +164,28 @@ def test_forwards_both_ways_byte_exact_and_counts(echo, proxy_factory):
     assert echo.clean_closes == 1 and echo.resets == 0
 
 
+def test_corrupt_flips_the_byte_after_the_marker_as_often_as_asked(echo, proxy_factory):
+    """Toward the target only, the byte after each of the next `times` markers is flipped;
+    everything else passes unchanged, and the rule clears itself."""
+    proxy = proxy_factory(echo.port)
+    flipped = b"MARK" + bytes([ord("-") ^ 0xFF])
+    proxy.corrupt(b"MARK", times=2)
+    with connect(proxy) as sock:
+        # One marker per round trip, so each is in a chunk of its own.
+        echoed = []
+        for _ in range(3):
+            sock.sendall(b"..MARK-..")
+            echoed.append(recv_exactly(sock, 9))
+        assert echoed == [b".." + flipped + b".."] * 2 + [b"..MARK-.."]
+        assert proxy.corrupted == 2
+    proxy.corrupt(b"MARK", times=None)
+    with connect(proxy) as sock:
+        sock.sendall(b"MARK-MARK-")
+        assert recv_exactly(sock, 10) == flipped * 2
+    proxy.corrupt(None)
+    assert proxy.corrupted == 4
+
+
 def test_cut_resets_open_connections_and_refuses_new_ones_until_heal(echo, proxy_factory):
     """cut() kills what is open (RST on both sides) and every new connection until heal()."""
     proxy = proxy_factory(echo.port)

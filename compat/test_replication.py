@@ -29,6 +29,8 @@ sections and `internalStats` cursors (`pulsar.repl.<cluster>`) show the replicat
 
 from __future__ import annotations
 
+import re
+
 import pulsar
 import pytest
 
@@ -43,6 +45,7 @@ from replication_harness import (
     clusters_factory,  # noqa: F401 (fixture)
     make_payload,
     parse_payload,
+    topic_path,
 )
 
 Earliest = pulsar.InitialPosition.Earliest
@@ -753,3 +756,253 @@ def test_partition_count_mismatch_stops_replication_and_keeps_a_backlog(clusters
     assert clusters.partitions("b", topic) == 2
     assert not [t for t in clusters.topics("b", namespace) if t.endswith("-partition-2")]
     assert_no_more(consumer_b, wait_ms=int(QUIET_WINDOW_S * 1000), what="b must receive nothing")
+
+
+# ------------------------------------------------------------------ no silent gap (issue 11)
+
+SMALL_LIMIT = 1024 * 1024  # b's maxMessageSize where the clusters' limits differ
+
+
+def sized_payload(producer: str, counter: int, size: int) -> dict:
+    """`History.send` arguments for a payload of exactly `size` bytes."""
+    return {"padding": size - len(make_payload(producer, counter))}
+
+
+def one_message_through(clusters_factory, prefix: str):
+    """Clusters a and b replicating a fresh namespace both ways, and one topic through which
+    a's first message reached b: (clusters, topic, history, consumer on b, producer on a)."""
+    clusters = clusters_factory(("a", "b"))
+    namespace = clusters.create_replicated_namespace(clusters.new_namespace(prefix), ["a", "b"])
+    topic = f"persistent://{namespace}/{prefix}"
+    history = History()
+    consumer_b = subscribe(clusters, "b", topic)
+    producer = clusters.client("a").create_producer(topic, batching_enabled=False)
+    history.send(producer, "a", "a", 0)
+    history.collect({"b": consumer_b}, {"b": 1}, quiet=0)
+    return clusters, topic, history, consumer_b, producer
+
+
+def log_count(clusters, cluster: str, *needles: str) -> int:
+    return len(clusters.log_lines(cluster, *needles))
+
+
+@pytest.mark.allow_broker_errors(r"replication stopped")
+def test_an_entry_too_large_for_the_remote_stops_only_its_replicator_until_the_limit_is_raised(
+    clusters_factory,
+):
+    """b accepts 1 MiB payloads, a the default 5 MiB. On a: m0 of exactly 1 MiB, m1 one byte
+    over, m2..m9 small, published back to back. b stores m0 and nothing after it (no gap): the
+    replicator says `Stopped` at m1, retries, and another topic replicating to b over the same
+    connection is not disturbed. From b to a, a message at b's limit arrives. Once b's limit is
+    raised (a restart with the new setting), b holds m0..m9, each once, in order."""
+    clusters = clusters_factory(("a", "b"), configs={"b": {"max_message_size": SMALL_LIMIT}})
+    namespace = clusters.create_replicated_namespace(clusters.new_namespace("limits"), ["a", "b"])
+    big, other = f"persistent://{namespace}/big", f"persistent://{namespace}/other"
+    history = History()
+    consumer_b = subscribe(clusters, "b", big)
+    other_b = subscribe(clusters, "b", other, name="other")
+    producer = clusters.client("a").create_producer(big, batching_enabled=False)
+    sizes = {0: SMALL_LIMIT, 1: SMALL_LIMIT + 1}
+    for i in range(10):
+        history.send_async(producer, "a", "a", i, **sized_payload("a", i, sizes.get(i, 100)))
+    producer.flush()
+    history.await_settled()
+    sent = history.sent_payloads("a")
+    assert len(sent) == 10, "a accepts every message under its own limit"
+
+    stopped = clusters.await_replication_stats(
+        "a", big, "b", lambda section: section["state"].startswith("Stopped: "),
+        "the replicator of big to b is stopped",
+    )
+    assert "exceeds" in stopped["state"], stopped
+    assert stopped["replicationBacklog"] == 9, stopped
+    history.collect({"b": consumer_b}, {"b": 1})
+    check_exactly_once({"b": sent[:1]}, history)
+    metrics = clusters.metrics("a")
+    assert any(
+        line.startswith("meridian_replication_stopped_count") and "big" in line
+        and line.endswith(" 1")
+        for line in metrics.splitlines()
+    ), "no metric says the replicator is stopped"
+    [logged] = clusters.log_lines("a", "replication stopped", "big")[:1]
+    assert "remote=b" in logged and "entry " in logged, logged
+
+    # Another topic to b replicates over the same connection while big's replicator retries.
+    other_producer = clusters.client("a").create_producer(other)
+    for i in range(10):
+        history.send(other_producer, "other", "a", i)
+    connected_since = clusters.await_replication_stats(
+        "a", other, "b", lambda section: section["connected"], "other replicates to b",
+    )["outboundConnectedSince"]
+    retries = log_count(clusters, "a", "replicator started", "big")
+    await_condition(
+        lambda: log_count(clusters, "a", "replicator started", "big") > retries,
+        REPLICATION_TIMEOUT_S, "big's replicator retried",
+    )
+    assert log_count(clusters, "a", "replication stopped", "big") == 1, "an ERROR per retry"
+    history.collect({"other": other_b}, {"other": 10})
+    check_exactly_once({"other": history.sent_payloads("other")}, history)
+    still = clusters.replication_stats("a", other, "b")
+    assert still["connected"] and still["outboundConnectedSince"] == connected_since, still
+
+    # The other direction: b's largest message fits a's larger limit.
+    back = f"persistent://{namespace}/back"
+    consumer_a = subscribe(clusters, "a", back)
+    history.send(clusters.client("b").create_producer(back), "b", "b", 0,
+                 **sized_payload("b", 0, SMALL_LIMIT))
+    history.collect({"a": consumer_a}, {"a": 1})
+    check_exactly_once({"a": history.sent_payloads("b")}, history)
+
+    clusters.reconfigure("b", max_message_size=5 * 1024 * 1024)
+    history.collect({"b": consumer_b}, {"b": 10})
+    check_exactly_once({"b": sent}, history)
+    clusters.await_replication_stats(
+        "a", big, "b", lambda section: section["state"] == "Started"
+        and section["replicationBacklog"] == 0 and section["msgOutCount"] == 10,
+        "big's replicator resumed and drained",
+    )
+
+
+@pytest.mark.allow_broker_errors(r"replication stopped")
+def test_skipping_an_entry_the_remote_refuses_is_an_explicit_admin_action(clusters_factory):
+    """b accepts 1 MiB payloads; m1 is one byte over. The replicator stops at m1 and b holds
+    m0 only. `skip/1` on the replication cursor `pulsar.repl.b` of a lets m2 and m3 through:
+    b holds m0, m2, m3, each once, in order, and never m1."""
+    clusters = clusters_factory(("a", "b"), configs={"b": {"max_message_size": SMALL_LIMIT}})
+    namespace = clusters.create_replicated_namespace(clusters.new_namespace("skip"), ["a", "b"])
+    topic = f"persistent://{namespace}/skip"
+    history = History()
+    consumer_b = subscribe(clusters, "b", topic)
+    producer = clusters.client("a").create_producer(topic, batching_enabled=False)
+    for i in range(4):
+        size = SMALL_LIMIT + 1 if i == 1 else 100
+        history.send(producer, "a", "a", i, **sized_payload("a", i, size))
+    clusters.await_replication_stats(
+        "a", topic, "b", lambda section: section["state"].startswith("Stopped: "),
+        "the replicator to b is stopped at m1",
+    )
+    history.collect({"b": consumer_b}, {"b": 1}, quiet=0)
+    clusters.admin("a", "POST", f"{topic_path(topic)}/subscription/pulsar.repl.b/skip/1")
+    sent = history.sent_payloads("a")
+    history.collect({"b": consumer_b}, {"b": 3})
+    check_exactly_once({"b": [sent[0], sent[2], sent[3]]}, history)
+    clusters.await_replication_stats(
+        "a", topic, "b",
+        lambda section: section["state"] == "Started" and section["replicationBacklog"] == 0,
+        "the replicator to b goes on after the skip",
+    )
+
+
+def test_a_corrupted_entry_in_a_full_pipeline_is_sent_again_and_nothing_is_lost(clusters_factory):
+    """300 messages wait on a while the link to b is cut; then the link heals, the replicator
+    pipelines them, and the proxy flips one byte in the payload of the 150th. b refuses it
+    (checksum); the replicator sends it and everything after it again: b holds all 300, each
+    once, in order, and a's stats count 300 sent and nothing left."""
+    clusters, topic, history, consumer_b, producer = one_message_through(
+        clusters_factory, "corrupt"
+    )
+    link = clusters.link("a", "b")
+    link.cut()
+    for i in range(1, 300):
+        history.send_async(producer, "a", "a", i, padding=LOAD_PADDING)
+    producer.flush()
+    history.await_settled()
+    link.corrupt(make_payload("a", 150))
+    link.heal()
+    history.collect({"b": consumer_b}, {"b": 300})
+    check_exactly_once({"b": history.sent_payloads("a")}, history)
+    assert link.corrupted == 1
+    clusters.await_replication_stats(
+        "a", topic, "b",
+        lambda section: section["replicationBacklog"] == 0 and section["msgOutCount"] == 300,
+        "a counts what b stored",
+    )
+
+
+def retry_delays_ms(clusters, cluster: str, topic: str) -> list[float]:
+    """The `retry_in` of each `replication interrupted` line logged for `topic`."""
+    delays = []
+    for line in clusters.log_lines(cluster, "replication interrupted", topic):
+        match = re.search(r"retry_in=([0-9.]+)(ms|s)\b", line)
+        if match:
+            delays.append(float(match.group(1)) * (1 if match.group(2) == "ms" else 1000))
+    return delays
+
+
+def test_the_backoff_grows_while_the_remote_confirms_nothing(clusters_factory):
+    """Every copy of one message is corrupted on the link: each session creates its producer
+    and fails a moment later at that message. The retries back off (each delay longer than the
+    one before) instead of starting again at the shortest delay; once the link is clean, b holds
+    every message once, in order."""
+    clusters, topic, history, consumer_b, producer = one_message_through(
+        clusters_factory, "backoff"
+    )
+    link = clusters.link("a", "b")
+    link.corrupt(make_payload("a", 5), times=None)
+    for i in range(1, 10):
+        history.send(producer, "a", "a", i, padding=LOAD_PADDING)
+    await_condition(
+        lambda: len(retry_delays_ms(clusters, "a", topic)) >= 4,
+        REPLICATION_TIMEOUT_S, "four retries",
+    )
+    delays = retry_delays_ms(clusters, "a", topic)[:4]
+    assert delays == sorted(set(delays)), f"the backoff did not grow: {delays}"
+    link.corrupt(None)
+    history.collect({"b": consumer_b}, {"b": 10})
+    check_exactly_once({"b": history.sent_payloads("a")}, history)
+
+
+@pytest.mark.allow_broker_errors(r"replication stopped")
+def test_a_terminated_remote_topic_stops_its_replicator_and_local_traffic_goes_on(
+    clusters_factory,
+):
+    """The topic is terminated on b only. a's replicator stops (`Stopped`, naming the
+    termination) with what b could not take left in its backlog; a's own producer and
+    consumer go on."""
+    clusters, topic, history, consumer_b, producer = one_message_through(
+        clusters_factory, "ended"
+    )
+    consumer_a = subscribe(clusters, "a", topic)
+    for i in range(1, 5):
+        history.send(producer, "a", "a", i)
+    history.collect({"b": consumer_b}, {"b": 5}, quiet=0)
+    clusters.admin("b", "POST", f"{topic_path(topic)}/terminate")
+    for i in range(5, 10):
+        history.send(producer, "a", "a", i)
+    history.collect({"a": consumer_a}, {"a": 10})
+    stopped = clusters.await_replication_stats(
+        "a", topic, "b", lambda section: section["state"].startswith("Stopped: "),
+        "the replicator to b is stopped",
+    )
+    assert "terminated" in stopped["state"].lower(), stopped
+    assert stopped["replicationBacklog"] == 5, stopped
+    check_exactly_once(
+        {"a": history.sent_payloads("a"), "b": history.sent_payloads("a")[:5]}, history
+    )
+
+
+@pytest.mark.allow_broker_errors(r"replication stopped")
+def test_a_remote_that_lost_its_topic_is_a_gap_until_the_replication_cursor_is_reset(
+    clusters_factory,
+):
+    """b's topic is deleted (b loses what a had replicated). a's next entry names a previous
+    one b no longer holds: b refuses it as a gap and a's replicator stops, instead of going on
+    as if nothing were missing. Resetting a's replication cursor to the start resends what a
+    retains: b holds all of it again, each once, in order."""
+    clusters, topic, history, consumer_b, producer = one_message_through(clusters_factory, "lost")
+    consumer_b.close()
+    clusters.admin("b", "DELETE", f"{topic_path(topic)}?force=true")
+    for i in range(1, 4):
+        history.send(producer, "a", "a", i)
+    stopped = clusters.await_replication_stats(
+        "a", topic, "b", lambda section: section["state"].startswith("Stopped: "),
+        "the replicator to b is stopped at the gap",
+    )
+    assert "replication gap" in stopped["state"], stopped
+    assert stopped["replicationBacklog"] == 3, stopped
+
+    clusters.admin("a", "POST", f"{topic_path(topic)}/subscription/pulsar.repl.b/resetcursor/0")
+    again = subscribe(clusters, "b", topic, name="again")
+    history.collect({"b": again}, {"b": 1 + 4})
+    sent = history.sent_payloads("a")
+    check_exactly_once({"b": sent}, {"b": history.received_payloads("b")[1:]})

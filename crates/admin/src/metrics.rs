@@ -150,7 +150,7 @@ pub async fn metrics(State(broker): State<AppState>) -> impl IntoResponse {
         );
         for (remote, replication) in &stats.replication {
             let labels = format!("{labels},remote_cluster=\"{}\"", escape(remote));
-            let samples: [(&'static str, &'static str, f64); 8] = [
+            let samples: [(&'static str, &'static str, f64); 9] = [
                 (
                     "pulsar_replication_rate_in",
                     "Messages per second replicated in from the remote cluster",
@@ -191,11 +191,17 @@ pub async fn metrics(State(broker): State<AppState>) -> impl IntoResponse {
                     "1 if the replicator to the remote cluster is not connected",
                     f64::from(u8::from(!replication.connected)),
                 ),
+                (
+                    "meridian_replication_stopped_count",
+                    "1 if the replicator to the remote cluster is stopped until its cause is fixed \
+                     (state Stopped: <reason> in topic stats)",
+                    f64::from(u8::from(replication.state.starts_with("Stopped: "))),
+                ),
             ];
             // Only an outbound replicator has a connection state.
             let outbound = !replication.state.is_empty();
             for (name, help, value) in samples {
-                if outbound || !name.ends_with("connected_count") {
+                if outbound || !name.ends_with("_count") {
                     add(name, help, "gauge", labels.clone(), value);
                 }
             }

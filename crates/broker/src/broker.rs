@@ -107,13 +107,14 @@ impl Broker {
             .duration_since(std::time::UNIX_EPOCH)
             .map(|elapsed| elapsed.as_millis() as u64)
             .unwrap_or(0);
+        let remote_clients = Arc::new(RemoteClients::new(config.replication_max_memory_bytes));
         Ok(Arc::new(Broker {
             shared: Arc::new(BrokerShared {
                 config: Arc::new(config),
                 storage,
                 producer_names: AtomicU64::new(0),
                 instance: format!("{instance:x}"),
-                remote_clients: Arc::new(RemoteClients::default()),
+                remote_clients,
             }),
             schemas: SchemaRegistry::new(metadata.clone()),
             resources: Resources::new(metadata.clone()),

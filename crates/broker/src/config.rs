@@ -57,6 +57,9 @@ pub struct BrokerConfig {
     /// Topics of one namespace at most, partitions counted (`maxTopicsPerNamespace`; 0: no
     /// limit).
     pub max_topics_per_namespace: usize,
+    /// Bytes of replicated entries held in memory (read and not yet confirmed by the remote)
+    /// across every replicator.
+    pub replication_max_memory_bytes: usize,
 }
 
 impl Default for BrokerConfig {
@@ -82,6 +85,7 @@ impl Default for BrokerConfig {
             replicated_subscriptions_sync_interval: std::time::Duration::from_millis(100),
             max_num_partitions_per_partitioned_topic: 10_000,
             max_topics_per_namespace: 0,
+            replication_max_memory_bytes: 128 * 1024 * 1024,
         }
     }
 }

@@ -7,62 +7,67 @@
 //!
 //! - an entry is sent whole and unchanged (a batch stays one batch, compression, keys,
 //!   properties, producer name, sequence id and publish time are kept), with `replicated_from`
-//!   set to the local cluster and the property `__MSG_PROP_REPL_SOURCE_POSITION =
-//!   "<ledger>:<entry>"` naming its origin position;
+//!   set to the local cluster and the properties naming its origin position and the previous
+//!   link of the chain (`crate::replication::chain`);
 //! - entries that came from another cluster (`replicated_from` set), entries whose
 //!   `replicate_to` list leaves this remote out, and markers are acknowledged and skipped, so a
 //!   full mesh has no loops;
 //! - the source entry is acknowledged when the remote's receipt arrives, so the cursor's
 //!   mark-delete follows what the remote has made durable, and the backlog of an unreachable
 //!   remote stays on disk: at most [`MAX_IN_FLIGHT_ENTRIES`] entries (and
-//!   [`MAX_IN_FLIGHT_BYTES`]) are read ahead;
-//! - the remote de-duplicates by origin position (see `dedup.rs`), and closes a replicator's
-//!   producer on any failed send so that nothing pipelined behind a failure is stored before it;
-//!   the client resends in order. So rewinds, reconnections and restarts on either side never
-//!   store a second copy and never skip one;
+//!   [`MAX_IN_FLIGHT_BYTES`]) are read ahead, and all replicators together stay within one
+//!   memory bound (`crate::replication::memory`);
+//! - the remote de-duplicates by origin position (see `dedup.rs`) and stores a new entry only
+//!   if it continues the chain; it closes a replicator's producer on any failed send, and the
+//!   replicator's producer sends nothing after a failed entry (`stop_on_failure`): the next
+//!   session resends from the cursor, in order. So rewinds, reconnections and restarts on
+//!   either side never store a second copy, and a gap is refused, never acknowledged;
+//! - an entry the remote refuses for good (too large, a gap, a terminated topic) stops this
+//!   replicator at that entry (`Stopped: ...`) and is retried every 10 s; every wait on the
+//!   remote is bounded and ends on stop;
 //! - before producing, the replicator makes the remote topic exist with the same partition
 //!   count (through the remote's admin API). A mismatch stops that replicator with a clear
 //!   status instead of replicating into the wrong shape;
-//! - failures back off from 100 ms to 10 s and retry; an optional rate limit
+//! - failures back off from 100 ms to 10 s (reset once the remote confirmed something) and
+//!   retry; an optional rate limit
 //!   (`replicatorDispatchRate`) caps messages and bytes per period.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bytes::Bytes;
 use meridian_client::{Client, ConnectionWatch, MessageId, Producer, ProducerMessage, SendReceipt};
 use meridian_storage::{Entry, Log, Position};
 use meridian_wire::proto::KeyValue;
-use meridian_wire::{MessageMetadata, ServerError};
+use meridian_wire::ServerError;
 use serde::Serialize;
-use tokio::sync::watch;
+use tokio::sync::{watch, OwnedSemaphorePermit};
 use tokio::time::Instant;
 
 use crate::clock::{now_ms, now_rfc3339};
-use crate::dedup::{position_sequence, Dedup, Verdict};
-use crate::resources::{ClusterData, DispatchRate};
+pub(crate) use crate::replication::chain::check_chain;
+use crate::replication::chain::{format_position, is_replication_property, parse_position};
+pub use crate::replication::chain::{
+    gap_message, origin_of, without_origin, Origin, CHAIN_CURSOR_PROPERTY, ORIGIN_PROPERTY,
+    PREVIOUS_PROPERTY,
+};
+pub(crate) use crate::replication::remote::RemoteClients;
+pub use crate::replication::remote::RemoteCluster;
+use crate::replication::remote::{prepare_remote_topic, Prepare};
+use crate::resources::DispatchRate;
 use crate::stats::Meter;
 use crate::topic_name::TopicName;
 
-/// The property that carries an entry's origin position (`<ledger>:<entry>`).
-pub const ORIGIN_PROPERTY: &str = "__MSG_PROP_REPL_SOURCE_POSITION";
-/// The property that carries the origin position of the entry the replicator sent before this
-/// one to the same remote (the chain the remote checks); absent on the first entry of a chain.
-pub const PREVIOUS_PROPERTY: &str = "__MSG_PROP_REPL_PREVIOUS_POSITION";
-/// Property of the replicator's cursor: the origin position of the last entry the remote
-/// confirmed, where the chain goes on after a restart.
-pub const CHAIN_CURSOR_PROPERTY: &str = "replication.lastConfirmed";
 /// Entries sent and not yet confirmed, per replicator (Pulsar's `replicationProducerQueueSize`).
 pub const MAX_IN_FLIGHT_ENTRIES: usize = 1000;
 /// Bytes sent and not yet confirmed, per replicator.
 pub const MAX_IN_FLIGHT_BYTES: usize = 16 * 1024 * 1024;
 const READ_MAX_ENTRIES: usize = 100;
 const READ_MAX_BYTES: usize = 4 * 1024 * 1024;
-const BACKOFF_INITIAL: Duration = Duration::from_millis(100);
-const BACKOFF_MAX: Duration = Duration::from_secs(10);
+pub(crate) const BACKOFF_INITIAL: Duration = Duration::from_millis(100);
+pub(crate) const BACKOFF_MAX: Duration = Duration::from_secs(10);
 /// A send the remote has not answered this long fails, and the session starts again.
 const SEND_TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -80,164 +85,6 @@ pub fn producer_name(local: &str, remote: &str) -> String {
 pub fn source_cluster(producer_name: &str) -> Option<&str> {
     let rest = producer_name.strip_prefix(crate::dedup::REPLICATOR_PREFIX)?;
     Some(rest.split_once("-->").map_or(rest, |(source, _)| source))
-}
-
-/// Where a replicated entry comes from, as its metadata says.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Origin {
-    pub cluster: String,
-    /// Its position in the origin cluster.
-    pub position: Position,
-    /// The origin position of the entry its replicator sent before it to this cluster;
-    /// `None` on the first entry of a chain.
-    pub previous: Option<Position>,
-}
-
-/// The origin of a replicated entry, from its metadata.
-pub fn origin_of(metadata: &MessageMetadata) -> Option<Origin> {
-    let cluster = metadata.replicated_from.as_ref()?;
-    let property = |key: &str| {
-        metadata
-            .properties
-            .iter()
-            .find(|property| property.key == key)
-            .map(|property| property.value.as_str())
-    };
-    Some(Origin {
-        cluster: cluster.clone(),
-        position: parse_position(property(ORIGIN_PROPERTY)?)?,
-        previous: property(PREVIOUS_PROPERTY).and_then(parse_position),
-    })
-}
-
-fn parse_position(value: &str) -> Option<Position> {
-    let (ledger, entry) = value.split_once(':')?;
-    Some(Position::new(ledger.parse().ok()?, entry.parse().ok()?))
-}
-
-fn format_position(position: Position) -> String {
-    format!("{}:{}", position.ledger_id, position.entry_id)
-}
-
-fn is_replication_property(property: &KeyValue) -> bool {
-    property.key == ORIGIN_PROPERTY || property.key == PREVIOUS_PROPERTY
-}
-
-/// A replicated entry as consumers get it: without the origin and chain properties, which only
-/// replication uses, so that applications see the properties they sent. Other entries are
-/// returned as they are, without a copy.
-pub fn without_origin(metadata: &MessageMetadata, entry: Bytes) -> Bytes {
-    if metadata.replicated_from.is_none()
-        || !metadata.properties.iter().any(is_replication_property)
-    {
-        return entry;
-    }
-    let Ok((mut metadata, payload)) = meridian_wire::entry_parts(entry.clone()) else {
-        return entry;
-    };
-    metadata
-        .properties
-        .retain(|property| !is_replication_property(property));
-    meridian_wire::encode_entry(&metadata, &payload).unwrap_or(entry)
-}
-
-/// The remote's verdict on a replicated entry: a duplicate, or new if it continues its chain.
-pub(crate) fn check_chain(dedup: &mut Dedup, key: &str, origin: &Origin) -> Verdict {
-    let sequence = |position: Position| position_sequence(position.ledger_id, position.entry_id);
-    dedup.check_replicated(
-        key,
-        sequence(origin.position),
-        origin.previous.map(sequence),
-    )
-}
-
-/// Why the remote refuses an entry that does not continue its chain.
-pub fn gap_message(origin: &Origin, last: Option<(u64, u64)>) -> String {
-    let show =
-        |position: Option<Position>| position.map_or_else(|| "none".to_string(), format_position);
-    format!(
-        "replication gap: entry {} from cluster {} follows {}, but the last entry stored from {} is {}",
-        format_position(origin.position),
-        origin.cluster,
-        show(origin.previous),
-        origin.cluster,
-        show(last.map(|(ledger, entry)| Position::new(ledger, entry))),
-    )
-}
-
-/// A remote cluster as the cluster registry describes it.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct RemoteCluster {
-    pub name: String,
-    /// `http://...` of its admin API, used to create the remote topic.
-    pub service_url: Option<String>,
-    /// `pulsar://...` of its brokers.
-    pub broker_service_url: String,
-    /// When set, every replication connection goes through this proxy.
-    pub proxy_service_url: Option<String>,
-}
-
-impl RemoteCluster {
-    /// The remote as registered; `None` if it has no broker service URL.
-    pub fn from_data(name: &str, data: &ClusterData) -> Option<RemoteCluster> {
-        let non_empty = |value: &Option<String>| value.clone().filter(|url| !url.is_empty());
-        Some(RemoteCluster {
-            name: name.to_string(),
-            service_url: non_empty(&data.service_url),
-            broker_service_url: non_empty(&data.broker_service_url)?,
-            proxy_service_url: non_empty(&data.proxy_service_url),
-        })
-    }
-
-    async fn client(&self) -> meridian_client::Result<Client> {
-        let mut builder = Client::builder(self.broker_service_url.clone())
-            .operation_timeout(Duration::from_secs(30))
-            .connect_timeout(Duration::from_secs(10))
-            .keep_alive_interval(Duration::from_secs(10))
-            .reconnect_backoff(BACKOFF_INITIAL, BACKOFF_MAX);
-        if let Some(proxy) = &self.proxy_service_url {
-            builder = builder.proxy_url(proxy.clone());
-        }
-        builder.build().await
-    }
-}
-
-/// One client per remote cluster, shared by every replicator to it: their producers share its
-/// connections instead of opening one each.
-#[derive(Default)]
-pub(crate) struct RemoteClients {
-    clients: tokio::sync::Mutex<HashMap<RemoteCluster, Client>>,
-}
-
-impl RemoteClients {
-    async fn get(&self, remote: &RemoteCluster) -> meridian_client::Result<Client> {
-        let mut clients = self.clients.lock().await;
-        if let Some(client) = clients.get(remote) {
-            return Ok(client.clone());
-        }
-        let client = remote.client().await?;
-        clients.insert(remote.clone(), client.clone());
-        Ok(client)
-    }
-
-    /// Closes the clients of remotes that are no longer registered as they were.
-    pub(crate) async fn retain(&self, current: &[RemoteCluster]) {
-        let stale: Vec<Client> = {
-            let mut clients = self.clients.lock().await;
-            let names: Vec<RemoteCluster> = clients
-                .keys()
-                .filter(|remote| !current.contains(remote))
-                .cloned()
-                .collect();
-            names
-                .iter()
-                .filter_map(|remote| clients.remove(remote))
-                .collect()
-        };
-        for client in stale {
-            client.close().await;
-        }
-    }
 }
 
 /// Pulsar's `ReplicatorStats` for one remote cluster, in topic stats.
@@ -450,7 +297,7 @@ impl Drop for Replicator {
     }
 }
 
-/// Moves a replication cursor (admin `resetCursor` or `skip` on `pulsar.repl.<remote>`) and
+/// Moves a replication cursor (admin `resetCursor` on `pulsar.repl.<remote>`) and
 /// restarts its running replicator from there. The chain starts again too: the next entry sent
 /// names no previous one, so moving the cursor is how an operator explicitly lets a remote
 /// accept a gap (or resends what a remote lost).
@@ -539,6 +386,16 @@ struct Sent {
     messages: u64,
     bytes: usize,
     receipt: SendReceipt,
+    /// Its share of the memory bound, released with it.
+    _memory: OwnedSemaphorePermit,
+}
+
+/// One read: where it starts (moved past what was handled), the memory reserved for it, and
+/// the memory the next read should wait for.
+struct Read<'a> {
+    next: &'a mut Position,
+    budget: OwnedSemaphorePermit,
+    wanted: usize,
 }
 
 /// A send the remote answered.
@@ -589,6 +446,8 @@ struct Worker {
 impl Worker {
     async fn run(mut self) {
         let mut delay = BACKOFF_INITIAL;
+        // Why the replicator is stopped, logged as an ERROR once, not at every retry.
+        let mut stopped_for: Option<String> = None;
         let mut client: Option<Client> = None;
         let clients = self.clients.clone();
         loop {
@@ -609,6 +468,7 @@ impl Worker {
             if std::mem::take(&mut self.confirmed) {
                 // The remote confirmed something since the last failure: the next one is new.
                 delay = BACKOFF_INITIAL;
+                stopped_for = None;
             }
             let wait = match ended {
                 Ended::Stopped => break,
@@ -620,8 +480,13 @@ impl Worker {
                     wait
                 }
                 Ended::Refused(reason) => {
-                    tracing::error!(topic = %self.topic, remote = %self.remote.name, %reason, "replication stopped");
+                    if stopped_for.as_ref() == Some(&reason) {
+                        tracing::debug!(topic = %self.topic, remote = %self.remote.name, %reason, "replication still stopped");
+                    } else {
+                        tracing::error!(topic = %self.topic, remote = %self.remote.name, %reason, "replication stopped");
+                    }
                     self.status.set_state(format!("Stopped: {reason}"));
+                    stopped_for = Some(reason);
                     BACKOFF_MAX
                 }
             };
@@ -717,13 +582,19 @@ impl Worker {
         };
         let mut in_flight = InFlight::default();
         let mut throttled_until: Option<Instant> = None;
+        let clients = self.clients.clone();
+        let memory = clients.memory();
+        // Memory reserved for the next read, and how much to ask for.
+        let mut reserved: Option<OwnedSemaphorePermit> = None;
+        let mut wanted = READ_MAX_BYTES;
         loop {
             if *self.stopped.borrow() {
                 return Ended::Stopped;
             }
-            match in_flight.take_confirmed() {
-                Ok(confirmed) => self.confirm(confirmed),
-                Err(failure) => return self.send_failed(failure),
+            let (confirmed, failed) = in_flight.take_confirmed();
+            self.confirm(confirmed);
+            if let Some(failure) = failed {
+                return self.send_failed(failure);
             }
             let readable = self.log.last_position().is_some_and(|last| next <= last);
             if !in_flight.is_empty() || !readable {
@@ -742,12 +613,23 @@ impl Worker {
                     .wait(self.rates.borrow().as_ref())
                     .map(|wait| Instant::now() + wait);
             }
-            if in_flight.has_room() && readable && throttled_until.is_none() {
-                if let Err(ended) = self.send_more(producer, &mut next, &mut in_flight).await {
+            let may_read = in_flight.has_room() && readable && throttled_until.is_none();
+            if may_read && reserved.is_none() {
+                reserved = memory.try_reserve(wanted);
+            }
+            if let (true, Some(budget)) = (may_read, reserved.take()) {
+                let mut read = Read {
+                    next: &mut next,
+                    budget,
+                    wanted: READ_MAX_BYTES,
+                };
+                if let Err(ended) = self.send_more(producer, &mut read, &mut in_flight).await {
                     return ended;
                 }
+                wanted = read.wanted;
                 continue;
             }
+            let wait_for_memory = may_read;
             let wait_for_tail = in_flight.has_room() && !readable;
             let throttle_sleep = async {
                 match throttled_until {
@@ -769,27 +651,32 @@ impl Worker {
                 }
                 () = throttle_sleep => {}
                 _ = self.rates.changed() => throttled_until = None,
+                budget = memory.reserve(wanted), if wait_for_memory => reserved = Some(budget),
             }
         }
     }
 
-    /// Reads the next entries (as many as there is room for and the rate allows) and sends
-    /// what must be replicated; acknowledges the rest at once.
+    /// Reads the next entries (as many as there is room, memory and rate for) and sends what
+    /// must be replicated; acknowledges the rest at once.
     async fn send_more(
         &mut self,
         producer: &Producer,
-        next: &mut Position,
+        read: &mut Read<'_>,
         in_flight: &mut InFlight,
     ) -> Result<(), Ended> {
         // Under a rate limit, read no more than the period has left (every entry holds at
         // least one message; at least one entry is always read).
         let (messages_left, bytes_left) = self.throttle.left(self.rates.borrow().as_ref());
         let room = in_flight.room().min(READ_MAX_ENTRIES).min(messages_left);
-        let max_bytes = READ_MAX_BYTES.min(bytes_left);
+        let max_bytes = READ_MAX_BYTES
+            .min(bytes_left)
+            .min(read.budget.num_permits());
         let log = self.log.clone();
+        let next = &mut *read.next;
         let from = *next;
-        let read = tokio::task::spawn_blocking(move || log.read_from(from, room, max_bytes)).await;
-        let entries = match read {
+        let result =
+            tokio::task::spawn_blocking(move || log.read_from(from, room, max_bytes)).await;
+        let entries = match result {
             Ok(Ok(entries)) => entries,
             Ok(Err(meridian_storage::StorageError::PositionNotFound { .. })) => {
                 // Trimmed away under us (retention, a reset): go on with what is left.
@@ -801,15 +688,22 @@ impl Worker {
             }
             Err(error) => return Err(Ended::Failed(error.to_string())),
         };
+        let clients = self.clients.clone();
         let mut skipped = Vec::new();
         for entry in entries {
-            *next = self.log.next_position(entry.position);
-            if self.log.is_acknowledged(&self.cursor, entry.position) {
+            let position = entry.position;
+            if self.log.is_acknowledged(&self.cursor, position) {
+                *next = self.log.next_position(position);
                 continue;
             }
-            let position = entry.position;
             let publish_time_ms = entry.publish_time_ms;
             let bytes = entry.data.len();
+            let Some(memory) = clients.memory().take(&mut read.budget, bytes) else {
+                // Not enough memory free now: this entry is read again once it is.
+                read.wanted = bytes;
+                break;
+            };
+            *next = self.log.next_position(position);
             let Plan::Send { message, messages } = self.plan(entry) else {
                 skipped.push(position);
                 continue;
@@ -826,6 +720,7 @@ impl Worker {
                 messages,
                 bytes,
                 receipt,
+                _memory: memory,
             });
         }
         self.acknowledge(&skipped);
@@ -990,17 +885,21 @@ impl InFlight {
             .map_or(0, |head| head.publish_time_ms.max(1))
     }
 
-    /// The sends answered so far, without waiting; the first failure if one failed.
-    fn take_confirmed(&mut self) -> Result<Vec<Confirmed>, SendFailure> {
+    /// The sends confirmed so far, without waiting, and the failure that ended them if one
+    /// failed.
+    fn take_confirmed(&mut self) -> (Vec<Confirmed>, Option<SendFailure>) {
         let mut confirmed = Vec::new();
         let mut context = std::task::Context::from_waker(std::task::Waker::noop());
         while let Some(head) = self.sent.front_mut() {
             match std::pin::Pin::new(&mut head.receipt).poll(&mut context) {
                 std::task::Poll::Pending => break,
-                std::task::Poll::Ready(result) => confirmed.push(self.complete(result)?),
+                std::task::Poll::Ready(result) => match self.complete(result) {
+                    Ok(done) => confirmed.push(done),
+                    Err(failure) => return (confirmed, Some(failure)),
+                },
             }
         }
-        Ok(confirmed)
+        (confirmed, None)
     }
 
     /// Waits for the oldest send's answer (forever if nothing is in flight).
@@ -1010,91 +909,5 @@ impl InFlight {
         };
         let result = (&mut head.receipt).await;
         self.complete(result)
-    }
-}
-
-enum Prepare {
-    Mismatch(String),
-    Failed(String),
-}
-
-#[derive(serde::Deserialize)]
-struct PartitionedMetadata {
-    partitions: u32,
-}
-
-/// Makes the topic exist on the remote cluster with the local partition count.
-fn prepare_remote_topic(
-    service_url: &str,
-    topic: &TopicName,
-    partitions: Option<u32>,
-) -> Result<(), Prepare> {
-    let base = topic.base();
-    let url = format!(
-        "{}/admin/v2/persistent/{}/{}/{}",
-        service_url.trim_end_matches('/'),
-        base.tenant,
-        base.namespace,
-        base.local
-    );
-    let agent = ureq::AgentBuilder::new()
-        .timeout(Duration::from_secs(10))
-        .build();
-    let failed = |what: &str, error: ureq::Error| {
-        Prepare::Failed(format!(
-            "{what} on the remote cluster failed: {}",
-            describe(error)
-        ))
-    };
-    let remote_partitions = |agent: &ureq::Agent| -> Result<u32, Prepare> {
-        let metadata: PartitionedMetadata = agent
-            .get(&format!("{url}/partitions"))
-            .call()
-            .map_err(|error| failed("reading the partition count", error))?
-            .into_json()
-            .map_err(|error| Prepare::Failed(format!("bad partition metadata: {error}")))?;
-        Ok(metadata.partitions)
-    };
-    let mismatch = |remote: u32| {
-        Prepare::Mismatch(format!(
-            "partitions inconsistent: {} has {} locally and {remote} on the remote cluster",
-            base,
-            partitions.unwrap_or(0)
-        ))
-    };
-    let existing = remote_partitions(&agent)?;
-    let wanted = partitions.unwrap_or(0);
-    if existing == wanted && wanted > 0 {
-        return Ok(());
-    }
-    if existing != 0 {
-        return Err(mismatch(existing));
-    }
-    let created = match partitions {
-        Some(count) => agent
-            .put(&format!("{url}/partitions"))
-            .set("Content-Type", "application/json")
-            .send_string(&count.to_string()),
-        None => agent.put(&url).call(),
-    };
-    match created {
-        Ok(_) | Err(ureq::Error::Status(409, _)) => {}
-        Err(error) => return Err(failed("creating the topic", error)),
-    }
-    // Someone else may have created it first, with another shape.
-    let now = remote_partitions(&agent)?;
-    if now != wanted {
-        return Err(mismatch(now));
-    }
-    Ok(())
-}
-
-fn describe(error: ureq::Error) -> String {
-    match error {
-        ureq::Error::Status(code, response) => {
-            let body = response.into_string().unwrap_or_default();
-            format!("HTTP {code}: {body}")
-        }
-        other => other.to_string(),
     }
 }

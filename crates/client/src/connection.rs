@@ -261,7 +261,11 @@ impl Connection {
                     shared.clone(),
                     outbound.clone(),
                     settings.keep_alive_interval,
-                    max_message_size.saturating_add(FRAME_SIZE_PADDING),
+                    // What a broker may store: the padding, and what geo-replication adds
+                    // to the metadata of entries that came from another cluster.
+                    max_message_size
+                        .saturating_add(FRAME_SIZE_PADDING)
+                        .saturating_add(meridian_wire::REPLICATION_METADATA_ALLOWANCE),
                 )
                 .instrument(tracing::Span::current()),
             );

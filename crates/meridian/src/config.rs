@@ -38,6 +38,9 @@ pub struct Config {
     pub replication_start_at: ReplicationStart,
     /// How often replicated subscriptions sync between clusters, unless a namespace says.
     pub replicated_subscriptions_sync_interval_ms: u64,
+    /// Bytes of replicated entries held in memory (read and not yet confirmed by the remote)
+    /// across every replicator of this broker.
+    pub replication_max_memory_bytes: usize,
     pub max_connections: usize,
     /// Connections served at once from one IP address (0: no limit).
     pub max_connections_per_ip: usize,
@@ -105,6 +108,7 @@ impl Default for Config {
             replicated_subscriptions_sync_interval_ms: broker
                 .replicated_subscriptions_sync_interval
                 .as_millis() as u64,
+            replication_max_memory_bytes: broker.replication_max_memory_bytes,
             max_connections: server.max_connections,
             max_connections_per_ip: server.max_connections_per_ip,
             max_outbound_bytes_per_connection: server.max_outbound_bytes,
@@ -227,6 +231,9 @@ impl Config {
         if self.max_message_size == 0 || self.max_message_size > 100 * 1024 * 1024 {
             bail!("max_message_size must be between 1 byte and 100 MiB");
         }
+        if self.replication_max_memory_bytes < 1024 * 1024 {
+            bail!("replication_max_memory_bytes must be at least 1 MiB");
+        }
         if self.policy_check_interval_seconds == 0 || self.stats_interval_seconds == 0 {
             bail!("policy_check_interval_seconds and stats_interval_seconds must be positive");
         }
@@ -303,6 +310,7 @@ impl Config {
             replicated_subscriptions_sync_interval: std::time::Duration::from_millis(
                 self.replicated_subscriptions_sync_interval_ms,
             ),
+            replication_max_memory_bytes: self.replication_max_memory_bytes,
             max_unacked_messages_per_consumer: self.max_unacked_messages_per_consumer,
             ..BrokerConfig::default()
         }

@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use common::{eventually, Admin, BrokerProcess};
-use meridian_client::{Client, Consumer, InitialPosition, ProducerMessage};
+use meridian_client::{Client, Consumer, InitialPosition, Producer, ProducerMessage};
 
 const WAIT: Duration = Duration::from_secs(120);
 
@@ -97,8 +97,16 @@ fn await_namespace(cluster: &Cluster, clusters: &[&str]) {
 /// Clusters a and b, started with these environments, with `t/ns` replicated between them:
 /// configured on a only, then awaited on b (configure-once).
 fn replicated_pair(environment_a: &[(&str, &str)]) -> (Cluster, Cluster) {
+    replicated_pair_with(environment_a, &[])
+}
+
+/// `replicated_pair` with b's environment too.
+fn replicated_pair_with(
+    environment_a: &[(&str, &str)],
+    environment_b: &[(&str, &str)],
+) -> (Cluster, Cluster) {
     let a = Cluster::start("a", environment_a);
-    let b = Cluster::start("b", &[]);
+    let b = Cluster::start("b", environment_b);
     configure(&a, &[&b]);
     await_namespace(&b, &["a", "b"]);
     (a, b)
@@ -311,14 +319,12 @@ fn rss_bytes(pid: u32) -> u64 {
         .expect("VmRSS")
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn remote_down_backlog_stays_on_disk_then_catches_up() {
-    // A 16 MiB entry cache: the broker's other memory must not grow with the backlog.
+/// a and b replicating `topic`, with a 16 MiB entry cache on a (so that the cache is not what
+/// grows), the reading subscription on b, b stopped, and a batching producer on a.
+async fn remote_down(topic: &str) -> (Cluster, Cluster, Client, Producer) {
     let (a, mut b) = replicated_pair(&[("MERIDIAN_STORAGE__CACHE_MAX_BYTES", "16777216")]);
-    let topic = "backlog";
     create_subscription(&b, topic).await;
     b.broker.stop();
-
     let client_a = a.client().await;
     let producer = client_a
         .producer(format!("persistent://t/ns/{topic}"))
@@ -326,27 +332,18 @@ async fn remote_down_backlog_stays_on_disk_then_catches_up() {
         .create()
         .await
         .expect("producer");
-    let payload = vec![7u8; 64 * 1024];
+    (a, b, client_a, producer)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn remote_down_backlog_stays_on_disk_then_catches_up() {
+    // The broker's memory other than its entry cache must not grow with the backlog.
+    let topic = "backlog";
+    let (a, mut b, client_a, producer) = remote_down(topic).await;
     let total = 3_200usize; // 200 MiB
     let pid = a.broker.pid();
     let before = rss_bytes(pid);
-    let mut peak = before;
-    let mut receipts = Vec::new();
-    for index in 0..total {
-        let mut body = format!("{index:08}-").into_bytes();
-        body.extend_from_slice(&payload);
-        receipts.push(producer.send(body).await.expect("send"));
-        if receipts.len() >= 256 {
-            for receipt in receipts.drain(..) {
-                receipt.await.expect("receipt");
-            }
-            peak = peak.max(rss_bytes(pid));
-        }
-    }
-    for receipt in receipts {
-        receipt.await.expect("receipt");
-    }
-    peak = peak.max(rss_bytes(pid));
+    let peak = produce_sampling_rss(&producer, total, 64 * 1024, pid).await;
     let stats = a.stats(topic);
     assert_eq!(stats["replication"]["b"]["connected"], false, "{stats}");
     assert!(
@@ -383,11 +380,7 @@ async fn kill9_of_the_remote_mid_replication_leaves_no_duplicates() {
     create_subscription(&b, topic).await;
 
     let client_a = a.client().await;
-    let producer = client_a
-        .producer(format!("persistent://t/ns/{topic}"))
-        .create()
-        .await
-        .expect("producer");
+    let producer = producer(&client_a, topic).await;
     let total = 3_000usize;
     let mut receipts = Vec::new();
     for index in 0..total {
@@ -420,13 +413,18 @@ async fn kill9_of_the_remote_mid_replication_leaves_no_duplicates() {
     client_b.close().await;
 }
 
-/// Produces `count` messages named `<prefix>-<index>` and waits for their receipts.
-async fn produce(client: &Client, topic: &str, prefix: &str, count: usize) {
-    let producer = client
+/// A producer on `t/ns/<topic>` with the default settings.
+async fn producer(client: &Client, topic: &str) -> Producer {
+    client
         .producer(format!("persistent://t/ns/{topic}"))
         .create()
         .await
-        .expect("producer");
+        .expect("producer")
+}
+
+/// Produces `count` messages named `<prefix>-<index>` and waits for their receipts.
+async fn produce(client: &Client, topic: &str, prefix: &str, count: usize) {
+    let producer = producer(client, topic).await;
     for index in 0..count {
         producer
             .send_and_wait(format!("{prefix}-{index}"))
@@ -618,4 +616,281 @@ async fn replication_resumes_after_a_restart_without_any_client() {
     let (received, _) = receive_exactly(&consumer_b, 25, &[&a, &b]).await;
     assert_eq!(received.len(), 25);
     client_b.close().await;
+}
+
+/// `prefix` padded with dots to `size` bytes.
+fn padded(prefix: &str, size: usize) -> String {
+    format!("{prefix}{}", ".".repeat(size - prefix.len()))
+}
+
+/// Receives one message per prefix in `expected`, each once, starting with these prefixes in
+/// this order.
+async fn receive_in_order(consumer: &Consumer, expected: &[&str], clusters: &[&Cluster]) {
+    let (_, order) = receive_exactly(consumer, expected.len(), clusters).await;
+    for (payload, prefix) in order.iter().zip(expected) {
+        assert!(
+            payload.starts_with(prefix.as_bytes()),
+            "expected {prefix:?} next, got {:?}",
+            String::from_utf8_lossy(&payload[..payload.len().min(16)])
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_entry_at_the_frame_limit_reaches_a_remote_with_the_same_limits() {
+    // Both clusters take 64 KiB payloads plus the 10 KiB frame padding. The message below fills
+    // a's frame limit exactly; the metadata the replicator adds must not make b refuse it.
+    const LIMIT: usize = 64 * 1024;
+    let limit = LIMIT.to_string();
+    let environment = [("MERIDIAN_MAX_MESSAGE_SIZE", limit.as_str())];
+    let (a, b) = replicated_pair_with(&environment, &environment);
+    let topic = "at-the-limit";
+    create_subscription(&b, topic).await;
+    let client_a = a.client().await;
+    let producer = producer(&client_a, topic).await;
+    let payload = padded("full-frame-", LIMIT);
+    let message = |padding: usize| {
+        ProducerMessage::new(payload.clone()).with_property("padding", "p".repeat(padding))
+    };
+    // The client reports the frame size of a message too large: shrink the property by the
+    // excess to land exactly on the limit.
+    let probe = 12 * 1024;
+    let excess = match producer.send_and_wait(message(probe)).await {
+        Err(meridian_client::Error::MessageTooLarge { size, max_size }) => {
+            size - (max_size + meridian_wire::FRAME_SIZE_PADDING)
+        }
+        other => panic!("a frame over the limit was not refused: {other:?}"),
+    };
+    producer
+        .send_and_wait(message(probe - excess))
+        .await
+        .expect("a frame exactly at the limit is accepted");
+    producer.send_and_wait("after").await.expect("send");
+    let client_b = b.client().await;
+    let consumer_b = subscribe(&client_b, topic).await;
+    receive_in_order(&consumer_b, &["full-frame-", "after"], &[&a, &b]).await;
+    client_a.close().await;
+    client_b.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicators_stay_within_their_memory_bound_and_still_send_entries_larger_than_it() {
+    // 1 MiB for every replicator of a together: entries of 700 KiB can only be sent one at a
+    // time, and one of 1.5 MiB only with the whole bound. All of them arrive, in order.
+    let (a, b) = replicated_pair(&[("MERIDIAN_REPLICATION_MAX_MEMORY_BYTES", "1048576")]);
+    let topic = "tight-memory";
+    create_subscription(&b, topic).await;
+    let client_a = a.client().await;
+    let producer = producer(&client_a, topic).await;
+    let mut names = Vec::new();
+    for index in 0..8 {
+        let size = if index == 5 { 1536 * 1024 } else { 700 * 1024 };
+        let name = format!("large-{index}-");
+        producer
+            .send_and_wait(padded(&name, size))
+            .await
+            .expect("send");
+        names.push(name);
+    }
+    let client_b = b.client().await;
+    let consumer_b = subscribe(&client_b, topic).await;
+    let expected: Vec<&str> = names.iter().map(String::as_str).collect();
+    receive_in_order(&consumer_b, &expected, &[&a, &b]).await;
+    client_a.close().await;
+    client_b.close().await;
+}
+
+/// What a replicator from cluster x sends: an entry with its origin position and, unless it
+/// starts a chain, the origin position of the entry it sent before.
+fn replicated(payload: &str, origin: &str, previous: Option<&str>) -> ProducerMessage {
+    let message = ProducerMessage::new(payload.to_string())
+        .with_replicated_from("x")
+        .with_property("__MSG_PROP_REPL_SOURCE_POSITION", origin);
+    match previous {
+        Some(previous) => message.with_property("__MSG_PROP_REPL_PREVIOUS_POSITION", previous),
+        None => message,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_remote_refuses_an_entry_that_does_not_continue_its_chain() {
+    // A replicator of cluster x, played by hand: entry 5:3 claims to follow 5:2, which the
+    // remote never got; it is refused instead of being stored after a gap.
+    let b = Cluster::start("b", &[]);
+    let client = b.client().await;
+    let topic = "persistent://public/default/chain";
+    let consumer = client
+        .consumer(topic)
+        .subscription("check")
+        .initial_position(InitialPosition::Earliest)
+        .subscribe()
+        .await
+        .expect("subscribe");
+    let replicator = || {
+        client
+            .producer(topic)
+            .name("pulsar.repl.x-->b")
+            .stop_on_failure()
+            .create()
+    };
+    let first = replicator().await.expect("producer");
+    first
+        .send_and_wait(replicated("x-1", "5:1", None))
+        .await
+        .expect("the first entry of a chain is stored");
+    let refused = first
+        .send_and_wait(replicated("x-3", "5:3", Some("5:2")))
+        .await
+        .expect_err("an entry after a gap must be refused");
+    assert!(
+        refused.to_string().contains("replication gap"),
+        "unexpected error: {refused}"
+    );
+    first.close_now().await.expect("close");
+
+    let second = replicator().await.expect("producer");
+    for (payload, origin, previous) in [
+        ("x-2", "5:2", "5:1"),
+        ("x-3", "5:3", "5:2"),
+        ("x-1", "5:1", "4:9"),
+    ] {
+        second
+            .send_and_wait(replicated(payload, origin, Some(previous)))
+            .await
+            .expect("the chain goes on; a resent entry is a duplicate");
+    }
+    let mut received = Vec::new();
+    while received.len() < 3 {
+        let message = tokio::time::timeout(WAIT, consumer.receive())
+            .await
+            .expect("a message in time")
+            .expect("receive");
+        consumer.ack(&message).await.expect("ack");
+        received.push(String::from_utf8_lossy(&message.payload).into_owned());
+    }
+    assert_eq!(received, ["x-1", "x-2", "x-3"]);
+    if let Ok(Ok(extra)) = tokio::time::timeout(Duration::from_secs(2), consumer.receive()).await {
+        panic!("unexpected extra message {:?}", extra.payload);
+    }
+    client.close().await;
+}
+
+/// Produces `count` messages of `size` bytes, 256 receipts awaited at a time, and returns the
+/// highest RSS of process `pid` seen meanwhile.
+async fn produce_sampling_rss(producer: &Producer, count: usize, size: usize, pid: u32) -> u64 {
+    let mut peak = rss_bytes(pid);
+    let mut receipts = Vec::new();
+    for index in 0..count {
+        let body = padded(&format!("{index:08}-"), size);
+        receipts.push(producer.send(body).await.expect("send"));
+        if receipts.len() >= 256 || index + 1 == count {
+            for receipt in receipts.drain(..) {
+                receipt.await.expect("receipt");
+            }
+            peak = peak.max(rss_bytes(pid));
+        }
+    }
+    peak
+}
+
+/// A benchmark's size in MiB: environment variable `name`, else `default`.
+fn bench_mebibytes(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|value| value.parse().ok())
+        .unwrap_or(default)
+}
+
+/// A benchmark, not run in CI (`docs/BENCHMARKS.md`): `MERIDIAN_BENCH_BACKLOG_MIB` (default
+/// 1024) of 64 KiB messages pile up on a (16 MiB entry cache) while b is down, then drain;
+/// a's RSS is sampled while the backlog builds and while it drains, and printed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "benchmark: run with --ignored, see docs/BENCHMARKS.md"]
+async fn bench_catch_up_of_a_large_backlog() {
+    let mebibytes = bench_mebibytes("MERIDIAN_BENCH_BACKLOG_MIB", 1024);
+    let topic = "bench-backlog";
+    let (a, mut b, client_a, producer) = remote_down(topic).await;
+    let total = mebibytes * 16;
+    let pid = a.broker.pid();
+    let start = rss_bytes(pid);
+    let building = produce_sampling_rss(&producer, total, 64 * 1024, pid).await;
+    let began = std::time::Instant::now();
+    b.broker.restart();
+    let client_b = b.client().await;
+    let consumer_b = subscribe(&client_b, topic).await;
+    let mut draining = rss_bytes(pid);
+    for count in 1..=total {
+        let message = tokio::time::timeout(WAIT, consumer_b.receive())
+            .await
+            .expect("catch-up stalled")
+            .expect("receive");
+        consumer_b.ack(&message).await.expect("ack");
+        if count % 256 == 0 {
+            draining = draining.max(rss_bytes(pid));
+        }
+    }
+    let mib = |bytes: u64| bytes / (1024 * 1024);
+    eprintln!(
+        "backlog {mebibytes} MiB: a's RSS {} MiB at start, peak {} MiB while it built, peak {} MiB while it drained in {:.1} s",
+        mib(start),
+        mib(building),
+        mib(draining),
+        began.elapsed().as_secs_f64()
+    );
+    client_a.close().await;
+    client_b.close().await;
+}
+
+/// A benchmark, not run in CI (`docs/BENCHMARKS.md`): a topic of 100 partitions on a replicates
+/// to b and to c, and c is down. `MERIDIAN_BENCH_PARTITIONED_MIB` (default 256) of 16 KiB
+/// messages are produced; a's RSS is sampled until everything reached b, and printed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "benchmark: run with --ignored, see docs/BENCHMARKS.md"]
+async fn bench_100_partitions_to_two_remotes_one_down() {
+    let mebibytes = bench_mebibytes("MERIDIAN_BENCH_PARTITIONED_MIB", 256);
+    let cache = [("MERIDIAN_STORAGE__CACHE_MAX_BYTES", "16777216")];
+    let a = Cluster::start("a", &cache);
+    let b = Cluster::start("b", &[]);
+    let mut c = Cluster::start("c", &[]);
+    configure(&a, &[&b, &c]);
+    await_namespace(&b, &["a", "b", "c"]);
+    await_namespace(&c, &["a", "b", "c"]);
+    let topic = "bench-partitions";
+    let admin = a.admin();
+    admin.ok(admin.put(
+        &format!("/admin/v2/persistent/t/ns/{topic}/partitions"),
+        Some("100"),
+    ));
+    c.broker.stop();
+    let client_a = a.client().await;
+    let producer = producer(&client_a, topic).await;
+    let pid = a.broker.pid();
+    let start = rss_bytes(pid);
+    let mut peak = produce_sampling_rss(&producer, mebibytes * 64, 16 * 1024, pid).await;
+    let backlog_to = |remote: &str| -> u64 {
+        (0..100)
+            .map(|index| {
+                a.stats(&format!("{topic}-partition-{index}"))["replication"][remote]
+                    ["replicationBacklog"]
+                    .as_u64()
+                    .unwrap_or(u64::MAX)
+            })
+            .fold(0, u64::saturating_add)
+    };
+    assert!(
+        eventually(WAIT, || {
+            peak = peak.max(rss_bytes(pid));
+            backlog_to("b") == 0
+        }),
+        "the backlog to b did not drain"
+    );
+    let mib = |bytes: u64| bytes / (1024 * 1024);
+    eprintln!(
+        "100 partitions, {mebibytes} MiB, c down: a's RSS {} MiB at start, peak {} MiB, {} MiB at the end; backlog to c {} entries",
+        mib(start),
+        mib(peak),
+        mib(rss_bytes(pid)),
+        backlog_to("c")
+    );
+    client_a.close().await;
 }

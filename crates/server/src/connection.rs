@@ -1366,12 +1366,15 @@ fn request_id_of(base: &BaseCommand) -> u64 {
         .unwrap_or(0)
 }
 
-/// Sends a producer's receipts in the order of its SENDs.
+/// Sends a producer's receipts in the order of its SENDs. Every publish is awaited even after
+/// the connection is gone: completing it records it for de-duplication, without which a resent
+/// copy would be answered "may still be in flight" for ever.
 async fn receipt_loop(
     producer_id: u64,
     mut receipts: mpsc::Receiver<Receipt>,
     outbound: OutboundSender,
 ) {
+    let mut connected = true;
     while let Some(receipt) = receipts.recv().await {
         let frame = match receipt {
             Receipt::Pending {
@@ -1414,8 +1417,8 @@ async fn receipt_loop(
                 message,
             } => send_error(producer_id, sequence_id, error, message),
         };
-        if outbound.send(command_frame(&frame)).await.is_err() {
-            return;
+        if connected && outbound.send(command_frame(&frame)).await.is_err() {
+            connected = false;
         }
     }
 }

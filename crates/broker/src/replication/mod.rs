@@ -1,7 +1,16 @@
-//! Cross-cluster features beyond moving entries: which subscriptions are replicated
-//! ([`replicated_subscriptions`]) and the form in which clusters exchange a subscription's
-//! acknowledgements ([`origin_acks`]).
+//! Cross-cluster features. Geo-replication's replicator itself is `crate::replicator`; here
+//! are what it and the receiving side share, and replicated subscriptions:
+//!
+//! - [`chain`]: the metadata of a replicated entry and the chain the remote checks;
+//! - [`remote`]: remote clusters, the clients replicators share, remote topic preparation;
+//! - `memory`: the one memory bound of all replicators;
+//! - [`replicated_subscriptions`]: which subscriptions are replicated, and resets;
+//! - [`origin_acks`]: the form in which clusters exchange a subscription's acknowledgements;
+//! - [`subscription_sync`]: the per-topic task that sends and applies them.
 
+pub mod chain;
+pub(crate) mod memory;
 pub mod origin_acks;
+pub mod remote;
 pub mod replicated_subscriptions;
 pub mod subscription_sync;

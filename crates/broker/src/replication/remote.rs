@@ -1,0 +1,186 @@
+//! Remote clusters: where they are, the clients replicators share to reach them, and making
+//! the remote topic exist with the local partition count (through the remote's admin API).
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use meridian_client::Client;
+
+use super::memory::MemoryBudget;
+use crate::replicator::{BACKOFF_INITIAL, BACKOFF_MAX};
+use crate::resources::ClusterData;
+use crate::topic_name::TopicName;
+
+/// A remote cluster as the cluster registry describes it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct RemoteCluster {
+    pub name: String,
+    /// `http://...` of its admin API, used to create the remote topic.
+    pub service_url: Option<String>,
+    /// `pulsar://...` of its brokers.
+    pub broker_service_url: String,
+    /// When set, every replication connection goes through this proxy.
+    pub proxy_service_url: Option<String>,
+}
+
+impl RemoteCluster {
+    /// The remote as registered; `None` if it has no broker service URL.
+    pub fn from_data(name: &str, data: &ClusterData) -> Option<RemoteCluster> {
+        let non_empty = |value: &Option<String>| value.clone().filter(|url| !url.is_empty());
+        Some(RemoteCluster {
+            name: name.to_string(),
+            service_url: non_empty(&data.service_url),
+            broker_service_url: non_empty(&data.broker_service_url)?,
+            proxy_service_url: non_empty(&data.proxy_service_url),
+        })
+    }
+
+    async fn client(&self) -> meridian_client::Result<Client> {
+        let mut builder = Client::builder(self.broker_service_url.clone())
+            .operation_timeout(Duration::from_secs(30))
+            .connect_timeout(Duration::from_secs(10))
+            .keep_alive_interval(Duration::from_secs(10))
+            .reconnect_backoff(BACKOFF_INITIAL, BACKOFF_MAX);
+        if let Some(proxy) = &self.proxy_service_url {
+            builder = builder.proxy_url(proxy.clone());
+        }
+        builder.build().await
+    }
+}
+
+/// What every replicator of a broker shares: one client per remote cluster (their producers
+/// share its connections instead of opening one each) and the memory bound.
+pub(crate) struct RemoteClients {
+    clients: tokio::sync::Mutex<HashMap<RemoteCluster, Client>>,
+    memory: MemoryBudget,
+}
+
+impl RemoteClients {
+    /// `max_memory_bytes`: the bytes of entries all replicators together hold in memory.
+    pub(crate) fn new(max_memory_bytes: usize) -> RemoteClients {
+        RemoteClients {
+            clients: tokio::sync::Mutex::default(),
+            memory: MemoryBudget::new(max_memory_bytes),
+        }
+    }
+
+    pub(crate) async fn get(&self, remote: &RemoteCluster) -> meridian_client::Result<Client> {
+        let mut clients = self.clients.lock().await;
+        if let Some(client) = clients.get(remote) {
+            return Ok(client.clone());
+        }
+        let client = remote.client().await?;
+        clients.insert(remote.clone(), client.clone());
+        Ok(client)
+    }
+
+    /// The memory bound of all replicators.
+    pub(crate) fn memory(&self) -> &MemoryBudget {
+        &self.memory
+    }
+
+    /// Closes the clients of remotes that are no longer registered as they were.
+    pub(crate) async fn retain(&self, current: &[RemoteCluster]) {
+        let stale: Vec<Client> = {
+            let mut clients = self.clients.lock().await;
+            let names: Vec<RemoteCluster> = clients
+                .keys()
+                .filter(|remote| !current.contains(remote))
+                .cloned()
+                .collect();
+            names
+                .iter()
+                .filter_map(|remote| clients.remove(remote))
+                .collect()
+        };
+        for client in stale {
+            client.close().await;
+        }
+    }
+}
+
+pub(crate) enum Prepare {
+    Mismatch(String),
+    Failed(String),
+}
+
+#[derive(serde::Deserialize)]
+struct PartitionedMetadata {
+    partitions: u32,
+}
+
+/// Makes the topic exist on the remote cluster with the local partition count.
+pub(crate) fn prepare_remote_topic(
+    service_url: &str,
+    topic: &TopicName,
+    partitions: Option<u32>,
+) -> Result<(), Prepare> {
+    let base = topic.base();
+    let url = format!(
+        "{}/admin/v2/persistent/{}/{}/{}",
+        service_url.trim_end_matches('/'),
+        base.tenant,
+        base.namespace,
+        base.local
+    );
+    let agent = ureq::AgentBuilder::new()
+        .timeout(Duration::from_secs(10))
+        .build();
+    let failed = |what: &str, error: ureq::Error| {
+        Prepare::Failed(format!(
+            "{what} on the remote cluster failed: {}",
+            describe(error)
+        ))
+    };
+    let remote_partitions = |agent: &ureq::Agent| -> Result<u32, Prepare> {
+        let metadata: PartitionedMetadata = agent
+            .get(&format!("{url}/partitions"))
+            .call()
+            .map_err(|error| failed("reading the partition count", error))?
+            .into_json()
+            .map_err(|error| Prepare::Failed(format!("bad partition metadata: {error}")))?;
+        Ok(metadata.partitions)
+    };
+    let mismatch = |remote: u32| {
+        Prepare::Mismatch(format!(
+            "partitions inconsistent: {} has {} locally and {remote} on the remote cluster",
+            base,
+            partitions.unwrap_or(0)
+        ))
+    };
+    let existing = remote_partitions(&agent)?;
+    let wanted = partitions.unwrap_or(0);
+    if existing == wanted && wanted > 0 {
+        return Ok(());
+    }
+    if existing != 0 {
+        return Err(mismatch(existing));
+    }
+    let created = match partitions {
+        Some(count) => agent
+            .put(&format!("{url}/partitions"))
+            .set("Content-Type", "application/json")
+            .send_string(&count.to_string()),
+        None => agent.put(&url).call(),
+    };
+    match created {
+        Ok(_) | Err(ureq::Error::Status(409, _)) => {}
+        Err(error) => return Err(failed("creating the topic", error)),
+    }
+    // Someone else may have created it first, with another shape.
+    let now = remote_partitions(&agent)?;
+    if now != wanted {
+        return Err(mismatch(now));
+    }
+    Ok(())
+}
+
+fn describe(error: ureq::Error) -> String {
+    match error {
+        ureq::Error::Status(code, response) => {
+            let body = response.into_string().unwrap_or_default();
+            format!("HTTP {code}: {body}")
+        }
+        other => other.to_string(),
+    }
+}
