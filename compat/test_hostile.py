@@ -110,6 +110,9 @@ def test_a_consumer_that_never_reads_does_not_stop_the_others(broker_factory, cl
         timeout_s=120,
     )
     assert all(received), f"a healthy consumer got nothing: {received}"
+    # Still connected and holding messages: the others did not merely wait for keep-alive to
+    # close it and redeliver its messages.
+    assert held_for(topic_stats(broker, topic), "work", "never-reads") > 0
     stuck.close()
 
 
