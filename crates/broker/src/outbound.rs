@@ -6,7 +6,8 @@
 //!   the client, which is the back-pressure);
 //! - [`OutboundSender::push`] never waits: dispatchers check [`OutboundSender::has_room`] first
 //!   and skip a full connection, so one client that does not read never holds up the others
-//!   (the limit is then exceeded by at most the frame pushed);
+//!   (the limit is then exceeded by at most one frame per dispatcher, i.e. per subscription
+//!   consumed on the connection);
 //! - [`OutboundSender::try_send`] for small control frames, which may use a little headroom
 //!   beyond the limit so that CLOSE_CONSUMER or a PING still reaches a connection full of
 //!   messages, and are dropped beyond it.
