@@ -163,7 +163,13 @@ impl OutboundSender {
             .map_err(|SendError(frame)| TrySendError::Closed(frame))
     }
 
-    /// Asks for `dispatcher` to be notified once this queue has room again (or is closed).
+    /// Whether the connection's writer is gone (its consumers are about to be removed).
+    pub fn is_closed(&self) -> bool {
+        self.frames.is_closed()
+    }
+
+    /// Asks for `dispatcher` to be notified once this queue has room again. Nothing is promised
+    /// for a closed queue: the connection removes its consumers.
     pub fn notify_when_room(&self, dispatcher: &Arc<Notify>) {
         let mut waiting = self
             .queue
@@ -179,7 +185,9 @@ impl OutboundSender {
         }
         drop(waiting);
         // The writer may have made room between the caller's check and the registration.
-        if self.has_room() || self.frames.is_closed() {
+        // (Not when closed: a dispatcher woken for a closed queue would register again at once
+        // and spin.)
+        if self.has_room() && !self.frames.is_closed() {
             self.queue.wake_everybody();
         }
     }
@@ -267,5 +275,21 @@ mod tests {
             sender.try_send(frame(1)),
             Err(TrySendError::Closed(_))
         ));
+    }
+
+    #[tokio::test]
+    async fn a_closed_queue_does_not_wake_its_dispatchers_again() {
+        let (sender, receiver) = outbound_queue(10);
+        sender.push(frame(20)).expect("push");
+        drop(receiver);
+        let dispatcher = Arc::new(Notify::new());
+        sender.notify_when_room(&dispatcher);
+        // A wake stored now would make a dispatcher that registers on every round spin.
+        let woken = tokio::select! {
+            biased;
+            _ = dispatcher.notified() => true,
+            _ = std::future::ready(()) => false,
+        };
+        assert!(!woken);
     }
 }

@@ -821,6 +821,7 @@ impl Subscription {
         if consumer.permits <= 0
             || consumer.unacked_messages >= self.config.max_unacked_messages_per_consumer
             || consumer.closed.load(Ordering::Relaxed)
+            || consumer.sink.is_closed()
         {
             return false;
         }
