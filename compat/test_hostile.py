@@ -476,3 +476,21 @@ def test_partition_and_namespace_limits_and_stats_that_create_nothing(broker_fac
     assert status == 412, f"an eleventh topic: {status} {body}"
     with pytest.raises(pulsar.PulsarException):
         client.create_producer(f"{topic}-auto", send_timeout_millis=5000)
+
+
+def test_loading_beyond_the_loaded_topic_budget_fails_locally(broker_factory):
+    # Item 7: topics were loaded without limit until the broker ran out of file descriptors.
+    broker = broker_factory.start(config={"max_loaded_topics": 3})
+    topics = [unique_topic(f"budget-{index}") for index in range(4)]
+    with frames.RawConnection(broker.broker_port) as connection:
+        connection.handshake()
+        for index, topic in enumerate(topics[:3]):
+            connection.request(frames.producer_frame(topic, index, index), frames.PRODUCER_SUCCESS)
+        reply = connection.request(frames.producer_frame(topics[3], 3, 3), frames.ERROR)
+        assert reply.first(2) == frames.SERVER_ERROR_SERVICE_NOT_READY, reply.body
+        status, body = admin_call(broker.web_url, "GET", topic_path(topics[3]) + "/stats")
+        assert status in (404, 503), f"{status} {body}"
+        # Unloading one makes room (its producer is closed; the client would re-create it).
+        status, body = admin_call(broker.web_url, "PUT", topic_path(topics[0]) + "/unload")
+        assert status in (200, 204), f"{status} {body}"
+        connection.request(frames.producer_frame(topics[3], 4, 4), frames.PRODUCER_SUCCESS)

@@ -73,9 +73,9 @@ impl From<BrokerError> for ApiError {
             BrokerError::BadRequest(_)
             | BrokerError::NotAllowed(_)
             | BrokerError::IncompatibleSchema(_) => StatusCode::BAD_REQUEST,
-            BrokerError::ShuttingDown | BrokerError::BeingDeleted(_) => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            BrokerError::ShuttingDown
+            | BrokerError::BeingDeleted(_)
+            | BrokerError::TooManyLoadedTopics { .. } => StatusCode::SERVICE_UNAVAILABLE,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         };
         if status == StatusCode::INTERNAL_SERVER_ERROR {

@@ -173,6 +173,13 @@ impl Broker {
                 .topics
                 .lock()
                 .unwrap_or_else(|poisoned| poisoned.into_inner());
+            let limit = self.shared.config.max_loaded_topics;
+            if limit > 0 && !topics.contains_key(&key) {
+                let loaded = topics.values().filter(|cell| cell.initialized()).count();
+                if loaded >= limit {
+                    return Err(BrokerError::TooManyLoadedTopics { topic: key, limit });
+                }
+            }
             topics.entry(key.clone()).or_default().clone()
         };
         let topic = cell

@@ -51,6 +51,9 @@ pub struct BrokerConfig {
     /// Topics of one namespace at most, partitions counted (`maxTopicsPerNamespace`; 0: no
     /// limit).
     pub max_topics_per_namespace: usize,
+    /// Topics loaded at once (each holds open files and memory); loading more fails with
+    /// ServiceNotReady / HTTP 503 (0: no limit).
+    pub max_loaded_topics: usize,
 }
 
 impl Default for BrokerConfig {
@@ -74,6 +77,7 @@ impl Default for BrokerConfig {
             replication_start_earliest: false,
             max_num_partitions_per_partitioned_topic: 10_000,
             max_topics_per_namespace: 0,
+            max_loaded_topics: 10_000,
         }
     }
 }

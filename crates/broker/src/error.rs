@@ -47,6 +47,9 @@ pub enum BrokerError {
     TopicTerminated(String),
     #[error("broker is shutting down")]
     ShuttingDown,
+    /// Loading one more topic would exceed `max_loaded_topics`; clients retry (ServiceNotReady).
+    #[error("topic {topic} cannot be loaded: {limit} topics are loaded, the maximum")]
+    TooManyLoadedTopics { topic: String, limit: usize },
     /// The topic is being deleted; clients retry (ServiceNotReady) and then meet the outcome.
     #[error("topic {0} is being deleted")]
     BeingDeleted(String),
@@ -74,9 +77,9 @@ impl BrokerError {
             BrokerError::IncompatibleSchema(_) => ServerError::IncompatibleSchema,
             BrokerError::Storage(_) => ServerError::PersistenceError,
             BrokerError::Metadata(_) => ServerError::MetadataError,
-            BrokerError::ShuttingDown | BrokerError::BeingDeleted(_) => {
-                ServerError::ServiceNotReady
-            }
+            BrokerError::ShuttingDown
+            | BrokerError::BeingDeleted(_)
+            | BrokerError::TooManyLoadedTopics { .. } => ServerError::ServiceNotReady,
             BrokerError::TopicTerminated(_) => ServerError::TopicTerminatedError,
             BrokerError::NotFound(_) => ServerError::TopicNotFound,
             BrokerError::AlreadyExists(_)

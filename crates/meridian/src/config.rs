@@ -30,6 +30,7 @@ pub struct Config {
     pub default_num_partitions: u32,
     pub max_num_partitions_per_partitioned_topic: u32,
     pub max_topics_per_namespace: usize,
+    pub max_loaded_topics: usize,
     pub max_message_size: usize,
     pub deduplication_enabled: bool,
     /// Where a topic's new replicator starts: `latest` (Pulsar's default) or `earliest`
@@ -95,6 +96,7 @@ impl Default for Config {
             max_num_partitions_per_partitioned_topic: broker
                 .max_num_partitions_per_partitioned_topic,
             max_topics_per_namespace: broker.max_topics_per_namespace,
+            max_loaded_topics: broker.max_loaded_topics,
             max_message_size: broker.max_message_size,
             deduplication_enabled: broker.deduplication_enabled,
             replication_start_at: ReplicationStart::Latest,
@@ -286,6 +288,7 @@ impl Config {
             default_num_partitions: self.default_num_partitions,
             max_num_partitions_per_partitioned_topic: self.max_num_partitions_per_partitioned_topic,
             max_topics_per_namespace: self.max_topics_per_namespace,
+            max_loaded_topics: self.max_loaded_topics,
             max_message_size: self.max_message_size,
             deduplication_enabled: self.deduplication_enabled,
             replication_start_earliest: self.replication_start_at == ReplicationStart::Earliest,
