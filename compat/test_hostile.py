@@ -183,6 +183,13 @@ def test_memory_per_slow_consumer_is_bounded_in_bytes(broker_factory, client_fac
     bound = baseline + readers * (outbound_limit + mib + 5 * mib) + 4 * mib + 64 * mib
     rss = rss_bytes(broker.pid)
     assert rss <= bound, f"broker RSS {rss // mib} MiB exceeds {bound // mib} MiB (baseline {baseline // mib} MiB)"
+    # The queues' own count, as /metrics shows it: within the limit plus one frame each.
+    status, text = admin_call(broker.web_url, "GET", "/metrics")
+    assert status == 200, f"{status} {text}"
+    queued = next(
+        float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith("meridian_outbound_queued_bytes{")
+    )
+    assert 0 < queued <= readers * (outbound_limit + mib), f"{queued} bytes queued"
     for connection in stuck:
         connection.close()
 

@@ -21,6 +21,15 @@ use meridian_wire::{encode_command, BaseCommand};
 use tokio::sync::mpsc::error::{SendError, TrySendError};
 use tokio::sync::{mpsc, Notify};
 
+/// Bytes queued in every connection's queue together (the `meridian_outbound_queued_bytes`
+/// metric).
+static QUEUED_BYTES_ALL_CONNECTIONS: AtomicUsize = AtomicUsize::new(0);
+
+/// Bytes queued for clients over all connections, not yet written to their sockets.
+pub fn queued_bytes_all_connections() -> usize {
+    QUEUED_BYTES_ALL_CONNECTIONS.load(Ordering::Relaxed)
+}
+
 /// Headroom beyond the byte limit for control frames ([`OutboundSender::try_send`]).
 pub const CONTROL_HEADROOM_BYTES: usize = 64 * 1024;
 
@@ -87,6 +96,8 @@ pub struct OutboundSender {
 pub struct OutboundReceiver {
     frames: mpsc::UnboundedReceiver<Outbound>,
     queue: Arc<Queue>,
+    /// Bytes received from the queue and not yet reported [`written`](Self::written).
+    unwritten: usize,
 }
 
 /// A connection's outbound queue holding at most about `max_bytes` (see the module notes).
@@ -106,6 +117,7 @@ pub fn outbound_queue(max_bytes: usize) -> (OutboundSender, OutboundReceiver) {
         OutboundReceiver {
             frames: receiver,
             queue,
+            unwritten: 0,
         },
     )
 }
@@ -126,8 +138,10 @@ impl OutboundSender {
     pub fn push(&self, frame: Outbound) -> Result<(), SendError<Outbound>> {
         let length = frame.len();
         self.queue.queued_bytes.fetch_add(length, Ordering::SeqCst);
+        QUEUED_BYTES_ALL_CONNECTIONS.fetch_add(length, Ordering::Relaxed);
         self.frames.send(frame).inspect_err(|_| {
             self.queue.queued_bytes.fetch_sub(length, Ordering::SeqCst);
+            QUEUED_BYTES_ALL_CONNECTIONS.fetch_sub(length, Ordering::Relaxed);
         })
     }
 
@@ -196,17 +210,29 @@ impl OutboundSender {
 impl OutboundReceiver {
     /// The next frame, or `None` once every sender is gone.
     pub async fn recv(&mut self) -> Option<Outbound> {
-        self.frames.recv().await
+        let frame = self.frames.recv().await?;
+        self.unwritten += frame.len();
+        Some(frame)
     }
 
     /// The next frame if one is queued.
     pub fn try_recv(&mut self) -> Option<Outbound> {
-        self.frames.try_recv().ok()
+        let frame = self.frames.try_recv().ok()?;
+        self.unwritten += frame.len();
+        Some(frame)
+    }
+
+    /// Takes `bytes` off the queue's count and the total.
+    fn release(&self, bytes: usize) {
+        self.queue.queued_bytes.fetch_sub(bytes, Ordering::SeqCst);
+        QUEUED_BYTES_ALL_CONNECTIONS.fetch_sub(bytes, Ordering::Relaxed);
     }
 
     /// Records that `bytes` of received frames reached the socket: frees their room.
-    pub fn written(&self, bytes: usize) {
-        self.queue.queued_bytes.fetch_sub(bytes, Ordering::SeqCst);
+    pub fn written(&mut self, bytes: usize) {
+        let bytes = bytes.min(self.unwritten);
+        self.unwritten -= bytes;
+        self.release(bytes);
         if self.queue.has_room() {
             self.queue.wake_everybody();
         }
@@ -217,6 +243,13 @@ impl Drop for OutboundReceiver {
     fn drop(&mut self) {
         // Senders waiting for room learn that the connection is gone.
         self.frames.close();
+        // What was never written leaves the count with the queue (frames pushed after the
+        // close are refused, and their pusher takes them off itself).
+        let mut unwritten = std::mem::take(&mut self.unwritten);
+        while let Ok(frame) = self.frames.try_recv() {
+            unwritten += frame.len();
+        }
+        self.release(unwritten);
         self.queue.wake_everybody();
     }
 }
@@ -271,6 +304,7 @@ mod tests {
             Err(TrySendError::Full(_))
         ));
         drop(receiver);
+        assert_eq!(sender.queued_bytes(), 0, "a closed queue holds nothing");
         assert!(matches!(
             sender.try_send(frame(1)),
             Err(TrySendError::Closed(_))
