@@ -14,7 +14,7 @@ Numbers are those of Meridian's own protocol definition, crates/wire/proto/pulsa
 - CommandLookupTopic: topic 1, request_id 2.
   Response: response 3 (Redirect 0 / Connect 1 / Failed 2), request_id 4, error 6, message 7.
 - CommandError: request_id 1, error 2, message 3.
-- ServerError.InvalidTopicName = 17.
+- ServerError.InvalidTopicName = 17, ServiceNotReady = 6.
 - CommandSubscribe: topic 1, subscription 2, sub_type 3 (Exclusive 0, Shared 1, Failover 2,
   Key_Shared 3), consumer_id 4, request_id 5, consumer_name 6, initial_position 13 (Earliest 1).
 - CommandFlow: consumer_id 1, message_permits 2. CommandAck: consumer_id 1, ack_type 2,
@@ -54,6 +54,9 @@ SUCCESS = 13
 ERROR = 14
 PRODUCER_SUCCESS = 17
 ACTIVE_CONSUMER_CHANGE = 31
+CLOSE_PRODUCER = 15
+CLOSE_CONSUMER = 16
+UNSOLICITED = (ACTIVE_CONSUMER_CHANGE, CLOSE_PRODUCER, CLOSE_CONSUMER)
 PING = 18
 PONG = 19
 PARTITIONED_METADATA = 21
@@ -85,6 +88,7 @@ TYPE_NAMES = {
 }
 
 SERVER_ERROR_INVALID_TOPIC_NAME = 17
+SERVER_ERROR_SERVICE_NOT_READY = 6
 
 EXCLUSIVE, SHARED, FAILOVER, KEY_SHARED = 0, 1, 2, 3
 PARTITIONED_METADATA_FAILED = 1
@@ -357,11 +361,11 @@ class RawConnection:
         assert frame.command_type == PONG, f"expected PONG, got {frame.name} {frame.body}"
 
     def request(self, frame: bytes, expected: int) -> Frame:
-        """Send a request and expect a reply of type `expected` (ACTIVE_CONSUMER_CHANGE, which
-        may come first, is skipped)."""
+        """Send a request and expect a reply of type `expected` (frames the broker sends on its
+        own, ACTIVE_CONSUMER_CHANGE, CLOSE_PRODUCER and CLOSE_CONSUMER, are skipped)."""
         self.send(frame)
         reply = self.reply()
-        while reply is not None and reply.command_type == ACTIVE_CONSUMER_CHANGE:
+        while reply is not None and reply.command_type in UNSOLICITED:
             reply = self.reply()
         assert reply is not None, "broker closed the connection instead of answering"
         assert reply.command_type == expected, f"expected {TYPE_NAMES.get(expected)}, got {reply.name} {reply.body}"

@@ -75,7 +75,7 @@ impl From<BrokerError> for ApiError {
             | BrokerError::IncompatibleSchema(_) => StatusCode::BAD_REQUEST,
             BrokerError::ShuttingDown
             | BrokerError::BeingDeleted(_)
-            | BrokerError::Overloaded(_) => StatusCode::SERVICE_UNAVAILABLE,
+            | BrokerError::TooManyLoadedTopics { .. } => StatusCode::SERVICE_UNAVAILABLE,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         };
         if status == StatusCode::INTERNAL_SERVER_ERROR {

@@ -39,6 +39,13 @@ pub async fn metrics(State(broker): State<AppState>) -> impl IntoResponse {
                 .samples
                 .push((labels, value));
         };
+    add(
+        "meridian_outbound_queued_bytes",
+        "Bytes queued for clients and not yet written to their sockets, all connections (each bounded by max_outbound_bytes_per_connection)",
+        "gauge",
+        format!("cluster=\"{cluster}\""),
+        meridian_broker::outbound::queued_bytes_all_connections() as f64,
+    );
     let mut topics_per_namespace: BTreeMap<String, u64> = BTreeMap::new();
     for topic in broker.all_topics() {
         if let Ok(name) = meridian_broker::TopicName::parse(&topic) {

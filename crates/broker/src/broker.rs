@@ -202,11 +202,17 @@ impl Broker {
                 .topics
                 .lock()
                 .unwrap_or_else(|poisoned| poisoned.into_inner());
+            let limit = self.shared.config.max_loaded_topics;
+            if limit > 0 && !topics.contains_key(&key) {
+                let loaded = topics.values().filter(|cell| cell.initialized()).count();
+                if loaded >= limit {
+                    return Err(BrokerError::TooManyLoadedTopics { topic: key, limit });
+                }
+            }
             topics.entry(key.clone()).or_default().clone()
         };
         let topic = cell
             .get_or_try_init(|| async {
-                self.check_loaded_topics_budget(&key)?;
                 if !self
                     .resources
                     .namespace_exists(&name.tenant, &name.namespace)?
@@ -405,25 +411,6 @@ impl Broker {
             lock,
             guard: Some(guard),
         }
-    }
-
-    /// Refuses to load one more topic when `max_loaded_topics` are loaded.
-    fn check_loaded_topics_budget(&self, key: &str) -> Result<()> {
-        let limit = self.shared.config.max_loaded_topics;
-        let loaded = self
-            .topics
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .values()
-            .filter(|cell| cell.initialized())
-            .count();
-        if limit > 0 && loaded >= limit {
-            tracing::warn!(topic = key, loaded, limit, "loaded-topic limit reached");
-            return Err(BrokerError::Overloaded(format!(
-                "cannot load {key}: {loaded} topics are loaded, the limit (max_loaded_topics) is {limit}"
-            )));
-        }
-        Ok(())
     }
 
     /// Refuses a partition count above `max_num_partitions_per_partitioned_topic`.

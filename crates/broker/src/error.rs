@@ -47,10 +47,9 @@ pub enum BrokerError {
     TopicTerminated(String),
     #[error("broker is shutting down")]
     ShuttingDown,
-    /// A limit of the broker as a whole (loaded topics) is reached; clients retry later
-    /// (ServiceNotReady, HTTP 503).
-    #[error("{0}")]
-    Overloaded(String),
+    /// Loading one more topic would exceed `max_loaded_topics`; clients retry (ServiceNotReady).
+    #[error("topic {topic} cannot be loaded: {limit} topics are loaded, the maximum")]
+    TooManyLoadedTopics { topic: String, limit: usize },
     /// The topic is being deleted; clients retry (ServiceNotReady) and then meet the outcome.
     #[error("topic {0} is being deleted")]
     BeingDeleted(String),
@@ -80,7 +79,7 @@ impl BrokerError {
             BrokerError::Metadata(_) => ServerError::MetadataError,
             BrokerError::ShuttingDown
             | BrokerError::BeingDeleted(_)
-            | BrokerError::Overloaded(_) => ServerError::ServiceNotReady,
+            | BrokerError::TooManyLoadedTopics { .. } => ServerError::ServiceNotReady,
             BrokerError::TopicTerminated(_) => ServerError::TopicTerminatedError,
             BrokerError::NotFound(_) => ServerError::TopicNotFound,
             BrokerError::AlreadyExists(_)

@@ -6,7 +6,8 @@
 //!   the client, which is the back-pressure);
 //! - [`OutboundSender::push`] never waits: dispatchers check [`OutboundSender::has_room`] first
 //!   and skip a full connection, so one client that does not read never holds up the others
-//!   (the limit is then exceeded by at most the frame pushed);
+//!   (the limit is then exceeded by at most one frame per dispatcher, i.e. per subscription
+//!   consumed on the connection);
 //! - [`OutboundSender::try_send`] for small control frames, which may use a little headroom
 //!   beyond the limit so that CLOSE_CONSUMER or a PING still reaches a connection full of
 //!   messages, and are dropped beyond it.
@@ -19,6 +20,15 @@ use meridian_wire::encode::PayloadFrame;
 use meridian_wire::{encode_command, BaseCommand};
 use tokio::sync::mpsc::error::{SendError, TrySendError};
 use tokio::sync::{mpsc, Notify};
+
+/// Bytes queued in every connection's queue together (the `meridian_outbound_queued_bytes`
+/// metric).
+static QUEUED_BYTES_ALL_CONNECTIONS: AtomicUsize = AtomicUsize::new(0);
+
+/// Bytes queued for clients over all connections, not yet written to their sockets.
+pub fn queued_bytes_all_connections() -> usize {
+    QUEUED_BYTES_ALL_CONNECTIONS.load(Ordering::Relaxed)
+}
 
 /// Headroom beyond the byte limit for control frames ([`OutboundSender::try_send`]).
 pub const CONTROL_HEADROOM_BYTES: usize = 64 * 1024;
@@ -86,6 +96,8 @@ pub struct OutboundSender {
 pub struct OutboundReceiver {
     frames: mpsc::UnboundedReceiver<Outbound>,
     queue: Arc<Queue>,
+    /// Bytes received from the queue and not yet reported [`written`](Self::written).
+    unwritten: usize,
 }
 
 /// A connection's outbound queue holding at most about `max_bytes` (see the module notes).
@@ -105,6 +117,7 @@ pub fn outbound_queue(max_bytes: usize) -> (OutboundSender, OutboundReceiver) {
         OutboundReceiver {
             frames: receiver,
             queue,
+            unwritten: 0,
         },
     )
 }
@@ -125,8 +138,10 @@ impl OutboundSender {
     pub fn push(&self, frame: Outbound) -> Result<(), SendError<Outbound>> {
         let length = frame.len();
         self.queue.queued_bytes.fetch_add(length, Ordering::SeqCst);
+        QUEUED_BYTES_ALL_CONNECTIONS.fetch_add(length, Ordering::Relaxed);
         self.frames.send(frame).inspect_err(|_| {
             self.queue.queued_bytes.fetch_sub(length, Ordering::SeqCst);
+            QUEUED_BYTES_ALL_CONNECTIONS.fetch_sub(length, Ordering::Relaxed);
         })
     }
 
@@ -162,7 +177,13 @@ impl OutboundSender {
             .map_err(|SendError(frame)| TrySendError::Closed(frame))
     }
 
-    /// Asks for `dispatcher` to be notified once this queue has room again (or is closed).
+    /// Whether the connection's writer is gone (its consumers are about to be removed).
+    pub fn is_closed(&self) -> bool {
+        self.frames.is_closed()
+    }
+
+    /// Asks for `dispatcher` to be notified once this queue has room again. Nothing is promised
+    /// for a closed queue: the connection removes its consumers.
     pub fn notify_when_room(&self, dispatcher: &Arc<Notify>) {
         let mut waiting = self
             .queue
@@ -178,7 +199,9 @@ impl OutboundSender {
         }
         drop(waiting);
         // The writer may have made room between the caller's check and the registration.
-        if self.has_room() || self.frames.is_closed() {
+        // (Not when closed: a dispatcher woken for a closed queue would register again at once
+        // and spin.)
+        if self.has_room() && !self.frames.is_closed() {
             self.queue.wake_everybody();
         }
     }
@@ -187,17 +210,29 @@ impl OutboundSender {
 impl OutboundReceiver {
     /// The next frame, or `None` once every sender is gone.
     pub async fn recv(&mut self) -> Option<Outbound> {
-        self.frames.recv().await
+        let frame = self.frames.recv().await?;
+        self.unwritten += frame.len();
+        Some(frame)
     }
 
     /// The next frame if one is queued.
     pub fn try_recv(&mut self) -> Option<Outbound> {
-        self.frames.try_recv().ok()
+        let frame = self.frames.try_recv().ok()?;
+        self.unwritten += frame.len();
+        Some(frame)
+    }
+
+    /// Takes `bytes` off the queue's count and the total.
+    fn release(&self, bytes: usize) {
+        self.queue.queued_bytes.fetch_sub(bytes, Ordering::SeqCst);
+        QUEUED_BYTES_ALL_CONNECTIONS.fetch_sub(bytes, Ordering::Relaxed);
     }
 
     /// Records that `bytes` of received frames reached the socket: frees their room.
-    pub fn written(&self, bytes: usize) {
-        self.queue.queued_bytes.fetch_sub(bytes, Ordering::SeqCst);
+    pub fn written(&mut self, bytes: usize) {
+        let bytes = bytes.min(self.unwritten);
+        self.unwritten -= bytes;
+        self.release(bytes);
         if self.queue.has_room() {
             self.queue.wake_everybody();
         }
@@ -208,6 +243,13 @@ impl Drop for OutboundReceiver {
     fn drop(&mut self) {
         // Senders waiting for room learn that the connection is gone.
         self.frames.close();
+        // What was never written leaves the count with the queue (frames pushed after the
+        // close are refused, and their pusher takes them off itself).
+        let mut unwritten = std::mem::take(&mut self.unwritten);
+        while let Ok(frame) = self.frames.try_recv() {
+            unwritten += frame.len();
+        }
+        self.release(unwritten);
         self.queue.wake_everybody();
     }
 }
@@ -262,9 +304,26 @@ mod tests {
             Err(TrySendError::Full(_))
         ));
         drop(receiver);
+        assert_eq!(sender.queued_bytes(), 0, "a closed queue holds nothing");
         assert!(matches!(
             sender.try_send(frame(1)),
             Err(TrySendError::Closed(_))
         ));
+    }
+
+    #[tokio::test]
+    async fn a_closed_queue_does_not_wake_its_dispatchers_again() {
+        let (sender, receiver) = outbound_queue(10);
+        sender.push(frame(20)).expect("push");
+        drop(receiver);
+        let dispatcher = Arc::new(Notify::new());
+        sender.notify_when_room(&dispatcher);
+        // A wake stored now would make a dispatcher that registers on every round spin.
+        let woken = tokio::select! {
+            biased;
+            _ = dispatcher.notified() => true,
+            _ = std::future::ready(()) => false,
+        };
+        assert!(!woken);
     }
 }

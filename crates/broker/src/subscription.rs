@@ -730,8 +730,9 @@ impl Subscription {
             }
             let max_entries =
                 permits.min(self.config.dispatch_max_entries_per_read as u64) as usize;
-            let plan = if !state.replay.is_empty() && self.replay_is_dispatchable(&state) {
-                ReadPlan::Replay(state.replay.keys().take(max_entries).copied().collect())
+            let replay = self.replay_to_send(&state, max_entries);
+            let plan = if !replay.is_empty() {
+                ReadPlan::Replay(replay)
             } else if state.replay.len() < self.config.max_redelivery_backlog
                 && state.delayed.len() < self.config.max_delayed_messages
                 && self
@@ -823,6 +824,7 @@ impl Subscription {
         if consumer.permits <= 0
             || consumer.unacked_messages >= self.config.max_unacked_messages_per_consumer
             || consumer.closed.load(Ordering::Relaxed)
+            || consumer.sink.is_closed()
         {
             return false;
         }
@@ -859,23 +861,24 @@ impl Subscription {
         }
     }
 
-    /// Whether some replay entry could be sent now (for Key_Shared, the consumer owning its
-    /// key must have permits).
-    fn replay_is_dispatchable(&self, state: &DispatchState) -> bool {
-        if state.kind != SubscriptionType::KeyShared {
-            return true;
-        }
+    /// The replay entries to read this round, oldest first. For Key_Shared only those whose
+    /// key's consumer can take them now: the entries of a consumer that does not read must not
+    /// hide, at the head of the replay set, those of the others.
+    fn replay_to_send(&self, state: &DispatchState, max_entries: usize) -> Vec<Position> {
+        let can_send = |hash: &Option<u16>| match (state.kind, hash) {
+            (SubscriptionType::KeyShared, Some(hash)) => self
+                .key_shared_owner(state, *hash)
+                .and_then(|key| state.consumers.iter().find(|consumer| consumer.key == key))
+                .is_some_and(|consumer| self.can_take(consumer)),
+            _ => true,
+        };
         state
             .replay
             .iter()
-            .take(self.config.dispatch_max_entries_per_read)
-            .any(|(_, hash)| match hash {
-                None => true,
-                Some(hash) => self
-                    .key_shared_owner(state, *hash)
-                    .and_then(|key| state.consumers.iter().find(|consumer| consumer.key == key))
-                    .is_some_and(|consumer| self.can_take(consumer)),
-            })
+            .filter(|(_, hash)| can_send(hash))
+            .take(max_entries)
+            .map(|(position, _)| *position)
+            .collect()
     }
 
     fn key_shared_owner(&self, state: &DispatchState, hash: u16) -> Option<u64> {

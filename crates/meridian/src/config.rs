@@ -30,8 +30,8 @@ pub struct Config {
     pub default_num_partitions: u32,
     pub max_num_partitions_per_partitioned_topic: u32,
     pub max_topics_per_namespace: usize,
-    pub max_message_size: usize,
     pub max_loaded_topics: usize,
+    pub max_message_size: usize,
     pub deduplication_enabled: bool,
     /// Where a topic's new replicator starts: `latest` (Pulsar's default) or `earliest`
     /// (back-fill the messages already stored).
@@ -101,8 +101,8 @@ impl Default for Config {
             max_num_partitions_per_partitioned_topic: broker
                 .max_num_partitions_per_partitioned_topic,
             max_topics_per_namespace: broker.max_topics_per_namespace,
-            max_message_size: broker.max_message_size,
             max_loaded_topics: broker.max_loaded_topics,
+            max_message_size: broker.max_message_size,
             deduplication_enabled: broker.deduplication_enabled,
             replication_start_at: ReplicationStart::Latest,
             replicated_subscriptions_sync_interval_ms: broker

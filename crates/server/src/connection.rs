@@ -8,6 +8,11 @@
 //!   receipts leave strictly in the order of the SENDs.
 //!
 //! Any frame error (too large, truncated, undecodable) closes this connection only.
+//!
+//! Keep-alive (every `keep_alive_interval`): a connection without CONNECT by the first check is
+//! closed; one that sent no *complete* frame for an interval is pinged (without waiting for
+//! room in its queue), and closed after two. Handling one command is bounded by the same two
+//! intervals, so a client that does not read its answers cannot hold the read loop either.
 
 use std::collections::HashMap;
 use std::io::IoSlice;
@@ -179,15 +184,20 @@ pub(crate) async fn run(
     connection.release();
     drop(connection);
     // What is queued goes out, unless the client does not read it within the keep-alive
-    // timeout: then the socket is closed with the rest.
+    // interval (a second when the broker shuts down): then the socket is closed with the rest.
+    let drain = if shutdown.is_cancelled() {
+        SHUTDOWN_DRAIN.min(config.keep_alive_interval)
+    } else {
+        config.keep_alive_interval
+    };
     let mut writer_task = writer_task;
-    if tokio::time::timeout(config.keep_alive_interval * 2, &mut writer_task)
-        .await
-        .is_err()
-    {
+    if tokio::time::timeout(drain, &mut writer_task).await.is_err() {
         writer_task.abort();
     }
 }
+
+/// Time a closing connection's queue has to reach the client when the broker shuts down.
+const SHUTDOWN_DRAIN: Duration = Duration::from_secs(1);
 
 /// Runs `future` (handling one command) with the keep-alive timeout: a command whose answer
 /// cannot be queued because the client does not read must not hold the connection forever.
