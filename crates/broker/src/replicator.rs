@@ -551,7 +551,10 @@ impl Worker {
         tracing::info!(topic = %self.topic, remote = %self.remote.name, "replicator started");
         let ended = self.replicate(&producer).await;
         // What is in flight is resent from the cursor by the next session: do not wait for it.
-        let _ = self.unless_stopped(producer.close_now()).await;
+        // Closing on the remote (bounded by the operation timeout) finishes in the background
+        // if the replicator is stopped meanwhile; otherwise the next session starts after it.
+        let closing = tokio::spawn(async move { producer.close_now().await });
+        let _ = self.unless_stopped(closing).await;
         ended
     }
 
