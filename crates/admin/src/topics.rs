@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use axum::body::{Body, Bytes};
 use axum::extract::rejection::JsonRejection;
+use axum::extract::DefaultBodyLimit;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -83,7 +84,8 @@ pub fn routes() -> Router<AppState> {
         )
         .route(
             &format!("{base}/{{topic}}/subscription/{{subscription}}/replicatedSubscriptionState"),
-            post(receive_replicated_state),
+            // A subscription with many out-of-order acknowledgements has a large state.
+            post(receive_replicated_state).layer(DefaultBodyLimit::max(SYNCED_STATE_MAX_BYTES)),
         )
         .route(
             &format!("{base}/{{topic}}/subscription/{{subscription}}/expireMessages/{{seconds}}"),
@@ -540,6 +542,9 @@ async fn set_replicated_status(
     Ok(())
 }
 
+/// The largest replicated-subscription state accepted from another cluster.
+const SYNCED_STATE_MAX_BYTES: usize = 64 * 1024 * 1024;
+
 /// Another cluster's acknowledgements of a replicated subscription (Meridian's sync between
 /// clusters; see `replication::subscription_sync`).
 async fn receive_replicated_state(
@@ -549,6 +554,13 @@ async fn receive_replicated_state(
 ) -> ApiResult<()> {
     let name = topic_name(&tenant, &namespace, &topic)?;
     let acks = body(payload)?;
+    // Only a registered cluster can speak for a subscription's other copies.
+    if let Err(BrokerError::NotFound(_)) = broker.resources().cluster(&acks.cluster) {
+        return Err(ApiError::new(
+            StatusCode::PRECONDITION_FAILED,
+            format!("cluster {} is not registered here", acks.cluster),
+        ));
+    }
     let loaded = existing_topic(&broker, &name).await?;
     let local_cluster = broker.config().cluster_name.clone();
     tokio::task::spawn_blocking(move || {

@@ -40,6 +40,7 @@ use crate::clock::now_ms;
 use crate::config::BrokerConfig;
 use crate::error::{BrokerError, Result};
 use crate::outbound::{command_frame, Outbound, OutboundSender};
+use crate::replication::subscription_sync::{self, SyncedAcks};
 use crate::stats::{ConsumerStats, Meter, SubscriptionStats};
 
 /// Pulsar's subscription types (wire values 0..=3).
@@ -183,6 +184,9 @@ pub struct Subscription {
     redelivered: Meter,
     /// The topic's termination flag.
     terminated: Arc<AtomicBool>,
+    /// For a replicated subscription: the states other clusters sent. Entries they cover were
+    /// acknowledged there, so the dispatcher acknowledges them here instead of delivering them.
+    acknowledged_elsewhere: std::sync::RwLock<Vec<SyncedAcks>>,
 }
 
 fn message_id(position: Position, partition_index: i32) -> MessageIdData {
@@ -238,6 +242,10 @@ impl Subscription {
             }
         };
         let read_position = position_after(&log, mark_delete);
+        let received_states = log
+            .cursor(&cursor)
+            .map(|state| subscription_sync::received(&state))
+            .unwrap_or_default();
         let subscription = Arc::new(Subscription {
             name,
             cursor,
@@ -264,6 +272,7 @@ impl Subscription {
             meter_out: Meter::default(),
             redelivered: Meter::default(),
             terminated,
+            acknowledged_elsewhere: std::sync::RwLock::new(received_states),
         });
         let dispatcher = subscription.clone();
         tokio::spawn(async move { dispatcher.dispatch_loop().await });
@@ -278,6 +287,31 @@ impl Subscription {
 
     pub fn is_durable(&self) -> bool {
         self.durable
+    }
+
+    /// Replaces the states other clusters sent (replicated subscriptions).
+    pub(crate) fn set_acknowledged_elsewhere(&self, received: Vec<SyncedAcks>) {
+        *self
+            .acknowledged_elsewhere
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = received;
+    }
+
+    fn is_acknowledged_elsewhere(
+        &self,
+        position: Position,
+        metadata: &meridian_wire::MessageMetadata,
+    ) -> bool {
+        let received = self
+            .acknowledged_elsewhere
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        subscription_sync::acknowledged_elsewhere(
+            &received,
+            &self.config.cluster_name,
+            position,
+            metadata,
+        )
     }
 
     pub fn cursor_name(&self) -> &str {
@@ -952,9 +986,12 @@ impl Subscription {
                     (1, sticky_key_hash(b"NONE_KEY"), None, false)
                 }
             };
-            if is_marker {
+            let covered_elsewhere = parsed
+                .as_ref()
+                .is_ok_and(|metadata| self.is_acknowledged_elsewhere(position, metadata));
+            if is_marker || covered_elsewhere {
                 if let Err(error) = self.log.acknowledge(&self.cursor, &[position]) {
-                    tracing::error!(topic = %self.topic, %error, "acknowledging a marker failed");
+                    tracing::error!(topic = %self.topic, %error, "acknowledging a marker or an entry acknowledged in another cluster failed");
                 }
                 continue;
             }

@@ -110,9 +110,9 @@ pub struct Publish {
 /// duplicate that was not stored again.
 pub type PublishFuture = Pin<Box<dyn Future<Output = Result<Option<Position>>> + Send>>;
 
-/// Why a name cannot be a subscription's: empty, a control character (a NUL would cut the
+/// Why a name cannot be a subscription's (`Err` with the reason): empty, a control character (a NUL would cut the
 /// name short in C-based clients and tools), or a name the broker keeps for its own cursors.
-fn check_subscription_name(name: &str) -> std::result::Result<(), String> {
+pub(crate) fn check_subscription_name(name: &str) -> std::result::Result<(), String> {
     let reason = if name.is_empty() {
         "a subscription name cannot be empty"
     } else if name.chars().any(char::is_control) {
@@ -1530,7 +1530,11 @@ impl Topic {
         }
         let mut properties = cursor.properties;
         replicated_subscriptions::note_reset(&mut properties);
-        Ok(self.log.set_cursor_properties(subscription, properties)?)
+        self.log.set_cursor_properties(subscription, properties)?;
+        if let Some(loaded) = self.subscription(subscription) {
+            loaded.set_acknowledged_elsewhere(Vec::new());
+        }
+        Ok(())
     }
 
     /// [`Topic::reset_subscription`] without telling other clusters (it follows one of theirs).

@@ -13,14 +13,14 @@
 //! Acknowledgements only ever add up: a state never un-acknowledges an entry in the receiving
 //! cluster, so consumers should be active in one cluster at a time (as with Pulsar).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use meridian_storage::{CursorState, Log, Position, RangeSet};
 use meridian_wire::MessageMetadata;
 use serde::{Deserialize, Serialize};
-use tokio::sync::Notify;
+use tokio::sync::{mpsc, Notify};
 
 use super::origin_acks::{OriginAcks, OriginAcksBuilder};
 use super::replicated_subscriptions;
@@ -224,6 +224,37 @@ fn received_states(state: &CursorState) -> Vec<&String> {
         .collect()
 }
 
+/// The states other clusters sent for a subscription, decoded.
+pub fn received(state: &CursorState) -> Vec<SyncedAcks> {
+    received_states(state)
+        .into_iter()
+        .filter_map(|value| serde_json::from_str(value).ok())
+        .collect()
+}
+
+/// Whether a state another cluster sent covers the entry at `position` (with `metadata`): its
+/// consumers acknowledged it there.
+pub fn acknowledged_elsewhere(
+    received: &[SyncedAcks],
+    local_cluster: &str,
+    position: Position,
+    metadata: &MessageMetadata,
+) -> bool {
+    if received.is_empty() {
+        return false;
+    }
+    let Some((cluster, origin)) = entry_origin(local_cluster, position, metadata) else {
+        return false;
+    };
+    received.iter().any(|sender| {
+        sender.acks.covers(
+            &cluster,
+            origin,
+            reached(metadata, &cluster, &sender.cluster),
+        )
+    })
+}
+
 /// Acknowledges, in subscription `name` of `topic`, every unacknowledged entry that a state
 /// received from another cluster covers, looking at entries after the mark-delete position and
 /// at or after `from`. Returns the last position it looked at.
@@ -237,10 +268,7 @@ pub fn apply(
     let Some(state) = log.cursor(name) else {
         return Ok(None);
     };
-    let received: Vec<SyncedAcks> = received_states(&state)
-        .into_iter()
-        .filter_map(|value| serde_json::from_str(value).ok())
-        .collect();
+    let received = received(&state);
     if received.is_empty() {
         return Ok(None);
     }
@@ -249,20 +277,9 @@ pub fn apply(
     let mut walked = None;
     walk_entries(log, start, usize::MAX, |position, metadata| {
         walked = Some(position);
-        if state.is_acknowledged(position) {
-            return true;
-        }
-        let Some((cluster, origin)) = entry_origin(local_cluster, position, metadata) else {
-            return true;
-        };
-        let acknowledged_elsewhere = received.iter().any(|sender| {
-            sender.acks.covers(
-                &cluster,
-                origin,
-                reached(metadata, &cluster, &sender.cluster),
-            )
-        });
-        if acknowledged_elsewhere {
+        if !state.is_acknowledged(position)
+            && acknowledged_elsewhere(&received, local_cluster, position, metadata)
+        {
             covered.push(position);
         }
         true
@@ -291,6 +308,9 @@ pub fn receive(
             "a cluster does not send subscription state to itself".into(),
         ));
     }
+    // Never the broker's own cursors (a replicator's, de-duplication's): a state applied to a
+    // replication cursor would skip entries it has not sent.
+    crate::topic::check_subscription_name(name).map_err(BrokerError::PreconditionFailed)?;
     let log = topic.log();
     let properties_lock = topic.lock_cursor_properties();
     if log.cursor(name).is_none() {
@@ -327,10 +347,18 @@ pub fn receive(
         now_ms().to_string(),
     );
     log.set_cursor_properties(name, properties)?;
+    if let Some(subscription) = topic.subscription(name) {
+        // Its dispatcher acknowledges what the states cover instead of delivering it, also
+        // for entries that arrive before the sync task's next tick.
+        subscription.set_acknowledged_elsewhere(received(&log.cursor(name).unwrap_or_default()));
+    }
     drop(properties_lock);
     // Entries that arrive later are covered by the sync task's next ticks.
     topic.ensure_subscription_sync();
-    apply(topic, name, local_cluster, None).map(|_| ())
+    apply(topic, name, local_cluster, None)?;
+    // The sender takes the answer as "b has it": it must survive a crash of this cluster.
+    log.persist_cursors()?;
+    Ok(())
 }
 
 /// How sending one subscription's state to one remote cluster stands.
@@ -402,6 +430,14 @@ impl SubscriptionSync {
     }
 }
 
+/// The outcome of one post of a state to a remote cluster.
+struct Posted {
+    /// (subscription, remote cluster)
+    key: (String, String),
+    body: SyncedAcks,
+    result: std::result::Result<(), String>,
+}
+
 /// What the sync task remembers of one replicated subscription between ticks.
 #[derive(Default)]
 struct Tracked {
@@ -424,6 +460,10 @@ async fn run(
 ) {
     let mut tracked: HashMap<String, Tracked> = HashMap::new();
     let mut idle = false;
+    // Posts run as tasks of their own, so that a remote that does not answer never delays the
+    // others (or this topic's next ticks); at most one per subscription and remote at a time.
+    let mut in_flight: HashSet<(String, String)> = HashSet::new();
+    let (posted, mut outcomes) = mpsc::unbounded_channel::<Posted>();
     loop {
         // The interval can change with the namespace's policy. A topic without replicated
         // subscriptions is looked at rarely; marking one replicated wakes the task.
@@ -440,6 +480,25 @@ async fn run(
         };
         if topic.is_closed() {
             return;
+        }
+        while let Ok(outcome) = outcomes.try_recv() {
+            in_flight.remove(&outcome.key);
+            match outcome.result {
+                Ok(()) => {
+                    if let Some(entry) = tracked.get_mut(&outcome.key.0) {
+                        entry
+                            .sent
+                            .insert(outcome.key.1.clone(), (outcome.body, Instant::now()));
+                    }
+                    update_status(&sending, &outcome.key, |status| {
+                        status.last_sent_ms = Some(now_ms());
+                        status.unsent_since_ms = None;
+                    });
+                }
+                Err(error) => {
+                    tracing::debug!(topic = %name, subscription = %outcome.key.0, remote = %outcome.key.1, %error, "sending replicated subscription state failed; retrying at the next tick");
+                }
+            }
         }
         let remotes = topic.replication_remotes_running();
         let mut origins: Vec<String> = remotes.iter().map(|remote| remote.name.clone()).collect();
@@ -478,26 +537,22 @@ async fn run(
                 let confirmed = entry.sent.get(&remote.name).is_some_and(|(state, at)| {
                     *state == body && at.elapsed() < RESEND_UNCHANGED_AFTER
                 });
-                if confirmed {
+                update_status(&sending, &key, |status| {
+                    if confirmed {
+                        status.unsent_since_ms = None;
+                    } else {
+                        status.unsent_since_ms.get_or_insert_with(now_ms);
+                    }
+                });
+                if confirmed || !in_flight.insert(key.clone()) {
                     continue;
                 }
-                update_status(&sending, &key, |status| {
-                    status.unsent_since_ms.get_or_insert_with(now_ms);
+                let (remote, topic_name, body, posted) =
+                    (remote.clone(), name.clone(), body.clone(), posted.clone());
+                tokio::spawn(async move {
+                    let result = send(&remote, &topic_name, &key.0, &body).await;
+                    let _ = posted.send(Posted { key, body, result });
                 });
-                match send(remote, &name, &cursor, &body).await {
-                    Ok(()) => {
-                        entry
-                            .sent
-                            .insert(remote.name.clone(), (body.clone(), Instant::now()));
-                        update_status(&sending, &key, |status| {
-                            status.last_sent_ms = Some(now_ms());
-                            status.unsent_since_ms = None;
-                        });
-                    }
-                    Err(error) => {
-                        tracing::debug!(topic = %name, subscription = %cursor, remote = %remote.name, %error, "sending replicated subscription state failed; retrying at the next tick");
-                    }
-                }
             }
         }
         idle = replicated.is_empty();
@@ -620,7 +675,7 @@ fn http_agent() -> &'static ureq::Agent {
     static AGENT: std::sync::OnceLock<ureq::Agent> = std::sync::OnceLock::new();
     AGENT.get_or_init(|| {
         ureq::AgentBuilder::new()
-            .timeout(Duration::from_secs(10))
+            .timeout(Duration::from_secs(5))
             .max_idle_connections_per_host(4)
             .build()
     })
