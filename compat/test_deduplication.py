@@ -5,7 +5,7 @@ and a producer that comes back under the same name continues its sequence."""
 import pulsar
 import pytest
 
-from helpers import assert_no_more, payloads, receive_n, unique, unique_topic
+from helpers import assert_no_more, payloads, receive_n, unique, unique_topic, wait_until
 
 DEDUP = {"deduplication_enabled": True}
 Earliest = pulsar.InitialPosition.Earliest
@@ -102,7 +102,19 @@ def test_deduplication_survives_a_crash(broker_factory, client_factory):
     client.close()  # so that the old producer does not come back and hold the name
 
     client = client_factory(broker)
-    producer = client.create_producer(topic, producer_name=name)
+    # The old producer may have reconnected before its client closed; the name is free once
+    # the broker has seen that connection go.
+    created = []
+
+    def create():
+        try:
+            created.append(client.create_producer(topic, producer_name=name))
+        except pulsar.ProducerBusy:
+            return False
+        return True
+
+    wait_until(create, "the closed client's producer releases its name")
+    producer = created[0]
     assert producer.last_sequence_id() == 10
     for sequence in (9, 10):
         producer.send(f"s{sequence}".encode(), sequence_id=sequence)
