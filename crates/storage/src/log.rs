@@ -653,19 +653,24 @@ impl Log {
     }
 
     /// After a "disk full" failure, removes the failed batch's bytes from the file so that the
-    /// file again ends at its last flushed record. Returns false if that was not possible (the
-    /// caller then poisons the log).
+    /// file again ends at its last flushed record, durably: the part of the batch that fit may
+    /// already be on disk (writeback), and a power cut must not bring it back. Returns false if
+    /// that was not possible (the caller then poisons the log).
     fn undo_partial_write(&self, batch: &PendingBatch, path: &Path) -> bool {
         let io = self.shared.io.as_ref();
         if batch.create {
             // The new segment held nothing yet: remove whatever part of it was created.
-            return match io.remove_file(path) {
+            let removed = match io.remove_file(path) {
                 Ok(()) => true,
                 Err(error) => error.kind() == std::io::ErrorKind::NotFound,
             };
+            return removed && io.sync_dir(&self.directory).is_ok();
         }
         match io.open(path) {
-            Ok(file) => file.set_len(batch.file_offset).is_ok(),
+            Ok(file) => file
+                .set_len(batch.file_offset)
+                .and_then(|()| file.sync())
+                .is_ok(),
             Err(_) => false,
         }
     }

@@ -831,3 +831,62 @@ fn an_append_whose_fsync_failed_is_not_served_after_the_log_is_reopened() {
         assert!(log.read(position).is_ok(), "{position} lost");
     }
 }
+
+#[test]
+fn appends_that_failed_with_a_full_disk_stay_gone_after_a_power_cut() {
+    // Models a full disk in the middle of a batch: the part that fit was written, and reached
+    // the disk by writeback before the engine cut it off. A power cut must not bring the failed
+    // appends back as valid entries.
+    let sim = SimIo::new();
+    let gated = GatedIo::new(sim.clone());
+    let storage = Storage::open_with_io("/data", stepwise_config(), gated.clone()).expect("open");
+    let log = storage.open_log("t").expect("log");
+    let directory = log.directory().to_path_buf();
+    let segment = segment_name(log.current_ledger_id(), 0);
+    // Hold the flush thread before it writes entry 0, so entries 1..4 gather into one batch.
+    let (reached, release) = gated.arm("write", &segment);
+    let first = log.append(stepwise_payload(0), 0).expect("append 0");
+    reached.recv().expect("the flush thread reaches the write");
+    let failing: Vec<_> = (1..4)
+        .map(|index| log.append(stepwise_payload(index), index).expect("append"))
+        .collect();
+    let failing_positions: Vec<Position> =
+        failing.iter().map(|pending| pending.position()).collect();
+    // Room for entry 0, entry 1 and half of entry 2.
+    sim.set_capacity(Some(
+        sim.used_bytes() + 2 * STEPWISE_RECORD_LEN + STEPWISE_RECORD_LEN / 2,
+    ));
+    let (failed, writeback_done) = gated.arm("write_failed", &segment);
+    release.send(()).expect("release");
+    failed.recv().expect("the batch's write fails");
+    // Writeback of the dirty pages happens now, before the engine cuts them off.
+    sim.open(&directory.join(&segment))
+        .expect("open")
+        .sync()
+        .expect("writeback");
+    writeback_done.send(()).expect("release");
+    first.wait().expect("entry 0 durable");
+    for pending in failing {
+        let outcome = pending.wait();
+        assert!(
+            matches!(outcome, Err(StorageError::DiskFull { .. })),
+            "{outcome:?}"
+        );
+    }
+    sim.set_capacity(None);
+    storage.close().expect("close");
+    let crashed = sim.crash(CrashMode::LoseUnsynced, 0);
+
+    let storage =
+        Storage::open_with_io("/data", stepwise_config(), Arc::new(crashed)).expect("open");
+    let log = storage.open_log("t").expect("log");
+    let back: Vec<Position> = failing_positions
+        .iter()
+        .copied()
+        .filter(|position| log.read(*position).is_ok())
+        .collect();
+    assert!(
+        back.is_empty(),
+        "appends that failed with DiskFull are served after the power cut: {back:?}"
+    );
+}
