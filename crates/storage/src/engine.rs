@@ -51,6 +51,9 @@ impl Shared {
 
 struct Registry {
     logs: HashMap<String, Arc<Log>>,
+    /// Names whose `delete_log` is under way: opening one now would create a log inside the
+    /// directory about to be removed, so `open_log` refuses them until the deletion is done.
+    deleting: std::collections::HashSet<String>,
     stopping: bool,
 }
 
@@ -121,6 +124,7 @@ impl Storage {
             root,
             registry: Mutex::new(Registry {
                 logs: HashMap::new(),
+                deleting: std::collections::HashSet::new(),
                 stopping: false,
             }),
             wake: Condvar::new(),
@@ -160,6 +164,11 @@ impl Storage {
         let mut registry = self.inner.registry();
         if registry.stopping {
             return Err(StorageError::Closed {
+                log: name.to_string(),
+            });
+        }
+        if registry.deleting.contains(name) {
+            return Err(StorageError::BeingDeleted {
                 log: name.to_string(),
             });
         }
@@ -206,7 +215,22 @@ impl Storage {
     /// Closes and deletes the log `name` with all its data.
     pub fn delete_log(&self, name: &str) -> Result<()> {
         let directory = self.log_directory(name)?;
-        self.close_log(name)?;
+        let (log, _deleting) = {
+            let mut registry = self.inner.registry();
+            if !registry.deleting.insert(name.to_string()) {
+                return Err(StorageError::BeingDeleted {
+                    log: name.to_string(),
+                });
+            }
+            let deleting = DeletionUnderWay {
+                inner: &self.inner,
+                name,
+            };
+            (registry.logs.remove(name), deleting)
+        };
+        if let Some(log) = log {
+            log.close()?;
+        }
         let io = &self.inner.shared.io;
         if io.exists(&directory) {
             // Raise the floor above this log's ledgers before they disappear.
@@ -303,6 +327,18 @@ impl Storage {
             Some(error) => Err(error),
             None => Ok(()),
         }
+    }
+}
+
+/// Marks a name as being deleted for as long as it lives (see `Registry::deleting`).
+struct DeletionUnderWay<'a> {
+    inner: &'a Inner,
+    name: &'a str,
+}
+
+impl Drop for DeletionUnderWay<'_> {
+    fn drop(&mut self) {
+        self.inner.registry().deleting.remove(self.name);
     }
 }
 

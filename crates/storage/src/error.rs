@@ -79,6 +79,11 @@ pub enum StorageError {
 
     #[error("log {log} is closed")]
     Closed { log: String },
+
+    /// `open_log` (or a second `delete_log`) while the log is being deleted; try again once the
+    /// deletion is done.
+    #[error("log {log} is being deleted")]
+    BeingDeleted { log: String },
 }
 
 impl StorageError {

@@ -890,3 +890,54 @@ fn appends_that_failed_with_a_full_disk_stay_gone_after_a_power_cut() {
         "appends that failed with DiskFull are served after the power cut: {back:?}"
     );
 }
+
+#[test]
+fn open_log_during_delete_log_is_refused_and_the_log_created_afterwards_keeps_its_appends() {
+    // Models a producer reconnecting (and re-creating its topic) while the topic is deleted: an
+    // open in the middle of the deletion would create a log inside the directory about to be
+    // removed, stay registered, and acknowledge appends that vanish at the next restart.
+    let sim = SimIo::new();
+    let gated = GatedIo::new(sim.clone());
+    let storage =
+        Arc::new(Storage::open_with_io("/data", stepwise_config(), gated.clone()).expect("open"));
+    let log = storage.open_log("t").expect("log");
+    append_all(&log, 0..2);
+    let directory = log.directory().to_path_buf();
+    drop(log);
+    // Stop `delete_log` right after it closed the log, when it lists the directory.
+    let (reached, release) = gated.arm("list_dir", &directory.to_string_lossy());
+    let deleter = {
+        let storage = storage.clone();
+        std::thread::spawn(move || storage.delete_log("t"))
+    };
+    reached.recv().expect("delete_log lists the directory");
+    let during = storage.open_log("t");
+    release.send(()).expect("release");
+    deleter.join().expect("deleter").expect("delete_log");
+    assert!(
+        matches!(during, Err(StorageError::BeingDeleted { .. })),
+        "open_log during delete_log: {during:?}"
+    );
+    drop(during);
+
+    // The topic is used again after its deletion.
+    let log = storage.open_log("t").expect("open after delete");
+    let acknowledged = append_all(&log, 10..13);
+    drop(log);
+    match Arc::try_unwrap(storage) {
+        Ok(storage) => storage.close().expect("close"),
+        Err(_) => panic!("storage still shared"),
+    }
+    let storage =
+        Storage::open_with_io("/data", stepwise_config(), Arc::new(sim.clone())).expect("reopen");
+    let log = storage.open_log("t").expect("log");
+    let missing: Vec<Position> = acknowledged
+        .iter()
+        .copied()
+        .filter(|position| log.read(*position).is_err())
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "appends acknowledged after delete_log returned are gone after a restart: {missing:?}"
+    );
+}
