@@ -184,6 +184,9 @@ pub(crate) struct CursorJournal {
     length_after_rewrite: u64,
     /// A write or fsync failed: the file's tail is unknown, so the next persist rewrites it.
     needs_rewrite: bool,
+    /// The log was closed: its journal is never written again (by path, it may be another
+    /// log's by now).
+    pub(crate) retired: bool,
     recovered: BTreeMap<String, CursorState>,
 }
 
@@ -263,6 +266,7 @@ impl CursorJournal {
             length,
             length_after_rewrite: length,
             needs_rewrite: false,
+            retired: false,
             recovered,
         })
     }
@@ -280,6 +284,7 @@ impl CursorJournal {
             length: HEADER_LEN,
             length_after_rewrite: HEADER_LEN,
             needs_rewrite: false,
+            retired: false,
             recovered: BTreeMap::new(),
         })
     }
@@ -409,6 +414,11 @@ impl LogState {
         name: &str,
         change: impl FnOnce(&LogState, &mut CursorState) -> T,
     ) -> Result<T> {
+        if self.closed {
+            return Err(StorageError::Closed {
+                log: log.to_string(),
+            });
+        }
         let Some(mut slot) = self.cursors.remove(name) else {
             return Err(StorageError::CursorNotFound {
                 log: log.to_string(),
@@ -585,6 +595,11 @@ impl Log {
             .cursor_journal
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if journal.retired {
+            return Err(StorageError::Closed {
+                log: self.name().to_string(),
+            });
+        }
         let max_ranges = self.shared.config.cursor_max_persisted_ranges;
         let rewrite = journal.should_rewrite();
         let (records, persisted, tombstones) = {

@@ -233,7 +233,7 @@ pub(crate) struct LogState {
     failure: Option<StorageError>,
     /// Set when a read found corrupted bytes: reads and appends fail with this error.
     corruption: Option<StorageError>,
-    closed: bool,
+    pub(crate) closed: bool,
     pub(crate) cache: EntryCache,
     pub(crate) cursors: std::collections::BTreeMap<String, CursorSlot>,
     /// Cursors deleted since the last persist, to be written as tombstones.
@@ -1151,6 +1151,12 @@ impl Log {
             FlushPolicy::Fsync => Ok(()),
         };
         let persisted = self.persist_cursors();
+        // The last write to this log's journal: a handle that outlives the close (the log may
+        // be deleted and created again under the same name) must not write into its successor.
+        self.cursor_journal
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .retired = true;
         synced.and(persisted)
     }
 
