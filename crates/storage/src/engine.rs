@@ -445,12 +445,26 @@ const LEDGER_FLOOR_FILE: &str = "ledger-floor";
 /// Encoded log names never start with a `.`.
 const TOMBSTONE_PREFIX: &str = ".deleted-";
 
+/// Longest file name on common file systems (ext4, xfs, tmpfs: `NAME_MAX`).
+const FILE_NAME_MAX_BYTES: usize = 255;
+
+/// `.deleted-<encoded name>`; for a name too long for that to fit a file name, the first 200
+/// bytes of the encoded name, `~` and the CRC32C of the whole name in hex. Only its prefix
+/// matters to recovery, which removes every tombstone.
 fn tombstone_path(log_directory: &Path) -> PathBuf {
     let name = log_directory
         .file_name()
         .map(|name| name.to_string_lossy().into_owned())
         .unwrap_or_default();
-    crate::io::parent_dir(log_directory).join(format!("{TOMBSTONE_PREFIX}{name}"))
+    let tombstone = if TOMBSTONE_PREFIX.len() + name.len() <= FILE_NAME_MAX_BYTES {
+        format!("{TOMBSTONE_PREFIX}{name}")
+    } else {
+        // Encoded names are ASCII, so any byte offset is a character boundary.
+        let kept = name.get(..200).unwrap_or(&name);
+        let checksum = crc32c::crc32c(name.as_bytes());
+        format!("{TOMBSTONE_PREFIX}{kept}~{checksum:08x}")
+    };
+    crate::io::parent_dir(log_directory).join(tombstone)
 }
 
 /// Removes a deleted log's tombstone directory, if there is one, durably.

@@ -280,3 +280,19 @@ fn a_log_created_again_never_reuses_a_position_of_its_deleted_predecessor() {
     );
     storage.close().expect("close");
 }
+
+#[test]
+fn a_log_with_the_longest_accepted_name_can_be_deleted() {
+    // The tombstone a deleted log's directory is renamed to must itself fit a file name
+    // (255 bytes on ext4, xfs, tmpfs), or such a log could be created but never deleted.
+    let root = tempfile::tempdir().expect("tempdir");
+    let storage = Storage::open(root.path(), small_segments()).expect("open");
+    for length in [240, 250] {
+        let name = "x".repeat(length);
+        let log = storage.open_log(&name).expect("the name is accepted");
+        append_all(&log, &[Bytes::from_static(b"entry")], 0);
+        drop(log);
+        storage.delete_log(&name).expect("delete_log");
+        assert!(!storage.log_names().expect("names").contains(&name));
+    }
+}
