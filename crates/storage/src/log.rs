@@ -5,8 +5,9 @@
 //! - Positions are assigned under the state lock in append order; bytes reach the file in the
 //!   same order because a log has at most one flush in flight (`flush_scheduled`).
 //! - `last_durable` only moves forward, and only after the bytes up to it are fsynced (or
-//!   written, under the relaxed policy). Readers never see a position beyond it, so nothing a
-//!   consumer receives can vanish in a crash.
+//!   written, under the relaxed policy). Readers never see a position beyond it, so under
+//!   `Fsync` nothing a consumer receives can vanish in a crash (under the relaxed policy a power
+//!   cut can erase what was read, as `docs/durability.md` says).
 //! - A failed fsync, or a failed write other than "disk full", poisons the log: every pending
 //!   and later append fails. Disk full rolls the failed appends back instead, so appends
 //!   resume once space is freed.
