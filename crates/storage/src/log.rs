@@ -327,19 +327,39 @@ impl Log {
             .find_map(Segment::last_position)
             .map(|last| [last.ledger_id, last.entry_id + 1])
             .unwrap_or([0, 0]);
+        if continues != [0, 0] {
+            active.continues = Some(Position::new(continues[0], continues[1]));
+        }
         let header = FileHeader {
             kind: FileKind::Segment,
             fields: [ledger_id, 0, now_ms(), continues[0], continues[1]],
         };
-        active.file = Some(format::create_file(io.as_ref(), &active.path, header)?);
-        active.flushed_end = HEADER_LEN;
-        active.synced_end = HEADER_LEN;
+        match format::create_file(io.as_ref(), &active.path, header) {
+            Ok(file) => {
+                active.file = Some(file);
+                active.flushed_end = HEADER_LEN;
+                active.synced_end = HEADER_LEN;
+            }
+            Err(StorageError::DiskFull { .. }) => {
+                // The log still opens for reading: the first append creates the segment (and
+                // fails with `DiskFull` until there is space). No position of this ledger
+                // exists until then.
+                tracing::warn!(log = %name, path = %active.path.display(), "disk full: the log opens without its new segment; appends create it once there is space");
+                if io.exists(&active.path) {
+                    io.remove_file(&active.path)
+                        .and_then(|()| io.sync_dir(&directory))
+                        .map_err(|error| StorageError::io("remove", &active.path, error))?;
+                }
+            }
+            Err(error) => return Err(error),
+        }
 
-        // Segments of earlier ledgers that hold no entries are useless now that a newer
-        // segment is durable.
+        // Segments of earlier ledgers that hold no entries are useless once a newer segment
+        // is durable.
         let mut removed_empty = false;
+        let newer_durable = active.file.is_some();
         segments.retain(|segment: &Segment| {
-            if segment.entry_count() > 0 {
+            if segment.entry_count() > 0 || !newer_durable {
                 return true;
             }
             removed_empty |= io.remove_file(&segment.path).is_ok();
@@ -453,12 +473,15 @@ impl Log {
                 log: self.name.clone(),
             });
         };
+        // The first segment of this open's ledger has no file yet if the disk was full when
+        // the log opened (or a full disk rolled its creation back).
+        let create = rolled || (active.file.is_none() && active.entry_count() == 0);
         let offset = active.end;
         active.push_entry(offset, publish_time_ms);
         active.end += record_len;
         active.last_write_ms = now_ms();
         let segment_first_entry_id = active.first_entry_id;
-        let joins_last_batch = !rolled
+        let joins_last_batch = !create
             && state.pending.back().is_some_and(|batch| {
                 batch.ledger_id == ledger_id
                     && batch.segment_first_entry_id == segment_first_entry_id
@@ -467,7 +490,7 @@ impl Log {
             state.pending.push_back(PendingBatch {
                 ledger_id,
                 segment_first_entry_id,
-                create: rolled,
+                create,
                 file_offset: offset,
                 bytes: Vec::with_capacity(record_len as usize),
                 first: position,
@@ -517,7 +540,7 @@ impl Log {
     /// queues itself again behind the other logs waiting for a flush thread, so that a busy
     /// log cannot keep a thread to itself while other logs' appends wait.
     pub(crate) fn flush(self: &Arc<Self>) {
-        let (batch, file, path) = {
+        let (batch, file, path, continues) = {
             let mut state = self.lock();
             if let Some(error) = state.failure.clone() {
                 let abandoned: Vec<PendingBatch> = state.pending.drain(..).collect();
@@ -541,10 +564,11 @@ impl Log {
             let path = segment
                 .map(|segment| segment.path.clone())
                 .unwrap_or_else(|| self.directory.clone());
-            (batch, file, path)
+            let continues = segment.and_then(|segment| segment.continues);
+            (batch, file, path, continues)
         };
 
-        let outcome = self.write_batch(&batch, file, &path);
+        let outcome = self.write_batch(&batch, file, &path, continues);
 
         let mut state = self.lock();
         match outcome {
@@ -613,6 +637,7 @@ impl Log {
         batch: &PendingBatch,
         file: Option<Arc<dyn IoFile>>,
         path: &Path,
+        continues: Option<Position>,
     ) -> std::result::Result<Arc<dyn IoFile>, (FlushStage, StorageError)> {
         let io = self.shared.io.as_ref();
         let file = match file {
@@ -629,15 +654,18 @@ impl Log {
                     self.sync_written()
                         .map_err(|error| (FlushStage::Sync, error))?;
                 }
+                // A roll continues the same ledger at the entry it starts with; the first segment
+                // of a ledger, where the previous ledger ended.
+                let continues = continues
+                    .unwrap_or(Position::new(batch.ledger_id, batch.segment_first_entry_id));
                 let header = FileHeader {
                     kind: FileKind::Segment,
-                    // A roll continues the same ledger at the entry it starts with.
                     fields: [
                         batch.ledger_id,
                         batch.segment_first_entry_id,
                         now_ms(),
-                        batch.ledger_id,
-                        batch.segment_first_entry_id,
+                        continues.ledger_id,
+                        continues.entry_id,
                     ],
                 };
                 format::create_file(io, path, header)
@@ -1201,8 +1229,9 @@ impl LogState {
     fn rollback_to(&mut self, first_removed: Position, cache_used_bytes: &AtomicU64) {
         debug_assert_eq!(first_removed.ledger_id, self.ledger_id);
         while let Some(segment) = self.segments.last_mut() {
-            if segment.file.is_none() {
-                // Never created, so it holds only entries of failed batches.
+            if segment.file.is_none() && segment.first_entry_id > 0 {
+                // A roll never created, so it holds only entries of failed batches. (The first
+                // segment of the ledger stays, empty: the next append creates it.)
                 self.segments.pop();
                 continue;
             }

@@ -941,3 +941,45 @@ fn open_log_during_delete_log_is_refused_and_the_log_created_afterwards_keeps_it
         "appends acknowledged after delete_log returned are gone after a restart: {missing:?}"
     );
 }
+
+#[test]
+fn after_a_restart_on_a_full_disk_logs_open_for_reading_and_accept_appends_once_there_is_space() {
+    // Models a broker restarted while its disk is full: opening a log must not need space
+    // (the new ledger's segment is created by its first append), so consumers keep reading.
+    let sim = SimIo::new();
+    let storage =
+        Storage::open_with_io("/data", stepwise_config(), Arc::new(sim.clone())).expect("open");
+    let log = storage.open_log("t").expect("log");
+    let before = append_all(&log, 0..3);
+    storage.close().expect("close");
+    sim.set_capacity(Some(sim.used_bytes()));
+
+    let storage = Storage::open_with_io("/data", stepwise_config(), Arc::new(sim.clone()))
+        .expect("the storage opens on a full disk");
+    let log = storage.open_log("t").expect("the log opens on a full disk");
+    for (index, position) in before.iter().enumerate() {
+        assert_eq!(
+            log.read(*position).expect("reads continue").data,
+            stepwise_payload(index as u64)
+        );
+    }
+    let full = log.append(stepwise_payload(3), 3).expect("queued").wait();
+    assert!(
+        matches!(full, Err(StorageError::DiskFull { .. })),
+        "{full:?}"
+    );
+    sim.set_capacity(None);
+    let after = append_all(&log, 3..5);
+    assert!(after[0] > before[2], "{after:?} after {before:?}");
+    storage.close().expect("close");
+
+    let storage =
+        Storage::open_with_io("/data", stepwise_config(), Arc::new(sim.clone())).expect("reopen");
+    let log = storage.open_log("t").expect("log");
+    for (index, position) in before.iter().chain(&after).enumerate() {
+        assert_eq!(
+            log.read(*position).expect("durable").data,
+            stepwise_payload(index as u64)
+        );
+    }
+}
