@@ -1179,6 +1179,9 @@ impl Log {
             FlushPolicy::RelaxedWriteOnly { .. } => self.sync_written(),
             FlushPolicy::Fsync => Ok(()),
         };
+        if synced.is_ok() {
+            self.seal();
+        }
         let persisted = self.persist_cursors();
         // The last write to this log's journal: a handle that outlives the close (the log may
         // be deleted and created again under the same name) must not write into its successor.
@@ -1187,6 +1190,41 @@ impl Log {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
             .retired = true;
         synced.and(persisted)
+    }
+
+    /// Ends the newest segment file with a seal record (fsynced) once everything is durable,
+    /// so that the next open takes damage in it for corruption rather than a torn write: after
+    /// a clean close nothing was in flight. Best effort: an unsealed segment is recovered as
+    /// after a crash.
+    fn seal(&self) {
+        let target = {
+            let state = self.lock();
+            if state.failure.is_some() || state.corruption.is_some() {
+                return;
+            }
+            state.segments.iter().rev().find_map(|segment| {
+                let file = segment.file.clone()?;
+                Some((
+                    file,
+                    segment.path.clone(),
+                    segment.flushed_end,
+                    segment.synced_end,
+                ))
+            })
+        };
+        let Some((file, path, flushed_end, synced_end)) = target else {
+            return;
+        };
+        if flushed_end != synced_end || flushed_end < HEADER_LEN {
+            return;
+        }
+        let sealed = file
+            .write_all_at(&encode_seal(flushed_end), flushed_end)
+            .and_then(|()| file.sync());
+        if let Err(error) = sealed {
+            tracing::warn!(log = %self.name, path = %path.display(), %error, "could not seal the newest segment; it will be recovered as after a crash");
+            let _ = file.set_len(flushed_end);
+        }
     }
 
     pub(crate) fn is_closed(&self) -> bool {
@@ -1324,6 +1362,42 @@ fn decode_entry(
     ))
 }
 
+/// Entry id of a seal record, which no entry has.
+const SEAL_ENTRY_ID: u64 = u64::MAX;
+/// A seal record: framing, then its entry id and its own file offset.
+const SEAL_RECORD_LEN: u64 = RECORD_FRAMING_LEN + 16;
+
+fn encode_seal(entries_end: u64) -> Vec<u8> {
+    let mut bytes = Vec::with_capacity(SEAL_RECORD_LEN as usize);
+    format::encode_record(
+        &mut bytes,
+        &[&SEAL_ENTRY_ID.to_le_bytes(), &entries_end.to_le_bytes()],
+    );
+    bytes
+}
+
+/// Where the entries of a segment sealed by a clean close end: the offset of the seal record
+/// that makes up its last bytes (`None`: not sealed, or the seal itself is damaged).
+fn sealed_end(file: &dyn IoFile, path: &Path, file_len: u64) -> Result<Option<u64>> {
+    let Some(at) = file_len
+        .checked_sub(SEAL_RECORD_LEN)
+        .filter(|at| *at >= HEADER_LEN)
+    else {
+        return Ok(None);
+    };
+    let mut bytes = [0u8; SEAL_RECORD_LEN as usize];
+    file.read_exact_at(&mut bytes, at)
+        .map_err(|error| StorageError::io("read", path, error))?;
+    let Ok(body) = format::decode_record(&bytes) else {
+        return Ok(None);
+    };
+    let mut reader = format::ByteReader::new(body);
+    let (Ok(entry_id), Ok(offset)) = (reader.u64(), reader.u64()) else {
+        return Ok(None);
+    };
+    Ok((entry_id == SEAL_ENTRY_ID && offset == at && reader.is_empty()).then_some(at))
+}
+
 /// Checks that each segment continues the one before it: within a ledger, a segment starts
 /// with the entry after the previous one's last; a later ledger starts at entry 0. Only the
 /// oldest segment may start anywhere (trimming deletes from the front). A missing segment in
@@ -1431,11 +1505,18 @@ fn recover_segment(
     if header.fields[3] != 0 {
         segment.continues = Some(Position::new(header.fields[3], header.fields[4]));
     }
+    // A clean close sealed the newest segment: its records end before the seal, and damage in
+    // them is corruption, never a torn write.
+    let sealed = if is_tail {
+        sealed_end(file.as_ref(), &path, file_len)?
+    } else {
+        None
+    };
     let scan = format::scan_records(
         file.as_ref(),
         &path,
         HEADER_LEN,
-        file_len,
+        sealed.unwrap_or(file_len),
         |offset, body| {
             let mut reader = format::ByteReader::new(body);
             let entry_id = reader.u64()?;
@@ -1453,14 +1534,28 @@ fn recover_segment(
         // between the two; the page cache kept them). Make them durable before serving them:
         // a reader must never see an entry that a power cut can still erase.
         ScanEnd::Clean if is_tail => {
+            // The seal is cut off again before this log creates a newer segment: only the
+            // newest segment ever ends in one.
+            let end = sealed.unwrap_or(file_len);
+            if end < file_len {
+                file.set_len(end)
+                    .map_err(|error| StorageError::io("truncate", &path, error))?;
+            }
             file.sync()
                 .map_err(|error| StorageError::io("fsync", &path, error))?;
-            file_len
+            end
         }
         ScanEnd::Clean => file_len,
         ScanEnd::Damaged { offset, reason } => {
             if !is_tail {
                 return Err(StorageError::corrupted(&path, offset, reason));
+            }
+            if sealed.is_some() {
+                return Err(StorageError::corrupted(
+                    &path,
+                    offset,
+                    format!("{reason}, in a segment sealed by a clean close: not a torn write"),
+                ));
             }
             let next_entry = first_entry_id + segment.entry_count();
             let follows =
