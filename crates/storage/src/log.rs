@@ -1506,12 +1506,9 @@ fn recover_segment(
         segment.continues = Some(Position::new(header.fields[3], header.fields[4]));
     }
     // A clean close sealed the newest segment: its records end before the seal, and damage in
-    // them is corruption, never a torn write.
-    let sealed = if is_tail {
-        sealed_end(file.as_ref(), &path, file_len)?
-    } else {
-        None
-    };
+    // them is corruption, never a torn write. (A sealed segment is no longer the newest only if
+    // the file created after it was torn while being created and removed just now.)
+    let sealed = sealed_end(file.as_ref(), &path, file_len)?;
     let scan = format::scan_records(
         file.as_ref(),
         &path,
@@ -1533,7 +1530,7 @@ fn recover_segment(
         // The newest segment may hold bytes written but never fsynced (a process killed
         // between the two; the page cache kept them). Make them durable before serving them:
         // a reader must never see an entry that a power cut can still erase.
-        ScanEnd::Clean if is_tail => {
+        ScanEnd::Clean if is_tail || sealed.is_some() => {
             // The seal is cut off again before this log creates a newer segment: only the
             // newest segment ever ends in one.
             let end = sealed.unwrap_or(file_len);
