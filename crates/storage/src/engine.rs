@@ -396,11 +396,12 @@ fn maintenance(inner: &Inner) {
 /// Persists the changed cursors of `logs`; a failure is logged and retried on the next pass.
 fn persist_cursors_of(logs: &[Arc<Log>]) {
     for log in logs {
-        // A log closed since the list was taken persisted its cursors when it closed.
-        if let Err(error @ StorageError::Io { .. } | error @ StorageError::DiskFull { .. }) =
-            log.persist_cursors()
-        {
-            tracing::error!(log = %log.name(), %error, "persisting cursors failed; will retry");
+        match log.persist_cursors() {
+            // A log closed since the list was taken persisted its cursors when it closed.
+            Ok(()) | Err(StorageError::Closed { .. }) => {}
+            Err(error) => {
+                tracing::error!(log = %log.name(), %error, "persisting cursors failed; will retry")
+            }
         }
     }
 }
