@@ -569,8 +569,11 @@ impl Log {
     }
 
     /// Moves the cursor so that everything after `mark_delete` is unacknowledged (seek, reset).
+    /// A position beyond the last durable entry means the end: entries appended later are never
+    /// acknowledged in advance.
     pub fn reset_cursor(&self, name: &str, mark_delete: Option<Position>) -> Result<()> {
         let mut state = self.lock();
+        let mark_delete = mark_delete.min(state.last_durable());
         state.update_cursor(self.name(), name, |_, cursor| {
             cursor.mark_delete = mark_delete;
             cursor.acknowledged = RangeSet::new();

@@ -551,3 +551,25 @@ fn a_stale_handle_of_a_deleted_log_cannot_touch_the_journal_of_the_log_created_a
         log.cursor_names()
     );
 }
+
+#[test]
+fn a_reset_beyond_the_end_never_acknowledges_entries_appended_later() {
+    // A seek to a position past the last entry means "the end": the entries appended after it
+    // must still be delivered.
+    let sim = SimIo::new();
+    let storage = open_sim(&sim, config());
+    let log = storage.open_log("t").expect("log");
+    let before = append(&log, 3);
+    log.open_cursor("sub", InitialPosition::Earliest)
+        .expect("cursor");
+    let beyond = Position::new(before[2].ledger_id, before[2].entry_id + 1_000);
+    log.reset_cursor("sub", Some(beyond)).expect("reset");
+    assert_eq!(log.mark_delete_position("sub"), Some(Some(before[2])));
+    let after = append(&log, 2);
+    for position in after {
+        assert!(
+            !log.is_acknowledged("sub", position),
+            "entry {position}, appended after the reset, looks acknowledged"
+        );
+    }
+}
