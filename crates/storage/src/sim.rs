@@ -13,7 +13,8 @@
 //! ending in garbage. A file created but never synced can so survive with a torn header.
 //! [`SimIo::crash_before_operation`] takes that snapshot at an exact step of a workload, so a test
 //! can crash at every step in turn. Faults can be injected: failing writes, failing syncs, and a
-//! capacity that makes writes fail with "no space left on device".
+//! capacity that makes writes, and the creation of files once it is reached, fail with "no
+//! space left on device".
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io;
@@ -563,6 +564,16 @@ impl Io for SimIo {
             ));
         }
         state.step();
+        // A full file system has no room for a new entry either (directory block, inode).
+        if state
+            .capacity_bytes
+            .is_some_and(|capacity| state.used_bytes() >= capacity)
+        {
+            return Err(io::Error::new(
+                io::ErrorKind::StorageFull,
+                "no space left on device",
+            ));
+        }
         let file_id = state.next_file_id;
         state.next_file_id += 1;
         state.files.insert(file_id, FileData::default());
