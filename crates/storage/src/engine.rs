@@ -77,12 +77,19 @@ impl Inner {
 pub struct Storage {
     inner: Arc<Inner>,
     threads: Vec<JoinHandle<()>>,
+    /// `<root>/lock`, held with an exclusive `flock` for as long as the engine lives (real file
+    /// system only), so that a second engine cannot open the same data directory.
+    _directory_lock: Option<std::fs::File>,
 }
 
 impl Storage {
     /// Opens the engine rooted at `root` on the real file system.
     pub fn open(root: impl Into<PathBuf>, config: StorageConfig) -> Result<Storage> {
-        Storage::open_with_io(root, config, Arc::new(crate::RealIo))
+        let root = root.into();
+        let lock = lock_directory(&root)?;
+        let mut storage = Storage::open_with_io(root, config, Arc::new(crate::RealIo))?;
+        storage._directory_lock = Some(lock);
+        Ok(storage)
     }
 
     /// Opens the engine rooted at `root` on the given I/O implementation.
@@ -148,7 +155,11 @@ impl Storage {
             .spawn(move || maintenance(&maintenance_inner))
             .map_err(|error| StorageError::io("spawn maintenance thread", "", error))?;
         threads.push(thread);
-        Ok(Storage { inner, threads })
+        Ok(Storage {
+            inner,
+            threads,
+            _directory_lock: None,
+        })
     }
 
     pub fn config(&self) -> &StorageConfig {
@@ -439,6 +450,29 @@ pub(crate) fn decode_name(encoded: &str) -> Option<String> {
         }
     }
     String::from_utf8(decoded).ok()
+}
+
+/// Creates `root` if needed and takes an exclusive, non-blocking `flock` on `root/lock`. The
+/// kernel releases it when the process ends, however it ends, so no stale lock survives a
+/// crash.
+fn lock_directory(root: &Path) -> Result<std::fs::File> {
+    crate::io::create_dir_durable(&crate::RealIo, root)
+        .map_err(|error| StorageError::io("create directory", root, error))?;
+    let path = root.join("lock");
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(|error| StorageError::io("open", &path, error))?;
+    match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+        Ok(()) => Ok(file),
+        Err(error) if error == rustix::io::Errno::WOULDBLOCK => Err(StorageError::DirectoryInUse {
+            directory: root.to_path_buf(),
+        }),
+        Err(error) => Err(StorageError::io("lock", &path, error.into())),
+    }
 }
 
 const LEDGER_FLOOR_FILE: &str = "ledger-floor";

@@ -84,6 +84,10 @@ pub enum StorageError {
     /// deletion is done.
     #[error("log {log} is being deleted")]
     BeingDeleted { log: String },
+
+    /// Another engine (in this process or another) has the data directory open.
+    #[error("data directory {} is in use by another storage engine (lock file {} is locked)", directory.display(), directory.join("lock").display())]
+    DirectoryInUse { directory: PathBuf },
 }
 
 impl StorageError {

@@ -296,3 +296,20 @@ fn a_log_with_the_longest_accepted_name_can_be_deleted() {
         assert!(!storage.log_names().expect("names").contains(&name));
     }
 }
+
+#[test]
+fn a_second_engine_cannot_open_a_data_directory_in_use() {
+    // Two engines on one data directory would each start ledgers, append and trim on their
+    // own: the second is refused with a clear error until the first is closed.
+    let root = tempfile::tempdir().expect("tempdir");
+    let first = Storage::open(root.path(), small_segments()).expect("open");
+    let second = Storage::open(root.path(), small_segments());
+    assert!(
+        matches!(second, Err(StorageError::DirectoryInUse { .. })),
+        "{:?}",
+        second.err()
+    );
+    first.close().expect("close");
+    let again = Storage::open(root.path(), small_segments()).expect("open once it is free");
+    again.close().expect("close");
+}
