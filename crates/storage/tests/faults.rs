@@ -502,6 +502,10 @@ fn stepwise_config() -> StorageConfig {
     }
 }
 
+fn open_stepwise(sim: &SimIo) -> meridian_storage::Result<Storage> {
+    Storage::open_with_io("/data", stepwise_config(), Arc::new(sim.clone()))
+}
+
 fn stepwise_payload(index: u64) -> Bytes {
     let mut bytes = format!("entry-{index}-").into_bytes();
     bytes.resize((STEPWISE_RECORD_LEN - 24) as usize, b'.');
@@ -723,8 +727,7 @@ fn trimming_during_a_roll_keeps_the_newest_segment_file_so_positions_are_never_r
         .expect("entry 7 durable");
     run.storage.close().expect("close");
 
-    let storage = Storage::open_with_io("/data", stepwise_config(), Arc::new(crashed))
-        .expect("the data directory opens");
+    let storage = open_stepwise(&crashed).expect("the data directory opens");
     let log = storage.open_log("t").expect("log opens");
     let new_ledger = log.current_ledger_id();
     let position = append_all(&log, 100..101)[0];
@@ -782,15 +785,14 @@ fn after_a_kill_between_write_and_fsync_the_restart_makes_what_it_serves_durable
     let unsynced = pending.position();
     reached.recv().expect("the flush thread reaches the fsync");
 
-    let second =
-        Storage::open_with_io("/data", stepwise_config(), Arc::new(sim.clone())).expect("restart");
+    let second = open_stepwise(&sim).expect("restart");
     let log2 = second.open_log("t").expect("log");
     let read = log2
         .read(unsynced)
         .expect("the restarted engine serves entry 2");
     assert_eq!(read.data, stepwise_payload(2));
     let crashed = sim.crash(CrashMode::LoseUnsynced, 0);
-    let third = Storage::open_with_io("/data", stepwise_config(), Arc::new(crashed)).expect("open");
+    let third = open_stepwise(&crashed).expect("open");
     let log3 = third.open_log("t").expect("log");
     assert!(
         log3.read(unsynced).is_ok(),
@@ -807,8 +809,7 @@ fn an_append_whose_fsync_failed_is_not_served_after_the_log_is_reopened() {
     // Models a failed fsync whose bytes stay in the page cache, then a reopen of the log in the
     // same process (a topic reload): the failed append must not come back as a durable entry.
     let sim = SimIo::new();
-    let storage =
-        Storage::open_with_io("/data", stepwise_config(), Arc::new(sim.clone())).expect("open");
+    let storage = open_stepwise(&sim).expect("open");
     let log = storage.open_log("t").expect("log");
     let acknowledged = append_all(&log, 0..2);
     sim.fail_syncs(1);
@@ -877,8 +878,7 @@ fn appends_that_failed_with_a_full_disk_stay_gone_after_a_power_cut() {
     storage.close().expect("close");
     let crashed = sim.crash(CrashMode::LoseUnsynced, 0);
 
-    let storage =
-        Storage::open_with_io("/data", stepwise_config(), Arc::new(crashed)).expect("open");
+    let storage = open_stepwise(&crashed).expect("open");
     let log = storage.open_log("t").expect("log");
     let back: Vec<Position> = failing_positions
         .iter()
@@ -928,8 +928,7 @@ fn open_log_during_delete_log_is_refused_and_the_log_created_afterwards_keeps_it
         Ok(storage) => storage.close().expect("close"),
         Err(_) => panic!("storage still shared"),
     }
-    let storage =
-        Storage::open_with_io("/data", stepwise_config(), Arc::new(sim.clone())).expect("reopen");
+    let storage = open_stepwise(&sim).expect("reopen");
     let log = storage.open_log("t").expect("log");
     let missing: Vec<Position> = acknowledged
         .iter()
@@ -947,15 +946,13 @@ fn after_a_restart_on_a_full_disk_logs_open_for_reading_and_accept_appends_once_
     // Models a broker restarted while its disk is full: opening a log must not need space
     // (the new ledger's segment is created by its first append), so consumers keep reading.
     let sim = SimIo::new();
-    let storage =
-        Storage::open_with_io("/data", stepwise_config(), Arc::new(sim.clone())).expect("open");
+    let storage = open_stepwise(&sim).expect("open");
     let log = storage.open_log("t").expect("log");
     let before = append_all(&log, 0..3);
     storage.close().expect("close");
     sim.set_capacity(Some(sim.used_bytes()));
 
-    let storage = Storage::open_with_io("/data", stepwise_config(), Arc::new(sim.clone()))
-        .expect("the storage opens on a full disk");
+    let storage = open_stepwise(&sim).expect("the storage opens on a full disk");
     let log = storage.open_log("t").expect("the log opens on a full disk");
     for (index, position) in before.iter().enumerate() {
         assert_eq!(
@@ -973,8 +970,7 @@ fn after_a_restart_on_a_full_disk_logs_open_for_reading_and_accept_appends_once_
     assert!(after[0] > before[2], "{after:?} after {before:?}");
     storage.close().expect("close");
 
-    let storage =
-        Storage::open_with_io("/data", stepwise_config(), Arc::new(sim.clone())).expect("reopen");
+    let storage = open_stepwise(&sim).expect("reopen");
     let log = storage.open_log("t").expect("log");
     for (index, position) in before.iter().chain(&after).enumerate() {
         assert_eq!(
@@ -986,7 +982,7 @@ fn after_a_restart_on_a_full_disk_logs_open_for_reading_and_accept_appends_once_
 
 /// What a restart does: opens the data directory and every log in it, then closes it.
 fn recover(sim: &SimIo) -> meridian_storage::Result<()> {
-    let storage = Storage::open_with_io("/data", stepwise_config(), Arc::new(sim.clone()))?;
+    let storage = open_stepwise(sim)?;
     for name in storage.log_names()? {
         storage.open_log(&name)?;
     }
@@ -999,8 +995,7 @@ fn a_segment_torn_while_being_created_after_a_clean_close_survives_a_power_cut_d
     // not), after a clean close had sealed the segment before it; then a second power cut before
     // each step of the recovery that removes the torn file. The log must open every time.
     let sim = SimIo::new();
-    let storage =
-        Storage::open_with_io("/data", stepwise_config(), Arc::new(sim.clone())).expect("open");
+    let storage = open_stepwise(&sim).expect("open");
     let log = storage.open_log("t").expect("log");
     let acknowledged = append_all(&log, 0..3);
     let ledger = log.current_ledger_id();
@@ -1030,8 +1025,7 @@ fn a_segment_torn_while_being_created_after_a_clean_close_survives_a_power_cut_d
             let twice = copy
                 .take_crashed()
                 .unwrap_or_else(|| copy.crash(mode, step));
-            let storage = Storage::open_with_io("/data", stepwise_config(), Arc::new(twice))
-                .expect("storage opens");
+            let storage = open_stepwise(&twice).expect("storage opens");
             let log = storage.open_log("t").unwrap_or_else(|error| {
                 panic!("power cut before recovery step {step} ({mode:?}): {error}")
             });

@@ -338,17 +338,21 @@ fn a_missing_middle_segment_refuses_the_log_naming_the_gap() {
     let directory = write_entries(root.path(), "holed", 30);
     let middle = segment_files(&directory).remove(1);
     fs::remove_file(&middle).expect("remove middle segment");
-    let storage = Storage::open(root.path(), config()).expect("engine opens");
-    let error = storage.open_log("holed").expect_err("refuses");
+    assert_refused_for_a_gap(root.path(), "holed", &["entry 10", "entry 20"]);
+}
+
+/// Asserts that log `name` refuses to open with a gap, naming each of `named` in the error.
+fn assert_refused_for_a_gap(root: &Path, name: &str, named: &[&str]) {
+    let storage = Storage::open(root, config()).expect("engine opens");
+    let error = storage.open_log(name).expect_err("refuses");
     let message = error.to_string();
     assert!(
         matches!(error, StorageError::Corrupted { .. }) && message.contains("gap"),
         "{message}"
     );
-    assert!(
-        message.contains("entry 10") && message.contains("entry 20"),
-        "names the missing entries: {message}"
-    );
+    for text in named {
+        assert!(message.contains(text), "names {text}: {message}");
+    }
 }
 
 #[test]
@@ -362,17 +366,7 @@ fn a_missing_last_segment_of_a_ledger_refuses_the_log_naming_the_gap() {
     let files = segment_files(&directory);
     assert_eq!(files.len(), 3, "{files:?}");
     fs::remove_file(&files[1]).expect("remove the last segment of the first ledger");
-    let storage = Storage::open(root.path(), config()).expect("engine opens");
-    let error = storage.open_log("holed").expect_err("refuses");
-    let message = error.to_string();
-    assert!(
-        matches!(error, StorageError::Corrupted { .. }) && message.contains("gap"),
-        "{message}"
-    );
-    assert!(
-        message.contains("entry 13"),
-        "names the missing end: {message}"
-    );
+    assert_refused_for_a_gap(root.path(), "holed", &["entry 13"]);
 }
 
 #[test]
