@@ -204,6 +204,9 @@ pub(crate) struct CursorJournal {
     length_after_rewrite: u64,
     /// A write or fsync failed: the file's tail is unknown, so the next persist rewrites it.
     needs_rewrite: bool,
+    /// The log was closed: its journal is never written again (by path, it may be another
+    /// log's by now).
+    pub(crate) retired: bool,
     recovered: BTreeMap<String, CursorState>,
 }
 
@@ -283,6 +286,7 @@ impl CursorJournal {
             length,
             length_after_rewrite: length,
             needs_rewrite: false,
+            retired: false,
             recovered,
         })
     }
@@ -300,6 +304,7 @@ impl CursorJournal {
             length: HEADER_LEN,
             length_after_rewrite: HEADER_LEN,
             needs_rewrite: false,
+            retired: false,
             recovered: BTreeMap::new(),
         })
     }
@@ -429,6 +434,11 @@ impl LogState {
         name: &str,
         change: impl FnOnce(&LogState, &mut CursorState) -> T,
     ) -> Result<T> {
+        if self.closed {
+            return Err(StorageError::Closed {
+                log: log.to_string(),
+            });
+        }
         let Some(mut slot) = self.cursors.remove(name) else {
             return Err(StorageError::CursorNotFound {
                 log: log.to_string(),
@@ -579,8 +589,11 @@ impl Log {
     }
 
     /// Moves the cursor so that everything after `mark_delete` is unacknowledged (seek, reset).
+    /// A position beyond the last durable entry means the end: entries appended later are never
+    /// acknowledged in advance.
     pub fn reset_cursor(&self, name: &str, mark_delete: Option<Position>) -> Result<()> {
         let mut state = self.lock();
+        let mark_delete = mark_delete.min(state.last_durable());
         state.update_cursor(self.name(), name, |_, cursor| {
             cursor.mark_delete = mark_delete;
             cursor.acknowledged = RangeSet::new();
@@ -616,6 +629,11 @@ impl Log {
             .cursor_journal
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if journal.retired {
+            return Err(StorageError::Closed {
+                log: self.name().to_string(),
+            });
+        }
         let max_ranges = self.shared.config.cursor_max_persisted_ranges;
         let rewrite = journal.should_rewrite();
         let (snapshots, persisted, tombstones) = {

@@ -56,6 +56,9 @@ struct Registry {
     /// reads every segment) instead of the registry lock, so that one long recovery never
     /// stalls the other logs. Removed once nobody holds or waits for it.
     name_locks: HashMap<String, Arc<Mutex<()>>>,
+    /// Names whose `delete_log` is under way: opening one now would create a log inside the
+    /// directory about to be removed, so `open_log` refuses them until the deletion is done.
+    deleting: std::collections::HashSet<String>,
     stopping: bool,
 }
 
@@ -79,12 +82,19 @@ impl Inner {
 pub struct Storage {
     inner: Arc<Inner>,
     threads: Vec<JoinHandle<()>>,
+    /// `<root>/lock`, held with an exclusive `flock` for as long as the engine lives (real file
+    /// system only), so that a second engine cannot open the same data directory.
+    _directory_lock: Option<std::fs::File>,
 }
 
 impl Storage {
     /// Opens the engine rooted at `root` on the real file system.
     pub fn open(root: impl Into<PathBuf>, config: StorageConfig) -> Result<Storage> {
-        Storage::open_with_io(root, config, Arc::new(crate::RealIo))
+        let root = root.into();
+        let lock = lock_directory(&root)?;
+        let mut storage = Storage::open_with_io(root, config, Arc::new(crate::RealIo))?;
+        storage._directory_lock = Some(lock);
+        Ok(storage)
     }
 
     /// Opens the engine rooted at `root` on the given I/O implementation.
@@ -127,6 +137,7 @@ impl Storage {
             registry: Mutex::new(Registry {
                 logs: HashMap::new(),
                 name_locks: HashMap::new(),
+                deleting: std::collections::HashSet::new(),
                 stopping: false,
             }),
             wake: Condvar::new(),
@@ -150,7 +161,11 @@ impl Storage {
             .spawn(move || maintenance(&maintenance_inner))
             .map_err(|error| StorageError::io("spawn maintenance thread", "", error))?;
         threads.push(thread);
-        Ok(Storage { inner, threads })
+        Ok(Storage {
+            inner,
+            threads,
+            _directory_lock: None,
+        })
     }
 
     pub fn config(&self) -> &StorageConfig {
@@ -189,6 +204,11 @@ impl Storage {
         let registry = self.inner.registry();
         if registry.stopping {
             return Err(StorageError::Closed {
+                log: name.to_string(),
+            });
+        }
+        if registry.deleting.contains(name) {
+            return Err(StorageError::BeingDeleted {
                 log: name.to_string(),
             });
         }
@@ -252,6 +272,20 @@ impl Storage {
     /// Closes and deletes the log `name` with all its data.
     pub fn delete_log(&self, name: &str) -> Result<()> {
         let directory = self.log_directory(name)?;
+        // Opens of this name are refused from now on (`BeingDeleted`), then the deletion waits
+        // for an open already under way.
+        let _deleting = {
+            let mut registry = self.inner.registry();
+            if !registry.deleting.insert(name.to_string()) {
+                return Err(StorageError::BeingDeleted {
+                    log: name.to_string(),
+                });
+            }
+            DeletionUnderWay {
+                inner: &self.inner,
+                name,
+            }
+        };
         self.with_name_lock(name, || self.close_and_delete(name, directory))
     }
 
@@ -356,6 +390,18 @@ impl Storage {
     }
 }
 
+/// Marks a name as being deleted for as long as it lives (see `Registry::deleting`).
+struct DeletionUnderWay<'a> {
+    inner: &'a Inner,
+    name: &'a str,
+}
+
+impl Drop for DeletionUnderWay<'_> {
+    fn drop(&mut self) {
+        self.inner.registry().deleting.remove(self.name);
+    }
+}
+
 impl Drop for Storage {
     fn drop(&mut self) {
         let _ = self.shutdown();
@@ -420,8 +466,12 @@ fn persist_cursors_of(logs: &[Arc<Log>]) {
     let next = AtomicUsize::new(0);
     let persist_next = || {
         while let Some(log) = logs.get(next.fetch_add(1, Ordering::Relaxed)) {
-            if let Err(error) = log.persist_cursors() {
-                tracing::error!(log = %log.name(), %error, "persisting cursors failed; will retry");
+            match log.persist_cursors() {
+                // A log closed since the list was taken persisted its cursors when it closed.
+                Ok(()) | Err(StorageError::Closed { .. }) => {}
+                Err(error) => {
+                    tracing::error!(log = %log.name(), %error, "persisting cursors failed; will retry")
+                }
             }
         }
     };
@@ -472,17 +522,54 @@ pub(crate) fn decode_name(encoded: &str) -> Option<String> {
     String::from_utf8(decoded).ok()
 }
 
+/// Creates `root` if needed and takes an exclusive, non-blocking `flock` on `root/lock`. The
+/// kernel releases it when the process ends, however it ends, so no stale lock survives a
+/// crash.
+fn lock_directory(root: &Path) -> Result<std::fs::File> {
+    crate::io::create_dir_durable(&crate::RealIo, root)
+        .map_err(|error| StorageError::io("create directory", root, error))?;
+    let path = root.join("lock");
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(|error| StorageError::io("open", &path, error))?;
+    match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+        Ok(()) => Ok(file),
+        Err(error) if error == rustix::io::Errno::WOULDBLOCK => Err(StorageError::DirectoryInUse {
+            directory: root.to_path_buf(),
+        }),
+        Err(error) => Err(StorageError::io("lock", &path, error.into())),
+    }
+}
+
 const LEDGER_FLOOR_FILE: &str = "ledger-floor";
 /// A deleted log's directory is renamed to this prefix + its name before its files are removed.
 /// Encoded log names never start with a `.`.
 const TOMBSTONE_PREFIX: &str = ".deleted-";
 
+/// Longest file name on common file systems (ext4, xfs, tmpfs: `NAME_MAX`).
+const FILE_NAME_MAX_BYTES: usize = 255;
+
+/// `.deleted-<encoded name>`; for a name too long for that to fit a file name, the first 200
+/// bytes of the encoded name, `~` and the CRC32C of the whole name in hex. Only its prefix
+/// matters to recovery, which removes every tombstone.
 fn tombstone_path(log_directory: &Path) -> PathBuf {
     let name = log_directory
         .file_name()
         .map(|name| name.to_string_lossy().into_owned())
         .unwrap_or_default();
-    crate::io::parent_dir(log_directory).join(format!("{TOMBSTONE_PREFIX}{name}"))
+    let tombstone = if TOMBSTONE_PREFIX.len() + name.len() <= FILE_NAME_MAX_BYTES {
+        format!("{TOMBSTONE_PREFIX}{name}")
+    } else {
+        // Encoded names are ASCII, so any byte offset is a character boundary.
+        let kept = name.get(..200).unwrap_or(&name);
+        let checksum = crc32c::crc32c(name.as_bytes());
+        format!("{TOMBSTONE_PREFIX}{kept}~{checksum:08x}")
+    };
+    crate::io::parent_dir(log_directory).join(tombstone)
 }
 
 /// Removes a deleted log's tombstone directory, if there is one, durably.

@@ -79,6 +79,15 @@ pub enum StorageError {
 
     #[error("log {log} is closed")]
     Closed { log: String },
+
+    /// `open_log` (or a second `delete_log`) while the log is being deleted; try again once the
+    /// deletion is done.
+    #[error("log {log} is being deleted")]
+    BeingDeleted { log: String },
+
+    /// Another engine (in this process or another) has the data directory open.
+    #[error("data directory {} is in use by another storage engine (lock file {} is locked)", directory.display(), directory.join("lock").display())]
+    DirectoryInUse { directory: PathBuf },
 }
 
 impl StorageError {

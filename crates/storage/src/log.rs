@@ -5,8 +5,9 @@
 //! - Positions are assigned under the state lock in append order; bytes reach the file in the
 //!   same order because a log has at most one flush in flight (`flush_scheduled`).
 //! - `last_durable` only moves forward, and only after the bytes up to it are fsynced (or
-//!   written, under the relaxed policy). Readers never see a position beyond it, so nothing a
-//!   consumer receives can vanish in a crash.
+//!   written, under the relaxed policy). Readers never see a position beyond it, so under
+//!   `Fsync` nothing a consumer receives can vanish in a crash (under the relaxed policy a power
+//!   cut can erase what was read, as `docs/durability.md` says).
 //! - A failed fsync, or a failed write other than "disk full", poisons the log: every pending
 //!   and later append fails. Disk full rolls the failed appends back instead, so appends
 //!   resume once space is freed.
@@ -251,7 +252,7 @@ pub(crate) struct LogState {
     failure: Option<StorageError>,
     /// Set when a read found corrupted bytes: reads and appends fail with this error.
     corruption: Option<StorageError>,
-    closed: bool,
+    pub(crate) closed: bool,
     pub(crate) cache: EntryCache,
     pub(crate) cursors: std::collections::BTreeMap<String, CursorSlot>,
     /// Cursors deleted since the last persist, to be written as tombstones.
@@ -344,19 +345,39 @@ impl Log {
             .find_map(Segment::last_position)
             .map(|last| [last.ledger_id, last.entry_id + 1])
             .unwrap_or([0, 0]);
+        if continues != [0, 0] {
+            active.continues = Some(Position::new(continues[0], continues[1]));
+        }
         let header = FileHeader {
             kind: FileKind::Segment,
             fields: [ledger_id, 0, now_ms(), continues[0], continues[1]],
         };
-        active.file = SegmentFile::Open(format::create_file(io.as_ref(), &active.path, header)?);
-        active.flushed_end = HEADER_LEN;
-        active.synced_end = HEADER_LEN;
+        match format::create_file(io.as_ref(), &active.path, header) {
+            Ok(file) => {
+                active.file = SegmentFile::Open(file);
+                active.flushed_end = HEADER_LEN;
+                active.synced_end = HEADER_LEN;
+            }
+            Err(StorageError::DiskFull { .. }) => {
+                // The log still opens for reading: the first append creates the segment (and
+                // fails with `DiskFull` until there is space). No position of this ledger
+                // exists until then.
+                tracing::warn!(log = %name, path = %active.path.display(), "disk full: the log opens without its new segment; appends create it once there is space");
+                if io.exists(&active.path) {
+                    io.remove_file(&active.path)
+                        .and_then(|()| io.sync_dir(&directory))
+                        .map_err(|error| StorageError::io("remove", &active.path, error))?;
+                }
+            }
+            Err(error) => return Err(error),
+        }
 
-        // Segments of earlier ledgers that hold no entries are useless now that a newer
-        // segment is durable.
+        // Segments of earlier ledgers that hold no entries are useless once a newer segment
+        // is durable.
         let mut removed_empty = false;
+        let newer_durable = !matches!(active.file, SegmentFile::NotCreated);
         segments.retain(|segment: &Segment| {
-            if segment.entry_count() > 0 {
+            if segment.entry_count() > 0 || !newer_durable {
                 return true;
             }
             removed_empty |= io.remove_file(&segment.path).is_ok();
@@ -470,12 +491,16 @@ impl Log {
                 log: self.name.clone(),
             });
         };
+        // The first segment of this open's ledger has no file yet if the disk was full when
+        // the log opened (or a full disk rolled its creation back).
+        let create =
+            rolled || (matches!(active.file, SegmentFile::NotCreated) && active.entry_count() == 0);
         let offset = active.end;
         active.push_entry(offset, publish_time_ms);
         active.end += record_len;
         active.last_write_ms = now_ms();
         let segment_first_entry_id = active.first_entry_id;
-        let joins_last_batch = !rolled
+        let joins_last_batch = !create
             && state.pending.back().is_some_and(|batch| {
                 batch.ledger_id == ledger_id
                     && batch.segment_first_entry_id == segment_first_entry_id
@@ -484,7 +509,7 @@ impl Log {
             state.pending.push_back(PendingBatch {
                 ledger_id,
                 segment_first_entry_id,
-                create: rolled,
+                create,
                 file_offset: offset,
                 bytes: Vec::with_capacity(record_len as usize),
                 first: position,
@@ -534,7 +559,7 @@ impl Log {
     /// queues itself again behind the other logs waiting for a flush thread, so that a busy
     /// log cannot keep a thread to itself while other logs' appends wait.
     pub(crate) fn flush(self: &Arc<Self>) {
-        let (batch, file, path) = {
+        let (batch, file, path, continues) = {
             let mut state = self.lock();
             if let Some(error) = state.failure.clone() {
                 let abandoned: Vec<PendingBatch> = state.pending.drain(..).collect();
@@ -558,10 +583,11 @@ impl Log {
             let path = segment
                 .map(|segment| segment.path.clone())
                 .unwrap_or_else(|| self.directory.clone());
-            (batch, file, path)
+            let continues = segment.and_then(|segment| segment.continues);
+            (batch, file, path, continues)
         };
 
-        let outcome = self.write_batch(&batch, file, &path);
+        let outcome = self.write_batch(&batch, file, &path, continues);
 
         let mut state = self.lock();
         match outcome {
@@ -633,6 +659,7 @@ impl Log {
         batch: &PendingBatch,
         file: Option<Arc<dyn IoFile>>,
         path: &Path,
+        continues: Option<Position>,
     ) -> std::result::Result<Arc<dyn IoFile>, (FlushStage, StorageError)> {
         let io = self.shared.io.as_ref();
         let file = match file {
@@ -649,15 +676,18 @@ impl Log {
                     self.sync_written()
                         .map_err(|error| (FlushStage::Sync, error))?;
                 }
+                // A roll continues the same ledger at the entry it starts with; the first segment
+                // of a ledger, where the previous ledger ended.
+                let continues = continues
+                    .unwrap_or(Position::new(batch.ledger_id, batch.segment_first_entry_id));
                 let header = FileHeader {
                     kind: FileKind::Segment,
-                    // A roll continues the same ledger at the entry it starts with.
                     fields: [
                         batch.ledger_id,
                         batch.segment_first_entry_id,
                         now_ms(),
-                        batch.ledger_id,
-                        batch.segment_first_entry_id,
+                        continues.ledger_id,
+                        continues.entry_id,
                     ],
                 };
                 format::create_file(io, path, header)
@@ -674,19 +704,24 @@ impl Log {
     }
 
     /// After a "disk full" failure, removes the failed batch's bytes from the file so that the
-    /// file again ends at its last flushed record. Returns false if that was not possible (the
-    /// caller then poisons the log).
+    /// file again ends at its last flushed record, durably: the part of the batch that fit may
+    /// already be on disk (writeback), and a power cut must not bring it back. Returns false if
+    /// that was not possible (the caller then poisons the log).
     fn undo_partial_write(&self, batch: &PendingBatch, path: &Path) -> bool {
         let io = self.shared.io.as_ref();
         if batch.create {
             // The new segment held nothing yet: remove whatever part of it was created.
-            return match io.remove_file(path) {
+            let removed = match io.remove_file(path) {
                 Ok(()) => true,
                 Err(error) => error.kind() == std::io::ErrorKind::NotFound,
             };
+            return removed && io.sync_dir(&self.directory).is_ok();
         }
         match io.open(path) {
-            Ok(file) => file.set_len(batch.file_offset).is_ok(),
+            Ok(file) => file
+                .set_len(batch.file_offset)
+                .and_then(|()| file.sync())
+                .is_ok(),
             Err(_) => false,
         }
     }
@@ -1176,8 +1211,52 @@ impl Log {
             FlushPolicy::RelaxedWriteOnly { .. } => self.sync_written(),
             FlushPolicy::Fsync => Ok(()),
         };
+        if synced.is_ok() {
+            self.seal();
+        }
         let persisted = self.persist_cursors();
+        // The last write to this log's journal: a handle that outlives the close (the log may
+        // be deleted and created again under the same name) must not write into its successor.
+        self.cursor_journal
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .retired = true;
         synced.and(persisted)
+    }
+
+    /// Ends the newest segment file with a seal record (fsynced) once everything is durable,
+    /// so that the next open takes damage in it for corruption rather than a torn write: after
+    /// a clean close nothing was in flight. Best effort: an unsealed segment is recovered as
+    /// after a crash.
+    fn seal(&self) {
+        let target = {
+            let state = self.lock();
+            if state.failure.is_some() || state.corruption.is_some() {
+                return;
+            }
+            state.segments.iter().rev().find_map(|segment| {
+                let file = segment.open_file()?;
+                Some((
+                    file,
+                    segment.path.clone(),
+                    segment.flushed_end,
+                    segment.synced_end,
+                ))
+            })
+        };
+        let Some((file, path, flushed_end, synced_end)) = target else {
+            return;
+        };
+        if flushed_end != synced_end || flushed_end < HEADER_LEN {
+            return;
+        }
+        let sealed = file
+            .write_all_at(&encode_seal(flushed_end), flushed_end)
+            .and_then(|()| file.sync());
+        if let Err(error) = sealed {
+            tracing::warn!(log = %self.name, path = %path.display(), %error, "could not seal the newest segment; it will be recovered as after a crash");
+            let _ = file.set_len(flushed_end);
+        }
     }
 
     pub(crate) fn is_closed(&self) -> bool {
@@ -1220,8 +1299,9 @@ impl LogState {
     fn rollback_to(&mut self, first_removed: Position, cache_used_bytes: &AtomicU64) {
         debug_assert_eq!(first_removed.ledger_id, self.ledger_id);
         while let Some(segment) = self.segments.last_mut() {
-            if matches!(segment.file, SegmentFile::NotCreated) {
-                // Never created, so it holds only entries of failed batches.
+            if matches!(segment.file, SegmentFile::NotCreated) && segment.first_entry_id > 0 {
+                // A roll never created, so it holds only entries of failed batches. (The first
+                // segment of the ledger stays, empty: the next append creates it.)
                 self.segments.pop();
                 continue;
             }
@@ -1326,6 +1406,42 @@ fn decode_entry(
         publish_time_ms,
         (RECORD_FRAMING_LEN + ENTRY_HEADER_LEN) as usize,
     ))
+}
+
+/// Entry id of a seal record, which no entry has.
+const SEAL_ENTRY_ID: u64 = u64::MAX;
+/// A seal record: framing, then its entry id and its own file offset.
+const SEAL_RECORD_LEN: u64 = RECORD_FRAMING_LEN + 16;
+
+fn encode_seal(entries_end: u64) -> Vec<u8> {
+    let mut bytes = Vec::with_capacity(SEAL_RECORD_LEN as usize);
+    format::encode_record(
+        &mut bytes,
+        &[&SEAL_ENTRY_ID.to_le_bytes(), &entries_end.to_le_bytes()],
+    );
+    bytes
+}
+
+/// Where the entries of a segment sealed by a clean close end: the offset of the seal record
+/// that makes up its last bytes (`None`: not sealed, or the seal itself is damaged).
+fn sealed_end(file: &dyn IoFile, path: &Path, file_len: u64) -> Result<Option<u64>> {
+    let Some(at) = file_len
+        .checked_sub(SEAL_RECORD_LEN)
+        .filter(|at| *at >= HEADER_LEN)
+    else {
+        return Ok(None);
+    };
+    let mut bytes = [0u8; SEAL_RECORD_LEN as usize];
+    file.read_exact_at(&mut bytes, at)
+        .map_err(|error| StorageError::io("read", path, error))?;
+    let Ok(body) = format::decode_record(&bytes) else {
+        return Ok(None);
+    };
+    let mut reader = format::ByteReader::new(body);
+    let (Ok(entry_id), Ok(offset)) = (reader.u64(), reader.u64()) else {
+        return Ok(None);
+    };
+    Ok((entry_id == SEAL_ENTRY_ID && offset == at && reader.is_empty()).then_some(at))
 }
 
 /// Checks that each segment continues the one before it: within a ledger, a segment starts
@@ -1435,11 +1551,15 @@ fn recover_segment(
     if header.fields[3] != 0 {
         segment.continues = Some(Position::new(header.fields[3], header.fields[4]));
     }
+    // A clean close sealed the newest segment: its records end before the seal, and damage in
+    // them is corruption, never a torn write. (A sealed segment is no longer the newest only if
+    // the file created after it was torn while being created and removed just now.)
+    let sealed = sealed_end(file.as_ref(), &path, file_len)?;
     let scan = format::scan_records(
         file.as_ref(),
         &path,
         HEADER_LEN,
-        file_len,
+        sealed.unwrap_or(file_len),
         |offset, body| {
             let mut reader = format::ByteReader::new(body);
             let entry_id = reader.u64()?;
@@ -1456,15 +1576,29 @@ fn recover_segment(
         // The newest segment may hold bytes written but never fsynced (a process killed
         // between the two; the page cache kept them). Make them durable before serving them:
         // a reader must never see an entry that a power cut can still erase.
-        ScanEnd::Clean if is_tail => {
+        ScanEnd::Clean if is_tail || sealed.is_some() => {
+            // The seal is cut off again before this log creates a newer segment: only the
+            // newest segment ever ends in one.
+            let end = sealed.unwrap_or(file_len);
+            if end < file_len {
+                file.set_len(end)
+                    .map_err(|error| StorageError::io("truncate", &path, error))?;
+            }
             file.sync()
                 .map_err(|error| StorageError::io("fsync", &path, error))?;
-            file_len
+            end
         }
         ScanEnd::Clean => file_len,
         ScanEnd::Damaged { offset, reason } => {
             if !is_tail {
                 return Err(StorageError::corrupted(&path, offset, reason));
+            }
+            if sealed.is_some() {
+                return Err(StorageError::corrupted(
+                    &path,
+                    offset,
+                    format!("{reason}, in a segment sealed by a clean close: not a torn write"),
+                ));
             }
             let next_entry = first_entry_id + segment.entry_count();
             let follows =

@@ -10,10 +10,13 @@
 //! [`SimIo::crash`] returns the file system as a machine would find it after a power cut: the
 //! durable names plus, depending on the [`CrashMode`], some of the pending name changes; each
 //! file with its durable bytes plus a prefix of what was written after the last sync, possibly
-//! ending in garbage. A file created but never synced can so survive with a torn header.
+//! ending in garbage. A file created but never synced can so survive with a torn header. A
+//! truncation not followed by a sync may be lost while the writes before it survive (they may
+//! have been written back), so bytes cut off without a sync can come back.
 //! [`SimIo::crash_before_operation`] takes that snapshot at an exact step of a workload, so a test
 //! can crash at every step in turn. Faults can be injected: failing writes, failing syncs, and a
-//! capacity that makes writes fail with "no space left on device".
+//! capacity that makes writes, and the creation of files once it is reached, fail with "no
+//! space left on device".
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io;
@@ -43,6 +46,9 @@ type FileId = u64;
 struct FileData {
     written: Vec<u8>,
     durable: Vec<u8>,
+    /// What was written before the first truncation since the last sync: a power cut may keep
+    /// those writes (written back before) but not the truncation.
+    truncated_from: Option<Vec<u8>>,
 }
 
 /// What a name refers to.
@@ -246,6 +252,7 @@ impl State {
                 FileData {
                     written: bytes.clone(),
                     durable: bytes,
+                    truncated_from: None,
                 }
             });
         }
@@ -259,9 +266,13 @@ impl State {
 /// of what was written after the last sync.
 fn surviving_bytes(file: &FileData, mode: CrashMode, random: &mut SmallRng) -> Vec<u8> {
     let mut bytes = file.durable.clone();
-    let common = bytes.len().min(file.written.len());
-    let unsynced = file.written.get(common..).unwrap_or_default();
-    if file.written.len() >= bytes.len() && !unsynced.is_empty() {
+    let written = match &file.truncated_from {
+        Some(before) if mode != CrashMode::LoseUnsynced && random.gen_bool(0.5) => before,
+        _ => &file.written,
+    };
+    let common = bytes.len().min(written.len());
+    let unsynced = written.get(common..).unwrap_or_default();
+    if written.len() >= bytes.len() && !unsynced.is_empty() {
         match mode {
             CrashMode::LoseUnsynced => {}
             CrashMode::TornPrefix | CrashMode::TornWithGarbage => {
@@ -387,6 +398,7 @@ impl SimIo {
         let file = state.files.entry(file_id).or_default();
         file.written = bytes.clone();
         file.durable = bytes;
+        file.truncated_from = None;
         Ok(())
     }
 
@@ -505,6 +517,7 @@ impl IoFile for SimFile {
             state.syncs += 1;
             let file = state.files.get_mut(&file_id).expect("checked above");
             file.durable = file.written.clone();
+            file.truncated_from = None;
             Ok(())
         })
     }
@@ -517,12 +530,11 @@ impl IoFile for SimFile {
         self.with_data(|state, file_id| {
             state.step();
             let length = usize::try_from(length).map_err(io::Error::other)?;
-            state
-                .files
-                .get_mut(&file_id)
-                .expect("checked above")
-                .written
-                .resize(length, 0);
+            let file = state.files.get_mut(&file_id).expect("checked above");
+            if length < file.written.len() && file.truncated_from.is_none() {
+                file.truncated_from = Some(file.written.clone());
+            }
+            file.written.resize(length, 0);
             Ok(())
         })
     }
@@ -586,6 +598,16 @@ impl Io for SimIo {
             ));
         }
         state.step();
+        // A full file system has no room for a new entry either (directory block, inode).
+        if state
+            .capacity_bytes
+            .is_some_and(|capacity| state.used_bytes() >= capacity)
+        {
+            return Err(io::Error::new(
+                io::ErrorKind::StorageFull,
+                "no space left on device",
+            ));
+        }
         let file_id = state.next_file_id;
         state.next_file_id += 1;
         state.files.insert(file_id, FileData::default());
@@ -652,5 +674,39 @@ impl Io for SimIo {
         }
         state.pending_changes = pending;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bytes_cut_off_without_a_sync_can_come_back_after_a_power_cut() {
+        let io = SimIo::new();
+        let path = Path::new("/x/file");
+        let file = io.create(path).expect("create");
+        io.sync_dir(Path::new("/x")).expect("sync dir");
+        file.write_all_at(b"durable", 0).expect("write");
+        file.sync().expect("sync");
+        file.write_all_at(b"-unsynced", 7).expect("write");
+        file.set_len(7).expect("truncate");
+        let survivors: BTreeSet<Vec<u8>> = (0..32)
+            .map(|seed| {
+                io.crash(CrashMode::TornPrefix, seed)
+                    .read_file(path)
+                    .expect("read")
+            })
+            .collect();
+        assert!(survivors.contains(b"durable".as_slice()), "{survivors:?}");
+        assert!(
+            survivors.contains(b"durable-unsynced".as_slice()),
+            "{survivors:?}"
+        );
+        file.sync().expect("sync the truncation");
+        for seed in 0..8 {
+            let crashed = io.crash(CrashMode::TornPrefix, seed);
+            assert_eq!(crashed.read_file(path).expect("read"), b"durable");
+        }
     }
 }

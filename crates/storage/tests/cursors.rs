@@ -540,3 +540,62 @@ fn a_deleted_cursor_holds_back_trimming_until_its_deletion_is_durable() {
          trimmed: they will never be delivered"
     );
 }
+
+#[test]
+fn a_stale_handle_of_a_deleted_log_cannot_touch_the_journal_of_the_log_created_again() {
+    // Models a handle that outlived `delete_log` (a maintenance pass that took its list just
+    // before, or a topic object that outlived its unload): its cursor calls must not write the
+    // old log's cursors into the journal of the new log under the same name.
+    let sim = SimIo::new();
+    let storage = open_sim(&sim, config());
+    let old = storage.open_log("t").expect("log");
+    let positions = append(&old, 5);
+    for index in 0..40 {
+        old.open_cursor(&format!("subscription-{index}"), InitialPosition::Earliest)
+            .expect("cursor");
+    }
+    old.persist_cursors().expect("persist");
+    storage.delete_log("t").expect("delete");
+    let new = storage.open_log("t").expect("created again");
+    append(&new, 1);
+    assert!(
+        old.acknowledge("subscription-0", &[positions[0]]).is_err(),
+        "an acknowledgement on a closed log is refused"
+    );
+    assert!(
+        old.persist_cursors().is_err(),
+        "persisting through a closed log is refused"
+    );
+    drop(new);
+    storage.close().expect("close");
+
+    let storage = open_sim(&sim, config());
+    let log = storage.open_log("t").expect("the re-created log opens");
+    assert!(
+        log.cursor_names().is_empty(),
+        "cursors of the deleted log appear in the new one: {:?}",
+        log.cursor_names()
+    );
+}
+
+#[test]
+fn a_reset_beyond_the_end_never_acknowledges_entries_appended_later() {
+    // A seek to a position past the last entry means "the end": the entries appended after it
+    // must still be delivered.
+    let sim = SimIo::new();
+    let storage = open_sim(&sim, config());
+    let log = storage.open_log("t").expect("log");
+    let before = append(&log, 3);
+    log.open_cursor("sub", InitialPosition::Earliest)
+        .expect("cursor");
+    let beyond = Position::new(before[2].ledger_id, before[2].entry_id + 1_000);
+    log.reset_cursor("sub", Some(beyond)).expect("reset");
+    assert_eq!(log.mark_delete_position("sub"), Some(Some(before[2])));
+    let after = append(&log, 2);
+    for position in after {
+        assert!(
+            !log.is_acknowledged("sub", position),
+            "entry {position}, appended after the reset, looks acknowledged"
+        );
+    }
+}

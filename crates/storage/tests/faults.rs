@@ -514,6 +514,10 @@ fn stepwise_config() -> StorageConfig {
     }
 }
 
+fn open_stepwise(sim: &SimIo) -> meridian_storage::Result<Storage> {
+    Storage::open_with_io("/data", stepwise_config(), Arc::new(sim.clone()))
+}
+
 fn stepwise_payload(index: u64) -> Bytes {
     let mut bytes = format!("entry-{index}-").into_bytes();
     bytes.resize((STEPWISE_RECORD_LEN - 24) as usize, b'.');
@@ -735,8 +739,7 @@ fn trimming_during_a_roll_keeps_the_newest_segment_file_so_positions_are_never_r
         .expect("entry 7 durable");
     run.storage.close().expect("close");
 
-    let storage = Storage::open_with_io("/data", stepwise_config(), Arc::new(crashed))
-        .expect("the data directory opens");
+    let storage = open_stepwise(&crashed).expect("the data directory opens");
     let log = storage.open_log("t").expect("log opens");
     let new_ledger = log.current_ledger_id();
     let position = append_all(&log, 100..101)[0];
@@ -794,15 +797,14 @@ fn after_a_kill_between_write_and_fsync_the_restart_makes_what_it_serves_durable
     let unsynced = pending.position();
     reached.recv().expect("the flush thread reaches the fsync");
 
-    let second =
-        Storage::open_with_io("/data", stepwise_config(), Arc::new(sim.clone())).expect("restart");
+    let second = open_stepwise(&sim).expect("restart");
     let log2 = second.open_log("t").expect("log");
     let read = log2
         .read(unsynced)
         .expect("the restarted engine serves entry 2");
     assert_eq!(read.data, stepwise_payload(2));
     let crashed = sim.crash(CrashMode::LoseUnsynced, 0);
-    let third = Storage::open_with_io("/data", stepwise_config(), Arc::new(crashed)).expect("open");
+    let third = open_stepwise(&crashed).expect("open");
     let log3 = third.open_log("t").expect("log");
     assert!(
         log3.read(unsynced).is_ok(),
@@ -819,8 +821,7 @@ fn an_append_whose_fsync_failed_is_not_served_after_the_log_is_reopened() {
     // Models a failed fsync whose bytes stay in the page cache, then a reopen of the log in the
     // same process (a topic reload): the failed append must not come back as a durable entry.
     let sim = SimIo::new();
-    let storage =
-        Storage::open_with_io("/data", stepwise_config(), Arc::new(sim.clone())).expect("open");
+    let storage = open_stepwise(&sim).expect("open");
     let log = storage.open_log("t").expect("log");
     let acknowledged = append_all(&log, 0..2);
     sim.fail_syncs(1);
@@ -841,5 +842,208 @@ fn an_append_whose_fsync_failed_is_not_served_after_the_log_is_reopened() {
     );
     for position in acknowledged {
         assert!(log.read(position).is_ok(), "{position} lost");
+    }
+}
+
+#[test]
+fn appends_that_failed_with_a_full_disk_stay_gone_after_a_power_cut() {
+    // Models a full disk in the middle of a batch: the part that fit was written, and reached
+    // the disk by writeback before the engine cut it off. A power cut must not bring the failed
+    // appends back as valid entries.
+    let sim = SimIo::new();
+    let gated = GatedIo::new(sim.clone());
+    let storage = Storage::open_with_io("/data", stepwise_config(), gated.clone()).expect("open");
+    let log = storage.open_log("t").expect("log");
+    let directory = log.directory().to_path_buf();
+    let segment = segment_name(log.current_ledger_id(), 0);
+    // Hold the flush thread before it writes entry 0, so entries 1..4 gather into one batch.
+    let (reached, release) = gated.arm("write", &segment);
+    let first = log.append(stepwise_payload(0), 0).expect("append 0");
+    reached.recv().expect("the flush thread reaches the write");
+    let failing: Vec<_> = (1..4)
+        .map(|index| log.append(stepwise_payload(index), index).expect("append"))
+        .collect();
+    let failing_positions: Vec<Position> =
+        failing.iter().map(|pending| pending.position()).collect();
+    // Room for entry 0, entry 1 and half of entry 2.
+    sim.set_capacity(Some(
+        sim.used_bytes() + 2 * STEPWISE_RECORD_LEN + STEPWISE_RECORD_LEN / 2,
+    ));
+    let (failed, writeback_done) = gated.arm("write_failed", &segment);
+    release.send(()).expect("release");
+    failed.recv().expect("the batch's write fails");
+    // Writeback of the dirty pages happens now, before the engine cuts them off.
+    sim.open(&directory.join(&segment))
+        .expect("open")
+        .sync()
+        .expect("writeback");
+    writeback_done.send(()).expect("release");
+    first.wait().expect("entry 0 durable");
+    for pending in failing {
+        let outcome = pending.wait();
+        assert!(
+            matches!(outcome, Err(StorageError::DiskFull { .. })),
+            "{outcome:?}"
+        );
+    }
+    sim.set_capacity(None);
+    storage.close().expect("close");
+    let crashed = sim.crash(CrashMode::LoseUnsynced, 0);
+
+    let storage = open_stepwise(&crashed).expect("open");
+    let log = storage.open_log("t").expect("log");
+    let back: Vec<Position> = failing_positions
+        .iter()
+        .copied()
+        .filter(|position| log.read(*position).is_ok())
+        .collect();
+    assert!(
+        back.is_empty(),
+        "appends that failed with DiskFull are served after the power cut: {back:?}"
+    );
+}
+
+#[test]
+fn open_log_during_delete_log_is_refused_and_the_log_created_afterwards_keeps_its_appends() {
+    // Models a producer reconnecting (and re-creating its topic) while the topic is deleted: an
+    // open in the middle of the deletion would create a log inside the directory about to be
+    // removed, stay registered, and acknowledge appends that vanish at the next restart.
+    let sim = SimIo::new();
+    let gated = GatedIo::new(sim.clone());
+    let storage =
+        Arc::new(Storage::open_with_io("/data", stepwise_config(), gated.clone()).expect("open"));
+    let log = storage.open_log("t").expect("log");
+    append_all(&log, 0..2);
+    let directory = log.directory().to_path_buf();
+    drop(log);
+    // Stop `delete_log` right after it closed the log, when it lists the directory.
+    let (reached, release) = gated.arm("list_dir", &directory.to_string_lossy());
+    let deleter = {
+        let storage = storage.clone();
+        std::thread::spawn(move || storage.delete_log("t"))
+    };
+    reached.recv().expect("delete_log lists the directory");
+    let during = storage.open_log("t");
+    release.send(()).expect("release");
+    deleter.join().expect("deleter").expect("delete_log");
+    assert!(
+        matches!(during, Err(StorageError::BeingDeleted { .. })),
+        "open_log during delete_log: {during:?}"
+    );
+    drop(during);
+
+    // The topic is used again after its deletion.
+    let log = storage.open_log("t").expect("open after delete");
+    let acknowledged = append_all(&log, 10..13);
+    drop(log);
+    match Arc::try_unwrap(storage) {
+        Ok(storage) => storage.close().expect("close"),
+        Err(_) => panic!("storage still shared"),
+    }
+    let storage = open_stepwise(&sim).expect("reopen");
+    let log = storage.open_log("t").expect("log");
+    let missing: Vec<Position> = acknowledged
+        .iter()
+        .copied()
+        .filter(|position| log.read(*position).is_err())
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "appends acknowledged after delete_log returned are gone after a restart: {missing:?}"
+    );
+}
+
+#[test]
+fn after_a_restart_on_a_full_disk_logs_open_for_reading_and_accept_appends_once_there_is_space() {
+    // Models a broker restarted while its disk is full: opening a log must not need space
+    // (the new ledger's segment is created by its first append), so consumers keep reading.
+    let sim = SimIo::new();
+    let storage = open_stepwise(&sim).expect("open");
+    let log = storage.open_log("t").expect("log");
+    let before = append_all(&log, 0..3);
+    storage.close().expect("close");
+    sim.set_capacity(Some(sim.used_bytes()));
+
+    let storage = open_stepwise(&sim).expect("the storage opens on a full disk");
+    let log = storage.open_log("t").expect("the log opens on a full disk");
+    for (index, position) in before.iter().enumerate() {
+        assert_eq!(
+            log.read(*position).expect("reads continue").data,
+            stepwise_payload(index as u64)
+        );
+    }
+    let full = log.append(stepwise_payload(3), 3).expect("queued").wait();
+    assert!(
+        matches!(full, Err(StorageError::DiskFull { .. })),
+        "{full:?}"
+    );
+    sim.set_capacity(None);
+    let after = append_all(&log, 3..5);
+    assert!(after[0] > before[2], "{after:?} after {before:?}");
+    storage.close().expect("close");
+
+    let storage = open_stepwise(&sim).expect("reopen");
+    let log = storage.open_log("t").expect("log");
+    for (index, position) in before.iter().chain(&after).enumerate() {
+        assert_eq!(
+            log.read(*position).expect("durable").data,
+            stepwise_payload(index as u64)
+        );
+    }
+}
+
+/// What a restart does: opens the data directory and every log in it, then closes it.
+fn recover(sim: &SimIo) -> meridian_storage::Result<()> {
+    let storage = open_stepwise(sim)?;
+    for name in storage.log_names()? {
+        storage.open_log(&name)?;
+    }
+    storage.close()
+}
+
+#[test]
+fn a_segment_torn_while_being_created_after_a_clean_close_survives_a_power_cut_during_recovery() {
+    // Models a power cut while an open created its new segment (the name durable, the header
+    // not), after a clean close had sealed the segment before it; then a second power cut before
+    // each step of the recovery that removes the torn file. The log must open every time.
+    let sim = SimIo::new();
+    let storage = open_stepwise(&sim).expect("open");
+    let log = storage.open_log("t").expect("log");
+    let acknowledged = append_all(&log, 0..3);
+    let ledger = log.current_ledger_id();
+    let directory = log.directory().to_path_buf();
+    storage.close().expect("close");
+    let torn = sim
+        .create(&directory.join(segment_name(ledger + 1, 0)))
+        .expect("create");
+    torn.write_all_at(b"MRD", 0).expect("write");
+    torn.sync().expect("sync");
+    sim.sync_dir(&directory).expect("sync dir");
+
+    let steps = {
+        let probe = sim.crash(CrashMode::LoseUnsynced, 0);
+        recover(&probe).expect("a single recovery succeeds");
+        probe.operation_count()
+    };
+    for step in 0..=steps {
+        for mode in [
+            CrashMode::LoseUnsynced,
+            CrashMode::TornPrefix,
+            CrashMode::TornWithGarbage,
+        ] {
+            let copy = sim.crash(CrashMode::LoseUnsynced, 0);
+            copy.crash_before_operation(step, mode, step);
+            let _ = recover(&copy);
+            let twice = copy
+                .take_crashed()
+                .unwrap_or_else(|| copy.crash(mode, step));
+            let storage = open_stepwise(&twice).expect("storage opens");
+            let log = storage.open_log("t").unwrap_or_else(|error| {
+                panic!("power cut before recovery step {step} ({mode:?}): {error}")
+            });
+            for position in &acknowledged {
+                assert!(log.read(*position).is_ok(), "{position} lost");
+            }
+        }
     }
 }

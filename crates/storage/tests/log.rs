@@ -329,3 +329,36 @@ fn concurrent_opens_of_one_log_share_one_recovery_and_other_logs_open_meanwhile(
     );
     assert_eq!(storage.log_names().expect("names").len(), 9);
 }
+
+#[test]
+fn a_log_with_the_longest_accepted_name_can_be_deleted() {
+    // The tombstone a deleted log's directory is renamed to must itself fit a file name
+    // (255 bytes on ext4, xfs, tmpfs), or such a log could be created but never deleted.
+    let root = tempfile::tempdir().expect("tempdir");
+    let storage = Storage::open(root.path(), small_segments()).expect("open");
+    for length in [240, 250] {
+        let name = "x".repeat(length);
+        let log = storage.open_log(&name).expect("the name is accepted");
+        append_all(&log, &[Bytes::from_static(b"entry")], 0);
+        drop(log);
+        storage.delete_log(&name).expect("delete_log");
+        assert!(!storage.log_names().expect("names").contains(&name));
+    }
+}
+
+#[test]
+fn a_second_engine_cannot_open_a_data_directory_in_use() {
+    // Two engines on one data directory would each start ledgers, append and trim on their
+    // own: the second is refused with a clear error until the first is closed.
+    let root = tempfile::tempdir().expect("tempdir");
+    let first = Storage::open(root.path(), small_segments()).expect("open");
+    let second = Storage::open(root.path(), small_segments());
+    assert!(
+        matches!(second, Err(StorageError::DirectoryInUse { .. })),
+        "{:?}",
+        second.err()
+    );
+    first.close().expect("close");
+    let again = Storage::open(root.path(), small_segments()).expect("open once it is free");
+    again.close().expect("close");
+}

@@ -68,6 +68,20 @@ fn read_all(storage: &Storage, name: &str) -> Vec<Bytes> {
         .collect()
 }
 
+/// Removes the 24-byte seal a clean close ends the newest segment with, as the next open does
+/// before anything is appended again: the file then looks like the tail of a running log.
+/// Returns the new length.
+fn cut_seal(path: &Path) -> u64 {
+    let length = fs::metadata(path).expect("stat").len() - 24;
+    OpenOptions::new()
+        .write(true)
+        .open(path)
+        .expect("open")
+        .set_len(length)
+        .expect("cut the seal");
+    length
+}
+
 fn flip_byte(path: &Path, offset: u64) {
     let mut bytes = fs::read(path).expect("read file");
     bytes[offset as usize] ^= 0x40;
@@ -80,7 +94,7 @@ fn a_torn_tail_is_truncated_and_every_acknowledged_entry_survives() {
     let root = tempfile::tempdir().expect("tempdir");
     let directory = write_entries(root.path(), "torn", 25);
     let tail = segment_files(&directory).pop().expect("tail segment");
-    let clean_length = fs::metadata(&tail).expect("stat").len();
+    let clean_length = cut_seal(&tail);
     let mut partial_record = Vec::new();
     partial_record.extend_from_slice(&(16 + PAYLOAD_LEN as u32).to_le_bytes());
     partial_record.extend_from_slice(&[0xAB; 4]);
@@ -115,6 +129,7 @@ fn garbage_after_the_last_record_is_truncated() {
     let root = tempfile::tempdir().expect("tempdir");
     let directory = write_entries(root.path(), "garbage", 13);
     let tail = segment_files(&directory).pop().expect("tail segment");
+    cut_seal(&tail);
     OpenOptions::new()
         .append(true)
         .open(&tail)
@@ -170,6 +185,7 @@ fn damage_followed_by_valid_records_in_the_tail_is_corruption_not_a_torn_write()
     let root = tempfile::tempdir().expect("tempdir");
     let directory = write_entries(root.path(), "tail-rot", 25);
     let tail = segment_files(&directory).pop().expect("tail segment");
+    cut_seal(&tail);
     flip_byte(&tail, HEADER_LEN + RECORD_LEN + 30);
     let storage = Storage::open(root.path(), config()).expect("engine opens");
     let error = storage.open_log("tail-rot").expect_err("refuses");
@@ -322,17 +338,21 @@ fn a_missing_middle_segment_refuses_the_log_naming_the_gap() {
     let directory = write_entries(root.path(), "holed", 30);
     let middle = segment_files(&directory).remove(1);
     fs::remove_file(&middle).expect("remove middle segment");
-    let storage = Storage::open(root.path(), config()).expect("engine opens");
-    let error = storage.open_log("holed").expect_err("refuses");
+    assert_refused_for_a_gap(root.path(), "holed", &["entry 10", "entry 20"]);
+}
+
+/// Asserts that log `name` refuses to open with a gap, naming each of `named` in the error.
+fn assert_refused_for_a_gap(root: &Path, name: &str, named: &[&str]) {
+    let storage = Storage::open(root, config()).expect("engine opens");
+    let error = storage.open_log(name).expect_err("refuses");
     let message = error.to_string();
     assert!(
         matches!(error, StorageError::Corrupted { .. }) && message.contains("gap"),
         "{message}"
     );
-    assert!(
-        message.contains("entry 10") && message.contains("entry 20"),
-        "names the missing entries: {message}"
-    );
+    for text in named {
+        assert!(message.contains(text), "names {text}: {message}");
+    }
 }
 
 #[test]
@@ -346,17 +366,7 @@ fn a_missing_last_segment_of_a_ledger_refuses_the_log_naming_the_gap() {
     let files = segment_files(&directory);
     assert_eq!(files.len(), 3, "{files:?}");
     fs::remove_file(&files[1]).expect("remove the last segment of the first ledger");
-    let storage = Storage::open(root.path(), config()).expect("engine opens");
-    let error = storage.open_log("holed").expect_err("refuses");
-    let message = error.to_string();
-    assert!(
-        matches!(error, StorageError::Corrupted { .. }) && message.contains("gap"),
-        "{message}"
-    );
-    assert!(
-        message.contains("entry 13"),
-        "names the missing end: {message}"
-    );
+    assert_refused_for_a_gap(root.path(), "holed", &["entry 13"]);
 }
 
 #[test]
@@ -395,4 +405,42 @@ fn a_torn_entry_whose_payload_embeds_a_record_is_still_a_torn_tail() {
     let storage = Storage::open(root.path(), config()).expect("open");
     let entries = read_all(&storage, "embedded");
     assert_eq!(entries, vec![payload(0), payload(1)]);
+}
+
+#[test]
+fn a_bit_flip_in_the_last_record_after_a_clean_close_refuses_the_log() {
+    // Models bit rot at rest in the newest segment after a clean close: nothing was being
+    // written, so the damage is corruption, not a torn write, and truncating it would silently
+    // delete an acknowledged entry.
+    let root = tempfile::tempdir().expect("tempdir");
+    let directory = write_entries(root.path(), "rotten", 3);
+    let newest = segment_files(&directory).pop().expect("newest segment");
+    let length = fs::metadata(&newest).expect("stat").len();
+    // Inside the body of the last record (the file ends with the 24-byte seal).
+    flip_byte(&newest, length - 24 - 10);
+    let storage = Storage::open(root.path(), config()).expect("engine opens");
+    let error = storage.open_log("rotten").expect_err("refuses");
+    assert!(
+        matches!(error, StorageError::Corrupted { .. }) && error.to_string().contains("sealed"),
+        "{error}"
+    );
+}
+
+#[test]
+fn a_sealed_segment_is_unsealed_on_open_and_serves_every_entry_across_reopens() {
+    // The seal a clean close writes is cut off again on open (only the newest segment of a
+    // closed log ends in one), and closing again seals again.
+    let root = tempfile::tempdir().expect("tempdir");
+    write_entries(root.path(), "sealed", 5);
+    let storage = Storage::open(root.path(), config()).expect("open");
+    assert_eq!(
+        read_all(&storage, "sealed"),
+        (0..5).map(payload).collect::<Vec<_>>()
+    );
+    storage.close().expect("close");
+    let storage = Storage::open(root.path(), config()).expect("open again");
+    assert_eq!(
+        read_all(&storage, "sealed"),
+        (0..5).map(payload).collect::<Vec<_>>()
+    );
 }
