@@ -12,6 +12,7 @@ import os
 import time
 
 import pulsar
+import pytest
 
 from replication_harness import (  # noqa: F401 (fixture)
     REPLICATION_TIMEOUT_S,
@@ -22,6 +23,7 @@ from replication_harness import (  # noqa: F401 (fixture)
 from test_replicated_subscriptions import (
     Earliest,
     _drain,
+    assert_nothing_more,
     await_backlog,
     backlog,
     consume,
@@ -481,5 +483,129 @@ def test_per_message_replication_clusters(clusters_factory):
     assert not consume([on_a], 10, keep=lambda payload: False)
     on_a.close()
     await_backlog(clusters, "c", topic, subscription, 0, "a's acks in c")
+
+
+
+
+# ------------------------------------------------------------------ known gaps
+# Reproduced by the review and not fixed yet: each is expected to fail (strict, so a fix shows
+# up as an unexpected pass to be turned into a plain test).
+
+@pytest.mark.xfail(strict=True, reason="known: F2 (loss): a state covers origin entries the sender never received (replication to it started later); fix: per-origin bounds from the start of the sender's chain")
+def test_a_sender_never_covers_entries_it_never_had(clusters_factory):
+    """Promise broken: zero losses ("B delivers exactly the messages not acknowledged in A";
+    "an entry the sender never had is never covered").
+
+    b stores ten messages while it does not replicate to a. Then b starts replicating to a; as in
+    Pulsar the replicator starts at the latest position, so a only ever gets the ten messages
+    produced afterwards. a's consumer acknowledges those ten. a's state says "origin b:
+    everything below <last b position> is acknowledged", and b acknowledges its ten old messages
+    too, which no consumer anywhere ever received: they are lost. `reached()` only looks at
+    `replicate_to`, not at whether the entry was replicated to the sender at all.
+    """
+    clusters = clusters_factory(("a", "b"))
+    namespace = clusters.new_namespace("rv-join")
+    clusters.create_replicated_namespace(namespace, ["a", "b"], on=["a"])
+    clusters.create_replicated_namespace(namespace, ["b"], on=["b"])
+    topic = f"persistent://{namespace}/orders"
+    subscription = "billing"
+    shared_consumers(clusters, "b", topic, subscription, 1)[0].close()
+    old = produce(clusters, "b", topic, 10, "old")
+    await_backlog(clusters, "b", topic, subscription, 10, "ten old messages in b")
+
+    clusters.set_replication("b", namespace, ["a", "b"])
+    clusters.await_replicator("b", topic, "a")
+    new = produce(clusters, "b", topic, 10, "new")
+    await_backlog(clusters, "b", topic, subscription, 20, "twenty messages in b")
+
+    on_a = shared_consumers(clusters, "a", topic, subscription, 1)[0]
+    assert not consume([on_a], 10, keep=lambda payload: False)
+    assert_nothing_more(on_a)  # a never had the old ones
+    before_close = int(time.time() * 1000)
+    on_a.close()
+    await_state_sent(clusters, "a", "b", topic, subscription, before_close)
+    time.sleep(1)
+
+    on_b = shared_consumers(clusters, "b", topic, subscription, 1)[0]
+    delivered = collect_for(on_b, 3)
+    assert sorted(delivered) == sorted(old), (
+        f"b should still deliver the ten messages a never had; delivered {delivered} "
+        f"(backlog {backlog(clusters, 'b', topic, subscription)})"
+    )
+    del new
+
+
+@pytest.mark.xfail(strict=True, reason="known: F9: a cluster sends states only to clusters it replicates to; fix: also to the origins of its entries")
+def test_one_way_failback_carries_what_b_acknowledged(clusters_factory):
+    """Promise broken: "works with one-way replication" together with "Failback (B to A) obeys
+    the same contract".
+
+    Replication is one-way a->b. a acknowledges 10 of 20, consumers move to b (exactly 10 arrive:
+    that holds) and acknowledge 5 there, then fail back to a. b never sends its state to a (the
+    sync only posts to clusters the topic replicates to), so a redelivers all 10, 5 of them
+    acknowledged in b. Expected: exactly the 5 b did not acknowledge."""
+    clusters = clusters_factory(("a", "b"))
+    namespace = clusters.new_namespace("rv-oneway")
+    clusters.create_replicated_namespace(namespace, ["a", "b"], on=["a"])
+    clusters.create_replicated_namespace(namespace, ["b"], on=["b"])
+    topic = f"persistent://{namespace}/orders"
+    subscription = "billing"
+    on_a = shared_consumers(clusters, "a", topic, subscription, 1)[0]
+    produce(clusters, "a", topic, 20)
+    await_backlog(clusters, "b", topic, subscription, 20, "created with every message")
+    left_on_a = consume([on_a], 20, keep=lambda payload: int(payload[1:]) % 2 == 0)
+    on_a.close()
+    await_backlog(clusters, "b", topic, subscription, 10, "a's acknowledgements")
+    on_b = shared_consumers(clusters, "b", topic, subscription, 1)[0]
+    left_on_b = consume([on_b], 10, keep=lambda payload: int(payload[1:]) % 4 == 0)
+    assert {*left_on_b} < left_on_a and len(left_on_b) == 5
+    on_b.close()
+    time.sleep(2)
+    back_on_a = shared_consumers(clusters, "a", topic, subscription, 1)[0]
+    delivered = collect_for(back_on_a, 3)
+    assert sorted(delivered) == sorted(left_on_b), (
+        f"failback to a delivered {len(delivered)} (b left {len(left_on_b)} unacknowledged)"
+    )
+
+
+@pytest.mark.xfail(strict=True, reason="known: F3: origins that only replicate into the sender are left out of the frontier; fix: every origin present in the topic")
+def test_an_origin_replicated_in_one_way_is_part_of_the_state(clusters_factory):
+    """Promise broken: graceful switch, zero duplicates, "with one-way replication, with three
+    or more clusters".
+
+    c replicates one way into a and b; a and b replicate both ways. a's log: ten entries from c,
+    then one of a, then one of b. A subscription created on a at Latest has acknowledged all
+    twelve. Its first walk looks back from the mark-delete position only until it has found the
+    origins a *replicates to* plus itself (`origins` in subscription_sync.rs run()), so it stops
+    after b's and a's entries and never finds origin c: the state sent to b has no c, b's copy
+    (created at the earliest position) keeps c's ten messages, and consumers failing over to b
+    get ten messages a's subscription had acknowledged. Expected: b's copy empty."""
+    clusters = clusters_factory(("a", "b", "c"))
+    namespace = clusters.new_namespace("rv-oneway-origin")
+    clusters.create_replicated_namespace(namespace, ["a", "b", "c"], on=["c"])
+    clusters.create_replicated_namespace(namespace, ["a", "b"], on=["a", "b"])
+    topic = f"persistent://{namespace}/orders"
+    subscription = "late"
+    produce(clusters, "c", topic, 10, "c")
+    for cluster in ("a", "b"):
+        await_condition(lambda: entries(clusters, cluster, topic) == 10, REPLICATION_TIMEOUT_S,
+                        f"c's entries in {cluster}")
+    produce(clusters, "a", topic, 1, "a")
+    await_condition(lambda: entries(clusters, "b", topic) == 11, REPLICATION_TIMEOUT_S, "a's entry in b")
+    produce(clusters, "b", topic, 1, "b")
+    await_condition(lambda: entries(clusters, "a", topic) == 12, REPLICATION_TIMEOUT_S, "b's entry in a")
+
+    on_a = clusters.client("a").subscribe(
+        topic, subscription, consumer_type=pulsar.ConsumerType.Shared,
+        initial_position=pulsar.InitialPosition.Latest, replicate_subscription_state_enabled=True,
+    )
+    assert backlog(clusters, "a", topic, subscription) == 0
+    before_close = int(time.time() * 1000)
+    on_a.close()
+    await_state_sent(clusters, "a", "b", topic, subscription, before_close)
+    time.sleep(1)
+    on_b = shared_consumers(clusters, "b", topic, subscription, 1)[0]
+    delivered = collect_for(on_b, 3)
+    assert delivered == [], f"b delivered {len(delivered)} messages a had acknowledged: {delivered}"
 
 
