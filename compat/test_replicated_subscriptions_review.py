@@ -487,11 +487,6 @@ def test_per_message_replication_clusters(clusters_factory):
 
 
 
-# ------------------------------------------------------------------ known gaps
-# Reproduced by the review and not fixed yet: each is expected to fail (strict, so a fix shows
-# up as an unexpected pass to be turned into a plain test).
-
-@pytest.mark.xfail(strict=True, reason="known: F2 (loss): a state covers origin entries the sender never received (replication to it started later); fix: per-origin bounds from the start of the sender's chain")
 def test_a_sender_never_covers_entries_it_never_had(clusters_factory):
     """Promise broken: zero losses ("B delivers exactly the messages not acknowledged in A";
     "an entry the sender never had is never covered").
@@ -534,6 +529,10 @@ def test_a_sender_never_covers_entries_it_never_had(clusters_factory):
     )
     del new
 
+
+# ------------------------------------------------------------------ known gaps
+# Reproduced by the review and not fixed yet: each is expected to fail (strict, so a fix shows
+# up as an unexpected pass to be turned into a plain test).
 
 @pytest.mark.xfail(strict=True, reason="known: F9: a cluster sends states only to clusters it replicates to; fix: also to the origins of its entries")
 def test_one_way_failback_carries_what_b_acknowledged(clusters_factory):

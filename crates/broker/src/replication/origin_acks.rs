@@ -38,6 +38,16 @@ pub struct OriginProgress {
     /// Acknowledged origin positions at or beyond `acked_below`: ascending, disjoint, inclusive.
     #[serde(with = "position_text::ranges")]
     pub ranges: Vec<(Position, Position)>,
+    /// The oldest origin position of this origin the sender stores: `acked_below` speaks only
+    /// for entries from here on, since entries before it may never have reached the sender
+    /// (replication to it started later). `None`: unknown, and `acked_below` covers nothing.
+    #[serde(
+        rename = "storedFrom",
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "position_text::option"
+    )]
+    pub stored_from: Option<Position>,
 }
 
 impl OriginAcks {
@@ -51,7 +61,8 @@ impl OriginAcks {
         let Some(progress) = self.origins.get(origin) else {
             return false;
         };
-        if progress.acked_below.is_some_and(|bound| position < bound) {
+        let stored = progress.stored_from.is_some_and(|from| from <= position);
+        if stored && progress.acked_below.is_some_and(|bound| position < bound) {
             return true;
         }
         // The last range starting at or before the position is the only one that can hold it.
@@ -131,8 +142,9 @@ impl OriginAcksBuilder {
         walk.previous_acknowledged = acknowledged;
     }
 
-    /// The state.
-    pub fn finish(self) -> OriginAcks {
+    /// The state. `stored_from`: per origin, the oldest origin position of it the sender
+    /// stores (see [`OriginProgress::stored_from`]).
+    pub fn finish(self, stored_from: &BTreeMap<String, Position>) -> OriginAcks {
         let origins = self
             .origins
             .into_iter()
@@ -140,6 +152,7 @@ impl OriginAcksBuilder {
                 let progress = OriginProgress {
                     acked_below: walk.acked_below,
                     ranges: walk.ranges,
+                    stored_from: stored_from.get(&origin).copied(),
                 };
                 (origin, progress)
             })
@@ -248,7 +261,11 @@ mod tests {
         for (origin, position, acknowledged) in entries {
             builder.entry(origin, *position, *acknowledged);
         }
-        builder.finish()
+        let stored_from = ["a", "b", "c"]
+            .iter()
+            .map(|origin| (origin.to_string(), at(0, 0)))
+            .collect();
+        builder.finish(&stored_from)
     }
 
     #[test]
@@ -304,6 +321,25 @@ mod tests {
     }
 
     #[test]
+    fn entries_before_what_the_sender_stores_are_not_covered() {
+        let mut builder = OriginAcksBuilder::new(&BTreeMap::from([("b".to_string(), at(4, 9))]));
+        builder.entry("b", at(5, 0), true);
+        let stored_from = BTreeMap::from([("b".to_string(), at(4, 5))]);
+        let acks = builder.finish(&stored_from);
+        assert!(acks.covers("b", at(4, 5), true) && acks.covers("b", at(5, 0), true));
+        assert!(
+            !acks.covers("b", at(4, 4), true),
+            "replication to the sender started after it"
+        );
+        let unknown = OriginAcksBuilder::new(&BTreeMap::from([("b".to_string(), at(4, 9))]))
+            .finish(&BTreeMap::new());
+        assert!(
+            !unknown.covers("b", at(4, 9), true),
+            "nothing is known stored"
+        );
+    }
+
+    #[test]
     fn nothing_acknowledged_covers_nothing() {
         let acks = walk(&[], &[("a", at(1, 0), false)]);
         assert!(!acks.covers("a", at(1, 0), true));
@@ -319,7 +355,7 @@ mod tests {
         let text = serde_json::to_string(&acks).expect("encode");
         assert_eq!(
             text,
-            r#"{"origins":{"a":{"ackedBelow":"1:2","ranges":[["1:3","1:3"]]}}}"#
+            r#"{"origins":{"a":{"ackedBelow":"1:2","ranges":[["1:3","1:3"]],"storedFrom":"0:0"}}}"#
         );
         assert_eq!(
             serde_json::from_str::<OriginAcks>(&text).expect("decode"),

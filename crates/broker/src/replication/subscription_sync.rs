@@ -194,11 +194,12 @@ fn origin_acks(
     log: &Log,
     state: &CursorState,
     frontier: &Frontier,
+    stored_from: &BTreeMap<String, Position>,
     local_cluster: &str,
 ) -> Result<OriginAcks> {
     let mut builder = OriginAcksBuilder::new(&frontier.through);
     let Some((ledger, _, last_entry)) = state.acknowledged.iter().last() else {
-        return Ok(builder.finish());
+        return Ok(builder.finish(stored_from));
     };
     let last_acknowledged = Position::new(ledger, last_entry);
     let start = position_after(log, state.mark_delete);
@@ -211,7 +212,29 @@ fn origin_acks(
         }
         true
     })?;
-    Ok(builder.finish())
+    Ok(builder.finish(stored_from))
+}
+
+/// Per origin, the origin position of its oldest entry in the log: what the log stores of each
+/// origin starts there. Looks at most [`FRONTIER_SCAN_LIMIT`] entries from the start for each
+/// of `origins`; an origin not found is left out (its `acked_below` then covers nothing
+/// elsewhere: duplicates, never a loss).
+fn stored_from(
+    log: &Log,
+    local_cluster: &str,
+    origins: &[String],
+) -> Result<BTreeMap<String, Position>> {
+    let mut first = BTreeMap::new();
+    let Some(start) = log.first_position() else {
+        return Ok(first);
+    };
+    walk_entries(log, start, FRONTIER_SCAN_LIMIT, |position, metadata| {
+        if let Some((cluster, origin)) = entry_origin(local_cluster, position, metadata) {
+            first.entry(cluster).or_insert(origin);
+        }
+        !origins.iter().all(|origin| first.contains_key(origin))
+    })?;
+    Ok(first)
 }
 
 /// The states other clusters sent for a subscription, as stored (raw JSON, in key order).
@@ -443,6 +466,9 @@ struct Posted {
 struct Tracked {
     /// The frontier at the mark-delete position the last walk saw.
     frontier: Option<Frontier>,
+    /// Where the log's oldest entry of each origin is, and the first position of the log (and
+    /// the origins looked for) it was computed for.
+    stored_from: Option<(Option<Position>, Vec<String>, BTreeMap<String, Position>)>,
     /// The cursor state (mark-delete, acknowledged ranges) of the last walk and its result.
     walked: Option<(Option<Position>, RangeSet, OriginAcks)>,
     /// Per remote cluster, the state it confirmed and when.
@@ -620,6 +646,16 @@ fn walk(
             topic: log.name().to_string(),
             subscription: cursor.to_string(),
         })?;
+    let first = log.first_position();
+    let stored_is_current = tracked
+        .stored_from
+        .as_ref()
+        .is_some_and(|(at, looked_for, _)| *at == first && looked_for.as_slice() == origins);
+    if !stored_is_current {
+        let stored = stored_from(log, local_cluster, origins)?;
+        tracked.stored_from = Some((first, origins.to_vec(), stored));
+        tracked.walked = None;
+    }
     if let Some((mark_delete, acknowledged, acks)) = &tracked.walked {
         if *mark_delete == state.mark_delete && *acknowledged == state.acknowledged {
             return Ok(acks.clone());
@@ -632,7 +668,12 @@ fn walk(
         state.mark_delete,
         tracked.frontier.as_ref(),
     )?;
-    let acks = origin_acks(log, &state, &frontier, local_cluster)?;
+    let stored = tracked
+        .stored_from
+        .as_ref()
+        .map(|(_, _, stored)| stored.clone())
+        .unwrap_or_default();
+    let acks = origin_acks(log, &state, &frontier, &stored, local_cluster)?;
     tracked.frontier = Some(frontier);
     tracked.walked = Some((state.mark_delete, state.acknowledged.clone(), acks.clone()));
     Ok(acks)
