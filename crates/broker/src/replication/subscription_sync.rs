@@ -461,14 +461,21 @@ struct Posted {
     result: std::result::Result<(), String>,
 }
 
+/// Per origin, the log's oldest entry of it, as found for a first position of the log and a
+/// list of origins looked for.
+struct StoredFrom {
+    log_start: Option<Position>,
+    looked_for: Vec<String>,
+    origins: BTreeMap<String, Position>,
+}
+
 /// What the sync task remembers of one replicated subscription between ticks.
 #[derive(Default)]
 struct Tracked {
     /// The frontier at the mark-delete position the last walk saw.
     frontier: Option<Frontier>,
-    /// Where the log's oldest entry of each origin is, and the first position of the log (and
-    /// the origins looked for) it was computed for.
-    stored_from: Option<(Option<Position>, Vec<String>, BTreeMap<String, Position>)>,
+    /// Where the log's oldest entry of each origin is.
+    stored_from: Option<StoredFrom>,
     /// The cursor state (mark-delete, acknowledged ranges) of the last walk and its result.
     walked: Option<(Option<Position>, RangeSet, OriginAcks)>,
     /// Per remote cluster, the state it confirmed and when.
@@ -650,10 +657,13 @@ fn walk(
     let stored_is_current = tracked
         .stored_from
         .as_ref()
-        .is_some_and(|(at, looked_for, _)| *at == first && looked_for.as_slice() == origins);
+        .is_some_and(|stored| stored.log_start == first && stored.looked_for.as_slice() == origins);
     if !stored_is_current {
-        let stored = stored_from(log, local_cluster, origins)?;
-        tracked.stored_from = Some((first, origins.to_vec(), stored));
+        tracked.stored_from = Some(StoredFrom {
+            log_start: first,
+            looked_for: origins.to_vec(),
+            origins: stored_from(log, local_cluster, origins)?,
+        });
         tracked.walked = None;
     }
     if let Some((mark_delete, acknowledged, acks)) = &tracked.walked {
@@ -671,7 +681,7 @@ fn walk(
     let stored = tracked
         .stored_from
         .as_ref()
-        .map(|(_, _, stored)| stored.clone())
+        .map(|stored| stored.origins.clone())
         .unwrap_or_default();
     let acks = origin_acks(log, &state, &frontier, &stored, local_cluster)?;
     tracked.frontier = Some(frontier);
