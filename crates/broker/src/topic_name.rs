@@ -177,6 +177,20 @@ impl fmt::Display for TopicName {
     }
 }
 
+/// Percent-encodes one segment of a URL path (a topic's local name, a subscription name), as
+/// the admin API's clients must.
+pub fn encode_path_segment(segment: &str) -> String {
+    let mut encoded = String::with_capacity(segment.len());
+    for byte in segment.bytes() {
+        if byte.is_ascii_alphanumeric() || b"-_.~".contains(&byte) {
+            encoded.push(byte as char);
+        } else {
+            encoded.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    encoded
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

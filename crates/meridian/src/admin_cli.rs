@@ -5,6 +5,7 @@
 
 use anyhow::{anyhow, bail, Context};
 use clap::{Args, Subcommand, ValueEnum};
+use meridian_broker::topic_name::encode_path_segment;
 use serde_json::{json, Value};
 
 #[derive(Args)]
@@ -295,20 +296,8 @@ fn topic_path(topic: &str) -> anyhow::Result<String> {
         "{}/{}/{}",
         name.tenant,
         name.namespace,
-        encode_segment(&name.local)
+        encode_path_segment(&name.local)
     ))
-}
-
-fn encode_segment(segment: &str) -> String {
-    let mut encoded = String::new();
-    for byte in segment.bytes() {
-        if byte.is_ascii_alphanumeric() || b"-_.~".contains(&byte) {
-            encoded.push(byte as char);
-        } else {
-            encoded.push_str(&format!("%{byte:02X}"));
-        }
-    }
-    encoded
 }
 
 /// `10`, `10s`, `5m`, `3h`, `2d`, `1w` → seconds (or minutes with `to_minutes`); `-1` stays -1.
@@ -683,7 +672,7 @@ fn topic_request(verb: TopicVerb) -> anyhow::Result<(&'static str, String, Optio
             format!(
                 "{}/subscription/{}",
                 base(&topic)?,
-                encode_segment(&subscription)
+                encode_path_segment(&subscription)
             ),
             Some(message_id_body(&message_id)?),
         ),
@@ -696,7 +685,7 @@ fn topic_request(verb: TopicVerb) -> anyhow::Result<(&'static str, String, Optio
             format!(
                 "{}/subscription/{}?force={force}",
                 base(&topic)?,
-                encode_segment(&subscription)
+                encode_path_segment(&subscription)
             ),
             None,
         ),
@@ -709,7 +698,7 @@ fn topic_request(verb: TopicVerb) -> anyhow::Result<(&'static str, String, Optio
             let subscription_path = format!(
                 "{}/subscription/{}",
                 base(&topic)?,
-                encode_segment(&subscription)
+                encode_path_segment(&subscription)
             );
             match (time, message_id) {
                 (Some(time), _) => {
@@ -740,7 +729,7 @@ fn topic_request(verb: TopicVerb) -> anyhow::Result<(&'static str, String, Optio
             format!(
                 "{}/subscription/{}/skip/{count}",
                 base(&topic)?,
-                encode_segment(&subscription)
+                encode_path_segment(&subscription)
             ),
             None,
         ),
@@ -752,7 +741,7 @@ fn topic_request(verb: TopicVerb) -> anyhow::Result<(&'static str, String, Optio
             format!(
                 "{}/subscription/{}/skip_all",
                 base(&topic)?,
-                encode_segment(&subscription)
+                encode_path_segment(&subscription)
             ),
             None,
         ),
@@ -765,7 +754,7 @@ fn topic_request(verb: TopicVerb) -> anyhow::Result<(&'static str, String, Optio
             format!(
                 "{}/subscription/{}/expireMessages/{expire_time_in_seconds}",
                 base(&topic)?,
-                encode_segment(&subscription)
+                encode_path_segment(&subscription)
             ),
             None,
         ),
@@ -778,7 +767,7 @@ fn topic_request(verb: TopicVerb) -> anyhow::Result<(&'static str, String, Optio
             format!(
                 "{}/subscription/{}/position/{count}",
                 base(&topic)?,
-                encode_segment(&subscription)
+                encode_path_segment(&subscription)
             ),
             None,
         ),

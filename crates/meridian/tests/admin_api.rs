@@ -11,6 +11,30 @@ use pulsar::message::proto::command_subscribe::SubType;
 use pulsar::{Pulsar, TokioExecutor};
 use serde_json::json;
 
+/// A client that gives up at the first refusal, so that a test sees the broker's answer.
+async fn client_without_retries(broker: &BrokerProcess) -> Pulsar<TokioExecutor> {
+    Pulsar::builder(broker.url(), TokioExecutor)
+        .with_operation_retry_options(pulsar::OperationRetryOptions {
+            max_retries: Some(0),
+            ..Default::default()
+        })
+        .build()
+        .await
+        .expect("connect")
+}
+
+/// The error a producer on `topic` is refused with.
+async fn refused_producer(pulsar: &Pulsar<TokioExecutor>, topic: &str, what: &str) -> String {
+    pulsar
+        .producer()
+        .with_topic(topic)
+        .build()
+        .await
+        .err()
+        .expect(what)
+        .to_string()
+}
+
 fn setup_tenant(admin: &Admin, tenant: &str, namespace: &str) {
     admin.ok(admin.put(
         &format!("/admin/v2/tenants/{tenant}"),
@@ -460,14 +484,7 @@ async fn backlog_quotas_hold_reject_or_evict() {
     let config = fast_policy_config(directory.path(), "");
     let broker = BrokerProcess::start(&["--config", &config]);
     let admin = Admin::new(&broker);
-    let pulsar = Pulsar::builder(broker.url(), TokioExecutor)
-        .with_operation_retry_options(pulsar::OperationRetryOptions {
-            max_retries: Some(0),
-            ..Default::default()
-        })
-        .build()
-        .await
-        .expect("connect");
+    let pulsar = client_without_retries(&broker).await;
     for (namespace, policy) in [
         ("hold", "producer_request_hold"),
         ("exception", "producer_exception"),
@@ -517,20 +534,13 @@ async fn auto_creation_override_and_namespace_deduplication() {
         "/admin/v2/namespaces/acme/strict/autoTopicCreation",
         r#"{"allowAutoTopicCreation":false}"#,
     ));
-    let pulsar = Pulsar::builder(broker.url(), TokioExecutor)
-        .with_operation_retry_options(pulsar::OperationRetryOptions {
-            max_retries: Some(0),
-            ..Default::default()
-        })
-        .build()
-        .await
-        .expect("connect");
-    let refused = pulsar
-        .producer()
-        .with_topic("persistent://acme/strict/unknown")
-        .build()
-        .await;
-    let error = refused.err().expect("unknown topic refused").to_string();
+    let pulsar = client_without_retries(&broker).await;
+    let error = refused_producer(
+        &pulsar,
+        "persistent://acme/strict/unknown",
+        "unknown topic refused",
+    )
+    .await;
     assert!(error.contains("TopicNotFound"), "{error}");
     admin.ok(admin.put("/admin/v2/persistent/acme/strict/known", None));
     produce(&pulsar, "persistent://acme/strict/known", 1, 10).await;
@@ -550,14 +560,7 @@ async fn auto_creation_override_and_namespace_deduplication() {
 async fn terminated_topics_refuse_producers_across_restarts() {
     let mut broker = BrokerProcess::start(&[]);
     let admin = Admin::new(&broker);
-    let pulsar = Pulsar::builder(broker.url(), TokioExecutor)
-        .with_operation_retry_options(pulsar::OperationRetryOptions {
-            max_retries: Some(0),
-            ..Default::default()
-        })
-        .build()
-        .await
-        .expect("connect");
+    let pulsar = client_without_retries(&broker).await;
     produce(&pulsar, "persistent://public/default/ending", 3, 10).await;
     let last = admin.ok(admin.post("/admin/v2/persistent/public/default/ending/terminate", ""));
     assert_eq!(last["entryId"], json!(2));
@@ -578,14 +581,7 @@ async fn terminated_topics_refuse_producers_across_restarts() {
     drop(pulsar);
     broker.stop();
     broker.restart();
-    let pulsar = Pulsar::builder(broker.url(), TokioExecutor)
-        .with_operation_retry_options(pulsar::OperationRetryOptions {
-            max_retries: Some(0),
-            ..Default::default()
-        })
-        .build()
-        .await
-        .expect("connect");
+    let pulsar = client_without_retries(&broker).await;
     let refused = pulsar
         .producer()
         .with_topic("persistent://public/default/ending")
@@ -697,14 +693,7 @@ async fn names_messages_and_plain_logs() {
     assert_error(reply, 412);
     assert!(reason.contains("control characters"), "{reason}");
 
-    let pulsar = Pulsar::builder(broker.url(), TokioExecutor)
-        .with_operation_retry_options(pulsar::OperationRetryOptions {
-            max_retries: Some(0),
-            ..Default::default()
-        })
-        .build()
-        .await
-        .expect("connect");
+    let pulsar = client_without_retries(&broker).await;
     let refused = pulsar
         .consumer()
         .with_topic("persistent://public/default/named")
@@ -816,20 +805,13 @@ async fn topic_count_limits_are_enforced() {
         412,
     );
 
-    let pulsar = Pulsar::builder(broker.url(), TokioExecutor)
-        .with_operation_retry_options(pulsar::OperationRetryOptions {
-            max_retries: Some(0),
-            ..Default::default()
-        })
-        .build()
-        .await
-        .expect("connect");
-    let refused = pulsar
-        .producer()
-        .with_topic("persistent://public/default/auto-created")
-        .build()
-        .await;
-    let error = refused.err().expect("namespace full").to_string();
+    let pulsar = client_without_retries(&broker).await;
+    let error = refused_producer(
+        &pulsar,
+        "persistent://public/default/auto-created",
+        "namespace full",
+    )
+    .await;
     assert!(error.contains("max_topics_per_namespace"), "{error}");
 
     // Three topics loaded by their producers; a fourth is refused until one is unloaded.

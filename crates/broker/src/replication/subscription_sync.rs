@@ -29,7 +29,7 @@ use crate::error::{BrokerError, Result};
 use crate::replicator::{self, RemoteCluster};
 use crate::stats::SubscriptionSyncStats;
 use crate::topic::Topic;
-use crate::topic_name::TopicName;
+use crate::topic_name::{encode_path_segment, TopicName};
 
 /// Prefix of the cursor property that keeps the latest state received from one cluster.
 pub const SYNCED_PROPERTY_PREFIX: &str = "meridian.synced.";
@@ -704,8 +704,8 @@ async fn send(
         service_url.trim_end_matches('/'),
         topic.tenant,
         topic.namespace,
-        encode(&topic.local),
-        encode(subscription),
+        encode_path_segment(&topic.local),
+        encode_path_segment(subscription),
     );
     let body = serde_json::to_string(body).map_err(|error| error.to_string())?;
     tokio::task::spawn_blocking(move || {
@@ -730,17 +730,4 @@ fn http_agent() -> &'static ureq::Agent {
             .max_idle_connections_per_host(4)
             .build()
     })
-}
-
-/// Percent-encodes a path segment.
-fn encode(segment: &str) -> String {
-    let mut encoded = String::with_capacity(segment.len());
-    for byte in segment.bytes() {
-        if byte.is_ascii_alphanumeric() || b"-_.~".contains(&byte) {
-            encoded.push(byte as char);
-        } else {
-            encoded.push_str(&format!("%{byte:02X}"));
-        }
-    }
-    encoded
 }
