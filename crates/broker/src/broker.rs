@@ -58,6 +58,22 @@ pub struct Broker {
     next_key: AtomicU64,
 }
 
+/// A topic name claimed by an admin creation or deletion; released when dropped.
+struct Claim<'a> {
+    broker: &'a Broker,
+    key: String,
+}
+
+impl Drop for Claim<'_> {
+    fn drop(&mut self) {
+        self.broker
+            .deleting
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .remove(&self.key);
+    }
+}
+
 /// Holds a topic name's creation/deletion lock; forgets the name once nobody else wants it.
 struct LifecycleGuard<'a> {
     broker: &'a Broker,
@@ -631,12 +647,13 @@ impl Broker {
                 "topic {key} is being created or deleted by another request"
             )));
         }
-        let result = change.await;
-        self.deleting
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .remove(&key);
-        result
+        // Released however this ends: an HTTP client that gives up drops the request's future
+        // here, and a claim left behind would make the topic unloadable for good.
+        let _claim = Claim {
+            broker: self,
+            key: key.clone(),
+        };
+        change.await
     }
 
     async fn delete_topic_now(&self, name: &TopicName, force: bool) -> Result<()> {
