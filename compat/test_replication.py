@@ -57,7 +57,15 @@ LOAD_PADDING = 400  # bytes added to each payload, so that resets land inside fr
 
 
 def subscribe(clusters, cluster: str, topic: str, name: str = "check", **kwargs):
-    return clusters.client(cluster).subscribe(topic, name, initial_position=Earliest, **kwargs)
+    try:
+        return clusters.client(cluster).subscribe(topic, name, initial_position=Earliest, **kwargs)
+    except pulsar.Timeout:
+        # Seen in full runs: the official client's first subscribe to a cluster never reached
+        # that broker (its log shows no connection from the client) while the broker was idle.
+        # A fresh client gets through; the cause is not found yet (see the session notes).
+        return clusters.new_client(cluster).subscribe(
+            topic, name, initial_position=Earliest, **kwargs
+        )
 
 
 def user_properties(properties: dict) -> dict:
