@@ -59,24 +59,27 @@ def collect_for(consumer, seconds: float) -> list:
     return delivered
 
 
-def test_entries_acknowledged_elsewhere_are_not_dispatched_when_they_arrive_after_the_state(clusters_factory):
-    """Promise broken: graceful switch, zero duplicates ("Entries a cluster has not received yet
-    stay unacknowledged there and are applied when they arrive").
-
-    The a->b link is cut; a's consumer acknowledges all 50 new messages and closes; a's state
-    reaches b (the admin API does not go through the replication link). The consumer moves to b
-    and subscribes. When the link heals the 50 entries arrive in b and are dispatched to the
-    connected consumer before the next sync tick acknowledges them: b delivers messages every one
-    of which a had acknowledged. Expected: nothing delivered in b.
-    """
-    clusters = clusters_factory(("a", "b"))
-    topic = replicated_topic(clusters, ("a", "b"), "rv-late")
-    subscription = "billing"
+def warmed_up(clusters, prefix: str, subscription: str = "billing"):
+    """Clusters a and b replicating both ways, a replicated Shared subscription on a whose copy
+    in b exists and has caught up with five acknowledged warm-up messages. Returns (topic,
+    subscription, a's consumer)."""
+    topic = replicated_topic(clusters, ("a", "b"), prefix)
     on_a = shared_consumers(clusters, "a", topic, subscription, 1)[0]
     produce(clusters, "a", topic, 5, "w")
     await_backlog(clusters, "b", topic, subscription, 5, "created with the warm-up messages")
     assert not consume([on_a], 5, keep=lambda payload: False)
     await_backlog(clusters, "b", topic, subscription, 0, "warm-up acknowledged in b too")
+    return topic, subscription, on_a
+
+
+def test_entries_acknowledged_elsewhere_are_not_dispatched_when_they_arrive_after_the_state(clusters_factory):
+    """Graceful switch, zero duplicates, when the data arrives after the state: the a->b link
+    is cut, a's consumer acknowledges all 50 new messages and closes, a's state reaches b (the
+    admin API does not go through the replication link) and a consumer subscribes in b. When
+    the link heals, the 50 entries reach b with that consumer connected: none is delivered (the
+    dispatcher acknowledges what another cluster's state covers instead of sending it)."""
+    clusters = clusters_factory(("a", "b"))
+    topic, subscription, on_a = warmed_up(clusters, "rv-late")
 
     clusters.link("a", "b").cut()
     produce(clusters, "a", topic, 50, "m")
@@ -98,12 +101,9 @@ def test_a_state_for_a_replicator_cursor_is_refused(clusters_factory):
     """Promise broken: "Nothing the mechanism writes is delivered or counted" / zero losses; bad
     input on the new REST endpoint.
 
-    `POST …/subscription/pulsar.repl.b/replicatedSubscriptionState` is accepted on a: `receive()`
-    never checks the subscription name (topic.rs check_subscription_name refuses it for
-    creation, but the cursor exists), marks a's *replicator cursor* to b as a replicated
-    subscription and acknowledges on it every entry the posted state covers. Those entries are
-    then never replicated to b: twenty messages produced on a while the link was down never
-    reach b. Expected: 400/404 for a reserved name, and all 20 messages in b."""
+    `POST …/subscription/pulsar.repl.b/replicatedSubscriptionState` on a is refused: a state
+    applied to a's replicator cursor would acknowledge entries it has not sent yet. Twenty
+    messages produced on a while the link was down all reach b."""
     clusters = clusters_factory(("a", "b"))
     topic = replicated_topic(clusters, ("a", "b"), "rv-repl-cursor")
     produce(clusters, "a", topic, 1, "w")
@@ -199,13 +199,7 @@ def test_receiver_restarted_before_the_data_arrives(clusters_factory):
     link heals: the entries must be acknowledged in b when they arrive (sync progress survives a
     restart of the receiving cluster)."""
     clusters = clusters_factory(("a", "b"))
-    topic = replicated_topic(clusters, ("a", "b"), "rv-restart-b")
-    subscription = "billing"
-    on_a = shared_consumers(clusters, "a", topic, subscription, 1)[0]
-    produce(clusters, "a", topic, 5, "w")
-    await_backlog(clusters, "b", topic, subscription, 5, "created")
-    assert not consume([on_a], 5, keep=lambda payload: False)
-    await_backlog(clusters, "b", topic, subscription, 0, "warm-up acknowledged in b")
+    topic, subscription, on_a = warmed_up(clusters, "rv-restart-b")
     clusters.link("a", "b").cut()
     produce(clusters, "a", topic, 30, "m")
     left = consume([on_a], 30, keep=lambda payload: int(payload[1:]) % 3 == 0)
@@ -262,11 +256,8 @@ def test_one_stalled_cluster_does_not_delay_the_sync_to_the_others(clusters_fact
 
 
 def test_a_state_from_an_unregistered_cluster_is_refused(clusters_factory):
-    """Bad input on the new REST endpoint: a state from a cluster that is not in the topic's
-    replication set (not even registered) is accepted, kept for ever (`meridian.synced.ghost`) and
-    applied to every message that arrives later: the subscription in b becomes a black hole until
-    a reset. Expected: 4xx, nothing acknowledged. (Only the local cluster name is refused,
-    subscription_sync.rs receive().)"""
+    """Bad input on the sync endpoint: a state from a cluster that is not registered is refused
+    (4xx) and acknowledges nothing, so it cannot turn the subscription into a black hole."""
     clusters = clusters_factory(("a", "b"))
     topic = replicated_topic(clusters, ("a", "b"), "rv-ghost")
     subscription = "billing"
