@@ -11,6 +11,7 @@ any of this (conftest.py's log rule), except when it runs out of file descriptor
 from __future__ import annotations
 
 import concurrent.futures
+import http.client
 import os
 import resource
 import socket
@@ -246,6 +247,17 @@ def test_a_client_sending_single_bytes_is_closed(broker_factory, stage):
             dribble_until_closed(connection, frames.connect_frame()[:-1])
 
 
+def test_a_partial_connect_is_closed_at_the_connect_deadline(broker_factory):
+    # The handshake had no deadline of its own: a client that sent part of a CONNECT held its
+    # slot for the keep-alive interval (30 s by default, an hour here).
+    broker = broker_factory.start(config={"connect_timeout_seconds": 1, "keep_alive_interval_seconds": 3600})
+    with frames.RawConnection(broker.broker_port) as partial:
+        partial.send(frames.connect_frame()[:-3])
+        assert partial.frames_until_closed(timeout_s=30) == [], "the broker answered a partial CONNECT"
+    with frames.RawConnection(broker.broker_port) as complete:
+        complete.handshake()
+
+
 def test_one_address_cannot_take_every_connection_slot(broker_factory):
     # Item 5: connections from one address were limited only by the global limit, so one host
     # could lock every other client out.
@@ -433,6 +445,78 @@ def test_http_connections_that_send_nothing_or_dribble_are_closed(broker_factory
         else:
             dribble_until_closed(connection, b"GET /admin/v2/brokers/health HTTP/1.1\r\nHost: x\r\n")
     assert broker.health_status() == 200
+
+
+def http_connection(broker, source_address: str = "127.0.0.1", timeout_s: float = 10.0):
+    return http.client.HTTPConnection(
+        "127.0.0.1", broker.web_port, timeout=timeout_s, source_address=(source_address, 0)
+    )
+
+
+def http_served(broker, held: list, source_address: str = "127.0.0.1") -> bool:
+    """Opens an HTTP connection; if the broker answers a health check on it, keeps it in `held`
+    (kept alive, so it holds its slot)."""
+    connection = http_connection(broker, source_address)
+    try:
+        connection.request("GET", "/admin/v2/brokers/health")
+        response = connection.getresponse()
+        response.read()
+    except (OSError, http.client.HTTPException):
+        connection.close()
+        return False
+    if response.status == 200:
+        held.append(connection)
+        return True
+    connection.close()
+    return False
+
+
+def test_one_address_cannot_take_every_http_connection_slot(broker_factory):
+    # The HTTP server bounded only the total of connections, so one host could hold them all.
+    broker = broker_factory.start(config={"http_max_connections_per_ip": 3, "http_max_connections": 16})
+    held: list = []
+    try:
+        for _ in range(3):
+            # The harness's readiness probe may hold a slot for a moment after the start.
+            wait_until(lambda: http_served(broker, held), "an HTTP connection from 127.0.0.1 is served")
+        refused = http_connection(broker)
+        with pytest.raises((OSError, http.client.HTTPException)):
+            refused.request("GET", "/admin/v2/brokers/health")
+            refused.getresponse()
+        refused.close()
+        other: list = []
+        assert http_served(broker, other, "127.0.0.2"), "another address is not served"
+        other[0].close()
+        held.pop().close()
+        wait_until(lambda: http_served(broker, held), "an HTTP connection from the first address is served again")
+    finally:
+        for connection in held:
+            connection.close()
+
+
+def test_http_connections_beyond_the_cap_wait_until_one_closes(broker_factory):
+    # http_max_connections had no test: the connections beyond it must wait (not be served and
+    # not be refused) until a slot is free.
+    broker = broker_factory.start(config={"http_max_connections": 3, "http_max_connections_per_ip": 0})
+    held: list = []
+    try:
+        for _ in range(3):
+            wait_until(lambda: http_served(broker, held), "an HTTP connection is served")
+        waiting = http_connection(broker, timeout_s=1.5)
+        waiting.request("GET", "/admin/v2/brokers/health")
+        # The absence of an answer can only be observed over a window.
+        with pytest.raises(TimeoutError):
+            waiting.getresponse()
+        waiting.close()
+        waiting = http_connection(broker, timeout_s=30)
+        waiting.request("GET", "/admin/v2/brokers/health")
+        held.pop().close()
+        response = waiting.getresponse()
+        assert response.status == 200 and response.read() == b"ok"
+        waiting.close()
+    finally:
+        for connection in held:
+            connection.close()
 
 
 def test_concurrent_creates_and_deletes_of_one_topic_never_fail_with_500(broker_factory):

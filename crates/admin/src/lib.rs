@@ -30,11 +30,10 @@ use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use meridian_broker::{Broker, BrokerError};
+use meridian_server::listener::{accept_loop, ConnectionLimits};
 use serde::de::DeserializeOwned;
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 /// State shared by every handler.
 pub type AppState = Arc<Broker>;
@@ -132,6 +131,8 @@ async fn not_found() -> ApiError {
 pub struct HttpLimits {
     /// Connections served at once; more wait to be accepted.
     pub max_connections: usize,
+    /// Connections served at once from one IP address; more are closed at once (0: no limit).
+    pub max_connections_per_ip: usize,
     /// Time a client has to send a request's headers, counted from the first byte of the
     /// request or, between requests of a kept-alive connection, from the previous response:
     /// an idle or dribbling connection is closed after it.
@@ -142,6 +143,7 @@ impl Default for HttpLimits {
     fn default() -> Self {
         HttpLimits {
             max_connections: 2048,
+            max_connections_per_ip: 256,
             header_read_timeout: Duration::from_secs(30),
         }
     }
@@ -149,8 +151,9 @@ impl Default for HttpLimits {
 
 /// Serves the HTTP API until `shutdown` is cancelled and the requests in progress are done.
 ///
-/// One task per connection (hyper's HTTP/1 with the header timeout); a semaphore bounds the
-/// connections. Accept errors (out of descriptors) pause the loop instead of spinning.
+/// One task per connection (hyper's HTTP/1 with the header timeout), accepted by the same loop
+/// as the protocol port ([`meridian_server::listener::accept_loop`]: a bound on connections, a
+/// bound per IP address, a backoff when accepting fails).
 pub async fn serve(
     listener: TcpListener,
     broker: Arc<Broker>,
@@ -158,54 +161,37 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     let router = router(broker);
-    let connections = Arc::new(Semaphore::new(limits.max_connections));
-    let tracker = TaskTracker::new();
-    loop {
-        let permit = tokio::select! {
-            permit = connections.clone().acquire_owned() => match permit {
-                Ok(permit) => permit,
-                Err(_) => break,
-            },
-            _ = shutdown.cancelled() => break,
-        };
-        let accepted = tokio::select! {
-            accepted = listener.accept() => accepted,
-            _ = shutdown.cancelled() => break,
-        };
-        let stream = match accepted {
-            Ok((stream, _)) => stream,
-            Err(error) => {
-                tracing::debug!(%error, "HTTP accept failed; pausing");
+    let connection_limits = ConnectionLimits {
+        max_connections: limits.max_connections,
+        max_connections_per_ip: limits.max_connections_per_ip,
+    };
+    let header_read_timeout = limits.header_read_timeout;
+    let token = shutdown.clone();
+    accept_loop(
+        "http",
+        listener,
+        connection_limits,
+        shutdown,
+        move |stream, _peer| {
+            let service = TowerToHyperService::new(router.clone());
+            let shutdown = token.clone();
+            async move {
+                let connection = http1::Builder::new()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(header_read_timeout)
+                    .serve_connection(TokioIo::new(stream), service);
+                tokio::pin!(connection);
                 tokio::select! {
-                    _ = tokio::time::sleep(ACCEPT_ERROR_PAUSE) => continue,
-                    _ = shutdown.cancelled() => break,
+                    _ = connection.as_mut() => {}
+                    _ = shutdown.cancelled() => {
+                        // Finish the request in progress, then close.
+                        connection.as_mut().graceful_shutdown();
+                        let _ = connection.await;
+                    }
                 }
             }
-        };
-        let service = TowerToHyperService::new(router.clone());
-        let shutdown = shutdown.clone();
-        let header_read_timeout = limits.header_read_timeout;
-        tracker.spawn(async move {
-            let connection = http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(header_read_timeout)
-                .serve_connection(TokioIo::new(stream), service);
-            tokio::pin!(connection);
-            tokio::select! {
-                _ = connection.as_mut() => {}
-                _ = shutdown.cancelled() => {
-                    // Finish the request in progress, then close.
-                    connection.as_mut().graceful_shutdown();
-                    let _ = connection.await;
-                }
-            }
-            drop(permit);
-        });
-    }
-    tracker.close();
-    tracker.wait().await;
+        },
+    )
+    .await;
     Ok(())
 }
-
-/// Pause after a failed accept (out of file descriptors), so the loop does not spin.
-const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);

@@ -47,8 +47,12 @@ pub struct Config {
     /// Bytes queued for one connection's socket before the broker stops sending to it.
     pub max_outbound_bytes_per_connection: usize,
     pub keep_alive_interval_seconds: u64,
+    /// Time a new connection has to complete its CONNECT handshake.
+    pub connect_timeout_seconds: u64,
     /// HTTP connections served at once.
     pub http_max_connections: usize,
+    /// HTTP connections served at once from one IP address (0: no limit).
+    pub http_max_connections_per_ip: usize,
     /// Time an HTTP client has to send a request's headers (also closes idle connections).
     pub http_header_read_timeout_seconds: u64,
     pub max_pending_sends_per_producer: usize,
@@ -113,7 +117,9 @@ impl Default for Config {
             max_connections_per_ip: server.max_connections_per_ip,
             max_outbound_bytes_per_connection: server.max_outbound_bytes,
             keep_alive_interval_seconds: server.keep_alive_interval.as_secs(),
+            connect_timeout_seconds: server.connect_timeout.as_secs(),
             http_max_connections: http.max_connections,
+            http_max_connections_per_ip: http.max_connections_per_ip,
             http_header_read_timeout_seconds: http.header_read_timeout.as_secs(),
             max_pending_sends_per_producer: server.max_pending_sends_per_producer,
             max_unacked_messages_per_consumer: broker.max_unacked_messages_per_consumer,
@@ -237,8 +243,8 @@ impl Config {
         if self.policy_check_interval_seconds == 0 || self.stats_interval_seconds == 0 {
             bail!("policy_check_interval_seconds and stats_interval_seconds must be positive");
         }
-        if self.keep_alive_interval_seconds == 0 {
-            bail!("keep_alive_interval_seconds must be positive");
+        if self.keep_alive_interval_seconds == 0 || self.connect_timeout_seconds == 0 {
+            bail!("keep_alive_interval_seconds and connect_timeout_seconds must be positive");
         }
         if self.max_outbound_bytes_per_connection == 0 {
             bail!("max_outbound_bytes_per_connection must be positive");
@@ -319,6 +325,7 @@ impl Config {
     pub fn http_limits(&self) -> HttpLimits {
         HttpLimits {
             max_connections: self.http_max_connections,
+            max_connections_per_ip: self.http_max_connections_per_ip,
             header_read_timeout: Duration::from_secs(self.http_header_read_timeout_seconds),
         }
     }
@@ -330,6 +337,7 @@ impl Config {
             max_connections_per_ip: self.max_connections_per_ip,
             max_outbound_bytes: self.max_outbound_bytes_per_connection,
             keep_alive_interval: Duration::from_secs(self.keep_alive_interval_seconds),
+            connect_timeout: Duration::from_secs(self.connect_timeout_seconds),
             max_pending_sends_per_producer: self.max_pending_sends_per_producer,
         }
     }

@@ -9,8 +9,10 @@
 //!
 //! Any frame error (too large, truncated, undecodable) closes this connection only.
 //!
-//! Keep-alive (every `keep_alive_interval`): a connection without CONNECT by the first check is
-//! closed; one that sent no *complete* frame for an interval is pinged (without waiting for
+//! Handshake deadline: a connection that has not completed CONNECT within `connect_timeout` is
+//! closed, however many bytes it sends (a partial CONNECT holds no slot for long).
+//!
+//! Keep-alive (every `keep_alive_interval`): a connection that sent no *complete* frame for an interval is pinged (without waiting for
 //! room in its queue), and closed after two. Handling one command is bounded by the same two
 //! intervals, so a client that does not read its answers cannot hold the read loop either.
 
@@ -144,6 +146,8 @@ pub(crate) async fn run(
     let mut buffer = BytesMut::with_capacity(64 * 1024);
     let mut keep_alive = tokio::time::interval(config.keep_alive_interval);
     keep_alive.tick().await;
+    let connect_deadline = tokio::time::sleep(config.connect_timeout);
+    tokio::pin!(connect_deadline);
     let reason = loop {
         tokio::select! {
             read = reader.read_buf(&mut buffer) => {
@@ -161,16 +165,18 @@ pub(crate) async fn run(
                     buffer = BytesMut::with_capacity(64 * 1024);
                 }
             }
+            _ = &mut connect_deadline, if connection.protocol_version.is_none() => {
+                break format!(
+                    "no CONNECT within {} s (connect_timeout_seconds)",
+                    config.connect_timeout.as_secs()
+                );
+            }
             _ = keep_alive.tick() => {
-                // As Pulsar: a connection without a handshake by the first check is closed.
-                if connection.protocol_version.is_none() {
-                    break "no CONNECT within the keep-alive interval".to_string();
-                }
                 let idle = connection.last_frame.elapsed();
                 if idle > config.keep_alive_interval * 2 {
                     break format!("no complete frame for {} s; keep-alive timed out", idle.as_secs());
                 }
-                if idle >= config.keep_alive_interval {
+                if idle >= config.keep_alive_interval && connection.protocol_version.is_some() {
                     // Never waits: a full queue must not stop this check from running again.
                     let ping = BaseCommand { ping: Some(CommandPing {}), ..command(Type::Ping) };
                     let _ = connection.outbound.try_send(command_frame(&ping));
@@ -1452,6 +1458,9 @@ fn send_error(
 
 /// How long the broker waits between keep-alive checks by default (Pulsar's 30 s).
 pub const DEFAULT_KEEP_ALIVE: Duration = Duration::from_secs(30);
+/// How long a new connection has to complete CONNECT by default (Pulsar closes such a
+/// connection at its first keep-alive check instead, after 30 s).
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[cfg(test)]
 mod tests {

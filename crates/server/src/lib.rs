@@ -1,26 +1,23 @@
 //! Meridian's Pulsar protocol server: the TCP listener and one task per connection.
 //!
-//! The listener bounds the number of connections with a semaphore, and those of one IP address
-//! with a counter (so one address cannot take every slot); when accepting fails (out of file
-//! descriptors) it backs off instead of retrying at once, and logs the failures at most once per
-//! [`ACCEPT_LOG_INTERVAL`]. Shutdown is a cancellation token: the listener stops accepting,
-//! every connection stops reading, releases its producers and consumers and drains its outbound
+//! The listener is [`listener::accept_loop`] (shared with the HTTP server): a bound on
+//! connections, a bound per IP address, and a backoff when accepting fails (out of file
+//! descriptors). Shutdown is a cancellation token: the listener stops accepting, every
+//! connection stops reading, releases its producers and consumers and drains its outbound
 //! queue, and [`serve`] returns once all are done.
 
 mod connection;
+pub mod listener;
 
-use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
 use meridian_broker::Broker;
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
-pub use connection::{DEFAULT_KEEP_ALIVE, PROTOCOL_VERSION};
+pub use connection::{DEFAULT_CONNECT_TIMEOUT, DEFAULT_KEEP_ALIVE, PROTOCOL_VERSION};
+pub use listener::ConnectionLimits;
 
 /// Limits of the protocol server.
 #[derive(Debug, Clone)]
@@ -34,6 +31,8 @@ pub struct ServerConfig {
     pub max_connections_per_ip: usize,
     /// Idle time before the broker pings a client; twice this without traffic closes it.
     pub keep_alive_interval: Duration,
+    /// Time a new connection has to complete its CONNECT handshake; then it is closed.
+    pub connect_timeout: Duration,
     /// Bytes queued for one connection's socket before senders wait and dispatchers skip it.
     pub max_outbound_bytes: usize,
     /// SENDs of one producer awaiting their receipt before the connection stops reading.
@@ -47,6 +46,7 @@ impl Default for ServerConfig {
             max_connections: 10_000,
             max_connections_per_ip: 1_000,
             keep_alive_interval: DEFAULT_KEEP_ALIVE,
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             max_outbound_bytes: 8 * 1024 * 1024,
             max_pending_sends_per_producer: 1000,
         }
@@ -62,174 +62,19 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) {
     let config = Arc::new(config);
-    let connections = Arc::new(Semaphore::new(config.max_connections));
-    let per_address = PerAddress::new(config.max_connections_per_ip);
-    let mut backoff = AcceptBackoff::default();
-    let tracker = TaskTracker::new();
-    loop {
-        let permit = tokio::select! {
-            permit = connections.clone().acquire_owned() => match permit {
-                Ok(permit) => permit,
-                Err(_) => break,
-            },
-            _ = shutdown.cancelled() => break,
-        };
-        let accepted = tokio::select! {
-            accepted = listener.accept() => accepted,
-            _ = shutdown.cancelled() => break,
-        };
-        let (stream, peer): (_, SocketAddr) = match accepted {
-            Ok(accepted) => {
-                backoff.succeeded();
-                accepted
-            }
-            Err(error) => {
-                // Out of descriptors (or memory): retrying at once would spin and flood the log.
-                let pause = backoff.failed(&error);
-                tokio::select! {
-                    _ = tokio::time::sleep(pause) => continue,
-                    _ = shutdown.cancelled() => break,
-                }
-            }
-        };
-        let Some(address_slot) = per_address.claim(peer.ip()) else {
-            tracing::debug!(peer = %peer, limit = config.max_connections_per_ip, "too many connections from this address; closed");
-            drop(stream);
-            continue;
-        };
-        let broker = broker.clone();
-        let config = config.clone();
-        let shutdown = shutdown.clone();
-        tracker.spawn(async move {
-            connection::run(stream, peer, broker, config, shutdown).await;
-            drop(address_slot);
-            drop(permit);
-        });
-    }
-    tracker.close();
-    tracker.wait().await;
-}
-
-/// Connections per IP address, bounded.
-#[derive(Clone)]
-struct PerAddress {
-    limit: usize,
-    counts: Arc<Mutex<HashMap<IpAddr, usize>>>,
-}
-
-/// One connection's place in its address's count; released on drop.
-struct AddressSlot {
-    address: IpAddr,
-    counts: Arc<Mutex<HashMap<IpAddr, usize>>>,
-}
-
-impl PerAddress {
-    fn new(limit: usize) -> PerAddress {
-        PerAddress {
-            limit,
-            counts: Arc::new(Mutex::new(HashMap::new())),
-        }
-    }
-
-    /// A slot for one more connection from `address`, unless it is at the limit (0: none).
-    fn claim(&self, address: IpAddr) -> Option<AddressSlot> {
-        let mut counts = self
-            .counts
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        let count = counts.entry(address).or_insert(0);
-        if self.limit > 0 && *count >= self.limit {
-            return None;
-        }
-        *count += 1;
-        Some(AddressSlot {
-            address,
-            counts: self.counts.clone(),
-        })
-    }
-}
-
-impl Drop for AddressSlot {
-    fn drop(&mut self) {
-        let mut counts = self
-            .counts
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        if let Some(count) = counts.get_mut(&self.address) {
-            *count -= 1;
-            if *count == 0 {
-                counts.remove(&self.address);
-            }
-        }
-    }
-}
-
-/// Failures are logged at most once per this interval (with a count of those not logged).
-pub const ACCEPT_LOG_INTERVAL: Duration = Duration::from_secs(10);
-const ACCEPT_PAUSE_MIN: Duration = Duration::from_millis(10);
-const ACCEPT_PAUSE_MAX: Duration = Duration::from_secs(1);
-
-/// Pauses between failed accepts, doubling up to [`ACCEPT_PAUSE_MAX`], and rate-limits their
-/// log lines.
-#[derive(Default)]
-struct AcceptBackoff {
-    pause: Option<Duration>,
-    last_logged: Option<Instant>,
-    not_logged: u64,
-}
-
-impl AcceptBackoff {
-    fn succeeded(&mut self) {
-        self.pause = None;
-    }
-
-    /// Logs (if due) and returns how long to wait before accepting again.
-    fn failed(&mut self, error: &std::io::Error) -> Duration {
-        let pause = self
-            .pause
-            .map_or(ACCEPT_PAUSE_MIN, |pause| (pause * 2).min(ACCEPT_PAUSE_MAX));
-        self.pause = Some(pause);
-        let due = self
-            .last_logged
-            .is_none_or(|at| at.elapsed() >= ACCEPT_LOG_INTERVAL);
-        if due {
-            tracing::warn!(%error, not_logged = self.not_logged, pause_ms = pause.as_millis() as u64, "accept failed; pausing before accepting again");
-            self.last_logged = Some(Instant::now());
-            self.not_logged = 0;
-        } else {
-            self.not_logged += 1;
-        }
-        pause
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn one_address_is_limited_and_slots_come_back() {
-        let per_address = PerAddress::new(2);
-        let first: IpAddr = "127.0.0.1".parse().expect("address");
-        let other: IpAddr = "127.0.0.2".parse().expect("address");
-        let a = per_address.claim(first).expect("first");
-        let _b = per_address.claim(first).expect("second");
-        assert!(per_address.claim(first).is_none());
-        assert!(per_address.claim(other).is_some());
-        drop(a);
-        assert!(per_address.claim(first).is_some());
-    }
-
-    #[test]
-    fn accept_failures_back_off_and_are_logged_once_per_interval() {
-        let mut backoff = AcceptBackoff::default();
-        let error = std::io::Error::from_raw_os_error(24);
-        let pauses: Vec<Duration> = (0..10).map(|_| backoff.failed(&error)).collect();
-        assert_eq!(pauses[0], ACCEPT_PAUSE_MIN);
-        assert_eq!(pauses[1], ACCEPT_PAUSE_MIN * 2);
-        assert_eq!(*pauses.last().expect("pause"), ACCEPT_PAUSE_MAX);
-        assert_eq!(backoff.not_logged, 9);
-        backoff.succeeded();
-        assert_eq!(backoff.failed(&error), ACCEPT_PAUSE_MIN);
-    }
+    let limits = ConnectionLimits {
+        max_connections: config.max_connections,
+        max_connections_per_ip: config.max_connections_per_ip,
+    };
+    let token = shutdown.clone();
+    listener::accept_loop(
+        "protocol",
+        listener,
+        limits,
+        shutdown,
+        move |stream, peer| {
+            connection::run(stream, peer, broker.clone(), config.clone(), token.clone())
+        },
+    )
+    .await;
 }
