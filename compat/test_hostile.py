@@ -16,12 +16,13 @@ import os
 import resource
 import socket
 import time
+import urllib.request
 
 import pulsar
 import pytest
 
 import pulsar_frames as frames
-from helpers import receive_one, unique_topic, wait_until
+from helpers import receive_n, receive_one, unique_topic, wait_until
 from replication_harness import admin_call
 
 NEVER_READER_RECEIVE_BUFFER = 4096
@@ -585,3 +586,68 @@ def test_loading_beyond_the_loaded_topic_budget_fails_locally(broker_factory):
         status, body = admin_call(broker.web_url, "PUT", topic_path(topics[0]) + "/unload")
         assert status in (200, 204), f"{status} {body}"
         connection.request(frames.producer_frame(topics[3], 4, 4), frames.PRODUCER_SUCCESS)
+
+
+def loaded_topics(broker) -> int:
+    """The broker's count of loaded topics (metric meridian_loaded_topics)."""
+    with urllib.request.urlopen(broker.web_url + "/metrics", timeout=10) as response:
+        text = response.read().decode()
+    for line in text.splitlines():
+        if line.startswith("meridian_loaded_topics{"):
+            return int(float(line.rsplit(" ", 1)[1]))
+    raise AssertionError("no meridian_loaded_topics in /metrics")
+
+
+def test_partitioned_stats_of_unloaded_partitions_come_from_disk_and_load_nothing(broker_factory, client_factory):
+    # Item 7: partitioned-stats loaded every partition that existed (each taking a place in the
+    # loaded-topic budget and its files); stats of a partition not loaded now come from its files.
+    broker = broker_factory.start()
+    client = client_factory(broker)
+    topic = unique_topic("unloaded-stats")
+    status, body = admin_call(broker.web_url, "PUT", topic_path(topic) + "/partitions", 4)
+    assert status in (200, 204), f"{status} {body}"
+    consumer = client.subscribe(topic, "sub1", consumer_type=pulsar.ConsumerType.Shared)
+    for index in range(4):
+        producer = client.create_producer(f"{topic}-partition-{index}", batching_enabled=False)
+        for number in range(2 * (index + 1)):
+            producer.send(f"{index}:{number}".encode())
+        producer.close()
+    # Partition 0 fully acknowledged, partition 3 one message out of order (its second).
+    for message in receive_n(consumer, 20):
+        index, number = message.data().decode().split(":")
+        if index == "0" or (index == "3" and number == "1"):
+            consumer.acknowledge(message)
+    expected_backlog = {0: 0, 1: 4, 2: 6, 3: 7}
+
+    def per_partition() -> dict:
+        status, stats = admin_call(broker.web_url, "GET", topic_path(topic) + "/partitioned-stats?perPartition=true")
+        assert status == 200, f"{status} {stats}"
+        return stats
+
+    def backlogs(stats: dict) -> dict:
+        return {
+            index: stats["partitions"][f"{topic}-partition-{index}"]["subscriptions"]["sub1"]["msgBacklog"]
+            for index in range(4)
+        }
+
+    wait_until(lambda: backlogs(per_partition()) == expected_backlog, "the acknowledgements are counted")
+    loaded_stats = per_partition()
+    consumer.close()
+    client.close()
+    broker.restart()
+
+    before = loaded_topics(broker)
+    stats = per_partition()
+    assert loaded_topics(broker) == before, "partitioned-stats loaded partitions"
+    assert backlogs(stats) == expected_backlog
+    assert stats["subscriptions"]["sub1"]["msgBacklog"] == sum(expected_backlog.values())
+    for index in range(4):
+        name = f"{topic}-partition-{index}"
+        from_disk, live = stats["partitions"][name], loaded_stats["partitions"][name]
+        assert from_disk["subscriptions"]["sub1"]["backlogSize"] == live["subscriptions"]["sub1"]["backlogSize"]
+        assert from_disk["backlogSize"] == live["backlogSize"]
+        assert from_disk["storageSize"] >= live["storageSize"] > 0
+    assert stats["subscriptions"]["sub1"]["nonContiguousDeletedMessagesRanges"] == 1
+    status, names = admin_call(broker.web_url, "GET", topic_path(topic) + "/subscriptions")
+    assert (status, names) == (200, ["sub1"])
+    assert loaded_topics(broker) == before, "listing the subscriptions loaded partitions"

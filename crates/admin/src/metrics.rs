@@ -46,6 +46,13 @@ pub async fn metrics(State(broker): State<AppState>) -> impl IntoResponse {
         format!("cluster=\"{cluster}\""),
         meridian_broker::outbound::queued_bytes_all_connections() as f64,
     );
+    add(
+        "meridian_loaded_topics",
+        "Topics and partitions loaded now (bounded by max_loaded_topics)",
+        "gauge",
+        format!("cluster=\"{cluster}\""),
+        broker.loaded_topics().len() as f64,
+    );
     let mut topics_per_namespace: BTreeMap<String, u64> = BTreeMap::new();
     for topic in broker.all_topics() {
         if let Ok(name) = meridian_broker::TopicName::parse(&topic) {

@@ -12,10 +12,14 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
+use meridian_broker::replication::replicated_subscriptions::is_replicated;
 use meridian_broker::replication::subscription_sync::{self, SyncedAcks};
+use meridian_broker::resources::EffectivePolicies;
 use meridian_broker::resources::{BacklogQuota, RetentionPolicies};
-use meridian_broker::stats::TopicStats;
+use meridian_broker::stats::{SubscriptionStats, TopicStats};
+use meridian_broker::topic::{is_replicator_cursor, is_system_cursor};
 use meridian_broker::{BrokerError, SeekTarget, Topic, TopicName};
+use meridian_storage::closed_log::{closed_log_cursors, summarize_closed_log};
 use meridian_storage::Position;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
@@ -357,19 +361,22 @@ async fn partitioned_stats(
         .ok_or_else(|| BrokerError::NotFound(format!("partitioned topic {name} does not exist")))?;
     let mut aggregate = Value::Object(Map::new());
     let mut per_partition = Map::new();
-    // Partitions that were never used have no log: they are reported empty, not created (a
-    // topic of 100,000 partitions would otherwise open them all).
+    // Nothing is created or loaded: a loaded partition reports its live stats, one that is not
+    // loaded what its files hold, one never used is empty (a topic of 100,000 partitions would
+    // otherwise open them all, and each would take a place in the loaded-topic budget).
     let created: std::collections::HashSet<String> = broker.all_topics().into_iter().collect();
     for index in 0..partitions {
         let partition = name.partition(index);
-        let stats = if created.contains(&partition.to_string()) {
-            let loaded = broker.topic(&partition, false).await?;
-            let policies = broker.resources().effective_policies(&partition)?;
-            serde_json::to_value(loaded.stats(&policies))
+        let policies = broker.resources().effective_policies(&partition)?;
+        let stats = if let Some(loaded) = broker.loaded_topic(&partition) {
+            loaded.stats(&policies)
+        } else if created.contains(&partition.to_string()) {
+            stats_from_disk(&broker, &partition, &policies).await?
         } else {
-            serde_json::to_value(TopicStats::default())
-        }
-        .map_err(|error| BrokerError::Unknown(error.to_string()))?;
+            TopicStats::default()
+        };
+        let stats =
+            serde_json::to_value(stats).map_err(|error| BrokerError::Unknown(error.to_string()))?;
         merge_stats(&mut aggregate, &stats);
         per_partition.insert(partition.to_string(), stats);
     }
@@ -380,6 +387,66 @@ async fn partitioned_stats(
         }
     }
     Ok(Json(aggregate))
+}
+
+/// The stats of a topic that is not loaded, from its files: storage size, backlogs and
+/// subscriptions (no consumers, producers or rates: nothing is connected to it).
+async fn stats_from_disk(
+    broker: &AppState,
+    name: &TopicName,
+    policies: &EffectivePolicies,
+) -> ApiResult<TopicStats> {
+    let root = broker.storage().root().to_path_buf();
+    let full_name = name.to_string();
+    let summary = tokio::task::spawn_blocking(move || summarize_closed_log(&root, &full_name))
+        .await
+        .map_err(|error| BrokerError::Unknown(error.to_string()))?
+        .map_err(BrokerError::from)?;
+    let Some(summary) = summary else {
+        return Ok(TopicStats::default());
+    };
+    let mut stats = TopicStats {
+        storage_size: summary.storage_bytes,
+        backlog_quota_limit_size: policies
+            .backlog_quotas
+            .get("destination_storage")
+            .map_or(-1, |quota| quota.limit_size),
+        backlog_quota_limit_time: policies
+            .backlog_quotas
+            .get("message_age")
+            .map_or(-1, |quota| quota.limit_time),
+        deduplication_status: if policies
+            .deduplication_enabled
+            .unwrap_or(broker.config().deduplication_enabled)
+        {
+            "Enabled"
+        } else {
+            "Disabled"
+        }
+        .into(),
+        ..TopicStats::default()
+    };
+    for (cursor, state) in summary.cursors {
+        if is_system_cursor(&cursor) {
+            continue;
+        }
+        stats.backlog_size = stats.backlog_size.max(state.backlog_bytes);
+        if is_replicator_cursor(&cursor) {
+            continue;
+        }
+        let subscription = SubscriptionStats {
+            kind: "Exclusive".into(),
+            is_durable: true,
+            msg_backlog: state.backlog_entries,
+            msg_backlog_no_delayed: state.backlog_entries,
+            backlog_size: state.backlog_bytes,
+            is_replicated: is_replicated(&state.state),
+            non_contiguous_deleted_messages_ranges: state.state.acknowledged.range_count() as u64,
+            ..SubscriptionStats::default()
+        };
+        stats.subscriptions.insert(cursor, subscription);
+    }
+    Ok(stats)
 }
 
 async fn internal_stats(
@@ -456,8 +523,26 @@ async fn subscriptions(
 ) -> ApiResult<Json<Vec<String>>> {
     let name = topic_name(&tenant, &namespace, &topic)?;
     let mut names = std::collections::BTreeSet::new();
+    let partitioned = partitions_of(&broker, &name)?.is_some();
     for covered in covered_topics(&broker, &name)? {
-        if partitions_of(&broker, &name)?.is_some() && !broker.exists(&covered) {
+        if partitioned && !broker.exists(&covered) {
+            continue;
+        }
+        if partitioned && broker.loaded_topic(&covered).is_none() {
+            // A partition not loaded answers from its cursor journal: listing a partitioned
+            // topic's subscriptions loads none of its partitions.
+            let root = broker.storage().root().to_path_buf();
+            let full_name = covered.to_string();
+            let cursors =
+                tokio::task::spawn_blocking(move || closed_log_cursors(&root, &full_name))
+                    .await
+                    .map_err(|error| BrokerError::Unknown(error.to_string()))?
+                    .map_err(BrokerError::from)?;
+            names.extend(
+                cursors
+                    .into_keys()
+                    .filter(|cursor| !is_system_cursor(cursor) && !is_replicator_cursor(cursor)),
+            );
             continue;
         }
         names.extend(

@@ -383,6 +383,11 @@ impl Broker {
         self.shared.remote_clients.retain(&current).await;
     }
 
+    /// The storage engine, for read-only uses (stats of topics that are not loaded).
+    pub fn storage(&self) -> &Storage {
+        &self.shared.storage
+    }
+
     /// The loaded topic, if it is loaded.
     pub fn loaded_topic(&self, name: &TopicName) -> Option<Arc<Topic>> {
         let topics = self

@@ -141,7 +141,9 @@ fn encode_tombstone(name: &str) -> Vec<u8> {
 }
 
 /// Decodes a journal record into the cursor name and its state (`None`: deleted).
-fn decode_record(body: &[u8]) -> std::result::Result<(String, Option<CursorState>), String> {
+pub(crate) fn decode_record(
+    body: &[u8],
+) -> std::result::Result<(String, Option<CursorState>), String> {
     let mut reader = ByteReader::new(body);
     let kind = reader.u8()?;
     let name =

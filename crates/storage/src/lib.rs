@@ -19,6 +19,7 @@
 //! The durability contract is in `docs/durability.md`.
 
 mod cache;
+pub mod closed_log;
 pub mod config;
 pub mod cursor;
 pub mod engine;

@@ -1,0 +1,275 @@
+//! A read-only summary of a log from its files, without opening it: for stats of topics that
+//! are not loaded (a partitioned topic's stats must not open every partition).
+//!
+//! Nothing is written, locked or registered, and no file stays open: the segments are walked
+//! record by record (framing and entry id only, bodies skipped, checksums not verified) and the
+//! cursor journal is decoded as an open would. A torn tail ends the walk where an open would
+//! truncate it. If the log is opened or written meanwhile, the summary is that of some moment
+//! during the walk, which is all stats promise.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{BufReader, Read, Seek, SeekFrom};
+use std::path::Path;
+
+use crate::cursor::{decode_record as decode_journal_record, CursorState};
+use crate::error::{Result, StorageError};
+use crate::format::{decode_record, HEADER_LEN, RECORD_FRAMING_LEN};
+use crate::position::Position;
+
+/// What a log's files hold.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ClosedLogSummary {
+    /// Entries in its segments.
+    pub entries: u64,
+    /// Bytes of its segment files.
+    pub storage_bytes: u64,
+    /// Each cursor's state and backlog, by name.
+    pub cursors: BTreeMap<String, ClosedCursorSummary>,
+}
+
+/// One cursor of a log that is not open.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ClosedCursorSummary {
+    pub state: CursorState,
+    /// Entries after the mark-delete position that are not acknowledged.
+    pub backlog_entries: u64,
+    /// Bytes of the entries after the mark-delete position, framing included.
+    pub backlog_bytes: u64,
+}
+
+/// The summary of log `name` under the storage root `root` (see [`crate::Storage::root`]);
+/// `None` if it has no directory.
+pub fn summarize_closed_log(root: &Path, name: &str) -> Result<Option<ClosedLogSummary>> {
+    let directory = root.join("logs").join(crate::engine::encode_name(name));
+    let listing = match std::fs::read_dir(&directory) {
+        Ok(listing) => listing,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(error) => return Err(StorageError::io("list directory", &directory, error)),
+    };
+    let mut segments: Vec<(u64, u64, std::path::PathBuf)> = Vec::new();
+    for item in listing {
+        let item = item.map_err(|error| StorageError::io("list directory", &directory, error))?;
+        let file_name = item.file_name();
+        let Some(stem) = file_name.to_str().and_then(|n| n.strip_suffix(".segment")) else {
+            continue;
+        };
+        let Some((ledger, first)) = stem.split_once('-') else {
+            continue;
+        };
+        if let (Ok(ledger), Ok(first)) = (ledger.parse::<u64>(), first.parse::<u64>()) {
+            segments.push((ledger, first, item.path()));
+        }
+    }
+    segments.sort();
+
+    let mut summary = ClosedLogSummary::default();
+    for (name, state) in read_journal(&directory.join("cursors.journal"))? {
+        summary.cursors.insert(
+            name,
+            ClosedCursorSummary {
+                state,
+                ..ClosedCursorSummary::default()
+            },
+        );
+    }
+    for (ledger, _, path) in &segments {
+        let (bytes, _) = walk_segment(path, *ledger, |position, record_len| {
+            summary.entries += 1;
+            for cursor in summary.cursors.values_mut() {
+                if cursor.state.mark_delete.is_none_or(|mark| position > mark) {
+                    cursor.backlog_entries += 1;
+                    cursor.backlog_bytes += record_len;
+                }
+            }
+        })?;
+        summary.storage_bytes += bytes;
+    }
+    for cursor in summary.cursors.values_mut() {
+        // As an open log counts: the entries after the mark-delete position less those
+        // acknowledged individually.
+        cursor.backlog_entries = cursor
+            .backlog_entries
+            .saturating_sub(cursor.state.acknowledged.position_count());
+    }
+    Ok(Some(summary))
+}
+
+/// The cursors of log `name` under `root` as its journal holds them (empty if it has none),
+/// without walking its segments.
+pub fn closed_log_cursors(root: &Path, name: &str) -> Result<BTreeMap<String, CursorState>> {
+    let directory = root.join("logs").join(crate::engine::encode_name(name));
+    read_journal(&directory.join("cursors.journal"))
+}
+
+/// Calls `on_entry(position, record length)` for each entry of a segment; returns the file's
+/// length and the number of entries. Stops at a seal record or a torn tail.
+fn walk_segment(
+    path: &Path,
+    ledger_id: u64,
+    mut on_entry: impl FnMut(Position, u64),
+) -> Result<(u64, u64)> {
+    let file = match File::open(path) {
+        Ok(file) => file,
+        // Trimmed meanwhile.
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok((0, 0)),
+        Err(error) => return Err(StorageError::io("open", path, error)),
+    };
+    let length = file
+        .metadata()
+        .map_err(|error| StorageError::io("stat", path, error))?
+        .len();
+    let mut reader = BufReader::with_capacity(64 * 1024, file);
+    reader
+        .seek(SeekFrom::Start(HEADER_LEN))
+        .map_err(|error| StorageError::io("seek", path, error))?;
+    let mut offset = HEADER_LEN;
+    let mut entries = 0;
+    let mut head = [0u8; 16];
+    while offset + RECORD_FRAMING_LEN + 8 <= length {
+        reader
+            .read_exact(&mut head)
+            .map_err(|error| StorageError::io("read", path, error))?;
+        let body_len = u64::from(u32::from_le_bytes([head[0], head[1], head[2], head[3]]));
+        let entry_id = u64::from_le_bytes(head[8..16].try_into().expect("8 bytes"));
+        let record_len = RECORD_FRAMING_LEN + body_len;
+        if body_len < 16 || entry_id == u64::MAX || offset + record_len > length {
+            break; // a seal, or a torn tail
+        }
+        on_entry(Position::new(ledger_id, entry_id), record_len);
+        entries += 1;
+        offset += record_len;
+        reader
+            .seek_relative((body_len - 8) as i64)
+            .map_err(|error| StorageError::io("seek", path, error))?;
+    }
+    Ok((length, entries))
+}
+
+/// The cursors a journal holds (the last record of each name wins; deleted ones left out).
+fn read_journal(path: &Path) -> Result<BTreeMap<String, CursorState>> {
+    let bytes = match std::fs::read(path) {
+        Ok(bytes) => bytes,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(BTreeMap::new()),
+        Err(error) => return Err(StorageError::io("read", path, error)),
+    };
+    let mut cursors = BTreeMap::new();
+    let mut offset = HEADER_LEN as usize;
+    while offset < bytes.len() {
+        let Ok(body) = decode_record(&bytes[offset..]) else {
+            break; // a torn tail
+        };
+        let record_len = RECORD_FRAMING_LEN as usize + body.len();
+        match decode_journal_record(body) {
+            Ok((name, Some(state))) => {
+                cursors.insert(name, state);
+            }
+            Ok((name, None)) => {
+                cursors.remove(&name);
+            }
+            Err(_) => break,
+        }
+        offset += record_len;
+    }
+    Ok(cursors)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use bytes::Bytes;
+
+    use super::*;
+    use crate::{InitialPosition, Storage, StorageConfig};
+
+    fn config() -> StorageConfig {
+        StorageConfig {
+            // Several segments per ledger.
+            segment_max_bytes: 2 * 1024,
+            entry_max_bytes: 1024,
+            cursor_persist_interval: Duration::from_secs(3600),
+            trim_interval: Duration::from_secs(3600),
+            ..StorageConfig::default()
+        }
+    }
+
+    /// The summary of a closed log equals what the open log reports, across two ledgers (two
+    /// opens), several segments each, a seal, individual acknowledgements and a torn tail.
+    #[test]
+    fn a_closed_log_is_summarized_as_the_open_log_reports_it() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let mut positions = Vec::new();
+        for _ in 0..2 {
+            let storage = Storage::open(root.path(), config()).expect("open");
+            let log = storage.open_log("t").expect("log");
+            log.open_cursor("sub", InitialPosition::Earliest)
+                .expect("cursor");
+            log.open_cursor("later", InitialPosition::Latest)
+                .expect("cursor");
+            for index in 0..30u8 {
+                let append = log
+                    .append(Bytes::from(vec![index; 100 + usize::from(index)]), 0)
+                    .expect("append");
+                positions.push(append.wait().expect("durable"));
+            }
+            storage.close().expect("close");
+        }
+        let storage = Storage::open(root.path(), config()).expect("open");
+        let log = storage.open_log("t").expect("log");
+        let mut acks = positions[0..5].to_vec();
+        acks.extend([positions[10], positions[40], positions[41]]);
+        log.acknowledge("sub", &acks).expect("ack");
+        let expected_sub = (
+            log.backlog_entries("sub").expect("sub"),
+            log.bytes_after(log.mark_delete_position("sub").expect("sub")),
+        );
+        let expected_later = (
+            log.backlog_entries("later").expect("later"),
+            log.bytes_after(log.mark_delete_position("later").expect("later")),
+        );
+        let entries = log.entries_after(None);
+        let cursor = log.cursor("sub").expect("state");
+        storage.close().expect("close");
+
+        let summary = summarize_closed_log(root.path(), "t")
+            .expect("summary")
+            .expect("exists");
+        assert_eq!(summary.entries, entries);
+        assert_eq!(entries, 60);
+        let sub = &summary.cursors["sub"];
+        assert_eq!((sub.backlog_entries, sub.backlog_bytes), expected_sub);
+        assert_eq!(sub.backlog_entries, 60 - 8);
+        assert_eq!(sub.state, cursor);
+        let later = &summary.cursors["later"];
+        assert_eq!((later.backlog_entries, later.backlog_bytes), expected_later);
+        assert_eq!(later.backlog_entries, 60);
+        assert_eq!(
+            summarize_closed_log(root.path(), "missing").expect("ok"),
+            None
+        );
+        assert_eq!(
+            closed_log_cursors(root.path(), "t").expect("cursors")["sub"],
+            cursor
+        );
+
+        // A torn record at the end of the newest segment (in place of its seal, as after a
+        // crash) counts for nothing.
+        let directory = root.path().join("logs").join("t");
+        let mut newest: Vec<_> = std::fs::read_dir(&directory)
+            .expect("list")
+            .map(|item| item.expect("item").path())
+            .filter(|path| path.extension().is_some_and(|ext| ext == "segment"))
+            .collect();
+        newest.sort();
+        let newest = newest.pop().expect("a segment");
+        let mut torn = std::fs::read(&newest).expect("read");
+        torn.truncate(torn.len() - 24);
+        torn.extend_from_slice(&[200, 0, 0, 0, 1, 2, 3, 4, 99, 0, 0, 0, 0, 0, 0, 0, 7]);
+        std::fs::write(&newest, torn).expect("write");
+        let summary = summarize_closed_log(root.path(), "t")
+            .expect("summary")
+            .expect("exists");
+        assert_eq!(summary.entries, 60);
+    }
+}
