@@ -520,6 +520,69 @@ def test_http_connections_beyond_the_cap_wait_until_one_closes(broker_factory):
             connection.close()
 
 
+def read_until_closed(connection: frames.RawConnection, dribble: bytes = b"", deadline_s: float = 30.0) -> bytes:
+    """Everything the broker sends until it closes the connection, sending one byte of
+    `dribble` every 0.2 s meanwhile (if given); fails if it is still open at the deadline."""
+    deadline = time.monotonic() + deadline_s
+    received = b""
+    remaining = iter(dribble * 1000)
+    connection.sock.settimeout(0.2)
+    while time.monotonic() < deadline:
+        try:
+            data = connection.sock.recv(65536)
+            if not data:
+                return received
+            received += data
+        except socket.timeout:
+            byte = next(remaining, None)
+            if byte is not None:
+                try:
+                    connection.sock.sendall(bytes([byte]))
+                except (ConnectionResetError, BrokenPipeError):
+                    return received
+        except ConnectionResetError:
+            return received
+    raise AssertionError(f"the connection is still open after {deadline_s:.0f} s; received {received[:200]!r}")
+
+
+@pytest.mark.parametrize("behaviour", ["silent", "dribbling"])
+def test_an_http_body_that_never_ends_is_answered_408_and_closed(broker_factory, behaviour):
+    # The header-read timeout covered headers only: a request whose body never came, or came
+    # one byte at a time, held its connection (and its handler) forever.
+    broker = broker_factory.start(config={"http_request_body_timeout_seconds": 1})
+    path = topic_path(unique_topic("body")) + "/partitions"
+    head = f"PUT {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n"
+    with frames.RawConnection(broker.web_port) as connection:
+        connection.send(head.encode() + b"4")
+        answer = read_until_closed(connection, b"     " if behaviour == "dribbling" else b"")
+    assert answer.startswith(b"HTTP/1.1 408 "), answer[:200]
+    assert b"http_request_body_timeout_seconds" in answer
+    assert admin_call(broker.web_url, "GET", path) == (200, {"partitions": 0}), "a partial body created the topic"
+
+
+def test_an_http_client_that_never_reads_its_response_is_closed(broker_factory, client_factory):
+    # A client that asked for a large response and never read it held its connection (and the
+    # response) forever: with one connection allowed from its address, that address was out.
+    broker = broker_factory.start(config={"http_write_timeout_seconds": 1, "http_max_connections_per_ip": 1})
+    client = client_factory(broker)
+    topic = unique_topic("slow-reader")
+    client.subscribe(topic, "s", initial_position=pulsar.InitialPosition.Earliest)
+    producer = client.create_producer(topic, batching_enabled=False, chunking_enabled=False)
+    producer.send(os.urandom(4 * 1024 * 1024))
+    peek = f"GET {topic_path(topic)}/subscription/s/position/1 HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+    with frames.RawConnection(
+        broker.web_port, receive_buffer=NEVER_READER_RECEIVE_BUFFER, source_address="127.0.0.3"
+    ) as never_reads:
+        never_reads.send(peek)
+        held: list = []
+        wait_until(
+            lambda: http_served(broker, held, "127.0.0.3"),
+            "the address of the client that does not read is served again",
+        )
+        for connection in held:
+            connection.close()
+
+
 def test_concurrent_creates_and_deletes_of_one_topic_never_fail_with_500(broker_factory):
     # Item 11: a create racing a delete of the same topic saw its directory vanish (ENOENT,
     # ENOTEMPTY in storage) and answered HTTP 500.

@@ -12,6 +12,7 @@
 //! - [`metrics`]: the Prometheus text exposition.
 
 mod clusters;
+mod deadlines;
 mod metrics;
 mod namespaces;
 mod propagate;
@@ -137,6 +138,12 @@ pub struct HttpLimits {
     /// request or, between requests of a kept-alive connection, from the previous response:
     /// an idle or dribbling connection is closed after it.
     pub header_read_timeout: Duration,
+    /// Time a client has to send a request's body, from the end of its headers: a body that
+    /// never ends is answered 408 and its connection closed.
+    pub body_timeout: Duration,
+    /// Time a response write may make no progress (the client reads nothing) before the
+    /// connection is closed.
+    pub write_stall_timeout: Duration,
 }
 
 impl Default for HttpLimits {
@@ -145,13 +152,16 @@ impl Default for HttpLimits {
             max_connections: 2048,
             max_connections_per_ip: 256,
             header_read_timeout: Duration::from_secs(30),
+            body_timeout: Duration::from_secs(60),
+            write_stall_timeout: Duration::from_secs(30),
         }
     }
 }
 
 /// Serves the HTTP API until `shutdown` is cancelled and the requests in progress are done.
 ///
-/// One task per connection (hyper's HTTP/1 with the header timeout), accepted by the same loop
+/// One task per connection (hyper's HTTP/1 with the header timeout, a body deadline and a
+/// write-stall timeout, see [`deadlines`]), accepted by the same loop
 /// as the protocol port ([`meridian_server::listener::accept_loop`]: a bound on connections, a
 /// bound per IP address, a backoff when accepting fails).
 pub async fn serve(
@@ -160,7 +170,11 @@ pub async fn serve(
     limits: HttpLimits,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    let router = router(broker);
+    let router = router(broker).layer(axum::middleware::from_fn_with_state(
+        limits.body_timeout,
+        deadlines::body_deadline,
+    ));
+    let write_stall_timeout = limits.write_stall_timeout;
     let connection_limits = ConnectionLimits {
         max_connections: limits.max_connections,
         max_connections_per_ip: limits.max_connections_per_ip,
@@ -179,7 +193,10 @@ pub async fn serve(
                 let connection = http1::Builder::new()
                     .timer(TokioTimer::new())
                     .header_read_timeout(header_read_timeout)
-                    .serve_connection(TokioIo::new(stream), service);
+                    .serve_connection(
+                        deadlines::StallGuardedIo::new(TokioIo::new(stream), write_stall_timeout),
+                        service,
+                    );
                 tokio::pin!(connection);
                 tokio::select! {
                     _ = connection.as_mut() => {}

@@ -55,6 +55,10 @@ pub struct Config {
     pub http_max_connections_per_ip: usize,
     /// Time an HTTP client has to send a request's headers (also closes idle connections).
     pub http_header_read_timeout_seconds: u64,
+    /// Time an HTTP client has to send a request's body, from the end of its headers.
+    pub http_request_body_timeout_seconds: u64,
+    /// Time an HTTP response write may make no progress before the connection is closed.
+    pub http_write_timeout_seconds: u64,
     pub max_pending_sends_per_producer: usize,
     pub max_unacked_messages_per_consumer: u64,
     /// How often TTL expiry, backlog quotas and retention are enforced.
@@ -121,6 +125,8 @@ impl Default for Config {
             http_max_connections: http.max_connections,
             http_max_connections_per_ip: http.max_connections_per_ip,
             http_header_read_timeout_seconds: http.header_read_timeout.as_secs(),
+            http_request_body_timeout_seconds: http.body_timeout.as_secs(),
+            http_write_timeout_seconds: http.write_stall_timeout.as_secs(),
             max_pending_sends_per_producer: server.max_pending_sends_per_producer,
             max_unacked_messages_per_consumer: broker.max_unacked_messages_per_consumer,
             policy_check_interval_seconds: 60,
@@ -249,8 +255,12 @@ impl Config {
         if self.max_outbound_bytes_per_connection == 0 {
             bail!("max_outbound_bytes_per_connection must be positive");
         }
-        if self.http_max_connections == 0 || self.http_header_read_timeout_seconds == 0 {
-            bail!("http_max_connections and http_header_read_timeout_seconds must be positive");
+        if self.http_max_connections == 0
+            || self.http_header_read_timeout_seconds == 0
+            || self.http_request_body_timeout_seconds == 0
+            || self.http_write_timeout_seconds == 0
+        {
+            bail!("http_max_connections and the http_*_timeout_seconds settings must be positive");
         }
         if !matches!(
             self.storage.flush_policy.as_str(),
@@ -327,6 +337,8 @@ impl Config {
             max_connections: self.http_max_connections,
             max_connections_per_ip: self.http_max_connections_per_ip,
             header_read_timeout: Duration::from_secs(self.http_header_read_timeout_seconds),
+            body_timeout: Duration::from_secs(self.http_request_body_timeout_seconds),
+            write_stall_timeout: Duration::from_secs(self.http_write_timeout_seconds),
         }
     }
 
