@@ -714,3 +714,43 @@ def test_partitioned_stats_of_unloaded_partitions_come_from_disk_and_load_nothin
     status, names = admin_call(broker.web_url, "GET", topic_path(topic) + "/subscriptions")
     assert (status, names) == (200, ["sub1"])
     assert loaded_topics(broker) == before, "listing the subscriptions loaded partitions"
+
+
+def refused_as_not_allowed(connection: frames.RawConnection, frame: bytes, setting: str) -> None:
+    reply = connection.request(frame, frames.ERROR)
+    assert reply.first(2) == frames.SERVER_ERROR_NOT_ALLOWED, reply.body
+    assert setting in reply.first(3).decode(), reply.body
+
+
+def test_one_connection_holds_bounded_producers_consumers_and_subscriptions(broker_factory, client_factory):
+    # Hostile review: one connection created 20,000 subscriptions of one topic in 2 s (60 MB of
+    # broker memory, kept after it left), and producers and consumers per connection had no
+    # bound either.
+    broker = broker_factory.start(
+        config={
+            "max_producers_per_connection": 3,
+            "max_consumers_per_connection": 3,
+            "max_subscriptions_per_topic": 2,
+        }
+    )
+    topic, other = unique_topic("bounded"), unique_topic("bounded-other")
+    with frames.RawConnection(broker.broker_port) as connection:
+        connection.handshake()
+        for index in range(3):
+            connection.request(frames.producer_frame(topic, index, index), frames.PRODUCER_SUCCESS)
+        refused_as_not_allowed(connection, frames.producer_frame(topic, 3, 3), "max_producers_per_connection")
+        for index in range(2):
+            connection.request(frames.subscribe_frame(topic, f"sub-{index}", index, 10 + index), frames.SUCCESS)
+        refused_as_not_allowed(
+            connection, frames.subscribe_frame(topic, "sub-2", 2, 12), "max_subscriptions_per_topic"
+        )
+        connection.request(frames.subscribe_frame(other, "s", 2, 13), frames.SUCCESS)
+        refused_as_not_allowed(connection, frames.subscribe_frame(other, "s", 3, 14), "max_consumers_per_connection")
+    # The subscriptions outlive the connection and keep counting; existing ones stay usable.
+    client = client_factory(broker)
+    with pytest.raises(pulsar.PulsarException):
+        client.subscribe(topic, "sub-9")
+    consumer = client.subscribe(topic, "sub-1", consumer_type=pulsar.ConsumerType.Shared)
+    producer = client.create_producer(topic)
+    producer.send(b"still served")
+    assert receive_one(consumer).data() == b"still served"

@@ -60,6 +60,12 @@ pub struct Config {
     /// Time an HTTP response write may make no progress before the connection is closed.
     pub http_write_timeout_seconds: u64,
     pub max_pending_sends_per_producer: usize,
+    /// Producers one connection may hold (0: no limit).
+    pub max_producers_per_connection: usize,
+    /// Consumers one connection may hold (0: no limit).
+    pub max_consumers_per_connection: usize,
+    /// Durable subscriptions of one topic (0: no limit).
+    pub max_subscriptions_per_topic: usize,
     pub max_unacked_messages_per_consumer: u64,
     /// How often TTL expiry, backlog quotas and retention are enforced.
     pub policy_check_interval_seconds: u64,
@@ -128,6 +134,9 @@ impl Default for Config {
             http_request_body_timeout_seconds: http.body_timeout.as_secs(),
             http_write_timeout_seconds: http.write_stall_timeout.as_secs(),
             max_pending_sends_per_producer: server.max_pending_sends_per_producer,
+            max_producers_per_connection: server.max_producers_per_connection,
+            max_consumers_per_connection: server.max_consumers_per_connection,
+            max_subscriptions_per_topic: server.max_subscriptions_per_topic,
             max_unacked_messages_per_consumer: broker.max_unacked_messages_per_consumer,
             policy_check_interval_seconds: 60,
             stats_interval_seconds: 5,
@@ -351,6 +360,9 @@ impl Config {
             keep_alive_interval: Duration::from_secs(self.keep_alive_interval_seconds),
             connect_timeout: Duration::from_secs(self.connect_timeout_seconds),
             max_pending_sends_per_producer: self.max_pending_sends_per_producer,
+            max_producers_per_connection: self.max_producers_per_connection,
+            max_consumers_per_connection: self.max_consumers_per_connection,
+            max_subscriptions_per_topic: self.max_subscriptions_per_topic,
         }
     }
 }

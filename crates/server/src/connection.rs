@@ -870,6 +870,25 @@ impl Connection {
             }
             return Ok(());
         }
+        let limit = self.config.max_producers_per_connection;
+        let open = || {
+            self.producers
+                .values()
+                .filter(|producer| !producer.closed.load(Ordering::SeqCst))
+                .count()
+        };
+        if limit > 0 && self.producers.len() >= limit && open() >= limit {
+            self.error(
+                request.request_id,
+                ServerError::NotAllowedError,
+                format!(
+                    "this connection holds {limit} producers, the maximum \
+                     (max_producers_per_connection)"
+                ),
+            )
+            .await;
+            return Ok(());
+        }
         let name = match TopicName::parse(&request.topic) {
             Ok(name) => name,
             Err(error) => {
@@ -1105,6 +1124,25 @@ impl Connection {
                 return;
             }
         }
+        let limit = self.config.max_consumers_per_connection;
+        let open = || {
+            self.consumers
+                .values()
+                .filter(|consumer| !consumer.closed.load(Ordering::SeqCst))
+                .count()
+        };
+        if limit > 0 && self.consumers.len() >= limit && open() >= limit {
+            self.error(
+                request.request_id,
+                ServerError::NotAllowedError,
+                format!(
+                    "this connection holds {limit} consumers, the maximum \
+                     (max_consumers_per_connection)"
+                ),
+            )
+            .await;
+            return;
+        }
         let name = match TopicName::parse(&request.topic) {
             Ok(name) => name,
             Err(error) => {
@@ -1139,6 +1177,22 @@ impl Connection {
             }
         }
         let durable = request.durable();
+        let limit = self.config.max_subscriptions_per_topic;
+        if durable && limit > 0 {
+            let existing = topic.subscription_names();
+            if existing.len() >= limit && !existing.contains(&request.subscription) {
+                self.error(
+                    request.request_id,
+                    ServerError::NotAllowedError,
+                    format!(
+                        "topic {name} has {limit} subscriptions, the maximum \
+                         (max_subscriptions_per_topic)"
+                    ),
+                )
+                .await;
+                return;
+            }
+        }
         let initial = if request.initial_position()
             == meridian_wire::proto::command_subscribe::InitialPosition::Earliest
         {

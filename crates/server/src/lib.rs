@@ -37,6 +37,14 @@ pub struct ServerConfig {
     pub max_outbound_bytes: usize,
     /// SENDs of one producer awaiting their receipt before the connection stops reading.
     pub max_pending_sends_per_producer: usize,
+    /// Producers one connection may hold at once; more are refused (0: no limit).
+    pub max_producers_per_connection: usize,
+    /// Consumers (readers included) one connection may hold at once; more are refused (0: no
+    /// limit).
+    pub max_consumers_per_connection: usize,
+    /// Durable subscriptions of one topic; a SUBSCRIBE creating one more is refused (0: no
+    /// limit).
+    pub max_subscriptions_per_topic: usize,
 }
 
 impl Default for ServerConfig {
@@ -49,6 +57,9 @@ impl Default for ServerConfig {
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             max_outbound_bytes: 8 * 1024 * 1024,
             max_pending_sends_per_producer: 1000,
+            max_producers_per_connection: 10_000,
+            max_consumers_per_connection: 10_000,
+            max_subscriptions_per_topic: 10_000,
         }
     }
 }
