@@ -72,21 +72,29 @@ def held_for(stats: dict, subscription: str, consumer_name: str) -> int:
     return unacked + subscription_stats.get("msgInReplay", 0)
 
 
+@pytest.mark.parametrize("redeliveries", [False, True], ids=["", "with-redeliveries"])
 @pytest.mark.parametrize(
     "sub_type,client_type",
     [(frames.SHARED, pulsar.ConsumerType.Shared), (frames.KEY_SHARED, pulsar.ConsumerType.KeyShared)],
     ids=["Shared", "Key_Shared"],
 )
-def test_a_consumer_that_never_reads_does_not_stop_the_others(broker_factory, client_factory, sub_type, client_type):
+def test_a_consumer_that_never_reads_does_not_stop_the_others(
+    broker_factory, client_factory, sub_type, client_type, redeliveries
+):
     # Item 2 of issue 12: the dispatcher awaited each consumer's queue in turn, so one consumer
-    # with permits that never read froze the whole subscription.
+    # with permits that never read froze the whole subscription. With redeliveries, the healthy
+    # consumers reject every message once (negative acknowledgement), so everything they get
+    # passes through the redelivery (replay) path beside the consumer that never reads.
     broker = broker_factory.start(config={"max_outbound_bytes_per_connection": 64 * 1024})
     client = client_factory(broker)
     topic = unique_topic("never-reader")
-    count, size = 20_000, 1024
+    count, size = (5_000 if redeliveries else 20_000), 1024
     stuck = never_reader(broker, topic, "work", sub_type)
     healthy = [
-        client.subscribe(topic, "work", consumer_type=client_type, consumer_name=f"healthy-{index}")
+        client.subscribe(
+            topic, "work", consumer_type=client_type, consumer_name=f"healthy-{index}",
+            negative_ack_redelivery_delay_ms=100,
+        )
         for index in range(2)
     ]
     produce(client, topic, count, size, keys=20 if sub_type == frames.KEY_SHARED else 0)
@@ -100,6 +108,9 @@ def test_a_consumer_that_never_reads_does_not_stop_the_others(broker_factory, cl
                     message = consumer.receive(timeout_millis=20)
                 except pulsar.Timeout:
                     break
+                if redeliveries and message.redelivery_count() == 0:
+                    consumer.negative_acknowledge(message)
+                    continue
                 consumer.acknowledge(message)
                 received[index] += 1
         return sum(received) + held_for(topic_stats(broker, topic), "work", "never-reads") == count
