@@ -15,6 +15,7 @@ import http.client
 import os
 import resource
 import socket
+import struct
 import time
 import urllib.request
 
@@ -205,6 +206,48 @@ def test_memory_per_slow_consumer_is_bounded_in_bytes(broker_factory, client_fac
     assert 0 < queued <= readers * (outbound_limit + mib), f"{queued} bytes queued"
     for connection in stuck:
         connection.close()
+
+
+def test_partial_large_frames_hold_no_more_than_the_inbound_budget(broker_factory, client_factory):
+    # Hostile review: every connection could buffer a whole frame (5 MiB) of which the last
+    # bytes never came: 100 such connections made the broker hold 520 MB, the 1000 one address
+    # may open about 5 GB. Large frames are now read only within a budget all connections share.
+    mib = 1024 * 1024
+    budget = 8 * mib
+    broker = broker_factory.start(config={"max_inbound_frame_buffer_bytes": budget})
+    client = client_factory(broker)
+    topic = unique_topic("inbound-budget")
+    consumer = client.subscribe(topic, "s")
+    producer = client.create_producer(topic, batching_enabled=False, chunking_enabled=False)
+    baseline = rss_bytes(broker.pid)
+    frame_size = frames.MAX_FRAME_SIZE - 4
+    partial = struct.pack(">I", frame_size) + b"\0" * (frame_size - 100)
+    hostile = []
+    try:
+        for _ in range(40):
+            connection = frames.RawConnection(broker.broker_port)
+            connection.handshake()
+            connection.sock.settimeout(0.3)
+            try:
+                connection.sock.sendall(partial)
+            except TimeoutError:
+                pass  # the broker stopped reading this connection: the budget is taken
+            hostile.append(connection)
+        # Small frames never wait for the budget: a healthy client is served meanwhile.
+        producer.send(b"small")
+        assert receive_one(consumer).data() == b"small"
+        rss = rss_bytes(broker.pid)
+        # The budget, 64 KiB of small-frame room per connection, and 32 MiB of slack; without
+        # the budget it was 40 frames of 5 MiB.
+        bound = baseline + budget + len(hostile) * 64 * 1024 + 32 * mib
+        assert rss <= bound, f"broker RSS {rss // mib} MiB exceeds {bound // mib} MiB (baseline {baseline // mib} MiB)"
+    finally:
+        for connection in hostile:
+            connection.close()
+    # Once they are gone, a large message gets the room it needs.
+    large = os.urandom(4 * mib)
+    producer.send(large)
+    assert receive_one(consumer).data() == large
 
 
 def test_a_stuck_connection_is_closed_whatever_its_queue_holds(broker_factory, client_factory):

@@ -66,6 +66,8 @@ pub struct Config {
     pub max_consumers_per_connection: usize,
     /// Durable subscriptions of one topic (0: no limit).
     pub max_subscriptions_per_topic: usize,
+    /// Bytes of large frames all connections may be receiving at once.
+    pub max_inbound_frame_buffer_bytes: usize,
     pub max_unacked_messages_per_consumer: u64,
     /// How often TTL expiry, backlog quotas and retention are enforced.
     pub policy_check_interval_seconds: u64,
@@ -137,6 +139,7 @@ impl Default for Config {
             max_producers_per_connection: server.max_producers_per_connection,
             max_consumers_per_connection: server.max_consumers_per_connection,
             max_subscriptions_per_topic: server.max_subscriptions_per_topic,
+            max_inbound_frame_buffer_bytes: server.max_inbound_frame_buffer_bytes,
             max_unacked_messages_per_consumer: broker.max_unacked_messages_per_consumer,
             policy_check_interval_seconds: 60,
             stats_interval_seconds: 5,
@@ -261,6 +264,12 @@ impl Config {
         if self.keep_alive_interval_seconds == 0 || self.connect_timeout_seconds == 0 {
             bail!("keep_alive_interval_seconds and connect_timeout_seconds must be positive");
         }
+        if self.max_inbound_frame_buffer_bytes < self.max_message_size + meridian_broker_padding() {
+            bail!(
+                "max_inbound_frame_buffer_bytes must hold at least one frame of the largest \
+                 message (max_message_size plus 11 KiB)"
+            );
+        }
         if self.max_outbound_bytes_per_connection == 0 {
             bail!("max_outbound_bytes_per_connection must be positive");
         }
@@ -363,6 +372,7 @@ impl Config {
             max_producers_per_connection: self.max_producers_per_connection,
             max_consumers_per_connection: self.max_consumers_per_connection,
             max_subscriptions_per_topic: self.max_subscriptions_per_topic,
+            max_inbound_frame_buffer_bytes: self.max_inbound_frame_buffer_bytes,
         }
     }
 }

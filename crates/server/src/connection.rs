@@ -9,6 +9,11 @@
 //!
 //! Any frame error (too large, truncated, undecodable) closes this connection only.
 //!
+//! Inbound budget: a frame larger than 64 KiB is read only once its whole size is reserved
+//! from a budget all connections share (`max_inbound_frame_buffer_bytes`), so connections
+//! that send parts of large frames and stop hold at most that much memory together; while the
+//! budget is taken, connections needing it stop reading (small frames are never held up).
+//!
 //! Handshake deadline: a connection that has not completed CONNECT within `connect_timeout` is
 //! closed, however many bytes it sends (a partial CONNECT holds no slot for long).
 //!
@@ -53,7 +58,7 @@ use prost::Message;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::TcpStream;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use crate::ServerConfig;
@@ -126,6 +131,7 @@ pub(crate) async fn run(
     broker: Arc<Broker>,
     config: Arc<ServerConfig>,
     shutdown: CancellationToken,
+    inbound_budget: Arc<Semaphore>,
 ) {
     let _ = stream.set_nodelay(true);
     let (mut reader, writer) = stream.into_split();
@@ -143,14 +149,36 @@ pub(crate) async fn run(
         consumers: HashMap::new(),
         last_frame: Instant::now(),
     };
-    let mut buffer = BytesMut::with_capacity(64 * 1024);
+    let mut buffer = BytesMut::with_capacity(UNRESERVED_FRAME_BYTES);
     let mut keep_alive = tokio::time::interval(config.keep_alive_interval);
     keep_alive.tick().await;
     let connect_deadline = tokio::time::sleep(config.connect_timeout);
     tokio::pin!(connect_deadline);
+    // The part of the inbound budget held for the large frame at the head of the buffer.
+    let mut reservation: Option<(usize, OwnedSemaphorePermit)> = None;
     let reason = loop {
+        let needed = incomplete_large_frame(&buffer);
+        if reservation
+            .as_ref()
+            .is_some_and(|(held, _)| needed.is_none_or(|needed| *held < needed))
+        {
+            reservation = None;
+        }
+        let to_reserve = needed.filter(|_| reservation.is_none());
         tokio::select! {
-            read = reader.read_buf(&mut buffer) => {
+            permit = inbound_budget
+                .clone()
+                .acquire_many_owned(u32::try_from(to_reserve.unwrap_or(0)).unwrap_or(u32::MAX)),
+                if to_reserve.is_some() =>
+            {
+                let Ok(permit) = permit else {
+                    break "inbound budget closed".to_string();
+                };
+                let length = to_reserve.unwrap_or(0);
+                buffer.reserve(length.saturating_sub(buffer.len()));
+                reservation = Some((length, permit));
+            }
+            read = reader.read_buf(&mut buffer), if to_reserve.is_none() => {
                 match read {
                     Ok(0) => break "client closed the connection".to_string(),
                     Ok(_) => {}
@@ -160,9 +188,9 @@ pub(crate) async fn run(
                     Ok(()) => {}
                     Err(Close(reason)) => break reason,
                 }
-                // Never hold more than one maximal frame plus what one read brings.
-                if buffer.capacity() > config.max_frame_size * 2 && buffer.is_empty() {
-                    buffer = BytesMut::with_capacity(64 * 1024);
+                // A large frame's room goes once it is handled: an idle connection holds little.
+                if buffer.is_empty() && buffer.capacity() > UNRESERVED_FRAME_BYTES {
+                    buffer = BytesMut::with_capacity(UNRESERVED_FRAME_BYTES);
                 }
             }
             _ = &mut connect_deadline, if connection.protocol_version.is_none() => {
@@ -200,6 +228,19 @@ pub(crate) async fn run(
     if tokio::time::timeout(drain, &mut writer_task).await.is_err() {
         writer_task.abort();
     }
+}
+
+/// Frames up to this size are read without a reservation from the inbound budget; a larger
+/// one is read only once its whole size is reserved.
+const UNRESERVED_FRAME_BYTES: usize = 64 * 1024;
+
+/// The length of the frame at the head of `buffer` if it is larger than
+/// [`UNRESERVED_FRAME_BYTES`] and not complete yet. (A frame beyond the maximum is refused by
+/// the decoder before this is asked.)
+fn incomplete_large_frame(buffer: &[u8]) -> Option<usize> {
+    let size: [u8; 4] = buffer.get(..4)?.try_into().ok()?;
+    let length = u32::from_be_bytes(size) as usize + 4;
+    (length > UNRESERVED_FRAME_BYTES && length > buffer.len()).then_some(length)
 }
 
 /// Time a closing connection's queue has to reach the client when the broker shuts down.

@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use meridian_broker::Broker;
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 pub use connection::{DEFAULT_CONNECT_TIMEOUT, DEFAULT_KEEP_ALIVE, PROTOCOL_VERSION};
@@ -45,6 +46,9 @@ pub struct ServerConfig {
     /// Durable subscriptions of one topic; a SUBSCRIBE creating one more is refused (0: no
     /// limit).
     pub max_subscriptions_per_topic: usize,
+    /// Bytes of large frames (over 64 KiB) all connections may be receiving at once; must be
+    /// at least `max_frame_size`.
+    pub max_inbound_frame_buffer_bytes: usize,
 }
 
 impl Default for ServerConfig {
@@ -60,6 +64,7 @@ impl Default for ServerConfig {
             max_producers_per_connection: 10_000,
             max_consumers_per_connection: 10_000,
             max_subscriptions_per_topic: 10_000,
+            max_inbound_frame_buffer_bytes: 256 * 1024 * 1024,
         }
     }
 }
@@ -78,13 +83,21 @@ pub async fn serve(
         max_connections_per_ip: config.max_connections_per_ip,
     };
     let token = shutdown.clone();
+    let inbound_budget = Arc::new(Semaphore::new(config.max_inbound_frame_buffer_bytes));
     listener::accept_loop(
         "protocol",
         listener,
         limits,
         shutdown,
         move |stream, peer| {
-            connection::run(stream, peer, broker.clone(), config.clone(), token.clone())
+            connection::run(
+                stream,
+                peer,
+                broker.clone(),
+                config.clone(),
+                token.clone(),
+                inbound_budget.clone(),
+            )
         },
     )
     .await;
