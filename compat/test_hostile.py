@@ -808,3 +808,18 @@ def test_one_connection_holds_bounded_producers_consumers_and_subscriptions(brok
     producer = client.create_producer(topic)
     producer.send(b"still served")
     assert receive_one(consumer).data() == b"still served"
+
+
+def test_a_subscription_name_too_long_for_storage_is_refused_with_its_reason(broker_factory):
+    # Hostile review: a SUBSCRIBE with a 1 MiB subscription name got "storage failure: invalid
+    # cursor name ..." (with the whole name echoed back), and the admin API answered 500.
+    broker = broker_factory.start()
+    topic = unique_topic("long-subscription")
+    with frames.RawConnection(broker.broker_port) as connection:
+        connection.handshake()
+        reply = connection.request(frames.subscribe_frame(topic, "s" * 1025, 1, 1), frames.ERROR)
+        assert reply.first(2) == frames.SERVER_ERROR_NOT_ALLOWED, reply.body
+        assert reply.first(3) == b"invalid subscription name of 1025 bytes: at most 1024 bytes"
+        connection.request(frames.subscribe_frame(topic, "s" * 1024, 2, 2), frames.SUCCESS)
+    status, body = admin_call(broker.web_url, "PUT", f"{topic_path(topic)}/subscription/{'t' * 1025}")
+    assert status == 412, f"{status} {body}"

@@ -113,6 +113,14 @@ pub type PublishFuture = Pin<Box<dyn Future<Output = Result<Option<Position>>> +
 /// Why a name cannot be a subscription's (`Err` with the reason): empty, a control character (a NUL would cut the
 /// name short in C-based clients and tools), or a name the broker keeps for its own cursors.
 pub(crate) fn check_subscription_name(name: &str) -> std::result::Result<(), String> {
+    let limit = meridian_storage::cursor::CURSOR_NAME_MAX_BYTES;
+    if name.len() > limit {
+        // Checked here, not by storage: a clear refusal instead of "storage failure".
+        return Err(format!(
+            "invalid subscription name of {} bytes: at most {limit} bytes",
+            name.len()
+        ));
+    }
     let reason = if name.is_empty() {
         "a subscription name cannot be empty"
     } else if name.chars().any(char::is_control) {
