@@ -823,3 +823,25 @@ def test_a_subscription_name_too_long_for_storage_is_refused_with_its_reason(bro
         connection.request(frames.subscribe_frame(topic, "s" * 1024, 2, 2), frames.SUCCESS)
     status, body = admin_call(broker.web_url, "PUT", f"{topic_path(topic)}/subscription/{'t' * 1025}")
     assert status == 412, f"{status} {body}"
+
+
+def test_producer_and_consumer_names_are_bounded(broker_factory):
+    # Hostile review: names are copied into each producer's and consumer's state, so 20
+    # producers named with 4 MiB each made the broker hold 180 MB more (and 10,000 per
+    # connection were allowed); the client version, copied the same way, was unbounded too.
+    broker = broker_factory.start()
+    topic = unique_topic("long-names")
+    with frames.RawConnection(broker.broker_port) as connection:
+        connection.send(frames.connect_frame(client_version="v" * 100_000))
+        assert connection.reply().command_type == frames.CONNECTED
+        producer = frames.field_string(1, topic) + frames.field_varint(2, 1) + frames.field_varint(3, 1)
+        named = lambda name: frames.simple_frame(frames.base_command(frames.PRODUCER, producer + frames.field_string(4, name)))
+        reply = connection.request(named("p" * 1025), frames.ERROR)
+        assert reply.first(2) == frames.SERVER_ERROR_NOT_ALLOWED, reply.body
+        assert reply.first(3) == b"producer name of 1025 bytes: at most 1024 bytes"
+        connection.request(named("p" * 1024), frames.PRODUCER_SUCCESS)
+        reply = connection.request(frames.subscribe_frame(topic, "s", 1, 2, consumer_name="c" * 1025), frames.ERROR)
+        assert reply.first(3) == b"consumer name of 1025 bytes: at most 1024 bytes"
+        connection.request(frames.subscribe_frame(topic, "s", 1, 3, consumer_name="c" * 1024), frames.SUCCESS)
+        stats = topic_stats(broker, topic)
+    assert stats["publishers"][0]["clientVersion"] == "v" * 1024

@@ -230,6 +230,27 @@ pub(crate) async fn run(
     }
 }
 
+/// Longest producer or consumer name a client may give, and the part of its version string
+/// kept: each is copied into stats per producer or consumer, so a frame full of name must not
+/// become megabytes per producer.
+const CLIENT_NAME_MAX_BYTES: usize = 1024;
+
+/// Why a client-chosen name is refused: longer than [`CLIENT_NAME_MAX_BYTES`].
+fn too_long(what: &str, name: Option<&str>) -> Option<String> {
+    let length = name.map_or(0, str::len);
+    (length > CLIENT_NAME_MAX_BYTES)
+        .then(|| format!("{what} of {length} bytes: at most {CLIENT_NAME_MAX_BYTES} bytes"))
+}
+
+/// `text` cut to at most `limit` bytes, at a character boundary.
+fn truncated(text: &str, limit: usize) -> String {
+    let mut end = text.len().min(limit);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text[..end].to_string()
+}
+
 /// Frames up to this size are read without a reservation from the inbound budget; a larger
 /// one is read only once its whole size is reserved.
 const UNRESERVED_FRAME_BYTES: usize = 64 * 1024;
@@ -856,7 +877,8 @@ impl Connection {
         };
         let version = connect.protocol_version().clamp(0, PROTOCOL_VERSION);
         self.protocol_version = Some(version);
-        self.client_version = connect.client_version.clone();
+        // Informational, and copied into every producer's and consumer's stats: kept short.
+        self.client_version = truncated(&connect.client_version, CLIENT_NAME_MAX_BYTES);
         tracing::debug!(peer = %self.peer, client = %connect.client_version, version, "client connected");
         self.send_command(BaseCommand {
             connected: Some(CommandConnected {
@@ -928,6 +950,11 @@ impl Connection {
                 ),
             )
             .await;
+            return Ok(());
+        }
+        if let Some(reason) = too_long("producer name", request.producer_name.as_deref()) {
+            self.error(request.request_id, ServerError::NotAllowedError, reason)
+                .await;
             return Ok(());
         }
         let name = match TopicName::parse(&request.topic) {
@@ -1182,6 +1209,11 @@ impl Connection {
                 ),
             )
             .await;
+            return;
+        }
+        if let Some(reason) = too_long("consumer name", request.consumer_name.as_deref()) {
+            self.error(request.request_id, ServerError::NotAllowedError, reason)
+                .await;
             return;
         }
         let name = match TopicName::parse(&request.topic) {
