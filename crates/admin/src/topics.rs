@@ -389,6 +389,9 @@ async fn partitioned_stats(
     Ok(Json(aggregate))
 }
 
+/// Summaries of logs that are not open (stats from disk) computed at once, at most.
+static DISK_SUMMARIES: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(2);
+
 /// The stats of a topic that is not loaded, from its files: storage size, backlogs and
 /// subscriptions (no consumers, producers or rates: nothing is connected to it).
 async fn stats_from_disk(
@@ -396,6 +399,12 @@ async fn stats_from_disk(
     name: &TopicName,
     policies: &EffectivePolicies,
 ) -> ApiResult<TopicStats> {
+    // A few at a time: a flood of stats requests queues here instead of taking every
+    // blocking thread (and the disk) from the rest of the broker.
+    let _turn = DISK_SUMMARIES
+        .acquire()
+        .await
+        .map_err(|error| BrokerError::Unknown(error.to_string()))?;
     let root = broker.storage().root().to_path_buf();
     let full_name = name.to_string();
     let summary = tokio::task::spawn_blocking(move || summarize_closed_log(&root, &full_name))

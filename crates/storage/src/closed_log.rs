@@ -1,9 +1,11 @@
 //! A read-only summary of a log from its files, without opening it: for stats of topics that
 //! are not loaded (a partitioned topic's stats must not open every partition).
 //!
-//! Nothing is written, locked or registered, and no file stays open: the segments are walked
-//! record by record (framing and entry id only, bodies skipped, checksums not verified) and the
-//! cursor journal is decoded as an open would. A torn tail ends the walk where an open would
+//! Nothing is written, locked or registered, and no file stays open. A segment followed by
+//! another of its ledger is summed from its name and size; the last segment of each ledger, and
+//! one a cursor's mark-delete position falls inside, are walked record by record (framing and
+//! entry id only, bodies skipped, checksums not verified). The cursor journal is decoded as an
+//! open would. A torn tail ends the walk where an open would
 //! truncate it. If the log is opened or written meanwhile, the summary is that of some moment
 //! during the walk, which is all stats promise.
 
@@ -73,17 +75,63 @@ pub fn summarize_closed_log(root: &Path, name: &str) -> Result<Option<ClosedLogS
             },
         );
     }
-    for (ledger, _, path) in &segments {
-        let (bytes, _) = walk_segment(path, *ledger, |position, record_len| {
-            summary.entries += 1;
-            for cursor in summary.cursors.values_mut() {
-                if cursor.state.mark_delete.is_none_or(|mark| position > mark) {
-                    cursor.backlog_entries += 1;
-                    cursor.backlog_bytes += record_len;
+    for (index, (ledger, first, path)) in segments.iter().enumerate() {
+        // A segment followed by another of its ledger holds the entries up to that one's
+        // first, and nothing but records after its header: it is walked only if a cursor's
+        // mark-delete position falls inside it. The last segment of a ledger is walked to
+        // count its entries (and to stop at a seal or a torn tail).
+        let next_first = segments
+            .get(index + 1)
+            .filter(|next| next.0 == *ledger)
+            .map(|next| next.1);
+        let cut_by_a_cursor = |last: Position| {
+            summary.cursors.values().any(|cursor| {
+                cursor
+                    .state
+                    .mark_delete
+                    .is_some_and(|mark| mark >= Position::new(*ledger, *first) && mark < last)
+            })
+        };
+        match next_first {
+            Some(next_first)
+                if next_first > *first
+                    && !cut_by_a_cursor(Position::new(*ledger, next_first - 1)) =>
+            {
+                let length = match std::fs::metadata(path) {
+                    Ok(metadata) => metadata.len(),
+                    // Trimmed meanwhile.
+                    Err(error) if error.kind() == std::io::ErrorKind::NotFound => continue,
+                    Err(error) => return Err(StorageError::io("stat", path, error)),
+                };
+                let count = next_first - first;
+                let records = length.saturating_sub(HEADER_LEN);
+                summary.entries += count;
+                summary.storage_bytes += length;
+                for cursor in summary.cursors.values_mut() {
+                    let first_position = Position::new(*ledger, *first);
+                    if cursor
+                        .state
+                        .mark_delete
+                        .is_none_or(|mark| mark < first_position)
+                    {
+                        cursor.backlog_entries += count;
+                        cursor.backlog_bytes += records;
+                    }
                 }
             }
-        })?;
-        summary.storage_bytes += bytes;
+            _ => {
+                let (bytes, _) = walk_segment(path, *ledger, |position, record_len| {
+                    summary.entries += 1;
+                    for cursor in summary.cursors.values_mut() {
+                        if cursor.state.mark_delete.is_none_or(|mark| position > mark) {
+                            cursor.backlog_entries += 1;
+                            cursor.backlog_bytes += record_len;
+                        }
+                    }
+                })?;
+                summary.storage_bytes += bytes;
+            }
+        }
     }
     for cursor in summary.cursors.values_mut() {
         // As an open log counts: the entries after the mark-delete position less those
@@ -232,6 +280,16 @@ mod tests {
         let cursor = log.cursor("sub").expect("state");
         storage.close().expect("close");
 
+        let segment_files = std::fs::read_dir(root.path().join("logs").join("t"))
+            .expect("list")
+            .filter(|item| {
+                item.as_ref()
+                    .is_ok_and(|item| item.path().extension().is_some_and(|ext| ext == "segment"))
+            })
+            .count();
+        // Two ledgers of several segments each, and the third open's empty one: both ways of
+        // summing a segment (by its name and size, and walked) are taken.
+        assert!(segment_files >= 5, "{segment_files} segments");
         let summary = summarize_closed_log(root.path(), "t")
             .expect("summary")
             .expect("exists");
