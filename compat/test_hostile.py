@@ -845,3 +845,28 @@ def test_producer_and_consumer_names_are_bounded(broker_factory):
         connection.request(frames.subscribe_frame(topic, "s", 1, 3, consumer_name="c" * 1024), frames.SUCCESS)
         stats = topic_stats(broker, topic)
     assert stats["publishers"][0]["clientVersion"] == "v" * 1024
+
+
+def test_frames_at_and_one_byte_over_the_limits(broker_factory):
+    # The edges a hostile client probes: a payload of exactly the maximum message size is
+    # stored; a frame of exactly the maximum frame size whose payload is over the message limit
+    # is refused with SEND_ERROR and the connection stays usable; one byte more closes it.
+    broker = broker_factory.start()
+    topic = unique_topic("frame-edges")
+
+    def send_of_length(length: int, sequence_id: int) -> bytes:
+        empty = frames.send_frame(1, sequence_id, b"")
+        frame = frames.send_frame(1, sequence_id, b"x" * (length - len(empty)))
+        assert len(frame) == length
+        return frame
+
+    with frames.RawConnection(broker.broker_port) as connection:
+        connection.handshake()
+        connection.request(frames.producer_frame(topic, 1, 1), frames.PRODUCER_SUCCESS)
+        connection.request(frames.send_frame(1, 0, b"x" * frames.MAX_MESSAGE_SIZE), frames.SEND_RECEIPT)
+        reply = connection.request(send_of_length(frames.MAX_FRAME_SIZE, 1), frames.SEND_ERROR)
+        assert b"exceeds the maximum message size" in reply.first(4), reply.body
+        connection.ping()
+        connection.send(send_of_length(frames.MAX_FRAME_SIZE + 1, 2))
+        assert connection.frames_until_closed() == []
+    assert topic_stats(broker, topic)["msgInCounter"] == 1
