@@ -42,13 +42,24 @@ pub enum Outbound {
     Payload(PayloadFrame),
 }
 
+/// Memory a queued frame takes beyond its bytes (its allocation, the queue's slot; about 120
+/// bytes measured), counted against the limit: a queue of 30-byte receipts (for a producer
+/// that never reads them) would otherwise hold about five times its limit in memory.
+pub const FRAME_OVERHEAD_BYTES: usize = 128;
+
 impl Outbound {
-    /// Bytes this frame takes on the wire (and in the queue).
+    /// Bytes this frame takes on the wire.
     pub fn len(&self) -> usize {
         match self {
             Outbound::Frame(frame) => frame.len(),
             Outbound::Payload(payload) => payload.frame_length(),
         }
+    }
+
+    /// What this frame counts against its queue's limit: its bytes plus
+    /// [`FRAME_OVERHEAD_BYTES`].
+    pub fn charge(&self) -> usize {
+        self.len() + FRAME_OVERHEAD_BYTES
     }
 
     pub fn is_empty(&self) -> bool {
@@ -136,7 +147,7 @@ impl OutboundSender {
     /// Queues a frame without waiting, whatever the queue holds: for callers that checked
     /// [`has_room`](Self::has_room) and must not wait on one client.
     pub fn push(&self, frame: Outbound) -> Result<(), SendError<Outbound>> {
-        let length = frame.len();
+        let length = frame.charge();
         self.queue.queued_bytes.fetch_add(length, Ordering::SeqCst);
         QUEUED_BYTES_ALL_CONNECTIONS.fetch_add(length, Ordering::Relaxed);
         self.frames.send(frame).inspect_err(|_| {
@@ -170,7 +181,7 @@ impl OutboundSender {
             return Err(TrySendError::Closed(frame));
         }
         let limit = self.queue.max_bytes.saturating_add(CONTROL_HEADROOM_BYTES);
-        if self.queued_bytes().saturating_add(frame.len()) > limit {
+        if self.queued_bytes().saturating_add(frame.charge()) > limit {
             return Err(TrySendError::Full(frame));
         }
         self.push(frame)
@@ -211,14 +222,14 @@ impl OutboundReceiver {
     /// The next frame, or `None` once every sender is gone.
     pub async fn recv(&mut self) -> Option<Outbound> {
         let frame = self.frames.recv().await?;
-        self.unwritten += frame.len();
+        self.unwritten += frame.charge();
         Some(frame)
     }
 
     /// The next frame if one is queued.
     pub fn try_recv(&mut self) -> Option<Outbound> {
         let frame = self.frames.try_recv().ok()?;
-        self.unwritten += frame.len();
+        self.unwritten += frame.charge();
         Some(frame)
     }
 
@@ -228,7 +239,8 @@ impl OutboundReceiver {
         QUEUED_BYTES_ALL_CONNECTIONS.fetch_sub(bytes, Ordering::Relaxed);
     }
 
-    /// Records that `bytes` of received frames reached the socket: frees their room.
+    /// Records that received frames reached the socket: frees their room (`bytes` is the sum
+    /// of their [`Outbound::charge`]).
     pub fn written(&mut self, bytes: usize) {
         let bytes = bytes.min(self.unwritten);
         self.unwritten -= bytes;
@@ -247,7 +259,7 @@ impl Drop for OutboundReceiver {
         // close are refused, and their pusher takes them off itself).
         let mut unwritten = std::mem::take(&mut self.unwritten);
         while let Ok(frame) = self.frames.try_recv() {
-            unwritten += frame.len();
+            unwritten += frame.charge();
         }
         self.release(unwritten);
         self.queue.wake_everybody();
@@ -267,31 +279,51 @@ pub fn command_frame(command: &BaseCommand) -> Outbound {
 mod tests {
     use super::*;
 
-    fn frame(bytes: usize) -> Outbound {
-        Outbound::Frame(Bytes::from(vec![0u8; bytes]))
+    /// A frame that counts `charge` bytes against its queue (at least the overhead).
+    fn frame(charge: usize) -> Outbound {
+        Outbound::Frame(Bytes::from(vec![
+            0u8;
+            charge.saturating_sub(FRAME_OVERHEAD_BYTES)
+        ]))
     }
 
     #[tokio::test]
     async fn the_limit_is_in_bytes_and_writing_frees_room() {
-        let (sender, mut receiver) = outbound_queue(100);
-        sender.push(frame(60)).expect("push");
+        const O: usize = FRAME_OVERHEAD_BYTES;
+        let (sender, mut receiver) = outbound_queue(2 * O + 100);
+        sender.push(frame(O + 60)).expect("push");
         assert!(sender.has_room());
-        sender.push(frame(60)).expect("push beyond the limit");
+        sender.push(frame(O + 60)).expect("push beyond the limit");
         assert!(!sender.has_room());
-        assert_eq!(sender.queued_bytes(), 120);
+        assert_eq!(sender.queued_bytes(), 2 * O + 120);
 
         let dispatcher = Arc::new(Notify::new());
         sender.notify_when_room(&dispatcher);
         let woken = dispatcher.notified();
         let waiting_send = tokio::spawn({
             let sender = sender.clone();
-            async move { sender.send(frame(10)).await }
+            async move { sender.send(frame(O + 10)).await }
         });
         let first = receiver.recv().await.expect("frame");
-        receiver.written(first.len());
+        receiver.written(first.charge());
         woken.await;
         waiting_send.await.expect("task").expect("send");
-        assert_eq!(sender.queued_bytes(), 70);
+        assert_eq!(sender.queued_bytes(), 2 * O + 70);
+    }
+
+    #[test]
+    fn tiny_frames_count_their_overhead() {
+        // A producer that never reads its receipts: 30-byte frames fill a 1 MiB queue after
+        // about 6,600 of them, not 35,000 (each takes about 150 bytes of memory).
+        let limit = 1024 * 1024;
+        let (sender, _receiver) = outbound_queue(limit);
+        let receipt = || Outbound::Frame(Bytes::from(vec![0u8; 30]));
+        let mut queued = 0;
+        while sender.has_room() {
+            sender.push(receipt()).expect("push");
+            queued += 1;
+        }
+        assert_eq!(queued, limit.div_ceil(30 + FRAME_OVERHEAD_BYTES));
     }
 
     #[test]

@@ -300,9 +300,11 @@ async fn write_loop(
     let mut parts: Vec<Bytes> = Vec::with_capacity(MAX_WRITE_SLICES);
     while let Some(frame) = frames.recv().await {
         let mut bytes = 0;
+        let mut charged = 0;
         let mut next = Some(frame);
         while let Some(frame) = next.take() {
             bytes += frame.len();
+            charged += frame.charge();
             match frame {
                 Outbound::Frame(frame) => parts.push(frame),
                 Outbound::Payload(payload) => {
@@ -319,7 +321,7 @@ async fn write_loop(
             failed.cancel();
             return;
         }
-        frames.written(bytes);
+        frames.written(charged);
         parts.clear();
     }
     let _ = writer.shutdown().await;
