@@ -870,3 +870,29 @@ def test_frames_at_and_one_byte_over_the_limits(broker_factory):
         connection.send(send_of_length(frames.MAX_FRAME_SIZE + 1, 2))
         assert connection.frames_until_closed() == []
     assert topic_stats(broker, topic)["msgInCounter"] == 1
+
+
+def test_a_flood_of_lookups_creates_nothing_and_holds_no_one_up(broker_factory, client_factory):
+    # Hostile review (no defect found, kept as a guard): 2,000 lookups and 2,000
+    # partitioned-metadata requests for names that do not exist, pipelined on one connection,
+    # are all answered, create no topic, and a healthy client is served meanwhile.
+    broker = broker_factory.start()
+    client = client_factory(broker)
+    prefix = unique_topic("flood")
+    with frames.RawConnection(broker.broker_port) as connection:
+        connection.handshake()
+        requests = b"".join(
+            frames.lookup_frame(f"{prefix}-lookup-{index}", 2 * index + 1)
+            + frames.partitioned_metadata_frame(f"{prefix}-metadata-{index}", 2 * index + 2)
+            for index in range(2000)
+        )
+        connection.send(requests)
+        topic = unique_topic("healthy")
+        consumer = client.subscribe(topic, "s")
+        client.create_producer(topic).send(b"served")
+        assert receive_one(consumer).data() == b"served"
+        answers = [connection.reply().command_type for _ in range(4000)]
+    assert answers.count(frames.LOOKUP_RESPONSE) == 2000
+    assert answers.count(frames.PARTITIONED_METADATA_RESPONSE) == 2000
+    status, topics = admin_call(broker.web_url, "GET", "/admin/v2/persistent/public/default")
+    assert status == 200 and [name for name in topics if name.startswith(prefix)] == []
