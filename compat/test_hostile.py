@@ -896,3 +896,34 @@ def test_a_flood_of_lookups_creates_nothing_and_holds_no_one_up(broker_factory, 
     assert answers.count(frames.PARTITIONED_METADATA_RESPONSE) == 2000
     status, topics = admin_call(broker.web_url, "GET", "/admin/v2/persistent/public/default")
     assert status == 200 and [name for name in topics if name.startswith(prefix)] == []
+
+
+def sticky(*ranges):
+    return pulsar.ConsumerKeySharedPolicy(key_shared_mode=pulsar.KeySharedMode.Sticky, sticky_ranges=list(ranges))
+
+
+def test_a_sticky_consumer_cannot_claim_keys_another_consumer_holds(broker_factory, client_factory):
+    # Hostile review: a Key_Shared consumer joining in sticky mode with the range [0, 65535]
+    # took every key of an auto-split subscription (the healthy consumer got 0 of 100 messages)
+    # and, never reading, held them all; overlapping sticky ranges were accepted too.
+    broker = broker_factory.start()
+    client = client_factory(broker)
+    topic = unique_topic("sticky")
+    healthy = client.subscribe(topic, "auto", consumer_type=pulsar.ConsumerType.KeyShared, consumer_name="healthy")
+    with pytest.raises(pulsar.ConsumerBusy):
+        client.subscribe(topic, "auto", consumer_type=pulsar.ConsumerType.KeyShared, key_shared_policy=sticky((0, 65535)))
+    producer = client.create_producer(topic, batching_enabled=False)
+    for index in range(100):
+        producer.send(f"m{index}".encode(), partition_key=f"k{index}")
+    for _ in range(100):
+        healthy.acknowledge(receive_one(healthy))
+
+    # A sticky subscription: ranges of different consumers must not overlap.
+    first = client.subscribe(topic, "sticky", consumer_type=pulsar.ConsumerType.KeyShared, key_shared_policy=sticky((0, 32767)))
+    with pytest.raises(pulsar.ConsumerBusy):
+        client.subscribe(topic, "sticky", consumer_type=pulsar.ConsumerType.KeyShared, key_shared_policy=sticky((32000, 65535)))
+    with pytest.raises(pulsar.ConsumerBusy):
+        client.subscribe(topic, "sticky", consumer_type=pulsar.ConsumerType.KeyShared)
+    second = client.subscribe(topic, "sticky", consumer_type=pulsar.ConsumerType.KeyShared, key_shared_policy=sticky((32768, 65535)))
+    first.close()
+    second.close()

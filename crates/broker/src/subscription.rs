@@ -355,6 +355,9 @@ impl Subscription {
                     )));
                 }
             }
+            if consumer.kind == SubscriptionType::KeyShared {
+                check_sticky_ranges(&self.name, &state.consumers, &consumer.sticky_ranges)?;
+            }
             state.kind = consumer.kind;
             let in_flight = !state.pending.is_empty() || !state.replay.is_empty();
             let held_from = (consumer.kind == SubscriptionType::KeyShared
@@ -1199,4 +1202,62 @@ fn send_now(frames: Vec<(OutboundSender, Outbound)>) {
             tracing::warn!("connection queue full; control frame dropped");
         }
     }
+}
+
+/// A Key_Shared consumer may join only in the subscription's mode (auto-split, or sticky with
+/// ranges of its own), and its sticky ranges must be well formed and overlap neither each other
+/// nor another consumer's, as in Pulsar: otherwise one consumer could claim every key of a
+/// subscription and, never reading, stop everybody else.
+fn check_sticky_ranges(
+    subscription: &str,
+    consumers: &[ConsumerSlot],
+    ranges: &[IntRange],
+) -> Result<()> {
+    let sticky = !ranges.is_empty();
+    if let Some(existing) = consumers.first() {
+        if existing.sticky_ranges.is_empty() == sticky {
+            let (mode, other) = if sticky {
+                ("auto-split", "sticky")
+            } else {
+                ("sticky", "auto-split")
+            };
+            return Err(BrokerError::ConsumerBusy(format!(
+                "Key_Shared subscription {subscription} is in {mode} mode: a {other} consumer cannot join"
+            )));
+        }
+    }
+    let mut claimed: Vec<(i32, i32, Option<&str>)> = Vec::with_capacity(ranges.len());
+    for range in ranges {
+        if range.start < 0 || range.end > 65_535 || range.start > range.end {
+            return Err(BrokerError::NotAllowed(format!(
+                "invalid sticky hash range [{}, {}]: ranges lie within [0, 65535], start <= end",
+                range.start, range.end
+            )));
+        }
+        claimed.push((range.start, range.end, None));
+    }
+    for consumer in consumers {
+        for (start, end) in &consumer.sticky_ranges {
+            claimed.push((
+                i32::from(*start),
+                i32::from(*end),
+                Some(consumer.name.as_str()),
+            ));
+        }
+    }
+    claimed.sort_unstable();
+    for pair in claimed.windows(2) {
+        let ((start, end, owner), (next_start, next_end, next_owner)) = (pair[0], pair[1]);
+        if next_start <= end {
+            let holder = match owner.or(next_owner) {
+                Some(name) => format!("consumer {name:?}"),
+                None => "the same consumer".to_string(),
+            };
+            return Err(BrokerError::ConsumerBusy(format!(
+                "sticky hash ranges [{start}, {end}] and [{next_start}, {next_end}] overlap \
+                 (one held by {holder}) on subscription {subscription}"
+            )));
+        }
+    }
+    Ok(())
 }
