@@ -367,10 +367,10 @@ async fn partitioned_stats(
     let created: std::collections::HashSet<String> = broker.all_topics().into_iter().collect();
     for index in 0..partitions {
         let partition = name.partition(index);
-        let policies = broker.resources().effective_policies(&partition)?;
         let stats = if let Some(loaded) = broker.loaded_topic(&partition) {
-            loaded.stats(&policies)
+            loaded.stats(&broker.resources().effective_policies(&partition)?)
         } else if created.contains(&partition.to_string()) {
+            let policies = broker.resources().effective_policies(&partition)?;
             stats_from_disk(&broker, &partition, &policies).await?
         } else {
             TopicStats::default()
