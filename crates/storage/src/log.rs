@@ -212,6 +212,16 @@ impl Segment {
         (start, end)
     }
 
+    /// Number of entries whose records end at or before byte `length` of the file.
+    fn entries_within(&self, length: u64) -> usize {
+        let count = self.offsets.len();
+        // Entry i ends where entry i + 1 starts (the last one at `end`).
+        if count == 0 || self.end <= length {
+            return count;
+        }
+        self.offsets[1..].partition_point(|start| u64::from(*start) <= length)
+    }
+
     fn size_bytes(&self) -> u64 {
         self.flushed_end.max(HEADER_LEN)
     }
@@ -250,6 +260,10 @@ pub(crate) struct LogState {
     flush_scheduled: bool,
     /// Set when the log is poisoned: appends fail with this error.
     failure: Option<StorageError>,
+    /// Under the relaxed policy, a periodic fsync failed: the written but unsynced bytes must
+    /// be cut off the files (by whoever holds the flush role next, so that no write lands
+    /// after the cut).
+    unsynced_cut_pending: bool,
     /// Set when a read found corrupted bytes: reads and appends fail with this error.
     corruption: Option<StorageError>,
     pub(crate) closed: bool,
@@ -405,6 +419,7 @@ impl Log {
                 pending_bytes: 0,
                 flush_scheduled: false,
                 failure: None,
+                unsynced_cut_pending: false,
                 corruption: None,
                 closed: false,
                 cache: EntryCache::default(),
@@ -564,8 +579,12 @@ impl Log {
             if let Some(error) = state.failure.clone() {
                 let abandoned: Vec<PendingBatch> = state.pending.drain(..).collect();
                 state.pending_bytes = 0;
-                state.flush_scheduled = false;
+                let cut = std::mem::take(&mut state.unsynced_cut_pending);
                 drop(state);
+                if cut {
+                    self.cut_back_to_synced();
+                }
+                self.lock().flush_scheduled = false;
                 self.flush_finished.notify_all();
                 for batch in abandoned {
                     complete(batch.waiters, Err(error.clone()));
@@ -590,6 +609,18 @@ impl Log {
         let outcome = self.write_batch(&batch, file, &path, continues);
 
         let mut state = self.lock();
+        let outcome = match (outcome, state.failure.clone()) {
+            // A relaxed periodic fsync failed while this batch was being written: it is not
+            // acknowledged, and its bytes are cut off with the other unsynced ones.
+            (Ok(file), Some(failure)) => {
+                if let Some(segment) = state.segment_for_batch_mut(&batch) {
+                    segment.file = SegmentFile::Open(file);
+                    segment.flushed_end = batch.file_offset + batch.bytes.len() as u64;
+                }
+                Err((FlushStage::Sync, failure))
+            }
+            (outcome, _) => outcome,
+        };
         match outcome {
             Ok(file) => {
                 let fsynced = matches!(self.shared.config.flush_policy, FlushPolicy::Fsync);
@@ -636,16 +667,22 @@ impl Log {
                     {
                         self.cut_back_unsynced(&failed[0], &path);
                     }
-                    tracing::error!(log = %self.name, %error, "flush failed; log poisoned, appends refused until it is reopened");
-                    state.failure = Some(StorageError::Poisoned {
-                        log: self.name.clone(),
-                        cause: error.to_string(),
-                    });
+                    if state.failure.is_none() {
+                        tracing::error!(log = %self.name, %error, "flush failed; log poisoned, appends refused until it is reopened");
+                        state.failure = Some(StorageError::Poisoned {
+                            log: self.name.clone(),
+                            cause: error.to_string(),
+                        });
+                    }
                     failed.extend(state.pending.drain(..));
                     state.pending_bytes = 0;
                 }
-                state.flush_scheduled = false;
+                let cut = std::mem::take(&mut state.unsynced_cut_pending);
                 drop(state);
+                if cut {
+                    self.cut_back_to_synced();
+                }
+                self.lock().flush_scheduled = false;
                 self.flush_finished.notify_all();
                 for batch in failed {
                     complete(batch.waiters, Err(error.clone()));
@@ -741,7 +778,12 @@ impl Log {
     }
 
     /// Under the relaxed policy, fsyncs every segment with written but unsynced bytes. A
-    /// failure poisons the log (and is logged here).
+    /// failure poisons the log (and is logged here): after a failed fsync the unsynced bytes
+    /// may or may not be on disk (Linux marks the pages clean either way, so a later fsync
+    /// succeeds without writing them), so they are treated as lost at once, as a power cut
+    /// would lose them: nothing beyond the last synced entry is served or can be acknowledged
+    /// by a cursor from then on, and the bytes are cut off the files (truncate, fsync) so that
+    /// a reopen does not serve them either.
     pub(crate) fn sync_written(&self) -> Result<()> {
         struct SyncTarget {
             ledger_id: u64,
@@ -752,6 +794,10 @@ impl Log {
         }
         let targets: Vec<SyncTarget> = {
             let state = self.lock();
+            if let Some(failure) = &state.failure {
+                // A sync after a failed one proves nothing (see above).
+                return Err(failure.clone());
+            }
             state
                 .segments
                 .iter()
@@ -770,11 +816,7 @@ impl Log {
         for target in targets {
             if let Err(error) = target.file.sync() {
                 let error = StorageError::io("fsync", &target.path, error);
-                tracing::error!(log = %self.name, %error, "fsync of written appends failed; log poisoned");
-                self.lock().failure = Some(StorageError::Poisoned {
-                    log: self.name.clone(),
-                    cause: error.to_string(),
-                });
+                self.lose_unsynced(&error);
                 return Err(error);
             }
             let mut state = self.lock();
@@ -786,6 +828,75 @@ impl Log {
             }
         }
         Ok(())
+    }
+
+    /// After a failed relaxed fsync: poisons the log, serves nothing beyond the last synced
+    /// entry, and cuts the unsynced bytes off (now if no flush is in flight, else by the flush
+    /// thread when it finishes, so that no write of it lands after the cut).
+    fn lose_unsynced(&self, error: &StorageError) {
+        let mut state = self.lock();
+        let last_synced = state.last_synced();
+        tracing::error!(log = %self.name, %error, ?last_synced, last_written = ?state.last_durable, "fsync of written appends failed; log poisoned: appends after the last synced entry were acknowledged (relaxed mode) but are lost, and are no longer served");
+        if state.failure.is_none() {
+            state.failure = Some(StorageError::Poisoned {
+                log: self.name.clone(),
+                cause: error.to_string(),
+            });
+        }
+        state.last_durable = state.last_durable.min(last_synced);
+        self.durable.send_replace(state.last_durable);
+        let used_bytes = &self.shared.cache_used_bytes;
+        match state.last_durable {
+            Some(last) => {
+                let after = Position::new(last.ledger_id, last.entry_id + 1);
+                state.cache.truncate_from(after, used_bytes);
+            }
+            None => state.cache.clear(used_bytes),
+        }
+        if state.flush_scheduled {
+            state.unsynced_cut_pending = true;
+            return;
+        }
+        // Take the flush role, so that no append is written while the files are cut.
+        state.flush_scheduled = true;
+        drop(state);
+        self.cut_back_to_synced();
+        self.lock().flush_scheduled = false;
+        self.flush_finished.notify_all();
+    }
+
+    /// Truncates every segment file to its synced length (durably). Only with the flush role.
+    fn cut_back_to_synced(&self) {
+        let targets: Vec<(PathBuf, u64)> = self
+            .lock()
+            .segments
+            .iter()
+            .filter(|segment| !matches!(segment.file, SegmentFile::NotCreated))
+            .filter(|segment| segment.flushed_end > segment.synced_end.max(HEADER_LEN))
+            .map(|segment| (segment.path.clone(), segment.synced_end.max(HEADER_LEN)))
+            .collect();
+        for (path, length) in targets {
+            let cut = self
+                .shared
+                .io
+                .open(&path)
+                .and_then(|file| file.set_len(length).and_then(|()| file.sync()));
+            match cut {
+                Ok(()) => {
+                    let mut state = self.lock();
+                    if let Some(segment) = state
+                        .segments
+                        .iter_mut()
+                        .find(|segment| segment.path == path)
+                    {
+                        segment.flushed_end = length;
+                    }
+                }
+                Err(error) => {
+                    tracing::error!(log = %self.name, path = %path.display(), %error, "could not cut off the appends whose fsync failed; a reopen may serve them until a power cut");
+                }
+            }
+        }
     }
 
     /// Reads the entry at `position`.
@@ -1352,6 +1463,19 @@ impl LogState {
 
     pub(crate) fn last_durable(&self) -> Option<Position> {
         self.last_durable
+    }
+
+    /// The last entry whose record lies entirely within the synced part of its file.
+    fn last_synced(&self) -> Option<Position> {
+        self.segments.iter().rev().find_map(|segment| {
+            let synced = segment.entries_within(segment.synced_end);
+            (synced > 0).then(|| {
+                Position::new(
+                    segment.ledger_id,
+                    segment.first_entry_id + synced as u64 - 1,
+                )
+            })
+        })
     }
 
     /// Number of durable entries after `position` (all of them for `None`).

@@ -1216,3 +1216,79 @@ fn a_log_being_recovered_holds_up_no_other_log() {
     );
     assert!(mark_delete.flatten().is_some());
 }
+
+#[test]
+fn relaxed_mode_a_failed_periodic_fsync_poisons_the_log_and_serves_nothing_it_did_not_sync() {
+    // Relaxed mode acknowledges appends once written. When the periodic fsync then fails, the
+    // unsynced appends may never reach the disk: from then on the log must neither accept
+    // appends nor serve (or let a cursor acknowledge) anything beyond its last synced entry,
+    // and a reopen must not serve them either. The entries synced before stay.
+    let config = StorageConfig {
+        flush_policy: meridian_storage::FlushPolicy::RelaxedWriteOnly {
+            fsync_interval: Duration::from_millis(5),
+        },
+        ..relaxed()
+    };
+    let io = SimIo::new();
+    let synced = {
+        let storage = open_with(&io, config.clone());
+        let log = storage.open_log(LOG).expect("log");
+        let synced = append_acknowledged(&log, 0..3);
+        log.open_cursor("sub", InitialPosition::Earliest)
+            .expect("cursor");
+        storage.close().expect("close syncs");
+        synced
+    };
+    let last_synced = synced.last().map(|(position, _, _)| *position);
+
+    let storage = open_with(&io, config.clone());
+    let log = storage.open_log(LOG).expect("log");
+    io.fail_syncs(1);
+    // Appends complete once written, until the maintenance thread's fsync fails.
+    let mut written = Vec::new();
+    for sequence in 100.. {
+        match log.append(payload(0, sequence), 0) {
+            Ok(pending) => match pending.wait() {
+                Ok(position) => written.push(position),
+                Err(_) => break,
+            },
+            Err(StorageError::Poisoned { .. }) => break,
+            Err(error) => panic!("unexpected append error: {error}"),
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert!(!written.is_empty(), "an append completed before the fsync");
+    let error = log.append(payload(0, 1), 0).expect_err("poisoned");
+    assert!(matches!(error, StorageError::Poisoned { .. }), "{error}");
+    assert_eq!(log.last_position(), last_synced);
+    check_history(&read_everything(&storage), &synced);
+    assert_eq!(read_everything(&storage).len(), synced.len());
+    let served: Vec<Position> = written
+        .iter()
+        .copied()
+        .filter(|position| log.read(*position).is_ok())
+        .collect();
+    assert!(served.is_empty(), "unsynced appends served: {served:?}");
+    let mark_delete = log
+        .acknowledge_cumulative("sub", *written.last().expect("written"))
+        .expect("ack");
+    assert_eq!(
+        mark_delete, last_synced,
+        "a cursor acknowledged entries that may be lost"
+    );
+    drop(log);
+    let _ = storage.close();
+
+    // A restart of the process (the page cache survives) and a power cut serve the same.
+    for io in [io.clone(), io.crash(CrashMode::LoseUnsynced, 0)] {
+        let storage = open_with(&io, config.clone());
+        let entries = read_everything(&storage);
+        check_history(&entries, &synced);
+        assert_eq!(entries.len(), synced.len(), "after a reopen: {entries:?}");
+        let log = storage.open_log(LOG).expect("log");
+        log.append(payload(0, 2), 0)
+            .expect("append")
+            .wait()
+            .expect("appends work after the reopen");
+    }
+}
