@@ -25,6 +25,10 @@
 //! - **descriptors**: a log of 256 segments of 1 MiB is written, the engine reopened and the
 //!   whole log read. Reported: the process's open file descriptors (`/proc/self/fd`) before the
 //!   engine opens, and after each step.
+//! - **index**: a log of `MERIDIAN_BENCH_INDEX_ENTRIES` (default 2,000,000) entries of 100 bytes
+//!   is written, the engine reopened and the log opened (recovered). Reported: the memory its
+//!   segment indexes hold (`LogStats::index_bytes`), and the process's resident memory
+//!   (`VmRSS`) growth from before the reopen to after the log is open.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -314,6 +318,67 @@ fn descriptors(directory: &Path) {
     );
 }
 
+fn resident_bytes() -> u64 {
+    fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find_map(|line| line.strip_prefix("VmRSS:"))
+                .and_then(|value| {
+                    value
+                        .trim()
+                        .trim_end_matches("kB")
+                        .trim()
+                        .parse::<u64>()
+                        .ok()
+                })
+        })
+        .map(|kilobytes| kilobytes * 1024)
+        .unwrap_or(0)
+}
+
+fn index(directory: &Path, entries: u64) {
+    let _ = fs::remove_dir_all(directory);
+    let config = quiet_maintenance();
+    let written_index = {
+        let storage = Storage::open(directory, config.clone()).expect("open storage");
+        let log = storage.open_log("many").expect("log");
+        let payload = Bytes::from(vec![0x55u8; 100]);
+        for _ in 0..entries.div_ceil(10_000) {
+            let pending: Vec<_> = (0..10_000)
+                .map(|_| log.append(payload.clone(), 0).expect("append"))
+                .collect();
+            for append in pending {
+                append.wait().expect("durable");
+            }
+        }
+        let index_bytes = log.stats().index_bytes;
+        drop(log);
+        storage.close().expect("close");
+        index_bytes
+    };
+    let before = resident_bytes();
+    let storage = Storage::open(directory, config).expect("reopen");
+    let log = storage.open_log("many").expect("log");
+    let stats = log.stats();
+    let after = resident_bytes();
+    drop(log);
+    storage.close().expect("close");
+    let _ = fs::remove_dir_all(directory);
+    let per_entry = |bytes: f64| bytes / entries.div_ceil(10_000).saturating_mul(10_000) as f64;
+    println!(
+        "| index | one log of {} entries of 100 bytes, {} segments | index {} bytes ({:.3} per entry) after reopening, {} bytes while written; resident memory +{:.1} MiB by reopening ({:.2} bytes per entry) |",
+        entries.div_ceil(10_000) * 10_000,
+        stats.segments,
+        stats.index_bytes,
+        per_entry(stats.index_bytes as f64),
+        written_index,
+        after.saturating_sub(before) as f64 / (1024.0 * 1024.0),
+        per_entry(after.saturating_sub(before) as f64),
+    );
+}
+
 fn main() {
     let directory: PathBuf = std::env::var("MERIDIAN_BENCH_DIR")
         .map(PathBuf::from)
@@ -323,7 +388,7 @@ fn main() {
     let logs: usize = environment("MERIDIAN_BENCH_LOGS", 10_000);
     let cases: String = environment(
         "MERIDIAN_BENCH_CASES",
-        "starvation,recovery,persistence,snapshot,descriptors".to_string(),
+        "starvation,recovery,persistence,snapshot,descriptors,index".to_string(),
     );
     let cases: Vec<&str> = cases.split(',').collect();
     println!("| case | load | result |");
@@ -342,5 +407,9 @@ fn main() {
     }
     if cases.contains(&"descriptors") {
         descriptors(&directory.join("descriptors"));
+    }
+    if cases.contains(&"index") {
+        let entries: u64 = environment("MERIDIAN_BENCH_INDEX_ENTRIES", 2_000_000);
+        index(&directory.join("index"), entries);
     }
 }
