@@ -552,18 +552,71 @@ impl Log {
 
     /// Acknowledges individual entries. Positions at or before the mark-delete position, or
     /// beyond the last durable entry, are ignored. Returns the new mark-delete position.
+    ///
+    /// The cursor holds at most `cursor_max_ranges` ranges of individually acknowledged
+    /// entries: an acknowledgement that would start another one (it neither extends a range
+    /// nor follows the mark-delete position) is refused, the others are applied, and the call
+    /// fails with `TooManyAcknowledgedRanges` listing the refused positions, which stay
+    /// unacknowledged.
     pub fn acknowledge(&self, name: &str, positions: &[Position]) -> Result<Option<Position>> {
+        let max_ranges = self.shared.config.cursor_max_ranges;
         let mut state = self.lock();
         let last_durable = state.last_durable();
-        state.update_cursor(self.name(), name, |log, cursor| {
+        let (mark_delete, refused) = state.update_cursor(self.name(), name, |log, cursor| {
+            let mut refused = Vec::new();
             for position in positions {
-                if Some(*position) <= last_durable && !cursor.is_acknowledged(*position) {
-                    cursor.acknowledged.insert(*position);
+                if Some(*position) > last_durable || cursor.is_acknowledged(*position) {
+                    continue;
                 }
+                let joins = *position == log.position_after(cursor.mark_delete)
+                    || (position.entry_id > 0
+                        && cursor
+                            .acknowledged
+                            .contains(Position::new(position.ledger_id, position.entry_id - 1)))
+                    || cursor
+                        .acknowledged
+                        .contains(Position::new(position.ledger_id, position.entry_id + 1));
+                if !joins && cursor.acknowledged.range_count() >= max_ranges {
+                    refused.push(*position);
+                    continue;
+                }
+                cursor.acknowledged.insert(*position);
+                log.advance_mark_delete(cursor);
             }
-            log.advance_mark_delete(cursor);
-            cursor.mark_delete
+            (cursor.mark_delete, refused)
+        })?;
+        if refused.is_empty() {
+            Ok(mark_delete)
+        } else {
+            Err(StorageError::TooManyAcknowledgedRanges {
+                log: self.name().to_string(),
+                cursor: name.to_string(),
+                limit: max_ranges,
+                refused,
+            })
+        }
+    }
+
+    /// Number of ranges of individually acknowledged entries cursor `name` holds (0 if it does
+    /// not exist); at most `cursor_max_ranges` unless more were recovered.
+    pub fn acknowledged_range_count(&self, name: &str) -> usize {
+        self.acknowledged_ranges(name).0
+    }
+
+    /// Number of ranges of individually acknowledged entries of cursor `name`, and the last
+    /// entry of the last one.
+    pub fn acknowledged_ranges(&self, name: &str) -> (usize, Option<Position>) {
+        self.lock().cursors.get(name).map_or((0, None), |slot| {
+            (
+                slot.state.acknowledged.range_count(),
+                slot.state.acknowledged.last(),
+            )
         })
+    }
+
+    /// The engine's `cursor_max_ranges`.
+    pub fn cursor_max_ranges(&self) -> usize {
+        self.shared.config.cursor_max_ranges
     }
 
     /// Acknowledges every entry up to and including `position`.
