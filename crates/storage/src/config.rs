@@ -50,9 +50,9 @@ pub struct StorageConfig {
     /// Threads that write and fsync. Each log has at most one flush in flight; more threads let
     /// more logs fsync in parallel.
     pub flush_threads: usize,
-    /// How often changed cursor state is written and fsynced. A crash can redeliver the
-    /// acknowledgements of at most this long plus one persistence pass (about one fsync with
-    /// few changed logs; see `docs/durability.md` for many).
+    /// How often changed cursor state is made durable (one cursor WAL write and fsync for all
+    /// logs). A crash can redeliver the acknowledgements of at most this long plus two
+    /// persistence passes (see `docs/durability.md`).
     pub cursor_persist_interval: Duration,
     /// Individually acknowledged ranges persisted per cursor; ranges beyond it are kept in
     /// memory but redelivered after a crash.

@@ -21,6 +21,7 @@
 mod cache;
 pub mod config;
 pub mod cursor;
+mod cursor_wal;
 pub mod engine;
 mod error;
 pub mod format;

@@ -1656,10 +1656,19 @@ impl Log {
         let persisted = self.persist_cursors();
         // The last write to this log's journal: a handle that outlives the close (the log may
         // be deleted and created again under the same name) must not write into its successor.
-        self.cursor_journal
+        let mut journal = self
+            .cursor_journal
             .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .retired = true;
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        journal.retired = true;
+        let pending = journal.has_pending();
+        drop(journal);
+        if pending {
+            // Only the cursor WAL holds some of this journal's bytes (the write above failed):
+            // keep its files until the next start replays them. (Not under the journal's lock:
+            // a pass holds the WAL's while it waits for journals.)
+            self.shared.pin_cursor_wal();
+        }
         synced.and(persisted)
     }
 

@@ -229,7 +229,12 @@ fn retention_keeps_consumed_data_by_size_and_time() {
 #[test]
 fn a_million_out_of_order_acks_stay_compact_and_persist() {
     let root = tempfile::tempdir().expect("tempdir");
-    let storage = Storage::open(root.path(), config()).expect("open");
+    // 333,333 ranges: above the default limit of ranges held in memory.
+    let config = StorageConfig {
+        cursor_max_ranges: 1_000_000,
+        ..config()
+    };
+    let storage = Storage::open(root.path(), config.clone()).expect("open");
     let log = storage.open_log("t").expect("log");
     let ledger = log.current_ledger_id();
     // Entries are tiny; what matters is the number of acknowledgements.
@@ -264,7 +269,7 @@ fn a_million_out_of_order_acks_stay_compact_and_persist() {
     assert_eq!(state.mark_delete, Some(Position::new(ledger, 999_999)));
     assert!(state.acknowledged.is_empty());
     storage.close().expect("close");
-    let storage = Storage::open(root.path(), config()).expect("reopen");
+    let storage = Storage::open(root.path(), config).expect("reopen");
     let log = storage.open_log("t").expect("log");
     assert_eq!(
         log.cursor("sub").expect("state").mark_delete,
