@@ -661,3 +661,33 @@ fn acknowledgements_that_would_exceed_the_range_limit_are_refused_and_stay_unack
         .collect();
     assert_eq!(acknowledged, vec![0, 1, 3, 5, 7, 8, 9, 11]);
 }
+
+#[test]
+fn a_log_deleted_and_created_again_never_gets_its_predecessors_cursors_from_the_wal() {
+    // The cursor WAL still holds the deleted log's journal bytes (no checkpoint ran) when a
+    // log of the same name is created; replaying them after a power cut must not give the
+    // new log the old one's cursor (its journal is another generation).
+    let io = SimIo::new();
+    let storage = open_sim(&io, config());
+    let log = storage.open_log("t").expect("log");
+    let positions = append(&log, 10);
+    log.open_cursor("sub", InitialPosition::Earliest)
+        .expect("cursor");
+    log.acknowledge_cumulative("sub", positions[9])
+        .expect("ack");
+    storage.persist_cursors();
+    drop(log);
+    storage.delete_log("t").expect("delete");
+    let again = storage.open_log("t").expect("created again");
+    append(&again, 3);
+    drop(again);
+    drop(storage);
+
+    let storage = open_sim(&io.crash(CrashMode::LoseUnsynced, 0), config());
+    let log = storage.open_log("t").expect("log");
+    assert_eq!(
+        log.cursor_names(),
+        Vec::<String>::new(),
+        "the deleted log's cursor came back in the new log"
+    );
+}

@@ -1293,3 +1293,46 @@ fn relaxed_mode_a_failed_periodic_fsync_poisons_the_log_and_serves_nothing_it_di
             .expect("appends work after the reopen");
     }
 }
+
+#[test]
+fn relaxed_mode_a_failed_fsync_of_a_segment_being_sealed_loses_only_what_was_not_synced() {
+    // A roll syncs the segment it seals before creating the next one. If that fsync fails, the
+    // appends written since the last fsync are lost as in a power cut: the log is poisoned,
+    // serves only what was synced, and opens again without a gap or corruption.
+    let config = StorageConfig {
+        segment_max_bytes: 4096,
+        ..relaxed()
+    };
+    let io = SimIo::new();
+    let synced = {
+        let storage = open_with(&io, config.clone());
+        let log = storage.open_log(LOG).expect("log");
+        let synced = append_acknowledged(&log, 0..2);
+        storage.close().expect("close syncs");
+        synced
+    };
+    let storage = open_with(&io, config.clone());
+    let log = storage.open_log(LOG).expect("log");
+    io.fail_syncs(1);
+    // Written without an fsync until one append rolls the segment; that roll's fsync fails.
+    let mut written = Vec::new();
+    for sequence in 100..200 {
+        match log.append(payload(0, sequence), 0).expect("append").wait() {
+            Ok(position) => written.push(position),
+            Err(_) => break,
+        }
+    }
+    assert!(!written.is_empty() && written.len() < 100, "{written:?}");
+    let error = log.append(payload(0, 1), 0).expect_err("poisoned");
+    assert!(matches!(error, StorageError::Poisoned { .. }), "{error}");
+    let last_synced = synced.last().map(|(position, _, _)| *position);
+    assert_eq!(log.last_position(), last_synced);
+    drop(log);
+    let _ = storage.close();
+    for io in [io.clone(), io.crash(CrashMode::LoseUnsynced, 0)] {
+        let storage = open_with(&io, config.clone());
+        let entries = read_everything(&storage);
+        check_history(&entries, &synced);
+        assert_eq!(entries.len(), synced.len(), "after a reopen: {entries:?}");
+    }
+}
