@@ -17,7 +17,9 @@
 //!   thread; meanwhile another thread opens a small log. Reported: both durations.
 //! - **persistence**: N logs, each with a durable cursor whose acknowledgement changed.
 //!   Reported: the duration of one pass that persists every cursor (what the maintenance thread
-//!   does every `cursor_persist_interval`).
+//!   does every `cursor_persist_interval`), then of 40 more passes (every cursor changed before
+//!   each) with a checkpoint of the cursor WAL running alongside two stretches of them, and of
+//!   those checkpoints.
 //! - **snapshot**: one log whose cursor has 100,000 acknowledged ranges is persisted in a loop
 //!   (each time after one more acknowledgement); meanwhile another thread makes a call that
 //!   takes the log's lock (`Log::last_position`) every 100 µs. Reported: that call's latency
