@@ -20,6 +20,13 @@
 //!   does every `cursor_persist_interval`), then of 40 more passes (every cursor changed before
 //!   each) with a checkpoint of the cursor WAL running alongside two stretches of them, and of
 //!   those checkpoints.
+//! - **bound**: N logs (`MERIDIAN_BENCH_LOGS`), each with a durable cursor, under the default
+//!   maintenance (persistence every 200 ms, WAL checkpoints in the background); one thread
+//!   acknowledges on every log's cursor in a loop (all of them change between two passes),
+//!   another appends an entry to one log, acknowledges it on a probe cursor and waits until
+//!   that acknowledgement is durable (`Log::persisted_mark_delete_position`), 60 times.
+//!   Reported: the time from the acknowledgement to its durability (p50, p99, max): the bound
+//!   of what a crash can redeliver.
 //! - **snapshot**: one log whose cursor has 100,000 acknowledged ranges is persisted in a loop
 //!   (each time after one more acknowledgement); meanwhile another thread makes a call that
 //!   takes the log's lock (`Log::last_position`) every 100 µs. Reported: that call's latency
@@ -238,6 +245,80 @@ fn persistence(directory: &Path, logs: usize) {
     );
 }
 
+fn bound(directory: &Path, logs: usize) {
+    let _ = fs::remove_dir_all(directory);
+    let config = StorageConfig {
+        // Nothing to trim: every log keeps its entries.
+        trim_interval: Duration::from_secs(3600),
+        ..StorageConfig::default()
+    };
+    let storage = Storage::open(directory, config).expect("open storage");
+    let mut opened = Vec::with_capacity(logs);
+    for index in 0..logs {
+        let log = storage.open_log(&format!("topic-{index}")).expect("log");
+        log.append(Bytes::from_static(b"entry"), 0)
+            .expect("append")
+            .wait()
+            .expect("durable");
+        log.open_cursor("sub", InitialPosition::Earliest)
+            .expect("cursor");
+        opened.push(log);
+    }
+    let probe = opened[0].clone();
+    probe
+        .open_cursor("probe", InitialPosition::Earliest)
+        .expect("cursor");
+    let stop = AtomicBool::new(false);
+    let mut latencies = Vec::new();
+    let mut sweeps = 0u64;
+    std::thread::scope(|scope| {
+        let churn = scope.spawn(|| {
+            let mut sweeps = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                for log in &opened {
+                    let position = log.last_position().expect("entry");
+                    log.acknowledge_cumulative("sub", position).expect("ack");
+                }
+                sweeps += 1;
+            }
+            sweeps
+        });
+        // Let the passes reach their steady state.
+        std::thread::sleep(Duration::from_secs(2));
+        for _ in 0..60 {
+            let position = probe
+                .append(Bytes::from_static(b"probe"), 0)
+                .expect("append")
+                .wait()
+                .expect("durable");
+            let acknowledged = Instant::now();
+            probe
+                .acknowledge_cumulative("probe", position)
+                .expect("ack");
+            while probe.persisted_mark_delete_position("probe").flatten() < Some(position) {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            latencies.push(acknowledged.elapsed());
+            // Spread the probes over the persistence cycle.
+            std::thread::sleep(Duration::from_millis(37));
+        }
+        stop.store(true, Ordering::Relaxed);
+        sweeps = churn.join().expect("churn");
+    });
+    drop(probe);
+    drop(opened);
+    storage.close().expect("close");
+    let _ = fs::remove_dir_all(directory);
+    latencies.sort();
+    println!(
+        "| bound | {logs} logs, every cursor changing ({sweeps} sweeps over all of them), default 200 ms persistence | acknowledgement durable after p50 {} ms, p99 {} ms, max {} ms ({} probes) |",
+        milliseconds(percentile(&latencies, 0.5)),
+        milliseconds(percentile(&latencies, 0.99)),
+        milliseconds(latencies.last().copied().unwrap_or_default()),
+        latencies.len()
+    );
+}
+
 fn snapshot(directory: &Path, seconds: f64) {
     let _ = fs::remove_dir_all(directory);
     let storage = Storage::open(directory, quiet_maintenance()).expect("open storage");
@@ -425,7 +506,7 @@ fn main() {
     let logs: usize = environment("MERIDIAN_BENCH_LOGS", 10_000);
     let cases: String = environment(
         "MERIDIAN_BENCH_CASES",
-        "starvation,recovery,persistence,snapshot,descriptors,index".to_string(),
+        "starvation,recovery,persistence,bound,snapshot,descriptors,index".to_string(),
     );
     let cases: Vec<&str> = cases.split(',').collect();
     println!("| case | load | result |");
@@ -438,6 +519,9 @@ fn main() {
     }
     if cases.contains(&"persistence") {
         persistence(&directory.join("persistence"), logs);
+    }
+    if cases.contains(&"bound") {
+        bound(&directory.join("bound"), logs);
     }
     if cases.contains(&"snapshot") {
         snapshot(&directory.join("snapshot"), seconds);

@@ -587,6 +587,15 @@ impl Log {
             .is_some_and(|slot| slot.state.is_acknowledged(position))
     }
 
+    /// The mark-delete position of cursor `name` as last made durable (what a crash would
+    /// bring back, and what trimming goes by); `None` if the cursor does not exist.
+    pub fn persisted_mark_delete_position(&self, name: &str) -> Option<Option<Position>> {
+        self.lock()
+            .cursors
+            .get(name)
+            .map(|slot| slot.persisted_mark_delete)
+    }
+
     /// The mark-delete position of cursor `name`; `None` if the cursor does not exist.
     pub fn mark_delete_position(&self, name: &str) -> Option<Option<Position>> {
         self.lock()
