@@ -509,8 +509,28 @@ impl Subscription {
         if existing.len() < positions.len() {
             tracing::debug!(topic = %self.topic, subscription = %self.name, ignored = positions.len() - existing.len(), "acknowledgement of entries that do not exist ignored");
         }
-        let positions = &existing[..];
-        self.log.acknowledge(&self.cursor, positions)?;
+        let mut positions = &existing[..];
+        let accepted: Vec<Position>;
+        match self.log.acknowledge(&self.cursor, positions) {
+            Ok(_) => {}
+            Err(meridian_storage::StorageError::TooManyAcknowledgedRanges {
+                refused,
+                limit,
+                ..
+            }) => {
+                // Only a client acknowledging entries it was not sent gets here (dispatch stops
+                // before the limit): the refused entries stay unacknowledged and pending, so
+                // they are delivered again.
+                tracing::warn!(topic = %self.topic, subscription = %self.name, limit, refused = refused.len(), "acknowledgements refused: the subscription holds the maximum of acknowledged ranges (cursor_max_ranges); those messages will be delivered again");
+                accepted = positions
+                    .iter()
+                    .copied()
+                    .filter(|position| !refused.contains(position))
+                    .collect();
+                positions = &accepted[..];
+            }
+            Err(error) => return Err(error.into()),
+        }
         {
             let mut state = self.lock();
             for position in positions {
@@ -697,6 +717,7 @@ impl Subscription {
             active_consumer_name,
             consumers,
             is_durable: self.durable,
+            blocked_subscription_on_unacked_msgs: self.range_headroom(&state) == 0,
             ..SubscriptionStats::default()
         }
     }
@@ -772,6 +793,7 @@ impl Subscription {
                 ReadPlan::Replay(replay)
             } else if state.replay.len() < self.config.max_redelivery_backlog
                 && state.delayed.len() < self.config.max_delayed_messages
+                && self.range_headroom(&state) > 0
                 && self
                     .log
                     .last_position()
@@ -779,7 +801,7 @@ impl Subscription {
             {
                 ReadPlan::New {
                     from: state.read_position,
-                    max_entries,
+                    max_entries: max_entries.min(self.range_headroom(&state) as usize),
                 }
             } else {
                 return Round::Idle { wake_at_ms };
@@ -852,6 +874,37 @@ impl Subscription {
             };
         }
         Round::Progress
+    }
+
+    /// How many new entries may go out: the storage's `cursor_max_ranges` less the cursor's
+    /// ranges of individually acknowledged entries and the messages in flight (each of whose
+    /// acknowledgements can start one more range), so that acknowledgements of what was sent
+    /// never exceed the limit. At 0 the subscription is blocked (Pulsar's blocked subscription)
+    /// until acknowledgements arrive; entries to redeliver still go out, since their
+    /// acknowledgements fill the gaps between ranges.
+    ///
+    /// Entries before the end of the last range are gaps between ranges (after a restart, or
+    /// acknowledged from elsewhere): they always go out, or a subscription at the limit with
+    /// nothing in flight would wait forever.
+    fn range_headroom(&self, state: &DispatchState) -> u64 {
+        let in_flight: u64 = state
+            .consumers
+            .iter()
+            .map(|consumer| consumer.unacked_messages)
+            .sum();
+        let (ranges, last_acknowledged) = self.log.acknowledged_ranges(&self.cursor);
+        let headroom =
+            (self.log.cursor_max_ranges() as u64).saturating_sub(ranges as u64 + in_flight);
+        let gaps = match last_acknowledged {
+            Some(last) if last >= state.read_position => {
+                let before = self.log.previous_position(state.read_position);
+                self.log
+                    .entries_after(before)
+                    .saturating_sub(self.log.entries_after(Some(last)))
+            }
+            _ => 0,
+        };
+        headroom + gaps
     }
 
     /// Whether `consumer` can take a message now: permits, below its unacknowledged limit, and

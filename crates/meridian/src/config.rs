@@ -96,6 +96,7 @@ pub struct StorageSection {
     pub flush_threads: usize,
     pub cursor_persist_interval_ms: u64,
     pub cursor_max_persisted_ranges: usize,
+    pub cursor_max_ranges: usize,
     pub trim_interval_ms: u64,
 }
 
@@ -160,6 +161,7 @@ impl Default for StorageSection {
             flush_threads: storage.flush_threads,
             cursor_persist_interval_ms: storage.cursor_persist_interval.as_millis() as u64,
             cursor_max_persisted_ranges: storage.cursor_max_persisted_ranges,
+            cursor_max_ranges: storage.cursor_max_ranges,
             trim_interval_ms: storage.trim_interval.as_millis() as u64,
         }
     }
@@ -319,6 +321,7 @@ impl Config {
             flush_threads: storage.flush_threads,
             cursor_persist_interval: Duration::from_millis(storage.cursor_persist_interval_ms),
             cursor_max_persisted_ranges: storage.cursor_max_persisted_ranges,
+            cursor_max_ranges: storage.cursor_max_ranges,
             trim_interval: Duration::from_millis(storage.trim_interval_ms),
         }
     }

@@ -182,3 +182,177 @@ async fn acknowledged_sends_survive_kill_minus_nine() {
         consumer.ack(&message).await.expect("ack");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscription_at_its_acknowledged_range_limit_pauses_and_loses_no_acknowledgement() {
+    // `cursor_max_ranges` bounds the memory of a subscription's individually acknowledged
+    // ranges. The dispatcher never lets ranges plus messages in flight pass it: the
+    // subscription blocks (as Pulsar's blocked subscription) until acknowledgements make room,
+    // then goes on; every acknowledgement counts, before and after a restart.
+    let mut broker =
+        BrokerProcess::start_with_env(&[], &[("MERIDIAN_STORAGE__CURSOR_MAX_RANGES", "10")]);
+    let admin = common::Admin::new(&broker);
+    let stats_path = "/admin/v2/persistent/public/default/rust-range-limit/stats";
+    let subscription_stats = |admin: &common::Admin| {
+        tokio::task::block_in_place(|| admin.ok(admin.get(stats_path)))["subscriptions"]["bounded"]
+            .clone()
+    };
+    let await_stats = |admin: &common::Admin, blocked: bool, unacked: u64, ranges: u64| {
+        let mut last = serde_json::Value::Null;
+        let reached = common::eventually(Duration::from_secs(20), || {
+            last = subscription_stats(admin);
+            last["blockedSubscriptionOnUnackedMsgs"] == blocked
+                && last["unackedMessages"] == unacked
+                && last["nonContiguousDeletedMessagesRanges"] == ranges
+        });
+        assert!(
+            reached,
+            "expected blocked {blocked}, {unacked} unacknowledged, {ranges} ranges; stats: {last}"
+        );
+    };
+    let pulsar = client(&broker).await;
+    let topic = "persistent://public/default/rust-range-limit";
+    let mut bounded = consumer(&pulsar, topic, "bounded", SubType::Shared).await;
+    let mut producer = pulsar
+        .producer()
+        .with_topic(topic)
+        .build()
+        .await
+        .expect("producer");
+    for index in 0..40u32 {
+        producer
+            .send_non_blocking(index.to_string().into_bytes())
+            .await
+            .expect("queued")
+            .await
+            .expect("receipt");
+    }
+    let payload = |message: &pulsar::consumer::Message<Vec<u8>>| {
+        String::from_utf8_lossy(&message.payload.data).into_owned()
+    };
+
+    // Ten messages go out, then the subscription is blocked.
+    let mut held = Vec::new();
+    for _ in 0..10 {
+        held.push(receive(&mut bounded).await);
+    }
+    await_stats(&admin, true, 10, 0);
+    // Acknowledging every other one makes five ranges: still 5 + 5 in flight.
+    for index in [1, 3, 5, 7, 9] {
+        bounded.ack(&held[index]).await.expect("ack");
+    }
+    await_stats(&admin, true, 5, 5);
+    // The first one moves the mark-delete position: four ranges, four in flight, two more go.
+    bounded.ack(&held[0]).await.expect("ack");
+    let mut received: Vec<String> = held.iter().map(payload).collect();
+    for _ in 0..2 {
+        let message = receive(&mut bounded).await;
+        received.push(payload(&message));
+        held.push(message);
+    }
+    await_stats(&admin, true, 6, 4);
+    for index in [2, 4, 6, 8, 10, 11] {
+        bounded.ack(&held[index]).await.expect("ack");
+    }
+    // The rest flows as it is acknowledged.
+    while received.len() < 40 {
+        let message = receive(&mut bounded).await;
+        received.push(payload(&message));
+        bounded.ack(&message).await.expect("ack");
+    }
+    let expected: Vec<String> = (0..40).map(|index| index.to_string()).collect();
+    assert_eq!(received, expected, "each message exactly once, in order");
+    await_stats(&admin, false, 0, 0);
+    drop(bounded);
+    drop(producer);
+    drop(pulsar);
+
+    // After a restart nothing acknowledged comes back: the next message is the new one.
+    broker.stop();
+    broker.restart();
+    let pulsar = client(&broker).await;
+    let mut bounded = consumer(&pulsar, topic, "bounded", SubType::Shared).await;
+    let mut producer = pulsar
+        .producer()
+        .with_topic(topic)
+        .build()
+        .await
+        .expect("producer");
+    producer
+        .send_non_blocking(b"40".to_vec())
+        .await
+        .expect("queued")
+        .await
+        .expect("receipt");
+    assert_eq!(payload(&receive(&mut bounded).await), "40");
+    drop(bounded);
+    drop(producer);
+    drop(pulsar);
+    broker.assert_no_errors();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscription_at_its_range_limit_with_nothing_in_flight_still_delivers_the_gaps() {
+    // Acknowledgements of entries a consumer was not sent (a client acknowledging by id, or
+    // another cluster's acknowledgements of a replicated subscription) can fill the range limit
+    // while nothing is in flight. The entries between the ranges must still be delivered: their
+    // acknowledgements are what shrinks the ranges again.
+    let broker =
+        BrokerProcess::start_with_env(&[], &[("MERIDIAN_STORAGE__CURSOR_MAX_RANGES", "10")]);
+    let pulsar = client(&broker).await;
+    let topic = "persistent://public/default/rust-range-gaps";
+    let mut bounded = consumer(&pulsar, topic, "bounded", SubType::Shared).await;
+    let mut producer = pulsar
+        .producer()
+        .with_topic(topic)
+        .build()
+        .await
+        .expect("producer");
+    for index in 0..60u32 {
+        producer
+            .send_non_blocking(index.to_string().into_bytes())
+            .await
+            .expect("queued")
+            .await
+            .expect("receipt");
+    }
+    let mut held = Vec::new();
+    for _ in 0..10 {
+        held.push(receive(&mut bounded).await);
+    }
+    // Entries 21, 23, ..., 39, never sent to this consumer, acknowledged by id: ten ranges.
+    let first = held[0].message_id().clone();
+    for entry in (21..40u64).step_by(2) {
+        let mut id = first.clone();
+        id.entry_id = first.entry_id + entry;
+        bounded.ack_with_id(topic, id).await.expect("ack by id");
+    }
+    for message in &held {
+        bounded.ack(message).await.expect("ack");
+    }
+    let mut received: Vec<u32> = held
+        .iter()
+        .map(|message| {
+            String::from_utf8_lossy(&message.payload.data)
+                .parse()
+                .expect("index")
+        })
+        .collect();
+    let expected: Vec<u32> = (0..60)
+        .filter(|index| !(21..40).contains(index) || index % 2 == 0)
+        .collect();
+    while received.len() < expected.len() {
+        let message = receive(&mut bounded).await;
+        received.push(
+            String::from_utf8_lossy(&message.payload.data)
+                .parse()
+                .expect("index"),
+        );
+        bounded.ack(&message).await.expect("ack");
+    }
+    assert_eq!(received, expected);
+    drop(bounded);
+    drop(producer);
+    drop(pulsar);
+    broker.assert_no_errors();
+}

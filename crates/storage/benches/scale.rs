@@ -17,7 +17,16 @@
 //!   thread; meanwhile another thread opens a small log. Reported: both durations.
 //! - **persistence**: N logs, each with a durable cursor whose acknowledgement changed.
 //!   Reported: the duration of one pass that persists every cursor (what the maintenance thread
-//!   does every `cursor_persist_interval`).
+//!   does every `cursor_persist_interval`), then of 40 more passes (every cursor changed before
+//!   each) with a checkpoint of the cursor WAL running alongside two stretches of them, and of
+//!   those checkpoints.
+//! - **bound**: N logs (`MERIDIAN_BENCH_LOGS`), each with a durable cursor, under the default
+//!   maintenance (persistence every 200 ms, WAL checkpoints in the background); one thread
+//!   acknowledges on every log's cursor in a loop (all of them change between two passes),
+//!   another appends an entry to one log, acknowledges it on a probe cursor and waits until
+//!   that acknowledgement is durable (`Log::persisted_mark_delete_position`), 60 times.
+//!   Reported: the time from the acknowledgement to its durability (p50, p99, max): the bound
+//!   of what a crash can redeliver.
 //! - **snapshot**: one log whose cursor has 100,000 acknowledged ranges is persisted in a loop
 //!   (each time after one more acknowledgement); meanwhile another thread makes a call that
 //!   takes the log's lock (`Log::last_position`) every 100 µs. Reported: that call's latency
@@ -25,6 +34,10 @@
 //! - **descriptors**: a log of 256 segments of 1 MiB is written, the engine reopened and the
 //!   whole log read. Reported: the process's open file descriptors (`/proc/self/fd`) before the
 //!   engine opens, and after each step.
+//! - **index**: a log of `MERIDIAN_BENCH_INDEX_ENTRIES` (default 2,000,000) entries of 100 bytes
+//!   is written, the engine reopened and the log opened (recovered). Reported: the memory its
+//!   segment indexes hold (`LogStats::index_bytes`), and the process's resident memory
+//!   (`VmRSS`) growth from before the reopen to after the log is open.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -188,12 +201,121 @@ fn persistence(directory: &Path, logs: usize) {
     let started = Instant::now();
     storage.persist_cursors();
     let pass = started.elapsed();
+    // Sustained: 40 more passes, every cursor changed before each; a checkpoint of the cursor
+    // WAL (what the engine starts in the background every 16 MiB of WAL) runs alongside
+    // passes 10 and 30.
+    let mut passes = Vec::new();
+    let mut checkpoints = Vec::new();
+    std::thread::scope(|scope| {
+        let mut checkpoint = None;
+        for round in 0..40 {
+            if round == 10 || round == 30 {
+                let storage = &storage;
+                checkpoint = Some(scope.spawn(move || {
+                    let started = Instant::now();
+                    storage.checkpoint_cursors().expect("checkpoint");
+                    started.elapsed()
+                }));
+            }
+            for log in &opened {
+                let position = log.last_position().expect("entry");
+                log.acknowledge_cumulative("sub", position).expect("ack");
+            }
+            let started = Instant::now();
+            storage.persist_cursors();
+            passes.push(started.elapsed());
+            if round == 20 || round == 39 {
+                if let Some(running) = checkpoint.take() {
+                    checkpoints.push(running.join().expect("checkpoint"));
+                }
+            }
+        }
+    });
+    passes.sort();
     drop(opened);
     storage.close().expect("close");
     let _ = fs::remove_dir_all(directory);
     println!(
-        "| persistence | {logs} logs, one changed cursor each | one pass {} ms |",
-        milliseconds(pass)
+        "| persistence | {logs} logs, one changed cursor each | one pass {} ms; 40 more passes: p50 {} ms, max {} ms, with two checkpoints alongside taking {} and {} ms |",
+        milliseconds(pass),
+        milliseconds(percentile(&passes, 0.5)),
+        milliseconds(passes.last().copied().unwrap_or_default()),
+        milliseconds(checkpoints.first().copied().unwrap_or_default()),
+        milliseconds(checkpoints.get(1).copied().unwrap_or_default()),
+    );
+}
+
+fn bound(directory: &Path, logs: usize) {
+    let _ = fs::remove_dir_all(directory);
+    let config = StorageConfig {
+        // Nothing to trim: every log keeps its entries.
+        trim_interval: Duration::from_secs(3600),
+        ..StorageConfig::default()
+    };
+    let storage = Storage::open(directory, config).expect("open storage");
+    let mut opened = Vec::with_capacity(logs);
+    for index in 0..logs {
+        let log = storage.open_log(&format!("topic-{index}")).expect("log");
+        log.append(Bytes::from_static(b"entry"), 0)
+            .expect("append")
+            .wait()
+            .expect("durable");
+        log.open_cursor("sub", InitialPosition::Earliest)
+            .expect("cursor");
+        opened.push(log);
+    }
+    let probe = opened[0].clone();
+    probe
+        .open_cursor("probe", InitialPosition::Earliest)
+        .expect("cursor");
+    let stop = AtomicBool::new(false);
+    let mut latencies = Vec::new();
+    let mut sweeps = 0u64;
+    std::thread::scope(|scope| {
+        let churn = scope.spawn(|| {
+            let mut sweeps = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                for log in &opened {
+                    let position = log.last_position().expect("entry");
+                    log.acknowledge_cumulative("sub", position).expect("ack");
+                }
+                sweeps += 1;
+            }
+            sweeps
+        });
+        // Let the passes reach their steady state.
+        std::thread::sleep(Duration::from_secs(2));
+        for _ in 0..60 {
+            let position = probe
+                .append(Bytes::from_static(b"probe"), 0)
+                .expect("append")
+                .wait()
+                .expect("durable");
+            let acknowledged = Instant::now();
+            probe
+                .acknowledge_cumulative("probe", position)
+                .expect("ack");
+            while probe.persisted_mark_delete_position("probe").flatten() < Some(position) {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            latencies.push(acknowledged.elapsed());
+            // Spread the probes over the persistence cycle.
+            std::thread::sleep(Duration::from_millis(37));
+        }
+        stop.store(true, Ordering::Relaxed);
+        sweeps = churn.join().expect("churn");
+    });
+    drop(probe);
+    drop(opened);
+    storage.close().expect("close");
+    let _ = fs::remove_dir_all(directory);
+    latencies.sort();
+    println!(
+        "| bound | {logs} logs, every cursor changing ({sweeps} sweeps over all of them), default 200 ms persistence | acknowledgement durable after p50 {} ms, p99 {} ms, max {} ms ({} probes) |",
+        milliseconds(percentile(&latencies, 0.5)),
+        milliseconds(percentile(&latencies, 0.99)),
+        milliseconds(latencies.last().copied().unwrap_or_default()),
+        latencies.len()
     );
 }
 
@@ -314,6 +436,67 @@ fn descriptors(directory: &Path) {
     );
 }
 
+fn resident_bytes() -> u64 {
+    fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find_map(|line| line.strip_prefix("VmRSS:"))
+                .and_then(|value| {
+                    value
+                        .trim()
+                        .trim_end_matches("kB")
+                        .trim()
+                        .parse::<u64>()
+                        .ok()
+                })
+        })
+        .map(|kilobytes| kilobytes * 1024)
+        .unwrap_or(0)
+}
+
+fn index(directory: &Path, entries: u64) {
+    let _ = fs::remove_dir_all(directory);
+    let config = quiet_maintenance();
+    let written_index = {
+        let storage = Storage::open(directory, config.clone()).expect("open storage");
+        let log = storage.open_log("many").expect("log");
+        let payload = Bytes::from(vec![0x55u8; 100]);
+        for _ in 0..entries.div_ceil(10_000) {
+            let pending: Vec<_> = (0..10_000)
+                .map(|_| log.append(payload.clone(), 0).expect("append"))
+                .collect();
+            for append in pending {
+                append.wait().expect("durable");
+            }
+        }
+        let index_bytes = log.stats().index_bytes;
+        drop(log);
+        storage.close().expect("close");
+        index_bytes
+    };
+    let before = resident_bytes();
+    let storage = Storage::open(directory, config).expect("reopen");
+    let log = storage.open_log("many").expect("log");
+    let stats = log.stats();
+    let after = resident_bytes();
+    drop(log);
+    storage.close().expect("close");
+    let _ = fs::remove_dir_all(directory);
+    let per_entry = |bytes: f64| bytes / entries.div_ceil(10_000).saturating_mul(10_000) as f64;
+    println!(
+        "| index | one log of {} entries of 100 bytes, {} segments | index {} bytes ({:.3} per entry) after reopening, {} bytes while written; resident memory +{:.1} MiB by reopening ({:.2} bytes per entry) |",
+        entries.div_ceil(10_000) * 10_000,
+        stats.segments,
+        stats.index_bytes,
+        per_entry(stats.index_bytes as f64),
+        written_index,
+        after.saturating_sub(before) as f64 / (1024.0 * 1024.0),
+        per_entry(after.saturating_sub(before) as f64),
+    );
+}
+
 fn main() {
     let directory: PathBuf = std::env::var("MERIDIAN_BENCH_DIR")
         .map(PathBuf::from)
@@ -323,7 +506,7 @@ fn main() {
     let logs: usize = environment("MERIDIAN_BENCH_LOGS", 10_000);
     let cases: String = environment(
         "MERIDIAN_BENCH_CASES",
-        "starvation,recovery,persistence,snapshot,descriptors".to_string(),
+        "starvation,recovery,persistence,bound,snapshot,descriptors,index".to_string(),
     );
     let cases: Vec<&str> = cases.split(',').collect();
     println!("| case | load | result |");
@@ -337,10 +520,17 @@ fn main() {
     if cases.contains(&"persistence") {
         persistence(&directory.join("persistence"), logs);
     }
+    if cases.contains(&"bound") {
+        bound(&directory.join("bound"), logs);
+    }
     if cases.contains(&"snapshot") {
         snapshot(&directory.join("snapshot"), seconds);
     }
     if cases.contains(&"descriptors") {
         descriptors(&directory.join("descriptors"));
+    }
+    if cases.contains(&"index") {
+        let entries: u64 = environment("MERIDIAN_BENCH_INDEX_ENTRIES", 2_000_000);
+        index(&directory.join("index"), entries);
     }
 }

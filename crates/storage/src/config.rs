@@ -50,13 +50,18 @@ pub struct StorageConfig {
     /// Threads that write and fsync. Each log has at most one flush in flight; more threads let
     /// more logs fsync in parallel.
     pub flush_threads: usize,
-    /// How often changed cursor state is written and fsynced. A crash can redeliver the
-    /// acknowledgements of at most this long plus one persistence pass (about one fsync with
-    /// few changed logs; see `docs/durability.md` for many).
+    /// How often changed cursor state is made durable (one cursor WAL write and fsync for all
+    /// logs). A crash can redeliver the acknowledgements of at most this long plus two
+    /// persistence passes (see `docs/durability.md`).
     pub cursor_persist_interval: Duration,
     /// Individually acknowledged ranges persisted per cursor; ranges beyond it are kept in
     /// memory but redelivered after a crash.
     pub cursor_max_persisted_ranges: usize,
+    /// Individually acknowledged ranges a cursor holds in memory. An acknowledgement that
+    /// would start one more range is refused (`TooManyAcknowledgedRanges`, the entry stays
+    /// unacknowledged and is delivered again); the broker stops dispatching new entries to a
+    /// subscription before it gets there.
+    pub cursor_max_ranges: usize,
     /// How often retention and trimming run.
     pub trim_interval: Duration,
 }
@@ -72,6 +77,7 @@ impl Default for StorageConfig {
             flush_threads: 4,
             cursor_persist_interval: Duration::from_millis(200),
             cursor_max_persisted_ranges: 100_000,
+            cursor_max_ranges: 100_000,
             trim_interval: Duration::from_secs(1),
         }
     }
@@ -101,6 +107,9 @@ impl StorageConfig {
         }
         if self.pending_max_bytes_per_log < self.entry_max_bytes as u64 {
             return Err("pending_max_bytes_per_log must be at least entry_max_bytes".into());
+        }
+        if self.cursor_max_ranges == 0 {
+            return Err("cursor_max_ranges must be at least 1".into());
         }
         if self.cursor_persist_interval.is_zero() {
             return Err("cursor_persist_interval must be positive".into());

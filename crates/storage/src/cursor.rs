@@ -15,6 +15,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use crate::cursor_wal::WalRecord;
 use crate::engine::Shared;
 use crate::error::{Result, StorageError};
 use crate::format::{self, ByteReader, ByteWriter, FileHeader, FileKind, ScanEnd, HEADER_LEN};
@@ -22,7 +23,7 @@ use crate::log::{Log, LogState};
 use crate::range_set::RangeSet;
 use crate::Position;
 
-const JOURNAL_FILE: &str = "cursors.journal";
+pub(crate) const JOURNAL_FILE: &str = "cursors.journal";
 const JOURNAL_REWRITE_FILE: &str = "cursors.journal.new";
 const RECORD_SNAPSHOT: u8 = 1;
 const RECORD_DELETED: u8 = 2;
@@ -201,7 +202,16 @@ pub(crate) fn decode_record(
 pub(crate) struct CursorJournal {
     directory: PathBuf,
     path: PathBuf,
+    /// Names this file instance (header field 0), so that the cursor WAL's bytes for it are
+    /// never replayed into a journal rewritten or created again since.
+    generation: u64,
+    /// Length including `pending`.
     length: u64,
+    /// Length of the part written to the file and fsynced.
+    durable_length: u64,
+    /// Bytes made durable by the cursor WAL but not written to the file yet (a checkpoint or
+    /// the next direct write does), from `durable_length` on.
+    pending: Vec<u8>,
     /// Length right after the last rewrite; the journal is rewritten when it grows well past it.
     length_after_rewrite: u64,
     /// A write or fsync failed: the file's tail is unknown, so the next persist rewrites it.
@@ -231,8 +241,8 @@ impl CursorJournal {
         let file_len = file
             .size()
             .map_err(|error| StorageError::io("stat", &path, error))?;
-        match FileHeader::read(file.as_ref(), &path, FileKind::CursorJournal) {
-            Ok(_) => {}
+        let generation = match FileHeader::read(file.as_ref(), &path, FileKind::CursorJournal) {
+            Ok(header) => header.fields[0],
             Err(StorageError::Corrupted { .. }) if file_len <= HEADER_LEN => {
                 // Created but never completed (a crash before its header was fsynced, while its
                 // name was made durable by another file's creation in the directory). Records
@@ -244,7 +254,7 @@ impl CursorJournal {
                 return CursorJournal::create(shared, directory, path);
             }
             Err(error) => return Err(error),
-        }
+        };
         let mut recovered = BTreeMap::new();
         let scan = format::scan_records(file.as_ref(), &path, HEADER_LEN, file_len, |_, body| {
             let (name, state) = decode_record(body)?;
@@ -285,7 +295,10 @@ impl CursorJournal {
         Ok(CursorJournal {
             directory: directory.to_path_buf(),
             path,
+            generation,
             length,
+            durable_length: length,
+            pending: Vec::new(),
             length_after_rewrite: length,
             needs_rewrite: false,
             retired: false,
@@ -295,15 +308,19 @@ impl CursorJournal {
 
     /// Creates an empty journal at `path` (durably, directory entry included).
     fn create(shared: &Shared, directory: &Path, path: PathBuf) -> Result<CursorJournal> {
+        let generation = fresh_generation();
         let header = FileHeader {
             kind: FileKind::CursorJournal,
-            fields: [0; 5],
+            fields: [generation, 0, 0, 0, 0],
         };
         format::create_file(shared.io.as_ref(), &path, header)?;
         Ok(CursorJournal {
             directory: directory.to_path_buf(),
             path,
+            generation,
             length: HEADER_LEN,
+            durable_length: HEADER_LEN,
+            pending: Vec::new(),
             length_after_rewrite: HEADER_LEN,
             needs_rewrite: false,
             retired: false,
@@ -334,21 +351,64 @@ impl CursorJournal {
                 && self.length > 4 * self.length_after_rewrite)
     }
 
+    /// Writes the pending bytes and `records` to the file and fsyncs it.
     fn append(&mut self, shared: &Shared, records: &[Vec<u8>]) -> Result<()> {
-        let mut bytes = Vec::new();
+        let mut bytes = std::mem::take(&mut self.pending);
         for record in records {
             format::encode_record(&mut bytes, &[record]);
         }
+        let written = self.write_durably(shared, &bytes);
+        match written {
+            Ok(()) => {
+                self.durable_length += bytes.len() as u64;
+                self.length = self.durable_length;
+                Ok(())
+            }
+            Err(error) => {
+                // Still durable in the WAL; the rewrite that follows a failure supersedes them.
+                let pending_len = (self.length - self.durable_length) as usize;
+                bytes.truncate(pending_len);
+                self.pending = bytes;
+                Err(error)
+            }
+        }
+    }
+
+    fn write_durably(&self, shared: &Shared, bytes: &[u8]) -> Result<()> {
         let file = shared
             .io
             .open(&self.path)
             .map_err(|error| StorageError::io("open", &self.path, error))?;
-        file.write_all_at(&bytes, self.length)
+        file.write_all_at(bytes, self.durable_length)
             .map_err(|error| StorageError::io("write", &self.path, error))?;
         file.sync()
-            .map_err(|error| StorageError::io("fsync", &self.path, error))?;
-        self.length += bytes.len() as u64;
-        Ok(())
+            .map_err(|error| StorageError::io("fsync", &self.path, error))
+    }
+
+    /// For a checkpoint: (path, generation, offset, bytes) of the bytes the cursor WAL holds
+    /// for this journal, to be written outside the journal's lock.
+    fn pending_copy(&self) -> Option<(PathBuf, u64, u64, Vec<u8>)> {
+        (!self.pending.is_empty() && !self.retired).then(|| {
+            (
+                self.path.clone(),
+                self.generation,
+                self.durable_length,
+                self.pending.clone(),
+            )
+        })
+    }
+
+    /// The file of generation `generation` is durable up to `end`.
+    fn pending_written(&mut self, generation: u64, end: u64) {
+        if self.generation == generation && end > self.durable_length {
+            let written = (end - self.durable_length) as usize;
+            self.pending.drain(..written.min(self.pending.len()));
+            self.durable_length = end;
+        }
+    }
+
+    pub(crate) fn has_pending(&self) -> bool {
+        !self.pending.is_empty()
     }
 
     /// Replaces the journal with one holding exactly `records` (a snapshot of every live cursor).
@@ -359,9 +419,10 @@ impl CursorJournal {
             io.remove_file(&rewrite_path)
                 .map_err(|error| StorageError::io("remove", &rewrite_path, error))?;
         }
+        let generation = fresh_generation();
         let header = FileHeader {
             kind: FileKind::CursorJournal,
-            fields: [0; 5],
+            fields: [generation, 0, 0, 0, 0],
         };
         let file = format::create_file(io, &rewrite_path, header)?;
         let mut bytes = Vec::new();
@@ -377,10 +438,34 @@ impl CursorJournal {
         io.sync_dir(&self.directory)
             .map_err(|error| StorageError::io("fsync directory", &self.directory, error))?;
         drop(file);
+        self.generation = generation;
         self.length = HEADER_LEN + bytes.len() as u64;
+        self.durable_length = self.length;
+        self.pending.clear();
         self.length_after_rewrite = self.length;
         self.needs_rewrite = false;
         Ok(())
+    }
+}
+
+/// A generation for a new journal file: random (the hasher state of `RandomState` is seeded
+/// per process), never 0 (the generation of journals written before generations existed).
+fn fresh_generation() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    loop {
+        let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+        hasher.write_u64(COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
+        hasher.write_u128(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|elapsed| elapsed.as_nanos())
+                .unwrap_or(0),
+        );
+        let generation = hasher.finish();
+        if generation != 0 {
+            return generation;
+        }
     }
 }
 
@@ -504,6 +589,15 @@ impl Log {
             .is_some_and(|slot| slot.state.is_acknowledged(position))
     }
 
+    /// The mark-delete position of cursor `name` as last made durable (what a crash would
+    /// bring back, and what trimming goes by); `None` if the cursor does not exist.
+    pub fn persisted_mark_delete_position(&self, name: &str) -> Option<Option<Position>> {
+        self.lock()
+            .cursors
+            .get(name)
+            .map(|slot| slot.persisted_mark_delete)
+    }
+
     /// The mark-delete position of cursor `name`; `None` if the cursor does not exist.
     pub fn mark_delete_position(&self, name: &str) -> Option<Option<Position>> {
         self.lock()
@@ -554,18 +648,75 @@ impl Log {
 
     /// Acknowledges individual entries. Positions at or before the mark-delete position, or
     /// beyond the last durable entry, are ignored. Returns the new mark-delete position.
+    ///
+    /// The cursor holds at most `cursor_max_ranges` ranges of individually acknowledged
+    /// entries: an acknowledgement that would start another one (it neither extends a range
+    /// nor follows the mark-delete position) is refused, the others are applied, and the call
+    /// fails with `TooManyAcknowledgedRanges` listing the refused positions, which stay
+    /// unacknowledged.
     pub fn acknowledge(&self, name: &str, positions: &[Position]) -> Result<Option<Position>> {
+        let max_ranges = self.shared.config.cursor_max_ranges;
         let mut state = self.lock();
         let last_durable = state.last_durable();
-        state.update_cursor(self.name(), name, |log, cursor| {
+        let (mark_delete, refused) = state.update_cursor(self.name(), name, |log, cursor| {
+            let mut refused = Vec::new();
+            // The mark-delete position moves once, at the end (finding the entry after it
+            // costs a walk over the segments): until then, the range starting at `next`
+            // counts as one more, which it stops being at the end.
+            let next = log.position_after(cursor.mark_delete);
             for position in positions {
-                if Some(*position) <= last_durable && !cursor.is_acknowledged(*position) {
-                    cursor.acknowledged.insert(*position);
+                if Some(*position) > last_durable || cursor.is_acknowledged(*position) {
+                    continue;
                 }
+                let joins = *position == next
+                    || (position.entry_id > 0
+                        && cursor
+                            .acknowledged
+                            .contains(Position::new(position.ledger_id, position.entry_id - 1)))
+                    || cursor
+                        .acknowledged
+                        .contains(Position::new(position.ledger_id, position.entry_id + 1));
+                if !joins && cursor.acknowledged.range_count() >= max_ranges {
+                    refused.push(*position);
+                    continue;
+                }
+                cursor.acknowledged.insert(*position);
             }
             log.advance_mark_delete(cursor);
-            cursor.mark_delete
+            (cursor.mark_delete, refused)
+        })?;
+        if refused.is_empty() {
+            Ok(mark_delete)
+        } else {
+            Err(StorageError::TooManyAcknowledgedRanges {
+                log: self.name().to_string(),
+                cursor: name.to_string(),
+                limit: max_ranges,
+                refused,
+            })
+        }
+    }
+
+    /// Number of ranges of individually acknowledged entries cursor `name` holds (0 if it does
+    /// not exist); at most `cursor_max_ranges` unless more were recovered.
+    pub fn acknowledged_range_count(&self, name: &str) -> usize {
+        self.acknowledged_ranges(name).0
+    }
+
+    /// Number of ranges of individually acknowledged entries of cursor `name`, and the last
+    /// entry of the last one.
+    pub fn acknowledged_ranges(&self, name: &str) -> (usize, Option<Position>) {
+        self.lock().cursors.get(name).map_or((0, None), |slot| {
+            (
+                slot.state.acknowledged.range_count(),
+                slot.state.acknowledged.last(),
+            )
         })
+    }
+
+    /// The engine's `cursor_max_ranges`.
+    pub fn cursor_max_ranges(&self) -> usize {
+        self.shared.config.cursor_max_ranges
     }
 
     /// Acknowledges every entry up to and including `position`.
@@ -625,7 +776,8 @@ impl Log {
                 .any(|slot| slot.durable && slot.dirty)
     }
 
-    /// Writes and fsyncs every cursor changed since the last call.
+    /// Writes and fsyncs every cursor changed since the last call (and the bytes the cursor
+    /// WAL holds for this journal), straight into the log's journal.
     pub fn persist_cursors(&self) -> Result<()> {
         let mut journal = self
             .cursor_journal
@@ -636,70 +788,209 @@ impl Log {
                 log: self.name().to_string(),
             });
         }
-        let max_ranges = self.shared.config.cursor_max_persisted_ranges;
         let rewrite = journal.should_rewrite();
-        let (snapshots, persisted, tombstones) = {
-            let mut state = self.lock();
-            let dirty = state
-                .cursors
-                .values()
-                .any(|slot| slot.durable && slot.dirty);
-            if !dirty && state.deleted_cursors.is_empty() && !rewrite {
-                return Ok(());
-            }
-            let tombstones = std::mem::take(&mut state.deleted_cursors);
-            let mut snapshots = Vec::new();
-            let mut persisted = Vec::new();
-            for (name, slot) in state.cursors.iter_mut().filter(|(_, slot)| slot.durable) {
-                if slot.dirty || rewrite {
-                    snapshots.push(SnapshotCopy::of(name, &slot.state, max_ranges));
-                    persisted.push((name.clone(), slot.state.mark_delete));
-                    slot.dirty = false;
-                }
-            }
-            (snapshots, persisted, tombstones)
+        let Some(changes) = self.take_cursor_changes(rewrite || journal.has_pending()) else {
+            return Ok(());
         };
-        let mut records: Vec<Vec<u8>> = snapshots.iter().map(SnapshotCopy::encode).collect();
+        let mut records: Vec<Vec<u8>> =
+            changes.snapshots.iter().map(SnapshotCopy::encode).collect();
         if !rewrite {
-            records.extend(tombstones.iter().map(|name| encode_tombstone(name)));
+            records.extend(changes.tombstones.iter().map(|name| encode_tombstone(name)));
         }
         let written = if rewrite {
             journal.rewrite(&self.shared, &records)
         } else {
             journal.append(&self.shared, &records)
         };
-        let mut state = self.lock();
+        self.settle_cursor_changes(changes, rewrite, written.is_ok(), &mut journal);
+        written
+    }
+
+    /// For the engine's WAL pass: this log's changed cursors encoded as journal records, with
+    /// the journal held until [`StagedCursors::settle`]. `None` if there is nothing to write,
+    /// the log is closed, or its journal needs a rewrite (done here, directly).
+    pub(crate) fn stage_cursors(&self) -> Option<StagedCursors<'_>> {
+        let journal = self
+            .cursor_journal
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if journal.retired {
+            return None;
+        }
+        if journal.should_rewrite() {
+            drop(journal);
+            match self.persist_cursors() {
+                Ok(()) | Err(StorageError::Closed { .. }) => {}
+                Err(error) => {
+                    tracing::error!(log = %self.name(), %error, "persisting cursors failed; will retry")
+                }
+            }
+            return None;
+        }
+        let changes = self.take_cursor_changes(false)?;
+        let mut bytes = Vec::new();
+        for snapshot in &changes.snapshots {
+            format::encode_record(&mut bytes, &[&snapshot.encode()]);
+        }
+        for name in &changes.tombstones {
+            format::encode_record(&mut bytes, &[&encode_tombstone(name)]);
+        }
+        let record = WalRecord {
+            directory: self
+                .directory()
+                .file_name()
+                .map(|name| name.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+            generation: journal.generation,
+            offset: journal.length,
+            bytes,
+        };
+        Some(StagedCursors {
+            log: self,
+            journal,
+            changes,
+            record,
+        })
+    }
+
+    /// Checkpoint of the cursor WAL: writes and fsyncs the bytes it holds for this journal,
+    /// without holding the journal's lock across the I/O (a pass would wait for it). The file
+    /// is checked to be the same generation through the descriptor that writes it, so a
+    /// journal rewritten meanwhile (renamed over) is never written with the old one's bytes.
+    pub(crate) fn write_pending_cursors(&self) -> Result<()> {
+        let lock = || {
+            self.cursor_journal
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+        };
+        let Some((path, generation, offset, bytes)) = lock().pending_copy() else {
+            return Ok(());
+        };
+        let io = self.shared.io.as_ref();
+        let written = io
+            .open(&path)
+            .map_err(|error| StorageError::io("open", &path, error))
+            .and_then(|file| {
+                let header = FileHeader::read(file.as_ref(), &path, FileKind::CursorJournal)?;
+                if header.fields[0] != generation {
+                    // Rewritten since: the rewrite is complete and durable.
+                    return Ok(false);
+                }
+                file.write_all_at(&bytes, offset)
+                    .map_err(|error| StorageError::io("write", &path, error))?;
+                file.sync()
+                    .map_err(|error| StorageError::io("fsync", &path, error))?;
+                Ok(true)
+            });
+        let mut journal = lock();
         match written {
-            Ok(()) => {
-                // A deleted cursor's tombstone (or a snapshot of the cursor created again under
-                // its name) is durable: a crash can no longer bring the old cursor back.
-                for name in tombstones
-                    .iter()
-                    .chain(persisted.iter().map(|(name, _)| name))
-                {
-                    state.deletions_in_flight.remove(name);
-                }
-                for (name, mark_delete) in persisted {
-                    if let Some(slot) = state.cursors.get_mut(&name) {
-                        slot.persisted_mark_delete = mark_delete;
-                    }
-                }
+            Ok(true) => {
+                journal.pending_written(generation, offset + bytes.len() as u64);
                 Ok(())
             }
+            Ok(false) => Ok(()),
             Err(error) => {
-                // Try again next time, into a fresh file.
                 journal.needs_rewrite = true;
-                for (name, _) in persisted {
-                    if let Some(slot) = state.cursors.get_mut(&name) {
-                        slot.dirty = true;
-                    }
-                }
-                if !rewrite {
-                    state.deleted_cursors.extend(tombstones);
-                }
                 Err(error)
             }
         }
+    }
+
+    /// Takes the changed durable cursors (all of them if `force`) and the deleted ones, marking
+    /// them clean; `None` if there is nothing to write.
+    fn take_cursor_changes(&self, force: bool) -> Option<CursorChanges> {
+        let max_ranges = self.shared.config.cursor_max_persisted_ranges;
+        let mut state = self.lock();
+        let dirty = state
+            .cursors
+            .values()
+            .any(|slot| slot.durable && slot.dirty);
+        if !dirty && state.deleted_cursors.is_empty() && !force {
+            return None;
+        }
+        let tombstones = std::mem::take(&mut state.deleted_cursors);
+        let mut snapshots = Vec::new();
+        let mut persisted = Vec::new();
+        for (name, slot) in state.cursors.iter_mut().filter(|(_, slot)| slot.durable) {
+            if slot.dirty || force {
+                snapshots.push(SnapshotCopy::of(name, &slot.state, max_ranges));
+                persisted.push((name.clone(), slot.state.mark_delete));
+                slot.dirty = false;
+            }
+        }
+        Some(CursorChanges {
+            snapshots,
+            persisted,
+            tombstones,
+        })
+    }
+
+    /// After the changes were written (`durable`) or not: trimming may rely on the persisted
+    /// positions, or the cursors are changed again and the journal rewritten next time.
+    fn settle_cursor_changes(
+        &self,
+        changes: CursorChanges,
+        rewrite: bool,
+        durable: bool,
+        journal: &mut CursorJournal,
+    ) {
+        let mut state = self.lock();
+        if durable {
+            // A deleted cursor's tombstone (or a snapshot of the cursor created again under
+            // its name) is durable: a crash can no longer bring the old cursor back.
+            for name in changes
+                .tombstones
+                .iter()
+                .chain(changes.persisted.iter().map(|(name, _)| name))
+            {
+                state.deletions_in_flight.remove(name);
+            }
+            for (name, mark_delete) in changes.persisted {
+                if let Some(slot) = state.cursors.get_mut(&name) {
+                    slot.persisted_mark_delete = mark_delete;
+                }
+            }
+            return;
+        }
+        // Try again next time, into a fresh file.
+        journal.needs_rewrite = true;
+        for (name, _) in changes.persisted {
+            if let Some(slot) = state.cursors.get_mut(&name) {
+                slot.dirty = true;
+            }
+        }
+        if !rewrite {
+            state.deleted_cursors.extend(changes.tombstones);
+        }
+    }
+}
+
+/// Cursor changes taken from a log's state to be written.
+struct CursorChanges {
+    snapshots: Vec<SnapshotCopy>,
+    /// (cursor, mark-delete position) of each snapshot.
+    persisted: Vec<(String, Option<Position>)>,
+    tombstones: Vec<String>,
+}
+
+/// One log's part of a WAL pass (see [`Log::stage_cursors`]).
+pub(crate) struct StagedCursors<'a> {
+    log: &'a Log,
+    journal: std::sync::MutexGuard<'a, CursorJournal>,
+    changes: CursorChanges,
+    pub(crate) record: WalRecord,
+}
+
+impl StagedCursors<'_> {
+    /// The WAL write succeeded (`durable`) or failed.
+    pub(crate) fn settle(mut self, durable: bool) {
+        if durable {
+            let journal = &mut *self.journal;
+            journal.pending.extend_from_slice(&self.record.bytes);
+            journal.length += self.record.bytes.len() as u64;
+        }
+        self.log
+            .settle_cursor_changes(self.changes, false, durable, &mut self.journal);
     }
 }
 

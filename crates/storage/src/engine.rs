@@ -4,9 +4,12 @@
 //! - `flush-N` (`flush_threads` of them) take logs with pending appends from a queue, write and
 //!   fsync one batch, and complete its appends; a log with more batches queues itself again at
 //!   the back, so busy logs take turns with quiet ones. A log is queued at most once at a time.
-//! - `maintenance` persists changed cursors every `cursor_persist_interval` (with up to
-//!   `PERSIST_PARALLELISM` short-lived helper threads per pass), runs trimming every
+//! - `maintenance` persists changed cursors every `cursor_persist_interval` (one cursor WAL
+//!   record per changed log, one fsync for all: `cursor_wal.rs`), runs trimming every
 //!   `trim_interval`, and fsyncs under the relaxed flush policy.
+//! - `checkpoint`, started by `maintenance` once the cursor WAL holds
+//!   `CURSOR_WAL_CHECKPOINT_BYTES`: writes the WAL's bytes into the journals (with up to
+//!   `CHECKPOINT_PARALLELISM` short-lived helper threads) and removes the WAL file.
 //!
 //! On disk: `<root>/logs/<encoded log name>/` per log (see `docs/storage-format.md`).
 
@@ -18,6 +21,7 @@ use std::thread::JoinHandle;
 use std::time::Instant;
 
 use crate::config::{FlushPolicy, StorageConfig};
+use crate::cursor_wal::{CursorWal, WalRecord};
 use crate::error::{Result, StorageError};
 use crate::io::Io;
 use crate::log::Log;
@@ -39,9 +43,25 @@ pub(crate) struct Shared {
     /// a lower floor over a higher one.
     ledger_floor_update: Mutex<()>,
     flush_queue: crossbeam_channel::Sender<Option<Arc<Log>>>,
+    /// The cursor write-ahead log of every persistence pass.
+    cursor_wal: Mutex<CursorWal>,
+    /// A log was closed while its journal still had bytes only the WAL holds (its last write
+    /// failed): the WAL files up to this sequence are kept until the next start replays them.
+    pub(crate) cursor_wal_pinned: AtomicU64,
 }
 
 impl Shared {
+    /// Keeps the cursor WAL files written so far until the next start (a closed log's journal
+    /// lacks bytes only they hold).
+    pub(crate) fn pin_cursor_wal(&self) {
+        let sequence = self
+            .cursor_wal
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .sequence();
+        self.cursor_wal_pinned.fetch_max(sequence, Ordering::SeqCst);
+    }
+
     pub(crate) fn schedule_flush(&self, log: Arc<Log>) {
         // The receivers live until `Storage::close`, which closes every log first.
         if self.flush_queue.send(Some(log)).is_err() {
@@ -68,6 +88,8 @@ struct Inner {
     registry: Mutex<Registry>,
     /// Wakes the maintenance thread early when stopping.
     wake: Condvar,
+    /// The cursor WAL checkpoint running in the background, if any.
+    checkpoint: Mutex<Option<JoinHandle<()>>>,
 }
 
 impl Inner {
@@ -110,6 +132,8 @@ impl Storage {
             .map_err(|error| StorageError::io("create directory", &logs_directory, error))?;
         remove_stale_ledger_floor_temporary(io.as_ref(), &root)?;
         remove_tombstones(io.as_ref(), &logs_directory)?;
+        // Before any log opens: their journals must hold what the WAL made durable.
+        let cursor_wal = CursorWal::recover(io.as_ref(), &root)?;
         let ledger_floor = match read_ledger_floor(io.as_ref(), &root)? {
             Some(floor) => floor,
             None if list_is_empty(io.as_ref(), &logs_directory)? => {
@@ -132,6 +156,8 @@ impl Storage {
                 ledger_floor: AtomicU64::new(ledger_floor),
                 ledger_floor_update: Mutex::new(()),
                 flush_queue: sender,
+                cursor_wal: Mutex::new(cursor_wal),
+                cursor_wal_pinned: AtomicU64::new(0),
             }),
             root,
             registry: Mutex::new(Registry {
@@ -141,6 +167,7 @@ impl Storage {
                 stopping: false,
             }),
             wake: Condvar::new(),
+            checkpoint: Mutex::new(None),
         });
         let mut threads = Vec::new();
         for index in 0..flush_threads {
@@ -347,7 +374,14 @@ impl Storage {
     /// every `cursor_persist_interval`. Failures are logged and retried on the next pass.
     pub fn persist_cursors(&self) {
         let logs: Vec<Arc<Log>> = self.inner.registry().logs.values().cloned().collect();
-        persist_cursors_of(&logs);
+        persist_cursors_of(&self.inner.shared, &logs);
+    }
+
+    /// Writes the bytes the cursor WAL holds into the journals of the open logs, fsyncs them,
+    /// and removes the WAL files that covered them: what the engine does in the background
+    /// once the WAL passes `CURSOR_WAL_CHECKPOINT_BYTES`.
+    pub fn checkpoint_cursors(&self) -> Result<()> {
+        checkpoint_cursors(&self.inner)
     }
 
     /// Root directory of the engine.
@@ -383,6 +417,15 @@ impl Storage {
         for thread in self.threads.drain(..) {
             let _ = thread.join();
         }
+        let checkpoint = self
+            .inner
+            .checkpoint
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .take();
+        if let Some(checkpoint) = checkpoint {
+            let _ = checkpoint.join();
+        }
         match first_error {
             Some(error) => Err(error),
             None => Ok(()),
@@ -408,7 +451,7 @@ impl Drop for Storage {
     }
 }
 
-fn maintenance(inner: &Inner) {
+fn maintenance(inner: &Arc<Inner>) {
     let config = &inner.shared.config;
     let mut tick = config.cursor_persist_interval.min(config.trim_interval);
     if let FlushPolicy::RelaxedWriteOnly { fsync_interval } = config.flush_policy {
@@ -441,7 +484,8 @@ fn maintenance(inner: &Inner) {
                 let _ = log.sync_written();
             }
         }
-        persist_cursors_of(&logs);
+        persist_cursors_of(&inner.shared, &logs);
+        start_checkpoint_if_due(inner);
         if trim_now {
             for log in &logs {
                 log.evict_consumed_cache();
@@ -453,38 +497,154 @@ fn maintenance(inner: &Inner) {
     }
 }
 
-/// Journals written and fsynced at once by one persistence pass. Each log's journal is its own
-/// file, so one fsync after another would make a pass over 10,000 logs take seconds; file
-/// systems commit concurrent fsyncs together.
+/// Journals written and fsynced at once when they are written directly (a checkpoint, or
+/// passes after the cursor WAL failed): file systems commit concurrent fsyncs together.
 const PERSIST_PARALLELISM: usize = 32;
 
-/// Persists the changed cursors of `logs`, several logs at a time; a failure is logged and
-/// retried on the next pass.
-fn persist_cursors_of(logs: &[Arc<Log>]) {
-    // Most logs of a large engine are idle: only the changed ones are worth a thread.
+/// Journals written and fsynced at once by a checkpoint: few, so that it leaves the passes
+/// running alongside it (and everything else) most of the machine.
+const CHECKPOINT_PARALLELISM: usize = 4;
+
+/// The cursor WAL is checkpointed (its bytes written into the journals, which are fsynced,
+/// and a new WAL file started) once it holds this much.
+const CURSOR_WAL_CHECKPOINT_BYTES: u64 = 16 << 20;
+
+/// Persists the changed cursors of `logs`: one record per log in the cursor WAL and one fsync
+/// for all of them. A failure is logged and retried on the next pass.
+fn persist_cursors_of(shared: &Shared, logs: &[Arc<Log>]) {
+    // Most logs of a large engine are idle.
     let logs: Vec<&Arc<Log>> = logs.iter().filter(|log| log.cursors_changed()).collect();
-    let next = AtomicUsize::new(0);
-    let persist_next = || {
-        while let Some(log) = logs.get(next.fetch_add(1, Ordering::Relaxed)) {
-            match log.persist_cursors() {
-                // A log closed since the list was taken persisted its cursors when it closed.
-                Ok(()) | Err(StorageError::Closed { .. }) => {}
-                Err(error) => {
-                    tracing::error!(log = %log.name(), %error, "persisting cursors failed; will retry")
-                }
-            }
+    if logs.is_empty() {
+        return;
+    }
+    let mut wal = shared
+        .cursor_wal
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    if wal.broken {
+        drop(wal);
+        persist_each(&logs);
+        return;
+    }
+    let staged: Vec<_> = logs.iter().filter_map(|log| log.stage_cursors()).collect();
+    if staged.is_empty() {
+        return;
+    }
+    let records: Vec<&WalRecord> = staged.iter().map(|staged| &staged.record).collect();
+    let durable = match wal.append(&records) {
+        Ok(()) => true,
+        Err(error) => {
+            tracing::error!(%error, "persisting cursors failed; will retry");
+            false
         }
     };
-    let workers = logs.len().min(PERSIST_PARALLELISM);
+    drop(records);
+    for staged in staged {
+        staged.settle(durable);
+    }
+}
+
+/// Runs `work` on each of `logs`, up to `PERSIST_PARALLELISM` at once.
+fn for_each_parallel(logs: &[&Arc<Log>], parallelism: usize, work: impl Fn(&Arc<Log>) + Sync) {
+    let next = AtomicUsize::new(0);
+    let run = || {
+        while let Some(log) = logs.get(next.fetch_add(1, Ordering::Relaxed)) {
+            work(log);
+        }
+    };
+    let workers = logs.len().min(parallelism);
     if workers <= 1 {
-        persist_next();
+        run();
         return;
     }
     std::thread::scope(|scope| {
         for _ in 0..workers {
-            scope.spawn(persist_next);
+            scope.spawn(run);
         }
     });
+}
+
+/// Persists each log's cursors straight into its journal (one fsync each, several at once).
+fn persist_each(logs: &[&Arc<Log>]) {
+    for_each_parallel(logs, PERSIST_PARALLELISM, |log| {
+        match log.persist_cursors() {
+            // A log closed since the list was taken persisted its cursors when it closed.
+            Ok(()) | Err(StorageError::Closed { .. }) => {}
+            Err(error) => {
+                tracing::error!(log = %log.name(), %error, "persisting cursors failed; will retry")
+            }
+        }
+    });
+}
+
+/// Starts a checkpoint in the background once the WAL is large enough and none is running.
+fn start_checkpoint_if_due(inner: &Arc<Inner>) {
+    let due = inner
+        .shared
+        .cursor_wal
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+        .length()
+        > CURSOR_WAL_CHECKPOINT_BYTES;
+    if !due {
+        return;
+    }
+    let mut checkpoint = inner
+        .checkpoint
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    if checkpoint
+        .as_ref()
+        .is_some_and(|running| !running.is_finished())
+    {
+        return;
+    }
+    if let Some(finished) = checkpoint.take() {
+        let _ = finished.join();
+    }
+    let checkpoint_inner = inner.clone();
+    match std::thread::Builder::new()
+        .name("meridian-storage-checkpoint".into())
+        .spawn(move || {
+            if let Err(error) = checkpoint_cursors(&checkpoint_inner) {
+                tracing::error!(%error, "cursor WAL checkpoint failed; will retry");
+            }
+        }) {
+        Ok(thread) => *checkpoint = Some(thread),
+        Err(error) => tracing::error!(%error, "could not start the cursor WAL checkpoint"),
+    }
+}
+
+/// Passes from now on go to a new WAL file; the bytes the previous files hold are written into
+/// the journals and fsynced (several at once), then those files are removed.
+fn checkpoint_cursors(inner: &Inner) -> Result<()> {
+    let shared = &inner.shared;
+    let io = shared.io.as_ref();
+    let previous = shared
+        .cursor_wal
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+        .rotate(io)?;
+    let logs: Vec<Arc<Log>> = inner.registry().logs.values().cloned().collect();
+    let logs: Vec<&Arc<Log>> = logs.iter().collect();
+    let failed = AtomicUsize::new(0);
+    for_each_parallel(&logs, CHECKPOINT_PARALLELISM, |log| {
+        if let Err(error) = log.write_pending_cursors() {
+            failed.fetch_add(1, Ordering::Relaxed);
+            tracing::error!(log = %log.name(), %error, "writing cursors into the journal failed; will rewrite it");
+        }
+    });
+    if failed.load(Ordering::Relaxed) > 0 {
+        // The older files stay until a later checkpoint (or the next start) no longer needs
+        // them.
+        return Ok(());
+    }
+    let pinned = shared.cursor_wal_pinned.load(Ordering::SeqCst);
+    shared
+        .cursor_wal
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+        .retire(io, previous, pinned)
 }
 
 /// Encodes a log name as a directory name: bytes other than ASCII letters, digits, `-`, `_`

@@ -61,6 +61,17 @@ pub enum StorageError {
         limit: u64,
     },
 
+    /// Acknowledgements that would have started more individually acknowledged ranges than
+    /// `cursor_max_ranges` were refused (the others in the same call were applied): those
+    /// entries stay unacknowledged.
+    #[error("cursor {cursor} of log {log} holds the maximum of {limit} acknowledged ranges; {} acknowledgements refused", refused.len())]
+    TooManyAcknowledgedRanges {
+        log: String,
+        cursor: String,
+        limit: usize,
+        refused: Vec<Position>,
+    },
+
     #[error("position {position} is not in log {log}")]
     PositionNotFound { log: String, position: Position },
 

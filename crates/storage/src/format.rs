@@ -29,8 +29,11 @@ pub enum FileKind {
     /// and the position this segment continues: the previous segment's ledger id and the entry
     /// id after its last entry (both 0: not recorded, as in files written before they were).
     Segment,
-    /// Snapshots of a log's cursors. Fields: unused.
+    /// Snapshots of a log's cursors. Fields: the journal's generation (a random number that
+    /// names this file instance; 0 in files written before it was recorded), then unused.
     CursorJournal,
+    /// The engine's cursor write-ahead log (`<root>/cursors-<sequence>.wal`). Fields: unused.
+    CursorWal,
 }
 
 impl FileKind {
@@ -38,6 +41,7 @@ impl FileKind {
         match self {
             FileKind::Segment => b"MRDNSEG\x01",
             FileKind::CursorJournal => b"MRDNCUR\x01",
+            FileKind::CursorWal => b"MRDNWAL\x01",
         }
     }
 }

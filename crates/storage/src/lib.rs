@@ -22,6 +22,7 @@ mod cache;
 pub mod closed_log;
 pub mod config;
 pub mod cursor;
+mod cursor_wal;
 pub mod engine;
 mod error;
 pub mod format;

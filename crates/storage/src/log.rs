@@ -35,6 +35,11 @@ use crate::Position;
 pub const ENTRY_HEADER_LEN: u64 = 16;
 /// Entries per block of the publish-time index.
 const TIME_BLOCK: usize = 32;
+/// A sealed segment keeps the offset of one entry in this many (at most)...
+const SPARSE_INDEX_ENTRIES: u32 = 64;
+/// ...and at least one per this many bytes of records; a read scans forward from the nearest
+/// kept offset, so it reads at most this much (plus one record) more than it returns.
+const SPARSE_INDEX_BYTES: u32 = 64 * 1024;
 
 /// An entry read back from a log: exactly the bytes that were appended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -56,6 +61,8 @@ pub struct LogStats {
     pub storage_bytes: u64,
     pub segments: usize,
     pub entries_cached: usize,
+    /// Bytes of memory the segments' indexes (entry offsets, publish-time marks) hold.
+    pub index_bytes: usize,
 }
 
 /// An append that has been given its position and waits to become durable. Await it, or call
@@ -120,8 +127,8 @@ pub(crate) struct Segment {
     file: SegmentFile,
     pub(crate) ledger_id: u64,
     pub(crate) first_entry_id: u64,
-    /// File offset of each entry's record, by `entry_id - first_entry_id`.
-    offsets: Vec<u32>,
+    /// Where each entry's record starts in the file.
+    index: EntryIndex,
     /// Running maximum publish time at the end of each block of `TIME_BLOCK` entries.
     time_marks: Vec<u64>,
     /// File length including appended records that are not flushed yet.
@@ -144,7 +151,7 @@ impl Segment {
             file: SegmentFile::NotCreated,
             ledger_id,
             first_entry_id,
-            offsets: Vec::new(),
+            index: EntryIndex::Dense(Vec::new()),
             time_marks: Vec::new(),
             end: HEADER_LEN,
             flushed_end: 0,
@@ -163,11 +170,11 @@ impl Segment {
     }
 
     pub(crate) fn entry_count(&self) -> u64 {
-        self.offsets.len() as u64
+        self.index.len() as u64
     }
 
     fn first_position(&self) -> Option<Position> {
-        (!self.offsets.is_empty()).then(|| Position::new(self.ledger_id, self.first_entry_id))
+        (self.index.len() > 0).then(|| Position::new(self.ledger_id, self.first_entry_id))
     }
 
     pub(crate) fn last_position(&self) -> Option<Position> {
@@ -182,8 +189,14 @@ impl Segment {
     }
 
     fn push_entry(&mut self, offset: u64, publish_time_ms: u64) {
-        let index = self.offsets.len();
-        self.offsets.push(offset as u32);
+        let index = self.index.len();
+        match &mut self.index {
+            EntryIndex::Dense(offsets) => offsets.push(offset as u32),
+            EntryIndex::Sparse { .. } => {
+                debug_assert!(false, "append to a sealed segment");
+                return;
+            }
+        }
         if index.is_multiple_of(TIME_BLOCK) {
             let previous = self.time_marks.last().copied().unwrap_or(0);
             self.time_marks.push(previous.max(publish_time_ms));
@@ -192,28 +205,140 @@ impl Segment {
         }
     }
 
-    /// Drops entries from index `keep` on (used when rolling back after a full disk).
+    /// Drops entries from index `keep` on (used when rolling back after a full disk; only a
+    /// segment not sealed yet, whose index is dense, has entries to drop).
     fn truncate_entries(&mut self, keep: usize) {
-        if let Some(offset) = self.offsets.get(keep) {
-            self.end = u64::from(*offset);
+        if let EntryIndex::Dense(offsets) = &mut self.index {
+            if let Some(offset) = offsets.get(keep) {
+                self.end = u64::from(*offset);
+            }
+            offsets.truncate(keep);
+            self.time_marks.truncate(keep.div_ceil(TIME_BLOCK));
         }
-        self.offsets.truncate(keep);
-        self.time_marks.truncate(keep.div_ceil(TIME_BLOCK));
     }
 
-    /// Byte range of entry `index`'s record in the file.
-    fn record_range(&self, index: usize) -> (u64, u64) {
-        let start = u64::from(self.offsets[index]);
-        let end = self
-            .offsets
+    /// Byte range of entry `index`'s record in the file, if the index has it (dense).
+    fn record_range(&self, index: usize) -> Option<(u64, u64)> {
+        let EntryIndex::Dense(offsets) = &self.index else {
+            return None;
+        };
+        let start = u64::from(*offsets.get(index)?);
+        let end = offsets
             .get(index + 1)
             .map(|offset| u64::from(*offset))
             .unwrap_or(self.end);
-        (start, end)
+        Some((start, end))
+    }
+
+    /// The nearest entry at or before `index` whose offset the index keeps: (its index, its
+    /// offset).
+    fn indexed_at_or_before(&self, index: usize) -> (usize, u64) {
+        match &self.index {
+            EntryIndex::Dense(offsets) => (
+                index,
+                offsets
+                    .get(index)
+                    .map(|offset| u64::from(*offset))
+                    .unwrap_or(self.end),
+            ),
+            EntryIndex::Sparse { points, .. } => {
+                let at = points.partition_point(|(entry, _)| *entry as usize <= index);
+                points
+                    .get(at.wrapping_sub(1))
+                    .map(|(entry, offset)| (*entry as usize, u64::from(*offset)))
+                    .unwrap_or((0, HEADER_LEN))
+            }
+        }
+    }
+
+    /// Where entry `index`'s record starts (`end` for the entry count). Under a sparse index
+    /// the nearest kept offset at or before it: less than `SPARSE_INDEX_BYTES` early.
+    fn start_offset(&self, index: usize) -> u64 {
+        if index >= self.index.len() {
+            return self.end;
+        }
+        self.indexed_at_or_before(index).1
+    }
+
+    /// Keeps only a sparse index: the segment is sealed (no entry is appended or rolled back
+    /// any more), so the offsets of its other entries are found by reading forward.
+    fn seal_index(&mut self) {
+        let EntryIndex::Dense(offsets) = &self.index else {
+            return;
+        };
+        let mut points: Vec<(u32, u32)> = Vec::new();
+        for (entry, offset) in offsets.iter().enumerate() {
+            let keep = points.last().is_none_or(|(last_entry, last_offset)| {
+                entry as u32 - last_entry >= SPARSE_INDEX_ENTRIES
+                    || offset - last_offset >= SPARSE_INDEX_BYTES
+            });
+            if keep {
+                points.push((entry as u32, *offset));
+            }
+        }
+        points.shrink_to_fit();
+        self.index = EntryIndex::Sparse {
+            count: offsets.len(),
+            points,
+        };
+        self.time_marks.shrink_to_fit();
+    }
+
+    /// Bytes of memory the segment's indexes hold.
+    fn index_bytes(&self) -> usize {
+        let index = match &self.index {
+            EntryIndex::Dense(offsets) => offsets.capacity() * 4,
+            EntryIndex::Sparse { points, .. } => points.capacity() * 8,
+        };
+        index + self.time_marks.capacity() * 8
+    }
+
+    /// Number of entries whose records end at or before byte `length` of the file.
+    fn entries_within(&self, length: u64) -> usize {
+        let count = self.index.len();
+        if count == 0 || self.end <= length {
+            return count;
+        }
+        match &self.index {
+            // Entry i ends where entry i + 1 starts (the last one at `end`).
+            EntryIndex::Dense(offsets) => {
+                offsets[1..].partition_point(|start| u64::from(*start) <= length)
+            }
+            // Only a segment with unsynced bytes is asked, and sealing synced them; counting
+            // up to the last kept offset within `length` is a safe lower bound.
+            EntryIndex::Sparse { points, .. } => points
+                .iter()
+                .take_while(|(_, offset)| u64::from(*offset) <= length)
+                .last()
+                .map(|(entry, _)| *entry as usize)
+                .unwrap_or(0),
+        }
     }
 
     fn size_bytes(&self) -> u64 {
         self.flushed_end.max(HEADER_LEN)
+    }
+}
+
+/// Where a segment's records start in its file.
+enum EntryIndex {
+    /// Every entry's offset, by `entry_id - first_entry_id`: the segment being appended to.
+    Dense(Vec<u32>),
+    /// A sealed segment: `count` entries; the offsets of entry 0 and then of one entry at least
+    /// every `SPARSE_INDEX_ENTRIES` entries and every `SPARSE_INDEX_BYTES` bytes, as (entry
+    /// index, offset), ascending. Memory per retained entry: about 8 / 64 bytes instead of 4.
+    Sparse {
+        count: usize,
+        points: Vec<(u32, u32)>,
+    },
+}
+
+impl EntryIndex {
+    fn len(&self) -> usize {
+        match self {
+            EntryIndex::Dense(offsets) => offsets.len(),
+            EntryIndex::Sparse { count, .. } => *count,
+        }
     }
 }
 
@@ -250,6 +375,10 @@ pub(crate) struct LogState {
     flush_scheduled: bool,
     /// Set when the log is poisoned: appends fail with this error.
     failure: Option<StorageError>,
+    /// Under the relaxed policy, a periodic fsync failed: the written but unsynced bytes must
+    /// be cut off the files (by whoever holds the flush role next, so that no write lands
+    /// after the cut).
+    unsynced_cut_pending: bool,
     /// Set when a read found corrupted bytes: reads and appends fail with this error.
     corruption: Option<StorageError>,
     pub(crate) closed: bool,
@@ -292,6 +421,137 @@ pub(crate) fn now_ms() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|elapsed| elapsed.as_millis() as u64)
         .unwrap_or(0)
+}
+
+/// What a read has gathered, and its limits.
+struct ReadBudget {
+    entries: Vec<Entry>,
+    /// Bytes counted against `max_bytes`: data of cached entries, records read from disk.
+    bytes: usize,
+    max_entries: usize,
+    max_bytes: usize,
+}
+
+impl ReadBudget {
+    fn exhausted(&self) -> bool {
+        self.entries.len() >= self.max_entries
+            || (!self.entries.is_empty() && self.bytes >= self.max_bytes)
+    }
+}
+
+/// One step of a read, planned under the log's lock and done after it is released.
+enum ReadPart {
+    Cached(Entry),
+    /// Consecutive records of a segment whose index has every offset.
+    Dense {
+        /// `None` for a sealed segment: opened for this read.
+        file: Option<Arc<dyn IoFile>>,
+        path: PathBuf,
+        ledger_id: u64,
+        first_entry_id: u64,
+        ranges: Vec<(u64, u64)>,
+    },
+    /// Entries `wanted_index..=last_index` of a sealed segment (sparse index), found by
+    /// reading its records forward from entry `from_index` at `from_offset`.
+    Scan {
+        file: Option<Arc<dyn IoFile>>,
+        path: PathBuf,
+        ledger_id: u64,
+        /// The segment's first entry id.
+        first_entry_id: u64,
+        from_index: usize,
+        from_offset: u64,
+        wanted_index: usize,
+        last_index: usize,
+        /// Where the segment's records end.
+        end_offset: u64,
+    },
+}
+
+/// A run of consecutive entries of one segment that are not cached, being planned.
+#[derive(Default)]
+struct DiskRun {
+    /// Index of its first entry in the segment.
+    first: Option<usize>,
+    /// Their byte ranges (dense index only).
+    ranges: Vec<(u64, u64)>,
+}
+
+impl DiskRun {
+    /// Ends the run before entry index `end` of `segment`, adding its part. Returns the
+    /// position after it if it is a scan (its size is unknown until read).
+    fn close(
+        &mut self,
+        parts: &mut Vec<ReadPart>,
+        segment: &Segment,
+        end: usize,
+    ) -> Option<Position> {
+        let first = self.first.take()?;
+        if !self.ranges.is_empty() {
+            parts.push(ReadPart::Dense {
+                file: segment.open_file(),
+                path: segment.path.clone(),
+                ledger_id: segment.ledger_id,
+                first_entry_id: segment.first_entry_id + first as u64,
+                ranges: std::mem::take(&mut self.ranges),
+            });
+            return None;
+        }
+        let (from_index, from_offset) = segment.indexed_at_or_before(first);
+        parts.push(ReadPart::Scan {
+            file: segment.open_file(),
+            path: segment.path.clone(),
+            ledger_id: segment.ledger_id,
+            first_entry_id: segment.first_entry_id,
+            from_index,
+            from_offset,
+            wanted_index: first,
+            last_index: end - 1,
+            end_offset: segment.end,
+        });
+        Some(Position::new(
+            segment.ledger_id,
+            segment.first_entry_id + end as u64,
+        ))
+    }
+}
+
+/// Reads a segment's records forward in chunks.
+struct ChunkReader<'a> {
+    file: &'a dyn IoFile,
+    path: &'a Path,
+    /// Where the records end.
+    end: u64,
+    /// File offset of `buffer`.
+    start: u64,
+    buffer: Bytes,
+}
+
+impl ChunkReader<'_> {
+    /// Bytes `offset..offset + len` of the file, which must lie within the records.
+    fn get(&mut self, offset: u64, len: u64) -> Result<Bytes> {
+        if offset + len > self.end {
+            return Err(StorageError::corrupted(
+                self.path,
+                offset,
+                format!("record of {len} bytes runs past the end of the segment's records"),
+            ));
+        }
+        let buffered_end = self.start + self.buffer.len() as u64;
+        if offset < self.start || offset + len > buffered_end {
+            let read_len = len
+                .max(2 * u64::from(SPARSE_INDEX_BYTES))
+                .min(self.end - offset);
+            let mut buffer = vec![0u8; read_len as usize];
+            self.file
+                .read_exact_at(&mut buffer, offset)
+                .map_err(|error| StorageError::io("read", self.path, error))?;
+            self.start = offset;
+            self.buffer = Bytes::from(buffer);
+        }
+        let at = (offset - self.start) as usize;
+        Ok(self.buffer.slice(at..at + len as usize))
+    }
 }
 
 enum FlushStage {
@@ -405,6 +665,7 @@ impl Log {
                 pending_bytes: 0,
                 flush_scheduled: false,
                 failure: None,
+                unsynced_cut_pending: false,
                 corruption: None,
                 closed: false,
                 cache: EntryCache::default(),
@@ -564,8 +825,12 @@ impl Log {
             if let Some(error) = state.failure.clone() {
                 let abandoned: Vec<PendingBatch> = state.pending.drain(..).collect();
                 state.pending_bytes = 0;
-                state.flush_scheduled = false;
+                let cut = std::mem::take(&mut state.unsynced_cut_pending);
                 drop(state);
+                if cut {
+                    self.cut_back_to_synced();
+                }
+                self.lock().flush_scheduled = false;
                 self.flush_finished.notify_all();
                 for batch in abandoned {
                     complete(batch.waiters, Err(error.clone()));
@@ -590,6 +855,18 @@ impl Log {
         let outcome = self.write_batch(&batch, file, &path, continues);
 
         let mut state = self.lock();
+        let outcome = match (outcome, state.failure.clone()) {
+            // A relaxed periodic fsync failed while this batch was being written: it is not
+            // acknowledged, and its bytes are cut off with the other unsynced ones.
+            (Ok(file), Some(failure)) => {
+                if let Some(segment) = state.segment_for_batch_mut(&batch) {
+                    segment.file = SegmentFile::Open(file);
+                    segment.flushed_end = batch.file_offset + batch.bytes.len() as u64;
+                }
+                Err((FlushStage::Sync, failure))
+            }
+            (outcome, _) => outcome,
+        };
         match outcome {
             Ok(file) => {
                 let fsynced = matches!(self.shared.config.flush_policy, FlushPolicy::Fsync);
@@ -636,16 +913,22 @@ impl Log {
                     {
                         self.cut_back_unsynced(&failed[0], &path);
                     }
-                    tracing::error!(log = %self.name, %error, "flush failed; log poisoned, appends refused until it is reopened");
-                    state.failure = Some(StorageError::Poisoned {
-                        log: self.name.clone(),
-                        cause: error.to_string(),
-                    });
+                    if state.failure.is_none() {
+                        tracing::error!(log = %self.name, %error, "flush failed; log poisoned, appends refused until it is reopened");
+                        state.failure = Some(StorageError::Poisoned {
+                            log: self.name.clone(),
+                            cause: error.to_string(),
+                        });
+                    }
                     failed.extend(state.pending.drain(..));
                     state.pending_bytes = 0;
                 }
-                state.flush_scheduled = false;
+                let cut = std::mem::take(&mut state.unsynced_cut_pending);
                 drop(state);
+                if cut {
+                    self.cut_back_to_synced();
+                }
+                self.lock().flush_scheduled = false;
                 self.flush_finished.notify_all();
                 for batch in failed {
                     complete(batch.waiters, Err(error.clone()));
@@ -741,7 +1024,12 @@ impl Log {
     }
 
     /// Under the relaxed policy, fsyncs every segment with written but unsynced bytes. A
-    /// failure poisons the log (and is logged here).
+    /// failure poisons the log (and is logged here): after a failed fsync the unsynced bytes
+    /// may or may not be on disk (Linux marks the pages clean either way, so a later fsync
+    /// succeeds without writing them), so they are treated as lost at once, as a power cut
+    /// would lose them: nothing beyond the last synced entry is served or can be acknowledged
+    /// by a cursor from then on, and the bytes are cut off the files (truncate, fsync) so that
+    /// a reopen does not serve them either.
     pub(crate) fn sync_written(&self) -> Result<()> {
         struct SyncTarget {
             ledger_id: u64,
@@ -752,6 +1040,10 @@ impl Log {
         }
         let targets: Vec<SyncTarget> = {
             let state = self.lock();
+            if let Some(failure) = &state.failure {
+                // A sync after a failed one proves nothing (see above).
+                return Err(failure.clone());
+            }
             state
                 .segments
                 .iter()
@@ -770,11 +1062,7 @@ impl Log {
         for target in targets {
             if let Err(error) = target.file.sync() {
                 let error = StorageError::io("fsync", &target.path, error);
-                tracing::error!(log = %self.name, %error, "fsync of written appends failed; log poisoned");
-                self.lock().failure = Some(StorageError::Poisoned {
-                    log: self.name.clone(),
-                    cause: error.to_string(),
-                });
+                self.lose_unsynced(&error);
                 return Err(error);
             }
             let mut state = self.lock();
@@ -786,6 +1074,75 @@ impl Log {
             }
         }
         Ok(())
+    }
+
+    /// After a failed relaxed fsync: poisons the log, serves nothing beyond the last synced
+    /// entry, and cuts the unsynced bytes off (now if no flush is in flight, else by the flush
+    /// thread when it finishes, so that no write of it lands after the cut).
+    fn lose_unsynced(&self, error: &StorageError) {
+        let mut state = self.lock();
+        let last_synced = state.last_synced();
+        tracing::error!(log = %self.name, %error, ?last_synced, last_written = ?state.last_durable, "fsync of written appends failed; log poisoned: appends after the last synced entry were acknowledged (relaxed mode) but are lost, and are no longer served");
+        if state.failure.is_none() {
+            state.failure = Some(StorageError::Poisoned {
+                log: self.name.clone(),
+                cause: error.to_string(),
+            });
+        }
+        state.last_durable = state.last_durable.min(last_synced);
+        self.durable.send_replace(state.last_durable);
+        let used_bytes = &self.shared.cache_used_bytes;
+        match state.last_durable {
+            Some(last) => {
+                let after = Position::new(last.ledger_id, last.entry_id + 1);
+                state.cache.truncate_from(after, used_bytes);
+            }
+            None => state.cache.clear(used_bytes),
+        }
+        if state.flush_scheduled {
+            state.unsynced_cut_pending = true;
+            return;
+        }
+        // Take the flush role, so that no append is written while the files are cut.
+        state.flush_scheduled = true;
+        drop(state);
+        self.cut_back_to_synced();
+        self.lock().flush_scheduled = false;
+        self.flush_finished.notify_all();
+    }
+
+    /// Truncates every segment file to its synced length (durably). Only with the flush role.
+    fn cut_back_to_synced(&self) {
+        let targets: Vec<(PathBuf, u64)> = self
+            .lock()
+            .segments
+            .iter()
+            .filter(|segment| !matches!(segment.file, SegmentFile::NotCreated))
+            .filter(|segment| segment.flushed_end > segment.synced_end.max(HEADER_LEN))
+            .map(|segment| (segment.path.clone(), segment.synced_end.max(HEADER_LEN)))
+            .collect();
+        for (path, length) in targets {
+            let cut = self
+                .shared
+                .io
+                .open(&path)
+                .and_then(|file| file.set_len(length).and_then(|()| file.sync()));
+            match cut {
+                Ok(()) => {
+                    let mut state = self.lock();
+                    if let Some(segment) = state
+                        .segments
+                        .iter_mut()
+                        .find(|segment| segment.path == path)
+                    {
+                        segment.flushed_end = length;
+                    }
+                }
+                Err(error) => {
+                    tracing::error!(log = %self.name, path = %path.display(), %error, "could not cut off the appends whose fsync failed; a reopen may serve them until a power cut");
+                }
+            }
+        }
     }
 
     /// Reads the entry at `position`.
@@ -809,135 +1166,216 @@ impl Log {
         max_entries: usize,
         max_bytes: usize,
     ) -> Result<Vec<Entry>> {
-        enum Part {
-            Cached(Entry),
-            Disk {
-                /// `None` for a sealed segment: opened for this read.
-                file: Option<Arc<dyn IoFile>>,
-                path: PathBuf,
-                ledger_id: u64,
-                first_entry_id: u64,
-                ranges: Vec<(u64, u64)>,
-            },
-        }
-        /// Ends a run of consecutive entries to read from one segment file, if one is open.
-        /// (A segment not created yet holds no durable entry, so no run reaches it.)
-        fn close_disk_run(
-            parts: &mut Vec<Part>,
-            segment: &Segment,
-            disk_first: &mut Option<u64>,
-            disk_ranges: &mut Vec<(u64, u64)>,
-        ) {
-            if let Some(first_entry_id) = disk_first.take() {
-                parts.push(Part::Disk {
-                    file: segment.open_file(),
-                    path: segment.path.clone(),
-                    ledger_id: segment.ledger_id,
-                    first_entry_id,
-                    ranges: std::mem::take(disk_ranges),
-                });
+        let mut read = ReadBudget {
+            entries: Vec::new(),
+            bytes: 0,
+            max_entries,
+            max_bytes,
+        };
+        let mut next = Some(start);
+        // A plan ends after a run of a sealed segment (sparse index: its records' sizes are
+        // known only once read); the next plan continues after it while the budget lasts.
+        while let Some(start) = next.take() {
+            if read.exhausted() {
+                break;
             }
+            let (parts, resume) = self.plan_read(start, &read)?;
+            for part in parts {
+                self.read_part(part, &mut read)?;
+            }
+            next = resume;
         }
+        Ok(read.entries)
+    }
+
+    /// Under the lock: what to read from where, starting at `start`, within what is left of
+    /// the budget. Returns the parts and, if the plan stopped after a run of a sealed segment,
+    /// the position after that run.
+    fn plan_read(
+        &self,
+        start: Position,
+        read: &ReadBudget,
+    ) -> Result<(Vec<ReadPart>, Option<Position>)> {
         let mut parts = Vec::new();
-        {
-            let state = self.lock();
-            if let Some(error) = &state.corruption {
-                return Err(error.clone());
+        let state = self.lock();
+        if let Some(error) = &state.corruption {
+            return Err(error.clone());
+        }
+        let Some(last_durable) = state.last_durable else {
+            return Ok((parts, None));
+        };
+        let mut count = read.entries.len();
+        let mut bytes = read.bytes;
+        let first_segment = state
+            .segments
+            .partition_point(|segment| segment.last_position().is_some_and(|last| last < start));
+        for segment in &state.segments[first_segment..] {
+            if segment.entry_count() == 0 {
+                continue;
             }
-            let Some(last_durable) = state.last_durable else {
-                return Ok(Vec::new());
+            let first_index = if segment.contains(start) {
+                (start.entry_id - segment.first_entry_id) as usize
+            } else {
+                0
             };
-            let mut count = 0usize;
-            let mut bytes = 0usize;
-            let first_segment = state.segments.partition_point(|segment| {
-                segment.last_position().is_some_and(|last| last < start)
-            });
-            'segments: for segment in &state.segments[first_segment..] {
-                if segment.entry_count() == 0 {
-                    continue;
+            let mut run = DiskRun::default();
+            for index in first_index..segment.index.len() {
+                let position =
+                    Position::new(segment.ledger_id, segment.first_entry_id + index as u64);
+                if position > last_durable
+                    || count >= read.max_entries
+                    || (count > 0 && bytes >= read.max_bytes)
+                {
+                    let resume = run.close(&mut parts, segment, index);
+                    return Ok((parts, resume));
                 }
-                let first_index = if segment.contains(start) {
-                    (start.entry_id - segment.first_entry_id) as usize
-                } else {
-                    0
-                };
-                let mut disk_ranges = Vec::new();
-                let mut disk_first: Option<u64> = None;
-                for index in first_index..segment.offsets.len() {
-                    let position =
-                        Position::new(segment.ledger_id, segment.first_entry_id + index as u64);
-                    if position > last_durable
-                        || count >= max_entries
-                        || (count > 0 && bytes >= max_bytes)
-                    {
-                        close_disk_run(&mut parts, segment, &mut disk_first, &mut disk_ranges);
-                        break 'segments;
+                if let Some(entry) = state.cache.get(position) {
+                    if let Some(resume) = run.close(&mut parts, segment, index) {
+                        // The run's size is unknown until it is read: plan again after it.
+                        return Ok((parts, Some(resume)));
                     }
                     count += 1;
-                    if let Some(entry) = state.cache.get(position) {
-                        bytes += entry.data.len();
-                        close_disk_run(&mut parts, segment, &mut disk_first, &mut disk_ranges);
-                        parts.push(Part::Cached(entry.clone()));
-                    } else {
-                        let range = segment.record_range(index);
-                        bytes += (range.1 - range.0) as usize;
-                        disk_first.get_or_insert(position.entry_id);
-                        disk_ranges.push(range);
-                    }
+                    bytes += entry.data.len();
+                    parts.push(ReadPart::Cached(entry.clone()));
+                    continue;
                 }
-                close_disk_run(&mut parts, segment, &mut disk_first, &mut disk_ranges);
+                count += 1;
+                run.first.get_or_insert(index);
+                if let Some(range) = segment.record_range(index) {
+                    bytes += (range.1 - range.0) as usize;
+                    run.ranges.push(range);
+                }
+            }
+            if let Some(resume) = run.close(&mut parts, segment, segment.index.len()) {
+                return Ok((parts, Some(resume)));
             }
         }
+        Ok((parts, None))
+    }
 
-        let mut entries = Vec::new();
-        for part in parts {
-            match part {
-                Part::Cached(entry) => entries.push(entry),
-                Part::Disk {
-                    file,
-                    path,
-                    ledger_id,
-                    first_entry_id,
-                    ranges,
-                } => {
-                    let (Some(first), Some(last)) = (ranges.first(), ranges.last()) else {
-                        continue;
-                    };
-                    let (start_offset, end_offset) = (first.0, last.1);
-                    let file = match file {
-                        Some(file) => file,
-                        None => self
-                            .shared
-                            .io
-                            .open(&path)
-                            .map_err(|error| StorageError::io("open", &path, error))?,
-                    };
-                    let mut buffer = vec![0u8; (end_offset - start_offset) as usize];
-                    file.read_exact_at(&mut buffer, start_offset)
-                        .map_err(|error| StorageError::io("read", &path, error))?;
-                    let buffer = Bytes::from(buffer);
-                    for (index, (record_start, record_end)) in ranges.iter().enumerate() {
-                        let entry_id = first_entry_id + index as u64;
-                        let at = (record_start - start_offset) as usize;
-                        let record = buffer.slice(at..(record_end - start_offset) as usize);
-                        match decode_entry(&record, entry_id) {
-                            Ok((publish_time_ms, data_start)) => entries.push(Entry {
-                                position: Position::new(ledger_id, entry_id),
-                                publish_time_ms,
-                                data: record.slice(data_start..),
-                            }),
-                            Err(reason) => {
-                                let error = StorageError::corrupted(&path, *record_start, reason);
-                                tracing::error!(log = %self.name, %error, "read found corrupted data; log refuses service");
-                                self.lock().corruption = Some(error.clone());
-                                return Err(error);
-                            }
-                        }
-                    }
+    /// Reads one planned part into `read`, within its budget.
+    fn read_part(&self, part: ReadPart, read: &mut ReadBudget) -> Result<()> {
+        match part {
+            ReadPart::Cached(entry) => {
+                read.bytes += entry.data.len();
+                read.entries.push(entry);
+                Ok(())
+            }
+            ReadPart::Dense {
+                file,
+                path,
+                ledger_id,
+                first_entry_id,
+                ranges,
+            } => {
+                let (Some(first), Some(last)) = (ranges.first(), ranges.last()) else {
+                    return Ok(());
+                };
+                let (start_offset, end_offset) = (first.0, last.1);
+                let file = self.segment_file(file, &path)?;
+                let mut buffer = vec![0u8; (end_offset - start_offset) as usize];
+                file.read_exact_at(&mut buffer, start_offset)
+                    .map_err(|error| StorageError::io("read", &path, error))?;
+                let buffer = Bytes::from(buffer);
+                for (index, (record_start, record_end)) in ranges.iter().enumerate() {
+                    let entry_id = first_entry_id + index as u64;
+                    let at = (record_start - start_offset) as usize;
+                    let record = buffer.slice(at..(record_end - start_offset) as usize);
+                    self.push_decoded(read, &path, ledger_id, entry_id, *record_start, record)?;
                 }
+                Ok(())
+            }
+            ReadPart::Scan {
+                file,
+                path,
+                ledger_id,
+                first_entry_id,
+                from_index,
+                from_offset,
+                wanted_index,
+                last_index,
+                end_offset,
+            } => {
+                let file = self.segment_file(file, &path)?;
+                let mut chunks = ChunkReader {
+                    file: file.as_ref(),
+                    path: &path,
+                    end: end_offset,
+                    start: from_offset,
+                    buffer: Bytes::new(),
+                };
+                let mut offset = from_offset;
+                for index in from_index..=last_index {
+                    if index >= wanted_index && read.exhausted() {
+                        break;
+                    }
+                    let framing = chunks
+                        .get(offset, RECORD_FRAMING_LEN)
+                        .map_err(|error| self.refuse_corrupted(error))?;
+                    let body_len = u64::from(u32::from_le_bytes([
+                        framing[0], framing[1], framing[2], framing[3],
+                    ]));
+                    let record_len = RECORD_FRAMING_LEN + body_len;
+                    if index >= wanted_index {
+                        let record = chunks
+                            .get(offset, record_len)
+                            .map_err(|error| self.refuse_corrupted(error))?;
+                        let entry_id = first_entry_id + index as u64;
+                        self.push_decoded(read, &path, ledger_id, entry_id, offset, record)?;
+                    }
+                    offset += record_len;
+                }
+                Ok(())
             }
         }
-        Ok(entries)
+    }
+
+    /// The file of a segment being read: the open one, or (sealed) opened for this read.
+    fn segment_file(&self, file: Option<Arc<dyn IoFile>>, path: &Path) -> Result<Arc<dyn IoFile>> {
+        match file {
+            Some(file) => Ok(file),
+            None => self
+                .shared
+                .io
+                .open(path)
+                .map_err(|error| StorageError::io("open", path, error)),
+        }
+    }
+
+    /// Decodes the record of entry `entry_id` into `read`; a bad record marks the log
+    /// corrupted.
+    fn push_decoded(
+        &self,
+        read: &mut ReadBudget,
+        path: &Path,
+        ledger_id: u64,
+        entry_id: u64,
+        offset: u64,
+        record: Bytes,
+    ) -> Result<()> {
+        match decode_entry(&record, entry_id) {
+            Ok((publish_time_ms, data_start)) => {
+                read.bytes += record.len();
+                read.entries.push(Entry {
+                    position: Position::new(ledger_id, entry_id),
+                    publish_time_ms,
+                    data: record.slice(data_start..),
+                });
+                Ok(())
+            }
+            Err(reason) => {
+                Err(self.refuse_corrupted(StorageError::corrupted(path, offset, reason)))
+            }
+        }
+    }
+
+    /// A read found corrupted bytes: the log refuses reads and appends from now on.
+    fn refuse_corrupted(&self, error: StorageError) -> StorageError {
+        if matches!(error, StorageError::Corrupted { .. }) {
+            tracing::error!(log = %self.name, %error, "read found corrupted data; log refuses service");
+            self.lock().corruption = Some(error.clone());
+        }
+        error
     }
 
     /// The first durable entry's position at or after which `publish_time_ms` is reached: the
@@ -1073,8 +1511,8 @@ impl Log {
             if start_index >= end_index {
                 continue;
             }
-            let start = u64::from(segment.offsets[start_index]);
-            let end = segment.record_range(end_index - 1).1;
+            let start = segment.start_offset(start_index);
+            let end = segment.start_offset(end_index);
             total += end - start;
         }
         total
@@ -1111,6 +1549,7 @@ impl Log {
             storage_bytes: state.segments.iter().map(Segment::size_bytes).sum(),
             segments: state.segments.len(),
             entries_cached: state.cache.len(),
+            index_bytes: state.segments.iter().map(Segment::index_bytes).sum(),
             ..state.stats
         }
     }
@@ -1217,10 +1656,19 @@ impl Log {
         let persisted = self.persist_cursors();
         // The last write to this log's journal: a handle that outlives the close (the log may
         // be deleted and created again under the same name) must not write into its successor.
-        self.cursor_journal
+        let mut journal = self
+            .cursor_journal
             .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .retired = true;
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        journal.retired = true;
+        let pending = journal.has_pending();
+        drop(journal);
+        if pending {
+            // Only the cursor WAL holds some of this journal's bytes (the write above failed):
+            // keep its files until the next start replays them. (Not under the journal's lock:
+            // a pass holds the WAL's while it waits for journals.)
+            self.shared.pin_cursor_wal();
+        }
         synced.and(persisted)
     }
 
@@ -1326,6 +1774,7 @@ impl LogState {
                 && segment.flushed_end == segment.end
             {
                 segment.file = SegmentFile::Closed;
+                segment.seal_index();
             }
         }
     }
@@ -1352,6 +1801,19 @@ impl LogState {
 
     pub(crate) fn last_durable(&self) -> Option<Position> {
         self.last_durable
+    }
+
+    /// The last entry whose record lies entirely within the synced part of its file.
+    fn last_synced(&self) -> Option<Position> {
+        self.segments.iter().rev().find_map(|segment| {
+            let synced = segment.entries_within(segment.synced_end);
+            (synced > 0).then(|| {
+                Position::new(
+                    segment.ledger_id,
+                    segment.first_entry_id + synced as u64 - 1,
+                )
+            })
+        })
     }
 
     /// Number of durable entries after `position` (all of them for `None`).
@@ -1641,5 +2103,6 @@ fn recover_segment(
     // Every recovered segment is sealed: the open that recovers it starts a new one.
     drop(file);
     segment.file = SegmentFile::Closed;
+    segment.seal_index();
     Ok(Some(segment))
 }

@@ -113,6 +113,13 @@ impl RangeSet {
             .then_some((*start, *last))
     }
 
+    /// The last position of the last range.
+    pub fn last(&self) -> Option<Position> {
+        self.ranges
+            .last_key_value()
+            .map(|(start, last)| Position::new(start.ledger_id, *last))
+    }
+
     /// Ranges in order, as (ledger id, first entry id, last entry id).
     pub fn iter(&self) -> impl Iterator<Item = (u64, u64, u64)> + '_ {
         self.ranges

@@ -73,6 +73,9 @@ fn index_of(log: &str, data: &[u8]) -> u64 {
 struct History {
     /// (steps done when the append was acknowledged, log, index, position)
     acknowledged: Vec<(u64, &'static str, u64, Position)>,
+    /// (steps done when the engine's persistence pass returned, mark-delete position of
+    /// cursor `sub` of log `a` it persisted)
+    cursor: Vec<(u64, Position)>,
     /// Steps done when `delete_log` returned, per log.
     deleted: HashMap<&'static str, u64>,
 }
@@ -106,12 +109,20 @@ fn workload(io: &SimIo, flush_policy: FlushPolicy) -> History {
         .expect("cursor");
     let consumed = history.acknowledged[11].3;
     a.acknowledge_cumulative("sub", consumed).expect("ack");
-    a.persist_cursors().expect("persist");
+    // The engine's pass: through the cursor WAL.
+    storage.persist_cursors();
+    history.cursor.push((io.operation_count(), consumed));
     a.trim().expect("trim");
     let b = storage.open_log("b").expect("log b");
     history.append(io, &b, "b", 0..20);
     storage.delete_log("b").expect("delete b");
     history.deleted.insert("b", io.operation_count());
+    let consumed = history.acknowledged[15].3;
+    a.acknowledge_cumulative("sub", consumed).expect("ack");
+    storage.persist_cursors();
+    history.cursor.push((io.operation_count(), consumed));
+    // The WAL's bytes go into the journal, a new WAL file starts, the old one is removed.
+    storage.checkpoint_cursors().expect("checkpoint");
     history.append(io, &a, "a", 20..30);
     storage.close().expect("close");
     history
@@ -168,11 +179,26 @@ fn verify(crashed: &SimIo, history: &History, crash_point: u64, flush_policy: Fl
             previous = Some(index);
             found.insert(index, entry.position);
         }
+        let consumed = log.mark_delete_position("sub").flatten();
+        if name == "a" {
+            // The cursor is where the last completed pass persisted it, or where a later
+            // acknowledgement had moved it: never before, never beyond.
+            let persisted = history
+                .cursor
+                .iter()
+                .filter(|(done, _)| *done <= crash_point)
+                .map(|(_, position)| *position)
+                .max();
+            let acknowledged = history.cursor.iter().map(|(_, position)| *position).max();
+            assert!(
+                consumed >= persisted && consumed <= acknowledged,
+                "cursor at {consumed:?}; persisted {persisted:?}, acknowledged up to {acknowledged:?}"
+            );
+        }
         if !durable {
             continue;
         }
         // Entries the cursor consumed may have been trimmed; nothing else may be missing.
-        let consumed = log.mark_delete_position("sub").flatten();
         for (done, log_name, index, position) in &history.acknowledged {
             if *log_name == name.as_str() && *done <= crash_point && Some(*position) > consumed {
                 assert_eq!(

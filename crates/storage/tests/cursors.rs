@@ -229,7 +229,12 @@ fn retention_keeps_consumed_data_by_size_and_time() {
 #[test]
 fn a_million_out_of_order_acks_stay_compact_and_persist() {
     let root = tempfile::tempdir().expect("tempdir");
-    let storage = Storage::open(root.path(), config()).expect("open");
+    // 333,333 ranges: above the default limit of ranges held in memory.
+    let config = StorageConfig {
+        cursor_max_ranges: 1_000_000,
+        ..config()
+    };
+    let storage = Storage::open(root.path(), config.clone()).expect("open");
     let log = storage.open_log("t").expect("log");
     let ledger = log.current_ledger_id();
     // Entries are tiny; what matters is the number of acknowledgements.
@@ -264,7 +269,7 @@ fn a_million_out_of_order_acks_stay_compact_and_persist() {
     assert_eq!(state.mark_delete, Some(Position::new(ledger, 999_999)));
     assert!(state.acknowledged.is_empty());
     storage.close().expect("close");
-    let storage = Storage::open(root.path(), config()).expect("reopen");
+    let storage = Storage::open(root.path(), config).expect("reopen");
     let log = storage.open_log("t").expect("log");
     assert_eq!(
         log.cursor("sub").expect("state").mark_delete,
@@ -598,4 +603,91 @@ fn a_reset_beyond_the_end_never_acknowledges_entries_appended_later() {
             "entry {position}, appended after the reset, looks acknowledged"
         );
     }
+}
+
+#[test]
+fn acknowledgements_that_would_exceed_the_range_limit_are_refused_and_stay_unacknowledged() {
+    // `cursor_max_ranges` bounds a cursor's memory: an acknowledgement that would start one
+    // more range is refused and reported (never dropped silently), acknowledgements that extend
+    // a range or advance the mark-delete position are always taken, and after a restart exactly
+    // the taken ones count.
+    let limited = StorageConfig {
+        cursor_max_ranges: 4,
+        ..config()
+    };
+    let io = SimIo::new();
+    let storage = open_sim(&io, limited.clone());
+    let log = storage.open_log("t").expect("log");
+    let positions = append(&log, 20);
+    log.open_cursor("sub", InitialPosition::Earliest)
+        .expect("cursor");
+    let ranges = |log: &Arc<meridian_storage::Log>| log.acknowledged_range_count("sub");
+    // 1, 3, 5, 7 start four ranges; 9 would start a fifth.
+    let every_other: Vec<Position> = [1, 3, 5, 7, 9]
+        .iter()
+        .map(|index| positions[*index])
+        .collect();
+    match log.acknowledge("sub", &every_other) {
+        Err(meridian_storage::StorageError::TooManyAcknowledgedRanges {
+            refused, limit, ..
+        }) => {
+            assert_eq!(refused, vec![positions[9]]);
+            assert_eq!(limit, 4);
+        }
+        other => panic!("the fifth range was not refused: {other:?}"),
+    }
+    assert_eq!(ranges(&log), 4);
+    assert!(!log.is_acknowledged("sub", positions[9]));
+    assert!(log.is_acknowledged("sub", positions[7]));
+    // Extending a range (8 joins 7) and advancing the mark-delete position (0) are taken.
+    log.acknowledge("sub", &[positions[8]])
+        .expect("extends a range");
+    assert_eq!(
+        log.acknowledge("sub", &[positions[0]]).expect("advances"),
+        Some(positions[1])
+    );
+    assert_eq!(ranges(&log), 3);
+    // Now 9 extends 7..=8, and 11 fits as the fourth range; 13 does not.
+    log.acknowledge("sub", &[positions[9], positions[11]])
+        .expect("fits");
+    assert!(log.acknowledge("sub", &[positions[13]]).is_err());
+    assert_eq!(ranges(&log), 4);
+    storage.close().expect("close");
+
+    let storage = open_sim(&io.crash(CrashMode::LoseUnsynced, 0), limited);
+    let log = storage.open_log("t").expect("log");
+    let acknowledged: Vec<usize> = (0..positions.len())
+        .filter(|index| log.is_acknowledged("sub", positions[*index]))
+        .collect();
+    assert_eq!(acknowledged, vec![0, 1, 3, 5, 7, 8, 9, 11]);
+}
+
+#[test]
+fn a_log_deleted_and_created_again_never_gets_its_predecessors_cursors_from_the_wal() {
+    // The cursor WAL still holds the deleted log's journal bytes (no checkpoint ran) when a
+    // log of the same name is created; replaying them after a power cut must not give the
+    // new log the old one's cursor (its journal is another generation).
+    let io = SimIo::new();
+    let storage = open_sim(&io, config());
+    let log = storage.open_log("t").expect("log");
+    let positions = append(&log, 10);
+    log.open_cursor("sub", InitialPosition::Earliest)
+        .expect("cursor");
+    log.acknowledge_cumulative("sub", positions[9])
+        .expect("ack");
+    storage.persist_cursors();
+    drop(log);
+    storage.delete_log("t").expect("delete");
+    let again = storage.open_log("t").expect("created again");
+    append(&again, 3);
+    drop(again);
+    drop(storage);
+
+    let storage = open_sim(&io.crash(CrashMode::LoseUnsynced, 0), config());
+    let log = storage.open_log("t").expect("log");
+    assert_eq!(
+        log.cursor_names(),
+        Vec::<String>::new(),
+        "the deleted log's cursor came back in the new log"
+    );
 }

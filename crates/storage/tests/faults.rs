@@ -476,11 +476,12 @@ fn a_log_keeps_one_segment_file_open_however_many_segments_it_retains() {
         "{} segments",
         log.stats().segments
     );
-    assert_eq!(io.open_files(), 1, "only the active segment is open");
+    // The engine's cursor WAL, and the log's active segment.
+    assert_eq!(io.open_files(), 2, "only the active segment is open");
     check_history(&read_everything(&storage), &acknowledged);
     assert_eq!(
         io.open_files(),
-        1,
+        2,
         "files opened for reading are closed again"
     );
     storage.close().expect("close");
@@ -488,7 +489,7 @@ fn a_log_keeps_one_segment_file_open_however_many_segments_it_retains() {
 
     let storage = open(&io);
     check_history(&read_everything(&storage), &acknowledged);
-    assert_eq!(io.open_files(), 1, "after recovery too");
+    assert_eq!(io.open_files(), 2, "after recovery too");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1045,5 +1046,293 @@ fn a_segment_torn_while_being_created_after_a_clean_close_survives_a_power_cut_d
                 assert!(log.read(*position).is_ok(), "{position} lost");
             }
         }
+    }
+}
+
+/// This thread's id, from the `/proc/thread-self` link (`<pid>/task/<tid>`).
+fn current_thread_id() -> String {
+    std::fs::read_link("/proc/thread-self")
+        .ok()
+        .and_then(|link| {
+            link.file_name()
+                .map(|name| name.to_string_lossy().into_owned())
+        })
+        .expect("/proc/thread-self")
+}
+
+/// Waits until `thread_id` (a thread of this process) sleeps (blocked on a lock or a channel)
+/// or `finished` says it is done; true if it finished. Reads its state from
+/// `/proc/self/task/<tid>/stat`, so no timing is involved.
+fn await_blocked_or_finished(thread_id: &str, finished: &Receiver<()>) -> bool {
+    loop {
+        if finished.try_recv().is_ok() {
+            return true;
+        }
+        let stat = std::fs::read_to_string(format!("/proc/self/task/{thread_id}/stat"))
+            .unwrap_or_default();
+        // The state follows the command name, which is in parentheses.
+        let state = stat
+            .rsplit_once(") ")
+            .and_then(|(_, rest)| rest.chars().next());
+        if state == Some('S') && finished.try_recv().is_err() {
+            return false;
+        }
+        std::thread::yield_now();
+    }
+}
+
+/// Opens logs `low` and `high` (a larger ledger id: opened three times) with one acknowledged
+/// entry each, and returns high's ledger id.
+fn two_logs_with_different_ledgers(storage: &Storage) -> u64 {
+    storage.open_log("low").expect("low");
+    for _ in 0..3 {
+        storage.close_log("high").expect("close");
+        storage.open_log("high").expect("high");
+    }
+    let mut ledger = 0;
+    for name in ["low", "high"] {
+        let log = storage.open_log(name).expect("log");
+        append_all(&log, 0..1);
+        ledger = log.current_ledger_id();
+    }
+    ledger
+}
+
+/// After a power cut, a log created again under a deleted name starts above `deleted_ledger`.
+fn assert_new_ledgers_start_above(sim: &SimIo, deleted_ledger: u64) {
+    let storage = open_stepwise(&sim.crash(CrashMode::LoseUnsynced, 0)).expect("reopen");
+    let log = storage.open_log("high").expect("created again");
+    assert!(
+        log.current_ledger_id() > deleted_ledger,
+        "the log created again uses ledger {} although a deleted log used {deleted_ledger}: positions repeat",
+        log.current_ledger_id()
+    );
+}
+
+#[test]
+fn deleting_a_log_of_a_lower_ledger_after_a_higher_one_keeps_the_higher_floor() {
+    // The floor is only ever raised: the second deletion must not persist its lower ledger.
+    let sim = SimIo::new();
+    let storage = open_stepwise(&sim).expect("open");
+    let high = two_logs_with_different_ledgers(&storage);
+    storage.delete_log("high").expect("delete high");
+    storage.delete_log("low").expect("delete low");
+    drop(storage);
+    assert_new_ledgers_start_above(&sim, high);
+}
+
+#[test]
+fn a_deletion_that_raises_the_floor_while_another_is_writing_it_keeps_the_higher_floor() {
+    // Two topics deleted at once. The deletion of the lower ledger is stopped inside its floor
+    // update, after it compared its ledger with the floor and before it wrote the file; the
+    // deletion of the higher ledger then runs. If floor updates were not serialized, the higher
+    // floor would be written first and then overwritten by the lower one.
+    let sim = SimIo::new();
+    let gated = GatedIo::new(sim.clone());
+    let storage =
+        Arc::new(Storage::open_with_io("/data", stepwise_config(), gated.clone()).expect("open"));
+    let high = two_logs_with_different_ledgers(&storage);
+    let (reached, release) = gated.arm("create", "ledger-floor.tmp");
+    let low_deleter = {
+        let storage = storage.clone();
+        std::thread::spawn(move || storage.delete_log("low"))
+    };
+    reached
+        .recv()
+        .expect("the deletion of low reaches its floor update");
+    let (finished_tx, finished_rx) = channel();
+    let (thread_id_tx, thread_id_rx) = channel();
+    let high_deleter = {
+        let storage = storage.clone();
+        std::thread::spawn(move || {
+            let _ = thread_id_tx.send(current_thread_id());
+            let result = storage.delete_log("high");
+            let _ = finished_tx.send(());
+            result
+        })
+    };
+    let thread_id = thread_id_rx.recv().expect("thread id");
+    // Either the deletion of high waits for the floor update under way (serialized), or it
+    // finished before the lower one wrote the floor.
+    await_blocked_or_finished(&thread_id, &finished_rx);
+    release.send(()).expect("release");
+    low_deleter.join().expect("low").expect("delete low");
+    high_deleter.join().expect("high").expect("delete high");
+    drop(storage);
+    assert_new_ledgers_start_above(&sim, high);
+}
+
+#[test]
+fn a_log_being_recovered_holds_up_no_other_log() {
+    // One large log's recovery (reading and checksumming every segment) must not stall the
+    // other logs: their opens, appends, cursor persistence, trimming and deletions. The
+    // recovery is stopped at its first step; everything else must complete meanwhile. (Were
+    // the engine's registry lock held across the open, the other operations would wait for
+    // the release, which comes only after the deadlock guard below gives up.)
+    let sim = SimIo::new();
+    {
+        let storage = open_stepwise(&sim).expect("open");
+        for name in ["slow", "other", "doomed"] {
+            let log = storage.open_log(name).expect("log");
+            append_all(&log, 0..3);
+            log.open_cursor("sub", InitialPosition::Earliest)
+                .expect("cursor");
+        }
+        storage.close().expect("close");
+    }
+    let gated = GatedIo::new(sim.clone());
+    let storage =
+        Arc::new(Storage::open_with_io("/data", stepwise_config(), gated.clone()).expect("open"));
+    let (reached, release) = gated.arm("list_dir", "/logs/slow");
+    let slow = {
+        let storage = storage.clone();
+        std::thread::spawn(move || storage.open_log("slow").map(|_| ()))
+    };
+    reached.recv().expect("the recovery of slow starts");
+    let (done_tx, done_rx) = channel();
+    let others = {
+        let storage = storage.clone();
+        std::thread::spawn(move || {
+            let other = storage.open_log("other").expect("open other");
+            let appended = append_all(&other, 3..5);
+            other
+                .acknowledge_cumulative("sub", appended[1])
+                .expect("ack");
+            storage.persist_cursors();
+            other.trim().expect("trim");
+            storage.open_log("fresh").expect("create fresh");
+            storage.delete_log("doomed").expect("delete doomed");
+            let _ = done_tx.send(());
+            other.mark_delete_position("sub")
+        })
+    };
+    // Only a guard against a hang: the operations need no time bound to pass.
+    let completed = done_rx.recv_timeout(Duration::from_secs(120)).is_ok();
+    release.send(()).expect("release");
+    slow.join().expect("slow").expect("open slow");
+    let mark_delete = others.join().expect("others");
+    assert!(
+        completed,
+        "other logs' operations waited for the recovery of another log"
+    );
+    assert!(mark_delete.flatten().is_some());
+}
+
+#[test]
+fn relaxed_mode_a_failed_periodic_fsync_poisons_the_log_and_serves_nothing_it_did_not_sync() {
+    // Relaxed mode acknowledges appends once written. When the periodic fsync then fails, the
+    // unsynced appends may never reach the disk: from then on the log must neither accept
+    // appends nor serve (or let a cursor acknowledge) anything beyond its last synced entry,
+    // and a reopen must not serve them either. The entries synced before stay.
+    let config = StorageConfig {
+        flush_policy: meridian_storage::FlushPolicy::RelaxedWriteOnly {
+            fsync_interval: Duration::from_millis(5),
+        },
+        ..relaxed()
+    };
+    let io = SimIo::new();
+    let synced = {
+        let storage = open_with(&io, config.clone());
+        let log = storage.open_log(LOG).expect("log");
+        let synced = append_acknowledged(&log, 0..3);
+        log.open_cursor("sub", InitialPosition::Earliest)
+            .expect("cursor");
+        storage.close().expect("close syncs");
+        synced
+    };
+    let last_synced = synced.last().map(|(position, _, _)| *position);
+
+    let storage = open_with(&io, config.clone());
+    let log = storage.open_log(LOG).expect("log");
+    io.fail_syncs(1);
+    // Appends complete once written, until the maintenance thread's fsync fails.
+    let mut written = Vec::new();
+    for sequence in 100.. {
+        match log.append(payload(0, sequence), 0) {
+            Ok(pending) => match pending.wait() {
+                Ok(position) => written.push(position),
+                Err(_) => break,
+            },
+            Err(StorageError::Poisoned { .. }) => break,
+            Err(error) => panic!("unexpected append error: {error}"),
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert!(!written.is_empty(), "an append completed before the fsync");
+    let error = log.append(payload(0, 1), 0).expect_err("poisoned");
+    assert!(matches!(error, StorageError::Poisoned { .. }), "{error}");
+    assert_eq!(log.last_position(), last_synced);
+    check_history(&read_everything(&storage), &synced);
+    assert_eq!(read_everything(&storage).len(), synced.len());
+    let served: Vec<Position> = written
+        .iter()
+        .copied()
+        .filter(|position| log.read(*position).is_ok())
+        .collect();
+    assert!(served.is_empty(), "unsynced appends served: {served:?}");
+    let mark_delete = log
+        .acknowledge_cumulative("sub", *written.last().expect("written"))
+        .expect("ack");
+    assert_eq!(
+        mark_delete, last_synced,
+        "a cursor acknowledged entries that may be lost"
+    );
+    drop(log);
+    let _ = storage.close();
+
+    // A restart of the process (the page cache survives) and a power cut serve the same.
+    for io in [io.clone(), io.crash(CrashMode::LoseUnsynced, 0)] {
+        let storage = open_with(&io, config.clone());
+        let entries = read_everything(&storage);
+        check_history(&entries, &synced);
+        assert_eq!(entries.len(), synced.len(), "after a reopen: {entries:?}");
+        let log = storage.open_log(LOG).expect("log");
+        log.append(payload(0, 2), 0)
+            .expect("append")
+            .wait()
+            .expect("appends work after the reopen");
+    }
+}
+
+#[test]
+fn relaxed_mode_a_failed_fsync_of_a_segment_being_sealed_loses_only_what_was_not_synced() {
+    // A roll syncs the segment it seals before creating the next one. If that fsync fails, the
+    // appends written since the last fsync are lost as in a power cut: the log is poisoned,
+    // serves only what was synced, and opens again without a gap or corruption.
+    let config = StorageConfig {
+        segment_max_bytes: 4096,
+        ..relaxed()
+    };
+    let io = SimIo::new();
+    let synced = {
+        let storage = open_with(&io, config.clone());
+        let log = storage.open_log(LOG).expect("log");
+        let synced = append_acknowledged(&log, 0..2);
+        storage.close().expect("close syncs");
+        synced
+    };
+    let storage = open_with(&io, config.clone());
+    let log = storage.open_log(LOG).expect("log");
+    io.fail_syncs(1);
+    // Written without an fsync until one append rolls the segment; that roll's fsync fails.
+    let mut written = Vec::new();
+    for sequence in 100..200 {
+        match log.append(payload(0, sequence), 0).expect("append").wait() {
+            Ok(position) => written.push(position),
+            Err(_) => break,
+        }
+    }
+    assert!(!written.is_empty() && written.len() < 100, "{written:?}");
+    let error = log.append(payload(0, 1), 0).expect_err("poisoned");
+    assert!(matches!(error, StorageError::Poisoned { .. }), "{error}");
+    let last_synced = synced.last().map(|(position, _, _)| *position);
+    assert_eq!(log.last_position(), last_synced);
+    drop(log);
+    let _ = storage.close();
+    for io in [io.clone(), io.crash(CrashMode::LoseUnsynced, 0)] {
+        let storage = open_with(&io, config.clone());
+        let entries = read_everything(&storage);
+        check_history(&entries, &synced);
+        assert_eq!(entries.len(), synced.len(), "after a reopen: {entries:?}");
     }
 }

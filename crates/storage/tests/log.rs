@@ -362,3 +362,93 @@ fn a_second_engine_cannot_open_a_data_directory_in_use() {
     let again = Storage::open(root.path(), small_segments()).expect("open once it is free");
     again.close().expect("close");
 }
+
+/// Payload `index`: mostly small, some larger than the sparse index's byte step (64 KiB).
+fn mixed_payload(index: u64) -> Bytes {
+    let size = match index % 97 {
+        0 => 150_000,
+        1 => 70_000,
+        other => (other * 37 % 900) as usize,
+    };
+    let mut bytes = format!("entry-{index}-").into_bytes();
+    bytes.resize(bytes.len() + size, (index % 251) as u8);
+    Bytes::from(bytes)
+}
+
+#[test]
+fn sealed_segments_keep_a_sparse_index_and_serve_every_read_as_before() {
+    // Memory per retained entry must not stay at one offset per entry: a sealed segment keeps
+    // one offset per 64 entries (or 64 KiB), and reads scan forward from it. Every read (any
+    // start, any entry and byte budget) returns exactly the entries the budget allows: while
+    // the log is written (sealed segments and the dense active one, no cache) and after a
+    // restart (every segment sealed).
+    let directory = tempfile::tempdir().expect("tempdir");
+    let config = StorageConfig {
+        segment_max_bytes: 2 * 1024 * 1024,
+        entry_max_bytes: 200_000,
+        pending_max_bytes_per_log: 64 << 20,
+        cache_max_bytes: 0,
+        ..StorageConfig::default()
+    };
+    let payloads: Vec<Bytes> = (0..3_000).map(mixed_payload).collect();
+    let reads: Vec<(usize, usize, usize)> = (0..3_000)
+        .step_by(7)
+        .map(|start| {
+            (
+                start,
+                1 + start % 150,
+                [1, 900, 70_000, usize::MAX][start % 4],
+            )
+        })
+        .collect();
+    // What a read must return: entries from `start` until the entry budget is used or the
+    // bytes read (records: 8 bytes of framing, 16 of entry header, the data) reach the limit.
+    let expected = |positions: &[Position],
+                    (start, max_entries, max_bytes): (usize, usize, usize)| {
+        let mut bytes = 0usize;
+        let mut entries = Vec::new();
+        for index in start..payloads.len() {
+            if entries.len() >= max_entries || (!entries.is_empty() && bytes >= max_bytes) {
+                break;
+            }
+            bytes += 24 + payloads[index].len();
+            entries.push((positions[index], payloads[index].clone()));
+        }
+        entries
+    };
+    let check = |log: &Arc<meridian_storage::Log>, positions: &[Position], when: &str| {
+        for read in &reads {
+            let actual: Vec<(Position, Bytes)> = log
+                .read_from(positions[read.0], read.1, read.2)
+                .expect("read")
+                .into_iter()
+                .map(|entry| (entry.position, entry.data))
+                .collect();
+            assert!(
+                actual == expected(positions, *read),
+                "read {read:?} {when}: {} entries, expected {}",
+                actual.len(),
+                expected(positions, *read).len()
+            );
+        }
+    };
+    let positions = {
+        let storage = Storage::open(directory.path(), config.clone()).expect("open");
+        let log = storage.open_log("t").expect("log");
+        let positions = append_all(&log, &payloads, 1_000);
+        check(&log, &positions, "while written");
+        positions
+    };
+    let storage = Storage::open(directory.path(), config).expect("reopen");
+    let log = storage.open_log("t").expect("log");
+    let stats = log.stats();
+    assert!(stats.segments > 3, "{stats:?}");
+    check(&log, &positions, "after a restart");
+    // Less than one byte of index per retained entry (it was 4, plus 0.25 of publish times).
+    assert!(
+        stats.index_bytes < payloads.len(),
+        "index of {} bytes for {} entries",
+        stats.index_bytes,
+        payloads.len()
+    );
+}

@@ -1,0 +1,320 @@
+//! The engine's cursor write-ahead log: one file that every log's cursor changes go through, so
+//! that a persistence pass over many logs costs one write and one fsync instead of one fsync
+//! per log's journal.
+//!
+//! A pass encodes each changed log's journal records as usual, appends one WAL record per log
+//! (the log's directory name, its journal's generation, the journal offset the records belong
+//! at, and the records' bytes) and fsyncs the WAL once: from then on the changes are durable.
+//! The journals receive those bytes later, at a checkpoint (write and fsync), after which the
+//! WAL file that covered them is removed; passes meanwhile go to the next WAL file. At start,
+//! before any log opens, every WAL file is replayed into the journals whose generation matches
+//! (a journal rewritten or created again since has another one), the journals are fsynced and
+//! the WAL files removed. See `docs/durability.md` and `docs/storage-format.md`.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::error::{Result, StorageError};
+use crate::format::{self, ByteReader, ByteWriter, FileHeader, FileKind, ScanEnd, HEADER_LEN};
+use crate::io::{Io, IoFile};
+
+const RECORD_JOURNAL_BYTES: u8 = 1;
+
+/// Journal bytes of one log, as one WAL record.
+pub(crate) struct WalRecord {
+    /// The log's directory name under `logs/`.
+    pub(crate) directory: String,
+    pub(crate) generation: u64,
+    pub(crate) offset: u64,
+    pub(crate) bytes: Vec<u8>,
+}
+
+impl WalRecord {
+    fn encode(&self) -> Vec<u8> {
+        let mut writer = ByteWriter::default();
+        writer.u8(RECORD_JOURNAL_BYTES);
+        writer.bytes(self.directory.as_bytes());
+        writer.u64(self.generation);
+        writer.u64(self.offset);
+        writer.bytes(&self.bytes);
+        writer.bytes
+    }
+
+    fn decode(body: &[u8]) -> std::result::Result<WalRecord, String> {
+        let mut reader = ByteReader::new(body);
+        let kind = reader.u8()?;
+        if kind != RECORD_JOURNAL_BYTES {
+            return Err(format!("unknown cursor WAL record kind {kind}"));
+        }
+        let directory = String::from_utf8(reader.bytes()?.to_vec())
+            .map_err(|_| "directory name is not UTF-8")?;
+        let generation = reader.u64()?;
+        let offset = reader.u64()?;
+        let bytes = reader.bytes()?.to_vec();
+        if !reader.is_empty() {
+            return Err("trailing bytes after cursor WAL record".into());
+        }
+        Ok(WalRecord {
+            directory,
+            generation,
+            offset,
+            bytes,
+        })
+    }
+}
+
+fn wal_path(root: &Path, sequence: u64) -> PathBuf {
+    root.join(format!("cursors-{sequence:020}.wal"))
+}
+
+fn parse_wal_name(name: &str) -> Option<u64> {
+    name.strip_prefix("cursors-")?
+        .strip_suffix(".wal")?
+        .parse()
+        .ok()
+}
+
+/// The WAL files of an engine: the one passes append to, and older ones whose checkpoint has
+/// not finished.
+pub(crate) struct CursorWal {
+    root: PathBuf,
+    sequence: u64,
+    /// `None` only if it could not be created (then `broken`).
+    file: Option<Arc<dyn IoFile>>,
+    length: u64,
+    /// Earlier files, oldest first, still needed until a checkpoint made their bytes durable
+    /// in the journals.
+    older: Vec<u64>,
+    /// A write or fsync of the WAL failed: its tail is unknown, so passes no longer use it
+    /// (they write and fsync each journal, as without a WAL) until the engine is reopened.
+    pub(crate) broken: bool,
+}
+
+impl CursorWal {
+    /// Replays every WAL file under `root` into the journals, makes them durable, and starts
+    /// an empty WAL. Runs before any log is opened.
+    pub(crate) fn recover(io: &dyn Io, root: &Path) -> Result<CursorWal> {
+        let names = io
+            .list_dir(root)
+            .map_err(|error| StorageError::io("list directory", root, error))?;
+        let mut sequences: Vec<u64> = names
+            .iter()
+            .filter_map(|name| parse_wal_name(name))
+            .collect();
+        sequences.sort_unstable();
+        let mut touched: BTreeMap<PathBuf, (Arc<dyn IoFile>, u64)> = BTreeMap::new();
+        for sequence in &sequences {
+            let path = wal_path(root, *sequence);
+            let file = io
+                .open(&path)
+                .map_err(|error| StorageError::io("open", &path, error))?;
+            let length = file
+                .size()
+                .map_err(|error| StorageError::io("stat", &path, error))?;
+            match FileHeader::read(file.as_ref(), &path, FileKind::CursorWal) {
+                Ok(_) => {}
+                // Torn while being created: records are appended only after the header is
+                // durable, so it held none.
+                Err(StorageError::Corrupted { .. }) if length <= HEADER_LEN => continue,
+                Err(error) => return Err(error),
+            }
+            let mut records = Vec::new();
+            let scan =
+                format::scan_records(file.as_ref(), &path, HEADER_LEN, length, |_, body| {
+                    records.push(WalRecord::decode(body)?);
+                    Ok(())
+                })?;
+            if let ScanEnd::Damaged { offset, reason } = scan {
+                // The unsynced end of the last write: a pass whose fsync never returned, so
+                // nothing relied on it.
+                tracing::warn!(path = %path.display(), offset, %reason, "ignoring the torn tail of the cursor WAL");
+            }
+            for record in &records {
+                redo(io, root, record, &mut touched)?;
+            }
+        }
+        for (path, (file, _)) in &touched {
+            file.sync()
+                .map_err(|error| StorageError::io("fsync", path, error))?;
+        }
+        // The new file first: a crash before the old ones are gone replays them again, which
+        // writes the same bytes again.
+        let sequence = sequences.last().map_or(1, |last| last + 1);
+        let (file, length, broken) = match create_wal(io, root, sequence) {
+            Ok((file, length)) => (Some(file), length, false),
+            Err(StorageError::DiskFull { .. }) => {
+                // Cursors are then persisted journal by journal (their appends fail until
+                // there is space, and are retried); the engine still opens.
+                tracing::warn!(root = %root.display(), "disk full: no cursor WAL; cursors are persisted journal by journal until the engine is reopened");
+                (None, HEADER_LEN, true)
+            }
+            Err(error) => return Err(error),
+        };
+        for old in sequences {
+            let path = wal_path(root, old);
+            io.remove_file(&path)
+                .map_err(|error| StorageError::io("remove", &path, error))?;
+        }
+        io.sync_dir(root)
+            .map_err(|error| StorageError::io("fsync directory", root, error))?;
+        Ok(CursorWal {
+            root: root.to_path_buf(),
+            sequence,
+            file,
+            length,
+            older: Vec::new(),
+            broken,
+        })
+    }
+
+    /// Bytes in the current file.
+    pub(crate) fn length(&self) -> u64 {
+        self.length
+    }
+
+    /// Appends `records` and fsyncs: once this returns, they survive a crash. A failure
+    /// breaks the WAL (see `broken`).
+    pub(crate) fn append(&mut self, records: &[&WalRecord]) -> Result<()> {
+        if self.broken {
+            return Err(StorageError::io(
+                "append",
+                wal_path(&self.root, self.sequence),
+                std::io::Error::other("the cursor WAL failed earlier"),
+            ));
+        }
+        let mut bytes = Vec::new();
+        for record in records {
+            format::encode_record(&mut bytes, &[&record.encode()]);
+        }
+        let path = wal_path(&self.root, self.sequence);
+        let Some(file) = &self.file else {
+            self.broken = true;
+            return Err(StorageError::io(
+                "append",
+                path,
+                std::io::Error::other("no cursor WAL file"),
+            ));
+        };
+        let written = file
+            .write_all_at(&bytes, self.length)
+            .map_err(|error| StorageError::io("write", &path, error))
+            .and_then(|()| {
+                file.sync()
+                    .map_err(|error| StorageError::io("fsync", &path, error))
+            });
+        match written {
+            Ok(()) => {
+                self.length += bytes.len() as u64;
+                Ok(())
+            }
+            Err(error) => {
+                tracing::error!(%error, "the cursor WAL failed; cursors are persisted journal by journal until the engine is reopened");
+                self.broken = true;
+                Err(error)
+            }
+        }
+    }
+
+    /// Starts a new file for the passes to come; returns the sequence of the one it replaces,
+    /// which stays until [`CursorWal::retire`] (after the journals were made durable).
+    pub(crate) fn rotate(&mut self, io: &dyn Io) -> Result<u64> {
+        let (file, length) = create_wal(io, &self.root, self.sequence + 1)?;
+        let previous = self.sequence;
+        self.older.push(previous);
+        self.sequence += 1;
+        self.file = Some(file);
+        self.length = length;
+        Ok(previous)
+    }
+
+    /// The sequence number of the file passes append to.
+    pub(crate) fn sequence(&self) -> u64 {
+        self.sequence
+    }
+
+    /// Removes every file up to and including `sequence`, except those up to `pinned`
+    /// (durably): a checkpoint made their bytes durable in the journals.
+    pub(crate) fn retire(&mut self, io: &dyn Io, sequence: u64, pinned: u64) -> Result<()> {
+        let (done, kept): (Vec<u64>, Vec<u64>) = self
+            .older
+            .iter()
+            .partition(|older| **older <= sequence && **older > pinned);
+        for old in &done {
+            let path = wal_path(&self.root, *old);
+            match io.remove_file(&path) {
+                Ok(()) => {}
+                // Never created (a full disk at start).
+                Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+                Err(error) => return Err(StorageError::io("remove", &path, error)),
+            }
+        }
+        self.older = kept;
+        io.sync_dir(&self.root)
+            .map_err(|error| StorageError::io("fsync directory", &self.root, error))
+    }
+}
+
+fn create_wal(io: &dyn Io, root: &Path, sequence: u64) -> Result<(Arc<dyn IoFile>, u64)> {
+    let path = wal_path(root, sequence);
+    if io.exists(&path) {
+        io.remove_file(&path)
+            .map_err(|error| StorageError::io("remove", &path, error))?;
+    }
+    let header = FileHeader {
+        kind: FileKind::CursorWal,
+        fields: [0; 5],
+    };
+    Ok((format::create_file(io, &path, header)?, HEADER_LEN))
+}
+
+/// Writes one record's bytes into its journal, if that journal is still the one (generation)
+/// the record was written for.
+fn redo(
+    io: &dyn Io,
+    root: &Path,
+    record: &WalRecord,
+    touched: &mut BTreeMap<PathBuf, (Arc<dyn IoFile>, u64)>,
+) -> Result<()> {
+    let path = root
+        .join("logs")
+        .join(&record.directory)
+        .join(crate::cursor::JOURNAL_FILE);
+    let file = match touched.get(&path) {
+        Some((file, generation)) if *generation == record.generation => file.clone(),
+        _ => {
+            if !io.exists(&path) {
+                // The log was deleted since.
+                return Ok(());
+            }
+            let file = io
+                .open(&path)
+                .map_err(|error| StorageError::io("open", &path, error))?;
+            match FileHeader::read(file.as_ref(), &path, FileKind::CursorJournal) {
+                Ok(header) if header.fields[0] == record.generation => {}
+                // Rewritten or created again since (another generation), or torn while being
+                // created (then it never held records): not this record's journal.
+                Ok(_) | Err(StorageError::Corrupted { .. }) => return Ok(()),
+                Err(error) => return Err(error),
+            }
+            file
+        }
+    };
+    let length = file
+        .size()
+        .map_err(|error| StorageError::io("stat", &path, error))?;
+    if length < record.offset {
+        return Err(StorageError::corrupted(
+            &path,
+            length,
+            format!(
+                "the cursor WAL holds bytes for offset {} of this journal, which ends at {length}",
+                record.offset
+            ),
+        ));
+    }
+    file.write_all_at(&record.bytes, record.offset)
+        .map_err(|error| StorageError::io("write", &path, error))?;
+    touched.insert(path, (file, record.generation));
+    Ok(())
+}
