@@ -74,7 +74,7 @@ impl From<BrokerError> for ApiError {
             | BrokerError::NotAllowed(_)
             | BrokerError::IncompatibleSchema(_) => StatusCode::BAD_REQUEST,
             BrokerError::ShuttingDown
-            | BrokerError::BeingDeleted(_)
+            | BrokerError::BeingCreatedOrDeleted(_)
             | BrokerError::TooManyLoadedTopics { .. } => StatusCode::SERVICE_UNAVAILABLE,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         };

@@ -211,7 +211,7 @@ impl Broker {
     pub async fn topic(&self, name: &TopicName, create_if_missing: bool) -> Result<Arc<Topic>> {
         let key = name.to_string();
         if self.is_being_deleted(&key) {
-            return Err(BrokerError::BeingDeleted(key));
+            return Err(BrokerError::BeingCreatedOrDeleted(key));
         }
         let cell = {
             let mut topics = self
@@ -633,7 +633,7 @@ impl Broker {
     }
 
     /// Runs an admin creation or deletion of `name` with the name claimed (clients loading it
-    /// meanwhile get `BeingDeleted`), so that two never overlap on one name: storage would see
+    /// meanwhile get `BeingCreatedOrDeleted`), so that two never overlap on one name: storage would see
     /// a directory vanish under a creation. The second one gets `Conflict` (HTTP 409).
     async fn claimed<T>(
         &self,

@@ -50,9 +50,10 @@ pub enum BrokerError {
     /// Loading one more topic would exceed `max_loaded_topics`; clients retry (ServiceNotReady).
     #[error("topic {topic} cannot be loaded: {limit} topics are loaded, the maximum")]
     TooManyLoadedTopics { topic: String, limit: usize },
-    /// The topic is being deleted; clients retry (ServiceNotReady) and then meet the outcome.
-    #[error("topic {0} is being deleted")]
-    BeingDeleted(String),
+    /// An admin request is creating or deleting the topic right now (a replicator preparing a
+    /// remote topic, for one); clients retry (ServiceNotReady) and then meet the outcome.
+    #[error("topic {0} is being created or deleted by an admin request; retry")]
+    BeingCreatedOrDeleted(String),
     #[error("{0}")]
     Unknown(String),
 }
@@ -78,7 +79,7 @@ impl BrokerError {
             BrokerError::Storage(_) => ServerError::PersistenceError,
             BrokerError::Metadata(_) => ServerError::MetadataError,
             BrokerError::ShuttingDown
-            | BrokerError::BeingDeleted(_)
+            | BrokerError::BeingCreatedOrDeleted(_)
             | BrokerError::TooManyLoadedTopics { .. } => ServerError::ServiceNotReady,
             BrokerError::TopicTerminated(_) => ServerError::TopicTerminatedError,
             BrokerError::NotFound(_) => ServerError::TopicNotFound,
