@@ -7,9 +7,13 @@ use std::time::Duration;
 use meridian_client::Client;
 
 use super::memory::MemoryBudget;
-use crate::replicator::{BACKOFF_INITIAL, BACKOFF_MAX};
 use crate::resources::ClusterData;
 use crate::topic_name::TopicName;
+
+/// The first wait after a replication failure (replicators, the client's reconnections).
+pub(crate) const BACKOFF_INITIAL: Duration = Duration::from_millis(100);
+/// The longest wait between replication attempts.
+pub(crate) const BACKOFF_MAX: Duration = Duration::from_secs(10);
 
 /// A remote cluster as the cluster registry describes it.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]

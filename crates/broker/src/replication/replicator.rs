@@ -42,7 +42,6 @@ use meridian_client::{Client, ConnectionWatch, MessageId, Producer, ProducerMess
 use meridian_storage::{Entry, Log, Position};
 use meridian_wire::proto::KeyValue;
 use meridian_wire::ServerError;
-use serde::Serialize;
 use tokio::sync::{watch, OwnedSemaphorePermit};
 use tokio::time::Instant;
 
@@ -53,11 +52,11 @@ pub use crate::replication::chain::{
     gap_message, origin_of, without_origin, Origin, CHAIN_CURSOR_PROPERTY, ORIGIN_PROPERTY,
     PREVIOUS_PROPERTY,
 };
-pub(crate) use crate::replication::remote::RemoteClients;
-pub use crate::replication::remote::RemoteCluster;
-use crate::replication::remote::{prepare_remote_topic, Prepare};
+use crate::replication::remote::{
+    prepare_remote_topic, Prepare, RemoteClients, RemoteCluster, BACKOFF_INITIAL, BACKOFF_MAX,
+};
 use crate::resources::DispatchRate;
-use crate::stats::Meter;
+use crate::stats::{Meter, ReplicatorStats};
 use crate::topic_name::TopicName;
 
 /// Entries sent and not yet confirmed, per replicator (Pulsar's `replicationProducerQueueSize`).
@@ -66,8 +65,6 @@ pub const MAX_IN_FLIGHT_ENTRIES: usize = 1000;
 pub const MAX_IN_FLIGHT_BYTES: usize = 16 * 1024 * 1024;
 const READ_MAX_ENTRIES: usize = 100;
 const READ_MAX_BYTES: usize = 4 * 1024 * 1024;
-pub(crate) const BACKOFF_INITIAL: Duration = Duration::from_millis(100);
-pub(crate) const BACKOFF_MAX: Duration = Duration::from_secs(10);
 /// A send the remote has not answered this long fails, and the session starts again.
 const SEND_TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -85,30 +82,6 @@ pub fn producer_name(local: &str, remote: &str) -> String {
 pub fn source_cluster(producer_name: &str) -> Option<&str> {
     let rest = producer_name.strip_prefix(crate::dedup::REPLICATOR_PREFIX)?;
     Some(rest.split_once("-->").map_or(rest, |(source, _)| source))
-}
-
-/// Pulsar's `ReplicatorStats` for one remote cluster, in topic stats.
-#[derive(Debug, Clone, Default, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct ReplicatorStats {
-    pub msg_rate_in: f64,
-    pub msg_throughput_in: f64,
-    pub msg_rate_out: f64,
-    pub msg_throughput_out: f64,
-    pub msg_in_count: u64,
-    pub bytes_in_count: u64,
-    pub msg_out_count: u64,
-    pub bytes_out_count: u64,
-    pub msg_rate_expired: f64,
-    pub replication_backlog: u64,
-    pub connected: bool,
-    pub replication_delay_in_seconds: u64,
-    pub inbound_connection: Option<String>,
-    pub inbound_connected_since: Option<String>,
-    pub outbound_connection: Option<String>,
-    pub outbound_connected_since: Option<String>,
-    /// Meridian: what the replicator is doing (`Started`, `Connecting`, or why it is stopped).
-    pub state: String,
 }
 
 /// What a running replicator shares with stats.
