@@ -987,6 +987,21 @@ def test_a_terminated_remote_topic_stops_its_replicator_and_local_traffic_goes_o
     check_exactly_once(
         {"a": history.sent_payloads("a"), "b": history.sent_payloads("a")[:5]}, history
     )
+    # The refusal is permanent however it comes: after a restart of a, the remote refuses the
+    # replicator's producer itself, and the replicator is stopped again (not "Disconnected",
+    # retrying as if the link were down), with the metric saying so.
+    clusters.reconfigure("a")
+    stopped = clusters.await_replication_stats(
+        "a", topic, "b", lambda section: section["state"].startswith("Stopped: "),
+        "the replicator to b is stopped again after a restart of a",
+    )
+    assert "terminated" in stopped["state"].lower(), stopped
+    assert stopped["replicationBacklog"] == 5, stopped
+    assert any(
+        line.startswith("meridian_replication_stopped_count") and "ended" in line
+        and line.endswith(" 1")
+        for line in clusters.metrics("a").splitlines()
+    ), "no metric says the replicator is stopped"
 
 
 @pytest.mark.allow_broker_errors(r"replication stopped")

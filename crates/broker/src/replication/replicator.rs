@@ -515,7 +515,15 @@ impl Worker {
             None => return Ended::Stopped,
             Some(Ok(producer)) => producer,
             Some(Err(error)) => {
-                return Ended::Failed(format!("creating the remote producer failed: {error}"))
+                let reason = format!("creating the remote producer failed: {error}");
+                // A remote that refuses the producer itself for good (its topic terminated,
+                // not allowed) stops the replicator as a refused entry does, not as a link
+                // that is down.
+                return if refused_for_good(&error) {
+                    Ended::Refused(reason)
+                } else {
+                    Ended::Failed(reason)
+                };
             }
         };
         self.status
@@ -742,10 +750,7 @@ impl Worker {
     fn send_failed(&self, failure: SendFailure) -> Ended {
         let SendFailure { position, error } = failure;
         let permanent = matches!(error, meridian_client::Error::MessageTooLarge { .. })
-            || matches!(
-                error.server_error(),
-                Some(ServerError::NotAllowedError | ServerError::TopicTerminatedError)
-            );
+            || refused_for_good(&error);
         let reason = format!(
             "entry {} was not replicated: {error}",
             format_position(position)
@@ -803,6 +808,15 @@ impl Worker {
             tracing::warn!(topic = %self.topic, remote = %self.remote.name, %error, "acknowledging replicated entries failed");
         }
     }
+}
+
+/// Whether the remote refused for a reason retrying cannot fix (an operator must act: raise a
+/// limit, reset the cursor, re-create the topic): the replicator stops instead of backing off.
+fn refused_for_good(error: &meridian_client::Error) -> bool {
+    matches!(
+        error.server_error(),
+        Some(ServerError::NotAllowedError | ServerError::TopicTerminatedError)
+    )
 }
 
 /// Entries sent and not yet confirmed, oldest first. Receipts complete in this order.
