@@ -725,6 +725,37 @@ def test_partitioned_topic_batched_and_compressed(clusters_factory, compression)
     assert not wrong_partition, f"on b in another partition than on a: {wrong_partition[:10]}"
 
 
+def test_a_remote_that_never_answers_does_not_starve_replication_to_the_others(clusters_factory):
+    """a replicates to b and c with the smallest memory bound (1 MiB). The link to b goes
+    silent (every byte delayed far beyond the test) after the replicators started; a then
+    stores 12 messages of 200 KiB. b's replicator sends what memory allows and waits on answers
+    that do not come: c must still receive all 12, each once, in order, instead of waiting
+    until b's sends time out. Once the link to b is reset and healthy again, b gets them too."""
+    clusters = clusters_factory(
+        ("a", "b", "c"), configs={"a": {"replication_max_memory_bytes": 1024 * 1024}}
+    )
+    namespace = clusters.create_replicated_namespace(
+        clusters.new_namespace("share"), ["a", "b", "c"]
+    )
+    topic = f"persistent://{namespace}/share"
+    history = History()
+    consumers = {name: subscribe(clusters, name, topic) for name in ("b", "c")}
+    producer = clusters.client("a").create_producer(topic, batching_enabled=False)
+    history.send(producer, "a", "a", 0)
+    history.collect(consumers, {"b": 1, "c": 1}, quiet=0)
+    link = clusters.link("a", "b")
+    link.set_delay(3600)
+    for i in range(1, 13):
+        history.send(producer, "a", "a", i, padding=200 * 1024)
+    history.collect({"c": consumers["c"]}, {"c": 13})
+    link.set_delay(0)
+    link.cut()
+    link.heal()
+    history.collect({"b": consumers["b"]}, {"b": 13})
+    sent = history.sent_payloads("a")
+    check_exactly_once({"b": sent, "c": sent}, history)
+
+
 @pytest.mark.allow_broker_errors(r"partitions inconsistent")
 def test_partition_count_mismatch_stops_replication_and_keeps_a_backlog(clusters_factory):
     """The topic has 3 partitions on a but 2 on b: a refuses to replicate into the wrong shape.

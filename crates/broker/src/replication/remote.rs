@@ -2,6 +2,7 @@
 //! the remote topic exist with the local partition count (through the remote's admin API).
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use meridian_client::Client;
@@ -56,7 +57,7 @@ impl RemoteCluster {
 /// share its connections instead of opening one each) and the memory bound.
 pub(crate) struct RemoteClients {
     clients: tokio::sync::Mutex<HashMap<RemoteCluster, Client>>,
-    memory: MemoryBudget,
+    memory: Arc<MemoryBudget>,
 }
 
 impl RemoteClients {
@@ -79,7 +80,7 @@ impl RemoteClients {
     }
 
     /// The memory bound of all replicators.
-    pub(crate) fn memory(&self) -> &MemoryBudget {
+    pub(crate) fn memory(&self) -> &Arc<MemoryBudget> {
         &self.memory
     }
 

@@ -16,7 +16,7 @@
 //!   mark-delete follows what the remote has made durable, and the backlog of an unreachable
 //!   remote stays on disk: at most [`MAX_IN_FLIGHT_ENTRIES`] entries (and
 //!   [`MAX_IN_FLIGHT_BYTES`]) are read ahead, and all replicators together stay within one
-//!   memory bound (`crate::replication::memory`);
+//!   memory bound, shared fairly between remote clusters (`crate::replication::memory`);
 //! - the remote de-duplicates by origin position (see `dedup.rs`) and stores a new entry only
 //!   if it continues the chain; it closes a replicator's producer on any failed send, and the
 //!   replicator's producer sends nothing after a failed entry (`stop_on_failure`): the next
@@ -42,7 +42,7 @@ use meridian_client::{Client, ConnectionWatch, MessageId, Producer, ProducerMess
 use meridian_storage::{Entry, Log, Position};
 use meridian_wire::proto::KeyValue;
 use meridian_wire::ServerError;
-use tokio::sync::{watch, OwnedSemaphorePermit};
+use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::clock::{now_ms, now_rfc3339};
@@ -52,6 +52,7 @@ pub use crate::replication::chain::{
     gap_message, origin_of, without_origin, Origin, CHAIN_CURSOR_PROPERTY, ORIGIN_PROPERTY,
     PREVIOUS_PROPERTY,
 };
+use crate::replication::memory::{Held, RemoteShare};
 use crate::replication::remote::{
     prepare_remote_topic, Prepare, RemoteClients, RemoteCluster, BACKOFF_INITIAL, BACKOFF_MAX,
 };
@@ -174,7 +175,6 @@ impl Replicator {
             local_cluster: spec.local_cluster,
             remote: spec.remote.clone(),
             partitions: spec.partitions,
-            clients: spec.clients,
             status: status.clone(),
             stopped,
             rates,
@@ -183,6 +183,8 @@ impl Replicator {
             confirmed: false,
             resets: reset_seen,
             cursor_lock: cursor_lock.clone(),
+            memory: spec.clients.memory().join(&spec.remote.name),
+            clients: spec.clients,
         };
         tokio::spawn(worker.run());
         Replicator {
@@ -360,14 +362,14 @@ struct Sent {
     bytes: usize,
     receipt: SendReceipt,
     /// Its share of the memory bound, released with it.
-    _memory: OwnedSemaphorePermit,
+    _memory: Held,
 }
 
 /// One read: where it starts (moved past what was handled), the memory reserved for it, and
 /// the memory the next read should wait for.
 struct Read<'a> {
     next: &'a mut Position,
-    budget: OwnedSemaphorePermit,
+    budget: Held,
     wanted: usize,
 }
 
@@ -414,6 +416,8 @@ struct Worker {
     confirmed: bool,
     resets: watch::Receiver<u64>,
     cursor_lock: Arc<Mutex<()>>,
+    /// This replicator's access to the memory bound, within its remote's share.
+    memory: RemoteShare,
 }
 
 impl Worker {
@@ -566,10 +570,9 @@ impl Worker {
         };
         let mut in_flight = InFlight::default();
         let mut throttled_until: Option<Instant> = None;
-        let clients = self.clients.clone();
-        let memory = clients.memory();
+        let memory = self.memory.clone();
         // Memory reserved for the next read, and how much to ask for.
-        let mut reserved: Option<OwnedSemaphorePermit> = None;
+        let mut reserved: Option<Held> = None;
         let mut wanted = READ_MAX_BYTES;
         loop {
             if *self.stopped.borrow() {
@@ -652,9 +655,7 @@ impl Worker {
         // least one message; at least one entry is always read).
         let (messages_left, bytes_left) = self.throttle.left(self.rates.borrow().as_ref());
         let room = in_flight.room().min(READ_MAX_ENTRIES).min(messages_left);
-        let max_bytes = READ_MAX_BYTES
-            .min(bytes_left)
-            .min(read.budget.num_permits());
+        let max_bytes = READ_MAX_BYTES.min(bytes_left).min(read.budget.bytes());
         let log = self.log.clone();
         let next = &mut *read.next;
         let from = *next;
@@ -672,7 +673,6 @@ impl Worker {
             }
             Err(error) => return Err(Ended::Failed(error.to_string())),
         };
-        let clients = self.clients.clone();
         let mut skipped = Vec::new();
         for entry in entries {
             let position = entry.position;
@@ -682,7 +682,7 @@ impl Worker {
             }
             let publish_time_ms = entry.publish_time_ms;
             let bytes = entry.data.len();
-            let Some(memory) = clients.memory().take(&mut read.budget, bytes) else {
+            let Some(memory) = self.memory.take(&mut read.budget, bytes) else {
                 // Not enough memory free now: this entry is read again once it is.
                 read.wanted = bytes;
                 break;
