@@ -2,6 +2,7 @@
 //! and replicated subscriptions.
 //!
 //! - [`replicator`]: one replicator per topic (or partition) per remote cluster;
+//! - [`backlog`]: what a remote still has to store (backlog and delay in stats);
 //! - [`chain`]: the metadata of a replicated entry and the chain the remote checks;
 //! - [`remote`]: remote clusters, the clients replicators share, remote topic preparation;
 //! - `memory`: the one memory bound of all replicators;
@@ -12,6 +13,7 @@
 //! Dependencies point one way: `topic` uses these modules; `chain`, `remote` and `memory`
 //! never use `replicator`, and nothing here uses `broker`.
 
+pub mod backlog;
 pub mod chain;
 pub(crate) mod memory;
 pub mod origin_acks;

@@ -42,10 +42,11 @@ use meridian_client::{Client, ConnectionWatch, MessageId, Producer, ProducerMess
 use meridian_storage::{Entry, Log, Position};
 use meridian_wire::proto::KeyValue;
 use meridian_wire::ServerError;
-use tokio::sync::watch;
+use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
 
 use crate::clock::{now_ms, now_rfc3339};
+use crate::replication::backlog::{meant_for, BacklogIndex};
 pub(crate) use crate::replication::chain::check_chain;
 use crate::replication::chain::{format_position, is_replication_property, parse_position};
 pub use crate::replication::chain::{
@@ -91,8 +92,12 @@ struct Status {
     /// The current session's producer connection, if a session runs.
     connection: Mutex<Option<ConnectionWatch>>,
     connected_since: Mutex<Option<String>>,
-    /// Publish time of the oldest entry sent and not yet confirmed (0: none).
-    oldest_pending_publish_ms: AtomicU64,
+    /// What the remote still has to store (`backlog.rs`), kept by the backlog task.
+    lacking_entries: AtomicU64,
+    /// Publish time of the oldest entry the remote still has to store (0: none).
+    oldest_lacking_publish_ms: AtomicU64,
+    /// Wakes the backlog task: the cursor moved.
+    cursor_moved: Notify,
     out: Meter,
     state: Mutex<String>,
 }
@@ -133,7 +138,6 @@ impl Status {
 pub struct Replicator {
     remote: RemoteCluster,
     cursor: String,
-    log: Arc<Log>,
     status: Arc<Status>,
     stop: watch::Sender<bool>,
     rate: watch::Sender<Option<DispatchRate>>,
@@ -187,10 +191,16 @@ impl Replicator {
             clients: spec.clients,
         };
         tokio::spawn(worker.run());
+        tokio::spawn(count_backlog(
+            spec.log,
+            cursor.clone(),
+            spec.remote.name.clone(),
+            status.clone(),
+            stop.subscribe(),
+        ));
         Replicator {
             remote: spec.remote,
             cursor,
-            log: spec.log,
             status,
             stop,
             rate,
@@ -225,18 +235,21 @@ impl Replicator {
     /// Out rates and backlog; the caller adds the inbound side.
     pub fn stats(&self) -> ReplicatorStats {
         let (msg_rate_out, msg_throughput_out) = self.status.out.rates();
+        // What the remote still has to store (entries after the cursor that will be sent,
+        // not those that will be skipped) and the age of the oldest of them, as the backlog
+        // task last counted them: no storage read here, under the topic's lock.
+        let lacking = self.status.lacking_entries.load(Ordering::Relaxed);
         let oldest = self
             .status
-            .oldest_pending_publish_ms
+            .oldest_lacking_publish_ms
             .load(Ordering::Relaxed);
-        let backlog = self.log.backlog_entries(&self.cursor).unwrap_or(0);
         let connected = self.status.is_connected();
         ReplicatorStats {
             msg_rate_out,
             msg_throughput_out,
             msg_out_count: self.status.out.messages(),
             bytes_out_count: self.status.out.bytes(),
-            replication_backlog: backlog,
+            replication_backlog: lacking,
             connected,
             replication_delay_in_seconds: if oldest == 0 {
                 0
@@ -290,7 +303,75 @@ pub(crate) fn reset_cursor(
         replicator.resets.send_modify(|resets| *resets += 1);
     }
     log.reset_cursor(cursor, mark_delete)?;
+    if let Some(replicator) = replicator {
+        replicator.status.cursor_moved.notify_one();
+    }
     log.set_cursor_properties(cursor, BTreeMap::new())
+}
+
+/// The shortest time between two counts of the backlog: bursts of appends and
+/// acknowledgements are counted together.
+const BACKLOG_COUNT_INTERVAL: Duration = Duration::from_millis(100);
+/// How often the backlog is counted anyway (cursor moves by an admin or a policy wake nobody).
+const BACKLOG_COUNT_FALLBACK: Duration = Duration::from_secs(1);
+
+/// Keeps `status`'s count of what the remote still has to store (`backlog.rs`) current: counts
+/// again when entries are appended or the cursor moves, off the async runtime, until stopped.
+async fn count_backlog(
+    log: Arc<Log>,
+    cursor: String,
+    remote: String,
+    status: Arc<Status>,
+    mut stopped: watch::Receiver<bool>,
+) {
+    let mut tail = log.watch_durable();
+    let mut index = BacklogIndex::default();
+    // The cursor position and log end last counted, so an idle topic costs nothing.
+    let mut counted = None;
+    loop {
+        if *stopped.borrow_and_update() {
+            return;
+        }
+        let now = (log.mark_delete_position(&cursor), log.last_position());
+        if counted != Some(now) {
+            let (log, remote) = (log.clone(), remote.clone());
+            let work = tokio::task::spawn_blocking(move || {
+                let backlog = now
+                    .0
+                    .map(|mark_delete| index.remote_backlog(&log, &remote, mark_delete));
+                (index, backlog)
+            });
+            let Ok((returned, backlog)) = work.await else {
+                return;
+            };
+            index = returned;
+            let backlog = backlog.unwrap_or_default();
+            status
+                .lacking_entries
+                .store(backlog.entries, Ordering::Relaxed);
+            status.oldest_lacking_publish_ms.store(
+                backlog.oldest_publish_time_ms.map_or(0, |ms| ms.max(1)),
+                Ordering::Relaxed,
+            );
+            // A count that has not scanned everything yet goes on at once.
+            counted = (!backlog.scanning).then_some(now);
+            if backlog.scanning {
+                continue;
+            }
+        }
+        tokio::select! {
+            _ = stopped.changed() => return,
+            changed = tail.changed() => if changed.is_err() {
+                return;
+            },
+            () = status.cursor_moved.notified() => {}
+            () = tokio::time::sleep(BACKLOG_COUNT_FALLBACK) => {}
+        }
+        tokio::select! {
+            _ = stopped.changed() => return,
+            () = tokio::time::sleep(BACKLOG_COUNT_INTERVAL) => {}
+        }
+    }
 }
 
 /// Why a replication session ended.
@@ -357,7 +438,6 @@ impl Throttle {
 /// One entry sent and not yet confirmed.
 struct Sent {
     position: Position,
-    publish_time_ms: u64,
     messages: u64,
     bytes: usize,
     receipt: SendReceipt,
@@ -584,12 +664,6 @@ impl Worker {
                 return self.send_failed(failure);
             }
             let readable = self.log.last_position().is_some_and(|last| next <= last);
-            if !in_flight.is_empty() || !readable {
-                // Else the delay stays what it was: entries wait on disk for this session.
-                self.status
-                    .oldest_pending_publish_ms
-                    .store(in_flight.oldest_publish_time_ms(), Ordering::Relaxed);
-            }
 
             if throttled_until.is_some_and(|until| Instant::now() >= until) {
                 throttled_until = None;
@@ -680,7 +754,6 @@ impl Worker {
                 *next = self.log.next_position(position);
                 continue;
             }
-            let publish_time_ms = entry.publish_time_ms;
             let bytes = entry.data.len();
             let Some(memory) = self.memory.take(&mut read.budget, bytes) else {
                 // Not enough memory free now: this entry is read again once it is.
@@ -700,7 +773,6 @@ impl Worker {
             self.throttle.record(messages, bytes as u64);
             in_flight.push(Sent {
                 position,
-                publish_time_ms,
                 messages,
                 bytes,
                 receipt,
@@ -717,9 +789,7 @@ impl Worker {
             tracing::warn!(topic = %self.topic, position = %entry.position, "skipping an entry whose metadata does not decode");
             return Plan::Skip;
         };
-        let routed_here =
-            metadata.replicate_to.is_empty() || metadata.replicate_to.contains(&self.remote.name);
-        if metadata.replicated_from.is_some() || metadata.marker_type.is_some() || !routed_here {
+        if !meant_for(&metadata, &self.remote.name) {
             return Plan::Skip;
         }
         metadata.replicated_from = Some(self.local_cluster.clone());
@@ -807,6 +877,7 @@ impl Worker {
         if let Err(error) = self.log.acknowledge(&self.cursor, positions) {
             tracing::warn!(topic = %self.topic, remote = %self.remote.name, %error, "acknowledging replicated entries failed");
         }
+        self.status.cursor_moved.notify_one();
     }
 }
 
@@ -833,10 +904,6 @@ impl InFlight {
 
     fn has_room(&self) -> bool {
         self.room() > 0 && self.bytes < MAX_IN_FLIGHT_BYTES
-    }
-
-    fn is_empty(&self) -> bool {
-        self.sent.is_empty()
     }
 
     fn push(&mut self, sent: Sent) {
@@ -866,13 +933,6 @@ impl InFlight {
                 error,
             }),
         }
-    }
-
-    /// Publish time of the oldest unconfirmed entry (0: none).
-    fn oldest_publish_time_ms(&self) -> u64 {
-        self.sent
-            .front()
-            .map_or(0, |head| head.publish_time_ms.max(1))
     }
 
     /// The sends confirmed so far, without waiting, and the failure that ended them if one
