@@ -1010,6 +1010,31 @@ def test_a_corrupted_entry_in_a_full_pipeline_is_sent_again_and_nothing_is_lost(
     )
 
 
+def test_entries_the_remote_stored_without_answering_are_counted_once(clusters_factory):
+    """The link from a to b delays every chunk by 3 s. a stores 5 messages; once b's consumer
+    has them (b stored them), and before b's receipts have crossed the link back, the link is
+    reset: a's replicator sends them again and b answers them as duplicates. a's `msgOutCount`
+    must count the 5 entries b stored, once (it said 1, counting only the first message)."""
+    clusters, topic, history, consumer_b, producer = one_message_through(
+        clusters_factory, "unanswered"
+    )
+    link = clusters.link("a", "b")
+    link.set_delay(3)
+    for i in range(1, 6):
+        history.send(producer, "a", "a", i)
+    history.collect({"b": consumer_b}, {"b": 6}, quiet=0)
+    link.cut()
+    link.set_delay(0)
+    link.heal()
+    clusters.await_replication_stats(
+        "a", topic, "b",
+        lambda section: section["replicationBacklog"] == 0 and section["msgOutCount"] == 6,
+        "a counts the 6 entries b stored",
+    )
+    assert_no_more(consumer_b, wait_ms=int(QUIET_WINDOW_S * 1000), what="no second copy on b")
+    check_exactly_once({"b": history.sent_payloads("a")}, history)
+
+
 def retry_delays_ms(clusters, cluster: str, topic: str) -> list[float]:
     """The `retry_in` of each `replication interrupted` line logged for `topic`."""
     delays = []

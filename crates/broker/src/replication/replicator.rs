@@ -185,6 +185,7 @@ impl Replicator {
             throttle: Throttle::default(),
             chain: None,
             confirmed: false,
+            counted_through: None,
             resets: reset_seen,
             cursor_lock: cursor_lock.clone(),
             memory: spec.clients.memory().join(&spec.remote.name),
@@ -494,6 +495,8 @@ struct Worker {
     chain: Option<Position>,
     /// The remote confirmed something since the last failure (resets the backoff).
     confirmed: bool,
+    /// The last entry counted in `msgOutCount` (sent again, it is not counted again).
+    counted_through: Option<Position>,
     resets: watch::Receiver<u64>,
     cursor_lock: Arc<Mutex<()>>,
     /// This replicator's access to the memory bound, within its remote's share.
@@ -858,12 +861,21 @@ impl Worker {
         let positions: Vec<Position> = confirmed
             .iter()
             .map(|done| {
-                if done.stored {
+                // Counted once: an entry the remote stored now, or one it answers as a
+                // duplicate that this replicator has not counted yet (the remote stored an
+                // earlier send whose receipt was lost with the connection).
+                let position = done.sent.position;
+                if done.stored
+                    || self
+                        .counted_through
+                        .is_none_or(|counted| position > counted)
+                {
                     self.status
                         .out
                         .record(done.sent.messages, done.sent.bytes as u64);
                 }
-                done.sent.position
+                self.counted_through = self.counted_through.max(Some(position));
+                position
             })
             .collect();
         self.acknowledge(&positions);
