@@ -22,15 +22,18 @@
 //!   replicator's producer sends nothing after a failed entry (`stop_on_failure`): the next
 //!   session resends from the cursor, in order. So rewinds, reconnections and restarts on
 //!   either side never store a second copy, and a gap is refused, never acknowledged;
-//! - an entry the remote refuses for good (too large, a gap, a terminated topic) stops this
-//!   replicator at that entry (`Stopped: ...`) and is retried every 10 s; every wait on the
-//!   remote is bounded and ends on stop;
+//! - an entry the remote refuses for good (too large, a gap, a terminated topic), or a remote
+//!   that refuses the producer itself for good, stops this replicator (`Stopped: ...`), retried
+//!   every 10 s; every wait on the remote is bounded and ends on stop;
 //! - before producing, the replicator makes the remote topic exist with the same partition
 //!   count (through the remote's admin API). A mismatch stops that replicator with a clear
 //!   status instead of replicating into the wrong shape;
 //! - failures back off from 100 ms to 10 s (reset once the remote confirmed something) and
-//!   retry; an optional rate limit
-//!   (`replicatorDispatchRate`) caps messages and bytes per period.
+//!   retry; an optional rate limit (`replicatorDispatchRate`) caps messages and bytes per
+//!   period;
+//! - stats count what the remote stored (`msgOutCount`, each entry once) and what it still has
+//!   to store (`replicationBacklog`, `replicationDelayInSeconds`: a small task per replicator
+//!   counts them with `crate::replication::backlog`, so stats never read storage).
 
 use std::collections::{BTreeMap, VecDeque};
 use std::future::Future;
@@ -312,7 +315,7 @@ pub(crate) fn reset_cursor(
 
 /// The shortest time between two counts of the backlog: bursts of appends and
 /// acknowledgements are counted together.
-const BACKLOG_COUNT_INTERVAL: Duration = Duration::from_millis(100);
+const BACKLOG_COUNT_INTERVAL: Duration = Duration::from_millis(500);
 /// How often the backlog is counted anyway (cursor moves by an admin or a policy wake nobody).
 const BACKLOG_COUNT_FALLBACK: Duration = Duration::from_secs(1);
 
