@@ -9,9 +9,9 @@
 //! the cursor moves; stats read its result) drops the groups the cursor has passed, scans what
 //! was appended since the last count (at most [`SCAN_MAX_ENTRIES`] / [`SCAN_MAX_BYTES`] per
 //! count, so one count after a restart behind a large backlog stays short: until the scan has
-//! caught up, the part not scanned yet counts every entry), and counts bits. The index holds at most
-//! [`MAX_GROUPS`] groups (one bit per entry, 2 Mi entries, 360 KiB); beyond that, entries count as in
-//! the plain backlog too.
+//! caught up, the part not scanned yet counts every entry), and counts bits. The index holds at
+//! most [`MAX_GROUPS`] groups (512 Ki entries in 88 KiB per replicator); beyond that, entries
+//! count as in the plain backlog too.
 
 use std::collections::VecDeque;
 
@@ -21,7 +21,7 @@ use meridian_wire::MessageMetadata;
 /// Entries per group (one bit each).
 const GROUP_ENTRIES: u64 = 512;
 /// Groups the index keeps at most.
-pub const MAX_GROUPS: usize = 4_096;
+pub const MAX_GROUPS: usize = 1_024;
 /// Entries a stats call scans at most.
 pub const SCAN_MAX_ENTRIES: usize = 20_000;
 /// Bytes a stats call reads at most.
