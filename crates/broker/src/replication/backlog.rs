@@ -22,10 +22,12 @@ use meridian_wire::MessageMetadata;
 const GROUP_ENTRIES: u64 = 512;
 /// Groups the index keeps at most.
 pub const MAX_GROUPS: usize = 1_024;
-/// Entries a stats call scans at most.
+/// Entries a count scans at most.
 pub const SCAN_MAX_ENTRIES: usize = 20_000;
-/// Bytes a stats call reads at most.
+/// Bytes a count reads at most.
 pub const SCAN_MAX_BYTES: usize = 16 * 1024 * 1024;
+/// Bytes one read of a count asks for at most.
+const READ_BYTES: usize = 1024 * 1024;
 
 /// Whether an entry with this metadata is sent to `remote` (the replicator's rule): produced
 /// here (no `replicated_from`), not a marker, and `replicate_to` empty or naming the remote.
@@ -193,7 +195,9 @@ impl BacklogIndex {
             if entries_left == 0 || bytes_left == 0 {
                 return false;
             }
-            let read = match log.read_from(from, entries_left.min(1000), bytes_left) {
+            // Small reads: only the metadata is wanted, and what is read is dropped at once.
+            let read = match log.read_from(from, entries_left.min(256), bytes_left.min(READ_BYTES))
+            {
                 Ok(read) if !read.is_empty() => read,
                 Ok(_) => return true,
                 Err(meridian_storage::StorageError::PositionNotFound { .. }) => {
