@@ -249,6 +249,77 @@ impl BacklogIndex {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
+
+    use meridian_storage::{Storage, StorageConfig};
+
+    /// Appends an entry produced here (`None`), routed to `to`, or replicated from a cluster.
+    fn append(
+        log: &Arc<Log>,
+        publish_time_ms: u64,
+        replicated_from: Option<&str>,
+        to: &[&str],
+    ) -> Position {
+        let metadata = MessageMetadata {
+            producer_name: "p".into(),
+            sequence_id: 0,
+            publish_time: publish_time_ms,
+            replicated_from: replicated_from.map(str::to_string),
+            replicate_to: to.iter().map(|name| name.to_string()).collect(),
+            ..MessageMetadata::default()
+        };
+        let entry = meridian_wire::encode_entry(&metadata, b"payload").expect("encodes");
+        log.append(entry, publish_time_ms)
+            .expect("appends")
+            .wait()
+            .expect("durable")
+    }
+
+    #[test]
+    fn the_backlog_counts_only_entries_the_remote_gets_and_follows_the_cursor() {
+        let directory = tempfile::tempdir().expect("temporary directory");
+        let storage = Storage::open(directory.path(), StorageConfig::default()).expect("opens");
+        let log = storage.open_log("t").expect("log");
+        let first = append(&log, 1_000, None, &[]);
+        append(&log, 2_000, Some("c"), &[]);
+        append(&log, 3_000, None, &["a", "c"]);
+        let fourth = append(&log, 4_000, None, &["b"]);
+        let mut index = BacklogIndex::default();
+        let backlog = index.remote_backlog(&log, "b", None);
+        assert_eq!(
+            (
+                backlog.entries,
+                backlog.oldest_publish_time_ms,
+                backlog.scanning
+            ),
+            (2, Some(1_000), false)
+        );
+        let backlog = index.remote_backlog(&log, "b", Some(first));
+        assert_eq!(
+            (backlog.entries, backlog.oldest_publish_time_ms),
+            (1, Some(4_000))
+        );
+        append(&log, 5_000, None, &[]);
+        let backlog = index.remote_backlog(&log, "b", Some(first));
+        assert_eq!(
+            (backlog.entries, backlog.oldest_publish_time_ms),
+            (2, Some(4_000))
+        );
+        let backlog = index.remote_backlog(&log, "b", Some(fourth));
+        assert_eq!(
+            (backlog.entries, backlog.oldest_publish_time_ms),
+            (1, Some(5_000))
+        );
+        // An admin moved the cursor back to the start: everything counts again.
+        let backlog = index.remote_backlog(&log, "b", None);
+        assert_eq!(
+            (backlog.entries, backlog.oldest_publish_time_ms),
+            (3, Some(1_000))
+        );
+        let last = log.last_position();
+        let backlog = index.remote_backlog(&log, "b", last);
+        assert_eq!((backlog.entries, backlog.oldest_publish_time_ms), (0, None));
+    }
 
     #[test]
     fn a_group_counts_the_entries_meant_for_the_remote_after_a_position() {
