@@ -1035,6 +1035,37 @@ def test_entries_the_remote_stored_without_answering_are_counted_once(clusters_f
     check_exactly_once({"b": history.sent_payloads("a")}, history)
 
 
+def test_replication_backlog_expired_by_a_ttl_is_never_silent(clusters_factory):
+    """The link from a to b is cut before the topic exists (a's replicator to b never reads)
+    and a stores 3 messages; then a's namespace gets a 1 s message TTL. As in Pulsar, the TTL
+    expires the replication backlog too, so b will never get them. That skip must not be
+    silent: a logs a WARN line naming the topic and the replication cursor, and its backlog to
+    b is 0. After the link heals, b gets what a stores next."""
+    clusters = clusters_factory(("a", "b"), configs={"a": {"policy_check_interval_seconds": 1}})
+    namespace = clusters.create_replicated_namespace(clusters.new_namespace("ttl"), ["a", "b"])
+    topic = f"persistent://{namespace}/ttl"
+    history = History()
+    link = clusters.link("a", "b")
+    link.cut()
+    consumer_b = subscribe(clusters, "b", topic)
+    producer = clusters.client("a").create_producer(topic, batching_enabled=False)
+    for i in range(3):
+        history.send(producer, "a", "a", i)
+    clusters.admin("a", "POST", f"/admin/v2/namespaces/{namespace}/messageTTL", 1)
+    await_condition(
+        lambda: clusters.log_lines("a", "replication backlog expired", topic, "pulsar.repl.b"),
+        REPLICATION_TIMEOUT_S, "a WARN line says the replication backlog to b expired",
+    )
+    clusters.await_replication_stats(
+        "a", topic, "b", lambda section: section["replicationBacklog"] == 0,
+        "nothing left for b",
+    )
+    link.heal()
+    history.send(producer, "a", "a", 3)
+    history.collect({"b": consumer_b}, {"b": 1})
+    check_exactly_once({"b": history.sent_payloads("a")[3:]}, history)
+
+
 def retry_delays_ms(clusters, cluster: str, topic: str) -> list[float]:
     """The `retry_in` of each `replication interrupted` line logged for `topic`."""
     delays = []

@@ -1146,6 +1146,10 @@ impl Topic {
             return;
         }
         let expired = backlog_before.saturating_sub(self.log.backlog_entries(cursor).unwrap_or(0));
+        if expired > 0 && is_replicator_cursor(cursor) {
+            // The remote will never get these: a policy skipped them, never silently.
+            tracing::warn!(topic = %self.full_name, cursor, expired, through = %to, "replication backlog expired by policy (message TTL or backlog quota); the remote will not receive these entries");
+        }
         *self.lock().expired.entry(cursor.to_string()).or_insert(0) += expired;
     }
 
