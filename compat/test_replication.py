@@ -352,6 +352,58 @@ def test_per_message_replication_clusters_and_disable_replication(clusters_facto
     check_exactly_once(expected, history)
 
 
+def test_replication_backlog_and_delay_count_only_what_the_remote_still_has_to_store(
+    clusters_factory,
+):
+    """Full mesh a, b, c; the link from a to b is cut before the topic exists, so a's
+    replicator to b never runs a session. a stores 4 messages for everyone, 3 with
+    replication_clusters=["a", "c"], 2 kept local, and 5 that arrive from c. a's stats for b:
+    `replicationBacklog` is 4 (what b still has to get from a; not the 14 entries after the
+    cursor) and `replicationDelayInSeconds` grows although nothing was ever sent. After the
+    link heals both are 0, and b holds each of a's messages meant for it once, in order."""
+    names = ["a", "b", "c"]
+    clusters = clusters_factory(names)
+    namespace = clusters.create_replicated_namespace(clusters.new_namespace("lacks"), names)
+    topic = f"persistent://{namespace}/lacks"
+    history = History()
+    link = clusters.link("a", "b")
+    link.cut()
+    consumers = {name: subscribe(clusters, name, topic) for name in names}
+    producer_a = clusters.client("a").create_producer(topic, batching_enabled=False)
+    producer_c = clusters.client("c").create_producer(topic, batching_enabled=False)
+    meant_for_b = []
+    for i in range(9):
+        options = {}
+        if i in (1, 4, 7):
+            options["replication_clusters"] = ["a", "c"]
+        elif i in (2, 5):
+            options["disable_replication"] = True
+        record = history.send(producer_a, "a", "a", i, **options)
+        if not options:
+            meant_for_b.append(record.payload)
+    for i in range(5):
+        history.send(producer_c, "c", "c", i)
+    history.collect({"a": consumers["a"]}, {"a": 14})
+    lacking = clusters.await_replication_stats(
+        "a", topic, "b",
+        lambda section: section["replicationBacklog"] == 4
+        and section["replicationDelayInSeconds"] >= 1,
+        "a's stats count the 4 entries b lacks, and their age",
+    )
+    assert not lacking["connected"], lacking
+    link.heal()
+    history.collect({"b": consumers["b"]}, {"b": 4 + 5})
+    check_exactly_once(
+        {"b": meant_for_b + history.sent_payloads("c")}, history
+    )
+    clusters.await_replication_stats(
+        "a", topic, "b",
+        lambda section: section["replicationBacklog"] == 0
+        and section["replicationDelayInSeconds"] == 0 and section["msgOutCount"] == 4,
+        "nothing left for b",
+    )
+
+
 # ------------------------------------------------------------------ 3. membership changes
 
 
@@ -725,6 +777,37 @@ def test_partitioned_topic_batched_and_compressed(clusters_factory, compression)
     assert not wrong_partition, f"on b in another partition than on a: {wrong_partition[:10]}"
 
 
+def test_a_remote_that_never_answers_does_not_starve_replication_to_the_others(clusters_factory):
+    """a replicates to b and c with the smallest memory bound (1 MiB). The link to b goes
+    silent (every byte delayed far beyond the test) after the replicators started; a then
+    stores 12 messages of 200 KiB. b's replicator sends what memory allows and waits on answers
+    that do not come: c must still receive all 12, each once, in order, instead of waiting
+    until b's sends time out. Once the link to b is reset and healthy again, b gets them too."""
+    clusters = clusters_factory(
+        ("a", "b", "c"), configs={"a": {"replication_max_memory_bytes": 1024 * 1024}}
+    )
+    namespace = clusters.create_replicated_namespace(
+        clusters.new_namespace("share"), ["a", "b", "c"]
+    )
+    topic = f"persistent://{namespace}/share"
+    history = History()
+    consumers = {name: subscribe(clusters, name, topic) for name in ("b", "c")}
+    producer = clusters.client("a").create_producer(topic, batching_enabled=False)
+    history.send(producer, "a", "a", 0)
+    history.collect(consumers, {"b": 1, "c": 1}, quiet=0)
+    link = clusters.link("a", "b")
+    link.set_delay(3600)
+    for i in range(1, 13):
+        history.send(producer, "a", "a", i, padding=200 * 1024)
+    history.collect({"c": consumers["c"]}, {"c": 13})
+    link.set_delay(0)
+    link.cut()
+    link.heal()
+    history.collect({"b": consumers["b"]}, {"b": 13})
+    sent = history.sent_payloads("a")
+    check_exactly_once({"b": sent, "c": sent}, history)
+
+
 @pytest.mark.allow_broker_errors(r"partitions inconsistent")
 def test_partition_count_mismatch_stops_replication_and_keeps_a_backlog(clusters_factory):
     """The topic has 3 partitions on a but 2 on b: a refuses to replicate into the wrong shape.
@@ -819,11 +902,11 @@ def test_an_entry_too_large_for_the_remote_stops_only_its_replicator_until_the_l
     assert len(sent) == 10, "a accepts every message under its own limit"
 
     stopped = clusters.await_replication_stats(
-        "a", big, "b", lambda section: section["state"].startswith("Stopped: "),
+        "a", big, "b", lambda section: section["state"].startswith("Stopped: ")
+        and section["replicationBacklog"] == 9,
         "the replicator of big to b is stopped",
     )
     assert "exceeds" in stopped["state"], stopped
-    assert stopped["replicationBacklog"] == 9, stopped
     history.collect({"b": consumer_b}, {"b": 1})
     check_exactly_once({"b": sent[:1]}, history)
     metrics = clusters.metrics("a")
@@ -927,6 +1010,62 @@ def test_a_corrupted_entry_in_a_full_pipeline_is_sent_again_and_nothing_is_lost(
     )
 
 
+def test_entries_the_remote_stored_without_answering_are_counted_once(clusters_factory):
+    """The link from a to b delays every chunk by 3 s. a stores 5 messages; once b's consumer
+    has them (b stored them), and before b's receipts have crossed the link back, the link is
+    reset: a's replicator sends them again and b answers them as duplicates. a's `msgOutCount`
+    must count the 5 entries b stored, once (it said 1, counting only the first message)."""
+    clusters, topic, history, consumer_b, producer = one_message_through(
+        clusters_factory, "unanswered"
+    )
+    link = clusters.link("a", "b")
+    link.set_delay(3)
+    for i in range(1, 6):
+        history.send(producer, "a", "a", i)
+    history.collect({"b": consumer_b}, {"b": 6}, quiet=0)
+    link.cut()
+    link.set_delay(0)
+    link.heal()
+    clusters.await_replication_stats(
+        "a", topic, "b",
+        lambda section: section["replicationBacklog"] == 0 and section["msgOutCount"] == 6,
+        "a counts the 6 entries b stored",
+    )
+    assert_no_more(consumer_b, wait_ms=int(QUIET_WINDOW_S * 1000), what="no second copy on b")
+    check_exactly_once({"b": history.sent_payloads("a")}, history)
+
+
+def test_replication_backlog_expired_by_a_ttl_is_never_silent(clusters_factory):
+    """The link from a to b is cut before the topic exists (a's replicator to b never reads)
+    and a stores 3 messages; then a's namespace gets a 1 s message TTL. As in Pulsar, the TTL
+    expires the replication backlog too, so b will never get them. That skip must not be
+    silent: a logs a WARN line naming the topic and the replication cursor, and its backlog to
+    b is 0. After the link heals, b gets what a stores next."""
+    clusters = clusters_factory(("a", "b"), configs={"a": {"policy_check_interval_seconds": 1}})
+    namespace = clusters.create_replicated_namespace(clusters.new_namespace("ttl"), ["a", "b"])
+    topic = f"persistent://{namespace}/ttl"
+    history = History()
+    link = clusters.link("a", "b")
+    link.cut()
+    consumer_b = subscribe(clusters, "b", topic)
+    producer = clusters.client("a").create_producer(topic, batching_enabled=False)
+    for i in range(3):
+        history.send(producer, "a", "a", i)
+    clusters.admin("a", "POST", f"/admin/v2/namespaces/{namespace}/messageTTL", 1)
+    await_condition(
+        lambda: clusters.log_lines("a", "replication backlog expired", topic, "pulsar.repl.b"),
+        REPLICATION_TIMEOUT_S, "a WARN line says the replication backlog to b expired",
+    )
+    clusters.await_replication_stats(
+        "a", topic, "b", lambda section: section["replicationBacklog"] == 0,
+        "nothing left for b",
+    )
+    link.heal()
+    history.send(producer, "a", "a", 3)
+    history.collect({"b": consumer_b}, {"b": 1})
+    check_exactly_once({"b": history.sent_payloads("a")[3:]}, history)
+
+
 def retry_delays_ms(clusters, cluster: str, topic: str) -> list[float]:
     """The `retry_in` of each `replication interrupted` line logged for `topic`."""
     delays = []
@@ -979,14 +1118,29 @@ def test_a_terminated_remote_topic_stops_its_replicator_and_local_traffic_goes_o
         history.send(producer, "a", "a", i)
     history.collect({"a": consumer_a}, {"a": 10})
     stopped = clusters.await_replication_stats(
-        "a", topic, "b", lambda section: section["state"].startswith("Stopped: "),
+        "a", topic, "b", lambda section: section["state"].startswith("Stopped: ")
+        and section["replicationBacklog"] == 5,
         "the replicator to b is stopped",
     )
     assert "terminated" in stopped["state"].lower(), stopped
-    assert stopped["replicationBacklog"] == 5, stopped
     check_exactly_once(
         {"a": history.sent_payloads("a"), "b": history.sent_payloads("a")[:5]}, history
     )
+    # The refusal is permanent however it comes: after a restart of a, the remote refuses the
+    # replicator's producer itself, and the replicator is stopped again (not "Disconnected",
+    # retrying as if the link were down), with the metric saying so.
+    clusters.reconfigure("a")
+    stopped = clusters.await_replication_stats(
+        "a", topic, "b", lambda section: section["state"].startswith("Stopped: ")
+        and section["replicationBacklog"] == 5,
+        "the replicator to b is stopped again after a restart of a",
+    )
+    assert "terminated" in stopped["state"].lower(), stopped
+    assert any(
+        line.startswith("meridian_replication_stopped_count") and "ended" in line
+        and line.endswith(" 1")
+        for line in clusters.metrics("a").splitlines()
+    ), "no metric says the replicator is stopped"
 
 
 @pytest.mark.allow_broker_errors(r"replication stopped")
@@ -1003,11 +1157,11 @@ def test_a_remote_that_lost_its_topic_is_a_gap_until_the_replication_cursor_is_r
     for i in range(1, 4):
         history.send(producer, "a", "a", i)
     stopped = clusters.await_replication_stats(
-        "a", topic, "b", lambda section: section["state"].startswith("Stopped: "),
+        "a", topic, "b", lambda section: section["state"].startswith("Stopped: ")
+        and section["replicationBacklog"] == 3,
         "the replicator to b is stopped at the gap",
     )
     assert "replication gap" in stopped["state"], stopped
-    assert stopped["replicationBacklog"] == 3, stopped
 
     clusters.admin("a", "POST", f"{topic_path(topic)}/subscription/pulsar.repl.b/resetcursor/0")
     again = subscribe(clusters, "b", topic, name="again")

@@ -11,30 +11,13 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::OnceCell;
 
 use crate::config::{AutoTopicCreationType, BrokerConfig};
+use crate::context::TopicContext;
 use crate::error::{BrokerError, Result};
-use crate::replicator::{RemoteClients, RemoteCluster};
+use crate::replication::remote::{RemoteClients, RemoteCluster};
 use crate::resources::{EffectivePolicies, Resources};
 use crate::schema::SchemaRegistry;
 use crate::topic::{ReplicationPlan, Topic};
 use crate::topic_name::TopicName;
-
-/// What every topic shares.
-pub(crate) struct BrokerShared {
-    pub(crate) config: Arc<BrokerConfig>,
-    pub(crate) storage: Storage,
-    producer_names: AtomicU64,
-    /// Makes generated producer names unique across restarts (they key de-duplication state).
-    instance: String,
-    /// The clients replicators use, one per remote cluster.
-    pub(crate) remote_clients: Arc<RemoteClients>,
-}
-
-impl BrokerShared {
-    pub(crate) fn generate_producer_name(&self) -> String {
-        let counter = self.producer_names.fetch_add(1, Ordering::Relaxed);
-        format!("{}-{}-{counter}", self.config.cluster_name, self.instance)
-    }
-}
 
 #[derive(Debug, Serialize, Deserialize)]
 struct PartitionedTopicMetadata {
@@ -42,7 +25,7 @@ struct PartitionedTopicMetadata {
 }
 
 pub struct Broker {
-    shared: Arc<BrokerShared>,
+    shared: Arc<TopicContext>,
     metadata: Arc<dyn MetadataStore>,
     schemas: SchemaRegistry,
     resources: Resources,
@@ -125,13 +108,12 @@ impl Broker {
             .unwrap_or(0);
         let remote_clients = Arc::new(RemoteClients::new(config.replication_max_memory_bytes));
         Ok(Arc::new(Broker {
-            shared: Arc::new(BrokerShared {
-                config: Arc::new(config),
+            shared: Arc::new(TopicContext::new(
+                config,
                 storage,
-                producer_names: AtomicU64::new(0),
-                instance: format!("{instance:x}"),
+                format!("{instance:x}"),
                 remote_clients,
-            }),
+            )),
             schemas: SchemaRegistry::new(metadata.clone()),
             resources: Resources::new(metadata.clone()),
             metadata,

@@ -13,7 +13,7 @@
 //! when de-duplication is off for the namespace, because replication depends on it.
 //!
 //! A replicated entry also names the origin position of the entry its replicator sent before
-//! it to this cluster (the *chain*, see `replicator.rs`). [`Dedup::check_replicated`] stores a
+//! it to this cluster (the *chain*, see `replication/chain.rs`). [`Dedup::check_replicated`] stores a
 //! new entry only if that previous position is the last one stored from its origin, so a gap in
 //! what a replicator sends is refused ([`Verdict::Gap`]) instead of being papered over by a
 //! high-water mark: the remote proves it holds every entry meant for it.

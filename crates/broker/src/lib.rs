@@ -12,17 +12,21 @@
 //!   subscriptions, seek, last message id.
 //! - [`subscription`]: [`Subscription`] and its dispatcher task (Exclusive, Shared, Failover,
 //!   Key_Shared; redelivery; delayed delivery).
+//! - [`replication`]: geo-replication (the replicator, the chain the remote checks, remote
+//!   clusters, the memory bound) and replicated subscriptions.
+//! - `context`: the narrow handle a topic gets from its broker, so `topic` never uses `broker`.
+//! - [`stats`]: counters and Pulsar's stats shapes; uses nothing else in the crate.
 //! - [`dedup`], [`schema`], [`topic_name`], [`config`], [`error`] (the one mapping of errors to
 //!   Pulsar's `ServerError`).
 
 pub mod broker;
 pub mod clock;
 pub mod config;
+mod context;
 pub mod dedup;
 pub mod error;
 pub mod outbound;
 pub mod replication;
-pub mod replicator;
 pub mod resources;
 pub mod schema;
 pub mod stats;

@@ -177,7 +177,31 @@ pub struct TopicStats {
     pub publishers: Vec<PublisherStats>,
     pub waiting_publishers: u64,
     pub subscriptions: BTreeMap<String, SubscriptionStats>,
-    pub replication: BTreeMap<String, crate::replicator::ReplicatorStats>,
+    pub replication: BTreeMap<String, ReplicatorStats>,
+}
+
+/// Pulsar's `ReplicatorStats` for one remote cluster, in topic stats.
+#[derive(Debug, Clone, Default, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ReplicatorStats {
+    pub msg_rate_in: f64,
+    pub msg_throughput_in: f64,
+    pub msg_rate_out: f64,
+    pub msg_throughput_out: f64,
+    pub msg_in_count: u64,
+    pub bytes_in_count: u64,
+    pub msg_out_count: u64,
+    pub bytes_out_count: u64,
+    pub msg_rate_expired: f64,
+    pub replication_backlog: u64,
+    pub connected: bool,
+    pub replication_delay_in_seconds: u64,
+    pub inbound_connection: Option<String>,
+    pub inbound_connected_since: Option<String>,
+    pub outbound_connection: Option<String>,
+    pub outbound_connected_since: Option<String>,
+    /// Meridian: what the replicator is doing (`Started`, `Connecting`, or why it is stopped).
+    pub state: String,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]

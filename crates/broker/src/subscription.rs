@@ -1090,7 +1090,7 @@ impl Subscription {
                 ..CommandMessage::default()
             };
             let data = match &parsed {
-                Ok(metadata) => crate::replicator::without_origin(metadata, entry.data),
+                Ok(metadata) => crate::replication::chain::without_origin(metadata, entry.data),
                 Err(_) => entry.data,
             };
             match meridian_wire::encode_message_frame(command, data) {

@@ -14,19 +14,20 @@ use bytes::Bytes;
 use meridian_storage::{InitialPosition, Log, Position};
 use tokio::sync::oneshot;
 
-use crate::broker::BrokerShared;
 use crate::clock::{now_ms, now_rfc3339};
+use crate::context::TopicContext;
 use crate::dedup::{
     is_replication_key, position_sequence, replication_key, sequence_position, Dedup, Sequence,
     Verdict, DEDUP_CURSOR,
 };
 use crate::error::{BrokerError, Result};
 use crate::outbound::{command_frame, OutboundSender};
+use crate::replication::remote::RemoteCluster;
 use crate::replication::replicated_subscriptions;
+use crate::replication::replicator::{self, Replicator, ReplicatorSpec};
 use crate::replication::subscription_sync::SubscriptionSync;
-use crate::replicator::{self, RemoteCluster, Replicator, ReplicatorSpec, ReplicatorStats};
 use crate::resources::{BacklogQuotaPolicy, DispatchRate, EffectivePolicies, RetentionPolicies};
-use crate::stats::{self, Meter, PublisherStats, SubscriptionStats, TopicStats};
+use crate::stats::{self, Meter, PublisherStats, ReplicatorStats, SubscriptionStats, TopicStats};
 use crate::subscription::{NewConsumer, StartPosition, Subscription, SubscriptionType};
 use crate::topic_name::TopicName;
 use meridian_wire::proto::{base_command, BaseCommand, CommandCloseProducer};
@@ -226,7 +227,7 @@ pub struct Topic {
     full_name: String,
     partition_index: i32,
     log: Arc<Log>,
-    shared: Arc<BrokerShared>,
+    shared: Arc<TopicContext>,
     state: Mutex<TopicState>,
     meter_in: Meter,
     /// Whether de-duplication is on for this load of the topic.
@@ -270,7 +271,7 @@ impl Topic {
     /// Opens the topic's log and recovers its de-duplication state. Blocking: call it off the
     /// async runtime.
     pub(crate) fn load(
-        shared: Arc<BrokerShared>,
+        shared: Arc<TopicContext>,
         name: TopicName,
         policies: &EffectivePolicies,
         terminated: bool,
@@ -908,7 +909,7 @@ fn recover_dedup(log: &Arc<Log>) -> Result<Dedup> {
             let Ok(metadata) = meridian_wire::entry_metadata(entry.data) else {
                 continue;
             };
-            if let Some(origin) = crate::replicator::origin_of(&metadata) {
+            if let Some(origin) = crate::replication::chain::origin_of(&metadata) {
                 dedup.persisted(
                     &replication_key(&origin.cluster),
                     position_sequence(origin.position.ledger_id, origin.position.entry_id),
@@ -1153,6 +1154,10 @@ impl Topic {
             return;
         }
         let expired = backlog_before.saturating_sub(self.log.backlog_entries(cursor).unwrap_or(0));
+        if expired > 0 && is_replicator_cursor(cursor) {
+            // The remote will never get these: a policy skipped them, never silently.
+            tracing::warn!(topic = %self.full_name, cursor, expired, through = %to, "replication backlog expired by policy (message TTL or backlog quota); the remote will not receive these entries");
+        }
         *self.lock().expired.entry(cursor.to_string()).or_insert(0) += expired;
     }
 

@@ -33,7 +33,7 @@ use meridian_broker::dedup::is_replication_key;
 use meridian_broker::outbound::{
     command_frame, outbound_queue, Outbound, OutboundReceiver, OutboundSender,
 };
-use meridian_broker::replicator;
+use meridian_broker::replication::chain;
 use meridian_broker::schema::{decode_version, encode_version};
 use meridian_broker::{
     AccessMode, Broker, BrokerError, NewConsumer, NewProducer, Publish, PublishFuture, SeekTarget,
@@ -1137,7 +1137,7 @@ impl Connection {
                     .max(send.sequence_id.saturating_add(messages - 1));
                 // A replicator's entries are de-duplicated by the position they come from.
                 let origin = is_replication_key(&producer.name)
-                    .then(|| replicator::origin_of(&entry.metadata))
+                    .then(|| chain::origin_of(&entry.metadata))
                     .flatten();
                 let publish = Publish {
                     messages,

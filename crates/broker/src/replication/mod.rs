@@ -1,16 +1,23 @@
-//! Cross-cluster features. Geo-replication's replicator itself is `crate::replicator`; here
-//! are what it and the receiving side share, and replicated subscriptions:
+//! Cross-cluster features: geo-replication's replicator, what it and the receiving side share,
+//! and replicated subscriptions.
 //!
+//! - [`replicator`]: one replicator per topic (or partition) per remote cluster;
+//! - [`backlog`]: what a remote still has to store (backlog and delay in stats);
 //! - [`chain`]: the metadata of a replicated entry and the chain the remote checks;
 //! - [`remote`]: remote clusters, the clients replicators share, remote topic preparation;
 //! - `memory`: the one memory bound of all replicators;
 //! - [`replicated_subscriptions`]: which subscriptions are replicated, and resets;
 //! - [`origin_acks`]: the form in which clusters exchange a subscription's acknowledgements;
 //! - [`subscription_sync`]: the per-topic task that sends and applies them.
+//!
+//! Dependencies point one way: `topic` uses these modules; `chain`, `remote` and `memory`
+//! never use `replicator`, and nothing here uses `broker`.
 
+pub mod backlog;
 pub mod chain;
 pub(crate) mod memory;
 pub mod origin_acks;
 pub mod remote;
 pub mod replicated_subscriptions;
+pub mod replicator;
 pub mod subscription_sync;

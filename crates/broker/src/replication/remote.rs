@@ -2,14 +2,19 @@
 //! the remote topic exist with the local partition count (through the remote's admin API).
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use meridian_client::Client;
 
 use super::memory::MemoryBudget;
-use crate::replicator::{BACKOFF_INITIAL, BACKOFF_MAX};
 use crate::resources::ClusterData;
 use crate::topic_name::TopicName;
+
+/// The first wait after a replication failure (replicators, the client's reconnections).
+pub(crate) const BACKOFF_INITIAL: Duration = Duration::from_millis(100);
+/// The longest wait between replication attempts.
+pub(crate) const BACKOFF_MAX: Duration = Duration::from_secs(10);
 
 /// A remote cluster as the cluster registry describes it.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -52,7 +57,7 @@ impl RemoteCluster {
 /// share its connections instead of opening one each) and the memory bound.
 pub(crate) struct RemoteClients {
     clients: tokio::sync::Mutex<HashMap<RemoteCluster, Client>>,
-    memory: MemoryBudget,
+    memory: Arc<MemoryBudget>,
 }
 
 impl RemoteClients {
@@ -75,7 +80,7 @@ impl RemoteClients {
     }
 
     /// The memory bound of all replicators.
-    pub(crate) fn memory(&self) -> &MemoryBudget {
+    pub(crate) fn memory(&self) -> &Arc<MemoryBudget> {
         &self.memory
     }
 

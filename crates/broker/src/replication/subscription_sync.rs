@@ -26,7 +26,8 @@ use super::origin_acks::{OriginAcks, OriginAcksBuilder};
 use super::replicated_subscriptions;
 use crate::clock::now_ms;
 use crate::error::{BrokerError, Result};
-use crate::replicator::{self, RemoteCluster};
+use crate::replication::chain;
+use crate::replication::remote::RemoteCluster;
 use crate::stats::SubscriptionSyncStats;
 use crate::topic::Topic;
 use crate::topic_name::{encode_path_segment, TopicName};
@@ -69,7 +70,7 @@ pub fn entry_origin(
         return None;
     }
     if metadata.replicated_from.is_some() {
-        let origin = replicator::origin_of(metadata)?;
+        let origin = chain::origin_of(metadata)?;
         return Some((origin.cluster, origin.position));
     }
     Some((local_cluster.to_string(), position))

@@ -16,21 +16,24 @@
 //!   mark-delete follows what the remote has made durable, and the backlog of an unreachable
 //!   remote stays on disk: at most [`MAX_IN_FLIGHT_ENTRIES`] entries (and
 //!   [`MAX_IN_FLIGHT_BYTES`]) are read ahead, and all replicators together stay within one
-//!   memory bound (`crate::replication::memory`);
+//!   memory bound, shared fairly between remote clusters (`crate::replication::memory`);
 //! - the remote de-duplicates by origin position (see `dedup.rs`) and stores a new entry only
 //!   if it continues the chain; it closes a replicator's producer on any failed send, and the
 //!   replicator's producer sends nothing after a failed entry (`stop_on_failure`): the next
 //!   session resends from the cursor, in order. So rewinds, reconnections and restarts on
 //!   either side never store a second copy, and a gap is refused, never acknowledged;
-//! - an entry the remote refuses for good (too large, a gap, a terminated topic) stops this
-//!   replicator at that entry (`Stopped: ...`) and is retried every 10 s; every wait on the
-//!   remote is bounded and ends on stop;
+//! - an entry the remote refuses for good (too large, a gap, a terminated topic), or a remote
+//!   that refuses the producer itself for good, stops this replicator (`Stopped: ...`), retried
+//!   every 10 s; every wait on the remote is bounded and ends on stop;
 //! - before producing, the replicator makes the remote topic exist with the same partition
 //!   count (through the remote's admin API). A mismatch stops that replicator with a clear
 //!   status instead of replicating into the wrong shape;
 //! - failures back off from 100 ms to 10 s (reset once the remote confirmed something) and
-//!   retry; an optional rate limit
-//!   (`replicatorDispatchRate`) caps messages and bytes per period.
+//!   retry; an optional rate limit (`replicatorDispatchRate`) caps messages and bytes per
+//!   period;
+//! - stats count what the remote stored (`msgOutCount`, each entry once) and what it still has
+//!   to store (`replicationBacklog`, `replicationDelayInSeconds`: a small task per replicator
+//!   counts them with `crate::replication::backlog`, so stats never read storage).
 
 use std::collections::{BTreeMap, VecDeque};
 use std::future::Future;
@@ -42,22 +45,23 @@ use meridian_client::{Client, ConnectionWatch, MessageId, Producer, ProducerMess
 use meridian_storage::{Entry, Log, Position};
 use meridian_wire::proto::KeyValue;
 use meridian_wire::ServerError;
-use serde::Serialize;
-use tokio::sync::{watch, OwnedSemaphorePermit};
+use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
 
 use crate::clock::{now_ms, now_rfc3339};
+use crate::replication::backlog::{meant_for, BacklogIndex};
 pub(crate) use crate::replication::chain::check_chain;
 use crate::replication::chain::{format_position, is_replication_property, parse_position};
 pub use crate::replication::chain::{
     gap_message, origin_of, without_origin, Origin, CHAIN_CURSOR_PROPERTY, ORIGIN_PROPERTY,
     PREVIOUS_PROPERTY,
 };
-pub(crate) use crate::replication::remote::RemoteClients;
-pub use crate::replication::remote::RemoteCluster;
-use crate::replication::remote::{prepare_remote_topic, Prepare};
+use crate::replication::memory::{Held, RemoteShare};
+use crate::replication::remote::{
+    prepare_remote_topic, Prepare, RemoteClients, RemoteCluster, BACKOFF_INITIAL, BACKOFF_MAX,
+};
 use crate::resources::DispatchRate;
-use crate::stats::Meter;
+use crate::stats::{Meter, ReplicatorStats};
 use crate::topic_name::TopicName;
 
 /// Entries sent and not yet confirmed, per replicator (Pulsar's `replicationProducerQueueSize`).
@@ -66,8 +70,6 @@ pub const MAX_IN_FLIGHT_ENTRIES: usize = 1000;
 pub const MAX_IN_FLIGHT_BYTES: usize = 16 * 1024 * 1024;
 const READ_MAX_ENTRIES: usize = 100;
 const READ_MAX_BYTES: usize = 4 * 1024 * 1024;
-pub(crate) const BACKOFF_INITIAL: Duration = Duration::from_millis(100);
-pub(crate) const BACKOFF_MAX: Duration = Duration::from_secs(10);
 /// A send the remote has not answered this long fails, and the session starts again.
 const SEND_TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -87,38 +89,18 @@ pub fn source_cluster(producer_name: &str) -> Option<&str> {
     Some(rest.split_once("-->").map_or(rest, |(source, _)| source))
 }
 
-/// Pulsar's `ReplicatorStats` for one remote cluster, in topic stats.
-#[derive(Debug, Clone, Default, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct ReplicatorStats {
-    pub msg_rate_in: f64,
-    pub msg_throughput_in: f64,
-    pub msg_rate_out: f64,
-    pub msg_throughput_out: f64,
-    pub msg_in_count: u64,
-    pub bytes_in_count: u64,
-    pub msg_out_count: u64,
-    pub bytes_out_count: u64,
-    pub msg_rate_expired: f64,
-    pub replication_backlog: u64,
-    pub connected: bool,
-    pub replication_delay_in_seconds: u64,
-    pub inbound_connection: Option<String>,
-    pub inbound_connected_since: Option<String>,
-    pub outbound_connection: Option<String>,
-    pub outbound_connected_since: Option<String>,
-    /// Meridian: what the replicator is doing (`Started`, `Connecting`, or why it is stopped).
-    pub state: String,
-}
-
 /// What a running replicator shares with stats.
 #[derive(Debug, Default)]
 struct Status {
     /// The current session's producer connection, if a session runs.
     connection: Mutex<Option<ConnectionWatch>>,
     connected_since: Mutex<Option<String>>,
-    /// Publish time of the oldest entry sent and not yet confirmed (0: none).
-    oldest_pending_publish_ms: AtomicU64,
+    /// What the remote still has to store (`backlog.rs`), kept by the backlog task.
+    lacking_entries: AtomicU64,
+    /// Publish time of the oldest entry the remote still has to store (0: none).
+    oldest_lacking_publish_ms: AtomicU64,
+    /// Wakes the backlog task: the cursor moved.
+    cursor_moved: Notify,
     out: Meter,
     state: Mutex<String>,
 }
@@ -159,7 +141,6 @@ impl Status {
 pub struct Replicator {
     remote: RemoteCluster,
     cursor: String,
-    log: Arc<Log>,
     status: Arc<Status>,
     stop: watch::Sender<bool>,
     rate: watch::Sender<Option<DispatchRate>>,
@@ -201,21 +182,29 @@ impl Replicator {
             local_cluster: spec.local_cluster,
             remote: spec.remote.clone(),
             partitions: spec.partitions,
-            clients: spec.clients,
             status: status.clone(),
             stopped,
             rates,
             throttle: Throttle::default(),
             chain: None,
             confirmed: false,
+            counted_through: None,
             resets: reset_seen,
             cursor_lock: cursor_lock.clone(),
+            memory: spec.clients.memory().join(&spec.remote.name),
+            clients: spec.clients,
         };
         tokio::spawn(worker.run());
+        tokio::spawn(count_backlog(
+            spec.log,
+            cursor.clone(),
+            spec.remote.name.clone(),
+            status.clone(),
+            stop.subscribe(),
+        ));
         Replicator {
             remote: spec.remote,
             cursor,
-            log: spec.log,
             status,
             stop,
             rate,
@@ -250,18 +239,21 @@ impl Replicator {
     /// Out rates and backlog; the caller adds the inbound side.
     pub fn stats(&self) -> ReplicatorStats {
         let (msg_rate_out, msg_throughput_out) = self.status.out.rates();
+        // What the remote still has to store (entries after the cursor that will be sent,
+        // not those that will be skipped) and the age of the oldest of them, as the backlog
+        // task last counted them: no storage read here, under the topic's lock.
+        let lacking = self.status.lacking_entries.load(Ordering::Relaxed);
         let oldest = self
             .status
-            .oldest_pending_publish_ms
+            .oldest_lacking_publish_ms
             .load(Ordering::Relaxed);
-        let backlog = self.log.backlog_entries(&self.cursor).unwrap_or(0);
         let connected = self.status.is_connected();
         ReplicatorStats {
             msg_rate_out,
             msg_throughput_out,
             msg_out_count: self.status.out.messages(),
             bytes_out_count: self.status.out.bytes(),
-            replication_backlog: backlog,
+            replication_backlog: lacking,
             connected,
             replication_delay_in_seconds: if oldest == 0 {
                 0
@@ -315,7 +307,75 @@ pub(crate) fn reset_cursor(
         replicator.resets.send_modify(|resets| *resets += 1);
     }
     log.reset_cursor(cursor, mark_delete)?;
+    if let Some(replicator) = replicator {
+        replicator.status.cursor_moved.notify_one();
+    }
     log.set_cursor_properties(cursor, BTreeMap::new())
+}
+
+/// The shortest time between two counts of the backlog: bursts of appends and
+/// acknowledgements are counted together.
+const BACKLOG_COUNT_INTERVAL: Duration = Duration::from_millis(500);
+/// How often the backlog is counted anyway (cursor moves by an admin or a policy wake nobody).
+const BACKLOG_COUNT_FALLBACK: Duration = Duration::from_secs(1);
+
+/// Keeps `status`'s count of what the remote still has to store (`backlog.rs`) current: counts
+/// again when entries are appended or the cursor moves, off the async runtime, until stopped.
+async fn count_backlog(
+    log: Arc<Log>,
+    cursor: String,
+    remote: String,
+    status: Arc<Status>,
+    mut stopped: watch::Receiver<bool>,
+) {
+    let mut tail = log.watch_durable();
+    let mut index = BacklogIndex::default();
+    // The cursor position and log end last counted, so an idle topic costs nothing.
+    let mut counted = None;
+    loop {
+        if *stopped.borrow_and_update() {
+            return;
+        }
+        let now = (log.mark_delete_position(&cursor), log.last_position());
+        if counted != Some(now) {
+            let (log, remote) = (log.clone(), remote.clone());
+            let work = tokio::task::spawn_blocking(move || {
+                let backlog = now
+                    .0
+                    .map(|mark_delete| index.remote_backlog(&log, &remote, mark_delete));
+                (index, backlog)
+            });
+            let Ok((returned, backlog)) = work.await else {
+                return;
+            };
+            index = returned;
+            let backlog = backlog.unwrap_or_default();
+            status
+                .lacking_entries
+                .store(backlog.entries, Ordering::Relaxed);
+            status.oldest_lacking_publish_ms.store(
+                backlog.oldest_publish_time_ms.map_or(0, |ms| ms.max(1)),
+                Ordering::Relaxed,
+            );
+            // A count that has not scanned everything yet goes on at once.
+            counted = (!backlog.scanning).then_some(now);
+            if backlog.scanning {
+                continue;
+            }
+        }
+        tokio::select! {
+            _ = stopped.changed() => return,
+            changed = tail.changed() => if changed.is_err() {
+                return;
+            },
+            () = status.cursor_moved.notified() => {}
+            () = tokio::time::sleep(BACKLOG_COUNT_FALLBACK) => {}
+        }
+        tokio::select! {
+            _ = stopped.changed() => return,
+            () = tokio::time::sleep(BACKLOG_COUNT_INTERVAL) => {}
+        }
+    }
 }
 
 /// Why a replication session ended.
@@ -382,19 +442,18 @@ impl Throttle {
 /// One entry sent and not yet confirmed.
 struct Sent {
     position: Position,
-    publish_time_ms: u64,
     messages: u64,
     bytes: usize,
     receipt: SendReceipt,
     /// Its share of the memory bound, released with it.
-    _memory: OwnedSemaphorePermit,
+    _memory: Held,
 }
 
 /// One read: where it starts (moved past what was handled), the memory reserved for it, and
 /// the memory the next read should wait for.
 struct Read<'a> {
     next: &'a mut Position,
-    budget: OwnedSemaphorePermit,
+    budget: Held,
     wanted: usize,
 }
 
@@ -439,8 +498,12 @@ struct Worker {
     chain: Option<Position>,
     /// The remote confirmed something since the last failure (resets the backoff).
     confirmed: bool,
+    /// The last entry counted in `msgOutCount` (sent again, it is not counted again).
+    counted_through: Option<Position>,
     resets: watch::Receiver<u64>,
     cursor_lock: Arc<Mutex<()>>,
+    /// This replicator's access to the memory bound, within its remote's share.
+    memory: RemoteShare,
 }
 
 impl Worker {
@@ -542,7 +605,15 @@ impl Worker {
             None => return Ended::Stopped,
             Some(Ok(producer)) => producer,
             Some(Err(error)) => {
-                return Ended::Failed(format!("creating the remote producer failed: {error}"))
+                let reason = format!("creating the remote producer failed: {error}");
+                // A remote that refuses the producer itself for good (its topic terminated,
+                // not allowed) stops the replicator as a refused entry does, not as a link
+                // that is down.
+                return if refused_for_good(&error) {
+                    Ended::Refused(reason)
+                } else {
+                    Ended::Failed(reason)
+                };
             }
         };
         self.status
@@ -585,10 +656,9 @@ impl Worker {
         };
         let mut in_flight = InFlight::default();
         let mut throttled_until: Option<Instant> = None;
-        let clients = self.clients.clone();
-        let memory = clients.memory();
+        let memory = self.memory.clone();
         // Memory reserved for the next read, and how much to ask for.
-        let mut reserved: Option<OwnedSemaphorePermit> = None;
+        let mut reserved: Option<Held> = None;
         let mut wanted = READ_MAX_BYTES;
         loop {
             if *self.stopped.borrow() {
@@ -600,12 +670,6 @@ impl Worker {
                 return self.send_failed(failure);
             }
             let readable = self.log.last_position().is_some_and(|last| next <= last);
-            if !in_flight.is_empty() || !readable {
-                // Else the delay stays what it was: entries wait on disk for this session.
-                self.status
-                    .oldest_pending_publish_ms
-                    .store(in_flight.oldest_publish_time_ms(), Ordering::Relaxed);
-            }
 
             if throttled_until.is_some_and(|until| Instant::now() >= until) {
                 throttled_until = None;
@@ -671,9 +735,7 @@ impl Worker {
         // least one message; at least one entry is always read).
         let (messages_left, bytes_left) = self.throttle.left(self.rates.borrow().as_ref());
         let room = in_flight.room().min(READ_MAX_ENTRIES).min(messages_left);
-        let max_bytes = READ_MAX_BYTES
-            .min(bytes_left)
-            .min(read.budget.num_permits());
+        let max_bytes = READ_MAX_BYTES.min(bytes_left).min(read.budget.bytes());
         let log = self.log.clone();
         let next = &mut *read.next;
         let from = *next;
@@ -691,7 +753,6 @@ impl Worker {
             }
             Err(error) => return Err(Ended::Failed(error.to_string())),
         };
-        let clients = self.clients.clone();
         let mut skipped = Vec::new();
         for entry in entries {
             let position = entry.position;
@@ -699,9 +760,8 @@ impl Worker {
                 *next = self.log.next_position(position);
                 continue;
             }
-            let publish_time_ms = entry.publish_time_ms;
             let bytes = entry.data.len();
-            let Some(memory) = clients.memory().take(&mut read.budget, bytes) else {
+            let Some(memory) = self.memory.take(&mut read.budget, bytes) else {
                 // Not enough memory free now: this entry is read again once it is.
                 read.wanted = bytes;
                 break;
@@ -719,7 +779,6 @@ impl Worker {
             self.throttle.record(messages, bytes as u64);
             in_flight.push(Sent {
                 position,
-                publish_time_ms,
                 messages,
                 bytes,
                 receipt,
@@ -736,9 +795,7 @@ impl Worker {
             tracing::warn!(topic = %self.topic, position = %entry.position, "skipping an entry whose metadata does not decode");
             return Plan::Skip;
         };
-        let routed_here =
-            metadata.replicate_to.is_empty() || metadata.replicate_to.contains(&self.remote.name);
-        if metadata.replicated_from.is_some() || metadata.marker_type.is_some() || !routed_here {
+        if !meant_for(&metadata, &self.remote.name) {
             return Plan::Skip;
         }
         metadata.replicated_from = Some(self.local_cluster.clone());
@@ -769,10 +826,7 @@ impl Worker {
     fn send_failed(&self, failure: SendFailure) -> Ended {
         let SendFailure { position, error } = failure;
         let permanent = matches!(error, meridian_client::Error::MessageTooLarge { .. })
-            || matches!(
-                error.server_error(),
-                Some(ServerError::NotAllowedError | ServerError::TopicTerminatedError)
-            );
+            || refused_for_good(&error);
         let reason = format!(
             "entry {} was not replicated: {error}",
             format_position(position)
@@ -810,12 +864,21 @@ impl Worker {
         let positions: Vec<Position> = confirmed
             .iter()
             .map(|done| {
-                if done.stored {
+                // Counted once: an entry the remote stored now, or one it answers as a
+                // duplicate that this replicator has not counted yet (the remote stored an
+                // earlier send whose receipt was lost with the connection).
+                let position = done.sent.position;
+                if done.stored
+                    || self
+                        .counted_through
+                        .is_none_or(|counted| position > counted)
+                {
                     self.status
                         .out
                         .record(done.sent.messages, done.sent.bytes as u64);
                 }
-                done.sent.position
+                self.counted_through = self.counted_through.max(Some(position));
+                position
             })
             .collect();
         self.acknowledge(&positions);
@@ -829,7 +892,17 @@ impl Worker {
         if let Err(error) = self.log.acknowledge(&self.cursor, positions) {
             tracing::warn!(topic = %self.topic, remote = %self.remote.name, %error, "acknowledging replicated entries failed");
         }
+        self.status.cursor_moved.notify_one();
     }
+}
+
+/// Whether the remote refused for a reason retrying cannot fix (an operator must act: raise a
+/// limit, reset the cursor, re-create the topic): the replicator stops instead of backing off.
+fn refused_for_good(error: &meridian_client::Error) -> bool {
+    matches!(
+        error.server_error(),
+        Some(ServerError::NotAllowedError | ServerError::TopicTerminatedError)
+    )
 }
 
 /// Entries sent and not yet confirmed, oldest first. Receipts complete in this order.
@@ -846,10 +919,6 @@ impl InFlight {
 
     fn has_room(&self) -> bool {
         self.room() > 0 && self.bytes < MAX_IN_FLIGHT_BYTES
-    }
-
-    fn is_empty(&self) -> bool {
-        self.sent.is_empty()
     }
 
     fn push(&mut self, sent: Sent) {
@@ -879,13 +948,6 @@ impl InFlight {
                 error,
             }),
         }
-    }
-
-    /// Publish time of the oldest unconfirmed entry (0: none).
-    fn oldest_publish_time_ms(&self) -> u64 {
-        self.sent
-            .front()
-            .map_or(0, |head| head.publish_time_ms.max(1))
     }
 
     /// The sends confirmed so far, without waiting, and the failure that ended them if one

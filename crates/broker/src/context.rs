@@ -1,0 +1,47 @@
+//! What a topic needs from the broker that loaded it, and nothing more: the configuration, the
+//! storage engine, producer-name generation and the replicators' remote clients. The broker
+//! owns one [`TopicContext`] and hands every topic it loads a reference to it, so `topic`
+//! depends on this narrow handle instead of on `broker` (dependencies point one way:
+//! `broker → topic → context`).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use meridian_storage::Storage;
+
+use crate::config::BrokerConfig;
+use crate::replication::remote::RemoteClients;
+
+/// What every topic of a broker shares.
+pub(crate) struct TopicContext {
+    pub(crate) config: Arc<BrokerConfig>,
+    pub(crate) storage: Storage,
+    producer_names: AtomicU64,
+    /// Makes generated producer names unique across restarts (they key de-duplication state).
+    instance: String,
+    /// The clients replicators use, one per remote cluster.
+    pub(crate) remote_clients: Arc<RemoteClients>,
+}
+
+impl TopicContext {
+    /// `instance` tells this process's generated producer names from earlier ones.
+    pub(crate) fn new(
+        config: BrokerConfig,
+        storage: Storage,
+        instance: String,
+        remote_clients: Arc<RemoteClients>,
+    ) -> TopicContext {
+        TopicContext {
+            config: Arc::new(config),
+            storage,
+            producer_names: AtomicU64::new(0),
+            instance,
+            remote_clients,
+        }
+    }
+
+    pub(crate) fn generate_producer_name(&self) -> String {
+        let counter = self.producer_names.fetch_add(1, Ordering::Relaxed);
+        format!("{}-{}-{counter}", self.config.cluster_name, self.instance)
+    }
+}
