@@ -12,7 +12,6 @@ import os
 import time
 
 import pulsar
-import pytest
 
 from replication_harness import (  # noqa: F401 (fixture)
     REPLICATION_TIMEOUT_S,
@@ -521,19 +520,11 @@ def test_a_sender_never_covers_entries_it_never_had(clusters_factory):
     del new
 
 
-# ------------------------------------------------------------------ known gaps
-# Reproduced by the review and not fixed yet: each is expected to fail (strict, so a fix shows
-# up as an unexpected pass to be turned into a plain test).
-
-@pytest.mark.xfail(strict=True, reason="known: F9: a cluster sends states only to clusters it replicates to; fix: also to the origins of its entries")
 def test_one_way_failback_carries_what_b_acknowledged(clusters_factory):
-    """Promise broken: "works with one-way replication" together with "Failback (B to A) obeys
-    the same contract".
-
-    Replication is one-way a->b. a acknowledges 10 of 20, consumers move to b (exactly 10 arrive:
-    that holds) and acknowledge 5 there, then fail back to a. b never sends its state to a (the
-    sync only posts to clusters the topic replicates to), so a redelivers all 10, 5 of them
-    acknowledged in b. Expected: exactly the 5 b did not acknowledge."""
+    """One-way replication a->b, then failback: a acknowledges 10 of 20, consumers move to b
+    (exactly 10 arrive) and acknowledge 5 there, then fail back to a, which must deliver exactly
+    the 5 b did not acknowledge. b does not replicate to a, so it sends its state to a as the
+    origin of the entries it holds."""
     clusters = clusters_factory(("a", "b"))
     namespace = clusters.new_namespace("rv-oneway")
     clusters.create_replicated_namespace(namespace, ["a", "b"], on=["a"])
@@ -549,8 +540,9 @@ def test_one_way_failback_carries_what_b_acknowledged(clusters_factory):
     on_b = shared_consumers(clusters, "b", topic, subscription, 1)[0]
     left_on_b = consume([on_b], 10, keep=lambda payload: int(payload[1:]) % 4 == 0)
     assert {*left_on_b} < left_on_a and len(left_on_b) == 5
+    before_close = int(time.time() * 1000)
     on_b.close()
-    time.sleep(2)
+    await_state_sent(clusters, "b", "a", topic, subscription, before_close)
     back_on_a = shared_consumers(clusters, "a", topic, subscription, 1)[0]
     delivered = collect_for(back_on_a, 3)
     assert sorted(delivered) == sorted(left_on_b), (
@@ -558,18 +550,12 @@ def test_one_way_failback_carries_what_b_acknowledged(clusters_factory):
     )
 
 
-@pytest.mark.xfail(strict=True, reason="known: F3: origins that only replicate into the sender are left out of the frontier; fix: every origin present in the topic")
 def test_an_origin_replicated_in_one_way_is_part_of_the_state(clusters_factory):
-    """Promise broken: graceful switch, zero duplicates, "with one-way replication, with three
-    or more clusters".
-
-    c replicates one way into a and b; a and b replicate both ways. a's log: ten entries from c,
-    then one of a, then one of b. A subscription created on a at Latest has acknowledged all
-    twelve. Its first walk looks back from the mark-delete position only until it has found the
-    origins a *replicates to* plus itself (`origins` in subscription_sync.rs run()), so it stops
-    after b's and a's entries and never finds origin c: the state sent to b has no c, b's copy
-    (created at the earliest position) keeps c's ten messages, and consumers failing over to b
-    get ten messages a's subscription had acknowledged. Expected: b's copy empty."""
+    """c replicates one way into a and b; a and b replicate both ways. a's log: ten entries
+    from c, then one of a, then one of b. A subscription created on a at Latest has acknowledged
+    all twelve, so b's copy (created at the earliest position) must end up empty: the state a
+    sends speaks for every origin present in the topic, c included, not only for the clusters a
+    replicates to."""
     clusters = clusters_factory(("a", "b", "c"))
     namespace = clusters.new_namespace("rv-oneway-origin")
     clusters.create_replicated_namespace(namespace, ["a", "b", "c"], on=["c"])

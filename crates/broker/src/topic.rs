@@ -91,6 +91,9 @@ pub(crate) struct ReplicationPlan {
     pub rate: Option<DispatchRate>,
     /// A new replicator cursor starts at the earliest message instead of the latest.
     pub start_at_earliest: bool,
+    /// Every registered cluster but this one, replicated to or not: replicated subscriptions
+    /// also send their state to the origins of the entries they hold.
+    pub registered: Vec<RemoteCluster>,
 }
 
 /// One SEND to append.
@@ -211,6 +214,8 @@ struct TopicState {
     expired: BTreeMap<String, u64>,
     /// Running replicators by remote cluster.
     replicators: BTreeMap<String, Replicator>,
+    /// Every registered cluster but this one (as of the last replication plan).
+    registered_clusters: Vec<RemoteCluster>,
 }
 
 pub struct Topic {
@@ -306,6 +311,7 @@ impl Topic {
                 in_flight: BTreeSet::new(),
                 expired: BTreeMap::new(),
                 replicators: BTreeMap::new(),
+                registered_clusters: Vec::new(),
             }),
             meter_in: Meter::default(),
             deduplication,
@@ -749,6 +755,20 @@ impl Topic {
             .values()
             .map(|replicator| replicator.remote().clone())
             .collect()
+    }
+
+    /// The registered cluster `name` (not this one), whether or not this topic replicates to it.
+    pub(crate) fn registered_cluster(&self, name: &str) -> Option<RemoteCluster> {
+        self.lock()
+            .registered_clusters
+            .iter()
+            .find(|cluster| cluster.name == name)
+            .cloned()
+    }
+
+    /// Whether any cluster but this one is registered.
+    pub(crate) fn has_registered_clusters(&self) -> bool {
+        !self.lock().registered_clusters.is_empty()
     }
 
     /// Deletes a subscription and its cursor; refused while other consumers are connected.
@@ -1334,6 +1354,7 @@ impl Topic {
         if self.closed.load(Ordering::SeqCst) {
             return Ok(());
         }
+        state.registered_clusters = plan.registered;
         let wanted: BTreeMap<String, RemoteCluster> = plan
             .remotes
             .into_iter()

@@ -38,8 +38,6 @@ pub const RECEIVED_AT_PROPERTY_PREFIX: &str = "meridian.received-at.";
 
 /// Entries read per storage call while walking a log.
 const READ_BATCH: usize = 1000;
-/// How far back from the mark-delete position the walk looks for the last entry of each origin.
-const FRONTIER_SCAN_LIMIT: usize = 10_000;
 /// How often a topic without replicated subscriptions is looked at again.
 const IDLE_INTERVAL: Duration = Duration::from_secs(5);
 /// An unchanged state is sent again this often, so that a remote that lost it (a cluster rebuilt
@@ -112,70 +110,51 @@ fn walk_entries(
     Ok(())
 }
 
-/// Per origin, the origin position of its last entry at or before a mark-delete position.
+/// What the log holds of each origin up to a mark-delete position: per origin, the origin
+/// positions of its first entry in the log and of its last entry at or before the position.
 #[derive(Debug, Clone, Default)]
 struct Frontier {
     /// The mark-delete position it describes.
     at: Option<Position>,
+    /// Per origin, its last entry at or before `at`.
     through: BTreeMap<String, Position>,
+    /// Per origin, its first entry in the log (as far as the log went back when the frontier
+    /// was first found).
+    first: BTreeMap<String, Position>,
 }
 
 impl Frontier {
     /// The frontier at `mark_delete`: moved forward from `known` by reading the entries in
-    /// between (what consumers just acknowledged, usually still cached), or found by looking back
-    /// at most [`FRONTIER_SCAN_LIMIT`] entries for each of `origins`. An origin not found is left
-    /// out, which can only cost redeliveries in the other cluster, never a loss.
+    /// between (what consumers just acknowledged, usually still cached), or found by reading
+    /// the log from its start to `mark_delete`, so that every origin present in the topic is
+    /// part of it (once per subscription while the topic is loaded, and after a reset).
     fn at(
         log: &Log,
         local_cluster: &str,
-        origins: &[String],
         mark_delete: Option<Position>,
         known: Option<&Frontier>,
     ) -> Result<Frontier> {
-        if let Some(known) = known.filter(|known| known.at <= mark_delete) {
-            let mut frontier = known.clone();
-            frontier.at = mark_delete;
-            let Some(end) = mark_delete else {
-                return Ok(frontier);
-            };
-            let start = position_after(log, known.at);
-            walk_entries(log, start, usize::MAX, |position, metadata| {
-                if position > end {
-                    return false;
-                }
-                if let Some((cluster, origin)) = entry_origin(local_cluster, position, metadata) {
-                    frontier.through.insert(cluster, origin);
-                }
-                true
-            })?;
-            return Ok(frontier);
-        }
-        let mut frontier = Frontier {
-            at: mark_delete,
-            through: BTreeMap::new(),
+        let (mut frontier, start) = match known.filter(|known| known.at <= mark_delete) {
+            Some(known) => (known.clone(), position_after(log, known.at)),
+            None => (
+                Frontier::default(),
+                log.first_position().unwrap_or(Position::new(0, 0)),
+            ),
         };
-        let mut at = mark_delete;
-        for _ in 0..FRONTIER_SCAN_LIMIT {
-            let Some(position) = at else {
-                break;
-            };
-            if origins
-                .iter()
-                .all(|origin| frontier.through.contains_key(origin))
-            {
-                break;
+        frontier.at = mark_delete;
+        let Some(end) = mark_delete else {
+            return Ok(frontier);
+        };
+        walk_entries(log, start, usize::MAX, |position, metadata| {
+            if position > end {
+                return false;
             }
-            if let Ok(entry) = log.read(position) {
-                if let Ok(metadata) = meridian_wire::entry_metadata(entry.data) {
-                    if let Some((cluster, origin)) =
-                        entry_origin(local_cluster, position, &metadata)
-                    {
-                        frontier.through.entry(cluster).or_insert(origin);
-                    }
-                }
+            if let Some((cluster, origin)) = entry_origin(local_cluster, position, metadata) {
+                frontier.first.entry(cluster.clone()).or_insert(origin);
+                frontier.through.insert(cluster, origin);
             }
-            at = log.previous_position(position);
-        }
+            true
+        })?;
         Ok(frontier)
     }
 }
@@ -194,12 +173,14 @@ fn origin_acks(
     log: &Log,
     state: &CursorState,
     frontier: &Frontier,
-    stored_from: &BTreeMap<String, Position>,
     local_cluster: &str,
 ) -> Result<OriginAcks> {
     let mut builder = OriginAcksBuilder::new(&frontier.through);
+    // An origin whose first entry lies after the mark-delete position starts where the walk
+    // first meets it.
+    let mut stored_from = frontier.first.clone();
     let Some((ledger, _, last_entry)) = state.acknowledged.iter().last() else {
-        return Ok(builder.finish(stored_from));
+        return Ok(builder.finish(&stored_from));
     };
     let last_acknowledged = Position::new(ledger, last_entry);
     let start = position_after(log, state.mark_delete);
@@ -209,32 +190,11 @@ fn origin_acks(
         }
         if let Some((cluster, origin)) = entry_origin(local_cluster, position, metadata) {
             builder.entry(&cluster, origin, state.is_acknowledged(position));
+            stored_from.entry(cluster).or_insert(origin);
         }
         true
     })?;
-    Ok(builder.finish(stored_from))
-}
-
-/// Per origin, the origin position of its oldest entry in the log: what the log stores of each
-/// origin starts there. Looks at most [`FRONTIER_SCAN_LIMIT`] entries from the start for each
-/// of `origins`; an origin not found is left out (its `acked_below` then covers nothing
-/// elsewhere: duplicates, never a loss).
-fn stored_from(
-    log: &Log,
-    local_cluster: &str,
-    origins: &[String],
-) -> Result<BTreeMap<String, Position>> {
-    let mut first = BTreeMap::new();
-    let Some(start) = log.first_position() else {
-        return Ok(first);
-    };
-    walk_entries(log, start, FRONTIER_SCAN_LIMIT, |position, metadata| {
-        if let Some((cluster, origin)) = entry_origin(local_cluster, position, metadata) {
-            first.entry(cluster).or_insert(origin);
-        }
-        !origins.iter().all(|origin| first.contains_key(origin))
-    })?;
-    Ok(first)
+    Ok(builder.finish(&stored_from))
 }
 
 /// The states other clusters sent for a subscription, as stored (raw JSON, in key order).
@@ -461,21 +421,11 @@ struct Posted {
     result: std::result::Result<(), String>,
 }
 
-/// Per origin, the log's oldest entry of it, as found for a first position of the log and a
-/// list of origins looked for.
-struct StoredFrom {
-    log_start: Option<Position>,
-    looked_for: Vec<String>,
-    origins: BTreeMap<String, Position>,
-}
-
 /// What the sync task remembers of one replicated subscription between ticks.
 #[derive(Default)]
 struct Tracked {
     /// The frontier at the mark-delete position the last walk saw.
     frontier: Option<Frontier>,
-    /// Where the log's oldest entry of each origin is.
-    stored_from: Option<StoredFrom>,
     /// The cursor state (mark-delete, acknowledged ranges) of the last walk and its result.
     walked: Option<(Option<Position>, RangeSet, OriginAcks)>,
     /// Per remote cluster, the state it confirmed and when.
@@ -534,9 +484,10 @@ async fn run(
             }
         }
         let remotes = topic.replication_remotes_running();
-        let mut origins: Vec<String> = remotes.iter().map(|remote| remote.name.clone()).collect();
-        origins.push(local_cluster.clone());
+        // Without another cluster to tell, there is nothing to walk for.
+        let anyone = !remotes.is_empty() || topic.has_registered_clusters();
         let mut replicated = Vec::new();
+        let mut targets_seen: HashSet<String> = HashSet::new();
         for cursor in topic.log().cursor_names() {
             let Some(state) = topic.log().cursor(&cursor) else {
                 continue;
@@ -549,23 +500,25 @@ async fn run(
             if let Err(error) = apply_received(&topic, &cursor, &state, &local_cluster, entry) {
                 tracing::warn!(topic = %name, subscription = %cursor, %error, "applying replicated subscription state failed");
             }
-            if remotes.is_empty() {
+            if !anyone {
                 continue;
             }
             let reset_at = replicated_subscriptions::reset_at(&state);
-            let acks = match walk(&topic, &cursor, &local_cluster, &origins, entry) {
+            let acks = match walk(&topic, &cursor, &local_cluster, entry) {
                 Ok(acks) => acks,
                 Err(error) => {
                     tracing::warn!(topic = %name, subscription = %cursor, %error, "reading replicated subscription state failed");
                     continue;
                 }
             };
+            let targets = targets(&topic, &remotes, &acks, &local_cluster);
             let body = SyncedAcks {
                 cluster: local_cluster.clone(),
                 acks,
                 reset_at,
             };
-            for remote in &remotes {
+            for remote in &targets {
+                targets_seen.insert(remote.name.clone());
                 let key = (cursor.clone(), remote.name.clone());
                 let confirmed = entry.sent.get(&remote.name).is_some_and(|(state, at)| {
                     *state == body && at.elapsed() < RESEND_UNCHANGED_AFTER
@@ -594,10 +547,29 @@ async fn run(
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
             .retain(|(cursor, remote), _| {
-                replicated.contains(cursor) && remotes.iter().any(|known| known.name == *remote)
+                replicated.contains(cursor) && targets_seen.contains(remote)
             });
         drop(topic);
     }
+}
+
+/// The clusters a subscription's state goes to: those the topic replicates to, and the origins
+/// of the entries the state speaks of where they are registered clusters (with one-way
+/// replication a->b, b's consumers' acknowledgements must reach a for a failback).
+fn targets(
+    topic: &Topic,
+    remotes: &[RemoteCluster],
+    acks: &OriginAcks,
+    local_cluster: &str,
+) -> Vec<RemoteCluster> {
+    let mut targets = remotes.to_vec();
+    for origin in acks.origins.keys() {
+        if origin == local_cluster || targets.iter().any(|remote| remote.name == *origin) {
+            continue;
+        }
+        targets.extend(topic.registered_cluster(origin));
+    }
+    targets
 }
 
 fn update_status(
@@ -643,7 +615,6 @@ fn walk(
     topic: &Topic,
     cursor: &str,
     local_cluster: &str,
-    origins: &[String],
     tracked: &mut Tracked,
 ) -> Result<OriginAcks> {
     let log = topic.log();
@@ -653,19 +624,6 @@ fn walk(
             topic: log.name().to_string(),
             subscription: cursor.to_string(),
         })?;
-    let first = log.first_position();
-    let stored_is_current = tracked
-        .stored_from
-        .as_ref()
-        .is_some_and(|stored| stored.log_start == first && stored.looked_for.as_slice() == origins);
-    if !stored_is_current {
-        tracked.stored_from = Some(StoredFrom {
-            log_start: first,
-            looked_for: origins.to_vec(),
-            origins: stored_from(log, local_cluster, origins)?,
-        });
-        tracked.walked = None;
-    }
     if let Some((mark_delete, acknowledged, acks)) = &tracked.walked {
         if *mark_delete == state.mark_delete && *acknowledged == state.acknowledged {
             return Ok(acks.clone());
@@ -674,16 +632,10 @@ fn walk(
     let frontier = Frontier::at(
         log,
         local_cluster,
-        origins,
         state.mark_delete,
         tracked.frontier.as_ref(),
     )?;
-    let stored = tracked
-        .stored_from
-        .as_ref()
-        .map(|stored| stored.origins.clone())
-        .unwrap_or_default();
-    let acks = origin_acks(log, &state, &frontier, &stored, local_cluster)?;
+    let acks = origin_acks(log, &state, &frontier, local_cluster)?;
     tracked.frontier = Some(frontier);
     tracked.walked = Some((state.mark_delete, state.acknowledged.clone(), acks.clone()));
     Ok(acks)
@@ -730,4 +682,63 @@ fn http_agent() -> &'static ureq::Agent {
             .max_idle_connections_per_host(4)
             .build()
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use meridian_storage::{FlushPolicy, InitialPosition, Storage, StorageConfig};
+    use meridian_wire::proto::KeyValue;
+
+    /// An entry as a producer in this cluster wrote it, or as replicated from `origin`.
+    fn entry(origin: Option<(&str, Position)>) -> bytes::Bytes {
+        let mut metadata = MessageMetadata {
+            producer_name: "p".to_owned(),
+            publish_time: 1,
+            ..MessageMetadata::default()
+        };
+        if let Some((cluster, position)) = origin {
+            metadata.replicated_from = Some(cluster.to_owned());
+            metadata.properties.push(KeyValue {
+                key: crate::replication::chain::ORIGIN_PROPERTY.to_owned(),
+                value: format!("{}:{}", position.ledger_id, position.entry_id),
+            });
+        }
+        meridian_wire::encode_entry(&metadata, b"x").expect("encode")
+    }
+
+    #[test]
+    fn an_origin_far_behind_the_mark_delete_position_is_part_of_the_state() {
+        let directory = tempfile::tempdir().expect("tempdir");
+        let config = StorageConfig {
+            flush_policy: FlushPolicy::RelaxedWriteOnly {
+                fsync_interval: Duration::from_secs(1),
+            },
+            ..StorageConfig::default()
+        };
+        let storage = Storage::open(directory.path(), config).expect("storage");
+        let log = storage.open_log("persistent://t/n/far").expect("log");
+        log.open_cursor("sub", InitialPosition::Earliest)
+            .expect("cursor");
+        // One entry from c, then more local entries than any fixed look-back would cover.
+        let from_c = log
+            .append(entry(Some(("c", Position::new(7, 3)))), 1)
+            .expect("append");
+        let mut last = from_c;
+        for _ in 0..12_000 {
+            last = log.append(entry(None), 1).expect("append");
+        }
+        let last = last.wait().expect("durable");
+        log.acknowledge_cumulative("sub", last).expect("ack");
+        let state = log.cursor("sub").expect("cursor");
+
+        let frontier = Frontier::at(&log, "a", state.mark_delete, None).expect("frontier");
+        let acks = origin_acks(&log, &state, &frontier, "a").expect("acks");
+        assert!(
+            acks.covers("c", Position::new(7, 3), true),
+            "c's entry is acknowledged: {acks:?}"
+        );
+        assert!(!acks.covers("c", Position::new(7, 4), true));
+        assert!(acks.covers("a", last, true));
+    }
 }
