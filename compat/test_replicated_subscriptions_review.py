@@ -2,7 +2,9 @@
 a promise of the failover contract (docs/replication.md, "Replicated subscriptions") that now
 holds: entries acknowledged elsewhere arriving after the state, a stalled third cluster, a
 receiver killed right after applying, bad senders and bad cursor names on the sync endpoint,
-large states, interleaved origins, partial batch acknowledgements (duplicates, never loss),
+large states, interleaved origins, partial batch acknowledgements (without batch-index
+acknowledgements: duplicates, never loss; with them: exact), one-way replication (failback, an
+origin that only replicates in),
 partitioned topics, odd subscription names and per-message replication lists.
 """
 
@@ -191,6 +193,57 @@ def test_partial_batch_acknowledgements_fail_safe(clusters_factory):
 
 def entries(clusters, cluster, topic):
     return clusters.internal_stats(cluster, topic)["numberOfEntries"]
+
+
+def test_batch_index_acknowledgements_carry_over(clusters_factory):
+    """With batch-index acknowledgements enabled (`acknowledgment_at_batch_index_level_enabled`
+    on both clusters, `batch_index_ack_enabled` on the consumers): two batches of ten; on a the
+    first is acknowledged half, the second wholly. Consumers moving to b get exactly the five
+    unacknowledged messages of the first batch: b keeps a's partial acknowledgement of that
+    entry (same batch, same indexes everywhere) and sends it with the batch."""
+    clusters = clusters_factory(
+        ("a", "b"), config={"acknowledgment_at_batch_index_level_enabled": True}
+    )
+    topic = replicated_topic(clusters, ("a", "b"), "rv-batch-index")
+    subscription = "billing"
+
+    def subscribe(cluster):
+        return clusters.client(cluster).subscribe(
+            topic, subscription, consumer_type=pulsar.ConsumerType.Shared,
+            initial_position=Earliest, replicate_subscription_state_enabled=True,
+            batch_index_ack_enabled=True,
+        )
+
+    on_a = subscribe("a")
+    producer = clusters.client("a").create_producer(
+        topic, batching_enabled=True, batching_max_messages=10, batching_max_publish_delay_ms=1000
+    )
+    for batch in range(2):
+        for index in range(10):
+            producer.send_async(f"b{batch}-{index}".encode(), None)
+        producer.flush()
+    producer.close()
+    await_condition(lambda: entries(clusters, "b", topic) == 2, REPLICATION_TIMEOUT_S,
+                    "both batches in b")
+    left = set()
+    for _ in range(20):
+        message = on_a.receive(timeout_millis=10_000)
+        payload = message.data()
+        if payload.startswith(b"b0-") and int(payload[3:]) % 2 == 0:
+            left.add(payload)
+        else:
+            on_a.acknowledge(message)
+    before_close = int(time.time() * 1000)
+    on_a.close()
+    await_state_sent(clusters, "a", "b", topic, subscription, before_close)
+    on_b = subscribe("b")
+    delivered = [message.data() for message in _drain_until(on_b, len(left))]
+    assert sorted(delivered) == sorted(left)
+    assert_nothing_more(on_b)
+
+
+def _drain_until(consumer, count: int) -> list:
+    return [consumer.receive(timeout_millis=10_000) for _ in range(count)]
 
 
 def test_receiver_restarted_before_the_data_arrives(clusters_factory):

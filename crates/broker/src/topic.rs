@@ -238,7 +238,7 @@ pub struct Topic {
     subscription_sync: std::sync::OnceLock<SubscriptionSync>,
     /// Held while a subscription's cursor properties are read, changed and written back (the
     /// replicated mark, resets, states from other clusters), so that no change is lost.
-    cursor_properties: Mutex<()>,
+    cursor_properties: Arc<Mutex<()>>,
     /// How often replicated subscriptions sync (namespace policy or broker default), in ms.
     sync_interval_ms: AtomicU64,
 }
@@ -318,7 +318,7 @@ impl Topic {
             terminated: Arc::new(AtomicBool::new(terminated)),
             closed: AtomicBool::new(false),
             subscription_sync: std::sync::OnceLock::new(),
-            cursor_properties: Mutex::new(()),
+            cursor_properties: Arc::new(Mutex::new(())),
             sync_interval_ms: AtomicU64::new(sync_interval_ms),
             entries_added: AtomicU64::new(0),
         }))
@@ -614,6 +614,7 @@ impl Topic {
                     self.log.clone(),
                     self.shared.config.clone(),
                     self.terminated.clone(),
+                    self.cursor_properties.clone(),
                 )?;
                 state
                     .subscriptions
@@ -764,6 +765,11 @@ impl Topic {
             .iter()
             .find(|cluster| cluster.name == name)
             .cloned()
+    }
+
+    /// Whether batch-index acknowledgements are kept (`acknowledgmentAtBatchIndexLevelEnabled`).
+    pub(crate) fn batch_index_ack_enabled(&self) -> bool {
+        self.shared.config.batch_index_ack_enabled
     }
 
     /// Whether any cluster but this one is registered.
@@ -1541,8 +1547,10 @@ impl Topic {
 
     /// Records that a replicated subscription was moved back by a user here (seek, reset), so
     /// that its other clusters reset their copies too instead of adding acknowledgements up.
+    /// Partial batch acknowledgements are dropped: those batches are delivered again whole.
     fn note_reset(&self, subscription: &str) -> Result<()> {
         let _properties = self.lock_cursor_properties();
+        crate::batch_acks::clear(&self.log, subscription)?;
         let Some(cursor) = self.log.cursor(subscription) else {
             return Ok(());
         };

@@ -24,6 +24,7 @@ use tokio::sync::{mpsc, Notify};
 
 use super::origin_acks::{OriginAcks, OriginAcksBuilder};
 use super::replicated_subscriptions;
+use crate::batch_acks;
 use crate::clock::now_ms;
 use crate::error::{BrokerError, Result};
 use crate::replicator::{self, RemoteCluster};
@@ -179,17 +180,24 @@ fn origin_acks(
     // An origin whose first entry lies after the mark-delete position starts where the walk
     // first meets it.
     let mut stored_from = frontier.first.clone();
-    let Some((ledger, _, last_entry)) = state.acknowledged.iter().last() else {
+    // Batches acknowledged in part count as unacknowledged, with their words alongside.
+    let partial = batch_acks::decode(&state.properties);
+    let last_acknowledged = state
+        .acknowledged
+        .iter()
+        .last()
+        .map(|(ledger, _, last_entry)| Position::new(ledger, last_entry));
+    let Some(end) = last_acknowledged.max(partial.keys().next_back().copied()) else {
         return Ok(builder.finish(&stored_from));
     };
-    let last_acknowledged = Position::new(ledger, last_entry);
     let start = position_after(log, state.mark_delete);
     walk_entries(log, start, usize::MAX, |position, metadata| {
-        if position > last_acknowledged {
+        if position > end {
             return false;
         }
         if let Some((cluster, origin)) = entry_origin(local_cluster, position, metadata) {
-            builder.entry(&cluster, origin, state.is_acknowledged(position));
+            let words = partial.get(&position).map(Vec::as_slice);
+            builder.entry_in_part(&cluster, origin, state.is_acknowledged(position), words);
             stored_from.entry(cluster).or_insert(origin);
         }
         true
@@ -238,6 +246,26 @@ pub fn acknowledged_elsewhere(
     })
 }
 
+/// What the states other clusters sent acknowledge of the batch entry at `position` (with
+/// `metadata`) when none acknowledged it whole: the `ack_set` words of the messages no sender
+/// acknowledged, if some sender acknowledged some.
+fn acknowledged_in_part_elsewhere(
+    received: &[SyncedAcks],
+    local_cluster: &str,
+    position: Position,
+    metadata: &MessageMetadata,
+) -> Option<Vec<u64>> {
+    let (cluster, origin) = entry_origin(local_cluster, position, metadata)?;
+    let mut merged: Option<Vec<u64>> = None;
+    for sender in received {
+        let reached = reached(metadata, &cluster, &sender.cluster);
+        if let Some(words) = sender.acks.partial(&cluster, origin, reached) {
+            merged = Some(batch_acks::merge(merged.as_deref(), words));
+        }
+    }
+    merged
+}
+
 /// Acknowledges, in subscription `name` of `topic`, every unacknowledged entry that a state
 /// received from another cluster covers, looking at entries after the mark-delete position and
 /// at or after `from`. Returns the last position it looked at.
@@ -257,21 +285,39 @@ pub fn apply(
     }
     let start = position_after(log, state.mark_delete).max(from.unwrap_or(Position::new(0, 0)));
     let mut covered = Vec::new();
+    let mut in_part = Vec::new();
     let mut walked = None;
     walk_entries(log, start, usize::MAX, |position, metadata| {
         walked = Some(position);
-        if !state.is_acknowledged(position)
-            && acknowledged_elsewhere(&received, local_cluster, position, metadata)
-        {
+        if state.is_acknowledged(position) {
+            return true;
+        }
+        if acknowledged_elsewhere(&received, local_cluster, position, metadata) {
             covered.push(position);
+        } else if let Some(words) =
+            acknowledged_in_part_elsewhere(&received, local_cluster, position, metadata)
+        {
+            in_part.push((position, words));
         }
         true
     })?;
+    let subscription = topic.subscription(name);
     if !covered.is_empty() {
-        match topic.subscription(name) {
+        match &subscription {
             Some(subscription) => subscription.acknowledge(&covered)?,
             None => {
                 log.acknowledge(name, &covered)?;
+            }
+        }
+    }
+    if !in_part.is_empty() && topic.batch_index_ack_enabled() {
+        match &subscription {
+            Some(subscription) => subscription.acknowledge_batch_indexes(&in_part)?,
+            None => {
+                let properties_lock = topic.lock_cursor_properties();
+                let (_, complete) = batch_acks::record(log, name, &in_part)?;
+                drop(properties_lock);
+                log.acknowledge(name, &complete)?;
             }
         }
     }
@@ -320,6 +366,7 @@ pub fn receive(
         .unwrap_or_default();
     if let (true, Some(reset_at)) = (reset, acks.reset_at) {
         replicated_subscriptions::adopt_reset(&mut properties, reset_at);
+        properties.remove(crate::batch_acks::PROPERTY);
     }
     replicated_subscriptions::mark(&mut properties, true);
     let encoded =
@@ -426,8 +473,9 @@ struct Posted {
 struct Tracked {
     /// The frontier at the mark-delete position the last walk saw.
     frontier: Option<Frontier>,
-    /// The cursor state (mark-delete, acknowledged ranges) of the last walk and its result.
-    walked: Option<(Option<Position>, RangeSet, OriginAcks)>,
+    /// The cursor state (mark-delete, acknowledged ranges, batches acknowledged in part) of
+    /// the last walk and its result.
+    walked: Option<(Option<Position>, RangeSet, Option<String>, OriginAcks)>,
     /// Per remote cluster, the state it confirmed and when.
     sent: HashMap<String, (SyncedAcks, Instant)>,
     /// The received states as last applied, and the last entry that application looked at.
@@ -624,8 +672,12 @@ fn walk(
             topic: log.name().to_string(),
             subscription: cursor.to_string(),
         })?;
-    if let Some((mark_delete, acknowledged, acks)) = &tracked.walked {
-        if *mark_delete == state.mark_delete && *acknowledged == state.acknowledged {
+    let in_part = state.properties.get(batch_acks::PROPERTY).cloned();
+    if let Some((mark_delete, acknowledged, partial, acks)) = &tracked.walked {
+        if *mark_delete == state.mark_delete
+            && *acknowledged == state.acknowledged
+            && *partial == in_part
+        {
             return Ok(acks.clone());
         }
     }
@@ -637,7 +689,12 @@ fn walk(
     )?;
     let acks = origin_acks(log, &state, &frontier, local_cluster)?;
     tracked.frontier = Some(frontier);
-    tracked.walked = Some((state.mark_delete, state.acknowledged.clone(), acks.clone()));
+    tracked.walked = Some((
+        state.mark_delete,
+        state.acknowledged.clone(),
+        in_part,
+        acks.clone(),
+    ));
     Ok(acks)
 }
 
