@@ -739,6 +739,11 @@ impl Topic {
         }
     }
 
+    /// The replicated-subscription sync task, if it runs.
+    pub(crate) fn subscription_sync(&self) -> Option<&SubscriptionSync> {
+        self.subscription_sync.get()
+    }
+
     /// Whether the topic has replicators or replicated subscriptions (it needs the sync task).
     pub(crate) fn needs_subscription_sync(&self) -> bool {
         !self.lock().replicators.is_empty()

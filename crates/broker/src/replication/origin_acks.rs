@@ -116,12 +116,12 @@ impl OriginAcks {
 /// up to the last individually acknowledged entry. Everything after the walk is taken as
 /// unacknowledged, and an origin the builder never hears of is not acknowledged at all: a
 /// missing piece of input can only cost a redelivery, never a lost message.
-#[derive(Debug, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct OriginAcksBuilder {
     origins: BTreeMap<String, Walk>,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug, Clone, Default)]
 struct Walk {
     /// The bound below which everything is acknowledged, while no unacknowledged entry has
     /// been met; fixed at the first unacknowledged entry.

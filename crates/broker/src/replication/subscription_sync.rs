@@ -111,6 +111,67 @@ fn walk_entries(
     Ok(())
 }
 
+/// Reads the entries from `start` on that `acknowledged` does not hold, calling
+/// `each(position, metadata)`; acknowledged ranges are skipped without reading them, so the
+/// cost follows the unacknowledged entries, not a long acknowledged tail. Returns the last
+/// position it went past (read or skipped).
+fn walk_unacknowledged(
+    log: &Log,
+    acknowledged: &RangeSet,
+    start: Position,
+    mut each: impl FnMut(Position, &MessageMetadata),
+) -> Result<Option<Position>> {
+    let mut ranges = acknowledged
+        .iter()
+        .map(|(ledger, first, last)| (Position::new(ledger, first), Position::new(ledger, last)))
+        .filter(|(_, last)| *last >= start)
+        .peekable();
+    let mut next = start;
+    let mut walked = None;
+    loop {
+        while let Some(&(first, last)) = ranges.peek() {
+            if last < next {
+                ranges.next();
+            } else if first <= next {
+                walked = Some(last);
+                next = log.next_position(last);
+                ranges.next();
+            } else {
+                break;
+            }
+        }
+        // The gap ends where the next acknowledged range starts.
+        let gap_end = ranges.peek().map(|(first, _)| *first);
+        let limit = match gap_end {
+            Some(end) if end.ledger_id == next.ledger_id => {
+                usize::try_from(end.entry_id.saturating_sub(next.entry_id))
+                    .unwrap_or(READ_BATCH)
+                    .clamp(1, READ_BATCH)
+            }
+            _ => READ_BATCH,
+        };
+        let entries = log.read_from(next, limit, 16 * 1024 * 1024)?;
+        let Some(last) = entries.last().map(|entry| entry.position) else {
+            return Ok(walked);
+        };
+        let mut reached_range = false;
+        for entry in entries {
+            if gap_end.is_some_and(|end| entry.position >= end) {
+                reached_range = true;
+                break;
+            }
+            walked = Some(entry.position);
+            if let Ok(metadata) = meridian_wire::entry_metadata(entry.data) {
+                each(entry.position, &metadata);
+            }
+        }
+        next = match gap_end {
+            Some(end) if reached_range => end,
+            _ => log.next_position(last),
+        };
+    }
+}
+
 /// What the log holds of each origin up to a mark-delete position: per origin, the origin
 /// positions of its first entry in the log and of its last entry at or before the position.
 #[derive(Debug, Clone, Default)]
@@ -135,6 +196,9 @@ impl Frontier {
         mark_delete: Option<Position>,
         known: Option<&Frontier>,
     ) -> Result<Frontier> {
+        if let Some(known) = known.filter(|known| known.at == mark_delete) {
+            return Ok(known.clone());
+        }
         let (mut frontier, start) = match known.filter(|known| known.at <= mark_delete) {
             Some(known) => (known.clone(), position_after(log, known.at)),
             None => (
@@ -168,41 +232,109 @@ fn position_after(log: &Log, mark_delete: Option<Position>) -> Position {
     }
 }
 
+/// A walk over a subscription's entries and what resuming it needs.
+#[derive(Debug, Clone)]
+struct Walked {
+    mark_delete: Option<Position>,
+    acknowledged: RangeSet,
+    partial: batch_acks::Partial,
+    /// The last entry fed to the builder.
+    end: Option<Position>,
+    /// The builder after that entry, and the origins' first entries met so far.
+    builder: OriginAcksBuilder,
+    stored_from: BTreeMap<String, Position>,
+    acks: OriginAcks,
+}
+
+impl Walked {
+    /// Whether the cursor in `state` (with `partial`) differs from the walked one only after
+    /// the walk's end: then the walk can go on from there instead of starting over (consumers
+    /// acknowledging new messages behind an old unacknowledged one).
+    fn resumable(&self, state: &CursorState, partial: &batch_acks::Partial) -> bool {
+        let Some(end) = self.end else {
+            return false;
+        };
+        self.mark_delete == state.mark_delete
+            && ranges_up_to(&self.acknowledged, end) == ranges_up_to(&state.acknowledged, end)
+            && self.partial.range(..=end).eq(partial.range(..=end))
+    }
+}
+
+/// The ranges of `set` at or before `end`, the last one cut at `end`.
+fn ranges_up_to(set: &RangeSet, end: Position) -> Vec<(u64, u64, u64)> {
+    set.iter()
+        .take_while(|(ledger, first, _)| Position::new(*ledger, *first) <= end)
+        .map(|(ledger, first, last)| {
+            if ledger == end.ledger_id {
+                (ledger, first, last.min(end.entry_id))
+            } else {
+                (ledger, first, last)
+            }
+        })
+        .collect()
+}
+
 /// The acknowledgements of a subscription whose cursor is in `state`, in origin coordinates,
-/// given the frontier at its mark-delete position.
+/// given the frontier at its mark-delete position; goes on from `previous` where it can.
 fn origin_acks(
     log: &Log,
     state: &CursorState,
     frontier: &Frontier,
     local_cluster: &str,
-) -> Result<OriginAcks> {
-    let mut builder = OriginAcksBuilder::new(&frontier.through);
-    // An origin whose first entry lies after the mark-delete position starts where the walk
-    // first meets it.
-    let mut stored_from = frontier.first.clone();
+    previous: Option<&Walked>,
+) -> Result<Walked> {
     // Batches acknowledged in part count as unacknowledged, with their words alongside.
     let partial = batch_acks::decode(&state.properties);
+    let (mut builder, mut stored_from, start, walked_to) =
+        match previous.filter(|previous| previous.resumable(state, &partial)) {
+            Some(previous) => (
+                previous.builder.clone(),
+                previous.stored_from.clone(),
+                previous
+                    .end
+                    .map_or(Position::new(0, 0), |end| log.next_position(end)),
+                previous.end,
+            ),
+            // An origin whose first entry lies after the mark-delete position starts where
+            // the walk first meets it.
+            None => (
+                OriginAcksBuilder::new(&frontier.through),
+                frontier.first.clone(),
+                position_after(log, state.mark_delete),
+                None,
+            ),
+        };
     let last_acknowledged = state
         .acknowledged
         .iter()
         .last()
         .map(|(ledger, _, last_entry)| Position::new(ledger, last_entry));
-    let Some(end) = last_acknowledged.max(partial.keys().next_back().copied()) else {
-        return Ok(builder.finish(&stored_from));
-    };
-    let start = position_after(log, state.mark_delete);
-    walk_entries(log, start, usize::MAX, |position, metadata| {
-        if position > end {
-            return false;
-        }
-        if let Some((cluster, origin)) = entry_origin(local_cluster, position, metadata) {
-            let words = partial.get(&position).map(Vec::as_slice);
-            builder.entry_in_part(&cluster, origin, state.is_acknowledged(position), words);
-            stored_from.entry(cluster).or_insert(origin);
-        }
-        true
-    })?;
-    Ok(builder.finish(&stored_from))
+    let end = last_acknowledged.max(partial.keys().next_back().copied());
+    let mut fed = walked_to;
+    if let Some(end) = end.filter(|end| *end >= start) {
+        walk_entries(log, start, usize::MAX, |position, metadata| {
+            if position > end {
+                return false;
+            }
+            fed = Some(position);
+            if let Some((cluster, origin)) = entry_origin(local_cluster, position, metadata) {
+                let words = partial.get(&position).map(Vec::as_slice);
+                builder.entry_in_part(&cluster, origin, state.is_acknowledged(position), words);
+                stored_from.entry(cluster).or_insert(origin);
+            }
+            true
+        })?;
+    }
+    let acks = builder.clone().finish(&stored_from);
+    Ok(Walked {
+        mark_delete: state.mark_delete,
+        acknowledged: state.acknowledged.clone(),
+        partial,
+        end: fed,
+        builder,
+        stored_from,
+        acks,
+    })
 }
 
 /// The states other clusters sent for a subscription, as stored (raw JSON, in key order).
@@ -286,12 +418,7 @@ pub fn apply(
     let start = position_after(log, state.mark_delete).max(from.unwrap_or(Position::new(0, 0)));
     let mut covered = Vec::new();
     let mut in_part = Vec::new();
-    let mut walked = None;
-    walk_entries(log, start, usize::MAX, |position, metadata| {
-        walked = Some(position);
-        if state.is_acknowledged(position) {
-            return true;
-        }
+    let walked = walk_unacknowledged(log, &state.acknowledged, start, |position, metadata| {
         if acknowledged_elsewhere(&received, local_cluster, position, metadata) {
             covered.push(position);
         } else if let Some(words) =
@@ -299,7 +426,6 @@ pub fn apply(
         {
             in_part.push((position, words));
         }
-        true
     })?;
     let subscription = topic.subscription(name);
     if !covered.is_empty() {
@@ -385,7 +511,15 @@ pub fn receive(
     drop(properties_lock);
     // Entries that arrive later are covered by the sync task's next ticks.
     topic.ensure_subscription_sync();
-    apply(topic, name, local_cluster, None)?;
+    let applied: Vec<String> = log
+        .cursor(name)
+        .map(|cursor| received_states(&cursor).into_iter().cloned().collect())
+        .unwrap_or_default();
+    let walked = apply(topic, name, local_cluster, None)?;
+    if let Some(sync) = topic.subscription_sync() {
+        // The sync task's next tick need not walk again what this application walked.
+        sync.note_applied(name, applied, walked);
+    }
     // The sender takes the answer as "b has it": it must survive a crash of this cluster.
     log.persist_cursors()?;
     Ok(())
@@ -405,20 +539,41 @@ pub struct SubscriptionSync {
     wake: Arc<Notify>,
     /// By (subscription, remote cluster).
     sending: Arc<Mutex<HashMap<(String, String), SendStatus>>>,
+    /// Applications made when a state arrived, for the task to take over.
+    applied_on_receipt: Arc<Mutex<AppliedOnReceipt>>,
 }
+
+/// Per subscription, the received states (as stored) an application on receipt applied and
+/// the last entry it looked at.
+type AppliedOnReceipt = HashMap<String, (Vec<String>, Option<Position>)>;
 
 impl SubscriptionSync {
     pub fn start(topic: Weak<Topic>, name: TopicName, local_cluster: String) -> SubscriptionSync {
         let wake = Arc::new(Notify::new());
         let sending = Arc::new(Mutex::new(HashMap::new()));
+        let applied_on_receipt = Arc::new(Mutex::new(HashMap::new()));
         tokio::spawn(run(
             topic,
             name,
             local_cluster,
             wake.clone(),
             sending.clone(),
+            applied_on_receipt.clone(),
         ));
-        SubscriptionSync { wake, sending }
+        SubscriptionSync {
+            wake,
+            sending,
+            applied_on_receipt,
+        }
+    }
+
+    /// Notes that `received` (the states of `subscription` as stored) were just applied, up to
+    /// the entry at `walked`.
+    fn note_applied(&self, subscription: &str, received: Vec<String>, walked: Option<Position>) {
+        self.applied_on_receipt
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .insert(subscription.to_string(), (received, walked));
     }
 
     /// The sync stats of subscription `name`, whose cursor is in `cursor`, per other cluster.
@@ -473,9 +628,8 @@ struct Posted {
 struct Tracked {
     /// The frontier at the mark-delete position the last walk saw.
     frontier: Option<Frontier>,
-    /// The cursor state (mark-delete, acknowledged ranges, batches acknowledged in part) of
-    /// the last walk and its result.
-    walked: Option<(Option<Position>, RangeSet, Option<String>, OriginAcks)>,
+    /// The last walk: the cursor state it saw, its result, and how to go on from it.
+    walked: Option<Walked>,
     /// Per remote cluster, the state it confirmed and when.
     sent: HashMap<String, (SyncedAcks, Instant)>,
     /// The received states as last applied, and the last entry that application looked at.
@@ -488,6 +642,7 @@ async fn run(
     local_cluster: String,
     wake: Arc<Notify>,
     sending: Arc<Mutex<HashMap<(String, String), SendStatus>>>,
+    applied_on_receipt: Arc<Mutex<AppliedOnReceipt>>,
 ) {
     let mut tracked: HashMap<String, Tracked> = HashMap::new();
     let mut idle = false;
@@ -545,6 +700,13 @@ async fn run(
             }
             replicated.push(cursor.clone());
             let entry = tracked.entry(cursor.clone()).or_default();
+            let noted = applied_on_receipt
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .remove(&cursor);
+            if let Some(noted) = noted {
+                entry.applied = Some(noted);
+            }
             if let Err(error) = apply_received(&topic, &cursor, &state, &local_cluster, entry) {
                 tracing::warn!(topic = %name, subscription = %cursor, %error, "applying replicated subscription state failed");
             }
@@ -590,6 +752,10 @@ async fn run(
             }
         }
         idle = replicated.is_empty();
+        applied_on_receipt
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .retain(|cursor, _| replicated.contains(cursor));
         tracked.retain(|cursor, _| replicated.contains(cursor));
         sending
             .lock()
@@ -658,7 +824,8 @@ fn apply_received(
     Ok(())
 }
 
-/// The subscription's state in origin coordinates; walks the log only when the cursor moved.
+/// The subscription's state in origin coordinates; walks the log only when the cursor moved,
+/// and then from where the last walk ended if nothing before that changed.
 fn walk(
     topic: &Topic,
     cursor: &str,
@@ -672,13 +839,12 @@ fn walk(
             topic: log.name().to_string(),
             subscription: cursor.to_string(),
         })?;
-    let in_part = state.properties.get(batch_acks::PROPERTY).cloned();
-    if let Some((mark_delete, acknowledged, partial, acks)) = &tracked.walked {
-        if *mark_delete == state.mark_delete
-            && *acknowledged == state.acknowledged
-            && *partial == in_part
+    if let Some(walked) = &tracked.walked {
+        if walked.mark_delete == state.mark_delete
+            && walked.acknowledged == state.acknowledged
+            && walked.partial == batch_acks::decode(&state.properties)
         {
-            return Ok(acks.clone());
+            return Ok(walked.acks.clone());
         }
     }
     let frontier = Frontier::at(
@@ -687,14 +853,16 @@ fn walk(
         state.mark_delete,
         tracked.frontier.as_ref(),
     )?;
-    let acks = origin_acks(log, &state, &frontier, local_cluster)?;
+    let walked = origin_acks(
+        log,
+        &state,
+        &frontier,
+        local_cluster,
+        tracked.walked.as_ref(),
+    )?;
+    let acks = walked.acks.clone();
     tracked.frontier = Some(frontier);
-    tracked.walked = Some((
-        state.mark_delete,
-        state.acknowledged.clone(),
-        in_part,
-        acks.clone(),
-    ));
+    tracked.walked = Some(walked);
     Ok(acks)
 }
 
@@ -764,6 +932,83 @@ mod tests {
         meridian_wire::encode_entry(&metadata, b"x").expect("encode")
     }
 
+    /// A log of `count` entries, every third one replicated from c; returns it with the
+    /// positions.
+    fn mixed_log(storage: &Storage, count: u64) -> (Arc<Log>, Vec<Position>) {
+        let log = storage.open_log("persistent://t/n/mixed").expect("log");
+        log.open_cursor("sub", InitialPosition::Earliest)
+            .expect("cursor");
+        let mut pending = Vec::new();
+        for index in 0..count {
+            let origin = (index % 3 == 0).then(|| ("c", Position::new(9, index)));
+            pending.push(log.append(entry(origin), 1).expect("append"));
+        }
+        let positions = pending
+            .into_iter()
+            .map(|append| append.wait().expect("durable"))
+            .collect();
+        (log, positions)
+    }
+
+    fn relaxed_storage(directory: &std::path::Path) -> Storage {
+        let config = StorageConfig {
+            flush_policy: FlushPolicy::RelaxedWriteOnly {
+                fsync_interval: Duration::from_secs(1),
+            },
+            ..StorageConfig::default()
+        };
+        Storage::open(directory, config).expect("storage")
+    }
+
+    #[test]
+    fn a_walk_that_goes_on_from_the_last_one_gives_the_same_state_as_a_fresh_one() {
+        let directory = tempfile::tempdir().expect("tempdir");
+        let storage = relaxed_storage(directory.path());
+        let (log, positions) = mixed_log(&storage, 60);
+        // Entry 2 stays unacknowledged; 3..20 acknowledged, then 20..50 except 33 and 41.
+        log.acknowledge("sub", &positions[..2]).expect("ack");
+        log.acknowledge("sub", &positions[3..20]).expect("ack");
+        let state = log.cursor("sub").expect("cursor");
+        let frontier = Frontier::at(&log, "a", state.mark_delete, None).expect("frontier");
+        let first = origin_acks(&log, &state, &frontier, "a", None).expect("walk");
+        let later: Vec<Position> = (20..50)
+            .filter(|index| *index != 33 && *index != 41)
+            .map(|index| positions[index])
+            .collect();
+        log.acknowledge("sub", &later).expect("ack");
+        let state = log.cursor("sub").expect("cursor");
+        assert!(first.resumable(&state, &batch_acks::Partial::new()));
+        let resumed = origin_acks(&log, &state, &frontier, "a", Some(&first)).expect("walk");
+        let fresh = origin_acks(&log, &state, &frontier, "a", None).expect("walk");
+        assert_eq!(resumed.acks, fresh.acks);
+        assert_eq!(resumed.end, Some(positions[49]));
+        // An acknowledgement before the last walk's end: it starts over.
+        log.acknowledge("sub", &[positions[33]]).expect("ack");
+        let state = log.cursor("sub").expect("cursor");
+        assert!(!resumed.resumable(&state, &batch_acks::Partial::new()));
+    }
+
+    #[test]
+    fn only_unacknowledged_entries_are_read() {
+        let directory = tempfile::tempdir().expect("tempdir");
+        let storage = relaxed_storage(directory.path());
+        let (log, positions) = mixed_log(&storage, 40);
+        log.acknowledge("sub", &positions[5..30]).expect("ack");
+        log.acknowledge("sub", &positions[31..38]).expect("ack");
+        let state = log.cursor("sub").expect("cursor");
+        let mut seen = Vec::new();
+        let walked = walk_unacknowledged(&log, &state.acknowledged, positions[2], |position, _| {
+            seen.push(position)
+        })
+        .expect("walk");
+        let expected: Vec<Position> = [2, 3, 4, 30, 38, 39]
+            .iter()
+            .map(|index| positions[*index])
+            .collect();
+        assert_eq!(seen, expected);
+        assert_eq!(walked, Some(positions[39]));
+    }
+
     #[test]
     fn an_origin_far_behind_the_mark_delete_position_is_part_of_the_state() {
         let directory = tempfile::tempdir().expect("tempdir");
@@ -790,7 +1035,9 @@ mod tests {
         let state = log.cursor("sub").expect("cursor");
 
         let frontier = Frontier::at(&log, "a", state.mark_delete, None).expect("frontier");
-        let acks = origin_acks(&log, &state, &frontier, "a").expect("acks");
+        let acks = origin_acks(&log, &state, &frontier, "a", None)
+            .expect("acks")
+            .acks;
         assert!(
             acks.covers("c", Position::new(7, 3), true),
             "c's entry is acknowledged: {acks:?}"
