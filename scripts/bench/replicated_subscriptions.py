@@ -192,7 +192,8 @@ def tail_run(binary, root, options):
         client = pulsar.Client(a.url)
         consumer = client.subscribe(topic, "bench", consumer_type=pulsar.ConsumerType.Shared,
                                     replicate_subscription_state_enabled=True)
-        producer = client.create_producer(topic, batching_enabled=False)
+        producer = client.create_producer(topic, batching_enabled=False,
+                                          block_if_queue_full=True)
         payload = b".".ljust(PAYLOAD_SIZE, b".")
         producer.send(payload)
         consumer.receive()  # the old message, never acknowledged
@@ -201,6 +202,7 @@ def tail_run(binary, root, options):
         producer.flush()
         for _ in range(options.tail):
             consumer.acknowledge(consumer.receive())
+        print(f"tail of {options.tail} produced and acknowledged on a", file=sys.stderr)
         # Wait until b's copy caught up: one message left in its backlog.
         deadline = time.time() + 120
         while True:
