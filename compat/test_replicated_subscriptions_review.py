@@ -156,9 +156,10 @@ def test_interleaved_origins_failover_is_exact(clusters_factory):
 
 
 def test_partial_batch_acknowledgements_fail_safe(clusters_factory):
-    """Known limitation (partial batch acks not stored): check it fails safe. Two batches of ten;
-    on a the first is acknowledged half (batch-index acks), the second wholly. b must deliver at
-    least the five unacknowledged messages of the first batch and nothing of the second."""
+    """Batch-index acknowledgements disabled on the brokers (the default): partial batch acks
+    are not kept, and that must fail safe. Two batches of ten; on a the first is acknowledged
+    half (the client sends batch-index acks), the second wholly. b must deliver at least the
+    five unacknowledged messages of the first batch and nothing of the second."""
     clusters = clusters_factory(("a", "b"))
     topic = replicated_topic(clusters, ("a", "b"), "rv-batch")
     subscription = "billing"
