@@ -2,7 +2,9 @@
 a promise of the failover contract (docs/replication.md, "Replicated subscriptions") that now
 holds: entries acknowledged elsewhere arriving after the state, a stalled third cluster, a
 receiver killed right after applying, bad senders and bad cursor names on the sync endpoint,
-large states, interleaved origins, partial batch acknowledgements (duplicates, never loss),
+large states, interleaved origins, partial batch acknowledgements (without batch-index
+acknowledgements: duplicates, never loss; with them: exact), one-way replication (failback, an
+origin that only replicates in),
 partitioned topics, odd subscription names and per-message replication lists.
 """
 
@@ -12,7 +14,6 @@ import os
 import time
 
 import pulsar
-import pytest
 
 from replication_harness import (  # noqa: F401 (fixture)
     REPLICATION_TIMEOUT_S,
@@ -155,9 +156,10 @@ def test_interleaved_origins_failover_is_exact(clusters_factory):
 
 
 def test_partial_batch_acknowledgements_fail_safe(clusters_factory):
-    """Known limitation (partial batch acks not stored): check it fails safe. Two batches of ten;
-    on a the first is acknowledged half (batch-index acks), the second wholly. b must deliver at
-    least the five unacknowledged messages of the first batch and nothing of the second."""
+    """Batch-index acknowledgements disabled on the brokers (the default): partial batch acks
+    are not kept, and that must fail safe. Two batches of ten; on a the first is acknowledged
+    half (the client sends batch-index acks), the second wholly. b must deliver at least the
+    five unacknowledged messages of the first batch and nothing of the second."""
     clusters = clusters_factory(("a", "b"))
     topic = replicated_topic(clusters, ("a", "b"), "rv-batch")
     subscription = "billing"
@@ -192,6 +194,57 @@ def test_partial_batch_acknowledgements_fail_safe(clusters_factory):
 
 def entries(clusters, cluster, topic):
     return clusters.internal_stats(cluster, topic)["numberOfEntries"]
+
+
+def test_batch_index_acknowledgements_carry_over(clusters_factory):
+    """With batch-index acknowledgements enabled (`acknowledgment_at_batch_index_level_enabled`
+    on both clusters, `batch_index_ack_enabled` on the consumers): two batches of ten; on a the
+    first is acknowledged half, the second wholly. Consumers moving to b get exactly the five
+    unacknowledged messages of the first batch: b keeps a's partial acknowledgement of that
+    entry (same batch, same indexes everywhere) and sends it with the batch."""
+    clusters = clusters_factory(
+        ("a", "b"), config={"acknowledgment_at_batch_index_level_enabled": True}
+    )
+    topic = replicated_topic(clusters, ("a", "b"), "rv-batch-index")
+    subscription = "billing"
+
+    def subscribe(cluster):
+        return clusters.client(cluster).subscribe(
+            topic, subscription, consumer_type=pulsar.ConsumerType.Shared,
+            initial_position=Earliest, replicate_subscription_state_enabled=True,
+            batch_index_ack_enabled=True,
+        )
+
+    on_a = subscribe("a")
+    producer = clusters.client("a").create_producer(
+        topic, batching_enabled=True, batching_max_messages=10, batching_max_publish_delay_ms=1000
+    )
+    for batch in range(2):
+        for index in range(10):
+            producer.send_async(f"b{batch}-{index}".encode(), None)
+        producer.flush()
+    producer.close()
+    await_condition(lambda: entries(clusters, "b", topic) == 2, REPLICATION_TIMEOUT_S,
+                    "both batches in b")
+    left = set()
+    for _ in range(20):
+        message = on_a.receive(timeout_millis=10_000)
+        payload = message.data()
+        if payload.startswith(b"b0-") and int(payload[3:]) % 2 == 0:
+            left.add(payload)
+        else:
+            on_a.acknowledge(message)
+    before_close = int(time.time() * 1000)
+    on_a.close()
+    await_state_sent(clusters, "a", "b", topic, subscription, before_close)
+    on_b = subscribe("b")
+    delivered = [message.data() for message in _drain_until(on_b, len(left))]
+    assert sorted(delivered) == sorted(left)
+    assert_nothing_more(on_b)
+
+
+def _drain_until(consumer, count: int) -> list:
+    return [consumer.receive(timeout_millis=10_000) for _ in range(count)]
 
 
 def test_receiver_restarted_before_the_data_arrives(clusters_factory):
@@ -521,19 +574,11 @@ def test_a_sender_never_covers_entries_it_never_had(clusters_factory):
     del new
 
 
-# ------------------------------------------------------------------ known gaps
-# Reproduced by the review and not fixed yet: each is expected to fail (strict, so a fix shows
-# up as an unexpected pass to be turned into a plain test).
-
-@pytest.mark.xfail(strict=True, reason="known: F9: a cluster sends states only to clusters it replicates to; fix: also to the origins of its entries")
 def test_one_way_failback_carries_what_b_acknowledged(clusters_factory):
-    """Promise broken: "works with one-way replication" together with "Failback (B to A) obeys
-    the same contract".
-
-    Replication is one-way a->b. a acknowledges 10 of 20, consumers move to b (exactly 10 arrive:
-    that holds) and acknowledge 5 there, then fail back to a. b never sends its state to a (the
-    sync only posts to clusters the topic replicates to), so a redelivers all 10, 5 of them
-    acknowledged in b. Expected: exactly the 5 b did not acknowledge."""
+    """One-way replication a->b, then failback: a acknowledges 10 of 20, consumers move to b
+    (exactly 10 arrive) and acknowledge 5 there, then fail back to a, which must deliver exactly
+    the 5 b did not acknowledge. b does not replicate to a, so it sends its state to a as the
+    origin of the entries it holds."""
     clusters = clusters_factory(("a", "b"))
     namespace = clusters.new_namespace("rv-oneway")
     clusters.create_replicated_namespace(namespace, ["a", "b"], on=["a"])
@@ -549,8 +594,9 @@ def test_one_way_failback_carries_what_b_acknowledged(clusters_factory):
     on_b = shared_consumers(clusters, "b", topic, subscription, 1)[0]
     left_on_b = consume([on_b], 10, keep=lambda payload: int(payload[1:]) % 4 == 0)
     assert {*left_on_b} < left_on_a and len(left_on_b) == 5
+    before_close = int(time.time() * 1000)
     on_b.close()
-    time.sleep(2)
+    await_state_sent(clusters, "b", "a", topic, subscription, before_close)
     back_on_a = shared_consumers(clusters, "a", topic, subscription, 1)[0]
     delivered = collect_for(back_on_a, 3)
     assert sorted(delivered) == sorted(left_on_b), (
@@ -558,18 +604,12 @@ def test_one_way_failback_carries_what_b_acknowledged(clusters_factory):
     )
 
 
-@pytest.mark.xfail(strict=True, reason="known: F3: origins that only replicate into the sender are left out of the frontier; fix: every origin present in the topic")
 def test_an_origin_replicated_in_one_way_is_part_of_the_state(clusters_factory):
-    """Promise broken: graceful switch, zero duplicates, "with one-way replication, with three
-    or more clusters".
-
-    c replicates one way into a and b; a and b replicate both ways. a's log: ten entries from c,
-    then one of a, then one of b. A subscription created on a at Latest has acknowledged all
-    twelve. Its first walk looks back from the mark-delete position only until it has found the
-    origins a *replicates to* plus itself (`origins` in subscription_sync.rs run()), so it stops
-    after b's and a's entries and never finds origin c: the state sent to b has no c, b's copy
-    (created at the earliest position) keeps c's ten messages, and consumers failing over to b
-    get ten messages a's subscription had acknowledged. Expected: b's copy empty."""
+    """c replicates one way into a and b; a and b replicate both ways. a's log: ten entries
+    from c, then one of a, then one of b. A subscription created on a at Latest has acknowledged
+    all twelve, so b's copy (created at the earliest position) must end up empty: the state a
+    sends speaks for every origin present in the topic, c included, not only for the clusters a
+    replicates to."""
     clusters = clusters_factory(("a", "b", "c"))
     namespace = clusters.new_namespace("rv-oneway-origin")
     clusters.create_replicated_namespace(namespace, ["a", "b", "c"], on=["c"])

@@ -17,6 +17,12 @@ been synced (everything present on b after a's first unacknowledged message).
 
 Cost run: the same load for `--duration` s on a topic with a plain subscription and on one with a
 replicated subscription; broker a's CPU (utime + stime) per message consumed.
+
+Tail run (`--tail N`, instead of the above): one old message is left unacknowledged on a, then N
+messages are produced and acknowledged (a long acknowledged tail behind it, on both clusters
+once synced); then for `--duration` s a producer sends `--rate` msg/s that a consumer on a
+acknowledges at once. Prints the CPU (utime + stime) of brokers a and b over that window: the
+cost of keeping b's copy in sync with a long acknowledged tail.
 """
 
 import argparse
@@ -178,14 +184,73 @@ def cost_run(binary, root, options):
             broker.stop()
 
 
+def tail_run(binary, root, options):
+    a, b = Broker(binary, "a", root), Broker(binary, "b", root)
+    try:
+        replicate_namespace(a, b)
+        topic = "persistent://t/ns/tail"
+        client = pulsar.Client(a.url)
+        consumer = client.subscribe(topic, "bench", consumer_type=pulsar.ConsumerType.Shared,
+                                    replicate_subscription_state_enabled=True)
+        producer = client.create_producer(topic, batching_enabled=False,
+                                          block_if_queue_full=True)
+        payload = b".".ljust(PAYLOAD_SIZE, b".")
+        producer.send(payload)
+        consumer.receive()  # the old message, never acknowledged
+        for _ in range(options.tail):
+            producer.send_async(payload, None)
+        producer.flush()
+        for _ in range(options.tail):
+            consumer.acknowledge(consumer.receive())
+        print(f"tail of {options.tail} produced and acknowledged on a", file=sys.stderr)
+        # Wait until b's copy caught up: one message left in its backlog.
+        deadline = time.time() + 120
+        while True:
+            status, stats = http("GET", b.admin + "/admin/v2/persistent/t/ns/tail/stats")
+            backlog = (stats or {}).get("subscriptions", {}).get("bench", {}).get("msgBacklog") \
+                if status == 200 else None
+            if backlog == 1:
+                break
+            if time.time() > deadline:
+                raise RuntimeError(f"b did not catch up (backlog {backlog})")
+            time.sleep(0.2)
+        cpu_a, cpu_b = a.cpu_seconds(), b.cpu_seconds()
+        stop = time.time() + options.duration
+        sent = 0
+        while time.time() < stop:
+            wait = stop - options.duration + sent / options.rate - time.time()
+            if wait > 0:
+                time.sleep(wait)
+            producer.send_async(payload, None)
+            sent += 1
+            try:
+                while True:
+                    consumer.acknowledge(consumer.receive(timeout_millis=0))
+            except pulsar.Timeout:
+                pass
+        cpu_a, cpu_b = a.cpu_seconds() - cpu_a, b.cpu_seconds() - cpu_b
+        print(f"tail of {options.tail} acknowledged behind one unacknowledged message, "
+              f"{sent} more messages in {options.duration} s: broker a CPU {cpu_a:.2f} s, "
+              f"broker b CPU {cpu_b:.2f} s")
+        client.close()
+    finally:
+        for broker in (a, b):
+            broker.stop()
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("binary")
     parser.add_argument("--rate", type=int, default=500)
     parser.add_argument("--duration", type=int, default=8)
     parser.add_argument("--intervals", default="10,100,1000")
+    parser.add_argument("--tail", type=int, default=0)
     options = parser.parse_args()
     binary = os.path.abspath(options.binary)
+    if options.tail:
+        with tempfile.TemporaryDirectory() as root:
+            tail_run(binary, root, options)
+        return
     for interval in (int(value) for value in options.intervals.split(",")):
         with tempfile.TemporaryDirectory() as root:
             failover_run(binary, root, interval, options)

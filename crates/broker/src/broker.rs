@@ -310,7 +310,17 @@ impl Broker {
             Some(_) => self.partition_count(&topic.name.base())?,
             None => None,
         };
+        let mut registered = Vec::new();
+        for name in self.resources.clusters()? {
+            if name == *local {
+                continue;
+            }
+            if let Ok(data) = self.resources.cluster(&name) {
+                registered.extend(RemoteCluster::from_data(&name, &data));
+            }
+        }
         Ok(ReplicationPlan {
+            registered,
             configured,
             remotes,
             partitions,

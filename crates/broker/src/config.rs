@@ -45,6 +45,10 @@ pub struct BrokerConfig {
     pub max_delayed_messages: usize,
     /// Delayed delivery is honoured (`delayedDeliveryEnabled`, default true).
     pub delayed_delivery_enabled: bool,
+    /// Acknowledgements of single messages inside a batch are kept (with the cursor) instead of
+    /// being ignored until the whole batch is acknowledged
+    /// (`acknowledgmentAtBatchIndexLevelEnabled`, default false).
+    pub batch_index_ack_enabled: bool,
     /// How often a replicated subscription's acknowledgements are sent to the topic's other
     /// clusters (and at once when a consumer closes).
     pub replicated_subscriptions_sync_interval: std::time::Duration,
@@ -81,6 +85,7 @@ impl Default for BrokerConfig {
             max_redelivery_backlog: 10_000,
             max_delayed_messages: 1_000_000,
             delayed_delivery_enabled: true,
+            batch_index_ack_enabled: false,
             replication_start_earliest: false,
             replicated_subscriptions_sync_interval: std::time::Duration::from_millis(100),
             max_num_partitions_per_partitioned_topic: 10_000,

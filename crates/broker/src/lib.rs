@@ -19,6 +19,7 @@
 //! - [`dedup`], [`schema`], [`topic_name`], [`config`], [`error`] (the one mapping of errors to
 //!   Pulsar's `ServerError`).
 
+pub mod batch_acks;
 pub mod broker;
 pub mod clock;
 pub mod config;

@@ -36,6 +36,7 @@ use meridian_wire::proto::{
 use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::Notify;
 
+use crate::batch_acks;
 use crate::clock::now_ms;
 use crate::config::BrokerConfig;
 use crate::error::{BrokerError, Result};
@@ -187,6 +188,10 @@ pub struct Subscription {
     /// For a replicated subscription: the states other clusters sent. Entries they cover were
     /// acknowledged there, so the dispatcher acknowledges them here instead of delivering them.
     acknowledged_elsewhere: std::sync::RwLock<Vec<SyncedAcks>>,
+    /// The topic's lock over cursor-property changes.
+    properties_lock: Arc<Mutex<()>>,
+    /// Entries acknowledged in part (batch-index acknowledgements), as kept in the cursor.
+    batch_acks: Mutex<batch_acks::Partial>,
 }
 
 fn message_id(position: Position, partition_index: i32) -> MessageIdData {
@@ -229,6 +234,7 @@ impl Subscription {
         log: Arc<Log>,
         config: Arc<BrokerConfig>,
         terminated: Arc<AtomicBool>,
+        properties_lock: Arc<Mutex<()>>,
     ) -> Result<Arc<Subscription>> {
         let mark_delete = match start {
             StartPosition::Initial(initial) => {
@@ -242,10 +248,9 @@ impl Subscription {
             }
         };
         let read_position = position_after(&log, mark_delete);
-        let received_states = log
-            .cursor(&cursor)
-            .map(|state| subscription_sync::received(&state))
-            .unwrap_or_default();
+        let cursor_state = log.cursor(&cursor).unwrap_or_default();
+        let received_states = subscription_sync::received(&cursor_state);
+        let partial = batch_acks::decode(&cursor_state.properties);
         let subscription = Arc::new(Subscription {
             name,
             cursor,
@@ -273,6 +278,8 @@ impl Subscription {
             redelivered: Meter::default(),
             terminated,
             acknowledged_elsewhere: std::sync::RwLock::new(received_states),
+            properties_lock,
+            batch_acks: Mutex::new(partial),
         });
         let dispatcher = subscription.clone();
         tokio::spawn(async move { dispatcher.dispatch_loop().await });
@@ -542,6 +549,44 @@ impl Subscription {
         Ok(())
     }
 
+    /// Batch-index acknowledgements: per entry, the words of its batch's `ack_set` (bit set:
+    /// message not acknowledged). Kept with the cursor; an entry acknowledged whole this way is
+    /// acknowledged. Ignored unless the broker has batch-index acknowledgements enabled.
+    pub fn acknowledge_batch_indexes(&self, acks: &[(Position, Vec<u64>)]) -> Result<()> {
+        if acks.is_empty() || !self.config.batch_index_ack_enabled {
+            return Ok(());
+        }
+        let complete = {
+            let _properties = self
+                .properties_lock
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            let (partial, complete) = batch_acks::record(&self.log, &self.cursor, acks)?;
+            *self
+                .batch_acks
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner()) = partial;
+            complete
+        };
+        if complete.is_empty() {
+            return Ok(());
+        }
+        self.acknowledge(&complete)
+    }
+
+    /// The `ack_set` to send with the entry at `position`: its messages acknowledged so far.
+    fn ack_set(&self, position: Position) -> Vec<i64> {
+        if !self.config.batch_index_ack_enabled {
+            return Vec::new();
+        }
+        self.batch_acks
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .get(&position)
+            .map(|words| batch_acks::to_wire(words))
+            .unwrap_or_default()
+    }
+
     /// Acknowledges everything up to and including `position`; a position beyond the last
     /// entry is ignored (as Pulsar: it would acknowledge messages not yet written).
     pub fn acknowledge_cumulative(&self, position: Position) -> Result<()> {
@@ -582,6 +627,12 @@ impl Subscription {
     pub(crate) fn seek(&self, mark_delete: Option<Position>) -> Result<()> {
         let frames = self.close_all_consumers();
         self.log.reset_cursor(&self.cursor, mark_delete)?;
+        // Messages acknowledged in part are delivered again whole (the topic drops them from
+        // the cursor's properties).
+        self.batch_acks
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clear();
         {
             let mut state = self.lock();
             state.read_position = position_after(&self.log, mark_delete);
@@ -1087,6 +1138,7 @@ impl Subscription {
                 consumer_id: consumer.consumer_id,
                 message_id: message_id(position, self.partition_index),
                 redelivery_count: (redelivery_count > 0).then_some(redelivery_count),
+                ack_set: self.ack_set(position),
                 ..CommandMessage::default()
             };
             let data = match &parsed {

@@ -92,6 +92,9 @@ pub(crate) struct ReplicationPlan {
     pub rate: Option<DispatchRate>,
     /// A new replicator cursor starts at the earliest message instead of the latest.
     pub start_at_earliest: bool,
+    /// Every registered cluster but this one, replicated to or not: replicated subscriptions
+    /// also send their state to the origins of the entries they hold.
+    pub registered: Vec<RemoteCluster>,
 }
 
 /// One SEND to append.
@@ -220,6 +223,8 @@ struct TopicState {
     expired: BTreeMap<String, u64>,
     /// Running replicators by remote cluster.
     replicators: BTreeMap<String, Replicator>,
+    /// Every registered cluster but this one (as of the last replication plan).
+    registered_clusters: Vec<RemoteCluster>,
 }
 
 pub struct Topic {
@@ -242,7 +247,7 @@ pub struct Topic {
     subscription_sync: std::sync::OnceLock<SubscriptionSync>,
     /// Held while a subscription's cursor properties are read, changed and written back (the
     /// replicated mark, resets, states from other clusters), so that no change is lost.
-    cursor_properties: Mutex<()>,
+    cursor_properties: Arc<Mutex<()>>,
     /// How often replicated subscriptions sync (namespace policy or broker default), in ms.
     sync_interval_ms: AtomicU64,
 }
@@ -315,13 +320,14 @@ impl Topic {
                 in_flight: BTreeSet::new(),
                 expired: BTreeMap::new(),
                 replicators: BTreeMap::new(),
+                registered_clusters: Vec::new(),
             }),
             meter_in: Meter::default(),
             deduplication,
             terminated: Arc::new(AtomicBool::new(terminated)),
             closed: AtomicBool::new(false),
             subscription_sync: std::sync::OnceLock::new(),
-            cursor_properties: Mutex::new(()),
+            cursor_properties: Arc::new(Mutex::new(())),
             sync_interval_ms: AtomicU64::new(sync_interval_ms),
             entries_added: AtomicU64::new(0),
         }))
@@ -617,6 +623,7 @@ impl Topic {
                     self.log.clone(),
                     self.shared.config.clone(),
                     self.terminated.clone(),
+                    self.cursor_properties.clone(),
                 )?;
                 state
                     .subscriptions
@@ -741,6 +748,11 @@ impl Topic {
         }
     }
 
+    /// The replicated-subscription sync task, if it runs.
+    pub(crate) fn subscription_sync(&self) -> Option<&SubscriptionSync> {
+        self.subscription_sync.get()
+    }
+
     /// Whether the topic has replicators or replicated subscriptions (it needs the sync task).
     pub(crate) fn needs_subscription_sync(&self) -> bool {
         !self.lock().replicators.is_empty()
@@ -758,6 +770,25 @@ impl Topic {
             .values()
             .map(|replicator| replicator.remote().clone())
             .collect()
+    }
+
+    /// The registered cluster `name` (not this one), whether or not this topic replicates to it.
+    pub(crate) fn registered_cluster(&self, name: &str) -> Option<RemoteCluster> {
+        self.lock()
+            .registered_clusters
+            .iter()
+            .find(|cluster| cluster.name == name)
+            .cloned()
+    }
+
+    /// Whether batch-index acknowledgements are kept (`acknowledgmentAtBatchIndexLevelEnabled`).
+    pub(crate) fn batch_index_ack_enabled(&self) -> bool {
+        self.shared.config.batch_index_ack_enabled
+    }
+
+    /// Whether any cluster but this one is registered.
+    pub(crate) fn has_registered_clusters(&self) -> bool {
+        !self.lock().registered_clusters.is_empty()
     }
 
     /// Deletes a subscription and its cursor; refused while other consumers are connected.
@@ -1347,6 +1378,7 @@ impl Topic {
         if self.closed.load(Ordering::SeqCst) {
             return Ok(());
         }
+        state.registered_clusters = plan.registered;
         let wanted: BTreeMap<String, RemoteCluster> = plan
             .remotes
             .into_iter()
@@ -1533,8 +1565,10 @@ impl Topic {
 
     /// Records that a replicated subscription was moved back by a user here (seek, reset), so
     /// that its other clusters reset their copies too instead of adding acknowledgements up.
+    /// Partial batch acknowledgements are dropped: those batches are delivered again whole.
     fn note_reset(&self, subscription: &str) -> Result<()> {
         let _properties = self.lock_cursor_properties();
+        crate::batch_acks::clear(&self.log, subscription)?;
         let Some(cursor) = self.log.cursor(subscription) else {
             return Ok(());
         };

@@ -33,6 +33,9 @@ pub struct Config {
     pub max_loaded_topics: usize,
     pub max_message_size: usize,
     pub deduplication_enabled: bool,
+    /// Acknowledgements of single messages inside a batch are kept
+    /// (`acknowledgmentAtBatchIndexLevelEnabled`).
+    pub acknowledgment_at_batch_index_level_enabled: bool,
     /// Where a topic's new replicator starts: `latest` (Pulsar's default) or `earliest`
     /// (back-fill the messages already stored).
     pub replication_start_at: ReplicationStart,
@@ -121,6 +124,7 @@ impl Default for Config {
             max_loaded_topics: broker.max_loaded_topics,
             max_message_size: broker.max_message_size,
             deduplication_enabled: broker.deduplication_enabled,
+            acknowledgment_at_batch_index_level_enabled: broker.batch_index_ack_enabled,
             replication_start_at: ReplicationStart::Latest,
             replicated_subscriptions_sync_interval_ms: broker
                 .replicated_subscriptions_sync_interval
@@ -343,6 +347,7 @@ impl Config {
             max_loaded_topics: self.max_loaded_topics,
             max_message_size: self.max_message_size,
             deduplication_enabled: self.deduplication_enabled,
+            batch_index_ack_enabled: self.acknowledgment_at_batch_index_level_enabled,
             replication_start_earliest: self.replication_start_at == ReplicationStart::Earliest,
             replicated_subscriptions_sync_interval: std::time::Duration::from_millis(
                 self.replicated_subscriptions_sync_interval_ms,

@@ -29,6 +29,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
+use meridian_broker::batch_acks;
 use meridian_broker::dedup::is_replication_key;
 use meridian_broker::outbound::{
     command_frame, outbound_queue, Outbound, OutboundReceiver, OutboundSender,
@@ -1336,8 +1337,8 @@ impl Connection {
             )),
             Some(consumer) => {
                 let subscription = &consumer.subscription;
-                // A batch entry whose ack set still has unacknowledged messages stays unacked
-                // (batch-index acknowledgement is not enabled).
+                // A batch entry whose ack set still has unacknowledged messages stays unacked;
+                // with batch-index acknowledgements enabled, its acknowledged messages are kept.
                 let fully_acked = |id: &MessageIdData| id.ack_set.iter().all(|word| *word == 0);
                 if request.ack_type == command_ack::AckType::Cumulative as i32 {
                     if matches!(
@@ -1357,12 +1358,21 @@ impl Connection {
                                 consumer.topic.log().previous_position(position)
                             }
                         });
+                        // A cumulative acknowledgement that ends inside a batch: the batch's
+                        // first messages are acknowledged (batch-index acknowledgements).
+                        let inside_batch: Vec<(Position, Vec<u64>)> = request
+                            .message_id
+                            .first()
+                            .filter(|id| !fully_acked(id))
+                            .map(|id| (message_id_of(id), batch_acks::from_wire(&id.ack_set)))
+                            .into_iter()
+                            .collect();
                         match target {
-                            Some(position) => subscription
-                                .acknowledge_cumulative(position)
-                                .map_err(|error| (error.server_error(), error.to_string())),
+                            Some(position) => subscription.acknowledge_cumulative(position),
                             None => Ok(()),
                         }
+                        .and_then(|()| subscription.acknowledge_batch_indexes(&inside_batch))
+                        .map_err(|error| (error.server_error(), error.to_string()))
                     }
                 } else {
                     let positions: Vec<Position> = request
@@ -1371,8 +1381,15 @@ impl Connection {
                         .filter(|id| fully_acked(id))
                         .map(message_id_of)
                         .collect();
+                    let in_part: Vec<(Position, Vec<u64>)> = request
+                        .message_id
+                        .iter()
+                        .filter(|id| !fully_acked(id))
+                        .map(|id| (message_id_of(id), batch_acks::from_wire(&id.ack_set)))
+                        .collect();
                     subscription
                         .acknowledge(&positions)
+                        .and_then(|()| subscription.acknowledge_batch_indexes(&in_part))
                         .map_err(|error| (error.server_error(), error.to_string()))
                 }
             }

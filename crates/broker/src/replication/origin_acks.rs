@@ -48,6 +48,15 @@ pub struct OriginProgress {
         with = "position_text::option"
     )]
     pub stored_from: Option<Position>,
+    /// Entries of this origin acknowledged in part (batch-index acknowledgements): origin
+    /// position and the batch's `ack_set` words (bit set: message not acknowledged), ascending.
+    /// Batches are replicated whole, so the same words mean the same messages everywhere.
+    #[serde(
+        default,
+        skip_serializing_if = "Vec::is_empty",
+        with = "position_text::batches"
+    )]
+    pub batches: Vec<(Position, Vec<u64>)>,
 }
 
 impl OriginAcks {
@@ -72,6 +81,24 @@ impl OriginAcks {
         after > 0 && position <= progress.ranges[after - 1].1
     }
 
+    /// The sender's partial acknowledgement of the batch entry of `origin` at `position`
+    /// (`ack_set` words), if it acknowledged some of its messages and not all.
+    pub fn partial(
+        &self,
+        origin: &str,
+        position: Position,
+        reached_sender: bool,
+    ) -> Option<&[u64]> {
+        if !reached_sender {
+            return None;
+        }
+        let batches = &self.origins.get(origin)?.batches;
+        let index = batches
+            .binary_search_by(|(start, _)| start.cmp(&position))
+            .ok()?;
+        Some(&batches[index].1)
+    }
+
     /// How many acknowledged ranges beyond the bounds the state holds (its size on the wire).
     pub fn range_count(&self) -> usize {
         self.origins
@@ -89,12 +116,12 @@ impl OriginAcks {
 /// up to the last individually acknowledged entry. Everything after the walk is taken as
 /// unacknowledged, and an origin the builder never hears of is not acknowledged at all: a
 /// missing piece of input can only cost a redelivery, never a lost message.
-#[derive(Debug, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct OriginAcksBuilder {
     origins: BTreeMap<String, Walk>,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug, Clone, Default)]
 struct Walk {
     /// The bound below which everything is acknowledged, while no unacknowledged entry has
     /// been met; fixed at the first unacknowledged entry.
@@ -104,6 +131,7 @@ struct Walk {
     /// Whether the previous entry of this origin in the walk was acknowledged (and so ends the
     /// last range).
     previous_acknowledged: bool,
+    batches: Vec<(Position, Vec<u64>)>,
 }
 
 impl OriginAcksBuilder {
@@ -125,7 +153,26 @@ impl OriginAcksBuilder {
 
     /// The next entry after the mark-delete position, in log order.
     pub fn entry(&mut self, origin: &str, position: Position, acknowledged: bool) {
+        self.entry_in_part(origin, position, acknowledged, None);
+    }
+
+    /// [`OriginAcksBuilder::entry`] for an entry whose batch may be acknowledged in part
+    /// (`partial`: its `ack_set` words); such an entry counts as unacknowledged.
+    pub fn entry_in_part(
+        &mut self,
+        origin: &str,
+        position: Position,
+        acknowledged: bool,
+        partial: Option<&[u64]>,
+    ) {
         let walk = self.origins.entry(origin.to_string()).or_default();
+        let acknowledged = match partial {
+            Some(words) if !acknowledged => {
+                walk.batches.push((position, words.to_vec()));
+                false
+            }
+            _ => acknowledged,
+        };
         match (acknowledged, walk.met_unacknowledged) {
             (true, false) => walk.acked_below = Some(just_after(position)),
             (true, true) => match walk.ranges.last_mut() {
@@ -153,6 +200,7 @@ impl OriginAcksBuilder {
                     acked_below: walk.acked_below,
                     ranges: walk.ranges,
                     stored_from: stored_from.get(&origin).copied(),
+                    batches: walk.batches,
                 };
                 (origin, progress)
             })
@@ -207,6 +255,35 @@ mod position_text {
             Option::<String>::deserialize(deserializer)?
                 .map(|value| parse(&value))
                 .transpose()
+        }
+    }
+
+    pub mod batches {
+        use super::*;
+
+        pub fn serialize<S: Serializer>(
+            batches: &[(Position, Vec<u64>)],
+            serializer: S,
+        ) -> Result<S::Ok, S::Error> {
+            serializer.collect_seq(
+                batches
+                    .iter()
+                    .map(|(position, words)| (text(position), words)),
+            )
+        }
+
+        pub fn deserialize<'de, D: Deserializer<'de>>(
+            deserializer: D,
+        ) -> Result<Vec<(Position, Vec<u64>)>, D::Error> {
+            let raw = Vec::<(String, Vec<u64>)>::deserialize(deserializer)?;
+            let batches = raw
+                .iter()
+                .map(|(position, words)| Ok((parse(position)?, words.clone())))
+                .collect::<Result<Vec<_>, D::Error>>()?;
+            if !batches.windows(2).all(|pair| pair[0].0 < pair[1].0) {
+                return Err(D::Error::custom("batches must be ascending"));
+            }
+            Ok(batches)
         }
     }
 

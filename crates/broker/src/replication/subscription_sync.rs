@@ -24,6 +24,7 @@ use tokio::sync::{mpsc, Notify};
 
 use super::origin_acks::{OriginAcks, OriginAcksBuilder};
 use super::replicated_subscriptions;
+use crate::batch_acks;
 use crate::clock::now_ms;
 use crate::error::{BrokerError, Result};
 use crate::replication::chain;
@@ -39,8 +40,6 @@ pub const RECEIVED_AT_PROPERTY_PREFIX: &str = "meridian.received-at.";
 
 /// Entries read per storage call while walking a log.
 const READ_BATCH: usize = 1000;
-/// How far back from the mark-delete position the walk looks for the last entry of each origin.
-const FRONTIER_SCAN_LIMIT: usize = 10_000;
 /// How often a topic without replicated subscriptions is looked at again.
 const IDLE_INTERVAL: Duration = Duration::from_secs(5);
 /// An unchanged state is sent again this often, so that a remote that lost it (a cluster rebuilt
@@ -113,70 +112,115 @@ fn walk_entries(
     Ok(())
 }
 
-/// Per origin, the origin position of its last entry at or before a mark-delete position.
+/// Reads the entries from `start` on that `acknowledged` does not hold, calling
+/// `each(position, metadata)`; acknowledged ranges are skipped without reading them, so the
+/// cost follows the unacknowledged entries, not a long acknowledged tail. Returns the last
+/// position it went past (read or skipped).
+fn walk_unacknowledged(
+    log: &Log,
+    acknowledged: &RangeSet,
+    start: Position,
+    mut each: impl FnMut(Position, &MessageMetadata),
+) -> Result<Option<Position>> {
+    let mut ranges = acknowledged
+        .iter()
+        .map(|(ledger, first, last)| (Position::new(ledger, first), Position::new(ledger, last)))
+        .filter(|(_, last)| *last >= start)
+        .peekable();
+    let mut next = start;
+    let mut walked = None;
+    loop {
+        while let Some(&(first, last)) = ranges.peek() {
+            if last < next {
+                ranges.next();
+            } else if first <= next {
+                walked = Some(last);
+                next = log.next_position(last);
+                ranges.next();
+            } else {
+                break;
+            }
+        }
+        // The gap ends where the next acknowledged range starts.
+        let gap_end = ranges.peek().map(|(first, _)| *first);
+        let limit = match gap_end {
+            Some(end) if end.ledger_id == next.ledger_id => {
+                usize::try_from(end.entry_id.saturating_sub(next.entry_id))
+                    .unwrap_or(READ_BATCH)
+                    .clamp(1, READ_BATCH)
+            }
+            _ => READ_BATCH,
+        };
+        let entries = log.read_from(next, limit, 16 * 1024 * 1024)?;
+        let Some(last) = entries.last().map(|entry| entry.position) else {
+            return Ok(walked);
+        };
+        let mut reached_range = false;
+        for entry in entries {
+            if gap_end.is_some_and(|end| entry.position >= end) {
+                reached_range = true;
+                break;
+            }
+            walked = Some(entry.position);
+            if let Ok(metadata) = meridian_wire::entry_metadata(entry.data) {
+                each(entry.position, &metadata);
+            }
+        }
+        next = match gap_end {
+            Some(end) if reached_range => end,
+            _ => log.next_position(last),
+        };
+    }
+}
+
+/// What the log holds of each origin up to a mark-delete position: per origin, the origin
+/// positions of its first entry in the log and of its last entry at or before the position.
 #[derive(Debug, Clone, Default)]
 struct Frontier {
     /// The mark-delete position it describes.
     at: Option<Position>,
+    /// Per origin, its last entry at or before `at`.
     through: BTreeMap<String, Position>,
+    /// Per origin, its first entry in the log (as far as the log went back when the frontier
+    /// was first found).
+    first: BTreeMap<String, Position>,
 }
 
 impl Frontier {
     /// The frontier at `mark_delete`: moved forward from `known` by reading the entries in
-    /// between (what consumers just acknowledged, usually still cached), or found by looking back
-    /// at most [`FRONTIER_SCAN_LIMIT`] entries for each of `origins`. An origin not found is left
-    /// out, which can only cost redeliveries in the other cluster, never a loss.
+    /// between (what consumers just acknowledged, usually still cached), or found by reading
+    /// the log from its start to `mark_delete`, so that every origin present in the topic is
+    /// part of it (once per subscription while the topic is loaded, and after a reset).
     fn at(
         log: &Log,
         local_cluster: &str,
-        origins: &[String],
         mark_delete: Option<Position>,
         known: Option<&Frontier>,
     ) -> Result<Frontier> {
-        if let Some(known) = known.filter(|known| known.at <= mark_delete) {
-            let mut frontier = known.clone();
-            frontier.at = mark_delete;
-            let Some(end) = mark_delete else {
-                return Ok(frontier);
-            };
-            let start = position_after(log, known.at);
-            walk_entries(log, start, usize::MAX, |position, metadata| {
-                if position > end {
-                    return false;
-                }
-                if let Some((cluster, origin)) = entry_origin(local_cluster, position, metadata) {
-                    frontier.through.insert(cluster, origin);
-                }
-                true
-            })?;
-            return Ok(frontier);
+        if let Some(known) = known.filter(|known| known.at == mark_delete) {
+            return Ok(known.clone());
         }
-        let mut frontier = Frontier {
-            at: mark_delete,
-            through: BTreeMap::new(),
+        let (mut frontier, start) = match known.filter(|known| known.at <= mark_delete) {
+            Some(known) => (known.clone(), position_after(log, known.at)),
+            None => (
+                Frontier::default(),
+                log.first_position().unwrap_or(Position::new(0, 0)),
+            ),
         };
-        let mut at = mark_delete;
-        for _ in 0..FRONTIER_SCAN_LIMIT {
-            let Some(position) = at else {
-                break;
-            };
-            if origins
-                .iter()
-                .all(|origin| frontier.through.contains_key(origin))
-            {
-                break;
+        frontier.at = mark_delete;
+        let Some(end) = mark_delete else {
+            return Ok(frontier);
+        };
+        walk_entries(log, start, usize::MAX, |position, metadata| {
+            if position > end {
+                return false;
             }
-            if let Ok(entry) = log.read(position) {
-                if let Ok(metadata) = meridian_wire::entry_metadata(entry.data) {
-                    if let Some((cluster, origin)) =
-                        entry_origin(local_cluster, position, &metadata)
-                    {
-                        frontier.through.entry(cluster).or_insert(origin);
-                    }
-                }
+            if let Some((cluster, origin)) = entry_origin(local_cluster, position, metadata) {
+                frontier.first.entry(cluster.clone()).or_insert(origin);
+                frontier.through.insert(cluster, origin);
             }
-            at = log.previous_position(position);
-        }
+            true
+        })?;
         Ok(frontier)
     }
 }
@@ -189,53 +233,109 @@ fn position_after(log: &Log, mark_delete: Option<Position>) -> Position {
     }
 }
 
+/// A walk over a subscription's entries and what resuming it needs.
+#[derive(Debug, Clone)]
+struct Walked {
+    mark_delete: Option<Position>,
+    acknowledged: RangeSet,
+    partial: batch_acks::Partial,
+    /// The last entry fed to the builder.
+    end: Option<Position>,
+    /// The builder after that entry, and the origins' first entries met so far.
+    builder: OriginAcksBuilder,
+    stored_from: BTreeMap<String, Position>,
+    acks: OriginAcks,
+}
+
+impl Walked {
+    /// Whether the cursor in `state` (with `partial`) differs from the walked one only after
+    /// the walk's end: then the walk can go on from there instead of starting over (consumers
+    /// acknowledging new messages behind an old unacknowledged one).
+    fn resumable(&self, state: &CursorState, partial: &batch_acks::Partial) -> bool {
+        let Some(end) = self.end else {
+            return false;
+        };
+        self.mark_delete == state.mark_delete
+            && ranges_up_to(&self.acknowledged, end) == ranges_up_to(&state.acknowledged, end)
+            && self.partial.range(..=end).eq(partial.range(..=end))
+    }
+}
+
+/// The ranges of `set` at or before `end`, the last one cut at `end`.
+fn ranges_up_to(set: &RangeSet, end: Position) -> Vec<(u64, u64, u64)> {
+    set.iter()
+        .take_while(|(ledger, first, _)| Position::new(*ledger, *first) <= end)
+        .map(|(ledger, first, last)| {
+            if ledger == end.ledger_id {
+                (ledger, first, last.min(end.entry_id))
+            } else {
+                (ledger, first, last)
+            }
+        })
+        .collect()
+}
+
 /// The acknowledgements of a subscription whose cursor is in `state`, in origin coordinates,
-/// given the frontier at its mark-delete position.
+/// given the frontier at its mark-delete position; goes on from `previous` where it can.
 fn origin_acks(
     log: &Log,
     state: &CursorState,
     frontier: &Frontier,
-    stored_from: &BTreeMap<String, Position>,
     local_cluster: &str,
-) -> Result<OriginAcks> {
-    let mut builder = OriginAcksBuilder::new(&frontier.through);
-    let Some((ledger, _, last_entry)) = state.acknowledged.iter().last() else {
-        return Ok(builder.finish(stored_from));
-    };
-    let last_acknowledged = Position::new(ledger, last_entry);
-    let start = position_after(log, state.mark_delete);
-    walk_entries(log, start, usize::MAX, |position, metadata| {
-        if position > last_acknowledged {
-            return false;
-        }
-        if let Some((cluster, origin)) = entry_origin(local_cluster, position, metadata) {
-            builder.entry(&cluster, origin, state.is_acknowledged(position));
-        }
-        true
-    })?;
-    Ok(builder.finish(stored_from))
-}
-
-/// Per origin, the origin position of its oldest entry in the log: what the log stores of each
-/// origin starts there. Looks at most [`FRONTIER_SCAN_LIMIT`] entries from the start for each
-/// of `origins`; an origin not found is left out (its `acked_below` then covers nothing
-/// elsewhere: duplicates, never a loss).
-fn stored_from(
-    log: &Log,
-    local_cluster: &str,
-    origins: &[String],
-) -> Result<BTreeMap<String, Position>> {
-    let mut first = BTreeMap::new();
-    let Some(start) = log.first_position() else {
-        return Ok(first);
-    };
-    walk_entries(log, start, FRONTIER_SCAN_LIMIT, |position, metadata| {
-        if let Some((cluster, origin)) = entry_origin(local_cluster, position, metadata) {
-            first.entry(cluster).or_insert(origin);
-        }
-        !origins.iter().all(|origin| first.contains_key(origin))
-    })?;
-    Ok(first)
+    previous: Option<&Walked>,
+) -> Result<Walked> {
+    // Batches acknowledged in part count as unacknowledged, with their words alongside.
+    let partial = batch_acks::decode(&state.properties);
+    let (mut builder, mut stored_from, start, walked_to) =
+        match previous.filter(|previous| previous.resumable(state, &partial)) {
+            Some(previous) => (
+                previous.builder.clone(),
+                previous.stored_from.clone(),
+                previous
+                    .end
+                    .map_or(Position::new(0, 0), |end| log.next_position(end)),
+                previous.end,
+            ),
+            // An origin whose first entry lies after the mark-delete position starts where
+            // the walk first meets it.
+            None => (
+                OriginAcksBuilder::new(&frontier.through),
+                frontier.first.clone(),
+                position_after(log, state.mark_delete),
+                None,
+            ),
+        };
+    let last_acknowledged = state
+        .acknowledged
+        .iter()
+        .last()
+        .map(|(ledger, _, last_entry)| Position::new(ledger, last_entry));
+    let end = last_acknowledged.max(partial.keys().next_back().copied());
+    let mut fed = walked_to;
+    if let Some(end) = end.filter(|end| *end >= start) {
+        walk_entries(log, start, usize::MAX, |position, metadata| {
+            if position > end {
+                return false;
+            }
+            fed = Some(position);
+            if let Some((cluster, origin)) = entry_origin(local_cluster, position, metadata) {
+                let words = partial.get(&position).map(Vec::as_slice);
+                builder.entry_in_part(&cluster, origin, state.is_acknowledged(position), words);
+                stored_from.entry(cluster).or_insert(origin);
+            }
+            true
+        })?;
+    }
+    let acks = builder.clone().finish(&stored_from);
+    Ok(Walked {
+        mark_delete: state.mark_delete,
+        acknowledged: state.acknowledged.clone(),
+        partial,
+        end: fed,
+        builder,
+        stored_from,
+        acks,
+    })
 }
 
 /// The states other clusters sent for a subscription, as stored (raw JSON, in key order).
@@ -279,6 +379,26 @@ pub fn acknowledged_elsewhere(
     })
 }
 
+/// What the states other clusters sent acknowledge of the batch entry at `position` (with
+/// `metadata`) when none acknowledged it whole: the `ack_set` words of the messages no sender
+/// acknowledged, if some sender acknowledged some.
+fn acknowledged_in_part_elsewhere(
+    received: &[SyncedAcks],
+    local_cluster: &str,
+    position: Position,
+    metadata: &MessageMetadata,
+) -> Option<Vec<u64>> {
+    let (cluster, origin) = entry_origin(local_cluster, position, metadata)?;
+    let mut merged: Option<Vec<u64>> = None;
+    for sender in received {
+        let reached = reached(metadata, &cluster, &sender.cluster);
+        if let Some(words) = sender.acks.partial(&cluster, origin, reached) {
+            merged = Some(batch_acks::merge(merged.as_deref(), words));
+        }
+    }
+    merged
+}
+
 /// Acknowledges, in subscription `name` of `topic`, every unacknowledged entry that a state
 /// received from another cluster covers, looking at entries after the mark-delete position and
 /// at or after `from`. Returns the last position it looked at.
@@ -298,21 +418,33 @@ pub fn apply(
     }
     let start = position_after(log, state.mark_delete).max(from.unwrap_or(Position::new(0, 0)));
     let mut covered = Vec::new();
-    let mut walked = None;
-    walk_entries(log, start, usize::MAX, |position, metadata| {
-        walked = Some(position);
-        if !state.is_acknowledged(position)
-            && acknowledged_elsewhere(&received, local_cluster, position, metadata)
-        {
+    let mut in_part = Vec::new();
+    let walked = walk_unacknowledged(log, &state.acknowledged, start, |position, metadata| {
+        if acknowledged_elsewhere(&received, local_cluster, position, metadata) {
             covered.push(position);
+        } else if let Some(words) =
+            acknowledged_in_part_elsewhere(&received, local_cluster, position, metadata)
+        {
+            in_part.push((position, words));
         }
-        true
     })?;
+    let subscription = topic.subscription(name);
     if !covered.is_empty() {
-        match topic.subscription(name) {
+        match &subscription {
             Some(subscription) => subscription.acknowledge(&covered)?,
             None => {
                 log.acknowledge(name, &covered)?;
+            }
+        }
+    }
+    if !in_part.is_empty() && topic.batch_index_ack_enabled() {
+        match &subscription {
+            Some(subscription) => subscription.acknowledge_batch_indexes(&in_part)?,
+            None => {
+                let properties_lock = topic.lock_cursor_properties();
+                let (_, complete) = batch_acks::record(log, name, &in_part)?;
+                drop(properties_lock);
+                log.acknowledge(name, &complete)?;
             }
         }
     }
@@ -361,6 +493,7 @@ pub fn receive(
         .unwrap_or_default();
     if let (true, Some(reset_at)) = (reset, acks.reset_at) {
         replicated_subscriptions::adopt_reset(&mut properties, reset_at);
+        properties.remove(crate::batch_acks::PROPERTY);
     }
     replicated_subscriptions::mark(&mut properties, true);
     let encoded =
@@ -379,7 +512,15 @@ pub fn receive(
     drop(properties_lock);
     // Entries that arrive later are covered by the sync task's next ticks.
     topic.ensure_subscription_sync();
-    apply(topic, name, local_cluster, None)?;
+    let applied: Vec<String> = log
+        .cursor(name)
+        .map(|cursor| received_states(&cursor).into_iter().cloned().collect())
+        .unwrap_or_default();
+    let walked = apply(topic, name, local_cluster, None)?;
+    if let Some(sync) = topic.subscription_sync() {
+        // The sync task's next tick need not walk again what this application walked.
+        sync.note_applied(name, applied, walked);
+    }
     // The sender takes the answer as "b has it": it must survive a crash of this cluster.
     log.persist_cursors()?;
     Ok(())
@@ -399,20 +540,41 @@ pub struct SubscriptionSync {
     wake: Arc<Notify>,
     /// By (subscription, remote cluster).
     sending: Arc<Mutex<HashMap<(String, String), SendStatus>>>,
+    /// Applications made when a state arrived, for the task to take over.
+    applied_on_receipt: Arc<Mutex<AppliedOnReceipt>>,
 }
+
+/// Per subscription, the received states (as stored) an application on receipt applied and
+/// the last entry it looked at.
+type AppliedOnReceipt = HashMap<String, (Vec<String>, Option<Position>)>;
 
 impl SubscriptionSync {
     pub fn start(topic: Weak<Topic>, name: TopicName, local_cluster: String) -> SubscriptionSync {
         let wake = Arc::new(Notify::new());
         let sending = Arc::new(Mutex::new(HashMap::new()));
+        let applied_on_receipt = Arc::new(Mutex::new(HashMap::new()));
         tokio::spawn(run(
             topic,
             name,
             local_cluster,
             wake.clone(),
             sending.clone(),
+            applied_on_receipt.clone(),
         ));
-        SubscriptionSync { wake, sending }
+        SubscriptionSync {
+            wake,
+            sending,
+            applied_on_receipt,
+        }
+    }
+
+    /// Notes that `received` (the states of `subscription` as stored) were just applied, up to
+    /// the entry at `walked`.
+    fn note_applied(&self, subscription: &str, received: Vec<String>, walked: Option<Position>) {
+        self.applied_on_receipt
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .insert(subscription.to_string(), (received, walked));
     }
 
     /// The sync stats of subscription `name`, whose cursor is in `cursor`, per other cluster.
@@ -462,23 +624,13 @@ struct Posted {
     result: std::result::Result<(), String>,
 }
 
-/// Per origin, the log's oldest entry of it, as found for a first position of the log and a
-/// list of origins looked for.
-struct StoredFrom {
-    log_start: Option<Position>,
-    looked_for: Vec<String>,
-    origins: BTreeMap<String, Position>,
-}
-
 /// What the sync task remembers of one replicated subscription between ticks.
 #[derive(Default)]
 struct Tracked {
     /// The frontier at the mark-delete position the last walk saw.
     frontier: Option<Frontier>,
-    /// Where the log's oldest entry of each origin is.
-    stored_from: Option<StoredFrom>,
-    /// The cursor state (mark-delete, acknowledged ranges) of the last walk and its result.
-    walked: Option<(Option<Position>, RangeSet, OriginAcks)>,
+    /// The last walk: the cursor state it saw, its result, and how to go on from it.
+    walked: Option<Walked>,
     /// Per remote cluster, the state it confirmed and when.
     sent: HashMap<String, (SyncedAcks, Instant)>,
     /// The received states as last applied, and the last entry that application looked at.
@@ -491,6 +643,7 @@ async fn run(
     local_cluster: String,
     wake: Arc<Notify>,
     sending: Arc<Mutex<HashMap<(String, String), SendStatus>>>,
+    applied_on_receipt: Arc<Mutex<AppliedOnReceipt>>,
 ) {
     let mut tracked: HashMap<String, Tracked> = HashMap::new();
     let mut idle = false;
@@ -535,9 +688,10 @@ async fn run(
             }
         }
         let remotes = topic.replication_remotes_running();
-        let mut origins: Vec<String> = remotes.iter().map(|remote| remote.name.clone()).collect();
-        origins.push(local_cluster.clone());
+        // Without another cluster to tell, there is nothing to walk for.
+        let anyone = !remotes.is_empty() || topic.has_registered_clusters();
         let mut replicated = Vec::new();
+        let mut targets_seen: HashSet<String> = HashSet::new();
         for cursor in topic.log().cursor_names() {
             let Some(state) = topic.log().cursor(&cursor) else {
                 continue;
@@ -547,26 +701,35 @@ async fn run(
             }
             replicated.push(cursor.clone());
             let entry = tracked.entry(cursor.clone()).or_default();
+            let noted = applied_on_receipt
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .remove(&cursor);
+            if let Some(noted) = noted {
+                entry.applied = Some(noted);
+            }
             if let Err(error) = apply_received(&topic, &cursor, &state, &local_cluster, entry) {
                 tracing::warn!(topic = %name, subscription = %cursor, %error, "applying replicated subscription state failed");
             }
-            if remotes.is_empty() {
+            if !anyone {
                 continue;
             }
             let reset_at = replicated_subscriptions::reset_at(&state);
-            let acks = match walk(&topic, &cursor, &local_cluster, &origins, entry) {
+            let acks = match walk(&topic, &cursor, &local_cluster, entry) {
                 Ok(acks) => acks,
                 Err(error) => {
                     tracing::warn!(topic = %name, subscription = %cursor, %error, "reading replicated subscription state failed");
                     continue;
                 }
             };
+            let targets = targets(&topic, &remotes, &acks, &local_cluster);
             let body = SyncedAcks {
                 cluster: local_cluster.clone(),
                 acks,
                 reset_at,
             };
-            for remote in &remotes {
+            for remote in &targets {
+                targets_seen.insert(remote.name.clone());
                 let key = (cursor.clone(), remote.name.clone());
                 let confirmed = entry.sent.get(&remote.name).is_some_and(|(state, at)| {
                     *state == body && at.elapsed() < RESEND_UNCHANGED_AFTER
@@ -590,15 +753,38 @@ async fn run(
             }
         }
         idle = replicated.is_empty();
+        applied_on_receipt
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .retain(|cursor, _| replicated.contains(cursor));
         tracked.retain(|cursor, _| replicated.contains(cursor));
         sending
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
             .retain(|(cursor, remote), _| {
-                replicated.contains(cursor) && remotes.iter().any(|known| known.name == *remote)
+                replicated.contains(cursor) && targets_seen.contains(remote)
             });
         drop(topic);
     }
+}
+
+/// The clusters a subscription's state goes to: those the topic replicates to, and the origins
+/// of the entries the state speaks of where they are registered clusters (with one-way
+/// replication a->b, b's consumers' acknowledgements must reach a for a failback).
+fn targets(
+    topic: &Topic,
+    remotes: &[RemoteCluster],
+    acks: &OriginAcks,
+    local_cluster: &str,
+) -> Vec<RemoteCluster> {
+    let mut targets = remotes.to_vec();
+    for origin in acks.origins.keys() {
+        if origin == local_cluster || targets.iter().any(|remote| remote.name == *origin) {
+            continue;
+        }
+        targets.extend(topic.registered_cluster(origin));
+    }
+    targets
 }
 
 fn update_status(
@@ -639,12 +825,12 @@ fn apply_received(
     Ok(())
 }
 
-/// The subscription's state in origin coordinates; walks the log only when the cursor moved.
+/// The subscription's state in origin coordinates; walks the log only when the cursor moved,
+/// and then from where the last walk ended if nothing before that changed.
 fn walk(
     topic: &Topic,
     cursor: &str,
     local_cluster: &str,
-    origins: &[String],
     tracked: &mut Tracked,
 ) -> Result<OriginAcks> {
     let log = topic.log();
@@ -654,39 +840,30 @@ fn walk(
             topic: log.name().to_string(),
             subscription: cursor.to_string(),
         })?;
-    let first = log.first_position();
-    let stored_is_current = tracked
-        .stored_from
-        .as_ref()
-        .is_some_and(|stored| stored.log_start == first && stored.looked_for.as_slice() == origins);
-    if !stored_is_current {
-        tracked.stored_from = Some(StoredFrom {
-            log_start: first,
-            looked_for: origins.to_vec(),
-            origins: stored_from(log, local_cluster, origins)?,
-        });
-        tracked.walked = None;
-    }
-    if let Some((mark_delete, acknowledged, acks)) = &tracked.walked {
-        if *mark_delete == state.mark_delete && *acknowledged == state.acknowledged {
-            return Ok(acks.clone());
+    if let Some(walked) = &tracked.walked {
+        if walked.mark_delete == state.mark_delete
+            && walked.acknowledged == state.acknowledged
+            && walked.partial == batch_acks::decode(&state.properties)
+        {
+            return Ok(walked.acks.clone());
         }
     }
     let frontier = Frontier::at(
         log,
         local_cluster,
-        origins,
         state.mark_delete,
         tracked.frontier.as_ref(),
     )?;
-    let stored = tracked
-        .stored_from
-        .as_ref()
-        .map(|stored| stored.origins.clone())
-        .unwrap_or_default();
-    let acks = origin_acks(log, &state, &frontier, &stored, local_cluster)?;
+    let walked = origin_acks(
+        log,
+        &state,
+        &frontier,
+        local_cluster,
+        tracked.walked.as_ref(),
+    )?;
+    let acks = walked.acks.clone();
     tracked.frontier = Some(frontier);
-    tracked.walked = Some((state.mark_delete, state.acknowledged.clone(), acks.clone()));
+    tracked.walked = Some(walked);
     Ok(acks)
 }
 
@@ -731,4 +908,142 @@ fn http_agent() -> &'static ureq::Agent {
             .max_idle_connections_per_host(4)
             .build()
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use meridian_storage::{FlushPolicy, InitialPosition, Storage, StorageConfig};
+    use meridian_wire::proto::KeyValue;
+
+    /// An entry as a producer in this cluster wrote it, or as replicated from `origin`.
+    fn entry(origin: Option<(&str, Position)>) -> bytes::Bytes {
+        let mut metadata = MessageMetadata {
+            producer_name: "p".to_owned(),
+            publish_time: 1,
+            ..MessageMetadata::default()
+        };
+        if let Some((cluster, position)) = origin {
+            metadata.replicated_from = Some(cluster.to_owned());
+            metadata.properties.push(KeyValue {
+                key: crate::replication::chain::ORIGIN_PROPERTY.to_owned(),
+                value: format!("{}:{}", position.ledger_id, position.entry_id),
+            });
+        }
+        meridian_wire::encode_entry(&metadata, b"x").expect("encode")
+    }
+
+    /// A log of `count` entries, every third one replicated from c; returns it with the
+    /// positions.
+    fn mixed_log(storage: &Storage, count: u64) -> (Arc<Log>, Vec<Position>) {
+        let log = storage.open_log("persistent://t/n/mixed").expect("log");
+        log.open_cursor("sub", InitialPosition::Earliest)
+            .expect("cursor");
+        let mut pending = Vec::new();
+        for index in 0..count {
+            let origin = (index % 3 == 0).then(|| ("c", Position::new(9, index)));
+            pending.push(log.append(entry(origin), 1).expect("append"));
+        }
+        let positions = pending
+            .into_iter()
+            .map(|append| append.wait().expect("durable"))
+            .collect();
+        (log, positions)
+    }
+
+    fn relaxed_storage(directory: &std::path::Path) -> Storage {
+        let config = StorageConfig {
+            flush_policy: FlushPolicy::RelaxedWriteOnly {
+                fsync_interval: Duration::from_secs(1),
+            },
+            ..StorageConfig::default()
+        };
+        Storage::open(directory, config).expect("storage")
+    }
+
+    #[test]
+    fn a_walk_that_goes_on_from_the_last_one_gives_the_same_state_as_a_fresh_one() {
+        let directory = tempfile::tempdir().expect("tempdir");
+        let storage = relaxed_storage(directory.path());
+        let (log, positions) = mixed_log(&storage, 60);
+        // Entry 2 stays unacknowledged; 3..20 acknowledged, then 20..50 except 33 and 41.
+        log.acknowledge("sub", &positions[..2]).expect("ack");
+        log.acknowledge("sub", &positions[3..20]).expect("ack");
+        let state = log.cursor("sub").expect("cursor");
+        let frontier = Frontier::at(&log, "a", state.mark_delete, None).expect("frontier");
+        let first = origin_acks(&log, &state, &frontier, "a", None).expect("walk");
+        let later: Vec<Position> = (20..50)
+            .filter(|index| *index != 33 && *index != 41)
+            .map(|index| positions[index])
+            .collect();
+        log.acknowledge("sub", &later).expect("ack");
+        let state = log.cursor("sub").expect("cursor");
+        assert!(first.resumable(&state, &batch_acks::Partial::new()));
+        let resumed = origin_acks(&log, &state, &frontier, "a", Some(&first)).expect("walk");
+        let fresh = origin_acks(&log, &state, &frontier, "a", None).expect("walk");
+        assert_eq!(resumed.acks, fresh.acks);
+        assert_eq!(resumed.end, Some(positions[49]));
+        // An acknowledgement before the last walk's end: it starts over.
+        log.acknowledge("sub", &[positions[33]]).expect("ack");
+        let state = log.cursor("sub").expect("cursor");
+        assert!(!resumed.resumable(&state, &batch_acks::Partial::new()));
+    }
+
+    #[test]
+    fn only_unacknowledged_entries_are_read() {
+        let directory = tempfile::tempdir().expect("tempdir");
+        let storage = relaxed_storage(directory.path());
+        let (log, positions) = mixed_log(&storage, 40);
+        log.acknowledge("sub", &positions[5..30]).expect("ack");
+        log.acknowledge("sub", &positions[31..38]).expect("ack");
+        let state = log.cursor("sub").expect("cursor");
+        let mut seen = Vec::new();
+        let walked = walk_unacknowledged(&log, &state.acknowledged, positions[2], |position, _| {
+            seen.push(position)
+        })
+        .expect("walk");
+        let expected: Vec<Position> = [2, 3, 4, 30, 38, 39]
+            .iter()
+            .map(|index| positions[*index])
+            .collect();
+        assert_eq!(seen, expected);
+        assert_eq!(walked, Some(positions[39]));
+    }
+
+    #[test]
+    fn an_origin_far_behind_the_mark_delete_position_is_part_of_the_state() {
+        let directory = tempfile::tempdir().expect("tempdir");
+        let config = StorageConfig {
+            flush_policy: FlushPolicy::RelaxedWriteOnly {
+                fsync_interval: Duration::from_secs(1),
+            },
+            ..StorageConfig::default()
+        };
+        let storage = Storage::open(directory.path(), config).expect("storage");
+        let log = storage.open_log("persistent://t/n/far").expect("log");
+        log.open_cursor("sub", InitialPosition::Earliest)
+            .expect("cursor");
+        // One entry from c, then more local entries than any fixed look-back would cover.
+        let from_c = log
+            .append(entry(Some(("c", Position::new(7, 3)))), 1)
+            .expect("append");
+        let mut last = from_c;
+        for _ in 0..12_000 {
+            last = log.append(entry(None), 1).expect("append");
+        }
+        let last = last.wait().expect("durable");
+        log.acknowledge_cumulative("sub", last).expect("ack");
+        let state = log.cursor("sub").expect("cursor");
+
+        let frontier = Frontier::at(&log, "a", state.mark_delete, None).expect("frontier");
+        let acks = origin_acks(&log, &state, &frontier, "a", None)
+            .expect("acks")
+            .acks;
+        assert!(
+            acks.covers("c", Position::new(7, 3), true),
+            "c's entry is acknowledged: {acks:?}"
+        );
+        assert!(!acks.covers("c", Position::new(7, 4), true));
+        assert!(acks.covers("a", last, true));
+    }
 }
