@@ -740,6 +740,17 @@ async fn reset_cursor_by_id(
     reset(&broker, &name, &subscription, target).await
 }
 
+/// Runs `work` on a blocking thread: calls that read many entries from a log (skip, expire,
+/// peek far into a backlog) must not hold up the server's worker threads and every connection
+/// they serve.
+async fn on_blocking_thread<T: Send + 'static>(
+    work: impl FnOnce() -> ApiResult<T> + Send + 'static,
+) -> ApiResult<T> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|error| BrokerError::Unknown(error.to_string()))?
+}
+
 /// Acknowledges the next `count` unacknowledged entries of a subscription (all with `None`).
 fn skip_entries(topic: &Topic, subscription: &str, count: Option<u64>) -> ApiResult<()> {
     let log = topic.log();
@@ -797,7 +808,8 @@ async fn skip(
     let name = topic_name(&tenant, &namespace, &topic)?;
     for covered in covered_topics(&broker, &name)? {
         let loaded = existing_topic(&broker, &covered).await?;
-        skip_entries(&loaded, &subscription, Some(count))?;
+        let subscription = subscription.clone();
+        on_blocking_thread(move || skip_entries(&loaded, &subscription, Some(count))).await?;
     }
     Ok(())
 }
@@ -809,7 +821,8 @@ async fn skip_all(
     let name = topic_name(&tenant, &namespace, &topic)?;
     for covered in covered_topics(&broker, &name)? {
         let loaded = existing_topic(&broker, &covered).await?;
-        skip_entries(&loaded, &subscription, None)?;
+        let subscription = subscription.clone();
+        on_blocking_thread(move || skip_entries(&loaded, &subscription, None)).await?;
     }
     Ok(())
 }
@@ -827,9 +840,9 @@ async fn expire_messages(
     let name = topic_name(&tenant, &namespace, &topic)?;
     let cutoff = meridian_broker::clock::now_ms().saturating_sub(seconds * 1000);
     for covered in covered_topics(&broker, &name)? {
-        existing_topic(&broker, &covered)
-            .await?
-            .expire_subscription(&subscription, cutoff)?;
+        let loaded = existing_topic(&broker, &covered).await?;
+        let subscription = subscription.clone();
+        on_blocking_thread(move || Ok(loaded.expire_subscription(&subscription, cutoff)?)).await?;
     }
     Ok(())
 }
@@ -848,8 +861,12 @@ async fn peek(
 ) -> ApiResult<Response> {
     let name = topic_name(&tenant, &namespace, &topic)?;
     let loaded = existing_topic(&broker, &name).await?;
+    on_blocking_thread(move || peek_entry(&loaded, &subscription, position)).await
+}
+
+fn peek_entry(loaded: &Topic, subscription: &str, position: u64) -> ApiResult<Response> {
     let log = loaded.log();
-    let Some(mark_delete) = log.mark_delete_position(&subscription) else {
+    let Some(mark_delete) = log.mark_delete_position(subscription) else {
         return Err(
             BrokerError::NotFound(format!("subscription {subscription} does not exist")).into(),
         );
@@ -870,7 +887,7 @@ async fn peek(
             ));
         };
         for entry in entries {
-            if log.is_acknowledged(&subscription, entry.position) {
+            if log.is_acknowledged(subscription, entry.position) {
                 continue;
             }
             remaining -= 1;
