@@ -37,6 +37,30 @@ async fn consumer(
         .expect("subscribe")
 }
 
+/// A producer on `topic` that has sent `count` messages, each its index as text, every one
+/// acknowledged (in order) before it returns.
+async fn producer_after_numbered_sends(
+    pulsar: &Pulsar<TokioExecutor>,
+    topic: &str,
+    count: u32,
+) -> pulsar::Producer<TokioExecutor> {
+    let mut producer = pulsar
+        .producer()
+        .with_topic(topic)
+        .build()
+        .await
+        .expect("producer");
+    for index in 0..count {
+        producer
+            .send_non_blocking(index.to_string().into_bytes())
+            .await
+            .expect("queued")
+            .await
+            .expect("receipt");
+    }
+    producer
+}
+
 /// Receives one message, failing the test if none arrives in time.
 async fn receive(
     consumer: &mut Consumer<Vec<u8>, TokioExecutor>,
@@ -117,20 +141,7 @@ async fn shared_consumers_split_the_load_and_survivors_get_a_closed_consumers_me
     let topic = "persistent://public/default/rust-shared";
     let mut first = consumer(&pulsar, topic, "workers", SubType::Shared).await;
     let mut second = consumer(&pulsar, topic, "workers", SubType::Shared).await;
-    let mut producer = pulsar
-        .producer()
-        .with_topic(topic)
-        .build()
-        .await
-        .expect("producer");
-    for index in 0..40u32 {
-        producer
-            .send_non_blocking(index.to_string().into_bytes())
-            .await
-            .expect("queued")
-            .await
-            .expect("receipt");
-    }
+    let _producer = producer_after_numbered_sends(&pulsar, topic, 40).await;
     // The first consumer takes a few messages and leaves without acknowledging them.
     let mut unacked = HashSet::new();
     for _ in 0..3 {
@@ -213,20 +224,7 @@ async fn a_subscription_at_its_acknowledged_range_limit_pauses_and_loses_no_ackn
     let pulsar = client(&broker).await;
     let topic = "persistent://public/default/rust-range-limit";
     let mut bounded = consumer(&pulsar, topic, "bounded", SubType::Shared).await;
-    let mut producer = pulsar
-        .producer()
-        .with_topic(topic)
-        .build()
-        .await
-        .expect("producer");
-    for index in 0..40u32 {
-        producer
-            .send_non_blocking(index.to_string().into_bytes())
-            .await
-            .expect("queued")
-            .await
-            .expect("receipt");
-    }
+    let producer = producer_after_numbered_sends(&pulsar, topic, 40).await;
     let payload = |message: &pulsar::consumer::Message<Vec<u8>>| {
         String::from_utf8_lossy(&message.payload.data).into_owned()
     };
@@ -302,20 +300,7 @@ async fn a_subscription_at_its_range_limit_with_nothing_in_flight_still_delivers
     let pulsar = client(&broker).await;
     let topic = "persistent://public/default/rust-range-gaps";
     let mut bounded = consumer(&pulsar, topic, "bounded", SubType::Shared).await;
-    let mut producer = pulsar
-        .producer()
-        .with_topic(topic)
-        .build()
-        .await
-        .expect("producer");
-    for index in 0..60u32 {
-        producer
-            .send_non_blocking(index.to_string().into_bytes())
-            .await
-            .expect("queued")
-            .await
-            .expect("receipt");
-    }
+    let producer = producer_after_numbered_sends(&pulsar, topic, 60).await;
     let mut held = Vec::new();
     for _ in 0..10 {
         held.push(receive(&mut bounded).await);
