@@ -232,6 +232,7 @@ impl CursorJournal {
             io.remove_file(&rewrite_path)
                 .map_err(|error| StorageError::io("remove", &rewrite_path, error))?;
         }
+        write_unwritten_bytes(shared, &path)?;
         if !io.exists(&path) {
             return CursorJournal::create(shared, directory, path);
         }
@@ -411,6 +412,21 @@ impl CursorJournal {
         !self.pending.is_empty()
     }
 
+    /// At a close whose journal write failed: the bytes only the cursor WAL holds, for the
+    /// next open of this journal in this run (see `Shared::unwritten_journal_bytes`).
+    pub(crate) fn unwritten_bytes(&self) -> Option<(PathBuf, UnwrittenJournalBytes)> {
+        (!self.pending.is_empty()).then(|| {
+            (
+                self.path.clone(),
+                UnwrittenJournalBytes {
+                    generation: self.generation,
+                    offset: self.durable_length,
+                    bytes: self.pending.clone(),
+                },
+            )
+        })
+    }
+
     /// Replaces the journal with one holding exactly `records` (a snapshot of every live cursor).
     fn rewrite(&mut self, shared: &Shared, records: &[Vec<u8>]) -> Result<()> {
         let io = shared.io.as_ref();
@@ -446,6 +462,67 @@ impl CursorJournal {
         self.needs_rewrite = false;
         Ok(())
     }
+}
+
+/// Journal bytes made durable by the cursor WAL that a closed log could not write into its
+/// journal: `bytes` belong at `offset` of the journal of generation `generation`.
+pub(crate) struct UnwrittenJournalBytes {
+    generation: u64,
+    offset: u64,
+    bytes: Vec<u8>,
+}
+
+/// Before a journal is read: writes (and fsyncs) the bytes its log could not write into it when
+/// it closed, if it is still that journal (same generation), so that it holds every change a
+/// completed persistence pass made durable. (The WAL replay at the next start would write them,
+/// but the log reads its journal now, and its writes from now on go after what the file holds.)
+/// On failure the bytes are kept and the open fails.
+fn write_unwritten_bytes(shared: &Shared, path: &Path) -> Result<()> {
+    let mut unwritten = shared
+        .unwritten_journal_bytes
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let Some(bytes) = unwritten.remove(path) else {
+        return Ok(());
+    };
+    let io = shared.io.as_ref();
+    let written = (|| {
+        if !io.exists(path) {
+            // The log was deleted since.
+            return Ok(());
+        }
+        let file = io
+            .open(path)
+            .map_err(|error| StorageError::io("open", path, error))?;
+        match FileHeader::read(file.as_ref(), path, FileKind::CursorJournal) {
+            Ok(header) if header.fields[0] == bytes.generation => {}
+            // Another journal by now (rewritten, or the log deleted and created again): it is
+            // complete without these bytes.
+            Ok(_) | Err(StorageError::Corrupted { .. }) => return Ok(()),
+            Err(error) => return Err(error),
+        }
+        let length = file
+            .size()
+            .map_err(|error| StorageError::io("stat", path, error))?;
+        if length < bytes.offset {
+            return Err(StorageError::corrupted(
+                path,
+                length,
+                format!(
+                    "the cursor WAL holds bytes for offset {} of this journal, which ends at {length}",
+                    bytes.offset
+                ),
+            ));
+        }
+        file.write_all_at(&bytes.bytes, bytes.offset)
+            .map_err(|error| StorageError::io("write", path, error))?;
+        file.sync()
+            .map_err(|error| StorageError::io("fsync", path, error))
+    })();
+    if written.is_err() {
+        unwritten.insert(path.to_path_buf(), bytes);
+    }
+    written
 }
 
 /// A generation for a new journal file: random (the hasher state of `RandomState` is seeded

@@ -21,6 +21,7 @@ use std::thread::JoinHandle;
 use std::time::Instant;
 
 use crate::config::{FlushPolicy, StorageConfig};
+use crate::cursor::UnwrittenJournalBytes;
 use crate::cursor_wal::{CursorWal, WalRecord};
 use crate::error::{Result, StorageError};
 use crate::io::Io;
@@ -48,6 +49,11 @@ pub(crate) struct Shared {
     /// A log was closed while its journal still had bytes only the WAL holds (its last write
     /// failed): the WAL files up to this sequence are kept until the next start replays them.
     pub(crate) cursor_wal_pinned: AtomicU64,
+    /// Journal bytes the cursor WAL made durable for a log that closed before they could be
+    /// written into its journal (the write at close failed), by journal path: written into the
+    /// journal before it is read again, when the log is opened again in this run (the WAL
+    /// files that hold them are only replayed at the next start).
+    pub(crate) unwritten_journal_bytes: Mutex<HashMap<PathBuf, UnwrittenJournalBytes>>,
 }
 
 impl Shared {
@@ -158,6 +164,7 @@ impl Storage {
                 flush_queue: sender,
                 cursor_wal: Mutex::new(cursor_wal),
                 cursor_wal_pinned: AtomicU64::new(0),
+                unwritten_journal_bytes: Mutex::new(HashMap::new()),
             }),
             root,
             registry: Mutex::new(Registry {
@@ -341,6 +348,13 @@ impl Storage {
                 .map_err(|error| StorageError::io("rename", &directory, error))?;
             remove_tombstone(io.as_ref(), &tombstone)?;
         }
+        // Bytes a failed close left for this log's journal died with it.
+        self.inner
+            .shared
+            .unwritten_journal_bytes
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .remove(&directory.join(crate::cursor::JOURNAL_FILE));
         Ok(())
     }
 

@@ -1661,9 +1661,15 @@ impl Log {
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         journal.retired = true;
-        let pending = journal.has_pending();
+        let unwritten = journal.unwritten_bytes();
         drop(journal);
-        if pending {
+        if let Some((path, bytes)) = unwritten {
+            // An open of this log later in this run writes them before it reads the journal.
+            self.shared
+                .unwritten_journal_bytes
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .insert(path, bytes);
             // Only the cursor WAL holds some of this journal's bytes (the write above failed):
             // keep its files until the next start replays them. (Not under the journal's lock:
             // a pass holds the WAL's while it waits for journals.)

@@ -691,3 +691,54 @@ fn a_log_deleted_and_created_again_never_gets_its_predecessors_cursors_from_the_
         "the deleted log's cursor came back in the new log"
     );
 }
+
+#[test]
+fn a_log_whose_close_failed_to_write_its_journal_reopens_with_every_persisted_cursor() {
+    // A persistence pass made two cursors durable in the cursor WAL only; the log's close
+    // cannot write them into its journal (failing writes). Opened again in the same run, the
+    // log must still have them (a completed pass is durable), and after a power cut the WAL
+    // replay must not mix the journal bytes of the two lives: the old code reopened the log
+    // without the cursors, wrote the new life's records at the same journal offset, and the
+    // replay then lost cursor "b" altogether.
+    let io = SimIo::new();
+    let storage = open_sim(&io, config());
+    let log = storage.open_log("t").expect("log");
+    let positions = append(&log, 40);
+    log.open_cursor("a", InitialPosition::Earliest)
+        .expect("cursor");
+    log.open_cursor("b", InitialPosition::Earliest)
+        .expect("cursor");
+    let acks: Vec<Position> = positions[1..].iter().step_by(2).copied().collect();
+    log.acknowledge("a", &acks).expect("ack");
+    log.acknowledge_cumulative("b", positions[5]).expect("ack");
+    storage.persist_cursors();
+    let expected_b = log.cursor("b").expect("b");
+    drop(log);
+    // The seal and the journal write of the close.
+    io.fail_writes(2);
+    storage
+        .close_log("t")
+        .expect_err("the close cannot write the journal");
+
+    let log = storage.open_log("t").expect("opened again");
+    assert_eq!(
+        log.cursor_names(),
+        vec!["a".to_string(), "b".to_string()],
+        "the cursors a completed pass made durable are there after the log is opened again"
+    );
+    assert_eq!(log.cursor("b").expect("b"), expected_b);
+    log.acknowledge_cumulative("a", positions[0]).expect("ack");
+    storage.persist_cursors();
+    let expected_a = log.cursor("a").expect("a");
+    drop(log);
+    drop(storage);
+
+    let storage = open_sim(&io.crash(CrashMode::LoseUnsynced, 0), config());
+    let log = storage.open_log("t").expect("log");
+    assert_eq!(log.cursor("a").expect("a"), expected_a);
+    assert_eq!(
+        log.cursor("b"),
+        Some(expected_b),
+        "cursor b survives the restart"
+    );
+}
