@@ -251,15 +251,6 @@ impl Segment {
         }
     }
 
-    /// Where entry `index`'s record starts (`end` for the entry count). Under a sparse index
-    /// the nearest kept offset at or before it: less than `SPARSE_INDEX_BYTES` early.
-    fn start_offset(&self, index: usize) -> u64 {
-        if index >= self.index.len() {
-            return self.end;
-        }
-        self.indexed_at_or_before(index).1
-    }
-
     /// Keeps only a sparse index: the segment is sealed (no entry is appended or rolled back
     /// any more), so the offsets of its other entries are found by reading forward.
     fn seal_index(&mut self) {
@@ -513,6 +504,43 @@ impl DiskRun {
             segment.ledger_id,
             segment.first_entry_id + end as u64,
         ))
+    }
+}
+
+/// The offset of the record `records` records after the one at `from_offset` in a sealed
+/// segment, found by reading record headers.
+struct OffsetLookup {
+    file: Option<Arc<dyn IoFile>>,
+    path: PathBuf,
+    from_offset: u64,
+    records: usize,
+    /// Where the segment's records end.
+    end: u64,
+}
+
+impl OffsetLookup {
+    fn find(self, io: &dyn crate::io::Io) -> Result<u64> {
+        let file = match self.file {
+            Some(file) => file,
+            None => io
+                .open(&self.path)
+                .map_err(|error| StorageError::io("open", &self.path, error))?,
+        };
+        let mut offset = self.from_offset;
+        for _ in 0..self.records {
+            let mut length = [0u8; 4];
+            file.read_exact_at(&mut length, offset)
+                .map_err(|error| StorageError::io("read", &self.path, error))?;
+            offset += RECORD_FRAMING_LEN + u64::from(u32::from_le_bytes(length));
+            if offset > self.end {
+                return Err(StorageError::corrupted(
+                    &self.path,
+                    offset,
+                    "a record runs past the end of the segment's records",
+                ));
+            }
+        }
+        Ok(offset)
     }
 }
 
@@ -1487,33 +1515,74 @@ impl Log {
     }
 
     /// Bytes of the durable entries after `position` (all of them for `None`), framing included.
+    ///
+    /// Exact: where a sealed segment's sparse index lacks the offset of a boundary entry, its
+    /// record headers are read forward from the nearest kept offset (at most
+    /// `SPARSE_INDEX_ENTRIES` small reads, outside the log's lock). Were the estimate used
+    /// instead, a backlog quota would count up to `SPARSE_INDEX_BYTES` of entries already
+    /// acknowledged, refusing producers or evicting entries that are within it.
     pub fn bytes_after(&self, position: Option<Position>) -> u64 {
-        let state = self.lock();
-        let Some(last_durable) = state.last_durable else {
-            return 0;
-        };
-        let mut total = 0;
-        for segment in &state.segments {
-            let (Some(first), Some(last)) = (segment.first_position(), segment.last_position())
-            else {
-                continue;
+        let mut total: u64 = 0;
+        // Boundaries to find by reading: (offset counted, whether it starts the bytes, how).
+        let mut lookups: Vec<(u64, bool, OffsetLookup)> = Vec::new();
+        {
+            let state = self.lock();
+            let Some(last_durable) = state.last_durable else {
+                return 0;
             };
-            if position.is_some_and(|position| last <= position) || first > last_durable {
-                continue;
-            }
-            let start_index = match position {
-                Some(position) if segment.contains(position) => {
-                    (position.entry_id + 1 - segment.first_entry_id) as usize
+            for segment in &state.segments {
+                let (Some(first), Some(last)) = (segment.first_position(), segment.last_position())
+                else {
+                    continue;
+                };
+                if position.is_some_and(|position| last <= position) || first > last_durable {
+                    continue;
                 }
-                _ => 0,
-            };
-            let end_index = (last.min(last_durable).entry_id + 1 - segment.first_entry_id) as usize;
-            if start_index >= end_index {
-                continue;
+                let start_index = match position {
+                    Some(position) if segment.contains(position) => {
+                        (position.entry_id + 1 - segment.first_entry_id) as usize
+                    }
+                    _ => 0,
+                };
+                let end_index =
+                    (last.min(last_durable).entry_id + 1 - segment.first_entry_id) as usize;
+                if start_index >= end_index {
+                    continue;
+                }
+                let mut boundary = |index: usize, starts: bool| {
+                    if index >= segment.index.len() {
+                        return segment.end;
+                    }
+                    let (from_index, from_offset) = segment.indexed_at_or_before(index);
+                    if from_index < index {
+                        lookups.push((
+                            from_offset,
+                            starts,
+                            OffsetLookup {
+                                file: segment.open_file(),
+                                path: segment.path.clone(),
+                                from_offset,
+                                records: index - from_index,
+                                end: segment.end,
+                            },
+                        ));
+                    }
+                    from_offset
+                };
+                let start = boundary(start_index, true);
+                let end = boundary(end_index, false);
+                total += end - start;
             }
-            let start = segment.start_offset(start_index);
-            let end = segment.start_offset(end_index);
-            total += end - start;
+        }
+        for (counted, starts, lookup) in lookups {
+            match lookup.find(self.shared.io.as_ref()) {
+                Ok(exact) if starts => total = total.saturating_sub(exact - counted),
+                Ok(exact) => total += exact - counted,
+                // Trimmed meanwhile, or unreadable: the estimate stands.
+                Err(error) => {
+                    tracing::debug!(log = %self.name, %error, "backlog bytes estimated")
+                }
+            }
         }
         total
     }
