@@ -155,7 +155,7 @@ pub fn closed_log_cursors(root: &Path, name: &str) -> Result<BTreeMap<String, Cu
 fn walk_segment(
     path: &Path,
     ledger_id: u64,
-    mut on_entry: impl FnMut(Position, u64),
+    on_entry: impl FnMut(Position, u64),
 ) -> Result<(u64, u64)> {
     let file = match File::open(path) {
         Ok(file) => file,
@@ -167,17 +167,32 @@ fn walk_segment(
         .metadata()
         .map_err(|error| StorageError::io("stat", path, error))?
         .len();
-    let mut reader = BufReader::with_capacity(64 * 1024, file);
-    reader
-        .seek(SeekFrom::Start(HEADER_LEN))
-        .map_err(|error| StorageError::io("seek", path, error))?;
+    let reader = BufReader::with_capacity(64 * 1024, file);
+    let entries = walk_records(reader, length, ledger_id, on_entry)
+        .map_err(|error| StorageError::io("read", path, error))?;
+    Ok((length, entries))
+}
+
+/// The walk of [`walk_segment`] over the records of a segment file `length` bytes long (as it
+/// was when the walk began); returns the number of entries. The file may be cut shorter
+/// meanwhile (an open truncating a torn tail or cutting a seal off, relaxed mode cutting unsynced
+/// bytes off): its end is then taken for a torn tail, as an open would, rather than failing.
+fn walk_records<R: Read + Seek>(
+    mut reader: BufReader<R>,
+    length: u64,
+    ledger_id: u64,
+    mut on_entry: impl FnMut(Position, u64),
+) -> std::io::Result<u64> {
+    reader.seek(SeekFrom::Start(HEADER_LEN))?;
     let mut offset = HEADER_LEN;
     let mut entries = 0;
     let mut head = [0u8; 16];
     while offset + RECORD_FRAMING_LEN + 8 <= length {
-        reader
-            .read_exact(&mut head)
-            .map_err(|error| StorageError::io("read", path, error))?;
+        match reader.read_exact(&mut head) {
+            Ok(()) => {}
+            Err(error) if error.kind() == std::io::ErrorKind::UnexpectedEof => break,
+            Err(error) => return Err(error),
+        }
         let body_len = u64::from(u32::from_le_bytes([head[0], head[1], head[2], head[3]]));
         let entry_id = u64::from_le_bytes(head[8..16].try_into().expect("8 bytes"));
         let record_len = RECORD_FRAMING_LEN + body_len;
@@ -187,11 +202,10 @@ fn walk_segment(
         on_entry(Position::new(ledger_id, entry_id), record_len);
         entries += 1;
         offset += record_len;
-        reader
-            .seek_relative((body_len - 8) as i64)
-            .map_err(|error| StorageError::io("seek", path, error))?;
+        // Past the end is allowed: the next read finds it.
+        reader.seek_relative((body_len - 8) as i64)?;
     }
-    Ok((length, entries))
+    Ok(entries)
 }
 
 /// The cursors a journal holds (the last record of each name wins; deleted ones left out).
@@ -329,5 +343,33 @@ mod tests {
             .expect("summary")
             .expect("exists");
         assert_eq!(summary.entries, 60);
+    }
+
+    /// A segment cut shorter while it is walked (an open truncating its torn tail or cutting
+    /// its seal off, relaxed mode cutting unsynced bytes off) ends the walk as a torn tail: the
+    /// stats of a partition being loaded do not fail. (The old walk failed with "failed to
+    /// fill whole buffer".)
+    #[test]
+    fn a_segment_cut_shorter_while_walked_ends_the_walk_as_a_torn_tail() {
+        let mut file = vec![0u8; HEADER_LEN as usize];
+        for entry_id in 0..3u64 {
+            let mut body = entry_id.to_le_bytes().to_vec();
+            body.extend_from_slice(&[0; 8]);
+            body.extend_from_slice(&[entry_id as u8; 100]);
+            crate::format::encode_record(&mut file, &[&body]);
+        }
+        let full = file.len() as u64;
+        let record = (full - HEADER_LEN) / 3;
+        // Its length was taken with all three records; two remain, then a part of the third
+        // (its header lies past the cut, then within it).
+        for cut in [HEADER_LEN + 2 * record, HEADER_LEN + 2 * record + 10] {
+            let reader =
+                BufReader::with_capacity(16, std::io::Cursor::new(file[..cut as usize].to_vec()));
+            let mut seen = Vec::new();
+            let entries = walk_records(reader, full, 5, |position, _| seen.push(position))
+                .expect("the walk ends at the cut");
+            assert_eq!(entries, 2, "cut at {cut}");
+            assert_eq!(seen, vec![Position::new(5, 0), Position::new(5, 1)]);
+        }
     }
 }
