@@ -950,7 +950,7 @@ impl Log {
             .and_then(|file| {
                 let header = FileHeader::read(file.as_ref(), &path, FileKind::CursorJournal)?;
                 if header.fields[0] != generation {
-                    // Rewritten since: the rewrite is complete and durable.
+                    // Rewritten since (see below).
                     return Ok(false);
                 }
                 file.write_all_at(&bytes, offset)
@@ -965,7 +965,21 @@ impl Log {
                 journal.pending_written(generation, offset + bytes.len() as u64);
                 Ok(())
             }
-            Ok(false) => Ok(()),
+            // Rewritten since, and the rewrite completed (its rename is durable).
+            Ok(false) if journal.generation != generation => Ok(()),
+            Ok(false) => {
+                // Another file under the journal's name, but no rewrite completed: one that
+                // failed after its rename, which may not survive a power cut. The WAL files
+                // stay until the rewrite that follows the failure completes.
+                journal.needs_rewrite = true;
+                Err(StorageError::io(
+                    "checkpoint",
+                    &path,
+                    std::io::Error::other(
+                        "the journal was replaced by a rewrite that did not complete",
+                    ),
+                ))
+            }
             Err(error) => {
                 journal.needs_rewrite = true;
                 Err(error)

@@ -148,6 +148,8 @@ struct State {
     capacity_bytes: Option<u64>,
     failing_writes: u32,
     failing_syncs: u32,
+    /// The directory sync this many directory syncs from now fails (0: none).
+    failing_dir_sync: u32,
     writes: u64,
     syncs: u64,
     /// File handles opened or created and not yet dropped.
@@ -329,6 +331,12 @@ impl SimIo {
     /// Makes the next `count` syncs fail with an I/O error.
     pub fn fail_syncs(&self, count: u32) {
         self.lock().failing_syncs = count;
+    }
+
+    /// Makes the `nth` directory sync from now (1 for the next one) fail with an I/O error,
+    /// leaving the directory changes it would have made durable pending.
+    pub fn fail_nth_dir_sync(&self, nth: u32) {
+        self.lock().failing_dir_sync = nth;
     }
 
     /// Limits the total bytes of all files; writes beyond it fail with `StorageFull`.
@@ -665,6 +673,12 @@ impl Io for SimIo {
     fn sync_dir(&self, path: &Path) -> io::Result<()> {
         let mut state = self.lock();
         state.step();
+        if state.failing_dir_sync > 0 {
+            state.failing_dir_sync -= 1;
+            if state.failing_dir_sync == 0 {
+                return Err(injected("directory fsync"));
+            }
+        }
         let (synced, pending): (Vec<NameChange>, Vec<NameChange>) =
             std::mem::take(&mut state.pending_changes)
                 .into_iter()

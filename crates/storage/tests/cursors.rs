@@ -742,3 +742,47 @@ fn a_log_whose_close_failed_to_write_its_journal_reopens_with_every_persisted_cu
         "cursor b survives the restart"
     );
 }
+
+#[test]
+fn a_checkpoint_after_a_journal_rewrite_whose_directory_sync_failed_keeps_the_wal() {
+    // A rewrite renamed the new journal over the old one but the directory fsync failed: the
+    // rename may not survive a power cut. A checkpoint must not take the new file it finds
+    // under the journal's name for a completed rewrite and remove the WAL file holding the
+    // bytes the old journal lacks: the old code did, and after a power cut the cursor was
+    // back before its last completed persistence pass.
+    let io = SimIo::new();
+    let storage = open_sim(&io, config());
+    let log = storage.open_log("t").expect("log");
+    let positions = append(&log, 30);
+    log.open_cursor("sub", InitialPosition::Earliest)
+        .expect("cursor");
+    log.acknowledge_cumulative("sub", positions[9])
+        .expect("ack");
+    // A completed pass: durable through the WAL only.
+    storage.persist_cursors();
+    log.acknowledge_cumulative("sub", positions[14])
+        .expect("ack");
+    // A direct persist whose write fails: the journal is rewritten next time...
+    io.fail_writes(1);
+    log.persist_cursors().expect_err("the journal write fails");
+    log.acknowledge_cumulative("sub", positions[19])
+        .expect("ack");
+    // ...and that rewrite's rename is not made durable (the new file's creation syncs the
+    // directory once, the rename a second time).
+    io.fail_nth_dir_sync(2);
+    log.persist_cursors()
+        .expect_err("the rewrite's directory sync fails");
+    storage.checkpoint_cursors().expect("checkpoint");
+
+    let crashed = io.crash(CrashMode::LoseUnsynced, 0);
+    drop(log);
+    drop(storage);
+    let storage = open_sim(&crashed, config());
+    let log = storage.open_log("t").expect("log");
+    let recovered = log.mark_delete_position("sub").flatten();
+    assert!(
+        recovered >= Some(positions[9]),
+        "cursor at {recovered:?}, before its last completed pass ({:?})",
+        positions[9]
+    );
+}
