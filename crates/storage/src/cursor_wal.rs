@@ -11,7 +11,7 @@
 //! (a journal rewritten or created again since has another one), the journals are fsynced and
 //! the WAL files removed. See `docs/durability.md` and `docs/storage-format.md`.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -104,6 +104,9 @@ impl CursorWal {
             .collect();
         sequences.sort_unstable();
         let mut touched: BTreeMap<PathBuf, (Arc<dyn IoFile>, u64)> = BTreeMap::new();
+        // Directories of journals whose bytes were skipped because another generation is
+        // under the name (see `redo`).
+        let mut superseded: BTreeSet<PathBuf> = BTreeSet::new();
         for sequence in &sequences {
             let path = wal_path(root, *sequence);
             let file = io
@@ -131,12 +134,16 @@ impl CursorWal {
                 tracing::warn!(path = %path.display(), offset, %reason, "ignoring the torn tail of the cursor WAL");
             }
             for record in &records {
-                redo(io, root, record, &mut touched)?;
+                redo(io, root, record, &mut touched, &mut superseded)?;
             }
         }
         for (path, (file, _)) in &touched {
             file.sync()
                 .map_err(|error| StorageError::io("fsync", path, error))?;
+        }
+        for directory in &superseded {
+            io.sync_dir(directory)
+                .map_err(|error| StorageError::io("fsync directory", directory, error))?;
         }
         // The new file first: a crash before the old ones are gone replays them again, which
         // writes the same bytes again.
@@ -275,6 +282,7 @@ fn redo(
     root: &Path,
     record: &WalRecord,
     touched: &mut BTreeMap<PathBuf, (Arc<dyn IoFile>, u64)>,
+    superseded: &mut BTreeSet<PathBuf>,
 ) -> Result<()> {
     let path = root
         .join("logs")
@@ -292,9 +300,16 @@ fn redo(
                 .map_err(|error| StorageError::io("open", &path, error))?;
             match FileHeader::read(file.as_ref(), &path, FileKind::CursorJournal) {
                 Ok(header) if header.fields[0] == record.generation => {}
-                // Rewritten or created again since (another generation), or torn while being
-                // created (then it never held records): not this record's journal.
-                Ok(_) | Err(StorageError::Corrupted { .. }) => return Ok(()),
+                // Rewritten or created again since (another generation): not this record's
+                // journal. A rewrite's rename may not be durable yet (the process died before
+                // its directory fsync): the directory is fsynced before the WAL files are
+                // removed, else a power cut could bring back the journal these bytes are for.
+                Ok(_) => {
+                    superseded.insert(crate::io::parent_dir(&path));
+                    return Ok(());
+                }
+                // Torn while being created: it never held records.
+                Err(StorageError::Corrupted { .. }) => return Ok(()),
                 Err(error) => return Err(error),
             }
             file

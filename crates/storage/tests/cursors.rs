@@ -786,3 +786,44 @@ fn a_checkpoint_after_a_journal_rewrite_whose_directory_sync_failed_keeps_the_wa
         positions[9]
     );
 }
+
+#[test]
+fn a_restart_that_skips_wal_bytes_for_a_rewritten_journal_makes_the_rewrite_durable_first() {
+    // The process dies between a journal rewrite's rename and its directory fsync (modelled by
+    // a failing directory sync and an engine that never closes). The restart finds the new
+    // journal under the name, skips the WAL bytes of the old one, and removes the WAL: unless
+    // it makes the rename durable first, a power cut afterwards brings back the old journal
+    // without those bytes (the old code: the cursor was gone).
+    let io = SimIo::new();
+    let storage = open_sim(&io, config());
+    let log = storage.open_log("t").expect("log");
+    let positions = append(&log, 30);
+    log.open_cursor("sub", InitialPosition::Earliest)
+        .expect("cursor");
+    log.acknowledge_cumulative("sub", positions[9])
+        .expect("ack");
+    storage.persist_cursors();
+    io.fail_writes(1);
+    log.persist_cursors().expect_err("the journal write fails");
+    log.acknowledge_cumulative("sub", positions[19])
+        .expect("ack");
+    io.fail_nth_dir_sync(2);
+    log.persist_cursors()
+        .expect_err("the rewrite's directory sync fails");
+    // Killed: nothing more of this engine runs.
+    std::mem::forget(log);
+    std::mem::forget(storage);
+
+    let restarted = open_sim(&io, config());
+    drop(restarted.open_log("other").expect("another log"));
+    restarted.close().expect("close");
+    let crashed = io.crash(CrashMode::LoseUnsynced, 0);
+    let storage = open_sim(&crashed, config());
+    let log = storage.open_log("t").expect("log");
+    let recovered = log.mark_delete_position("sub").flatten();
+    assert!(
+        recovered >= Some(positions[9]),
+        "cursor at {recovered:?}, before its last completed pass ({:?})",
+        positions[9]
+    );
+}
