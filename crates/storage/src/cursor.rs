@@ -739,7 +739,7 @@ impl Log {
             let mut refused = Vec::new();
             // The mark-delete position moves once, at the end (finding the entry after it
             // costs a walk over the segments): until then, the range starting at `next`
-            // counts as one more, which it stops being at the end.
+            // is in the set, but it is not counted, since the end absorbs it.
             let next = log.position_after(cursor.mark_delete);
             for position in positions {
                 if Some(*position) > last_durable || cursor.is_acknowledged(*position) {
@@ -753,7 +753,9 @@ impl Log {
                     || cursor
                         .acknowledged
                         .contains(Position::new(position.ledger_id, position.entry_id + 1));
-                if !joins && cursor.acknowledged.range_count() >= max_ranges {
+                let ranges = cursor.acknowledged.range_count()
+                    - usize::from(cursor.acknowledged.contains(next));
+                if !joins && ranges >= max_ranges {
                     refused.push(*position);
                     continue;
                 }

@@ -827,3 +827,31 @@ fn a_restart_that_skips_wal_bytes_for_a_rewritten_journal_makes_the_rewrite_dura
         positions[9]
     );
 }
+
+#[test]
+fn an_acknowledgement_of_the_next_entry_leaves_room_for_one_more_range_in_the_same_call() {
+    // Limit 2, one range held: acknowledging the entry after the mark-delete position together
+    // with an isolated one ends with two ranges, within the limit. The old code counted the
+    // range the first one starts (absorbed into the mark-delete position at the end of the
+    // call) and refused the second.
+    let limited = StorageConfig {
+        cursor_max_ranges: 2,
+        ..config()
+    };
+    let io = SimIo::new();
+    let storage = open_sim(&io, limited);
+    let log = storage.open_log("t").expect("log");
+    let positions = append(&log, 20);
+    log.open_cursor("sub", InitialPosition::Earliest)
+        .expect("cursor");
+    log.acknowledge("sub", &[positions[5]]).expect("ack");
+    log.acknowledge("sub", &[positions[0], positions[10]])
+        .expect("within the limit: nothing refused");
+    assert!(log.is_acknowledged("sub", positions[10]));
+    assert_eq!(log.mark_delete_position("sub"), Some(Some(positions[0])));
+    assert_eq!(log.acknowledged_range_count("sub"), 2);
+    // At the limit now: one more isolated entry is refused.
+    log.acknowledge("sub", &[positions[15]])
+        .expect_err("a third range is refused");
+    assert!(!log.is_acknowledged("sub", positions[15]));
+}
