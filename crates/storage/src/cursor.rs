@@ -967,8 +967,10 @@ impl Log {
                 journal.pending_written(generation, offset + bytes.len() as u64);
                 Ok(())
             }
-            // Rewritten since, and the rewrite completed (its rename is durable).
-            Ok(false) if journal.generation != generation => Ok(()),
+            // Rewritten since, and the rewrite completed (its rename is durable); or the log
+            // closed meanwhile (its close wrote these bytes, or kept the WAL files for them)
+            // and the name may hold another log's journal by now.
+            Ok(false) if journal.generation != generation || journal.retired => Ok(()),
             Ok(false) => {
                 // Another file under the journal's name, but no rewrite completed: one that
                 // failed after its rename, which may not survive a power cut. The WAL files
