@@ -942,7 +942,18 @@ impl Log {
                 .lock()
                 .unwrap_or_else(|poisoned| poisoned.into_inner())
         };
-        let Some((path, generation, offset, bytes)) = lock().pending_copy() else {
+        let copy = {
+            let journal = lock();
+            if journal.retired && journal.has_pending() {
+                // Closed, and its close could not write them: they stay in the WAL (its files
+                // are pinned until the next start).
+                return Err(StorageError::Closed {
+                    log: self.name().to_string(),
+                });
+            }
+            journal.pending_copy()
+        };
+        let Some((path, generation, offset, bytes)) = copy else {
             return Ok(());
         };
         let io = self.shared.io.as_ref();

@@ -16,7 +16,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
@@ -54,6 +54,10 @@ pub(crate) struct Shared {
     /// journal before it is read again, when the log is opened again in this run (the WAL
     /// files that hold them are only replayed at the next start).
     pub(crate) unwritten_journal_bytes: Mutex<HashMap<PathBuf, UnwrittenJournalBytes>>,
+    /// Every log opened and not yet done closing, by address: what a checkpoint must write
+    /// the WAL's bytes for. Not the registry: a log leaves it before its close writes its
+    /// journal, and a checkpoint in between must not remove the WAL file that close needs.
+    live_logs: Mutex<HashMap<usize, Weak<Log>>>,
 }
 
 impl Shared {
@@ -66,6 +70,48 @@ impl Shared {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
             .sequence();
         self.cursor_wal_pinned.fetch_max(sequence, Ordering::SeqCst);
+    }
+
+    pub(crate) fn register_live_log(&self, log: &Arc<Log>) {
+        self.live_logs
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .insert(Arc::as_ptr(log) as usize, Arc::downgrade(log));
+    }
+
+    pub(crate) fn unregister_live_log(&self, log: &Log) {
+        self.live_logs
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .remove(&(log as *const Log as usize));
+    }
+
+    /// The logs a checkpoint writes the WAL's bytes for. One dropped without being closed
+    /// left its bytes in the WAL only: the files written so far are kept until the next start.
+    fn live_logs(&self) -> Vec<Arc<Log>> {
+        let mut dropped = false;
+        let logs = {
+            let mut live = self
+                .live_logs
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            let mut logs = Vec::with_capacity(live.len());
+            live.retain(|_, log| match log.upgrade() {
+                Some(log) => {
+                    logs.push(log);
+                    true
+                }
+                None => {
+                    dropped = true;
+                    false
+                }
+            });
+            logs
+        };
+        if dropped {
+            self.pin_cursor_wal();
+        }
+        logs
     }
 
     pub(crate) fn schedule_flush(&self, log: Arc<Log>) {
@@ -165,6 +211,7 @@ impl Storage {
                 cursor_wal: Mutex::new(cursor_wal),
                 cursor_wal_pinned: AtomicU64::new(0),
                 unwritten_journal_bytes: Mutex::new(HashMap::new()),
+                live_logs: Mutex::new(HashMap::new()),
             }),
             root,
             registry: Mutex::new(Registry {
@@ -639,7 +686,7 @@ fn checkpoint_cursors(inner: &Inner) -> Result<()> {
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
         .rotate(io)?;
-    let logs: Vec<Arc<Log>> = inner.registry().logs.values().cloned().collect();
+    let logs = shared.live_logs();
     let logs: Vec<&Arc<Log>> = logs.iter().collect();
     let failed = AtomicUsize::new(0);
     for_each_parallel(&logs, CHECKPOINT_PARALLELISM, |log| {

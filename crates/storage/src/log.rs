@@ -709,6 +709,7 @@ impl Log {
             cursor_journal: Mutex::new(cursor_journal),
         });
         tracing::debug!(log = %log.name, ledger_id, ?last_durable, "log opened");
+        log.shared.register_live_log(&log);
         Ok(log)
     }
 
@@ -1744,6 +1745,9 @@ impl Log {
             // a pass holds the WAL's while it waits for journals.)
             self.shared.pin_cursor_wal();
         }
+        // From now on a checkpoint no longer sees this log: its journal holds every byte, or
+        // the WAL files are pinned.
+        self.shared.unregister_live_log(self);
         synced.and(persisted)
     }
 

@@ -1336,3 +1336,43 @@ fn relaxed_mode_a_failed_fsync_of_a_segment_being_sealed_loses_only_what_was_not
         assert_eq!(entries.len(), synced.len(), "after a reopen: {entries:?}");
     }
 }
+
+#[test]
+fn a_checkpoint_during_a_close_keeps_the_wal_bytes_that_close_has_not_written_yet() {
+    // A log leaves the registry before its close writes its journal. A checkpoint in between
+    // must still write (or keep) the WAL bytes of that log: the old checkpoint looked at the
+    // registry only and removed the WAL file, and a power cut before the close's journal
+    // write lost the cursor a completed persistence pass had made durable.
+    let sim = SimIo::new();
+    let gated = GatedIo::new(sim.clone());
+    let storage =
+        Arc::new(Storage::open_with_io("/data", stepwise_config(), gated.clone()).expect("open"));
+    let log = storage.open_log("t").expect("log");
+    let positions = append_all(&log, 0..5);
+    log.open_cursor("sub", InitialPosition::Earliest)
+        .expect("cursor");
+    log.acknowledge_cumulative("sub", positions[3])
+        .expect("ack");
+    // A completed pass: durable in the WAL only.
+    storage.persist_cursors();
+    drop(log);
+    // The close stops at its seal, before it writes the journal.
+    let (reached, release) = gated.arm("write", ".segment");
+    let closing = {
+        let storage = storage.clone();
+        std::thread::spawn(move || storage.close_log("t"))
+    };
+    reached.recv().expect("the close seals the segment");
+    storage.checkpoint_cursors().expect("checkpoint");
+    let crashed = sim.crash(CrashMode::LoseUnsynced, 0);
+    drop(release);
+    closing.join().expect("close thread").expect("close");
+
+    let storage = open_stepwise(&crashed).expect("open after the power cut");
+    let log = storage.open_log("t").expect("log");
+    assert_eq!(
+        log.mark_delete_position("sub"),
+        Some(Some(positions[3])),
+        "the cursor is where its last completed pass persisted it"
+    );
+}
