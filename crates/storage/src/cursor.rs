@@ -467,9 +467,9 @@ impl CursorJournal {
 /// Journal bytes made durable by the cursor WAL that a closed log could not write into its
 /// journal: `bytes` belong at `offset` of the journal of generation `generation`.
 pub(crate) struct UnwrittenJournalBytes {
-    generation: u64,
-    offset: u64,
-    bytes: Vec<u8>,
+    pub(crate) generation: u64,
+    pub(crate) offset: u64,
+    pub(crate) bytes: Vec<u8>,
 }
 
 /// Before a journal is read: writes (and fsyncs) the bytes its log could not write into it when

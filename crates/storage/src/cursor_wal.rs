@@ -15,6 +15,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use crate::cursor::UnwrittenJournalBytes;
 use crate::error::{Result, StorageError};
 use crate::format::{self, ByteReader, ByteWriter, FileHeader, FileKind, ScanEnd, HEADER_LEN};
 use crate::io::{Io, IoFile};
@@ -89,6 +90,11 @@ pub(crate) struct CursorWal {
     /// A write or fsync of the WAL failed: its tail is unknown, so passes no longer use it
     /// (they write and fsync each journal, as without a WAL) until the engine is reopened.
     pub(crate) broken: bool,
+    /// Set by `recover` on a full disk: the bytes it could not write into journals, by journal
+    /// path (written when the log opens), and the last WAL file holding them, which is kept
+    /// (with every earlier one) until the next start.
+    pub(crate) unwritten: BTreeMap<PathBuf, UnwrittenJournalBytes>,
+    pub(crate) pinned: u64,
 }
 
 impl CursorWal {
@@ -107,6 +113,7 @@ impl CursorWal {
         // Directories of journals whose bytes were skipped because another generation is
         // under the name (see `redo`).
         let mut superseded: BTreeSet<PathBuf> = BTreeSet::new();
+        let mut unwritten: BTreeMap<PathBuf, UnwrittenJournalBytes> = BTreeMap::new();
         for sequence in &sequences {
             let path = wal_path(root, *sequence);
             let file = io
@@ -134,7 +141,14 @@ impl CursorWal {
                 tracing::warn!(path = %path.display(), offset, %reason, "ignoring the torn tail of the cursor WAL");
             }
             for record in &records {
-                redo(io, root, record, &mut touched, &mut superseded)?;
+                redo(
+                    io,
+                    root,
+                    record,
+                    &mut touched,
+                    &mut superseded,
+                    &mut unwritten,
+                )?;
             }
         }
         for (path, (file, _)) in &touched {
@@ -158,11 +172,18 @@ impl CursorWal {
             }
             Err(error) => return Err(error),
         };
-        for old in sequences {
-            let path = wal_path(root, old);
-            io.remove_file(&path)
-                .map_err(|error| StorageError::io("remove", &path, error))?;
-        }
+        let pinned = if unwritten.is_empty() {
+            for old in sequences {
+                let path = wal_path(root, old);
+                io.remove_file(&path)
+                    .map_err(|error| StorageError::io("remove", &path, error))?;
+            }
+            0
+        } else {
+            // A full disk: some journals lack bytes only these files hold.
+            tracing::warn!(journals = unwritten.len(), "disk full: cursor WAL bytes not written into their journals yet; the logs concerned open once there is space");
+            sequences.last().copied().unwrap_or(0)
+        };
         io.sync_dir(root)
             .map_err(|error| StorageError::io("fsync directory", root, error))?;
         Ok(CursorWal {
@@ -172,6 +193,8 @@ impl CursorWal {
             length,
             older: Vec::new(),
             broken,
+            unwritten,
+            pinned,
         })
     }
 
@@ -283,11 +306,36 @@ fn redo(
     record: &WalRecord,
     touched: &mut BTreeMap<PathBuf, (Arc<dyn IoFile>, u64)>,
     superseded: &mut BTreeSet<PathBuf>,
+    unwritten: &mut BTreeMap<PathBuf, UnwrittenJournalBytes>,
 ) -> Result<()> {
     let path = root
         .join("logs")
         .join(&record.directory)
         .join(crate::cursor::JOURNAL_FILE);
+    if let Some(held) = unwritten.get_mut(&path) {
+        // A full disk stopped the writes into this journal: its later bytes are held too.
+        if record.generation != held.generation {
+            return Ok(());
+        }
+        let at = record.offset.checked_sub(held.offset).map(|at| at as usize);
+        match at {
+            Some(at) if at <= held.bytes.len() => {
+                let end = at + record.bytes.len();
+                if end > held.bytes.len() {
+                    held.bytes.resize(end, 0);
+                }
+                held.bytes[at..end].copy_from_slice(&record.bytes);
+                return Ok(());
+            }
+            _ => {
+                return Err(StorageError::corrupted(
+                    &path,
+                    record.offset,
+                    "the cursor WAL's bytes for this journal do not continue each other",
+                ))
+            }
+        }
+    }
     let file = match touched.get(&path) {
         Some((file, generation)) if *generation == record.generation => file.clone(),
         _ => {
@@ -328,8 +376,24 @@ fn redo(
             ),
         ));
     }
-    file.write_all_at(&record.bytes, record.offset)
-        .map_err(|error| StorageError::io("write", &path, error))?;
+    match file
+        .write_all_at(&record.bytes, record.offset)
+        .map_err(|error| StorageError::io("write", &path, error))
+    {
+        Ok(()) => {}
+        Err(StorageError::DiskFull { .. }) => {
+            // The engine still opens: this journal gets the bytes when its log opens.
+            unwritten.insert(
+                path.clone(),
+                UnwrittenJournalBytes {
+                    generation: record.generation,
+                    offset: record.offset,
+                    bytes: record.bytes.clone(),
+                },
+            );
+        }
+        Err(error) => return Err(error),
+    }
     touched.insert(path, (file, record.generation));
     Ok(())
 }

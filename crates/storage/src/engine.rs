@@ -185,7 +185,12 @@ impl Storage {
         remove_stale_ledger_floor_temporary(io.as_ref(), &root)?;
         remove_tombstones(io.as_ref(), &logs_directory)?;
         // Before any log opens: their journals must hold what the WAL made durable.
-        let cursor_wal = CursorWal::recover(io.as_ref(), &root)?;
+        let mut cursor_wal = CursorWal::recover(io.as_ref(), &root)?;
+        let unwritten: HashMap<PathBuf, UnwrittenJournalBytes> =
+            std::mem::take(&mut cursor_wal.unwritten)
+                .into_iter()
+                .collect();
+        let pinned = cursor_wal.pinned;
         let ledger_floor = match read_ledger_floor(io.as_ref(), &root)? {
             Some(floor) => floor,
             None if list_is_empty(io.as_ref(), &logs_directory)? => {
@@ -209,8 +214,8 @@ impl Storage {
                 ledger_floor_update: Mutex::new(()),
                 flush_queue: sender,
                 cursor_wal: Mutex::new(cursor_wal),
-                cursor_wal_pinned: AtomicU64::new(0),
-                unwritten_journal_bytes: Mutex::new(HashMap::new()),
+                cursor_wal_pinned: AtomicU64::new(pinned),
+                unwritten_journal_bytes: Mutex::new(unwritten),
                 live_logs: Mutex::new(HashMap::new()),
             }),
             root,

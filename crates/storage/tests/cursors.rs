@@ -855,3 +855,54 @@ fn an_acknowledgement_of_the_next_entry_leaves_room_for_one_more_range_in_the_sa
         .expect_err("a third range is refused");
     assert!(!log.is_acknowledged("sub", positions[15]));
 }
+
+#[test]
+fn a_restart_on_a_full_disk_opens_the_engine_even_if_the_wal_cannot_be_replayed_into_a_journal() {
+    // After a power cut the cursor WAL holds bytes a journal lacks, and the disk is full: the
+    // replay cannot write them. The old code refused to open the whole engine (DiskFull), so
+    // no log could be read or trimmed to free space. Now the engine opens, a log whose journal
+    // needs no bytes opens and reads, the log whose journal does is refused with DiskFull
+    // until there is space, and then opens with its cursor where the last pass persisted it
+    // (also after another power cut).
+    let io = SimIo::new();
+    let storage = open_sim(&io, config());
+    let log = storage.open_log("t").expect("log");
+    let positions = append(&log, 30);
+    log.open_cursor("sub", InitialPosition::Earliest)
+        .expect("cursor");
+    let other = storage.open_log("u").expect("log");
+    append(&other, 3);
+    log.acknowledge_cumulative("sub", positions[9])
+        .expect("ack");
+    storage.persist_cursors();
+    let crashed = io.crash(CrashMode::LoseUnsynced, 0);
+    drop((log, other));
+    drop(storage);
+
+    crashed.set_capacity(Some(crashed.used_bytes()));
+    let storage = Storage::open_with_io(Path::new("/data"), config(), Arc::new(crashed.clone()))
+        .expect("the engine opens on a full disk");
+    let other = storage
+        .open_log("u")
+        .expect("a log with nothing to replay opens");
+    assert_eq!(
+        other
+            .read_from(other.first_position().expect("entries"), 10, usize::MAX)
+            .expect("read")
+            .len(),
+        3
+    );
+    match storage.open_log("t") {
+        Err(meridian_storage::StorageError::DiskFull { .. }) => {}
+        other => panic!("expected DiskFull, got {other:?}"),
+    }
+    crashed.set_capacity(None);
+    let log = storage.open_log("t").expect("opens once there is space");
+    assert_eq!(log.mark_delete_position("sub"), Some(Some(positions[9])));
+    drop((log, other));
+    let again = crashed.crash(CrashMode::LoseUnsynced, 0);
+    drop(storage);
+    let storage = open_sim(&again, config());
+    let log = storage.open_log("t").expect("log");
+    assert_eq!(log.mark_delete_position("sub"), Some(Some(positions[9])));
+}
