@@ -87,8 +87,10 @@ pub(crate) struct CursorWal {
     /// Earlier files, oldest first, still needed until a checkpoint made their bytes durable
     /// in the journals.
     older: Vec<u64>,
-    /// A write or fsync of the WAL failed: its tail is unknown, so passes no longer use it
-    /// (they write and fsync each journal, as without a WAL) until the engine is reopened.
+    /// A write or fsync of the WAL failed (or it could not be created): its tail is unknown,
+    /// so passes no longer append to it. Each pass tries to start a new file
+    /// ([`CursorWal::restart`]); until one can be created, passes write and fsync each journal,
+    /// as without a WAL.
     pub(crate) broken: bool,
     /// Set by `recover` on a full disk: the bytes it could not write into journals, by journal
     /// path (written when the log opens), and the last WAL file holding them, which is kept
@@ -167,7 +169,7 @@ impl CursorWal {
             Err(StorageError::DiskFull { .. }) => {
                 // Cursors are then persisted journal by journal (their appends fail until
                 // there is space, and are retried); the engine still opens.
-                tracing::warn!(root = %root.display(), "disk full: no cursor WAL; cursors are persisted journal by journal until the engine is reopened");
+                tracing::warn!(root = %root.display(), "disk full: no cursor WAL; cursors are persisted journal by journal until one can be created");
                 (None, HEADER_LEN, true)
             }
             Err(error) => return Err(error),
@@ -239,7 +241,7 @@ impl CursorWal {
                 Ok(())
             }
             Err(error) => {
-                tracing::error!(%error, "the cursor WAL failed; cursors are persisted journal by journal until the engine is reopened");
+                tracing::error!(%error, "the cursor WAL failed; cursors are persisted journal by journal until a new WAL file can be created");
                 self.broken = true;
                 Err(error)
             }
@@ -256,6 +258,24 @@ impl CursorWal {
         self.file = Some(file);
         self.length = length;
         Ok(previous)
+    }
+
+    /// After a failure: starts a new file for the passes (the failed one stays until a
+    /// checkpoint wrote its bytes into the journals, like any older file; the records of the
+    /// failed pass in it are superseded, since each journal they were for is rewritten).
+    /// Returns whether the WAL can be used again.
+    pub(crate) fn restart(&mut self, io: &dyn Io) -> bool {
+        match self.rotate(io) {
+            Ok(_) => {
+                tracing::info!(sequence = self.sequence, "cursor WAL in use again");
+                self.broken = false;
+                true
+            }
+            Err(error) => {
+                tracing::debug!(%error, "the cursor WAL cannot be started again yet");
+                false
+            }
+        }
     }
 
     /// The sequence number of the file passes append to.

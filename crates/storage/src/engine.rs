@@ -587,7 +587,7 @@ fn persist_cursors_of(shared: &Shared, logs: &[Arc<Log>]) {
         .cursor_wal
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner());
-    if wal.broken {
+    if wal.broken && !wal.restart(shared.io.as_ref()) {
         drop(wal);
         persist_each(&logs);
         return;

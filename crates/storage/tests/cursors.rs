@@ -906,3 +906,58 @@ fn a_restart_on_a_full_disk_opens_the_engine_even_if_the_wal_cannot_be_replayed_
     let log = storage.open_log("t").expect("log");
     assert_eq!(log.mark_delete_position("sub"), Some(Some(positions[9])));
 }
+
+#[test]
+fn after_a_failed_wal_fsync_the_passes_go_through_a_new_wal_file_again() {
+    // One failed fsync of the cursor WAL must not leave the engine on one fsync per changed
+    // journal for the rest of its life (at 10,000 topics the persistence bound would not
+    // hold): a later pass starts a new WAL file and is again one fsync for every log. The
+    // old code wrote each journal until the engine was reopened.
+    let io = SimIo::new();
+    let storage = open_sim(&io, config());
+    let names: Vec<String> = (0..20).map(|index| format!("t{index}")).collect();
+    let logs: Vec<_> = names
+        .iter()
+        .map(|name| {
+            let log = storage.open_log(name).expect("log");
+            let positions = append(&log, 5);
+            log.open_cursor("sub", InitialPosition::Earliest)
+                .expect("cursor");
+            (log, positions)
+        })
+        .collect();
+    let acknowledge_all = |index: usize| {
+        for (log, positions) in &logs {
+            log.acknowledge_cumulative("sub", positions[index])
+                .expect("ack");
+        }
+    };
+    acknowledge_all(0);
+    io.fail_syncs(1);
+    storage.persist_cursors();
+    // The journals of the failed pass are rewritten (one fsync each, whatever the path).
+    acknowledge_all(1);
+    storage.persist_cursors();
+    acknowledge_all(2);
+    let before = io.sync_count();
+    storage.persist_cursors();
+    assert_eq!(
+        io.sync_count() - before,
+        1,
+        "one fsync for the pass over {} changed logs",
+        logs.len()
+    );
+    let crashed = io.crash(CrashMode::LoseUnsynced, 0);
+    drop(logs);
+    drop(storage);
+    let storage = open_sim(&crashed, config());
+    for name in &names {
+        let log = storage.open_log(name).expect("log");
+        let mark_delete = log.mark_delete_position("sub").flatten();
+        assert_eq!(
+            mark_delete.map(|position| position.entry_id),
+            Some(2),
+            "{name}"
+        );
+    }
+}
