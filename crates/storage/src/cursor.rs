@@ -478,11 +478,14 @@ pub(crate) struct UnwrittenJournalBytes {
 /// but the log reads its journal now, and its writes from now on go after what the file holds.)
 /// On failure the bytes are kept and the open fails.
 fn write_unwritten_bytes(shared: &Shared, path: &Path) -> Result<()> {
-    let mut unwritten = shared
-        .unwritten_journal_bytes
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner());
-    let Some(bytes) = unwritten.remove(path) else {
+    let unwritten = || {
+        shared
+            .unwritten_journal_bytes
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    };
+    // Not held across the I/O: opens of one name are serialized by the engine.
+    let Some(bytes) = unwritten().remove(path) else {
         return Ok(());
     };
     let io = shared.io.as_ref();
@@ -520,7 +523,7 @@ fn write_unwritten_bytes(shared: &Shared, path: &Path) -> Result<()> {
             .map_err(|error| StorageError::io("fsync", path, error))
     })();
     if written.is_err() {
-        unwritten.insert(path.to_path_buf(), bytes);
+        unwritten().insert(path.to_path_buf(), bytes);
     }
     written
 }

@@ -346,8 +346,26 @@ impl Storage {
         Ok(decoded)
     }
 
-    /// Closes the log `name` (flushing pending appends and persisting cursors).
+    /// Closes the log `name` (flushing pending appends and persisting cursors). An
+    /// `open_log` of the same name meanwhile waits for the close to finish: two instances of
+    /// one log would recover segments being written and write the same journal.
     pub fn close_log(&self, name: &str) -> Result<()> {
+        self.with_name_lock(name, || self.close_registered(name))
+    }
+
+    /// The number of callers holding or waiting for the lock of log name `name` (opens,
+    /// closes, deletes under way). For tests that must know an operation is waiting.
+    #[doc(hidden)]
+    pub fn name_lock_users(&self, name: &str) -> usize {
+        self.inner
+            .registry()
+            .name_locks
+            .get(name)
+            .map_or(0, |lock| Arc::strong_count(lock) - 1)
+    }
+
+    /// Closes the registered log `name`; the caller holds its name lock.
+    fn close_registered(&self, name: &str) -> Result<()> {
         let log = self.inner.registry().logs.remove(name);
         match log {
             Some(log) => log.close(),
@@ -376,7 +394,7 @@ impl Storage {
     }
 
     fn close_and_delete(&self, name: &str, directory: PathBuf) -> Result<()> {
-        self.close_log(name)?;
+        self.close_registered(name)?;
         let io = &self.inner.shared.io;
         if io.exists(&directory) {
             // Raise the floor above this log's ledgers before they disappear.

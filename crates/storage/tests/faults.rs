@@ -1376,3 +1376,54 @@ fn a_checkpoint_during_a_close_keeps_the_wal_bytes_that_close_has_not_written_ye
         "the cursor is where its last completed pass persisted it"
     );
 }
+
+#[test]
+fn open_log_during_close_log_waits_and_gets_the_state_the_close_persisted() {
+    // Models a topic unloaded (its log closed) while a client reconnects (the log opened
+    // again). The old open did not wait: a second instance of the log read the journal
+    // before the close had written the last acknowledgements into it (they came back), and
+    // both instances then wrote the same journal and segments.
+    let sim = SimIo::new();
+    let gated = GatedIo::new(sim.clone());
+    let storage =
+        Arc::new(Storage::open_with_io("/data", stepwise_config(), gated.clone()).expect("open"));
+    let log = storage.open_log("t").expect("log");
+    let positions = append_all(&log, 0..5);
+    log.open_cursor("sub", InitialPosition::Earliest)
+        .expect("cursor");
+    log.acknowledge_cumulative("sub", positions[1])
+        .expect("ack");
+    storage.persist_cursors();
+    // Only the close persists this one.
+    log.acknowledge_cumulative("sub", positions[3])
+        .expect("ack");
+    drop(log);
+    // The close stops right before it writes the journal.
+    let (reached, release) = gated.arm("write", "cursors.journal");
+    let closing = {
+        let storage = storage.clone();
+        std::thread::spawn(move || storage.close_log("t"))
+    };
+    reached.recv().expect("the close writes the journal");
+    let opening = {
+        let storage = storage.clone();
+        std::thread::spawn(move || {
+            storage
+                .open_log("t")
+                .map(|log| log.mark_delete_position("sub"))
+        })
+    };
+    // The open either waits for the close (the close and the open both use the name's lock)
+    // or, as the old code did, finishes while the close is stopped.
+    while storage.name_lock_users("t") < 2 && !opening.is_finished() {
+        std::thread::yield_now();
+    }
+    drop(release);
+    closing.join().expect("close thread").expect("close");
+    let seen = opening.join().expect("open thread").expect("open");
+    assert_eq!(
+        seen,
+        Some(Some(positions[3])),
+        "the log opened again has the cursor its close persisted"
+    );
+}
