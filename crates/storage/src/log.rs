@@ -679,7 +679,13 @@ impl Log {
 
         let last_durable = segments.iter().rev().find_map(Segment::last_position);
         let cursor_journal = CursorJournal::open(&shared, &directory)?;
-        let cursors = cursor_journal.recovered_cursors();
+        let mut cursors = cursor_journal.recovered_cursors();
+        // Acknowledgements of entries after the last one (relaxed mode: a power cut lost them,
+        // the cursor was persisted first) name positions that never exist again (the new
+        // ledger is above): kept, they would count against the backlog of the entries to come.
+        for slot in cursors.values_mut() {
+            slot.state.acknowledged.remove_after(last_durable);
+        }
         let (durable, _) = watch::channel(last_durable);
         let log = Arc::new(Log {
             name,
@@ -1120,6 +1126,11 @@ impl Log {
         }
         state.last_durable = state.last_durable.min(last_synced);
         self.durable.send_replace(state.last_durable);
+        // The lost entries' acknowledgements no longer count (see `Log::open`).
+        let last_durable = state.last_durable;
+        for slot in state.cursors.values_mut() {
+            slot.state.acknowledged.remove_after(last_durable);
+        }
         let used_bytes = &self.shared.cache_used_bytes;
         match state.last_durable {
             Some(last) => {

@@ -961,3 +961,36 @@ fn after_a_failed_wal_fsync_the_passes_go_through_a_new_wal_file_again() {
         );
     }
 }
+
+#[test]
+fn relaxed_mode_acknowledgements_of_entries_a_power_cut_lost_do_not_hide_the_backlog() {
+    // Relaxed mode: the cursor (with individual acknowledgements of entries not synced yet) is
+    // persisted, then a power cut loses those entries. The old code kept the acknowledgements
+    // of positions that no longer exist and subtracted them from the backlog of the entries
+    // appended afterwards: 3 unconsumed messages showed a backlog of 0.
+    let relaxed = StorageConfig {
+        flush_policy: meridian_storage::FlushPolicy::RelaxedWriteOnly {
+            fsync_interval: Duration::from_secs(3600),
+        },
+        ..config()
+    };
+    let io = SimIo::new();
+    let storage = open_sim(&io, relaxed.clone());
+    let log = storage.open_log("t").expect("log");
+    log.open_cursor("sub", InitialPosition::Earliest)
+        .expect("cursor");
+    let positions = append(&log, 10);
+    let acks: Vec<Position> = positions[5..].iter().step_by(2).copied().collect();
+    log.acknowledge("sub", &acks).expect("ack");
+    storage.persist_cursors();
+    let crashed = io.crash(CrashMode::LoseUnsynced, 0);
+    drop(log);
+    drop(storage);
+
+    let storage = open_sim(&crashed, relaxed);
+    let log = storage.open_log("t").expect("log");
+    assert_eq!(log.entries_after(None), 0, "the unsynced entries are lost");
+    append(&log, 3);
+    assert_eq!(log.backlog_entries("sub"), Some(3));
+    assert_eq!(log.acknowledged_range_count("sub"), 0);
+}
