@@ -66,6 +66,8 @@ pub fn summarize_closed_log(root: &Path, name: &str) -> Result<Option<ClosedLogS
     segments.sort();
 
     let mut summary = ClosedLogSummary::default();
+    // The last entry the files hold.
+    let mut last_entry: Option<Position> = None;
     for (name, state) in read_journal(&directory.join("cursors.journal"))? {
         summary.cursors.insert(
             name,
@@ -106,6 +108,7 @@ pub fn summarize_closed_log(root: &Path, name: &str) -> Result<Option<ClosedLogS
                 let count = next_first - first;
                 let records = length.saturating_sub(HEADER_LEN);
                 summary.entries += count;
+                last_entry = Some(Position::new(*ledger, next_first - 1));
                 summary.storage_bytes += length;
                 for cursor in summary.cursors.values_mut() {
                     let first_position = Position::new(*ledger, *first);
@@ -122,6 +125,7 @@ pub fn summarize_closed_log(root: &Path, name: &str) -> Result<Option<ClosedLogS
             _ => {
                 let (bytes, _) = walk_segment(path, *ledger, |position, record_len| {
                     summary.entries += 1;
+                    last_entry = Some(position);
                     for cursor in summary.cursors.values_mut() {
                         if cursor.state.mark_delete.is_none_or(|mark| position > mark) {
                             cursor.backlog_entries += 1;
@@ -135,7 +139,9 @@ pub fn summarize_closed_log(root: &Path, name: &str) -> Result<Option<ClosedLogS
     }
     for cursor in summary.cursors.values_mut() {
         // As an open log counts: the entries after the mark-delete position less those
-        // acknowledged individually.
+        // acknowledged individually, of the entries that exist (an open drops the
+        // acknowledgements of entries after the last one: lost in a power cut in relaxed mode).
+        cursor.state.acknowledged.remove_after(last_entry);
         cursor.backlog_entries = cursor
             .backlog_entries
             .saturating_sub(cursor.state.acknowledged.position_count());
@@ -343,6 +349,66 @@ mod tests {
             .expect("summary")
             .expect("exists");
         assert_eq!(summary.entries, 60);
+    }
+
+    /// A power cut in relaxed mode lost the last entries after the cursor acknowledging some of
+    /// them individually was persisted: the summary counts the backlog as the open log does,
+    /// without those acknowledgements (the old summary subtracted them: a backlog of 2 for 5
+    /// unconsumed entries).
+    #[test]
+    fn acknowledgements_of_entries_lost_in_a_power_cut_do_not_hide_the_backlog() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let payload = |index: u8| Bytes::from(vec![index; 100]);
+        {
+            let storage = Storage::open(root.path(), config()).expect("open");
+            let log = storage.open_log("t").expect("log");
+            log.open_cursor("sub", InitialPosition::Earliest)
+                .expect("cursor");
+            let positions: Vec<Position> = (0..10u8)
+                .map(|index| {
+                    log.append(payload(index), 0)
+                        .expect("append")
+                        .wait()
+                        .expect("durable")
+                })
+                .collect();
+            log.acknowledge("sub", &[positions[5], positions[7], positions[9]])
+                .expect("ack");
+            storage.close().expect("close");
+        }
+        // The last five records (and the seal after them) did not reach the disk.
+        let directory = root.path().join("logs").join("t");
+        let mut segments: Vec<_> = std::fs::read_dir(&directory)
+            .expect("list")
+            .map(|item| item.expect("item").path())
+            .filter(|path| path.extension().is_some_and(|ext| ext == "segment"))
+            .collect();
+        segments.sort();
+        let newest = segments.pop().expect("a segment");
+        let length = std::fs::metadata(&newest).expect("stat").len();
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&newest)
+            .expect("open");
+        file.set_len(length - 24 - 5 * (24 + 100)).expect("cut");
+        drop(file);
+
+        let summary = summarize_closed_log(root.path(), "t")
+            .expect("summary")
+            .expect("exists");
+        assert_eq!(summary.entries, 5);
+        assert_eq!(summary.cursors["sub"].backlog_entries, 5);
+        let storage = Storage::open(root.path(), config()).expect("open");
+        let log = storage.open_log("t").expect("log");
+        assert_eq!(
+            log.backlog_entries("sub"),
+            Some(5),
+            "as the open log counts"
+        );
+        assert_eq!(
+            summary.cursors["sub"].state,
+            log.cursor("sub").expect("state")
+        );
     }
 
     /// A segment cut shorter while it is walked (an open truncating its torn tail or cutting
