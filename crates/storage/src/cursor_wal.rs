@@ -153,10 +153,7 @@ impl CursorWal {
                 )?;
             }
         }
-        for (path, (file, _)) in &touched {
-            file.sync()
-                .map_err(|error| StorageError::io("fsync", path, error))?;
-        }
+        sync_touched(&touched)?;
         for directory in &superseded {
             io.sync_dir(directory)
                 .map_err(|error| StorageError::io("fsync directory", directory, error))?;
@@ -318,6 +315,17 @@ fn create_wal(io: &dyn Io, root: &Path, sequence: u64) -> Result<(Arc<dyn IoFile
     Ok((format::create_file(io, &path, header)?, HEADER_LEN))
 }
 
+/// Journals a replay holds open at once, at most.
+const REPLAY_OPEN_JOURNALS_MAX: usize = 256;
+
+fn sync_touched(touched: &BTreeMap<PathBuf, (Arc<dyn IoFile>, u64)>) -> Result<()> {
+    for (path, (file, _)) in touched {
+        file.sync()
+            .map_err(|error| StorageError::io("fsync", path, error))?;
+    }
+    Ok(())
+}
+
 /// Writes one record's bytes into its journal, if that journal is still the one (generation)
 /// the record was written for.
 fn redo(
@@ -413,6 +421,12 @@ fn redo(
             );
         }
         Err(error) => return Err(error),
+    }
+    if touched.len() >= REPLAY_OPEN_JOURNALS_MAX && !touched.contains_key(&path) {
+        // Bounds the file descriptors a replay holds: the journals written so far are made
+        // durable and closed (a later record for one opens it again).
+        sync_touched(touched)?;
+        touched.clear();
     }
     touched.insert(path, (file, record.generation));
     Ok(())

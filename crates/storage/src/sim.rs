@@ -154,6 +154,8 @@ struct State {
     syncs: u64,
     /// File handles opened or created and not yet dropped.
     open_handles: u64,
+    /// The most handles open at once.
+    peak_open_handles: u64,
     /// Mutating operations so far (creations, writes, syncs, truncations, removals, renames).
     operations: u64,
     crash_plan: Option<CrashPlan>,
@@ -360,6 +362,12 @@ impl SimIo {
         self.lock().open_handles
     }
 
+    /// The most file handles that were open at once since this file system was created (or
+    /// came out of a crash): the file descriptors the engine would have needed.
+    pub fn peak_open_files(&self) -> u64 {
+        self.lock().peak_open_handles
+    }
+
     /// Number of mutating operations (creations, writes, syncs, truncations, removals, renames,
     /// directory syncs) so far: the crash points of a workload.
     pub fn operation_count(&self) -> u64 {
@@ -430,6 +438,7 @@ impl SimFile {
     /// A handle to `file_id`, counted in `open_handles` until dropped. Takes the locked state.
     fn handle(io: &SimIo, state: &mut State, file_id: FileId) -> Arc<dyn IoFile> {
         state.open_handles += 1;
+        state.peak_open_handles = state.peak_open_handles.max(state.open_handles);
         Arc::new(SimFile {
             io: io.clone(),
             file_id,

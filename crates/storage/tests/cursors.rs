@@ -994,3 +994,40 @@ fn relaxed_mode_acknowledgements_of_entries_a_power_cut_lost_do_not_hide_the_bac
     assert_eq!(log.backlog_entries("sub"), Some(3));
     assert_eq!(log.acknowledged_range_count("sub"), 0);
 }
+
+#[test]
+fn the_wal_replay_holds_a_bounded_number_of_journals_open() {
+    // After a power cut the WAL holds bytes for every log whose cursors changed since the last
+    // checkpoint; the replay wrote them all and kept every journal open until its final fsync:
+    // one file descriptor per log (the old code: 600 here), at a start where no log is open.
+    let io = SimIo::new();
+    let storage = open_sim(&io, config());
+    let logs: Vec<_> = (0..600)
+        .map(|index| {
+            let log = storage.open_log(&format!("t{index}")).expect("log");
+            let position = append(&log, 1)[0];
+            log.open_cursor("sub", InitialPosition::Earliest)
+                .expect("cursor");
+            log.acknowledge_cumulative("sub", position).expect("ack");
+            (log, position)
+        })
+        .collect();
+    storage.persist_cursors();
+    let crashed = io.crash(CrashMode::LoseUnsynced, 0);
+    let expected: Vec<Position> = logs.iter().map(|(_, position)| *position).collect();
+    drop(logs);
+    drop(storage);
+
+    let storage = open_sim(&crashed, config());
+    assert!(
+        crashed.peak_open_files() < 600 / 2,
+        "{} files open at once during the replay",
+        crashed.peak_open_files()
+    );
+    for (index, position) in expected.iter().enumerate() {
+        let log = storage.open_log(&format!("t{index}")).expect("log");
+        assert_eq!(log.mark_delete_position("sub"), Some(Some(*position)));
+        drop(log);
+        storage.close_log(&format!("t{index}")).expect("close");
+    }
+}
