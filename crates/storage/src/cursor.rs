@@ -232,6 +232,7 @@ impl CursorJournal {
             io.remove_file(&rewrite_path)
                 .map_err(|error| StorageError::io("remove", &rewrite_path, error))?;
         }
+        write_unwritten_bytes(shared, &path)?;
         if !io.exists(&path) {
             return CursorJournal::create(shared, directory, path);
         }
@@ -411,6 +412,21 @@ impl CursorJournal {
         !self.pending.is_empty()
     }
 
+    /// At a close whose journal write failed: the bytes only the cursor WAL holds, for the
+    /// next open of this journal in this run (see `Shared::unwritten_journal_bytes`).
+    pub(crate) fn unwritten_bytes(&self) -> Option<(PathBuf, UnwrittenJournalBytes)> {
+        (!self.pending.is_empty()).then(|| {
+            (
+                self.path.clone(),
+                UnwrittenJournalBytes {
+                    generation: self.generation,
+                    offset: self.durable_length,
+                    bytes: self.pending.clone(),
+                },
+            )
+        })
+    }
+
     /// Replaces the journal with one holding exactly `records` (a snapshot of every live cursor).
     fn rewrite(&mut self, shared: &Shared, records: &[Vec<u8>]) -> Result<()> {
         let io = shared.io.as_ref();
@@ -446,6 +462,70 @@ impl CursorJournal {
         self.needs_rewrite = false;
         Ok(())
     }
+}
+
+/// Journal bytes made durable by the cursor WAL that a closed log could not write into its
+/// journal: `bytes` belong at `offset` of the journal of generation `generation`.
+pub(crate) struct UnwrittenJournalBytes {
+    pub(crate) generation: u64,
+    pub(crate) offset: u64,
+    pub(crate) bytes: Vec<u8>,
+}
+
+/// Before a journal is read: writes (and fsyncs) the bytes its log could not write into it when
+/// it closed, if it is still that journal (same generation), so that it holds every change a
+/// completed persistence pass made durable. (The WAL replay at the next start would write them,
+/// but the log reads its journal now, and its writes from now on go after what the file holds.)
+/// On failure the bytes are kept and the open fails.
+fn write_unwritten_bytes(shared: &Shared, path: &Path) -> Result<()> {
+    let unwritten = || {
+        shared
+            .unwritten_journal_bytes
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    };
+    // Not held across the I/O: opens of one name are serialized by the engine.
+    let Some(bytes) = unwritten().remove(path) else {
+        return Ok(());
+    };
+    let io = shared.io.as_ref();
+    let written = (|| {
+        if !io.exists(path) {
+            // The log was deleted since.
+            return Ok(());
+        }
+        let file = io
+            .open(path)
+            .map_err(|error| StorageError::io("open", path, error))?;
+        match FileHeader::read(file.as_ref(), path, FileKind::CursorJournal) {
+            Ok(header) if header.fields[0] == bytes.generation => {}
+            // Another journal by now (rewritten, or the log deleted and created again): it is
+            // complete without these bytes.
+            Ok(_) | Err(StorageError::Corrupted { .. }) => return Ok(()),
+            Err(error) => return Err(error),
+        }
+        let length = file
+            .size()
+            .map_err(|error| StorageError::io("stat", path, error))?;
+        if length < bytes.offset {
+            return Err(StorageError::corrupted(
+                path,
+                length,
+                format!(
+                    "the cursor WAL holds bytes for offset {} of this journal, which ends at {length}",
+                    bytes.offset
+                ),
+            ));
+        }
+        file.write_all_at(&bytes.bytes, bytes.offset)
+            .map_err(|error| StorageError::io("write", path, error))?;
+        file.sync()
+            .map_err(|error| StorageError::io("fsync", path, error))
+    })();
+    if written.is_err() {
+        unwritten().insert(path.to_path_buf(), bytes);
+    }
+    written
 }
 
 /// A generation for a new journal file: random (the hasher state of `RandomState` is seeded
@@ -662,7 +742,7 @@ impl Log {
             let mut refused = Vec::new();
             // The mark-delete position moves once, at the end (finding the entry after it
             // costs a walk over the segments): until then, the range starting at `next`
-            // counts as one more, which it stops being at the end.
+            // is in the set, but it is not counted, since the end absorbs it.
             let next = log.position_after(cursor.mark_delete);
             for position in positions {
                 if Some(*position) > last_durable || cursor.is_acknowledged(*position) {
@@ -676,7 +756,9 @@ impl Log {
                     || cursor
                         .acknowledged
                         .contains(Position::new(position.ledger_id, position.entry_id + 1));
-                if !joins && cursor.acknowledged.range_count() >= max_ranges {
+                let ranges = cursor.acknowledged.range_count()
+                    - usize::from(cursor.acknowledged.contains(next));
+                if !joins && ranges >= max_ranges {
                     refused.push(*position);
                     continue;
                 }
@@ -863,7 +945,18 @@ impl Log {
                 .lock()
                 .unwrap_or_else(|poisoned| poisoned.into_inner())
         };
-        let Some((path, generation, offset, bytes)) = lock().pending_copy() else {
+        let copy = {
+            let journal = lock();
+            if journal.retired && journal.has_pending() {
+                // Closed, and its close could not write them: they stay in the WAL (its files
+                // are pinned until the next start).
+                return Err(StorageError::Closed {
+                    log: self.name().to_string(),
+                });
+            }
+            journal.pending_copy()
+        };
+        let Some((path, generation, offset, bytes)) = copy else {
             return Ok(());
         };
         let io = self.shared.io.as_ref();
@@ -873,7 +966,7 @@ impl Log {
             .and_then(|file| {
                 let header = FileHeader::read(file.as_ref(), &path, FileKind::CursorJournal)?;
                 if header.fields[0] != generation {
-                    // Rewritten since: the rewrite is complete and durable.
+                    // Rewritten since (see below).
                     return Ok(false);
                 }
                 file.write_all_at(&bytes, offset)
@@ -888,7 +981,23 @@ impl Log {
                 journal.pending_written(generation, offset + bytes.len() as u64);
                 Ok(())
             }
-            Ok(false) => Ok(()),
+            // Rewritten since, and the rewrite completed (its rename is durable); or the log
+            // closed meanwhile (its close wrote these bytes, or kept the WAL files for them)
+            // and the name may hold another log's journal by now.
+            Ok(false) if journal.generation != generation || journal.retired => Ok(()),
+            Ok(false) => {
+                // Another file under the journal's name, but no rewrite completed: one that
+                // failed after its rename, which may not survive a power cut. The WAL files
+                // stay until the rewrite that follows the failure completes.
+                journal.needs_rewrite = true;
+                Err(StorageError::io(
+                    "checkpoint",
+                    &path,
+                    std::io::Error::other(
+                        "the journal was replaced by a rewrite that did not complete",
+                    ),
+                ))
+            }
             Err(error) => {
                 journal.needs_rewrite = true;
                 Err(error)

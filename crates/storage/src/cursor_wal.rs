@@ -11,10 +11,11 @@
 //! (a journal rewritten or created again since has another one), the journals are fsynced and
 //! the WAL files removed. See `docs/durability.md` and `docs/storage-format.md`.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use crate::cursor::UnwrittenJournalBytes;
 use crate::error::{Result, StorageError};
 use crate::format::{self, ByteReader, ByteWriter, FileHeader, FileKind, ScanEnd, HEADER_LEN};
 use crate::io::{Io, IoFile};
@@ -86,9 +87,16 @@ pub(crate) struct CursorWal {
     /// Earlier files, oldest first, still needed until a checkpoint made their bytes durable
     /// in the journals.
     older: Vec<u64>,
-    /// A write or fsync of the WAL failed: its tail is unknown, so passes no longer use it
-    /// (they write and fsync each journal, as without a WAL) until the engine is reopened.
+    /// A write or fsync of the WAL failed (or it could not be created): its tail is unknown,
+    /// so passes no longer append to it. Each pass tries to start a new file
+    /// ([`CursorWal::restart`]); until one can be created, passes write and fsync each journal,
+    /// as without a WAL.
     pub(crate) broken: bool,
+    /// Set by `recover` on a full disk: the bytes it could not write into journals, by journal
+    /// path (written when the log opens), and the last WAL file holding them, which is kept
+    /// (with every earlier one) until the next start.
+    pub(crate) unwritten: BTreeMap<PathBuf, UnwrittenJournalBytes>,
+    pub(crate) pinned: u64,
 }
 
 impl CursorWal {
@@ -104,6 +112,10 @@ impl CursorWal {
             .collect();
         sequences.sort_unstable();
         let mut touched: BTreeMap<PathBuf, (Arc<dyn IoFile>, u64)> = BTreeMap::new();
+        // Directories of journals whose bytes were skipped because another generation is
+        // under the name (see `redo`).
+        let mut superseded: BTreeSet<PathBuf> = BTreeSet::new();
+        let mut unwritten: BTreeMap<PathBuf, UnwrittenJournalBytes> = BTreeMap::new();
         for sequence in &sequences {
             let path = wal_path(root, *sequence);
             let file = io
@@ -131,12 +143,20 @@ impl CursorWal {
                 tracing::warn!(path = %path.display(), offset, %reason, "ignoring the torn tail of the cursor WAL");
             }
             for record in &records {
-                redo(io, root, record, &mut touched)?;
+                redo(
+                    io,
+                    root,
+                    record,
+                    &mut touched,
+                    &mut superseded,
+                    &mut unwritten,
+                )?;
             }
         }
-        for (path, (file, _)) in &touched {
-            file.sync()
-                .map_err(|error| StorageError::io("fsync", path, error))?;
+        sync_touched(&touched)?;
+        for directory in &superseded {
+            io.sync_dir(directory)
+                .map_err(|error| StorageError::io("fsync directory", directory, error))?;
         }
         // The new file first: a crash before the old ones are gone replays them again, which
         // writes the same bytes again.
@@ -146,16 +166,23 @@ impl CursorWal {
             Err(StorageError::DiskFull { .. }) => {
                 // Cursors are then persisted journal by journal (their appends fail until
                 // there is space, and are retried); the engine still opens.
-                tracing::warn!(root = %root.display(), "disk full: no cursor WAL; cursors are persisted journal by journal until the engine is reopened");
+                tracing::warn!(root = %root.display(), "disk full: no cursor WAL; cursors are persisted journal by journal until one can be created");
                 (None, HEADER_LEN, true)
             }
             Err(error) => return Err(error),
         };
-        for old in sequences {
-            let path = wal_path(root, old);
-            io.remove_file(&path)
-                .map_err(|error| StorageError::io("remove", &path, error))?;
-        }
+        let pinned = if unwritten.is_empty() {
+            for old in sequences {
+                let path = wal_path(root, old);
+                io.remove_file(&path)
+                    .map_err(|error| StorageError::io("remove", &path, error))?;
+            }
+            0
+        } else {
+            // A full disk: some journals lack bytes only these files hold.
+            tracing::warn!(journals = unwritten.len(), "disk full: cursor WAL bytes not written into their journals yet; the logs concerned open once there is space");
+            sequences.last().copied().unwrap_or(0)
+        };
         io.sync_dir(root)
             .map_err(|error| StorageError::io("fsync directory", root, error))?;
         Ok(CursorWal {
@@ -165,6 +192,8 @@ impl CursorWal {
             length,
             older: Vec::new(),
             broken,
+            unwritten,
+            pinned,
         })
     }
 
@@ -209,7 +238,7 @@ impl CursorWal {
                 Ok(())
             }
             Err(error) => {
-                tracing::error!(%error, "the cursor WAL failed; cursors are persisted journal by journal until the engine is reopened");
+                tracing::error!(%error, "the cursor WAL failed; cursors are persisted journal by journal until a new WAL file can be created");
                 self.broken = true;
                 Err(error)
             }
@@ -226,6 +255,24 @@ impl CursorWal {
         self.file = Some(file);
         self.length = length;
         Ok(previous)
+    }
+
+    /// After a failure: starts a new file for the passes (the failed one stays until a
+    /// checkpoint wrote its bytes into the journals, like any older file; the records of the
+    /// failed pass in it are superseded, since each journal they were for is rewritten).
+    /// Returns whether the WAL can be used again.
+    pub(crate) fn restart(&mut self, io: &dyn Io) -> bool {
+        match self.rotate(io) {
+            Ok(_) => {
+                tracing::info!(sequence = self.sequence, "cursor WAL in use again");
+                self.broken = false;
+                true
+            }
+            Err(error) => {
+                tracing::debug!(%error, "the cursor WAL cannot be started again yet");
+                false
+            }
+        }
     }
 
     /// The sequence number of the file passes append to.
@@ -268,6 +315,17 @@ fn create_wal(io: &dyn Io, root: &Path, sequence: u64) -> Result<(Arc<dyn IoFile
     Ok((format::create_file(io, &path, header)?, HEADER_LEN))
 }
 
+/// Journals a replay holds open at once, at most.
+const REPLAY_OPEN_JOURNALS_MAX: usize = 256;
+
+fn sync_touched(touched: &BTreeMap<PathBuf, (Arc<dyn IoFile>, u64)>) -> Result<()> {
+    for (path, (file, _)) in touched {
+        file.sync()
+            .map_err(|error| StorageError::io("fsync", path, error))?;
+    }
+    Ok(())
+}
+
 /// Writes one record's bytes into its journal, if that journal is still the one (generation)
 /// the record was written for.
 fn redo(
@@ -275,11 +333,37 @@ fn redo(
     root: &Path,
     record: &WalRecord,
     touched: &mut BTreeMap<PathBuf, (Arc<dyn IoFile>, u64)>,
+    superseded: &mut BTreeSet<PathBuf>,
+    unwritten: &mut BTreeMap<PathBuf, UnwrittenJournalBytes>,
 ) -> Result<()> {
     let path = root
         .join("logs")
         .join(&record.directory)
         .join(crate::cursor::JOURNAL_FILE);
+    if let Some(held) = unwritten.get_mut(&path) {
+        // A full disk stopped the writes into this journal: its later bytes are held too.
+        if record.generation != held.generation {
+            return Ok(());
+        }
+        let at = record.offset.checked_sub(held.offset).map(|at| at as usize);
+        match at {
+            Some(at) if at <= held.bytes.len() => {
+                let end = at + record.bytes.len();
+                if end > held.bytes.len() {
+                    held.bytes.resize(end, 0);
+                }
+                held.bytes[at..end].copy_from_slice(&record.bytes);
+                return Ok(());
+            }
+            _ => {
+                return Err(StorageError::corrupted(
+                    &path,
+                    record.offset,
+                    "the cursor WAL's bytes for this journal do not continue each other",
+                ))
+            }
+        }
+    }
     let file = match touched.get(&path) {
         Some((file, generation)) if *generation == record.generation => file.clone(),
         _ => {
@@ -292,9 +376,16 @@ fn redo(
                 .map_err(|error| StorageError::io("open", &path, error))?;
             match FileHeader::read(file.as_ref(), &path, FileKind::CursorJournal) {
                 Ok(header) if header.fields[0] == record.generation => {}
-                // Rewritten or created again since (another generation), or torn while being
-                // created (then it never held records): not this record's journal.
-                Ok(_) | Err(StorageError::Corrupted { .. }) => return Ok(()),
+                // Rewritten or created again since (another generation): not this record's
+                // journal. A rewrite's rename may not be durable yet (the process died before
+                // its directory fsync): the directory is fsynced before the WAL files are
+                // removed, else a power cut could bring back the journal these bytes are for.
+                Ok(_) => {
+                    superseded.insert(crate::io::parent_dir(&path));
+                    return Ok(());
+                }
+                // Torn while being created: it never held records.
+                Err(StorageError::Corrupted { .. }) => return Ok(()),
                 Err(error) => return Err(error),
             }
             file
@@ -313,8 +404,30 @@ fn redo(
             ),
         ));
     }
-    file.write_all_at(&record.bytes, record.offset)
-        .map_err(|error| StorageError::io("write", &path, error))?;
+    match file
+        .write_all_at(&record.bytes, record.offset)
+        .map_err(|error| StorageError::io("write", &path, error))
+    {
+        Ok(()) => {}
+        Err(StorageError::DiskFull { .. }) => {
+            // The engine still opens: this journal gets the bytes when its log opens.
+            unwritten.insert(
+                path.clone(),
+                UnwrittenJournalBytes {
+                    generation: record.generation,
+                    offset: record.offset,
+                    bytes: record.bytes.clone(),
+                },
+            );
+        }
+        Err(error) => return Err(error),
+    }
+    if touched.len() >= REPLAY_OPEN_JOURNALS_MAX && !touched.contains_key(&path) {
+        // Bounds the file descriptors a replay holds: the journals written so far are made
+        // durable and closed (a later record for one opens it again).
+        sync_touched(touched)?;
+        touched.clear();
+    }
     touched.insert(path, (file, record.generation));
     Ok(())
 }

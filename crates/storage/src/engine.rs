@@ -16,11 +16,12 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
 use crate::config::{FlushPolicy, StorageConfig};
+use crate::cursor::UnwrittenJournalBytes;
 use crate::cursor_wal::{CursorWal, WalRecord};
 use crate::error::{Result, StorageError};
 use crate::io::Io;
@@ -48,6 +49,15 @@ pub(crate) struct Shared {
     /// A log was closed while its journal still had bytes only the WAL holds (its last write
     /// failed): the WAL files up to this sequence are kept until the next start replays them.
     pub(crate) cursor_wal_pinned: AtomicU64,
+    /// Journal bytes the cursor WAL made durable for a log that closed before they could be
+    /// written into its journal (the write at close failed), by journal path: written into the
+    /// journal before it is read again, when the log is opened again in this run (the WAL
+    /// files that hold them are only replayed at the next start).
+    pub(crate) unwritten_journal_bytes: Mutex<HashMap<PathBuf, UnwrittenJournalBytes>>,
+    /// Every log opened and not yet done closing, by address: what a checkpoint must write
+    /// the WAL's bytes for. Not the registry: a log leaves it before its close writes its
+    /// journal, and a checkpoint in between must not remove the WAL file that close needs.
+    live_logs: Mutex<HashMap<usize, Weak<Log>>>,
 }
 
 impl Shared {
@@ -60,6 +70,48 @@ impl Shared {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
             .sequence();
         self.cursor_wal_pinned.fetch_max(sequence, Ordering::SeqCst);
+    }
+
+    pub(crate) fn register_live_log(&self, log: &Arc<Log>) {
+        self.live_logs
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .insert(Arc::as_ptr(log) as usize, Arc::downgrade(log));
+    }
+
+    pub(crate) fn unregister_live_log(&self, log: &Log) {
+        self.live_logs
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .remove(&(log as *const Log as usize));
+    }
+
+    /// The logs a checkpoint writes the WAL's bytes for. One dropped without being closed
+    /// left its bytes in the WAL only: the files written so far are kept until the next start.
+    fn live_logs(&self) -> Vec<Arc<Log>> {
+        let mut dropped = false;
+        let logs = {
+            let mut live = self
+                .live_logs
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            let mut logs = Vec::with_capacity(live.len());
+            live.retain(|_, log| match log.upgrade() {
+                Some(log) => {
+                    logs.push(log);
+                    true
+                }
+                None => {
+                    dropped = true;
+                    false
+                }
+            });
+            logs
+        };
+        if dropped {
+            self.pin_cursor_wal();
+        }
+        logs
     }
 
     pub(crate) fn schedule_flush(&self, log: Arc<Log>) {
@@ -133,7 +185,12 @@ impl Storage {
         remove_stale_ledger_floor_temporary(io.as_ref(), &root)?;
         remove_tombstones(io.as_ref(), &logs_directory)?;
         // Before any log opens: their journals must hold what the WAL made durable.
-        let cursor_wal = CursorWal::recover(io.as_ref(), &root)?;
+        let mut cursor_wal = CursorWal::recover(io.as_ref(), &root)?;
+        let unwritten: HashMap<PathBuf, UnwrittenJournalBytes> =
+            std::mem::take(&mut cursor_wal.unwritten)
+                .into_iter()
+                .collect();
+        let pinned = cursor_wal.pinned;
         let ledger_floor = match read_ledger_floor(io.as_ref(), &root)? {
             Some(floor) => floor,
             None if list_is_empty(io.as_ref(), &logs_directory)? => {
@@ -157,7 +214,9 @@ impl Storage {
                 ledger_floor_update: Mutex::new(()),
                 flush_queue: sender,
                 cursor_wal: Mutex::new(cursor_wal),
-                cursor_wal_pinned: AtomicU64::new(0),
+                cursor_wal_pinned: AtomicU64::new(pinned),
+                unwritten_journal_bytes: Mutex::new(unwritten),
+                live_logs: Mutex::new(HashMap::new()),
             }),
             root,
             registry: Mutex::new(Registry {
@@ -287,8 +346,26 @@ impl Storage {
         Ok(decoded)
     }
 
-    /// Closes the log `name` (flushing pending appends and persisting cursors).
+    /// Closes the log `name` (flushing pending appends and persisting cursors). An
+    /// `open_log` of the same name meanwhile waits for the close to finish: two instances of
+    /// one log would recover segments being written and write the same journal.
     pub fn close_log(&self, name: &str) -> Result<()> {
+        self.with_name_lock(name, || self.close_registered(name))
+    }
+
+    /// The number of callers holding or waiting for the lock of log name `name` (opens,
+    /// closes, deletes under way). For tests that must know an operation is waiting.
+    #[doc(hidden)]
+    pub fn name_lock_users(&self, name: &str) -> usize {
+        self.inner
+            .registry()
+            .name_locks
+            .get(name)
+            .map_or(0, |lock| Arc::strong_count(lock) - 1)
+    }
+
+    /// Closes the registered log `name`; the caller holds its name lock.
+    fn close_registered(&self, name: &str) -> Result<()> {
         let log = self.inner.registry().logs.remove(name);
         match log {
             Some(log) => log.close(),
@@ -317,7 +394,7 @@ impl Storage {
     }
 
     fn close_and_delete(&self, name: &str, directory: PathBuf) -> Result<()> {
-        self.close_log(name)?;
+        self.close_registered(name)?;
         let io = &self.inner.shared.io;
         if io.exists(&directory) {
             // Raise the floor above this log's ledgers before they disappear.
@@ -341,6 +418,13 @@ impl Storage {
                 .map_err(|error| StorageError::io("rename", &directory, error))?;
             remove_tombstone(io.as_ref(), &tombstone)?;
         }
+        // Bytes a failed close left for this log's journal died with it.
+        self.inner
+            .shared
+            .unwritten_journal_bytes
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .remove(&directory.join(crate::cursor::JOURNAL_FILE));
         Ok(())
     }
 
@@ -521,7 +605,7 @@ fn persist_cursors_of(shared: &Shared, logs: &[Arc<Log>]) {
         .cursor_wal
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner());
-    if wal.broken {
+    if wal.broken && !wal.restart(shared.io.as_ref()) {
         drop(wal);
         persist_each(&logs);
         return;
@@ -625,7 +709,7 @@ fn checkpoint_cursors(inner: &Inner) -> Result<()> {
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
         .rotate(io)?;
-    let logs: Vec<Arc<Log>> = inner.registry().logs.values().cloned().collect();
+    let logs = shared.live_logs();
     let logs: Vec<&Arc<Log>> = logs.iter().collect();
     let failed = AtomicUsize::new(0);
     for_each_parallel(&logs, CHECKPOINT_PARALLELISM, |log| {

@@ -251,15 +251,6 @@ impl Segment {
         }
     }
 
-    /// Where entry `index`'s record starts (`end` for the entry count). Under a sparse index
-    /// the nearest kept offset at or before it: less than `SPARSE_INDEX_BYTES` early.
-    fn start_offset(&self, index: usize) -> u64 {
-        if index >= self.index.len() {
-            return self.end;
-        }
-        self.indexed_at_or_before(index).1
-    }
-
     /// Keeps only a sparse index: the segment is sealed (no entry is appended or rolled back
     /// any more), so the offsets of its other entries are found by reading forward.
     fn seal_index(&mut self) {
@@ -516,6 +507,43 @@ impl DiskRun {
     }
 }
 
+/// The offset of the record `records` records after the one at `from_offset` in a sealed
+/// segment, found by reading record headers.
+struct OffsetLookup {
+    file: Option<Arc<dyn IoFile>>,
+    path: PathBuf,
+    from_offset: u64,
+    records: usize,
+    /// Where the segment's records end.
+    end: u64,
+}
+
+impl OffsetLookup {
+    fn find(self, io: &dyn crate::io::Io) -> Result<u64> {
+        let file = match self.file {
+            Some(file) => file,
+            None => io
+                .open(&self.path)
+                .map_err(|error| StorageError::io("open", &self.path, error))?,
+        };
+        let mut offset = self.from_offset;
+        for _ in 0..self.records {
+            let mut length = [0u8; 4];
+            file.read_exact_at(&mut length, offset)
+                .map_err(|error| StorageError::io("read", &self.path, error))?;
+            offset += RECORD_FRAMING_LEN + u64::from(u32::from_le_bytes(length));
+            if offset > self.end {
+                return Err(StorageError::corrupted(
+                    &self.path,
+                    offset,
+                    "a record runs past the end of the segment's records",
+                ));
+            }
+        }
+        Ok(offset)
+    }
+}
+
 /// Reads a segment's records forward in chunks.
 struct ChunkReader<'a> {
     file: &'a dyn IoFile,
@@ -651,7 +679,13 @@ impl Log {
 
         let last_durable = segments.iter().rev().find_map(Segment::last_position);
         let cursor_journal = CursorJournal::open(&shared, &directory)?;
-        let cursors = cursor_journal.recovered_cursors();
+        let mut cursors = cursor_journal.recovered_cursors();
+        // Acknowledgements of entries after the last one (relaxed mode: a power cut lost them,
+        // the cursor was persisted first) name positions that never exist again (the new
+        // ledger is above): kept, they would count against the backlog of the entries to come.
+        for slot in cursors.values_mut() {
+            slot.state.acknowledged.remove_after(last_durable);
+        }
         let (durable, _) = watch::channel(last_durable);
         let log = Arc::new(Log {
             name,
@@ -681,6 +715,7 @@ impl Log {
             cursor_journal: Mutex::new(cursor_journal),
         });
         tracing::debug!(log = %log.name, ledger_id, ?last_durable, "log opened");
+        log.shared.register_live_log(&log);
         Ok(log)
     }
 
@@ -1091,6 +1126,11 @@ impl Log {
         }
         state.last_durable = state.last_durable.min(last_synced);
         self.durable.send_replace(state.last_durable);
+        // The lost entries' acknowledgements no longer count (see `Log::open`).
+        let last_durable = state.last_durable;
+        for slot in state.cursors.values_mut() {
+            slot.state.acknowledged.remove_after(last_durable);
+        }
         let used_bytes = &self.shared.cache_used_bytes;
         match state.last_durable {
             Some(last) => {
@@ -1487,33 +1527,74 @@ impl Log {
     }
 
     /// Bytes of the durable entries after `position` (all of them for `None`), framing included.
+    ///
+    /// Exact: where a sealed segment's sparse index lacks the offset of a boundary entry, its
+    /// record headers are read forward from the nearest kept offset (at most
+    /// `SPARSE_INDEX_ENTRIES` small reads, outside the log's lock). Were the estimate used
+    /// instead, a backlog quota would count up to `SPARSE_INDEX_BYTES` of entries already
+    /// acknowledged, refusing producers or evicting entries that are within it.
     pub fn bytes_after(&self, position: Option<Position>) -> u64 {
-        let state = self.lock();
-        let Some(last_durable) = state.last_durable else {
-            return 0;
-        };
-        let mut total = 0;
-        for segment in &state.segments {
-            let (Some(first), Some(last)) = (segment.first_position(), segment.last_position())
-            else {
-                continue;
+        let mut total: u64 = 0;
+        // Boundaries to find by reading: (offset counted, whether it starts the bytes, how).
+        let mut lookups: Vec<(u64, bool, OffsetLookup)> = Vec::new();
+        {
+            let state = self.lock();
+            let Some(last_durable) = state.last_durable else {
+                return 0;
             };
-            if position.is_some_and(|position| last <= position) || first > last_durable {
-                continue;
-            }
-            let start_index = match position {
-                Some(position) if segment.contains(position) => {
-                    (position.entry_id + 1 - segment.first_entry_id) as usize
+            for segment in &state.segments {
+                let (Some(first), Some(last)) = (segment.first_position(), segment.last_position())
+                else {
+                    continue;
+                };
+                if position.is_some_and(|position| last <= position) || first > last_durable {
+                    continue;
                 }
-                _ => 0,
-            };
-            let end_index = (last.min(last_durable).entry_id + 1 - segment.first_entry_id) as usize;
-            if start_index >= end_index {
-                continue;
+                let start_index = match position {
+                    Some(position) if segment.contains(position) => {
+                        (position.entry_id + 1 - segment.first_entry_id) as usize
+                    }
+                    _ => 0,
+                };
+                let end_index =
+                    (last.min(last_durable).entry_id + 1 - segment.first_entry_id) as usize;
+                if start_index >= end_index {
+                    continue;
+                }
+                let mut boundary = |index: usize, starts: bool| {
+                    if index >= segment.index.len() {
+                        return segment.end;
+                    }
+                    let (from_index, from_offset) = segment.indexed_at_or_before(index);
+                    if from_index < index {
+                        lookups.push((
+                            from_offset,
+                            starts,
+                            OffsetLookup {
+                                file: segment.open_file(),
+                                path: segment.path.clone(),
+                                from_offset,
+                                records: index - from_index,
+                                end: segment.end,
+                            },
+                        ));
+                    }
+                    from_offset
+                };
+                let start = boundary(start_index, true);
+                let end = boundary(end_index, false);
+                total += end - start;
             }
-            let start = segment.start_offset(start_index);
-            let end = segment.start_offset(end_index);
-            total += end - start;
+        }
+        for (counted, starts, lookup) in lookups {
+            match lookup.find(self.shared.io.as_ref()) {
+                Ok(exact) if starts => total = total.saturating_sub(exact - counted),
+                Ok(exact) => total += exact - counted,
+                // Trimmed meanwhile, or unreadable: the estimate stands.
+                Err(error) => {
+                    tracing::debug!(log = %self.name, %error, "backlog bytes estimated")
+                }
+            }
         }
         total
     }
@@ -1661,14 +1742,23 @@ impl Log {
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         journal.retired = true;
-        let pending = journal.has_pending();
+        let unwritten = journal.unwritten_bytes();
         drop(journal);
-        if pending {
+        if let Some((path, bytes)) = unwritten {
+            // An open of this log later in this run writes them before it reads the journal.
+            self.shared
+                .unwritten_journal_bytes
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .insert(path, bytes);
             // Only the cursor WAL holds some of this journal's bytes (the write above failed):
             // keep its files until the next start replays them. (Not under the journal's lock:
             // a pass holds the WAL's while it waits for journals.)
             self.shared.pin_cursor_wal();
         }
+        // From now on a checkpoint no longer sees this log: its journal holds every byte, or
+        // the WAL files are pinned.
+        self.shared.unregister_live_log(self);
         synced.and(persisted)
     }
 

@@ -106,6 +106,28 @@ impl RangeSet {
         }
     }
 
+    /// Removes every position `> position` (all of them for `None`).
+    pub fn remove_after(&mut self, position: Option<Position>) {
+        let Some(position) = position else {
+            self.ranges.clear();
+            return;
+        };
+        let _ = self.ranges.split_off(&Position::new(
+            position.ledger_id,
+            position.entry_id.saturating_add(1),
+        ));
+        if let Some((start, end)) = self
+            .ranges
+            .range(..=position)
+            .next_back()
+            .map(|(start, end)| (*start, *end))
+        {
+            if start.ledger_id == position.ledger_id && end > position.entry_id {
+                self.ranges.insert(start, position.entry_id);
+            }
+        }
+    }
+
     /// The range containing `position`, as (first position, last entry id).
     pub fn range_containing(&self, position: Position) -> Option<(Position, u64)> {
         let (start, last) = self.ranges.range(..=position).next_back()?;

@@ -148,10 +148,14 @@ struct State {
     capacity_bytes: Option<u64>,
     failing_writes: u32,
     failing_syncs: u32,
+    /// The directory sync this many directory syncs from now fails (0: none).
+    failing_dir_sync: u32,
     writes: u64,
     syncs: u64,
     /// File handles opened or created and not yet dropped.
     open_handles: u64,
+    /// The most handles open at once.
+    peak_open_handles: u64,
     /// Mutating operations so far (creations, writes, syncs, truncations, removals, renames).
     operations: u64,
     crash_plan: Option<CrashPlan>,
@@ -331,6 +335,12 @@ impl SimIo {
         self.lock().failing_syncs = count;
     }
 
+    /// Makes the `nth` directory sync from now (1 for the next one) fail with an I/O error,
+    /// leaving the directory changes it would have made durable pending.
+    pub fn fail_nth_dir_sync(&self, nth: u32) {
+        self.lock().failing_dir_sync = nth;
+    }
+
     /// Limits the total bytes of all files; writes beyond it fail with `StorageFull`.
     pub fn set_capacity(&self, capacity_bytes: Option<u64>) {
         self.lock().capacity_bytes = capacity_bytes;
@@ -350,6 +360,12 @@ impl SimIo {
     /// descriptors the engine would hold.
     pub fn open_files(&self) -> u64 {
         self.lock().open_handles
+    }
+
+    /// The most file handles that were open at once since this file system was created (or
+    /// came out of a crash): the file descriptors the engine would have needed.
+    pub fn peak_open_files(&self) -> u64 {
+        self.lock().peak_open_handles
     }
 
     /// Number of mutating operations (creations, writes, syncs, truncations, removals, renames,
@@ -422,6 +438,7 @@ impl SimFile {
     /// A handle to `file_id`, counted in `open_handles` until dropped. Takes the locked state.
     fn handle(io: &SimIo, state: &mut State, file_id: FileId) -> Arc<dyn IoFile> {
         state.open_handles += 1;
+        state.peak_open_handles = state.peak_open_handles.max(state.open_handles);
         Arc::new(SimFile {
             io: io.clone(),
             file_id,
@@ -665,6 +682,12 @@ impl Io for SimIo {
     fn sync_dir(&self, path: &Path) -> io::Result<()> {
         let mut state = self.lock();
         state.step();
+        if state.failing_dir_sync > 0 {
+            state.failing_dir_sync -= 1;
+            if state.failing_dir_sync == 0 {
+                return Err(injected("directory fsync"));
+            }
+        }
         let (synced, pending): (Vec<NameChange>, Vec<NameChange>) =
             std::mem::take(&mut state.pending_changes)
                 .into_iter()

@@ -112,9 +112,20 @@ fn workload(io: &SimIo, flush_policy: FlushPolicy) -> History {
     // The engine's pass: through the cursor WAL.
     storage.persist_cursors();
     history.cursor.push((io.operation_count(), consumed));
+    // Closed and opened again while the WAL still holds the bytes of its earlier life.
+    drop(a);
+    storage.close_log("a").expect("close a");
+    let a = storage.open_log("a").expect("log a again");
     a.trim().expect("trim");
     let b = storage.open_log("b").expect("log b");
     history.append(io, &b, "b", 0..20);
+    // Deleted while the WAL holds bytes of its journal.
+    b.open_cursor("sub", InitialPosition::Earliest)
+        .expect("cursor");
+    b.acknowledge_cumulative("sub", history.acknowledged[25].3)
+        .expect("ack");
+    storage.persist_cursors();
+    drop(b);
     storage.delete_log("b").expect("delete b");
     history.deleted.insert("b", io.operation_count());
     let consumed = history.acknowledged[15].3;

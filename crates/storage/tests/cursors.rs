@@ -691,3 +691,343 @@ fn a_log_deleted_and_created_again_never_gets_its_predecessors_cursors_from_the_
         "the deleted log's cursor came back in the new log"
     );
 }
+
+#[test]
+fn a_log_whose_close_failed_to_write_its_journal_reopens_with_every_persisted_cursor() {
+    // A persistence pass made two cursors durable in the cursor WAL only; the log's close
+    // cannot write them into its journal (failing writes). Opened again in the same run, the
+    // log must still have them (a completed pass is durable), and after a power cut the WAL
+    // replay must not mix the journal bytes of the two lives: the old code reopened the log
+    // without the cursors, wrote the new life's records at the same journal offset, and the
+    // replay then lost cursor "b" altogether.
+    let io = SimIo::new();
+    let storage = open_sim(&io, config());
+    let log = storage.open_log("t").expect("log");
+    let positions = append(&log, 40);
+    log.open_cursor("a", InitialPosition::Earliest)
+        .expect("cursor");
+    log.open_cursor("b", InitialPosition::Earliest)
+        .expect("cursor");
+    let acks: Vec<Position> = positions[1..].iter().step_by(2).copied().collect();
+    log.acknowledge("a", &acks).expect("ack");
+    log.acknowledge_cumulative("b", positions[5]).expect("ack");
+    storage.persist_cursors();
+    let expected_b = log.cursor("b").expect("b");
+    drop(log);
+    // The seal and the journal write of the close.
+    io.fail_writes(2);
+    storage
+        .close_log("t")
+        .expect_err("the close cannot write the journal");
+
+    let log = storage.open_log("t").expect("opened again");
+    assert_eq!(
+        log.cursor_names(),
+        vec!["a".to_string(), "b".to_string()],
+        "the cursors a completed pass made durable are there after the log is opened again"
+    );
+    assert_eq!(log.cursor("b").expect("b"), expected_b);
+    log.acknowledge_cumulative("a", positions[0]).expect("ack");
+    storage.persist_cursors();
+    let expected_a = log.cursor("a").expect("a");
+    drop(log);
+    drop(storage);
+
+    let storage = open_sim(&io.crash(CrashMode::LoseUnsynced, 0), config());
+    let log = storage.open_log("t").expect("log");
+    assert_eq!(log.cursor("a").expect("a"), expected_a);
+    assert_eq!(
+        log.cursor("b"),
+        Some(expected_b),
+        "cursor b survives the restart"
+    );
+}
+
+#[test]
+fn a_checkpoint_after_a_journal_rewrite_whose_directory_sync_failed_keeps_the_wal() {
+    // A rewrite renamed the new journal over the old one but the directory fsync failed: the
+    // rename may not survive a power cut. A checkpoint must not take the new file it finds
+    // under the journal's name for a completed rewrite and remove the WAL file holding the
+    // bytes the old journal lacks: the old code did, and after a power cut the cursor was
+    // back before its last completed persistence pass.
+    let io = SimIo::new();
+    let storage = open_sim(&io, config());
+    let log = storage.open_log("t").expect("log");
+    let positions = append(&log, 30);
+    log.open_cursor("sub", InitialPosition::Earliest)
+        .expect("cursor");
+    log.acknowledge_cumulative("sub", positions[9])
+        .expect("ack");
+    // A completed pass: durable through the WAL only.
+    storage.persist_cursors();
+    log.acknowledge_cumulative("sub", positions[14])
+        .expect("ack");
+    // A direct persist whose write fails: the journal is rewritten next time...
+    io.fail_writes(1);
+    log.persist_cursors().expect_err("the journal write fails");
+    log.acknowledge_cumulative("sub", positions[19])
+        .expect("ack");
+    // ...and that rewrite's rename is not made durable (the new file's creation syncs the
+    // directory once, the rename a second time).
+    io.fail_nth_dir_sync(2);
+    log.persist_cursors()
+        .expect_err("the rewrite's directory sync fails");
+    storage.checkpoint_cursors().expect("checkpoint");
+
+    let crashed = io.crash(CrashMode::LoseUnsynced, 0);
+    drop(log);
+    drop(storage);
+    let storage = open_sim(&crashed, config());
+    let log = storage.open_log("t").expect("log");
+    let recovered = log.mark_delete_position("sub").flatten();
+    assert!(
+        recovered >= Some(positions[9]),
+        "cursor at {recovered:?}, before its last completed pass ({:?})",
+        positions[9]
+    );
+}
+
+#[test]
+fn a_restart_that_skips_wal_bytes_for_a_rewritten_journal_makes_the_rewrite_durable_first() {
+    // The process dies between a journal rewrite's rename and its directory fsync (modelled by
+    // a failing directory sync and an engine that never closes). The restart finds the new
+    // journal under the name, skips the WAL bytes of the old one, and removes the WAL: unless
+    // it makes the rename durable first, a power cut afterwards brings back the old journal
+    // without those bytes (the old code: the cursor was gone).
+    let io = SimIo::new();
+    let storage = open_sim(&io, config());
+    let log = storage.open_log("t").expect("log");
+    let positions = append(&log, 30);
+    log.open_cursor("sub", InitialPosition::Earliest)
+        .expect("cursor");
+    log.acknowledge_cumulative("sub", positions[9])
+        .expect("ack");
+    storage.persist_cursors();
+    io.fail_writes(1);
+    log.persist_cursors().expect_err("the journal write fails");
+    log.acknowledge_cumulative("sub", positions[19])
+        .expect("ack");
+    io.fail_nth_dir_sync(2);
+    log.persist_cursors()
+        .expect_err("the rewrite's directory sync fails");
+    // Killed: nothing more of this engine runs.
+    std::mem::forget(log);
+    std::mem::forget(storage);
+
+    let restarted = open_sim(&io, config());
+    drop(restarted.open_log("other").expect("another log"));
+    restarted.close().expect("close");
+    let crashed = io.crash(CrashMode::LoseUnsynced, 0);
+    let storage = open_sim(&crashed, config());
+    let log = storage.open_log("t").expect("log");
+    let recovered = log.mark_delete_position("sub").flatten();
+    assert!(
+        recovered >= Some(positions[9]),
+        "cursor at {recovered:?}, before its last completed pass ({:?})",
+        positions[9]
+    );
+}
+
+#[test]
+fn an_acknowledgement_of_the_next_entry_leaves_room_for_one_more_range_in_the_same_call() {
+    // Limit 2, one range held: acknowledging the entry after the mark-delete position together
+    // with an isolated one ends with two ranges, within the limit. The old code counted the
+    // range the first one starts (absorbed into the mark-delete position at the end of the
+    // call) and refused the second.
+    let limited = StorageConfig {
+        cursor_max_ranges: 2,
+        ..config()
+    };
+    let io = SimIo::new();
+    let storage = open_sim(&io, limited);
+    let log = storage.open_log("t").expect("log");
+    let positions = append(&log, 20);
+    log.open_cursor("sub", InitialPosition::Earliest)
+        .expect("cursor");
+    log.acknowledge("sub", &[positions[5]]).expect("ack");
+    log.acknowledge("sub", &[positions[0], positions[10]])
+        .expect("within the limit: nothing refused");
+    assert!(log.is_acknowledged("sub", positions[10]));
+    assert_eq!(log.mark_delete_position("sub"), Some(Some(positions[0])));
+    assert_eq!(log.acknowledged_range_count("sub"), 2);
+    // At the limit now: one more isolated entry is refused.
+    log.acknowledge("sub", &[positions[15]])
+        .expect_err("a third range is refused");
+    assert!(!log.is_acknowledged("sub", positions[15]));
+}
+
+#[test]
+fn a_restart_on_a_full_disk_opens_the_engine_even_if_the_wal_cannot_be_replayed_into_a_journal() {
+    // After a power cut the cursor WAL holds bytes a journal lacks, and the disk is full: the
+    // replay cannot write them. The old code refused to open the whole engine (DiskFull), so
+    // no log could be read or trimmed to free space. Now the engine opens, a log whose journal
+    // needs no bytes opens and reads, the log whose journal does is refused with DiskFull
+    // until there is space, and then opens with its cursor where the last pass persisted it
+    // (also after another power cut).
+    let io = SimIo::new();
+    let storage = open_sim(&io, config());
+    let log = storage.open_log("t").expect("log");
+    let positions = append(&log, 30);
+    log.open_cursor("sub", InitialPosition::Earliest)
+        .expect("cursor");
+    let other = storage.open_log("u").expect("log");
+    append(&other, 3);
+    log.acknowledge_cumulative("sub", positions[9])
+        .expect("ack");
+    storage.persist_cursors();
+    let crashed = io.crash(CrashMode::LoseUnsynced, 0);
+    drop((log, other));
+    drop(storage);
+
+    crashed.set_capacity(Some(crashed.used_bytes()));
+    let storage = Storage::open_with_io(Path::new("/data"), config(), Arc::new(crashed.clone()))
+        .expect("the engine opens on a full disk");
+    let other = storage
+        .open_log("u")
+        .expect("a log with nothing to replay opens");
+    assert_eq!(
+        other
+            .read_from(other.first_position().expect("entries"), 10, usize::MAX)
+            .expect("read")
+            .len(),
+        3
+    );
+    match storage.open_log("t") {
+        Err(meridian_storage::StorageError::DiskFull { .. }) => {}
+        other => panic!("expected DiskFull, got {other:?}"),
+    }
+    crashed.set_capacity(None);
+    let log = storage.open_log("t").expect("opens once there is space");
+    assert_eq!(log.mark_delete_position("sub"), Some(Some(positions[9])));
+    drop((log, other));
+    let again = crashed.crash(CrashMode::LoseUnsynced, 0);
+    drop(storage);
+    let storage = open_sim(&again, config());
+    let log = storage.open_log("t").expect("log");
+    assert_eq!(log.mark_delete_position("sub"), Some(Some(positions[9])));
+}
+
+#[test]
+fn after_a_failed_wal_fsync_the_passes_go_through_a_new_wal_file_again() {
+    // One failed fsync of the cursor WAL must not leave the engine on one fsync per changed
+    // journal for the rest of its life (at 10,000 topics the persistence bound would not
+    // hold): a later pass starts a new WAL file and is again one fsync for every log. The
+    // old code wrote each journal until the engine was reopened.
+    let io = SimIo::new();
+    let storage = open_sim(&io, config());
+    let names: Vec<String> = (0..20).map(|index| format!("t{index}")).collect();
+    let logs: Vec<_> = names
+        .iter()
+        .map(|name| {
+            let log = storage.open_log(name).expect("log");
+            let positions = append(&log, 5);
+            log.open_cursor("sub", InitialPosition::Earliest)
+                .expect("cursor");
+            (log, positions)
+        })
+        .collect();
+    let acknowledge_all = |index: usize| {
+        for (log, positions) in &logs {
+            log.acknowledge_cumulative("sub", positions[index])
+                .expect("ack");
+        }
+    };
+    acknowledge_all(0);
+    io.fail_syncs(1);
+    storage.persist_cursors();
+    // The journals of the failed pass are rewritten (one fsync each, whatever the path).
+    acknowledge_all(1);
+    storage.persist_cursors();
+    acknowledge_all(2);
+    let before = io.sync_count();
+    storage.persist_cursors();
+    assert_eq!(
+        io.sync_count() - before,
+        1,
+        "one fsync for the pass over {} changed logs",
+        logs.len()
+    );
+    let crashed = io.crash(CrashMode::LoseUnsynced, 0);
+    drop(logs);
+    drop(storage);
+    let storage = open_sim(&crashed, config());
+    for name in &names {
+        let log = storage.open_log(name).expect("log");
+        let mark_delete = log.mark_delete_position("sub").flatten();
+        assert_eq!(
+            mark_delete.map(|position| position.entry_id),
+            Some(2),
+            "{name}"
+        );
+    }
+}
+
+#[test]
+fn relaxed_mode_acknowledgements_of_entries_a_power_cut_lost_do_not_hide_the_backlog() {
+    // Relaxed mode: the cursor (with individual acknowledgements of entries not synced yet) is
+    // persisted, then a power cut loses those entries. The old code kept the acknowledgements
+    // of positions that no longer exist and subtracted them from the backlog of the entries
+    // appended afterwards: 3 unconsumed messages showed a backlog of 0.
+    let relaxed = StorageConfig {
+        flush_policy: meridian_storage::FlushPolicy::RelaxedWriteOnly {
+            fsync_interval: Duration::from_secs(3600),
+        },
+        ..config()
+    };
+    let io = SimIo::new();
+    let storage = open_sim(&io, relaxed.clone());
+    let log = storage.open_log("t").expect("log");
+    log.open_cursor("sub", InitialPosition::Earliest)
+        .expect("cursor");
+    let positions = append(&log, 10);
+    let acks: Vec<Position> = positions[5..].iter().step_by(2).copied().collect();
+    log.acknowledge("sub", &acks).expect("ack");
+    storage.persist_cursors();
+    let crashed = io.crash(CrashMode::LoseUnsynced, 0);
+    drop(log);
+    drop(storage);
+
+    let storage = open_sim(&crashed, relaxed);
+    let log = storage.open_log("t").expect("log");
+    assert_eq!(log.entries_after(None), 0, "the unsynced entries are lost");
+    append(&log, 3);
+    assert_eq!(log.backlog_entries("sub"), Some(3));
+    assert_eq!(log.acknowledged_range_count("sub"), 0);
+}
+
+#[test]
+fn the_wal_replay_holds_a_bounded_number_of_journals_open() {
+    // After a power cut the WAL holds bytes for every log whose cursors changed since the last
+    // checkpoint; the replay wrote them all and kept every journal open until its final fsync:
+    // one file descriptor per log (the old code: 600 here), at a start where no log is open.
+    let io = SimIo::new();
+    let storage = open_sim(&io, config());
+    let logs: Vec<_> = (0..600)
+        .map(|index| {
+            let log = storage.open_log(&format!("t{index}")).expect("log");
+            let position = append(&log, 1)[0];
+            log.open_cursor("sub", InitialPosition::Earliest)
+                .expect("cursor");
+            log.acknowledge_cumulative("sub", position).expect("ack");
+            (log, position)
+        })
+        .collect();
+    storage.persist_cursors();
+    let crashed = io.crash(CrashMode::LoseUnsynced, 0);
+    let expected: Vec<Position> = logs.iter().map(|(_, position)| *position).collect();
+    drop(logs);
+    drop(storage);
+
+    let storage = open_sim(&crashed, config());
+    assert!(
+        crashed.peak_open_files() < 600 / 2,
+        "{} files open at once during the replay",
+        crashed.peak_open_files()
+    );
+    for (index, position) in expected.iter().enumerate() {
+        let log = storage.open_log(&format!("t{index}")).expect("log");
+        assert_eq!(log.mark_delete_position("sub"), Some(Some(*position)));
+        drop(log);
+        storage.close_log(&format!("t{index}")).expect("close");
+    }
+}

@@ -1250,7 +1250,12 @@ fn relaxed_mode_a_failed_periodic_fsync_poisons_the_log_and_serves_nothing_it_di
     for sequence in 100.. {
         match log.append(payload(0, sequence), 0) {
             Ok(pending) => match pending.wait() {
-                Ok(position) => written.push(position),
+                Ok(position) => {
+                    // Acknowledged individually (the synced entries before it are not):
+                    // lost with it if it was not synced.
+                    let _ = log.acknowledge("sub", &[position]);
+                    written.push(position);
+                }
                 Err(_) => break,
             },
             Err(StorageError::Poisoned { .. }) => break,
@@ -1259,6 +1264,9 @@ fn relaxed_mode_a_failed_periodic_fsync_poisons_the_log_and_serves_nothing_it_di
         std::thread::sleep(Duration::from_millis(1));
     }
     assert!(!written.is_empty(), "an append completed before the fsync");
+    // The acknowledgements of the lost entries no longer count against the backlog.
+    assert_eq!(log.backlog_entries("sub"), Some(synced.len() as u64));
+    assert_eq!(log.acknowledged_range_count("sub"), 0);
     let error = log.append(payload(0, 1), 0).expect_err("poisoned");
     assert!(matches!(error, StorageError::Poisoned { .. }), "{error}");
     assert_eq!(log.last_position(), last_synced);
@@ -1335,4 +1343,95 @@ fn relaxed_mode_a_failed_fsync_of_a_segment_being_sealed_loses_only_what_was_not
         check_history(&entries, &synced);
         assert_eq!(entries.len(), synced.len(), "after a reopen: {entries:?}");
     }
+}
+
+#[test]
+fn a_checkpoint_during_a_close_keeps_the_wal_bytes_that_close_has_not_written_yet() {
+    // A log leaves the registry before its close writes its journal. A checkpoint in between
+    // must still write (or keep) the WAL bytes of that log: the old checkpoint looked at the
+    // registry only and removed the WAL file, and a power cut before the close's journal
+    // write lost the cursor a completed persistence pass had made durable.
+    let sim = SimIo::new();
+    let gated = GatedIo::new(sim.clone());
+    let storage =
+        Arc::new(Storage::open_with_io("/data", stepwise_config(), gated.clone()).expect("open"));
+    let log = storage.open_log("t").expect("log");
+    let positions = append_all(&log, 0..5);
+    log.open_cursor("sub", InitialPosition::Earliest)
+        .expect("cursor");
+    log.acknowledge_cumulative("sub", positions[3])
+        .expect("ack");
+    // A completed pass: durable in the WAL only.
+    storage.persist_cursors();
+    drop(log);
+    // The close stops at its seal, before it writes the journal.
+    let (reached, release) = gated.arm("write", ".segment");
+    let closing = {
+        let storage = storage.clone();
+        std::thread::spawn(move || storage.close_log("t"))
+    };
+    reached.recv().expect("the close seals the segment");
+    storage.checkpoint_cursors().expect("checkpoint");
+    let crashed = sim.crash(CrashMode::LoseUnsynced, 0);
+    drop(release);
+    closing.join().expect("close thread").expect("close");
+
+    let storage = open_stepwise(&crashed).expect("open after the power cut");
+    let log = storage.open_log("t").expect("log");
+    assert_eq!(
+        log.mark_delete_position("sub"),
+        Some(Some(positions[3])),
+        "the cursor is where its last completed pass persisted it"
+    );
+}
+
+#[test]
+fn open_log_during_close_log_waits_and_gets_the_state_the_close_persisted() {
+    // Models a topic unloaded (its log closed) while a client reconnects (the log opened
+    // again). The old open did not wait: a second instance of the log read the journal
+    // before the close had written the last acknowledgements into it (they came back), and
+    // both instances then wrote the same journal and segments.
+    let sim = SimIo::new();
+    let gated = GatedIo::new(sim.clone());
+    let storage =
+        Arc::new(Storage::open_with_io("/data", stepwise_config(), gated.clone()).expect("open"));
+    let log = storage.open_log("t").expect("log");
+    let positions = append_all(&log, 0..5);
+    log.open_cursor("sub", InitialPosition::Earliest)
+        .expect("cursor");
+    log.acknowledge_cumulative("sub", positions[1])
+        .expect("ack");
+    storage.persist_cursors();
+    // Only the close persists this one.
+    log.acknowledge_cumulative("sub", positions[3])
+        .expect("ack");
+    drop(log);
+    // The close stops right before it writes the journal.
+    let (reached, release) = gated.arm("write", "cursors.journal");
+    let closing = {
+        let storage = storage.clone();
+        std::thread::spawn(move || storage.close_log("t"))
+    };
+    reached.recv().expect("the close writes the journal");
+    let opening = {
+        let storage = storage.clone();
+        std::thread::spawn(move || {
+            storage
+                .open_log("t")
+                .map(|log| log.mark_delete_position("sub"))
+        })
+    };
+    // The open either waits for the close (the close and the open both use the name's lock)
+    // or, as the old code did, finishes while the close is stopped.
+    while storage.name_lock_users("t") < 2 && !opening.is_finished() {
+        std::thread::yield_now();
+    }
+    drop(release);
+    closing.join().expect("close thread").expect("close");
+    let seen = opening.join().expect("open thread").expect("open");
+    assert_eq!(
+        seen,
+        Some(Some(positions[3])),
+        "the log opened again has the cursor its close persisted"
+    );
 }

@@ -452,3 +452,53 @@ fn sealed_segments_keep_a_sparse_index_and_serve_every_read_as_before() {
         payloads.len()
     );
 }
+
+#[test]
+fn backlog_bytes_are_exact_from_any_entry_of_a_sealed_segment() {
+    // A sealed segment keeps one offset per 64 entries or 64 KiB; the backlog in bytes after a
+    // mark-delete position inside such a group must still count exactly the records after it
+    // (backlog quotas refuse producers and evict entries by it). The old code counted from the
+    // group's first entry: up to 64 KiB of acknowledged entries too. Entries of every size,
+    // some whose record is exactly 64 KiB, so that groups end at both limits.
+    let directory = tempfile::tempdir().expect("tempdir");
+    let config = StorageConfig {
+        segment_max_bytes: 1024 * 1024,
+        entry_max_bytes: 200_000,
+        pending_max_bytes_per_log: 64 << 20,
+        // No cursor: trimming would remove what is being measured.
+        trim_interval: Duration::from_secs(3600),
+        ..StorageConfig::default()
+    };
+    let record_len = |payload: &Bytes| 24 + payload.len() as u64;
+    let payloads: Vec<Bytes> = (0..600u64)
+        .map(|index| match index % 150 {
+            // A record of exactly 64 KiB, and one more, so that a group ends at exactly 64
+            // KiB and right after it.
+            3 | 4 => Bytes::from(vec![7u8; 64 * 1024 - 24]),
+            _ => mixed_payload(index),
+        })
+        .collect();
+    let check = |log: &Arc<meridian_storage::Log>, positions: &[Position], when: &str| {
+        let mut after: u64 = payloads.iter().map(record_len).sum();
+        assert_eq!(log.bytes_after(None), after, "everything, {when}");
+        for (index, position) in positions.iter().enumerate() {
+            after -= record_len(&payloads[index]);
+            assert_eq!(
+                log.bytes_after(Some(*position)),
+                after,
+                "after entry {index}, {when}"
+            );
+        }
+    };
+    let positions = {
+        let storage = Storage::open(directory.path(), config.clone()).expect("open");
+        let log = storage.open_log("t").expect("log");
+        let positions = append_all(&log, &payloads, 1_000);
+        check(&log, &positions, "while written");
+        positions
+    };
+    let storage = Storage::open(directory.path(), config).expect("reopen");
+    let log = storage.open_log("t").expect("log");
+    assert!(log.stats().segments > 3, "{:?}", log.stats());
+    check(&log, &positions, "after a restart");
+}
