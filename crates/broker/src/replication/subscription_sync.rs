@@ -382,7 +382,7 @@ pub fn acknowledged_elsewhere(
 /// What the states other clusters sent acknowledge of the batch entry at `position` (with
 /// `metadata`) when none acknowledged it whole: the `ack_set` words of the messages no sender
 /// acknowledged, if some sender acknowledged some.
-fn acknowledged_in_part_elsewhere(
+pub(crate) fn acknowledged_in_part_elsewhere(
     received: &[SyncedAcks],
     local_cluster: &str,
     position: Position,
