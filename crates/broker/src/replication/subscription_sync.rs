@@ -227,6 +227,63 @@ impl Frontier {
     }
 }
 
+impl Frontier {
+    /// Completes the frontier for this cluster's own entries, whose origin positions are
+    /// positions of this log: every one at or before the mark-delete position is acknowledged,
+    /// and every one from `local_from` (the log's first entry when the subscription was first
+    /// walked, see [`LOCAL_STORED_FROM_PROPERTY`]) on was stored here. So the state still
+    /// speaks for them after the log was trimmed and the topic loaded again, when the walk from
+    /// the log's start no longer meets them.
+    fn with_own_entries(
+        mut self,
+        local_cluster: &str,
+        mark_delete: Option<Position>,
+        local_from: Option<Position>,
+    ) -> Frontier {
+        if let Some(mark_delete) = mark_delete {
+            self.through.insert(local_cluster.to_string(), mark_delete);
+        }
+        if let Some(from) = local_from {
+            let first = self.first.entry(local_cluster.to_string()).or_insert(from);
+            *first = (*first).min(from);
+        }
+        self
+    }
+}
+
+/// The cursor property with the first position of the log when the replicated subscription
+/// was first walked: this cluster's own entries from there on were stored here, even once
+/// trimmed from the log.
+pub const LOCAL_STORED_FROM_PROPERTY: &str = "meridian.stored-from";
+
+fn local_stored_from(state: &CursorState) -> Option<Position> {
+    state
+        .properties
+        .get(LOCAL_STORED_FROM_PROPERTY)
+        .and_then(|value| chain::parse_position(value))
+}
+
+/// Records the log's first position as [`LOCAL_STORED_FROM_PROPERTY`] unless the cursor has
+/// one; returns the recorded position. The caller holds the topic's cursor-properties lock.
+fn note_local_stored_from(log: &Log, cursor: &str) -> Result<Option<Position>> {
+    let Some(state) = log.cursor(cursor) else {
+        return Ok(None);
+    };
+    if let Some(from) = local_stored_from(&state) {
+        return Ok(Some(from));
+    }
+    let Some(first) = log.first_position() else {
+        return Ok(None);
+    };
+    let mut properties = state.properties;
+    properties.insert(
+        LOCAL_STORED_FROM_PROPERTY.to_string(),
+        format!("{}:{}", first.ledger_id, first.entry_id),
+    );
+    log.set_cursor_properties(cursor, properties)?;
+    Ok(Some(first))
+}
+
 /// Where reading starts after a mark-delete position.
 fn position_after(log: &Log, mark_delete: Option<Position>) -> Position {
     match mark_delete {
@@ -935,12 +992,20 @@ fn walk(
             return Ok(walked.acks.clone());
         }
     }
+    let local_from = match local_stored_from(&state) {
+        Some(from) => Some(from),
+        None => {
+            let _properties = topic.lock_cursor_properties();
+            note_local_stored_from(log, cursor)?
+        }
+    };
     let frontier = Frontier::at(
         log,
         local_cluster,
         state.mark_delete,
         tracked.frontier.as_ref(),
-    )?;
+    )?
+    .with_own_entries(local_cluster, state.mark_delete, local_from);
     let walked = origin_acks(
         log,
         &state,
@@ -1124,6 +1189,52 @@ mod tests {
             assert_eq!(resumed.acks, fresh.acks, "step {step}");
             frontier = Some(found);
             walked = Some(resumed);
+        }
+    }
+
+    #[test]
+    fn a_log_trimmed_before_the_topic_loads_again_still_speaks_for_its_own_entries() {
+        let directory = tempfile::tempdir().expect("tempdir");
+        let config = StorageConfig {
+            flush_policy: FlushPolicy::RelaxedWriteOnly {
+                fsync_interval: Duration::from_secs(1),
+            },
+            segment_max_bytes: 4096,
+            entry_max_bytes: 512,
+            ..StorageConfig::default()
+        };
+        let storage = Storage::open(directory.path(), config).expect("storage");
+        let log = storage.open_log("persistent://t/n/trimmed").expect("log");
+        log.open_cursor("sub", InitialPosition::Earliest)
+            .expect("cursor");
+        let pending: Vec<_> = (0..200)
+            .map(|_| log.append(entry(None), 1).expect("append"))
+            .collect();
+        let positions: Vec<Position> = pending
+            .into_iter()
+            .map(|append| append.wait().expect("durable"))
+            .collect();
+        // The sync task's first walk, while the log still holds every entry.
+        note_local_stored_from(&log, "sub").expect("noted");
+        // Its consumers acknowledge everything; the consumed segments are deleted.
+        log.acknowledge_cumulative("sub", positions[199])
+            .expect("ack");
+        log.persist_cursors().expect("persist");
+        log.trim().expect("trim");
+        assert!(log.first_position() > Some(positions[0]), "trimmed");
+        // The topic loads again: the walk starts over from the log as it is now.
+        let state = log.cursor("sub").expect("cursor");
+        let frontier = Frontier::at(&log, "a", state.mark_delete, None)
+            .expect("frontier")
+            .with_own_entries("a", state.mark_delete, local_stored_from(&state));
+        let acks = origin_acks(&log, &state, &frontier, "a", None)
+            .expect("walk")
+            .acks;
+        for position in [positions[0], positions[100], positions[199]] {
+            assert!(
+                acks.covers("a", position, true),
+                "{position:?} was acknowledged here: {acks:?}"
+            );
         }
     }
 
