@@ -230,17 +230,18 @@ impl Frontier {
 impl Frontier {
     /// Completes the frontier for this cluster's own entries, whose origin positions are
     /// positions of this log: every one at or before the mark-delete position is acknowledged,
-    /// and every one from `local_from` (the log's first entry when the subscription was first
-    /// walked, see [`LOCAL_STORED_FROM_PROPERTY`]) on was stored here. So the state still
-    /// speaks for them after the log was trimmed and the topic loaded again, when the walk from
-    /// the log's start no longer meets them.
+    /// and every one from `local_from` (the first one the subscription's walks met, see
+    /// [`LOCAL_STORED_FROM_PROPERTY`]) on was stored here. So the state still speaks for them
+    /// after the log was trimmed and the topic loaded again, when the walk from the log's start
+    /// no longer meets them. A cluster that never stored an entry of its own is left out.
     fn with_own_entries(
         mut self,
         local_cluster: &str,
         mark_delete: Option<Position>,
         local_from: Option<Position>,
     ) -> Frontier {
-        if let Some(mark_delete) = mark_delete {
+        let own_entries = local_from.is_some() || self.first.contains_key(local_cluster);
+        if let (true, Some(mark_delete)) = (own_entries, mark_delete) {
             self.through.insert(local_cluster.to_string(), mark_delete);
         }
         if let Some(from) = local_from {
@@ -251,9 +252,9 @@ impl Frontier {
     }
 }
 
-/// The cursor property with the first position of the log when the replicated subscription
-/// was first walked: this cluster's own entries from there on were stored here, even once
-/// trimmed from the log.
+/// The cursor property with the first entry of this cluster's own that the replicated
+/// subscription's walks met: its own entries from there on were stored here, even once trimmed
+/// from the log.
 pub const LOCAL_STORED_FROM_PROPERTY: &str = "meridian.stored-from";
 
 fn local_stored_from(state: &CursorState) -> Option<Position> {
@@ -263,25 +264,22 @@ fn local_stored_from(state: &CursorState) -> Option<Position> {
         .and_then(|value| chain::parse_position(value))
 }
 
-/// Records the log's first position as [`LOCAL_STORED_FROM_PROPERTY`] unless the cursor has
-/// one; returns the recorded position. The caller holds the topic's cursor-properties lock.
-fn note_local_stored_from(log: &Log, cursor: &str) -> Result<Option<Position>> {
+/// Records `first` as [`LOCAL_STORED_FROM_PROPERTY`] unless the cursor has one. The caller
+/// holds the topic's cursor-properties lock.
+fn note_local_stored_from(log: &Log, cursor: &str, first: Position) -> Result<()> {
     let Some(state) = log.cursor(cursor) else {
-        return Ok(None);
+        return Ok(());
     };
-    if let Some(from) = local_stored_from(&state) {
-        return Ok(Some(from));
+    if local_stored_from(&state).is_some() {
+        return Ok(());
     }
-    let Some(first) = log.first_position() else {
-        return Ok(None);
-    };
     let mut properties = state.properties;
     properties.insert(
         LOCAL_STORED_FROM_PROPERTY.to_string(),
         format!("{}:{}", first.ledger_id, first.entry_id),
     );
     log.set_cursor_properties(cursor, properties)?;
-    Ok(Some(first))
+    Ok(())
 }
 
 /// Where reading starts after a mark-delete position.
@@ -992,13 +990,7 @@ fn walk(
             return Ok(walked.acks.clone());
         }
     }
-    let local_from = match local_stored_from(&state) {
-        Some(from) => Some(from),
-        None => {
-            let _properties = topic.lock_cursor_properties();
-            note_local_stored_from(log, cursor)?
-        }
-    };
+    let local_from = local_stored_from(&state);
     let frontier = Frontier::at(
         log,
         local_cluster,
@@ -1013,6 +1005,10 @@ fn walk(
         local_cluster,
         tracked.walked.as_ref(),
     )?;
+    if let (None, Some(first)) = (local_from, walked.stored_from.get(local_cluster)) {
+        let _properties = topic.lock_cursor_properties();
+        note_local_stored_from(log, cursor, *first)?;
+    }
     let acks = walked.acks.clone();
     tracked.frontier = Some(frontier);
     tracked.walked = Some(walked);
@@ -1214,8 +1210,14 @@ mod tests {
             .into_iter()
             .map(|append| append.wait().expect("durable"))
             .collect();
-        // The sync task's first walk, while the log still holds every entry.
-        note_local_stored_from(&log, "sub").expect("noted");
+        // A first acknowledgement and the sync task's walk, while the log still holds every
+        // entry.
+        log.acknowledge_cumulative("sub", positions[0])
+            .expect("ack");
+        let state = log.cursor("sub").expect("cursor");
+        let frontier = Frontier::at(&log, "a", state.mark_delete, None).expect("frontier");
+        let first = origin_acks(&log, &state, &frontier, "a", None).expect("walk");
+        note_local_stored_from(&log, "sub", first.stored_from["a"]).expect("noted");
         // Its consumers acknowledge everything; the consumed segments are deleted.
         log.acknowledge_cumulative("sub", positions[199])
             .expect("ack");
