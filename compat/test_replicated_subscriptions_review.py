@@ -696,3 +696,47 @@ def test_a_batch_acknowledged_in_part_elsewhere_arriving_after_the_state(cluster
     assert sorted(delivered) == sorted(left), (
         f"b delivered {len(delivered)} messages; a left {len(left)} unacknowledged"
     )
+
+
+def test_a_cumulative_acknowledgement_inside_a_batch_carries_over_on_failover(clusters_factory):
+    """Failover subscription, batch-index acknowledgements enabled: on a, a cumulative
+    acknowledgement of the 4th message of the second of three batches of ten. Consumers moving
+    to b get exactly the 26 messages after it: the first batch through the mark-delete
+    position, the second's first four through its partial acknowledgement."""
+    clusters = clusters_factory(
+        ("a", "b"), config={"acknowledgment_at_batch_index_level_enabled": True}
+    )
+    topic = replicated_topic(clusters, ("a", "b"), "rv-batch-failover")
+    subscription = "billing"
+
+    def subscribe(cluster):
+        return clusters.client(cluster).subscribe(
+            topic, subscription, consumer_type=pulsar.ConsumerType.Failover,
+            initial_position=Earliest, replicate_subscription_state_enabled=True,
+            batch_index_ack_enabled=True,
+        )
+
+    on_a = subscribe("a")
+    producer = clusters.client("a").create_producer(
+        topic, batching_enabled=True, batching_max_messages=10, batching_max_publish_delay_ms=1000
+    )
+    sent = []
+    for batch in range(3):
+        for index in range(10):
+            payload = f"b{batch}-{index}".encode()
+            producer.send_async(payload, None)
+            sent.append(payload)
+        producer.flush()
+    producer.close()
+    await_condition(lambda: entries(clusters, "b", topic) == 3, REPLICATION_TIMEOUT_S,
+                    "the three batches in b")
+    received = [on_a.receive(timeout_millis=10_000) for _ in range(30)]
+    assert [message.data() for message in received] == sent
+    on_a.acknowledge_cumulative(received[13])
+    before_close = int(time.time() * 1000)
+    on_a.close()
+    await_state_sent(clusters, "a", "b", topic, subscription, before_close)
+    on_b = subscribe("b")
+    delivered = [message.data() for message in _drain_until(on_b, 16)]
+    assert delivered == sent[14:]
+    assert_nothing_more(on_b)
