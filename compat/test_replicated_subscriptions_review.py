@@ -3,7 +3,8 @@ a promise of the failover contract (docs/replication.md, "Replicated subscriptio
 holds: entries acknowledged elsewhere arriving after the state, a stalled third cluster, a
 receiver killed right after applying, bad senders and bad cursor names on the sync endpoint,
 large states, interleaved origins, partial batch acknowledgements (without batch-index
-acknowledgements: duplicates, never loss; with them: exact), one-way replication (failback, an
+acknowledgements: duplicates, never loss; with them: exact, also for a batch that arrives after
+the state and for a cumulative acknowledgement inside a batch), one-way replication (failback, an
 origin that only replicates in),
 partitioned topics, odd subscription names and per-message replication lists.
 """
