@@ -3,7 +3,8 @@ a promise of the failover contract (docs/replication.md, "Replicated subscriptio
 holds: entries acknowledged elsewhere arriving after the state, a stalled third cluster, a
 receiver killed right after applying, bad senders and bad cursor names on the sync endpoint,
 large states, interleaved origins, partial batch acknowledgements (without batch-index
-acknowledgements: duplicates, never loss; with them: exact), one-way replication (failback, an
+acknowledgements: duplicates, never loss; with them: exact, also for a batch that arrives after
+the state and for a cumulative acknowledgement inside a batch), one-way replication (failback, an
 origin that only replicates in),
 partitioned topics, odd subscription names and per-message replication lists.
 """
@@ -639,3 +640,104 @@ def test_an_origin_replicated_in_one_way_is_part_of_the_state(clusters_factory):
     assert delivered == [], f"b delivered {len(delivered)} messages a had acknowledged: {delivered}"
 
 
+
+
+def test_a_batch_acknowledged_in_part_elsewhere_arriving_after_the_state(clusters_factory):
+    """Graceful switch, zero duplicates, for a batch acknowledged in part that reaches b after
+    a's state: the a->b link is cut, a's consumer acknowledges the even messages of a batch of
+    ten and closes, a's state reaches b, a consumer subscribes in b, then the link heals. b's
+    sync task ticks only once a minute here, so what b's consumer gets is what the dispatcher
+    sends when the batch arrives: the five messages a did not acknowledge, not the whole
+    batch."""
+    clusters = clusters_factory(
+        ("a", "b"), config={"acknowledgment_at_batch_index_level_enabled": True}
+    )
+    topic = replicated_topic(clusters, ("a", "b"), "rv-batch-late")
+    namespace = topic.split("//", 1)[1].rsplit("/", 1)[0]
+    clusters.admin("b", "POST", f"/admin/v2/namespaces/{namespace}/replicatedSubscriptionSyncInterval", 60_000)
+    subscription = "billing"
+
+    def subscribe(cluster):
+        return clusters.client(cluster).subscribe(
+            topic, subscription, consumer_type=pulsar.ConsumerType.Shared,
+            initial_position=Earliest, replicate_subscription_state_enabled=True,
+            batch_index_ack_enabled=True,
+        )
+
+    on_a = subscribe("a")
+    produce(clusters, "a", topic, 1, "w")
+    await_condition(lambda: entries(clusters, "b", topic) == 1, REPLICATION_TIMEOUT_S,
+                    "the warm-up message in b")
+    on_a.acknowledge(on_a.receive(timeout_millis=10_000))
+
+    clusters.link("a", "b").cut()
+    producer = clusters.client("a").create_producer(
+        topic, batching_enabled=True, batching_max_messages=10, batching_max_publish_delay_ms=1000
+    )
+    for index in range(10):
+        producer.send_async(f"m{index}".encode(), None)
+    producer.flush()
+    producer.close()
+    left = []
+    for _ in range(10):
+        message = on_a.receive(timeout_millis=10_000)
+        if int(message.data()[1:]) % 2 == 0:
+            on_a.acknowledge(message)
+        else:
+            left.append(message.data())
+    before_close = int(time.time() * 1000)
+    on_a.close()
+    await_state_sent(clusters, "a", "b", topic, subscription, before_close)
+
+    on_b = subscribe("b")
+    clusters.link("a", "b").heal()
+    await_condition(lambda: entries(clusters, "b", topic) == 2, REPLICATION_TIMEOUT_S,
+                    "the batch in b")
+    delivered = collect_for(on_b, 5)
+    assert sorted(delivered) == sorted(left), (
+        f"b delivered {len(delivered)} messages; a left {len(left)} unacknowledged"
+    )
+
+
+def test_a_cumulative_acknowledgement_inside_a_batch_carries_over_on_failover(clusters_factory):
+    """Failover subscription, batch-index acknowledgements enabled: on a, a cumulative
+    acknowledgement of the 4th message of the second of three batches of ten. Consumers moving
+    to b get exactly the 26 messages after it: the first batch through the mark-delete
+    position, the second's first four through its partial acknowledgement."""
+    clusters = clusters_factory(
+        ("a", "b"), config={"acknowledgment_at_batch_index_level_enabled": True}
+    )
+    topic = replicated_topic(clusters, ("a", "b"), "rv-batch-failover")
+    subscription = "billing"
+
+    def subscribe(cluster):
+        return clusters.client(cluster).subscribe(
+            topic, subscription, consumer_type=pulsar.ConsumerType.Failover,
+            initial_position=Earliest, replicate_subscription_state_enabled=True,
+            batch_index_ack_enabled=True,
+        )
+
+    on_a = subscribe("a")
+    producer = clusters.client("a").create_producer(
+        topic, batching_enabled=True, batching_max_messages=10, batching_max_publish_delay_ms=1000
+    )
+    sent = []
+    for batch in range(3):
+        for index in range(10):
+            payload = f"b{batch}-{index}".encode()
+            producer.send_async(payload, None)
+            sent.append(payload)
+        producer.flush()
+    producer.close()
+    await_condition(lambda: entries(clusters, "b", topic) == 3, REPLICATION_TIMEOUT_S,
+                    "the three batches in b")
+    received = [on_a.receive(timeout_millis=10_000) for _ in range(30)]
+    assert [message.data() for message in received] == sent
+    on_a.acknowledge_cumulative(received[13])
+    before_close = int(time.time() * 1000)
+    on_a.close()
+    await_state_sent(clusters, "a", "b", topic, subscription, before_close)
+    on_b = subscribe("b")
+    delivered = [message.data() for message in _drain_until(on_b, 16)]
+    assert delivered == sent[14:]
+    assert_nothing_more(on_b)

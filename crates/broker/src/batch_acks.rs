@@ -121,6 +121,9 @@ pub fn record(
         first.is_some_and(|first| position >= first)
             && log.last_position().is_some_and(|last| position <= last)
     };
+    // Entries acknowledged whole since (a cumulative or an individual acknowledgement) leave
+    // first, so that they never take the place of a new one under the cap.
+    partial.retain(|position, _| exists(*position) && !state.is_acknowledged(*position));
     let mut complete = Vec::new();
     for (position, unacked) in acks {
         if !exists(*position) || state.is_acknowledged(*position) {
@@ -134,7 +137,6 @@ pub fn record(
             partial.insert(*position, merged);
         }
     }
-    partial.retain(|position, _| exists(*position) && !state.is_acknowledged(*position));
     if partial != before {
         let mut properties = state.properties;
         match encode(&partial) {
@@ -163,6 +165,44 @@ pub fn clear(log: &Log, cursor: &str) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn entries_acknowledged_whole_since_do_not_count_against_the_cap() {
+        use meridian_storage::{FlushPolicy, InitialPosition, Storage, StorageConfig};
+        let directory = tempfile::tempdir().expect("tempdir");
+        let config = StorageConfig {
+            flush_policy: FlushPolicy::RelaxedWriteOnly {
+                fsync_interval: std::time::Duration::from_secs(1),
+            },
+            ..StorageConfig::default()
+        };
+        let storage = Storage::open(directory.path(), config).expect("storage");
+        let log = storage.open_log("persistent://t/n/cap").expect("log");
+        log.open_cursor("sub", InitialPosition::Earliest)
+            .expect("cursor");
+        let data = bytes::Bytes::from_static(b"batch");
+        let pending: Vec<_> = (0..=MAX_PARTIAL_BATCHES)
+            .map(|_| log.append(data.clone(), 2).expect("append"))
+            .collect();
+        let positions: Vec<Position> = pending
+            .into_iter()
+            .map(|append| append.wait().expect("durable"))
+            .collect();
+        // Every batch but the last acknowledged in part (message 0 of 2), up to the cap...
+        let first_halves: Vec<(Position, Vec<u64>)> = positions[..MAX_PARTIAL_BATCHES]
+            .iter()
+            .map(|position| (*position, vec![0b10]))
+            .collect();
+        let (kept, _) = record(&log, "sub", &first_halves).expect("record");
+        assert_eq!(kept.len(), MAX_PARTIAL_BATCHES);
+        // ...then all of them acknowledged whole by a cumulative acknowledgement.
+        log.acknowledge_cumulative("sub", positions[MAX_PARTIAL_BATCHES - 1])
+            .expect("ack");
+        // A new partial acknowledgement is kept: nothing else is acknowledged in part now.
+        let last = positions[MAX_PARTIAL_BATCHES];
+        let (kept, _) = record(&log, "sub", &[(last, vec![0b10])]).expect("record");
+        assert_eq!(kept, Partial::from([(last, vec![0b10])]));
+    }
 
     #[test]
     fn acknowledgements_add_up_and_round_trip() {

@@ -321,6 +321,32 @@ impl Subscription {
         )
     }
 
+    /// What other clusters acknowledged of the batch entry at `position` (replicated
+    /// subscriptions, batch-index acknowledgements enabled): its `ack_set` words, if some
+    /// messages and not all.
+    fn acknowledged_in_part_elsewhere(
+        &self,
+        position: Position,
+        metadata: &meridian_wire::MessageMetadata,
+    ) -> Option<Vec<u64>> {
+        if !self.config.batch_index_ack_enabled {
+            return None;
+        }
+        let received = self
+            .acknowledged_elsewhere
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if received.is_empty() {
+            return None;
+        }
+        subscription_sync::acknowledged_in_part_elsewhere(
+            &received,
+            &self.config.cluster_name,
+            position,
+            metadata,
+        )
+    }
+
     pub fn cursor_name(&self) -> &str {
         &self.cursor
     }
@@ -1096,6 +1122,23 @@ impl Subscription {
             let covered_elsewhere = parsed
                 .as_ref()
                 .is_ok_and(|metadata| self.is_acknowledged_elsewhere(position, metadata));
+            // A batch another cluster acknowledged in part (its state may arrive before the
+            // batch does): its messages acknowledged there are skipped here too, at once, not
+            // only after the sync task's next tick records them.
+            let mut ack_set = self.ack_set(position);
+            if !covered_elsewhere {
+                if let Some(words) = parsed
+                    .as_ref()
+                    .ok()
+                    .and_then(|metadata| self.acknowledged_in_part_elsewhere(position, metadata))
+                {
+                    let local = (!ack_set.is_empty()).then(|| batch_acks::from_wire(&ack_set));
+                    ack_set = batch_acks::to_wire(&batch_acks::merge(local.as_deref(), &words));
+                }
+            }
+            let covered_elsewhere = covered_elsewhere
+                || (!ack_set.is_empty()
+                    && batch_acks::is_complete(&batch_acks::from_wire(&ack_set)));
             if is_marker || covered_elsewhere {
                 if let Err(error) = self.log.acknowledge(&self.cursor, &[position]) {
                     tracing::error!(topic = %self.topic, %error, "acknowledging a marker or an entry acknowledged in another cluster failed");
@@ -1138,7 +1181,7 @@ impl Subscription {
                 consumer_id: consumer.consumer_id,
                 message_id: message_id(position, self.partition_index),
                 redelivery_count: (redelivery_count > 0).then_some(redelivery_count),
-                ack_set: self.ack_set(position),
+                ack_set,
                 ..CommandMessage::default()
             };
             let data = match &parsed {

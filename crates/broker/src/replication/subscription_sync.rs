@@ -113,14 +113,14 @@ fn walk_entries(
 }
 
 /// Reads the entries from `start` on that `acknowledged` does not hold, calling
-/// `each(position, metadata)`; acknowledged ranges are skipped without reading them, so the
-/// cost follows the unacknowledged entries, not a long acknowledged tail. Returns the last
-/// position it went past (read or skipped).
+/// `each(position, metadata)` until it returns `false`; acknowledged ranges are skipped without
+/// reading them, so the cost follows the unacknowledged entries, not a long acknowledged tail.
+/// Returns the last position it went past (read or skipped).
 fn walk_unacknowledged(
     log: &Log,
     acknowledged: &RangeSet,
     start: Position,
-    mut each: impl FnMut(Position, &MessageMetadata),
+    mut each: impl FnMut(Position, &MessageMetadata) -> bool,
 ) -> Result<Option<Position>> {
     let mut ranges = acknowledged
         .iter()
@@ -163,7 +163,9 @@ fn walk_unacknowledged(
             }
             walked = Some(entry.position);
             if let Ok(metadata) = meridian_wire::entry_metadata(entry.data) {
-                each(entry.position, &metadata);
+                if !each(entry.position, &metadata) {
+                    return Ok(walked);
+                }
             }
         }
         next = match gap_end {
@@ -223,6 +225,61 @@ impl Frontier {
         })?;
         Ok(frontier)
     }
+}
+
+impl Frontier {
+    /// Completes the frontier for this cluster's own entries, whose origin positions are
+    /// positions of this log: every one at or before the mark-delete position is acknowledged,
+    /// and every one from `local_from` (the first one the subscription's walks met, see
+    /// [`LOCAL_STORED_FROM_PROPERTY`]) on was stored here. So the state still speaks for them
+    /// after the log was trimmed and the topic loaded again, when the walk from the log's start
+    /// no longer meets them. A cluster that never stored an entry of its own is left out.
+    fn with_own_entries(
+        mut self,
+        local_cluster: &str,
+        mark_delete: Option<Position>,
+        local_from: Option<Position>,
+    ) -> Frontier {
+        let own_entries = local_from.is_some() || self.first.contains_key(local_cluster);
+        if let (true, Some(mark_delete)) = (own_entries, mark_delete) {
+            self.through.insert(local_cluster.to_string(), mark_delete);
+        }
+        if let Some(from) = local_from {
+            let first = self.first.entry(local_cluster.to_string()).or_insert(from);
+            *first = (*first).min(from);
+        }
+        self
+    }
+}
+
+/// The cursor property with the first entry of this cluster's own that the replicated
+/// subscription's walks met: its own entries from there on were stored here, even once trimmed
+/// from the log.
+pub const LOCAL_STORED_FROM_PROPERTY: &str = "meridian.stored-from";
+
+fn local_stored_from(state: &CursorState) -> Option<Position> {
+    state
+        .properties
+        .get(LOCAL_STORED_FROM_PROPERTY)
+        .and_then(|value| chain::parse_position(value))
+}
+
+/// Records `first` as [`LOCAL_STORED_FROM_PROPERTY`] unless the cursor has one. The caller
+/// holds the topic's cursor-properties lock.
+fn note_local_stored_from(log: &Log, cursor: &str, first: Position) -> Result<()> {
+    let Some(state) = log.cursor(cursor) else {
+        return Ok(());
+    };
+    if local_stored_from(&state).is_some() {
+        return Ok(());
+    }
+    let mut properties = state.properties;
+    properties.insert(
+        LOCAL_STORED_FROM_PROPERTY.to_string(),
+        format!("{}:{}", first.ledger_id, first.entry_id),
+    );
+    log.set_cursor_properties(cursor, properties)?;
+    Ok(())
 }
 
 /// Where reading starts after a mark-delete position.
@@ -382,7 +439,7 @@ pub fn acknowledged_elsewhere(
 /// What the states other clusters sent acknowledge of the batch entry at `position` (with
 /// `metadata`) when none acknowledged it whole: the `ack_set` words of the messages no sender
 /// acknowledged, if some sender acknowledged some.
-fn acknowledged_in_part_elsewhere(
+pub(crate) fn acknowledged_in_part_elsewhere(
     received: &[SyncedAcks],
     local_cluster: &str,
     position: Position,
@@ -397,6 +454,96 @@ fn acknowledged_in_part_elsewhere(
         }
     }
     merged
+}
+
+/// What the states other clusters sent cover of a subscription's unacknowledged entries.
+#[derive(Debug, Default)]
+struct Covered {
+    /// Entries acknowledged whole elsewhere.
+    whole: Vec<Position>,
+    /// Batch entries acknowledged in part elsewhere, with the `ack_set` words left.
+    in_part: Vec<(Position, Vec<u64>)>,
+    /// The last entry looked at, or the log's last entry when none after the entries looked
+    /// at can be covered.
+    walked: Option<Position>,
+    /// How many entries were read.
+    read: usize,
+}
+
+/// Per origin, the bound from which on none of `received` covers an entry of that origin,
+/// whole or in part. An origin no state covers anything of is absent.
+fn covered_bounds(received: &[SyncedAcks]) -> BTreeMap<String, Position> {
+    let after =
+        |position: Position| Position::new(position.ledger_id, position.entry_id.saturating_add(1));
+    let mut bounds: BTreeMap<String, Position> = BTreeMap::new();
+    for sender in received {
+        for (origin, progress) in &sender.acks.origins {
+            let bound = progress
+                .acked_below
+                .filter(|_| progress.stored_from.is_some())
+                .max(progress.ranges.last().map(|(_, end)| after(*end)))
+                .max(
+                    progress
+                        .batches
+                        .last()
+                        .map(|(position, _)| after(*position)),
+                );
+            if let Some(bound) = bound {
+                let known = bounds.entry(origin.clone()).or_insert(bound);
+                *known = (*known).max(bound);
+            }
+        }
+    }
+    bounds
+}
+
+/// The unacknowledged entries from `start` on that `received` covers. Each origin's entries
+/// are stored in the order of their origin positions, so once an entry of an origin at or
+/// beyond that origin's [`covered_bounds`] has been met, no later entry of it can be covered:
+/// when that holds for every origin the states speak of, the walk stops there, and its cost
+/// follows the covered part of the subscription, not a long backlog after it.
+fn covered_by(
+    log: &Log,
+    acknowledged: &RangeSet,
+    start: Position,
+    received: &[SyncedAcks],
+    local_cluster: &str,
+) -> Result<Covered> {
+    let mut open = covered_bounds(received);
+    let mut covered = Covered::default();
+    if open.is_empty() {
+        covered.walked = log.last_position();
+        return Ok(covered);
+    }
+    let mut stopped = false;
+    let walked = walk_unacknowledged(log, acknowledged, start, |position, metadata| {
+        covered.read += 1;
+        if acknowledged_elsewhere(received, local_cluster, position, metadata) {
+            covered.whole.push(position);
+        } else if let Some(words) =
+            acknowledged_in_part_elsewhere(received, local_cluster, position, metadata)
+        {
+            covered.in_part.push((position, words));
+        }
+        // This cluster's own entries are their own origin positions.
+        if open
+            .get(local_cluster)
+            .is_some_and(|bound| position >= *bound)
+        {
+            open.remove(local_cluster);
+        }
+        if let Some((cluster, origin)) = entry_origin(local_cluster, position, metadata) {
+            if open.get(&cluster).is_some_and(|bound| origin >= *bound) {
+                open.remove(&cluster);
+            }
+        }
+        stopped = open.is_empty();
+        !stopped
+    })?;
+    // Entries after the stop (even ones appended meanwhile) come later in their origin's
+    // order than one already beyond what the states cover.
+    covered.walked = if stopped { log.last_position() } else { walked };
+    Ok(covered)
 }
 
 /// Acknowledges, in subscription `name` of `topic`, every unacknowledged entry that a state
@@ -417,17 +564,12 @@ pub fn apply(
         return Ok(None);
     }
     let start = position_after(log, state.mark_delete).max(from.unwrap_or(Position::new(0, 0)));
-    let mut covered = Vec::new();
-    let mut in_part = Vec::new();
-    let walked = walk_unacknowledged(log, &state.acknowledged, start, |position, metadata| {
-        if acknowledged_elsewhere(&received, local_cluster, position, metadata) {
-            covered.push(position);
-        } else if let Some(words) =
-            acknowledged_in_part_elsewhere(&received, local_cluster, position, metadata)
-        {
-            in_part.push((position, words));
-        }
-    })?;
+    let Covered {
+        whole: covered,
+        in_part,
+        walked,
+        ..
+    } = covered_by(log, &state.acknowledged, start, &received, local_cluster)?;
     let subscription = topic.subscription(name);
     if !covered.is_empty() {
         match &subscription {
@@ -848,12 +990,14 @@ fn walk(
             return Ok(walked.acks.clone());
         }
     }
+    let local_from = local_stored_from(&state);
     let frontier = Frontier::at(
         log,
         local_cluster,
         state.mark_delete,
         tracked.frontier.as_ref(),
-    )?;
+    )?
+    .with_own_entries(local_cluster, state.mark_delete, local_from);
     let walked = origin_acks(
         log,
         &state,
@@ -861,6 +1005,10 @@ fn walk(
         local_cluster,
         tracked.walked.as_ref(),
     )?;
+    if let (None, Some(first)) = (local_from, walked.stored_from.get(local_cluster)) {
+        let _properties = topic.lock_cursor_properties();
+        note_local_stored_from(log, cursor, *first)?;
+    }
     let acks = walked.acks.clone();
     tracked.frontier = Some(frontier);
     tracked.walked = Some(walked);
@@ -990,6 +1138,157 @@ mod tests {
     }
 
     #[test]
+    fn walks_that_go_on_agree_with_fresh_ones_under_random_acknowledgements() {
+        let directory = tempfile::tempdir().expect("tempdir");
+        let storage = relaxed_storage(directory.path());
+        let (log, positions) = mixed_log(&storage, 120);
+        let mut seed: u64 = 0x2545_f491_4f6c_dd1d;
+        let mut next = move |bound: usize| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed % bound as u64) as usize
+        };
+        let mut frontier: Option<Frontier> = None;
+        let mut walked: Option<Walked> = None;
+        for step in 0..300 {
+            match next(20) {
+                0 => {
+                    let at = next(positions.len());
+                    log.reset_cursor("sub", Some(positions[at])).expect("reset");
+                }
+                1 => {
+                    let at = next(positions.len());
+                    log.acknowledge_cumulative("sub", positions[at])
+                        .expect("ack");
+                }
+                2 => {
+                    let at = next(positions.len());
+                    let properties = BTreeMap::from([(
+                        batch_acks::PROPERTY.to_string(),
+                        format!("{}:{}=5", positions[at].ledger_id, positions[at].entry_id),
+                    )]);
+                    log.set_cursor_properties("sub", properties).expect("set");
+                }
+                _ => {
+                    let at = next(positions.len());
+                    let _ = log.acknowledge("sub", &[positions[at]]);
+                }
+            }
+            let state = log.cursor("sub").expect("cursor");
+            let found =
+                Frontier::at(&log, "a", state.mark_delete, frontier.as_ref()).expect("frontier");
+            let fresh_frontier = Frontier::at(&log, "a", state.mark_delete, None).expect("fresh");
+            assert_eq!(found.through, fresh_frontier.through, "step {step}");
+            let resumed = origin_acks(&log, &state, &found, "a", walked.as_ref()).expect("walk");
+            let fresh = origin_acks(&log, &state, &fresh_frontier, "a", None).expect("walk");
+            assert_eq!(resumed.acks, fresh.acks, "step {step}");
+            frontier = Some(found);
+            walked = Some(resumed);
+        }
+    }
+
+    #[test]
+    fn a_log_trimmed_before_the_topic_loads_again_still_speaks_for_its_own_entries() {
+        let directory = tempfile::tempdir().expect("tempdir");
+        let config = StorageConfig {
+            flush_policy: FlushPolicy::RelaxedWriteOnly {
+                fsync_interval: Duration::from_secs(1),
+            },
+            segment_max_bytes: 4096,
+            entry_max_bytes: 512,
+            ..StorageConfig::default()
+        };
+        let storage = Storage::open(directory.path(), config).expect("storage");
+        let log = storage.open_log("persistent://t/n/trimmed").expect("log");
+        log.open_cursor("sub", InitialPosition::Earliest)
+            .expect("cursor");
+        let pending: Vec<_> = (0..200)
+            .map(|_| log.append(entry(None), 1).expect("append"))
+            .collect();
+        let positions: Vec<Position> = pending
+            .into_iter()
+            .map(|append| append.wait().expect("durable"))
+            .collect();
+        // A first acknowledgement and the sync task's walk, while the log still holds every
+        // entry.
+        log.acknowledge_cumulative("sub", positions[0])
+            .expect("ack");
+        let state = log.cursor("sub").expect("cursor");
+        let frontier = Frontier::at(&log, "a", state.mark_delete, None).expect("frontier");
+        let first = origin_acks(&log, &state, &frontier, "a", None).expect("walk");
+        note_local_stored_from(&log, "sub", first.stored_from["a"]).expect("noted");
+        // Its consumers acknowledge everything; the consumed segments are deleted.
+        log.acknowledge_cumulative("sub", positions[199])
+            .expect("ack");
+        log.persist_cursors().expect("persist");
+        log.trim().expect("trim");
+        assert!(log.first_position() > Some(positions[0]), "trimmed");
+        // The topic loads again: the walk starts over from the log as it is now.
+        let state = log.cursor("sub").expect("cursor");
+        let frontier = Frontier::at(&log, "a", state.mark_delete, None)
+            .expect("frontier")
+            .with_own_entries("a", state.mark_delete, local_stored_from(&state));
+        let acks = origin_acks(&log, &state, &frontier, "a", None)
+            .expect("walk")
+            .acks;
+        for position in [positions[0], positions[100], positions[199]] {
+            assert!(
+                acks.covers("a", position, true),
+                "{position:?} was acknowledged here: {acks:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn applying_a_state_reads_only_as_far_as_it_can_cover() {
+        let directory = tempfile::tempdir().expect("tempdir");
+        let storage = relaxed_storage(directory.path());
+        // A backlog of 1,000 entries, every third replicated from c; b's consumers acknowledged
+        // a's entries before the 10th and c's 3..=6.
+        let (log, positions) = mixed_log(&storage, 1000);
+        let origins = BTreeMap::from([
+            (
+                "a".to_string(),
+                super::super::origin_acks::OriginProgress {
+                    acked_below: Some(positions[10]),
+                    stored_from: Some(positions[0]),
+                    ..Default::default()
+                },
+            ),
+            (
+                "c".to_string(),
+                super::super::origin_acks::OriginProgress {
+                    acked_below: Some(Position::new(9, 0)),
+                    stored_from: Some(Position::new(9, 0)),
+                    ranges: vec![(Position::new(9, 3), Position::new(9, 6))],
+                    ..Default::default()
+                },
+            ),
+        ]);
+        let received = vec![SyncedAcks {
+            cluster: "b".to_string(),
+            acks: OriginAcks { origins },
+            reset_at: None,
+        }];
+        let state = log.cursor("sub").expect("cursor");
+        let covered =
+            covered_by(&log, &state.acknowledged, positions[0], &received, "a").expect("walk");
+        let expected: Vec<Position> = [1, 2, 3, 4, 5, 6, 7, 8]
+            .iter()
+            .map(|index| positions[*index])
+            .collect();
+        assert_eq!(covered.whole, expected);
+        assert!(
+            covered.read <= 11,
+            "read {} entries of a backlog of 1,000 to apply a state covering the first 9",
+            covered.read
+        );
+        // Nothing after can be covered by this state: the next ticks need not look at it.
+        assert_eq!(covered.walked, Some(positions[999]));
+    }
+
+    #[test]
     fn only_unacknowledged_entries_are_read() {
         let directory = tempfile::tempdir().expect("tempdir");
         let storage = relaxed_storage(directory.path());
@@ -999,7 +1298,8 @@ mod tests {
         let state = log.cursor("sub").expect("cursor");
         let mut seen = Vec::new();
         let walked = walk_unacknowledged(&log, &state.acknowledged, positions[2], |position, _| {
-            seen.push(position)
+            seen.push(position);
+            true
         })
         .expect("walk");
         let expected: Vec<Position> = [2, 3, 4, 30, 38, 39]
