@@ -741,3 +741,33 @@ def test_a_cumulative_acknowledgement_inside_a_batch_carries_over_on_failover(cl
     delivered = [message.data() for message in _drain_until(on_b, 16)]
     assert delivered == sent[14:]
     assert_nothing_more(on_b)
+
+
+def test_a_cluster_that_cannot_be_reached_shows_its_failures_and_gets_the_state_once_back(clusters_factory):
+    """b is down while a's consumers acknowledge: a's stats for b count the failed posts and
+    show the last error (a's retries wait longer after each); once b is back, a's state reaches
+    it, the failures are cleared, and b holds exactly what a did not acknowledge."""
+    clusters = clusters_factory(("a", "b"))
+    topic, subscription, on_a = warmed_up(clusters, "rv-unreachable")
+    produce(clusters, "a", topic, 10, "m")
+    await_backlog(clusters, "b", topic, subscription, 10, "b has the data")
+    clusters["b"].broker.stop()
+    left = consume([on_a], 10, keep=lambda payload: int(payload[1:]) % 2 == 0)
+
+    def failing():
+        section = sync_stats(clusters, "a", topic, subscription).get("b", {})
+        return section.get("failedAttempts", 0) >= 3 and section.get("lastError")
+
+    await_condition(failing, REPLICATION_TIMEOUT_S, "a reports failed posts to b")
+    clusters["b"].broker.start()
+
+    def recovered():
+        section = sync_stats(clusters, "a", topic, subscription).get("b", {})
+        return (
+            section.get("failedAttempts") == 0
+            and "lastError" not in section
+            and section.get("unsentForMs") == 0
+        )
+
+    await_condition(recovered, REPLICATION_TIMEOUT_S, "a's state reached b again")
+    await_backlog(clusters, "b", topic, subscription, len(left), "a's unacknowledged set")

@@ -154,6 +154,12 @@ pub struct SubscriptionSyncStats {
     pub unsent_for_ms: u64,
     /// When a state from there was last received and applied here (ms since the epoch).
     pub last_received_timestamp: Option<u64>,
+    /// Posts of the state there that failed in a row (0 once one succeeds); the next is tried
+    /// after a wait that doubles with each.
+    pub failed_attempts: u32,
+    /// The last failed post's error, until one succeeds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]

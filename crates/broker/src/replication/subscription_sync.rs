@@ -669,11 +669,14 @@ pub fn receive(
 }
 
 /// How sending one subscription's state to one remote cluster stands.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 struct SendStatus {
     last_sent_ms: Option<u64>,
     /// Since when the current state differs from what the remote confirmed.
     unsent_since_ms: Option<u64>,
+    /// Posts that failed in a row, and the last one's error.
+    failures: u32,
+    last_error: Option<String>,
 }
 
 /// A topic's sync task: sends its replicated subscriptions' state to the other clusters and
@@ -739,6 +742,8 @@ impl SubscriptionSync {
                 entry.unsent_for_ms = status
                     .unsent_since_ms
                     .map_or(0, |since| now.saturating_sub(since));
+                entry.failed_attempts = status.failures;
+                entry.last_error = status.last_error.clone();
             }
         }
         for (key, value) in &cursor.properties {
@@ -779,6 +784,25 @@ struct Tracked {
     applied: Option<(Vec<String>, Option<Position>)>,
 }
 
+/// One replicated subscription's state at this tick, for the clusters in `targets`.
+struct Outgoing {
+    cursor: String,
+    body: SyncedAcks,
+    targets: Vec<RemoteCluster>,
+}
+
+/// A remote whose last posts failed: how many in a row, and when to try again.
+struct Retry {
+    failures: u32,
+    at: Instant,
+}
+
+/// The first wait after a failed post; it doubles with each failure in a row, up to the max.
+const RETRY_INITIAL: Duration = Duration::from_millis(200);
+const RETRY_MAX: Duration = Duration::from_secs(30);
+/// Failures in a row after which a remote's refusal is logged as a warning (once).
+const RETRY_WARN_AFTER: u32 = 5;
+
 async fn run(
     topic: Weak<Topic>,
     name: TopicName,
@@ -792,6 +816,8 @@ async fn run(
     // Posts run as tasks of their own, so that a remote that does not answer never delays the
     // others (or this topic's next ticks); at most one per subscription and remote at a time.
     let mut in_flight: HashSet<(String, String)> = HashSet::new();
+    // A remote that refuses (down, or no longer knows the topic) is asked again later and later.
+    let mut retries: HashMap<(String, String), Retry> = HashMap::new();
     let (posted, mut outcomes) = mpsc::unbounded_channel::<Posted>();
     loop {
         // The interval can change with the namespace's policy. A topic without replicated
@@ -814,6 +840,7 @@ async fn run(
             in_flight.remove(&outcome.key);
             match outcome.result {
                 Ok(()) => {
+                    retries.remove(&outcome.key);
                     if let Some(entry) = tracked.get_mut(&outcome.key.0) {
                         entry
                             .sent
@@ -822,53 +849,72 @@ async fn run(
                     update_status(&sending, &outcome.key, |status| {
                         status.last_sent_ms = Some(now_ms());
                         status.unsent_since_ms = None;
+                        status.failures = 0;
+                        status.last_error = None;
                     });
                 }
                 Err(error) => {
-                    tracing::debug!(topic = %name, subscription = %outcome.key.0, remote = %outcome.key.1, %error, "sending replicated subscription state failed; retrying at the next tick");
+                    let retry = retries.entry(outcome.key.clone()).or_insert(Retry {
+                        failures: 0,
+                        at: Instant::now(),
+                    });
+                    retry.failures = retry.failures.saturating_add(1);
+                    let wait = RETRY_INITIAL
+                        .saturating_mul(2u32.saturating_pow(retry.failures.min(16) - 1))
+                        .min(RETRY_MAX);
+                    retry.at = Instant::now() + wait;
+                    update_status(&sending, &outcome.key, |status| {
+                        status.failures = retry.failures;
+                        status.last_error = Some(error.clone());
+                    });
+                    let (subscription, remote) = &outcome.key;
+                    if retry.failures == RETRY_WARN_AFTER {
+                        tracing::warn!(topic = %name, %subscription, %remote, %error, failures = retry.failures, "sending replicated subscription state keeps failing; retrying with a growing wait (up to 30 s)");
+                    } else {
+                        tracing::debug!(topic = %name, %subscription, %remote, %error, ?wait, "sending replicated subscription state failed; retrying later");
+                    }
                 }
             }
         }
         let remotes = topic.replication_remotes_running();
-        // Without another cluster to tell, there is nothing to walk for.
-        let anyone = !remotes.is_empty() || topic.has_registered_clusters();
-        let mut replicated = Vec::new();
-        let mut targets_seen: HashSet<String> = HashSet::new();
-        for cursor in topic.log().cursor_names() {
-            let Some(state) = topic.log().cursor(&cursor) else {
-                continue;
-            };
-            if !replicated_subscriptions::is_replicated(&state) {
-                continue;
-            }
-            replicated.push(cursor.clone());
-            let entry = tracked.entry(cursor.clone()).or_default();
-            let noted = applied_on_receipt
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner())
-                .remove(&cursor);
-            if let Some(noted) = noted {
-                entry.applied = Some(noted);
-            }
-            if let Err(error) = apply_received(&topic, &cursor, &state, &local_cluster, entry) {
-                tracing::warn!(topic = %name, subscription = %cursor, %error, "applying replicated subscription state failed");
-            }
-            if !anyone {
-                continue;
-            }
-            let reset_at = replicated_subscriptions::reset_at(&state);
-            let acks = match walk(&topic, &cursor, &local_cluster, entry) {
-                Ok(acks) => acks,
+        // Applying received states and walking acknowledgements read the log: on a blocking
+        // thread, so that a long walk (the first after a load reads from the log's start) never
+        // holds up the runtime's workers.
+        let (replicated, outgoing, back) = {
+            let (topic, local_cluster, applied_on_receipt) = (
+                topic.clone(),
+                local_cluster.clone(),
+                applied_on_receipt.clone(),
+            );
+            let mut tracked = std::mem::take(&mut tracked);
+            let read = tokio::task::spawn_blocking(move || {
+                let (replicated, outgoing) = read_states(
+                    &topic,
+                    &local_cluster,
+                    &remotes,
+                    &mut tracked,
+                    &applied_on_receipt,
+                );
+                (replicated, outgoing, tracked)
+            });
+            match read.await {
+                Ok(read) => read,
                 Err(error) => {
-                    tracing::warn!(topic = %name, subscription = %cursor, %error, "reading replicated subscription state failed");
-                    continue;
+                    tracing::error!(topic = %name, %error, "the replicated subscription sync task failed");
+                    return;
                 }
-            };
-            let targets = targets(&topic, &remotes, &acks, &local_cluster);
-            let body = SyncedAcks {
-                cluster: local_cluster.clone(),
-                acks,
-                reset_at,
+            }
+        };
+        tracked = back;
+        let mut targets_seen: HashSet<String> = HashSet::new();
+        for Outgoing {
+            cursor,
+            body,
+            targets,
+        } in outgoing
+        {
+            let Some(entry) = tracked.get(&cursor) else {
+                continue;
             };
             for remote in &targets {
                 targets_seen.insert(remote.name.clone());
@@ -883,7 +929,10 @@ async fn run(
                         status.unsent_since_ms.get_or_insert_with(now_ms);
                     }
                 });
-                if confirmed || !in_flight.insert(key.clone()) {
+                let waiting = retries
+                    .get(&key)
+                    .is_some_and(|retry| Instant::now() < retry.at);
+                if confirmed || waiting || !in_flight.insert(key.clone()) {
                     continue;
                 }
                 let (remote, topic_name, body, posted) =
@@ -900,6 +949,9 @@ async fn run(
             .unwrap_or_else(|poisoned| poisoned.into_inner())
             .retain(|cursor, _| replicated.contains(cursor));
         tracked.retain(|cursor, _| replicated.contains(cursor));
+        retries.retain(|(cursor, remote), _| {
+            replicated.contains(cursor) && targets_seen.contains(remote)
+        });
         sending
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -908,6 +960,65 @@ async fn run(
             });
         drop(topic);
     }
+}
+
+/// The part of a tick that reads the log: applies the states other clusters sent to each
+/// replicated subscription and walks its acknowledgements into the state to send. Returns the
+/// replicated subscriptions and, where some other cluster is to be told, their states.
+fn read_states(
+    topic: &Topic,
+    local_cluster: &str,
+    remotes: &[RemoteCluster],
+    tracked: &mut HashMap<String, Tracked>,
+    applied_on_receipt: &Mutex<AppliedOnReceipt>,
+) -> (Vec<String>, Vec<Outgoing>) {
+    let name = topic.log().name().to_string();
+    // Without another cluster to tell, there is nothing to walk for.
+    let anyone = !remotes.is_empty() || topic.has_registered_clusters();
+    let mut replicated = Vec::new();
+    let mut outgoing = Vec::new();
+    for cursor in topic.log().cursor_names() {
+        let Some(state) = topic.log().cursor(&cursor) else {
+            continue;
+        };
+        if !replicated_subscriptions::is_replicated(&state) {
+            continue;
+        }
+        replicated.push(cursor.clone());
+        let entry = tracked.entry(cursor.clone()).or_default();
+        let noted = applied_on_receipt
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .remove(&cursor);
+        if let Some(noted) = noted {
+            entry.applied = Some(noted);
+        }
+        if let Err(error) = apply_received(topic, &cursor, &state, local_cluster, entry) {
+            tracing::warn!(topic = %name, subscription = %cursor, %error, "applying replicated subscription state failed");
+        }
+        if !anyone {
+            continue;
+        }
+        let reset_at = replicated_subscriptions::reset_at(&state);
+        let acks = match walk(topic, &cursor, local_cluster, entry) {
+            Ok(acks) => acks,
+            Err(error) => {
+                tracing::warn!(topic = %name, subscription = %cursor, %error, "reading replicated subscription state failed");
+                continue;
+            }
+        };
+        let targets = targets(topic, remotes, &acks, local_cluster);
+        outgoing.push(Outgoing {
+            cursor,
+            body: SyncedAcks {
+                cluster: local_cluster.to_string(),
+                acks,
+                reset_at,
+            },
+            targets,
+        });
+    }
+    (replicated, outgoing)
 }
 
 /// The clusters a subscription's state goes to: those the topic replicates to, and the origins
