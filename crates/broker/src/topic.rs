@@ -92,6 +92,9 @@ pub(crate) struct ReplicationPlan {
     pub rate: Option<DispatchRate>,
     /// A new replicator cursor starts at the earliest message instead of the latest.
     pub start_at_earliest: bool,
+    /// Remotes whose new replicator cursor starts at the earliest message whatever
+    /// `start_at_earliest` says: the target of a tenant migration (`crate::migration`).
+    pub earliest_remotes: Vec<String>,
     /// Every registered cluster but this one, replicated to or not: replicated subscriptions
     /// also send their state to the origins of the entries they hold.
     pub registered: Vec<RemoteCluster>,
@@ -1411,7 +1414,7 @@ impl Topic {
             }
             let cursor = replicator::cursor_name(&name);
             if self.log.cursor(&cursor).is_none() {
-                let initial = if plan.start_at_earliest {
+                let initial = if plan.start_at_earliest || plan.earliest_remotes.contains(&name) {
                     InitialPosition::Earliest
                 } else {
                     InitialPosition::Latest
@@ -1433,6 +1436,22 @@ impl Topic {
             state.replicators.insert(name, replicator);
         }
         Ok(())
+    }
+
+    /// How far replication to `remote` is: `None` while the topic has no replicator to it.
+    /// The backlog is exact (the replication cursor's), not the backlog task's last count.
+    pub(crate) fn replication_progress(
+        &self,
+        remote: &str,
+    ) -> Option<crate::migration::ReplicationProgress> {
+        let connected = self.lock().replicators.get(remote)?.stats().connected;
+        let cursor = replicator::cursor_name(remote);
+        let mark_delete = self.log.mark_delete_position(&cursor)?;
+        Some(crate::migration::ReplicationProgress {
+            connected,
+            backlog_entries: self.log.backlog_entries(&cursor).unwrap_or(0),
+            backlog_bytes: self.log.bytes_after(mark_delete),
+        })
     }
 
     /// Pulsar's `PersistentTopicInternalStats`.

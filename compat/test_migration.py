@@ -1,0 +1,101 @@
+"""Tenant migration between real Meridian clusters (docs/migration.md), observed with the
+official client: the phases built so far (metadata copied, topics replicating to the target
+with the messages they already store, caught up).
+
+One `meridian standalone` per cluster (replication_harness.py). Only the source `a` is
+configured by the test; the migration itself creates the tenant and namespace on `b`.
+"""
+
+from __future__ import annotations
+
+import pulsar
+
+from helpers import unique
+from replication_harness import (
+    REPLICATION_TIMEOUT_S,
+    History,
+    await_condition,
+    check_exactly_once,
+    clusters_factory,  # noqa: F401 (fixture)
+    parse_payload,
+)
+
+BEFORE = 150  # messages per topic stored before the migration starts
+DURING = 50  # messages sent to the plain topic after it started
+PARTITIONS = 3
+READ_S = 15.0  # reading what b stores once the migration says it is caught up
+
+
+def migration(clusters, tenant: str) -> dict:
+    return clusters.admin("a", "GET", f"/admin/v2/tenants/{tenant}/migration")
+
+
+def test_migration_copies_stored_messages_to_the_target_exactly_once(clusters_factory):
+    clusters = clusters_factory(names=("a", "b"))
+    tenant = unique("move")
+    namespace = f"{tenant}/ns"
+    clusters.create_tenant(tenant, on=["a"], allowed=["a"])
+    clusters.admin("a", "PUT", f"/admin/v2/namespaces/{namespace}")
+    plain = f"persistent://{namespace}/orders"
+    partitioned = f"persistent://{namespace}/events"
+    clusters.create_partitioned_topic("a", partitioned, PARTITIONS)
+
+    history = History()
+    client = clusters.client("a")
+    orders = client.create_producer(plain, producer_name="orders")
+    events = client.create_producer(partitioned, producer_name="events")
+    for counter in range(BEFORE):
+        history.send(orders, "orders", "a", counter, partition_key=f"k{counter % 7}")
+        history.send(events, "events", "a", counter, partition_key=f"k{counter % 7}")
+
+    started = clusters.admin(
+        "a", "POST", f"/admin/v2/tenants/{tenant}/migration", {"targetCluster": "b"}
+    )
+    assert started["targetCluster"] == "b" and started["phase"] == "copyingMetadata"
+    # Messages sent while the migration runs go to the target too.
+    for counter in range(BEFORE, BEFORE + DURING):
+        history.send(orders, "orders", "a", counter, partition_key=f"k{counter % 7}")
+
+    status = await_condition(
+        lambda: (lambda s: s if s["phase"] == "caughtUp" and s["progress"]["backlogEntries"] == 0
+                 else None)(migration(clusters, tenant)),
+        REPLICATION_TIMEOUT_S,
+        "the migration to reach caughtUp with no backlog",
+    )
+    progress = status["progress"]
+    assert progress["topicsTotal"] == 1 + PARTITIONS, status
+    assert progress["topicsReplicating"] == 1 + PARTITIONS, status
+    assert progress["backlogBytes"] == 0, status
+    lines = {line["name"]: line for line in status["phases"]}
+    assert lines["metadataCopied"]["state"] == "done"
+    assert lines["caughtUp"]["state"] == "done"
+    assert lines["producersRedirected"]["state"] == "notBuilt"
+
+    # The migration created the tenant's namespace on b, with its partitioned topic's shape.
+    assert sorted(clusters.get_replication("b", namespace)) == ["a", "b"]
+    assert clusters.partitions("b", partitioned) == PARTITIONS
+
+    # b stores every message exactly once, each producer's in order (per partition). "Caught
+    # up with no backlog" means b already holds them all: no long wait for stragglers.
+    clusters.read_all(history, "b", plain, BEFORE + DURING, label="orders@b", timeout=READ_S)
+    for index in range(PARTITIONS):
+        reader = clusters.client("b").create_reader(
+            f"{partitioned}-partition-{index}", pulsar.MessageId.earliest
+        )
+        try:
+            history.collect({f"events@b-{index}": reader}, {f"events@b-{index}": 1}, READ_S)
+        finally:
+            reader.close()
+    sent_orders = [payload for payload in history.sent_payloads("orders")]
+    sent_events = [payload for payload in history.sent_payloads("events")]
+    events_on_b = []
+    for index in range(PARTITIONS):
+        in_partition = history.received_payloads(f"events@b-{index}")
+        counters = [parse_payload(payload)[1] for payload in in_partition]
+        assert counters == sorted(counters), f"partition {index} out of order: {counters}"
+        events_on_b.extend(in_partition)
+    check_exactly_once(
+        {"orders@b": sent_orders, "events@b": sent_events},
+        {"orders@b": history.received_payloads("orders@b"), "events@b": events_on_b},
+        order_group=lambda cluster, payload: payload if cluster == "events@b" else None,
+    )

@@ -1,0 +1,99 @@
+//! Creating a migrating tenant's metadata on the target cluster through its admin API. Every
+//! call is idempotent, so a migration that paused or restarted simply runs them again.
+
+use std::time::Duration;
+
+use crate::resources::{ClusterData, Policies, TenantInfo};
+
+/// Header naming the cluster a request comes from; the target applies it without propagating
+/// it further (the same header geo-replication's "configure once" uses).
+const PROPAGATED_HEADER: &str = "x-meridian-propagated-from";
+
+/// Each admin call to the target gives up after this long (the migration pauses and retries).
+const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What the target must hold before the source starts replicating to it.
+pub(super) struct TargetMetadata {
+    pub local_cluster: String,
+    pub service_url: String,
+    /// Registry entries of every cluster the tenant's namespaces name (link proxies removed).
+    pub registry: Vec<(String, ClusterData)>,
+    pub tenant: String,
+    pub tenant_info: TenantInfo,
+    /// `(namespace without the tenant, policies with the target in the replication list)`.
+    pub namespaces: Vec<(String, Policies)>,
+}
+
+/// Creates (or completes) the cluster entries, the tenant and each namespace on the target.
+/// `Err` carries a reason for the migration's status.
+pub(super) fn push(wanted: &TargetMetadata) -> Result<(), String> {
+    let agent = ureq::AgentBuilder::new().timeout(CALL_TIMEOUT).build();
+    let base = format!("{}/admin/v2", wanted.service_url.trim_end_matches('/'));
+    let call = |method: &str, path: &str, body: Option<String>| -> Result<(u16, String), String> {
+        let request = agent
+            .request(method, &format!("{base}{path}"))
+            .set(PROPAGATED_HEADER, &wanted.local_cluster)
+            .set("Content-Type", "application/json");
+        let result = match body {
+            Some(body) => request.send_string(&body),
+            None => request.call(),
+        };
+        match result {
+            Ok(response) => Ok((
+                response.status(),
+                response.into_string().unwrap_or_default(),
+            )),
+            Err(ureq::Error::Status(409, _)) => Ok((409, String::new())),
+            Err(ureq::Error::Status(code, response)) => Err(format!(
+                "target refused {method} {path}: HTTP {code}: {}",
+                response.into_string().unwrap_or_default()
+            )),
+            Err(error) => Err(format!("target unreachable ({method} {path}): {error}")),
+        }
+    };
+    for (name, data) in &wanted.registry {
+        call("PUT", &format!("/clusters/{name}"), Some(json(data)))?;
+    }
+    let tenant_path = format!("/tenants/{}", wanted.tenant);
+    if call("PUT", &tenant_path, Some(json(&wanted.tenant_info)))?.0 == 409 {
+        let (_, text) = call("GET", &tenant_path, None)?;
+        let mut theirs: TenantInfo = serde_json::from_str(&text)
+            .map_err(|error| format!("target sent an unreadable tenant: {error}"))?;
+        let missing: Vec<String> = wanted
+            .tenant_info
+            .allowed_clusters
+            .iter()
+            .filter(|cluster| !theirs.allowed_clusters.contains(cluster))
+            .cloned()
+            .collect();
+        if !missing.is_empty() {
+            theirs.allowed_clusters.extend(missing);
+            call("POST", &tenant_path, Some(json(&theirs)))?;
+        }
+    }
+    for (namespace, policies) in &wanted.namespaces {
+        let path = format!("/namespaces/{}/{namespace}", wanted.tenant);
+        if call("PUT", &path, Some(json(policies)))?.0 != 409 {
+            continue;
+        }
+        // The namespace exists there: make sure its list has every cluster ours has.
+        let replication = format!("{path}/replication");
+        let (_, text) = call("GET", &replication, None)?;
+        let mut theirs: Vec<String> = serde_json::from_str(&text)
+            .map_err(|error| format!("target sent an unreadable replication list: {error}"))?;
+        let before = theirs.len();
+        for cluster in &policies.replication_clusters {
+            if !theirs.contains(cluster) {
+                theirs.push(cluster.clone());
+            }
+        }
+        if theirs.len() != before {
+            call("POST", &replication, Some(json(&theirs)))?;
+        }
+    }
+    Ok(())
+}
+
+fn json<T: serde::Serialize>(value: &T) -> String {
+    serde_json::to_string(value).unwrap_or_default()
+}
