@@ -99,3 +99,60 @@ def test_migration_copies_stored_messages_to_the_target_exactly_once(clusters_fa
         {"orders@b": history.received_payloads("orders@b"), "events@b": events_on_b},
         order_group=lambda cluster, payload: payload if cluster == "events@b" else None,
     )
+
+
+def test_migration_pauses_while_the_target_is_down_survives_a_source_restart_and_aborts(
+    clusters_factory,
+):
+    clusters = clusters_factory(names=("a", "b"))
+    tenant = unique("move")
+    namespace = f"{tenant}/ns"
+    clusters.create_tenant(tenant, on=["a"], allowed=["a"])
+    clusters.admin("a", "PUT", f"/admin/v2/namespaces/{namespace}")
+    topic = f"persistent://{namespace}/orders"
+    history = History()
+    producer = clusters.client("a").create_producer(topic, producer_name="orders")
+    for counter in range(BEFORE):
+        history.send(producer, "orders", "a", counter)
+
+    # The target is down: the migration starts, then pauses with the reason.
+    clusters["b"].broker.stop()
+    clusters.admin("a", "POST", f"/admin/v2/tenants/{tenant}/migration", {"targetCluster": "b"})
+    paused = await_condition(
+        lambda: (lambda s: s if s["paused"] else None)(migration(clusters, tenant)),
+        REPLICATION_TIMEOUT_S,
+        "the migration to pause",
+    )
+    assert paused["phase"] == "copyingMetadata", paused
+    assert "target unreachable" in paused["pausedReason"], paused
+    for counter in range(BEFORE, BEFORE + DURING):
+        history.send(producer, "orders", "a", counter)
+    producer.close()
+
+    # The source restarts: the record brings the migration back; then the target comes back.
+    clusters["a"].broker.restart()
+    assert migration(clusters, tenant)["targetCluster"] == "b"
+    clusters["b"].broker.start()
+    await_condition(
+        lambda: (lambda s: s["phase"] == "caughtUp" and not s["paused"]
+                 and s["progress"]["backlogEntries"] == 0)(migration(clusters, tenant)),
+        REPLICATION_TIMEOUT_S,
+        "the migration to resume and catch up",
+    )
+    clusters.read_all(history, "b", topic, BEFORE + DURING, label="orders@b", timeout=READ_S)
+    check_exactly_once({"orders@b": history.sent_payloads("orders")}, history)
+
+    # Abort: the source is as before (replication list, allowed clusters, no replicator and
+    # no replication cursor to b), and the record is gone.
+    aborted = clusters.admin("a", "DELETE", f"/admin/v2/tenants/{tenant}/migration")
+    assert aborted["phase"] == "aborting", aborted
+    status, _ = clusters.call("a", "GET", f"/admin/v2/tenants/{tenant}/migration")
+    assert status == 404
+    assert clusters.get_replication("a", namespace) == ["a"]
+    assert clusters.admin("a", "GET", f"/admin/v2/tenants/{tenant}")["allowedClusters"] == ["a"]
+    await_condition(
+        lambda: "pulsar.repl.b" not in clusters.internal_stats("a", topic)["cursors"]
+        and "b" not in clusters.stats("a", topic)["replication"],
+        REPLICATION_TIMEOUT_S,
+        "the replicator to b and its cursor to go",
+    )
