@@ -26,8 +26,16 @@ PARTITIONS = 3
 READ_S = 15.0  # reading what b stores once the migration says it is caught up
 
 
+PHASES = ["copyingMetadata", "replicating", "caughtUp", "subscriptionsSynced"]
+
+
 def migration(clusters, tenant: str) -> dict:
     return clusters.admin("a", "GET", f"/admin/v2/tenants/{tenant}/migration")
+
+
+def reached(status: dict, phase: str) -> bool:
+    """The migration is in `phase` or a later one."""
+    return status["phase"] in PHASES and PHASES.index(status["phase"]) >= PHASES.index(phase)
 
 
 def test_migration_copies_stored_messages_to_the_target_exactly_once(clusters_factory):
@@ -57,7 +65,7 @@ def test_migration_copies_stored_messages_to_the_target_exactly_once(clusters_fa
         history.send(orders, "orders", "a", counter, partition_key=f"k{counter % 7}")
 
     status = await_condition(
-        lambda: (lambda s: s if s["phase"] == "caughtUp" and s["progress"]["backlogEntries"] == 0
+        lambda: (lambda s: s if reached(s, "caughtUp") and s["progress"]["backlogEntries"] == 0
                  else None)(migration(clusters, tenant)),
         REPLICATION_TIMEOUT_S,
         "the migration to reach caughtUp with no backlog",
@@ -134,7 +142,7 @@ def test_migration_pauses_while_the_target_is_down_survives_a_source_restart_and
     assert migration(clusters, tenant)["targetCluster"] == "b"
     clusters["b"].broker.start()
     await_condition(
-        lambda: (lambda s: s["phase"] == "caughtUp" and not s["paused"]
+        lambda: (lambda s: reached(s, "caughtUp") and not s["paused"]
                  and s["progress"]["backlogEntries"] == 0)(migration(clusters, tenant)),
         REPLICATION_TIMEOUT_S,
         "the migration to resume and catch up",
@@ -156,3 +164,63 @@ def test_migration_pauses_while_the_target_is_down_survives_a_source_restart_and
         REPLICATION_TIMEOUT_S,
         "the replicator to b and its cursor to go",
     )
+
+
+def test_migration_syncs_subscription_state_so_the_target_delivers_exactly_the_unacknowledged(
+    clusters_factory,
+):
+    clusters = clusters_factory(names=("a", "b"))
+    tenant = unique("move")
+    namespace = f"{tenant}/ns"
+    clusters.create_tenant(tenant, on=["a"], allowed=["a"])
+    clusters.admin("a", "PUT", f"/admin/v2/namespaces/{namespace}")
+    topic = f"persistent://{namespace}/orders"
+    history = History()
+    client = clusters.client("a")
+    consumer = client.subscribe(
+        topic, "work", consumer_type=pulsar.ConsumerType.Shared,
+        initial_position=pulsar.InitialPosition.Earliest,
+    )
+    producer = client.create_producer(topic, producer_name="orders", batching_enabled=False)
+    for counter in range(BEFORE):
+        history.send(producer, "orders", "a", counter)
+    # Acknowledge out of order: every message but each fifth one.
+    unacked = []
+    for _ in range(BEFORE):
+        message = consumer.receive(timeout_millis=int(REPLICATION_TIMEOUT_S * 1000))
+        if parse_payload(message.data())[1] % 5 == 0:
+            unacked.append(message.data())
+        else:
+            consumer.acknowledge(message)
+    consumer.close()
+    await_condition(
+        lambda: clusters.stats("a", topic)["subscriptions"]["work"]["msgBacklog"] == len(unacked),
+        REPLICATION_TIMEOUT_S,
+        "the acknowledgements to land on a",
+    )
+
+    clusters.admin("a", "POST", f"/admin/v2/tenants/{tenant}/migration", {"targetCluster": "b"})
+    status = await_condition(
+        lambda: (lambda s: s if s["phase"] == "subscriptionsSynced" else None)(
+            migration(clusters, tenant)
+        ),
+        REPLICATION_TIMEOUT_S,
+        "the subscription state to be synced",
+    )
+    assert status["progress"]["subscriptionsSynced"] == 1, status
+    assert status["progress"]["subscriptionsTotal"] == 1, status
+    assert clusters.stats("a", topic)["subscriptions"]["work"]["isReplicated"] is True
+
+    # A consumer of the same subscription on b gets exactly what a never saw acknowledged.
+    moved = clusters.client("b").subscribe(
+        topic, "work", consumer_type=pulsar.ConsumerType.Shared
+    )
+    try:
+        history.collect({"work@b": moved}, {"work@b": len(unacked)}, READ_S)
+    finally:
+        moved.close()
+    check_exactly_once({"work@b": unacked}, history)
+
+    # Abort takes back the replicated mark the migration set.
+    clusters.admin("a", "DELETE", f"/admin/v2/tenants/{tenant}/migration")
+    assert clusters.stats("a", topic)["subscriptions"]["work"]["isReplicated"] is False

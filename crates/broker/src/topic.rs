@@ -1454,6 +1454,31 @@ impl Topic {
         })
     }
 
+    /// The durable subscriptions (not replication cursors), each with whether it is
+    /// replicated and whether its latest state has reached `remote` (something sent, nothing
+    /// waiting to be sent).
+    pub(crate) fn subscriptions_synced_to(&self, remote: &str) -> Vec<(String, bool, bool)> {
+        self.backlog_cursors()
+            .into_iter()
+            .filter(|cursor| !is_replicator_cursor(cursor))
+            .map(|name| {
+                let state = self.log.cursor(&name);
+                let replicated = state
+                    .as_ref()
+                    .is_some_and(replicated_subscriptions::is_replicated);
+                let synced = match (replicated, self.subscription_sync.get(), state.as_ref()) {
+                    (true, Some(sync), Some(state)) => {
+                        sync.stats(&name, state).get(remote).is_some_and(|stats| {
+                            stats.last_sent_timestamp.is_some() && stats.unsent_for_ms == 0
+                        })
+                    }
+                    _ => false,
+                };
+                (name, replicated, synced)
+            })
+            .collect()
+    }
+
     /// Pulsar's `PersistentTopicInternalStats`.
     pub fn internal_stats(&self) -> stats::InternalStats {
         let ledgers: Vec<stats::LedgerInfo> = self

@@ -105,8 +105,9 @@ fn migration_is_validated_durable_resumed_and_aborted() {
     assert_eq!(status(&admin_a)["targetCluster"], "b");
     b.restart();
     assert!(
-        eventually(WAIT, || status(&admin_a)["phase"] == "caughtUp"),
-        "never caught up: {}",
+        // No subscriptions: caught up, then synced at once.
+        eventually(WAIT, || status(&admin_a)["phase"] == "subscriptionsSynced"),
+        "never caught up and synced: {}",
         status(&admin_a)
     );
     let done = status(&admin_a);
@@ -117,7 +118,7 @@ fn migration_is_validated_durable_resumed_and_aborted() {
     let on_a = admin_a.ok(admin_a.get("/admin/v2/namespaces/acme/orders/replication"));
     assert_eq!(on_a, serde_json::json!(["a", "b"]));
     let shown = stdout(&cli(&a, &["tenants", "migrate", "acme", "--status"]));
-    assert!(shown.contains("caughtUp"), "{shown}");
+    assert!(shown.contains("subscriptionsSynced"), "{shown}");
     assert!(!shown.contains("PAUSED"), "{shown}");
 
     // Abort puts the source's settings back and removes the record.

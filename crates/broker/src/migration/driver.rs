@@ -17,6 +17,7 @@ use super::{now_ms, progress, record, update_record, MigrationRecord, Phase};
 use crate::broker::Broker;
 use crate::error::{BrokerError, Result};
 use crate::resources::TenantInfo;
+use crate::topic_name::TopicName;
 
 /// How often a replicating migration looks at its progress.
 const TICK: Duration = Duration::from_millis(500);
@@ -128,13 +129,21 @@ async fn step(
             tracing::info!(%tenant, target = %record.target_cluster, "tenant migration: metadata copied, topics replicating");
             Ok(Duration::ZERO)
         }
-        Phase::Replicating | Phase::CaughtUp => {
+        Phase::Replicating | Phase::CaughtUp | Phase::SubscriptionsSynced => {
             // A namespace created since the start must be copied and replicated too.
             if lacking_namespaces(broker, &record) > 0 {
                 copy_metadata(broker, &record).await?;
             }
+            if record.phase >= Phase::CaughtUp {
+                mark_subscriptions_replicated(broker, &record)?;
+            }
             let progress = progress(broker, &record);
-            if record.phase == Phase::Replicating && progress.caught_up() {
+            if record.phase == Phase::CaughtUp
+                && progress.subscriptions_synced == progress.subscriptions_total
+            {
+                set_phase(broker, &tenant, Phase::SubscriptionsSynced)?;
+                tracing::info!(%tenant, target = %record.target_cluster, subscriptions = progress.subscriptions_total, "tenant migration: subscription state synced");
+            } else if record.phase == Phase::Replicating && progress.caught_up() {
                 set_phase(broker, &tenant, Phase::CaughtUp)?;
                 tracing::info!(%tenant, target = %record.target_cluster, topics = progress.topics_total, "tenant migration: replication caught up");
             } else if record.paused_reason.is_some() {
@@ -146,6 +155,49 @@ async fn step(
             Ok(TICK)
         }
     }
+}
+
+/// Phase 4: every durable subscription of the tenant's topics becomes replicated, so its
+/// whole acknowledgement state goes to the target (docs/replication.md). Each one is written to
+/// the record before it is marked, so an abort can take the mark back.
+fn mark_subscriptions_replicated(
+    broker: &Arc<Broker>,
+    record: &MigrationRecord,
+) -> std::result::Result<(), String> {
+    for namespace in broker
+        .resources()
+        .namespaces(&record.tenant)
+        .map_err(|error| error.to_string())?
+    {
+        for topic in broker.topics_of_namespace(&namespace).unwrap_or_default() {
+            let Ok(name) = TopicName::parse(&topic) else {
+                continue;
+            };
+            let Some(loaded) = broker.loaded_topic(&name) else {
+                continue;
+            };
+            for (subscription, replicated, _) in
+                loaded.subscriptions_synced_to(&record.target_cluster)
+            {
+                if replicated {
+                    continue;
+                }
+                let entry = (topic.clone(), subscription.clone());
+                update_record(broker.metadata(), &record.tenant, |record| {
+                    if !record.marked_replicated.contains(&entry) {
+                        record.marked_replicated.push(entry.clone());
+                    }
+                })
+                .map_err(|error| error.to_string())?;
+                loaded
+                    .set_subscription_replicated(&subscription, true)
+                    .map_err(|error| {
+                        format!("marking {topic} {subscription} replicated: {error}")
+                    })?;
+            }
+        }
+    }
+    Ok(())
 }
 
 fn set_phase(broker: &Broker, tenant: &str, phase: Phase) -> std::result::Result<(), String> {
@@ -293,6 +345,19 @@ pub(super) async fn finish_abort(broker: &Arc<Broker>, record: &MigrationRecord)
         }
         if changed {
             broker.policies_changed(tenant, Some(local)).await;
+        }
+    }
+    for (topic, subscription) in &record.marked_replicated {
+        let Ok(name) = TopicName::parse(topic) else {
+            continue;
+        };
+        match broker.topic(&name, false).await {
+            Ok(loaded) => match loaded.set_subscription_replicated(subscription, false) {
+                Ok(()) | Err(BrokerError::SubscriptionNotFound { .. }) => {}
+                Err(error) => return Err(error),
+            },
+            Err(BrokerError::TopicNotFound(_)) | Err(BrokerError::NotFound(_)) => {}
+            Err(error) => return Err(error),
         }
     }
     if !record.original_allowed_clusters.contains(target) {

@@ -45,6 +45,9 @@ pub enum Phase {
     /// The target held everything the source stores for the tenant at one observation (the
     /// source still takes writes, so this is "caught up so far", see the doc).
     CaughtUp,
+    /// Every durable subscription of the tenant is replicated and the target has its latest
+    /// state (as of one observation: consumers still acknowledge on the source).
+    SubscriptionsSynced,
     /// An abort is under way: the source's settings are being put back.
     Aborting,
 }
@@ -55,6 +58,7 @@ impl Phase {
             Phase::CopyingMetadata => "copyingMetadata",
             Phase::Replicating => "replicating",
             Phase::CaughtUp => "caughtUp",
+            Phase::SubscriptionsSynced => "subscriptionsSynced",
             Phase::Aborting => "aborting",
         }
     }
@@ -80,6 +84,10 @@ pub struct MigrationRecord {
     /// when the migration first changes it), put back by an abort.
     #[serde(default)]
     pub original_replication: BTreeMap<String, Vec<String>>,
+    /// Subscriptions the migration made replicated (`topic` and `subscription`), written
+    /// before each is marked; an abort takes the mark back.
+    #[serde(default)]
+    pub marked_replicated: Vec<(String, String)>,
 }
 
 /// How far replication of one topic to the target is.
@@ -103,6 +111,9 @@ pub struct Progress {
     /// What the target still lacks, summed over the topics that replicate to it.
     pub backlog_entries: u64,
     pub backlog_bytes: u64,
+    /// Durable subscriptions of the tenant's topics whose latest state the target has.
+    pub subscriptions_synced: usize,
+    pub subscriptions_total: usize,
 }
 
 impl Progress {
@@ -252,6 +263,7 @@ pub fn start(broker: &Arc<Broker>, tenant: &str, target: &str) -> Result<Migrati
         paused_reason: None,
         original_allowed_clusters: info.allowed_clusters,
         original_replication: BTreeMap::new(),
+        marked_replicated: Vec::new(),
     };
     let bytes =
         serde_json::to_vec(&record).map_err(|error| BrokerError::Metadata(error.to_string()))?;
@@ -363,6 +375,10 @@ pub fn progress(broker: &Broker, record: &MigrationRecord) -> Progress {
                 progress.backlog_entries += replication.backlog_entries;
                 progress.backlog_bytes += replication.backlog_bytes;
             }
+            for (_, _, synced) in loaded.subscriptions_synced_to(target) {
+                progress.subscriptions_total += 1;
+                progress.subscriptions_synced += usize::from(synced);
+            }
         }
     }
     progress
@@ -405,19 +421,25 @@ fn status_of(broker: &Broker, record: &MigrationRecord) -> MigrationStatus {
         },
         PhaseLine {
             name: "caughtUp",
-            state: state_of(phase == Phase::CaughtUp, false),
+            state: state_of(phase >= Phase::CaughtUp && phase != Phase::Aborting, false),
             progress: format!(
                 "backlog {} bytes ({} entries) left",
                 progress.backlog_bytes, progress.backlog_entries
             ),
         },
+        PhaseLine {
+            name: "subscriptionsSynced",
+            state: state_of(
+                phase == Phase::SubscriptionsSynced,
+                phase == Phase::CaughtUp,
+            ),
+            progress: format!(
+                "subscriptions synced {}/{}",
+                progress.subscriptions_synced, progress.subscriptions_total
+            ),
+        },
     ];
-    for name in [
-        "subscriptionsSynced",
-        "producersRedirected",
-        "consumersRedirected",
-        "done",
-    ] {
+    for name in ["producersRedirected", "consumersRedirected", "done"] {
         phases.push(PhaseLine {
             name,
             state: "notBuilt",
