@@ -47,9 +47,14 @@ def test_migration_copies_stored_messages_to_the_target_exactly_once(clusters_fa
     plain = f"persistent://{namespace}/orders"
     partitioned = f"persistent://{namespace}/events"
     clusters.create_partitioned_topic("a", partitioned, PARTITIONS)
+    # Another tenant on a, with a topic: the migration must leave it alone.
+    bystander = unique("stay")
+    clusters.create_tenant(bystander, on=["a"], allowed=["a"])
+    clusters.admin("a", "PUT", f"/admin/v2/namespaces/{bystander}/ns")
 
     history = History()
     client = clusters.client("a")
+    client.create_producer(f"persistent://{bystander}/ns/local").send(b"stays on a")
     orders = client.create_producer(plain, producer_name="orders")
     events = client.create_producer(partitioned, producer_name="events")
     for counter in range(BEFORE):
@@ -82,6 +87,23 @@ def test_migration_copies_stored_messages_to_the_target_exactly_once(clusters_fa
     # The migration created the tenant's namespace on b, with its partitioned topic's shape.
     assert sorted(clusters.get_replication("b", namespace)) == ["a", "b"]
     assert clusters.partitions("b", partitioned) == PARTITIONS
+
+    # A namespace created on a during the migration is copied and replicated too.
+    clusters.admin("a", "PUT", f"/admin/v2/namespaces/{tenant}/late")
+    late = f"persistent://{tenant}/late/t"
+    client.create_producer(late, producer_name="late").send(b"late")
+    await_condition(
+        lambda: (lambda p: p["namespacesReplicating"] == 2 and p["topicsReplicating"] == 2 + PARTITIONS
+                 and p["backlogEntries"] == 0)(migration(clusters, tenant)["progress"]),
+        REPLICATION_TIMEOUT_S,
+        "the late namespace to replicate",
+    )
+    assert sorted(clusters.get_replication("b", f"{tenant}/late")) == ["a", "b"]
+    # The other tenant was not touched: not replicated, unknown to b.
+    assert clusters.get_replication("a", f"{bystander}/ns") == ["a"]
+    assert "b" not in clusters.stats("a", f"persistent://{bystander}/ns/local")["replication"]
+    status_b, _ = clusters.call("b", "GET", f"/admin/v2/tenants/{bystander}")
+    assert status_b == 404
 
     # b stores every message exactly once, each producer's in order (per partition). "Caught
     # up with no backlog" means b already holds them all: no long wait for stragglers.
