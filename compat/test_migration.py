@@ -180,6 +180,10 @@ def test_migration_pauses_while_the_target_is_down_survives_a_source_restart_and
     assert status == 404
     assert clusters.get_replication("a", namespace) == ["a"]
     assert clusters.admin("a", "GET", f"/admin/v2/tenants/{tenant}")["allowedClusters"] == ["a"]
+    # The target's copies, which the migration created, are deleted.
+    for path in (f"/admin/v2/namespaces/{namespace}", f"/admin/v2/tenants/{tenant}"):
+        status, _ = clusters.call("b", "GET", path)
+        assert status == 404, path
     await_condition(
         lambda: "pulsar.repl.b" not in clusters.internal_stats("a", topic)["cursors"]
         and "b" not in clusters.stats("a", topic)["replication"],

@@ -128,6 +128,9 @@ fn migration_is_validated_durable_resumed_and_aborted() {
     assert_eq!(on_a, serde_json::json!(["a"]));
     let tenant = admin_a.ok(admin_a.get("/admin/v2/tenants/acme"));
     assert_eq!(tenant["allowedClusters"], serde_json::json!(["a"]));
+    // What the migration created on the target is gone too.
+    assert_error(admin_b.get("/admin/v2/namespaces/acme/orders"), 404);
+    assert_error(admin_b.get("/admin/v2/tenants/acme"), 404);
     // A new migration may start after an abort.
     admin_a.ok(start("acme", r#"{"targetCluster":"b"}"#));
 }

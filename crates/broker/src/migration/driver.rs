@@ -12,7 +12,7 @@ use std::time::Duration;
 use meridian_metadata::{ExpectedVersion, MetadataError};
 use tokio::sync::watch;
 
-use super::target::{self, TargetMetadata};
+use super::target::{self, Created, TargetMetadata};
 use super::{now_ms, progress, record, update_record, MigrationRecord, Phase};
 use crate::broker::Broker;
 use crate::error::{BrokerError, Result};
@@ -290,9 +290,25 @@ async fn copy_metadata(
         tenant_info,
         namespaces: namespaces.clone(),
     };
-    tokio::task::spawn_blocking(move || target::push(&wanted))
-        .await
-        .map_err(|error| error.to_string())??;
+    let metadata = broker.metadata().clone();
+    let owner = tenant.clone();
+    tokio::task::spawn_blocking(move || {
+        let note = |created: Created| {
+            update_record(&metadata, &owner, |record| match &created {
+                Created::Tenant => record.created_tenant_on_target = true,
+                Created::Namespace(namespace) => {
+                    if !record.created_namespaces_on_target.contains(namespace) {
+                        record.created_namespaces_on_target.push(namespace.clone());
+                    }
+                }
+            })
+            .map(|_| ())
+            .map_err(|error| error.to_string())
+        };
+        target::push(&wanted, &note)
+    })
+    .await
+    .map_err(|error| error.to_string())??;
     // The target holds the namespaces: replicate to it.
     for (local, _) in namespaces {
         let mut policies = resources.policies(tenant, &local).map_err(fail)?;
@@ -377,6 +393,35 @@ pub(super) async fn finish_abort(broker: &Arc<Broker>, record: &MigrationRecord)
                 Ok(_) => break,
                 Err(MetadataError::BadVersion { .. }) => continue,
                 Err(error) => return Err(error.into()),
+            }
+        }
+    }
+    // Then what the migration created on the target (nothing replicates there any more).
+    if record.created_tenant_on_target || !record.created_namespaces_on_target.is_empty() {
+        let service_url = resources
+            .cluster(target)
+            .ok()
+            .and_then(|data| data.service_url)
+            .filter(|url| !url.is_empty());
+        match service_url {
+            Some(service_url) => {
+                let (local, owner, namespaces, tenant_created) = (
+                    record.source_cluster.clone(),
+                    tenant.clone(),
+                    record.created_namespaces_on_target.clone(),
+                    record.created_tenant_on_target,
+                );
+                tokio::task::spawn_blocking(move || {
+                    target::remove(&service_url, &local, &owner, &namespaces, tenant_created)
+                })
+                .await
+                .map_err(|error| BrokerError::Metadata(error.to_string()))?
+                .map_err(|reason| {
+                    BrokerError::Metadata(format!("removing the copies on {target}: {reason}"))
+                })?;
+            }
+            None => {
+                tracing::warn!(%tenant, %target, "the target is no longer registered: its copies of the tenant are left there");
             }
         }
     }

@@ -88,6 +88,12 @@ pub struct MigrationRecord {
     /// before each is marked; an abort takes the mark back.
     #[serde(default)]
     pub marked_replicated: Vec<(String, String)>,
+    /// Whether the migration created the tenant on the target (noted before creating it).
+    #[serde(default)]
+    pub created_tenant_on_target: bool,
+    /// Namespaces (without the tenant) the migration created on the target, noted before.
+    #[serde(default)]
+    pub created_namespaces_on_target: Vec<String>,
 }
 
 /// How far replication of one topic to the target is.
@@ -264,6 +270,8 @@ pub fn start(broker: &Arc<Broker>, tenant: &str, target: &str) -> Result<Migrati
         original_allowed_clusters: info.allowed_clusters,
         original_replication: BTreeMap::new(),
         marked_replicated: Vec::new(),
+        created_tenant_on_target: false,
+        created_namespaces_on_target: Vec::new(),
     };
     let bytes =
         serde_json::to_vec(&record).map_err(|error| BrokerError::Metadata(error.to_string()))?;
@@ -321,7 +329,17 @@ pub async fn abort(broker: &Arc<Broker>, tenant: &str) -> Result<MigrationStatus
         return Err(not_migrating(tenant));
     };
     let status = status_of(broker, &record);
-    driver::finish_abort(broker, &record).await?;
+    if let Err(error) = driver::finish_abort(broker, &record).await {
+        // Typically the target unreachable while its copies are removed: the abort is recorded
+        // and the driver finishes it (with backoff); the status says why it waits.
+        let reason = format!("aborting: {error}");
+        tracing::warn!(%tenant, %reason, "tenant migration abort paused; will retry");
+        let record = update_record(broker.metadata(), tenant, |record| {
+            record.paused_reason = Some(reason.clone())
+        })?
+        .unwrap_or(record);
+        return Ok(status_of(broker, &record));
+    }
     tracing::info!(%tenant, target = %record.target_cluster, "tenant migration aborted");
     Ok(status)
 }

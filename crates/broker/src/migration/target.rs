@@ -24,37 +24,70 @@ pub(super) struct TargetMetadata {
     pub namespaces: Vec<(String, Policies)>,
 }
 
+/// What the migration creates on the target (and an abort deletes again).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum Created {
+    Tenant,
+    /// A namespace, without the tenant.
+    Namespace(String),
+}
+
+/// One admin call to the target: `Ok((status, body))` for 2xx, 404 and 409; `Err` otherwise.
+fn call(
+    agent: &ureq::Agent,
+    base: &str,
+    from: &str,
+    method: &str,
+    path: &str,
+    body: Option<String>,
+) -> Result<(u16, String), String> {
+    let request = agent
+        .request(method, &format!("{base}{path}"))
+        .set(PROPAGATED_HEADER, from)
+        .set("Content-Type", "application/json");
+    let result = match body {
+        Some(body) => request.send_string(&body),
+        None => request.call(),
+    };
+    match result {
+        Ok(response) => Ok((
+            response.status(),
+            response.into_string().unwrap_or_default(),
+        )),
+        Err(ureq::Error::Status(code @ (404 | 409), _)) => Ok((code, String::new())),
+        Err(ureq::Error::Status(code, response)) => Err(format!(
+            "target refused {method} {path}: HTTP {code}: {}",
+            response.into_string().unwrap_or_default()
+        )),
+        Err(error) => Err(format!("target unreachable ({method} {path}): {error}")),
+    }
+}
+
+fn agent_and_base(service_url: &str) -> (ureq::Agent, String) {
+    (
+        ureq::AgentBuilder::new().timeout(CALL_TIMEOUT).build(),
+        format!("{}/admin/v2", service_url.trim_end_matches('/')),
+    )
+}
+
 /// Creates (or completes) the cluster entries, the tenant and each namespace on the target.
-/// `Err` carries a reason for the migration's status.
-pub(super) fn push(wanted: &TargetMetadata) -> Result<(), String> {
-    let agent = ureq::AgentBuilder::new().timeout(CALL_TIMEOUT).build();
-    let base = format!("{}/admin/v2", wanted.service_url.trim_end_matches('/'));
-    let call = |method: &str, path: &str, body: Option<String>| -> Result<(u16, String), String> {
-        let request = agent
-            .request(method, &format!("{base}{path}"))
-            .set(PROPAGATED_HEADER, &wanted.local_cluster)
-            .set("Content-Type", "application/json");
-        let result = match body {
-            Some(body) => request.send_string(&body),
-            None => request.call(),
-        };
-        match result {
-            Ok(response) => Ok((
-                response.status(),
-                response.into_string().unwrap_or_default(),
-            )),
-            Err(ureq::Error::Status(409, _)) => Ok((409, String::new())),
-            Err(ureq::Error::Status(code, response)) => Err(format!(
-                "target refused {method} {path}: HTTP {code}: {}",
-                response.into_string().unwrap_or_default()
-            )),
-            Err(error) => Err(format!("target unreachable ({method} {path}): {error}")),
-        }
+/// What it is about to create is passed to `note` first (which makes it durable), so that an
+/// abort, even after a crash, knows what to delete. `Err` carries a reason for the status.
+pub(super) fn push(
+    wanted: &TargetMetadata,
+    note: &dyn Fn(Created) -> Result<(), String>,
+) -> Result<(), String> {
+    let (agent, base) = agent_and_base(&wanted.service_url);
+    let call = |method: &str, path: &str, body: Option<String>| {
+        call(&agent, &base, &wanted.local_cluster, method, path, body)
     };
     for (name, data) in &wanted.registry {
         call("PUT", &format!("/clusters/{name}"), Some(json(data)))?;
     }
     let tenant_path = format!("/tenants/{}", wanted.tenant);
+    if call("GET", &tenant_path, None)?.0 == 404 {
+        note(Created::Tenant)?;
+    }
     if call("PUT", &tenant_path, Some(json(&wanted.tenant_info)))?.0 == 409 {
         let (_, text) = call("GET", &tenant_path, None)?;
         let mut theirs: TenantInfo = serde_json::from_str(&text)
@@ -73,6 +106,9 @@ pub(super) fn push(wanted: &TargetMetadata) -> Result<(), String> {
     }
     for (namespace, policies) in &wanted.namespaces {
         let path = format!("/namespaces/{}/{namespace}", wanted.tenant);
+        if call("GET", &path, None)?.0 == 404 {
+            note(Created::Namespace(namespace.clone()))?;
+        }
         if call("PUT", &path, Some(json(policies)))?.0 != 409 {
             continue;
         }
@@ -90,6 +126,39 @@ pub(super) fn push(wanted: &TargetMetadata) -> Result<(), String> {
         if theirs.len() != before {
             call("POST", &replication, Some(json(&theirs)))?;
         }
+    }
+    Ok(())
+}
+
+/// Deletes on the target what the migration created there: the namespaces (with their topics,
+/// which only replication wrote before any redirect) and the tenant. Gone already is fine.
+pub(super) fn remove(
+    service_url: &str,
+    local_cluster: &str,
+    tenant: &str,
+    namespaces: &[String],
+    tenant_created: bool,
+) -> Result<(), String> {
+    let (agent, base) = agent_and_base(service_url);
+    for namespace in namespaces {
+        call(
+            &agent,
+            &base,
+            local_cluster,
+            "DELETE",
+            &format!("/namespaces/{tenant}/{namespace}?force=true"),
+            None,
+        )?;
+    }
+    if tenant_created {
+        call(
+            &agent,
+            &base,
+            local_cluster,
+            "DELETE",
+            &format!("/tenants/{tenant}"),
+            None,
+        )?;
     }
     Ok(())
 }
