@@ -47,6 +47,10 @@ def test_migration_copies_stored_messages_to_the_target_exactly_once(clusters_fa
     plain = f"persistent://{namespace}/orders"
     partitioned = f"persistent://{namespace}/events"
     clusters.create_partitioned_topic("a", partitioned, PARTITIONS)
+    # A partitioned topic nothing was written to: its shape is copied, and it does not hold
+    # the migration back.
+    idle = f"persistent://{namespace}/idle"
+    clusters.create_partitioned_topic("a", idle, 2)
     # Another tenant on a, with a topic: the migration must leave it alone.
     bystander = unique("stay")
     clusters.create_tenant(bystander, on=["a"], allowed=["a"])
@@ -76,8 +80,8 @@ def test_migration_copies_stored_messages_to_the_target_exactly_once(clusters_fa
         "the migration to reach caughtUp with no backlog",
     )
     progress = status["progress"]
-    assert progress["topicsTotal"] == 1 + PARTITIONS, status
-    assert progress["topicsReplicating"] == 1 + PARTITIONS, status
+    assert progress["topicsTotal"] == 1 + PARTITIONS + 2, status
+    assert progress["topicsReplicating"] == 1 + PARTITIONS + 2, status
     assert progress["backlogBytes"] == 0, status
     lines = {line["name"]: line for line in status["phases"]}
     assert lines["metadataCopied"]["state"] == "done"
@@ -87,13 +91,14 @@ def test_migration_copies_stored_messages_to_the_target_exactly_once(clusters_fa
     # The migration created the tenant's namespace on b, with its partitioned topic's shape.
     assert sorted(clusters.get_replication("b", namespace)) == ["a", "b"]
     assert clusters.partitions("b", partitioned) == PARTITIONS
+    assert clusters.partitions("b", idle) == 2
 
     # A namespace created on a during the migration is copied and replicated too.
     clusters.admin("a", "PUT", f"/admin/v2/namespaces/{tenant}/late")
     late = f"persistent://{tenant}/late/t"
     client.create_producer(late, producer_name="late").send(b"late")
     await_condition(
-        lambda: (lambda p: p["namespacesReplicating"] == 2 and p["topicsReplicating"] == 2 + PARTITIONS
+        lambda: (lambda p: p["namespacesReplicating"] == 2 and p["topicsReplicating"] == 2 + PARTITIONS + 2
                  and p["backlogEntries"] == 0)(migration(clusters, tenant)["progress"]),
         REPLICATION_TIMEOUT_S,
         "the late namespace to replicate",

@@ -249,6 +249,7 @@ async fn copy_metadata(
         resources.update_tenant(tenant, &info).map_err(fail)?;
     }
     let mut namespaces = Vec::new();
+    let mut partitioned = Vec::new();
     let mut clusters: BTreeSet<String> = [record.source_cluster.clone(), target.clone()].into();
     for namespace in resources.namespaces(tenant).map_err(fail)? {
         let local = namespace
@@ -260,6 +261,17 @@ async fn copy_metadata(
             policies.replication_clusters.push(target.clone());
         }
         clusters.extend(policies.replication_clusters.iter().cloned());
+        for topic in broker
+            .metadata()
+            .children(&format!("/partitioned-topics/{tenant}/{local}"))
+            .map_err(|error| error.to_string())?
+        {
+            let name = TopicName::parse(&format!("persistent://{tenant}/{local}/{topic}"))
+                .map_err(fail)?;
+            if let Some(count) = broker.partition_count(&name).map_err(fail)? {
+                partitioned.push((local.clone(), topic, count));
+            }
+        }
         namespaces.push((local, policies));
     }
     let mut registry = Vec::new();
@@ -289,6 +301,7 @@ async fn copy_metadata(
         tenant: tenant.clone(),
         tenant_info,
         namespaces: namespaces.clone(),
+        partitioned,
     };
     let metadata = broker.metadata().clone();
     let owner = tenant.clone();

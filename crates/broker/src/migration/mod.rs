@@ -364,6 +364,8 @@ pub fn resume_all(broker: &Arc<Broker>) {
 pub fn progress(broker: &Broker, record: &MigrationRecord) -> Progress {
     let mut progress = Progress::default();
     let target = &record.target_cluster;
+    // A partition nothing was ever written to has no log: nothing to copy.
+    let with_log: std::collections::BTreeSet<String> = broker.all_topics().into_iter().collect();
     for namespace in broker
         .resources()
         .namespaces(&record.tenant)
@@ -380,6 +382,10 @@ pub fn progress(broker: &Broker, record: &MigrationRecord) -> Progress {
         }
         for topic in broker.topics_of_namespace(&namespace).unwrap_or_default() {
             progress.topics_total += 1;
+            if !with_log.contains(&topic) {
+                progress.topics_replicating += 1;
+                continue;
+            }
             let Ok(name) = TopicName::parse(&topic) else {
                 continue;
             };

@@ -22,6 +22,9 @@ pub(super) struct TargetMetadata {
     pub tenant_info: TenantInfo,
     /// `(namespace without the tenant, policies with the target in the replication list)`.
     pub namespaces: Vec<(String, Policies)>,
+    /// Partitioned topics `(namespace, topic, partitions)`, created with the same partition
+    /// count (replicators would create them too, but only once a partition holds a message).
+    pub partitioned: Vec<(String, String, u32)>,
 }
 
 /// What the migration creates on the target (and an abort deletes again).
@@ -126,6 +129,15 @@ pub(super) fn push(
         if theirs.len() != before {
             call("POST", &replication, Some(json(&theirs)))?;
         }
+    }
+    for (namespace, topic, partitions) in &wanted.partitioned {
+        let path = format!(
+            "/persistent/{}/{namespace}/{}/partitions",
+            wanted.tenant,
+            crate::topic_name::encode_path_segment(topic)
+        );
+        // 409: it exists (a different count is the replicators' "partitions inconsistent").
+        call("PUT", &path, Some(partitions.to_string()))?;
     }
     Ok(())
 }
