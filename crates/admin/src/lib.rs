@@ -9,11 +9,13 @@
 //!
 //! - [`clusters`], [`tenants`], [`namespaces`]: records and namespace policies;
 //! - [`topics`]: topics, partitions, subscriptions, stats, topic-level policies, lookup;
-//! - [`metrics`]: the Prometheus text exposition.
+//! - [`metrics`]: the Prometheus text exposition;
+//! - [`migration`]: a tenant's migration to another cluster (start, status, abort).
 
 mod clusters;
 mod deadlines;
 mod metrics;
+mod migration;
 mod namespaces;
 mod propagate;
 mod tenants;
@@ -112,6 +114,7 @@ pub fn router(broker: Arc<Broker>) -> Router {
         .route("/metrics/", get(metrics::metrics))
         .merge(clusters::routes())
         .merge(tenants::routes())
+        .merge(migration::routes())
         .merge(namespaces::routes())
         .merge(topics::routes())
         .fallback(not_found)

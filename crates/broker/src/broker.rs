@@ -39,6 +39,8 @@ pub struct Broker {
     /// (exists: 409, gone: 404) instead of half of a storage operation.
     lifecycle: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     next_key: AtomicU64,
+    /// The tenant migrations this broker drives (`crate::migration`).
+    migrations: crate::migration::Drivers,
 }
 
 /// A topic name claimed by an admin creation or deletion; released when dropped.
@@ -122,7 +124,13 @@ impl Broker {
             deleting: Mutex::new(BTreeSet::new()),
             lifecycle: Mutex::new(HashMap::new()),
             next_key: AtomicU64::new(1),
+            migrations: crate::migration::Drivers::default(),
         }))
+    }
+
+    /// The tenant migrations this broker drives.
+    pub(crate) fn migration_drivers(&self) -> &crate::migration::Drivers {
+        &self.migrations
     }
 
     pub fn config(&self) -> &BrokerConfig {
@@ -330,6 +338,7 @@ impl Broker {
                 .filter(|rate| rate.is_limited())
                 .cloned(),
             start_at_earliest: self.shared.config.replication_start_earliest,
+            earliest_remotes: crate::migration::earliest_remotes(&self.metadata, &topic.name),
         })
     }
 

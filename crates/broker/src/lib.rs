@@ -26,6 +26,7 @@ pub mod config;
 mod context;
 pub mod dedup;
 pub mod error;
+pub mod migration;
 pub mod outbound;
 pub mod replication;
 pub mod resources;

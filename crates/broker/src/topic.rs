@@ -92,6 +92,9 @@ pub(crate) struct ReplicationPlan {
     pub rate: Option<DispatchRate>,
     /// A new replicator cursor starts at the earliest message instead of the latest.
     pub start_at_earliest: bool,
+    /// Remotes whose new replicator cursor starts at the earliest message whatever
+    /// `start_at_earliest` says: the target of a tenant migration (`crate::migration`).
+    pub earliest_remotes: Vec<String>,
     /// Every registered cluster but this one, replicated to or not: replicated subscriptions
     /// also send their state to the origins of the entries they hold.
     pub registered: Vec<RemoteCluster>,
@@ -1411,7 +1414,7 @@ impl Topic {
             }
             let cursor = replicator::cursor_name(&name);
             if self.log.cursor(&cursor).is_none() {
-                let initial = if plan.start_at_earliest {
+                let initial = if plan.start_at_earliest || plan.earliest_remotes.contains(&name) {
                     InitialPosition::Earliest
                 } else {
                     InitialPosition::Latest
@@ -1433,6 +1436,47 @@ impl Topic {
             state.replicators.insert(name, replicator);
         }
         Ok(())
+    }
+
+    /// How far replication to `remote` is: `None` while the topic has no replicator to it.
+    /// The backlog is exact (the replication cursor's), not the backlog task's last count.
+    pub(crate) fn replication_progress(
+        &self,
+        remote: &str,
+    ) -> Option<crate::migration::ReplicationProgress> {
+        let connected = self.lock().replicators.get(remote)?.stats().connected;
+        let cursor = replicator::cursor_name(remote);
+        let mark_delete = self.log.mark_delete_position(&cursor)?;
+        Some(crate::migration::ReplicationProgress {
+            connected,
+            backlog_entries: self.log.backlog_entries(&cursor).unwrap_or(0),
+            backlog_bytes: self.log.bytes_after(mark_delete),
+        })
+    }
+
+    /// The durable subscriptions (not replication cursors), each with whether it is
+    /// replicated and whether its latest state has reached `remote` (something sent, nothing
+    /// waiting to be sent).
+    pub(crate) fn subscriptions_synced_to(&self, remote: &str) -> Vec<(String, bool, bool)> {
+        self.backlog_cursors()
+            .into_iter()
+            .filter(|cursor| !is_replicator_cursor(cursor))
+            .map(|name| {
+                let state = self.log.cursor(&name);
+                let replicated = state
+                    .as_ref()
+                    .is_some_and(replicated_subscriptions::is_replicated);
+                let synced = match (replicated, self.subscription_sync.get(), state.as_ref()) {
+                    (true, Some(sync), Some(state)) => {
+                        sync.stats(&name, state).get(remote).is_some_and(|stats| {
+                            stats.last_sent_timestamp.is_some() && stats.unsent_for_ms == 0
+                        })
+                    }
+                    _ => false,
+                };
+                (name, replicated, synced)
+            })
+            .collect()
     }
 
     /// Pulsar's `PersistentTopicInternalStats`.

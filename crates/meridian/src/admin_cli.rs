@@ -69,10 +69,32 @@ struct ClusterData {
 #[derive(Subcommand)]
 enum TenantVerb {
     List,
-    Get { tenant: String },
+    Get {
+        tenant: String,
+    },
     Create(TenantData),
     Update(TenantData),
-    Delete { tenant: String },
+    Delete {
+        tenant: String,
+    },
+    /// Migrate a tenant from this cluster to another one: start it (`--to`), show its
+    /// progress phase by phase (`--status`), or abort it (`--abort`).
+    Migrate(MigrateArgs),
+}
+
+#[derive(Args)]
+#[command(group(clap::ArgGroup::new("action").required(true).args(["to", "status", "abort"])))]
+struct MigrateArgs {
+    tenant: String,
+    /// The cluster to move the tenant to (registered on this cluster).
+    #[arg(long)]
+    to: Option<String>,
+    /// Show the migration's phase and progress.
+    #[arg(long)]
+    status: bool,
+    /// Abort the migration (before its redirect phase) and put this cluster's settings back.
+    #[arg(long)]
+    abort: bool,
 }
 
 #[derive(Args)]
@@ -438,6 +460,36 @@ fn table(value: &Value, prefix: &str, out: &mut String) {
     }
 }
 
+/// A migration's status: who, where, the phase, then one line per phase with its progress.
+fn migration(status: &Value) -> String {
+    let field = |name: &str| status.get(name).map(scalar).unwrap_or_default();
+    let mut out = format!(
+        "tenant {} migrating from {} to {}: {}\n",
+        field("tenant"),
+        field("sourceCluster"),
+        field("targetCluster"),
+        field("phase")
+    );
+    if let Some(reason) = status.get("pausedReason").and_then(Value::as_str) {
+        out.push_str(&format!("PAUSED: {reason}\n"));
+    }
+    for phase in status
+        .get("phases")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        let get = |name: &str| phase.get(name).map(scalar).unwrap_or_default();
+        out.push_str(&format!(
+            "  {:<22} {:<9} {}\n",
+            get("name"),
+            get("state"),
+            get("progress")
+        ));
+    }
+    out
+}
+
 fn scalar(value: &Value) -> String {
     match value {
         Value::String(text) => text.clone(),
@@ -451,6 +503,7 @@ pub fn run(arguments: AdminArgs) -> anyhow::Result<()> {
     let http = Http {
         base: arguments.url,
     };
+    let mut migration_view = false;
     let (method, path, body): (&str, String, Option<Value>) = match arguments.noun {
         Noun::Clusters(verb) => match verb {
             ClusterVerb::List => ("GET", "/admin/v2/clusters".into(), None),
@@ -489,6 +542,16 @@ pub fn run(arguments: AdminArgs) -> anyhow::Result<()> {
             TenantVerb::Delete { tenant } => {
                 ("DELETE", format!("/admin/v2/tenants/{tenant}"), None)
             }
+            TenantVerb::Migrate(migrate) => {
+                let path = format!("/admin/v2/tenants/{}/migration", migrate.tenant);
+                let request = match (migrate.to, migrate.abort) {
+                    (Some(target), _) => ("POST", path, Some(json!({ "targetCluster": target }))),
+                    (None, true) => ("DELETE", path, None),
+                    (None, false) => ("GET", path, None),
+                };
+                migration_view = true;
+                request
+            }
         },
         Noun::Namespaces(verb) => namespace_request(verb)?,
         Noun::Topics(verb) => topic_request(verb)?,
@@ -496,6 +559,7 @@ pub fn run(arguments: AdminArgs) -> anyhow::Result<()> {
     let reply = http.call(method, &path, body)?;
     match (reply, arguments.output) {
         (Reply::Json(value), Output::Json) => println!("{}", serde_json::to_string_pretty(&value)?),
+        (Reply::Json(value), Output::Table) if migration_view => print!("{}", migration(&value)),
         (Reply::Json(value), Output::Table) => {
             let mut out = String::new();
             table(&value, "", &mut out);

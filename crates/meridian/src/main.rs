@@ -213,6 +213,8 @@ async fn standalone(config: Config) -> anyhow::Result<()> {
         let broker = broker.clone();
         async move { broker.load_replicated_topics(None).await }
     });
+    // A tenant migration under way when the broker stopped goes on from its record.
+    meridian_broker::migration::resume_all(&broker);
     let background = tokio::spawn(background_loop(
         broker.clone(),
         Duration::from_secs(config.policy_check_interval_seconds),

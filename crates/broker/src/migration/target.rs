@@ -1,0 +1,180 @@
+//! Creating a migrating tenant's metadata on the target cluster through its admin API. Every
+//! call is idempotent, so a migration that paused or restarted simply runs them again.
+
+use std::time::Duration;
+
+use crate::resources::{ClusterData, Policies, TenantInfo};
+
+/// Header naming the cluster a request comes from; the target applies it without propagating
+/// it further (the same header geo-replication's "configure once" uses).
+const PROPAGATED_HEADER: &str = "x-meridian-propagated-from";
+
+/// Each admin call to the target gives up after this long (the migration pauses and retries).
+const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What the target must hold before the source starts replicating to it.
+pub(super) struct TargetMetadata {
+    pub local_cluster: String,
+    pub service_url: String,
+    /// Registry entries of every cluster the tenant's namespaces name (link proxies removed).
+    pub registry: Vec<(String, ClusterData)>,
+    pub tenant: String,
+    pub tenant_info: TenantInfo,
+    /// `(namespace without the tenant, policies with the target in the replication list)`.
+    pub namespaces: Vec<(String, Policies)>,
+    /// Partitioned topics `(namespace, topic, partitions)`, created with the same partition
+    /// count (replicators would create them too, but only once a partition holds a message).
+    pub partitioned: Vec<(String, String, u32)>,
+}
+
+/// What the migration creates on the target (and an abort deletes again).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum Created {
+    Tenant,
+    /// A namespace, without the tenant.
+    Namespace(String),
+}
+
+/// One admin call to the target: `Ok((status, body))` for 2xx, 404 and 409; `Err` otherwise.
+fn call(
+    agent: &ureq::Agent,
+    base: &str,
+    from: &str,
+    method: &str,
+    path: &str,
+    body: Option<String>,
+) -> Result<(u16, String), String> {
+    let request = agent
+        .request(method, &format!("{base}{path}"))
+        .set(PROPAGATED_HEADER, from)
+        .set("Content-Type", "application/json");
+    let result = match body {
+        Some(body) => request.send_string(&body),
+        None => request.call(),
+    };
+    match result {
+        Ok(response) => Ok((
+            response.status(),
+            response.into_string().unwrap_or_default(),
+        )),
+        Err(ureq::Error::Status(code @ (404 | 409), _)) => Ok((code, String::new())),
+        Err(ureq::Error::Status(code, response)) => Err(format!(
+            "target refused {method} {path}: HTTP {code}: {}",
+            response.into_string().unwrap_or_default()
+        )),
+        Err(error) => Err(format!("target unreachable ({method} {path}): {error}")),
+    }
+}
+
+fn agent_and_base(service_url: &str) -> (ureq::Agent, String) {
+    (
+        ureq::AgentBuilder::new().timeout(CALL_TIMEOUT).build(),
+        format!("{}/admin/v2", service_url.trim_end_matches('/')),
+    )
+}
+
+/// Creates (or completes) the cluster entries, the tenant and each namespace on the target.
+/// What it is about to create is passed to `note` first (which makes it durable), so that an
+/// abort, even after a crash, knows what to delete. `Err` carries a reason for the status.
+pub(super) fn push(
+    wanted: &TargetMetadata,
+    note: &dyn Fn(Created) -> Result<(), String>,
+) -> Result<(), String> {
+    let (agent, base) = agent_and_base(&wanted.service_url);
+    let call = |method: &str, path: &str, body: Option<String>| {
+        call(&agent, &base, &wanted.local_cluster, method, path, body)
+    };
+    for (name, data) in &wanted.registry {
+        call("PUT", &format!("/clusters/{name}"), Some(json(data)))?;
+    }
+    let tenant_path = format!("/tenants/{}", wanted.tenant);
+    if call("GET", &tenant_path, None)?.0 == 404 {
+        note(Created::Tenant)?;
+    }
+    if call("PUT", &tenant_path, Some(json(&wanted.tenant_info)))?.0 == 409 {
+        let (_, text) = call("GET", &tenant_path, None)?;
+        let mut theirs: TenantInfo = serde_json::from_str(&text)
+            .map_err(|error| format!("target sent an unreadable tenant: {error}"))?;
+        let missing: Vec<String> = wanted
+            .tenant_info
+            .allowed_clusters
+            .iter()
+            .filter(|cluster| !theirs.allowed_clusters.contains(cluster))
+            .cloned()
+            .collect();
+        if !missing.is_empty() {
+            theirs.allowed_clusters.extend(missing);
+            call("POST", &tenant_path, Some(json(&theirs)))?;
+        }
+    }
+    for (namespace, policies) in &wanted.namespaces {
+        let path = format!("/namespaces/{}/{namespace}", wanted.tenant);
+        if call("GET", &path, None)?.0 == 404 {
+            note(Created::Namespace(namespace.clone()))?;
+        }
+        if call("PUT", &path, Some(json(policies)))?.0 != 409 {
+            continue;
+        }
+        // The namespace exists there: make sure its list has every cluster ours has.
+        let replication = format!("{path}/replication");
+        let (_, text) = call("GET", &replication, None)?;
+        let mut theirs: Vec<String> = serde_json::from_str(&text)
+            .map_err(|error| format!("target sent an unreadable replication list: {error}"))?;
+        let before = theirs.len();
+        for cluster in &policies.replication_clusters {
+            if !theirs.contains(cluster) {
+                theirs.push(cluster.clone());
+            }
+        }
+        if theirs.len() != before {
+            call("POST", &replication, Some(json(&theirs)))?;
+        }
+    }
+    for (namespace, topic, partitions) in &wanted.partitioned {
+        let path = format!(
+            "/persistent/{}/{namespace}/{}/partitions",
+            wanted.tenant,
+            crate::topic_name::encode_path_segment(topic)
+        );
+        // 409: it exists (a different count is the replicators' "partitions inconsistent").
+        call("PUT", &path, Some(partitions.to_string()))?;
+    }
+    Ok(())
+}
+
+/// Deletes on the target what the migration created there: the namespaces (with their topics,
+/// which only replication wrote before any redirect) and the tenant. Gone already is fine.
+pub(super) fn remove(
+    service_url: &str,
+    local_cluster: &str,
+    tenant: &str,
+    namespaces: &[String],
+    tenant_created: bool,
+) -> Result<(), String> {
+    let (agent, base) = agent_and_base(service_url);
+    for namespace in namespaces {
+        call(
+            &agent,
+            &base,
+            local_cluster,
+            "DELETE",
+            &format!("/namespaces/{tenant}/{namespace}?force=true"),
+            None,
+        )?;
+    }
+    if tenant_created {
+        call(
+            &agent,
+            &base,
+            local_cluster,
+            "DELETE",
+            &format!("/tenants/{tenant}"),
+            None,
+        )?;
+    }
+    Ok(())
+}
+
+fn json<T: serde::Serialize>(value: &T) -> String {
+    serde_json::to_string(value).unwrap_or_default()
+}
