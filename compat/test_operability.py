@@ -1,0 +1,110 @@
+"""Failures an operator must see: a topic whose log cannot be opened.
+
+The official client must get the broker's error at once (not its operation timeout), and the
+broker must log the failure once at ERROR, count it in /metrics and list the topic in the
+health check's details.
+"""
+
+import json
+import re
+import urllib.request
+from pathlib import Path
+
+import pulsar
+import pytest
+
+from helpers import unique_topic
+import pulsar_frames as frames
+
+Earliest = pulsar.InitialPosition.Earliest
+NOT_ALLOWED_ERROR = 22
+
+
+def get(broker, path):
+    with urllib.request.urlopen(broker.web_url + path, timeout=20) as response:
+        return response.status, response.read().decode()
+
+
+def get_error(broker, path):
+    try:
+        return get(broker, path)
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode()
+
+
+def metric(broker, name, labels=""):
+    _, text = get(broker, "/metrics")
+    for line in text.splitlines():
+        if line.startswith(name + "{") and labels in line:
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{name} with {labels} not in /metrics")
+
+
+def corrupt_segments(data_dir: Path, local_name: str) -> int:
+    """Overwrites the magic of every segment of the topic's log: the log cannot be opened."""
+    logs = data_dir / "storage" / "logs"
+    corrupted = 0
+    for directory in logs.iterdir():
+        if local_name in directory.name:
+            for segment in directory.glob("*.segment"):
+                with open(segment, "r+b") as file:
+                    file.write(b"GARBAGE!")
+                corrupted += 1
+    return corrupted
+
+
+@pytest.mark.allow_broker_errors(r"topic cannot be loaded")
+def test_unloadable_topic_fails_clients_at_once_and_is_reported(broker_factory, client_factory):
+    broker = broker_factory.start()
+    topic = unique_topic("unloadable")
+    client = client_factory(broker)
+    producer = client.create_producer(topic)
+    producer.send(b"before")
+    client.close()
+    broker.stop()
+    assert corrupt_segments(broker.data_dir, topic.rsplit("/", 1)[1]) > 0
+    broker.start()
+
+    client = client_factory(broker)
+    for attempt in range(3):
+        with pytest.raises(pulsar.PulsarException) as raised:
+            client.subscribe(topic, "sub", initial_position=Earliest)
+        # NotAllowedError: the client gives up at once; a retried code would end in Timeout.
+        assert isinstance(raised.value, pulsar.NotAllowedError), repr(raised.value)
+        with pytest.raises(pulsar.NotAllowedError):
+            client.create_producer(topic)
+
+    # The reason travels with the code (the C++ client logs it; the Python exception carries
+    # only the code), here read from the ERROR frame itself.
+    with frames.RawConnection(broker.broker_port) as connection:
+        connection.handshake()
+        reply = connection.request(frames.producer_frame(topic, 1, 7), frames.ERROR)
+        assert reply.first(2) == NOT_ALLOWED_ERROR, reply.body
+        message = reply.first(3).decode()
+        assert topic in message and "cannot be opened: corrupted data" in message, message
+
+    # Logged once at ERROR with the topic and the cause, however often clients retried.
+    error_lines = [
+        line
+        for line in broker.log_text().splitlines()
+        if " ERROR " in line and "topic cannot be loaded" in line
+    ]
+    assert len(error_lines) == 1, error_lines
+    assert topic in error_lines[0] and "corrupt" in error_lines[0].lower(), error_lines[0]
+
+    assert metric(broker, "meridian_topic_load_failures_total") == 1
+    assert metric(broker, "meridian_unavailable_topics", 'kind="loadFailed"') == 1
+
+    status, text = get(broker, "/admin/v2/brokers/health")
+    assert (status, text) == (200, "ok")  # pulsar-admin's healthcheck still passes
+    status, text = get(broker, "/admin/v2/brokers/health?details=true")
+    details = json.loads(text)
+    assert details["status"] == "degraded"
+    [failure] = details["unavailableTopics"]
+    assert failure["topic"] == topic and failure["kind"] == "loadFailed"
+    assert "cannot be opened" in failure["reason"]
+
+    # Topic stats answer with the reason instead of a bare 500.
+    path = "/admin/v2/persistent/" + topic.split("://", 1)[1] + "/stats"
+    status, text = get_error(broker, path)
+    assert status == 500 and "cannot be opened" in json.loads(text)["reason"], (status, text)
