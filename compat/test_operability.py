@@ -108,3 +108,37 @@ def test_unloadable_topic_fails_clients_at_once_and_is_reported(broker_factory, 
     path = "/admin/v2/persistent/" + topic.split("://", 1)[1] + "/stats"
     status, text = get_error(broker, path)
     assert status == 500 and "cannot be opened" in json.loads(text)["reason"], (status, text)
+
+
+# ------------------------------------------------------------------ pulsar-admin's brokers API
+
+
+def test_brokers_endpoints_have_pulsars_shapes(broker, client):
+    web_address = broker.web_url.split("://", 1)[1]
+    status, text = get(broker, "/admin/v2/brokers/standalone")
+    assert (status, json.loads(text)) == (200, [web_address])
+    assert json.loads(get(broker, "/admin/v2/brokers")[1]) == [web_address]
+    assert get_error(broker, "/admin/v2/brokers/no-such-cluster")[0] == 404
+    assert get(broker, "/admin/v2/brokers/ready") == (200, "ok")
+    assert get(broker, "/admin/v2/brokers/health") == (200, "ok")
+    assert get(broker, "/status.html") == (200, "OK")
+    status, text = get(broker, "/admin/v2/brokers/version")
+    assert status == 200 and re.fullmatch(r"\d+\.\d+\.\d+.*", text), text
+    leader = json.loads(get(broker, "/admin/v2/brokers/leaderBroker")[1])
+    assert leader == {"brokerId": web_address, "serviceUrl": broker.web_url}
+    # No setting of Meridian changes at runtime: no dynamic configuration.
+    assert json.loads(get(broker, "/admin/v2/brokers/configuration")[1]) == []
+    assert json.loads(get(broker, "/admin/v2/brokers/configuration/values")[1]) == {}
+    runtime = json.loads(get(broker, "/admin/v2/brokers/configuration/runtime")[1])
+    assert runtime["web_port"] == str(broker.web_port)
+    assert runtime["cluster_name"] == "standalone"
+    assert "storage.segment_max_bytes" in runtime
+    assert all(isinstance(value, str) for value in runtime.values())
+
+    topic = unique_topic("broker-stats")
+    producer = client.create_producer(topic)
+    producer.send(b"one")
+    stats = json.loads(get(broker, "/admin/v2/broker-stats/topics")[1])
+    topic_stats = stats["public/default"]["0x00000000_0xffffffff"]["persistent"][topic]
+    assert topic_stats["msgInCounter"] == 1
+    assert [publisher["producerName"] for publisher in topic_stats["publishers"]] == [producer.producer_name()]

@@ -9,7 +9,8 @@
 //!
 //! - [`clusters`], [`tenants`], [`namespaces`]: records and namespace policies;
 //! - [`topics`]: topics, partitions, subscriptions, stats, topic-level policies, lookup;
-//! - [`brokers`]: `/admin/v2/brokers/...` (health with the topics that cannot be served);
+//! - [`brokers`]: `/admin/v2/brokers/...` (health with the topics that cannot be served,
+//!   active brokers, version, configuration), `/admin/v2/broker-stats/topics`, `/status.html`;
 //! - [`metrics`]: the Prometheus text exposition.
 
 mod brokers;
@@ -23,6 +24,8 @@ mod topics;
 
 use std::sync::Arc;
 use std::time::Duration;
+
+pub use brokers::set_runtime_configuration;
 
 use axum::extract::rejection::JsonRejection;
 use axum::http::StatusCode;

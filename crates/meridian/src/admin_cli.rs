@@ -44,6 +44,56 @@ enum Noun {
     /// Topics, partitions and subscriptions.
     #[command(subcommand)]
     Topics(TopicVerb),
+    /// The brokers of a cluster, their health, version and configuration.
+    #[command(subcommand)]
+    Brokers(BrokerVerb),
+    /// Statistics of everything this broker serves.
+    #[command(subcommand, name = "broker-stats")]
+    BrokerStats(BrokerStatsVerb),
+}
+
+#[derive(Subcommand)]
+enum BrokerVerb {
+    /// Active brokers of a cluster (their web service addresses).
+    ///
+    /// Example: meridian admin brokers list standalone
+    List { cluster: String },
+    /// The leader broker (a single broker leads its cluster).
+    ///
+    /// Example: meridian admin brokers leader-broker
+    LeaderBroker,
+    /// Health check: prints `ok`, or with --details the topics the broker cannot serve.
+    ///
+    /// Example: meridian admin brokers healthcheck --details
+    Healthcheck {
+        /// List the topics that cannot be served and why (JSON).
+        #[arg(long)]
+        details: bool,
+    },
+    /// The broker's version.
+    ///
+    /// Example: meridian admin brokers version
+    Version,
+    /// Names of the settings that can be changed at runtime (none in Meridian).
+    ///
+    /// Example: meridian admin brokers list-dynamic-config
+    ListDynamicConfig,
+    /// Values of settings changed at runtime (none in Meridian).
+    ///
+    /// Example: meridian admin brokers get-all-dynamic-config
+    GetAllDynamicConfig,
+    /// The effective configuration the broker runs with.
+    ///
+    /// Example: meridian admin brokers get-runtime-config
+    GetRuntimeConfig,
+}
+
+#[derive(Subcommand)]
+enum BrokerStatsVerb {
+    /// Stats of every loaded topic, by namespace and bundle.
+    ///
+    /// Example: meridian admin --output json broker-stats topics
+    Topics,
 }
 
 #[derive(Subcommand)]
@@ -492,6 +542,28 @@ pub fn run(arguments: AdminArgs) -> anyhow::Result<()> {
         },
         Noun::Namespaces(verb) => namespace_request(verb)?,
         Noun::Topics(verb) => topic_request(verb)?,
+        Noun::Brokers(verb) => {
+            let path = match verb {
+                BrokerVerb::List { cluster } => {
+                    format!("/admin/v2/brokers/{}", encode_path_segment(&cluster))
+                }
+                BrokerVerb::LeaderBroker => "/admin/v2/brokers/leaderBroker".into(),
+                BrokerVerb::Healthcheck { details } => {
+                    format!(
+                        "/admin/v2/brokers/health{}",
+                        if details { "?details=true" } else { "" }
+                    )
+                }
+                BrokerVerb::Version => "/admin/v2/brokers/version".into(),
+                BrokerVerb::ListDynamicConfig => "/admin/v2/brokers/configuration".into(),
+                BrokerVerb::GetAllDynamicConfig => "/admin/v2/brokers/configuration/values".into(),
+                BrokerVerb::GetRuntimeConfig => "/admin/v2/brokers/configuration/runtime".into(),
+            };
+            ("GET", path, None)
+        }
+        Noun::BrokerStats(BrokerStatsVerb::Topics) => {
+            ("GET", "/admin/v2/broker-stats/topics".into(), None)
+        }
     };
     let reply = http.call(method, &path, body)?;
     match (reply, arguments.output) {

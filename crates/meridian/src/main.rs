@@ -202,6 +202,7 @@ async fn standalone(config: Config) -> anyhow::Result<()> {
         config.server_config(),
         shutdown.clone(),
     ));
+    meridian_admin::set_runtime_configuration(config.runtime_values());
     let web = tokio::spawn(meridian_admin::serve(
         web_listener,
         broker.clone(),
