@@ -8,9 +8,9 @@
 mod admin_cli;
 mod client_cli;
 mod config;
+mod logging;
 mod perf;
 
-use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -31,6 +31,9 @@ use crate::config::Config;
     about = "A Pulsar-compatible message broker built for cross-cluster replication"
 )]
 struct Cli {
+    /// Log lines on stderr: `text` (colour only at a terminal) or `json` (one object per line).
+    #[arg(long, value_enum, global = true, default_value_t = logging::LogFormat::Text)]
+    log_format: logging::LogFormat,
     #[command(subcommand)]
     command: Command,
 }
@@ -45,6 +48,13 @@ enum Command {
     Client(client_cli::ClientArgs),
     /// Measure throughput and latency, like pulsar-perf (produce, consume, end-to-end).
     Perf(perf::PerfArgs),
+    /// Print a shell completion script.
+    ///
+    /// Example: meridian completions bash > /etc/bash_completion.d/meridian
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
 }
 
 #[derive(clap::Args)]
@@ -73,23 +83,14 @@ struct StandaloneArgs {
 }
 
 fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        // Logs go to stderr so that command output (`--output json`) stays clean on stdout;
-        // colours only for a terminal, never into a log file.
-        .with_writer(std::io::stderr)
-        // Colour codes only for a person at a terminal (and not when NO_COLOR asks for none),
-        // never in a log file or a pipe.
-        .with_ansi(
-            std::io::stderr().is_terminal()
-                && std::env::var_os("NO_COLOR").is_none_or(|value| value.is_empty()),
-        )
-        .init();
     let cli = Cli::parse();
+    logging::init(cli.log_format);
     match cli.command {
+        Command::Completions { shell } => {
+            let mut command = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut command, "meridian", &mut std::io::stdout());
+            Ok(())
+        }
         Command::Admin(arguments) => admin_cli::run(arguments),
         Command::Client(arguments) => tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -124,6 +125,7 @@ fn main() -> anyhow::Result<()> {
                 config.advertised_address = Some(address);
             }
             config.validate()?;
+            logging::set_cluster(&config.cluster_name);
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .thread_name("meridian")
