@@ -41,6 +41,8 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run one broker with embedded storage and metadata.
+    ///
+    /// Example: meridian standalone --data-dir ./data --config meridian.toml
     Standalone(StandaloneArgs),
     /// Administer a broker through its REST API (pulsar-admin's nouns and verbs).
     Admin(admin_cli::AdminArgs),
@@ -277,4 +279,48 @@ async fn wait_for_signal() -> anyhow::Result<()> {
         _ = interrupt.recv() => {}
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::{CommandFactory, Parser};
+
+    /// Every command and verb has a one-line help and an example in its long help, and the
+    /// example parses.
+    #[test]
+    fn every_command_has_help_and_an_example() {
+        fn walk(command: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for sub in command.get_subcommands() {
+                let name = format!("{path} {}", sub.get_name());
+                if sub.get_about().is_none() {
+                    missing.push(format!("{name}: no help"));
+                }
+                let has_subcommands = sub.get_subcommands().next().is_some();
+                let long = sub
+                    .get_long_about()
+                    .map(|about| about.to_string())
+                    .unwrap_or_default();
+                match long.split_once("Example: ") {
+                    // The example must parse: words up to a shell redirection.
+                    Some((_, example)) => {
+                        let words = example
+                            .lines()
+                            .next()
+                            .unwrap_or_default()
+                            .split_whitespace()
+                            .take_while(|word| *word != ">");
+                        if let Err(error) = super::Cli::try_parse_from(words) {
+                            missing.push(format!("{name}: example does not parse: {error}"));
+                        }
+                    }
+                    None if !has_subcommands => missing.push(format!("{name}: no example")),
+                    None => {}
+                }
+                walk(sub, &name, missing);
+            }
+        }
+        let mut missing = Vec::new();
+        walk(&super::Cli::command(), "meridian", &mut missing);
+        assert!(missing.is_empty(), "{}", missing.join("\n"));
+    }
 }
