@@ -109,6 +109,16 @@ def test_unloadable_topic_fails_clients_at_once_and_is_reported(broker_factory, 
     status, text = get_error(broker, path)
     assert status == 500 and "cannot be opened" in json.loads(text)["reason"], (status, text)
 
+    # Deleting the broken topic clears it; the name serves again (a new, empty topic).
+    topic_path = "/admin/v2/persistent/" + topic.split("://", 1)[1]
+    request = urllib.request.Request(broker.web_url + topic_path, method="DELETE")
+    with urllib.request.urlopen(request, timeout=20) as response:
+        assert response.status in (200, 204)
+    details = json.loads(get(broker, "/admin/v2/brokers/health?details=true")[1])
+    assert details["status"] == "ok" and details["unavailableTopics"] == []
+    assert metric(broker, "meridian_unavailable_topics", 'kind="loadFailed"') == 0
+    client.create_producer(topic).send(b"after")
+
 
 # ------------------------------------------------------------------ pulsar-admin's brokers API
 

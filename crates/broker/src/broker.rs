@@ -695,6 +695,7 @@ impl Broker {
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
             .remove(&name.to_string());
+        self.shared.health.forget(&name.to_string());
         self.metadata
             .delete(&terminated_key(name), ExpectedVersion::Any)?;
         Ok(())

@@ -118,6 +118,14 @@ impl TopicHealth {
         }
     }
 
+    /// The topic was deleted: its failure, if any, is no longer listed.
+    pub fn forget(&self, topic: &str) {
+        self.failures
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .remove(topic);
+    }
+
     /// The topic's failure, if it has one.
     pub fn failure(&self, topic: &str) -> Option<TopicFailure> {
         self.failures
