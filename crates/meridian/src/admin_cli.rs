@@ -54,10 +54,10 @@ enum Noun {
 
 #[derive(Subcommand)]
 enum BrokerVerb {
-    /// Active brokers of a cluster (their web service addresses).
+    /// Active brokers of a cluster, or of this one without a name (web service addresses).
     ///
     /// Example: meridian admin brokers list standalone
-    List { cluster: String },
+    List { cluster: Option<String> },
     /// The leader broker (a single broker leads its cluster).
     ///
     /// Example: meridian admin brokers leader-broker
@@ -641,9 +641,10 @@ pub fn run(arguments: AdminArgs) -> anyhow::Result<()> {
         Noun::Topics(verb) => topic_request(verb)?,
         Noun::Brokers(verb) => {
             let path = match verb {
-                BrokerVerb::List { cluster } => {
-                    format!("/admin/v2/brokers/{}", encode_path_segment(&cluster))
-                }
+                BrokerVerb::List { cluster: None } => "/admin/v2/brokers".into(),
+                BrokerVerb::List {
+                    cluster: Some(cluster),
+                } => format!("/admin/v2/brokers/{}", encode_path_segment(&cluster)),
                 BrokerVerb::LeaderBroker => "/admin/v2/brokers/leaderBroker".into(),
                 BrokerVerb::Healthcheck { details } => {
                     format!(

@@ -219,6 +219,7 @@ fn admin_cli_brokers_verbs_answer_like_pulsar_admin() {
         succeed(&broker, &["brokers", "list", "standalone"]).trim(),
         address
     );
+    assert_eq!(succeed(&broker, &["brokers", "list"]).trim(), address);
     assert_eq!(succeed(&broker, &["brokers", "healthcheck"]).trim(), "ok");
     assert_eq!(
         succeed(&broker, &["brokers", "version"]).trim(),
