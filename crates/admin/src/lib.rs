@@ -9,9 +9,12 @@
 //!
 //! - [`clusters`], [`tenants`], [`namespaces`]: records and namespace policies;
 //! - [`topics`]: topics, partitions, subscriptions, stats, topic-level policies, lookup;
+//! - [`brokers`]: `/admin/v2/brokers/...` (health with the topics that cannot be served,
+//!   active brokers, version, configuration), `/admin/v2/broker-stats/topics`, `/status.html`;
 //! - [`metrics`]: the Prometheus text exposition;
 //! - [`migration`]: a tenant's migration to another cluster (start, status, abort).
 
+mod brokers;
 mod clusters;
 mod deadlines;
 mod metrics;
@@ -23,6 +26,8 @@ mod topics;
 
 use std::sync::Arc;
 use std::time::Duration;
+
+pub use brokers::set_runtime_configuration;
 
 use axum::extract::rejection::JsonRejection;
 use axum::http::StatusCode;
@@ -80,7 +85,10 @@ impl From<BrokerError> for ApiError {
             | BrokerError::TooManyLoadedTopics { .. } => StatusCode::SERVICE_UNAVAILABLE,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         };
-        if status == StatusCode::INTERNAL_SERVER_ERROR {
+        // An unavailable topic was logged once when it failed; its reason is in the reply.
+        if status == StatusCode::INTERNAL_SERVER_ERROR
+            && !matches!(error, BrokerError::TopicUnavailable { .. })
+        {
             tracing::error!(%error, "admin request failed");
         }
         ApiError::new(status, error.to_string())
@@ -109,9 +117,9 @@ pub fn body<T: DeserializeOwned>(payload: Result<Json<T>, JsonRejection>) -> Api
 /// The HTTP routes.
 pub fn router(broker: Arc<Broker>) -> Router {
     Router::new()
-        .route("/admin/v2/brokers/health", get(health))
         .route("/metrics", get(metrics::metrics))
         .route("/metrics/", get(metrics::metrics))
+        .merge(brokers::routes())
         .merge(clusters::routes())
         .merge(tenants::routes())
         .merge(migration::routes())
@@ -119,11 +127,6 @@ pub fn router(broker: Arc<Broker>) -> Router {
         .merge(topics::routes())
         .fallback(not_found)
         .with_state(broker)
-}
-
-/// Pulsar's health check answers `ok` when the broker serves.
-async fn health() -> &'static str {
-    "ok"
 }
 
 async fn not_found() -> ApiError {

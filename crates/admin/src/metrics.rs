@@ -53,6 +53,34 @@ pub async fn metrics(State(broker): State<AppState>) -> impl IntoResponse {
         format!("cluster=\"{cluster}\""),
         broker.loaded_topics().len() as f64,
     );
+    let health = broker.health();
+    add(
+        "meridian_topic_load_failures_total",
+        "Distinct failures to open a topic's log (corrupt or unreadable files) since the broker started",
+        "counter",
+        format!("cluster=\"{cluster}\""),
+        health.load_failures_total() as f64,
+    );
+    add(
+        "meridian_topic_poisoned_total",
+        "Topic logs poisoned by a failed write or fsync since the broker started",
+        "counter",
+        format!("cluster=\"{cluster}\""),
+        health.poisoned_total() as f64,
+    );
+    let failures = health.failures();
+    for kind in [
+        meridian_broker::health::FailureKind::LoadFailed,
+        meridian_broker::health::FailureKind::Poisoned,
+    ] {
+        add(
+            "meridian_unavailable_topics",
+            "Topics the broker cannot serve now, by kind (loadFailed: the log cannot be opened; poisoned: a write or fsync failed)",
+            "gauge",
+            format!("cluster=\"{cluster}\",kind=\"{}\"", kind.as_str()),
+            failures.iter().filter(|failure| failure.kind == kind).count() as f64,
+        );
+    }
     let mut topics_per_namespace: BTreeMap<String, u64> = BTreeMap::new();
     for topic in broker.all_topics() {
         if let Ok(name) = meridian_broker::TopicName::parse(&topic) {

@@ -13,6 +13,7 @@ use tokio::sync::OnceCell;
 use crate::config::{AutoTopicCreationType, BrokerConfig};
 use crate::context::TopicContext;
 use crate::error::{BrokerError, Result};
+use crate::health::{FailureKind, TopicHealth};
 use crate::replication::remote::{RemoteClients, RemoteCluster};
 use crate::resources::{EffectivePolicies, Resources};
 use crate::schema::SchemaRegistry;
@@ -133,6 +134,11 @@ impl Broker {
         &self.migrations
     }
 
+    /// Topics the broker cannot serve now, and its failure counters.
+    pub fn health(&self) -> &TopicHealth {
+        &self.shared.health
+    }
+
     pub fn config(&self) -> &BrokerConfig {
         &self.shared.config
     }
@@ -246,13 +252,26 @@ impl Broker {
                 let terminated = self.metadata.get(&terminated_key(name))?.is_some();
                 let shared = self.shared.clone();
                 let name = name.clone();
+                let health = self.shared.clone();
                 let topic = tokio::task::spawn_blocking(move || {
                     Topic::load(shared, name, &policies, terminated)
                 })
                 .await
                 .map_err(|error| {
                     BrokerError::Unknown(format!("topic load task failed: {error}"))
-                })??;
+                })?
+                .map_err(|error| match error {
+                    BrokerError::Storage(cause) => {
+                        let reason = format!("its log cannot be opened: {cause}");
+                        health.health.record(&key, FailureKind::LoadFailed, &reason);
+                        BrokerError::TopicUnavailable {
+                            topic: key.clone(),
+                            reason,
+                        }
+                    }
+                    other => other,
+                })?;
+                health.health.recovered(&key);
                 self.known_topics
                     .lock()
                     .unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -685,6 +704,7 @@ impl Broker {
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
             .remove(&name.to_string());
+        self.shared.health.forget(&name.to_string());
         self.metadata
             .delete(&terminated_key(name), ExpectedVersion::Any)?;
         Ok(())

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use meridian_storage::Storage;
 
 use crate::config::BrokerConfig;
+use crate::health::TopicHealth;
 use crate::replication::remote::RemoteClients;
 
 /// What every topic of a broker shares.
@@ -21,6 +22,8 @@ pub(crate) struct TopicContext {
     instance: String,
     /// The clients replicators use, one per remote cluster.
     pub(crate) remote_clients: Arc<RemoteClients>,
+    /// Topics that cannot be served, and why.
+    pub(crate) health: TopicHealth,
 }
 
 impl TopicContext {
@@ -37,6 +40,7 @@ impl TopicContext {
             producer_names: AtomicU64::new(0),
             instance,
             remote_clients,
+            health: TopicHealth::default(),
         }
     }
 

@@ -54,6 +54,11 @@ pub enum BrokerError {
     /// remote topic, for one); clients retry (ServiceNotReady) and then meet the outcome.
     #[error("topic {0} is being created or deleted by an admin request; retry")]
     BeingCreatedOrDeleted(String),
+    /// A topic the broker cannot serve: its log could not be opened, or a failed write or
+    /// fsync poisoned it. Clients get NotAllowedError, which the official clients do not
+    /// retry, so the reason reaches the application at once (see `health`).
+    #[error("topic {topic} is unavailable: {reason}")]
+    TopicUnavailable { topic: String, reason: String },
     #[error("{0}")]
     Unknown(String),
 }
@@ -74,7 +79,9 @@ impl BrokerError {
             BrokerError::ConsumerBusy(_) => ServerError::ConsumerBusy,
             BrokerError::ProducerBusy(_) => ServerError::ProducerBusy,
             BrokerError::ProducerFenced(_) => ServerError::ProducerFenced,
-            BrokerError::NotAllowed(_) => ServerError::NotAllowedError,
+            BrokerError::NotAllowed(_) | BrokerError::TopicUnavailable { .. } => {
+                ServerError::NotAllowedError
+            }
             BrokerError::IncompatibleSchema(_) => ServerError::IncompatibleSchema,
             BrokerError::Storage(_) => ServerError::PersistenceError,
             BrokerError::Metadata(_) => ServerError::MetadataError,

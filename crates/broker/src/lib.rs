@@ -16,6 +16,7 @@
 //!   clusters, the memory bound) and replicated subscriptions.
 //! - `context`: the narrow handle a topic gets from its broker, so `topic` never uses `broker`.
 //! - [`stats`]: counters and Pulsar's stats shapes; uses nothing else in the crate.
+//! - [`health`]: topics the broker cannot serve (log load failures, poisoned logs) and why.
 //! - [`dedup`], [`schema`], [`topic_name`], [`config`], [`error`] (the one mapping of errors to
 //!   Pulsar's `ServerError`).
 
@@ -26,6 +27,7 @@ pub mod config;
 mod context;
 pub mod dedup;
 pub mod error;
+pub mod health;
 pub mod migration;
 pub mod outbound;
 pub mod replication;

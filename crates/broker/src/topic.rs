@@ -21,6 +21,7 @@ use crate::dedup::{
     Verdict, DEDUP_CURSOR,
 };
 use crate::error::{BrokerError, Result};
+use crate::health::FailureKind;
 use crate::outbound::{command_frame, OutboundSender};
 use crate::replication::remote::RemoteCluster;
 use crate::replication::replicated_subscriptions;
@@ -168,7 +169,11 @@ impl Future for AppendCompletion {
         let persisted = self.persisted.take();
         self.topic
             .append_completed(persisted, position, result.is_ok());
-        std::task::Poll::Ready(result.map(Some).map_err(Into::into))
+        std::task::Poll::Ready(
+            result
+                .map(Some)
+                .map_err(|error| self.topic.storage_failure(error)),
+        )
     }
 }
 
@@ -350,10 +355,36 @@ impl Topic {
         &self.log
     }
 
+    /// Turns a failed append into the broker's error. A write or fsync failure poisons the
+    /// log: the topic is recorded as unavailable (logged once, counted, listed in the health
+    /// check) and the client gets the cause.
+    fn storage_failure(&self, error: meridian_storage::StorageError) -> BrokerError {
+        use meridian_storage::StorageError;
+        let cause = match &error {
+            StorageError::Poisoned { cause, .. } => cause.clone(),
+            StorageError::Io { .. } => error.to_string(),
+            _ => return error.into(),
+        };
+        let reason = format!("its log is poisoned by a failed write or fsync: {cause}");
+        self.shared
+            .health
+            .record(&self.full_name, FailureKind::Poisoned, &reason);
+        BrokerError::TopicUnavailable {
+            topic: self.full_name.clone(),
+            reason,
+        }
+    }
+
     /// Admits a producer, enforcing unique names and access modes.
     pub fn add_producer(&self, key: u64, request: NewProducer) -> Result<ProducerGrant> {
         if self.is_terminated() {
             return Err(BrokerError::TopicTerminated(self.full_name.clone()));
+        }
+        if let Some(failure) = self.shared.health.failure(&self.full_name) {
+            return Err(BrokerError::TopicUnavailable {
+                topic: self.full_name.clone(),
+                reason: format!("{}; unload the topic to reopen its log", failure.reason),
+            });
         }
         let mut state = self.lock();
         let name = match request.name {
@@ -534,7 +565,8 @@ impl Topic {
                     if let Some(dedup) = state.dedup.as_mut() {
                         dedup.reset_pushed();
                     }
-                    return Err(error.into());
+                    drop(state);
+                    return Err(self.storage_failure(error));
                 }
             }
         };

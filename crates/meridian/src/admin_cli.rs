@@ -44,14 +44,79 @@ enum Noun {
     /// Topics, partitions and subscriptions.
     #[command(subcommand)]
     Topics(TopicVerb),
+    /// The brokers of a cluster, their health, version and configuration.
+    #[command(subcommand)]
+    Brokers(BrokerVerb),
+    /// Statistics of everything this broker serves.
+    #[command(subcommand, name = "broker-stats")]
+    BrokerStats(BrokerStatsVerb),
+}
+
+#[derive(Subcommand)]
+enum BrokerVerb {
+    /// Active brokers of a cluster, or of this one without a name (web service addresses).
+    ///
+    /// Example: meridian admin brokers list standalone
+    List { cluster: Option<String> },
+    /// The leader broker (a single broker leads its cluster).
+    ///
+    /// Example: meridian admin brokers leader-broker
+    LeaderBroker,
+    /// Health check: prints `ok`, or with --details the topics the broker cannot serve.
+    ///
+    /// Example: meridian admin brokers healthcheck --details
+    Healthcheck {
+        /// List the topics that cannot be served and why (JSON).
+        #[arg(long)]
+        details: bool,
+    },
+    /// The broker's version.
+    ///
+    /// Example: meridian admin brokers version
+    Version,
+    /// Names of the settings that can be changed at runtime (none in Meridian).
+    ///
+    /// Example: meridian admin brokers list-dynamic-config
+    ListDynamicConfig,
+    /// Values of settings changed at runtime (none in Meridian).
+    ///
+    /// Example: meridian admin brokers get-all-dynamic-config
+    GetAllDynamicConfig,
+    /// The effective configuration the broker runs with.
+    ///
+    /// Example: meridian admin brokers get-runtime-config
+    GetRuntimeConfig,
+}
+
+#[derive(Subcommand)]
+enum BrokerStatsVerb {
+    /// Stats of every loaded topic, by namespace and bundle.
+    ///
+    /// Example: meridian admin --output json broker-stats topics
+    Topics,
 }
 
 #[derive(Subcommand)]
 enum ClusterVerb {
+    /// List the clusters.
+    ///
+    /// Example: meridian admin clusters list
     List,
+    /// Show a cluster's URLs.
+    ///
+    /// Example: meridian admin clusters get standalone
     Get { cluster: String },
+    /// Register a cluster (for replication: the remote's URLs).
+    ///
+    /// Example: meridian admin clusters create east --url http://east:8080 --broker-url pulsar://east:6650
     Create(ClusterData),
+    /// Change a cluster's URLs.
+    ///
+    /// Example: meridian admin clusters update east --url http://east2:8080 --broker-url pulsar://east2:6650
     Update(ClusterData),
+    /// Remove a cluster.
+    ///
+    /// Example: meridian admin clusters delete east
     Delete { cluster: String },
 }
 
@@ -68,17 +133,30 @@ struct ClusterData {
 
 #[derive(Subcommand)]
 enum TenantVerb {
+    /// List the tenants.
+    ///
+    /// Example: meridian admin tenants list
     List,
-    Get {
-        tenant: String,
-    },
+    /// Show a tenant's admin roles and allowed clusters.
+    ///
+    /// Example: meridian admin tenants get acme
+    Get { tenant: String },
+    /// Create a tenant.
+    ///
+    /// Example: meridian admin tenants create acme --allowed-clusters standalone
     Create(TenantData),
+    /// Change a tenant's admin roles and allowed clusters.
+    ///
+    /// Example: meridian admin tenants update acme --allowed-clusters standalone,east
     Update(TenantData),
-    Delete {
-        tenant: String,
-    },
+    /// Delete a tenant (it must have no namespaces).
+    ///
+    /// Example: meridian admin tenants delete acme
+    Delete { tenant: String },
     /// Migrate a tenant from this cluster to another one: start it (`--to`), show its
     /// progress phase by phase (`--status`), or abort it (`--abort`).
+    ///
+    /// Example: meridian admin tenants migrate acme --to east
     Migrate(MigrateArgs),
 }
 
@@ -111,33 +189,44 @@ struct TenantData {
 #[derive(Subcommand)]
 enum NamespaceVerb {
     /// Namespaces of a tenant.
-    List {
-        tenant: String,
-    },
+    ///
+    /// Example: meridian admin namespaces list acme
+    List { tenant: String },
     /// Create tenant/namespace.
+    ///
+    /// Example: meridian admin namespaces create acme/orders --clusters standalone
     Create {
         namespace: String,
         #[arg(long, value_delimiter = ',')]
         clusters: Vec<String>,
     },
+    /// Delete a namespace (--force: with its topics).
+    ///
+    /// Example: meridian admin namespaces delete acme/orders --force
     Delete {
         namespace: String,
         #[arg(long, short)]
         force: bool,
     },
     /// All policies of a namespace.
-    Policies {
-        namespace: String,
-    },
+    ///
+    /// Example: meridian admin namespaces policies acme/orders
+    Policies { namespace: String },
+    /// Set the clusters the namespace replicates to.
+    ///
+    /// Example: meridian admin namespaces set-clusters acme/orders --clusters standalone,east
     SetClusters {
         namespace: String,
         #[arg(long, value_delimiter = ',', required = true)]
         clusters: Vec<String>,
     },
-    GetClusters {
-        namespace: String,
-    },
+    /// Show the clusters the namespace replicates to.
+    ///
+    /// Example: meridian admin namespaces get-clusters acme/orders
+    GetClusters { namespace: String },
     /// Retention of acknowledged messages: --time 3h, --size 500M (-1 unlimited, 0 none).
+    ///
+    /// Example: meridian admin namespaces set-retention acme/orders --time 3h --size 500M
     SetRetention {
         namespace: String,
         #[arg(long, allow_hyphen_values = true)]
@@ -145,19 +234,25 @@ enum NamespaceVerb {
         #[arg(long, allow_hyphen_values = true)]
         size: String,
     },
-    GetRetention {
-        namespace: String,
-    },
+    /// Show the retention policy.
+    ///
+    /// Example: meridian admin namespaces get-retention acme/orders
+    GetRetention { namespace: String },
     /// Message TTL in seconds (0: none).
+    ///
+    /// Example: meridian admin namespaces set-message-ttl acme/orders --ttl 3600
     SetMessageTtl {
         namespace: String,
         #[arg(long)]
         ttl: u64,
     },
-    GetMessageTtl {
-        namespace: String,
-    },
+    /// Show the message TTL in seconds.
+    ///
+    /// Example: meridian admin namespaces get-message-ttl acme/orders
+    GetMessageTtl { namespace: String },
     /// Caps what each replicator of the namespace sends per period (0: no cap).
+    ///
+    /// Example: meridian admin namespaces set-replicator-dispatch-rate acme/orders --msg-dispatch-rate 1000
     SetReplicatorDispatchRate {
         namespace: String,
         #[arg(long, default_value_t = 0)]
@@ -168,13 +263,17 @@ enum NamespaceVerb {
         #[arg(long, default_value_t = 1)]
         dispatch_rate_period: u32,
     },
-    GetReplicatorDispatchRate {
-        namespace: String,
-    },
-    RemoveReplicatorDispatchRate {
-        namespace: String,
-    },
+    /// Show the replicators' dispatch rate cap.
+    ///
+    /// Example: meridian admin namespaces get-replicator-dispatch-rate acme/orders
+    GetReplicatorDispatchRate { namespace: String },
+    /// Remove the replicators' dispatch rate cap.
+    ///
+    /// Example: meridian admin namespaces remove-replicator-dispatch-rate acme/orders
+    RemoveReplicatorDispatchRate { namespace: String },
     /// Backlog quota: --limit 10G and/or --limit-time 3600, with a policy.
+    ///
+    /// Example: meridian admin namespaces set-backlog-quota acme/orders --limit 10G --policy producer_request_hold
     SetBacklogQuota {
         namespace: String,
         #[arg(long, allow_hyphen_values = true)]
@@ -186,9 +285,13 @@ enum NamespaceVerb {
         #[arg(long = "type", default_value = "destination_storage", value_parser = ["destination_storage", "message_age"])]
         quota_type: String,
     },
-    GetBacklogQuotas {
-        namespace: String,
-    },
+    /// Show the backlog quotas.
+    ///
+    /// Example: meridian admin namespaces get-backlog-quotas acme/orders
+    GetBacklogQuotas { namespace: String },
+    /// Turn message de-duplication on or off.
+    ///
+    /// Example: meridian admin namespaces set-deduplication acme/orders --enable
     SetDeduplication {
         namespace: String,
         #[arg(long, conflicts_with = "disable")]
@@ -196,61 +299,85 @@ enum NamespaceVerb {
         #[arg(long)]
         disable: bool,
     },
-    Unload {
-        namespace: String,
-    },
-    Topics {
-        namespace: String,
-    },
+    /// Unload every loaded topic of the namespace (clients reconnect).
+    ///
+    /// Example: meridian admin namespaces unload acme/orders
+    Unload { namespace: String },
+    /// List the namespace's topics.
+    ///
+    /// Example: meridian admin namespaces topics acme/orders
+    Topics { namespace: String },
 }
 
 #[derive(Subcommand)]
 enum TopicVerb {
     /// Topics of tenant/namespace.
-    List {
-        namespace: String,
-    },
-    Create {
-        topic: String,
-    },
+    ///
+    /// Example: meridian admin topics list acme/orders
+    List { namespace: String },
+    /// Create a non-partitioned topic.
+    ///
+    /// Example: meridian admin topics create acme/orders/events
+    Create { topic: String },
+    /// Create a partitioned topic.
+    ///
+    /// Example: meridian admin topics create-partitioned-topic acme/orders/events -p 4
     CreatePartitionedTopic {
         topic: String,
         #[arg(long, short)]
         partitions: u32,
     },
+    /// Grow a partitioned topic to more partitions.
+    ///
+    /// Example: meridian admin topics update-partitioned-topic acme/orders/events -p 8
     UpdatePartitionedTopic {
         topic: String,
         #[arg(long, short)]
         partitions: u32,
     },
-    GetPartitionedTopicMetadata {
-        topic: String,
-    },
+    /// Show a partitioned topic's partition count.
+    ///
+    /// Example: meridian admin topics get-partitioned-topic-metadata acme/orders/events
+    GetPartitionedTopicMetadata { topic: String },
+    /// Delete a topic (--force: even with clients connected).
+    ///
+    /// Example: meridian admin topics delete acme/orders/events
     Delete {
         topic: String,
         #[arg(long, short)]
         force: bool,
     },
+    /// Delete a partitioned topic and its partitions.
+    ///
+    /// Example: meridian admin topics delete-partitioned-topic acme/orders/events
     DeletePartitionedTopic {
         topic: String,
         #[arg(long, short)]
         force: bool,
     },
-    Stats {
-        topic: String,
-    },
-    PartitionedStats {
-        topic: String,
-    },
-    StatsInternal {
-        topic: String,
-    },
-    LastMessageId {
-        topic: String,
-    },
-    Subscriptions {
-        topic: String,
-    },
+    /// Show a topic's stats (rates, backlogs, producers, subscriptions), or why it cannot be loaded.
+    ///
+    /// Example: meridian admin topics stats acme/orders/events
+    Stats { topic: String },
+    /// Show a partitioned topic's stats, summed and per partition.
+    ///
+    /// Example: meridian admin topics partitioned-stats acme/orders/events
+    PartitionedStats { topic: String },
+    /// Show a topic's storage-level stats (segments, cursors).
+    ///
+    /// Example: meridian admin topics stats-internal acme/orders/events
+    StatsInternal { topic: String },
+    /// Show the id of a topic's last message.
+    ///
+    /// Example: meridian admin topics last-message-id acme/orders/events
+    LastMessageId { topic: String },
+    /// List a topic's subscriptions.
+    ///
+    /// Example: meridian admin topics subscriptions acme/orders/events
+    Subscriptions { topic: String },
+    /// Create a subscription at latest, earliest or a message id.
+    ///
+    /// Example: meridian admin topics create-subscription acme/orders/events -s billing -m earliest
     CreateSubscription {
         topic: String,
         #[arg(long, short)]
@@ -259,6 +386,9 @@ enum TopicVerb {
         #[arg(long, short, default_value = "latest")]
         message_id: String,
     },
+    /// Delete a subscription (--force: even with consumers).
+    ///
+    /// Example: meridian admin topics unsubscribe acme/orders/events -s billing
     Unsubscribe {
         topic: String,
         #[arg(long, short)]
@@ -267,6 +397,8 @@ enum TopicVerb {
         force: bool,
     },
     /// Reset a subscription to a time (--time 10m: ten minutes ago) or a message id.
+    ///
+    /// Example: meridian admin topics reset-cursor acme/orders/events -s billing --time 10m
     ResetCursor {
         topic: String,
         #[arg(long, short)]
@@ -276,6 +408,9 @@ enum TopicVerb {
         #[arg(long, short)]
         message_id: Option<String>,
     },
+    /// Skip messages of a subscription's backlog.
+    ///
+    /// Example: meridian admin topics skip acme/orders/events -s billing -n 10
     Skip {
         topic: String,
         #[arg(long, short)]
@@ -283,11 +418,17 @@ enum TopicVerb {
         #[arg(long, short = 'n')]
         count: u64,
     },
+    /// Skip a subscription's whole backlog.
+    ///
+    /// Example: meridian admin topics skip-all acme/orders/events -s billing
     SkipAll {
         topic: String,
         #[arg(long, short)]
         subscription: String,
     },
+    /// Acknowledge a subscription's messages older than N seconds.
+    ///
+    /// Example: meridian admin topics expire-messages acme/orders/events -s billing -t 3600
     ExpireMessages {
         topic: String,
         #[arg(long, short)]
@@ -295,6 +436,9 @@ enum TopicVerb {
         #[arg(long, short = 't')]
         expire_time_in_seconds: u64,
     },
+    /// Print the next messages of a subscription without acknowledging them.
+    ///
+    /// Example: meridian admin topics peek-messages acme/orders/events -s billing -n 3
     PeekMessages {
         topic: String,
         #[arg(long, short)]
@@ -302,13 +446,14 @@ enum TopicVerb {
         #[arg(long, short = 'n', default_value_t = 1)]
         count: u64,
     },
-    Unload {
-        topic: String,
-    },
+    /// Unload a topic (clients reconnect; reopens its log).
+    ///
+    /// Example: meridian admin topics unload acme/orders/events
+    Unload { topic: String },
     /// Terminate a topic: no more messages are accepted.
-    Terminate {
-        topic: String,
-    },
+    ///
+    /// Example: meridian admin topics terminate acme/orders/events
+    Terminate { topic: String },
 }
 
 /// `persistent://t/ns/x`, `t/ns/x` or `x` → the REST path part `t/ns/x`.
@@ -555,6 +700,29 @@ pub fn run(arguments: AdminArgs) -> anyhow::Result<()> {
         },
         Noun::Namespaces(verb) => namespace_request(verb)?,
         Noun::Topics(verb) => topic_request(verb)?,
+        Noun::Brokers(verb) => {
+            let path = match verb {
+                BrokerVerb::List { cluster: None } => "/admin/v2/brokers".into(),
+                BrokerVerb::List {
+                    cluster: Some(cluster),
+                } => format!("/admin/v2/brokers/{}", encode_path_segment(&cluster)),
+                BrokerVerb::LeaderBroker => "/admin/v2/brokers/leaderBroker".into(),
+                BrokerVerb::Healthcheck { details } => {
+                    format!(
+                        "/admin/v2/brokers/health{}",
+                        if details { "?details=true" } else { "" }
+                    )
+                }
+                BrokerVerb::Version => "/admin/v2/brokers/version".into(),
+                BrokerVerb::ListDynamicConfig => "/admin/v2/brokers/configuration".into(),
+                BrokerVerb::GetAllDynamicConfig => "/admin/v2/brokers/configuration/values".into(),
+                BrokerVerb::GetRuntimeConfig => "/admin/v2/brokers/configuration/runtime".into(),
+            };
+            ("GET", path, None)
+        }
+        Noun::BrokerStats(BrokerStatsVerb::Topics) => {
+            ("GET", "/admin/v2/broker-stats/topics".into(), None)
+        }
     };
     let reply = http.call(method, &path, body)?;
     match (reply, arguments.output) {

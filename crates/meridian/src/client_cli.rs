@@ -23,6 +23,8 @@ pub struct ClientArgs {
 #[derive(Subcommand)]
 enum Verb {
     /// Publish messages and print their ids.
+    ///
+    /// Example: meridian client produce my-topic -m hello -n 3
     Produce {
         topic: String,
         /// A message to send (repeatable).
@@ -39,6 +41,8 @@ enum Verb {
         property: Vec<String>,
     },
     /// Receive messages, print them and acknowledge them.
+    ///
+    /// Example: meridian client consume my-topic -s sub -p earliest -n 3
     Consume {
         topic: String,
         #[arg(long, short)]

@@ -301,6 +301,43 @@ impl Config {
         Ok(())
     }
 
+    /// The effective configuration as flat `key = value` strings (nested sections as
+    /// `section.key`), for `GET /admin/v2/brokers/configuration/runtime`.
+    pub fn runtime_values(&self) -> std::collections::BTreeMap<String, String> {
+        fn flatten(
+            prefix: &str,
+            value: &serde_json::Value,
+            into: &mut std::collections::BTreeMap<String, String>,
+        ) {
+            match value {
+                serde_json::Value::Object(fields) => {
+                    for (key, value) in fields {
+                        let key = if prefix.is_empty() {
+                            key.clone()
+                        } else {
+                            format!("{prefix}.{key}")
+                        };
+                        flatten(&key, value, into);
+                    }
+                }
+                serde_json::Value::String(text) => {
+                    into.insert(prefix.to_string(), text.clone());
+                }
+                serde_json::Value::Null => {
+                    into.insert(prefix.to_string(), String::new());
+                }
+                other => {
+                    into.insert(prefix.to_string(), other.to_string());
+                }
+            }
+        }
+        let mut values = std::collections::BTreeMap::new();
+        if let Ok(value) = serde_json::to_value(self) {
+            flatten("", &value, &mut values);
+        }
+        values
+    }
+
     pub fn advertised_address(&self) -> &str {
         self.advertised_address
             .as_deref()

@@ -8,9 +8,9 @@
 mod admin_cli;
 mod client_cli;
 mod config;
+mod logging;
 mod perf;
 
-use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -31,6 +31,9 @@ use crate::config::Config;
     about = "A Pulsar-compatible message broker built for cross-cluster replication"
 )]
 struct Cli {
+    /// Log lines on stderr: `text` (colour only at a terminal) or `json` (one object per line).
+    #[arg(long, value_enum, global = true, default_value_t = logging::LogFormat::Text)]
+    log_format: logging::LogFormat,
     #[command(subcommand)]
     command: Command,
 }
@@ -38,6 +41,8 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run one broker with embedded storage and metadata.
+    ///
+    /// Example: meridian standalone --data-dir ./data --config meridian.toml
     Standalone(StandaloneArgs),
     /// Administer a broker through its REST API (pulsar-admin's nouns and verbs).
     Admin(admin_cli::AdminArgs),
@@ -45,6 +50,13 @@ enum Command {
     Client(client_cli::ClientArgs),
     /// Measure throughput and latency, like pulsar-perf (produce, consume, end-to-end).
     Perf(perf::PerfArgs),
+    /// Print a shell completion script.
+    ///
+    /// Example: meridian completions bash > /etc/bash_completion.d/meridian
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
 }
 
 #[derive(clap::Args)]
@@ -73,23 +85,14 @@ struct StandaloneArgs {
 }
 
 fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        // Logs go to stderr so that command output (`--output json`) stays clean on stdout;
-        // colours only for a terminal, never into a log file.
-        .with_writer(std::io::stderr)
-        // Colour codes only for a person at a terminal (and not when NO_COLOR asks for none),
-        // never in a log file or a pipe.
-        .with_ansi(
-            std::io::stderr().is_terminal()
-                && std::env::var_os("NO_COLOR").is_none_or(|value| value.is_empty()),
-        )
-        .init();
     let cli = Cli::parse();
+    logging::init(cli.log_format);
     match cli.command {
+        Command::Completions { shell } => {
+            let mut command = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut command, "meridian", &mut std::io::stdout());
+            Ok(())
+        }
         Command::Admin(arguments) => admin_cli::run(arguments),
         Command::Client(arguments) => tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -124,6 +127,7 @@ fn main() -> anyhow::Result<()> {
                 config.advertised_address = Some(address);
             }
             config.validate()?;
+            logging::set_cluster(&config.cluster_name);
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .thread_name("meridian")
@@ -202,6 +206,7 @@ async fn standalone(config: Config) -> anyhow::Result<()> {
         config.server_config(),
         shutdown.clone(),
     ));
+    meridian_admin::set_runtime_configuration(config.runtime_values());
     let web = tokio::spawn(meridian_admin::serve(
         web_listener,
         broker.clone(),
@@ -276,4 +281,48 @@ async fn wait_for_signal() -> anyhow::Result<()> {
         _ = interrupt.recv() => {}
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::{CommandFactory, Parser};
+
+    /// Every command and verb has a one-line help and an example in its long help, and the
+    /// example parses.
+    #[test]
+    fn every_command_has_help_and_an_example() {
+        fn walk(command: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for sub in command.get_subcommands() {
+                let name = format!("{path} {}", sub.get_name());
+                if sub.get_about().is_none() {
+                    missing.push(format!("{name}: no help"));
+                }
+                let has_subcommands = sub.get_subcommands().next().is_some();
+                let long = sub
+                    .get_long_about()
+                    .map(|about| about.to_string())
+                    .unwrap_or_default();
+                match long.split_once("Example: ") {
+                    // The example must parse: words up to a shell redirection.
+                    Some((_, example)) => {
+                        let words = example
+                            .lines()
+                            .next()
+                            .unwrap_or_default()
+                            .split_whitespace()
+                            .take_while(|word| *word != ">");
+                        if let Err(error) = super::Cli::try_parse_from(words) {
+                            missing.push(format!("{name}: example does not parse: {error}"));
+                        }
+                    }
+                    None if !has_subcommands => missing.push(format!("{name}: no example")),
+                    None => {}
+                }
+                walk(sub, &name, missing);
+            }
+        }
+        let mut missing = Vec::new();
+        walk(&super::Cli::command(), "meridian", &mut missing);
+        assert!(missing.is_empty(), "{}", missing.join("\n"));
+    }
 }

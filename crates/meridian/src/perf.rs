@@ -65,6 +65,8 @@ pub struct PerfArgs {
 #[derive(Subcommand)]
 enum Mode {
     /// Publish and measure publish latency (send call to the broker's receipt).
+    ///
+    /// Example: meridian perf produce --topic-prefix perf --duration 30
     Produce {
         #[command(flatten)]
         common: Common,
@@ -73,6 +75,8 @@ enum Mode {
     },
     /// Receive from a subscription; end-to-end latency from each message's publish time
     /// (milliseconds, by the producer's clock).
+    ///
+    /// Example: meridian perf consume --topic-prefix perf --duration 30
     Consume {
         #[command(flatten)]
         common: Common,
@@ -81,6 +85,8 @@ enum Mode {
     },
     /// Produce and consume in this process; end-to-end latency from the send call to
     /// reception, stamped in the payload.
+    ///
+    /// Example: meridian perf end-to-end --topic-prefix perf --messages 100000
     EndToEnd {
         #[command(flatten)]
         common: Common,

@@ -210,3 +210,50 @@ fn admin_cli_manages_tenants_namespaces_and_topics() {
     assert!(String::from_utf8_lossy(&bad_size.stderr).contains("invalid size"));
     broker.assert_no_errors();
 }
+
+#[test]
+fn admin_cli_brokers_verbs_answer_like_pulsar_admin() {
+    let broker = BrokerProcess::start(&[]);
+    let address = format!("127.0.0.1:{}", broker.web_port);
+    assert_eq!(
+        succeed(&broker, &["brokers", "list", "standalone"]).trim(),
+        address
+    );
+    assert_eq!(succeed(&broker, &["brokers", "list"]).trim(), address);
+    assert_eq!(succeed(&broker, &["brokers", "healthcheck"]).trim(), "ok");
+    assert_eq!(
+        succeed(&broker, &["brokers", "version"]).trim(),
+        env!("CARGO_PKG_VERSION")
+    );
+    let details = succeed(
+        &broker,
+        &["--output", "json", "brokers", "healthcheck", "--details"],
+    );
+    let details: serde_json::Value = serde_json::from_str(&details).expect("JSON");
+    assert_eq!(details["status"], "ok");
+    let runtime = succeed(
+        &broker,
+        &["--output", "json", "brokers", "get-runtime-config"],
+    );
+    let runtime: serde_json::Value = serde_json::from_str(&runtime).expect("JSON");
+    assert_eq!(runtime["web_port"], broker.web_port.to_string());
+    let dynamic = succeed(
+        &broker,
+        &["--output", "json", "brokers", "list-dynamic-config"],
+    );
+    assert_eq!(dynamic.trim(), "[]");
+    let stats = succeed(&broker, &["--output", "json", "broker-stats", "topics"]);
+    assert!(
+        serde_json::from_str::<serde_json::Value>(&stats)
+            .expect("JSON")
+            .is_object(),
+        "{stats}"
+    );
+    let unknown = admin(&broker, &["brokers", "list", "nowhere"]);
+    assert!(!unknown.status.success());
+    assert!(
+        String::from_utf8_lossy(&unknown.stderr).contains("nowhere"),
+        "{}",
+        String::from_utf8_lossy(&unknown.stderr)
+    );
+}

@@ -1564,7 +1564,10 @@ async fn receipt_loop(
                     }
                 }
                 Err(error) => {
-                    tracing::warn!(producer_id, %error, "publish failed");
+                    // An unavailable topic is logged once, where it is recorded.
+                    if !matches!(error, BrokerError::TopicUnavailable { .. }) {
+                        tracing::warn!(producer_id, %error, "publish failed");
+                    }
                     send_error(
                         producer_id,
                         sequence_id,
