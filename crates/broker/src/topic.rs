@@ -1565,7 +1565,9 @@ impl Topic {
         let stats = self.log.stats();
         stats::InternalStats {
             entries_added_counter: self.entries_added.load(Ordering::Relaxed),
-            number_of_entries: ledgers.iter().map(|ledger| ledger.entries).sum(),
+            // Durable entries only, as `lastConfirmedEntry` (Pulsar counts an entry once its add
+            // completed): a client that sees N entries and subscribes at Latest is past all N.
+            number_of_entries: self.log.entries_after(None),
             total_size: stats.storage_bytes,
             current_ledger_entries: current.map_or(0, |ledger| ledger.entries),
             current_ledger_size: current.map_or(0, |ledger| ledger.size),
