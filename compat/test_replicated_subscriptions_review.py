@@ -11,6 +11,7 @@ partitioned topics, odd subscription names and per-message replication lists.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 
@@ -771,3 +772,43 @@ def test_a_cluster_that_cannot_be_reached_shows_its_failures_and_gets_the_state_
 
     await_condition(recovered, REPLICATION_TIMEOUT_S, "a's state reached b again")
     await_backlog(clusters, "b", topic, subscription, len(left), "a's unacknowledged set")
+
+
+def stored_state(clusters, cluster, topic, subscription, sender):
+    """The state `cluster` holds from `sender` for the subscription (decoded), or None."""
+    cursor = clusters.internal_stats(cluster, topic)["cursors"].get(subscription, {})
+    value = cursor.get("properties", {}).get(f"meridian.synced.{sender}")
+    return json.loads(value) if value else None
+
+
+def test_an_older_state_landing_late_does_not_replace_a_newer_one(clusters_factory):
+    """States arriving out of order: b holds a's state after the warm-up. With the a->b link
+    cut, a's consumer acknowledges 20 new messages and closes; a's newer state reaches b. Then
+    the older state lands late (posted again, as a post that timed out in a would arrive). b
+    refuses it (409) and keeps the newer one, so when the 20 entries arrive b acknowledges them
+    at once, not after the 30 s resend."""
+    clusters = clusters_factory(("a", "b"))
+    topic, subscription, on_a = warmed_up(clusters, "rv-order")
+    older = stored_state(clusters, "b", topic, subscription, "a")
+    assert older is not None
+
+    clusters.link("a", "b").cut()
+    produce(clusters, "a", topic, 20, "m")
+    assert not consume([on_a], 20, keep=lambda payload: False)
+    before_close = int(time.time() * 1000)
+    on_a.close()
+    await_state_sent(clusters, "a", "b", topic, subscription, before_close)
+    newer = stored_state(clusters, "b", topic, subscription, "a")
+    assert newer != older
+
+    path = f"{topic_path(topic)}/subscription/{subscription}/replicatedSubscriptionState"
+    status, reply = clusters.call("b", "POST", path, older)
+    held = stored_state(clusters, "b", topic, subscription, "a")
+    assert held != older and held.get("seq", 0) >= newer.get("seq", 0), (
+        f"the late state (answered {status} {reply}) replaced the newer one: {held}"
+    )
+    assert status == 409, (status, reply)
+
+    clusters.link("a", "b").heal()
+    await_condition(lambda: entries(clusters, "b", topic) == 25, REPLICATION_TIMEOUT_S, "b has the 20")
+    await_backlog(clusters, "b", topic, subscription, 0, "a's acknowledgements of the 20 applied")
