@@ -144,12 +144,17 @@ def acks_nacks_and_keeps(payload: bytes, delivery: int) -> str:
     return "ack"
 
 
-def report_duplicates(scenario: str, ours: int, payloads: list, unacknowledged: set) -> None:
+def report_duplicates(scenario: str, ours: int, payloads, unacknowledged, synced=None) -> None:
     """Prints, for the scenario, our duplicates next to those of a mark-delete-only sync
-    (Pulsar's) on the same history: it redelivers everything from the first message that
-    `unacknowledged` (what the other cluster had not been told was acknowledged) holds.
+    (Pulsar's) on the same history, synced at the same moments: it redelivers everything from
+    the first message not acknowledged in the last state the other cluster got (`synced`, by
+    default `unacknowledged`) on; duplicates are those not in `unacknowledged`. `payloads` is
+    the order of the log, or a list of such orders (one per partition).
     docs/BENCHMARKS.md collects these lines."""
-    mark_delete_only = mark_delete_only_redeliveries(payloads, unacknowledged) - len(unacknowledged)
+    synced = unacknowledged if synced is None else synced
+    logs = payloads if payloads and isinstance(payloads[0], list) else [payloads]
+    redelivered = sum(mark_delete_only_redeliveries(log, set(synced)) for log in logs)
+    mark_delete_only = redelivered - len(unacknowledged)
     print(f"\nduplicates [{scenario}]: ours {ours}; mark-delete-only {mark_delete_only}")
 
 
@@ -306,7 +311,8 @@ def test_a_killed_cluster_loses_nothing_and_repeats_at_most_its_last_acknowledge
     assert_nothing_more(on_b)
     repeated = delivered - never_acknowledged
     assert repeated <= {message.data() for message in last_ten}, repeated
-    print(f"kill -9 failover: {len(repeated)} duplicates (bound 10)")
+    report_duplicates("kill -9 of a, 10 acks unsynced", len(repeated), payloads,
+                      never_acknowledged, synced=payloads[50:])
 
 
 def _drain(consumer) -> list:
@@ -339,6 +345,7 @@ def test_seek_and_skip_carry_over(clusters_factory):
     on_b = shared_consumers(clusters, "b", topic, subscription, 1)[0]
     assert {message.data() for message in receive_n(on_b, 70)} == set(payloads[30:])
     assert_nothing_more(on_b)
+    report_duplicates("seek to start, skip 30", 0, payloads, set(payloads[30:]))
 
 
 def test_one_way_state_for_entries_not_yet_arrived_is_applied_when_they_arrive(clusters_factory):
@@ -358,7 +365,7 @@ def test_one_way_state_for_entries_not_yet_arrived_is_applied_when_they_arrive(c
     await_backlog(clusters, "b", topic, subscription, 0, "created by a's state")
 
     clusters.link("a", "b").cut()
-    produce(clusters, "a", topic, 100)
+    payloads = produce(clusters, "a", topic, 100)
     left = consume([on_a], 100, keep=lambda payload: int(payload[1:]) % 5 in (1, 4))
     assert len(left) == 40
     on_a.close()
@@ -367,6 +374,7 @@ def test_one_way_state_for_entries_not_yet_arrived_is_applied_when_they_arrive(c
     on_b = shared_consumers(clusters, "b", topic, subscription, 1)[0]
     assert {message.data() for message in receive_n(on_b, 40)} == left
     assert_nothing_more(on_b)
+    report_duplicates("one-way a->b, state before data", 0, payloads, left)
 
 
 def test_three_clusters_a_partitioned_topic_key_shared_and_a_restart(clusters_factory):
@@ -412,6 +420,12 @@ def test_three_clusters_a_partitioned_topic_key_shared_and_a_restart(clusters_fa
         by_key.setdefault(message.partition_key(), []).append(int(message.data()[1:]))
     assert all(indexes == sorted(indexes) for indexes in by_key.values()), by_key
     assert_nothing_more(on_c)
+    # Mark-delete-only syncs each partition: a message's partition is its key's.
+    partition_of = {message.partition_key(): message.topic_name() for message in messages}
+    partitions = {}
+    for index, payload in enumerate(payloads):
+        partitions.setdefault(partition_of.get(f"key-{index % 6}"), []).append(payload)
+    report_duplicates("3 clusters, 2 partitions, Key_Shared, restart", 0, list(partitions.values()), left)
 
 
 def test_failover_subscription_cumulative_acknowledgements(clusters_factory):
@@ -451,6 +465,7 @@ def test_failover_subscription_cumulative_acknowledgements(clusters_factory):
     on_b = clusters.client("b").subscribe(topic, subscription, consumer_type=pulsar.ConsumerType.Failover)
     assert [message.data() for message in receive_n(on_b, 40)] == payloads[60:]
     assert_nothing_more(on_b)
+    report_duplicates("Failover, cumulative", 0, payloads, set(payloads[60:]))
 
 
 def test_a_namespace_sets_its_own_sync_interval_and_a_closing_consumer_still_syncs_at_once(clusters_factory):
