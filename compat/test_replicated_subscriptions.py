@@ -94,14 +94,68 @@ def await_backlog(clusters, cluster: str, topic: str, subscription: str, expecte
     )
 
 
-def shared_consumers(clusters, cluster: str, topic: str, subscription: str, count: int):
+def shared_consumers(clusters, cluster: str, topic: str, subscription: str, count: int,
+                     consumer_type=pulsar.ConsumerType.Shared):
     return [
         clusters.client(cluster).subscribe(
-            topic, subscription, consumer_type=pulsar.ConsumerType.Shared,
+            topic, subscription, consumer_type=consumer_type,
             initial_position=Earliest, replicate_subscription_state_enabled=True,
+            negative_ack_redelivery_delay_ms=100,
         )
         for _ in range(count)
     ]
+
+
+def consume_with_nacks(consumers, expected: int, decide) -> set:
+    """Receives until each of `expected` distinct messages is settled. `decide(payload,
+    delivery)` (delivery counts from 1) answers "ack", "nack" (negative acknowledgement: it is
+    redelivered) or "keep" (left unacknowledged); returns the payloads kept."""
+    kept, settled, deliveries = set(), set(), {}
+    deadline = time.monotonic() + REPLICATION_TIMEOUT_S
+    while len(settled) < expected:
+        assert time.monotonic() < deadline, f"settled {len(settled)} of {expected}"
+        for consumer in consumers:
+            try:
+                message = consumer.receive(timeout_millis=200)
+            except pulsar.Timeout:
+                continue
+            payload = message.data()
+            deliveries[payload] = deliveries.get(payload, 0) + 1
+            action = decide(payload, deliveries[payload])
+            if action == "nack":
+                consumer.negative_acknowledge(message)
+                continue
+            settled.add(payload)
+            if action == "keep":
+                kept.add(payload)
+            else:
+                consumer.acknowledge(message)
+    return kept
+
+
+def acks_nacks_and_keeps(payload: bytes, delivery: int) -> str:
+    """Out of order: keeps those ending in 0 and 3; nacks those ending in 5 and 7 once, then
+    keeps the 5s and acknowledges the 7s; acknowledges the rest."""
+    digit = int(payload[1:]) % 10
+    if digit in (0, 3):
+        return "keep"
+    if digit in (5, 7):
+        return "nack" if delivery == 1 else ("keep" if digit == 5 else "ack")
+    return "ack"
+
+
+def report_duplicates(scenario: str, ours: int, payloads, unacknowledged, synced=None) -> None:
+    """Prints, for the scenario, our duplicates next to those of a mark-delete-only sync
+    (Pulsar's) on the same history, synced at the same moments: it redelivers everything from
+    the first message not acknowledged in the last state the other cluster got (`synced`, by
+    default `unacknowledged`) on; duplicates are those not in `unacknowledged`. `payloads` is
+    the order of the log, or a list of such orders (one per partition).
+    docs/BENCHMARKS.md collects these lines."""
+    synced = unacknowledged if synced is None else synced
+    logs = payloads if payloads and isinstance(payloads[0], list) else [payloads]
+    redelivered = sum(mark_delete_only_redeliveries(log, set(synced)) for log in logs)
+    mark_delete_only = redelivered - len(unacknowledged)
+    print(f"\nduplicates [{scenario}]: ours {ours}; mark-delete-only {mark_delete_only}")
 
 
 def consume(consumers, expected: int, keep) -> set:
@@ -157,11 +211,12 @@ def produce(clusters, cluster: str, topic: str, count: int, prefix: str = "m") -
 
 
 def test_graceful_failover_and_failback_deliver_exactly_the_unacknowledged_messages(clusters_factory):
-    """Two clusters replicating both ways. On a, two Shared consumers acknowledge 80 of 100
-    messages out of order and leave: b's copy of the subscription then holds exactly the 20
-    others, and consumers that move to b get those 20 and nothing else. Back on a after b
-    acknowledged ten of them: exactly the other ten. A mark-delete-only sync (Pulsar's) would have
-    redelivered everything from the first unacknowledged message on (printed for comparison)."""
+    """Two clusters replicating both ways. On a, two Shared consumers acknowledge 70 of 100
+    messages out of order and negative-acknowledge 20 (redelivered: half then acknowledged,
+    half left) and leave: b's copy of the subscription then holds exactly the 30 others, and
+    consumers that move to b get those 30 and nothing else. Back on a after b acknowledged ten
+    of them: exactly the other 20. A mark-delete-only sync (Pulsar's) would have redelivered
+    everything from the first unacknowledged message on (printed for comparison)."""
     clusters = clusters_factory(("a", "b"))
     topic = replicated_topic(clusters, ("a", "b"), "failover")
     subscription = "billing"
@@ -170,30 +225,60 @@ def test_graceful_failover_and_failback_deliver_exactly_the_unacknowledged_messa
     payloads = produce(clusters, "a", topic, 100)
     await_backlog(clusters, "b", topic, subscription, 100, "created with every message")
 
-    left_on_a = consume(on_a, 100, keep=lambda payload: int(payload[1:]) % 10 in (0, 3))
-    assert len(left_on_a) == 20
+    left_on_a = consume_with_nacks(on_a, 100, acks_nacks_and_keeps)
+    assert len(left_on_a) == 30
     for consumer in on_a:
         consumer.close()
-    await_backlog(clusters, "b", topic, subscription, 20, "exactly a's unacknowledged messages")
+    await_backlog(clusters, "b", topic, subscription, 30, "exactly a's unacknowledged messages")
     on_b = shared_consumers(clusters, "b", topic, subscription, 1)[0]
-    messages = receive_n(on_b, 20)
+    messages = receive_n(on_b, 30)
     assert {message.data() for message in messages} == left_on_a
     assert_nothing_more(on_b)
-    print(f"failover a->b: 0 duplicates; mark-delete-only sync: "
-          f"{mark_delete_only_redeliveries(payloads, left_on_a) - len(left_on_a)}")
+    report_duplicates("graceful a->b, Shared, nacks", 0, payloads, left_on_a)
 
-    # b acknowledges the ten ending in 0; back on a, exactly the ten ending in 3 arrive.
+    # b acknowledges the ten ending in 0; back on a, exactly the 20 ending in 3 and 5 arrive.
     left_on_b = set()
     for message in messages:
-        if int(message.data()[1:]) % 10 == 3:
+        if int(message.data()[1:]) % 10 in (3, 5):
             left_on_b.add(message.data())
         else:
             on_b.acknowledge(message)
     on_b.close()
-    await_backlog(clusters, "a", topic, subscription, 10, "exactly b's unacknowledged messages")
+    await_backlog(clusters, "a", topic, subscription, 20, "exactly b's unacknowledged messages")
     back_on_a = shared_consumers(clusters, "a", topic, subscription, 1)[0]
-    assert {message.data() for message in receive_n(back_on_a, 10)} == left_on_b
+    assert {message.data() for message in receive_n(back_on_a, 20)} == left_on_b
     assert_nothing_more(back_on_a)
+    report_duplicates("graceful failback b->a", 0, payloads, left_on_b)
+
+
+def test_key_shared_graceful_switch_keeps_each_keys_order(clusters_factory):
+    """Two Key_Shared consumers on a acknowledge out of order and negative-acknowledge some of
+    100 keyed messages, then leave. A Key_Shared consumer on b gets exactly the 30 left
+    unacknowledged, each key's in the order they were produced."""
+    clusters = clusters_factory(("a", "b"))
+    topic = replicated_topic(clusters, ("a", "b"), "keyshared")
+    subscription = "billing"
+    on_a = shared_consumers(clusters, "a", topic, subscription, 2, pulsar.ConsumerType.KeyShared)
+    producer = clusters.client("a").create_producer(topic, batching_enabled=False)
+    payloads = [f"m{index:03d}".encode() for index in range(100)]
+    for index, payload in enumerate(payloads):
+        producer.send(payload, partition_key=f"key-{index % 7}")
+    producer.close()
+    await_backlog(clusters, "b", topic, subscription, 100, "created with every message")
+
+    left_on_a = consume_with_nacks(on_a, 100, acks_nacks_and_keeps)
+    for consumer in on_a:
+        consumer.close()
+    await_backlog(clusters, "b", topic, subscription, 30, "exactly a's unacknowledged messages")
+    on_b = shared_consumers(clusters, "b", topic, subscription, 1, pulsar.ConsumerType.KeyShared)[0]
+    messages = receive_n(on_b, 30)
+    assert {message.data() for message in messages} == left_on_a
+    by_key = {}
+    for message in messages:
+        by_key.setdefault(message.partition_key(), []).append(int(message.data()[1:]))
+    assert all(indexes == sorted(indexes) for indexes in by_key.values()), by_key
+    assert_nothing_more(on_b)
+    report_duplicates("graceful a->b, Key_Shared, nacks", 0, payloads, left_on_a)
 
 
 def test_a_killed_cluster_loses_nothing_and_repeats_at_most_its_last_acknowledgements(clusters_factory):
@@ -226,7 +311,8 @@ def test_a_killed_cluster_loses_nothing_and_repeats_at_most_its_last_acknowledge
     assert_nothing_more(on_b)
     repeated = delivered - never_acknowledged
     assert repeated <= {message.data() for message in last_ten}, repeated
-    print(f"kill -9 failover: {len(repeated)} duplicates (bound 10)")
+    report_duplicates("kill -9 of a, 10 acks unsynced", len(repeated), payloads,
+                      never_acknowledged, synced=payloads[50:])
 
 
 def _drain(consumer) -> list:
@@ -259,6 +345,7 @@ def test_seek_and_skip_carry_over(clusters_factory):
     on_b = shared_consumers(clusters, "b", topic, subscription, 1)[0]
     assert {message.data() for message in receive_n(on_b, 70)} == set(payloads[30:])
     assert_nothing_more(on_b)
+    report_duplicates("seek to start, skip 30", 0, payloads, set(payloads[30:]))
 
 
 def test_one_way_state_for_entries_not_yet_arrived_is_applied_when_they_arrive(clusters_factory):
@@ -278,7 +365,7 @@ def test_one_way_state_for_entries_not_yet_arrived_is_applied_when_they_arrive(c
     await_backlog(clusters, "b", topic, subscription, 0, "created by a's state")
 
     clusters.link("a", "b").cut()
-    produce(clusters, "a", topic, 100)
+    payloads = produce(clusters, "a", topic, 100)
     left = consume([on_a], 100, keep=lambda payload: int(payload[1:]) % 5 in (1, 4))
     assert len(left) == 40
     on_a.close()
@@ -287,6 +374,7 @@ def test_one_way_state_for_entries_not_yet_arrived_is_applied_when_they_arrive(c
     on_b = shared_consumers(clusters, "b", topic, subscription, 1)[0]
     assert {message.data() for message in receive_n(on_b, 40)} == left
     assert_nothing_more(on_b)
+    report_duplicates("one-way a->b, state before data", 0, payloads, left)
 
 
 def test_three_clusters_a_partitioned_topic_key_shared_and_a_restart(clusters_factory):
@@ -332,6 +420,12 @@ def test_three_clusters_a_partitioned_topic_key_shared_and_a_restart(clusters_fa
         by_key.setdefault(message.partition_key(), []).append(int(message.data()[1:]))
     assert all(indexes == sorted(indexes) for indexes in by_key.values()), by_key
     assert_nothing_more(on_c)
+    # Mark-delete-only syncs each partition: a message's partition is its key's.
+    partition_of = {message.partition_key(): message.topic_name() for message in messages}
+    partitions = {}
+    for index, payload in enumerate(payloads):
+        partitions.setdefault(partition_of.get(f"key-{index % 6}"), []).append(payload)
+    report_duplicates("3 clusters, 2 partitions, Key_Shared, restart", 0, list(partitions.values()), left)
 
 
 def test_failover_subscription_cumulative_acknowledgements(clusters_factory):
@@ -371,6 +465,7 @@ def test_failover_subscription_cumulative_acknowledgements(clusters_factory):
     on_b = clusters.client("b").subscribe(topic, subscription, consumer_type=pulsar.ConsumerType.Failover)
     assert [message.data() for message in receive_n(on_b, 40)] == payloads[60:]
     assert_nothing_more(on_b)
+    report_duplicates("Failover, cumulative", 0, payloads, set(payloads[60:]))
 
 
 def test_a_namespace_sets_its_own_sync_interval_and_a_closing_consumer_still_syncs_at_once(clusters_factory):

@@ -11,6 +11,7 @@ partitioned topics, odd subscription names and per-message replication lists.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 
@@ -31,6 +32,7 @@ from test_replicated_subscriptions import (
     consume,
     produce,
     replicated_topic,
+    report_duplicates,
     shared_consumers,
 )
 
@@ -154,6 +156,7 @@ def test_interleaved_origins_failover_is_exact(clusters_factory):
     on_b = shared_consumers(clusters, "b", topic, subscription, 1)[0]
     delivered = collect_for(on_b, 5)
     assert sorted(delivered) == sorted(left)
+    report_duplicates("interleaved origins, 2 Shared", 0, payloads, left)
 
 
 def test_partial_batch_acknowledgements_fail_safe(clusters_factory):
@@ -190,7 +193,10 @@ def test_partial_batch_acknowledgements_fail_safe(clusters_factory):
     delivered = set(collect_for(on_b, 4))
     assert left <= delivered, f"lost {sorted(left - delivered)}"
     assert not {payload for payload in delivered if payload.startswith(b"b1-")}, sorted(delivered)
-    print(f"\npartial batch: b delivered {len(delivered)} (5 unacknowledged, {len(delivered) - 5} duplicates)")
+    # Mark-delete-only: the first batch is not acknowledged whole, so both come back.
+    report_duplicates("partial batch, no batch-index acks", len(delivered) - 5,
+                      [f"b{batch}-{index}".encode() for batch in range(2) for index in range(10)],
+                      left, synced={b"b0-0"})
 
 
 def entries(clusters, cluster, topic):
@@ -242,6 +248,9 @@ def test_batch_index_acknowledgements_carry_over(clusters_factory):
     delivered = [message.data() for message in _drain_until(on_b, len(left))]
     assert sorted(delivered) == sorted(left)
     assert_nothing_more(on_b)
+    report_duplicates("batch-index acks", 0,
+                      [f"b{batch}-{index}".encode() for batch in range(2) for index in range(10)],
+                      left, synced={b"b0-0"})
 
 
 def _drain_until(consumer, count: int) -> list:
@@ -255,7 +264,7 @@ def test_receiver_restarted_before_the_data_arrives(clusters_factory):
     clusters = clusters_factory(("a", "b"))
     topic, subscription, on_a = warmed_up(clusters, "rv-restart-b")
     clusters.link("a", "b").cut()
-    produce(clusters, "a", topic, 30, "m")
+    payloads = produce(clusters, "a", topic, 30, "m")
     left = consume([on_a], 30, keep=lambda payload: int(payload[1:]) % 3 == 0)
     before_close = int(time.time() * 1000)
     on_a.close()
@@ -264,6 +273,7 @@ def test_receiver_restarted_before_the_data_arrives(clusters_factory):
     clusters.link("a", "b").heal()
     await_condition(lambda: entries(clusters, "b", topic) >= 35, REPLICATION_TIMEOUT_S, "b has the data")
     await_backlog(clusters, "b", topic, subscription, len(left), "a's unacknowledged set after b restarted")
+    report_duplicates("receiver restarted before the data", 0, payloads, left)
 
 
 def test_one_stalled_cluster_does_not_delay_the_sync_to_the_others(clusters_factory):
@@ -282,7 +292,7 @@ def test_one_stalled_cluster_does_not_delay_the_sync_to_the_others(clusters_fact
     topic = replicated_topic(clusters, ("a", "b", "c"), "rv-stalled")
     subscription = "billing"
     on_a = shared_consumers(clusters, "a", topic, subscription, 1)[0]
-    produce(clusters, "a", topic, 300)
+    payloads = produce(clusters, "a", topic, 300)
     for cluster in ("b", "c"):
         await_backlog(clusters, cluster, topic, subscription, 300, f"created in {cluster}")
     c_pid = clusters["c"].broker.pid
@@ -301,6 +311,9 @@ def test_one_stalled_cluster_does_not_delay_the_sync_to_the_others(clusters_fact
         duplicates = backlog(clusters, "b", topic, subscription) - unacknowledged
         last_second = sum(1 for at in acked_at if at > killed_at - 1.0)
         print(f"\n{len(acked_at)} acks on a; b redelivers {duplicates}; acks in a's last second: {last_second}")
+        # Acknowledged in order: the state b got covered the first len(acked_at) - duplicates.
+        report_duplicates("kill -9 of a, c stalled", duplicates, payloads,
+                          set(payloads[len(acked_at):]), synced=payloads[len(acked_at) - duplicates:])
         assert duplicates <= last_second, (
             f"b would redeliver {duplicates} messages a acknowledged; a made {last_second} "
             f"acknowledgements in its last second (the contract allows one 100 ms interval's)"
@@ -365,8 +378,9 @@ def test_partitioned_topic_created_only_in_a(clusters_factory):
     time.sleep(2)
     producer = clusters.client("a").create_producer(topic, batching_enabled=False)
     payloads = [f"m{index:03d}".encode() for index in range(60)]
+    partitions = {}
     for payload in payloads:
-        producer.send(payload)
+        partitions.setdefault(producer.send(payload).partition(), []).append(payload)
     left = consume([on_a], 60, keep=lambda payload: int(payload[1:]) % 4 == 1)
     on_a.close()
     time.sleep(2)
@@ -377,6 +391,7 @@ def test_partitioned_topic_created_only_in_a(clusters_factory):
     )
     delivered = collect_for(on_b, 5)
     assert sorted(delivered) == sorted(left), (len(delivered), len(left), clusters.topics("b", namespace))
+    report_duplicates("partitioned (3), created only in a", 0, list(partitions.values()), left)
 
 
 def test_switch_within_one_sync_interval(clusters_factory):
@@ -387,7 +402,7 @@ def test_switch_within_one_sync_interval(clusters_factory):
     topic = replicated_topic(clusters, ("a", "b"), "rv-quick")
     subscription = "billing"
     on_a = shared_consumers(clusters, "a", topic, subscription, 1)[0]
-    produce(clusters, "a", topic, 100)
+    payloads = produce(clusters, "a", topic, 100)
     await_backlog(clusters, "b", topic, subscription, 100, "created with every message")
     left = consume([on_a], 100, keep=lambda payload: int(payload[1:]) % 10 == 7)
     clusters.client("b")  # connected beforehand
@@ -398,6 +413,7 @@ def test_switch_within_one_sync_interval(clusters_factory):
     assert not duplicates and set(delivered) == left, (
         f"{len(duplicates)} duplicates: {duplicates[:10]}"
     )
+    report_duplicates("switch within one sync interval", 0, payloads, left)
 
 
 def test_seek_back_in_a_after_failback(clusters_factory):
@@ -587,7 +603,7 @@ def test_one_way_failback_carries_what_b_acknowledged(clusters_factory):
     topic = f"persistent://{namespace}/orders"
     subscription = "billing"
     on_a = shared_consumers(clusters, "a", topic, subscription, 1)[0]
-    produce(clusters, "a", topic, 20)
+    payloads = produce(clusters, "a", topic, 20)
     await_backlog(clusters, "b", topic, subscription, 20, "created with every message")
     left_on_a = consume([on_a], 20, keep=lambda payload: int(payload[1:]) % 2 == 0)
     on_a.close()
@@ -603,6 +619,7 @@ def test_one_way_failback_carries_what_b_acknowledged(clusters_factory):
     assert sorted(delivered) == sorted(left_on_b), (
         f"failback to a delivered {len(delivered)} (b left {len(left_on_b)} unacknowledged)"
     )
+    report_duplicates("one-way a->b, failback", 0, payloads, left_on_b)
 
 
 def test_an_origin_replicated_in_one_way_is_part_of_the_state(clusters_factory):
@@ -741,6 +758,8 @@ def test_a_cumulative_acknowledgement_inside_a_batch_carries_over_on_failover(cl
     delivered = [message.data() for message in _drain_until(on_b, 16)]
     assert delivered == sent[14:]
     assert_nothing_more(on_b)
+    # Mark-delete-only: the second batch is not acknowledged whole.
+    report_duplicates("cumulative ack inside a batch, Failover", 0, sent, set(sent[14:]), synced=set(sent[10:]))
 
 
 def test_a_cluster_that_cannot_be_reached_shows_its_failures_and_gets_the_state_once_back(clusters_factory):
@@ -771,3 +790,43 @@ def test_a_cluster_that_cannot_be_reached_shows_its_failures_and_gets_the_state_
 
     await_condition(recovered, REPLICATION_TIMEOUT_S, "a's state reached b again")
     await_backlog(clusters, "b", topic, subscription, len(left), "a's unacknowledged set")
+
+
+def stored_state(clusters, cluster, topic, subscription, sender):
+    """The state `cluster` holds from `sender` for the subscription (decoded), or None."""
+    cursor = clusters.internal_stats(cluster, topic)["cursors"].get(subscription, {})
+    value = cursor.get("properties", {}).get(f"meridian.synced.{sender}")
+    return json.loads(value) if value else None
+
+
+def test_an_older_state_landing_late_does_not_replace_a_newer_one(clusters_factory):
+    """States arriving out of order: b holds a's state after the warm-up. With the a->b link
+    cut, a's consumer acknowledges 20 new messages and closes; a's newer state reaches b. Then
+    the older state lands late (posted again, as a post that timed out in a would arrive). b
+    refuses it (409) and keeps the newer one, so when the 20 entries arrive b acknowledges them
+    at once, not after the 30 s resend."""
+    clusters = clusters_factory(("a", "b"))
+    topic, subscription, on_a = warmed_up(clusters, "rv-order")
+    older = stored_state(clusters, "b", topic, subscription, "a")
+    assert older is not None
+
+    clusters.link("a", "b").cut()
+    produce(clusters, "a", topic, 20, "m")
+    assert not consume([on_a], 20, keep=lambda payload: False)
+    before_close = int(time.time() * 1000)
+    on_a.close()
+    await_state_sent(clusters, "a", "b", topic, subscription, before_close)
+    newer = stored_state(clusters, "b", topic, subscription, "a")
+    assert newer != older
+
+    path = f"{topic_path(topic)}/subscription/{subscription}/replicatedSubscriptionState"
+    status, reply = clusters.call("b", "POST", path, older)
+    held = stored_state(clusters, "b", topic, subscription, "a")
+    assert held != older and held.get("seq", 0) >= newer.get("seq", 0), (
+        f"the late state (answered {status} {reply}) replaced the newer one: {held}"
+    )
+    assert status == 409, (status, reply)
+
+    clusters.link("a", "b").heal()
+    await_condition(lambda: entries(clusters, "b", topic) == 25, REPLICATION_TIMEOUT_S, "b has the 20")
+    await_backlog(clusters, "b", topic, subscription, 0, "a's acknowledgements of the 20 applied")

@@ -18,6 +18,14 @@ been synced (everything present on b after a's first unacknowledged message).
 Cost run: the same load for `--duration` s on a topic with a plain subscription and on one with a
 replicated subscription; broker a's CPU (utime + stime) per message consumed.
 
+Max run (`--max`, instead of the above): `--rounds` rounds (default 3), each running the same
+load with no rate limit (the producer keeps its queue full) for `--duration` s, first on a topic
+with a plain subscription, then on one with a replicated subscription (the order alternates
+between rounds), each run on a fresh pair of brokers (`--in-order`: no message held back);
+prints per run the messages consumed per second and broker a's and b's CPU
+(utime + stime) per message consumed. The Python client may be the bottleneck; the script says
+what the clients' own CPU was, so that can be judged.
+
 Tail run (`--tail N`, instead of the above): one old message is left unacknowledged on a, then N
 messages are produced and acknowledged (a long acknowledged tail behind it, on both clusters
 once synced); then for `--duration` s a producer sends `--rate` msg/s that a consumer on a
@@ -45,12 +53,16 @@ ACK_GROUPING_S = 0.1
 class Load:
     """A producer at a steady rate and two Shared consumers acknowledging out of order."""
 
-    def __init__(self, client, topic, rate, replicated):
+    def __init__(self, client, topic, rate, replicated, hold_every=10):
+        """`rate` 0: as fast as the producer's queue allows; `hold_every` 0: nothing held back
+        (acknowledgements in order)."""
+        self.hold_every = hold_every
         self.acknowledged = {}  # index -> when
         self.lock = threading.Lock()
         self.stop = threading.Event()
         self.sent = 0
-        self.producer = client.create_producer(topic, batching_enabled=False)
+        self.producer = client.create_producer(topic, batching_enabled=False,
+                                               block_if_queue_full=rate == 0)
         self.consumers = [
             client.subscribe(topic, "bench", consumer_type=pulsar.ConsumerType.Shared,
                              initial_position=pulsar.InitialPosition.Earliest,
@@ -66,7 +78,7 @@ class Load:
     def produce(self, rate):
         started = time.time()
         while not self.stop.is_set():
-            wait = started + self.sent / rate - time.time()
+            wait = started + self.sent / rate - time.time() if rate else 0
             if wait > 0:
                 time.sleep(wait)
             payload = f"{self.sent:09d}".encode().ljust(PAYLOAD_SIZE, b".")
@@ -82,7 +94,7 @@ class Load:
             try:
                 message = consumer.receive(timeout_millis=100)
                 index = int(message.data()[:9])
-                if index % 10 == 0:
+                if self.hold_every and index % self.hold_every == 0:
                     held.append((time.time(), message))
                 else:
                     self.ack(consumer, message, index)
@@ -184,6 +196,49 @@ def cost_run(binary, root, options):
             broker.stop()
 
 
+def max_run(binary, options):
+    """Each run on a fresh pair of brokers, so that nothing left from the previous one (a
+    backlog still replicating) weighs on it."""
+    for round_ in range(options.rounds):
+        order = (False, True) if round_ % 2 == 0 else (True, False)
+        for replicated in order:
+            with tempfile.TemporaryDirectory() as root:
+                max_one(binary, root, options, round_, replicated)
+
+
+def max_one(binary, root, options, round_, replicated):
+    a, b = Broker(binary, "a", root), Broker(binary, "b", root)
+    try:
+        replicate_namespace(a, b)
+        client = pulsar.Client(a.url)
+        kind = "replicated" if replicated else "plain"
+        load = Load(client, f"persistent://t/ns/max-{kind}", 0, replicated,
+                    hold_every=0 if options.in_order else 10)
+        time.sleep(2)  # warm-up
+        cpu_a, cpu_b, consumed = a.cpu_seconds(), b.cpu_seconds(), len(load.acknowledged)
+        own = os.times()
+        started = time.time()
+        time.sleep(options.duration)
+        elapsed = time.time() - started
+        consumed = len(load.acknowledged) - consumed
+        cpu_a, cpu_b = a.cpu_seconds() - cpu_a, b.cpu_seconds() - cpu_b
+        after = os.times()
+        clients = (after.user - own.user) + (after.system - own.system)
+        load.halt()
+        per = max(consumed, 1)
+        print(f"round {round_ + 1} {kind:>10}: {consumed / elapsed:7.0f} msg/s consumed; "
+              f"CPU per message: broker a {cpu_a / per * 1e6:4.0f} us, "
+              f"broker b {cpu_b / per * 1e6:4.0f} us; clients {clients:.1f} s CPU "
+              f"in {elapsed:.1f} s", flush=True)
+        try:
+            client.close()
+        except Exception:
+            pass
+    finally:
+        for broker in (a, b):
+            broker.stop()
+
+
 def tail_run(binary, root, options):
     a, b = Broker(binary, "a", root), Broker(binary, "b", root)
     try:
@@ -245,8 +300,15 @@ def main():
     parser.add_argument("--duration", type=int, default=8)
     parser.add_argument("--intervals", default="10,100,1000")
     parser.add_argument("--tail", type=int, default=0)
+    parser.add_argument("--max", action="store_true")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--in-order", action="store_true",
+                        help="with --max: acknowledge every message at once (none held back)")
     options = parser.parse_args()
     binary = os.path.abspath(options.binary)
+    if options.max:
+        max_run(binary, options)
+        return
     if options.tail:
         with tempfile.TemporaryDirectory() as root:
             tail_run(binary, root, options)

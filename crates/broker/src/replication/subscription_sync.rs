@@ -56,6 +56,23 @@ pub struct SyncedAcks {
     /// saw an older value resets its copy before applying `acks`.
     #[serde(rename = "resetAt", default, skip_serializing_if = "Option::is_none")]
     pub reset_at: Option<u64>,
+    /// The state's place among the sender's states for this subscription: the sender's clock
+    /// (ms) when the state changed, raised past the previous state's and past any a receiver
+    /// answered with, so it grows across sender restarts. A receiver holding a state with a
+    /// higher value refuses this one (409, [`STALE_STATE_MARKER`]), so a post that landed late
+    /// never replaces a newer state. Absent from senders before it existed: always taken.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seq: Option<u64>,
+}
+
+/// Precedes, in a receiver's refusal of an older state, the `seq` of the state it holds.
+pub const STALE_STATE_MARKER: &str = "storedSeq=";
+
+/// The `seq` a receiver that refused a state as older holds, read from its answer.
+fn stored_seq_in(reply: &str) -> Option<u64> {
+    let (_, after) = reply.split_once(STALE_STATE_MARKER)?;
+    let digits: String = after.chars().take_while(char::is_ascii_digit).collect();
+    digits.parse().ok()
 }
 
 /// Where a stored entry comes from: `(cluster, position there)`. Markers have none (they are
@@ -615,6 +632,21 @@ pub fn receive(
         topic.create_subscription(name, Some(None))?;
     }
     let key = format!("{SYNCED_PROPERTY_PREFIX}{}", acks.cluster);
+    let stored_seq = log
+        .cursor(name)
+        .and_then(|cursor| cursor.properties.get(&key).cloned())
+        .and_then(|value| serde_json::from_str::<SyncedAcks>(&value).ok())
+        .and_then(|stored| stored.seq);
+    if let (Some(stored), Some(seq)) = (stored_seq, acks.seq) {
+        if seq < stored {
+            // Older than the state held (a post that landed late, or a sender whose clock
+            // stepped back): kept out; the answer tells the sender where to go on from.
+            return Err(BrokerError::Conflict(format!(
+                "replicated subscription state {seq} from {} is older than the one held, {STALE_STATE_MARKER}{stored}",
+                acks.cluster
+            )));
+        }
+    }
     let own_reset = log
         .cursor(name)
         .and_then(|cursor| replicated_subscriptions::reset_at(&cursor));
@@ -768,7 +800,7 @@ struct Posted {
     /// (subscription, remote cluster)
     key: (String, String),
     body: SyncedAcks,
-    result: std::result::Result<(), String>,
+    result: std::result::Result<(), SendError>,
 }
 
 /// What the sync task remembers of one replicated subscription between ticks.
@@ -782,6 +814,28 @@ struct Tracked {
     sent: HashMap<String, (SyncedAcks, Instant)>,
     /// The received states as last applied, and the last entry that application looked at.
     applied: Option<(Vec<String>, Option<Position>)>,
+    /// The last state's content (acknowledgements, reset time) and its `seq`.
+    last_state: Option<(OriginAcks, Option<u64>, u64)>,
+    /// The highest `seq` a receiver answered it holds: the next state goes past it.
+    seq_floor: u64,
+}
+
+impl Tracked {
+    /// The `seq` of a state with this content: the last one's while the content and the
+    /// receivers allow, else a new one above it, above the clock and above what receivers hold.
+    fn seq_for(&mut self, acks: &OriginAcks, reset_at: Option<u64>) -> u64 {
+        if let Some((last_acks, last_reset, seq)) = &self.last_state {
+            if last_acks == acks && *last_reset == reset_at && *seq > self.seq_floor {
+                return *seq;
+            }
+        }
+        let previous = self.last_state.as_ref().map_or(0, |(_, _, seq)| *seq);
+        let seq = now_ms()
+            .max(previous.saturating_add(1))
+            .max(self.seq_floor.saturating_add(1));
+        self.last_state = Some((acks.clone(), reset_at, seq));
+        seq
+    }
 }
 
 /// One replicated subscription's state at this tick, for the clusters in `targets`.
@@ -853,7 +907,19 @@ async fn run(
                         status.last_error = None;
                     });
                 }
-                Err(error) => {
+                Err(SendError {
+                    stored_seq,
+                    message: error,
+                }) => {
+                    if let (Some(stored), Some(entry)) =
+                        (stored_seq, tracked.get_mut(&outcome.key.0))
+                    {
+                        // The receiver holds a later state (this sender's clock stepped back
+                        // across a restart): the next state goes past it, at once.
+                        entry.seq_floor = entry.seq_floor.max(stored);
+                        retries.remove(&outcome.key);
+                        continue;
+                    }
                     let retry = retries.entry(outcome.key.clone()).or_insert(Retry {
                         failures: 0,
                         at: Instant::now(),
@@ -1008,12 +1074,14 @@ fn read_states(
             }
         };
         let targets = targets(topic, remotes, &acks, local_cluster);
+        let seq = entry.seq_for(&acks, reset_at);
         outgoing.push(Outgoing {
             cursor,
             body: SyncedAcks {
                 cluster: local_cluster.to_string(),
                 acks,
                 reset_at,
+                seq: Some(seq),
             },
             targets,
         });
@@ -1132,9 +1200,12 @@ async fn send(
     topic: &TopicName,
     subscription: &str,
     body: &SyncedAcks,
-) -> std::result::Result<(), String> {
+) -> std::result::Result<(), SendError> {
     let Some(service_url) = remote.service_url.clone() else {
-        return Err(format!("cluster {} has no serviceUrl", remote.name));
+        return Err(SendError::from(format!(
+            "cluster {} has no serviceUrl",
+            remote.name
+        )));
     };
     let url = format!(
         "{}/admin/v2/persistent/{}/{}/{}/subscription/{}/replicatedSubscriptionState",
@@ -1144,17 +1215,43 @@ async fn send(
         encode_path_segment(&topic.local),
         encode_path_segment(subscription),
     );
-    let body = serde_json::to_string(body).map_err(|error| error.to_string())?;
+    let body = serde_json::to_string(body).map_err(|error| SendError::from(error.to_string()))?;
     tokio::task::spawn_blocking(move || {
-        http_agent()
+        match http_agent()
             .post(&url)
             .set("Content-Type", "application/json")
             .send_string(&body)
-            .map(|_| ())
-            .map_err(|error| error.to_string())
+        {
+            Ok(_) => Ok(()),
+            Err(ureq::Error::Status(409, response)) => {
+                let reply = response.into_string().unwrap_or_default();
+                Err(SendError {
+                    stored_seq: stored_seq_in(&reply),
+                    message: format!("409: {reply}"),
+                })
+            }
+            Err(error) => Err(SendError::from(error.to_string())),
+        }
     })
     .await
-    .map_err(|error| error.to_string())?
+    .map_err(|error| SendError::from(error.to_string()))?
+}
+
+/// A post that failed: why, and the `seq` of the state the receiver holds when it refused the
+/// post's as older.
+#[derive(Debug)]
+struct SendError {
+    stored_seq: Option<u64>,
+    message: String,
+}
+
+impl From<String> for SendError {
+    fn from(message: String) -> Self {
+        SendError {
+            stored_seq: None,
+            message,
+        }
+    }
 }
 
 /// One HTTP client for every sync task of the process, so that posts to a remote cluster reuse
@@ -1381,6 +1478,7 @@ mod tests {
             cluster: "b".to_string(),
             acks: OriginAcks { origins },
             reset_at: None,
+            seq: None,
         }];
         let state = log.cursor("sub").expect("cursor");
         let covered =
@@ -1397,6 +1495,28 @@ mod tests {
         );
         // Nothing after can be covered by this state: the next ticks need not look at it.
         assert_eq!(covered.walked, Some(positions[999]));
+    }
+
+    #[test]
+    fn a_sender_whose_clock_stepped_back_goes_past_the_state_a_receiver_holds() {
+        let mut tracked = Tracked::default();
+        let acks = OriginAcks::default();
+        let first = tracked.seq_for(&acks, None);
+        assert_eq!(
+            tracked.seq_for(&acks, None),
+            first,
+            "unchanged state, same seq"
+        );
+        // A receiver holds a state from before a restart, stamped far ahead of this clock.
+        let reply = format!(
+            "{{\"reason\":\"state 5 from a is older than the one held, {STALE_STATE_MARKER}{}\"}}",
+            first + 3_600_000
+        );
+        let stored = stored_seq_in(&reply).expect("parsed");
+        assert_eq!(stored, first + 3_600_000);
+        tracked.seq_floor = stored;
+        assert!(tracked.seq_for(&acks, None) > stored);
+        assert_eq!(stored_seq_in("409: no marker"), None);
     }
 
     #[test]
