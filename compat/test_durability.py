@@ -220,3 +220,38 @@ def test_kill9_under_load_loses_no_acknowledged_message(broker_factory, client_f
     duplicates = len(stored) - len(seen)
     if dedup:
         assert duplicates == 0, f"{duplicates} messages stored twice despite de-duplication"
+
+
+def test_relaxed_mode_end_to_end_survives_a_restart_and_a_process_crash(broker_factory, client_factory):
+    # Relaxed mode (flush_policy = "relaxed-write-only", opt-in) acknowledges a send once it is
+    # written to the operating system: it must survive a graceful restart and the broker
+    # process being killed (the page cache outlives the process), with acknowledgements kept.
+    # What it does not survive, a machine crash, the storage simulator tests
+    # (crates/storage/tests/faults.rs): a kill cannot show a missing fsync.
+    broker = broker_factory.start(
+        config={"storage.flush_policy": "relaxed-write-only", "storage.relaxed_fsync_interval_ms": 60_000}
+    )
+    topic = unique_topic("relaxed")
+    client = client_factory(broker)
+    consumer = client.subscribe(topic, "durable", consumer_type=Type.Shared)
+    sent = [f"r{i}".encode() for i in range(50)]
+    send_all_async(client.create_producer(topic), sent)
+    for message in receive_n(consumer, 50):
+        if int(message.data()[1:]) % 2 == 0:
+            consumer.acknowledge(message)
+    client.close()  # flushes the acks before the connection goes away
+
+    broker.restart()
+    client = client_factory(broker)
+    more = [f"s{i}".encode() for i in range(20)]
+    send_all_async(client.create_producer(topic), more)
+    client.close()
+
+    broker.kill9_and_restart()
+    client = client_factory(broker)
+    consumer = client.subscribe(topic, "durable", consumer_type=Type.Shared)
+    expected = [m for m in sent if int(m[1:]) % 2 == 1] + more
+    assert sorted(payloads(receive_n(consumer, len(expected)))) == sorted(expected)
+    assert_no_more(consumer, what="acknowledged messages must not come back")
+    audit = client.subscribe(topic, unique("audit"), initial_position=Earliest)
+    assert payloads(receive_n(audit, len(sent) + len(more))) == sent + more
