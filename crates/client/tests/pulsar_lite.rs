@@ -117,6 +117,29 @@ impl Drop for PulsarLite {
     }
 }
 
+/// The first request to a freshly started pulsar-lite, retried until it is served: pulsar-lite
+/// accepts connections a moment before it serves topics (it has no readiness endpoint), and
+/// meanwhile resets them.
+async fn once_ready<T, E, F, Fut>(broker: &PulsarLite, what: &str, mut request: F) -> T
+where
+    E: std::fmt::Display,
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, E>>,
+{
+    let mut attempts = 0;
+    loop {
+        attempts += 1;
+        match request().await {
+            Ok(value) => return value,
+            Err(error) if attempts < 20 => {
+                eprintln!("{what} attempt {attempts} failed: {error}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(error) => panic!("{what}: {error}; log:\n{}", broker.log()),
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn produce_and_consume_against_pulsar_lite() {
     let Some(broker) = PulsarLite::start() else {
@@ -129,27 +152,15 @@ async fn produce_and_consume_against_pulsar_lite() {
         .expect("client");
     let topic = "persistent://public/default/meridian-client-compat";
 
-    // pulsar-lite accepts connections a moment before it serves topics (it has no readiness
-    // endpoint): retry the first subscribe until it is ready.
-    let mut attempts = 0;
-    let consumer = loop {
-        attempts += 1;
-        match client
+    let consumer = once_ready(&broker, "subscribe", || {
+        client
             .consumer(topic)
             .subscription("compat")
             .sub_type(SubscriptionType::Exclusive)
             .initial_position(InitialPosition::Earliest)
             .subscribe()
-            .await
-        {
-            Ok(consumer) => break consumer,
-            Err(error) if attempts < 20 => {
-                eprintln!("subscribe attempt {attempts} failed: {error}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            Err(error) => panic!("subscribe: {error}; log:\n{}", broker.log()),
-        }
-    };
+    })
+    .await;
 
     // One producer without batching, one with batching and compression.
     let plain = client.producer(topic).create().await.expect("producer");
@@ -251,7 +262,7 @@ async fn readers_and_negative_acks_against_pulsar_lite() {
         .await
         .expect("client");
     let topic = "persistent://public/default/meridian-client-compat-readers";
-    let producer = client.producer(topic).create().await.expect("producer");
+    let producer = once_ready(&broker, "producer", || client.producer(topic).create()).await;
     let mut ids = Vec::new();
     for index in 0..6 {
         ids.push(
