@@ -2,13 +2,15 @@
 # Runs the official-client compatibility suite against real `meridian standalone` processes.
 #
 #   compat/run.sh [pytest args...]      e.g. compat/run.sh -k key_shared -x
+#                                       or   compat/run.sh compat/test_admin.py
 #
 # - creates (once) a virtualenv in compat/.venv and installs compat/requirements.txt into it,
 #   again only when that file changes;
 # - finds the broker binary: $MERIDIAN_BIN, else <target dir>/debug/meridian (the target dir is
 #   $CARGO_TARGET_DIR or <repo>/target), building it with `cargo build -p meridian` if the
 #   default binary is missing;
-# - runs `pytest compat -v` from the repository root with the given arguments.
+# - runs `pytest compat -v` from the repository root with the given arguments (only the named
+#   files when the arguments name files under compat/).
 set -euo pipefail
 
 compat_dir="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -51,4 +53,12 @@ export MERIDIAN_BIN
 echo "== broker binary: $MERIDIAN_BIN"
 
 cd "$repo_root"
-exec "$venv/bin/python" -m pytest compat -v "$@"
+# The whole suite unless the arguments name test files (`compat/test_x.py` or
+# `compat/test_x.py::test_y`): then only those.
+targets=(compat)
+for arg in "$@"; do
+    case "$arg" in
+        compat/*) if [ -e "${arg%%::*}" ]; then targets=(); break; fi ;;
+    esac
+done
+exec "$venv/bin/python" -m pytest ${targets[@]+"${targets[@]}"} -v "$@"
