@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import urllib.request
 from pathlib import Path
 from urllib.parse import quote
 
@@ -165,6 +166,13 @@ def test_console_pages_show_what_the_rest_api_reports(browser, clusters_factory)
     stats = settled("a", 15, 20)
     settled("b", 15, 20)
     console = Console(browser, clusters["a"].web_url)
+    # The files come with a policy that lets the page load nothing from anywhere else.
+    for path, kind in (("/console", "text/html"), ("/console/app.js", "text/javascript"),
+                       ("/console/style.css", "text/css")):
+        with urllib.request.urlopen(clusters["a"].web_url + path, timeout=20) as reply:
+            assert reply.headers["Content-Type"].startswith(kind), path
+            policy = reply.headers["Content-Security-Policy"]
+            assert "default-src 'none'" in policy and "script-src 'self';" in policy, policy
 
     # The replication view: clusters, the link to b with its counters, the synced subscription.
     console.open()
@@ -232,9 +240,13 @@ def test_console_pages_show_what_the_rest_api_reports(browser, clusters_factory)
     )
     assert console.find(card="backlog") == f"Backlog (messages)\n{number(backlog_of(stats))}"
 
-    # The hostile names, shown as text.
+    # The hostile names, shown as text; a partitioned topic, summed over its partitions.
+    clusters.create_partitioned_topic("a", "persistent://public/default/sharded", 2)
     console.open("namespace", "public", "default")
     console.await_shows("the HTML-named topic", {"topic": hostile_topic}, topic=hostile_topic)
+    console.await_shows("a partition", {"producers": "not loaded"}, topic="persistent://public/default/sharded-partition-1")
+    console.open("partitioned", "public", "default", "sharded")
+    assert browser.evaluate("document.querySelector('h1').innerText") == "persistent://public/default/sharded (2 partitions)"
     console.open("topic", "public", "default", HOSTILE_TOPIC_LOCAL)
     section = await_condition(
         lambda: console.find(subscription=HOSTILE_SUBSCRIPTION), PAGE_TIMEOUT_S, "the HTML-named subscription"

@@ -76,12 +76,11 @@ fn publish(sequence_id: u64) -> Publish {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_failed_fsync_makes_the_topic_unavailable_with_its_reason_until_reloaded() {
+/// A broker on simulated storage with namespace `t/n` (the directory holds its metadata).
+fn simulated_broker(config: StorageConfig) -> (tempfile::TempDir, Arc<SimIo>, Arc<Broker>) {
     let directory = tempfile::tempdir().expect("temporary directory");
     let io = Arc::new(SimIo::new());
-    let storage = Storage::open_with_io("/sim/storage", StorageConfig::default(), io.clone())
-        .expect("storage opens");
+    let storage = Storage::open_with_io("/sim/storage", config, io.clone()).expect("storage opens");
     let metadata = EmbeddedStore::open(&directory.path().join("metadata")).expect("metadata opens");
     let broker = Broker::new(BrokerConfig::default(), storage, metadata).expect("broker starts");
     broker
@@ -92,6 +91,12 @@ async fn a_failed_fsync_makes_the_topic_unavailable_with_its_reason_until_reload
         .resources()
         .create_namespace("t", "n", &Policies::default())
         .expect("namespace created");
+    (directory, io, broker)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_fsync_makes_the_topic_unavailable_with_its_reason_until_reloaded() {
+    let (_directory, io, broker) = simulated_broker(StorageConfig::default());
     let name = TopicName::parse("persistent://t/n/poisoned").expect("valid name");
     let topic = broker.topic(&name, true).await.expect("topic loads");
     let (sink, _receiver) = outbound_queue(1 << 20);
@@ -154,25 +159,12 @@ async fn a_failed_relaxed_fsync_is_logged_once_with_topic_and_cause() {
     // Models a disk that fails an fsync in relaxed mode: the sends were acknowledged after
     // their write, so the failure happens in the background, with no client request failing.
     capture_log();
-    let directory = tempfile::tempdir().expect("temporary directory");
-    let io = Arc::new(SimIo::new());
-    let config = StorageConfig {
+    let (_directory, io, broker) = simulated_broker(StorageConfig {
         flush_policy: FlushPolicy::RelaxedWriteOnly {
             fsync_interval: Duration::from_millis(20),
         },
         ..StorageConfig::default()
-    };
-    let storage = Storage::open_with_io("/sim/storage", config, io.clone()).expect("storage opens");
-    let metadata = EmbeddedStore::open(&directory.path().join("metadata")).expect("metadata opens");
-    let broker = Broker::new(BrokerConfig::default(), storage, metadata).expect("broker starts");
-    broker
-        .resources()
-        .create_tenant("t", &TenantInfo::default())
-        .expect("tenant created");
-    broker
-        .resources()
-        .create_namespace("t", "n", &Policies::default())
-        .expect("namespace created");
+    });
     let name = TopicName::parse("persistent://t/n/relaxed-poisoned").expect("valid name");
     let topic = broker.topic(&name, true).await.expect("topic loads");
     let (sink, _receiver) = outbound_queue(1 << 20);
