@@ -13,6 +13,15 @@ if ! command -v protoc >/dev/null 2>&1; then
   DEBIAN_FRONTEND=noninteractive $sudo_if_needed apt-get install -y -q protobuf-compiler
 fi
 
+# The web console's test (compat/test_console.py) loads its pages in headless Chromium.
+if ! command -v chromium >/dev/null 2>&1 && [ -z "${CHROMIUM:-}" ]; then
+  echo "== installing chromium (Debian package chromium)"
+  sudo_if_needed=""
+  if [ "$(id -u)" != "0" ]; then sudo_if_needed="sudo"; fi
+  $sudo_if_needed apt-get update -q
+  DEBIAN_FRONTEND=noninteractive $sudo_if_needed apt-get install -y -q --no-install-recommends chromium
+fi
+
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 

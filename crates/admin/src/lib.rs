@@ -12,10 +12,12 @@
 //! - [`brokers`]: `/admin/v2/brokers/...` (health with the topics that cannot be served,
 //!   active brokers, version, configuration), `/admin/v2/broker-stats/topics`, `/status.html`;
 //! - [`metrics`]: the Prometheus text exposition;
-//! - [`migration`]: a tenant's migration to another cluster (start, status, abort).
+//! - [`migration`]: a tenant's migration to another cluster (start, status, abort);
+//! - [`console`]: the read-only web console at `/console` (static files drawn from this API).
 
 mod brokers;
 mod clusters;
+mod console;
 mod deadlines;
 mod metrics;
 mod migration;
@@ -125,6 +127,7 @@ pub fn router(broker: Arc<Broker>) -> Router {
         .merge(migration::routes())
         .merge(namespaces::routes())
         .merge(topics::routes())
+        .merge(console::routes())
         .fallback(not_found)
         .with_state(broker)
 }

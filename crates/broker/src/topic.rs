@@ -278,6 +278,12 @@ pub fn is_replicator_cursor(name: &str) -> bool {
     is_replication_key(name)
 }
 
+/// What clients, the health check and the ERROR line say of a topic whose log is poisoned
+/// (the same text wherever it is found first, so it is recorded and logged once).
+fn poisoned_reason(cause: &str) -> String {
+    format!("its log is poisoned by a failed write or fsync: {cause}")
+}
+
 /// A name clients may give a subscription: not empty, no control characters (NUL included),
 /// and not a cursor the broker keeps for itself.
 impl Topic {
@@ -291,6 +297,22 @@ impl Topic {
     ) -> Result<Arc<Topic>> {
         let full_name = name.to_string();
         let log = shared.storage.open_log(&full_name)?;
+        // A log poisoned in the background (a relaxed-mode fsync) is reported at once, with
+        // the topic's name: one ERROR line, from the health registry (weak: the storage that
+        // holds the log is held by the context).
+        log.on_poisoned(Box::new({
+            let context = Arc::downgrade(&shared);
+            let topic = full_name.clone();
+            move |error| {
+                if let (Some(context), meridian_storage::StorageError::Poisoned { cause, .. }) =
+                    (context.upgrade(), error)
+                {
+                    context
+                        .health
+                        .record(&topic, FailureKind::Poisoned, &poisoned_reason(cause));
+                }
+            }
+        }));
         log.set_retention(retention_of(policies.retention));
         let deduplication = policies
             .deduplication_enabled
@@ -365,7 +387,7 @@ impl Topic {
             StorageError::Io { .. } => error.to_string(),
             _ => return error.into(),
         };
-        let reason = format!("its log is poisoned by a failed write or fsync: {cause}");
+        let reason = poisoned_reason(&cause);
         self.shared
             .health
             .record(&self.full_name, FailureKind::Poisoned, &reason);

@@ -1,8 +1,10 @@
 //! A topic whose log is poisoned by a failed fsync is reported as unavailable: producers get
-//! the reason at once, the failure is counted once, and reloading the topic clears it.
+//! the reason at once, the failure is counted and logged once, and reloading the topic clears
+//! it.
 
 use std::sync::atomic::AtomicBool;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, Once};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use meridian_broker::health::FailureKind;
@@ -12,7 +14,44 @@ use meridian_broker::{
     AccessMode, Broker, BrokerConfig, BrokerError, NewProducer, Publish, TopicName,
 };
 use meridian_metadata::EmbeddedStore;
-use meridian_storage::{SimIo, Storage, StorageConfig};
+use meridian_storage::{FlushPolicy, SimIo, Storage, StorageConfig};
+
+/// Every line logged by this test binary (all tests: filter by topic).
+static LOG: Mutex<Vec<u8>> = Mutex::new(Vec::new());
+
+struct LogWriter;
+
+impl std::io::Write for LogWriter {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        LOG.lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn capture_log() {
+    static INSTALLED: Once = Once::new();
+    INSTALLED.call_once(|| {
+        let _ = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_max_level(tracing::Level::INFO)
+            .with_writer(|| LogWriter)
+            .try_init();
+    });
+}
+
+/// The ERROR lines logged so far that name `topic`.
+fn error_lines(topic: &str) -> Vec<String> {
+    String::from_utf8_lossy(&LOG.lock().unwrap_or_else(|poisoned| poisoned.into_inner()))
+        .lines()
+        .filter(|line| line.contains(" ERROR ") && line.contains(topic))
+        .map(str::to_string)
+        .collect()
+}
 
 fn new_producer(sink: OutboundSender, id: u64) -> NewProducer {
     NewProducer {
@@ -37,12 +76,11 @@ fn publish(sequence_id: u64) -> Publish {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_failed_fsync_makes_the_topic_unavailable_with_its_reason_until_reloaded() {
+/// A broker on simulated storage with namespace `t/n` (the directory holds its metadata).
+fn simulated_broker(config: StorageConfig) -> (tempfile::TempDir, Arc<SimIo>, Arc<Broker>) {
     let directory = tempfile::tempdir().expect("temporary directory");
     let io = Arc::new(SimIo::new());
-    let storage = Storage::open_with_io("/sim/storage", StorageConfig::default(), io.clone())
-        .expect("storage opens");
+    let storage = Storage::open_with_io("/sim/storage", config, io.clone()).expect("storage opens");
     let metadata = EmbeddedStore::open(&directory.path().join("metadata")).expect("metadata opens");
     let broker = Broker::new(BrokerConfig::default(), storage, metadata).expect("broker starts");
     broker
@@ -53,6 +91,12 @@ async fn a_failed_fsync_makes_the_topic_unavailable_with_its_reason_until_reload
         .resources()
         .create_namespace("t", "n", &Policies::default())
         .expect("namespace created");
+    (directory, io, broker)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_fsync_makes_the_topic_unavailable_with_its_reason_until_reloaded() {
+    let (_directory, io, broker) = simulated_broker(StorageConfig::default());
     let name = TopicName::parse("persistent://t/n/poisoned").expect("valid name");
     let topic = broker.topic(&name, true).await.expect("topic loads");
     let (sink, _receiver) = outbound_queue(1 << 20);
@@ -108,4 +152,62 @@ async fn a_failed_fsync_makes_the_topic_unavailable_with_its_reason_until_reload
         .expect("publish accepted")
         .await
         .expect("publish durable");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_relaxed_fsync_is_logged_once_with_topic_and_cause() {
+    // Models a disk that fails an fsync in relaxed mode: the sends were acknowledged after
+    // their write, so the failure happens in the background, with no client request failing.
+    capture_log();
+    let (_directory, io, broker) = simulated_broker(StorageConfig {
+        flush_policy: FlushPolicy::RelaxedWriteOnly {
+            fsync_interval: Duration::from_millis(20),
+        },
+        ..StorageConfig::default()
+    });
+    let name = TopicName::parse("persistent://t/n/relaxed-poisoned").expect("valid name");
+    let topic = broker.topic(&name, true).await.expect("topic loads");
+    let (sink, _receiver) = outbound_queue(1 << 20);
+    let grant = topic
+        .add_producer(broker.next_key(), new_producer(sink.clone(), 1))
+        .expect("producer admitted");
+
+    io.fail_syncs(1);
+    topic
+        .publish(grant.key, &grant.name, publish(0))
+        .expect("publish accepted")
+        .await
+        .expect("acknowledged after its write (relaxed mode)");
+    // The background fsync fails: the operator learns it at once, before any client does.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while error_lines(&name.to_string()).is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "no ERROR line for the failed fsync"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(broker.health().poisoned_total(), 1);
+
+    // A client then meets the failure: it gets the reason, and nothing more is logged.
+    let refused = match topic.publish(grant.key, &grant.name, publish(1)) {
+        Ok(pending) => pending.await.map(|_| ()),
+        Err(error) => Err(error),
+    };
+    assert!(
+        matches!(&refused, Err(BrokerError::TopicUnavailable { reason, .. }) if reason.contains("relaxed mode")),
+        "{refused:?}"
+    );
+    let lines = error_lines(&name.to_string());
+    assert_eq!(lines.len(), 1, "one ERROR line, not {lines:#?}");
+    let line = &lines[0];
+    assert!(
+        line.contains(&format!("topic={name}")) || line.contains(&format!("topic=\"{name}\"")),
+        "{line}"
+    );
+    assert!(
+        line.contains("cause=") && line.contains("injected fsync failure") && line.contains("lost"),
+        "{line}"
+    );
+    assert_eq!(broker.health().poisoned_total(), 1);
 }

@@ -15,6 +15,8 @@ use meridian_server::ServerConfig;
 use meridian_storage::{FlushPolicy, StorageConfig};
 use serde::{Deserialize, Serialize};
 
+use crate::logging::LogFormat;
+
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
@@ -76,6 +78,8 @@ pub struct Config {
     pub policy_check_interval_seconds: u64,
     /// How often message and byte rates are recomputed for stats.
     pub stats_interval_seconds: u64,
+    /// Log lines on stderr: `text` or `json` (`--log-format` overrides it).
+    pub log_format: LogFormat,
     pub storage: StorageSection,
 }
 
@@ -148,6 +152,7 @@ impl Default for Config {
             max_unacked_messages_per_consumer: broker.max_unacked_messages_per_consumer,
             policy_check_interval_seconds: 60,
             stats_interval_seconds: 5,
+            log_format: LogFormat::Text,
             storage: StorageSection::default(),
         }
     }

@@ -1,5 +1,6 @@
 //! The broker's log on stderr: plain text for people (colour only at a terminal), or one JSON
-//! object per line for machines (`--log-format json`).
+//! object per line for machines (`--log-format json`, or `log_format = "json"` in the
+//! configuration file of `meridian standalone`).
 //!
 //! A JSON line holds `time` (RFC 3339, UTC), `level`, `target`, `message`, the event's fields,
 //! the fields of the spans it happened in, `cluster` once `meridian standalone` knows it, and
@@ -18,7 +19,18 @@ use tracing_subscriber::registry::LookupSpan;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer};
 
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    clap::ValueEnum,
+    serde::Deserialize,
+    serde::Serialize,
+)]
+#[serde(rename_all = "lowercase")]
 pub enum LogFormat {
     /// Human-readable lines; colour codes only when stderr is a terminal and NO_COLOR is unset.
     #[default]

@@ -32,8 +32,9 @@ use crate::config::Config;
 )]
 struct Cli {
     /// Log lines on stderr: `text` (colour only at a terminal) or `json` (one object per line).
-    #[arg(long, value_enum, global = true, default_value_t = logging::LogFormat::Text)]
-    log_format: logging::LogFormat,
+    /// Default: `log_format` of the configuration file (standalone), else `text`.
+    #[arg(long, value_enum, global = true)]
+    log_format: Option<logging::LogFormat>,
     #[command(subcommand)]
     command: Command,
 }
@@ -86,7 +87,11 @@ struct StandaloneArgs {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    logging::init(cli.log_format);
+    // The broker's format may come from its configuration file, so it starts logging once
+    // that is read; every other command logs as the flag says.
+    if !matches!(cli.command, Command::Standalone(_)) {
+        logging::init(cli.log_format.unwrap_or_default());
+    }
     match cli.command {
         Command::Completions { shell } => {
             let mut command = <Cli as clap::CommandFactory>::command();
@@ -107,7 +112,13 @@ fn main() -> anyhow::Result<()> {
             .context("starting the async runtime")?
             .block_on(perf::run(arguments)),
         Command::Standalone(arguments) => {
-            let mut config = Config::load(arguments.config.as_deref(), std::env::vars())?;
+            let loaded = Config::load(arguments.config.as_deref(), std::env::vars());
+            let format = cli
+                .log_format
+                .or_else(|| loaded.as_ref().ok().map(|config| config.log_format))
+                .unwrap_or_default();
+            logging::init(format);
+            let mut config = loaded?;
             if let Some(data_dir) = arguments.data_dir {
                 config.data_dir = data_dir;
             }

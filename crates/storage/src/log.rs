@@ -16,7 +16,7 @@
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -385,6 +385,9 @@ pub(crate) struct LogState {
     stats: LogStats,
 }
 
+/// Told once, with the `StorageError::Poisoned` error, when a log is poisoned.
+pub type PoisonListener = Box<dyn Fn(&StorageError) + Send + Sync>;
+
 /// An append-only log of entries with durable cursors. Cheap to share: `Arc<Log>`.
 pub struct Log {
     name: String,
@@ -395,6 +398,9 @@ pub struct Log {
     flush_finished: Condvar,
     durable: watch::Sender<Option<Position>>,
     pub(crate) cursor_journal: Mutex<CursorJournal>,
+    /// Who reports this log's poisoning (the broker, naming the topic); without one the log
+    /// logs it itself. Either way it is reported once, where it is handled.
+    poison_listener: OnceLock<PoisonListener>,
 }
 
 impl std::fmt::Debug for Log {
@@ -589,6 +595,28 @@ enum FlushStage {
 }
 
 impl Log {
+    /// Sets who reports this log's poisoning (once; later calls are ignored). The listener is
+    /// called with the log's state locked: it must not call back into the log.
+    pub fn on_poisoned(&self, listener: PoisonListener) {
+        let _ = self.poison_listener.set(listener);
+    }
+
+    /// The error of a log poisoned by `cause`, reported once: to the listener, else in an
+    /// ERROR line.
+    fn poisoned(&self, cause: String) -> StorageError {
+        let error = StorageError::Poisoned {
+            log: self.name.clone(),
+            cause,
+        };
+        match self.poison_listener.get() {
+            Some(listener) => listener(&error),
+            None => {
+                tracing::error!(log = %self.name, %error, "log poisoned; appends refused until it is reopened")
+            }
+        }
+        error
+    }
+
     /// Opens (recovering if needed) or creates the log in `directory` and starts a new ledger.
     pub(crate) fn open(shared: Arc<Shared>, name: String, directory: PathBuf) -> Result<Arc<Log>> {
         let io = shared.io.clone();
@@ -713,6 +741,7 @@ impl Log {
             flush_finished: Condvar::new(),
             durable,
             cursor_journal: Mutex::new(cursor_journal),
+            poison_listener: OnceLock::new(),
         });
         tracing::debug!(log = %log.name, ledger_id, ?last_durable, "log opened");
         log.shared.register_live_log(&log);
@@ -949,11 +978,7 @@ impl Log {
                         self.cut_back_unsynced(&failed[0], &path);
                     }
                     if state.failure.is_none() {
-                        tracing::error!(log = %self.name, %error, "flush failed; log poisoned, appends refused until it is reopened");
-                        state.failure = Some(StorageError::Poisoned {
-                            log: self.name.clone(),
-                            cause: error.to_string(),
-                        });
+                        state.failure = Some(self.poisoned(error.to_string()));
                     }
                     failed.extend(state.pending.drain(..));
                     state.pending_bytes = 0;
@@ -1117,12 +1142,17 @@ impl Log {
     fn lose_unsynced(&self, error: &StorageError) {
         let mut state = self.lock();
         let last_synced = state.last_synced();
-        tracing::error!(log = %self.name, %error, ?last_synced, last_written = ?state.last_durable, "fsync of written appends failed; log poisoned: appends after the last synced entry were acknowledged (relaxed mode) but are lost, and are no longer served");
         if state.failure.is_none() {
-            state.failure = Some(StorageError::Poisoned {
-                log: self.name.clone(),
-                cause: error.to_string(),
-            });
+            let lost = match (last_synced, state.last_durable) {
+                (Some(synced), Some(written)) if synced < written => {
+                    format!("those after {synced} up to {written}")
+                }
+                (None, Some(written)) => format!("all up to {written}"),
+                _ => "none".to_string(),
+            };
+            state.failure = Some(self.poisoned(format!(
+                "{error}; acknowledged entries lost (relaxed mode), no longer served: {lost}"
+            )));
         }
         state.last_durable = state.last_durable.min(last_synced);
         self.durable.send_replace(state.last_durable);
