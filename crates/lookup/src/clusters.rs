@@ -7,7 +7,7 @@
 //! outside the set) is found in the registry of the cluster that names it.
 //!
 //! Admin calls are blocking `ureq` requests on tokio's blocking pool, each with a deadline and
-//! a cap on the bytes read. LOOKUP and PARTITIONED_METADATA are forwarded with
+//! a cap on the bytes read, at most [`MAX_CONCURRENT_ADMIN_CALLS`] at once. LOOKUP and PARTITIONED_METADATA are forwarded with
 //! [`meridian_client::Client`], one per binary URL (its pool keeps one connection open).
 
 use std::collections::HashMap;
@@ -26,6 +26,10 @@ const MAX_ADMIN_BODY_BYTES: u64 = 1024 * 1024;
 
 /// Most forwarding clients kept (one per binary URL: members and migration targets).
 const MAX_FORWARDING_CLIENTS: usize = 256;
+
+/// Admin calls in progress at once (each holds a thread of tokio's blocking pool, whose queue
+/// is not bounded): more wait here.
+const MAX_CONCURRENT_ADMIN_CALLS: usize = 64;
 
 /// Redirects a forwarded LOOKUP may follow at the home cluster.
 const MAX_FORWARDED_REDIRECTS: u32 = 8;
@@ -69,6 +73,7 @@ pub struct Clusters {
     agent: ureq::Agent,
     request_timeout: Duration,
     clients: Mutex<HashMap<String, Client>>,
+    admin_calls: tokio::sync::Semaphore,
 }
 
 impl Clusters {
@@ -90,6 +95,7 @@ impl Clusters {
                 .build(),
             request_timeout,
             clients: Mutex::new(HashMap::new()),
+            admin_calls: tokio::sync::Semaphore::new(MAX_CONCURRENT_ADMIN_CALLS),
         }
     }
 
@@ -259,6 +265,11 @@ impl Clusters {
 
     /// `GET web_url + path` as JSON: `None` on 404; any other failure names the cluster.
     async fn get_json(&self, web_url: &str, path: &str) -> Result<Option<Value>, LookupError> {
+        let _slot = self
+            .admin_calls
+            .acquire()
+            .await
+            .map_err(|_| LookupError::Internal("admin call slots closed".into()))?;
         let agent = self.agent.clone();
         let url = format!("{web_url}{path}");
         let outcome = tokio::task::spawn_blocking(move || match agent.get(&url).call() {
