@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import struct
 import subprocess
 import time
 from pathlib import Path
@@ -226,6 +227,17 @@ def test_each_tenant_is_served_by_its_home_and_two_copies_answer_alike(
         status, body = admin_get(door.http_url, "/admin/v2/" + partitioned_b.replace("://", "/")
                                  + "/partitions")
         assert status == 200 and body["partitions"] == 3
+
+    # Bad input closes only that connection: a frame over the front door's 64 KiB limit, a
+    # first command other than CONNECT.
+    with frames.RawConnection(first.port) as connection:
+        connection.handshake()
+        connection.send(struct.pack(">I", 1 << 20) + b"x" * 64)
+        assert connection.frames_until_closed() == []
+    with frames.RawConnection(first.port) as connection:
+        connection.send(frames.ping_frame())
+        assert connection.frames_until_closed() == []
+    assert looked_up_url(first, plain_a) == clusters["a"].service_url
 
 
 def test_clients_follow_a_tenant_whose_home_changes(clusters_factory, front_doors, client_factory):

@@ -20,6 +20,7 @@ use meridian_client::Client;
 use serde_json::Value;
 
 use crate::error::LookupError;
+use crate::lock;
 
 /// Most bytes read from one admin answer (a tenant, a migration status, a registration).
 const MAX_ADMIN_BODY_BYTES: u64 = 1024 * 1024;
@@ -299,12 +300,6 @@ fn unreachable(web_url: &str, reason: &str) -> LookupError {
         cluster: web_url.to_string(),
         reason: reason.to_string(),
     }
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 #[cfg(test)]

@@ -28,6 +28,7 @@ use std::time::{Duration, Instant};
 
 use crate::clusters::{Cluster, Clusters};
 use crate::error::LookupError;
+use crate::lock;
 
 /// Most migrations followed from one cluster to the next in one check.
 const MAX_HOPS: usize = 8;
@@ -166,10 +167,7 @@ impl HomeCache {
 
     /// The tenant's slot, made (and the least recently used evicted) if needed.
     fn slot(&self, tenant: &str) -> Arc<Slot> {
-        let mut slots = self
-            .slots
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut slots = lock(&self.slots);
         if let Some(slot) = slots.get(tenant) {
             *lock(&slot.used) = Instant::now();
             return slot.clone();
@@ -193,17 +191,8 @@ impl HomeCache {
 
     /// Tenants cached now.
     pub fn cached_tenants(&self) -> usize {
-        self.slots
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .len()
+        lock(&self.slots).len()
     }
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 #[cfg(test)]

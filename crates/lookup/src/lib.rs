@@ -195,6 +195,13 @@ fn topic_and_tenant(topic: &str) -> Result<(String, String), LookupError> {
     Ok((full, tenant))
 }
 
+/// Locks `mutex`, whose holders never leave its data half-changed, even if one panicked.
+pub(crate) fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 /// Serves the binary protocol on `binary` and HTTP on `web` until `shutdown` is cancelled and
 /// the connections in progress are done.
 pub async fn serve(
