@@ -12,6 +12,7 @@
 
 use std::collections::HashMap;
 use std::io::Read;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -49,6 +50,8 @@ pub struct Cluster {
 struct Member {
     web_url: String,
     identity: Mutex<Option<Cluster>>,
+    /// Its last admin call failed (logged once per change, not per lookup).
+    unreachable: AtomicBool,
 }
 
 /// What a source's migration record says (`GET /admin/v2/tenants/{t}/migration`).
@@ -87,6 +90,7 @@ impl Clusters {
                 .map(|url| Member {
                     web_url: url.trim_end_matches('/').to_string(),
                     identity: Mutex::new(None),
+                    unreachable: AtomicBool::new(false),
                 })
                 .collect(),
             agent: ureq::AgentBuilder::new()
@@ -287,10 +291,20 @@ impl Clusters {
             }
             Err(ureq::Error::Status(404, _)) => Ok(None),
             Err(ureq::Error::Status(code, _)) => Err(format!("GET {url} answered {code}")),
-            Err(error) => Err(format!("GET {url}: {error}")),
+            // ureq's transport errors name the URL.
+            Err(error) => Err(error.to_string()),
         })
         .await
         .map_err(|error| LookupError::Internal(format!("admin call task: {error}")))?;
+        if let Some(member) = self.members.iter().find(|member| member.web_url == web_url) {
+            let failed = outcome.is_err();
+            if member.unreachable.swap(failed, Ordering::Relaxed) != failed {
+                match &outcome {
+                    Err(reason) => tracing::warn!(cluster = web_url, reason, "cluster unreachable: lookups that need its answer fail with ServiceNotReady until it answers"),
+                    Ok(_) => tracing::info!(cluster = web_url, "cluster answers again"),
+                }
+            }
+        }
         outcome.map_err(|reason| unreachable(web_url, &reason))
     }
 }

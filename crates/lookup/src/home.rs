@@ -26,16 +26,66 @@ use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::clusters::{Cluster, Clusters};
+use crate::clusters::{Cluster, Clusters, MigrationRecord};
 use crate::error::LookupError;
 use crate::lock;
 
 /// Most migrations followed from one cluster to the next in one check.
 const MAX_HOPS: usize = 8;
 
+/// The questions the rule asks the clusters: the seam between the rule and the network, so
+/// that the rule is unit-tested without one. [`Clusters`] is the real one.
+pub(crate) trait Directory {
+    /// How many members there are, and each one's web URL.
+    fn member_count(&self) -> usize;
+    fn member_url(&self, index: usize) -> &str;
+    /// The members' web URLs, for messages.
+    fn member_urls(&self) -> String;
+    /// Member `index` with its name and URLs.
+    async fn member(&self, index: usize) -> Result<Cluster, LookupError>;
+    /// The cluster called `name`, as `via` (which names it) knows it.
+    async fn named(&self, name: &str, via: &Cluster) -> Result<Cluster, LookupError>;
+    /// Whether the cluster at `web_url` has `tenant`.
+    async fn has_tenant(&self, web_url: &str, tenant: &str) -> Result<bool, LookupError>;
+    /// The migration record of `tenant` at `web_url`, if any.
+    async fn migration(
+        &self,
+        web_url: &str,
+        tenant: &str,
+    ) -> Result<Option<MigrationRecord>, LookupError>;
+}
+
+impl Directory for Clusters {
+    fn member_count(&self) -> usize {
+        Clusters::member_count(self)
+    }
+    fn member_url(&self, index: usize) -> &str {
+        Clusters::member_url(self, index)
+    }
+    fn member_urls(&self) -> String {
+        Clusters::member_urls(self)
+    }
+    async fn member(&self, index: usize) -> Result<Cluster, LookupError> {
+        Clusters::member(self, index).await
+    }
+    async fn named(&self, name: &str, via: &Cluster) -> Result<Cluster, LookupError> {
+        Clusters::named(self, name, via).await
+    }
+    async fn has_tenant(&self, web_url: &str, tenant: &str) -> Result<bool, LookupError> {
+        Clusters::has_tenant(self, web_url, tenant).await
+    }
+    async fn migration(
+        &self,
+        web_url: &str,
+        tenant: &str,
+    ) -> Result<Option<MigrationRecord>, LookupError> {
+        Clusters::migration(self, web_url, tenant).await
+    }
+}
+
 /// Where `tenant` lives now, starting from `known` (its last home) when there is one.
-pub async fn resolve(
-    clusters: &Clusters,
+pub(crate) async fn resolve<D: Directory>(
+    clusters: &D,
     tenant: &str,
     known: Option<Cluster>,
 ) -> Result<Cluster, LookupError> {
@@ -49,8 +99,8 @@ pub async fn resolve(
 
 /// From a cluster that had the tenant, follows its migration records to the home. `None`: the
 /// cluster no longer has the tenant (deleted, cleaned up after a migration).
-async fn follow(
-    clusters: &Clusters,
+async fn follow<D: Directory>(
+    clusters: &D,
     tenant: &str,
     start: Cluster,
 ) -> Result<Option<Cluster>, LookupError> {
@@ -72,7 +122,7 @@ async fn follow(
 }
 
 /// Asks every member whether it has the tenant, then applies the rule.
-async fn discover(clusters: &Clusters, tenant: &str) -> Result<Cluster, LookupError> {
+async fn discover<D: Directory>(clusters: &D, tenant: &str) -> Result<Cluster, LookupError> {
     let answers = futures::future::join_all((0..clusters.member_count()).map(|index| async move {
         clusters
             .has_tenant(clusters.member_url(index), tenant)
@@ -198,6 +248,208 @@ impl HomeCache {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::HashSet;
+
+    /// Clusters as the rule sees them: who is up, who has which tenant, which records.
+    #[derive(Default)]
+    struct World {
+        clusters: Vec<Fake>,
+        /// How many of `clusters` (the first ones) are members; the others are only registered.
+        members: usize,
+    }
+
+    struct Fake {
+        cluster: Cluster,
+        up: bool,
+        tenants: HashSet<String>,
+        records: HashMap<String, MigrationRecord>,
+    }
+
+    impl World {
+        fn with(mut self, name: &str, member: bool, tenants: &[&str]) -> World {
+            let fake = Fake {
+                cluster: cluster(name),
+                up: true,
+                tenants: tenants.iter().map(|tenant| tenant.to_string()).collect(),
+                records: HashMap::new(),
+            };
+            if member {
+                self.clusters.insert(self.members, fake);
+                self.members += 1;
+            } else {
+                self.clusters.push(fake);
+            }
+            self
+        }
+
+        fn migrating(mut self, source: &str, tenant: &str, phase: &str, target: &str) -> World {
+            self.fake_mut(source).records.insert(
+                tenant.to_string(),
+                MigrationRecord {
+                    phase: phase.to_string(),
+                    target_cluster: target.to_string(),
+                },
+            );
+            self
+        }
+
+        fn down(mut self, name: &str) -> World {
+            self.fake_mut(name).up = false;
+            self
+        }
+
+        fn fake_mut(&mut self, name: &str) -> &mut Fake {
+            self.clusters
+                .iter_mut()
+                .find(|fake| fake.cluster.name == name)
+                .expect("a cluster of the world")
+        }
+
+        fn at(&self, web_url: &str) -> Result<&Fake, LookupError> {
+            let fake = self
+                .clusters
+                .iter()
+                .find(|fake| fake.cluster.web_url == web_url)
+                .expect("a cluster of the world");
+            if fake.up {
+                Ok(fake)
+            } else {
+                Err(LookupError::Unreachable {
+                    cluster: web_url.to_string(),
+                    reason: "down".into(),
+                })
+            }
+        }
+    }
+
+    impl Directory for World {
+        fn member_count(&self) -> usize {
+            self.members
+        }
+        fn member_url(&self, index: usize) -> &str {
+            &self.clusters[index].cluster.web_url
+        }
+        fn member_urls(&self) -> String {
+            (0..self.members)
+                .map(|index| self.member_url(index))
+                .collect::<Vec<_>>()
+                .join(", ")
+        }
+        async fn member(&self, index: usize) -> Result<Cluster, LookupError> {
+            Ok(self.at(self.member_url(index))?.cluster.clone())
+        }
+        async fn named(&self, name: &str, via: &Cluster) -> Result<Cluster, LookupError> {
+            self.at(&via.web_url)?;
+            self.clusters
+                .iter()
+                .find(|fake| fake.cluster.name == name)
+                .map(|fake| fake.cluster.clone())
+                .ok_or_else(|| LookupError::UnknownCluster {
+                    name: name.to_string(),
+                    reason: "not registered".into(),
+                })
+        }
+        async fn has_tenant(&self, web_url: &str, tenant: &str) -> Result<bool, LookupError> {
+            Ok(self.at(web_url)?.tenants.contains(tenant))
+        }
+        async fn migration(
+            &self,
+            web_url: &str,
+            tenant: &str,
+        ) -> Result<Option<MigrationRecord>, LookupError> {
+            Ok(self.at(web_url)?.records.get(tenant).cloned())
+        }
+    }
+
+    async fn home(world: &World, known: Option<&str>) -> Result<String, LookupError> {
+        resolve(world, "t", known.map(cluster))
+            .await
+            .map(|home| home.name)
+    }
+
+    #[tokio::test]
+    async fn the_home_is_the_cluster_with_the_tenant() {
+        let world = World::default()
+            .with("a", true, &[])
+            .with("b", true, &["t"]);
+        assert_eq!(home(&world, None).await.expect("home"), "b");
+        let nowhere = World::default().with("a", true, &[]);
+        assert!(matches!(
+            home(&nowhere, None).await,
+            Err(LookupError::NoHome { .. })
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_migration_source_is_home_until_producers_are_redirected() {
+        // b is listed first and has the tenant too, but a is the source of a migration.
+        let before = World::default()
+            .with("b", true, &["t"])
+            .with("a", true, &["t"])
+            .migrating("a", "t", "subscriptionsSynced", "b");
+        assert_eq!(home(&before, None).await.expect("home"), "a");
+        for phase in ["producersRedirected", "consumersRedirected", "done"] {
+            let after = World::default()
+                .with("a", true, &["t"])
+                .with("b", true, &["t"])
+                .migrating("a", "t", phase, "b");
+            assert_eq!(home(&after, None).await.expect("home"), "b", "{phase}");
+            assert_eq!(home(&after, Some("a")).await.expect("home"), "b", "{phase}");
+        }
+        // Without any record, the first listed of those with the tenant.
+        let replicated = World::default()
+            .with("b", true, &["t"])
+            .with("a", true, &["t"]);
+        assert_eq!(home(&replicated, None).await.expect("home"), "b");
+    }
+
+    #[tokio::test]
+    async fn a_target_outside_the_set_and_a_chain_of_moves_are_followed() {
+        let world = World::default()
+            .with("a", true, &["t"])
+            .with("b", true, &[])
+            .with("c", false, &["t"])
+            .with("d", false, &["t"])
+            .migrating("a", "t", "done", "c")
+            .migrating("c", "t", "producersRedirected", "d");
+        assert_eq!(home(&world, None).await.expect("home"), "d");
+        let cycle = World::default()
+            .with("a", true, &["t"])
+            .with("b", true, &["t"])
+            .migrating("a", "t", "done", "b")
+            .migrating("b", "t", "done", "a");
+        assert!(home(&cycle, None).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn a_silent_member_blocks_only_tenants_without_a_known_home() {
+        let world = World::default()
+            .with("a", true, &["t"])
+            .with("b", true, &[])
+            .down("b");
+        match home(&world, None).await {
+            Err(LookupError::Unreachable { cluster, .. }) => assert_eq!(cluster, "http://b"),
+            other => panic!("expected b unreachable, got {other:?}"),
+        }
+        assert_eq!(home(&world, Some("a")).await.expect("home"), "a");
+        // The known home down: no guess either.
+        let home_down = World::default()
+            .with("a", true, &["t"])
+            .with("b", true, &["t"])
+            .down("a");
+        assert!(matches!(
+            home(&home_down, Some("a")).await,
+            Err(LookupError::Unreachable { .. })
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_home_that_lost_the_tenant_is_replaced() {
+        let world = World::default()
+            .with("a", true, &[])
+            .with("b", true, &["t"]);
+        assert_eq!(home(&world, Some("a")).await.expect("home"), "b");
+    }
 
     fn cluster(name: &str) -> Cluster {
         Cluster {
