@@ -180,6 +180,14 @@ impl Connection {
                 .await
             }
             Some(CommandType::Pong) => Ok(()),
+            Some(CommandType::Connect) => {
+                self.reply(error(
+                    0,
+                    ServerError::NotAllowedError,
+                    "already connected".into(),
+                ))
+                .await
+            }
             Some(CommandType::Lookup) => {
                 let Some(request) = base.lookup else {
                     return Err(Close("LOOKUP without its body".into()));
