@@ -8,7 +8,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use meridian_server::listener::{accept_loop, ConnectionLimits};
@@ -105,11 +105,15 @@ impl Connection {
         shutdown: &CancellationToken,
     ) -> Result<(), Close> {
         let mut buffer = BytesMut::with_capacity(4096);
+        // Only whole frames count as traffic: bytes dribbled in keep no connection open.
+        let opened = Instant::now();
+        let mut last_frame = opened;
         let mut pinged = false;
         loop {
             while let Some(frame) = meridian_wire::decode_frame(&mut buffer, config.max_frame_size)
                 .map_err(|error| Close(format!("bad frame: {error}")))?
             {
+                last_frame = Instant::now();
                 pinged = false;
                 let command = match frame {
                     meridian_wire::Frame::Simple(command) => *command,
@@ -117,13 +121,15 @@ impl Connection {
                 };
                 self.handle(command, shutdown).await?;
             }
-            let idle = if self.connected {
-                config.keep_alive_interval
+            let deadline = if !self.connected {
+                opened + config.connect_timeout
+            } else if pinged {
+                last_frame + config.keep_alive_interval * 2
             } else {
-                config.connect_timeout
+                last_frame + config.keep_alive_interval
             };
             let read = tokio::select! {
-                read = tokio::time::timeout(idle, reader.read_buf(&mut buffer)) => read,
+                read = tokio::time::timeout_at(deadline.into(), reader.read_buf(&mut buffer)) => read,
                 _ = shutdown.cancelled() => return Err(Close("shutting down".into())),
             };
             match read {
@@ -133,7 +139,7 @@ impl Connection {
                 Err(_) if !self.connected => {
                     return Err(Close("no CONNECT within the connect timeout".into()))
                 }
-                Err(_) if pinged => return Err(Close("silent after a PING".into())),
+                Err(_) if pinged => return Err(Close("no frame since a PING".into())),
                 Err(_) => {
                     pinged = true;
                     self.reply(BaseCommand {
