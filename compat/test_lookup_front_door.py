@@ -228,6 +228,11 @@ def test_each_tenant_is_served_by_its_home_and_two_copies_answer_alike(
                                  + "/partitions")
         assert status == 200 and body["partitions"] == 3
 
+    # A name the front door cannot parse is refused as such.
+    reply = lookup(first, "persistent://not a tenant/ns/t")
+    assert reply.first(3) == frames.LOOKUP_FAILED
+    assert reply.first(6) == frames.SERVER_ERROR_INVALID_TOPIC_NAME
+
     # Bad input closes only that connection: a frame over the front door's 64 KiB limit, a
     # first command other than CONNECT.
     with frames.RawConnection(first.port) as connection:
@@ -304,6 +309,8 @@ def test_an_unreachable_cluster_gives_a_retriable_error_never_a_wrong_home(
     assert reply.first(3) == frames.LOOKUP_FAILED
     assert reply.first(6) == frames.SERVER_ERROR_SERVICE_NOT_READY
     assert clusters["b"].web_url.encode() in reply.first(7), reply.first(7)
+    status, body = admin_get(door.http_url, f"/lookup/v2/topic/persistent/{unknown}/ns/t")
+    assert status == 503 and clusters["b"].web_url in body["reason"], (status, body)
     # The official client fails the same way (after retrying) instead of using a wrong cluster.
     client = client_factory(door, operation_timeout_seconds=3)
     with pytest.raises(pulsar.PulsarException):
