@@ -10,7 +10,9 @@
 //!
 //! - [`clusters`]: the member clusters (named by their web URLs), every admin call made to
 //!   them, and the forwarding clients (one [`meridian_client::Client`] per binary URL);
-//! - [`home`]: the rule that picks a tenant's home, and the bounded cache of homes;
+//! - [`home`]: the rule that picks a tenant's home (asking its questions through a
+//!   `Directory` seam, so the rule is unit-tested without a network), and the bounded cache
+//!   of homes;
 //! - [`FrontDoor`] (here): a topic's home, then the LOOKUP or PARTITIONED_METADATA forwarded to
 //!   it, shared by both listeners;
 //! - `binary`: the Pulsar protocol listener (CONNECT/CONNECTED, PING/PONG, LOOKUP,
