@@ -174,7 +174,9 @@ pub struct HomeCache {
 }
 
 /// One tenant's entry: the home and when it was checked, behind an async lock so that one
-/// check runs at a time per tenant.
+/// check runs at a time per tenant. The lock is held across the check on purpose (a single
+/// flight: a thousand lookups of a partitioned topic make one check, not a thousand); only
+/// the same tenant's lookups wait, and every call the check makes has a deadline.
 struct Slot {
     known: tokio::sync::Mutex<Option<(Cluster, Instant)>>,
     used: Mutex<Instant>,
