@@ -9,6 +9,7 @@ mod admin_cli;
 mod client_cli;
 mod config;
 mod logging;
+mod lookup_cli;
 mod perf;
 
 use std::path::PathBuf;
@@ -51,6 +52,11 @@ enum Command {
     Client(client_cli::ClientArgs),
     /// Measure throughput and latency, like pulsar-perf (produce, consume, end-to-end).
     Perf(perf::PerfArgs),
+    /// Run a lookup front door: one service URL that sends each topic to its tenant's home
+    /// cluster (docs/lookup.md).
+    ///
+    /// Example: meridian lookup --clusters http://127.0.0.1:8080,http://127.0.0.1:8081
+    Lookup(lookup_cli::LookupArgs),
     /// Print a shell completion script.
     ///
     /// Example: meridian completions bash > /etc/bash_completion.d/meridian
@@ -111,6 +117,12 @@ fn main() -> anyhow::Result<()> {
             .build()
             .context("starting the async runtime")?
             .block_on(perf::run(arguments)),
+        Command::Lookup(arguments) => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .thread_name("meridian-lookup")
+            .build()
+            .context("starting the async runtime")?
+            .block_on(lookup_cli::run(arguments)),
         Command::Standalone(arguments) => {
             let loaded = Config::load(arguments.config.as_deref(), std::env::vars());
             let format = cli
@@ -282,7 +294,7 @@ async fn background_loop(
     }
 }
 
-async fn wait_for_signal() -> anyhow::Result<()> {
+pub(crate) async fn wait_for_signal() -> anyhow::Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut terminate =
         signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;

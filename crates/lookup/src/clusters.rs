@@ -1,0 +1,342 @@
+//! The clusters the front door serves, and every call it makes to them.
+//!
+//! A member is named on the command line by its web URL. Its name and binary URL are learned
+//! from the cluster itself, once: the name from `GET /admin/v2/brokers/configuration/runtime`
+//! (`cluster_name`, or Pulsar's `clusterName`), the URLs from its own registration
+//! `GET /admin/v2/clusters/{name}`. A cluster that is not a member (a migration's target
+//! outside the set) is found in the registry of the cluster that names it.
+//!
+//! Admin calls are blocking `ureq` requests on tokio's blocking pool, each with a deadline and
+//! a cap on the bytes read, at most [`MAX_CONCURRENT_ADMIN_CALLS`] at once. LOOKUP and PARTITIONED_METADATA are forwarded with
+//! [`meridian_client::Client`], one per binary URL (its pool keeps one connection open).
+
+use std::collections::HashMap;
+use std::io::Read;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use meridian_broker::topic_name::is_valid_entity_name;
+use meridian_client::Client;
+use serde_json::Value;
+
+use crate::error::LookupError;
+use crate::lock;
+
+/// Most bytes read from one admin answer (a tenant, a migration status, a registration).
+const MAX_ADMIN_BODY_BYTES: u64 = 1024 * 1024;
+
+/// Most forwarding clients kept (one per binary URL: members and migration targets).
+const MAX_FORWARDING_CLIENTS: usize = 256;
+
+/// Admin calls in progress at once (each holds a thread of tokio's blocking pool, whose queue
+/// is not bounded): more wait here.
+const MAX_CONCURRENT_ADMIN_CALLS: usize = 64;
+
+/// Redirects a forwarded LOOKUP may follow at the home cluster.
+const MAX_FORWARDED_REDIRECTS: u32 = 8;
+
+/// A cluster clients can be sent to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cluster {
+    pub name: String,
+    /// Its admin/HTTP URL, `http://host:port`.
+    pub web_url: String,
+    /// Its binary protocol URL, `pulsar://host:port`.
+    pub broker_url: String,
+}
+
+/// A member of the set: its web URL, and what it said about itself once it answered.
+struct Member {
+    web_url: String,
+    identity: Mutex<Option<Cluster>>,
+    /// Its last admin call failed (logged once per change, not per lookup).
+    unreachable: AtomicBool,
+}
+
+/// What a source's migration record says (`GET /admin/v2/tenants/{t}/migration`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MigrationRecord {
+    pub phase: String,
+    pub target_cluster: String,
+}
+
+impl MigrationRecord {
+    /// From `producersRedirected` on, the target is the tenant's home.
+    pub fn redirected(&self) -> bool {
+        matches!(
+            self.phase.as_str(),
+            "producersRedirected" | "consumersRedirected" | "done"
+        )
+    }
+}
+
+/// The members, an HTTP agent and the forwarding clients.
+pub struct Clusters {
+    members: Vec<Member>,
+    agent: ureq::Agent,
+    request_timeout: Duration,
+    clients: Mutex<HashMap<String, Client>>,
+    admin_calls: tokio::sync::Semaphore,
+}
+
+impl Clusters {
+    /// Members named by their web URLs, in the order given (the order breaks ties, see
+    /// [`crate::home`]). `request_timeout` bounds every admin call and forwarded request.
+    pub fn new(web_urls: &[String], request_timeout: Duration) -> Clusters {
+        Clusters {
+            members: web_urls
+                .iter()
+                .map(|url| Member {
+                    web_url: url.trim_end_matches('/').to_string(),
+                    identity: Mutex::new(None),
+                    unreachable: AtomicBool::new(false),
+                })
+                .collect(),
+            agent: ureq::AgentBuilder::new()
+                .timeout_connect(request_timeout)
+                .timeout(request_timeout)
+                .redirects(0)
+                .build(),
+            request_timeout,
+            clients: Mutex::new(HashMap::new()),
+            admin_calls: tokio::sync::Semaphore::new(MAX_CONCURRENT_ADMIN_CALLS),
+        }
+    }
+
+    /// How many members there are.
+    pub fn member_count(&self) -> usize {
+        self.members.len()
+    }
+
+    /// The web URLs of the members, comma-separated (for messages).
+    pub fn member_urls(&self) -> String {
+        self.members
+            .iter()
+            .map(|member| member.web_url.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    /// The web URL of member `index`.
+    pub fn member_url(&self, index: usize) -> &str {
+        self.members
+            .get(index)
+            .map_or("", |member| member.web_url.as_str())
+    }
+
+    /// Member `index` as a [`Cluster`]: asks it for its name and URLs the first time.
+    pub async fn member(&self, index: usize) -> Result<Cluster, LookupError> {
+        let Some(member) = self.members.get(index) else {
+            return Err(LookupError::Internal(format!("no member {index}")));
+        };
+        if let Some(known) = lock(&member.identity).clone() {
+            return Ok(known);
+        }
+        let runtime = self
+            .get_json(&member.web_url, "/admin/v2/brokers/configuration/runtime")
+            .await?
+            .ok_or_else(|| unreachable(&member.web_url, "no runtime configuration (404)"))?;
+        let name = ["cluster_name", "clusterName"]
+            .iter()
+            .find_map(|key| runtime.get(*key).and_then(Value::as_str))
+            .filter(|name| is_valid_entity_name(name))
+            .ok_or_else(|| {
+                unreachable(
+                    &member.web_url,
+                    "its runtime configuration names no valid cluster_name",
+                )
+            })?
+            .to_string();
+        let cluster = self.registered(&member.web_url, &name).await?;
+        *lock(&member.identity) = Some(cluster.clone());
+        tracing::info!(cluster = %cluster.name, web_url = %cluster.web_url, broker_url = %cluster.broker_url, "cluster identified");
+        Ok(cluster)
+    }
+
+    /// The cluster called `name`: a member if one has that name, else the registration of
+    /// `name` on `via` (a migration's target outside the set).
+    pub async fn named(&self, name: &str, via: &Cluster) -> Result<Cluster, LookupError> {
+        for index in 0..self.members.len() {
+            if let Some(known) = self
+                .members
+                .get(index)
+                .and_then(|member| lock(&member.identity).clone())
+            {
+                if known.name == name {
+                    return Ok(known);
+                }
+            }
+        }
+        if !is_valid_entity_name(name) {
+            return Err(LookupError::UnknownCluster {
+                name: name.to_string(),
+                reason: format!("{} names it, and it is not a valid name", via.name),
+            });
+        }
+        self.registered(&via.web_url, name).await
+    }
+
+    /// Registration of cluster `name` as the cluster at `web_url` has it.
+    async fn registered(&self, web_url: &str, name: &str) -> Result<Cluster, LookupError> {
+        let entry = self
+            .get_json(web_url, &format!("/admin/v2/clusters/{name}"))
+            .await?
+            .ok_or_else(|| LookupError::UnknownCluster {
+                name: name.to_string(),
+                reason: format!("{web_url} has no registration of it"),
+            })?;
+        let url = |key: &str| {
+            entry
+                .get(key)
+                .and_then(Value::as_str)
+                .filter(|url| !url.is_empty())
+                .map(|url| url.trim_end_matches('/').to_string())
+        };
+        match (url("serviceUrl"), url("brokerServiceUrl")) {
+            (Some(service_url), Some(broker_url)) => Ok(Cluster {
+                name: name.to_string(),
+                web_url: service_url,
+                broker_url,
+            }),
+            _ => Err(LookupError::UnknownCluster {
+                name: name.to_string(),
+                reason: format!(
+                    "its registration on {web_url} lacks serviceUrl or brokerServiceUrl"
+                ),
+            }),
+        }
+    }
+
+    /// Whether the cluster at `web_url` has `tenant`.
+    pub async fn has_tenant(&self, web_url: &str, tenant: &str) -> Result<bool, LookupError> {
+        Ok(self
+            .get_json(web_url, &format!("/admin/v2/tenants/{tenant}"))
+            .await?
+            .is_some())
+    }
+
+    /// The migration record of `tenant` on the cluster at `web_url` (None: no migration).
+    pub async fn migration(
+        &self,
+        web_url: &str,
+        tenant: &str,
+    ) -> Result<Option<MigrationRecord>, LookupError> {
+        let Some(status) = self
+            .get_json(web_url, &format!("/admin/v2/tenants/{tenant}/migration"))
+            .await?
+        else {
+            return Ok(None);
+        };
+        let field = |key: &str| status.get(key).and_then(Value::as_str).map(str::to_string);
+        match (field("phase"), field("targetCluster")) {
+            (Some(phase), Some(target_cluster)) => Ok(Some(MigrationRecord {
+                phase,
+                target_cluster,
+            })),
+            // A record the front door cannot read must not send clients anywhere.
+            _ => Err(unreachable(
+                web_url,
+                &format!("the migration status of {tenant} lacks phase or targetCluster"),
+            )),
+        }
+    }
+
+    /// The forwarding client for `cluster`'s binary URL.
+    pub async fn client(&self, cluster: &Cluster) -> Result<Client, LookupError> {
+        if let Some(client) = lock(&self.clients).get(&cluster.broker_url) {
+            return Ok(client.clone());
+        }
+        let client = Client::builder(cluster.broker_url.clone())
+            .operation_timeout(self.request_timeout)
+            .connect_timeout(self.request_timeout)
+            .max_lookup_redirects(MAX_FORWARDED_REDIRECTS)
+            .build()
+            .await
+            .map_err(|error| LookupError::UnknownCluster {
+                name: cluster.name.clone(),
+                reason: format!("its brokerServiceUrl {}: {error}", cluster.broker_url),
+            })?;
+        let mut clients = lock(&self.clients);
+        if clients.len() >= MAX_FORWARDING_CLIENTS && !clients.contains_key(&cluster.broker_url) {
+            // Registrations changed many times: start again rather than grow.
+            clients.clear();
+        }
+        Ok(clients
+            .entry(cluster.broker_url.clone())
+            .or_insert(client)
+            .clone())
+    }
+
+    /// `GET web_url + path` as JSON: `None` on 404; any other failure names the cluster.
+    async fn get_json(&self, web_url: &str, path: &str) -> Result<Option<Value>, LookupError> {
+        let _slot = self
+            .admin_calls
+            .acquire()
+            .await
+            .map_err(|_| LookupError::Internal("admin call slots closed".into()))?;
+        let agent = self.agent.clone();
+        let url = format!("{web_url}{path}");
+        let outcome = tokio::task::spawn_blocking(move || match agent.get(&url).call() {
+            Ok(response) => {
+                let mut body = Vec::new();
+                response
+                    .into_reader()
+                    .take(MAX_ADMIN_BODY_BYTES)
+                    .read_to_end(&mut body)
+                    .map_err(|error| format!("reading GET {url}: {error}"))?;
+                serde_json::from_slice(&body)
+                    .map(Some)
+                    .map_err(|error| format!("GET {url} answered no JSON: {error}"))
+            }
+            Err(ureq::Error::Status(404, _)) => Ok(None),
+            Err(ureq::Error::Status(code, _)) => Err(format!("GET {url} answered {code}")),
+            // ureq's transport errors name the URL.
+            Err(error) => Err(error.to_string()),
+        })
+        .await
+        .map_err(|error| LookupError::Internal(format!("admin call task: {error}")))?;
+        if let Some(member) = self.members.iter().find(|member| member.web_url == web_url) {
+            let failed = outcome.is_err();
+            if member.unreachable.swap(failed, Ordering::Relaxed) != failed {
+                match &outcome {
+                    Err(reason) => tracing::warn!(cluster = web_url, reason, "cluster unreachable: lookups that need its answer fail with ServiceNotReady until it answers"),
+                    Ok(_) => tracing::info!(cluster = web_url, "cluster answers again"),
+                }
+            }
+        }
+        outcome.map_err(|reason| unreachable(web_url, &reason))
+    }
+}
+
+fn unreachable(web_url: &str, reason: &str) -> LookupError {
+    LookupError::Unreachable {
+        cluster: web_url.to_string(),
+        reason: reason.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_target_is_home_from_producers_redirected_on() {
+        let record = |phase: &str| MigrationRecord {
+            phase: phase.to_string(),
+            target_cluster: "b".to_string(),
+        };
+        for phase in [
+            "copyingMetadata",
+            "replicating",
+            "caughtUp",
+            "subscriptionsSynced",
+            "aborting",
+        ] {
+            assert!(!record(phase).redirected(), "{phase}");
+        }
+        for phase in ["producersRedirected", "consumersRedirected", "done"] {
+            assert!(record(phase).redirected(), "{phase}");
+        }
+    }
+}
