@@ -227,8 +227,8 @@ def max_one(binary, root, options, round_, replicated):
         load.halt()
         per = max(consumed, 1)
         print(f"round {round_ + 1} {kind:>10}: {consumed / elapsed:7.0f} msg/s consumed; "
-              f"CPU per message: broker a {cpu_a / per * 1e6:4.0f} us, "
-              f"broker b {cpu_b / per * 1e6:4.0f} us; clients {clients:.1f} s CPU "
+              f"CPU per message: broker a {cpu_a / per * 1e6:5.1f} us, "
+              f"broker b {cpu_b / per * 1e6:5.1f} us; clients {clients:.1f} s CPU "
               f"in {elapsed:.1f} s", flush=True)
         try:
             client.close()
