@@ -13,7 +13,9 @@ use std::sync::Arc;
 
 use meridian_storage::{Log, Position};
 
-use super::subscription_sync::entry_origin;
+use meridian_wire::MessageMetadata;
+
+use super::chain;
 use crate::error::Result;
 
 /// Entries read per storage call.
@@ -22,6 +24,23 @@ const READ_BATCH: usize = 1000;
 /// visit instead of being remembered, so a log of entries from many origins interleaved one by
 /// one costs reads, never unbounded memory.
 pub const MAX_RUNS: usize = 100_000;
+
+/// Where a stored entry comes from: `(cluster, position there)`. Markers have none (they are
+/// never delivered), nor do replicated entries without an origin position.
+pub fn entry_origin(
+    local_cluster: &str,
+    position: Position,
+    metadata: &MessageMetadata,
+) -> Option<(String, Position)> {
+    if metadata.marker_type.is_some() {
+        return None;
+    }
+    if metadata.replicated_from.is_some() {
+        let origin = chain::origin_of(metadata)?;
+        return Some((origin.cluster, origin.position));
+    }
+    Some((local_cluster.to_string(), position))
+}
 
 /// Consecutive entries `first..=last` of one ledger that all come from one origin at
 /// consecutive positions (`origin` is the origin of `first`), or that have no origin (markers).

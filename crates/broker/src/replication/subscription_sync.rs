@@ -23,6 +23,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, Notify};
 
 use super::origin_acks::{OriginAcks, OriginAcksBuilder};
+pub use super::origin_map::entry_origin;
 use super::origin_map::{OriginMap, Span};
 use super::replicated_subscriptions;
 use crate::batch_acks;
@@ -79,23 +80,6 @@ fn stored_seq_in(reply: &str) -> Option<u64> {
     let (_, after) = reply.split_once(STALE_STATE_MARKER)?;
     let digits: String = after.chars().take_while(char::is_ascii_digit).collect();
     digits.parse().ok()
-}
-
-/// Where a stored entry comes from: `(cluster, position there)`. Markers have none (they are
-/// never delivered), nor do replicated entries without an origin position.
-pub fn entry_origin(
-    local_cluster: &str,
-    position: Position,
-    metadata: &MessageMetadata,
-) -> Option<(String, Position)> {
-    if metadata.marker_type.is_some() {
-        return None;
-    }
-    if metadata.replicated_from.is_some() {
-        let origin = chain::origin_of(metadata)?;
-        return Some((origin.cluster, origin.position));
-    }
-    Some((local_cluster.to_string(), position))
 }
 
 /// Whether an entry was meant for `cluster` too: it comes from there, or its replication list
