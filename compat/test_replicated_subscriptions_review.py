@@ -159,6 +159,45 @@ def test_interleaved_origins_failover_is_exact(clusters_factory):
     report_duplicates("interleaved origins, 2 Shared", 0, payloads, left)
 
 
+def subscribe_batch_index(clusters, cluster, topic, subscription,
+                          consumer_type=pulsar.ConsumerType.Shared):
+    """A consumer of the replicated subscription that sends batch-index acknowledgements."""
+    return clusters.client(cluster).subscribe(
+        topic, subscription, consumer_type=consumer_type, initial_position=Earliest,
+        replicate_subscription_state_enabled=True, batch_index_ack_enabled=True,
+    )
+
+
+def send_batches(clusters, topic, batches: int) -> list:
+    """Sends `batches` batches of ten messages (`b<batch>-<index>`) from a; returns them."""
+    producer = clusters.client("a").create_producer(
+        topic, batching_enabled=True, batching_max_messages=10, batching_max_publish_delay_ms=1000
+    )
+    sent = []
+    for batch in range(batches):
+        for index in range(10):
+            payload = f"b{batch}-{index}".encode()
+            producer.send_async(payload, None)
+            sent.append(payload)
+        producer.flush()
+    producer.close()
+    return sent
+
+
+def acknowledge_all_but_half_the_first_batch(consumer, count: int) -> set:
+    """Receives `count` messages and acknowledges all but the even ones of the first batch;
+    returns those left unacknowledged."""
+    left = set()
+    for _ in range(count):
+        message = consumer.receive(timeout_millis=10_000)
+        payload = message.data()
+        if payload.startswith(b"b0-") and int(payload[3:]) % 2 == 0:
+            left.add(payload)
+        else:
+            consumer.acknowledge(message)
+    return left
+
+
 def test_partial_batch_acknowledgements_fail_safe(clusters_factory):
     """Batch-index acknowledgements disabled on the brokers (the default): partial batch acks
     are not kept, and that must fail safe. Two batches of ten; on a the first is acknowledged
@@ -167,26 +206,9 @@ def test_partial_batch_acknowledgements_fail_safe(clusters_factory):
     clusters = clusters_factory(("a", "b"))
     topic = replicated_topic(clusters, ("a", "b"), "rv-batch")
     subscription = "billing"
-    on_a = clusters.client("a").subscribe(
-        topic, subscription, consumer_type=pulsar.ConsumerType.Shared, initial_position=Earliest,
-        replicate_subscription_state_enabled=True, batch_index_ack_enabled=True,
-    )
-    producer = clusters.client("a").create_producer(
-        topic, batching_enabled=True, batching_max_messages=10, batching_max_publish_delay_ms=1000
-    )
-    for batch in range(2):
-        for index in range(10):
-            producer.send_async(f"b{batch}-{index}".encode(), None)
-        producer.flush()
-    producer.close()
-    left = set()
-    for _ in range(20):
-        message = on_a.receive(timeout_millis=10_000)
-        payload = message.data()
-        if payload.startswith(b"b0-") and int(payload[3:]) % 2 == 0:
-            left.add(payload)
-        else:
-            on_a.acknowledge(message)
+    on_a = subscribe_batch_index(clusters, "a", topic, subscription)
+    sent = send_batches(clusters, topic, 2)
+    left = acknowledge_all_but_half_the_first_batch(on_a, len(sent))
     on_a.close()
     time.sleep(2)
     on_b = shared_consumers(clusters, "b", topic, subscription, 1)[0]
@@ -194,9 +216,8 @@ def test_partial_batch_acknowledgements_fail_safe(clusters_factory):
     assert left <= delivered, f"lost {sorted(left - delivered)}"
     assert not {payload for payload in delivered if payload.startswith(b"b1-")}, sorted(delivered)
     # Mark-delete-only: the first batch is not acknowledged whole, so both come back.
-    report_duplicates("partial batch, no batch-index acks", len(delivered) - 5,
-                      [f"b{batch}-{index}".encode() for batch in range(2) for index in range(10)],
-                      left, synced={b"b0-0"})
+    report_duplicates("partial batch, no batch-index acks", len(delivered) - 5, sent, left,
+                      synced={b"b0-0"})
 
 
 def entries(clusters, cluster, topic):
@@ -214,43 +235,19 @@ def test_batch_index_acknowledgements_carry_over(clusters_factory):
     )
     topic = replicated_topic(clusters, ("a", "b"), "rv-batch-index")
     subscription = "billing"
-
-    def subscribe(cluster):
-        return clusters.client(cluster).subscribe(
-            topic, subscription, consumer_type=pulsar.ConsumerType.Shared,
-            initial_position=Earliest, replicate_subscription_state_enabled=True,
-            batch_index_ack_enabled=True,
-        )
-
-    on_a = subscribe("a")
-    producer = clusters.client("a").create_producer(
-        topic, batching_enabled=True, batching_max_messages=10, batching_max_publish_delay_ms=1000
-    )
-    for batch in range(2):
-        for index in range(10):
-            producer.send_async(f"b{batch}-{index}".encode(), None)
-        producer.flush()
-    producer.close()
+    on_a = subscribe_batch_index(clusters, "a", topic, subscription)
+    sent = send_batches(clusters, topic, 2)
     await_condition(lambda: entries(clusters, "b", topic) == 2, REPLICATION_TIMEOUT_S,
                     "both batches in b")
-    left = set()
-    for _ in range(20):
-        message = on_a.receive(timeout_millis=10_000)
-        payload = message.data()
-        if payload.startswith(b"b0-") and int(payload[3:]) % 2 == 0:
-            left.add(payload)
-        else:
-            on_a.acknowledge(message)
+    left = acknowledge_all_but_half_the_first_batch(on_a, len(sent))
     before_close = int(time.time() * 1000)
     on_a.close()
     await_state_sent(clusters, "a", "b", topic, subscription, before_close)
-    on_b = subscribe("b")
+    on_b = subscribe_batch_index(clusters, "b", topic, subscription)
     delivered = [message.data() for message in _drain_until(on_b, len(left))]
     assert sorted(delivered) == sorted(left)
     assert_nothing_more(on_b)
-    report_duplicates("batch-index acks", 0,
-                      [f"b{batch}-{index}".encode() for batch in range(2) for index in range(10)],
-                      left, synced={b"b0-0"})
+    report_duplicates("batch-index acks", 0, sent, left, synced={b"b0-0"})
 
 
 def _drain_until(consumer, count: int) -> list:
@@ -673,15 +670,7 @@ def test_a_batch_acknowledged_in_part_elsewhere_arriving_after_the_state(cluster
     namespace = topic.split("//", 1)[1].rsplit("/", 1)[0]
     clusters.admin("b", "POST", f"/admin/v2/namespaces/{namespace}/replicatedSubscriptionSyncInterval", 60_000)
     subscription = "billing"
-
-    def subscribe(cluster):
-        return clusters.client(cluster).subscribe(
-            topic, subscription, consumer_type=pulsar.ConsumerType.Shared,
-            initial_position=Earliest, replicate_subscription_state_enabled=True,
-            batch_index_ack_enabled=True,
-        )
-
-    on_a = subscribe("a")
+    on_a = subscribe_batch_index(clusters, "a", topic, subscription)
     produce(clusters, "a", topic, 1, "w")
     await_condition(lambda: entries(clusters, "b", topic) == 1, REPLICATION_TIMEOUT_S,
                     "the warm-up message in b")
@@ -706,7 +695,7 @@ def test_a_batch_acknowledged_in_part_elsewhere_arriving_after_the_state(cluster
     on_a.close()
     await_state_sent(clusters, "a", "b", topic, subscription, before_close)
 
-    on_b = subscribe("b")
+    on_b = subscribe_batch_index(clusters, "b", topic, subscription)
     clusters.link("a", "b").heal()
     await_condition(lambda: entries(clusters, "b", topic) == 2, REPLICATION_TIMEOUT_S,
                     "the batch in b")
@@ -726,26 +715,9 @@ def test_a_cumulative_acknowledgement_inside_a_batch_carries_over_on_failover(cl
     )
     topic = replicated_topic(clusters, ("a", "b"), "rv-batch-failover")
     subscription = "billing"
-
-    def subscribe(cluster):
-        return clusters.client(cluster).subscribe(
-            topic, subscription, consumer_type=pulsar.ConsumerType.Failover,
-            initial_position=Earliest, replicate_subscription_state_enabled=True,
-            batch_index_ack_enabled=True,
-        )
-
-    on_a = subscribe("a")
-    producer = clusters.client("a").create_producer(
-        topic, batching_enabled=True, batching_max_messages=10, batching_max_publish_delay_ms=1000
-    )
-    sent = []
-    for batch in range(3):
-        for index in range(10):
-            payload = f"b{batch}-{index}".encode()
-            producer.send_async(payload, None)
-            sent.append(payload)
-        producer.flush()
-    producer.close()
+    failover = pulsar.ConsumerType.Failover
+    on_a = subscribe_batch_index(clusters, "a", topic, subscription, failover)
+    sent = send_batches(clusters, topic, 3)
     await_condition(lambda: entries(clusters, "b", topic) == 3, REPLICATION_TIMEOUT_S,
                     "the three batches in b")
     received = [on_a.receive(timeout_millis=10_000) for _ in range(30)]
@@ -754,7 +726,7 @@ def test_a_cumulative_acknowledgement_inside_a_batch_carries_over_on_failover(cl
     before_close = int(time.time() * 1000)
     on_a.close()
     await_state_sent(clusters, "a", "b", topic, subscription, before_close)
-    on_b = subscribe("b")
+    on_b = subscribe_batch_index(clusters, "b", topic, subscription, failover)
     delivered = [message.data() for message in _drain_until(on_b, 16)]
     assert delivered == sent[14:]
     assert_nothing_more(on_b)

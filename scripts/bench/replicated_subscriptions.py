@@ -160,8 +160,13 @@ def failover_run(binary, root, interval, options):
                                    default=present + 1)
         mark_delete_only = sum(1 for index in range(first_unacknowledged, present + 1)
                                if index in acknowledged)
+        # Losses: messages a had not acknowledged that b did not deliver, up to the last one
+        # b delivered (later ones may not have been replicated before the kill).
+        last_delivered = max(delivered, default=-1)
+        missing = sum(1 for index in range(last_delivered + 1)
+                      if index not in acknowledged and index not in delivered)
         print(f"sync every {interval:>4} ms: sent {load.sent}, acknowledged on a {len(acknowledged)}, "
-              f"delivered on b {len(delivered)}; duplicates {len(duplicates)} "
+              f"delivered on b {len(delivered)}; missing on b {missing}; duplicates {len(duplicates)} "
               f"(acknowledged in a's last interval + ack grouping: {len(last_interval)}); "
               f"mark-delete only, as fresh: {mark_delete_only}")
         try:
@@ -227,8 +232,8 @@ def max_one(binary, root, options, round_, replicated):
         load.halt()
         per = max(consumed, 1)
         print(f"round {round_ + 1} {kind:>10}: {consumed / elapsed:7.0f} msg/s consumed; "
-              f"CPU per message: broker a {cpu_a / per * 1e6:4.0f} us, "
-              f"broker b {cpu_b / per * 1e6:4.0f} us; clients {clients:.1f} s CPU "
+              f"CPU per message: broker a {cpu_a / per * 1e6:5.1f} us, "
+              f"broker b {cpu_b / per * 1e6:5.1f} us; clients {clients:.1f} s CPU "
               f"in {elapsed:.1f} s", flush=True)
         try:
             client.close()

@@ -8,6 +8,7 @@
 //! - `memory`: the one memory bound of all replicators;
 //! - [`replicated_subscriptions`]: which subscriptions are replicated, and resets;
 //! - [`origin_acks`]: the form in which clusters exchange a subscription's acknowledgements;
+//! - `origin_map`: where a log's entries come from, remembered as runs for the sync task;
 //! - [`subscription_sync`]: the per-topic task that sends and applies them.
 //!
 //! Dependencies point one way: `topic` uses these modules; `chain`, `remote` and `memory`
@@ -17,6 +18,7 @@ pub mod backlog;
 pub mod chain;
 pub(crate) mod memory;
 pub mod origin_acks;
+pub(crate) mod origin_map;
 pub mod remote;
 pub mod replicated_subscriptions;
 pub mod replicator;

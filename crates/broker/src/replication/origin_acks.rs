@@ -165,28 +165,42 @@ impl OriginAcksBuilder {
         acknowledged: bool,
         partial: Option<&[u64]>,
     ) {
-        let walk = self.origins.entry(origin.to_string()).or_default();
         let acknowledged = match partial {
             Some(words) if !acknowledged => {
-                walk.batches.push((position, words.to_vec()));
+                self.walk(origin).batches.push((position, words.to_vec()));
                 false
             }
             _ => acknowledged,
         };
+        self.span(origin, position, position, acknowledged);
+    }
+
+    /// The next entries after the mark-delete position, in log order: consecutive entries of
+    /// `origin` at origin positions `first..=last`, all acknowledged or all not. The same as
+    /// [`OriginAcksBuilder::entry`] for each of them, at the cost of one.
+    pub fn span(&mut self, origin: &str, first: Position, last: Position, acknowledged: bool) {
+        let walk = self.walk(origin);
         match (acknowledged, walk.met_unacknowledged) {
-            (true, false) => walk.acked_below = Some(just_after(position)),
+            (true, false) => walk.acked_below = Some(just_after(last)),
             (true, true) => match walk.ranges.last_mut() {
-                Some(last) if walk.previous_acknowledged => last.1 = position,
-                _ => walk.ranges.push((position, position)),
+                Some(range) if walk.previous_acknowledged => range.1 = last,
+                _ => walk.ranges.push((first, last)),
             },
             (false, _) => {
                 if !walk.met_unacknowledged {
                     walk.met_unacknowledged = true;
-                    walk.acked_below = Some(position);
+                    walk.acked_below = Some(first);
                 }
             }
         }
         walk.previous_acknowledged = acknowledged;
+    }
+
+    fn walk(&mut self, origin: &str) -> &mut Walk {
+        if !self.origins.contains_key(origin) {
+            self.origins.insert(origin.to_string(), Walk::default());
+        }
+        self.origins.get_mut(origin).expect("inserted above")
     }
 
     /// The state. `stored_from`: per origin, the oldest origin position of it the sender

@@ -23,6 +23,8 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, Notify};
 
 use super::origin_acks::{OriginAcks, OriginAcksBuilder};
+pub use super::origin_map::entry_origin;
+use super::origin_map::{OriginMap, Span};
 use super::replicated_subscriptions;
 use crate::batch_acks;
 use crate::clock::now_ms;
@@ -38,8 +40,6 @@ pub const SYNCED_PROPERTY_PREFIX: &str = "meridian.synced.";
 /// Prefix of the cursor property with the time (ms) a state from one cluster was last received.
 pub const RECEIVED_AT_PROPERTY_PREFIX: &str = "meridian.received-at.";
 
-/// Entries read per storage call while walking a log.
-const READ_BATCH: usize = 1000;
 /// How often a topic without replicated subscriptions is looked at again.
 const IDLE_INTERVAL: Duration = Duration::from_secs(5);
 /// An unchanged state is sent again this often, so that a remote that lost it (a cluster rebuilt
@@ -65,6 +65,13 @@ pub struct SyncedAcks {
     pub seq: Option<u64>,
 }
 
+/// The `seq` of a stored state, read without decoding the rest of it.
+#[derive(Deserialize)]
+struct StoredSeq {
+    #[serde(default)]
+    seq: Option<u64>,
+}
+
 /// Precedes, in a receiver's refusal of an older state, the `seq` of the state it holds.
 pub const STALE_STATE_MARKER: &str = "storedSeq=";
 
@@ -75,121 +82,12 @@ fn stored_seq_in(reply: &str) -> Option<u64> {
     digits.parse().ok()
 }
 
-/// Where a stored entry comes from: `(cluster, position there)`. Markers have none (they are
-/// never delivered), nor do replicated entries without an origin position.
-pub fn entry_origin(
-    local_cluster: &str,
-    position: Position,
-    metadata: &MessageMetadata,
-) -> Option<(String, Position)> {
-    if metadata.marker_type.is_some() {
-        return None;
-    }
-    if metadata.replicated_from.is_some() {
-        let origin = chain::origin_of(metadata)?;
-        return Some((origin.cluster, origin.position));
-    }
-    Some((local_cluster.to_string(), position))
-}
-
 /// Whether an entry was meant for `cluster` too: it comes from there, or its replication list
 /// does not leave it out.
-fn reached(metadata: &MessageMetadata, origin_cluster: &str, cluster: &str) -> bool {
+fn reached(replicate_to: &[String], origin_cluster: &str, cluster: &str) -> bool {
     origin_cluster == cluster
-        || metadata.replicate_to.is_empty()
-        || metadata.replicate_to.iter().any(|name| name == cluster)
-}
-
-/// Reads entries from `start` on (at most `limit`), calling `each(position, metadata)` until it
-/// returns `false`.
-fn walk_entries(
-    log: &Log,
-    start: Position,
-    limit: usize,
-    mut each: impl FnMut(Position, &MessageMetadata) -> bool,
-) -> Result<()> {
-    let mut next = start;
-    let mut seen = 0;
-    while seen < limit {
-        let entries = log.read_from(next, READ_BATCH.min(limit - seen), 16 * 1024 * 1024)?;
-        let Some(last) = entries.last().map(|entry| entry.position) else {
-            return Ok(());
-        };
-        for entry in entries {
-            seen += 1;
-            let Ok(metadata) = meridian_wire::entry_metadata(entry.data) else {
-                continue;
-            };
-            if !each(entry.position, &metadata) {
-                return Ok(());
-            }
-        }
-        next = log.next_position(last);
-    }
-    Ok(())
-}
-
-/// Reads the entries from `start` on that `acknowledged` does not hold, calling
-/// `each(position, metadata)` until it returns `false`; acknowledged ranges are skipped without
-/// reading them, so the cost follows the unacknowledged entries, not a long acknowledged tail.
-/// Returns the last position it went past (read or skipped).
-fn walk_unacknowledged(
-    log: &Log,
-    acknowledged: &RangeSet,
-    start: Position,
-    mut each: impl FnMut(Position, &MessageMetadata) -> bool,
-) -> Result<Option<Position>> {
-    let mut ranges = acknowledged
-        .iter()
-        .map(|(ledger, first, last)| (Position::new(ledger, first), Position::new(ledger, last)))
-        .filter(|(_, last)| *last >= start)
-        .peekable();
-    let mut next = start;
-    let mut walked = None;
-    loop {
-        while let Some(&(first, last)) = ranges.peek() {
-            if last < next {
-                ranges.next();
-            } else if first <= next {
-                walked = Some(last);
-                next = log.next_position(last);
-                ranges.next();
-            } else {
-                break;
-            }
-        }
-        // The gap ends where the next acknowledged range starts.
-        let gap_end = ranges.peek().map(|(first, _)| *first);
-        let limit = match gap_end {
-            Some(end) if end.ledger_id == next.ledger_id => {
-                usize::try_from(end.entry_id.saturating_sub(next.entry_id))
-                    .unwrap_or(READ_BATCH)
-                    .clamp(1, READ_BATCH)
-            }
-            _ => READ_BATCH,
-        };
-        let entries = log.read_from(next, limit, 16 * 1024 * 1024)?;
-        let Some(last) = entries.last().map(|entry| entry.position) else {
-            return Ok(walked);
-        };
-        let mut reached_range = false;
-        for entry in entries {
-            if gap_end.is_some_and(|end| entry.position >= end) {
-                reached_range = true;
-                break;
-            }
-            walked = Some(entry.position);
-            if let Ok(metadata) = meridian_wire::entry_metadata(entry.data) {
-                if !each(entry.position, &metadata) {
-                    return Ok(walked);
-                }
-            }
-        }
-        next = match gap_end {
-            Some(end) if reached_range => end,
-            _ => log.next_position(last),
-        };
-    }
+        || replicate_to.is_empty()
+        || replicate_to.iter().any(|name| name == cluster)
 }
 
 /// What the log holds of each origin up to a mark-delete position: per origin, the origin
@@ -212,6 +110,7 @@ impl Frontier {
     /// part of it (once per subscription while the topic is loaded, and after a reset).
     fn at(
         log: &Log,
+        map: &mut OriginMap,
         local_cluster: &str,
         mark_delete: Option<Position>,
         known: Option<&Frontier>,
@@ -230,13 +129,13 @@ impl Frontier {
         let Some(end) = mark_delete else {
             return Ok(frontier);
         };
-        walk_entries(log, start, usize::MAX, |position, metadata| {
-            if position > end {
-                return false;
-            }
-            if let Some((cluster, origin)) = entry_origin(local_cluster, position, metadata) {
-                frontier.first.entry(cluster.clone()).or_insert(origin);
-                frontier.through.insert(cluster, origin);
+        map.visit(log, local_cluster, start, end, |span| {
+            if let Some((cluster, first)) = span.origin {
+                let last = span.origin_at(span.last).unwrap_or(first);
+                if !frontier.first.contains_key(cluster) {
+                    frontier.first.insert(cluster.to_string(), first);
+                }
+                frontier.through.insert(cluster.to_string(), last);
             }
             true
         })?;
@@ -307,109 +206,118 @@ fn position_after(log: &Log, mark_delete: Option<Position>) -> Position {
     }
 }
 
-/// A walk over a subscription's entries and what resuming it needs.
+/// A walk over a subscription's entries: the cursor state it saw and what it found.
 #[derive(Debug, Clone)]
 struct Walked {
     mark_delete: Option<Position>,
     acknowledged: RangeSet,
     partial: batch_acks::Partial,
-    /// The last entry fed to the builder.
-    end: Option<Position>,
-    /// The builder after that entry, and the origins' first entries met so far.
-    builder: OriginAcksBuilder,
+    /// Per origin, its first entry the walk met (or the frontier knew).
     stored_from: BTreeMap<String, Position>,
     acks: OriginAcks,
 }
 
-impl Walked {
-    /// Whether the cursor in `state` (with `partial`) differs from the walked one only after
-    /// the walk's end: then the walk can go on from there instead of starting over (consumers
-    /// acknowledging new messages behind an old unacknowledged one).
-    fn resumable(&self, state: &CursorState, partial: &batch_acks::Partial) -> bool {
-        let Some(end) = self.end else {
-            return false;
-        };
-        self.mark_delete == state.mark_delete
-            && ranges_up_to(&self.acknowledged, end) == ranges_up_to(&state.acknowledged, end)
-            && self.partial.range(..=end).eq(partial.range(..=end))
-    }
-}
-
-/// The ranges of `set` at or before `end`, the last one cut at `end`.
-fn ranges_up_to(set: &RangeSet, end: Position) -> Vec<(u64, u64, u64)> {
-    set.iter()
-        .take_while(|(ledger, first, _)| Position::new(*ledger, *first) <= end)
-        .map(|(ledger, first, last)| {
-            if ledger == end.ledger_id {
-                (ledger, first, last.min(end.entry_id))
-            } else {
-                (ledger, first, last)
-            }
-        })
-        .collect()
-}
-
 /// The acknowledgements of a subscription whose cursor is in `state`, in origin coordinates,
-/// given the frontier at its mark-delete position; goes on from `previous` where it can.
+/// given the frontier at its mark-delete position. The entries' origins come from `map`
+/// (read from the log only where it has not seen them), and each stretch of entries of one
+/// origin that are all acknowledged or all not is one step: the cost follows the acknowledged
+/// ranges, not the entries between the mark-delete position and the last acknowledgement.
 fn origin_acks(
     log: &Log,
+    map: &mut OriginMap,
     state: &CursorState,
     frontier: &Frontier,
     local_cluster: &str,
-    previous: Option<&Walked>,
 ) -> Result<Walked> {
     // Batches acknowledged in part count as unacknowledged, with their words alongside.
     let partial = batch_acks::decode(&state.properties);
-    let (mut builder, mut stored_from, start, walked_to) =
-        match previous.filter(|previous| previous.resumable(state, &partial)) {
-            Some(previous) => (
-                previous.builder.clone(),
-                previous.stored_from.clone(),
-                previous
-                    .end
-                    .map_or(Position::new(0, 0), |end| log.next_position(end)),
-                previous.end,
-            ),
-            // An origin whose first entry lies after the mark-delete position starts where
-            // the walk first meets it.
-            None => (
-                OriginAcksBuilder::new(&frontier.through),
-                frontier.first.clone(),
-                position_after(log, state.mark_delete),
-                None,
-            ),
-        };
-    let last_acknowledged = state
-        .acknowledged
-        .iter()
-        .last()
-        .map(|(ledger, _, last_entry)| Position::new(ledger, last_entry));
+    let mut builder = OriginAcksBuilder::new(&frontier.through);
+    // An origin whose first entry lies after the mark-delete position starts where the walk
+    // first meets it.
+    let mut stored_from = frontier.first.clone();
+    let start = position_after(log, state.mark_delete);
+    let last_acknowledged = state.acknowledged.last();
     let end = last_acknowledged.max(partial.keys().next_back().copied());
-    let mut fed = walked_to;
     if let Some(end) = end.filter(|end| *end >= start) {
-        walk_entries(log, start, usize::MAX, |position, metadata| {
-            if position > end {
-                return false;
+        let mut ranges = state
+            .acknowledged
+            .iter()
+            .skip_while(|(ledger, _, last)| Position::new(*ledger, *last) < start)
+            .peekable();
+        map.visit(log, local_cluster, start, end, |span| {
+            let Some((cluster, _)) = span.origin else {
+                return true;
+            };
+            if !stored_from.contains_key(cluster) {
+                let first = span.origin_at(span.first).expect("an origin");
+                stored_from.insert(cluster.to_string(), first);
             }
-            fed = Some(position);
-            if let Some((cluster, origin)) = entry_origin(local_cluster, position, metadata) {
-                let words = partial.get(&position).map(Vec::as_slice);
-                builder.entry_in_part(&cluster, origin, state.is_acknowledged(position), words);
-                stored_from.entry(cluster).or_insert(origin);
-            }
+            feed_span(&mut builder, span, cluster, &mut ranges, &partial);
             true
         })?;
     }
-    let acks = builder.clone().finish(&stored_from);
+    let acks = builder.finish(&stored_from);
     Ok(Walked {
         mark_delete: state.mark_delete,
         acknowledged: state.acknowledged.clone(),
         partial,
-        end: fed,
-        builder,
         stored_from,
         acks,
     })
+}
+
+/// Feeds the entries of `span` (of origin `cluster`) to `builder`, split where their
+/// acknowledgement changes: `ranges` are the cursor's acknowledged ranges (as
+/// [`RangeSet::iter`] gives them) from the span on, consumed as the walk passes them; `partial`
+/// the batches acknowledged in part.
+fn feed_span(
+    builder: &mut OriginAcksBuilder,
+    span: Span<'_>,
+    cluster: &str,
+    ranges: &mut std::iter::Peekable<impl Iterator<Item = (u64, u64, u64)>>,
+    partial: &batch_acks::Partial,
+) {
+    let ledger = span.ledger;
+    let origin_at = |entry_id: u64| span.origin_at(entry_id).expect("an origin");
+    let mut next = span.first;
+    while next <= span.last {
+        while ranges
+            .peek()
+            .is_some_and(|(range_ledger, _, last)| (*range_ledger, *last) < (ledger, next))
+        {
+            ranges.next();
+        }
+        let (acknowledged, upto) = match ranges.peek() {
+            Some(&(range_ledger, first, last)) if range_ledger == ledger && first <= next => {
+                (true, last.min(span.last))
+            }
+            Some(&(range_ledger, first, _)) if range_ledger == ledger && first <= span.last => {
+                (false, first - 1)
+            }
+            _ => (false, span.last),
+        };
+        if !acknowledged {
+            // A batch acknowledged in part ends the unacknowledged stretch before it.
+            let in_part = partial
+                .range(Position::new(ledger, next)..=Position::new(ledger, upto))
+                .next();
+            if let Some((position, words)) = in_part {
+                if position.entry_id > next {
+                    builder.span(
+                        cluster,
+                        origin_at(next),
+                        origin_at(position.entry_id - 1),
+                        false,
+                    );
+                }
+                builder.entry_in_part(cluster, origin_at(position.entry_id), false, Some(words));
+                next = position.entry_id + 1;
+                continue;
+            }
+        }
+        builder.span(cluster, origin_at(next), origin_at(upto), acknowledged);
+        next = upto + 1;
+    }
 }
 
 /// The states other clusters sent for a subscription, as stored (raw JSON, in key order).
@@ -444,12 +352,20 @@ pub fn acknowledged_elsewhere(
     let Some((cluster, origin)) = entry_origin(local_cluster, position, metadata) else {
         return false;
     };
+    covered_elsewhere(received, &cluster, origin, &metadata.replicate_to)
+}
+
+/// Whether a state another cluster sent covers the entry of `cluster` at `origin` (with the
+/// replication list `replicate_to`).
+fn covered_elsewhere(
+    received: &[SyncedAcks],
+    cluster: &str,
+    origin: Position,
+    replicate_to: &[String],
+) -> bool {
     received.iter().any(|sender| {
-        sender.acks.covers(
-            &cluster,
-            origin,
-            reached(metadata, &cluster, &sender.cluster),
-        )
+        let reached = reached(replicate_to, cluster, &sender.cluster);
+        sender.acks.covers(cluster, origin, reached)
     })
 }
 
@@ -463,10 +379,21 @@ pub(crate) fn acknowledged_in_part_elsewhere(
     metadata: &MessageMetadata,
 ) -> Option<Vec<u64>> {
     let (cluster, origin) = entry_origin(local_cluster, position, metadata)?;
+    covered_in_part_elsewhere(received, &cluster, origin, &metadata.replicate_to)
+}
+
+/// [`acknowledged_in_part_elsewhere`] for the entry of `cluster` at `origin` (with the
+/// replication list `replicate_to`).
+fn covered_in_part_elsewhere(
+    received: &[SyncedAcks],
+    cluster: &str,
+    origin: Position,
+    replicate_to: &[String],
+) -> Option<Vec<u64>> {
     let mut merged: Option<Vec<u64>> = None;
     for sender in received {
-        let reached = reached(metadata, &cluster, &sender.cluster);
-        if let Some(words) = sender.acks.partial(&cluster, origin, reached) {
+        let reached = reached(replicate_to, cluster, &sender.cluster);
+        if let Some(words) = sender.acks.partial(cluster, origin, reached) {
             merged = Some(batch_acks::merge(merged.as_deref(), words));
         }
     }
@@ -483,7 +410,7 @@ struct Covered {
     /// The last entry looked at, or the log's last entry when none after the entries looked
     /// at can be covered.
     walked: Option<Position>,
-    /// How many entries were read.
+    /// How many unacknowledged entries were looked at.
     read: usize,
 }
 
@@ -518,9 +445,12 @@ fn covered_bounds(received: &[SyncedAcks]) -> BTreeMap<String, Position> {
 /// are stored in the order of their origin positions, so once an entry of an origin at or
 /// beyond that origin's [`covered_bounds`] has been met, no later entry of it can be covered:
 /// when that holds for every origin the states speak of, the walk stops there, and its cost
-/// follows the covered part of the subscription, not a long backlog after it.
+/// follows the covered part of the subscription, not a long backlog after it. The entries'
+/// origins come from `map` (the log is read only for entries no walk met before), and
+/// acknowledged ranges are skipped without looking at their entries.
 fn covered_by(
     log: &Log,
+    map: &mut OriginMap,
     acknowledged: &RangeSet,
     start: Position,
     received: &[SyncedAcks],
@@ -528,55 +458,85 @@ fn covered_by(
 ) -> Result<Covered> {
     let mut open = covered_bounds(received);
     let mut covered = Covered::default();
-    if open.is_empty() {
-        covered.walked = log.last_position();
+    let last = log.last_position();
+    let Some(end) = last.filter(|_| !open.is_empty()) else {
+        covered.walked = last;
         return Ok(covered);
-    }
+    };
+    let mut ranges = acknowledged
+        .iter()
+        .skip_while(|(ledger, _, last)| Position::new(*ledger, *last) < start)
+        .peekable();
     let mut stopped = false;
-    let walked = walk_unacknowledged(log, acknowledged, start, |position, metadata| {
-        covered.read += 1;
-        if acknowledged_elsewhere(received, local_cluster, position, metadata) {
-            covered.whole.push(position);
-        } else if let Some(words) =
-            acknowledged_in_part_elsewhere(received, local_cluster, position, metadata)
-        {
-            covered.in_part.push((position, words));
-        }
-        // This cluster's own entries are their own origin positions.
-        if open
-            .get(local_cluster)
-            .is_some_and(|bound| position >= *bound)
-        {
-            open.remove(local_cluster);
-        }
-        if let Some((cluster, origin)) = entry_origin(local_cluster, position, metadata) {
-            if open.get(&cluster).is_some_and(|bound| origin >= *bound) {
-                open.remove(&cluster);
+    map.visit(log, local_cluster, start, end, |span| {
+        let mut next = span.first;
+        while next <= span.last {
+            while ranges
+                .peek()
+                .is_some_and(|(ledger, _, last)| (*ledger, *last) < (span.ledger, next))
+            {
+                ranges.next();
             }
+            if let Some(&(ledger, first, last)) = ranges.peek() {
+                if ledger == span.ledger && first <= next {
+                    next = last.saturating_add(1);
+                    continue;
+                }
+            }
+            let position = Position::new(span.ledger, next);
+            covered.read += 1;
+            if let (Some((cluster, _)), Some(origin)) = (span.origin, span.origin_at(next)) {
+                if covered_elsewhere(received, cluster, origin, span.replicate_to) {
+                    covered.whole.push(position);
+                } else if let Some(words) =
+                    covered_in_part_elsewhere(received, cluster, origin, span.replicate_to)
+                {
+                    covered.in_part.push((position, words));
+                }
+                if open.get(cluster).is_some_and(|bound| origin >= *bound) {
+                    open.remove(cluster);
+                }
+            }
+            // This cluster's own entries are their own origin positions.
+            if open
+                .get(local_cluster)
+                .is_some_and(|bound| position >= *bound)
+            {
+                open.remove(local_cluster);
+            }
+            if open.is_empty() {
+                stopped = true;
+                return false;
+            }
+            next += 1;
         }
-        stopped = open.is_empty();
-        !stopped
+        true
     })?;
     // Entries after the stop (even ones appended meanwhile) come later in their origin's
     // order than one already beyond what the states cover.
-    covered.walked = if stopped { log.last_position() } else { walked };
+    covered.walked = if stopped {
+        log.last_position()
+    } else {
+        Some(end).filter(|end| *end >= start)
+    };
     Ok(covered)
 }
 
 /// Acknowledges, in subscription `name` of `topic`, every unacknowledged entry that a state
 /// received from another cluster covers, looking at entries after the mark-delete position and
-/// at or after `from`. Returns the last position it looked at.
-pub fn apply(
+/// at or after `from`. `received`: the states the cursor holds, decoded. Returns the last
+/// position it looked at.
+fn apply(
     topic: &Topic,
     name: &str,
-    local_cluster: &str,
-    from: Option<Position>,
+    (local_cluster, from): (&str, Option<Position>),
+    map: &mut OriginMap,
+    received: &[SyncedAcks],
 ) -> Result<Option<Position>> {
     let log = topic.log();
     let Some(state) = log.cursor(name) else {
         return Ok(None);
     };
-    let received = received(&state);
     if received.is_empty() {
         return Ok(None);
     }
@@ -586,7 +546,14 @@ pub fn apply(
         in_part,
         walked,
         ..
-    } = covered_by(log, &state.acknowledged, start, &received, local_cluster)?;
+    } = covered_by(
+        log,
+        map,
+        &state.acknowledged,
+        start,
+        received,
+        local_cluster,
+    )?;
     let subscription = topic.subscription(name);
     if !covered.is_empty() {
         match &subscription {
@@ -635,7 +602,7 @@ pub fn receive(
     let stored_seq = log
         .cursor(name)
         .and_then(|cursor| cursor.properties.get(&key).cloned())
-        .and_then(|value| serde_json::from_str::<SyncedAcks>(&value).ok())
+        .and_then(|value| serde_json::from_str::<StoredSeq>(&value).ok())
         .and_then(|stored| stored.seq);
     if let (Some(stored), Some(seq)) = (stored_seq, acks.seq) {
         if seq < stored {
@@ -672,25 +639,44 @@ pub fn receive(
     replicated_subscriptions::mark(&mut properties, true);
     let encoded =
         serde_json::to_string(&acks).map_err(|error| BrokerError::Unknown(error.to_string()))?;
-    properties.insert(key, encoded);
+    properties.insert(key.clone(), encoded);
     properties.insert(
         format!("{RECEIVED_AT_PROPERTY_PREFIX}{}", acks.cluster),
         now_ms().to_string(),
     );
     log.set_cursor_properties(name, properties)?;
+    let stored = log.cursor(name).unwrap_or_default();
+    // The states held, decoded: this one as it came, the other clusters' from the cursor.
+    let mut all: Vec<SyncedAcks> = stored
+        .properties
+        .iter()
+        .filter(|(stored_key, _)| {
+            stored_key.starts_with(SYNCED_PROPERTY_PREFIX) && **stored_key != key
+        })
+        .filter_map(|(_, value)| serde_json::from_str(value).ok())
+        .collect();
+    all.push(acks);
     if let Some(subscription) = topic.subscription(name) {
         // Its dispatcher acknowledges what the states cover instead of delivering it, also
         // for entries that arrive before the sync task's next tick.
-        subscription.set_acknowledged_elsewhere(received(&log.cursor(name).unwrap_or_default()));
+        subscription.set_acknowledged_elsewhere(all.clone());
     }
     drop(properties_lock);
     // Entries that arrive later are covered by the sync task's next ticks.
     topic.ensure_subscription_sync();
-    let applied: Vec<String> = log
-        .cursor(name)
-        .map(|cursor| received_states(&cursor).into_iter().cloned().collect())
-        .unwrap_or_default();
-    let walked = apply(topic, name, local_cluster, None)?;
+    let applied: Vec<String> = received_states(&stored).into_iter().cloned().collect();
+    let walked = match topic.subscription_sync() {
+        Some(sync) => with_origins(&sync.origins, name, |map| {
+            apply(topic, name, (local_cluster, None), map, &all)
+        })?,
+        None => apply(
+            topic,
+            name,
+            (local_cluster, None),
+            &mut OriginMap::default(),
+            &all,
+        )?,
+    };
     if let Some(sync) = topic.subscription_sync() {
         // The sync task's next tick need not walk again what this application walked.
         sync.note_applied(name, applied, walked);
@@ -706,9 +692,11 @@ struct SendStatus {
     last_sent_ms: Option<u64>,
     /// Since when the current state differs from what the remote confirmed.
     unsent_since_ms: Option<u64>,
-    /// Posts that failed in a row, and the last one's error.
+    /// Posts that failed in a row, the last one's error, and when to try again (a remote that
+    /// refuses, down or no longer knowing the topic, is asked again later and later).
     failures: u32,
     last_error: Option<String>,
+    next_attempt: Option<Instant>,
 }
 
 /// A topic's sync task: sends its replicated subscriptions' state to the other clusters and
@@ -719,29 +707,48 @@ pub struct SubscriptionSync {
     sending: Arc<Mutex<HashMap<(String, String), SendStatus>>>,
     /// Applications made when a state arrived, for the task to take over.
     applied_on_receipt: Arc<Mutex<AppliedOnReceipt>>,
+    /// Per replicated subscription, the origins of its entries as far as walks and
+    /// applications read them (shared with applications on receipt).
+    origins: Arc<Mutex<Origins>>,
+}
+
+/// Runs `f` with the origin map of subscription `name`.
+fn with_origins<R>(origins: &Mutex<Origins>, name: &str, f: impl FnOnce(&mut OriginMap) -> R) -> R {
+    let mut origins = origins
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    if !origins.contains_key(name) {
+        origins.insert(name.to_string(), OriginMap::default());
+    }
+    f(origins.get_mut(name).expect("inserted above"))
 }
 
 /// Per subscription, the received states (as stored) an application on receipt applied and
 /// the last entry it looked at.
 type AppliedOnReceipt = HashMap<String, (Vec<String>, Option<Position>)>;
 
+/// Per replicated subscription, the origins of its entries (see [`OriginMap`]).
+type Origins = HashMap<String, OriginMap>;
+
 impl SubscriptionSync {
     pub fn start(topic: Weak<Topic>, name: TopicName, local_cluster: String) -> SubscriptionSync {
         let wake = Arc::new(Notify::new());
         let sending = Arc::new(Mutex::new(HashMap::new()));
         let applied_on_receipt = Arc::new(Mutex::new(HashMap::new()));
+        let origins = Arc::new(Mutex::new(HashMap::new()));
         tokio::spawn(run(
             topic,
             name,
             local_cluster,
             wake.clone(),
             sending.clone(),
-            applied_on_receipt.clone(),
+            (applied_on_receipt.clone(), origins.clone()),
         ));
         SubscriptionSync {
             wake,
             sending,
             applied_on_receipt,
+            origins,
         }
     }
 
@@ -808,12 +815,14 @@ struct Posted {
 struct Tracked {
     /// The frontier at the mark-delete position the last walk saw.
     frontier: Option<Frontier>,
-    /// The last walk: the cursor state it saw, its result, and how to go on from it.
+    /// The last walk: the cursor state it saw and its result.
     walked: Option<Walked>,
     /// Per remote cluster, the state it confirmed and when.
     sent: HashMap<String, (SyncedAcks, Instant)>,
     /// The received states as last applied, and the last entry that application looked at.
     applied: Option<(Vec<String>, Option<Position>)>,
+    /// The received states as last decoded: as stored, and decoded.
+    decoded: Option<(Vec<String>, Vec<SyncedAcks>)>,
     /// The last state's content (acknowledgements, reset time) and its `seq`.
     last_state: Option<(OriginAcks, Option<u64>, u64)>,
     /// The highest `seq` a receiver answered it holds: the next state goes past it.
@@ -845,12 +854,6 @@ struct Outgoing {
     targets: Vec<RemoteCluster>,
 }
 
-/// A remote whose last posts failed: how many in a row, and when to try again.
-struct Retry {
-    failures: u32,
-    at: Instant,
-}
-
 /// The first wait after a failed post; it doubles with each failure in a row, up to the max.
 const RETRY_INITIAL: Duration = Duration::from_millis(200);
 const RETRY_MAX: Duration = Duration::from_secs(30);
@@ -863,15 +866,13 @@ async fn run(
     local_cluster: String,
     wake: Arc<Notify>,
     sending: Arc<Mutex<HashMap<(String, String), SendStatus>>>,
-    applied_on_receipt: Arc<Mutex<AppliedOnReceipt>>,
+    (applied_on_receipt, origins): (Arc<Mutex<AppliedOnReceipt>>, Arc<Mutex<Origins>>),
 ) {
     let mut tracked: HashMap<String, Tracked> = HashMap::new();
     let mut idle = false;
     // Posts run as tasks of their own, so that a remote that does not answer never delays the
     // others (or this topic's next ticks); at most one per subscription and remote at a time.
     let mut in_flight: HashSet<(String, String)> = HashSet::new();
-    // A remote that refuses (down, or no longer knows the topic) is asked again later and later.
-    let mut retries: HashMap<(String, String), Retry> = HashMap::new();
     let (posted, mut outcomes) = mpsc::unbounded_channel::<Posted>();
     loop {
         // The interval can change with the namespace's policy. A topic without replicated
@@ -894,7 +895,6 @@ async fn run(
             in_flight.remove(&outcome.key);
             match outcome.result {
                 Ok(()) => {
-                    retries.remove(&outcome.key);
                     if let Some(entry) = tracked.get_mut(&outcome.key.0) {
                         entry
                             .sent
@@ -905,6 +905,7 @@ async fn run(
                         status.unsent_since_ms = None;
                         status.failures = 0;
                         status.last_error = None;
+                        status.next_attempt = None;
                     });
                 }
                 Err(SendError {
@@ -917,25 +918,24 @@ async fn run(
                         // The receiver holds a later state (this sender's clock stepped back
                         // across a restart): the next state goes past it, at once.
                         entry.seq_floor = entry.seq_floor.max(stored);
-                        retries.remove(&outcome.key);
+                        update_status(&sending, &outcome.key, |status| {
+                            status.failures = 0;
+                            status.next_attempt = None;
+                        });
                         continue;
                     }
-                    let retry = retries.entry(outcome.key.clone()).or_insert(Retry {
-                        failures: 0,
-                        at: Instant::now(),
-                    });
-                    retry.failures = retry.failures.saturating_add(1);
-                    let wait = RETRY_INITIAL
-                        .saturating_mul(2u32.saturating_pow(retry.failures.min(16) - 1))
-                        .min(RETRY_MAX);
-                    retry.at = Instant::now() + wait;
-                    update_status(&sending, &outcome.key, |status| {
-                        status.failures = retry.failures;
+                    let (failures, wait) = update_status(&sending, &outcome.key, |status| {
+                        status.failures = status.failures.saturating_add(1);
+                        let wait = RETRY_INITIAL
+                            .saturating_mul(2u32.saturating_pow(status.failures.min(16) - 1))
+                            .min(RETRY_MAX);
+                        status.next_attempt = Some(Instant::now() + wait);
                         status.last_error = Some(error.clone());
+                        (status.failures, wait)
                     });
                     let (subscription, remote) = &outcome.key;
-                    if retry.failures == RETRY_WARN_AFTER {
-                        tracing::warn!(topic = %name, %subscription, %remote, %error, failures = retry.failures, "sending replicated subscription state keeps failing; retrying with a growing wait (up to 30 s)");
+                    if failures == RETRY_WARN_AFTER {
+                        tracing::warn!(topic = %name, %subscription, %remote, %error, failures, "sending replicated subscription state keeps failing; retrying with a growing wait (up to 30 s)");
                     } else {
                         tracing::debug!(topic = %name, %subscription, %remote, %error, ?wait, "sending replicated subscription state failed; retrying later");
                     }
@@ -947,10 +947,11 @@ async fn run(
         // thread, so that a long walk (the first after a load reads from the log's start) never
         // holds up the runtime's workers.
         let (replicated, outgoing, back) = {
-            let (topic, local_cluster, applied_on_receipt) = (
+            let (topic, local_cluster, applied_on_receipt, origins) = (
                 topic.clone(),
                 local_cluster.clone(),
                 applied_on_receipt.clone(),
+                origins.clone(),
             );
             let mut tracked = std::mem::take(&mut tracked);
             let read = tokio::task::spawn_blocking(move || {
@@ -959,7 +960,7 @@ async fn run(
                     &local_cluster,
                     &remotes,
                     &mut tracked,
-                    &applied_on_receipt,
+                    (&applied_on_receipt, &origins),
                 );
                 (replicated, outgoing, tracked)
             });
@@ -988,16 +989,14 @@ async fn run(
                 let confirmed = entry.sent.get(&remote.name).is_some_and(|(state, at)| {
                     *state == body && at.elapsed() < RESEND_UNCHANGED_AFTER
                 });
-                update_status(&sending, &key, |status| {
+                let waiting = update_status(&sending, &key, |status| {
                     if confirmed {
                         status.unsent_since_ms = None;
                     } else {
                         status.unsent_since_ms.get_or_insert_with(now_ms);
                     }
+                    status.next_attempt.is_some_and(|at| Instant::now() < at)
                 });
-                let waiting = retries
-                    .get(&key)
-                    .is_some_and(|retry| Instant::now() < retry.at);
                 if confirmed || waiting || !in_flight.insert(key.clone()) {
                     continue;
                 }
@@ -1015,9 +1014,10 @@ async fn run(
             .unwrap_or_else(|poisoned| poisoned.into_inner())
             .retain(|cursor, _| replicated.contains(cursor));
         tracked.retain(|cursor, _| replicated.contains(cursor));
-        retries.retain(|(cursor, remote), _| {
-            replicated.contains(cursor) && targets_seen.contains(remote)
-        });
+        origins
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .retain(|cursor, _| replicated.contains(cursor));
         sending
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -1036,7 +1036,7 @@ fn read_states(
     local_cluster: &str,
     remotes: &[RemoteCluster],
     tracked: &mut HashMap<String, Tracked>,
-    applied_on_receipt: &Mutex<AppliedOnReceipt>,
+    (applied_on_receipt, origins): (&Mutex<AppliedOnReceipt>, &Mutex<Origins>),
 ) -> (Vec<String>, Vec<Outgoing>) {
     let name = topic.log().name().to_string();
     // Without another cluster to tell, there is nothing to walk for.
@@ -1059,14 +1059,19 @@ fn read_states(
         if let Some(noted) = noted {
             entry.applied = Some(noted);
         }
-        if let Err(error) = apply_received(topic, &cursor, &state, local_cluster, entry) {
+        let (applied, walked) = with_origins(origins, &cursor, |map| {
+            let applied = apply_received(topic, &cursor, &state, local_cluster, entry, map);
+            let walked = anyone.then(|| walk(topic, &cursor, local_cluster, entry, map));
+            (applied, walked)
+        });
+        if let Err(error) = applied {
             tracing::warn!(topic = %name, subscription = %cursor, %error, "applying replicated subscription state failed");
         }
-        if !anyone {
+        let Some(walked) = walked else {
             continue;
-        }
+        };
         let reset_at = replicated_subscriptions::reset_at(&state);
-        let acks = match walk(topic, &cursor, local_cluster, entry) {
+        let acks = match walked {
             Ok(acks) => acks,
             Err(error) => {
                 tracing::warn!(topic = %name, subscription = %cursor, %error, "reading replicated subscription state failed");
@@ -1108,15 +1113,15 @@ fn targets(
     targets
 }
 
-fn update_status(
+fn update_status<R>(
     sending: &Mutex<HashMap<(String, String), SendStatus>>,
     key: &(String, String),
-    change: impl FnOnce(&mut SendStatus),
-) {
+    change: impl FnOnce(&mut SendStatus) -> R,
+) -> R {
     let mut sending = sending
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner());
-    change(sending.entry(key.clone()).or_default());
+    change(sending.entry(key.clone()).or_default())
 }
 
 /// Applies the states other clusters sent: to every entry after the mark-delete position when
@@ -1127,6 +1132,7 @@ fn apply_received(
     state: &CursorState,
     local_cluster: &str,
     tracked: &mut Tracked,
+    map: &mut OriginMap,
 ) -> Result<()> {
     let received: Vec<String> = received_states(state).into_iter().cloned().collect();
     if received.is_empty() {
@@ -1140,19 +1146,25 @@ fn apply_received(
         },
         _ => None,
     };
-    let walked = apply(topic, cursor, local_cluster, from)?;
+    let decoded = match tracked.decoded.take() {
+        Some((raw, decoded)) if raw == received => decoded,
+        _ => self::received(state),
+    };
+    let walked = apply(topic, cursor, (local_cluster, from), map, &decoded)?;
+    tracked.decoded = Some((received.clone(), decoded));
     let previous = tracked.applied.take().and_then(|(_, walked)| walked);
     tracked.applied = Some((received, walked.or(previous)));
     Ok(())
 }
 
-/// The subscription's state in origin coordinates; walks the log only when the cursor moved,
-/// and then from where the last walk ended if nothing before that changed.
+/// The subscription's state in origin coordinates; walks again only when the cursor moved,
+/// reading from the log only entries no walk read before.
 fn walk(
     topic: &Topic,
     cursor: &str,
     local_cluster: &str,
     tracked: &mut Tracked,
+    map: &mut OriginMap,
 ) -> Result<OriginAcks> {
     let log = topic.log();
     let state = log
@@ -1172,18 +1184,18 @@ fn walk(
     let local_from = local_stored_from(&state);
     let frontier = Frontier::at(
         log,
+        map,
         local_cluster,
         state.mark_delete,
         tracked.frontier.as_ref(),
     )?
     .with_own_entries(local_cluster, state.mark_delete, local_from);
-    let walked = origin_acks(
-        log,
-        &state,
-        &frontier,
-        local_cluster,
-        tracked.walked.as_ref(),
-    )?;
+    let walked = origin_acks(log, map, &state, &frontier, local_cluster)?;
+    if let Some(mark_delete) = state.mark_delete {
+        // No walk goes back before the mark-delete position unless the subscription is
+        // reset (and then the map reads the log again).
+        map.forget_through(mark_delete);
+    }
     if let (None, Some(first)) = (local_from, walked.stored_from.get(local_cluster)) {
         let _properties = topic.lock_cursor_properties();
         note_local_stored_from(log, cursor, *first)?;
@@ -1317,82 +1329,175 @@ mod tests {
         Storage::open(directory, config).expect("storage")
     }
 
-    #[test]
-    fn a_walk_that_goes_on_from_the_last_one_gives_the_same_state_as_a_fresh_one() {
-        let directory = tempfile::tempdir().expect("tempdir");
-        let storage = relaxed_storage(directory.path());
-        let (log, positions) = mixed_log(&storage, 60);
-        // Entry 2 stays unacknowledged; 3..20 acknowledged, then 20..50 except 33 and 41.
-        log.acknowledge("sub", &positions[..2]).expect("ack");
-        log.acknowledge("sub", &positions[3..20]).expect("ack");
-        let state = log.cursor("sub").expect("cursor");
-        let frontier = Frontier::at(&log, "a", state.mark_delete, None).expect("frontier");
-        let first = origin_acks(&log, &state, &frontier, "a", None).expect("walk");
-        let later: Vec<Position> = (20..50)
-            .filter(|index| *index != 33 && *index != 41)
-            .map(|index| positions[index])
+    /// A log of 200 entries in stretches: 0..40 stored here, 40..80 replicated from c at
+    /// consecutive origin positions, 80..120 alternating between here and c, 120..160 from d,
+    /// 160..200 here.
+    fn stretched_log(storage: &Storage) -> (Arc<Log>, Vec<Position>) {
+        let log = storage.open_log("persistent://t/n/stretched").expect("log");
+        log.open_cursor("sub", InitialPosition::Earliest)
+            .expect("cursor");
+        let mut pending = Vec::new();
+        for index in 0..200u64 {
+            let origin = match index {
+                40..=79 => Some(("c", Position::new(9, 100 + index))),
+                80..=119 if index % 2 == 0 => Some(("c", Position::new(10, index))),
+                120..=159 => Some(("d", Position::new(4, index))),
+                _ => None,
+            };
+            pending.push(log.append(entry(origin), 1).expect("append"));
+        }
+        let positions = pending
+            .into_iter()
+            .map(|append| append.wait().expect("durable"))
             .collect();
-        log.acknowledge("sub", &later).expect("ack");
+        (log, positions)
+    }
+
+    /// The state of the cursor in `state`, found the plain way: every entry of the log read,
+    /// and fed to the builder one by one.
+    fn reference_acks(log: &Log, state: &CursorState, local_cluster: &str) -> OriginAcks {
+        let partial = batch_acks::decode(&state.properties);
+        let entries = log
+            .read_from(Position::new(0, 0), 100_000, usize::MAX)
+            .expect("read");
+        let origins: Vec<(Position, Option<(String, Position)>)> = entries
+            .iter()
+            .map(|entry| {
+                let metadata = meridian_wire::entry_metadata(entry.data.clone()).expect("metadata");
+                let origin = entry_origin(local_cluster, entry.position, &metadata);
+                (entry.position, origin)
+            })
+            .collect();
+        let mut through = BTreeMap::new();
+        let mut stored_from = BTreeMap::new();
+        for (position, origin) in &origins {
+            if let Some((cluster, origin)) = origin {
+                stored_from.entry(cluster.clone()).or_insert(*origin);
+                if Some(*position) <= state.mark_delete {
+                    through.insert(cluster.clone(), *origin);
+                }
+            }
+        }
+        let mut builder = OriginAcksBuilder::new(&through);
+        let end = state
+            .acknowledged
+            .last()
+            .max(partial.keys().next_back().copied());
+        for (position, origin) in &origins {
+            let Some((cluster, origin)) = origin else {
+                continue;
+            };
+            if Some(*position) <= state.mark_delete || Some(*position) > end {
+                continue;
+            }
+            let words = partial.get(position).map(Vec::as_slice);
+            builder.entry_in_part(cluster, *origin, state.is_acknowledged(*position), words);
+        }
+        builder.finish(&stored_from)
+    }
+
+    /// The sync task's walk: the frontier, then the acknowledgements, with a kept map.
+    fn walk_with(log: &Log, map: &mut OriginMap, known: Option<&Frontier>) -> (Frontier, Walked) {
         let state = log.cursor("sub").expect("cursor");
-        assert!(first.resumable(&state, &batch_acks::Partial::new()));
-        let resumed = origin_acks(&log, &state, &frontier, "a", Some(&first)).expect("walk");
-        let fresh = origin_acks(&log, &state, &frontier, "a", None).expect("walk");
-        assert_eq!(resumed.acks, fresh.acks);
-        assert_eq!(resumed.end, Some(positions[49]));
-        // An acknowledgement before the last walk's end: it starts over.
-        log.acknowledge("sub", &[positions[33]]).expect("ack");
-        let state = log.cursor("sub").expect("cursor");
-        assert!(!resumed.resumable(&state, &batch_acks::Partial::new()));
+        let frontier = Frontier::at(log, map, "a", state.mark_delete, known).expect("frontier");
+        let walked = origin_acks(log, map, &state, &frontier, "a").expect("walk");
+        if let Some(mark_delete) = state.mark_delete {
+            map.forget_through(mark_delete);
+        }
+        (frontier, walked)
     }
 
     #[test]
-    fn walks_that_go_on_agree_with_fresh_ones_under_random_acknowledgements() {
+    fn an_older_acknowledgement_is_translated_without_reading_the_log_again() {
         let directory = tempfile::tempdir().expect("tempdir");
         let storage = relaxed_storage(directory.path());
-        let (log, positions) = mixed_log(&storage, 120);
-        let mut seed: u64 = 0x2545_f491_4f6c_dd1d;
-        let mut next = move |bound: usize| {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            (seed % bound as u64) as usize
-        };
-        let mut frontier: Option<Frontier> = None;
-        let mut walked: Option<Walked> = None;
-        for step in 0..300 {
-            match next(20) {
-                0 => {
-                    let at = next(positions.len());
-                    log.reset_cursor("sub", Some(positions[at])).expect("reset");
+        let (log, positions) = stretched_log(&storage);
+        // Entry 2 stays unacknowledged; 3..150 acknowledged except 33, 41, 90 and 125.
+        log.acknowledge("sub", &positions[..2]).expect("ack");
+        let acknowledged: Vec<Position> = (3..150)
+            .filter(|index| ![33, 41, 90, 125].contains(index))
+            .map(|index| positions[index])
+            .collect();
+        log.acknowledge("sub", &acknowledged).expect("ack");
+        let mut map = OriginMap::default();
+        let (frontier, first) = walk_with(&log, &mut map, None);
+        let state = log.cursor("sub").expect("cursor");
+        assert_eq!(first.acks, reference_acks(&log, &state, "a"));
+        let read = map.entries_read();
+        // Consumers acknowledge older messages (the held-back ones of a Shared subscription).
+        log.acknowledge("sub", &[positions[41], positions[125]])
+            .expect("ack");
+        let (_, second) = walk_with(&log, &mut map, Some(&frontier));
+        let state = log.cursor("sub").expect("cursor");
+        assert_eq!(second.acks, reference_acks(&log, &state, "a"));
+        assert_ne!(second.acks, first.acks);
+        assert_eq!(
+            map.entries_read(),
+            read,
+            "the second walk read entries the first had read"
+        );
+        // Acknowledgements further on read only the entries no walk met yet.
+        log.acknowledge("sub", &positions[150..170]).expect("ack");
+        let (_, third) = walk_with(&log, &mut map, Some(&frontier));
+        let state = log.cursor("sub").expect("cursor");
+        assert_eq!(third.acks, reference_acks(&log, &state, "a"));
+        assert_eq!(map.entries_read(), read + 20);
+    }
+
+    #[test]
+    fn walks_with_a_kept_map_agree_with_reading_every_entry_under_random_acknowledgements() {
+        let directory = tempfile::tempdir().expect("tempdir");
+        let storage = relaxed_storage(directory.path());
+        let (mixed, mixed_positions) = mixed_log(&storage, 120);
+        let (stretched, stretched_positions) = stretched_log(&storage);
+        for (log, positions) in [(mixed, mixed_positions), (stretched, stretched_positions)] {
+            let mut seed: u64 = 0x2545_f491_4f6c_dd1d;
+            let mut next = move |bound: usize| {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                (seed % bound as u64) as usize
+            };
+            let mut map = OriginMap::default();
+            let mut frontier: Option<Frontier> = None;
+            for step in 0..400 {
+                match next(20) {
+                    0 => {
+                        let at = next(positions.len());
+                        log.reset_cursor("sub", Some(positions[at])).expect("reset");
+                    }
+                    1 => {
+                        let at = next(positions.len());
+                        log.acknowledge_cumulative("sub", positions[at])
+                            .expect("ack");
+                    }
+                    2 => {
+                        let at = next(positions.len());
+                        let properties = BTreeMap::from([(
+                            batch_acks::PROPERTY.to_string(),
+                            format!("{}:{}=5", positions[at].ledger_id, positions[at].entry_id),
+                        )]);
+                        log.set_cursor_properties("sub", properties).expect("set");
+                    }
+                    3 => {
+                        let at = next(positions.len());
+                        let until = (at + next(30)).min(positions.len());
+                        let _ = log.acknowledge("sub", &positions[at..until]);
+                    }
+                    _ => {
+                        let at = next(positions.len());
+                        let _ = log.acknowledge("sub", &[positions[at]]);
+                    }
                 }
-                1 => {
-                    let at = next(positions.len());
-                    log.acknowledge_cumulative("sub", positions[at])
-                        .expect("ack");
-                }
-                2 => {
-                    let at = next(positions.len());
-                    let properties = BTreeMap::from([(
-                        batch_acks::PROPERTY.to_string(),
-                        format!("{}:{}=5", positions[at].ledger_id, positions[at].entry_id),
-                    )]);
-                    log.set_cursor_properties("sub", properties).expect("set");
-                }
-                _ => {
-                    let at = next(positions.len());
-                    let _ = log.acknowledge("sub", &[positions[at]]);
-                }
+                let (found, walked) = walk_with(&log, &mut map, frontier.as_ref());
+                let state = log.cursor("sub").expect("cursor");
+                assert_eq!(
+                    walked.acks,
+                    reference_acks(&log, &state, "a"),
+                    "step {step}"
+                );
+                frontier = Some(found);
             }
-            let state = log.cursor("sub").expect("cursor");
-            let found =
-                Frontier::at(&log, "a", state.mark_delete, frontier.as_ref()).expect("frontier");
-            let fresh_frontier = Frontier::at(&log, "a", state.mark_delete, None).expect("fresh");
-            assert_eq!(found.through, fresh_frontier.through, "step {step}");
-            let resumed = origin_acks(&log, &state, &found, "a", walked.as_ref()).expect("walk");
-            let fresh = origin_acks(&log, &state, &fresh_frontier, "a", None).expect("walk");
-            assert_eq!(resumed.acks, fresh.acks, "step {step}");
-            frontier = Some(found);
-            walked = Some(resumed);
         }
     }
 
@@ -1423,8 +1528,16 @@ mod tests {
         log.acknowledge_cumulative("sub", positions[0])
             .expect("ack");
         let state = log.cursor("sub").expect("cursor");
-        let frontier = Frontier::at(&log, "a", state.mark_delete, None).expect("frontier");
-        let first = origin_acks(&log, &state, &frontier, "a", None).expect("walk");
+        let frontier = Frontier::at(
+            &log,
+            &mut OriginMap::default(),
+            "a",
+            state.mark_delete,
+            None,
+        )
+        .expect("frontier");
+        let first =
+            origin_acks(&log, &mut OriginMap::default(), &state, &frontier, "a").expect("walk");
         note_local_stored_from(&log, "sub", first.stored_from["a"]).expect("noted");
         // Its consumers acknowledge everything; the consumed segments are deleted.
         log.acknowledge_cumulative("sub", positions[199])
@@ -1434,10 +1547,16 @@ mod tests {
         assert!(log.first_position() > Some(positions[0]), "trimmed");
         // The topic loads again: the walk starts over from the log as it is now.
         let state = log.cursor("sub").expect("cursor");
-        let frontier = Frontier::at(&log, "a", state.mark_delete, None)
-            .expect("frontier")
-            .with_own_entries("a", state.mark_delete, local_stored_from(&state));
-        let acks = origin_acks(&log, &state, &frontier, "a", None)
+        let frontier = Frontier::at(
+            &log,
+            &mut OriginMap::default(),
+            "a",
+            state.mark_delete,
+            None,
+        )
+        .expect("frontier")
+        .with_own_entries("a", state.mark_delete, local_stored_from(&state));
+        let acks = origin_acks(&log, &mut OriginMap::default(), &state, &frontier, "a")
             .expect("walk")
             .acks;
         for position in [positions[0], positions[100], positions[199]] {
@@ -1481,8 +1600,15 @@ mod tests {
             seq: None,
         }];
         let state = log.cursor("sub").expect("cursor");
-        let covered =
-            covered_by(&log, &state.acknowledged, positions[0], &received, "a").expect("walk");
+        let covered = covered_by(
+            &log,
+            &mut OriginMap::default(),
+            &state.acknowledged,
+            positions[0],
+            &received,
+            "a",
+        )
+        .expect("walk");
         let expected: Vec<Position> = [1, 2, 3, 4, 5, 6, 7, 8]
             .iter()
             .map(|index| positions[*index])
@@ -1520,25 +1646,46 @@ mod tests {
     }
 
     #[test]
-    fn only_unacknowledged_entries_are_read() {
+    fn applying_a_state_looks_only_at_unacknowledged_entries() {
         let directory = tempfile::tempdir().expect("tempdir");
         let storage = relaxed_storage(directory.path());
         let (log, positions) = mixed_log(&storage, 40);
         log.acknowledge("sub", &positions[5..30]).expect("ack");
         log.acknowledge("sub", &positions[31..38]).expect("ack");
         let state = log.cursor("sub").expect("cursor");
-        let mut seen = Vec::new();
-        let walked = walk_unacknowledged(&log, &state.acknowledged, positions[2], |position, _| {
-            seen.push(position);
-            true
-        })
+        // b acknowledged everything of a's and c's up to far beyond the log.
+        let everything = super::super::origin_acks::OriginProgress {
+            acked_below: Some(Position::new(u64::MAX, 0)),
+            stored_from: Some(Position::new(0, 0)),
+            ..Default::default()
+        };
+        let received = vec![SyncedAcks {
+            cluster: "b".to_string(),
+            acks: OriginAcks {
+                origins: BTreeMap::from([
+                    ("a".to_string(), everything.clone()),
+                    ("c".to_string(), everything),
+                ]),
+            },
+            reset_at: None,
+            seq: None,
+        }];
+        let covered = covered_by(
+            &log,
+            &mut OriginMap::default(),
+            &state.acknowledged,
+            positions[2],
+            &received,
+            "a",
+        )
         .expect("walk");
         let expected: Vec<Position> = [2, 3, 4, 30, 38, 39]
             .iter()
             .map(|index| positions[*index])
             .collect();
-        assert_eq!(seen, expected);
-        assert_eq!(walked, Some(positions[39]));
+        assert_eq!(covered.whole, expected);
+        assert_eq!(covered.read, expected.len());
+        assert_eq!(covered.walked, Some(positions[39]));
     }
 
     #[test]
@@ -1566,8 +1713,15 @@ mod tests {
         log.acknowledge_cumulative("sub", last).expect("ack");
         let state = log.cursor("sub").expect("cursor");
 
-        let frontier = Frontier::at(&log, "a", state.mark_delete, None).expect("frontier");
-        let acks = origin_acks(&log, &state, &frontier, "a", None)
+        let frontier = Frontier::at(
+            &log,
+            &mut OriginMap::default(),
+            "a",
+            state.mark_delete,
+            None,
+        )
+        .expect("frontier");
+        let acks = origin_acks(&log, &mut OriginMap::default(), &state, &frontier, "a")
             .expect("acks")
             .acks;
         assert!(

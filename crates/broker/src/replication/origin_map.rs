@@ -1,0 +1,305 @@
+//! Where a log's entries come from, remembered as runs, so that the replicated-subscription sync
+//! task translates a subscription's acknowledgements into origin coordinates without reading the
+//! same entries again at every tick.
+//!
+//! A run is a stretch of consecutive entries of one ledger whose origin positions are
+//! consecutive too (entries this cluster stored itself are one run per ledger; replicated
+//! entries of one origin are one run until either side moves to another ledger). Walking a
+//! subscription then costs per run and per acknowledged range, not per entry; only entries not
+//! seen before are read from the log.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use meridian_storage::{Log, Position};
+
+use meridian_wire::MessageMetadata;
+
+use super::chain;
+use crate::error::Result;
+
+/// Entries read per storage call.
+const READ_BATCH: usize = 1000;
+/// The most runs a map keeps (some 5 MB): entries beyond it are read from the log at each
+/// visit instead of being remembered, so a log of entries from many origins interleaved one by
+/// one costs reads, never unbounded memory.
+pub const MAX_RUNS: usize = 100_000;
+
+/// Where a stored entry comes from: `(cluster, position there)`. Markers have none (they are
+/// never delivered), nor do replicated entries without an origin position.
+pub fn entry_origin(
+    local_cluster: &str,
+    position: Position,
+    metadata: &MessageMetadata,
+) -> Option<(String, Position)> {
+    if metadata.marker_type.is_some() {
+        return None;
+    }
+    if metadata.replicated_from.is_some() {
+        let origin = chain::origin_of(metadata)?;
+        return Some((origin.cluster, origin.position));
+    }
+    Some((local_cluster.to_string(), position))
+}
+
+/// Consecutive entries `first..=last` of one ledger that all come from one origin at
+/// consecutive positions (`origin` is the origin of `first`), or that have no origin (markers).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Run {
+    ledger: u64,
+    first: u64,
+    last: u64,
+    origin: Option<(Arc<str>, Position)>,
+    /// The entries' replication list (empty: every cluster).
+    replicate_to: Arc<[String]>,
+}
+
+/// A stretch of entries handed to a visitor: `first..=last` of one ledger, with the origin of
+/// `first` (the origin positions of the others follow it one by one).
+#[derive(Debug, Clone, Copy)]
+pub struct Span<'a> {
+    pub ledger: u64,
+    pub first: u64,
+    pub last: u64,
+    pub origin: Option<(&'a str, Position)>,
+    /// The entries' replication list (empty: every cluster).
+    pub replicate_to: &'a [String],
+}
+
+impl Span<'_> {
+    /// The origin position of entry `entry_id` of the span.
+    pub fn origin_at(&self, entry_id: u64) -> Option<Position> {
+        self.origin.map(|(_, origin)| {
+            Position::new(origin.ledger_id, origin.entry_id + (entry_id - self.first))
+        })
+    }
+}
+
+/// The origins of a stretch of a log, as runs.
+#[derive(Debug, Clone, Default)]
+pub struct OriginMap {
+    runs: VecDeque<Run>,
+    /// Every entry of the log from the first position up to the second (inclusive) is
+    /// described by `runs`; positions without a run hold no entry.
+    covers: Option<(Position, Position)>,
+    /// Entries read from the log so far.
+    entries_read: u64,
+}
+
+impl OriginMap {
+    /// How many entries visits read from the log so far.
+    #[cfg_attr(not(test), allow(dead_code))]
+    pub fn entries_read(&self) -> u64 {
+        self.entries_read
+    }
+
+    /// Calls `each` with the entries of `log` from `start` to `end` (inclusive), in order, as
+    /// spans, until `each` returns `false`. Entries the map describes are not read again; the
+    /// others are read and remembered (up to [`MAX_RUNS`]).
+    pub fn visit(
+        &mut self,
+        log: &Log,
+        local_cluster: &str,
+        start: Position,
+        end: Position,
+        mut each: impl FnMut(Span<'_>) -> bool,
+    ) -> Result<()> {
+        if start > end {
+            return Ok(());
+        }
+        let (next, remembering) = match self.covers {
+            Some((from, through)) if from <= start => {
+                let first_run = self
+                    .runs
+                    .partition_point(|run| Position::new(run.ledger, run.last) < start);
+                for run in self.runs.range(first_run..) {
+                    if Position::new(run.ledger, run.first) > end {
+                        break;
+                    }
+                    let first = if run.ledger == start.ledger_id {
+                        run.first.max(start.entry_id)
+                    } else {
+                        run.first
+                    };
+                    let last = if run.ledger == end.ledger_id {
+                        run.last.min(end.entry_id)
+                    } else {
+                        run.last
+                    };
+                    let origin = run.origin.as_ref().map(|(cluster, origin)| {
+                        let at = origin.entry_id + (first - run.first);
+                        (&**cluster, Position::new(origin.ledger_id, at))
+                    });
+                    let span = Span {
+                        ledger: run.ledger,
+                        first,
+                        last,
+                        origin,
+                        replicate_to: &run.replicate_to,
+                    };
+                    if !each(span) {
+                        return Ok(());
+                    }
+                }
+                if through >= end {
+                    return Ok(());
+                }
+                if start > through && self.runs.len() >= MAX_RUNS {
+                    // Full, and the visit starts past it: read only what it asks for.
+                    (start, false)
+                } else {
+                    (log.next_position(through), true)
+                }
+            }
+            _ => {
+                // Nothing remembered where this visit starts: begin afresh there.
+                self.runs.clear();
+                self.covers = None;
+                (start, true)
+            }
+        };
+        self.read(log, local_cluster, (next, remembering), start, end, each)
+    }
+
+    /// Reads the log from `next` on until `end` and hands what lies in `start..=end` to `each`;
+    /// with `remembering` (`next` is right after what the map covers, or where it begins
+    /// afresh) the map remembers what it reads.
+    fn read(
+        &mut self,
+        log: &Log,
+        local_cluster: &str,
+        (mut next, mut remembering): (Position, bool),
+        start: Position,
+        end: Position,
+        mut each: impl FnMut(Span<'_>) -> bool,
+    ) -> Result<()> {
+        loop {
+            let limit = if next.ledger_id == end.ledger_id {
+                usize::try_from(end.entry_id.saturating_sub(next.entry_id))
+                    .unwrap_or(READ_BATCH)
+                    .saturating_add(1)
+                    .min(READ_BATCH)
+            } else {
+                READ_BATCH
+            };
+            let entries = log.read_from(next, limit, 16 * 1024 * 1024)?;
+            let Some(last) = entries.last().map(|entry| entry.position) else {
+                return Ok(());
+            };
+            let mut going = true;
+            for entry in entries {
+                self.entries_read += 1;
+                let position = entry.position;
+                let (origin, replicate_to) = match meridian_wire::entry_metadata(entry.data) {
+                    Ok(metadata) => (
+                        entry_origin(local_cluster, position, &metadata),
+                        metadata.replicate_to,
+                    ),
+                    Err(_) => (None, Vec::new()),
+                };
+                if going && position >= start && position <= end {
+                    going = each(Span {
+                        ledger: position.ledger_id,
+                        first: position.entry_id,
+                        last: position.entry_id,
+                        origin: origin
+                            .as_ref()
+                            .map(|(cluster, origin)| (cluster.as_str(), *origin)),
+                        replicate_to: &replicate_to,
+                    });
+                }
+                // Once one entry could not be remembered, the ones after it are not either:
+                // the map covers one unbroken stretch.
+                remembering = remembering && self.remember(position, origin, replicate_to);
+            }
+            if !going {
+                return Ok(());
+            }
+            if last >= end {
+                return Ok(());
+            }
+            next = log.next_position(last);
+        }
+    }
+
+    /// Adds the entry at `position`, read right after the last one the map covers; `false`
+    /// when the map is full.
+    fn remember(
+        &mut self,
+        position: Position,
+        origin: Option<(String, Position)>,
+        replicate_to: Vec<String>,
+    ) -> bool {
+        if let Some(run) = self.runs.back_mut() {
+            let follows = run.ledger == position.ledger_id && run.last + 1 == position.entry_id;
+            let same_origin = match (&run.origin, &origin) {
+                (None, None) => true,
+                (Some((cluster, first)), Some((entry_cluster, entry_origin))) => {
+                    **cluster == **entry_cluster
+                        && first.ledger_id == entry_origin.ledger_id
+                        && first.entry_id + (position.entry_id - run.first) == entry_origin.entry_id
+                }
+                _ => false,
+            };
+            if follows && same_origin && *run.replicate_to == *replicate_to {
+                run.last = position.entry_id;
+                self.extend_cover(position);
+                return true;
+            }
+        }
+        if self.runs.len() >= MAX_RUNS {
+            return false;
+        }
+        let origin = origin.map(|(cluster, origin)| {
+            let cluster = match self.runs.back().and_then(|run| run.origin.as_ref()) {
+                Some((known, _)) if **known == *cluster => known.clone(),
+                _ => Arc::from(cluster.as_str()),
+            };
+            (cluster, origin)
+        });
+        self.runs.push_back(Run {
+            ledger: position.ledger_id,
+            first: position.entry_id,
+            last: position.entry_id,
+            origin,
+            replicate_to: replicate_to.into(),
+        });
+        self.extend_cover(position);
+        true
+    }
+
+    fn extend_cover(&mut self, position: Position) {
+        let from = self.covers.map_or(position, |(from, _)| from);
+        self.covers = Some((from, position));
+    }
+
+    /// Forgets the entries at or before `position` (acknowledged for good: no walk goes back
+    /// there unless a subscription is reset, and then the map reads them again).
+    pub fn forget_through(&mut self, position: Position) {
+        let Some((from, through)) = self.covers else {
+            return;
+        };
+        if position < from {
+            return;
+        }
+        while let Some(run) = self.runs.front_mut() {
+            if Position::new(run.ledger, run.last) <= position {
+                self.runs.pop_front();
+            } else {
+                if run.ledger == position.ledger_id && run.first <= position.entry_id {
+                    let cut = position.entry_id + 1 - run.first;
+                    run.first = position.entry_id + 1;
+                    if let Some((_, origin)) = run.origin.as_mut() {
+                        origin.entry_id += cut;
+                    }
+                }
+                break;
+            }
+        }
+        let after = Position::new(position.ledger_id, position.entry_id.saturating_add(1));
+        self.covers = (position < through).then_some((after, through));
+        if self.covers.is_none() {
+            self.runs.clear();
+        }
+    }
+}
