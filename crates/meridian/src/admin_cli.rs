@@ -153,20 +153,28 @@ enum TenantVerb {
     ///
     /// Example: meridian admin tenants delete acme
     Delete { tenant: String },
-    /// Migrate a tenant from this cluster to another one: start it (`--to`), show its
-    /// progress phase by phase (`--status`), or abort it (`--abort`).
+    /// Migrate a tenant from this cluster to another one: start it (`--to`, with `--hold` to
+    /// stop before its clients are redirected), release a held one (`--redirect`), show its
+    /// progress phase by phase (`--status`), or abort it (`--abort`, before the redirect).
     ///
     /// Example: meridian admin tenants migrate acme --to east
     Migrate(MigrateArgs),
 }
 
 #[derive(Args)]
-#[command(group(clap::ArgGroup::new("action").required(true).args(["to", "status", "abort"])))]
+#[command(group(clap::ArgGroup::new("action").required(true).args(["to", "status", "abort", "redirect"])))]
 struct MigrateArgs {
     tenant: String,
     /// The cluster to move the tenant to (registered on this cluster).
     #[arg(long)]
     to: Option<String>,
+    /// With --to: stop before redirecting the tenant's clients (once the target holds its
+    /// messages and subscription state) until --redirect.
+    #[arg(long, requires = "to")]
+    hold: bool,
+    /// Release a migration held before its redirect (started with --hold).
+    #[arg(long)]
+    redirect: bool,
     /// Show the migration's phase and progress.
     #[arg(long)]
     status: bool,
@@ -689,10 +697,17 @@ pub fn run(arguments: AdminArgs) -> anyhow::Result<()> {
             }
             TenantVerb::Migrate(migrate) => {
                 let path = format!("/admin/v2/tenants/{}/migration", migrate.tenant);
-                let request = match (migrate.to, migrate.abort) {
-                    (Some(target), _) => ("POST", path, Some(json!({ "targetCluster": target }))),
-                    (None, true) => ("DELETE", path, None),
-                    (None, false) => ("GET", path, None),
+                let request = match (migrate.to, migrate.abort, migrate.redirect) {
+                    (Some(target), _, _) => (
+                        "POST",
+                        path,
+                        Some(
+                            json!({ "targetCluster": target, "holdBeforeRedirect": migrate.hold }),
+                        ),
+                    ),
+                    (None, true, _) => ("DELETE", path, None),
+                    (None, false, true) => ("POST", format!("{path}/redirect"), None),
+                    (None, false, false) => ("GET", path, None),
                 };
                 migration_view = true;
                 request

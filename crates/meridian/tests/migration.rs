@@ -69,7 +69,10 @@ fn migration_is_validated_durable_resumed_and_aborted() {
             b.web_port, b.broker_port
         )),
     ));
-    let started = stdout(&cli(&a, &["tenants", "migrate", "acme", "--to", "b"]));
+    let started = stdout(&cli(
+        &a,
+        &["tenants", "migrate", "acme", "--to", "b", "--hold"],
+    ));
     assert!(
         started.contains("from a to b: copyingMetadata"),
         "{started}"
@@ -120,6 +123,7 @@ fn migration_is_validated_durable_resumed_and_aborted() {
     let shown = stdout(&cli(&a, &["tenants", "migrate", "acme", "--status"]));
     assert!(shown.contains("subscriptionsSynced"), "{shown}");
     assert!(!shown.contains("PAUSED"), "{shown}");
+    assert!(shown.contains("held before the redirect"), "{shown}");
 
     // Abort puts the source's settings back and removes the record.
     stdout(&cli(&a, &["tenants", "migrate", "acme", "--abort"]));

@@ -13,7 +13,7 @@ use meridian_metadata::{ExpectedVersion, MetadataError};
 use tokio::sync::watch;
 
 use super::target::{self, Created, TargetMetadata};
-use super::{now_ms, progress, record, update_record, MigrationRecord, Phase};
+use super::{now_ms, progress, record, update_record, MigrationRecord, Phase, Redirect};
 use crate::broker::Broker;
 use crate::error::{BrokerError, Result};
 use crate::resources::TenantInfo;
@@ -21,6 +21,12 @@ use crate::topic_name::TopicName;
 
 /// How often a replicating migration looks at its progress.
 const TICK: Duration = Duration::from_millis(500);
+/// How long the consumer phase waits for the acknowledgements of what the source delivered
+/// before it moves the consumers anyway (what is still unacknowledged is delivered again on
+/// the target, as on any reconnect).
+const ACK_WAIT: Duration = Duration::from_secs(10);
+/// How often a finished migration looks for clients left on the source.
+const DONE_TICK: Duration = Duration::from_secs(5);
 /// Retry delays of a paused migration.
 const BACKOFF_MIN: Duration = Duration::from_millis(500);
 const BACKOFF_MAX: Duration = Duration::from_secs(10);
@@ -129,6 +135,31 @@ async fn step(
             tracing::info!(%tenant, target = %record.target_cluster, "tenant migration: metadata copied, topics replicating");
             Ok(Duration::ZERO)
         }
+        Phase::ProducersRedirected => redirect_consumers(broker, &record),
+        Phase::ConsumersRedirected | Phase::Done => {
+            // Stragglers (a client that reached the source in a race) are moved too.
+            let url = install_redirect(broker, &record);
+            for topic in tenant_topics(broker, &tenant) {
+                topic.migrate_producers(&url);
+                for subscription in topic.subscriptions() {
+                    subscription.pause_dispatch();
+                    subscription.migrate_consumers(&url);
+                }
+            }
+            let progress = progress(broker, &record);
+            if record.phase == Phase::ConsumersRedirected
+                && progress.producers_on_source + progress.consumers_on_source == 0
+            {
+                set_phase(broker, &tenant, Phase::Done)?;
+                tracing::info!(%tenant, target = %record.target_cluster, "tenant migration done: no client of the tenant left on the source");
+                return Ok(Duration::ZERO);
+            }
+            Ok(if record.phase == Phase::Done {
+                DONE_TICK
+            } else {
+                TICK
+            })
+        }
         Phase::Replicating | Phase::CaughtUp | Phase::SubscriptionsSynced => {
             // A namespace created since the start must be copied and replicated too.
             if lacking_namespaces(broker, &record) > 0 {
@@ -138,6 +169,9 @@ async fn step(
                 mark_subscriptions_replicated(broker, &record)?;
             }
             let progress = progress(broker, &record);
+            if record.phase == Phase::SubscriptionsSynced {
+                return redirect_producers(broker, &record, &progress);
+            }
             if record.phase == Phase::CaughtUp
                 && progress.subscriptions_synced == progress.subscriptions_total
             {
@@ -155,6 +189,177 @@ async fn step(
             Ok(TICK)
         }
     }
+}
+
+/// The loaded topics (partitions one by one) of a tenant.
+fn tenant_topics(broker: &Broker, tenant: &str) -> Vec<Arc<crate::topic::Topic>> {
+    let mut topics = Vec::new();
+    for namespace in broker.resources().namespaces(tenant).unwrap_or_default() {
+        for topic in broker.topics_of_namespace(&namespace).unwrap_or_default() {
+            if let Some(loaded) = TopicName::parse(&topic)
+                .ok()
+                .and_then(|name| broker.loaded_topic(&name))
+            {
+                topics.push(loaded);
+            }
+        }
+    }
+    topics
+}
+
+/// Puts the tenant's redirect in force (lookups, new producers; new consumers once the
+/// consumers moved); returns the target's binary protocol URL.
+pub(super) fn install_redirect(broker: &Broker, record: &MigrationRecord) -> String {
+    let data = broker.resources().cluster(&record.target_cluster).ok();
+    let broker_service_url = data
+        .as_ref()
+        .and_then(|data| data.broker_service_url.clone())
+        .unwrap_or_default();
+    let redirect = Redirect {
+        broker_service_url: broker_service_url.clone(),
+        service_url: data.and_then(|data| data.service_url),
+        consumers: record.phase >= Phase::ConsumersRedirected && record.phase != Phase::Aborting,
+    };
+    broker
+        .migration_drivers()
+        .redirects()
+        .insert(record.tenant.clone(), redirect);
+    broker_service_url
+}
+
+/// Phase 5, from "subscriptions synced": the fence (durable first), then, once the target
+/// holds everything the source stored, the producers are told to move.
+fn redirect_producers(
+    broker: &Arc<Broker>,
+    record: &MigrationRecord,
+    progress: &super::Progress,
+) -> std::result::Result<Duration, String> {
+    let tenant = &record.tenant;
+    if record.fenced_at_ms.is_none() {
+        if record.hold_before_redirect
+            || progress.subscriptions_synced != progress.subscriptions_total
+        {
+            // Held by the operator; or a subscription created since, whose state must reach
+            // the target too.
+            return Ok(TICK);
+        }
+        update_record(broker.metadata(), tenant, |record| {
+            record.fenced_at_ms.get_or_insert_with(now_ms);
+        })
+        .map_err(|error| error.to_string())?;
+        tracing::info!(%tenant, target = %record.target_cluster, "tenant migration: producers fenced");
+        return Ok(Duration::ZERO);
+    }
+    let url = install_redirect(broker, record);
+    let topics = tenant_topics(broker, tenant);
+    for topic in &topics {
+        topic.fence_producers();
+    }
+    if !progress.caught_up() {
+        // Bounded: the fence stops new local messages. A target that is down holds it here
+        // (producers wait, none is pointed at a cluster that lacks its data).
+        let reason = (progress.topics_replicating != progress.topics_total).then(|| {
+            format!(
+                "producers fenced; waiting for every topic to replicate to {} ({}/{})",
+                record.target_cluster, progress.topics_replicating, progress.topics_total
+            )
+        });
+        if reason != record.paused_reason {
+            update_record(broker.metadata(), tenant, |record| {
+                record.paused_reason = reason.clone()
+            })
+            .map_err(|error| error.to_string())?;
+        }
+        return Ok(TICK);
+    }
+    for topic in &topics {
+        topic.migrate_producers(&url);
+    }
+    set_phase(broker, tenant, Phase::ProducersRedirected)?;
+    tracing::info!(%tenant, target = %record.target_cluster, "tenant migration: producers redirected");
+    Ok(Duration::ZERO)
+}
+
+/// Phase 6: dispatch stops on the source, the acknowledgements of what it delivered come back
+/// (bounded wait), the final subscription state reaches the target, then the consumers are
+/// told to move.
+fn redirect_consumers(
+    broker: &Arc<Broker>,
+    record: &MigrationRecord,
+) -> std::result::Result<Duration, String> {
+    let tenant = &record.tenant;
+    let url = install_redirect(broker, record);
+    mark_subscriptions_replicated(broker, record)?;
+    let topics = tenant_topics(broker, tenant);
+    for topic in &topics {
+        topic.migrate_producers(&url);
+    }
+    let Some(stopped_at) = record.dispatch_stopped_at_ms else {
+        update_record(broker.metadata(), tenant, |record| {
+            record.dispatch_stopped_at_ms.get_or_insert_with(now_ms);
+        })
+        .map_err(|error| error.to_string())?;
+        return Ok(Duration::ZERO);
+    };
+    for topic in &topics {
+        for subscription in topic.subscriptions() {
+            subscription.pause_dispatch();
+        }
+    }
+    let progress = progress(broker, record);
+    let now = now_ms();
+    let Some(settled_at) = record.acks_settled_at_ms else {
+        let waited = Duration::from_millis(now.saturating_sub(stopped_at));
+        if progress.unacknowledged_on_source == 0 || waited >= ACK_WAIT {
+            if progress.unacknowledged_on_source > 0 {
+                tracing::warn!(%tenant, unacknowledged = progress.unacknowledged_on_source, "tenant migration: acknowledgements still missing after the wait; those messages are delivered again on the target");
+            }
+            update_record(broker.metadata(), tenant, |record| {
+                record.acks_settled_at_ms.get_or_insert(now);
+            })
+            .map_err(|error| error.to_string())?;
+            // Send the final states now rather than at the next sync tick.
+            for topic in &topics {
+                if let Some(sync) = topic.subscription_sync() {
+                    sync.now();
+                }
+            }
+            return Ok(Duration::ZERO);
+        }
+        return Ok(TICK);
+    };
+    // The final state is what the sync task sends after the acknowledgements settled: wait
+    // two sync intervals (so it looked at least once since), and until every subscription's
+    // latest state was accepted by the target.
+    let interval = topics
+        .iter()
+        .map(|topic| topic.sync_interval())
+        .max()
+        .unwrap_or_default();
+    let since = Duration::from_millis(now.saturating_sub(settled_at));
+    if since < interval.saturating_mul(2)
+        || progress.subscriptions_synced != progress.subscriptions_total
+        || !progress.caught_up()
+    {
+        return Ok(TICK);
+    }
+    update_record(broker.metadata(), tenant, |record| {
+        record.phase = Phase::ConsumersRedirected;
+        record.phase_changed_at_ms = now_ms();
+        record.paused_reason = None;
+    })
+    .map_err(|error| error.to_string())?;
+    let record = super::record(broker.metadata(), tenant)
+        .map_err(|error| error.to_string())?
+        .ok_or_else(|| "the migration record vanished".to_string())?;
+    install_redirect(broker, &record);
+    for topic in &topics {
+        for subscription in topic.subscriptions() {
+            subscription.migrate_consumers(&url);
+        }
+    }
+    tracing::info!(%tenant, target = %record.target_cluster, "tenant migration: consumers redirected");
+    Ok(Duration::ZERO)
 }
 
 /// Phase 4: every durable subscription of the tenant's topics becomes replicated, so its

@@ -1,0 +1,211 @@
+"""Tenant migration with live clients (docs/migration.md, phases 5-7), observed with the
+official client: producers and consumers keep running while their tenant moves from cluster
+`a` to cluster `b`; they are redirected by the protocol (TOPIC_MIGRATED, lookups answered with
+a redirect), every message is delivered exactly once, per-key order holds, and every client
+ends on `b`. Another tenant on `a` keeps working there.
+
+One `meridian standalone` per cluster (replication_harness.py).
+"""
+
+from __future__ import annotations
+
+import threading
+
+import pulsar
+
+from helpers import unique
+from replication_harness import (
+    REPLICATION_TIMEOUT_S,
+    History,
+    await_condition,
+    check_exactly_once,
+    clusters_factory,  # noqa: F401 (fixture)
+    parse_payload,
+)
+
+RATE = 40.0  # messages per second per producer: the load runs across the whole migration
+KEYS = 5
+MIGRATION_TIMEOUT_S = 90.0
+
+
+def migration(clusters, tenant: str) -> dict:
+    return clusters.admin("a", "GET", f"/admin/v2/tenants/{tenant}/migration")
+
+
+class OutOfOrderConsumer(threading.Thread):
+    """Receives under `label`; acknowledges every third message only after the next one (out
+    of order), and whatever it holds when nothing arrives for a moment."""
+
+    def __init__(self, history: History, label: str, consumer):
+        super().__init__(daemon=True, name=f"consumer-{label}")
+        self.history, self.label, self.consumer = history, label, consumer
+        self.halt = threading.Event()
+        self.error = None
+
+    def run(self) -> None:
+        held = []
+        try:
+            while not self.halt.is_set():
+                try:
+                    message = self.consumer.receive(timeout_millis=100)
+                except pulsar.Timeout:
+                    for waiting in held:
+                        self.consumer.acknowledge(waiting)
+                    held.clear()
+                    continue
+                self.history.record_receive(self.label, message)
+                if parse_payload(message.data())[1] % 3 == 0:
+                    held.append(message)
+                    continue
+                self.consumer.acknowledge(message)
+                for waiting in held:
+                    self.consumer.acknowledge(waiting)
+                held.clear()
+        except BaseException as error:  # surfaced by stop()
+            self.error = error
+
+    def stop(self) -> None:
+        self.halt.set()
+        self.join(30)
+        assert not self.is_alive() and self.error is None, self.error
+
+
+def client_names(stats: dict) -> tuple[list, int]:
+    """The producers (not replicators) and the number of consumers in a topic's stats."""
+    producers = [
+        publisher.get("producerName") for publisher in stats["publishers"]
+        if not publisher.get("producerName", "").startswith("pulsar.repl.")
+    ]
+    consumers = sum(len(sub["consumers"]) for sub in stats["subscriptions"].values())
+    return producers, consumers
+
+
+def test_live_producers_and_consumers_follow_their_tenant_exactly_once(clusters_factory):
+    clusters = clusters_factory(names=("a", "b"))
+    tenant = unique("move")
+    namespace = f"{tenant}/ns"
+    clusters.create_tenant(tenant, on=["a"], allowed=["a"])
+    clusters.admin("a", "PUT", f"/admin/v2/namespaces/{namespace}")
+    shared_topic = f"persistent://{namespace}/work"
+    keyed_topic = f"persistent://{namespace}/keyed"
+    # Another tenant on a, with live clients: it must keep working and stay on a.
+    bystander = unique("stay")
+    clusters.create_tenant(bystander, on=["a"], allowed=["a"])
+    clusters.admin("a", "PUT", f"/admin/v2/namespaces/{bystander}/ns")
+    bystander_topic = f"persistent://{bystander}/ns/local"
+
+    history = History()
+    client = clusters.client("a")
+    consumers = []
+    for label, topic, kind in (
+        ("shared", shared_topic, pulsar.ConsumerType.Shared),
+        ("keys", keyed_topic, pulsar.ConsumerType.KeyShared),
+        ("stay", bystander_topic, pulsar.ConsumerType.Shared),
+    ):
+        for index in range(2 if label != "stay" else 1):
+            consumer = client.subscribe(
+                topic, label, consumer_type=kind, consumer_name=f"{label}-{index}",
+                initial_position=pulsar.InitialPosition.Earliest,
+            )
+            consumers.append(OutOfOrderConsumer(history, label, consumer))
+    for thread in consumers:
+        clusters.threads.append(thread)
+        thread.start()
+    producers = [
+        clusters.start_producer(
+            history,
+            client.create_producer(shared_topic, producer_name="work", batching_enabled=False),
+            "work", "a", rate=RATE,
+        ),
+        clusters.start_producer(
+            history,
+            client.create_producer(keyed_topic, producer_name="keyed", batching_enabled=False),
+            "keyed", "a", rate=RATE,
+            send_kwargs=lambda index: {"partition_key": f"k{index % KEYS}"},
+        ),
+        clusters.start_producer(
+            history,
+            client.create_producer(bystander_topic, producer_name="stay", batching_enabled=False),
+            "stay", "a", rate=RATE,
+        ),
+    ]
+    await_condition(
+        lambda: all(history.received_count(label) >= 20 for label in ("shared", "keys", "stay")),
+        REPLICATION_TIMEOUT_S,
+        "the consumers to receive on a",
+    )
+
+    clusters.admin("a", "POST", f"/admin/v2/tenants/{tenant}/migration", {"targetCluster": "b"})
+    redirected = await_condition(
+        lambda: (lambda s: s if s["phase"] in ("producersRedirected", "consumersRedirected", "done")
+                 else None)(migration(clusters, tenant)),
+        MIGRATION_TIMEOUT_S,
+        "the producers to be redirected",
+    )
+    # From the redirect on the migration cannot be aborted, and lookups on a point at b.
+    status, body = clusters.call("a", "DELETE", f"/admin/v2/tenants/{tenant}/migration")
+    assert status == 409, (status, body)
+    lookup = clusters.admin("a", "GET", "/lookup/v2/topic/persistent/" + shared_topic[len("persistent://"):])
+    assert lookup["brokerUrl"] == clusters["b"].service_url, lookup
+    stay_lookup = clusters.admin("a", "GET", f"/lookup/v2/topic/persistent/{bystander}/ns/local")
+    assert stay_lookup["brokerUrl"] == clusters["a"].service_url, stay_lookup
+
+    done = await_condition(
+        lambda: (lambda s: s if s["phase"] == "done" else None)(migration(clusters, tenant)),
+        MIGRATION_TIMEOUT_S,
+        "the migration to be done",
+    )
+    lines = {line["name"]: line["state"] for line in done["phases"]}
+    assert all(state == "done" for state in lines.values()), done
+    assert done["progress"]["producersOnSource"] == 0, done
+    assert done["progress"]["consumersOnSource"] == 0, done
+    assert redirected["targetCluster"] == "b"
+
+    # Every client of the tenant is on b (the producers still sending), none on a; the
+    # bystander's are on a.
+    for topic, producer, consumer_count in ((shared_topic, "work", 2), (keyed_topic, "keyed", 2)):
+        await_condition(
+            lambda: client_names(clusters.stats("b", topic)) == ([producer], consumer_count),
+            REPLICATION_TIMEOUT_S,
+            f"{topic}'s clients to be on b",
+        )
+        assert client_names(clusters.stats("a", topic)) == ([], 0)
+    assert client_names(clusters.stats("a", bystander_topic)) == (["stay"], 1)
+    status, _ = clusters.call("b", "GET", f"/admin/v2/tenants/{bystander}")
+    assert status == 404
+
+    # Some messages went through b after the move; then the load stops and everything sent
+    # is received exactly once.
+    moved_at = {name: len(history.sent(name)) for name in ("work", "keyed")}
+    await_condition(
+        lambda: all(len(history.sent(name, acked_only=True)) >= moved_at[name] + 20
+                    for name in moved_at),
+        REPLICATION_TIMEOUT_S,
+        "the producers to send on b",
+    )
+    for thread in producers:
+        thread.stop()
+    assert not history.failed(), history.failed()
+    expected = {
+        "shared": history.sent_payloads("work"),
+        "keys": history.sent_payloads("keyed"),
+        "stay": history.sent_payloads("stay"),
+    }
+    await_condition(
+        lambda: all(history.received_count(label) >= len(payloads)
+                    for label, payloads in expected.items()),
+        REPLICATION_TIMEOUT_S,
+        "every message to be received",
+    )
+    for thread in consumers:
+        thread.stop()
+
+    def order_group(label: str, payload: bytes):
+        producer, counter = parse_payload(payload)
+        if label == "keys":
+            return f"k{counter % KEYS}"  # per-key order across the Key_Shared consumers
+        if label == "stay":
+            return producer
+        return payload  # Shared: no order across consumers
+
+    check_exactly_once(expected, history, order_group=order_group)
