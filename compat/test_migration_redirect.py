@@ -209,3 +209,98 @@ def test_live_producers_and_consumers_follow_their_tenant_exactly_once(clusters_
         return payload  # Shared: no order across consumers
 
     check_exactly_once(expected, history, order_group=order_group)
+
+
+def test_a_failure_mid_migration_pauses_it_and_no_client_is_sent_to_a_target_that_lacks_its_data(
+    clusters_factory,
+):
+    """Replication to the target cut after the fence, the source restarted meanwhile, then the
+    target killed and back: the migration waits (producers fenced, none pointed at the target,
+    nothing lost), goes on by itself, and every message is still delivered exactly once."""
+    clusters = clusters_factory(names=("a", "b"))
+    tenant = unique("move")
+    namespace = f"{tenant}/ns"
+    clusters.create_tenant(tenant, on=["a"], allowed=["a"])
+    clusters.admin("a", "PUT", f"/admin/v2/namespaces/{namespace}")
+    topic = f"persistent://{namespace}/work"
+    lookup_path = "/lookup/v2/topic/persistent/" + topic[len("persistent://"):]
+    history = History()
+    client = clusters.client("a")
+    consumer = OutOfOrderConsumer(
+        history, "work",
+        client.subscribe(topic, "work", consumer_type=pulsar.ConsumerType.Shared,
+                         initial_position=pulsar.InitialPosition.Earliest),
+    )
+    clusters.threads.append(consumer)
+    consumer.start()
+    # No send timeout: a send waits as long as the migration holds it (none may fail).
+    producer = clusters.start_producer(
+        history,
+        client.create_producer(topic, producer_name="work", batching_enabled=False,
+                               send_timeout_millis=0),
+        "work", "a", rate=RATE,
+    )
+    clusters.admin(
+        "a", "POST", f"/admin/v2/tenants/{tenant}/migration",
+        {"targetCluster": "b", "holdBeforeRedirect": True},
+    )
+    await_condition(
+        lambda: migration(clusters, tenant)["phase"] == "subscriptionsSynced",
+        MIGRATION_TIMEOUT_S,
+        "the subscription state to be synced",
+    )
+
+    # Replication to b is cut; then the redirect is released: the source fences the
+    # producers and waits for b to have everything, saying why. Nobody is sent to b.
+    clusters.link("a", "b").cut()
+    clusters.admin("a", "POST", f"/admin/v2/tenants/{tenant}/migration/redirect")
+    paused = await_condition(
+        lambda: (lambda s: s if s["paused"] else None)(migration(clusters, tenant)),
+        MIGRATION_TIMEOUT_S,
+        "the migration to wait for the target",
+    )
+    assert paused["phase"] == "subscriptionsSynced", paused
+    assert "producers fenced" in paused["pausedReason"], paused
+    assert client_names(clusters.stats("a", topic)) == (["work"], 1)
+    assert clusters.admin("a", "GET", lookup_path)["brokerUrl"] == clusters["a"].service_url
+    status, _ = clusters.call("a", "DELETE", f"/admin/v2/tenants/{tenant}/migration")
+    assert status == 409
+
+    # The source restarts meanwhile: the fence is still in force (it is in the record), the
+    # producer cannot come back to a, lookups still answer a (b lacks the data).
+    clusters["a"].broker.restart()
+    after = migration(clusters, tenant)
+    assert after["phase"] == "subscriptionsSynced" and after["paused"], after
+    assert clusters.admin("a", "GET", lookup_path)["brokerUrl"] == clusters["a"].service_url
+
+    # The target is killed, the link heals, the target comes back: the migration finishes by
+    # itself and the clients end on b.
+    clusters["b"].broker.kill()
+    clusters.link("a", "b").heal()
+    clusters["b"].broker.start()
+    await_condition(
+        lambda: migration(clusters, tenant)["phase"] == "done",
+        MIGRATION_TIMEOUT_S,
+        "the migration to be done",
+    )
+    await_condition(
+        lambda: client_names(clusters.stats("b", topic)) == (["work"], 1),
+        MIGRATION_TIMEOUT_S,
+        "the clients to be on b",
+    )
+    moved_at = len(history.sent("work"))
+    await_condition(
+        lambda: len(history.sent("work", acked_only=True)) >= moved_at + 20,
+        MIGRATION_TIMEOUT_S,
+        "the producer to send on b",
+    )
+    producer.stop(MIGRATION_TIMEOUT_S)
+    assert not history.failed(), history.failed()
+    expected = history.sent_payloads("work")
+    await_condition(
+        lambda: history.received_count("work") >= len(expected),
+        MIGRATION_TIMEOUT_S,
+        "every message to be received",
+    )
+    consumer.stop()
+    check_exactly_once({"work": expected}, history, order_group=lambda label, payload: payload)

@@ -218,6 +218,7 @@ pub(super) fn install_redirect(broker: &Broker, record: &MigrationRecord) -> Str
     let redirect = Redirect {
         broker_service_url: broker_service_url.clone(),
         service_url: data.and_then(|data| data.service_url),
+        producers: record.phase >= Phase::ProducersRedirected && record.phase != Phase::Aborting,
         consumers: record.phase >= Phase::ConsumersRedirected && record.phase != Phase::Aborting,
     };
     broker
@@ -272,10 +273,15 @@ fn redirect_producers(
         }
         return Ok(TICK);
     }
+    set_phase(broker, tenant, Phase::ProducersRedirected)?;
+    // Lookups redirect from here on (the phase is durable first).
+    let record = super::record(broker.metadata(), tenant)
+        .map_err(|error| error.to_string())?
+        .ok_or_else(|| "the migration record vanished".to_string())?;
+    install_redirect(broker, &record);
     for topic in &topics {
         topic.migrate_producers(&url);
     }
-    set_phase(broker, tenant, Phase::ProducersRedirected)?;
     tracing::info!(%tenant, target = %record.target_cluster, "tenant migration: producers redirected");
     Ok(Duration::ZERO)
 }

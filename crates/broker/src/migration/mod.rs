@@ -217,13 +217,21 @@ pub struct Redirect {
     pub broker_service_url: String,
     /// The target's HTTP URL, for `/lookup/v2`.
     pub service_url: Option<String>,
+    /// Producers were redirected: the target holds everything the source stored, and lookups
+    /// go there. Before (fenced only), lookups stay here and new producers are refused.
+    pub producers: bool,
     /// Consumers were redirected too: the source takes no new subscription of the tenant.
     pub consumers: bool,
 }
 
-/// Where to send a client that looks `topic` up here: `Some` once its tenant's producers are
-/// fenced for a migration (LOOKUP answers Redirect, authoritative, to the target).
+/// Where to send a client that looks `topic` up here: `Some` once its tenant's producers were
+/// redirected (LOOKUP answers Redirect, authoritative, to the target).
 pub fn redirect(broker: &Broker, topic: &TopicName) -> Option<Redirect> {
+    fence(broker, topic).filter(|redirect| redirect.producers)
+}
+
+/// The tenant's fence, from the moment its producers are fenced.
+fn fence(broker: &Broker, topic: &TopicName) -> Option<Redirect> {
     broker
         .migration_drivers()
         .redirects()
@@ -234,7 +242,7 @@ pub fn redirect(broker: &Broker, topic: &TopicName) -> Option<Redirect> {
 /// Refuses a new producer of a fenced tenant (retriable: the client looks the topic up again
 /// and is redirected to the target).
 pub fn admit_producer(broker: &Broker, topic: &TopicName) -> Result<()> {
-    match redirect(broker, topic) {
+    match fence(broker, topic) {
         Some(redirect) => Err(BrokerError::TenantMigrated(format!(
             "tenant {} is moving to {}: look the topic up again",
             topic.tenant, redirect.broker_service_url
