@@ -10,6 +10,7 @@ One `meridian standalone` per cluster (replication_harness.py).
 from __future__ import annotations
 
 import threading
+import urllib.parse
 
 import pulsar
 
@@ -209,6 +210,37 @@ def test_live_producers_and_consumers_follow_their_tenant_exactly_once(clusters_
         return payload  # Shared: no order across consumers
 
     check_exactly_once(expected, history, order_group=order_group)
+
+    # Cleanup frees the tenant's disk on a and takes a out of b's replication lists; b keeps
+    # serving the tenant, a keeps the bystander.
+    assert tenant_bytes(clusters, "a", tenant) > 0
+    clusters.admin("a", "POST", f"/admin/v2/tenants/{tenant}/migration/cleanup")
+    assert tenant_bytes(clusters, "a", tenant) == 0
+    for topic in (shared_topic, keyed_topic):
+        status, _ = clusters.call("a", "GET", topic_stats_path(topic))
+        assert status == 404, topic
+        assert clusters.stats("b", topic)["subscriptions"], topic
+    for path in (f"/admin/v2/namespaces/{namespace}", f"/admin/v2/tenants/{tenant}",
+                 f"/admin/v2/tenants/{tenant}/migration"):
+        status, _ = clusters.call("a", "GET", path)
+        assert status == 404, path
+    assert clusters.get_replication("b", namespace) == ["b"]
+    assert client_names(clusters.stats("a", bystander_topic))[0] == ["stay"]
+
+
+def topic_stats_path(topic: str) -> str:
+    return "/admin/v2/persistent/" + topic[len("persistent://"):] + "/stats"
+
+
+def tenant_bytes(clusters, cluster: str, tenant: str) -> int:
+    """Bytes of the logs of `tenant`'s topics in `cluster`'s data directory."""
+    logs = clusters[cluster].broker.data_dir / "storage" / "logs"
+    marker = urllib.parse.quote(f"persistent://{tenant}/", safe="")
+    return sum(
+        path.stat().st_size
+        for directory in logs.iterdir() if directory.name.startswith(marker)
+        for path in directory.rglob("*") if path.is_file()
+    )
 
 
 def test_a_failure_mid_migration_pauses_it_and_no_client_is_sent_to_a_target_that_lacks_its_data(

@@ -20,6 +20,10 @@ pub fn routes() -> Router<AppState> {
             "/admin/v2/tenants/{tenant}/migration/redirect",
             post(release),
         )
+        .route(
+            "/admin/v2/tenants/{tenant}/migration/cleanup",
+            post(cleanup),
+        )
 }
 
 #[derive(Deserialize)]
@@ -58,6 +62,13 @@ async fn release(
     Path(tenant): Path<String>,
 ) -> ApiResult<Json<MigrationStatus>> {
     Ok(Json(migration::release(&broker, &tenant)?))
+}
+
+async fn cleanup(
+    State(broker): State<AppState>,
+    Path(tenant): Path<String>,
+) -> ApiResult<Json<MigrationStatus>> {
+    Ok(Json(migration::cleanup(&broker, &tenant).await?))
 }
 
 async fn abort(

@@ -155,14 +155,15 @@ enum TenantVerb {
     Delete { tenant: String },
     /// Migrate a tenant from this cluster to another one: start it (`--to`, with `--hold` to
     /// stop before its clients are redirected), release a held one (`--redirect`), show its
-    /// progress phase by phase (`--status`), or abort it (`--abort`, before the redirect).
+    /// progress phase by phase (`--status`), abort it (`--abort`, before the redirect), or
+    /// remove the tenant from this cluster once it is done (`--cleanup`).
     ///
     /// Example: meridian admin tenants migrate acme --to east
     Migrate(MigrateArgs),
 }
 
 #[derive(Args)]
-#[command(group(clap::ArgGroup::new("action").required(true).args(["to", "status", "abort", "redirect"])))]
+#[command(group(clap::ArgGroup::new("action").required(true).args(["to", "status", "abort", "redirect", "cleanup"])))]
 struct MigrateArgs {
     tenant: String,
     /// The cluster to move the tenant to (registered on this cluster).
@@ -175,6 +176,11 @@ struct MigrateArgs {
     /// Release a migration held before its redirect (started with --hold).
     #[arg(long)]
     redirect: bool,
+    /// Once the migration is done and no client of the tenant is left on this cluster:
+    /// delete the tenant's topics, namespaces and the tenant here (freeing their disk), and
+    /// take this cluster out of the target's replication lists.
+    #[arg(long)]
+    cleanup: bool,
     /// Show the migration's phase and progress.
     #[arg(long)]
     status: bool,
@@ -707,6 +713,9 @@ pub fn run(arguments: AdminArgs) -> anyhow::Result<()> {
                     ),
                     (None, true, _) => ("DELETE", path, None),
                     (None, false, true) => ("POST", format!("{path}/redirect"), None),
+                    (None, false, false) if migrate.cleanup => {
+                        ("POST", format!("{path}/cleanup"), None)
+                    }
                     (None, false, false) => ("GET", path, None),
                 };
                 migration_view = true;

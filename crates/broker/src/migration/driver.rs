@@ -146,6 +146,12 @@ async fn step(
                     subscription.migrate_consumers(&url);
                 }
             }
+            if record.cleaning_up {
+                finish_cleanup(broker, &record)
+                    .await
+                    .map_err(|error| format!("cleaning up: {error}"))?;
+                return Ok(Duration::ZERO);
+            }
             let progress = progress(broker, &record);
             if record.phase == Phase::ConsumersRedirected
                 && progress.producers_on_source + progress.consumers_on_source == 0
@@ -553,6 +559,87 @@ async fn copy_metadata(
             .set_replication_clusters(tenant, &local, policies.replication_clusters)
             .map_err(fail)?;
         broker.policies_changed(tenant, Some(&local)).await;
+    }
+    Ok(())
+}
+
+/// `--cleanup` (every step idempotent): the source leaves the target's replication lists, the
+/// target leaves the source's (the replicators stop), then the tenant's topics, namespaces and
+/// the tenant are deleted here, then the record.
+pub(super) async fn finish_cleanup(broker: &Arc<Broker>, record: &MigrationRecord) -> Result<()> {
+    let resources = broker.resources();
+    let tenant = &record.tenant;
+    let locals: Vec<String> = resources
+        .namespaces(tenant)
+        .unwrap_or_default()
+        .iter()
+        .map(|namespace| {
+            namespace
+                .split_once('/')
+                .map_or(namespace.as_str(), |(_, local)| local)
+                .to_string()
+        })
+        .collect();
+    let service_url = resources
+        .cluster(&record.target_cluster)
+        .ok()
+        .and_then(|data| data.service_url)
+        .filter(|url| !url.is_empty());
+    match service_url {
+        Some(service_url) => {
+            let (source, owner, namespaces) = (
+                record.source_cluster.clone(),
+                tenant.clone(),
+                locals.clone(),
+            );
+            tokio::task::spawn_blocking(move || {
+                target::forget_source(&service_url, &source, &owner, &namespaces)
+            })
+            .await
+            .map_err(|error| BrokerError::Metadata(error.to_string()))?
+            .map_err(|reason| {
+                BrokerError::Metadata(format!(
+                    "removing {} from the replication lists on {}: {reason}",
+                    record.source_cluster, record.target_cluster
+                ))
+            })?;
+        }
+        None => {
+            tracing::warn!(%tenant, target = %record.target_cluster, "the target is no longer registered: its replication lists are left as they are");
+        }
+    }
+    for local in &locals {
+        let mut changed = false;
+        match resources.update_policies(tenant, local, |policies| {
+            let before = policies.replication_clusters.len();
+            policies
+                .replication_clusters
+                .retain(|cluster| cluster == &record.source_cluster);
+            changed = policies.replication_clusters.len() != before;
+            Ok(())
+        }) {
+            Ok(_) | Err(BrokerError::NotFound(_)) => {}
+            Err(error) => return Err(error),
+        }
+        if changed {
+            broker.policies_changed(tenant, Some(local)).await;
+        }
+        match broker.delete_namespace(tenant, local).await {
+            Ok(()) | Err(BrokerError::NotFound(_)) => {}
+            Err(error) => return Err(error),
+        }
+    }
+    match resources.delete_tenant(tenant) {
+        Ok(()) | Err(BrokerError::NotFound(_)) => {}
+        Err(error) => return Err(error),
+    }
+    broker
+        .metadata()
+        .delete(&super::record_key(tenant), ExpectedVersion::Any)?;
+    broker.migration_drivers().redirects().remove(tenant);
+    let handle = broker.migration_drivers().lock().remove(tenant);
+    if let Some(handle) = handle {
+        let _ = handle.stop.send(true);
     }
     Ok(())
 }

@@ -110,6 +110,9 @@ pub struct MigrationRecord {
     /// (`POST …/migration/redirect`): the switch happens when the operator chooses.
     #[serde(default)]
     pub hold_before_redirect: bool,
+    /// `--cleanup` was asked for (written first): a restart finishes it.
+    #[serde(default)]
+    pub cleaning_up: bool,
     /// When the source fenced the tenant's producers (written before any is refused): from
     /// here on the source stores no message of theirs and redirects lookups to the target.
     #[serde(default)]
@@ -369,6 +372,7 @@ pub fn start(
         created_tenant_on_target: false,
         created_namespaces_on_target: Vec::new(),
         hold_before_redirect,
+        cleaning_up: false,
         fenced_at_ms: None,
         dispatch_stopped_at_ms: None,
         acks_settled_at_ms: None,
@@ -433,6 +437,53 @@ pub fn release(broker: &Arc<Broker>, tenant: &str) -> Result<MigrationStatus> {
         }
         None => Err(not_migrating(tenant)),
     }
+}
+
+/// Removes a migrated tenant from the source (`POST …/migration/cleanup`) once the migration
+/// is done and no client of the tenant is left here: the source leaves the target's
+/// replication lists, then the tenant's topics (their logs), namespaces and the tenant are
+/// deleted here, then the migration record. Returns the last status.
+pub async fn cleanup(broker: &Arc<Broker>, tenant: &str) -> Result<MigrationStatus> {
+    let Some(current) = record(broker.metadata(), tenant)? else {
+        return Err(not_migrating(tenant));
+    };
+    if current.phase != Phase::Done {
+        return Err(BrokerError::Conflict(format!(
+            "tenant {tenant}'s migration to {} is in phase {}: cleanup needs phase done",
+            current.target_cluster,
+            current.phase.name()
+        )));
+    }
+    let handle = driver::spawn(broker, tenant);
+    let _step = handle.step.lock().await;
+    let clients = {
+        let progress = progress(broker, &current);
+        progress.producers_on_source + progress.consumers_on_source
+    };
+    if clients > 0 {
+        return Err(BrokerError::Conflict(format!(
+            "{clients} producer(s) or consumer(s) of tenant {tenant} are still connected to cluster {}; they are being redirected, try again",
+            current.source_cluster
+        )));
+    }
+    let Some(record) = update_record(broker.metadata(), tenant, |record| {
+        record.cleaning_up = true
+    })?
+    else {
+        return Err(not_migrating(tenant));
+    };
+    let status = status_of(broker, &record);
+    if let Err(error) = driver::finish_cleanup(broker, &record).await {
+        let reason = format!("cleaning up: {error}");
+        tracing::warn!(%tenant, %reason, "tenant migration cleanup paused; will retry");
+        let record = update_record(broker.metadata(), tenant, |record| {
+            record.paused_reason = Some(reason.clone())
+        })?
+        .unwrap_or(record);
+        return Ok(status_of(broker, &record));
+    }
+    tracing::info!(%tenant, target = %record.target_cluster, "tenant migration cleaned up: the tenant is gone from this cluster");
+    Ok(status)
 }
 
 /// Aborts a migration before its redirect phase (`DELETE …/migration`): the source's tenant
@@ -651,9 +702,14 @@ fn status_of(broker: &Broker, record: &MigrationRecord) -> MigrationStatus {
             name: "done",
             state: state_of(phase == Phase::Done, phase == Phase::ConsumersRedirected),
             progress: format!(
-                "clients on {} {}",
+                "clients on {} {}{}",
                 record.source_cluster,
-                progress.producers_on_source + progress.consumers_on_source
+                progress.producers_on_source + progress.consumers_on_source,
+                if record.cleaning_up {
+                    "; cleaning up"
+                } else {
+                    ""
+                }
             ),
         },
     ];
