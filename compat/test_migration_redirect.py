@@ -336,3 +336,31 @@ def test_a_failure_mid_migration_pauses_it_and_no_client_is_sent_to_a_target_tha
     )
     consumer.stop()
     check_exactly_once({"work": expected}, history, order_group=lambda label, payload: payload)
+
+
+def test_a_producer_that_moves_is_not_stored_twice_when_it_resends(clusters_factory):
+    """The dedup gap of a move: a producer whose receipt the move cut off sends the message
+    again to the target, which already holds it by replication. The target learned the
+    producer's last sequence id from the replicated entries (de-duplication is off for the
+    namespace), so the resend is acknowledged, not stored twice."""
+    clusters = clusters_factory(names=("a", "b"))
+    namespace = clusters.create_replicated_namespace(clusters.new_namespace("dedup"), ["a", "b"])
+    topic = f"persistent://{namespace}/orders"
+    history = History()
+    on_a = clusters.client("a").create_producer(topic, producer_name="mover",
+                                                batching_enabled=False)
+    for counter in range(10):
+        history.send(on_a, "mover", "a", counter)
+    on_a.close()
+    clusters.read_all(history, "b", topic, 10, label="replicated")
+
+    # The same producer on b: it resumes after the replicated sequence, and a resend of an
+    # already stored message is not stored again.
+    on_b = clusters.client("b").create_producer(topic, producer_name="mover",
+                                                batching_enabled=False)
+    assert on_b.last_sequence_id() == 9
+    on_b.send(b"resent", sequence_id=5)
+    on_b.send(b"new", sequence_id=10)
+    stored = clusters.read_all(History(), "b", topic, 11, label="stored")
+    assert b"resent" not in stored, stored
+    assert stored.count(b"new") == 1 and len(stored) == 11, stored
