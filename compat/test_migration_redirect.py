@@ -71,6 +71,17 @@ class OutOfOrderConsumer(threading.Thread):
         assert not self.is_alive() and self.error is None, self.error
 
 
+def two_clusters_and_a_tenant_on_a(clusters_factory):
+    """Clusters `a` and `b`, and a new tenant with one namespace on `a` only: `(clusters,
+    tenant, namespace)`."""
+    clusters = clusters_factory(names=("a", "b"))
+    tenant = unique("move")
+    namespace = f"{tenant}/ns"
+    clusters.create_tenant(tenant, on=["a"], allowed=["a"])
+    clusters.admin("a", "PUT", f"/admin/v2/namespaces/{namespace}")
+    return clusters, tenant, namespace
+
+
 def client_names(stats: dict) -> tuple[list, int]:
     """The producers (not replicators) and the number of consumers in a topic's stats."""
     producers = [
@@ -82,11 +93,7 @@ def client_names(stats: dict) -> tuple[list, int]:
 
 
 def test_live_producers_and_consumers_follow_their_tenant_exactly_once(clusters_factory):
-    clusters = clusters_factory(names=("a", "b"))
-    tenant = unique("move")
-    namespace = f"{tenant}/ns"
-    clusters.create_tenant(tenant, on=["a"], allowed=["a"])
-    clusters.admin("a", "PUT", f"/admin/v2/namespaces/{namespace}")
+    clusters, tenant, namespace = two_clusters_and_a_tenant_on_a(clusters_factory)
     shared_topic = f"persistent://{namespace}/work"
     keyed_topic = f"persistent://{namespace}/keyed"
     # Another tenant on a, with live clients: it must keep working and stay on a.
@@ -249,11 +256,7 @@ def test_a_failure_mid_migration_pauses_it_and_no_client_is_sent_to_a_target_tha
     """Replication to the target cut after the fence, the source restarted meanwhile, then the
     target killed and back: the migration waits (producers fenced, none pointed at the target,
     nothing lost), goes on by itself, and every message is still delivered exactly once."""
-    clusters = clusters_factory(names=("a", "b"))
-    tenant = unique("move")
-    namespace = f"{tenant}/ns"
-    clusters.create_tenant(tenant, on=["a"], allowed=["a"])
-    clusters.admin("a", "PUT", f"/admin/v2/namespaces/{namespace}")
+    clusters, tenant, namespace = two_clusters_and_a_tenant_on_a(clusters_factory)
     topic = f"persistent://{namespace}/work"
     lookup_path = "/lookup/v2/topic/persistent/" + topic[len("persistent://"):]
     history = History()
@@ -299,7 +302,15 @@ def test_a_failure_mid_migration_pauses_it_and_no_client_is_sent_to_a_target_tha
     assert status == 409
 
     # The source restarts meanwhile: the fence is still in force (it is in the record), the
-    # producer cannot come back to a, lookups still answer a (b lacks the data).
+    # producer cannot come back to a, lookups still answer a (b lacks the data). (Restarted
+    # once the consumer acknowledged everything a holds: an acknowledgement in flight when a
+    # broker restarts is lost, and its message delivered again, migration or not.)
+    await_condition(
+        lambda: (lambda sub: sub["msgBacklog"] == 0 and sub["unackedMessages"] == 0)(
+            clusters.stats("a", topic)["subscriptions"]["work"]),
+        MIGRATION_TIMEOUT_S,
+        "the consumer to acknowledge everything a holds",
+    )
     clusters["a"].broker.restart()
     after = migration(clusters, tenant)
     assert after["phase"] == "subscriptionsSynced" and after["paused"], after

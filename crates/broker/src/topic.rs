@@ -17,8 +17,8 @@ use tokio::sync::oneshot;
 use crate::clock::{now_ms, now_rfc3339};
 use crate::context::TopicContext;
 use crate::dedup::{
-    highest_sequence, is_replication_key, learned_from, position_sequence, replication_key,
-    sequence_position, Dedup, Sequence, Verdict, DEDUP_CURSOR,
+    highest_sequence, is_replication_key, position_sequence, replication_key, sequence_position,
+    Dedup, Sequence, Verdict, DEDUP_CURSOR,
 };
 use crate::error::{BrokerError, Result};
 use crate::health::FailureKind;
@@ -539,8 +539,7 @@ impl Topic {
         let learned = request
             .origin
             .as_ref()
-            .and_then(|_| meridian_wire::entry_metadata(request.entry.clone()).ok())
-            .and_then(|metadata| learned_from(&metadata));
+            .and_then(|origin| origin.learned.clone());
         let pending = {
             let mut state = self.lock();
             let verdict = match (&dedup_key, state.dedup.as_mut()) {
@@ -1006,7 +1005,7 @@ fn recover_dedup(log: &Arc<Log>) -> Result<Dedup> {
                     &replication_key(&origin.cluster),
                     position_sequence(origin.position.ledger_id, origin.position.entry_id),
                 );
-                if let Some((key, highest)) = learned_from(&metadata) {
+                if let Some((key, highest)) = origin.learned {
                     dedup.persisted(&key, highest);
                 }
                 continue;

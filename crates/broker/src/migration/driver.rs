@@ -243,13 +243,11 @@ fn redirect_producers(
 ) -> std::result::Result<Duration, String> {
     let tenant = &record.tenant;
     if record.fenced_at_ms.is_none() {
-        if record.hold_before_redirect
-            || progress.subscriptions_synced != progress.subscriptions_total
-        {
-            // Held by the operator; or a subscription created since, whose state must reach
-            // the target too.
+        if record.hold_before_redirect {
             return Ok(TICK);
         }
+        // Subscriptions need not be synced again here: consumers keep acknowledging on the
+        // source, and the consumer phase waits for their final state on the target.
         update_record(broker.metadata(), tenant, |record| {
             record.fenced_at_ms.get_or_insert_with(now_ms);
         })
@@ -279,12 +277,8 @@ fn redirect_producers(
         }
         return Ok(TICK);
     }
-    set_phase(broker, tenant, Phase::ProducersRedirected)?;
     // Lookups redirect from here on (the phase is durable first).
-    let record = super::record(broker.metadata(), tenant)
-        .map_err(|error| error.to_string())?
-        .ok_or_else(|| "the migration record vanished".to_string())?;
-    install_redirect(broker, &record);
+    let record = enter_redirect_phase(broker, tenant, Phase::ProducersRedirected)?;
     for topic in &topics {
         topic.migrate_producers(&url);
     }
@@ -355,16 +349,7 @@ fn redirect_consumers(
     {
         return Ok(TICK);
     }
-    update_record(broker.metadata(), tenant, |record| {
-        record.phase = Phase::ConsumersRedirected;
-        record.phase_changed_at_ms = now_ms();
-        record.paused_reason = None;
-    })
-    .map_err(|error| error.to_string())?;
-    let record = super::record(broker.metadata(), tenant)
-        .map_err(|error| error.to_string())?
-        .ok_or_else(|| "the migration record vanished".to_string())?;
-    install_redirect(broker, &record);
+    let record = enter_redirect_phase(broker, tenant, Phase::ConsumersRedirected)?;
     for topic in &topics {
         for subscription in topic.subscriptions() {
             subscription.migrate_consumers(&url);
@@ -425,6 +410,20 @@ fn set_phase(broker: &Broker, tenant: &str, phase: Phase) -> std::result::Result
     })
     .map(|_| ())
     .map_err(|error| error.to_string())
+}
+
+/// Writes a redirect phase, then puts its redirect in force (durable first); returns the record.
+fn enter_redirect_phase(
+    broker: &Broker,
+    tenant: &str,
+    phase: Phase,
+) -> std::result::Result<MigrationRecord, String> {
+    set_phase(broker, tenant, phase)?;
+    let record = record(broker.metadata(), tenant)
+        .map_err(|error| error.to_string())?
+        .ok_or_else(|| "the migration record vanished".to_string())?;
+    install_redirect(broker, &record);
+    Ok(record)
 }
 
 /// Namespaces of the tenant whose replication list on the source lacks the target.

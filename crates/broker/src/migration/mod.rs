@@ -474,16 +474,25 @@ pub async fn cleanup(broker: &Arc<Broker>, tenant: &str) -> Result<MigrationStat
     };
     let status = status_of(broker, &record);
     if let Err(error) = driver::finish_cleanup(broker, &record).await {
-        let reason = format!("cleaning up: {error}");
-        tracing::warn!(%tenant, %reason, "tenant migration cleanup paused; will retry");
-        let record = update_record(broker.metadata(), tenant, |record| {
-            record.paused_reason = Some(reason.clone())
-        })?
-        .unwrap_or(record);
-        return Ok(status_of(broker, &record));
+        return paused(broker, record, format!("cleaning up: {error}"));
     }
     tracing::info!(%tenant, target = %record.target_cluster, "tenant migration cleaned up: the tenant is gone from this cluster");
     Ok(status)
+}
+
+/// An abort or cleanup that could not finish now: the reason goes to the record (the driver
+/// retries with backoff) and the status says why it waits.
+fn paused(
+    broker: &Arc<Broker>,
+    record: MigrationRecord,
+    reason: String,
+) -> Result<MigrationStatus> {
+    tracing::warn!(tenant = %record.tenant, %reason, "tenant migration paused; will retry");
+    let record = update_record(broker.metadata(), &record.tenant, |stored| {
+        stored.paused_reason = Some(reason.clone())
+    })?
+    .unwrap_or(record);
+    Ok(status_of(broker, &record))
 }
 
 /// Aborts a migration before its redirect phase (`DELETE …/migration`): the source's tenant
@@ -516,13 +525,7 @@ pub async fn abort(broker: &Arc<Broker>, tenant: &str) -> Result<MigrationStatus
     if let Err(error) = driver::finish_abort(broker, &record).await {
         // Typically the target unreachable while its copies are removed: the abort is recorded
         // and the driver finishes it (with backoff); the status says why it waits.
-        let reason = format!("aborting: {error}");
-        tracing::warn!(%tenant, %reason, "tenant migration abort paused; will retry");
-        let record = update_record(broker.metadata(), tenant, |record| {
-            record.paused_reason = Some(reason.clone())
-        })?
-        .unwrap_or(record);
-        return Ok(status_of(broker, &record));
+        return paused(broker, record, format!("aborting: {error}"));
     }
     tracing::info!(%tenant, target = %record.target_cluster, "tenant migration aborted");
     Ok(status)
@@ -611,6 +614,8 @@ pub fn progress(broker: &Broker, record: &MigrationRecord) -> Progress {
 fn status_of(broker: &Broker, record: &MigrationRecord) -> MigrationStatus {
     let progress = progress(broker, record);
     let phase = record.phase;
+    // The migration reached `reached` (an abort reaches nothing).
+    let past = |reached: Phase| phase >= reached && phase != Phase::Aborting;
     let state_of = |phase_reached: bool, running: bool| {
         if phase_reached {
             "done"
@@ -623,10 +628,7 @@ fn status_of(broker: &Broker, record: &MigrationRecord) -> MigrationStatus {
     let phases = vec![
         PhaseLine {
             name: "metadataCopied",
-            state: state_of(
-                phase >= Phase::Replicating && phase != Phase::Aborting,
-                phase == Phase::CopyingMetadata,
-            ),
+            state: state_of(past(Phase::Replicating), phase == Phase::CopyingMetadata),
             progress: format!(
                 "namespaces replicating to {} {}/{}",
                 record.target_cluster, progress.namespaces_replicating, progress.namespaces_total
@@ -634,10 +636,7 @@ fn status_of(broker: &Broker, record: &MigrationRecord) -> MigrationStatus {
         },
         PhaseLine {
             name: "replicating",
-            state: state_of(
-                phase >= Phase::CaughtUp && phase != Phase::Aborting,
-                phase == Phase::Replicating,
-            ),
+            state: state_of(past(Phase::CaughtUp), phase == Phase::Replicating),
             progress: format!(
                 "topics replicating {}/{}",
                 progress.topics_replicating, progress.topics_total
@@ -645,7 +644,7 @@ fn status_of(broker: &Broker, record: &MigrationRecord) -> MigrationStatus {
         },
         PhaseLine {
             name: "caughtUp",
-            state: state_of(phase >= Phase::CaughtUp && phase != Phase::Aborting, false),
+            state: state_of(past(Phase::CaughtUp), false),
             progress: format!(
                 "backlog {} bytes ({} entries) left",
                 progress.backlog_bytes, progress.backlog_entries
@@ -653,10 +652,7 @@ fn status_of(broker: &Broker, record: &MigrationRecord) -> MigrationStatus {
         },
         PhaseLine {
             name: "subscriptionsSynced",
-            state: state_of(
-                phase >= Phase::SubscriptionsSynced && phase != Phase::Aborting,
-                phase == Phase::CaughtUp,
-            ),
+            state: state_of(past(Phase::SubscriptionsSynced), phase == Phase::CaughtUp),
             progress: format!(
                 "subscriptions synced {}/{}",
                 progress.subscriptions_synced, progress.subscriptions_total
@@ -665,7 +661,7 @@ fn status_of(broker: &Broker, record: &MigrationRecord) -> MigrationStatus {
         PhaseLine {
             name: "producersRedirected",
             state: state_of(
-                phase >= Phase::ProducersRedirected && phase != Phase::Aborting,
+                past(Phase::ProducersRedirected),
                 phase == Phase::SubscriptionsSynced,
             ),
             progress: match record.fenced_at_ms {
@@ -688,7 +684,7 @@ fn status_of(broker: &Broker, record: &MigrationRecord) -> MigrationStatus {
         PhaseLine {
             name: "consumersRedirected",
             state: state_of(
-                phase >= Phase::ConsumersRedirected && phase != Phase::Aborting,
+                past(Phase::ConsumersRedirected),
                 phase == Phase::ProducersRedirected,
             ),
             progress: format!(
