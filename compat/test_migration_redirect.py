@@ -26,6 +26,7 @@ from replication_harness import (
 
 RATE = 40.0  # messages per second per producer: the load runs across the whole migration
 KEYS = 5
+PARTITIONS = 2
 MIGRATION_TIMEOUT_S = 90.0
 
 
@@ -95,7 +96,9 @@ def client_names(stats: dict) -> tuple[list, int]:
 def test_live_producers_and_consumers_follow_their_tenant_exactly_once(clusters_factory):
     clusters, tenant, namespace = two_clusters_and_a_tenant_on_a(clusters_factory)
     shared_topic = f"persistent://{namespace}/work"
-    keyed_topic = f"persistent://{namespace}/keyed"
+    keyed_topic = f"persistent://{namespace}/keyed"  # partitioned: each partition moves
+    clusters.create_partitioned_topic("a", keyed_topic, PARTITIONS)
+    keyed_partitions = [f"{keyed_topic}-partition-{index}" for index in range(PARTITIONS)]
     # Another tenant on a, with live clients: it must keep working and stay on a.
     bystander = unique("stay")
     clusters.create_tenant(bystander, on=["a"], allowed=["a"])
@@ -171,7 +174,9 @@ def test_live_producers_and_consumers_follow_their_tenant_exactly_once(clusters_
 
     # Every client of the tenant is on b (the producers still sending), none on a; the
     # bystander's are on a.
-    for topic, producer, consumer_count in ((shared_topic, "work", 2), (keyed_topic, "keyed", 2)):
+    for topic, producer, consumer_count in [(shared_topic, "work", 2)] + [
+        (partition, "keyed", 2) for partition in keyed_partitions
+    ]:
         await_condition(
             lambda: client_names(clusters.stats("b", topic)) == ([producer], consumer_count),
             REPLICATION_TIMEOUT_S,
@@ -223,7 +228,7 @@ def test_live_producers_and_consumers_follow_their_tenant_exactly_once(clusters_
     assert tenant_bytes(clusters, "a", tenant) > 0
     clusters.admin("a", "POST", f"/admin/v2/tenants/{tenant}/migration/cleanup")
     assert tenant_bytes(clusters, "a", tenant) == 0
-    for topic in (shared_topic, keyed_topic):
+    for topic in [shared_topic] + keyed_partitions:
         status, _ = clusters.call("a", "GET", topic_stats_path(topic))
         assert status == 404, topic
         assert clusters.stats("b", topic)["subscriptions"], topic
