@@ -25,6 +25,9 @@ const TICK: Duration = Duration::from_millis(500);
 /// before it moves the consumers anyway (what is still unacknowledged is delivered again on
 /// the target, as on any reconnect).
 const ACK_WAIT: Duration = Duration::from_secs(10);
+/// How long a cleanup waits for the target's replicators to the source to stop before it
+/// pauses (and retries).
+const REPLICATORS_GONE_WAIT: Duration = Duration::from_secs(10);
 /// How often a finished migration looks for clients left on the source.
 const DONE_TICK: Duration = Duration::from_secs(5);
 /// Retry delays of a paused migration.
@@ -606,6 +609,21 @@ pub(super) async fn finish_cleanup(broker: &Arc<Broker>, record: &MigrationRecor
         None => {
             tracing::warn!(%tenant, target = %record.target_cluster, "the target is no longer registered: its replication lists are left as they are");
         }
+    }
+    // The target's replicators stop by themselves once it no longer lists the source; delete
+    // nothing under them (a replicator mid-write would meet a closing log).
+    let deadline = tokio::time::Instant::now() + REPLICATORS_GONE_WAIT;
+    while tenant_topics(broker, tenant)
+        .iter()
+        .any(|topic| topic.producer_count() > 0)
+    {
+        if tokio::time::Instant::now() >= deadline {
+            return Err(BrokerError::Conflict(format!(
+                "{} still replicates the tenant to this cluster",
+                record.target_cluster
+            )));
+        }
+        tokio::time::sleep(TICK / 5).await;
     }
     for local in &locals {
         let mut changed = false;
