@@ -84,6 +84,7 @@ impl From<BrokerError> for ApiError {
             | BrokerError::IncompatibleSchema(_) => StatusCode::BAD_REQUEST,
             BrokerError::ShuttingDown
             | BrokerError::BeingCreatedOrDeleted(_)
+            | BrokerError::TenantMigrated(_)
             | BrokerError::TooManyLoadedTopics { .. } => StatusCode::SERVICE_UNAVAILABLE,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         };

@@ -3,7 +3,7 @@
 
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{Path, State};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use meridian_broker::migration::{self, MigrationStatus};
 use serde::Deserialize;
@@ -11,10 +11,19 @@ use serde::Deserialize;
 use crate::{body, ApiResult, AppState};
 
 pub fn routes() -> Router<AppState> {
-    Router::new().route(
-        "/admin/v2/tenants/{tenant}/migration",
-        get(status).post(start).delete(abort),
-    )
+    Router::new()
+        .route(
+            "/admin/v2/tenants/{tenant}/migration",
+            get(status).post(start).delete(abort),
+        )
+        .route(
+            "/admin/v2/tenants/{tenant}/migration/redirect",
+            post(release),
+        )
+        .route(
+            "/admin/v2/tenants/{tenant}/migration/cleanup",
+            post(cleanup),
+        )
 }
 
 #[derive(Deserialize)]
@@ -22,6 +31,9 @@ pub fn routes() -> Router<AppState> {
 struct StartRequest {
     #[serde(default)]
     target_cluster: String,
+    /// Stop before the redirect until `POST …/migration/redirect`.
+    #[serde(default)]
+    hold_before_redirect: bool,
 }
 
 async fn start(
@@ -34,6 +46,7 @@ async fn start(
         &broker,
         &tenant,
         &request.target_cluster,
+        request.hold_before_redirect,
     )?))
 }
 
@@ -42,6 +55,20 @@ async fn status(
     Path(tenant): Path<String>,
 ) -> ApiResult<Json<MigrationStatus>> {
     Ok(Json(migration::status(&broker, &tenant)?))
+}
+
+async fn release(
+    State(broker): State<AppState>,
+    Path(tenant): Path<String>,
+) -> ApiResult<Json<MigrationStatus>> {
+    Ok(Json(migration::release(&broker, &tenant)?))
+}
+
+async fn cleanup(
+    State(broker): State<AppState>,
+    Path(tenant): Path<String>,
+) -> ApiResult<Json<MigrationStatus>> {
+    Ok(Json(migration::cleanup(&broker, &tenant).await?))
 }
 
 async fn abort(

@@ -9,7 +9,6 @@ use axum::{Json, Router};
 use meridian_broker::resources::{
     AutoTopicCreationOverride, BacklogQuota, DispatchRate, Policies, RetentionPolicies,
 };
-use meridian_broker::TopicName;
 use serde::Deserialize;
 use serde_json::Value;
 
@@ -135,22 +134,7 @@ async fn delete(
             ),
         ));
     }
-    for topic in topics {
-        let name = TopicName::parse(&topic)?;
-        if name.partition_index().is_some() && broker.partition_count(&name.base())?.is_some() {
-            continue;
-        }
-        broker.delete_topic(&name, true).await?;
-    }
-    for base in broker
-        .metadata()
-        .children(&format!("/partitioned-topics/{tenant}/{namespace}"))
-        .map_err(meridian_broker::BrokerError::from)?
-    {
-        let name = TopicName::parse(&format!("persistent://{tenant}/{namespace}/{base}"))?;
-        broker.delete_partitioned_topic(&name, true).await?;
-    }
-    broker.resources().delete_namespace(&tenant, &namespace)?;
+    broker.delete_namespace(&tenant, &namespace).await?;
     Ok(())
 }
 

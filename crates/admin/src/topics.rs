@@ -1177,6 +1177,14 @@ async fn lookup(
 ) -> ApiResult<Json<Value>> {
     let name = topic_name(&tenant, &namespace, &topic)?;
     require_namespace(&broker, &name)?;
+    // A tenant that moved (or is moving) to another cluster: that cluster's URLs.
+    if let Some(redirect) = meridian_broker::migration::redirect(&broker, &name) {
+        return Ok(Json(json!({
+            "brokerUrl": redirect.broker_service_url,
+            "httpUrl": redirect.service_url,
+            "nativeUrl": redirect.broker_service_url,
+        })));
+    }
     let config = broker.config();
     Ok(Json(json!({
         "brokerUrl": config.broker_service_url,

@@ -710,6 +710,25 @@ impl Broker {
         Ok(())
     }
 
+    /// Deletes a namespace with every topic in it (their logs too), whatever clients they have.
+    pub async fn delete_namespace(&self, tenant: &str, namespace: &str) -> Result<()> {
+        for topic in self.topics_of_namespace(&format!("{tenant}/{namespace}"))? {
+            let name = TopicName::parse(&topic)?;
+            if name.partition_index().is_some() && self.partition_count(&name.base())?.is_some() {
+                continue;
+            }
+            self.delete_topic(&name, true).await?;
+        }
+        for base in self
+            .metadata
+            .children(&format!("/partitioned-topics/{tenant}/{namespace}"))?
+        {
+            let name = TopicName::parse(&format!("persistent://{tenant}/{namespace}/{base}"))?;
+            self.delete_partitioned_topic(&name, true).await?;
+        }
+        self.resources().delete_namespace(tenant, namespace)
+    }
+
     /// Deletes a partitioned topic: its partitions, then its metadata.
     pub async fn delete_partitioned_topic(&self, name: &TopicName, force: bool) -> Result<()> {
         let partitions = self.partition_count(name)?.ok_or_else(|| {

@@ -26,6 +26,36 @@ pub const DEDUP_CURSOR: &str = "pulsar.dedup";
 /// Prefix of replicator producer names and of the de-duplication keys of replicated entries.
 pub const REPLICATOR_PREFIX: &str = "pulsar.repl.";
 
+/// Prefix of the keys that remember, per producer name, the highest sequence id of the entries
+/// replicated here from other clusters: a producer that moves here with its tenant
+/// (`docs/migration.md`) resumes from it, so a message it sends again after the move is not
+/// stored twice.
+pub const LEARNED_PREFIX: &str = "pulsar.learned.";
+
+/// The key under which a replicated producer's last sequence id is remembered.
+pub fn learned_key(producer_name: &str) -> String {
+    format!("{LEARNED_PREFIX}{producer_name}")
+}
+
+/// The highest sequence id an entry carries (the last message of a batch).
+pub fn highest_sequence(metadata: &meridian_wire::proto::MessageMetadata) -> Sequence {
+    let messages = u64::try_from(metadata.num_messages_in_batch.unwrap_or(1).max(1)).unwrap_or(1);
+    let batch_last = metadata.sequence_id.saturating_add(messages - 1);
+    Sequence::from(batch_last.max(metadata.highest_sequence_id.unwrap_or(0)))
+}
+
+/// What a replicated entry teaches about its producer: `(learned key, highest sequence id)`;
+/// `None` for the broker's own entries (markers, replicators).
+pub fn learned_from(
+    metadata: &meridian_wire::proto::MessageMetadata,
+) -> Option<(String, Sequence)> {
+    let name = &metadata.producer_name;
+    if name.is_empty() || name.starts_with("pulsar.") {
+        return None;
+    }
+    Some((learned_key(name), highest_sequence(metadata)))
+}
+
 /// A de-duplication sequence: a producer's sequence id, or a packed origin position.
 pub type Sequence = u128;
 
@@ -146,10 +176,21 @@ impl Dedup {
             .unwrap_or(-1)
     }
 
+    /// A local producer named like one whose entries were replicated here takes over its
+    /// sequence (it moved here with its tenant): returns whether there was one to take over.
+    pub fn adopt(&mut self, producer_name: &str) -> bool {
+        let Some(learned) = self.persisted.get(&learned_key(producer_name)).copied() else {
+            return false;
+        };
+        self.persisted(producer_name, learned);
+        true
+    }
+
     /// Keeps only the replication keys (de-duplication is off for the namespace).
     pub fn retain_replication(&mut self) {
-        self.pushed.retain(|name, _| is_replication_key(name));
-        self.persisted.retain(|name, _| is_replication_key(name));
+        let keep = |name: &String| is_replication_key(name) || name.starts_with(LEARNED_PREFIX);
+        self.pushed.retain(|name, _| keep(name));
+        self.persisted.retain(|name, _| keep(name));
     }
 
     /// Whether any replication key is tracked.
@@ -220,6 +261,19 @@ mod tests {
             "a resent entry is a duplicate whatever it names as previous"
         );
         assert_eq!(sequence_position(third), (5, 0));
+    }
+
+    #[test]
+    fn a_producer_that_moved_here_resumes_its_replicated_sequence() {
+        let mut dedup = Dedup::default();
+        assert!(!dedup.adopt("orders"), "nothing replicated from it");
+        dedup.persisted(&learned_key("orders"), 41);
+        let mut restored = Dedup::from_snapshot(&dedup.snapshot());
+        restored.retain_replication();
+        assert!(restored.adopt("orders"));
+        assert_eq!(restored.last_sequence_id("orders"), 41);
+        assert_eq!(restored.check("orders", 41, 41), Verdict::Duplicate);
+        assert_eq!(restored.check("orders", 42, 42), Verdict::New);
     }
 
     #[test]

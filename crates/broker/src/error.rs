@@ -59,6 +59,10 @@ pub enum BrokerError {
     /// retry, so the reason reaches the application at once (see `health`).
     #[error("topic {topic} is unavailable: {reason}")]
     TopicUnavailable { topic: String, reason: String },
+    /// The topic's tenant moved to another cluster (or is moving, `crate::migration`): clients
+    /// retry (ServiceNotReady), look the topic up again and are redirected.
+    #[error("{0}")]
+    TenantMigrated(String),
     #[error("{0}")]
     Unknown(String),
 }
@@ -87,6 +91,7 @@ impl BrokerError {
             BrokerError::Metadata(_) => ServerError::MetadataError,
             BrokerError::ShuttingDown
             | BrokerError::BeingCreatedOrDeleted(_)
+            | BrokerError::TenantMigrated(_)
             | BrokerError::TooManyLoadedTopics { .. } => ServerError::ServiceNotReady,
             BrokerError::TopicTerminated(_) => ServerError::TopicTerminatedError,
             BrokerError::NotFound(_) => ServerError::TopicNotFound,

@@ -107,6 +107,8 @@ pub struct NewConsumer {
     pub replicate_state: bool,
     pub address: String,
     pub client_version: String,
+    /// The protocol version the client's connection negotiated (TOPIC_MIGRATED needs 20).
+    pub protocol_version: i32,
 }
 
 struct ConsumerSlot {
@@ -128,6 +130,7 @@ struct ConsumerSlot {
     client_version: String,
     connected_since: String,
     meter: Meter,
+    protocol_version: i32,
 }
 
 struct Pending {
@@ -181,6 +184,8 @@ pub struct Subscription {
     /// Wakes the dispatcher; shared with the connections it skipped because they were full.
     wake: Arc<Notify>,
     stopped: AtomicBool,
+    /// A tenant migration stopped dispatch here (`crate::migration`): nothing more is sent.
+    dispatch_paused: AtomicBool,
     meter_out: Meter,
     redelivered: Meter,
     /// The topic's termination flag.
@@ -274,6 +279,7 @@ impl Subscription {
             config,
             wake: Arc::new(Notify::new()),
             stopped: AtomicBool::new(false),
+            dispatch_paused: AtomicBool::new(false),
             meter_out: Meter::default(),
             redelivered: Meter::default(),
             terminated,
@@ -359,6 +365,38 @@ impl Subscription {
         self.lock().consumers.len()
     }
 
+    /// Tenant migration: dispatches nothing more (for good: the consumers move elsewhere).
+    pub(crate) fn pause_dispatch(&self) {
+        self.dispatch_paused.store(true, Ordering::SeqCst);
+    }
+
+    /// Messages delivered to consumers and not acknowledged yet.
+    pub(crate) fn delivered_unacknowledged(&self) -> usize {
+        self.lock().pending.len()
+    }
+
+    /// Tenant migration: tells every consumer to move to `broker_service_url` (TOPIC_MIGRATED to
+    /// clients of protocol 20 or later) and closes it (CLOSE_CONSUMER).
+    pub(crate) fn migrate_consumers(&self, broker_service_url: &str) {
+        let moved: Vec<(OutboundSender, Outbound)> = self
+            .lock()
+            .consumers
+            .iter()
+            .filter(|consumer| consumer.protocol_version >= 20)
+            .map(|consumer| {
+                let command = crate::topic::topic_migrated(
+                    consumer.consumer_id,
+                    meridian_wire::proto::command_topic_migrated::ResourceType::Consumer,
+                    broker_service_url,
+                );
+                (consumer.sink.clone(), command_frame(&command))
+            })
+            .collect();
+        send_now(moved);
+        let frames = self.close_all_consumers();
+        send_now(frames);
+    }
+
     /// Stops the dispatcher and closes every consumer (CLOSE_CONSUMER is sent to each).
     pub(crate) fn stop(&self) {
         self.stopped.store(true, Ordering::SeqCst);
@@ -423,6 +461,7 @@ impl Subscription {
                 client_version: consumer.client_version,
                 connected_since: crate::clock::now_rfc3339(),
                 meter: Meter::default(),
+                protocol_version: consumer.protocol_version,
             });
             self.membership_changed(&mut state, &mut frames);
         }
@@ -837,6 +876,9 @@ impl Subscription {
     }
 
     async fn dispatch_round(&self) -> Round {
+        if self.dispatch_paused.load(Ordering::SeqCst) {
+            return Round::Idle { wake_at_ms: None };
+        }
         let (plan, generation) = {
             let mut state = self.lock();
             let now = now_ms();

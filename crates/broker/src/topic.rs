@@ -17,8 +17,8 @@ use tokio::sync::oneshot;
 use crate::clock::{now_ms, now_rfc3339};
 use crate::context::TopicContext;
 use crate::dedup::{
-    is_replication_key, position_sequence, replication_key, sequence_position, Dedup, Sequence,
-    Verdict, DEDUP_CURSOR,
+    highest_sequence, is_replication_key, position_sequence, replication_key, sequence_position,
+    Dedup, Sequence, Verdict, DEDUP_CURSOR,
 };
 use crate::error::{BrokerError, Result};
 use crate::health::FailureKind;
@@ -31,7 +31,9 @@ use crate::resources::{BacklogQuotaPolicy, DispatchRate, EffectivePolicies, Rete
 use crate::stats::{self, Meter, PublisherStats, ReplicatorStats, SubscriptionStats, TopicStats};
 use crate::subscription::{NewConsumer, StartPosition, Subscription, SubscriptionType};
 use crate::topic_name::TopicName;
-use meridian_wire::proto::{base_command, BaseCommand, CommandCloseProducer};
+use meridian_wire::proto::{
+    base_command, command_topic_migrated, BaseCommand, CommandCloseProducer, CommandTopicMigrated,
+};
 
 /// Pulsar's producer access modes (wire values 0..=3).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -80,6 +82,8 @@ pub struct NewProducer {
     pub closed: Arc<AtomicBool>,
     pub address: String,
     pub client_version: String,
+    /// The protocol version the client's connection negotiated (TOPIC_MIGRATED needs 20).
+    pub protocol_version: i32,
 }
 
 /// The replicators a topic should run.
@@ -147,7 +151,7 @@ pub(crate) fn check_subscription_name(name: &str) -> std::result::Result<(), Str
 /// sends in flight), it hands the append to a task that finishes the job.
 struct AppendCompletion {
     topic: Arc<Topic>,
-    persisted: Option<(String, Sequence)>,
+    persisted: Vec<(String, Sequence)>,
     pending: Option<meridian_storage::PendingAppend>,
 }
 
@@ -166,7 +170,7 @@ impl Future for AppendCompletion {
             return std::task::Poll::Pending;
         };
         self.pending = None;
-        let persisted = self.persisted.take();
+        let persisted = std::mem::take(&mut self.persisted);
         self.topic
             .append_completed(persisted, position, result.is_ok());
         std::task::Poll::Ready(
@@ -183,7 +187,7 @@ impl Drop for AppendCompletion {
             return;
         };
         let topic = self.topic.clone();
-        let persisted = self.persisted.take();
+        let persisted = std::mem::take(&mut self.persisted);
         let position = pending.position();
         let finish = async move {
             let result = pending.await;
@@ -212,6 +216,10 @@ struct ProducerEntry {
     client_version: String,
     connected_since: String,
     meter: Arc<Meter>,
+    protocol_version: i32,
+    /// Its name is one whose entries were replicated here: it moved here with its tenant and
+    /// resumes that sequence, de-duplicated even where the namespace does not de-duplicate.
+    resumes: bool,
 }
 
 struct Waiting {
@@ -436,6 +444,7 @@ impl Topic {
             self.log.persist_cursors()?;
             state.dedup = Some(Dedup::default());
         }
+        let resumes = !replicator && state.dedup.as_mut().is_some_and(|dedup| dedup.adopt(&name));
         let last_sequence_id = match &state.dedup {
             Some(dedup) if !replicator => dedup.last_sequence_id(&name),
             _ => -1,
@@ -475,6 +484,8 @@ impl Topic {
             client_version: request.client_version,
             connected_since: now_rfc3339(),
             meter: Arc::new(Meter::default()),
+            protocol_version: request.protocol_version,
+            resumes,
         };
         if request.mode == AccessMode::WaitForExclusive && !state.producers.is_empty() {
             let (sender, receiver) = oneshot::channel();
@@ -524,14 +535,19 @@ impl Topic {
             return Err(BrokerError::TopicTerminated(self.full_name.clone()));
         }
         // Replicated entries are always de-duplicated by origin position; local ones by
-        // sequence id when the namespace asks for it.
+        // sequence id when the namespace asks for it, or when the producer moved here.
+        let resumes = self
+            .lock()
+            .producers
+            .get(&producer_key)
+            .is_some_and(|producer| producer.resumes);
         let dedup_key = match &request.origin {
             Some(origin) => {
                 let sequence =
                     position_sequence(origin.position.ledger_id, origin.position.entry_id);
                 Some((replication_key(&origin.cluster), sequence, sequence))
             }
-            None if self.deduplication => {
+            None if self.deduplication || resumes => {
                 let highest = request.sequence_id.max(request.highest_sequence_id);
                 Some((
                     producer_name.to_string(),
@@ -541,6 +557,11 @@ impl Topic {
             }
             None => None,
         };
+        // A replicated entry also teaches the last sequence id of its producer.
+        let learned = request
+            .origin
+            .as_ref()
+            .and_then(|origin| origin.learned.clone());
         let pending = {
             let mut state = self.lock();
             let verdict = match (&dedup_key, state.dedup.as_mut()) {
@@ -594,7 +615,11 @@ impl Topic {
         };
         Ok(Box::pin(AppendCompletion {
             topic: self.clone(),
-            persisted: dedup_key.map(|(key, _, highest)| (key, highest)),
+            persisted: dedup_key
+                .map(|(key, _, highest)| (key, highest))
+                .into_iter()
+                .chain(learned)
+                .collect(),
             pending: Some(pending),
         }))
     }
@@ -602,7 +627,7 @@ impl Topic {
     /// Records a finished append: `persisted` is its de-duplication key and sequence.
     fn append_completed(
         &self,
-        persisted: Option<(String, Sequence)>,
+        persisted: Vec<(String, Sequence)>,
         position: Position,
         succeeded: bool,
     ) {
@@ -616,7 +641,7 @@ impl Topic {
             dedup.reset_pushed();
             return;
         }
-        if let Some((key, sequence)) = persisted {
+        for (key, sequence) in persisted {
             dedup.persisted(&key, sequence);
         }
         dedup.entries_since_snapshot += 1;
@@ -1002,12 +1027,12 @@ fn recover_dedup(log: &Arc<Log>) -> Result<Dedup> {
                     &replication_key(&origin.cluster),
                     position_sequence(origin.position.ledger_id, origin.position.entry_id),
                 );
+                if let Some((key, highest)) = origin.learned {
+                    dedup.persisted(&key, highest);
+                }
                 continue;
             }
-            let batch_last = metadata.sequence_id
-                + (metadata.num_messages_in_batch.unwrap_or(1).max(1) as u64 - 1);
-            let highest = batch_last.max(metadata.highest_sequence_id.unwrap_or(0));
-            dedup.persisted(&metadata.producer_name, Sequence::from(highest));
+            dedup.persisted(&metadata.producer_name, highest_sequence(&metadata));
         }
         next = log.next_position(last);
     }
@@ -1016,6 +1041,37 @@ fn recover_dedup(log: &Arc<Log>) -> Result<Dedup> {
 
 /// Storage retention from Pulsar's retention policies (-1 unlimited; none set: keep nothing
 /// that every cursor acknowledged).
+fn close_producer(producer_id: u64) -> BaseCommand {
+    BaseCommand {
+        r#type: base_command::Type::CloseProducer as i32,
+        close_producer: Some(CommandCloseProducer {
+            producer_id,
+            request_id: 0,
+            ..CommandCloseProducer::default()
+        }),
+        ..BaseCommand::default()
+    }
+}
+
+/// PIP-188's TOPIC_MIGRATED: the producer or consumer `resource_id` is to reconnect at
+/// `broker_service_url`.
+pub(crate) fn topic_migrated(
+    resource_id: u64,
+    resource_type: command_topic_migrated::ResourceType,
+    broker_service_url: &str,
+) -> BaseCommand {
+    BaseCommand {
+        r#type: base_command::Type::TopicMigrated as i32,
+        topic_migrated: Some(CommandTopicMigrated {
+            resource_id,
+            resource_type: resource_type as i32,
+            broker_service_url: Some(broker_service_url.to_string()),
+            broker_service_url_tls: None,
+        }),
+        ..BaseCommand::default()
+    }
+}
+
 pub fn retention_of(policies: Option<RetentionPolicies>) -> meridian_storage::Retention {
     let Some(policies) = policies else {
         return meridian_storage::Retention::default();
@@ -1255,18 +1311,78 @@ impl Topic {
         let mut state = self.lock();
         for (_, producer) in state.producers.drain() {
             producer.closed.store(true, Ordering::SeqCst);
-            let command = BaseCommand {
-                r#type: base_command::Type::CloseProducer as i32,
-                close_producer: Some(CommandCloseProducer {
-                    producer_id: producer.producer_id,
-                    request_id: 0,
-                    ..CommandCloseProducer::default()
-                }),
-                ..BaseCommand::default()
-            };
-            let _ = producer.sink.try_send(command_frame(&command));
+            let _ = producer
+                .sink
+                .try_send(command_frame(&close_producer(producer.producer_id)));
         }
         state.waiting_for_exclusive.clear();
+    }
+
+    /// Tenant migration fence (`crate::migration`): the SENDs of this topic's producers are
+    /// dropped from now on, unanswered (their clients resend them where they reconnect);
+    /// replicators keep writing. Returns how many producers it fenced.
+    pub(crate) fn fence_producers(&self) -> usize {
+        let state = self.lock();
+        let mut fenced = 0;
+        for producer in state.producers.values() {
+            if !is_replication_key(&producer.name) {
+                producer.closed.store(true, Ordering::SeqCst);
+                fenced += 1;
+            }
+        }
+        fenced
+    }
+
+    /// Tells this topic's producers (not replicators) to move to `broker_service_url`:
+    /// TOPIC_MIGRATED to clients of protocol 20 or later, then CLOSE_PRODUCER to every one.
+    pub(crate) fn migrate_producers(&self, broker_service_url: &str) {
+        let mut state = self.lock();
+        let moving: Vec<u64> = state
+            .producers
+            .iter()
+            .filter(|(_, producer)| !is_replication_key(&producer.name))
+            .map(|(key, _)| *key)
+            .collect();
+        for key in moving {
+            let Some(producer) = state.producers.remove(&key) else {
+                continue;
+            };
+            producer.closed.store(true, Ordering::SeqCst);
+            if producer.protocol_version >= 20 {
+                let _ = producer.sink.try_send(command_frame(&topic_migrated(
+                    producer.producer_id,
+                    command_topic_migrated::ResourceType::Producer,
+                    broker_service_url,
+                )));
+            }
+            let _ = producer
+                .sink
+                .try_send(command_frame(&close_producer(producer.producer_id)));
+        }
+        state
+            .waiting_for_exclusive
+            .retain(|waiting| is_replication_key(&waiting.entry.name));
+    }
+
+    /// The producers (not replicators) and consumers connected to this topic.
+    pub(crate) fn client_counts(&self) -> (usize, usize) {
+        let state = self.lock();
+        let producers = state
+            .producers
+            .values()
+            .filter(|producer| !is_replication_key(&producer.name))
+            .count();
+        let consumers = state
+            .subscriptions
+            .values()
+            .map(|subscription| subscription.consumer_count())
+            .sum();
+        (producers, consumers)
+    }
+
+    /// The subscriptions of this topic.
+    pub(crate) fn subscriptions(&self) -> Vec<Arc<Subscription>> {
+        self.lock().subscriptions.values().cloned().collect()
     }
 
     /// Closes every producer and consumer (they reconnect) and stops dispatch: an unload.

@@ -62,6 +62,7 @@ fn new_producer(sink: OutboundSender, id: u64) -> NewProducer {
         closed: Arc::new(AtomicBool::new(false)),
         address: "test".into(),
         client_version: "test".into(),
+        protocol_version: 20,
     }
 }
 

@@ -153,20 +153,34 @@ enum TenantVerb {
     ///
     /// Example: meridian admin tenants delete acme
     Delete { tenant: String },
-    /// Migrate a tenant from this cluster to another one: start it (`--to`), show its
-    /// progress phase by phase (`--status`), or abort it (`--abort`).
+    /// Migrate a tenant from this cluster to another one: start it (`--to`, with `--hold` to
+    /// stop before its clients are redirected), release a held one (`--redirect`), show its
+    /// progress phase by phase (`--status`), abort it (`--abort`, before the redirect), or
+    /// remove the tenant from this cluster once it is done (`--cleanup`).
     ///
     /// Example: meridian admin tenants migrate acme --to east
     Migrate(MigrateArgs),
 }
 
 #[derive(Args)]
-#[command(group(clap::ArgGroup::new("action").required(true).args(["to", "status", "abort"])))]
+#[command(group(clap::ArgGroup::new("action").required(true).args(["to", "status", "abort", "redirect", "cleanup"])))]
 struct MigrateArgs {
     tenant: String,
     /// The cluster to move the tenant to (registered on this cluster).
     #[arg(long)]
     to: Option<String>,
+    /// With --to: stop before redirecting the tenant's clients (once the target holds its
+    /// messages and subscription state) until --redirect.
+    #[arg(long, requires = "to")]
+    hold: bool,
+    /// Release a migration held before its redirect (started with --hold).
+    #[arg(long)]
+    redirect: bool,
+    /// Once the migration is done and no client of the tenant is left on this cluster:
+    /// delete the tenant's topics, namespaces and the tenant here (freeing their disk), and
+    /// take this cluster out of the target's replication lists.
+    #[arg(long)]
+    cleanup: bool,
     /// Show the migration's phase and progress.
     #[arg(long)]
     status: bool,
@@ -689,10 +703,20 @@ pub fn run(arguments: AdminArgs) -> anyhow::Result<()> {
             }
             TenantVerb::Migrate(migrate) => {
                 let path = format!("/admin/v2/tenants/{}/migration", migrate.tenant);
-                let request = match (migrate.to, migrate.abort) {
-                    (Some(target), _) => ("POST", path, Some(json!({ "targetCluster": target }))),
-                    (None, true) => ("DELETE", path, None),
-                    (None, false) => ("GET", path, None),
+                let request = match (migrate.to, migrate.abort, migrate.redirect) {
+                    (Some(target), _, _) => (
+                        "POST",
+                        path,
+                        Some(
+                            json!({ "targetCluster": target, "holdBeforeRedirect": migrate.hold }),
+                        ),
+                    ),
+                    (None, true, _) => ("DELETE", path, None),
+                    (None, false, true) => ("POST", format!("{path}/redirect"), None),
+                    (None, false, false) if migrate.cleanup => {
+                        ("POST", format!("{path}/cleanup"), None)
+                    }
+                    (None, false, false) => ("GET", path, None),
                 };
                 migration_view = true;
                 request

@@ -1,7 +1,8 @@
 //! Tenant migration (`docs/migration.md`) through the admin API and `meridian admin tenants
 //! migrate`, against real brokers: validation with clear reasons, the durable record, a target
 //! that is down (the migration pauses, survives a restart of the source, and goes on when the
-//! target is back), and an abort that puts the source's settings back.
+//! target is back), an abort that puts the source's settings back; then a migration held
+//! before its redirect, released, run to the end, refused an abort, and cleaned up.
 
 mod common;
 
@@ -69,7 +70,10 @@ fn migration_is_validated_durable_resumed_and_aborted() {
             b.web_port, b.broker_port
         )),
     ));
-    let started = stdout(&cli(&a, &["tenants", "migrate", "acme", "--to", "b"]));
+    let started = stdout(&cli(
+        &a,
+        &["tenants", "migrate", "acme", "--to", "b", "--hold"],
+    ));
     assert!(
         started.contains("from a to b: copyingMetadata"),
         "{started}"
@@ -120,6 +124,7 @@ fn migration_is_validated_durable_resumed_and_aborted() {
     let shown = stdout(&cli(&a, &["tenants", "migrate", "acme", "--status"]));
     assert!(shown.contains("subscriptionsSynced"), "{shown}");
     assert!(!shown.contains("PAUSED"), "{shown}");
+    assert!(shown.contains("held before the redirect"), "{shown}");
 
     // Abort puts the source's settings back and removes the record.
     stdout(&cli(&a, &["tenants", "migrate", "acme", "--abort"]));
@@ -131,6 +136,42 @@ fn migration_is_validated_durable_resumed_and_aborted() {
     // What the migration created on the target is gone too.
     assert_error(admin_b.get("/admin/v2/namespaces/acme/orders"), 404);
     assert_error(admin_b.get("/admin/v2/tenants/acme"), 404);
-    // A new migration may start after an abort.
-    admin_a.ok(start("acme", r#"{"targetCluster":"b"}"#));
+    // A new migration may start after an abort; held, then released with --redirect, it
+    // runs to the end (no clients to move), and --cleanup removes the tenant from a.
+    let held = stdout(&cli(
+        &a,
+        &["tenants", "migrate", "acme", "--to", "b", "--hold"],
+    ));
+    assert!(held.contains("held before the redirect"), "{held}");
+    assert!(
+        eventually(WAIT, || status(&admin_a)["phase"] == "subscriptionsSynced"),
+        "never synced: {}",
+        status(&admin_a)
+    );
+    let early = cli(&a, &["tenants", "migrate", "acme", "--cleanup"]);
+    let reason = String::from_utf8_lossy(&early.stderr);
+    assert!(
+        !early.status.success() && reason.contains("cleanup needs phase done"),
+        "{reason}"
+    );
+    stdout(&cli(&a, &["tenants", "migrate", "acme", "--redirect"]));
+    assert!(
+        eventually(WAIT, || status(&admin_a)["phase"] == "done"),
+        "never done: {}",
+        status(&admin_a)
+    );
+    let shown = stdout(&cli(&a, &["tenants", "migrate", "acme", "--status"]));
+    for line in ["producersRedirected", "consumersRedirected", "done"] {
+        assert!(shown.contains(line), "{shown}");
+    }
+    // Refused once the producers moved.
+    let refused = cli(&a, &["tenants", "migrate", "acme", "--abort"]);
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("409"));
+    stdout(&cli(&a, &["tenants", "migrate", "acme", "--cleanup"]));
+    assert_error(admin_a.get("/admin/v2/tenants/acme/migration"), 404);
+    assert_error(admin_a.get("/admin/v2/tenants/acme"), 404);
+    assert_error(admin_a.get("/admin/v2/namespaces/acme/orders"), 404);
+    let on_b = admin_b.ok(admin_b.get("/admin/v2/namespaces/acme/orders/replication"));
+    assert_eq!(on_b, serde_json::json!(["b"]));
 }

@@ -610,6 +610,17 @@ impl Connection {
 
     async fn handle_lookup(&mut self, request: CommandLookupTopic) -> Result<(), Close> {
         let response = match TopicName::parse(&request.topic) {
+            // The topic's tenant moved (or is moving) to another cluster: send the client there.
+            Ok(name) if meridian_broker::migration::redirect(&self.broker, &name).is_some() => {
+                CommandLookupTopicResponse {
+                    broker_service_url: meridian_broker::migration::redirect(&self.broker, &name)
+                        .map(|urls| urls.broker_service_url),
+                    response: Some(command_lookup_topic_response::LookupType::Redirect as i32),
+                    request_id: request.request_id,
+                    authoritative: Some(true),
+                    ..Default::default()
+                }
+            }
             Ok(_) => CommandLookupTopicResponse {
                 broker_service_url: Some(self.broker.config().broker_service_url.clone()),
                 response: Some(command_lookup_topic_response::LookupType::Connect as i32),
@@ -967,6 +978,10 @@ impl Connection {
                 return Ok(());
             }
         };
+        if let Err(error) = meridian_broker::migration::admit_producer(&self.broker, &name) {
+            self.broker_error(request.request_id, &error).await;
+            return Ok(());
+        }
         let topic = match self.broker.topic(&name, true).await {
             Ok(topic) => topic,
             Err(error) => {
@@ -1015,6 +1030,7 @@ impl Connection {
                 closed: closed.clone(),
                 address: self.peer.to_string(),
                 client_version: self.client_version.clone(),
+                protocol_version: self.protocol_version.unwrap_or(0),
             },
         ) {
             Ok(grant) => grant,
@@ -1311,7 +1327,12 @@ impl Connection {
             replicate_state: request.replicate_subscription_state.unwrap_or(false),
             address: self.peer.to_string(),
             client_version: self.client_version.clone(),
+            protocol_version: self.protocol_version.unwrap_or(0),
         };
+        if let Err(error) = meridian_broker::migration::admit_consumer(&self.broker, &topic.name) {
+            self.broker_error(request.request_id, &error).await;
+            return;
+        }
         match topic.subscribe(&request.subscription, durable, start, key, consumer) {
             Ok(subscription) => {
                 self.consumers.insert(

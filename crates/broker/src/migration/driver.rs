@@ -13,7 +13,7 @@ use meridian_metadata::{ExpectedVersion, MetadataError};
 use tokio::sync::watch;
 
 use super::target::{self, Created, TargetMetadata};
-use super::{now_ms, progress, record, update_record, MigrationRecord, Phase};
+use super::{now_ms, progress, record, update_record, MigrationRecord, Phase, Redirect};
 use crate::broker::Broker;
 use crate::error::{BrokerError, Result};
 use crate::resources::TenantInfo;
@@ -21,6 +21,15 @@ use crate::topic_name::TopicName;
 
 /// How often a replicating migration looks at its progress.
 const TICK: Duration = Duration::from_millis(500);
+/// How long the consumer phase waits for the acknowledgements of what the source delivered
+/// before it moves the consumers anyway (what is still unacknowledged is delivered again on
+/// the target, as on any reconnect).
+const ACK_WAIT: Duration = Duration::from_secs(10);
+/// How long a cleanup waits for the target's replicators to the source to stop before it
+/// pauses (and retries).
+const REPLICATORS_GONE_WAIT: Duration = Duration::from_secs(10);
+/// How often a finished migration looks for clients left on the source.
+const DONE_TICK: Duration = Duration::from_secs(5);
 /// Retry delays of a paused migration.
 const BACKOFF_MIN: Duration = Duration::from_millis(500);
 const BACKOFF_MAX: Duration = Duration::from_secs(10);
@@ -129,6 +138,37 @@ async fn step(
             tracing::info!(%tenant, target = %record.target_cluster, "tenant migration: metadata copied, topics replicating");
             Ok(Duration::ZERO)
         }
+        Phase::ProducersRedirected => redirect_consumers(broker, &record),
+        Phase::ConsumersRedirected | Phase::Done => {
+            // Stragglers (a client that reached the source in a race) are moved too.
+            let url = install_redirect(broker, &record);
+            for topic in tenant_topics(broker, &tenant) {
+                topic.migrate_producers(&url);
+                for subscription in topic.subscriptions() {
+                    subscription.pause_dispatch();
+                    subscription.migrate_consumers(&url);
+                }
+            }
+            if record.cleaning_up {
+                finish_cleanup(broker, &record)
+                    .await
+                    .map_err(|error| format!("cleaning up: {error}"))?;
+                return Ok(Duration::ZERO);
+            }
+            let progress = progress(broker, &record);
+            if record.phase == Phase::ConsumersRedirected
+                && progress.producers_on_source + progress.consumers_on_source == 0
+            {
+                set_phase(broker, &tenant, Phase::Done)?;
+                tracing::info!(%tenant, target = %record.target_cluster, "tenant migration done: no client of the tenant left on the source");
+                return Ok(Duration::ZERO);
+            }
+            Ok(if record.phase == Phase::Done {
+                DONE_TICK
+            } else {
+                TICK
+            })
+        }
         Phase::Replicating | Phase::CaughtUp | Phase::SubscriptionsSynced => {
             // A namespace created since the start must be copied and replicated too.
             if lacking_namespaces(broker, &record) > 0 {
@@ -138,6 +178,9 @@ async fn step(
                 mark_subscriptions_replicated(broker, &record)?;
             }
             let progress = progress(broker, &record);
+            if record.phase == Phase::SubscriptionsSynced {
+                return redirect_producers(broker, &record, &progress);
+            }
             if record.phase == Phase::CaughtUp
                 && progress.subscriptions_synced == progress.subscriptions_total
             {
@@ -155,6 +198,168 @@ async fn step(
             Ok(TICK)
         }
     }
+}
+
+/// The loaded topics (partitions one by one) of a tenant.
+fn tenant_topics(broker: &Broker, tenant: &str) -> Vec<Arc<crate::topic::Topic>> {
+    let mut topics = Vec::new();
+    for namespace in broker.resources().namespaces(tenant).unwrap_or_default() {
+        for topic in broker.topics_of_namespace(&namespace).unwrap_or_default() {
+            if let Some(loaded) = TopicName::parse(&topic)
+                .ok()
+                .and_then(|name| broker.loaded_topic(&name))
+            {
+                topics.push(loaded);
+            }
+        }
+    }
+    topics
+}
+
+/// Puts the tenant's redirect in force (lookups, new producers; new consumers once the
+/// consumers moved); returns the target's binary protocol URL.
+pub(super) fn install_redirect(broker: &Broker, record: &MigrationRecord) -> String {
+    let data = broker.resources().cluster(&record.target_cluster).ok();
+    let broker_service_url = data
+        .as_ref()
+        .and_then(|data| data.broker_service_url.clone())
+        .unwrap_or_default();
+    let redirect = Redirect {
+        broker_service_url: broker_service_url.clone(),
+        service_url: data.and_then(|data| data.service_url),
+        producers: record.phase >= Phase::ProducersRedirected && record.phase != Phase::Aborting,
+        consumers: record.phase >= Phase::ConsumersRedirected && record.phase != Phase::Aborting,
+    };
+    broker
+        .migration_drivers()
+        .redirects()
+        .insert(record.tenant.clone(), redirect);
+    broker_service_url
+}
+
+/// Phase 5, from "subscriptions synced": the fence (durable first), then, once the target
+/// holds everything the source stored, the producers are told to move.
+fn redirect_producers(
+    broker: &Arc<Broker>,
+    record: &MigrationRecord,
+    progress: &super::Progress,
+) -> std::result::Result<Duration, String> {
+    let tenant = &record.tenant;
+    if record.fenced_at_ms.is_none() {
+        if record.hold_before_redirect {
+            return Ok(TICK);
+        }
+        // Subscriptions need not be synced again here: consumers keep acknowledging on the
+        // source, and the consumer phase waits for their final state on the target.
+        update_record(broker.metadata(), tenant, |record| {
+            record.fenced_at_ms.get_or_insert_with(now_ms);
+        })
+        .map_err(|error| error.to_string())?;
+        tracing::info!(%tenant, target = %record.target_cluster, "tenant migration: producers fenced");
+        return Ok(Duration::ZERO);
+    }
+    let url = install_redirect(broker, record);
+    let topics = tenant_topics(broker, tenant);
+    for topic in &topics {
+        topic.fence_producers();
+    }
+    if !progress.caught_up() {
+        // Bounded: the fence stops new local messages. A target that is down holds it here
+        // (producers wait, none is pointed at a cluster that lacks its data).
+        let reason = (progress.topics_replicating != progress.topics_total).then(|| {
+            format!(
+                "producers fenced; waiting for every topic to replicate to {} ({}/{})",
+                record.target_cluster, progress.topics_replicating, progress.topics_total
+            )
+        });
+        if reason != record.paused_reason {
+            update_record(broker.metadata(), tenant, |record| {
+                record.paused_reason = reason.clone()
+            })
+            .map_err(|error| error.to_string())?;
+        }
+        return Ok(TICK);
+    }
+    // Lookups redirect from here on (the phase is durable first).
+    let record = enter_redirect_phase(broker, tenant, Phase::ProducersRedirected)?;
+    for topic in &topics {
+        topic.migrate_producers(&url);
+    }
+    tracing::info!(%tenant, target = %record.target_cluster, "tenant migration: producers redirected");
+    Ok(Duration::ZERO)
+}
+
+/// Phase 6: dispatch stops on the source, the acknowledgements of what it delivered come back
+/// (bounded wait), the final subscription state reaches the target, then the consumers are
+/// told to move.
+fn redirect_consumers(
+    broker: &Arc<Broker>,
+    record: &MigrationRecord,
+) -> std::result::Result<Duration, String> {
+    let tenant = &record.tenant;
+    let url = install_redirect(broker, record);
+    mark_subscriptions_replicated(broker, record)?;
+    let topics = tenant_topics(broker, tenant);
+    for topic in &topics {
+        topic.migrate_producers(&url);
+    }
+    let Some(stopped_at) = record.dispatch_stopped_at_ms else {
+        update_record(broker.metadata(), tenant, |record| {
+            record.dispatch_stopped_at_ms.get_or_insert_with(now_ms);
+        })
+        .map_err(|error| error.to_string())?;
+        return Ok(Duration::ZERO);
+    };
+    for topic in &topics {
+        for subscription in topic.subscriptions() {
+            subscription.pause_dispatch();
+        }
+    }
+    let progress = progress(broker, record);
+    let now = now_ms();
+    let Some(settled_at) = record.acks_settled_at_ms else {
+        let waited = Duration::from_millis(now.saturating_sub(stopped_at));
+        if progress.unacknowledged_on_source == 0 || waited >= ACK_WAIT {
+            if progress.unacknowledged_on_source > 0 {
+                tracing::warn!(%tenant, unacknowledged = progress.unacknowledged_on_source, "tenant migration: acknowledgements still missing after the wait; those messages are delivered again on the target");
+            }
+            update_record(broker.metadata(), tenant, |record| {
+                record.acks_settled_at_ms.get_or_insert(now);
+            })
+            .map_err(|error| error.to_string())?;
+            // Send the final states now rather than at the next sync tick.
+            for topic in &topics {
+                if let Some(sync) = topic.subscription_sync() {
+                    sync.now();
+                }
+            }
+            return Ok(Duration::ZERO);
+        }
+        return Ok(TICK);
+    };
+    // The final state is what the sync task sends after the acknowledgements settled: wait
+    // two sync intervals (so it looked at least once since), and until every subscription's
+    // latest state was accepted by the target.
+    let interval = topics
+        .iter()
+        .map(|topic| topic.sync_interval())
+        .max()
+        .unwrap_or_default();
+    let since = Duration::from_millis(now.saturating_sub(settled_at));
+    if since < interval.saturating_mul(2)
+        || progress.subscriptions_synced != progress.subscriptions_total
+        || !progress.caught_up()
+    {
+        return Ok(TICK);
+    }
+    let record = enter_redirect_phase(broker, tenant, Phase::ConsumersRedirected)?;
+    for topic in &topics {
+        for subscription in topic.subscriptions() {
+            subscription.migrate_consumers(&url);
+        }
+    }
+    tracing::info!(%tenant, target = %record.target_cluster, "tenant migration: consumers redirected");
+    Ok(Duration::ZERO)
 }
 
 /// Phase 4: every durable subscription of the tenant's topics becomes replicated, so its
@@ -208,6 +413,20 @@ fn set_phase(broker: &Broker, tenant: &str, phase: Phase) -> std::result::Result
     })
     .map(|_| ())
     .map_err(|error| error.to_string())
+}
+
+/// Writes a redirect phase, then puts its redirect in force (durable first); returns the record.
+fn enter_redirect_phase(
+    broker: &Broker,
+    tenant: &str,
+    phase: Phase,
+) -> std::result::Result<MigrationRecord, String> {
+    set_phase(broker, tenant, phase)?;
+    let record = record(broker.metadata(), tenant)
+        .map_err(|error| error.to_string())?
+        .ok_or_else(|| "the migration record vanished".to_string())?;
+    install_redirect(broker, &record);
+    Ok(record)
 }
 
 /// Namespaces of the tenant whose replication list on the source lacks the target.
@@ -342,6 +561,102 @@ async fn copy_metadata(
             .set_replication_clusters(tenant, &local, policies.replication_clusters)
             .map_err(fail)?;
         broker.policies_changed(tenant, Some(&local)).await;
+    }
+    Ok(())
+}
+
+/// `--cleanup` (every step idempotent): the source leaves the target's replication lists, the
+/// target leaves the source's (the replicators stop), then the tenant's topics, namespaces and
+/// the tenant are deleted here, then the record.
+pub(super) async fn finish_cleanup(broker: &Arc<Broker>, record: &MigrationRecord) -> Result<()> {
+    let resources = broker.resources();
+    let tenant = &record.tenant;
+    let locals: Vec<String> = resources
+        .namespaces(tenant)
+        .unwrap_or_default()
+        .iter()
+        .map(|namespace| {
+            namespace
+                .split_once('/')
+                .map_or(namespace.as_str(), |(_, local)| local)
+                .to_string()
+        })
+        .collect();
+    let service_url = resources
+        .cluster(&record.target_cluster)
+        .ok()
+        .and_then(|data| data.service_url)
+        .filter(|url| !url.is_empty());
+    match service_url {
+        Some(service_url) => {
+            let (source, owner, namespaces) = (
+                record.source_cluster.clone(),
+                tenant.clone(),
+                locals.clone(),
+            );
+            tokio::task::spawn_blocking(move || {
+                target::forget_source(&service_url, &source, &owner, &namespaces)
+            })
+            .await
+            .map_err(|error| BrokerError::Metadata(error.to_string()))?
+            .map_err(|reason| {
+                BrokerError::Metadata(format!(
+                    "removing {} from the replication lists on {}: {reason}",
+                    record.source_cluster, record.target_cluster
+                ))
+            })?;
+        }
+        None => {
+            tracing::warn!(%tenant, target = %record.target_cluster, "the target is no longer registered: its replication lists are left as they are");
+        }
+    }
+    // The target's replicators stop by themselves once it no longer lists the source; delete
+    // nothing under them (a replicator mid-write would meet a closing log).
+    let deadline = tokio::time::Instant::now() + REPLICATORS_GONE_WAIT;
+    while tenant_topics(broker, tenant)
+        .iter()
+        .any(|topic| topic.producer_count() > 0)
+    {
+        if tokio::time::Instant::now() >= deadline {
+            return Err(BrokerError::Conflict(format!(
+                "{} still replicates the tenant to this cluster",
+                record.target_cluster
+            )));
+        }
+        tokio::time::sleep(TICK / 5).await;
+    }
+    for local in &locals {
+        let mut changed = false;
+        match resources.update_policies(tenant, local, |policies| {
+            let before = policies.replication_clusters.len();
+            policies
+                .replication_clusters
+                .retain(|cluster| cluster == &record.source_cluster);
+            changed = policies.replication_clusters.len() != before;
+            Ok(())
+        }) {
+            Ok(_) | Err(BrokerError::NotFound(_)) => {}
+            Err(error) => return Err(error),
+        }
+        if changed {
+            broker.policies_changed(tenant, Some(local)).await;
+        }
+        match broker.delete_namespace(tenant, local).await {
+            Ok(()) | Err(BrokerError::NotFound(_)) => {}
+            Err(error) => return Err(error),
+        }
+    }
+    match resources.delete_tenant(tenant) {
+        Ok(()) | Err(BrokerError::NotFound(_)) => {}
+        Err(error) => return Err(error),
+    }
+    broker
+        .metadata()
+        .delete(&super::record_key(tenant), ExpectedVersion::Any)?;
+    broker.migration_drivers().redirects().remove(tenant);
+    let handle = broker.migration_drivers().lock().remove(tenant);
+    if let Some(handle) = handle {
+        let _ = handle.stop.send(true);
     }
     Ok(())
 }

@@ -2,9 +2,10 @@
 //! start/status/abort operations behind `/admin/v2/tenants/{tenant}/migration`, and the
 //! background task on the source cluster that drives a migration through its phases.
 //!
-//! Built so far: metadata copied to the target, the tenant's namespaces replicating to the
-//! target from each topic's earliest message, and "caught up" once the target lacks nothing.
-//! Subscription sync, redirection and cleanup are the next phases (planned, see the doc).
+//! Built: metadata copied to the target, the tenant's namespaces replicating to the target
+//! from each topic's earliest message, "caught up" once the target lacks nothing, subscription
+//! state synced, producers redirected behind a fence, consumers redirected once their final
+//! state is on the target, done. Cleanup and the lookup front door are not here yet.
 //!
 //! # Layout
 //!
@@ -33,7 +34,7 @@ pub fn record_key(tenant: &str) -> String {
 
 const RECORDS: &str = "/meridian/migrations";
 
-/// The phases a migration goes through, in order. Only the first three are built.
+/// The phases a migration goes through, in order (`Aborting` is not one of them).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub enum Phase {
@@ -48,6 +49,14 @@ pub enum Phase {
     /// Every durable subscription of the tenant is replicated and the target has its latest
     /// state (as of one observation: consumers still acknowledge on the source).
     SubscriptionsSynced,
+    /// The tenant's producers were told to move to the target (behind the fence, once the
+    /// target held everything); lookups redirect there. Consumers are still on the source.
+    ProducersRedirected,
+    /// The tenant's consumers were told to move too (after their final state reached the
+    /// target).
+    ConsumersRedirected,
+    /// No producer or consumer of the tenant is left on the source.
+    Done,
     /// An abort is under way: the source's settings are being put back.
     Aborting,
 }
@@ -59,6 +68,9 @@ impl Phase {
             Phase::Replicating => "replicating",
             Phase::CaughtUp => "caughtUp",
             Phase::SubscriptionsSynced => "subscriptionsSynced",
+            Phase::ProducersRedirected => "producersRedirected",
+            Phase::ConsumersRedirected => "consumersRedirected",
+            Phase::Done => "done",
             Phase::Aborting => "aborting",
         }
     }
@@ -94,6 +106,23 @@ pub struct MigrationRecord {
     /// Namespaces (without the tenant) the migration created on the target, noted before.
     #[serde(default)]
     pub created_namespaces_on_target: Vec<String>,
+    /// Stop before the redirect (after "subscriptions synced") until an operator releases it
+    /// (`POST …/migration/redirect`): the switch happens when the operator chooses.
+    #[serde(default)]
+    pub hold_before_redirect: bool,
+    /// `--cleanup` was asked for (written first): a restart finishes it.
+    #[serde(default)]
+    pub cleaning_up: bool,
+    /// When the source fenced the tenant's producers (written before any is refused): from
+    /// here on the source stores no message of theirs and redirects lookups to the target.
+    #[serde(default)]
+    pub fenced_at_ms: Option<u64>,
+    /// When the source stopped dispatching to the tenant's consumers (written before).
+    #[serde(default)]
+    pub dispatch_stopped_at_ms: Option<u64>,
+    /// When the acknowledgements of what was delivered came back (or the wait for them ended).
+    #[serde(default)]
+    pub acks_settled_at_ms: Option<u64>,
 }
 
 /// How far replication of one topic to the target is.
@@ -120,6 +149,11 @@ pub struct Progress {
     /// Durable subscriptions of the tenant's topics whose latest state the target has.
     pub subscriptions_synced: usize,
     pub subscriptions_total: usize,
+    /// The tenant's producers (not replicators) and consumers still connected to the source.
+    pub producers_on_source: usize,
+    pub consumers_on_source: usize,
+    /// Messages the source delivered to the tenant's consumers that are not acknowledged yet.
+    pub unacknowledged_on_source: usize,
 }
 
 impl Progress {
@@ -157,10 +191,12 @@ pub struct MigrationStatus {
     pub phases: Vec<PhaseLine>,
 }
 
-/// The drivers running in this broker, one per migrating tenant.
+/// The drivers running in this broker, one per migrating tenant, and the redirects in force.
 #[derive(Default)]
 pub struct Drivers {
     running: Mutex<HashMap<String, Arc<driver::Handle>>>,
+    /// Tenants whose clients go to another cluster (fenced or moved), by tenant.
+    redirects: Mutex<HashMap<String, Redirect>>,
 }
 
 impl Drivers {
@@ -168,6 +204,64 @@ impl Drivers {
         self.running
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn redirects(&self) -> std::sync::MutexGuard<'_, HashMap<String, Redirect>> {
+        self.redirects
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+/// Where a fenced or moved tenant's clients are sent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Redirect {
+    /// The target's binary protocol URL (`pulsar://…`).
+    pub broker_service_url: String,
+    /// The target's HTTP URL, for `/lookup/v2`.
+    pub service_url: Option<String>,
+    /// Producers were redirected: the target holds everything the source stored, and lookups
+    /// go there. Before (fenced only), lookups stay here and new producers are refused.
+    pub producers: bool,
+    /// Consumers were redirected too: the source takes no new subscription of the tenant.
+    pub consumers: bool,
+}
+
+/// Where to send a client that looks `topic` up here: `Some` once its tenant's producers were
+/// redirected (LOOKUP answers Redirect, authoritative, to the target).
+pub fn redirect(broker: &Broker, topic: &TopicName) -> Option<Redirect> {
+    fence(broker, topic).filter(|redirect| redirect.producers)
+}
+
+/// The tenant's fence, from the moment its producers are fenced.
+fn fence(broker: &Broker, topic: &TopicName) -> Option<Redirect> {
+    broker
+        .migration_drivers()
+        .redirects()
+        .get(&topic.tenant)
+        .cloned()
+}
+
+/// Refuses a new producer of a fenced tenant (retriable: the client looks the topic up again
+/// and is redirected to the target).
+pub fn admit_producer(broker: &Broker, topic: &TopicName) -> Result<()> {
+    match fence(broker, topic) {
+        Some(redirect) => Err(BrokerError::TenantMigrated(format!(
+            "tenant {} is moving to {}: look the topic up again",
+            topic.tenant, redirect.broker_service_url
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// Refuses a new consumer of a tenant whose consumers were redirected (retriable, as above).
+pub fn admit_consumer(broker: &Broker, topic: &TopicName) -> Result<()> {
+    match redirect(broker, topic) {
+        Some(redirect) if redirect.consumers => Err(BrokerError::TenantMigrated(format!(
+            "tenant {} moved to {}: look the topic up again",
+            topic.tenant, redirect.broker_service_url
+        ))),
+        _ => Ok(()),
     }
 }
 
@@ -229,7 +323,12 @@ pub(crate) fn earliest_remotes(
 
 /// Starts migrating `tenant` to `target` (`POST …/migration`): validates, stores the record,
 /// and starts the driver.
-pub fn start(broker: &Arc<Broker>, tenant: &str, target: &str) -> Result<MigrationStatus> {
+pub fn start(
+    broker: &Arc<Broker>,
+    tenant: &str,
+    target: &str,
+    hold_before_redirect: bool,
+) -> Result<MigrationStatus> {
     let local = broker.config().cluster_name.clone();
     let target = target.trim();
     if target.is_empty() {
@@ -272,6 +371,11 @@ pub fn start(broker: &Arc<Broker>, tenant: &str, target: &str) -> Result<Migrati
         marked_replicated: Vec::new(),
         created_tenant_on_target: false,
         created_namespaces_on_target: Vec::new(),
+        hold_before_redirect,
+        cleaning_up: false,
+        fenced_at_ms: None,
+        dispatch_stopped_at_ms: None,
+        acks_settled_at_ms: None,
     };
     let bytes =
         serde_json::to_vec(&record).map_err(|error| BrokerError::Metadata(error.to_string()))?;
@@ -308,8 +412,87 @@ pub fn status(broker: &Arc<Broker>, tenant: &str) -> Result<MigrationStatus> {
     }
 }
 
+impl MigrationRecord {
+    /// Whether the source fenced the tenant: from here on its clients are sent to the target,
+    /// and the migration cannot be aborted.
+    pub fn redirecting(&self) -> bool {
+        self.phase != Phase::Aborting
+            && (self.fenced_at_ms.is_some() || self.phase >= Phase::ProducersRedirected)
+    }
+}
+
 fn not_migrating(tenant: &str) -> BrokerError {
     BrokerError::NotFound(format!("tenant {tenant} has no migration under way"))
+}
+
+/// Releases a migration held before its redirect (`POST …/migration/redirect`): the driver
+/// goes on with the fence and the redirect. Returns the status.
+pub fn release(broker: &Arc<Broker>, tenant: &str) -> Result<MigrationStatus> {
+    match update_record(broker.metadata(), tenant, |record| {
+        record.hold_before_redirect = false
+    })? {
+        Some(record) => {
+            tracing::info!(%tenant, "tenant migration: redirect released");
+            Ok(status_of(broker, &record))
+        }
+        None => Err(not_migrating(tenant)),
+    }
+}
+
+/// Removes a migrated tenant from the source (`POST …/migration/cleanup`) once the migration
+/// is done and no client of the tenant is left here: the source leaves the target's
+/// replication lists, then the tenant's topics (their logs), namespaces and the tenant are
+/// deleted here, then the migration record. Returns the last status.
+pub async fn cleanup(broker: &Arc<Broker>, tenant: &str) -> Result<MigrationStatus> {
+    let Some(current) = record(broker.metadata(), tenant)? else {
+        return Err(not_migrating(tenant));
+    };
+    if current.phase != Phase::Done {
+        return Err(BrokerError::Conflict(format!(
+            "tenant {tenant}'s migration to {} is in phase {}: cleanup needs phase done",
+            current.target_cluster,
+            current.phase.name()
+        )));
+    }
+    let handle = driver::spawn(broker, tenant);
+    let _step = handle.step.lock().await;
+    let clients = {
+        let progress = progress(broker, &current);
+        progress.producers_on_source + progress.consumers_on_source
+    };
+    if clients > 0 {
+        return Err(BrokerError::Conflict(format!(
+            "{clients} producer(s) or consumer(s) of tenant {tenant} are still connected to cluster {}; they are being redirected, try again",
+            current.source_cluster
+        )));
+    }
+    let Some(record) = update_record(broker.metadata(), tenant, |record| {
+        record.cleaning_up = true
+    })?
+    else {
+        return Err(not_migrating(tenant));
+    };
+    let status = status_of(broker, &record);
+    if let Err(error) = driver::finish_cleanup(broker, &record).await {
+        return paused(broker, record, format!("cleaning up: {error}"));
+    }
+    tracing::info!(%tenant, target = %record.target_cluster, "tenant migration cleaned up: the tenant is gone from this cluster");
+    Ok(status)
+}
+
+/// An abort or cleanup that could not finish now: the reason goes to the record (the driver
+/// retries with backoff) and the status says why it waits.
+fn paused(
+    broker: &Arc<Broker>,
+    record: MigrationRecord,
+    reason: String,
+) -> Result<MigrationStatus> {
+    tracing::warn!(tenant = %record.tenant, %reason, "tenant migration paused; will retry");
+    let record = update_record(broker.metadata(), &record.tenant, |stored| {
+        stored.paused_reason = Some(reason.clone())
+    })?
+    .unwrap_or(record);
+    Ok(status_of(broker, &record))
 }
 
 /// Aborts a migration before its redirect phase (`DELETE …/migration`): the source's tenant
@@ -318,9 +501,19 @@ pub async fn abort(broker: &Arc<Broker>, tenant: &str) -> Result<MigrationStatus
     if record(broker.metadata(), tenant)?.is_none() {
         return Err(not_migrating(tenant));
     }
-    // Every phase built so far comes before the redirect, so every one can be aborted.
     let handle = driver::spawn(broker, tenant);
     let _step = handle.step.lock().await;
+    // Read again under the step lock: the driver may have fenced meanwhile.
+    let Some(current) = record(broker.metadata(), tenant)? else {
+        return Err(not_migrating(tenant));
+    };
+    if current.redirecting() {
+        return Err(BrokerError::Conflict(format!(
+            "tenant {tenant} is being redirected to cluster {} (phase {}): a migration cannot be aborted once its producers are fenced; migrate the tenant back instead",
+            current.target_cluster,
+            current.phase.name()
+        )));
+    }
     let Some(record) = update_record(broker.metadata(), tenant, |record| {
         record.phase = Phase::Aborting;
         record.phase_changed_at_ms = now_ms();
@@ -332,13 +525,7 @@ pub async fn abort(broker: &Arc<Broker>, tenant: &str) -> Result<MigrationStatus
     if let Err(error) = driver::finish_abort(broker, &record).await {
         // Typically the target unreachable while its copies are removed: the abort is recorded
         // and the driver finishes it (with backoff); the status says why it waits.
-        let reason = format!("aborting: {error}");
-        tracing::warn!(%tenant, %reason, "tenant migration abort paused; will retry");
-        let record = update_record(broker.metadata(), tenant, |record| {
-            record.paused_reason = Some(reason.clone())
-        })?
-        .unwrap_or(record);
-        return Ok(status_of(broker, &record));
+        return paused(broker, record, format!("aborting: {error}"));
     }
     tracing::info!(%tenant, target = %record.target_cluster, "tenant migration aborted");
     Ok(status)
@@ -356,6 +543,14 @@ pub fn resume_all(broker: &Arc<Broker>) {
     };
     for tenant in tenants {
         tracing::info!(%tenant, "resuming tenant migration");
+        // The redirect is in force before any client can reach the restarted broker.
+        match record(broker.metadata(), &tenant) {
+            Ok(Some(record)) if record.redirecting() => {
+                driver::install_redirect(broker, &record);
+            }
+            Ok(_) => {}
+            Err(error) => tracing::error!(%tenant, %error, "reading a tenant migration failed"),
+        }
         driver::spawn(broker, &tenant);
     }
 }
@@ -403,6 +598,14 @@ pub fn progress(broker: &Broker, record: &MigrationRecord) -> Progress {
                 progress.subscriptions_total += 1;
                 progress.subscriptions_synced += usize::from(synced);
             }
+            let (producers, consumers) = loaded.client_counts();
+            progress.producers_on_source += producers;
+            progress.consumers_on_source += consumers;
+            progress.unacknowledged_on_source += loaded
+                .subscriptions()
+                .iter()
+                .map(|subscription| subscription.delivered_unacknowledged())
+                .sum::<usize>();
         }
     }
     progress
@@ -411,6 +614,8 @@ pub fn progress(broker: &Broker, record: &MigrationRecord) -> Progress {
 fn status_of(broker: &Broker, record: &MigrationRecord) -> MigrationStatus {
     let progress = progress(broker, record);
     let phase = record.phase;
+    // The migration reached `reached` (an abort reaches nothing).
+    let past = |reached: Phase| phase >= reached && phase != Phase::Aborting;
     let state_of = |phase_reached: bool, running: bool| {
         if phase_reached {
             "done"
@@ -420,13 +625,10 @@ fn status_of(broker: &Broker, record: &MigrationRecord) -> MigrationStatus {
             "pending"
         }
     };
-    let mut phases = vec![
+    let phases = vec![
         PhaseLine {
             name: "metadataCopied",
-            state: state_of(
-                phase >= Phase::Replicating && phase != Phase::Aborting,
-                phase == Phase::CopyingMetadata,
-            ),
+            state: state_of(past(Phase::Replicating), phase == Phase::CopyingMetadata),
             progress: format!(
                 "namespaces replicating to {} {}/{}",
                 record.target_cluster, progress.namespaces_replicating, progress.namespaces_total
@@ -434,10 +636,7 @@ fn status_of(broker: &Broker, record: &MigrationRecord) -> MigrationStatus {
         },
         PhaseLine {
             name: "replicating",
-            state: state_of(
-                phase >= Phase::CaughtUp && phase != Phase::Aborting,
-                phase == Phase::Replicating,
-            ),
+            state: state_of(past(Phase::CaughtUp), phase == Phase::Replicating),
             progress: format!(
                 "topics replicating {}/{}",
                 progress.topics_replicating, progress.topics_total
@@ -445,7 +644,7 @@ fn status_of(broker: &Broker, record: &MigrationRecord) -> MigrationStatus {
         },
         PhaseLine {
             name: "caughtUp",
-            state: state_of(phase >= Phase::CaughtUp && phase != Phase::Aborting, false),
+            state: state_of(past(Phase::CaughtUp), false),
             progress: format!(
                 "backlog {} bytes ({} entries) left",
                 progress.backlog_bytes, progress.backlog_entries
@@ -453,23 +652,63 @@ fn status_of(broker: &Broker, record: &MigrationRecord) -> MigrationStatus {
         },
         PhaseLine {
             name: "subscriptionsSynced",
-            state: state_of(
-                phase == Phase::SubscriptionsSynced,
-                phase == Phase::CaughtUp,
-            ),
+            state: state_of(past(Phase::SubscriptionsSynced), phase == Phase::CaughtUp),
             progress: format!(
                 "subscriptions synced {}/{}",
                 progress.subscriptions_synced, progress.subscriptions_total
             ),
         },
+        PhaseLine {
+            name: "producersRedirected",
+            state: state_of(
+                past(Phase::ProducersRedirected),
+                phase == Phase::SubscriptionsSynced,
+            ),
+            progress: match record.fenced_at_ms {
+                None if record.hold_before_redirect && phase <= Phase::SubscriptionsSynced => {
+                    format!(
+                        "held before the redirect (release: POST /admin/v2/tenants/{}/migration/redirect)",
+                        record.tenant
+                    )
+                }
+                Some(_) if phase == Phase::SubscriptionsSynced => format!(
+                    "producers fenced, backlog {} entries left",
+                    progress.backlog_entries
+                ),
+                _ => format!(
+                    "producers on {} {}",
+                    record.source_cluster, progress.producers_on_source
+                ),
+            },
+        },
+        PhaseLine {
+            name: "consumersRedirected",
+            state: state_of(
+                past(Phase::ConsumersRedirected),
+                phase == Phase::ProducersRedirected,
+            ),
+            progress: format!(
+                "consumers on {} {}, delivered and unacknowledged {}",
+                record.source_cluster,
+                progress.consumers_on_source,
+                progress.unacknowledged_on_source
+            ),
+        },
+        PhaseLine {
+            name: "done",
+            state: state_of(phase == Phase::Done, phase == Phase::ConsumersRedirected),
+            progress: format!(
+                "clients on {} {}{}",
+                record.source_cluster,
+                progress.producers_on_source + progress.consumers_on_source,
+                if record.cleaning_up {
+                    "; cleaning up"
+                } else {
+                    ""
+                }
+            ),
+        },
     ];
-    for name in ["producersRedirected", "consumersRedirected", "done"] {
-        phases.push(PhaseLine {
-            name,
-            state: "notBuilt",
-            progress: "not built in this version".into(),
-        });
-    }
     MigrationStatus {
         tenant: record.tenant.clone(),
         source_cluster: record.source_cluster.clone(),

@@ -175,6 +175,35 @@ pub(super) fn remove(
     Ok(())
 }
 
+/// After a migration: the source leaves the replication list of each of the tenant's
+/// namespaces on the target (nothing replicates back to it any more). Gone already is fine.
+pub(super) fn forget_source(
+    service_url: &str,
+    source_cluster: &str,
+    tenant: &str,
+    namespaces: &[String],
+) -> Result<(), String> {
+    let (agent, base) = agent_and_base(service_url);
+    let call = |method: &str, path: &str, body: Option<String>| {
+        call(&agent, &base, source_cluster, method, path, body)
+    };
+    for namespace in namespaces {
+        let path = format!("/namespaces/{tenant}/{namespace}/replication");
+        let (status, text) = call("GET", &path, None)?;
+        if status == 404 {
+            continue;
+        }
+        let mut clusters: Vec<String> = serde_json::from_str(&text)
+            .map_err(|error| format!("target sent an unreadable replication list: {error}"))?;
+        if !clusters.iter().any(|cluster| cluster == source_cluster) {
+            continue;
+        }
+        clusters.retain(|cluster| cluster != source_cluster);
+        call("POST", &path, Some(json(&clusters)))?;
+    }
+    Ok(())
+}
+
 fn json<T: serde::Serialize>(value: &T) -> String {
     serde_json::to_string(value).unwrap_or_default()
 }

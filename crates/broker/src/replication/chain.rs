@@ -35,6 +35,9 @@ pub struct Origin {
     /// The origin position of the entry its replicator sent before it to this cluster;
     /// `None` on the first entry of a chain.
     pub previous: Option<Position>,
+    /// What it teaches about its producer: `(learned key, highest sequence id)`
+    /// ([`crate::dedup::learned_from`]).
+    pub learned: Option<(String, crate::dedup::Sequence)>,
 }
 
 /// The origin of a replicated entry, from its metadata.
@@ -51,6 +54,7 @@ pub fn origin_of(metadata: &MessageMetadata) -> Option<Origin> {
         cluster: cluster.clone(),
         position: parse_position(property(ORIGIN_PROPERTY)?)?,
         previous: property(PREVIOUS_PROPERTY).and_then(parse_position),
+        learned: crate::dedup::learned_from(metadata),
     })
 }
 
