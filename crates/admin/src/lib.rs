@@ -12,8 +12,10 @@
 //! - [`brokers`]: `/admin/v2/brokers/...` (health with the topics that cannot be served,
 //!   active brokers, version, configuration), `/admin/v2/broker-stats/topics`, `/status.html`;
 //! - [`metrics`]: the Prometheus text exposition;
-//! - [`migration`]: a tenant's migration to another cluster (start, status, abort).
+//! - [`migration`]: a tenant's migration to another cluster (start, status, abort);
+//! - [`auth`]: bearer-token authentication of every request and the audit of mutations.
 
+pub mod auth;
 mod brokers;
 mod clusters;
 mod deadlines;
@@ -36,7 +38,7 @@ use axum::routing::get;
 use axum::{Json, Router};
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::service::TowerToHyperService;
+use meridian_auth::Security;
 use meridian_broker::{Broker, BrokerError};
 use meridian_server::listener::{accept_loop, ConnectionLimits};
 use serde::de::DeserializeOwned;
@@ -174,12 +176,18 @@ pub async fn serve(
     listener: TcpListener,
     broker: Arc<Broker>,
     limits: HttpLimits,
+    security: Arc<Security>,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    let router = router(broker).layer(axum::middleware::from_fn_with_state(
-        limits.body_timeout,
-        deadlines::body_deadline,
-    ));
+    let router = router(broker)
+        .layer(axum::middleware::from_fn_with_state(
+            security,
+            auth::authenticate,
+        ))
+        .layer(axum::middleware::from_fn_with_state(
+            limits.body_timeout,
+            deadlines::body_deadline,
+        ));
     let write_stall_timeout = limits.write_stall_timeout;
     let connection_limits = ConnectionLimits {
         max_connections: limits.max_connections,
@@ -192,8 +200,12 @@ pub async fn serve(
         listener,
         connection_limits,
         shutdown,
-        move |stream, _peer| {
-            let service = TowerToHyperService::new(router.clone());
+        move |stream, peer| {
+            let router = router.clone();
+            let service = hyper::service::service_fn(move |mut request: hyper::Request<_>| {
+                request.extensions_mut().insert(auth::PeerAddress(peer));
+                tower_service::Service::call(&mut router.clone(), request)
+            });
             let shutdown = token.clone();
             async move {
                 let connection = http1::Builder::new()

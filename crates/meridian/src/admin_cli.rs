@@ -20,6 +20,8 @@ pub struct AdminArgs {
     /// Output format.
     #[arg(long, value_enum, default_value_t = Output::Table)]
     output: Output,
+    #[command(flatten)]
+    auth: crate::tokens_cli::AuthTokenArgs,
     #[command(subcommand)]
     noun: Noun,
 }
@@ -528,6 +530,8 @@ fn message_id_body(text: &str) -> anyhow::Result<Value> {
 
 struct Http {
     base: String,
+    /// Sent as `Authorization: Bearer <token>`.
+    token: Option<String>,
 }
 
 enum Reply {
@@ -538,7 +542,10 @@ enum Reply {
 impl Http {
     fn call(&self, method: &str, path: &str, body: Option<Value>) -> anyhow::Result<Reply> {
         let url = format!("{}{}", self.base.trim_end_matches('/'), path);
-        let request = ureq::request(method, &url);
+        let mut request = ureq::request(method, &url);
+        if let Some(token) = &self.token {
+            request = request.set("Authorization", &format!("Bearer {token}"));
+        }
         let response = match body {
             Some(body) => request.send_json(body),
             None => request.call(),
@@ -647,6 +654,7 @@ fn scalar(value: &Value) -> String {
 pub fn run(arguments: AdminArgs) -> anyhow::Result<()> {
     let http = Http {
         base: arguments.url,
+        token: arguments.auth.token()?,
     };
     let mut migration_view = false;
     let (method, path, body): (&str, String, Option<Value>) = match arguments.noun {

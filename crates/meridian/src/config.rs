@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use meridian_admin::HttpLimits;
+use meridian_auth::SecurityConfig;
 use meridian_broker::{AutoTopicCreationType, BrokerConfig};
 use meridian_server::ServerConfig;
 use meridian_storage::{FlushPolicy, StorageConfig};
@@ -76,6 +77,25 @@ pub struct Config {
     pub policy_check_interval_seconds: u64,
     /// How often message and byte rates are recomputed for stats.
     pub stats_interval_seconds: u64,
+    /// Clients must present a valid token (`authenticationEnabled`).
+    pub authentication_enabled: bool,
+    /// Roles are checked against permissions (`authorizationEnabled`).
+    pub authorization_enabled: bool,
+    /// Roles allowed everything (`superUserRoles`).
+    pub super_user_roles: Vec<String>,
+    /// HMAC key of tokens (`tokenSecretKey`): `file:///path`, `data:;base64,...` or base64.
+    pub token_secret_key: Option<String>,
+    /// Public key of tokens (`tokenPublicKey`), DER or PEM, the same forms.
+    pub token_public_key: Option<String>,
+    /// Claim holding the role (`tokenAuthClaim`).
+    pub token_auth_claim: String,
+    /// Audience a token must name, if set (`tokenAudience`).
+    pub token_audience: Option<String>,
+    /// How often connections are checked for expired credentials
+    /// (`authenticationRefreshCheckSeconds`).
+    pub authentication_refresh_check_seconds: u64,
+    /// Append-only JSON-lines audit log of admin mutations and security failures.
+    pub audit_log_file: Option<PathBuf>,
     pub storage: StorageSection,
 }
 
@@ -108,6 +128,7 @@ impl Default for Config {
         let broker = BrokerConfig::default();
         let server = ServerConfig::default();
         let http = HttpLimits::default();
+        let security = SecurityConfig::default();
         Config {
             cluster_name: broker.cluster_name,
             data_dir: PathBuf::from("./data"),
@@ -148,6 +169,15 @@ impl Default for Config {
             max_unacked_messages_per_consumer: broker.max_unacked_messages_per_consumer,
             policy_check_interval_seconds: 60,
             stats_interval_seconds: 5,
+            authentication_enabled: security.authentication_enabled,
+            authorization_enabled: security.authorization_enabled,
+            super_user_roles: security.super_user_roles,
+            token_secret_key: None,
+            token_public_key: None,
+            token_auth_claim: security.token_auth_claim,
+            token_audience: None,
+            authentication_refresh_check_seconds: security.authentication_refresh_check.as_secs(),
+            audit_log_file: None,
             storage: StorageSection::default(),
         }
     }
@@ -172,7 +202,16 @@ impl Default for StorageSection {
 }
 
 /// Keys without a default value (absent from the serialized defaults).
-const OPTIONAL_KEYS: &[&str] = &["advertised_address"];
+const OPTIONAL_KEYS: &[&str] = &[
+    "advertised_address",
+    "token_secret_key",
+    "token_public_key",
+    "token_audience",
+    "audit_log_file",
+];
+
+/// Keys whose values are secrets: never shown in the runtime configuration.
+const SECRET_KEYS: &[&str] = &["token_secret_key"];
 
 /// Reads a value given in an environment variable as TOML (number, boolean), else as a string.
 fn env_value(raw: &str) -> toml::Value {
@@ -286,6 +325,9 @@ impl Config {
         {
             bail!("http_max_connections and the http_*_timeout_seconds settings must be positive");
         }
+        if self.authentication_refresh_check_seconds == 0 {
+            bail!("authentication_refresh_check_seconds must be positive");
+        }
         if !matches!(
             self.storage.flush_policy.as_str(),
             "fsync" | "relaxed-write-only"
@@ -334,6 +376,13 @@ impl Config {
         let mut values = std::collections::BTreeMap::new();
         if let Ok(value) = serde_json::to_value(self) {
             flatten("", &value, &mut values);
+        }
+        for key in SECRET_KEYS {
+            if let Some(value) = values.get_mut(*key) {
+                if !value.is_empty() && !value.starts_with("file:") && !value.starts_with('/') {
+                    *value = "(hidden)".into();
+                }
+            }
         }
         values
     }
@@ -418,6 +467,23 @@ impl Config {
             max_consumers_per_connection: self.max_consumers_per_connection,
             max_subscriptions_per_topic: self.max_subscriptions_per_topic,
             max_inbound_frame_buffer_bytes: self.max_inbound_frame_buffer_bytes,
+            ..ServerConfig::default()
+        }
+    }
+
+    pub fn security_config(&self) -> SecurityConfig {
+        SecurityConfig {
+            authentication_enabled: self.authentication_enabled,
+            authorization_enabled: self.authorization_enabled,
+            super_user_roles: self.super_user_roles.clone(),
+            token_secret_key: self.token_secret_key.clone(),
+            token_public_key: self.token_public_key.clone(),
+            token_auth_claim: self.token_auth_claim.clone(),
+            token_audience: self.token_audience.clone(),
+            authentication_refresh_check: Duration::from_secs(
+                self.authentication_refresh_check_seconds,
+            ),
+            audit_log_file: self.audit_log_file.clone(),
         }
     }
 }

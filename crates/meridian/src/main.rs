@@ -10,6 +10,7 @@ mod client_cli;
 mod config;
 mod logging;
 mod perf;
+mod tokens_cli;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -50,6 +51,8 @@ enum Command {
     Client(client_cli::ClientArgs),
     /// Measure throughput and latency, like pulsar-perf (produce, consume, end-to-end).
     Perf(perf::PerfArgs),
+    /// Create keys and tokens for token authentication (as `pulsar tokens`).
+    Tokens(tokens_cli::TokensArgs),
     /// Print a shell completion script.
     ///
     /// Example: meridian completions bash > /etc/bash_completion.d/meridian
@@ -94,6 +97,7 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Admin(arguments) => admin_cli::run(arguments),
+        Command::Tokens(arguments) => tokens_cli::run(arguments),
         Command::Client(arguments) => tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
@@ -174,6 +178,10 @@ async fn standalone(config: Config) -> anyhow::Result<()> {
         Ok(limit) => tracing::debug!(limit, "open file limit"),
         Err(error) => tracing::warn!(%error, "could not raise the open file limit"),
     }
+    let security = Arc::new(
+        meridian_auth::Security::new(config.security_config()).context("configuring security")?,
+    );
+    warn_if_exposed(&config);
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("creating data directory {}", config.data_dir.display()))?;
     let storage_root = config.data_dir.join("storage");
@@ -200,10 +208,12 @@ async fn standalone(config: Config) -> anyhow::Result<()> {
         .with_context(|| format!("listening on {web_address}"))?;
 
     let shutdown = CancellationToken::new();
+    let mut server_config = config.server_config();
+    server_config.security = security.clone();
     let server = tokio::spawn(meridian_server::serve(
         broker_listener,
         broker.clone(),
-        config.server_config(),
+        server_config,
         shutdown.clone(),
     ));
     meridian_admin::set_runtime_configuration(config.runtime_values());
@@ -211,6 +221,7 @@ async fn standalone(config: Config) -> anyhow::Result<()> {
         web_listener,
         broker.clone(),
         config.http_limits(),
+        security,
         shutdown.clone(),
     ));
     // Replicated topics with a backlog must not wait for a client to resume replicating.
@@ -246,6 +257,23 @@ async fn standalone(config: Config) -> anyhow::Result<()> {
     broker.close().await;
     tracing::info!("meridian standalone stopped");
     Ok(())
+}
+
+/// A broker reachable from other hosts without authentication serves anyone who can reach it.
+fn warn_if_exposed(config: &Config) {
+    let loopback = config.bind_address == "localhost"
+        || config
+            .bind_address
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|address| address.is_loopback());
+    if !loopback && !config.authentication_enabled {
+        tracing::warn!(
+            bind_address = %config.bind_address,
+            "listening on a non-loopback address without authentication: anyone who can reach \
+             these ports can produce, consume and administer everything \
+             (set authentication_enabled, see docs/security.md)"
+        );
+    }
 }
 
 /// Periodic broker work: policy enforcement (TTL, backlog quotas, retention) and stats rates.

@@ -64,6 +64,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::ServerConfig;
 
+mod auth;
+
 /// Highest protocol version this broker speaks.
 pub const PROTOCOL_VERSION: i32 = 20;
 const SERVER_VERSION: &str = concat!("Meridian ", env!("CARGO_PKG_VERSION"));
@@ -109,6 +111,8 @@ pub(crate) struct Connection {
     consumers: HashMap<u64, ConsumerSlot>,
     /// When the last complete frame arrived: single bytes do not keep a connection alive.
     last_frame: Instant,
+    /// Who the connection speaks for, and its credentials' refresh (see `auth`).
+    auth: auth::AuthState,
 }
 
 /// Why a connection ends early.
@@ -149,10 +153,13 @@ pub(crate) async fn run(
         producers: HashMap::new(),
         consumers: HashMap::new(),
         last_frame: Instant::now(),
+        auth: auth::AuthState::default(),
     };
     let mut buffer = BytesMut::with_capacity(UNRESERVED_FRAME_BYTES);
     let mut keep_alive = tokio::time::interval(config.keep_alive_interval);
     keep_alive.tick().await;
+    let mut credentials_check = tokio::time::interval(config.security.refresh_check_interval());
+    credentials_check.tick().await;
     let connect_deadline = tokio::time::sleep(config.connect_timeout);
     tokio::pin!(connect_deadline);
     // The part of the inbound budget held for the large frame at the head of the buffer.
@@ -209,6 +216,11 @@ pub(crate) async fn run(
                     // Never waits: a full queue must not stop this check from running again.
                     let ping = BaseCommand { ping: Some(CommandPing {}), ..command(Type::Ping) };
                     let _ = connection.outbound.try_send(command_frame(&ping));
+                }
+            }
+            _ = credentials_check.tick(), if config.security.authentication_enabled() => {
+                if let Err(Close(reason)) = connection.check_credentials().await {
+                    break reason;
                 }
             }
             _ = writer_failed.cancelled() => break "writing to the client failed".to_string(),
@@ -432,6 +444,7 @@ impl Connection {
         };
         let kind = command_type(&base);
         if self.protocol_version.is_none() && kind != Some(Type::Connect) {
+            self.audit_before_connect(kind);
             self.error(
                 0,
                 ServerError::NotAllowedError,
@@ -556,7 +569,7 @@ impl Connection {
                     ..
                 },
             ) => self.handle_get_or_create_schema(request).await,
-            (Some(Type::AuthResponse), _) => Ok(()),
+            (Some(Type::AuthResponse), base) => self.handle_auth_response(base).await,
             (kind, base) => {
                 let request_id = request_id_of(&base);
                 let message = match kind {
@@ -878,6 +891,7 @@ impl Connection {
         let Some(connect) = base.connect else {
             return Err(Close("CONNECT without its body".into()));
         };
+        self.authenticate_connect(&connect).await?;
         let version = connect.protocol_version().clamp(0, PROTOCOL_VERSION);
         self.protocol_version = Some(version);
         // Informational, and copied into every producer's and consumer's stats: kept short.

@@ -49,6 +49,8 @@ pub struct ServerConfig {
     /// Bytes of large frames (over 64 KiB) all connections may be receiving at once; must be
     /// at least `max_frame_size`.
     pub max_inbound_frame_buffer_bytes: usize,
+    /// Authentication, authorization and audit (off by default).
+    pub security: Arc<meridian_auth::Security>,
 }
 
 impl Default for ServerConfig {
@@ -65,6 +67,7 @@ impl Default for ServerConfig {
             max_consumers_per_connection: 10_000,
             max_subscriptions_per_topic: 10_000,
             max_inbound_frame_buffer_bytes: 256 * 1024 * 1024,
+            security: Arc::new(meridian_auth::Security::disabled()),
         }
     }
 }

@@ -1,0 +1,186 @@
+//! Meridian's security, shared by the protocol server and the HTTP API: token authentication
+//! ([`token`], keys in [`keys`]), authorization decisions ([`Security::is_super_user`] and
+//! friends) and the audit log ([`audit`]).
+//!
+//! Everything is off by default ([`Security::disabled`]): then every connection and request is
+//! served as before, with no role.
+
+pub mod audit;
+pub mod keys;
+pub mod token;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+pub use audit::{AuditEvent, AuditLog, Outcome};
+pub use token::{Principal, TokenVerifier};
+
+/// Why a credential, a key or a request is refused.
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    /// The client's credentials are not valid (Pulsar's AuthenticationError, HTTP 401).
+    #[error("authentication failed: {0}")]
+    Rejected(String),
+    /// A key could not be read, parsed or made.
+    #[error("{0}")]
+    Key(String),
+    /// The audit log could not be opened.
+    #[error("audit log: {0}")]
+    Audit(String),
+}
+
+/// Security settings (Pulsar's names in `docs/configuration.md`).
+#[derive(Debug, Clone)]
+pub struct SecurityConfig {
+    /// Clients must present a valid token (`authenticationEnabled`).
+    pub authentication_enabled: bool,
+    /// Roles are checked against permissions (`authorizationEnabled`).
+    pub authorization_enabled: bool,
+    /// Roles allowed everything (`superUserRoles`).
+    pub super_user_roles: Vec<String>,
+    /// HMAC key of tokens (`tokenSecretKey`): `file:///path`, `data:;base64,...` or base64.
+    pub token_secret_key: Option<String>,
+    /// Public key of tokens (`tokenPublicKey`), the same forms; DER or PEM.
+    pub token_public_key: Option<String>,
+    /// Claim holding the role (`tokenAuthClaim`, default `sub`).
+    pub token_auth_claim: String,
+    /// Audience a token must name, if set (`tokenAudience`).
+    pub token_audience: Option<String>,
+    /// How often connections are checked for expired credentials
+    /// (`authenticationRefreshCheckSeconds`).
+    pub authentication_refresh_check: Duration,
+    /// Append-only JSON-lines audit log; None: no audit log.
+    pub audit_log_file: Option<PathBuf>,
+}
+
+impl Default for SecurityConfig {
+    fn default() -> Self {
+        SecurityConfig {
+            authentication_enabled: false,
+            authorization_enabled: false,
+            super_user_roles: Vec::new(),
+            token_secret_key: None,
+            token_public_key: None,
+            token_auth_claim: "sub".into(),
+            token_audience: None,
+            authentication_refresh_check: Duration::from_secs(60),
+            audit_log_file: None,
+        }
+    }
+}
+
+/// The security state of one broker.
+pub struct Security {
+    config: SecurityConfig,
+    verifier: Option<TokenVerifier>,
+    audit: Option<AuditLog>,
+}
+
+impl std::fmt::Debug for Security {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Security")
+            .field(
+                "authentication_enabled",
+                &self.config.authentication_enabled,
+            )
+            .field("authorization_enabled", &self.config.authorization_enabled)
+            .finish()
+    }
+}
+
+impl Default for Security {
+    fn default() -> Self {
+        Security::disabled()
+    }
+}
+
+impl Security {
+    /// No authentication, no authorization, no audit log: today's behaviour.
+    pub fn disabled() -> Security {
+        Security {
+            config: SecurityConfig::default(),
+            verifier: None,
+            audit: None,
+        }
+    }
+
+    /// Loads the keys and opens the audit log. Authentication needs exactly one token key.
+    pub fn new(config: SecurityConfig) -> Result<Security, AuthError> {
+        let key = match (&config.token_secret_key, &config.token_public_key) {
+            (Some(_), Some(_)) => {
+                return Err(AuthError::Key(
+                    "set token_secret_key or token_public_key, not both".into(),
+                ))
+            }
+            (Some(secret), None) => {
+                Some(keys::secret_verifying_key(&keys::read_key_source(secret)?)?)
+            }
+            (None, Some(public)) => {
+                Some(keys::public_verifying_key(&keys::read_key_source(public)?)?)
+            }
+            (None, None) => None,
+        };
+        if config.authentication_enabled && key.is_none() {
+            return Err(AuthError::Key(
+                "authentication_enabled needs token_secret_key or token_public_key".into(),
+            ));
+        }
+        if config.authorization_enabled && !config.authentication_enabled {
+            return Err(AuthError::Key(
+                "authorization_enabled needs authentication_enabled (roles come from tokens)"
+                    .into(),
+            ));
+        }
+        let verifier = key.map(|key| {
+            TokenVerifier::new(
+                key,
+                config.token_auth_claim.clone(),
+                config.token_audience.clone(),
+            )
+        });
+        let audit = match &config.audit_log_file {
+            Some(path) => Some(AuditLog::open(path)?),
+            None => None,
+        };
+        Ok(Security {
+            config,
+            verifier,
+            audit,
+        })
+    }
+
+    pub fn authentication_enabled(&self) -> bool {
+        self.config.authentication_enabled
+    }
+
+    pub fn authorization_enabled(&self) -> bool {
+        self.config.authorization_enabled
+    }
+
+    pub fn refresh_check_interval(&self) -> Duration {
+        self.config.authentication_refresh_check
+    }
+
+    /// The principal of a token (with or without `Bearer `), or why it is refused.
+    pub fn authenticate(&self, token: &str) -> Result<Principal, AuthError> {
+        match &self.verifier {
+            Some(verifier) => verifier.verify(token),
+            None => Err(AuthError::Rejected("no token key is configured".into())),
+        }
+    }
+
+    /// The role may do anything (`superUserRoles`); true for everyone without authorization.
+    pub fn is_super_user(&self, role: Option<&str>) -> bool {
+        if !self.config.authorization_enabled {
+            return true;
+        }
+        role.is_some_and(|role| self.config.super_user_roles.iter().any(|r| r == role))
+    }
+
+    /// Writes one audit line (if an audit log is configured).
+    pub fn audit(&self, event: AuditEvent<'_>) {
+        if let Some(audit) = &self.audit {
+            audit.write(&event);
+        }
+    }
+}
