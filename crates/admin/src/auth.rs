@@ -6,6 +6,14 @@
 //! role of a verified token travels with the request as a [`Caller`] for the handlers'
 //! permission checks.
 //!
+//! With `authorization_enabled`, each request is then checked by its path
+//! ([`authorization_denial`]): super-users may do everything; a tenant's admin roles may use
+//! `/admin/v2/tenants/{tenant}` (read), `/admin/v2/namespaces/{tenant}/...` and
+//! `/admin/v2/persistent|non-persistent/{tenant}/...`; any authenticated role may read
+//! `/admin/v2/clusters`; an HTTP lookup needs produce or consume on the topic; everything else
+//! (cluster changes, tenants, brokers, migration) is for super-users. A denial is 403 with a
+//! reason.
+//!
 //! Every request that changes something (any method but GET and HEAD) is written to the audit
 //! log with its outcome, as is every refused credential.
 
@@ -16,7 +24,8 @@ use axum::extract::{Request, State};
 use axum::http::{header, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use meridian_auth::{AuditEvent, Outcome, Security};
+use meridian_auth::{AuditEvent, AuthPolicies, Outcome, Security, TopicAction};
+use meridian_broker::{Broker, TopicName};
 
 use crate::ApiError;
 
@@ -55,7 +64,7 @@ fn audit(
 
 /// The middleware: authenticates, runs the request, audits mutations.
 pub async fn authenticate(
-    State(security): State<Arc<Security>>,
+    State((security, broker)): State<(Arc<Security>, Arc<Broker>)>,
     mut request: Request,
     next: Next,
 ) -> Response {
@@ -89,11 +98,25 @@ pub async fn authenticate(
             }
         }
     }
+    if security.authorization_enabled() && !is_open(&path) {
+        if let Some(reason) = authorization_denial(&security, &broker, &method, &path, &caller) {
+            let response = ApiError::new(StatusCode::FORBIDDEN, reason.clone()).into_response();
+            audit(
+                &security,
+                (&method, &path, peer),
+                caller.role.as_deref(),
+                Outcome::Denied,
+                Some(&reason),
+            );
+            return response;
+        }
+    }
     request.extensions_mut().insert(caller.clone());
     let response = next.run(request).await;
     let status = response.status();
     let mutation = method != Method::GET && method != Method::HEAD;
     if mutation || status == StatusCode::FORBIDDEN {
+        // A 403 from a handler (not from the check above) is audited here.
         let outcome = if status == StatusCode::FORBIDDEN {
             Outcome::Denied
         } else if status.is_success() || status.is_redirection() {
@@ -111,4 +134,63 @@ pub async fn authenticate(
         );
     }
     response
+}
+
+/// The tenant's admin roles (none if it does not exist).
+fn tenant_admins(broker: &Broker, tenant: &str) -> Vec<String> {
+    broker
+        .resources()
+        .tenant(tenant)
+        .map(|info| info.admin_roles)
+        .unwrap_or_default()
+}
+
+/// Why the caller may not make this request, or None if it may.
+pub fn authorization_denial(
+    security: &Security,
+    broker: &Broker,
+    method: &Method,
+    path: &str,
+    caller: &Caller,
+) -> Option<String> {
+    let role = caller.role.as_deref();
+    if security.is_super_user(role) {
+        return None;
+    }
+    let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let read = method == Method::GET || method == Method::HEAD;
+    let tenant_admin = |tenant: &str| {
+        (!security.is_tenant_admin(role, &tenant_admins(broker, tenant))).then(|| {
+            format!(
+                "role '{}' is not an admin of tenant {tenant}",
+                role.unwrap_or_default()
+            )
+        })
+    };
+    match segments.as_slice() {
+        ["admin", "v2", "clusters", ..] if read => None,
+        ["admin", "v2", "tenants", tenant] if read => tenant_admin(tenant),
+        ["admin", "v2", "namespaces", tenant, ..] => tenant_admin(tenant),
+        ["admin", "v2", "persistent" | "non-persistent", tenant, ..] => tenant_admin(tenant),
+        ["lookup", "v2", "topic", domain, tenant, namespace, topic] => {
+            let name =
+                TopicName::parse(&format!("{domain}://{tenant}/{namespace}/{topic}")).ok()?;
+            let grants = broker
+                .resources()
+                .policies(tenant, namespace)
+                .map(|policies| AuthPolicies::from_policies(policies.other.get("auth_policies")))
+                .unwrap_or_default();
+            security.topic_denial(
+                role,
+                TopicAction::Lookup,
+                &name.base().to_string(),
+                &tenant_admins(broker, tenant),
+                &grants,
+            )
+        }
+        _ => Some(format!(
+            "role '{}' is not a super-user; {method} {path} needs one",
+            role.unwrap_or_default()
+        )),
+    }
 }

@@ -13,7 +13,9 @@
 //!   active brokers, version, configuration), `/admin/v2/broker-stats/topics`, `/status.html`;
 //! - [`metrics`]: the Prometheus text exposition;
 //! - [`migration`]: a tenant's migration to another cluster (start, status, abort);
-//! - [`auth`]: bearer-token authentication of every request and the audit of mutations.
+//! - [`auth`]: bearer-token authentication and authorization of every request, and the audit
+//!   of mutations;
+//! - [`permissions`]: grants of produce/consume on namespaces and topics.
 
 pub mod auth;
 mod brokers;
@@ -22,6 +24,7 @@ mod deadlines;
 mod metrics;
 mod migration;
 mod namespaces;
+mod permissions;
 mod propagate;
 mod tenants;
 mod topics;
@@ -126,6 +129,7 @@ pub fn router(broker: Arc<Broker>) -> Router {
         .merge(tenants::routes())
         .merge(migration::routes())
         .merge(namespaces::routes())
+        .merge(permissions::routes())
         .merge(topics::routes())
         .fallback(not_found)
         .with_state(broker)
@@ -179,9 +183,9 @@ pub async fn serve(
     security: Arc<Security>,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    let router = router(broker)
+    let router = router(broker.clone())
         .layer(axum::middleware::from_fn_with_state(
-            security,
+            (security, broker),
             auth::authenticate,
         ))
         .layer(axum::middleware::from_fn_with_state(

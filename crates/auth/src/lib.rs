@@ -6,6 +6,7 @@
 //! served as before, with no role.
 
 pub mod audit;
+pub mod authz;
 pub mod keys;
 pub mod token;
 
@@ -13,6 +14,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 pub use audit::{AuditEvent, AuditLog, Outcome};
+pub use authz::{AuthPolicies, TopicAction};
 pub use token::{Principal, TokenVerifier};
 
 /// Why a credential, a key or a request is refused.
@@ -175,6 +177,31 @@ impl Security {
             return true;
         }
         role.is_some_and(|role| self.config.super_user_roles.iter().any(|r| r == role))
+    }
+
+    /// Why `role` may not do `action` on `topic` (its base name), or None if it may. Always
+    /// None without authorization.
+    pub fn topic_denial(
+        &self,
+        role: Option<&str>,
+        action: TopicAction,
+        topic: &str,
+        tenant_admins: &[String],
+        grants: &AuthPolicies,
+    ) -> Option<String> {
+        if self.is_super_user(role) {
+            return None;
+        }
+        match role {
+            Some(role) => authz::topic_denial(role, action, topic, tenant_admins, grants),
+            None => Some("no role: authenticate first".into()),
+        }
+    }
+
+    /// True if `role` may administer a tenant with these admin roles (super-users may).
+    pub fn is_tenant_admin(&self, role: Option<&str>, tenant_admins: &[String]) -> bool {
+        self.is_super_user(role)
+            || role.is_some_and(|role| tenant_admins.iter().any(|admin| admin == role))
     }
 
     /// Writes one audit line (if an audit log is configured).

@@ -63,6 +63,7 @@ use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use crate::ServerConfig;
+use meridian_auth::TopicAction::{Consume, Lookup, Produce};
 
 mod auth;
 
@@ -591,6 +592,11 @@ impl Connection {
         &mut self,
         request: CommandPartitionedTopicMetadata,
     ) -> Result<(), Close> {
+        if let Err(reason) = self.authorize("PARTITIONED_METADATA", &request.topic, Lookup) {
+            self.deny_partitioned_metadata(request.request_id, reason)
+                .await;
+            return Ok(());
+        }
         let response = match TopicName::parse(&request.topic).and_then(|name| {
             self.broker
                 .partitioned_metadata(&name, request.metadata_auto_creation_enabled())
@@ -622,6 +628,10 @@ impl Connection {
     }
 
     async fn handle_lookup(&mut self, request: CommandLookupTopic) -> Result<(), Close> {
+        if let Err(reason) = self.authorize("LOOKUP", &request.topic, Lookup) {
+            self.deny_lookup(request.request_id, reason).await;
+            return Ok(());
+        }
         let response = match TopicName::parse(&request.topic) {
             Ok(_) => CommandLookupTopicResponse {
                 broker_service_url: Some(self.broker.config().broker_service_url.clone()),
@@ -804,6 +814,11 @@ impl Connection {
         &mut self,
         request: CommandGetTopicsOfNamespace,
     ) -> Result<(), Close> {
+        if let Err(reason) = self.authorize_namespace("GET_TOPICS_OF_NAMESPACE", &request.namespace)
+        {
+            self.deny(request.request_id, reason).await;
+            return Ok(());
+        }
         match self.broker.topics_of_namespace(&request.namespace) {
             Ok(topics) => {
                 self.send_command(BaseCommand {
@@ -824,6 +839,10 @@ impl Connection {
     }
 
     async fn handle_get_schema(&mut self, request: CommandGetSchema) -> Result<(), Close> {
+        if let Err(reason) = self.authorize("GET_SCHEMA", &request.topic, Lookup) {
+            self.deny(request.request_id, reason).await;
+            return Ok(());
+        }
         let version = request.schema_version.as_deref().and_then(decode_version);
         let result = TopicName::parse(&request.topic)
             .and_then(|name| self.broker.schemas().get(&name, version));
@@ -859,6 +878,10 @@ impl Connection {
         &mut self,
         request: CommandGetOrCreateSchema,
     ) -> Result<(), Close> {
+        if let Err(reason) = self.authorize("GET_OR_CREATE_SCHEMA", &request.topic, Produce) {
+            self.deny(request.request_id, reason).await;
+            return Ok(());
+        }
         let result = TopicName::parse(&request.topic)
             .and_then(|name| self.broker.schemas().get_or_create(&name, &request.schema));
         let response = match result {
@@ -972,6 +995,10 @@ impl Connection {
         if let Some(reason) = too_long("producer name", request.producer_name.as_deref()) {
             self.error(request.request_id, ServerError::NotAllowedError, reason)
                 .await;
+            return Ok(());
+        }
+        if let Err(reason) = self.authorize("PRODUCER", &request.topic, Produce) {
+            self.deny(request.request_id, reason).await;
             return Ok(());
         }
         let name = match TopicName::parse(&request.topic) {
@@ -1231,6 +1258,10 @@ impl Connection {
         if let Some(reason) = too_long("consumer name", request.consumer_name.as_deref()) {
             self.error(request.request_id, ServerError::NotAllowedError, reason)
                 .await;
+            return;
+        }
+        if let Err(reason) = self.authorize("SUBSCRIBE", &request.topic, Consume) {
+            self.deny(request.request_id, reason).await;
             return;
         }
         let name = match TopicName::parse(&request.topic) {

@@ -9,12 +9,26 @@
 //!   the same role before the next check; a client that cannot refresh, or does not, is
 //!   disconnected (it reconnects with whatever token it has then).
 //!
+//! With `authorization_enabled`, each command that opens or reads a topic is checked against
+//! the role's permissions ([`Connection::authorize`]: PRODUCER and GET_OR_CREATE_SCHEMA need
+//! produce, SUBSCRIBE consume, LOOKUP, PARTITIONED_METADATA and GET_SCHEMA either,
+//! GET_TOPICS_OF_NAMESPACE some grant in the namespace); commands on a producer or consumer
+//! already open ride on the check made when it was opened. A permission revoked while connected
+//! takes effect at the next periodic check (the same `authentication_refresh_check_seconds`):
+//! the producer or consumer that lost it is closed (CLOSE_PRODUCER / CLOSE_CONSUMER), and the
+//! client's attempt to re-create it is refused with AuthorizationError.
+//!
 //! Every refusal is written to the audit log.
 
-use meridian_auth::{AuditEvent, Outcome, Principal};
+use meridian_auth::{AuditEvent, AuthPolicies, Outcome, Principal, TopicAction};
+use meridian_broker::TopicName;
 use meridian_wire::proto::{
-    base_command::Type, AuthData, BaseCommand, CommandAuthChallenge, CommandConnect, ServerError,
+    base_command::Type, command_lookup_topic_response, command_partitioned_topic_metadata_response,
+    AuthData, BaseCommand, CommandAuthChallenge, CommandCloseConsumer, CommandCloseProducer,
+    CommandConnect, CommandLookupTopicResponse, CommandPartitionedTopicMetadataResponse,
+    ServerError,
 };
+use std::sync::atomic::Ordering;
 
 use super::{command, Close, Connection, PROTOCOL_VERSION, SERVER_VERSION};
 
@@ -143,8 +157,181 @@ impl Connection {
         }
     }
 
-    /// The periodic check: expired credentials are challenged once, then the connection closes.
+    /// The tenant's admin roles and the namespace's grants.
+    fn grants_of(&self, tenant: &str, namespace: &str) -> (Vec<String>, AuthPolicies) {
+        let resources = self.broker.resources();
+        let admins = resources
+            .tenant(tenant)
+            .map(|info| info.admin_roles)
+            .unwrap_or_default();
+        let grants = resources
+            .policies(tenant, namespace)
+            .map(|policies| AuthPolicies::from_policies(policies.other.get("auth_policies")))
+            .unwrap_or_default();
+        (admins, grants)
+    }
+
+    /// Why this connection's role may not do `action` on `topic`, or None if it may (always
+    /// None without authorization; a malformed name is left to the command to report).
+    fn topic_denial(&self, topic: &str, action: TopicAction) -> Option<String> {
+        let security = &self.config.security;
+        if security.is_super_user(self.role()) {
+            return None;
+        }
+        let name = TopicName::parse(topic).ok()?;
+        let (admins, grants) = self.grants_of(&name.tenant, &name.namespace);
+        security.topic_denial(
+            self.role(),
+            action,
+            &name.base().to_string(),
+            &admins,
+            &grants,
+        )
+    }
+
+    /// Checks `command` on `topic`; a denial is audited and its reason returned (the caller
+    /// answers AuthorizationError with it).
+    pub(super) fn authorize(
+        &self,
+        command: &str,
+        topic: &str,
+        action: TopicAction,
+    ) -> Result<(), String> {
+        match self.topic_denial(topic, action) {
+            None => Ok(()),
+            Some(reason) => {
+                self.audit(command, topic, Outcome::Denied, &reason);
+                Err(reason)
+            }
+        }
+    }
+
+    /// Checks a namespace-wide read (the topic list): tenant admins and roles with any grant
+    /// in the namespace may.
+    pub(super) fn authorize_namespace(&self, command: &str, namespace: &str) -> Result<(), String> {
+        let security = &self.config.security;
+        if security.is_super_user(self.role()) {
+            return Ok(());
+        }
+        let (tenant, local) = namespace.split_once('/').unwrap_or((namespace, ""));
+        let (admins, grants) = self.grants_of(tenant, local);
+        let role = self.role().unwrap_or_default();
+        if security.is_tenant_admin(self.role(), &admins) || grants.has_any(role) {
+            return Ok(());
+        }
+        let reason = format!("role '{role}' has no permission in namespace {namespace}");
+        self.audit(command, namespace, Outcome::Denied, &reason);
+        Err(reason)
+    }
+
+    /// Refuses a request with AuthorizationError.
+    pub(super) async fn deny(&self, request_id: u64, reason: String) {
+        self.error(request_id, ServerError::AuthorizationError, reason)
+            .await;
+    }
+
+    pub(super) async fn deny_lookup(&self, request_id: u64, reason: String) {
+        self.send_command(BaseCommand {
+            lookup_response: Some(CommandLookupTopicResponse {
+                response: Some(command_lookup_topic_response::LookupType::Failed as i32),
+                request_id,
+                error: Some(ServerError::AuthorizationError as i32),
+                message: Some(reason),
+                ..Default::default()
+            }),
+            ..command(Type::LookupResponse)
+        })
+        .await;
+    }
+
+    pub(super) async fn deny_partitioned_metadata(&self, request_id: u64, reason: String) {
+        self.send_command(BaseCommand {
+            partitioned_metadata_response: Some(CommandPartitionedTopicMetadataResponse {
+                request_id,
+                response: Some(
+                    command_partitioned_topic_metadata_response::LookupType::Failed as i32,
+                ),
+                error: Some(ServerError::AuthorizationError as i32),
+                message: Some(reason),
+                ..Default::default()
+            }),
+            ..command(Type::PartitionedMetadataResponse)
+        })
+        .await;
+    }
+
+    /// Closes the producers and consumers whose role lost its permission.
+    async fn enforce_revocations(&mut self) {
+        let revoked_producers: Vec<(u64, String)> = self
+            .producers
+            .iter()
+            .filter(|(_, producer)| !producer.closed.load(Ordering::SeqCst))
+            .filter_map(|(id, producer)| {
+                let denial = self.topic_denial(producer.topic.full_name(), TopicAction::Produce);
+                denial.map(|reason| (*id, reason))
+            })
+            .collect();
+        for (id, reason) in revoked_producers {
+            if let Some(producer) = self.producers.remove(&id) {
+                producer.closed.store(true, Ordering::SeqCst);
+                producer.topic.remove_producer(producer.key);
+                self.audit(
+                    "PRODUCER",
+                    producer.topic.full_name(),
+                    Outcome::Denied,
+                    &reason,
+                );
+                self.send_command(BaseCommand {
+                    close_producer: Some(CommandCloseProducer {
+                        producer_id: id,
+                        request_id: 0,
+                        ..Default::default()
+                    }),
+                    ..command(Type::CloseProducer)
+                })
+                .await;
+            }
+        }
+        let revoked_consumers: Vec<(u64, String)> = self
+            .consumers
+            .iter()
+            .filter(|(_, consumer)| !consumer.closed.load(Ordering::SeqCst))
+            .filter_map(|(id, consumer)| {
+                let denial = self.topic_denial(consumer.topic.full_name(), TopicAction::Consume);
+                denial.map(|reason| (*id, reason))
+            })
+            .collect();
+        for (id, reason) in revoked_consumers {
+            if let Some(consumer) = self.consumers.remove(&id) {
+                consumer.closed.store(true, Ordering::SeqCst);
+                consumer
+                    .topic
+                    .remove_consumer(&consumer.subscription.name, consumer.key);
+                self.audit(
+                    "SUBSCRIBE",
+                    consumer.topic.full_name(),
+                    Outcome::Denied,
+                    &reason,
+                );
+                self.send_command(BaseCommand {
+                    close_consumer: Some(CommandCloseConsumer {
+                        consumer_id: id,
+                        request_id: 0,
+                        ..Default::default()
+                    }),
+                    ..command(Type::CloseConsumer)
+                })
+                .await;
+            }
+        }
+    }
+
+    /// The periodic check: permissions revoked since are enforced; expired credentials are
+    /// challenged once, then the connection closes.
     pub(super) async fn check_credentials(&mut self) -> Result<(), Close> {
+        if self.config.security.authorization_enabled() {
+            self.enforce_revocations().await;
+        }
         if !self.auth.principal.as_ref().is_some_and(Principal::expired) {
             return Ok(());
         }
