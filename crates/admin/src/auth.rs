@@ -11,8 +11,10 @@
 //! `/admin/v2/tenants/{tenant}` (read), `/admin/v2/namespaces/{tenant}/...` and
 //! `/admin/v2/persistent|non-persistent/{tenant}/...`; any authenticated role may read
 //! `/admin/v2/clusters`; an HTTP lookup needs produce or consume on the topic; everything else
-//! (cluster changes, tenants, brokers, migration) is for super-users. A denial is 403 with a
-//! reason.
+//! (cluster changes, tenants, brokers, migration) is for super-users. Configure-once pushes
+//! from other clusters (requests with `PROPAGATED_HEADER`) need a replicating role
+//! (super-user or `replicator_roles`), which may also use every topic path. A denial is 403
+//! with a reason.
 //!
 //! Every request that changes something (any method but GET and HEAD) is written to the audit
 //! log with its outcome, as is every refused credential.
@@ -99,7 +101,11 @@ pub async fn authenticate(
         }
     }
     if security.authorization_enabled() && !is_open(&path) {
-        if let Some(reason) = authorization_denial(&security, &broker, &method, &path, &caller) {
+        let propagated = request
+            .headers()
+            .contains_key(crate::propagate::PROPAGATED_HEADER);
+        let denial = authorization_denial(&security, &broker, &method, &path, &caller, propagated);
+        if let Some(reason) = denial {
             let response = ApiError::new(StatusCode::FORBIDDEN, reason.clone()).into_response();
             audit(
                 &security,
@@ -152,10 +158,20 @@ pub fn authorization_denial(
     method: &Method,
     path: &str,
     caller: &Caller,
+    propagated: bool,
 ) -> Option<String> {
     let role = caller.role.as_deref();
     if security.is_super_user(role) {
         return None;
+    }
+    if propagated {
+        // Configure-once metadata from another cluster: only replicating roles may push it.
+        return (!security.may_replicate(role)).then(|| {
+            format!(
+                "role '{}' may not push configure-once metadata (not a super-user or replicator role)",
+                role.unwrap_or_default()
+            )
+        });
     }
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
     let read = method == Method::GET || method == Method::HEAD;
@@ -171,6 +187,10 @@ pub fn authorization_denial(
         ["admin", "v2", "clusters", ..] if read => None,
         ["admin", "v2", "tenants", tenant] if read => tenant_admin(tenant),
         ["admin", "v2", "namespaces", tenant, ..] => tenant_admin(tenant),
+        // Replicators create and inspect the topics they replicate to.
+        ["admin", "v2", "persistent" | "non-persistent", ..] if security.may_replicate(role) => {
+            None
+        }
         ["admin", "v2", "persistent" | "non-persistent", tenant, ..] => tenant_admin(tenant),
         ["lookup", "v2", "topic", domain, tenant, namespace, topic] => {
             let name =

@@ -40,6 +40,11 @@ pub struct SecurityConfig {
     pub authorization_enabled: bool,
     /// Roles allowed everything (`superUserRoles`).
     pub super_user_roles: Vec<String>,
+    /// Roles other clusters replicate with: besides super-users, only they may create
+    /// replicator producers, send replicated messages and push configure-once metadata, and they
+    /// may produce to, consume from and create any topic (Meridian's; Pulsar replicates with a
+    /// super-user role).
+    pub replicator_roles: Vec<String>,
     /// HMAC key of tokens (`tokenSecretKey`): `file:///path`, `data:;base64,...` or base64.
     pub token_secret_key: Option<String>,
     /// Public key of tokens (`tokenPublicKey`), the same forms; DER or PEM.
@@ -61,6 +66,7 @@ impl Default for SecurityConfig {
             authentication_enabled: false,
             authorization_enabled: false,
             super_user_roles: Vec::new(),
+            replicator_roles: Vec::new(),
             token_secret_key: None,
             token_public_key: None,
             token_auth_claim: "sub".into(),
@@ -179,6 +185,13 @@ impl Security {
         role.is_some_and(|role| self.config.super_user_roles.iter().any(|r| r == role))
     }
 
+    /// The role may replicate (super-users and `replicator_roles`); true for everyone without
+    /// authorization.
+    pub fn may_replicate(&self, role: Option<&str>) -> bool {
+        self.is_super_user(role)
+            || role.is_some_and(|role| self.config.replicator_roles.iter().any(|r| r == role))
+    }
+
     /// Why `role` may not do `action` on `topic` (its base name), or None if it may. Always
     /// None without authorization.
     pub fn topic_denial(
@@ -189,7 +202,7 @@ impl Security {
         tenant_admins: &[String],
         grants: &AuthPolicies,
     ) -> Option<String> {
-        if self.is_super_user(role) {
+        if self.may_replicate(role) {
             return None;
         }
         match role {
@@ -209,5 +222,48 @@ impl Security {
         if let Some(audit) = &self.audit {
             audit.write(&event);
         }
+    }
+}
+
+/// The token in a cluster's `authenticationParameters`, as Pulsar's `AuthenticationToken` reads
+/// them: `token:<jwt>`, `file:///path` (a file holding the token), `{"token":"<jwt>"}`, or the
+/// bare token.
+pub fn token_from_parameters(parameters: &str) -> Result<String, AuthError> {
+    let parameters = parameters.trim();
+    if let Some(token) = parameters.strip_prefix("token:") {
+        return Ok(token.trim().to_string());
+    }
+    if let Some(path) = parameters.strip_prefix("file://") {
+        return std::fs::read_to_string(path)
+            .map(|text| text.trim().to_string())
+            .map_err(|error| AuthError::Key(format!("reading the token file {path}: {error}")));
+    }
+    if parameters.starts_with('{') {
+        let value: serde_json::Value = serde_json::from_str(parameters)
+            .map_err(|error| AuthError::Key(format!("authentication parameters: {error}")))?;
+        return value
+            .get("token")
+            .and_then(serde_json::Value::as_str)
+            .map(str::to_string)
+            .ok_or_else(|| AuthError::Key("authentication parameters have no \"token\"".into()));
+    }
+    Ok(parameters.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn token_parameters() {
+        use super::token_from_parameters as parse;
+        assert_eq!(parse("token:abc").expect("token"), "abc");
+        assert_eq!(parse(r#"{"token":"abc"}"#).expect("json"), "abc");
+        assert_eq!(parse("abc").expect("bare"), "abc");
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("t");
+        std::fs::write(&path, "abc\n").expect("write");
+        assert_eq!(
+            parse(&format!("file://{}", path.display())).expect("file"),
+            "abc"
+        );
     }
 }

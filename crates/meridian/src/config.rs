@@ -83,6 +83,8 @@ pub struct Config {
     pub authorization_enabled: bool,
     /// Roles allowed everything (`superUserRoles`).
     pub super_user_roles: Vec<String>,
+    /// Roles other clusters replicate with (Meridian's; see docs/security.md).
+    pub replicator_roles: Vec<String>,
     /// HMAC key of tokens (`tokenSecretKey`): `file:///path`, `data:;base64,...` or base64.
     pub token_secret_key: Option<String>,
     /// Public key of tokens (`tokenPublicKey`), DER or PEM, the same forms.
@@ -172,6 +174,7 @@ impl Default for Config {
             authentication_enabled: security.authentication_enabled,
             authorization_enabled: security.authorization_enabled,
             super_user_roles: security.super_user_roles,
+            replicator_roles: security.replicator_roles,
             token_secret_key: None,
             token_public_key: None,
             token_auth_claim: security.token_auth_claim,
@@ -476,6 +479,7 @@ impl Config {
             authentication_enabled: self.authentication_enabled,
             authorization_enabled: self.authorization_enabled,
             super_user_roles: self.super_user_roles.clone(),
+            replicator_roles: self.replicator_roles.clone(),
             token_secret_key: self.token_secret_key.clone(),
             token_public_key: self.token_public_key.clone(),
             token_auth_claim: self.token_auth_claim.clone(),

@@ -209,3 +209,247 @@ fn key_pair_tokens_authenticate_the_cli_and_others_are_refused() {
     assert!(!output.status.success());
     assert!(String::from_utf8_lossy(&output.stderr).contains("401"));
 }
+
+/// One secured cluster: its process, ports and directory.
+struct SecuredCluster {
+    name: &'static str,
+    home: std::path::PathBuf,
+    broker_port: u16,
+    web_port: u16,
+    _process: Broker,
+}
+
+impl SecuredCluster {
+    fn start(name: &'static str, directory: &Path, secret: &Path, admin_token: &str) -> Self {
+        let home = directory.join(name);
+        std::fs::create_dir_all(&home).expect("dir");
+        let config = home.join("meridian.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "authentication_enabled = true\nauthorization_enabled = true\n\
+                 super_user_roles = [\"admin\"]\nreplicator_roles = [\"replicator\"]\n\
+                 token_secret_key = \"file://{}\"\naudit_log_file = \"{}\"\n",
+                secret.display(),
+                home.join("audit.log").display()
+            ),
+        )
+        .expect("config");
+        let (broker_port, web_port) = (free_port(), free_port());
+        let log = std::fs::File::create(home.join("broker.log")).expect("log");
+        let process = Broker(
+            Command::new(env!("CARGO_BIN_EXE_meridian"))
+                .args(["standalone", "--cluster-name", name])
+                .args(["--config", config.to_str().expect("path")])
+                .args(["--data-dir", home.join("data").to_str().expect("path")])
+                .args(["--broker-port", &broker_port.to_string()])
+                .args(["--web-port", &web_port.to_string()])
+                .stdout(Stdio::from(log.try_clone().expect("log")))
+                .stderr(Stdio::from(log))
+                .spawn()
+                .expect("start meridian"),
+        );
+        let cluster = SecuredCluster {
+            name,
+            home,
+            broker_port,
+            web_port,
+            _process: process,
+        };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while cluster
+            .call("GET", "/admin/v2/brokers/health", admin_token, None)
+            .0
+            != 200
+        {
+            assert!(Instant::now() < deadline, "{name} not ready");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        cluster
+    }
+
+    fn call(&self, method: &str, path: &str, token: &str, body: Option<&str>) -> (u16, String) {
+        let request = ureq::request(method, &format!("http://127.0.0.1:{}{path}", self.web_port))
+            .set("Authorization", &format!("Bearer {token}"))
+            .set("Content-Type", "application/json");
+        let result = match body {
+            Some(body) => request.send_string(body),
+            None => request.call(),
+        };
+        match result {
+            Ok(response) => (
+                response.status(),
+                response.into_string().unwrap_or_default(),
+            ),
+            Err(ureq::Error::Status(code, response)) => {
+                (code, response.into_string().unwrap_or_default())
+            }
+            Err(_) => (0, String::new()),
+        }
+    }
+
+    fn registration(&self, replicator_token: &str) -> String {
+        serde_json::json!({
+            "serviceUrl": format!("http://127.0.0.1:{}", self.web_port),
+            "brokerServiceUrl": format!("pulsar://127.0.0.1:{}", self.broker_port),
+            "authenticationPlugin": "org.apache.pulsar.client.impl.auth.AuthenticationToken",
+            "authenticationParameters": format!("token:{replicator_token}"),
+        })
+        .to_string()
+    }
+
+    async fn client(&self, token: &str) -> meridian_client::Client {
+        meridian_client::Client::builder(format!("pulsar://127.0.0.1:{}", self.broker_port))
+            .operation_timeout(Duration::from_secs(10))
+            .auth_token(token)
+            .build()
+            .await
+            .expect("client")
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clusters_replicate_with_tokens_and_forged_replication_is_refused() {
+    let directory = tempfile::tempdir().expect("tempdir");
+    let secret = directory.path().join("secret.key");
+    ok(meridian(&[
+        "tokens",
+        "create-secret-key",
+        "--output",
+        secret.to_str().expect("path"),
+    ]));
+    let token = |role: &str| {
+        ok(meridian(&[
+            "tokens",
+            "create",
+            "--secret-key",
+            &format!("file://{}", secret.display()),
+            "--subject",
+            role,
+        ]))
+    };
+    let (admin, replicator, app) = (token("admin"), token("replicator"), token("app"));
+    let east = SecuredCluster::start("east", directory.path(), &secret, &admin);
+    let west = SecuredCluster::start("west", directory.path(), &secret, &admin);
+    // Configure once, on east: the registrations carry the token each side replicates with.
+    for cluster in [&east, &west] {
+        let (status, body) = east.call(
+            "PUT",
+            &format!("/admin/v2/clusters/{}", cluster.name),
+            &admin,
+            Some(&cluster.registration(&replicator)),
+        );
+        assert!(status < 300 || status == 409, "{status} {body}");
+    }
+    let tenant = r#"{"adminRoles":[],"allowedClusters":["east","west"]}"#;
+    assert!(
+        east.call("PUT", "/admin/v2/tenants/t", &admin, Some(tenant))
+            .0
+            < 300
+    );
+    assert!(
+        east.call("PUT", "/admin/v2/namespaces/t/ns", &admin, None)
+            .0
+            < 300
+    );
+    let grant = r#"["produce","consume"]"#;
+    let path = "/admin/v2/namespaces/t/ns/permissions/app";
+    assert!(east.call("POST", path, &admin, Some(grant)).0 < 300);
+    let clusters = r#"["east","west"]"#;
+    let replication = "/admin/v2/namespaces/t/ns/replication";
+    assert!(east.call("POST", replication, &admin, Some(clusters)).0 < 300);
+    // The replicator role pushed the namespace to west (configure-once).
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while west.call("GET", replication, &admin, None) != (200, clusters.to_string()) {
+        assert!(
+            Instant::now() < deadline,
+            "the namespace never reached west"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(west.call("POST", path, &admin, Some(grant)).0 < 300);
+
+    let topic = "persistent://t/ns/orders";
+    let west_client = west.client(&app).await;
+    let consumer = west_client
+        .consumer(topic)
+        .subscription("s")
+        .initial_position(meridian_client::InitialPosition::Earliest)
+        .subscribe()
+        .await
+        .expect("subscribe on west");
+    let east_client = east.client(&app).await;
+    let producer = east_client
+        .producer(topic)
+        .create()
+        .await
+        .expect("producer");
+    producer
+        .send_and_wait(meridian_client::ProducerMessage::new("replicated"))
+        .await
+        .expect("send on east");
+    let message = tokio::time::timeout(Duration::from_secs(60), consumer.receive())
+        .await
+        .expect("replicated within a minute")
+        .expect("receive");
+    assert_eq!(&message.payload[..], b"replicated");
+
+    // A role allowed to produce, but not to replicate, can neither pose as a replicator nor
+    // send messages marked as replicated.
+    let forged = west_client
+        .producer(topic)
+        .name("pulsar.repl.east")
+        .create()
+        .await;
+    let error = forged
+        .err()
+        .expect("a replicator producer from a normal role");
+    assert!(error.to_string().contains("may not replicate"), "{error}");
+    let producer = west_client
+        .producer(topic)
+        .send_timeout(Duration::from_secs(3))
+        .create()
+        .await
+        .expect("producer");
+    let error = producer
+        .send_and_wait(meridian_client::ProducerMessage::new("forged").with_replicated_from("east"))
+        .await
+        .expect_err("a replicated message from a normal role");
+    // The client resends a refused message until its timeout; the audit log says why.
+    let audit = std::fs::read_to_string(west.home.join("audit.log")).expect("audit log");
+    assert!(
+        audit
+            .lines()
+            .any(|line| line.contains("\"action\":\"SEND\"")
+                && line.contains("\"role\":\"app\"")
+                && line.contains("may not replicate")),
+        "{error}; audit:\n{audit}"
+    );
+    // Configure-once pushes need a replicating role too.
+    let (status, body) = ureq::request(
+        "PUT",
+        &format!(
+            "http://127.0.0.1:{}/admin/v2/namespaces/t/forged",
+            west.web_port
+        ),
+    )
+    .set("Authorization", &format!("Bearer {app}"))
+    .set("x-meridian-propagated-from", "east")
+    .call()
+    .map(|response| (response.status(), String::new()))
+    .unwrap_or_else(|error| match error {
+        ureq::Error::Status(code, response) => (code, response.into_string().unwrap_or_default()),
+        other => (0, other.to_string()),
+    });
+    assert_eq!(status, 403, "{body}");
+    let stats = west
+        .call(
+            "GET",
+            "/admin/v2/persistent/t/ns/orders/stats",
+            &admin,
+            None,
+        )
+        .1;
+    let stats: serde_json::Value = serde_json::from_str(&stats).expect("stats");
+    assert_eq!(stats["msgInCounter"], 1, "{stats}");
+}

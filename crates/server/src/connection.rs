@@ -997,7 +997,17 @@ impl Connection {
                 .await;
             return Ok(());
         }
-        if let Err(reason) = self.authorize("PRODUCER", &request.topic, Produce) {
+        let replicator = request
+            .producer_name
+            .as_deref()
+            .is_some_and(is_replication_key);
+        let allowed = self
+            .authorize("PRODUCER", &request.topic, Produce)
+            .and_then(|()| match replicator {
+                true => self.authorize_replication("PRODUCER", &request.topic),
+                false => Ok(()),
+            });
+        if let Err(reason) = allowed {
             self.deny(request.request_id, reason).await;
             return Ok(());
         }
@@ -1153,6 +1163,13 @@ impl Connection {
                 ServerError::NotAllowedError,
                 "SEND with a message id is only for shadow topics".into(),
             ))
+        } else if let Some(Err(reason)) = entry
+            .metadata
+            .replicated_from
+            .as_ref()
+            .map(|_| self.authorize_replication("SEND", producer.topic.full_name()))
+        {
+            Some((ServerError::AuthorizationError, reason))
         } else if let Err(reason) = check_batch_metadata(
             &entry.metadata,
             &entry.payload,

@@ -18,6 +18,10 @@
 //! the producer or consumer that lost it is closed (CLOSE_PRODUCER / CLOSE_CONSUMER), and the
 //! client's attempt to re-create it is refused with AuthorizationError.
 //!
+//! Replication is for super-users and `replicator_roles` only: a producer named with the
+//! replicator prefix, or a SEND whose metadata carries `replicated_from`, from any other role is
+//! refused with AuthorizationError (nothing is stored).
+//!
 //! Every refusal is written to the audit log.
 
 use meridian_auth::{AuditEvent, AuthPolicies, Outcome, Principal, TopicAction};
@@ -204,6 +208,20 @@ impl Connection {
                 Err(reason)
             }
         }
+    }
+
+    /// Checks that this connection's role may replicate (create a replicator producer, send
+    /// replicated messages); a denial is audited and its reason returned.
+    pub(super) fn authorize_replication(&self, command: &str, topic: &str) -> Result<(), String> {
+        if self.config.security.may_replicate(self.role()) {
+            return Ok(());
+        }
+        let reason = format!(
+            "role '{}' may not replicate (only super-users and replicator roles)",
+            self.role().unwrap_or_default()
+        );
+        self.audit(command, topic, Outcome::Denied, &reason);
+        Err(reason)
     }
 
     /// Checks a namespace-wide read (the topic list): tenant admins and roles with any grant
