@@ -76,22 +76,27 @@ def keys(meridian_bin, tmp_path_factory):
     return Keys(meridian_bin, tmp_path_factory.mktemp("keys"))
 
 
-@pytest.fixture(scope="module")
-def secured(module_brokers, meridian_bin, keys, tmp_path_factory):
-    base_dir = tmp_path_factory.mktemp("secured")
+def start_secured(module_brokers, meridian_bin, keys, base_dir, extra_config: str = ""):
+    """A broker with token authentication (the `keys` secret), an audit log, a 1 s credentials
+    check and `extra_config`, stopped with the module's brokers."""
     audit = base_dir / "audit.log"
     config = (
         "authentication_enabled = true\n"
         f'token_secret_key = "file://{keys.secret}"\n'
         f'audit_log_file = "{audit}"\n'
         "authentication_refresh_check_seconds = 1\n"
-    )
-    broker = SecuredBroker(meridian_bin, base_dir, "secured", config, keys.token("admin"))
+    ) + extra_config
+    broker = SecuredBroker(meridian_bin, base_dir, base_dir.name, config, keys.token("admin"))
     broker.audit_path = audit
     module_brokers.brokers.append(broker)
     broker_process.KNOWN_BROKERS.append(broker)
     broker.start()
     return broker
+
+
+@pytest.fixture(scope="module")
+def secured(module_brokers, meridian_bin, keys, tmp_path_factory):
+    return start_secured(module_brokers, meridian_bin, keys, tmp_path_factory.mktemp("secured"))
 
 
 def audit_lines(broker) -> list[dict]:

@@ -12,9 +12,8 @@ import subprocess
 import pulsar
 import pytest
 
-import broker_process
-from helpers import unique, unique_topic, wait_until
-from test_security import Keys, SecuredBroker, await_audit, rest
+from helpers import unique, unique_topic
+from test_security import Keys, await_audit, rest, start_secured
 
 
 @pytest.fixture(scope="module")
@@ -24,22 +23,8 @@ def keys(meridian_bin, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def secured(module_brokers, meridian_bin, keys, tmp_path_factory):
-    base_dir = tmp_path_factory.mktemp("authz")
-    audit = base_dir / "audit.log"
-    config = (
-        "authentication_enabled = true\n"
-        "authorization_enabled = true\n"
-        'super_user_roles = ["admin"]\n'
-        f'token_secret_key = "file://{keys.secret}"\n'
-        f'audit_log_file = "{audit}"\n'
-        "authentication_refresh_check_seconds = 1\n"
-    )
-    broker = SecuredBroker(meridian_bin, base_dir, "authz", config, keys.token("admin"))
-    broker.audit_path = audit
-    module_brokers.brokers.append(broker)
-    broker_process.KNOWN_BROKERS.append(broker)
-    broker.start()
-    return broker
+    extra = 'authorization_enabled = true\nsuper_user_roles = ["admin"]\n'
+    return start_secured(module_brokers, meridian_bin, keys, tmp_path_factory.mktemp("authz"), extra)
 
 
 @pytest.fixture(scope="module")

@@ -34,6 +34,26 @@ fn free_port() -> u16 {
 /// The broker process, stopped by its pid when dropped.
 struct Broker(Child);
 
+impl Broker {
+    /// Starts `meridian standalone` in `home` (data and log there) with this config file and
+    /// cluster name, on fresh ports; returns it and its (broker, web) ports.
+    fn start(home: &Path, config: &Path, cluster: &str) -> (Broker, u16, u16) {
+        let (broker_port, web_port) = (free_port(), free_port());
+        let log = std::fs::File::create(home.join("broker.log")).expect("log");
+        let child = Command::new(env!("CARGO_BIN_EXE_meridian"))
+            .args(["standalone", "--cluster-name", cluster])
+            .args(["--config", config.to_str().expect("path")])
+            .args(["--data-dir", home.join("data").to_str().expect("path")])
+            .args(["--broker-port", &broker_port.to_string()])
+            .args(["--web-port", &web_port.to_string()])
+            .stdout(Stdio::from(log.try_clone().expect("log")))
+            .stderr(Stdio::from(log))
+            .spawn()
+            .expect("start meridian");
+        (Broker(child), broker_port, web_port)
+    }
+}
+
 impl Drop for Broker {
     fn drop(&mut self) {
         let _ = self.0.kill();
@@ -99,22 +119,7 @@ fn key_pair_tokens_authenticate_the_cli_and_others_are_refused() {
         format!("authentication_enabled = true\ntoken_public_key = \"{public}\"\n"),
     )
     .expect("config");
-    let (broker_port, web_port) = (free_port(), free_port());
-    let log = std::fs::File::create(directory.path().join("broker.log")).expect("log");
-    let _broker = Broker(
-        Command::new(env!("CARGO_BIN_EXE_meridian"))
-            .args(["standalone", "--config", config.to_str().expect("path")])
-            .args([
-                "--data-dir",
-                directory.path().join("data").to_str().expect("path"),
-            ])
-            .args(["--broker-port", &broker_port.to_string()])
-            .args(["--web-port", &web_port.to_string()])
-            .stdout(Stdio::from(log.try_clone().expect("log")))
-            .stderr(Stdio::from(log))
-            .spawn()
-            .expect("start meridian"),
-    );
+    let (_broker, broker_port, web_port) = Broker::start(directory.path(), &config, "standalone");
     let web = format!("http://127.0.0.1:{web_port}");
     let health = format!("{web}/admin/v2/brokers/health");
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -235,20 +240,7 @@ impl SecuredCluster {
             ),
         )
         .expect("config");
-        let (broker_port, web_port) = (free_port(), free_port());
-        let log = std::fs::File::create(home.join("broker.log")).expect("log");
-        let process = Broker(
-            Command::new(env!("CARGO_BIN_EXE_meridian"))
-                .args(["standalone", "--cluster-name", name])
-                .args(["--config", config.to_str().expect("path")])
-                .args(["--data-dir", home.join("data").to_str().expect("path")])
-                .args(["--broker-port", &broker_port.to_string()])
-                .args(["--web-port", &web_port.to_string()])
-                .stdout(Stdio::from(log.try_clone().expect("log")))
-                .stderr(Stdio::from(log))
-                .spawn()
-                .expect("start meridian"),
-        );
+        let (process, broker_port, web_port) = Broker::start(&home, &config, name);
         let cluster = SecuredCluster {
             name,
             home,
