@@ -183,6 +183,18 @@ pub async fn serve(
     security: Arc<Security>,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
+    serve_with_tls(listener, broker, limits, security, None, shutdown).await
+}
+
+/// Serves the HTTP API on `listener`, over TLS (HTTPS) when `tls` is given; see [`serve`].
+pub async fn serve_with_tls(
+    listener: TcpListener,
+    broker: Arc<Broker>,
+    limits: HttpLimits,
+    security: Arc<Security>,
+    tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
     let router = router(broker.clone())
         .layer(axum::middleware::from_fn_with_state(
             (security, broker),
@@ -199,8 +211,9 @@ pub async fn serve(
     };
     let header_read_timeout = limits.header_read_timeout;
     let token = shutdown.clone();
+    let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
     accept_loop(
-        "http",
+        if acceptor.is_some() { "https" } else { "http" },
         listener,
         connection_limits,
         shutdown,
@@ -211,21 +224,23 @@ pub async fn serve(
                 tower_service::Service::call(&mut router.clone(), request)
             });
             let shutdown = token.clone();
+            let acceptor = acceptor.clone();
             async move {
-                let connection = http1::Builder::new()
-                    .timer(TokioTimer::new())
-                    .header_read_timeout(header_read_timeout)
-                    .serve_connection(
-                        deadlines::StallGuardedIo::new(TokioIo::new(stream), write_stall_timeout),
-                        service,
-                    );
-                tokio::pin!(connection);
-                tokio::select! {
-                    _ = connection.as_mut() => {}
-                    _ = shutdown.cancelled() => {
-                        // Finish the request in progress, then close.
-                        connection.as_mut().graceful_shutdown();
-                        let _ = connection.await;
+                let timeouts = (header_read_timeout, write_stall_timeout);
+                match acceptor {
+                    None => serve_connection(stream, service, timeouts, shutdown).await,
+                    Some(acceptor) => {
+                        let handshake =
+                            tokio::time::timeout(header_read_timeout, acceptor.accept(stream));
+                        match handshake.await {
+                            Ok(Ok(stream)) => {
+                                serve_connection(stream, service, timeouts, shutdown).await
+                            }
+                            Ok(Err(error)) => {
+                                tracing::debug!(peer = %peer, %error, "TLS handshake failed")
+                            }
+                            Err(_) => tracing::debug!(peer = %peer, "TLS handshake timed out"),
+                        }
                     }
                 }
             }
@@ -233,4 +248,36 @@ pub async fn serve(
     )
     .await;
     Ok(())
+}
+
+/// Serves one HTTP/1 connection (plain or TLS) until it ends or the server shuts down (then
+/// the request in progress is finished first).
+async fn serve_connection<IO, S>(
+    io: IO,
+    service: S,
+    (header_read_timeout, write_stall_timeout): (Duration, Duration),
+    shutdown: CancellationToken,
+) where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    S: hyper::service::Service<hyper::Request<hyper::body::Incoming>, Response = Response>
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let connection = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_read_timeout)
+        .serve_connection(
+            deadlines::StallGuardedIo::new(TokioIo::new(io), write_stall_timeout),
+            service,
+        );
+    tokio::pin!(connection);
+    tokio::select! {
+        _ = connection.as_mut() => {}
+        _ = shutdown.cancelled() => {
+            connection.as_mut().graceful_shutdown();
+            let _ = connection.await;
+        }
+    }
 }

@@ -8,6 +8,7 @@
 pub mod audit;
 pub mod authz;
 pub mod keys;
+pub mod tls;
 pub mod token;
 
 use std::path::PathBuf;

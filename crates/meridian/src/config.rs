@@ -98,6 +98,16 @@ pub struct Config {
     pub authentication_refresh_check_seconds: u64,
     /// Append-only JSON-lines audit log of admin mutations and security failures.
     pub audit_log_file: Option<PathBuf>,
+    /// Port of the binary protocol over TLS, `pulsar+ssl://` (`brokerServicePortTls`).
+    pub broker_port_tls: Option<u16>,
+    /// Port of HTTPS (`webServicePortTls`).
+    pub web_port_tls: Option<u16>,
+    /// PEM certificate chain of both TLS ports (`tlsCertificateFilePath`), reloaded on change.
+    pub tls_certificate_file_path: Option<PathBuf>,
+    /// PEM private key of both TLS ports (`tlsKeyFilePath`), reloaded on change.
+    pub tls_key_file_path: Option<PathBuf>,
+    /// The plain ports (`broker_port`, `web_port`) are served; false: TLS ports only.
+    pub plain_ports_enabled: bool,
     pub storage: StorageSection,
 }
 
@@ -181,6 +191,11 @@ impl Default for Config {
             token_audience: None,
             authentication_refresh_check_seconds: security.authentication_refresh_check.as_secs(),
             audit_log_file: None,
+            broker_port_tls: None,
+            web_port_tls: None,
+            tls_certificate_file_path: None,
+            tls_key_file_path: None,
+            plain_ports_enabled: true,
             storage: StorageSection::default(),
         }
     }
@@ -211,6 +226,10 @@ const OPTIONAL_KEYS: &[&str] = &[
     "token_public_key",
     "token_audience",
     "audit_log_file",
+    "broker_port_tls",
+    "web_port_tls",
+    "tls_certificate_file_path",
+    "tls_key_file_path",
 ];
 
 /// Keys whose values are secrets: never shown in the runtime configuration.
@@ -328,6 +347,17 @@ impl Config {
         {
             bail!("http_max_connections and the http_*_timeout_seconds settings must be positive");
         }
+        let tls_ports = self.broker_port_tls.is_some() || self.web_port_tls.is_some();
+        if tls_ports
+            && (self.tls_certificate_file_path.is_none() || self.tls_key_file_path.is_none())
+        {
+            bail!("broker_port_tls / web_port_tls need tls_certificate_file_path and tls_key_file_path");
+        }
+        if !self.plain_ports_enabled
+            && (self.broker_port_tls.is_none() || self.web_port_tls.is_none())
+        {
+            bail!("plain_ports_enabled = false needs broker_port_tls and web_port_tls");
+        }
         if self.authentication_refresh_check_seconds == 0 {
             bail!("authentication_refresh_check_seconds must be positive");
         }
@@ -428,6 +458,9 @@ impl Config {
                 self.broker_port
             ),
             web_service_url: format!("http://{}:{}", self.advertised_address(), self.web_port),
+            broker_service_url_tls: self
+                .broker_port_tls
+                .map(|port| format!("pulsar+ssl://{}:{port}", self.advertised_address())),
             allow_auto_topic_creation: self.allow_auto_topic_creation,
             auto_topic_creation_type: self.allow_auto_topic_creation_type,
             default_num_partitions: self.default_num_partitions,

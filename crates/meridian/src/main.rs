@@ -198,32 +198,70 @@ async fn standalone(config: Config) -> anyhow::Result<()> {
     let broker =
         Broker::new(config.broker_config(), storage, metadata).context("starting the broker")?;
 
-    let broker_address = format!("{}:{}", config.bind_address, config.broker_port);
-    let web_address = format!("{}:{}", config.bind_address, config.web_port);
-    let broker_listener = TcpListener::bind(&broker_address)
-        .await
-        .with_context(|| format!("listening on {broker_address}"))?;
-    let web_listener = TcpListener::bind(&web_address)
-        .await
-        .with_context(|| format!("listening on {web_address}"))?;
+    let bind = |port: u16| {
+        let address = format!("{}:{port}", config.bind_address);
+        async move {
+            TcpListener::bind(&address)
+                .await
+                .with_context(|| format!("listening on {address}"))
+        }
+    };
+    let tls = match (&config.tls_certificate_file_path, &config.tls_key_file_path) {
+        (Some(certificate), Some(key))
+            if config.broker_port_tls.is_some() || config.web_port_tls.is_some() =>
+        {
+            Some(
+                meridian_auth::tls::server_config(certificate, key, &[b"http/1.1"])
+                    .context("loading the TLS certificate")?,
+            )
+        }
+        _ => None,
+    };
 
     let shutdown = CancellationToken::new();
     let mut server_config = config.server_config();
     server_config.security = security.clone();
-    let server = tokio::spawn(meridian_server::serve(
-        broker_listener,
-        broker.clone(),
-        server_config,
-        shutdown.clone(),
-    ));
     meridian_admin::set_runtime_configuration(config.runtime_values());
-    let web = tokio::spawn(meridian_admin::serve(
-        web_listener,
-        broker.clone(),
-        config.http_limits(),
-        security,
-        shutdown.clone(),
-    ));
+    let mut protocol_servers = Vec::new();
+    let mut web_servers = Vec::new();
+    if config.plain_ports_enabled {
+        let (protocol, web) = (
+            bind(config.broker_port).await?,
+            bind(config.web_port).await?,
+        );
+        protocol_servers.push(tokio::spawn(meridian_server::serve(
+            protocol,
+            broker.clone(),
+            server_config.clone(),
+            shutdown.clone(),
+        )));
+        web_servers.push(tokio::spawn(meridian_admin::serve(
+            web,
+            broker.clone(),
+            config.http_limits(),
+            security.clone(),
+            shutdown.clone(),
+        )));
+    }
+    if let (Some(port), Some(tls)) = (config.broker_port_tls, &tls) {
+        protocol_servers.push(tokio::spawn(meridian_server::serve_tls(
+            bind(port).await?,
+            broker.clone(),
+            server_config.clone(),
+            tls.clone(),
+            shutdown.clone(),
+        )));
+    }
+    if let (Some(port), Some(tls)) = (config.web_port_tls, &tls) {
+        web_servers.push(tokio::spawn(meridian_admin::serve_with_tls(
+            bind(port).await?,
+            broker.clone(),
+            config.http_limits(),
+            security.clone(),
+            Some(tls.clone()),
+            shutdown.clone(),
+        )));
+    }
     // Replicated topics with a backlog must not wait for a client to resume replicating.
     tokio::spawn({
         let broker = broker.clone();
@@ -249,10 +287,14 @@ async fn standalone(config: Config) -> anyhow::Result<()> {
     wait_for_signal().await?;
     tracing::info!("shutting down: no new connections, closing clients, flushing");
     shutdown.cancel();
-    let _ = server.await;
+    for server in protocol_servers {
+        let _ = server.await;
+    }
     let _ = background.await;
-    if let Ok(Err(error)) = web.await {
-        tracing::warn!(%error, "HTTP server stopped with an error");
+    for web in web_servers {
+        if let Ok(Err(error)) = web.await {
+            tracing::warn!(%error, "HTTP server stopped with an error");
+        }
     }
     broker.close().await;
     tracing::info!("meridian standalone stopped");

@@ -445,3 +445,55 @@ async fn clusters_replicate_with_tokens_and_forged_replication_is_refused() {
     let stats: serde_json::Value = serde_json::from_str(&stats).expect("stats");
     assert_eq!(stats["msgInCounter"], 1, "{stats}");
 }
+
+#[test]
+fn plain_ports_can_be_turned_off() {
+    let directory = tempfile::tempdir().expect("tempdir");
+    let home = directory.path();
+    let openssl = |args: &[&str]| {
+        let status = Command::new("openssl")
+            .args(args)
+            .current_dir(home)
+            .output()
+            .expect("openssl");
+        assert!(status.status.success(), "{status:?}");
+    };
+    openssl(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.pem",
+        "-days",
+        "1",
+        "-subj",
+        "/CN=localhost",
+    ]);
+    let (broker_tls, web_tls) = (free_port(), free_port());
+    let config = home.join("meridian.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "plain_ports_enabled = false\nbroker_port_tls = {broker_tls}\nweb_port_tls = {web_tls}\n\
+             tls_certificate_file_path = \"{}\"\ntls_key_file_path = \"{}\"\n",
+            home.join("server.pem").display(),
+            home.join("server.key").display()
+        ),
+    )
+    .expect("config");
+    let (_broker, broker_port, web_port) = Broker::start(home, &config, "standalone");
+    let accepts = |port: u16| std::net::TcpStream::connect(("127.0.0.1", port)).is_ok();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !(accepts(broker_tls) && accepts(web_tls)) {
+        assert!(Instant::now() < deadline, "the TLS ports never opened");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(!accepts(broker_port), "the plain protocol port is open");
+    assert!(!accepts(web_port), "the plain web port is open");
+}

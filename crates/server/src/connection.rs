@@ -56,8 +56,7 @@ use meridian_wire::proto::{
 };
 use meridian_wire::{command_type, ChecksumStatus, Frame, FrameError};
 use prost::Message;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::OwnedWriteHalf;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
@@ -130,7 +129,8 @@ fn message_id_of(id: &MessageIdData) -> Position {
     Position::new(id.ledger_id, id.entry_id)
 }
 
-/// Runs one connection until the client leaves, a frame is bad, or the server shuts down.
+/// Runs one plain TCP connection until the client leaves, a frame is bad, or the server shuts
+/// down.
 pub(crate) async fn run(
     stream: TcpStream,
     peer: SocketAddr,
@@ -140,7 +140,53 @@ pub(crate) async fn run(
     inbound_budget: Arc<Semaphore>,
 ) {
     let _ = stream.set_nodelay(true);
-    let (mut reader, writer) = stream.into_split();
+    let (reader, writer) = stream.into_split();
+    run_halves(
+        reader,
+        writer,
+        peer,
+        broker,
+        config,
+        shutdown,
+        inbound_budget,
+    )
+    .await;
+}
+
+/// Runs one connection over a TLS stream (see [`run`]).
+pub(crate) async fn run_tls(
+    stream: tokio_rustls::server::TlsStream<TcpStream>,
+    peer: SocketAddr,
+    broker: Arc<Broker>,
+    config: Arc<ServerConfig>,
+    shutdown: CancellationToken,
+    inbound_budget: Arc<Semaphore>,
+) {
+    let (reader, writer) = tokio::io::split(stream);
+    run_halves(
+        reader,
+        writer,
+        peer,
+        broker,
+        config,
+        shutdown,
+        inbound_budget,
+    )
+    .await;
+}
+
+async fn run_halves<R, W>(
+    mut reader: R,
+    writer: W,
+    peer: SocketAddr,
+    broker: Arc<Broker>,
+    config: Arc<ServerConfig>,
+    shutdown: CancellationToken,
+    inbound_budget: Arc<Semaphore>,
+) where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
     let (outbound, outbound_receiver) = outbound_queue(config.max_outbound_bytes);
     let writer_failed = CancellationToken::new();
     let writer_task = tokio::spawn(write_loop(writer, outbound_receiver, writer_failed.clone()));
@@ -306,8 +352,8 @@ const MAX_WRITE_BYTES: usize = 1024 * 1024;
 /// Drains the outbound queue into the socket: whatever is queued (up to the limits above) goes
 /// out in one vectored write, headers and stored entries as they are, without copying them
 /// into a buffer first.
-async fn write_loop(
-    mut writer: OwnedWriteHalf,
+async fn write_loop<W: AsyncWrite + Unpin>(
+    mut writer: W,
     mut frames: OutboundReceiver,
     failed: CancellationToken,
 ) {
@@ -342,7 +388,10 @@ async fn write_loop(
 }
 
 /// Writes every part, in order, with as few `writev` calls as the socket allows.
-async fn write_all_vectored(writer: &mut OwnedWriteHalf, parts: &[Bytes]) -> std::io::Result<()> {
+async fn write_all_vectored<W: AsyncWrite + Unpin>(
+    writer: &mut W,
+    parts: &[Bytes],
+) -> std::io::Result<()> {
     let mut slices: Vec<IoSlice<'_>> = parts
         .iter()
         .filter(|part| !part.is_empty())
@@ -635,6 +684,7 @@ impl Connection {
         let response = match TopicName::parse(&request.topic) {
             Ok(_) => CommandLookupTopicResponse {
                 broker_service_url: Some(self.broker.config().broker_service_url.clone()),
+                broker_service_url_tls: self.broker.config().broker_service_url_tls.clone(),
                 response: Some(command_lookup_topic_response::LookupType::Connect as i32),
                 request_id: request.request_id,
                 authoritative: Some(true),

@@ -72,6 +72,56 @@ impl Default for ServerConfig {
     }
 }
 
+/// Serves Pulsar clients over TLS (`pulsar+ssl://`) on `listener`, as [`serve`] does over
+/// plain TCP; a client whose TLS handshake fails or does not finish within `connect_timeout`
+/// is dropped.
+pub async fn serve_tls(
+    listener: TcpListener,
+    broker: Arc<Broker>,
+    config: ServerConfig,
+    tls: Arc<tokio_rustls::rustls::ServerConfig>,
+    shutdown: CancellationToken,
+) {
+    let config = Arc::new(config);
+    let limits = ConnectionLimits {
+        max_connections: config.max_connections,
+        max_connections_per_ip: config.max_connections_per_ip,
+    };
+    let token = shutdown.clone();
+    let inbound_budget = Arc::new(Semaphore::new(config.max_inbound_frame_buffer_bytes));
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    listener::accept_loop(
+        "protocol-tls",
+        listener,
+        limits,
+        shutdown,
+        move |stream, peer| {
+            let (acceptor, broker, config, token, budget) = (
+                acceptor.clone(),
+                broker.clone(),
+                config.clone(),
+                token.clone(),
+                inbound_budget.clone(),
+            );
+            async move {
+                let _ = stream.set_nodelay(true);
+                let handshake =
+                    tokio::time::timeout(config.connect_timeout, acceptor.accept(stream));
+                match handshake.await {
+                    Ok(Ok(stream)) => {
+                        connection::run_tls(stream, peer, broker, config, token, budget).await
+                    }
+                    Ok(Err(error)) => {
+                        tracing::debug!(peer = %peer, %error, "TLS handshake failed")
+                    }
+                    Err(_) => tracing::debug!(peer = %peer, "TLS handshake timed out"),
+                }
+            }
+        },
+    )
+    .await;
+}
+
 /// Serves Pulsar clients on `listener` until `shutdown` is cancelled and every connection has
 /// closed.
 pub async fn serve(
