@@ -76,10 +76,12 @@ impl ResolvesServerCert for ReloadingCertificate {
 }
 
 /// A rustls server configuration for these PEM files (loaded now, so a bad pair fails at
-/// startup), offering `alpn` protocols if any.
+/// startup), offering `alpn` protocols if any. With `client_ca` (PEM certificates), every client
+/// must present a certificate issued by one of them (mutual TLS).
 pub fn server_config(
     certificate: &Path,
     key: &Path,
+    client_ca: Option<&Path>,
     alpn: &[&[u8]],
 ) -> Result<Arc<rustls::ServerConfig>, AuthError> {
     let loaded = load_certified_key(certificate, key)?;
@@ -89,11 +91,30 @@ pub fn server_config(
         current: Mutex::new((modified(certificate), modified(key), Arc::new(loaded))),
     };
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
-        .map_err(|error| AuthError::Key(format!("TLS: {error}")))?
-        .with_no_client_auth()
-        .with_cert_resolver(Arc::new(resolver));
+        .map_err(|error| AuthError::Key(format!("TLS: {error}")))?;
+    let builder = match client_ca {
+        None => builder.with_no_client_auth(),
+        Some(path) => {
+            let mut roots = rustls::RootCertStore::empty();
+            let file = std::fs::File::open(path)
+                .map_err(|error| AuthError::Key(format!("{}: {error}", path.display())))?;
+            for certificate in rustls_pemfile::certs(&mut BufReader::new(file)) {
+                let certificate = certificate
+                    .map_err(|error| AuthError::Key(format!("{}: {error}", path.display())))?;
+                roots
+                    .add(certificate)
+                    .map_err(|error| AuthError::Key(format!("{}: {error}", path.display())))?;
+            }
+            let verifier =
+                rustls::server::WebPkiClientVerifier::builder_with_provider(roots.into(), provider)
+                    .build()
+                    .map_err(|error| AuthError::Key(format!("{}: {error}", path.display())))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+    };
+    let mut config = builder.with_cert_resolver(Arc::new(resolver));
     config.alpn_protocols = alpn.iter().map(|protocol| protocol.to_vec()).collect();
     Ok(Arc::new(config))
 }

@@ -106,6 +106,12 @@ pub struct Config {
     pub tls_certificate_file_path: Option<PathBuf>,
     /// PEM private key of both TLS ports (`tlsKeyFilePath`), reloaded on change.
     pub tls_key_file_path: Option<PathBuf>,
+    /// PEM CA certificates that client certificates must chain to
+    /// (`tlsTrustCertsFilePath`).
+    pub tls_trust_certs_file_path: Option<PathBuf>,
+    /// Clients of the TLS ports must present a certificate issued by those CAs (mutual TLS,
+    /// `tlsRequireTrustedClientCertOnConnect`).
+    pub tls_require_trusted_client_cert_on_connect: bool,
     /// The plain ports (`broker_port`, `web_port`) are served; false: TLS ports only.
     pub plain_ports_enabled: bool,
     pub storage: StorageSection,
@@ -195,6 +201,8 @@ impl Default for Config {
             web_port_tls: None,
             tls_certificate_file_path: None,
             tls_key_file_path: None,
+            tls_trust_certs_file_path: None,
+            tls_require_trusted_client_cert_on_connect: false,
             plain_ports_enabled: true,
             storage: StorageSection::default(),
         }
@@ -230,6 +238,7 @@ const OPTIONAL_KEYS: &[&str] = &[
     "web_port_tls",
     "tls_certificate_file_path",
     "tls_key_file_path",
+    "tls_trust_certs_file_path",
 ];
 
 /// Keys whose values are secrets: never shown in the runtime configuration.
@@ -352,6 +361,11 @@ impl Config {
             && (self.tls_certificate_file_path.is_none() || self.tls_key_file_path.is_none())
         {
             bail!("broker_port_tls / web_port_tls need tls_certificate_file_path and tls_key_file_path");
+        }
+        if self.tls_require_trusted_client_cert_on_connect
+            && self.tls_trust_certs_file_path.is_none()
+        {
+            bail!("tls_require_trusted_client_cert_on_connect needs tls_trust_certs_file_path");
         }
         if !self.plain_ports_enabled
             && (self.broker_port_tls.is_none() || self.web_port_tls.is_none())

@@ -211,8 +211,16 @@ async fn standalone(config: Config) -> anyhow::Result<()> {
             if config.broker_port_tls.is_some() || config.web_port_tls.is_some() =>
         {
             Some(
-                meridian_auth::tls::server_config(certificate, key, &[b"http/1.1"])
-                    .context("loading the TLS certificate")?,
+                meridian_auth::tls::server_config(
+                    certificate,
+                    key,
+                    config
+                        .tls_trust_certs_file_path
+                        .as_deref()
+                        .filter(|_| config.tls_require_trusted_client_cert_on_connect),
+                    &[b"http/1.1"],
+                )
+                .context("loading the TLS certificate")?,
             )
         }
         _ => None,
