@@ -72,6 +72,17 @@ impl Default for ServerConfig {
     }
 }
 
+/// Serves Pulsar clients on `listener` until `shutdown` is cancelled and every connection has
+/// closed.
+pub async fn serve(
+    listener: TcpListener,
+    broker: Arc<Broker>,
+    config: ServerConfig,
+    shutdown: CancellationToken,
+) {
+    serve_with(listener, broker, config, None, shutdown).await;
+}
+
 /// Serves Pulsar clients over TLS (`pulsar+ssl://`) on `listener`, as [`serve`] does over
 /// plain TCP; a client whose TLS handshake fails or does not finish within `connect_timeout`
 /// is dropped.
@@ -82,52 +93,15 @@ pub async fn serve_tls(
     tls: Arc<tokio_rustls::rustls::ServerConfig>,
     shutdown: CancellationToken,
 ) {
-    let config = Arc::new(config);
-    let limits = ConnectionLimits {
-        max_connections: config.max_connections,
-        max_connections_per_ip: config.max_connections_per_ip,
-    };
-    let token = shutdown.clone();
-    let inbound_budget = Arc::new(Semaphore::new(config.max_inbound_frame_buffer_bytes));
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
-    listener::accept_loop(
-        "protocol-tls",
-        listener,
-        limits,
-        shutdown,
-        move |stream, peer| {
-            let (acceptor, broker, config, token, budget) = (
-                acceptor.clone(),
-                broker.clone(),
-                config.clone(),
-                token.clone(),
-                inbound_budget.clone(),
-            );
-            async move {
-                let _ = stream.set_nodelay(true);
-                let handshake =
-                    tokio::time::timeout(config.connect_timeout, acceptor.accept(stream));
-                match handshake.await {
-                    Ok(Ok(stream)) => {
-                        connection::run_tls(stream, peer, broker, config, token, budget).await
-                    }
-                    Ok(Err(error)) => {
-                        tracing::debug!(peer = %peer, %error, "TLS handshake failed")
-                    }
-                    Err(_) => tracing::debug!(peer = %peer, "TLS handshake timed out"),
-                }
-            }
-        },
-    )
-    .await;
+    serve_with(listener, broker, config, Some(acceptor), shutdown).await;
 }
 
-/// Serves Pulsar clients on `listener` until `shutdown` is cancelled and every connection has
-/// closed.
-pub async fn serve(
+async fn serve_with(
     listener: TcpListener,
     broker: Arc<Broker>,
     config: ServerConfig,
+    acceptor: Option<tokio_rustls::TlsAcceptor>,
     shutdown: CancellationToken,
 ) {
     let config = Arc::new(config);
@@ -137,21 +111,33 @@ pub async fn serve(
     };
     let token = shutdown.clone();
     let inbound_budget = Arc::new(Semaphore::new(config.max_inbound_frame_buffer_bytes));
-    listener::accept_loop(
-        "protocol",
-        listener,
-        limits,
-        shutdown,
-        move |stream, peer| {
-            connection::run(
-                stream,
-                peer,
-                broker.clone(),
-                config.clone(),
-                token.clone(),
-                inbound_budget.clone(),
-            )
-        },
-    )
+    let name = if acceptor.is_some() {
+        "protocol-tls"
+    } else {
+        "protocol"
+    };
+    listener::accept_loop(name, listener, limits, shutdown, move |stream, peer| {
+        let (acceptor, broker, config, token, budget) = (
+            acceptor.clone(),
+            broker.clone(),
+            config.clone(),
+            token.clone(),
+            inbound_budget.clone(),
+        );
+        async move {
+            let Some(acceptor) = acceptor else {
+                return connection::run(stream, peer, broker, config, token, budget).await;
+            };
+            let _ = stream.set_nodelay(true);
+            let handshake = tokio::time::timeout(config.connect_timeout, acceptor.accept(stream));
+            match handshake.await {
+                Ok(Ok(stream)) => {
+                    connection::run_tls(stream, peer, broker, config, token, budget).await
+                }
+                Ok(Err(error)) => tracing::debug!(peer = %peer, %error, "TLS handshake failed"),
+                Err(_) => tracing::debug!(peer = %peer, "TLS handshake timed out"),
+            }
+        }
+    })
     .await;
 }
