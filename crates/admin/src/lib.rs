@@ -14,7 +14,11 @@
 //! - [`metrics`]: the Prometheus text exposition;
 //! - [`migration`]: a tenant's migration to another cluster (start, status, abort);
 //! - [`console`]: the read-only web console at `/console` (static files drawn from this API).
+//! - [`auth`]: bearer-token authentication and authorization of every request, and the audit
+//!   of mutations;
+//! - [`permissions`]: grants of produce/consume on namespaces and topics.
 
+pub mod auth;
 mod brokers;
 mod clusters;
 mod console;
@@ -22,6 +26,7 @@ mod deadlines;
 mod metrics;
 mod migration;
 mod namespaces;
+mod permissions;
 mod propagate;
 mod tenants;
 mod topics;
@@ -38,7 +43,7 @@ use axum::routing::get;
 use axum::{Json, Router};
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::service::TowerToHyperService;
+use meridian_auth::Security;
 use meridian_broker::{Broker, BrokerError};
 use meridian_server::listener::{accept_loop, ConnectionLimits};
 use serde::de::DeserializeOwned;
@@ -127,6 +132,7 @@ pub fn router(broker: Arc<Broker>) -> Router {
         .merge(tenants::routes())
         .merge(migration::routes())
         .merge(namespaces::routes())
+        .merge(permissions::routes())
         .merge(topics::routes())
         .merge(console::routes())
         .fallback(not_found)
@@ -178,12 +184,30 @@ pub async fn serve(
     listener: TcpListener,
     broker: Arc<Broker>,
     limits: HttpLimits,
+    security: Arc<Security>,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    let router = router(broker).layer(axum::middleware::from_fn_with_state(
-        limits.body_timeout,
-        deadlines::body_deadline,
-    ));
+    serve_with_tls(listener, broker, limits, security, None, shutdown).await
+}
+
+/// Serves the HTTP API on `listener`, over TLS (HTTPS) when `tls` is given; see [`serve`].
+pub async fn serve_with_tls(
+    listener: TcpListener,
+    broker: Arc<Broker>,
+    limits: HttpLimits,
+    security: Arc<Security>,
+    tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    let router = router(broker.clone())
+        .layer(axum::middleware::from_fn_with_state(
+            (security, broker),
+            auth::authenticate,
+        ))
+        .layer(axum::middleware::from_fn_with_state(
+            limits.body_timeout,
+            deadlines::body_deadline,
+        ));
     let write_stall_timeout = limits.write_stall_timeout;
     let connection_limits = ConnectionLimits {
         max_connections: limits.max_connections,
@@ -191,29 +215,36 @@ pub async fn serve(
     };
     let header_read_timeout = limits.header_read_timeout;
     let token = shutdown.clone();
+    let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
     accept_loop(
-        "http",
+        if acceptor.is_some() { "https" } else { "http" },
         listener,
         connection_limits,
         shutdown,
-        move |stream, _peer| {
-            let service = TowerToHyperService::new(router.clone());
+        move |stream, peer| {
+            let router = router.clone();
+            let service = hyper::service::service_fn(move |mut request: hyper::Request<_>| {
+                request.extensions_mut().insert(auth::PeerAddress(peer));
+                tower_service::Service::call(&mut router.clone(), request)
+            });
             let shutdown = token.clone();
+            let acceptor = acceptor.clone();
             async move {
-                let connection = http1::Builder::new()
-                    .timer(TokioTimer::new())
-                    .header_read_timeout(header_read_timeout)
-                    .serve_connection(
-                        deadlines::StallGuardedIo::new(TokioIo::new(stream), write_stall_timeout),
-                        service,
-                    );
-                tokio::pin!(connection);
-                tokio::select! {
-                    _ = connection.as_mut() => {}
-                    _ = shutdown.cancelled() => {
-                        // Finish the request in progress, then close.
-                        connection.as_mut().graceful_shutdown();
-                        let _ = connection.await;
+                let timeouts = (header_read_timeout, write_stall_timeout);
+                match acceptor {
+                    None => serve_connection(stream, service, timeouts, shutdown).await,
+                    Some(acceptor) => {
+                        let handshake =
+                            tokio::time::timeout(header_read_timeout, acceptor.accept(stream));
+                        match handshake.await {
+                            Ok(Ok(stream)) => {
+                                serve_connection(stream, service, timeouts, shutdown).await
+                            }
+                            Ok(Err(error)) => {
+                                tracing::debug!(peer = %peer, %error, "TLS handshake failed")
+                            }
+                            Err(_) => tracing::debug!(peer = %peer, "TLS handshake timed out"),
+                        }
                     }
                 }
             }
@@ -221,4 +252,36 @@ pub async fn serve(
     )
     .await;
     Ok(())
+}
+
+/// Serves one HTTP/1 connection (plain or TLS) until it ends or the server shuts down (then
+/// the request in progress is finished first).
+async fn serve_connection<IO, S>(
+    io: IO,
+    service: S,
+    (header_read_timeout, write_stall_timeout): (Duration, Duration),
+    shutdown: CancellationToken,
+) where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    S: hyper::service::Service<hyper::Request<hyper::body::Incoming>, Response = Response>
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let connection = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_read_timeout)
+        .serve_connection(
+            deadlines::StallGuardedIo::new(TokioIo::new(io), write_stall_timeout),
+            service,
+        );
+    tokio::pin!(connection);
+    tokio::select! {
+        _ = connection.as_mut() => {}
+        _ = shutdown.cancelled() => {
+            connection.as_mut().graceful_shutdown();
+            let _ = connection.await;
+        }
+    }
 }

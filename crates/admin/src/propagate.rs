@@ -32,6 +32,8 @@ struct Change {
     local_cluster: String,
     remote: String,
     service_url: String,
+    /// Token from the remote's registration (`authenticationParameters`).
+    auth_token: Option<String>,
     /// Registry entries of every cluster the namespace names (without link-specific proxies).
     registry: Vec<(String, ClusterData)>,
     tenant: String,
@@ -66,9 +68,11 @@ pub fn spawn(broker: &AppState, tenant: &str, namespace: &str, previous: Vec<Str
         if *remote == local_cluster {
             continue;
         }
-        let service_url = resources
-            .cluster(remote)
-            .ok()
+        let remote_data = resources.cluster(remote).ok();
+        let auth_token = remote_data
+            .as_ref()
+            .and_then(|data| meridian_broker::replication::remote::auth_token_of(remote, data));
+        let service_url = remote_data
             .and_then(|data| data.service_url)
             .filter(|url| !url.is_empty());
         let Some(service_url) = service_url else {
@@ -79,6 +83,7 @@ pub fn spawn(broker: &AppState, tenant: &str, namespace: &str, previous: Vec<Str
             local_cluster: local_cluster.clone(),
             remote: remote.clone(),
             service_url,
+            auth_token,
             registry: registry.clone(),
             tenant: tenant.to_string(),
             tenant_info: tenant_info.clone(),
@@ -126,10 +131,13 @@ fn push(change: &Change) -> Result<(), String> {
         .build();
     let base = format!("{}/admin/v2", change.service_url.trim_end_matches('/'));
     let send = |method: &str, path: &str, body: Option<String>| -> Result<u16, String> {
-        let request = agent
+        let mut request = agent
             .request(method, &format!("{base}{path}"))
             .set(PROPAGATED_HEADER, &change.local_cluster)
             .set("Content-Type", "application/json");
+        if let Some(token) = &change.auth_token {
+            request = request.set("Authorization", &format!("Bearer {token}"));
+        }
         let result = match body {
             Some(body) => request.send_string(&body),
             None => request.call(),

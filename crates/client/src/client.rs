@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::connection::ConnectionSettings;
+use crate::connection::{AuthToken, ConnectionSettings};
 use crate::consumer::ConsumerBuilder;
 use crate::error::Result;
 use crate::pool::{parse_service_url, ConnectionPool};
@@ -50,6 +50,7 @@ pub struct ClientBuilder {
     outbound_queue: usize,
     max_pending_requests: usize,
     proxy_url: Option<String>,
+    auth_token: Option<AuthToken>,
 }
 
 impl ClientBuilder {
@@ -107,6 +108,13 @@ impl ClientBuilder {
         self
     }
 
+    /// Authenticates every connection with this token (Pulsar's `AuthenticationToken`):
+    /// sent in CONNECT and again when the broker challenges for a refresh.
+    pub fn auth_token(mut self, token: impl Into<String>) -> Self {
+        self.auth_token = Some(AuthToken(Arc::from(token.into().trim())));
+        self
+    }
+
     /// Checks the settings and creates the client. Connections open lazily,
     /// on the first lookup.
     pub async fn build(self) -> Result<Client> {
@@ -130,6 +138,7 @@ impl ClientBuilder {
             keep_alive_interval: self.keep_alive_interval.max(Duration::from_millis(100)),
             outbound_queue: self.outbound_queue.max(1),
             max_pending_requests: self.max_pending_requests.max(1),
+            auth_token: self.auth_token.clone(),
         };
         Ok(Client {
             inner: Arc::new(ClientInner {
@@ -158,6 +167,7 @@ impl Client {
             outbound_queue: 1024,
             max_pending_requests: 50_000,
             proxy_url: None,
+            auth_token: None,
         }
     }
 

@@ -90,6 +90,36 @@ pub(crate) struct ConnectionSettings {
     pub(crate) outbound_queue: usize,
     /// Requests awaiting a reply before new ones are refused.
     pub(crate) max_pending_requests: usize,
+    /// Token sent in CONNECT (`auth_method_name` "token") and in answer to AUTH_CHALLENGE.
+    pub(crate) auth_token: Option<AuthToken>,
+}
+
+/// A token, kept out of `Debug` output.
+#[derive(Clone)]
+pub(crate) struct AuthToken(pub(crate) Arc<str>);
+
+impl std::fmt::Debug for AuthToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AuthToken(****)")
+    }
+}
+
+impl std::ops::Deref for AuthToken {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+/// CONNECT's or AUTH_RESPONSE's credentials: a token, or "none".
+fn credentials(token: Option<&str>) -> (String, bytes::Bytes) {
+    match token {
+        Some(token) => (
+            "token".to_string(),
+            bytes::Bytes::copy_from_slice(token.as_bytes()),
+        ),
+        None => ("none".to_string(), bytes::Bytes::new()),
+    }
 }
 
 /// What the reader hands a producer.
@@ -140,6 +170,7 @@ struct Shared {
     registry: Mutex<Registry>,
     /// Flips to `true` once; both tasks stop on it.
     shutdown: watch::Sender<bool>,
+    auth_token: Option<AuthToken>,
 }
 
 impl Shared {
@@ -222,7 +253,12 @@ impl Connection {
             let (mut read_half, mut write_half) = stream.into_split();
             let (connected, buffer) = tokio::time::timeout(
                 settings.connect_timeout,
-                handshake(&address, &mut read_half, &mut write_half),
+                handshake(
+                    &address,
+                    settings.auth_token.as_deref(),
+                    &mut read_half,
+                    &mut write_half,
+                ),
             )
             .await
             .map_err(|_| Error::Timeout {
@@ -248,6 +284,7 @@ impl Connection {
                 address: address.clone(),
                 registry: Mutex::new(Registry::default()),
                 shutdown,
+                auth_token: settings.auth_token.clone(),
             });
             let (outbound, outbound_queue) = mpsc::channel(settings.outbound_queue.max(1));
             tokio::spawn(
@@ -443,6 +480,7 @@ fn encode(command: &BaseCommand) -> Result<Bytes> {
 /// was read past it.
 async fn handshake(
     address: &BrokerAddress,
+    auth_token: Option<&str>,
     reader: &mut OwnedReadHalf,
     writer: &mut OwnedWriteHalf,
 ) -> Result<(meridian_wire::proto::CommandConnected, BytesMut)> {
@@ -450,15 +488,20 @@ async fn handshake(
         address: address.to_string(),
         source: Arc::new(source),
     };
+    let (auth_method_name, auth_data) = credentials(auth_token);
     let connect = BaseCommand {
         connect: Some(CommandConnect {
             client_version: CLIENT_VERSION.to_string(),
             protocol_version: Some(PROTOCOL_VERSION),
-            auth_method_name: Some("none".to_string()),
+            auth_method_name: Some(auth_method_name),
+            auth_data: Some(auth_data),
             // Only a proxy reads this: which broker to forward to.
             proxy_to_broker_url: (address.logical != address.physical)
                 .then(|| address.logical.clone()),
-            feature_flags: Some(FeatureFlags::default()),
+            feature_flags: Some(FeatureFlags {
+                supports_auth_refresh: Some(auth_token.is_some()),
+                ..FeatureFlags::default()
+            }),
             ..CommandConnect::default()
         }),
         ..command(CommandType::Connect)
@@ -855,13 +898,14 @@ fn dispatch_command(
             }
         }
         CommandType::AuthChallenge => {
-            // No authentication: answer the challenge with the empty "none" credentials.
+            // Answer with the client's credentials (the empty "none" ones without a token).
+            let (auth_method_name, auth_data) = credentials(shared.auth_token.as_deref());
             let response = BaseCommand {
                 auth_response: Some(CommandAuthResponse {
                     client_version: Some(CLIENT_VERSION.to_string()),
                     response: Some(AuthData {
-                        auth_method_name: Some("none".to_string()),
-                        auth_data: Some(bytes::Bytes::new()),
+                        auth_method_name: Some(auth_method_name),
+                        auth_data: Some(auth_data),
                     }),
                     protocol_version: Some(PROTOCOL_VERSION),
                 }),

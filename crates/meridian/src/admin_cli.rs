@@ -20,6 +20,8 @@ pub struct AdminArgs {
     /// Output format.
     #[arg(long, value_enum, default_value_t = Output::Table)]
     output: Output,
+    #[command(flatten)]
+    auth: crate::tokens_cli::AuthTokenArgs,
     #[command(subcommand)]
     noun: Noun,
 }
@@ -226,6 +228,28 @@ enum NamespaceVerb {
     ///
     /// Example: meridian admin namespaces policies acme/orders
     Policies { namespace: String },
+    /// Roles and the actions granted to them on a namespace.
+    ///
+    /// Example: meridian admin namespaces permissions acme/orders
+    Permissions { namespace: String },
+    /// Grant a role actions (produce, consume) on every topic of a namespace.
+    ///
+    /// Example: meridian admin namespaces grant-permission acme/orders --role app1 --actions produce,consume
+    GrantPermission {
+        namespace: String,
+        #[arg(long)]
+        role: String,
+        #[arg(long, value_delimiter = ',', required = true)]
+        actions: Vec<String>,
+    },
+    /// Revoke a role's namespace-wide grant.
+    ///
+    /// Example: meridian admin namespaces revoke-permission acme/orders --role app1
+    RevokePermission {
+        namespace: String,
+        #[arg(long)]
+        role: String,
+    },
     /// Set the clusters the namespace replicates to.
     ///
     /// Example: meridian admin namespaces set-clusters acme/orders --clusters standalone,east
@@ -329,6 +353,28 @@ enum TopicVerb {
     ///
     /// Example: meridian admin topics list acme/orders
     List { namespace: String },
+    /// Roles and their actions on a topic (its own grants and its namespace's).
+    ///
+    /// Example: meridian admin topics permissions acme/orders/events
+    Permissions { topic: String },
+    /// Grant a role actions (produce, consume) on a topic.
+    ///
+    /// Example: meridian admin topics grant-permission acme/orders/events --role app1 --actions consume
+    GrantPermission {
+        topic: String,
+        #[arg(long)]
+        role: String,
+        #[arg(long, value_delimiter = ',', required = true)]
+        actions: Vec<String>,
+    },
+    /// Revoke a role's grant on a topic.
+    ///
+    /// Example: meridian admin topics revoke-permission acme/orders/events --role app1
+    RevokePermission {
+        topic: String,
+        #[arg(long)]
+        role: String,
+    },
     /// Create a non-partitioned topic.
     ///
     /// Example: meridian admin topics create acme/orders/events
@@ -542,6 +588,8 @@ fn message_id_body(text: &str) -> anyhow::Result<Value> {
 
 struct Http {
     base: String,
+    /// Sent as `Authorization: Bearer <token>`.
+    token: Option<String>,
 }
 
 enum Reply {
@@ -552,7 +600,10 @@ enum Reply {
 impl Http {
     fn call(&self, method: &str, path: &str, body: Option<Value>) -> anyhow::Result<Reply> {
         let url = format!("{}{}", self.base.trim_end_matches('/'), path);
-        let request = ureq::request(method, &url);
+        let mut request = ureq::request(method, &url);
+        if let Some(token) = &self.token {
+            request = request.set("Authorization", &format!("Bearer {token}"));
+        }
         let response = match body {
             Some(body) => request.send_json(body),
             None => request.call(),
@@ -661,6 +712,7 @@ fn scalar(value: &Value) -> String {
 pub fn run(arguments: AdminArgs) -> anyhow::Result<()> {
     let http = Http {
         base: arguments.url,
+        token: arguments.auth.token()?,
     };
     let mut migration_view = false;
     let (method, path, body): (&str, String, Option<Value>) = match arguments.noun {
@@ -782,6 +834,21 @@ fn namespace_request(verb: NamespaceVerb) -> anyhow::Result<(&'static str, Strin
             ("DELETE", path(&namespace, &format!("?force={force}")), None)
         }
         NamespaceVerb::Policies { namespace } => ("GET", path(&namespace, ""), None),
+        NamespaceVerb::Permissions { namespace } => ("GET", path(&namespace, "/permissions"), None),
+        NamespaceVerb::GrantPermission {
+            namespace,
+            role,
+            actions,
+        } => (
+            "POST",
+            path(&namespace, &format!("/permissions/{role}")),
+            Some(json!(actions)),
+        ),
+        NamespaceVerb::RevokePermission { namespace, role } => (
+            "DELETE",
+            path(&namespace, &format!("/permissions/{role}")),
+            None,
+        ),
         NamespaceVerb::SetClusters {
             namespace,
             clusters,
@@ -885,6 +952,21 @@ fn topic_request(verb: TopicVerb) -> anyhow::Result<(&'static str, String, Optio
     Ok(match verb {
         TopicVerb::List { namespace } => ("GET", format!("/admin/v2/persistent/{namespace}"), None),
         TopicVerb::Create { topic } => ("PUT", base(&topic)?, None),
+        TopicVerb::Permissions { topic } => ("GET", format!("{}/permissions", base(&topic)?), None),
+        TopicVerb::GrantPermission {
+            topic,
+            role,
+            actions,
+        } => (
+            "POST",
+            format!("{}/permissions/{role}", base(&topic)?),
+            Some(json!(actions)),
+        ),
+        TopicVerb::RevokePermission { topic, role } => (
+            "DELETE",
+            format!("{}/permissions/{role}", base(&topic)?),
+            None,
+        ),
         TopicVerb::CreatePartitionedTopic { topic, partitions } => (
             "PUT",
             format!("{}/partitions", base(&topic)?),

@@ -16,6 +16,8 @@ pub struct ClientArgs {
         env = "MERIDIAN_SERVICE_URL"
     )]
     url: String,
+    #[command(flatten)]
+    auth: crate::tokens_cli::AuthTokenArgs,
     #[command(subcommand)]
     verb: Verb,
 }
@@ -77,7 +79,11 @@ enum Position {
 }
 
 pub async fn run(arguments: ClientArgs) -> anyhow::Result<()> {
-    let client = Client::builder(arguments.url.as_str())
+    let mut builder = Client::builder(arguments.url.as_str());
+    if let Some(token) = arguments.auth.token()? {
+        builder = builder.auth_token(token);
+    }
+    let client = builder
         .build()
         .await
         .with_context(|| format!("connecting to {}", arguments.url))?;

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use meridian_admin::HttpLimits;
+use meridian_auth::SecurityConfig;
 use meridian_broker::{AutoTopicCreationType, BrokerConfig};
 use meridian_server::ServerConfig;
 use meridian_storage::{FlushPolicy, StorageConfig};
@@ -80,6 +81,43 @@ pub struct Config {
     pub stats_interval_seconds: u64,
     /// Log lines on stderr: `text` or `json` (`--log-format` overrides it).
     pub log_format: LogFormat,
+    /// Clients must present a valid token (`authenticationEnabled`).
+    pub authentication_enabled: bool,
+    /// Roles are checked against permissions (`authorizationEnabled`).
+    pub authorization_enabled: bool,
+    /// Roles allowed everything (`superUserRoles`).
+    pub super_user_roles: Vec<String>,
+    /// Roles other clusters replicate with (Meridian's; see docs/security.md).
+    pub replicator_roles: Vec<String>,
+    /// HMAC key of tokens (`tokenSecretKey`): `file:///path`, `data:;base64,...` or base64.
+    pub token_secret_key: Option<String>,
+    /// Public key of tokens (`tokenPublicKey`), DER or PEM, the same forms.
+    pub token_public_key: Option<String>,
+    /// Claim holding the role (`tokenAuthClaim`).
+    pub token_auth_claim: String,
+    /// Audience a token must name, if set (`tokenAudience`).
+    pub token_audience: Option<String>,
+    /// How often connections are checked for expired credentials
+    /// (`authenticationRefreshCheckSeconds`).
+    pub authentication_refresh_check_seconds: u64,
+    /// Append-only JSON-lines audit log of admin mutations and security failures.
+    pub audit_log_file: Option<PathBuf>,
+    /// Port of the binary protocol over TLS, `pulsar+ssl://` (`brokerServicePortTls`).
+    pub broker_port_tls: Option<u16>,
+    /// Port of HTTPS (`webServicePortTls`).
+    pub web_port_tls: Option<u16>,
+    /// PEM certificate chain of both TLS ports (`tlsCertificateFilePath`), reloaded on change.
+    pub tls_certificate_file_path: Option<PathBuf>,
+    /// PEM private key of both TLS ports (`tlsKeyFilePath`), reloaded on change.
+    pub tls_key_file_path: Option<PathBuf>,
+    /// PEM CA certificates that client certificates must chain to
+    /// (`tlsTrustCertsFilePath`).
+    pub tls_trust_certs_file_path: Option<PathBuf>,
+    /// Clients of the TLS ports must present a certificate issued by those CAs (mutual TLS,
+    /// `tlsRequireTrustedClientCertOnConnect`).
+    pub tls_require_trusted_client_cert_on_connect: bool,
+    /// The plain ports (`broker_port`, `web_port`) are served; false: TLS ports only.
+    pub plain_ports_enabled: bool,
     pub storage: StorageSection,
 }
 
@@ -112,6 +150,7 @@ impl Default for Config {
         let broker = BrokerConfig::default();
         let server = ServerConfig::default();
         let http = HttpLimits::default();
+        let security = SecurityConfig::default();
         Config {
             cluster_name: broker.cluster_name,
             data_dir: PathBuf::from("./data"),
@@ -153,6 +192,23 @@ impl Default for Config {
             policy_check_interval_seconds: 60,
             stats_interval_seconds: 5,
             log_format: LogFormat::Text,
+            authentication_enabled: security.authentication_enabled,
+            authorization_enabled: security.authorization_enabled,
+            super_user_roles: security.super_user_roles,
+            replicator_roles: security.replicator_roles,
+            token_secret_key: None,
+            token_public_key: None,
+            token_auth_claim: security.token_auth_claim,
+            token_audience: None,
+            authentication_refresh_check_seconds: security.authentication_refresh_check.as_secs(),
+            audit_log_file: None,
+            broker_port_tls: None,
+            web_port_tls: None,
+            tls_certificate_file_path: None,
+            tls_key_file_path: None,
+            tls_trust_certs_file_path: None,
+            tls_require_trusted_client_cert_on_connect: false,
+            plain_ports_enabled: true,
             storage: StorageSection::default(),
         }
     }
@@ -177,7 +233,21 @@ impl Default for StorageSection {
 }
 
 /// Keys without a default value (absent from the serialized defaults).
-const OPTIONAL_KEYS: &[&str] = &["advertised_address"];
+const OPTIONAL_KEYS: &[&str] = &[
+    "advertised_address",
+    "token_secret_key",
+    "token_public_key",
+    "token_audience",
+    "audit_log_file",
+    "broker_port_tls",
+    "web_port_tls",
+    "tls_certificate_file_path",
+    "tls_key_file_path",
+    "tls_trust_certs_file_path",
+];
+
+/// Keys whose values are secrets: never shown in the runtime configuration.
+const SECRET_KEYS: &[&str] = &["token_secret_key"];
 
 /// Reads a value given in an environment variable as TOML (number, boolean), else as a string.
 fn env_value(raw: &str) -> toml::Value {
@@ -291,6 +361,25 @@ impl Config {
         {
             bail!("http_max_connections and the http_*_timeout_seconds settings must be positive");
         }
+        let tls_ports = self.broker_port_tls.is_some() || self.web_port_tls.is_some();
+        if tls_ports
+            && (self.tls_certificate_file_path.is_none() || self.tls_key_file_path.is_none())
+        {
+            bail!("broker_port_tls / web_port_tls need tls_certificate_file_path and tls_key_file_path");
+        }
+        if self.tls_require_trusted_client_cert_on_connect
+            && self.tls_trust_certs_file_path.is_none()
+        {
+            bail!("tls_require_trusted_client_cert_on_connect needs tls_trust_certs_file_path");
+        }
+        if !self.plain_ports_enabled
+            && (self.broker_port_tls.is_none() || self.web_port_tls.is_none())
+        {
+            bail!("plain_ports_enabled = false needs broker_port_tls and web_port_tls");
+        }
+        if self.authentication_refresh_check_seconds == 0 {
+            bail!("authentication_refresh_check_seconds must be positive");
+        }
         if !matches!(
             self.storage.flush_policy.as_str(),
             "fsync" | "relaxed-write-only"
@@ -340,6 +429,13 @@ impl Config {
         if let Ok(value) = serde_json::to_value(self) {
             flatten("", &value, &mut values);
         }
+        for key in SECRET_KEYS {
+            if let Some(value) = values.get_mut(*key) {
+                if !value.is_empty() && !value.starts_with("file:") && !value.starts_with('/') {
+                    *value = "(hidden)".into();
+                }
+            }
+        }
         values
     }
 
@@ -381,6 +477,9 @@ impl Config {
                 self.broker_port
             ),
             web_service_url: format!("http://{}:{}", self.advertised_address(), self.web_port),
+            broker_service_url_tls: self
+                .broker_port_tls
+                .map(|port| format!("pulsar+ssl://{}:{port}", self.advertised_address())),
             allow_auto_topic_creation: self.allow_auto_topic_creation,
             auto_topic_creation_type: self.allow_auto_topic_creation_type,
             default_num_partitions: self.default_num_partitions,
@@ -423,6 +522,24 @@ impl Config {
             max_consumers_per_connection: self.max_consumers_per_connection,
             max_subscriptions_per_topic: self.max_subscriptions_per_topic,
             max_inbound_frame_buffer_bytes: self.max_inbound_frame_buffer_bytes,
+            ..ServerConfig::default()
+        }
+    }
+
+    pub fn security_config(&self) -> SecurityConfig {
+        SecurityConfig {
+            authentication_enabled: self.authentication_enabled,
+            authorization_enabled: self.authorization_enabled,
+            super_user_roles: self.super_user_roles.clone(),
+            replicator_roles: self.replicator_roles.clone(),
+            token_secret_key: self.token_secret_key.clone(),
+            token_public_key: self.token_public_key.clone(),
+            token_auth_claim: self.token_auth_claim.clone(),
+            token_audience: self.token_audience.clone(),
+            authentication_refresh_check: Duration::from_secs(
+                self.authentication_refresh_check_seconds,
+            ),
+            audit_log_file: self.audit_log_file.clone(),
         }
     }
 }

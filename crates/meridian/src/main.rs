@@ -11,6 +11,7 @@ mod config;
 mod logging;
 mod lookup_cli;
 mod perf;
+mod tokens_cli;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -57,6 +58,8 @@ enum Command {
     ///
     /// Example: meridian lookup --clusters http://127.0.0.1:8080,http://127.0.0.1:8081
     Lookup(lookup_cli::LookupArgs),
+    /// Create keys and tokens for token authentication (as `pulsar tokens`).
+    Tokens(tokens_cli::TokensArgs),
     /// Print a shell completion script.
     ///
     /// Example: meridian completions bash > /etc/bash_completion.d/meridian
@@ -105,6 +108,7 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Admin(arguments) => admin_cli::run(arguments),
+        Command::Tokens(arguments) => tokens_cli::run(arguments),
         Command::Client(arguments) => tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
@@ -197,6 +201,10 @@ async fn standalone(config: Config) -> anyhow::Result<()> {
         Ok(limit) => tracing::debug!(limit, "open file limit"),
         Err(error) => tracing::warn!(%error, "could not raise the open file limit"),
     }
+    let security = Arc::new(
+        meridian_auth::Security::new(config.security_config()).context("configuring security")?,
+    );
+    warn_if_exposed(&config);
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("creating data directory {}", config.data_dir.display()))?;
     let storage_root = config.data_dir.join("storage");
@@ -213,29 +221,78 @@ async fn standalone(config: Config) -> anyhow::Result<()> {
     let broker =
         Broker::new(config.broker_config(), storage, metadata).context("starting the broker")?;
 
-    let broker_address = format!("{}:{}", config.bind_address, config.broker_port);
-    let web_address = format!("{}:{}", config.bind_address, config.web_port);
-    let broker_listener = TcpListener::bind(&broker_address)
-        .await
-        .with_context(|| format!("listening on {broker_address}"))?;
-    let web_listener = TcpListener::bind(&web_address)
-        .await
-        .with_context(|| format!("listening on {web_address}"))?;
+    let bind = |port: u16| {
+        let address = format!("{}:{port}", config.bind_address);
+        async move {
+            TcpListener::bind(&address)
+                .await
+                .with_context(|| format!("listening on {address}"))
+        }
+    };
+    let tls = match (&config.tls_certificate_file_path, &config.tls_key_file_path) {
+        (Some(certificate), Some(key))
+            if config.broker_port_tls.is_some() || config.web_port_tls.is_some() =>
+        {
+            Some(
+                meridian_auth::tls::server_config(
+                    certificate,
+                    key,
+                    config
+                        .tls_trust_certs_file_path
+                        .as_deref()
+                        .filter(|_| config.tls_require_trusted_client_cert_on_connect),
+                    &[b"http/1.1"],
+                )
+                .context("loading the TLS certificate")?,
+            )
+        }
+        _ => None,
+    };
 
     let shutdown = CancellationToken::new();
-    let server = tokio::spawn(meridian_server::serve(
-        broker_listener,
-        broker.clone(),
-        config.server_config(),
-        shutdown.clone(),
-    ));
+    let mut server_config = config.server_config();
+    server_config.security = security.clone();
     meridian_admin::set_runtime_configuration(config.runtime_values());
-    let web = tokio::spawn(meridian_admin::serve(
-        web_listener,
-        broker.clone(),
-        config.http_limits(),
-        shutdown.clone(),
-    ));
+    let mut protocol_servers = Vec::new();
+    let mut web_servers = Vec::new();
+    if config.plain_ports_enabled {
+        let (protocol, web) = (
+            bind(config.broker_port).await?,
+            bind(config.web_port).await?,
+        );
+        protocol_servers.push(tokio::spawn(meridian_server::serve(
+            protocol,
+            broker.clone(),
+            server_config.clone(),
+            shutdown.clone(),
+        )));
+        web_servers.push(tokio::spawn(meridian_admin::serve(
+            web,
+            broker.clone(),
+            config.http_limits(),
+            security.clone(),
+            shutdown.clone(),
+        )));
+    }
+    if let (Some(port), Some(tls)) = (config.broker_port_tls, &tls) {
+        protocol_servers.push(tokio::spawn(meridian_server::serve_tls(
+            bind(port).await?,
+            broker.clone(),
+            server_config.clone(),
+            tls.clone(),
+            shutdown.clone(),
+        )));
+    }
+    if let (Some(port), Some(tls)) = (config.web_port_tls, &tls) {
+        web_servers.push(tokio::spawn(meridian_admin::serve_with_tls(
+            bind(port).await?,
+            broker.clone(),
+            config.http_limits(),
+            security.clone(),
+            Some(tls.clone()),
+            shutdown.clone(),
+        )));
+    }
     // Replicated topics with a backlog must not wait for a client to resume replicating.
     tokio::spawn({
         let broker = broker.clone();
@@ -261,14 +318,35 @@ async fn standalone(config: Config) -> anyhow::Result<()> {
     wait_for_signal().await?;
     tracing::info!("shutting down: no new connections, closing clients, flushing");
     shutdown.cancel();
-    let _ = server.await;
+    for server in protocol_servers {
+        let _ = server.await;
+    }
     let _ = background.await;
-    if let Ok(Err(error)) = web.await {
-        tracing::warn!(%error, "HTTP server stopped with an error");
+    for web in web_servers {
+        if let Ok(Err(error)) = web.await {
+            tracing::warn!(%error, "HTTP server stopped with an error");
+        }
     }
     broker.close().await;
     tracing::info!("meridian standalone stopped");
     Ok(())
+}
+
+/// A broker reachable from other hosts without authentication serves anyone who can reach it.
+fn warn_if_exposed(config: &Config) {
+    let loopback = config.bind_address == "localhost"
+        || config
+            .bind_address
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|address| address.is_loopback());
+    if !loopback && !config.authentication_enabled {
+        tracing::warn!(
+            bind_address = %config.bind_address,
+            "listening on a non-loopback address without authentication: anyone who can reach \
+             these ports can produce, consume and administer everything \
+             (set authentication_enabled, see docs/security.md)"
+        );
+    }
 }
 
 /// Periodic broker work: policy enforcement (TTL, backlog quotas, retention) and stats rates.

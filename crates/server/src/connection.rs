@@ -56,13 +56,15 @@ use meridian_wire::proto::{
 };
 use meridian_wire::{command_type, ChecksumStatus, Frame, FrameError};
 use prost::Message;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::OwnedWriteHalf;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use crate::ServerConfig;
+use meridian_auth::TopicAction::{Consume, Lookup, Produce};
+
+mod auth;
 
 /// Highest protocol version this broker speaks.
 pub const PROTOCOL_VERSION: i32 = 20;
@@ -109,6 +111,8 @@ pub(crate) struct Connection {
     consumers: HashMap<u64, ConsumerSlot>,
     /// When the last complete frame arrived: single bytes do not keep a connection alive.
     last_frame: Instant,
+    /// Who the connection speaks for, and its credentials' refresh (see `auth`).
+    auth: auth::AuthState,
 }
 
 /// Why a connection ends early.
@@ -125,7 +129,8 @@ fn message_id_of(id: &MessageIdData) -> Position {
     Position::new(id.ledger_id, id.entry_id)
 }
 
-/// Runs one connection until the client leaves, a frame is bad, or the server shuts down.
+/// Runs one plain TCP connection until the client leaves, a frame is bad, or the server shuts
+/// down.
 pub(crate) async fn run(
     stream: TcpStream,
     peer: SocketAddr,
@@ -135,7 +140,53 @@ pub(crate) async fn run(
     inbound_budget: Arc<Semaphore>,
 ) {
     let _ = stream.set_nodelay(true);
-    let (mut reader, writer) = stream.into_split();
+    let (reader, writer) = stream.into_split();
+    run_halves(
+        reader,
+        writer,
+        peer,
+        broker,
+        config,
+        shutdown,
+        inbound_budget,
+    )
+    .await;
+}
+
+/// Runs one connection over a TLS stream (see [`run`]).
+pub(crate) async fn run_tls(
+    stream: tokio_rustls::server::TlsStream<TcpStream>,
+    peer: SocketAddr,
+    broker: Arc<Broker>,
+    config: Arc<ServerConfig>,
+    shutdown: CancellationToken,
+    inbound_budget: Arc<Semaphore>,
+) {
+    let (reader, writer) = tokio::io::split(stream);
+    run_halves(
+        reader,
+        writer,
+        peer,
+        broker,
+        config,
+        shutdown,
+        inbound_budget,
+    )
+    .await;
+}
+
+async fn run_halves<R, W>(
+    mut reader: R,
+    writer: W,
+    peer: SocketAddr,
+    broker: Arc<Broker>,
+    config: Arc<ServerConfig>,
+    shutdown: CancellationToken,
+    inbound_budget: Arc<Semaphore>,
+) where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
     let (outbound, outbound_receiver) = outbound_queue(config.max_outbound_bytes);
     let writer_failed = CancellationToken::new();
     let writer_task = tokio::spawn(write_loop(writer, outbound_receiver, writer_failed.clone()));
@@ -149,10 +200,13 @@ pub(crate) async fn run(
         producers: HashMap::new(),
         consumers: HashMap::new(),
         last_frame: Instant::now(),
+        auth: auth::AuthState::default(),
     };
     let mut buffer = BytesMut::with_capacity(UNRESERVED_FRAME_BYTES);
     let mut keep_alive = tokio::time::interval(config.keep_alive_interval);
     keep_alive.tick().await;
+    let mut credentials_check = tokio::time::interval(config.security.refresh_check_interval());
+    credentials_check.tick().await;
     let connect_deadline = tokio::time::sleep(config.connect_timeout);
     tokio::pin!(connect_deadline);
     // The part of the inbound budget held for the large frame at the head of the buffer.
@@ -209,6 +263,11 @@ pub(crate) async fn run(
                     // Never waits: a full queue must not stop this check from running again.
                     let ping = BaseCommand { ping: Some(CommandPing {}), ..command(Type::Ping) };
                     let _ = connection.outbound.try_send(command_frame(&ping));
+                }
+            }
+            _ = credentials_check.tick(), if config.security.authentication_enabled() => {
+                if let Err(Close(reason)) = connection.check_credentials().await {
+                    break reason;
                 }
             }
             _ = writer_failed.cancelled() => break "writing to the client failed".to_string(),
@@ -293,8 +352,8 @@ const MAX_WRITE_BYTES: usize = 1024 * 1024;
 /// Drains the outbound queue into the socket: whatever is queued (up to the limits above) goes
 /// out in one vectored write, headers and stored entries as they are, without copying them
 /// into a buffer first.
-async fn write_loop(
-    mut writer: OwnedWriteHalf,
+async fn write_loop<W: AsyncWrite + Unpin>(
+    mut writer: W,
     mut frames: OutboundReceiver,
     failed: CancellationToken,
 ) {
@@ -329,7 +388,10 @@ async fn write_loop(
 }
 
 /// Writes every part, in order, with as few `writev` calls as the socket allows.
-async fn write_all_vectored(writer: &mut OwnedWriteHalf, parts: &[Bytes]) -> std::io::Result<()> {
+async fn write_all_vectored<W: AsyncWrite + Unpin>(
+    writer: &mut W,
+    parts: &[Bytes],
+) -> std::io::Result<()> {
     let mut slices: Vec<IoSlice<'_>> = parts
         .iter()
         .filter(|part| !part.is_empty())
@@ -432,6 +494,7 @@ impl Connection {
         };
         let kind = command_type(&base);
         if self.protocol_version.is_none() && kind != Some(Type::Connect) {
+            self.audit_before_connect(kind);
             self.error(
                 0,
                 ServerError::NotAllowedError,
@@ -556,7 +619,7 @@ impl Connection {
                     ..
                 },
             ) => self.handle_get_or_create_schema(request).await,
-            (Some(Type::AuthResponse), _) => Ok(()),
+            (Some(Type::AuthResponse), base) => self.handle_auth_response(base).await,
             (kind, base) => {
                 let request_id = request_id_of(&base);
                 let message = match kind {
@@ -578,6 +641,11 @@ impl Connection {
         &mut self,
         request: CommandPartitionedTopicMetadata,
     ) -> Result<(), Close> {
+        if let Err(reason) = self.authorize("PARTITIONED_METADATA", &request.topic, Lookup) {
+            self.deny_partitioned_metadata(request.request_id, reason)
+                .await;
+            return Ok(());
+        }
         let response = match TopicName::parse(&request.topic).and_then(|name| {
             self.broker
                 .partitioned_metadata(&name, request.metadata_auto_creation_enabled())
@@ -609,6 +677,10 @@ impl Connection {
     }
 
     async fn handle_lookup(&mut self, request: CommandLookupTopic) -> Result<(), Close> {
+        if let Err(reason) = self.authorize("LOOKUP", &request.topic, Lookup) {
+            self.deny_lookup(request.request_id, reason).await;
+            return Ok(());
+        }
         let response = match TopicName::parse(&request.topic) {
             // The topic's tenant moved (or is moving) to another cluster: send the client there.
             Ok(name) if meridian_broker::migration::redirect(&self.broker, &name).is_some() => {
@@ -623,6 +695,7 @@ impl Connection {
             }
             Ok(_) => CommandLookupTopicResponse {
                 broker_service_url: Some(self.broker.config().broker_service_url.clone()),
+                broker_service_url_tls: self.broker.config().broker_service_url_tls.clone(),
                 response: Some(command_lookup_topic_response::LookupType::Connect as i32),
                 request_id: request.request_id,
                 authoritative: Some(true),
@@ -802,6 +875,11 @@ impl Connection {
         &mut self,
         request: CommandGetTopicsOfNamespace,
     ) -> Result<(), Close> {
+        if let Err(reason) = self.authorize_namespace("GET_TOPICS_OF_NAMESPACE", &request.namespace)
+        {
+            self.deny(request.request_id, reason).await;
+            return Ok(());
+        }
         match self.broker.topics_of_namespace(&request.namespace) {
             Ok(topics) => {
                 self.send_command(BaseCommand {
@@ -822,6 +900,10 @@ impl Connection {
     }
 
     async fn handle_get_schema(&mut self, request: CommandGetSchema) -> Result<(), Close> {
+        if let Err(reason) = self.authorize("GET_SCHEMA", &request.topic, Lookup) {
+            self.deny(request.request_id, reason).await;
+            return Ok(());
+        }
         let version = request.schema_version.as_deref().and_then(decode_version);
         let result = TopicName::parse(&request.topic)
             .and_then(|name| self.broker.schemas().get(&name, version));
@@ -857,6 +939,10 @@ impl Connection {
         &mut self,
         request: CommandGetOrCreateSchema,
     ) -> Result<(), Close> {
+        if let Err(reason) = self.authorize("GET_OR_CREATE_SCHEMA", &request.topic, Produce) {
+            self.deny(request.request_id, reason).await;
+            return Ok(());
+        }
         let result = TopicName::parse(&request.topic)
             .and_then(|name| self.broker.schemas().get_or_create(&name, &request.schema));
         let response = match result {
@@ -889,6 +975,7 @@ impl Connection {
         let Some(connect) = base.connect else {
             return Err(Close("CONNECT without its body".into()));
         };
+        self.authenticate_connect(&connect).await?;
         let version = connect.protocol_version().clamp(0, PROTOCOL_VERSION);
         self.protocol_version = Some(version);
         // Informational, and copied into every producer's and consumer's stats: kept short.
@@ -969,6 +1056,20 @@ impl Connection {
         if let Some(reason) = too_long("producer name", request.producer_name.as_deref()) {
             self.error(request.request_id, ServerError::NotAllowedError, reason)
                 .await;
+            return Ok(());
+        }
+        let replicator = request
+            .producer_name
+            .as_deref()
+            .is_some_and(is_replication_key);
+        let allowed = self
+            .authorize("PRODUCER", &request.topic, Produce)
+            .and_then(|()| match replicator {
+                true => self.authorize_replication("PRODUCER", &request.topic),
+                false => Ok(()),
+            });
+        if let Err(reason) = allowed {
+            self.deny(request.request_id, reason).await;
             return Ok(());
         }
         let name = match TopicName::parse(&request.topic) {
@@ -1128,6 +1229,13 @@ impl Connection {
                 ServerError::NotAllowedError,
                 "SEND with a message id is only for shadow topics".into(),
             ))
+        } else if let Some(Err(reason)) = entry
+            .metadata
+            .replicated_from
+            .as_ref()
+            .map(|_| self.authorize_replication("SEND", producer.topic.full_name()))
+        {
+            Some((ServerError::AuthorizationError, reason))
         } else if let Err(reason) = check_batch_metadata(
             &entry.metadata,
             &entry.payload,
@@ -1233,6 +1341,10 @@ impl Connection {
         if let Some(reason) = too_long("consumer name", request.consumer_name.as_deref()) {
             self.error(request.request_id, ServerError::NotAllowedError, reason)
                 .await;
+            return;
+        }
+        if let Err(reason) = self.authorize("SUBSCRIBE", &request.topic, Consume) {
+            self.deny(request.request_id, reason).await;
             return;
         }
         let name = match TopicName::parse(&request.topic) {

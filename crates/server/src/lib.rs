@@ -49,6 +49,8 @@ pub struct ServerConfig {
     /// Bytes of large frames (over 64 KiB) all connections may be receiving at once; must be
     /// at least `max_frame_size`.
     pub max_inbound_frame_buffer_bytes: usize,
+    /// Authentication, authorization and audit (off by default).
+    pub security: Arc<meridian_auth::Security>,
 }
 
 impl Default for ServerConfig {
@@ -65,6 +67,7 @@ impl Default for ServerConfig {
             max_consumers_per_connection: 10_000,
             max_subscriptions_per_topic: 10_000,
             max_inbound_frame_buffer_bytes: 256 * 1024 * 1024,
+            security: Arc::new(meridian_auth::Security::disabled()),
         }
     }
 }
@@ -77,6 +80,30 @@ pub async fn serve(
     config: ServerConfig,
     shutdown: CancellationToken,
 ) {
+    serve_with(listener, broker, config, None, shutdown).await;
+}
+
+/// Serves Pulsar clients over TLS (`pulsar+ssl://`) on `listener`, as [`serve`] does over
+/// plain TCP; a client whose TLS handshake fails or does not finish within `connect_timeout`
+/// is dropped.
+pub async fn serve_tls(
+    listener: TcpListener,
+    broker: Arc<Broker>,
+    config: ServerConfig,
+    tls: Arc<tokio_rustls::rustls::ServerConfig>,
+    shutdown: CancellationToken,
+) {
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    serve_with(listener, broker, config, Some(acceptor), shutdown).await;
+}
+
+async fn serve_with(
+    listener: TcpListener,
+    broker: Arc<Broker>,
+    config: ServerConfig,
+    acceptor: Option<tokio_rustls::TlsAcceptor>,
+    shutdown: CancellationToken,
+) {
     let config = Arc::new(config);
     let limits = ConnectionLimits {
         max_connections: config.max_connections,
@@ -84,21 +111,33 @@ pub async fn serve(
     };
     let token = shutdown.clone();
     let inbound_budget = Arc::new(Semaphore::new(config.max_inbound_frame_buffer_bytes));
-    listener::accept_loop(
-        "protocol",
-        listener,
-        limits,
-        shutdown,
-        move |stream, peer| {
-            connection::run(
-                stream,
-                peer,
-                broker.clone(),
-                config.clone(),
-                token.clone(),
-                inbound_budget.clone(),
-            )
-        },
-    )
+    let name = if acceptor.is_some() {
+        "protocol-tls"
+    } else {
+        "protocol"
+    };
+    listener::accept_loop(name, listener, limits, shutdown, move |stream, peer| {
+        let (acceptor, broker, config, token, budget) = (
+            acceptor.clone(),
+            broker.clone(),
+            config.clone(),
+            token.clone(),
+            inbound_budget.clone(),
+        );
+        async move {
+            let Some(acceptor) = acceptor else {
+                return connection::run(stream, peer, broker, config, token, budget).await;
+            };
+            let _ = stream.set_nodelay(true);
+            let handshake = tokio::time::timeout(config.connect_timeout, acceptor.accept(stream));
+            match handshake.await {
+                Ok(Ok(stream)) => {
+                    connection::run_tls(stream, peer, broker, config, token, budget).await
+                }
+                Ok(Err(error)) => tracing::debug!(peer = %peer, %error, "TLS handshake failed"),
+                Err(_) => tracing::debug!(peer = %peer, "TLS handshake timed out"),
+            }
+        }
+    })
     .await;
 }

@@ -26,6 +26,26 @@ pub struct RemoteCluster {
     pub broker_service_url: String,
     /// When set, every replication connection goes through this proxy.
     pub proxy_service_url: Option<String>,
+    /// Token replication and topic creation authenticate with, from the registration's
+    /// `authenticationParameters` (Pulsar's cluster-data field; `token:...`, `file:///...`).
+    pub auth_token: Option<String>,
+}
+
+/// The token in a cluster registration's `authenticationParameters`, if any (an unreadable one
+/// is logged and ignored: the remote then refuses the connection, which is visible in stats).
+pub fn auth_token_of(name: &str, data: &ClusterData) -> Option<String> {
+    let parameters = data
+        .other
+        .get("authenticationParameters")
+        .and_then(serde_json::Value::as_str)
+        .filter(|parameters| !parameters.trim().is_empty())?;
+    match meridian_auth::token_from_parameters(parameters) {
+        Ok(token) => Some(token),
+        Err(error) => {
+            tracing::warn!(cluster = %name, %error, "cannot read the cluster's authenticationParameters");
+            None
+        }
+    }
 }
 
 impl RemoteCluster {
@@ -37,6 +57,7 @@ impl RemoteCluster {
             service_url: non_empty(&data.service_url),
             broker_service_url: non_empty(&data.broker_service_url)?,
             proxy_service_url: non_empty(&data.proxy_service_url),
+            auth_token: auth_token_of(name, data),
         })
     }
 
@@ -48,6 +69,9 @@ impl RemoteCluster {
             .reconnect_backoff(BACKOFF_INITIAL, BACKOFF_MAX);
         if let Some(proxy) = &self.proxy_service_url {
             builder = builder.proxy_url(proxy.clone());
+        }
+        if let Some(token) = &self.auth_token {
+            builder = builder.auth_token(token.clone());
         }
         builder.build().await
     }
@@ -117,9 +141,15 @@ struct PartitionedMetadata {
 /// Makes the topic exist on the remote cluster with the local partition count.
 pub(crate) fn prepare_remote_topic(
     service_url: &str,
+    auth_token: Option<&str>,
     topic: &TopicName,
     partitions: Option<u32>,
 ) -> Result<(), Prepare> {
+    let authorization = auth_token.map(|token| format!("Bearer {token}"));
+    let with_auth = |request: ureq::Request| match &authorization {
+        Some(value) => request.set("Authorization", value),
+        None => request,
+    };
     let base = topic.base();
     let url = format!(
         "{}/admin/v2/persistent/{}/{}/{}",
@@ -138,8 +168,7 @@ pub(crate) fn prepare_remote_topic(
         ))
     };
     let remote_partitions = |agent: &ureq::Agent| -> Result<u32, Prepare> {
-        let metadata: PartitionedMetadata = agent
-            .get(&format!("{url}/partitions"))
+        let metadata: PartitionedMetadata = with_auth(agent.get(&format!("{url}/partitions")))
             .call()
             .map_err(|error| failed("reading the partition count", error))?
             .into_json()
@@ -162,11 +191,10 @@ pub(crate) fn prepare_remote_topic(
         return Err(mismatch(existing));
     }
     let created = match partitions {
-        Some(count) => agent
-            .put(&format!("{url}/partitions"))
+        Some(count) => with_auth(agent.put(&format!("{url}/partitions")))
             .set("Content-Type", "application/json")
             .send_string(&count.to_string()),
-        None => agent.put(&url).call(),
+        None => with_auth(agent.put(&url)).call(),
     };
     match created {
         Ok(_) | Err(ureq::Error::Status(409, _)) => {}

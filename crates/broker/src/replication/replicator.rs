@@ -581,8 +581,9 @@ impl Worker {
         if let Some(service_url) = self.remote.service_url.clone() {
             let topic = self.topic.clone();
             let partitions = self.partitions;
+            let token = self.remote.auth_token.clone();
             let prepare = tokio::task::spawn_blocking(move || {
-                prepare_remote_topic(&service_url, &topic, partitions)
+                prepare_remote_topic(&service_url, token.as_deref(), &topic, partitions)
             });
             match self.unless_stopped(prepare).await {
                 None => return Ended::Stopped,

@@ -1,0 +1,158 @@
+"""TLS with the official client: one broker with `pulsar+ssl://` and HTTPS ports (certificates
+made at test time with `openssl`, signed by a test CA), mutual TLS (client certificates from the
+same CA required) and token authentication. Produce, consume and admin over TLS; a client that
+does not trust the CA, or has no client certificate, is refused; a certificate replaced on disk
+is served to the next connection without a restart.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import ssl
+import subprocess
+import urllib.error
+import urllib.request
+
+import pulsar
+import pytest
+
+from broker_process import free_port
+from helpers import unique_topic, wait_until
+from test_security import Keys, start_secured, topic_exists
+
+
+def openssl(*args: str, cwd) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
+
+
+def make_ca(directory) -> None:
+    openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+            "-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj", "/CN=meridian-test-ca",
+            cwd=directory)
+
+
+def make_server_cert(directory, name: str, common_name: str) -> None:
+    """`name`.pem / `name`.key for 127.0.0.1 and localhost, signed by the test CA (also used
+    as a client certificate)."""
+    (directory / "san.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+            "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={common_name}",
+            cwd=directory)
+    openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+            "-CAcreateserial", "-out", f"{name}.pem", "-days", "2", "-extfile", "san.ext",
+            cwd=directory)
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("certs")
+    make_ca(directory)
+    make_server_cert(directory, "server", "meridian-first")
+    make_server_cert(directory, "client", "alice")
+    return directory
+
+
+@pytest.fixture(scope="module")
+def keys(meridian_bin, tmp_path_factory):
+    return Keys(meridian_bin, tmp_path_factory.mktemp("keys"))
+
+
+@pytest.fixture(scope="module")
+def secured(module_brokers, meridian_bin, keys, certs, tmp_path_factory):
+    broker_tls, web_tls = free_port(), free_port()
+    extra = (
+        f"broker_port_tls = {broker_tls}\n"
+        f"web_port_tls = {web_tls}\n"
+        f'tls_certificate_file_path = "{certs / "server.pem"}"\n'
+        f'tls_key_file_path = "{certs / "server.key"}"\n'
+        f'tls_trust_certs_file_path = "{certs / "ca.pem"}"\n'
+        "tls_require_trusted_client_cert_on_connect = true\n"
+    )
+    broker = start_secured(module_brokers, meridian_bin, keys, tmp_path_factory.mktemp("tls"), extra)
+    broker.tls_service_url = f"pulsar+ssl://127.0.0.1:{broker_tls}"
+    broker.tls_web_url = f"https://127.0.0.1:{web_tls}"
+    broker.web_tls_port = web_tls
+    return broker
+
+
+def https(broker, path: str, token: str, ca, client_cert=None) -> tuple[int, object]:
+    context = ssl.create_default_context(cafile=str(ca) if ca is not None else None)
+    if client_cert is not None:
+        context.load_cert_chain(client_cert / "client.pem", client_cert / "client.key")
+    request = urllib.request.Request(broker.tls_web_url + path,
+                                     headers={"Authorization": f"Bearer {token}"})
+    with urllib.request.urlopen(request, timeout=10, context=context) as response:
+        return response.status, json.loads(response.read().decode() or "null")
+
+
+def served_certificate(port: int, certs) -> bytes:
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    context.load_cert_chain(certs / "client.pem", certs / "client.key")
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+        with context.wrap_socket(raw) as tls:
+            return tls.getpeercert(binary_form=True)
+
+
+def pem_to_der(path) -> bytes:
+    return ssl.PEM_cert_to_DER_cert(path.read_text())
+
+
+def test_produce_consume_and_admin_over_tls_with_a_token(secured, keys, certs, client_factory):
+    topic = unique_topic("tls")
+    client = pulsar.Client(
+        secured.tls_service_url,
+        authentication=pulsar.AuthenticationToken(keys.token("alice")),
+        tls_trust_certs_file_path=str(certs / "ca.pem"),
+        tls_validate_hostname=True,
+        tls_certificate_file_path=str(certs / "client.pem"),
+        tls_private_key_file_path=str(certs / "client.key"),
+        operation_timeout_seconds=10,
+    )
+    try:
+        consumer = client.subscribe(topic, "s")
+        client.create_producer(topic).send(b"over tls")
+        assert consumer.receive(timeout_millis=10_000).data() == b"over tls"
+    finally:
+        client.close()
+    status, stats = https(secured, "/admin/v2/" + topic.replace("://", "/") + "/stats",
+                          keys.token("admin"), certs / "ca.pem", certs)
+    assert status == 200 and stats["msgInCounter"] == 1, stats
+
+
+@pytest.mark.parametrize("missing", ["trust in the CA", "a client certificate"])
+def test_a_client_without_trust_or_certificate_is_refused(secured, keys, certs, missing):
+    topic = unique_topic("tls-refused")
+    settings = {"tls_trust_certs_file_path": str(certs / "ca.pem")}
+    if missing == "a client certificate":
+        ca, client_cert = certs / "ca.pem", None
+    else:
+        settings = {"tls_certificate_file_path": str(certs / "client.pem"),
+                    "tls_private_key_file_path": str(certs / "client.key")}
+        ca, client_cert = None, certs  # the system's trust store does not hold the test CA
+    client = pulsar.Client(
+        secured.tls_service_url,
+        authentication=pulsar.AuthenticationToken(keys.token("alice")),
+        operation_timeout_seconds=3,
+        **settings,
+    )
+    try:
+        with pytest.raises(pulsar.PulsarException):
+            client.create_producer(topic)
+    finally:
+        client.close()
+    with pytest.raises((urllib.error.URLError, ssl.SSLError, ConnectionError)):
+        https(secured, "/admin/v2/clusters", keys.token("admin"), ca, client_cert)
+    assert not topic_exists(secured, keys.token("admin"), topic)
+
+
+def test_a_replaced_certificate_is_served_without_a_restart(secured, certs):
+    assert served_certificate(secured.web_tls_port, certs) == pem_to_der(certs / "server.pem")
+    make_server_cert(certs, "renewed", "meridian-renewed")
+    (certs / "renewed.key").replace(certs / "server.key")
+    (certs / "renewed.pem").replace(certs / "server.pem")
+    wait_until(lambda: served_certificate(secured.web_tls_port, certs)
+               == pem_to_der(certs / "server.pem"),
+               "the renewed certificate is served")
