@@ -152,3 +152,61 @@ def test_brokers_endpoints_have_pulsars_shapes(broker, client):
     topic_stats = stats["public/default"]["0x00000000_0xffffffff"]["persistent"][topic]
     assert topic_stats["msgInCounter"] == 1
     assert [publisher["producerName"] for publisher in topic_stats["publishers"]] == [producer.producer_name()]
+
+
+# ------------------------------------------------------------------ other ways to meet a broken log
+
+
+def admin_put(broker, path, body):
+    request = urllib.request.Request(
+        broker.web_url + path, data=body.encode(), method="PUT", headers={"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=20) as response:
+        return response.status
+
+
+@pytest.mark.allow_broker_errors(r"topic cannot be loaded")
+def test_reader_partition_and_pattern_consumer_meet_an_unloadable_log_at_once(broker_factory, client_factory):
+    broker = broker_factory.start()
+    single = unique_topic("unloadable-reader")
+    partitioned = unique_topic("unloadable-parts")
+    admin_put(broker, "/admin/v2/persistent/" + partitioned.split("://", 1)[1] + "/partitions", "2")
+    client = client_factory(broker)
+    for name in (single, partitioned):
+        producer = client.create_producer(name)
+        for index in range(4):
+            producer.send(b"m%d" % index)
+    client.close()
+    broker.stop()
+    assert corrupt_segments(broker.data_dir, single.rsplit("/", 1)[1]) > 0
+    broken_partition = partitioned + "-partition-1"
+    assert corrupt_segments(broker.data_dir, broken_partition.rsplit("/", 1)[1]) > 0
+    broker.start()
+
+    client = client_factory(broker)
+    # A reader (a non-durable subscription) gets the error, not its operation timeout.
+    with pytest.raises(pulsar.NotAllowedError):
+        client.create_reader(single, pulsar.MessageId.earliest)
+    # A partitioned topic with one broken partition: producer and consumer fail at once.
+    with pytest.raises(pulsar.NotAllowedError):
+        client.create_producer(partitioned)
+    with pytest.raises(pulsar.NotAllowedError):
+        client.subscribe(partitioned, "sub", initial_position=Earliest)
+    # A consumer on a pattern matching the broken topic.
+    pattern = re.compile(re.escape(single))
+    with pytest.raises(pulsar.NotAllowedError):
+        client.subscribe(pattern, "pattern-sub", initial_position=Earliest)
+
+    details = json.loads(get(broker, "/admin/v2/brokers/health?details=true")[1])
+    assert sorted(failure["topic"] for failure in details["unavailableTopics"]) == sorted([single, broken_partition])
+    for name in (single, broken_partition):
+        lines = [
+            line
+            for line in broker.log_text().splitlines()
+            if " ERROR " in line and "topic cannot be loaded" in line and f'topic="{name}"' in line
+        ]
+        assert len(lines) == 1, (name, lines)
+    # The partitioned topic's stats name the broken partition instead of a bare failure.
+    path = "/admin/v2/persistent/" + partitioned.split("://", 1)[1] + "/partitioned-stats"
+    status, text = get_error(broker, path)
+    assert status == 500 and broken_partition in text, (status, text)
