@@ -267,3 +267,42 @@ def test_console_pages_show_what_the_rest_api_reports(browser, clusters_factory)
         "b's backlog of billing", {"backlog": number(stats_b["subscriptions"]["billing"]["msgBacklog"])},
         counters="billing",
     )
+
+
+# Names a user may choose that are awkward in URLs and pages: an escaped slash, quotes,
+# unicode beyond the BMP, a lone percent, a long name.
+AWKWARD_TOPICS = ["a%2Fb", "q\"'`<>", "caf\u00e9-\u6f22\u5b57-\U0001F600", "100%", "long-" + "x" * 180]
+MANY_TOPICS = 230
+
+
+def test_console_shows_awkward_names_and_bounds_a_namespace_of_many_topics(browser, broker_factory):
+    broker = broker_factory.start()
+
+    def create(local: str) -> None:
+        path = "/admin/v2/persistent/public/default/" + quote(local, safe="")
+        request = urllib.request.Request(broker.web_url + path, method="PUT")
+        try:
+            with urllib.request.urlopen(request, timeout=20) as reply:
+                assert reply.status in (200, 204), local
+        except urllib.error.HTTPError as error:
+            raise AssertionError(f"{local!r}: {error.code} {error.read()!r}") from None
+
+    for local in AWKWARD_TOPICS:
+        create(local)
+    console = Console(browser, broker.web_url)
+    console.open("namespace", "public", "default")
+    for local in AWKWARD_TOPICS:
+        name = f"persistent://public/default/{local}"
+        console.await_shows(f"the row of {local!r}", {"topic": name}, topic=name)
+    for local in AWKWARD_TOPICS:
+        console.open("topic", "public", "default", local)
+        assert browser.evaluate("document.querySelector('h1').innerText") == f"persistent://public/default/{local}"
+
+    # Many topics: the page draws a bounded number of rows and says how many there are.
+    for index in range(MANY_TOPICS):
+        create(f"many-{index:04}")
+    total = MANY_TOPICS + len(AWKWARD_TOPICS)
+    console.open("namespace", "public", "default")
+    note = await_condition(lambda: console.find(truncated=str(total)), PAGE_TIMEOUT_S, "the count of rows not drawn")
+    assert note == f"The first 200 of {total} rows; the REST API lists them all."
+    assert browser.evaluate("document.querySelectorAll('#view tr[data-topic]').length") == 200
