@@ -26,7 +26,7 @@ import pulsar
 import pytest
 
 from browser import Browser
-from helpers import receive_n, unique
+from helpers import corrupt_segments, receive_n, unique
 from replication_harness import (
     REPLICATION_TIMEOUT_S,
     await_condition,
@@ -54,6 +54,11 @@ class Console:
     def __init__(self, browser: Browser, web_url: str):
         self.browser = browser
         self.web_url = web_url
+        # The tab may still show an earlier test's console, polling a broker that has stopped:
+        # leave it, then forget what it reported (the round trip drains its last events).
+        browser.navigate("about:blank")
+        browser.evaluate("1")
+        browser.problems.clear()
 
     def open(self, *segments: str) -> None:
         """Loads `#/<segments>` and waits until the page drew it; fails on any problem seen."""
@@ -306,3 +311,30 @@ def test_console_shows_awkward_names_and_bounds_a_namespace_of_many_topics(brows
     note = await_condition(lambda: console.find(truncated=str(total)), PAGE_TIMEOUT_S, "the count of rows not drawn")
     assert note == f"The first 200 of {total} rows; the REST API lists them all."
     assert browser.evaluate("document.querySelectorAll('#view tr[data-topic]').length") == 200
+
+
+@pytest.mark.allow_broker_errors(r"topic cannot be loaded")
+def test_console_marks_a_topic_the_broker_cannot_serve(browser, broker_factory):
+    broker = broker_factory.start()
+    local = unique("broken")
+    name = f"persistent://public/default/{local}"
+    client = pulsar.Client(broker.service_url, operation_timeout_seconds=20)
+    try:
+        client.create_producer(name).send(b"one")
+    finally:
+        client.close()
+    broker.stop()
+    assert corrupt_segments(broker.data_dir, local) > 0
+    broker.start()
+    # A client's attempt (here its stats) meets the broken log: the broker now lists it.
+    path = f"{broker.web_url}/admin/v2/persistent/public/default/{local}/stats"
+    with pytest.raises(urllib.error.HTTPError):
+        urllib.request.urlopen(path, timeout=20)
+
+    console = Console(browser, broker.web_url)
+    console.open()
+    row = console.await_shows("the broken topic in the clusters page", {"kind": "loadFailed"}, topic=name)
+    assert "cannot be opened" in row["reason"], row
+    # On its namespace's page it is not shown as an idle, unloaded topic.
+    console.open("namespace", "public", "default")
+    console.await_shows("the broken topic's row", {"producers": "unavailable (loadFailed)"}, topic=name)

@@ -8,12 +8,11 @@ health check's details.
 import json
 import re
 import urllib.request
-from pathlib import Path
 
 import pulsar
 import pytest
 
-from helpers import unique_topic
+from helpers import corrupt_segments, unique_topic
 import pulsar_frames as frames
 
 Earliest = pulsar.InitialPosition.Earliest
@@ -38,19 +37,6 @@ def metric(broker, name, labels=""):
         if line.startswith(name + "{") and labels in line:
             return float(line.rsplit(" ", 1)[1])
     raise AssertionError(f"{name} with {labels} not in /metrics")
-
-
-def corrupt_segments(data_dir: Path, local_name: str) -> int:
-    """Overwrites the magic of every segment of the topic's log: the log cannot be opened."""
-    logs = data_dir / "storage" / "logs"
-    corrupted = 0
-    for directory in logs.iterdir():
-        if local_name in directory.name:
-            for segment in directory.glob("*.segment"):
-                with open(segment, "r+b") as file:
-                    file.write(b"GARBAGE!")
-                corrupted += 1
-    return corrupted
 
 
 @pytest.mark.allow_broker_errors(r"topic cannot be loaded")

@@ -444,17 +444,23 @@
   /** A namespace's topics with their rates and backlogs (loaded topics; others are listed). */
   async function namespacePage(tenant, namespace) {
     await knowLocalCluster();
-    const [names, partitioned, replication, topics] = await Promise.all([
+    const [names, partitioned, replication, topics, health] = await Promise.all([
       api(apiPath("/admin/v2/persistent", tenant, namespace)),
       api(apiPath("/admin/v2/persistent", tenant, namespace, "partitioned")),
       api(apiPath("/admin/v2/namespaces", tenant, namespace, "replication")).catch(() => []),
       loadedTopics(),
+      api("/admin/v2/brokers/health?details=true"),
     ]);
     const loaded = new Map(topics);
+    const failures = new Map(((health && health.unavailableTopics) || []).map((failure) => [failure.topic, failure]));
     const rows = names.map((name) => {
       const stats = loaded.get(name);
+      const failure = failures.get(name);
       const cells = { topic: topicLink(name) };
-      if (stats) {
+      if (failure) {
+        // Not idle: the broker cannot serve it. The reason is on the clusters page too.
+        cells.producers = h("span", { title: failure.reason }, badge("unavailable (" + failure.kind + ")", "bad"));
+      } else if (stats) {
         Object.assign(cells, {
           producers: count((stats.publishers || []).length),
           subscriptions: count(Object.keys(stats.subscriptions || {}).length),
