@@ -12,7 +12,7 @@ import urllib.request
 import pulsar
 import pytest
 
-from helpers import corrupt_segments, unique_topic
+from helpers import corrupt_segments, unique_topic, wait_until
 import pulsar_frames as frames
 
 Earliest = pulsar.InitialPosition.Earliest
@@ -196,3 +196,53 @@ def test_reader_partition_and_pattern_consumer_meet_an_unloadable_log_at_once(br
     path = "/admin/v2/persistent/" + partitioned.split("://", 1)[1] + "/partitioned-stats"
     status, text = get_error(broker, path)
     assert status == 500 and broken_partition in text, (status, text)
+
+
+@pytest.mark.allow_broker_errors(r"topic log poisoned")
+def test_corruption_found_by_a_read_of_a_loaded_topic_is_reported_once(broker_factory, client_factory, monkeypatch):
+    # Debug lines of the dispatcher show its retries meeting the broken log.
+    monkeypatch.setenv("RUST_LOG", "info,meridian_broker::subscription=debug")
+    broker = broker_factory.start()
+    topic = unique_topic("rot")
+    local = topic.rsplit("/", 1)[1]
+    # Two segments: the broker seals the first at a restart and opens the second.
+    for batch in (b"first", b"second"):
+        client = client_factory(broker)
+        producer = client.create_producer(topic, batching_enabled=False)
+        for index in range(5):
+            producer.send(b"%s-%d" % (batch, index))
+        client.close()
+        broker.restart()
+    client = client_factory(broker)
+    client.create_producer(topic, batching_enabled=False)  # the topic is loaded, intact
+    # Bit rot in the sealed segment while the broker runs: found by the next read of it.
+    [directory] = [path for path in (broker.data_dir / "storage" / "logs").iterdir() if local in path.name]
+    first_segment = sorted(directory.glob("*.segment"))[0]
+    data = bytearray(first_segment.read_bytes())
+    data[data.index(b"first-3")] ^= 0xFF
+    first_segment.write_bytes(bytes(data))
+
+    consumer = client.subscribe(topic, "reader", initial_position=Earliest)
+    with pytest.raises(pulsar.Timeout):
+        consumer.receive(500)  # nothing readable beyond the damage, and no crash
+
+    def listed():
+        details = json.loads(get(broker, "/admin/v2/brokers/health?details=true")[1])
+        return [failure for failure in details["unavailableTopics"] if failure["topic"] == topic]
+
+    wait_until(lambda: listed(), "the topic is listed in the health details")
+    [failure] = listed()
+    assert failure["kind"] == "poisoned" and "corrupted data" in failure["reason"], failure
+    # New producers and consumers get the reason at once.
+    with pytest.raises(pulsar.NotAllowedError):
+        client.create_producer(topic)
+    with pytest.raises(pulsar.NotAllowedError):
+        client.subscribe(topic, "late", initial_position=Earliest)
+    assert metric(broker, "meridian_unavailable_topics", 'kind="poisoned"') == 1
+
+    # The dispatcher keeps meeting it; the ERROR log says it once.
+    wait_until(
+        lambda: broker.log_text().count("dispatch read refused") >= 3, "the dispatcher retried the broken log"
+    )
+    error_lines = [line for line in broker.log_text().splitlines() if " ERROR " in line and local in line]
+    assert len(error_lines) == 1 and "topic log poisoned" in error_lines[0], error_lines
