@@ -1,6 +1,6 @@
 //! Topics the broker cannot serve, and why: a log that could not be opened (a corrupt or
-//! unreadable segment, a log directory that fails its checks) or a log poisoned by a failed
-//! write or fsync.
+//! unreadable segment, a log directory that fails its checks), a log poisoned by a failed
+//! write or fsync, or a loaded log a read found corrupt.
 //!
 //! The registry is what makes such failures visible: each is logged once at ERROR with the
 //! topic and its cause (again only if the cause changes), counted for `/metrics`, and listed
@@ -23,7 +23,8 @@ pub const MAX_LISTED_FAILURES: usize = 10_000;
 pub enum FailureKind {
     /// Its log could not be opened; every load attempt fails until an operator fixes it.
     LoadFailed,
-    /// A write or fsync failed; the log refuses appends until it is reopened (unloaded).
+    /// A write or fsync failed, so the log refuses appends until it is reopened (unloaded); or
+    /// a read found corrupted data, so it refuses reads and appends until then.
     Poisoned,
 }
 
