@@ -15,6 +15,7 @@ import re
 import threading
 import time
 import uuid
+from pathlib import Path
 from typing import Callable, Iterable, Optional, Sequence
 
 import pulsar
@@ -173,3 +174,17 @@ def send_all_async(producer, contents: Sequence[bytes], **send_kwargs) -> list:
     )
     assert not tracker.failed, f"sends failed: {dict(list(tracker.failed.items())[:10])}"
     return [tracker.acked[index] for index in range(len(contents))]
+
+
+def corrupt_segments(data_dir: Path, local_name: str) -> int:
+    """Overwrites the magic of every segment of the topic's log (stop the broker first): the
+    log cannot be opened. Returns how many segments it overwrote."""
+    logs = data_dir / "storage" / "logs"
+    corrupted = 0
+    for directory in logs.iterdir():
+        if local_name in directory.name:
+            for segment in directory.glob("*.segment"):
+                with open(segment, "r+b") as file:
+                    file.write(b"GARBAGE!")
+                corrupted += 1
+    return corrupted

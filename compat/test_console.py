@@ -26,7 +26,7 @@ import pulsar
 import pytest
 
 from browser import Browser
-from helpers import receive_n, unique
+from helpers import corrupt_segments, receive_n, unique
 from replication_harness import (
     REPLICATION_TIMEOUT_S,
     await_condition,
@@ -54,6 +54,11 @@ class Console:
     def __init__(self, browser: Browser, web_url: str):
         self.browser = browser
         self.web_url = web_url
+        # The tab may still show an earlier test's console, polling a broker that has stopped:
+        # leave it, then forget what it reported (the round trip drains its last events).
+        browser.navigate("about:blank")
+        browser.evaluate("1")
+        browser.problems.clear()
 
     def open(self, *segments: str) -> None:
         """Loads `#/<segments>` and waits until the page drew it; fails on any problem seen."""
@@ -267,3 +272,69 @@ def test_console_pages_show_what_the_rest_api_reports(browser, clusters_factory)
         "b's backlog of billing", {"backlog": number(stats_b["subscriptions"]["billing"]["msgBacklog"])},
         counters="billing",
     )
+
+
+# Names a user may choose that are awkward in URLs and pages: an escaped slash, quotes,
+# unicode beyond the BMP, a lone percent, a long name.
+AWKWARD_TOPICS = ["a%2Fb", "q\"'`<>", "caf\u00e9-\u6f22\u5b57-\U0001F600", "100%", "long-" + "x" * 180]
+MANY_TOPICS = 230
+
+
+def test_console_shows_awkward_names_and_bounds_a_namespace_of_many_topics(browser, broker_factory):
+    broker = broker_factory.start()
+
+    def create(local: str) -> None:
+        path = "/admin/v2/persistent/public/default/" + quote(local, safe="")
+        request = urllib.request.Request(broker.web_url + path, method="PUT")
+        try:
+            with urllib.request.urlopen(request, timeout=20) as reply:
+                assert reply.status in (200, 204), local
+        except urllib.error.HTTPError as error:
+            raise AssertionError(f"{local!r}: {error.code} {error.read()!r}") from None
+
+    for local in AWKWARD_TOPICS:
+        create(local)
+    console = Console(browser, broker.web_url)
+    console.open("namespace", "public", "default")
+    for local in AWKWARD_TOPICS:
+        name = f"persistent://public/default/{local}"
+        console.await_shows(f"the row of {local!r}", {"topic": name}, topic=name)
+    for local in AWKWARD_TOPICS:
+        console.open("topic", "public", "default", local)
+        assert browser.evaluate("document.querySelector('h1').innerText") == f"persistent://public/default/{local}"
+
+    # Many topics: the page draws a bounded number of rows and says how many there are.
+    for index in range(MANY_TOPICS):
+        create(f"many-{index:04}")
+    total = MANY_TOPICS + len(AWKWARD_TOPICS)
+    console.open("namespace", "public", "default")
+    note = await_condition(lambda: console.find(truncated=str(total)), PAGE_TIMEOUT_S, "the count of rows not drawn")
+    assert note == f"The first 200 of {total} rows; the REST API lists them all."
+    assert browser.evaluate("document.querySelectorAll('#view tr[data-topic]').length") == 200
+
+
+@pytest.mark.allow_broker_errors(r"topic cannot be loaded")
+def test_console_marks_a_topic_the_broker_cannot_serve(browser, broker_factory):
+    broker = broker_factory.start()
+    local = unique("broken")
+    name = f"persistent://public/default/{local}"
+    client = pulsar.Client(broker.service_url, operation_timeout_seconds=20)
+    try:
+        client.create_producer(name).send(b"one")
+    finally:
+        client.close()
+    broker.stop()
+    assert corrupt_segments(broker.data_dir, local) > 0
+    broker.start()
+    # A client's attempt (here its stats) meets the broken log: the broker now lists it.
+    path = f"{broker.web_url}/admin/v2/persistent/public/default/{local}/stats"
+    with pytest.raises(urllib.error.HTTPError):
+        urllib.request.urlopen(path, timeout=20)
+
+    console = Console(browser, broker.web_url)
+    console.open()
+    row = console.await_shows("the broken topic in the clusters page", {"kind": "loadFailed"}, topic=name)
+    assert "cannot be opened" in row["reason"], row
+    # On its namespace's page it is not shown as an idle, unloaded topic.
+    console.open("namespace", "public", "default")
+    console.await_shows("the broken topic's row", {"producers": "unavailable (loadFailed)"}, topic=name)

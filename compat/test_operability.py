@@ -8,12 +8,11 @@ health check's details.
 import json
 import re
 import urllib.request
-from pathlib import Path
 
 import pulsar
 import pytest
 
-from helpers import unique_topic
+from helpers import corrupt_segments, unique_topic, wait_until
 import pulsar_frames as frames
 
 Earliest = pulsar.InitialPosition.Earliest
@@ -38,19 +37,6 @@ def metric(broker, name, labels=""):
         if line.startswith(name + "{") and labels in line:
             return float(line.rsplit(" ", 1)[1])
     raise AssertionError(f"{name} with {labels} not in /metrics")
-
-
-def corrupt_segments(data_dir: Path, local_name: str) -> int:
-    """Overwrites the magic of every segment of the topic's log: the log cannot be opened."""
-    logs = data_dir / "storage" / "logs"
-    corrupted = 0
-    for directory in logs.iterdir():
-        if local_name in directory.name:
-            for segment in directory.glob("*.segment"):
-                with open(segment, "r+b") as file:
-                    file.write(b"GARBAGE!")
-                corrupted += 1
-    return corrupted
 
 
 @pytest.mark.allow_broker_errors(r"topic cannot be loaded")
@@ -152,3 +138,111 @@ def test_brokers_endpoints_have_pulsars_shapes(broker, client):
     topic_stats = stats["public/default"]["0x00000000_0xffffffff"]["persistent"][topic]
     assert topic_stats["msgInCounter"] == 1
     assert [publisher["producerName"] for publisher in topic_stats["publishers"]] == [producer.producer_name()]
+
+
+# ------------------------------------------------------------------ other ways to meet a broken log
+
+
+def admin_put(broker, path, body):
+    request = urllib.request.Request(
+        broker.web_url + path, data=body.encode(), method="PUT", headers={"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=20) as response:
+        return response.status
+
+
+@pytest.mark.allow_broker_errors(r"topic cannot be loaded")
+def test_reader_partition_and_pattern_consumer_meet_an_unloadable_log_at_once(broker_factory, client_factory):
+    broker = broker_factory.start()
+    single = unique_topic("unloadable-reader")
+    partitioned = unique_topic("unloadable-parts")
+    admin_put(broker, "/admin/v2/persistent/" + partitioned.split("://", 1)[1] + "/partitions", "2")
+    client = client_factory(broker)
+    for name in (single, partitioned):
+        producer = client.create_producer(name)
+        for index in range(4):
+            producer.send(b"m%d" % index)
+    client.close()
+    broker.stop()
+    assert corrupt_segments(broker.data_dir, single.rsplit("/", 1)[1]) > 0
+    broken_partition = partitioned + "-partition-1"
+    assert corrupt_segments(broker.data_dir, broken_partition.rsplit("/", 1)[1]) > 0
+    broker.start()
+
+    client = client_factory(broker)
+    # A reader (a non-durable subscription) gets the error, not its operation timeout.
+    with pytest.raises(pulsar.NotAllowedError):
+        client.create_reader(single, pulsar.MessageId.earliest)
+    # A partitioned topic with one broken partition: producer and consumer fail at once.
+    with pytest.raises(pulsar.NotAllowedError):
+        client.create_producer(partitioned)
+    with pytest.raises(pulsar.NotAllowedError):
+        client.subscribe(partitioned, "sub", initial_position=Earliest)
+    # A consumer on a pattern matching the broken topic.
+    pattern = re.compile(re.escape(single))
+    with pytest.raises(pulsar.NotAllowedError):
+        client.subscribe(pattern, "pattern-sub", initial_position=Earliest)
+
+    details = json.loads(get(broker, "/admin/v2/brokers/health?details=true")[1])
+    assert sorted(failure["topic"] for failure in details["unavailableTopics"]) == sorted([single, broken_partition])
+    for name in (single, broken_partition):
+        lines = [
+            line
+            for line in broker.log_text().splitlines()
+            if " ERROR " in line and "topic cannot be loaded" in line and f'topic="{name}"' in line
+        ]
+        assert len(lines) == 1, (name, lines)
+    # The partitioned topic's stats name the broken partition instead of a bare failure.
+    path = "/admin/v2/persistent/" + partitioned.split("://", 1)[1] + "/partitioned-stats"
+    status, text = get_error(broker, path)
+    assert status == 500 and broken_partition in text, (status, text)
+
+
+@pytest.mark.allow_broker_errors(r"topic log poisoned")
+def test_corruption_found_by_a_read_of_a_loaded_topic_is_reported_once(broker_factory, client_factory, monkeypatch):
+    # Debug lines of the dispatcher show its retries meeting the broken log.
+    monkeypatch.setenv("RUST_LOG", "info,meridian_broker::subscription=debug")
+    broker = broker_factory.start()
+    topic = unique_topic("rot")
+    local = topic.rsplit("/", 1)[1]
+    # Two segments: the broker seals the first at a restart and opens the second.
+    for batch in (b"first", b"second"):
+        client = client_factory(broker)
+        producer = client.create_producer(topic, batching_enabled=False)
+        for index in range(5):
+            producer.send(b"%s-%d" % (batch, index))
+        client.close()
+        broker.restart()
+    client = client_factory(broker)
+    client.create_producer(topic, batching_enabled=False)  # the topic is loaded, intact
+    # Bit rot in the sealed segment while the broker runs: found by the next read of it.
+    [directory] = [path for path in (broker.data_dir / "storage" / "logs").iterdir() if local in path.name]
+    first_segment = sorted(directory.glob("*.segment"))[0]
+    data = bytearray(first_segment.read_bytes())
+    data[data.index(b"first-3")] ^= 0xFF
+    first_segment.write_bytes(bytes(data))
+
+    consumer = client.subscribe(topic, "reader", initial_position=Earliest)
+    with pytest.raises(pulsar.Timeout):
+        consumer.receive(500)  # nothing readable beyond the damage, and no crash
+
+    def listed():
+        details = json.loads(get(broker, "/admin/v2/brokers/health?details=true")[1])
+        return [failure for failure in details["unavailableTopics"] if failure["topic"] == topic]
+
+    wait_until(lambda: listed(), "the topic is listed in the health details")
+    [failure] = listed()
+    assert failure["kind"] == "poisoned" and "corrupted data" in failure["reason"], failure
+    # New producers and consumers get the reason at once.
+    with pytest.raises(pulsar.NotAllowedError):
+        client.create_producer(topic)
+    with pytest.raises(pulsar.NotAllowedError):
+        client.subscribe(topic, "late", initial_position=Earliest)
+    assert metric(broker, "meridian_unavailable_topics", 'kind="poisoned"') == 1
+
+    # The dispatcher keeps meeting it; the ERROR log says it once.
+    wait_until(
+        lambda: broker.log_text().count("dispatch read refused") >= 3, "the dispatcher retried the broken log"
+    )
+    error_lines = [line for line in broker.log_text().splitlines() if " ERROR " in line and local in line]
+    assert len(error_lines) == 1 and "topic log poisoned" in error_lines[0], error_lines

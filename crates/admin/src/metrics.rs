@@ -63,7 +63,7 @@ pub async fn metrics(State(broker): State<AppState>) -> impl IntoResponse {
     );
     add(
         "meridian_topic_poisoned_total",
-        "Topic logs poisoned by a failed write or fsync since the broker started",
+        "Topic logs poisoned by a failed write or fsync, or refusing service after a read found corrupted data, since the broker started",
         "counter",
         format!("cluster=\"{cluster}\""),
         health.poisoned_total() as f64,
@@ -75,7 +75,7 @@ pub async fn metrics(State(broker): State<AppState>) -> impl IntoResponse {
     ] {
         add(
             "meridian_unavailable_topics",
-            "Topics the broker cannot serve now, by kind (loadFailed: the log cannot be opened; poisoned: a write or fsync failed)",
+            "Topics the broker cannot serve now, by kind (loadFailed: the log cannot be opened; poisoned: a write or fsync failed, or a read found corrupted data)",
             "gauge",
             format!("cluster=\"{cluster}\",kind=\"{}\"", kind.as_str()),
             failures.iter().filter(|failure| failure.kind == kind).count() as f64,

@@ -367,6 +367,15 @@ async fn partitioned_stats(
     let created: std::collections::HashSet<String> = broker.all_topics().into_iter().collect();
     for index in 0..partitions {
         let partition = name.partition(index);
+        // A partition the broker cannot serve fails the whole answer with its reason, as its
+        // own stats do: a sum without it would understate the topic's backlog and storage.
+        if let Some(failure) = broker.health().failure(&partition.to_string()) {
+            return Err(BrokerError::TopicUnavailable {
+                topic: failure.topic,
+                reason: failure.reason,
+            }
+            .into());
+        }
         let stats = if let Some(loaded) = broker.loaded_topic(&partition) {
             loaded.stats(&broker.resources().effective_policies(&partition)?)
         } else if created.contains(&partition.to_string()) {

@@ -223,7 +223,7 @@ impl Broker {
             }
             topics.entry(key.clone()).or_default().clone()
         };
-        let topic = cell
+        let loaded = cell
             .get_or_try_init(|| async {
                 if !self
                     .resources
@@ -279,8 +279,40 @@ impl Broker {
                 self.update_replication(&topic);
                 Ok(topic)
             })
-            .await?;
-        Ok(topic.clone())
+            .await;
+        match loaded {
+            Ok(topic) => Ok(topic.clone()),
+            Err(error) => {
+                self.forget_failed_slot(&key, &cell);
+                Err(error)
+            }
+        }
+    }
+
+    /// A load that failed leaves its slot empty; it is removed unless another request waits on
+    /// it, so that requests for names that do not exist (or cannot load) leave nothing behind.
+    fn forget_failed_slot(&self, key: &str, cell: &Arc<OnceCell<Arc<Topic>>>) {
+        let mut topics = self
+            .topics
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        // Under the map's lock only the map and this request can hold the slot when the
+        // count is two: no one else is loading through it, and no one can start to.
+        if topics.get(key).is_some_and(|slot| {
+            Arc::ptr_eq(slot, cell) && !slot.initialized() && Arc::strong_count(slot) == 2
+        }) {
+            topics.remove(key);
+        }
+    }
+
+    /// Topic slots held: loaded topics and loads under way (for tests of what failed loads
+    /// leave behind).
+    #[doc(hidden)]
+    pub fn topic_slots(&self) -> usize {
+        self.topics
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .len()
     }
 
     /// Starts and stops the topic's replicators to match its replication policy and the

@@ -1,14 +1,14 @@
 //! Topics the broker cannot serve, and why: a log that could not be opened (a corrupt or
-//! unreadable segment, a log directory that fails its checks) or a log poisoned by a failed
-//! write or fsync.
+//! unreadable segment, a log directory that fails its checks), a log poisoned by a failed
+//! write or fsync, or a loaded log a read found corrupt.
 //!
 //! The registry is what makes such failures visible: each is logged once at ERROR with the
 //! topic and its cause (again only if the cause changes), counted for `/metrics`, and listed
 //! in the health check's details. Clients get the same reason in their error
 //! ([`crate::BrokerError::TopicUnavailable`]).
 
-use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::collections::{BTreeMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use serde::Serialize;
@@ -17,13 +17,19 @@ use serde::Serialize;
 /// disk full of broken logs cannot grow the registry without bound.
 pub const MAX_LISTED_FAILURES: usize = 10_000;
 
+/// Names of failed topics beyond the list remembered at most, only so that a client retrying
+/// one of them is not logged and counted again. Beyond it, further topics are neither logged
+/// nor counted one by one: a single ERROR line says so.
+pub const MAX_UNLISTED_FAILURES: usize = 100_000;
+
 /// Why a topic cannot be served.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub enum FailureKind {
     /// Its log could not be opened; every load attempt fails until an operator fixes it.
     LoadFailed,
-    /// A write or fsync failed; the log refuses appends until it is reopened (unloaded).
+    /// A write or fsync failed, so the log refuses appends until it is reopened (unloaded); or
+    /// a read found corrupted data, so it refuses reads and appends until then.
     Poisoned,
 }
 
@@ -51,6 +57,10 @@ pub struct TopicFailure {
 #[derive(Debug, Default)]
 pub struct TopicHealth {
     failures: Mutex<BTreeMap<String, TopicFailure>>,
+    /// Failed topics not listed because the list is full (names only).
+    unlisted: Mutex<HashSet<String>>,
+    /// Whether the line saying that even `unlisted` is full was logged.
+    unlisted_full_logged: AtomicBool,
     load_failures_total: AtomicU64,
     poisoned_total: AtomicU64,
 }
@@ -74,6 +84,10 @@ impl TopicHealth {
                 return;
             }
         }
+        let listed = failures.len() < MAX_LISTED_FAILURES || failures.contains_key(topic);
+        if !listed && !self.remember_unlisted(topic) {
+            return;
+        }
         match kind {
             FailureKind::LoadFailed => {
                 self.load_failures_total.fetch_add(1, Ordering::Relaxed);
@@ -88,7 +102,7 @@ impl TopicHealth {
                 tracing::error!(topic, cause = reason, "topic log poisoned; producing refused until the topic is unloaded and its log reopened");
             }
         }
-        if failures.len() >= MAX_LISTED_FAILURES && !failures.contains_key(topic) {
+        if !listed {
             return;
         }
         failures.insert(
@@ -102,8 +116,41 @@ impl TopicHealth {
         );
     }
 
+    /// A failed topic that the full list leaves out: whether it is new (to be logged and
+    /// counted). A retry of one already seen is not; nor is any once even the names of unlisted
+    /// topics fill their bound (said once, in one ERROR line).
+    fn remember_unlisted(&self, topic: &str) -> bool {
+        let mut unlisted = self
+            .unlisted
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if unlisted.contains(topic) {
+            return false;
+        }
+        if unlisted.len() >= MAX_UNLISTED_FAILURES {
+            if !self.unlisted_full_logged.swap(true, Ordering::Relaxed) {
+                tracing::error!(
+                    listed = MAX_LISTED_FAILURES,
+                    remembered = MAX_UNLISTED_FAILURES,
+                    "more topics cannot be served than the health registry keeps; further ones are neither logged nor counted one by one"
+                );
+            }
+            return false;
+        }
+        unlisted.insert(topic.to_string());
+        true
+    }
+
+    fn forget_unlisted(&self, topic: &str) {
+        self.unlisted
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .remove(topic);
+    }
+
     /// The topic loaded (again): whatever failure it had is over.
     pub fn recovered(&self, topic: &str) {
+        self.forget_unlisted(topic);
         let removed = self
             .failures
             .lock()
@@ -120,6 +167,7 @@ impl TopicHealth {
 
     /// The topic was deleted: its failure, if any, is no longer listed.
     pub fn forget(&self, topic: &str) {
+        self.forget_unlisted(topic);
         self.failures
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -159,6 +207,35 @@ impl TopicHealth {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_retried_failure_beyond_the_list_counts_once() {
+        let health = TopicHealth::default();
+        let name = |index: usize| format!("persistent://t/n/broken-{index}");
+        for index in 0..MAX_LISTED_FAILURES + 5 {
+            health.record(&name(index), FailureKind::LoadFailed, "corrupt");
+        }
+        // Clients retry every topic, the unlisted ones too.
+        for index in 0..MAX_LISTED_FAILURES + 5 {
+            health.record(&name(index), FailureKind::LoadFailed, "corrupt");
+        }
+        assert_eq!(health.failures().len(), MAX_LISTED_FAILURES);
+        assert_eq!(
+            health.load_failures_total(),
+            (MAX_LISTED_FAILURES + 5) as u64
+        );
+        // One of them repaired, then broken again: a new failure.
+        health.recovered(&name(MAX_LISTED_FAILURES + 1));
+        health.record(
+            &name(MAX_LISTED_FAILURES + 1),
+            FailureKind::LoadFailed,
+            "corrupt",
+        );
+        assert_eq!(
+            health.load_failures_total(),
+            (MAX_LISTED_FAILURES + 6) as u64
+        );
+    }
 
     #[test]
     fn a_repeated_failure_counts_once_and_recovery_clears_it() {

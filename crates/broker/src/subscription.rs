@@ -961,7 +961,13 @@ impl Subscription {
         let entries = match read {
             Ok(Ok(entries)) => entries,
             Ok(Err(error)) => {
-                tracing::error!(topic = %self.topic, subscription = %self.name, %error, "dispatch read failed");
+                // A log that refuses service was reported once, when it was found (health);
+                // the retries that meet it again add nothing to the ERROR log.
+                if matches!(error, meridian_storage::StorageError::Corrupted { .. }) {
+                    tracing::debug!(topic = %self.topic, subscription = %self.name, %error, "dispatch read refused: the log refuses service");
+                } else {
+                    tracing::error!(topic = %self.topic, subscription = %self.name, %error, "dispatch read failed");
+                }
                 return Round::Idle {
                     wake_at_ms: Some(now_ms() + 1000),
                 };

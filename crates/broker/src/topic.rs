@@ -292,6 +292,23 @@ fn poisoned_reason(cause: &str) -> String {
     format!("its log is poisoned by a failed write or fsync: {cause}")
 }
 
+/// What clients, the health check and the ERROR line say of a loaded topic whose log refuses
+/// service because a read found corrupted data (the same text wherever it is met first).
+fn corrupted_reason(error: &meridian_storage::StorageError) -> String {
+    format!("its log refuses service: {error}; unload the topic once the damage is repaired")
+}
+
+/// The reason a storage error makes the topic unavailable, if it does: a poisoned log or
+/// corruption found by a read. Other errors concern one request only.
+fn unavailable_reason(error: &meridian_storage::StorageError) -> Option<String> {
+    use meridian_storage::StorageError;
+    match error {
+        StorageError::Poisoned { cause, .. } => Some(poisoned_reason(cause)),
+        StorageError::Corrupted { .. } => Some(corrupted_reason(error)),
+        _ => None,
+    }
+}
+
 /// A name clients may give a subscription: not empty, no control characters (NUL included),
 /// and not a cursor the broker keeps for itself.
 impl Topic {
@@ -312,12 +329,12 @@ impl Topic {
             let context = Arc::downgrade(&shared);
             let topic = full_name.clone();
             move |error| {
-                if let (Some(context), meridian_storage::StorageError::Poisoned { cause, .. }) =
-                    (context.upgrade(), error)
+                if let (Some(context), Some(reason)) =
+                    (context.upgrade(), unavailable_reason(error))
                 {
                     context
                         .health
-                        .record(&topic, FailureKind::Poisoned, &poisoned_reason(cause));
+                        .record(&topic, FailureKind::Poisoned, &reason);
                 }
             }
         }));
@@ -390,12 +407,13 @@ impl Topic {
     /// check) and the client gets the cause.
     fn storage_failure(&self, error: meridian_storage::StorageError) -> BrokerError {
         use meridian_storage::StorageError;
-        let cause = match &error {
-            StorageError::Poisoned { cause, .. } => cause.clone(),
-            StorageError::Io { .. } => error.to_string(),
-            _ => return error.into(),
+        let reason = match &error {
+            StorageError::Io { .. } => poisoned_reason(&error.to_string()),
+            _ => match unavailable_reason(&error) {
+                Some(reason) => reason,
+                None => return error.into(),
+            },
         };
-        let reason = poisoned_reason(&cause);
         self.shared
             .health
             .record(&self.full_name, FailureKind::Poisoned, &reason);
@@ -684,6 +702,14 @@ impl Topic {
     ) -> Result<Arc<Subscription>> {
         if let Err(reason) = check_subscription_name(subscription) {
             return Err(BrokerError::NotAllowed(reason));
+        }
+        // A log that refuses reads would give the consumer nothing, silently: refuse it here,
+        // with the reason. (A poisoned log still serves what it holds to consumers.)
+        if let Some(error) = self.log.corruption() {
+            return Err(BrokerError::TopicUnavailable {
+                topic: self.full_name.clone(),
+                reason: corrupted_reason(&error),
+            });
         }
         let mut state = self.lock();
         let (existing, created) = match state.subscriptions.get(subscription) {

@@ -212,3 +212,31 @@ async fn a_failed_relaxed_fsync_is_logged_once_with_topic_and_cause() {
     );
     assert_eq!(broker.health().poisoned_total(), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_for_topics_that_cannot_load_leave_nothing_behind() {
+    let (_directory, _io, broker) = simulated_broker(StorageConfig::default());
+    // Names a client may send at will: in a namespace that does not exist, or not created
+    // (automatic creation not asked for).
+    for index in 0..500 {
+        for name in [
+            format!("persistent://t/no-such-namespace/x{index}"),
+            format!("persistent://t/n/not-created-{index}"),
+        ] {
+            let name = TopicName::parse(&name).expect("valid name");
+            assert!(matches!(
+                broker.topic(&name, false).await,
+                Err(BrokerError::TopicNotFound(_))
+            ));
+        }
+    }
+    assert_eq!(
+        broker.topic_slots(),
+        0,
+        "failed loads held on to their slots"
+    );
+    // A topic that loads keeps its slot.
+    let name = TopicName::parse("persistent://t/n/real").expect("valid name");
+    broker.topic(&name, true).await.expect("topic loads");
+    assert_eq!(broker.topic_slots(), 1);
+}

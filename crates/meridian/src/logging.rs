@@ -4,7 +4,8 @@
 //!
 //! A JSON line holds `time` (RFC 3339, UTC), `level`, `target`, `message`, the event's fields,
 //! the fields of the spans it happened in, `cluster` once `meridian standalone` knows it, and
-//! `tenant` and `namespace` derived from a `topic` field.
+//! `tenant` and `namespace` derived from a `topic` field (or from the `log` field the storage
+//! names a topic's log with, which then also gives `topic`).
 
 use std::io::{IsTerminal, Write};
 use std::sync::OnceLock;
@@ -168,11 +169,19 @@ where
     let mut fields = Fields::default();
     event.record(&mut fields);
     object.extend(fields.0);
-    let topic = object
-        .get("topic")
-        .and_then(Value::as_str)
-        .and_then(|topic| meridian_broker::TopicName::parse(topic).ok());
+    // The storage names a log by its topic (field `log`): such lines carry the topic too, so
+    // that a shipper filtering on `topic` also finds the storage's lines about it.
+    let named = |key: &str| {
+        object
+            .get(key)
+            .and_then(Value::as_str)
+            .and_then(|name| meridian_broker::TopicName::parse(name).ok())
+    };
+    let topic = named("topic").or_else(|| named("log"));
     if let Some(topic) = topic {
+        object
+            .entry("topic")
+            .or_insert_with(|| Value::String(topic.to_string()));
         object
             .entry("tenant")
             .or_insert_with(|| Value::String(topic.tenant.clone()));

@@ -16,7 +16,10 @@ use common::{eventually, Admin, BrokerProcess};
 fn json_log_lines_carry_level_time_message_and_topic_fields() {
     let broker = BrokerProcess::start_with_env(
         &["--log-format", "json"],
-        &[("RUST_LOG", "info,meridian_broker=debug")],
+        &[(
+            "RUST_LOG",
+            "info,meridian_broker=debug,meridian_storage=debug",
+        )],
     );
     let admin = Admin::new(&broker);
     let path = "/admin/v2/persistent/public/default/logged";
@@ -43,6 +46,14 @@ fn json_log_lines_carry_level_time_message_and_topic_fields() {
     assert_eq!(loaded["namespace"], "public/default");
     assert_eq!(loaded["cluster"], "standalone");
     assert_eq!(loaded["level"], "DEBUG");
+    // The storage's own lines name the log (`log`): they carry the topic fields as well.
+    let opened = lines
+        .iter()
+        .find(|line| line["log"] == topic && line["message"] == "log opened")
+        .expect("the storage's line about opening the topic's log");
+    assert_eq!(opened["topic"], topic, "{opened}");
+    assert_eq!(opened["tenant"], "public", "{opened}");
+    assert_eq!(opened["namespace"], "public/default", "{opened}");
 }
 
 /// A broker's log lines, each parsed as JSON.

@@ -385,7 +385,8 @@ pub(crate) struct LogState {
     stats: LogStats,
 }
 
-/// Told once, with the `StorageError::Poisoned` error, when a log is poisoned.
+/// Told once, with the `StorageError::Poisoned` error, when a log is poisoned, and once, with
+/// the `StorageError::Corrupted` error, when a read finds corrupted data in a loaded log.
 pub type PoisonListener = Box<dyn Fn(&StorageError) + Send + Sync>;
 
 /// An append-only log of entries with durable cursors. Cheap to share: `Arc<Log>`.
@@ -595,8 +596,15 @@ enum FlushStage {
 }
 
 impl Log {
-    /// Sets who reports this log's poisoning (once; later calls are ignored). The listener is
-    /// called with the log's state locked: it must not call back into the log.
+    /// The corruption a read found, if one did: the log then refuses reads and appends until
+    /// it is reopened.
+    pub fn corruption(&self) -> Option<StorageError> {
+        self.lock().corruption.clone()
+    }
+
+    /// Sets who reports this log's poisoning or a corruption a read finds (once; later calls
+    /// are ignored). The listener may be called with the log's state locked: it must not call
+    /// back into the log.
     pub fn on_poisoned(&self, listener: PoisonListener) {
         let _ = self.poison_listener.set(listener);
     }
@@ -1439,11 +1447,26 @@ impl Log {
         }
     }
 
-    /// A read found corrupted bytes: the log refuses reads and appends from now on.
+    /// A read found corrupted bytes: the log refuses reads and appends from now on. Reported
+    /// once, when first found: to the listener, else in an ERROR line.
     fn refuse_corrupted(&self, error: StorageError) -> StorageError {
         if matches!(error, StorageError::Corrupted { .. }) {
-            tracing::error!(log = %self.name, %error, "read found corrupted data; log refuses service");
-            self.lock().corruption = Some(error.clone());
+            let first = {
+                let mut state = self.lock();
+                let first = state.corruption.is_none();
+                if first {
+                    state.corruption = Some(error.clone());
+                }
+                first
+            };
+            if first {
+                match self.poison_listener.get() {
+                    Some(listener) => listener(&error),
+                    None => {
+                        tracing::error!(log = %self.name, %error, "read found corrupted data; log refuses service")
+                    }
+                }
+            }
         }
         error
     }

@@ -5,6 +5,12 @@
 
 (function () {
   const REFRESH_MS = 2000;
+  // A refresh waits at least this many times as long as the previous one took: a broker with
+  // many topics (large stats answers) is asked less often instead of continuously.
+  const REFRESH_BACKOFF = 5;
+  // Rows drawn per table at most: a namespace of thousands of topics would otherwise redraw
+  // thousands of rows every refresh. The rest are counted below the table.
+  const MAX_ROWS = 200;
   const view = document.getElementById("view");
   const errorBox = document.getElementById("error");
   const updated = document.getElementById("updated");
@@ -40,14 +46,15 @@
    */
   function table(columns, rows, empty) {
     if (rows.length === 0) return h("p", { class: "muted" }, empty);
-    return h(
+    const shown = rows.slice(0, MAX_ROWS);
+    const drawn = h(
       "table",
       {},
       h("thead", {}, h("tr", {}, columns.map(([title, , numeric]) => h("th", { class: numeric ? "num" : "" }, title)))),
       h(
         "tbody",
         {},
-        rows.map((row) =>
+        shown.map((row) =>
           h(
             "tr",
             row.attributes || {},
@@ -56,6 +63,17 @@
             )
           )
         )
+      )
+    );
+    if (shown.length === rows.length) return drawn;
+    return h(
+      "div",
+      {},
+      drawn,
+      h(
+        "p",
+        { class: "muted", "data-truncated": String(rows.length) },
+        `The first ${count(shown.length)} of ${count(rows.length)} rows; the REST API lists them all.`
       )
     );
   }
@@ -426,17 +444,23 @@
   /** A namespace's topics with their rates and backlogs (loaded topics; others are listed). */
   async function namespacePage(tenant, namespace) {
     await knowLocalCluster();
-    const [names, partitioned, replication, topics] = await Promise.all([
+    const [names, partitioned, replication, topics, health] = await Promise.all([
       api(apiPath("/admin/v2/persistent", tenant, namespace)),
       api(apiPath("/admin/v2/persistent", tenant, namespace, "partitioned")),
       api(apiPath("/admin/v2/namespaces", tenant, namespace, "replication")).catch(() => []),
       loadedTopics(),
+      api("/admin/v2/brokers/health?details=true"),
     ]);
     const loaded = new Map(topics);
+    const failures = new Map(((health && health.unavailableTopics) || []).map((failure) => [failure.topic, failure]));
     const rows = names.map((name) => {
       const stats = loaded.get(name);
+      const failure = failures.get(name);
       const cells = { topic: topicLink(name) };
-      if (stats) {
+      if (failure) {
+        // Not idle: the broker cannot serve it. The reason is on the clusters page too.
+        cells.producers = h("span", { title: failure.reason }, badge("unavailable (" + failure.kind + ")", "bad"));
+      } else if (stats) {
         Object.assign(cells, {
           producers: count((stats.publishers || []).length),
           subscriptions: count(Object.keys(stats.subscriptions || {}).length),
@@ -672,6 +696,7 @@
   let busy = false;
   let again = false;
   let paused = false;
+  let lastDurationMs = 0;
 
   async function refresh() {
     if (busy) {
@@ -679,6 +704,7 @@
       return;
     }
     busy = true;
+    const started = Date.now();
     const hash = location.hash;
     const current = route();
     for (const item of document.querySelectorAll("header nav a")) {
@@ -699,6 +725,7 @@
       errorBox.hidden = false;
     } finally {
       busy = false;
+      lastDurationMs = Date.now() - started;
       if (again) {
         again = false;
         refresh();
@@ -712,8 +739,11 @@
     if (!paused) refresh();
   });
   window.addEventListener("hashchange", refresh);
-  setInterval(() => {
-    if (!paused && document.visibilityState !== "hidden") refresh();
-  }, REFRESH_MS);
-  refresh();
+  function tick() {
+    const due = !paused && document.visibilityState !== "hidden";
+    Promise.resolve(due ? refresh() : null).finally(() =>
+      setTimeout(tick, Math.max(REFRESH_MS, REFRESH_BACKOFF * lastDurationMs))
+    );
+  }
+  tick();
 })();
