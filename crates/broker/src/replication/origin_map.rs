@@ -231,8 +231,10 @@ impl OriginMap {
         replicate_to: Vec<String>,
     ) -> bool {
         if let Some(run) = self.runs.back_mut() {
+            // Only an entry right after the run can extend it (an entry of the next ledger
+            // starts a run of its own; its entry id may be below the run's first).
             let follows = run.ledger == position.ledger_id && run.last + 1 == position.entry_id;
-            let same_origin = match (&run.origin, &origin) {
+            let same_origin = || match (&run.origin, &origin) {
                 (None, None) => true,
                 (Some((cluster, first)), Some((entry_cluster, entry_origin))) => {
                     **cluster == **entry_cluster
@@ -241,7 +243,7 @@ impl OriginMap {
                 }
                 _ => false,
             };
-            if follows && same_origin && *run.replicate_to == *replicate_to {
+            if follows && same_origin() && *run.replicate_to == *replicate_to {
                 run.last = position.entry_id;
                 self.extend_cover(position);
                 return true;

@@ -1731,4 +1731,190 @@ mod tests {
         assert!(!acks.covers("c", Position::new(7, 4), true));
         assert!(acks.covers("a", last, true));
     }
+
+    /// An entry of `origin` (`None`: stored here), optionally a marker or with a replication
+    /// list.
+    fn entry_with(
+        origin: Option<(&str, Position)>,
+        marker: bool,
+        replicate_to: &[&str],
+    ) -> bytes::Bytes {
+        let mut metadata = MessageMetadata {
+            producer_name: "p".to_owned(),
+            publish_time: 1,
+            replicate_to: replicate_to.iter().map(|name| name.to_string()).collect(),
+            ..MessageMetadata::default()
+        };
+        if marker {
+            metadata.marker_type =
+                Some(meridian_wire::proto::MarkerType::ReplicatedSubscriptionSnapshot as i32);
+        }
+        if let Some((cluster, position)) = origin {
+            metadata.replicated_from = Some(cluster.to_owned());
+            metadata.properties.push(KeyValue {
+                key: crate::replication::chain::ORIGIN_PROPERTY.to_owned(),
+                value: format!("{}:{}", position.ledger_id, position.entry_id),
+            });
+        }
+        meridian_wire::encode_entry(&metadata, b"x").expect("encode")
+    }
+
+    #[test]
+    fn kept_maps_agree_with_fresh_ones_across_ledgers_appends_and_applications() {
+        let directory = tempfile::tempdir().expect("tempdir");
+        let storage = relaxed_storage(directory.path());
+        let name = "persistent://t/n/ledgers";
+        let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut next = move |bound: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % bound
+        };
+        // Each origin's next origin position: its entries reach this log in that order.
+        let mut origin_next =
+            BTreeMap::from([("c", Position::new(9, 0)), ("d", Position::new(4, 0))]);
+        let append = |log: &Arc<Log>,
+                      count: u64,
+                      next: &mut dyn FnMut(u64) -> u64,
+                      origin_next: &mut BTreeMap<&str, Position>| {
+            let mut last = None;
+            for _ in 0..count {
+                let data = match next(10) {
+                    0 => entry_with(None, true, &[]),
+                    1..=3 => entry_with(None, false, &[]),
+                    pick => {
+                        let cluster = if pick < 8 { "c" } else { "d" };
+                        let at = origin_next.get_mut(cluster).expect("origin");
+                        let position = *at;
+                        // Now and then the origin moves to another ledger, or skips
+                        // entries not meant for this cluster.
+                        *at = match next(12) {
+                            0 => Position::new(at.ledger_id + 1, 0),
+                            1 => Position::new(at.ledger_id, at.entry_id + 2),
+                            _ => Position::new(at.ledger_id, at.entry_id + 1),
+                        };
+                        let replicate_to: &[&str] = if next(7) == 0 { &["b"] } else { &[] };
+                        entry_with(Some((cluster, position)), false, replicate_to)
+                    }
+                };
+                last = Some(log.append(data, 1).expect("append"));
+            }
+            if let Some(last) = last {
+                last.wait().expect("durable");
+            }
+        };
+        // Three ledgers of earlier opens of the log, then the current one.
+        for _ in 0..3 {
+            let log = storage.open_log(name).expect("log");
+            if log.cursor("sub").is_none() {
+                log.open_cursor("sub", InitialPosition::Earliest)
+                    .expect("cursor");
+            }
+            append(&log, 40, &mut next, &mut origin_next);
+            drop(log);
+            storage.close_log(name).expect("close");
+        }
+        let log = storage.open_log(name).expect("log");
+        let mut map = OriginMap::default();
+        let mut frontier: Option<Frontier> = None;
+        for step in 0..300 {
+            let positions: Vec<Position> = log
+                .read_from(Position::new(0, 0), 100_000, usize::MAX)
+                .expect("read")
+                .iter()
+                .map(|entry| entry.position)
+                .collect();
+            let count = positions.len() as u64;
+            let pick = |next: &mut dyn FnMut(u64) -> u64| positions[next(count) as usize];
+            match next(12) {
+                0 | 1 => {
+                    let count = 1 + next(8);
+                    append(&log, count, &mut next, &mut origin_next);
+                }
+                2 => {
+                    let at = pick(&mut next);
+                    log.reset_cursor("sub", Some(at)).expect("reset");
+                }
+                3 => {
+                    let at = pick(&mut next);
+                    log.acknowledge_cumulative("sub", at).expect("ack");
+                }
+                4 => {
+                    let at = next(count) as usize;
+                    let until = (at + next(30) as usize).min(positions.len());
+                    let _ = log.acknowledge("sub", &positions[at..until]);
+                }
+                5 => {
+                    // An application of a state from b: covers what it says, read through
+                    // the kept map and through a fresh one alike.
+                    let state = log.cursor("sub").expect("cursor");
+                    let mut origins = BTreeMap::new();
+                    for (cluster, base) in [
+                        ("a", *positions.last().expect("entries")),
+                        ("c", origin_next["c"]),
+                        ("d", origin_next["d"]),
+                    ] {
+                        let below = Position::new(
+                            base.ledger_id.saturating_sub(next(2)),
+                            next(base.entry_id + 1),
+                        );
+                        let from = Position::new(below.ledger_id, next(below.entry_id + 1));
+                        let start = Position::new(below.ledger_id, below.entry_id + next(5));
+                        let range = (
+                            start,
+                            Position::new(start.ledger_id, start.entry_id + next(5)),
+                        );
+                        origins.insert(
+                            cluster.to_string(),
+                            super::super::origin_acks::OriginProgress {
+                                acked_below: Some(below),
+                                stored_from: Some(from),
+                                ranges: vec![range],
+                                ..Default::default()
+                            },
+                        );
+                    }
+                    let received = vec![SyncedAcks {
+                        cluster: "b".to_string(),
+                        acks: OriginAcks { origins },
+                        reset_at: None,
+                        seq: None,
+                    }];
+                    let start = position_after(&log, state.mark_delete);
+                    let kept =
+                        covered_by(&log, &mut map, &state.acknowledged, start, &received, "a")
+                            .expect("kept");
+                    let fresh = covered_by(
+                        &log,
+                        &mut OriginMap::default(),
+                        &state.acknowledged,
+                        start,
+                        &received,
+                        "a",
+                    )
+                    .expect("fresh");
+                    assert_eq!(kept.whole, fresh.whole, "step {step}");
+                    assert_eq!(kept.walked, fresh.walked, "step {step}");
+                    log.acknowledge("sub", &kept.whole).expect("ack");
+                }
+                _ => {
+                    let at = pick(&mut next);
+                    let _ = log.acknowledge("sub", &[at]);
+                }
+            }
+            let (found, walked) = walk_with(&log, &mut map, frontier.as_ref());
+            let state = log.cursor("sub").expect("cursor");
+            // Consumed ledgers are deleted: the kept frontier remembers where each origin
+            // began before that, the plain reading starts at what is left.
+            let (mut kept, plain) = (walked.acks, reference_acks(&log, &state, "a"));
+            for (origin, progress) in &mut kept.origins {
+                let read = plain.origins.get(origin).expect("same origins");
+                assert!(progress.stored_from <= read.stored_from, "step {step}");
+                progress.stored_from = read.stored_from;
+            }
+            assert_eq!(kept, plain, "step {step}");
+            frontier = Some(found);
+        }
+    }
 }
