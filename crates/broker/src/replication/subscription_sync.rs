@@ -524,14 +524,15 @@ fn covered_by(
 
 /// Acknowledges, in subscription `name` of `topic`, every unacknowledged entry that a state
 /// received from another cluster covers, looking at entries after the mark-delete position and
-/// at or after `from`. `received`: the states the cursor holds, decoded. Returns the last
-/// position it looked at.
+/// at or after `from`. `held`: the states the cursor held when they were read (raw, as
+/// [`received_states`] gives them), and `received` the same decoded. Returns the last position
+/// it looked at; `None` when the cursor no longer holds those states.
 fn apply(
     topic: &Topic,
     name: &str,
     (local_cluster, from): (&str, Option<Position>),
     map: &mut OriginMap,
-    received: &[SyncedAcks],
+    (held, received): (&[String], &[SyncedAcks]),
 ) -> Result<Option<Position>> {
     let log = topic.log();
     let Some(state) = log.cursor(name) else {
@@ -555,11 +556,23 @@ fn apply(
         local_cluster,
     )?;
     let subscription = topic.subscription(name);
-    if !covered.is_empty() {
-        match &subscription {
-            Some(subscription) => subscription.acknowledge(&covered)?,
-            None => {
-                log.acknowledge(name, &covered)?;
+    {
+        // A reset (another cluster's, adopted by `receive`, or one made here) may have dropped
+        // these states while this looked: what they cover must then stay unacknowledged, or
+        // the reset would be undone here and, through this cluster's next state, everywhere.
+        // Resets change the states under this lock, so they cannot slip in before the
+        // acknowledgements below.
+        let _properties = topic.lock_cursor_properties();
+        let current = log.cursor(name).unwrap_or_default();
+        if !received_states(&current).into_iter().eq(held.iter()) {
+            return Ok(None);
+        }
+        if !covered.is_empty() {
+            match &subscription {
+                Some(subscription) => subscription.acknowledge(&covered)?,
+                None => {
+                    log.acknowledge(name, &covered)?;
+                }
             }
         }
     }
@@ -667,14 +680,14 @@ pub fn receive(
     let applied: Vec<String> = received_states(&stored).into_iter().cloned().collect();
     let walked = match topic.subscription_sync() {
         Some(sync) => with_origins(&sync.origins, name, |map| {
-            apply(topic, name, (local_cluster, None), map, &all)
+            apply(topic, name, (local_cluster, None), map, (&applied, &all))
         })?,
         None => apply(
             topic,
             name,
             (local_cluster, None),
             &mut OriginMap::default(),
-            &all,
+            (&applied, &all),
         )?,
     };
     if let Some(sync) = topic.subscription_sync() {
@@ -1150,7 +1163,13 @@ fn apply_received(
         Some((raw, decoded)) if raw == received => decoded,
         _ => self::received(state),
     };
-    let walked = apply(topic, cursor, (local_cluster, from), map, &decoded)?;
+    let walked = apply(
+        topic,
+        cursor,
+        (local_cluster, from),
+        map,
+        (&received, &decoded),
+    )?;
     tracked.decoded = Some((received.clone(), decoded));
     let previous = tracked.applied.take().and_then(|(_, walked)| walked);
     tracked.applied = Some((received, walked.or(previous)));
@@ -1916,5 +1935,93 @@ mod tests {
             assert_eq!(kept, plain, "step {step}");
             frontier = Some(found);
         }
+    }
+
+    /// A state from b covering this cluster's entries below `below` (stored from `first`).
+    fn state_from_b(
+        first: Position,
+        below: Position,
+        reset_at: Option<u64>,
+        seq: u64,
+    ) -> SyncedAcks {
+        let progress = super::super::origin_acks::OriginProgress {
+            acked_below: Some(below),
+            stored_from: Some(first),
+            ..Default::default()
+        };
+        SyncedAcks {
+            cluster: "b".to_string(),
+            acks: OriginAcks {
+                origins: BTreeMap::from([("standalone".to_string(), progress)]),
+            },
+            reset_at,
+            seq: Some(seq),
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_state_a_reset_dropped_while_it_was_being_applied_acknowledges_nothing() {
+        let directory = tempfile::tempdir().expect("tempdir");
+        let storage = relaxed_storage(&directory.path().join("storage"));
+        let metadata = meridian_metadata::EmbeddedStore::open(&directory.path().join("metadata"))
+            .expect("metadata");
+        let broker =
+            crate::Broker::new(crate::BrokerConfig::default(), storage, metadata).expect("broker");
+        let resources = broker.resources();
+        resources
+            .create_tenant("t", &crate::resources::TenantInfo::default())
+            .expect("tenant");
+        resources
+            .create_namespace("t", "n", &crate::resources::Policies::default())
+            .expect("namespace");
+        let name = TopicName::parse("persistent://t/n/reset").expect("name");
+        let topic = broker.topic(&name, true).await.expect("topic");
+        // The sync's work runs on blocking threads.
+        tokio::task::block_in_place(|| {
+            let pending: Vec<_> = (0..10)
+                .map(|_| topic.log().append(entry(None), 1).expect("append"))
+                .collect();
+            let positions: Vec<Position> = pending
+                .into_iter()
+                .map(|append| append.wait().expect("durable"))
+                .collect();
+            // b's consumers acknowledged all ten.
+            let after_last = Position::new(positions[9].ledger_id, positions[9].entry_id + 1);
+            let everything = state_from_b(positions[0], after_last, None, 1);
+            receive(&topic, "sub", everything, "standalone").expect("received");
+            assert_eq!(
+                topic.log().cursor("sub").expect("cursor").mark_delete,
+                Some(positions[9])
+            );
+            // The sync task reads the cursor for its next application...
+            let read_before = topic.log().cursor("sub").expect("cursor");
+            // ...and b's user moves the subscription back: b's next state resets the copy here and
+            // acknowledges only the first two.
+            let moved_back = state_from_b(positions[0], positions[2], Some(now_ms()), 2);
+            receive(&topic, "sub", moved_back, "standalone").expect("received");
+            assert_eq!(
+                topic.log().cursor("sub").expect("cursor").mark_delete,
+                Some(positions[1])
+            );
+            // The application that read the cursor before the reset goes on.
+            apply_received(
+                &topic,
+                "sub",
+                &read_before,
+                "standalone",
+                &mut Tracked::default(),
+                &mut OriginMap::default(),
+            )
+            .expect("applied");
+            let cursor = topic.log().cursor("sub").expect("cursor");
+            assert_eq!(
+                cursor.mark_delete,
+                Some(positions[1]),
+                "the reset was undone: {cursor:?}"
+            );
+            assert!(positions[2..]
+                .iter()
+                .all(|position| !cursor.is_acknowledged(*position)));
+        });
     }
 }
