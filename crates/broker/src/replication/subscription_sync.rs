@@ -1305,19 +1305,7 @@ mod tests {
 
     /// An entry as a producer in this cluster wrote it, or as replicated from `origin`.
     fn entry(origin: Option<(&str, Position)>) -> bytes::Bytes {
-        let mut metadata = MessageMetadata {
-            producer_name: "p".to_owned(),
-            publish_time: 1,
-            ..MessageMetadata::default()
-        };
-        if let Some((cluster, position)) = origin {
-            metadata.replicated_from = Some(cluster.to_owned());
-            metadata.properties.push(KeyValue {
-                key: crate::replication::chain::ORIGIN_PROPERTY.to_owned(),
-                value: format!("{}:{}", position.ledger_id, position.entry_id),
-            });
-        }
-        meridian_wire::encode_entry(&metadata, b"x").expect("encode")
+        entry_with(origin, false, &[])
     }
 
     /// A log of `count` entries, every third one replicated from c; returns it with the
@@ -1612,12 +1600,7 @@ mod tests {
                 },
             ),
         ]);
-        let received = vec![SyncedAcks {
-            cluster: "b".to_string(),
-            acks: OriginAcks { origins },
-            reset_at: None,
-            seq: None,
-        }];
+        let received = vec![from_b(origins, None, None)];
         let state = log.cursor("sub").expect("cursor");
         let covered = covered_by(
             &log,
@@ -1894,12 +1877,7 @@ mod tests {
                             },
                         );
                     }
-                    let received = vec![SyncedAcks {
-                        cluster: "b".to_string(),
-                        acks: OriginAcks { origins },
-                        reset_at: None,
-                        seq: None,
-                    }];
+                    let received = vec![from_b(origins, None, None)];
                     let start = position_after(&log, state.mark_delete);
                     let kept =
                         covered_by(&log, &mut map, &state.acknowledged, start, &received, "a")
@@ -1937,6 +1915,20 @@ mod tests {
         }
     }
 
+    /// A state from b about `origins`.
+    fn from_b(
+        origins: BTreeMap<String, super::super::origin_acks::OriginProgress>,
+        reset_at: Option<u64>,
+        seq: Option<u64>,
+    ) -> SyncedAcks {
+        SyncedAcks {
+            cluster: "b".to_string(),
+            acks: OriginAcks { origins },
+            reset_at,
+            seq,
+        }
+    }
+
     /// A state from b covering this cluster's entries below `below` (stored from `first`).
     fn state_from_b(
         first: Position,
@@ -1949,14 +1941,8 @@ mod tests {
             stored_from: Some(first),
             ..Default::default()
         };
-        SyncedAcks {
-            cluster: "b".to_string(),
-            acks: OriginAcks {
-                origins: BTreeMap::from([("standalone".to_string(), progress)]),
-            },
-            reset_at,
-            seq: Some(seq),
-        }
+        let origins = BTreeMap::from([("standalone".to_string(), progress)]);
+        from_b(origins, reset_at, Some(seq))
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
