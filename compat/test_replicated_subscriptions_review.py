@@ -278,6 +278,28 @@ def test_receiver_restarted_before_the_data_arrives(clusters_factory):
     report_duplicates("receiver restarted before the data", 0, payloads, left)
 
 
+def test_a_backlog_spanning_a_restart_of_the_receiver_is_synced(clusters_factory):
+    """b holds a's messages not consumed yet when it restarts (a new ledger), and more arrive
+    after: a's acknowledgements must still be applied across both ledgers. Debug builds (these
+    tests) used to panic in the origin map (an entry of the new ledger compared with the last
+    run of the old one overflowed), so b answered every state with 500 and never applied it:
+    b's backlog stayed above the 8 messages a left, which a graceful switch delivers again."""
+    clusters = clusters_factory(("a", "b"))
+    topic, subscription, on_a = warmed_up(clusters, "rv-ledgers")
+    payloads = produce(clusters, "a", topic, 10, "m")
+    await_condition(lambda: entries(clusters, "b", topic) >= 15, REPLICATION_TIMEOUT_S, "b has the first ten")
+    clusters["b"].broker.restart()
+    payloads += produce(clusters, "a", topic, 10, "n")
+    await_condition(lambda: entries(clusters, "b", topic) >= 25, REPLICATION_TIMEOUT_S, "b has all twenty")
+    left = consume([on_a], 20, keep=lambda payload: int(payload[1:]) % 3 == 0)
+    on_a.close()
+    await_backlog(clusters, "b", topic, subscription, len(left), "a's unacknowledged set in b")
+    on_b = shared_consumers(clusters, "b", topic, subscription, 1)[0]
+    assert consume([on_b], len(left), keep=lambda payload: True) == left
+    assert_nothing_more(on_b)
+    report_duplicates("backlog across a restart of the receiver", 0, payloads, left)
+
+
 def test_one_stalled_cluster_does_not_delay_the_sync_to_the_others(clusters_factory):
     """Promise broken: "A killed with SIGKILL: ... duplicates at most the acknowledgements made in
     A during its last sync interval" (100 ms).

@@ -20,10 +20,14 @@ use crate::error::Result;
 
 /// Entries read per storage call.
 const READ_BATCH: usize = 1000;
-/// The most runs a map keeps (some 5 MB): entries beyond it are read from the log at each
+/// The most runs a map keeps (72 bytes each, under 10 MB with the queue's spare capacity; an
+/// origin's name and a replication list are shared with recent runs, not allocated per run):
+/// entries beyond it are read from the log at each
 /// visit instead of being remembered, so a log of entries from many origins interleaved one by
 /// one costs reads, never unbounded memory.
 pub const MAX_RUNS: usize = 100_000;
+/// How many of the last runs a new run looks at for an origin name to share.
+const RECENT_RUNS: usize = 8;
 
 /// Where a stored entry comes from: `(cluster, position there)`. Markers have none (they are
 /// never delivered), nor do replicated entries without an origin position.
@@ -231,8 +235,10 @@ impl OriginMap {
         replicate_to: Vec<String>,
     ) -> bool {
         if let Some(run) = self.runs.back_mut() {
+            // Only an entry right after the run can extend it (an entry of the next ledger
+            // starts a run of its own; its entry id may be below the run's first).
             let follows = run.ledger == position.ledger_id && run.last + 1 == position.entry_id;
-            let same_origin = match (&run.origin, &origin) {
+            let same_origin = || match (&run.origin, &origin) {
                 (None, None) => true,
                 (Some((cluster, first)), Some((entry_cluster, entry_origin))) => {
                     **cluster == **entry_cluster
@@ -241,7 +247,7 @@ impl OriginMap {
                 }
                 _ => false,
             };
-            if follows && same_origin && *run.replicate_to == *replicate_to {
+            if follows && same_origin() && *run.replicate_to == *replicate_to {
                 run.last = position.entry_id;
                 self.extend_cover(position);
                 return true;
@@ -251,18 +257,33 @@ impl OriginMap {
             return false;
         }
         let origin = origin.map(|(cluster, origin)| {
-            let cluster = match self.runs.back().and_then(|run| run.origin.as_ref()) {
-                Some((known, _)) if **known == *cluster => known.clone(),
-                _ => Arc::from(cluster.as_str()),
+            // The name is shared with a recent run of the same origin (origins that alternate
+            // entry by entry allocate it once, not once per run).
+            let known = self
+                .runs
+                .iter()
+                .rev()
+                .take(RECENT_RUNS)
+                .filter_map(|run| run.origin.as_ref())
+                .find(|(known, _)| **known == *cluster);
+            let cluster = match known {
+                Some((known, _)) => known.clone(),
+                None => Arc::from(cluster.as_str()),
             };
             (cluster, origin)
         });
+        // Runs share the previous run's replication list when it is the same (nearly always
+        // empty): no allocation per run for it.
+        let replicate_to = match self.runs.back() {
+            Some(run) if *run.replicate_to == *replicate_to => run.replicate_to.clone(),
+            _ => replicate_to.into(),
+        };
         self.runs.push_back(Run {
             ledger: position.ledger_id,
             first: position.entry_id,
             last: position.entry_id,
             origin,
-            replicate_to: replicate_to.into(),
+            replicate_to,
         });
         self.extend_cover(position);
         true

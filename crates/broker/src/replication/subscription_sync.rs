@@ -524,14 +524,15 @@ fn covered_by(
 
 /// Acknowledges, in subscription `name` of `topic`, every unacknowledged entry that a state
 /// received from another cluster covers, looking at entries after the mark-delete position and
-/// at or after `from`. `received`: the states the cursor holds, decoded. Returns the last
-/// position it looked at.
+/// at or after `from`. `held`: the states the cursor held when they were read (raw, as
+/// [`received_states`] gives them), and `received` the same decoded. Returns the last position
+/// it looked at; `None` when the cursor no longer holds those states.
 fn apply(
     topic: &Topic,
     name: &str,
     (local_cluster, from): (&str, Option<Position>),
     map: &mut OriginMap,
-    received: &[SyncedAcks],
+    (held, received): (&[String], &[SyncedAcks]),
 ) -> Result<Option<Position>> {
     let log = topic.log();
     let Some(state) = log.cursor(name) else {
@@ -555,11 +556,23 @@ fn apply(
         local_cluster,
     )?;
     let subscription = topic.subscription(name);
-    if !covered.is_empty() {
-        match &subscription {
-            Some(subscription) => subscription.acknowledge(&covered)?,
-            None => {
-                log.acknowledge(name, &covered)?;
+    {
+        // A reset (another cluster's, adopted by `receive`, or one made here) may have dropped
+        // these states while this looked: what they cover must then stay unacknowledged, or
+        // the reset would be undone here and, through this cluster's next state, everywhere.
+        // Resets change the states under this lock, so they cannot slip in before the
+        // acknowledgements below.
+        let _properties = topic.lock_cursor_properties();
+        let current = log.cursor(name).unwrap_or_default();
+        if !received_states(&current).into_iter().eq(held.iter()) {
+            return Ok(None);
+        }
+        if !covered.is_empty() {
+            match &subscription {
+                Some(subscription) => subscription.acknowledge(&covered)?,
+                None => {
+                    log.acknowledge(name, &covered)?;
+                }
             }
         }
     }
@@ -667,14 +680,14 @@ pub fn receive(
     let applied: Vec<String> = received_states(&stored).into_iter().cloned().collect();
     let walked = match topic.subscription_sync() {
         Some(sync) => with_origins(&sync.origins, name, |map| {
-            apply(topic, name, (local_cluster, None), map, &all)
+            apply(topic, name, (local_cluster, None), map, (&applied, &all))
         })?,
         None => apply(
             topic,
             name,
             (local_cluster, None),
             &mut OriginMap::default(),
-            &all,
+            (&applied, &all),
         )?,
     };
     if let Some(sync) = topic.subscription_sync() {
@@ -1150,7 +1163,13 @@ fn apply_received(
         Some((raw, decoded)) if raw == received => decoded,
         _ => self::received(state),
     };
-    let walked = apply(topic, cursor, (local_cluster, from), map, &decoded)?;
+    let walked = apply(
+        topic,
+        cursor,
+        (local_cluster, from),
+        map,
+        (&received, &decoded),
+    )?;
     tracked.decoded = Some((received.clone(), decoded));
     let previous = tracked.applied.take().and_then(|(_, walked)| walked);
     tracked.applied = Some((received, walked.or(previous)));
@@ -1286,19 +1305,7 @@ mod tests {
 
     /// An entry as a producer in this cluster wrote it, or as replicated from `origin`.
     fn entry(origin: Option<(&str, Position)>) -> bytes::Bytes {
-        let mut metadata = MessageMetadata {
-            producer_name: "p".to_owned(),
-            publish_time: 1,
-            ..MessageMetadata::default()
-        };
-        if let Some((cluster, position)) = origin {
-            metadata.replicated_from = Some(cluster.to_owned());
-            metadata.properties.push(KeyValue {
-                key: crate::replication::chain::ORIGIN_PROPERTY.to_owned(),
-                value: format!("{}:{}", position.ledger_id, position.entry_id),
-            });
-        }
-        meridian_wire::encode_entry(&metadata, b"x").expect("encode")
+        entry_with(origin, false, &[])
     }
 
     /// A log of `count` entries, every third one replicated from c; returns it with the
@@ -1593,12 +1600,7 @@ mod tests {
                 },
             ),
         ]);
-        let received = vec![SyncedAcks {
-            cluster: "b".to_string(),
-            acks: OriginAcks { origins },
-            reset_at: None,
-            seq: None,
-        }];
+        let received = vec![from_b(origins, None, None)];
         let state = log.cursor("sub").expect("cursor");
         let covered = covered_by(
             &log,
@@ -1730,5 +1732,282 @@ mod tests {
         );
         assert!(!acks.covers("c", Position::new(7, 4), true));
         assert!(acks.covers("a", last, true));
+    }
+
+    /// An entry of `origin` (`None`: stored here), optionally a marker or with a replication
+    /// list.
+    fn entry_with(
+        origin: Option<(&str, Position)>,
+        marker: bool,
+        replicate_to: &[&str],
+    ) -> bytes::Bytes {
+        let mut metadata = MessageMetadata {
+            producer_name: "p".to_owned(),
+            publish_time: 1,
+            replicate_to: replicate_to.iter().map(|name| name.to_string()).collect(),
+            ..MessageMetadata::default()
+        };
+        if marker {
+            metadata.marker_type =
+                Some(meridian_wire::proto::MarkerType::ReplicatedSubscriptionSnapshot as i32);
+        }
+        if let Some((cluster, position)) = origin {
+            metadata.replicated_from = Some(cluster.to_owned());
+            metadata.properties.push(KeyValue {
+                key: crate::replication::chain::ORIGIN_PROPERTY.to_owned(),
+                value: format!("{}:{}", position.ledger_id, position.entry_id),
+            });
+        }
+        meridian_wire::encode_entry(&metadata, b"x").expect("encode")
+    }
+
+    #[test]
+    fn kept_maps_agree_with_fresh_ones_across_ledgers_appends_and_applications() {
+        let directory = tempfile::tempdir().expect("tempdir");
+        let storage = relaxed_storage(directory.path());
+        let name = "persistent://t/n/ledgers";
+        let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut next = move |bound: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % bound
+        };
+        // Each origin's next origin position: its entries reach this log in that order.
+        let mut origin_next =
+            BTreeMap::from([("c", Position::new(9, 0)), ("d", Position::new(4, 0))]);
+        let append = |log: &Arc<Log>,
+                      count: u64,
+                      next: &mut dyn FnMut(u64) -> u64,
+                      origin_next: &mut BTreeMap<&str, Position>| {
+            let mut last = None;
+            for _ in 0..count {
+                let data = match next(10) {
+                    0 => entry_with(None, true, &[]),
+                    1..=3 => entry_with(None, false, &[]),
+                    pick => {
+                        let cluster = if pick < 8 { "c" } else { "d" };
+                        let at = origin_next.get_mut(cluster).expect("origin");
+                        let position = *at;
+                        // Now and then the origin moves to another ledger, or skips
+                        // entries not meant for this cluster.
+                        *at = match next(12) {
+                            0 => Position::new(at.ledger_id + 1, 0),
+                            1 => Position::new(at.ledger_id, at.entry_id + 2),
+                            _ => Position::new(at.ledger_id, at.entry_id + 1),
+                        };
+                        let replicate_to: &[&str] = if next(7) == 0 { &["b"] } else { &[] };
+                        entry_with(Some((cluster, position)), false, replicate_to)
+                    }
+                };
+                last = Some(log.append(data, 1).expect("append"));
+            }
+            if let Some(last) = last {
+                last.wait().expect("durable");
+            }
+        };
+        // Three ledgers of earlier opens of the log, then the current one.
+        for _ in 0..3 {
+            let log = storage.open_log(name).expect("log");
+            if log.cursor("sub").is_none() {
+                log.open_cursor("sub", InitialPosition::Earliest)
+                    .expect("cursor");
+            }
+            append(&log, 40, &mut next, &mut origin_next);
+            drop(log);
+            storage.close_log(name).expect("close");
+        }
+        let log = storage.open_log(name).expect("log");
+        let mut map = OriginMap::default();
+        let mut frontier: Option<Frontier> = None;
+        for step in 0..300 {
+            let positions: Vec<Position> = log
+                .read_from(Position::new(0, 0), 100_000, usize::MAX)
+                .expect("read")
+                .iter()
+                .map(|entry| entry.position)
+                .collect();
+            let count = positions.len() as u64;
+            let pick = |next: &mut dyn FnMut(u64) -> u64| positions[next(count) as usize];
+            match next(12) {
+                0 | 1 => {
+                    let count = 1 + next(8);
+                    append(&log, count, &mut next, &mut origin_next);
+                }
+                2 => {
+                    let at = pick(&mut next);
+                    log.reset_cursor("sub", Some(at)).expect("reset");
+                }
+                3 => {
+                    let at = pick(&mut next);
+                    log.acknowledge_cumulative("sub", at).expect("ack");
+                }
+                4 => {
+                    let at = next(count) as usize;
+                    let until = (at + next(30) as usize).min(positions.len());
+                    let _ = log.acknowledge("sub", &positions[at..until]);
+                }
+                5 => {
+                    // An application of a state from b: covers what it says, read through
+                    // the kept map and through a fresh one alike.
+                    let state = log.cursor("sub").expect("cursor");
+                    let mut origins = BTreeMap::new();
+                    for (cluster, base) in [
+                        ("a", *positions.last().expect("entries")),
+                        ("c", origin_next["c"]),
+                        ("d", origin_next["d"]),
+                    ] {
+                        let below = Position::new(
+                            base.ledger_id.saturating_sub(next(2)),
+                            next(base.entry_id + 1),
+                        );
+                        let from = Position::new(below.ledger_id, next(below.entry_id + 1));
+                        let start = Position::new(below.ledger_id, below.entry_id + next(5));
+                        let range = (
+                            start,
+                            Position::new(start.ledger_id, start.entry_id + next(5)),
+                        );
+                        origins.insert(
+                            cluster.to_string(),
+                            super::super::origin_acks::OriginProgress {
+                                acked_below: Some(below),
+                                stored_from: Some(from),
+                                ranges: vec![range],
+                                ..Default::default()
+                            },
+                        );
+                    }
+                    let received = vec![from_b(origins, None, None)];
+                    let start = position_after(&log, state.mark_delete);
+                    let kept =
+                        covered_by(&log, &mut map, &state.acknowledged, start, &received, "a")
+                            .expect("kept");
+                    let fresh = covered_by(
+                        &log,
+                        &mut OriginMap::default(),
+                        &state.acknowledged,
+                        start,
+                        &received,
+                        "a",
+                    )
+                    .expect("fresh");
+                    assert_eq!(kept.whole, fresh.whole, "step {step}");
+                    assert_eq!(kept.walked, fresh.walked, "step {step}");
+                    log.acknowledge("sub", &kept.whole).expect("ack");
+                }
+                _ => {
+                    let at = pick(&mut next);
+                    let _ = log.acknowledge("sub", &[at]);
+                }
+            }
+            let (found, walked) = walk_with(&log, &mut map, frontier.as_ref());
+            let state = log.cursor("sub").expect("cursor");
+            // Consumed ledgers are deleted: the kept frontier remembers where each origin
+            // began before that, the plain reading starts at what is left.
+            let (mut kept, plain) = (walked.acks, reference_acks(&log, &state, "a"));
+            for (origin, progress) in &mut kept.origins {
+                let read = plain.origins.get(origin).expect("same origins");
+                assert!(progress.stored_from <= read.stored_from, "step {step}");
+                progress.stored_from = read.stored_from;
+            }
+            assert_eq!(kept, plain, "step {step}");
+            frontier = Some(found);
+        }
+    }
+
+    /// A state from b about `origins`.
+    fn from_b(
+        origins: BTreeMap<String, super::super::origin_acks::OriginProgress>,
+        reset_at: Option<u64>,
+        seq: Option<u64>,
+    ) -> SyncedAcks {
+        SyncedAcks {
+            cluster: "b".to_string(),
+            acks: OriginAcks { origins },
+            reset_at,
+            seq,
+        }
+    }
+
+    /// A state from b covering this cluster's entries below `below` (stored from `first`).
+    fn state_from_b(
+        first: Position,
+        below: Position,
+        reset_at: Option<u64>,
+        seq: u64,
+    ) -> SyncedAcks {
+        let progress = super::super::origin_acks::OriginProgress {
+            acked_below: Some(below),
+            stored_from: Some(first),
+            ..Default::default()
+        };
+        let origins = BTreeMap::from([("standalone".to_string(), progress)]);
+        from_b(origins, reset_at, Some(seq))
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_state_a_reset_dropped_while_it_was_being_applied_acknowledges_nothing() {
+        let directory = tempfile::tempdir().expect("tempdir");
+        let storage = relaxed_storage(&directory.path().join("storage"));
+        let metadata = meridian_metadata::EmbeddedStore::open(&directory.path().join("metadata"))
+            .expect("metadata");
+        let broker =
+            crate::Broker::new(crate::BrokerConfig::default(), storage, metadata).expect("broker");
+        let resources = broker.resources();
+        resources
+            .create_tenant("t", &crate::resources::TenantInfo::default())
+            .expect("tenant");
+        resources
+            .create_namespace("t", "n", &crate::resources::Policies::default())
+            .expect("namespace");
+        let name = TopicName::parse("persistent://t/n/reset").expect("name");
+        let topic = broker.topic(&name, true).await.expect("topic");
+        // The sync's work runs on blocking threads.
+        tokio::task::block_in_place(|| {
+            let pending: Vec<_> = (0..10)
+                .map(|_| topic.log().append(entry(None), 1).expect("append"))
+                .collect();
+            let positions: Vec<Position> = pending
+                .into_iter()
+                .map(|append| append.wait().expect("durable"))
+                .collect();
+            // b's consumers acknowledged all ten.
+            let after_last = Position::new(positions[9].ledger_id, positions[9].entry_id + 1);
+            let everything = state_from_b(positions[0], after_last, None, 1);
+            receive(&topic, "sub", everything, "standalone").expect("received");
+            assert_eq!(
+                topic.log().cursor("sub").expect("cursor").mark_delete,
+                Some(positions[9])
+            );
+            // The sync task reads the cursor for its next application...
+            let read_before = topic.log().cursor("sub").expect("cursor");
+            // ...and b's user moves the subscription back: b's next state resets the copy here and
+            // acknowledges only the first two.
+            let moved_back = state_from_b(positions[0], positions[2], Some(now_ms()), 2);
+            receive(&topic, "sub", moved_back, "standalone").expect("received");
+            assert_eq!(
+                topic.log().cursor("sub").expect("cursor").mark_delete,
+                Some(positions[1])
+            );
+            // The application that read the cursor before the reset goes on.
+            apply_received(
+                &topic,
+                "sub",
+                &read_before,
+                "standalone",
+                &mut Tracked::default(),
+                &mut OriginMap::default(),
+            )
+            .expect("applied");
+            let cursor = topic.log().cursor("sub").expect("cursor");
+            assert_eq!(
+                cursor.mark_delete,
+                Some(positions[1]),
+                "the reset was undone: {cursor:?}"
+            );
+            assert!(positions[2..]
+                .iter()
+                .all(|position| !cursor.is_acknowledged(*position)));
+        });
     }
 }
