@@ -1798,18 +1798,22 @@ impl Topic {
     /// are disconnected so they restart from the new position. A replicated subscription's other
     /// clusters follow.
     pub fn reset_subscription(&self, name: &str, mark_delete: Option<Position>) -> Result<()> {
-        self.reset_subscription_here(name, mark_delete)?;
-        if !is_replicator_cursor(name) {
-            self.note_reset(name)?;
+        if is_replicator_cursor(name) {
+            return self.reset_subscription_here(name, mark_delete);
         }
-        Ok(())
+        // The move and the note of it under one lock: a replicated-subscription state applied
+        // between the two (it acknowledges under this lock, and only while the states it read
+        // are still held) would acknowledge again part of what the move made unacknowledged.
+        let _properties = self.lock_cursor_properties();
+        self.reset_subscription_here(name, mark_delete)?;
+        self.note_reset(name)
     }
 
     /// Records that a replicated subscription was moved back by a user here (seek, reset), so
     /// that its other clusters reset their copies too instead of adding acknowledgements up.
     /// Partial batch acknowledgements are dropped: those batches are delivered again whole.
+    /// The caller holds the cursor-properties lock.
     fn note_reset(&self, subscription: &str) -> Result<()> {
-        let _properties = self.lock_cursor_properties();
         crate::batch_acks::clear(&self.log, subscription)?;
         let Some(cursor) = self.log.cursor(subscription) else {
             return Ok(());

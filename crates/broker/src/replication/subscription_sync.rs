@@ -809,8 +809,18 @@ impl SubscriptionSync {
         stats
     }
 
-    /// Sends changed state now instead of at the next tick (a consumer closed).
+    /// Sends changed state now instead of at the next tick (a consumer closed), also to a
+    /// remote whose failed posts are being retried later and later: the consumer may be about
+    /// to move there. If this post fails too, the backoff goes on from where it was.
     pub fn now(&self) {
+        let mut sending = self
+            .sending
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        for status in sending.values_mut() {
+            status.next_attempt = None;
+        }
+        drop(sending);
         self.wake.notify_one();
     }
 }
