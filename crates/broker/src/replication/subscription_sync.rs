@@ -578,11 +578,12 @@ fn apply(
 }
 
 /// Keeps a state received from `acks.cluster` for subscription `name` (creating the subscription,
-/// replicated, where it is missing) and applies it to the entries stored now.
+/// replicated, where it is missing) and applies it to the entries stored now. `raw`: the JSON
+/// text `acks` was decoded from, stored as it is.
 pub fn receive(
     topic: &Arc<Topic>,
     name: &str,
-    acks: SyncedAcks,
+    (acks, raw): (SyncedAcks, String),
     local_cluster: &str,
 ) -> Result<()> {
     if acks.cluster == local_cluster {
@@ -637,9 +638,7 @@ pub fn receive(
         properties.remove(crate::batch_acks::PROPERTY);
     }
     replicated_subscriptions::mark(&mut properties, true);
-    let encoded =
-        serde_json::to_string(&acks).map_err(|error| BrokerError::Unknown(error.to_string()))?;
-    properties.insert(key.clone(), encoded);
+    properties.insert(key.clone(), raw);
     properties.insert(
         format!("{RECEIVED_AT_PROPERTY_PREFIX}{}", acks.cluster),
         now_ms().to_string(),
