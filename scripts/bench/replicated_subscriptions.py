@@ -22,9 +22,13 @@ Max run (`--max`, instead of the above): `--rounds` rounds (default 3), each run
 load with no rate limit (the producer keeps its queue full) for `--duration` s, first on a topic
 with a plain subscription, then on one with a replicated subscription (the order alternates
 between rounds), each run on a fresh pair of brokers (`--in-order`: no message held back);
-prints per run the messages consumed per second and broker a's and b's CPU
-(utime + stime) per message consumed. The Python client may be the bottleneck; the script says
-what the clients' own CPU was, so that can be judged.
+prints per run the messages consumed per second, broker a's and b's CPU
+(utime + stime) per message consumed (b's also as user and system apart) and b's context switches
+per message. The Python client may be the bottleneck; the script says what the clients' own CPU
+was, so that can be judged. `--b-subscription`: a third run per round, plain replication with a
+durable subscription without a consumer on b (what the replicated run's b holds), to tell a
+subscription's existence apart from the sync. `--perf-b DIR` / `--strace-b DIR`: `perf record`
+(DWARF call graphs) or `strace -c -f` broker b during each measured window, one file per run.
 
 Tail run (`--tail N`, instead of the above): one old message is left unacknowledged on a, then N
 messages are produced and acknowledged (a long acknowledged tail behind it, on both clusters
@@ -241,20 +245,25 @@ def max_one(binary, root, options, round_, kind):
         if kind == "plain+sub":
             # The control: b holds an ordinary durable subscription without a consumer, as the
             # replicated run's b does, so that only the sync itself differs.
-            status, reply = http("PUT", f"{b.admin}/admin/v2/persistent/t/ns/max/subscription/bench")
+            url = f"{b.admin}/admin/v2/persistent/t/ns/max/subscription/bench"
+            status, reply = http("PUT", url)
             if status >= 300:
                 raise RuntimeError(f"creating the subscription on b: {status} {reply}")
         load = Load(client, topic, 0, replicated, hold_every=0 if options.in_order else 10)
         time.sleep(2)  # warm-up
         cpu_a, cpu_b, consumed = a.cpu_seconds(), b.cpu_seconds(), len(load.acknowledged)
         switches = context_switches(b)
+        b_split = b.cpu_split()
         profiler = None
         if options.perf_b or options.strace_b:
             directory = options.perf_b or options.strace_b
             os.makedirs(directory, exist_ok=True)
             output = os.path.join(directory, f"b-{kind}-{round_ + 1}")
-            command = (["perf", "record", "-q", "--call-graph", "dwarf,16384", "-F", "999", "-o", output + ".data"]
-                       if options.perf_b else ["strace", "-c", "-f", "-o", output + ".strace"])
+            if options.perf_b:
+                command = ["perf", "record", "-q", "--call-graph", "dwarf,16384", "-F", "999",
+                           "-o", output + ".data"]
+            else:
+                command = ["strace", "-c", "-f", "-o", output + ".strace"]
             profiler = subprocess.Popen(command + ["-p", str(b.process.pid)],
                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         own = os.times()
@@ -265,6 +274,7 @@ def max_one(binary, root, options, round_, kind):
             profiler.send_signal(signal.SIGINT)
             profiler.wait(60)
         switches = [now - then for now, then in zip(context_switches(b), switches)]
+        b_split = [now - then for now, then in zip(b.cpu_split(), b_split)]
         consumed = len(load.acknowledged) - consumed
         cpu_a, cpu_b = a.cpu_seconds() - cpu_a, b.cpu_seconds() - cpu_b
         after = os.times()
@@ -273,7 +283,8 @@ def max_one(binary, root, options, round_, kind):
         per = max(consumed, 1)
         print(f"round {round_ + 1} {kind:>10}: {consumed / elapsed:7.0f} msg/s consumed; "
               f"CPU per message: broker a {cpu_a / per * 1e6:5.1f} us, "
-              f"broker b {cpu_b / per * 1e6:5.1f} us; clients {clients:.1f} s CPU "
+              f"broker b {cpu_b / per * 1e6:5.1f} us (user {b_split[0] / per * 1e6:4.1f}, "
+              f"system {b_split[1] / per * 1e6:4.1f}); clients {clients:.1f} s CPU "
               f"in {elapsed:.1f} s; b context switches per message "
               f"{switches[0] / per:.2f} voluntary, {switches[1] / per:.2f} involuntary; "
               f"{consumed} messages",
