@@ -22,9 +22,13 @@ Max run (`--max`, instead of the above): `--rounds` rounds (default 3), each run
 load with no rate limit (the producer keeps its queue full) for `--duration` s, first on a topic
 with a plain subscription, then on one with a replicated subscription (the order alternates
 between rounds), each run on a fresh pair of brokers (`--in-order`: no message held back);
-prints per run the messages consumed per second and broker a's and b's CPU
-(utime + stime) per message consumed. The Python client may be the bottleneck; the script says
-what the clients' own CPU was, so that can be judged.
+prints per run the messages consumed per second, broker a's and b's CPU
+(utime + stime) per message consumed (b's also as user and system apart) and b's context switches
+per message. The Python client may be the bottleneck; the script says what the clients' own CPU
+was, so that can be judged. `--b-subscription`: a third run per round, plain replication with a
+durable subscription without a consumer on b (what the replicated run's b holds), to tell a
+subscription's existence apart from the sync. `--perf-b DIR` / `--strace-b DIR`: `perf record`
+(DWARF call graphs) or `strace -c -f` broker b during each measured window, one file per run.
 
 Tail run (`--tail N`, instead of the above): one old message is left unacknowledged on a, then N
 messages are produced and acknowledged (a long acknowledged tail behind it, on both clusters
@@ -35,6 +39,8 @@ cost of keeping b's copy in sync with a long acknowledged tail.
 
 import argparse
 import os
+import signal
+import subprocess
 import sys
 import tempfile
 import threading
@@ -204,27 +210,71 @@ def cost_run(binary, root, options):
 def max_run(binary, options):
     """Each run on a fresh pair of brokers, so that nothing left from the previous one (a
     backlog still replicating) weighs on it."""
+    kinds = ["plain", "plain+sub", "replicated"] if options.b_subscription else ["plain",
+                                                                                  "replicated"]
     for round_ in range(options.rounds):
-        order = (False, True) if round_ % 2 == 0 else (True, False)
-        for replicated in order:
+        for kind in kinds if round_ % 2 == 0 else reversed(kinds):
             with tempfile.TemporaryDirectory() as root:
-                max_one(binary, root, options, round_, replicated)
+                max_one(binary, root, options, round_, kind)
 
 
-def max_one(binary, root, options, round_, replicated):
+def context_switches(broker):
+    """Voluntary and involuntary context switches of every thread of the broker so far."""
+    total = [0, 0]
+    task = f"/proc/{broker.process.pid}/task"
+    for tid in os.listdir(task):
+        try:
+            with open(f"{task}/{tid}/status") as status:
+                for line in status:
+                    if line.startswith("voluntary_ctxt_switches"):
+                        total[0] += int(line.split()[1])
+                    elif line.startswith("nonvoluntary_ctxt_switches"):
+                        total[1] += int(line.split()[1])
+        except FileNotFoundError:
+            pass
+    return total
+
+
+def max_one(binary, root, options, round_, kind):
     a, b = Broker(binary, "a", root), Broker(binary, "b", root)
     try:
         replicate_namespace(a, b)
         client = pulsar.Client(a.url)
-        kind = "replicated" if replicated else "plain"
-        load = Load(client, f"persistent://t/ns/max-{kind}", 0, replicated,
-                    hold_every=0 if options.in_order else 10)
+        replicated = kind == "replicated"
+        topic = "persistent://t/ns/max"
+        if kind == "plain+sub":
+            # The control: b holds an ordinary durable subscription without a consumer, as the
+            # replicated run's b does, so that only the sync itself differs.
+            url = f"{b.admin}/admin/v2/persistent/t/ns/max/subscription/bench"
+            status, reply = http("PUT", url)
+            if status >= 300:
+                raise RuntimeError(f"creating the subscription on b: {status} {reply}")
+        load = Load(client, topic, 0, replicated, hold_every=0 if options.in_order else 10)
         time.sleep(2)  # warm-up
         cpu_a, cpu_b, consumed = a.cpu_seconds(), b.cpu_seconds(), len(load.acknowledged)
+        switches = context_switches(b)
+        b_split = b.cpu_split()
+        profiler = None
+        if options.perf_b or options.strace_b:
+            directory = options.perf_b or options.strace_b
+            os.makedirs(directory, exist_ok=True)
+            output = os.path.join(directory, f"b-{kind}-{round_ + 1}")
+            if options.perf_b:
+                command = ["perf", "record", "-q", "--call-graph", "dwarf,16384", "-F", "999",
+                           "-o", output + ".data"]
+            else:
+                command = ["strace", "-c", "-f", "-o", output + ".strace"]
+            profiler = subprocess.Popen(command + ["-p", str(b.process.pid)],
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         own = os.times()
         started = time.time()
         time.sleep(options.duration)
         elapsed = time.time() - started
+        if profiler is not None:
+            profiler.send_signal(signal.SIGINT)
+            profiler.wait(60)
+        switches = [now - then for now, then in zip(context_switches(b), switches)]
+        b_split = [now - then for now, then in zip(b.cpu_split(), b_split)]
         consumed = len(load.acknowledged) - consumed
         cpu_a, cpu_b = a.cpu_seconds() - cpu_a, b.cpu_seconds() - cpu_b
         after = os.times()
@@ -233,8 +283,12 @@ def max_one(binary, root, options, round_, replicated):
         per = max(consumed, 1)
         print(f"round {round_ + 1} {kind:>10}: {consumed / elapsed:7.0f} msg/s consumed; "
               f"CPU per message: broker a {cpu_a / per * 1e6:5.1f} us, "
-              f"broker b {cpu_b / per * 1e6:5.1f} us; clients {clients:.1f} s CPU "
-              f"in {elapsed:.1f} s", flush=True)
+              f"broker b {cpu_b / per * 1e6:5.1f} us (user {b_split[0] / per * 1e6:4.1f}, "
+              f"system {b_split[1] / per * 1e6:4.1f}); clients {clients:.1f} s CPU "
+              f"in {elapsed:.1f} s; b context switches per message "
+              f"{switches[0] / per:.2f} voluntary, {switches[1] / per:.2f} involuntary; "
+              f"{consumed} messages",
+              flush=True)
         try:
             client.close()
         except Exception:
@@ -309,6 +363,12 @@ def main():
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--in-order", action="store_true",
                         help="with --max: acknowledge every message at once (none held back)")
+    parser.add_argument("--b-subscription", action="store_true",
+                        help="with --max: the plain run's b holds a durable subscription too")
+    parser.add_argument("--perf-b", metavar="DIR",
+                        help="with --max: `perf record -g` broker b during each measured window")
+    parser.add_argument("--strace-b", metavar="DIR",
+                        help="with --max: `strace -c -f` broker b during each measured window")
     options = parser.parse_args()
     binary = os.path.abspath(options.binary)
     if options.max:

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use axum::body::{Body, Bytes};
-use axum::extract::rejection::JsonRejection;
+use axum::extract::rejection::{JsonRejection, StringRejection};
 use axum::extract::DefaultBodyLimit;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
@@ -653,10 +653,16 @@ const SYNCED_STATE_MAX_BYTES: usize = 64 * 1024 * 1024;
 async fn receive_replicated_state(
     State(broker): State<AppState>,
     Path((tenant, namespace, topic, subscription)): SubscriptionPath,
-    payload: Result<Json<SyncedAcks>, JsonRejection>,
+    payload: Result<String, StringRejection>,
 ) -> ApiResult<()> {
     let name = topic_name(&tenant, &namespace, &topic)?;
-    let acks = body(payload)?;
+    // Decoded here, and kept as it came: the receiver stores the text itself rather than
+    // encoding the decoded state again.
+    let raw = payload.map_err(|rejection| {
+        ApiError::bad_request(format!("invalid request body: {}", rejection.body_text()))
+    })?;
+    let acks: SyncedAcks = serde_json::from_str(&raw)
+        .map_err(|error| ApiError::bad_request(format!("invalid request body: {error}")))?;
     // Only a registered cluster can speak for a subscription's other copies.
     if let Err(BrokerError::NotFound(_)) = broker.resources().cluster(&acks.cluster) {
         return Err(ApiError::new(
@@ -667,7 +673,7 @@ async fn receive_replicated_state(
     let loaded = existing_topic(&broker, &name).await?;
     let local_cluster = broker.config().cluster_name.clone();
     tokio::task::spawn_blocking(move || {
-        subscription_sync::receive(&loaded, &subscription, acks, &local_cluster)
+        subscription_sync::receive(&loaded, &subscription, (acks, raw), &local_cluster)
     })
     .await
     .map_err(|error| BrokerError::Unknown(error.to_string()))??;

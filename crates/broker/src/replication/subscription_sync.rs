@@ -591,11 +591,12 @@ fn apply(
 }
 
 /// Keeps a state received from `acks.cluster` for subscription `name` (creating the subscription,
-/// replicated, where it is missing) and applies it to the entries stored now.
+/// replicated, where it is missing) and applies it to the entries stored now. `raw`: the JSON
+/// text `acks` was decoded from, stored as it is.
 pub fn receive(
     topic: &Arc<Topic>,
     name: &str,
-    acks: SyncedAcks,
+    (acks, raw): (SyncedAcks, String),
     local_cluster: &str,
 ) -> Result<()> {
     if acks.cluster == local_cluster {
@@ -650,9 +651,7 @@ pub fn receive(
         properties.remove(crate::batch_acks::PROPERTY);
     }
     replicated_subscriptions::mark(&mut properties, true);
-    let encoded =
-        serde_json::to_string(&acks).map_err(|error| BrokerError::Unknown(error.to_string()))?;
-    properties.insert(key.clone(), encoded);
+    properties.insert(key.clone(), raw);
     properties.insert(
         format!("{RECEIVED_AT_PROPERTY_PREFIX}{}", acks.cluster),
         now_ms().to_string(),
@@ -691,8 +690,8 @@ pub fn receive(
         )?,
     };
     if let Some(sync) = topic.subscription_sync() {
-        // The sync task's next tick need not walk again what this application walked.
-        sync.note_applied(name, applied, walked);
+        // The sync task's next tick need not walk again (or decode) what this application did.
+        sync.note_applied(name, (applied, walked), all);
     }
     // The sender takes the answer as "b has it": it must survive a crash of this cluster.
     log.persist_cursors()?;
@@ -736,9 +735,9 @@ fn with_origins<R>(origins: &Mutex<Origins>, name: &str, f: impl FnOnce(&mut Ori
     f(origins.get_mut(name).expect("inserted above"))
 }
 
-/// Per subscription, the received states (as stored) an application on receipt applied and
-/// the last entry it looked at.
-type AppliedOnReceipt = HashMap<String, (Vec<String>, Option<Position>)>;
+/// Per subscription, the received states (as stored) an application on receipt applied, the
+/// last entry it looked at, and the states decoded.
+type AppliedOnReceipt = HashMap<String, (Vec<String>, Option<Position>, Vec<SyncedAcks>)>;
 
 /// Per replicated subscription, the origins of its entries (see [`OriginMap`]).
 type Origins = HashMap<String, OriginMap>;
@@ -766,12 +765,17 @@ impl SubscriptionSync {
     }
 
     /// Notes that `received` (the states of `subscription` as stored) were just applied, up to
-    /// the entry at `walked`.
-    fn note_applied(&self, subscription: &str, received: Vec<String>, walked: Option<Position>) {
+    /// the entry at `walked`; `decoded`: the same states, decoded.
+    fn note_applied(
+        &self,
+        subscription: &str,
+        (received, walked): (Vec<String>, Option<Position>),
+        decoded: Vec<SyncedAcks>,
+    ) {
         self.applied_on_receipt
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .insert(subscription.to_string(), (received, walked));
+            .insert(subscription.to_string(), (received, walked, decoded));
     }
 
     /// The sync stats of subscription `name`, whose cursor is in `cursor`, per other cluster.
@@ -1011,7 +1015,7 @@ async fn run(
                 let key = (cursor.clone(), remote.name.clone());
                 let confirmed = entry.sent.get(&remote.name).is_some_and(|(state, at)| {
                     *state == body && at.elapsed() < RESEND_UNCHANGED_AFTER
-                });
+                }) || only_repeats_remote(entry, &remote.name, &body);
                 let waiting = update_status(&sending, &key, |status| {
                     if confirmed {
                         status.unsent_since_ms = None;
@@ -1051,6 +1055,35 @@ async fn run(
     }
 }
 
+/// Whether `body` only repeats what the state `remote` sent (as last decoded here) says, so
+/// that `remote` already holds all of it: the echo of its own state, not sent.
+fn only_repeats_remote(entry: &Tracked, remote: &str, body: &SyncedAcks) -> bool {
+    entry.decoded.as_ref().is_some_and(|(_, held)| {
+        held.iter().any(|held| {
+            held.cluster == remote && replicated_subscriptions::only_repeats(body, held)
+        })
+    })
+}
+
+/// Decodes the received states of subscription `cursor` again if they changed since last
+/// decoded. Called after the walk: every acknowledgement the walk saw that a received state
+/// caused was made after that state was stored, so the echo test ([`only_repeats_remote`])
+/// compares with states at least as new. (The next application finds them decoded.)
+fn refresh_received(topic: &Topic, cursor: &str, entry: &mut Tracked) {
+    let Some(state) = topic.log().cursor(cursor) else {
+        return;
+    };
+    let raw: Vec<String> = received_states(&state).into_iter().cloned().collect();
+    if entry
+        .decoded
+        .as_ref()
+        .is_some_and(|(known, _)| *known == raw)
+    {
+        return;
+    }
+    entry.decoded = Some((raw, received(&state)));
+}
+
 /// The part of a tick that reads the log: applies the states other clusters sent to each
 /// replicated subscription and walks its acknowledgements into the state to send. Returns the
 /// replicated subscriptions and, where some other cluster is to be told, their states.
@@ -1079,8 +1112,9 @@ fn read_states(
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
             .remove(&cursor);
-        if let Some(noted) = noted {
-            entry.applied = Some(noted);
+        if let Some((received, walked, decoded)) = noted {
+            entry.decoded = Some((received.clone(), decoded));
+            entry.applied = Some((received, walked));
         }
         let (applied, walked) = with_origins(origins, &cursor, |map| {
             let applied = apply_received(topic, &cursor, &state, local_cluster, entry, map);
@@ -1102,6 +1136,7 @@ fn read_states(
             }
         };
         let targets = targets(topic, remotes, &acks, local_cluster);
+        refresh_received(topic, &cursor, entry);
         let seq = entry.seq_for(&acks, reset_at);
         outgoing.push(Outgoing {
             cursor,
