@@ -1975,6 +1975,12 @@ mod tests {
     }
 
     /// A state from b covering this cluster's entries below `below` (stored from `first`).
+    /// A state as the admin API hands it to `receive`: decoded, with the text it came as.
+    fn as_received(acks: SyncedAcks) -> (SyncedAcks, String) {
+        let raw = serde_json::to_string(&acks).expect("encoded");
+        (acks, raw)
+    }
+
     fn state_from_b(
         first: Position,
         below: Position,
@@ -2019,7 +2025,7 @@ mod tests {
             // b's consumers acknowledged all ten.
             let after_last = Position::new(positions[9].ledger_id, positions[9].entry_id + 1);
             let everything = state_from_b(positions[0], after_last, None, 1);
-            receive(&topic, "sub", everything, "standalone").expect("received");
+            receive(&topic, "sub", as_received(everything), "standalone").expect("received");
             assert_eq!(
                 topic.log().cursor("sub").expect("cursor").mark_delete,
                 Some(positions[9])
@@ -2029,7 +2035,7 @@ mod tests {
             // ...and b's user moves the subscription back: b's next state resets the copy here and
             // acknowledges only the first two.
             let moved_back = state_from_b(positions[0], positions[2], Some(now_ms()), 2);
-            receive(&topic, "sub", moved_back, "standalone").expect("received");
+            receive(&topic, "sub", as_received(moved_back), "standalone").expect("received");
             assert_eq!(
                 topic.log().cursor("sub").expect("cursor").mark_delete,
                 Some(positions[1])
