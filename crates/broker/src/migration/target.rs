@@ -136,8 +136,18 @@ pub(super) fn push(
             wanted.tenant,
             crate::topic_name::encode_path_segment(topic)
         );
-        // 409: it exists (a different count is the replicators' "partitions inconsistent").
-        call("PUT", &path, Some(partitions.to_string()))?;
+        if call("PUT", &path, Some(partitions.to_string()))?.0 != 409 {
+            continue;
+        }
+        // It exists there: grown here since it was copied, it grows there too.
+        let (_, text) = call("GET", &path, None)?;
+        let theirs = serde_json::from_str::<serde_json::Value>(&text)
+            .ok()
+            .and_then(|value| value.get("partitions")?.as_u64())
+            .ok_or_else(|| format!("target sent an unreadable partition count for {topic}"))?;
+        if theirs < u64::from(*partitions) {
+            call("POST", &path, Some(partitions.to_string()))?;
+        }
     }
     Ok(())
 }

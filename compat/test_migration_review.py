@@ -1,0 +1,53 @@
+"""Hostile review of tenant migration (issue 14): cases the other migration tests leave out.
+
+One `meridian standalone` per cluster (replication_harness.py); the official Python client.
+"""
+
+from __future__ import annotations
+
+from helpers import unique
+from replication_harness import (
+    REPLICATION_TIMEOUT_S,
+    await_condition,
+    clusters_factory,  # noqa: F401 (fixture)
+)
+
+HOLD = {"targetCluster": "b", "holdBeforeRedirect": True}
+
+
+def migration(clusters, tenant: str) -> dict:
+    return clusters.admin("a", "GET", f"/admin/v2/tenants/{tenant}/migration")
+
+
+def test_a_partitioned_topic_created_during_the_migration_gets_its_shape_on_the_target(
+    clusters_factory,
+):
+    """A partitioned topic created on the source in a namespace that already migrates (nothing
+    written to it yet) must exist on the target with its partition count before clients are
+    sent there: clients ask the home for the partition count, and a target without it would
+    serve them one non-partitioned topic instead."""
+    clusters = clusters_factory(names=("a", "b"))
+    tenant = unique("move")
+    namespace = f"{tenant}/ns"
+    clusters.create_tenant(tenant, on=["a"], allowed=["a"])
+    clusters.admin("a", "PUT", f"/admin/v2/namespaces/{namespace}")
+    clusters.admin("a", "POST", f"/admin/v2/tenants/{tenant}/migration", HOLD)
+    await_condition(
+        lambda: migration(clusters, tenant)["phase"] == "subscriptionsSynced",
+        REPLICATION_TIMEOUT_S,
+        "the held migration to reach subscriptionsSynced",
+    )
+    late = f"persistent://{namespace}/late"
+    clusters.create_partitioned_topic("a", late, 3)
+    await_condition(
+        lambda: clusters.partitions("b", late) == 3,
+        REPLICATION_TIMEOUT_S,
+        "the target to know the late partitioned topic with its 3 partitions",
+    )
+    # Grown on the source meanwhile: it grows on the target too.
+    clusters.admin("a", "POST", f"/admin/v2/persistent/{namespace}/late/partitions", 5)
+    await_condition(
+        lambda: clusters.partitions("b", late) == 5,
+        REPLICATION_TIMEOUT_S,
+        "the target to follow the late topic's growth to 5 partitions",
+    )
