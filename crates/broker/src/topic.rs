@@ -564,6 +564,19 @@ impl Topic {
             .and_then(|origin| origin.learned.clone());
         let pending = {
             let mut state = self.lock();
+            // Checked under the lock the fence takes (`fence_producers`): once the fence is in
+            // place, nothing a fenced producer sent is stored, even a SEND the connection let
+            // through just before.
+            if state
+                .producers
+                .get(&producer_key)
+                .is_some_and(|producer| producer.closed.load(Ordering::SeqCst))
+            {
+                return Err(BrokerError::TenantMigrated(format!(
+                    "producer {producer_name} of {} is fenced: it resends where it reconnects",
+                    self.full_name
+                )));
+            }
             let verdict = match (&dedup_key, state.dedup.as_mut()) {
                 (Some((key, sequence, highest)), Some(dedup)) => match &request.origin {
                     Some(origin) => replicator::check_chain(dedup, key, origin),
@@ -1320,17 +1333,16 @@ impl Topic {
 
     /// Tenant migration fence (`crate::migration`): the SENDs of this topic's producers are
     /// dropped from now on, unanswered (their clients resend them where they reconnect);
-    /// replicators keep writing. Returns how many producers it fenced.
+    /// replicators keep writing. Returns how many producers it fenced now (not fenced before).
     pub(crate) fn fence_producers(&self) -> usize {
         let state = self.lock();
-        let mut fenced = 0;
-        for producer in state.producers.values() {
-            if !is_replication_key(&producer.name) {
-                producer.closed.store(true, Ordering::SeqCst);
-                fenced += 1;
-            }
-        }
-        fenced
+        state
+            .producers
+            .values()
+            .filter(|producer| {
+                !is_replication_key(&producer.name) && !producer.closed.swap(true, Ordering::SeqCst)
+            })
+            .count()
     }
 
     /// Tells this topic's producers (not replicators) to move to `broker_service_url`:

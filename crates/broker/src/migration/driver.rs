@@ -259,10 +259,14 @@ fn redirect_producers(
         tracing::info!(%tenant, target = %record.target_cluster, "tenant migration: producers fenced");
         return Ok(Duration::ZERO);
     }
+    let fenced_before = broker.migration_drivers().redirects().contains_key(tenant);
     let url = install_redirect(broker, record);
     let topics = tenant_topics(broker, tenant);
-    for topic in &topics {
-        topic.fence_producers();
+    let fenced_now: usize = topics.iter().map(|topic| topic.fence_producers()).sum();
+    if !fenced_before || fenced_now > 0 {
+        // `progress` was read before this fence: a producer could still write after it. Read
+        // it again at the next step, when every producer was fenced before it is read.
+        return Ok(TICK);
     }
     if !progress.caught_up() {
         // Bounded: the fence stops new local messages. A target that is down holds it here
