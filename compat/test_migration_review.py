@@ -5,6 +5,8 @@ One `meridian standalone` per cluster (replication_harness.py); the official Pyt
 
 from __future__ import annotations
 
+import threading
+
 import pulsar
 import pytest
 
@@ -105,3 +107,54 @@ def test_a_reader_follows_its_tenant_without_losing_or_repeating_messages(cluste
     read_until(30)
     assert received == sent
     assert not reader.has_message_available()
+
+
+def test_a_producer_waiting_for_exclusive_access_follows_its_tenant(clusters_factory):
+    """A WaitForExclusive producer queued behind an exclusive one on the source is moved with
+    the tenant: once the exclusive producer (moved to the target) closes, it becomes the
+    producer there. Before, the source dropped it from its queue without a word: the client
+    waited forever on a cluster that no longer serves the tenant."""
+    clusters = clusters_factory(names=("a", "b"))
+    tenant = unique("move")
+    namespace = f"{tenant}/ns"
+    clusters.create_tenant(tenant, on=["a"], allowed=["a"])
+    clusters.admin("a", "PUT", f"/admin/v2/namespaces/{namespace}")
+    topic = f"persistent://{namespace}/single"
+    client = clusters.client("a")
+    first = client.create_producer(
+        topic, producer_name="first", access_mode=pulsar.ProducerAccessMode.Exclusive
+    )
+    first.send(b"from first")
+    waiting = {}
+
+    def create_second():
+        try:
+            waiting["producer"] = clusters.new_client("a").create_producer(
+                topic, producer_name="second",
+                access_mode=pulsar.ProducerAccessMode.WaitForExclusive,
+            )
+        except Exception as error:  # noqa: BLE001 (reported by the assertion below)
+            waiting["error"] = error
+
+    creator = threading.Thread(target=create_second, daemon=True)
+    creator.start()
+    await_condition(
+        lambda: clusters.stats("a", topic)["waitingPublishers"] == 1,
+        REPLICATION_TIMEOUT_S,
+        "the second producer to wait on a",
+    )
+    clusters.admin("a", "POST", f"/admin/v2/tenants/{tenant}/migration", {"targetCluster": "b"})
+    await_condition(
+        lambda: migration(clusters, tenant)["phase"] == "done",
+        REPLICATION_TIMEOUT_S,
+        "the migration to finish",
+    )
+    first.send(b"first on b")
+    first.close()
+    creator.join(30)
+    assert not creator.is_alive(), "the waiting producer never got the topic"
+    assert "error" not in waiting, waiting
+    waiting["producer"].send(b"from second")
+    reader = clusters.client("b").create_reader(topic, pulsar.MessageId.earliest)
+    got = [reader.read_next(timeout_millis=int(REPLICATION_TIMEOUT_S * 1000)).data() for _ in range(3)]
+    assert got == [b"from first", b"first on b", b"from second"]
