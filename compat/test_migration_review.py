@@ -158,3 +158,39 @@ def test_a_producer_waiting_for_exclusive_access_follows_its_tenant(clusters_fac
     reader = clusters.client("b").create_reader(topic, pulsar.MessageId.earliest)
     got = [reader.read_next(timeout_millis=int(REPLICATION_TIMEOUT_S * 1000)).data() for _ in range(3)]
     assert got == [b"from first", b"first on b", b"from second"]
+
+
+def test_migrating_back_before_the_cleanup_waits_for_it_instead_of_sending_clients_in_circles(
+    clusters_factory,
+):
+    """A tenant moved a -> b and not cleaned up on a: a keeps redirecting the tenant's clients
+    to b. A migration back b -> a must not run then (b would send its clients to a, and a back
+    to b, forever): it pauses, saying why, until a's record is cleaned up."""
+    clusters = clusters_factory(names=("a", "b"))
+    tenant = unique("move")
+    namespace = f"{tenant}/ns"
+    clusters.create_tenant(tenant, on=["a"], allowed=["a"])
+    clusters.admin("a", "PUT", f"/admin/v2/namespaces/{namespace}")
+    clusters.client("a").create_producer(f"persistent://{namespace}/t").send(b"x")
+    clusters.admin("a", "POST", f"/admin/v2/tenants/{tenant}/migration", {"targetCluster": "b"})
+    await_condition(
+        lambda: migration(clusters, tenant)["phase"] == "done",
+        REPLICATION_TIMEOUT_S,
+        "the migration to b to finish",
+    )
+    clusters.admin("b", "POST", f"/admin/v2/tenants/{tenant}/migration", {"targetCluster": "a"})
+    back = f"/admin/v2/tenants/{tenant}/migration"
+    status = await_condition(
+        lambda: (lambda s: s if s["paused"] else None)(clusters.admin("b", "GET", back)),
+        REPLICATION_TIMEOUT_S,
+        "the migration back to pause",
+    )
+    assert status["phase"] == "copyingMetadata", status
+    assert "cleanup" in status["pausedReason"], status
+    # Once a is cleaned up, the migration back goes on.
+    clusters.admin("a", "POST", f"/admin/v2/tenants/{tenant}/migration/cleanup")
+    await_condition(
+        lambda: clusters.admin("b", "GET", back)["phase"] == "done",
+        REPLICATION_TIMEOUT_S,
+        "the migration back to finish",
+    )

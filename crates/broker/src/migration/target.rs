@@ -84,6 +84,23 @@ pub(super) fn push(
     let call = |method: &str, path: &str, body: Option<String>| {
         call(&agent, &base, &wanted.local_cluster, method, path, body)
     };
+    // A target that is itself the source of a migration of this tenant (one that moved it
+    // here and is not cleaned up) still sends the tenant's clients away: they would go back
+    // and forth between the two clusters.
+    let (status, text) = call(
+        "GET",
+        &format!("/tenants/{}/migration", wanted.tenant),
+        None,
+    )?;
+    if status == 200 {
+        let phase = serde_json::from_str::<serde_json::Value>(&text)
+            .ok()
+            .and_then(|value| Some(value.get("phase")?.as_str()?.to_string()))
+            .unwrap_or_default();
+        return Err(format!(
+            "the target still has this tenant's own migration record (phase {phase}): finish it there first (--cleanup on the target once done, or --abort)"
+        ));
+    }
     for (name, data) in &wanted.registry {
         call("PUT", &format!("/clusters/{name}"), Some(json(data)))?;
     }
