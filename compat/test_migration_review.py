@@ -13,7 +13,9 @@ import pytest
 from helpers import unique
 from replication_harness import (
     REPLICATION_TIMEOUT_S,
+    History,
     await_condition,
+    check_exactly_once,
     clusters_factory,  # noqa: F401 (fixture)
     topic_path,
 )
@@ -194,3 +196,38 @@ def test_migrating_back_before_the_cleanup_waits_for_it_instead_of_sending_clien
         REPLICATION_TIMEOUT_S,
         "the migration back to finish",
     )
+
+
+def test_a_batching_producer_without_deduplication_moves_without_loss_duplicates_or_reordering(
+    clusters_factory,
+):
+    """A producer with batching on (sends pending in batches at the fence) and no
+    de-duplication on the namespace sends without pause while its tenant migrates: the target
+    ends with every acknowledged message exactly once, in the producer's order, and nothing
+    the producer was not told is stored twice."""
+    clusters = clusters_factory(names=("a", "b"))
+    tenant = unique("move")
+    namespace = f"{tenant}/ns"
+    clusters.create_tenant(tenant, on=["a"], allowed=["a"])
+    clusters.admin("a", "PUT", f"/admin/v2/namespaces/{namespace}")
+    topic = f"persistent://{namespace}/batched"
+    history = History()
+    producer = clusters.client("a").create_producer(
+        topic, producer_name="batched", batching_enabled=True,
+        batching_max_messages=20, batching_max_publish_delay_ms=5,
+    )
+    thread = clusters.start_producer(history, producer, "batched", "a", rate=400)
+    await_condition(lambda: thread.acked() >= 200, REPLICATION_TIMEOUT_S, "traffic on a")
+    clusters.admin("a", "POST", f"/admin/v2/tenants/{tenant}/migration", {"targetCluster": "b"})
+    await_condition(
+        lambda: migration(clusters, tenant)["phase"] == "done",
+        REPLICATION_TIMEOUT_S,
+        "the migration to finish",
+    )
+    moved = thread.acked()
+    await_condition(lambda: thread.acked() >= moved + 200, REPLICATION_TIMEOUT_S, "traffic on b")
+    thread.stop()
+    assert not history.failed(), history.failed()[:5]
+    sent = history.sent_payloads("batched")
+    clusters.read_all(history, "b", topic, len(sent), label="stored@b")
+    check_exactly_once({"stored@b": sent}, history)
