@@ -231,3 +231,53 @@ def test_a_batching_producer_without_deduplication_moves_without_loss_duplicates
     sent = history.sent_payloads("batched")
     clusters.read_all(history, "b", topic, len(sent), label="stored@b")
     check_exactly_once({"stored@b": sent}, history)
+
+
+def test_failover_and_exclusive_subscriptions_move_exactly_once(clusters_factory):
+    """Failover (two consumers, one active) and Exclusive subscriptions, acknowledging as they
+    receive, while a producer sends through the migration: each subscription gets every
+    acknowledged message exactly once, in order, and its consumers end on the target."""
+    clusters = clusters_factory(names=("a", "b"))
+    tenant = unique("move")
+    namespace = f"{tenant}/ns"
+    clusters.create_tenant(tenant, on=["a"], allowed=["a"])
+    clusters.admin("a", "PUT", f"/admin/v2/namespaces/{namespace}")
+    topic = f"persistent://{namespace}/ordered"
+    history = History()
+    client = clusters.client("a")
+    for label, kind, count in (
+        ("failover", pulsar.ConsumerType.Failover, 2),
+        ("exclusive", pulsar.ConsumerType.Exclusive, 1),
+    ):
+        for index in range(count):
+            consumer = client.subscribe(
+                topic, label, consumer_type=kind, consumer_name=f"{label}-{index}",
+                initial_position=pulsar.InitialPosition.Earliest,
+            )
+            clusters.start_consumer(history, label, consumer)
+    producer = client.create_producer(topic, producer_name="ordered", batching_enabled=False)
+    thread = clusters.start_producer(history, producer, "ordered", "a", rate=200)
+    await_condition(
+        lambda: all(history.received_count(label) >= 50 for label in ("failover", "exclusive")),
+        REPLICATION_TIMEOUT_S,
+        "the subscriptions to receive on a",
+    )
+    clusters.admin("a", "POST", f"/admin/v2/tenants/{tenant}/migration", {"targetCluster": "b"})
+    await_condition(
+        lambda: migration(clusters, tenant)["phase"] == "done",
+        REPLICATION_TIMEOUT_S,
+        "the migration to finish",
+    )
+    moved = thread.acked()
+    await_condition(lambda: thread.acked() >= moved + 50, REPLICATION_TIMEOUT_S, "traffic on b")
+    thread.stop()
+    sent = history.sent_payloads("ordered")
+    await_condition(
+        lambda: all(history.received_count(label) >= len(sent) for label in ("failover", "exclusive")),
+        REPLICATION_TIMEOUT_S,
+        "every message to reach both subscriptions",
+    )
+    subscriptions = clusters.stats("b", topic)["subscriptions"]
+    assert len(subscriptions["failover"]["consumers"]) == 2, subscriptions
+    assert len(subscriptions["exclusive"]["consumers"]) == 1, subscriptions
+    check_exactly_once({"failover": sent, "exclusive": sent}, history)
