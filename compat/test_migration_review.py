@@ -10,7 +10,6 @@ import threading
 import pulsar
 import pytest
 
-from helpers import unique
 from replication_harness import (
     REPLICATION_TIMEOUT_S,
     History,
@@ -19,12 +18,23 @@ from replication_harness import (
     clusters_factory,  # noqa: F401 (fixture)
     topic_path,
 )
+from test_migration_redirect import two_clusters_and_a_tenant_on_a
 
 HOLD = {"targetCluster": "b", "holdBeforeRedirect": True}
 
 
 def migration(clusters, tenant: str) -> dict:
     return clusters.admin("a", "GET", f"/admin/v2/tenants/{tenant}/migration")
+
+
+def migrate_to_b(clusters, tenant: str) -> None:
+    """Migrates `tenant` from a to b, to the end (phase done)."""
+    clusters.admin("a", "POST", f"/admin/v2/tenants/{tenant}/migration", {"targetCluster": "b"})
+    await_condition(
+        lambda: migration(clusters, tenant)["phase"] == "done",
+        REPLICATION_TIMEOUT_S,
+        "the migration to b to finish",
+    )
 
 
 def test_a_partitioned_topic_created_during_the_migration_gets_its_shape_on_the_target(
@@ -34,11 +44,7 @@ def test_a_partitioned_topic_created_during_the_migration_gets_its_shape_on_the_
     written to it yet) must exist on the target with its partition count before clients are
     sent there: clients ask the home for the partition count, and a target without it would
     serve them one non-partitioned topic instead."""
-    clusters = clusters_factory(names=("a", "b"))
-    tenant = unique("move")
-    namespace = f"{tenant}/ns"
-    clusters.create_tenant(tenant, on=["a"], allowed=["a"])
-    clusters.admin("a", "PUT", f"/admin/v2/namespaces/{namespace}")
+    clusters, tenant, namespace = two_clusters_and_a_tenant_on_a(clusters_factory)
     clusters.admin("a", "POST", f"/admin/v2/tenants/{tenant}/migration", HOLD)
     await_condition(
         lambda: migration(clusters, tenant)["phase"] == "subscriptionsSynced",
@@ -71,11 +77,7 @@ def test_a_reader_follows_its_tenant_without_losing_or_repeating_messages(cluste
     after the move it must go on from where it was, on the target, whose message ids differ
     (the source's topic was reopened once, so its ids are in two ledgers; the target stores
     the same messages in one)."""
-    clusters = clusters_factory(names=("a", "b"))
-    tenant = unique("move")
-    namespace = f"{tenant}/ns"
-    clusters.create_tenant(tenant, on=["a"], allowed=["a"])
-    clusters.admin("a", "PUT", f"/admin/v2/namespaces/{namespace}")
+    clusters, tenant, namespace = two_clusters_and_a_tenant_on_a(clusters_factory)
     topic = f"persistent://{namespace}/feed"
     client = clusters.client("a")
     producer = client.create_producer(topic, producer_name="feed", batching_enabled=False)
@@ -99,12 +101,7 @@ def test_a_reader_follows_its_tenant_without_losing_or_repeating_messages(cluste
     clusters.admin("a", "PUT", f"{topic_path(topic)}/unload")
     send(10)
     read_until(20)
-    clusters.admin("a", "POST", f"/admin/v2/tenants/{tenant}/migration", {"targetCluster": "b"})
-    await_condition(
-        lambda: migration(clusters, tenant)["phase"] == "done",
-        REPLICATION_TIMEOUT_S,
-        "the migration to finish",
-    )
+    migrate_to_b(clusters, tenant)
     send(10)  # the producer moved: on b
     read_until(30)
     assert received == sent
@@ -116,11 +113,7 @@ def test_a_producer_waiting_for_exclusive_access_follows_its_tenant(clusters_fac
     the tenant: once the exclusive producer (moved to the target) closes, it becomes the
     producer there. Before, the source dropped it from its queue without a word: the client
     waited forever on a cluster that no longer serves the tenant."""
-    clusters = clusters_factory(names=("a", "b"))
-    tenant = unique("move")
-    namespace = f"{tenant}/ns"
-    clusters.create_tenant(tenant, on=["a"], allowed=["a"])
-    clusters.admin("a", "PUT", f"/admin/v2/namespaces/{namespace}")
+    clusters, tenant, namespace = two_clusters_and_a_tenant_on_a(clusters_factory)
     topic = f"persistent://{namespace}/single"
     client = clusters.client("a")
     first = client.create_producer(
@@ -145,12 +138,7 @@ def test_a_producer_waiting_for_exclusive_access_follows_its_tenant(clusters_fac
         REPLICATION_TIMEOUT_S,
         "the second producer to wait on a",
     )
-    clusters.admin("a", "POST", f"/admin/v2/tenants/{tenant}/migration", {"targetCluster": "b"})
-    await_condition(
-        lambda: migration(clusters, tenant)["phase"] == "done",
-        REPLICATION_TIMEOUT_S,
-        "the migration to finish",
-    )
+    migrate_to_b(clusters, tenant)
     first.send(b"first on b")
     first.close()
     creator.join(30)
@@ -168,18 +156,9 @@ def test_migrating_back_before_the_cleanup_waits_for_it_instead_of_sending_clien
     """A tenant moved a -> b and not cleaned up on a: a keeps redirecting the tenant's clients
     to b. A migration back b -> a must not run then (b would send its clients to a, and a back
     to b, forever): it pauses, saying why, until a's record is cleaned up."""
-    clusters = clusters_factory(names=("a", "b"))
-    tenant = unique("move")
-    namespace = f"{tenant}/ns"
-    clusters.create_tenant(tenant, on=["a"], allowed=["a"])
-    clusters.admin("a", "PUT", f"/admin/v2/namespaces/{namespace}")
+    clusters, tenant, namespace = two_clusters_and_a_tenant_on_a(clusters_factory)
     clusters.client("a").create_producer(f"persistent://{namespace}/t").send(b"x")
-    clusters.admin("a", "POST", f"/admin/v2/tenants/{tenant}/migration", {"targetCluster": "b"})
-    await_condition(
-        lambda: migration(clusters, tenant)["phase"] == "done",
-        REPLICATION_TIMEOUT_S,
-        "the migration to b to finish",
-    )
+    migrate_to_b(clusters, tenant)
     clusters.admin("b", "POST", f"/admin/v2/tenants/{tenant}/migration", {"targetCluster": "a"})
     back = f"/admin/v2/tenants/{tenant}/migration"
     status = await_condition(
@@ -205,11 +184,7 @@ def test_a_batching_producer_without_deduplication_moves_without_loss_duplicates
     de-duplication on the namespace sends without pause while its tenant migrates: the target
     ends with every acknowledged message exactly once, in the producer's order, and nothing
     the producer was not told is stored twice."""
-    clusters = clusters_factory(names=("a", "b"))
-    tenant = unique("move")
-    namespace = f"{tenant}/ns"
-    clusters.create_tenant(tenant, on=["a"], allowed=["a"])
-    clusters.admin("a", "PUT", f"/admin/v2/namespaces/{namespace}")
+    clusters, tenant, namespace = two_clusters_and_a_tenant_on_a(clusters_factory)
     topic = f"persistent://{namespace}/batched"
     history = History()
     producer = clusters.client("a").create_producer(
@@ -218,12 +193,7 @@ def test_a_batching_producer_without_deduplication_moves_without_loss_duplicates
     )
     thread = clusters.start_producer(history, producer, "batched", "a", rate=400)
     await_condition(lambda: thread.acked() >= 200, REPLICATION_TIMEOUT_S, "traffic on a")
-    clusters.admin("a", "POST", f"/admin/v2/tenants/{tenant}/migration", {"targetCluster": "b"})
-    await_condition(
-        lambda: migration(clusters, tenant)["phase"] == "done",
-        REPLICATION_TIMEOUT_S,
-        "the migration to finish",
-    )
+    migrate_to_b(clusters, tenant)
     moved = thread.acked()
     await_condition(lambda: thread.acked() >= moved + 200, REPLICATION_TIMEOUT_S, "traffic on b")
     thread.stop()
@@ -237,11 +207,7 @@ def test_failover_and_exclusive_subscriptions_move_exactly_once(clusters_factory
     """Failover (two consumers, one active) and Exclusive subscriptions, acknowledging as they
     receive, while a producer sends through the migration: each subscription gets every
     acknowledged message exactly once, in order, and its consumers end on the target."""
-    clusters = clusters_factory(names=("a", "b"))
-    tenant = unique("move")
-    namespace = f"{tenant}/ns"
-    clusters.create_tenant(tenant, on=["a"], allowed=["a"])
-    clusters.admin("a", "PUT", f"/admin/v2/namespaces/{namespace}")
+    clusters, tenant, namespace = two_clusters_and_a_tenant_on_a(clusters_factory)
     topic = f"persistent://{namespace}/ordered"
     history = History()
     client = clusters.client("a")
@@ -262,12 +228,7 @@ def test_failover_and_exclusive_subscriptions_move_exactly_once(clusters_factory
         REPLICATION_TIMEOUT_S,
         "the subscriptions to receive on a",
     )
-    clusters.admin("a", "POST", f"/admin/v2/tenants/{tenant}/migration", {"targetCluster": "b"})
-    await_condition(
-        lambda: migration(clusters, tenant)["phase"] == "done",
-        REPLICATION_TIMEOUT_S,
-        "the migration to finish",
-    )
+    migrate_to_b(clusters, tenant)
     moved = thread.acked()
     await_condition(lambda: thread.acked() >= moved + 50, REPLICATION_TIMEOUT_S, "traffic on b")
     thread.stop()
