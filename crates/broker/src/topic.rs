@@ -222,6 +222,15 @@ struct ProducerEntry {
     resumes: bool,
 }
 
+/// The topic's producers that are not replicators.
+fn local_producer_count(state: &TopicState) -> usize {
+    state
+        .producers
+        .values()
+        .filter(|producer| !is_replication_key(&producer.name))
+        .count()
+}
+
 struct Waiting {
     key: u64,
     entry: ProducerEntry,
@@ -467,14 +476,17 @@ impl Topic {
             Some(dedup) if !replicator => dedup.last_sequence_id(&name),
             _ => -1,
         };
+        // Access modes are between the topic's own producers: a replicator (a geo-replicated
+        // topic, or a tenant migration's) neither needs nor blocks exclusive access.
         let exclusive_holder = state
             .producers
             .values()
             .find(|producer| producer.mode.is_exclusive());
+        let local_producers = local_producer_count(&state);
         let mut ready = None;
         match request.mode {
             AccessMode::Shared => {
-                if exclusive_holder.is_some() {
+                if exclusive_holder.is_some() && !replicator {
                     return Err(BrokerError::ProducerBusy(format!(
                         "topic {} has an exclusive producer",
                         self.full_name
@@ -482,11 +494,10 @@ impl Topic {
                 }
             }
             AccessMode::Exclusive | AccessMode::ExclusiveWithFencing => {
-                if !state.producers.is_empty() {
+                if local_producers > 0 {
                     return Err(BrokerError::ProducerFenced(format!(
-                        "topic {} already has {} producer(s); exclusive access refused",
+                        "topic {} already has {local_producers} producer(s); exclusive access refused",
                         self.full_name,
-                        state.producers.len()
                     )));
                 }
             }
@@ -505,7 +516,7 @@ impl Topic {
             protocol_version: request.protocol_version,
             resumes,
         };
-        if request.mode == AccessMode::WaitForExclusive && !state.producers.is_empty() {
+        if request.mode == AccessMode::WaitForExclusive && local_producers > 0 {
             let (sender, receiver) = oneshot::channel();
             state.waiting_for_exclusive.push_back(Waiting {
                 key,
@@ -530,7 +541,7 @@ impl Topic {
         state
             .waiting_for_exclusive
             .retain(|waiting| waiting.key != key);
-        if state.producers.remove(&key).is_none() || !state.producers.is_empty() {
+        if state.producers.remove(&key).is_none() || local_producer_count(&state) > 0 {
             return;
         }
         while let Some(next) = state.waiting_for_exclusive.pop_front() {
@@ -582,6 +593,19 @@ impl Topic {
             .and_then(|origin| origin.learned.clone());
         let pending = {
             let mut state = self.lock();
+            // Checked under the lock the fence takes (`fence_producers`): once the fence is in
+            // place, nothing a fenced producer sent is stored, even a SEND the connection let
+            // through just before.
+            if state
+                .producers
+                .get(&producer_key)
+                .is_some_and(|producer| producer.closed.load(Ordering::SeqCst))
+            {
+                return Err(BrokerError::TenantMigrated(format!(
+                    "producer {producer_name} of {} is fenced: it resends where it reconnects",
+                    self.full_name
+                )));
+            }
             let verdict = match (&dedup_key, state.dedup.as_mut()) {
                 (Some((key, sequence, highest)), Some(dedup)) => match &request.origin {
                     Some(origin) => replicator::check_chain(dedup, key, origin),
@@ -1341,22 +1365,34 @@ impl Topic {
                 .sink
                 .try_send(command_frame(&close_producer(producer.producer_id)));
         }
-        state.waiting_for_exclusive.clear();
+        // A producer waiting for exclusive access is told too: it would wait forever.
+        for waiting in state.waiting_for_exclusive.drain(..) {
+            waiting.entry.closed.store(true, Ordering::SeqCst);
+            let _ = waiting
+                .entry
+                .sink
+                .try_send(command_frame(&close_producer(waiting.entry.producer_id)));
+        }
     }
 
     /// Tenant migration fence (`crate::migration`): the SENDs of this topic's producers are
     /// dropped from now on, unanswered (their clients resend them where they reconnect);
-    /// replicators keep writing. Returns how many producers it fenced.
+    /// replicators keep writing. Returns how many producers it fenced now (not fenced before).
     pub(crate) fn fence_producers(&self) -> usize {
         let state = self.lock();
-        let mut fenced = 0;
-        for producer in state.producers.values() {
-            if !is_replication_key(&producer.name) {
-                producer.closed.store(true, Ordering::SeqCst);
-                fenced += 1;
-            }
-        }
-        fenced
+        state
+            .producers
+            .values()
+            .chain(
+                state
+                    .waiting_for_exclusive
+                    .iter()
+                    .map(|waiting| &waiting.entry),
+            )
+            .filter(|producer| {
+                !is_replication_key(&producer.name) && !producer.closed.swap(true, Ordering::SeqCst)
+            })
+            .count()
     }
 
     /// Tells this topic's producers (not replicators) to move to `broker_service_url`:
@@ -1369,10 +1405,17 @@ impl Topic {
             .filter(|(_, producer)| !is_replication_key(&producer.name))
             .map(|(key, _)| *key)
             .collect();
-        for key in moving {
-            let Some(producer) = state.producers.remove(&key) else {
-                continue;
-            };
+        // Producers waiting for exclusive access move too (they would wait here forever).
+        let (waiting, kept): (Vec<Waiting>, Vec<Waiting>) = state
+            .waiting_for_exclusive
+            .drain(..)
+            .partition(|waiting| !is_replication_key(&waiting.entry.name));
+        state.waiting_for_exclusive.extend(kept);
+        let removed = moving
+            .into_iter()
+            .filter_map(|key| state.producers.remove(&key))
+            .chain(waiting.into_iter().map(|waiting| waiting.entry));
+        for producer in removed {
             producer.closed.store(true, Ordering::SeqCst);
             if producer.protocol_version >= 20 {
                 let _ = producer.sink.try_send(command_frame(&topic_migrated(
@@ -1385,9 +1428,6 @@ impl Topic {
                 .sink
                 .try_send(command_frame(&close_producer(producer.producer_id)));
         }
-        state
-            .waiting_for_exclusive
-            .retain(|waiting| is_replication_key(&waiting.entry.name));
     }
 
     /// The producers (not replicators) and consumers connected to this topic.

@@ -1,6 +1,6 @@
 //! A topic whose log is poisoned by a failed fsync is reported as unavailable: producers get
 //! the reason at once, the failure is counted and logged once, and reloading the topic clears
-//! it.
+//! it. A producer fenced by a tenant migration has nothing stored after the fence.
 
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex, Once};
@@ -11,7 +11,8 @@ use meridian_broker::health::FailureKind;
 use meridian_broker::outbound::{outbound_queue, OutboundSender};
 use meridian_broker::resources::{Policies, TenantInfo};
 use meridian_broker::{
-    AccessMode, Broker, BrokerConfig, BrokerError, NewProducer, Publish, TopicName,
+    AccessMode, Broker, BrokerConfig, BrokerError, NewProducer, ProducerGrant, Publish, Topic,
+    TopicName,
 };
 use meridian_metadata::EmbeddedStore;
 use meridian_storage::{FlushPolicy, SimIo, Storage, StorageConfig};
@@ -95,20 +96,32 @@ fn simulated_broker(config: StorageConfig) -> (tempfile::TempDir, Arc<SimIo>, Ar
     (directory, io, broker)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_failed_fsync_makes_the_topic_unavailable_with_its_reason_until_reloaded() {
-    let (_directory, io, broker) = simulated_broker(StorageConfig::default());
-    let name = TopicName::parse("persistent://t/n/poisoned").expect("valid name");
-    let topic = broker.topic(&name, true).await.expect("topic loads");
-    let (sink, _receiver) = outbound_queue(1 << 20);
+/// Loads `name` with a producer (id 1) that stored one message; its `closed` flag too.
+async fn topic_with_a_producer(
+    broker: &Arc<Broker>,
+    name: &TopicName,
+    sink: OutboundSender,
+) -> (Arc<Topic>, ProducerGrant, Arc<AtomicBool>) {
+    let topic = broker.topic(name, true).await.expect("topic loads");
+    let request = new_producer(sink, 1);
+    let closed = request.closed.clone();
     let grant = topic
-        .add_producer(broker.next_key(), new_producer(sink.clone(), 1))
+        .add_producer(broker.next_key(), request)
         .expect("producer admitted");
     topic
         .publish(grant.key, &grant.name, publish(0))
         .expect("publish accepted")
         .await
         .expect("publish durable");
+    (topic, grant, closed)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_fsync_makes_the_topic_unavailable_with_its_reason_until_reloaded() {
+    let (_directory, io, broker) = simulated_broker(StorageConfig::default());
+    let name = TopicName::parse("persistent://t/n/poisoned").expect("valid name");
+    let (sink, _receiver) = outbound_queue(1 << 20);
+    let (topic, grant, _) = topic_with_a_producer(&broker, &name, sink.clone()).await;
 
     io.fail_syncs(1);
     let failed = topic
@@ -239,4 +252,33 @@ async fn requests_for_topics_that_cannot_load_leave_nothing_behind() {
     let name = TopicName::parse("persistent://t/n/real").expect("valid name");
     broker.topic(&name, true).await.expect("topic loads");
     assert_eq!(broker.topic_slots(), 1);
+}
+
+/// A tenant migration's fence closes a producer while its connection may be passing a SEND to
+/// the topic: that SEND must not be stored once the fence is in place (the migration counts
+/// the replication backlog after the fence and then sends the producer to the target, which
+/// would otherwise miss the message or get it after the producer's next ones).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_send_that_reaches_the_topic_after_its_producer_was_fenced_is_not_stored() {
+    let (_directory, _io, broker) = simulated_broker(StorageConfig::default());
+    let name = TopicName::parse("persistent://t/n/fenced").expect("valid name");
+    let (sink, _receiver) = outbound_queue(1 << 20);
+    let (topic, grant, closed) = topic_with_a_producer(&broker, &name, sink).await;
+    let stored = topic.internal_stats().number_of_entries;
+    // The fence marks the producer closed (what `fence_producers` does) and the SEND that the
+    // connection checked just before arrives now.
+    closed.store(true, std::sync::atomic::Ordering::SeqCst);
+    let late = match topic.publish(grant.key, &grant.name, publish(1)) {
+        Ok(pending) => pending.await.map(|_| ()),
+        Err(error) => Err(error),
+    };
+    assert!(
+        matches!(late, Err(BrokerError::TenantMigrated(_))),
+        "{late:?}"
+    );
+    assert_eq!(
+        topic.internal_stats().number_of_entries,
+        stored,
+        "the fenced send was stored"
+    );
 }

@@ -1276,6 +1276,9 @@ impl Connection {
                     .topic
                     .publish(producer.key, &producer.name, publish)
                 {
+                    // Fenced between the check above and the publish (a tenant migration):
+                    // dropped unanswered like the ones after it; the client resends it.
+                    Err(BrokerError::TenantMigrated(_)) => return Ok(()),
                     Ok(publish) => Receipt::Pending {
                         sequence_id: send.sequence_id,
                         highest_sequence_id: send.highest_sequence_id.unwrap_or(highest),

@@ -170,8 +170,9 @@ async fn step(
             })
         }
         Phase::Replicating | Phase::CaughtUp | Phase::SubscriptionsSynced => {
-            // A namespace created since the start must be copied and replicated too.
-            if lacking_namespaces(broker, &record) > 0 {
+            // A namespace or partitioned topic created (or grown) since the start must be
+            // copied (and replicated) too, before any client is sent to the target.
+            if lacking_namespaces(broker, &record) > 0 || lacks_partitioned(broker, &record) {
                 copy_metadata(broker, &record).await?;
             }
             if record.phase >= Phase::CaughtUp {
@@ -258,10 +259,14 @@ fn redirect_producers(
         tracing::info!(%tenant, target = %record.target_cluster, "tenant migration: producers fenced");
         return Ok(Duration::ZERO);
     }
+    let fenced_before = broker.migration_drivers().redirects().contains_key(tenant);
     let url = install_redirect(broker, record);
     let topics = tenant_topics(broker, tenant);
-    for topic in &topics {
-        topic.fence_producers();
+    let fenced_now: usize = topics.iter().map(|topic| topic.fence_producers()).sum();
+    if !fenced_before || fenced_now > 0 {
+        // `progress` was read before this fence: a producer could still write after it. Read
+        // it again at the next step, when every producer was fenced before it is read.
+        return Ok(TICK);
     }
     if !progress.caught_up() {
         // Bounded: the fence stops new local messages. A target that is down holds it here
@@ -450,6 +455,53 @@ fn lacking_namespaces(broker: &Broker, record: &MigrationRecord) -> usize {
         .count()
 }
 
+/// The partitioned topics of namespace `local` of `tenant` on the source, with their counts.
+fn partitioned_topics(
+    broker: &Broker,
+    tenant: &str,
+    local: &str,
+) -> std::result::Result<Vec<(String, u32)>, String> {
+    let mut partitioned = Vec::new();
+    for topic in broker
+        .metadata()
+        .children(&format!("/partitioned-topics/{tenant}/{local}"))
+        .map_err(|error| error.to_string())?
+    {
+        let name = TopicName::parse(&format!("persistent://{tenant}/{local}/{topic}"))
+            .map_err(|error| error.to_string())?;
+        if let Some(count) = broker
+            .partition_count(&name)
+            .map_err(|error| error.to_string())?
+        {
+            partitioned.push((topic, count));
+        }
+    }
+    Ok(partitioned)
+}
+
+/// Whether a partitioned topic of the tenant lacks on the target, or has fewer partitions there
+/// than here, as far as the record knows (a failed read counts as lacking: copying is
+/// idempotent, and it reports the failure).
+fn lacks_partitioned(broker: &Broker, record: &MigrationRecord) -> bool {
+    let tenant = &record.tenant;
+    broker
+        .resources()
+        .namespaces(tenant)
+        .unwrap_or_default()
+        .iter()
+        .any(|namespace| {
+            let local = namespace.split_once('/').map_or("", |(_, local)| local);
+            partitioned_topics(broker, tenant, local).map_or(true, |topics| {
+                topics.iter().any(|(topic, count)| {
+                    record
+                        .partitioned_on_target
+                        .get(&format!("persistent://{tenant}/{local}/{topic}"))
+                        != Some(count)
+                })
+            })
+        })
+}
+
 /// Phase 1: the tenant and its namespaces (with their policies) on the target, then the target
 /// added to each namespace's replication clusters here (its replicators start at the earliest
 /// message: [`super::earliest_remotes`]).
@@ -480,16 +532,8 @@ async fn copy_metadata(
             policies.replication_clusters.push(target.clone());
         }
         clusters.extend(policies.replication_clusters.iter().cloned());
-        for topic in broker
-            .metadata()
-            .children(&format!("/partitioned-topics/{tenant}/{local}"))
-            .map_err(|error| error.to_string())?
-        {
-            let name = TopicName::parse(&format!("persistent://{tenant}/{local}/{topic}"))
-                .map_err(fail)?;
-            if let Some(count) = broker.partition_count(&name).map_err(fail)? {
-                partitioned.push((local.clone(), topic, count));
-            }
+        for (topic, count) in partitioned_topics(broker, tenant, &local)? {
+            partitioned.push((local.clone(), topic, count));
         }
         namespaces.push((local, policies));
     }
@@ -520,7 +564,7 @@ async fn copy_metadata(
         tenant: tenant.clone(),
         tenant_info,
         namespaces: namespaces.clone(),
-        partitioned,
+        partitioned: partitioned.clone(),
     };
     let metadata = broker.metadata().clone();
     let owner = tenant.clone();
@@ -541,6 +585,14 @@ async fn copy_metadata(
     })
     .await
     .map_err(|error| error.to_string())??;
+    update_record(broker.metadata(), tenant, |record| {
+        for (local, topic, count) in &partitioned {
+            record
+                .partitioned_on_target
+                .insert(format!("persistent://{tenant}/{local}/{topic}"), *count);
+        }
+    })
+    .map_err(fail)?;
     // The target holds the namespaces: replicate to it.
     for (local, _) in namespaces {
         let mut policies = resources.policies(tenant, &local).map_err(fail)?;

@@ -106,6 +106,10 @@ pub struct MigrationRecord {
     /// Namespaces (without the tenant) the migration created on the target, noted before.
     #[serde(default)]
     pub created_namespaces_on_target: Vec<String>,
+    /// Partitioned topics (full names) the target holds with their partition count, noted
+    /// after each copy: one created (or grown) on the source later is copied again.
+    #[serde(default)]
+    pub partitioned_on_target: BTreeMap<String, u32>,
     /// Stop before the redirect (after "subscriptions synced") until an operator releases it
     /// (`POST …/migration/redirect`): the switch happens when the operator chooses.
     #[serde(default)]
@@ -371,6 +375,7 @@ pub fn start(
         marked_replicated: Vec::new(),
         created_tenant_on_target: false,
         created_namespaces_on_target: Vec::new(),
+        partitioned_on_target: BTreeMap::new(),
         hold_before_redirect,
         cleaning_up: false,
         fenced_at_ms: None,

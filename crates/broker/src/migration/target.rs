@@ -84,6 +84,23 @@ pub(super) fn push(
     let call = |method: &str, path: &str, body: Option<String>| {
         call(&agent, &base, &wanted.local_cluster, method, path, body)
     };
+    // A target that is itself the source of a migration of this tenant (one that moved it
+    // here and is not cleaned up) still sends the tenant's clients away: they would go back
+    // and forth between the two clusters.
+    let (status, text) = call(
+        "GET",
+        &format!("/tenants/{}/migration", wanted.tenant),
+        None,
+    )?;
+    if status == 200 {
+        let phase = serde_json::from_str::<serde_json::Value>(&text)
+            .ok()
+            .and_then(|value| Some(value.get("phase")?.as_str()?.to_string()))
+            .unwrap_or_default();
+        return Err(format!(
+            "the target still has this tenant's own migration record (phase {phase}): finish it there first (--cleanup on the target once done, or --abort)"
+        ));
+    }
     for (name, data) in &wanted.registry {
         call("PUT", &format!("/clusters/{name}"), Some(json(data)))?;
     }
@@ -136,8 +153,18 @@ pub(super) fn push(
             wanted.tenant,
             crate::topic_name::encode_path_segment(topic)
         );
-        // 409: it exists (a different count is the replicators' "partitions inconsistent").
-        call("PUT", &path, Some(partitions.to_string()))?;
+        if call("PUT", &path, Some(partitions.to_string()))?.0 != 409 {
+            continue;
+        }
+        // It exists there: grown here since it was copied, it grows there too.
+        let (_, text) = call("GET", &path, None)?;
+        let theirs = serde_json::from_str::<serde_json::Value>(&text)
+            .ok()
+            .and_then(|value| value.get("partitions")?.as_u64())
+            .ok_or_else(|| format!("target sent an unreadable partition count for {topic}"))?;
+        if theirs < u64::from(*partitions) {
+            call("POST", &path, Some(partitions.to_string()))?;
+        }
     }
     Ok(())
 }
