@@ -76,15 +76,16 @@ def keys(meridian_bin, tmp_path_factory):
     return Keys(meridian_bin, tmp_path_factory.mktemp("keys"))
 
 
-def start_secured(module_brokers, meridian_bin, keys, base_dir, extra_config: str = ""):
-    """A broker with token authentication (the `keys` secret), an audit log, a 1 s credentials
-    check and `extra_config`, stopped with the module's brokers."""
+def start_secured(module_brokers, meridian_bin, keys, base_dir, extra_config: str = "",
+                  refresh_check_seconds: int = 1):
+    """A broker with token authentication (the `keys` secret), an audit log, a credentials
+    check every `refresh_check_seconds` and `extra_config`, stopped with the module's brokers."""
     audit = base_dir / "audit.log"
     config = (
         "authentication_enabled = true\n"
         f'token_secret_key = "file://{keys.secret}"\n'
         f'audit_log_file = "{audit}"\n'
-        "authentication_refresh_check_seconds = 1\n"
+        f"authentication_refresh_check_seconds = {refresh_check_seconds}\n"
     ) + extra_config
     broker = SecuredBroker(meridian_bin, base_dir, base_dir.name, config, keys.token("admin"))
     broker.audit_path = audit

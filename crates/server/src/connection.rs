@@ -207,6 +207,10 @@ async fn run_halves<R, W>(
     keep_alive.tick().await;
     let mut credentials_check = tokio::time::interval(config.security.refresh_check_interval());
     credentials_check.tick().await;
+    // A grant revoked or a tenant's admin roles changed: producers and consumers re-checked
+    // at once (Pulsar re-checks on policy change), not only at the periodic check.
+    let mut authorization_changes = connection.broker.authorization_changes();
+    let mut watching_authorization = config.security.authorization_enabled();
     let connect_deadline = tokio::time::sleep(config.connect_timeout);
     tokio::pin!(connect_deadline);
     // The part of the inbound budget held for the large frame at the head of the buffer.
@@ -263,6 +267,12 @@ async fn run_halves<R, W>(
                     // Never waits: a full queue must not stop this check from running again.
                     let ping = BaseCommand { ping: Some(CommandPing {}), ..command(Type::Ping) };
                     let _ = connection.outbound.try_send(command_frame(&ping));
+                }
+            }
+            changed = authorization_changes.changed(), if watching_authorization => {
+                match changed {
+                    Ok(()) => connection.enforce_revocations().await,
+                    Err(_) => watching_authorization = false,
                 }
             }
             _ = credentials_check.tick(), if config.security.authentication_enabled() => {

@@ -279,7 +279,7 @@ impl Connection {
     }
 
     /// Closes the producers and consumers whose role lost its permission.
-    async fn enforce_revocations(&mut self) {
+    pub(super) async fn enforce_revocations(&mut self) {
         let revoked_producers: Vec<(u64, String)> = self
             .producers
             .iter()
