@@ -11,7 +11,9 @@ pub mod keys;
 pub mod tls;
 pub mod token;
 
+use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 pub use audit::{AuditEvent, AuditLog, Outcome};
@@ -59,6 +61,9 @@ pub struct SecurityConfig {
     pub authentication_refresh_check: Duration,
     /// Append-only JSON-lines audit log; None: no audit log.
     pub audit_log_file: Option<PathBuf>,
+    /// Binary-protocol connections one role may hold at once, over all listeners; a CONNECT
+    /// beyond it is refused (0: no limit).
+    pub max_connections_per_role: usize,
 }
 
 impl Default for SecurityConfig {
@@ -74,6 +79,7 @@ impl Default for SecurityConfig {
             token_audience: None,
             authentication_refresh_check: Duration::from_secs(60),
             audit_log_file: None,
+            max_connections_per_role: 0,
         }
     }
 }
@@ -83,6 +89,8 @@ pub struct Security {
     config: SecurityConfig,
     verifier: Option<TokenVerifier>,
     audit: Option<AuditLog>,
+    /// Connections held per role (for `max_connections_per_role`).
+    role_connections: Arc<Mutex<HashMap<String, usize>>>,
 }
 
 impl std::fmt::Debug for Security {
@@ -110,6 +118,7 @@ impl Security {
             config: SecurityConfig::default(),
             verifier: None,
             audit: None,
+            role_connections: Arc::default(),
         }
     }
 
@@ -155,6 +164,7 @@ impl Security {
             config,
             verifier,
             audit,
+            role_connections: Arc::default(),
         })
     }
 
@@ -249,6 +259,53 @@ pub fn token_from_parameters(parameters: &str) -> Result<String, AuthError> {
             .ok_or_else(|| AuthError::Key("authentication parameters have no \"token\"".into()));
     }
     Ok(parameters.to_string())
+}
+
+/// One connection of a role, counted against `max_connections_per_role` until dropped.
+pub struct RoleConnection {
+    counts: Arc<Mutex<HashMap<String, usize>>>,
+    role: String,
+}
+
+impl Drop for RoleConnection {
+    fn drop(&mut self) {
+        let mut counts = self
+            .counts
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(count) = counts.get_mut(&self.role) {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                counts.remove(&self.role);
+            }
+        }
+    }
+}
+
+impl Security {
+    /// Counts a connection of `role`; `Err` with a reason when the role already holds
+    /// `max_connections_per_role` (none is counted without a limit).
+    pub fn claim_role_connection(&self, role: &str) -> Result<Option<RoleConnection>, String> {
+        let limit = self.config.max_connections_per_role;
+        if limit == 0 {
+            return Ok(None);
+        }
+        let mut counts = self
+            .role_connections
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let count = counts.entry(role.to_string()).or_default();
+        if *count >= limit {
+            return Err(format!(
+                "role '{role}' already holds {limit} connections (max_connections_per_role)"
+            ));
+        }
+        *count += 1;
+        Ok(Some(RoleConnection {
+            counts: self.role_connections.clone(),
+            role: role.to_string(),
+        }))
+    }
 }
 
 #[cfg(test)]

@@ -102,6 +102,8 @@ pub struct Config {
     pub authentication_refresh_check_seconds: u64,
     /// Append-only JSON-lines audit log of admin mutations and security failures.
     pub audit_log_file: Option<PathBuf>,
+    /// Binary-protocol connections one authenticated role may hold at once (0: no limit).
+    pub max_connections_per_role: usize,
     /// Port of the binary protocol over TLS, `pulsar+ssl://` (`brokerServicePortTls`).
     pub broker_port_tls: Option<u16>,
     /// Port of HTTPS (`webServicePortTls`).
@@ -202,6 +204,7 @@ impl Default for Config {
             token_audience: None,
             authentication_refresh_check_seconds: security.authentication_refresh_check.as_secs(),
             audit_log_file: None,
+            max_connections_per_role: security.max_connections_per_role,
             broker_port_tls: None,
             web_port_tls: None,
             tls_certificate_file_path: None,
@@ -540,6 +543,7 @@ impl Config {
                 self.authentication_refresh_check_seconds,
             ),
             audit_log_file: self.audit_log_file.clone(),
+            max_connections_per_role: self.max_connections_per_role,
         }
     }
 }

@@ -49,6 +49,8 @@ pub(super) struct AuthState {
     refresh_supported: bool,
     /// An AUTH_CHALLENGE is unanswered.
     refresh_pending: bool,
+    /// This connection counted against `max_connections_per_role`.
+    _role_connection: Option<meridian_auth::RoleConnection>,
 }
 
 impl Connection {
@@ -107,8 +109,20 @@ impl Connection {
         match security.authenticate(&token) {
             Ok(principal) => {
                 tracing::debug!(peer = %self.peer, role = %principal.role, "client authenticated");
+                let role = principal.role.clone();
                 self.auth.principal = Some(principal);
-                Ok(())
+                match security.claim_role_connection(&role) {
+                    Ok(slot) => {
+                        self.auth._role_connection = slot;
+                        Ok(())
+                    }
+                    Err(reason) => {
+                        self.audit("CONNECT", "", Outcome::Denied, &reason);
+                        self.error(u64::MAX, ServerError::NotAllowedError, reason.clone())
+                            .await;
+                        Err(Close(reason))
+                    }
+                }
             }
             Err(error) => Err(self.refuse_credentials("CONNECT", error.to_string()).await),
         }
