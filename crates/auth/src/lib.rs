@@ -7,6 +7,7 @@
 
 pub mod audit;
 pub mod authz;
+pub mod certificate;
 pub mod keys;
 pub mod tls;
 pub mod token;
@@ -64,6 +65,9 @@ pub struct SecurityConfig {
     /// Binary-protocol connections one role may hold at once, over all listeners; a CONNECT
     /// beyond it is refused (0: no limit).
     pub max_connections_per_role: usize,
+    /// A client may authenticate with its TLS client certificate, the subject's CN as its role
+    /// (Pulsar's `AuthenticationProviderTls`; needs mutual TLS).
+    pub tls_authentication_enabled: bool,
 }
 
 impl Default for SecurityConfig {
@@ -80,6 +84,7 @@ impl Default for SecurityConfig {
             authentication_refresh_check: Duration::from_secs(60),
             audit_log_file: None,
             max_connections_per_role: 0,
+            tls_authentication_enabled: false,
         }
     }
 }
@@ -174,6 +179,11 @@ impl Security {
 
     pub fn authorization_enabled(&self) -> bool {
         self.config.authorization_enabled
+    }
+
+    /// Whether CONNECT may authenticate with the TLS client certificate (method `tls`).
+    pub fn tls_authentication_enabled(&self) -> bool {
+        self.config.tls_authentication_enabled
     }
 
     pub fn refresh_check_interval(&self) -> Duration {

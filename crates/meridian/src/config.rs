@@ -118,6 +118,9 @@ pub struct Config {
     /// Clients of the TLS ports must present a certificate issued by those CAs (mutual TLS,
     /// `tlsRequireTrustedClientCertOnConnect`).
     pub tls_require_trusted_client_cert_on_connect: bool,
+    /// CONNECT may authenticate with the client certificate, its CN as the role (Pulsar's
+    /// `AuthenticationProviderTls` among `authenticationProviders`); needs mutual TLS.
+    pub tls_authentication_enabled: bool,
     /// The plain ports (`broker_port`, `web_port`) are served; false: TLS ports only.
     pub plain_ports_enabled: bool,
     pub storage: StorageSection,
@@ -211,6 +214,7 @@ impl Default for Config {
             tls_key_file_path: None,
             tls_trust_certs_file_path: None,
             tls_require_trusted_client_cert_on_connect: false,
+            tls_authentication_enabled: security.tls_authentication_enabled,
             plain_ports_enabled: true,
             storage: StorageSection::default(),
         }
@@ -374,6 +378,9 @@ impl Config {
             && self.tls_trust_certs_file_path.is_none()
         {
             bail!("tls_require_trusted_client_cert_on_connect needs tls_trust_certs_file_path");
+        }
+        if self.tls_authentication_enabled && !self.tls_require_trusted_client_cert_on_connect {
+            bail!("tls_authentication_enabled needs tls_require_trusted_client_cert_on_connect (mutual TLS)");
         }
         if !self.plain_ports_enabled
             && (self.broker_port_tls.is_none() || self.web_port_tls.is_none())
@@ -544,6 +551,7 @@ impl Config {
             ),
             audit_log_file: self.audit_log_file.clone(),
             max_connections_per_role: self.max_connections_per_role,
+            tls_authentication_enabled: self.tls_authentication_enabled,
         }
     }
 }

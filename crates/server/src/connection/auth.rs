@@ -51,6 +51,17 @@ pub(super) struct AuthState {
     refresh_pending: bool,
     /// This connection counted against `max_connections_per_role`.
     _role_connection: Option<meridian_auth::RoleConnection>,
+    /// The CN of the client certificate the TLS handshake verified (mutual TLS).
+    certificate_role: Option<String>,
+}
+
+impl AuthState {
+    pub(super) fn with_certificate_role(certificate_role: Option<String>) -> AuthState {
+        AuthState {
+            certificate_role,
+            ..AuthState::default()
+        }
+    }
 }
 
 impl Connection {
@@ -101,12 +112,38 @@ impl Connection {
             .as_ref()
             .is_some_and(|flags| flags.supports_auth_refresh());
         let method = connect.auth_method_name.as_deref().unwrap_or("none");
-        if method != "token" {
-            let reason = format!("authentication method '{method}' is not accepted; use a token");
-            return Err(self.refuse_credentials("CONNECT", reason).await);
-        }
-        let token = String::from_utf8_lossy(connect.auth_data.as_deref().unwrap_or_default());
-        match security.authenticate(&token) {
+        let authenticated = match method {
+            "token" => {
+                let token =
+                    String::from_utf8_lossy(connect.auth_data.as_deref().unwrap_or_default());
+                security
+                    .authenticate(&token)
+                    .map_err(|error| error.to_string())
+            }
+            "tls" if security.tls_authentication_enabled() => {
+                match self.auth.certificate_role.clone() {
+                    Some(role) => Ok(Principal {
+                        role,
+                        expires_at: None,
+                    }),
+                    None => Err(
+                        "no client certificate with a subject CN (method tls needs mutual TLS)"
+                            .to_string(),
+                    ),
+                }
+            }
+            _ => {
+                let accepted = if security.tls_authentication_enabled() {
+                    "use a token or a client certificate (tls)"
+                } else {
+                    "use a token"
+                };
+                Err(format!(
+                    "authentication method '{method}' is not accepted; {accepted}"
+                ))
+            }
+        };
+        match authenticated {
             Ok(principal) => {
                 tracing::debug!(peer = %self.peer, role = %principal.role, "client authenticated");
                 let role = principal.role.clone();
@@ -124,7 +161,7 @@ impl Connection {
                     }
                 }
             }
-            Err(error) => Err(self.refuse_credentials("CONNECT", error.to_string()).await),
+            Err(reason) => Err(self.refuse_credentials("CONNECT", reason).await),
         }
     }
 
