@@ -2,8 +2,10 @@
 //! expiry on a long-lived connection, and AUTH_CHALLENGE / AUTH_RESPONSE refreshes, as Pulsar's
 //! broker does them:
 //!
-//! - CONNECT must carry a valid token (`auth_method_name` "token"); otherwise the client gets
-//!   ERROR(AuthenticationError) and the connection is closed.
+//! - CONNECT must carry a valid token (`auth_method_name` "token"), or, with
+//!   `tls_authentication_enabled`, method "tls" over a connection whose client certificate
+//!   names the role (its CN); otherwise the client gets ERROR(AuthenticationError) and the
+//!   connection is closed. A role over `max_connections_per_role` gets NotAllowedError.
 //! - Every `authentication_refresh_check_seconds` an expired token is challenged: a client that
 //!   announced `supports_auth_refresh` gets AUTH_CHALLENGE and must answer with a valid token of
 //!   the same role before the next check; a client that cannot refresh, or does not, is
@@ -14,8 +16,9 @@
 //! produce, SUBSCRIBE consume, LOOKUP, PARTITIONED_METADATA and GET_SCHEMA either,
 //! GET_TOPICS_OF_NAMESPACE some grant in the namespace); commands on a producer or consumer
 //! already open ride on the check made when it was opened. A permission revoked while connected
-//! takes effect at the next periodic check (the same `authentication_refresh_check_seconds`):
-//! the producer or consumer that lost it is closed (CLOSE_PRODUCER / CLOSE_CONSUMER), and the
+//! takes effect at once: a change of a tenant or of namespace or topic policies
+//! (`Broker::authorization_changes`), and each periodic check, re-check every producer and
+//! consumer; one that lost its permission is closed (CLOSE_PRODUCER / CLOSE_CONSUMER), and the
 //! client's attempt to re-create it is refused with AuthorizationError.
 //!
 //! Replication is for super-users and `replicator_roles` only: a producer named with the
