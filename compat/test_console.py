@@ -338,3 +338,34 @@ def test_console_marks_a_topic_the_broker_cannot_serve(browser, broker_factory):
     # On its namespace's page it is not shown as an idle, unloaded topic.
     console.open("namespace", "public", "default")
     console.await_shows("the broken topic's row", {"producers": "unavailable (loadFailed)"}, topic=name)
+
+
+def test_console_asks_for_a_token_when_authentication_is_on(browser, module_brokers, meridian_bin,
+                                                              tmp_path_factory):
+    from test_security import Keys, rest, start_secured
+
+    keys = Keys(meridian_bin, tmp_path_factory.mktemp("console-keys"))
+    broker = start_secured(module_brokers, meridian_bin, keys, tmp_path_factory.mktemp("console-secured"),
+                           'authorization_enabled = true\nsuper_user_roles = ["admin"]\n')
+    # The data stays behind authentication; the console's static files are open.
+    assert rest(broker, "GET", "/admin/v2/clusters")[0] == 401
+    # sessionStorage is per origin: this broker's port has none yet.
+    browser.navigate(f"{broker.web_url}/console#/")
+    await_condition(lambda: browser.evaluate("!!document.getElementById('token-form')"),
+                    PAGE_TIMEOUT_S, "the console to ask for a token")
+    assert "answered 401" in browser.evaluate("document.getElementById('error').innerText")
+    token = json.dumps(keys.token("admin"))
+    browser.evaluate(
+        f"document.getElementById('token').value = {token};"
+        " document.getElementById('token-form').requestSubmit(); 1"
+    )
+    await_condition(
+        lambda: browser.evaluate(
+            "(() => { const view = document.getElementById('view');"
+            " return view.dataset.route === location.hash && !document.getElementById('token-form'); })()"
+        ),
+        PAGE_TIMEOUT_S, "the clusters page drawn with the token",
+    )
+    assert "standalone" in browser.evaluate("document.getElementById('view').innerText")
+    browser.evaluate("sessionStorage.clear(); 1")
+    browser.navigate("about:blank")

@@ -76,15 +76,16 @@ def keys(meridian_bin, tmp_path_factory):
     return Keys(meridian_bin, tmp_path_factory.mktemp("keys"))
 
 
-def start_secured(module_brokers, meridian_bin, keys, base_dir, extra_config: str = ""):
-    """A broker with token authentication (the `keys` secret), an audit log, a 1 s credentials
-    check and `extra_config`, stopped with the module's brokers."""
+def start_secured(module_brokers, meridian_bin, keys, base_dir, extra_config: str = "",
+                  refresh_check_seconds: int = 1):
+    """A broker with token authentication (the `keys` secret), an audit log, a credentials
+    check every `refresh_check_seconds` and `extra_config`, stopped with the module's brokers."""
     audit = base_dir / "audit.log"
     config = (
         "authentication_enabled = true\n"
         f'token_secret_key = "file://{keys.secret}"\n'
         f'audit_log_file = "{audit}"\n'
-        "authentication_refresh_check_seconds = 1\n"
+        f"authentication_refresh_check_seconds = {refresh_check_seconds}\n"
     ) + extra_config
     broker = SecuredBroker(meridian_bin, base_dir, base_dir.name, config, keys.token("admin"))
     broker.audit_path = audit
@@ -289,3 +290,22 @@ def test_expired_token_that_cannot_be_refreshed_disconnects(secured, keys, clien
     admin = keys.token("admin")
     stats = rest(secured, "GET", "/admin/v2/" + topic.replace("://", "/") + "/stats", admin)[1]
     assert stats["msgInCounter"] == 1, stats
+
+
+def test_connections_per_role_are_limited(module_brokers, meridian_bin, keys, client_factory, tmp_path_factory):
+    broker = start_secured(module_brokers, meridian_bin, keys, tmp_path_factory.mktemp("capped"),
+                           "max_connections_per_role = 2\n")
+    topic = unique_topic("capped")
+    first_client = client_for(client_factory, broker, keys.token("capped"))
+    first_client.create_producer(topic)
+    second = client_for(client_factory, broker, keys.token("capped")).create_producer(topic)
+    with pytest.raises(pulsar.PulsarException):
+        client_for(client_factory, broker, keys.token("capped")).create_producer(topic)
+    line = await_audit(broker, "already holds 2 connections", action="CONNECT", outcome="denied")
+    assert line["role"] == "capped"
+    # Another role is not counted with it; a closed connection frees its place.
+    client_for(client_factory, broker, keys.token("other")).create_producer(topic).send(b"other")
+    first_client.close()
+    third = client_for(client_factory, broker, keys.token("capped")).create_producer(topic)
+    third.send(b"third")
+    second.send(b"second")

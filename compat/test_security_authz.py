@@ -2,7 +2,8 @@
 super-user role `admin`. Tenant admin roles are enforced on the tenant's namespaces and topics;
 `produce` / `consume` grants on a namespace or a topic (REST and `meridian admin`) decide every
 PRODUCER, SUBSCRIBE and lookup; a denial is AuthorizationError / 403 with a reason, an audit
-entry, and nothing written; a grant revoked while a producer is connected closes it.
+entry, and nothing written; a grant revoked, or a tenant's admin roles changed, while a
+producer or consumer is connected closes it at once (not at the next periodic check).
 """
 
 from __future__ import annotations
@@ -134,3 +135,47 @@ def test_permission_revoked_while_connected_closes_the_producer(secured, keys, t
     with pytest.raises(pulsar.PulsarException):
         producer.send(b"after revocation")
     assert in_counter(secured, keys, topic) == 1
+
+
+@pytest.fixture(scope="module")
+def slow_check(module_brokers, meridian_bin, keys, tmp_path_factory):
+    """A broker whose periodic credentials check is an hour away: what closes a producer or
+    consumer within the test is the policy change itself."""
+    extra = 'authorization_enabled = true\nsuper_user_roles = ["admin"]\n'
+    return start_secured(module_brokers, meridian_bin, keys, tmp_path_factory.mktemp("slow"),
+                         extra, refresh_check_seconds=3600)
+
+
+def test_revocation_takes_effect_at_once(slow_check, keys, client_factory):
+    admin = keys.token("admin")
+    tenant = unique("rev")
+    body = {"adminRoles": ["rev-admin"], "allowedClusters": ["standalone"]}
+    assert rest(slow_check, "PUT", f"/admin/v2/tenants/{tenant}", admin, body)[0] in (200, 204)
+    assert rest(slow_check, "PUT", f"/admin/v2/namespaces/{tenant}/ns", admin, {})[0] in (200, 204)
+    topic = f"persistent://{tenant}/ns/{unique('revoked')}"
+    short = topic.removeprefix("persistent://")
+    grant = f"/admin/v2/persistent/{short}/permissions/temp"
+    assert rest(slow_check, "POST", grant, admin, ["produce", "consume"])[0] in (200, 204)
+    temp = client_as(client_factory, slow_check, keys, "temp")
+    producer = temp.create_producer(topic, send_timeout_millis=3000)
+    consumer = temp.subscribe(topic, "s")
+    producer.send(b"while granted")
+    assert consumer.receive(timeout_millis=10_000).data() == b"while granted"
+    # A tenant admin connected as a producer loses the role.
+    tenant_admin = client_as(client_factory, slow_check, keys, "rev-admin").create_producer(
+        topic, send_timeout_millis=3000
+    )
+    tenant_admin.send(b"as tenant admin")
+
+    assert rest(slow_check, "DELETE", grant, admin)[0] in (200, 204)
+    await_audit(slow_check, "no produce permission", action="PRODUCER", role="temp", outcome="denied")
+    await_audit(slow_check, "no consume permission", action="SUBSCRIBE", role="temp", outcome="denied")
+    with pytest.raises(pulsar.PulsarException):
+        producer.send(b"after revocation")
+
+    body["adminRoles"] = []
+    assert rest(slow_check, "POST", f"/admin/v2/tenants/{tenant}", admin, body)[0] in (200, 204)
+    await_audit(slow_check, "no produce permission", action="PRODUCER", role="rev-admin", outcome="denied")
+    with pytest.raises(pulsar.PulsarException):
+        tenant_admin.send(b"after the role changed")
+    assert in_counter(slow_check, keys, topic) == 2

@@ -19,7 +19,7 @@ import pytest
 
 from broker_process import free_port
 from helpers import unique_topic, wait_until
-from test_security import Keys, start_secured, topic_exists
+from test_security import Keys, await_audit, rest, start_secured, topic_exists
 
 
 def openssl(*args: str, cwd) -> None:
@@ -156,3 +156,45 @@ def test_a_replaced_certificate_is_served_without_a_restart(secured, certs):
     wait_until(lambda: served_certificate(secured.web_tls_port, certs)
                == pem_to_der(certs / "server.pem"),
                "the renewed certificate is served")
+
+
+def test_a_client_certificate_authenticates_with_its_cn_as_the_role(module_brokers, meridian_bin, keys, certs,
+                                                                    tmp_path_factory):
+    """`tls_authentication_enabled` (Pulsar's AuthenticationProviderTls): the Python client's
+    AuthenticationTLS connects as the certificate's CN (`alice`), whose permissions decide."""
+    broker_tls = free_port()
+    extra = (
+        f"broker_port_tls = {broker_tls}\n"
+        f'tls_certificate_file_path = "{certs / "server.pem"}"\n'
+        f'tls_key_file_path = "{certs / "server.key"}"\n'
+        f'tls_trust_certs_file_path = "{certs / "ca.pem"}"\n'
+        "tls_require_trusted_client_cert_on_connect = true\n"
+        "tls_authentication_enabled = true\n"
+        'authorization_enabled = true\nsuper_user_roles = ["admin"]\n'
+    )
+    broker = start_secured(module_brokers, meridian_bin, keys, tmp_path_factory.mktemp("tls-roles"), extra)
+    topic = unique_topic("cn-role")
+
+    def alice():
+        return pulsar.Client(
+            f"pulsar+ssl://127.0.0.1:{broker_tls}",
+            authentication=pulsar.AuthenticationTLS(str(certs / "client.pem"), str(certs / "client.key")),
+            tls_trust_certs_file_path=str(certs / "ca.pem"),
+            operation_timeout_seconds=5,
+        )
+
+    client = alice()
+    try:
+        with pytest.raises(pulsar.PulsarException):
+            client.create_producer(topic)
+        # Refused at the lookup: the role is the certificate's CN.
+        await_audit(broker, "role 'alice' has no produce or consume permission", role="alice", outcome="denied")
+    finally:
+        client.close()
+    grant = "/admin/v2/namespaces/public/default/permissions/alice"
+    assert rest(broker, "POST", grant, keys.token("admin"), ["produce"])[0] in (200, 204)
+    client = alice()
+    try:
+        client.create_producer(topic).send(b"as alice")
+    finally:
+        client.close()

@@ -1,7 +1,7 @@
 //! Authentication of HTTP requests and the audit of admin mutations.
 //!
 //! With `authentication_enabled`, every request but `/metrics` and `/status.html` (open in
-//! Pulsar too, unless `authenticateMetricsEndpoint`) needs `Authorization: Bearer <token>`;
+//! Pulsar too, unless `authenticateMetricsEndpoint`) and the console's static files needs `Authorization: Bearer <token>`;
 //! without one, or with one that does not verify, the answer is 401 with a JSON reason. The
 //! role of a verified token travels with the request as a [`Caller`] for the handlers'
 //! permission checks.
@@ -41,9 +41,19 @@ pub struct Caller {
     pub role: Option<String>,
 }
 
-/// Paths served without credentials.
+/// Paths served without credentials: metrics, the status page, and the console's three
+/// static files (code, no data: the console asks for a token and sends it with each API call).
 fn is_open(path: &str) -> bool {
-    matches!(path, "/metrics" | "/metrics/" | "/status.html")
+    matches!(
+        path,
+        "/metrics"
+            | "/metrics/"
+            | "/status.html"
+            | "/console"
+            | "/console/"
+            | "/console/style.css"
+            | "/console/app.js"
+    )
 }
 
 fn audit(

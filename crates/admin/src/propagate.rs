@@ -16,6 +16,7 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
+use meridian_broker::peer::Peer;
 use meridian_broker::resources::{ClusterData, Policies, TenantInfo};
 
 use crate::AppState;
@@ -31,9 +32,8 @@ const BACKOFF_MAX: Duration = Duration::from_secs(30);
 struct Change {
     local_cluster: String,
     remote: String,
-    service_url: String,
-    /// Token from the remote's registration (`authenticationParameters`).
-    auth_token: Option<String>,
+    /// Its admin API, with the credentials of its registration.
+    peer: Peer,
     /// Registry entries of every cluster the namespace names (without link-specific proxies).
     registry: Vec<(String, ClusterData)>,
     tenant: String,
@@ -68,22 +68,18 @@ pub fn spawn(broker: &AppState, tenant: &str, namespace: &str, previous: Vec<Str
         if *remote == local_cluster {
             continue;
         }
-        let remote_data = resources.cluster(remote).ok();
-        let auth_token = remote_data
-            .as_ref()
-            .and_then(|data| meridian_broker::replication::remote::auth_token_of(remote, data));
-        let service_url = remote_data
-            .and_then(|data| data.service_url)
-            .filter(|url| !url.is_empty());
-        let Some(service_url) = service_url else {
+        let peer = resources
+            .cluster(remote)
+            .ok()
+            .and_then(|data| Peer::of(remote, &data));
+        let Some(peer) = peer else {
             tracing::warn!(cluster = %remote, namespace = %format!("{tenant}/{namespace}"), "cannot propagate the namespace: the cluster has no serviceUrl");
             continue;
         };
         let change = Change {
             local_cluster: local_cluster.clone(),
             remote: remote.clone(),
-            service_url,
-            auth_token,
+            peer,
             registry: registry.clone(),
             tenant: tenant.to_string(),
             tenant_info: tenant_info.clone(),
@@ -129,15 +125,14 @@ fn push(change: &Change) -> Result<(), String> {
     let agent = ureq::AgentBuilder::new()
         .timeout(Duration::from_secs(10))
         .build();
-    let base = format!("{}/admin/v2", change.service_url.trim_end_matches('/'));
-    let send = |method: &str, path: &str, body: Option<String>| -> Result<u16, String> {
-        let mut request = agent
-            .request(method, &format!("{base}{path}"))
+    let request = |method: &str, path: &str| {
+        change
+            .peer
+            .request(&agent, method, &format!("/admin/v2{path}"))
             .set(PROPAGATED_HEADER, &change.local_cluster)
-            .set("Content-Type", "application/json");
-        if let Some(token) = &change.auth_token {
-            request = request.set("Authorization", &format!("Bearer {token}"));
-        }
+    };
+    let send = |method: &str, path: &str, body: Option<String>| -> Result<u16, String> {
+        let request = request(method, path).set("Content-Type", "application/json");
         let result = match body {
             Some(body) => request.send_string(&body),
             None => request.call(),
@@ -165,8 +160,7 @@ fn push(change: &Change) -> Result<(), String> {
     let tenant_path = format!("/tenants/{}", change.tenant);
     if send("PUT", &tenant_path, Some(json(&tenant_info)))? == 409 {
         // The tenant exists there: widen its allowed clusters if they lack ours.
-        let mut remote: TenantInfo = agent
-            .get(&format!("{base}{tenant_path}"))
+        let mut remote: TenantInfo = request("GET", &tenant_path)
             .call()
             .map_err(|error| format!("GET {tenant_path}: {error}"))?
             .into_json()
@@ -187,8 +181,7 @@ fn push(change: &Change) -> Result<(), String> {
         return Ok(());
     }
     let replication_path = format!("{namespace_path}/replication");
-    let theirs: Vec<String> = agent
-        .get(&format!("{base}{replication_path}"))
+    let theirs: Vec<String> = request("GET", &replication_path)
         .call()
         .map_err(|error| format!("GET {replication_path}: {error}"))?
         .into_json()

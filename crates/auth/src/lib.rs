@@ -7,11 +7,14 @@
 
 pub mod audit;
 pub mod authz;
+pub mod certificate;
 pub mod keys;
 pub mod tls;
 pub mod token;
 
+use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 pub use audit::{AuditEvent, AuditLog, Outcome};
@@ -59,6 +62,12 @@ pub struct SecurityConfig {
     pub authentication_refresh_check: Duration,
     /// Append-only JSON-lines audit log; None: no audit log.
     pub audit_log_file: Option<PathBuf>,
+    /// Binary-protocol connections one role may hold at once, over all listeners; a CONNECT
+    /// beyond it is refused (0: no limit).
+    pub max_connections_per_role: usize,
+    /// A client may authenticate with its TLS client certificate, the subject's CN as its role
+    /// (Pulsar's `AuthenticationProviderTls`; needs mutual TLS).
+    pub tls_authentication_enabled: bool,
 }
 
 impl Default for SecurityConfig {
@@ -74,6 +83,8 @@ impl Default for SecurityConfig {
             token_audience: None,
             authentication_refresh_check: Duration::from_secs(60),
             audit_log_file: None,
+            max_connections_per_role: 0,
+            tls_authentication_enabled: false,
         }
     }
 }
@@ -83,6 +94,8 @@ pub struct Security {
     config: SecurityConfig,
     verifier: Option<TokenVerifier>,
     audit: Option<AuditLog>,
+    /// Connections held per role (for `max_connections_per_role`).
+    role_connections: Arc<Mutex<HashMap<String, usize>>>,
 }
 
 impl std::fmt::Debug for Security {
@@ -110,6 +123,7 @@ impl Security {
             config: SecurityConfig::default(),
             verifier: None,
             audit: None,
+            role_connections: Arc::default(),
         }
     }
 
@@ -155,6 +169,7 @@ impl Security {
             config,
             verifier,
             audit,
+            role_connections: Arc::default(),
         })
     }
 
@@ -164,6 +179,11 @@ impl Security {
 
     pub fn authorization_enabled(&self) -> bool {
         self.config.authorization_enabled
+    }
+
+    /// Whether CONNECT may authenticate with the TLS client certificate (method `tls`).
+    pub fn tls_authentication_enabled(&self) -> bool {
+        self.config.tls_authentication_enabled
     }
 
     pub fn refresh_check_interval(&self) -> Duration {
@@ -249,6 +269,53 @@ pub fn token_from_parameters(parameters: &str) -> Result<String, AuthError> {
             .ok_or_else(|| AuthError::Key("authentication parameters have no \"token\"".into()));
     }
     Ok(parameters.to_string())
+}
+
+/// One connection of a role, counted against `max_connections_per_role` until dropped.
+pub struct RoleConnection {
+    counts: Arc<Mutex<HashMap<String, usize>>>,
+    role: String,
+}
+
+impl Drop for RoleConnection {
+    fn drop(&mut self) {
+        let mut counts = self
+            .counts
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(count) = counts.get_mut(&self.role) {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                counts.remove(&self.role);
+            }
+        }
+    }
+}
+
+impl Security {
+    /// Counts a connection of `role`; `Err` with a reason when the role already holds
+    /// `max_connections_per_role` (none is counted without a limit).
+    pub fn claim_role_connection(&self, role: &str) -> Result<Option<RoleConnection>, String> {
+        let limit = self.config.max_connections_per_role;
+        if limit == 0 {
+            return Ok(None);
+        }
+        let mut counts = self
+            .role_connections
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let count = counts.entry(role.to_string()).or_default();
+        if *count >= limit {
+            return Err(format!(
+                "role '{role}' already holds {limit} connections (max_connections_per_role)"
+            ));
+        }
+        *count += 1;
+        Ok(Some(RoleConnection {
+            counts: self.role_connections.clone(),
+            role: role.to_string(),
+        }))
+    }
 }
 
 #[cfg(test)]

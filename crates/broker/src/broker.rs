@@ -42,6 +42,8 @@ pub struct Broker {
     next_key: AtomicU64,
     /// The tenant migrations this broker drives (`crate::migration`).
     migrations: crate::migration::Drivers,
+    /// Counts changes of what authorization reads (see [`Broker::authorization_changes`]).
+    authorization_changes: std::sync::OnceLock<tokio::sync::watch::Sender<u64>>,
 }
 
 /// A topic name claimed by an admin creation or deletion; released when dropped.
@@ -126,6 +128,7 @@ impl Broker {
             lifecycle: Mutex::new(HashMap::new()),
             next_key: AtomicU64::new(1),
             migrations: crate::migration::Drivers::default(),
+            authorization_changes: std::sync::OnceLock::new(),
         }))
     }
 
@@ -153,6 +156,34 @@ impl Broker {
 
     pub fn resources(&self) -> &Resources {
         &self.resources
+    }
+
+    /// Changes whenever a record that authorization reads is written or deleted: a tenant
+    /// (its admin roles), a namespace's policies or a topic's policies (their grants).
+    /// Connections re-check their producers and consumers then, so a revocation takes effect
+    /// at once, as in Pulsar. The first call (inside the runtime) starts the watch.
+    pub fn authorization_changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.authorization_changes
+            .get_or_init(|| {
+                let (sender, _) = tokio::sync::watch::channel(0u64);
+                let notify = sender.clone();
+                let mut changes = self.metadata.watch();
+                tokio::spawn(async move {
+                    use tokio::sync::broadcast::error::RecvError;
+                    loop {
+                        match changes.recv().await {
+                            Ok(change) if !affects_authorization(&change.key) => {}
+                            // Missed changes may have been grants.
+                            Ok(_) | Err(RecvError::Lagged(_)) => {
+                                notify.send_modify(|count| *count = count.wrapping_add(1));
+                            }
+                            Err(RecvError::Closed) => return,
+                        }
+                    }
+                });
+                sender
+            })
+            .subscribe()
     }
 
     /// Whether topics of `namespace` may be auto-created, and as partitioned with how many
@@ -912,4 +943,12 @@ impl Broker {
             tracing::error!(%error, "closing topics failed");
         }
     }
+}
+
+/// Whether a metadata record holds what authorization reads (tenants' admin roles, namespace
+/// and topic grants).
+fn affects_authorization(key: &str) -> bool {
+    ["/tenants/", "/namespaces/", "/topic-policies/"]
+        .iter()
+        .any(|prefix| key.starts_with(prefix))
 }

@@ -14,6 +14,7 @@
 //!   Key_Shared; redelivery; delayed delivery).
 //! - [`replication`]: geo-replication (the replicator, the chain the remote checks, remote
 //!   clusters, the memory bound) and replicated subscriptions.
+//! - [`peer`]: HTTP calls to another cluster's admin API with its registration's credentials.
 //! - `context`: the narrow handle a topic gets from its broker, so `topic` never uses `broker`.
 //! - [`stats`]: counters and Pulsar's stats shapes; uses nothing else in the crate.
 //! - [`health`]: topics the broker cannot serve (log load failures, poisoned logs) and why.
@@ -30,6 +31,7 @@ pub mod error;
 pub mod health;
 pub mod migration;
 pub mod outbound;
+pub mod peer;
 pub mod replication;
 pub mod resources;
 pub mod schema;

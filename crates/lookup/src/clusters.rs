@@ -16,6 +16,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
+use meridian_broker::peer::Peer;
 use meridian_broker::topic_name::is_valid_entity_name;
 use meridian_client::Client;
 use serde_json::Value;
@@ -75,6 +76,8 @@ impl MigrationRecord {
 pub struct Clusters {
     members: Vec<Member>,
     agent: ureq::Agent,
+    /// Token every call to a cluster authenticates with (admin calls, forwarded requests).
+    auth_token: Option<String>,
     request_timeout: Duration,
     clients: Mutex<HashMap<String, Client>>,
     admin_calls: tokio::sync::Semaphore,
@@ -82,8 +85,13 @@ pub struct Clusters {
 
 impl Clusters {
     /// Members named by their web URLs, in the order given (the order breaks ties, see
-    /// [`crate::home`]). `request_timeout` bounds every admin call and forwarded request.
-    pub fn new(web_urls: &[String], request_timeout: Duration) -> Clusters {
+    /// [`crate::home`]). `request_timeout` bounds every admin call and forwarded request;
+    /// `auth_token`, if any, authenticates each of them.
+    pub fn new(
+        web_urls: &[String],
+        request_timeout: Duration,
+        auth_token: Option<String>,
+    ) -> Clusters {
         Clusters {
             members: web_urls
                 .iter()
@@ -98,6 +106,7 @@ impl Clusters {
                 .timeout(request_timeout)
                 .redirects(0)
                 .build(),
+            auth_token,
             request_timeout,
             clients: Mutex::new(HashMap::new()),
             admin_calls: tokio::sync::Semaphore::new(MAX_CONCURRENT_ADMIN_CALLS),
@@ -247,10 +256,14 @@ impl Clusters {
         if let Some(client) = lock(&self.clients).get(&cluster.broker_url) {
             return Ok(client.clone());
         }
-        let client = Client::builder(cluster.broker_url.clone())
+        let mut builder = Client::builder(cluster.broker_url.clone())
             .operation_timeout(self.request_timeout)
             .connect_timeout(self.request_timeout)
-            .max_lookup_redirects(MAX_FORWARDED_REDIRECTS)
+            .max_lookup_redirects(MAX_FORWARDED_REDIRECTS);
+        if let Some(token) = &self.auth_token {
+            builder = builder.auth_token(token.clone());
+        }
+        let client = builder
             .build()
             .await
             .map_err(|error| LookupError::UnknownCluster {
@@ -276,26 +289,29 @@ impl Clusters {
             .await
             .map_err(|_| LookupError::Internal("admin call slots closed".into()))?;
         let agent = self.agent.clone();
-        let url = format!("{web_url}{path}");
-        let outcome = tokio::task::spawn_blocking(move || match agent.get(&url).call() {
-            Ok(response) => {
-                let mut body = Vec::new();
-                response
-                    .into_reader()
-                    .take(MAX_ADMIN_BODY_BYTES)
-                    .read_to_end(&mut body)
-                    .map_err(|error| format!("reading GET {url}: {error}"))?;
-                serde_json::from_slice(&body)
-                    .map(Some)
-                    .map_err(|error| format!("GET {url} answered no JSON: {error}"))
-            }
-            Err(ureq::Error::Status(404, _)) => Ok(None),
-            Err(ureq::Error::Status(code, _)) => Err(format!("GET {url} answered {code}")),
-            // ureq's transport errors name the URL.
-            Err(error) => Err(error.to_string()),
-        })
-        .await
-        .map_err(|error| LookupError::Internal(format!("admin call task: {error}")))?;
+        let peer = Peer::new(web_url, self.auth_token.clone());
+        let url = peer.url(path);
+        let path = path.to_string();
+        let outcome =
+            tokio::task::spawn_blocking(move || match peer.request(&agent, "GET", &path).call() {
+                Ok(response) => {
+                    let mut body = Vec::new();
+                    response
+                        .into_reader()
+                        .take(MAX_ADMIN_BODY_BYTES)
+                        .read_to_end(&mut body)
+                        .map_err(|error| format!("reading GET {url}: {error}"))?;
+                    serde_json::from_slice(&body)
+                        .map(Some)
+                        .map_err(|error| format!("GET {url} answered no JSON: {error}"))
+                }
+                Err(ureq::Error::Status(404, _)) => Ok(None),
+                Err(ureq::Error::Status(code, _)) => Err(format!("GET {url} answered {code}")),
+                // ureq's transport errors name the URL.
+                Err(error) => Err(error.to_string()),
+            })
+            .await
+            .map_err(|error| LookupError::Internal(format!("admin call task: {error}")))?;
         if let Some(member) = self.members.iter().find(|member| member.web_url == web_url) {
             let failed = outcome.is_err();
             if member.unreachable.swap(failed, Ordering::Relaxed) != failed {

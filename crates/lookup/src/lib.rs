@@ -82,6 +82,9 @@ pub struct LookupConfig {
     pub http_max_connections: usize,
     /// Time an HTTP client has to send a request's headers (also closes idle connections).
     pub http_header_read_timeout: Duration,
+    /// Token the front door's calls to the clusters authenticate with (a super-user's on each
+    /// secured cluster: it reads their configuration, tenants and migration records).
+    pub auth_token: Option<String>,
 }
 
 impl Default for LookupConfig {
@@ -99,6 +102,7 @@ impl Default for LookupConfig {
             connect_timeout: Duration::from_secs(10),
             http_max_connections: 2_048,
             http_header_read_timeout: Duration::from_secs(30),
+            auth_token: None,
         }
     }
 }
@@ -121,7 +125,11 @@ pub struct Answer {
 impl FrontDoor {
     pub fn new(config: &LookupConfig) -> FrontDoor {
         FrontDoor {
-            clusters: Clusters::new(&config.clusters, config.request_timeout),
+            clusters: Clusters::new(
+                &config.clusters,
+                config.request_timeout,
+                config.auth_token.clone(),
+            ),
             homes: home::HomeCache::new(config.max_cached_tenants, config.home_fresh_for),
         }
     }

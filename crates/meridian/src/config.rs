@@ -102,6 +102,8 @@ pub struct Config {
     pub authentication_refresh_check_seconds: u64,
     /// Append-only JSON-lines audit log of admin mutations and security failures.
     pub audit_log_file: Option<PathBuf>,
+    /// Binary-protocol connections one authenticated role may hold at once (0: no limit).
+    pub max_connections_per_role: usize,
     /// Port of the binary protocol over TLS, `pulsar+ssl://` (`brokerServicePortTls`).
     pub broker_port_tls: Option<u16>,
     /// Port of HTTPS (`webServicePortTls`).
@@ -116,6 +118,9 @@ pub struct Config {
     /// Clients of the TLS ports must present a certificate issued by those CAs (mutual TLS,
     /// `tlsRequireTrustedClientCertOnConnect`).
     pub tls_require_trusted_client_cert_on_connect: bool,
+    /// CONNECT may authenticate with the client certificate, its CN as the role (Pulsar's
+    /// `AuthenticationProviderTls` among `authenticationProviders`); needs mutual TLS.
+    pub tls_authentication_enabled: bool,
     /// The plain ports (`broker_port`, `web_port`) are served; false: TLS ports only.
     pub plain_ports_enabled: bool,
     pub storage: StorageSection,
@@ -202,12 +207,14 @@ impl Default for Config {
             token_audience: None,
             authentication_refresh_check_seconds: security.authentication_refresh_check.as_secs(),
             audit_log_file: None,
+            max_connections_per_role: security.max_connections_per_role,
             broker_port_tls: None,
             web_port_tls: None,
             tls_certificate_file_path: None,
             tls_key_file_path: None,
             tls_trust_certs_file_path: None,
             tls_require_trusted_client_cert_on_connect: false,
+            tls_authentication_enabled: security.tls_authentication_enabled,
             plain_ports_enabled: true,
             storage: StorageSection::default(),
         }
@@ -371,6 +378,9 @@ impl Config {
             && self.tls_trust_certs_file_path.is_none()
         {
             bail!("tls_require_trusted_client_cert_on_connect needs tls_trust_certs_file_path");
+        }
+        if self.tls_authentication_enabled && !self.tls_require_trusted_client_cert_on_connect {
+            bail!("tls_authentication_enabled needs tls_require_trusted_client_cert_on_connect (mutual TLS)");
         }
         if !self.plain_ports_enabled
             && (self.broker_port_tls.is_none() || self.web_port_tls.is_none())
@@ -540,6 +550,8 @@ impl Config {
                 self.authentication_refresh_check_seconds,
             ),
             audit_log_file: self.audit_log_file.clone(),
+            max_connections_per_role: self.max_connections_per_role,
+            tls_authentication_enabled: self.tls_authentication_enabled,
         }
     }
 }

@@ -39,6 +39,10 @@ pub struct LookupArgs {
     /// LOOKUP and PARTITIONED_METADATA requests of one connection answered at once.
     #[arg(long, default_value_t = 1_000)]
     max_pending_lookups_per_connection: usize,
+    /// `--auth-token` / `--auth-token-file`: the token of a super-user role of the clusters,
+    /// for the front door's admin calls and forwarded lookups (needed when they authenticate).
+    #[command(flatten)]
+    auth: crate::tokens_cli::AuthTokenArgs,
 }
 
 pub async fn run(arguments: LookupArgs) -> anyhow::Result<()> {
@@ -68,6 +72,7 @@ pub async fn run(arguments: LookupArgs) -> anyhow::Result<()> {
         max_connections: arguments.max_connections.max(1),
         max_connections_per_ip: arguments.max_connections_per_ip,
         max_pending_lookups_per_connection: arguments.max_pending_lookups_per_connection,
+        auth_token: arguments.auth.token()?,
         ..LookupConfig::default()
     };
     let binary = TcpListener::bind(&arguments.listen)

@@ -300,66 +300,104 @@ impl SecuredCluster {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn clusters_replicate_with_tokens_and_forged_replication_is_refused() {
-    let directory = tempfile::tempdir().expect("tempdir");
-    let secret = directory.path().join("secret.key");
-    ok(meridian(&[
-        "tokens",
-        "create-secret-key",
-        "--output",
-        secret.to_str().expect("path"),
-    ]));
-    let token = |role: &str| {
+/// Two secured clusters east and west (one secret key; roles admin, a super-user, and
+/// replicator), each registered on east with the replicator's token; tenant `t` with namespace
+/// `t/ns` replicated between them, configured once on east.
+struct SecuredPair {
+    east: SecuredCluster,
+    west: SecuredCluster,
+    token: Box<dyn Fn(&str) -> String>,
+    admin: String,
+    _directory: tempfile::TempDir,
+}
+
+impl SecuredPair {
+    async fn start() -> SecuredPair {
+        let directory = tempfile::tempdir().expect("tempdir");
+        let secret = directory.path().join("secret.key");
         ok(meridian(&[
             "tokens",
-            "create",
-            "--secret-key",
-            &format!("file://{}", secret.display()),
-            "--subject",
-            role,
-        ]))
-    };
-    let (admin, replicator, app) = (token("admin"), token("replicator"), token("app"));
-    let east = SecuredCluster::start("east", directory.path(), &secret, &admin);
-    let west = SecuredCluster::start("west", directory.path(), &secret, &admin);
-    // Configure once, on east: the registrations carry the token each side replicates with.
-    for cluster in [&east, &west] {
-        let (status, body) = east.call(
-            "PUT",
-            &format!("/admin/v2/clusters/{}", cluster.name),
-            &admin,
-            Some(&cluster.registration(&replicator)),
-        );
-        assert!(status < 300 || status == 409, "{status} {body}");
-    }
-    let tenant = r#"{"adminRoles":[],"allowedClusters":["east","west"]}"#;
-    assert!(
-        east.call("PUT", "/admin/v2/tenants/t", &admin, Some(tenant))
-            .0
-            < 300
-    );
-    assert!(
-        east.call("PUT", "/admin/v2/namespaces/t/ns", &admin, None)
-            .0
-            < 300
-    );
-    let grant = r#"["produce","consume"]"#;
-    let path = "/admin/v2/namespaces/t/ns/permissions/app";
-    assert!(east.call("POST", path, &admin, Some(grant)).0 < 300);
-    let clusters = r#"["east","west"]"#;
-    let replication = "/admin/v2/namespaces/t/ns/replication";
-    assert!(east.call("POST", replication, &admin, Some(clusters)).0 < 300);
-    // The replicator role pushed the namespace to west (configure-once).
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while west.call("GET", replication, &admin, None) != (200, clusters.to_string()) {
+            "create-secret-key",
+            "--output",
+            secret.to_str().expect("path"),
+        ]));
+        let token = move |role: &str| {
+            ok(meridian(&[
+                "tokens",
+                "create",
+                "--secret-key",
+                &format!("file://{}", secret.display()),
+                "--subject",
+                role,
+            ]))
+        };
+        let (admin, replicator) = (token("admin"), token("replicator"));
+        let secret = directory.path().join("secret.key");
+        let east = SecuredCluster::start("east", directory.path(), &secret, &admin);
+        let west = SecuredCluster::start("west", directory.path(), &secret, &admin);
+        // Configure once, on east: the registrations carry the token each side replicates with.
+        for cluster in [&east, &west] {
+            let (status, body) = east.call(
+                "PUT",
+                &format!("/admin/v2/clusters/{}", cluster.name),
+                &admin,
+                Some(&cluster.registration(&replicator)),
+            );
+            assert!(status < 300 || status == 409, "{status} {body}");
+        }
+        let tenant = r#"{"adminRoles":[],"allowedClusters":["east","west"]}"#;
         assert!(
-            Instant::now() < deadline,
-            "the namespace never reached west"
+            east.call("PUT", "/admin/v2/tenants/t", &admin, Some(tenant))
+                .0
+                < 300
         );
+        assert!(
+            east.call("PUT", "/admin/v2/namespaces/t/ns", &admin, None)
+                .0
+                < 300
+        );
+        let clusters = r#"["east","west"]"#;
+        let replication = "/admin/v2/namespaces/t/ns/replication";
+        assert!(east.call("POST", replication, &admin, Some(clusters)).0 < 300);
+        // The replicator role pushed the namespace to west (configure-once).
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while west.call("GET", replication, &admin, None) != (200, clusters.to_string()) {
+            assert!(
+                Instant::now() < deadline,
+                "the namespace never reached west"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        SecuredPair {
+            east,
+            west,
+            token: Box::new(token),
+            admin,
+            _directory: directory,
+        }
+    }
+}
+
+/// Waits up to a minute for `condition`; false if it never held.
+async fn within_a_minute(mut condition: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !condition() {
+        if Instant::now() > deadline {
+            return false;
+        }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert!(west.call("POST", path, &admin, Some(grant)).0 < 300);
+    true
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clusters_replicate_with_tokens_and_forged_replication_is_refused() {
+    let pair = SecuredPair::start().await;
+    let (east, west, admin, app) = (&pair.east, &pair.west, &pair.admin, (pair.token)("app"));
+    let grant = r#"["produce","consume"]"#;
+    let path = "/admin/v2/namespaces/t/ns/permissions/app";
+    assert!(east.call("POST", path, admin, Some(grant)).0 < 300);
+    assert!(west.call("POST", path, admin, Some(grant)).0 < 300);
 
     let topic = "persistent://t/ns/orders";
     let west_client = west.client(&app).await;
@@ -435,15 +473,154 @@ async fn clusters_replicate_with_tokens_and_forged_replication_is_refused() {
     });
     assert_eq!(status, 403, "{body}");
     let stats = west
-        .call(
-            "GET",
-            "/admin/v2/persistent/t/ns/orders/stats",
-            &admin,
-            None,
-        )
+        .call("GET", "/admin/v2/persistent/t/ns/orders/stats", admin, None)
         .1;
     let stats: serde_json::Value = serde_json::from_str(&stats).expect("stats");
     assert_eq!(stats["msgInCounter"], 1, "{stats}");
+}
+
+/// Every call one secured cluster makes to another carries the token of the other's
+/// registration: replicated-subscription state posts (acknowledgements on east reach west's
+/// subscription) and a tenant migration from east to west (metadata copied, replicated, done,
+/// cleaned up). Without the token both were refused with 401 and never got anywhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicated_subscriptions_and_migration_work_between_secured_clusters() {
+    let pair = SecuredPair::start().await;
+    let (east, west, admin) = (&pair.east, &pair.west, pair.admin.as_str());
+    let stats = |cluster: &SecuredCluster, topic: &str| -> serde_json::Value {
+        let (_, body) = cluster.call(
+            "GET",
+            &format!("/admin/v2/persistent/{topic}/stats"),
+            admin,
+            None,
+        );
+        serde_json::from_str(&body).unwrap_or_default()
+    };
+
+    // A replicated subscription: it exists on west, east's consumer acknowledges everything.
+    let topic = "persistent://t/ns/synced";
+    let subscribe = |client: meridian_client::Client| async move {
+        client
+            .consumer(topic)
+            .subscription("rs")
+            .initial_position(meridian_client::InitialPosition::Earliest)
+            .replicate_subscription_state(true)
+            .subscribe()
+            .await
+            .expect("subscribe")
+    };
+    subscribe(west.client(admin).await).await.close().await.ok();
+    let east_client = east.client(admin).await;
+    let consumer = subscribe(east_client.clone()).await;
+    let producer = east_client
+        .producer(topic)
+        .create()
+        .await
+        .expect("producer");
+    for index in 0..3 {
+        producer
+            .send_and_wait(meridian_client::ProducerMessage::new(format!("m{index}")))
+            .await
+            .expect("send on east");
+    }
+    for _ in 0..3 {
+        let message = consumer.receive().await.expect("receive on east");
+        consumer.ack(&message).await.expect("ack on east");
+    }
+    let synced = within_a_minute(|| {
+        let stats = stats(west, "t/ns/synced");
+        stats["msgInCounter"] == 3 && stats["subscriptions"]["rs"]["msgBacklog"] == 0
+    })
+    .await;
+    assert!(
+        synced,
+        "east's acknowledgements never reached west: {}",
+        stats(west, "t/ns/synced")
+    );
+    consumer.close().await.ok();
+    producer.close().await.ok();
+    east_client.close().await;
+
+    // A tenant migration from east to west runs to the end and cleans up.
+    let tenant = r#"{"adminRoles":[],"allowedClusters":["east"]}"#;
+    assert!(
+        east.call("PUT", "/admin/v2/tenants/m", admin, Some(tenant))
+            .0
+            < 300
+    );
+    assert!(east.call("PUT", "/admin/v2/namespaces/m/ns", admin, None).0 < 300);
+    let client = east.client(admin).await;
+    let producer = client
+        .producer("persistent://m/ns/moved")
+        .create()
+        .await
+        .expect("producer");
+    producer
+        .send_and_wait(meridian_client::ProducerMessage::new("moved"))
+        .await
+        .expect("send on east");
+    producer.close().await.ok();
+    client.close().await;
+    let migration = "/admin/v2/tenants/m/migration";
+    let (status, body) = east.call(
+        "POST",
+        migration,
+        admin,
+        Some(r#"{"targetCluster":"west"}"#),
+    );
+    assert!(status < 300, "{status} {body}");
+    let done = within_a_minute(|| {
+        east.call("GET", migration, admin, None)
+            .1
+            .contains(r#""phase":"done""#)
+    })
+    .await;
+    assert!(
+        done,
+        "never done: {}",
+        east.call("GET", migration, admin, None).1
+    );
+    assert_eq!(stats(west, "m/ns/moved")["msgInCounter"], 1);
+    let (status, body) = east.call("POST", &format!("{migration}/cleanup"), admin, None);
+    assert!(status < 300, "{status} {body}");
+    assert_eq!(
+        west.call("GET", "/admin/v2/namespaces/m/ns/replication", admin, None),
+        (200, r#"["west"]"#.to_string())
+    );
+
+    // The lookup front door, with a token, finds the tenant's new home.
+    let (listen, web_listen) = (free_port(), free_port());
+    let east_url = format!("http://127.0.0.1:{}", east.web_port);
+    let west_url = format!("http://127.0.0.1:{}", west.web_port);
+    let _front_door = Broker(
+        Command::new(env!("CARGO_BIN_EXE_meridian"))
+            .args(["lookup", "--clusters", &format!("{east_url},{west_url}")])
+            .args(["--listen", &format!("127.0.0.1:{listen}")])
+            .args(["--web-listen", &format!("127.0.0.1:{web_listen}")])
+            .args(["--auth-token", admin])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start meridian lookup"),
+    );
+    let listening = within_a_minute(|| std::net::TcpStream::connect(("127.0.0.1", listen)).is_ok());
+    assert!(listening.await, "the front door never listened");
+    let client = meridian_client::Client::builder(format!("pulsar://127.0.0.1:{listen}"))
+        .operation_timeout(Duration::from_secs(30))
+        .auth_token(admin)
+        .build()
+        .await
+        .expect("client through the front door");
+    let producer = client
+        .producer("persistent://m/ns/moved")
+        .create()
+        .await
+        .expect("producer through the front door");
+    producer
+        .send_and_wait(meridian_client::ProducerMessage::new("via the front door"))
+        .await
+        .expect("send through the front door");
+    assert_eq!(stats(west, "m/ns/moved")["msgInCounter"], 2);
 }
 
 #[test]

@@ -142,8 +142,8 @@ pub(crate) async fn run(
     let _ = stream.set_nodelay(true);
     let (reader, writer) = stream.into_split();
     run_halves(
-        reader,
-        writer,
+        (reader, writer),
+        None,
         peer,
         broker,
         config,
@@ -162,10 +162,17 @@ pub(crate) async fn run_tls(
     shutdown: CancellationToken,
     inbound_budget: Arc<Semaphore>,
 ) {
+    // The role a verified client certificate names (mutual TLS), for CONNECT with method tls.
+    let certificate_role = stream
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|chain| chain.first())
+        .and_then(|leaf| meridian_auth::certificate::common_name(leaf.as_ref()));
     let (reader, writer) = tokio::io::split(stream);
     run_halves(
-        reader,
-        writer,
+        (reader, writer),
+        certificate_role,
         peer,
         broker,
         config,
@@ -176,8 +183,8 @@ pub(crate) async fn run_tls(
 }
 
 async fn run_halves<R, W>(
-    mut reader: R,
-    writer: W,
+    (mut reader, writer): (R, W),
+    certificate_role: Option<String>,
     peer: SocketAddr,
     broker: Arc<Broker>,
     config: Arc<ServerConfig>,
@@ -200,13 +207,17 @@ async fn run_halves<R, W>(
         producers: HashMap::new(),
         consumers: HashMap::new(),
         last_frame: Instant::now(),
-        auth: auth::AuthState::default(),
+        auth: auth::AuthState::with_certificate_role(certificate_role),
     };
     let mut buffer = BytesMut::with_capacity(UNRESERVED_FRAME_BYTES);
     let mut keep_alive = tokio::time::interval(config.keep_alive_interval);
     keep_alive.tick().await;
     let mut credentials_check = tokio::time::interval(config.security.refresh_check_interval());
     credentials_check.tick().await;
+    // A grant revoked or a tenant's admin roles changed: producers and consumers re-checked
+    // at once (Pulsar re-checks on policy change), not only at the periodic check.
+    let mut authorization_changes = connection.broker.authorization_changes();
+    let mut watching_authorization = config.security.authorization_enabled();
     let connect_deadline = tokio::time::sleep(config.connect_timeout);
     tokio::pin!(connect_deadline);
     // The part of the inbound budget held for the large frame at the head of the buffer.
@@ -263,6 +274,12 @@ async fn run_halves<R, W>(
                     // Never waits: a full queue must not stop this check from running again.
                     let ping = BaseCommand { ping: Some(CommandPing {}), ..command(Type::Ping) };
                     let _ = connection.outbound.try_send(command_frame(&ping));
+                }
+            }
+            changed = authorization_changes.changed(), if watching_authorization => {
+                match changed {
+                    Ok(()) => connection.enforce_revocations().await,
+                    Err(_) => watching_authorization = false,
                 }
             }
             _ = credentials_check.tick(), if config.security.authentication_enabled() => {

@@ -16,6 +16,10 @@
   const updated = document.getElementById("updated");
   const clusterLabel = document.getElementById("cluster");
   const pauseButton = document.getElementById("pause");
+  // With authentication on, the REST API needs a token: the console asks for one once (a
+  // super-user's shows every page) and keeps it in this tab's sessionStorage only.
+  const TOKEN_KEY = "meridian.console.token";
+  let awaitingToken = false;
 
   // ---------------------------------------------------------------- building the page
 
@@ -142,7 +146,10 @@
   // ---------------------------------------------------------------- the REST API
 
   async function api(path) {
-    const response = await fetch(path, { headers: { Accept: "application/json" }, cache: "no-store" });
+    const headers = { Accept: "application/json" };
+    const token = sessionStorage.getItem(TOKEN_KEY);
+    if (token) headers.Authorization = "Bearer " + token;
+    const response = await fetch(path, { headers, cache: "no-store" });
     const text = await response.text();
     let body = text;
     try {
@@ -152,7 +159,9 @@
     }
     if (!response.ok) {
       const reason = body && body.reason ? body.reason : text;
-      throw new Error(`${path} answered ${response.status}: ${reason}`);
+      const error = new Error(`${path} answered ${response.status}: ${reason}`);
+      error.needsToken = response.status === 401;
+      throw error;
     }
     return body;
   }
@@ -723,6 +732,10 @@
     } catch (error) {
       errorBox.textContent = "Could not refresh: " + (error && error.message ? error.message : String(error));
       errorBox.hidden = false;
+      if (error && error.needsToken) {
+        awaitingToken = true;
+        view.replaceChildren(tokenForm());
+      }
     } finally {
       busy = false;
       lastDurationMs = Date.now() - started;
@@ -733,6 +746,26 @@
     }
   }
 
+  /** Asks for the token the REST API needs; refreshes with it once given. */
+  function tokenForm() {
+    const input = h("input", { id: "token", type: "password", autocomplete: "off", size: 60 });
+    const form = h(
+      "form",
+      { id: "token-form" },
+      h("p", {}, "This broker needs a token (authentication is on). A super-user's token shows every page; it is kept in this tab only."),
+      input,
+      " ",
+      h("button", { type: "submit" }, "Use token")
+    );
+    form.addEventListener("submit", (event) => {
+      event.preventDefault();
+      sessionStorage.setItem(TOKEN_KEY, input.value.trim());
+      awaitingToken = false;
+      refresh();
+    });
+    return form;
+  }
+
   pauseButton.addEventListener("click", () => {
     paused = !paused;
     pauseButton.textContent = paused ? "Resume" : "Pause";
@@ -740,7 +773,7 @@
   });
   window.addEventListener("hashchange", refresh);
   function tick() {
-    const due = !paused && document.visibilityState !== "hidden";
+    const due = !paused && !awaitingToken && document.visibilityState !== "hidden";
     Promise.resolve(due ? refresh() : null).finally(() =>
       setTimeout(tick, Math.max(REFRESH_MS, REFRESH_BACKOFF * lastDurationMs))
     );

@@ -16,6 +16,7 @@ use super::target::{self, Created, TargetMetadata};
 use super::{now_ms, progress, record, update_record, MigrationRecord, Phase, Redirect};
 use crate::broker::Broker;
 use crate::error::{BrokerError, Result};
+use crate::peer::Peer;
 use crate::resources::TenantInfo;
 use crate::topic_name::TopicName;
 
@@ -551,15 +552,11 @@ async fn copy_metadata(
             tenant_info.allowed_clusters.push(cluster.clone());
         }
     }
-    let service_url = resources
-        .cluster(target)
-        .map_err(fail)?
-        .service_url
-        .filter(|url| !url.is_empty())
+    let target_peer = Peer::of(target, &resources.cluster(target).map_err(fail)?)
         .ok_or_else(|| format!("cluster {target} has no serviceUrl in this cluster's registry"))?;
     let wanted = TargetMetadata {
         local_cluster: record.source_cluster.clone(),
-        service_url,
+        target: target_peer,
         registry,
         tenant: tenant.clone(),
         tenant_info,
@@ -634,20 +631,19 @@ pub(super) async fn finish_cleanup(broker: &Arc<Broker>, record: &MigrationRecor
                 .to_string()
         })
         .collect();
-    let service_url = resources
+    let target = resources
         .cluster(&record.target_cluster)
         .ok()
-        .and_then(|data| data.service_url)
-        .filter(|url| !url.is_empty());
-    match service_url {
-        Some(service_url) => {
+        .and_then(|data| Peer::of(&record.target_cluster, &data));
+    match target {
+        Some(target) => {
             let (source, owner, namespaces) = (
                 record.source_cluster.clone(),
                 tenant.clone(),
                 locals.clone(),
             );
             tokio::task::spawn_blocking(move || {
-                target::forget_source(&service_url, &source, &owner, &namespaces)
+                target::forget_source(&target, &source, &owner, &namespaces)
             })
             .await
             .map_err(|error| BrokerError::Metadata(error.to_string()))?
@@ -778,13 +774,12 @@ pub(super) async fn finish_abort(broker: &Arc<Broker>, record: &MigrationRecord)
     }
     // Then what the migration created on the target (nothing replicates there any more).
     if record.created_tenant_on_target || !record.created_namespaces_on_target.is_empty() {
-        let service_url = resources
+        let peer = resources
             .cluster(target)
             .ok()
-            .and_then(|data| data.service_url)
-            .filter(|url| !url.is_empty());
-        match service_url {
-            Some(service_url) => {
+            .and_then(|data| Peer::of(target, &data));
+        match peer {
+            Some(peer) => {
                 let (local, owner, namespaces, tenant_created) = (
                     record.source_cluster.clone(),
                     tenant.clone(),
@@ -792,7 +787,7 @@ pub(super) async fn finish_abort(broker: &Arc<Broker>, record: &MigrationRecord)
                     record.created_tenant_on_target,
                 );
                 tokio::task::spawn_blocking(move || {
-                    target::remove(&service_url, &local, &owner, &namespaces, tenant_created)
+                    target::remove(&peer, &local, &owner, &namespaces, tenant_created)
                 })
                 .await
                 .map_err(|error| BrokerError::Metadata(error.to_string()))?

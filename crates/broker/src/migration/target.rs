@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use crate::peer::Peer;
 use crate::resources::{ClusterData, Policies, TenantInfo};
 
 /// Header naming the cluster a request comes from; the target applies it without propagating
@@ -15,7 +16,8 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 /// What the target must hold before the source starts replicating to it.
 pub(super) struct TargetMetadata {
     pub local_cluster: String,
-    pub service_url: String,
+    /// The target's admin API, with the credentials of its registration.
+    pub target: Peer,
     /// Registry entries of every cluster the tenant's namespaces name (link proxies removed).
     pub registry: Vec<(String, ClusterData)>,
     pub tenant: String,
@@ -38,14 +40,14 @@ pub(super) enum Created {
 /// One admin call to the target: `Ok((status, body))` for 2xx, 404 and 409; `Err` otherwise.
 fn call(
     agent: &ureq::Agent,
-    base: &str,
+    target: &Peer,
     from: &str,
     method: &str,
     path: &str,
     body: Option<String>,
 ) -> Result<(u16, String), String> {
-    let request = agent
-        .request(method, &format!("{base}{path}"))
+    let request = target
+        .request(agent, method, &format!("/admin/v2{path}"))
         .set(PROPAGATED_HEADER, from)
         .set("Content-Type", "application/json");
     let result = match body {
@@ -66,11 +68,8 @@ fn call(
     }
 }
 
-fn agent_and_base(service_url: &str) -> (ureq::Agent, String) {
-    (
-        ureq::AgentBuilder::new().timeout(CALL_TIMEOUT).build(),
-        format!("{}/admin/v2", service_url.trim_end_matches('/')),
-    )
+fn agent() -> ureq::Agent {
+    ureq::AgentBuilder::new().timeout(CALL_TIMEOUT).build()
 }
 
 /// Creates (or completes) the cluster entries, the tenant and each namespace on the target.
@@ -80,9 +79,16 @@ pub(super) fn push(
     wanted: &TargetMetadata,
     note: &dyn Fn(Created) -> Result<(), String>,
 ) -> Result<(), String> {
-    let (agent, base) = agent_and_base(&wanted.service_url);
+    let agent = agent();
     let call = |method: &str, path: &str, body: Option<String>| {
-        call(&agent, &base, &wanted.local_cluster, method, path, body)
+        call(
+            &agent,
+            &wanted.target,
+            &wanted.local_cluster,
+            method,
+            path,
+            body,
+        )
     };
     // A target that is itself the source of a migration of this tenant (one that moved it
     // here and is not cleaned up) still sends the tenant's clients away: they would go back
@@ -172,17 +178,17 @@ pub(super) fn push(
 /// Deletes on the target what the migration created there: the namespaces (with their topics,
 /// which only replication wrote before any redirect) and the tenant. Gone already is fine.
 pub(super) fn remove(
-    service_url: &str,
+    target: &Peer,
     local_cluster: &str,
     tenant: &str,
     namespaces: &[String],
     tenant_created: bool,
 ) -> Result<(), String> {
-    let (agent, base) = agent_and_base(service_url);
+    let agent = agent();
     for namespace in namespaces {
         call(
             &agent,
-            &base,
+            target,
             local_cluster,
             "DELETE",
             &format!("/namespaces/{tenant}/{namespace}?force=true"),
@@ -192,7 +198,7 @@ pub(super) fn remove(
     if tenant_created {
         call(
             &agent,
-            &base,
+            target,
             local_cluster,
             "DELETE",
             &format!("/tenants/{tenant}"),
@@ -205,14 +211,14 @@ pub(super) fn remove(
 /// After a migration: the source leaves the replication list of each of the tenant's
 /// namespaces on the target (nothing replicates back to it any more). Gone already is fine.
 pub(super) fn forget_source(
-    service_url: &str,
+    target: &Peer,
     source_cluster: &str,
     tenant: &str,
     namespaces: &[String],
 ) -> Result<(), String> {
-    let (agent, base) = agent_and_base(service_url);
+    let agent = agent();
     let call = |method: &str, path: &str, body: Option<String>| {
-        call(&agent, &base, source_cluster, method, path, body)
+        call(&agent, target, source_cluster, method, path, body)
     };
     for namespace in namespaces {
         let path = format!("/namespaces/{tenant}/{namespace}/replication");

@@ -8,6 +8,7 @@ use std::time::Duration;
 use meridian_client::Client;
 
 use super::memory::MemoryBudget;
+use crate::peer::Peer;
 use crate::resources::ClusterData;
 use crate::topic_name::TopicName;
 
@@ -31,23 +32,6 @@ pub struct RemoteCluster {
     pub auth_token: Option<String>,
 }
 
-/// The token in a cluster registration's `authenticationParameters`, if any (an unreadable one
-/// is logged and ignored: the remote then refuses the connection, which is visible in stats).
-pub fn auth_token_of(name: &str, data: &ClusterData) -> Option<String> {
-    let parameters = data
-        .other
-        .get("authenticationParameters")
-        .and_then(serde_json::Value::as_str)
-        .filter(|parameters| !parameters.trim().is_empty())?;
-    match meridian_auth::token_from_parameters(parameters) {
-        Ok(token) => Some(token),
-        Err(error) => {
-            tracing::warn!(cluster = %name, %error, "cannot read the cluster's authenticationParameters");
-            None
-        }
-    }
-}
-
 impl RemoteCluster {
     /// The remote as registered; `None` if it has no broker service URL.
     pub fn from_data(name: &str, data: &ClusterData) -> Option<RemoteCluster> {
@@ -57,8 +41,14 @@ impl RemoteCluster {
             service_url: non_empty(&data.service_url),
             broker_service_url: non_empty(&data.broker_service_url)?,
             proxy_service_url: non_empty(&data.proxy_service_url),
-            auth_token: auth_token_of(name, data),
+            auth_token: crate::peer::auth_token_of(name, data),
         })
+    }
+
+    /// Its admin API with its credentials, if it has a `serviceUrl`.
+    pub fn peer(&self) -> Option<Peer> {
+        let service_url = self.service_url.as_deref()?;
+        Some(Peer::new(service_url, self.auth_token.clone()))
     }
 
     async fn client(&self) -> meridian_client::Result<Client> {
@@ -140,23 +130,14 @@ struct PartitionedMetadata {
 
 /// Makes the topic exist on the remote cluster with the local partition count.
 pub(crate) fn prepare_remote_topic(
-    service_url: &str,
-    auth_token: Option<&str>,
+    peer: &Peer,
     topic: &TopicName,
     partitions: Option<u32>,
 ) -> Result<(), Prepare> {
-    let authorization = auth_token.map(|token| format!("Bearer {token}"));
-    let with_auth = |request: ureq::Request| match &authorization {
-        Some(value) => request.set("Authorization", value),
-        None => request,
-    };
     let base = topic.base();
-    let url = format!(
-        "{}/admin/v2/persistent/{}/{}/{}",
-        service_url.trim_end_matches('/'),
-        base.tenant,
-        base.namespace,
-        base.local
+    let path = format!(
+        "/admin/v2/persistent/{}/{}/{}",
+        base.tenant, base.namespace, base.local
     );
     let agent = ureq::AgentBuilder::new()
         .timeout(Duration::from_secs(10))
@@ -168,7 +149,8 @@ pub(crate) fn prepare_remote_topic(
         ))
     };
     let remote_partitions = |agent: &ureq::Agent| -> Result<u32, Prepare> {
-        let metadata: PartitionedMetadata = with_auth(agent.get(&format!("{url}/partitions")))
+        let metadata: PartitionedMetadata = peer
+            .request(agent, "GET", &format!("{path}/partitions"))
             .call()
             .map_err(|error| failed("reading the partition count", error))?
             .into_json()
@@ -191,10 +173,11 @@ pub(crate) fn prepare_remote_topic(
         return Err(mismatch(existing));
     }
     let created = match partitions {
-        Some(count) => with_auth(agent.put(&format!("{url}/partitions")))
+        Some(count) => peer
+            .request(&agent, "PUT", &format!("{path}/partitions"))
             .set("Content-Type", "application/json")
             .send_string(&count.to_string()),
-        None => with_auth(agent.put(&url)).call(),
+        None => peer.request(&agent, "PUT", &path).call(),
     };
     match created {
         Ok(_) | Err(ureq::Error::Status(409, _)) => {}

@@ -578,12 +578,11 @@ impl Worker {
     /// stopped or something fails. Every wait on the remote is bounded and ends on stop.
     async fn session(&mut self, client: &Client) -> Ended {
         self.status.set_state("Connecting");
-        if let Some(service_url) = self.remote.service_url.clone() {
+        if let Some(peer) = self.remote.peer() {
             let topic = self.topic.clone();
             let partitions = self.partitions;
-            let token = self.remote.auth_token.clone();
             let prepare = tokio::task::spawn_blocking(move || {
-                prepare_remote_topic(&service_url, token.as_deref(), &topic, partitions)
+                prepare_remote_topic(&peer, &topic, partitions)
             });
             match self.unless_stopped(prepare).await {
                 None => return Ended::Stopped,

@@ -1277,15 +1277,14 @@ async fn send(
     subscription: &str,
     body: &SyncedAcks,
 ) -> std::result::Result<(), SendError> {
-    let Some(service_url) = remote.service_url.clone() else {
+    let Some(peer) = remote.peer() else {
         return Err(SendError::from(format!(
             "cluster {} has no serviceUrl",
             remote.name
         )));
     };
-    let url = format!(
-        "{}/admin/v2/persistent/{}/{}/{}/subscription/{}/replicatedSubscriptionState",
-        service_url.trim_end_matches('/'),
+    let path = format!(
+        "/admin/v2/persistent/{}/{}/{}/subscription/{}/replicatedSubscriptionState",
         topic.tenant,
         topic.namespace,
         encode_path_segment(&topic.local),
@@ -1293,8 +1292,8 @@ async fn send(
     );
     let body = serde_json::to_string(body).map_err(|error| SendError::from(error.to_string()))?;
     tokio::task::spawn_blocking(move || {
-        match http_agent()
-            .post(&url)
+        match peer
+            .request(http_agent(), "POST", &path)
             .set("Content-Type", "application/json")
             .send_string(&body)
         {

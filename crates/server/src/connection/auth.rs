@@ -2,8 +2,10 @@
 //! expiry on a long-lived connection, and AUTH_CHALLENGE / AUTH_RESPONSE refreshes, as Pulsar's
 //! broker does them:
 //!
-//! - CONNECT must carry a valid token (`auth_method_name` "token"); otherwise the client gets
-//!   ERROR(AuthenticationError) and the connection is closed.
+//! - CONNECT must carry a valid token (`auth_method_name` "token"), or, with
+//!   `tls_authentication_enabled`, method "tls" over a connection whose client certificate
+//!   names the role (its CN); otherwise the client gets ERROR(AuthenticationError) and the
+//!   connection is closed. A role over `max_connections_per_role` gets NotAllowedError.
 //! - Every `authentication_refresh_check_seconds` an expired token is challenged: a client that
 //!   announced `supports_auth_refresh` gets AUTH_CHALLENGE and must answer with a valid token of
 //!   the same role before the next check; a client that cannot refresh, or does not, is
@@ -14,8 +16,9 @@
 //! produce, SUBSCRIBE consume, LOOKUP, PARTITIONED_METADATA and GET_SCHEMA either,
 //! GET_TOPICS_OF_NAMESPACE some grant in the namespace); commands on a producer or consumer
 //! already open ride on the check made when it was opened. A permission revoked while connected
-//! takes effect at the next periodic check (the same `authentication_refresh_check_seconds`):
-//! the producer or consumer that lost it is closed (CLOSE_PRODUCER / CLOSE_CONSUMER), and the
+//! takes effect at once: a change of a tenant or of namespace or topic policies
+//! (`Broker::authorization_changes`), and each periodic check, re-check every producer and
+//! consumer; one that lost its permission is closed (CLOSE_PRODUCER / CLOSE_CONSUMER), and the
 //! client's attempt to re-create it is refused with AuthorizationError.
 //!
 //! Replication is for super-users and `replicator_roles` only: a producer named with the
@@ -49,6 +52,19 @@ pub(super) struct AuthState {
     refresh_supported: bool,
     /// An AUTH_CHALLENGE is unanswered.
     refresh_pending: bool,
+    /// This connection counted against `max_connections_per_role`.
+    _role_connection: Option<meridian_auth::RoleConnection>,
+    /// The CN of the client certificate the TLS handshake verified (mutual TLS).
+    certificate_role: Option<String>,
+}
+
+impl AuthState {
+    pub(super) fn with_certificate_role(certificate_role: Option<String>) -> AuthState {
+        AuthState {
+            certificate_role,
+            ..AuthState::default()
+        }
+    }
 }
 
 impl Connection {
@@ -99,18 +115,56 @@ impl Connection {
             .as_ref()
             .is_some_and(|flags| flags.supports_auth_refresh());
         let method = connect.auth_method_name.as_deref().unwrap_or("none");
-        if method != "token" {
-            let reason = format!("authentication method '{method}' is not accepted; use a token");
-            return Err(self.refuse_credentials("CONNECT", reason).await);
-        }
-        let token = String::from_utf8_lossy(connect.auth_data.as_deref().unwrap_or_default());
-        match security.authenticate(&token) {
+        let authenticated = match method {
+            "token" => {
+                let token =
+                    String::from_utf8_lossy(connect.auth_data.as_deref().unwrap_or_default());
+                security
+                    .authenticate(&token)
+                    .map_err(|error| error.to_string())
+            }
+            "tls" if security.tls_authentication_enabled() => {
+                match self.auth.certificate_role.clone() {
+                    Some(role) => Ok(Principal {
+                        role,
+                        expires_at: None,
+                    }),
+                    None => Err(
+                        "no client certificate with a subject CN (method tls needs mutual TLS)"
+                            .to_string(),
+                    ),
+                }
+            }
+            _ => {
+                let accepted = if security.tls_authentication_enabled() {
+                    "use a token or a client certificate (tls)"
+                } else {
+                    "use a token"
+                };
+                Err(format!(
+                    "authentication method '{method}' is not accepted; {accepted}"
+                ))
+            }
+        };
+        match authenticated {
             Ok(principal) => {
                 tracing::debug!(peer = %self.peer, role = %principal.role, "client authenticated");
+                let role = principal.role.clone();
                 self.auth.principal = Some(principal);
-                Ok(())
+                match security.claim_role_connection(&role) {
+                    Ok(slot) => {
+                        self.auth._role_connection = slot;
+                        Ok(())
+                    }
+                    Err(reason) => {
+                        self.audit("CONNECT", "", Outcome::Denied, &reason);
+                        self.error(u64::MAX, ServerError::NotAllowedError, reason.clone())
+                            .await;
+                        Err(Close(reason))
+                    }
+                }
             }
-            Err(error) => Err(self.refuse_credentials("CONNECT", error.to_string()).await),
+            Err(reason) => Err(self.refuse_credentials("CONNECT", reason).await),
         }
     }
 
@@ -279,7 +333,7 @@ impl Connection {
     }
 
     /// Closes the producers and consumers whose role lost its permission.
-    async fn enforce_revocations(&mut self) {
+    pub(super) async fn enforce_revocations(&mut self) {
         let revoked_producers: Vec<(u64, String)> = self
             .producers
             .iter()
