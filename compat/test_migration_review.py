@@ -8,7 +8,6 @@ from __future__ import annotations
 import threading
 
 import pulsar
-import pytest
 
 from replication_harness import (
     REPLICATION_TIMEOUT_S,
@@ -67,11 +66,6 @@ def test_a_partitioned_topic_created_during_the_migration_gets_its_shape_on_the_
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="not fixed: a moved reader resubscribes on the target with the source's message id, "
-    "which means nothing there (it reads the topic again from the start); see docs/migration.md Limits",
-)
 def test_a_reader_follows_its_tenant_without_losing_or_repeating_messages(clusters_factory):
     """A reader (non-durable subscription) on the source is moved with the tenant's consumers:
     after the move it must go on from where it was, on the target, whose message ids differ

@@ -779,6 +779,24 @@ impl Topic {
         Ok(existing)
     }
 
+    /// Where a reader asking to start at message id `id` (`batch_index` -1 when none) starts:
+    /// `id` itself, unless it is not a position of this log but the origin position of a
+    /// replicated entry here (a reader that moved from another cluster): then right after that
+    /// entry ([`crate::replication::origin_position`]).
+    pub fn reader_start(&self, id: Position, batch_index: i32) -> Position {
+        match crate::replication::origin_position::reader_start(&self.log, id, batch_index) {
+            Ok(Some(translated)) => {
+                tracing::debug!(topic = %self.full_name, ?id, ?translated, "reader start translated from its origin position");
+                translated
+            }
+            Ok(None) => id,
+            Err(error) => {
+                tracing::warn!(topic = %self.full_name, %error, "could not look up a reader's start as an origin position");
+                id
+            }
+        }
+    }
+
     /// Removes a consumer; a reader's subscription goes with its last consumer.
     pub fn remove_consumer(&self, subscription: &str, key: u64) {
         let mut state = self.lock();

@@ -1414,7 +1414,9 @@ impl Connection {
             (Some(id), false) if id.ledger_id == i64::MAX as u64 => {
                 StartPosition::Initial(InitialPosition::Latest)
             }
-            (Some(id), false) => StartPosition::At(message_id_of(id)),
+            (Some(id), false) => {
+                StartPosition::At(topic.reader_start(message_id_of(id), id.batch_index()))
+            }
             _ => StartPosition::Initial(initial),
         };
         let (sticky_ranges, allow_out_of_order) = match &request.key_shared_meta {
