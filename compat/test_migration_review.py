@@ -66,6 +66,27 @@ def test_a_partitioned_topic_created_during_the_migration_gets_its_shape_on_the_
     )
 
 
+class NumberedFeed:
+    """A producer sending numbered messages and a reader of the same topic: what was sent and
+    what was read, in order."""
+
+    def __init__(self, producer, reader):
+        self.producer, self.reader = producer, reader
+        self.sent, self.received = [], []
+
+    def send(self, count):
+        for _ in range(count):
+            payload = f"m{len(self.sent)}".encode()
+            self.producer.send_async(payload, None, partition_key=payload.decode())
+            self.sent.append(payload)
+        self.producer.flush()
+
+    def read_until(self, count):
+        while len(self.received) < count:
+            message = self.reader.read_next(timeout_millis=int(REPLICATION_TIMEOUT_S * 1000))
+            self.received.append(message.data())
+
+
 def test_a_reader_follows_its_tenant_without_losing_or_repeating_messages(clusters_factory):
     """A reader (non-durable subscription) on the source is moved with the tenant's consumers:
     after the move it must go on from where it was, on the target, whose message ids differ
@@ -74,32 +95,43 @@ def test_a_reader_follows_its_tenant_without_losing_or_repeating_messages(cluste
     clusters, tenant, namespace = two_clusters_and_a_tenant_on_a(clusters_factory)
     topic = f"persistent://{namespace}/feed"
     client = clusters.client("a")
-    producer = client.create_producer(topic, producer_name="feed", batching_enabled=False)
-    reader = client.create_reader(topic, pulsar.MessageId.earliest)
-    sent = []
-
-    def send(count):
-        for _ in range(count):
-            payload = f"m{len(sent)}".encode()
-            producer.send(payload)
-            sent.append(payload)
-
-    received = []
-
-    def read_until(count):
-        while len(received) < count:
-            received.append(reader.read_next(timeout_millis=int(REPLICATION_TIMEOUT_S * 1000)).data())
-
-    send(10)
-    read_until(10)
+    feed = NumberedFeed(
+        client.create_producer(topic, producer_name="feed", batching_enabled=False),
+        client.create_reader(topic, pulsar.MessageId.earliest),
+    )
+    feed.send(10)
+    feed.read_until(10)
     clusters.admin("a", "PUT", f"{topic_path(topic)}/unload")
-    send(10)
-    read_until(20)
+    feed.send(10)
+    feed.read_until(20)
     migrate_to_b(clusters, tenant)
-    send(10)  # the producer moved: on b
-    read_until(30)
-    assert received == sent
-    assert not reader.has_message_available()
+    feed.send(10)  # the producer moved: on b
+    feed.read_until(30)
+    assert feed.received == feed.sent
+    assert not feed.reader.has_message_available()
+
+
+def test_a_reader_of_a_partitioned_topic_with_batches_follows_its_tenant(clusters_factory):
+    """The same through a partitioned topic whose messages come in batches: each partition's
+    reader goes on, on the target, after the last batch it read on the source."""
+    clusters, tenant, namespace = two_clusters_and_a_tenant_on_a(clusters_factory)
+    topic = f"persistent://{namespace}/parted"
+    clusters.admin("a", "PUT", f"/admin/v2/persistent/{namespace}/parted/partitions", 2)
+    client = clusters.client("a")
+    feed = NumberedFeed(
+        client.create_producer(
+            topic, producer_name="parted", batching_max_messages=5,
+            batching_max_publish_delay_ms=1000,
+        ),
+        client.create_reader(topic, pulsar.MessageId.earliest),
+    )
+    feed.send(20)
+    feed.read_until(20)
+    migrate_to_b(clusters, tenant)
+    feed.send(10)  # on b
+    feed.read_until(30)
+    assert sorted(feed.received) == sorted(feed.sent)
+    assert not feed.reader.has_message_available()
 
 
 def test_a_producer_waiting_for_exclusive_access_follows_its_tenant(clusters_factory):

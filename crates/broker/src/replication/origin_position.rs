@@ -39,20 +39,28 @@ pub struct Found {
 /// a batch, at that batch (its messages up to `batch_index` are delivered again: the client
 /// skips them only by their own id, which differs here).
 pub fn reader_start(log: &Log, id: Position, batch_index: i32) -> Result<Option<Position>> {
-    if log
-        .ledgers()
-        .iter()
-        .any(|(ledger, _, _)| *ledger == id.ledger_id)
-    {
-        return Ok(None);
-    }
-    let Some(found) = find_origin(log, id)? else {
+    let Some(found) = foreign(log, id)? else {
         return Ok(None);
     };
     if batch_index >= 0 && batch_index + 1 < found.messages {
         return Ok(Some(found.position));
     }
     Ok(Some(log.next_position(found.position)))
+}
+
+/// Where a seek to message id `id` goes in this log: the entry that came from `id` (a seek
+/// delivers the message it names again), or `None` as for [`reader_start`].
+pub fn seek_position(log: &Log, id: Position) -> Result<Option<Position>> {
+    Ok(foreign(log, id)?.map(|found| found.position))
+}
+
+/// The replicated entry that came from `id`, unless `id` is in one of this log's own ledgers.
+fn foreign(log: &Log, id: Position) -> Result<Option<Found>> {
+    let ledgers = log.ledgers();
+    if ledgers.iter().any(|(ledger, _, _)| *ledger == id.ledger_id) {
+        return Ok(None);
+    }
+    find_origin(log, id)
 }
 
 /// The ledgers of `log` as `(ledger, first entry id, entries)`, in order.
@@ -198,6 +206,11 @@ mod tests {
         assert_eq!(start(Position::new(9003, 0), -1), None);
         // An id in one of this log's own ledgers is a local position, whatever came from where.
         assert_eq!(start(local_before, -1), None);
+        // A seek names the message delivered next: the entry that came from it.
+        let seek = |id: Position| seek_position(&log, id).expect("reads");
+        assert_eq!(seek(Position::new(9001, 77)), Some(here[77]));
+        assert_eq!(seek(Position::new(9002, 150)), None);
+        assert_eq!(seek(local_before), None);
         assert_eq!(
             find_origin(&log, Position::new(9001, 5)).expect("reads"),
             Some(Found {
