@@ -134,6 +134,31 @@ def test_a_reader_of_a_partitioned_topic_with_batches_follows_its_tenant(cluster
     assert not feed.reader.has_message_available()
 
 
+def test_a_reader_failing_over_to_another_cluster_goes_on_after_the_id_it_had(clusters_factory):
+    """Geo-replication in general: a reader created on b with the id of the last message it
+    read on a (a's numbering) reads what follows it, not b's log from that number."""
+    clusters = clusters_factory(names=("a", "b"))
+    namespace = clusters.create_replicated_namespace(clusters.new_namespace(), ["a", "b"])
+    topic = f"persistent://{namespace}/failover"
+    on_a = clusters.client("a")
+    feed = NumberedFeed(
+        on_a.create_producer(topic, producer_name="failover", batching_enabled=False),
+        on_a.create_reader(topic, pulsar.MessageId.earliest),
+    )
+    feed.send(10)
+    feed.read_until(7)
+    last_read_on_a = feed.reader.read_next(timeout_millis=int(REPLICATION_TIMEOUT_S * 1000))
+    feed.received.append(last_read_on_a.data())
+    # b holds the first ten (replicated) before the reader fails over to it.
+    copy = NumberedFeed(None, clusters.client("b").create_reader(topic, pulsar.MessageId.earliest))
+    copy.read_until(10)
+    assert copy.received == feed.sent
+    feed.reader = clusters.client("b").create_reader(topic, last_read_on_a.message_id())
+    feed.send(5)  # still produced on a: replicated to b
+    feed.read_until(15)
+    assert feed.received == feed.sent
+
+
 def test_a_producer_waiting_for_exclusive_access_follows_its_tenant(clusters_factory):
     """A WaitForExclusive producer queued behind an exclusive one on the source is moved with
     the tenant: once the exclusive producer (moved to the target) closes, it becomes the
