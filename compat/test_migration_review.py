@@ -74,6 +74,14 @@ class NumberedFeed:
         self.producer, self.reader = producer, reader
         self.sent, self.received = [], []
 
+    @classmethod
+    def on(cls, client, topic, **producer_options):
+        """A producer of `topic` with these options and a reader of it from its start."""
+        return cls(
+            client.create_producer(topic, **producer_options),
+            client.create_reader(topic, pulsar.MessageId.earliest),
+        )
+
     def send(self, count):
         for _ in range(count):
             payload = f"m{len(self.sent)}".encode()
@@ -94,11 +102,7 @@ def test_a_reader_follows_its_tenant_without_losing_or_repeating_messages(cluste
     the same messages in one)."""
     clusters, tenant, namespace = two_clusters_and_a_tenant_on_a(clusters_factory)
     topic = f"persistent://{namespace}/feed"
-    client = clusters.client("a")
-    feed = NumberedFeed(
-        client.create_producer(topic, producer_name="feed", batching_enabled=False),
-        client.create_reader(topic, pulsar.MessageId.earliest),
-    )
+    feed = NumberedFeed.on(clusters.client("a"), topic, producer_name="feed", batching_enabled=False)
     feed.send(10)
     feed.read_until(10)
     clusters.admin("a", "PUT", f"{topic_path(topic)}/unload")
@@ -117,13 +121,9 @@ def test_a_reader_of_a_partitioned_topic_with_batches_follows_its_tenant(cluster
     clusters, tenant, namespace = two_clusters_and_a_tenant_on_a(clusters_factory)
     topic = f"persistent://{namespace}/parted"
     clusters.admin("a", "PUT", f"/admin/v2/persistent/{namespace}/parted/partitions", 2)
-    client = clusters.client("a")
-    feed = NumberedFeed(
-        client.create_producer(
-            topic, producer_name="parted", batching_max_messages=5,
-            batching_max_publish_delay_ms=1000,
-        ),
-        client.create_reader(topic, pulsar.MessageId.earliest),
+    feed = NumberedFeed.on(
+        clusters.client("a"), topic, producer_name="parted", batching_max_messages=5,
+        batching_max_publish_delay_ms=1000,
     )
     feed.send(20)
     feed.read_until(20)
@@ -140,10 +140,8 @@ def test_a_reader_failing_over_to_another_cluster_goes_on_after_the_id_it_had(cl
     clusters = clusters_factory(names=("a", "b"))
     namespace = clusters.create_replicated_namespace(clusters.new_namespace(), ["a", "b"])
     topic = f"persistent://{namespace}/failover"
-    on_a = clusters.client("a")
-    feed = NumberedFeed(
-        on_a.create_producer(topic, producer_name="failover", batching_enabled=False),
-        on_a.create_reader(topic, pulsar.MessageId.earliest),
+    feed = NumberedFeed.on(
+        clusters.client("a"), topic, producer_name="failover", batching_enabled=False
     )
     feed.send(10)
     feed.read_until(7)
