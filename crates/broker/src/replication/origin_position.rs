@@ -19,7 +19,7 @@ use crate::error::Result;
 /// Entries read at one step of the search, looking for a replicated entry among local ones.
 pub const WINDOW: usize = 32;
 /// Bytes read at one step at most.
-const WINDOW_BYTES: usize = 4 * 1024 * 1024;
+const WINDOW_BYTES: usize = 1024 * 1024;
 
 /// A replicated entry found by its origin position.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
