@@ -8,7 +8,6 @@ from __future__ import annotations
 import threading
 
 import pulsar
-import pytest
 
 from replication_harness import (
     REPLICATION_TIMEOUT_S,
@@ -67,11 +66,35 @@ def test_a_partitioned_topic_created_during_the_migration_gets_its_shape_on_the_
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="not fixed: a moved reader resubscribes on the target with the source's message id, "
-    "which means nothing there (it reads the topic again from the start); see docs/migration.md Limits",
-)
+class NumberedFeed:
+    """A producer sending numbered messages and a reader of the same topic: what was sent and
+    what was read, in order."""
+
+    def __init__(self, producer, reader):
+        self.producer, self.reader = producer, reader
+        self.sent, self.received = [], []
+
+    @classmethod
+    def on(cls, client, topic, **producer_options):
+        """A producer of `topic` with these options and a reader of it from its start."""
+        return cls(
+            client.create_producer(topic, **producer_options),
+            client.create_reader(topic, pulsar.MessageId.earliest),
+        )
+
+    def send(self, count):
+        for _ in range(count):
+            payload = f"m{len(self.sent)}".encode()
+            self.producer.send_async(payload, None, partition_key=payload.decode())
+            self.sent.append(payload)
+        self.producer.flush()
+
+    def read_until(self, count):
+        while len(self.received) < count:
+            message = self.reader.read_next(timeout_millis=int(REPLICATION_TIMEOUT_S * 1000))
+            self.received.append(message.data())
+
+
 def test_a_reader_follows_its_tenant_without_losing_or_repeating_messages(clusters_factory):
     """A reader (non-durable subscription) on the source is moved with the tenant's consumers:
     after the move it must go on from where it was, on the target, whose message ids differ
@@ -79,33 +102,59 @@ def test_a_reader_follows_its_tenant_without_losing_or_repeating_messages(cluste
     the same messages in one)."""
     clusters, tenant, namespace = two_clusters_and_a_tenant_on_a(clusters_factory)
     topic = f"persistent://{namespace}/feed"
-    client = clusters.client("a")
-    producer = client.create_producer(topic, producer_name="feed", batching_enabled=False)
-    reader = client.create_reader(topic, pulsar.MessageId.earliest)
-    sent = []
-
-    def send(count):
-        for _ in range(count):
-            payload = f"m{len(sent)}".encode()
-            producer.send(payload)
-            sent.append(payload)
-
-    received = []
-
-    def read_until(count):
-        while len(received) < count:
-            received.append(reader.read_next(timeout_millis=int(REPLICATION_TIMEOUT_S * 1000)).data())
-
-    send(10)
-    read_until(10)
+    feed = NumberedFeed.on(clusters.client("a"), topic, producer_name="feed", batching_enabled=False)
+    feed.send(10)
+    feed.read_until(10)
     clusters.admin("a", "PUT", f"{topic_path(topic)}/unload")
-    send(10)
-    read_until(20)
+    feed.send(10)
+    feed.read_until(20)
     migrate_to_b(clusters, tenant)
-    send(10)  # the producer moved: on b
-    read_until(30)
-    assert received == sent
-    assert not reader.has_message_available()
+    feed.send(10)  # the producer moved: on b
+    feed.read_until(30)
+    assert feed.received == feed.sent
+    assert not feed.reader.has_message_available()
+
+
+def test_a_reader_of_a_partitioned_topic_with_batches_follows_its_tenant(clusters_factory):
+    """The same through a partitioned topic whose messages come in batches: each partition's
+    reader goes on, on the target, after the last batch it read on the source."""
+    clusters, tenant, namespace = two_clusters_and_a_tenant_on_a(clusters_factory)
+    topic = f"persistent://{namespace}/parted"
+    clusters.admin("a", "PUT", f"/admin/v2/persistent/{namespace}/parted/partitions", 2)
+    feed = NumberedFeed.on(
+        clusters.client("a"), topic, producer_name="parted", batching_max_messages=5,
+        batching_max_publish_delay_ms=1000,
+    )
+    feed.send(20)
+    feed.read_until(20)
+    migrate_to_b(clusters, tenant)
+    feed.send(10)  # on b
+    feed.read_until(30)
+    assert sorted(feed.received) == sorted(feed.sent)
+    assert not feed.reader.has_message_available()
+
+
+def test_a_reader_failing_over_to_another_cluster_goes_on_after_the_id_it_had(clusters_factory):
+    """Geo-replication in general: a reader created on b with the id of the last message it
+    read on a (a's numbering) reads what follows it, not b's log from that number."""
+    clusters = clusters_factory(names=("a", "b"))
+    namespace = clusters.create_replicated_namespace(clusters.new_namespace(), ["a", "b"])
+    topic = f"persistent://{namespace}/failover"
+    feed = NumberedFeed.on(
+        clusters.client("a"), topic, producer_name="failover", batching_enabled=False
+    )
+    feed.send(10)
+    feed.read_until(7)
+    last_read_on_a = feed.reader.read_next(timeout_millis=int(REPLICATION_TIMEOUT_S * 1000))
+    feed.received.append(last_read_on_a.data())
+    # b holds the first ten (replicated) before the reader fails over to it.
+    copy = NumberedFeed(None, clusters.client("b").create_reader(topic, pulsar.MessageId.earliest))
+    copy.read_until(10)
+    assert copy.received == feed.sent
+    feed.reader = clusters.client("b").create_reader(topic, last_read_on_a.message_id())
+    feed.send(5)  # still produced on a: replicated to b
+    feed.read_until(15)
+    assert feed.received == feed.sent
 
 
 def test_a_producer_waiting_for_exclusive_access_follows_its_tenant(clusters_factory):

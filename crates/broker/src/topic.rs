@@ -779,6 +779,31 @@ impl Topic {
         Ok(existing)
     }
 
+    /// Where a reader asking to start at message id `id` (`batch_index` -1 when none) starts,
+    /// or (`seek`) where a seek to it goes: `id` itself, unless it is not a position of this
+    /// log but the origin position of a replicated entry here (a client that moved from
+    /// another cluster): then right after that entry, or at it for a seek
+    /// ([`crate::replication::origin_position`]).
+    pub fn start_of_message_id(&self, id: Position, batch_index: i32, seek: bool) -> Position {
+        use crate::replication::origin_position;
+        let translated = if seek {
+            origin_position::seek_position(&self.log, id)
+        } else {
+            origin_position::reader_start(&self.log, id, batch_index)
+        };
+        match translated {
+            Ok(Some(translated)) => {
+                tracing::debug!(topic = %self.full_name, ?id, ?translated, "message id translated from its origin position");
+                translated
+            }
+            Ok(None) => id,
+            Err(error) => {
+                tracing::warn!(topic = %self.full_name, %error, "could not look up a message id as an origin position");
+                id
+            }
+        }
+    }
+
     /// Removes a consumer; a reader's subscription goes with its last consumer.
     pub fn remove_consumer(&self, subscription: &str, key: u64) {
         let mut state = self.lock();

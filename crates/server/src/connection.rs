@@ -810,7 +810,11 @@ impl Connection {
         let target = match (&request.message_id, request.message_publish_time) {
             (Some(id), _) if id.ledger_id == u64::MAX => SeekTarget::Earliest,
             (Some(id), _) if id.ledger_id == i64::MAX as u64 => SeekTarget::Latest,
-            (Some(id), _) => SeekTarget::Position(message_id_of(id)),
+            (Some(id), _) => SeekTarget::Position(consumer.topic.start_of_message_id(
+                message_id_of(id),
+                id.batch_index(),
+                true,
+            )),
             (None, Some(time)) => SeekTarget::PublishTime(time),
             (None, None) => {
                 self.error(
@@ -1431,7 +1435,11 @@ impl Connection {
             (Some(id), false) if id.ledger_id == i64::MAX as u64 => {
                 StartPosition::Initial(InitialPosition::Latest)
             }
-            (Some(id), false) => StartPosition::At(message_id_of(id)),
+            (Some(id), false) => StartPosition::At(topic.start_of_message_id(
+                message_id_of(id),
+                id.batch_index(),
+                false,
+            )),
             _ => StartPosition::Initial(initial),
         };
         let (sticky_ranges, allow_out_of_order) = match &request.key_shared_meta {

@@ -9,6 +9,7 @@
 //! - [`replicated_subscriptions`]: which subscriptions are replicated, and resets;
 //! - [`origin_acks`]: the form in which clusters exchange a subscription's acknowledgements;
 //! - `origin_map`: where a log's entries come from, remembered as runs for the sync task;
+//! - [`origin_position`]: a message id from another cluster read as an origin position (readers);
 //! - [`subscription_sync`]: the per-topic task that sends and applies them.
 //!
 //! Dependencies point one way: `topic` uses these modules; `chain`, `remote` and `memory`
@@ -19,6 +20,7 @@ pub mod chain;
 pub(crate) mod memory;
 pub mod origin_acks;
 pub(crate) mod origin_map;
+pub mod origin_position;
 pub mod remote;
 pub mod replicated_subscriptions;
 pub mod replicator;
