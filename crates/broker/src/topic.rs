@@ -1718,7 +1718,14 @@ impl Topic {
     /// The durable subscriptions (not replication cursors), each with whether it is
     /// replicated and whether its latest state has reached `remote` (something sent, nothing
     /// waiting to be sent).
-    pub(crate) fn subscriptions_synced_to(&self, remote: &str) -> Vec<(String, bool, bool)> {
+    /// `lag`: how long the state may have been changing since the remote last confirmed one
+    /// (consumers still acknowledging) for the subscription to count as synced.
+    pub(crate) fn subscriptions_synced_to(
+        &self,
+        remote: &str,
+        lag: std::time::Duration,
+    ) -> Vec<(String, bool, bool)> {
+        let lag_ms = u64::try_from(lag.as_millis()).unwrap_or(u64::MAX);
         self.backlog_cursors()
             .into_iter()
             .filter(|cursor| !is_replicator_cursor(cursor))
@@ -1730,7 +1737,7 @@ impl Topic {
                 let synced = match (replicated, self.subscription_sync.get(), state.as_ref()) {
                     (true, Some(sync), Some(state)) => {
                         sync.stats(&name, state).get(remote).is_some_and(|stats| {
-                            stats.last_sent_timestamp.is_some() && stats.unsent_for_ms == 0
+                            stats.last_sent_timestamp.is_some() && stats.unsent_for_ms <= lag_ms
                         })
                     }
                     _ => false,

@@ -388,7 +388,7 @@ fn mark_subscriptions_replicated(
                 continue;
             };
             for (subscription, replicated, _) in
-                loaded.subscriptions_synced_to(&record.target_cluster)
+                loaded.subscriptions_synced_to(&record.target_cluster, Duration::ZERO)
             {
                 if replicated {
                     continue;

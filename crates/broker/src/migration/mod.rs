@@ -560,6 +560,10 @@ pub fn resume_all(broker: &Arc<Broker>) {
     }
 }
 
+/// How many sync intervals a subscription's state may lag behind the target before the
+/// consumers are moved (see [`progress`]).
+const SYNCED_LAG_INTERVALS: u32 = 5;
+
 /// Live progress of a migration.
 pub fn progress(broker: &Broker, record: &MigrationRecord) -> Progress {
     let mut progress = Progress::default();
@@ -599,7 +603,16 @@ pub fn progress(broker: &Broker, record: &MigrationRecord) -> Progress {
                 progress.backlog_entries += replication.backlog_entries;
                 progress.backlog_bytes += replication.backlog_bytes;
             }
-            for (_, _, synced) in loaded.subscriptions_synced_to(target) {
+            // Before the consumers are moved they still acknowledge, so the state keeps
+            // changing: phase 4 counts a subscription synced when the target confirmed a state
+            // and the newer one is at most a few sync intervals old. Once dispatch stopped
+            // (phase 6) the state settles and must be confirmed as it is.
+            let lag = if record.phase < Phase::ProducersRedirected {
+                loaded.sync_interval().saturating_mul(SYNCED_LAG_INTERVALS)
+            } else {
+                std::time::Duration::ZERO
+            };
+            for (_, _, synced) in loaded.subscriptions_synced_to(target, lag) {
                 progress.subscriptions_total += 1;
                 progress.subscriptions_synced += usize::from(synced);
             }
