@@ -27,9 +27,12 @@ never expected. A broker that exits without being told to also fails the test.
 from __future__ import annotations
 
 import atexit
+import faulthandler
 import os
+import sys
 import re
 import signal
+import threading
 from pathlib import Path
 from typing import Optional
 
@@ -45,6 +48,9 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 # Client operation timeout (create producer/consumer, close, ...). Bounded so that a broker that
 # never answers fails a test instead of hanging it; generous for a debug build.
 CLIENT_OPERATION_TIMEOUT_S = 20
+# A client's close waits for its producers and consumers to close, each within the operation
+# timeout; past this the close is reported as stuck.
+CLIENT_CLOSE_TIMEOUT_S = 2 * CLIENT_OPERATION_TIMEOUT_S + 10
 
 atexit.register(broker_process.kill_leftovers)
 
@@ -57,6 +63,42 @@ def pytest_configure(config):
     # A runner that stops the suite with SIGTERM gets the same orderly teardown as Ctrl-C:
     # every broker is stopped through its fixture instead of being left behind.
     signal.signal(signal.SIGTERM, _interrupt_on_sigterm)
+
+
+# pytest-timeout (signal method) interrupts a test's Python code once, and only while the main
+# thread runs Python: a teardown that then blocks, or a wait no signal reaches, would hang the
+# whole run. This watchdog bounds each test's setup, call and teardown together: past the test's
+# timeout plus a grace period it prints every thread's stack, kills the brokers the run started
+# (by pid) and ends the run. If even the watchdog thread cannot run, faulthandler ends it.
+WATCHDOG_GRACE_S = 300
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    marker = item.get_closest_marker("timeout")
+    timeout = marker.args[0] if marker and marker.args else item.config.getini("timeout")
+    deadline = float(timeout or 120) + WATCHDOG_GRACE_S
+    watchdog = threading.Timer(deadline, _watchdog_expired, args=(item, deadline))
+    watchdog.daemon = True
+    watchdog.start()
+    faulthandler.dump_traceback_later(deadline + 30, exit=True)
+    try:
+        yield
+    finally:
+        watchdog.cancel()
+        faulthandler.cancel_dump_traceback_later()
+
+
+def _watchdog_expired(item, deadline: float) -> None:
+    capture = item.config.pluginmanager.getplugin("capturemanager")
+    if capture is not None:
+        capture.suspend_global_capture(in_=True)
+    sys.stderr.write(f"\n== watchdog: {item.nodeid} still running after {deadline:.0f} s\n")
+    faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+    sys.stderr.write("== watchdog: ending the run\n")
+    sys.stderr.flush()
+    broker_process.kill_leftovers()
+    os._exit(4)
 
 
 def pytest_sessionfinish(session, exitstatus):
@@ -187,11 +229,30 @@ class ClientFactory:
         return client
 
     def close_all(self) -> None:
-        for client in self.clients:
-            try:
-                client.close()
-            except pulsar.PulsarException:
-                pass  # already closed, or the broker is gone: nothing left to release
+        """Closes every client, each within CLIENT_CLOSE_TIMEOUT_S: a close that does not
+        return fails the test (named) instead of hanging the run."""
+        stuck = []
+        for index, client in enumerate(self.clients):
+            closer = threading.Thread(
+                target=_close_quietly, args=(client,), daemon=True, name=f"close-client-{index}"
+            )
+            closer.start()
+            closer.join(CLIENT_CLOSE_TIMEOUT_S)
+            if closer.is_alive():
+                stuck.append(f"client {index} (log: {self.log_paths[index]})")
+        if stuck:
+            pytest.fail(
+                f"client.close() did not return within {CLIENT_CLOSE_TIMEOUT_S} s: "
+                + ", ".join(stuck),
+                pytrace=False,
+            )
+
+
+def _close_quietly(client: pulsar.Client) -> None:
+    try:
+        client.close()
+    except pulsar.PulsarException:
+        pass  # already closed, or the broker is gone: nothing left to release
 
 
 @pytest.fixture
