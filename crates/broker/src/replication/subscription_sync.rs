@@ -834,6 +834,8 @@ struct Posted {
     /// (subscription, remote cluster)
     key: (String, String),
     body: SyncedAcks,
+    /// When the post started (ms): the time the state was sent.
+    sent_at_ms: u64,
     result: std::result::Result<(), SendError>,
 }
 
@@ -921,20 +923,13 @@ async fn run(
         while let Ok(outcome) = outcomes.try_recv() {
             in_flight.remove(&outcome.key);
             match outcome.result {
-                Ok(()) => {
-                    if let Some(entry) = tracked.get_mut(&outcome.key.0) {
-                        entry
-                            .sent
-                            .insert(outcome.key.1.clone(), (outcome.body, Instant::now()));
-                    }
-                    update_status(&sending, &outcome.key, |status| {
-                        status.last_sent_ms = Some(now_ms());
-                        status.unsent_since_ms = None;
-                        status.failures = 0;
-                        status.last_error = None;
-                        status.next_attempt = None;
-                    });
-                }
+                Ok(()) => note_confirmed(
+                    &mut tracked,
+                    &sending,
+                    outcome.key,
+                    outcome.body,
+                    outcome.sent_at_ms,
+                ),
                 Err(SendError {
                     stored_seq,
                     message: error,
@@ -1030,8 +1025,14 @@ async fn run(
                 let (remote, topic_name, body, posted) =
                     (remote.clone(), name.clone(), body.clone(), posted.clone());
                 tokio::spawn(async move {
+                    let sent_at_ms = now_ms();
                     let result = send(&remote, &topic_name, &key.0, &body).await;
-                    let _ = posted.send(Posted { key, body, result });
+                    let _ = posted.send(Posted {
+                        key,
+                        body,
+                        sent_at_ms,
+                        result,
+                    });
                 });
             }
         }
@@ -1169,6 +1170,36 @@ fn targets(
         targets.extend(topic.registered_cluster(origin));
     }
     targets
+}
+
+/// Notes that the remote in `key` confirmed `body`, posted at `sent_at_ms`. A state that is
+/// no longer the latest (the subscription moved on while it was posted) leaves the newer one
+/// unsent; the last-sent time is when the confirmed state was posted, not when the outcome
+/// was taken in.
+fn note_confirmed(
+    tracked: &mut HashMap<String, Tracked>,
+    sending: &Mutex<HashMap<(String, String), SendStatus>>,
+    key: (String, String),
+    body: SyncedAcks,
+    sent_at_ms: u64,
+) {
+    let mut latest = true;
+    if let Some(entry) = tracked.get_mut(&key.0) {
+        latest = entry
+            .last_state
+            .as_ref()
+            .is_none_or(|(_, _, seq)| body.seq.is_none_or(|confirmed| confirmed >= *seq));
+        entry.sent.insert(key.1.clone(), (body, Instant::now()));
+    }
+    update_status(sending, &key, |status| {
+        status.last_sent_ms = status.last_sent_ms.max(Some(sent_at_ms));
+        if latest {
+            status.unsent_since_ms = None;
+        }
+        status.failures = 0;
+        status.last_error = None;
+        status.next_attempt = None;
+    });
 }
 
 fn update_status<R>(
@@ -2059,5 +2090,40 @@ mod tests {
                 .iter()
                 .all(|position| !cursor.is_acknowledged(*position)));
         });
+    }
+
+    /// The outcome of an older post taken in after the subscription moved on: the newer state
+    /// stays unsent (stats must not say the current state was confirmed), and the last-sent
+    /// time is when each confirmed state was posted.
+    #[test]
+    fn an_older_state_confirmed_late_leaves_the_newer_one_unsent() {
+        let key = ("sub".to_string(), "b".to_string());
+        let state = |seq: u64| SyncedAcks {
+            cluster: "a".to_string(),
+            acks: OriginAcks::default(),
+            reset_at: None,
+            seq: Some(seq),
+        };
+        let mut tracked = HashMap::new();
+        tracked.insert(
+            "sub".to_string(),
+            Tracked {
+                last_state: Some((OriginAcks::default(), None, 20)),
+                ..Tracked::default()
+            },
+        );
+        let sending = Mutex::new(HashMap::new());
+        update_status(&sending, &key, |status| status.unsent_since_ms = Some(5));
+        let status = |sending: &Mutex<HashMap<(String, String), SendStatus>>| {
+            let sending = sending.lock().expect("not poisoned");
+            let status = &sending[&key];
+            (status.last_sent_ms, status.unsent_since_ms)
+        };
+
+        note_confirmed(&mut tracked, &sending, key.clone(), state(10), 100);
+        assert_eq!(status(&sending), (Some(100), Some(5)));
+
+        note_confirmed(&mut tracked, &sending, key.clone(), state(20), 90);
+        assert_eq!(status(&sending), (Some(100), None));
     }
 }
