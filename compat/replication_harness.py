@@ -433,27 +433,37 @@ class ProducerThread(threading.Thread):
 
 class ConsumerThread(threading.Thread):
     """Receives (and acks) from one consumer until stopped, recording under `label` (usually
-    the cluster name) in `history`."""
+    the cluster name) in `history`. With `ack_window` > 1 it acknowledges each window of that
+    many messages in reverse order, and what it holds when nothing arrives for a moment: its
+    acknowledgements leave gaps that only fill later (out-of-order acknowledgement)."""
 
-    def __init__(self, history: History, label: str, consumer, ack: bool = True):
+    def __init__(self, history: History, label: str, consumer, ack: bool = True,
+                 ack_window: int = 1):
         super().__init__(daemon=True, name=f"consumer-{label}")
         self.history = history
         self.label = label
         self.consumer = consumer
         self.ack = ack
+        self.ack_window = ack_window
         self.halt = threading.Event()
         self.error: Optional[BaseException] = None
 
     def run(self) -> None:
+        window = []
         try:
             while not self.halt.is_set():
                 try:
                     message = self.consumer.receive(timeout_millis=100)
                 except pulsar.Timeout:
-                    continue
-                self.history.record_receive(self.label, message)
-                if self.ack:
-                    self.consumer.acknowledge(message)
+                    message = None
+                if message is not None:
+                    self.history.record_receive(self.label, message)
+                    if self.ack:
+                        window.append(message)
+                if len(window) >= self.ack_window or (message is None and window):
+                    for held in reversed(window):
+                        self.consumer.acknowledge(held)
+                    window = []
         except BaseException as error:  # surfaced by stop()
             self.error = error
 

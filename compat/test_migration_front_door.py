@@ -13,14 +13,13 @@ the front door sends the tenant's topics to b.
 
 from __future__ import annotations
 
-import threading
-
 import pulsar
 import pytest
 
 from helpers import unique
 from replication_harness import (
     REPLICATION_TIMEOUT_S,
+    ConsumerThread,
     History,
     await_condition,
     check_exactly_once,
@@ -36,40 +35,6 @@ ACK_WINDOW = 5  # a consumer acknowledges each window of this many messages in r
 KEYS = [f"k{i}" for i in range(8)]
 PHASES = ["copyingMetadata", "replicating", "caughtUp", "subscriptionsSynced",
           "producersRedirected", "consumersRedirected", "done"]
-
-
-class OutOfOrderConsumer(threading.Thread):
-    """Receives and records under `label`; acknowledges each window of ACK_WINDOW messages in
-    reverse order (so acknowledgements leave gaps that only fill later)."""
-
-    def __init__(self, history: History, label: str, consumer):
-        super().__init__(daemon=True, name=f"consumer-{label}")
-        self.history, self.label, self.consumer = history, label, consumer
-        self.halt = threading.Event()
-        self.error: BaseException | None = None
-
-    def run(self) -> None:
-        window = []
-        try:
-            while not self.halt.is_set():
-                try:
-                    message = self.consumer.receive(timeout_millis=100)
-                except pulsar.Timeout:
-                    message = None
-                if message is not None:
-                    self.history.record_receive(self.label, message)
-                    window.append(message)
-                if len(window) >= ACK_WINDOW or (message is None and window):
-                    for held in reversed(window):
-                        self.consumer.acknowledge(held)
-                    window = []
-        except BaseException as error:
-            self.error = error
-
-    def stop(self) -> None:
-        self.halt.set()
-        self.join(30)
-        assert not self.is_alive() and self.error is None, (self.label, self.error)
 
 
 @pytest.mark.timeout(600)
@@ -98,7 +63,7 @@ def test_clients_of_the_front_door_follow_their_tenant_through_a_live_migration(
                 initial_position=pulsar.InitialPosition.Earliest,
                 consumer_name=f"{subscription}-{index}",
             )
-            thread = OutOfOrderConsumer(history, subscription, consumer)
+            thread = ConsumerThread(history, subscription, consumer, ack_window=ACK_WINDOW)
             thread.start()
             consumers.append(thread)
     producers = []

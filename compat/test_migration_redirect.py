@@ -9,7 +9,6 @@ One `meridian standalone` per cluster (replication_harness.py).
 
 from __future__ import annotations
 
-import threading
 import urllib.parse
 
 import pulsar
@@ -17,6 +16,7 @@ import pulsar
 from helpers import unique
 from replication_harness import (
     REPLICATION_TIMEOUT_S,
+    ConsumerThread,
     History,
     await_condition,
     check_exactly_once,
@@ -28,48 +28,11 @@ RATE = 40.0  # messages per second per producer: the load runs across the whole 
 KEYS = 5
 PARTITIONS = 2
 MIGRATION_TIMEOUT_S = 90.0
+ACK_WINDOW = 3  # consumers acknowledge each window of this many messages in reverse order
 
 
 def migration(clusters, tenant: str) -> dict:
     return clusters.admin("a", "GET", f"/admin/v2/tenants/{tenant}/migration")
-
-
-class OutOfOrderConsumer(threading.Thread):
-    """Receives under `label`; acknowledges every third message only after the next one (out
-    of order), and whatever it holds when nothing arrives for a moment."""
-
-    def __init__(self, history: History, label: str, consumer):
-        super().__init__(daemon=True, name=f"consumer-{label}")
-        self.history, self.label, self.consumer = history, label, consumer
-        self.halt = threading.Event()
-        self.error = None
-
-    def run(self) -> None:
-        held = []
-        try:
-            while not self.halt.is_set():
-                try:
-                    message = self.consumer.receive(timeout_millis=100)
-                except pulsar.Timeout:
-                    for waiting in held:
-                        self.consumer.acknowledge(waiting)
-                    held.clear()
-                    continue
-                self.history.record_receive(self.label, message)
-                if parse_payload(message.data())[1] % 3 == 0:
-                    held.append(message)
-                    continue
-                self.consumer.acknowledge(message)
-                for waiting in held:
-                    self.consumer.acknowledge(waiting)
-                held.clear()
-        except BaseException as error:  # surfaced by stop()
-            self.error = error
-
-    def stop(self) -> None:
-        self.halt.set()
-        self.join(30)
-        assert not self.is_alive() and self.error is None, self.error
 
 
 def two_clusters_and_a_tenant_on_a(clusters_factory):
@@ -118,7 +81,7 @@ def test_live_producers_and_consumers_follow_their_tenant_exactly_once(clusters_
                 topic, label, consumer_type=kind, consumer_name=f"{label}-{index}",
                 initial_position=pulsar.InitialPosition.Earliest,
             )
-            consumers.append(OutOfOrderConsumer(history, label, consumer))
+            consumers.append(ConsumerThread(history, label, consumer, ack_window=ACK_WINDOW))
     for thread in consumers:
         clusters.threads.append(thread)
         thread.start()
@@ -266,10 +229,11 @@ def test_a_failure_mid_migration_pauses_it_and_no_client_is_sent_to_a_target_tha
     lookup_path = "/lookup/v2/topic/persistent/" + topic[len("persistent://"):]
     history = History()
     client = clusters.client("a")
-    consumer = OutOfOrderConsumer(
+    consumer = ConsumerThread(
         history, "work",
         client.subscribe(topic, "work", consumer_type=pulsar.ConsumerType.Shared,
                          initial_position=pulsar.InitialPosition.Earliest),
+        ack_window=ACK_WINDOW,
     )
     clusters.threads.append(consumer)
     consumer.start()
