@@ -1489,6 +1489,18 @@ mod tests {
         (frontier, walked)
     }
 
+    /// A walk of `state` in cluster a as after a load: fresh origin maps, no frontier known;
+    /// `own_entries`: with the entries a stored itself that the cursor notes.
+    fn fresh_walk(log: &Log, state: &CursorState, own_entries: bool) -> Walked {
+        let mut frontier =
+            Frontier::at(log, &mut OriginMap::default(), "a", state.mark_delete, None)
+                .expect("frontier");
+        if own_entries {
+            frontier = frontier.with_own_entries("a", state.mark_delete, local_stored_from(state));
+        }
+        origin_acks(log, &mut OriginMap::default(), state, &frontier, "a").expect("walk")
+    }
+
     #[test]
     fn an_older_acknowledgement_is_translated_without_reading_the_log_again() {
         let directory = tempfile::tempdir().expect("tempdir");
@@ -1610,16 +1622,7 @@ mod tests {
         log.acknowledge_cumulative("sub", positions[0])
             .expect("ack");
         let state = log.cursor("sub").expect("cursor");
-        let frontier = Frontier::at(
-            &log,
-            &mut OriginMap::default(),
-            "a",
-            state.mark_delete,
-            None,
-        )
-        .expect("frontier");
-        let first =
-            origin_acks(&log, &mut OriginMap::default(), &state, &frontier, "a").expect("walk");
+        let first = fresh_walk(&log, &state, false);
         note_local_stored_from(&log, "sub", first.stored_from["a"]).expect("noted");
         // Its consumers acknowledge everything; the consumed segments are deleted.
         log.acknowledge_cumulative("sub", positions[199])
@@ -1629,18 +1632,7 @@ mod tests {
         assert!(log.first_position() > Some(positions[0]), "trimmed");
         // The topic loads again: the walk starts over from the log as it is now.
         let state = log.cursor("sub").expect("cursor");
-        let frontier = Frontier::at(
-            &log,
-            &mut OriginMap::default(),
-            "a",
-            state.mark_delete,
-            None,
-        )
-        .expect("frontier")
-        .with_own_entries("a", state.mark_delete, local_stored_from(&state));
-        let acks = origin_acks(&log, &mut OriginMap::default(), &state, &frontier, "a")
-            .expect("walk")
-            .acks;
+        let acks = fresh_walk(&log, &state, true).acks;
         for position in [positions[0], positions[100], positions[199]] {
             assert!(
                 acks.covers("a", position, true),
@@ -1790,17 +1782,7 @@ mod tests {
         log.acknowledge_cumulative("sub", last).expect("ack");
         let state = log.cursor("sub").expect("cursor");
 
-        let frontier = Frontier::at(
-            &log,
-            &mut OriginMap::default(),
-            "a",
-            state.mark_delete,
-            None,
-        )
-        .expect("frontier");
-        let acks = origin_acks(&log, &mut OriginMap::default(), &state, &frontier, "a")
-            .expect("acks")
-            .acks;
+        let acks = fresh_walk(&log, &state, false).acks;
         assert!(
             acks.covers("c", Position::new(7, 3), true),
             "c's entry is acknowledged: {acks:?}"
