@@ -13,12 +13,15 @@
 //! `/admin/v2/clusters`; an HTTP lookup needs produce or consume on the topic; everything else
 //! (cluster changes, tenants, brokers, migration) is for super-users. Configure-once pushes
 //! from other clusters (requests with `PROPAGATED_HEADER`) need a replicating role
-//! (super-user or `replicator_roles`), which may also use every topic path. A denial is 403
-//! with a reason.
+//! (super-user or `replicator_roles`), and a replicator role may push only what configure-once
+//! and tenant migration write ([`is_configure_once`]); it may also read and create any topic
+//! and post subscription states ([`is_replication_call`]). Posting a subscription's replicated
+//! state needs a replicating role (a tenant admin may not). A denial is 403 with a reason.
 //!
 //! Every request that changes something (any method but GET and HEAD) is written to the audit
 //! log with its outcome, as is every refused credential.
 
+use std::borrow::Cow;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -152,6 +155,33 @@ pub async fn authenticate(
     response
 }
 
+/// A path segment percent-decoded (`%XX` to its byte; anything else kept as it is).
+fn decode(segment: &str) -> Cow<'_, str> {
+    if !segment.contains('%') {
+        return Cow::Borrowed(segment);
+    }
+    let bytes = segment.as_bytes();
+    let hex = |byte: u8| char::from(byte).to_digit(16);
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut index = 0;
+    while index < bytes.len() {
+        let escaped = (bytes[index] == b'%' && index + 2 < bytes.len())
+            .then(|| Some(hex(bytes[index + 1])? * 16 + hex(bytes[index + 2])?))
+            .flatten();
+        match escaped {
+            Some(byte) => {
+                out.push(byte as u8);
+                index += 3;
+            }
+            None => {
+                out.push(bytes[index]);
+                index += 1;
+            }
+        }
+    }
+    Cow::Owned(String::from_utf8_lossy(&out).into_owned())
+}
+
 /// The tenant's admin roles (none if it does not exist).
 fn tenant_admins(broker: &Broker, tenant: &str) -> Vec<String> {
     broker
@@ -159,6 +189,37 @@ fn tenant_admins(broker: &Broker, tenant: &str) -> Vec<String> {
         .tenant(tenant)
         .map(|info| info.admin_roles)
         .unwrap_or_default()
+}
+
+/// What a replicator role (not a super-user) may do under `/admin/v2/persistent/` (`rest` is
+/// the path after it): read, create a topic or a partitioned topic, post a subscription's
+/// replicated state. That is what replication calls on a peer (`prepare_remote_topic`, the
+/// subscription sync).
+fn is_replication_call(method: &Method, rest: &[&str]) -> bool {
+    match rest {
+        _ if method == Method::GET || method == Method::HEAD => true,
+        [_, _, _] | [_, _, _, "partitions"] => method == Method::PUT,
+        [_, _, _, "subscription", _, "replicatedSubscriptionState"] => method == Method::POST,
+        _ => false,
+    }
+}
+
+/// The requests configure-once propagation and tenant migration send to a peer (with
+/// `PROPAGATED_HEADER`): cluster records, the tenant, its namespaces and their replication
+/// lists, partitioned topics' partition counts, the migration's status; and the deletes of an
+/// aborted migration. A replicator role may send these and nothing else.
+fn is_configure_once(method: &Method, segments: &[&str]) -> bool {
+    let m = |allowed: &[Method]| allowed.contains(method);
+    use Method as M;
+    match segments {
+        ["admin", "v2", "clusters", _] => m(&[M::GET, M::PUT]),
+        ["admin", "v2", "tenants", _] => m(&[M::GET, M::PUT, M::POST, M::DELETE]),
+        ["admin", "v2", "tenants", _, "migration"] => m(&[M::GET]),
+        ["admin", "v2", "namespaces", _, _] => m(&[M::GET, M::PUT, M::DELETE]),
+        ["admin", "v2", "namespaces", _, _, "replication"] => m(&[M::GET, M::POST]),
+        ["admin", "v2", "persistent", _, _, _, "partitions"] => m(&[M::GET, M::PUT, M::POST]),
+        _ => false,
+    }
 }
 
 /// Why the caller may not make this request, or None if it may.
@@ -174,17 +235,39 @@ pub fn authorization_denial(
     if security.is_super_user(role) {
         return None;
     }
+    // Decoded as the handlers' `Path` extractor decodes them, so that the check is made on the
+    // tenant, namespace and topic the handler acts on (`%70ublic` is `public`).
+    let decoded: Vec<Cow<'_, str>> = path.trim_matches('/').split('/').map(decode).collect();
+    let segments: Vec<&str> = decoded.iter().map(AsRef::as_ref).collect();
+    let read = method == Method::GET || method == Method::HEAD;
     if propagated {
-        // Configure-once metadata from another cluster: only replicating roles may push it.
-        return (!security.may_replicate(role)).then(|| {
-            format!(
+        // Configure-once metadata from another cluster: only replicating roles may push it,
+        // and only to the records configure-once and tenant migration write.
+        if !security.may_replicate(role) {
+            return Some(format!(
                 "role '{}' may not push configure-once metadata (not a super-user or replicator role)",
+                role.unwrap_or_default()
+            ));
+        }
+        return (!is_configure_once(method, &segments)).then(|| {
+            format!(
+                "role '{}' is a replicator role, not a super-user: configure-once may not {method} {path}",
                 role.unwrap_or_default()
             )
         });
     }
-    let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
-    let read = method == Method::GET || method == Method::HEAD;
+    if matches!(
+        segments.as_slice(),
+        [.., "subscription", _, "replicatedSubscriptionState"]
+    ) && !security.may_replicate(role)
+    {
+        // Another cluster's subscription state moves this cluster's cursors: only a replicating
+        // role speaks for another cluster, not even the tenant's admins.
+        return Some(format!(
+            "role '{}' may not post replicated subscription state (not a super-user or replicator role)",
+            role.unwrap_or_default()
+        ));
+    }
     let tenant_admin = |tenant: &str| {
         (!security.is_tenant_admin(role, &tenant_admins(broker, tenant))).then(|| {
             format!(
@@ -197,14 +280,20 @@ pub fn authorization_denial(
         ["admin", "v2", "clusters", ..] if read => None,
         ["admin", "v2", "tenants", tenant] if read => tenant_admin(tenant),
         ["admin", "v2", "namespaces", tenant, ..] => tenant_admin(tenant),
-        // Replicators create and inspect the topics they replicate to.
-        ["admin", "v2", "persistent" | "non-persistent", ..] if security.may_replicate(role) => {
+        // Replicators create and inspect the topics they replicate to, and post subscription
+        // states; nothing else (no deletes, grants, cursor moves, policies).
+        ["admin", "v2", "persistent" | "non-persistent", rest @ ..]
+            if security.may_replicate(role) && is_replication_call(method, rest) =>
+        {
             None
         }
         ["admin", "v2", "persistent" | "non-persistent", tenant, ..] => tenant_admin(tenant),
         ["lookup", "v2", "topic", domain, tenant, namespace, topic] => {
-            let name =
-                TopicName::parse(&format!("{domain}://{tenant}/{namespace}/{topic}")).ok()?;
+            let name = match TopicName::parse(&format!("{domain}://{tenant}/{namespace}/{topic}")) {
+                Ok(name) => name,
+                // Refused, not waved through to the handler: fail closed.
+                Err(error) => return Some(error.to_string()),
+            };
             let grants = broker
                 .resources()
                 .policies(tenant, namespace)

@@ -1,0 +1,278 @@
+"""A hostile review of issue 15's security, with the official client and raw frames: each test
+is an attack that once got through (or a check that it is still refused), on one broker with
+tokens, authorization, super-user `admin`, replicator role `repl` and an audit log.
+
+- Tokens: one not valid yet (`nbf`), one whose `exp` is a fraction of a second in the past, and
+  one without the configured audience were accepted.
+- A replicator role was a super-user in disguise: on topic paths it could delete topics, grant
+  permissions and move cursors; with the configure-once header, anything at all.
+- A tenant admin could post another cluster's replicated subscription state (forged
+  replication traffic that moves cursors).
+- A producer of any role could store marker entries (written by brokers only; never
+  delivered, so the messages vanished).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import time
+
+import pulsar
+import pytest
+
+import broker_process
+import pulsar_frames
+from helpers import unique, wait_until
+from test_security import (
+    AUTHENTICATION_ERROR, Keys, SecuredBroker, await_audit, connect_with_token, rest,
+    start_secured, topic_exists,
+)
+
+AUTHORIZATION_ERROR = 4
+PROPAGATED = "x-meridian-propagated-from"
+
+
+@pytest.fixture(scope="module")
+def keys(meridian_bin, tmp_path_factory):
+    return Keys(meridian_bin, tmp_path_factory.mktemp("keys"))
+
+
+@pytest.fixture(scope="module")
+def secured(module_brokers, meridian_bin, keys, tmp_path_factory):
+    extra = (
+        'authorization_enabled = true\nsuper_user_roles = ["admin"]\n'
+        'replicator_roles = ["repl"]\n'
+    )
+    return start_secured(module_brokers, meridian_bin, keys, tmp_path_factory.mktemp("review"), extra)
+
+
+@pytest.fixture(scope="module")
+def tenant(secured, keys):
+    """Tenant `rv-…` administered by `rv-admin`, namespace `ns`, where `writer` may produce."""
+    name = unique("rv")
+    admin = keys.token("admin")
+    body = {"adminRoles": ["rv-admin"], "allowedClusters": ["standalone"]}
+    assert rest(secured, "PUT", f"/admin/v2/tenants/{name}", admin, body)[0] in (200, 204)
+    assert rest(secured, "PUT", f"/admin/v2/namespaces/{name}/ns", admin, {})[0] in (200, 204)
+    path = f"/admin/v2/namespaces/{name}/ns/permissions/writer"
+    assert rest(secured, "POST", path, admin, ["produce"])[0] in (200, 204)
+    return name
+
+
+def b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def hs256(keys, claims: dict) -> str:
+    """A token signed with the broker's own secret key, with exactly these claims."""
+    signing_input = b64(b'{"alg":"HS256"}') + "." + b64(json.dumps(claims).encode())
+    secret = keys.secret.read_bytes()
+    signature = hmac.new(secret, signing_input.encode(), hashlib.sha256).digest()
+    return signing_input + "." + b64(signature)
+
+
+def refused_on_connect(broker, token: str, reason: str) -> None:
+    """CONNECT with `token` gets ERROR(AuthenticationError) and a closed connection, REST 401,
+    and both are audited with `reason`."""
+    with pulsar_frames.RawConnection(broker.broker_port) as raw:
+        raw.send(connect_with_token(token))
+        frame = raw.read_frame()
+        assert frame is not None and frame.name == "ERROR", frame
+        assert frame.first(2) == AUTHENTICATION_ERROR, frame.body
+        assert raw.read_frame() is None, "the connection stays open after refused credentials"
+    await_audit(broker, reason, action="CONNECT", outcome="unauthenticated")
+    status, reply = rest(broker, "GET", "/admin/v2/clusters", token)
+    assert status == 401 and reason in reply["reason"], (status, reply)
+    await_audit(broker, reason, action="GET", resource="/admin/v2/clusters", outcome="unauthenticated")
+
+
+def test_a_token_not_valid_yet_is_refused_and_writes_nothing(secured, keys, tenant, client_factory):
+    token = hs256(keys, {"sub": "writer", "nbf": int(time.time()) + 3600})
+    refused_on_connect(secured, token, "not valid yet")
+    topic = f"persistent://{tenant}/ns/{unique('nbf')}"
+    client = client_factory(secured, operation_timeout_seconds=2,
+                            authentication=pulsar.AuthenticationToken(token))
+    with pytest.raises(pulsar.PulsarException):
+        client.create_producer(topic).send(b"too early")
+    assert not topic_exists(secured, keys.token("admin"), topic)
+
+
+def test_an_expiry_in_fractional_seconds_is_enforced(secured, keys):
+    # RFC 7519 allows fractions; a number the broker could not read as whole used to mean
+    # "never expires" (on CONNECT and on long-lived connections alike).
+    refused_on_connect(secured, hs256(keys, {"sub": "writer", "exp": time.time() - 60.5}), "expired")
+    refused_on_connect(secured, hs256(keys, {"sub": "writer", "exp": "tomorrow"}), "not a number")
+    fresh = hs256(keys, {"sub": "writer", "exp": time.time() + 3600.5})
+    assert rest(secured, "GET", "/admin/v2/clusters", fresh)[0] == 200
+
+
+def test_a_token_without_the_configured_audience_is_refused(module_brokers, meridian_bin, keys, tmp_path_factory):
+    base_dir = tmp_path_factory.mktemp("audience")
+    audit = base_dir / "audit.log"
+    config = (
+        f'authentication_enabled = true\ntoken_secret_key = "file://{keys.secret}"\n'
+        f'audit_log_file = "{audit}"\ntoken_audience = "meridian-rv"\n'
+    )
+    probe = hs256(keys, {"sub": "admin", "aud": "meridian-rv"})
+    broker = SecuredBroker(meridian_bin, base_dir, base_dir.name, config, probe)
+    broker.audit_path = audit
+    module_brokers.brokers.append(broker)
+    broker_process.KNOWN_BROKERS.append(broker)
+    broker.start()
+    refused_on_connect(broker, hs256(keys, {"sub": "admin"}), "audience")
+    refused_on_connect(broker, hs256(keys, {"sub": "admin", "aud": "elsewhere"}), "audience")
+    assert rest(broker, "GET", "/admin/v2/clusters", probe)[0] == 200
+    listed = hs256(keys, {"sub": "admin", "aud": ["elsewhere", "meridian-rv"]})
+    assert rest(broker, "GET", "/admin/v2/clusters", listed)[0] == 200
+
+
+def test_a_replicator_role_is_not_a_super_user(secured, keys, tenant):
+    admin, repl = keys.token("admin"), keys.token("repl")
+    local = unique("guarded")
+    topic_path = f"/admin/v2/persistent/{tenant}/ns/{local}"
+    assert rest(secured, "PUT", topic_path, admin)[0] in (200, 204)
+    writers = rest(secured, "GET", f"/admin/v2/namespaces/{tenant}/ns/permissions", admin)[1]
+    # What replication needs still works: read and create topics.
+    assert rest(secured, "GET", f"{topic_path}/partitions", repl)[0] == 200
+    created = f"/admin/v2/persistent/{tenant}/ns/{unique('replicated')}"
+    assert rest(secured, "PUT", created, repl)[0] in (200, 204)
+    # Nothing else on topics.
+    for method, path, body in [
+        ("DELETE", topic_path, None),
+        ("POST", f"{topic_path}/permissions/repl-friend", ["produce", "consume"]),
+        ("POST", f"{topic_path}/terminate", None),
+    ]:
+        status, reply = rest(secured, method, path, repl, body)
+        assert status == 403 and "repl" in reply["reason"], (method, path, status, reply)
+        await_audit(secured, "repl", action=method, resource=path, role="repl", outcome="denied")
+    assert topic_exists(secured, admin, f"persistent://{tenant}/ns/{local}")
+    status, grants = rest(secured, "GET", f"{topic_path}/permissions", admin)
+    assert status == 200 and "repl-friend" not in grants, grants
+    # With the configure-once header: what configure-once writes, not everything.
+    headers = {PROPAGATED: "elsewhere"}
+    for method, path, body in [
+        ("DELETE", f"/admin/v2/namespaces/{tenant}/ns/permissions/writer", None),
+        ("POST", f"/admin/v2/namespaces/{tenant}/ns/permissions/repl-friend", ["produce"]),
+        ("DELETE", topic_path, None),
+        ("DELETE", "/admin/v2/clusters/standalone", None),
+    ]:
+        status, reply = rest_with(secured, method, path, repl, body, headers)
+        assert status == 403 and "configure-once" in reply["reason"], (method, path, status, reply)
+        await_audit(secured, "configure-once", action=method, resource=path, role="repl", outcome="denied")
+    assert rest(secured, "GET", f"/admin/v2/namespaces/{tenant}/ns/permissions", admin)[1] == writers
+    assert topic_exists(secured, admin, f"persistent://{tenant}/ns/{local}")
+    assert rest(secured, "GET", "/admin/v2/clusters/standalone", admin)[0] == 200
+    pushed = unique("pushed")
+    body = {"adminRoles": [], "allowedClusters": ["standalone"]}
+    status, reply = rest_with(secured, "PUT", f"/admin/v2/tenants/{pushed}", repl, body, headers)
+    assert status in (200, 204), (status, reply)
+
+
+def rest_with(broker, method, path, token, body, headers):
+    """`rest` with extra request headers."""
+    import urllib.error
+    import urllib.request
+
+    all_headers = {"Content-Type": "application/json", "Authorization": f"Bearer {token}", **headers}
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(broker.web_url + path, data=data, method=method, headers=all_headers)
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read().decode() or "{}")
+
+
+def backlog(broker, keys, topic: str, subscription: str) -> int:
+    path = "/admin/v2/" + topic.replace("://", "/") + "/stats"
+    status, stats = rest(broker, "GET", path, keys.token("admin"))
+    assert status == 200, stats
+    return stats["subscriptions"][subscription]["msgBacklog"]
+
+
+def test_a_tenant_admin_cannot_post_replicated_subscription_state(secured, keys, tenant, client_factory):
+    admin = keys.token("admin")
+    cluster = {"serviceUrl": "http://127.0.0.1:9", "brokerServiceUrl": "pulsar://127.0.0.1:9"}
+    assert rest(secured, "PUT", "/admin/v2/clusters/west", admin, cluster)[0] in (200, 204, 409)
+    topic = f"persistent://{tenant}/ns/{unique('state')}"
+    client = client_factory(secured, operation_timeout_seconds=5,
+                            authentication=pulsar.AuthenticationToken(admin))
+    client.subscribe(topic, "billing").close()
+    producer = client.create_producer(topic)
+    for index in range(5):
+        producer.send(f"m{index}".encode())
+    assert backlog(secured, keys, topic, "billing") == 5
+    # "west acknowledged everything this cluster wrote", said by the tenant's admin.
+    end = "18446744073709551615:0"
+    state = {"cluster": "west", "acks": {"origins": {"standalone": {"ackedBelow": end, "ranges": []}}}}
+    path = "/admin/v2/" + topic.replace("://", "/") + "/subscription/billing/replicatedSubscriptionState"
+    status, reply = rest(secured, "POST", path, keys.token("rv-admin"), state)
+    assert status == 403 and "replicated subscription state" in reply["reason"], (status, reply)
+    await_audit(secured, "replicated subscription state", action="POST", resource=path,
+                role="rv-admin", outcome="denied")
+    assert backlog(secured, keys, topic, "billing") == 5
+    # The replicator role may (replication posts these).
+    assert rest(secured, "POST", path, keys.token("repl"), state)[0] != 403
+
+
+def test_a_marker_from_a_non_replicator_is_refused(secured, keys, tenant):
+    topic = f"persistent://{tenant}/ns/{unique('marker')}"
+    with pulsar_frames.RawConnection(secured.broker_port) as raw:
+        raw.send(connect_with_token(keys.token("writer")))
+        assert raw.read_frame().name == "CONNECTED"
+        raw.send(pulsar_frames.producer_frame(topic, producer_id=1, request_id=1))
+        frame = raw.read_frame()
+        assert frame is not None and frame.name == "PRODUCER_SUCCESS", frame
+        name = frame.first(2).decode()
+        snapshot_marker = pulsar_frames.field_varint(20, 12)  # marker_type
+        raw.send(pulsar_frames.send_frame(1, 0, b"\x08\x01", producer_name=name,
+                                          metadata_fields=snapshot_marker))
+        frame = raw.read_frame()
+        assert frame is not None and frame.name == "SEND_ERROR", frame
+        assert frame.first(3) == AUTHORIZATION_ERROR, frame.body
+        # An ordinary message on the same producer is stored.
+        raw.send(pulsar_frames.send_frame(1, 1, b"ordinary", producer_name=name))
+        frame = raw.read_frame()
+        assert frame is not None and frame.name == "SEND_RECEIPT", frame
+    await_audit(secured, "may not replicate", action="SEND", resource=topic, role="writer", outcome="denied")
+    path = "/admin/v2/" + topic.replace("://", "/") + "/internalStats"
+    wait_until(lambda: rest(secured, "GET", path, keys.token("admin"))[1]["numberOfEntries"] == 1,
+               "one entry stored, not two")
+
+
+def test_frames_after_a_refused_connect_are_not_served(secured, keys, tenant):
+    """Held: CONNECT with a forged token followed at once, in the same write, by PRODUCER and
+    SEND: the broker answers ERROR, closes, and creates nothing."""
+    topic = f"persistent://{tenant}/ns/{unique('pipelined')}"
+    forged = keys.token("admin", secret=keys.other_secret)
+    with pulsar_frames.RawConnection(secured.broker_port) as raw:
+        raw.send(connect_with_token(forged)
+                 + pulsar_frames.producer_frame(topic, producer_id=1, request_id=1)
+                 + pulsar_frames.send_frame(1, 0, b"smuggled"))
+        frame = raw.read_frame()
+        assert frame is not None and frame.name == "ERROR", frame
+        assert raw.read_frame() is None, "the connection stays open after refused credentials"
+    assert not topic_exists(secured, keys.token("admin"), topic)
+
+
+def test_an_encoded_path_does_not_skip_the_lookup_check(secured, keys, tenant):
+    """HTTP lookup checked the raw path: `%72v-…` is not a valid tenant name, so the check
+    waved it through, and the handler, which decodes it, looked the topic up for anyone."""
+    local = unique("hidden")
+    admin = keys.token("admin")
+    assert rest(secured, "PUT", f"/admin/v2/persistent/{tenant}/ns/{local}", admin)[0] in (200, 204)
+    plain = f"/lookup/v2/topic/persistent/{tenant}/ns/{local}"
+    encoded = f"/lookup/v2/topic/persistent/%{ord(tenant[0]):02x}{tenant[1:]}/ns/{local}"
+    assert rest(secured, "GET", plain, admin)[0] == 200
+    assert rest(secured, "GET", encoded, admin)[0] == 200, "the handler decodes the path"
+    for path in (plain, encoded):
+        status, reply = rest(secured, "GET", path, keys.token("stranger"))
+        assert status == 403 and "stranger" in reply["reason"], (path, status, reply)
+        await_audit(secured, "stranger", action="GET", resource=path, role="stranger", outcome="denied")
+    # And decoding works both ways: the tenant's admin may use the encoded path.
+    status, _ = rest(secured, "GET", f"/admin/v2/namespaces/%{ord(tenant[0]):02x}{tenant[1:]}/ns/permissions",
+                     keys.token("rv-admin"))
+    assert status == 200
