@@ -276,3 +276,68 @@ def test_an_encoded_path_does_not_skip_the_lookup_check(secured, keys, tenant):
     status, _ = rest(secured, "GET", f"/admin/v2/namespaces/%{ord(tenant[0]):02x}{tenant[1:]}/ns/permissions",
                      keys.token("rv-admin"))
     assert status == 200
+
+
+AUTH_CHALLENGE = 36
+
+
+def test_an_unanswered_auth_challenge_closes_the_connection(secured, keys, tenant):
+    """Held: a client that announced it refreshes credentials but never answers AUTH_CHALLENGE
+    is disconnected once its token has expired (the broker checks every second here)."""
+    token = hs256(keys, {"sub": "writer", "exp": int(time.time()) + 2})
+    supports_auth_refresh = pulsar_frames.field_bytes(10, pulsar_frames.field_varint(1, 1))
+    topic = f"persistent://{tenant}/ns/{unique('challenge')}"
+    with pulsar_frames.RawConnection(secured.broker_port, timeout_s=30) as raw:
+        # CONNECT as `connect_with_token` makes it, with the feature flags.
+        body = (pulsar_frames.field_string(1, "compat-raw-socket") + pulsar_frames.field_varint(4, 20)
+                + pulsar_frames.field_bytes(3, token.encode()) + pulsar_frames.field_string(5, "token")
+                + supports_auth_refresh)
+        connect = pulsar_frames.simple_frame(pulsar_frames.base_command(pulsar_frames.CONNECT, body))
+        raw.send(connect)
+        assert raw.read_frame().name == "CONNECTED"
+        raw.send(pulsar_frames.producer_frame(topic, producer_id=1, request_id=1))
+        assert raw.read_frame().name == "PRODUCER_SUCCESS"
+        frames = []
+        while (frame := raw.read_frame()) is not None:
+            frames.append(frame.command_type)
+        assert AUTH_CHALLENGE in frames, frames
+        assert frames[-1] == pulsar_frames.ERROR, frames
+    await_audit(secured, "not refreshed in time", action="AUTH_REFRESH", role="writer",
+                outcome="unauthenticated")
+
+
+def test_oversized_and_deeply_nested_tokens_are_refused_and_never_audited(secured, keys):
+    """Held: a token nested 5,000 levels deep (signed with the right key), one over the 16 KiB
+    limit, and a 1 MiB Authorization header are refused without harm; and no audit line holds
+    any token, refused or valid."""
+    header = b64(b'{"alg":"HS256"}')
+    signing_input = header + "." + b64(b"[" * 5000 + b"]" * 5000)
+    signature = hmac.new(keys.secret.read_bytes(), signing_input.encode(), hashlib.sha256).digest()
+    nested = signing_input + "." + b64(signature)
+    huge = hs256(keys, {"sub": "writer", "pad": "x" * 20_000})
+    expired = hs256(keys, {"sub": "writer", "exp": int(time.time()) - 5})
+    stranger = keys.token("stranger")
+    for token, reason in [(nested, "invalid token"), (huge, "at most"), (expired, "expired")]:
+        status, reply = rest(secured, "GET", "/admin/v2/clusters", token)
+        assert status == 401 and reason in reply["reason"], (status, reply)
+        with pulsar_frames.RawConnection(secured.broker_port) as raw:
+            raw.send(connect_with_token(token))
+            assert raw.read_frame().name == "ERROR"
+    assert rest(secured, "GET", "/admin/v2/tenants", stranger)[0] == 403
+    import urllib.error
+    import urllib.request
+
+    giant = urllib.request.Request(secured.web_url + "/admin/v2/clusters",
+                                   headers={"Authorization": "Bearer " + "a" * (1 << 20)})
+    try:
+        with urllib.request.urlopen(giant, timeout=10) as response:
+            raise AssertionError(f"a 1 MiB header was served: {response.status}")
+    except urllib.error.HTTPError as error:
+        assert error.code in (401, 431), error.code
+    except (ConnectionError, OSError):
+        pass  # closed without an answer: refused too
+    assert rest(secured, "GET", "/admin/v2/clusters", keys.token("admin"))[0] == 200
+    await_audit(secured, "stranger", role="stranger", outcome="denied")
+    text = secured.audit_path.read_text()
+    for token in (nested, huge, expired, stranger, keys.token("admin")):
+        assert token.split(".")[2] not in text, "a token's signature is in the audit log"
