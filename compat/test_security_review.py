@@ -341,3 +341,22 @@ def test_oversized_and_deeply_nested_tokens_are_refused_and_never_audited(secure
     text = secured.audit_path.read_text()
     for token in (nested, huge, expired, stranger, keys.token("admin")):
         assert token.split(".")[2] not in text, "a token's signature is in the audit log"
+
+
+def test_cluster_credentials_are_for_super_users_only(secured, keys):
+    """Any authenticated role may read cluster records, and a record carries the token this
+    cluster replicates with (`authenticationParameters`): a role with no rights at all read a
+    replicator's or super-user's token there."""
+    secret = hs256(keys, {"sub": "admin", "note": "replication credentials"})
+    name = unique("peer")
+    record = {"serviceUrl": "http://127.0.0.1:9", "brokerServiceUrl": "pulsar://127.0.0.1:9",
+              "authenticationPlugin": "org.apache.pulsar.client.impl.auth.AuthenticationToken",
+              "authenticationParameters": f"token:{secret}"}
+    assert rest(secured, "PUT", f"/admin/v2/clusters/{name}", keys.token("admin"), record)[0] in (200, 204)
+    status, full = rest(secured, "GET", f"/admin/v2/clusters/{name}", keys.token("admin"))
+    assert status == 200 and full["authenticationParameters"] == f"token:{secret}", full
+    for role in ("stranger", "repl", "rv-admin"):
+        status, seen = rest(secured, "GET", f"/admin/v2/clusters/{name}", keys.token(role))
+        assert status == 200 and seen["serviceUrl"] == record["serviceUrl"], (role, status, seen)
+        assert "authenticationParameters" not in seen and secret not in json.dumps(seen), (role, seen)
+    assert name in rest(secured, "GET", "/admin/v2/clusters", keys.token("stranger"))[1]

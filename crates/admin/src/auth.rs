@@ -130,8 +130,16 @@ pub async fn authenticate(
             return response;
         }
     }
+    // A cluster's record carries the credentials this cluster uses to reach it: only
+    // super-users read them.
+    let redact = method == Method::GET
+        && is_cluster_record(&path)
+        && !security.is_super_user(caller.role.as_deref());
     request.extensions_mut().insert(caller.clone());
-    let response = next.run(request).await;
+    let mut response = next.run(request).await;
+    if redact {
+        response = without_credentials(response).await;
+    }
     let status = response.status();
     let mutation = method != Method::GET && method != Method::HEAD;
     if mutation || status == StatusCode::FORBIDDEN {
@@ -153,6 +161,40 @@ pub async fn authenticate(
         );
     }
     response
+}
+
+/// Fields of a cluster record that hold a secret (Pulsar's `ClusterData`).
+const CLUSTER_SECRETS: &[&str] = &["authenticationParameters"];
+
+/// Largest cluster record rewritten (a record is a few hundred bytes).
+const MAX_CLUSTER_RECORD_BYTES: usize = 1024 * 1024;
+
+/// `/admin/v2/clusters/{cluster}`.
+fn is_cluster_record(path: &str) -> bool {
+    let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+    matches!(segments.as_slice(), ["admin", "v2", "clusters", _])
+}
+
+/// A cluster record's reply without its secrets ([`CLUSTER_SECRETS`]); any other reply as it
+/// is.
+async fn without_credentials(response: Response) -> Response {
+    let (mut parts, body) = response.into_parts();
+    let Ok(bytes) = axum::body::to_bytes(body, MAX_CLUSTER_RECORD_BYTES).await else {
+        return ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "cluster record too large",
+        )
+        .into_response();
+    };
+    let Ok(serde_json::Value::Object(mut record)) = serde_json::from_slice(&bytes) else {
+        return Response::from_parts(parts, axum::body::Body::from(bytes));
+    };
+    for field in CLUSTER_SECRETS {
+        record.remove(*field);
+    }
+    let text = serde_json::to_vec(&record).unwrap_or_default();
+    parts.headers.remove(header::CONTENT_LENGTH);
+    Response::from_parts(parts, axum::body::Body::from(text))
 }
 
 /// A path segment percent-decoded (`%XX` to its byte; anything else kept as it is).
