@@ -22,6 +22,8 @@ import hashlib
 import hmac
 import json
 import time
+import urllib.error
+import urllib.request
 
 import pulsar
 import pytest
@@ -166,9 +168,6 @@ def test_a_replicator_role_is_not_a_super_user(secured, keys, tenant):
 
 def rest_with(broker, method, path, token, body, headers):
     """`rest` with extra request headers."""
-    import urllib.error
-    import urllib.request
-
     all_headers = {"Content-Type": "application/json", "Authorization": f"Bearer {token}", **headers}
     data = json.dumps(body).encode() if body is not None else None
     request = urllib.request.Request(broker.web_url + path, data=data, method=method, headers=all_headers)
@@ -314,9 +313,6 @@ def test_oversized_and_deeply_nested_tokens_are_refused_and_never_audited(secure
             raw.send(connect_with_token(token))
             assert raw.read_frame().name == "ERROR"
     assert rest(secured, "GET", "/admin/v2/tenants", stranger)[0] == 403
-    import urllib.error
-    import urllib.request
-
     giant = urllib.request.Request(secured.web_url + "/admin/v2/clusters",
                                    headers={"Authorization": "Bearer " + "a" * (1 << 20)})
     try:
@@ -350,3 +346,104 @@ def test_cluster_credentials_are_for_super_users_only(secured, keys):
         assert status == 200 and seen["serviceUrl"] == record["serviceUrl"], (role, status, seen)
         assert "authenticationParameters" not in seen and secret not in json.dumps(seen), (role, seen)
     assert name in rest(secured, "GET", "/admin/v2/clusters", keys.token("stranger"))[1]
+
+
+def test_commands_on_another_connections_consumer_or_a_forbidden_topic_change_nothing(
+        secured, keys, tenant, client_factory):
+    """Held: consumer ids belong to their connection, so ACK, SEEK, UNSUBSCRIBE, REDELIVER and
+    GET_LAST_MESSAGE_ID naming another client's consumer id act on nothing; SUBSCRIBE without
+    consume, and LOOKUP and PARTITIONED_METADATA without any grant, are refused."""
+    topic = f"persistent://{tenant}/ns/{unique('victim')}"
+    admin = client_factory(secured, operation_timeout_seconds=5,
+                           authentication=pulsar.AuthenticationToken(keys.token("admin")))
+    victim = admin.subscribe(topic, "billing")  # consumer id 0 or 1 on its connection
+    producer = admin.create_producer(topic)
+    ids = [producer.send(f"m{index}".encode()) for index in range(3)]
+    assert backlog(secured, keys, topic, "billing") == 3
+    frame_of = pulsar_frames.simple_frame
+    command = pulsar_frames.base_command
+    varint = pulsar_frames.field_varint
+    position = (ids[-1].ledger_id(), ids[-1].entry_id())
+    with pulsar_frames.RawConnection(secured.broker_port) as raw:
+        raw.send(connect_with_token(keys.token("writer")))  # may produce, not consume
+        assert raw.read_frame().name == "CONNECTED"
+        for consumer_id in (0, 1):
+            raw.send(pulsar_frames.ack_frame(consumer_id, [position]))
+            raw.send(frame_of(command(20, varint(1, consumer_id))))  # REDELIVER
+            for kind, request_id in ((12, 10), (28, 11), (29, 12)):  # UNSUBSCRIBE, SEEK, GET_LAST
+                body = varint(1, consumer_id) + varint(2, request_id + consumer_id * 10)
+                if kind == 28:
+                    body += pulsar_frames.field_bytes(3, varint(1, position[0]) + varint(2, position[1]))
+                raw.send(frame_of(command(kind, body)))
+                frame = raw.read_frame()
+                assert frame is not None and frame.name == "ERROR", frame
+                assert b"no such consumer" in frame.first(3), frame.body
+        raw.send(pulsar_frames.subscribe_frame(topic, "billing", consumer_id=5, request_id=30))
+        frame = raw.read_frame()
+        assert frame.name == "ERROR" and frame.first(2) == AUTHORIZATION_ERROR, frame
+    await_audit(secured, "no consume permission", action="SUBSCRIBE", role="writer", outcome="denied")
+    with pulsar_frames.RawConnection(secured.broker_port) as raw:
+        raw.send(connect_with_token(keys.token("stranger")))
+        assert raw.read_frame().name == "CONNECTED"
+        raw.send(pulsar_frames.lookup_frame(topic, request_id=2))
+        frame = raw.read_frame()
+        assert frame.name == "LOOKUP_RESPONSE" and frame.first(6) == AUTHORIZATION_ERROR, frame
+        raw.send(pulsar_frames.partitioned_metadata_frame(topic, request_id=1))
+        frame = raw.read_frame()
+        assert frame.name == "PARTITIONED_METADATA_RESPONSE" and frame.first(4) == AUTHORIZATION_ERROR, frame
+    assert backlog(secured, keys, topic, "billing") == 3
+    assert victim.receive(timeout_millis=10_000).data() == b"m0"
+
+
+def test_every_rest_path_family_needs_credentials_and_rights(secured, keys, tenant, client_factory):
+    """Held: each REST path family, without a token (401) and with a role that has no rights
+    there (403, audited), changes nothing; the open paths stay open."""
+    local = unique("rest")
+    topic = f"persistent://{tenant}/ns/{local}"
+    admin = client_factory(secured, operation_timeout_seconds=5,
+                           authentication=pulsar.AuthenticationToken(keys.token("admin")))
+    admin.subscribe(topic, "billing").close()
+    admin.create_producer(topic).send(b"kept")
+    t = f"/admin/v2/persistent/{tenant}/ns/{local}"
+    n = f"/admin/v2/namespaces/{tenant}/ns"
+    families = [
+        ("PUT", f"/admin/v2/tenants/{unique('new')}", {"adminRoles": [], "allowedClusters": ["standalone"]}),
+        ("DELETE", f"/admin/v2/tenants/{tenant}", None),
+        ("GET", "/admin/v2/tenants", None),
+        ("PUT", f"/admin/v2/namespaces/{tenant}/{unique('ns')}", {}),
+        ("POST", f"{n}/retention", {"retentionTimeInMinutes": 1, "retentionSizeInMB": 1}),
+        ("POST", f"{n}/permissions/stranger", ["produce", "consume"]),
+        ("GET", f"{n}/permissions", None),
+        ("DELETE", t, None),
+        ("GET", f"{t}/stats", None),
+        ("POST", f"{t}/subscription/billing/skip_all", None),
+        ("POST", f"{t}/subscription/billing/resetcursor/0", None),
+        ("DELETE", f"{t}/subscription/billing", None),
+        ("POST", f"{t}/permissions/stranger", ["consume"]),
+        ("PUT", "/admin/v2/clusters/elsewhere", {"serviceUrl": "http://127.0.0.1:9"}),
+        ("GET", "/admin/v2/brokers/health", None),
+        ("GET", "/admin/v2/brokers/configuration/runtime", None),
+        ("GET", "/admin/v2/broker-stats/topics", None),
+        ("POST", f"/admin/v2/tenants/{tenant}/migration", {}),
+        ("GET", f"/lookup/v2/topic/persistent/{tenant}/ns/{local}", None),
+    ]
+    stranger = keys.token("stranger")
+    for method, path, body in families:
+        status, reply = rest(secured, method, path, None, body)
+        assert status == 401, (method, path, status, reply)
+        status, reply = rest(secured, method, path, stranger, body)
+        assert status == 403 and "stranger" in reply["reason"], (method, path, status, reply)
+        await_audit(secured, "stranger", action=method, resource=path, role="stranger", outcome="denied")
+    admin_token = keys.token("admin")
+    assert rest(secured, "GET", f"/admin/v2/tenants/{tenant}", admin_token)[0] == 200
+    assert "stranger" not in rest(secured, "GET", f"{n}/permissions", admin_token)[1]
+    assert "stranger" not in rest(secured, "GET", f"{t}/permissions", admin_token)[1]
+    assert backlog(secured, keys, topic, "billing") == 1
+    for path in ("/metrics", "/status.html", "/console", "/console/app.js"):
+        assert rest_status(secured, path) == 200, path
+    assert rest(secured, "GET", "/admin/v2/clusters", stranger)[0] == 200
+
+
+def rest_status(broker, path: str) -> int:
+    with urllib.request.urlopen(broker.web_url + path, timeout=10) as response:
+        return response.status
