@@ -447,3 +447,26 @@ def test_every_rest_path_family_needs_credentials_and_rights(secured, keys, tena
 def rest_status(broker, path: str) -> int:
     with urllib.request.urlopen(broker.web_url + path, timeout=10) as response:
         return response.status
+
+
+def test_a_reader_stops_when_its_permission_is_revoked(secured, keys, tenant, client_factory):
+    """Held: a reader (a non-durable subscription) is closed like a consumer when its role
+    loses consume, and reads nothing produced after that."""
+    topic = f"persistent://{tenant}/ns/{unique('read')}"
+    grant = "/admin/v2/" + topic.replace("://", "/") + "/permissions/reader-role"
+    admin = keys.token("admin")
+    assert rest(secured, "POST", grant, admin, ["consume"])[0] in (200, 204)
+    writer = client_factory(secured, operation_timeout_seconds=5,
+                            authentication=pulsar.AuthenticationToken(admin)).create_producer(topic)
+    writer.send(b"before")
+    client = client_factory(secured, operation_timeout_seconds=3,
+                            authentication=pulsar.AuthenticationToken(keys.token("reader-role")))
+    reader = client.create_reader(topic, pulsar.MessageId.earliest)
+    assert reader.read_next(timeout_millis=10_000).data() == b"before"
+    assert rest(secured, "DELETE", grant, admin)[0] in (200, 204)
+    await_audit(secured, "no consume permission", action="SUBSCRIBE", role="reader-role", outcome="denied")
+    writer.send(b"after")
+    with pytest.raises(pulsar.Timeout):
+        reader.read_next(timeout_millis=3000)
+    with pytest.raises(pulsar.PulsarException):
+        client.create_reader(topic, pulsar.MessageId.earliest)
