@@ -21,6 +21,8 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import socket
+import ssl
 import time
 import urllib.error
 import urllib.request
@@ -32,10 +34,11 @@ import broker_process
 import pulsar_frames
 from helpers import unique, wait_until
 from test_security import (
-    Keys, SecuredBroker, assert_connect_refused, await_audit, b64, connect_with_token, rest,
-    start_secured, topic_exists,
+    Keys, SecuredBroker, assert_connect_refused, audit_lines, await_audit, b64,
+    connect_with_token, rest, start_secured, topic_exists,
 )
 from test_security_authz import new_tenant
+from test_security_tls import make_ca, make_server_cert
 
 AUTHORIZATION_ERROR = 4
 PROPAGATED = "x-meridian-propagated-from"
@@ -470,3 +473,30 @@ def test_a_reader_stops_when_its_permission_is_revoked(secured, keys, tenant, cl
         reader.read_next(timeout_millis=3000)
     with pytest.raises(pulsar.PulsarException):
         client.create_reader(topic, pulsar.MessageId.earliest)
+
+
+def test_a_refused_client_certificate_is_audited(module_brokers, meridian_bin, keys, tmp_path_factory):
+    """With mutual TLS, a client without a certificate from the trusted CAs fails the TLS
+    handshake: an authentication failure, which was only a debug log line and not audited."""
+    certs = tmp_path_factory.mktemp("certs")
+    make_ca(certs)
+    make_server_cert(certs, "server", "meridian-review")
+    broker_tls, web_tls = broker_process.free_port(), broker_process.free_port()
+    extra = (
+        f"broker_port_tls = {broker_tls}\nweb_port_tls = {web_tls}\n"
+        f'tls_certificate_file_path = "{certs / "server.pem"}"\n'
+        f'tls_key_file_path = "{certs / "server.key"}"\n'
+        f'tls_trust_certs_file_path = "{certs / "ca.pem"}"\n'
+        "tls_require_trusted_client_cert_on_connect = true\n"
+    )
+    broker = start_secured(module_brokers, meridian_bin, keys, tmp_path_factory.mktemp("mtls"), extra)
+    context = ssl.create_default_context(cafile=str(certs / "ca.pem"))
+    for port in (broker_tls, web_tls):
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as plain:
+            with pytest.raises((ssl.SSLError, ConnectionError)):
+                with context.wrap_socket(plain, server_hostname="127.0.0.1") as tls:
+                    tls.sendall(b"x")
+                    tls.recv(1)  # TLS 1.3: the refusal arrives after the client's handshake
+        await_audit(broker, "no client certificate", action="TLS", outcome="unauthenticated")
+    lines = [line for line in audit_lines(broker) if line["action"] == "TLS"]
+    assert len(lines) == 2 and all(line["address"].startswith("127.0.0.1:") for line in lines), lines
