@@ -500,3 +500,38 @@ def test_a_refused_client_certificate_is_audited(module_brokers, meridian_bin, k
         await_audit(broker, "no client certificate", action="TLS", outcome="unauthenticated")
     lines = [line for line in audit_lines(broker) if line["action"] == "TLS"]
     assert len(lines) == 2 and all(line["address"].startswith("127.0.0.1:") for line in lines), lines
+
+
+def test_path_tricks_do_not_leave_the_tenant(secured, keys, tenant):
+    """Held: a tenant's admin cannot reach another tenant's namespace through `..`, encoded
+    slashes, v1 paths, another case or a trailing slash; a producer granted in one namespace
+    cannot reach another's topics through a partition suffix or another domain."""
+    admin, tenant_admin = keys.token("admin"), keys.token("rv-admin")
+    public = "/admin/v2/namespaces/public/default/permissions"
+    before = rest(secured, "GET", public, admin)[1]
+    for method, path in [
+        ("GET", f"/admin/v2/namespaces/{tenant}/../public/default/permissions"),
+        ("POST", f"/admin/v2/namespaces/{tenant}/../../public/default/permissions/rv-admin"),
+        ("POST", f"/admin/v2/namespaces/{tenant}/..%2F..%2Fpublic%2Fdefault/permissions/rv-admin"),
+        ("POST", f"/admin/v2/namespaces/{tenant}%2F..%2Fpublic/default/permissions/rv-admin"),
+        ("POST", "/admin/namespaces/public/default/permissions/rv-admin"),
+        ("POST", "/admin/v2/NAMESPACES/public/default/permissions/rv-admin"),
+        ("POST", "/admin/v2/namespaces/public/default/permissions/rv-admin/"),
+    ]:
+        status, reply = rest(secured, method, path, tenant_admin, ["produce"] if method == "POST" else None)
+        assert status >= 400, (path, status, reply)
+    assert rest(secured, "GET", public, admin)[1] == before
+    with pulsar_frames.RawConnection(secured.broker_port) as raw:
+        raw.send(connect_with_token(keys.token("writer")))
+        assert raw.read_frame().name == "CONNECTED"
+        for request_id, topic in enumerate([
+            f"persistent://public/default/{unique('x')}-partition-0",
+            f"public/default/{unique('short')}",
+            f"non-persistent://{tenant}/ns/{unique('np')}",
+            f"persistent://{tenant}/../public/default/{unique('dots')}",
+        ]):
+            raw.send(pulsar_frames.producer_frame(topic, producer_id=request_id, request_id=request_id))
+            frame = raw.read_frame()
+            assert frame is not None and frame.name == "ERROR", (topic, frame)
+    status, topics = rest(secured, "GET", "/admin/v2/persistent/public/default", admin)
+    assert status == 200 and not any("-partition-0" in t or "short-" in t for t in topics), topics
