@@ -279,7 +279,7 @@ AUTH_CHALLENGE = 36
 def test_an_unanswered_auth_challenge_closes_the_connection(secured, keys, tenant):
     """Held: a client that announced it refreshes credentials but never answers AUTH_CHALLENGE
     is disconnected once its token has expired (the broker checks every second here)."""
-    token = hs256(keys, {"sub": "writer", "exp": int(time.time()) + 2})
+    token = hs256(keys, {"sub": "writer", "exp": int(time.time()) + 3})
     supports_auth_refresh = pulsar_frames.field_bytes(10, pulsar_frames.field_varint(1, 1))
     topic = f"persistent://{tenant}/ns/{unique('challenge')}"
     with pulsar_frames.RawConnection(secured.broker_port, timeout_s=30) as raw:
