@@ -193,16 +193,20 @@ def test_bad_credentials_are_refused_audited_and_write_nothing(secured, keys, cl
     line = await_audit(secured, reason, action="CONNECT", outcome="unauthenticated")
     assert line["address"].startswith("127.0.0.1:")
     assert not topic_exists(secured, keys.token("admin"), topic)
-    # On the wire the refusal is ERROR(AuthenticationError), then the connection closes.
-    with pulsar_frames.RawConnection(secured.broker_port) as raw:
+    assert_connect_refused(secured, token)
+
+
+AUTHENTICATION_ERROR = 3
+
+
+def assert_connect_refused(broker, token: str | None) -> None:
+    """On the wire the refusal is ERROR(AuthenticationError), then the connection closes."""
+    with pulsar_frames.RawConnection(broker.broker_port) as raw:
         raw.send(connect_with_token(token))
         frame = raw.read_frame()
         assert frame is not None and frame.name == "ERROR", frame
         assert frame.first(2) == AUTHENTICATION_ERROR, frame.body
         assert raw.read_frame() is None, "the connection stays open after refused credentials"
-
-
-AUTHENTICATION_ERROR = 3
 
 
 def connect_with_token(token: str | None) -> bytes:

@@ -28,17 +28,21 @@ def secured(module_brokers, meridian_bin, keys, tmp_path_factory):
     return start_secured(module_brokers, meridian_bin, keys, tmp_path_factory.mktemp("authz"), extra)
 
 
+def new_tenant(broker, keys, prefix: str, admin_role: str) -> str:
+    """A tenant `<prefix>-…` whose admin role is `admin_role`, with namespace `ns` (created by
+    that role)."""
+    name = unique(prefix)
+    body = {"adminRoles": [admin_role], "allowedClusters": ["standalone"]}
+    assert rest(broker, "PUT", f"/admin/v2/tenants/{name}", keys.token("admin"), body)[0] in (200, 204)
+    status, reply = rest(broker, "PUT", f"/admin/v2/namespaces/{name}/ns", keys.token(admin_role), {})
+    assert status in (200, 204), reply
+    return name
+
+
 @pytest.fixture(scope="module")
 def tenant(secured, keys):
     """Tenant `acme-…` whose admin role is `acme-admin`, with namespace `ns`."""
-    name = unique("acme")
-    admin = keys.token("admin")
-    body = {"adminRoles": ["acme-admin"], "allowedClusters": ["standalone"]}
-    assert rest(secured, "PUT", f"/admin/v2/tenants/{name}", admin, body)[0] in (200, 204)
-    tenant_admin = keys.token("acme-admin")
-    status, reply = rest(secured, "PUT", f"/admin/v2/namespaces/{name}/ns", tenant_admin, {})
-    assert status in (200, 204), reply
-    return name
+    return new_tenant(secured, keys, "acme", "acme-admin")
 
 
 def client_as(client_factory, broker, keys, role):

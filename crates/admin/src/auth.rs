@@ -13,12 +13,15 @@
 //! `/admin/v2/clusters`; an HTTP lookup needs produce or consume on the topic; everything else
 //! (cluster changes, tenants, brokers, migration) is for super-users. Configure-once pushes
 //! from other clusters (requests with `PROPAGATED_HEADER`) need a replicating role
-//! (super-user or `replicator_roles`), which may also use every topic path. A denial is 403
-//! with a reason.
+//! (super-user or `replicator_roles`), and a replicator role may push only what configure-once
+//! and tenant migration write ([`is_configure_once`]); it may also read and create any topic
+//! and post subscription states ([`is_replication_call`]). Posting a subscription's replicated
+//! state needs a replicating role (a tenant admin may not). A denial is 403 with a reason.
 //!
 //! Every request that changes something (any method but GET and HEAD) is written to the audit
 //! log with its outcome, as is every refused credential.
 
+use std::borrow::Cow;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -127,8 +130,16 @@ pub async fn authenticate(
             return response;
         }
     }
+    // A cluster's record carries the credentials this cluster uses to reach it: only
+    // super-users read them.
+    let redact = method == Method::GET
+        && is_cluster_record(&path)
+        && !security.is_super_user(caller.role.as_deref());
     request.extensions_mut().insert(caller.clone());
-    let response = next.run(request).await;
+    let mut response = next.run(request).await;
+    if redact {
+        response = without_credentials(response).await;
+    }
     let status = response.status();
     let mutation = method != Method::GET && method != Method::HEAD;
     if mutation || status == StatusCode::FORBIDDEN {
@@ -152,6 +163,67 @@ pub async fn authenticate(
     response
 }
 
+/// Fields of a cluster record that hold a secret (Pulsar's `ClusterData`).
+const CLUSTER_SECRETS: &[&str] = &["authenticationParameters"];
+
+/// Largest cluster record rewritten (a record is a few hundred bytes).
+const MAX_CLUSTER_RECORD_BYTES: usize = 1024 * 1024;
+
+/// `/admin/v2/clusters/{cluster}`.
+fn is_cluster_record(path: &str) -> bool {
+    let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+    matches!(segments.as_slice(), ["admin", "v2", "clusters", _])
+}
+
+/// A cluster record's reply without its secrets ([`CLUSTER_SECRETS`]); any other reply as it
+/// is.
+async fn without_credentials(response: Response) -> Response {
+    let (mut parts, body) = response.into_parts();
+    let Ok(bytes) = axum::body::to_bytes(body, MAX_CLUSTER_RECORD_BYTES).await else {
+        return ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "cluster record too large",
+        )
+        .into_response();
+    };
+    let Ok(serde_json::Value::Object(mut record)) = serde_json::from_slice(&bytes) else {
+        return Response::from_parts(parts, axum::body::Body::from(bytes));
+    };
+    for field in CLUSTER_SECRETS {
+        record.remove(*field);
+    }
+    let text = serde_json::to_vec(&record).unwrap_or_default();
+    parts.headers.remove(header::CONTENT_LENGTH);
+    Response::from_parts(parts, axum::body::Body::from(text))
+}
+
+/// A path segment percent-decoded (`%XX` to its byte; anything else kept as it is).
+fn decode(segment: &str) -> Cow<'_, str> {
+    if !segment.contains('%') {
+        return Cow::Borrowed(segment);
+    }
+    let bytes = segment.as_bytes();
+    let hex = |byte: u8| char::from(byte).to_digit(16);
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut index = 0;
+    while index < bytes.len() {
+        let escaped = (bytes[index] == b'%' && index + 2 < bytes.len())
+            .then(|| Some(hex(bytes[index + 1])? * 16 + hex(bytes[index + 2])?))
+            .flatten();
+        match escaped {
+            Some(byte) => {
+                out.push(byte as u8);
+                index += 3;
+            }
+            None => {
+                out.push(bytes[index]);
+                index += 1;
+            }
+        }
+    }
+    Cow::Owned(String::from_utf8_lossy(&out).into_owned())
+}
+
 /// The tenant's admin roles (none if it does not exist).
 fn tenant_admins(broker: &Broker, tenant: &str) -> Vec<String> {
     broker
@@ -159,6 +231,37 @@ fn tenant_admins(broker: &Broker, tenant: &str) -> Vec<String> {
         .tenant(tenant)
         .map(|info| info.admin_roles)
         .unwrap_or_default()
+}
+
+/// What a replicator role (not a super-user) may do under `/admin/v2/persistent/` (`rest` is
+/// the path after it): read, create a topic or a partitioned topic, post a subscription's
+/// replicated state. That is what replication calls on a peer (`prepare_remote_topic`, the
+/// subscription sync).
+fn is_replication_call(method: &Method, rest: &[&str]) -> bool {
+    match rest {
+        _ if method == Method::GET || method == Method::HEAD => true,
+        [_, _, _] | [_, _, _, "partitions"] => method == Method::PUT,
+        [_, _, _, "subscription", _, "replicatedSubscriptionState"] => method == Method::POST,
+        _ => false,
+    }
+}
+
+/// The requests configure-once propagation and tenant migration send to a peer (with
+/// `PROPAGATED_HEADER`): cluster records, the tenant, its namespaces and their replication
+/// lists, partitioned topics' partition counts, the migration's status; and the deletes of an
+/// aborted migration. A replicator role may send these and nothing else.
+fn is_configure_once(method: &Method, segments: &[&str]) -> bool {
+    let m = |allowed: &[Method]| allowed.contains(method);
+    use Method as M;
+    match segments {
+        ["admin", "v2", "clusters", _] => m(&[M::GET, M::PUT]),
+        ["admin", "v2", "tenants", _] => m(&[M::GET, M::PUT, M::POST, M::DELETE]),
+        ["admin", "v2", "tenants", _, "migration"] => m(&[M::GET]),
+        ["admin", "v2", "namespaces", _, _] => m(&[M::GET, M::PUT, M::DELETE]),
+        ["admin", "v2", "namespaces", _, _, "replication"] => m(&[M::GET, M::POST]),
+        ["admin", "v2", "persistent", _, _, _, "partitions"] => m(&[M::GET, M::PUT, M::POST]),
+        _ => false,
+    }
 }
 
 /// Why the caller may not make this request, or None if it may.
@@ -174,17 +277,39 @@ pub fn authorization_denial(
     if security.is_super_user(role) {
         return None;
     }
+    // Decoded as the handlers' `Path` extractor decodes them, so that the check is made on the
+    // tenant, namespace and topic the handler acts on (`%70ublic` is `public`).
+    let decoded: Vec<Cow<'_, str>> = path.trim_matches('/').split('/').map(decode).collect();
+    let segments: Vec<&str> = decoded.iter().map(AsRef::as_ref).collect();
+    let read = method == Method::GET || method == Method::HEAD;
     if propagated {
-        // Configure-once metadata from another cluster: only replicating roles may push it.
-        return (!security.may_replicate(role)).then(|| {
-            format!(
+        // Configure-once metadata from another cluster: only replicating roles may push it,
+        // and only to the records configure-once and tenant migration write.
+        if !security.may_replicate(role) {
+            return Some(format!(
                 "role '{}' may not push configure-once metadata (not a super-user or replicator role)",
+                role.unwrap_or_default()
+            ));
+        }
+        return (!is_configure_once(method, &segments)).then(|| {
+            format!(
+                "role '{}' is a replicator role, not a super-user: configure-once may not {method} {path}",
                 role.unwrap_or_default()
             )
         });
     }
-    let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
-    let read = method == Method::GET || method == Method::HEAD;
+    if matches!(
+        segments.as_slice(),
+        [.., "subscription", _, "replicatedSubscriptionState"]
+    ) && !security.may_replicate(role)
+    {
+        // Another cluster's subscription state moves this cluster's cursors: only a replicating
+        // role speaks for another cluster, not even the tenant's admins.
+        return Some(format!(
+            "role '{}' may not post replicated subscription state (not a super-user or replicator role)",
+            role.unwrap_or_default()
+        ));
+    }
     let tenant_admin = |tenant: &str| {
         (!security.is_tenant_admin(role, &tenant_admins(broker, tenant))).then(|| {
             format!(
@@ -197,14 +322,20 @@ pub fn authorization_denial(
         ["admin", "v2", "clusters", ..] if read => None,
         ["admin", "v2", "tenants", tenant] if read => tenant_admin(tenant),
         ["admin", "v2", "namespaces", tenant, ..] => tenant_admin(tenant),
-        // Replicators create and inspect the topics they replicate to.
-        ["admin", "v2", "persistent" | "non-persistent", ..] if security.may_replicate(role) => {
+        // Replicators create and inspect the topics they replicate to, and post subscription
+        // states; nothing else (no deletes, grants, cursor moves, policies).
+        ["admin", "v2", "persistent" | "non-persistent", rest @ ..]
+            if security.may_replicate(role) && is_replication_call(method, rest) =>
+        {
             None
         }
         ["admin", "v2", "persistent" | "non-persistent", tenant, ..] => tenant_admin(tenant),
         ["lookup", "v2", "topic", domain, tenant, namespace, topic] => {
-            let name =
-                TopicName::parse(&format!("{domain}://{tenant}/{namespace}/{topic}")).ok()?;
+            let name = match TopicName::parse(&format!("{domain}://{tenant}/{namespace}/{topic}")) {
+                Ok(name) => name,
+                // Refused, not waved through to the handler: fail closed.
+                Err(error) => return Some(error.to_string()),
+            };
             let grants = broker
                 .resources()
                 .policies(tenant, namespace)

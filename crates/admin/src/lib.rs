@@ -199,6 +199,7 @@ pub async fn serve_with_tls(
     tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
+    let audit = security.clone();
     let router = router(broker.clone())
         .layer(axum::middleware::from_fn_with_state(
             (security, broker),
@@ -229,6 +230,7 @@ pub async fn serve_with_tls(
             });
             let shutdown = token.clone();
             let acceptor = acceptor.clone();
+            let audit = audit.clone();
             async move {
                 let timeouts = (header_read_timeout, write_stall_timeout);
                 match acceptor {
@@ -241,6 +243,7 @@ pub async fn serve_with_tls(
                                 serve_connection(stream, service, timeouts, shutdown).await
                             }
                             Ok(Err(error)) => {
+                                audit.audit_tls_failure(peer, &error);
                                 tracing::debug!(peer = %peer, %error, "TLS handshake failed")
                             }
                             Err(_) => tracing::debug!(peer = %peer, "TLS handshake timed out"),

@@ -238,6 +238,21 @@ impl Security {
             || role.is_some_and(|role| tenant_admins.iter().any(|admin| admin == role))
     }
 
+    /// Audits a TLS handshake that failed on the client's certificate (mutual TLS): an
+    /// authentication failure like a refused token. Other handshake failures are not audited.
+    pub fn audit_tls_failure(&self, peer: std::net::SocketAddr, error: &std::io::Error) {
+        if let Some(reason) = tls::client_certificate_refusal(error) {
+            self.audit(AuditEvent {
+                role: None,
+                address: &peer.to_string(),
+                action: "TLS",
+                resource: "",
+                outcome: Outcome::Unauthenticated,
+                reason: Some(&reason),
+            });
+        }
+    }
+
     /// Writes one audit line (if an audit log is configured).
     pub fn audit(&self, event: AuditEvent<'_>) {
         if let Some(audit) = &self.audit {

@@ -118,3 +118,20 @@ pub fn server_config(
     config.alpn_protocols = alpn.iter().map(|protocol| protocol.to_vec()).collect();
     Ok(Arc::new(config))
 }
+
+/// Why a failed TLS handshake refused the client's credentials: no client certificate, or one
+/// not issued by the trusted CAs, where mutual TLS requires one. None for other failures (a
+/// client that does not trust this server, a port scan, a timeout): not the client's
+/// credentials.
+pub fn client_certificate_refusal(error: &std::io::Error) -> Option<String> {
+    let error = error.get_ref()?.downcast_ref::<rustls::Error>()?;
+    match error {
+        rustls::Error::NoCertificatesPresented => {
+            Some("no client certificate (mutual TLS requires one)".into())
+        }
+        rustls::Error::InvalidCertificate(_) => {
+            Some(format!("client certificate refused: {error}"))
+        }
+        _ => None,
+    }
+}

@@ -1,7 +1,9 @@
 //! JSON Web Tokens as Pulsar's `AuthenticationProviderToken` reads them: signed with a secret
-//! key (HS256) or a key pair (RS256/ES256); the role is one claim (`sub` by default); `exp`, when
-//! present, is enforced with no leeway. `alg: none` and algorithms of another key family are
-//! refused (the key decides which algorithms are acceptable, never the token).
+//! key (HS256) or a key pair (RS256/ES256); the role is one claim (`sub` by default); `exp` and
+//! `nbf`, when present, are enforced with no leeway (as numbers of seconds, fractions allowed as
+//! RFC 7519 allows them; any other value refuses the token); with an audience configured, `aud`
+//! must be present and name it. `alg: none` and algorithms of another key family are refused
+//! (the key decides which algorithms are acceptable, never the token).
 
 use std::collections::HashSet;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -70,19 +72,29 @@ impl TokenVerifier {
         let mut validation = Validation::new(self.key.algorithms[0]);
         validation.algorithms = self.key.algorithms.clone();
         validation.required_spec_claims = HashSet::new();
-        validation.validate_exp = true;
+        // The times are checked below, where a value that is not a number is refused (the
+        // library skips a claim it cannot read as a whole number).
+        validation.validate_exp = false;
+        validation.validate_nbf = false;
         validation.leeway = 0;
         match &self.audience {
-            Some(audience) => validation.set_audience(&[audience]),
+            Some(audience) => {
+                validation.set_audience(&[audience]);
+                // Without this, a token with no `aud` at all would pass.
+                validation.required_spec_claims.insert("aud".into());
+            }
             None => validation.validate_aud = false,
         }
         let data = jsonwebtoken::decode::<Map<String, Value>>(token, &self.key.key, &validation)
             .map_err(|error| {
                 AuthError::Rejected(match error.kind() {
-                    ErrorKind::ExpiredSignature => "token expired".to_string(),
                     ErrorKind::InvalidSignature => "token signature is invalid".to_string(),
                     ErrorKind::InvalidAlgorithm => {
                         "token algorithm does not match the configured key".to_string()
+                    }
+                    ErrorKind::InvalidAudience | ErrorKind::MissingRequiredClaim(_) => {
+                        "token audience ('aud') does not name this broker's token_audience"
+                            .to_string()
                     }
                     _ => format!("invalid token: {error}"),
                 })
@@ -96,8 +108,33 @@ impl TokenVerifier {
                 )))
             }
         };
-        let expires_at = data.claims.get("exp").and_then(Value::as_u64);
+        let now = now_seconds();
+        let expires_at = time_claim(&data.claims, "exp")?.map(|exp| exp.floor().max(0.0) as u64);
+        if expires_at.is_some_and(|exp| exp < now) {
+            return Err(AuthError::Rejected("token expired".into()));
+        }
+        if let Some(not_before) = time_claim(&data.claims, "nbf")? {
+            if not_before.ceil() > now as f64 {
+                return Err(AuthError::Rejected(format!(
+                    "token not valid yet (nbf {not_before} is after now, {now})"
+                )));
+            }
+        }
         Ok(Principal { role, expires_at })
+    }
+}
+
+/// A time claim (`exp`, `nbf`): seconds since the epoch, None if absent; a value that is not a
+/// finite number refuses the token.
+fn time_claim(claims: &Map<String, Value>, name: &str) -> Result<Option<f64>, AuthError> {
+    match claims.get(name) {
+        None => Ok(None),
+        Some(value) => match value.as_f64().filter(|seconds| seconds.is_finite()) {
+            Some(seconds) => Ok(Some(seconds)),
+            None => Err(AuthError::Rejected(format!(
+                "token claim '{name}' is not a number of seconds"
+            ))),
+        },
     }
 }
 
@@ -193,6 +230,72 @@ mod tests {
         assert!(verifier(&secret)
             .verify(&format!("{header}.{body}."))
             .is_err());
+    }
+
+    fn signed(secret: &[u8], claims: Value) -> String {
+        let key = secret_signing_key(secret);
+        jsonwebtoken::encode(&Header::new(key.algorithm), &claims, &key.key).expect("token")
+    }
+
+    #[test]
+    fn time_claims_are_enforced_whatever_their_number_type() {
+        let secret = generate_secret_key().expect("secret");
+        let now = now_seconds();
+        let refused = |claims: Value, why: &str| {
+            let error = verifier(&secret)
+                .verify(&signed(&secret, claims.clone()))
+                .expect_err(why);
+            assert!(error.to_string().contains(why), "{claims}: {error}");
+        };
+        refused(
+            serde_json::json!({"sub": "a", "nbf": now + 3600}),
+            "not valid yet",
+        );
+        refused(
+            serde_json::json!({"sub": "a", "nbf": now as f64 + 3600.5}),
+            "not valid yet",
+        );
+        refused(
+            serde_json::json!({"sub": "a", "exp": now as f64 - 10.5}),
+            "expired",
+        );
+        refused(serde_json::json!({"sub": "a", "exp": -1}), "expired");
+        refused(
+            serde_json::json!({"sub": "a", "exp": "never"}),
+            "not a number",
+        );
+        refused(serde_json::json!({"sub": "a", "nbf": null}), "not a number");
+        let valid = serde_json::json!({"sub": "a", "nbf": now - 1, "exp": now as f64 + 60.5});
+        let principal = verifier(&secret)
+            .verify(&signed(&secret, valid))
+            .expect("valid");
+        assert_eq!(principal.expires_at, Some(now + 60));
+    }
+
+    #[test]
+    fn a_configured_audience_must_be_named() {
+        let secret = generate_secret_key().expect("secret");
+        let verifier = TokenVerifier::new(
+            secret_verifying_key(&secret).expect("key"),
+            "sub".into(),
+            Some("meridian".into()),
+        );
+        for claims in [
+            serde_json::json!({"sub": "a"}),
+            serde_json::json!({"sub": "a", "aud": "other"}),
+            serde_json::json!({"sub": "a", "aud": ["other"]}),
+        ] {
+            let error = verifier
+                .verify(&signed(&secret, claims.clone()))
+                .expect_err("wrong audience");
+            assert!(error.to_string().contains("audience"), "{claims}: {error}");
+        }
+        for claims in [
+            serde_json::json!({"sub": "a", "aud": "meridian"}),
+            serde_json::json!({"sub": "a", "aud": ["other", "meridian"]}),
+        ] {
+            assert!(verifier.verify(&signed(&secret, claims)).is_ok());
+        }
     }
 
     #[test]

@@ -81,9 +81,10 @@ enum Verb {
     },
 }
 
-/// Writes a file readable by its owner only.
+/// Writes a file readable by its owner only. An existing file is made so before the key is
+/// written into it (`mode` applies only to a file the open creates).
 fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
     let mut file = std::fs::OpenOptions::new()
         .write(true)
         .create(true)
@@ -91,6 +92,8 @@ fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
         .mode(0o600)
         .open(path)
         .with_context(|| format!("creating {}", path.display()))?;
+    file.set_permissions(std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("making {} private", path.display()))?;
     file.write_all(bytes)
         .with_context(|| format!("writing {}", path.display()))
 }

@@ -1250,11 +1250,8 @@ impl Connection {
                 ServerError::NotAllowedError,
                 "SEND with a message id is only for shadow topics".into(),
             ))
-        } else if let Some(Err(reason)) = entry
-            .metadata
-            .replicated_from
-            .as_ref()
-            .map(|_| self.authorize_replication("SEND", producer.topic.full_name()))
+        } else if let Err(reason) =
+            self.authorize_replicated_send(&send, &entry.metadata, producer.topic.full_name())
         {
             Some((ServerError::AuthorizationError, reason))
         } else if let Err(reason) = check_batch_metadata(

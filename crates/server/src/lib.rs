@@ -134,7 +134,10 @@ async fn serve_with(
                 Ok(Ok(stream)) => {
                     connection::run_tls(stream, peer, broker, config, token, budget).await
                 }
-                Ok(Err(error)) => tracing::debug!(peer = %peer, %error, "TLS handshake failed"),
+                Ok(Err(error)) => {
+                    config.security.audit_tls_failure(peer, &error);
+                    tracing::debug!(peer = %peer, %error, "TLS handshake failed")
+                }
                 Err(_) => tracing::debug!(peer = %peer, "TLS handshake timed out"),
             }
         }

@@ -22,8 +22,8 @@
 //! client's attempt to re-create it is refused with AuthorizationError.
 //!
 //! Replication is for super-users and `replicator_roles` only: a producer named with the
-//! replicator prefix, or a SEND whose metadata carries `replicated_from`, from any other role is
-//! refused with AuthorizationError (nothing is stored).
+//! replicator prefix, or a SEND whose metadata carries `replicated_from` or is a marker, from
+//! any other role is refused with AuthorizationError (nothing is stored).
 //!
 //! Every refusal is written to the audit log.
 
@@ -33,7 +33,7 @@ use meridian_wire::proto::{
     base_command::Type, command_lookup_topic_response, command_partitioned_topic_metadata_response,
     AuthData, BaseCommand, CommandAuthChallenge, CommandCloseConsumer, CommandCloseProducer,
     CommandConnect, CommandLookupTopicResponse, CommandPartitionedTopicMetadataResponse,
-    ServerError,
+    CommandSend, MessageMetadata, ServerError,
 };
 use std::sync::atomic::Ordering;
 
@@ -276,6 +276,21 @@ impl Connection {
         );
         self.audit(command, topic, Outcome::Denied, &reason);
         Err(reason)
+    }
+
+    /// Checks a SEND only replication may make: one whose metadata carries `replicated_from`,
+    /// or a marker (`marker_type`, or the command's `marker` flag; markers are written by
+    /// brokers and never delivered, so a client's would vanish silently). Other SENDs pass.
+    pub(super) fn authorize_replicated_send(
+        &self,
+        send: &CommandSend,
+        metadata: &MessageMetadata,
+        topic: &str,
+    ) -> Result<(), String> {
+        if metadata.replicated_from.is_none() && metadata.marker_type.is_none() && !send.marker() {
+            return Ok(());
+        }
+        self.authorize_replication("SEND", topic)
     }
 
     /// Checks a namespace-wide read (the topic list): tenant admins and roles with any grant
