@@ -11,6 +11,7 @@ use crate::error::Result;
 use crate::pool::{parse_service_url, ConnectionPool};
 use crate::producer::ProducerBuilder;
 use crate::reader::ReaderBuilder;
+use crate::tls::TlsOptions;
 use crate::topic::normalize_topic;
 
 /// A Pulsar client: cheap to clone, and every clone shares one connection
@@ -51,6 +52,7 @@ pub struct ClientBuilder {
     max_pending_requests: usize,
     proxy_url: Option<String>,
     auth_token: Option<AuthToken>,
+    tls: TlsOptions,
 }
 
 impl ClientBuilder {
@@ -115,22 +117,46 @@ impl ClientBuilder {
         self
     }
 
+    /// TLS settings for a `pulsar+ssl://` service URL (what to trust, a client certificate);
+    /// unused with `pulsar://`. Default: the system's CA bundle, no client certificate.
+    pub fn tls(mut self, options: TlsOptions) -> Self {
+        self.tls = options;
+        self
+    }
+
     /// Checks the settings and creates the client. Connections open lazily,
     /// on the first lookup.
     pub async fn build(self) -> Result<Client> {
-        let addresses = parse_service_url(&self.service_url)?;
+        let service = parse_service_url(&self.service_url)?;
         let proxy = match &self.proxy_url {
             Some(url) => {
-                let mut proxies = parse_service_url(url)?;
-                if proxies.len() != 1 {
+                let mut proxy = parse_service_url(url)?;
+                if proxy.addresses.len() != 1 {
                     return Err(crate::error::Error::InvalidServiceUrl {
                         url: url.clone(),
                         reason: "a proxy URL names exactly one host:port",
                     });
                 }
-                proxies.pop()
+                if proxy.tls != service.tls {
+                    return Err(crate::error::Error::InvalidServiceUrl {
+                        url: url.clone(),
+                        reason: "a proxy URL must be TLS (pulsar+ssl://) exactly when the service URL is",
+                    });
+                }
+                proxy.addresses.pop()
             }
             None => None,
+        };
+        let tls = match service.tls {
+            true => Some(
+                self.tls
+                    .client_config()
+                    .map_err(|error| crate::error::Error::Tls {
+                        address: self.service_url.clone(),
+                        reason: error.0,
+                    })?,
+            ),
+            false => None,
         };
         let settings = ConnectionSettings {
             connect_timeout: self.connect_timeout,
@@ -139,10 +165,16 @@ impl ClientBuilder {
             outbound_queue: self.outbound_queue.max(1),
             max_pending_requests: self.max_pending_requests.max(1),
             auth_token: self.auth_token.clone(),
+            tls,
         };
         Ok(Client {
             inner: Arc::new(ClientInner {
-                pool: ConnectionPool::new(settings, addresses, self.max_lookup_redirects, proxy),
+                pool: ConnectionPool::new(
+                    settings,
+                    service.addresses,
+                    self.max_lookup_redirects,
+                    proxy,
+                ),
                 next_id: AtomicU64::new(0),
                 operation_timeout: self.operation_timeout,
                 backoff_initial: self.backoff_initial,
@@ -154,7 +186,8 @@ impl ClientBuilder {
 
 impl Client {
     /// Settings for a client of the broker(s) at `service_url`
-    /// (`pulsar://host:port`, or several `host:port` separated by commas).
+    /// (`pulsar://host:port`, or several `host:port` separated by commas; `pulsar+ssl://` for
+    /// TLS, see [`ClientBuilder::tls`]).
     pub fn builder(service_url: impl Into<String>) -> ClientBuilder {
         ClientBuilder {
             service_url: service_url.into(),
@@ -168,6 +201,7 @@ impl Client {
             max_pending_requests: 50_000,
             proxy_url: None,
             auth_token: None,
+            tls: TlsOptions::default(),
         }
     }
 

@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use meridian_broker::peer::Peer;
+use meridian_broker::peer::{Peer, PeerAgent};
 use meridian_broker::topic_name::is_valid_entity_name;
 use meridian_client::Client;
 use serde_json::Value;
@@ -75,7 +75,7 @@ impl MigrationRecord {
 /// The members, an HTTP agent and the forwarding clients.
 pub struct Clusters {
     members: Vec<Member>,
-    agent: ureq::Agent,
+    agent: std::sync::Arc<PeerAgent>,
     /// Token every call to a cluster authenticates with (admin calls, forwarded requests).
     auth_token: Option<String>,
     request_timeout: Duration,
@@ -101,11 +101,12 @@ impl Clusters {
                     unreachable: AtomicBool::new(false),
                 })
                 .collect(),
-            agent: ureq::AgentBuilder::new()
-                .timeout_connect(request_timeout)
-                .timeout(request_timeout)
-                .redirects(0)
-                .build(),
+            agent: std::sync::Arc::new(PeerAgent::new(move |builder| {
+                builder
+                    .timeout_connect(request_timeout)
+                    .timeout(request_timeout)
+                    .redirects(0)
+            })),
             auth_token,
             request_timeout,
             clients: Mutex::new(HashMap::new()),
