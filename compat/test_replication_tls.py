@@ -266,3 +266,27 @@ def test_meridian_client_produces_over_pulsar_ssl(clusters, meridian_bin, keys, 
     sent = produce_with("--tls-trust-cert-path", str(certs / "ca.pem"))
     assert sent.returncode == 0, sent.stderr
     assert receive_all(a, keys, certs, topic, 1) == [b"from the cli"]
+
+
+def test_the_lookup_front_door_reaches_tls_clusters_and_answers_their_tls_urls(
+        clusters, meridian_bin, certs, tmp_path, monkeypatch):
+    """`meridian lookup --clusters https://...` calls the clusters over TLS (their plain ports
+    are closed) and answers with the home's TLS URLs next to the plain ones."""
+    from test_lookup_front_door import FrontDoor, http_lookup, lookup
+
+    a, b = clusters
+    monkeypatch.setenv("MERIDIAN_AUTH_TOKEN", a.token)
+    monkeypatch.setenv("MERIDIAN_TLS_TRUST_CERT_PATH", str(certs / "ca.pem"))
+    door = FrontDoor(meridian_bin, tmp_path / "lookup.log", [a.web_url, b.web_url]).start()
+    try:
+        topic = f"persistent://geo/tls/{unique('front-door')}"
+        # geo is on both clusters and migrates nowhere: its home is the first, a.
+        answer = http_lookup(door, topic)
+        assert answer["brokerUrlTls"] == a.service_url, answer
+        assert answer["brokerUrl"] == f"pulsar://127.0.0.1:{a.broker_port}", answer
+        assert answer["httpUrlTls"] == a.web_url, answer
+        reply = lookup(door, topic)
+        assert reply.first(2, b"").decode() == a.service_url, reply
+    finally:
+        door.stop()
+    assert not door.errors(), door.errors()

@@ -232,6 +232,22 @@ impl Client {
         Ok(self.inner.pool.lookup(&topic).await?.logical)
     }
 
+    /// The URLs of the broker that serves `topic` as its final lookup answer names them
+    /// (`pulsar://` and, if it has one, `pulsar+ssl://`).
+    pub async fn lookup_urls(&self, topic: &str) -> Result<crate::pool::BrokerUrls> {
+        let topic = normalize_topic(topic)?;
+        let (_, mut urls) = self.inner.pool.lookup_answer(&topic).await?;
+        for url in [
+            &mut urls.broker_service_url,
+            &mut urls.broker_service_url_tls,
+        ] {
+            if url.as_deref().is_some_and(str::is_empty) {
+                *url = None;
+            }
+        }
+        Ok(urls)
+    }
+
     /// Closes every connection. Producers and consumers still open will try
     /// to reconnect; close them first.
     pub async fn close(&self) {

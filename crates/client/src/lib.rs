@@ -130,6 +130,7 @@ pub use consumer::{Consumer, ConsumerBuilder, InitialPosition, SeekTarget, Subsc
 pub use error::{Error, Result};
 pub use message::{Message, ProducerMessage};
 pub use message_id::MessageId;
+pub use pool::BrokerUrls;
 pub use producer::{
     AccessMode, BatchingPolicy, ConnectionWatch, Producer, ProducerBuilder, SendReceipt,
 };

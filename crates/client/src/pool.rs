@@ -158,6 +158,11 @@ impl ConnectionPool {
 
     /// The broker that owns `topic`.
     pub(crate) async fn lookup(&self, topic: &str) -> Result<BrokerAddress> {
+        Ok(self.lookup_answer(topic).await?.0)
+    }
+
+    /// The broker that owns `topic`, and the URLs the final answer named.
+    pub(crate) async fn lookup_answer(&self, topic: &str) -> Result<(BrokerAddress, BrokerUrls)> {
         let mut connection = self.service_connection().await?;
         let mut authoritative = false;
         for _ in 0..=self.max_lookup_redirects {
@@ -198,13 +203,18 @@ impl ConnectionPool {
             match LookupType::try_from(response.response.unwrap_or(LookupType::Failed as i32)) {
                 Ok(LookupType::Connect) => {
                     let logical = target()?;
+                    let urls = BrokerUrls {
+                        broker_service_url: response.broker_service_url.clone(),
+                        broker_service_url_tls: response.broker_service_url_tls.clone(),
+                    };
                     if response.proxy_through_service_url() {
-                        return Ok(BrokerAddress {
+                        let address = BrokerAddress {
                             logical,
                             physical: connection.address().physical.clone(),
-                        });
+                        };
+                        return Ok((address, urls));
                     }
-                    return Ok(BrokerAddress::direct(logical));
+                    return Ok((BrokerAddress::direct(logical), urls));
                 }
                 Ok(LookupType::Redirect) => {
                     let next = target()?;
@@ -239,6 +249,15 @@ impl ConnectionPool {
             }
         }
     }
+}
+
+/// The URLs of the broker a lookup ended at, as it answered them (empty ones as `None`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BrokerUrls {
+    /// `pulsar://host:port`.
+    pub broker_service_url: Option<String>,
+    /// `pulsar+ssl://host:port`.
+    pub broker_service_url_tls: Option<String>,
 }
 
 /// `pulsar://host:port` → `host:port` (a bare `host:port` is kept).
