@@ -198,3 +198,28 @@ def test_a_client_certificate_authenticates_with_its_cn_as_the_role(module_broke
         client.create_producer(topic).send(b"as alice")
     finally:
         client.close()
+
+
+def test_meridian_admin_and_client_present_a_client_certificate(secured, keys, certs, meridian_bin):
+    """Mutual TLS from our own tools: `--tls-cert-file` / `--tls-key-file` (both ports require
+    a client certificate here)."""
+    topic = unique_topic("mtls-cli")
+    trust = ["--tls-trust-cert-path", str(certs / "ca.pem")]
+    mine = ["--tls-cert-file", str(certs / "client.pem"), "--tls-key-file", str(certs / "client.key")]
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([str(meridian_bin), *args], capture_output=True, text=True, timeout=60)
+
+    admin = ["admin", "--url", secured.tls_web_url, "--auth-token", keys.token("admin"), *trust]
+    without = run(*admin, "clusters", "list")
+    assert without.returncode != 0 and "cannot reach" in without.stderr, without.stderr
+    listed = run(*admin, *mine, "clusters", "list")
+    assert listed.returncode == 0 and "standalone" in listed.stdout, listed.stderr
+
+    client = ["client", "--url", secured.tls_service_url, "--auth-token", keys.token("admin"), *trust]
+    assert run(*client, "produce", topic, "-m", "no certificate").returncode != 0
+    sent = run(*client, *mine, "produce", topic, "-m", "with a certificate")
+    assert sent.returncode == 0, sent.stderr
+    status, stats = https(secured, "/admin/v2/" + topic.replace("://", "/") + "/stats",
+                          keys.token("admin"), certs / "ca.pem", certs)
+    assert status == 200 and stats["msgInCounter"] == 1, stats
