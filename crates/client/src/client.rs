@@ -254,3 +254,50 @@ impl Client {
         self.inner.pool.close_all();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::Error;
+
+    #[tokio::test]
+    async fn tls_settings_are_checked_when_the_client_is_built() {
+        let missing_trust = TlsOptions {
+            trust_certs_file: Some("/nonexistent/ca.pem".into()),
+            ..TlsOptions::default()
+        };
+        let built = Client::builder("pulsar+ssl://127.0.0.1:6651")
+            .tls(missing_trust.clone())
+            .build()
+            .await;
+        assert!(
+            matches!(&built, Err(Error::Tls { reason, .. }) if reason.contains("/nonexistent/ca.pem")),
+            "{:?}",
+            built.err()
+        );
+        // A plain service URL does not use (or read) the TLS settings.
+        assert!(Client::builder("pulsar://127.0.0.1:6650")
+            .tls(missing_trust)
+            .build()
+            .await
+            .is_ok());
+
+        // A proxy must speak what the service URL speaks.
+        let insecure = TlsOptions {
+            allow_insecure: true,
+            ..TlsOptions::default()
+        };
+        let mixed = Client::builder("pulsar+ssl://127.0.0.1:6651")
+            .tls(insecure.clone())
+            .proxy_url("pulsar://127.0.0.1:6650")
+            .build()
+            .await;
+        assert!(matches!(mixed, Err(Error::InvalidServiceUrl { .. })));
+        assert!(Client::builder("pulsar+ssl://127.0.0.1:6651")
+            .tls(insecure)
+            .proxy_url("pulsar+ssl://127.0.0.1:7651")
+            .build()
+            .await
+            .is_ok());
+    }
+}

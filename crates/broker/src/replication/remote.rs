@@ -25,7 +25,8 @@ pub struct RemoteCluster {
     pub service_url: Option<String>,
     /// `pulsar://...` of its brokers (`pulsar+ssl://...` with `brokerClientTlsEnabled`).
     pub broker_service_url: String,
-    /// When set, every replication connection goes through this proxy.
+    /// When set, every replication connection goes through this proxy (`pulsar+ssl://` for a
+    /// registration with `brokerClientTlsEnabled`, `pulsar://` otherwise).
     pub proxy_service_url: Option<String>,
     /// Token replication and topic creation authenticate with, from the registration's
     /// `authenticationParameters` (Pulsar's cluster-data field; `token:...`, `file:///...`).
