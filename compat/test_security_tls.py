@@ -223,3 +223,35 @@ def test_meridian_admin_and_client_present_a_client_certificate(secured, keys, c
     status, stats = https(secured, "/admin/v2/" + topic.replace("://", "/") + "/stats",
                           keys.token("admin"), certs / "ca.pem", certs)
     assert status == 200 and stats["msgInCounter"] == 1, stats
+
+
+def test_our_tools_check_that_the_certificate_names_the_host(module_brokers, meridian_bin, keys, certs,
+                                                              tmp_path_factory):
+    """A broker whose certificate names only `localhost`: `https://localhost` is accepted,
+    `https://127.0.0.1` is refused (the address is not in the certificate), both trusting the CA."""
+    (certs / "dns.ext").write_text("subjectAltName=DNS:localhost\n")
+    openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+            "-keyout", "dns-only.key", "-out", "dns-only.csr", "-subj", "/CN=localhost", cwd=certs)
+    openssl("x509", "-req", "-in", "dns-only.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+            "-CAcreateserial", "-out", "dns-only.pem", "-days", "2", "-extfile", "dns.ext", cwd=certs)
+    web_tls = free_port()
+    extra = (
+        f"web_port_tls = {web_tls}\n"
+        f'tls_certificate_file_path = "{certs / "dns-only.pem"}"\n'
+        f'tls_key_file_path = "{certs / "dns-only.key"}"\n'
+    )
+    start_secured(module_brokers, meridian_bin, keys, tmp_path_factory.mktemp("tls-names"), extra)
+
+    def admin(host: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [str(meridian_bin), "admin", "--url", f"https://{host}:{web_tls}",
+             "--auth-token", keys.token("admin"), "--tls-trust-cert-path", str(certs / "ca.pem"),
+             "clusters", "list"],
+            capture_output=True, text=True, timeout=60)
+
+    by_name = admin("localhost")
+    assert by_name.returncode == 0 and "standalone" in by_name.stdout, by_name.stderr
+    by_address = admin("127.0.0.1")
+    assert by_address.returncode != 0, by_address.stdout
+    assert 'not valid for name "127.0.0.1"' in by_address.stderr, by_address.stderr
+    assert "use a name it carries" in by_address.stderr, by_address.stderr

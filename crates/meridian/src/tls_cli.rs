@@ -51,9 +51,29 @@ impl TlsArgs {
 /// other errors).
 pub fn hint(error: &str) -> &'static str {
     // rustls's words for a server certificate this client did not accept.
-    if error.contains("invalid peer certificate") {
+    if error.contains("not valid for name") || error.contains("NotValidForName") {
+        " (the server's certificate does not name the host of the URL: use a name it carries, \
+         or skip the check with --tls-allow-insecure)"
+    } else if error.contains("invalid peer certificate") {
         " (trust the server's CA with --tls-trust-cert-path, or skip the check with --tls-allow-insecure)"
     } else {
         ""
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refused_certificates_get_a_hint_and_other_errors_none() {
+        assert!(hint("invalid peer certificate: UnknownIssuer").contains("--tls-trust-cert-path"));
+        assert!(hint(
+            "invalid peer certificate: certificate not valid for name \"127.0.0.1\"; \
+             certificate is only valid for DnsName(\"localhost\")"
+        )
+        .contains("use a name it carries"));
+        assert_eq!(hint("tls_certificate_file_path: no PEM certificate"), "");
+        assert_eq!(hint("Connection refused (os error 111)"), "");
     }
 }
