@@ -32,10 +32,11 @@ def make_ca(directory) -> None:
             cwd=directory)
 
 
-def make_server_cert(directory, name: str, common_name: str) -> None:
-    """`name`.pem / `name`.key for 127.0.0.1 and localhost, signed by the test CA (also used
-    as a client certificate)."""
-    (directory / "san.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+def make_server_cert(directory, name: str, common_name: str,
+                     names: str = "IP:127.0.0.1,DNS:localhost") -> None:
+    """`name`.pem / `name`.key for `names` (127.0.0.1 and localhost), signed by the test CA
+    (also used as a client certificate)."""
+    (directory / "san.ext").write_text(f"subjectAltName={names}\n")
     openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
             "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={common_name}",
             cwd=directory)
@@ -229,11 +230,7 @@ def test_our_tools_check_that_the_certificate_names_the_host(module_brokers, mer
                                                               tmp_path_factory):
     """A broker whose certificate names only `localhost`: `https://localhost` is accepted,
     `https://127.0.0.1` is refused (the address is not in the certificate), both trusting the CA."""
-    (certs / "dns.ext").write_text("subjectAltName=DNS:localhost\n")
-    openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
-            "-keyout", "dns-only.key", "-out", "dns-only.csr", "-subj", "/CN=localhost", cwd=certs)
-    openssl("x509", "-req", "-in", "dns-only.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
-            "-CAcreateserial", "-out", "dns-only.pem", "-days", "2", "-extfile", "dns.ext", cwd=certs)
+    make_server_cert(certs, "dns-only", "localhost", names="DNS:localhost")
     web_tls = free_port()
     extra = (
         f"web_port_tls = {web_tls}\n"
