@@ -527,7 +527,9 @@ impl Worker {
                         client = Some(created);
                         continue;
                     }
-                    Err(error) => Ended::Refused(format!("invalid remote cluster URL: {error}")),
+                    Err(error) => Ended::Refused(format!(
+                        "invalid remote cluster URL or TLS settings: {error}"
+                    )),
                 },
             };
             self.status.set_connection(None);
