@@ -233,6 +233,26 @@ def test_an_untrusted_peer_stalls_replication_until_its_registration_is_fixed(cl
     assert len(warnings) == 1, warnings
 
 
+@pytest.mark.allow_broker_errors(r"replication stopped")
+def test_a_registration_whose_trust_file_is_missing_stops_replication_until_fixed(clusters, keys, certs):
+    a, b = clusters
+    replicator = keys.token("replicator")
+    missing = certs / "no-such-ca.pem"
+    status, body = a.rest("POST", "/admin/v2/clusters/b", b.registration(replicator, missing))
+    assert status in (200, 204), (status, body)
+    try:
+        topic = f"persistent://geo/tls/{unique('no-trust-file')}"
+        produce(a, keys, certs, topic, [b"waits for the file"])
+        wait_until(lambda: replication_state(a, topic, "b").startswith("Stopped: ")
+                   and str(missing) in replication_state(a, topic, "b"),
+                   "the replicator's state names the missing trust file")
+    finally:
+        status, body = a.rest("POST", "/admin/v2/clusters/b", b.registration(replicator, certs / "ca.pem"))
+        assert status in (200, 204), (status, body)
+    wait_until(lambda: replication_state(a, topic, "b") == "Started", "the replicator started")
+    assert receive_all(b, keys, certs, topic, 1) == [b"waits for the file"]
+
+
 def admin(meridian_bin, broker, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [str(meridian_bin), "admin", "--url", broker.web_url, "--auth-token", broker.token, *args],
