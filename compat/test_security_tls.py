@@ -32,10 +32,11 @@ def make_ca(directory) -> None:
             cwd=directory)
 
 
-def make_server_cert(directory, name: str, common_name: str) -> None:
-    """`name`.pem / `name`.key for 127.0.0.1 and localhost, signed by the test CA (also used
-    as a client certificate)."""
-    (directory / "san.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+def make_server_cert(directory, name: str, common_name: str,
+                     names: str = "IP:127.0.0.1,DNS:localhost") -> None:
+    """`name`.pem / `name`.key for `names` (127.0.0.1 and localhost), signed by the test CA
+    (also used as a client certificate)."""
+    (directory / "san.ext").write_text(f"subjectAltName={names}\n")
     openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
             "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={common_name}",
             cwd=directory)
@@ -198,3 +199,56 @@ def test_a_client_certificate_authenticates_with_its_cn_as_the_role(module_broke
         client.create_producer(topic).send(b"as alice")
     finally:
         client.close()
+
+
+def test_meridian_admin_and_client_present_a_client_certificate(secured, keys, certs, meridian_bin):
+    """Mutual TLS from our own tools: `--tls-cert-file` / `--tls-key-file` (both ports require
+    a client certificate here)."""
+    topic = unique_topic("mtls-cli")
+    trust = ["--tls-trust-cert-path", str(certs / "ca.pem")]
+    mine = ["--tls-cert-file", str(certs / "client.pem"), "--tls-key-file", str(certs / "client.key")]
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([str(meridian_bin), *args], capture_output=True, text=True, timeout=60)
+
+    admin = ["admin", "--url", secured.tls_web_url, "--auth-token", keys.token("admin"), *trust]
+    without = run(*admin, "clusters", "list")
+    assert without.returncode != 0 and "cannot reach" in without.stderr, without.stderr
+    listed = run(*admin, *mine, "clusters", "list")
+    assert listed.returncode == 0 and "standalone" in listed.stdout, listed.stderr
+
+    client = ["client", "--url", secured.tls_service_url, "--auth-token", keys.token("admin"), *trust]
+    assert run(*client, "produce", topic, "-m", "no certificate").returncode != 0
+    sent = run(*client, *mine, "produce", topic, "-m", "with a certificate")
+    assert sent.returncode == 0, sent.stderr
+    status, stats = https(secured, "/admin/v2/" + topic.replace("://", "/") + "/stats",
+                          keys.token("admin"), certs / "ca.pem", certs)
+    assert status == 200 and stats["msgInCounter"] == 1, stats
+
+
+def test_our_tools_check_that_the_certificate_names_the_host(module_brokers, meridian_bin, keys, certs,
+                                                              tmp_path_factory):
+    """A broker whose certificate names only `localhost`: `https://localhost` is accepted,
+    `https://127.0.0.1` is refused (the address is not in the certificate), both trusting the CA."""
+    make_server_cert(certs, "dns-only", "localhost", names="DNS:localhost")
+    web_tls = free_port()
+    extra = (
+        f"web_port_tls = {web_tls}\n"
+        f'tls_certificate_file_path = "{certs / "dns-only.pem"}"\n'
+        f'tls_key_file_path = "{certs / "dns-only.key"}"\n'
+    )
+    start_secured(module_brokers, meridian_bin, keys, tmp_path_factory.mktemp("tls-names"), extra)
+
+    def admin(host: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [str(meridian_bin), "admin", "--url", f"https://{host}:{web_tls}",
+             "--auth-token", keys.token("admin"), "--tls-trust-cert-path", str(certs / "ca.pem"),
+             "clusters", "list"],
+            capture_output=True, text=True, timeout=60)
+
+    by_name = admin("localhost")
+    assert by_name.returncode == 0 and "standalone" in by_name.stdout, by_name.stderr
+    by_address = admin("127.0.0.1")
+    assert by_address.returncode != 0, by_address.stdout
+    assert 'not valid for name "127.0.0.1"' in by_address.stderr, by_address.stderr
+    assert "use a name it carries" in by_address.stderr, by_address.stderr

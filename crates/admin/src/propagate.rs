@@ -122,9 +122,8 @@ async fn run(broker: AppState, change: Change) {
 
 /// The idempotent steps, in dependency order: clusters, tenant, namespace, replication.
 fn push(change: &Change) -> Result<(), String> {
-    let agent = ureq::AgentBuilder::new()
-        .timeout(Duration::from_secs(10))
-        .build();
+    let agent =
+        meridian_broker::peer::PeerAgent::new(|builder| builder.timeout(Duration::from_secs(10)));
     let request = |method: &str, path: &str| {
         change
             .peer

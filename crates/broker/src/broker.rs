@@ -392,7 +392,7 @@ impl Broker {
             match RemoteCluster::from_data(name, &data) {
                 Some(remote) => remotes.push(remote),
                 None => {
-                    tracing::warn!(topic = %topic.name, cluster = %name, "replication cluster has no brokerServiceUrl; not replicating to it")
+                    tracing::warn!(topic = %topic.name, cluster = %name, "replication cluster has no brokerServiceUrl (brokerServiceUrlTls with brokerClientTlsEnabled); not replicating to it")
                 }
             }
         }

@@ -581,7 +581,7 @@ fn validate_cluster_urls(data: &ClusterData) -> Result<()> {
         ),
         (
             &data.proxy_service_url,
-            &["pulsar://"][..],
+            &["pulsar://", "pulsar+ssl://"][..],
             "proxyServiceUrl",
         ),
     ];

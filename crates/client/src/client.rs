@@ -11,6 +11,7 @@ use crate::error::Result;
 use crate::pool::{parse_service_url, ConnectionPool};
 use crate::producer::ProducerBuilder;
 use crate::reader::ReaderBuilder;
+use crate::tls::TlsOptions;
 use crate::topic::normalize_topic;
 
 /// A Pulsar client: cheap to clone, and every clone shares one connection
@@ -51,6 +52,7 @@ pub struct ClientBuilder {
     max_pending_requests: usize,
     proxy_url: Option<String>,
     auth_token: Option<AuthToken>,
+    tls: TlsOptions,
 }
 
 impl ClientBuilder {
@@ -115,22 +117,46 @@ impl ClientBuilder {
         self
     }
 
+    /// TLS settings for a `pulsar+ssl://` service URL (what to trust, a client certificate);
+    /// unused with `pulsar://`. Default: the system's CA bundle, no client certificate.
+    pub fn tls(mut self, options: TlsOptions) -> Self {
+        self.tls = options;
+        self
+    }
+
     /// Checks the settings and creates the client. Connections open lazily,
     /// on the first lookup.
     pub async fn build(self) -> Result<Client> {
-        let addresses = parse_service_url(&self.service_url)?;
+        let service = parse_service_url(&self.service_url)?;
         let proxy = match &self.proxy_url {
             Some(url) => {
-                let mut proxies = parse_service_url(url)?;
-                if proxies.len() != 1 {
+                let mut proxy = parse_service_url(url)?;
+                if proxy.addresses.len() != 1 {
                     return Err(crate::error::Error::InvalidServiceUrl {
                         url: url.clone(),
                         reason: "a proxy URL names exactly one host:port",
                     });
                 }
-                proxies.pop()
+                if proxy.tls != service.tls {
+                    return Err(crate::error::Error::InvalidServiceUrl {
+                        url: url.clone(),
+                        reason: "a proxy URL must be TLS (pulsar+ssl://) exactly when the service URL is",
+                    });
+                }
+                proxy.addresses.pop()
             }
             None => None,
+        };
+        let tls = match service.tls {
+            true => Some(
+                self.tls
+                    .client_config()
+                    .map_err(|error| crate::error::Error::Tls {
+                        address: self.service_url.clone(),
+                        reason: error.0,
+                    })?,
+            ),
+            false => None,
         };
         let settings = ConnectionSettings {
             connect_timeout: self.connect_timeout,
@@ -139,10 +165,16 @@ impl ClientBuilder {
             outbound_queue: self.outbound_queue.max(1),
             max_pending_requests: self.max_pending_requests.max(1),
             auth_token: self.auth_token.clone(),
+            tls,
         };
         Ok(Client {
             inner: Arc::new(ClientInner {
-                pool: ConnectionPool::new(settings, addresses, self.max_lookup_redirects, proxy),
+                pool: ConnectionPool::new(
+                    settings,
+                    service.addresses,
+                    self.max_lookup_redirects,
+                    proxy,
+                ),
                 next_id: AtomicU64::new(0),
                 operation_timeout: self.operation_timeout,
                 backoff_initial: self.backoff_initial,
@@ -154,7 +186,8 @@ impl ClientBuilder {
 
 impl Client {
     /// Settings for a client of the broker(s) at `service_url`
-    /// (`pulsar://host:port`, or several `host:port` separated by commas).
+    /// (`pulsar://host:port`, or several `host:port` separated by commas; `pulsar+ssl://` for
+    /// TLS, see [`ClientBuilder::tls`]).
     pub fn builder(service_url: impl Into<String>) -> ClientBuilder {
         ClientBuilder {
             service_url: service_url.into(),
@@ -168,6 +201,7 @@ impl Client {
             max_pending_requests: 50_000,
             proxy_url: None,
             auth_token: None,
+            tls: TlsOptions::default(),
         }
     }
 
@@ -198,9 +232,72 @@ impl Client {
         Ok(self.inner.pool.lookup(&topic).await?.logical)
     }
 
+    /// The URLs of the broker that serves `topic` as its final lookup answer names them
+    /// (`pulsar://` and, if it has one, `pulsar+ssl://`).
+    pub async fn lookup_urls(&self, topic: &str) -> Result<crate::pool::BrokerUrls> {
+        let topic = normalize_topic(topic)?;
+        let (_, mut urls) = self.inner.pool.lookup_answer(&topic).await?;
+        for url in [
+            &mut urls.broker_service_url,
+            &mut urls.broker_service_url_tls,
+        ] {
+            if url.as_deref().is_some_and(str::is_empty) {
+                *url = None;
+            }
+        }
+        Ok(urls)
+    }
+
     /// Closes every connection. Producers and consumers still open will try
     /// to reconnect; close them first.
     pub async fn close(&self) {
         self.inner.pool.close_all();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::Error;
+
+    #[tokio::test]
+    async fn tls_settings_are_checked_when_the_client_is_built() {
+        let missing_trust = TlsOptions {
+            trust_certs_file: Some("/nonexistent/ca.pem".into()),
+            ..TlsOptions::default()
+        };
+        let built = Client::builder("pulsar+ssl://127.0.0.1:6651")
+            .tls(missing_trust.clone())
+            .build()
+            .await;
+        assert!(
+            matches!(&built, Err(Error::Tls { reason, .. }) if reason.contains("/nonexistent/ca.pem")),
+            "{:?}",
+            built.err()
+        );
+        // A plain service URL does not use (or read) the TLS settings.
+        assert!(Client::builder("pulsar://127.0.0.1:6650")
+            .tls(missing_trust)
+            .build()
+            .await
+            .is_ok());
+
+        // A proxy must speak what the service URL speaks.
+        let insecure = TlsOptions {
+            allow_insecure: true,
+            ..TlsOptions::default()
+        };
+        let mixed = Client::builder("pulsar+ssl://127.0.0.1:6651")
+            .tls(insecure.clone())
+            .proxy_url("pulsar://127.0.0.1:6650")
+            .build()
+            .await;
+        assert!(matches!(mixed, Err(Error::InvalidServiceUrl { .. })));
+        assert!(Client::builder("pulsar+ssl://127.0.0.1:6651")
+            .tls(insecure)
+            .proxy_url("pulsar+ssl://127.0.0.1:7651")
+            .build()
+            .await
+            .is_ok());
     }
 }

@@ -34,8 +34,7 @@ use meridian_wire::{
     command_type, decode_frame, encode_command, BaseCommand, CommandType, EntryError, Frame,
     FrameError, PayloadFrame, DEFAULT_MAX_FRAME_SIZE, DEFAULT_MAX_MESSAGE_SIZE, FRAME_SIZE_PADDING,
 };
-use tokio::io::{AsyncReadExt, AsyncWriteExt, BufWriter};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
@@ -48,6 +47,11 @@ pub(crate) const PROTOCOL_VERSION: i32 = 20;
 
 /// `client_version` sent in CONNECT.
 pub(crate) const CLIENT_VERSION: &str = concat!("meridian-client/", env!("CARGO_PKG_VERSION"));
+
+/// The receiving half of a connection's stream (TCP, or TLS over TCP).
+type ReadHalf = Box<dyn AsyncRead + Send + Unpin>;
+/// The sending half of a connection's stream.
+type WriteHalf = Box<dyn AsyncWrite + Send + Unpin>;
 
 /// Bytes the reader asks the socket for at a time.
 const READ_CHUNK: usize = 64 * 1024;
@@ -92,6 +96,9 @@ pub(crate) struct ConnectionSettings {
     pub(crate) max_pending_requests: usize,
     /// Token sent in CONNECT (`auth_method_name` "token") and in answer to AUTH_CHALLENGE.
     pub(crate) auth_token: Option<AuthToken>,
+    /// TLS (`pulsar+ssl://`): every connection is TLS with this configuration, and the
+    /// broker's certificate must name the host connected to.
+    pub(crate) tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 /// A token, kept out of `Debug` output.
@@ -250,7 +257,25 @@ impl Connection {
             })?;
             // Small frames (acks, flow) must not wait for Nagle.
             let _ = stream.set_nodelay(true);
-            let (mut read_half, mut write_half) = stream.into_split();
+            let (mut read_half, mut write_half) = match &settings.tls {
+                None => {
+                    let (read, write) = stream.into_split();
+                    (Box::new(read) as ReadHalf, Box::new(write) as WriteHalf)
+                }
+                Some(config) => {
+                    let stream = tokio::time::timeout(
+                        settings.connect_timeout,
+                        tls_handshake(&address, config.clone(), stream),
+                    )
+                    .await
+                    .map_err(|_| Error::Timeout {
+                        operation: "TLS handshake",
+                        timeout: settings.connect_timeout,
+                    })??;
+                    let (read, write) = tokio::io::split(stream);
+                    (Box::new(read) as ReadHalf, Box::new(write) as WriteHalf)
+                }
+            };
             let (connected, buffer) = tokio::time::timeout(
                 settings.connect_timeout,
                 handshake(
@@ -476,13 +501,32 @@ fn encode(command: &BaseCommand) -> Result<Bytes> {
     Ok(buffer.freeze())
 }
 
+/// The TLS handshake on `stream`, verifying the certificate against the host of the address
+/// connected to (`physical`: a proxy's own certificate when going through one).
+async fn tls_handshake(
+    address: &BrokerAddress,
+    config: Arc<rustls::ClientConfig>,
+    stream: TcpStream,
+) -> Result<tokio_rustls::client::TlsStream<TcpStream>> {
+    let tls_error = |reason: String| Error::Tls {
+        address: address.to_string(),
+        reason,
+    };
+    let name = crate::tls::server_name(crate::tls::host_of(&address.physical))
+        .map_err(|error| tls_error(error.0))?;
+    tokio_rustls::TlsConnector::from(config)
+        .connect(name, stream)
+        .await
+        .map_err(|error| tls_error(format!("handshake failed: {error}")))
+}
+
 /// Sends CONNECT and reads frames until CONNECTED. Returns it and whatever
 /// was read past it.
 async fn handshake(
     address: &BrokerAddress,
     auth_token: Option<&str>,
-    reader: &mut OwnedReadHalf,
-    writer: &mut OwnedWriteHalf,
+    reader: &mut ReadHalf,
+    writer: &mut WriteHalf,
 ) -> Result<(meridian_wire::proto::CommandConnected, BytesMut)> {
     let io_error = |source| Error::Io {
         address: address.to_string(),
@@ -548,11 +592,7 @@ async fn handshake(
     }
 }
 
-async fn write_loop(
-    writer: OwnedWriteHalf,
-    mut queue: mpsc::Receiver<Outbound>,
-    shared: Arc<Shared>,
-) {
+async fn write_loop(writer: WriteHalf, mut queue: mpsc::Receiver<Outbound>, shared: Arc<Shared>) {
     let mut shutdown = shared.shutdown.subscribe();
     let mut writer = BufWriter::with_capacity(64 * 1024, writer);
     loop {
@@ -591,7 +631,7 @@ async fn write_loop(
 }
 
 async fn read_loop(
-    mut reader: OwnedReadHalf,
+    mut reader: ReadHalf,
     mut buffer: BytesMut,
     shared: Arc<Shared>,
     outbound: mpsc::Sender<Outbound>,

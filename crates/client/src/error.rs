@@ -34,6 +34,11 @@ pub enum Error {
         source: Arc<std::io::Error>,
     },
 
+    /// The TLS settings cannot be used, or the TLS handshake failed (the server's certificate
+    /// is not trusted or does not name the host, the server refused ours).
+    #[error("TLS with {address}: {reason}")]
+    Tls { address: String, reason: String },
+
     /// Reading from or writing to an open connection failed.
     #[error("I/O error on the connection to {address}")]
     Io {

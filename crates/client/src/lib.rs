@@ -52,10 +52,12 @@
 //!   and the application; `reader`: [`Reader`], a consumer on a
 //!   non-durable subscription.
 //! - `pool`: the connection pool and lookup (PARTITIONED_METADATA, LOOKUP
-//!   with redirects). `connection`: one TCP connection, its handshake, its
+//!   with redirects). `connection`: one TCP (or TLS) connection, its handshake, its
 //!   reader and writer tasks, request ids and keep-alive. Frames themselves
 //!   are encoded and decoded by [`meridian_wire`]; nothing here touches
 //!   protocol bytes directly except the batch record layout.
+//! - `tls`: [`TlsOptions`] for `pulsar+ssl://` connections (tokio-rustls) and, through
+//!   [`HttpsConnector`] / [`http_agent`], for the `https://` calls of the broker and the CLI.
 //! - `backoff`, `topic`, `message_id` ([`MessageId`]), `error` ([`Error`]):
 //!   small shared pieces.
 //!
@@ -101,7 +103,7 @@
 //!
 //! # Not implemented
 //!
-//! TLS (`pulsar+ssl://`), authentication other than none, schemas,
+//! Authentication other than tokens, schemas,
 //! encryption (encrypted payloads are delivered as they are), chunking,
 //! transactions, batch-index acknowledgements, regex subscriptions.
 
@@ -119,6 +121,7 @@ mod producer;
 mod queue;
 mod reader;
 mod routing;
+mod tls;
 mod topic;
 
 pub use client::{Client, ClientBuilder};
@@ -127,11 +130,13 @@ pub use consumer::{Consumer, ConsumerBuilder, InitialPosition, SeekTarget, Subsc
 pub use error::{Error, Result};
 pub use message::{Message, ProducerMessage};
 pub use message_id::MessageId;
+pub use pool::BrokerUrls;
 pub use producer::{
     AccessMode, BatchingPolicy, ConnectionWatch, Producer, ProducerBuilder, SendReceipt,
 };
 pub use reader::{Reader, ReaderBuilder};
 pub use routing::{key_hash, key_partition};
+pub use tls::{http_agent, HttpsConnector, TlsError, TlsOptions};
 pub use topic::{normalize_topic, partition_topic};
 
 /// The protobuf types, for callers that fill in [`ProducerMessage::metadata`]

@@ -158,6 +158,11 @@ impl ConnectionPool {
 
     /// The broker that owns `topic`.
     pub(crate) async fn lookup(&self, topic: &str) -> Result<BrokerAddress> {
+        Ok(self.lookup_answer(topic).await?.0)
+    }
+
+    /// The broker that owns `topic`, and the URLs the final answer named.
+    pub(crate) async fn lookup_answer(&self, topic: &str) -> Result<(BrokerAddress, BrokerUrls)> {
         let mut connection = self.service_connection().await?;
         let mut authoritative = false;
         for _ in 0..=self.max_lookup_redirects {
@@ -178,26 +183,38 @@ impl ConnectionPool {
                 address: connection.address().to_string(),
                 reason: "LOOKUP_RESPONSE without its body".to_string(),
             })?;
+            // A TLS client goes on with TLS: the broker's `pulsar+ssl://` URL.
+            let tls = self.settings.tls.is_some();
             let target = || {
-                response
-                    .broker_service_url
-                    .as_deref()
-                    .map(strip_scheme)
-                    .ok_or_else(|| Error::Protocol {
-                        address: connection.address().to_string(),
-                        reason: format!("lookup of {topic} named no broker URL"),
-                    })
+                match tls {
+                    true => response.broker_service_url_tls.as_deref(),
+                    false => response.broker_service_url.as_deref(),
+                }
+                .filter(|url| !url.is_empty())
+                .map(strip_scheme)
+                .ok_or_else(|| Error::Protocol {
+                    address: connection.address().to_string(),
+                    reason: format!(
+                        "lookup of {topic} named no {}broker URL",
+                        if tls { "TLS " } else { "" }
+                    ),
+                })
             };
             match LookupType::try_from(response.response.unwrap_or(LookupType::Failed as i32)) {
                 Ok(LookupType::Connect) => {
                     let logical = target()?;
+                    let urls = BrokerUrls {
+                        broker_service_url: response.broker_service_url.clone(),
+                        broker_service_url_tls: response.broker_service_url_tls.clone(),
+                    };
                     if response.proxy_through_service_url() {
-                        return Ok(BrokerAddress {
+                        let address = BrokerAddress {
                             logical,
                             physical: connection.address().physical.clone(),
-                        });
+                        };
+                        return Ok((address, urls));
                     }
-                    return Ok(BrokerAddress::direct(logical));
+                    return Ok((BrokerAddress::direct(logical), urls));
                 }
                 Ok(LookupType::Redirect) => {
                     let next = target()?;
@@ -234,24 +251,46 @@ impl ConnectionPool {
     }
 }
 
+/// The URLs of the broker a lookup ended at, as it answered them (empty ones as `None`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BrokerUrls {
+    /// `pulsar://host:port`.
+    pub broker_service_url: Option<String>,
+    /// `pulsar+ssl://host:port`.
+    pub broker_service_url_tls: Option<String>,
+}
+
 /// `pulsar://host:port` → `host:port` (a bare `host:port` is kept).
 pub(crate) fn strip_scheme(url: &str) -> String {
     let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
     rest.trim_end_matches('/').to_string()
 }
 
-/// Parses `pulsar://host[:port][,host[:port]...]` into `host:port` entries.
-pub(crate) fn parse_service_url(url: &str) -> Result<Vec<String>> {
+/// A service URL taken apart: its `host:port` entries and whether it is TLS.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct ServiceUrl {
+    pub(crate) addresses: Vec<String>,
+    /// `pulsar+ssl://`.
+    pub(crate) tls: bool,
+}
+
+/// Parses `pulsar://host[:port][,host[:port]...]` (default port 6650) or the same with
+/// `pulsar+ssl://` (default port 6651).
+pub(crate) fn parse_service_url(url: &str) -> Result<ServiceUrl> {
     let invalid = |reason| Error::InvalidServiceUrl {
         url: url.to_string(),
         reason,
     };
     let Some((scheme, rest)) = url.split_once("://") else {
-        return Err(invalid("expected pulsar://host:port"));
+        return Err(invalid(
+            "expected pulsar://host:port or pulsar+ssl://host:port",
+        ));
     };
-    if scheme != "pulsar" {
-        return Err(invalid("only pulsar:// is supported (no TLS yet)"));
-    }
+    let (tls, default_port) = match scheme {
+        "pulsar" => (false, 6650),
+        "pulsar+ssl" => (true, 6651),
+        _ => return Err(invalid("expected pulsar:// or pulsar+ssl://")),
+    };
     let rest = rest.trim_end_matches('/');
     let mut addresses = Vec::new();
     for host in rest.split(',') {
@@ -266,10 +305,10 @@ pub(crate) fn parse_service_url(url: &str) -> Result<Vec<String>> {
         addresses.push(if has_port {
             host.to_string()
         } else {
-            format!("{host}:6650")
+            format!("{host}:{default_port}")
         });
     }
-    Ok(addresses)
+    Ok(ServiceUrl { addresses, tls })
 }
 
 #[cfg(test)]
@@ -278,19 +317,35 @@ mod tests {
 
     #[test]
     fn service_urls_parse_to_addresses() {
+        let plain = |addresses: &[&str]| ServiceUrl {
+            addresses: addresses.iter().map(|a| a.to_string()).collect(),
+            tls: false,
+        };
+        let tls = |addresses: &[&str]| ServiceUrl {
+            tls: true,
+            ..plain(addresses)
+        };
         assert_eq!(
             parse_service_url("pulsar://localhost:6650").ok(),
-            Some(vec!["localhost:6650".to_string()])
+            Some(plain(&["localhost:6650"]))
         );
         assert_eq!(
             parse_service_url("pulsar://a,b:7000/").ok(),
-            Some(vec!["a:6650".to_string(), "b:7000".to_string()])
+            Some(plain(&["a:6650", "b:7000"]))
         );
         assert_eq!(
             parse_service_url("pulsar://[::1]").ok(),
-            Some(vec!["[::1]:6650".to_string()])
+            Some(plain(&["[::1]:6650"]))
         );
-        assert!(parse_service_url("pulsar+ssl://a:6651").is_err());
+        assert_eq!(
+            parse_service_url("pulsar+ssl://a:7651").ok(),
+            Some(tls(&["a:7651"]))
+        );
+        assert_eq!(
+            parse_service_url("pulsar+ssl://a,[::1],10.0.0.1").ok(),
+            Some(tls(&["a:6651", "[::1]:6651", "10.0.0.1:6651"]))
+        );
+        assert!(parse_service_url("pulsar+tls://a:6651").is_err());
         assert!(parse_service_url("http://a:8080").is_err());
         assert!(parse_service_url("a:6650").is_err());
     }

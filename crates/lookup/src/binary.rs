@@ -272,7 +272,8 @@ fn lookup_response(
         Ok(answer) => CommandLookupTopicResponse {
             request_id,
             response: Some(LookupType::Connect as i32),
-            broker_service_url: Some(answer.broker_url),
+            broker_service_url: answer.broker_url,
+            broker_service_url_tls: answer.broker_url_tls,
             authoritative: Some(true),
             ..Default::default()
         },

@@ -16,9 +16,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use meridian_broker::peer::Peer;
+use meridian_broker::peer::{Peer, PeerAgent};
 use meridian_broker::topic_name::is_valid_entity_name;
-use meridian_client::Client;
+use meridian_client::{Client, TlsOptions};
 use serde_json::Value;
 
 use crate::error::LookupError;
@@ -41,10 +41,15 @@ const MAX_FORWARDED_REDIRECTS: u32 = 8;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Cluster {
     pub name: String,
-    /// Its admin/HTTP URL, `http://host:port`.
+    /// Its admin/HTTP URL as the front door calls it: `http://host:port`, or its
+    /// `serviceUrlTls` (`https://`) for a cluster reached over TLS.
     pub web_url: String,
-    /// Its binary protocol URL, `pulsar://host:port`.
+    /// Its binary protocol URL as the front door forwards to it: `pulsar://host:port`, or its
+    /// `brokerServiceUrlTls` (`pulsar+ssl://`) for a cluster reached over TLS.
     pub broker_url: String,
+    /// What it registered, for HTTP lookup answers: `serviceUrl` and `serviceUrlTls`.
+    pub service_url: Option<String>,
+    pub service_url_tls: Option<String>,
 }
 
 /// A member of the set: its web URL, and what it said about itself once it answered.
@@ -73,12 +78,18 @@ impl MigrationRecord {
 }
 
 /// The members, an HTTP agent and the forwarding clients.
+///
+/// A member named by an `https://` URL is reached over TLS: its admin calls at its
+/// `serviceUrlTls`, its forwarded requests at its `brokerServiceUrlTls`, with the front door's
+/// TLS settings (`--tls-trust-cert-path`, ...); so is a cluster found in its registry.
 pub struct Clusters {
     members: Vec<Member>,
-    agent: ureq::Agent,
+    agent: std::sync::Arc<PeerAgent>,
     /// Token every call to a cluster authenticates with (admin calls, forwarded requests).
     auth_token: Option<String>,
     request_timeout: Duration,
+    /// TLS settings of `https://` and `pulsar+ssl://` calls.
+    tls: TlsOptions,
     clients: Mutex<HashMap<String, Client>>,
     admin_calls: tokio::sync::Semaphore,
 }
@@ -91,6 +102,7 @@ impl Clusters {
         web_urls: &[String],
         request_timeout: Duration,
         auth_token: Option<String>,
+        tls: TlsOptions,
     ) -> Clusters {
         Clusters {
             members: web_urls
@@ -101,13 +113,15 @@ impl Clusters {
                     unreachable: AtomicBool::new(false),
                 })
                 .collect(),
-            agent: ureq::AgentBuilder::new()
-                .timeout_connect(request_timeout)
-                .timeout(request_timeout)
-                .redirects(0)
-                .build(),
+            agent: std::sync::Arc::new(PeerAgent::new(move |builder| {
+                builder
+                    .timeout_connect(request_timeout)
+                    .timeout(request_timeout)
+                    .redirects(0)
+            })),
             auth_token,
             request_timeout,
+            tls,
             clients: Mutex::new(HashMap::new()),
             admin_calls: tokio::sync::Semaphore::new(MAX_CONCURRENT_ADMIN_CALLS),
         }
@@ -186,7 +200,8 @@ impl Clusters {
         self.registered(&via.web_url, name).await
     }
 
-    /// Registration of cluster `name` as the cluster at `web_url` has it.
+    /// Registration of cluster `name` as the cluster at `web_url` has it (its TLS URLs are the
+    /// ones to call when `web_url` is `https://`).
     async fn registered(&self, web_url: &str, name: &str) -> Result<Cluster, LookupError> {
         let entry = self
             .get_json(web_url, &format!("/admin/v2/clusters/{name}"))
@@ -202,17 +217,22 @@ impl Clusters {
                 .filter(|url| !url.is_empty())
                 .map(|url| url.trim_end_matches('/').to_string())
         };
-        match (url("serviceUrl"), url("brokerServiceUrl")) {
-            (Some(service_url), Some(broker_url)) => Ok(Cluster {
+        let tls = web_url.starts_with("https://");
+        let (web, broker) = match tls {
+            true => ("serviceUrlTls", "brokerServiceUrlTls"),
+            false => ("serviceUrl", "brokerServiceUrl"),
+        };
+        match (url(web), url(broker)) {
+            (Some(web_url), Some(broker_url)) => Ok(Cluster {
                 name: name.to_string(),
-                web_url: service_url,
+                web_url,
                 broker_url,
+                service_url: url("serviceUrl"),
+                service_url_tls: url("serviceUrlTls"),
             }),
             _ => Err(LookupError::UnknownCluster {
                 name: name.to_string(),
-                reason: format!(
-                    "its registration on {web_url} lacks serviceUrl or brokerServiceUrl"
-                ),
+                reason: format!("its registration on {web_url} lacks {web} or {broker}"),
             }),
         }
     }
@@ -259,7 +279,8 @@ impl Clusters {
         let mut builder = Client::builder(cluster.broker_url.clone())
             .operation_timeout(self.request_timeout)
             .connect_timeout(self.request_timeout)
-            .max_lookup_redirects(MAX_FORWARDED_REDIRECTS);
+            .max_lookup_redirects(MAX_FORWARDED_REDIRECTS)
+            .tls(self.tls.clone());
         if let Some(token) = &self.auth_token {
             builder = builder.auth_token(token.clone());
         }
@@ -289,7 +310,7 @@ impl Clusters {
             .await
             .map_err(|_| LookupError::Internal("admin call slots closed".into()))?;
         let agent = self.agent.clone();
-        let peer = Peer::new(web_url, self.auth_token.clone());
+        let peer = Peer::new(web_url, self.auth_token.clone()).with_tls(self.tls.clone());
         let url = peer.url(path);
         let path = path.to_string();
         let outcome =

@@ -458,6 +458,8 @@ mod tests {
             name: name.to_string(),
             web_url: format!("http://{name}"),
             broker_url: format!("pulsar://{name}"),
+            service_url: None,
+            service_url_tls: None,
         }
     }
 

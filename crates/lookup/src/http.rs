@@ -2,7 +2,8 @@
 //!
 //! - `GET /lookup/v2/topic/{persistent|non-persistent}/{tenant}/{namespace}/{topic}` →
 //!   `{"brokerUrl", "brokerUrlTls", "httpUrl", "httpUrlTls", "nativeUrl"}` (Pulsar's shape),
-//!   the broker from the LOOKUP forwarded to the home, `httpUrl` the home's web URL;
+//!   the broker's URLs from the LOOKUP forwarded to the home (the TLS one empty if it has
+//!   none), `httpUrl`/`httpUrlTls` the home's registered `serviceUrl`/`serviceUrlTls`;
 //! - `GET /admin/v2/{persistent|non-persistent}/{tenant}/{namespace}/{topic}/partitions` →
 //!   `{"partitions": N}` from the home's PARTITIONED_METADATA.
 //!
@@ -72,12 +73,13 @@ async fn lookup(
 ) -> Result<Json<serde_json::Value>, Failure> {
     let topic = topic_name(path)?;
     let answer = front_door.lookup(&topic).await.map_err(Failure)?;
+    let home = answer.home;
     Ok(Json(json!({
-        "brokerUrl": answer.broker_url,
-        "brokerUrlTls": "",
-        "httpUrl": answer.home.web_url,
-        "httpUrlTls": "",
-        "nativeUrl": answer.broker_url,
+        "brokerUrl": answer.broker_url.clone().unwrap_or_default(),
+        "brokerUrlTls": answer.broker_url_tls.clone().unwrap_or_default(),
+        "httpUrl": home.service_url.unwrap_or(home.web_url),
+        "httpUrlTls": home.service_url_tls.unwrap_or_default(),
+        "nativeUrl": answer.broker_url.or(answer.broker_url_tls).unwrap_or_default(),
     })))
 }
 

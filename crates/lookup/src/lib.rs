@@ -85,6 +85,8 @@ pub struct LookupConfig {
     /// Token the front door's calls to the clusters authenticate with (a super-user's on each
     /// secured cluster: it reads their configuration, tenants and migration records).
     pub auth_token: Option<String>,
+    /// TLS settings of the calls to clusters named by `https://` URLs.
+    pub tls: meridian_client::TlsOptions,
 }
 
 impl Default for LookupConfig {
@@ -103,6 +105,7 @@ impl Default for LookupConfig {
             http_max_connections: 2_048,
             http_header_read_timeout: Duration::from_secs(30),
             auth_token: None,
+            tls: meridian_client::TlsOptions::default(),
         }
     }
 }
@@ -116,8 +119,10 @@ pub struct FrontDoor {
 /// Where a LOOKUP sends the client.
 #[derive(Debug, Clone)]
 pub struct Answer {
-    /// `pulsar://host:port` of the broker serving the topic.
-    pub broker_url: String,
+    /// `pulsar://host:port` of the broker serving the topic (None: it has only a TLS URL).
+    pub broker_url: Option<String>,
+    /// `pulsar+ssl://host:port` of the broker serving the topic, if it serves TLS.
+    pub broker_url_tls: Option<String>,
     /// The home cluster the lookup was forwarded to.
     pub home: Cluster,
 }
@@ -129,6 +134,7 @@ impl FrontDoor {
                 &config.clusters,
                 config.request_timeout,
                 config.auth_token.clone(),
+                config.tls.clone(),
             ),
             homes: home::HomeCache::new(config.max_cached_tenants, config.home_fresh_for),
         }
@@ -150,12 +156,13 @@ impl FrontDoor {
     pub async fn lookup(&self, topic: &str) -> Result<Answer, LookupError> {
         let (topic, home) = self.home_of(topic).await?;
         let client = self.clusters.client(&home).await?;
-        let address = client
-            .lookup(&topic)
+        let urls = client
+            .lookup_urls(&topic)
             .await
             .map_err(|error| forwarded(&home, error))?;
         Ok(Answer {
-            broker_url: format!("pulsar://{address}"),
+            broker_url: urls.broker_service_url,
+            broker_url_tls: urls.broker_service_url_tls,
             home,
         })
     }

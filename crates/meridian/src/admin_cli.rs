@@ -10,7 +10,7 @@ use serde_json::{json, Value};
 
 #[derive(Args)]
 pub struct AdminArgs {
-    /// Web service URL of the broker.
+    /// Web service URL of the broker (`http://` or `https://`).
     #[arg(
         long,
         default_value = "http://127.0.0.1:8080",
@@ -22,6 +22,8 @@ pub struct AdminArgs {
     output: Output,
     #[command(flatten)]
     auth: crate::tokens_cli::AuthTokenArgs,
+    #[command(flatten)]
+    tls: crate::tls_cli::TlsArgs,
     #[command(subcommand)]
     noun: Noun,
 }
@@ -588,6 +590,8 @@ fn message_id_body(text: &str) -> anyhow::Result<Value> {
 
 struct Http {
     base: String,
+    /// Plain, or TLS with the `--tls-*` settings for an `https://` base.
+    agent: ureq::Agent,
     /// Sent as `Authorization: Bearer <token>`.
     token: Option<String>,
 }
@@ -600,7 +604,7 @@ enum Reply {
 impl Http {
     fn call(&self, method: &str, path: &str, body: Option<Value>) -> anyhow::Result<Reply> {
         let url = format!("{}{}", self.base.trim_end_matches('/'), path);
-        let mut request = ureq::request(method, &url);
+        let mut request = self.agent.request(method, &url);
         if let Some(token) = &self.token {
             request = request.set("Authorization", &format!("Bearer {token}"));
         }
@@ -710,7 +714,10 @@ fn scalar(value: &Value) -> String {
 }
 
 pub fn run(arguments: AdminArgs) -> anyhow::Result<()> {
+    let agent =
+        meridian_client::http_agent(&arguments.url, &arguments.tls.options(), |agent| agent)?;
     let http = Http {
+        agent,
         base: arguments.url,
         token: arguments.auth.token()?,
     };

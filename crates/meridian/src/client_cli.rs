@@ -9,7 +9,7 @@ use meridian_client::{Client, InitialPosition, ProducerMessage, SubscriptionType
 
 #[derive(Args)]
 pub struct ClientArgs {
-    /// Broker service URL.
+    /// Broker service URL (`pulsar://` or `pulsar+ssl://`).
     #[arg(
         long,
         default_value = "pulsar://127.0.0.1:6650",
@@ -18,6 +18,8 @@ pub struct ClientArgs {
     url: String,
     #[command(flatten)]
     auth: crate::tokens_cli::AuthTokenArgs,
+    #[command(flatten)]
+    tls: crate::tls_cli::TlsArgs,
     #[command(subcommand)]
     verb: Verb,
 }
@@ -79,7 +81,7 @@ enum Position {
 }
 
 pub async fn run(arguments: ClientArgs) -> anyhow::Result<()> {
-    let mut builder = Client::builder(arguments.url.as_str());
+    let mut builder = Client::builder(arguments.url.as_str()).tls(arguments.tls.options());
     if let Some(token) = arguments.auth.token()? {
         builder = builder.auth_token(token);
     }

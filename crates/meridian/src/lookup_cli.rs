@@ -10,7 +10,8 @@ use tokio_util::sync::CancellationToken;
 #[derive(clap::Args)]
 pub struct LookupArgs {
     /// Web (admin) URLs of the clusters served, comma-separated, e.g.
-    /// `http://east:8080,http://west:8080`. Each one's name and broker URL are read from it.
+    /// `http://east:8080,http://west:8080` (`https://` for clusters reached over TLS, see
+    /// `--tls-trust-cert-path`). Each one's name and broker URLs are read from it.
     /// Their order breaks ties: a tenant on several clusters with no migration record is sent
     /// to the first.
     #[arg(long, value_delimiter = ',', required = true)]
@@ -43,6 +44,10 @@ pub struct LookupArgs {
     /// for the front door's admin calls and forwarded lookups (needed when they authenticate).
     #[command(flatten)]
     auth: crate::tokens_cli::AuthTokenArgs,
+    /// `--tls-trust-cert-path`, ...: how clusters named by `https://` URLs are trusted (their
+    /// admin API at `serviceUrlTls`, their brokers at `brokerServiceUrlTls`).
+    #[command(flatten)]
+    tls: crate::tls_cli::TlsArgs,
 }
 
 pub async fn run(arguments: LookupArgs) -> anyhow::Result<()> {
@@ -59,7 +64,7 @@ pub async fn run(arguments: LookupArgs) -> anyhow::Result<()> {
         .iter()
         .find(|url| !url.starts_with("http://") && !url.starts_with("https://"))
     {
-        bail!("--clusters: {url:?} is not a web URL (http://host:port)");
+        bail!("--clusters: {url:?} is not a web URL (http://host:port or https://host:port)");
     }
     if arguments.request_timeout_ms == 0 || arguments.max_pending_lookups_per_connection == 0 {
         bail!("--request-timeout-ms and --max-pending-lookups-per-connection must be positive");
@@ -73,6 +78,7 @@ pub async fn run(arguments: LookupArgs) -> anyhow::Result<()> {
         max_connections_per_ip: arguments.max_connections_per_ip,
         max_pending_lookups_per_connection: arguments.max_pending_lookups_per_connection,
         auth_token: arguments.auth.token()?,
+        tls: arguments.tls.options(),
         ..LookupConfig::default()
     };
     let binary = TcpListener::bind(&arguments.listen)

@@ -11,6 +11,7 @@ mod config;
 mod logging;
 mod lookup_cli;
 mod perf;
+mod tls_cli;
 mod tokens_cli;
 
 use std::path::PathBuf;
@@ -94,7 +95,21 @@ struct StandaloneArgs {
     advertised_address: Option<String>,
 }
 
-fn main() -> anyhow::Result<()> {
+/// Errors end the process with their reasons on one line (`Error: what: why`), without the
+/// backtrace `RUST_BACKTRACE` would add to a returned error: they are for users, not for us.
+/// One about a certificate says how to trust it.
+fn main() -> std::process::ExitCode {
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            let text = format!("{error:#}");
+            eprintln!("Error: {text}{}", tls_cli::hint(&text));
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> anyhow::Result<()> {
     let cli = Cli::parse();
     // The broker's format may come from its configuration file, so it starts logging once
     // that is read; every other command logs as the flag says.
@@ -169,14 +184,20 @@ fn main() -> anyhow::Result<()> {
 /// and namespace `public/default`.
 fn initialize_metadata(metadata: &dyn MetadataStore, config: &Config) -> anyhow::Result<()> {
     let broker = config.broker_config();
+    let mut cluster = serde_json::json!({
+        "serviceUrl": broker.web_service_url,
+        "brokerServiceUrl": broker.broker_service_url,
+    });
+    // The TLS URLs too, as Pulsar standalone registers them: peers with
+    // brokerClientTlsEnabled (and lookups through the front door) use them.
+    if let Some(url) = &broker.broker_service_url_tls {
+        cluster["brokerServiceUrlTls"] = url.clone().into();
+    }
+    if let Some(port) = config.web_port_tls {
+        cluster["serviceUrlTls"] = format!("https://{}:{port}", config.advertised_address()).into();
+    }
     let records = [
-        (
-            format!("/clusters/{}", config.cluster_name),
-            serde_json::json!({
-                "serviceUrl": broker.web_service_url,
-                "brokerServiceUrl": broker.broker_service_url,
-            }),
-        ),
+        (format!("/clusters/{}", config.cluster_name), cluster),
         (
             "/tenants/public".to_string(),
             serde_json::json!({ "adminRoles": [], "allowedClusters": [config.cluster_name] }),

@@ -104,7 +104,7 @@ enum Mode {
 /// Options of every mode.
 #[derive(Args, Serialize)]
 struct Common {
-    /// Broker service URL.
+    /// Broker service URL (`pulsar://` or `pulsar+ssl://`).
     #[arg(
         long,
         default_value = "pulsar://127.0.0.1:6650",
@@ -114,6 +114,10 @@ struct Common {
     /// Admin API URL, used to create partitioned topics (with --partitions).
     #[arg(long, default_value = "http://127.0.0.1:8080")]
     admin_url: String,
+    /// TLS settings of `pulsar+ssl://` and `https://` URLs.
+    #[command(flatten)]
+    #[serde(skip)]
+    tls: crate::tls_cli::TlsArgs,
     /// Number of topics, named <topic-prefix>-0 .. <topic-prefix>-(N-1).
     #[arg(long, default_value_t = 1)]
     topics: u32,
@@ -406,7 +410,12 @@ impl Plan {
 
 /// Creates `topic` with `partitions` partitions through the admin API; an existing
 /// partitioned topic with the same count is fine. Blocking (ureq).
-fn create_partitioned_topic(admin_url: &str, topic: &str, partitions: u32) -> anyhow::Result<()> {
+fn create_partitioned_topic(
+    admin_url: &str,
+    tls: &meridian_client::TlsOptions,
+    topic: &str,
+    partitions: u32,
+) -> anyhow::Result<()> {
     let full =
         meridian_client::normalize_topic(topic).with_context(|| format!("topic name {topic:?}"))?;
     let Some(path) = full.strip_prefix("persistent://") else {
@@ -416,9 +425,9 @@ fn create_partitioned_topic(admin_url: &str, topic: &str, partitions: u32) -> an
         "{}/admin/v2/persistent/{path}/partitions",
         admin_url.trim_end_matches('/')
     );
-    let agent = ureq::AgentBuilder::new()
-        .timeout(Duration::from_secs(30))
-        .build();
+    let agent = meridian_client::http_agent(admin_url, tls, |agent| {
+        agent.timeout(Duration::from_secs(30))
+    })?;
     match agent
         .put(&url)
         .set("Content-Type", "application/json")
@@ -483,15 +492,17 @@ pub async fn run(arguments: PerfArgs) -> anyhow::Result<()> {
     if plan.common.partitions > 0 {
         for topic in plan.topics() {
             let admin_url = plan.common.admin_url.clone();
+            let tls = plan.common.tls.options();
             let partitions = plan.common.partitions;
             tokio::task::spawn_blocking(move || {
-                create_partitioned_topic(&admin_url, &topic, partitions)
+                create_partitioned_topic(&admin_url, &tls, &topic, partitions)
             })
             .await
             .context("the admin request task failed")??;
         }
     }
     let client = Client::builder(plan.common.url.as_str())
+        .tls(plan.common.tls.options())
         .build()
         .await
         .with_context(|| format!("connecting to {}", plan.common.url))?;
@@ -502,6 +513,7 @@ pub async fn run(arguments: PerfArgs) -> anyhow::Result<()> {
     {
         Some(url) => Some(
             Client::builder(url)
+                .tls(plan.common.tls.options())
                 .build()
                 .await
                 .with_context(|| format!("connecting to {url}"))?,
@@ -939,8 +951,13 @@ mod tests {
     #[test]
     fn partitioned_topic_paths_come_from_full_names() {
         // No admin server listens on port 9 (discard): the error names the URL built.
-        let error = create_partitioned_topic("http://127.0.0.1:9/", "tenant/ns/t", 2)
-            .expect_err("nothing listens");
+        let error = create_partitioned_topic(
+            "http://127.0.0.1:9/",
+            &meridian_client::TlsOptions::default(),
+            "tenant/ns/t",
+            2,
+        )
+        .expect_err("nothing listens");
         assert!(
             format!("{error:#}")
                 .contains("http://127.0.0.1:9/admin/v2/persistent/tenant/ns/t/partitions"),

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use crate::peer::Peer;
+use crate::peer::{Peer, PeerAgent};
 use crate::resources::{ClusterData, Policies, TenantInfo};
 
 /// Header naming the cluster a request comes from; the target applies it without propagating
@@ -39,7 +39,7 @@ pub(super) enum Created {
 
 /// One admin call to the target: `Ok((status, body))` for 2xx, 404 and 409; `Err` otherwise.
 fn call(
-    agent: &ureq::Agent,
+    agent: &PeerAgent,
     target: &Peer,
     from: &str,
     method: &str,
@@ -68,8 +68,8 @@ fn call(
     }
 }
 
-fn agent() -> ureq::Agent {
-    ureq::AgentBuilder::new().timeout(CALL_TIMEOUT).build()
+fn agent() -> PeerAgent {
+    PeerAgent::new(|builder| builder.timeout(CALL_TIMEOUT))
 }
 
 /// Creates (or completes) the cluster entries, the tenant and each namespace on the target.

@@ -8,7 +8,7 @@ use std::time::Duration;
 use meridian_client::Client;
 
 use super::memory::MemoryBudget;
-use crate::peer::Peer;
+use crate::peer::{ClusterTls, Peer, PeerAgent};
 use crate::resources::ClusterData;
 use crate::topic_name::TopicName;
 
@@ -21,34 +21,42 @@ pub(crate) const BACKOFF_MAX: Duration = Duration::from_secs(10);
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct RemoteCluster {
     pub name: String,
-    /// `http://...` of its admin API, used to create the remote topic.
+    /// `http://...` (or `https://...`) of its admin API, used to create the remote topic.
     pub service_url: Option<String>,
-    /// `pulsar://...` of its brokers.
+    /// `pulsar://...` of its brokers (`pulsar+ssl://...` with `brokerClientTlsEnabled`).
     pub broker_service_url: String,
-    /// When set, every replication connection goes through this proxy.
+    /// When set, every replication connection goes through this proxy (`pulsar+ssl://` for a
+    /// registration with `brokerClientTlsEnabled`, `pulsar://` otherwise).
     pub proxy_service_url: Option<String>,
     /// Token replication and topic creation authenticate with, from the registration's
     /// `authenticationParameters` (Pulsar's cluster-data field; `token:...`, `file:///...`).
     pub auth_token: Option<String>,
+    /// TLS settings of `pulsar+ssl://` and `https://` (the registration's trust, client
+    /// certificate and insecure fields).
+    pub tls: meridian_client::TlsOptions,
 }
 
 impl RemoteCluster {
-    /// The remote as registered; `None` if it has no broker service URL.
+    /// The remote as registered; `None` if it has no broker service URL (no
+    /// `brokerServiceUrlTls` when `brokerClientTlsEnabled`). With `brokerClientTlsEnabled`,
+    /// replication and the admin calls use the TLS URLs, as Pulsar's do.
     pub fn from_data(name: &str, data: &ClusterData) -> Option<RemoteCluster> {
         let non_empty = |value: &Option<String>| value.clone().filter(|url| !url.is_empty());
+        let tls = ClusterTls::of(data);
         Some(RemoteCluster {
             name: name.to_string(),
-            service_url: non_empty(&data.service_url),
-            broker_service_url: non_empty(&data.broker_service_url)?,
+            service_url: tls.service_url(data),
+            broker_service_url: tls.broker_service_url(data)?,
             proxy_service_url: non_empty(&data.proxy_service_url),
             auth_token: crate::peer::auth_token_of(name, data),
+            tls: tls.options,
         })
     }
 
     /// Its admin API with its credentials, if it has a `serviceUrl`.
     pub fn peer(&self) -> Option<Peer> {
         let service_url = self.service_url.as_deref()?;
-        Some(Peer::new(service_url, self.auth_token.clone()))
+        Some(Peer::new(service_url, self.auth_token.clone()).with_tls(self.tls.clone()))
     }
 
     async fn client(&self) -> meridian_client::Result<Client> {
@@ -63,7 +71,7 @@ impl RemoteCluster {
         if let Some(token) = &self.auth_token {
             builder = builder.auth_token(token.clone());
         }
-        builder.build().await
+        builder.tls(self.tls.clone()).build().await
     }
 }
 
@@ -139,16 +147,14 @@ pub(crate) fn prepare_remote_topic(
         "/admin/v2/persistent/{}/{}/{}",
         base.tenant, base.namespace, base.local
     );
-    let agent = ureq::AgentBuilder::new()
-        .timeout(Duration::from_secs(10))
-        .build();
+    let agent = PeerAgent::new(|builder| builder.timeout(Duration::from_secs(10)));
     let failed = |what: &str, error: ureq::Error| {
         Prepare::Failed(format!(
             "{what} on the remote cluster failed: {}",
             describe(error)
         ))
     };
-    let remote_partitions = |agent: &ureq::Agent| -> Result<u32, Prepare> {
+    let remote_partitions = |agent: &PeerAgent| -> Result<u32, Prepare> {
         let metadata: PartitionedMetadata = peer
             .request(agent, "GET", &format!("{path}/partitions"))
             .call()

@@ -511,6 +511,9 @@ impl Worker {
         let mut delay = BACKOFF_INITIAL;
         // Why the replicator is stopped, logged as an ERROR once, not at every retry.
         let mut stopped_for: Option<String> = None;
+        // Why it keeps failing (a peer whose certificate is not trusted, a link down): logged
+        // as a WARN when the reason changes, not at every retry; the stats show it meanwhile.
+        let mut failing_for: Option<String> = None;
         let mut client: Option<Client> = None;
         let clients = self.clients.clone();
         loop {
@@ -524,7 +527,9 @@ impl Worker {
                         client = Some(created);
                         continue;
                     }
-                    Err(error) => Ended::Refused(format!("invalid remote cluster URL: {error}")),
+                    Err(error) => Ended::Refused(format!(
+                        "invalid remote cluster URL or TLS settings: {error}"
+                    )),
                 },
             };
             self.status.set_connection(None);
@@ -532,12 +537,18 @@ impl Worker {
                 // The remote confirmed something since the last failure: the next one is new.
                 delay = BACKOFF_INITIAL;
                 stopped_for = None;
+                failing_for = None;
             }
             let wait = match ended {
                 Ended::Stopped => break,
                 Ended::Failed(reason) => {
-                    tracing::warn!(topic = %self.topic, remote = %self.remote.name, %reason, retry_in = ?delay, "replication interrupted");
+                    if failing_for.as_ref() == Some(&reason) {
+                        tracing::debug!(topic = %self.topic, remote = %self.remote.name, %reason, retry_in = ?delay, "replication still interrupted");
+                    } else {
+                        tracing::warn!(topic = %self.topic, remote = %self.remote.name, %reason, retry_in = ?delay, "replication interrupted");
+                    }
                     self.status.set_state(format!("Disconnected: {reason}"));
+                    failing_for = Some(reason);
                     let wait = delay;
                     delay = (delay * 2).min(BACKOFF_MAX);
                     wait

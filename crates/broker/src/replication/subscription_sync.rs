@@ -1362,13 +1362,14 @@ impl From<String> for SendError {
 
 /// One HTTP client for every sync task of the process, so that posts to a remote cluster reuse
 /// its connections instead of opening one each.
-fn http_agent() -> &'static ureq::Agent {
-    static AGENT: std::sync::OnceLock<ureq::Agent> = std::sync::OnceLock::new();
+fn http_agent() -> &'static crate::peer::PeerAgent {
+    static AGENT: std::sync::OnceLock<crate::peer::PeerAgent> = std::sync::OnceLock::new();
     AGENT.get_or_init(|| {
-        ureq::AgentBuilder::new()
-            .timeout(Duration::from_secs(5))
-            .max_idle_connections_per_host(4)
-            .build()
+        crate::peer::PeerAgent::new(|builder| {
+            builder
+                .timeout(Duration::from_secs(5))
+                .max_idle_connections_per_host(4)
+        })
     })
 }
 
