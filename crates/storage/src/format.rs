@@ -116,11 +116,18 @@ pub fn encode_record(out: &mut Vec<u8>, body_parts: &[&[u8]]) {
     for part in body_parts {
         checksum = crc32c::crc32c_append(checksum, part);
     }
-    out.extend_from_slice(&(body_len as u32).to_le_bytes());
-    out.extend_from_slice(&checksum.to_le_bytes());
+    out.extend_from_slice(&record_framing(body_len, checksum));
     for part in body_parts {
         out.extend_from_slice(part);
     }
+}
+
+/// The framing in front of a record whose body is `body_len` bytes with CRC32C `checksum`.
+pub fn record_framing(body_len: usize, checksum: u32) -> [u8; RECORD_FRAMING_LEN as usize] {
+    let mut framing = [0u8; RECORD_FRAMING_LEN as usize];
+    framing[..4].copy_from_slice(&(body_len as u32).to_le_bytes());
+    framing[4..].copy_from_slice(&checksum.to_le_bytes());
+    framing
 }
 
 /// Validates one record held entirely in `bytes` and returns its body.

@@ -350,10 +350,82 @@ struct PendingBatch {
     /// The segment file does not exist yet; the flusher creates it first.
     create: bool,
     file_offset: u64,
-    bytes: Vec<u8>,
+    /// The batch's bytes, in file order: see [`BatchBytes`].
+    bytes: BatchBytes,
     first: Position,
     last: Position,
     waiters: Vec<oneshot::Sender<Result<()>>>,
+}
+
+/// Entries of at most this many bytes are copied into a batch; larger ones are written from
+/// the bytes the caller handed over (the received frame), without a copy.
+const INLINE_ENTRY_MAX_BYTES: usize = 4096;
+/// A flushed batch's buffers are kept for the log's next batch if they are at most this large.
+const SPARE_BATCH_MAX_BYTES: usize = 1024 * 1024;
+
+/// A pending batch's bytes: record framings and small entries copied into `inline`, large
+/// entries referenced as they were appended. Written with one vectored write.
+#[derive(Default)]
+struct BatchBytes {
+    inline: Vec<u8>,
+    parts: Vec<BatchPart>,
+    len: u64,
+}
+
+enum BatchPart {
+    /// `inline[start..end]`.
+    Inline {
+        start: usize,
+        end: usize,
+    },
+    Shared(Bytes),
+}
+
+impl BatchBytes {
+    fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Appends one record: `framing`, `header`, then `data` (copied if small).
+    fn push_record(&mut self, framing: &[u8], header: &[u8], data: &Bytes) {
+        let start = self.inline.len();
+        self.inline.extend_from_slice(framing);
+        self.inline.extend_from_slice(header);
+        if data.len() <= INLINE_ENTRY_MAX_BYTES {
+            self.inline.extend_from_slice(data);
+        }
+        let end = self.inline.len();
+        match self.parts.last_mut() {
+            Some(BatchPart::Inline { end: last_end, .. }) if *last_end == start => *last_end = end,
+            _ => self.parts.push(BatchPart::Inline { start, end }),
+        }
+        if data.len() > INLINE_ENTRY_MAX_BYTES {
+            self.parts.push(BatchPart::Shared(data.clone()));
+        }
+        self.len += (framing.len() + header.len() + data.len()) as u64;
+    }
+
+    /// The batch's bytes as slices, in order.
+    fn slices(&self) -> Vec<&[u8]> {
+        self.parts
+            .iter()
+            .map(|part| match part {
+                BatchPart::Inline { start, end } => &self.inline[*start..*end],
+                BatchPart::Shared(bytes) => &bytes[..],
+            })
+            .collect()
+    }
+
+    /// Empties the batch, keeping its buffers if they are small enough to be worth keeping.
+    fn recycle(mut self) -> Option<BatchBytes> {
+        if self.inline.capacity() > SPARE_BATCH_MAX_BYTES {
+            return None;
+        }
+        self.inline.clear();
+        self.parts.clear();
+        self.len = 0;
+        Some(self)
+    }
 }
 
 pub(crate) struct LogState {
@@ -363,6 +435,8 @@ pub(crate) struct LogState {
     last_durable: Option<Position>,
     pending: VecDeque<PendingBatch>,
     pending_bytes: u64,
+    /// Emptied buffers of the last flushed batch, reused by the next one.
+    spare_batch: Option<BatchBytes>,
     flush_scheduled: bool,
     /// Set when the log is poisoned: appends fail with this error.
     failure: Option<StorageError>,
@@ -732,6 +806,7 @@ impl Log {
                 next_entry_id: 0,
                 last_durable,
                 pending: VecDeque::new(),
+                spare_batch: None,
                 pending_bytes: 0,
                 flush_scheduled: false,
                 failure: None,
@@ -844,7 +919,7 @@ impl Log {
                 segment_first_entry_id,
                 create,
                 file_offset: offset,
-                bytes: Vec::with_capacity(record_len as usize),
+                bytes: state.spare_batch.take().unwrap_or_default(),
                 first: position,
                 last: position,
                 waiters: Vec::new(),
@@ -855,14 +930,12 @@ impl Log {
                 log: self.name.clone(),
             });
         };
-        format::encode_record(
-            &mut batch.bytes,
-            &[
-                &entry_id.to_le_bytes(),
-                &publish_time_ms.to_le_bytes(),
-                &data,
-            ],
-        );
+        let mut header = [0u8; ENTRY_HEADER_LEN as usize];
+        header[..8].copy_from_slice(&entry_id.to_le_bytes());
+        header[8..].copy_from_slice(&publish_time_ms.to_le_bytes());
+        let checksum = crc32c::crc32c_append(crc32c::crc32c(&header), &data);
+        let framing = format::record_framing(header.len() + data.len(), checksum);
+        batch.bytes.push_record(&framing, &header, &data);
         batch.last = position;
         batch.waiters.push(sender);
         state.next_entry_id += 1;
@@ -933,7 +1006,7 @@ impl Log {
             (Ok(file), Some(failure)) => {
                 if let Some(segment) = state.segment_for_batch_mut(&batch) {
                     segment.file = SegmentFile::Open(file);
-                    segment.flushed_end = batch.file_offset + batch.bytes.len() as u64;
+                    segment.flushed_end = batch.file_offset + batch.bytes.len();
                 }
                 Err((FlushStage::Sync, failure))
             }
@@ -944,7 +1017,7 @@ impl Log {
                 let fsynced = matches!(self.shared.config.flush_policy, FlushPolicy::Fsync);
                 if let Some(segment) = state.segment_for_batch_mut(&batch) {
                     segment.file = SegmentFile::Open(file);
-                    segment.flushed_end = batch.file_offset + batch.bytes.len() as u64;
+                    segment.flushed_end = batch.file_offset + batch.bytes.len();
                     if fsynced {
                         segment.synced_end = segment.flushed_end;
                     }
@@ -954,9 +1027,9 @@ impl Log {
                 }
                 debug_assert!(state.last_durable < Some(batch.first));
                 state.last_durable = Some(batch.last);
-                state.pending_bytes -= batch.bytes.len() as u64;
+                state.pending_bytes -= batch.bytes.len();
                 state.stats.flushes += 1;
-                state.stats.bytes_flushed += batch.bytes.len() as u64;
+                state.stats.bytes_flushed += batch.bytes.len();
                 let more = !state.pending.is_empty();
                 if !more {
                     state.flush_scheduled = false;
@@ -968,7 +1041,14 @@ impl Log {
                     self.flush_finished.notify_all();
                 }
                 self.durable.send_replace(Some(batch.last));
-                complete(batch.waiters, Ok(()));
+                let PendingBatch { bytes, waiters, .. } = batch;
+                complete(waiters, Ok(()));
+                if let Some(spare) = bytes.recycle() {
+                    let mut state = self.lock();
+                    if state.spare_batch.is_none() {
+                        state.spare_batch = Some(spare);
+                    }
+                }
             }
             Err((stage, error)) => {
                 let rolled_back = matches!(stage, FlushStage::Create | FlushStage::Write)
@@ -1045,7 +1125,7 @@ impl Log {
                     .map_err(|error| (FlushStage::Create, error))?
             }
         };
-        file.write_all_at(&batch.bytes, batch.file_offset)
+        file.write_all_vectored_at(&batch.bytes.slices(), batch.file_offset)
             .map_err(|error| (FlushStage::Write, StorageError::io("write", path, error)))?;
         if matches!(self.shared.config.flush_policy, FlushPolicy::Fsync) {
             file.sync()
