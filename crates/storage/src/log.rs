@@ -1034,10 +1034,13 @@ impl Log {
                 if !more {
                     state.flush_scheduled = false;
                 }
+                // Only `close` waits for flushes, and only after setting `closed` under this
+                // lock: without it, nobody is waiting (a notification is a system call).
+                let closing = state.closed;
                 drop(state);
                 if more {
                     self.shared.schedule_flush(self.clone());
-                } else {
+                } else if closing {
                     self.flush_finished.notify_all();
                 }
                 self.durable.send_replace(Some(batch.last));
