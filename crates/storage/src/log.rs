@@ -343,6 +343,14 @@ pub(crate) fn parse_segment_file_name(name: &str) -> Option<(u64, u64)> {
     Some((ledger.parse().ok()?, entry.parse().ok()?))
 }
 
+/// The CRC32C of an entry's bytes from `offset` to the end, computed (and checked) by whoever
+/// hands the entry to [`Log::append_with_checksum`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KnownChecksum {
+    pub offset: usize,
+    pub crc32c: u32,
+}
+
 /// Appended records waiting for the flusher, all for one segment.
 struct PendingBatch {
     ledger_id: u64,
@@ -855,6 +863,19 @@ impl Log {
     /// Appends one entry. Returns at once with its position; the returned [`PendingAppend`]
     /// completes once the entry and everything before it are durable.
     pub fn append(self: &Arc<Self>, data: Bytes, publish_time_ms: u64) -> Result<PendingAppend> {
+        self.append_with_checksum(data, publish_time_ms, None)
+    }
+
+    /// [`Log::append`], given the CRC32C of most of the entry's bytes (the producer's checksum,
+    /// verified on receipt): the record's checksum is then derived from it, and only the bytes
+    /// before `known.offset` are read again. A `known` checksum that does not describe the
+    /// bytes makes the record fail its check when read, never pass it.
+    pub fn append_with_checksum(
+        self: &Arc<Self>,
+        data: Bytes,
+        publish_time_ms: u64,
+        known: Option<KnownChecksum>,
+    ) -> Result<PendingAppend> {
         let config = &self.shared.config;
         if data.len() > config.entry_max_bytes {
             return Err(StorageError::EntryTooLarge {
@@ -933,7 +954,14 @@ impl Log {
         let mut header = [0u8; ENTRY_HEADER_LEN as usize];
         header[..8].copy_from_slice(&entry_id.to_le_bytes());
         header[8..].copy_from_slice(&publish_time_ms.to_le_bytes());
-        let checksum = crc32c::crc32c_append(crc32c::crc32c(&header), &data);
+        let checksum = match known.filter(|known| known.offset <= data.len()) {
+            Some(known) => format::crc32c_combine(
+                crc32c::crc32c_append(crc32c::crc32c(&header), &data[..known.offset]),
+                known.crc32c,
+                data.len() - known.offset,
+            ),
+            None => crc32c::crc32c_append(crc32c::crc32c(&header), &data),
+        };
         let framing = format::record_framing(header.len() + data.len(), checksum);
         batch.bytes.push_record(&framing, &header, &data);
         batch.last = position;

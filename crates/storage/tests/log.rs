@@ -557,3 +557,68 @@ fn batches_of_thousands_of_small_and_large_entries_are_stored_byte_exact() {
     }
     storage.close().expect("close");
 }
+
+#[test]
+fn a_checksum_handed_over_with_an_entry_is_stored_as_if_computed_and_a_wrong_one_is_caught() {
+    use meridian_storage::KnownChecksum;
+    let directory = tempfile::tempdir().expect("tempdir");
+    let entry = |index: u8| Bytes::from(vec![index; 10_000 + usize::from(index)]);
+    let known = |data: &Bytes, offset: usize| KnownChecksum {
+        offset,
+        crc32c: crc32c::crc32c(&data[offset..]),
+    };
+    let first;
+    {
+        let storage = Storage::open(directory.path(), StorageConfig::default()).expect("open");
+        let good = storage
+            .open_log("persistent://public/default/good")
+            .expect("log");
+        let mut pending = Vec::new();
+        for (index, offset) in [0usize, 6, 9_999].into_iter().enumerate() {
+            let data = entry(index as u8);
+            let checksum = known(&data, offset);
+            pending.push(
+                good.append_with_checksum(data, 5, Some(checksum))
+                    .expect("append"),
+            );
+        }
+        first = pending
+            .into_iter()
+            .map(|append| append.wait().expect("durable"))
+            .collect::<Vec<_>>()[0];
+        let bad = storage
+            .open_log("persistent://public/default/bad")
+            .expect("log");
+        let data = entry(1);
+        let wrong = KnownChecksum {
+            offset: 6,
+            crc32c: known(&data, 6).crc32c ^ 1,
+        };
+        bad.append_with_checksum(data, 5, Some(wrong))
+            .expect("append")
+            .wait()
+            .expect("durable");
+        storage.close().expect("close");
+    }
+    let storage = Storage::open(directory.path(), StorageConfig::default()).expect("reopen");
+    let good = storage
+        .open_log("persistent://public/default/good")
+        .expect("log");
+    let read = good.read_from(first, usize::MAX, usize::MAX).expect("read");
+    assert_eq!(
+        read.iter()
+            .map(|entry| entry.data.clone())
+            .collect::<Vec<_>>(),
+        (0..3).map(entry).collect::<Vec<_>>()
+    );
+    let bad = storage.open_log("persistent://public/default/bad");
+    let read = bad.and_then(|bad| {
+        let first = Position::new(bad.current_ledger_id(), 0);
+        bad.read_from(first, usize::MAX, usize::MAX)
+    });
+    assert!(
+        !matches!(&read, Ok(entries) if !entries.is_empty()),
+        "a record whose checksum does not match its bytes is never served: {read:?}"
+    );
+    storage.close().expect("close");
+}
