@@ -90,7 +90,6 @@ def main():
     parser.add_argument('--tmp', default='/tmp/pt-perf')
     parser.add_argument('--strace', action='store_true', help='one more round under strace -c -f')
     parser.add_argument('--perf', metavar='FILE', help='one more round under perf record -g into FILE')
-    parser.add_argument('--top', type=int, default=15, help='functions listed after the callgrind round')
     parser.add_argument('--callgrind', action='store_true',
                         help='one more round with the broker under callgrind: user-space instructions per message')
     args = parser.parse_args()
@@ -138,7 +137,6 @@ def main():
                                           stdout=subprocess.DEVNULL)
         result = round_(args, attach, ['valgrind', '--tool=callgrind', '--callgrind-out-file=' + out + '.%p'])
         instructions = 0
-        top = []
         prefix = os.path.basename(out) + '.'
         for name in os.listdir(args.tmp):
             if name.startswith(prefix):
@@ -149,15 +147,8 @@ def main():
                         for line in f:
                             if line.startswith(('summary:', 'totals:')):
                                 instructions = int(line.split()[1])
-                    annotated = subprocess.run(['callgrind_annotate', '--inclusive=no', '--threshold=99', path],
-                                               capture_output=True, text=True).stdout
-                    functions = [line for line in annotated.splitlines() if '(' in line and line.strip()[:1].isdigit()]
-                    top = functions[:args.top]
                 os.remove(path)
         print('callgrind round: %s' % json.dumps(result))
-        print('top functions by instructions in the window (callgrind_annotate, self cost):')
-        for line in top:
-            print('  ' + line.strip()[:160])
         print('user-space instructions per message in the window: %.0f (per entry: %.0f)' % (
             instructions / max(result['messages'], 1), instructions / max(result['entries'], 1)))
 

@@ -121,7 +121,8 @@ fn broker_counters(pid: u32) -> BrokerCounters {
 #[derive(Default)]
 struct Window {
     messages: AtomicU64,
-    entries: Mutex<HashSet<(u64, u64)>>,
+    /// (topic, ledger id, entry id): ledger ids of different topics may be equal.
+    entries: Mutex<HashSet<(usize, u64, u64)>>,
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -162,11 +163,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 if measuring.load(Ordering::Relaxed) {
                     window.messages.fetch_add(1, Ordering::Relaxed);
                     if let Some(id) = receipt.message_id {
-                        window
-                            .entries
-                            .lock()
-                            .expect("entries")
-                            .insert((id.ledger_id, id.entry_id));
+                        window.entries.lock().expect("entries").insert((
+                            topic,
+                            id.ledger_id,
+                            id.entry_id,
+                        ));
                     }
                 }
             };
