@@ -116,6 +116,9 @@ pub struct Publish {
     pub publish_time_ms: u64,
     /// For an entry a replicator brought: where it comes from.
     pub origin: Option<replicator::Origin>,
+    /// The producer's CRC32C of most of `entry`, verified on receipt (storage derives its own
+    /// checksum from it).
+    pub checksum: Option<meridian_storage::KnownChecksum>,
 }
 
 /// A future that completes when a publish is durable: `Some(position)`, or `None` for a
@@ -634,7 +637,11 @@ impl Topic {
                 Verdict::New => {}
             }
             let entry_bytes = request.entry.len() as u64;
-            match self.log.append(request.entry, request.publish_time_ms) {
+            match self.log.append_with_checksum(
+                request.entry,
+                request.publish_time_ms,
+                request.checksum,
+            ) {
                 Ok(pending) => {
                     self.meter_in.record(request.messages, entry_bytes);
                     self.entries_added.fetch_add(1, Ordering::Relaxed);

@@ -40,7 +40,7 @@ use meridian_broker::{
     AccessMode, Broker, BrokerError, NewConsumer, NewProducer, Publish, PublishFuture, SeekTarget,
     StartPosition, Subscription, SubscriptionType, Topic, TopicName,
 };
-use meridian_storage::{InitialPosition, Position};
+use meridian_storage::{InitialPosition, KnownChecksum, Position};
 use meridian_wire::proto::{
     base_command::Type, command_ack, command_lookup_topic_response,
     command_partitioned_topic_metadata_response, BaseCommand, CommandAck, CommandAckResponse,
@@ -1282,7 +1282,11 @@ impl Connection {
                 let origin = is_replication_key(&producer.name)
                     .then(|| chain::origin_of(&entry.metadata))
                     .flatten();
+                let checksum = entry
+                    .verified_checksum()
+                    .map(|(offset, crc32c)| KnownChecksum { offset, crc32c });
                 let publish = Publish {
+                    checksum,
                     messages,
                     sequence_id: send.sequence_id,
                     highest_sequence_id: highest,

@@ -43,7 +43,7 @@ pub(crate) struct Shared {
     /// Held while the floor is raised and persisted, so that concurrent deletes never persist
     /// a lower floor over a higher one.
     ledger_floor_update: Mutex<()>,
-    flush_queue: crossbeam_channel::Sender<Option<Arc<Log>>>,
+    flush_queue: FlushQueue,
     /// The cursor write-ahead log of every persistence pass.
     cursor_wal: Mutex<CursorWal>,
     /// A log was closed while its journal still had bytes only the WAL holds (its last write
@@ -115,9 +115,43 @@ impl Shared {
     }
 
     pub(crate) fn schedule_flush(&self, log: Arc<Log>) {
-        // The receivers live until `Storage::close`, which closes every log first.
-        if self.flush_queue.send(Some(log)).is_err() {
-            tracing::error!("flush queue closed while a log still had appends");
+        self.flush_queue.push(Some(log));
+    }
+}
+
+/// Logs waiting for a flush thread (`None` tells one thread to stop). A log is in it at most
+/// once at a time, so it holds at most one item per open log. A flush thread that finds it
+/// empty sleeps at once: a channel that spins and yields before sleeping costs a few context
+/// switches per flush on a busy machine, and a flush thread waits for the disk anyway.
+#[derive(Default)]
+struct FlushQueue {
+    logs: Mutex<std::collections::VecDeque<Option<Arc<Log>>>>,
+    ready: Condvar,
+}
+
+impl FlushQueue {
+    fn push(&self, item: Option<Arc<Log>>) {
+        self.logs
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .push_back(item);
+        self.ready.notify_one();
+    }
+
+    /// The next log to flush, or `None` when the thread is to stop.
+    fn pop(&self) -> Option<Arc<Log>> {
+        let mut logs = self
+            .logs
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        loop {
+            if let Some(item) = logs.pop_front() {
+                return item;
+            }
+            logs = self
+                .ready
+                .wait(logs)
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
         }
     }
 }
@@ -203,7 +237,6 @@ impl Storage {
             }
             None => 0,
         };
-        let (sender, receiver) = crossbeam_channel::unbounded::<Option<Arc<Log>>>();
         let flush_threads = config.flush_threads;
         let inner = Arc::new(Inner {
             shared: Arc::new(Shared {
@@ -212,7 +245,7 @@ impl Storage {
                 cache_used_bytes: AtomicU64::new(0),
                 ledger_floor: AtomicU64::new(ledger_floor),
                 ledger_floor_update: Mutex::new(()),
-                flush_queue: sender,
+                flush_queue: FlushQueue::default(),
                 cursor_wal: Mutex::new(cursor_wal),
                 cursor_wal_pinned: AtomicU64::new(pinned),
                 unwritten_journal_bytes: Mutex::new(unwritten),
@@ -230,11 +263,11 @@ impl Storage {
         });
         let mut threads = Vec::new();
         for index in 0..flush_threads {
-            let receiver = receiver.clone();
+            let shared = inner.shared.clone();
             let thread = std::thread::Builder::new()
                 .name(format!("meridian-storage-flush-{index}"))
                 .spawn(move || {
-                    while let Ok(Some(log)) = receiver.recv() {
+                    while let Some(log) = shared.flush_queue.pop() {
                         log.flush();
                     }
                 })
@@ -496,7 +529,7 @@ impl Storage {
             }
         }
         for _ in 0..self.inner.shared.config.flush_threads {
-            let _ = self.inner.shared.flush_queue.send(None);
+            self.inner.shared.flush_queue.push(None);
         }
         for thread in self.threads.drain(..) {
             let _ = thread.join();

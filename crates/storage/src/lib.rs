@@ -37,7 +37,7 @@ pub use cursor::{CursorState, InitialPosition};
 pub use engine::Storage;
 pub use error::{Result, StorageError};
 pub use io::{Io, IoFile, RealIo};
-pub use log::{Entry, Log, LogStats, PendingAppend};
+pub use log::{Entry, KnownChecksum, Log, LogStats, PendingAppend};
 pub use position::Position;
 pub use range_set::RangeSet;
 pub use sim::{CrashMode, SimIo};

@@ -343,6 +343,14 @@ pub(crate) fn parse_segment_file_name(name: &str) -> Option<(u64, u64)> {
     Some((ledger.parse().ok()?, entry.parse().ok()?))
 }
 
+/// The CRC32C of an entry's bytes from `offset` to the end, computed (and checked) by whoever
+/// hands the entry to [`Log::append_with_checksum`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KnownChecksum {
+    pub offset: usize,
+    pub crc32c: u32,
+}
+
 /// Appended records waiting for the flusher, all for one segment.
 struct PendingBatch {
     ledger_id: u64,
@@ -350,10 +358,82 @@ struct PendingBatch {
     /// The segment file does not exist yet; the flusher creates it first.
     create: bool,
     file_offset: u64,
-    bytes: Vec<u8>,
+    /// The batch's bytes, in file order: see [`BatchBytes`].
+    bytes: BatchBytes,
     first: Position,
     last: Position,
     waiters: Vec<oneshot::Sender<Result<()>>>,
+}
+
+/// Entries of at most this many bytes are copied into a batch; larger ones are written from
+/// the bytes the caller handed over (the received frame), without a copy.
+const INLINE_ENTRY_MAX_BYTES: usize = 4096;
+/// A flushed batch's buffers are kept for the log's next batch if they are at most this large.
+const SPARE_BATCH_MAX_BYTES: usize = 1024 * 1024;
+
+/// A pending batch's bytes: record framings and small entries copied into `inline`, large
+/// entries referenced as they were appended. Written with one vectored write.
+#[derive(Default)]
+struct BatchBytes {
+    inline: Vec<u8>,
+    parts: Vec<BatchPart>,
+    len: u64,
+}
+
+enum BatchPart {
+    /// `inline[start..end]`.
+    Inline {
+        start: usize,
+        end: usize,
+    },
+    Shared(Bytes),
+}
+
+impl BatchBytes {
+    fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Appends one record: `framing`, `header`, then `data` (copied if small).
+    fn push_record(&mut self, framing: &[u8], header: &[u8], data: &Bytes) {
+        let start = self.inline.len();
+        self.inline.extend_from_slice(framing);
+        self.inline.extend_from_slice(header);
+        if data.len() <= INLINE_ENTRY_MAX_BYTES {
+            self.inline.extend_from_slice(data);
+        }
+        let end = self.inline.len();
+        match self.parts.last_mut() {
+            Some(BatchPart::Inline { end: last_end, .. }) if *last_end == start => *last_end = end,
+            _ => self.parts.push(BatchPart::Inline { start, end }),
+        }
+        if data.len() > INLINE_ENTRY_MAX_BYTES {
+            self.parts.push(BatchPart::Shared(data.clone()));
+        }
+        self.len += (framing.len() + header.len() + data.len()) as u64;
+    }
+
+    /// The batch's bytes as slices, in order.
+    fn slices(&self) -> Vec<&[u8]> {
+        self.parts
+            .iter()
+            .map(|part| match part {
+                BatchPart::Inline { start, end } => &self.inline[*start..*end],
+                BatchPart::Shared(bytes) => &bytes[..],
+            })
+            .collect()
+    }
+
+    /// Empties the batch, keeping its buffers if they are small enough to be worth keeping.
+    fn recycle(mut self) -> Option<BatchBytes> {
+        if self.inline.capacity() > SPARE_BATCH_MAX_BYTES {
+            return None;
+        }
+        self.inline.clear();
+        self.parts.clear();
+        self.len = 0;
+        Some(self)
+    }
 }
 
 pub(crate) struct LogState {
@@ -363,6 +443,8 @@ pub(crate) struct LogState {
     last_durable: Option<Position>,
     pending: VecDeque<PendingBatch>,
     pending_bytes: u64,
+    /// Emptied buffers of the last flushed batch, reused by the next one.
+    spare_batch: Option<BatchBytes>,
     flush_scheduled: bool,
     /// Set when the log is poisoned: appends fail with this error.
     failure: Option<StorageError>,
@@ -732,6 +814,7 @@ impl Log {
                 next_entry_id: 0,
                 last_durable,
                 pending: VecDeque::new(),
+                spare_batch: None,
                 pending_bytes: 0,
                 flush_scheduled: false,
                 failure: None,
@@ -780,6 +863,19 @@ impl Log {
     /// Appends one entry. Returns at once with its position; the returned [`PendingAppend`]
     /// completes once the entry and everything before it are durable.
     pub fn append(self: &Arc<Self>, data: Bytes, publish_time_ms: u64) -> Result<PendingAppend> {
+        self.append_with_checksum(data, publish_time_ms, None)
+    }
+
+    /// [`Log::append`], given the CRC32C of most of the entry's bytes (the producer's checksum,
+    /// verified on receipt): the record's checksum is then derived from it, and only the bytes
+    /// before `known.offset` are read again. A `known` checksum that does not describe the
+    /// bytes makes the record fail its check when read, never pass it.
+    pub fn append_with_checksum(
+        self: &Arc<Self>,
+        data: Bytes,
+        publish_time_ms: u64,
+        known: Option<KnownChecksum>,
+    ) -> Result<PendingAppend> {
         let config = &self.shared.config;
         if data.len() > config.entry_max_bytes {
             return Err(StorageError::EntryTooLarge {
@@ -844,7 +940,7 @@ impl Log {
                 segment_first_entry_id,
                 create,
                 file_offset: offset,
-                bytes: Vec::with_capacity(record_len as usize),
+                bytes: state.spare_batch.take().unwrap_or_default(),
                 first: position,
                 last: position,
                 waiters: Vec::new(),
@@ -855,14 +951,19 @@ impl Log {
                 log: self.name.clone(),
             });
         };
-        format::encode_record(
-            &mut batch.bytes,
-            &[
-                &entry_id.to_le_bytes(),
-                &publish_time_ms.to_le_bytes(),
-                &data,
-            ],
-        );
+        let mut header = [0u8; ENTRY_HEADER_LEN as usize];
+        header[..8].copy_from_slice(&entry_id.to_le_bytes());
+        header[8..].copy_from_slice(&publish_time_ms.to_le_bytes());
+        let checksum = match known.filter(|known| known.offset <= data.len()) {
+            Some(known) => format::crc32c_combine(
+                crc32c::crc32c_append(crc32c::crc32c(&header), &data[..known.offset]),
+                known.crc32c,
+                data.len() - known.offset,
+            ),
+            None => crc32c::crc32c_append(crc32c::crc32c(&header), &data),
+        };
+        let framing = format::record_framing(header.len() + data.len(), checksum);
+        batch.bytes.push_record(&framing, &header, &data);
         batch.last = position;
         batch.waiters.push(sender);
         state.next_entry_id += 1;
@@ -933,7 +1034,7 @@ impl Log {
             (Ok(file), Some(failure)) => {
                 if let Some(segment) = state.segment_for_batch_mut(&batch) {
                     segment.file = SegmentFile::Open(file);
-                    segment.flushed_end = batch.file_offset + batch.bytes.len() as u64;
+                    segment.flushed_end = batch.file_offset + batch.bytes.len();
                 }
                 Err((FlushStage::Sync, failure))
             }
@@ -944,7 +1045,7 @@ impl Log {
                 let fsynced = matches!(self.shared.config.flush_policy, FlushPolicy::Fsync);
                 if let Some(segment) = state.segment_for_batch_mut(&batch) {
                     segment.file = SegmentFile::Open(file);
-                    segment.flushed_end = batch.file_offset + batch.bytes.len() as u64;
+                    segment.flushed_end = batch.file_offset + batch.bytes.len();
                     if fsynced {
                         segment.synced_end = segment.flushed_end;
                     }
@@ -954,21 +1055,31 @@ impl Log {
                 }
                 debug_assert!(state.last_durable < Some(batch.first));
                 state.last_durable = Some(batch.last);
-                state.pending_bytes -= batch.bytes.len() as u64;
+                state.pending_bytes -= batch.bytes.len();
                 state.stats.flushes += 1;
-                state.stats.bytes_flushed += batch.bytes.len() as u64;
+                state.stats.bytes_flushed += batch.bytes.len();
                 let more = !state.pending.is_empty();
                 if !more {
                     state.flush_scheduled = false;
                 }
+                // Only `close` waits for flushes, and only after setting `closed` under this
+                // lock: without it, nobody is waiting (a notification is a system call).
+                let closing = state.closed;
                 drop(state);
                 if more {
                     self.shared.schedule_flush(self.clone());
-                } else {
+                } else if closing {
                     self.flush_finished.notify_all();
                 }
                 self.durable.send_replace(Some(batch.last));
-                complete(batch.waiters, Ok(()));
+                let PendingBatch { bytes, waiters, .. } = batch;
+                complete(waiters, Ok(()));
+                if let Some(spare) = bytes.recycle() {
+                    let mut state = self.lock();
+                    if state.spare_batch.is_none() {
+                        state.spare_batch = Some(spare);
+                    }
+                }
             }
             Err((stage, error)) => {
                 let rolled_back = matches!(stage, FlushStage::Create | FlushStage::Write)
@@ -1045,7 +1156,7 @@ impl Log {
                     .map_err(|error| (FlushStage::Create, error))?
             }
         };
-        file.write_all_at(&batch.bytes, batch.file_offset)
+        file.write_all_vectored_at(&batch.bytes.slices(), batch.file_offset)
             .map_err(|error| (FlushStage::Write, StorageError::io("write", path, error)))?;
         if matches!(self.shared.config.flush_policy, FlushPolicy::Fsync) {
             file.sync()

@@ -65,6 +65,18 @@ pub struct ParsedEntry {
     pub payload: Bytes,
 }
 
+impl ParsedEntry {
+    /// Where the bytes the producer's checksum covers start in [`ParsedEntry::bytes`], and
+    /// that CRC32C, if it was verified: storage derives its record checksum from it instead of
+    /// reading the whole entry once more.
+    pub fn verified_checksum(&self) -> Option<(usize, u32)> {
+        if self.checksum != ChecksumStatus::Verified {
+            return None;
+        }
+        read::u32_at(&self.bytes, 2).map(|crc| (CHECKSUM_BLOCK_LENGTH, crc))
+    }
+}
+
 /// Takes an entry apart: an optional 0x0e02 block, an optional 0x0e01
 /// checksum block (verified here), the metadata and the payload.
 ///

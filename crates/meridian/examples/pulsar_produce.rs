@@ -1,0 +1,227 @@
+//! An independent load generator for the publish path: the Rust `pulsar` crate (not Meridian's
+//! own client) produces batched messages as fast as receipts come back, and the broker's CPU
+//! time and context switches are read from `/proc/<pid>` over the
+//! measured window. `scripts/bench/produce_cpu.py` runs it against a fresh broker
+//! (`docs/BENCHMARKS.md`, "Publish path CPU").
+//!
+//! ```sh
+//! cargo build --release -p meridian --example pulsar_produce
+//! target/release/examples/pulsar_produce --url pulsar://127.0.0.1:16780 --broker-pid <pid> \
+//!     --size 1024 --warmup 3 --duration 10
+//! ```
+//!
+//! Prints one JSON object: messages and entries (distinct receipt positions) acknowledged in
+//! the window, and the broker's CPU µs per message and context switches per entry (syscalls by name: the script's
+//! `--strace` round).
+
+use std::collections::{HashSet, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use pulsar::producer::ProducerOptions;
+use pulsar::{Pulsar, TokioExecutor};
+
+struct Options {
+    url: String,
+    broker_pid: u32,
+    size: usize,
+    topics: usize,
+    warmup: f64,
+    duration: f64,
+    batch_messages: u32,
+    batch_bytes: usize,
+    max_pending: usize,
+    topic_prefix: String,
+}
+
+fn parse() -> Options {
+    let mut options = Options {
+        url: "pulsar://127.0.0.1:6650".into(),
+        broker_pid: 0,
+        size: 1024,
+        topics: 1,
+        warmup: 3.0,
+        duration: 10.0,
+        batch_messages: 1000,
+        batch_bytes: 128 * 1024,
+        max_pending: 2000,
+        topic_prefix: "persistent://public/default/produce-cpu".into(),
+    };
+    let mut args = std::env::args().skip(1);
+    while let Some(flag) = args.next() {
+        let value = args
+            .next()
+            .unwrap_or_else(|| panic!("{flag} needs a value"));
+        let number = || {
+            value
+                .parse::<f64>()
+                .unwrap_or_else(|_| panic!("{flag} {value}"))
+        };
+        match flag.as_str() {
+            "--url" => options.url = value.clone(),
+            "--broker-pid" => options.broker_pid = number() as u32,
+            "--size" => options.size = number() as usize,
+            "--topics" => options.topics = number() as usize,
+            "--warmup" => options.warmup = number(),
+            "--duration" => options.duration = number(),
+            "--batch-max-messages" => options.batch_messages = number() as u32,
+            "--batch-max-bytes" => options.batch_bytes = number() as usize,
+            "--max-pending" => options.max_pending = number() as usize,
+            "--topic-prefix" => options.topic_prefix = value.clone(),
+            _ => panic!("unknown option {flag}"),
+        }
+    }
+    options
+}
+
+/// What the kernel counts for the broker process, summed over its threads.
+#[derive(Clone, Copy, Default)]
+struct BrokerCounters {
+    user_ticks: u64,
+    system_ticks: u64,
+    voluntary_switches: u64,
+    involuntary_switches: u64,
+}
+
+fn broker_counters(pid: u32) -> BrokerCounters {
+    let mut counters = BrokerCounters::default();
+    if pid == 0 {
+        return counters;
+    }
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces): utime is the 12th, stime the 13th.
+    if let Some(rest) = stat.rsplit_once(')').map(|(_, rest)| rest) {
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let field = |index: usize| fields.get(index).and_then(|f| f.parse::<u64>().ok());
+        counters.user_ticks = field(11).unwrap_or(0);
+        counters.system_ticks = field(12).unwrap_or(0);
+    }
+    if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
+        for task in tasks.flatten() {
+            let status = std::fs::read_to_string(task.path().join("status")).unwrap_or_default();
+            for line in status.lines() {
+                let value = |prefix: &str| {
+                    line.strip_prefix(prefix)
+                        .and_then(|rest| rest.trim().parse::<u64>().ok())
+                };
+                if let Some(count) = value("voluntary_ctxt_switches:") {
+                    counters.voluntary_switches += count;
+                }
+                if let Some(count) = value("nonvoluntary_ctxt_switches:") {
+                    counters.involuntary_switches += count;
+                }
+            }
+        }
+    }
+    counters
+}
+
+/// Receipts acknowledged in the measured window.
+#[derive(Default)]
+struct Window {
+    messages: AtomicU64,
+    /// (topic, ledger id, entry id): ledger ids of different topics may be equal.
+    entries: Mutex<HashSet<(usize, u64, u64)>>,
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let options = parse();
+    let pulsar: Pulsar<TokioExecutor> = Pulsar::builder(options.url.clone(), TokioExecutor)
+        .build()
+        .await?;
+    let measuring = Arc::new(AtomicBool::new(false));
+    let stop = Arc::new(AtomicBool::new(false));
+    let window = Arc::new(Window::default());
+    let payload: Vec<u8> = (0..options.size)
+        .map(|index| b'A' + (index * 7 % 26) as u8)
+        .collect();
+    let mut tasks = Vec::new();
+    for topic in 0..options.topics {
+        let mut producer = pulsar
+            .producer()
+            .with_topic(format!("{}-{topic}", options.topic_prefix))
+            .with_options(ProducerOptions {
+                batch_size: Some(options.batch_messages),
+                batch_byte_size: Some(options.batch_bytes),
+                batch_timeout: Some(Duration::from_millis(1)),
+                ..Default::default()
+            })
+            .build()
+            .await?;
+        let (measuring, stop, window, payload) = (
+            measuring.clone(),
+            stop.clone(),
+            window.clone(),
+            payload.clone(),
+        );
+        let max_pending = options.max_pending;
+        tasks.push(tokio::spawn(async move {
+            let mut pending = VecDeque::with_capacity(max_pending);
+            let account = |receipt: pulsar::proto::CommandSendReceipt| {
+                if measuring.load(Ordering::Relaxed) {
+                    window.messages.fetch_add(1, Ordering::Relaxed);
+                    if let Some(id) = receipt.message_id {
+                        window.entries.lock().expect("entries").insert((
+                            topic,
+                            id.ledger_id,
+                            id.entry_id,
+                        ));
+                    }
+                }
+            };
+            while !stop.load(Ordering::Relaxed) {
+                let receipt = producer
+                    .send_non_blocking(payload.clone())
+                    .await
+                    .expect("send queued");
+                pending.push_back(receipt);
+                if pending.len() >= max_pending {
+                    let oldest = pending.pop_front().expect("pending receipt");
+                    account(oldest.await.expect("receipt"));
+                }
+            }
+            producer.send_batch().await.expect("flush");
+            for receipt in pending {
+                account(receipt.await.expect("receipt"));
+            }
+            let _ = producer.close().await;
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs_f64(options.warmup)).await;
+    let before = broker_counters(options.broker_pid);
+    let started = Instant::now();
+    measuring.store(true, Ordering::Relaxed);
+    tokio::time::sleep(Duration::from_secs_f64(options.duration)).await;
+    measuring.store(false, Ordering::Relaxed);
+    let after = broker_counters(options.broker_pid);
+    let seconds = started.elapsed().as_secs_f64();
+    stop.store(true, Ordering::Relaxed);
+    for task in tasks {
+        task.await?;
+    }
+    let messages = window.messages.load(Ordering::Relaxed);
+    let entries = window.entries.lock().expect("entries").len() as u64;
+    // USER_HZ: /proc reports CPU time in hundredths of a second on Linux.
+    let ticks_per_second = 100.0;
+    let user_seconds = (after.user_ticks - before.user_ticks) as f64 / ticks_per_second;
+    let system_seconds = (after.system_ticks - before.system_ticks) as f64 / ticks_per_second;
+    let cpu_seconds = user_seconds + system_seconds;
+    let per_message = |seconds: f64| seconds * 1e6 / messages.max(1) as f64;
+    let per_entry = |after: u64, before: u64| (after - before) as f64 / entries.max(1) as f64;
+    println!(
+        "{{\"messages\": {messages}, \"entries\": {entries}, \"seconds\": {seconds:.3}, \
+         \"msg_per_s\": {:.0}, \"broker_cpu_s\": {cpu_seconds:.2}, \
+         \"broker_cpu_us_per_msg\": {:.3}, \"user_us_per_msg\": {:.3}, \
+         \"system_us_per_msg\": {:.3}, \"voluntary_switches_per_entry\": {:.2}, \
+         \"involuntary_switches_per_entry\": {:.2}}}",
+        messages as f64 / seconds,
+        per_message(cpu_seconds),
+        per_message(user_seconds),
+        per_message(system_seconds),
+        per_entry(after.voluntary_switches, before.voluntary_switches),
+        per_entry(after.involuntary_switches, before.involuntary_switches),
+    );
+    Ok(())
+}
