@@ -561,7 +561,7 @@ impl Topic {
         self: &Arc<Self>,
         producer_key: u64,
         producer_name: &str,
-        request: Publish,
+        mut request: Publish,
     ) -> Result<PublishFuture> {
         if self.is_terminated() {
             return Err(BrokerError::TopicTerminated(self.full_name.clone()));
@@ -651,6 +651,13 @@ impl Topic {
                     if state.dedup.is_some() {
                         state.in_flight.insert(pending.position());
                     }
+                    // Replicated subscriptions learn the entry's origin here, not by reading
+                    // it back.
+                    if let (Some(origin), Some(sync)) =
+                        (request.origin.take(), self.subscription_sync())
+                    {
+                        sync.note_written(pending.position(), origin);
+                    }
                     pending
                 }
                 Err(error) => {
@@ -680,6 +687,11 @@ impl Topic {
         position: Position,
         succeeded: bool,
     ) {
+        if !succeeded {
+            if let Some(sync) = self.subscription_sync() {
+                sync.forget_written();
+            }
+        }
         let mut state = self.lock();
         state.in_flight.remove(&position);
         let first_in_flight = state.in_flight.first().copied();

@@ -38,6 +38,10 @@ pub struct Origin {
     /// What it teaches about its producer: `(learned key, highest sequence id)`
     /// ([`crate::dedup::learned_from`]).
     pub learned: Option<(String, crate::dedup::Sequence)>,
+    /// Its replication list (empty: every cluster).
+    pub replicate_to: Vec<String>,
+    /// A marker (never delivered, without an origin for replicated subscriptions).
+    pub marker: bool,
 }
 
 /// The origin of a replicated entry, from its metadata.
@@ -55,6 +59,8 @@ pub fn origin_of(metadata: &MessageMetadata) -> Option<Origin> {
         position: parse_position(property(ORIGIN_PROPERTY)?)?,
         previous: property(PREVIOUS_PROPERTY).and_then(parse_position),
         learned: crate::dedup::learned_from(metadata),
+        replicate_to: metadata.replicate_to.clone(),
+        marker: metadata.marker_type.is_some(),
     })
 }
 

@@ -29,6 +29,54 @@ pub const MAX_RUNS: usize = 100_000;
 /// How many of the last runs a new run looks at for an origin name to share.
 const RECENT_RUNS: usize = 8;
 
+/// The most written entries a topic keeps for its origin maps between two sync ticks (about
+/// 80 bytes each); entries beyond it are not kept, and the maps read them from the log.
+pub const MAX_WRITTEN: usize = 50_000;
+
+/// A replicated entry as it was written: its position here, and where it comes from (known to
+/// the replicator's publish path), so that origin maps learn it without reading it back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WrittenEntry {
+    pub position: Position,
+    pub cluster: String,
+    /// Its position in `cluster`.
+    pub origin: Position,
+    /// Its replication list (empty: every cluster).
+    pub replicate_to: Vec<String>,
+}
+
+/// The replicated entries written since the sync task last took them, in position order,
+/// at most [`MAX_WRITTEN`].
+#[derive(Debug, Default)]
+pub struct Written {
+    entries: VecDeque<WrittenEntry>,
+}
+
+impl Written {
+    /// Notes an entry just appended (under the topic's lock: in position order).
+    pub fn record(&mut self, entry: WrittenEntry) {
+        if self.entries.len() < MAX_WRITTEN {
+            self.entries.push_back(entry);
+        }
+    }
+
+    /// Forgets everything noted (an append failed: the positions noted may hold nothing).
+    pub fn clear(&mut self) {
+        self.entries.clear();
+    }
+
+    /// Takes the entries noted at or before `durable` (the rest may still fail).
+    pub fn take_durable(&mut self, durable: Option<Position>) -> Vec<WrittenEntry> {
+        let Some(durable) = durable else {
+            return Vec::new();
+        };
+        let count = self
+            .entries
+            .partition_point(|entry| entry.position <= durable);
+        self.entries.drain(..count).collect()
+    }
+}
+
 /// Where a stored entry comes from: `(cluster, position there)`. Markers have none (they are
 /// never delivered), nor do replicated entries without an origin position.
 pub fn entry_origin(
@@ -214,7 +262,12 @@ impl OriginMap {
                 }
                 // Once one entry could not be remembered, the ones after it are not either:
                 // the map covers one unbroken stretch.
-                remembering = remembering && self.remember(position, origin, replicate_to);
+                remembering = remembering
+                    && self.remember(
+                        position,
+                        origin.as_ref().map(|(cluster, at)| (cluster.as_str(), *at)),
+                        &replicate_to,
+                    );
             }
             if !going {
                 return Ok(());
@@ -231,8 +284,8 @@ impl OriginMap {
     fn remember(
         &mut self,
         position: Position,
-        origin: Option<(String, Position)>,
-        replicate_to: Vec<String>,
+        origin: Option<(&str, Position)>,
+        replicate_to: &[String],
     ) -> bool {
         if let Some(run) = self.runs.back_mut() {
             // Only an entry right after the run can extend it (an entry of the next ledger
@@ -268,7 +321,7 @@ impl OriginMap {
                 .find(|(known, _)| **known == *cluster);
             let cluster = match known {
                 Some((known, _)) => known.clone(),
-                None => Arc::from(cluster.as_str()),
+                None => Arc::from(cluster),
             };
             (cluster, origin)
         });
@@ -276,7 +329,7 @@ impl OriginMap {
         // empty): no allocation per run for it.
         let replicate_to = match self.runs.back() {
             Some(run) if *run.replicate_to == *replicate_to => run.replicate_to.clone(),
-            _ => replicate_to.into(),
+            _ => Arc::from(replicate_to),
         };
         self.runs.push_back(Run {
             ledger: position.ledger_id,
@@ -287,6 +340,32 @@ impl OriginMap {
         });
         self.extend_cover(position);
         true
+    }
+
+    /// Remembers the written entries of `written` (ascending) that follow what the map covers
+    /// without a gap (or, when it covers nothing, from the first of them on), so that visits
+    /// need not read them from `log`. Stops at the first entry that does not follow (another
+    /// entry was stored between them, one the map must read) or when the map is full.
+    pub fn learn_written(&mut self, log: &Log, written: &[WrittenEntry]) {
+        let mut through = self.covers.map(|(_, through)| through);
+        for entry in written {
+            if let Some(through) = through {
+                if entry.position <= through {
+                    continue;
+                }
+                let follows = (entry.position.ledger_id == through.ledger_id
+                    && entry.position.entry_id == through.entry_id + 1)
+                    || entry.position == log.next_position(through);
+                if !follows {
+                    return;
+                }
+            }
+            let origin = Some((entry.cluster.as_str(), entry.origin));
+            if !self.remember(entry.position, origin, &entry.replicate_to) {
+                return;
+            }
+            through = Some(entry.position);
+        }
     }
 
     fn extend_cover(&mut self, position: Position) {

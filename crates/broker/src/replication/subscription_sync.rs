@@ -14,6 +14,7 @@
 //! cluster, so consumers should be active in one cluster at a time (as with Pulsar).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
@@ -24,7 +25,7 @@ use tokio::sync::{mpsc, Notify};
 
 use super::origin_acks::{OriginAcks, OriginAcksBuilder};
 pub use super::origin_map::entry_origin;
-use super::origin_map::{OriginMap, Span};
+use super::origin_map::{OriginMap, Span, Written, WrittenEntry};
 use super::replicated_subscriptions;
 use crate::batch_acks;
 use crate::clock::now_ms;
@@ -678,7 +679,7 @@ pub fn receive(
     topic.ensure_subscription_sync();
     let applied: Vec<String> = received_states(&stored).into_iter().cloned().collect();
     let walked = match topic.subscription_sync() {
-        Some(sync) => with_origins(&sync.origins, name, |map| {
+        Some(sync) => with_origins(topic, &sync.origins, name, |map| {
             apply(topic, name, (local_cluster, None), map, (&applied, &all))
         })?,
         None => apply(
@@ -722,15 +723,38 @@ pub struct SubscriptionSync {
     /// Per replicated subscription, the origins of its entries as far as walks and
     /// applications read them (shared with applications on receipt).
     origins: Arc<Mutex<Origins>>,
+    /// Replicated entries written since the origin maps last learned them; kept only once the
+    /// topic has a replicated subscription (`recording`).
+    written: Mutex<Written>,
+    recording: AtomicBool,
 }
 
-/// Runs `f` with the origin map of subscription `name`.
-fn with_origins<R>(origins: &Mutex<Origins>, name: &str, f: impl FnOnce(&mut OriginMap) -> R) -> R {
+/// Runs `f` with the origin map of subscription `name`, after every map of the topic learned
+/// the replicated entries written since (so that they need not be read back from the log).
+fn with_origins<R>(
+    topic: &Topic,
+    origins: &Mutex<Origins>,
+    name: &str,
+    f: impl FnOnce(&mut OriginMap) -> R,
+) -> R {
     let mut origins = origins
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner());
     if !origins.contains_key(name) {
         origins.insert(name.to_string(), OriginMap::default());
+    }
+    if let Some(sync) = topic.subscription_sync() {
+        sync.recording.store(true, Ordering::Relaxed);
+        let written = sync
+            .written
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .take_durable(topic.log().last_position());
+        if !written.is_empty() {
+            for map in origins.values_mut() {
+                map.learn_written(topic.log(), &written);
+            }
+        }
     }
     f(origins.get_mut(name).expect("inserted above"))
 }
@@ -761,7 +785,35 @@ impl SubscriptionSync {
             sending,
             applied_on_receipt,
             origins,
+            written: Mutex::new(Written::default()),
+            recording: AtomicBool::new(false),
         }
+    }
+
+    /// Notes that the replicated entry from `origin` was just appended at `position` (called
+    /// under the topic's lock, so in position order). Markers are not noted: the origin maps
+    /// read them (they have no origin there).
+    pub fn note_written(&self, position: Position, origin: super::chain::Origin) {
+        if origin.marker || !self.recording.load(Ordering::Relaxed) {
+            return;
+        }
+        self.written
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .record(WrittenEntry {
+                position,
+                cluster: origin.cluster,
+                origin: origin.position,
+                replicate_to: origin.replicate_to,
+            });
+    }
+
+    /// Forgets the entries noted as written: an append failed.
+    pub fn forget_written(&self) {
+        self.written
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clear();
     }
 
     /// Notes that `received` (the states of `subscription` as stored) were just applied, up to
@@ -1117,7 +1169,7 @@ fn read_states(
             entry.decoded = Some((received.clone(), decoded));
             entry.applied = Some((received, walked));
         }
-        let (applied, walked) = with_origins(origins, &cursor, |map| {
+        let (applied, walked) = with_origins(topic, origins, &cursor, |map| {
             let applied = apply_received(topic, &cursor, &state, local_cluster, entry, map);
             let walked = anyone.then(|| walk(topic, &cursor, local_cluster, entry, map));
             (applied, walked)
@@ -1500,6 +1552,64 @@ mod tests {
             frontier = frontier.with_own_entries("a", state.mark_delete, local_stored_from(state));
         }
         origin_acks(log, &mut OriginMap::default(), state, &frontier, "a").expect("walk")
+    }
+
+    /// Every entry from `from` to `to` with its origin, as `map` describes it.
+    fn origins_in(
+        map: &mut OriginMap,
+        log: &Log,
+        (from, to): (Position, Position),
+    ) -> Vec<(Position, Option<(String, Position)>)> {
+        let mut found = Vec::new();
+        map.visit(log, "a", from, to, |span| {
+            for entry_id in span.first..=span.last {
+                let origin = span.origin.zip(span.origin_at(entry_id));
+                found.push((
+                    Position::new(span.ledger, entry_id),
+                    origin.map(|((cluster, _), at)| (cluster.to_string(), at)),
+                ));
+            }
+            true
+        })
+        .expect("visit");
+        found
+    }
+
+    #[test]
+    fn entries_noted_as_written_are_not_read_back() {
+        let directory = tempfile::tempdir().expect("tempdir");
+        let storage = relaxed_storage(directory.path());
+        let (log, positions) = stretched_log(&storage);
+        let mut map = OriginMap::default();
+        origins_in(&mut map, &log, (positions[0], positions[39]));
+        let read = map.entries_read();
+        // The replicator's publish path noted 40..80 (from c) and 82, but not 80 and 81.
+        let noted = |index: usize| WrittenEntry {
+            position: positions[index],
+            cluster: "c".to_string(),
+            origin: if index < 80 {
+                Position::new(9, 100 + index as u64)
+            } else {
+                Position::new(10, index as u64)
+            },
+            replicate_to: Vec::new(),
+        };
+        let mut written = Written::default();
+        for index in (40..80).chain([82]) {
+            written.record(noted(index));
+        }
+        let written = written.take_durable(log.last_position());
+        assert_eq!(written.len(), 41);
+        map.learn_written(&log, &written);
+        let learned = origins_in(&mut map, &log, (positions[0], positions[99]));
+        // Only 80..100 were read: 82 did not follow what the map covered, so it was read too.
+        assert_eq!(map.entries_read(), read + 20);
+        let reference = origins_in(
+            &mut OriginMap::default(),
+            &log,
+            (positions[0], positions[99]),
+        );
+        assert_eq!(learned, reference);
     }
 
     #[test]
