@@ -637,6 +637,8 @@ impl Topic {
                 Verdict::New => {}
             }
             let entry_bytes = request.entry.len() as u64;
+            // Read before the append: a rollback after it makes the noted origin untrusted.
+            let rollbacks = self.log.rollbacks();
             match self.log.append_with_checksum(
                 request.entry,
                 request.publish_time_ms,
@@ -656,7 +658,7 @@ impl Topic {
                     if let (Some(origin), Some(sync)) =
                         (request.origin.take(), self.subscription_sync())
                     {
-                        sync.note_written(pending.position(), origin);
+                        sync.note_written(pending.position(), rollbacks, origin);
                     }
                     pending
                 }

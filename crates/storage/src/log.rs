@@ -441,6 +441,8 @@ pub(crate) struct LogState {
     ledger_id: u64,
     next_entry_id: u64,
     last_durable: Option<Position>,
+    /// How many times failed appends were rolled back (their positions are then given again).
+    rollbacks: u64,
     pending: VecDeque<PendingBatch>,
     pending_bytes: u64,
     /// Emptied buffers of the last flushed batch, reused by the next one.
@@ -815,6 +817,7 @@ impl Log {
                 last_durable,
                 pending: VecDeque::new(),
                 spare_batch: None,
+                rollbacks: 0,
                 pending_bytes: 0,
                 flush_scheduled: false,
                 failure: None,
@@ -1638,6 +1641,20 @@ impl Log {
         self.lock().last_durable
     }
 
+    /// How many times failed appends were rolled back (disk full): a position handed out
+    /// before a rollback may be handed out again after it, to another entry. Read before an
+    /// append and compared later, it tells whether that append's position can still be trusted
+    /// to hold its entry.
+    pub fn rollbacks(&self) -> u64 {
+        self.lock().rollbacks
+    }
+
+    /// [`Log::last_position`] and [`Log::rollbacks`], read together.
+    pub fn last_position_and_rollbacks(&self) -> (Option<Position>, u64) {
+        let state = self.lock();
+        (state.last_durable, state.rollbacks)
+    }
+
     /// The position the next append will get.
     pub fn end_position(&self) -> Position {
         let state = self.lock();
@@ -2014,6 +2031,7 @@ impl LogState {
             break;
         }
         self.next_entry_id = first_removed.entry_id;
+        self.rollbacks += 1;
         self.pending_bytes = 0;
         self.cache.truncate_from(first_removed, cache_used_bytes);
     }

@@ -763,6 +763,7 @@ fn a_full_disk_on_a_roll_while_trimming_leaves_a_log_that_accepts_appends_again(
     // device": the rollback must leave the log a segment to append to once space is freed.
     let run = roll_in_flight();
     run.log.trim().expect("trim");
+    let rollbacks = run.log.rollbacks();
     run.sim.set_capacity(Some(run.sim.used_bytes()));
     run.release.send(()).expect("release");
     let outcome = run.append.join().expect("appender");
@@ -770,6 +771,9 @@ fn a_full_disk_on_a_roll_while_trimming_leaves_a_log_that_accepts_appends_again(
         matches!(outcome, Err(StorageError::DiskFull { .. })),
         "append during a full disk: {outcome:?}"
     );
+    // The failed append's position is given again: the log says so (replicated subscriptions
+    // drop what they noted of entries appended before a rollback).
+    assert_eq!(run.log.rollbacks(), rollbacks + 1);
     run.sim.set_capacity(None);
     let again = run
         .log

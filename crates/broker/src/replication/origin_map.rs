@@ -38,6 +38,9 @@ pub const MAX_WRITTEN: usize = 50_000;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WrittenEntry {
     pub position: Position,
+    /// The log's rollback count before the append: a note from before a rollback may name a
+    /// position that now holds another entry.
+    pub rollbacks: u64,
     pub cluster: String,
     /// Its position in `cluster`.
     pub origin: Position,
@@ -65,11 +68,19 @@ impl Written {
         self.entries.clear();
     }
 
-    /// Takes the entries noted at or before `durable` (the rest may still fail).
-    pub fn take_durable(&mut self, durable: Option<Position>) -> Vec<WrittenEntry> {
+    /// Takes the entries noted at or before `durable` (the rest may still fail), given with
+    /// the log's rollback count read together with it: every entry noted before a rollback is
+    /// dropped (its position may hold another entry now, or be given again later; such entries
+    /// are read from the log).
+    pub fn take_durable(
+        &mut self,
+        (durable, rollbacks): (Option<Position>, u64),
+    ) -> Vec<WrittenEntry> {
         let Some(durable) = durable else {
             return Vec::new();
         };
+        // Within one rollback count, notes are in position order.
+        self.entries.retain(|entry| entry.rollbacks == rollbacks);
         let count = self
             .entries
             .partition_point(|entry| entry.position <= durable);

@@ -749,7 +749,7 @@ fn with_origins<R>(
             .written
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .take_durable(topic.log().last_position());
+            .take_durable(topic.log().last_position_and_rollbacks());
         if !written.is_empty() {
             for map in origins.values_mut() {
                 map.learn_written(topic.log(), &written);
@@ -793,7 +793,8 @@ impl SubscriptionSync {
     /// Notes that the replicated entry from `origin` was just appended at `position` (called
     /// under the topic's lock, so in position order). Markers are not noted: the origin maps
     /// read them (they have no origin there).
-    pub fn note_written(&self, position: Position, origin: super::chain::Origin) {
+    /// `rollbacks`: the log's rollback count read before the append (see [`Log::rollbacks`]).
+    pub fn note_written(&self, position: Position, rollbacks: u64, origin: super::chain::Origin) {
         if origin.marker || !self.recording.load(Ordering::Relaxed) {
             return;
         }
@@ -802,6 +803,7 @@ impl SubscriptionSync {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
             .record(WrittenEntry {
                 position,
+                rollbacks,
                 cluster: origin.cluster,
                 origin: origin.position,
                 replicate_to: origin.replicate_to,
@@ -1586,6 +1588,7 @@ mod tests {
         // The replicator's publish path noted 40..80 (from c) and 82, but not 80 and 81.
         let noted = |index: usize| WrittenEntry {
             position: positions[index],
+            rollbacks: 0,
             cluster: "c".to_string(),
             origin: if index < 80 {
                 Position::new(9, 100 + index as u64)
@@ -1598,7 +1601,7 @@ mod tests {
         for index in (40..80).chain([82]) {
             written.record(noted(index));
         }
-        let written = written.take_durable(log.last_position());
+        let written = written.take_durable((log.last_position(), 0));
         assert_eq!(written.len(), 41);
         map.learn_written(&log, &written);
         let learned = origins_in(&mut map, &log, (positions[0], positions[99]));
@@ -1610,6 +1613,31 @@ mod tests {
             (positions[0], positions[99]),
         );
         assert_eq!(learned, reference);
+    }
+
+    /// A disk-full rollback gives positions again: what was noted before it is never taken
+    /// (it may name an entry that is not there any more), what was noted after it is.
+    #[test]
+    fn entries_noted_before_a_rollback_are_dropped() {
+        let note = |entry_id: u64, rollbacks: u64| WrittenEntry {
+            position: Position::new(7, entry_id),
+            rollbacks,
+            cluster: "c".to_string(),
+            origin: Position::new(9, entry_id),
+            replicate_to: Vec::new(),
+        };
+        let mut written = Written::default();
+        for entry_id in 0..4 {
+            written.record(note(entry_id, 0));
+        }
+        // 2 and 3 failed and were rolled back; 2 was given again to an entry noted after.
+        written.record(note(2, 1));
+        let taken = written.take_durable((Some(Position::new(7, 2)), 1));
+        assert_eq!(taken, vec![note(2, 1)]);
+        // Nothing from before the rollback is left to take later either.
+        assert!(written
+            .take_durable((Some(Position::new(7, 9)), 1))
+            .is_empty());
     }
 
     #[test]
