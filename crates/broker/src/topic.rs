@@ -637,8 +637,9 @@ impl Topic {
                 Verdict::New => {}
             }
             let entry_bytes = request.entry.len() as u64;
-            // Read before the append: a rollback after it makes the noted origin untrusted.
-            let rollbacks = self.log.rollbacks();
+            // Read before the append (for a replicated entry, whose origin is noted): a
+            // rollback after it makes the noted origin untrusted.
+            let rollbacks = request.origin.as_ref().map_or(0, |_| self.log.rollbacks());
             match self.log.append_with_checksum(
                 request.entry,
                 request.publish_time_ms,
