@@ -13,6 +13,8 @@ per entry) or `perf record -g` (a profile).
     python3 scripts/bench/produce_cpu.py --no-build --rounds 0 --strace
     python3 scripts/bench/produce_cpu.py --no-build --rounds 0 --perf /tmp/pt-perf/perf.data
     python3 scripts/bench/produce_cpu.py --no-build --meridian /tmp/meridian-before   # another build
+    python3 scripts/bench/produce_cpu.py --no-build --fill 200000     # consume: CPU per delivered message
+    python3 scripts/bench/produce_cpu.py --no-build --rate 40000       # produce + consume: p50/p99 latency
 
 Temporary directories go under --tmp (default /tmp/pt-perf) and are removed afterwards.
 """
@@ -55,7 +57,8 @@ def round_(args, attach=None, wrapper=()):
             [os.path.join(args.target, 'examples', 'pulsar_produce'),
              '--url', 'pulsar://127.0.0.1:%d' % broker_port, '--broker-pid', str(broker.pid),
              '--size', str(args.size), '--topics', str(args.topics),
-             '--warmup', str(args.warmup), '--duration', str(args.duration)],
+             '--warmup', str(args.warmup), '--duration', str(args.duration),
+             '--fill', str(args.fill), '--rate', str(args.rate)],
             stdout=subprocess.PIPE, text=True)
         stop_tracer = None
         if attach:
@@ -84,6 +87,12 @@ def main():
     parser.add_argument('--warmup', type=float, default=3)
     parser.add_argument('--size', type=int, default=1024)
     parser.add_argument('--topics', type=int, default=1)
+    parser.add_argument('--fill', type=int, default=0,
+                        help='consume mode: produce FILL messages unmeasured, then measure one consumer per '
+                             'topic reading them back from the earliest position (cached entries)')
+    parser.add_argument('--rate', type=float, default=0,
+                        help='latency mode: one consumer per topic reads while producers send RATE msg/s in '
+                             'total; reports publish-to-delivery p50/p99')
     parser.add_argument('--no-build', action='store_true')
     parser.add_argument('--target', default=os.path.join(ROOT, 'target', 'release'))
     parser.add_argument('--meridian', help='the broker binary (default: <target>/meridian)')

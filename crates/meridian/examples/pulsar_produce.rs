@@ -19,8 +19,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use futures::TryStreamExt;
+use pulsar::consumer::{ConsumerOptions, InitialPosition};
 use pulsar::producer::ProducerOptions;
-use pulsar::{Pulsar, TokioExecutor};
+use pulsar::{Consumer, Pulsar, SubType, TokioExecutor};
 
 struct Options {
     url: String,
@@ -33,6 +35,12 @@ struct Options {
     batch_bytes: usize,
     max_pending: usize,
     topic_prefix: String,
+    /// Drain mode: produce this many messages (not measured), then measure one consumer per
+    /// topic reading them all from the earliest position (cached entries).
+    fill: u64,
+    /// Latency mode: one consumer per topic reads while the producers send this many messages
+    /// per second in total (0: produce only, as fast as receipts come back).
+    rate: f64,
 }
 
 fn parse() -> Options {
@@ -47,6 +55,8 @@ fn parse() -> Options {
         batch_bytes: 128 * 1024,
         max_pending: 2000,
         topic_prefix: "persistent://public/default/produce-cpu".into(),
+        fill: 0,
+        rate: 0.0,
     };
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
@@ -69,6 +79,8 @@ fn parse() -> Options {
             "--batch-max-bytes" => options.batch_bytes = number() as usize,
             "--max-pending" => options.max_pending = number() as usize,
             "--topic-prefix" => options.topic_prefix = value.clone(),
+            "--fill" => options.fill = number() as u64,
+            "--rate" => options.rate = number(),
             _ => panic!("unknown option {flag}"),
         }
     }
@@ -117,12 +129,103 @@ fn broker_counters(pid: u32) -> BrokerCounters {
     counters
 }
 
-/// Receipts acknowledged in the measured window.
+/// Receipts (or, with consumers, deliveries) counted in the measured window.
 #[derive(Default)]
 struct Window {
     messages: AtomicU64,
     /// (topic, ledger id, entry id): ledger ids of different topics may be equal.
     entries: Mutex<HashSet<(usize, u64, u64)>>,
+    /// Latency mode: publish-to-delivery latencies in µs.
+    latencies: Mutex<Vec<u64>>,
+}
+
+impl Window {
+    fn count(&self, topic: usize, ledger_id: u64, entry_id: u64) {
+        self.messages.fetch_add(1, Ordering::Relaxed);
+        self.entries
+            .lock()
+            .expect("entries")
+            .insert((topic, ledger_id, entry_id));
+    }
+}
+
+fn now_micros() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_micros() as u64
+}
+
+/// Reads one topic until `stop` (or `limit` messages), acknowledging each message and counting
+/// those delivered while `measuring`; in latency mode the payload's first 8 bytes are its send time.
+async fn consume(
+    mut consumer: Consumer<Vec<u8>, TokioExecutor>,
+    topic: usize,
+    measuring: Arc<AtomicBool>,
+    stop: Arc<AtomicBool>,
+    window: Arc<Window>,
+    limit: u64,
+    timed: bool,
+) {
+    let mut received = 0u64;
+    while !stop.load(Ordering::Relaxed) && received < limit {
+        let next = tokio::time::timeout(Duration::from_millis(100), consumer.try_next()).await;
+        let Ok(message) = next else { continue };
+        let message = message.expect("receive").expect("consumer stream ended");
+        received += 1;
+        if measuring.load(Ordering::Relaxed) {
+            let id = &message.message_id.id;
+            window.count(topic, id.ledger_id, id.entry_id);
+            if timed {
+                let data = &message.payload.data;
+                let sent = u64::from_le_bytes(data[..8].try_into().expect("timestamp"));
+                window
+                    .latencies
+                    .lock()
+                    .expect("latencies")
+                    .push(now_micros().saturating_sub(sent));
+            }
+        }
+        consumer.ack(&message).await.expect("ack");
+    }
+    let _ = consumer.close().await;
+}
+
+async fn subscribe(
+    pulsar: &Pulsar<TokioExecutor>,
+    options: &Options,
+    topic: usize,
+    position: InitialPosition,
+) -> Result<Consumer<Vec<u8>, TokioExecutor>, pulsar::Error> {
+    pulsar
+        .consumer()
+        .with_topic(format!("{}-{topic}", options.topic_prefix))
+        .with_subscription(format!("bench-{topic}"))
+        .with_subscription_type(SubType::Exclusive)
+        .with_options(ConsumerOptions::default().with_initial_position(position))
+        .build()
+        .await
+}
+
+/// One consumer per topic, each reading at most `limit` messages; latency mode (`--rate`) reads
+/// send timestamps. `shared` is (measuring, stop, window).
+async fn spawn_consumers(
+    pulsar: &Pulsar<TokioExecutor>,
+    options: &Options,
+    position: InitialPosition,
+    shared: (Arc<AtomicBool>, Arc<AtomicBool>, Arc<Window>),
+    limit: u64,
+) -> Result<Vec<tokio::task::JoinHandle<()>>, pulsar::Error> {
+    let mut consumers = Vec::new();
+    for topic in 0..options.topics {
+        let consumer = subscribe(pulsar, options, topic, position.clone()).await?;
+        let (measuring, stop, window) = (shared.0.clone(), shared.1.clone(), shared.2.clone());
+        let timed = options.rate > 0.0;
+        consumers.push(tokio::spawn(consume(
+            consumer, topic, measuring, stop, window, limit, timed,
+        )));
+    }
+    Ok(consumers)
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -133,10 +236,20 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .await?;
     let measuring = Arc::new(AtomicBool::new(false));
     let stop = Arc::new(AtomicBool::new(false));
+    let consumers_stop = Arc::new(AtomicBool::new(false));
     let window = Arc::new(Window::default());
-    let payload: Vec<u8> = (0..options.size)
+    // Messages acknowledged since the start (drain mode stops producing at `--fill`).
+    let produced = Arc::new(AtomicU64::new(0));
+    let payload: Vec<u8> = (0..options.size.max(8))
         .map(|index| b'A' + (index * 7 % 26) as u8)
         .collect();
+    let timed = options.rate > 0.0;
+    let mut consumers = Vec::new();
+    if timed {
+        let shared = (measuring.clone(), consumers_stop.clone(), window.clone());
+        consumers =
+            spawn_consumers(&pulsar, &options, InitialPosition::Latest, shared, u64::MAX).await?;
+    }
     let mut tasks = Vec::new();
     for topic in 0..options.topics {
         let mut producer = pulsar
@@ -150,28 +263,36 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             })
             .build()
             .await?;
-        let (measuring, stop, window, payload) = (
+        let (measuring, stop, window, produced, mut payload) = (
             measuring.clone(),
             stop.clone(),
             window.clone(),
+            produced.clone(),
             payload.clone(),
         );
         let max_pending = options.max_pending;
+        let (fill, count_receipts) = (options.fill, options.fill == 0 && !timed);
+        let interval = timed.then(|| Duration::from_secs_f64(options.topics as f64 / options.rate));
         tasks.push(tokio::spawn(async move {
             let mut pending = VecDeque::with_capacity(max_pending);
             let account = |receipt: pulsar::proto::CommandSendReceipt| {
-                if measuring.load(Ordering::Relaxed) {
-                    window.messages.fetch_add(1, Ordering::Relaxed);
+                produced.fetch_add(1, Ordering::Relaxed);
+                if count_receipts && measuring.load(Ordering::Relaxed) {
                     if let Some(id) = receipt.message_id {
-                        window.entries.lock().expect("entries").insert((
-                            topic,
-                            id.ledger_id,
-                            id.entry_id,
-                        ));
+                        window.count(topic, id.ledger_id, id.entry_id);
                     }
                 }
             };
-            while !stop.load(Ordering::Relaxed) {
+            let started = tokio::time::Instant::now();
+            let mut sent = 0u32;
+            while !stop.load(Ordering::Relaxed)
+                && (fill == 0 || produced.load(Ordering::Relaxed) < fill)
+            {
+                if let Some(interval) = interval {
+                    tokio::time::sleep_until(started + interval * sent).await;
+                    sent += 1;
+                    payload[..8].copy_from_slice(&now_micros().to_le_bytes());
+                }
                 let receipt = producer
                     .send_non_blocking(payload.clone())
                     .await
@@ -189,6 +310,33 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             let _ = producer.close().await;
         }));
     }
+    if options.fill > 0 {
+        // Drain mode: fill, then measure the consumers alone reading it all back.
+        for task in tasks.drain(..) {
+            task.await?;
+        }
+        let total = produced.load(Ordering::Relaxed);
+        let per_topic = total / options.topics as u64;
+        measuring.store(true, Ordering::Relaxed);
+        let before = broker_counters(options.broker_pid);
+        let started = Instant::now();
+        let shared = (measuring.clone(), consumers_stop.clone(), window.clone());
+        consumers = spawn_consumers(
+            &pulsar,
+            &options,
+            InitialPosition::Earliest,
+            shared,
+            per_topic,
+        )
+        .await?;
+        for consumer in consumers.drain(..) {
+            consumer.await?;
+        }
+        let seconds = started.elapsed().as_secs_f64();
+        let after = broker_counters(options.broker_pid);
+        report(&window, before, after, seconds);
+        return Ok(());
+    }
     tokio::time::sleep(Duration::from_secs_f64(options.warmup)).await;
     let before = broker_counters(options.broker_pid);
     let started = Instant::now();
@@ -201,6 +349,16 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     for task in tasks {
         task.await?;
     }
+    consumers_stop.store(true, Ordering::Relaxed);
+    for consumer in consumers {
+        consumer.await?;
+    }
+    report(&window, before, after, seconds);
+    Ok(())
+}
+
+/// Prints the window's figures as one JSON object.
+fn report(window: &Window, before: BrokerCounters, after: BrokerCounters, seconds: f64) {
     let messages = window.messages.load(Ordering::Relaxed);
     let entries = window.entries.lock().expect("entries").len() as u64;
     // USER_HZ: /proc reports CPU time in hundredths of a second on Linux.
@@ -210,18 +368,28 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let cpu_seconds = user_seconds + system_seconds;
     let per_message = |seconds: f64| seconds * 1e6 / messages.max(1) as f64;
     let per_entry = |after: u64, before: u64| (after - before) as f64 / entries.max(1) as f64;
+    let mut latencies = std::mem::take(&mut *window.latencies.lock().expect("latencies"));
+    latencies.sort_unstable();
+    let quantile = |q: f64| {
+        latencies
+            .get(((latencies.len() as f64 * q) as usize).min(latencies.len().saturating_sub(1)))
+            .map_or(0.0, |&micros| micros as f64 / 1000.0)
+    };
     println!(
         "{{\"messages\": {messages}, \"entries\": {entries}, \"seconds\": {seconds:.3}, \
          \"msg_per_s\": {:.0}, \"broker_cpu_s\": {cpu_seconds:.2}, \
          \"broker_cpu_us_per_msg\": {:.3}, \"user_us_per_msg\": {:.3}, \
          \"system_us_per_msg\": {:.3}, \"voluntary_switches_per_entry\": {:.2}, \
-         \"involuntary_switches_per_entry\": {:.2}}}",
+         \"involuntary_switches_per_entry\": {:.2}, \"latency_ms_p50\": {:.2}, \
+         \"latency_ms_p99\": {:.2}, \"latency_ms_max\": {:.2}}}",
         messages as f64 / seconds,
         per_message(cpu_seconds),
         per_message(user_seconds),
         per_message(system_seconds),
         per_entry(after.voluntary_switches, before.voluntary_switches),
         per_entry(after.involuntary_switches, before.involuntary_switches),
+        quantile(0.5),
+        quantile(0.99),
+        quantile(1.0),
     );
-    Ok(())
 }

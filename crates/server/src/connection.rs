@@ -470,7 +470,11 @@ impl Connection {
                 Ok(Some(frame)) => {
                     self.last_frame = Instant::now();
                     let config = self.config.clone();
-                    within_keep_alive(&config, self.handle(frame)).await?;
+                    // Boxed: `handle`'s state machine is several KiB (the union of every
+                    // command's handler), and moving it by value into the timeout cost a
+                    // memmove of that size per frame — most of the broker's user CPU per
+                    // delivered message, where every acknowledgement is a frame (issue 16).
+                    within_keep_alive(&config, Box::pin(self.handle(frame))).await?;
                 }
                 Ok(None) => return Ok(()),
                 Err(FrameError::InvalidEntry { command, source }) => {
