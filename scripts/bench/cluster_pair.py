@@ -34,8 +34,9 @@ def http(method, url, body=None):
 
 
 class Broker:
-    def __init__(self, binary, name, root):
-        self.binary, self.name = binary, name
+    def __init__(self, binary, name, root, wrapper=()):
+        """`wrapper`: a command the broker runs under (for example valgrind)."""
+        self.binary, self.name, self.wrapper = binary, name, list(wrapper)
         self.data = os.path.join(root, name)
         self.port, self.web = free_port(), free_port()
         self.log = open(os.path.join(root, name + ".log"), "ab")
@@ -44,10 +45,10 @@ class Broker:
 
     def start(self):
         self.process = subprocess.Popen(
-            [self.binary, "standalone", "--data-dir", self.data, "--cluster-name", self.name,
+            self.wrapper + [self.binary, "standalone", "--data-dir", self.data, "--cluster-name", self.name,
              "--broker-port", str(self.port), "--web-port", str(self.web)],
             stdout=self.log, stderr=self.log)
-        deadline = time.time() + 30
+        deadline = time.time() + (120 if self.wrapper else 30)
         while time.time() < deadline:
             try:
                 if http("GET", self.admin + "/admin/v2/brokers/health")[0] == 200:

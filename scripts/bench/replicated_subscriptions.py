@@ -29,6 +29,9 @@ was, so that can be judged. `--b-subscription`: a third run per round, plain rep
 durable subscription without a consumer on b (what the replicated run's b holds), to tell a
 subscription's existence apart from the sync. `--perf-b DIR` / `--strace-b DIR`: `perf record`
 (DWARF call graphs) or `strace -c -f` broker b during each measured window, one file per run.
+`--callgrind-b DIR`: broker b runs under valgrind's callgrind and the load is held at `--rate`
+msg/s (b is ~50 times slower under it); prints b's instructions executed per message over the
+window — a count that, unlike CPU time, other work on the machine does not disturb.
 
 Tail run (`--tail N`, instead of the above): one old message is left unacknowledged on a, then N
 messages are produced and acknowledged (a long acknowledged tail behind it, on both clusters
@@ -235,8 +238,30 @@ def context_switches(broker):
     return total
 
 
+def callgrind_instructions(pid, directory, name):
+    """Dumps the counters of broker b running under callgrind and returns the instructions
+    executed since they were last zeroed."""
+    subprocess.run(["callgrind_control", "--dump=" + name, str(pid)], check=True,
+                   stdout=subprocess.DEVNULL)
+    dumps = [os.path.join(directory, file) for file in os.listdir(directory)
+             if file.startswith(f"b.{pid}.")]
+    for path in sorted(dumps, key=os.path.getmtime, reverse=True):
+        with open(path) as dump:
+            text = dump.read()
+        if f"desc: Trigger: dump {name}\n" in text:
+            for line in text.splitlines():
+                if line.startswith("totals:") or line.startswith("summary:"):
+                    return int(line.split()[1])
+    raise RuntimeError(f"no callgrind dump named {name} in {directory}")
+
+
 def max_one(binary, root, options, round_, kind):
-    a, b = Broker(binary, "a", root), Broker(binary, "b", root)
+    wrapper = []
+    if options.callgrind_b:
+        os.makedirs(options.callgrind_b, exist_ok=True)
+        wrapper = ["valgrind", "--tool=callgrind", "--quiet",
+                   "--callgrind-out-file=" + os.path.join(options.callgrind_b, "b.%p")]
+    a, b = Broker(binary, "a", root), Broker(binary, "b", root, wrapper)
     try:
         replicate_namespace(a, b)
         client = pulsar.Client(a.url)
@@ -249,8 +274,12 @@ def max_one(binary, root, options, round_, kind):
             status, reply = http("PUT", url)
             if status >= 300:
                 raise RuntimeError(f"creating the subscription on b: {status} {reply}")
-        load = Load(client, topic, 0, replicated, hold_every=0 if options.in_order else 10)
+        rate = options.rate if options.callgrind_b else 0
+        load = Load(client, topic, rate, replicated, hold_every=0 if options.in_order else 10)
         time.sleep(2)  # warm-up
+        if options.callgrind_b:
+            subprocess.run(["callgrind_control", "--zero", str(b.process.pid)], check=True,
+                           stdout=subprocess.DEVNULL)
         cpu_a, cpu_b, consumed = a.cpu_seconds(), b.cpu_seconds(), len(load.acknowledged)
         switches = context_switches(b)
         b_split = b.cpu_split()
@@ -273,6 +302,10 @@ def max_one(binary, root, options, round_, kind):
         if profiler is not None:
             profiler.send_signal(signal.SIGINT)
             profiler.wait(60)
+        instructions = None
+        if options.callgrind_b:
+            instructions = callgrind_instructions(b.process.pid, options.callgrind_b,
+                                                  f"{kind}-{round_ + 1}")
         switches = [now - then for now, then in zip(context_switches(b), switches)]
         b_split = [now - then for now, then in zip(b.cpu_split(), b_split)]
         consumed = len(load.acknowledged) - consumed
@@ -287,7 +320,9 @@ def max_one(binary, root, options, round_, kind):
               f"system {b_split[1] / per * 1e6:4.1f}); clients {clients:.1f} s CPU "
               f"in {elapsed:.1f} s; b context switches per message "
               f"{switches[0] / per:.2f} voluntary, {switches[1] / per:.2f} involuntary; "
-              f"{consumed} messages",
+              f"{consumed} messages"
+              + (f"; b instructions per message {instructions / per:,.0f}"
+                 if instructions is not None else ""),
               flush=True)
         try:
             client.close()
@@ -369,6 +404,9 @@ def main():
                         help="with --max: `perf record -g` broker b during each measured window")
     parser.add_argument("--strace-b", metavar="DIR",
                         help="with --max: `strace -c -f` broker b during each measured window")
+    parser.add_argument("--callgrind-b", metavar="DIR",
+                        help="with --max: run broker b under callgrind and the load at --rate "
+                             "msg/s; prints b's instructions per message over the window")
     options = parser.parse_args()
     binary = os.path.abspath(options.binary)
     if options.max:

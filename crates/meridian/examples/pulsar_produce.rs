@@ -245,6 +245,16 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .collect();
     let timed = options.rate > 0.0;
     let mut consumers = Vec::new();
+    if options.fill > 0 {
+        // Drain mode: the subscriptions exist before the fill. Without one, the fill is in no
+        // backlog and, with no retention configured, the broker may delete it before the
+        // consumers come (as Pulsar does), and the drain would wait for messages that are gone.
+        for topic in 0..options.topics {
+            let mut consumer =
+                subscribe(&pulsar, &options, topic, InitialPosition::Earliest).await?;
+            consumer.close().await?;
+        }
+    }
     if timed {
         let shared = (measuring.clone(), consumers_stop.clone(), window.clone());
         consumers =
