@@ -409,13 +409,28 @@ impl Client {
         for attempt in 0..self.endpoints.len() {
             let index = (first + attempt) % self.endpoints.len();
             let endpoint = &self.endpoints[index];
-            let mut request = agent
-                .post(&format!("{endpoint}{path}"))
-                .set("Content-Type", "application/json");
-            if let Some(timeout) = timeout {
-                request = request.timeout(timeout);
+            // ureq's error is large, but it lives only for this attempt.
+            #[allow(clippy::result_large_err)]
+            let send = |agent: &ureq::Agent| {
+                let mut request = agent
+                    .post(&format!("{endpoint}{path}"))
+                    .set("Content-Type", "application/json");
+                if let Some(timeout) = timeout {
+                    request = request.timeout(timeout);
+                }
+                request.send_string(&payload)
+            };
+            let mut outcome = send(agent);
+            if retry == Retry::Always {
+                if let Err(ureq::Error::Transport(transport)) = &outcome {
+                    if transport.kind() == ureq::ErrorKind::Io {
+                        // A pooled connection the server closed (etcd restarted): once more on
+                        // a new connection before giving up on this endpoint.
+                        outcome = send(&self.fresh);
+                    }
+                }
             }
-            match request.send_string(&payload) {
+            match outcome {
                 Ok(response) => {
                     self.preferred.store(index, Ordering::Relaxed);
                     return read_bounded(
@@ -725,8 +740,9 @@ impl Client {
         }});
         let first = self.preferred.load(Ordering::Relaxed) % self.endpoints.len();
         let endpoint = &self.endpoints[first];
+        // A connection of its own: a long stream, never worth pooling.
         let response = self
-            .pooled
+            .fresh
             .post(&format!("{endpoint}/v3/watch"))
             .set("Content-Type", "application/json")
             .timeout(self.options.watch_reconnect_interval)

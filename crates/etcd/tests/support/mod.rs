@@ -50,8 +50,8 @@ fn etcd_binary() -> Option<PathBuf> {
     match found {
         Some(path) => Some(path),
         None => panic!(
-            "these tests need a real etcd server and none was found (ETCD_BIN={:?}, PATH searched \
-             for `etcd`): install the Debian package etcd-server (scripts/test.sh does), or set \
+            "these tests need a real etcd server and none was found (ETCD_BIN={:?}, else `etcd` \
+             on PATH): install the Debian package etcd-server (scripts/test.sh does), or set \
              ETCD_BIN, or set MERIDIAN_SKIP_ETCD_TESTS=1 to skip them",
             std::env::var_os("ETCD_BIN")
         ),
