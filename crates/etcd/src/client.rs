@@ -10,9 +10,10 @@
 //! one is tried. A request that changes data is only retried on another endpoint when the
 //! connection could not be opened (then etcd certainly did not see it). Once it was sent, a
 //! failure is [`EtcdError::OutcomeUnknown`]: the caller must read back to learn whether it
-//! applied. Writes therefore use a fresh connection each (no pooled socket that etcd may have
-//! closed, which would turn every first write after an etcd restart into "outcome unknown");
-//! reads and lease renewals reuse pooled connections.
+//! applied. Writes therefore use a fresh connection each: a pooled socket that etcd closes just
+//! as a write is sent on it (ureq checks pooled sockets before reuse, but that check can race)
+//! would turn the write into "outcome unknown", where a refused connection is a clear "not
+//! applied, try the next endpoint". Reads and lease renewals reuse pooled connections.
 //!
 //! Limits: every request has a deadline (`request_timeout`), every response body is read through
 //! a byte limit (`max_response_bytes`), and transactions are checked against etcd's default of
@@ -409,28 +410,13 @@ impl Client {
         for attempt in 0..self.endpoints.len() {
             let index = (first + attempt) % self.endpoints.len();
             let endpoint = &self.endpoints[index];
-            // ureq's error is large, but it lives only for this attempt.
-            #[allow(clippy::result_large_err)]
-            let send = |agent: &ureq::Agent| {
-                let mut request = agent
-                    .post(&format!("{endpoint}{path}"))
-                    .set("Content-Type", "application/json");
-                if let Some(timeout) = timeout {
-                    request = request.timeout(timeout);
-                }
-                request.send_string(&payload)
-            };
-            let mut outcome = send(agent);
-            if retry == Retry::Always {
-                if let Err(ureq::Error::Transport(transport)) = &outcome {
-                    if transport.kind() == ureq::ErrorKind::Io {
-                        // A pooled connection the server closed (etcd restarted): once more on
-                        // a new connection before giving up on this endpoint.
-                        outcome = send(&self.fresh);
-                    }
-                }
+            let mut request = agent
+                .post(&format!("{endpoint}{path}"))
+                .set("Content-Type", "application/json");
+            if let Some(timeout) = timeout {
+                request = request.timeout(timeout);
             }
-            match outcome {
+            match request.send_string(&payload) {
                 Ok(response) => {
                     self.preferred.store(index, Ordering::Relaxed);
                     return read_bounded(
@@ -444,11 +430,25 @@ impl Client {
                         .unwrap_or_default();
                     let error = Self::status_error(operation, status, &body);
                     // gRPC "unavailable" (14) or "deadline exceeded" (4): this member cannot
-                    // serve now (no leader, stopping); another may.
-                    let retryable = matches!(&error, EtcdError::Rejected { code: 14 | 4, .. });
-                    if retryable && (retry == Retry::Always || status == 503) {
-                        failures.push(format!("{endpoint}: {error}"));
-                        continue;
+                    // serve now (no leader, stopping); another may. For a write they may also
+                    // mean "proposed, but not confirmed in time" ("request timed out"), so a
+                    // write is not repeated: its outcome is unknown.
+                    if let EtcdError::Rejected {
+                        code: 14 | 4,
+                        message,
+                        ..
+                    } = &error
+                    {
+                        if retry == Retry::Always {
+                            failures.push(format!("{endpoint}: {error}"));
+                            continue;
+                        }
+                        return Err(EtcdError::OutcomeUnknown {
+                            operation,
+                            message: format!(
+                                "{endpoint}: {message} (the request may or may not have been applied)"
+                            ),
+                        });
                     }
                     self.preferred.store(index, Ordering::Relaxed);
                     return Err(error);
