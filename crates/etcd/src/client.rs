@@ -336,6 +336,18 @@ fn parse<T: serde::de::DeserializeOwned>(operation: &'static str, body: &[u8]) -
     })
 }
 
+/// A write whose answer did not come back from `endpoint`.
+fn outcome_unknown(
+    operation: &'static str,
+    endpoint: &str,
+    what: &dyn std::fmt::Display,
+) -> EtcdError {
+    EtcdError::OutcomeUnknown {
+        operation,
+        message: format!("{endpoint}: {what} (the request may or may not have been applied)"),
+    }
+}
+
 /// Reads at most `limit` bytes of `reader`; more is an error naming the operation.
 fn read_bounded(operation: &'static str, reader: impl Read, limit: usize) -> Result<Vec<u8>> {
     let mut body = Vec::new();
@@ -443,12 +455,7 @@ impl Client {
                             failures.push(format!("{endpoint}: {error}"));
                             continue;
                         }
-                        return Err(EtcdError::OutcomeUnknown {
-                            operation,
-                            message: format!(
-                                "{endpoint}: {message} (the request may or may not have been applied)"
-                            ),
-                        });
+                        return Err(outcome_unknown(operation, endpoint, message));
                     }
                     self.preferred.store(index, Ordering::Relaxed);
                     return Err(error);
@@ -462,12 +469,7 @@ impl Client {
                         failures.push(format!("{endpoint}: {transport}"));
                         continue;
                     }
-                    return Err(EtcdError::OutcomeUnknown {
-                        operation,
-                        message: format!(
-                            "{endpoint}: {transport} (the request may or may not have been applied)"
-                        ),
-                    });
+                    return Err(outcome_unknown(operation, endpoint, &transport));
                 }
             }
         }

@@ -7,8 +7,8 @@ use std::sync::{Arc, Barrier};
 use std::time::Duration;
 
 use meridian_etcd::{
-    Acquire, ClientOptions, Cluster, Compare, EtcdError, LeaseLost, Op, OwnerRecord, Session,
-    SessionOptions,
+    Acquire, ClientOptions, Cluster, Compare, EtcdError, KeyValue, LeaseLost, Op, OwnerRecord,
+    Session, SessionOptions,
 };
 use meridian_metadata::{Change, ExpectedVersion, MetadataError, MetadataStore};
 use support::{wait_until, Etcd, Proxy, WAIT};
@@ -71,6 +71,18 @@ fn head(value: &str) -> Op {
         value: value.as_bytes().to_vec(),
         lease: 0,
     }
+}
+
+/// The key `brokers/<broker_id>` a session registered, if it still exists.
+fn registration(cluster: &Cluster, broker_id: &str) -> Option<KeyValue> {
+    let key = cluster.key(&format!("brokers/{broker_id}"));
+    cluster.client().get(&key).expect("get")
+}
+
+/// The value of `logs/t/head`, which the tests' commits write.
+fn stored_head(cluster: &Cluster) -> Vec<u8> {
+    let head = cluster.client().get(&cluster.key("logs/t/head"));
+    head.expect("get").expect("a committed head").value
 }
 
 #[test]
@@ -260,11 +272,7 @@ fn two_sessions_racing_for_a_bundle_exactly_one_wins() {
     loser
         .fenced_commit(&new, &[], &[head("new")])
         .expect("the new owner commits");
-    let stored = cluster
-        .client()
-        .get(&cluster.key("logs/t/head"))
-        .expect("get");
-    assert_eq!(stored.expect("head").value, b"new");
+    assert_eq!(stored_head(&cluster), b"new");
 }
 
 /// Models a broker cut off from etcd (network partition, or a process paused past its TTL): it
@@ -315,13 +323,7 @@ fn an_unrenewed_lease_moves_the_bundle_and_fences_the_old_owner() {
     wait_until("etcd to expire the old owner's lease", || {
         direct.owner(bundle).expect("owner").is_none().then_some(())
     });
-    assert_eq!(
-        direct
-            .client()
-            .get(&direct.key("brokers/old"))
-            .expect("get"),
-        None
-    );
+    assert_eq!(registration(&direct, "old"), None);
     let taken = acquired(new.try_acquire(bundle).expect("acquire"));
     assert_eq!(taken.epoch(), 2);
 
@@ -346,11 +348,7 @@ fn an_unrenewed_lease_moves_the_bundle_and_fences_the_old_owner() {
     ));
     new.fenced_commit(&taken, &[], &[head("3")])
         .expect("the new owner commits");
-    let stored = direct
-        .client()
-        .get(&direct.key("logs/t/head"))
-        .expect("get");
-    assert_eq!(stored.expect("head").value, b"3");
+    assert_eq!(stored_head(&direct), b"3");
 }
 
 /// Models an operator (or etcd) revoking a broker's lease: the next keepalive learns it at once.
@@ -382,25 +380,13 @@ fn a_revoked_lease_is_reported_lost_and_its_keys_are_gone() {
         .expect("revoke");
     assert_eq!(wait_lost(&mut lost), LeaseLost::Expired);
     assert_eq!(cluster.owner("ns/0").expect("owner"), None);
-    assert_eq!(
-        cluster
-            .client()
-            .get(&cluster.key("brokers/b1"))
-            .expect("get"),
-        None
-    );
+    assert_eq!(registration(&cluster, "b1"), None);
     // The id is free again for a new session.
     let again = cluster
         .start_session("b1", b"again", SessionOptions::default())
         .expect("register again");
     again.close().expect("close");
-    assert_eq!(
-        cluster
-            .client()
-            .get(&cluster.key("brokers/b1"))
-            .expect("get"),
-        None
-    );
+    assert_eq!(registration(&cluster, "b1"), None);
 }
 
 /// Models a metadata watcher whose connection to etcd breaks while others keep writing: when it
@@ -488,12 +474,8 @@ fn etcd_restart_keeps_keys_and_leases_and_clients_reconnect() {
         (got.value.as_slice(), got.version),
         (&b"policies"[..], version)
     );
-    let registration = cluster
-        .client()
-        .get(&cluster.key("brokers/b1"))
-        .expect("get")
-        .expect("registration kept");
-    assert_eq!(registration.lease, session.lease_id());
+    let kept = registration(&cluster, "b1").expect("registration kept");
+    assert_eq!(kept.lease, session.lease_id());
     assert_eq!(
         cluster.owner("ns/0").expect("owner"),
         Some(OwnerRecord {
