@@ -275,6 +275,49 @@ fn two_sessions_racing_for_a_bundle_exactly_one_wins() {
     assert_eq!(stored_head(&cluster), b"new");
 }
 
+/// Two brokers take and give up the same bundle over and over, racing: every acquisition gets
+/// an epoch no other acquisition got (the epoch key's revision is compared, so a broker that read
+/// an old epoch cannot reuse it after someone else took and released the bundle).
+#[test]
+fn epochs_are_never_handed_out_twice() {
+    let Some(etcd) = Etcd::start() else { return };
+    let cluster = cluster(&etcd.url());
+    let racers: Vec<_> = ["one", "two"]
+        .into_iter()
+        .map(|broker_id| {
+            let session = short_session(&cluster, broker_id);
+            std::thread::spawn(move || {
+                let mut epochs = Vec::new();
+                for _ in 0..40 {
+                    if let Acquire::Acquired(ownership) =
+                        session.try_acquire("ns/0").expect("try_acquire")
+                    {
+                        epochs.push(ownership.epoch());
+                        assert!(session.release(&ownership).expect("release"));
+                    }
+                }
+                epochs
+            })
+        })
+        .collect();
+    let mut epochs: Vec<u64> = racers
+        .into_iter()
+        .flat_map(|racer| racer.join().expect("racer"))
+        .collect();
+    let acquisitions = epochs.len();
+    epochs.sort_unstable();
+    epochs.dedup();
+    assert_eq!(epochs.len(), acquisitions, "an epoch was handed out twice");
+    let last = cluster
+        .client()
+        .get(&cluster.key("epochs/ns/0"))
+        .expect("get");
+    assert_eq!(
+        last.expect("epoch key").value,
+        acquisitions.to_string().into_bytes()
+    );
+}
+
 /// Models a broker cut off from etcd (network partition, or a process paused past its TTL): it
 /// cannot renew, learns that its lease is lost, etcd deletes its owner key, another broker takes
 /// the bundle with the next epoch, and when the old owner is reachable again its commit is
