@@ -371,6 +371,20 @@ impl Client {
     /// A client of the endpoints in `url` (see [`parse_endpoints`]). Does not contact etcd.
     pub fn new(url: &str, options: ClientOptions) -> Result<Client> {
         let endpoints = parse_endpoints(url)?;
+        if options.request_timeout.is_zero()
+            || options.connect_timeout.is_zero()
+            || options.watch_reconnect_interval.is_zero()
+        {
+            return Err(EtcdError::Config(
+                "etcd timeouts and the watch reconnect interval must be above zero".to_string(),
+            ));
+        }
+        if options.max_response_bytes < 64 * 1024 {
+            return Err(EtcdError::Config(format!(
+                "etcd max_response_bytes {} is below 64 KiB",
+                options.max_response_bytes
+            )));
+        }
         let builder = || {
             ureq::AgentBuilder::new()
                 .timeout_connect(options.connect_timeout)

@@ -39,7 +39,7 @@ pub struct SessionOptions {
     /// partition) its keys disappear and its bundles can move. At least 1 s (etcd may raise it
     /// to its minimum).
     pub ttl: Duration,
-    /// How often the lease is renewed; `None` = a third of the TTL.
+    /// How often the lease is renewed; `None` = a third of the TTL. Must be below the TTL.
     pub keepalive_interval: Option<Duration>,
 }
 
@@ -169,6 +169,14 @@ impl Session {
         let client = cluster.client().clone();
         let granted_at = Instant::now();
         let (lease, ttl) = client.lease_grant(options.ttl)?;
+        let interval = options.keepalive_interval.unwrap_or(ttl / 3);
+        if interval.is_zero() || interval >= ttl {
+            // Best effort: an unused lease also expires by itself.
+            let _ = client.lease_revoke(lease);
+            return Err(EtcdError::Config(format!(
+                "keepalive interval {interval:?} must be above zero and below the lease TTL {ttl:?}"
+            )));
+        }
         let key = cluster.key(&format!("brokers/{broker_id}"));
         let registered = client.txn(
             &[Compare::Absent(key.clone())],
@@ -194,7 +202,6 @@ impl Session {
             lost: watch::channel(None).0,
             renewals: AtomicU64::new(0),
         });
-        let interval = options.keepalive_interval.unwrap_or(ttl / 3);
         let (stop, stopped) = mpsc::channel();
         let keepalive = {
             let shared = shared.clone();
