@@ -45,13 +45,15 @@ fn wait_lost(lost: &mut watch::Receiver<Option<LeaseLost>>) -> LeaseLost {
         .expect("a reason")
 }
 
-fn short_session(cluster: &Cluster, broker_id: &str) -> Session {
+/// A session whose lease expires `ttl_seconds` after it stops renewing. Tests that do not wait
+/// for an expiry use 10 s, so that a busy machine cannot make them lose their lease.
+fn session(cluster: &Cluster, broker_id: &str, ttl_seconds: u64) -> Session {
     cluster
         .start_session(
             broker_id,
             format!("pulsar://{broker_id}:6650").as_bytes(),
             SessionOptions {
-                ttl: Duration::from_secs(2),
+                ttl: Duration::from_secs(ttl_seconds),
                 keepalive_interval: None,
             },
         )
@@ -198,8 +200,8 @@ fn two_sessions_racing_for_a_bundle_exactly_one_wins() {
     let Some(etcd) = Etcd::start() else { return };
     let cluster = cluster(&etcd.url());
     let sessions = [
-        Arc::new(short_session(&cluster, "one")),
-        Arc::new(short_session(&cluster, "two")),
+        Arc::new(session(&cluster, "one", 10)),
+        Arc::new(session(&cluster, "two", 10)),
     ];
     let mut first_round = None;
     for round in 0..10 {
@@ -285,7 +287,7 @@ fn epochs_are_never_handed_out_twice() {
     let racers: Vec<_> = ["one", "two"]
         .into_iter()
         .map(|broker_id| {
-            let session = short_session(&cluster, broker_id);
+            let session = session(&cluster, broker_id, 10);
             std::thread::spawn(move || {
                 let mut epochs = Vec::new();
                 for _ in 0..40 {
@@ -327,8 +329,8 @@ fn an_unrenewed_lease_moves_the_bundle_and_fences_the_old_owner() {
     let Some(etcd) = Etcd::start() else { return };
     let proxy = Proxy::start(&etcd.address());
     let direct = cluster(&etcd.url());
-    let old = short_session(&cluster(&proxy.url()), "old");
-    let new = short_session(&direct, "new");
+    let old = session(&cluster(&proxy.url()), "old", 3);
+    let new = session(&direct, "new", 10);
     let mut lost = old.lost();
     let bundle = "public/default/0x00000000_0x40000000";
     let ownership = acquired(old.try_acquire(bundle).expect("acquire"));
