@@ -445,11 +445,20 @@ impl Client {
             match request.send_string(&payload) {
                 Ok(response) => {
                     self.preferred.store(index, Ordering::Relaxed);
-                    return read_bounded(
+                    let answer = read_bounded(
                         operation,
                         response.into_reader(),
                         self.options.max_response_bytes,
                     );
+                    return match answer {
+                        // A read whose answer broke off changed nothing.
+                        Err(EtcdError::OutcomeUnknown { message, .. })
+                            if retry == Retry::Always =>
+                        {
+                            Err(EtcdError::Unavailable { operation, message })
+                        }
+                        answer => answer,
+                    };
                 }
                 Err(ureq::Error::Status(status, response)) => {
                     let body = read_bounded(operation, response.into_reader(), 64 * 1024)
