@@ -22,6 +22,15 @@ if ! command -v chromium >/dev/null 2>&1 && [ -z "${CHROMIUM:-}" ]; then
   DEBIAN_FRONTEND=noninteractive $sudo_if_needed apt-get install -y -q --no-install-recommends chromium
 fi
 
+# Cluster mode's etcd tests (crates/etcd/tests) start a real etcd server (ETCD_BIN or `etcd`).
+if ! command -v etcd >/dev/null 2>&1 && [ -z "${ETCD_BIN:-}" ]; then
+  echo "== installing etcd (Debian package etcd-server)"
+  sudo_if_needed=""
+  if [ "$(id -u)" != "0" ]; then sudo_if_needed="sudo"; fi
+  $sudo_if_needed apt-get update -q
+  DEBIAN_FRONTEND=noninteractive $sudo_if_needed apt-get install -y -q --no-install-recommends etcd-server
+fi
+
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 
