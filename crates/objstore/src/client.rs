@@ -1,0 +1,617 @@
+//! A small synchronous S3 client: `rusty-s3` signs each request (SigV4, as a presigned URL),
+//! `ureq` sends it. One [`ObjectStore`] is one bucket and key prefix; it is `Send + Sync` and
+//! keeps a pool of connections, so share one per process.
+//!
+//! Every call is bounded: a connect timeout, a timeout for the whole request including the
+//! response body, and a largest response body. Nothing is retried here: an error that
+//! [`is_retryable`](ObjectStoreError::is_retryable) may be retried by the caller, which knows
+//! its own deadline (a producer's send timeout, for instance).
+
+use std::io::Read;
+use std::time::Duration;
+
+use crate::config::{S3Config, S3Location, MAX_KEY_BYTES};
+use crate::error::{ObjectStoreError, Result};
+use rusty_s3::{Bucket, S3Action, UrlStyle};
+
+/// How long a signed request stays valid: the clock of this host and the store's may differ by
+/// up to this much.
+const SIGNATURE_VALIDITY: Duration = Duration::from_secs(300);
+/// The largest error document read from a failed request; the rest is not needed.
+const MAX_ERROR_BODY_BYTES: u64 = 64 * 1024;
+/// The largest list page accepted (1,000 keys of 1 KiB each plus XML).
+const MAX_LIST_PAGE_BYTES: u64 = 4 << 20;
+
+/// One object's size and entity tag, from a HEAD.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectInfo {
+    pub size: u64,
+    pub etag: Option<String>,
+}
+
+/// One key found by a listing; `key` is relative to the store's prefix.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectSummary {
+    pub key: String,
+    pub size: u64,
+}
+
+/// One page of a listing. `next` is the token that asks for the following page, `None` on the
+/// last page.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListPage {
+    pub objects: Vec<ObjectSummary>,
+    pub next: Option<String>,
+}
+
+/// The bytes at the end of an object and the object's whole size (from a suffix range read).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectTail {
+    pub bytes: Vec<u8>,
+    pub object_size: u64,
+}
+
+/// A bucket and key prefix of an S3-compatible store. Keys given to and returned by its
+/// methods are relative to the prefix of its `s3://bucket/prefix` location.
+pub struct ObjectStore {
+    location: S3Location,
+    bucket: Bucket,
+    credentials: rusty_s3::Credentials,
+    region: String,
+    agent: ureq::Agent,
+    max_response_bytes: u64,
+    list_page_keys: usize,
+}
+
+impl std::fmt::Debug for ObjectStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ObjectStore")
+            .field("location", &self.location.to_string())
+            .field("endpoint", &self.bucket.base_url().as_str())
+            .finish_non_exhaustive()
+    }
+}
+
+impl ObjectStore {
+    pub fn new(config: &S3Config) -> Result<ObjectStore, crate::ConfigError> {
+        config.validate()?;
+        let style = if config.path_style {
+            UrlStyle::Path
+        } else {
+            UrlStyle::VirtualHost
+        };
+        let bucket = Bucket::new(
+            config.endpoint.clone(),
+            style,
+            config.location.bucket.clone(),
+            config.region.clone(),
+        )
+        .map_err(|error| {
+            crate::ConfigError::new("s3-endpoint", format!("{}: {error}", config.endpoint))
+        })?;
+        let agent = ureq::AgentBuilder::new()
+            .timeout_connect(config.connect_timeout)
+            .timeout(config.request_timeout)
+            .redirects(0)
+            .max_idle_connections_per_host(16)
+            .build();
+        Ok(ObjectStore {
+            location: config.location.clone(),
+            bucket,
+            credentials: rusty_s3::Credentials::new(
+                config.credentials.access_key_id.clone(),
+                config.credentials.secret_access_key().to_string(),
+            ),
+            region: config.region.clone(),
+            agent,
+            max_response_bytes: config.max_response_bytes,
+            list_page_keys: config.list_page_keys,
+        })
+    }
+
+    /// The `s3://bucket/prefix` this store works in.
+    pub fn location(&self) -> &S3Location {
+        &self.location
+    }
+
+    /// Stores `bytes` under `key`, replacing any object there. Durable when it returns (S3's
+    /// PUT is).
+    pub fn put(&self, key: &str, bytes: &[u8]) -> Result<()> {
+        let full_key = self.full_key("put", key)?;
+        let url = self
+            .bucket
+            .put_object(Some(&self.credentials), &full_key)
+            .sign(SIGNATURE_VALIDITY);
+        let request = self
+            .agent
+            .request_url("PUT", &url)
+            .set("Content-Type", "application/octet-stream");
+        self.finish("put", key, request.send_bytes(bytes))?;
+        Ok(())
+    }
+
+    /// The whole object at `key` (at most `max_response_bytes`).
+    pub fn get(&self, key: &str) -> Result<Vec<u8>> {
+        let full_key = self.full_key("get", key)?;
+        let url = self
+            .bucket
+            .get_object(Some(&self.credentials), &full_key)
+            .sign(SIGNATURE_VALIDITY);
+        let response = self.finish("get", key, self.agent.request_url("GET", &url).call())?;
+        self.read_body("get", key, response, self.max_response_bytes)
+    }
+
+    /// `length` bytes of the object at `key` from `offset`; fewer if the object ends first.
+    /// A range starting at or past the end of the object fails with `Invalid`.
+    pub fn get_range(&self, key: &str, offset: u64, length: u64) -> Result<Vec<u8>> {
+        let operation = "ranged get";
+        if length == 0 || length > self.max_response_bytes {
+            return Err(self.invalid(
+                operation,
+                key,
+                format!(
+                    "range length {length} is not within 1..={}",
+                    self.max_response_bytes
+                ),
+            ));
+        }
+        let last = offset.checked_add(length - 1).ok_or_else(|| {
+            self.invalid(operation, key, format!("range {offset}+{length} overflows"))
+        })?;
+        let range = format!("bytes={offset}-{last}");
+        let response = self.ranged_request(operation, key, &range)?;
+        if response.status() == 206 {
+            let start = content_range(&response).map(|(start, _)| start);
+            if start != Some(offset) {
+                return Err(self.invalid(
+                    operation,
+                    key,
+                    format!("asked for {range}, the store answered with range {start:?}"),
+                ));
+            }
+            self.read_body(operation, key, response, length)
+        } else {
+            // A store that ignores Range sends the whole object: keep the part asked for.
+            let end = offset.saturating_add(length);
+            let bytes =
+                self.read_body(operation, key, response, end.min(self.max_response_bytes))?;
+            let start = usize::try_from(offset)
+                .unwrap_or(usize::MAX)
+                .min(bytes.len());
+            Ok(bytes[start..].to_vec())
+        }
+    }
+
+    /// The last `length` bytes of the object at `key` (all of it if it is shorter) and the
+    /// object's size, in one request.
+    pub fn get_tail(&self, key: &str, length: u64) -> Result<ObjectTail> {
+        let operation = "tail get";
+        if length == 0 || length > self.max_response_bytes {
+            return Err(self.invalid(
+                operation,
+                key,
+                format!(
+                    "tail length {length} is not within 1..={}",
+                    self.max_response_bytes
+                ),
+            ));
+        }
+        let response = self.ranged_request(operation, key, &format!("bytes=-{length}"))?;
+        if response.status() == 206 {
+            let Some((start, object_size)) = content_range(&response) else {
+                return Err(self.invalid(
+                    operation,
+                    key,
+                    "a partial response without a usable Content-Range header".to_string(),
+                ));
+            };
+            let bytes = self.read_body(operation, key, response, length)?;
+            if start.checked_add(bytes.len() as u64) != Some(object_size) {
+                return Err(self.invalid(
+                    operation,
+                    key,
+                    format!(
+                        "{} bytes from offset {start} do not end an object of {object_size} bytes",
+                        bytes.len()
+                    ),
+                ));
+            }
+            Ok(ObjectTail { bytes, object_size })
+        } else {
+            let bytes = self.read_body(operation, key, response, self.max_response_bytes)?;
+            let object_size = bytes.len() as u64;
+            let keep = bytes
+                .len()
+                .saturating_sub(usize::try_from(length).unwrap_or(usize::MAX));
+            Ok(ObjectTail {
+                bytes: bytes[keep..].to_vec(),
+                object_size,
+            })
+        }
+    }
+
+    /// The size and entity tag of the object at `key`.
+    pub fn head(&self, key: &str) -> Result<ObjectInfo> {
+        let full_key = self.full_key("head", key)?;
+        let url = self
+            .bucket
+            .head_object(Some(&self.credentials), &full_key)
+            .sign(SIGNATURE_VALIDITY);
+        let response = self.finish("head", key, self.agent.request_url("HEAD", &url).call())?;
+        let size = response
+            .header("Content-Length")
+            .and_then(|value| value.trim().parse::<u64>().ok())
+            .ok_or_else(|| {
+                self.invalid("head", key, "response without a Content-Length".to_string())
+            })?;
+        Ok(ObjectInfo {
+            size,
+            etag: response.header("ETag").map(str::to_string),
+        })
+    }
+
+    /// Removes the object at `key`. Removing a key that does not exist succeeds (S3's rule).
+    pub fn delete(&self, key: &str) -> Result<()> {
+        let full_key = self.full_key("delete", key)?;
+        let url = self
+            .bucket
+            .delete_object(Some(&self.credentials), &full_key)
+            .sign(SIGNATURE_VALIDITY);
+        self.finish("delete", key, self.agent.request_url("DELETE", &url).call())?;
+        Ok(())
+    }
+
+    /// One page (at most `list_page_keys` keys, in key order) of the keys starting with
+    /// `prefix`; pass the previous page's `next` to get the following one.
+    pub fn list_page(&self, prefix: &str, continuation: Option<&str>) -> Result<ListPage> {
+        let operation = "list";
+        let full_prefix = self.full_prefix(prefix);
+        let mut action = self.bucket.list_objects_v2(Some(&self.credentials));
+        action.with_prefix(full_prefix.as_str());
+        action.with_max_keys(self.list_page_keys);
+        if let Some(token) = continuation {
+            action.with_continuation_token(token);
+        }
+        let url = action.sign(SIGNATURE_VALIDITY);
+        let response = self.finish(
+            operation,
+            prefix,
+            self.agent.request_url("GET", &url).call(),
+        )?;
+        let body = self.read_body(operation, prefix, response, MAX_LIST_PAGE_BYTES)?;
+        let text = String::from_utf8(body)
+            .map_err(|_| self.invalid(operation, prefix, "list response is not UTF-8".into()))?;
+        let parsed = rusty_s3::actions::ListObjectsV2::parse_response(&text).map_err(|error| {
+            self.invalid(
+                operation,
+                prefix,
+                format!("unparsable list response: {error}"),
+            )
+        })?;
+        let objects = parsed
+            .contents
+            .into_iter()
+            .map(|content| {
+                let key = self.relative_key(&content.key).ok_or_else(|| {
+                    self.invalid(
+                        operation,
+                        prefix,
+                        format!("listed key `{}` is outside the prefix", content.key),
+                    )
+                })?;
+                Ok(ObjectSummary {
+                    key,
+                    size: content.size,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(ListPage {
+            objects,
+            next: parsed
+                .next_continuation_token
+                .filter(|token| !token.is_empty()),
+        })
+    }
+
+    /// Every key starting with `prefix`, in key order, page after page. More than
+    /// `max_objects` keys fail with `Invalid` (a listing is never unbounded).
+    pub fn list(&self, prefix: &str, max_objects: usize) -> Result<Vec<ObjectSummary>> {
+        let mut objects = Vec::new();
+        let mut continuation: Option<String> = None;
+        loop {
+            let page = self.list_page(prefix, continuation.as_deref())?;
+            objects.extend(page.objects);
+            if objects.len() > max_objects {
+                return Err(self.invalid(
+                    "list",
+                    prefix,
+                    format!("more than {max_objects} keys under the prefix"),
+                ));
+            }
+            match page.next {
+                Some(token) if Some(&token) != continuation.as_ref() => continuation = Some(token),
+                Some(_) => {
+                    return Err(self.invalid(
+                        "list",
+                        prefix,
+                        "the store returned the same continuation token twice".into(),
+                    ))
+                }
+                None => return Ok(objects),
+            }
+        }
+    }
+
+    /// Creates the bucket; succeeds if this account already owns it. For tests and a first
+    /// start; production buckets are usually made by an operator.
+    pub fn create_bucket(&self) -> Result<()> {
+        let operation = "create bucket";
+        let url = self
+            .bucket
+            .create_bucket(&self.credentials)
+            .sign(SIGNATURE_VALIDITY);
+        let request = self.agent.request_url("PUT", &url);
+        // Outside us-east-1, S3 wants the region named in the body.
+        let result = if self.region == "us-east-1" {
+            request.call()
+        } else {
+            request.send_string(&format!(
+                "<CreateBucketConfiguration xmlns=\"http://s3.amazonaws.com/doc/2006-03-01/\">\
+                 <LocationConstraint>{}</LocationConstraint></CreateBucketConfiguration>",
+                self.region
+            ))
+        };
+        match result {
+            Err(ureq::Error::Status(409, response)) => {
+                let (code, message) = self.error_document(response);
+                if code == "BucketAlreadyOwnedByYou" {
+                    Ok(())
+                } else {
+                    Err(self.invalid(operation, "", format!("HTTP 409 {code}: {message}")))
+                }
+            }
+            other => self.finish(operation, "", other).map(|_| ()),
+        }
+    }
+
+    fn ranged_request(
+        &self,
+        operation: &'static str,
+        key: &str,
+        range: &str,
+    ) -> Result<ureq::Response> {
+        let full_key = self.full_key(operation, key)?;
+        let url = self
+            .bucket
+            .get_object(Some(&self.credentials), &full_key)
+            .sign(SIGNATURE_VALIDITY);
+        let result = self
+            .agent
+            .request_url("GET", &url)
+            .set("Range", range)
+            .call();
+        if let Err(ureq::Error::Status(416, response)) = result {
+            let (code, message) = self.error_document(response);
+            return Err(self.invalid(
+                operation,
+                key,
+                format!("{range} is not within the object (HTTP 416 {code}: {message})"),
+            ));
+        }
+        self.finish(operation, key, result)
+    }
+
+    /// The object key for `key`: the prefix, `/`, then `key`.
+    fn full_key(&self, operation: &'static str, key: &str) -> Result<String> {
+        let full_key = self.full_prefix(key);
+        if key.is_empty()
+            || key.starts_with('/')
+            || full_key.len() > MAX_KEY_BYTES
+            || key.chars().any(char::is_control)
+        {
+            return Err(self.invalid(
+                operation,
+                key,
+                format!(
+                    "a key must be non-empty, not start with `/`, have no control characters, \
+                     and be at most {MAX_KEY_BYTES} bytes with the prefix"
+                ),
+            ));
+        }
+        Ok(full_key)
+    }
+
+    fn full_prefix(&self, key: &str) -> String {
+        if self.location.prefix.is_empty() {
+            key.to_string()
+        } else {
+            format!("{}/{key}", self.location.prefix)
+        }
+    }
+
+    fn relative_key(&self, full_key: &str) -> Option<String> {
+        if self.location.prefix.is_empty() {
+            return Some(full_key.to_string());
+        }
+        full_key
+            .strip_prefix(self.location.prefix.as_str())
+            .and_then(|rest| rest.strip_prefix('/'))
+            .map(str::to_string)
+    }
+
+    /// The object's full `bucket` / `key` names for error messages.
+    fn names(&self, key: &str) -> (String, String) {
+        (self.location.bucket.clone(), self.full_prefix(key))
+    }
+
+    pub(crate) fn invalid(
+        &self,
+        operation: &'static str,
+        key: &str,
+        detail: String,
+    ) -> ObjectStoreError {
+        let (bucket, key) = self.names(key);
+        ObjectStoreError::Invalid {
+            operation,
+            bucket,
+            key,
+            detail,
+        }
+    }
+
+    pub(crate) fn corrupt(&self, key: &str, detail: String) -> ObjectStoreError {
+        let (bucket, key) = self.names(key);
+        ObjectStoreError::Corrupt {
+            bucket,
+            key,
+            detail,
+        }
+    }
+
+    fn unavailable(&self, operation: &'static str, key: &str, detail: String) -> ObjectStoreError {
+        let (bucket, key) = self.names(key);
+        ObjectStoreError::Unavailable {
+            operation,
+            bucket,
+            key,
+            detail,
+        }
+    }
+
+    /// Turns ureq's outcome into a response of status 2xx or a sorted error.
+    fn finish(
+        &self,
+        operation: &'static str,
+        key: &str,
+        result: std::result::Result<ureq::Response, ureq::Error>,
+    ) -> Result<ureq::Response> {
+        match result {
+            Ok(response) if (200..300).contains(&response.status()) => Ok(response),
+            Ok(response) | Err(ureq::Error::Status(_, response)) => {
+                Err(self.status_error(operation, key, response))
+            }
+            Err(ureq::Error::Transport(transport)) => {
+                let detail = transport.to_string();
+                match transport.kind() {
+                    ureq::ErrorKind::InvalidUrl | ureq::ErrorKind::UnknownScheme => {
+                        Err(self.invalid(operation, key, detail))
+                    }
+                    _ => Err(self.unavailable(operation, key, detail)),
+                }
+            }
+        }
+    }
+
+    fn status_error(
+        &self,
+        operation: &'static str,
+        key: &str,
+        response: ureq::Response,
+    ) -> ObjectStoreError {
+        let status = response.status();
+        let (code, message) = self.error_document(response);
+        let detail = format!("HTTP {status} {code}: {message}");
+        let (bucket, key) = self.names(key);
+        match status {
+            404 => ObjectStoreError::NotFound {
+                bucket,
+                key,
+                detail,
+            },
+            401 | 403 => ObjectStoreError::Denied {
+                operation,
+                bucket,
+                key,
+                detail,
+            },
+            408 | 429 | 500..=599 => ObjectStoreError::Unavailable {
+                operation,
+                bucket,
+                key,
+                detail,
+            },
+            _ => ObjectStoreError::Invalid {
+                operation,
+                bucket,
+                key,
+                detail,
+            },
+        }
+    }
+
+    /// The `Code` and `Message` of an S3 error document (empty when there is none, as for a
+    /// HEAD).
+    fn error_document(&self, response: ureq::Response) -> (String, String) {
+        let mut body = Vec::new();
+        // A failure to read the error document leaves the status code to speak.
+        let _ = response
+            .into_reader()
+            .take(MAX_ERROR_BODY_BYTES)
+            .read_to_end(&mut body);
+        let text = String::from_utf8_lossy(&body);
+        let element = |name: &str| {
+            let open = format!("<{name}>");
+            let close = format!("</{name}>");
+            text.split_once(open.as_str())
+                .and_then(|(_, rest)| rest.split_once(close.as_str()))
+                .map(|(value, _)| value.trim().to_string())
+                .unwrap_or_default()
+        };
+        (element("Code"), element("Message"))
+    }
+
+    /// The response body, refused with `Invalid` if it is longer than `limit` bytes.
+    fn read_body(
+        &self,
+        operation: &'static str,
+        key: &str,
+        response: ureq::Response,
+        limit: u64,
+    ) -> Result<Vec<u8>> {
+        let declared = response
+            .header("Content-Length")
+            .and_then(|value| value.trim().parse::<u64>().ok());
+        if let Some(declared) = declared.filter(|declared| *declared > limit) {
+            return Err(self.invalid(
+                operation,
+                key,
+                format!("response of {declared} bytes is larger than the limit of {limit}"),
+            ));
+        }
+        let capacity = usize::try_from(declared.unwrap_or(0).min(limit)).unwrap_or(0);
+        let mut body = Vec::with_capacity(capacity);
+        response
+            .into_reader()
+            .take(limit.saturating_add(1))
+            .read_to_end(&mut body)
+            .map_err(|error| {
+                self.unavailable(operation, key, format!("reading the response: {error}"))
+            })?;
+        if body.len() as u64 > limit {
+            return Err(self.invalid(
+                operation,
+                key,
+                format!("response is larger than the limit of {limit} bytes"),
+            ));
+        }
+        if let Some(declared) = declared.filter(|declared| *declared != body.len() as u64) {
+            return Err(self.unavailable(
+                operation,
+                key,
+                format!(
+                    "response ended after {} of its {declared} bytes",
+                    body.len()
+                ),
+            ));
+        }
+        Ok(body)
+    }
+}
+
+/// `(first byte, object size)` from a `Content-Range: bytes first-last/size` header.
+fn content_range(response: &ureq::Response) -> Option<(u64, u64)> {
+    let value = response.header("Content-Range")?.trim();
+    let (range, size) = value.strip_prefix("bytes ")?.split_once('/')?;
+    let (first, _last) = range.split_once('-')?;
+    Some((first.trim().parse().ok()?, size.trim().parse().ok()?))
+}
