@@ -126,7 +126,8 @@ impl ObjectStore {
             .agent
             .request_url("PUT", &url)
             .set("Content-Type", "application/octet-stream");
-        self.finish("put", key, request.send_bytes(bytes))?;
+        let response = self.finish("put", key, request.send_bytes(bytes))?;
+        self.drain(response);
         Ok(())
     }
 
@@ -159,7 +160,13 @@ impl ObjectStore {
             self.invalid(operation, key, format!("range {offset}+{length} overflows"))
         })?;
         let range = format!("bytes={offset}-{last}");
-        let response = self.ranged_request(operation, key, &range)?;
+        let Some(response) = self.ranged_request(operation, key, &range)? else {
+            return Err(self.invalid(
+                operation,
+                key,
+                format!("{range} starts at or past the end of the object (HTTP 416)"),
+            ));
+        };
         if response.status() == 206 {
             let start = content_range(&response).map(|(start, _)| start);
             if start != Some(offset) {
@@ -196,7 +203,14 @@ impl ObjectStore {
                 ),
             ));
         }
-        let response = self.ranged_request(operation, key, &format!("bytes=-{length}"))?;
+        let Some(response) = self.ranged_request(operation, key, &format!("bytes=-{length}"))?
+        else {
+            // Only an empty object has no last bytes.
+            return Ok(ObjectTail {
+                bytes: Vec::new(),
+                object_size: 0,
+            });
+        };
         if response.status() == 206 {
             let Some((start, object_size)) = content_range(&response) else {
                 return Err(self.invalid(
@@ -257,7 +271,8 @@ impl ObjectStore {
             .bucket
             .delete_object(Some(&self.credentials), &full_key)
             .sign(SIGNATURE_VALIDITY);
-        self.finish("delete", key, self.agent.request_url("DELETE", &url).call())?;
+        let response = self.finish("delete", key, self.agent.request_url("DELETE", &url).call())?;
+        self.drain(response);
         Ok(())
     }
 
@@ -370,16 +385,20 @@ impl ObjectStore {
                     Err(self.invalid(operation, "", format!("HTTP 409 {code}: {message}")))
                 }
             }
-            other => self.finish(operation, "", other).map(|_| ()),
+            other => self
+                .finish(operation, "", other)
+                .map(|response| self.drain(response)),
         }
     }
 
+    /// A GET with a `Range` header; `None` when the store answers 416 (the range is not
+    /// within the object).
     fn ranged_request(
         &self,
         operation: &'static str,
         key: &str,
         range: &str,
-    ) -> Result<ureq::Response> {
+    ) -> Result<Option<ureq::Response>> {
         let full_key = self.full_key(operation, key)?;
         let url = self
             .bucket
@@ -391,14 +410,10 @@ impl ObjectStore {
             .set("Range", range)
             .call();
         if let Err(ureq::Error::Status(416, response)) = result {
-            let (code, message) = self.error_document(response);
-            return Err(self.invalid(
-                operation,
-                key,
-                format!("{range} is not within the object (HTTP 416 {code}: {message})"),
-            ));
+            self.drain(response);
+            return Ok(None);
         }
-        self.finish(operation, key, result)
+        self.finish(operation, key, result).map(Some)
     }
 
     /// The object key for `key`: the prefix, `/`, then `key`.
@@ -558,6 +573,16 @@ impl ObjectStore {
                 .unwrap_or_default()
         };
         (element("Code"), element("Message"))
+    }
+
+    /// Reads and drops a small response body, so that the connection goes back to the pool
+    /// (a TLS handshake saved per request); a body too large for that just closes it.
+    fn drain(&self, response: ureq::Response) {
+        let mut sink = Vec::new();
+        let _ = response
+            .into_reader()
+            .take(MAX_ERROR_BODY_BYTES)
+            .read_to_end(&mut sink);
     }
 
     /// The response body, refused with `Invalid` if it is longer than `limit` bytes.
