@@ -117,14 +117,8 @@ impl ObjectStore {
     /// Stores `bytes` under `key`, replacing any object there. Durable when it returns (S3's
     /// PUT is).
     pub fn put(&self, key: &str, bytes: &[u8]) -> Result<()> {
-        let full_key = self.full_key("put", key)?;
-        let url = self
-            .bucket
-            .put_object(Some(&self.credentials), &full_key)
-            .sign(SIGNATURE_VALIDITY);
         let request = self
-            .agent
-            .request_url("PUT", &url)
+            .object_request("put", "PUT", key)?
             .set("Content-Type", "application/octet-stream");
         let response = self.finish("put", key, request.send_bytes(bytes))?;
         self.drain(response);
@@ -133,12 +127,7 @@ impl ObjectStore {
 
     /// The whole object at `key` (at most `max_response_bytes`).
     pub fn get(&self, key: &str) -> Result<Vec<u8>> {
-        let full_key = self.full_key("get", key)?;
-        let url = self
-            .bucket
-            .get_object(Some(&self.credentials), &full_key)
-            .sign(SIGNATURE_VALIDITY);
-        let response = self.finish("get", key, self.agent.request_url("GET", &url).call())?;
+        let response = self.finish("get", key, self.object_request("get", "GET", key)?.call())?;
         self.read_body("get", key, response, self.max_response_bytes)
     }
 
@@ -146,64 +135,37 @@ impl ObjectStore {
     /// A range starting at or past the end of the object fails with `Invalid`.
     pub fn get_range(&self, key: &str, offset: u64, length: u64) -> Result<Vec<u8>> {
         let operation = "ranged get";
-        if length == 0 || length > self.max_response_bytes {
-            return Err(self.invalid(
-                operation,
-                key,
-                format!(
-                    "range length {length} is not within 1..={}",
-                    self.max_response_bytes
-                ),
-            ));
-        }
-        let last = offset.checked_add(length - 1).ok_or_else(|| {
-            self.invalid(operation, key, format!("range {offset}+{length} overflows"))
-        })?;
+        let last = offset
+            .checked_add(length.saturating_sub(1))
+            .ok_or_else(|| {
+                self.invalid(operation, key, format!("range {offset}+{length} overflows"))
+            })?;
         let range = format!("bytes={offset}-{last}");
-        let Some(response) = self.ranged_request(operation, key, &range)? else {
+        let Some((response, start, _)) = self.ranged_request(operation, key, &range, length)?
+        else {
             return Err(self.invalid(
                 operation,
                 key,
                 format!("{range} starts at or past the end of the object (HTTP 416)"),
             ));
         };
-        if response.status() == 206 {
-            let start = content_range(&response).map(|(start, _)| start);
-            if start != Some(offset) {
-                return Err(self.invalid(
-                    operation,
-                    key,
-                    format!("asked for {range}, the store answered with range {start:?}"),
-                ));
-            }
-            self.read_body(operation, key, response, length)
-        } else {
-            // A store that ignores Range sends the whole object: keep the part asked for.
-            let end = offset.saturating_add(length);
-            let bytes =
-                self.read_body(operation, key, response, end.min(self.max_response_bytes))?;
-            let start = usize::try_from(offset)
-                .unwrap_or(usize::MAX)
-                .min(bytes.len());
-            Ok(bytes[start..].to_vec())
+        if start != offset {
+            return Err(self.invalid(
+                operation,
+                key,
+                format!("asked for {range}, the store answered from byte {start}"),
+            ));
         }
+        self.read_body(operation, key, response, length)
     }
 
     /// The last `length` bytes of the object at `key` (all of it if it is shorter) and the
     /// object's size, in one request.
     pub fn get_tail(&self, key: &str, length: u64) -> Result<ObjectTail> {
         let operation = "tail get";
-        if length == 0 || length > self.max_response_bytes {
-            return Err(self.invalid(
-                operation,
-                key,
-                format!(
-                    "tail length {length} is not within 1..={}",
-                    self.max_response_bytes
-                ),
-            ));
-        }
-        let Some(response) = self.ranged_request(operation, key, &format!("bytes=-{length}"))?
+        let range = format!("bytes=-{length}");
+        let Some((response, start, object_size)) =
+            self.ranged_request(operation, key, &range, length)?
         else {
             // Only an empty object has no last bytes.
             return Ok(ObjectTail {
@@ -211,47 +173,27 @@ impl ObjectStore {
                 object_size: 0,
             });
         };
-        if response.status() == 206 {
-            let Some((start, object_size)) = content_range(&response) else {
-                return Err(self.invalid(
-                    operation,
-                    key,
-                    "a partial response without a usable Content-Range header".to_string(),
-                ));
-            };
-            let bytes = self.read_body(operation, key, response, length)?;
-            if start.checked_add(bytes.len() as u64) != Some(object_size) {
-                return Err(self.invalid(
-                    operation,
-                    key,
-                    format!(
-                        "{} bytes from offset {start} do not end an object of {object_size} bytes",
-                        bytes.len()
-                    ),
-                ));
-            }
-            Ok(ObjectTail { bytes, object_size })
-        } else {
-            let bytes = self.read_body(operation, key, response, self.max_response_bytes)?;
-            let object_size = bytes.len() as u64;
-            let keep = bytes
-                .len()
-                .saturating_sub(usize::try_from(length).unwrap_or(usize::MAX));
-            Ok(ObjectTail {
-                bytes: bytes[keep..].to_vec(),
-                object_size,
-            })
+        let bytes = self.read_body(operation, key, response, length)?;
+        if start.checked_add(bytes.len() as u64) != Some(object_size) {
+            return Err(self.invalid(
+                operation,
+                key,
+                format!(
+                    "{} bytes from offset {start} do not end an object of {object_size} bytes",
+                    bytes.len()
+                ),
+            ));
         }
+        Ok(ObjectTail { bytes, object_size })
     }
 
     /// The size and entity tag of the object at `key`.
     pub fn head(&self, key: &str) -> Result<ObjectInfo> {
-        let full_key = self.full_key("head", key)?;
-        let url = self
-            .bucket
-            .head_object(Some(&self.credentials), &full_key)
-            .sign(SIGNATURE_VALIDITY);
-        let response = self.finish("head", key, self.agent.request_url("HEAD", &url).call())?;
+        let response = self.finish(
+            "head",
+            key,
+            self.object_request("head", "HEAD", key)?.call(),
+        )?;
         let size = response
             .header("Content-Length")
             .and_then(|value| value.trim().parse::<u64>().ok())
@@ -266,12 +208,8 @@ impl ObjectStore {
 
     /// Removes the object at `key`. Removing a key that does not exist succeeds (S3's rule).
     pub fn delete(&self, key: &str) -> Result<()> {
-        let full_key = self.full_key("delete", key)?;
-        let url = self
-            .bucket
-            .delete_object(Some(&self.credentials), &full_key)
-            .sign(SIGNATURE_VALIDITY);
-        let response = self.finish("delete", key, self.agent.request_url("DELETE", &url).call())?;
+        let request = self.object_request("delete", "DELETE", key)?;
+        let response = self.finish("delete", key, request.call())?;
         self.drain(response);
         Ok(())
     }
@@ -391,29 +329,76 @@ impl ObjectStore {
         }
     }
 
-    /// A GET with a `Range` header; `None` when the store answers 416 (the range is not
-    /// within the object).
+    /// A GET with a `Range` header for at most `length` bytes: the partial response, its first
+    /// byte's offset and the object's size (from `Content-Range`); `None` when the store answers
+    /// 416 (the range is not within the object). A store that ignores the header (200, the
+    /// whole object) is refused: every S3-compatible store serves ranges.
     fn ranged_request(
         &self,
         operation: &'static str,
         key: &str,
         range: &str,
-    ) -> Result<Option<ureq::Response>> {
-        let full_key = self.full_key(operation, key)?;
-        let url = self
-            .bucket
-            .get_object(Some(&self.credentials), &full_key)
-            .sign(SIGNATURE_VALIDITY);
+        length: u64,
+    ) -> Result<Option<(ureq::Response, u64, u64)>> {
+        if length == 0 || length > self.max_response_bytes {
+            return Err(self.invalid(
+                operation,
+                key,
+                format!(
+                    "length {length} is not within 1..={}",
+                    self.max_response_bytes
+                ),
+            ));
+        }
         let result = self
-            .agent
-            .request_url("GET", &url)
+            .object_request(operation, "GET", key)?
             .set("Range", range)
             .call();
         if let Err(ureq::Error::Status(416, response)) = result {
             self.drain(response);
             return Ok(None);
         }
-        self.finish(operation, key, result).map(Some)
+        let response = self.finish(operation, key, result)?;
+        let status = response.status();
+        match content_range(&response) {
+            Some((start, object_size)) if status == 206 => Ok(Some((response, start, object_size))),
+            _ => Err(self.invalid(
+                operation,
+                key,
+                format!("asked for {range}, got HTTP {status} without a usable Content-Range"),
+            )),
+        }
+    }
+
+    /// A signed request of `method` (GET, HEAD, PUT or DELETE) on the object at `key`.
+    fn object_request(
+        &self,
+        operation: &'static str,
+        method: &str,
+        key: &str,
+    ) -> Result<ureq::Request> {
+        let full_key = self.full_key(operation, key)?;
+        let credentials = Some(&self.credentials);
+        let url = match method {
+            "GET" => self
+                .bucket
+                .get_object(credentials, &full_key)
+                .sign(SIGNATURE_VALIDITY),
+            "HEAD" => self
+                .bucket
+                .head_object(credentials, &full_key)
+                .sign(SIGNATURE_VALIDITY),
+            "PUT" => self
+                .bucket
+                .put_object(credentials, &full_key)
+                .sign(SIGNATURE_VALIDITY),
+            "DELETE" => self
+                .bucket
+                .delete_object(credentials, &full_key)
+                .sign(SIGNATURE_VALIDITY),
+            _ => return Err(self.invalid(operation, key, format!("no such method {method}"))),
+        };
+        Ok(self.agent.request_url(method, &url))
     }
 
     /// The object key for `key`: the prefix, `/`, then `key`.
