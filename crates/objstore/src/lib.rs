@@ -30,3 +30,13 @@ pub use data_object::{
     DataObjectReader, NewEntry, ObjectEntry, TopicRange,
 };
 pub use error::{ConfigError, ObjectStoreError, Result};
+
+#[cfg(test)]
+mod tests {
+    /// One store is shared by every thread of a broker.
+    #[test]
+    fn a_store_is_shared_between_threads() {
+        fn shareable<T: Send + Sync>() {}
+        shareable::<super::ObjectStore>();
+    }
+}

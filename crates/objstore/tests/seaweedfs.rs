@@ -49,6 +49,29 @@ fn put_get_head_and_delete_round_trip() {
     // An empty object is an object.
     store.put("round/empty", b"").expect("put empty");
     assert_eq!(store.get("round/empty").expect("get empty"), b"");
+
+    // Keys with characters that need escaping in URLs and signatures.
+    let odd_key = "round/with space/plus+percent%25/ünïcode?&=.bin";
+    store.put(odd_key, b"odd").expect("put odd key");
+    assert_eq!(store.get(odd_key).expect("get odd key"), b"odd");
+    let listed = store.list("round/with space/", 10).expect("list odd key");
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].key, odd_key);
+
+    // A response larger than the configured bound is refused, not read.
+    let mut config = weed.config("test", common::SECRET_ACCESS_KEY);
+    config.max_response_bytes = 1000;
+    let bounded = ObjectStore::new(&config).expect("store");
+    store.put("round/large", &bytes).expect("put large");
+    let error = bounded.get("round/large").expect_err("too large");
+    assert!(matches!(error, ObjectStoreError::Invalid { .. }), "{error}");
+    assert!(error.to_string().contains("limit of 1000"), "{error}");
+    assert_eq!(
+        bounded
+            .get_range("round/large", 500, 1000)
+            .expect("range within the bound"),
+        &bytes[500..1500]
+    );
 }
 
 #[test]
