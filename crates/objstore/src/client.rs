@@ -8,6 +8,8 @@
 //! its own deadline (a producer's send timeout, for instance).
 
 use std::io::Read;
+
+use base64::Engine;
 use std::time::Duration;
 
 use crate::config::{S3Config, S3Location, MAX_KEY_BYTES};
@@ -17,6 +19,8 @@ use rusty_s3::{Bucket, S3Action, UrlStyle};
 /// How long a signed request stays valid: the clock of this host and the store's may differ by
 /// up to this much.
 const SIGNATURE_VALIDITY: Duration = Duration::from_secs(300);
+/// The header that carries a PUT body's CRC32C (big-endian, base64), checked by the store.
+const CHECKSUM_HEADER: &str = "x-amz-checksum-crc32c";
 /// The largest error document read from a failed request; the rest is not needed.
 const MAX_ERROR_BODY_BYTES: u64 = 64 * 1024;
 /// The largest list page accepted (1,000 keys of 1 KiB each plus XML).
@@ -115,10 +119,29 @@ impl ObjectStore {
     }
 
     /// Stores `bytes` under `key`, replacing any object there. Durable when it returns (S3's
-    /// PUT is).
+    /// PUT is). The request carries the body's CRC32C (`x-amz-checksum-crc32c`), which the
+    /// store checks before storing anything: a body damaged on the way is refused (`Invalid`,
+    /// S3's `BadDigest`), never stored.
     pub fn put(&self, key: &str, bytes: &[u8]) -> Result<()> {
+        self.put_with_checksum(key, bytes, crc32c::crc32c(bytes))
+    }
+
+    /// [`ObjectStore::put`] with the body's CRC32C given by a caller that knows it already
+    /// (combined from the checksums of its records, say, so that damage in memory since they
+    /// were checked is caught too).
+    pub fn put_with_checksum(&self, key: &str, bytes: &[u8], crc32c: u32) -> Result<()> {
+        let full_key = self.full_key("put", key)?;
+        let checksum = base64::engine::general_purpose::STANDARD.encode(crc32c.to_be_bytes());
+        let mut action = self.bucket.put_object(Some(&self.credentials), &full_key);
+        // Signed: stores refuse unsigned x-amz-* headers.
+        action
+            .headers_mut()
+            .insert(CHECKSUM_HEADER, checksum.clone());
+        let url = action.sign(SIGNATURE_VALIDITY);
         let request = self
-            .object_request("put", "PUT", key)?
+            .agent
+            .request_url("PUT", &url)
+            .set(CHECKSUM_HEADER, &checksum)
             .set("Content-Type", "application/octet-stream");
         let response = self.finish("put", key, request.send_bytes(bytes))?;
         self.drain(response);
@@ -370,7 +393,7 @@ impl ObjectStore {
         }
     }
 
-    /// A signed request of `method` (GET, HEAD, PUT or DELETE) on the object at `key`.
+    /// A signed request of `method` (GET, HEAD or DELETE) on the object at `key`.
     fn object_request(
         &self,
         operation: &'static str,
@@ -387,10 +410,6 @@ impl ObjectStore {
             "HEAD" => self
                 .bucket
                 .head_object(credentials, &full_key)
-                .sign(SIGNATURE_VALIDITY),
-            "PUT" => self
-                .bucket
-                .put_object(credentials, &full_key)
                 .sign(SIGNATURE_VALIDITY),
             "DELETE" => self
                 .bucket

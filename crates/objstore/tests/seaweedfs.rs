@@ -50,6 +50,23 @@ fn put_get_head_and_delete_round_trip() {
     store.put("round/empty", b"").expect("put empty");
     assert_eq!(store.get("round/empty").expect("get empty"), b"");
 
+    // The store checks the body against the CRC32C the PUT carries: a body that does not
+    // match (damaged on the way, or in memory since its checksum was taken) is not stored.
+    let checksum = crc32c::crc32c(b"checked");
+    store
+        .put_with_checksum("round/checked", b"checked", checksum)
+        .expect("put with the right checksum");
+    assert_eq!(store.get("round/checked").expect("get checked"), b"checked");
+    let error = store
+        .put_with_checksum("round/damaged", b"checked", checksum ^ 1)
+        .expect_err("a body that does not match its checksum");
+    assert!(matches!(error, ObjectStoreError::Invalid { .. }), "{error}");
+    assert!(error.to_string().contains("BadDigest"), "{error}");
+    assert!(matches!(
+        store.get("round/damaged"),
+        Err(ObjectStoreError::NotFound { .. })
+    ));
+
     // Keys with characters that need escaping in URLs and signatures.
     let odd_key = "round/with space/plus+percent%25/ünïcode?&=.bin";
     store.put(odd_key, b"odd").expect("put odd key");
