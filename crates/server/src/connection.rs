@@ -474,10 +474,22 @@ impl Connection {
                 Ok(Some(frame)) => {
                     self.last_frame = Instant::now();
                     let config = self.config.clone();
-                    // `handle`'s future is moved once, into this box; it is kept small (about
-                    // 2 KiB; see `handle`), since every frame — every acknowledgement — makes
-                    // one.
-                    within_keep_alive(&config, Box::pin(self.handle(frame))).await?;
+                    // ACK and FLOW (about one per message) without a future; for the other
+                    // commands `handle`'s future is moved once, into a box, and kept small
+                    // (about 2 KiB; see `handle`).
+                    match self.handle_at_once(frame) {
+                        Ok(None) => {}
+                        Ok(Some(response)) => {
+                            within_keep_alive(&config, async {
+                                self.send(response).await;
+                                Ok(())
+                            })
+                            .await?
+                        }
+                        Err(frame) => {
+                            within_keep_alive(&config, Box::pin(self.handle(frame))).await?;
+                        }
+                    }
                 }
                 Ok(None) => return Ok(()),
                 Err(FrameError::InvalidEntry { command, source }) => {
@@ -508,8 +520,31 @@ impl Connection {
         }
     }
 
-    /// Handles one frame. The commands every message costs (SEND, ACK, FLOW, pings) are
-    /// handled here, the others in [`Self::handle_other`] behind a box: this future is created
+    /// ACK and FLOW, about one per delivered message, handled without creating and boxing
+    /// `handle`'s future: `Ok` with the response to send, if any; `Err` gives any other frame
+    /// back (and every frame before CONNECT, which `handle` refuses).
+    fn handle_at_once(&mut self, frame: Frame) -> Result<Option<Outbound>, Frame> {
+        if self.protocol_version.is_none() {
+            return Err(frame);
+        }
+        match frame {
+            Frame::Simple(mut command) => match command_type(&command) {
+                Some(Type::Ack) if command.ack.is_some() => {
+                    Ok(self.handle_ack(command.ack.take().expect("checked above")))
+                }
+                Some(Type::Flow) if command.flow.is_some() => {
+                    self.handle_flow(command.flow.take().expect("checked above"));
+                    Ok(None)
+                }
+                _ => Err(Frame::Simple(command)),
+            },
+            frame => Err(frame),
+        }
+    }
+
+    /// Handles one frame (ACK and FLOW come here only when [`Self::handle_at_once`] could not
+    /// take them). SEND and pings are handled here, the others in [`Self::handle_other`]
+    /// behind a box: this future is created
     /// for every frame, and its size is the union of what the handlers it awaits keep across
     /// their awaits — with every handler and a `BaseCommand` (several KiB) held by value in it,
     /// creating it cost a memmove of that size per frame, a third of the broker's CPU per
@@ -531,14 +566,6 @@ impl Connection {
                 Some(send) => self.handle_send(send, payload.entry).await,
                 None => Err(Close("SEND without its body".into())),
             },
-            (Some(Type::Ack), Frame::Simple(mut command)) if command.ack.is_some() => {
-                self.handle_ack(command.ack.take().expect("checked above"))
-                    .await;
-                Ok(())
-            }
-            (Some(Type::Flow), Frame::Simple(mut command)) if command.flow.is_some() => {
-                self.handle_flow(command.flow.take().expect("checked above"))
-            }
             (Some(Type::Ping), _) => {
                 let sending = self.send_command(BaseCommand {
                     pong: Some(CommandPong {}),
@@ -756,13 +783,12 @@ impl Connection {
         Ok(())
     }
 
-    fn handle_flow(&mut self, request: CommandFlow) -> Result<(), Close> {
+    fn handle_flow(&mut self, request: CommandFlow) {
         if let Some(consumer) = self.live_consumer(request.consumer_id) {
             consumer
                 .subscription
                 .flow(consumer.key, request.message_permits);
         }
-        Ok(())
     }
 
     async fn handle_redeliver_unacknowledged_messages(
@@ -1502,7 +1528,9 @@ impl Connection {
         }
     }
 
-    async fn handle_ack(&mut self, request: CommandAck) {
+    /// Applies an acknowledgement at once; returns the ACK_RESPONSE to send if the client asked
+    /// for one (a request id).
+    fn handle_ack(&mut self, request: CommandAck) -> Option<Outbound> {
         let result = match self.live_consumer(request.consumer_id) {
             None => Err((
                 ServerError::ConsumerNotFound,
@@ -1570,23 +1598,21 @@ impl Connection {
         if let Err((_, message)) = &result {
             tracing::debug!(peer = %self.peer, %message, "acknowledgement refused");
         }
-        if let Some(request_id) = request.request_id {
-            let (error, message) = match result {
-                Ok(()) => (None, None),
-                Err((error, message)) => (Some(error as i32), Some(message)),
-            };
-            let sending = self.send_command(BaseCommand {
-                ack_response: Some(CommandAckResponse {
-                    consumer_id: request.consumer_id,
-                    error,
-                    message,
-                    request_id: Some(request_id),
-                    ..Default::default()
-                }),
-                ..command(Type::AckResponse)
-            });
-            sending.await;
-        }
+        let request_id = request.request_id?;
+        let (error, message) = match result {
+            Ok(()) => (None, None),
+            Err((error, message)) => (Some(error as i32), Some(message)),
+        };
+        Some(command_frame(&BaseCommand {
+            ack_response: Some(CommandAckResponse {
+                consumer_id: request.consumer_id,
+                error,
+                message,
+                request_id: Some(request_id),
+                ..Default::default()
+            }),
+            ..command(Type::AckResponse)
+        }))
     }
 
     /// The consumer with this id, unless the broker closed it (seek, unload).

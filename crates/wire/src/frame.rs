@@ -131,7 +131,12 @@ pub fn parse_frame(frame: Bytes) -> Result<Frame, FrameError> {
         });
     }
     let command_end = HEADER_LENGTH + command_length;
-    let command = BaseCommand::decode(frame.slice(HEADER_LENGTH..command_end))
+    // Decoded in place on the heap: a `BaseCommand` is about 4 KiB (one inline field per
+    // command type), and decoding it by value and then boxing it cost two copies of that size
+    // for every frame, every acknowledgement included (issue 16).
+    let mut command = Box::<BaseCommand>::default();
+    command
+        .merge(frame.slice(HEADER_LENGTH..command_end))
         .map_err(FrameError::InvalidCommand)?;
     let rest = frame.slice(command_end..);
 
@@ -142,7 +147,7 @@ pub fn parse_frame(frame: Bytes) -> Result<Frame, FrameError> {
                 payload_length: rest.len(),
             });
         }
-        return Ok(Frame::Simple(Box::new(command)));
+        return Ok(Frame::Simple(command));
     }
     if rest.is_empty() {
         return Err(FrameError::MissingPayload {
@@ -150,11 +155,11 @@ pub fn parse_frame(frame: Bytes) -> Result<Frame, FrameError> {
         });
     }
     match parse_entry(rest) {
-        Ok(entry) => Ok(Frame::Payload(Box::new(PayloadCommand { command, entry }))),
-        Err(source) => Err(FrameError::InvalidEntry {
-            command: Box::new(command),
-            source,
-        }),
+        Ok(entry) => Ok(Frame::Payload(Box::new(PayloadCommand {
+            command: *command,
+            entry,
+        }))),
+        Err(source) => Err(FrameError::InvalidEntry { command, source }),
     }
 }
 
