@@ -15,7 +15,8 @@ use bytes::Bytes;
 use etcd_support::{wait_until, Etcd, Proxy};
 use meridian_etcd::{Acquire, ClientOptions, Cluster, Ownership, Session, SessionOptions};
 use meridian_objlog::{
-    Entry, ObjectLog, ObjectLogConfig, ObjectLogError, PendingAppend, Position, TopicLog,
+    keys, Entry, ObjectLog, ObjectLogConfig, ObjectLogError, ObjectRef, PendingAppend, Position,
+    TopicLog,
 };
 use s3_support::Weed;
 
@@ -232,6 +233,60 @@ fn appends_of_three_topics_in_two_bundles_commit_in_order_and_read_back_after_re
             Position::new(1, PER_TOPIC as u64)
         );
     }
+}
+
+#[test]
+fn a_commit_of_more_topics_than_one_etcd_transaction_holds_is_split() {
+    // etcd accepts 128 operations per transaction; 70 topics of one bundle in one object need
+    // 140 puts, so the commit must take two transactions.
+    let Some((etcd, weed)) = servers() else {
+        return;
+    };
+    let cluster = cluster(&etcd.url());
+    let session = session(&cluster, "b1", 10);
+    let ownership = acquire(&session, BUNDLE_1);
+    const TOPICS: usize = 70;
+    const ENTRY_BYTES: usize = 100;
+    // The object is flushed exactly when the 70th entry is queued (the size trigger), never by
+    // the linger: all 70 topics land in one object.
+    let engine = engine(&cluster, &session, &weed, |config| {
+        config.linger = Duration::from_secs(600);
+        config.max_object_bytes = (TOPICS * ENTRY_BYTES) as u64;
+    });
+    let logs: Vec<Arc<TopicLog>> = (0..TOPICS)
+        .map(|index| {
+            let name = format!("persistent://t/ns/many-{index:02}");
+            engine.open_topic(&name, &ownership).expect("open")
+        })
+        .collect();
+    let pending: Vec<PendingAppend> = logs
+        .iter()
+        .map(|log| {
+            let data = Bytes::from(vec![b'm'; ENTRY_BYTES]);
+            log.append(data, 1).expect("append")
+        })
+        .collect();
+    for append in pending {
+        assert_eq!(append.wait().expect("committed"), Position::new(1, 0));
+    }
+    let client = cluster.client();
+    let mut objects = HashSet::new();
+    let mut revisions = HashSet::new();
+    for log in &logs {
+        let reference = client
+            .get(&cluster.key(&keys::object_ref_key(log.name(), 0)))
+            .expect("read ref")
+            .expect("ref exists");
+        let reference: ObjectRef = serde_json::from_slice(&reference.value).expect("ref");
+        objects.insert(reference.object);
+        let head = client
+            .get(&cluster.key(&keys::head_key(log.name())))
+            .expect("read head")
+            .expect("head exists");
+        revisions.insert(head.mod_revision);
+    }
+    assert_eq!(objects.len(), 1, "the 70 topics went into one object");
+    assert_eq!(revisions.len(), 2, "committed by two transactions");
 }
 
 #[test]
