@@ -290,6 +290,82 @@ fn a_commit_of_more_topics_than_one_etcd_transaction_holds_is_split() {
 }
 
 #[test]
+fn appends_beyond_the_pending_limits_fail_at_once_and_the_rest_commit() {
+    // Models a store that stops answering (SIGSTOP) while producers keep sending: what waits
+    // for commit is bounded per topic and per broker, and the excess is refused, not queued.
+    let Some((etcd, weed)) = servers() else {
+        return;
+    };
+    let cluster = cluster(&etcd.url());
+    let session = session(&cluster, "b1", 10);
+    let ownership = acquire(&session, BUNDLE_1);
+    let engine = engine(&cluster, &session, &weed, |config| {
+        config.max_entry_bytes = 1000;
+        config.max_pending_bytes_per_topic = 4000;
+        config.max_pending_bytes = 6000;
+        config.commit_deadline = Duration::from_secs(120);
+    });
+    let first = engine
+        .open_topic("persistent://t/ns/p1", &ownership)
+        .expect("open");
+    let second = engine
+        .open_topic("persistent://t/ns/p2", &ownership)
+        .expect("open");
+    let entry = || Bytes::from(vec![b'p'; 1000]);
+    weed.pause(true);
+    let mut accepted: Vec<PendingAppend> = (0..4)
+        .map(|_| first.append(entry(), 1).expect("within the topic's limit"))
+        .collect();
+    let refused = first
+        .append(entry(), 1)
+        .expect_err("over the topic's limit");
+    assert!(
+        matches!(
+            refused,
+            ObjectLogError::TooManyPendingBytes {
+                scope: "in this topic",
+                limit: 4000,
+                ..
+            }
+        ),
+        "{refused}"
+    );
+    accepted.extend((0..2).map(|_| {
+        second
+            .append(entry(), 1)
+            .expect("within the broker's limit")
+    }));
+    let refused = second
+        .append(entry(), 1)
+        .expect_err("over the broker's limit");
+    assert!(
+        matches!(
+            refused,
+            ObjectLogError::TooManyPendingBytes {
+                scope: "in this broker",
+                limit: 6000,
+                ..
+            }
+        ),
+        "{refused}"
+    );
+    assert_eq!(engine.pending_bytes(), 6000);
+    weed.pause(false);
+    for append in accepted {
+        append
+            .wait()
+            .expect("accepted appends commit once the store answers");
+    }
+    assert_eq!(engine.pending_bytes(), 0);
+    assert_eq!(first.last_position(), Some(Position::new(1, 3)));
+    assert_eq!(second.last_position(), Some(Position::new(1, 1)));
+    second
+        .append(entry(), 1)
+        .and_then(PendingAppend::wait)
+        .expect("room again");
+}
+
+#[test]
 fn a_zombie_owner_cannot_commit_and_its_uncommitted_entries_are_never_seen() {
     // Models a broker partitioned from etcd (a network cut): its lease expires, another broker
     // takes the bundle with a higher epoch, then the partition heals while the old owner still
