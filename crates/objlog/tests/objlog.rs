@@ -30,6 +30,36 @@ fn servers() -> Option<(Etcd, Weed)> {
     Some((etcd, weed))
 }
 
+/// A real etcd and SeaweedFS, and broker `b1`'s session (lease TTL `ttl_seconds`) owning
+/// [`BUNDLE_1`]; `None` when the tests are skipped.
+struct Broker {
+    etcd: Etcd,
+    weed: Weed,
+    cluster: Cluster,
+    session: Arc<Session>,
+    ownership: Ownership,
+}
+
+fn one_broker(ttl_seconds: u64) -> Option<Broker> {
+    let (etcd, weed) = servers()?;
+    let cluster = cluster(&etcd.url());
+    let session = session(&cluster, "b1", ttl_seconds);
+    let ownership = acquire(&session, BUNDLE_1);
+    Some(Broker {
+        etcd,
+        weed,
+        cluster,
+        session,
+        ownership,
+    })
+}
+
+impl Broker {
+    fn engine(&self, configure: impl FnOnce(&mut ObjectLogConfig)) -> ObjectLog {
+        engine(&self.cluster, &self.session, &self.weed, configure)
+    }
+}
+
 fn cluster(url: &str) -> Cluster {
     Cluster::connect(url, "test", ClientOptions::default()).expect("connect")
 }
@@ -151,12 +181,16 @@ fn check_history(
 
 #[test]
 fn appends_of_three_topics_in_two_bundles_commit_in_order_and_read_back_after_reopening() {
-    let Some((etcd, weed)) = servers() else {
+    let Some(Broker {
+        etcd: _etcd,
+        weed,
+        cluster,
+        session,
+        ownership: bundle_1,
+    }) = one_broker(10)
+    else {
         return;
     };
-    let cluster = cluster(&etcd.url());
-    let session = session(&cluster, "b1", 10);
-    let bundle_1 = acquire(&session, BUNDLE_1);
     let bundle_2 = acquire(&session, BUNDLE_2);
     let topics = [
         ("persistent://t/ns/a", &bundle_1),
@@ -239,24 +273,21 @@ fn appends_of_three_topics_in_two_bundles_commit_in_order_and_read_back_after_re
 fn a_commit_of_more_topics_than_one_etcd_transaction_holds_is_split() {
     // etcd accepts 128 operations per transaction; 70 topics of one bundle in one object need
     // 140 puts, so the commit must take two transactions.
-    let Some((etcd, weed)) = servers() else {
+    let Some(broker) = one_broker(10) else {
         return;
     };
-    let cluster = cluster(&etcd.url());
-    let session = session(&cluster, "b1", 10);
-    let ownership = acquire(&session, BUNDLE_1);
     const TOPICS: usize = 70;
     const ENTRY_BYTES: usize = 100;
     // The object is flushed exactly when the 70th entry is queued (the size trigger), never by
     // the linger: all 70 topics land in one object.
-    let engine = engine(&cluster, &session, &weed, |config| {
+    let engine = broker.engine(|config| {
         config.linger = Duration::from_secs(600);
         config.max_object_bytes = (TOPICS * ENTRY_BYTES) as u64;
     });
     let logs: Vec<Arc<TopicLog>> = (0..TOPICS)
         .map(|index| {
             let name = format!("persistent://t/ns/many-{index:02}");
-            engine.open_topic(&name, &ownership).expect("open")
+            engine.open_topic(&name, &broker.ownership).expect("open")
         })
         .collect();
     let pending: Vec<PendingAppend> = logs
@@ -269,18 +300,18 @@ fn a_commit_of_more_topics_than_one_etcd_transaction_holds_is_split() {
     for append in pending {
         assert_eq!(append.wait().expect("committed"), Position::new(1, 0));
     }
-    let client = cluster.client();
+    let client = broker.cluster.client();
     let mut objects = HashSet::new();
     let mut revisions = HashSet::new();
     for log in &logs {
         let reference = client
-            .get(&cluster.key(&keys::object_ref_key(log.name(), 0)))
+            .get(&broker.cluster.key(&keys::object_ref_key(log.name(), 0)))
             .expect("read ref")
             .expect("ref exists");
         let reference: ObjectRef = serde_json::from_slice(&reference.value).expect("ref");
         objects.insert(reference.object);
         let head = client
-            .get(&cluster.key(&keys::head_key(log.name())))
+            .get(&broker.cluster.key(&keys::head_key(log.name())))
             .expect("read head")
             .expect("head exists");
         revisions.insert(head.mod_revision);
@@ -293,64 +324,49 @@ fn a_commit_of_more_topics_than_one_etcd_transaction_holds_is_split() {
 fn appends_beyond_the_pending_limits_fail_at_once_and_the_rest_commit() {
     // Models a store that stops answering (SIGSTOP) while producers keep sending: what waits
     // for commit is bounded per topic and per broker, and the excess is refused, not queued.
-    let Some((etcd, weed)) = servers() else {
+    let Some(broker) = one_broker(10) else {
         return;
     };
-    let cluster = cluster(&etcd.url());
-    let session = session(&cluster, "b1", 10);
-    let ownership = acquire(&session, BUNDLE_1);
-    let engine = engine(&cluster, &session, &weed, |config| {
+    let engine = broker.engine(|config| {
         config.max_entry_bytes = 1000;
         config.max_pending_bytes_per_topic = 4000;
         config.max_pending_bytes = 6000;
         config.commit_deadline = Duration::from_secs(120);
     });
     let first = engine
-        .open_topic("persistent://t/ns/p1", &ownership)
+        .open_topic("persistent://t/ns/p1", &broker.ownership)
         .expect("open");
     let second = engine
-        .open_topic("persistent://t/ns/p2", &ownership)
+        .open_topic("persistent://t/ns/p2", &broker.ownership)
         .expect("open");
     let entry = || Bytes::from(vec![b'p'; 1000]);
-    weed.pause(true);
+    broker.weed.pause(true);
     let mut accepted: Vec<PendingAppend> = (0..4)
         .map(|_| first.append(entry(), 1).expect("within the topic's limit"))
         .collect();
-    let refused = first
-        .append(entry(), 1)
-        .expect_err("over the topic's limit");
-    assert!(
-        matches!(
-            refused,
-            ObjectLogError::TooManyPendingBytes {
-                scope: "in this topic",
-                limit: 4000,
-                ..
-            }
-        ),
-        "{refused}"
-    );
+    // The next append of a full topic, then of the other topic once the broker is full: both
+    // refused at once, naming the limit passed.
+    let refuse = |log: &Arc<TopicLog>, scope: &str, limit: u64| {
+        let refused = log.append(entry(), 1).expect_err("over a limit");
+        let named = matches!(
+            &refused,
+            ObjectLogError::TooManyPendingBytes { scope: found, limit: found_limit, .. }
+                if *found == scope && *found_limit == limit
+        );
+        assert!(
+            named,
+            "expected the {scope} limit of {limit}, got {refused}"
+        );
+    };
+    refuse(&first, "in this topic", 4000);
     accepted.extend((0..2).map(|_| {
         second
             .append(entry(), 1)
             .expect("within the broker's limit")
     }));
-    let refused = second
-        .append(entry(), 1)
-        .expect_err("over the broker's limit");
-    assert!(
-        matches!(
-            refused,
-            ObjectLogError::TooManyPendingBytes {
-                scope: "in this broker",
-                limit: 6000,
-                ..
-            }
-        ),
-        "{refused}"
-    );
+    refuse(&second, "in this broker", 6000);
     assert_eq!(engine.pending_bytes(), 6000);
-    weed.pause(false);
+    broker.weed.pause(false);
     for append in accepted {
         append
             .wait()
@@ -479,13 +495,17 @@ enum Outage {
 /// read back identical by a fresh engine; appends during the outage must fail with a clear
 /// error after the commit deadline, and appends must work again afterwards.
 fn outage_under_load(outage: Outage) {
-    let Some((mut etcd, mut weed)) = servers() else {
+    // A TTL longer than the outage: the broker keeps its bundle through it.
+    let Some(Broker {
+        mut etcd,
+        mut weed,
+        cluster,
+        session,
+        ownership,
+    }) = one_broker(30)
+    else {
         return;
     };
-    let cluster = cluster(&etcd.url());
-    // A TTL longer than the outage: the broker keeps its bundle through it.
-    let session = session(&cluster, "b1", 30);
-    let ownership = acquire(&session, BUNDLE_1);
     let writer = engine(&cluster, &session, &weed, |config| {
         config.commit_deadline = Duration::from_millis(1500);
         config.retry_pause = Duration::from_millis(50);
