@@ -7,7 +7,7 @@ use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -26,11 +26,22 @@ pub fn wait_until<T>(what: &str, mut condition: impl FnMut() -> Option<T>) -> T 
     }
 }
 
+/// A loopback port for an etcd the tests start: from 20000–25999, below Linux's ephemeral range
+/// (32768 and up), so that no port the kernel hands out meanwhile (to a client connection, or to
+/// another test's `bind(0)`) can take it before etcd binds it — not even while a stopped etcd
+/// waits to be started again on the same ports — and from a per-process counter, so that two
+/// tests running at once never pick the same one. `crates/objstore`'s fixture uses 26000–31999.
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .expect("bind a free loopback port")
-        .port()
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    let start = std::process::id() % 6_000;
+    loop {
+        let offset = u32::from(NEXT.fetch_add(1, Ordering::Relaxed));
+        let port = 20_000 + (start + offset) % 6_000;
+        let port = u16::try_from(port).expect("below 26000");
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 /// The etcd binary: `ETCD_BIN`, else `etcd` on `PATH`. `None` when the tests are to be skipped.

@@ -10,6 +10,7 @@
 use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU16, Ordering};
 use std::time::{Duration, Instant};
 
 use meridian_objstore::{Credentials, ObjectStore, S3Config};
@@ -55,14 +56,23 @@ fn weed_binary() -> Option<PathBuf> {
 }
 
 /// Ten distinct free loopback ports (all held open together while they are chosen).
+/// Ten loopback ports for a `weed` the tests start: from 26000–31999, below Linux's ephemeral
+/// range (32768 and up), so that no port the kernel hands out meanwhile (to a client connection,
+/// or to another test's `bind(0)`) can take one before weed binds it — not even while a killed
+/// weed waits to be started again on the same ports — and from a per-process counter, so that
+/// two tests running at once never pick the same one. `crates/etcd`'s fixture uses 20000–25999.
 fn free_ports() -> Vec<u16> {
-    let listeners: Vec<TcpListener> = (0..10)
-        .map(|_| TcpListener::bind("127.0.0.1:0").expect("bind a free port"))
-        .collect();
-    listeners
-        .iter()
-        .map(|listener| listener.local_addr().expect("address").port())
-        .collect()
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    let start = std::process::id() % 6_000;
+    let mut ports = Vec::new();
+    while ports.len() < 10 {
+        let offset = u32::from(NEXT.fetch_add(1, Ordering::Relaxed));
+        let port = u16::try_from(26_000 + (start + offset) % 6_000).expect("below 32000");
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            ports.push(port);
+        }
+    }
+    ports
 }
 
 /// A running `weed mini`; killed by pid on drop, its directory removed.
