@@ -46,6 +46,10 @@ pub struct Broker {
     authorization_changes: std::sync::OnceLock<tokio::sync::watch::Sender<u64>>,
 }
 
+/// How long a client's use of a topic waits for an admin creation or deletion of its name to end
+/// before it is told to retry (`ServiceNotReady`).
+const LIFECYCLE_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// A topic name claimed by an admin creation or deletion; released when dropped.
 struct Claim<'a> {
     broker: &'a Broker,
@@ -238,7 +242,7 @@ impl Broker {
     pub async fn topic(&self, name: &TopicName, create_if_missing: bool) -> Result<Arc<Topic>> {
         let key = name.to_string();
         if self.is_being_deleted(&key) {
-            return Err(BrokerError::BeingCreatedOrDeleted(key));
+            self.await_lifecycle(&key).await?;
         }
         let cell = {
             let mut topics = self
@@ -700,6 +704,22 @@ impl Broker {
         }
     }
 
+    /// Waits (at most [`LIFECYCLE_WAIT`]) for the admin creation or deletion of `key` that is
+    /// running to end. A client that subscribes or produces meanwhile is served once it ends
+    /// instead of being told to retry at once: the C++ client (Python's, too) does not always
+    /// retry a SUBSCRIBE that fails with `ServiceNotReady`, and times out.
+    async fn await_lifecycle(&self, key: &str) -> Result<()> {
+        match tokio::time::timeout(LIFECYCLE_WAIT, self.lifecycle_lock(key)).await {
+            Ok(guard) => drop(guard),
+            Err(_) => return Err(BrokerError::BeingCreatedOrDeleted(key.to_string())),
+        }
+        if self.is_being_deleted(key) {
+            // Another creation or deletion began right after: the client retries.
+            return Err(BrokerError::BeingCreatedOrDeleted(key.to_string()));
+        }
+        Ok(())
+    }
+
     fn is_being_deleted(&self, topic: &str) -> bool {
         self.deleting
             .lock()
@@ -951,4 +971,68 @@ fn affects_authorization(key: &str) -> bool {
     ["/tenants/", "/namespaces/", "/topic-policies/"]
         .iter()
         .any(|prefix| key.starts_with(prefix))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn broker(directory: &std::path::Path) -> Arc<Broker> {
+        let storage = Storage::open(
+            directory.join("storage"),
+            meridian_storage::StorageConfig::default(),
+        )
+        .expect("storage");
+        let metadata =
+            meridian_metadata::EmbeddedStore::open(&directory.join("metadata")).expect("metadata");
+        let broker = Broker::new(BrokerConfig::default(), storage, metadata).expect("broker");
+        let resources = broker.resources();
+        resources
+            .create_tenant("t", &crate::resources::TenantInfo::default())
+            .expect("tenant");
+        resources
+            .create_namespace("t", "n", &crate::resources::Policies::default())
+            .expect("namespace");
+        broker
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_client_arriving_during_an_admin_creation_is_served_once_it_ends() {
+        let directory = tempfile::tempdir().expect("tempdir");
+        let broker = broker(directory.path());
+        let name = TopicName::parse("persistent://t/n/created").expect("name");
+        // An admin creation that holds the name until the test lets it go on.
+        let (release, released) = tokio::sync::oneshot::channel::<()>();
+        let (claimed_tx, claimed) = tokio::sync::oneshot::channel::<()>();
+        let creation = {
+            let (broker, name) = (broker.clone(), name.clone());
+            tokio::spawn(async move {
+                broker
+                    .claimed(&name, async {
+                        let _ = claimed_tx.send(());
+                        let _ = released.await;
+                        broker.create_topic_now(&name).await
+                    })
+                    .await
+            })
+        };
+        claimed.await.expect("the creation holds the name");
+        let mut client = {
+            let (broker, name) = (broker.clone(), name.clone());
+            tokio::spawn(async move { broker.topic(&name, false).await.map(|_| ()) })
+        };
+        // The client's load waits for the creation instead of failing at once (before the
+        // change it was refused with ServiceNotReady right away).
+        if let Ok(answer) =
+            tokio::time::timeout(std::time::Duration::from_millis(500), &mut client).await
+        {
+            panic!("the client was answered while the creation ran: {answer:?}");
+        }
+        release.send(()).expect("release");
+        creation.await.expect("creation task").expect("created");
+        client
+            .await
+            .expect("client task")
+            .expect("the topic, once created, is served to the client that came meanwhile");
+    }
 }
