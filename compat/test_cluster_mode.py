@@ -191,6 +191,17 @@ def owns(broker: ClusterBroker, topic: str) -> bool:
     return status == 200 and json.loads(body)["brokerUrl"] == broker.service_url
 
 
+def send_and_receive(producer, consumer, prefix: str, count: int) -> None:
+    """Sends `count` messages and receives (and acknowledges) exactly them, in order."""
+    sent = [f"{prefix}/{index}".encode() for index in range(count)]
+    for payload in sent:
+        producer.send(payload)
+    received = receive_n(consumer, count)
+    assert [message.data() for message in received] == sent
+    for message in received:
+        consumer.acknowledge(message)
+
+
 def new_client(broker: ClusterBroker, log_dir: Path, name: str) -> pulsar.Client:
     return pulsar.Client(
         broker.service_url,
@@ -239,16 +250,8 @@ def test_metadata_is_shared_and_lookups_redirect_to_owners(cluster, namespace, t
             for topic in topics
         ]
         producers = [producer_client.create_producer(topic) for topic in topics]
-        for producer, topic in zip(producers, topics):
-            for index in range(5):
-                producer.send(f"{topic}/{index}".encode())
-        for consumer, topic in zip(consumers, topics):
-            received = receive_n(consumer, 5)
-            assert [message.data() for message in received] == [
-                f"{topic}/{index}".encode() for index in range(5)
-            ]
-            for message in received:
-                consumer.acknowledge(message)
+        for producer, consumer, topic in zip(producers, consumers, topics):
+            send_and_receive(producer, consumer, topic, 5)
         # The clients are on the owners: the owner's stats show them.
         for topic, owner in zip(topics, owners):
             status, _, body = http("GET", owner.web_url + "/admin/v2/persistent/"
@@ -273,8 +276,7 @@ def test_producer_and_consumer_move_when_the_owner_is_killed(cluster, namespace,
             topic, "s", initial_position=pulsar.InitialPosition.Earliest
         )
         producer = producer_client.create_producer(topic, send_timeout_millis=60_000)
-        producer.send(b"before")
-        consumer.acknowledge(receive_n(consumer, 1)[0])
+        send_and_receive(producer, consumer, "before", 1)
 
         owner.kill()  # SIGKILL: its lease expires after the TTL, nothing is released
         wait_until(
@@ -282,12 +284,7 @@ def test_producer_and_consumer_move_when_the_owner_is_killed(cluster, namespace,
             "a live broker owns the killed owner's bundle",
         )
         # The same producer and consumer objects go on through the new owner.
-        for index in range(5):
-            producer.send(f"after/{index}".encode())
-        received = receive_n(consumer, 5)
-        assert [message.data() for message in received] == [
-            f"after/{index}".encode() for index in range(5)
-        ]
+        send_and_receive(producer, consumer, "after", 5)
     finally:
         producer_client.close()
         consumer_client.close()
@@ -312,8 +309,7 @@ def test_a_paused_owner_that_lost_its_lease_closes_its_clients(cluster, tmp_path
     try:
         consumer = client.subscribe(topic, "s", initial_position=pulsar.InitialPosition.Earliest)
         producer = client.create_producer(topic, send_timeout_millis=60_000)
-        producer.send(b"before")
-        consumer.acknowledge(receive_n(consumer, 1)[0])
+        send_and_receive(producer, consumer, "before", 1)
 
         # Paused past its lease TTL: etcd drops its bundles and `other` takes this one.
         os.kill(owner.pid, signal.SIGSTOP)
@@ -325,18 +321,14 @@ def test_a_paused_owner_that_lost_its_lease_closes_its_clients(cluster, tmp_path
             )
         finally:
             os.kill(owner.pid, signal.SIGCONT)
-        # Resumed, it learns its lease is gone and closes the topic's producer and consumer,
-        # which look the topic up again and land on the new owner.
+        # Resumed, it learns its lease is gone, closes the topic's producer and consumer (which
+        # look the topic up again and land on the new owner), then registers anew.
         wait_until(
-            lambda: "etcd lease lost" in owner.log_text(),
-            "the resumed broker reports its lease lost",
+            lambda: "registered in etcd again" in owner.log_text(),
+            "the resumed broker reports its lease lost and registers again",
         )
-        for index in range(3):
-            producer.send(f"after/{index}".encode())
-        received = receive_n(consumer, 3)
-        assert [message.data() for message in received] == [
-            f"after/{index}".encode() for index in range(3)
-        ]
+        assert "etcd lease lost" in owner.log_text()
+        send_and_receive(producer, consumer, "after", 3)
         stats_path = "/admin/v2/persistent/" + topic.removeprefix("persistent://") + "/stats"
         status, _, body = http("GET", other.web_url + stats_path, follow=False)
         compact = body.replace(b" ", b"")
