@@ -19,6 +19,7 @@ missing. It runs on free loopback ports in a temporary directory and is killed b
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
@@ -219,7 +220,21 @@ def namespace(cluster):
     return namespace
 
 
-def test_metadata_is_shared_and_lookups_redirect_to_owners(cluster, namespace, tmp_path):
+def etcd_keys(etcd_url: str, prefix: str) -> list[str]:
+    """The etcd keys under `prefix`, read through etcd's v3 JSON gateway."""
+    encode = lambda text: base64.b64encode(text.encode()).decode()  # noqa: E731
+    end = prefix[:-1] + chr(ord(prefix[-1]) + 1)
+    request = urllib.request.Request(
+        etcd_url.replace("etcd://", "http://") + "/v3/kv/range",
+        data=json.dumps({"key": encode(prefix), "range_end": encode(end), "keys_only": True}).encode(),
+        method="POST",
+    )
+    with urllib.request.urlopen(request, timeout=10) as answer:
+        kvs = json.loads(answer.read()).get("kvs", [])
+    return [base64.b64decode(kv["key"]).decode() for kv in kvs]
+
+
+def test_metadata_is_shared_and_lookups_redirect_to_owners(cluster, namespace, etcd, tmp_path):
     first, second, third = cluster
     # Created on broker 1, seen by broker 3.
     status, _, body = http("GET", f"{third.web_url}/admin/v2/namespaces/public")
@@ -232,6 +247,14 @@ def test_metadata_is_shared_and_lookups_redirect_to_owners(cluster, namespace, t
         assert status == 200, (status, body)
     owners = [owner_of(cluster, topic, via=second) for topic in topics]
     assert owners == list(cluster)
+
+    # A namespace that does not exist has no owner to look up.
+    missing = f"persistent://public/{unique('missing')}/t"
+    status, _, body = http("GET", first.web_url + lookup_path(missing), follow=False)
+    assert status == 404 and b"does not exist" in body, (status, body)
+    missing_namespace = missing.removeprefix("persistent://").rsplit("/", 1)[0]
+    assert etcd_keys(etcd, f"/meridian/{CLUSTER}/owners/{missing_namespace}/") == []
+    assert len(etcd_keys(etcd, f"/meridian/{CLUSTER}/brokers/")) == 3
 
     # A non-owner answers 307 to the owner, for lookups and topic-level admin calls alike.
     topic, owner = topics[0], first

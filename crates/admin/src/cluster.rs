@@ -35,7 +35,7 @@ pub async fn redirect_to_owner(
     if name.partition_index().is_none() && matches!(broker.partition_count(&name), Ok(Some(_))) {
         return next.run(request).await;
     }
-    match cluster.lookup(&name).await {
+    match cluster.lookup(&broker, &name).await {
         Ok(Owner::This) => next.run(request).await,
         Ok(Owner::Other { registration, .. }) => {
             let path_and_query = request

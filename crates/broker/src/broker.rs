@@ -255,7 +255,7 @@ impl Broker {
             return Err(BrokerError::BeingCreatedOrDeleted(key));
         }
         if let Some(cluster) = self.cluster.get() {
-            cluster.ensure_owned(name).await?;
+            cluster.ensure_owned(self, name).await?;
         }
         let cell = {
             let mut topics = self

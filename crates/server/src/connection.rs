@@ -1799,7 +1799,7 @@ async fn lookup_in_cluster(
     let Some(cluster) = broker.cluster() else {
         return CommandLookupTopicResponse::default();
     };
-    let (urls, kind) = match cluster.lookup(name).await {
+    let (urls, kind) = match cluster.lookup(broker, name).await {
         Ok(Owner::This) => (
             (
                 broker.config().broker_service_url.clone(),

@@ -178,25 +178,31 @@ impl ClusterMode {
     /// Succeeds when this broker may serve `topic`: it owns the topic's bundle, or took it now
     /// because nobody did. Another owner (or etcd out of reach) is `NotServedHere`
     /// (ServiceNotReady): the client looks the topic up again and is sent to the owner.
-    pub async fn ensure_owned(self: &Arc<Self>, topic: &TopicName) -> Result<()> {
-        let bundle = self.bundle_of(topic);
-        if self.owns(&bundle) {
-            return Ok(());
-        }
-        match self.resolve(bundle.clone()).await? {
+    pub async fn ensure_owned(self: &Arc<Self>, broker: &Broker, topic: &TopicName) -> Result<()> {
+        match self.lookup(broker, topic).await? {
             Owner::This => Ok(()),
             Owner::Other { broker_id, .. } => Err(BrokerError::NotServedHere(format!(
-                "topic {topic} is in bundle {bundle}, owned by broker {broker_id}; look it up again"
+                "topic {topic} is in bundle {}, owned by broker {broker_id}; look it up again",
+                self.bundle_of(topic)
             ))),
         }
     }
 
     /// Who serves `topic`: its bundle's owner, or this broker, which takes the bundle if nobody
-    /// owns it.
-    pub async fn lookup(self: &Arc<Self>, topic: &TopicName) -> Result<Owner> {
+    /// owns it. A namespace that does not exist is `TopicNotFound` (no bundle of it is taken).
+    pub async fn lookup(self: &Arc<Self>, broker: &Broker, topic: &TopicName) -> Result<Owner> {
         let bundle = self.bundle_of(topic);
         if self.owns(&bundle) {
             return Ok(Owner::This);
+        }
+        if !broker
+            .resources()
+            .namespace_exists(&topic.tenant, &topic.namespace)?
+        {
+            return Err(BrokerError::TopicNotFound(format!(
+                "topic {topic} does not exist: namespace {} does not exist",
+                topic.namespace_name()
+            )));
         }
         self.resolve(bundle).await
     }
