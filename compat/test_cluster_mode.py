@@ -254,7 +254,12 @@ def test_metadata_is_shared_and_lookups_redirect_to_owners(cluster, namespace, e
     assert status == 404 and b"does not exist" in body, (status, body)
     missing_namespace = missing.removeprefix("persistent://").rsplit("/", 1)[0]
     assert etcd_keys(etcd, f"/meridian/{CLUSTER}/owners/{missing_namespace}/") == []
-    assert len(etcd_keys(etcd, f"/meridian/{CLUSTER}/brokers/")) == 3
+    # Every broker lists the three registered brokers (Pulsar names them host:web-port).
+    status, _, body = http("GET", f"{second.web_url}/admin/v2/brokers/{CLUSTER}")
+    assert status == 200, (status, body)
+    assert sorted(json.loads(body)) == sorted(
+        broker.web_url.removeprefix("http://") for broker in cluster
+    )
 
     # A non-owner answers 307 to the owner, for lookups and topic-level admin calls alike.
     topic, owner = topics[0], first
@@ -308,6 +313,10 @@ def test_producer_and_consumer_move_when_the_owner_is_killed(cluster, namespace,
         )
         # The same producer and consumer objects go on through the new owner.
         send_and_receive(producer, consumer, "after", 5)
+        # The dead broker's registration went with its lease.
+        status, _, body = http("GET", f"{survivors[0].web_url}/admin/v2/brokers/{CLUSTER}")
+        assert status == 200 and owner.web_url.removeprefix("http://") not in json.loads(body)
+        assert len(json.loads(body)) == 2, body
     finally:
         producer_client.close()
         consumer_client.close()

@@ -275,6 +275,22 @@ impl ClusterMode {
         })
     }
 
+    /// The ids of the brokers registered in the cluster now (live leases), sorted. Blocking.
+    pub fn registered_brokers(&self) -> Result<Vec<String>> {
+        let prefix = self.cluster.key("brokers/");
+        let mut ids = Vec::new();
+        self.cluster
+            .client()
+            .scan_prefix(&prefix, 1000, true, |page| {
+                ids.extend(
+                    page.iter()
+                        .filter_map(|kv| kv.key.strip_prefix(&prefix).map(str::to_string)),
+                );
+            })
+            .map_err(unavailable)?;
+        Ok(ids)
+    }
+
     /// Forgets every bundle (the lease is gone, so are the owner keys) and the session.
     fn drop_all(&self) -> usize {
         let dropped = lock(&self.owned).drain().count();
