@@ -143,10 +143,14 @@ class NoRedirect(urllib.request.HTTPRedirectHandler):
         return None
 
 
-def http(method: str, url: str, follow: bool = True) -> tuple[int, object, bytes]:
-    """(status, headers, body) of one request; redirects followed only if `follow`."""
+def http(
+    method: str, url: str, follow: bool = True, body: Optional[bytes] = None
+) -> tuple[int, object, bytes]:
+    """(status, headers, body) of one request (a JSON `body` if given); redirects followed
+    only if `follow`."""
     opener = urllib.request.build_opener() if follow else urllib.request.build_opener(NoRedirect)
-    request = urllib.request.Request(url, method=method)
+    headers = {"Content-Type": "application/json"} if body is not None else {}
+    request = urllib.request.Request(url, data=body, headers=headers, method=method)
     try:
         with opener.open(request, timeout=30) as answer:
             return answer.status, answer.headers, answer.read()
@@ -288,6 +292,48 @@ def test_metadata_is_shared_and_lookups_redirect_to_owners(cluster, namespace, e
     finally:
         producer_client.close()
         consumer_client.close()
+
+
+def test_a_policy_set_through_another_broker_reaches_the_owners_loaded_topic(cluster, tmp_path):
+    first, second, third = cluster
+    namespace = f"public/{unique('policy')}"
+    status, _, body = http("PUT", f"{first.web_url}/admin/v2/namespaces/{namespace}")
+    assert status in (200, 204), (status, body)
+    topic = f"persistent://{namespace}/t"
+    assert owner_of(cluster, topic, via=second) is second
+    client = new_client(third, tmp_path, "client")
+    try:
+        consumer = client.subscribe(topic, "s", initial_position=pulsar.InitialPosition.Earliest)
+        producer = client.create_producer(topic)
+        producer.send(b"s1", sequence_id=1)
+        producer.send(b"s1 again", sequence_id=1)  # no de-duplication yet: stored
+        received = receive_n(consumer, 2)
+        assert [message.data() for message in received] == [b"s1", b"s1 again"]
+        for message in received:
+            consumer.acknowledge(message)
+        stats_url = f"{second.web_url}/admin/v2/persistent/{namespace}/t/stats"
+        wait_until(
+            lambda: json.loads(http("GET", stats_url)[2])["subscriptions"]["s"]["msgBacklog"] == 0,
+            "the owner has the acknowledgements",
+        )
+
+        # Turned on through broker 1: broker 2 learns it from etcd's watch and reloads the
+        # topic (a de-duplication change reloads it, as after an admin call on broker 2).
+        unloads = second.log_text().count(f"topic unloaded topic={topic}")
+        status, _, body = http(
+            "POST", f"{first.web_url}/admin/v2/namespaces/{namespace}/deduplication", body=b"true"
+        )
+        assert status in (200, 204), (status, body)
+        wait_until(
+            lambda: second.log_text().count(f"topic unloaded topic={topic}") > unloads,
+            "the owner reloads the topic with the new policy",
+        )
+        producer.send(b"s2", sequence_id=2)
+        producer.send(b"s2 again", sequence_id=2)  # a duplicate now: acknowledged, not stored
+        producer.send(b"s3", sequence_id=3)
+        assert [message.data() for message in receive_n(consumer, 2)] == [b"s2", b"s3"]
+    finally:
+        client.close()
 
 
 def test_producer_and_consumer_move_when_the_owner_is_killed(cluster, namespace, tmp_path):
