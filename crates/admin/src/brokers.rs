@@ -1,5 +1,6 @@
 //! Pulsar's `/admin/v2/brokers` and `/admin/v2/broker-stats` resources, and `/status.html`,
-//! for a single broker: the active-broker list holds this broker only.
+//! for a single broker: the active-broker list holds this broker only (in cluster mode, every
+//! broker registered in etcd).
 
 use std::collections::BTreeMap;
 use std::sync::OnceLock;
@@ -102,13 +103,20 @@ async fn local_brokers(State(broker): State<AppState>) -> Json<Vec<String>> {
     Json(vec![broker_id(&broker)])
 }
 
-/// The active brokers of `cluster`: this broker for the local cluster; another registered
-/// cluster's are listed by that cluster (307 to its web service URL, as Pulsar redirects).
+/// The active brokers of `cluster`: for the local cluster this broker, or in cluster mode every
+/// broker registered in etcd; another registered cluster's are listed by that cluster (307 to
+/// its web service URL, as Pulsar redirects).
 async fn active_brokers(
     State(broker): State<AppState>,
     Path(cluster): Path<String>,
 ) -> ApiResult<Response> {
     if cluster == broker.config().cluster_name {
+        if let Some(mode) = broker.cluster().cloned() {
+            let registered = tokio::task::spawn_blocking(move || mode.registered_brokers())
+                .await
+                .map_err(|error| BrokerError::Unknown(error.to_string()))??;
+            return Ok(Json(registered).into_response());
+        }
         return Ok(Json(vec![broker_id(&broker)]).into_response());
     }
     let data = broker.resources().cluster(&cluster)?;

@@ -9,6 +9,8 @@
 //!
 //! - [`clusters`], [`tenants`], [`namespaces`]: records and namespace policies;
 //! - [`topics`]: topics, partitions, subscriptions, stats, topic-level policies, lookup;
+//! - `cluster`: in cluster mode, 307 to the owner of a topic's bundle for topic-level calls
+//!   and `/lookup/v2`;
 //! - [`brokers`]: `/admin/v2/brokers/...` (health with the topics that cannot be served,
 //!   active brokers, version, configuration), `/admin/v2/broker-stats/topics`, `/status.html`;
 //! - [`metrics`]: the Prometheus text exposition;
@@ -20,6 +22,7 @@
 
 pub mod auth;
 mod brokers;
+mod cluster;
 mod clusters;
 mod console;
 mod deadlines;
@@ -90,6 +93,7 @@ impl From<BrokerError> for ApiError {
             BrokerError::ShuttingDown
             | BrokerError::BeingCreatedOrDeleted(_)
             | BrokerError::TenantMigrated(_)
+            | BrokerError::NotServedHere(_)
             | BrokerError::TooManyLoadedTopics { .. } => StatusCode::SERVICE_UNAVAILABLE,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         };
@@ -136,6 +140,10 @@ pub fn router(broker: Arc<Broker>) -> Router {
         .merge(topics::routes())
         .merge(console::routes())
         .fallback(not_found)
+        .layer(axum::middleware::from_fn_with_state(
+            broker.clone(),
+            cluster::redirect_to_owner,
+        ))
         .with_state(broker)
 }
 

@@ -44,6 +44,8 @@ pub struct Broker {
     migrations: crate::migration::Drivers,
     /// Counts changes of what authorization reads (see [`Broker::authorization_changes`]).
     authorization_changes: std::sync::OnceLock<tokio::sync::watch::Sender<u64>>,
+    /// Cluster mode (`meridian broker`): bundle ownership on etcd. Unset in standalone.
+    cluster: std::sync::OnceLock<Arc<crate::cluster::ClusterMode>>,
 }
 
 /// How long a client's use of a topic waits for an admin creation or deletion of its name to end
@@ -133,7 +135,19 @@ impl Broker {
             next_key: AtomicU64::new(1),
             migrations: crate::migration::Drivers::default(),
             authorization_changes: std::sync::OnceLock::new(),
+            cluster: std::sync::OnceLock::new(),
         }))
+    }
+
+    /// Puts the broker in cluster mode: from now on it serves a topic only while it owns the
+    /// topic's bundle (`crate::cluster`). Set once, before serving.
+    pub fn set_cluster(&self, mode: Arc<crate::cluster::ClusterMode>) {
+        let _ = self.cluster.set(mode);
+    }
+
+    /// The cluster membership in cluster mode; `None` in standalone.
+    pub fn cluster(&self) -> Option<&Arc<crate::cluster::ClusterMode>> {
+        self.cluster.get()
     }
 
     /// The tenant migrations this broker drives.
@@ -243,6 +257,9 @@ impl Broker {
         let key = name.to_string();
         if self.is_being_deleted(&key) {
             self.await_lifecycle(&key).await?;
+        }
+        if let Some(cluster) = self.cluster.get() {
+            cluster.ensure_owned(self, name).await?;
         }
         let cell = {
             let mut topics = self

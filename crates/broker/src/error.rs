@@ -63,6 +63,11 @@ pub enum BrokerError {
     /// retry (ServiceNotReady), look the topic up again and are redirected.
     #[error("{0}")]
     TenantMigrated(String),
+    /// Cluster mode: another broker owns the topic's bundle, or this broker cannot tell (etcd
+    /// out of reach, lease lost). Clients retry (ServiceNotReady): they look the topic up
+    /// again and are sent to the owner.
+    #[error("{0}")]
+    NotServedHere(String),
     #[error("{0}")]
     Unknown(String),
 }
@@ -92,6 +97,7 @@ impl BrokerError {
             BrokerError::ShuttingDown
             | BrokerError::BeingCreatedOrDeleted(_)
             | BrokerError::TenantMigrated(_)
+            | BrokerError::NotServedHere(_)
             | BrokerError::TooManyLoadedTopics { .. } => ServerError::ServiceNotReady,
             BrokerError::TopicTerminated(_) => ServerError::TopicTerminatedError,
             BrokerError::NotFound(_) => ServerError::TopicNotFound,

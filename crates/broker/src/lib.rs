@@ -14,6 +14,8 @@
 //!   Key_Shared; redelivery; delayed delivery).
 //! - [`replication`]: geo-replication (the replicator, the chain the remote checks, remote
 //!   clusters, the memory bound) and replicated subscriptions.
+//! - [`cluster`]: cluster mode (`meridian broker` on etcd): registration, bundles, ownership,
+//!   lookup answers, what happens when the lease is lost.
 //! - [`peer`]: HTTP calls to another cluster's admin API with its registration's credentials.
 //! - `context`: the narrow handle a topic gets from its broker, so `topic` never uses `broker`.
 //! - [`stats`]: counters and Pulsar's stats shapes; uses nothing else in the crate.
@@ -24,6 +26,7 @@
 pub mod batch_acks;
 pub mod broker;
 pub mod clock;
+pub mod cluster;
 pub mod config;
 mod context;
 pub mod dedup;

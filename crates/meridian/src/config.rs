@@ -81,6 +81,14 @@ pub struct Config {
     pub stats_interval_seconds: u64,
     /// Log lines on stderr: `text` or `json` (`--log-format` overrides it).
     pub log_format: LogFormat,
+    /// `meridian broker` only: the etcd endpoints of the cluster's metadata
+    /// (`metadataStoreUrl`), `etcd://host:2379,host:2379`.
+    pub metadata_store_url: Option<String>,
+    /// `meridian broker` only: TTL of the broker's etcd lease, the time after a crash before
+    /// its bundles can move (Pulsar's `metadataStoreSessionTimeoutMillis`, in seconds).
+    pub etcd_lease_ttl_seconds: u64,
+    /// `meridian broker` only: bundles per namespace (`defaultNumberOfNamespaceBundles`).
+    pub default_number_of_namespace_bundles: u32,
     /// Clients must present a valid token (`authenticationEnabled`).
     pub authentication_enabled: bool,
     /// Roles are checked against permissions (`authorizationEnabled`).
@@ -197,6 +205,9 @@ impl Default for Config {
             policy_check_interval_seconds: 60,
             stats_interval_seconds: 5,
             log_format: LogFormat::Text,
+            metadata_store_url: None,
+            etcd_lease_ttl_seconds: 10,
+            default_number_of_namespace_bundles: 4,
             authentication_enabled: security.authentication_enabled,
             authorization_enabled: security.authorization_enabled,
             super_user_roles: security.super_user_roles,
@@ -348,6 +359,12 @@ impl Config {
         }
         if self.policy_check_interval_seconds == 0 || self.stats_interval_seconds == 0 {
             bail!("policy_check_interval_seconds and stats_interval_seconds must be positive");
+        }
+        if !(2..=3600).contains(&self.etcd_lease_ttl_seconds) {
+            bail!("etcd_lease_ttl_seconds must be between 2 and 3600");
+        }
+        if !(1..=65_536).contains(&self.default_number_of_namespace_bundles) {
+            bail!("default_number_of_namespace_bundles must be between 1 and 65536");
         }
         if self.keep_alive_interval_seconds == 0 || self.connect_timeout_seconds == 0 {
             bail!("keep_alive_interval_seconds and connect_timeout_seconds must be positive");

@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use meridian_broker::Broker;
-use meridian_metadata::{EmbeddedStore, ExpectedVersion, MetadataStore};
+use meridian_metadata::{EmbeddedStore, ExpectedVersion, MetadataError, MetadataStore};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -48,6 +48,12 @@ enum Command {
     ///
     /// Example: meridian standalone --data-dir ./data --config meridian.toml
     Standalone(StandaloneArgs),
+    /// Run one broker of a cluster (preview): metadata and bundle ownership on etcd, shared
+    /// by every broker of the cluster; each broker keeps the topics it owns in its own local
+    /// storage for now (docs/cluster.md, "Built: brokers on etcd").
+    ///
+    /// Example: meridian broker --cluster-name c1 --metadata-store etcd://127.0.0.1:2379
+    Broker(BrokerArgs),
     /// Administer a broker through its REST API (pulsar-admin's nouns and verbs).
     Admin(admin_cli::AdminArgs),
     /// Produce or consume messages from the command line.
@@ -95,6 +101,22 @@ struct StandaloneArgs {
     advertised_address: Option<String>,
 }
 
+#[derive(clap::Args)]
+struct BrokerArgs {
+    #[command(flatten)]
+    common: StandaloneArgs,
+    /// etcd endpoints of the cluster's metadata, `etcd://host:2379,host:2379`
+    /// (`metadata_store_url`).
+    #[arg(long)]
+    metadata_store: Option<String>,
+    /// TTL of this broker's etcd lease: how long after a crash its bundles move (default 10).
+    #[arg(long)]
+    etcd_lease_ttl_seconds: Option<u64>,
+    /// Bundles per namespace (default 4, Pulsar's `defaultNumberOfNamespaceBundles`).
+    #[arg(long)]
+    default_number_of_namespace_bundles: Option<u32>,
+}
+
 /// Errors end the process with their reasons on one line (`Error: what: why`), without the
 /// backtrace `RUST_BACKTRACE` would add to a returned error: they are for users, not for us.
 /// One about a certificate says how to trust it.
@@ -113,7 +135,7 @@ fn run() -> anyhow::Result<()> {
     let cli = Cli::parse();
     // The broker's format may come from its configuration file, so it starts logging once
     // that is read; every other command logs as the flag says.
-    if !matches!(cli.command, Command::Standalone(_)) {
+    if !matches!(cli.command, Command::Standalone(_) | Command::Broker(_)) {
         logging::init(cli.log_format.unwrap_or_default());
     }
     match cli.command {
@@ -143,41 +165,72 @@ fn run() -> anyhow::Result<()> {
             .context("starting the async runtime")?
             .block_on(lookup_cli::run(arguments)),
         Command::Standalone(arguments) => {
-            let loaded = Config::load(arguments.config.as_deref(), std::env::vars());
-            let format = cli
-                .log_format
-                .or_else(|| loaded.as_ref().ok().map(|config| config.log_format))
-                .unwrap_or_default();
-            logging::init(format);
-            let mut config = loaded?;
-            if let Some(data_dir) = arguments.data_dir {
-                config.data_dir = data_dir;
+            let config = load_config(cli.log_format, arguments)?;
+            runtime()?.block_on(standalone(config, false))
+        }
+        Command::Broker(arguments) => {
+            let mut config = load_config(cli.log_format, arguments.common)?;
+            if let Some(url) = arguments.metadata_store {
+                config.metadata_store_url = Some(url);
             }
-            if let Some(cluster_name) = arguments.cluster_name {
-                config.cluster_name = cluster_name;
+            if let Some(ttl) = arguments.etcd_lease_ttl_seconds {
+                config.etcd_lease_ttl_seconds = ttl;
             }
-            if let Some(port) = arguments.broker_port {
-                config.broker_port = port;
-            }
-            if let Some(port) = arguments.web_port {
-                config.web_port = port;
-            }
-            if let Some(address) = arguments.bind_address {
-                config.bind_address = address;
-            }
-            if let Some(address) = arguments.advertised_address {
-                config.advertised_address = Some(address);
+            if let Some(bundles) = arguments.default_number_of_namespace_bundles {
+                config.default_number_of_namespace_bundles = bundles;
             }
             config.validate()?;
-            logging::set_cluster(&config.cluster_name);
-            let runtime = tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .thread_name("meridian")
-                .build()
-                .context("starting the async runtime")?;
-            runtime.block_on(standalone(config))
+            if config.metadata_store_url.is_none() {
+                anyhow::bail!(
+                    "meridian broker needs --metadata-store etcd://host:2379 \
+                     (or metadata_store_url in the configuration)"
+                );
+            }
+            runtime()?.block_on(standalone(config, true))
         }
     }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("meridian")
+        .build()
+        .context("starting the async runtime")
+}
+
+/// The configuration of a broker: file, environment, then the flags; starts logging.
+fn load_config(
+    log_format: Option<logging::LogFormat>,
+    arguments: StandaloneArgs,
+) -> anyhow::Result<Config> {
+    let loaded = Config::load(arguments.config.as_deref(), std::env::vars());
+    let format = log_format
+        .or_else(|| loaded.as_ref().ok().map(|config| config.log_format))
+        .unwrap_or_default();
+    logging::init(format);
+    let mut config = loaded?;
+    if let Some(data_dir) = arguments.data_dir {
+        config.data_dir = data_dir;
+    }
+    if let Some(cluster_name) = arguments.cluster_name {
+        config.cluster_name = cluster_name;
+    }
+    if let Some(port) = arguments.broker_port {
+        config.broker_port = port;
+    }
+    if let Some(port) = arguments.web_port {
+        config.web_port = port;
+    }
+    if let Some(address) = arguments.bind_address {
+        config.bind_address = address;
+    }
+    if let Some(address) = arguments.advertised_address {
+        config.advertised_address = Some(address);
+    }
+    config.validate()?;
+    logging::set_cluster(&config.cluster_name);
+    Ok(config)
 }
 
 /// Creates the records Pulsar standalone creates on first start: the cluster, tenant `public`
@@ -209,13 +262,19 @@ fn initialize_metadata(metadata: &dyn MetadataStore, config: &Config) -> anyhow:
     ];
     for (key, value) in records {
         if metadata.get(&key)?.is_none() {
-            metadata.put(&key, value.to_string().as_bytes(), ExpectedVersion::Absent)?;
+            match metadata.put(&key, value.to_string().as_bytes(), ExpectedVersion::Absent) {
+                // Another broker of the cluster created it first (cluster mode).
+                Ok(_) | Err(MetadataError::BadVersion { .. }) => {}
+                Err(error) => return Err(error.into()),
+            }
         }
     }
     Ok(())
 }
 
-async fn standalone(config: Config) -> anyhow::Result<()> {
+/// Runs a broker until SIGINT or SIGTERM: `meridian standalone`, or with `cluster` a
+/// `meridian broker` of a cluster on etcd (`metadata_store_url`).
+async fn standalone(config: Config, cluster: bool) -> anyhow::Result<()> {
     let started = Instant::now();
     // Every topic holds a file descriptor for its active segment; use the hard limit.
     match rlimit::increase_nofile_limit(u64::MAX) {
@@ -235,12 +294,38 @@ async fn standalone(config: Config) -> anyhow::Result<()> {
     })
     .await?
     .context("opening storage")?;
-    let metadata: Arc<dyn MetadataStore> =
-        EmbeddedStore::open(&config.data_dir.join("metadata.redb"))
-            .context("opening the metadata store")?;
-    initialize_metadata(metadata.as_ref(), &config)?;
+    let etcd = match (cluster, &config.metadata_store_url) {
+        (true, Some(url)) => Some(
+            meridian_etcd::Cluster::connect(
+                url,
+                &config.cluster_name,
+                meridian_etcd::ClientOptions::default(),
+            )
+            .context("metadata_store_url")?,
+        ),
+        _ => None,
+    };
+    let metadata: Arc<dyn MetadataStore> = match &etcd {
+        Some(etcd) => {
+            let etcd = etcd.clone();
+            tokio::task::spawn_blocking(move || etcd.metadata_store())
+                .await?
+                .context("opening the metadata store on etcd")?
+        }
+        None => EmbeddedStore::open(&config.data_dir.join("metadata.redb"))
+            .context("opening the metadata store")?,
+    };
+    {
+        let (metadata, config) = (metadata.clone(), config.clone());
+        tokio::task::spawn_blocking(move || initialize_metadata(metadata.as_ref(), &config))
+            .await??;
+    }
     let broker =
         Broker::new(config.broker_config(), storage, metadata).context("starting the broker")?;
+    let membership = match etcd {
+        Some(etcd) => Some(join_cluster(&broker, etcd, &config).await?),
+        None => None,
+    };
 
     let bind = |port: u16| {
         let address = format!("{}:{port}", config.bind_address);
@@ -333,7 +418,9 @@ async fn standalone(config: Config) -> anyhow::Result<()> {
         web_service_url = %broker.config().web_service_url,
         data_dir = %config.data_dir.display(),
         startup_ms = started.elapsed().as_millis() as u64,
-        "meridian standalone is serving"
+        broker_id = membership.as_ref().map(|mode| mode.broker_id()),
+        "meridian {} is serving",
+        if cluster { "broker" } else { "standalone" }
     );
 
     wait_for_signal().await?;
@@ -349,8 +436,52 @@ async fn standalone(config: Config) -> anyhow::Result<()> {
         }
     }
     broker.close().await;
-    tracing::info!("meridian standalone stopped");
+    if let Some(mode) = membership {
+        // Releases this broker's bundles at once rather than after the lease's TTL.
+        let _ = tokio::task::spawn_blocking(move || mode.leave()).await;
+    }
+    tracing::info!(
+        "meridian {} stopped",
+        if cluster { "broker" } else { "standalone" }
+    );
     Ok(())
+}
+
+/// Registers the broker in its cluster on etcd (id `advertised-address:web-port`, as Pulsar
+/// names brokers) and puts it in cluster mode: bundle ownership, the lease watch, and policy
+/// changes made through other brokers.
+async fn join_cluster(
+    broker: &Arc<Broker>,
+    etcd: meridian_etcd::Cluster,
+    config: &Config,
+) -> anyhow::Result<Arc<meridian_broker::cluster::ClusterMode>> {
+    use meridian_broker::cluster::{ClusterMode, Registration};
+    let broker_config = broker.config();
+    let registration = Registration {
+        broker_service_url: broker_config.broker_service_url.clone(),
+        broker_service_url_tls: broker_config.broker_service_url_tls.clone(),
+        web_service_url: broker_config.web_service_url.clone(),
+        web_service_url_tls: config
+            .web_port_tls
+            .map(|port| format!("https://{}:{port}", config.advertised_address())),
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        start_timestamp: meridian_broker::clock::now_ms(),
+    };
+    let broker_id = format!("{}:{}", config.advertised_address(), config.web_port);
+    let ttl = Duration::from_secs(config.etcd_lease_ttl_seconds);
+    let bundles = config.default_number_of_namespace_bundles;
+    let mode = tokio::task::spawn_blocking(move || {
+        ClusterMode::join(etcd, &broker_id, &registration, ttl, bundles)
+    })
+    .await?
+    .context("registering the broker in etcd")?;
+    broker.set_cluster(mode.clone());
+    tokio::spawn(meridian_broker::cluster::watch_lease(
+        broker.clone(),
+        mode.clone(),
+    ));
+    tokio::spawn(meridian_broker::cluster::watch_policies(broker.clone()));
+    Ok(mode)
 }
 
 /// A broker reachable from other hosts without authentication serves anyone who can reach it.

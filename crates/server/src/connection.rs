@@ -751,6 +751,10 @@ impl Connection {
                     ..Default::default()
                 }
             }
+            // Cluster mode: the bundle's owner (this broker takes an unowned bundle).
+            Ok(name) if self.broker.cluster().is_some() => {
+                lookup_in_cluster(&self.broker, &name, request.request_id).await
+            }
             Ok(_) => CommandLookupTopicResponse {
                 broker_service_url: Some(self.broker.config().broker_service_url.clone()),
                 broker_service_url_tls: self.broker.config().broker_service_url_tls.clone(),
@@ -1809,6 +1813,52 @@ pub const DEFAULT_KEEP_ALIVE: Duration = Duration::from_secs(30);
 /// How long a new connection has to complete CONNECT by default (Pulsar closes such a
 /// connection at its first keep-alive check instead, after 30 s).
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// LOOKUP in cluster mode: `Connect` here when this broker owns (or has just taken) the topic's
+/// bundle, else an authoritative `Redirect` to the owner's URLs, as Pulsar answers.
+async fn lookup_in_cluster(
+    broker: &Broker,
+    name: &TopicName,
+    request_id: u64,
+) -> CommandLookupTopicResponse {
+    use meridian_broker::cluster::Owner;
+    let Some(cluster) = broker.cluster() else {
+        return CommandLookupTopicResponse::default();
+    };
+    let (urls, kind) = match cluster.lookup(broker, name).await {
+        Ok(Owner::This) => (
+            (
+                broker.config().broker_service_url.clone(),
+                broker.config().broker_service_url_tls.clone(),
+            ),
+            command_lookup_topic_response::LookupType::Connect,
+        ),
+        Ok(Owner::Other { registration, .. }) => (
+            (
+                registration.broker_service_url,
+                registration.broker_service_url_tls,
+            ),
+            command_lookup_topic_response::LookupType::Redirect,
+        ),
+        Err(error) => {
+            return CommandLookupTopicResponse {
+                response: Some(command_lookup_topic_response::LookupType::Failed as i32),
+                request_id,
+                error: Some(error.server_error() as i32),
+                message: Some(error.to_string()),
+                ..Default::default()
+            }
+        }
+    };
+    CommandLookupTopicResponse {
+        broker_service_url: Some(urls.0),
+        broker_service_url_tls: urls.1,
+        response: Some(kind as i32),
+        request_id,
+        authoritative: Some(true),
+        ..Default::default()
+    }
+}
 
 #[cfg(test)]
 mod tests {

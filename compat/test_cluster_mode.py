@@ -1,0 +1,424 @@
+"""Cluster mode (issue 17, preview): three `meridian broker` processes on one real etcd.
+
+What it proves, with the official Python client:
+
+- metadata is shared: a namespace created through broker 1's admin API is seen by all;
+- bundles have one owner each: `/lookup/v2` on any broker names the owner, a non-owner answers
+  307 to the owner (lookups and topic-level admin calls), and producers through broker 2's URL
+  and consumers through broker 3's URL reach the owners by LOOKUP redirects;
+- kill -9 of an owner: once its lease expires (TTL 3 s here) another broker takes its bundles
+  and the client's producer and consumer go on through it.
+
+Each owner keeps its topics in its own local storage in this step, so the messages stored on a
+killed owner stay there (docs/cluster.md, "Built: brokers on etcd"): the failover test asserts
+that new messages flow after the move, not that older ones moved.
+
+etcd: `$ETCD_BIN`, else `etcd` on PATH (Debian `etcd-server`); the test fails saying so if it is
+missing. It runs on free loopback ports in a temporary directory and is killed by pid.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import time
+import urllib.error
+import urllib.request
+import zlib
+from pathlib import Path
+from typing import Optional
+
+import pulsar
+import pytest
+
+import broker_process
+from broker_process import BrokerProcess, free_port
+from helpers import receive_n, unique, wait_until
+
+LEASE_TTL_S = 3
+BUNDLES = 4
+CLUSTER = "c1"
+
+
+class ClusterBroker(BrokerProcess):
+    """A `meridian broker` of cluster c1 on the test's etcd."""
+
+    def __init__(self, binary, base_dir, name, etcd_url):
+        super().__init__(binary, base_dir, name)
+        self.etcd_url = etcd_url
+
+    def command(self) -> list[str]:
+        command = super().command()
+        command[1] = "broker"
+        return command + [
+            "--cluster-name",
+            CLUSTER,
+            "--metadata-store",
+            self.etcd_url,
+            "--etcd-lease-ttl-seconds",
+            str(LEASE_TTL_S),
+        ]
+
+
+@pytest.fixture(scope="module")
+def etcd(tmp_path_factory):
+    binary = os.environ.get("ETCD_BIN") or shutil.which("etcd")
+    if not binary:
+        pytest.fail(
+            "etcd is needed for the cluster-mode tests: install Debian's etcd-server or set "
+            "ETCD_BIN to an etcd binary",
+            pytrace=False,
+        )
+    base = tmp_path_factory.mktemp("etcd")
+    client_port, peer_port = free_port(), free_port()
+    client_url, peer_url = f"http://127.0.0.1:{client_port}", f"http://127.0.0.1:{peer_port}"
+    log = open(base / "etcd.log", "ab")
+    process = subprocess.Popen(
+        [
+            binary,
+            "--name", "default",
+            "--data-dir", str(base / "data"),
+            "--listen-client-urls", client_url,
+            "--advertise-client-urls", client_url,
+            "--listen-peer-urls", peer_url,
+            "--initial-advertise-peer-urls", peer_url,
+            "--initial-cluster", f"default={peer_url}",
+        ],
+        stdin=subprocess.DEVNULL,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    log.close()
+
+    def healthy() -> bool:
+        assert process.poll() is None, f"etcd exited: {(base / 'etcd.log').read_text()[-2000:]}"
+        try:
+            with urllib.request.urlopen(f"{client_url}/health", timeout=2) as answer:
+                return answer.status == 200
+        except (urllib.error.URLError, OSError):
+            return False
+
+    try:
+        wait_until(healthy, "etcd answers /health")
+        yield f"etcd://127.0.0.1:{client_port}"
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+
+
+@pytest.fixture(scope="module")
+def cluster(etcd, meridian_bin, tmp_path_factory):
+    brokers = []
+    try:
+        for index in range(3):
+            name = f"cluster-broker-{index + 1}"
+            broker = ClusterBroker(meridian_bin, tmp_path_factory.mktemp(name), name, etcd)
+            brokers.append(broker)
+            broker_process.KNOWN_BROKERS.append(broker)
+            broker.start()
+        yield brokers
+    finally:
+        problems = []
+        for broker in brokers:
+            try:
+                broker.stop()
+            except broker_process.BrokerError as error:
+                problems.append(str(error))
+            finally:
+                broker.kill()
+            # The paused-owner test makes one broker lose its lease, which it logs as an error.
+            allowed = [re.compile(line) for line in LEASE_LOST_LINES]
+            problems += [str(problem) for problem in broker.take_new_problems(allowed)]
+            broker_process.KNOWN_BROKERS.remove(broker)
+        assert not problems, "\n".join(problems)
+
+
+class NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args, **kwargs):
+        return None
+
+
+def http(
+    method: str, url: str, follow: bool = True, body: Optional[bytes] = None
+) -> tuple[int, object, bytes]:
+    """(status, headers, body) of one request (a JSON `body` if given); redirects followed
+    only if `follow`."""
+    opener = urllib.request.build_opener() if follow else urllib.request.build_opener(NoRedirect)
+    headers = {"Content-Type": "application/json"} if body is not None else {}
+    request = urllib.request.Request(url, data=body, headers=headers, method=method)
+    try:
+        with opener.open(request, timeout=30) as answer:
+            return answer.status, answer.headers, answer.read()
+    except urllib.error.HTTPError as error:
+        return error.code, error.headers, error.read()
+    except (urllib.error.URLError, OSError) as error:
+        return 0, {}, str(error).encode()  # not reachable (a killed broker)
+
+
+def bundle_index(topic: str) -> int:
+    """The bundle of `topic` among 4, as Pulsar hashes: CRC-32 of the full name."""
+    return zlib.crc32(topic.encode()) // ((1 << 32) // BUNDLES)
+
+
+def topics_in_distinct_bundles(namespace: str, count: int) -> list[str]:
+    """`count` topics of `namespace`, each in a different bundle."""
+    found: dict[int, str] = {}
+    serial = 0
+    while len(found) < count:
+        topic = f"persistent://{namespace}/t{serial}"
+        found.setdefault(bundle_index(topic), topic)
+        serial += 1
+    return [found[index] for index in sorted(found)]
+
+
+def lookup_path(topic: str) -> str:
+    return "/lookup/v2/topic/persistent/" + topic.removeprefix("persistent://")
+
+
+def owner_of(brokers, topic: str, via) -> Optional[ClusterBroker]:
+    """The broker of `brokers` that `/lookup/v2` on `via` names (following the 307 to the
+    owner); None if the lookup fails or names another."""
+    status, _, body = http("GET", via.web_url + lookup_path(topic))
+    if status != 200:
+        return None
+    url = json.loads(body)["brokerUrl"]
+    return next((broker for broker in brokers if broker.service_url == url), None)
+
+
+def owns(broker: ClusterBroker, topic: str) -> bool:
+    """Whether `broker` answers `/lookup/v2` for `topic` itself, naming itself."""
+    status, _, body = http("GET", broker.web_url + lookup_path(topic), follow=False)
+    return status == 200 and json.loads(body)["brokerUrl"] == broker.service_url
+
+
+def topic_owned_by(owner, brokers, created_via, prefix: str) -> tuple[str, str]:
+    """(namespace, topic): a new namespace created through `created_via`'s admin API, and a
+    topic of it whose bundle `owner` takes (nobody owns a new namespace's bundles, so the first
+    lookup, made through `owner`, gives it that bundle)."""
+    namespace = f"public/{unique(prefix)}"
+    status, _, body = http("PUT", f"{created_via.web_url}/admin/v2/namespaces/{namespace}")
+    assert status in (200, 204), (status, body)
+    topic = f"persistent://{namespace}/t"
+    assert owner_of(brokers, topic, via=owner) is owner
+    return namespace, topic
+
+
+def send_and_receive(producer, consumer, prefix: str, count: int) -> None:
+    """Sends `count` messages and receives (and acknowledges) exactly them, in order."""
+    sent = [f"{prefix}/{index}".encode() for index in range(count)]
+    for payload in sent:
+        producer.send(payload)
+    received = receive_n(consumer, count)
+    assert [message.data() for message in received] == sent
+    for message in received:
+        consumer.acknowledge(message)
+
+
+def new_client(broker: ClusterBroker, log_dir: Path, name: str) -> pulsar.Client:
+    return pulsar.Client(
+        broker.service_url,
+        operation_timeout_seconds=30,
+        logger=pulsar.FileLogger(pulsar.LoggerLevel.Info, str(log_dir / f"{name}.log")),
+    )
+
+
+@pytest.fixture(scope="module")
+def namespace(cluster):
+    """A namespace created through broker 1's admin API."""
+    namespace = f"public/{unique('cm')}"
+    status, _, body = http("PUT", f"{cluster[0].web_url}/admin/v2/namespaces/{namespace}")
+    assert status in (200, 204), (status, body)
+    return namespace
+
+
+def etcd_keys(etcd_url: str, prefix: str) -> list[str]:
+    """The etcd keys under `prefix`, read through etcd's v3 JSON gateway."""
+    encode = lambda text: base64.b64encode(text.encode()).decode()  # noqa: E731
+    end = prefix[:-1] + chr(ord(prefix[-1]) + 1)
+    request = urllib.request.Request(
+        etcd_url.replace("etcd://", "http://") + "/v3/kv/range",
+        data=json.dumps({"key": encode(prefix), "range_end": encode(end), "keys_only": True}).encode(),
+        method="POST",
+    )
+    with urllib.request.urlopen(request, timeout=10) as answer:
+        kvs = json.loads(answer.read()).get("kvs", [])
+    return [base64.b64decode(kv["key"]).decode() for kv in kvs]
+
+
+def test_metadata_is_shared_and_lookups_redirect_to_owners(cluster, namespace, etcd, tmp_path):
+    first, second, third = cluster
+    # Created on broker 1, seen by broker 3.
+    status, _, body = http("GET", f"{third.web_url}/admin/v2/namespaces/public")
+    assert status == 200 and namespace.encode() in body, (status, body)
+
+    topics = topics_in_distinct_bundles(namespace, 3)
+    # First use of each bundle through a different broker: that broker takes it.
+    for topic, broker in zip(topics, cluster):
+        status, _, body = http("GET", broker.web_url + lookup_path(topic), follow=False)
+        assert status == 200, (status, body)
+    owners = [owner_of(cluster, topic, via=second) for topic in topics]
+    assert owners == list(cluster)
+
+    # A namespace that does not exist has no owner to look up.
+    missing = f"persistent://public/{unique('missing')}/t"
+    status, _, body = http("GET", first.web_url + lookup_path(missing), follow=False)
+    assert status == 404 and b"does not exist" in body, (status, body)
+    missing_namespace = missing.removeprefix("persistent://").rsplit("/", 1)[0]
+    assert etcd_keys(etcd, f"/meridian/{CLUSTER}/owners/{missing_namespace}/") == []
+    # Every broker lists the three registered brokers (Pulsar names them host:web-port).
+    status, _, body = http("GET", f"{second.web_url}/admin/v2/brokers/{CLUSTER}")
+    assert status == 200, (status, body)
+    assert sorted(json.loads(body)) == sorted(
+        broker.web_url.removeprefix("http://") for broker in cluster
+    )
+
+    # A non-owner answers 307 to the owner, for lookups and topic-level admin calls alike.
+    topic, owner = topics[0], first
+    status, headers, _ = http("GET", third.web_url + lookup_path(topic), follow=False)
+    assert status == 307 and headers.get("Location") == owner.web_url + lookup_path(topic)
+    stats = "/admin/v2/persistent/" + topic.removeprefix("persistent://") + "/stats"
+    status, headers, _ = http("GET", second.web_url + stats, follow=False)
+    assert status == 307 and headers.get("Location") == owner.web_url + stats
+
+    # Produce through broker 2's URL, consume through broker 3's: LOOKUP redirects to owners.
+    producer_client = new_client(second, tmp_path, "producer")
+    consumer_client = new_client(third, tmp_path, "consumer")
+    try:
+        consumers = [
+            consumer_client.subscribe(topic, "s", initial_position=pulsar.InitialPosition.Earliest)
+            for topic in topics
+        ]
+        producers = [producer_client.create_producer(topic) for topic in topics]
+        for producer, consumer, topic in zip(producers, consumers, topics):
+            send_and_receive(producer, consumer, topic, 5)
+        # The clients are on the owners: the owner's stats show them.
+        for topic, owner in zip(topics, owners):
+            status, _, body = http("GET", owner.web_url + "/admin/v2/persistent/"
+                                   + topic.removeprefix("persistent://") + "/stats")
+            assert status == 200 and b'"publishers":[{' in body.replace(b" ", b""), body
+    finally:
+        producer_client.close()
+        consumer_client.close()
+
+
+def test_a_policy_set_through_another_broker_reaches_the_owners_loaded_topic(cluster, tmp_path):
+    first, second, third = cluster
+    namespace, topic = topic_owned_by(second, cluster, created_via=first, prefix="policy")
+    client = new_client(third, tmp_path, "client")
+    try:
+        consumer = client.subscribe(topic, "s", initial_position=pulsar.InitialPosition.Earliest)
+        producer = client.create_producer(topic)
+        producer.send(b"s1", sequence_id=1)
+        producer.send(b"s1 again", sequence_id=1)  # no de-duplication yet: stored
+        received = receive_n(consumer, 2)
+        assert [message.data() for message in received] == [b"s1", b"s1 again"]
+        for message in received:
+            consumer.acknowledge(message)
+        stats_url = f"{second.web_url}/admin/v2/persistent/{namespace}/t/stats"
+        wait_until(
+            lambda: json.loads(http("GET", stats_url)[2])["subscriptions"]["s"]["msgBacklog"] == 0,
+            "the owner has the acknowledgements",
+        )
+
+        # Turned on through broker 1: broker 2 learns it from etcd's watch and reloads the
+        # topic (a de-duplication change reloads it, as after an admin call on broker 2).
+        unloads = second.log_text().count(f"topic unloaded topic={topic}")
+        status, _, body = http(
+            "POST", f"{first.web_url}/admin/v2/namespaces/{namespace}/deduplication", body=b"true"
+        )
+        assert status in (200, 204), (status, body)
+        wait_until(
+            lambda: second.log_text().count(f"topic unloaded topic={topic}") > unloads,
+            "the owner reloads the topic with the new policy",
+        )
+        producer.send(b"s2", sequence_id=2)
+        producer.send(b"s2 again", sequence_id=2)  # a duplicate now: acknowledged, not stored
+        producer.send(b"s3", sequence_id=3)
+        assert [message.data() for message in receive_n(consumer, 2)] == [b"s2", b"s3"]
+    finally:
+        client.close()
+
+
+def test_producer_and_consumer_move_when_the_owner_is_killed(cluster, namespace, tmp_path):
+    first, second, third = cluster
+    topic = f"persistent://{namespace}/{unique('failover')}"
+    # Broker 1 takes the topic's bundle (unless an earlier test gave it to another broker).
+    http("GET", first.web_url + lookup_path(topic), follow=False)
+    owner = owner_of(cluster, topic, via=second)
+    survivors = [broker for broker in cluster if broker is not owner]
+    producer_client = new_client(survivors[0], tmp_path, "producer")
+    consumer_client = new_client(survivors[1], tmp_path, "consumer")
+    try:
+        consumer = consumer_client.subscribe(
+            topic, "s", initial_position=pulsar.InitialPosition.Earliest
+        )
+        producer = producer_client.create_producer(topic, send_timeout_millis=60_000)
+        send_and_receive(producer, consumer, "before", 1)
+
+        owner.kill()  # SIGKILL: its lease expires after the TTL, nothing is released
+        wait_until(
+            lambda: owner_of(survivors, topic, via=survivors[0]) is not None,
+            "a live broker owns the killed owner's bundle",
+        )
+        # The same producer and consumer objects go on through the new owner.
+        send_and_receive(producer, consumer, "after", 5)
+        # The dead broker's registration went with its lease.
+        status, _, body = http("GET", f"{survivors[0].web_url}/admin/v2/brokers/{CLUSTER}")
+        assert status == 200 and owner.web_url.removeprefix("http://") not in json.loads(body)
+        assert len(json.loads(body)) == 2, body
+    finally:
+        producer_client.close()
+        consumer_client.close()
+
+
+
+LEASE_LOST_LINES = ("etcd lease lost", "etcd lease not renewed")
+
+
+@pytest.mark.allow_broker_errors(*LEASE_LOST_LINES)
+def test_a_paused_owner_that_lost_its_lease_closes_its_clients(cluster, tmp_path):
+    live = [broker for broker in cluster if broker.is_running()]
+    assert len(live) >= 2, "the failover test left fewer than two brokers"
+    owner, other = live[0], live[1]
+    _, topic = topic_owned_by(owner, live, created_via=other, prefix="paused")
+    client = new_client(other, tmp_path, "client")
+    try:
+        consumer = client.subscribe(topic, "s", initial_position=pulsar.InitialPosition.Earliest)
+        producer = client.create_producer(topic, send_timeout_millis=60_000)
+        send_and_receive(producer, consumer, "before", 1)
+
+        # Paused past its lease TTL: etcd drops its bundles and `other` takes this one.
+        os.kill(owner.pid, signal.SIGSTOP)
+        try:
+            # (no redirect followed: one to the paused owner would hang)
+            wait_until(
+                lambda: owns(other, topic),
+                "the paused owner's bundle moved to the other broker",
+            )
+        finally:
+            os.kill(owner.pid, signal.SIGCONT)
+        # Resumed, it learns its lease is gone, closes the topic's producer and consumer (which
+        # look the topic up again and land on the new owner), then registers anew.
+        wait_until(
+            lambda: "registered in etcd again" in owner.log_text(),
+            "the resumed broker reports its lease lost and registers again",
+        )
+        assert "etcd lease lost" in owner.log_text()
+        send_and_receive(producer, consumer, "after", 3)
+        stats_path = "/admin/v2/persistent/" + topic.removeprefix("persistent://") + "/stats"
+        status, _, body = http("GET", other.web_url + stats_path, follow=False)
+        compact = body.replace(b" ", b"")
+        assert status == 200 and b'"publishers":[{' in compact, (status, body)
+        assert b'"consumers":[{' in compact, body
+        # And it registered again: a lookup through it works.
+        wait_until(
+            lambda: owner_of([other], topic, via=owner) is other,
+            "the resumed broker answers lookups again",
+        )
+    finally:
+        client.close()

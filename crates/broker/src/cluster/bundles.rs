@@ -1,0 +1,90 @@
+//! Namespace bundles: which hash range of its namespace a topic falls in.
+//!
+//! As in Pulsar, a namespace's hash space `[0x00000000, 0xffffffff]` is cut into equal ranges
+//! (`defaultNumberOfNamespaceBundles`, 4 by default), named `0x00000000_0x40000000`, and a
+//! topic belongs to the range holding the CRC-32 (IEEE, the zlib/Guava `crc32` one) of its full
+//! name, `persistent://tenant/ns/local` (each partition by its own name). A range holds its
+//! lower bound and not its upper one, except the last range, which also holds `0xffffffff`.
+
+use crate::topic_name::TopicName;
+
+/// Largest bundle count accepted for a namespace (Pulsar's limit is 2^32; this bounds the
+/// work of naming bundles).
+pub const MAX_BUNDLES: u32 = 1 << 16;
+
+/// CRC-32 (IEEE 802.3, reflected polynomial 0xEDB88320), bit by bit: topic names are short
+/// and a lookup hashes one.
+pub fn crc32(bytes: &[u8]) -> u32 {
+    let mut crc = !0u32;
+    for &byte in bytes {
+        crc ^= u32::from(byte);
+        for _ in 0..8 {
+            let mask = (crc & 1).wrapping_neg();
+            crc = (crc >> 1) ^ (0xEDB8_8320 & mask);
+        }
+    }
+    !crc
+}
+
+/// The bundle of `topic` among `count` equal bundles of its namespace:
+/// `tenant/namespace/0xLLLLLLLL_0xUUUUUUUU`, the key path its ownership lives under in etcd.
+pub fn bundle_of(topic: &TopicName, count: u32) -> String {
+    let (lower, upper) = range_of(crc32(topic.to_string().as_bytes()), count);
+    format!(
+        "{}/{}/0x{lower:08x}_0x{upper:08x}",
+        topic.tenant, topic.namespace
+    )
+}
+
+/// The range `(lower, upper)` of `count` equal ranges that holds `hash`.
+pub fn range_of(hash: u32, count: u32) -> (u32, u32) {
+    let count = u64::from(count.clamp(1, MAX_BUNDLES));
+    let size = (1u64 << 32) / count;
+    let index = (u64::from(hash) / size).min(count - 1);
+    let lower = index * size;
+    let upper = if index == count - 1 {
+        u64::from(u32::MAX)
+    } else {
+        lower + size
+    };
+    (lower as u32, upper as u32)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn crc32_is_the_ieee_one() {
+        // The standard check value of CRC-32/ISO-HDLC.
+        assert_eq!(crc32(b"123456789"), 0xCBF4_3926);
+        assert_eq!(crc32(b""), 0);
+    }
+
+    #[test]
+    fn four_bundles_have_pulsars_boundaries() {
+        assert_eq!(range_of(0, 4), (0, 0x4000_0000));
+        assert_eq!(range_of(0x3fff_ffff, 4), (0, 0x4000_0000));
+        assert_eq!(range_of(0x4000_0000, 4), (0x4000_0000, 0x8000_0000));
+        assert_eq!(range_of(0xc000_0000, 4), (0xc000_0000, 0xffff_ffff));
+        assert_eq!(range_of(u32::MAX, 4), (0xc000_0000, 0xffff_ffff));
+        assert_eq!(range_of(u32::MAX, 3).1, u32::MAX);
+        assert_eq!(range_of(12345, 1), (0, u32::MAX));
+    }
+
+    #[test]
+    fn a_topic_maps_to_the_range_of_its_full_names_hash() {
+        let topic = TopicName::parse("persistent://public/default/orders").expect("valid name");
+        let hash = crc32(b"persistent://public/default/orders");
+        let (lower, upper) = range_of(hash, 4);
+        assert_eq!(
+            bundle_of(&topic, 4),
+            format!("public/default/0x{lower:08x}_0x{upper:08x}")
+        );
+        // Partitions are topics of their own and spread over the bundles.
+        let bundles: std::collections::BTreeSet<String> = (0..16)
+            .map(|index| bundle_of(&topic.partition(index), 4))
+            .collect();
+        assert!(bundles.len() > 1, "{bundles:?}");
+    }
+}
