@@ -990,33 +990,36 @@ fn affects_authorization(key: &str) -> bool {
         .any(|prefix| key.starts_with(prefix))
 }
 
+/// For unit tests: a broker on `storage` with its metadata under `directory`, and namespace
+/// `t/n`.
+#[cfg(test)]
+pub(crate) fn test_broker(directory: &std::path::Path, storage: Storage) -> Arc<Broker> {
+    let metadata =
+        meridian_metadata::EmbeddedStore::open(&directory.join("metadata")).expect("metadata");
+    let broker = Broker::new(BrokerConfig::default(), storage, metadata).expect("broker");
+    let resources = broker.resources();
+    resources
+        .create_tenant("t", &crate::resources::TenantInfo::default())
+        .expect("tenant");
+    resources
+        .create_namespace("t", "n", &crate::resources::Policies::default())
+        .expect("namespace");
+    broker
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn broker(directory: &std::path::Path) -> Arc<Broker> {
-        let storage = Storage::open(
-            directory.join("storage"),
-            meridian_storage::StorageConfig::default(),
-        )
-        .expect("storage");
-        let metadata =
-            meridian_metadata::EmbeddedStore::open(&directory.join("metadata")).expect("metadata");
-        let broker = Broker::new(BrokerConfig::default(), storage, metadata).expect("broker");
-        let resources = broker.resources();
-        resources
-            .create_tenant("t", &crate::resources::TenantInfo::default())
-            .expect("tenant");
-        resources
-            .create_namespace("t", "n", &crate::resources::Policies::default())
-            .expect("namespace");
-        broker
-    }
-
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_client_arriving_during_an_admin_creation_is_served_once_it_ends() {
         let directory = tempfile::tempdir().expect("tempdir");
-        let broker = broker(directory.path());
+        let storage = Storage::open(
+            directory.path().join("storage"),
+            meridian_storage::StorageConfig::default(),
+        )
+        .expect("storage");
+        let broker = test_broker(directory.path(), storage);
         let name = TopicName::parse("persistent://t/n/created").expect("name");
         // An admin creation that holds the name until the test lets it go on.
         let (release, released) = tokio::sync::oneshot::channel::<()>();

@@ -2151,17 +2151,7 @@ mod tests {
     async fn a_state_a_reset_dropped_while_it_was_being_applied_acknowledges_nothing() {
         let directory = tempfile::tempdir().expect("tempdir");
         let storage = relaxed_storage(&directory.path().join("storage"));
-        let metadata = meridian_metadata::EmbeddedStore::open(&directory.path().join("metadata"))
-            .expect("metadata");
-        let broker =
-            crate::Broker::new(crate::BrokerConfig::default(), storage, metadata).expect("broker");
-        let resources = broker.resources();
-        resources
-            .create_tenant("t", &crate::resources::TenantInfo::default())
-            .expect("tenant");
-        resources
-            .create_namespace("t", "n", &crate::resources::Policies::default())
-            .expect("namespace");
+        let broker = crate::broker::test_broker(directory.path(), storage);
         let name = TopicName::parse("persistent://t/n/reset").expect("name");
         let topic = broker.topic(&name, true).await.expect("topic");
         // The sync's work runs on blocking threads.
