@@ -544,11 +544,10 @@ impl Connection {
 
     /// Handles one frame (ACK and FLOW come here only when [`Self::handle_at_once`] could not
     /// take them). SEND and pings are handled here, the others in [`Self::handle_other`]
-    /// behind a box: this future is created
-    /// for every frame, and its size is the union of what the handlers it awaits keep across
-    /// their awaits — with every handler and a `BaseCommand` (several KiB) held by value in it,
-    /// creating it cost a memmove of that size per frame, a third of the broker's CPU per
-    /// delivered message (issue 16).
+    /// behind a box: this future is created for every frame, and its size is the union of
+    /// what the handlers it awaits keep across their awaits — with every handler and a
+    /// `BaseCommand` (several KiB) held by value in it, creating it cost a memmove of that size
+    /// per frame, a third of the broker's CPU per delivered message (issue 16).
     async fn handle(&mut self, frame: Frame) -> Result<(), Close> {
         let kind = command_type(frame.command());
         if self.protocol_version.is_none() && kind != Some(Type::Connect) {
