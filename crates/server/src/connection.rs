@@ -473,20 +473,21 @@ impl Connection {
             match meridian_wire::decode_frame(buffer, self.config.max_frame_size) {
                 Ok(Some(frame)) => {
                     self.last_frame = Instant::now();
-                    let config = self.config.clone();
                     // ACK and FLOW (about one per message) without a future; for the other
                     // commands `handle`'s future is moved once, into a box, and kept small
                     // (about 2 KiB; see `handle`).
                     match self.handle_at_once(frame) {
                         Ok(None) => {}
                         Ok(Some(response)) => {
-                            within_keep_alive(&config, async {
+                            within_keep_alive(&self.config, async {
                                 self.send(response).await;
                                 Ok(())
                             })
                             .await?
                         }
                         Err(frame) => {
+                            // `handle` borrows the connection mutably.
+                            let config = self.config.clone();
                             within_keep_alive(&config, Box::pin(self.handle(frame))).await?;
                         }
                     }
