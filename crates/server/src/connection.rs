@@ -434,7 +434,9 @@ impl Connection {
 
     /// Encodes `command` at once and returns the future that queues it: an `async fn` would
     /// keep the `BaseCommand` (several KiB) in its state, and so in every handler's future that
-    /// awaits it, which is moved whole for every frame (issue 16).
+    /// awaits it, which is moved whole for every frame (issue 16). Callers bind the returned
+    /// future in a statement of its own (`let sending = self.send_command(…); sending.await;`):
+    /// written as one statement, the `BaseCommand` temporary would live across the await.
     fn send_command(&self, command: BaseCommand) -> impl std::future::Future<Output = ()> + '_ {
         self.send(command_frame(&command))
     }
