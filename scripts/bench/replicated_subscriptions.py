@@ -32,6 +32,7 @@ subscription's existence apart from the sync. `--perf-b DIR` / `--strace-b DIR`:
 `--callgrind-b DIR`: broker b runs under valgrind's callgrind and the load is held at `--rate`
 msg/s (b is ~50 times slower under it); prints b's instructions executed per message over the
 window — a count that, unlike CPU time, other work on the machine does not disturb.
+`--callgrind-a DIR`: the same for broker a, the sender (one of the two per invocation).
 
 Tail run (`--tail N`, instead of the above): one old message is left unacknowledged on a, then N
 messages are produced and acknowledged (a long acknowledged tail behind it, on both clusters
@@ -238,13 +239,14 @@ def context_switches(broker):
     return total
 
 
-def callgrind_instructions(pid, directory, name):
-    """Dumps the counters of broker b running under callgrind and returns the instructions
+def callgrind_instructions(broker, directory, name):
+    """Dumps the counters of a broker running under callgrind and returns the instructions
     executed since they were last zeroed."""
+    pid = broker.process.pid
     subprocess.run(["callgrind_control", "--dump=" + name, str(pid)], check=True,
                    stdout=subprocess.DEVNULL)
     dumps = [os.path.join(directory, file) for file in os.listdir(directory)
-             if file.startswith(f"b.{pid}.")]
+             if file.startswith(f"{broker.name}.{pid}.")]
     for path in sorted(dumps, key=os.path.getmtime, reverse=True):
         with open(path) as dump:
             text = dump.read()
@@ -256,12 +258,16 @@ def callgrind_instructions(pid, directory, name):
 
 
 def max_one(binary, root, options, round_, kind):
-    wrapper = []
-    if options.callgrind_b:
-        os.makedirs(options.callgrind_b, exist_ok=True)
-        wrapper = ["valgrind", "--tool=callgrind", "--quiet",
-                   "--callgrind-out-file=" + os.path.join(options.callgrind_b, "b.%p")]
-    a, b = Broker(binary, "a", root), Broker(binary, "b", root, wrapper)
+    # The broker measured under callgrind, if any: "a" or "b", and where its dumps go.
+    measured, callgrind = ("a", options.callgrind_a) if options.callgrind_a else \
+        ("b", options.callgrind_b)
+    wrappers = {"a": [], "b": []}
+    if callgrind:
+        os.makedirs(callgrind, exist_ok=True)
+        wrappers[measured] = ["valgrind", "--tool=callgrind", "--quiet",
+                              "--callgrind-out-file=" + os.path.join(callgrind, measured + ".%p")]
+    a, b = Broker(binary, "a", root, wrappers["a"]), Broker(binary, "b", root, wrappers["b"])
+    measured = a if measured == "a" else b
     try:
         replicate_namespace(a, b)
         client = pulsar.Client(a.url)
@@ -274,11 +280,11 @@ def max_one(binary, root, options, round_, kind):
             status, reply = http("PUT", url)
             if status >= 300:
                 raise RuntimeError(f"creating the subscription on b: {status} {reply}")
-        rate = options.rate if options.callgrind_b else 0
+        rate = options.rate if callgrind else 0
         load = Load(client, topic, rate, replicated, hold_every=0 if options.in_order else 10)
         time.sleep(2)  # warm-up
-        if options.callgrind_b:
-            subprocess.run(["callgrind_control", "--zero", str(b.process.pid)], check=True,
+        if callgrind:
+            subprocess.run(["callgrind_control", "--zero", str(measured.process.pid)], check=True,
                            stdout=subprocess.DEVNULL)
         cpu_a, cpu_b, consumed = a.cpu_seconds(), b.cpu_seconds(), len(load.acknowledged)
         switches = context_switches(b)
@@ -303,9 +309,8 @@ def max_one(binary, root, options, round_, kind):
             profiler.send_signal(signal.SIGINT)
             profiler.wait(60)
         instructions = None
-        if options.callgrind_b:
-            instructions = callgrind_instructions(b.process.pid, options.callgrind_b,
-                                                  f"{kind}-{round_ + 1}")
+        if callgrind:
+            instructions = callgrind_instructions(measured, callgrind, f"{kind}-{round_ + 1}")
         switches = [now - then for now, then in zip(context_switches(b), switches)]
         b_split = [now - then for now, then in zip(b.cpu_split(), b_split)]
         consumed = len(load.acknowledged) - consumed
@@ -321,7 +326,7 @@ def max_one(binary, root, options, round_, kind):
               f"in {elapsed:.1f} s; b context switches per message "
               f"{switches[0] / per:.2f} voluntary, {switches[1] / per:.2f} involuntary; "
               f"{consumed} messages"
-              + (f"; b instructions per message {instructions / per:,.0f}"
+              + (f"; {measured.name} instructions per message {instructions / per:,.0f}"
                  if instructions is not None else ""),
               flush=True)
         try:
@@ -407,7 +412,11 @@ def main():
     parser.add_argument("--callgrind-b", metavar="DIR",
                         help="with --max: run broker b under callgrind and the load at --rate "
                              "msg/s; prints b's instructions per message over the window")
+    parser.add_argument("--callgrind-a", metavar="DIR",
+                        help="with --max: the same as --callgrind-b for broker a, the sender")
     options = parser.parse_args()
+    if options.callgrind_a and options.callgrind_b:
+        parser.error("--callgrind-a and --callgrind-b: one broker at a time")
     binary = os.path.abspath(options.binary)
     if options.max:
         max_run(binary, options)

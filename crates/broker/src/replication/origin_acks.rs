@@ -229,10 +229,15 @@ fn just_after(position: Position) -> Position {
     Position::new(position.ledger_id, position.entry_id.saturating_add(1))
 }
 
-/// Positions as Pulsar writes them in JSON: `"ledger:entry"`.
+/// Positions as Pulsar writes them in JSON: `"ledger:entry"`. A state is decoded at every post
+/// a cluster receives (ten a second per replicated subscription at the default interval), so
+/// positions are parsed straight from the JSON text and written without building strings.
 mod position_text {
+
+    use std::fmt;
+
     use meridian_storage::Position;
-    use serde::de::Error;
+    use serde::de::{Error, SeqAccess, Visitor};
     use serde::{Deserialize, Deserializer, Serializer};
 
     fn parse<E: Error>(text: &str) -> Result<Position, E> {
@@ -246,8 +251,23 @@ mod position_text {
         Ok(Position::new(number(ledger)?, number(entry)?))
     }
 
-    fn text(position: &Position) -> String {
-        format!("{}:{}", position.ledger_id, position.entry_id)
+    /// One position, decoded from its text where the input lends it (JSON without escapes).
+    struct Text(Position);
+
+    impl<'de> Deserialize<'de> for Text {
+        fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Text, D::Error> {
+            struct TextVisitor;
+            impl Visitor<'_> for TextVisitor {
+                type Value = Text;
+                fn expecting(&self, formatter: &mut fmt::Formatter) -> fmt::Result {
+                    formatter.write_str("a position as \"ledger:entry\"")
+                }
+                fn visit_str<E: Error>(self, text: &str) -> Result<Text, E> {
+                    parse(text).map(Text)
+                }
+            }
+            deserializer.deserialize_str(TextVisitor)
+        }
     }
 
     pub mod option {
@@ -258,7 +278,7 @@ mod position_text {
             serializer: S,
         ) -> Result<S::Ok, S::Error> {
             match value {
-                Some(position) => serializer.serialize_some(&text(position)),
+                Some(position) => serializer.collect_str(position),
                 None => serializer.serialize_none(),
             }
         }
@@ -266,10 +286,35 @@ mod position_text {
         pub fn deserialize<'de, D: Deserializer<'de>>(
             deserializer: D,
         ) -> Result<Option<Position>, D::Error> {
-            Option::<String>::deserialize(deserializer)?
-                .map(|value| parse(&value))
-                .transpose()
+            Ok(Option::<Text>::deserialize(deserializer)?.map(|Text(position)| position))
         }
+    }
+
+    /// A sequence, decoded element by element into a vector of at most `limit` reserved
+    /// entries up front (the length comes from the input).
+    fn decode_seq<'de, D, T, U>(
+        deserializer: D,
+        convert: impl Fn(T) -> U,
+    ) -> Result<Vec<U>, D::Error>
+    where
+        D: Deserializer<'de>,
+        T: Deserialize<'de>,
+    {
+        struct SeqVisitor<T, F>(F, std::marker::PhantomData<T>);
+        impl<'de, T: Deserialize<'de>, U, F: Fn(T) -> U> Visitor<'de> for SeqVisitor<T, F> {
+            type Value = Vec<U>;
+            fn expecting(&self, formatter: &mut fmt::Formatter) -> fmt::Result {
+                formatter.write_str("a sequence")
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<U>, A::Error> {
+                let mut values = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(4096));
+                while let Some(value) = seq.next_element::<T>()? {
+                    values.push((self.0)(value));
+                }
+                Ok(values)
+            }
+        }
+        deserializer.deserialize_seq(SeqVisitor(convert, std::marker::PhantomData))
     }
 
     pub mod batches {
@@ -282,18 +327,16 @@ mod position_text {
             serializer.collect_seq(
                 batches
                     .iter()
-                    .map(|(position, words)| (text(position), words)),
+                    .map(|(position, words)| (position.to_string(), words)),
             )
         }
 
         pub fn deserialize<'de, D: Deserializer<'de>>(
             deserializer: D,
         ) -> Result<Vec<(Position, Vec<u64>)>, D::Error> {
-            let raw = Vec::<(String, Vec<u64>)>::deserialize(deserializer)?;
-            let batches = raw
-                .iter()
-                .map(|(position, words)| Ok((parse(position)?, words.clone())))
-                .collect::<Result<Vec<_>, D::Error>>()?;
+            let batches = decode_seq(deserializer, |(Text(position), words): (Text, Vec<u64>)| {
+                (position, words)
+            })?;
             if !batches.windows(2).all(|pair| pair[0].0 < pair[1].0) {
                 return Err(D::Error::custom("batches must be ascending"));
             }
@@ -308,17 +351,36 @@ mod position_text {
             ranges: &[(Position, Position)],
             serializer: S,
         ) -> Result<S::Ok, S::Error> {
-            serializer.collect_seq(ranges.iter().map(|(start, end)| [text(start), text(end)]))
+            serializer.collect_seq(ranges.iter().map(|(start, end)| Pair(*start, *end)))
+        }
+
+        /// A range as `["ledger:entry", "ledger:entry"]`, written without building strings.
+        struct Pair(Position, Position);
+
+        impl serde::Serialize for Pair {
+            fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+                use serde::ser::SerializeTuple;
+                let mut tuple = serializer.serialize_tuple(2)?;
+                tuple.serialize_element(&Display(self.0))?;
+                tuple.serialize_element(&Display(self.1))?;
+                tuple.end()
+            }
+        }
+
+        struct Display(Position);
+
+        impl serde::Serialize for Display {
+            fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+                serializer.collect_str(&self.0)
+            }
         }
 
         pub fn deserialize<'de, D: Deserializer<'de>>(
             deserializer: D,
         ) -> Result<Vec<(Position, Position)>, D::Error> {
-            let raw = Vec::<[String; 2]>::deserialize(deserializer)?;
-            let ranges = raw
-                .iter()
-                .map(|[start, end]| Ok((parse(start)?, parse(end)?)))
-                .collect::<Result<Vec<_>, D::Error>>()?;
+            let ranges = decode_seq(deserializer, |[Text(start), Text(end)]: [Text; 2]| {
+                (start, end)
+            })?;
             let ordered = ranges.iter().all(|(start, end)| start <= end)
                 && ranges.windows(2).all(|pair| pair[0].1 < pair[1].0);
             if !ordered {
@@ -459,5 +521,19 @@ mod tests {
         assert!(serde_json::from_str::<OriginAcks>(reversed).is_err());
         let garbage = r#"{"origins":{"a":{"ackedBelow":"x","ranges":[]}}}"#;
         assert!(serde_json::from_str::<OriginAcks>(garbage).is_err());
+        // Batches keep their form, and a position written with a JSON escape still reads.
+        let mut batched = acks.clone();
+        batched.origins.get_mut("a").expect("origin a").batches = vec![(at(1, 4), vec![6])];
+        let text = serde_json::to_string(&batched).expect("encode");
+        assert!(text.ends_with(r#""batches":[["1:4",[6]]]}}}"#), "{text}");
+        assert_eq!(
+            serde_json::from_str::<OriginAcks>(&text).expect("decode"),
+            batched
+        );
+        let escaped = r#"{"origins":{"a":{"ackedBelow":"1\u003a2","ranges":[["1:3","1\u003a3"]],"storedFrom":"0:0"}}}"#;
+        assert_eq!(
+            serde_json::from_str::<OriginAcks>(escaped).expect("decode"),
+            acks
+        );
     }
 }

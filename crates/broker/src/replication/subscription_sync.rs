@@ -610,14 +610,20 @@ pub fn receive(
     crate::topic::check_subscription_name(name).map_err(BrokerError::PreconditionFailed)?;
     let log = topic.log();
     let properties_lock = topic.lock_cursor_properties();
-    if log.cursor(name).is_none() {
-        topic.create_subscription(name, Some(None))?;
-    }
+    // The cursor is read once (a copy of its whole state each time), and again only after a
+    // reset changed it: this runs at every state received.
+    let mut cursor = match log.cursor(name) {
+        Some(cursor) => cursor,
+        None => {
+            topic.create_subscription(name, Some(None))?;
+            log.cursor(name).unwrap_or_default()
+        }
+    };
     let key = format!("{SYNCED_PROPERTY_PREFIX}{}", acks.cluster);
-    let stored_seq = log
-        .cursor(name)
-        .and_then(|cursor| cursor.properties.get(&key).cloned())
-        .and_then(|value| serde_json::from_str::<StoredSeq>(&value).ok())
+    let stored_seq = cursor
+        .properties
+        .get(&key)
+        .and_then(|value| serde_json::from_str::<StoredSeq>(value).ok())
         .and_then(|stored| stored.seq);
     if let (Some(stored), Some(seq)) = (stored_seq, acks.seq) {
         if seq < stored {
@@ -629,9 +635,7 @@ pub fn receive(
             )));
         }
     }
-    let own_reset = log
-        .cursor(name)
-        .and_then(|cursor| replicated_subscriptions::reset_at(&cursor));
+    let own_reset = replicated_subscriptions::reset_at(&cursor);
     if acks.reset_at < own_reset {
         // Sent before the sender learnt of a reset made since: it would undo the reset.
         tracing::debug!(topic = %topic.name, subscription = name, from = %acks.cluster, "ignoring a replicated subscription state older than the last reset");
@@ -642,11 +646,9 @@ pub fn receive(
         // A user moved the subscription back in the sender: start over from its state alone.
         topic.reset_subscription_here(name, None)?;
         tracing::info!(topic = %topic.name, subscription = name, from = %acks.cluster, "replicated subscription reset by another cluster");
+        cursor = log.cursor(name).unwrap_or_default();
     }
-    let mut properties = log
-        .cursor(name)
-        .map(|cursor| cursor.properties)
-        .unwrap_or_default();
+    let mut properties = std::mem::take(&mut cursor.properties);
     if let (true, Some(reset_at)) = (reset, acks.reset_at) {
         replicated_subscriptions::adopt_reset(&mut properties, reset_at);
         properties.remove(crate::batch_acks::PROPERTY);
@@ -657,11 +659,15 @@ pub fn receive(
         format!("{RECEIVED_AT_PROPERTY_PREFIX}{}", acks.cluster),
         now_ms().to_string(),
     );
-    log.set_cursor_properties(name, properties)?;
-    let stored = log.cursor(name).unwrap_or_default();
-    // The states held, decoded: this one as it came, the other clusters' from the cursor.
-    let mut all: Vec<SyncedAcks> = stored
-        .properties
+    // What the cursor holds once the properties are set (under the lock, so nothing else
+    // changes them): the states as stored, and decoded (this one as it came, the other
+    // clusters' from the cursor).
+    let applied: Vec<String> = properties
+        .iter()
+        .filter(|(stored_key, _)| stored_key.starts_with(SYNCED_PROPERTY_PREFIX))
+        .map(|(_, value)| value.clone())
+        .collect();
+    let mut all: Vec<SyncedAcks> = properties
         .iter()
         .filter(|(stored_key, _)| {
             stored_key.starts_with(SYNCED_PROPERTY_PREFIX) && **stored_key != key
@@ -669,6 +675,7 @@ pub fn receive(
         .filter_map(|(_, value)| serde_json::from_str(value).ok())
         .collect();
     all.push(acks);
+    log.set_cursor_properties(name, properties)?;
     if let Some(subscription) = topic.subscription(name) {
         // Its dispatcher acknowledges what the states cover instead of delivering it, also
         // for entries that arrive before the sync task's next tick.
@@ -677,7 +684,6 @@ pub fn receive(
     drop(properties_lock);
     // Entries that arrive later are covered by the sync task's next ticks.
     topic.ensure_subscription_sync();
-    let applied: Vec<String> = received_states(&stored).into_iter().cloned().collect();
     let walked = match topic.subscription_sync() {
         Some(sync) => with_origins(topic, &sync.origins, name, |map| {
             apply(topic, name, (local_cluster, None), map, (&applied, &all))
