@@ -779,6 +779,78 @@ impl Log {
         }
     }
 
+    /// [`Log::acknowledge`] for positions that come mostly in runs of consecutive entries (in
+    /// log order, as the replicated-subscription sync gives them): each run is added to the
+    /// set at once instead of entry by entry. Same outcome, except that at `cursor_max_ranges`
+    /// a run that would add a range is refused whole (and one that only overlaps a range in
+    /// its middle counts as adding one).
+    pub fn acknowledge_runs(&self, name: &str, positions: &[Position]) -> Result<Option<Position>> {
+        let max_ranges = self.shared.config.cursor_max_ranges;
+        let mut state = self.lock();
+        let last_durable = state.last_durable();
+        let (mark_delete, refused) = state.update_cursor(self.name(), name, |log, cursor| {
+            let mut refused = Vec::new();
+            let next = log.position_after(cursor.mark_delete);
+            let mut rest = positions;
+            while let Some(first) = rest.first().copied() {
+                let length = 1 + rest
+                    .windows(2)
+                    .take_while(|pair| {
+                        pair[1].ledger_id == first.ledger_id
+                            && pair[1].entry_id == pair[0].entry_id + 1
+                    })
+                    .count();
+                let (run, after) = rest.split_at(length);
+                rest = after;
+                // Only what is durable and not acknowledged below the mark-delete position.
+                let run: Vec<Position> = run
+                    .iter()
+                    .copied()
+                    .filter(|position| {
+                        Some(*position) <= last_durable
+                            && cursor.mark_delete.is_none_or(|mark| *position > mark)
+                    })
+                    .collect();
+                let (Some(start), Some(end)) = (run.first(), run.last()) else {
+                    continue;
+                };
+                let touches = |entry_id: Option<u64>| {
+                    entry_id.is_some_and(|entry_id| {
+                        cursor
+                            .acknowledged
+                            .contains(Position::new(start.ledger_id, entry_id))
+                    })
+                };
+                let joins = *start == next
+                    || touches(start.entry_id.checked_sub(1))
+                    || touches(Some(start.entry_id))
+                    || touches(Some(end.entry_id))
+                    || touches(end.entry_id.checked_add(1));
+                let ranges = cursor.acknowledged.range_count()
+                    - usize::from(cursor.acknowledged.contains(next));
+                if !joins && ranges >= max_ranges {
+                    refused.extend(run);
+                    continue;
+                }
+                cursor
+                    .acknowledged
+                    .insert_range(start.ledger_id, start.entry_id, end.entry_id);
+            }
+            log.advance_mark_delete(cursor);
+            (cursor.mark_delete, refused)
+        })?;
+        if refused.is_empty() {
+            Ok(mark_delete)
+        } else {
+            Err(StorageError::TooManyAcknowledgedRanges {
+                log: self.name().to_string(),
+                cursor: name.to_string(),
+                limit: max_ranges,
+                refused,
+            })
+        }
+    }
+
     /// Number of ranges of individually acknowledged entries cursor `name` holds (0 if it does
     /// not exist); at most `cursor_max_ranges` unless more were recovered.
     pub fn acknowledged_range_count(&self, name: &str) -> usize {

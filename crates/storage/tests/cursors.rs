@@ -1031,3 +1031,80 @@ fn the_wal_replay_holds_a_bounded_number_of_journals_open() {
         storage.close_log(&format!("t{index}")).expect("close");
     }
 }
+
+#[test]
+fn acknowledging_runs_leaves_the_cursor_as_acknowledging_entry_by_entry_does() {
+    // `acknowledge_runs` (the replicated-subscription sync's path) inserts runs of consecutive
+    // entries at once; whatever the batches (runs, single entries, repeats, entries below the
+    // mark-delete position, several ledgers), the cursor must end as `acknowledge` leaves it.
+    let root = tempfile::tempdir().expect("tempdir");
+    let storage = Storage::open(root.path(), config()).expect("open");
+    let log = storage.open_log("t").expect("log");
+    let mut positions = append(&log, 150);
+    storage.close().expect("close");
+    // A second ledger (a new one after each open).
+    let storage = Storage::open(root.path(), config()).expect("reopen");
+    let log = storage.open_log("t").expect("log");
+    positions.extend(append(&log, 150));
+    log.open_cursor("one", InitialPosition::Earliest)
+        .expect("cursor");
+    log.open_cursor("runs", InitialPosition::Earliest)
+        .expect("cursor");
+    let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut random = |bound: usize| {
+        seed = seed
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
+        (seed >> 33) as usize % bound
+    };
+    for _ in 0..200 {
+        let mut batch = Vec::new();
+        for _ in 0..1 + random(4) {
+            let start = random(positions.len());
+            let length = 1 + random(12);
+            batch.extend(positions.iter().skip(start).take(length).copied());
+        }
+        batch.sort();
+        let one = log.acknowledge("one", &batch).expect("acknowledge");
+        let runs = log
+            .acknowledge_runs("runs", &batch)
+            .expect("acknowledge runs");
+        assert_eq!(one, runs, "mark-delete position after {batch:?}");
+        let (one, runs) = (
+            log.cursor("one").expect("one"),
+            log.cursor("runs").expect("runs"),
+        );
+        assert_eq!(one.acknowledged, runs.acknowledged, "after {batch:?}");
+    }
+    assert_eq!(
+        log.cursor("runs").expect("runs").mark_delete,
+        Some(positions[positions.len() - 1]),
+        "the batches covered every entry in the end"
+    );
+}
+
+#[test]
+fn a_run_that_would_exceed_the_range_limit_is_refused_whole() {
+    let limited = StorageConfig {
+        cursor_max_ranges: 2,
+        ..config()
+    };
+    let root = tempfile::tempdir().expect("tempdir");
+    let storage = Storage::open(root.path(), limited).expect("open");
+    let log = storage.open_log("t").expect("log");
+    let positions = append(&log, 30);
+    log.open_cursor("sub", InitialPosition::Earliest)
+        .expect("cursor");
+    log.acknowledge_runs("sub", &[positions[2], positions[3], positions[6]])
+        .expect("two ranges");
+    match log.acknowledge_runs("sub", &[positions[4], positions[10], positions[11]]) {
+        Err(meridian_storage::StorageError::TooManyAcknowledgedRanges { refused, .. }) => {
+            assert_eq!(refused, vec![positions[10], positions[11]]);
+        }
+        other => panic!("the third range was not refused: {other:?}"),
+    }
+    // 4 joined 2..=3 (and 6 follows 5, not acknowledged), so two ranges still.
+    assert_eq!(log.acknowledged_range_count("sub"), 2);
+    assert!(log.is_acknowledged("sub", positions[4]));
+    assert!(!log.is_acknowledged("sub", positions[10]));
+}

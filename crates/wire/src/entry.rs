@@ -130,6 +130,46 @@ struct EntryParts {
 }
 
 fn split_entry(entry: Bytes) -> Result<EntryParts, EntryError> {
+    let sections = sections(entry)?;
+    let metadata =
+        MessageMetadata::decode(sections.metadata()).map_err(EntryError::InvalidMetadata)?;
+    let payload = sections.checksummed.slice(sections.metadata_end..);
+    Ok(EntryParts {
+        broker_entry_metadata: sections.broker_entry_metadata,
+        bytes: sections.bytes,
+        stored_checksum: sections.stored_checksum,
+        checksummed: sections.checksummed,
+        metadata,
+        payload,
+    })
+}
+
+/// Decodes only the fields of an entry's metadata that `M` declares (a message with some of
+/// [`MessageMetadata`]'s fields, same tags), **without** verifying its checksum: for a reader
+/// that needs a few fields of many entries and should not pay for the others' allocations.
+pub fn entry_metadata_fields<M: Message + Default>(entry: Bytes) -> Result<M, EntryError> {
+    let sections = sections(entry)?;
+    M::decode(sections.metadata()).map_err(EntryError::InvalidMetadata)
+}
+
+/// Where an entry's parts lie, its metadata not decoded yet.
+struct Sections {
+    broker_entry_metadata: Option<BrokerEntryMetadata>,
+    bytes: Bytes,
+    stored_checksum: Option<u32>,
+    /// What the checksum covers: `[metadata_size][metadata][payload]`.
+    checksummed: Bytes,
+    /// Where the metadata ends in `checksummed`.
+    metadata_end: usize,
+}
+
+impl Sections {
+    fn metadata(&self) -> Bytes {
+        self.checksummed.slice(4..self.metadata_end)
+    }
+}
+
+fn sections(entry: Bytes) -> Result<Sections, EntryError> {
     let (broker_entry_metadata, bytes) = split_broker_entry_metadata(entry)?;
 
     let (stored_checksum, checksummed) = if read::u16_at(&bytes, 0) == Some(CHECKSUM_MAGIC) {
@@ -157,17 +197,12 @@ fn split_entry(entry: Bytes) -> Result<EntryParts, EntryError> {
         });
     }
     // 4 + metadata_length <= checksummed.len(), so neither bound overflows.
-    let metadata_end = 4 + metadata_length;
-    let metadata = MessageMetadata::decode(checksummed.slice(4..metadata_end))
-        .map_err(EntryError::InvalidMetadata)?;
-    let payload = checksummed.slice(metadata_end..);
-    Ok(EntryParts {
+    Ok(Sections {
         broker_entry_metadata,
         bytes,
         stored_checksum,
         checksummed,
-        metadata,
-        payload,
+        metadata_end: 4 + metadata_length,
     })
 }
 

@@ -93,8 +93,8 @@ pub use encode::{
     encode_payload_frame, encode_send_frame, prepend_broker_entry_metadata, PayloadFrame,
 };
 pub use entry::{
-    batch_messages, entry_metadata, entry_parts, parse_entry, strip_broker_entry_metadata,
-    BatchMessage, BatchMessages, ChecksumStatus, ParsedEntry,
+    batch_messages, entry_metadata, entry_metadata_fields, entry_parts, parse_entry,
+    strip_broker_entry_metadata, BatchMessage, BatchMessages, ChecksumStatus, ParsedEntry,
 };
 pub use error::{EncodeError, EntryError, FrameError};
 pub use frame::{check_frame, decode_frame, parse_frame, Frame, FrameCheck, PayloadCommand};

@@ -13,6 +13,7 @@ use std::sync::Arc;
 
 use meridian_storage::{Log, Position};
 
+use meridian_wire::proto::KeyValue;
 use meridian_wire::MessageMetadata;
 
 use super::chain;
@@ -95,14 +96,49 @@ pub fn entry_origin(
     position: Position,
     metadata: &MessageMetadata,
 ) -> Option<(String, Position)> {
-    if metadata.marker_type.is_some() {
+    origin_from(
+        local_cluster,
+        position,
+        metadata.marker_type.is_some(),
+        metadata.replicated_from.as_deref(),
+        &metadata.properties,
+    )
+}
+
+/// [`entry_origin`] from the fields it looks at: whether the entry is a marker, the cluster it
+/// was replicated from and its properties (which name its position there).
+fn origin_from(
+    local_cluster: &str,
+    position: Position,
+    marker: bool,
+    replicated_from: Option<&str>,
+    properties: &[KeyValue],
+) -> Option<(String, Position)> {
+    if marker {
         return None;
     }
-    if metadata.replicated_from.is_some() {
-        let origin = chain::origin_of(metadata)?;
-        return Some((origin.cluster, origin.position));
-    }
-    Some((local_cluster.to_string(), position))
+    let Some(cluster) = replicated_from else {
+        return Some((local_cluster.to_string(), position));
+    };
+    let origin = properties
+        .iter()
+        .find(|property| property.key == chain::ORIGIN_PROPERTY)?;
+    Some((cluster.to_string(), chain::parse_position(&origin.value)?))
+}
+
+/// The fields of an entry's metadata a map needs, with their tags in `MessageMetadata`:
+/// entries are read once each, and decoding only these skips allocating (and dropping) the
+/// producer name and every other field.
+#[derive(Clone, PartialEq, prost::Message)]
+struct OriginFields {
+    #[prost(message, repeated, tag = "4")]
+    properties: Vec<KeyValue>,
+    #[prost(string, optional, tag = "5")]
+    replicated_from: Option<String>,
+    #[prost(string, repeated, tag = "7")]
+    replicate_to: Vec<String>,
+    #[prost(int32, optional, tag = "20")]
+    marker_type: Option<i32>,
 }
 
 /// Consecutive entries `first..=last` of one ledger that all come from one origin at
@@ -253,13 +289,20 @@ impl OriginMap {
             for entry in entries {
                 self.entries_read += 1;
                 let position = entry.position;
-                let (origin, replicate_to) = match meridian_wire::entry_metadata(entry.data) {
-                    Ok(metadata) => (
-                        entry_origin(local_cluster, position, &metadata),
-                        metadata.replicate_to,
-                    ),
-                    Err(_) => (None, Vec::new()),
-                };
+                let (origin, replicate_to) =
+                    match meridian_wire::entry_metadata_fields::<OriginFields>(entry.data) {
+                        Ok(fields) => (
+                            origin_from(
+                                local_cluster,
+                                position,
+                                fields.marker_type.is_some(),
+                                fields.replicated_from.as_deref(),
+                                &fields.properties,
+                            ),
+                            fields.replicate_to,
+                        ),
+                        Err(_) => (None, Vec::new()),
+                    };
                 if going && position >= start && position <= end {
                     going = each(Span {
                         ledger: position.ledger_id,
