@@ -241,14 +241,26 @@ mod position_text {
     use serde::{Deserialize, Deserializer, Serializer};
 
     fn parse<E: Error>(text: &str) -> Result<Position, E> {
-        let (ledger, entry) = text
-            .split_once(':')
-            .ok_or_else(|| E::custom(format!("position {text:?} is not ledger:entry")))?;
-        let number = |part: &str| {
-            part.parse::<u64>()
-                .map_err(|_| E::custom(format!("position {text:?} is not ledger:entry")))
+        let malformed = || E::custom(format!("position {text:?} is not ledger:entry"));
+        // Decimal digits only, at least one, no overflow: what `u64::from_str` takes without
+        // a sign.
+        let number = |digits: &[u8]| {
+            if digits.is_empty() {
+                return None;
+            }
+            digits.iter().try_fold(0u64, |value, digit| {
+                let digit = digit.checked_sub(b'0').filter(|digit| *digit <= 9)?;
+                value.checked_mul(10)?.checked_add(u64::from(digit))
+            })
         };
-        Ok(Position::new(number(ledger)?, number(entry)?))
+        let bytes = text.as_bytes();
+        let colon = bytes
+            .iter()
+            .position(|byte| *byte == b':')
+            .ok_or_else(malformed)?;
+        let ledger = number(&bytes[..colon]).ok_or_else(malformed)?;
+        let entry = number(&bytes[colon + 1..]).ok_or_else(malformed)?;
+        Ok(Position::new(ledger, entry))
     }
 
     /// One position, decoded from its text where the input lends it (JSON without escapes).
@@ -519,8 +531,22 @@ mod tests {
         assert!(serde_json::from_str::<OriginAcks>(overlapping).is_err());
         let reversed = r#"{"origins":{"a":{"ackedBelow":null,"ranges":[["1:5","1:3"]]}}}"#;
         assert!(serde_json::from_str::<OriginAcks>(reversed).is_err());
-        let garbage = r#"{"origins":{"a":{"ackedBelow":"x","ranges":[]}}}"#;
-        assert!(serde_json::from_str::<OriginAcks>(garbage).is_err());
+        for garbage in [
+            "x",
+            "1",
+            ":2",
+            "1:",
+            "1:2:3",
+            "-1:2",
+            "+1:2",
+            "1:99999999999999999999",
+        ] {
+            let text = format!(r#"{{"origins":{{"a":{{"ackedBelow":"{garbage}","ranges":[]}}}}}}"#);
+            assert!(
+                serde_json::from_str::<OriginAcks>(&text).is_err(),
+                "{garbage} was taken"
+            );
+        }
         // Batches keep their form, and a position written with a JSON escape still reads.
         let mut batched = acks.clone();
         batched.origins.get_mut("a").expect("origin a").batches = vec![(at(1, 4), vec![6])];

@@ -1129,15 +1129,13 @@ fn only_repeats_remote(entry: &Tracked, remote: &str, body: &SyncedAcks) -> bool
     })
 }
 
-/// Decodes the received states of subscription `cursor` again if they changed since last
-/// decoded. Called after the walk: every acknowledgement the walk saw that a received state
-/// caused was made after that state was stored, so the echo test ([`only_repeats_remote`])
-/// compares with states at least as new. (The next application finds them decoded.)
-fn refresh_received(topic: &Topic, cursor: &str, entry: &mut Tracked) {
-    let Some(state) = topic.log().cursor(cursor) else {
-        return;
-    };
-    let raw: Vec<String> = received_states(&state).into_iter().cloned().collect();
+/// Decodes the received states of a subscription again if they changed since last decoded.
+/// `state`: the cursor the walk read (states and acknowledgements read at once, so every
+/// acknowledgement the walk saw that a received state caused comes with that state or a newer
+/// one, and the echo test, [`only_repeats_remote`], compares with states at least as new).
+/// (The next application finds them decoded.)
+fn refresh_received(state: &CursorState, entry: &mut Tracked) {
+    let raw: Vec<String> = received_states(state).into_iter().cloned().collect();
     if entry
         .decoded
         .as_ref()
@@ -1145,7 +1143,7 @@ fn refresh_received(topic: &Topic, cursor: &str, entry: &mut Tracked) {
     {
         return;
     }
-    entry.decoded = Some((raw, received(&state)));
+    entry.decoded = Some((raw, received(state)));
 }
 
 /// The part of a tick that reads the log: applies the states other clusters sent to each
@@ -1164,6 +1162,11 @@ fn read_states(
     let mut replicated = Vec::new();
     let mut outgoing = Vec::new();
     for cursor in topic.log().cursor_names() {
+        // The broker's own cursors are never replicated subscriptions (`receive` refuses
+        // them): not copied to find out.
+        if crate::topic::is_system_cursor(&cursor) || crate::topic::is_replicator_cursor(&cursor) {
+            continue;
+        }
         let Some(state) = topic.log().cursor(&cursor) else {
             continue;
         };
@@ -1182,7 +1185,27 @@ fn read_states(
         }
         let (applied, walked) = with_origins(topic, origins, &cursor, |map| {
             let applied = apply_received(topic, &cursor, &state, local_cluster, entry, map);
-            let walked = anyone.then(|| walk(topic, &cursor, local_cluster, entry, map));
+            // The cursor as read above, unless the application may have acknowledged
+            // entries since.
+            let fresh;
+            let seen = match applied {
+                Ok(false) => Some(&state),
+                _ => {
+                    fresh = topic.log().cursor(&cursor);
+                    fresh.as_ref()
+                }
+            };
+            let walked = anyone.then(|| match seen {
+                Some(seen) => {
+                    let walked = walk(topic, (&cursor, seen), local_cluster, entry, map);
+                    refresh_received(seen, entry);
+                    walked
+                }
+                None => Err(BrokerError::SubscriptionNotFound {
+                    topic: topic.log().name().to_string(),
+                    subscription: cursor.clone(),
+                }),
+            });
             (applied, walked)
         });
         if let Err(error) = applied {
@@ -1200,7 +1223,6 @@ fn read_states(
             }
         };
         let targets = targets(topic, remotes, &acks, local_cluster);
-        refresh_received(topic, &cursor, entry);
         let seq = entry.seq_for(&acks, reset_at);
         outgoing.push(Outgoing {
             cursor,
@@ -1277,7 +1299,8 @@ fn update_status<R>(
 }
 
 /// Applies the states other clusters sent: to every entry after the mark-delete position when
-/// they changed, else only to the entries that arrived since the last application.
+/// they changed, else only to the entries that arrived since the last application. Returns
+/// whether it looked at entries (and so may have acknowledged some).
 fn apply_received(
     topic: &Topic,
     cursor: &str,
@@ -1285,14 +1308,14 @@ fn apply_received(
     local_cluster: &str,
     tracked: &mut Tracked,
     map: &mut OriginMap,
-) -> Result<()> {
+) -> Result<bool> {
     let received: Vec<String> = received_states(state).into_iter().cloned().collect();
     if received.is_empty() {
-        return Ok(());
+        return Ok(false);
     }
     let from = match &tracked.applied {
         Some((applied, walked)) if *applied == received => match walked {
-            Some(last) if topic.log().last_position() == Some(*last) => return Ok(()),
+            Some(last) if topic.log().last_position() == Some(*last) => return Ok(false),
             Some(last) => Some(topic.log().next_position(*last)),
             None => None,
         },
@@ -1312,25 +1335,20 @@ fn apply_received(
     tracked.decoded = Some((received.clone(), decoded));
     let previous = tracked.applied.take().and_then(|(_, walked)| walked);
     tracked.applied = Some((received, walked.or(previous)));
-    Ok(())
+    Ok(true)
 }
 
 /// The subscription's state in origin coordinates; walks again only when the cursor moved,
 /// reading from the log only entries no walk read before.
+/// `state`: the cursor as read at once (with the received states it held).
 fn walk(
     topic: &Topic,
-    cursor: &str,
+    (cursor, state): (&str, &CursorState),
     local_cluster: &str,
     tracked: &mut Tracked,
     map: &mut OriginMap,
 ) -> Result<OriginAcks> {
     let log = topic.log();
-    let state = log
-        .cursor(cursor)
-        .ok_or_else(|| BrokerError::SubscriptionNotFound {
-            topic: log.name().to_string(),
-            subscription: cursor.to_string(),
-        })?;
     if let Some(walked) = &tracked.walked {
         if walked.mark_delete == state.mark_delete
             && walked.acknowledged == state.acknowledged
@@ -1339,7 +1357,7 @@ fn walk(
             return Ok(walked.acks.clone());
         }
     }
-    let local_from = local_stored_from(&state);
+    let local_from = local_stored_from(state);
     let frontier = Frontier::at(
         log,
         map,
@@ -1348,7 +1366,7 @@ fn walk(
         tracked.frontier.as_ref(),
     )?
     .with_own_entries(local_cluster, state.mark_delete, local_from);
-    let walked = origin_acks(log, map, &state, &frontier, local_cluster)?;
+    let walked = origin_acks(log, map, state, &frontier, local_cluster)?;
     if let Some(mark_delete) = state.mark_delete {
         // No walk goes back before the mark-delete position unless the subscription is
         // reset (and then the map reads the log again).
