@@ -32,7 +32,10 @@ subscription's existence apart from the sync. `--perf-b DIR` / `--strace-b DIR`:
 `--callgrind-b DIR`: broker b runs under valgrind's callgrind and the load is held at `--rate`
 msg/s (b is ~50 times slower under it); prints b's instructions executed per message over the
 window — a count that, unlike CPU time, other work on the machine does not disturb.
-`--callgrind-a DIR`: the same for broker a, the sender (one of the two per invocation).
+`--callgrind-a DIR`: the same for broker a, the sender (one of the two per invocation). For a
+replicated run, it also prints the instructions spent in each part of the sync (inclusive costs
+of the functions where each part starts, from `callgrind_annotate`), per message and per state
+received: a figure that does not depend on comparing two runs whose batching differs.
 
 Tail run (`--tail N`, instead of the above): one old message is left unacknowledged on a, then N
 messages are produced and acknowledged (a long acknowledged tail behind it, on both clusters
@@ -43,6 +46,7 @@ cost of keeping b's copy in sync with a long acknowledged tail.
 
 import argparse
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -239,9 +243,48 @@ def context_switches(broker):
     return total
 
 
+# Where a broker's replicated-subscription work starts, as callgrind_annotate names the
+# functions (inclusive costs; none of these calls another). The sync task's own async part
+# (`run`) is not always a frame of its own (inlined into tokio's poll), so it may be missing.
+SYNC_ROOTS = {
+    "HTTP server (state posts received, handler, JSON decoding)":
+        r"crates/admin/src/lib.rs:<tokio_util::task::task_tracker::TrackedFuture",
+    "receive (apply, persist)": r"subscription_sync::receive( \[|$)",
+    "sync task, blocking part (applications, walks, the HTTP client's posts)":
+        r"subscription_sync.rs:<tokio::runtime::blocking::task::BlockingTask",
+    "sync task, async part": r"subscription_sync::run::\{\{closure\}\}( \[|$)",
+    "posting own state (task: JSON encoding)":
+        r"subscription_sync::run::\{\{closure\}\}::\{\{closure\}\}( \[|$)",
+}
+
+
+def sync_breakdown(path, messages):
+    """Prints, from a callgrind dump, the instructions spent in each part of the
+    replicated-subscription sync per message, and per state received."""
+    text = subprocess.run(["callgrind_annotate", "--inclusive=yes", path], check=True,
+                          capture_output=True, text=True).stdout
+    costs = {}
+    for part, pattern in SYNC_ROOTS.items():
+        costs[part] = 0
+        for line in text.splitlines():
+            match = re.match(r"\s*([\d,]+)\s+\([^)]*\)\s+(.*)", line)
+            if match and "=>" not in line and re.search(pattern, match.group(2)):
+                costs[part] = max(costs[part], int(match.group(1).replace(",", "")))
+    calls = [int(match.group(1).replace(",", "")) for match in
+             re.finditer(r"=> \S*subscription_sync::receive \(([\d,]+)x\)", text)]
+    states = max(calls, default=0)
+    for part, cost in costs.items():
+        if cost:
+            per_state = states and (part.startswith("HTTP") or part.startswith("receive"))
+            print(f"    {part}: {cost / messages:,.0f} per message"
+                  + (f", {cost / states:,.0f} per state received" if per_state else ""))
+    print(f"    sync total: {sum(costs.values()) / messages:,.0f} per message; "
+          f"{states} states received", flush=True)
+
+
 def callgrind_instructions(broker, directory, name):
     """Dumps the counters of a broker running under callgrind and returns the instructions
-    executed since they were last zeroed."""
+    executed since they were last zeroed, and the dump's path."""
     pid = broker.process.pid
     subprocess.run(["callgrind_control", "--dump=" + name, str(pid)], check=True,
                    stdout=subprocess.DEVNULL)
@@ -253,7 +296,7 @@ def callgrind_instructions(broker, directory, name):
         if f"desc: Trigger: dump {name}\n" in text:
             for line in text.splitlines():
                 if line.startswith("totals:") or line.startswith("summary:"):
-                    return int(line.split()[1])
+                    return int(line.split()[1]), path
     raise RuntimeError(f"no callgrind dump named {name} in {directory}")
 
 
@@ -308,9 +351,10 @@ def max_one(binary, root, options, round_, kind):
         if profiler is not None:
             profiler.send_signal(signal.SIGINT)
             profiler.wait(60)
-        instructions = None
+        instructions = dump = None
         if callgrind:
-            instructions = callgrind_instructions(measured, callgrind, f"{kind}-{round_ + 1}")
+            instructions, dump = callgrind_instructions(measured, callgrind,
+                                                        f"{kind}-{round_ + 1}")
         switches = [now - then for now, then in zip(context_switches(b), switches)]
         b_split = [now - then for now, then in zip(b.cpu_split(), b_split)]
         consumed = len(load.acknowledged) - consumed
@@ -329,6 +373,8 @@ def max_one(binary, root, options, round_, kind):
               + (f"; {measured.name} instructions per message {instructions / per:,.0f}"
                  if instructions is not None else ""),
               flush=True)
+        if dump is not None and replicated:
+            sync_breakdown(dump, per)
         try:
             client.close()
         except Exception:
