@@ -142,6 +142,7 @@ impl Broker {
     /// Puts the broker in cluster mode: from now on it serves a topic only while it owns the
     /// topic's bundle (`crate::cluster`). Set once, before serving.
     pub fn set_cluster(&self, mode: Arc<crate::cluster::ClusterMode>) {
+        let _ = self.shared.cluster.set(mode.clone());
         let _ = self.cluster.set(mode);
     }
 
@@ -709,7 +710,7 @@ impl Broker {
         let full_name = topic.full_name().to_string();
         let closed = tokio::task::spawn_blocking(move || {
             topic.unload();
-            shared.storage.close_log(&full_name)
+            shared.close_log(&full_name)
         })
         .await;
         match closed {
@@ -970,7 +971,7 @@ impl Broker {
                 topic.close();
             }
             for name in broker.shared.storage.log_names().unwrap_or_default() {
-                if let Err(error) = broker.shared.storage.close_log(&name) {
+                if let Err(error) = broker.shared.close_log(&name) {
                     tracing::error!(log = %name, %error, "closing log failed");
                 }
             }
