@@ -43,8 +43,8 @@ impl GatedRemote {
 
     /// Completes the oldest commit not completed yet.
     fn complete_next(&self, outcome: Result<(), String>) {
-        let sender = self.senders.lock().unwrap().remove(0);
-        sender.send(outcome).unwrap();
+        let sender = self.senders.lock().expect("lock").remove(0);
+        sender.send(outcome).expect("a commit waits");
     }
 }
 
@@ -55,9 +55,9 @@ impl RemoteLog for GatedRemote {
         data: Bytes,
         _publish_time_ms: u64,
     ) -> meridian_storage::Result<Box<dyn RemoteCommit>> {
-        self.appended.lock().unwrap().push((entry_id, data));
+        self.appended.lock().expect("lock").push((entry_id, data));
         let (sender, receiver) = mpsc::channel();
-        self.senders.lock().unwrap().push(sender);
+        self.senders.lock().expect("lock").push(sender);
         Ok(Box::new(GatedCommit {
             outcome: receiver,
             waited: self.waited.clone(),
@@ -117,7 +117,7 @@ fn an_append_is_durable_only_once_the_remote_committed_it() {
     );
     // The remote was told the local entry id, and got the entry byte-exact.
     assert_eq!(
-        *remote.appended.lock().unwrap(),
+        *remote.appended.lock().expect("lock"),
         vec![(position.entry_id, Bytes::from_static(b"remote"))]
     );
 }
