@@ -544,7 +544,8 @@ def object_cluster(etcd, object_store, meridian_bin, tmp_path_factory):
                 problems.append(str(error))
             finally:
                 broker.kill()
-            problems += [str(problem) for problem in broker.take_new_problems([])]
+            allowed = [re.compile(line) for line in LEASE_LOST_LINES]
+            problems += [str(problem) for problem in broker.take_new_problems(allowed)]
             broker_process.KNOWN_BROKERS.remove(broker)
         assert not problems, "\n".join(problems)
 
@@ -636,3 +637,107 @@ def test_acknowledged_messages_survive_the_owners_death_on_object_storage(
     finally:
         producer_client.close()
         consumer_client.close()
+
+
+def etcd_range(etcd_url: str, prefix: str) -> list[dict]:
+    """The key-values under `prefix` (key and value decoded, revisions as ints)."""
+    encode = lambda text: base64.b64encode(text.encode()).decode()  # noqa: E731
+    end = prefix[:-1] + chr(ord(prefix[-1]) + 1)
+    request = urllib.request.Request(
+        etcd_url.replace("etcd://", "http://") + "/v3/kv/range",
+        data=json.dumps({"key": encode(prefix), "range_end": encode(end)}).encode(),
+        method="POST",
+    )
+    with urllib.request.urlopen(request, timeout=10) as answer:
+        kvs = json.loads(answer.read()).get("kvs", [])
+    return [
+        {
+            "key": base64.b64decode(kv["key"]).decode(),
+            "value": json.loads(base64.b64decode(kv.get("value", ""))),
+            "mod_revision": int(kv.get("mod_revision", 0)),
+            "create_revision": int(kv.get("create_revision", 0)),
+        }
+        for kv in kvs
+    ]
+
+
+@pytest.mark.allow_broker_errors(*LEASE_LOST_LINES)
+def test_a_paused_owner_cannot_commit_after_its_bundle_moved_and_dedup_moves_too(
+    object_cluster, etcd, tmp_path
+):
+    # Models a stalled owner (SIGSTOP: a GC pause, a frozen VM) that resumes after its bundle
+    # moved, with sends queued in its socket: it must not commit anything, and the producer's
+    # de-duplication state must be the new owner's too (rebuilt from the object store).
+    live = [broker for broker in object_cluster if broker.is_running()]
+    assert len(live) >= 2, "the kill test left fewer than two brokers"
+    owner, other = live[0], live[1]
+    namespace = f"public/{unique('paused')}"
+    status, _, body = http("PUT", f"{other.web_url}/admin/v2/namespaces/{namespace}")
+    assert status in (200, 204), (status, body)
+    status, _, body = http(
+        "POST", f"{other.web_url}/admin/v2/namespaces/{namespace}/deduplication", body=b"true"
+    )
+    assert status in (200, 204), (status, body)
+    topic = f"persistent://{namespace}/t"
+    assert owner_of(live, topic, via=owner) is owner
+    bundle = next(
+        kv for kv in etcd_range(etcd, f"/meridian/{OBJECT_CLUSTER}/owners/{namespace}/")
+    )
+
+    client = new_client(other, tmp_path, "client")
+    try:
+        consumer = client.subscribe(topic, "s", initial_position=pulsar.InitialPosition.Earliest)
+        producer = client.create_producer(
+            topic, producer_name="paused-producer", send_timeout_millis=60_000,
+            batching_enabled=False,
+        )
+        for sequence in range(5):
+            producer.send(f"before/{sequence}".encode(), sequence_id=sequence)
+        received = receive_n(consumer, 5)
+        assert [m.data() for m in received] == [f"before/{n}".encode() for n in range(5)]
+        for message in received:
+            consumer.acknowledge(message)
+        wait_until(
+            lambda: (stored_cursor(etcd, topic, "s") or {}).get("mark_delete") == 4,
+            "the owner persisted the subscription's cursor to etcd",
+        )
+
+        results: dict[int, pulsar.Result] = {}
+        os.kill(owner.pid, signal.SIGSTOP)
+        try:
+            # Sent while the owner is paused: they wait in its socket.
+            for sequence in range(5, 25):
+                producer.send_async(
+                    f"paused/{sequence}".encode(),
+                    lambda result, _id, sequence=sequence: results.__setitem__(sequence, result),
+                    sequence_id=sequence,
+                )
+            wait_until(lambda: owns(other, topic), "the paused owner's bundle moved")
+        finally:
+            os.kill(owner.pid, signal.SIGCONT)
+        producer.flush()
+        wait_until(lambda: len(results) == 20, "every send answered")
+        assert set(results.values()) == {pulsar.Result.Ok}, results
+
+        # A resend of an old sequence id is a duplicate on the new owner too.
+        producer.send(b"before/3 again", sequence_id=3)
+        producer.send(b"last", sequence_id=25)
+        seen = [message.data() for message in receive_n(consumer, 21)]
+        expected = [f"paused/{sequence}".encode() for sequence in range(5, 25)] + [b"last"]
+        assert seen == expected, seen
+
+        # Nothing was committed under the old epoch once the new owner held the bundle: every
+        # index entry of the old epoch was written before the new owner's acquisition.
+        new_owner = next(
+            kv for kv in etcd_range(etcd, f"/meridian/{OBJECT_CLUSTER}/owners/{namespace}/")
+        )
+        assert new_owner["value"]["epoch"] > bundle["value"]["epoch"]
+        acquired = new_owner["create_revision"]
+        refs = etcd_range(etcd, f"/meridian/{OBJECT_CLUSTER}/logs/{topic}/objects/")
+        late = [
+            ref for ref in refs
+            if ref["value"]["epoch"] < new_owner["value"]["epoch"] and ref["mod_revision"] > acquired
+        ]
+        assert not late, late
+    finally:
+        client.close()
