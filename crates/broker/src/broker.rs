@@ -710,7 +710,7 @@ impl Broker {
         let full_name = topic.full_name().to_string();
         let closed = tokio::task::spawn_blocking(move || {
             topic.unload();
-            shared.close_log(&full_name)
+            shared.close_log(&full_name, Some(topic.log()))
         })
         .await;
         match closed {
@@ -971,7 +971,7 @@ impl Broker {
                 topic.close();
             }
             for name in broker.shared.storage.log_names().unwrap_or_default() {
-                if let Err(error) = broker.shared.close_log(&name) {
+                if let Err(error) = broker.shared.close_log(&name, None) {
                     tracing::error!(log = %name, %error, "closing log failed");
                 }
             }

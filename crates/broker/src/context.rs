@@ -60,10 +60,15 @@ impl TopicContext {
         }
     }
 
-    /// Closes a topic's log (its cursors written to etcd first in cluster mode). Blocking.
-    pub(crate) fn close_log(&self, name: &str) -> meridian_storage::Result<()> {
+    /// Closes a topic's log (its cursors written to etcd first in cluster mode); `log`, if
+    /// known, is the one being closed (a topic loaded again meanwhile is not closed). Blocking.
+    pub(crate) fn close_log(
+        &self,
+        name: &str,
+        log: Option<&Arc<Log>>,
+    ) -> meridian_storage::Result<()> {
         if let Some(logs) = self.cluster.get().and_then(|mode| mode.logs()) {
-            logs.close(name, self.storage.config().cursor_max_persisted_ranges);
+            logs.close(name, log, self.storage.config().cursor_max_persisted_ranges);
         }
         self.storage.close_log(name)
     }

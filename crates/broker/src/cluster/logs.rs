@@ -24,6 +24,7 @@
 //!   the clients look them up again.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
@@ -75,6 +76,9 @@ struct LoadedTopic {
     ledger_id: u64,
     /// What was last written to etcd per cursor (held while writing: one writer per topic).
     written: Mutex<BTreeMap<String, Vec<u8>>>,
+    /// Set when the topic is closed here: the failures of appends cut short by the close are
+    /// not reported (the topic is being unloaded already).
+    closed: Arc<AtomicBool>,
 }
 
 /// Topics whose remote commits failed, for [`watch_failures`]: bounded by the loaded topics.
@@ -176,10 +180,12 @@ impl ClusterLogs {
             }
         };
         let ledger_id = log.current_ledger_id();
+        let closed = Arc::new(AtomicBool::new(false));
         let reporting = ReportingRemote {
             inner: RemoteTopic::new(remote.clone()),
             topic: topic.to_string(),
             failures: self.failures.clone(),
+            closed: closed.clone(),
         };
         log.attach_remote(Arc::new(reporting))?;
         let written = self.restore_cursors(cluster, topic, &log, ledger_id)?;
@@ -191,6 +197,7 @@ impl ClusterLogs {
                 ownership,
                 ledger_id,
                 written: Mutex::new(written),
+                closed,
             }),
         );
         Ok(log)
@@ -301,11 +308,23 @@ impl ClusterLogs {
     }
 
     /// Before the topic's local log closes (unload, shutdown): its cursors are written one
-    /// last time and its object-store log is closed. Blocking.
-    pub(crate) fn close(&self, topic: &str, max_ranges: usize) {
-        let Some(loaded) = lock(&self.topics).remove(topic) else {
+    /// last time and its object-store log is closed. `log`: the log being closed, if known; a
+    /// topic loaded again meanwhile (another log) is left alone. Blocking.
+    pub(crate) fn close(&self, topic: &str, log: Option<&Arc<Log>>, max_ranges: usize) {
+        let loaded = {
+            let mut topics = lock(&self.topics);
+            let ours = topics
+                .get(topic)
+                .is_some_and(|loaded| log.is_none_or(|log| Arc::ptr_eq(log, &loaded.log)));
+            if !ours {
+                return;
+            }
+            topics.remove(topic)
+        };
+        let Some(loaded) = loaded else {
             return;
         };
+        loaded.closed.store(true, Ordering::SeqCst);
         if loaded.remote.is_owner() {
             if let Err(error) = persist_topic(topic, &loaded, max_ranges) {
                 tracing::warn!(topic, %error, "persisting cursors at close failed; the next owner redelivers what was acknowledged since the last persistence");
@@ -409,17 +428,21 @@ struct ReportingRemote {
     inner: RemoteTopic,
     topic: String,
     failures: Arc<Failures>,
+    closed: Arc<AtomicBool>,
 }
 
 struct ReportingCommit {
     inner: Box<dyn RemoteCommit>,
     topic: String,
     failures: Arc<Failures>,
+    closed: Arc<AtomicBool>,
 }
 
-fn report(failures: &Failures, topic: &str, error: &StorageError) {
+fn report(failures: &Failures, closed: &AtomicBool, topic: &str, error: &StorageError) {
     if let StorageError::Remote { not_owner, .. } = error {
-        failures.report(topic, *not_owner);
+        if !closed.load(Ordering::SeqCst) {
+            failures.report(topic, *not_owner);
+        }
     }
 }
 
@@ -435,9 +458,10 @@ impl RemoteLog for ReportingRemote {
                 inner,
                 topic: self.topic.clone(),
                 failures: self.failures.clone(),
+                closed: self.closed.clone(),
             })),
             Err(error) => {
-                report(&self.failures, &self.topic, &error);
+                report(&self.failures, &self.closed, &self.topic, &error);
                 Err(error)
             }
         }
@@ -450,10 +474,11 @@ impl RemoteCommit for ReportingCommit {
             inner,
             topic,
             failures,
+            closed,
         } = *self;
         inner
             .wait()
-            .inspect_err(|error| report(&failures, &topic, error))
+            .inspect_err(|error| report(&failures, &closed, &topic, error))
     }
 }
 
