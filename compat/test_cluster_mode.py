@@ -594,6 +594,7 @@ def test_acknowledged_messages_survive_the_owners_death_on_object_storage(
         assert [message.data() for message in received] == before
         for message in received:
             consumer.acknowledge(message)
+        ledger_before = received[-1].message_id().ledger_id()
         wait_until(
             lambda: (stored_cursor(etcd, topic, "s") or {}).get("mark_delete") == len(before) - 1,
             "the owner persisted the subscription's cursor to etcd",
@@ -626,6 +627,8 @@ def test_acknowledged_messages_survive_the_owners_death_on_object_storage(
             while not set(acknowledged) <= set(seen):
                 message = resumed.receive(timeout_millis=30_000)
                 seen.append(message.data())
+                # Message ids keep growing across the move (the new owner's ledger is higher).
+                assert message.message_id().ledger_id() > ledger_before, message.message_id()
                 resumed.acknowledge(message)
             assert not [payload for payload in seen if payload.startswith(b"before/")], seen
             first_seen = list(dict.fromkeys(seen))  # resends after the move may repeat some

@@ -716,8 +716,14 @@ impl Log {
         error
     }
 
-    /// Opens (recovering if needed) or creates the log in `directory` and starts a new ledger.
-    pub(crate) fn open(shared: Arc<Shared>, name: String, directory: PathBuf) -> Result<Arc<Log>> {
+    /// Opens (recovering if needed) or creates the log in `directory` and starts a new ledger
+    /// (at least `min_ledger_id`).
+    pub(crate) fn open(
+        shared: Arc<Shared>,
+        name: String,
+        directory: PathBuf,
+        min_ledger_id: u64,
+    ) -> Result<Arc<Log>> {
         let io = shared.io.clone();
         crate::io::create_dir_durable(io.as_ref(), &directory)
             .map_err(|error| StorageError::io("create directory", &directory, error))?;
@@ -750,7 +756,8 @@ impl Log {
             .last()
             .map(|(ledger, _)| ledger + 1)
             .unwrap_or(1)
-            .max(shared.ledger_floor.load(Ordering::SeqCst) + 1);
+            .max(shared.ledger_floor.load(Ordering::SeqCst) + 1)
+            .max(min_ledger_id);
         let mut active = Segment::new(&directory, ledger_id, 0);
         // The new ledger's first segment records where the previous ledger ended, so that a
         // lost last segment of that ledger is detected as a gap.

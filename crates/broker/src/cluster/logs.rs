@@ -207,7 +207,8 @@ impl ClusterLogs {
     fn rebuild(&self, storage: &Storage, topic: &str, remote: &Arc<TopicLog>) -> Result<Arc<Log>> {
         // Whatever an earlier ownership left here is stale: the object store is the truth.
         storage.delete_log(topic)?;
-        let log = storage.open_log(topic)?;
+        let log =
+            storage.open_log_with_ledger_floor(topic, ledger_floor(remote.current_ledger_id()))?;
         let mut next = Position::new(0, 0);
         let mut copied = 0u64;
         loop {
@@ -357,6 +358,14 @@ impl ClusterLogs {
             engine.close();
         }
     }
+}
+
+/// The lowest local ledger id of a topic's copy under bundle epoch `epoch`: epochs grow with
+/// each owner, so message ids (ledger, entry) keep growing across moves. The local engine's own
+/// floor (its start time in ms, below 2^41 until 2039, raised by each reload) stays under the
+/// next epoch's floor.
+fn ledger_floor(epoch: u64) -> u64 {
+    epoch.saturating_mul(1 << 41)
 }
 
 /// One cursor in etcd's form; `None` when it names a position of another ledger (not
