@@ -744,3 +744,31 @@ def test_a_paused_owner_cannot_commit_after_its_bundle_moved_and_dedup_moves_too
         assert not late, late
     finally:
         client.close()
+
+
+def test_a_deleted_topic_does_not_come_back_from_the_object_store(object_cluster, etcd, tmp_path):
+    live = [broker for broker in object_cluster if broker.is_running()]
+    owner = live[0]
+    namespace = f"public/{unique('deleted')}"
+    status, _, body = http("PUT", f"{owner.web_url}/admin/v2/namespaces/{namespace}")
+    assert status in (200, 204), (status, body)
+    topic = f"persistent://{namespace}/t"
+    assert owner_of(live, topic, via=owner) is owner
+    client = new_client(owner, tmp_path, "client")
+    try:
+        producer = client.create_producer(topic)
+        for index in range(3):
+            producer.send(f"old/{index}".encode())
+        producer.close()
+        index_prefix = f"/meridian/{OBJECT_CLUSTER}/logs/{topic}/"
+        assert etcd_keys(etcd, index_prefix), "the entries are indexed in etcd"
+        path = "/admin/v2/persistent/" + topic.removeprefix("persistent://") + "?force=true"
+        status, _, body = http("DELETE", owner.web_url + path)
+        assert status in (200, 204), (status, body)
+        assert etcd_keys(etcd, index_prefix) == []
+
+        consumer = client.subscribe(topic, "s", initial_position=pulsar.InitialPosition.Earliest)
+        client.create_producer(topic).send(b"new")
+        assert consumer.receive(timeout_millis=30_000).data() == b"new"
+    finally:
+        client.close()

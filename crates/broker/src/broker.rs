@@ -798,7 +798,7 @@ impl Broker {
         self.unload(name).await;
         let shared = self.shared.clone();
         let full_name = name.to_string();
-        tokio::task::spawn_blocking(move || shared.storage.delete_log(&full_name))
+        tokio::task::spawn_blocking(move || shared.delete_log(&full_name))
             .await
             .map_err(|error| BrokerError::Unknown(error.to_string()))??;
         self.known_topics

@@ -60,6 +60,17 @@ impl TopicContext {
         }
     }
 
+    /// Deletes a topic's log: the local one, and in cluster mode with `--storage` its
+    /// object-store log and cursors first. Blocking.
+    pub(crate) fn delete_log(&self, name: &str) -> crate::error::Result<()> {
+        if let Some(mode) = self.cluster.get() {
+            if let Some(logs) = mode.logs() {
+                mode.delete_log(logs, name)?;
+            }
+        }
+        Ok(self.storage.delete_log(name)?)
+    }
+
     /// Closes a topic's log (its cursors written to etcd first in cluster mode); `log`, if
     /// known, is the one being closed (a topic loaded again meanwhile is not closed). Blocking.
     pub(crate) fn close_log(

@@ -336,6 +336,52 @@ impl ClusterLogs {
         }
     }
 
+    /// Deletes `topic`'s object-store log and cursors from etcd (its index: the head last, so
+    /// that an interrupted deletion leaves a log that refuses to load, never a shorter one that
+    /// loads; deleting again finishes it). The data objects stay, unreferenced, for the orphan
+    /// sweeper (not built). The topic must be closed. Blocking.
+    pub(crate) fn delete(
+        &self,
+        cluster: &Cluster,
+        session: &Session,
+        topic: &str,
+        ownership: &Ownership,
+    ) -> Result<()> {
+        if let Ok(engine) = self.engine() {
+            engine.close_topic(topic);
+        }
+        let mut keys = Vec::new();
+        for prefix in [
+            meridian_objlog::keys::objects_prefix(topic),
+            cursors_prefix(topic),
+        ] {
+            let full = cluster.key(&prefix);
+            let root = cluster.key("");
+            cluster
+                .client()
+                .scan_prefix(&full, 1000, true, |page| {
+                    keys.extend(
+                        page.iter()
+                            .filter_map(|kv| kv.key.strip_prefix(&root).map(str::to_string)),
+                    );
+                })
+                .map_err(|error| {
+                    BrokerError::NotServedHere(format!("listing the index of {topic}: {error}"))
+                })?;
+        }
+        keys.push(meridian_objlog::keys::head_key(topic));
+        let operations: Vec<Op> = keys.into_iter().map(Op::Delete).collect();
+        for chunk in operations.chunks(CURSOR_OPERATIONS_PER_COMMIT) {
+            session
+                .fenced_commit(ownership, &[], chunk)
+                .map_err(|error| {
+                    BrokerError::NotServedHere(format!("deleting the index of {topic}: {error}"))
+                })?;
+        }
+        tracing::info!(topic, "object-store log deleted (index and cursors)");
+        Ok(())
+    }
+
     /// Names of the loaded topics of `bundle`.
     pub(crate) fn topics_of_bundle(&self, bundle: &str) -> Vec<String> {
         lock(&self.topics)

@@ -165,6 +165,23 @@ impl ClusterMode {
         lock(&self.owned).remove(bundle);
     }
 
+    /// Deletes `topic`'s object-store log and cursors (`--storage` only), under this broker's
+    /// ownership of its bundle. Blocking.
+    pub(crate) fn delete_log(&self, logs: &logs::ClusterLogs, topic: &str) -> Result<()> {
+        let name = TopicName::parse(topic)?;
+        let bundle = self.bundle_of(&name);
+        let session = self.live_session();
+        let ownership = lock(&self.owned).get(&bundle).cloned();
+        match (ownership, session) {
+            (Some(ownership), Some(session)) => {
+                logs.delete(&self.cluster, &session, topic, &ownership)
+            }
+            _ => Err(BrokerError::NotServedHere(format!(
+                "topic {topic}: this broker does not own bundle {bundle}; look it up again"
+            ))),
+        }
+    }
+
     /// Opens `topic`'s log on the object store under this broker's ownership of its bundle
     /// (`--storage` only). Blocking.
     pub(crate) fn open_log(
