@@ -302,8 +302,18 @@ impl ClusterLogs {
             .map(|(name, topic)| (name.clone(), topic.clone()))
             .collect();
         for (name, topic) in topics {
-            if let Err(error) = persist_topic(&name, &topic, max_ranges) {
-                tracing::warn!(topic = %name, %error, "persisting cursors to etcd failed; retried at the next interval");
+            match persist_topic(&name, &topic, max_ranges) {
+                Ok(()) => {}
+                Err(PersistError::Fenced(error)) => {
+                    // Another owner holds the bundle: stop serving it (reads included).
+                    tracing::warn!(topic = %name, %error, "persisting cursors was fenced: the bundle has another owner");
+                    if !topic.closed.load(Ordering::SeqCst) {
+                        self.failures.report(&name, true);
+                    }
+                }
+                Err(PersistError::Other(error)) => {
+                    tracing::warn!(topic = %name, %error, "persisting cursors to etcd failed; retried at the next interval");
+                }
             }
         }
     }
@@ -442,7 +452,21 @@ fn stored_cursor(
     })
 }
 
-fn persist_topic(name: &str, topic: &LoadedTopic, max_ranges: usize) -> Result<()> {
+/// Why cursors could not be written.
+#[derive(Debug, thiserror::Error)]
+enum PersistError {
+    /// The bundle has another owner (or none): this broker must stop serving it.
+    #[error("{0}")]
+    Fenced(String),
+    #[error("{0}")]
+    Other(String),
+}
+
+fn persist_topic(
+    name: &str,
+    topic: &LoadedTopic,
+    max_ranges: usize,
+) -> std::result::Result<(), PersistError> {
     let mut written = lock(&topic.written);
     let cursors = topic.log.durable_cursors();
     let mut operations = Vec::new();
@@ -471,7 +495,13 @@ fn persist_topic(name: &str, topic: &LoadedTopic, max_ranges: usize) -> Result<(
     for chunk in operations.chunks(CURSOR_OPERATIONS_PER_COMMIT) {
         session
             .fenced_commit(&topic.ownership, &[], chunk)
-            .map_err(|error| BrokerError::NotServedHere(format!("cursors of {name}: {error}")))?;
+            .map_err(|error| {
+                let text = format!("cursors of {name}: {error}");
+                match error {
+                    meridian_etcd::EtcdError::Fenced { .. } => PersistError::Fenced(text),
+                    _ => PersistError::Other(text),
+                }
+            })?;
     }
     *written = now;
     Ok(())
