@@ -772,3 +772,52 @@ def test_a_deleted_topic_does_not_come_back_from_the_object_store(object_cluster
         assert consumer.receive(timeout_millis=30_000).data() == b"new"
     finally:
         client.close()
+
+
+def test_an_append_fenced_by_a_newer_owner_fails_retriably_and_the_client_moves(
+    object_cluster, etcd, tmp_path
+):
+    # Models an owner that still believes it owns a bundle another broker took (its owner key
+    # removed behind its back, as an operator forcing a move would): its next commit is fenced
+    # by etcd, the publish fails with a retriable error, the broker drops the bundle, and the
+    # client's resend is stored once, by the new owner.
+    live = [broker for broker in object_cluster if broker.is_running()]
+    owner, other = live[0], live[1]
+    namespace = f"public/{unique('fenced')}"
+    status, _, body = http("PUT", f"{other.web_url}/admin/v2/namespaces/{namespace}")
+    assert status in (200, 204), (status, body)
+    topic = f"persistent://{namespace}/t"
+    assert owner_of(live, topic, via=owner) is owner
+    client = new_client(owner, tmp_path, "client")
+    try:
+        producer = client.create_producer(topic, send_timeout_millis=60_000, batching_enabled=False)
+        for index in range(3):
+            producer.send(f"first/{index}".encode())
+        (old,) = etcd_range(etcd, f"/meridian/{OBJECT_CLUSTER}/owners/{namespace}/")
+        request = urllib.request.Request(
+            etcd.replace("etcd://", "http://") + "/v3/kv/deleterange",
+            data=json.dumps({"key": base64.b64encode(old["key"].encode()).decode()}).encode(),
+            method="POST",
+        )
+        urllib.request.urlopen(request, timeout=10).read()
+        assert owns(other, topic)  # the other broker takes the bundle (a higher epoch)
+        (new,) = etcd_range(etcd, f"/meridian/{OBJECT_CLUSTER}/owners/{namespace}/")
+        assert new["value"]["epoch"] > old["value"]["epoch"]
+
+        producer.send(b"after the move")  # fenced on the old owner, resent to the new one
+        wait_until(
+            lambda: "bundle fenced by a newer owner" in owner.log_text(),
+            "the old owner reports the fenced commit and drops the bundle",
+        )
+        producer.send(b"last")
+        reader = client.subscribe(topic, "s", initial_position=pulsar.InitialPosition.Earliest)
+        expected = [f"first/{index}".encode() for index in range(3)] + [b"after the move", b"last"]
+        assert [message.data() for message in receive_n(reader, 5)] == expected
+        refs = etcd_range(etcd, f"/meridian/{OBJECT_CLUSTER}/logs/{topic}/objects/")
+        assert not [
+            ref for ref in refs
+            if ref["value"]["epoch"] == old["value"]["epoch"]
+            and ref["mod_revision"] > new["create_revision"]
+        ], refs
+    finally:
+        client.close()
