@@ -451,10 +451,9 @@ def weed_binary() -> str:
     return binary
 
 
-@pytest.fixture(scope="module")
-def object_store(tmp_path_factory):
-    """A `weed mini` on free loopback ports with one identity; yields its S3 endpoint."""
-    base = tmp_path_factory.mktemp("weed")
+def start_weed(base: Path) -> tuple[subprocess.Popen, str, list[int]]:
+    """Starts a `weed mini` in `base` on free loopback ports with the test identity; returns
+    the process, its S3 endpoint and its ports (for `stop_weed`). Waits until S3 answers."""
     (base / "data").mkdir()
     (base / "tmp").mkdir()
     (base / "s3.json").write_text(json.dumps({"identities": [{
@@ -490,14 +489,29 @@ def object_store(tmp_path_factory):
 
     try:
         wait_until(serving, "weed serves S3")
+    except BaseException:
+        stop_weed(process, ports)
+        raise
+    return process, endpoint, ports
+
+
+def stop_weed(process: subprocess.Popen, ports: list[int]) -> None:
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    # weed puts unix sockets in /tmp whatever TMPDIR says.
+    for port in ports:
+        for socket in Path("/tmp").glob(f"seaweedfs-*-{port}.sock"):
+            socket.unlink(missing_ok=True)
+
+
+@pytest.fixture(scope="module")
+def object_store(tmp_path_factory):
+    """A `weed mini` on free loopback ports with one identity; yields its S3 endpoint."""
+    process, endpoint, ports = start_weed(tmp_path_factory.mktemp("weed"))
+    try:
         yield endpoint
     finally:
-        process.send_signal(signal.SIGKILL)
-        process.wait()
-        # weed puts unix sockets in /tmp whatever TMPDIR says.
-        for port in ports:
-            for socket in Path("/tmp").glob(f"seaweedfs-*-{port}.sock"):
-                socket.unlink(missing_ok=True)
+        stop_weed(process, ports)
 
 
 class ObjectStoreBroker(ClusterBroker):
