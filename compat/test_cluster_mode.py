@@ -9,9 +9,13 @@ What it proves, with the official Python client:
 - kill -9 of an owner: once its lease expires (TTL 3 s here) another broker takes its bundles
   and the client's producer and consumer go on through it.
 
-Each owner keeps its topics in its own local storage in this step, so the messages stored on a
-killed owner stay there (docs/cluster.md, "Built: brokers on etcd"): the failover test asserts
-that new messages flow after the move, not that older ones moved.
+The first tests run brokers without `--storage`: each owner keeps its topics in its own local
+storage, so the messages stored on a killed owner stay there (docs/cluster.md, "Built: brokers
+on etcd"), and the failover test asserts that new messages flow after the move. The tests after
+them run cluster c2 with `--storage` on a real SeaweedFS (see the section "cluster mode on
+object storage" below): there what an owner acknowledged survives its death, cursors and
+de-duplication move, a paused or fenced old owner commits nothing, and a deleted topic stays
+deleted.
 
 etcd: `$ETCD_BIN`, else `etcd` on PATH (Debian `etcd-server`); the test fails saying so if it is
 missing. It runs on free loopback ports in a temporary directory and is killed by pid.
