@@ -618,3 +618,41 @@ pub async fn persist_cursors(
         let _ = tokio::task::spawn_blocking(move || logs.persist_all(max_ranges)).await;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cursor_is_stored_in_entry_ids_with_its_ranges_bounded() {
+        let ledger = ledger_floor(2) + 5;
+        let mut acknowledged = RangeSet::new();
+        acknowledged.insert_range(ledger, 12, 14);
+        acknowledged.insert_range(ledger, 20, 20);
+        acknowledged.insert_range(ledger, 30, 31);
+        let state = CursorState {
+            mark_delete: Some(Position::new(ledger, 9)),
+            acknowledged,
+            properties: BTreeMap::from([("k".to_string(), "v".to_string())]),
+        };
+        let stored = stored_cursor("s", &state, ledger, 2).expect("same ledger");
+        assert_eq!(stored.mark_delete, Some(9));
+        // Beyond the bound, ranges are cut (redelivered after a move, never lost).
+        assert_eq!(stored.acknowledged, vec![[12, 14], [20, 20]]);
+        assert_eq!(stored.properties.get("k").map(String::as_str), Some("v"));
+        // A position of another ledger is not this copy's: nothing is stored for it.
+        assert!(stored_cursor("s", &state, ledger + 1, 2).is_none());
+        let fresh = CursorState::default();
+        assert_eq!(
+            stored_cursor("s", &fresh, ledger, 2).map(|c| c.mark_delete),
+            Some(None)
+        );
+    }
+
+    #[test]
+    fn each_epochs_ledgers_are_above_the_previous_epochs() {
+        let now_ms = 1_800_000_000_000u64; // 2027, below 2^41 as every time floor until 2039
+        assert!(ledger_floor(1) > now_ms);
+        assert!(ledger_floor(2) > ledger_floor(1) + now_ms);
+    }
+}
