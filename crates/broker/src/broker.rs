@@ -142,6 +142,7 @@ impl Broker {
     /// Puts the broker in cluster mode: from now on it serves a topic only while it owns the
     /// topic's bundle (`crate::cluster`). Set once, before serving.
     pub fn set_cluster(&self, mode: Arc<crate::cluster::ClusterMode>) {
+        let _ = self.shared.cluster.set(mode.clone());
         let _ = self.cluster.set(mode);
     }
 
@@ -709,7 +710,7 @@ impl Broker {
         let full_name = topic.full_name().to_string();
         let closed = tokio::task::spawn_blocking(move || {
             topic.unload();
-            shared.storage.close_log(&full_name)
+            shared.close_log(&full_name, Some(topic.log()))
         })
         .await;
         match closed {
@@ -797,7 +798,7 @@ impl Broker {
         self.unload(name).await;
         let shared = self.shared.clone();
         let full_name = name.to_string();
-        tokio::task::spawn_blocking(move || shared.storage.delete_log(&full_name))
+        tokio::task::spawn_blocking(move || shared.delete_log(&full_name))
             .await
             .map_err(|error| BrokerError::Unknown(error.to_string()))??;
         self.known_topics
@@ -970,7 +971,7 @@ impl Broker {
                 topic.close();
             }
             for name in broker.shared.storage.log_names().unwrap_or_default() {
-                if let Err(error) = broker.shared.storage.close_log(&name) {
+                if let Err(error) = broker.shared.close_log(&name, None) {
                     tracing::error!(log = %name, %error, "closing log failed");
                 }
             }

@@ -333,7 +333,7 @@ impl Topic {
         terminated: bool,
     ) -> Result<Arc<Topic>> {
         let full_name = name.to_string();
-        let log = shared.storage.open_log(&full_name)?;
+        let log = shared.open_log(&full_name)?;
         // A log poisoned in the background (a relaxed-mode fsync) is reported at once, with
         // the topic's name: one ERROR line, from the health registry (weak: the storage that
         // holds the log is held by the context).
@@ -420,6 +420,10 @@ impl Topic {
     fn storage_failure(&self, error: meridian_storage::StorageError) -> BrokerError {
         use meridian_storage::StorageError;
         let reason = match &error {
+            // Cluster mode: the object-store log did not commit (no longer the owner, store or
+            // etcd unreachable). The client retries through a new lookup; the broker unloads
+            // the topic (`cluster::logs`), so the next load rebuilds it from the object store.
+            StorageError::Remote { .. } => return BrokerError::NotServedHere(error.to_string()),
             StorageError::Io { .. } => poisoned_reason(&error.to_string()),
             _ => match unavailable_reason(&error) {
                 Some(reason) => reason,

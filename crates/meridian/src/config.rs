@@ -89,6 +89,19 @@ pub struct Config {
     pub etcd_lease_ttl_seconds: u64,
     /// `meridian broker` only: bundles per namespace (`defaultNumberOfNamespaceBundles`).
     pub default_number_of_namespace_bundles: u32,
+    /// `meridian broker` only: `s3://bucket/prefix` where topics' entries are stored (the
+    /// object-store log; cursors go to etcd). Unset: each broker keeps the topics it owns in
+    /// its own local storage.
+    pub storage_url: Option<String>,
+    /// `meridian broker --storage` only: `http(s)://host:port` of the S3 API.
+    pub s3_endpoint: Option<String>,
+    /// SigV4 signing region.
+    pub s3_region: String,
+    /// `true`: `endpoint/bucket/key` (SeaweedFS, MinIO, Garage); `false`: virtual-hosted.
+    pub s3_path_style: bool,
+    /// A file holding `ACCESS_KEY_ID:SECRET_ACCESS_KEY`; without it the credentials come from
+    /// `MERIDIAN_S3_ACCESS_KEY_ID` and `MERIDIAN_S3_SECRET_ACCESS_KEY`.
+    pub s3_access_key_file: Option<PathBuf>,
     /// Clients must present a valid token (`authenticationEnabled`).
     pub authentication_enabled: bool,
     /// Roles are checked against permissions (`authorizationEnabled`).
@@ -208,6 +221,11 @@ impl Default for Config {
             metadata_store_url: None,
             etcd_lease_ttl_seconds: 10,
             default_number_of_namespace_bundles: 4,
+            storage_url: None,
+            s3_endpoint: None,
+            s3_region: "us-east-1".to_string(),
+            s3_path_style: true,
+            s3_access_key_file: None,
             authentication_enabled: security.authentication_enabled,
             authorization_enabled: security.authorization_enabled,
             super_user_roles: security.super_user_roles,
@@ -262,6 +280,9 @@ const OPTIONAL_KEYS: &[&str] = &[
     "tls_certificate_file_path",
     "tls_key_file_path",
     "tls_trust_certs_file_path",
+    "storage_url",
+    "s3_endpoint",
+    "s3_access_key_file",
 ];
 
 /// Keys whose values are secrets: never shown in the runtime configuration.
@@ -365,6 +386,9 @@ impl Config {
         }
         if !(1..=65_536).contains(&self.default_number_of_namespace_bundles) {
             bail!("default_number_of_namespace_bundles must be between 1 and 65536");
+        }
+        if self.storage_url.is_some() != self.s3_endpoint.is_some() {
+            bail!("storage_url (--storage) and s3_endpoint (--s3-endpoint) go together");
         }
         if self.keep_alive_interval_seconds == 0 || self.connect_timeout_seconds == 0 {
             bail!("keep_alive_interval_seconds and connect_timeout_seconds must be positive");

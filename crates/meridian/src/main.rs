@@ -115,6 +115,25 @@ struct BrokerArgs {
     /// Bundles per namespace (default 4, Pulsar's `defaultNumberOfNamespaceBundles`).
     #[arg(long)]
     default_number_of_namespace_bundles: Option<u32>,
+    /// Store topics' entries on S3-compatible object storage, `s3://bucket/prefix`
+    /// (`storage_url`; cursors go to etcd). Without it each broker keeps the topics it owns in
+    /// its own local storage.
+    #[arg(long)]
+    storage: Option<String>,
+    /// The S3 API's URL, `http://host:port` (`s3_endpoint`).
+    #[arg(long)]
+    s3_endpoint: Option<String>,
+    /// SigV4 signing region (`s3_region`, default us-east-1).
+    #[arg(long)]
+    s3_region: Option<String>,
+    /// `true`: path-style URLs (SeaweedFS, MinIO, Garage; the default); `false`: virtual-hosted
+    /// (AWS) (`s3_path_style`).
+    #[arg(long)]
+    s3_path_style: Option<bool>,
+    /// A file holding `ACCESS_KEY_ID:SECRET_ACCESS_KEY` (`s3_access_key_file`); without it,
+    /// `MERIDIAN_S3_ACCESS_KEY_ID` and `MERIDIAN_S3_SECRET_ACCESS_KEY`.
+    #[arg(long)]
+    s3_access_key_file: Option<PathBuf>,
 }
 
 /// Errors end the process with their reasons on one line (`Error: what: why`), without the
@@ -178,6 +197,21 @@ fn run() -> anyhow::Result<()> {
             }
             if let Some(bundles) = arguments.default_number_of_namespace_bundles {
                 config.default_number_of_namespace_bundles = bundles;
+            }
+            if let Some(storage) = arguments.storage {
+                config.storage_url = Some(storage);
+            }
+            if let Some(endpoint) = arguments.s3_endpoint {
+                config.s3_endpoint = Some(endpoint);
+            }
+            if let Some(region) = arguments.s3_region {
+                config.s3_region = region;
+            }
+            if let Some(path_style) = arguments.s3_path_style {
+                config.s3_path_style = path_style;
+            }
+            if let Some(file) = arguments.s3_access_key_file {
+                config.s3_access_key_file = Some(file);
             }
             config.validate()?;
             if config.metadata_store_url.is_none() {
@@ -438,7 +472,13 @@ async fn standalone(config: Config, cluster: bool) -> anyhow::Result<()> {
     broker.close().await;
     if let Some(mode) = membership {
         // Releases this broker's bundles at once rather than after the lease's TTL.
-        let _ = tokio::task::spawn_blocking(move || mode.leave()).await;
+        let _ = tokio::task::spawn_blocking(move || {
+            if let Some(logs) = mode.logs() {
+                logs.shutdown();
+            }
+            mode.leave()
+        })
+        .await;
     }
     tracing::info!(
         "meridian {} stopped",
@@ -470,18 +510,66 @@ async fn join_cluster(
     let broker_id = format!("{}:{}", config.advertised_address(), config.web_port);
     let ttl = Duration::from_secs(config.etcd_lease_ttl_seconds);
     let bundles = config.default_number_of_namespace_bundles;
+    let logs = match (&config.storage_url, &config.s3_endpoint) {
+        (Some(storage), Some(endpoint)) => {
+            Some(object_store_logs(storage, endpoint, config, &broker_id)?)
+        }
+        _ => None,
+    };
     let mode = tokio::task::spawn_blocking(move || {
-        ClusterMode::join(etcd, &broker_id, &registration, ttl, bundles)
+        ClusterMode::join(etcd, &broker_id, &registration, ttl, bundles, logs)
     })
     .await?
     .context("registering the broker in etcd")?;
     broker.set_cluster(mode.clone());
+    if mode.logs().is_some() {
+        let storage = config.storage_config();
+        tokio::spawn(meridian_broker::cluster::logs::watch_failures(
+            broker.clone(),
+            mode.clone(),
+        ));
+        tokio::spawn(meridian_broker::cluster::logs::persist_cursors(
+            mode.clone(),
+            storage.cursor_persist_interval,
+            storage.cursor_max_persisted_ranges,
+        ));
+    }
     tokio::spawn(meridian_broker::cluster::watch_lease(
         broker.clone(),
         mode.clone(),
     ));
     tokio::spawn(meridian_broker::cluster::watch_policies(broker.clone()));
     Ok(mode)
+}
+
+/// The object-store side of `meridian broker --storage s3://...`: the S3 client (the bucket
+/// is created if missing) and the engine settings, started with each etcd session.
+fn object_store_logs(
+    storage: &str,
+    endpoint: &str,
+    config: &Config,
+    broker_id: &str,
+) -> anyhow::Result<Arc<meridian_broker::cluster::logs::ClusterLogs>> {
+    use meridian_objstore::{Credentials, ObjectStore, S3Config};
+    let credentials = Credentials::from_file_or_env(config.s3_access_key_file.as_deref())?;
+    let s3 = S3Config::new(
+        storage,
+        endpoint,
+        &config.s3_region,
+        config.s3_path_style,
+        credentials,
+    )
+    .context("storage_url / s3_* settings")?;
+    let store = ObjectStore::new(&s3).context("storage_url / s3_* settings")?;
+    if let Err(error) = store.create_bucket() {
+        tracing::warn!(%error, "could not create the bucket (it may exist, owned by this account); going on");
+    }
+    // Object keys may not hold ':' in every store; the broker id is `host:port`.
+    let engine_id = broker_id.replace([':', '/'], "_");
+    let engine = meridian_objlog::ObjectLogConfig::new(&engine_id);
+    let logs = meridian_broker::cluster::logs::ClusterLogs::new(Arc::new(store), engine)
+        .context("object-store log settings")?;
+    Ok(Arc::new(logs))
 }
 
 /// A broker reachable from other hosts without authentication serves anyone who can reach it.

@@ -138,6 +138,19 @@ impl ObjectLog {
         Ok(log)
     }
 
+    /// Closes `topic` (an unload): appends still queued fail with `Closed` and later ones too;
+    /// a commit in flight finishes. The topic can then be opened again (by this engine or, after
+    /// the bundle moved, by another owner's).
+    pub fn close_topic(&self, topic: &str) {
+        let removed = self.shared.lock().topics.remove(topic);
+        if let Some(log) = removed {
+            let error = ObjectLogError::Closed {
+                topic: topic.to_string(),
+            };
+            log.fail_queued(error, true);
+        }
+    }
+
     /// Bytes waiting for commit, all topics together.
     pub fn pending_bytes(&self) -> u64 {
         self.shared.pending_bytes.load(Ordering::Relaxed)

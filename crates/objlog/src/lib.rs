@@ -10,6 +10,8 @@
 //!   `logs/<topic>/objects/<first-entry>` ([`ObjectRef`]).
 //! - [`engine`]: [`ObjectLog`], the broker-wide engine: open topics, the flusher thread (build
 //!   one object, PUT it, commit per bundle, resolve appends), retries, fencing.
+//! - [`remote`]: [`RemoteTopic`], a [`TopicLog`] as the local engine's `RemoteLog` (the broker's
+//!   log-store seam in cluster mode).
 //! - [`topic`]: [`TopicLog`], one topic's log: append (a future that completes once committed),
 //!   reads by position from the tail cache or from objects, the last durable position.
 //!
@@ -29,12 +31,14 @@
 pub mod config;
 pub mod engine;
 pub mod keys;
+pub mod remote;
 pub mod topic;
 
 pub use config::ObjectLogConfig;
 pub use engine::ObjectLog;
 pub use keys::{Head, ObjectRef};
 pub use meridian_storage::{Entry, Position};
+pub use remote::RemoteTopic;
 pub use topic::{PendingAppend, TopicLog};
 
 /// What went wrong in the object-store log. Errors are `Clone` because one failed commit

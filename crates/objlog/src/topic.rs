@@ -260,6 +260,11 @@ impl TopicLog {
         self.ownership.bundle()
     }
 
+    /// The etcd session whose fenced commits this topic's appends go through.
+    pub fn session(&self) -> &std::sync::Arc<meridian_etcd::Session> {
+        &self.engine.session
+    }
+
     pub fn ownership(&self) -> &Ownership {
         &self.ownership
     }

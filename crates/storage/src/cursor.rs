@@ -704,6 +704,41 @@ impl Log {
         self.lock().cursors.keys().cloned().collect()
     }
 
+    /// Every durable cursor (not readers) with its state, in name order: what cluster mode
+    /// persists outside the log.
+    pub fn durable_cursors(&self) -> Vec<(String, CursorState)> {
+        self.lock()
+            .cursors
+            .iter()
+            .filter(|(_, slot)| slot.durable)
+            .map(|(name, slot)| (name.clone(), slot.state.clone()))
+            .collect()
+    }
+
+    /// Creates (or replaces) the durable cursor `name` with `cursor` as its whole state: a
+    /// cursor carried over from elsewhere (cluster mode: loaded from etcd by a new owner).
+    pub fn restore_cursor(&self, name: &str, cursor: CursorState) -> Result<()> {
+        validate_cursor_name(name)?;
+        let mut state = self.lock();
+        if state.closed {
+            return Err(StorageError::Closed {
+                log: self.name().to_string(),
+            });
+        }
+        let persisted_mark_delete = cursor.mark_delete;
+        state.cursors.insert(
+            name.to_string(),
+            CursorSlot {
+                state: cursor,
+                durable: true,
+                dirty: true,
+                persisted_mark_delete,
+            },
+        );
+        state.deleted_cursors.retain(|deleted| deleted != name);
+        Ok(())
+    }
+
     /// Deletes cursor `name`; its entries no longer hold back trimming.
     pub fn delete_cursor(&self, name: &str) -> Result<()> {
         let mut state = self.lock();

@@ -294,6 +294,13 @@ impl Storage {
     /// Opens the log `name`, creating it if it does not exist. Opening an open log returns the
     /// same log.
     pub fn open_log(&self, name: &str) -> Result<Arc<Log>> {
+        self.open_log_with_ledger_floor(name, 0)
+    }
+
+    /// [`Storage::open_log`], with the ledger id this open starts at least `min_ledger_id` if
+    /// it opens the log (cluster mode: a topic's next owner numbers its ledger above every
+    /// earlier owner's, so message ids keep growing across moves).
+    pub fn open_log_with_ledger_floor(&self, name: &str, min_ledger_id: u64) -> Result<Arc<Log>> {
         let directory = self.log_directory(name)?;
         if let Some(log) = self.registered_log(name)? {
             return Ok(log);
@@ -303,7 +310,12 @@ impl Storage {
             if let Some(log) = self.registered_log(name)? {
                 return Ok(log);
             }
-            let log = Log::open(self.inner.shared.clone(), name.to_string(), directory)?;
+            let log = Log::open(
+                self.inner.shared.clone(),
+                name.to_string(),
+                directory,
+                min_ledger_id,
+            )?;
             let mut registry = self.inner.registry();
             if registry.stopping {
                 drop(registry);

@@ -96,6 +96,16 @@ pub enum StorageError {
     #[error("log {log} is being deleted")]
     BeingDeleted { log: String },
 
+    /// The log's remote side (cluster mode: the object-store log) did not commit an append.
+    /// The log is poisoned with it: appends fail until it is reopened. `not_owner`: the
+    /// broker no longer owns the topic (a newer owner fenced the commit).
+    #[error("log {log}: remote commit failed{}: {cause}", if *not_owner { " (no longer the owner)" } else { "" })]
+    Remote {
+        log: String,
+        not_owner: bool,
+        cause: String,
+    },
+
     /// Another engine (in this process or another) has the data directory open.
     #[error("data directory {} is in use by another storage engine (lock file {} is locked)", directory.display(), directory.join("lock").display())]
     DirectoryInUse { directory: PathBuf },

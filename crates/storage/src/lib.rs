@@ -15,6 +15,7 @@
 //! - [`format`]: the bytes on disk (headers, checksummed records); see `docs/storage-format.md`.
 //! - [`io`]: the file-system seam, with [`RealIo`] and the crash-simulating [`SimIo`].
 //! - [`config`]: every limit, with its default.
+//! - [`remote`]: the seam to a remote log ([`RemoteLog`]) that cluster mode commits through.
 //!
 //! The durability contract is in `docs/durability.md`.
 
@@ -30,6 +31,7 @@ pub mod io;
 pub mod log;
 mod position;
 pub mod range_set;
+pub mod remote;
 mod sim;
 
 pub use config::{FlushPolicy, Retention, StorageConfig};
@@ -40,4 +42,5 @@ pub use io::{Io, IoFile, RealIo};
 pub use log::{Entry, KnownChecksum, Log, LogStats, PendingAppend};
 pub use position::Position;
 pub use range_set::RangeSet;
+pub use remote::{RemoteCommit, RemoteLog};
 pub use sim::{CrashMode, SimIo};

@@ -29,6 +29,7 @@ use crate::engine::Shared;
 use crate::error::{Result, StorageError};
 use crate::format::{self, FileHeader, FileKind, ScanEnd, HEADER_LEN, RECORD_FRAMING_LEN};
 use crate::io::IoFile;
+use crate::remote::{RemoteCommit, RemoteLog};
 use crate::Position;
 
 /// Bytes of an entry record's body before the entry's data: entry id and publish time.
@@ -363,6 +364,8 @@ struct PendingBatch {
     first: Position,
     last: Position,
     waiters: Vec<oneshot::Sender<Result<()>>>,
+    /// With a remote log: each entry's remote commit, waited for before the batch is durable.
+    remote: Vec<Box<dyn RemoteCommit>>,
 }
 
 /// Entries of at most this many bytes are copied into a batch; larger ones are written from
@@ -467,6 +470,8 @@ pub(crate) struct LogState {
     pub(crate) deletions_in_flight: std::collections::BTreeMap<String, Option<Position>>,
     pub(crate) retention: Retention,
     stats: LogStats,
+    /// Where appends are also committed (cluster mode); `None` for the local engine alone.
+    remote: Option<Arc<dyn RemoteLog>>,
 }
 
 /// Told once, with the `StorageError::Poisoned` error, when a log is poisoned, and once, with
@@ -677,6 +682,8 @@ enum FlushStage {
     Create,
     Write,
     Sync,
+    /// The remote log did not commit the batch.
+    Remote,
 }
 
 impl Log {
@@ -709,8 +716,14 @@ impl Log {
         error
     }
 
-    /// Opens (recovering if needed) or creates the log in `directory` and starts a new ledger.
-    pub(crate) fn open(shared: Arc<Shared>, name: String, directory: PathBuf) -> Result<Arc<Log>> {
+    /// Opens (recovering if needed) or creates the log in `directory` and starts a new ledger
+    /// (at least `min_ledger_id`).
+    pub(crate) fn open(
+        shared: Arc<Shared>,
+        name: String,
+        directory: PathBuf,
+        min_ledger_id: u64,
+    ) -> Result<Arc<Log>> {
         let io = shared.io.clone();
         crate::io::create_dir_durable(io.as_ref(), &directory)
             .map_err(|error| StorageError::io("create directory", &directory, error))?;
@@ -743,7 +756,8 @@ impl Log {
             .last()
             .map(|(ledger, _)| ledger + 1)
             .unwrap_or(1)
-            .max(shared.ledger_floor.load(Ordering::SeqCst) + 1);
+            .max(shared.ledger_floor.load(Ordering::SeqCst) + 1)
+            .max(min_ledger_id);
         let mut active = Segment::new(&directory, ledger_id, 0);
         // The new ledger's first segment records where the previous ledger ended, so that a
         // lost last segment of that ledger is detected as a gap.
@@ -830,6 +844,7 @@ impl Log {
                 deletions_in_flight: std::collections::BTreeMap::new(),
                 retention: Retention::default(),
                 stats: LogStats::default(),
+                remote: None,
             }),
             shared,
             flush_finished: Condvar::new(),
@@ -861,6 +876,21 @@ impl Log {
     /// The ledger id of this open of the log; new entries get positions in it.
     pub fn current_ledger_id(&self) -> u64 {
         self.lock().ledger_id
+    }
+
+    /// Makes every later append also commit through `remote` (cluster mode; see
+    /// [`crate::remote`]). `remote` must continue at [`Log::end_position`]'s entry id. Refused
+    /// while appends are pending (they would be durable without it).
+    pub fn attach_remote(&self, remote: Arc<dyn RemoteLog>) -> Result<()> {
+        let mut state = self.lock();
+        if !state.pending.is_empty() || state.flush_scheduled {
+            return Err(StorageError::InvalidConfig(format!(
+                "log {}: a remote log is attached only while no append is pending",
+                self.name
+            )));
+        }
+        state.remote = Some(remote);
+        Ok(())
     }
 
     /// Appends one entry. Returns at once with its position; the returned [`PendingAppend`]
@@ -908,6 +938,19 @@ impl Log {
         let ledger_id = state.ledger_id;
         let entry_id = state.next_entry_id;
         let position = Position::new(ledger_id, entry_id);
+        // Handed to the remote log first: if it refuses, nothing changed here.
+        let remote_commit = match &state.remote {
+            None => None,
+            Some(remote) => match remote.append(entry_id, data.clone(), publish_time_ms) {
+                Ok(commit) => Some(commit),
+                Err(error) => {
+                    if matches!(error, StorageError::Remote { .. }) && state.failure.is_none() {
+                        state.failure = Some(error.clone());
+                    }
+                    return Err(error);
+                }
+            },
+        };
         let mut rolled = false;
         let needs_roll = state.segments.last().is_some_and(|active| {
             active.entry_count() > 0 && active.end + record_len > config.segment_max_bytes
@@ -947,6 +990,7 @@ impl Log {
                 first: position,
                 last: position,
                 waiters: Vec::new(),
+                remote: Vec::new(),
             });
         }
         let Some(batch) = state.pending.back_mut() else {
@@ -969,6 +1013,7 @@ impl Log {
         batch.bytes.push_record(&framing, &header, &data);
         batch.last = position;
         batch.waiters.push(sender);
+        batch.remote.extend(remote_commit);
         state.next_entry_id += 1;
         state.pending_bytes += record_len;
         state.stats.entries_appended += 1;
@@ -996,7 +1041,7 @@ impl Log {
     /// queues itself again behind the other logs waiting for a flush thread, so that a busy
     /// log cannot keep a thread to itself while other logs' appends wait.
     pub(crate) fn flush(self: &Arc<Self>) {
-        let (batch, file, path, continues) = {
+        let (mut batch, file, path, continues) = {
             let mut state = self.lock();
             if let Some(error) = state.failure.clone() {
                 let abandoned: Vec<PendingBatch> = state.pending.drain(..).collect();
@@ -1029,6 +1074,17 @@ impl Log {
         };
 
         let outcome = self.write_batch(&batch, file, &path, continues);
+        // With a remote log the batch is durable only once every entry of it is committed
+        // there too (waited for off the lock; the log's next flush waits behind this one).
+        let outcome = match outcome {
+            Ok(file) if !batch.remote.is_empty() => {
+                match crate::remote::wait_all(std::mem::take(&mut batch.remote)) {
+                    Ok(()) => Ok(file),
+                    Err(error) => Err((FlushStage::Remote, error)),
+                }
+            }
+            outcome => outcome,
+        };
 
         let mut state = self.lock();
         let outcome = match (outcome, state.failure.clone()) {
@@ -1093,6 +1149,15 @@ impl Log {
                     tracing::warn!(log = %self.name, %error, "append failed, disk full; rolled back");
                     failed.extend(state.pending.drain(..));
                     state.rollback_to(failed[0].first, &self.shared.cache_used_bytes);
+                } else if matches!(stage, FlushStage::Remote) {
+                    // Not the local files' fault: no poison report (the caller reopens the
+                    // log, rebuilt from the remote side). Its bytes stay beyond
+                    // `last_durable`, never read.
+                    if state.failure.is_none() {
+                        state.failure = Some(error.clone());
+                    }
+                    failed.extend(state.pending.drain(..));
+                    state.pending_bytes = 0;
                 } else {
                     if matches!(stage, FlushStage::Sync)
                         && matches!(self.shared.config.flush_policy, FlushPolicy::Fsync)

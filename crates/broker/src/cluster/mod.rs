@@ -16,6 +16,7 @@
 //! unowned bundle takes it here), no unload or split of bundles through the admin API.
 
 pub mod bundles;
+pub mod logs;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
@@ -74,6 +75,9 @@ pub struct ClusterMode {
     /// Held (on a blocking thread) while a bundle's owner is read and taken, so two requests
     /// of this broker never race each other for one bundle.
     acquiring: Mutex<()>,
+    /// With `--storage`: topics' entries and cursors on the object store and etcd. Without,
+    /// each broker keeps its topics in its own local storage.
+    logs: Option<Arc<logs::ClusterLogs>>,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -97,6 +101,7 @@ impl ClusterMode {
         registration: &Registration,
         lease_ttl: Duration,
         bundles_per_namespace: u32,
+        logs: Option<Arc<logs::ClusterLogs>>,
     ) -> std::result::Result<Arc<ClusterMode>, EtcdError> {
         let mode = ClusterMode {
             cluster,
@@ -110,6 +115,7 @@ impl ClusterMode {
             session: RwLock::new(None),
             owned: Mutex::new(HashMap::new()),
             acquiring: Mutex::new(()),
+            logs,
         };
         let deadline = std::time::Instant::now() + lease_ttl * 2;
         loop {
@@ -135,11 +141,66 @@ impl ClusterMode {
             &self.registration,
             self.session_options.clone(),
         )?;
+        let session = Arc::new(session);
+        if let Some(logs) = &self.logs {
+            if let Err(error) = logs.start_engine(self.cluster.clone(), session.clone()) {
+                tracing::error!(%error, "the object-store log did not start; topics cannot be served");
+            }
+        }
         *self
             .session
             .write()
-            .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(Arc::new(session));
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(session);
         Ok(())
+    }
+
+    /// The object-store side, with `--storage`.
+    pub fn logs(&self) -> Option<&Arc<logs::ClusterLogs>> {
+        self.logs.as_ref()
+    }
+
+    /// Stops serving `bundle` (a commit found another owner). Its topics are unloaded by the
+    /// caller.
+    pub(crate) fn forget_bundle(&self, bundle: &str) {
+        lock(&self.owned).remove(bundle);
+    }
+
+    /// Deletes `topic`'s object-store log and cursors (`--storage` only), under this broker's
+    /// ownership of its bundle. Blocking.
+    pub(crate) fn delete_log(&self, logs: &logs::ClusterLogs, topic: &str) -> Result<()> {
+        let name = TopicName::parse(topic)?;
+        let bundle = self.bundle_of(&name);
+        let session = self.live_session();
+        let ownership = lock(&self.owned).get(&bundle).cloned();
+        match (ownership, session) {
+            (Some(ownership), Some(session)) => {
+                logs.delete(&self.cluster, &session, topic, &ownership)
+            }
+            _ => Err(BrokerError::NotServedHere(format!(
+                "topic {topic}: this broker does not own bundle {bundle}; look it up again"
+            ))),
+        }
+    }
+
+    /// Opens `topic`'s log on the object store under this broker's ownership of its bundle
+    /// (`--storage` only). Blocking.
+    pub(crate) fn open_log(
+        &self,
+        logs: &logs::ClusterLogs,
+        storage: &meridian_storage::Storage,
+        topic: &str,
+    ) -> Result<Arc<meridian_storage::Log>> {
+        let name = TopicName::parse(topic)?;
+        let bundle = self.bundle_of(&name);
+        let ownership = match (lock(&self.owned).get(&bundle).cloned(), self.live_session()) {
+            (Some(ownership), Some(_)) => ownership,
+            _ => {
+                return Err(BrokerError::NotServedHere(format!(
+                    "topic {topic}: this broker does not own bundle {bundle}; look it up again"
+                )))
+            }
+        };
+        logs.open(storage, &self.cluster, topic, ownership)
     }
 
     pub fn broker_id(&self) -> &str {
