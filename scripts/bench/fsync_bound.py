@@ -28,28 +28,11 @@ perf run (warmup included), so messages per fsync is `sent` over fsyncs.
 
 Prints one JSON line per round and the ratio broker msg/s / raw msg/s.
 """
-import argparse, json, os, shutil, signal, socket, subprocess, sys, tempfile, time
+import argparse, json, os, shutil, signal, subprocess, tempfile, time
+
+from produce_cpu import free_port, wait_for_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
-
-
-def wait_for_port(port, process, timeout=60):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            sys.exit('broker exited with %s' % process.returncode)
-        try:
-            socket.create_connection(('127.0.0.1', port), timeout=0.1).close()
-            return
-        except OSError:
-            time.sleep(0.02)
-    sys.exit('broker did not accept connections within %d s' % timeout)
 
 
 def flush_thread_io(pid):

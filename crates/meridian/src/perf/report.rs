@@ -354,16 +354,16 @@ mod tests {
         assert!(line.ends_with("(warmup)"), "{line}");
     }
 
-    #[test]
-    fn the_summary_serializes_absent_directions_as_null() {
+    /// A produce run's summary: `sent` messages, one of them measured (100 bytes, 1.5 ms).
+    fn produce_summary(sent: u64, broker_cpu: Option<BrokerCpu>) -> Summary<serde_json::Value> {
         let mut window = Window::new();
         window.record(100, 1_500);
-        let summary = Summary {
+        Summary {
             mode: "produce",
             config: serde_json::json!({ "size": 100 }),
             interrupted: false,
             warmup_s: 0.0,
-            sent: Some(1),
+            sent: Some(sent),
             send_errors: Some(0),
             received: None,
             received_other: None,
@@ -371,8 +371,13 @@ mod tests {
             receive: None,
             publish_latency_ms: window.latency(),
             end_to_end_latency_ms: None,
-            broker_cpu: None,
-        };
+            broker_cpu,
+        }
+    }
+
+    #[test]
+    fn the_summary_serializes_absent_directions_as_null() {
+        let summary = produce_summary(1, None);
         let json = serde_json::to_value(&summary).expect("serializes");
         assert_eq!(json["sent"], 1);
         assert_eq!(json["publish"]["msg_per_s"], 2.0);
@@ -409,23 +414,7 @@ mod tests {
         assert_eq!(json["per_message"]["involuntary_switches"], 0.4);
         assert_eq!(json["per_message"]["read_write_syscalls"], 2.0);
         assert_eq!(json["per_message"]["minor_faults"], 0.2);
-        let mut window = Window::new();
-        window.record(100, 1_500);
-        let summary = Summary {
-            mode: "produce",
-            config: serde_json::json!({}),
-            interrupted: false,
-            warmup_s: 0.0,
-            sent: Some(1_000),
-            send_errors: Some(0),
-            received: None,
-            received_other: None,
-            publish: Some(Throughput::new(&window, 0.5)),
-            receive: None,
-            publish_latency_ms: window.latency(),
-            end_to_end_latency_ms: None,
-            broker_cpu: Some(cpu),
-        };
+        let summary = produce_summary(1_000, Some(cpu));
         let text = summary.text("meridian perf produce");
         assert!(
             text.contains("4000 voluntary + 400 involuntary context switches, 2000 read/write syscalls, 200 minor faults; per message 4.000 + 0.400, 2.000, 0.200"),
