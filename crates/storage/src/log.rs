@@ -17,7 +17,7 @@ use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use tokio::sync::{oneshot, watch};
@@ -57,9 +57,6 @@ pub struct LogStats {
     /// Write batches flushed; each is one write call and (under `Fsync`) one fsync.
     pub flushes: u64,
     pub bytes_flushed: u64,
-    /// Flushes that waited for more appends to join their batch first (see
-    /// [`Gathering`]); never one of a lone appender's.
-    pub gathering_waits: u64,
     /// Bytes of all segment files.
     pub storage_bytes: u64,
     pub segments: usize,
@@ -439,39 +436,6 @@ impl BatchBytes {
     }
 }
 
-/// Group commit under concurrency. A flush thread takes a log's whole pending batch as soon
-/// as it is free, so when the disk is faster than the producers' round trips, many producers
-/// that each wait for their receipt before sending again are split between several small
-/// batches, one fsync each (issue 16: 64 such producers gathered ~16 entries per fsync). So
-/// when the previous batch held several entries (several appenders are active) and the next
-/// one is still smaller than twice that, the flush thread waits for it to grow: until it
-/// reaches that target, or for at most half the previous fsync's duration (capped at
-/// [`GATHER_MAX`]), and it stops early as soon as a quarter of that passes with no append
-/// joining. A lone appender's batches hold one entry, so its flushes never wait; neither do
-/// flushes under the relaxed policy (no fsync to share).
-#[derive(Default)]
-struct Gathering {
-    /// Entries of the last batch flushed.
-    last_batch_entries: usize,
-    /// How long its write and fsync took.
-    last_flush: Duration,
-    /// While a flush thread waits: the entry count at which it stops waiting.
-    target: Option<usize>,
-}
-
-/// The longest a flush waits for its batch to grow.
-const GATHER_MAX: Duration = Duration::from_millis(2);
-
-impl Gathering {
-    /// How long to wait at most for a batch of `entries`, and the count to wait for.
-    fn plan(&self, entries: usize, fsync: bool) -> Option<(Duration, usize)> {
-        let target = self.last_batch_entries.saturating_mul(2);
-        let window = (self.last_flush / 2).min(GATHER_MAX);
-        (fsync && self.last_batch_entries >= 2 && entries < target && !window.is_zero())
-            .then_some((window, target))
-    }
-}
-
 pub(crate) struct LogState {
     pub(crate) segments: Vec<Segment>,
     ledger_id: u64,
@@ -484,7 +448,6 @@ pub(crate) struct LogState {
     /// Emptied buffers of the last flushed batch, reused by the next one.
     spare_batch: Option<BatchBytes>,
     flush_scheduled: bool,
-    gathering: Gathering,
     /// Set when the log is poisoned: appends fail with this error.
     failure: Option<StorageError>,
     /// Under the relaxed policy, a periodic fsync failed: the written but unsynced bytes must
@@ -518,8 +481,6 @@ pub struct Log {
     pub(crate) state: Mutex<LogState>,
     /// Signalled whenever a flush finishes, so `close` can wait for the pending ones.
     flush_finished: Condvar,
-    /// Signalled when the batch a flush thread is gathering reaches its target.
-    batch_grew: Condvar,
     durable: watch::Sender<Option<Position>>,
     pub(crate) cursor_journal: Mutex<CursorJournal>,
     /// Who reports this log's poisoning (the broker, naming the topic); without one the log
@@ -859,7 +820,6 @@ impl Log {
                 rollbacks: 0,
                 pending_bytes: 0,
                 flush_scheduled: false,
-                gathering: Gathering::default(),
                 failure: None,
                 unsynced_cut_pending: false,
                 corruption: None,
@@ -873,7 +833,6 @@ impl Log {
             }),
             shared,
             flush_finished: Condvar::new(),
-            batch_grew: Condvar::new(),
             durable,
             cursor_journal: Mutex::new(cursor_journal),
             poison_listener: OnceLock::new(),
@@ -1010,7 +969,6 @@ impl Log {
         batch.bytes.push_record(&framing, &header, &data);
         batch.last = position;
         batch.waiters.push(sender);
-        let gathered = state.gathering.target == Some(batch.waiters.len());
         state.next_entry_id += 1;
         state.pending_bytes += record_len;
         state.stats.entries_appended += 1;
@@ -1029,8 +987,6 @@ impl Log {
         drop(guard);
         if schedule {
             self.shared.schedule_flush(self.clone());
-        } else if gathered {
-            self.batch_grew.notify_one();
         }
         Ok(PendingAppend { position, receiver })
     }
@@ -1041,7 +997,7 @@ impl Log {
     /// log cannot keep a thread to itself while other logs' appends wait.
     pub(crate) fn flush(self: &Arc<Self>) {
         let (batch, file, path, continues) = {
-            let mut state = self.gather(self.lock());
+            let mut state = self.lock();
             if let Some(error) = state.failure.clone() {
                 let abandoned: Vec<PendingBatch> = state.pending.drain(..).collect();
                 state.pending_bytes = 0;
@@ -1072,9 +1028,7 @@ impl Log {
             (batch, file, path, continues)
         };
 
-        let started = Instant::now();
         let outcome = self.write_batch(&batch, file, &path, continues);
-        let took = started.elapsed();
 
         let mut state = self.lock();
         let outcome = match (outcome, state.failure.clone()) {
@@ -1107,8 +1061,6 @@ impl Log {
                 state.pending_bytes -= batch.bytes.len();
                 state.stats.flushes += 1;
                 state.stats.bytes_flushed += batch.bytes.len();
-                state.gathering.last_batch_entries = batch.waiters.len();
-                state.gathering.last_flush = took;
                 let more = !state.pending.is_empty();
                 if !more {
                     state.flush_scheduled = false;
@@ -1165,40 +1117,6 @@ impl Log {
                 }
             }
         }
-    }
-
-    /// Waits, if [`Gathering`] says so, for more appends to join the only pending batch
-    /// before the flush takes it. Called with the state locked, by the flush thread.
-    fn gather<'a>(&'a self, mut state: MutexGuard<'a, LogState>) -> MutexGuard<'a, LogState> {
-        let entries = |state: &LogState| match state.pending.len() {
-            1 => state.pending.front().map_or(0, |batch| batch.waiters.len()),
-            _ => usize::MAX,
-        };
-        let fsync = matches!(self.shared.config.flush_policy, FlushPolicy::Fsync);
-        let Some((window, target)) = state.gathering.plan(entries(&state), fsync) else {
-            return state;
-        };
-        state.stats.gathering_waits += 1;
-        state.gathering.target = Some(target);
-        let deadline = Instant::now() + window;
-        let quiet = window / 4;
-        loop {
-            let before = entries(&state);
-            let now = Instant::now();
-            if before >= target || now >= deadline || state.closed || state.failure.is_some() {
-                break;
-            }
-            state = self
-                .batch_grew
-                .wait_timeout(state, quiet.min(deadline - now))
-                .unwrap_or_else(|poisoned| poisoned.into_inner())
-                .0;
-            if entries(&state) == before {
-                break;
-            }
-        }
-        state.gathering.target = None;
-        state
     }
 
     fn write_batch(
@@ -2459,31 +2377,4 @@ fn recover_segment(
     segment.file = SegmentFile::Closed;
     segment.seal_index();
     Ok(Some(segment))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn gathering_waits_only_after_a_batch_of_several_and_only_under_fsync() {
-        let after = |entries: usize, flush_ms: u64| Gathering {
-            last_batch_entries: entries,
-            last_flush: Duration::from_millis(flush_ms),
-            target: None,
-        };
-        // A lone appender (batches of one) and a fresh log never wait.
-        assert_eq!(after(1, 1).plan(1, true), None);
-        assert_eq!(after(0, 0).plan(1, true), None);
-        // After 16 entries in one batch: wait for 32, half the last flush at most...
-        assert_eq!(
-            after(16, 1).plan(5, true),
-            Some((Duration::from_micros(500), 32))
-        );
-        // ...and at most GATHER_MAX however slow the disk was.
-        assert_eq!(after(16, 30).plan(5, true), Some((GATHER_MAX, 32)));
-        // A batch that already reached the target, or the relaxed policy: no wait.
-        assert_eq!(after(16, 1).plan(32, true), None);
-        assert_eq!(after(16, 1).plan(5, false), None);
-    }
 }

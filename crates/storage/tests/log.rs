@@ -249,50 +249,6 @@ fn concurrent_appenders_share_fsyncs() {
 }
 
 #[test]
-fn a_lone_appender_never_waits_for_others_to_join_its_fsync() {
-    // Group commit gathers a batch only once several appenders were seen in one batch: one
-    // producer sending, awaiting its receipt and sending again pays no gathering delay.
-    let directory = tempfile::tempdir().expect("tempdir");
-    let storage = Storage::open(directory.path(), StorageConfig::default()).expect("open");
-    let log = storage.open_log("lone").expect("log");
-    for index in 0..50u32 {
-        log.append(Bytes::from(index.to_string()), 0)
-            .expect("append")
-            .wait()
-            .expect("durable");
-    }
-    let stats = log.stats();
-    assert_eq!(stats.flushes, 50);
-    assert_eq!(stats.gathering_waits, 0, "{stats:?}");
-    // Two batches of several entries each: the flush after them may gather.
-    for _ in 0..2 {
-        let pending: Vec<_> = (0..8u32)
-            .map(|index| {
-                log.append(Bytes::from(index.to_string()), 0)
-                    .expect("append")
-            })
-            .collect();
-        for append in pending {
-            append.wait().expect("durable");
-        }
-    }
-    // Alone again: after at most one gathering flush (the first alone, following a batch of
-    // several), it never waits again.
-    let waits_before = log.stats().gathering_waits;
-    for index in 0..20u32 {
-        log.append(Bytes::from(index.to_string()), 0)
-            .expect("append")
-            .wait()
-            .expect("durable");
-    }
-    assert!(
-        log.stats().gathering_waits <= waits_before + 1,
-        "{:?}",
-        log.stats()
-    );
-}
-
-#[test]
 fn a_log_created_again_never_reuses_a_position_of_its_deleted_predecessor() {
     let root = tempfile::tempdir().expect("tempdir");
     let payloads: Vec<Bytes> = (0..20u8)
