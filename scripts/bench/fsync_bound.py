@@ -30,7 +30,7 @@ Prints one JSON line per round and the ratio broker msg/s / raw msg/s.
 """
 import argparse, json, os, shutil, signal, subprocess, tempfile, time
 
-from produce_cpu import free_port, wait_for_port
+from produce_cpu import free_port, stop, wait_for_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -133,12 +133,7 @@ def round_(args):
             'broker_switches_per_msg': [per.get('voluntary_switches'), per.get('involuntary_switches')],
         }
     finally:
-        broker.send_signal(signal.SIGTERM)
-        try:
-            broker.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            broker.kill()
-            broker.wait()
+        stop(broker)
         shutil.rmtree(work, ignore_errors=True)
 
 
