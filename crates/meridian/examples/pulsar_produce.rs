@@ -11,8 +11,8 @@
 //! ```
 //!
 //! Prints one JSON object: messages and entries (distinct receipt positions) acknowledged in
-//! the window, and the broker's CPU µs per message and context switches per entry (syscalls by name: the script's
-//! `--strace` round).
+//! the window, and the broker's CPU µs per message, and context switches and minor page faults
+//! per entry (syscalls by name: the script's `--strace` round).
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
