@@ -4,7 +4,7 @@
 Each round starts a fresh `meridian standalone` on a temporary data directory (default durable
 policy: every receipt after fdatasync) and runs `examples/pulsar_produce` (the Rust `pulsar`
 crate: batches of up to 1000 messages / 128 KiB, 1 KiB messages, produce only) against it. The
-broker's user + system CPU time, context switches and read/write syscalls come from /proc/<pid>
+broker's user + system CPU time, context switches and minor faults come from /proc/<pid>
 over the measured window. Optionally one more round runs under `strace -c -f` (syscalls by name,
 per entry) or `perf record -g` (a profile).
 
@@ -71,13 +71,18 @@ def round_(args, attach=None, wrapper=()):
             sys.exit('load generator failed (%s)' % generator.returncode)
         return json.loads(output.strip().splitlines()[-1])
     finally:
-        broker.send_signal(signal.SIGTERM)
-        try:
-            broker.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            broker.kill()
-            broker.wait()
+        stop(broker)
         shutil.rmtree(work, ignore_errors=True)
+
+
+def stop(broker):
+    """Stops a broker started by a round: SIGTERM, then SIGKILL after 30 s."""
+    broker.send_signal(signal.SIGTERM)
+    try:
+        broker.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        broker.kill()
+        broker.wait()
 
 
 def main():

@@ -11,8 +11,8 @@
 //! ```
 //!
 //! Prints one JSON object: messages and entries (distinct receipt positions) acknowledged in
-//! the window, and the broker's CPU µs per message and context switches per entry (syscalls by name: the script's
-//! `--strace` round).
+//! the window, and the broker's CPU µs per message, and context switches and minor page faults
+//! per entry (syscalls by name: the script's `--strace` round).
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -94,6 +94,7 @@ struct BrokerCounters {
     system_ticks: u64,
     voluntary_switches: u64,
     involuntary_switches: u64,
+    minor_faults: u64,
 }
 
 fn broker_counters(pid: u32) -> BrokerCounters {
@@ -102,10 +103,12 @@ fn broker_counters(pid: u32) -> BrokerCounters {
         return counters;
     }
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the command name (which may hold spaces): utime is the 12th, stime the 13th.
+    // Fields after the command name (which may hold spaces), counted from 0 at the state:
+    // minflt is the 8th, utime the 12th, stime the 13th.
     if let Some(rest) = stat.rsplit_once(')').map(|(_, rest)| rest) {
         let fields: Vec<&str> = rest.split_whitespace().collect();
         let field = |index: usize| fields.get(index).and_then(|f| f.parse::<u64>().ok());
+        counters.minor_faults = field(7).unwrap_or(0);
         counters.user_ticks = field(11).unwrap_or(0);
         counters.system_ticks = field(12).unwrap_or(0);
     }
@@ -390,7 +393,8 @@ fn report(window: &Window, before: BrokerCounters, after: BrokerCounters, second
          \"msg_per_s\": {:.0}, \"broker_cpu_s\": {cpu_seconds:.2}, \
          \"broker_cpu_us_per_msg\": {:.3}, \"user_us_per_msg\": {:.3}, \
          \"system_us_per_msg\": {:.3}, \"voluntary_switches_per_entry\": {:.2}, \
-         \"involuntary_switches_per_entry\": {:.2}, \"latency_ms_p50\": {:.2}, \
+         \"involuntary_switches_per_entry\": {:.2}, \"minor_faults_per_entry\": {:.2}, \
+         \"latency_ms_p50\": {:.2}, \
          \"latency_ms_p99\": {:.2}, \"latency_ms_max\": {:.2}}}",
         messages as f64 / seconds,
         per_message(cpu_seconds),
@@ -398,6 +402,7 @@ fn report(window: &Window, before: BrokerCounters, after: BrokerCounters, second
         per_message(system_seconds),
         per_entry(after.voluntary_switches, before.voluntary_switches),
         per_entry(after.involuntary_switches, before.involuntary_switches),
+        per_entry(after.minor_faults, before.minor_faults),
         quantile(0.5),
         quantile(0.99),
         quantile(1.0),

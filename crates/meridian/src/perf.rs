@@ -8,7 +8,8 @@
 //! one JSON object on stdout and the per-second lines go to stderr. Latencies are recorded in
 //! HDR histograms (microseconds, 3 significant digits, up to an hour); samples of the
 //! `--warmup` go to histograms of their own that are thrown away. With `--broker-pid`, the
-//! broker's CPU time over the measured window is reported, per message too.
+//! broker's CPU time, context switches, read/write system calls and minor page faults over the
+//! measured window are reported, per message too.
 //!
 //! # Layout
 //!
@@ -19,7 +20,7 @@
 //! - `workers`: the producer, receipt-collector and consumer tasks, and the state they share.
 //! - `pacing`: the token bucket behind `--rate`. `payload`: the send-time stamp in each
 //!   payload. `stats`: windows of counts and histograms. `report`: the per-second line and
-//!   the summary. `broker_cpu`: `/proc/PID/stat`.
+//!   the summary. `broker_cpu`: the broker's counters in `/proc/PID`.
 //!
 //! # The measured window
 //!
@@ -487,7 +488,7 @@ pub async fn run(arguments: PerfArgs) -> anyhow::Result<()> {
     plan.validate()?;
     if let Some(pid) = plan.common.broker_pid {
         // Fail before connecting if the process cannot be observed.
-        broker_cpu::cpu_seconds(pid).context("--broker-pid")?;
+        broker_cpu::sample(pid).context("--broker-pid")?;
     }
     if plan.common.partitions > 0 {
         for topic in plan.topics() {
@@ -681,7 +682,7 @@ async fn run_with<'a>(
     let cpu_at_measure_start = common.broker_pid.map(|pid| {
         tokio::spawn(async move {
             tokio::time::sleep_until(measure_start.into()).await;
-            broker_cpu::cpu_seconds(pid)
+            broker_cpu::sample(pid)
         })
     });
 
@@ -724,7 +725,7 @@ async fn run_with<'a>(
     let receive_end = Instant::now();
     let cpu_at_end = common
         .broker_pid
-        .map(broker_cpu::cpu_seconds)
+        .map(broker_cpu::sample)
         .transpose()
         .context("--broker-pid")?;
     stop_consumers.cancel();
@@ -769,16 +770,11 @@ async fn run_with<'a>(
     };
     let broker_cpu = match (common.broker_pid, cpu_at_measure_start, cpu_at_end) {
         (Some(pid), Some(before), Some(after)) => {
-            let seconds = (after - before).max(0.0);
             let messages = measured_publish
                 .as_ref()
                 .or(measured_receive.as_ref())
                 .map_or(0, |window| window.messages);
-            Some(BrokerCpu {
-                pid,
-                seconds,
-                us_per_message: (messages > 0).then(|| seconds * 1e6 / messages as f64),
-            })
+            Some(BrokerCpu::between(pid, &before, &after, messages))
         }
         _ => None,
     };

@@ -230,7 +230,7 @@ fn consume_reads_what_another_run_produced() {
 }
 
 #[test]
-fn the_broker_cpu_is_reported_per_message() {
+fn the_broker_cpu_and_its_system_calls_are_reported_per_message() {
     let broker = BrokerProcess::start(&[]);
     let pid = std::fs::read_dir("/proc")
         .expect("/proc")
@@ -262,6 +262,24 @@ fn the_broker_cpu_is_reported_per_message() {
         "{cpu}"
     );
     assert!(cpu["us_per_message"].as_f64().is_some(), "{cpu}");
+    // What the broker did for them: it wrote receipts and deliveries (writev), and slept
+    // between frames.
+    assert!(
+        cpu["read_write_syscalls"]
+            .as_u64()
+            .is_some_and(|calls| calls > 0),
+        "{cpu}"
+    );
+    assert!(
+        cpu["voluntary_switches"]
+            .as_u64()
+            .is_some_and(|switches| switches > 0),
+        "{cpu}"
+    );
+    assert!(
+        cpu["per_message"]["read_write_syscalls"].as_f64().is_some(),
+        "{cpu}"
+    );
 }
 
 #[test]

@@ -211,6 +211,10 @@ async fn run_halves<R, W>(
         auth: auth::AuthState::with_certificate_role(certificate_role),
     };
     let mut buffer = BytesMut::with_capacity(UNRESERVED_FRAME_BYTES);
+    // The small-frame buffer, kept while a large frame is read into a buffer of its own, and
+    // taken back once that frame is handled: a stream of large frames allocates each frame's
+    // bytes once (they become the stored and cached entry), and nothing else per frame.
+    let mut small_frames: Option<BytesMut> = None;
     let mut keep_alive = tokio::time::interval(config.keep_alive_interval);
     keep_alive.tick().await;
     let mut credentials_check = tokio::time::interval(config.security.refresh_check_interval());
@@ -242,7 +246,13 @@ async fn run_halves<R, W>(
                     break "inbound budget closed".to_string();
                 };
                 let length = to_reserve.unwrap_or(0);
-                buffer.reserve(length.saturating_sub(buffer.len()));
+                // Everything buffered is the head of this frame (it is incomplete): it moves
+                // to a buffer of exactly the frame's size, so the reads stop at the frame's end
+                // and the buffer is never grown (copied) as the frame arrives.
+                let mut large = BytesMut::with_capacity(length);
+                large.extend_from_slice(&buffer);
+                buffer.clear();
+                small_frames = Some(std::mem::replace(&mut buffer, large));
                 reservation = Some((length, permit));
             }
             read = reader.read_buf(&mut buffer), if to_reserve.is_none() => {
@@ -255,9 +265,14 @@ async fn run_halves<R, W>(
                     Ok(()) => {}
                     Err(Close(reason)) => break reason,
                 }
-                // A large frame's room goes once it is handled: an idle connection holds little.
-                if buffer.is_empty() && buffer.capacity() > UNRESERVED_FRAME_BYTES {
-                    buffer = BytesMut::with_capacity(UNRESERVED_FRAME_BYTES);
+                // A large frame's room goes once it is handled (its bytes live on as the
+                // entry, or are freed): an idle connection holds little.
+                if buffer.is_empty() {
+                    if let Some(small) = small_frames.take() {
+                        buffer = small;
+                    } else if buffer.capacity() > UNRESERVED_FRAME_BYTES {
+                        buffer = BytesMut::with_capacity(UNRESERVED_FRAME_BYTES);
+                    }
                 }
             }
             _ = &mut connect_deadline, if connection.protocol_version.is_none() => {

@@ -1,32 +1,78 @@
-//! The CPU time of another process (the broker under test), from `/proc/PID/stat`.
+//! What the kernel counts for another process (the broker under test): CPU time, context
+//! switches, read/write system calls and minor page faults, from `/proc/PID`.
 //!
-//! `utime` and `stime` (fields 14 and 15) count every thread of the process, in clock ticks
-//! of `USER_HZ`. Linux fixes `USER_HZ` at 100 in its user-space ABI on every architecture
-//! Rust's Linux targets use, whatever the kernel's internal tick rate, so the resolution is
-//! 10 ms: plenty over a window of seconds.
+//! `utime` and `stime` (fields 14 and 15 of `/proc/PID/stat`) count every thread of the
+//! process, in clock ticks of `USER_HZ`. Linux fixes `USER_HZ` at 100 in its user-space ABI on
+//! every architecture Rust's Linux targets use, whatever the kernel's internal tick rate, so the
+//! resolution is 10 ms: plenty over a window of seconds. `minflt` (field 10) counts the whole
+//! process too. Context switches are per thread (`/proc/PID/task/TID/status`) and summed here,
+//! so threads that exit during the window take theirs with them. `syscr` and `syscw` of
+//! `/proc/PID/io` count only the read and write families (`read`, `pread64`, `readv`, `write`,
+//! `pwritev`, `writev`, ...), not `recvfrom`, `fdatasync`, `futex` or `epoll_wait`; reading
+//! that file needs the right to trace the process, so those two are optional.
 
 use anyhow::{bail, Context};
 
 /// Clock ticks per second in `/proc/PID/stat` (Linux's `USER_HZ`).
 const TICKS_PER_SECOND: f64 = 100.0;
 
-/// User plus system CPU time of process `pid` so far, in seconds.
-pub fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
+/// The counters of one process at one moment.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct BrokerSample {
+    /// User plus system CPU time so far, in seconds.
+    pub cpu_seconds: f64,
+    pub minor_faults: u64,
+    pub voluntary_switches: u64,
+    pub involuntary_switches: u64,
+    /// `syscr` and `syscw` of `/proc/PID/io`, if readable.
+    pub read_syscalls: Option<u64>,
+    pub write_syscalls: Option<u64>,
+}
+
+/// Reads the counters of process `pid`.
+pub fn sample(pid: u32) -> anyhow::Result<BrokerSample> {
     let path = format!("/proc/{pid}/stat");
     let stat = std::fs::read_to_string(&path)
         .with_context(|| format!("reading {path} (is process {pid} running?)"))?;
-    let ticks = parse_cpu_ticks(&stat).with_context(|| format!("parsing {path}"))?;
-    Ok(ticks as f64 / TICKS_PER_SECOND)
+    let (ticks, minor_faults) = parse_stat(&stat).with_context(|| format!("parsing {path}"))?;
+    let mut sample = BrokerSample {
+        cpu_seconds: ticks as f64 / TICKS_PER_SECOND,
+        minor_faults,
+        ..BrokerSample::default()
+    };
+    let tasks = format!("/proc/{pid}/task");
+    for task in std::fs::read_dir(&tasks).with_context(|| format!("reading {tasks}"))? {
+        // A thread that exits meanwhile has no status to read any more: it is skipped.
+        let Ok(status) = task.and_then(|task| std::fs::read_to_string(task.path().join("status")))
+        else {
+            continue;
+        };
+        sample.voluntary_switches += field_value(&status, "voluntary_ctxt_switches:").unwrap_or(0);
+        sample.involuntary_switches +=
+            field_value(&status, "nonvoluntary_ctxt_switches:").unwrap_or(0);
+    }
+    if let Ok(io) = std::fs::read_to_string(format!("/proc/{pid}/io")) {
+        sample.read_syscalls = field_value(&io, "syscr:");
+        sample.write_syscalls = field_value(&io, "syscw:");
+    }
+    Ok(sample)
 }
 
-/// `utime + stime` from the text of a `/proc/PID/stat` file.
-fn parse_cpu_ticks(stat: &str) -> anyhow::Result<u64> {
+/// The number after `name` on its line of a `/proc` file of `name: value` lines.
+fn field_value(text: &str, name: &str) -> Option<u64> {
+    text.lines()
+        .find_map(|line| line.strip_prefix(name))
+        .and_then(|value| value.trim().parse().ok())
+}
+
+/// `utime + stime` and `minflt` from the text of a `/proc/PID/stat` file.
+fn parse_stat(stat: &str) -> anyhow::Result<(u64, u64)> {
     // Field 2, the command name, is in parentheses and may itself hold spaces and
     // parentheses; the fields after the *last* ')' are plain numbers and letters.
     let Some((_, rest)) = stat.rsplit_once(')') else {
         bail!("no ')' after the command name");
     };
-    // `rest` starts at field 3 (the state): utime is field 14, stime field 15.
+    // `rest` starts at field 3 (the state): minflt is field 10, utime 14, stime 15.
     let fields: Vec<&str> = rest.split_whitespace().collect();
     let field = |number: usize| -> anyhow::Result<u64> {
         let text = fields
@@ -35,7 +81,7 @@ fn parse_cpu_ticks(stat: &str) -> anyhow::Result<u64> {
         text.parse()
             .with_context(|| format!("field {number} is {text:?}, not a number"))
     };
-    Ok(field(14)? + field(15)?)
+    Ok((field(14)? + field(15)?, field(10)?))
 }
 
 #[cfg(test)]
@@ -46,18 +92,38 @@ mod tests {
     fn reads_utime_plus_stime_past_an_awkward_command_name() {
         let stat = "4242 (my (odd) cmd) S 1 4242 4242 0 -1 4194304 2270 0 0 0 \
                     1234 567 0 0 20 0 9 0 12345 1000000 500 18446744073709551615";
-        assert_eq!(parse_cpu_ticks(stat).expect("parses"), 1234 + 567);
+        assert_eq!(parse_stat(stat).expect("parses"), (1234 + 567, 2270));
     }
 
     #[test]
     fn a_truncated_file_is_an_error() {
-        assert!(parse_cpu_ticks("4242 (meridian) S 1 2 3").is_err());
-        assert!(parse_cpu_ticks("garbage").is_err());
+        assert!(parse_stat("4242 (meridian) S 1 2 3").is_err());
+        assert!(parse_stat("garbage").is_err());
     }
 
     #[test]
     fn reads_this_process() {
-        let seconds = cpu_seconds(std::process::id()).expect("own stat");
-        assert!(seconds >= 0.0);
+        let first = sample(std::process::id()).expect("own counters");
+        // Sleeping is a voluntary context switch, and this process may read its own io file.
+        std::thread::sleep(std::time::Duration::from_millis(1));
+        let second = sample(std::process::id()).expect("own counters");
+        assert!(second.voluntary_switches > first.voluntary_switches);
+        assert!(second.cpu_seconds >= first.cpu_seconds);
+        assert!(
+            second.read_syscalls > first.read_syscalls,
+            "{first:?} {second:?}"
+        );
+    }
+
+    #[test]
+    fn reads_name_value_lines() {
+        let status =
+            "Name:\tmeridian\nvoluntary_ctxt_switches:\t150\nnonvoluntary_ctxt_switches:\t545\n";
+        assert_eq!(field_value(status, "voluntary_ctxt_switches:"), Some(150));
+        assert_eq!(
+            field_value(status, "nonvoluntary_ctxt_switches:"),
+            Some(545)
+        );
+        assert_eq!(field_value(status, "syscr:"), None);
     }
 }

@@ -5,6 +5,7 @@ use std::fmt::Write;
 
 use serde::Serialize;
 
+use super::broker_cpu::BrokerSample;
 use super::stats::{Latency, Window};
 
 /// Bytes in the MB of "MB/s" (decimal, as network and disk figures are quoted).
@@ -107,7 +108,8 @@ impl Throughput {
     }
 }
 
-/// CPU time the broker process spent during the measured window.
+/// What the broker process did during the measured window: CPU time, and what costs it
+/// (context switches, read/write system calls, minor page faults), in all and per message.
 #[derive(Clone, Debug, Serialize)]
 pub struct BrokerCpu {
     pub pid: u32,
@@ -115,6 +117,57 @@ pub struct BrokerCpu {
     /// Per message of the measured window (sent for produce and end-to-end, received for
     /// consume); `None` without messages.
     pub us_per_message: Option<f64>,
+    pub voluntary_switches: u64,
+    pub involuntary_switches: u64,
+    /// `syscr` + `syscw` of `/proc/PID/io` (the read and write families of system calls:
+    /// `recvfrom`, `fdatasync`, `futex` and `epoll_wait` are not among them); `None` if that
+    /// file could not be read.
+    pub read_write_syscalls: Option<u64>,
+    pub minor_faults: u64,
+    /// The four counts above divided by the messages; `None` without messages.
+    pub per_message: Option<BrokerCountsPerMessage>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct BrokerCountsPerMessage {
+    pub voluntary_switches: f64,
+    pub involuntary_switches: f64,
+    pub read_write_syscalls: Option<f64>,
+    pub minor_faults: f64,
+}
+
+impl BrokerCpu {
+    /// The difference of two samples of process `pid` taken around a window of `messages`.
+    pub fn between(pid: u32, before: &BrokerSample, after: &BrokerSample, messages: u64) -> Self {
+        let syscalls = |sample: &BrokerSample| Some(sample.read_syscalls? + sample.write_syscalls?);
+        let seconds = (after.cpu_seconds - before.cpu_seconds).max(0.0);
+        let voluntary_switches = after
+            .voluntary_switches
+            .saturating_sub(before.voluntary_switches);
+        let involuntary_switches = after
+            .involuntary_switches
+            .saturating_sub(before.involuntary_switches);
+        let read_write_syscalls = syscalls(after)
+            .zip(syscalls(before))
+            .map(|(after, before)| after.saturating_sub(before));
+        let minor_faults = after.minor_faults.saturating_sub(before.minor_faults);
+        let per = |count: u64| count as f64 / messages as f64;
+        BrokerCpu {
+            pid,
+            seconds,
+            us_per_message: (messages > 0).then(|| seconds * 1e6 / messages as f64),
+            voluntary_switches,
+            involuntary_switches,
+            read_write_syscalls,
+            minor_faults,
+            per_message: (messages > 0).then(|| BrokerCountsPerMessage {
+                voluntary_switches: per(voluntary_switches),
+                involuntary_switches: per(involuntary_switches),
+                read_write_syscalls: read_write_syscalls.map(per),
+                minor_faults: per(minor_faults),
+            }),
+        }
+    }
 }
 
 /// The end-of-run report. Fields that a mode does not measure are `null` in JSON.
@@ -224,6 +277,26 @@ impl<C: Serialize> Summary<C> {
                 let _ = write!(out, ", {per_message:.2} µs per message");
             }
             out.push('\n');
+            let syscalls = cpu
+                .read_write_syscalls
+                .map_or("unreadable".to_string(), |count| count.to_string());
+            let _ = write!(
+                out,
+                "broker ops   {} voluntary + {} involuntary context switches, {syscalls} read/write \
+                 syscalls, {} minor faults",
+                cpu.voluntary_switches, cpu.involuntary_switches, cpu.minor_faults
+            );
+            if let Some(per) = &cpu.per_message {
+                let syscalls = per
+                    .read_write_syscalls
+                    .map_or("-".to_string(), |count| format!("{count:.3}"));
+                let _ = write!(
+                    out,
+                    "; per message {:.3} + {:.3}, {syscalls}, {:.3}",
+                    per.voluntary_switches, per.involuntary_switches, per.minor_faults
+                );
+            }
+            out.push('\n');
         }
         out
     }
@@ -281,16 +354,16 @@ mod tests {
         assert!(line.ends_with("(warmup)"), "{line}");
     }
 
-    #[test]
-    fn the_summary_serializes_absent_directions_as_null() {
+    /// A produce run's summary: `sent` messages, one of them measured (100 bytes, 1.5 ms).
+    fn produce_summary(sent: u64, broker_cpu: Option<BrokerCpu>) -> Summary<serde_json::Value> {
         let mut window = Window::new();
         window.record(100, 1_500);
-        let summary = Summary {
+        Summary {
             mode: "produce",
             config: serde_json::json!({ "size": 100 }),
             interrupted: false,
             warmup_s: 0.0,
-            sent: Some(1),
+            sent: Some(sent),
             send_errors: Some(0),
             received: None,
             received_other: None,
@@ -298,8 +371,13 @@ mod tests {
             receive: None,
             publish_latency_ms: window.latency(),
             end_to_end_latency_ms: None,
-            broker_cpu: None,
-        };
+            broker_cpu,
+        }
+    }
+
+    #[test]
+    fn the_summary_serializes_absent_directions_as_null() {
+        let summary = produce_summary(1, None);
         let json = serde_json::to_value(&summary).expect("serializes");
         assert_eq!(json["sent"], 1);
         assert_eq!(json["publish"]["msg_per_s"], 2.0);
@@ -308,5 +386,48 @@ mod tests {
         let text = summary.text("meridian perf produce");
         assert!(text.contains("  publish "), "{text}");
         assert!(!text.contains("end-to-end"), "{text}");
+    }
+
+    #[test]
+    fn the_broker_counters_are_reported_per_message() {
+        let before = BrokerSample {
+            cpu_seconds: 1.0,
+            minor_faults: 100,
+            voluntary_switches: 1_000,
+            involuntary_switches: 10,
+            read_syscalls: Some(50),
+            write_syscalls: Some(70),
+        };
+        let after = BrokerSample {
+            cpu_seconds: 1.5,
+            minor_faults: 300,
+            voluntary_switches: 5_000,
+            involuntary_switches: 410,
+            read_syscalls: Some(250),
+            write_syscalls: Some(1_870),
+        };
+        let cpu = BrokerCpu::between(7, &before, &after, 1_000);
+        let json = serde_json::to_value(&cpu).expect("serializes");
+        assert_eq!(json["us_per_message"], 500.0);
+        assert_eq!(json["read_write_syscalls"], 2_000);
+        assert_eq!(json["per_message"]["voluntary_switches"], 4.0);
+        assert_eq!(json["per_message"]["involuntary_switches"], 0.4);
+        assert_eq!(json["per_message"]["read_write_syscalls"], 2.0);
+        assert_eq!(json["per_message"]["minor_faults"], 0.2);
+        let summary = produce_summary(1_000, Some(cpu));
+        let text = summary.text("meridian perf produce");
+        assert!(
+            text.contains("4000 voluntary + 400 involuntary context switches, 2000 read/write syscalls, 200 minor faults; per message 4.000 + 0.400, 2.000, 0.200"),
+            "{text}"
+        );
+        // Without /proc/PID/io (no right to trace the broker) the rest is still reported.
+        let unreadable = BrokerSample {
+            read_syscalls: None,
+            write_syscalls: None,
+            ..after
+        };
+        let cpu = BrokerCpu::between(7, &before, &unreadable, 0);
+        assert_eq!(cpu.read_write_syscalls, None);
+        assert!(cpu.per_message.is_none());
     }
 }
