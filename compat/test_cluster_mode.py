@@ -24,12 +24,14 @@ missing. It runs on free loopback ports in a temporary directory and is killed b
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import re
 import shutil
 import signal
 import subprocess
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -535,19 +537,22 @@ class ObjectStoreBroker(ClusterBroker):
         ]
 
 
-@pytest.fixture(scope="module")
-def object_cluster(etcd, object_store, meridian_bin, tmp_path_factory):
+@contextlib.contextmanager
+def object_brokers(etcd, endpoint, meridian_bin, tmp_path_factory, prefix: str, count: int,
+                   cursor_persist_interval_ms: int):
+    """`count` brokers of cluster c2 on the object store at `endpoint`, stopped (and their logs
+    checked for unexpected errors) when the block ends."""
     key_file = tmp_path_factory.mktemp("s3-key") / "s3.key"
     key_file.write_text(f"{S3_ACCESS_KEY}:{S3_SECRET_KEY}\n")
     brokers = []
     try:
-        for index in range(3):
-            name = f"object-broker-{index + 1}"
+        for index in range(count):
+            name = f"{prefix}-{index + 1}"
             base = tmp_path_factory.mktemp(name)
-            broker = ObjectStoreBroker(meridian_bin, base, name, etcd, object_store, key_file)
+            broker = ObjectStoreBroker(meridian_bin, base, name, etcd, endpoint, key_file)
             broker.config_path = base / "broker.toml"
             broker.config_path.write_text(
-                f"[storage]\ncursor_persist_interval_ms = {CURSOR_PERSIST_INTERVAL_MS}\n"
+                f"[storage]\ncursor_persist_interval_ms = {cursor_persist_interval_ms}\n"
             )
             brokers.append(broker)
             broker_process.KNOWN_BROKERS.append(broker)
@@ -566,6 +571,13 @@ def object_cluster(etcd, object_store, meridian_bin, tmp_path_factory):
             problems += [str(problem) for problem in broker.take_new_problems(allowed)]
             broker_process.KNOWN_BROKERS.remove(broker)
         assert not problems, "\n".join(problems)
+
+
+@pytest.fixture(scope="module")
+def object_cluster(etcd, object_store, meridian_bin, tmp_path_factory):
+    with object_brokers(etcd, object_store, meridian_bin, tmp_path_factory, "object-broker", 3,
+                        CURSOR_PERSIST_INTERVAL_MS) as brokers:
+        yield brokers
 
 
 def stored_cursor(etcd_url: str, topic: str, subscription: str) -> Optional[dict]:
@@ -839,3 +851,111 @@ def test_an_append_fenced_by_a_newer_owner_fails_retriably_and_the_client_moves(
         ], refs
     finally:
         client.close()
+
+
+def bundle_range(topic: str) -> str:
+    """The name of `topic`'s bundle among 4, as Pulsar names it (`0x00000000_0x40000000`)."""
+    size = (1 << 32) // BUNDLES
+    index = bundle_index(topic)
+    upper = 0xFFFFFFFF if index == BUNDLES - 1 else (index + 1) * size
+    return f"0x{index * size:08x}_0x{upper:08x}"
+
+
+def test_a_bundle_unloaded_through_a_non_owner_moves_with_its_clients_and_cursors(
+    etcd, object_store, meridian_bin, tmp_path_factory, tmp_path
+):
+    # Models an operator moving a bundle (Pulsar's bundle unload) while a producer and a
+    # consumer run: the owner must stop, persist the cursors it holds (the interval here is
+    # 10 minutes, so only the unload can have written them) and release the bundle; the
+    # clients look the topic up again by themselves and the next lookup assigns the bundle.
+    with object_brokers(etcd, object_store, meridian_bin, tmp_path_factory, "unload-broker", 2,
+                        600_000) as brokers:
+        owner, other = brokers
+        namespace = f"public/{unique('unload')}"
+        status, _, body = http("PUT", f"{other.web_url}/admin/v2/namespaces/{namespace}")
+        assert status in (200, 204), (status, body)
+        topic = f"persistent://{namespace}/t"
+        assert owner_of(brokers, topic, via=owner) is owner
+        (old,) = etcd_range(etcd, f"/meridian/{OBJECT_CLUSTER}/owners/{namespace}/")
+        stats_path = f"/admin/v2/persistent/{topic.removeprefix('persistent://')}/stats"
+
+        client = new_client(other, tmp_path, "client")  # a non-owner's URL: LOOKUP redirects
+        try:
+            consumer = client.subscribe(
+                topic, "s", initial_position=pulsar.InitialPosition.Earliest
+            )
+            producer = client.create_producer(
+                topic, send_timeout_millis=60_000, batching_enabled=False
+            )
+            # 1. Acknowledged, and the owner has the acknowledgements (no backlog), but they
+            # are not in etcd yet (persisted every 10 minutes).
+            send_and_receive(producer, consumer, "before", 30)
+
+            def backlog_on(broker) -> Optional[int]:
+                status, _, body = http("GET", broker.web_url + stats_path)
+                return json.loads(body)["subscriptions"]["s"]["msgBacklog"] if status == 200 else None
+
+            wait_until(lambda: backlog_on(owner) == 0, "the owner has the 30 acknowledgements")
+            assert (stored_cursor(etcd, topic, "s") or {}).get("mark_delete") != 29
+
+            # 2. Under load, the bundle is unloaded through the non-owner's admin URL.
+            results: dict[bytes, pulsar.Result] = {}
+            during = [f"during/{index}".encode() for index in range(300)]
+
+            def produce():
+                for payload in during:
+                    producer.send_async(
+                        payload, lambda result, _id, payload=payload: results.__setitem__(payload, result)
+                    )
+                    time.sleep(0.005)  # pacing: a steady load, not a synchronisation
+
+            producing = threading.Thread(target=produce, name="producer")
+            producing.start()
+            seen: list[bytes] = []
+            while len(seen) < 50:
+                message = consumer.receive(timeout_millis=30_000)
+                seen.append(message.data())
+                consumer.acknowledge(message)
+            path = f"/admin/v2/namespaces/{namespace}/{bundle_range(topic)}/unload"
+            status, headers, body = http("PUT", other.web_url + path, follow=False)
+            assert status == 307, (status, body)  # as Pulsar: the owner serves a bundle call
+            assert headers["Location"] == owner.web_url + path, headers["Location"]
+            status, _, body = http("PUT", headers["Location"])
+            assert status in (200, 204), (status, body)
+            # The cursors were persisted by the unload, before it answered.
+            assert (stored_cursor(etcd, topic, "s") or {}).get("mark_delete", -1) >= 29
+
+            # 3. The producer and consumer carry on by themselves, through the next owner.
+            producing.join()
+            producer.flush()
+            wait_until(lambda: len(results) == len(during), "every send answered")
+            acknowledged = [payload for payload in during if results[payload] == pulsar.Result.Ok]
+            assert acknowledged == during, {p: r for p, r in results.items() if r != pulsar.Result.Ok}
+            while not set(acknowledged) <= set(seen):
+                message = consumer.receive(timeout_millis=30_000)
+                seen.append(message.data())
+                consumer.acknowledge(message)
+            assert not [payload for payload in seen if payload.startswith(b"before/")], seen
+            first_seen = list(dict.fromkeys(seen))  # resends and unacknowledged redeliveries
+            assert first_seen == during, first_seen
+
+            # 4. The bundle was released and assigned again, under a new epoch.
+            (new,) = etcd_range(etcd, f"/meridian/{OBJECT_CLUSTER}/owners/{namespace}/")
+            assert new["value"]["epoch"] > old["value"]["epoch"], (old, new)
+            assert new["create_revision"] > old["create_revision"], (old, new)
+
+            # 5. The namespace form on a non-owner (whichever broker that is now) is forwarded
+            # to the owner, and the bundle moves again.
+            port = new["value"]["broker_id"].rsplit(":", 1)[-1]
+            new_owner = next(broker for broker in brokers if broker.web_url.endswith(f":{port}"))
+            non_owner = other if new_owner is owner else owner
+            wait_until(lambda: backlog_on(new_owner) == 0, "the new owner has every acknowledgement")
+            status, _, body = http("PUT", f"{non_owner.web_url}/admin/v2/namespaces/{namespace}/unload")
+            assert status in (200, 204), (status, body)
+            producer.send(b"after")
+            # Nothing acknowledged comes back: the second unload persisted the cursor too.
+            assert consumer.receive(timeout_millis=30_000).data() == b"after"
+            (last,) = etcd_range(etcd, f"/meridian/{OBJECT_CLUSTER}/owners/{namespace}/")
+            assert last["value"]["epoch"] > new["value"]["epoch"], (new, last)
+        finally:
+            client.close()

@@ -3,14 +3,17 @@
 use axum::body::Bytes;
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{Path, Query, State};
-use axum::http::HeaderMap;
+use axum::http::{header, HeaderMap, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
+use meridian_broker::cluster::{bundles, Owner};
 use meridian_broker::resources::{
     AutoTopicCreationOverride, BacklogQuota, DispatchRate, Policies, RetentionPolicies,
 };
 use serde::Deserialize;
 use serde_json::Value;
+use std::time::Duration;
 
 use crate::{body, propagate, ApiError, ApiResult, AppState};
 
@@ -70,6 +73,10 @@ pub fn routes() -> Router<AppState> {
         .route(
             "/admin/v2/namespaces/{tenant}/{namespace}/unload",
             put(unload).post(unload),
+        )
+        .route(
+            "/admin/v2/namespaces/{tenant}/{namespace}/{bundle}/unload",
+            put(unload_bundle),
         )
         .route(
             "/admin/v2/namespaces/{tenant}/{namespace}/topics",
@@ -494,17 +501,156 @@ async fn remove_auto_creation(
     .await
 }
 
+/// Unloads the namespace. Standalone: every loaded topic of it (clients reconnect). Cluster
+/// mode: every bundle of it that has an owner, wherever: those this broker owns here, the
+/// others forwarded to their owners' bundle unload (as Pulsar's broker does through its admin
+/// client); each owner closes the bundle's topics and releases it.
 async fn unload(
     State(broker): State<AppState>,
     Path((tenant, namespace)): Path<(String, String)>,
+    headers: HeaderMap,
 ) -> ApiResult<()> {
     broker.resources().policies(&tenant, &namespace)?;
-    for topic in broker.loaded_topics() {
-        if topic.name.tenant == tenant && topic.name.namespace == namespace {
-            broker.unload(&topic.name.clone()).await;
+    let Some(cluster) = broker.cluster() else {
+        for topic in broker.loaded_topics() {
+            if topic.name.tenant == tenant && topic.name.namespace == namespace {
+                broker.unload(&topic.name.clone()).await;
+            }
+        }
+        return Ok(());
+    };
+    for bundle in cluster.bundles_of_namespace(&tenant, &namespace) {
+        match cluster.bundle_owner(&bundle).await? {
+            None => {}
+            Some(Owner::This) => {
+                cluster.unload_bundle(&broker, &bundle).await?;
+            }
+            Some(Owner::Other { registration, .. }) => {
+                forward_unload(&registration.web_service_url, &bundle, &headers).await?
+            }
         }
     }
     Ok(())
+}
+
+/// Unloads one bundle (`0x00000000_0x40000000`, Pulsar's bundle unload). Cluster mode: the
+/// owner unloads it; another broker answers `307 Temporary Redirect` to the owner's web
+/// service URL (as Pulsar does); a bundle nobody owns has nothing to unload. Standalone: the
+/// loaded topics of the namespace that hash into the range.
+async fn unload_bundle(
+    State(broker): State<AppState>,
+    Path((tenant, namespace, range)): Path<(String, String, String)>,
+    uri: Uri,
+) -> ApiResult<Response> {
+    broker.resources().policies(&tenant, &namespace)?;
+    let bounds = bundles::parse_range(&range).ok_or_else(|| {
+        ApiError::new(
+            StatusCode::PRECONDITION_FAILED,
+            format!("invalid bundle range {range}: expected 0xLLLLLLLL_0xUUUUUUUU"),
+        )
+    })?;
+    let Some(cluster) = broker.cluster() else {
+        for topic in broker.loaded_topics() {
+            if topic.name.tenant == tenant
+                && topic.name.namespace == namespace
+                && bundles::range_holds(&topic.name, bounds)
+            {
+                broker.unload(&topic.name.clone()).await;
+            }
+        }
+        return Ok(().into_response());
+    };
+    let bundle = format!("{tenant}/{namespace}/{range}");
+    let all = cluster.bundles_of_namespace(&tenant, &namespace);
+    if !all.contains(&bundle) {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!(
+                "bundle {range} does not exist in namespace {tenant}/{namespace} (its bundles: {})",
+                all.iter()
+                    .filter_map(|name| name.rsplit('/').next())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        ));
+    }
+    match cluster.bundle_owner(&bundle).await? {
+        None => {}
+        Some(Owner::This) => {
+            cluster.unload_bundle(&broker, &bundle).await?;
+        }
+        Some(Owner::Other { registration, .. }) => {
+            let path_and_query = uri
+                .path_and_query()
+                .map_or(uri.path(), |value| value.as_str());
+            let location = format!(
+                "{}{path_and_query}",
+                registration.web_service_url.trim_end_matches('/')
+            );
+            return Ok((
+                StatusCode::TEMPORARY_REDIRECT,
+                [(header::LOCATION, location)],
+            )
+                .into_response());
+        }
+    }
+    Ok(().into_response())
+}
+
+/// How long a forwarded bundle unload may take (the owner closes the bundle's topics and
+/// persists their cursors before it answers).
+const FORWARD_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Asks the owner at `web_service_url` to unload `bundle` (`tenant/ns/range`), with the
+/// caller's credentials. A redirect (the bundle moved meanwhile) is not followed: the caller
+/// retries.
+async fn forward_unload(web_service_url: &str, bundle: &str, headers: &HeaderMap) -> ApiResult<()> {
+    let url = format!(
+        "{}/admin/v2/namespaces/{bundle}/unload",
+        web_service_url.trim_end_matches('/')
+    );
+    let authorization = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|value| value.to_str().ok())
+        .map(str::to_string);
+    tokio::task::spawn_blocking(move || {
+        let agent = ureq::AgentBuilder::new()
+            .timeout(FORWARD_TIMEOUT)
+            .redirects(0)
+            .build();
+        let mut request = agent.put(&url);
+        if let Some(value) = &authorization {
+            request = request.set("Authorization", value);
+        }
+        match request.call() {
+            Ok(response) if response.status() < 300 => Ok(()),
+            Ok(response) => Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!(
+                    "{url} answered {}: the bundle moved meanwhile; retry",
+                    response.status()
+                ),
+            )),
+            Err(ureq::Error::Status(status, response)) => Err(ApiError::new(
+                StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY),
+                format!(
+                    "the bundle's owner ({url}) answered {status}: {}",
+                    response.into_string().unwrap_or_default()
+                ),
+            )),
+            Err(error) => Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("cannot reach the bundle's owner at {url}: {error}"),
+            )),
+        }
+    })
+    .await
+    .map_err(|error| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("forwarding task failed: {error}"),
+        )
+    })?
 }
 
 async fn topics(

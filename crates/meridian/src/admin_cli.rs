@@ -339,10 +339,16 @@ enum NamespaceVerb {
         #[arg(long)]
         disable: bool,
     },
-    /// Unload every loaded topic of the namespace (clients reconnect).
+    /// Unload the namespace, or one bundle of it (clients reconnect). In cluster mode each
+    /// bundle's owner closes its topics and releases it; the next lookup assigns it again.
     ///
-    /// Example: meridian admin namespaces unload acme/orders
-    Unload { namespace: String },
+    /// Example: meridian admin namespaces unload acme/orders --bundle 0x00000000_0x40000000
+    Unload {
+        namespace: String,
+        /// One bundle's hash range, as Pulsar names it (`0x00000000_0x40000000`).
+        #[arg(long, short = 'b')]
+        bundle: Option<String>,
+    },
     /// List the namespace's topics.
     ///
     /// Example: meridian admin namespaces topics acme/orders
@@ -588,6 +594,9 @@ fn message_id_body(text: &str) -> anyhow::Result<Value> {
     })
 }
 
+/// Redirects (307/308) followed per call.
+const MAX_REDIRECTS: usize = 3;
+
 struct Http {
     base: String,
     /// Plain, or TLS with the `--tls-*` settings for an `https://` base.
@@ -603,14 +612,36 @@ enum Reply {
 
 impl Http {
     fn call(&self, method: &str, path: &str, body: Option<Value>) -> anyhow::Result<Reply> {
-        let url = format!("{}{}", self.base.trim_end_matches('/'), path);
-        let mut request = self.agent.request(method, &url);
-        if let Some(token) = &self.token {
-            request = request.set("Authorization", &format!("Bearer {token}"));
-        }
-        let response = match body {
-            Some(body) => request.send_json(body),
-            None => request.call(),
+        let mut url = format!("{}{}", self.base.trim_end_matches('/'), path);
+        // ureq follows redirects of GET only; a cluster-mode broker answers a call that only
+        // the bundle's owner can serve (a bundle unload, topic calls) with 307 to the owner,
+        // which keeps the method and body, as pulsar-admin follows it.
+        let mut redirects = 0;
+        let response = loop {
+            let mut request = self.agent.request(method, &url);
+            if let Some(token) = &self.token {
+                request = request.set("Authorization", &format!("Bearer {token}"));
+            }
+            let response = match &body {
+                Some(body) => request.send_json(body.clone()),
+                None => request.call(),
+            };
+            let location = match &response {
+                Ok(answer) if matches!(answer.status(), 307 | 308) => {
+                    answer.header("Location").map(str::to_string)
+                }
+                _ => None,
+            };
+            match location {
+                Some(location) if redirects < MAX_REDIRECTS => {
+                    redirects += 1;
+                    url = location;
+                }
+                Some(location) => {
+                    bail!("more than {MAX_REDIRECTS} redirects; the last to {location}")
+                }
+                None => break response,
+            }
         };
         let response = match response {
             Ok(response) => response,
@@ -947,7 +978,10 @@ fn namespace_request(verb: NamespaceVerb) -> anyhow::Result<(&'static str, Strin
                 Some(json!(enable)),
             )
         }
-        NamespaceVerb::Unload { namespace } => ("PUT", path(&namespace, "/unload"), None),
+        NamespaceVerb::Unload { namespace, bundle } => match bundle {
+            None => ("PUT", path(&namespace, "/unload"), None),
+            Some(bundle) => ("PUT", path(&namespace, &format!("/{bundle}/unload")), None),
+        },
         NamespaceVerb::Topics { namespace } => ("GET", path(&namespace, "/topics"), None),
     })
 }

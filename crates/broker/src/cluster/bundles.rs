@@ -50,6 +50,41 @@ pub fn range_of(hash: u32, count: u32) -> (u32, u32) {
     (lower as u32, upper as u32)
 }
 
+/// The names of a namespace's `count` equal bundles, in hash order:
+/// `tenant/namespace/0xLLLLLLLL_0xUUUUUUUU`.
+pub fn bundles_of_namespace(tenant: &str, namespace: &str, count: u32) -> Vec<String> {
+    let count = count.clamp(1, MAX_BUNDLES);
+    let size = (1u64 << 32) / u64::from(count);
+    (0..u64::from(count))
+        .map(|index| {
+            let (lower, upper) = range_of((index * size) as u32, count);
+            format!("{tenant}/{namespace}/0x{lower:08x}_0x{upper:08x}")
+        })
+        .collect()
+}
+
+/// The bounds of a bundle range named as Pulsar names it (`0x00000000_0x40000000`); `None`
+/// when the name is not of that form or the lower bound is not below the upper one.
+pub fn parse_range(range: &str) -> Option<(u32, u32)> {
+    let (lower, upper) = range.split_once('_')?;
+    let parse = |bound: &str| {
+        let digits = bound.strip_prefix("0x")?;
+        if digits.len() != 8 {
+            return None;
+        }
+        u32::from_str_radix(digits, 16).ok()
+    };
+    let (lower, upper) = (parse(lower)?, parse(upper)?);
+    (lower < upper).then_some((lower, upper))
+}
+
+/// Whether `topic` hashes into the range `(lower, upper)` (the upper bound included only when
+/// it is `0xffffffff`, the last range's).
+pub fn range_holds(topic: &TopicName, (lower, upper): (u32, u32)) -> bool {
+    let hash = crc32(topic.to_string().as_bytes());
+    hash >= lower && (hash < upper || upper == u32::MAX)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -86,5 +121,44 @@ mod tests {
             .map(|index| bundle_of(&topic.partition(index), 4))
             .collect();
         assert!(bundles.len() > 1, "{bundles:?}");
+    }
+
+    #[test]
+    fn a_namespaces_bundles_cover_the_hash_space_and_parse_back() {
+        let names = bundles_of_namespace("public", "default", 4);
+        assert_eq!(
+            names,
+            [
+                "public/default/0x00000000_0x40000000",
+                "public/default/0x40000000_0x80000000",
+                "public/default/0x80000000_0xc0000000",
+                "public/default/0xc0000000_0xffffffff",
+            ]
+        );
+        assert_eq!(
+            parse_range("0x40000000_0x80000000"),
+            Some((0x4000_0000, 0x8000_0000))
+        );
+        for bad in [
+            "",
+            "0x4_0x8",
+            "0x80000000_0x40000000",
+            "40000000_80000000",
+            "0x4000000g_0x80000000",
+        ] {
+            assert_eq!(parse_range(bad), None, "{bad}");
+        }
+        let topic = TopicName::parse("persistent://public/default/orders").expect("valid name");
+        let range = names
+            .iter()
+            .filter(|name| {
+                range_holds(
+                    &topic,
+                    parse_range(name.rsplit('/').next().unwrap_or("")).unwrap_or((0, 0)),
+                )
+            })
+            .cloned()
+            .collect::<Vec<_>>();
+        assert_eq!(range, [bundle_of(&topic, 4)]);
     }
 }

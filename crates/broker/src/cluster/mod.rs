@@ -11,9 +11,11 @@
 //! - [`watch_lease`]: when the lease is lost the broker drops every bundle at once, closes the
 //!   clients of every loaded topic (they look the topic up again), and registers anew.
 //!
-//! What is not here yet: each owner keeps its topics' logs in its own local storage (the
-//! object-store log comes behind the log-store seam), no load balancing (a lookup of an
-//! unowned bundle takes it here), no unload or split of bundles through the admin API.
+//! - [`ClusterMode::unload_bundle`]: the admin API's unload (namespace or bundle) on the
+//!   owner: stop serving the bundle, close its topics (cursors persisted), release it.
+//!
+//! What is not here yet: no load balancing (a lookup of an unowned bundle takes it here), no
+//! split of bundles.
 
 pub mod bundles;
 pub mod logs;
@@ -334,6 +336,92 @@ impl ClusterMode {
             broker_id: record.broker_id,
             registration,
         })
+    }
+
+    /// The bundles of a namespace (`tenant/namespace/0xLLLLLLLL_0xUUUUUUUU`), in hash order.
+    pub fn bundles_of_namespace(&self, tenant: &str, namespace: &str) -> Vec<String> {
+        bundles::bundles_of_namespace(tenant, namespace, self.bundles_per_namespace)
+    }
+
+    /// Who owns `bundle` now, without taking it: `None` when nobody does (nothing to unload),
+    /// or when the owner key is this broker's from an earlier session (nothing is loaded under
+    /// it; it goes with that session's lease).
+    pub async fn bundle_owner(self: &Arc<Self>, bundle: &str) -> Result<Option<Owner>> {
+        if self.owns(bundle) {
+            return Ok(Some(Owner::This));
+        }
+        let mode = self.clone();
+        let bundle = bundle.to_string();
+        tokio::task::spawn_blocking(move || {
+            let _serialized = lock(&mode.acquiring);
+            if mode.owns(&bundle) {
+                return Ok(Some(Owner::This));
+            }
+            match mode.cluster.owner(&bundle).map_err(unavailable)? {
+                None => Ok(None),
+                Some(record) if record.broker_id == mode.broker_id => Ok(None),
+                Some(record) => mode.other_owner(&bundle, record).map(Some),
+            }
+        })
+        .await
+        .map_err(|error| BrokerError::Unknown(format!("bundle lookup task failed: {error}")))?
+    }
+
+    /// Unloads `bundle` if this broker owns it, as Pulsar's bundle unload does: the bundle is
+    /// forgotten first (no new producer, consumer or lookup is served for it: they get
+    /// `ServiceNotReady` and look up again), then every loaded topic of it is unloaded (its
+    /// producers and consumers closed, its pending appends committed or failed retriably, its
+    /// cursors and de-duplication snapshot persisted to etcd under the still-held ownership),
+    /// then the owner key is released so that the next lookup assigns the bundle anew (epoch +
+    /// 1). Returns whether this broker owned it. When the release fails (etcd out of reach) the
+    /// broker keeps the bundle and serves it again, and the error is returned.
+    pub async fn unload_bundle(self: &Arc<Self>, broker: &Broker, bundle: &str) -> Result<bool> {
+        let Some(ownership) = lock(&self.owned).remove(bundle) else {
+            return Ok(false);
+        };
+        tracing::info!(
+            bundle,
+            epoch = ownership.epoch(),
+            "unloading bundle: closing its topics, then releasing it"
+        );
+        let topics = self.unload_topics_of(broker, bundle).await;
+        let mode = self.clone();
+        let held = ownership.clone();
+        let released = tokio::task::spawn_blocking(move || match mode.live_session() {
+            // Without a live session the owner key goes (or went) with the lease.
+            None => Ok(false),
+            Some(session) => session.release(&held).map_err(unavailable),
+        })
+        .await
+        .map_err(|error| BrokerError::Unknown(format!("bundle release task failed: {error}")))
+        .and_then(|released| released);
+        if let Err(error) = released {
+            tracing::warn!(bundle, %error, "releasing the unloaded bundle failed; still serving it");
+            lock(&self.owned).insert(bundle.to_string(), ownership);
+            return Err(error);
+        }
+        // A topic whose load was under way when the bundle was forgotten: it can commit nothing
+        // more (fenced), so it goes too.
+        let late = self.unload_topics_of(broker, bundle).await;
+        tracing::info!(
+            bundle,
+            topics = topics + late,
+            "bundle unloaded and released; the next lookup assigns it"
+        );
+        Ok(true)
+    }
+
+    async fn unload_topics_of(&self, broker: &Broker, bundle: &str) -> usize {
+        let topics: Vec<TopicName> = broker
+            .loaded_topics()
+            .into_iter()
+            .map(|topic| topic.name.clone())
+            .filter(|name| self.bundle_of(name) == bundle)
+            .collect();
+        for name in &topics {
+            broker.unload(name).await;
+        }
+        topics.len()
     }
 
     /// The ids of the brokers registered in the cluster now (live leases), sorted. Blocking.
