@@ -308,11 +308,12 @@ impl ClusterMode {
 
     fn other_owner(&self, bundle: &str, record: OwnerRecord) -> Result<Owner> {
         if record.broker_id == self.broker_id {
-            // Ours under an earlier session whose lease has not expired yet (a restart within
-            // the TTL): nobody may serve it until then.
+            // Ours but not served: being unloaded (released once its topics are closed), or
+            // held under an earlier session whose lease has not expired yet (a restart within
+            // the TTL). Nobody may serve it until the key goes.
             return Err(BrokerError::NotServedHere(format!(
-                "bundle {bundle} is still held by an earlier session of this broker \
-                 (epoch {}); it is free when that lease expires",
+                "bundle {bundle} is still held by this broker (epoch {}) while it is unloaded, \
+                 or by an earlier session of it until that lease expires; look it up again",
                 record.epoch
             )));
         }
