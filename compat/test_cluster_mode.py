@@ -46,7 +46,7 @@ import pytest
 
 import broker_process
 from broker_process import BrokerProcess, free_port
-from helpers import receive_n, unique, wait_until
+from helpers import assert_no_more, receive_n, unique, wait_until
 
 LEASE_TTL_S = 3
 BUNDLES = 4
@@ -966,3 +966,35 @@ def test_a_bundle_unloaded_through_a_non_owner_moves_with_its_clients_and_cursor
             assert last["value"]["epoch"] > new["value"]["epoch"], (new, last)
         finally:
             client.close()
+
+
+def test_a_bundle_unload_in_standalone_moves_only_the_topics_of_that_range(broker, tmp_path):
+    # Standalone has no owners, but Pulsar's bundle form of unload works there too: only the
+    # loaded topics whose hash falls in the range are unloaded (their clients reconnect).
+    namespace = f"public/{unique('standalone-bundle')}"
+    status, _, body = http("PUT", f"{broker.web_url}/admin/v2/namespaces/{namespace}")
+    assert status in (200, 204), (status, body)
+    moved, stayed = topics_in_distinct_bundles(namespace, 2)
+    client = pulsar.Client(broker.service_url, operation_timeout_seconds=30)
+    try:
+        consumers = {}
+        for topic in (moved, stayed):
+            consumers[topic] = client.subscribe(
+                topic, "s", initial_position=pulsar.InitialPosition.Earliest
+            )
+            client.create_producer(topic).send(b"unacknowledged")
+            assert consumers[topic].receive(timeout_millis=30_000).data() == b"unacknowledged"
+        status, _, body = http(
+            "PUT", f"{broker.web_url}/admin/v2/namespaces/{namespace}/{bundle_range(moved)}/unload"
+        )
+        assert status in (200, 204), (status, body)
+        # The unloaded topic's consumer reconnected: its unacknowledged message comes again.
+        again = consumers[moved].receive(timeout_millis=30_000)
+        assert again.data() == b"unacknowledged"
+        assert_no_more(consumers[stayed], what="the other bundle's topic was not unloaded")
+        status, _, body = http(
+            "PUT", f"{broker.web_url}/admin/v2/namespaces/{namespace}/0x1_0x2/unload"
+        )
+        assert status == 412 and b"invalid bundle range" in body, (status, body)
+    finally:
+        client.close()
