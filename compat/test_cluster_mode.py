@@ -968,6 +968,106 @@ def test_a_bundle_unloaded_through_a_non_owner_moves_with_its_clients_and_cursor
             client.close()
 
 
+def topics_in_both_halves(namespace: str) -> tuple[str, str, int]:
+    """(lower, upper, middle): two topics of one bundle of `namespace`, one in each half that
+    Pulsar's range_equally_divide makes of it, and the split point."""
+    size = (1 << 32) // BUNDLES
+    found: dict[bool, str] = {}
+    serial = 0
+    while len(found) < 2:
+        topic = f"persistent://{namespace}/h{serial}"
+        serial += 1
+        if bundle_index(topic) != 0:
+            continue
+        middle = size // 2
+        found.setdefault(zlib.crc32(topic.encode()) >= middle, topic)
+    return found[False], found[True], size // 2
+
+
+def test_a_bundle_split_through_a_non_owner_assigns_its_halves_under_load(
+    object_cluster, etcd, meridian_bin, tmp_path
+):
+    # Models an operator splitting a busy bundle (Pulsar's bundle split, range_equally_divide)
+    # while producers and consumers run: the owner closes the bundle's topics (cursors
+    # persisted), writes the new boundaries and releases it; lookups then assign the halves,
+    # and the clients carry on with nothing lost.
+    live = [broker for broker in object_cluster if broker.is_running()]
+    owner, other = live[0], live[1]
+    namespace = f"public/{unique('split')}"
+    status, _, body = http("PUT", f"{other.web_url}/admin/v2/namespaces/{namespace}")
+    assert status in (200, 204), (status, body)
+    low, high, middle = topics_in_both_halves(namespace)
+    assert owner_of(live, low, via=owner) is owner  # the whole bundle: both topics
+    (old,) = etcd_range(etcd, f"/meridian/{OBJECT_CLUSTER}/owners/{namespace}/")
+    client = new_client(other, tmp_path, "client")
+    try:
+        producers, consumers = {}, {}
+        for topic in (low, high):
+            consumers[topic] = client.subscribe(
+                topic, "s", initial_position=pulsar.InitialPosition.Earliest
+            )
+            producers[topic] = client.create_producer(
+                topic, send_timeout_millis=60_000, batching_enabled=False
+            )
+            send_and_receive(producers[topic], consumers[topic], "before", 10)
+        results: dict[tuple[str, bytes], pulsar.Result] = {}
+        during = [f"during/{index}".encode() for index in range(100)]
+
+        def produce():
+            for payload in during:
+                for topic in (low, high):
+                    producers[topic].send_async(
+                        payload,
+                        lambda result, _id, key=(topic, payload): results.__setitem__(key, result),
+                    )
+                time.sleep(0.01)  # pacing: a steady load, not a synchronisation
+
+        producing = threading.Thread(target=produce, name="producer")
+        producing.start()
+        seen: dict[str, list[bytes]] = {low: [], high: []}
+        for topic in (low, high):
+            while len(seen[topic]) < 10:
+                message = consumers[topic].receive(timeout_millis=30_000)
+                seen[topic].append(message.data())
+                consumers[topic].acknowledge(message)
+        path = f"/admin/v2/namespaces/{namespace}/{bundle_range(low)}/split"
+        status, headers, body = http("PUT", other.web_url + path + "?unload=true", follow=False)
+        assert status == 307 and headers["Location"].startswith(owner.web_url), (status, body)
+        split = subprocess.run(
+            [str(meridian_bin), "admin", "--url", other.web_url, "namespaces", "split-bundle",
+             namespace, "--bundle", bundle_range(low)],
+            capture_output=True, text=True, timeout=60,
+        )
+        assert split.returncode == 0, split.stderr
+        producing.join()
+        for topic in (low, high):
+            producers[topic].flush()
+        wait_until(lambda: len(results) == 2 * len(during), "every send answered")
+        assert all(result == pulsar.Result.Ok for result in results.values()), results
+        for topic in (low, high):
+            while not set(during) <= set(seen[topic]):
+                message = consumers[topic].receive(timeout_millis=30_000)
+                seen[topic].append(message.data())
+                consumers[topic].acknowledge(message)
+            assert not [p for p in seen[topic] if p.startswith(b"before/")], seen[topic]
+            assert list(dict.fromkeys(seen[topic])) == during, seen[topic]
+
+        # Each half has its own owner key now, with an epoch above the split bundle's. (The
+        # clients' lookups went through `other`, which had read the boundaries before the
+        # split: its stale view cannot take the old whole bundle.)
+        owners = etcd_range(etcd, f"/meridian/{OBJECT_CLUSTER}/owners/{namespace}/")
+        names = sorted(entry["key"].rsplit("/", 1)[-1] for entry in owners)
+        assert names == [f"0x00000000_0x{middle:08x}", f"0x{middle:08x}_0x40000000"], owners
+        assert all(entry["value"]["epoch"] > old["value"]["epoch"] for entry in owners), owners
+        status, _, body = http("GET", f"{other.web_url}/admin/v2/namespaces/{namespace}/bundles")
+        assert status == 200 and json.loads(body) == {
+            "boundaries": ["0x00000000", f"0x{middle:08x}", "0x40000000", "0x80000000",
+                           "0xc0000000", "0xffffffff"],
+            "numBundles": 5,
+        }, body
+    finally:
+        client.close()
+
 def test_a_bundle_unload_in_standalone_moves_only_the_topics_of_that_range(broker, tmp_path):
     # Standalone has no owners, but Pulsar's bundle form of unload works there too: only the
     # loaded topics whose hash falls in the range are unloaded (their clients reconnect).

@@ -79,6 +79,14 @@ pub fn routes() -> Router<AppState> {
             put(unload_bundle),
         )
         .route(
+            "/admin/v2/namespaces/{tenant}/{namespace}/{bundle}/split",
+            put(split_bundle),
+        )
+        .route(
+            "/admin/v2/namespaces/{tenant}/{namespace}/bundles",
+            get(get_bundles),
+        )
+        .route(
             "/admin/v2/namespaces/{tenant}/{namespace}/topics",
             get(topics),
         )
@@ -519,7 +527,7 @@ async fn unload(
         }
         return Ok(());
     };
-    for bundle in cluster.bundles_of_namespace(&tenant, &namespace) {
+    for bundle in cluster.bundles_of_namespace(&tenant, &namespace).await? {
         match cluster.bundle_owner(&bundle).await? {
             None => {}
             Some(Owner::This) => {
@@ -560,41 +568,124 @@ async fn unload_bundle(
         }
         return Ok(().into_response());
     };
-    let bundle = format!("{tenant}/{namespace}/{range}");
-    let all = cluster.bundles_of_namespace(&tenant, &namespace);
-    if !all.contains(&bundle) {
-        return Err(ApiError::new(
-            StatusCode::NOT_FOUND,
-            format!(
-                "bundle {range} does not exist in namespace {tenant}/{namespace} (its bundles: {})",
-                all.iter()
-                    .filter_map(|name| name.rsplit('/').next())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ),
-        ));
-    }
+    let bundle = existing_bundle(cluster, &tenant, &namespace, &range).await?;
     match cluster.bundle_owner(&bundle).await? {
         None => {}
         Some(Owner::This) => {
             cluster.unload_bundle(&broker, &bundle).await?;
         }
         Some(Owner::Other { registration, .. }) => {
-            let path_and_query = uri
-                .path_and_query()
-                .map_or(uri.path(), |value| value.as_str());
-            let location = format!(
-                "{}{path_and_query}",
-                registration.web_service_url.trim_end_matches('/')
-            );
-            return Ok((
-                StatusCode::TEMPORARY_REDIRECT,
-                [(header::LOCATION, location)],
-            )
-                .into_response());
+            return Ok(redirect(&registration.web_service_url, &uri));
         }
     }
     Ok(().into_response())
+}
+
+/// `tenant/namespace/range` when `range` is one of the namespace's bundles now; 404 naming
+/// them otherwise.
+async fn existing_bundle(
+    cluster: &std::sync::Arc<meridian_broker::cluster::ClusterMode>,
+    tenant: &str,
+    namespace: &str,
+    range: &str,
+) -> ApiResult<String> {
+    let bundle = format!("{tenant}/{namespace}/{range}");
+    let all = cluster.bundles_of_namespace(tenant, namespace).await?;
+    if all.contains(&bundle) {
+        return Ok(bundle);
+    }
+    Err(ApiError::new(
+        StatusCode::NOT_FOUND,
+        format!(
+            "bundle {range} does not exist in namespace {tenant}/{namespace} (its bundles: {})",
+            all.iter()
+                .filter_map(|name| name.rsplit('/').next())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    ))
+}
+
+/// `307 Temporary Redirect` to the same path and query on the owner.
+fn redirect(web_service_url: &str, uri: &Uri) -> Response {
+    let path_and_query = uri
+        .path_and_query()
+        .map_or(uri.path(), |value| value.as_str());
+    let location = format!("{}{path_and_query}", web_service_url.trim_end_matches('/'));
+    (
+        StatusCode::TEMPORARY_REDIRECT,
+        [(header::LOCATION, location)],
+    )
+        .into_response()
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct SplitQuery {
+    #[serde(default)]
+    split_algorithm_name: Option<String>,
+}
+
+/// Splits one bundle in two equal halves (Pulsar's `range_equally_divide`, the only algorithm
+/// accepted). Cluster mode only: the owner (or this broker, taking a bundle nobody owns)
+/// closes the bundle's topics, writes the namespace's new boundaries and releases the bundle;
+/// the next lookups assign the halves. Its topics are always unloaded, whatever `unload`
+/// says: each topic's commits are fenced by its bundle's owner key. Another owner: 307.
+async fn split_bundle(
+    State(broker): State<AppState>,
+    Path((tenant, namespace, range)): Path<(String, String, String)>,
+    Query(query): Query<SplitQuery>,
+    uri: Uri,
+) -> ApiResult<Response> {
+    broker.resources().policies(&tenant, &namespace)?;
+    if let Some(algorithm) = query
+        .split_algorithm_name
+        .filter(|name| name != "range_equally_divide")
+    {
+        return Err(ApiError::new(
+            StatusCode::PRECONDITION_FAILED,
+            format!("unsupported split algorithm {algorithm}: only range_equally_divide"),
+        ));
+    }
+    let Some(cluster) = broker.cluster() else {
+        return Err(ApiError::new(
+            StatusCode::PRECONDITION_FAILED,
+            "bundle split needs cluster mode (meridian broker); standalone's bundles are fixed",
+        ));
+    };
+    let bundle = existing_bundle(cluster, &tenant, &namespace, &range).await?;
+    if let Some(Owner::Other { registration, .. }) = cluster.bundle_owner(&bundle).await? {
+        return Ok(redirect(&registration.web_service_url, &uri));
+    }
+    cluster.split_bundle(&broker, &bundle).await?;
+    Ok(().into_response())
+}
+
+/// Pulsar's `BundlesData`: the namespace's boundaries (`0x00000000` ... `0xffffffff`) and
+/// the number of bundles. Standalone: Pulsar's default 4 equal bundles.
+async fn get_bundles(
+    State(broker): State<AppState>,
+    Path((tenant, namespace)): Path<(String, String)>,
+) -> ApiResult<Json<Value>> {
+    broker.resources().policies(&tenant, &namespace)?;
+    let names = match broker.cluster() {
+        Some(cluster) => cluster.bundles_of_namespace(&tenant, &namespace).await?,
+        None => bundles::bundle_names(&tenant, &namespace, &bundles::default_boundaries(4)),
+    };
+    let mut boundaries: Vec<String> = Vec::with_capacity(names.len() + 1);
+    for name in &names {
+        let range = name.rsplit('/').next().unwrap_or_default();
+        if let Some((lower, upper)) = range.split_once('_') {
+            if boundaries.is_empty() {
+                boundaries.push(lower.to_string());
+            }
+            boundaries.push(upper.to_string());
+        }
+    }
+    Ok(Json(serde_json::json!({
+        "boundaries": boundaries,
+        "numBundles": names.len(),
+    })))
 }
 
 /// How long a forwarded bundle unload may take (the owner closes the bundle's topics and

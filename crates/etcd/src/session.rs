@@ -297,8 +297,17 @@ impl Session {
     /// `{broker_id, epoch}` on this session's lease and sets `epochs/<bundle>` to `epoch`, the
     /// previous epoch + 1.
     pub fn try_acquire(&self, bundle: &str) -> Result<Acquire> {
+        self.try_acquire_if(bundle, &[])
+    }
+
+    /// [`Session::try_acquire`] that also requires `conditions` (keys relative to the cluster
+    /// root), e.g. that the namespace's bundle boundaries are still those the bundle was
+    /// computed from. When a condition does not hold (and nobody owns the bundle),
+    /// [`EtcdError::CompareFailed`] names its key: the caller re-reads and tries again.
+    pub fn try_acquire_if(&self, bundle: &str, conditions: &[Compare]) -> Result<Acquire> {
         self.check_alive()?;
         let (owner_key, epoch_key) = self.bundle_keys(bundle)?;
+        let conditions = self.rooted(conditions);
         let mut epoch_kv = self.client().get(&epoch_key)?;
         for _ in 0..ACQUIRE_ATTEMPTS {
             let (last, last_revision) = match &epoch_kv {
@@ -309,13 +318,15 @@ impl Session {
                 broker_id: self.broker_id.clone(),
                 epoch: last + 1,
             };
+            let mut compares = vec![
+                Compare::Absent(owner_key.clone()),
+                Compare::ModRevision(epoch_key.clone(), last_revision),
+            ];
+            compares.extend(conditions.iter().cloned());
             let result = self
                 .client()
                 .txn(
-                    &[
-                        Compare::Absent(owner_key.clone()),
-                        Compare::ModRevision(epoch_key.clone(), last_revision),
-                    ],
+                    &compares,
                     &[
                         Op::Put {
                             key: owner_key.clone(),
@@ -347,8 +358,17 @@ impl Session {
                 )?));
             }
             // Nobody owns it, but the epoch moved (acquired and released in between): retry
-            // from the epoch just read.
+            // from the epoch just read. If it did not move, a condition failed.
             epoch_kv = reads.next().flatten();
+            let epoch_moved = epoch_kv.as_ref().map_or(0, |kv| kv.mod_revision) != last_revision;
+            if !epoch_moved {
+                if let Some(condition) = conditions.first() {
+                    return Err(EtcdError::CompareFailed {
+                        operation: "acquire bundle",
+                        key: compare_key(condition).to_string(),
+                    });
+                }
+            }
         }
         Err(EtcdError::CompareFailed {
             operation: "acquire bundle",
@@ -383,16 +403,7 @@ impl Session {
         operations: &[Op],
     ) -> Result<u64> {
         let (owner_key, _) = self.bundle_keys(&ownership.bundle)?;
-        let compares: Vec<Compare> = compares
-            .iter()
-            .map(|compare| match compare {
-                Compare::Absent(key) => Compare::Absent(self.cluster.key(key)),
-                Compare::ModRevision(key, revision) => {
-                    Compare::ModRevision(self.cluster.key(key), *revision)
-                }
-                Compare::Value(key, value) => Compare::Value(self.cluster.key(key), value.clone()),
-            })
-            .collect();
+        let compares = self.rooted(compares);
         let operations: Vec<Op> = operations
             .iter()
             .map(|op| match op {
@@ -450,6 +461,20 @@ impl Session {
             operation: "fenced commit",
             key: failed,
         })
+    }
+
+    /// `compares` with their keys under the cluster root.
+    fn rooted(&self, compares: &[Compare]) -> Vec<Compare> {
+        compares
+            .iter()
+            .map(|compare| match compare {
+                Compare::Absent(key) => Compare::Absent(self.cluster.key(key)),
+                Compare::ModRevision(key, revision) => {
+                    Compare::ModRevision(self.cluster.key(key), *revision)
+                }
+                Compare::Value(key, value) => Compare::Value(self.cluster.key(key), value.clone()),
+            })
+            .collect()
     }
 
     /// Stops renewing and revokes the lease: `brokers/<id>` and every owner key of this broker

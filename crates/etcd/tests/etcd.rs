@@ -542,3 +542,34 @@ fn etcd_restart_keeps_keys_and_leases_and_clients_reconnect() {
         }
     );
 }
+
+/// Models a broker whose view of a namespace's bundles is stale (another broker split one):
+/// an acquisition conditioned on the boundaries it read must fail, naming them, and succeed
+/// once re-read.
+#[test]
+fn an_acquisition_under_stale_conditions_is_refused() {
+    let Some(etcd) = Etcd::start() else { return };
+    let cluster = cluster(&etcd.url());
+    let session = session(&cluster, "b1", 60);
+    let boundaries = "bundles/ns".to_string();
+    let stale = Compare::Absent(boundaries.clone());
+    let written = session
+        .fenced_commit(
+            &acquired(session.try_acquire("ns/other").expect("acquire")),
+            &[],
+            &[Op::Put {
+                key: boundaries.clone(),
+                value: b"split".to_vec(),
+                lease: 0,
+            }],
+        )
+        .expect("commit");
+    match session.try_acquire_if("ns/0", std::slice::from_ref(&stale)) {
+        Err(EtcdError::CompareFailed { key, .. }) => assert!(key.ends_with("bundles/ns"), "{key}"),
+        other => panic!("expected CompareFailed, got {other:?}"),
+    }
+    assert_eq!(cluster.owner("ns/0").expect("owner"), None);
+    let fresh = Compare::ModRevision(boundaries, written);
+    let ownership = acquired(session.try_acquire_if("ns/0", &[fresh]).expect("acquire"));
+    assert_eq!(ownership.epoch(), 1);
+}

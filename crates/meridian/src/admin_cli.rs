@@ -349,6 +349,16 @@ enum NamespaceVerb {
         #[arg(long, short = 'b')]
         bundle: Option<String>,
     },
+    /// Split one bundle in two equal halves (cluster mode; its topics are unloaded and the
+    /// next lookups assign the halves).
+    ///
+    /// Example: meridian admin namespaces split-bundle acme/orders --bundle 0x00000000_0x40000000
+    SplitBundle {
+        namespace: String,
+        /// The bundle's hash range, as Pulsar names it (`0x00000000_0x40000000`).
+        #[arg(long, short = 'b')]
+        bundle: String,
+    },
     /// List the namespace's topics.
     ///
     /// Example: meridian admin namespaces topics acme/orders
@@ -982,6 +992,14 @@ fn namespace_request(verb: NamespaceVerb) -> anyhow::Result<(&'static str, Strin
             None => ("PUT", path(&namespace, "/unload"), None),
             Some(bundle) => ("PUT", path(&namespace, &format!("/{bundle}/unload")), None),
         },
+        NamespaceVerb::SplitBundle { namespace, bundle } => (
+            "PUT",
+            path(
+                &namespace,
+                &format!("/{bundle}/split?unload=true&splitAlgorithmName=range_equally_divide"),
+            ),
+            None,
+        ),
         NamespaceVerb::Topics { namespace } => ("GET", path(&namespace, "/topics"), None),
     })
 }

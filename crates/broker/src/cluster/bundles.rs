@@ -50,17 +50,59 @@ pub fn range_of(hash: u32, count: u32) -> (u32, u32) {
     (lower as u32, upper as u32)
 }
 
-/// The names of a namespace's `count` equal bundles, in hash order:
-/// `tenant/namespace/0xLLLLLLLL_0xUUUUUUUU`.
-pub fn bundles_of_namespace(tenant: &str, namespace: &str, count: u32) -> Vec<String> {
+/// The boundaries of `count` equal bundles: `0`, each range's upper bound, `0xffffffff` last.
+pub fn default_boundaries(count: u32) -> Vec<u32> {
     let count = count.clamp(1, MAX_BUNDLES);
     let size = (1u64 << 32) / u64::from(count);
-    (0..u64::from(count))
-        .map(|index| {
-            let (lower, upper) = range_of((index * size) as u32, count);
-            format!("{tenant}/{namespace}/0x{lower:08x}_0x{upper:08x}")
-        })
+    let mut boundaries: Vec<u32> = (0..u64::from(count))
+        .map(|index| (index * size) as u32)
+        .collect();
+    boundaries.push(u32::MAX);
+    boundaries
+}
+
+/// Whether `boundaries` cut the whole hash space: `0` first, `0xffffffff` last, increasing,
+/// at most [`MAX_BUNDLES`] ranges.
+pub fn valid_boundaries(boundaries: &[u32]) -> bool {
+    boundaries.len() >= 2
+        && boundaries.len() <= MAX_BUNDLES as usize + 1
+        && boundaries.first() == Some(&0)
+        && boundaries.last() == Some(&u32::MAX)
+        && boundaries.windows(2).all(|pair| pair[0] < pair[1])
+}
+
+/// The names of the bundles `boundaries` cut a namespace into, in hash order:
+/// `tenant/namespace/0xLLLLLLLL_0xUUUUUUUU`.
+pub fn bundle_names(tenant: &str, namespace: &str, boundaries: &[u32]) -> Vec<String> {
+    boundaries
+        .windows(2)
+        .map(|pair| bundle_name(tenant, namespace, pair[0], pair[1]))
         .collect()
+}
+
+pub fn bundle_name(tenant: &str, namespace: &str, lower: u32, upper: u32) -> String {
+    format!("{tenant}/{namespace}/0x{lower:08x}_0x{upper:08x}")
+}
+
+/// The bundle of `topic` among the ranges `boundaries` cut its namespace into (valid ones,
+/// see [`valid_boundaries`]).
+pub fn bundle_in(topic: &TopicName, boundaries: &[u32]) -> String {
+    let hash = crc32(topic.to_string().as_bytes());
+    let index = boundaries
+        .windows(2)
+        .position(|pair| range_holds_hash(hash, (pair[0], pair[1])))
+        .unwrap_or(0);
+    let (lower, upper) = (boundaries[index], boundaries[index + 1]);
+    bundle_name(&topic.tenant, &topic.namespace, lower, upper)
+}
+
+/// Whether bundle `bundle` (`tenant/namespace/range`) holds `topic`.
+pub fn bundle_holds(bundle: &str, topic: &TopicName) -> bool {
+    let prefix = format!("{}/{}/", topic.tenant, topic.namespace);
+    bundle
+        .strip_prefix(&prefix)
+        .and_then(parse_range)
+        .is_some_and(|range| range_holds(topic, range))
 }
 
 /// The bounds of a bundle range named as Pulsar names it (`0x00000000_0x40000000`); `None`
@@ -81,7 +123,10 @@ pub fn parse_range(range: &str) -> Option<(u32, u32)> {
 /// Whether `topic` hashes into the range `(lower, upper)` (the upper bound included only when
 /// it is `0xffffffff`, the last range's).
 pub fn range_holds(topic: &TopicName, (lower, upper): (u32, u32)) -> bool {
-    let hash = crc32(topic.to_string().as_bytes());
+    range_holds_hash(crc32(topic.to_string().as_bytes()), (lower, upper))
+}
+
+fn range_holds_hash(hash: u32, (lower, upper): (u32, u32)) -> bool {
     hash >= lower && (hash < upper || upper == u32::MAX)
 }
 
@@ -125,7 +170,7 @@ mod tests {
 
     #[test]
     fn a_namespaces_bundles_cover_the_hash_space_and_parse_back() {
-        let names = bundles_of_namespace("public", "default", 4);
+        let names = bundle_names("public", "default", &default_boundaries(4));
         assert_eq!(
             names,
             [
@@ -160,5 +205,34 @@ mod tests {
             .cloned()
             .collect::<Vec<_>>();
         assert_eq!(range, [bundle_of(&topic, 4)]);
+        assert_eq!(
+            bundle_in(&topic, &default_boundaries(4)),
+            bundle_of(&topic, 4)
+        );
+        assert!(bundle_holds(&bundle_of(&topic, 4), &topic));
+        assert!(!bundle_holds("public/other/0x00000000_0xffffffff", &topic));
+    }
+
+    #[test]
+    fn split_boundaries_place_topics_in_the_halves() {
+        assert!(valid_boundaries(&default_boundaries(4)));
+        assert!(!valid_boundaries(&[0, 5, 5, u32::MAX]));
+        assert!(!valid_boundaries(&[1, u32::MAX]));
+        let topic = TopicName::parse("persistent://public/default/orders").expect("valid name");
+        let whole = bundle_of(&topic, 4);
+        let (lower, upper) = parse_range(whole.rsplit('/').next().unwrap_or("")).expect("range");
+        let middle = lower + (upper - lower) / 2;
+        let mut split = default_boundaries(4);
+        split.push(middle);
+        split.sort_unstable();
+        assert!(valid_boundaries(&split));
+        let half = bundle_in(&topic, &split);
+        assert!(bundle_holds(&half, &topic));
+        assert!(
+            half == bundle_name("public", "default", lower, middle)
+                || half == bundle_name("public", "default", middle, upper),
+            "{half}"
+        );
+        assert_eq!(bundle_names("public", "default", &split).len(), 5);
     }
 }

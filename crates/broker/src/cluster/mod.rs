@@ -25,7 +25,8 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use meridian_etcd::{
-    Acquire, Cluster, EtcdError, LeaseLost, OwnerRecord, Ownership, Session, SessionOptions,
+    Acquire, Cluster, Compare, EtcdError, LeaseLost, Op, OwnerRecord, Ownership, Session,
+    SessionOptions,
 };
 use serde::{Deserialize, Serialize};
 
@@ -63,6 +64,34 @@ pub enum Owner {
     },
 }
 
+/// A namespace's bundle boundaries and the `mod_revision` of `bundles/<tenant>/<ns>` they were
+/// read at (0: the key is absent, the namespace has the default equal bundles).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Boundaries {
+    bounds: Vec<u32>,
+    revision: u64,
+}
+
+/// The value of `bundles/<tenant>/<ns>`, written by a bundle split.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct StoredBoundaries {
+    boundaries: Vec<u32>,
+}
+
+fn boundaries_key(tenant: &str, namespace: &str) -> String {
+    format!("bundles/{tenant}/{namespace}")
+}
+
+impl Boundaries {
+    /// The acquisition condition: the boundaries are still these.
+    fn unchanged(&self, key: &str) -> Compare {
+        match self.revision {
+            0 => Compare::Absent(key.to_string()),
+            revision => Compare::ModRevision(key.to_string(), revision),
+        }
+    }
+}
+
 /// This broker's place in a cluster: its session (lease and registration) and the bundles it
 /// owns under that session.
 pub struct ClusterMode {
@@ -77,6 +106,10 @@ pub struct ClusterMode {
     /// Held (on a blocking thread) while a bundle's owner is read and taken, so two requests
     /// of this broker never race each other for one bundle.
     acquiring: Mutex<()>,
+    /// Each namespace's bundle boundaries as last read from `bundles/<tenant>/<ns>` (absent:
+    /// the default equal bundles). A stale entry is harmless: a bundle is taken only under a
+    /// compare of the boundaries' revision, and a failed compare re-reads them.
+    boundaries: Mutex<HashMap<String, Boundaries>>,
     /// With `--storage`: topics' entries and cursors on the object store and etcd. Without,
     /// each broker keeps its topics in its own local storage.
     logs: Option<Arc<logs::ClusterLogs>>,
@@ -117,6 +150,7 @@ impl ClusterMode {
             session: RwLock::new(None),
             owned: Mutex::new(HashMap::new()),
             acquiring: Mutex::new(()),
+            boundaries: Mutex::new(HashMap::new()),
             logs,
         };
         let deadline = std::time::Instant::now() + lease_ttl * 2;
@@ -171,15 +205,13 @@ impl ClusterMode {
     /// ownership of its bundle. Blocking.
     pub(crate) fn delete_log(&self, logs: &logs::ClusterLogs, topic: &str) -> Result<()> {
         let name = TopicName::parse(topic)?;
-        let bundle = self.bundle_of(&name);
         let session = self.live_session();
-        let ownership = lock(&self.owned).get(&bundle).cloned();
-        match (ownership, session) {
+        match (self.owned_bundle_of(&name), session) {
             (Some(ownership), Some(session)) => {
                 logs.delete(&self.cluster, &session, topic, &ownership)
             }
             _ => Err(BrokerError::NotServedHere(format!(
-                "topic {topic}: this broker does not own bundle {bundle}; look it up again"
+                "topic {topic}: this broker does not own its bundle; look it up again"
             ))),
         }
     }
@@ -193,12 +225,11 @@ impl ClusterMode {
         topic: &str,
     ) -> Result<Arc<meridian_storage::Log>> {
         let name = TopicName::parse(topic)?;
-        let bundle = self.bundle_of(&name);
-        let ownership = match (lock(&self.owned).get(&bundle).cloned(), self.live_session()) {
+        let ownership = match (self.owned_bundle_of(&name), self.live_session()) {
             (Some(ownership), Some(_)) => ownership,
             _ => {
                 return Err(BrokerError::NotServedHere(format!(
-                    "topic {topic}: this broker does not own bundle {bundle}; look it up again"
+                    "topic {topic}: this broker does not own its bundle; look it up again"
                 )))
             }
         };
@@ -222,9 +253,70 @@ impl ClusterMode {
             .filter(|session| session.is_alive())
     }
 
-    /// The bundle `topic` belongs to.
-    pub fn bundle_of(&self, topic: &TopicName) -> String {
-        bundles::bundle_of(topic, self.bundles_per_namespace)
+    /// The ownership of the bundle holding `topic`, if this broker owns it. (An owned bundle
+    /// is always one of the namespace's current bundles: only its owner splits it.)
+    fn owned_bundle_of(&self, topic: &TopicName) -> Option<Ownership> {
+        lock(&self.owned)
+            .iter()
+            .find(|(bundle, _)| bundles::bundle_holds(bundle, topic))
+            .map(|(_, ownership)| ownership.clone())
+    }
+
+    /// A namespace's bundle boundaries: cached, or read from etcd (`fresh`, or not cached).
+    /// Blocking.
+    fn boundaries(&self, tenant: &str, namespace: &str, fresh: bool) -> Result<Boundaries> {
+        let name = format!("{tenant}/{namespace}");
+        if !fresh {
+            if let Some(cached) = lock(&self.boundaries).get(&name) {
+                return Ok(cached.clone());
+            }
+        }
+        let key = self.cluster.key(&boundaries_key(tenant, namespace));
+        let read = match self.cluster.client().get(&key).map_err(unavailable)? {
+            None => Boundaries {
+                bounds: bundles::default_boundaries(self.bundles_per_namespace),
+                revision: 0,
+            },
+            Some(kv) => {
+                let stored: StoredBoundaries =
+                    serde_json::from_slice(&kv.value).map_err(|error| {
+                        BrokerError::Metadata(format!("{key} holds no bundle boundaries: {error}"))
+                    })?;
+                if !bundles::valid_boundaries(&stored.boundaries) {
+                    return Err(BrokerError::Metadata(format!(
+                        "{key} holds invalid bundle boundaries {:?}",
+                        stored.boundaries
+                    )));
+                }
+                Boundaries {
+                    bounds: stored.boundaries,
+                    revision: kv.mod_revision,
+                }
+            }
+        };
+        lock(&self.boundaries).insert(name, read.clone());
+        Ok(read)
+    }
+
+    /// The bundles of a namespace (`tenant/namespace/0xLLLLLLLL_0xUUUUUUUU`), in hash order,
+    /// as etcd holds them now.
+    pub async fn bundles_of_namespace(
+        self: &Arc<Self>,
+        tenant: &str,
+        namespace: &str,
+    ) -> Result<Vec<String>> {
+        let mode = self.clone();
+        let (tenant, namespace) = (tenant.to_string(), namespace.to_string());
+        tokio::task::spawn_blocking(move || {
+            let boundaries = mode.boundaries(&tenant, &namespace, true)?;
+            Ok(bundles::bundle_names(
+                &tenant,
+                &namespace,
+                &boundaries.bounds,
+            ))
+        })
+        .await
+        .map_err(|error| BrokerError::Unknown(format!("bundle listing task failed: {error}")))?
     }
 
     /// The bundles this broker owns now, sorted.
@@ -238,6 +330,10 @@ impl ClusterMode {
         lock(&self.owned).contains_key(bundle) && self.live_session().is_some()
     }
 
+    fn owns_topic(&self, topic: &TopicName) -> bool {
+        self.owned_bundle_of(topic).is_some() && self.live_session().is_some()
+    }
+
     /// Succeeds when this broker may serve `topic`: it owns the topic's bundle, or took it now
     /// because nobody did. Another owner (or etcd out of reach) is `NotServedHere`
     /// (ServiceNotReady): the client looks the topic up again and is sent to the owner.
@@ -245,8 +341,7 @@ impl ClusterMode {
         match self.lookup(broker, topic).await? {
             Owner::This => Ok(()),
             Owner::Other { broker_id, .. } => Err(BrokerError::NotServedHere(format!(
-                "topic {topic} is in bundle {}, owned by broker {broker_id}; look it up again",
-                self.bundle_of(topic)
+                "topic {topic} is in a bundle owned by broker {broker_id}; look it up again"
             ))),
         }
     }
@@ -254,8 +349,7 @@ impl ClusterMode {
     /// Who serves `topic`: its bundle's owner, or this broker, which takes the bundle if nobody
     /// owns it. A namespace that does not exist is `TopicNotFound` (no bundle of it is taken).
     pub async fn lookup(self: &Arc<Self>, broker: &Broker, topic: &TopicName) -> Result<Owner> {
-        let bundle = self.bundle_of(topic);
-        if self.owns(&bundle) {
+        if self.owns_topic(topic) {
             return Ok(Owner::This);
         }
         if !broker
@@ -267,17 +361,14 @@ impl ClusterMode {
                 topic.namespace_name()
             )));
         }
-        self.resolve(bundle).await
-    }
-
-    async fn resolve(self: &Arc<Self>, bundle: String) -> Result<Owner> {
         let mode = self.clone();
-        tokio::task::spawn_blocking(move || mode.resolve_blocking(&bundle))
+        let topic = topic.clone();
+        tokio::task::spawn_blocking(move || mode.resolve_blocking(&topic))
             .await
             .map_err(|error| BrokerError::Unknown(format!("bundle lookup task failed: {error}")))?
     }
 
-    fn resolve_blocking(&self, bundle: &str) -> Result<Owner> {
+    fn resolve_blocking(&self, topic: &TopicName) -> Result<Owner> {
         let _serialized = lock(&self.acquiring);
         let session = self.live_session().ok_or_else(|| {
             BrokerError::NotServedHere(format!(
@@ -285,25 +376,51 @@ impl ClusterMode {
                 self.broker_id
             ))
         })?;
-        if lock(&self.owned).contains_key(bundle) {
+        if self.owned_bundle_of(topic).is_some() {
             return Ok(Owner::This);
         }
-        let record = match self.cluster.owner(bundle).map_err(unavailable)? {
-            Some(record) => record,
-            None => match session.try_acquire(bundle).map_err(unavailable)? {
-                Acquire::Acquired(ownership) => {
-                    tracing::info!(
-                        bundle,
-                        epoch = ownership.epoch(),
-                        "bundle acquired: this broker serves its topics"
-                    );
-                    lock(&self.owned).insert(bundle.to_string(), ownership);
-                    return Ok(Owner::This);
-                }
-                Acquire::Owned(record) => record,
-            },
-        };
-        self.other_owner(bundle, record)
+        let key = boundaries_key(&topic.tenant, &topic.namespace);
+        let mut fresh = false;
+        loop {
+            let boundaries = self.boundaries(&topic.tenant, &topic.namespace, fresh)?;
+            let bundle = bundles::bundle_in(topic, &boundaries.bounds);
+            let record = match self.cluster.owner(&bundle).map_err(unavailable)? {
+                Some(record) => record,
+                None => match self.acquire(&session, &bundle, &boundaries.unchanged(&key)) {
+                    Ok(Some(record)) => record,
+                    Ok(None) => return Ok(Owner::This),
+                    // The namespace's bundles changed (a split): read them again, once.
+                    Err(EtcdError::CompareFailed { .. }) if !fresh => {
+                        fresh = true;
+                        continue;
+                    }
+                    Err(error) => return Err(unavailable(error)),
+                },
+            };
+            return self.other_owner(&bundle, record);
+        }
+    }
+
+    /// Takes `bundle` if nobody owns it and `condition` holds: `None` when this broker now
+    /// owns it, else its owner. Blocking; the caller holds `acquiring`.
+    fn acquire(
+        &self,
+        session: &Session,
+        bundle: &str,
+        condition: &Compare,
+    ) -> std::result::Result<Option<OwnerRecord>, EtcdError> {
+        match session.try_acquire_if(bundle, std::slice::from_ref(condition))? {
+            Acquire::Acquired(ownership) => {
+                tracing::info!(
+                    bundle,
+                    epoch = ownership.epoch(),
+                    "bundle acquired: this broker serves its topics"
+                );
+                lock(&self.owned).insert(bundle.to_string(), ownership);
+                Ok(None)
+            }
+            Acquire::Owned(record) => Ok(Some(record)),
+        }
     }
 
     fn other_owner(&self, bundle: &str, record: OwnerRecord) -> Result<Owner> {
@@ -337,11 +454,6 @@ impl ClusterMode {
             broker_id: record.broker_id,
             registration,
         })
-    }
-
-    /// The bundles of a namespace (`tenant/namespace/0xLLLLLLLL_0xUUUUUUUU`), in hash order.
-    pub fn bundles_of_namespace(&self, tenant: &str, namespace: &str) -> Vec<String> {
-        bundles::bundles_of_namespace(tenant, namespace, self.bundles_per_namespace)
     }
 
     /// Who owns `bundle` now, without taking it: `None` when nobody does (nothing to unload),
@@ -380,36 +492,216 @@ impl ClusterMode {
         let Some(ownership) = lock(&self.owned).remove(bundle) else {
             return Ok(false);
         };
+        let ((), topics) = self
+            .close_bundle_then(broker, bundle, ownership, "unload", |mode, held| {
+                match mode.live_session() {
+                    // Without a live session the owner key goes (or went) with the lease.
+                    None => Ok(()),
+                    Some(session) => session.release(held).map(|_| ()).map_err(unavailable),
+                }
+            })
+            .await?;
+        tracing::info!(
+            bundle,
+            topics,
+            "bundle unloaded and released; the next lookup assigns it"
+        );
+        Ok(true)
+    }
+
+    /// The common part of unload and split, once `bundle` is forgotten (`ownership` taken out
+    /// of `owned`): closes its topics (their cursors persisted under the ownership still held),
+    /// runs `finish` (the etcd side) on a blocking thread, then closes any topic whose load was
+    /// under way meanwhile (its commits are fenced by then). When `finish` fails the bundle is
+    /// served again and the error returned. Returns `finish`'s value and the topics closed.
+    async fn close_bundle_then<T: Send + 'static>(
+        self: &Arc<Self>,
+        broker: &Broker,
+        bundle: &str,
+        ownership: Ownership,
+        action: &'static str,
+        finish: impl FnOnce(&ClusterMode, &Ownership) -> Result<T> + Send + 'static,
+    ) -> Result<(T, usize)> {
         tracing::info!(
             bundle,
             epoch = ownership.epoch(),
-            "unloading bundle: closing its topics, then releasing it"
+            action,
+            "closing the bundle's topics"
         );
         let topics = self.unload_topics_of(broker, bundle).await;
         let mode = self.clone();
         let held = ownership.clone();
-        let released = tokio::task::spawn_blocking(move || match mode.live_session() {
-            // Without a live session the owner key goes (or went) with the lease.
-            None => Ok(false),
-            Some(session) => session.release(&held).map_err(unavailable),
-        })
-        .await
-        .map_err(|error| BrokerError::Unknown(format!("bundle release task failed: {error}")))
-        .and_then(|released| released);
-        if let Err(error) = released {
-            tracing::warn!(bundle, %error, "releasing the unloaded bundle failed; still serving it");
-            lock(&self.owned).insert(bundle.to_string(), ownership);
-            return Err(error);
+        let finished = tokio::task::spawn_blocking(move || finish(&mode, &held))
+            .await
+            .map_err(|error| BrokerError::Unknown(format!("bundle {action} task failed: {error}")))
+            .and_then(|finished| finished);
+        match finished {
+            Ok(value) => {
+                let late = self.unload_topics_of(broker, bundle).await;
+                Ok((value, topics + late))
+            }
+            Err(error) => {
+                tracing::warn!(bundle, action, %error, "the bundle's {action} failed; still serving it");
+                lock(&self.owned).insert(bundle.to_string(), ownership);
+                Err(error)
+            }
         }
-        // A topic whose load was under way when the bundle was forgotten: it can commit nothing
-        // more (fenced), so it goes too.
-        let late = self.unload_topics_of(broker, bundle).await;
+    }
+
+    /// Splits `bundle` (`tenant/namespace/0xLLLLLLLL_0xUUUUUUUU`) into two equal halves
+    /// (Pulsar's `range_equally_divide`), on this broker, which takes the bundle first if
+    /// nobody owns it. As an unload: the bundle is forgotten and its topics closed (cursors
+    /// persisted); then one fenced transaction writes the namespace's new boundaries
+    /// (`bundles/<tenant>/<ns>`), gives each half the bundle's epoch (so the next owner's
+    /// epoch, and message ids, keep growing) and deletes the bundle's owner key. The next
+    /// lookups assign the halves. Returns their names. Another owner: `NotServedHere`.
+    pub async fn split_bundle(
+        self: &Arc<Self>,
+        broker: &Broker,
+        bundle: &str,
+    ) -> Result<[String; 2]> {
+        let mut parts = bundle.splitn(3, '/');
+        let (Some(tenant), Some(namespace), Some(range)) =
+            (parts.next(), parts.next(), parts.next())
+        else {
+            return Err(BrokerError::PreconditionFailed(format!(
+                "{bundle} names no bundle"
+            )));
+        };
+        let (lower, upper) = bundles::parse_range(range).ok_or_else(|| {
+            BrokerError::PreconditionFailed(format!("invalid bundle range {range}"))
+        })?;
+        if upper - lower < 2 {
+            return Err(BrokerError::PreconditionFailed(format!(
+                "bundle {bundle} is too small to split"
+            )));
+        }
+        let middle = lower + (upper - lower) / 2;
+        let (tenant, namespace) = (tenant.to_string(), namespace.to_string());
+        if !self.owns(bundle) {
+            let mode = self.clone();
+            let (tenant, namespace, bundle) =
+                (tenant.clone(), namespace.clone(), bundle.to_string());
+            tokio::task::spawn_blocking(move || mode.take_bundle(&tenant, &namespace, &bundle))
+                .await
+                .map_err(|error| BrokerError::Unknown(format!("bundle task failed: {error}")))??;
+        }
+        let Some(ownership) = lock(&self.owned).remove(bundle) else {
+            return Err(BrokerError::NotServedHere(format!(
+                "bundle {bundle} is not served by this broker now; retry"
+            )));
+        };
+        let (halves, topics) = self
+            .close_bundle_then(broker, bundle, ownership, "split", move |mode, held| {
+                mode.commit_split(&tenant, &namespace, held, (lower, middle, upper))
+            })
+            .await?;
         tracing::info!(
             bundle,
-            topics = topics + late,
-            "bundle unloaded and released; the next lookup assigns it"
+            lower_half = %halves[0],
+            upper_half = %halves[1],
+            topics,
+            "bundle split and released; the next lookups assign its halves"
         );
-        Ok(true)
+        Ok(halves)
+    }
+
+    /// Takes `bundle` for a split when nobody owns it (it must be one of the namespace's
+    /// bundles now). Blocking.
+    fn take_bundle(&self, tenant: &str, namespace: &str, bundle: &str) -> Result<()> {
+        let _serialized = lock(&self.acquiring);
+        if lock(&self.owned).contains_key(bundle) {
+            return Ok(());
+        }
+        let session = self.live_session().ok_or_else(|| {
+            BrokerError::NotServedHere("no live etcd session (lease lost)".to_string())
+        })?;
+        let boundaries = self.boundaries(tenant, namespace, true)?;
+        if !bundles::bundle_names(tenant, namespace, &boundaries.bounds)
+            .iter()
+            .any(|name| name == bundle)
+        {
+            return Err(BrokerError::NotFound(format!(
+                "{bundle} is not a bundle of namespace {tenant}/{namespace}"
+            )));
+        }
+        let condition = boundaries.unchanged(&boundaries_key(tenant, namespace));
+        let owner = match self.cluster.owner(bundle).map_err(unavailable)? {
+            None => self
+                .acquire(&session, bundle, &condition)
+                .map_err(unavailable)?,
+            Some(record) => Some(record),
+        };
+        match owner {
+            None => Ok(()),
+            Some(record) => Err(BrokerError::NotServedHere(format!(
+                "bundle {bundle} is owned by broker {}; retry",
+                record.broker_id
+            ))),
+        }
+    }
+
+    /// The split's transaction (see [`ClusterMode::split_bundle`]). Blocking.
+    fn commit_split(
+        &self,
+        tenant: &str,
+        namespace: &str,
+        ownership: &Ownership,
+        (lower, middle, upper): (u32, u32, u32),
+    ) -> Result<[String; 2]> {
+        let session = self.live_session().ok_or_else(|| {
+            BrokerError::NotServedHere("no live etcd session (lease lost)".to_string())
+        })?;
+        let current = self.boundaries(tenant, namespace, true)?;
+        let at = current
+            .bounds
+            .windows(2)
+            .position(|pair| pair == [lower, upper])
+            .ok_or_else(|| {
+                BrokerError::NotFound(format!(
+                    "{} is no longer a bundle of namespace {tenant}/{namespace}",
+                    ownership.bundle()
+                ))
+            })?;
+        let mut bounds = current.bounds.clone();
+        bounds.insert(at + 1, middle);
+        if !bundles::valid_boundaries(&bounds) {
+            return Err(BrokerError::PreconditionFailed(format!(
+                "namespace {tenant}/{namespace} has the most bundles allowed ({})",
+                bundles::MAX_BUNDLES
+            )));
+        }
+        let key = boundaries_key(tenant, namespace);
+        let value = serde_json::to_vec(&StoredBoundaries {
+            boundaries: bounds.clone(),
+        })
+        .map_err(|error| BrokerError::Metadata(error.to_string()))?;
+        let halves = [
+            bundles::bundle_name(tenant, namespace, lower, middle),
+            bundles::bundle_name(tenant, namespace, middle, upper),
+        ];
+        let epoch = ownership.epoch().to_string().into_bytes();
+        let mut operations = vec![Op::Put {
+            key: key.clone(),
+            value,
+            lease: 0,
+        }];
+        for half in &halves {
+            operations.push(Op::Put {
+                key: format!("epochs/{half}"),
+                value: epoch.clone(),
+                lease: 0,
+            });
+        }
+        operations.push(Op::Delete(format!("owners/{}", ownership.bundle())));
+        let revision = session
+            .fenced_commit(ownership, &[current.unchanged(&key)], &operations)
+            .map_err(unavailable)?;
+        lock(&self.boundaries).insert(
+            format!("{tenant}/{namespace}"),
+            Boundaries { bounds, revision },
+        );
+        Ok(halves)
     }
 
     async fn unload_topics_of(&self, broker: &Broker, bundle: &str) -> usize {
@@ -417,7 +709,7 @@ impl ClusterMode {
             .loaded_topics()
             .into_iter()
             .map(|topic| topic.name.clone())
-            .filter(|name| self.bundle_of(name) == bundle)
+            .filter(|name| bundles::bundle_holds(bundle, name))
             .collect();
         for name in &topics {
             broker.unload(name).await;
