@@ -9,7 +9,9 @@ What it proves, with the official Python client:
 - kill -9 of an owner: once its lease expires (TTL 3 s here) another broker takes its bundles
   and the client's producer and consumer go on through it;
 - a bundle unloaded through a non-owner's admin API (and `meridian admin`) under load: the
-  owner persists the cursors and releases the bundle, the clients follow it to the next owner.
+  owner persists the cursors and releases the bundle, the clients follow it to the next owner;
+  a bundle split the same way: its halves are assigned by the next lookups, even through a
+  broker that read the boundaries before the split.
 
 The first tests run brokers without `--storage`: each owner keeps its topics in its own local
 storage, so the messages stored on a killed owner stay there (docs/cluster.md, "Built: brokers

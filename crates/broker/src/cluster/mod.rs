@@ -13,9 +13,13 @@
 //!
 //! - [`ClusterMode::unload_bundle`]: the admin API's unload (namespace or bundle) on the
 //!   owner: stop serving the bundle, close its topics (cursors persisted), release it.
+//! - [`ClusterMode::split_bundle`]: cut a bundle in two equal halves: as an unload, then the
+//!   namespace's new boundaries (`bundles/<tenant>/<ns>`) written with the release in one
+//!   fenced transaction. Lookups compute a topic's bundle from the boundaries (cached per
+//!   namespace) and take a bundle only under a compare of their revision, so a stale view
+//!   cannot take a bundle that was split.
 //!
-//! What is not here yet: no load balancing (a lookup of an unowned bundle takes it here), no
-//! split of bundles.
+//! What is not here yet: no load balancing (a lookup of an unowned bundle takes it here).
 
 pub mod bundles;
 pub mod logs;
