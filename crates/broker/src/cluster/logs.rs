@@ -424,8 +424,13 @@ fn ledger_floor(epoch: u64) -> u64 {
     epoch.saturating_mul(1 << 41)
 }
 
-/// One cursor in etcd's form; `None` when it names a position of another ledger (not
-/// expected: the local copy has one ledger).
+/// One cursor in etcd's form, as the local copy (one ledger, `ledger_id`) understands it.
+///
+/// A mark-delete position in an earlier ledger comes from a message id of an earlier owner (a
+/// client acknowledging cumulatively, after the move, a message it received before it, while
+/// nothing of this copy was acknowledged yet): it lies before every entry of this copy, so the
+/// cursor acknowledges nothing here, and is stored so. `None` for a position in a later ledger
+/// (not expected): the caller then keeps what etcd holds.
 fn stored_cursor(
     name: &str,
     state: &CursorState,
@@ -435,6 +440,7 @@ fn stored_cursor(
     let mark_delete = match state.mark_delete {
         None => None,
         Some(position) if position.ledger_id == ledger_id => Some(position.entry_id),
+        Some(position) if position.ledger_id < ledger_id => None,
         Some(_) => return None,
     };
     let acknowledged = state
@@ -473,6 +479,11 @@ fn persist_topic(
     let mut now: BTreeMap<String, Vec<u8>> = BTreeMap::new();
     for (cursor, state) in &cursors {
         let Some(stored) = stored_cursor(cursor, state, topic.ledger_id, max_ranges) else {
+            // Not expressible in entry ids: etcd keeps the cursor as last written (a cursor
+            // missing from `now` would be deleted from etcd, and a later owner would lose it).
+            if let Some(value) = written.get(cursor) {
+                now.insert(cursor.clone(), value.clone());
+            }
             continue;
         };
         let value = serde_json::to_vec(&stored).unwrap_or_default();
@@ -640,8 +651,13 @@ mod tests {
         // Beyond the bound, ranges are cut (redelivered after a move, never lost).
         assert_eq!(stored.acknowledged, vec![[12, 14], [20, 20]]);
         assert_eq!(stored.properties.get("k").map(String::as_str), Some("v"));
-        // A position of another ledger is not this copy's: nothing is stored for it.
-        assert!(stored_cursor("s", &state, ledger + 1, 2).is_none());
+        // A mark-delete in an earlier ledger (an earlier owner's message id) is before every
+        // entry of this copy: nothing is acknowledged, and the cursor is still stored.
+        let earlier = stored_cursor("s", &state, ledger + 1, 2).expect("an earlier ledger");
+        assert_eq!(earlier.mark_delete, None);
+        assert!(earlier.acknowledged.is_empty());
+        // A later ledger is not expected: nothing is stored for it (etcd keeps its value).
+        assert!(stored_cursor("s", &state, ledger - 1, 2).is_none());
         let fresh = CursorState::default();
         assert_eq!(
             stored_cursor("s", &fresh, ledger, 2).map(|c| c.mark_delete),
