@@ -8,7 +8,11 @@ module gets its own instances of them.
 
 from __future__ import annotations
 
+import subprocess
+import urllib.parse
+
 import pulsar
+import pytest
 
 from helpers import receive_n, unique, wait_until
 from test_cluster_mode import (  # noqa: F401  (fixtures are used by name)
@@ -20,6 +24,9 @@ from test_cluster_mode import (  # noqa: F401  (fixtures are used by name)
     owner_of,
     stored_cursor,
 )
+
+# A poisoned local log reports itself (ERROR) where the broker handles it.
+POISON_LINES = ("poisoned", "write failed", "Operation not permitted")
 
 
 def test_an_acknowledgement_with_a_message_id_from_before_a_move_keeps_the_cursor_in_etcd(
@@ -88,4 +95,82 @@ def test_an_acknowledgement_with_a_message_id_from_before_a_move_keeps_the_curso
         finally:
             resumed_client.close()
     finally:
+        client.close()
+
+
+def immutable(broker, names: list[str], on: bool) -> None:
+    """Sets or clears the immutable attribute of the files so named in the broker's data
+    directory, wherever they are now (a reload moves a log's directory aside)."""
+    paths = [str(path) for name in names for path in broker.data_dir.rglob(name)]
+    if paths:
+        subprocess.run(["chattr", "+i" if on else "-i", *paths], check=True)
+
+
+@pytest.mark.allow_broker_errors(*POISON_LINES)
+def test_a_local_write_failure_on_the_owner_reloads_the_topic_from_the_object_store(
+    object_cluster, etcd, tmp_path
+):
+    # Models the owner's local working copy failing a write (here its segment file made
+    # immutable: EPERM, as a failing disk) while the object-store log is fine. The copy is
+    # only a cache of the object-store log: once the fault is gone the topic must serve again,
+    # with every acknowledged message. Before the fix the topic stayed poisoned on its owner
+    # (every later send failed) until the broker restarted.
+    first = next(broker for broker in object_cluster if broker.is_running())
+    probe = first.data_dir / "immutable-probe"
+    probe.write_bytes(b"")
+    if subprocess.run(["chattr", "+i", str(probe)], capture_output=True).returncode != 0:
+        pytest.skip("needs chattr +i (root, on ext4 or xfs) to make a segment file unwritable")
+    subprocess.run(["chattr", "-i", str(probe)], check=True)
+    probe.unlink()
+    namespace = f"public/{unique('review')}"
+    status, _, body = http("PUT", f"{first.web_url}/admin/v2/namespaces/{namespace}")
+    assert status in (200, 204), (status, body)
+    topic = f"persistent://{namespace}/t"
+    assert owner_of([first], topic, via=first) is first
+    directory = first.data_dir / "storage" / "logs" / urllib.parse.quote(topic, safe="")
+
+    client = new_client(first, tmp_path, "client")
+    segments = []
+    try:
+        consumer = client.subscribe(topic, "s")
+        producer = client.create_producer(
+            topic, send_timeout_millis=5_000, batching_enabled=False
+        )
+        before = [f"before/{index}".encode() for index in range(3)]
+        for payload in before:
+            producer.send(payload)
+
+        segments = sorted(path.name for path in directory.glob("*.segment"))
+        assert segments, list(directory.iterdir())
+        immutable(first, segments, True)
+        # Fails, or succeeds through the client's retry once the topic was reloaded.
+        try:
+            producer.send(b"during")
+            acknowledged = before + [b"during"]
+        except Exception:  # noqa: BLE001  (not acknowledged: either outcome is allowed)
+            acknowledged = before
+        immutable(first, segments, False)
+        segments = []
+
+        # The fault is gone: the topic serves again (a new producer: the first one may have
+        # been closed by the unload), and a consumer gets every acknowledged message in order.
+        def sent() -> bool:
+            try:
+                again = client.create_producer(topic, send_timeout_millis=5_000)
+                again.send(b"after")
+                again.close()
+                return True
+            except Exception:  # noqa: BLE001  (still poisoned: the next attempt tells)
+                return False
+
+        wait_until(sent, "a send after the local fault succeeds")
+        seen = []
+        while b"after" not in seen:
+            seen.append(consumer.receive(timeout_millis=30_000).data())
+        acknowledged.append(b"after")
+        # First occurrences (the unload redelivers what was not acknowledged yet).
+        first_seen = list(dict.fromkeys(payload for payload in seen if payload in acknowledged))
+        assert first_seen == acknowledged, seen
+    finally:
+        immutable(first, segments, False)
         client.close()

@@ -527,11 +527,24 @@ struct ReportingRemote {
     closed: Arc<AtomicBool>,
 }
 
+/// One entry's remote commit. `inner` is taken when a flush thread waits for it; one dropped
+/// unwaited means the local log failed that batch before asking (a local write, fsync or
+/// segment creation failed, or a full disk rolled it back) although the object-store log may
+/// commit it: the local copy no longer matches the object-store log, so the topic is reported
+/// like a failed remote commit and reloaded from the object store at its next use.
 struct ReportingCommit {
-    inner: Box<dyn RemoteCommit>,
+    inner: Option<Box<dyn RemoteCommit>>,
     topic: String,
     failures: Arc<Failures>,
     closed: Arc<AtomicBool>,
+}
+
+impl Drop for ReportingCommit {
+    fn drop(&mut self) {
+        if self.inner.is_some() && !self.closed.load(Ordering::SeqCst) {
+            self.failures.report(&self.topic, false);
+        }
+    }
 }
 
 fn report(failures: &Failures, closed: &AtomicBool, topic: &str, error: &StorageError) {
@@ -551,7 +564,7 @@ impl RemoteLog for ReportingRemote {
     ) -> meridian_storage::Result<Box<dyn RemoteCommit>> {
         match self.inner.append(entry_id, data, publish_time_ms) {
             Ok(inner) => Ok(Box::new(ReportingCommit {
-                inner,
+                inner: Some(inner),
                 topic: self.topic.clone(),
                 failures: self.failures.clone(),
                 closed: self.closed.clone(),
@@ -565,16 +578,17 @@ impl RemoteLog for ReportingRemote {
 }
 
 impl RemoteCommit for ReportingCommit {
-    fn wait(self: Box<Self>) -> meridian_storage::Result<()> {
-        let ReportingCommit {
-            inner,
-            topic,
-            failures,
-            closed,
-        } = *self;
+    fn wait(mut self: Box<Self>) -> meridian_storage::Result<()> {
+        let Some(inner) = self.inner.take() else {
+            return Err(StorageError::remote(
+                &self.topic,
+                false,
+                "the remote commit was already waited for",
+            ));
+        };
         inner
             .wait()
-            .inspect_err(|error| report(&failures, &closed, &topic, error))
+            .inspect_err(|error| report(&self.failures, &self.closed, &self.topic, error))
     }
 }
 
@@ -601,7 +615,7 @@ pub async fn watch_failures(broker: Arc<crate::Broker>, mode: Arc<super::Cluster
                     );
                 }
             } else {
-                tracing::warn!(topic, "object-store commit failed: unloading the topic (reloaded from the object store at its next use)");
+                tracing::warn!(topic, "a commit failed (object store, or the local copy): unloading the topic (reloaded from the object store at its next use)");
             }
             for name in names {
                 if let Ok(name) = crate::topic_name::TopicName::parse(&name) {
