@@ -14,15 +14,15 @@ import urllib.parse
 import pulsar
 import pytest
 
-from helpers import receive_n, unique, wait_until
+from helpers import receive_n, wait_until
 from test_cluster_mode import (  # noqa: F401  (fixtures are used by name)
     etcd,
-    http,
     new_client,
     object_cluster,
     object_store,
     owner_of,
     stored_cursor,
+    topic_owned_by,
 )
 
 # A poisoned local log reports itself (ERROR) where the broker handles it.
@@ -39,11 +39,7 @@ def test_an_acknowledgement_with_a_message_id_from_before_a_move_keeps_the_curso
     # second move the subscription was created anew at the latest entry and the messages it
     # had never acknowledged were never delivered.
     first, second, third = object_cluster
-    namespace = f"public/{unique('review')}"
-    status, _, body = http("PUT", f"{second.web_url}/admin/v2/namespaces/{namespace}")
-    assert status in (200, 204), (status, body)
-    topic = f"persistent://{namespace}/t"
-    assert owner_of(object_cluster, topic, via=first) is first
+    _, topic = topic_owned_by(first, object_cluster, second, "review")
 
     client = new_client(second, tmp_path, "client")
     try:
@@ -122,11 +118,7 @@ def test_a_local_write_failure_on_the_owner_reloads_the_topic_from_the_object_st
         pytest.skip("needs chattr +i (root, on ext4 or xfs) to make a segment file unwritable")
     subprocess.run(["chattr", "-i", str(probe)], check=True)
     probe.unlink()
-    namespace = f"public/{unique('review')}"
-    status, _, body = http("PUT", f"{first.web_url}/admin/v2/namespaces/{namespace}")
-    assert status in (200, 204), (status, body)
-    topic = f"persistent://{namespace}/t"
-    assert owner_of([first], topic, via=first) is first
+    _, topic = topic_owned_by(first, [first], first, "review")
     directory = first.data_dir / "storage" / "logs" / urllib.parse.quote(topic, safe="")
 
     client = new_client(first, tmp_path, "client")
