@@ -8,6 +8,7 @@ module gets its own instances of them.
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import urllib.parse
 
@@ -17,13 +18,32 @@ import pytest
 from helpers import receive_n, wait_until
 from test_cluster_mode import (  # noqa: F401  (fixtures are used by name)
     etcd,
+    http,
     new_client,
     object_cluster,
-    object_store,
     owner_of,
+    start_weed,
+    stop_weed,
     stored_cursor,
     topic_owned_by,
 )
+
+@pytest.fixture(scope="module")
+def weed(tmp_path_factory):
+    """This module's SeaweedFS process and S3 endpoint (a test pauses it)."""
+    process, endpoint, ports = start_weed(tmp_path_factory.mktemp("weed"))
+    try:
+        yield process, endpoint
+    finally:
+        process.send_signal(signal.SIGCONT)
+        stop_weed(process, ports)
+
+
+@pytest.fixture(scope="module")
+def object_store(weed):
+    """`test_cluster_mode`'s brokers use this module's SeaweedFS."""
+    return weed[1]
+
 
 # A poisoned local log reports itself (ERROR) where the broker handles it.
 POISON_LINES = ("poisoned", "write failed", "Operation not permitted")
@@ -95,11 +115,20 @@ def test_an_acknowledgement_with_a_message_id_from_before_a_move_keeps_the_curso
 
 
 def immutable(broker, names: list[str], on: bool) -> None:
-    """Sets or clears the immutable attribute of the files so named in the broker's data
-    directory, wherever they are now (a reload moves a log's directory aside)."""
+    """Sets or clears the immutable attribute of the files (or directories) so named in the
+    broker's data directory, wherever they are now (a reload moves a log's directory aside)."""
     paths = [str(path) for name in names for path in broker.data_dir.rglob(name)]
     if paths:
         subprocess.run(["chattr", "+i" if on else "-i", *paths], check=True)
+
+
+def require_chattr(broker) -> None:
+    probe = broker.data_dir / "immutable-probe"
+    probe.write_bytes(b"")
+    if subprocess.run(["chattr", "+i", str(probe)], capture_output=True).returncode != 0:
+        pytest.skip("needs chattr +i (root, on ext4 or xfs) to make a segment file unwritable")
+    subprocess.run(["chattr", "-i", str(probe)], check=True)
+    probe.unlink()
 
 
 @pytest.mark.allow_broker_errors(*POISON_LINES)
@@ -112,12 +141,7 @@ def test_a_local_write_failure_on_the_owner_reloads_the_topic_from_the_object_st
     # with every acknowledged message. Before the fix the topic stayed poisoned on its owner
     # (every later send failed) until the broker restarted.
     first = next(broker for broker in object_cluster if broker.is_running())
-    probe = first.data_dir / "immutable-probe"
-    probe.write_bytes(b"")
-    if subprocess.run(["chattr", "+i", str(probe)], capture_output=True).returncode != 0:
-        pytest.skip("needs chattr +i (root, on ext4 or xfs) to make a segment file unwritable")
-    subprocess.run(["chattr", "-i", str(probe)], check=True)
-    probe.unlink()
+    require_chattr(first)
     _, topic = topic_owned_by(first, [first], first, "review")
     directory = first.data_dir / "storage" / "logs" / urllib.parse.quote(topic, safe="")
 
@@ -165,4 +189,64 @@ def test_a_local_write_failure_on_the_owner_reloads_the_topic_from_the_object_st
         assert first_seen == acknowledged, seen
     finally:
         immutable(first, segments, False)
+        client.close()
+
+
+@pytest.mark.allow_broker_errors(*POISON_LINES)
+def test_a_reload_after_a_local_failure_does_not_race_the_failed_batchs_commit(
+    object_cluster, weed, etcd, tmp_path
+):
+    # Models a local write failure on the owner while the object store is slow (paused): the
+    # failed batch's remote commit is still in flight when the topic is reloaded. The reload
+    # must not take the object-store log as it was before that commit lands: a new entry given
+    # the same id would be acknowledged while etcd's index holds the old one (a second history
+    # on the owner, and the acknowledged entry lost once the topic moves).
+    first = next(broker for broker in object_cluster if broker.is_running())
+    require_chattr(first)
+    process, _ = weed
+    _, topic = topic_owned_by(first, [first], first, "race")
+    directory = first.data_dir / "storage" / "logs" / urllib.parse.quote(topic, safe="")
+    client = new_client(first, tmp_path, "client")
+    faulty = []
+    try:
+        failing = client.create_producer(topic, send_timeout_millis=1_000, batching_enabled=False)
+        # The log's directory (so that the reload cannot move it aside before the fault is
+        # gone) and its segment file (so that the write fails).
+        faulty = [directory.name] + sorted(path.name for path in directory.glob("*.segment"))
+        assert len(faulty) > 1, list(directory.iterdir())
+        rebuilt = first.log_path.read_text().count("local copy rebuilt from the object store")
+        process.send_signal(signal.SIGSTOP)
+        immutable(first, faulty, True)
+        # 1 MiB: the object-store log's flusher takes it at once (its size trigger), so its
+        # commit is in flight to the paused store when the local write fails.
+        first_try, other_try = b"A" * (1 << 20), b"B" * (1 << 20)
+        with pytest.raises(Exception):
+            failing.send(first_try)  # stays in flight to the paused store; never acknowledged
+        immutable(first, faulty, False)
+        faulty = []
+
+        # Another message of the same size, on the reloaded topic, while that commit is pending.
+        results = []
+        producer = client.create_producer(topic, send_timeout_millis=30_000)
+        producer.send_async(other_try, lambda result, _id: results.append(result))
+        wait_until(
+            lambda: first.log_path.read_text().count("local copy rebuilt from the object store")
+            > rebuilt,
+            "the topic was reloaded while the store is paused",
+        )
+        process.send_signal(signal.SIGCONT)
+        wait_until(lambda: results, "the second send is answered")
+
+        # What the object store holds, read by a fresh load of the topic.
+        status, _, body = http("PUT", f"{first.web_url}/admin/v2/{topic.replace('://', '/')}/unload")
+        assert status in (200, 204), (status, body)
+        reader = client.create_reader(topic, pulsar.MessageId.earliest)
+        history = []
+        while reader.has_message_available():
+            history.append(reader.read_next(timeout_millis=30_000).data())
+        if results[0] == pulsar.Result.Ok:
+            assert other_try in history, ([payload[:1] for payload in history], results)
+    finally:
+        process.send_signal(signal.SIGCONT)
+        immutable(first, faulty, False)
         client.close()
