@@ -522,6 +522,13 @@ fn commit_chunk(
                         shared.fence_bundle(bundle, &detail);
                         break Err(members[0].0.topic.not_owner(&detail));
                     }
+                    Ok(Resync::Stale(detail)) => {
+                        break Err(ObjectLogError::CommitUncertain {
+                            topic: members[0].0.topic.name().to_string(),
+                            waited_ms: started.elapsed().as_millis() as u64,
+                            cause: detail,
+                        });
+                    }
                     Err(read_error) => {
                         uncertain = true;
                         read_error
@@ -586,6 +593,11 @@ enum Resync {
     NotApplied,
     /// A head holds something this owner did not write.
     Moved(String),
+    /// A head holds another commit under this owner's epoch: one this engine made for an
+    /// earlier open of the topic (still in flight when the topic was reopened) or an attempt
+    /// that etcd applied late. The bundle is still ours, but this open of the topic no longer
+    /// knows its log: it must be reopened.
+    Stale(String),
 }
 
 /// After an unknown outcome or a failed head compare: reads the heads of the chunk's topics to
@@ -597,8 +609,9 @@ fn resync(
 ) -> std::result::Result<Resync, EtcdError> {
     let mut applied = None;
     let mut unchanged = 0;
-    for ((batch, _), (revision, head, _)) in members.iter().zip(expected) {
-        let key = shared.cluster.key(&keys::head_key(batch.topic.name()));
+    for ((batch, _), (revision, head, reference)) in members.iter().zip(expected) {
+        let topic = batch.topic.name();
+        let key = shared.cluster.key(&keys::head_key(topic));
         let found = shared.cluster.client().get(&key)?;
         let found_revision = found.as_ref().map_or(0, |kv| kv.mod_revision);
         if found_revision == *revision {
@@ -606,12 +619,21 @@ fn resync(
             continue;
         }
         let found_head = found.and_then(|kv| keys::decode::<Head>(&key, &kv.value).ok());
-        if found_head.as_ref() == Some(head) {
+        // An equal head is not proof: another commit of as many entries and bytes under this
+        // epoch writes the same one. Only this commit's own reference is.
+        if found_head.as_ref() == Some(head) && reference_committed(shared, topic, reference)? {
             applied = Some(found_revision);
+        } else if found_head
+            .as_ref()
+            .is_some_and(|found| found.epoch == head.epoch)
+        {
+            return Ok(Resync::Stale(format!(
+                "the head of topic {topic} holds another commit of this owner ({found_head:?}): \
+                 an earlier open's commit landed after the topic was reopened"
+            )));
         } else {
             return Ok(Resync::Moved(format!(
-                "head of topic {} was written by someone else ({found_head:?})",
-                batch.topic.name()
+                "head of topic {topic} was written by someone else ({found_head:?})"
             )));
         }
     }
@@ -620,6 +642,21 @@ fn resync(
         Some(_) => Resync::Moved("a commit applied to only some of its topics".to_string()),
         None => Resync::NotApplied,
     })
+}
+
+/// Whether etcd's `objects/<first entry>` key of `topic` holds `reference` (this commit's).
+fn reference_committed(
+    shared: &EngineShared,
+    topic: &str,
+    reference: &ObjectRef,
+) -> std::result::Result<bool, EtcdError> {
+    let key = shared
+        .cluster
+        .key(&keys::object_ref_key(topic, reference.first_entry));
+    let found = shared.cluster.client().get(&key)?;
+    Ok(found
+        .and_then(|kv| keys::decode::<ObjectRef>(&key, &kv.value).ok())
+        .is_some_and(|found| &found == reference))
 }
 
 /// The same error, naming `topic`.

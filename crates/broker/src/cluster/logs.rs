@@ -424,8 +424,13 @@ fn ledger_floor(epoch: u64) -> u64 {
     epoch.saturating_mul(1 << 41)
 }
 
-/// One cursor in etcd's form; `None` when it names a position of another ledger (not
-/// expected: the local copy has one ledger).
+/// One cursor in etcd's form, as the local copy (one ledger, `ledger_id`) understands it.
+///
+/// A mark-delete position in an earlier ledger comes from a message id of an earlier owner (a
+/// client acknowledging cumulatively, after the move, a message it received before it, while
+/// nothing of this copy was acknowledged yet): it lies before every entry of this copy, so the
+/// cursor acknowledges nothing here, and is stored so. `None` for a position in a later ledger
+/// (not expected): the caller then keeps what etcd holds.
 fn stored_cursor(
     name: &str,
     state: &CursorState,
@@ -435,6 +440,7 @@ fn stored_cursor(
     let mark_delete = match state.mark_delete {
         None => None,
         Some(position) if position.ledger_id == ledger_id => Some(position.entry_id),
+        Some(position) if position.ledger_id < ledger_id => None,
         Some(_) => return None,
     };
     let acknowledged = state
@@ -473,6 +479,11 @@ fn persist_topic(
     let mut now: BTreeMap<String, Vec<u8>> = BTreeMap::new();
     for (cursor, state) in &cursors {
         let Some(stored) = stored_cursor(cursor, state, topic.ledger_id, max_ranges) else {
+            // Not expressible in entry ids: etcd keeps the cursor as last written (a cursor
+            // missing from `now` would be deleted from etcd, and a later owner would lose it).
+            if let Some(value) = written.get(cursor) {
+                now.insert(cursor.clone(), value.clone());
+            }
             continue;
         };
         let value = serde_json::to_vec(&stored).unwrap_or_default();
@@ -516,11 +527,24 @@ struct ReportingRemote {
     closed: Arc<AtomicBool>,
 }
 
+/// One entry's remote commit. `inner` is taken when a flush thread waits for it; one dropped
+/// unwaited means the local log failed that batch before asking (a local write, fsync or
+/// segment creation failed, or a full disk rolled it back) although the object-store log may
+/// commit it: the local copy no longer matches the object-store log, so the topic is reported
+/// like a failed remote commit and reloaded from the object store at its next use.
 struct ReportingCommit {
-    inner: Box<dyn RemoteCommit>,
+    inner: Option<Box<dyn RemoteCommit>>,
     topic: String,
     failures: Arc<Failures>,
     closed: Arc<AtomicBool>,
+}
+
+impl Drop for ReportingCommit {
+    fn drop(&mut self) {
+        if self.inner.is_some() && !self.closed.load(Ordering::SeqCst) {
+            self.failures.report(&self.topic, false);
+        }
+    }
 }
 
 fn report(failures: &Failures, closed: &AtomicBool, topic: &str, error: &StorageError) {
@@ -540,7 +564,7 @@ impl RemoteLog for ReportingRemote {
     ) -> meridian_storage::Result<Box<dyn RemoteCommit>> {
         match self.inner.append(entry_id, data, publish_time_ms) {
             Ok(inner) => Ok(Box::new(ReportingCommit {
-                inner,
+                inner: Some(inner),
                 topic: self.topic.clone(),
                 failures: self.failures.clone(),
                 closed: self.closed.clone(),
@@ -554,16 +578,17 @@ impl RemoteLog for ReportingRemote {
 }
 
 impl RemoteCommit for ReportingCommit {
-    fn wait(self: Box<Self>) -> meridian_storage::Result<()> {
-        let ReportingCommit {
-            inner,
-            topic,
-            failures,
-            closed,
-        } = *self;
+    fn wait(mut self: Box<Self>) -> meridian_storage::Result<()> {
+        let Some(inner) = self.inner.take() else {
+            return Err(StorageError::remote(
+                &self.topic,
+                false,
+                "the remote commit was already waited for",
+            ));
+        };
         inner
             .wait()
-            .inspect_err(|error| report(&failures, &closed, &topic, error))
+            .inspect_err(|error| report(&self.failures, &self.closed, &self.topic, error))
     }
 }
 
@@ -590,7 +615,7 @@ pub async fn watch_failures(broker: Arc<crate::Broker>, mode: Arc<super::Cluster
                     );
                 }
             } else {
-                tracing::warn!(topic, "object-store commit failed: unloading the topic (reloaded from the object store at its next use)");
+                tracing::warn!(topic, "a commit failed (object store, or the local copy): unloading the topic (reloaded from the object store at its next use)");
             }
             for name in names {
                 if let Ok(name) = crate::topic_name::TopicName::parse(&name) {
@@ -640,8 +665,13 @@ mod tests {
         // Beyond the bound, ranges are cut (redelivered after a move, never lost).
         assert_eq!(stored.acknowledged, vec![[12, 14], [20, 20]]);
         assert_eq!(stored.properties.get("k").map(String::as_str), Some("v"));
-        // A position of another ledger is not this copy's: nothing is stored for it.
-        assert!(stored_cursor("s", &state, ledger + 1, 2).is_none());
+        // A mark-delete in an earlier ledger (an earlier owner's message id) is before every
+        // entry of this copy: nothing is acknowledged, and the cursor is still stored.
+        let earlier = stored_cursor("s", &state, ledger + 1, 2).expect("an earlier ledger");
+        assert_eq!(earlier.mark_delete, None);
+        assert!(earlier.acknowledged.is_empty());
+        // A later ledger is not expected: nothing is stored for it (etcd keeps its value).
+        assert!(stored_cursor("s", &state, ledger - 1, 2).is_none());
         let fresh = CursorState::default();
         assert_eq!(
             stored_cursor("s", &fresh, ledger, 2).map(|c| c.mark_delete),

@@ -1,0 +1,252 @@
+"""Hostile review of cluster mode's object-store log (issue 17): failures found by attacking
+its promises, each kept as a test that failed before its fix.
+
+Runs on the fixtures of `test_cluster_mode.py` (a real etcd, a real SeaweedFS, three
+`meridian broker --storage s3://...` processes of cluster c2), imported, not copied; this
+module gets its own instances of them.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import urllib.parse
+
+import pulsar
+import pytest
+
+from helpers import receive_n, wait_until
+from test_cluster_mode import (  # noqa: F401  (fixtures are used by name)
+    etcd,
+    http,
+    new_client,
+    object_cluster,
+    owner_of,
+    start_weed,
+    stop_weed,
+    stored_cursor,
+    topic_owned_by,
+)
+
+@pytest.fixture(scope="module")
+def weed(tmp_path_factory):
+    """This module's SeaweedFS process and S3 endpoint (a test pauses it)."""
+    process, endpoint, ports = start_weed(tmp_path_factory.mktemp("weed"))
+    try:
+        yield process, endpoint
+    finally:
+        process.send_signal(signal.SIGCONT)
+        stop_weed(process, ports)
+
+
+@pytest.fixture(scope="module")
+def object_store(weed):
+    """`test_cluster_mode`'s brokers use this module's SeaweedFS."""
+    return weed[1]
+
+
+# A poisoned local log reports itself (ERROR) where the broker handles it.
+POISON_LINES = ("poisoned", "write failed", "Operation not permitted")
+
+
+def test_an_acknowledgement_with_a_message_id_from_before_a_move_keeps_the_cursor_in_etcd(
+    object_cluster, etcd, tmp_path
+):
+    # Models a consumer that acknowledges, after its topic moved (owner killed), a message it
+    # received from the old owner: its message id names the old owner's ledger, which the new
+    # owner's copy does not have. The new owner must keep persisting the subscription; before
+    # the fix it deleted the cursor from etcd (a mark-delete it could not express), so after a
+    # second move the subscription was created anew at the latest entry and the messages it
+    # had never acknowledged were never delivered.
+    first, second, third = object_cluster
+    _, topic = topic_owned_by(first, object_cluster, second, "review")
+
+    client = new_client(second, tmp_path, "client")
+    try:
+        # The subscription exists before anything is published; nothing is acknowledged yet.
+        consumer = client.subscribe(topic, "s")
+        wait_until(
+            lambda: stored_cursor(etcd, topic, "s") is not None,
+            "the owner persisted the new subscription to etcd",
+        )
+        producer = client.create_producer(
+            topic, send_timeout_millis=60_000, batching_enabled=False
+        )
+        before = [f"before/{index}".encode() for index in range(5)]
+        for payload in before:
+            producer.send(payload)
+        received = receive_n(consumer, len(before))
+        assert [message.data() for message in received] == before
+
+        # The owner dies; the client moves to a survivor (second or third).
+        first.kill()
+        producer.send(b"after")
+        seen = []
+        while b"after" not in [message.data() for message in seen]:
+            seen.append(consumer.receive(timeout_millis=30_000))
+        new_owner = owner_of([second, third], topic, via=second)
+        assert new_owner is not None
+
+        # The old-ledger cumulative acknowledgement, then one of the new owner's messages.
+        consumer.acknowledge_cumulative(received[-1])
+        after = [message for message in seen if message.data() == b"after"][0]
+        consumer.acknowledge(after)
+        wait_until(
+            lambda: (stored_cursor(etcd, topic, "s") or {}).get("acknowledged") == [[5, 5]],
+            "the new owner persisted the subscription with the acknowledged message",
+        )
+        consumer.close()
+
+        # The second move: the last broker serves the subscription as persisted (its five
+        # unacknowledged messages come again, the acknowledged one does not).
+        last = third if new_owner is second else second
+        new_owner.kill()
+        resumed_client = new_client(last, tmp_path, "resumed")
+        try:
+            resumed = resumed_client.subscribe(
+                topic, "s", initial_position=pulsar.InitialPosition.Latest
+            )
+            again = receive_n(resumed, len(before))
+            assert [message.data() for message in again] == before
+        finally:
+            resumed_client.close()
+    finally:
+        client.close()
+
+
+def immutable(broker, names: list[str], on: bool) -> None:
+    """Sets or clears the immutable attribute of the files (or directories) so named in the
+    broker's data directory, wherever they are now (a reload moves a log's directory aside)."""
+    paths = [str(path) for name in names for path in broker.data_dir.rglob(name)]
+    if paths:
+        subprocess.run(["chattr", "+i" if on else "-i", *paths], check=True)
+
+
+def require_chattr(broker) -> None:
+    probe = broker.data_dir / "immutable-probe"
+    probe.write_bytes(b"")
+    if subprocess.run(["chattr", "+i", str(probe)], capture_output=True).returncode != 0:
+        pytest.skip("needs chattr +i (root, on ext4 or xfs) to make a segment file unwritable")
+    subprocess.run(["chattr", "-i", str(probe)], check=True)
+    probe.unlink()
+
+
+@pytest.mark.allow_broker_errors(*POISON_LINES)
+def test_a_local_write_failure_on_the_owner_reloads_the_topic_from_the_object_store(
+    object_cluster, etcd, tmp_path
+):
+    # Models the owner's local working copy failing a write (here its segment file made
+    # immutable: EPERM, as a failing disk) while the object-store log is fine. The copy is
+    # only a cache of the object-store log: once the fault is gone the topic must serve again,
+    # with every acknowledged message. Before the fix the topic stayed poisoned on its owner
+    # (every later send failed) until the broker restarted.
+    first = next(broker for broker in object_cluster if broker.is_running())
+    require_chattr(first)
+    _, topic = topic_owned_by(first, [first], first, "review")
+    directory = first.data_dir / "storage" / "logs" / urllib.parse.quote(topic, safe="")
+
+    client = new_client(first, tmp_path, "client")
+    segments = []
+    try:
+        consumer = client.subscribe(topic, "s")
+        producer = client.create_producer(
+            topic, send_timeout_millis=5_000, batching_enabled=False
+        )
+        before = [f"before/{index}".encode() for index in range(3)]
+        for payload in before:
+            producer.send(payload)
+
+        segments = sorted(path.name for path in directory.glob("*.segment"))
+        assert segments, list(directory.iterdir())
+        immutable(first, segments, True)
+        # Fails, or succeeds through the client's retry once the topic was reloaded.
+        try:
+            producer.send(b"during")
+            acknowledged = before + [b"during"]
+        except Exception:  # noqa: BLE001  (not acknowledged: either outcome is allowed)
+            acknowledged = before
+        immutable(first, segments, False)
+        segments = []
+
+        # The fault is gone: the topic serves again (a new producer: the first one may have
+        # been closed by the unload), and a consumer gets every acknowledged message in order.
+        def sent() -> bool:
+            try:
+                again = client.create_producer(topic, send_timeout_millis=5_000)
+                again.send(b"after")
+                again.close()
+                return True
+            except Exception:  # noqa: BLE001  (still poisoned: the next attempt tells)
+                return False
+
+        wait_until(sent, "a send after the local fault succeeds")
+        seen = []
+        while b"after" not in seen:
+            seen.append(consumer.receive(timeout_millis=30_000).data())
+        acknowledged.append(b"after")
+        # First occurrences (the unload redelivers what was not acknowledged yet).
+        first_seen = list(dict.fromkeys(payload for payload in seen if payload in acknowledged))
+        assert first_seen == acknowledged, seen
+    finally:
+        immutable(first, segments, False)
+        client.close()
+
+
+@pytest.mark.allow_broker_errors(*POISON_LINES)
+def test_a_reload_after_a_local_failure_does_not_race_the_failed_batchs_commit(
+    object_cluster, weed, etcd, tmp_path
+):
+    # Models a local write failure on the owner while the object store is slow (paused): the
+    # failed batch's remote commit is still in flight when the topic is reloaded. The reload
+    # must not take the object-store log as it was before that commit lands: a new entry given
+    # the same id would be acknowledged while etcd's index holds the old one (a second history
+    # on the owner, and the acknowledged entry lost once the topic moves).
+    first = next(broker for broker in object_cluster if broker.is_running())
+    require_chattr(first)
+    process, _ = weed
+    _, topic = topic_owned_by(first, [first], first, "race")
+    directory = first.data_dir / "storage" / "logs" / urllib.parse.quote(topic, safe="")
+    client = new_client(first, tmp_path, "client")
+    faulty = []
+    try:
+        failing = client.create_producer(topic, send_timeout_millis=1_000, batching_enabled=False)
+        # The log's directory (so that the reload cannot move it aside before the fault is
+        # gone) and its segment file (so that the write fails).
+        faulty = [directory.name] + sorted(path.name for path in directory.glob("*.segment"))
+        assert len(faulty) > 1, list(directory.iterdir())
+        rebuilt = first.log_path.read_text().count("local copy rebuilt from the object store")
+        process.send_signal(signal.SIGSTOP)
+        immutable(first, faulty, True)
+        # 1 MiB: the object-store log's flusher takes it at once (its size trigger), so its
+        # commit is in flight to the paused store when the local write fails.
+        first_try, other_try = b"A" * (1 << 20), b"B" * (1 << 20)
+        with pytest.raises(Exception):
+            failing.send(first_try)  # stays in flight to the paused store; never acknowledged
+        immutable(first, faulty, False)
+        faulty = []
+
+        # Another message of the same size, on the reloaded topic, while that commit is pending.
+        results = []
+        producer = client.create_producer(topic, send_timeout_millis=30_000)
+        producer.send_async(other_try, lambda result, _id: results.append(result))
+        wait_until(
+            lambda: first.log_path.read_text().count("local copy rebuilt from the object store")
+            > rebuilt,
+            "the topic was reloaded while the store is paused",
+        )
+        process.send_signal(signal.SIGCONT)
+        wait_until(lambda: results, "the second send is answered")
+
+        # What the object store holds, read by a fresh load of the topic.
+        status, _, body = http("PUT", f"{first.web_url}/admin/v2/{topic.replace('://', '/')}/unload")
+        assert status in (200, 204), (status, body)
+        reader = client.create_reader(topic, pulsar.MessageId.earliest)
+        history = []
+        while reader.has_message_available():
+            history.append(reader.read_next(timeout_millis=30_000).data())
+        if results[0] == pulsar.Result.Ok:
+            assert other_try in history, ([payload[:1] for payload in history], results)
+    finally:
+        process.send_signal(signal.SIGCONT)
+        immutable(first, faulty, False)
+        client.close()
