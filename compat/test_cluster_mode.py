@@ -121,6 +121,23 @@ def etcd(tmp_path_factory):
         process.wait()
 
 
+def stop_brokers(brokers: list) -> None:
+    """Stops (kills if need be) every broker a fixture started and fails on any problem they
+    logged. The paused-owner tests make a broker lose its lease, which it logs as an error."""
+    problems = []
+    allowed = [re.compile(line) for line in LEASE_LOST_LINES]
+    for broker in brokers:
+        try:
+            broker.stop()
+        except broker_process.BrokerError as error:
+            problems.append(str(error))
+        finally:
+            broker.kill()
+        problems += [str(problem) for problem in broker.take_new_problems(allowed)]
+        broker_process.KNOWN_BROKERS.remove(broker)
+    assert not problems, "\n".join(problems)
+
+
 @pytest.fixture(scope="module")
 def cluster(etcd, meridian_bin, tmp_path_factory):
     brokers = []
@@ -133,19 +150,7 @@ def cluster(etcd, meridian_bin, tmp_path_factory):
             broker.start()
         yield brokers
     finally:
-        problems = []
-        for broker in brokers:
-            try:
-                broker.stop()
-            except broker_process.BrokerError as error:
-                problems.append(str(error))
-            finally:
-                broker.kill()
-            # The paused-owner test makes one broker lose its lease, which it logs as an error.
-            allowed = [re.compile(line) for line in LEASE_LOST_LINES]
-            problems += [str(problem) for problem in broker.take_new_problems(allowed)]
-            broker_process.KNOWN_BROKERS.remove(broker)
-        assert not problems, "\n".join(problems)
+        stop_brokers(brokers)
 
 
 class NoRedirect(urllib.request.HTTPRedirectHandler):
@@ -563,18 +568,7 @@ def object_brokers(etcd, endpoint, meridian_bin, tmp_path_factory, prefix: str, 
             broker.start()
         yield brokers
     finally:
-        problems = []
-        for broker in brokers:
-            try:
-                broker.stop()
-            except broker_process.BrokerError as error:
-                problems.append(str(error))
-            finally:
-                broker.kill()
-            allowed = [re.compile(line) for line in LEASE_LOST_LINES]
-            problems += [str(problem) for problem in broker.take_new_problems(allowed)]
-            broker_process.KNOWN_BROKERS.remove(broker)
-        assert not problems, "\n".join(problems)
+        stop_brokers(brokers)
 
 
 @pytest.fixture(scope="module")

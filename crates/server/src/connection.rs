@@ -1225,6 +1225,7 @@ impl Connection {
         let (receipts, receipt_queue) = mpsc::channel(self.config.max_pending_sends_per_producer);
         tokio::spawn(receipt_loop(
             request.producer_id,
+            topic.name.to_string(),
             receipt_queue,
             self.outbound.clone(),
         ));
@@ -1753,6 +1754,7 @@ fn request_id_of(base: &BaseCommand) -> u64 {
 /// copy would be answered "may still be in flight" for ever.
 async fn receipt_loop(
     producer_id: u64,
+    topic: String,
     mut receipts: mpsc::Receiver<Receipt>,
     outbound: OutboundSender,
 ) {
@@ -1786,7 +1788,7 @@ async fn receipt_loop(
                 Err(error) => {
                     // An unavailable topic is logged once, where it is recorded.
                     if !matches!(error, BrokerError::TopicUnavailable { .. }) {
-                        tracing::warn!(producer_id, %error, "publish failed");
+                        tracing::warn!(%topic, producer_id, %error, "publish failed");
                     }
                     send_error(
                         producer_id,

@@ -802,16 +802,7 @@ impl Log {
             log.advance_mark_delete(cursor);
             (cursor.mark_delete, refused)
         })?;
-        if refused.is_empty() {
-            Ok(mark_delete)
-        } else {
-            Err(StorageError::TooManyAcknowledgedRanges {
-                log: self.name().to_string(),
-                cursor: name.to_string(),
-                limit: max_ranges,
-                refused,
-            })
-        }
+        self.unless_refused(name, mark_delete, refused, max_ranges)
     }
 
     /// [`Log::acknowledge`] for positions that come mostly in runs of consecutive entries (in
@@ -874,6 +865,18 @@ impl Log {
             log.advance_mark_delete(cursor);
             (cursor.mark_delete, refused)
         })?;
+        self.unless_refused(name, mark_delete, refused, max_ranges)
+    }
+
+    /// An acknowledgement's outcome: the new mark-delete position, or the positions refused
+    /// because the cursor holds `max_ranges` ranges already.
+    fn unless_refused(
+        &self,
+        name: &str,
+        mark_delete: Option<Position>,
+        refused: Vec<Position>,
+        max_ranges: usize,
+    ) -> Result<Option<Position>> {
         if refused.is_empty() {
             Ok(mark_delete)
         } else {
