@@ -197,6 +197,9 @@ pub struct Subscription {
     properties_lock: Arc<Mutex<()>>,
     /// Entries acknowledged in part (batch-index acknowledgements), as kept in the cursor.
     batch_acks: Mutex<batch_acks::Partial>,
+    /// The log is a cluster-mode local copy (`--storage`): message ids of the topic's earlier
+    /// copies are translated to this one's ([`crate::cluster::logs::position_in_copy`]).
+    copy_entry_ids: bool,
 }
 
 fn message_id(position: Position, partition_index: i32) -> MessageIdData {
@@ -240,6 +243,7 @@ impl Subscription {
         config: Arc<BrokerConfig>,
         terminated: Arc<AtomicBool>,
         properties_lock: Arc<Mutex<()>>,
+        copy_entry_ids: bool,
     ) -> Result<Arc<Subscription>> {
         let mark_delete = match start {
             StartPosition::Initial(initial) => {
@@ -286,10 +290,21 @@ impl Subscription {
             acknowledged_elsewhere: std::sync::RwLock::new(received_states),
             properties_lock,
             batch_acks: Mutex::new(partial),
+            copy_entry_ids,
         });
         let dispatcher = subscription.clone();
         tokio::spawn(async move { dispatcher.dispatch_loop().await });
         Ok(subscription)
+    }
+
+    /// A position a client sent, in this log: in cluster mode, one of an earlier copy of the
+    /// topic (a message id from before a move) becomes this copy's position of the same entry.
+    fn position_here(&self, position: Position) -> Position {
+        if self.copy_entry_ids {
+            crate::cluster::logs::position_in_copy(&self.log, position)
+        } else {
+            position
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, DispatchState> {
@@ -575,7 +590,7 @@ impl Subscription {
     pub fn acknowledge(&self, positions: &[Position]) -> Result<()> {
         let existing: Vec<Position> = positions
             .iter()
-            .copied()
+            .map(|position| self.position_here(*position))
             .filter(|position| entry_exists(&self.log, *position))
             .collect();
         if existing.len() < positions.len() {
@@ -621,6 +636,11 @@ impl Subscription {
         if acks.is_empty() || !self.config.batch_index_ack_enabled {
             return Ok(());
         }
+        let acks: Vec<(Position, Vec<u64>)> = acks
+            .iter()
+            .map(|(position, words)| (self.position_here(*position), words.clone()))
+            .collect();
+        let acks = &acks[..];
         let complete = {
             let _properties = self
                 .properties_lock
@@ -655,6 +675,7 @@ impl Subscription {
     /// Acknowledges everything up to and including `position`; a position beyond the last
     /// entry is ignored (as Pulsar: it would acknowledge messages not yet written).
     pub fn acknowledge_cumulative(&self, position: Position) -> Result<()> {
+        let position = self.position_here(position);
         if self.log.last_position().is_none_or(|last| position > last) {
             tracing::debug!(topic = %self.topic, subscription = %self.name, %position, "cumulative acknowledgement beyond the last entry ignored");
             return Ok(());
@@ -680,6 +701,12 @@ impl Subscription {
 
     /// Sends a consumer's unacknowledged messages again: all of them (`None`), or the given ones.
     pub fn redeliver(&self, key: u64, positions: Option<Vec<Position>>) {
+        let positions = positions.map(|positions| {
+            positions
+                .into_iter()
+                .map(|position| self.position_here(position))
+                .collect()
+        });
         {
             let mut state = self.lock();
             redeliver_pending_of(&mut state, key, positions, true);

@@ -278,6 +278,9 @@ pub struct Topic {
     cursor_properties: Arc<Mutex<()>>,
     /// How often replicated subscriptions sync (namespace policy or broker default), in ms.
     sync_interval_ms: AtomicU64,
+    /// The log is a cluster-mode local copy (`--storage`): message ids of the topic's earlier
+    /// copies (from before a move) are translated ([`crate::cluster::logs::position_in_copy`]).
+    copy_entry_ids: bool,
 }
 
 /// The replicated-subscription sync interval in ms: the namespace's, else the broker's.
@@ -372,6 +375,10 @@ impl Topic {
         };
         let partition_index = name.partition_index().map_or(-1, |index| index as i32);
         let sync_interval_ms = sync_interval_ms(policies, &shared.config);
+        let copy_entry_ids = shared
+            .cluster
+            .get()
+            .is_some_and(|mode| mode.logs().is_some());
         tracing::debug!(topic = %full_name, "topic loaded");
         Ok(Arc::new(Topic {
             name,
@@ -397,6 +404,7 @@ impl Topic {
             cursor_properties: Arc::new(Mutex::new(())),
             sync_interval_ms: AtomicU64::new(sync_interval_ms),
             entries_added: AtomicU64::new(0),
+            copy_entry_ids,
         }))
     }
 
@@ -782,6 +790,7 @@ impl Topic {
                     self.shared.config.clone(),
                     self.terminated.clone(),
                     self.cursor_properties.clone(),
+                    self.copy_entry_ids,
                 )?;
                 state
                     .subscriptions
@@ -812,6 +821,12 @@ impl Topic {
     /// ([`crate::replication::origin_position`]).
     pub fn start_of_message_id(&self, id: Position, batch_index: i32, seek: bool) -> Position {
         use crate::replication::origin_position;
+        // A message id of an earlier copy of this topic (cluster mode): this copy's position
+        // of the same entry, used as a local message id is.
+        let here = self.position_here(id);
+        if here != id {
+            return here;
+        }
         let translated = if seek {
             origin_position::seek_position(&self.log, id)
         } else {
@@ -1014,12 +1029,24 @@ impl Topic {
         Ok(match target {
             SeekTarget::Earliest => None,
             SeekTarget::Latest => self.log.last_position(),
-            SeekTarget::Position(position) => self.log.previous_position(position),
+            SeekTarget::Position(position) => {
+                self.log.previous_position(self.position_here(position))
+            }
             SeekTarget::PublishTime(time) => match self.log.find_by_publish_time(time)? {
                 Some(position) => self.log.previous_position(position),
                 None => self.log.last_position(),
             },
         })
+    }
+
+    /// A position a client sent, in this log: in cluster mode, one of an earlier copy of the
+    /// topic (a message id from before a move) becomes this copy's position of the same entry.
+    fn position_here(&self, position: Position) -> Position {
+        if self.copy_entry_ids {
+            crate::cluster::logs::position_in_copy(&self.log, position)
+        } else {
+            position
+        }
     }
 
     /// The last entry's position and, if it is a batch, the index of its last message.

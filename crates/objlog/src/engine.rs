@@ -405,7 +405,12 @@ fn commit(shared: &EngineShared, sequence: u64, batches: Vec<Batch>) {
     let put = retry(
         shared,
         deadline,
-        || shared.store.put(&key, &object.bytes),
+        // Each attempt within what is left of the deadline: a store that accepts connections
+        // and never answers would otherwise hold it for the client's whole request timeout.
+        || {
+            let left = deadline.saturating_duration_since(Instant::now());
+            shared.store.put_within(&key, &object.bytes, left)
+        },
         |error| error.is_retryable(),
     );
     if let Err(error) = put {

@@ -594,3 +594,53 @@ fn an_object_store_outage_fails_appends_after_the_deadline_and_loses_nothing_ack
 fn an_etcd_outage_fails_appends_after_the_deadline_and_loses_nothing_acknowledged() {
     outage_under_load(Outage::Etcd);
 }
+
+#[test]
+fn a_commit_against_a_hanging_store_fails_within_its_deadline() {
+    // Models a store that accepts connections and never answers (SIGSTOP), with an S3 client
+    // whose request timeout (10 minutes here) is far beyond the commit deadline (1 s): each
+    // PUT attempt must be cut at what is left of the deadline, so that the append fails as
+    // `Unavailable` once the deadline passes. Before, one attempt waited for the whole request
+    // timeout (the append did not return within `wait_until`'s bound).
+    let Some(broker) = one_broker(30) else {
+        return;
+    };
+    let mut store_config = broker.weed.config("test", s3_support::SECRET_ACCESS_KEY);
+    store_config.request_timeout = Duration::from_secs(600);
+    let mut config = ObjectLogConfig::new(broker.session.broker_id());
+    config.commit_deadline = Duration::from_secs(1);
+    config.retry_pause = Duration::from_millis(50);
+    let engine = ObjectLog::start(
+        config,
+        broker.cluster.clone(),
+        broker.session.clone(),
+        Arc::new(meridian_objstore::ObjectStore::new(&store_config).expect("store")),
+    )
+    .expect("start engine");
+    let log = engine
+        .open_topic("persistent://t/ns/hanging", &broker.ownership)
+        .expect("open");
+    broker.weed.pause(true);
+    let pending = log
+        .append(Bytes::from_static(b"held"), 1)
+        .expect("accepted");
+    let waiting = std::thread::spawn(move || pending.wait());
+    wait_until("the append to return", || {
+        waiting.is_finished().then_some(())
+    });
+    broker.weed.pause(false);
+    let error = waiting
+        .join()
+        .expect("append thread")
+        .expect_err("no store answered");
+    assert!(
+        matches!(
+            error,
+            ObjectLogError::Unavailable {
+                operation: "object store PUT",
+                ..
+            }
+        ),
+        "unexpected error {error}"
+    );
+}

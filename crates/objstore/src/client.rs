@@ -63,6 +63,8 @@ pub struct ObjectStore {
     credentials: rusty_s3::Credentials,
     region: String,
     agent: ureq::Agent,
+    /// The longest a request may take (`request_timeout`); a caller may ask for less.
+    request_timeout: Duration,
     max_response_bytes: u64,
     list_page_keys: usize,
 }
@@ -108,6 +110,7 @@ impl ObjectStore {
             ),
             region: config.region.clone(),
             agent,
+            request_timeout: config.request_timeout,
             max_response_bytes: config.max_response_bytes,
             list_page_keys: config.list_page_keys,
         })
@@ -130,6 +133,22 @@ impl ObjectStore {
     /// (combined from the checksums of its records, say, so that damage in memory since they
     /// were checked is caught too).
     pub fn put_with_checksum(&self, key: &str, bytes: &[u8], crc32c: u32) -> Result<()> {
+        self.put_checked(key, bytes, crc32c, self.request_timeout)
+    }
+
+    /// [`ObjectStore::put`] that gives up after `timeout` (at most the store's
+    /// `request_timeout`) with `Unavailable`: for a caller with a deadline of its own, so that
+    /// one attempt against a store that accepts connections and never answers does not outlast
+    /// it. The PUT may still have stored the object (a timeout is an unknown outcome).
+    pub fn put_within(&self, key: &str, bytes: &[u8], timeout: Duration) -> Result<()> {
+        self.put_checked(key, bytes, crc32c::crc32c(bytes), timeout)
+    }
+
+    fn put_checked(&self, key: &str, bytes: &[u8], crc32c: u32, timeout: Duration) -> Result<()> {
+        // ureq reads a zero timeout as "none": the shortest real one instead.
+        let timeout = timeout
+            .min(self.request_timeout)
+            .max(Duration::from_millis(1));
         let full_key = self.full_key("put", key)?;
         let checksum = base64::engine::general_purpose::STANDARD.encode(crc32c.to_be_bytes());
         let mut action = self.bucket.put_object(Some(&self.credentials), &full_key);
@@ -141,6 +160,7 @@ impl ObjectStore {
         let request = self
             .agent
             .request_url("PUT", &url)
+            .timeout(timeout)
             .set(CHECKSUM_HEADER, &checksum)
             .set("Content-Type", "application/octet-stream");
         let response = self.finish("put", key, request.send_bytes(bytes))?;

@@ -424,6 +424,25 @@ fn ledger_floor(epoch: u64) -> u64 {
     epoch.saturating_mul(1 << 41)
 }
 
+/// The position in `log`, a local copy of cluster mode with `--storage`, of the entry a client
+/// names with `position` (a message id it received, perhaps from an earlier owner).
+///
+/// Every local copy of a topic (each owner's, each reload's) holds one ledger, at least
+/// `ledger_floor(epoch)` with the bundle's epoch (which starts at 1 and never goes back, also
+/// across splits), whose entry `n` is the object-store log's entry `n`. So a position whose
+/// ledger lies in `[ledger_floor(1), this copy's ledger)` names an entry of an earlier copy:
+/// the same entry as this copy's position with that entry id. Any other position (this
+/// copy's, a later or unknown ledger) is returned as it is. Never call it in standalone, whose
+/// ledgers carry no global entry ids.
+pub(crate) fn position_in_copy(log: &Log, position: Position) -> Position {
+    let here = log.current_ledger_id();
+    if position.ledger_id >= ledger_floor(1) && position.ledger_id < here {
+        Position::new(here, position.entry_id)
+    } else {
+        position
+    }
+}
+
 /// One cursor in etcd's form, as the local copy (one ledger, `ledger_id`) understands it.
 ///
 /// A mark-delete position in an earlier ledger comes from a message id of an earlier owner (a
