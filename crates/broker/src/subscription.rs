@@ -300,11 +300,7 @@ impl Subscription {
     /// A position a client sent, in this log: in cluster mode, one of an earlier copy of the
     /// topic (a message id from before a move) becomes this copy's position of the same entry.
     fn position_here(&self, position: Position) -> Position {
-        if self.copy_entry_ids {
-            crate::cluster::logs::position_in_copy(&self.log, position)
-        } else {
-            position
-        }
+        crate::cluster::logs::position_in_copy(&self.log, self.copy_entry_ids, position)
     }
 
     fn lock(&self) -> MutexGuard<'_, DispatchState> {

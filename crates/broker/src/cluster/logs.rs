@@ -432,11 +432,14 @@ fn ledger_floor(epoch: u64) -> u64 {
 /// across splits), whose entry `n` is the object-store log's entry `n`. So a position whose
 /// ledger lies in `[ledger_floor(1), this copy's ledger)` names an entry of an earlier copy:
 /// the same entry as this copy's position with that entry id. Any other position (this
-/// copy's, a later or unknown ledger) is returned as it is. Never call it in standalone, whose
-/// ledgers carry no global entry ids.
-pub(crate) fn position_in_copy(log: &Log, position: Position) -> Position {
+/// copy's, a later or unknown ledger) is returned as it is, and so is every position when
+/// `copy_entry_ids` is false (standalone, whose ledgers carry no global entry ids).
+pub(crate) fn position_in_copy(log: &Log, copy_entry_ids: bool, position: Position) -> Position {
+    if !copy_entry_ids || position.ledger_id < ledger_floor(1) {
+        return position;
+    }
     let here = log.current_ledger_id();
-    if position.ledger_id >= ledger_floor(1) && position.ledger_id < here {
+    if position.ledger_id < here {
         Position::new(here, position.entry_id)
     } else {
         position
