@@ -83,6 +83,15 @@ impl Meter {
     }
 }
 
+/// A topic's traffic counters since it was loaded ([`crate::topic::Topic::traffic`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Traffic {
+    pub messages_in: u64,
+    pub bytes_in: u64,
+    pub messages_out: u64,
+    pub bytes_out: u64,
+}
+
 #[derive(Debug, Clone, Default, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct PublisherStats {

@@ -797,6 +797,11 @@ impl Subscription {
         frames
     }
 
+    /// Messages and bytes dispatched to consumers so far.
+    pub(crate) fn dispatched(&self) -> (u64, u64) {
+        (self.meter_out.messages(), self.meter_out.bytes())
+    }
+
     pub(crate) fn sample_rates(&self) {
         self.meter_out.sample();
         self.redelivered.sample();

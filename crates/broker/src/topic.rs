@@ -28,7 +28,9 @@ use crate::replication::replicated_subscriptions;
 use crate::replication::replicator::{self, Replicator, ReplicatorSpec};
 use crate::replication::subscription_sync::SubscriptionSync;
 use crate::resources::{BacklogQuotaPolicy, DispatchRate, EffectivePolicies, RetentionPolicies};
-use crate::stats::{self, Meter, PublisherStats, ReplicatorStats, SubscriptionStats, TopicStats};
+use crate::stats::{
+    self, Meter, PublisherStats, ReplicatorStats, SubscriptionStats, TopicStats, Traffic,
+};
 use crate::subscription::{NewConsumer, StartPosition, Subscription, SubscriptionType};
 use crate::topic_name::TopicName;
 use meridian_wire::proto::{
@@ -1554,6 +1556,23 @@ impl Topic {
         for subscription in state.subscriptions.values() {
             subscription.sample_rates();
         }
+    }
+
+    /// Messages and bytes published to the topic and dispatched from its subscriptions since
+    /// it was loaded (counters, not rates): the load balancer's measure of its traffic.
+    pub fn traffic(&self) -> Traffic {
+        let state = self.lock();
+        let mut traffic = Traffic {
+            messages_in: self.meter_in.messages(),
+            bytes_in: self.meter_in.bytes(),
+            ..Traffic::default()
+        };
+        for subscription in state.subscriptions.values() {
+            let (messages, bytes) = subscription.dispatched();
+            traffic.messages_out += messages;
+            traffic.bytes_out += bytes;
+        }
+        traffic
     }
 
     /// Pulsar's `TopicStats`.

@@ -463,6 +463,50 @@ impl Session {
         })
     }
 
+    /// Writes `key` (relative to the cluster root) on this session's lease: it disappears with
+    /// the session (a load report, a leader's decision).
+    pub fn put_leased(&self, key: &str, value: &[u8]) -> Result<()> {
+        self.check_alive()?;
+        self.client()
+            .txn(
+                &[],
+                &[Op::Put {
+                    key: self.cluster.key(key),
+                    value: value.to_vec(),
+                    lease: self.lease,
+                }],
+                &[],
+            )
+            .map_err(|error| self.on_lease_error(error))?;
+        Ok(())
+    }
+
+    /// Campaigns for the single role named by `key` (relative to the cluster root): takes it
+    /// when nobody holds it, by creating the key with this broker's id on this session's lease.
+    /// Returns whether this session holds it now. It is held until the session ends (the lease
+    /// goes, so does the key), as with etcd's election API.
+    pub fn campaign(&self, key: &str) -> Result<bool> {
+        self.check_alive()?;
+        let key = self.cluster.key(key);
+        let result = self
+            .client()
+            .txn(
+                &[Compare::Absent(key.clone())],
+                &[Op::Put {
+                    key: key.clone(),
+                    value: self.broker_id.as_bytes().to_vec(),
+                    lease: self.lease,
+                }],
+                &[Op::Get(key)],
+            )
+            .map_err(|error| self.on_lease_error(error))?;
+        if result.succeeded {
+            return Ok(true);
+        }
+        let holder = result.reads.into_iter().next().flatten();
+        Ok(holder.is_some_and(|holder| holder.lease == self.lease))
+    }
+
     /// `compares` with their keys under the cluster root.
     fn rooted(&self, compares: &[Compare]) -> Vec<Compare> {
         compares

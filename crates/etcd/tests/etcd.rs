@@ -573,3 +573,29 @@ fn an_acquisition_under_stale_conditions_is_refused() {
     let ownership = acquired(session.try_acquire_if("ns/0", &[fresh]).expect("acquire"));
     assert_eq!(ownership.epoch(), 1);
 }
+
+/// The load balancer's leader: one session holds the role at a time, keeps it while it lives,
+/// and another takes it once that session is gone. A leased key goes with its session.
+#[test]
+fn one_session_leads_until_it_ends_and_then_another_takes_over() {
+    let Some(etcd) = Etcd::start() else { return };
+    let cluster = cluster(&etcd.url());
+    let first = session(&cluster, "b1", 10);
+    let second = session(&cluster, "b2", 10);
+    assert!(first.campaign("leader").expect("campaign"));
+    assert!(!second.campaign("leader").expect("campaign"));
+    assert!(first.campaign("leader").expect("campaign again"));
+    first.put_leased("load/b1", b"report").expect("put leased");
+    let report = cluster.client().get(&cluster.key("load/b1")).expect("get");
+    assert_eq!(report.map(|kv| kv.value), Some(b"report".to_vec()));
+
+    first.close().expect("close");
+    assert_eq!(
+        cluster.client().get(&cluster.key("load/b1")).expect("get"),
+        None
+    );
+    assert!(second
+        .campaign("leader")
+        .expect("campaign after the leader left"));
+    second.close().expect("close");
+}

@@ -89,6 +89,21 @@ pub struct Config {
     pub etcd_lease_ttl_seconds: u64,
     /// `meridian broker` only: bundles per namespace (`defaultNumberOfNamespaceBundles`).
     pub default_number_of_namespace_bundles: u32,
+    /// `meridian broker` only: the load balancer moves bundles off busy brokers
+    /// (`loadBalancerEnabled`).
+    pub load_balancer_enabled: bool,
+    /// How often each broker writes its load report.
+    pub load_balancer_report_interval_seconds: u64,
+    /// How often the leader looks for a bundle to move (`loadBalancerSheddingIntervalMinutes`).
+    pub load_balancer_shedding_interval_seconds: u64,
+    /// Percent above the average throughput at which a broker sheds a bundle
+    /// (`loadBalancerBrokerThresholdShedderPercentage`).
+    pub load_balancer_broker_threshold_shedder_percentage: u64,
+    /// The least throughput, in MB/s, of a bundle worth moving
+    /// (`loadBalancerBundleUnloadMinThroughputThreshold`).
+    pub load_balancer_bundle_unload_min_throughput_threshold: f64,
+    /// How long a moved bundle stays put (`loadBalancerSheddingGracePeriodMinutes`).
+    pub load_balancer_shedding_grace_period_seconds: u64,
     /// `meridian broker` only: `s3://bucket/prefix` where topics' entries are stored (the
     /// object-store log; cursors go to etcd). Unset: each broker keeps the topics it owns in
     /// its own local storage.
@@ -221,6 +236,12 @@ impl Default for Config {
             metadata_store_url: None,
             etcd_lease_ttl_seconds: 10,
             default_number_of_namespace_bundles: 4,
+            load_balancer_enabled: true,
+            load_balancer_report_interval_seconds: 10,
+            load_balancer_shedding_interval_seconds: 60,
+            load_balancer_broker_threshold_shedder_percentage: 10,
+            load_balancer_bundle_unload_min_throughput_threshold: 10.0,
+            load_balancer_shedding_grace_period_seconds: 1800,
             storage_url: None,
             s3_endpoint: None,
             s3_region: "us-east-1".to_string(),
@@ -387,6 +408,18 @@ impl Config {
         if !(1..=65_536).contains(&self.default_number_of_namespace_bundles) {
             bail!("default_number_of_namespace_bundles must be between 1 and 65536");
         }
+        if self.load_balancer_report_interval_seconds == 0
+            || self.load_balancer_shedding_interval_seconds == 0
+        {
+            bail!(
+                "load_balancer_report_interval_seconds and \
+                 load_balancer_shedding_interval_seconds must be positive"
+            );
+        }
+        let threshold = self.load_balancer_bundle_unload_min_throughput_threshold;
+        if threshold.is_nan() || threshold < 0.0 {
+            bail!("load_balancer_bundle_unload_min_throughput_threshold must be 0 or more");
+        }
         if self.storage_url.is_some() != self.s3_endpoint.is_some() {
             bail!("storage_url (--storage) and s3_endpoint (--s3-endpoint) go together");
         }
@@ -547,6 +580,20 @@ impl Config {
             replication_max_memory_bytes: self.replication_max_memory_bytes,
             max_unacked_messages_per_consumer: self.max_unacked_messages_per_consumer,
             ..BrokerConfig::default()
+        }
+    }
+
+    /// The load balancer of `meridian broker`.
+    pub fn balancer_config(&self) -> meridian_broker::cluster::balance::BalancerConfig {
+        meridian_broker::cluster::balance::BalancerConfig {
+            enabled: self.load_balancer_enabled,
+            report_interval: Duration::from_secs(self.load_balancer_report_interval_seconds),
+            shedding_interval: Duration::from_secs(self.load_balancer_shedding_interval_seconds),
+            threshold_percentage: self.load_balancer_broker_threshold_shedder_percentage as f64,
+            min_bundle_throughput: self.load_balancer_bundle_unload_min_throughput_threshold
+                * 1024.0
+                * 1024.0,
+            grace_period: Duration::from_secs(self.load_balancer_shedding_grace_period_seconds),
         }
     }
 

@@ -539,6 +539,11 @@ async fn join_cluster(
         mode.clone(),
     ));
     tokio::spawn(meridian_broker::cluster::watch_policies(broker.clone()));
+    tokio::spawn(meridian_broker::cluster::balance::run(
+        broker.clone(),
+        mode.clone(),
+        config.balancer_config(),
+    ));
     Ok(mode)
 }
 

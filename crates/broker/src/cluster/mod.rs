@@ -19,8 +19,10 @@
 //!   namespace) and take a bundle only under a compare of their revision, so a stale view
 //!   cannot take a bundle that was split.
 //!
-//! What is not here yet: no load balancing (a lookup of an unowned bundle takes it here).
+//! - [`balance`]: load reports, the leader and bundle shedding; a lookup of a bundle nobody
+//!   owns takes it here unless the load balancer assigned it to another live broker.
 
+pub mod balance;
 pub mod bundles;
 pub mod logs;
 
@@ -117,6 +119,8 @@ pub struct ClusterMode {
     /// With `--storage`: topics' entries and cursors on the object store and etcd. Without,
     /// each broker keeps its topics in its own local storage.
     logs: Option<Arc<logs::ClusterLogs>>,
+    /// The load balancer's settings, once it runs (for how long its assignments stand).
+    balancer: Mutex<balance::BalancerConfig>,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -156,6 +160,7 @@ impl ClusterMode {
             acquiring: Mutex::new(()),
             boundaries: Mutex::new(HashMap::new()),
             logs,
+            balancer: Mutex::new(balance::BalancerConfig::default()),
         };
         let deadline = std::time::Instant::now() + lease_ttl * 2;
         loop {
@@ -390,16 +395,30 @@ impl ClusterMode {
             let bundle = bundles::bundle_in(topic, &boundaries.bounds);
             let record = match self.cluster.owner(&bundle).map_err(unavailable)? {
                 Some(record) => record,
-                None => match self.acquire(&session, &bundle, &boundaries.unchanged(&key)) {
-                    Ok(Some(record)) => record,
-                    Ok(None) => return Ok(Owner::This),
-                    // The namespace's bundles changed (a split): read them again, once.
-                    Err(EtcdError::CompareFailed { .. }) if !fresh => {
-                        fresh = true;
-                        continue;
+                None => {
+                    // The load balancer moves it to another broker: send the client there.
+                    if let Some(target) = self.assigned_to_other(&bundle)? {
+                        if let Some(registration) = self.registration_of(&target)? {
+                            return Ok(Owner::Other {
+                                broker_id: target,
+                                registration,
+                            });
+                        }
                     }
-                    Err(error) => return Err(unavailable(error)),
-                },
+                    match self.acquire(&session, &bundle, &boundaries.unchanged(&key)) {
+                        Ok(Some(record)) => record,
+                        Ok(None) => {
+                            self.assignment_done(&bundle);
+                            return Ok(Owner::This);
+                        }
+                        // The namespace's bundles changed (a split): read them again, once.
+                        Err(EtcdError::CompareFailed { .. }) if !fresh => {
+                            fresh = true;
+                            continue;
+                        }
+                        Err(error) => return Err(unavailable(error)),
+                    }
+                }
             };
             return self.other_owner(&bundle, record);
         }
@@ -438,26 +457,29 @@ impl ClusterMode {
                 record.epoch
             )));
         }
-        let key = self.cluster.key(&format!("brokers/{}", record.broker_id));
-        let registration = self
-            .cluster
-            .client()
-            .get(&key)
-            .map_err(unavailable)?
-            .ok_or_else(|| {
-                BrokerError::NotServedHere(format!(
-                    "bundle {bundle}: its owner {} is no longer registered; retry",
-                    record.broker_id
-                ))
-            })?;
-        let registration: Registration =
-            serde_json::from_slice(&registration.value).map_err(|error| {
-                BrokerError::Metadata(format!("{key} holds no broker registration: {error}"))
-            })?;
+        let registration = self.registration_of(&record.broker_id)?.ok_or_else(|| {
+            BrokerError::NotServedHere(format!(
+                "bundle {bundle}: its owner {} is no longer registered; retry",
+                record.broker_id
+            ))
+        })?;
         Ok(Owner::Other {
             broker_id: record.broker_id,
             registration,
         })
+    }
+
+    /// The registration of a live broker, `None` when it is not registered. Blocking.
+    fn registration_of(&self, broker_id: &str) -> Result<Option<Registration>> {
+        let key = self.cluster.key(&format!("brokers/{broker_id}"));
+        let Some(registration) = self.cluster.client().get(&key).map_err(unavailable)? else {
+            return Ok(None);
+        };
+        serde_json::from_slice(&registration.value)
+            .map(Some)
+            .map_err(|error| {
+                BrokerError::Metadata(format!("{key} holds no broker registration: {error}"))
+            })
     }
 
     /// Who owns `bundle` now, without taking it: `None` when nobody does (nothing to unload),
