@@ -75,8 +75,7 @@ class ClusterBroker(BrokerProcess):
         ]
 
 
-@pytest.fixture(scope="module")
-def etcd(tmp_path_factory):
+def etcd_binary() -> str:
     binary = os.environ.get("ETCD_BIN") or shutil.which("etcd")
     if not binary:
         pytest.fail(
@@ -84,13 +83,17 @@ def etcd(tmp_path_factory):
             "ETCD_BIN to an etcd binary",
             pytrace=False,
         )
-    base = tmp_path_factory.mktemp("etcd")
-    client_port, peer_port = free_port(), free_port()
+    return binary
+
+
+def start_etcd(base: Path, client_port: int, peer_port: int) -> subprocess.Popen:
+    """Starts etcd with its data in `base` on the given loopback ports (the same ports and
+    directory start it again after a stop) and waits until it answers /health."""
     client_url, peer_url = f"http://127.0.0.1:{client_port}", f"http://127.0.0.1:{peer_port}"
     log = open(base / "etcd.log", "ab")
     process = subprocess.Popen(
         [
-            binary,
+            etcd_binary(),
             "--name", "default",
             "--data-dir", str(base / "data"),
             "--listen-client-urls", client_url,
@@ -115,6 +118,18 @@ def etcd(tmp_path_factory):
 
     try:
         wait_until(healthy, "etcd answers /health")
+    except BaseException:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        raise
+    return process
+
+
+@pytest.fixture(scope="module")
+def etcd(tmp_path_factory):
+    client_port, peer_port = free_port(), free_port()
+    process = start_etcd(tmp_path_factory.mktemp("etcd"), client_port, peer_port)
+    try:
         yield f"etcd://127.0.0.1:{client_port}"
     finally:
         process.send_signal(signal.SIGKILL)
