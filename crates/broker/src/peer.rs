@@ -69,6 +69,62 @@ impl Peer {
     }
 }
 
+/// Redirects (307/308) a peer call follows.
+const MAX_REDIRECTS: usize = 3;
+
+impl Peer {
+    /// `method path` with `body` (content type and text) if any, following 307 and 308 with the
+    /// same method, body and credentials: a cluster-mode peer answers a call only the bundle's
+    /// owner serves (topic calls, a replicated subscription's state) with a redirect to the
+    /// owner, which ureq follows for GET only. Blocking. Answers as ureq's `call` does, so that
+    /// callers match refusals as `ureq::Error::Status`.
+    #[allow(clippy::result_large_err)]
+    pub fn call(
+        &self,
+        agent: &PeerAgent,
+        method: &str,
+        path: &str,
+        body: Option<(&str, &str)>,
+    ) -> Result<ureq::Response, ureq::Error> {
+        let mut url = self.url(path);
+        for _ in 0..=MAX_REDIRECTS {
+            let target = Peer {
+                service_url: origin_of(&url).to_string(),
+                ..self.clone()
+            };
+            let mut request = agent.agent(&target).request(method, &url);
+            if let Some(token) = &self.auth_token {
+                request = request.set("Authorization", &format!("Bearer {token}"));
+            }
+            let response = match body {
+                Some((content_type, text)) => request
+                    .set("Content-Type", content_type)
+                    .send_string(text)?,
+                None => request.call()?,
+            };
+            match response.header("Location") {
+                Some(location) if matches!(response.status(), 307 | 308) => {
+                    url = location.to_string();
+                }
+                _ => return Ok(response),
+            }
+        }
+        Err(ureq::Error::Status(
+            508,
+            ureq::Response::new(508, "Loop Detected", "more than 3 redirects")?,
+        ))
+    }
+}
+
+/// `scheme://host:port` of a URL.
+fn origin_of(url: &str) -> &str {
+    let after_scheme = url.find("://").map_or(0, |at| at + 3);
+    match url[after_scheme..].find('/') {
+        Some(slash) => &url[..after_scheme + slash],
+        None => url,
+    }
+}
+
 /// The TLS part of a cluster registration (Pulsar's cluster-data fields).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ClusterTls {

@@ -359,11 +359,17 @@ impl Topic {
         let deduplication = policies
             .deduplication_enabled
             .unwrap_or(shared.config.deduplication_enabled);
+        let copy_entry_ids = shared
+            .cluster
+            .get()
+            .is_some_and(|mode| mode.logs().is_some());
         let dedup = if deduplication {
             Some(recover_dedup(&log)?)
-        } else if log.cursor(DEDUP_CURSOR).is_some() {
+        } else if log.cursor(DEDUP_CURSOR).is_some() || copy_entry_ids {
             // De-duplication is off: only replicated entries still need it. Without them its
-            // cursor must not hold back trimming.
+            // cursor must not hold back trimming. In cluster mode a cursor created since the
+            // last persistence to etcd is not here after a move: the log (just copied, so
+            // read once already) tells whether replicated entries are in it.
             let mut recovered = recover_dedup(&log)?;
             recovered.retain_replication();
             if recovered.tracks_replication() {
@@ -377,10 +383,6 @@ impl Topic {
         };
         let partition_index = name.partition_index().map_or(-1, |index| index as i32);
         let sync_interval_ms = sync_interval_ms(policies, &shared.config);
-        let copy_entry_ids = shared
-            .cluster
-            .get()
-            .is_some_and(|mode| mode.logs().is_some());
         tracing::debug!(topic = %full_name, "topic loaded");
         Ok(Arc::new(Topic {
             name,

@@ -26,6 +26,26 @@ pub const PREVIOUS_PROPERTY: &str = "__MSG_PROP_REPL_PREVIOUS_POSITION";
 /// confirmed, where the chain goes on after a restart.
 pub const CHAIN_CURSOR_PROPERTY: &str = "replication.lastConfirmed";
 
+/// The lowest ledger id of a topic's local copy in cluster mode with `--storage`
+/// (`crates/broker/src/cluster/logs.rs`: epoch × 2^41). Every copy holds one ledger whose entry
+/// `n` is the object-store log's entry `n`, so the same entry has a new ledger id after each
+/// move; standalone's ledger ids (start times in ms) stay below it until 2039.
+pub const COPY_LEDGER_FLOOR: u64 = 1 << 41;
+
+/// A position of this cluster's log as other clusters know it (origin coordinates): the
+/// position itself, except in a cluster-mode copy, whose entries are named by their entry id
+/// under [`COPY_LEDGER_FLOOR`] whichever copy (owner) holds them. So an entry keeps its origin
+/// position across moves of its topic: a replicator resending after a move sends positions the
+/// remote recognises, and replicated subscriptions' states keep naming the same entries.
+/// Monotonic within a log.
+pub fn origin_position(position: Position) -> Position {
+    if position.ledger_id >= COPY_LEDGER_FLOOR {
+        Position::new(COPY_LEDGER_FLOOR, position.entry_id)
+    } else {
+        position
+    }
+}
+
 /// Where a replicated entry comes from, as its metadata says.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Origin {

@@ -118,7 +118,7 @@ fn origin_from(
         return None;
     }
     let Some(cluster) = replicated_from else {
-        return Some((local_cluster.to_string(), position));
+        return Some((local_cluster.to_string(), chain::origin_position(position)));
     };
     let origin = properties
         .iter()

@@ -179,11 +179,13 @@ pub(crate) fn prepare_remote_topic(
         return Err(mismatch(existing));
     }
     let created = match partitions {
-        Some(count) => peer
-            .request(&agent, "PUT", &format!("{path}/partitions"))
-            .set("Content-Type", "application/json")
-            .send_string(&count.to_string()),
-        None => peer.request(&agent, "PUT", &path).call(),
+        Some(count) => peer.call(
+            &agent,
+            "PUT",
+            &format!("{path}/partitions"),
+            Some(("application/json", &count.to_string())),
+        ),
+        None => peer.call(&agent, "PUT", &path, None),
     };
     match created {
         Ok(_) | Err(ureq::Error::Status(409, _)) => {}

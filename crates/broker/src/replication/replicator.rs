@@ -51,7 +51,9 @@ use tokio::time::Instant;
 use crate::clock::{now_ms, now_rfc3339};
 use crate::replication::backlog::{meant_for, BacklogIndex};
 pub(crate) use crate::replication::chain::check_chain;
-use crate::replication::chain::{format_position, is_replication_property, parse_position};
+use crate::replication::chain::{
+    format_position, is_replication_property, origin_position, parse_position,
+};
 pub use crate::replication::chain::{
     gap_message, origin_of, without_origin, Origin, CHAIN_CURSOR_PROPERTY, ORIGIN_PROPERTY,
     PREVIOUS_PROPERTY,
@@ -657,7 +659,8 @@ impl Worker {
         self.chain = cursor
             .properties
             .get(CHAIN_CURSOR_PROPERTY)
-            .and_then(|value| parse_position(value));
+            .and_then(|value| parse_position(value))
+            .map(origin_position);
         // Start after the mark-delete position: a rewind to the first unconfirmed entry. With
         // none, start before everything: entries appended and not yet durable count too, so
         // neither the first durable entry nor the end of the log is the right place.
@@ -786,7 +789,7 @@ impl Worker {
                 .send(*message)
                 .await
                 .map_err(|error| self.send_failed(SendFailure { position, error }))?;
-            self.chain = Some(position);
+            self.chain = Some(origin_position(position));
             self.throttle.record(messages, bytes as u64);
             in_flight.push(Sent {
                 position,
@@ -815,7 +818,7 @@ impl Worker {
             .retain(|property| !is_replication_property(property));
         metadata.properties.push(KeyValue {
             key: ORIGIN_PROPERTY.to_string(),
-            value: format_position(entry.position),
+            value: format_position(origin_position(entry.position)),
         });
         if let Some(previous) = self.chain {
             metadata.properties.push(KeyValue {
@@ -866,7 +869,7 @@ impl Worker {
         // an entry its chain property does not cover (both are persisted together).
         let head = BTreeMap::from([(
             CHAIN_CURSOR_PROPERTY.to_string(),
-            format_position(last.sent.position),
+            format_position(origin_position(last.sent.position)),
         )]);
         if let Err(error) = self.log.set_cursor_properties(&self.cursor, head) {
             tracing::warn!(topic = %self.topic, remote = %self.remote.name, %error, "recording the replication chain failed");

@@ -159,9 +159,12 @@ impl Frontier {
     ) -> Frontier {
         let own_entries = local_from.is_some() || self.first.contains_key(local_cluster);
         if let (true, Some(mark_delete)) = (own_entries, mark_delete) {
-            self.through.insert(local_cluster.to_string(), mark_delete);
+            self.through.insert(
+                local_cluster.to_string(),
+                chain::origin_position(mark_delete),
+            );
         }
-        if let Some(from) = local_from {
+        if let Some(from) = local_from.map(chain::origin_position) {
             let first = self.first.entry(local_cluster.to_string()).or_insert(from);
             *first = (*first).min(from);
         }
@@ -501,7 +504,7 @@ fn covered_by(
             // This cluster's own entries are their own origin positions.
             if open
                 .get(local_cluster)
-                .is_some_and(|bound| position >= *bound)
+                .is_some_and(|bound| chain::origin_position(position) >= *bound)
             {
                 open.remove(local_cluster);
             }
@@ -1404,11 +1407,12 @@ async fn send(
     );
     let body = serde_json::to_string(body).map_err(|error| SendError::from(error.to_string()))?;
     tokio::task::spawn_blocking(move || {
-        match peer
-            .request(http_agent(), "POST", &path)
-            .set("Content-Type", "application/json")
-            .send_string(&body)
-        {
+        match peer.call(
+            http_agent(),
+            "POST",
+            &path,
+            Some(("application/json", &body)),
+        ) {
             Ok(_) => Ok(()),
             Err(ureq::Error::Status(409, response)) => {
                 let reply = response.into_string().unwrap_or_default();
