@@ -142,10 +142,10 @@ def backlog(broker, topic: str, subscription: str):
 
 
 def switch(topic: str, producer, from_client, to_client, to_broker, prefix: str) -> None:
-    """A replicated subscription's graceful switch: 20 messages sent, 12 of them acknowledged
+    """A replicated subscription's graceful switch: 20 messages sent, 14 of them acknowledged
     (out of order) by a consumer of `from_client`'s cluster, which closes; once the other
     cluster (`to_broker`'s) has the state, a consumer of the same subscription there receives
-    exactly the other 8."""
+    exactly the other 6."""
     sent = [f"{prefix}/{index}".encode() for index in range(20)]
     for payload in sent:
         producer.send(payload)
