@@ -18,6 +18,11 @@ Fixtures
 Every broker exposes `service_url`, `web_url`, `data_dir`, `restart()` and
 `kill9_and_restart()` (same data directory and ports); see broker_process.py.
 
+Cluster mode: with `COMPAT_CLUSTER_MODE=1` every broker these fixtures start is a
+`meridian broker --storage` on one etcd and one SeaweedFS for the session (each broker its own
+key prefix in etcd and in the bucket, so it is a cluster of its own, kept across its restarts):
+the same tests prove that what works in standalone works in cluster mode.
+
 The log rule (neon's): after each test, the ` ERROR ` lines and Rust panics that the brokers
 logged while it ran fail the test, unless the test declares them expected with
 `@pytest.mark.allow_broker_errors(*regexes)` (no regex: any ERROR line is expected). Panics are
@@ -41,7 +46,7 @@ import pytest
 
 import broker_process
 from broker_process import BrokerError, BrokerProcess
-from helpers import unique_topic
+from helpers import unique, unique_topic
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -136,20 +141,88 @@ def _allowed_errors(node) -> Optional[list[re.Pattern]]:
     return allowed
 
 
+CLUSTER_MODE = os.environ.get("COMPAT_CLUSTER_MODE") == "1"
+
+
+class ClusterServers:
+    """The session's etcd and SeaweedFS, for brokers in cluster mode."""
+
+    def __init__(self, tmp_path_factory):
+        import test_cluster_mode as cluster  # only in cluster mode: it needs etcd and weed
+
+        self.cluster = cluster
+        self.client_port, peer_port = broker_process.free_port(), broker_process.free_port()
+        self.etcd = cluster.start_etcd(
+            tmp_path_factory.mktemp("session-etcd"), self.client_port, peer_port
+        )
+        try:
+            self.weed, self.endpoint, self.weed_ports = cluster.start_weed(
+                tmp_path_factory.mktemp("session-weed")
+            )
+        except BaseException:
+            self.etcd.send_signal(signal.SIGKILL)
+            raise
+        self.key_file = tmp_path_factory.mktemp("session-s3-key") / "s3.key"
+        self.key_file.write_text(f"{cluster.S3_ACCESS_KEY}:{cluster.S3_SECRET_KEY}\n")
+
+    def stop(self) -> None:
+        self.cluster.stop_weed(self.weed, self.weed_ports)
+        self.etcd.send_signal(signal.SIGKILL)
+        self.etcd.wait()
+
+
+class ClusterModeBroker(BrokerProcess):
+    """A `meridian broker --storage` that is a cluster of its own on the session's servers: its
+    etcd keys and objects under a prefix of its own, the same across its restarts."""
+
+    def __init__(self, binary, base_dir, name, config, servers: ClusterServers):
+        super().__init__(binary, base_dir, name, config)
+        self.servers = servers
+        self.prefix = unique("broker")
+
+    def command(self) -> list[str]:
+        command = super().command()
+        command[1] = "broker"
+        return command + [
+            "--metadata-store", f"etcd://127.0.0.1:{self.servers.client_port}/{self.prefix}",
+            "--storage", f"s3://{self.servers.cluster.S3_BUCKET}/{self.prefix}",
+            "--s3-endpoint", self.servers.endpoint,
+            "--s3-access-key-file", str(self.servers.key_file),
+            "--etcd-lease-ttl-seconds", "3",
+        ]
+
+
+@pytest.fixture(scope="session")
+def cluster_servers(tmp_path_factory):
+    if not CLUSTER_MODE:
+        yield None
+        return
+    servers = ClusterServers(tmp_path_factory)
+    try:
+        yield servers
+    finally:
+        servers.stop()
+
+
 class BrokerFactory:
     """Starts brokers for one scope and stops every one of them when the scope ends."""
 
-    def __init__(self, binary: Path, tmp_path_factory, label: str, allowed_errors):
+    def __init__(self, binary: Path, tmp_path_factory, label: str, allowed_errors,
+                 servers: Optional[ClusterServers] = None):
         self.binary = binary
         self.tmp_path_factory = tmp_path_factory
         self.label = label
         self.allowed_errors = allowed_errors
+        self.servers = servers
         self.brokers: list[BrokerProcess] = []
 
     def start(self, config: Optional[dict] = None) -> BrokerProcess:
         name = f"{self.label}#{len(self.brokers)}"
         base_dir = self.tmp_path_factory.mktemp(re.sub(r"[^A-Za-z0-9_.-]+", "_", name)[:80])
-        broker = BrokerProcess(self.binary, base_dir, name, config)
+        if self.servers is not None:
+            broker = ClusterModeBroker(self.binary, base_dir, name, config, self.servers)
+        else:
+            broker = BrokerProcess(self.binary, base_dir, name, config)
         self.brokers.append(broker)
         broker_process.KNOWN_BROKERS.append(broker)
         failure = None
@@ -184,8 +257,9 @@ class BrokerFactory:
 
 
 @pytest.fixture(scope="module")
-def module_brokers(meridian_bin, tmp_path_factory, request):
-    factory = BrokerFactory(meridian_bin, tmp_path_factory, request.module.__name__, allowed_errors=[])
+def module_brokers(meridian_bin, tmp_path_factory, request, cluster_servers):
+    factory = BrokerFactory(meridian_bin, tmp_path_factory, request.module.__name__,
+                            allowed_errors=[], servers=cluster_servers)
     yield factory
     factory.stop_all()
 
@@ -196,9 +270,10 @@ def broker(module_brokers) -> BrokerProcess:
 
 
 @pytest.fixture
-def broker_factory(meridian_bin, tmp_path_factory, request):
+def broker_factory(meridian_bin, tmp_path_factory, request, cluster_servers):
     factory = BrokerFactory(
-        meridian_bin, tmp_path_factory, request.node.name, _allowed_errors(request.node)
+        meridian_bin, tmp_path_factory, request.node.name, _allowed_errors(request.node),
+        servers=cluster_servers,
     )
     yield factory
     factory.stop_all()

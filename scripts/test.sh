@@ -64,6 +64,14 @@ echo "== official Python client compatibility suite (compat/)"
 # Uses the broker binary that `cargo test` just built (target/debug/meridian).
 ./compat/run.sh -q
 
+echo "== the same tests in cluster mode (meridian broker on etcd and SeaweedFS)"
+# Each broker a cluster of its own on one etcd and one SeaweedFS (compat/conftest.py): what
+# works in standalone works in cluster mode, with topics on the object store.
+COMPAT_CLUSTER_MODE=1 ./compat/run.sh -q compat/test_subscriptions.py compat/test_acks.py \
+  compat/test_seek.py compat/test_delayed_delivery.py compat/test_schemas.py \
+  compat/test_deduplication.py compat/test_batch_index_acks.py compat/test_partitioned.py \
+  compat/test_durability.py
+
 echo "== fuzzing the frame decoder for 20 s"
 # cargo-fuzz needs nightly-only compiler flags; RUSTC_BOOTSTRAP lets the stable toolchain
 # accept them for this one build.

@@ -82,6 +82,33 @@ pub fn decode(properties: &BTreeMap<String, String>) -> Partial {
     partial
 }
 
+/// The entries acknowledged in part of a cursor restored into a cluster-mode copy whose one
+/// ledger is `ledger_id` (`crates/broker/src/cluster/logs.rs`): an entry kept under an earlier
+/// copy's ledger is the entry with the same id in this one, so it is kept under `ledger_id`.
+pub fn in_copy(
+    mut properties: BTreeMap<String, String>,
+    ledger_id: u64,
+) -> BTreeMap<String, String> {
+    let partial: Partial = decode(&properties)
+        .into_iter()
+        .map(|(position, words)| {
+            let moved = position.ledger_id >= crate::replication::chain::COPY_LEDGER_FLOOR
+                && position.ledger_id < ledger_id;
+            let position = if moved {
+                Position::new(ledger_id, position.entry_id)
+            } else {
+                position
+            };
+            (position, words)
+        })
+        .collect();
+    match encode(&partial) {
+        Some(text) => properties.insert(PROPERTY.to_string(), text),
+        None => properties.remove(PROPERTY),
+    };
+    properties
+}
+
 /// `ledger:entry=word.word;…`, words in hexadecimal; `None` when nothing is kept.
 fn encode(partial: &Partial) -> Option<String> {
     if partial.is_empty() {
@@ -165,6 +192,35 @@ pub fn clear(log: &Log, cursor: &str) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_cluster_mode_copy_keeps_an_earlier_copys_partial_batches_under_its_ledger() {
+        let floor = crate::replication::chain::COPY_LEDGER_FLOOR;
+        let kept: Partial = [
+            (Position::new(floor, 3), vec![0b10]),
+            (Position::new(floor * 2, 5), vec![0b100, 1]),
+        ]
+        .into_iter()
+        .collect();
+        let properties = BTreeMap::from([
+            (PROPERTY.to_string(), encode(&kept).expect("kept")),
+            ("other".to_string(), "1:2".to_string()),
+        ]);
+        let moved = in_copy(properties, floor * 3);
+        let expected: Partial = [
+            (Position::new(floor * 3, 3), vec![0b10]),
+            (Position::new(floor * 3, 5), vec![0b100, 1]),
+        ]
+        .into_iter()
+        .collect();
+        assert_eq!(decode(&moved), expected);
+        assert_eq!(moved["other"], "1:2", "other properties are left alone");
+        // Standalone's ledgers (below the floor) are never moved.
+        let standalone = Partial::from([(Position::new(7, 1), vec![1])]);
+        let properties =
+            BTreeMap::from([(PROPERTY.to_string(), encode(&standalone).expect("kept"))]);
+        assert_eq!(decode(&in_copy(properties, floor * 3)), standalone);
+    }
 
     #[test]
     fn entries_acknowledged_whole_since_do_not_count_against_the_cap() {

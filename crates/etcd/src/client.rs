@@ -140,9 +140,38 @@ pub enum WatchMessage {
     Compacted { compact_revision: u64 },
 }
 
+/// Splits `etcd://h1:2379,h2:2379/some/prefix` into the endpoints and the key prefix every key
+/// of the URL's user lives under (as the chroot of Pulsar's `zk:host:2181/chroot`): `None`
+/// without a path. Only the `etcd://` form takes a prefix.
+pub fn split_chroot(url: &str) -> Result<(&str, Option<&str>)> {
+    let Some(list) = url.strip_prefix("etcd://") else {
+        return Ok((url, None));
+    };
+    let Some(slash) = list.find('/') else {
+        return Ok((url, None));
+    };
+    let chroot = list[slash..].trim_matches('/');
+    if chroot.is_empty() {
+        return Ok((&url[..7 + slash], None));
+    }
+    let allowed = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '/');
+    if !chroot.chars().all(allowed)
+        || chroot
+            .split('/')
+            .any(|part| part.is_empty() || part == ".." || part == ".")
+    {
+        return Err(EtcdError::Config(format!(
+            "the key prefix {chroot:?} of {url:?} must be path segments of letters, digits, '-', '_' and '.'"
+        )));
+    }
+    Ok((&url[..7 + slash], Some(chroot)))
+}
+
 /// Parses `etcd://h1:2379,h2:2379` (or a comma-separated list of `host:port` or
-/// `http://host:port`) into gateway base URLs.
+/// `http://host:port`) into gateway base URLs; a key prefix after the list
+/// ([`split_chroot`]) is not part of them.
 pub fn parse_endpoints(url: &str) -> Result<Vec<String>> {
+    let (url, _) = split_chroot(url)?;
     let list = url.strip_prefix("etcd://").unwrap_or(url);
     let mut endpoints = Vec::new();
     for item in list.split(',') {
@@ -868,6 +897,20 @@ mod tests {
             parse_endpoints("http://a:1/").expect("parse"),
             vec!["http://a:1"]
         );
+        assert_eq!(
+            parse_endpoints("etcd://a:2379,b:2380/tests/run-1").expect("parse"),
+            vec!["http://a:2379".to_string(), "http://b:2380".to_string()]
+        );
+        assert_eq!(
+            split_chroot("etcd://a:2379,b:2380/tests/run-1/").expect("split"),
+            ("etcd://a:2379,b:2380", Some("tests/run-1"))
+        );
+        assert_eq!(
+            split_chroot("etcd://a:1").expect("split"),
+            ("etcd://a:1", None)
+        );
+        assert!(split_chroot("etcd://a:1/../x").is_err());
+        assert!(split_chroot("etcd://a:1/a b").is_err());
         assert!(parse_endpoints("etcd://").is_err());
         assert!(parse_endpoints("etcd://a").is_err());
         assert!(parse_endpoints("https://a:1").is_err());

@@ -164,10 +164,17 @@ pub struct Cluster {
 }
 
 impl Cluster {
-    /// Connects to the etcd endpoints in `url` (`etcd://h1:2379,h2:2379`) for cluster `name`.
-    /// Does not contact etcd; the first request does.
+    /// Connects to the etcd endpoints in `url` (`etcd://h1:2379,h2:2379`) for cluster `name`,
+    /// rooted at `/meridian/<name>/`, or at `/<prefix>/meridian/<name>/` when the URL ends with
+    /// a key prefix (`etcd://h1:2379/<prefix>`, [`client::split_chroot`]). Does not contact
+    /// etcd; the first request does.
     pub fn connect(url: &str, name: &str, options: ClientOptions) -> Result<Cluster> {
-        Cluster::with_client(Arc::new(Client::new(url, options)?), name)
+        let (_, chroot) = client::split_chroot(url)?;
+        let mut cluster = Cluster::with_client(Arc::new(Client::new(url, options)?), name)?;
+        if let Some(chroot) = chroot {
+            cluster.root = format!("/{chroot}{}", cluster.root);
+        }
+        Ok(cluster)
     }
 
     /// The cluster `name` on an existing client.

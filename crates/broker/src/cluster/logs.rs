@@ -287,7 +287,8 @@ impl ClusterLogs {
                     .mark_delete
                     .map(|entry| Position::new(ledger_id, entry)),
                 acknowledged,
-                properties: stored.properties.clone(),
+                // Entries acknowledged in part are named by position: an earlier copy's.
+                properties: crate::batch_acks::in_copy(stored.properties.clone(), ledger_id),
             };
             log.restore_cursor(&stored.name, state)?;
             written.insert(stored.name, value);
