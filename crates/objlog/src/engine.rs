@@ -58,6 +58,9 @@ pub(crate) struct EngineShared {
     pending_bytes: AtomicU64,
     state: Mutex<EngineState>,
     wake: Condvar,
+    /// Held by the flusher for each commit and its compactions, and by an explicit
+    /// compaction: a topic's head is written by one of them at a time.
+    commits: Mutex<()>,
 }
 
 #[derive(Default)]
@@ -96,6 +99,7 @@ impl ObjectLog {
             pending_bytes: AtomicU64::new(0),
             state: Mutex::new(EngineState::default()),
             wake: Condvar::new(),
+            commits: Mutex::new(()),
         });
         let flusher = {
             let shared = shared.clone();
@@ -208,6 +212,12 @@ impl EngineShared {
         Ok(())
     }
 
+    pub(crate) fn commit_lock(&self) -> MutexGuard<'_, ()> {
+        self.commits
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
     pub(crate) fn release(&self, bytes: u64) {
         self.pending_bytes.fetch_sub(bytes, Ordering::AcqRel);
     }
@@ -232,7 +242,7 @@ impl EngineShared {
 
     /// The bundle is no longer ours: every topic of it fails its queued appends and refuses
     /// later ones.
-    fn fence_bundle(&self, bundle: &str, detail: &str) {
+    pub(crate) fn fence_bundle(&self, bundle: &str, detail: &str) {
         let topics: Vec<Arc<TopicLog>> = self
             .lock()
             .topics
@@ -294,7 +304,10 @@ fn flusher_loop(shared: &Arc<EngineShared>) {
             continue;
         }
         sequence += 1;
+        let _commits = shared.commit_lock();
+        let topics: Vec<Arc<TopicLog>> = batches.iter().map(|batch| batch.topic.clone()).collect();
         commit(shared, sequence, batches);
+        compact_past_threshold(shared, &topics);
         just_committed = true;
     }
 }
@@ -340,9 +353,27 @@ fn take_batches(shared: &EngineShared, dirty: Vec<Arc<TopicLog>>) -> Vec<Batch> 
     batches
 }
 
+/// Moves the `objects/` keys of each of `topics` that has `manifest_threshold` of them into a
+/// manifest. A failure is logged and changes nothing in etcd: the next commit tries again.
+fn compact_past_threshold(shared: &EngineShared, topics: &[Arc<TopicLog>]) {
+    let threshold = shared.config.manifest_threshold;
+    if threshold == 0 {
+        return;
+    }
+    for topic in topics {
+        if topic.index_keys() < threshold || !topic.is_owner() {
+            continue;
+        }
+        let deadline = Instant::now() + shared.config.commit_deadline;
+        if let Err(error) = crate::manifest::compact(shared, topic, deadline) {
+            tracing::warn!(topic = topic.name(), %error, "moving index keys into a manifest failed; retried after the next commit");
+        }
+    }
+}
+
 /// Retries `attempt` while it fails with an error `retryable` accepts, pausing between
 /// attempts, until `deadline`.
-fn retry<T, E>(
+pub(crate) fn retry<T, E>(
     shared: &EngineShared,
     deadline: Instant,
     mut attempt: impl FnMut() -> std::result::Result<T, E>,
@@ -472,7 +503,7 @@ fn commit_chunk(
     let mut expected = Vec::with_capacity(members.len());
     for (batch, range) in &members {
         let topic = batch.topic.name();
-        let (head_revision, committed_bytes) = batch.topic.head_state();
+        let (head_revision, committed_bytes, manifest) = batch.topic.head_state();
         let reference = ObjectRef {
             object: object.to_string(),
             offset: range.offset,
@@ -485,6 +516,7 @@ fn commit_chunk(
             epoch: ownership.epoch(),
             next_entry: range.last_entry_id + 1,
             committed_bytes: committed_bytes + range.length,
+            manifest,
         };
         let head_key = keys::head_key(topic);
         compares.push(Compare::ModRevision(head_key.clone(), head_revision));
@@ -626,7 +658,8 @@ fn resync(
         let found_head = found.and_then(|kv| keys::decode::<Head>(&key, &kv.value).ok());
         // An equal head is not proof: another commit of as many entries and bytes under this
         // epoch writes the same one. Only this commit's own reference is.
-        if found_head.as_ref() == Some(head) && reference_committed(shared, topic, reference)? {
+        if found_head.as_ref() == Some(head) && reference_committed(shared, topic, head, reference)?
+        {
             applied = Some(found_revision);
         } else if found_head
             .as_ref()
@@ -649,19 +682,28 @@ fn resync(
     })
 }
 
-/// Whether etcd's `objects/<first entry>` key of `topic` holds `reference` (this commit's).
+/// Whether `topic`'s index holds `reference` (this commit's): etcd's `objects/<first entry>`
+/// key, or, once a compaction moved it, the manifests of `head`.
 fn reference_committed(
     shared: &EngineShared,
     topic: &str,
+    head: &Head,
     reference: &ObjectRef,
 ) -> std::result::Result<bool, EtcdError> {
     let key = shared
         .cluster
         .key(&keys::object_ref_key(topic, reference.first_entry));
     let found = shared.cluster.client().get(&key)?;
-    Ok(found
-        .and_then(|kv| keys::decode::<ObjectRef>(&key, &kv.value).ok())
-        .is_some_and(|found| &found == reference))
+    if let Some(kv) = found {
+        return Ok(
+            keys::decode::<ObjectRef>(&key, &kv.value).is_ok_and(|found| &found == reference)
+        );
+    }
+    // A manifest that cannot be read proves nothing: the commit counts as not applied.
+    Ok(
+        crate::manifest::chain_holds(&shared.store, topic, head.manifest.as_ref(), reference)
+            .unwrap_or(false),
+    )
 }
 
 /// The same error, naming `topic`.

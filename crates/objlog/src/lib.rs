@@ -7,7 +7,9 @@
 //!
 //! - [`config`]: [`ObjectLogConfig`], every limit and its default.
 //! - [`keys`]: the etcd records of a topic's log, `logs/<topic>/head` ([`Head`]) and
-//!   `logs/<topic>/objects/<first-entry>` ([`ObjectRef`]).
+//!   `logs/<topic>/objects/<first-entry>` ([`ObjectRef`]), and the [`Manifest`] objects.
+//! - `manifest`: compaction of a topic's `objects/` keys into a manifest (etcd stays small),
+//!   and reading a head's chain of manifests back.
 //! - [`engine`]: [`ObjectLog`], the broker-wide engine: open topics, the flusher thread (build
 //!   one object, PUT it, commit per bundle, resolve appends), retries, fencing.
 //! - [`remote`]: [`RemoteTopic`], a [`TopicLog`] as the local engine's `RemoteLog` (the broker's
@@ -31,12 +33,13 @@
 pub mod config;
 pub mod engine;
 pub mod keys;
+mod manifest;
 pub mod remote;
 pub mod topic;
 
 pub use config::ObjectLogConfig;
 pub use engine::ObjectLog;
-pub use keys::{Head, ObjectRef};
+pub use keys::{Head, Manifest, ManifestRef, ObjectRef};
 pub use meridian_storage::{Entry, Position};
 pub use remote::RemoteTopic;
 pub use topic::{PendingAppend, TopicLog};

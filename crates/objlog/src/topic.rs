@@ -13,7 +13,7 @@ use meridian_objstore::{read_topic, TopicRange};
 use tokio::sync::{oneshot, watch};
 
 use crate::engine::EngineShared;
-use crate::keys::{self, Head, ObjectRef};
+use crate::keys::{self, Head, ManifestRef, ObjectRef};
 use crate::{Entry, ObjectLogError, Position, Result};
 
 /// An append that has its position and waits for its commit. Await it, or call
@@ -103,8 +103,14 @@ struct TopicState {
     committed_bytes: u64,
     /// `mod_revision` of `logs/<topic>/head` as this owner last wrote or read it (0: absent).
     head_revision: u64,
-    /// The committed index, in entry order (every committed id is in exactly one).
+    /// The head's epoch as last written or read (a compaction writes it unchanged).
+    head_epoch: u64,
+    /// The head's newest manifest, as last written or read.
+    manifest: Option<ManifestRef>,
+    /// The committed index, in entry order (every committed id is in exactly one): first the
+    /// refs held by manifests, then, from `keyed_from`, those with an `objects/` key in etcd.
     refs: Vec<ObjectRef>,
+    keyed_from: usize,
     /// The most recently committed entries, oldest first, within `tail_cache_bytes_per_topic`.
     cache: VecDeque<Entry>,
     cache_bytes: u64,
@@ -153,6 +159,7 @@ impl TopicLog {
                     epoch: 0,
                     next_entry: 0,
                     committed_bytes: 0,
+                    manifest: None,
                 },
                 0,
             ),
@@ -168,7 +175,9 @@ impl TopicLog {
                 ),
             });
         }
-        let mut refs: Vec<ObjectRef> = Vec::new();
+        let mut refs = crate::manifest::load_chain(&engine.store, topic, head.manifest.as_ref())
+            .map_err(|error| metadata("reading the manifests", error))?;
+        let keyed_from = refs.len();
         let mut bad = None;
         client
             .scan_prefix(
@@ -223,6 +232,7 @@ impl TopicLog {
             epoch = ownership.epoch(),
             next_entry = head.next_entry,
             objects = refs.len(),
+            in_manifests = keyed_from,
             "topic opened"
         );
         Ok(TopicLog {
@@ -234,7 +244,10 @@ impl TopicLog {
                 committed_next: head.next_entry,
                 committed_bytes: head.committed_bytes,
                 head_revision,
+                head_epoch: head.epoch,
+                manifest: head.manifest,
                 refs,
+                keyed_from,
                 cache: VecDeque::new(),
                 cache_bytes: 0,
                 queued: VecDeque::new(),
@@ -378,10 +391,61 @@ impl TopicLog {
         })
     }
 
-    /// The head's `mod_revision` and committed bytes, for the next commit's compare.
-    pub(crate) fn head_state(&self) -> (u64, u64) {
+    /// The head's `mod_revision` (for the next commit's compare), committed bytes and newest
+    /// manifest (carried into the next head).
+    pub(crate) fn head_state(&self) -> (u64, u64, Option<ManifestRef>) {
         let state = self.lock();
-        (state.head_revision, state.committed_bytes)
+        (
+            state.head_revision,
+            state.committed_bytes,
+            state.manifest.clone(),
+        )
+    }
+
+    /// How many refs of this topic have an `objects/` key in etcd.
+    pub fn index_keys(&self) -> usize {
+        let state = self.lock();
+        state.refs.len() - state.keyed_from
+    }
+
+    /// What a compaction of every `objects/` key would write: the refs to move, the head as it
+    /// is (to compare and to carry over) and its revision. `None` without such keys.
+    pub(crate) fn compaction_plan(&self) -> Option<(Vec<ObjectRef>, Head, u64)> {
+        let state = self.lock();
+        if state.keyed_from == state.refs.len() {
+            return None;
+        }
+        let head = Head {
+            epoch: state.head_epoch,
+            next_entry: state.committed_next,
+            committed_bytes: state.committed_bytes,
+            manifest: state.manifest.clone(),
+        };
+        Some((
+            state.refs[state.keyed_from..].to_vec(),
+            head,
+            state.head_revision,
+        ))
+    }
+
+    /// A compaction committed at `revision`: the `refs` first keyed refs are in `manifest`.
+    pub(crate) fn compacted(&self, manifest: ManifestRef, revision: u64) {
+        let mut state = self.lock();
+        state.keyed_from += manifest.refs as usize;
+        debug_assert!(state.keyed_from <= state.refs.len());
+        state.manifest = Some(manifest);
+        state.head_revision = revision;
+    }
+
+    /// Moves every `objects/` key of this topic into one new manifest (one PUT and one fenced
+    /// etcd transaction), as the flusher does by itself past `manifest_threshold`. Returns the
+    /// new manifest, or `None` when there were no keys. Fails with `NotOwner` when the bundle
+    /// has another owner (nothing in etcd changes; the manifest object is left for the orphan
+    /// sweep). Blocks on the object store and etcd, and waits for a commit in flight.
+    pub fn compact(&self) -> Result<Option<ManifestRef>> {
+        let _commits = self.engine.commit_lock();
+        let deadline = std::time::Instant::now() + self.engine.config.commit_deadline;
+        crate::manifest::compact(&self.engine, self, deadline)
     }
 
     fn committed(&self, batch: Batch, reference: ObjectRef, revision: u64) {
@@ -394,6 +458,7 @@ impl TopicLog {
             state.committed_next = reference.last_entry + 1;
             state.committed_bytes += reference.length;
             state.head_revision = revision;
+            state.head_epoch = epoch;
             state.pending_bytes -= batch.bytes;
             state.refs.push(reference);
             let limit = self.engine.config.tail_cache_bytes_per_topic;

@@ -644,3 +644,159 @@ fn a_commit_against_a_hanging_store_fails_within_its_deadline() {
         "unexpected error {error}"
     );
 }
+
+/// The keys etcd holds under `logs/<topic>/` (the head and the `objects/` keys).
+fn index_keys_in_etcd(cluster: &Cluster, topic: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    cluster
+        .client()
+        .scan_prefix(
+            &cluster.key(&format!("logs/{topic}/")),
+            1000,
+            true,
+            |page| {
+                found.extend(page.iter().map(|kv| kv.key.clone()));
+            },
+        )
+        .expect("scan the index");
+    found
+}
+
+/// `count` appends to `topic`, each awaited, so each is a commit of its own (one ref each).
+fn append_one_by_one(topic: &Arc<TopicLog>, from: usize, count: usize) -> Vec<(Position, Bytes)> {
+    (from..from + count)
+        .map(|index| {
+            let data = payload(topic.name(), index);
+            let position = topic
+                .append(data.clone(), index as u64)
+                .and_then(PendingAppend::wait)
+                .expect("committed");
+            (position, data)
+        })
+        .collect()
+}
+
+fn entries_as_written(entries: &[Entry]) -> Vec<(Position, Bytes)> {
+    entries
+        .iter()
+        .map(|entry| (entry.position, entry.data.clone()))
+        .collect()
+}
+
+#[test]
+fn index_keys_past_the_threshold_move_into_manifests_and_everything_reads_back() {
+    let Some(broker) = one_broker(10) else {
+        return;
+    };
+    let name = "persistent://t/ns/manifested";
+    const THRESHOLD: usize = 5;
+    let engine = broker.engine(|config| config.manifest_threshold = THRESHOLD);
+    let topic = engine.open_topic(name, &broker.ownership).expect("open");
+    let written = append_one_by_one(&topic, 0, 23);
+
+    // 23 commits: after the 5th, 10th, 15th and 20th the keys went into a manifest; 3 keys
+    // and the head are left (without manifests: 23 keys and the head).
+    let keys = index_keys_in_etcd(&broker.cluster, name);
+    assert!(
+        keys.len() <= THRESHOLD,
+        "etcd holds {} keys for the topic: {keys:?}",
+        keys.len()
+    );
+    let manifests = broker
+        .weed
+        .store()
+        .list(&keys::manifests_prefix(name), 100)
+        .expect("list manifests");
+    assert_eq!(manifests.len(), 4, "{manifests:?}");
+    assert_eq!(entries_as_written(&read_all(&topic)), written);
+    drop(topic);
+    drop(engine);
+
+    // A fresh engine (a new owner's, or a reload's) reads the chain of manifests and the
+    // keys as one index: every entry in order, from the start and from the middle.
+    let engine = broker.engine(|config| config.manifest_threshold = THRESHOLD);
+    let topic = engine.open_topic(name, &broker.ownership).expect("reopen");
+    assert_eq!(topic.last_position(), Some(written[22].0));
+    assert_eq!(entries_as_written(&read_all(&topic)), written);
+    let middle = topic
+        .read_from(written[7].0, 9, usize::MAX)
+        .expect("read from the middle");
+    assert_eq!(entries_as_written(&middle), written[7..16].to_vec());
+    // Appends continue after the last entry, and compaction goes on from the chain.
+    let more = append_one_by_one(&topic, 23, 2);
+    assert_eq!(more[0].0, Position::new(1, 23));
+    // The flusher compacts right after the commit that reached the threshold.
+    wait_until("the 5th key since the last manifest to move", || {
+        (topic.index_keys() == 0).then_some(())
+    });
+    assert_eq!(
+        broker
+            .weed
+            .store()
+            .list(&keys::manifests_prefix(name), 100)
+            .expect("list manifests")
+            .len(),
+        5
+    );
+    drop(topic);
+    drop(engine);
+    let engine = broker.engine(|_| {});
+    let topic = engine.open_topic(name, &broker.ownership).expect("reopen");
+    let everything: Vec<(Position, Bytes)> = written.into_iter().chain(more).collect();
+    assert_eq!(entries_as_written(&read_all(&topic)), everything);
+}
+
+#[test]
+fn a_fenced_owner_cannot_compact_and_changes_nothing_in_etcd() {
+    let Some(broker) = one_broker(10) else {
+        return;
+    };
+    let name = "persistent://t/ns/fenced-compaction";
+    // Manifests off, so that only the explicit compaction below could write one.
+    let engine_a = broker.engine(|config| config.manifest_threshold = 0);
+    let topic = engine_a.open_topic(name, &broker.ownership).expect("open");
+    let written = append_one_by_one(&topic, 0, 6);
+    let head_key = broker.cluster.key(&keys::head_key(name));
+    let head_before = broker
+        .cluster
+        .client()
+        .get(&head_key)
+        .expect("read the head")
+        .expect("a head");
+    let keys_before = index_keys_in_etcd(&broker.cluster, name);
+    assert_eq!(keys_before.len(), 7);
+
+    // The bundle moves behind the owner's back (an operator deletes its owner key) and
+    // broker b2 takes it with epoch 2.
+    let owner_key = broker.cluster.key(&format!("owners/{BUNDLE_1}"));
+    broker
+        .cluster
+        .client()
+        .txn(&[], &[meridian_etcd::Op::Delete(owner_key)], &[])
+        .expect("delete the owner key");
+    let session_b = session(&broker.cluster, "b2", 10);
+    let ownership_b = acquire(&session_b, BUNDLE_1);
+    assert_eq!(ownership_b.epoch(), 2);
+
+    let error = topic.compact().expect_err("a fenced compaction");
+    assert!(matches!(error, ObjectLogError::NotOwner { .. }), "{error}");
+    let head_after = broker
+        .cluster
+        .client()
+        .get(&head_key)
+        .expect("read the head")
+        .expect("a head");
+    assert_eq!(head_after, head_before, "the head did not change");
+    assert_eq!(index_keys_in_etcd(&broker.cluster, name), keys_before);
+    assert!(!topic.is_owner());
+
+    // The new owner reads the 6 entries from the keys, and can compact them itself.
+    let engine_b = engine(&broker.cluster, &session_b, &broker.weed, |config| {
+        config.manifest_threshold = 0;
+    });
+    let topic_b = engine_b.open_topic(name, &ownership_b).expect("open at b2");
+    assert_eq!(entries_as_written(&read_all(&topic_b)), written);
+    let manifest = topic_b.compact().expect("compact").expect("a manifest");
+    assert_eq!((manifest.first_entry, manifest.last_entry), (0, 5));
+    assert_eq!(index_keys_in_etcd(&broker.cluster, name).len(), 1);
+}
