@@ -43,6 +43,7 @@ const MAX_TOPICS_PER_COMMIT: usize = 10_000;
 pub struct ObjectLog {
     shared: Arc<EngineShared>,
     flusher: Mutex<Option<JoinHandle<()>>>,
+    sweeper: Mutex<Option<JoinHandle<()>>>,
 }
 
 pub(crate) struct EngineShared {
@@ -54,10 +55,14 @@ pub(crate) struct EngineShared {
     /// (`data/<broker>/<writer_epoch>/<sequence>.seg`): nanoseconds since the Unix epoch at
     /// start, so that a restarted broker never overwrites an object it committed before.
     writer_epoch: u64,
+    /// `<cluster name>/`: every object this engine writes is under it ([`keys::cluster_prefix`]).
+    pub(crate) object_prefix: String,
     /// Bytes appended and not yet committed or failed, all topics together.
     pending_bytes: AtomicU64,
     state: Mutex<EngineState>,
     wake: Condvar,
+    /// Wakes the sweeper thread when the engine stops.
+    sweep_wake: Condvar,
     /// Held by the flusher for each commit and its compactions, and by an explicit
     /// compaction: a topic's head is written by one of them at a time.
     commits: Mutex<()>,
@@ -90,8 +95,10 @@ impl ObjectLog {
             .duration_since(UNIX_EPOCH)
             .map(|since| since.as_nanos() as u64)
             .unwrap_or_default();
+        let object_prefix = keys::cluster_prefix(&cluster);
         let shared = Arc::new(EngineShared {
             config,
+            object_prefix,
             cluster,
             session,
             store,
@@ -99,6 +106,7 @@ impl ObjectLog {
             pending_bytes: AtomicU64::new(0),
             state: Mutex::new(EngineState::default()),
             wake: Condvar::new(),
+            sweep_wake: Condvar::new(),
             commits: Mutex::new(()),
         });
         let flusher = {
@@ -110,10 +118,39 @@ impl ObjectLog {
                     ObjectLogError::Config(format!("starting the flusher thread: {error}"))
                 })?
         };
+        let sweeper = match shared.config.sweep_interval {
+            Some(interval) => {
+                let sweeping = shared.clone();
+                let thread = std::thread::Builder::new()
+                    .name(format!("objlog-sweeper-{}", shared.config.broker_id))
+                    .spawn(move || sweeper_loop(&sweeping, interval))
+                    .map_err(|error| {
+                        ObjectLogError::Config(format!("starting the sweeper thread: {error}"))
+                    });
+                match thread {
+                    Ok(thread) => Some(thread),
+                    Err(error) => {
+                        shared.lock().stopping = true;
+                        shared.wake.notify_all();
+                        let _ = flusher.join();
+                        return Err(error);
+                    }
+                }
+            }
+            None => None,
+        };
         Ok(ObjectLog {
             shared,
             flusher: Mutex::new(Some(flusher)),
+            sweeper: Mutex::new(sweeper),
         })
+    }
+
+    /// Runs one orphan sweep now, on this thread (see [`crate::sweep`]): when this broker
+    /// holds the sweeper key, deletes this cluster's data objects and manifests that no
+    /// topic's index references and that are older than `orphan_grace`. Blocking.
+    pub fn sweep(&self) -> Result<crate::SweepReport> {
+        crate::sweep::sweep(&self.shared)
     }
 
     /// Opens `topic` of the bundle held by `ownership`: reads `logs/<topic>/head` and the
@@ -165,6 +202,15 @@ impl ObjectLog {
     pub fn close(&self) {
         self.shared.lock().stopping = true;
         self.shared.wake.notify_all();
+        self.shared.sweep_wake.notify_all();
+        let sweeper = self
+            .sweeper
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .take();
+        if let Some(sweeper) = sweeper {
+            let _ = sweeper.join();
+        }
         let flusher = self
             .flusher
             .lock()
@@ -253,6 +299,33 @@ impl EngineShared {
         for topic in topics {
             let error = topic.not_owner(detail);
             topic.fail_queued(error, true);
+        }
+    }
+}
+
+/// The sweeper thread: one sweep every `interval` (the first one an interval after the
+/// start), until the engine stops. A sweep that fails is logged and tried again next time.
+fn sweeper_loop(shared: &Arc<EngineShared>, interval: Duration) {
+    loop {
+        let deadline = Instant::now() + interval;
+        let mut state = shared.lock();
+        while !state.stopping {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            state = shared
+                .sweep_wake
+                .wait_timeout(state, left)
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .0;
+        }
+        if state.stopping {
+            return;
+        }
+        drop(state);
+        if let Err(error) = crate::sweep::sweep(shared) {
+            tracing::warn!(%error, "orphan sweep failed; tried again at the next interval");
         }
     }
 }
@@ -396,7 +469,11 @@ fn commit(shared: &EngineShared, sequence: u64, batches: Vec<Batch>) {
     let config = &shared.config;
     let started = Instant::now();
     let deadline = started + config.commit_deadline;
-    let key = data_object_key(&config.broker_id, shared.writer_epoch, sequence);
+    let key = format!(
+        "{}{}",
+        shared.object_prefix,
+        data_object_key(&config.broker_id, shared.writer_epoch, sequence)
+    );
     let limits = DataObjectLimits {
         max_object_bytes: MAX_OBJECT_BYTES,
         max_entries: MAX_ENTRIES_PER_OBJECT,

@@ -89,23 +89,47 @@ pub fn object_ref_key(topic: &str, first_entry: u64) -> String {
     format!("{}{first_entry:020}", objects_prefix(topic))
 }
 
+/// The object-store prefix of everything `cluster` writes: `<cluster name>/` under the
+/// storage URL's prefix, so that clusters sharing a bucket never see (nor sweep) each other's
+/// objects.
+pub fn cluster_prefix(cluster: &meridian_etcd::Cluster) -> String {
+    // The root is `/meridian/<name>/`, and a cluster name holds no '/'.
+    let name = cluster.root().trim_end_matches('/').rsplit('/').next();
+    format!("{}/", name.unwrap_or_default())
+}
+
+/// The object-store prefix of the data objects of a cluster's brokers.
+pub fn data_prefix(cluster_prefix: &str) -> String {
+    format!("{cluster_prefix}data/")
+}
+
+/// The object-store prefix of every manifest of a cluster.
+pub fn all_manifests_prefix(cluster_prefix: &str) -> String {
+    format!("{cluster_prefix}manifests/")
+}
+
 /// The object-store prefix of `topic`'s manifests.
-pub fn manifests_prefix(topic: &str) -> String {
-    format!("manifests/{}/", escape_topic(topic))
+pub fn manifests_prefix(cluster_prefix: &str, topic: &str) -> String {
+    format!(
+        "{}{}/",
+        all_manifests_prefix(cluster_prefix),
+        escape_topic(topic)
+    )
 }
 
 /// A new manifest's key: never one written before (the owner's epoch and the time in
-/// nanoseconds follow the entries it covers), so no object is ever overwritten.
+/// nanoseconds follow the `(first, last)` entries it covers), so no object is overwritten.
 pub fn manifest_key(
+    cluster_prefix: &str,
     topic: &str,
-    first_entry: u64,
-    last_entry: u64,
+    entries: (u64, u64),
     epoch: u64,
     nanos: u64,
 ) -> String {
+    let (first_entry, last_entry) = entries;
     format!(
         "{}{first_entry:020}-{last_entry:020}-{epoch}-{nanos}.json",
-        manifests_prefix(topic)
+        manifests_prefix(cluster_prefix, topic)
     )
 }
 

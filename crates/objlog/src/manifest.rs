@@ -120,6 +120,29 @@ pub(crate) fn chain_holds(
     Ok(false)
 }
 
+/// The keys of the manifests of the chain from `newest` and of every data object they
+/// reference, for the orphan sweep; the walk stops at a manifest `known` already has (its
+/// chain was walked before).
+pub(crate) fn chain_objects(
+    store: &ObjectStore,
+    topic: &str,
+    newest: &ManifestRef,
+    known: impl Fn(&str) -> bool,
+) -> std::result::Result<Vec<String>, String> {
+    let mut objects = Vec::new();
+    let mut next = Some(newest.clone());
+    while let Some(reference) = next {
+        if known(&reference.object) {
+            break;
+        }
+        let manifest = read_manifest(store, topic, &reference)?;
+        objects.push(reference.object);
+        objects.extend(manifest.refs.into_iter().map(|r| r.object));
+        next = manifest.previous;
+    }
+    Ok(objects)
+}
+
 /// Moves every `objects/` key of `topic` into a new manifest (see the module's comment).
 /// The caller holds the engine's commit lock, so no commit of the topic runs meanwhile.
 pub(crate) fn compact(
@@ -140,7 +163,13 @@ pub(crate) fn compact(
         .unwrap_or_default();
     let epoch = topic.ownership().epoch();
     let reference = ManifestRef {
-        object: keys::manifest_key(name, first.first_entry, last.last_entry, epoch, nanos),
+        object: keys::manifest_key(
+            &shared.object_prefix,
+            name,
+            (first.first_entry, last.last_entry),
+            epoch,
+            nanos,
+        ),
         first_entry: first.first_entry,
         last_entry: last.last_entry,
         refs: refs.len() as u64,

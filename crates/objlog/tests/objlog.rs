@@ -418,7 +418,7 @@ fn a_zombie_owner_cannot_commit_and_its_uncommitted_entries_are_never_seen() {
     // The zombie stored them (a second object appears) but cannot commit them.
     let store = weed.store();
     wait_until("the zombie's second object", || {
-        let objects = store.list("data/a/", 100).expect("list");
+        let objects = store.list("test/data/a/", 100).expect("list");
         (objects.len() >= 2).then_some(())
     });
     wait_until("the zombie's lease to expire", || {
@@ -705,7 +705,7 @@ fn index_keys_past_the_threshold_move_into_manifests_and_everything_reads_back()
     let manifests = broker
         .weed
         .store()
-        .list(&keys::manifests_prefix(name), 100)
+        .list(&keys::manifests_prefix("test/", name), 100)
         .expect("list manifests");
     assert_eq!(manifests.len(), 4, "{manifests:?}");
     assert_eq!(entries_as_written(&read_all(&topic)), written);
@@ -733,7 +733,7 @@ fn index_keys_past_the_threshold_move_into_manifests_and_everything_reads_back()
         broker
             .weed
             .store()
-            .list(&keys::manifests_prefix(name), 100)
+            .list(&keys::manifests_prefix("test/", name), 100)
             .expect("list manifests")
             .len(),
         5
@@ -799,4 +799,129 @@ fn a_fenced_owner_cannot_compact_and_changes_nothing_in_etcd() {
     let manifest = topic_b.compact().expect("compact").expect("a manifest");
     assert_eq!((manifest.first_entry, manifest.last_entry), (0, 5));
     assert_eq!(index_keys_in_etcd(&broker.cluster, name).len(), 1);
+}
+
+/// The keys of the objects under `prefix`, with their age by the store's clock.
+fn objects_under(weed: &Weed, prefix: &str) -> Vec<(String, u64)> {
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_millis() as u64;
+    weed.store()
+        .list(prefix, 10_000)
+        .expect("list")
+        .into_iter()
+        .map(|object| {
+            let stored = object.last_modified_ms.expect("a LastModified time");
+            (object.key, now_ms.saturating_sub(stored))
+        })
+        .collect()
+}
+
+#[test]
+fn the_orphan_sweep_deletes_only_old_objects_no_index_references() {
+    let Some(broker) = one_broker(10) else {
+        return;
+    };
+    let configure = |config: &mut ObjectLogConfig| {
+        config.manifest_threshold = 3;
+        config.commit_deadline = Duration::from_millis(500);
+        config.orphan_grace = Duration::from_secs(1);
+        config.sweep_interval = None;
+    };
+    let engine = broker.engine(configure);
+    let open = |name: &str| engine.open_topic(name, &broker.ownership).expect("open");
+    let (a, b, c) = (
+        open("persistent://t/ns/a"),
+        open("persistent://t/ns/b"),
+        open("persistent://t/ns/c"),
+    );
+    // a: 7 commits of its own (two manifests of 3 refs, one key left).
+    let mut written_a = append_one_by_one(&a, 0, 7);
+    // One object shared by a and b: b's index will be deleted, a's still references it.
+    let shared_a = a.append(payload(a.name(), 7), 7).expect("append");
+    let shared_b = b.append(payload(b.name(), 0), 0).expect("append");
+    written_a.push((shared_a.wait().expect("committed"), payload(a.name(), 7)));
+    shared_b.wait().expect("committed");
+    // c: 2 commits of its own, then c and b are deleted (their index, as a topic deletion
+    // does): c's objects are orphans, the shared one is not.
+    append_one_by_one(&c, 0, 2);
+    engine.close_topic(b.name());
+    engine.close_topic(c.name());
+    let root_prefix = |topic: &str| broker.cluster.key(&format!("logs/{topic}/"));
+    for topic in [b.name(), c.name()] {
+        let from = root_prefix(topic);
+        let to = format!("{}0", from.trim_end_matches('/'));
+        broker
+            .cluster
+            .client()
+            .txn(&[], &[meridian_etcd::Op::DeleteRange { from, to }], &[])
+            .expect("delete the index");
+    }
+    // What a crash between a PUT and its transaction leaves: a data object and a manifest
+    // that nothing references.
+    let store = broker.weed.store();
+    let orphan_data = "test/data/b9/00000000000000000001/00000000000000000001.seg";
+    let orphan_manifest = keys::manifest_key("test/", a.name(), (0, 2), 1, 42);
+    store.put(orphan_data, b"crashed commit").expect("put");
+    store.put(&orphan_manifest, b"{}").expect("put");
+    let data_before = objects_under(&broker.weed, "test/data/");
+    let manifests_before = objects_under(&broker.weed, "test/manifests/");
+    assert_eq!(data_before.len(), 7 + 1 + 2 + 1, "{data_before:?}");
+    assert_eq!(manifests_before.len(), 2 + 1, "{manifests_before:?}");
+
+    // Everything so far is older than the grace period once a second passed; then one more
+    // orphan arrives, young: it may belong to a commit under way, so it stays.
+    wait_until("every object to be older than the grace period", || {
+        objects_under(&broker.weed, "test/")
+            .iter()
+            .all(|(_, age_ms)| *age_ms > 1_000)
+            .then_some(())
+    });
+    let young = "test/data/b9/00000000000000000001/00000000000000000002.seg";
+    store.put(young, b"commit under way").expect("put");
+
+    let report = engine.sweep().expect("sweep");
+    assert!(report.swept);
+    assert_eq!(report.data_objects_deleted, 2 + 1, "{report:?}");
+    assert_eq!(report.manifests_deleted, 1, "{report:?}");
+    assert_eq!(report.young_kept, 1, "{report:?}");
+    let data_after: HashSet<String> = objects_under(&broker.weed, "test/data/")
+        .into_iter()
+        .map(|(key, _)| key)
+        .collect();
+    assert!(!data_after.contains(orphan_data));
+    assert!(data_after.contains(young));
+    assert_eq!(
+        data_after.len(),
+        7 + 1 + 1,
+        "a's objects, the shared one, the young one"
+    );
+    let manifests_after = objects_under(&broker.weed, "test/manifests/");
+    assert_eq!(manifests_after.len(), 2);
+    assert!(manifests_after
+        .iter()
+        .all(|(key, _)| *key != orphan_manifest));
+
+    // Nothing referenced went: a fresh engine reads all of a back, the shared entry too.
+    drop(a);
+    drop(engine);
+    let engine = broker.engine(configure);
+    let a = engine
+        .open_topic("persistent://t/ns/a", &broker.ownership)
+        .expect("reopen");
+    assert_eq!(entries_as_written(&read_all(&a)), written_a);
+
+    // One broker sweeps at a time: b2 finds the sweeper key held by b1's lease.
+    let session_b = session(&broker.cluster, "b2", 10);
+    let engine_b = engine_of(&broker, &session_b, configure);
+    assert!(!engine_b.sweep().expect("sweep at b2").swept);
+}
+
+fn engine_of(
+    broker: &Broker,
+    session: &Arc<Session>,
+    configure: impl FnOnce(&mut ObjectLogConfig),
+) -> ObjectLog {
+    engine(&broker.cluster, session, &broker.weed, configure)
 }
