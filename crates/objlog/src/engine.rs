@@ -74,6 +74,8 @@ struct EngineState {
     /// Topics that may have queued entries, in the order they got them.
     dirty: Vec<Arc<TopicLog>>,
     dirty_names: HashSet<String>,
+    /// Topics with index maintenance asked for (a trim), done by the flusher between commits.
+    maintenance: Vec<Arc<TopicLog>>,
     /// Bytes queued and not yet taken by the flusher (the size trigger).
     queued_bytes: u64,
     first_queued_at: Option<Instant>,
@@ -286,6 +288,20 @@ impl EngineShared {
         Ok(())
     }
 
+    /// Asks the flusher to trim `topic`'s index after its current commit (or at once).
+    pub(crate) fn request_maintenance(&self, topic: &Arc<TopicLog>) {
+        let mut state = self.lock();
+        if !state
+            .maintenance
+            .iter()
+            .any(|waiting| Arc::ptr_eq(waiting, topic))
+        {
+            state.maintenance.push(topic.clone());
+        }
+        drop(state);
+        self.wake.notify_all();
+    }
+
     /// The bundle is no longer ours: every topic of it fails its queued appends and refuses
     /// later ones.
     pub(crate) fn fence_bundle(&self, bundle: &str, detail: &str) {
@@ -336,10 +352,13 @@ fn flusher_loop(shared: &Arc<EngineShared>) {
     let mut sequence: u64 = 0;
     let mut just_committed = false;
     loop {
-        let dirty = {
+        let (dirty, maintenance) = {
             let mut state = shared.lock();
             loop {
                 if state.dirty.is_empty() {
+                    if !state.maintenance.is_empty() {
+                        break;
+                    }
                     if state.stopping {
                         return;
                     }
@@ -369,15 +388,19 @@ fn flusher_loop(shared: &Arc<EngineShared>) {
             }
             state.dirty_names.clear();
             state.first_queued_at = None;
-            std::mem::take(&mut state.dirty)
+            (
+                std::mem::take(&mut state.dirty),
+                std::mem::take(&mut state.maintenance),
+            )
         };
         let batches = take_batches(shared, dirty);
+        let _commits = shared.commit_lock();
+        trim_requested(shared, &maintenance);
         if batches.is_empty() {
             just_committed = false;
             continue;
         }
         sequence += 1;
-        let _commits = shared.commit_lock();
         let topics: Vec<Arc<TopicLog>> = batches.iter().map(|batch| batch.topic.clone()).collect();
         commit(shared, sequence, batches);
         compact_past_threshold(shared, &topics);
@@ -424,6 +447,16 @@ fn take_batches(shared: &EngineShared, dirty: Vec<Arc<TopicLog>>) -> Vec<Batch> 
         }
     }
     batches
+}
+
+/// Trims the index of each of `topics` as asked. A failure is logged; the local log asks
+/// again at its next trim.
+fn trim_requested(shared: &EngineShared, topics: &[Arc<TopicLog>]) {
+    for topic in topics.iter().filter(|topic| topic.is_owner()) {
+        if let Err(error) = crate::manifest::trim(shared, topic) {
+            tracing::warn!(topic = topic.name(), %error, "trimming the index failed");
+        }
+    }
 }
 
 /// Moves the `objects/` keys of each of `topics` that has `manifest_threshold` of them into a
@@ -580,7 +613,7 @@ fn commit_chunk(
     let mut expected = Vec::with_capacity(members.len());
     for (batch, range) in &members {
         let topic = batch.topic.name();
-        let (head_revision, committed_bytes, manifest) = batch.topic.head_state();
+        let (current, head_revision) = batch.topic.head_state();
         let reference = ObjectRef {
             object: object.to_string(),
             offset: range.offset,
@@ -592,8 +625,8 @@ fn commit_chunk(
         let head = Head {
             epoch: ownership.epoch(),
             next_entry: range.last_entry_id + 1,
-            committed_bytes: committed_bytes + range.length,
-            manifest,
+            committed_bytes: current.committed_bytes + range.length,
+            ..current
         };
         let head_key = keys::head_key(topic);
         compares.push(Compare::ModRevision(head_key.clone(), head_revision));

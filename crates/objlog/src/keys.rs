@@ -10,7 +10,9 @@
 //! (`manifests/<topic>/...json` in the bucket, never overwritten) and one fenced transaction
 //! deletes the keys and points the head at it. Each manifest names the one before it, so a
 //! topic's index is: the chain of manifests from the head's, oldest first, then the
-//! `objects/` keys, together covering exactly the ids `0..head.next_entry`.
+//! `objects/` keys, together covering exactly the ids `head.first_entry..head.next_entry`
+//! (`first_entry` is 0 until the log is trimmed; a chain walk stops at the first manifest that
+//! ends before it).
 
 use serde::{Deserialize, Serialize};
 
@@ -27,6 +29,14 @@ pub struct Head {
     /// the first `objects/` key. Absent in heads written before manifests existed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub manifest: Option<ManifestRef>,
+    /// The first entry still in the log: the index covers `first_entry..next_entry`; what
+    /// came before was trimmed (its refs deleted, its manifests cut from the chain).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub first_entry: u64,
+}
+
+fn is_zero(value: &u64) -> bool {
+    *value == 0
 }
 
 /// Where a [`Manifest`] is, and what it covers.

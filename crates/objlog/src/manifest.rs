@@ -19,19 +19,27 @@ use crate::keys::{self, Head, Manifest, ManifestRef, ObjectRef, MANIFEST_FORMAT}
 use crate::topic::TopicLog;
 use crate::{ObjectLogError, Result};
 
-/// The refs of the chain ending at `newest` (none: no manifest), oldest first. Every manifest
-/// is checked: its format, its topic, that its refs run without a gap and match what its
-/// reference says, and that the one before it ends right before it (so the walk ends).
+/// The refs of the chain ending at `newest` (none: no manifest) from entry `start` (the
+/// head's first entry: manifests that end before it were trimmed, and are not read), oldest
+/// first. Every manifest read is checked: its format, its topic, that its refs run without a
+/// gap and match what its reference says, and that the one before it ends right before it
+/// (so the walk ends).
 pub(crate) fn load_chain(
     store: &ObjectStore,
     topic: &str,
     newest: Option<&ManifestRef>,
+    start: u64,
 ) -> std::result::Result<Vec<ObjectRef>, String> {
     let mut manifests: Vec<Vec<ObjectRef>> = Vec::new();
-    let mut next = newest.cloned();
+    let mut next = newest
+        .filter(|manifest| manifest.last_entry >= start)
+        .cloned();
     while let Some(reference) = next {
-        let manifest = read_manifest(store, topic, &reference)?;
-        next = manifest.previous;
+        let mut manifest = read_manifest(store, topic, &reference)?;
+        manifest.refs.retain(|r| r.first_entry >= start);
+        next = manifest
+            .previous
+            .filter(|previous| previous.last_entry >= start);
         if let Some(previous) = &next {
             if previous.last_entry.checked_add(1) != Some(reference.first_entry) {
                 return Err(format!(
@@ -127,18 +135,22 @@ pub(crate) fn chain_objects(
     store: &ObjectStore,
     topic: &str,
     newest: &ManifestRef,
+    start: u64,
     known: impl Fn(&str) -> bool,
 ) -> std::result::Result<Vec<String>, String> {
     let mut objects = Vec::new();
-    let mut next = Some(newest.clone());
+    let mut next = Some(newest.clone()).filter(|manifest| manifest.last_entry >= start);
     while let Some(reference) = next {
         if known(&reference.object) {
             break;
         }
         let manifest = read_manifest(store, topic, &reference)?;
         objects.push(reference.object);
-        objects.extend(manifest.refs.into_iter().map(|r| r.object));
-        next = manifest.previous;
+        let kept = manifest.refs.into_iter().filter(|r| r.first_entry >= start);
+        objects.extend(kept.map(|r| r.object));
+        next = manifest
+            .previous
+            .filter(|previous| previous.last_entry >= start);
     }
     Ok(objects)
 }
@@ -205,55 +217,18 @@ pub(crate) fn compact(
         manifest: Some(reference.clone()),
         ..head
     };
-    let head_key = keys::head_key(name);
-    let operations = [
-        Op::DeleteRange {
-            from: keys::object_ref_key(name, first_entry),
-            to: keys::object_ref_key(name, last_entry + 1),
-        },
-        Op::Put {
-            key: head_key.clone(),
-            value: keys::encode(&new_head),
-            lease: 0,
-        },
-    ];
-    let compares = [Compare::ModRevision(head_key.clone(), head_revision)];
-    let outcome = shared
-        .session
-        .fenced_commit(topic.ownership(), &compares, &operations);
-    let revision = match outcome {
-        Ok(revision) => revision,
-        Err(EtcdError::Fenced { current, .. }) => {
-            let detail =
-                format!("a manifest commit was fenced; the bundle is now owned by {current:?}");
-            shared.fence_bundle(topic.bundle(), &detail);
-            return Err(topic.not_owner(&detail));
-        }
-        Err(error @ (EtcdError::OutcomeUnknown { .. } | EtcdError::CompareFailed { .. })) => {
-            // Applied after all? The head says.
-            let key = shared.cluster.key(&head_key);
-            let found = shared.cluster.client().get(&key).ok().flatten();
-            match found {
-                Some(kv) if keys::decode::<Head>(&key, &kv.value).ok() == Some(new_head) => {
-                    kv.mod_revision
-                }
-                _ => {
-                    return Err(ObjectLogError::WriteFailed {
-                        topic: name.to_string(),
-                        operation: "manifest commit",
-                        cause: error.to_string(),
-                    })
-                }
-            }
-        }
-        Err(error) => {
-            return Err(ObjectLogError::WriteFailed {
-                topic: name.to_string(),
-                operation: "manifest commit",
-                cause: error.to_string(),
-            })
-        }
+    let keys_moved = Op::DeleteRange {
+        from: keys::object_ref_key(name, first_entry),
+        to: keys::object_ref_key(name, last_entry + 1),
     };
+    let revision = commit_head(
+        shared,
+        topic,
+        head_revision,
+        Some(keys_moved),
+        &new_head,
+        "manifest commit",
+    )?;
     tracing::info!(
         topic = name,
         manifest = %reference.object,
@@ -263,4 +238,85 @@ pub(crate) fn compact(
     );
     topic.compacted(reference.clone(), revision);
     Ok(Some(reference))
+}
+
+/// One fenced transaction under the topic's ownership: compare the head at `head_revision`,
+/// run `delete` (if any), put `new_head`. Returns the revision. `Fenced` makes the bundle's topics
+/// refuse appends (`NotOwner`); a lost answer or failed compare is resolved by reading the
+/// head back (applied only if it holds `new_head`).
+fn commit_head(
+    shared: &EngineShared,
+    topic: &TopicLog,
+    head_revision: u64,
+    delete: Option<Op>,
+    new_head: &Head,
+    operation: &'static str,
+) -> Result<u64> {
+    let head_key = keys::head_key(topic.name());
+    let mut operations: Vec<Op> = delete.into_iter().collect();
+    operations.push(Op::Put {
+        key: head_key.clone(),
+        value: keys::encode(new_head),
+        lease: 0,
+    });
+    let compares = [Compare::ModRevision(head_key.clone(), head_revision)];
+    let failed = |cause: String| ObjectLogError::WriteFailed {
+        topic: topic.name().to_string(),
+        operation,
+        cause,
+    };
+    match shared
+        .session
+        .fenced_commit(topic.ownership(), &compares, &operations)
+    {
+        Ok(revision) => Ok(revision),
+        Err(EtcdError::Fenced { current, .. }) => {
+            let detail =
+                format!("a {operation} was fenced; the bundle is now owned by {current:?}");
+            shared.fence_bundle(topic.bundle(), &detail);
+            Err(topic.not_owner(&detail))
+        }
+        Err(error @ (EtcdError::OutcomeUnknown { .. } | EtcdError::CompareFailed { .. })) => {
+            // Applied after all? The head says.
+            let key = shared.cluster.key(&head_key);
+            match shared.cluster.client().get(&key) {
+                Ok(Some(kv)) if keys::decode::<Head>(&key, &kv.value).as_ref() == Ok(new_head) => {
+                    Ok(kv.mod_revision)
+                }
+                _ => Err(failed(error.to_string())),
+            }
+        }
+        Err(error) => Err(failed(error.to_string())),
+    }
+}
+
+/// Drops the refs the topic asked to trim ([`TopicLog::request_trim`]) from its index: one
+/// fenced transaction deletes their `objects/` keys and writes the head with its new first
+/// entry (and without the manifest chain once none of its refs remain). The data objects and
+/// manifests left unreferenced go to the orphan sweep. The caller holds the commit lock.
+pub(crate) fn trim(shared: &EngineShared, topic: &TopicLog) -> Result<bool> {
+    let Some(plan) = topic.trim_plan() else {
+        return Ok(false);
+    };
+    let name = topic.name();
+    let delete = plan.keys.map(|(from, to)| Op::DeleteRange {
+        from: keys::object_ref_key(name, from),
+        to: keys::object_ref_key(name, to),
+    });
+    let revision = commit_head(
+        shared,
+        topic,
+        plan.head_revision,
+        delete,
+        &plan.head,
+        "trim commit",
+    )?;
+    tracing::info!(
+        topic = name,
+        first_entry = plan.head.first_entry,
+        refs = plan.keep_from,
+        "trimmed entries left the index"
+    );
+    topic.trimmed(&plan, revision);
+    Ok(true)
 }

@@ -139,7 +139,7 @@ fn referenced_objects(shared: &EngineShared) -> Result<HashSet<String>> {
     let mut referenced = HashSet::new();
     let root = shared.cluster.key("logs/");
     for _pass in 0..2 {
-        let mut heads: Vec<(String, ManifestRef)> = Vec::new();
+        let mut heads: Vec<(String, ManifestRef, u64)> = Vec::new();
         let mut bad = None;
         shared
             .cluster
@@ -151,9 +151,11 @@ fn referenced_objects(shared: &EngineShared) -> Result<HashSet<String>> {
                     };
                     if let Some(topic) = relative.strip_suffix("/head") {
                         match keys::decode::<Head>(&kv.key, &kv.value) {
-                            Ok(head) => heads.extend(
-                                head.manifest.map(|manifest| (topic.to_string(), manifest)),
-                            ),
+                            Ok(head) => {
+                                heads.extend(head.manifest.map(|manifest| {
+                                    (topic.to_string(), manifest, head.first_entry)
+                                }))
+                            }
                             Err(error) => {
                                 bad.get_or_insert(error);
                             }
@@ -174,15 +176,16 @@ fn referenced_objects(shared: &EngineShared) -> Result<HashSet<String>> {
         if let Some(error) = bad {
             return Err(failed(error));
         }
-        for (topic, newest) in heads {
+        for (topic, newest, start) in heads {
             if referenced.contains(&newest.object) {
                 continue;
             }
             // The chain's manifests and every data object they name.
-            let chain = crate::manifest::chain_objects(&shared.store, &topic, &newest, |key| {
-                referenced.contains(key)
-            })
-            .map_err(failed)?;
+            let chain =
+                crate::manifest::chain_objects(&shared.store, &topic, &newest, start, |key| {
+                    referenced.contains(key)
+                })
+                .map_err(failed)?;
             referenced.extend(chain);
         }
     }

@@ -107,6 +107,11 @@ struct TopicState {
     head_epoch: u64,
     /// The head's newest manifest, as last written or read.
     manifest: Option<ManifestRef>,
+    /// The head's first entry (entries before it were trimmed).
+    first_entry: u64,
+    /// Refs wholly before this entry are to be dropped from the index (asked by the local
+    /// log, whose segments before it are gone); done by the flusher.
+    trim_before: u64,
     /// The committed index, in entry order (every committed id is in exactly one): first the
     /// refs held by manifests, then, from `keyed_from`, those with an `objects/` key in etcd.
     refs: Vec<ObjectRef>,
@@ -120,6 +125,15 @@ struct TopicState {
     /// Set once the topic refuses appends for good (not owner, closed).
     failure: Option<ObjectLogError>,
     rollbacks: u64,
+}
+
+/// A trim of the index: drop the first `keep_from` refs, delete the `objects/` keys of
+/// entries `keys.0..keys.1`, write `head` (compared at `head_revision`).
+pub(crate) struct TrimPlan {
+    pub(crate) keep_from: usize,
+    pub(crate) keys: Option<(u64, u64)>,
+    pub(crate) head: Head,
+    pub(crate) head_revision: u64,
 }
 
 /// One topic's log. Obtained from [`ObjectLog::open_topic`](crate::ObjectLog::open_topic).
@@ -160,6 +174,7 @@ impl TopicLog {
                     next_entry: 0,
                     committed_bytes: 0,
                     manifest: None,
+                    first_entry: 0,
                 },
                 0,
             ),
@@ -175,8 +190,13 @@ impl TopicLog {
                 ),
             });
         }
-        let mut refs = crate::manifest::load_chain(&engine.store, topic, head.manifest.as_ref())
-            .map_err(|error| metadata("reading the manifests", error))?;
+        let mut refs = crate::manifest::load_chain(
+            &engine.store,
+            topic,
+            head.manifest.as_ref(),
+            head.first_entry,
+        )
+        .map_err(|error| metadata("reading the manifests", error))?;
         let keyed_from = refs.len();
         let mut bad = None;
         client
@@ -199,8 +219,8 @@ impl TopicLog {
         if let Some(error) = bad {
             return Err(metadata("reading the object index", error));
         }
-        // The refs must cover 0..next_entry exactly, one after the other.
-        let mut expected_first = 0;
+        // The refs must cover first_entry..next_entry exactly, one after the other.
+        let mut expected_first = head.first_entry;
         for reference in &refs {
             if reference.first_entry != expected_first
                 || reference.last_entry < reference.first_entry
@@ -246,6 +266,8 @@ impl TopicLog {
                 head_revision,
                 head_epoch: head.epoch,
                 manifest: head.manifest,
+                first_entry: head.first_entry,
+                trim_before: 0,
                 refs,
                 keyed_from,
                 cache: VecDeque::new(),
@@ -391,21 +413,32 @@ impl TopicLog {
         })
     }
 
-    /// The head's `mod_revision` (for the next commit's compare), committed bytes and newest
-    /// manifest (carried into the next head).
-    pub(crate) fn head_state(&self) -> (u64, u64, Option<ManifestRef>) {
+    /// The head as this owner last wrote or read it, and its `mod_revision` (for the next
+    /// commit's compare).
+    pub(crate) fn head_state(&self) -> (Head, u64) {
         let state = self.lock();
-        (
-            state.head_revision,
-            state.committed_bytes,
-            state.manifest.clone(),
-        )
+        (Self::head_of(&state), state.head_revision)
+    }
+
+    fn head_of(state: &TopicState) -> Head {
+        Head {
+            epoch: state.head_epoch,
+            next_entry: state.committed_next,
+            committed_bytes: state.committed_bytes,
+            manifest: state.manifest.clone(),
+            first_entry: state.first_entry,
+        }
     }
 
     /// How many refs of this topic have an `objects/` key in etcd.
     pub fn index_keys(&self) -> usize {
         let state = self.lock();
         state.refs.len() - state.keyed_from
+    }
+
+    /// The first entry of the log (entries before it were trimmed).
+    pub fn first_entry(&self) -> u64 {
+        self.lock().first_entry
     }
 
     /// What a compaction of every `objects/` key would write: the refs to move, the head as it
@@ -415,17 +448,70 @@ impl TopicLog {
         if state.keyed_from == state.refs.len() {
             return None;
         }
-        let head = Head {
-            epoch: state.head_epoch,
-            next_entry: state.committed_next,
-            committed_bytes: state.committed_bytes,
-            manifest: state.manifest.clone(),
-        };
         Some((
             state.refs[state.keyed_from..].to_vec(),
-            head,
+            Self::head_of(&state),
             state.head_revision,
         ))
+    }
+
+    /// Asks for the refs wholly before entry `before` to leave the index (the local log
+    /// trimmed its segments before it). Does not block: the flusher does it with a fenced
+    /// commit after its next commit, or at once when idle.
+    pub fn request_trim(self: &Arc<Self>, before: u64) {
+        {
+            let mut state = self.lock();
+            let wholly_before = state.refs.first().is_some_and(|r| r.last_entry < before);
+            if before <= state.trim_before || !wholly_before || state.failure.is_some() {
+                return;
+            }
+            state.trim_before = before;
+        }
+        self.engine.request_maintenance(self);
+    }
+
+    /// What trimming the requested refs would write, if any refs are to go.
+    pub(crate) fn trim_plan(&self) -> Option<TrimPlan> {
+        let state = self.lock();
+        let keep_from = state
+            .refs
+            .partition_point(|r| r.last_entry < state.trim_before);
+        if keep_from == 0 {
+            return None;
+        }
+        let first_entry = state
+            .refs
+            .get(keep_from)
+            .map_or(state.committed_next, |r| r.first_entry);
+        // Keyed refs among those that go: their keys are deleted.
+        let keys = (keep_from > state.keyed_from)
+            .then(|| (state.refs[state.keyed_from].first_entry, first_entry));
+        // The chain stays only while some of its refs remain.
+        let manifest = if state.keyed_from > keep_from {
+            state.manifest.clone()
+        } else {
+            None
+        };
+        Some(TrimPlan {
+            keep_from,
+            keys,
+            head: Head {
+                manifest,
+                first_entry,
+                ..Self::head_of(&state)
+            },
+            head_revision: state.head_revision,
+        })
+    }
+
+    /// A trim committed at `revision`: the first `keep_from` refs left the index.
+    pub(crate) fn trimmed(&self, plan: &TrimPlan, revision: u64) {
+        let mut state = self.lock();
+        state.refs.drain(..plan.keep_from);
+        state.keyed_from = state.keyed_from.saturating_sub(plan.keep_from);
+        state.manifest = plan.head.manifest.clone();
+        state.first_entry = plan.head.first_entry;
+        state.head_revision = revision;
     }
 
     /// A compaction committed at `revision`: the `refs` first keyed refs are in `manifest`.

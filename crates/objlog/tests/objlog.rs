@@ -925,3 +925,68 @@ fn engine_of(
 ) -> ObjectLog {
     engine(&broker.cluster, session, &broker.weed, configure)
 }
+
+#[test]
+fn trimmed_entries_leave_the_index_and_the_rest_reads_back() {
+    let Some(broker) = one_broker(10) else {
+        return;
+    };
+    let name = "persistent://t/ns/trimmed";
+    let configure = |config: &mut ObjectLogConfig| {
+        config.manifest_threshold = 4;
+        config.commit_deadline = Duration::from_millis(500);
+        config.orphan_grace = Duration::from_secs(1);
+        config.sweep_interval = None;
+    };
+    let engine = broker.engine(configure);
+    let topic = engine.open_topic(name, &broker.ownership).expect("open");
+    // 10 commits: manifests of entries 0-3 and 4-7, keys of 8 and 9.
+    let written = append_one_by_one(&topic, 0, 10);
+    wait_until("two manifests", || (topic.index_keys() == 2).then_some(()));
+
+    // The local log trimmed everything before entry 5: refs 0-4 leave the index; the newest
+    // manifest still holds 5-7, so the chain stays (its older manifest is no longer read).
+    topic.request_trim(5);
+    wait_until("the trim to entry 5", || {
+        (topic.first_entry() == 5).then_some(())
+    });
+    assert_eq!(entries_as_written(&read_all(&topic)), written[5..].to_vec());
+
+    // The sweep deletes what the trim left unreferenced: the manifest of 0-3 and the data
+    // objects of entries 0-4 (one commit each), once older than the grace period.
+    wait_until("every object to be older than the grace period", || {
+        objects_under(&broker.weed, "test/")
+            .iter()
+            .all(|(_, age_ms)| *age_ms > 1_000)
+            .then_some(())
+    });
+    let report = engine.sweep().expect("sweep");
+    assert_eq!(
+        (report.data_objects_deleted, report.manifests_deleted),
+        (5, 1),
+        "{report:?}"
+    );
+
+    // A new owner (a fresh engine) copies only what is left, entry 5 on.
+    drop(topic);
+    drop(engine);
+    let engine = broker.engine(configure);
+    let topic = engine.open_topic(name, &broker.ownership).expect("reopen");
+    assert_eq!(topic.first_entry(), 5);
+    assert_eq!(entries_as_written(&read_all(&topic)), written[5..].to_vec());
+
+    // Trimmed to entry 9: the chain goes, so does the key of entry 8.
+    topic.request_trim(9);
+    wait_until("the trim to entry 9", || {
+        (topic.first_entry() == 9).then_some(())
+    });
+    let keys = index_keys_in_etcd(&broker.cluster, name);
+    assert_eq!(keys.len(), 2, "the head and the key of entry 9: {keys:?}");
+    drop(topic);
+    drop(engine);
+    let engine = broker.engine(configure);
+    let topic = engine.open_topic(name, &broker.ownership).expect("reopen");
+    assert_eq!(entries_as_written(&read_all(&topic)), written[9..].to_vec());
+    let next = append_one_by_one(&topic, 10, 1);
+    assert_eq!(next[0].0, Position::new(1, 10));
+}
