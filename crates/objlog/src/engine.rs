@@ -205,21 +205,14 @@ impl ObjectLog {
         self.shared.lock().stopping = true;
         self.shared.wake.notify_all();
         self.shared.sweep_wake.notify_all();
-        let sweeper = self
-            .sweeper
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .take();
-        if let Some(sweeper) = sweeper {
-            let _ = sweeper.join();
-        }
-        let flusher = self
-            .flusher
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .take();
-        if let Some(flusher) = flusher {
-            let _ = flusher.join();
+        for thread in [&self.sweeper, &self.flusher] {
+            let handle = thread
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .take();
+            if let Some(handle) = handle {
+                let _ = handle.join();
+            }
         }
         let topics: Vec<Arc<TopicLog>> = self.shared.lock().topics.drain().map(|t| t.1).collect();
         for topic in topics {

@@ -234,6 +234,7 @@ pub(crate) fn compact(
         manifest = %reference.object,
         refs = reference.refs,
         bytes = bytes.len(),
+        elapsed_us = started.elapsed().as_micros() as u64,
         "index keys moved into a manifest"
     );
     topic.compacted(reference.clone(), revision);

@@ -461,11 +461,13 @@ impl TopicLog {
     pub fn request_trim(self: &Arc<Self>, before: u64) {
         {
             let mut state = self.lock();
+            // Asked again at every local trim while refs before `before` remain, so a trim
+            // that failed is tried again.
             let wholly_before = state.refs.first().is_some_and(|r| r.last_entry < before);
-            if before <= state.trim_before || !wholly_before || state.failure.is_some() {
+            if !wholly_before || state.failure.is_some() {
                 return;
             }
-            state.trim_before = before;
+            state.trim_before = state.trim_before.max(before);
         }
         self.engine.request_maintenance(self);
     }

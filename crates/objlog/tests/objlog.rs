@@ -818,17 +818,23 @@ fn objects_under(weed: &Weed, prefix: &str) -> Vec<(String, u64)> {
         .collect()
 }
 
+/// Settings for the sweep tests: manifests past `threshold` keys, a grace period of one second
+/// (a commit deadline of half that), sweeps only when asked.
+fn sweeping_quickly(threshold: usize) -> impl Fn(&mut ObjectLogConfig) + Copy {
+    move |config: &mut ObjectLogConfig| {
+        config.manifest_threshold = threshold;
+        config.commit_deadline = Duration::from_millis(500);
+        config.orphan_grace = Duration::from_secs(1);
+        config.sweep_interval = None;
+    }
+}
+
 #[test]
 fn the_orphan_sweep_deletes_only_old_objects_no_index_references() {
     let Some(broker) = one_broker(10) else {
         return;
     };
-    let configure = |config: &mut ObjectLogConfig| {
-        config.manifest_threshold = 3;
-        config.commit_deadline = Duration::from_millis(500);
-        config.orphan_grace = Duration::from_secs(1);
-        config.sweep_interval = None;
-    };
+    let configure = sweeping_quickly(3);
     let engine = broker.engine(configure);
     let open = |name: &str| engine.open_topic(name, &broker.ownership).expect("open");
     let (a, b, c) = (
@@ -932,12 +938,7 @@ fn trimmed_entries_leave_the_index_and_the_rest_reads_back() {
         return;
     };
     let name = "persistent://t/ns/trimmed";
-    let configure = |config: &mut ObjectLogConfig| {
-        config.manifest_threshold = 4;
-        config.commit_deadline = Duration::from_millis(500);
-        config.orphan_grace = Duration::from_secs(1);
-        config.sweep_interval = None;
-    };
+    let configure = sweeping_quickly(4);
     let engine = broker.engine(configure);
     let topic = engine.open_topic(name, &broker.ownership).expect("open");
     // 10 commits: manifests of entries 0-3 and 4-7, keys of 8 and 9.
