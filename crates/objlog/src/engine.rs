@@ -253,6 +253,11 @@ impl EngineShared {
         Ok(())
     }
 
+    /// Whether the engine is closing (a long sweep stops early then).
+    pub(crate) fn stopping(&self) -> bool {
+        self.lock().stopping
+    }
+
     pub(crate) fn commit_lock(&self) -> MutexGuard<'_, ()> {
         self.commits
             .lock()

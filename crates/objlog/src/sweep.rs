@@ -19,7 +19,8 @@
 //! **Who sweeps.** Any broker may: the sweep is safe when several run at once. To avoid the
 //! duplicate work, a broker sweeps only while it holds the etcd key `sweeper` (created on its
 //! session's lease when absent, so it moves to another broker when this one dies). Any error
-//! reading an index or a manifest ends the sweep before it deletes anything.
+//! reading an index or a manifest ends the sweep before it deletes anything. A sweep stops
+//! early (between two requests) when the engine closes.
 
 use std::collections::HashSet;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -94,6 +95,9 @@ pub(crate) fn sweep(shared: &EngineShared) -> Result<SweepReport> {
         let mut continuation: Option<String> = None;
         let mut listed = 0;
         loop {
+            if shared.stopping() {
+                return Ok(report);
+            }
             let page = shared
                 .store
                 .list_page(&prefix, continuation.as_deref())
@@ -118,6 +122,10 @@ pub(crate) fn sweep(shared: &EngineShared) -> Result<SweepReport> {
     // 3. Old and unreferenced: garbage.
     let manifests = keys::all_manifests_prefix(&shared.object_prefix);
     for key in old {
+        // A closing engine (shutdown, a new session) does not wait for a long sweep.
+        if shared.stopping() {
+            break;
+        }
         if referenced.contains(&key) {
             report.referenced += 1;
             continue;
