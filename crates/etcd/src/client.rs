@@ -105,6 +105,9 @@ pub enum Op {
     },
     /// Deletes the key (not an error when it is missing).
     Delete(String),
+    /// Deletes every key in `[from, to)`: one operation however many keys it removes (the
+    /// object-store log replaces up to thousands of index keys by one manifest at once).
+    DeleteRange { from: String, to: String },
     /// Reads the key; its value is returned in [`TxnResult::reads`].
     Get(String),
 }
@@ -671,6 +674,9 @@ impl Client {
                     Op::Delete(key) => {
                         json!({ "request_delete_range": { "key": encode(key.as_bytes()) } })
                     }
+                    Op::DeleteRange { from, to } => json!({ "request_delete_range": {
+                        "key": encode(from.as_bytes()), "range_end": encode(to.as_bytes()),
+                    } }),
                     Op::Get(key) => json!({ "request_range": { "key": encode(key.as_bytes()) } }),
                 })
                 .collect()

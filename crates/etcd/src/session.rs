@@ -413,6 +413,10 @@ impl Session {
                     lease: *lease,
                 },
                 Op::Delete(key) => Op::Delete(self.cluster.key(key)),
+                Op::DeleteRange { from, to } => Op::DeleteRange {
+                    from: self.cluster.key(from),
+                    to: self.cluster.key(to),
+                },
                 Op::Get(key) => Op::Get(self.cluster.key(key)),
             })
             .collect();

@@ -117,6 +117,12 @@ pub struct Config {
     /// A file holding `ACCESS_KEY_ID:SECRET_ACCESS_KEY`; without it the credentials come from
     /// `MERIDIAN_S3_ACCESS_KEY_ID` and `MERIDIAN_S3_SECRET_ACCESS_KEY`.
     pub s3_access_key_file: Option<PathBuf>,
+    /// `meridian broker --storage` only: a topic's index keys in etcd past this many are moved
+    /// into one manifest object (0: never).
+    pub object_log_manifest_threshold: usize,
+    /// `meridian broker --storage` only: unreferenced data objects and manifests older than
+    /// this are deleted by the orphan sweep.
+    pub object_log_orphan_grace_seconds: u64,
     /// Clients must present a valid token (`authenticationEnabled`).
     pub authentication_enabled: bool,
     /// Roles are checked against permissions (`authorizationEnabled`).
@@ -247,6 +253,8 @@ impl Default for Config {
             s3_region: "us-east-1".to_string(),
             s3_path_style: true,
             s3_access_key_file: None,
+            object_log_manifest_threshold: 1000,
+            object_log_orphan_grace_seconds: 3600,
             authentication_enabled: security.authentication_enabled,
             authorization_enabled: security.authorization_enabled,
             super_user_roles: security.super_user_roles,

@@ -571,7 +571,9 @@ fn object_store_logs(
     }
     // Object keys may not hold ':' in every store; the broker id is `host:port`.
     let engine_id = broker_id.replace([':', '/'], "_");
-    let engine = meridian_objlog::ObjectLogConfig::new(&engine_id);
+    let mut engine = meridian_objlog::ObjectLogConfig::new(&engine_id);
+    engine.manifest_threshold = config.object_log_manifest_threshold;
+    engine.orphan_grace = std::time::Duration::from_secs(config.object_log_orphan_grace_seconds);
     let logs = meridian_broker::cluster::logs::ClusterLogs::new(Arc::new(store), engine)
         .context("object-store log settings")?;
     Ok(Arc::new(logs))

@@ -35,6 +35,23 @@ pub struct ObjectLogConfig {
     /// Bytes of recently committed entries each topic keeps in memory for tailing readers.
     /// Default 4 MiB.
     pub tail_cache_bytes_per_topic: u64,
+    /// Once a topic has this many `logs/<topic>/objects/` keys in etcd, the flusher writes
+    /// their refs to one manifest object and replaces them by it in the head (one fenced
+    /// transaction), so etcd holds at most this many keys per topic plus its head. 0: never
+    /// (etcd then grows by one key per commit of the topic). Default 1,000 (about 200 KB per
+    /// manifest).
+    pub manifest_threshold: usize,
+    /// A data object or manifest is deleted by the orphan sweep only once it is older than
+    /// this (by the object store's clock) and no topic's index references it. It must exceed
+    /// the longest a commit can take between its PUT and its etcd transaction (the commit
+    /// deadline plus one attempt's overrun), plus the clock skew between brokers and the store:
+    /// an object younger than that may belong to a commit still under way. Default 1 hour; at
+    /// least twice `commit_deadline`.
+    pub orphan_grace: Duration,
+    /// How often the engine runs the orphan sweep (when this broker holds the sweeper key;
+    /// see [`crate::sweep`]). `None`: only when asked ([`crate::ObjectLog::sweep`]). Default
+    /// 10 minutes.
+    pub sweep_interval: Option<Duration>,
 }
 
 impl ObjectLogConfig {
@@ -49,6 +66,9 @@ impl ObjectLogConfig {
             commit_deadline: Duration::from_secs(10),
             retry_pause: Duration::from_millis(100),
             tail_cache_bytes_per_topic: 4 << 20,
+            manifest_threshold: 1000,
+            orphan_grace: Duration::from_secs(3600),
+            sweep_interval: Some(Duration::from_secs(600)),
         }
     }
 
@@ -66,6 +86,13 @@ impl ObjectLogConfig {
             >= meridian_objstore::data_object::MAX_OBJECT_BYTES / 2
         {
             Some("max_entry_bytes must be below half the data-object format's maximum".to_string())
+        } else if self.orphan_grace < self.commit_deadline * 2 {
+            Some("orphan_grace must be at least twice commit_deadline".to_string())
+        } else if self
+            .sweep_interval
+            .is_some_and(|interval| interval.is_zero())
+        {
+            Some("sweep_interval must be above 0".to_string())
         } else {
             None
         };

@@ -43,6 +43,7 @@ const MAX_TOPICS_PER_COMMIT: usize = 10_000;
 pub struct ObjectLog {
     shared: Arc<EngineShared>,
     flusher: Mutex<Option<JoinHandle<()>>>,
+    sweeper: Mutex<Option<JoinHandle<()>>>,
 }
 
 pub(crate) struct EngineShared {
@@ -54,10 +55,17 @@ pub(crate) struct EngineShared {
     /// (`data/<broker>/<writer_epoch>/<sequence>.seg`): nanoseconds since the Unix epoch at
     /// start, so that a restarted broker never overwrites an object it committed before.
     writer_epoch: u64,
+    /// `<cluster name>/`: every object this engine writes is under it ([`keys::cluster_prefix`]).
+    pub(crate) object_prefix: String,
     /// Bytes appended and not yet committed or failed, all topics together.
     pending_bytes: AtomicU64,
     state: Mutex<EngineState>,
     wake: Condvar,
+    /// Wakes the sweeper thread when the engine stops.
+    sweep_wake: Condvar,
+    /// Held by the flusher for each commit and its compactions, and by an explicit
+    /// compaction: a topic's head is written by one of them at a time.
+    commits: Mutex<()>,
 }
 
 #[derive(Default)]
@@ -66,6 +74,8 @@ struct EngineState {
     /// Topics that may have queued entries, in the order they got them.
     dirty: Vec<Arc<TopicLog>>,
     dirty_names: HashSet<String>,
+    /// Topics with index maintenance asked for (a trim), done by the flusher between commits.
+    maintenance: Vec<Arc<TopicLog>>,
     /// Bytes queued and not yet taken by the flusher (the size trigger).
     queued_bytes: u64,
     first_queued_at: Option<Instant>,
@@ -87,8 +97,10 @@ impl ObjectLog {
             .duration_since(UNIX_EPOCH)
             .map(|since| since.as_nanos() as u64)
             .unwrap_or_default();
+        let object_prefix = keys::cluster_prefix(&cluster);
         let shared = Arc::new(EngineShared {
             config,
+            object_prefix,
             cluster,
             session,
             store,
@@ -96,6 +108,8 @@ impl ObjectLog {
             pending_bytes: AtomicU64::new(0),
             state: Mutex::new(EngineState::default()),
             wake: Condvar::new(),
+            sweep_wake: Condvar::new(),
+            commits: Mutex::new(()),
         });
         let flusher = {
             let shared = shared.clone();
@@ -106,10 +120,39 @@ impl ObjectLog {
                     ObjectLogError::Config(format!("starting the flusher thread: {error}"))
                 })?
         };
+        let sweeper = match shared.config.sweep_interval {
+            Some(interval) => {
+                let sweeping = shared.clone();
+                let thread = std::thread::Builder::new()
+                    .name(format!("objlog-sweeper-{}", shared.config.broker_id))
+                    .spawn(move || sweeper_loop(&sweeping, interval))
+                    .map_err(|error| {
+                        ObjectLogError::Config(format!("starting the sweeper thread: {error}"))
+                    });
+                match thread {
+                    Ok(thread) => Some(thread),
+                    Err(error) => {
+                        shared.lock().stopping = true;
+                        shared.wake.notify_all();
+                        let _ = flusher.join();
+                        return Err(error);
+                    }
+                }
+            }
+            None => None,
+        };
         Ok(ObjectLog {
             shared,
             flusher: Mutex::new(Some(flusher)),
+            sweeper: Mutex::new(sweeper),
         })
+    }
+
+    /// Runs one orphan sweep now, on this thread (see [`crate::sweep`]): when this broker
+    /// holds the sweeper key, deletes this cluster's data objects and manifests that no
+    /// topic's index references and that are older than `orphan_grace`. Blocking.
+    pub fn sweep(&self) -> Result<crate::SweepReport> {
+        crate::sweep::sweep(&self.shared)
     }
 
     /// Opens `topic` of the bundle held by `ownership`: reads `logs/<topic>/head` and the
@@ -161,13 +204,15 @@ impl ObjectLog {
     pub fn close(&self) {
         self.shared.lock().stopping = true;
         self.shared.wake.notify_all();
-        let flusher = self
-            .flusher
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .take();
-        if let Some(flusher) = flusher {
-            let _ = flusher.join();
+        self.shared.sweep_wake.notify_all();
+        for thread in [&self.sweeper, &self.flusher] {
+            let handle = thread
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .take();
+            if let Some(handle) = handle {
+                let _ = handle.join();
+            }
         }
         let topics: Vec<Arc<TopicLog>> = self.shared.lock().topics.drain().map(|t| t.1).collect();
         for topic in topics {
@@ -208,6 +253,17 @@ impl EngineShared {
         Ok(())
     }
 
+    /// Whether the engine is closing (a long sweep stops early then).
+    pub(crate) fn stopping(&self) -> bool {
+        self.lock().stopping
+    }
+
+    pub(crate) fn commit_lock(&self) -> MutexGuard<'_, ()> {
+        self.commits
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
     pub(crate) fn release(&self, bytes: u64) {
         self.pending_bytes.fetch_sub(bytes, Ordering::AcqRel);
     }
@@ -230,9 +286,23 @@ impl EngineShared {
         Ok(())
     }
 
+    /// Asks the flusher to trim `topic`'s index after its current commit (or at once).
+    pub(crate) fn request_maintenance(&self, topic: &Arc<TopicLog>) {
+        let mut state = self.lock();
+        if !state
+            .maintenance
+            .iter()
+            .any(|waiting| Arc::ptr_eq(waiting, topic))
+        {
+            state.maintenance.push(topic.clone());
+        }
+        drop(state);
+        self.wake.notify_all();
+    }
+
     /// The bundle is no longer ours: every topic of it fails its queued appends and refuses
     /// later ones.
-    fn fence_bundle(&self, bundle: &str, detail: &str) {
+    pub(crate) fn fence_bundle(&self, bundle: &str, detail: &str) {
         let topics: Vec<Arc<TopicLog>> = self
             .lock()
             .topics
@@ -247,16 +317,46 @@ impl EngineShared {
     }
 }
 
+/// The sweeper thread: one sweep every `interval` (the first one an interval after the
+/// start), until the engine stops. A sweep that fails is logged and tried again next time.
+fn sweeper_loop(shared: &Arc<EngineShared>, interval: Duration) {
+    loop {
+        let deadline = Instant::now() + interval;
+        let mut state = shared.lock();
+        while !state.stopping {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            state = shared
+                .sweep_wake
+                .wait_timeout(state, left)
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .0;
+        }
+        if state.stopping {
+            return;
+        }
+        drop(state);
+        if let Err(error) = crate::sweep::sweep(shared) {
+            tracing::warn!(%error, "orphan sweep failed; tried again at the next interval");
+        }
+    }
+}
+
 /// The flusher thread: wait for entries, take them, commit them; until stopped and drained.
 fn flusher_loop(shared: &Arc<EngineShared>) {
     let config = &shared.config;
     let mut sequence: u64 = 0;
     let mut just_committed = false;
     loop {
-        let dirty = {
+        let (dirty, maintenance) = {
             let mut state = shared.lock();
             loop {
                 if state.dirty.is_empty() {
+                    if !state.maintenance.is_empty() {
+                        break;
+                    }
                     if state.stopping {
                         return;
                     }
@@ -286,15 +386,22 @@ fn flusher_loop(shared: &Arc<EngineShared>) {
             }
             state.dirty_names.clear();
             state.first_queued_at = None;
-            std::mem::take(&mut state.dirty)
+            (
+                std::mem::take(&mut state.dirty),
+                std::mem::take(&mut state.maintenance),
+            )
         };
         let batches = take_batches(shared, dirty);
+        let _commits = shared.commit_lock();
+        trim_requested(shared, &maintenance);
         if batches.is_empty() {
             just_committed = false;
             continue;
         }
         sequence += 1;
+        let topics: Vec<Arc<TopicLog>> = batches.iter().map(|batch| batch.topic.clone()).collect();
         commit(shared, sequence, batches);
+        compact_past_threshold(shared, &topics);
         just_committed = true;
     }
 }
@@ -340,9 +447,37 @@ fn take_batches(shared: &EngineShared, dirty: Vec<Arc<TopicLog>>) -> Vec<Batch> 
     batches
 }
 
+/// Trims the index of each of `topics` as asked. A failure is logged; the local log asks
+/// again at its next trim.
+fn trim_requested(shared: &EngineShared, topics: &[Arc<TopicLog>]) {
+    for topic in topics.iter().filter(|topic| topic.is_owner()) {
+        if let Err(error) = crate::manifest::trim(shared, topic) {
+            tracing::warn!(topic = topic.name(), %error, "trimming the index failed");
+        }
+    }
+}
+
+/// Moves the `objects/` keys of each of `topics` that has `manifest_threshold` of them into a
+/// manifest. A failure is logged and changes nothing in etcd: the next commit tries again.
+fn compact_past_threshold(shared: &EngineShared, topics: &[Arc<TopicLog>]) {
+    let threshold = shared.config.manifest_threshold;
+    if threshold == 0 {
+        return;
+    }
+    for topic in topics {
+        if topic.index_keys() < threshold || !topic.is_owner() {
+            continue;
+        }
+        let deadline = Instant::now() + shared.config.commit_deadline;
+        if let Err(error) = crate::manifest::compact(shared, topic, deadline) {
+            tracing::warn!(topic = topic.name(), %error, "moving index keys into a manifest failed; retried after the next commit");
+        }
+    }
+}
+
 /// Retries `attempt` while it fails with an error `retryable` accepts, pausing between
 /// attempts, until `deadline`.
-fn retry<T, E>(
+pub(crate) fn retry<T, E>(
     shared: &EngineShared,
     deadline: Instant,
     mut attempt: impl FnMut() -> std::result::Result<T, E>,
@@ -365,7 +500,11 @@ fn commit(shared: &EngineShared, sequence: u64, batches: Vec<Batch>) {
     let config = &shared.config;
     let started = Instant::now();
     let deadline = started + config.commit_deadline;
-    let key = data_object_key(&config.broker_id, shared.writer_epoch, sequence);
+    let key = format!(
+        "{}{}",
+        shared.object_prefix,
+        data_object_key(&config.broker_id, shared.writer_epoch, sequence)
+    );
     let limits = DataObjectLimits {
         max_object_bytes: MAX_OBJECT_BYTES,
         max_entries: MAX_ENTRIES_PER_OBJECT,
@@ -472,7 +611,7 @@ fn commit_chunk(
     let mut expected = Vec::with_capacity(members.len());
     for (batch, range) in &members {
         let topic = batch.topic.name();
-        let (head_revision, committed_bytes) = batch.topic.head_state();
+        let (current, head_revision) = batch.topic.head_state();
         let reference = ObjectRef {
             object: object.to_string(),
             offset: range.offset,
@@ -484,7 +623,8 @@ fn commit_chunk(
         let head = Head {
             epoch: ownership.epoch(),
             next_entry: range.last_entry_id + 1,
-            committed_bytes: committed_bytes + range.length,
+            committed_bytes: current.committed_bytes + range.length,
+            ..current
         };
         let head_key = keys::head_key(topic);
         compares.push(Compare::ModRevision(head_key.clone(), head_revision));
@@ -626,7 +766,8 @@ fn resync(
         let found_head = found.and_then(|kv| keys::decode::<Head>(&key, &kv.value).ok());
         // An equal head is not proof: another commit of as many entries and bytes under this
         // epoch writes the same one. Only this commit's own reference is.
-        if found_head.as_ref() == Some(head) && reference_committed(shared, topic, reference)? {
+        if found_head.as_ref() == Some(head) && reference_committed(shared, topic, head, reference)?
+        {
             applied = Some(found_revision);
         } else if found_head
             .as_ref()
@@ -649,19 +790,28 @@ fn resync(
     })
 }
 
-/// Whether etcd's `objects/<first entry>` key of `topic` holds `reference` (this commit's).
+/// Whether `topic`'s index holds `reference` (this commit's): etcd's `objects/<first entry>`
+/// key, or, once a compaction moved it, the manifests of `head`.
 fn reference_committed(
     shared: &EngineShared,
     topic: &str,
+    head: &Head,
     reference: &ObjectRef,
 ) -> std::result::Result<bool, EtcdError> {
     let key = shared
         .cluster
         .key(&keys::object_ref_key(topic, reference.first_entry));
     let found = shared.cluster.client().get(&key)?;
-    Ok(found
-        .and_then(|kv| keys::decode::<ObjectRef>(&key, &kv.value).ok())
-        .is_some_and(|found| &found == reference))
+    if let Some(kv) = found {
+        return Ok(
+            keys::decode::<ObjectRef>(&key, &kv.value).is_ok_and(|found| &found == reference)
+        );
+    }
+    // A manifest that cannot be read proves nothing: the commit counts as not applied.
+    Ok(
+        crate::manifest::chain_holds(&shared.store, topic, head.manifest.as_ref(), reference)
+            .unwrap_or(false),
+    )
 }
 
 /// The same error, naming `topic`.

@@ -7,7 +7,10 @@
 //!
 //! - [`config`]: [`ObjectLogConfig`], every limit and its default.
 //! - [`keys`]: the etcd records of a topic's log, `logs/<topic>/head` ([`Head`]) and
-//!   `logs/<topic>/objects/<first-entry>` ([`ObjectRef`]).
+//!   `logs/<topic>/objects/<first-entry>` ([`ObjectRef`]), and the [`Manifest`] objects.
+//! - `manifest`: compaction of a topic's `objects/` keys into a manifest (etcd stays small),
+//!   and reading a head's chain of manifests back.
+//! - [`sweep`]: the orphan sweep (unreferenced data objects and manifests past a grace period).
 //! - [`engine`]: [`ObjectLog`], the broker-wide engine: open topics, the flusher thread (build
 //!   one object, PUT it, commit per bundle, resolve appends), retries, fencing.
 //! - [`remote`]: [`RemoteTopic`], a [`TopicLog`] as the local engine's `RemoteLog` (the broker's
@@ -31,14 +34,17 @@
 pub mod config;
 pub mod engine;
 pub mod keys;
+mod manifest;
 pub mod remote;
+pub mod sweep;
 pub mod topic;
 
 pub use config::ObjectLogConfig;
 pub use engine::ObjectLog;
-pub use keys::{Head, ObjectRef};
+pub use keys::{Head, Manifest, ManifestRef, ObjectRef};
 pub use meridian_storage::{Entry, Position};
 pub use remote::RemoteTopic;
+pub use sweep::SweepReport;
 pub use topic::{PendingAppend, TopicLog};
 
 /// What went wrong in the object-store log. Errors are `Clone` because one failed commit
@@ -117,6 +123,9 @@ pub enum ObjectLogError {
     Closed { topic: String },
     #[error("object log configuration: {0}")]
     Config(String),
+    /// The orphan sweep stopped (before deleting anything it was unsure of).
+    #[error("orphan sweep: {0}")]
+    Sweep(String),
 }
 
 pub type Result<T, E = ObjectLogError> = std::result::Result<T, E>;

@@ -100,4 +100,10 @@ impl RemoteLog for RemoteTopic {
         }
         Ok(Box::new(Commit(pending)))
     }
+
+    /// The local log trimmed its entries before `entry_id`: their refs leave the index too
+    /// (by the flusher, fenced), so a new owner no longer copies them.
+    fn trim_before(&self, entry_id: u64) {
+        self.topic.request_trim(entry_id);
+    }
 }

@@ -13,7 +13,7 @@ use meridian_objstore::{read_topic, TopicRange};
 use tokio::sync::{oneshot, watch};
 
 use crate::engine::EngineShared;
-use crate::keys::{self, Head, ObjectRef};
+use crate::keys::{self, Head, ManifestRef, ObjectRef};
 use crate::{Entry, ObjectLogError, Position, Result};
 
 /// An append that has its position and waits for its commit. Await it, or call
@@ -103,8 +103,19 @@ struct TopicState {
     committed_bytes: u64,
     /// `mod_revision` of `logs/<topic>/head` as this owner last wrote or read it (0: absent).
     head_revision: u64,
-    /// The committed index, in entry order (every committed id is in exactly one).
+    /// The head's epoch as last written or read (a compaction writes it unchanged).
+    head_epoch: u64,
+    /// The head's newest manifest, as last written or read.
+    manifest: Option<ManifestRef>,
+    /// The head's first entry (entries before it were trimmed).
+    first_entry: u64,
+    /// Refs wholly before this entry are to be dropped from the index (asked by the local
+    /// log, whose segments before it are gone); done by the flusher.
+    trim_before: u64,
+    /// The committed index, in entry order (every committed id is in exactly one): first the
+    /// refs held by manifests, then, from `keyed_from`, those with an `objects/` key in etcd.
     refs: Vec<ObjectRef>,
+    keyed_from: usize,
     /// The most recently committed entries, oldest first, within `tail_cache_bytes_per_topic`.
     cache: VecDeque<Entry>,
     cache_bytes: u64,
@@ -114,6 +125,15 @@ struct TopicState {
     /// Set once the topic refuses appends for good (not owner, closed).
     failure: Option<ObjectLogError>,
     rollbacks: u64,
+}
+
+/// A trim of the index: drop the first `keep_from` refs, delete the `objects/` keys of
+/// entries `keys.0..keys.1`, write `head` (compared at `head_revision`).
+pub(crate) struct TrimPlan {
+    pub(crate) keep_from: usize,
+    pub(crate) keys: Option<(u64, u64)>,
+    pub(crate) head: Head,
+    pub(crate) head_revision: u64,
 }
 
 /// One topic's log. Obtained from [`ObjectLog::open_topic`](crate::ObjectLog::open_topic).
@@ -153,6 +173,8 @@ impl TopicLog {
                     epoch: 0,
                     next_entry: 0,
                     committed_bytes: 0,
+                    manifest: None,
+                    first_entry: 0,
                 },
                 0,
             ),
@@ -168,7 +190,14 @@ impl TopicLog {
                 ),
             });
         }
-        let mut refs: Vec<ObjectRef> = Vec::new();
+        let mut refs = crate::manifest::load_chain(
+            &engine.store,
+            topic,
+            head.manifest.as_ref(),
+            head.first_entry,
+        )
+        .map_err(|error| metadata("reading the manifests", error))?;
+        let keyed_from = refs.len();
         let mut bad = None;
         client
             .scan_prefix(
@@ -190,8 +219,8 @@ impl TopicLog {
         if let Some(error) = bad {
             return Err(metadata("reading the object index", error));
         }
-        // The refs must cover 0..next_entry exactly, one after the other.
-        let mut expected_first = 0;
+        // The refs must cover first_entry..next_entry exactly, one after the other.
+        let mut expected_first = head.first_entry;
         for reference in &refs {
             if reference.first_entry != expected_first
                 || reference.last_entry < reference.first_entry
@@ -223,6 +252,7 @@ impl TopicLog {
             epoch = ownership.epoch(),
             next_entry = head.next_entry,
             objects = refs.len(),
+            in_manifests = keyed_from,
             "topic opened"
         );
         Ok(TopicLog {
@@ -234,7 +264,12 @@ impl TopicLog {
                 committed_next: head.next_entry,
                 committed_bytes: head.committed_bytes,
                 head_revision,
+                head_epoch: head.epoch,
+                manifest: head.manifest,
+                first_entry: head.first_entry,
+                trim_before: 0,
                 refs,
+                keyed_from,
                 cache: VecDeque::new(),
                 cache_bytes: 0,
                 queued: VecDeque::new(),
@@ -378,10 +413,127 @@ impl TopicLog {
         })
     }
 
-    /// The head's `mod_revision` and committed bytes, for the next commit's compare.
-    pub(crate) fn head_state(&self) -> (u64, u64) {
+    /// The head as this owner last wrote or read it, and its `mod_revision` (for the next
+    /// commit's compare).
+    pub(crate) fn head_state(&self) -> (Head, u64) {
         let state = self.lock();
-        (state.head_revision, state.committed_bytes)
+        (Self::head_of(&state), state.head_revision)
+    }
+
+    fn head_of(state: &TopicState) -> Head {
+        Head {
+            epoch: state.head_epoch,
+            next_entry: state.committed_next,
+            committed_bytes: state.committed_bytes,
+            manifest: state.manifest.clone(),
+            first_entry: state.first_entry,
+        }
+    }
+
+    /// How many refs of this topic have an `objects/` key in etcd.
+    pub fn index_keys(&self) -> usize {
+        let state = self.lock();
+        state.refs.len() - state.keyed_from
+    }
+
+    /// The first entry of the log (entries before it were trimmed).
+    pub fn first_entry(&self) -> u64 {
+        self.lock().first_entry
+    }
+
+    /// What a compaction of every `objects/` key would write: the refs to move, the head as it
+    /// is (to compare and to carry over) and its revision. `None` without such keys.
+    pub(crate) fn compaction_plan(&self) -> Option<(Vec<ObjectRef>, Head, u64)> {
+        let state = self.lock();
+        if state.keyed_from == state.refs.len() {
+            return None;
+        }
+        Some((
+            state.refs[state.keyed_from..].to_vec(),
+            Self::head_of(&state),
+            state.head_revision,
+        ))
+    }
+
+    /// Asks for the refs wholly before entry `before` to leave the index (the local log
+    /// trimmed its segments before it). Does not block: the flusher does it with a fenced
+    /// commit after its next commit, or at once when idle.
+    pub fn request_trim(self: &Arc<Self>, before: u64) {
+        {
+            let mut state = self.lock();
+            // Asked again at every local trim while refs before `before` remain, so a trim
+            // that failed is tried again.
+            let wholly_before = state.refs.first().is_some_and(|r| r.last_entry < before);
+            if !wholly_before || state.failure.is_some() {
+                return;
+            }
+            state.trim_before = state.trim_before.max(before);
+        }
+        self.engine.request_maintenance(self);
+    }
+
+    /// What trimming the requested refs would write, if any refs are to go.
+    pub(crate) fn trim_plan(&self) -> Option<TrimPlan> {
+        let state = self.lock();
+        let keep_from = state
+            .refs
+            .partition_point(|r| r.last_entry < state.trim_before);
+        if keep_from == 0 {
+            return None;
+        }
+        let first_entry = state
+            .refs
+            .get(keep_from)
+            .map_or(state.committed_next, |r| r.first_entry);
+        // Keyed refs among those that go: their keys are deleted.
+        let keys = (keep_from > state.keyed_from)
+            .then(|| (state.refs[state.keyed_from].first_entry, first_entry));
+        // The chain stays only while some of its refs remain.
+        let manifest = if state.keyed_from > keep_from {
+            state.manifest.clone()
+        } else {
+            None
+        };
+        Some(TrimPlan {
+            keep_from,
+            keys,
+            head: Head {
+                manifest,
+                first_entry,
+                ..Self::head_of(&state)
+            },
+            head_revision: state.head_revision,
+        })
+    }
+
+    /// A trim committed at `revision`: the first `keep_from` refs left the index.
+    pub(crate) fn trimmed(&self, plan: &TrimPlan, revision: u64) {
+        let mut state = self.lock();
+        state.refs.drain(..plan.keep_from);
+        state.keyed_from = state.keyed_from.saturating_sub(plan.keep_from);
+        state.manifest = plan.head.manifest.clone();
+        state.first_entry = plan.head.first_entry;
+        state.head_revision = revision;
+    }
+
+    /// A compaction committed at `revision`: the `refs` first keyed refs are in `manifest`.
+    pub(crate) fn compacted(&self, manifest: ManifestRef, revision: u64) {
+        let mut state = self.lock();
+        state.keyed_from += manifest.refs as usize;
+        debug_assert!(state.keyed_from <= state.refs.len());
+        state.manifest = Some(manifest);
+        state.head_revision = revision;
+    }
+
+    /// Moves every `objects/` key of this topic into one new manifest (one PUT and one fenced
+    /// etcd transaction), as the flusher does by itself past `manifest_threshold`. Returns the
+    /// new manifest, or `None` when there were no keys. Fails with `NotOwner` when the bundle
+    /// has another owner (nothing in etcd changes; the manifest object is left for the orphan
+    /// sweep). Blocks on the object store and etcd, and waits for a commit in flight.
+    pub fn compact(&self) -> Result<Option<ManifestRef>> {
+        let _commits = self.engine.commit_lock();
+        let deadline = std::time::Instant::now() + self.engine.config.commit_deadline;
+        crate::manifest::compact(&self.engine, self, deadline)
     }
 
     fn committed(&self, batch: Batch, reference: ObjectRef, revision: u64) {
@@ -394,6 +546,7 @@ impl TopicLog {
             state.committed_next = reference.last_entry + 1;
             state.committed_bytes += reference.length;
             state.head_revision = revision;
+            state.head_epoch = epoch;
             state.pending_bytes -= batch.bytes;
             state.refs.push(reference);
             let limit = self.engine.config.tail_cache_bytes_per_topic;

@@ -418,7 +418,7 @@ fn a_zombie_owner_cannot_commit_and_its_uncommitted_entries_are_never_seen() {
     // The zombie stored them (a second object appears) but cannot commit them.
     let store = weed.store();
     wait_until("the zombie's second object", || {
-        let objects = store.list("data/a/", 100).expect("list");
+        let objects = store.list("test/data/a/", 100).expect("list");
         (objects.len() >= 2).then_some(())
     });
     wait_until("the zombie's lease to expire", || {
@@ -643,4 +643,351 @@ fn a_commit_against_a_hanging_store_fails_within_its_deadline() {
         ),
         "unexpected error {error}"
     );
+}
+
+/// The keys etcd holds under `logs/<topic>/` (the head and the `objects/` keys).
+fn index_keys_in_etcd(cluster: &Cluster, topic: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    cluster
+        .client()
+        .scan_prefix(
+            &cluster.key(&format!("logs/{topic}/")),
+            1000,
+            true,
+            |page| {
+                found.extend(page.iter().map(|kv| kv.key.clone()));
+            },
+        )
+        .expect("scan the index");
+    found
+}
+
+/// `count` appends to `topic`, each awaited, so each is a commit of its own (one ref each).
+fn append_one_by_one(topic: &Arc<TopicLog>, from: usize, count: usize) -> Vec<(Position, Bytes)> {
+    (from..from + count)
+        .map(|index| {
+            let data = payload(topic.name(), index);
+            let position = topic
+                .append(data.clone(), index as u64)
+                .and_then(PendingAppend::wait)
+                .expect("committed");
+            (position, data)
+        })
+        .collect()
+}
+
+fn entries_as_written(entries: &[Entry]) -> Vec<(Position, Bytes)> {
+    entries
+        .iter()
+        .map(|entry| (entry.position, entry.data.clone()))
+        .collect()
+}
+
+#[test]
+fn index_keys_past_the_threshold_move_into_manifests_and_everything_reads_back() {
+    let Some(broker) = one_broker(10) else {
+        return;
+    };
+    let name = "persistent://t/ns/manifested";
+    const THRESHOLD: usize = 5;
+    let engine = broker.engine(|config| config.manifest_threshold = THRESHOLD);
+    let topic = engine.open_topic(name, &broker.ownership).expect("open");
+    let written = append_one_by_one(&topic, 0, 23);
+
+    // 23 commits: after the 5th, 10th, 15th and 20th the keys went into a manifest; 3 keys
+    // and the head are left (without manifests: 23 keys and the head).
+    let keys = index_keys_in_etcd(&broker.cluster, name);
+    assert!(
+        keys.len() <= THRESHOLD,
+        "etcd holds {} keys for the topic: {keys:?}",
+        keys.len()
+    );
+    let manifests = broker
+        .weed
+        .store()
+        .list(&keys::manifests_prefix("test/", name), 100)
+        .expect("list manifests");
+    assert_eq!(manifests.len(), 4, "{manifests:?}");
+    assert_eq!(entries_as_written(&read_all(&topic)), written);
+    drop(topic);
+    drop(engine);
+
+    // A fresh engine (a new owner's, or a reload's) reads the chain of manifests and the
+    // keys as one index: every entry in order, from the start and from the middle.
+    let engine = broker.engine(|config| config.manifest_threshold = THRESHOLD);
+    let topic = engine.open_topic(name, &broker.ownership).expect("reopen");
+    assert_eq!(topic.last_position(), Some(written[22].0));
+    assert_eq!(entries_as_written(&read_all(&topic)), written);
+    let middle = topic
+        .read_from(written[7].0, 9, usize::MAX)
+        .expect("read from the middle");
+    assert_eq!(entries_as_written(&middle), written[7..16].to_vec());
+    // Appends continue after the last entry, and compaction goes on from the chain.
+    let more = append_one_by_one(&topic, 23, 2);
+    assert_eq!(more[0].0, Position::new(1, 23));
+    // The flusher compacts right after the commit that reached the threshold.
+    wait_until("the 5th key since the last manifest to move", || {
+        (topic.index_keys() == 0).then_some(())
+    });
+    assert_eq!(
+        broker
+            .weed
+            .store()
+            .list(&keys::manifests_prefix("test/", name), 100)
+            .expect("list manifests")
+            .len(),
+        5
+    );
+    drop(topic);
+    drop(engine);
+    let engine = broker.engine(|_| {});
+    let topic = engine.open_topic(name, &broker.ownership).expect("reopen");
+    let everything: Vec<(Position, Bytes)> = written.into_iter().chain(more).collect();
+    assert_eq!(entries_as_written(&read_all(&topic)), everything);
+}
+
+#[test]
+fn a_fenced_owner_cannot_compact_and_changes_nothing_in_etcd() {
+    let Some(broker) = one_broker(10) else {
+        return;
+    };
+    let name = "persistent://t/ns/fenced-compaction";
+    // Manifests off, so that only the explicit compaction below could write one.
+    let engine_a = broker.engine(|config| config.manifest_threshold = 0);
+    let topic = engine_a.open_topic(name, &broker.ownership).expect("open");
+    let written = append_one_by_one(&topic, 0, 6);
+    let head_key = broker.cluster.key(&keys::head_key(name));
+    let head_before = broker
+        .cluster
+        .client()
+        .get(&head_key)
+        .expect("read the head")
+        .expect("a head");
+    let keys_before = index_keys_in_etcd(&broker.cluster, name);
+    assert_eq!(keys_before.len(), 7);
+
+    // The bundle moves behind the owner's back (an operator deletes its owner key) and
+    // broker b2 takes it with epoch 2.
+    let owner_key = broker.cluster.key(&format!("owners/{BUNDLE_1}"));
+    broker
+        .cluster
+        .client()
+        .txn(&[], &[meridian_etcd::Op::Delete(owner_key)], &[])
+        .expect("delete the owner key");
+    let session_b = session(&broker.cluster, "b2", 10);
+    let ownership_b = acquire(&session_b, BUNDLE_1);
+    assert_eq!(ownership_b.epoch(), 2);
+
+    let error = topic.compact().expect_err("a fenced compaction");
+    assert!(matches!(error, ObjectLogError::NotOwner { .. }), "{error}");
+    let head_after = broker
+        .cluster
+        .client()
+        .get(&head_key)
+        .expect("read the head")
+        .expect("a head");
+    assert_eq!(head_after, head_before, "the head did not change");
+    assert_eq!(index_keys_in_etcd(&broker.cluster, name), keys_before);
+    assert!(!topic.is_owner());
+
+    // The new owner reads the 6 entries from the keys, and can compact them itself.
+    let engine_b = engine(&broker.cluster, &session_b, &broker.weed, |config| {
+        config.manifest_threshold = 0;
+    });
+    let topic_b = engine_b.open_topic(name, &ownership_b).expect("open at b2");
+    assert_eq!(entries_as_written(&read_all(&topic_b)), written);
+    let manifest = topic_b.compact().expect("compact").expect("a manifest");
+    assert_eq!((manifest.first_entry, manifest.last_entry), (0, 5));
+    assert_eq!(index_keys_in_etcd(&broker.cluster, name).len(), 1);
+}
+
+/// The keys of the objects under `prefix`, with their age by the store's clock.
+fn objects_under(weed: &Weed, prefix: &str) -> Vec<(String, u64)> {
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_millis() as u64;
+    weed.store()
+        .list(prefix, 10_000)
+        .expect("list")
+        .into_iter()
+        .map(|object| {
+            let stored = object.last_modified_ms.expect("a LastModified time");
+            (object.key, now_ms.saturating_sub(stored))
+        })
+        .collect()
+}
+
+/// Settings for the sweep tests: manifests past `threshold` keys, a grace period of one second
+/// (a commit deadline of half that), sweeps only when asked.
+fn sweeping_quickly(threshold: usize) -> impl Fn(&mut ObjectLogConfig) + Copy {
+    move |config: &mut ObjectLogConfig| {
+        config.manifest_threshold = threshold;
+        config.commit_deadline = Duration::from_millis(500);
+        config.orphan_grace = Duration::from_secs(1);
+        config.sweep_interval = None;
+    }
+}
+
+#[test]
+fn the_orphan_sweep_deletes_only_old_objects_no_index_references() {
+    let Some(broker) = one_broker(10) else {
+        return;
+    };
+    let configure = sweeping_quickly(3);
+    let engine = broker.engine(configure);
+    let open = |name: &str| engine.open_topic(name, &broker.ownership).expect("open");
+    let (a, b, c) = (
+        open("persistent://t/ns/a"),
+        open("persistent://t/ns/b"),
+        open("persistent://t/ns/c"),
+    );
+    // a: 7 commits of its own (two manifests of 3 refs, one key left).
+    let mut written_a = append_one_by_one(&a, 0, 7);
+    // One object shared by a and b: b's index will be deleted, a's still references it.
+    let shared_a = a.append(payload(a.name(), 7), 7).expect("append");
+    let shared_b = b.append(payload(b.name(), 0), 0).expect("append");
+    written_a.push((shared_a.wait().expect("committed"), payload(a.name(), 7)));
+    shared_b.wait().expect("committed");
+    // c: 2 commits of its own, then c and b are deleted (their index, as a topic deletion
+    // does): c's objects are orphans, the shared one is not.
+    append_one_by_one(&c, 0, 2);
+    engine.close_topic(b.name());
+    engine.close_topic(c.name());
+    let root_prefix = |topic: &str| broker.cluster.key(&format!("logs/{topic}/"));
+    for topic in [b.name(), c.name()] {
+        let from = root_prefix(topic);
+        let to = format!("{}0", from.trim_end_matches('/'));
+        broker
+            .cluster
+            .client()
+            .txn(&[], &[meridian_etcd::Op::DeleteRange { from, to }], &[])
+            .expect("delete the index");
+    }
+    // What a crash between a PUT and its transaction leaves: a data object and a manifest
+    // that nothing references.
+    let store = broker.weed.store();
+    let orphan_data = "test/data/b9/00000000000000000001/00000000000000000001.seg";
+    let orphan_manifest = keys::manifest_key("test/", a.name(), (0, 2), 1, 42);
+    store.put(orphan_data, b"crashed commit").expect("put");
+    store.put(&orphan_manifest, b"{}").expect("put");
+    let data_before = objects_under(&broker.weed, "test/data/");
+    let manifests_before = objects_under(&broker.weed, "test/manifests/");
+    assert_eq!(data_before.len(), 7 + 1 + 2 + 1, "{data_before:?}");
+    assert_eq!(manifests_before.len(), 2 + 1, "{manifests_before:?}");
+
+    // Everything so far is older than the grace period once a second passed; then one more
+    // orphan arrives, young: it may belong to a commit under way, so it stays.
+    wait_until("every object to be older than the grace period", || {
+        objects_under(&broker.weed, "test/")
+            .iter()
+            .all(|(_, age_ms)| *age_ms > 1_000)
+            .then_some(())
+    });
+    let young = "test/data/b9/00000000000000000001/00000000000000000002.seg";
+    store.put(young, b"commit under way").expect("put");
+
+    let report = engine.sweep().expect("sweep");
+    assert!(report.swept);
+    assert_eq!(report.data_objects_deleted, 2 + 1, "{report:?}");
+    assert_eq!(report.manifests_deleted, 1, "{report:?}");
+    assert_eq!(report.young_kept, 1, "{report:?}");
+    let data_after: HashSet<String> = objects_under(&broker.weed, "test/data/")
+        .into_iter()
+        .map(|(key, _)| key)
+        .collect();
+    assert!(!data_after.contains(orphan_data));
+    assert!(data_after.contains(young));
+    assert_eq!(
+        data_after.len(),
+        7 + 1 + 1,
+        "a's objects, the shared one, the young one"
+    );
+    let manifests_after = objects_under(&broker.weed, "test/manifests/");
+    assert_eq!(manifests_after.len(), 2);
+    assert!(manifests_after
+        .iter()
+        .all(|(key, _)| *key != orphan_manifest));
+
+    // Nothing referenced went: a fresh engine reads all of a back, the shared entry too.
+    drop(a);
+    drop(engine);
+    let engine = broker.engine(configure);
+    let a = engine
+        .open_topic("persistent://t/ns/a", &broker.ownership)
+        .expect("reopen");
+    assert_eq!(entries_as_written(&read_all(&a)), written_a);
+
+    // One broker sweeps at a time: b2 finds the sweeper key held by b1's lease.
+    let session_b = session(&broker.cluster, "b2", 10);
+    let engine_b = engine_of(&broker, &session_b, configure);
+    assert!(!engine_b.sweep().expect("sweep at b2").swept);
+}
+
+fn engine_of(
+    broker: &Broker,
+    session: &Arc<Session>,
+    configure: impl FnOnce(&mut ObjectLogConfig),
+) -> ObjectLog {
+    engine(&broker.cluster, session, &broker.weed, configure)
+}
+
+#[test]
+fn trimmed_entries_leave_the_index_and_the_rest_reads_back() {
+    let Some(broker) = one_broker(10) else {
+        return;
+    };
+    let name = "persistent://t/ns/trimmed";
+    let configure = sweeping_quickly(4);
+    let engine = broker.engine(configure);
+    let topic = engine.open_topic(name, &broker.ownership).expect("open");
+    // 10 commits: manifests of entries 0-3 and 4-7, keys of 8 and 9.
+    let written = append_one_by_one(&topic, 0, 10);
+    wait_until("two manifests", || (topic.index_keys() == 2).then_some(()));
+
+    // The local log trimmed everything before entry 5: refs 0-4 leave the index; the newest
+    // manifest still holds 5-7, so the chain stays (its older manifest is no longer read).
+    topic.request_trim(5);
+    wait_until("the trim to entry 5", || {
+        (topic.first_entry() == 5).then_some(())
+    });
+    assert_eq!(entries_as_written(&read_all(&topic)), written[5..].to_vec());
+
+    // The sweep deletes what the trim left unreferenced: the manifest of 0-3 and the data
+    // objects of entries 0-4 (one commit each), once older than the grace period.
+    wait_until("every object to be older than the grace period", || {
+        objects_under(&broker.weed, "test/")
+            .iter()
+            .all(|(_, age_ms)| *age_ms > 1_000)
+            .then_some(())
+    });
+    let report = engine.sweep().expect("sweep");
+    assert_eq!(
+        (report.data_objects_deleted, report.manifests_deleted),
+        (5, 1),
+        "{report:?}"
+    );
+
+    // A new owner (a fresh engine) copies only what is left, entry 5 on.
+    drop(topic);
+    drop(engine);
+    let engine = broker.engine(configure);
+    let topic = engine.open_topic(name, &broker.ownership).expect("reopen");
+    assert_eq!(topic.first_entry(), 5);
+    assert_eq!(entries_as_written(&read_all(&topic)), written[5..].to_vec());
+
+    // Trimmed to entry 9: the chain goes, so does the key of entry 8.
+    topic.request_trim(9);
+    wait_until("the trim to entry 9", || {
+        (topic.first_entry() == 9).then_some(())
+    });
+    let keys = index_keys_in_etcd(&broker.cluster, name);
+    assert_eq!(keys.len(), 2, "the head and the key of entry 9: {keys:?}");
+    drop(topic);
+    drop(engine);
+    let engine = broker.engine(configure);
+    let topic = engine.open_topic(name, &broker.ownership).expect("reopen");
+    assert_eq!(entries_as_written(&read_all(&topic)), written[9..].to_vec());
+    let next = append_one_by_one(&topic, 10, 1);
+    assert_eq!(next[0].0, Position::new(1, 10));
 }

@@ -38,6 +38,48 @@ pub struct ObjectInfo {
 pub struct ObjectSummary {
     pub key: String,
     pub size: u64,
+    /// When the object was stored, in ms since the Unix epoch, by the store's clock (S3's
+    /// `LastModified`); `None` when the store sent a time this client cannot read.
+    pub last_modified_ms: Option<u64>,
+}
+
+/// An ISO 8601 UTC time as S3 lists it (`2026-12-02T01:10:25.000Z`, fraction optional) in ms
+/// since the Unix epoch; `None` for anything else.
+pub fn parse_s3_time_ms(text: &str) -> Option<u64> {
+    let text = text.strip_suffix('Z')?;
+    let (date, time) = text.split_once('T')?;
+    let mut date_parts = date.splitn(3, '-').map(|part| part.parse::<i64>().ok());
+    let (year, month, day) = (
+        date_parts.next()??,
+        date_parts.next()??,
+        date_parts.next()??,
+    );
+    let (clock, fraction) = time.split_once('.').unwrap_or((time, ""));
+    let mut clock_parts = clock.splitn(3, ':').map(|part| part.parse::<i64>().ok());
+    let (hour, minute, second) = (
+        clock_parts.next()??,
+        clock_parts.next()??,
+        clock_parts.next()??,
+    );
+    let valid = (1..=12).contains(&month)
+        && (1..=31).contains(&day)
+        && (0..24).contains(&hour)
+        && (0..60).contains(&minute)
+        && (0..=60).contains(&second)
+        && fraction.bytes().all(|byte| byte.is_ascii_digit());
+    if !valid || year < 1970 {
+        return None;
+    }
+    let millis: i64 = format!("{fraction:0<3}").get(..3)?.parse().ok()?;
+    // Days from 1970-01-01 to the civil date (the proleptic Gregorian calendar).
+    let shifted_year = if month <= 2 { year - 1 } else { year };
+    let era = shifted_year.div_euclid(400);
+    let year_of_era = shifted_year - era * 400;
+    let day_of_year = (153 * (month + if month > 2 { -3 } else { 9 }) + 2) / 5 + day - 1;
+    let day_of_era = year_of_era * 365 + year_of_era / 4 - year_of_era / 100 + day_of_year;
+    let days = era * 146_097 + day_of_era - 719_468;
+    let seconds = days * 86_400 + hour * 3_600 + minute * 60 + second;
+    u64::try_from(seconds * 1000 + millis).ok()
 }
 
 /// One page of a listing. `next` is the token that asks for the following page, `None` on the
@@ -298,6 +340,7 @@ impl ObjectStore {
                 Ok(ObjectSummary {
                     key,
                     size: content.size,
+                    last_modified_ms: parse_s3_time_ms(&content.last_modified),
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -663,4 +706,32 @@ fn content_range(response: &ureq::Response) -> Option<(u64, u64)> {
     let (range, size) = value.strip_prefix("bytes ")?.split_once('/')?;
     let (first, _last) = range.split_once('-')?;
     Some((first.trim().parse().ok()?, size.trim().parse().ok()?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_s3_time_ms;
+
+    #[test]
+    fn s3_listing_times_are_read_as_unix_milliseconds() {
+        assert_eq!(parse_s3_time_ms("1970-01-01T00:00:00.000Z"), Some(0));
+        // `date -u -d 2026-12-02T01:10:25Z +%s` = 1796173825
+        assert_eq!(
+            parse_s3_time_ms("2026-12-02T01:10:25.123Z"),
+            Some(1_796_173_825_123)
+        );
+        assert_eq!(
+            parse_s3_time_ms("2024-02-29T23:59:59Z"),
+            Some(1_709_251_199_000)
+        );
+        for bad in [
+            "",
+            "2026-12-02",
+            "2026-13-02T00:00:00Z",
+            "2026-12-02T01:10:25",
+            "x",
+        ] {
+            assert_eq!(parse_s3_time_ms(bad), None, "{bad}");
+        }
+    }
 }

@@ -23,7 +23,7 @@ pub mod config;
 pub mod data_object;
 mod error;
 
-pub use client::{ListPage, ObjectInfo, ObjectStore, ObjectSummary, ObjectTail};
+pub use client::{parse_s3_time_ms, ListPage, ObjectInfo, ObjectStore, ObjectSummary, ObjectTail};
 pub use config::{Credentials, S3Config, S3Location};
 pub use data_object::{
     data_object_key, read_topic, BuildError, DataObject, DataObjectBuilder, DataObjectLimits,

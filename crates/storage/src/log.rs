@@ -893,6 +893,49 @@ impl Log {
         Ok(())
     }
 
+    /// Makes an empty log's first entry id `entry_id` instead of 0 (cluster mode: a new
+    /// owner's copy of a topic whose entries before `entry_id` were trimmed, so that local
+    /// entry `n` stays the object-store log's entry `n`). Refused once anything was appended.
+    pub fn start_at(&self, entry_id: u64) -> Result<()> {
+        let replaced = {
+            let mut state = self.lock();
+            let empty = state.next_entry_id == 0
+                && state.pending.is_empty()
+                && state
+                    .segments
+                    .iter()
+                    .all(|segment| segment.entry_count() == 0);
+            if !empty {
+                return Err(StorageError::InvalidConfig(format!(
+                    "log {}: only an empty log can start at entry {entry_id}",
+                    self.name
+                )));
+            }
+            if entry_id == 0 {
+                return Ok(());
+            }
+            let ledger_id = state.ledger_id;
+            let Some(active) = state.segments.last_mut() else {
+                return Err(StorageError::Closed {
+                    log: self.name.clone(),
+                });
+            };
+            // The empty file made at open names entry 0; the first append creates the new one.
+            let fresh = Segment::new(&self.directory, ledger_id, entry_id);
+            let replaced = std::mem::replace(active, fresh);
+            state.next_entry_id = entry_id;
+            replaced
+        };
+        if !matches!(replaced.file, SegmentFile::NotCreated) {
+            let io = self.shared.io.as_ref();
+            io.remove_file(&replaced.path)
+                .map_err(|error| StorageError::io("remove segment", &replaced.path, error))?;
+            io.sync_dir(&self.directory)
+                .map_err(|error| StorageError::io("fsync directory", &self.directory, error))?;
+        }
+        Ok(())
+    }
+
     /// Appends one entry. Returns at once with its position; the returned [`PendingAppend`]
     /// completes once the entry and everything before it are durable.
     pub fn append(self: &Arc<Self>, data: Bytes, publish_time_ms: u64) -> Result<PendingAppend> {
@@ -1882,11 +1925,32 @@ impl Log {
     }
 
     /// Deletes segments that every cursor has passed and that retention no longer needs.
-    /// Returns the number of bytes freed.
+    /// Returns the number of bytes freed. A remote log is then told the first entry kept
+    /// ([`RemoteLog::trim_before`]), at every trim, so that one that failed is asked again.
     pub fn trim(&self) -> Result<u64> {
+        let (remote, freed) = self.trim_segments()?;
+        if let Some((remote, first_kept)) = remote {
+            remote.trim_before(first_kept);
+        }
+        Ok(freed)
+    }
+
+    /// Removes the segments [`Log::trim`] may; returns the remote to tell and the first entry
+    /// kept (with a remote log), and the bytes freed.
+    fn trim_segments(&self) -> Result<(Option<RemoteTrim>, u64)> {
         let now = now_ms();
+        let mut remote = None;
         let removed: Vec<Segment> = {
             let mut state = self.lock();
+            // Read before anything is removed: the remote hears of the removal once the files
+            // are gone (or at the next trim, if removing them fails).
+            let first_kept = |state: &LogState| {
+                state
+                    .segments
+                    .iter()
+                    .find(|segment| segment.entry_count() > 0)
+                    .map(|segment| segment.first_entry_id)
+            };
             // A cursor counts with the lower of its persisted and its current mark-delete
             // position: the persisted one, so that a crash never leaves a cursor pointing
             // before data that no longer exists; the current one, because after a backward
@@ -1904,7 +1968,7 @@ impl Log {
                 durable_cursors.min().flatten()
             };
             let Some(slowest) = slowest else {
-                return Ok(0);
+                return Ok((None, 0));
             };
             let retention = state.retention;
             let total: u64 = state.segments.iter().map(Segment::size_bytes).sum();
@@ -1940,10 +2004,13 @@ impl Log {
             if let Some(last) = removed.iter().rev().find_map(Segment::last_position) {
                 state.cache.evict_up_to(last, &self.shared.cache_used_bytes);
             }
+            if let (Some(log), Some(first)) = (state.remote.clone(), first_kept(&state)) {
+                remote = Some((log, first));
+            }
             removed
         };
         if removed.is_empty() {
-            return Ok(0);
+            return Ok((remote, 0));
         }
         // Oldest first, each removal durable before the next: a crash part-way leaves a log
         // that starts at a later segment, never one with a hole in the middle.
@@ -1957,7 +2024,7 @@ impl Log {
             freed += segment.size_bytes();
             tracing::debug!(log = %self.name, path = %segment.path.display(), "segment trimmed");
         }
-        Ok(freed)
+        Ok((remote, freed))
     }
 
     /// Stops accepting appends, waits for pending ones to finish and persists cursors.
@@ -2242,6 +2309,9 @@ fn sealed_end(file: &dyn IoFile, path: &Path, file_len: u64) -> Result<Option<u6
     };
     Ok((entry_id == SEAL_ENTRY_ID && offset == at && reader.is_empty()).then_some(at))
 }
+
+/// A remote log and the first entry its local log still holds after a trim.
+type RemoteTrim = (Arc<dyn RemoteLog>, u64);
 
 /// Checks that each segment continues the one before it: within a ledger, a segment starts
 /// with the entry after the previous one's last; a later ledger starts at entry 0. Only the

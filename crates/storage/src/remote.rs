@@ -9,7 +9,8 @@
 //! its appends complete) only once the local write **and** the remote commit of every entry
 //! in it succeeded. The local files are then the broker's working copy of the remote log:
 //! reads, the cache, cursors, trimming and recovery stay the local engine's, shared by both
-//! modes. A remote failure poisons the log with [`StorageError::Remote`]: nothing after it is
+//! modes. Trimming tells the remote which entries the local log no longer holds
+//! ([`RemoteLog::trim_before`]). A remote failure poisons the log with [`StorageError::Remote`]: nothing after it is
 //! ever acknowledged, and the caller reopens the log (rebuilt from the remote side).
 //!
 //! Entry ids must match on both sides: a remote log continues at the local log's next entry
@@ -29,6 +30,14 @@ pub trait RemoteLog: Send + Sync {
         data: Bytes,
         publish_time_ms: u64,
     ) -> Result<Box<dyn RemoteCommit>>;
+
+    /// The local log holds no entry before `entry_id` any more (its segments were trimmed:
+    /// every cursor passed them and retention let them go), so the remote may drop them too.
+    /// Called after every trim, off the log's lock; it must not block. The default keeps
+    /// everything.
+    fn trim_before(&self, entry_id: u64) {
+        let _ = entry_id;
+    }
 }
 
 /// One entry's commit in a [`RemoteLog`], waited for by a flush thread (off every lock).

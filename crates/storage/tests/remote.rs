@@ -147,3 +147,82 @@ fn a_failed_remote_commit_poisons_the_log_and_nothing_after_it_is_acknowledged()
     let entries = log.read_from(committed, 10, 1 << 20).expect("read");
     assert_eq!(entries.len(), 1);
 }
+
+/// A remote that commits every entry at once and records what trimming told it.
+#[derive(Default)]
+struct TrimmedRemote {
+    trimmed_before: Mutex<Vec<u64>>,
+}
+
+struct Committed;
+
+impl RemoteCommit for Committed {
+    fn wait(self: Box<Self>) -> meridian_storage::Result<()> {
+        Ok(())
+    }
+}
+
+impl RemoteLog for TrimmedRemote {
+    fn append(
+        &self,
+        _entry_id: u64,
+        _data: Bytes,
+        _publish_time_ms: u64,
+    ) -> meridian_storage::Result<Box<dyn RemoteCommit>> {
+        Ok(Box::new(Committed))
+    }
+
+    fn trim_before(&self, entry_id: u64) {
+        self.trimmed_before.lock().expect("lock").push(entry_id);
+    }
+}
+
+#[test]
+fn a_copy_starts_at_the_remotes_first_entry_and_tells_the_remote_what_it_trimmed() {
+    let directory = tempfile::tempdir().expect("tempdir");
+    let config = StorageConfig {
+        segment_max_bytes: 4096,
+        entry_max_bytes: 1024,
+        ..StorageConfig::default()
+    };
+    let storage = Storage::open(directory.path(), config).expect("open");
+    let log = storage.open_log("t").expect("log");
+    // A new owner's copy of a log trimmed before entry 100 numbers its entries from 100.
+    log.start_at(100).expect("start at 100");
+    let remote = Arc::new(TrimmedRemote::default());
+    log.attach_remote(remote.clone()).expect("attach");
+    let positions: Vec<Position> = (0..20)
+        .map(|index| {
+            log.append(Bytes::from(vec![b'x'; 900]), index)
+                .expect("append")
+                .wait()
+                .expect("durable")
+        })
+        .collect();
+    assert_eq!(positions[0].entry_id, 100);
+    assert_eq!(positions[19].entry_id, 119);
+    assert!(
+        log.start_at(0).is_err(),
+        "only an empty log starts elsewhere"
+    );
+
+    // Every segment but the newest expires; the remote hears where the log now starts.
+    log.set_retention(meridian_storage::Retention {
+        time: Some(std::time::Duration::ZERO),
+        size_bytes: None,
+    });
+    assert!(log.trim().expect("trim") > 0);
+    let first = log.first_position().expect("entries are left").entry_id;
+    assert!(
+        first > 100,
+        "segments were trimmed: the log starts at {first}"
+    );
+    assert_eq!(*remote.trimmed_before.lock().expect("lock"), vec![first]);
+    assert_eq!(
+        log.read_from(Position::new(positions[0].ledger_id, 0), 100, 1 << 20)
+            .expect("read")[0]
+            .position
+            .entry_id,
+        first
+    );
+}

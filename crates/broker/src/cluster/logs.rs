@@ -10,7 +10,8 @@
 //!
 //! - **Load** ([`ClusterLogs::open`]): the local log is deleted and opened fresh, every
 //!   committed entry is copied into it from the object store in order (so local entry `n` is
-//!   the object-store log's entry `n`, in the local log's one ledger), the cursors are read
+//!   the object-store log's entry `n`, in the local log's one ledger, which starts at the
+//!   object-store log's first entry: 0, or where it was trimmed), the cursors are read
 //!   from `cursors/<topic>/<subscription>` and restored, and only then is the object-store log
 //!   attached.
 //! - **Cursors** ([`persist_cursors`]): every `cursor_persist_interval` each loaded topic's
@@ -18,6 +19,10 @@
 //!   `cursor_max_persisted_ranges`, properties: de-duplication snapshots included) that changed
 //!   are written to etcd with one fenced transaction per topic (owner compare: a broker that
 //!   lost the bundle cannot move a cursor), and once more when the topic is closed.
+//! - **Trimming**: when the local log trims segments (every cursor passed them, retention let
+//!   them go), the object-store log drops the refs wholly before the first entry kept
+//!   (`RemoteLog::trim_before`, a fenced etcd commit by the engine's flusher), so the next
+//!   owner copies only what is left; the unreferenced objects go to the orphan sweep.
 //! - **Failures**: a failed remote commit poisons the local log ([`StorageError::Remote`]); the
 //!   publish fails with `ServiceNotReady` and [`watch_failures`] unloads the topic, or, when
 //!   the commit was fenced (another owner), forgets the bundle and unloads all its topics, so
@@ -209,7 +214,10 @@ impl ClusterLogs {
         storage.delete_log(topic)?;
         let log =
             storage.open_log_with_ledger_floor(topic, ledger_floor(remote.current_ledger_id()))?;
-        let mut next = Position::new(0, 0);
+        // Entries before the object-store log's first were trimmed: the copy starts there too.
+        let first = remote.first_entry();
+        log.start_at(first)?;
+        let mut next = Position::new(0, first);
         let mut copied = 0u64;
         loop {
             let entries = remote
@@ -236,7 +244,7 @@ impl ClusterLogs {
             for append in pending {
                 append.wait()?;
             }
-            copied += (last.entry_id + 1).saturating_sub(next.entry_id);
+            copied += (last.entry_id + 1).saturating_sub(next.entry_id.max(first));
             next = Position::new(last.ledger_id, last.entry_id + 1);
         }
         let remote_next = remote.end_position().entry_id;
@@ -597,6 +605,10 @@ impl RemoteLog for ReportingRemote {
                 Err(error)
             }
         }
+    }
+
+    fn trim_before(&self, entry_id: u64) {
+        self.inner.trim_before(entry_id);
     }
 }
 
