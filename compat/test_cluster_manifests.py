@@ -15,51 +15,27 @@ import json
 import pulsar
 import pytest
 
-import broker_process
 from helpers import assert_no_more, receive_n, unique, wait_until
 from test_cluster_mode import (  # noqa: F401  (fixtures are used by name)
     OBJECT_CLUSTER,
-    S3_ACCESS_KEY,
-    S3_SECRET_KEY,
-    ObjectStoreBroker,
     etcd,
     etcd_range,
     http,
     new_client,
+    object_brokers,
     object_store,
     owner_of,
-    stop_brokers,
     stored_cursor,
 )
 
-# Segments of 128 KiB (they must hold one entry of max_message_size + 11 KiB), trimmed every
-# 100 ms.
-BROKER_CONFIG = """max_message_size = 65536
-[storage]
-segment_max_bytes = 131072
-trim_interval_ms = 100
-cursor_persist_interval_ms = 200
-"""
-
-
 @pytest.fixture(scope="module")
 def trimming_brokers(etcd, object_store, meridian_bin, tmp_path_factory):  # noqa: F811
-    key_file = tmp_path_factory.mktemp("s3-key") / "s3.key"
-    key_file.write_text(f"{S3_ACCESS_KEY}:{S3_SECRET_KEY}\n")
-    brokers = []
-    try:
-        for index in range(2):
-            name = f"trimming-broker-{index + 1}"
-            base = tmp_path_factory.mktemp(name)
-            broker = ObjectStoreBroker(meridian_bin, base, name, etcd, object_store, key_file)
-            broker.config_path = base / "broker.toml"
-            broker.config_path.write_text(BROKER_CONFIG)
-            brokers.append(broker)
-            broker_process.KNOWN_BROKERS.append(broker)
-            broker.start()
+    # Segments of 128 KiB (they must hold one entry of max_message_size + 11 KiB), trimmed
+    # every 100 ms.
+    with object_brokers(etcd, object_store, meridian_bin, tmp_path_factory, "trimming-broker", 2,
+                        200, {"max_message_size": 65536},
+                        {"segment_max_bytes": 131072, "trim_interval_ms": 100}) as brokers:
         yield brokers
-    finally:
-        stop_brokers(brokers)
 
 
 def head(etcd_url: str, topic: str):

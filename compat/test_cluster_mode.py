@@ -563,10 +563,11 @@ class ObjectStoreBroker(ClusterBroker):
 
 @contextlib.contextmanager
 def object_brokers(etcd, endpoint, meridian_bin, tmp_path_factory, prefix: str, count: int,
-                   cursor_persist_interval_ms: int, settings: Optional[dict] = None):
+                   cursor_persist_interval_ms: int, settings: Optional[dict] = None,
+                   storage: Optional[dict] = None):
     """`count` brokers of cluster c2 on the object store at `endpoint` (with `settings`, more
-    top-level configuration keys), stopped (and their logs checked for unexpected errors) when
-    the block ends."""
+    top-level configuration keys, and `storage`, more keys of `[storage]`), stopped (and their
+    logs checked for unexpected errors) when the block ends."""
     key_file = tmp_path_factory.mktemp("s3-key") / "s3.key"
     key_file.write_text(f"{S3_ACCESS_KEY}:{S3_SECRET_KEY}\n")
     brokers = []
@@ -579,6 +580,7 @@ def object_brokers(etcd, endpoint, meridian_bin, tmp_path_factory, prefix: str, 
             broker.config_path.write_text(
                 "".join(f"{key} = {value}\n" for key, value in (settings or {}).items())
                 + f"[storage]\ncursor_persist_interval_ms = {cursor_persist_interval_ms}\n"
+                + "".join(f"{key} = {value}\n" for key, value in (storage or {}).items())
             )
             brokers.append(broker)
             broker_process.KNOWN_BROKERS.append(broker)
