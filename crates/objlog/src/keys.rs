@@ -4,6 +4,7 @@
 //! |---|---|
 //! | `logs/<topic>/head` | [`Head`]: the epoch of the last commit, the next entry id, bytes committed, the newest manifest |
 //! | `logs/<topic>/objects/<first-entry, 20 digits>` | [`ObjectRef`]: where entries `first..=last` lie |
+//! | `deleted/<topic>` | [`Deleted`]: where a log created again after a deletion starts |
 //!
 //! Both are written by the same fenced transaction. Once a topic's `objects/` keys pass the
 //! manifest threshold, their refs are written to a [`Manifest`] object
@@ -88,6 +89,21 @@ impl ObjectRef {
 
 pub fn head_key(topic: &str) -> String {
     format!("logs/{topic}/head")
+}
+
+/// `deleted/<topic>`: [`Deleted`], written when a topic's log is deleted (with the deletion of
+/// its head), so that a topic created again under the same name numbers its entries after the
+/// deleted one's: its entry ids, and so its message ids and the origin positions other clusters
+/// know it by, never repeat an earlier life's.
+pub fn deleted_key(topic: &str) -> String {
+    format!("deleted/{topic}")
+}
+
+/// The value of [`deleted_key`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Deleted {
+    /// The next entry id of the deleted log: a new log of the topic starts there.
+    pub next_entry: u64,
 }
 
 pub fn objects_prefix(topic: &str) -> String {

@@ -168,16 +168,28 @@ impl TopicLog {
                     .map_err(|error| metadata("reading the head", error))?,
                 kv.mod_revision,
             ),
-            None => (
-                Head {
-                    epoch: 0,
-                    next_entry: 0,
-                    committed_bytes: 0,
-                    manifest: None,
-                    first_entry: 0,
-                },
-                0,
-            ),
+            None => {
+                // A new log, or one created again after a deletion: it starts after the
+                // deleted one's entries.
+                let deleted_key = engine.cluster.key(&keys::deleted_key(topic));
+                let start = client
+                    .get(&deleted_key)
+                    .map_err(|error| metadata("reading the deletion record", error.to_string()))?
+                    .map(|kv| keys::decode::<keys::Deleted>(&deleted_key, &kv.value))
+                    .transpose()
+                    .map_err(|error| metadata("reading the deletion record", error))?
+                    .map_or(0, |deleted| deleted.next_entry);
+                (
+                    Head {
+                        epoch: 0,
+                        next_entry: start,
+                        committed_bytes: 0,
+                        manifest: None,
+                        first_entry: start,
+                    },
+                    0,
+                )
+            }
         };
         if head.epoch > ownership.epoch() {
             return Err(ObjectLogError::NotOwner {

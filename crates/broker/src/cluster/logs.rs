@@ -388,9 +388,38 @@ impl ClusterLogs {
                     BrokerError::NotServedHere(format!("listing the index of {topic}: {error}"))
                 })?;
         }
-        keys.push(meridian_objlog::keys::head_key(topic));
+        // A topic created again under this name starts after this life's entries.
+        let next_entry = [
+            meridian_objlog::keys::head_key(topic),
+            meridian_objlog::keys::deleted_key(topic),
+        ]
+        .iter()
+        .map(|key| -> Result<u64> {
+            let full = cluster.key(key);
+            let found = cluster.client().get(&full).map_err(|error| {
+                BrokerError::NotServedHere(format!("reading {full}: {error}"))
+            })?;
+            Ok(found
+                .and_then(|kv| serde_json::from_slice::<serde_json::Value>(&kv.value).ok())
+                .and_then(|value| value.get("next_entry").and_then(serde_json::Value::as_u64))
+                .unwrap_or(0))
+        })
+        .try_fold(0, |most, next| next.map(|next| most.max(next)))?;
         let operations: Vec<Op> = keys.into_iter().map(Op::Delete).collect();
-        for chunk in operations.chunks(CURSOR_OPERATIONS_PER_COMMIT) {
+        // The head last, with the deletion record in the same commit.
+        let last = [
+            Op::Delete(meridian_objlog::keys::head_key(topic)),
+            Op::Put {
+                key: meridian_objlog::keys::deleted_key(topic),
+                value: serde_json::to_vec(&meridian_objlog::keys::Deleted { next_entry })
+                    .unwrap_or_default(),
+                lease: 0,
+            },
+        ];
+        for chunk in operations
+            .chunks(CURSOR_OPERATIONS_PER_COMMIT)
+            .chain(std::iter::once(&last[..]))
+        {
             session
                 .fenced_commit(ownership, &[], chunk)
                 .map_err(|error| {
