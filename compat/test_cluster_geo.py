@@ -8,10 +8,13 @@ one `meridian standalone`. The official Python client on both sides.
 from __future__ import annotations
 
 import json
+import ssl
+from http.client import HTTPSConnection
 
 import pulsar
 import pytest
 
+from broker_process import free_port
 from helpers import assert_no_more, unique, wait_until
 from test_cluster_mode import (  # noqa: F401  (fixtures are used by name)
     CURSOR_PERSIST_INTERVAL_MS,
@@ -22,7 +25,9 @@ from test_cluster_mode import (  # noqa: F401  (fixtures are used by name)
     object_brokers,
     object_store,
     owner_of,
+    topic_owned_by,
 )
+from test_security_tls import make_ca, make_server_cert
 
 
 def admin(web_url: str, method: str, path: str, body=None) -> None:
@@ -250,3 +255,36 @@ def test_a_topic_deleted_and_created_again_in_cluster_mode_still_replicates(
             c2_client.close()
         finally:
             west_client.close()
+
+
+def test_a_redirect_to_the_owner_keeps_https(
+    etcd, object_store, meridian_bin, tmp_path_factory, tmp_path
+):
+    # Models an admin client (or another cluster's replicator, which sends its token along)
+    # calling a topic's admin API over HTTPS on a broker that does not own the topic: the
+    # redirect sends it to the owner's HTTPS port, never to its plain HTTP one, where the
+    # request (and its credentials) would travel in the clear.
+    certs = tmp_path_factory.mktemp("certs")
+    make_ca(certs)
+    make_server_cert(certs, "server", "meridian-server")
+    ports = [free_port(), free_port()]
+    settings = [{
+        "web_port_tls": port,
+        "tls_certificate_file_path": json.dumps(str(certs / "server.pem")),
+        "tls_key_file_path": json.dumps(str(certs / "server.key")),
+    } for port in ports]
+    with object_brokers(etcd, object_store, meridian_bin, tmp_path_factory, "https-broker", 2,
+                        CURSOR_PERSIST_INTERVAL_MS, settings) as brokers:
+        entry, owner = brokers
+        _, topic = topic_owned_by(owner, brokers, entry, "https")
+        context = ssl.create_default_context(cafile=str(certs / "ca.pem"))
+        path = f"/admin/v2/persistent/{topic.removeprefix('persistent://')}/stats"
+        connection = HTTPSConnection("127.0.0.1", ports[0], context=context, timeout=30)
+        try:
+            connection.request("GET", path)
+            response = connection.getresponse()
+            response.read()
+        finally:
+            connection.close()
+        assert response.status == 307, response.status
+        assert response.getheader("Location") == f"https://127.0.0.1:{ports[1]}{path}"
