@@ -36,6 +36,13 @@ def admin(web_url: str, method: str, path: str, body=None) -> None:
     assert 200 <= status < 300, (method, web_url + path, status, reply)
 
 
+def create(web_url: str, path: str, body=None) -> None:
+    """PUT that creates a resource, which may already exist (409)."""
+    status, _, reply = http("PUT", web_url + path,
+                            body=None if body is None else json.dumps(body).encode())
+    assert 200 <= status < 300 or status == 409, (web_url + path, status, reply)
+
+
 def register(on, name: str, broker) -> None:
     """Registers cluster `name`, reached through `broker`, in `on`'s registry (created, or
     updated when an earlier test of the module registered it)."""
@@ -66,9 +73,11 @@ def replicate_namespace(entry, west) -> str:
     tenant = unique("geo")
     namespace = f"{tenant}/ns"
     for side in (entry, west):
-        admin(side.web_url, "PUT", f"/admin/v2/tenants/{tenant}",
-              {"adminRoles": [], "allowedClusters": [OBJECT_CLUSTER, "west"]})
-        admin(side.web_url, "PUT", f"/admin/v2/namespaces/{namespace}")
+        # The first side's replication settings reach the second one by themselves (Pulsar's
+        # configure-once) and may create the tenant and namespace there first: 409 is fine.
+        create(side.web_url, f"/admin/v2/tenants/{tenant}",
+               {"adminRoles": [], "allowedClusters": [OBJECT_CLUSTER, "west"]})
+        create(side.web_url, f"/admin/v2/namespaces/{namespace}")
         admin(side.web_url, "POST", f"/admin/v2/namespaces/{namespace}/replication",
               [OBJECT_CLUSTER, "west"])
     return namespace
