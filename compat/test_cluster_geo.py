@@ -8,9 +8,13 @@ one `meridian standalone`. The official Python client on both sides.
 from __future__ import annotations
 
 import json
+import ssl
+from http.client import HTTPSConnection
 
 import pulsar
+import pytest
 
+from broker_process import free_port
 from helpers import assert_no_more, unique, wait_until
 from test_cluster_mode import (  # noqa: F401  (fixtures are used by name)
     CURSOR_PERSIST_INTERVAL_MS,
@@ -21,13 +25,22 @@ from test_cluster_mode import (  # noqa: F401  (fixtures are used by name)
     object_brokers,
     object_store,
     owner_of,
+    topic_owned_by,
 )
+from test_security_tls import make_ca, make_server_cert
 
 
 def admin(web_url: str, method: str, path: str, body=None) -> None:
     status, _, reply = http(method, web_url + path,
                             body=None if body is None else json.dumps(body).encode())
     assert 200 <= status < 300, (method, web_url + path, status, reply)
+
+
+def create(web_url: str, path: str, body=None) -> None:
+    """PUT that creates a resource, which may already exist (409)."""
+    status, _, reply = http("PUT", web_url + path,
+                            body=None if body is None else json.dumps(body).encode())
+    assert 200 <= status < 300 or status == 409, (web_url + path, status, reply)
 
 
 def register(on, name: str, broker) -> None:
@@ -60,9 +73,11 @@ def replicate_namespace(entry, west) -> str:
     tenant = unique("geo")
     namespace = f"{tenant}/ns"
     for side in (entry, west):
-        admin(side.web_url, "PUT", f"/admin/v2/tenants/{tenant}",
-              {"adminRoles": [], "allowedClusters": [OBJECT_CLUSTER, "west"]})
-        admin(side.web_url, "PUT", f"/admin/v2/namespaces/{namespace}")
+        # The first side's replication settings reach the second one by themselves (Pulsar's
+        # configure-once) and may create the tenant and namespace there first: 409 is fine.
+        create(side.web_url, f"/admin/v2/tenants/{tenant}",
+               {"adminRoles": [], "allowedClusters": [OBJECT_CLUSTER, "west"]})
+        create(side.web_url, f"/admin/v2/namespaces/{namespace}")
         admin(side.web_url, "POST", f"/admin/v2/namespaces/{namespace}/replication",
               [OBJECT_CLUSTER, "west"])
     return namespace
@@ -208,3 +223,77 @@ def test_a_replicated_subscription_switches_between_cluster_mode_and_standalone(
         finally:
             c2_client.close()
             west_client.close()
+
+
+@pytest.mark.skip(reason="known defect, not fixed: origin positions of a re-created cluster-mode "
+                         "topic collide with the old topic's (docs/replication.md)")
+def test_a_topic_deleted_and_created_again_in_cluster_mode_still_replicates(
+    etcd, object_store, broker_factory, meridian_bin, tmp_path_factory, tmp_path
+):
+    # Models a user who deletes a replicated topic in the cluster-mode cluster and uses its name
+    # again: the new topic's messages reach the other cluster too. (Entry ids of the new
+    # object-store log start at 0 again, while the other cluster still remembers the old life's
+    # origin positions: they must not be taken for the old life's entries.)
+    west = broker_factory.start(config={"cluster_name": "west"})
+    with object_brokers(etcd, object_store, meridian_bin, tmp_path_factory, "recreate-broker", 1,
+                        CURSOR_PERSIST_INTERVAL_MS) as brokers:
+        (entry,) = brokers
+        namespace = replicate_namespace(entry, west)
+        topic = f"persistent://{namespace}/t"
+        west_client = pulsar.Client(west.service_url, operation_timeout_seconds=30)
+        try:
+            on_west = west_client.subscribe(
+                topic, "s", initial_position=pulsar.InitialPosition.Earliest
+            )
+            c2_client = new_client(entry, tmp_path, "c2-old")
+            producer = c2_client.create_producer(topic, batching_enabled=False)
+            old = [f"old/{index}".encode() for index in range(5)]
+            for payload in old:
+                producer.send(payload)
+            assert receive_until(on_west, old) == old
+            c2_client.close()
+            admin(entry.web_url, "DELETE",
+                  f"/admin/v2/persistent/{topic.removeprefix('persistent://')}?force=true")
+
+            c2_client = new_client(entry, tmp_path, "c2-new")
+            producer = c2_client.create_producer(topic, batching_enabled=False)
+            new = [f"new/{index}".encode() for index in range(5)]
+            for payload in new:
+                producer.send(payload)
+            assert receive_until(on_west, new) == new
+            c2_client.close()
+        finally:
+            west_client.close()
+
+
+def test_a_redirect_to_the_owner_keeps_https(
+    etcd, object_store, meridian_bin, tmp_path_factory, tmp_path
+):
+    # Models an admin client (or another cluster's replicator, which sends its token along)
+    # calling a topic's admin API over HTTPS on a broker that does not own the topic: the
+    # redirect sends it to the owner's HTTPS port, never to its plain HTTP one, where the
+    # request (and its credentials) would travel in the clear.
+    certs = tmp_path_factory.mktemp("certs")
+    make_ca(certs)
+    make_server_cert(certs, "server", "meridian-server")
+    ports = [free_port(), free_port()]
+    settings = [{
+        "web_port_tls": port,
+        "tls_certificate_file_path": json.dumps(str(certs / "server.pem")),
+        "tls_key_file_path": json.dumps(str(certs / "server.key")),
+    } for port in ports]
+    with object_brokers(etcd, object_store, meridian_bin, tmp_path_factory, "https-broker", 2,
+                        CURSOR_PERSIST_INTERVAL_MS, settings) as brokers:
+        entry, owner = brokers
+        _, topic = topic_owned_by(owner, brokers, entry, "https")
+        context = ssl.create_default_context(cafile=str(certs / "ca.pem"))
+        path = f"/admin/v2/persistent/{topic.removeprefix('persistent://')}/stats"
+        connection = HTTPSConnection("127.0.0.1", ports[0], context=context, timeout=30)
+        try:
+            connection.request("GET", path)
+            response = connection.getresponse()
+            response.read()
+        finally:
+            connection.close()
+        assert response.status == 307, response.status
+        assert response.getheader("Location") == f"https://127.0.0.1:{ports[1]}{path}"

@@ -563,13 +563,17 @@ class ObjectStoreBroker(ClusterBroker):
 
 @contextlib.contextmanager
 def object_brokers(etcd, endpoint, meridian_bin, tmp_path_factory, prefix: str, count: int,
-                   cursor_persist_interval_ms: int, settings: Optional[dict] = None,
+                   cursor_persist_interval_ms: int, settings=None,
                    storage: Optional[dict] = None):
     """`count` brokers of cluster c2 on the object store at `endpoint` (with `settings`, more
-    top-level configuration keys, and `storage`, more keys of `[storage]`), stopped (and their
-    logs checked for unexpected errors) when the block ends."""
+    top-level configuration keys: one dict for all, or a list of one dict per broker, and
+    `storage`, more keys of `[storage]`), stopped (and their logs checked for unexpected errors)
+    when the block ends."""
     key_file = tmp_path_factory.mktemp("s3-key") / "s3.key"
     key_file.write_text(f"{S3_ACCESS_KEY}:{S3_SECRET_KEY}\n")
+    own_settings = lambda index: (  # noqa: E731
+        settings[index] if isinstance(settings, list) else settings or {}
+    )
     brokers = []
     try:
         for index in range(count):
@@ -578,7 +582,7 @@ def object_brokers(etcd, endpoint, meridian_bin, tmp_path_factory, prefix: str, 
             broker = ObjectStoreBroker(meridian_bin, base, name, etcd, endpoint, key_file)
             broker.config_path = base / "broker.toml"
             broker.config_path.write_text(
-                "".join(f"{key} = {value}\n" for key, value in (settings or {}).items())
+                "".join(f"{key} = {value}\n" for key, value in own_settings(index).items())
                 + f"[storage]\ncursor_persist_interval_ms = {cursor_persist_interval_ms}\n"
                 + "".join(f"{key} = {value}\n" for key, value in (storage or {}).items())
             )

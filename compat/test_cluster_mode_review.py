@@ -304,3 +304,50 @@ def test_a_reload_after_a_local_failure_does_not_race_the_failed_batchs_commit(
         process.send_signal(signal.SIGCONT)
         immutable(first, faulty, False)
         client.close()
+
+
+@pytest.mark.skip(reason="known defect, not fixed: message ids of a deleted topic acknowledge the "
+                         "entries of its successor in cluster mode (docs/cluster.md)")
+def test_acknowledgements_with_message_ids_of_a_deleted_topic_do_not_acknowledge_its_successor(
+    object_cluster, tmp_path
+):
+    # Models an application that keeps the message ids of messages it received and
+    # acknowledges them later (Pulsar clients send any message id they are given), after the
+    # topic was deleted and created again under the same name. Those ids name entries of a log
+    # that no longer exists: the new topic's messages must stay unacknowledged, as they do in
+    # standalone (whose new ledger ids differ from the old ones).
+    running = [broker for broker in object_cluster if broker.is_running()]
+    owner = running[0]
+    _, topic = topic_owned_by(owner, running, owner, "old-life-ids")
+    client = new_client(owner, tmp_path, "client")
+    try:
+        consumer = client.subscribe(topic, "s", consumer_type=pulsar.ConsumerType.Shared)
+        producer = client.create_producer(topic, batching_enabled=False)
+        old = [f"old/{index}".encode() for index in range(5)]
+        for payload in old:
+            producer.send(payload)
+        received = receive_n(consumer, len(old))
+        assert [message.data() for message in received] == old
+        producer.close()
+        consumer.close()
+        path = "/admin/v2/persistent/" + topic.removeprefix("persistent://") + "?force=true"
+        status, _, body = http("DELETE", owner.web_url + path)
+        assert status in (200, 204), (status, body)
+
+        consumer = client.subscribe(topic, "s", consumer_type=pulsar.ConsumerType.Shared,
+                                    initial_position=pulsar.InitialPosition.Earliest)
+        producer = client.create_producer(topic, batching_enabled=False)
+        new = [f"new/{index}".encode() for index in range(5)]
+        for payload in new:
+            producer.send(payload)
+        fresh = receive_n(consumer, len(new))
+        assert [message.data() for message in fresh] == new
+        for message in received:
+            consumer.acknowledge(message.message_id())  # ids of the deleted topic
+        consumer.acknowledge(fresh[0])
+        wait_until(
+            lambda: backlog(owner, topic, "s") == len(new) - 1,
+            "only the new message acknowledged with its own id left the backlog",
+        )
+    finally:
+        client.close()

@@ -38,6 +38,10 @@ use crate::ApiError;
 #[derive(Debug, Clone, Copy)]
 pub struct PeerAddress(pub SocketAddr);
 
+/// Marks a request that came over TLS (the HTTPS port), set per connection by the server.
+#[derive(Debug, Clone, Copy)]
+pub struct OverTls;
+
 /// Who sent a request: the role of its token (None without authentication).
 #[derive(Debug, Clone, Default)]
 pub struct Caller {

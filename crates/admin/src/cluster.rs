@@ -43,9 +43,10 @@ pub async fn redirect_to_owner(
                 .path_and_query()
                 .map(|value| value.as_str())
                 .unwrap_or("/");
+            let over_tls = request.extensions().get::<crate::auth::OverTls>().is_some();
             let location = format!(
                 "{}{path_and_query}",
-                registration.web_service_url.trim_end_matches('/')
+                registration.web_url(over_tls).trim_end_matches('/')
             );
             (
                 StatusCode::TEMPORARY_REDIRECT,

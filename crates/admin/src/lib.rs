@@ -225,6 +225,7 @@ pub async fn serve_with_tls(
     let header_read_timeout = limits.header_read_timeout;
     let token = shutdown.clone();
     let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
+    let over_tls = acceptor.is_some();
     accept_loop(
         if acceptor.is_some() { "https" } else { "http" },
         listener,
@@ -234,6 +235,9 @@ pub async fn serve_with_tls(
             let router = router.clone();
             let service = hyper::service::service_fn(move |mut request: hyper::Request<_>| {
                 request.extensions_mut().insert(auth::PeerAddress(peer));
+                if over_tls {
+                    request.extensions_mut().insert(auth::OverTls);
+                }
                 tower_service::Service::call(&mut router.clone(), request)
             });
             let shutdown = token.clone();

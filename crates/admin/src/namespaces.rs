@@ -6,7 +6,7 @@ use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
 use meridian_broker::cluster::{bundles, Owner};
 use meridian_broker::resources::{
     AutoTopicCreationOverride, BacklogQuota, DispatchRate, Policies, RetentionPolicies,
@@ -15,6 +15,7 @@ use serde::Deserialize;
 use serde_json::Value;
 use std::time::Duration;
 
+use crate::auth::OverTls;
 use crate::{body, propagate, ApiError, ApiResult, AppState};
 
 pub fn routes() -> Router<AppState> {
@@ -548,6 +549,7 @@ async fn unload(
 async fn unload_bundle(
     State(broker): State<AppState>,
     Path((tenant, namespace, range)): Path<(String, String, String)>,
+    over_tls: Option<Extension<OverTls>>,
     uri: Uri,
 ) -> ApiResult<Response> {
     broker.resources().policies(&tenant, &namespace)?;
@@ -575,7 +577,7 @@ async fn unload_bundle(
             cluster.unload_bundle(&broker, &bundle).await?;
         }
         Some(Owner::Other { registration, .. }) => {
-            return Ok(redirect(&registration.web_service_url, &uri));
+            return Ok(redirect(registration.web_url(over_tls.is_some()), &uri));
         }
     }
     Ok(().into_response())
@@ -635,6 +637,7 @@ async fn split_bundle(
     State(broker): State<AppState>,
     Path((tenant, namespace, range)): Path<(String, String, String)>,
     Query(query): Query<SplitQuery>,
+    over_tls: Option<Extension<OverTls>>,
     uri: Uri,
 ) -> ApiResult<Response> {
     broker.resources().policies(&tenant, &namespace)?;
@@ -655,7 +658,7 @@ async fn split_bundle(
     };
     let bundle = existing_bundle(cluster, &tenant, &namespace, &range).await?;
     if let Some(Owner::Other { registration, .. }) = cluster.bundle_owner(&bundle).await? {
-        return Ok(redirect(&registration.web_service_url, &uri));
+        return Ok(redirect(registration.web_url(over_tls.is_some()), &uri));
     }
     cluster.split_bundle(&broker, &bundle).await?;
     Ok(().into_response())

@@ -104,6 +104,14 @@ impl Peer {
             };
             match response.header("Location") {
                 Some(location) if matches!(response.status(), 307 | 308) => {
+                    if !keeps_tls(&url, location) {
+                        // The token (and the body) would cross the network in the clear.
+                        let refusal = format!("refused a redirect from HTTPS to {location}");
+                        return Err(ureq::Error::Status(
+                            502,
+                            ureq::Response::new(502, "Bad Gateway", &refusal)?,
+                        ));
+                    }
                     url = location.to_string();
                 }
                 _ => return Ok(response),
@@ -114,6 +122,16 @@ impl Peer {
             ureq::Response::new(508, "Loop Detected", "more than 3 redirects")?,
         ))
     }
+}
+
+/// Whether a redirect from `url` to `location` keeps TLS when `url` had it: a call made over
+/// HTTPS is never sent on over plain HTTP.
+fn keeps_tls(url: &str, location: &str) -> bool {
+    let https = |url: &str| {
+        url.get(..8)
+            .is_some_and(|scheme| scheme.eq_ignore_ascii_case("https://"))
+    };
+    !https(url) || https(location)
 }
 
 /// `scheme://host:port` of a URL.
@@ -272,6 +290,28 @@ pub fn auth_token_of(name: &str, data: &ClusterData) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_redirect_never_takes_a_call_from_https_to_http() {
+        let from = "https://a.example:8443/admin/v2/persistent/t/ns/x";
+        assert!(keeps_tls(
+            from,
+            "https://b.example:8443/admin/v2/persistent/t/ns/x"
+        ));
+        assert!(keeps_tls(from, "HTTPS://b.example:8443/x"));
+        assert!(!keeps_tls(
+            from,
+            "http://b.example:8080/admin/v2/persistent/t/ns/x"
+        ));
+        assert!(keeps_tls(
+            "http://a.example:8080/x",
+            "http://b.example:8080/x"
+        ));
+        assert!(keeps_tls(
+            "http://a.example:8080/x",
+            "https://b.example:8443/x"
+        ));
+    }
 
     fn registration(fields: serde_json::Value) -> ClusterData {
         serde_json::from_value(fields).expect("cluster data")

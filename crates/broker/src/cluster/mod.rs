@@ -58,6 +58,18 @@ pub struct Registration {
     pub start_timestamp: u64,
 }
 
+impl Registration {
+    /// The web service URL to send a client to: the HTTPS one when the client came over TLS
+    /// (and the broker has one), so that a redirect never moves a request and its
+    /// credentials from HTTPS to plain HTTP.
+    pub fn web_url(&self, over_tls: bool) -> &str {
+        match (&self.web_service_url_tls, over_tls) {
+            (Some(url), true) => url,
+            _ => &self.web_service_url,
+        }
+    }
+}
+
 /// Who serves a topic's bundle.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Owner {
