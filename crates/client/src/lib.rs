@@ -121,6 +121,7 @@ mod producer;
 mod queue;
 mod reader;
 mod routing;
+mod subscription_state;
 mod tls;
 mod topic;
 
@@ -136,6 +137,7 @@ pub use producer::{
 };
 pub use reader::{Reader, ReaderBuilder};
 pub use routing::{key_hash, key_partition};
+pub use subscription_state::StateAnswer;
 pub use tls::{http_agent, HttpsConnector, TlsError, TlsOptions};
 pub use topic::{normalize_topic, partition_topic};
 

@@ -1,0 +1,109 @@
+//! A replicated subscription's state arriving from another cluster, by either transport: the
+//! binary protocol's REPLICATED_SUBSCRIPTION_STATE command (a Meridian extension, announced in
+//! CONNECTED unless `replicated_subscriptions_state_command` is off) or the admin API's
+//! `POST …/subscription/{sub}/replicatedSubscriptionState` (what senders use with a broker that
+//! does not announce the command). Both run [`receive_from_cluster`]: decode the state, check
+//! its sender is a registered cluster, find the topic, and hand it to
+//! [`subscription_sync::receive`], which stores it durably and applies it before the answer.
+//!
+//! The one module of `replication` that uses [`Broker`]: it is the receiving side's entry point,
+//! as the admin handlers and the connection are.
+
+use meridian_wire::proto::{
+    CommandReplicatedSubscriptionState, CommandReplicatedSubscriptionStateResponse,
+};
+use meridian_wire::ServerError;
+
+use super::subscription_sync::{self, stored_seq_in, SyncedAcks};
+use crate::broker::Broker;
+use crate::error::{BrokerError, Result};
+use crate::topic_name::TopicName;
+
+/// Decodes `raw` (a state's JSON text), checks it and has the topic's subscription
+/// `subscription` store and apply it. Refusals: `BadRequest` for a state that does not decode,
+/// `PreconditionFailed` for an unregistered sender, `NotFound` for a topic that does not exist,
+/// and whatever [`subscription_sync::receive`] refuses (`Conflict` with the `seq` held for a
+/// state older than it). A refused state changes nothing.
+pub async fn receive_from_cluster(
+    broker: &Broker,
+    topic: &TopicName,
+    subscription: String,
+    raw: String,
+) -> Result<()> {
+    let acks: SyncedAcks = serde_json::from_str(&raw).map_err(|error| {
+        BrokerError::BadRequest(format!("invalid replicated subscription state: {error}"))
+    })?;
+    // Only a registered cluster can speak for a subscription's other copies.
+    if let Err(BrokerError::NotFound(_)) = broker.resources().cluster(&acks.cluster) {
+        return Err(BrokerError::PreconditionFailed(format!(
+            "cluster {} is not registered here",
+            acks.cluster
+        )));
+    }
+    if !broker.exists(topic) {
+        return Err(BrokerError::NotFound(format!(
+            "topic {topic} does not exist"
+        )));
+    }
+    let loaded = broker.topic(topic, false).await?;
+    let local_cluster = broker.config().cluster_name.clone();
+    tokio::task::spawn_blocking(move || {
+        subscription_sync::receive(&loaded, &subscription, (acks, raw), &local_cluster)
+    })
+    .await
+    .map_err(|error| BrokerError::Unknown(error.to_string()))?
+}
+
+/// Runs a REPLICATED_SUBSCRIPTION_STATE command (its sender's permission already checked) and
+/// returns the answer: no error when the state was stored and applied; the error, and for a
+/// state older than the one held the `seq` held.
+pub async fn receive_command(
+    broker: &Broker,
+    request: CommandReplicatedSubscriptionState,
+) -> CommandReplicatedSubscriptionStateResponse {
+    let request_id = request.request_id;
+    let outcome = async {
+        if !broker.config().replicated_subscriptions_state_command {
+            return Err(BrokerError::NotAllowed(
+                "this broker takes replicated subscription states over HTTP only \
+                 (replicated_subscriptions_state_command = false)"
+                    .into(),
+            ));
+        }
+        let topic = TopicName::parse(&request.topic)?;
+        let raw = String::from_utf8(request.state.to_vec()).map_err(|_| {
+            BrokerError::BadRequest("invalid replicated subscription state: not UTF-8".into())
+        })?;
+        receive_from_cluster(broker, &topic, request.subscription, raw).await
+    }
+    .await;
+    match outcome {
+        Ok(()) => CommandReplicatedSubscriptionStateResponse {
+            request_id,
+            ..Default::default()
+        },
+        Err(error) => {
+            let message = error.to_string();
+            let stored_seq = match error {
+                BrokerError::Conflict(_) => stored_seq_in(&message),
+                _ => None,
+            };
+            refusal(request_id, error.server_error(), message, stored_seq)
+        }
+    }
+}
+
+/// The answer to a REPLICATED_SUBSCRIPTION_STATE that was refused.
+pub fn refusal(
+    request_id: u64,
+    error: ServerError,
+    message: String,
+    stored_seq: Option<u64>,
+) -> CommandReplicatedSubscriptionStateResponse {
+    CommandReplicatedSubscriptionStateResponse {
+        request_id,
+        error: Some(error as i32),
+        message: Some(message),
+        stored_seq,
+    }
+}
