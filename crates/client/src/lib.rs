@@ -56,6 +56,9 @@
 //!   reader and writer tasks, request ids and keep-alive. Frames themselves
 //!   are encoded and decoded by [`meridian_wire`]; nothing here touches
 //!   protocol bytes directly except the batch record layout.
+//! - `subscription_state`: Meridian's REPLICATED_SUBSCRIPTION_STATE command (not Pulsar),
+//!   sent by a broker's subscription sync to the broker that owns a topic in another cluster,
+//!   if that broker announced it ([`StateAnswer`]).
 //! - `tls`: [`TlsOptions`] for `pulsar+ssl://` connections (tokio-rustls) and, through
 //!   [`HttpsConnector`] / [`http_agent`], for the `https://` calls of the broker and the CLI.
 //! - `backoff`, `topic`, `message_id` ([`MessageId`]), `error` ([`Error`]):

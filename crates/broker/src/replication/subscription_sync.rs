@@ -1400,8 +1400,8 @@ enum Transport {
     /// Meridian's REPLICATED_SUBSCRIPTION_STATE command on a replication connection.
     Binary,
     /// A post to the remote's admin API: a remote that does not announce the command (an older
-    /// Meridian, or `replicated_subscriptions_state_command = false`), or a state larger than
-    /// its frame limit.
+    /// Meridian, or `replicated_subscriptions_state_command = false`), a state larger than
+    /// its frame limit, or brokers that cannot be reached on the binary protocol.
     Http,
 }
 
@@ -1430,31 +1430,42 @@ async fn send(
     let text = bytes::Bytes::from(
         serde_json::to_string(body).map_err(|error| SendError::from(error.to_string()))?,
     );
-    let client = clients
-        .get(remote)
-        .await
-        .map_err(|error| SendError::from(error.to_string()))?;
-    match client
-        .send_subscription_state(&topic.to_string(), subscription, text.clone(), SEND_TIMEOUT)
-        .await
-    {
-        Ok(StateAnswer::Taken) => return Ok(Transport::Binary),
-        Ok(StateAnswer::Older { stored_seq }) => {
-            return Err(SendError {
-                stored_seq: Some(stored_seq),
-                message: format!(
-                    "refused as older than the state held, {STALE_STATE_MARKER}{stored_seq}"
-                ),
-            })
-        }
-        Ok(StateAnswer::NotSent) => {}
-        Err(error) => return Err(SendError::from(error.to_string())),
+    // Failures to reach the remote's brokers on the binary protocol (connecting, a lookup, a
+    // connection lost or an answer that does not come) fall through to HTTP: the admin API may
+    // be reachable when the replication connections are not, and a state that arrives before
+    // the entries it covers is applied when they do. A broker's refusal is final.
+    let unreachable = match clients.get(remote).await {
+        Ok(client) => match client
+            .send_subscription_state(&topic.to_string(), subscription, text.clone(), SEND_TIMEOUT)
+            .await
+        {
+            Ok(StateAnswer::Taken) => return Ok(Transport::Binary),
+            Ok(StateAnswer::Older { stored_seq }) => {
+                return Err(SendError {
+                    stored_seq: Some(stored_seq),
+                    message: format!(
+                        "refused as older than the state held, {STALE_STATE_MARKER}{stored_seq}"
+                    ),
+                })
+            }
+            Ok(StateAnswer::NotSent) => None,
+            Err(error) if error.server_error().is_some() => {
+                return Err(SendError::from(error.to_string()))
+            }
+            Err(error) => Some(error.to_string()),
+        },
+        Err(error) => Some(error.to_string()),
+    };
+    if let Some(error) = &unreachable {
+        tracing::debug!(remote = %remote.name, %topic, %subscription, %error, "sending a replicated subscription state on the binary protocol failed; posting it over HTTP");
     }
     let Some(peer) = remote.peer() else {
-        return Err(SendError::from(format!(
-            "cluster {} has no serviceUrl (and does not take states on the binary protocol)",
-            remote.name
-        )));
+        return Err(SendError::from(unreachable.unwrap_or_else(|| {
+            format!(
+                "cluster {} has no serviceUrl (and does not take states on the binary protocol)",
+                remote.name
+            )
+        })));
     };
     let path = format!(
         "/admin/v2/persistent/{}/{}/{}/subscription/{}/replicatedSubscriptionState",
