@@ -101,16 +101,21 @@ impl Client {
         state: Bytes,
         timeout: Duration,
     ) -> Result<StateAnswer> {
+        // Sent every sync interval: the lookup and the connection attempt are boxed, so that
+        // this future stays small when the owner and its connection are known (the usual case).
         let pool = &self.inner.pool;
         let address = match self.inner.state_owners.get(topic) {
             Some(address) => address,
             None => {
-                let address = pool.lookup(topic).await?;
+                let address = Box::pin(pool.lookup(topic)).await?;
                 self.inner.state_owners.remember(topic, address.clone());
                 address
             }
         };
-        let connection = pool.get(&address).await?;
+        let connection = match pool.open_connection(&address) {
+            Some(connection) => connection,
+            None => Box::pin(pool.get(&address)).await?,
+        };
         let size = state
             .len()
             .saturating_add(topic.len())

@@ -705,24 +705,21 @@ impl Connection {
             ) => {
                 // Meridian's extension: another cluster's replicated subscription state; the
                 // permission is the admin endpoint's (a replicating role).
-                let topic = request.topic.clone();
-                let response =
-                    match self.authorize_replication("REPLICATED_SUBSCRIPTION_STATE", &topic) {
-                        Ok(()) => {
-                            Box::pin(received_state::receive_command(&self.broker, request)).await
-                        }
-                        Err(reason) => received_state::refusal(
+                match self.authorize_replication("REPLICATED_SUBSCRIPTION_STATE", &request.topic) {
+                    Ok(()) => {
+                        let (broker, outbound) = (self.broker.clone(), self.outbound.clone());
+                        received_state::take_command(broker, request, outbound).await;
+                    }
+                    Err(reason) => {
+                        let refusal = received_state::refusal(
                             request.request_id,
                             ServerError::AuthorizationError,
                             reason,
                             None,
-                        ),
-                    };
-                let sending = self.send_command(BaseCommand {
-                    replicated_subscription_state_response: Some(response),
-                    ..command(Type::ReplicatedSubscriptionStateResponse)
-                });
-                sending.await;
+                        );
+                        self.send(received_state::answer(refusal)).await;
+                    }
+                }
                 Ok(())
             }
             (kind, base) => {

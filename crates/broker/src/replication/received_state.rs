@@ -9,14 +9,18 @@
 //! The one module of `replication` that uses [`Broker`]: it is the receiving side's entry point,
 //! as the admin handlers and the connection are.
 
+use std::sync::Arc;
+
 use meridian_wire::proto::{
     CommandReplicatedSubscriptionState, CommandReplicatedSubscriptionStateResponse,
 };
-use meridian_wire::ServerError;
+use meridian_wire::{BaseCommand, CommandType, ServerError};
+use tokio::sync::Semaphore;
 
 use super::subscription_sync::{self, stored_seq_in, SyncedAcks};
 use crate::broker::Broker;
 use crate::error::{BrokerError, Result};
+use crate::outbound::{command_frame, OutboundSender};
 use crate::topic_name::TopicName;
 
 /// Decodes `raw` (a state's JSON text), checks it and has the topic's subscription
@@ -54,10 +58,43 @@ pub async fn receive_from_cluster(
     .map_err(|error| BrokerError::Unknown(error.to_string()))?
 }
 
+/// States received as commands and being applied at once, broker-wide: a connection that sends
+/// more waits (its next frames with it) until one is done.
+const COMMANDS_IN_FLIGHT_MAX: usize = 64;
+static COMMANDS_IN_FLIGHT: Semaphore = Semaphore::const_new(COMMANDS_IN_FLIGHT_MAX);
+
+/// Takes a REPLICATED_SUBSCRIPTION_STATE command (its sender's permission already checked) and
+/// answers it on `outbound` once the state is stored and applied, from a task of its own: the
+/// state's durable write (an fsync) must not hold up the frames behind it on the connection,
+/// which is a replication connection whose SENDs would wait.
+pub async fn take_command(
+    broker: Arc<Broker>,
+    request: CommandReplicatedSubscriptionState,
+    outbound: OutboundSender,
+) {
+    let Ok(permit) = COMMANDS_IN_FLIGHT.acquire().await else {
+        return;
+    };
+    tokio::spawn(async move {
+        let response = receive_command(&broker, request).await;
+        drop(permit);
+        let _ = outbound.send(answer(response)).await;
+    });
+}
+
+/// The frame of a REPLICATED_SUBSCRIPTION_STATE's answer.
+pub fn answer(response: CommandReplicatedSubscriptionStateResponse) -> crate::outbound::Outbound {
+    command_frame(&BaseCommand {
+        r#type: CommandType::ReplicatedSubscriptionStateResponse as i32,
+        replicated_subscription_state_response: Some(response),
+        ..BaseCommand::default()
+    })
+}
+
 /// Runs a REPLICATED_SUBSCRIPTION_STATE command (its sender's permission already checked) and
 /// returns the answer: no error when the state was stored and applied; the error, and for a
 /// state older than the one held the `seq` held.
-pub async fn receive_command(
+async fn receive_command(
     broker: &Broker,
     request: CommandReplicatedSubscriptionState,
 ) -> CommandReplicatedSubscriptionStateResponse {

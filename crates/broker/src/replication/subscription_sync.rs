@@ -1434,7 +1434,11 @@ async fn send(
     // connection lost or an answer that does not come) fall through to HTTP: the admin API may
     // be reachable when the replication connections are not, and a state that arrives before
     // the entries it covers is applied when they do. A broker's refusal is final.
-    let unreachable = match clients.get(remote).await {
+    let client = match clients.existing(remote) {
+        Some(client) => Ok(client),
+        None => Box::pin(clients.get(remote)).await,
+    };
+    let unreachable = match client {
         Ok(client) => match client
             .send_subscription_state(&topic.to_string(), subscription, text.clone(), SEND_TIMEOUT)
             .await
