@@ -249,10 +249,10 @@ def context_switches(broker):
 SYNC_ROOTS = {
     "HTTP server (state posts received, handler, JSON decoding)":
         r"crates/admin/src/lib.rs:<tokio_util::task::task_tracker::TrackedFuture",
-    # (`receive_command` is usually inlined into the connection's handler: then it is the part
-    # of that handler's frame that callgrind attributes to received_state.rs.)
-    "binary command received (JSON decoding, checks)":
-        r"received_state::receive_command::\{\{closure\}\}( \[|$)"
+    # (The task `take_command` spawns for each state received as a command; before it had a
+    # task of its own, the part of the connection handler's frame in received_state.rs.)
+    "binary command received (JSON decoding, checks, answer)":
+        r"received_state::take_command::\{\{closure\}\}::\{\{closure\}\}( \[|$)"
         r"|received_state\.rs:\S*handle_other::\{\{closure\}\}$",
     "receive (apply, persist)": r"subscription_sync::receive( \[|$)",
     "sync task, blocking part (applications, walks, the HTTP client's posts)":
