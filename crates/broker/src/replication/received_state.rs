@@ -25,7 +25,7 @@ use crate::topic_name::TopicName;
 
 /// Decodes `raw` (a state's JSON text), checks it and has the topic's subscription
 /// `subscription` store and apply it. Refusals: `BadRequest` for a state that does not decode,
-/// `PreconditionFailed` for an unregistered sender, `NotFound` for a topic that does not exist,
+/// `NotFound` for a topic that does not exist, `PreconditionFailed` for an unregistered sender,
 /// and whatever [`subscription_sync::receive`] refuses (`Conflict` with the `seq` held for a
 /// state older than it). A refused state changes nothing.
 pub async fn receive_from_cluster(
@@ -37,19 +37,23 @@ pub async fn receive_from_cluster(
     let acks: SyncedAcks = serde_json::from_str(&raw).map_err(|error| {
         BrokerError::BadRequest(format!("invalid replicated subscription state: {error}"))
     })?;
-    // Only a registered cluster can speak for a subscription's other copies.
-    if let Err(BrokerError::NotFound(_)) = broker.resources().cluster(&acks.cluster) {
-        return Err(BrokerError::PreconditionFailed(format!(
-            "cluster {} is not registered here",
-            acks.cluster
-        )));
-    }
     if !broker.exists(topic) {
         return Err(BrokerError::NotFound(format!(
             "topic {topic} does not exist"
         )));
     }
     let loaded = broker.topic(topic, false).await?;
+    // Only a registered cluster can speak for a subscription's other copies. The topic's list
+    // of registered clusters answers at no cost; the metadata store (a read and a decode, at
+    // every state) only for a cluster not in it, which may be one registered a moment ago.
+    if loaded.registered_cluster(&acks.cluster).is_none() {
+        if let Err(BrokerError::NotFound(_)) = broker.resources().cluster(&acks.cluster) {
+            return Err(BrokerError::PreconditionFailed(format!(
+                "cluster {} is not registered here",
+                acks.cluster
+            )));
+        }
+    }
     let local_cluster = broker.config().cluster_name.clone();
     tokio::task::spawn_blocking(move || {
         subscription_sync::receive(&loaded, &subscription, (acks, raw), &local_cluster)
