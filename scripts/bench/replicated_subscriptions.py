@@ -249,11 +249,16 @@ def context_switches(broker):
 SYNC_ROOTS = {
     "HTTP server (state posts received, handler, JSON decoding)":
         r"crates/admin/src/lib.rs:<tokio_util::task::task_tracker::TrackedFuture",
+    # (The task `take_command` spawns for each state received as a command; before it had a
+    # task of its own, the part of the connection handler's frame in received_state.rs.)
+    "binary command received (JSON decoding, checks, answer)":
+        r"received_state::take_command::\{\{closure\}\}::\{\{closure\}\}( \[|$)"
+        r"|received_state\.rs:\S*handle_other::\{\{closure\}\}$",
     "receive (apply, persist)": r"subscription_sync::receive( \[|$)",
     "sync task, blocking part (applications, walks, the HTTP client's posts)":
         r"subscription_sync.rs:<tokio::runtime::blocking::task::BlockingTask",
     "sync task, async part": r"subscription_sync::run::\{\{closure\}\}( \[|$)",
-    "posting own state (task: JSON encoding)":
+    "posting own state (task: JSON encoding, the binary command)":
         r"subscription_sync::run::\{\{closure\}\}::\{\{closure\}\}( \[|$)",
 }
 
@@ -275,7 +280,7 @@ def sync_breakdown(path, messages):
     states = max(calls, default=0)
     for part, cost in costs.items():
         if cost:
-            per_state = states and (part.startswith("HTTP") or part.startswith("receive"))
+            per_state = states and part.startswith(("HTTP", "binary", "receive"))
             print(f"    {part}: {cost / messages:,.0f} per message"
                   + (f", {cost / states:,.0f} per state received" if per_state else ""))
     print(f"    sync total: {sum(costs.values()) / messages:,.0f} per message; "

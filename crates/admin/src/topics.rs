@@ -12,8 +12,8 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
+use meridian_broker::replication::received_state;
 use meridian_broker::replication::replicated_subscriptions::is_replicated;
-use meridian_broker::replication::subscription_sync::{self, SyncedAcks};
 use meridian_broker::resources::EffectivePolicies;
 use meridian_broker::resources::{BacklogQuota, RetentionPolicies};
 use meridian_broker::stats::{SubscriptionStats, TopicStats};
@@ -656,27 +656,12 @@ async fn receive_replicated_state(
     payload: Result<String, StringRejection>,
 ) -> ApiResult<()> {
     let name = topic_name(&tenant, &namespace, &topic)?;
-    // Decoded here, and kept as it came: the receiver stores the text itself rather than
-    // encoding the decoded state again.
+    // Kept as it came: the receiver stores the text itself rather than encoding the decoded
+    // state again.
     let raw = payload.map_err(|rejection| {
         ApiError::bad_request(format!("invalid request body: {}", rejection.body_text()))
     })?;
-    let acks: SyncedAcks = serde_json::from_str(&raw)
-        .map_err(|error| ApiError::bad_request(format!("invalid request body: {error}")))?;
-    // Only a registered cluster can speak for a subscription's other copies.
-    if let Err(BrokerError::NotFound(_)) = broker.resources().cluster(&acks.cluster) {
-        return Err(ApiError::new(
-            StatusCode::PRECONDITION_FAILED,
-            format!("cluster {} is not registered here", acks.cluster),
-        ));
-    }
-    let loaded = existing_topic(&broker, &name).await?;
-    let local_cluster = broker.config().cluster_name.clone();
-    tokio::task::spawn_blocking(move || {
-        subscription_sync::receive(&loaded, &subscription, (acks, raw), &local_cluster)
-    })
-    .await
-    .map_err(|error| BrokerError::Unknown(error.to_string()))??;
+    received_state::receive_from_cluster(&broker, &name, subscription, raw).await?;
     Ok(())
 }
 

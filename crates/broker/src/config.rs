@@ -54,6 +54,10 @@ pub struct BrokerConfig {
     /// How often a replicated subscription's acknowledgements are sent to the topic's other
     /// clusters (and at once when a consumer closes).
     pub replicated_subscriptions_sync_interval: std::time::Duration,
+    /// Announce (in CONNECTED) and take Meridian's REPLICATED_SUBSCRIPTION_STATE command, so
+    /// that other clusters send replicated subscriptions' states on the binary protocol; off,
+    /// they post them to the admin API.
+    pub replicated_subscriptions_state_command: bool,
     /// A topic's new replicator starts at its earliest message (back-fill) instead of the
     /// latest, Pulsar's default.
     pub replication_start_earliest: bool,
@@ -91,6 +95,7 @@ impl Default for BrokerConfig {
             batch_index_ack_enabled: false,
             replication_start_earliest: false,
             replicated_subscriptions_sync_interval: std::time::Duration::from_millis(100),
+            replicated_subscriptions_state_command: true,
             max_num_partitions_per_partitioned_topic: 10_000,
             max_topics_per_namespace: 0,
             replication_max_memory_bytes: 128 * 1024 * 1024,

@@ -169,6 +169,10 @@ pub struct SubscriptionSyncStats {
     /// The last failed post's error, until one succeeds.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
+    /// How the last state the cluster there confirmed travelled: `binary` (Meridian's
+    /// REPLICATED_SUBSCRIPTION_STATE command) or `http` (a post to its admin API).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub transport: Option<&'static str>,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]

@@ -974,6 +974,12 @@ impl Topic {
             .collect()
     }
 
+    /// The clients of remote clusters the broker's replicators share (the subscription sync
+    /// sends states on them too).
+    pub(crate) fn remote_clients(&self) -> Arc<crate::replication::remote::RemoteClients> {
+        self.shared.remote_clients.clone()
+    }
+
     /// The registered cluster `name` (not this one), whether or not this topic replicates to it.
     pub(crate) fn registered_cluster(&self, name: &str) -> Option<RemoteCluster> {
         self.lock()

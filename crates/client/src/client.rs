@@ -30,6 +30,8 @@ pub(crate) struct ClientInner {
     pub(crate) operation_timeout: Duration,
     pub(crate) backoff_initial: Duration,
     pub(crate) backoff_max: Duration,
+    /// The owners of the topics replicated-subscription states went to.
+    pub(crate) state_owners: crate::subscription_state::Owners,
 }
 
 impl ClientInner {
@@ -179,6 +181,7 @@ impl ClientBuilder {
                 operation_timeout: self.operation_timeout,
                 backoff_initial: self.backoff_initial,
                 backoff_max: self.backoff_max,
+                state_owners: Default::default(),
             }),
         })
     }

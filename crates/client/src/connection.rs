@@ -232,6 +232,8 @@ pub(crate) struct Connection {
     settings: ConnectionSettings,
     /// The broker's limit on one message (entry), from CONNECTED.
     max_message_size: usize,
+    /// The broker announced Meridian's REPLICATED_SUBSCRIPTION_STATE command in CONNECTED.
+    takes_subscription_states: bool,
 }
 
 impl Connection {
@@ -296,6 +298,10 @@ impl Connection {
                 .and_then(|size| usize::try_from(size).ok())
                 .filter(|size| *size > 0)
                 .unwrap_or(DEFAULT_MAX_MESSAGE_SIZE);
+            let takes_subscription_states = connected
+                .feature_flags
+                .as_ref()
+                .is_some_and(|flags| flags.meridian_replicated_subscription_state());
             let protocol_version = connected.protocol_version();
             tracing::debug!(
                 server_version = %connected.server_version,
@@ -337,6 +343,7 @@ impl Connection {
                 next_request_id: AtomicU64::new(0),
                 settings,
                 max_message_size,
+                takes_subscription_states,
             }))
         }
         .instrument(span)
@@ -353,6 +360,11 @@ impl Connection {
 
     pub(crate) fn operation_timeout(&self) -> Duration {
         self.settings.operation_timeout
+    }
+
+    /// Whether the broker takes Meridian's REPLICATED_SUBSCRIPTION_STATE command.
+    pub(crate) fn takes_subscription_states(&self) -> bool {
+        self.takes_subscription_states
     }
 
     pub(crate) fn is_closed(&self) -> bool {
@@ -749,6 +761,10 @@ fn reply_request_id(command: &BaseCommand, kind: CommandType) -> Option<u64> {
             .ack_response
             .as_ref()
             .and_then(|body| body.request_id),
+        CommandType::ReplicatedSubscriptionStateResponse => command
+            .replicated_subscription_state_response
+            .as_ref()
+            .map(|body| body.request_id),
         _ => None,
     }
 }
@@ -880,7 +896,8 @@ fn dispatch_command(
         | CommandType::GetTopicsOfNamespaceResponse
         | CommandType::GetSchemaResponse
         | CommandType::GetOrCreateSchemaResponse
-        | CommandType::ConsumerStatsResponse => {
+        | CommandType::ConsumerStatsResponse
+        | CommandType::ReplicatedSubscriptionStateResponse => {
             let request_id = reply_request_id(&base, kind).ok_or_else(|| missing_body(kind))?;
             complete(shared, request_id, Ok(base));
             Ok(())

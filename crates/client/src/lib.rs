@@ -56,6 +56,9 @@
 //!   reader and writer tasks, request ids and keep-alive. Frames themselves
 //!   are encoded and decoded by [`meridian_wire`]; nothing here touches
 //!   protocol bytes directly except the batch record layout.
+//! - `subscription_state`: Meridian's REPLICATED_SUBSCRIPTION_STATE command (not Pulsar),
+//!   sent by a broker's subscription sync to the broker that owns a topic in another cluster,
+//!   if that broker announced it ([`StateAnswer`]).
 //! - `tls`: [`TlsOptions`] for `pulsar+ssl://` connections (tokio-rustls) and, through
 //!   [`HttpsConnector`] / [`http_agent`], for the `https://` calls of the broker and the CLI.
 //! - `backoff`, `topic`, `message_id` ([`MessageId`]), `error` ([`Error`]):
@@ -121,6 +124,7 @@ mod producer;
 mod queue;
 mod reader;
 mod routing;
+mod subscription_state;
 mod tls;
 mod topic;
 
@@ -136,6 +140,7 @@ pub use producer::{
 };
 pub use reader::{Reader, ReaderBuilder};
 pub use routing::{key_hash, key_partition};
+pub use subscription_state::StateAnswer;
 pub use tls::{http_agent, HttpsConnector, TlsError, TlsOptions};
 pub use topic::{normalize_topic, partition_topic};
 

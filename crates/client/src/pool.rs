@@ -64,19 +64,32 @@ impl ConnectionPool {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
+    /// Where a connection to `address` physically goes: the proxy, if there is one.
+    fn through_proxy<'a>(&self, address: &'a BrokerAddress) -> std::borrow::Cow<'a, BrokerAddress> {
+        match &self.proxy {
+            Some(proxy) => std::borrow::Cow::Owned(BrokerAddress {
+                logical: address.logical.clone(),
+                physical: proxy.clone(),
+            }),
+            None => std::borrow::Cow::Borrowed(address),
+        }
+    }
+
+    /// The open connection to `address`, if there is one: without an await, for callers that
+    /// send often and should not build [`Self::get`]'s future (which holds a whole connection
+    /// attempt) each time.
+    pub(crate) fn open_connection(&self, address: &BrokerAddress) -> Option<Arc<Connection>> {
+        let address = self.through_proxy(address);
+        let slot = self.slots().get(address.as_ref()).cloned()?;
+        slot.get()
+            .filter(|connection| !connection.is_closed())
+            .cloned()
+    }
+
     /// An open connection to `address`, opening one if needed.
     pub(crate) async fn get(&self, address: &BrokerAddress) -> Result<Arc<Connection>> {
-        let proxied;
-        let address = match &self.proxy {
-            Some(proxy) => {
-                proxied = BrokerAddress {
-                    logical: address.logical.clone(),
-                    physical: proxy.clone(),
-                };
-                &proxied
-            }
-            None => address,
-        };
+        let address = self.through_proxy(address);
+        let address = address.as_ref();
         // Two rounds: the second replaces a connection found closed in the first.
         for _ in 0..2 {
             let slot = self.slots().entry(address.clone()).or_default().clone();

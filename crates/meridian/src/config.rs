@@ -44,6 +44,9 @@ pub struct Config {
     pub replication_start_at: ReplicationStart,
     /// How often replicated subscriptions sync between clusters, unless a namespace says.
     pub replicated_subscriptions_sync_interval_ms: u64,
+    /// Announce and take Meridian's REPLICATED_SUBSCRIPTION_STATE command (other clusters then
+    /// send replicated subscriptions' states on the binary protocol instead of HTTP).
+    pub replicated_subscriptions_state_command: bool,
     /// Bytes of replicated entries held in memory (read and not yet confirmed by the remote)
     /// across every replicator of this broker.
     pub replication_max_memory_bytes: usize,
@@ -219,6 +222,7 @@ impl Default for Config {
             replicated_subscriptions_sync_interval_ms: broker
                 .replicated_subscriptions_sync_interval
                 .as_millis() as u64,
+            replicated_subscriptions_state_command: broker.replicated_subscriptions_state_command,
             replication_max_memory_bytes: broker.replication_max_memory_bytes,
             max_connections: server.max_connections,
             max_connections_per_ip: server.max_connections_per_ip,
@@ -585,6 +589,7 @@ impl Config {
             replicated_subscriptions_sync_interval: std::time::Duration::from_millis(
                 self.replicated_subscriptions_sync_interval_ms,
             ),
+            replicated_subscriptions_state_command: self.replicated_subscriptions_state_command,
             replication_max_memory_bytes: self.replication_max_memory_bytes,
             max_unacked_messages_per_consumer: self.max_unacked_messages_per_consumer,
             ..BrokerConfig::default()

@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use common::{eventually, Admin, BrokerProcess};
-use meridian_client::{Client, Consumer, InitialPosition, Producer, ProducerMessage};
+use meridian_client::{Client, Consumer, InitialPosition, Producer, ProducerMessage, StateAnswer};
 
 const WAIT: Duration = Duration::from_secs(120);
 
@@ -893,4 +893,67 @@ async fn bench_100_partitions_to_two_remotes_one_down() {
         backlog_to("c")
     );
     client_a.close().await;
+}
+
+/// Meridian's REPLICATED_SUBSCRIPTION_STATE command (what the subscription sync sends to a
+/// broker that announces it): a state is stored; an older one from the same cluster is refused
+/// with the `seq` held, as the HTTP endpoint's 409 does, and a state that does not decode gets
+/// a clear error; neither changes what is held.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicated_subscription_states_on_the_binary_protocol_refuse_older_and_bad_ones() {
+    let b = Cluster::start("b", &[]);
+    let admin = b.admin();
+    // The sender, a, only needs to be registered here.
+    admin.ok(admin.put(
+        "/admin/v2/clusters/a",
+        Some(r#"{"serviceUrl":"http://127.0.0.1:9","brokerServiceUrl":"pulsar://127.0.0.1:9"}"#),
+    ));
+    admin.ok(admin.put(
+        "/admin/v2/tenants/t",
+        Some(r#"{"adminRoles":[],"allowedClusters":["b"]}"#),
+    ));
+    admin.ok(admin.put("/admin/v2/namespaces/t/ns", None));
+    admin.ok(admin.put("/admin/v2/persistent/t/ns/states", None));
+    let client = b.client().await;
+    let topic = "persistent://t/ns/states";
+    let state = |seq: u64| {
+        bytes::Bytes::from(format!(
+            r#"{{"cluster":"a","acks":{{"origins":{{}}}},"seq":{seq}}}"#
+        ))
+    };
+    let held_seq = || {
+        let internal = admin.ok(admin.get("/admin/v2/persistent/t/ns/states/internalStats"));
+        let stored = internal["cursors"]["billing"]["properties"]["meridian.synced.a"]
+            .as_str()
+            .map(str::to_owned)
+            .expect("a's state is held");
+        serde_json::from_str::<serde_json::Value>(&stored).expect("JSON")["seq"].as_u64()
+    };
+    let send = |body: bytes::Bytes| client.send_subscription_state(topic, "billing", body, WAIT);
+
+    assert_eq!(send(state(200)).await.expect("taken"), StateAnswer::Taken);
+    assert_eq!(held_seq(), Some(200));
+
+    assert_eq!(
+        send(state(100)).await.expect("answered"),
+        StateAnswer::Older { stored_seq: 200 }
+    );
+    assert_eq!(
+        held_seq(),
+        Some(200),
+        "the older state replaced the newer one"
+    );
+
+    let bad = send(bytes::Bytes::from_static(b"{\"cluster\":")).await;
+    assert!(
+        matches!(&bad, Err(meridian_client::Error::Server { message, .. })
+            if message.contains("invalid replicated subscription state")),
+        "{bad:?}"
+    );
+    assert_eq!(held_seq(), Some(200));
+
+    assert_eq!(send(state(300)).await.expect("taken"), StateAnswer::Taken);
+    assert_eq!(held_seq(), Some(300));
+    client.close().await;
+    b.broker.assert_no_errors();
 }

@@ -35,6 +35,7 @@ use meridian_broker::outbound::{
     command_frame, outbound_queue, Outbound, OutboundReceiver, OutboundSender,
 };
 use meridian_broker::replication::chain;
+use meridian_broker::replication::received_state;
 use meridian_broker::schema::{decode_version, encode_version};
 use meridian_broker::{
     AccessMode, Broker, BrokerError, NewConsumer, NewProducer, Publish, PublishFuture, SeekTarget,
@@ -695,6 +696,32 @@ impl Connection {
                 },
             ) => self.handle_get_or_create_schema(request).await,
             (Some(Type::AuthResponse), base) => self.handle_auth_response(base).await,
+            (
+                Some(Type::ReplicatedSubscriptionState),
+                BaseCommand {
+                    replicated_subscription_state: Some(request),
+                    ..
+                },
+            ) => {
+                // Meridian's extension: another cluster's replicated subscription state; the
+                // permission is the admin endpoint's (a replicating role).
+                match self.authorize_replication("REPLICATED_SUBSCRIPTION_STATE", &request.topic) {
+                    Ok(()) => {
+                        let (broker, outbound) = (self.broker.clone(), self.outbound.clone());
+                        received_state::take_command(broker, request, outbound).await;
+                    }
+                    Err(reason) => {
+                        let refusal = received_state::refusal(
+                            request.request_id,
+                            ServerError::AuthorizationError,
+                            reason,
+                            None,
+                        );
+                        self.send(received_state::answer(refusal)).await;
+                    }
+                }
+                Ok(())
+            }
             (kind, base) => {
                 let request_id = request_id_of(&base);
                 let message = match kind {
@@ -1070,6 +1097,9 @@ impl Connection {
                 max_message_size: Some(self.broker.config().max_message_size as i32),
                 feature_flags: Some(FeatureFlags {
                     supports_get_partitioned_metadata_without_auto_creation: Some(true),
+                    meridian_replicated_subscription_state: Some(
+                        self.broker.config().replicated_subscriptions_state_command,
+                    ),
                     ..Default::default()
                 }),
             }),
@@ -1659,6 +1689,7 @@ impl Connection {
 
 /// Commands handled by [`Connection::handle`] only with their body.
 const HANDLED_WITH_BODY: &[Type] = &[
+    Type::ReplicatedSubscriptionState,
     Type::PartitionedMetadata,
     Type::Lookup,
     Type::CloseProducer,

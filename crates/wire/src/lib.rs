@@ -61,6 +61,15 @@
 //!   `BaseCommand::type()` accessor for this: prost maps unknown numbers to the
 //!   first variant (`CONNECT`).
 //!
+//! # Meridian extensions
+//!
+//! `proto/pulsar.proto` also describes Meridian's own commands, with command types and field
+//! numbers from 1000 up (Pulsar's stay below 100): REPLICATED_SUBSCRIPTION_STATE and its
+//! response, which carry replicated subscriptions' states between clusters, and the
+//! `FeatureFlags.meridian_replicated_subscription_state` flag a broker sets in CONNECTED when
+//! it takes them. Pulsar skips the unknown flag, so a sender uses the command only with a broker
+//! that announced it.
+//!
 //! # proto2 semantics through prost
 //!
 //! `required` fields are plain Rust fields and are always encoded; `optional`
@@ -179,6 +188,12 @@ mod tests {
         assert_eq!(CommandType::TcClientConnectResponse as i32, 63);
         assert_eq!(CommandType::WatchTopicListClose as i32, 67);
         assert_eq!(CommandType::TopicMigrated as i32, 68);
+        // Meridian's own command types stay clear of Pulsar's numbers.
+        assert_eq!(CommandType::ReplicatedSubscriptionState as i32, 1000);
+        assert_eq!(
+            CommandType::ReplicatedSubscriptionStateResponse as i32,
+            1001
+        );
         assert_eq!(ServerError::ChecksumError as i32, 9);
         assert_eq!(ServerError::ProducerFenced as i32, 25);
         assert_eq!(ProtocolVersion::V6 as i32, 6);

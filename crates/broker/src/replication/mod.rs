@@ -10,10 +10,12 @@
 //! - [`origin_acks`]: the form in which clusters exchange a subscription's acknowledgements;
 //! - `origin_map`: where a log's entries come from, remembered as runs for the sync task;
 //! - [`origin_position`]: a message id from another cluster read as an origin position (readers);
-//! - [`subscription_sync`]: the per-topic task that sends and applies them.
+//! - [`subscription_sync`]: the per-topic task that sends and applies them;
+//! - [`received_state`]: a state arriving from another cluster (binary command or HTTP post).
 //!
 //! Dependencies point one way: `topic` uses these modules; `chain`, `remote` and `memory`
-//! never use `replicator`, and nothing here uses `broker`.
+//! never use `replicator`, and nothing here but `received_state` (the receiving side's entry
+//! point, called by the connection and the admin API) uses `broker`.
 
 pub mod backlog;
 pub mod chain;
@@ -21,6 +23,7 @@ pub(crate) mod memory;
 pub mod origin_acks;
 pub(crate) mod origin_map;
 pub mod origin_position;
+pub mod received_state;
 pub mod remote;
 pub mod replicated_subscriptions;
 pub mod replicator;

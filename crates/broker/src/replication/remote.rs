@@ -91,6 +91,13 @@ impl RemoteClients {
         }
     }
 
+    /// The client of `remote` if it exists and the map is free, without an await (the
+    /// subscription sync asks at every state it sends; [`Self::get`]'s future holds a client's
+    /// construction).
+    pub(crate) fn existing(&self, remote: &RemoteCluster) -> Option<Client> {
+        self.clients.try_lock().ok()?.get(remote).cloned()
+    }
+
     pub(crate) async fn get(&self, remote: &RemoteCluster) -> meridian_client::Result<Client> {
         let mut clients = self.clients.lock().await;
         if let Some(client) = clients.get(remote) {

@@ -3,8 +3,10 @@
 //! Every sync interval (and at once when a consumer of a replicated subscription closes), a
 //! topic's sync task walks each replicated subscription's acknowledgements, expresses them in
 //! origin coordinates ([`OriginAcks`]) and, when they changed, sends them to every other cluster
-//! the topic replicates to, through that cluster's admin API
-//! (`POST …/subscription/{sub}/replicatedSubscriptionState`, a Meridian extension). The
+//! the topic replicates to: as Meridian's REPLICATED_SUBSCRIPTION_STATE command on the
+//! replicators' client of that cluster (to the broker that owns the topic there), or, when that
+//! broker does not announce the command, through its admin API
+//! (`POST …/subscription/{sub}/replicatedSubscriptionState`, a Meridian extension too). The
 //! receiving cluster creates the subscription where it is missing, keeps the latest state of each
 //! sender durably (cursor property `meridian.synced.<cluster>`) and acknowledges every entry of
 //! its own that the state covers: now, and for entries that arrive later, at the next tick after
@@ -18,6 +20,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
+use meridian_client::StateAnswer;
 use meridian_storage::{CursorState, Log, Position, RangeSet};
 use meridian_wire::MessageMetadata;
 use serde::{Deserialize, Serialize};
@@ -31,7 +34,7 @@ use crate::batch_acks;
 use crate::clock::now_ms;
 use crate::error::{BrokerError, Result};
 use crate::replication::chain;
-use crate::replication::remote::RemoteCluster;
+use crate::replication::remote::{RemoteClients, RemoteCluster};
 use crate::stats::SubscriptionSyncStats;
 use crate::topic::Topic;
 use crate::topic_name::{encode_path_segment, TopicName};
@@ -77,7 +80,7 @@ struct StoredSeq {
 pub const STALE_STATE_MARKER: &str = "storedSeq=";
 
 /// The `seq` a receiver that refused a state as older holds, read from its answer.
-fn stored_seq_in(reply: &str) -> Option<u64> {
+pub(crate) fn stored_seq_in(reply: &str) -> Option<u64> {
     let (_, after) = reply.split_once(STALE_STATE_MARKER)?;
     let digits: String = after.chars().take_while(char::is_ascii_digit).collect();
     digits.parse().ok()
@@ -722,6 +725,8 @@ struct SendStatus {
     failures: u32,
     last_error: Option<String>,
     next_attempt: Option<Instant>,
+    /// How the last state the remote confirmed travelled.
+    transport: Option<Transport>,
 }
 
 /// A topic's sync task: sends its replicated subscriptions' state to the other clusters and
@@ -866,6 +871,7 @@ impl SubscriptionSync {
                     .map_or(0, |since| now.saturating_sub(since));
                 entry.failed_attempts = status.failures;
                 entry.last_error = status.last_error.clone();
+                entry.transport = status.transport.map(Transport::name);
             }
         }
         for (key, value) in &cursor.properties {
@@ -902,7 +908,7 @@ struct Posted {
     body: SyncedAcks,
     /// When the post started (ms): the time the state was sent.
     sent_at_ms: u64,
-    result: std::result::Result<(), SendError>,
+    result: std::result::Result<Transport, SendError>,
 }
 
 /// What the sync task remembers of one replicated subscription between ticks.
@@ -989,12 +995,12 @@ async fn run(
         while let Ok(outcome) = outcomes.try_recv() {
             in_flight.remove(&outcome.key);
             match outcome.result {
-                Ok(()) => note_confirmed(
+                Ok(transport) => note_confirmed(
                     &mut tracked,
                     &sending,
                     outcome.key,
                     outcome.body,
-                    outcome.sent_at_ms,
+                    (outcome.sent_at_ms, transport),
                 ),
                 Err(SendError {
                     stored_seq,
@@ -1088,11 +1094,16 @@ async fn run(
                 if confirmed || waiting || !in_flight.insert(key.clone()) {
                     continue;
                 }
-                let (remote, topic_name, body, posted) =
-                    (remote.clone(), name.clone(), body.clone(), posted.clone());
+                let (remote, topic_name, body, posted, clients) = (
+                    remote.clone(),
+                    name.clone(),
+                    body.clone(),
+                    posted.clone(),
+                    topic.remote_clients(),
+                );
                 tokio::spawn(async move {
                     let sent_at_ms = now_ms();
-                    let result = send(&remote, &topic_name, &key.0, &body).await;
+                    let result = send(&clients, &remote, &topic_name, &key.0, &body).await;
                     let _ = posted.send(Posted {
                         key,
                         body,
@@ -1269,7 +1280,7 @@ fn note_confirmed(
     sending: &Mutex<HashMap<(String, String), SendStatus>>,
     key: (String, String),
     body: SyncedAcks,
-    sent_at_ms: u64,
+    (sent_at_ms, transport): (u64, Transport),
 ) {
     let mut latest = true;
     if let Some(entry) = tracked.get_mut(&key.0) {
@@ -1281,6 +1292,7 @@ fn note_confirmed(
     }
     update_status(sending, &key, |status| {
         status.last_sent_ms = status.last_sent_ms.max(Some(sent_at_ms));
+        status.transport = Some(transport);
         if latest {
             status.unsent_since_ms = None;
         }
@@ -1385,18 +1397,82 @@ fn walk(
     Ok(acks)
 }
 
-/// Posts one subscription's state to a remote cluster's admin API.
+/// How a state reached a remote cluster.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Transport {
+    /// Meridian's REPLICATED_SUBSCRIPTION_STATE command on a replication connection.
+    Binary,
+    /// A post to the remote's admin API: a remote that does not announce the command (an older
+    /// Meridian, or `replicated_subscriptions_state_command = false`), a state larger than
+    /// its frame limit, or brokers that cannot be reached on the binary protocol.
+    Http,
+}
+
+impl Transport {
+    fn name(self) -> &'static str {
+        match self {
+            Transport::Binary => "binary",
+            Transport::Http => "http",
+        }
+    }
+}
+
+/// How long a remote has to answer one state, by either transport.
+const SEND_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Sends one subscription's state to a remote cluster: as a command on the replicators' client
+/// of that cluster (to the broker that owns the topic there), or, if that broker does not take
+/// the command, as a post to the remote's admin API.
 async fn send(
+    clients: &RemoteClients,
     remote: &RemoteCluster,
     topic: &TopicName,
     subscription: &str,
     body: &SyncedAcks,
-) -> std::result::Result<(), SendError> {
+) -> std::result::Result<Transport, SendError> {
+    let text = bytes::Bytes::from(
+        serde_json::to_string(body).map_err(|error| SendError::from(error.to_string()))?,
+    );
+    // Failures to reach the remote's brokers on the binary protocol (connecting, a lookup, a
+    // connection lost or an answer that does not come) fall through to HTTP: the admin API may
+    // be reachable when the replication connections are not, and a state that arrives before
+    // the entries it covers is applied when they do. A broker's refusal is final.
+    let client = match clients.existing(remote) {
+        Some(client) => Ok(client),
+        None => Box::pin(clients.get(remote)).await,
+    };
+    let unreachable = match client {
+        Ok(client) => match client
+            .send_subscription_state(&topic.to_string(), subscription, text.clone(), SEND_TIMEOUT)
+            .await
+        {
+            Ok(StateAnswer::Taken) => return Ok(Transport::Binary),
+            Ok(StateAnswer::Older { stored_seq }) => {
+                return Err(SendError {
+                    stored_seq: Some(stored_seq),
+                    message: format!(
+                        "refused as older than the state held, {STALE_STATE_MARKER}{stored_seq}"
+                    ),
+                })
+            }
+            Ok(StateAnswer::NotSent) => None,
+            Err(error) if error.server_error().is_some() => {
+                return Err(SendError::from(error.to_string()))
+            }
+            Err(error) => Some(error.to_string()),
+        },
+        Err(error) => Some(error.to_string()),
+    };
+    if let Some(error) = &unreachable {
+        tracing::debug!(remote = %remote.name, %topic, %subscription, %error, "sending a replicated subscription state on the binary protocol failed; posting it over HTTP");
+    }
     let Some(peer) = remote.peer() else {
-        return Err(SendError::from(format!(
-            "cluster {} has no serviceUrl",
-            remote.name
-        )));
+        return Err(SendError::from(unreachable.unwrap_or_else(|| {
+            format!(
+                "cluster {} has no serviceUrl (and does not take states on the binary protocol)",
+                remote.name
+            )
+        })));
     };
     let path = format!(
         "/admin/v2/persistent/{}/{}/{}/subscription/{}/replicatedSubscriptionState",
@@ -1405,15 +1481,16 @@ async fn send(
         encode_path_segment(&topic.local),
         encode_path_segment(subscription),
     );
-    let body = serde_json::to_string(body).map_err(|error| SendError::from(error.to_string()))?;
     tokio::task::spawn_blocking(move || {
+        // The JSON text the state was encoded to, as the body of the post.
+        let json = std::str::from_utf8(&text).unwrap_or_default();
         match peer.call(
             http_agent(),
             "POST",
             &path,
-            Some(("application/json", &body)),
+            Some(("application/json", json)),
         ) {
-            Ok(_) => Ok(()),
+            Ok(_) => Ok(Transport::Http),
             Err(ureq::Error::Status(409, response)) => {
                 let reply = response.into_string().unwrap_or_default();
                 Err(SendError {
@@ -1452,7 +1529,7 @@ fn http_agent() -> &'static crate::peer::PeerAgent {
     AGENT.get_or_init(|| {
         crate::peer::PeerAgent::new(|builder| {
             builder
-                .timeout(Duration::from_secs(5))
+                .timeout(SEND_TIMEOUT)
                 .max_idle_connections_per_host(4)
         })
     })
@@ -2262,10 +2339,22 @@ mod tests {
             (status.last_sent_ms, status.unsent_since_ms)
         };
 
-        note_confirmed(&mut tracked, &sending, key.clone(), state(10), 100);
+        note_confirmed(
+            &mut tracked,
+            &sending,
+            key.clone(),
+            state(10),
+            (100, Transport::Binary),
+        );
         assert_eq!(status(&sending), (Some(100), Some(5)));
 
-        note_confirmed(&mut tracked, &sending, key.clone(), state(20), 90);
+        note_confirmed(
+            &mut tracked,
+            &sending,
+            key.clone(),
+            state(20),
+            (90, Transport::Binary),
+        );
         assert_eq!(status(&sending), (Some(100), None));
     }
 }
