@@ -225,8 +225,6 @@ def test_a_replicated_subscription_switches_between_cluster_mode_and_standalone(
             west_client.close()
 
 
-@pytest.mark.skip(reason="known defect, not fixed: origin positions of a re-created cluster-mode "
-                         "topic collide with the old topic's (docs/replication.md)")
 def test_a_topic_deleted_and_created_again_in_cluster_mode_still_replicates(
     etcd, object_store, broker_factory, meridian_bin, tmp_path_factory, tmp_path
 ):

@@ -306,8 +306,6 @@ def test_a_reload_after_a_local_failure_does_not_race_the_failed_batchs_commit(
         client.close()
 
 
-@pytest.mark.skip(reason="known defect, not fixed: message ids of a deleted topic acknowledge the "
-                         "entries of its successor in cluster mode (docs/cluster.md)")
 def test_acknowledgements_with_message_ids_of_a_deleted_topic_do_not_acknowledge_its_successor(
     object_cluster, tmp_path
 ):
