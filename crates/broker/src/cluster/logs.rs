@@ -396,9 +396,10 @@ impl ClusterLogs {
         .iter()
         .map(|key| -> Result<u64> {
             let full = cluster.key(key);
-            let found = cluster.client().get(&full).map_err(|error| {
-                BrokerError::NotServedHere(format!("reading {full}: {error}"))
-            })?;
+            let found = cluster
+                .client()
+                .get(&full)
+                .map_err(|error| BrokerError::NotServedHere(format!("reading {full}: {error}")))?;
             Ok(found
                 .and_then(|kv| serde_json::from_slice::<serde_json::Value>(&kv.value).ok())
                 .and_then(|value| value.get("next_entry").and_then(serde_json::Value::as_u64))
