@@ -61,6 +61,17 @@ def _next(receiver, timeout_ms: int):
     return receiver.receive(timeout_millis=timeout_ms)
 
 
+def receive_covering(consumer, expected: list[bytes], timeout_ms: int = 30_000) -> list[bytes]:
+    """Receives (and acknowledges) until every payload of `expected` came; returns the payloads
+    received, in order (repeats included: the caller decides what a repeat means)."""
+    seen: list[bytes] = []
+    while not set(expected) <= set(seen):
+        message = consumer.receive(timeout_millis=timeout_ms)
+        seen.append(message.data())
+        consumer.acknowledge(message)
+    return seen
+
+
 def receive_n(receiver, n: int, timeout_ms: int = RECEIVE_TIMEOUT_MS) -> list:
     """Exactly the next `n` messages of a consumer or reader, each awaited up to `timeout_ms`."""
     messages = []

@@ -12,10 +12,9 @@ import ssl
 from http.client import HTTPSConnection
 
 import pulsar
-import pytest
 
 from broker_process import free_port
-from helpers import assert_no_more, unique, wait_until
+from helpers import assert_no_more, receive_covering, unique, wait_until
 from test_cluster_mode import (  # noqa: F401  (fixtures are used by name)
     CURSOR_PERSIST_INTERVAL_MS,
     OBJECT_CLUSTER,
@@ -53,16 +52,6 @@ def register(on, name: str, broker) -> None:
         admin(on.web_url, "POST", f"/admin/v2/clusters/{name}", data)
     else:
         assert 200 <= status < 300, status
-
-
-def receive_until(consumer, expected: list[bytes]) -> list[bytes]:
-    """Receives (and acknowledges) until every message of `expected` came; returns what came."""
-    seen: list[bytes] = []
-    while not set(expected) <= set(seen):
-        message = consumer.receive(timeout_millis=30_000)
-        seen.append(message.data())
-        consumer.acknowledge(message)
-    return seen
 
 
 def replicate_namespace(entry, west) -> str:
@@ -121,8 +110,8 @@ def test_replication_both_ways_follows_the_bundle_when_the_owner_dies(
             from_west = [f"west/{index}".encode() for index in range(30)]
             for payload in from_west:
                 west_producer.send(payload)
-            seen_west = receive_until(on_west, first + from_west)
-            seen_c2 = receive_until(on_c2, first + from_west)
+            seen_west = receive_covering(on_west, first + from_west)
+            seen_c2 = receive_covering(on_c2, first + from_west)
 
             # The owner dies; the bundle moves to the other broker with the producer, and
             # replication goes on from there in both directions.
@@ -133,8 +122,8 @@ def test_replication_both_ways_follows_the_bundle_when_the_owner_dies(
             more_west = [f"west/{index}".encode() for index in range(30, 60)]
             for payload in more_west:
                 west_producer.send(payload)
-            seen_west += receive_until(on_west, second + more_west)
-            seen_c2 += receive_until(on_c2, second + more_west)
+            seen_west += receive_covering(on_west, second + more_west)
+            seen_c2 += receive_covering(on_c2, second + more_west)
             assert owner_of([entry], topic, via=entry) is entry
 
             for seen in (seen_west, seen_c2):
@@ -248,7 +237,7 @@ def test_a_topic_deleted_and_created_again_in_cluster_mode_still_replicates(
             old = [f"old/{index}".encode() for index in range(5)]
             for payload in old:
                 producer.send(payload)
-            assert receive_until(on_west, old) == old
+            assert receive_covering(on_west, old) == old
             c2_client.close()
             admin(entry.web_url, "DELETE",
                   f"/admin/v2/persistent/{topic.removeprefix('persistent://')}?force=true")
@@ -258,7 +247,7 @@ def test_a_topic_deleted_and_created_again_in_cluster_mode_still_replicates(
             new = [f"new/{index}".encode() for index in range(5)]
             for payload in new:
                 producer.send(payload)
-            assert receive_until(on_west, new) == new
+            assert receive_covering(on_west, new) == new
             c2_client.close()
         finally:
             west_client.close()

@@ -535,6 +535,18 @@ def stop_weed(process: subprocess.Popen, ports: list[int]) -> None:
 
 
 @pytest.fixture(scope="module")
+def paused_weed(tmp_path_factory):
+    """A module's own SeaweedFS process and S3 endpoint, for tests that pause it (SIGSTOP): it
+    is resumed before it is stopped."""
+    process, endpoint, ports = start_weed(tmp_path_factory.mktemp("weed"))
+    try:
+        yield process, endpoint
+    finally:
+        process.send_signal(signal.SIGCONT)
+        stop_weed(process, ports)
+
+
+@pytest.fixture(scope="module")
 def object_store(tmp_path_factory):
     """A `weed mini` on free loopback ports with one identity; yields its S3 endpoint."""
     process, endpoint, ports = start_weed(tmp_path_factory.mktemp("weed"))

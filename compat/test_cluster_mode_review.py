@@ -18,26 +18,19 @@ import pytest
 
 from helpers import receive_n, wait_until
 from test_cluster_mode import (  # noqa: F401  (fixtures are used by name)
+    paused_weed,
     etcd,
     http,
     new_client,
     object_cluster,
     owner_of,
-    start_weed,
-    stop_weed,
     stored_cursor,
     topic_owned_by,
 )
 
 @pytest.fixture(scope="module")
-def weed(tmp_path_factory):
-    """This module's SeaweedFS process and S3 endpoint (a test pauses it)."""
-    process, endpoint, ports = start_weed(tmp_path_factory.mktemp("weed"))
-    try:
-        yield process, endpoint
-    finally:
-        process.send_signal(signal.SIGCONT)
-        stop_weed(process, ports)
+def weed(paused_weed):
+    return paused_weed
 
 
 @pytest.fixture(scope="module")

@@ -16,15 +16,14 @@ import pulsar
 import pytest
 
 from broker_process import free_port
-from helpers import wait_until
-from test_cluster_mode import (
+from helpers import receive_covering, wait_until
+from test_cluster_mode import (  # noqa: F401  (fixtures are used by name)
+    paused_weed,
     CURSOR_PERSIST_INTERVAL_MS,
     LEASE_LOST_LINES,
     new_client,
     object_brokers,
     start_etcd,
-    start_weed,
-    stop_weed,
     topic_owned_by,
 )
 
@@ -59,14 +58,8 @@ def etcd_server(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def weed(tmp_path_factory):
-    """This module's SeaweedFS process and S3 endpoint (a test pauses it)."""
-    process, endpoint, ports = start_weed(tmp_path_factory.mktemp("weed"))
-    try:
-        yield process, endpoint
-    finally:
-        process.send_signal(signal.SIGCONT)
-        stop_weed(process, ports)
+def weed(paused_weed):
+    return paused_weed
 
 
 def produce_paced(producer, payloads: list[bytes], results: dict) -> threading.Thread:
@@ -82,16 +75,6 @@ def produce_paced(producer, payloads: list[bytes], results: dict) -> threading.T
     thread = threading.Thread(target=produce, name="producer")
     thread.start()
     return thread
-
-
-def receive_all(consumer, expected: list[bytes]) -> list[bytes]:
-    """Receives (and acknowledges) until every message of `expected` came; returns what came."""
-    seen: list[bytes] = []
-    while not set(expected) <= set(seen):
-        message = consumer.receive(timeout_millis=30_000)
-        seen.append(message.data())
-        consumer.acknowledge(message)
-    return seen
 
 
 # While etcd is down, commits and lease renewals fail; a broker whose lease lapsed says so.
@@ -129,7 +112,7 @@ def test_an_etcd_restart_under_load_loses_nothing_acknowledged(
             failed = {payload: result for payload, result in results.items()
                       if result != pulsar.Result.Ok}
             assert not failed, failed
-            seen = receive_all(consumer, payloads)
+            seen = receive_covering(consumer, payloads)
             assert list(dict.fromkeys(seen)) == payloads
         finally:
             client.close()
@@ -179,7 +162,7 @@ def test_an_object_store_outage_holds_sends_and_loses_nothing_acknowledged(
             failed = {payload: result for payload, result in results.items()
                       if result != pulsar.Result.Ok}
             assert not failed, failed
-            seen = receive_all(consumer, before + during)
+            seen = receive_covering(consumer, before + during)
             assert list(dict.fromkeys(seen)) == before + during
         finally:
             client.close()
