@@ -284,3 +284,69 @@ def test_a_redirect_to_the_owner_keeps_https(
             connection.close()
         assert response.status == 307, response.status
         assert response.getheader("Location") == f"https://127.0.0.1:{ports[1]}{path}"
+
+
+def test_a_replicated_subscription_keeps_syncing_after_the_owner_dies(
+    etcd, object_store, broker_factory, meridian_bin, tmp_path_factory, tmp_path
+):
+    # Models a replicated subscription consumed in a cluster-mode cluster whose topic owner is
+    # killed: the next owner (its copy names the same entries with a new ledger id) goes on
+    # sending the subscription's state, so the other cluster ends up with exactly what the
+    # consumers did not acknowledge, before and after the move.
+    west = broker_factory.start(config={"cluster_name": "west"})
+    with object_brokers(etcd, object_store, meridian_bin, tmp_path_factory, "rsub-kill-broker",
+                        2, CURSOR_PERSIST_INTERVAL_MS) as brokers:
+        entry, owner = brokers
+        namespace = replicate_namespace(entry, west)
+        topic = f"persistent://{namespace}/t"
+        assert owner_of(brokers, topic, via=owner) is owner
+        c2_client = new_client(entry, tmp_path, "c2-client")
+        west_client = pulsar.Client(west.service_url, operation_timeout_seconds=30)
+        try:
+            west_client.subscribe(topic, "r", consumer_type=pulsar.ConsumerType.Shared,
+                                  replicate_subscription_state_enabled=True).close()
+            consumer = c2_client.subscribe(
+                topic, "r", consumer_type=pulsar.ConsumerType.Shared,
+                initial_position=pulsar.InitialPosition.Earliest,
+                replicate_subscription_state_enabled=True,
+            )
+            producer = c2_client.create_producer(topic, batching_enabled=False)
+            sent = [f"m/{index}".encode() for index in range(20)]
+            for payload in sent:
+                producer.send(payload)
+            received = {}
+            while set(received) != set(sent):
+                message = consumer.receive(timeout_millis=30_000)
+                received[message.data()] = message
+            before = set(sent[::2] + sent[1:8:2])  # 14, out of order
+            for payload in reversed(sent):
+                if payload in before:
+                    consumer.acknowledge(received[payload])
+            wait_until(lambda: backlog(west, topic, "r") == 6, "west applied the first state")
+
+            owner.kill()
+            # The consumer reconnects to the next owner, which redelivers the unacknowledged
+            # messages; half of them are acknowledged there.
+            left = [payload for payload in sent if payload not in before]
+            redelivered = {}
+            while not set(left) <= set(redelivered):
+                message = consumer.receive(timeout_millis=30_000)
+                redelivered[message.data()] = message
+            after = set(left[::2])
+            for payload in after:
+                consumer.acknowledge(redelivered[payload])
+            consumer.close()
+            remaining = [payload for payload in left if payload not in after]
+            wait_until(lambda: backlog(west, topic, "r") == len(remaining),
+                       "west applied the state the next owner sent")
+            moved = west_client.subscribe(
+                topic, "r", consumer_type=pulsar.ConsumerType.Shared,
+                initial_position=pulsar.InitialPosition.Earliest,
+                replicate_subscription_state_enabled=True,
+            )
+            got = receive_covering(moved, remaining)
+            assert sorted(got) == sorted(remaining), got
+            assert_no_more(moved, what="acknowledged in c2, before or after its owner died")
+        finally:
+            c2_client.close()
+            west_client.close()
