@@ -92,13 +92,7 @@ pub fn in_copy(
     let partial: Partial = decode(&properties)
         .into_iter()
         .map(|(position, words)| {
-            let moved = position.ledger_id >= crate::replication::chain::COPY_LEDGER_FLOOR
-                && position.ledger_id < ledger_id;
-            let position = if moved {
-                Position::new(ledger_id, position.entry_id)
-            } else {
-                position
-            };
+            let position = crate::cluster::logs::in_copy_ledger(ledger_id, position);
             (position, words)
         })
         .collect();

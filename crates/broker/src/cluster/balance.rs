@@ -347,13 +347,7 @@ fn shed_blocking(mode: &ClusterMode, config: &BalancerConfig, leader: &mut Leade
     let lifetime = assignment_lifetime(config).as_millis() as u64;
     for (bundle, assignment) in mode.assignments()? {
         if now.saturating_sub(assignment.timestamp) > lifetime {
-            let _ = mode.cluster.client().txn(
-                &[],
-                &[meridian_etcd::Op::Delete(
-                    mode.cluster.key(&assignment_key(&bundle)),
-                )],
-                &[],
-            );
+            mode.assignment_done(&bundle);
         }
     }
     let reports = mode.load_reports()?;
@@ -446,7 +440,8 @@ impl ClusterMode {
         Ok(Some(assignment.to))
     }
 
-    /// Deletes the assignment of a bundle this broker just took (best effort: it expires).
+    /// Deletes the assignment of `bundle`: this broker just took the bundle, or (the leader) the
+    /// assignment expired. Best effort: an assignment left behind expires.
     pub(super) fn assignment_done(&self, bundle: &str) {
         let key = self.cluster.key(&assignment_key(bundle));
         if let Err(error) = self

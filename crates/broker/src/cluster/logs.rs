@@ -34,7 +34,7 @@ use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use meridian_etcd::{Cluster, Op, Ownership, Session};
-use meridian_objlog::{ObjectLog, ObjectLogConfig, RemoteTopic, TopicLog};
+use meridian_objlog::{keys, ObjectLog, ObjectLogConfig, RemoteTopic, TopicLog};
 use meridian_objstore::ObjectStore;
 use meridian_storage::{
     CursorState, Log, Position, RangeSet, RemoteCommit, RemoteLog, Storage, StorageError,
@@ -389,23 +389,25 @@ impl ClusterLogs {
                 })?;
         }
         // A topic created again under this name starts after this life's entries.
-        let next_entry = [
-            meridian_objlog::keys::head_key(topic),
-            meridian_objlog::keys::deleted_key(topic),
-        ]
-        .iter()
-        .map(|key| -> Result<u64> {
-            let full = cluster.key(key);
+        let read = |key: String| -> Result<Option<Vec<u8>>> {
+            let full = cluster.key(&key);
             let found = cluster
                 .client()
                 .get(&full)
                 .map_err(|error| BrokerError::NotServedHere(format!("reading {full}: {error}")))?;
-            Ok(found
-                .and_then(|kv| serde_json::from_slice::<serde_json::Value>(&kv.value).ok())
-                .and_then(|value| value.get("next_entry").and_then(serde_json::Value::as_u64))
-                .unwrap_or(0))
-        })
-        .try_fold(0, |most, next| next.map(|next| most.max(next)))?;
+            Ok(found.map(|kv| kv.value))
+        };
+        let (head_key, deleted_key) = (
+            meridian_objlog::keys::head_key(topic),
+            meridian_objlog::keys::deleted_key(topic),
+        );
+        let head = read(head_key.clone())?
+            .and_then(|value| keys::decode::<keys::Head>(&head_key, &value).ok())
+            .map(|head| head.next_entry);
+        let deleted = read(deleted_key.clone())?
+            .and_then(|value| keys::decode::<keys::Deleted>(&deleted_key, &value).ok())
+            .map(|deleted| deleted.next_entry);
+        let next_entry = head.max(deleted).unwrap_or(0);
         let operations: Vec<Op> = keys.into_iter().map(Op::Delete).collect();
         // The head last, with the deletion record in the same commit.
         let last = [
@@ -460,7 +462,7 @@ impl ClusterLogs {
 /// floor (its start time in ms, below 2^41 until 2039, raised by each reload) stays under the
 /// next epoch's floor.
 fn ledger_floor(epoch: u64) -> u64 {
-    epoch.saturating_mul(1 << 41)
+    epoch.saturating_mul(crate::replication::chain::COPY_LEDGER_FLOOR)
 }
 
 /// The position in `log`, a local copy of cluster mode with `--storage`, of the entry a client
@@ -477,8 +479,14 @@ pub(crate) fn position_in_copy(log: &Log, copy_entry_ids: bool, position: Positi
     if !copy_entry_ids || position.ledger_id < ledger_floor(1) {
         return position;
     }
-    let here = log.current_ledger_id();
-    if position.ledger_id < here {
+    in_copy_ledger(log.current_ledger_id(), position)
+}
+
+/// `position` as the copy whose one ledger is `here` names it: a position of an earlier copy
+/// (a ledger in `[ledger_floor(1), here)`) is the entry with the same id in this one; any other
+/// is returned as it is.
+pub(crate) fn in_copy_ledger(here: u64, position: Position) -> Position {
+    if position.ledger_id >= ledger_floor(1) && position.ledger_id < here {
         Position::new(here, position.entry_id)
     } else {
         position
