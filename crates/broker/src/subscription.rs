@@ -584,9 +584,29 @@ impl Subscription {
     /// Acknowledges individual entries. Positions of entries that do not exist (never did, or
     /// were trimmed) are ignored, as Pulsar does: stored, they would lower the backlog.
     pub fn acknowledge(&self, positions: &[Position]) -> Result<()> {
-        let existing: Vec<Position> = positions
+        let here: Vec<Position> = positions
             .iter()
             .map(|position| self.position_here(*position))
+            .collect();
+        // Clients acknowledge a batch message by message (the `pulsar` crate sends one ACK per
+        // message, each naming the batch's entry): once the entry is acknowledged the others
+        // change nothing in the cursor, and one look under the log's lock settles them.
+        if self.log.all_acknowledged(&self.cursor, &here) {
+            let changed = {
+                let mut state = self.lock();
+                here.iter().fold(false, |changed, position| {
+                    forget_pending(&mut state, *position)
+                        | state.replay.remove(position).is_some()
+                        | changed
+                })
+            };
+            if changed {
+                self.wake.notify_one();
+            }
+            return Ok(());
+        }
+        let existing: Vec<Position> = here
+            .into_iter()
             .filter(|position| entry_exists(&self.log, *position))
             .collect();
         if existing.len() < positions.len() {
@@ -1359,9 +1379,11 @@ fn entry_exists(log: &Log, position: Position) -> bool {
         && log.previous_position(log.next_position(position)) == Some(position)
 }
 
-/// Drops the pending record of an acknowledged entry.
-fn forget_pending(state: &mut DispatchState, position: Position) {
-    if let Some(pending) = state.pending.remove(&position) {
+/// Drops the pending record of an acknowledged entry; true if there was one (or a
+/// redelivery count).
+fn forget_pending(state: &mut DispatchState, position: Position) -> bool {
+    let pending = state.pending.remove(&position);
+    if let Some(pending) = &pending {
         if let Some(consumer) = state
             .consumers
             .iter_mut()
@@ -1372,7 +1394,7 @@ fn forget_pending(state: &mut DispatchState, position: Position) {
                 .saturating_sub(u64::from(pending.messages));
         }
     }
-    state.redelivery_counts.remove(&position);
+    state.redelivery_counts.remove(&position).is_some() | pending.is_some()
 }
 
 /// Moves a consumer's pending entries (all, or the listed ones) to the replay set.

@@ -669,6 +669,16 @@ impl Log {
             .is_some_and(|slot| slot.state.is_acknowledged(position))
     }
 
+    /// Whether cursor `name` has acknowledged every one of `positions`, under one lock (false
+    /// if the cursor does not exist).
+    pub fn all_acknowledged(&self, name: &str, positions: &[Position]) -> bool {
+        self.lock().cursors.get(name).is_some_and(|slot| {
+            positions
+                .iter()
+                .all(|position| slot.state.is_acknowledged(*position))
+        })
+    }
+
     /// The mark-delete position of cursor `name` as last made durable (what a crash would
     /// bring back, and what trimming goes by); `None` if the cursor does not exist.
     pub fn persisted_mark_delete_position(&self, name: &str) -> Option<Option<Position>> {
