@@ -1108,3 +1108,24 @@ fn a_run_that_would_exceed_the_range_limit_is_refused_whole() {
     assert!(log.is_acknowledged("sub", positions[4]));
     assert!(!log.is_acknowledged("sub", positions[10]));
 }
+
+#[test]
+fn all_acknowledged_answers_for_every_position_given() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let storage = Storage::open(root.path(), config()).expect("open");
+    let log = storage.open_log("t").expect("log");
+    let positions = append(&log, 10);
+    log.open_cursor("sub", InitialPosition::Earliest)
+        .expect("cursor");
+    // 0..=2 below the mark-delete position, 5 acknowledged on its own.
+    log.acknowledge(
+        "sub",
+        &[positions[0], positions[1], positions[2], positions[5]],
+    )
+    .expect("ack");
+    assert!(log.all_acknowledged("sub", &[positions[1], positions[5]]));
+    assert!(log.all_acknowledged("sub", &[]));
+    assert!(!log.all_acknowledged("sub", &[positions[5], positions[6]]));
+    assert!(!log.all_acknowledged("sub", &[positions[3]]));
+    assert!(!log.all_acknowledged("missing", &[positions[0]]));
+}
