@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 use bytes::BytesMut;
 use common::BrokerProcess;
 use meridian_wire::proto::{
-    base_command::Type, CommandConnect, CommandProducer, CommandSend, MessageMetadata,
+    base_command::Type, CommandCloseProducer, CommandConnect, CommandProducer, CommandSend,
+    MessageMetadata,
 };
 use meridian_wire::{
     decode_frame, encode_command, encode_send_frame, BaseCommand, Frame, ServerError,
@@ -202,5 +203,54 @@ fn sends_in_flight_when_the_connection_drops_are_still_accounted_for() {
         writer.join().expect("writer");
         unanswered = refused;
     }
+    broker.assert_no_errors();
+}
+
+/// A producer closed with sends in flight gets every receipt before the close's SUCCESS, as
+/// from Pulsar: a client fails the sends still without a receipt when the close succeeds, so a
+/// receipt that came after it would turn a stored message into a reported failure (and the
+/// application's retry into a duplicate).
+#[test]
+fn closing_a_producer_answers_after_the_receipts_of_its_sends_in_flight() {
+    let broker = BrokerProcess::start(&[]);
+    let topic = "persistent://public/default/closed-with-sends-in-flight";
+    let name = "closing-producer";
+    const SENDS: u64 = 200;
+    const CLOSE_REQUEST: u64 = 1000;
+
+    let mut connection = RawConnection::connect(&broker);
+    connection.create_producer(topic, name);
+    let mut frames: Vec<u8> = (0..SENDS)
+        .flat_map(|sequence| send_frame(name, sequence))
+        .collect();
+    frames.extend(command(
+        Type::CloseProducer,
+        BaseCommand {
+            close_producer: Some(CommandCloseProducer {
+                producer_id: 1,
+                request_id: CLOSE_REQUEST,
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+    ));
+    let writer = connection.write_in_background(frames);
+    let mut receipts = 0;
+    loop {
+        let reply = connection.read();
+        if let Some(receipt) = reply.send_receipt {
+            assert_eq!(receipt.sequence_id, receipts, "receipts out of order");
+            receipts += 1;
+            continue;
+        }
+        let success = reply.success.expect("a receipt or the close's SUCCESS");
+        assert_eq!(success.request_id, CLOSE_REQUEST);
+        break;
+    }
+    writer.join().expect("writer");
+    assert_eq!(
+        receipts, SENDS,
+        "the close was answered before the receipts of the sends made before it"
+    );
     broker.assert_no_errors();
 }

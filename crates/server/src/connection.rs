@@ -91,6 +91,9 @@ struct ProducerSlot {
     topic: Arc<Topic>,
     name: String,
     receipts: mpsc::Sender<Receipt>,
+    /// The task sending the receipts; it ends once `receipts` is dropped and every receipt
+    /// queued before has been sent.
+    receipt_loop: tokio::task::JoinHandle<()>,
     /// Set when the broker closed the producer (unload, backlog quota); the client re-creates it.
     closed: Arc<AtomicBool>,
 }
@@ -824,10 +827,33 @@ impl Connection {
     }
 
     async fn handle_close_producer(&mut self, request: CommandCloseProducer) -> Result<(), Close> {
-        if let Some(producer) = self.producers.remove(&request.producer_id) {
-            producer.topic.remove_producer(producer.key);
-        }
-        self.success(request.request_id).await;
+        let Some(producer) = self.producers.remove(&request.producer_id) else {
+            self.success(request.request_id).await;
+            return Ok(());
+        };
+        producer.topic.remove_producer(producer.key);
+        // As from Pulsar, the close is answered after the receipts of the sends before it: a
+        // client fails the sends still without a receipt when its close succeeds, so a receipt
+        // sent after the SUCCESS would report a stored message as failed. Awaited on a task of
+        // its own, so that this connection's other producers and consumers go on meanwhile.
+        let ProducerSlot {
+            receipts,
+            receipt_loop,
+            ..
+        } = producer;
+        drop(receipts);
+        let outbound = self.outbound.clone();
+        let success = command_frame(&BaseCommand {
+            success: Some(CommandSuccess {
+                request_id: request.request_id,
+                schema: None,
+            }),
+            ..command(Type::Success)
+        });
+        tokio::spawn(async move {
+            let _ = receipt_loop.await;
+            let _ = outbound.send(success).await;
+        });
         Ok(())
     }
 
@@ -1253,7 +1279,7 @@ impl Connection {
             }
         };
         let (receipts, receipt_queue) = mpsc::channel(self.config.max_pending_sends_per_producer);
-        tokio::spawn(receipt_loop(
+        let receipt_loop = tokio::spawn(receipt_loop(
             request.producer_id,
             topic.name.to_string(),
             receipt_queue,
@@ -1266,6 +1292,7 @@ impl Connection {
                 topic,
                 name: grant.name.clone(),
                 receipts,
+                receipt_loop,
                 closed,
             },
         );
