@@ -5,7 +5,8 @@
 //! - the writer task: drains the connection's bounded outbound queue into the socket, so a slow
 //!   client slows down only the senders to it;
 //! - one receipt task per producer: awaits its publishes in order and sends the receipts, so
-//!   receipts leave strictly in the order of the SENDs.
+//!   receipts leave strictly in the order of the SENDs; a CLOSE_PRODUCER is answered once that
+//!   task has sent the receipts of every SEND before it (as Pulsar does).
 //!
 //! Any frame error (too large, truncated, undecodable) closes this connection only.
 //!
