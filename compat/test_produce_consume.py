@@ -218,3 +218,31 @@ def test_compressed_payload_is_stored_as_sent(broker, client, topic, codec):
 
     consumer = subscribe_earliest(client, topic)
     assert receive_one(consumer).data() == content
+
+
+_HTTP_SERVICE_URL_CLIENT = """
+import sys, pulsar
+client = pulsar.Client(sys.argv[1], operation_timeout_seconds=30)
+producer = client.create_producer(sys.argv[2])
+consumer = client.subscribe(sys.argv[2], "over-http-lookup")
+producer.send(b"looked up over http")
+message = consumer.receive(30000)
+consumer.acknowledge(message)
+print("received: " + message.data().decode())
+client.close()
+"""
+
+
+def test_a_client_on_the_http_service_url_produces_and_consumes(broker, topic):
+    # The client looks topics up with /lookup/v2 on the broker's web service. The C++ client
+    # (under the Python one) refuses an answer without `brokerUrlTls` as malformed and then
+    # crashes, so it runs in a process of its own: a regression fails this test, not the run.
+    import subprocess
+    import sys
+
+    finished = subprocess.run(
+        [sys.executable, "-c", _HTTP_SERVICE_URL_CLIENT, broker.web_url, topic],
+        capture_output=True, text=True, timeout=120)
+    assert finished.returncode == 0, (finished.returncode, finished.stderr[-2000:])
+    # (The client logs to stdout too.)
+    assert "received: looked up over http" in finished.stdout.splitlines()

@@ -1177,18 +1177,24 @@ async fn lookup(
 ) -> ApiResult<Json<Value>> {
     let name = topic_name(&tenant, &namespace, &topic)?;
     require_namespace(&broker, &name)?;
+    // Pulsar's shape, every field present: the C++ client (and the Python one on it) takes an
+    // answer without `brokerUrlTls` for malformed. A URL this broker does not know is "".
     // A tenant that moved (or is moving) to another cluster: that cluster's URLs.
     if let Some(redirect) = meridian_broker::migration::redirect(&broker, &name) {
         return Ok(Json(json!({
             "brokerUrl": redirect.broker_service_url,
-            "httpUrl": redirect.service_url,
+            "brokerUrlTls": "",
+            "httpUrl": redirect.service_url.unwrap_or_default(),
+            "httpUrlTls": "",
             "nativeUrl": redirect.broker_service_url,
         })));
     }
     let config = broker.config();
     Ok(Json(json!({
         "brokerUrl": config.broker_service_url,
+        "brokerUrlTls": config.broker_service_url_tls.clone().unwrap_or_default(),
         "httpUrl": config.web_service_url,
+        "httpUrlTls": "",
         "nativeUrl": config.broker_service_url,
     })))
 }
