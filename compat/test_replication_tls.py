@@ -270,6 +270,14 @@ def test_meridian_admin_over_https_needs_the_ca(clusters, meridian_bin, certs):
     assert "backtrace" not in refused.stderr.lower() and len(refused.stderr.splitlines()) == 1, refused.stderr
 
 
+def test_a_lookup_over_https_answers_the_tls_urls(clusters):
+    a, _ = clusters
+    status, answer = a.rest("GET", "/lookup/v2/topic/persistent/geo/tls/" + unique("lookup"))
+    assert status == 200, answer
+    assert answer["brokerUrlTls"] == a.service_url, answer
+    assert answer["httpUrlTls"] == a.web_url, answer
+
+
 def test_meridian_client_produces_over_pulsar_ssl(clusters, meridian_bin, keys, certs):
     a, _ = clusters
     topic = f"persistent://geo/tls/{unique('cli')}"

@@ -1194,7 +1194,7 @@ async fn lookup(
         "brokerUrl": config.broker_service_url,
         "brokerUrlTls": config.broker_service_url_tls.clone().unwrap_or_default(),
         "httpUrl": config.web_service_url,
-        "httpUrlTls": "",
+        "httpUrlTls": config.web_service_url_tls.clone().unwrap_or_default(),
         "nativeUrl": config.broker_service_url,
     })))
 }

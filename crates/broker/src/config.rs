@@ -20,6 +20,8 @@ pub struct BrokerConfig {
     pub web_service_url: String,
     /// `pulsar+ssl://host:port` that lookups return too, when the TLS port is enabled.
     pub broker_service_url_tls: Option<String>,
+    /// `https://host:port` of the web service, when its TLS port is enabled.
+    pub web_service_url_tls: Option<String>,
     /// Topics are created on first use (Pulsar's `allowAutoTopicCreation`, default true).
     pub allow_auto_topic_creation: bool,
     pub auto_topic_creation_type: AutoTopicCreationType,
@@ -79,6 +81,7 @@ impl Default for BrokerConfig {
             broker_service_url: "pulsar://127.0.0.1:6650".into(),
             web_service_url: "http://127.0.0.1:8080".into(),
             broker_service_url_tls: None,
+            web_service_url_tls: None,
             allow_auto_topic_creation: true,
             auto_topic_creation_type: AutoTopicCreationType::NonPartitioned,
             default_num_partitions: 1,

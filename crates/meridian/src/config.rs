@@ -576,6 +576,9 @@ impl Config {
             broker_service_url_tls: self
                 .broker_port_tls
                 .map(|port| format!("pulsar+ssl://{}:{port}", self.advertised_address())),
+            web_service_url_tls: self
+                .web_port_tls
+                .map(|port| format!("https://{}:{port}", self.advertised_address())),
             allow_auto_topic_creation: self.allow_auto_topic_creation,
             auto_topic_creation_type: self.allow_auto_topic_creation_type,
             default_num_partitions: self.default_num_partitions,

@@ -501,9 +501,7 @@ async fn join_cluster(
         broker_service_url: broker_config.broker_service_url.clone(),
         broker_service_url_tls: broker_config.broker_service_url_tls.clone(),
         web_service_url: broker_config.web_service_url.clone(),
-        web_service_url_tls: config
-            .web_port_tls
-            .map(|port| format!("https://{}:{port}", config.advertised_address())),
+        web_service_url_tls: broker_config.web_service_url_tls.clone(),
         version: env!("CARGO_PKG_VERSION").to_string(),
         start_timestamp: meridian_broker::clock::now_ms(),
     };
