@@ -191,7 +191,8 @@ impl Broker {
                     use tokio::sync::broadcast::error::RecvError;
                     loop {
                         match changes.recv().await {
-                            Ok(change) if !affects_authorization(&change.key) => {}
+                            Ok(change)
+                                if !change.is_missed() && !affects_authorization(&change.key) => {}
                             // Missed changes may have been grants.
                             Ok(_) | Err(RecvError::Lagged(_)) => {
                                 notify.send_modify(|count| *count = count.wrapping_add(1));

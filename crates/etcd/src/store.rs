@@ -13,7 +13,8 @@
 //!   etcd's watch reports it), so a receiver created just after a write may still see it.
 //! - If etcd compacted away revisions the watch had not seen yet (only with compaction enabled,
 //!   and only after a long disconnection), the changes in that gap cannot be replayed: the thread
-//!   logs an error naming the gap and goes on from the compaction revision.
+//!   logs the gap, sends a [`Change`] with an empty key (changes missed: listeners read again what
+//!   they keep, as after `Lagged`) and goes on from the compaction revision.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -209,13 +210,17 @@ fn watch_loop(
                     }
                 }
                 WatchMessage::Compacted { compact_revision } => {
-                    tracing::error!(
+                    tracing::warn!(
                         prefix,
                         from = start,
                         to = compact_revision,
-                        "etcd compacted revisions the metadata watch had not seen; changes in \
-                         between are not reported"
+                        "etcd compacted revisions the metadata watch had not seen; listeners \
+                         read their metadata again"
                     );
+                    let _ = changes.send(Change {
+                        key: Change::MISSED.to_string(),
+                        version: None,
+                    });
                     start = compact_revision;
                 }
             }

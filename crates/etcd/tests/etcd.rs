@@ -599,3 +599,45 @@ fn one_session_leads_until_it_ends_and_then_another_takes_over() {
         .expect("campaign after the leader left"));
     second.close().expect("close");
 }
+
+/// A watcher cut off while etcd compacted away the revisions it had not seen cannot replay
+/// them: it tells its listeners so (a change with an empty key: read again what you keep, as
+/// after `Lagged`) instead of going on as if nothing had been missed.
+#[test]
+fn a_watch_that_missed_compacted_changes_tells_its_listeners_to_read_again() {
+    let Some(etcd) = Etcd::start() else { return };
+    let proxy = Proxy::start(&etcd.address());
+    let watched = cluster(&proxy.url()).metadata_store().expect("store");
+    let writer = cluster(&etcd.url()).metadata_store().expect("store");
+    let mut changes = watched.watch();
+    writer
+        .put("/k1", b"1", ExpectedVersion::Absent)
+        .expect("put");
+    assert_eq!(next_change(&mut changes).key, "/k1");
+
+    proxy.cut();
+    writer
+        .put("/k2", b"2", ExpectedVersion::Absent)
+        .expect("put");
+    let last = writer
+        .put("/k3", b"3", ExpectedVersion::Absent)
+        .expect("put");
+    etcd.compact(last);
+    proxy.heal();
+
+    assert_eq!(
+        next_change(&mut changes),
+        Change {
+            key: String::new(),
+            version: None
+        },
+        "the change to /k2 was compacted away unseen"
+    );
+    assert_eq!(
+        next_change(&mut changes),
+        Change {
+            key: "/k3".to_string(),
+            version: Some(last)
+        }
+    );
+}

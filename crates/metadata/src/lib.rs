@@ -51,11 +51,24 @@ pub struct Versioned {
     pub version: u64,
 }
 
-/// A change notification: `key` was written (`Some(version)`) or deleted (`None`).
+/// A change notification: `key` was written (`Some(version)`) or deleted (`None`). An empty
+/// `key` ([`Change::MISSED`]) says that changes were missed and cannot be told one by one (etcd
+/// compacted them away before a watch that was cut off saw them): a listener reads again what
+/// it keeps, as after `Lagged`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Change {
     pub key: String,
     pub version: Option<u64>,
+}
+
+impl Change {
+    /// The key of a change that stands for changes missed.
+    pub const MISSED: &'static str = "";
+
+    /// Whether this stands for changes missed rather than one change.
+    pub fn is_missed(&self) -> bool {
+        self.key == Self::MISSED
+    }
 }
 
 /// Versioned key-value metadata with prefix listing and change notifications.

@@ -854,8 +854,8 @@ pub async fn watch_policies(broker: Arc<Broker>) {
     let mut changes = broker.metadata().watch();
     loop {
         let key = match changes.recv().await {
-            Ok(change) => change.key,
-            Err(RecvError::Lagged(_)) => {
+            Ok(change) if !change.is_missed() => change.key,
+            Ok(_) | Err(RecvError::Lagged(_)) => {
                 // Missed changes: re-read everything loaded.
                 let mut tenants: Vec<String> = broker
                     .loaded_topics()

@@ -165,6 +165,17 @@ impl Etcd {
         }
     }
 
+    /// Compacts the key history up to `revision`: watches from older revisions can no longer
+    /// replay it.
+    pub fn compact(&self, revision: u64) {
+        ureq::AgentBuilder::new()
+            .timeout(Duration::from_secs(10))
+            .build()
+            .post(&format!("http://{}/v3/kv/compaction", self.address()))
+            .send_string(&format!(r#"{{"revision":"{revision}","physical":true}}"#))
+            .expect("compact");
+    }
+
     /// Kills the process (SIGKILL, by PID: a crash) and waits for it.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
