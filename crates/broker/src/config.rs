@@ -60,6 +60,9 @@ pub struct BrokerConfig {
     /// that other clusters send replicated subscriptions' states on the binary protocol; off,
     /// they post them to the admin API.
     pub replicated_subscriptions_state_command: bool,
+    /// With the command, announce that its state may come in the compact (protobuf) form, so
+    /// that other clusters send that instead of the JSON text; off, they send JSON.
+    pub replicated_subscriptions_state_compact: bool,
     /// A topic's new replicator starts at its earliest message (back-fill) instead of the
     /// latest, Pulsar's default.
     pub replication_start_earliest: bool,
@@ -99,6 +102,7 @@ impl Default for BrokerConfig {
             replication_start_earliest: false,
             replicated_subscriptions_sync_interval: std::time::Duration::from_millis(100),
             replicated_subscriptions_state_command: true,
+            replicated_subscriptions_state_compact: true,
             max_num_partitions_per_partitioned_topic: 10_000,
             max_topics_per_namespace: 0,
             replication_max_memory_bytes: 128 * 1024 * 1024,

@@ -173,6 +173,10 @@ pub struct SubscriptionSyncStats {
     /// REPLICATED_SUBSCRIPTION_STATE command) or `http` (a post to its admin API).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub transport: Option<&'static str>,
+    /// That state's encoding: `compact` (the protobuf form, on the binary protocol to a broker
+    /// that announced it) or `json`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub encoding: Option<&'static str>,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]

@@ -118,9 +118,21 @@ pub struct Publish {
     pub publish_time_ms: u64,
     /// For an entry a replicator brought: where it comes from.
     pub origin: Option<replicator::Origin>,
+    /// For an entry of this cluster's own (no origin, not a marker): its replication list, so
+    /// that replicated subscriptions learn it as written instead of reading it back. `None`:
+    /// not known (the entry is read when a walk needs its origin).
+    pub local_replicate_to: Option<Vec<String>>,
     /// The producer's CRC32C of most of `entry`, verified on receipt (storage derives its own
     /// checksum from it).
     pub checksum: Option<meridian_storage::KnownChecksum>,
+}
+
+/// An entry whose origin replicated subscriptions learn as it is written.
+enum Written {
+    /// Brought by a replicator from its origin.
+    Replicated(replicator::Origin),
+    /// This cluster's own, with its replication list.
+    Local(Vec<String>),
 }
 
 /// A future that completes when a publish is durable: `Some(position)`, or `None` for a
@@ -653,9 +665,19 @@ impl Topic {
                 Verdict::New => {}
             }
             let entry_bytes = request.entry.len() as u64;
-            // Read before the append (for a replicated entry, whose origin is noted): a
-            // rollback after it makes the noted origin untrusted.
-            let rollbacks = request.origin.as_ref().map_or(0, |_| self.log.rollbacks());
+            // Replicated subscriptions learn the origins of entries as they are written: a
+            // replicated entry's from the replicator, this cluster's own as themselves (only
+            // once a replicated subscription is being walked: nothing is kept otherwise).
+            let noted = match (request.origin.take(), self.subscription_sync()) {
+                (Some(origin), Some(_)) => Some(Written::Replicated(origin)),
+                (None, Some(sync)) if sync.records_written() => {
+                    request.local_replicate_to.take().map(Written::Local)
+                }
+                _ => None,
+            };
+            // Read before the append (for an entry whose origin is noted): a rollback after
+            // it makes the noted origin untrusted.
+            let rollbacks = noted.as_ref().map_or(0, |_| self.log.rollbacks());
             match self.log.append_with_checksum(
                 request.entry,
                 request.publish_time_ms,
@@ -672,9 +694,20 @@ impl Topic {
                     }
                     // Replicated subscriptions learn the entry's origin here, not by reading
                     // it back.
-                    if let (Some(origin), Some(sync)) =
-                        (request.origin.take(), self.subscription_sync())
-                    {
+                    if let (Some(noted), Some(sync)) = (noted, self.subscription_sync()) {
+                        let origin = match noted {
+                            Written::Replicated(origin) => origin,
+                            Written::Local(replicate_to) => replicator::Origin {
+                                cluster: self.shared.config.cluster_name.clone(),
+                                position: crate::replication::chain::origin_position(
+                                    pending.position(),
+                                ),
+                                previous: None,
+                                learned: None,
+                                replicate_to,
+                                marker: false,
+                            },
+                        };
                         sync.note_written(pending.position(), rollbacks, origin);
                     }
                     pending

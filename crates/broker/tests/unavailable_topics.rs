@@ -75,6 +75,7 @@ fn publish(sequence_id: u64) -> Publish {
         entry: Bytes::from_static(b"payload"),
         publish_time_ms: 1,
         origin: None,
+        local_replicate_to: None,
         checksum: None,
     }
 }

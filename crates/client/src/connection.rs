@@ -234,6 +234,8 @@ pub(crate) struct Connection {
     max_message_size: usize,
     /// The broker announced Meridian's REPLICATED_SUBSCRIPTION_STATE command in CONNECTED.
     takes_subscription_states: bool,
+    /// It announced version 2 of the state encoding: it takes the compact form too.
+    takes_compact_subscription_states: bool,
 }
 
 impl Connection {
@@ -302,6 +304,11 @@ impl Connection {
                 .feature_flags
                 .as_ref()
                 .is_some_and(|flags| flags.meridian_replicated_subscription_state());
+            let takes_compact_subscription_states = takes_subscription_states
+                && connected.feature_flags.as_ref().is_some_and(|flags| {
+                    flags.meridian_replicated_subscription_state_version()
+                        >= meridian_wire::SUBSCRIPTION_STATE_COMPACT_VERSION
+                });
             let protocol_version = connected.protocol_version();
             tracing::debug!(
                 server_version = %connected.server_version,
@@ -344,6 +351,7 @@ impl Connection {
                 settings,
                 max_message_size,
                 takes_subscription_states,
+                takes_compact_subscription_states,
             }))
         }
         .instrument(span)
@@ -365,6 +373,11 @@ impl Connection {
     /// Whether the broker takes Meridian's REPLICATED_SUBSCRIPTION_STATE command.
     pub(crate) fn takes_subscription_states(&self) -> bool {
         self.takes_subscription_states
+    }
+
+    /// Whether it takes that command's state in the compact form too.
+    pub(crate) fn takes_compact_subscription_states(&self) -> bool {
+        self.takes_compact_subscription_states
     }
 
     pub(crate) fn is_closed(&self) -> bool {

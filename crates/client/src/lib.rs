@@ -140,7 +140,7 @@ pub use producer::{
 };
 pub use reader::{Reader, ReaderBuilder};
 pub use routing::{key_hash, key_partition};
-pub use subscription_state::StateAnswer;
+pub use subscription_state::{StateAnswer, StateFormat};
 pub use tls::{http_agent, HttpsConnector, TlsError, TlsOptions};
 pub use topic::{normalize_topic, partition_topic};
 

@@ -6,14 +6,15 @@
 //! Only a broker that announced the command in CONNECTED gets it; for any other (Pulsar, an
 //! older Meridian, one configured not to take it) and for a state larger than the broker's frame
 //! limit, [`Client::send_subscription_state`] sends nothing and says so, and the caller posts
-//! the state over HTTP as before.
+//! the state over HTTP as before. A broker that announces version 2 of the state encoding
+//! ([`StateFormat::Compact`]) gets the compact protobuf form; others the JSON text.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Duration;
 
 use bytes::Bytes;
-use meridian_wire::proto::CommandReplicatedSubscriptionState;
+use meridian_wire::proto::{CommandReplicatedSubscriptionState, MeridianStateFormat};
 use meridian_wire::CommandType;
 
 use crate::client::Client;
@@ -27,6 +28,16 @@ const OWNERS_MAX: usize = 10_000;
 /// What a command may add to a state within one frame: the sizes, the command's fields, the
 /// topic and subscription names are counted on top of this.
 const COMMAND_OVERHEAD_BYTES: usize = 64;
+
+/// How a state is encoded (the command's `format`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StateFormat {
+    /// The JSON text of the HTTP endpoint: every broker that takes the command takes it.
+    Json,
+    /// The `MeridianSubscriptionState` protobuf message: only a broker that announced version 2
+    /// of the state encoding in CONNECTED.
+    Compact,
+}
 
 /// What a broker answered to a replicated-subscription state.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -70,21 +81,22 @@ impl Owners {
 }
 
 impl Client {
-    /// Sends `state` (the JSON text of Meridian's replicated-subscription state) for
-    /// `subscription` of `topic` to the broker that owns the topic, if that broker takes
-    /// Meridian's REPLICATED_SUBSCRIPTION_STATE command ([`StateAnswer::NotSent`] otherwise).
-    /// `Err(Error::Server)` when the broker refused it for another reason; `Err(Error::Timeout)`
-    /// when it did not answer within `timeout`.
+    /// Sends a Meridian replicated-subscription state for `subscription` of `topic` to the
+    /// broker that owns the topic, if that broker takes Meridian's REPLICATED_SUBSCRIPTION_STATE
+    /// command ([`StateAnswer::NotSent`] otherwise). `encode` is given the richest encoding
+    /// the broker takes ([`StateFormat::Compact`] if it announced it) and returns the state in
+    /// the encoding it chose, with that encoding. `Err(Error::Server)` when the broker refused
+    /// it for another reason; `Err(Error::Timeout)` when it did not answer within `timeout`.
     pub async fn send_subscription_state(
         &self,
         topic: &str,
         subscription: &str,
-        state: Bytes,
+        encode: impl FnOnce(StateFormat) -> (StateFormat, Bytes),
         timeout: Duration,
     ) -> Result<StateAnswer> {
         let topic = normalize_topic(topic)?;
         let result = self
-            .send_state_to_owner(&topic, subscription, state, timeout)
+            .send_state_to_owner(&topic, subscription, encode, timeout)
             .await;
         if result.is_err() {
             // The topic may have moved (an unload, cluster mode's owner changing): look it up
@@ -98,7 +110,7 @@ impl Client {
         &self,
         topic: &str,
         subscription: &str,
-        state: Bytes,
+        encode: impl FnOnce(StateFormat) -> (StateFormat, Bytes),
         timeout: Duration,
     ) -> Result<StateAnswer> {
         // Sent every sync interval: the lookup and the connection attempt are boxed, so that
@@ -116,12 +128,21 @@ impl Client {
             Some(connection) => connection,
             None => Box::pin(pool.get(&address)).await?,
         };
+        if !connection.takes_subscription_states() {
+            return Ok(StateAnswer::NotSent);
+        }
+        let best = if connection.takes_compact_subscription_states() {
+            StateFormat::Compact
+        } else {
+            StateFormat::Json
+        };
+        let (format, state) = encode(best);
         let size = state
             .len()
             .saturating_add(topic.len())
             .saturating_add(subscription.len())
             .saturating_add(COMMAND_OVERHEAD_BYTES);
-        if !connection.takes_subscription_states() || size > connection.max_message_size() {
+        if size > connection.max_message_size() {
             return Ok(StateAnswer::NotSent);
         }
         let reply = connection
@@ -134,6 +155,9 @@ impl Client {
                         topic: topic.to_string(),
                         subscription: subscription.to_string(),
                         state,
+                        // Absent for JSON: what a broker from before the field reads.
+                        format: (format == StateFormat::Compact)
+                            .then_some(MeridianStateFormat::Compact as i32),
                     }),
                     ..command(CommandType::ReplicatedSubscriptionState)
                 },

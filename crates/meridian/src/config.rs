@@ -47,6 +47,9 @@ pub struct Config {
     /// Announce and take Meridian's REPLICATED_SUBSCRIPTION_STATE command (other clusters then
     /// send replicated subscriptions' states on the binary protocol instead of HTTP).
     pub replicated_subscriptions_state_command: bool,
+    /// Announce that the command's state may come in the compact (protobuf) form instead of
+    /// JSON text.
+    pub replicated_subscriptions_state_compact: bool,
     /// Bytes of replicated entries held in memory (read and not yet confirmed by the remote)
     /// across every replicator of this broker.
     pub replication_max_memory_bytes: usize,
@@ -223,6 +226,7 @@ impl Default for Config {
                 .replicated_subscriptions_sync_interval
                 .as_millis() as u64,
             replicated_subscriptions_state_command: broker.replicated_subscriptions_state_command,
+            replicated_subscriptions_state_compact: broker.replicated_subscriptions_state_compact,
             replication_max_memory_bytes: broker.replication_max_memory_bytes,
             max_connections: server.max_connections,
             max_connections_per_ip: server.max_connections_per_ip,
@@ -593,6 +597,7 @@ impl Config {
                 self.replicated_subscriptions_sync_interval_ms,
             ),
             replicated_subscriptions_state_command: self.replicated_subscriptions_state_command,
+            replicated_subscriptions_state_compact: self.replicated_subscriptions_state_compact,
             replication_max_memory_bytes: self.replication_max_memory_bytes,
             max_unacked_messages_per_consumer: self.max_unacked_messages_per_consumer,
             ..BrokerConfig::default()

@@ -12,7 +12,13 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use common::{eventually, Admin, BrokerProcess};
-use meridian_client::{Client, Consumer, InitialPosition, Producer, ProducerMessage, StateAnswer};
+use meridian_broker::replication::origin_acks::{OriginAcks, OriginProgress};
+use meridian_broker::replication::state_format;
+use meridian_broker::replication::subscription_sync::SyncedAcks;
+use meridian_client::{
+    Client, Consumer, InitialPosition, Producer, ProducerMessage, StateAnswer, StateFormat,
+};
+use meridian_storage::Position;
 
 const WAIT: Duration = Duration::from_secs(120);
 
@@ -929,7 +935,9 @@ async fn replicated_subscription_states_on_the_binary_protocol_refuse_older_and_
             .expect("a's state is held");
         serde_json::from_str::<serde_json::Value>(&stored).expect("JSON")["seq"].as_u64()
     };
-    let send = |body: bytes::Bytes| client.send_subscription_state(topic, "billing", body, WAIT);
+    let send = |body: bytes::Bytes| {
+        client.send_subscription_state(topic, "billing", |_| (StateFormat::Json, body), WAIT)
+    };
 
     assert_eq!(send(state(200)).await.expect("taken"), StateAnswer::Taken);
     assert_eq!(held_seq(), Some(200));
@@ -954,6 +962,71 @@ async fn replicated_subscription_states_on_the_binary_protocol_refuse_older_and_
 
     assert_eq!(send(state(300)).await.expect("taken"), StateAnswer::Taken);
     assert_eq!(held_seq(), Some(300));
+
+    // The compact form (b announces it): taken, and held with its `seq` where it was.
+    let compact = |seq: u64, ranges: Vec<(Position, Position)>| {
+        let mut acks = OriginAcks::default();
+        acks.origins.insert(
+            "a".to_string(),
+            OriginProgress {
+                acked_below: Some(Position::new(3, 0)),
+                ranges,
+                stored_from: Some(Position::new(3, 0)),
+                batches: Vec::new(),
+            },
+        );
+        let state = SyncedAcks {
+            cluster: "a".into(),
+            acks,
+            reset_at: None,
+            seq: Some(seq),
+        };
+        bytes::Bytes::from(state_format::encode_compact(&state))
+    };
+    let send_compact = |body: bytes::Bytes| {
+        client.send_subscription_state(
+            topic,
+            "billing",
+            |best| {
+                assert_eq!(best, StateFormat::Compact, "b announces the compact form");
+                (StateFormat::Compact, body)
+            },
+            WAIT,
+        )
+    };
+    let ranges = vec![(Position::new(3, 5), Position::new(3, 7))];
+    assert_eq!(
+        send_compact(compact(400, ranges)).await.expect("taken"),
+        StateAnswer::Taken
+    );
+    assert_eq!(held_seq(), Some(400));
+    assert_eq!(
+        send_compact(compact(350, Vec::new()))
+            .await
+            .expect("answered"),
+        StateAnswer::Older { stored_seq: 400 }
+    );
+    // Malformed compact states: bytes that are no such message, and ranges out of order.
+    let reversed = vec![
+        (Position::new(3, 9), Position::new(3, 9)),
+        (Position::new(3, 5), Position::new(3, 7)),
+    ];
+    for bad in [
+        bytes::Bytes::from_static(b"{\"cluster\":"),
+        compact(500, reversed),
+    ] {
+        let refused = send_compact(bad).await;
+        assert!(
+            matches!(&refused, Err(meridian_client::Error::Server { message, .. })
+                if message.contains("invalid replicated subscription state (compact)")),
+            "{refused:?}"
+        );
+        assert_eq!(
+            held_seq(),
+            Some(400),
+            "a refused state changed what is held"
+        );
+    }
     client.close().await;
     b.broker.assert_no_errors();
 }

@@ -1127,6 +1127,14 @@ impl Connection {
                     meridian_replicated_subscription_state: Some(
                         self.broker.config().replicated_subscriptions_state_command,
                     ),
+                    // The compact form only where the setting allows; 1: the JSON text only.
+                    meridian_replicated_subscription_state_version: Some(
+                        if self.broker.config().replicated_subscriptions_state_compact {
+                            meridian_wire::SUBSCRIPTION_STATE_COMPACT_VERSION
+                        } else {
+                            1
+                        },
+                    ),
                     ..Default::default()
                 }),
             }),
@@ -1402,8 +1410,15 @@ impl Connection {
                 let checksum = entry
                     .verified_checksum()
                     .map(|(offset, crc32c)| KnownChecksum { offset, crc32c });
+                // This cluster's own entry (not a replicator's, nor a marker): its replication
+                // list, for replicated subscriptions to learn it as written.
+                let local_replicate_to = (origin.is_none()
+                    && entry.metadata.replicated_from.is_none()
+                    && entry.metadata.marker_type.is_none())
+                .then(|| entry.metadata.replicate_to.clone());
                 let publish = Publish {
                     checksum,
+                    local_replicate_to,
                     messages,
                     sequence_id: send.sequence_id,
                     highest_sequence_id: highest,

@@ -47,11 +47,44 @@ impl RangeSet {
     }
 
     /// Adds one position; returns whether it was new.
+    ///
+    /// Called for every individual acknowledgement, so it looks at the ranges on either side
+    /// once and changes at most two of them, allocating nothing beyond the map's own nodes.
     pub fn insert(&mut self, position: Position) -> bool {
-        if self.contains(position) {
-            return false;
+        let (ledger, entry) = (position.ledger_id, position.entry_id);
+        // The range starting at or before the position, if in its ledger: holds it, or ends
+        // right before it (and takes it).
+        let mut extends_previous = false;
+        if let Some((start, last)) = self.ranges.range_mut(..=position).next_back() {
+            if start.ledger_id == ledger {
+                if entry <= *last {
+                    return false;
+                }
+                extends_previous = *last + 1 == entry;
+            }
         }
-        self.insert_range(position.ledger_id, position.entry_id, position.entry_id);
+        // The range starting right after it, which joins it.
+        let next = Position::new(ledger, entry.saturating_add(1));
+        let joins_next = entry < u64::MAX && self.ranges.contains_key(&next);
+        match (extends_previous, joins_next) {
+            (true, joins_next) => {
+                let last = if joins_next {
+                    self.ranges.remove(&next).unwrap_or(entry)
+                } else {
+                    entry
+                };
+                if let Some((_, previous_last)) = self.ranges.range_mut(..position).next_back() {
+                    *previous_last = last;
+                }
+            }
+            (false, true) => {
+                let last = self.ranges.remove(&next).unwrap_or(entry);
+                self.ranges.insert(position, last);
+            }
+            (false, false) => {
+                self.ranges.insert(position, entry);
+            }
+        }
         true
     }
 

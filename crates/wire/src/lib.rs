@@ -68,7 +68,9 @@
 //! response, which carry replicated subscriptions' states between clusters, and the
 //! `FeatureFlags.meridian_replicated_subscription_state` flag a broker sets in CONNECTED when
 //! it takes them. Pulsar skips the unknown flag, so a sender uses the command only with a broker
-//! that announced it.
+//! that announced it. `FeatureFlags.meridian_replicated_subscription_state_version` says which
+//! encodings of the command's state it takes: [`SUBSCRIPTION_STATE_COMPACT_VERSION`] and up, the
+//! compact `MeridianSubscriptionState` message as well as the JSON text.
 //!
 //! # proto2 semantics through prost
 //!
@@ -112,6 +114,11 @@ pub use proto::{
     BaseCommand, BrokerEntryMetadata, CompressionType, MarkerType, MessageIdData, MessageMetadata,
     ProtocolVersion, ServerError, SingleMessageMetadata,
 };
+
+/// The version of the replicated-subscription state encoding (CONNECTED's
+/// `FeatureFlags.meridian_replicated_subscription_state_version`, a Meridian extension) from
+/// which a broker takes the compact form of REPLICATED_SUBSCRIPTION_STATE's state.
+pub const SUBSCRIPTION_STATE_COMPACT_VERSION: u32 = 2;
 
 /// Magic number that starts the checksum block of an entry.
 pub const CHECKSUM_MAGIC: u16 = 0x0e01;

@@ -11,6 +11,7 @@
 //! - `origin_map`: where a log's entries come from, remembered as runs for the sync task;
 //! - [`origin_position`]: a message id from another cluster read as an origin position (readers);
 //! - [`subscription_sync`]: the per-topic task that sends and applies them;
+//! - [`state_format`]: a state's encodings (JSON, and the compact protobuf form);
 //! - [`received_state`]: a state arriving from another cluster (binary command or HTTP post).
 //!
 //! Dependencies point one way: `topic` uses these modules; `chain`, `remote` and `memory`
@@ -27,4 +28,5 @@ pub mod received_state;
 pub mod remote;
 pub mod replicated_subscriptions;
 pub mod replicator;
+pub mod state_format;
 pub mod subscription_sync;

@@ -2,7 +2,9 @@
 //! binary protocol's REPLICATED_SUBSCRIPTION_STATE command (a Meridian extension, announced in
 //! CONNECTED unless `replicated_subscriptions_state_command` is off) or the admin API's
 //! `POST …/subscription/{sub}/replicatedSubscriptionState` (what senders use with a broker that
-//! does not announce the command). Both run [`receive_from_cluster`]: decode the state, check
+//! does not announce the command). The command's state is JSON text or, from a sender that saw
+//! this broker announce it, the compact form ([`state_format`]). Both run
+//! [`receive_from_cluster`]: decode the state, check
 //! its sender is a registered cluster, find the topic, and hand it to
 //! [`subscription_sync::receive`], which stores it durably and applies it before the answer.
 //!
@@ -13,10 +15,12 @@ use std::sync::Arc;
 
 use meridian_wire::proto::{
     CommandReplicatedSubscriptionState, CommandReplicatedSubscriptionStateResponse,
+    MeridianStateFormat,
 };
 use meridian_wire::{BaseCommand, CommandType, ServerError};
 use tokio::sync::Semaphore;
 
+use super::state_format;
 use super::subscription_sync::{self, stored_seq_in, SyncedAcks};
 use crate::broker::Broker;
 use crate::error::{BrokerError, Result};
@@ -37,6 +41,16 @@ pub async fn receive_from_cluster(
     let acks: SyncedAcks = serde_json::from_str(&raw).map_err(|error| {
         BrokerError::BadRequest(format!("invalid replicated subscription state: {error}"))
     })?;
+    receive_decoded(broker, topic, subscription, (acks, raw)).await
+}
+
+/// [`receive_from_cluster`] for a state already decoded; `raw`: the text to store for it.
+async fn receive_decoded(
+    broker: &Broker,
+    topic: &TopicName,
+    subscription: String,
+    (acks, raw): (SyncedAcks, String),
+) -> Result<()> {
     if !broker.exists(topic) {
         return Err(BrokerError::NotFound(format!(
             "topic {topic} does not exist"
@@ -112,10 +126,27 @@ async fn receive_command(
             ));
         }
         let topic = TopicName::parse(&request.topic)?;
-        let raw = String::from_utf8(request.state.to_vec()).map_err(|_| {
-            BrokerError::BadRequest("invalid replicated subscription state: not UTF-8".into())
-        })?;
-        receive_from_cluster(broker, &topic, request.subscription, raw).await
+        match request.format {
+            None | Some(0) => {
+                let raw = String::from_utf8(request.state.to_vec()).map_err(|_| {
+                    BrokerError::BadRequest(
+                        "invalid replicated subscription state: not UTF-8".into(),
+                    )
+                })?;
+                receive_from_cluster(broker, &topic, request.subscription, raw).await
+            }
+            Some(format) if format == MeridianStateFormat::Compact as i32 => {
+                let decoded = state_format::decode_compact(&request.state).map_err(|error| {
+                    BrokerError::BadRequest(format!(
+                        "invalid replicated subscription state (compact): {error}"
+                    ))
+                })?;
+                receive_decoded(broker, &topic, request.subscription, decoded).await
+            }
+            Some(format) => Err(BrokerError::BadRequest(format!(
+                "invalid replicated subscription state: unknown format {format}"
+            ))),
+        }
     }
     .await;
     match outcome {

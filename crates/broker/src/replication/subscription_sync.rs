@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
-use meridian_client::StateAnswer;
+use meridian_client::{StateAnswer, StateFormat};
 use meridian_storage::{CursorState, Log, Position, RangeSet};
 use meridian_wire::MessageMetadata;
 use serde::{Deserialize, Serialize};
@@ -30,6 +30,7 @@ use super::origin_acks::{OriginAcks, OriginAcksBuilder};
 pub use super::origin_map::entry_origin;
 use super::origin_map::{OriginMap, Span, Written, WrittenEntry};
 use super::replicated_subscriptions;
+use super::state_format;
 use crate::batch_acks;
 use crate::clock::now_ms;
 use crate::error::{BrokerError, Result};
@@ -55,6 +56,9 @@ const RESEND_UNCHANGED_AFTER: Duration = Duration::from_secs(30);
 pub struct SyncedAcks {
     /// The sending cluster.
     pub cluster: String,
+    /// In JSON, an object, or the base64 text of its compact form (as a receiver stores a state
+    /// that came compact, [`super::state_format`]).
+    #[serde(deserialize_with = "super::state_format::deserialize_acks")]
     pub acks: OriginAcks,
     /// When a user last moved the subscription back in the sending cluster (ms): a receiver that
     /// saw an older value resets its copy before applying `acks`.
@@ -827,6 +831,12 @@ impl SubscriptionSync {
             });
     }
 
+    /// Whether entries written are noted ([`SubscriptionSync::note_written`] keeps them): once
+    /// the topic's replicated subscriptions are walked.
+    pub fn records_written(&self) -> bool {
+        self.recording.load(Ordering::Relaxed)
+    }
+
     /// Forgets the entries noted as written: an append failed.
     pub fn forget_written(&self) {
         self.written
@@ -872,6 +882,7 @@ impl SubscriptionSync {
                 entry.failed_attempts = status.failures;
                 entry.last_error = status.last_error.clone();
                 entry.transport = status.transport.map(Transport::name);
+                entry.encoding = status.transport.map(Transport::encoding);
             }
         }
         for (key, value) in &cursor.properties {
@@ -1400,8 +1411,9 @@ fn walk(
 /// How a state reached a remote cluster.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Transport {
-    /// Meridian's REPLICATED_SUBSCRIPTION_STATE command on a replication connection.
-    Binary,
+    /// Meridian's REPLICATED_SUBSCRIPTION_STATE command on a replication connection, the state
+    /// in the compact form or as JSON text (a broker that does not take the compact form).
+    Binary { compact: bool },
     /// A post to the remote's admin API: a remote that does not announce the command (an older
     /// Meridian, or `replicated_subscriptions_state_command = false`), a state larger than
     /// its frame limit, or brokers that cannot be reached on the binary protocol.
@@ -1411,8 +1423,16 @@ enum Transport {
 impl Transport {
     fn name(self) -> &'static str {
         match self {
-            Transport::Binary => "binary",
+            Transport::Binary { .. } => "binary",
             Transport::Http => "http",
+        }
+    }
+
+    /// The state's encoding.
+    fn encoding(self) -> &'static str {
+        match self {
+            Transport::Binary { compact: true } => "compact",
+            Transport::Binary { compact: false } | Transport::Http => "json",
         }
     }
 }
@@ -1430,9 +1450,8 @@ async fn send(
     subscription: &str,
     body: &SyncedAcks,
 ) -> std::result::Result<Transport, SendError> {
-    let text = bytes::Bytes::from(
-        serde_json::to_string(body).map_err(|error| SendError::from(error.to_string()))?,
-    );
+    // Strings and numbers only: encoding cannot fail.
+    let json = || bytes::Bytes::from(serde_json::to_vec(body).unwrap_or_default());
     // Failures to reach the remote's brokers on the binary protocol (connecting, a lookup, a
     // connection lost or an answer that does not come) fall through to HTTP: the admin API may
     // be reachable when the replication connections are not, and a state that arrives before
@@ -1441,12 +1460,22 @@ async fn send(
         Some(client) => Ok(client),
         None => Box::pin(clients.get(remote)).await,
     };
+    // The compact form to a broker that takes it, else the JSON text.
+    let mut compact = false;
+    let encode = |best| match best {
+        StateFormat::Compact => {
+            compact = true;
+            let state = bytes::Bytes::from(state_format::encode_compact(body));
+            (StateFormat::Compact, state)
+        }
+        StateFormat::Json => (StateFormat::Json, json()),
+    };
     let unreachable = match client {
         Ok(client) => match client
-            .send_subscription_state(&topic.to_string(), subscription, text.clone(), SEND_TIMEOUT)
+            .send_subscription_state(&topic.to_string(), subscription, encode, SEND_TIMEOUT)
             .await
         {
-            Ok(StateAnswer::Taken) => return Ok(Transport::Binary),
+            Ok(StateAnswer::Taken) => return Ok(Transport::Binary { compact }),
             Ok(StateAnswer::Older { stored_seq }) => {
                 return Err(SendError {
                     stored_seq: Some(stored_seq),
@@ -1481,6 +1510,7 @@ async fn send(
         encode_path_segment(&topic.local),
         encode_path_segment(subscription),
     );
+    let text = json();
     tokio::task::spawn_blocking(move || {
         // The JSON text the state was encoded to, as the body of the post.
         let json = std::str::from_utf8(&text).unwrap_or_default();
@@ -1720,6 +1750,42 @@ mod tests {
             &log,
             (positions[0], positions[99]),
         );
+        assert_eq!(learned, reference);
+    }
+
+    /// This cluster's own entries, noted as the publish path writes them (origin: themselves),
+    /// are learned like replicated ones: a walk over them reads none, and finds the origins
+    /// that reading them gives.
+    #[test]
+    fn own_entries_noted_as_written_are_not_read_back() {
+        let directory = tempfile::tempdir().expect("tempdir");
+        let storage = relaxed_storage(directory.path());
+        let (log, positions) = stretched_log(&storage);
+        let mut map = OriginMap::default();
+        // The publish path of cluster a (the tests' local cluster) noted its entries 0..40,
+        // the replicator's noted c's 40..80.
+        let mut written = Written::default();
+        for (index, position) in positions.iter().enumerate().take(80) {
+            let (cluster, origin) = if index < 40 {
+                ("a", chain::origin_position(*position))
+            } else {
+                ("c", Position::new(9, 100 + index as u64))
+            };
+            written.record(WrittenEntry {
+                position: *position,
+                rollbacks: 0,
+                cluster: cluster.to_string(),
+                origin,
+                replicate_to: Vec::new(),
+            });
+        }
+        let written = written.take_durable((log.last_position(), 0));
+        map.learn_written(&log, &written);
+        let learned = origins_in(&mut map, &log, (positions[0], positions[79]));
+        assert_eq!(map.entries_read(), 0, "an entry noted as written was read");
+        let mut reading = OriginMap::default();
+        let reference = origins_in(&mut reading, &log, (positions[0], positions[79]));
+        assert_eq!(reading.entries_read(), 80);
         assert_eq!(learned, reference);
     }
 
@@ -2344,7 +2410,7 @@ mod tests {
             &sending,
             key.clone(),
             state(10),
-            (100, Transport::Binary),
+            (100, Transport::Binary { compact: true }),
         );
         assert_eq!(status(&sending), (Some(100), Some(5)));
 
@@ -2353,7 +2419,7 @@ mod tests {
             &sending,
             key.clone(),
             state(20),
-            (90, Transport::Binary),
+            (90, Transport::Binary { compact: true }),
         );
         assert_eq!(status(&sending), (Some(100), None));
     }
