@@ -76,6 +76,21 @@ struct StoredSeq {
     seq: Option<u64>,
 }
 
+/// The `seq` of a stored state (JSON, as received). A state as serialized here ends with it
+/// (`…,"seq":<n>}`): read from the end, so that a state with many ranges is not scanned at every
+/// state received; any other text is decoded.
+fn stored_seq(stored: &str) -> Option<u64> {
+    let at_end = stored
+        .strip_suffix('}')
+        .map(|text| text.trim_end_matches(|c: char| c.is_ascii_digit()))
+        .filter(|text| text.ends_with(",\"seq\":"))
+        .and_then(|text| stored[text.len()..stored.len() - 1].parse().ok());
+    match at_end {
+        Some(seq) => Some(seq),
+        None => serde_json::from_str::<StoredSeq>(stored).ok()?.seq,
+    }
+}
+
 /// Precedes, in a receiver's refusal of an older state, the `seq` of the state it holds.
 pub const STALE_STATE_MARKER: &str = "storedSeq=";
 
@@ -885,8 +900,7 @@ pub fn receive(
     let stored_seq = cursor
         .properties
         .get(&key)
-        .and_then(|value| serde_json::from_str::<StoredSeq>(value).ok())
-        .and_then(|stored| stored.seq);
+        .and_then(|value| stored_seq(value));
     if let (Some(stored), Some(seq)) = (stored_seq, acks.seq) {
         if seq < stored {
             // Older than the state held (a post that landed late, or a sender whose clock
@@ -2705,6 +2719,41 @@ mod tests {
         }
         // The comparisons were not empty ones.
         assert!(checked.1 > 1000 && checked.2 > 20, "{checked:?}");
+    }
+
+    #[test]
+    fn the_seq_of_a_stored_state_is_read_from_its_end_or_decoded() {
+        let acks = OriginAcks {
+            origins: BTreeMap::from([(
+                "a".to_string(),
+                super::super::origin_acks::OriginProgress {
+                    acked_below: Some(Position::new(3, 7)),
+                    stored_from: Some(Position::new(3, 0)),
+                    ranges: vec![(Position::new(3, 9), Position::new(3, 12))],
+                    ..Default::default()
+                },
+            )]),
+        };
+        for (reset_at, seq) in [
+            (None, Some(1_764_000_000_123)),
+            (Some(5), Some(0)),
+            (None, None),
+        ] {
+            let state = SyncedAcks {
+                cluster: "b".to_string(),
+                acks: acks.clone(),
+                reset_at,
+                seq,
+            };
+            let text = serde_json::to_string(&state).expect("encode");
+            assert_eq!(stored_seq(&text), seq, "{text}");
+            // Other layouts (another sender's field order, spaces) are decoded.
+            let spaced = serde_json::to_string_pretty(&state).expect("encode");
+            assert_eq!(stored_seq(&spaced), seq, "{spaced}");
+        }
+        let reordered = r#"{"seq":42,"cluster":"b","acks":{"origins":{}}}"#;
+        assert_eq!(stored_seq(reordered), Some(42));
+        assert_eq!(stored_seq("not json"), None);
     }
 
     /// A state from b about `origins`.
