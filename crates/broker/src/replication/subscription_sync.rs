@@ -28,6 +28,8 @@ use tokio::sync::{mpsc, Notify};
 
 use super::origin_acks::{OriginAcks, OriginAcksBuilder};
 pub use super::origin_map::entry_origin;
+#[cfg(test)]
+use super::origin_map::WrittenRun;
 use super::origin_map::{OriginMap, Span, Written, WrittenEntry};
 use super::replicated_subscriptions;
 use crate::batch_acks;
@@ -1977,7 +1979,11 @@ mod tests {
             written.record(noted(index));
         }
         let written = written.take_durable((log.last_position(), 0));
-        assert_eq!(written.len(), 41);
+        // 40..80 as one run (consecutive here and in c), 82 alone.
+        assert_eq!(
+            written.iter().map(|run| run.count).collect::<Vec<_>>(),
+            vec![40, 1]
+        );
         map.learn_written(&log, &written);
         let learned = origins_in(&mut map, &log, (positions[0], positions[99]));
         // Only 80..100 were read: 82 did not follow what the map covered, so it was read too.
@@ -2008,11 +2014,67 @@ mod tests {
         // 2 and 3 failed and were rolled back; 2 was given again to an entry noted after.
         written.record(note(2, 1));
         let taken = written.take_durable((Some(Position::new(7, 2)), 1));
-        assert_eq!(taken, vec![note(2, 1)]);
+        assert_eq!(
+            taken,
+            vec![WrittenRun {
+                first: note(2, 1),
+                count: 1
+            }]
+        );
         // Nothing from before the rollback is left to take later either.
         assert!(written
             .take_durable((Some(Position::new(7, 9)), 1))
             .is_empty());
+    }
+
+    /// Entries written in a row are kept as one run; the durable position may end inside it,
+    /// and a map that already covers its beginning learns the rest.
+    #[test]
+    fn written_runs_split_at_the_durable_position_and_are_learned_from_where_a_map_ends() {
+        let directory = tempfile::tempdir().expect("tempdir");
+        let storage = relaxed_storage(directory.path());
+        let (log, positions) = stretched_log(&storage);
+        let noted = |index: usize| WrittenEntry {
+            position: positions[index],
+            rollbacks: 0,
+            cluster: "c".to_string(),
+            origin: Position::new(9, 100 + index as u64),
+            replicate_to: Vec::new(),
+        };
+        let mut written = Written::default();
+        for index in 40..80 {
+            written.record(noted(index));
+        }
+        let first = written.take_durable((Some(positions[49]), 0));
+        assert_eq!(
+            first,
+            vec![WrittenRun {
+                first: noted(40),
+                count: 10
+            }]
+        );
+        let rest = written.take_durable((log.last_position(), 0));
+        assert_eq!(
+            rest,
+            vec![WrittenRun {
+                first: noted(50),
+                count: 30
+            }]
+        );
+        // A map that read up to 59 learns 60..80 from the runs (40..50 and 50..60 it has).
+        let mut map = OriginMap::default();
+        origins_in(&mut map, &log, (positions[0], positions[59]));
+        let read = map.entries_read();
+        map.learn_written(&log, &first);
+        map.learn_written(&log, &rest);
+        let learned = origins_in(&mut map, &log, (positions[0], positions[79]));
+        assert_eq!(map.entries_read(), read, "60..80 were learned, not read");
+        let reference = origins_in(
+            &mut OriginMap::default(),
+            &log,
+            (positions[0], positions[79]),
+        );
+        assert_eq!(learned, reference);
     }
 
     #[test]
