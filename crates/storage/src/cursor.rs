@@ -878,21 +878,26 @@ impl Log {
                 if start > end {
                     continue;
                 }
-                let touches = |entry_id: Option<u64>| {
-                    entry_id.is_some_and(|entry_id| {
-                        cursor
-                            .acknowledged
-                            .contains(Position::new(ledger, entry_id))
-                    })
+                // Below the limit (the usual case) nothing is looked up: whether the run joins
+                // a range matters only at it.
+                let at_limit = cursor.acknowledged.range_count() >= max_ranges && {
+                    let touches = |entry_id: Option<u64>| {
+                        entry_id.is_some_and(|entry_id| {
+                            cursor
+                                .acknowledged
+                                .contains(Position::new(ledger, entry_id))
+                        })
+                    };
+                    let joins = Position::new(ledger, start) == next
+                        || touches(start.checked_sub(1))
+                        || touches(Some(start))
+                        || touches(Some(end))
+                        || touches(end.checked_add(1));
+                    let ranges = cursor.acknowledged.range_count()
+                        - usize::from(cursor.acknowledged.contains(next));
+                    !joins && ranges >= max_ranges
                 };
-                let joins = Position::new(ledger, start) == next
-                    || touches(start.checked_sub(1))
-                    || touches(Some(start))
-                    || touches(Some(end))
-                    || touches(end.checked_add(1));
-                let ranges = cursor.acknowledged.range_count()
-                    - usize::from(cursor.acknowledged.contains(next));
-                if !joins && ranges >= max_ranges {
+                if at_limit {
                     refused.extend((start..=end).map(|entry_id| Position::new(ledger, entry_id)));
                     continue;
                 }
