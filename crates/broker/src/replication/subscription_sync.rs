@@ -2630,7 +2630,7 @@ mod tests {
         let mut origin_next =
             BTreeMap::from([("c", Position::new(9, 0)), ("d", Position::new(4, 0))]);
         let mut checked = (0, 0, 0);
-        for round in 0..40 {
+        for round in 0..30 {
             // Entries in a new ledger (one per open of the log): stored here, markers,
             // replicated from c and d in stretches, some meant for b only.
             let log = storage.open_log(name).expect("log");
