@@ -530,6 +530,16 @@ fn write_unwritten_bytes(shared: &Shared, path: &Path) -> Result<()> {
 
 /// A generation for a new journal file: random (the hasher state of `RandomState` is seeded
 /// per process), never 0 (the generation of journals written before generations existed).
+/// The first entry id of `ledger`, from `first` on, after `mark_delete`; `None` when the whole
+/// ledger is at or before it.
+fn after_in_ledger(mark_delete: Option<Position>, ledger: u64, first: u64) -> Option<u64> {
+    match mark_delete {
+        Some(mark) if mark.ledger_id > ledger => None,
+        Some(mark) if mark.ledger_id == ledger => Some(first.max(mark.entry_id.checked_add(1)?)),
+        _ => Some(first),
+    }
+}
+
 fn fresh_generation() -> u64 {
     use std::hash::{BuildHasher, Hasher};
     static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
@@ -710,6 +720,20 @@ impl Log {
         self.lock().cursors.get(name).map(|slot| slot.state.clone())
     }
 
+    /// Calls `look` with the state of cursor `name`, if it exists, without copying it (under
+    /// the log's lock: `look` must not call the log).
+    pub fn with_cursor<T>(&self, name: &str, look: impl FnOnce(&CursorState) -> T) -> Option<T> {
+        self.lock().cursors.get(name).map(|slot| look(&slot.state))
+    }
+
+    /// The mark-delete position and individually acknowledged entries of cursor `name`: a copy
+    /// of those two only, not of its properties.
+    pub fn cursor_acknowledged(&self, name: &str) -> Option<(Option<Position>, RangeSet)> {
+        self.with_cursor(name, |state| {
+            (state.mark_delete, state.acknowledged.clone())
+        })
+    }
+
     pub fn cursor_names(&self) -> Vec<String> {
         self.lock().cursors.keys().cloned().collect()
     }
@@ -816,61 +840,78 @@ impl Log {
     }
 
     /// [`Log::acknowledge`] for positions that come mostly in runs of consecutive entries (in
-    /// log order, as the replicated-subscription sync gives them): each run is added to the
-    /// set at once instead of entry by entry. Same outcome, except that at `cursor_max_ranges`
-    /// a run that would add a range is refused whole (and one that only overlaps a range in
-    /// its middle counts as adding one).
+    /// log order): each run is added to the set at once instead of entry by entry (see
+    /// [`Log::acknowledge_ranges`]).
     pub fn acknowledge_runs(&self, name: &str, positions: &[Position]) -> Result<Option<Position>> {
+        let mut runs: Vec<(u64, u64, u64)> = Vec::new();
+        for position in positions {
+            match runs.last_mut() {
+                Some((ledger, _, last))
+                    if *ledger == position.ledger_id
+                        && last.checked_add(1) == Some(position.entry_id) =>
+                {
+                    *last = position.entry_id;
+                }
+                _ => runs.push((position.ledger_id, position.entry_id, position.entry_id)),
+            }
+        }
+        self.acknowledge_ranges(name, &runs)
+    }
+
+    /// [`Log::acknowledge`] for runs of consecutive entries, each `(ledger id, first entry
+    /// id, last entry id)`, in log order (as the replicated-subscription sync finds them):
+    /// each run is one insertion. Same outcome, except that at `cursor_max_ranges` a run that
+    /// would add a range is refused whole (and one that only overlaps a range in its middle
+    /// counts as adding one).
+    pub fn acknowledge_ranges(
+        &self,
+        name: &str,
+        runs: &[(u64, u64, u64)],
+    ) -> Result<Option<Position>> {
         let max_ranges = self.shared.config.cursor_max_ranges;
         let mut state = self.lock();
         let last_durable = state.last_durable();
         let (mark_delete, refused) = state.update_cursor(self.name(), name, |log, cursor| {
             let mut refused = Vec::new();
             let next = log.position_after(cursor.mark_delete);
-            let mut rest = positions;
-            while let Some(first) = rest.first().copied() {
-                let length = 1 + rest
-                    .windows(2)
-                    .take_while(|pair| {
-                        pair[1].ledger_id == first.ledger_id
-                            && pair[1].entry_id == pair[0].entry_id + 1
-                    })
-                    .count();
-                let (run, after) = rest.split_at(length);
-                rest = after;
+            for &(ledger, first, last) in runs {
+                debug_assert!(first <= last, "empty run {ledger}:{first}..={last}");
                 // Only what is durable and not acknowledged below the mark-delete position.
-                let run: Vec<Position> = run
-                    .iter()
-                    .copied()
-                    .filter(|position| {
-                        Some(*position) <= last_durable
-                            && cursor.mark_delete.is_none_or(|mark| *position > mark)
-                    })
-                    .collect();
-                let (Some(start), Some(end)) = (run.first(), run.last()) else {
+                let Some(start) = after_in_ledger(cursor.mark_delete, ledger, first) else {
                     continue;
                 };
-                let touches = |entry_id: Option<u64>| {
-                    entry_id.is_some_and(|entry_id| {
-                        cursor
-                            .acknowledged
-                            .contains(Position::new(start.ledger_id, entry_id))
-                    })
+                let end = match last_durable {
+                    Some(durable) if durable.ledger_id > ledger => last,
+                    Some(durable) if durable.ledger_id == ledger => last.min(durable.entry_id),
+                    _ => continue,
                 };
-                let joins = *start == next
-                    || touches(start.entry_id.checked_sub(1))
-                    || touches(Some(start.entry_id))
-                    || touches(Some(end.entry_id))
-                    || touches(end.entry_id.checked_add(1));
-                let ranges = cursor.acknowledged.range_count()
-                    - usize::from(cursor.acknowledged.contains(next));
-                if !joins && ranges >= max_ranges {
-                    refused.extend(run);
+                if start > end {
                     continue;
                 }
-                cursor
-                    .acknowledged
-                    .insert_range(start.ledger_id, start.entry_id, end.entry_id);
+                // Below the limit (the usual case) nothing is looked up: whether the run joins
+                // a range matters only at it.
+                let at_limit = cursor.acknowledged.range_count() >= max_ranges && {
+                    let touches = |entry_id: Option<u64>| {
+                        entry_id.is_some_and(|entry_id| {
+                            cursor
+                                .acknowledged
+                                .contains(Position::new(ledger, entry_id))
+                        })
+                    };
+                    let joins = Position::new(ledger, start) == next
+                        || touches(start.checked_sub(1))
+                        || touches(Some(start))
+                        || touches(Some(end))
+                        || touches(end.checked_add(1));
+                    let ranges = cursor.acknowledged.range_count()
+                        - usize::from(cursor.acknowledged.contains(next));
+                    !joins && ranges >= max_ranges
+                };
+                if at_limit {
+                    refused.extend((start..=end).map(|entry_id| Position::new(ledger, entry_id)));
+                    continue;
+                }
+                cursor.acknowledged.insert_range(ledger, start, end);
             }
             log.advance_mark_delete(cursor);
             (cursor.mark_delete, refused)

@@ -6,6 +6,7 @@
 //! that costs at most one extra range per ledger.
 
 use std::collections::BTreeMap;
+use std::ops::Bound;
 
 use crate::Position;
 
@@ -89,36 +90,40 @@ impl RangeSet {
     }
 
     /// Adds entries `first..=last` of `ledger_id`, merging with overlapping or adjacent ranges.
+    /// Allocates nothing beyond a new range's node: the replicated-subscription sync fills one
+    /// hole of a long acknowledged tail per call, about one call per message it applies.
     pub fn insert_range(&mut self, ledger_id: u64, first: u64, last: u64) {
         debug_assert!(first <= last, "empty range {first}..={last}");
-        let mut merged_first = first;
-        let mut merged_last = last;
         // A range that starts before `first` and reaches it (or touches it) absorbs the new one.
-        if let Some((start, end)) = self
+        let (start, mut merged_last) = match self
             .ranges
             .range(..=Position::new(ledger_id, first))
             .next_back()
-            .map(|(start, end)| (*start, *end))
         {
-            if start.ledger_id == ledger_id && end.saturating_add(1) >= first {
-                merged_first = start.entry_id;
-                merged_last = merged_last.max(end);
-                self.ranges.remove(&start);
+            Some((start, end))
+                if start.ledger_id == ledger_id && end.saturating_add(1) >= first =>
+            {
+                if *end >= last {
+                    return;
+                }
+                (*start, last)
             }
-        }
+            _ => (Position::new(ledger_id, first), last),
+        };
         // Ranges that start inside the new one or right after it are absorbed too.
-        let upper = Position::new(ledger_id, merged_last.saturating_add(1));
-        let absorbed: Vec<(Position, u64)> = self
-            .ranges
-            .range(Position::new(ledger_id, merged_first)..=upper)
-            .map(|(start, end)| (*start, *end))
-            .collect();
-        for (start, end) in absorbed {
+        loop {
+            let upper = Position::new(ledger_id, merged_last.saturating_add(1));
+            let Some((&next, &end)) = self
+                .ranges
+                .range((Bound::Excluded(start), Bound::Included(upper)))
+                .next()
+            else {
+                break;
+            };
+            self.ranges.remove(&next);
             merged_last = merged_last.max(end);
-            self.ranges.remove(&start);
         }
-        self.ranges
-            .insert(Position::new(ledger_id, merged_first), merged_last);
+        self.ranges.insert(start, merged_last);
     }
 
     /// Removes every position `<= position`.
@@ -181,6 +186,22 @@ impl RangeSet {
             .iter()
             .map(|(start, last)| (start.ledger_id, start.entry_id, *last))
     }
+
+    /// [`RangeSet::iter`] from the range holding or following `position` on: the ranges with
+    /// a position at or after it, found without walking the ones before.
+    pub fn iter_from(&self, position: Position) -> impl Iterator<Item = (u64, u64, u64)> + '_ {
+        let from = match self.ranges.range(..=position).next_back() {
+            Some((start, last))
+                if start.ledger_id == position.ledger_id && *last >= position.entry_id =>
+            {
+                *start
+            }
+            _ => position,
+        };
+        self.ranges
+            .range(from..)
+            .map(|(start, last)| (start.ledger_id, start.entry_id, *last))
+    }
 }
 
 #[cfg(test)]
@@ -238,6 +259,17 @@ mod tests {
                     }
                 }
                 let ranges: Vec<_> = set.iter().collect();
+                for ledger in 0..3 {
+                    for entry in 0..70 {
+                        let from = Position::new(ledger, entry);
+                        let expected: Vec<_> = ranges
+                            .iter()
+                            .copied()
+                            .filter(|(range_ledger, _, last)| Position::new(*range_ledger, *last) >= from)
+                            .collect();
+                        prop_assert_eq!(set.iter_from(from).collect::<Vec<_>>(), expected);
+                    }
+                }
                 for pair in ranges.windows(2) {
                     let ((ledger_a, _, last_a), (ledger_b, first_b, _)) = (pair[0], pair[1]);
                     prop_assert!(ledger_a < ledger_b || last_a + 1 < first_b, "not canonical: {:?}", ranges);

@@ -30,8 +30,8 @@ pub const MAX_RUNS: usize = 100_000;
 /// How many of the last runs a new run looks at for an origin name to share.
 const RECENT_RUNS: usize = 8;
 
-/// The most written entries a topic keeps for its origin maps between two sync ticks (about
-/// 80 bytes each); entries beyond it are not kept, and the maps read them from the log.
+/// The most runs of written entries a topic keeps for its origin maps between two sync ticks
+/// (about 90 bytes each); entries beyond it are not kept, and the maps read them from the log.
 pub const MAX_WRITTEN: usize = 50_000;
 
 /// A replicated entry as it was written: its position here, and where it comes from (known to
@@ -49,24 +49,71 @@ pub struct WrittenEntry {
     pub replicate_to: Vec<String>,
 }
 
-/// The replicated entries written since the sync task last took them, in position order,
-/// at most [`MAX_WRITTEN`].
+/// `count` written entries from `first` on, at consecutive positions of one ledger and
+/// consecutive origin positions of one origin ledger, with one replication list and rollback
+/// count: what a replicator writes in a row is kept as one run, not entry by entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WrittenRun {
+    pub first: WrittenEntry,
+    pub count: u64,
+}
+
+impl WrittenRun {
+    /// Whether `entry` comes right after the run's last entry, in both coordinates.
+    fn continued_by(&self, entry: &WrittenEntry) -> bool {
+        let first = &self.first;
+        first.rollbacks == entry.rollbacks
+            && first.position.ledger_id == entry.position.ledger_id
+            && first.position.entry_id.checked_add(self.count) == Some(entry.position.entry_id)
+            && first.origin.ledger_id == entry.origin.ledger_id
+            && first.origin.entry_id.checked_add(self.count) == Some(entry.origin.entry_id)
+            && first.cluster == entry.cluster
+            && first.replicate_to == entry.replicate_to
+    }
+
+    /// The run without its first `count` entries.
+    fn skip(&mut self, count: u64) {
+        debug_assert!(count < self.count);
+        self.first.position.entry_id += count;
+        self.first.origin.entry_id += count;
+        self.count -= count;
+    }
+
+    fn last_position(&self) -> Position {
+        Position::new(
+            self.first.position.ledger_id,
+            self.first.position.entry_id + (self.count - 1),
+        )
+    }
+}
+
+/// The replicated entries written since the sync task last took them, in position order, as
+/// at most [`MAX_WRITTEN`] runs.
 #[derive(Debug, Default)]
 pub struct Written {
-    entries: VecDeque<WrittenEntry>,
+    runs: VecDeque<WrittenRun>,
 }
 
 impl Written {
     /// Notes an entry just appended (under the topic's lock: in position order).
     pub fn record(&mut self, entry: WrittenEntry) {
-        if self.entries.len() < MAX_WRITTEN {
-            self.entries.push_back(entry);
+        if let Some(run) = self.runs.back_mut() {
+            if run.continued_by(&entry) {
+                run.count += 1;
+                return;
+            }
+        }
+        if self.runs.len() < MAX_WRITTEN {
+            self.runs.push_back(WrittenRun {
+                first: entry,
+                count: 1,
+            });
         }
     }
 
     /// Forgets everything noted (an append failed: the positions noted may hold nothing).
     pub fn clear(&mut self) {
-        self.entries.clear();
+        self.runs.clear();
     }
 
     /// Takes the entries noted at or before `durable` (the rest may still fail), given with
@@ -76,16 +123,29 @@ impl Written {
     pub fn take_durable(
         &mut self,
         (durable, rollbacks): (Option<Position>, u64),
-    ) -> Vec<WrittenEntry> {
+    ) -> Vec<WrittenRun> {
         let Some(durable) = durable else {
             return Vec::new();
         };
         // Within one rollback count, notes are in position order.
-        self.entries.retain(|entry| entry.rollbacks == rollbacks);
+        self.runs.retain(|run| run.first.rollbacks == rollbacks);
         let count = self
-            .entries
-            .partition_point(|entry| entry.position <= durable);
-        self.entries.drain(..count).collect()
+            .runs
+            .partition_point(|run| run.last_position() <= durable);
+        let mut taken: Vec<WrittenRun> = self.runs.drain(..count).collect();
+        // A run the durable position ends inside of: its durable part.
+        if let Some(run) = self.runs.front_mut() {
+            let first = run.first.position;
+            if first.ledger_id == durable.ledger_id && first.entry_id <= durable.entry_id {
+                let durable_count = durable.entry_id - first.entry_id + 1;
+                taken.push(WrittenRun {
+                    first: run.first.clone(),
+                    count: durable_count,
+                });
+                run.skip(durable_count);
+            }
+        }
+        taken
     }
 }
 
@@ -321,6 +381,7 @@ impl OriginMap {
                         position,
                         origin.as_ref().map(|(cluster, at)| (cluster.as_str(), *at)),
                         &replicate_to,
+                        1,
                     );
             }
             if !going {
@@ -335,12 +396,17 @@ impl OriginMap {
 
     /// Adds the entry at `position`, read right after the last one the map covers; `false`
     /// when the map is full.
+    /// `count` entries from `position` on (consecutive, their origin positions too) are added
+    /// at once.
     fn remember(
         &mut self,
         position: Position,
         origin: Option<(&str, Position)>,
         replicate_to: &[String],
+        count: u64,
     ) -> bool {
+        debug_assert!(count > 0);
+        let last = Position::new(position.ledger_id, position.entry_id + (count - 1));
         if let Some(run) = self.runs.back_mut() {
             // Only an entry right after the run can extend it (an entry of the next ledger
             // starts a run of its own; its entry id may be below the run's first).
@@ -355,8 +421,8 @@ impl OriginMap {
                 _ => false,
             };
             if follows && same_origin() && *run.replicate_to == *replicate_to {
-                run.last = position.entry_id;
-                self.extend_cover(position);
+                run.last = last.entry_id;
+                self.extend_cover(last);
                 return true;
             }
         }
@@ -388,37 +454,50 @@ impl OriginMap {
         self.runs.push_back(Run {
             ledger: position.ledger_id,
             first: position.entry_id,
-            last: position.entry_id,
+            last: last.entry_id,
             origin,
             replicate_to,
         });
-        self.extend_cover(position);
+        self.extend_cover(last);
         true
     }
 
     /// Remembers the written entries of `written` (ascending) that follow what the map covers
     /// without a gap (or, when it covers nothing, from the first of them on), so that visits
-    /// need not read them from `log`. Stops at the first entry that does not follow (another
-    /// entry was stored between them, one the map must read) or when the map is full.
-    pub fn learn_written(&mut self, log: &Log, written: &[WrittenEntry]) {
+    /// need not read them from `log`: a run at a time. Stops at the first entry that does not
+    /// follow (another entry was stored between them, one the map must read) or when the map
+    /// is full.
+    pub fn learn_written(&mut self, log: &Log, written: &[WrittenRun]) {
         let mut through = self.covers.map(|(_, through)| through);
-        for entry in written {
+        for run in written {
+            let mut run = std::borrow::Cow::Borrowed(run);
             if let Some(through) = through {
-                if entry.position <= through {
+                if run.last_position() <= through {
                     continue;
                 }
-                let follows = (entry.position.ledger_id == through.ledger_id
-                    && entry.position.entry_id == through.entry_id + 1)
-                    || entry.position == log.next_position(through);
+                let first = run.first.position;
+                if first <= through {
+                    // The map covers the run's beginning (same ledger: the run ends after it).
+                    run.to_mut().skip(through.entry_id - first.entry_id + 1);
+                }
+                let first = run.first.position;
+                let follows = (first.ledger_id == through.ledger_id
+                    && first.entry_id == through.entry_id + 1)
+                    || first == log.next_position(through);
                 if !follows {
                     return;
                 }
             }
-            let origin = Some((entry.cluster.as_str(), entry.origin));
-            if !self.remember(entry.position, origin, &entry.replicate_to) {
+            let origin = Some((run.first.cluster.as_str(), run.first.origin));
+            if !self.remember(
+                run.first.position,
+                origin,
+                &run.first.replicate_to,
+                run.count,
+            ) {
                 return;
             }
-            through = Some(entry.position);
+            through = Some(run.last_position());
         }
     }
 

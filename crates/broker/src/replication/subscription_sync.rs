@@ -28,6 +28,8 @@ use tokio::sync::{mpsc, Notify};
 
 use super::origin_acks::{OriginAcks, OriginAcksBuilder};
 pub use super::origin_map::entry_origin;
+#[cfg(test)]
+use super::origin_map::WrittenRun;
 use super::origin_map::{OriginMap, Span, Written, WrittenEntry};
 use super::replicated_subscriptions;
 use super::state_format;
@@ -78,6 +80,21 @@ pub struct SyncedAcks {
 struct StoredSeq {
     #[serde(default)]
     seq: Option<u64>,
+}
+
+/// The `seq` of a stored state (JSON, as received). A state as serialized here ends with it
+/// (`…,"seq":<n>}`): read from the end, so that a state with many ranges is not scanned at every
+/// state received; any other text is decoded.
+fn stored_seq(stored: &str) -> Option<u64> {
+    let at_end = stored
+        .strip_suffix('}')
+        .map(|text| text.trim_end_matches(|c: char| c.is_ascii_digit()))
+        .filter(|text| text.ends_with(",\"seq\":"))
+        .and_then(|text| stored[text.len()..stored.len() - 1].parse().ok());
+    match at_end {
+        Some(seq) => Some(seq),
+        None => serde_json::from_str::<StoredSeq>(stored).ok()?.seq,
+    }
 }
 
 /// Precedes, in a receiver's refusal of an older state, the `seq` of the state it holds.
@@ -411,11 +428,14 @@ fn covered_in_part_elsewhere(
     merged
 }
 
+/// Consecutive entries of one ledger: (ledger id, first entry id, last entry id).
+type EntryRun = (u64, u64, u64);
+
 /// What the states other clusters sent cover of a subscription's unacknowledged entries.
 #[derive(Debug, Default)]
 struct Covered {
-    /// Entries acknowledged whole elsewhere.
-    whole: Vec<Position>,
+    /// Entries acknowledged whole elsewhere, as runs in log order.
+    whole: Vec<EntryRun>,
     /// Batch entries acknowledged in part elsewhere, with the `ack_set` words left.
     in_part: Vec<(Position, Vec<u64>)>,
     /// The last entry looked at, or the log's last entry when none after the entries looked
@@ -428,20 +448,18 @@ struct Covered {
 /// Per origin, the bound from which on none of `received` covers an entry of that origin,
 /// whole or in part. An origin no state covers anything of is absent.
 fn covered_bounds(received: &[SyncedAcks]) -> BTreeMap<String, Position> {
-    let after =
-        |position: Position| Position::new(position.ledger_id, position.entry_id.saturating_add(1));
     let mut bounds: BTreeMap<String, Position> = BTreeMap::new();
     for sender in received {
         for (origin, progress) in &sender.acks.origins {
             let bound = progress
                 .acked_below
                 .filter(|_| progress.stored_from.is_some())
-                .max(progress.ranges.last().map(|(_, end)| after(*end)))
+                .max(progress.ranges.last().map(|(_, end)| just_after(*end)))
                 .max(
                     progress
                         .batches
                         .last()
-                        .map(|(position, _)| after(*position)),
+                        .map(|(position, _)| just_after(*position)),
                 );
             if let Some(bound) = bound {
                 let known = bounds.entry(origin.clone()).or_insert(bound);
@@ -452,13 +470,116 @@ fn covered_bounds(received: &[SyncedAcks]) -> BTreeMap<String, Position> {
     bounds
 }
 
+fn just_after(position: Position) -> Position {
+    Position::new(position.ledger_id, position.entry_id.saturating_add(1))
+}
+
+/// Entries `first..=last` of one ledger whose positions in some coordinates (their origin's,
+/// or this cluster's own) are consecutive, starting at `at_first`.
+#[derive(Debug, Clone, Copy)]
+struct Stretch {
+    first: u64,
+    last: u64,
+    at_first: Position,
+}
+
+impl Stretch {
+    /// The entries whose positions lie in `from..=to` (inclusive both), as entry ids.
+    fn within(&self, from: Position, to: Position) -> Option<(u64, u64)> {
+        let (ledger, base) = (self.at_first.ledger_id, self.at_first.entry_id);
+        let top = base.saturating_add(self.last - self.first);
+        let low = match from.ledger_id.cmp(&ledger) {
+            std::cmp::Ordering::Less => base,
+            std::cmp::Ordering::Equal => from.entry_id.max(base),
+            std::cmp::Ordering::Greater => return None,
+        };
+        let high = match to.ledger_id.cmp(&ledger) {
+            std::cmp::Ordering::Greater => top,
+            std::cmp::Ordering::Equal => to.entry_id.min(top),
+            std::cmp::Ordering::Less => return None,
+        };
+        (low <= high).then(|| (self.first + (low - base), self.first + (high - base)))
+    }
+
+    /// The entries whose positions lie below `bound`.
+    fn below(&self, from: Position, bound: Position) -> Option<(u64, u64)> {
+        let to = match bound.entry_id.checked_sub(1) {
+            Some(entry_id) => Position::new(bound.ledger_id, entry_id),
+            // Below entry 0 of a ledger: the ledgers before it, whole.
+            None => Position::new(bound.ledger_id.checked_sub(1)?, u64::MAX),
+        };
+        self.within(from, to)
+    }
+
+    /// The first entry whose position is at or beyond `bound`.
+    fn first_reaching(&self, bound: Position) -> Option<u64> {
+        self.within(bound, Position::new(u64::MAX, u64::MAX))
+            .map(|(first, _)| first)
+    }
+}
+
+/// The entries of `stretch` (of origin `cluster`, with the replication list `replicate_to`)
+/// that `received` covers whole, as ascending, disjoint entry-id intervals in `into` (cleared
+/// first): each state's `acked_below` and ranges mapped onto the stretch, so the cost follows
+/// the ranges, not the entries.
+fn covered_in(
+    received: &[SyncedAcks],
+    (cluster, replicate_to): (&str, &[String]),
+    stretch: Stretch,
+    into: &mut Vec<(u64, u64)>,
+) {
+    into.clear();
+    let top = Position::new(
+        stretch.at_first.ledger_id,
+        stretch
+            .at_first
+            .entry_id
+            .saturating_add(stretch.last - stretch.first),
+    );
+    for sender in received {
+        if !reached(replicate_to, cluster, &sender.cluster) {
+            continue;
+        }
+        let Some(progress) = sender.acks.origins.get(cluster) else {
+            continue;
+        };
+        if let (Some(from), Some(bound)) = (progress.stored_from, progress.acked_below) {
+            into.extend(stretch.below(from, bound));
+        }
+        let first = progress
+            .ranges
+            .partition_point(|(_, end)| *end < stretch.at_first);
+        for (start, end) in &progress.ranges[first..] {
+            if *start > top {
+                break;
+            }
+            into.extend(stretch.within(*start, *end));
+        }
+    }
+    // One sender's intervals are ascending already; several are merged.
+    into.sort_unstable();
+    let mut merged = 0;
+    for index in 0..into.len() {
+        let (first, last) = into[index];
+        if merged > 0 && into[merged - 1].1.saturating_add(1) >= first {
+            into[merged - 1].1 = into[merged - 1].1.max(last);
+        } else {
+            into[merged] = (first, last);
+            merged += 1;
+        }
+    }
+    into.truncate(merged);
+}
+
 /// The unacknowledged entries from `start` on that `received` covers. Each origin's entries
 /// are stored in the order of their origin positions, so once an entry of an origin at or
 /// beyond that origin's [`covered_bounds`] has been met, no later entry of it can be covered:
 /// when that holds for every origin the states speak of, the walk stops there, and its cost
 /// follows the covered part of the subscription, not a long backlog after it. The entries'
-/// origins come from `map` (the log is read only for entries no walk met before), and
-/// acknowledged ranges are skipped without looking at their entries.
+/// origins come from `map` (the log is read only for entries no walk met before) as spans of
+/// consecutive origin positions, and each span's covered entries are found from the states'
+/// bounds and ranges mapped onto it, less the ranges `acknowledged` holds: the cost follows
+/// spans and ranges, not entries.
 fn covered_by(
     log: &Log,
     map: &mut OriginMap,
@@ -474,52 +595,144 @@ fn covered_by(
         covered.walked = last;
         return Ok(covered);
     };
-    let mut ranges = acknowledged
-        .iter()
-        .skip_while(|(ledger, _, last)| Position::new(*ledger, *last) < start)
-        .peekable();
+    let mut ranges = acknowledged.iter_from(start).peekable();
     let mut stopped = false;
+    let mut whole: Vec<(u64, u64)> = Vec::new();
+    let mut left: Vec<u64> = Vec::new();
     map.visit(log, local_cluster, start, end, |span| {
+        // Where in the span each origin still open is passed: the span's own origin, and this
+        // cluster's, whose entries are their own origin positions.
+        let origin = span.origin.map(|(cluster, at_first)| {
+            (
+                cluster,
+                Stretch {
+                    first: span.first,
+                    last: span.last,
+                    at_first,
+                },
+            )
+        });
+        let own = Stretch {
+            first: span.first,
+            last: span.last,
+            at_first: chain::origin_position(Position::new(span.ledger, span.first)),
+        };
+        let passes_origin = origin.and_then(|(cluster, stretch)| {
+            let bound = open.get(cluster)?;
+            Some((cluster, stretch.first_reaching(*bound)))
+        });
+        let passes_own = open
+            .get(local_cluster)
+            .map(|bound| own.first_reaching(*bound));
+        // The walk stops in this span when every origin open is passed in it: at the entry
+        // where the last of them is.
+        let others_open = open.keys().any(|cluster| {
+            cluster != local_cluster
+                && passes_origin.is_none_or(|(passed, _)| passed != cluster.as_str())
+        });
+        let stop = if others_open {
+            None
+        } else {
+            match (passes_origin, passes_own) {
+                (Some((_, Some(at))), None) | (None, Some(Some(at))) => Some(at),
+                (Some((_, Some(at))), Some(Some(own_at))) => Some(at.max(own_at)),
+                // The span's origin is this cluster: one bound for both.
+                (Some((passed, Some(at))), Some(None)) if passed == local_cluster => Some(at),
+                _ => None,
+            }
+        };
+        let upto = stop.unwrap_or(span.last);
+        if let Some((cluster, stretch)) = origin {
+            let stretch = Stretch {
+                last: upto,
+                ..stretch
+            };
+            covered_in(received, (cluster, span.replicate_to), stretch, &mut whole);
+        } else {
+            whole.clear();
+        }
+        // The span's unacknowledged entries, piece by piece between the acknowledged ranges,
+        // and what of each piece the states cover.
         let mut next = span.first;
-        while next <= span.last {
+        let mut covering = whole.iter().copied().peekable();
+        left.clear();
+        while next <= upto {
             while ranges
                 .peek()
                 .is_some_and(|(ledger, _, last)| (*ledger, *last) < (span.ledger, next))
             {
                 ranges.next();
             }
-            if let Some(&(ledger, first, last)) = ranges.peek() {
-                if ledger == span.ledger && first <= next {
-                    next = last.saturating_add(1);
+            let piece_end = match ranges.peek() {
+                Some(&(ledger, first, last)) if ledger == span.ledger && first <= next => {
+                    if last >= upto {
+                        break;
+                    }
+                    next = last + 1;
                     continue;
                 }
+                Some(&(ledger, first, _)) if ledger == span.ledger && first <= upto => first - 1,
+                _ => upto,
+            };
+            covered.read += usize::try_from(piece_end - next + 1).unwrap_or(usize::MAX);
+            while covering.peek().is_some_and(|(_, last)| *last < next) {
+                covering.next();
             }
-            let position = Position::new(span.ledger, next);
-            covered.read += 1;
-            if let (Some((cluster, _)), Some(origin)) = (span.origin, span.origin_at(next)) {
-                if covered_elsewhere(received, cluster, origin, span.replicate_to) {
-                    covered.whole.push(position);
-                } else if let Some(words) =
-                    covered_in_part_elsewhere(received, cluster, origin, span.replicate_to)
-                {
-                    covered.in_part.push((position, words));
+            let mut from = next;
+            while let Some(&(first, last)) = covering.peek() {
+                if first > piece_end {
+                    break;
                 }
-                if open.get(cluster).is_some_and(|bound| origin >= *bound) {
-                    open.remove(cluster);
+                let run = (first.max(from), last.min(piece_end));
+                if run.0 > from {
+                    left.extend([from, run.0 - 1]);
                 }
+                match covered.whole.last_mut() {
+                    Some((ledger, _, last))
+                        if *ledger == span.ledger && last.checked_add(1) == Some(run.0) =>
+                    {
+                        *last = run.1;
+                    }
+                    _ => covered.whole.push((span.ledger, run.0, run.1)),
+                }
+                if last > piece_end {
+                    from = piece_end.saturating_add(1);
+                    break;
+                }
+                from = last + 1;
+                covering.next();
             }
-            // This cluster's own entries are their own origin positions.
-            if open
-                .get(local_cluster)
-                .is_some_and(|bound| chain::origin_position(position) >= *bound)
-            {
-                open.remove(local_cluster);
+            if from <= piece_end {
+                left.extend([from, piece_end]);
             }
-            if open.is_empty() {
-                stopped = true;
-                return false;
+            if piece_end >= upto {
+                break;
             }
-            next += 1;
+            next = piece_end + 1;
+        }
+        // Batch entries among the ones left (unacknowledged, not covered whole): acknowledged
+        // in part elsewhere.
+        if let Some((cluster, stretch)) = origin {
+            in_part_of(
+                received,
+                (cluster, span.replicate_to),
+                Stretch {
+                    last: upto,
+                    ..stretch
+                },
+                (span.ledger, &left),
+                &mut covered.in_part,
+            );
+        }
+        if let Some((cluster, Some(_))) = passes_origin {
+            open.remove(cluster);
+        }
+        if let Some(Some(_)) = passes_own {
+            open.remove(local_cluster);
+        }
+        if stop.is_some() || open.is_empty() {
+            stopped = true;
+            return false;
         }
         true
     })?;
@@ -531,6 +744,66 @@ fn covered_by(
         Some(end).filter(|end| *end >= start)
     };
     Ok(covered)
+}
+
+/// Every entry of `runs`, one by one.
+fn positions_in(runs: &[EntryRun]) -> Vec<Position> {
+    runs.iter()
+        .flat_map(|&(ledger, first, last)| {
+            (first..=last).map(move |entry_id| Position::new(ledger, entry_id))
+        })
+        .collect()
+}
+
+/// The batch entries of `stretch` (of origin `cluster`, with `replicate_to`) in `left` (entry-id
+/// intervals of `ledger`, as flat pairs: the unacknowledged entries not covered whole) that
+/// `received` acknowledges in part, appended to `into` in log order.
+fn in_part_of(
+    received: &[SyncedAcks],
+    (cluster, replicate_to): (&str, &[String]),
+    stretch: Stretch,
+    (ledger, left): (u64, &[u64]),
+    into: &mut Vec<(Position, Vec<u64>)>,
+) {
+    if left.is_empty() {
+        return;
+    }
+    let mut candidates: Vec<u64> = Vec::new();
+    for sender in received {
+        let Some(progress) = sender.acks.origins.get(cluster) else {
+            continue;
+        };
+        if progress.batches.is_empty() || !reached(replicate_to, cluster, &sender.cluster) {
+            continue;
+        }
+        let first = progress
+            .batches
+            .partition_point(|(position, _)| *position < stretch.at_first);
+        for (position, _) in &progress.batches[first..] {
+            match stretch.within(*position, *position) {
+                Some((entry_id, _)) => candidates.push(entry_id),
+                None => break,
+            }
+        }
+    }
+    candidates.sort_unstable();
+    candidates.dedup();
+    let mut pieces = left.chunks_exact(2).peekable();
+    for entry_id in candidates {
+        while pieces.peek().is_some_and(|piece| piece[1] < entry_id) {
+            pieces.next();
+        }
+        if pieces.peek().is_none_or(|piece| piece[0] > entry_id) {
+            continue;
+        }
+        let origin = Position::new(
+            stretch.at_first.ledger_id,
+            stretch.at_first.entry_id + (entry_id - stretch.first),
+        );
+        if let Some(words) = covered_in_part_elsewhere(received, cluster, origin, replicate_to) {
+            into.push((Position::new(ledger, entry_id), words));
+        }
+    }
 }
 
 /// Acknowledges, in subscription `name` of `topic`, every unacknowledged entry that a state
@@ -546,26 +819,20 @@ fn apply(
     (held, received): (&[String], &[SyncedAcks]),
 ) -> Result<Option<Position>> {
     let log = topic.log();
-    let Some(state) = log.cursor(name) else {
+    // Only the acknowledgements are copied, not the cursor's properties (the states).
+    let Some((mark_delete, acknowledged)) = log.cursor_acknowledged(name) else {
         return Ok(None);
     };
     if received.is_empty() {
         return Ok(None);
     }
-    let start = position_after(log, state.mark_delete).max(from.unwrap_or(Position::new(0, 0)));
+    let start = position_after(log, mark_delete).max(from.unwrap_or(Position::new(0, 0)));
     let Covered {
         whole: covered,
         in_part,
         walked,
         ..
-    } = covered_by(
-        log,
-        map,
-        &state.acknowledged,
-        start,
-        received,
-        local_cluster,
-    )?;
+    } = covered_by(log, map, &acknowledged, start, received, local_cluster)?;
     let subscription = topic.subscription(name);
     {
         // A reset (another cluster's, adopted by `receive`, or one made here) may have dropped
@@ -574,18 +841,21 @@ fn apply(
         // Resets change the states under this lock, so they cannot slip in before the
         // acknowledgements below.
         let _properties = topic.lock_cursor_properties();
-        let current = log.cursor(name).unwrap_or_default();
-        if !received_states(&current).into_iter().eq(held.iter()) {
+        let still_held = log
+            .with_cursor(name, |current| {
+                received_states(current).into_iter().eq(held.iter())
+            })
+            .unwrap_or(held.is_empty());
+        if !still_held {
             return Ok(None);
         }
         if !covered.is_empty() {
             match &subscription {
-                Some(subscription) => subscription.acknowledge(&covered)?,
+                Some(subscription) => subscription.acknowledge(&positions_in(&covered))?,
                 None => {
-                    // Covered entries come in log order, mostly in long runs (what the
-                    // other cluster's consumers acknowledged since its last state): a run is
-                    // one insertion, not one per entry.
-                    log.acknowledge_runs(name, &covered)?;
+                    // Covered entries come in runs (what the other cluster's consumers
+                    // acknowledged since its last state): a run is one insertion.
+                    log.acknowledge_ranges(name, &covered)?;
                 }
             }
         }
@@ -636,8 +906,7 @@ pub fn receive(
     let stored_seq = cursor
         .properties
         .get(&key)
-        .and_then(|value| serde_json::from_str::<StoredSeq>(value).ok())
-        .and_then(|stored| stored.seq);
+        .and_then(|value| stored_seq(value));
     if let (Some(stored), Some(seq)) = (stored_seq, acks.seq) {
         if seq < stored {
             // Older than the state held (a post that landed late, or a sender whose clock
@@ -1740,7 +2009,11 @@ mod tests {
             written.record(noted(index));
         }
         let written = written.take_durable((log.last_position(), 0));
-        assert_eq!(written.len(), 41);
+        // 40..80 as one run (consecutive here and in c), 82 alone.
+        assert_eq!(
+            written.iter().map(|run| run.count).collect::<Vec<_>>(),
+            vec![40, 1]
+        );
         map.learn_written(&log, &written);
         let learned = origins_in(&mut map, &log, (positions[0], positions[99]));
         // Only 80..100 were read: 82 did not follow what the map covered, so it was read too.
@@ -1807,11 +2080,67 @@ mod tests {
         // 2 and 3 failed and were rolled back; 2 was given again to an entry noted after.
         written.record(note(2, 1));
         let taken = written.take_durable((Some(Position::new(7, 2)), 1));
-        assert_eq!(taken, vec![note(2, 1)]);
+        assert_eq!(
+            taken,
+            vec![WrittenRun {
+                first: note(2, 1),
+                count: 1
+            }]
+        );
         // Nothing from before the rollback is left to take later either.
         assert!(written
             .take_durable((Some(Position::new(7, 9)), 1))
             .is_empty());
+    }
+
+    /// Entries written in a row are kept as one run; the durable position may end inside it,
+    /// and a map that already covers its beginning learns the rest.
+    #[test]
+    fn written_runs_split_at_the_durable_position_and_are_learned_from_where_a_map_ends() {
+        let directory = tempfile::tempdir().expect("tempdir");
+        let storage = relaxed_storage(directory.path());
+        let (log, positions) = stretched_log(&storage);
+        let noted = |index: usize| WrittenEntry {
+            position: positions[index],
+            rollbacks: 0,
+            cluster: "c".to_string(),
+            origin: Position::new(9, 100 + index as u64),
+            replicate_to: Vec::new(),
+        };
+        let mut written = Written::default();
+        for index in 40..80 {
+            written.record(noted(index));
+        }
+        let first = written.take_durable((Some(positions[49]), 0));
+        assert_eq!(
+            first,
+            vec![WrittenRun {
+                first: noted(40),
+                count: 10
+            }]
+        );
+        let rest = written.take_durable((log.last_position(), 0));
+        assert_eq!(
+            rest,
+            vec![WrittenRun {
+                first: noted(50),
+                count: 30
+            }]
+        );
+        // A map that read up to 59 learns 60..80 from the runs (40..50 and 50..60 it has).
+        let mut map = OriginMap::default();
+        origins_in(&mut map, &log, (positions[0], positions[59]));
+        let read = map.entries_read();
+        map.learn_written(&log, &first);
+        map.learn_written(&log, &rest);
+        let learned = origins_in(&mut map, &log, (positions[0], positions[79]));
+        assert_eq!(map.entries_read(), read, "60..80 were learned, not read");
+        let reference = origins_in(
+            &mut OriginMap::default(),
+            &log,
+            (positions[0], positions[79]),
+        );
+        assert_eq!(learned, reference);
     }
 
     #[test]
@@ -1995,7 +2324,7 @@ mod tests {
             .iter()
             .map(|index| positions[*index])
             .collect();
-        assert_eq!(covered.whole, expected);
+        assert_eq!(positions_in(&covered.whole), expected);
         assert!(
             covered.read <= 11,
             "read {} entries of a backlog of 1,000 to apply a state covering the first 9",
@@ -2065,7 +2394,7 @@ mod tests {
             .iter()
             .map(|index| positions[*index])
             .collect();
-        assert_eq!(covered.whole, expected);
+        assert_eq!(positions_in(&covered.whole), expected);
         assert_eq!(covered.read, expected.len());
         assert_eq!(covered.walked, Some(positions[39]));
     }
@@ -2263,7 +2592,8 @@ mod tests {
                     .expect("fresh");
                     assert_eq!(kept.whole, fresh.whole, "step {step}");
                     assert_eq!(kept.walked, fresh.walked, "step {step}");
-                    log.acknowledge("sub", &kept.whole).expect("ack");
+                    log.acknowledge("sub", &positions_in(&kept.whole))
+                        .expect("ack");
                 }
                 _ => {
                     let at = pick(&mut next);
@@ -2283,6 +2613,275 @@ mod tests {
             assert_eq!(kept, plain, "step {step}");
             frontier = Some(found);
         }
+    }
+
+    /// The covering rule entry by entry (how `covered_by` worked before it went by spans and
+    /// ranges): every unacknowledged entry from `start` on tested against the states alone.
+    fn covered_entry_by_entry(
+        log: &Log,
+        map: &mut OriginMap,
+        acknowledged: &RangeSet,
+        start: Position,
+        received: &[SyncedAcks],
+        local_cluster: &str,
+    ) -> (Vec<Position>, Vec<(Position, Vec<u64>)>) {
+        let mut open = covered_bounds(received);
+        let (mut whole, mut in_part) = (Vec::new(), Vec::new());
+        let Some(end) = log.last_position().filter(|_| !open.is_empty()) else {
+            return (whole, in_part);
+        };
+        let mut ranges = acknowledged
+            .iter()
+            .skip_while(|(ledger, _, last)| Position::new(*ledger, *last) < start)
+            .peekable();
+        map.visit(log, local_cluster, start, end, |span| {
+            let mut next = span.first;
+            while next <= span.last {
+                while ranges
+                    .peek()
+                    .is_some_and(|(ledger, _, last)| (*ledger, *last) < (span.ledger, next))
+                {
+                    ranges.next();
+                }
+                if let Some(&(ledger, first, last)) = ranges.peek() {
+                    if ledger == span.ledger && first <= next {
+                        next = last.saturating_add(1);
+                        continue;
+                    }
+                }
+                let position = Position::new(span.ledger, next);
+                if let (Some((cluster, _)), Some(origin)) = (span.origin, span.origin_at(next)) {
+                    if covered_elsewhere(received, cluster, origin, span.replicate_to) {
+                        whole.push(position);
+                    } else if let Some(words) =
+                        covered_in_part_elsewhere(received, cluster, origin, span.replicate_to)
+                    {
+                        in_part.push((position, words));
+                    }
+                    if open.get(cluster).is_some_and(|bound| origin >= *bound) {
+                        open.remove(cluster);
+                    }
+                }
+                // This cluster's own entries are their own origin positions.
+                if open
+                    .get(local_cluster)
+                    .is_some_and(|bound| chain::origin_position(position) >= *bound)
+                {
+                    open.remove(local_cluster);
+                }
+                if open.is_empty() {
+                    return false;
+                }
+                next += 1;
+            }
+            true
+        })
+        .expect("visit");
+        (whole, in_part)
+    }
+
+    #[test]
+    fn covering_by_spans_and_ranges_agrees_with_testing_every_entry() {
+        let directory = tempfile::tempdir().expect("tempdir");
+        let storage = relaxed_storage(directory.path());
+        let name = "persistent://t/n/covering";
+        let mut seed: u64 = 0x2545_f491_4f6c_dd1d;
+        let mut next = move |bound: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % bound.max(1)
+        };
+        // Each origin's next origin position: its entries reach this log in that order.
+        let mut origin_next =
+            BTreeMap::from([("c", Position::new(9, 0)), ("d", Position::new(4, 0))]);
+        let mut checked = (0, 0, 0);
+        for round in 0..30 {
+            // Entries in a new ledger (one per open of the log): stored here, markers,
+            // replicated from c and d in stretches, some meant for b only.
+            let log = storage.open_log(name).expect("log");
+            if log.cursor("sub").is_none() {
+                log.open_cursor("sub", InitialPosition::Earliest)
+                    .expect("cursor");
+                // Holds every ledger: none is deleted while the rounds read the log.
+                log.open_cursor("hold", InitialPosition::Earliest)
+                    .expect("cursor");
+            }
+            let mut last = None;
+            let mut stretch = 0;
+            let mut kind = 0;
+            for _ in 0..20 + next(60) {
+                if stretch == 0 {
+                    kind = next(10);
+                    stretch = 1 + next(12);
+                }
+                stretch -= 1;
+                let data = match kind {
+                    0 => entry_with(None, true, &[]),
+                    1..=3 => entry_with(None, false, &[]),
+                    pick => {
+                        let cluster = if pick < 8 { "c" } else { "d" };
+                        let at = origin_next.get_mut(cluster).expect("origin");
+                        let position = *at;
+                        *at = match next(15) {
+                            0 => Position::new(at.ledger_id + 1, next(3)),
+                            1 => Position::new(at.ledger_id, at.entry_id + 2),
+                            _ => Position::new(at.ledger_id, at.entry_id + 1),
+                        };
+                        let replicate_to: &[&str] = match next(9) {
+                            0 => &["b"],
+                            1 => &["e", cluster],
+                            _ => &[],
+                        };
+                        entry_with(Some((cluster, position)), false, replicate_to)
+                    }
+                };
+                last = Some(log.append(data, 1).expect("append"));
+            }
+            last.expect("appended").wait().expect("durable");
+            let positions: Vec<Position> = log
+                .read_from(Position::new(0, 0), 100_000, usize::MAX)
+                .expect("read")
+                .iter()
+                .map(|entry| entry.position)
+                .collect();
+            let count = positions.len() as u64;
+            let mut map = OriginMap::default();
+            for _ in 0..25 {
+                // Acknowledgements here, in runs and one by one.
+                for _ in 0..next(4) {
+                    let at = next(count) as usize;
+                    let until = (at + 1 + next(6) as usize).min(positions.len());
+                    let _ = log.acknowledge("sub", &positions[at..until]);
+                }
+                // States from b and e about every origin, a (this cluster) included.
+                let mut received = Vec::new();
+                for sender in ["b", "e"] {
+                    if next(3) == 0 {
+                        continue;
+                    }
+                    let mut origins = BTreeMap::new();
+                    for (cluster, base) in [
+                        ("a", *positions.last().expect("entries")),
+                        ("c", origin_next["c"]),
+                        ("d", origin_next["d"]),
+                    ] {
+                        let at = |next: &mut dyn FnMut(u64) -> u64| {
+                            Position::new(
+                                base.ledger_id.saturating_sub(next(3)),
+                                next(base.entry_id + 3),
+                            )
+                        };
+                        let mut marks: Vec<Position> =
+                            (0..2 * next(6)).map(|_| at(&mut next)).collect();
+                        marks.sort();
+                        marks.dedup();
+                        let ranges: Vec<(Position, Position)> = marks
+                            .chunks_exact(2)
+                            .map(|pair| (pair[0], pair[1]))
+                            .collect();
+                        let below = at(&mut next);
+                        let batches: Vec<(Position, Vec<u64>)> = (0..next(3))
+                            .map(|_| at(&mut next))
+                            .collect::<std::collections::BTreeSet<_>>()
+                            .into_iter()
+                            .map(|position| (position, vec![next(255) + 1]))
+                            .collect();
+                        origins.insert(
+                            cluster.to_string(),
+                            super::super::origin_acks::OriginProgress {
+                                acked_below: (next(4) != 0).then_some(below),
+                                stored_from: (next(4) != 0).then(|| {
+                                    Position::new(below.ledger_id, next(below.entry_id + 1))
+                                }),
+                                ranges,
+                                batches,
+                            },
+                        );
+                    }
+                    received.push(SyncedAcks {
+                        cluster: sender.to_string(),
+                        acks: OriginAcks { origins },
+                        reset_at: None,
+                        seq: None,
+                    });
+                }
+                let state = log.cursor("sub").expect("cursor");
+                let after = position_after(&log, state.mark_delete);
+                let start = if next(3) == 0 {
+                    after.max(positions[next(count) as usize])
+                } else {
+                    after
+                };
+                let (whole, in_part) = covered_entry_by_entry(
+                    &log,
+                    &mut OriginMap::default(),
+                    &state.acknowledged,
+                    start,
+                    &received,
+                    "a",
+                );
+                for map in [&mut map, &mut OriginMap::default()] {
+                    let covered = covered_by(&log, map, &state.acknowledged, start, &received, "a")
+                        .expect("covered");
+                    assert_eq!(positions_in(&covered.whole), whole, "round {round}");
+                    assert_eq!(covered.in_part, in_part, "round {round}");
+                    // Runs are maximal: two runs never touch.
+                    for pair in covered.whole.windows(2) {
+                        assert!(
+                            pair[0].0 < pair[1].0 || pair[0].2 + 1 < pair[1].1,
+                            "round {round}: {:?}",
+                            covered.whole
+                        );
+                    }
+                }
+                checked.0 += 1;
+                checked.1 += whole.len();
+                checked.2 += in_part.len();
+                if next(2) == 0 {
+                    log.acknowledge("sub", &whole).expect("ack");
+                }
+            }
+            drop(log);
+            storage.close_log(name).expect("close");
+        }
+        // The comparisons were not empty ones.
+        assert!(checked.1 > 1000 && checked.2 > 20, "{checked:?}");
+    }
+
+    #[test]
+    fn the_seq_of_a_stored_state_is_read_from_its_end_or_decoded() {
+        let acks = OriginAcks {
+            origins: BTreeMap::from([(
+                "a".to_string(),
+                super::super::origin_acks::OriginProgress {
+                    acked_below: Some(Position::new(3, 7)),
+                    stored_from: Some(Position::new(3, 0)),
+                    ranges: vec![(Position::new(3, 9), Position::new(3, 12))],
+                    ..Default::default()
+                },
+            )]),
+        };
+        for (reset_at, seq) in [
+            (None, Some(1_764_000_000_123)),
+            (Some(5), Some(0)),
+            (None, None),
+        ] {
+            let state = SyncedAcks {
+                cluster: "b".to_string(),
+                acks: acks.clone(),
+                reset_at,
+                seq,
+            };
+            let text = serde_json::to_string(&state).expect("encode");
+            assert_eq!(stored_seq(&text), seq, "{text}");
+            // Other layouts (another sender's field order, spaces) are decoded.
+            let spaced = serde_json::to_string_pretty(&state).expect("encode");
+            assert_eq!(stored_seq(&spaced), seq, "{spaced}");
+        }
+        let reordered = r#"{"seq":42,"cluster":"b","acks":{"origins":{}}}"#;
+        assert_eq!(stored_seq(reordered), Some(42));
+        assert_eq!(stored_seq("not json"), None);
     }
 
     /// A state from b about `origins`.
