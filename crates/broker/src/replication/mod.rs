@@ -27,4 +27,6 @@ pub mod received_state;
 pub mod remote;
 pub mod replicated_subscriptions;
 pub mod replicator;
+#[cfg(test)]
+mod review_tests;
 pub mod subscription_sync;

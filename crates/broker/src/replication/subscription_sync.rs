@@ -223,7 +223,7 @@ fn note_local_stored_from(log: &Log, cursor: &str, first: Position) -> Result<()
 }
 
 /// Where reading starts after a mark-delete position.
-fn position_after(log: &Log, mark_delete: Option<Position>) -> Position {
+pub(crate) fn position_after(log: &Log, mark_delete: Option<Position>) -> Position {
     match mark_delete {
         Some(position) => log.next_position(position),
         None => Position::new(0, 0),
@@ -425,15 +425,15 @@ fn covered_in_part_elsewhere(
 }
 
 /// Consecutive entries of one ledger: (ledger id, first entry id, last entry id).
-type EntryRun = (u64, u64, u64);
+pub(crate) type EntryRun = (u64, u64, u64);
 
 /// What the states other clusters sent cover of a subscription's unacknowledged entries.
 #[derive(Debug, Default)]
-struct Covered {
+pub(crate) struct Covered {
     /// Entries acknowledged whole elsewhere, as runs in log order.
-    whole: Vec<EntryRun>,
+    pub(crate) whole: Vec<EntryRun>,
     /// Batch entries acknowledged in part elsewhere, with the `ack_set` words left.
-    in_part: Vec<(Position, Vec<u64>)>,
+    pub(crate) in_part: Vec<(Position, Vec<u64>)>,
     /// The last entry looked at, or the log's last entry when none after the entries looked
     /// at can be covered.
     walked: Option<Position>,
@@ -576,7 +576,7 @@ fn covered_in(
 /// consecutive origin positions, and each span's covered entries are found from the states'
 /// bounds and ranges mapped onto it, less the ranges `acknowledged` holds: the cost follows
 /// spans and ranges, not entries.
-fn covered_by(
+pub(crate) fn covered_by(
     log: &Log,
     map: &mut OriginMap,
     acknowledged: &RangeSet,
@@ -743,7 +743,7 @@ fn covered_by(
 }
 
 /// Every entry of `runs`, one by one.
-fn positions_in(runs: &[EntryRun]) -> Vec<Position> {
+pub(crate) fn positions_in(runs: &[EntryRun]) -> Vec<Position> {
     runs.iter()
         .flat_map(|&(ledger, first, last)| {
             (first..=last).map(move |entry_id| Position::new(ledger, entry_id))
