@@ -15,7 +15,7 @@ use super::origin_acks::{OriginAcks, OriginProgress};
 use super::origin_map::{OriginMap, Written, WrittenEntry, WrittenRun};
 use super::subscription_sync::{
     acknowledged_elsewhere, acknowledged_in_part_elsewhere, covered_by, position_after,
-    positions_in, SyncedAcks,
+    positions_in, stored_seq, SyncedAcks,
 };
 
 /// A tiny deterministic generator (xorshift): `next(bound)` in `0..bound`.
@@ -408,4 +408,38 @@ fn written_runs_give_exactly_what_entry_by_entry_notes_gave() {
             }
         }
     }
+}
+
+/// The receiver keeps a state as the text it came in (decoded as a `SyncedAcks` first) and
+/// reads its `seq` from the text's end: for every text that decodes, in any layout another
+/// broker may write (field order, spaces, escaped key names, a newline after it, `seq`
+/// first, last or absent), the `seq` read is the one decoded.
+#[test]
+fn the_seq_read_from_a_stored_state_is_the_decoded_one_in_every_layout() {
+    let acks =
+        r#"{"origins":{"c":{"ackedBelow":"3:7","ranges":[["3:9","3:12"]],"storedFrom":"3:0"}}}"#;
+    let texts = [
+        format!(r#"{{"cluster":"b","acks":{acks},"seq":12}}"#),
+        format!(r#"{{"cluster":"b","acks":{acks},"resetAt":5,"seq":0}}"#),
+        format!(r#"{{"seq":12,"cluster":"b","acks":{acks}}}"#),
+        format!(r#"{{"cluster":"b","seq":12,"acks":{acks},"resetAt":9}}"#),
+        format!(r#"{{"cluster":"b","acks":{acks},"s\u0065q":12}}"#),
+        format!(r#"{{"cluster":"b","acks":{acks},"seq": 12 }}"#),
+        format!("{{\"cluster\":\"b\",\"acks\":{acks},\"seq\":12}}\n"),
+        format!(r#"{{"cluster":"b\",\"seq\":99","acks":{acks},"seq":12}}"#),
+        format!(r#"{{"cluster":"b","acks":{acks},"resetAt":4}}"#),
+        format!(r#"{{"cluster":"b","acks":{acks},"seq":null}}"#),
+        format!(r#"{{"cluster":"b","acks":{acks},"seq":18446744073709551615}}"#),
+    ];
+    let mut decoded_some = 0;
+    for text in &texts {
+        let decoded: SyncedAcks = serde_json::from_str(text).expect(text);
+        assert_eq!(stored_seq(text), decoded.seq, "{text}");
+        decoded_some += usize::from(decoded.seq.is_some());
+    }
+    assert_eq!(decoded_some, 9);
+    // Texts that do not decode are never stored (`receive_from_cluster` refuses them first);
+    // a duplicated `seq` is one of them.
+    let twice = format!(r#"{{"cluster":"b","acks":{acks},"seq":1,"seq":9}}"#);
+    assert!(serde_json::from_str::<SyncedAcks>(&twice).is_err());
 }

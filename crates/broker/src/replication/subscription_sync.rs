@@ -81,7 +81,7 @@ struct StoredSeq {
 /// The `seq` of a stored state (JSON, as received). A state as serialized here ends with it
 /// (`…,"seq":<n>}`): read from the end, so that a state with many ranges is not scanned at every
 /// state received; any other text is decoded.
-fn stored_seq(stored: &str) -> Option<u64> {
+pub(crate) fn stored_seq(stored: &str) -> Option<u64> {
     let at_end = stored
         .strip_suffix('}')
         .map(|text| text.trim_end_matches(|c: char| c.is_ascii_digit()))
