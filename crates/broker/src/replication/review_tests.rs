@@ -127,6 +127,7 @@ fn hostile_covering_agrees_with_the_per_entry_rule() {
     let mut kept = OriginMap::default();
     let mut written = Written::default();
     let mut checked = (0usize, 0usize, 0usize);
+    let mut trimmed = 0;
     for round in 0..24 {
         let log = storage.open_log(name).expect("log");
         if log.cursor("sub").is_none() {
@@ -201,6 +202,27 @@ fn hostile_covering_agrees_with_the_per_entry_rule() {
         kept.learn_written(&log, &early);
         let rest = written.take_durable((Some(last), 0));
         kept.learn_written(&log, &rest);
+        let positions: Vec<Position> = log
+            .read_from(Position::new(0, 0), 1_000_000, usize::MAX)
+            .expect("read")
+            .iter()
+            .map(|entry| entry.position)
+            .collect();
+        if round % 5 == 4 {
+            // Both cursors past most of the log, ending inside a span: the ledgers before go,
+            // and the kept map still describes them.
+            let through = &positions[..positions.len() * 3 / 4];
+            log.acknowledge("hold", through).expect("ack");
+            log.acknowledge("sub", through).expect("ack");
+            log.persist_cursors().expect("persist");
+            log.trim().expect("trim");
+            trimmed += usize::from(
+                log.read_from(Position::new(0, 0), 1, usize::MAX)
+                    .expect("read")[0]
+                    .position
+                    > positions[0],
+            );
+        }
         let positions: Vec<Position> = log
             .read_from(Position::new(0, 0), 1_000_000, usize::MAX)
             .expect("read")
@@ -308,6 +330,7 @@ fn hostile_covering_agrees_with_the_per_entry_rule() {
         storage.close_log(name).expect("close");
     }
     assert!(checked.1 > 300 && checked.2 > 5, "{checked:?}");
+    assert!(trimmed > 0, "no ledger was deleted");
 }
 
 /// Notes taken entry by entry, as `Written` kept them before runs: at most `MAX_WRITTEN`,
