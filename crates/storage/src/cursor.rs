@@ -528,8 +528,6 @@ fn write_unwritten_bytes(shared: &Shared, path: &Path) -> Result<()> {
     written
 }
 
-/// A generation for a new journal file: random (the hasher state of `RandomState` is seeded
-/// per process), never 0 (the generation of journals written before generations existed).
 /// The first entry id of `ledger`, from `first` on, after `mark_delete`; `None` when the whole
 /// ledger is at or before it.
 fn after_in_ledger(mark_delete: Option<Position>, ledger: u64, first: u64) -> Option<u64> {
@@ -540,6 +538,8 @@ fn after_in_ledger(mark_delete: Option<Position>, ledger: u64, first: u64) -> Op
     }
 }
 
+/// A generation for a new journal file: random (the hasher state of `RandomState` is seeded
+/// per process), never 0 (the generation of journals written before generations existed).
 fn fresh_generation() -> u64 {
     use std::hash::{BuildHasher, Hasher};
     static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);

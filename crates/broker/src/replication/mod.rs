@@ -28,5 +28,7 @@ pub mod received_state;
 pub mod remote;
 pub mod replicated_subscriptions;
 pub mod replicator;
+#[cfg(test)]
+mod review_tests;
 pub mod state_format;
 pub mod subscription_sync;

@@ -85,7 +85,7 @@ struct StoredSeq {
 /// The `seq` of a stored state (JSON, as received). A state as serialized here ends with it
 /// (`…,"seq":<n>}`): read from the end, so that a state with many ranges is not scanned at every
 /// state received; any other text is decoded.
-fn stored_seq(stored: &str) -> Option<u64> {
+pub(crate) fn stored_seq(stored: &str) -> Option<u64> {
     let at_end = stored
         .strip_suffix('}')
         .map(|text| text.trim_end_matches(|c: char| c.is_ascii_digit()))
@@ -227,7 +227,7 @@ fn note_local_stored_from(log: &Log, cursor: &str, first: Position) -> Result<()
 }
 
 /// Where reading starts after a mark-delete position.
-fn position_after(log: &Log, mark_delete: Option<Position>) -> Position {
+pub(crate) fn position_after(log: &Log, mark_delete: Option<Position>) -> Position {
     match mark_delete {
         Some(position) => log.next_position(position),
         None => Position::new(0, 0),
@@ -429,15 +429,15 @@ fn covered_in_part_elsewhere(
 }
 
 /// Consecutive entries of one ledger: (ledger id, first entry id, last entry id).
-type EntryRun = (u64, u64, u64);
+pub(crate) type EntryRun = (u64, u64, u64);
 
 /// What the states other clusters sent cover of a subscription's unacknowledged entries.
 #[derive(Debug, Default)]
-struct Covered {
+pub(crate) struct Covered {
     /// Entries acknowledged whole elsewhere, as runs in log order.
-    whole: Vec<EntryRun>,
+    pub(crate) whole: Vec<EntryRun>,
     /// Batch entries acknowledged in part elsewhere, with the `ack_set` words left.
-    in_part: Vec<(Position, Vec<u64>)>,
+    pub(crate) in_part: Vec<(Position, Vec<u64>)>,
     /// The last entry looked at, or the log's last entry when none after the entries looked
     /// at can be covered.
     walked: Option<Position>,
@@ -580,7 +580,7 @@ fn covered_in(
 /// consecutive origin positions, and each span's covered entries are found from the states'
 /// bounds and ranges mapped onto it, less the ranges `acknowledged` holds: the cost follows
 /// spans and ranges, not entries.
-fn covered_by(
+pub(crate) fn covered_by(
     log: &Log,
     map: &mut OriginMap,
     acknowledged: &RangeSet,
@@ -747,7 +747,7 @@ fn covered_by(
 }
 
 /// Every entry of `runs`, one by one.
-fn positions_in(runs: &[EntryRun]) -> Vec<Position> {
+pub(crate) fn positions_in(runs: &[EntryRun]) -> Vec<Position> {
     runs.iter()
         .flat_map(|&(ledger, first, last)| {
             (first..=last).map(move |entry_id| Position::new(ledger, entry_id))
@@ -2035,10 +2035,12 @@ mod tests {
         let storage = relaxed_storage(directory.path());
         let (log, positions) = stretched_log(&storage);
         let mut map = OriginMap::default();
-        // The publish path of cluster a (the tests' local cluster) noted its entries 0..40,
-        // the replicator's noted c's 40..80.
+        // A first walk read 0..10; then the publish path of cluster a (the tests' local
+        // cluster) noted its entries 10..40, the replicator's noted c's 40..80.
+        origins_in(&mut map, &log, (positions[0], positions[9]));
+        let read = map.entries_read();
         let mut written = Written::default();
-        for (index, position) in positions.iter().enumerate().take(80) {
+        for (index, position) in positions.iter().enumerate().take(80).skip(10) {
             let (cluster, origin) = if index < 40 {
                 ("a", chain::origin_position(*position))
             } else {
@@ -2055,7 +2057,11 @@ mod tests {
         let written = written.take_durable((log.last_position(), 0));
         map.learn_written(&log, &written);
         let learned = origins_in(&mut map, &log, (positions[0], positions[79]));
-        assert_eq!(map.entries_read(), 0, "an entry noted as written was read");
+        assert_eq!(
+            map.entries_read(),
+            read,
+            "an entry noted as written was read"
+        );
         let mut reading = OriginMap::default();
         let reference = origins_in(&mut reading, &log, (positions[0], positions[79]));
         assert_eq!(reading.entries_read(), 80);
