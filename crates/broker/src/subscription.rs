@@ -28,7 +28,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use meridian_storage::{InitialPosition, Log, Position};
+use meridian_storage::{ChangeKind, InitialPosition, Log, Position};
 use meridian_wire::proto::{
     base_command, BaseCommand, CommandActiveConsumerChange, CommandCloseConsumer, CommandMessage,
     CommandReachedEndOfTopic, IntRange, MessageIdData,
@@ -584,6 +584,11 @@ impl Subscription {
     /// Acknowledges individual entries. Positions of entries that do not exist (never did, or
     /// were trimmed) are ignored, as Pulsar does: stored, they would lower the backlog.
     pub fn acknowledge(&self, positions: &[Position]) -> Result<()> {
+        self.acknowledge_as(positions, ChangeKind::Own)
+    }
+
+    /// [`Subscription::acknowledge`], for the users `kind` names (see [`ChangeKind`]).
+    pub fn acknowledge_as(&self, positions: &[Position], kind: ChangeKind) -> Result<()> {
         let here: Vec<Position> = positions
             .iter()
             .map(|position| self.position_here(*position))
@@ -614,7 +619,7 @@ impl Subscription {
         }
         let mut positions = &existing[..];
         let accepted: Vec<Position>;
-        match self.log.acknowledge(&self.cursor, positions) {
+        match self.log.acknowledge_as(&self.cursor, positions, kind) {
             Ok(_) => {}
             Err(meridian_storage::StorageError::TooManyAcknowledgedRanges {
                 refused,

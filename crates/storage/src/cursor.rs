@@ -69,6 +69,25 @@ pub(crate) struct CursorSlot {
     pub(crate) dirty: bool,
     /// Mark-delete position as last persisted; trimming goes by this one.
     pub(crate) persisted_mark_delete: Option<Position>,
+    /// Changes with each [`ChangeKind::Own`] change (see [`Log::cursor_versioned`]).
+    pub(crate) version: u64,
+}
+
+/// Who a change to a cursor is for, as [`Log::cursor_versioned`] tells them apart: the
+/// cursor's own users (consumers, seeks, expiry, an operator), or a copy of acknowledgements
+/// made elsewhere (another cluster's, mirrored by replicated-subscription sync), which a caller
+/// that mirrors them back out does not need to notice.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChangeKind {
+    Own,
+    Mirrored,
+}
+
+/// A version no cursor had before: unique across logs and across a cursor deleted and created
+/// again, so that an equal version always means an unchanged cursor.
+pub(crate) fn new_cursor_version() -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
 }
 
 /// What one snapshot record holds, copied out of the log's state under its lock; the encoding,
@@ -340,6 +359,7 @@ impl CursorJournal {
                         durable: true,
                         dirty: false,
                         persisted_mark_delete: state.mark_delete,
+                        version: new_cursor_version(),
                     },
                 )
             })
@@ -608,7 +628,7 @@ impl LogState {
     fn update_cursor<T>(
         &mut self,
         log: &str,
-        name: &str,
+        (name, kind): (&str, ChangeKind),
         change: impl FnOnce(&LogState, &mut CursorState) -> T,
     ) -> Result<T> {
         if self.closed {
@@ -624,6 +644,9 @@ impl LogState {
         };
         let result = change(self, &mut slot.state);
         slot.dirty = true;
+        if kind == ChangeKind::Own {
+            slot.version = new_cursor_version();
+        }
         self.cursors.insert(name.to_string(), slot);
         Ok(result)
     }
@@ -663,6 +686,7 @@ impl Log {
                 dirty: durable,
                 // Until it is persisted, the new cursor holds back trimming from where it starts.
                 persisted_mark_delete: cursor.mark_delete,
+                version: new_cursor_version(),
             },
         );
         if durable {
@@ -720,6 +744,16 @@ impl Log {
         self.lock().cursors.get(name).map(|slot| slot.state.clone())
     }
 
+    /// The state of cursor `name` and its version, read at once. The version changes with
+    /// every [`ChangeKind::Own`] change and never with a [`ChangeKind::Mirrored`] one: an
+    /// unchanged version means that whatever changed since came from elsewhere.
+    pub fn cursor_versioned(&self, name: &str) -> Option<(CursorState, u64)> {
+        self.lock()
+            .cursors
+            .get(name)
+            .map(|slot| (slot.state.clone(), slot.version))
+    }
+
     /// Calls `look` with the state of cursor `name`, if it exists, without copying it (under
     /// the log's lock: `look` must not call the log).
     pub fn with_cursor<T>(&self, name: &str, look: impl FnOnce(&CursorState) -> T) -> Option<T> {
@@ -767,6 +801,7 @@ impl Log {
                 durable: true,
                 dirty: true,
                 persisted_mark_delete,
+                version: new_cursor_version(),
             },
         );
         state.deleted_cursors.retain(|deleted| deleted != name);
@@ -804,38 +839,50 @@ impl Log {
     /// fails with `TooManyAcknowledgedRanges` listing the refused positions, which stay
     /// unacknowledged.
     pub fn acknowledge(&self, name: &str, positions: &[Position]) -> Result<Option<Position>> {
+        self.acknowledge_as(name, positions, ChangeKind::Own)
+    }
+
+    /// [`Log::acknowledge`], for the users `kind` names.
+    pub fn acknowledge_as(
+        &self,
+        name: &str,
+        positions: &[Position],
+        kind: ChangeKind,
+    ) -> Result<Option<Position>> {
         let max_ranges = self.shared.config.cursor_max_ranges;
         let mut state = self.lock();
         let last_durable = state.last_durable();
-        let (mark_delete, refused) = state.update_cursor(self.name(), name, |log, cursor| {
-            let mut refused = Vec::new();
-            // The mark-delete position moves once, at the end (finding the entry after it
-            // costs a walk over the segments): until then, the range starting at `next`
-            // is in the set, but it is not counted, since the end absorbs it.
-            let next = log.position_after(cursor.mark_delete);
-            for position in positions {
-                if Some(*position) > last_durable || cursor.is_acknowledged(*position) {
-                    continue;
-                }
-                let joins = *position == next
-                    || (position.entry_id > 0
-                        && cursor
+        let (mark_delete, refused) =
+            state.update_cursor(self.name(), (name, kind), |log, cursor| {
+                let mut refused = Vec::new();
+                // The mark-delete position moves once, at the end (finding the entry after it
+                // costs a walk over the segments): until then, the range starting at `next`
+                // is in the set, but it is not counted, since the end absorbs it.
+                let next = log.position_after(cursor.mark_delete);
+                for position in positions {
+                    if Some(*position) > last_durable || cursor.is_acknowledged(*position) {
+                        continue;
+                    }
+                    let joins = *position == next
+                        || (position.entry_id > 0
+                            && cursor.acknowledged.contains(Position::new(
+                                position.ledger_id,
+                                position.entry_id - 1,
+                            )))
+                        || cursor
                             .acknowledged
-                            .contains(Position::new(position.ledger_id, position.entry_id - 1)))
-                    || cursor
-                        .acknowledged
-                        .contains(Position::new(position.ledger_id, position.entry_id + 1));
-                let ranges = cursor.acknowledged.range_count()
-                    - usize::from(cursor.acknowledged.contains(next));
-                if !joins && ranges >= max_ranges {
-                    refused.push(*position);
-                    continue;
+                            .contains(Position::new(position.ledger_id, position.entry_id + 1));
+                    let ranges = cursor.acknowledged.range_count()
+                        - usize::from(cursor.acknowledged.contains(next));
+                    if !joins && ranges >= max_ranges {
+                        refused.push(*position);
+                        continue;
+                    }
+                    cursor.acknowledged.insert(*position);
                 }
-                cursor.acknowledged.insert(*position);
-            }
-            log.advance_mark_delete(cursor);
-            (cursor.mark_delete, refused)
-        })?;
+                log.advance_mark_delete(cursor);
+                (cursor.mark_delete, refused)
+            })?;
         self.unless_refused(name, mark_delete, refused, max_ranges)
     }
 
@@ -855,7 +902,7 @@ impl Log {
                 _ => runs.push((position.ledger_id, position.entry_id, position.entry_id)),
             }
         }
-        self.acknowledge_ranges(name, &runs)
+        self.acknowledge_ranges(name, &runs, ChangeKind::Own)
     }
 
     /// [`Log::acknowledge`] for runs of consecutive entries, each `(ledger id, first entry
@@ -867,55 +914,58 @@ impl Log {
         &self,
         name: &str,
         runs: &[(u64, u64, u64)],
+        kind: ChangeKind,
     ) -> Result<Option<Position>> {
         let max_ranges = self.shared.config.cursor_max_ranges;
         let mut state = self.lock();
         let last_durable = state.last_durable();
-        let (mark_delete, refused) = state.update_cursor(self.name(), name, |log, cursor| {
-            let mut refused = Vec::new();
-            let next = log.position_after(cursor.mark_delete);
-            for &(ledger, first, last) in runs {
-                debug_assert!(first <= last, "empty run {ledger}:{first}..={last}");
-                // Only what is durable and not acknowledged below the mark-delete position.
-                let Some(start) = after_in_ledger(cursor.mark_delete, ledger, first) else {
-                    continue;
-                };
-                let end = match last_durable {
-                    Some(durable) if durable.ledger_id > ledger => last,
-                    Some(durable) if durable.ledger_id == ledger => last.min(durable.entry_id),
-                    _ => continue,
-                };
-                if start > end {
-                    continue;
-                }
-                // Below the limit (the usual case) nothing is looked up: whether the run joins
-                // a range matters only at it.
-                let at_limit = cursor.acknowledged.range_count() >= max_ranges && {
-                    let touches = |entry_id: Option<u64>| {
-                        entry_id.is_some_and(|entry_id| {
-                            cursor
-                                .acknowledged
-                                .contains(Position::new(ledger, entry_id))
-                        })
+        let (mark_delete, refused) =
+            state.update_cursor(self.name(), (name, kind), |log, cursor| {
+                let mut refused = Vec::new();
+                let next = log.position_after(cursor.mark_delete);
+                for &(ledger, first, last) in runs {
+                    debug_assert!(first <= last, "empty run {ledger}:{first}..={last}");
+                    // Only what is durable and not acknowledged below the mark-delete position.
+                    let Some(start) = after_in_ledger(cursor.mark_delete, ledger, first) else {
+                        continue;
                     };
-                    let joins = Position::new(ledger, start) == next
-                        || touches(start.checked_sub(1))
-                        || touches(Some(start))
-                        || touches(Some(end))
-                        || touches(end.checked_add(1));
-                    let ranges = cursor.acknowledged.range_count()
-                        - usize::from(cursor.acknowledged.contains(next));
-                    !joins && ranges >= max_ranges
-                };
-                if at_limit {
-                    refused.extend((start..=end).map(|entry_id| Position::new(ledger, entry_id)));
-                    continue;
+                    let end = match last_durable {
+                        Some(durable) if durable.ledger_id > ledger => last,
+                        Some(durable) if durable.ledger_id == ledger => last.min(durable.entry_id),
+                        _ => continue,
+                    };
+                    if start > end {
+                        continue;
+                    }
+                    // Below the limit (the usual case) nothing is looked up: whether the run joins
+                    // a range matters only at it.
+                    let at_limit = cursor.acknowledged.range_count() >= max_ranges && {
+                        let touches = |entry_id: Option<u64>| {
+                            entry_id.is_some_and(|entry_id| {
+                                cursor
+                                    .acknowledged
+                                    .contains(Position::new(ledger, entry_id))
+                            })
+                        };
+                        let joins = Position::new(ledger, start) == next
+                            || touches(start.checked_sub(1))
+                            || touches(Some(start))
+                            || touches(Some(end))
+                            || touches(end.checked_add(1));
+                        let ranges = cursor.acknowledged.range_count()
+                            - usize::from(cursor.acknowledged.contains(next));
+                        !joins && ranges >= max_ranges
+                    };
+                    if at_limit {
+                        refused
+                            .extend((start..=end).map(|entry_id| Position::new(ledger, entry_id)));
+                        continue;
+                    }
+                    cursor.acknowledged.insert_range(ledger, start, end);
                 }
-                cursor.acknowledged.insert_range(ledger, start, end);
-            }
-            log.advance_mark_delete(cursor);
-            (cursor.mark_delete, refused)
-        })?;
+                log.advance_mark_delete(cursor);
+                (cursor.mark_delete, refused)
+            })?;
         self.unless_refused(name, mark_delete, refused, max_ranges)
     }
 
@@ -970,7 +1020,7 @@ impl Log {
     ) -> Result<Option<Position>> {
         let mut state = self.lock();
         let last_durable = state.last_durable();
-        state.update_cursor(self.name(), name, |log, cursor| {
+        state.update_cursor(self.name(), (name, ChangeKind::Own), |log, cursor| {
             let position = match last_durable {
                 Some(last) => position.min(last),
                 None => return cursor.mark_delete,
@@ -990,7 +1040,7 @@ impl Log {
     pub fn reset_cursor(&self, name: &str, mark_delete: Option<Position>) -> Result<()> {
         let mut state = self.lock();
         let mark_delete = mark_delete.min(state.last_durable());
-        state.update_cursor(self.name(), name, |_, cursor| {
+        state.update_cursor(self.name(), (name, ChangeKind::Own), |_, cursor| {
             cursor.mark_delete = mark_delete;
             cursor.acknowledged = RangeSet::new();
         })
@@ -1002,8 +1052,18 @@ impl Log {
         name: &str,
         properties: BTreeMap<String, String>,
     ) -> Result<()> {
+        self.set_cursor_properties_as(name, properties, ChangeKind::Own)
+    }
+
+    /// [`Log::set_cursor_properties`], for the users `kind` names.
+    pub fn set_cursor_properties_as(
+        &self,
+        name: &str,
+        properties: BTreeMap<String, String>,
+        kind: ChangeKind,
+    ) -> Result<()> {
         let mut state = self.lock();
-        state.update_cursor(self.name(), name, |_, cursor| {
+        state.update_cursor(self.name(), (name, kind), |_, cursor| {
             cursor.properties = properties
         })
     }

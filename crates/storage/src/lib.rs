@@ -35,7 +35,7 @@ pub mod remote;
 mod sim;
 
 pub use config::{FlushPolicy, Retention, StorageConfig};
-pub use cursor::{CursorState, InitialPosition};
+pub use cursor::{ChangeKind, CursorState, InitialPosition};
 pub use engine::Storage;
 pub use error::{Result, StorageError};
 pub use io::{Io, IoFile, RealIo};

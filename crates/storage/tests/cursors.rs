@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use meridian_storage::{
-    CrashMode, InitialPosition, Position, Retention, SimIo, Storage, StorageConfig,
+    ChangeKind, CrashMode, InitialPosition, Position, Retention, SimIo, Storage, StorageConfig,
 };
 
 fn config() -> StorageConfig {
@@ -1128,4 +1128,59 @@ fn all_acknowledged_answers_for_every_position_given() {
     assert!(!log.all_acknowledged("sub", &[positions[5], positions[6]]));
     assert!(!log.all_acknowledged("sub", &[positions[3]]));
     assert!(!log.all_acknowledged("missing", &[positions[0]]));
+}
+
+#[test]
+fn a_cursor_version_changes_with_its_own_changes_only() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let storage = Storage::open(root.path(), config()).expect("open");
+    let log = storage.open_log("t").expect("log");
+    let positions = append(&log, 10);
+    log.open_cursor("sub", InitialPosition::Earliest)
+        .expect("cursor");
+    let version = |log: &meridian_storage::Log| log.cursor_versioned("sub").expect("cursor").1;
+    let start = version(&log);
+
+    // Mirrored changes (acknowledgements copied from elsewhere, and properties) keep it.
+    log.acknowledge_as("sub", &[positions[0], positions[5]], ChangeKind::Mirrored)
+        .expect("ack");
+    log.acknowledge_ranges(
+        "sub",
+        &[(positions[7].ledger_id, 7, 8)],
+        ChangeKind::Mirrored,
+    )
+    .expect("ack runs");
+    let mut properties = BTreeMap::new();
+    properties.insert("state".to_string(), "from elsewhere".to_string());
+    log.set_cursor_properties_as("sub", properties.clone(), ChangeKind::Mirrored)
+        .expect("properties");
+    let (state, mirrored) = log.cursor_versioned("sub").expect("cursor");
+    assert_eq!(mirrored, start);
+    assert_eq!(state.mark_delete, Some(positions[0]));
+    assert!(state.is_acknowledged(positions[8]));
+
+    // Every change of the cursor's own moves it, each time to a version never seen before.
+    let mut seen = vec![start];
+    let mut changed = |log: &meridian_storage::Log| {
+        let now = version(log);
+        assert!(!seen.contains(&now), "version {now} seen before: {seen:?}");
+        seen.push(now);
+    };
+    log.acknowledge("sub", &[positions[2]]).expect("ack");
+    changed(&log);
+    log.acknowledge_runs("sub", &[positions[3]]).expect("ack");
+    changed(&log);
+    log.acknowledge_cumulative("sub", positions[4])
+        .expect("cumulative");
+    changed(&log);
+    log.set_cursor_properties("sub", properties)
+        .expect("properties");
+    changed(&log);
+    log.reset_cursor("sub", None).expect("reset");
+    changed(&log);
+    // A cursor deleted and created again under the same name never repeats a version.
+    log.delete_cursor("sub").expect("delete");
+    log.open_cursor("sub", InitialPosition::Earliest)
+        .expect("cursor");
+    changed(&log);
 }

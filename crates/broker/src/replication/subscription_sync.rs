@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use meridian_client::{StateAnswer, StateFormat};
-use meridian_storage::{CursorState, Log, Position, RangeSet};
+use meridian_storage::{ChangeKind, CursorState, Log, Position, RangeSet};
 use meridian_wire::MessageMetadata;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, Notify};
@@ -243,6 +243,8 @@ struct Walked {
     /// Per origin, its first entry the walk met (or the frontier knew).
     stored_from: BTreeMap<String, Position>,
     acks: OriginAcks,
+    /// The cursor's version when it was read (see [`Log::cursor_versioned`]).
+    version: u64,
 }
 
 /// The acknowledgements of a subscription whose cursor is in `state`, in origin coordinates,
@@ -291,6 +293,7 @@ fn origin_acks(
         partial,
         stored_from,
         acks,
+        version: 0,
     })
 }
 
@@ -850,12 +853,16 @@ fn apply(
             return Ok(None);
         }
         if !covered.is_empty() {
+            // Mirrored: what other clusters acknowledged is not this cluster's to tell them
+            // (the sync task walks again only after the subscription's own changes).
             match &subscription {
-                Some(subscription) => subscription.acknowledge(&positions_in(&covered))?,
+                Some(subscription) => {
+                    subscription.acknowledge_as(&positions_in(&covered), ChangeKind::Mirrored)?
+                }
                 None => {
                     // Covered entries come in runs (what the other cluster's consumers
                     // acknowledged since its last state): a run is one insertion.
-                    log.acknowledge_ranges(name, &covered)?;
+                    log.acknowledge_ranges(name, &covered, ChangeKind::Mirrored)?;
                 }
             }
         }
@@ -957,7 +964,7 @@ pub fn receive(
         .filter_map(|(_, value)| serde_json::from_str(value).ok())
         .collect();
     all.push(acks);
-    log.set_cursor_properties(name, properties)?;
+    log.set_cursor_properties_as(name, properties, ChangeKind::Mirrored)?;
     if let Some(subscription) = topic.subscription(name) {
         // Its dispatcher acknowledges what the states cover instead of delivering it, also
         // for entries that arrive before the sync task's next tick.
@@ -1208,9 +1215,34 @@ struct Tracked {
     last_state: Option<(OriginAcks, Option<u64>, u64)>,
     /// The highest `seq` a receiver answered it holds: the next state goes past it.
     seq_floor: u64,
+    /// The last state every target settled on, if they all did.
+    settled: Option<Settled>,
+}
+
+/// A state every target of a subscription settled on: each confirmed it (and then gets it
+/// again when the confirmation is [`RESEND_UNCHANGED_AFTER`] old) or already held all of it.
+#[derive(Debug, Clone)]
+struct Settled {
+    seq: u64,
+    /// Per target, until when it stands (`None`: the target held all of the state itself).
+    until: Vec<(String, Option<Instant>)>,
 }
 
 impl Tracked {
+    /// Whether every one of `targets` settled on the state `seq` and still stands by it.
+    fn settled_with(&self, seq: u64, targets: &[RemoteCluster]) -> bool {
+        let now = Instant::now();
+        self.settled.as_ref().is_some_and(|settled| {
+            settled.seq == seq
+                && settled.until.len() == targets.len()
+                && targets.iter().all(|target| {
+                    settled.until.iter().any(|(name, until)| {
+                        *name == target.name && until.is_none_or(|until| now < until)
+                    })
+                })
+        })
+    }
+
     /// The `seq` of a state with this content: the last one's while the content and the
     /// receivers allow, else a new one above it, above the clock and above what receivers hold.
     fn seq_for(&mut self, acks: &OriginAcks, reset_at: Option<u64>) -> u64 {
@@ -1231,7 +1263,8 @@ impl Tracked {
 /// One replicated subscription's state at this tick, for the clusters in `targets`.
 struct Outgoing {
     cursor: String,
-    body: SyncedAcks,
+    /// `None`: unchanged, and every target settled on it ([`Tracked::settled_with`]).
+    body: Option<SyncedAcks>,
     targets: Vec<RemoteCluster>,
 }
 
@@ -1354,15 +1387,36 @@ async fn run(
             targets,
         } in outgoing
         {
-            let Some(entry) = tracked.get(&cursor) else {
+            let Some(entry) = tracked.get_mut(&cursor) else {
                 continue;
             };
+            targets_seen.extend(targets.iter().map(|remote| remote.name.clone()));
+            let Some(body) = body else {
+                continue;
+            };
+            let mut settled = Some(Settled {
+                seq: body.seq.unwrap_or_default(),
+                until: Vec::with_capacity(targets.len()),
+            });
             for remote in &targets {
-                targets_seen.insert(remote.name.clone());
                 let key = (cursor.clone(), remote.name.clone());
-                let confirmed = entry.sent.get(&remote.name).is_some_and(|(state, at)| {
-                    *state == body && at.elapsed() < RESEND_UNCHANGED_AFTER
-                }) || only_repeats_remote(entry, &remote.name, &body);
+                let confirmed_until = entry
+                    .sent
+                    .get(&remote.name)
+                    .filter(|(state, _)| *state == body)
+                    .map(|(_, at)| *at + RESEND_UNCHANGED_AFTER)
+                    .filter(|until| Instant::now() < *until);
+                let confirmed = match confirmed_until {
+                    Some(until) => Some(Some(until)),
+                    None => only_repeats_remote(entry, &remote.name, &body).then_some(None),
+                };
+                match (&mut settled, confirmed) {
+                    (Some(settled), Some(until)) => {
+                        settled.until.push((remote.name.clone(), until))
+                    }
+                    _ => settled = None,
+                }
+                let confirmed = confirmed.is_some();
                 let waiting = update_status(&sending, &key, |status| {
                     if confirmed {
                         status.unsent_since_ms = None;
@@ -1392,6 +1446,7 @@ async fn run(
                     });
                 });
             }
+            entry.settled = settled;
         }
         idle = replicated.is_empty();
         applied_on_receipt
@@ -1429,15 +1484,15 @@ fn only_repeats_remote(entry: &Tracked, remote: &str, body: &SyncedAcks) -> bool
 /// one, and the echo test, [`only_repeats_remote`], compares with states at least as new).
 /// (The next application finds them decoded.)
 fn refresh_received(state: &CursorState, entry: &mut Tracked) {
-    let raw: Vec<String> = received_states(state).into_iter().cloned().collect();
+    let held = received_states(state);
     if entry
         .decoded
         .as_ref()
-        .is_some_and(|(known, _)| *known == raw)
+        .is_some_and(|(known, _)| held.iter().copied().eq(known))
     {
         return;
     }
-    entry.decoded = Some((raw, received(state)));
+    entry.decoded = Some((held.into_iter().cloned().collect(), received(state)));
 }
 
 /// The part of a tick that reads the log: applies the states other clusters sent to each
@@ -1461,7 +1516,7 @@ fn read_states(
         if crate::topic::is_system_cursor(&cursor) || crate::topic::is_replicator_cursor(&cursor) {
             continue;
         }
-        let Some(state) = topic.log().cursor(&cursor) else {
+        let Some((state, version)) = topic.log().cursor_versioned(&cursor) else {
             continue;
         };
         if !replicated_subscriptions::is_replicated(&state) {
@@ -1483,17 +1538,26 @@ fn read_states(
             // entries since.
             let fresh;
             let seen = match applied {
-                Ok(false) => Some(&state),
+                Ok(false) => Some((&state, version)),
                 _ => {
-                    fresh = topic.log().cursor(&cursor);
-                    fresh.as_ref()
+                    fresh = topic.log().cursor_versioned(&cursor);
+                    fresh.as_ref().map(|(state, version)| (state, *version))
                 }
             };
             let walked = anyone.then(|| match seen {
-                Some(seen) => {
-                    let walked = walk(topic, (&cursor, seen), local_cluster, entry, map);
+                Some((seen, version)) => {
+                    let mirrored_only = only_mirrored_since_walked(
+                        topic,
+                        (seen, version),
+                        (remotes, local_cluster),
+                        entry,
+                    );
+                    if mirrored_only {
+                        return Ok(true);
+                    }
+                    let walked = walk(topic, (&cursor, seen, version), local_cluster, entry, map);
                     refresh_received(seen, entry);
-                    walked
+                    walked.map(|()| false)
                 }
                 None => Err(BrokerError::SubscriptionNotFound {
                     topic: topic.log().name().to_string(),
@@ -1509,23 +1573,30 @@ fn read_states(
             continue;
         };
         let reset_at = replicated_subscriptions::reset_at(&state);
-        let acks = match walked {
-            Ok(acks) => acks,
+        let unchanged = match walked {
+            Ok(unchanged) => unchanged,
             Err(error) => {
                 tracing::warn!(topic = %name, subscription = %cursor, %error, "reading replicated subscription state failed");
                 continue;
             }
         };
-        let targets = targets(topic, remotes, &acks, local_cluster);
-        let seq = entry.seq_for(&acks, reset_at);
+        let Some(walked) = entry.walked.take() else {
+            continue;
+        };
+        let targets = targets(topic, remotes, &walked.acks, local_cluster);
+        let seq = entry.seq_for(&walked.acks, reset_at);
+        // The state every target settled on, unchanged: nothing to compare or send.
+        let settled = unchanged && entry.settled_with(seq, &targets);
+        let body = (!settled).then(|| SyncedAcks {
+            cluster: local_cluster.to_string(),
+            acks: walked.acks.clone(),
+            reset_at,
+            seq: Some(seq),
+        });
+        entry.walked = Some(walked);
         outgoing.push(Outgoing {
             cursor,
-            body: SyncedAcks {
-                cluster: local_cluster.to_string(),
-                acks,
-                reset_at,
-                seq: Some(seq),
-            },
+            body,
             targets,
         });
     }
@@ -1604,52 +1675,100 @@ fn apply_received(
     tracked: &mut Tracked,
     map: &mut OriginMap,
 ) -> Result<bool> {
-    let received: Vec<String> = received_states(state).into_iter().cloned().collect();
-    if received.is_empty() {
+    let held = received_states(state);
+    if held.is_empty() {
         return Ok(false);
     }
-    let from = match &tracked.applied {
-        Some((applied, walked)) if *applied == received => match walked {
-            Some(last) if topic.log().last_position() == Some(*last) => return Ok(false),
-            Some(last) => Some(topic.log().next_position(*last)),
-            None => None,
-        },
-        _ => None,
+    // The states are compared where they are stored, and copied only when they changed.
+    let (received, from, previous) = match tracked.applied.take() {
+        Some((applied, walked)) if held.iter().copied().eq(&applied) => {
+            if walked.is_some() && topic.log().last_position() == walked {
+                tracked.applied = Some((applied, walked));
+                return Ok(false);
+            }
+            let from = walked.map(|last| topic.log().next_position(last));
+            (applied, from, walked)
+        }
+        other => (
+            held.into_iter().cloned().collect::<Vec<String>>(),
+            None,
+            other.and_then(|(_, walked)| walked),
+        ),
     };
     let decoded = match tracked.decoded.take() {
-        Some((raw, decoded)) if raw == received => decoded,
-        _ => self::received(state),
+        Some((raw, decoded)) if raw == received => (raw, decoded),
+        _ => (received.clone(), self::received(state)),
     };
     let walked = apply(
         topic,
         cursor,
         (local_cluster, from),
         map,
-        (&received, &decoded),
+        (&received, &decoded.1),
     )?;
-    tracked.decoded = Some((received.clone(), decoded));
-    let previous = tracked.applied.take().and_then(|(_, walked)| walked);
+    tracked.decoded = Some(decoded);
     tracked.applied = Some((received, walked.or(previous)));
     Ok(true)
 }
 
-/// The subscription's state in origin coordinates; walks again only when the cursor moved,
-/// reading from the log only entries no walk read before.
-/// `state`: the cursor as read at once (with the received states it held).
+/// Whether the last walk still speaks for the subscription because all that changed since is
+/// what one other cluster's state made it acknowledge (mirrored, see [`ChangeKind`]), and that
+/// cluster is the only one the state goes to: walking again would only add what that cluster
+/// itself sent, which it holds (an echo, never sent; the receiver's walk at every state it
+/// applied was most of its sync work). With states from two or more clusters, or targets
+/// beyond the sender, the walk runs, so that what one sent still reaches the others through
+/// this cluster's state.
+fn only_mirrored_since_walked(
+    topic: &Topic,
+    (state, version): (&CursorState, u64),
+    (remotes, local_cluster): (&[RemoteCluster], &str),
+    tracked: &Tracked,
+) -> bool {
+    let Some(walked) = tracked
+        .walked
+        .as_ref()
+        .filter(|walked| walked.version == version)
+    else {
+        return false;
+    };
+    let mut senders = state
+        .properties
+        .keys()
+        .filter_map(|key| key.strip_prefix(SYNCED_PROPERTY_PREFIX));
+    let (Some(sender), None) = (senders.next(), senders.next()) else {
+        return false;
+    };
+    let mut targets = remotes.iter().map(|remote| remote.name.as_str()).chain(
+        walked
+            .acks
+            .origins
+            .keys()
+            .map(String::as_str)
+            .filter(|origin| {
+                *origin != local_cluster && topic.registered_cluster(origin).is_some()
+            }),
+    );
+    targets.all(|target| target == sender)
+}
+
+/// The subscription's state in origin coordinates, into `tracked.walked`; walks again only
+/// when the cursor moved, reading from the log only entries no walk read before.
+/// `state`: the cursor as read at once (with the received states it held), and its version.
 fn walk(
     topic: &Topic,
-    (cursor, state): (&str, &CursorState),
+    (cursor, state, version): (&str, &CursorState, u64),
     local_cluster: &str,
     tracked: &mut Tracked,
     map: &mut OriginMap,
-) -> Result<OriginAcks> {
+) -> Result<()> {
     let log = topic.log();
-    if let Some(walked) = &tracked.walked {
+    if let Some(walked) = &mut tracked.walked {
         if walked.mark_delete == state.mark_delete
             && walked.acknowledged == state.acknowledged
             && walked.partial == batch_acks::decode(&state.properties)
         {
-            return Ok(walked.acks.clone());
+            walked.version = version;
+            return Ok(());
         }
     }
     let local_from = local_stored_from(state);
@@ -1671,10 +1790,9 @@ fn walk(
         let _properties = topic.lock_cursor_properties();
         note_local_stored_from(log, cursor, *first)?;
     }
-    let acks = walked.acks.clone();
     tracked.frontier = Some(frontier);
-    tracked.walked = Some(walked);
-    Ok(acks)
+    tracked.walked = Some(Walked { version, ..walked });
+    Ok(())
 }
 
 /// How a state reached a remote cluster.
