@@ -1241,7 +1241,14 @@ impl Subscription {
                 || (!ack_set.is_empty()
                     && batch_acks::is_complete(&batch_acks::from_wire(&ack_set)));
             if is_marker || covered_elsewhere {
-                if let Err(error) = self.log.acknowledge(&self.cursor, &[position]) {
+                // What other clusters' states cover (with what was acknowledged here in part)
+                // is theirs to tell: mirrored, as the sync's applications.
+                let kind = if is_marker {
+                    ChangeKind::Own
+                } else {
+                    ChangeKind::Mirrored
+                };
+                if let Err(error) = self.log.acknowledge_as(&self.cursor, &[position], kind) {
                     tracing::error!(topic = %self.topic, %error, "acknowledging a marker or an entry acknowledged in another cluster failed");
                 }
                 continue;

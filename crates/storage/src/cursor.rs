@@ -75,8 +75,8 @@ pub(crate) struct CursorSlot {
 
 /// Who a change to a cursor is for, as [`Log::cursor_versioned`] tells them apart: the
 /// cursor's own users (consumers, seeks, expiry, an operator), or a copy of acknowledgements
-/// made elsewhere (another cluster's, mirrored by replicated-subscription sync), which a caller
-/// that mirrors them back out does not need to notice.
+/// made elsewhere (another cluster's, mirrored by replicated-subscription sync, and that sync's
+/// notes about them), which a caller that mirrors them back out does not need to notice.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ChangeKind {
     Own,

@@ -222,7 +222,9 @@ fn note_local_stored_from(log: &Log, cursor: &str, first: Position) -> Result<()
         LOCAL_STORED_FROM_PROPERTY.to_string(),
         format!("{}:{}", first.ledger_id, first.entry_id),
     );
-    log.set_cursor_properties(cursor, properties)?;
+    // The sync's own note, not a change of what was acknowledged: the walk that made it need
+    // not run again for it.
+    log.set_cursor_properties_as(cursor, properties, ChangeKind::Mirrored)?;
     Ok(())
 }
 
@@ -1394,29 +1396,9 @@ async fn run(
             let Some(body) = body else {
                 continue;
             };
-            let mut settled = Some(Settled {
-                seq: body.seq.unwrap_or_default(),
-                until: Vec::with_capacity(targets.len()),
-            });
-            for remote in &targets {
+            let settled = settle(entry, &body, &targets);
+            for (remote, confirmed) in targets.iter().zip(settled) {
                 let key = (cursor.clone(), remote.name.clone());
-                let confirmed_until = entry
-                    .sent
-                    .get(&remote.name)
-                    .filter(|(state, _)| *state == body)
-                    .map(|(_, at)| *at + RESEND_UNCHANGED_AFTER)
-                    .filter(|until| Instant::now() < *until);
-                let confirmed = match confirmed_until {
-                    Some(until) => Some(Some(until)),
-                    None => only_repeats_remote(entry, &remote.name, &body).then_some(None),
-                };
-                match (&mut settled, confirmed) {
-                    (Some(settled), Some(until)) => {
-                        settled.until.push((remote.name.clone(), until))
-                    }
-                    _ => settled = None,
-                }
-                let confirmed = confirmed.is_some();
                 let waiting = update_status(&sending, &key, |status| {
                     if confirmed {
                         status.unsent_since_ms = None;
@@ -1446,7 +1428,6 @@ async fn run(
                     });
                 });
             }
-            entry.settled = settled;
         }
         idle = replicated.is_empty();
         applied_on_receipt
@@ -1466,6 +1447,39 @@ async fn run(
             });
         drop(topic);
     }
+}
+
+/// Per target, whether `body` needs no post to it: it confirmed this state less than
+/// [`RESEND_UNCHANGED_AFTER`] ago, or held all of it already. Notes in `entry` whether they all
+/// settled (so that the next ticks need not look again while the state stays the same).
+fn settle(entry: &mut Tracked, body: &SyncedAcks, targets: &[RemoteCluster]) -> Vec<bool> {
+    let now = Instant::now();
+    let mut settled = Some(Settled {
+        seq: body.seq.unwrap_or_default(),
+        until: Vec::with_capacity(targets.len()),
+    });
+    let verdicts = targets
+        .iter()
+        .map(|remote| {
+            let confirmed_until = entry
+                .sent
+                .get(&remote.name)
+                .filter(|(state, _)| state == body)
+                .map(|(_, at)| *at + RESEND_UNCHANGED_AFTER)
+                .filter(|until| now < *until);
+            let until = match confirmed_until {
+                Some(until) => Some(Some(until)),
+                None => only_repeats_remote(entry, &remote.name, body).then_some(None),
+            };
+            match (&mut settled, until) {
+                (Some(settled), Some(until)) => settled.until.push((remote.name.clone(), until)),
+                _ => settled = None,
+            }
+            until.is_some()
+        })
+        .collect();
+    entry.settled = settled;
+    verdicts
 }
 
 /// Whether `body` only repeats what the state `remote` sent (as last decoded here) says, so
@@ -3097,6 +3111,108 @@ mod tests {
             assert!(positions[2..]
                 .iter()
                 .all(|position| !cursor.is_acknowledged(*position)));
+        });
+    }
+
+    /// A receiver walks its subscription again only after changes of its own: what the one
+    /// cluster that sent states made it acknowledge is that cluster's own news (an echo, once
+    /// every target settled nothing is compared or sent), while an acknowledgement made here
+    /// after such applications is in the next state, and with states from two clusters the
+    /// walk runs at every change (what one sent reaches the others through this state).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_receiver_walks_again_after_its_own_changes_not_after_mirrored_ones() {
+        let directory = tempfile::tempdir().expect("tempdir");
+        let storage = relaxed_storage(&directory.path().join("storage"));
+        let broker = crate::broker::test_broker(directory.path(), storage);
+        let name = TopicName::parse("persistent://t/n/mirrored").expect("name");
+        let topic = broker.topic(&name, true).await.expect("topic");
+        let b = RemoteCluster {
+            name: "b".to_string(),
+            service_url: None,
+            broker_service_url: "pulsar://127.0.0.1:1".to_string(),
+            proxy_service_url: None,
+            auth_token: None,
+            tls: Default::default(),
+        };
+        tokio::task::block_in_place(|| {
+            let pending: Vec<_> = (0..10)
+                .map(|_| topic.log().append(entry(None), 1).expect("append"))
+                .collect();
+            let positions: Vec<Position> = pending
+                .into_iter()
+                .map(|append| append.wait().expect("durable"))
+                .collect();
+            let (applied, origins) = (Mutex::default(), Mutex::default());
+            let mut tracked = HashMap::new();
+            let remotes = [b];
+            let mut tick = |tracked: &mut HashMap<String, Tracked>| {
+                let (_, mut outgoing) = read_states(
+                    &topic,
+                    "standalone",
+                    &remotes,
+                    tracked,
+                    (&applied, &origins),
+                );
+                assert_eq!(outgoing.len(), 1, "one replicated subscription");
+                let Outgoing { body, targets, .. } = outgoing.remove(0);
+                // What the task's loop does with it: were no post needed, the state settles.
+                if let Some(body) = &body {
+                    let entry = tracked.get_mut("sub").expect("tracked");
+                    settle(entry, body, &targets);
+                }
+                body
+            };
+            let from_b = |below: usize, seq: u64| {
+                let state = state_from_b(positions[0], positions[below], None, seq);
+                receive(&topic, "sub", as_received(state.clone()), "standalone").expect("received");
+                state
+            };
+
+            // b's consumers acknowledged the first three: the first walk makes a state that
+            // only repeats b's, which b need not be sent.
+            let first = from_b(3, 1);
+            let walked = tick(&mut tracked).expect("the first tick walks");
+            assert!(replicated_subscriptions::only_repeats(&walked, &first));
+            assert!(tracked["sub"].settled.is_some(), "an echo settles");
+            // Then the first six: mirrored here, nothing to walk, compare or send.
+            from_b(6, 2);
+            assert_eq!(
+                topic.log().cursor("sub").expect("cursor").mark_delete,
+                Some(positions[5])
+            );
+            assert_eq!(tick(&mut tracked), None);
+
+            // A consumer here acknowledges the ninth: the next state says so.
+            topic
+                .log()
+                .acknowledge("sub", &[positions[8]])
+                .expect("acknowledged");
+            let own = tick(&mut tracked).expect("an own acknowledgement is walked");
+            let latest = state_from_b(positions[0], positions[6], None, 2);
+            assert!(
+                !replicated_subscriptions::only_repeats(&own, &latest),
+                "the acknowledgement made here is not in the state: {own:?}"
+            );
+            assert_eq!(
+                tick(&mut tracked),
+                Some(own.clone()),
+                "sent until confirmed"
+            );
+
+            // With a state from c as well, every change is walked again.
+            let from_c = SyncedAcks {
+                cluster: "c".to_string(),
+                ..state_from_b(positions[0], positions[1], None, 1)
+            };
+            receive(&topic, "sub", as_received(from_c), "standalone").expect("received");
+            tick(&mut tracked);
+            tracked.get_mut("sub").expect("tracked").settled = None;
+            from_b(7, 3);
+            let walked = tick(&mut tracked).expect("walked with two senders");
+            assert_ne!(
+                walked.acks, own.acks,
+                "b's seventh is not in the state: {walked:?}"
+            );
         });
     }
 
