@@ -3145,7 +3145,7 @@ mod tests {
             let (applied, origins) = (Mutex::default(), Mutex::default());
             let mut tracked = HashMap::new();
             let remotes = [b];
-            let mut tick = |tracked: &mut HashMap<String, Tracked>| {
+            let tick = |tracked: &mut HashMap<String, Tracked>| {
                 let (_, mut outgoing) = read_states(
                     &topic,
                     "standalone",
