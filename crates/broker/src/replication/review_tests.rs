@@ -466,3 +466,157 @@ fn the_seq_read_from_a_stored_state_is_the_decoded_one_in_every_layout() {
     let twice = format!(r#"{{"cluster":"b","acks":{acks},"seq":1,"seq":9}}"#);
     assert!(serde_json::from_str::<SyncedAcks>(&twice).is_err());
 }
+
+// Review 11: a receiver that walks again only after its own changes, and sends nothing once
+// every target settled on an unchanged state (`only_mirrored_since_walked`, `Tracked::settled`).
+
+use std::sync::Arc;
+
+use super::remote::RemoteCluster;
+use super::replicated_subscriptions::only_repeats;
+use super::subscription_sync::{receive, review_hooks::Ticks};
+use crate::topic::Topic;
+use crate::topic_name::TopicName;
+
+fn remote(name: &str) -> RemoteCluster {
+    RemoteCluster {
+        name: name.to_string(),
+        service_url: None,
+        broker_service_url: "pulsar://127.0.0.1:1".to_string(),
+        proxy_service_url: None,
+        auth_token: None,
+        tls: Default::default(),
+    }
+}
+
+/// `cluster`'s state for subscription `sub`: this cluster's entries below `below` acknowledged
+/// (stored there from `first`).
+fn state_from(cluster: &str, (first, below): (Position, Position), seq: u64) -> SyncedAcks {
+    let progress = OriginProgress {
+        acked_below: Some(below),
+        stored_from: Some(first),
+        ..Default::default()
+    };
+    SyncedAcks {
+        cluster: cluster.to_string(),
+        acks: OriginAcks {
+            origins: BTreeMap::from([("standalone".to_string(), progress)]),
+        },
+        reset_at: None,
+        seq: Some(seq),
+    }
+}
+
+fn deliver(topic: &Arc<Topic>, state: &SyncedAcks) {
+    let raw = serde_json::to_string(state).expect("encoded");
+    receive(topic, "sub", (state.clone(), raw), "standalone").expect("received");
+}
+
+/// Ten entries stored here, on a test broker's topic `name`.
+fn append_ten(topic: &Topic) -> Vec<Position> {
+    let pending: Vec<_> = (0..10)
+        .map(|_| {
+            let data =
+                meridian_wire::encode_entry(&metadata_of(None, false, &[]), b"x").expect("encode");
+            topic.log().append(data, 1).expect("append")
+        })
+        .collect();
+    pending
+        .into_iter()
+        .map(|append| append.wait().expect("durable"))
+        .collect()
+}
+
+/// b's acknowledgements go back without a reset (its subscription deleted and created again,
+/// or b rebuilt from an empty data directory and this cluster's entries sent to it again):
+/// b's new state no longer holds what its consumers acknowledged before, which this cluster
+/// mirrored. This cluster must tell b again (as it did before receivers skipped walks: its
+/// state no longer only repeats b's), or b's consumers get those messages a second time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sender_whose_acknowledgements_went_back_is_told_them_again() {
+    let directory = tempfile::tempdir().expect("tempdir");
+    let config = StorageConfig {
+        flush_policy: FlushPolicy::RelaxedWriteOnly {
+            fsync_interval: Duration::from_secs(1),
+        },
+        ..StorageConfig::default()
+    };
+    let storage = Storage::open(&directory.path().join("storage"), config).expect("storage");
+    let broker = crate::broker::test_broker(directory.path(), storage);
+    let name = TopicName::parse("persistent://t/n/went-back").expect("name");
+    let topic = broker.topic(&name, true).await.expect("topic");
+    tokio::task::block_in_place(|| {
+        let positions = append_ten(&topic);
+        let remotes = [remote("b")];
+        let mut ticks = Ticks::default();
+        // b's consumers acknowledged nothing yet: the subscription comes with b's first state.
+        deliver(&topic, &state_from("b", (positions[0], positions[0]), 1));
+        ticks.tick(&topic, &remotes, "sub");
+        // Then the first six, mirrored here: an echo of b's, nothing goes out.
+        let six = state_from("b", (positions[0], positions[6]), 2);
+        deliver(&topic, &six);
+        assert_eq!(
+            topic.log().cursor("sub").expect("cursor").mark_delete,
+            Some(positions[5])
+        );
+        let (body, _) = ticks.tick(&topic, &remotes, "sub");
+        assert!(body.is_none_or(|body| only_repeats(&body, &six)));
+        assert_eq!(ticks.tick(&topic, &remotes, "sub").0, None, "settled");
+
+        // b starts over: its next state acknowledges nothing.
+        let empty = state_from("b", (positions[0], positions[0]), 3);
+        deliver(&topic, &empty);
+        let body = (0..3)
+            .find_map(|_| ticks.tick(&topic, &remotes, "sub").0)
+            .expect("a state for b, which no longer holds the first six");
+        assert!(!only_repeats(&body, &empty), "not sent: {body:?}");
+        assert!(
+            only_repeats(&six, &body),
+            "the first six are not in the state: {body:?}"
+        );
+    });
+}
+
+/// A remote added after every target settled on an unchanged state gets it: settling holds
+/// for the targets it was made with only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_remote_added_after_the_state_settled_gets_it() {
+    let directory = tempfile::tempdir().expect("tempdir");
+    let config = StorageConfig {
+        flush_policy: FlushPolicy::RelaxedWriteOnly {
+            fsync_interval: Duration::from_secs(1),
+        },
+        ..StorageConfig::default()
+    };
+    let storage = Storage::open(&directory.path().join("storage"), config).expect("storage");
+    let broker = crate::broker::test_broker(directory.path(), storage);
+    let name = TopicName::parse("persistent://t/n/added").expect("name");
+    let topic = broker.topic(&name, true).await.expect("topic");
+    tokio::task::block_in_place(|| {
+        let positions = append_ten(&topic);
+        let mut ticks = Ticks::default();
+        let six = state_from("b", (positions[0], positions[6]), 1);
+        deliver(&topic, &six);
+        // A consumer here acknowledged the ninth; b confirmed the state that says so.
+        topic
+            .log()
+            .acknowledge("sub", &[positions[8]])
+            .expect("acknowledged");
+        let (body, _) = ticks.tick(&topic, &[remote("b")], "sub");
+        let body = body.expect("the own acknowledgement goes to b");
+        ticks.confirm("sub", "b", body.clone(), Duration::ZERO);
+        // The next tick finds it confirmed (settles), the one after has nothing to look at.
+        ticks.tick(&topic, &[remote("b")], "sub");
+        assert_eq!(ticks.tick(&topic, &[remote("b")], "sub").0, None);
+        // b sends more, mirrored here; then c joins.
+        deliver(&topic, &state_from("b", (positions[0], positions[7]), 2));
+        assert_eq!(ticks.tick(&topic, &[remote("b")], "sub").0, None);
+        let (body, targets) = ticks.tick(&topic, &[remote("b"), remote("c")], "sub");
+        assert_eq!(targets, ["b", "c"]);
+        let body = body.expect("c has not got the state");
+        assert!(
+            only_repeats(&six, &body),
+            "c would not learn b's acknowledgements: {body:?}"
+        );
+    });
+}

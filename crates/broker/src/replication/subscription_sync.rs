@@ -945,6 +945,16 @@ pub fn receive(
         properties.remove(crate::batch_acks::PROPERTY);
     }
     replicated_subscriptions::mark(&mut properties, true);
+    // A state that no longer covers the one it replaces (the sender's acknowledgements went
+    // back without a reset: its subscription deleted and created again, the cluster rebuilt)
+    // makes what this cluster mirrored from the older one news to the sender: a change of
+    // this subscription's own, so that the sync task walks again and tells it (skipping the
+    // walk is right only while the sender holds all it ever sent).
+    let went_back = properties.get(&key).is_some_and(|previous| {
+        serde_json::from_str::<SyncedAcks>(previous).map_or(true, |previous| {
+            !replicated_subscriptions::only_repeats(&previous, &acks)
+        })
+    });
     properties.insert(key.clone(), raw);
     properties.insert(
         format!("{RECEIVED_AT_PROPERTY_PREFIX}{}", acks.cluster),
@@ -966,7 +976,12 @@ pub fn receive(
         .filter_map(|(_, value)| serde_json::from_str(value).ok())
         .collect();
     all.push(acks);
-    log.set_cursor_properties_as(name, properties, ChangeKind::Mirrored)?;
+    let kind = if went_back {
+        ChangeKind::Own
+    } else {
+        ChangeKind::Mirrored
+    };
+    log.set_cursor_properties_as(name, properties, kind)?;
     if let Some(subscription) = topic.subscription(name) {
         // Its dispatcher acknowledges what the states cover instead of delivering it, also
         // for entries that arrive before the sync task's next tick.
@@ -1964,6 +1979,72 @@ fn http_agent() -> &'static crate::peer::PeerAgent {
                 .max_idle_connections_per_host(4)
         })
     })
+}
+
+/// What `review_tests` drives: one subscription's ticks as [`run`] takes them (no posts).
+#[cfg(test)]
+pub(super) mod review_hooks {
+    use super::*;
+
+    /// A sync task's memory between ticks.
+    #[derive(Default)]
+    pub(crate) struct Ticks {
+        tracked: HashMap<String, Tracked>,
+        applied: Mutex<AppliedOnReceipt>,
+        origins: Mutex<Origins>,
+    }
+
+    impl Ticks {
+        /// One tick for subscription `cursor`: its state and targets, and whether a body was
+        /// made (`None`: unchanged and settled). Settles it as the task's loop does.
+        pub(crate) fn tick(
+            &mut self,
+            topic: &Topic,
+            remotes: &[RemoteCluster],
+            cursor: &str,
+        ) -> (Option<SyncedAcks>, Vec<String>) {
+            let (_, outgoing) = read_states(
+                topic,
+                "standalone",
+                remotes,
+                &mut self.tracked,
+                (&self.applied, &self.origins),
+            );
+            let Some(Outgoing { body, targets, .. }) = outgoing
+                .into_iter()
+                .find(|outgoing| outgoing.cursor == cursor)
+            else {
+                return (None, Vec::new());
+            };
+            if let Some(body) = &body {
+                settle(
+                    self.tracked.get_mut(cursor).expect("tracked"),
+                    body,
+                    &targets,
+                );
+            }
+            (
+                body,
+                targets.into_iter().map(|remote| remote.name).collect(),
+            )
+        }
+
+        /// `remote` confirmed `body`, `ago` before now.
+        pub(crate) fn confirm(
+            &mut self,
+            cursor: &str,
+            remote: &str,
+            body: SyncedAcks,
+            ago: Duration,
+        ) {
+            let at = Instant::now().checked_sub(ago).expect("uptime");
+            self.tracked
+                .get_mut(cursor)
+                .expect("tracked")
+                .sent
+                .insert(remote.to_string(), (body, at));
+        }
+    }
 }
 
 #[cfg(test)]
