@@ -512,6 +512,22 @@ fn deliver(topic: &Arc<Topic>, state: &SyncedAcks) {
     receive(topic, "sub", (state.clone(), raw), "standalone").expect("received");
 }
 
+/// Topic `persistent://t/n/<name>` of a test broker (keep the directory and broker alive).
+async fn test_topic(name: &str) -> (tempfile::TempDir, Arc<crate::broker::Broker>, Arc<Topic>) {
+    let directory = tempfile::tempdir().expect("tempdir");
+    let config = StorageConfig {
+        flush_policy: FlushPolicy::RelaxedWriteOnly {
+            fsync_interval: Duration::from_secs(1),
+        },
+        ..StorageConfig::default()
+    };
+    let storage = Storage::open(directory.path().join("storage"), config).expect("storage");
+    let broker = crate::broker::test_broker(directory.path(), storage);
+    let name = TopicName::parse(&format!("persistent://t/n/{name}")).expect("name");
+    let topic = broker.topic(&name, true).await.expect("topic");
+    (directory, broker, topic)
+}
+
 /// Ten entries stored here, on a test broker's topic `name`.
 fn append_ten(topic: &Topic) -> Vec<Position> {
     let pending: Vec<_> = (0..10)
@@ -534,17 +550,7 @@ fn append_ten(topic: &Topic) -> Vec<Position> {
 /// state no longer only repeats b's), or b's consumers get those messages a second time.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sender_whose_acknowledgements_went_back_is_told_them_again() {
-    let directory = tempfile::tempdir().expect("tempdir");
-    let config = StorageConfig {
-        flush_policy: FlushPolicy::RelaxedWriteOnly {
-            fsync_interval: Duration::from_secs(1),
-        },
-        ..StorageConfig::default()
-    };
-    let storage = Storage::open(&directory.path().join("storage"), config).expect("storage");
-    let broker = crate::broker::test_broker(directory.path(), storage);
-    let name = TopicName::parse("persistent://t/n/went-back").expect("name");
-    let topic = broker.topic(&name, true).await.expect("topic");
+    let (_directory, _broker, topic) = test_topic("went-back").await;
     tokio::task::block_in_place(|| {
         let positions = append_ten(&topic);
         let remotes = [remote("b")];
@@ -581,17 +587,7 @@ async fn a_sender_whose_acknowledgements_went_back_is_told_them_again() {
 /// for the targets it was made with only.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_remote_added_after_the_state_settled_gets_it() {
-    let directory = tempfile::tempdir().expect("tempdir");
-    let config = StorageConfig {
-        flush_policy: FlushPolicy::RelaxedWriteOnly {
-            fsync_interval: Duration::from_secs(1),
-        },
-        ..StorageConfig::default()
-    };
-    let storage = Storage::open(&directory.path().join("storage"), config).expect("storage");
-    let broker = crate::broker::test_broker(directory.path(), storage);
-    let name = TopicName::parse("persistent://t/n/added").expect("name");
-    let topic = broker.topic(&name, true).await.expect("topic");
+    let (_directory, _broker, topic) = test_topic("added").await;
     tokio::task::block_in_place(|| {
         let positions = append_ten(&topic);
         let mut ticks = Ticks::default();
