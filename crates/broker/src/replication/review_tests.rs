@@ -616,3 +616,61 @@ async fn a_remote_added_after_the_state_settled_gets_it() {
         );
     });
 }
+
+/// Entries of a third cluster x (registered here, replicating here one way) arrive after the
+/// receiver's last walk, and b's consumers acknowledge them: the state now speaks of x's
+/// entries, so x is one of its targets (what b acknowledged reaches x through this cluster,
+/// as before receivers skipped walks), though nothing changed here but what b's state made
+/// this cluster acknowledge.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_third_clusters_entries_acknowledged_by_the_sender_make_it_a_target() {
+    let (_directory, _broker, topic) = test_topic("third").await;
+    tokio::task::block_in_place(|| {
+        topic
+            .set_replication(crate::topic::ReplicationPlan {
+                configured: Vec::new(),
+                remotes: Vec::new(),
+                partitions: None,
+                rate: None,
+                start_at_earliest: false,
+                earliest_remotes: Vec::new(),
+                registered: vec![remote("b"), remote("x")],
+            })
+            .expect("registered clusters");
+        let positions = append_ten(&topic);
+        let remotes = [remote("b")];
+        let mut ticks = Ticks::default();
+        deliver(&topic, &state_from("b", (positions[0], positions[0]), 1));
+        let (_, targets) = ticks.tick(&topic, &remotes, "sub");
+        assert_eq!(targets, ["b"]);
+        // x's first five entries arrive; b's consumers acknowledge them and all of this
+        // cluster's.
+        let from_x: Vec<Position> = (0..5)
+            .map(|index| {
+                let metadata = metadata_of(Some(("x", Position::new(7, index))), false, &[]);
+                let data = meridian_wire::encode_entry(&metadata, b"x").expect("encode");
+                let append = topic.log().append(data, 1).expect("append");
+                append.wait().expect("durable")
+            })
+            .collect();
+        let mut all = state_from("b", (positions[0], Position::new(u64::MAX, 0)), 2);
+        all.acks.origins.insert(
+            "x".to_string(),
+            OriginProgress {
+                acked_below: Some(Position::new(7, 5)),
+                stored_from: Some(Position::new(7, 0)),
+                ..Default::default()
+            },
+        );
+        deliver(&topic, &all);
+        assert_eq!(
+            topic.log().cursor("sub").expect("cursor").mark_delete,
+            from_x.last().copied(),
+            "b's state covers x's entries here"
+        );
+        let (body, targets) = ticks.tick(&topic, &remotes, "sub");
+        assert_eq!(targets, ["b", "x"], "state: {body:?}");
+        let body = body.expect("a state for x");
+        assert!(body.acks.origins.contains_key("x"), "{body:?}");
+    });
+}

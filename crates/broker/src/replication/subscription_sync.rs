@@ -1767,15 +1767,21 @@ fn only_mirrored_since_walked(
     let (Some(sender), None) = (senders.next(), senders.next()) else {
         return false;
     };
+    // A walk now would also speak of the origins whose entries the sender's state made this
+    // cluster acknowledge since (a third cluster's, which may not be among the last walk's):
+    // registered, they are targets too.
+    let Some((_, held)) = tracked.decoded.as_ref() else {
+        return false;
+    };
+    let origins = walked
+        .acks
+        .origins
+        .keys()
+        .chain(held.iter().flat_map(|held| held.acks.origins.keys()));
     let mut targets = remotes.iter().map(|remote| remote.name.as_str()).chain(
-        walked
-            .acks
-            .origins
-            .keys()
-            .map(String::as_str)
-            .filter(|origin| {
-                *origin != local_cluster && topic.registered_cluster(origin).is_some()
-            }),
+        origins.map(String::as_str).filter(|origin| {
+            *origin != local_cluster && topic.registered_cluster(origin).is_some()
+        }),
     );
     targets.all(|target| target == sender)
 }
