@@ -674,3 +674,45 @@ async fn a_third_clusters_entries_acknowledged_by_the_sender_make_it_a_target() 
         assert!(body.acks.origins.contains_key("x"), "{body:?}");
     });
 }
+
+/// A confirmation 30 s old no longer settles the state, also while the receiver skips its
+/// walks (only b's states change here): the state goes to b again (the resend that gives a
+/// cluster that lost it its state back), with this cluster's own acknowledgement in it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_state_confirmed_30_s_ago_is_sent_again_while_walks_are_skipped() {
+    let (_directory, _broker, topic) = test_topic("resend").await;
+    tokio::task::block_in_place(|| {
+        let positions = append_ten(&topic);
+        let remotes = [remote("b")];
+        let mut ticks = Ticks::default();
+        deliver(&topic, &state_from("b", (positions[0], positions[3]), 1));
+        topic
+            .log()
+            .acknowledge("sub", &[positions[8]])
+            .expect("acknowledged");
+        let (body, _) = ticks.tick(&topic, &remotes, "sub");
+        let body = body.expect("the own acknowledgement goes to b");
+        // Confirmed 29 s ago: settled for about a second more.
+        ticks.confirm("sub", "b", body.clone(), Duration::from_secs(29));
+        ticks.tick(&topic, &remotes, "sub");
+        assert_eq!(ticks.tick(&topic, &remotes, "sub").0, None, "settled");
+        // b's consumers go on (mirrored here, no walk) until the confirmation is 30 s old.
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        let mut seq = 2;
+        let again = loop {
+            // Growing, then the same (never going back: that alone would make it walk).
+            let below = (3 + seq as usize).min(7);
+            deliver(
+                &topic,
+                &state_from("b", (positions[0], positions[below]), seq),
+            );
+            seq += 1;
+            if let (Some(again), _) = ticks.tick(&topic, &remotes, "sub") {
+                break again;
+            }
+            assert!(std::time::Instant::now() < deadline, "never sent again");
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        assert!(only_repeats(&body, &again), "{again:?}");
+    });
+}
