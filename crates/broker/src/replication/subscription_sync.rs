@@ -3058,6 +3058,17 @@ mod tests {
         from_b(origins, reset_at, Some(seq))
     }
 
+    /// Appends `count` entries of this cluster's own to `topic`; returns their positions.
+    fn append_own(topic: &Topic, count: usize) -> Vec<Position> {
+        let pending: Vec<_> = (0..count)
+            .map(|_| topic.log().append(entry(None), 1).expect("append"))
+            .collect();
+        pending
+            .into_iter()
+            .map(|append| append.wait().expect("durable"))
+            .collect()
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_state_a_reset_dropped_while_it_was_being_applied_acknowledges_nothing() {
         let directory = tempfile::tempdir().expect("tempdir");
@@ -3067,13 +3078,7 @@ mod tests {
         let topic = broker.topic(&name, true).await.expect("topic");
         // The sync's work runs on blocking threads.
         tokio::task::block_in_place(|| {
-            let pending: Vec<_> = (0..10)
-                .map(|_| topic.log().append(entry(None), 1).expect("append"))
-                .collect();
-            let positions: Vec<Position> = pending
-                .into_iter()
-                .map(|append| append.wait().expect("durable"))
-                .collect();
+            let positions = append_own(&topic, 10);
             // b's consumers acknowledged all ten.
             let after_last = Position::new(positions[9].ledger_id, positions[9].entry_id + 1);
             let everything = state_from_b(positions[0], after_last, None, 1);
@@ -3135,13 +3140,7 @@ mod tests {
             tls: Default::default(),
         };
         tokio::task::block_in_place(|| {
-            let pending: Vec<_> = (0..10)
-                .map(|_| topic.log().append(entry(None), 1).expect("append"))
-                .collect();
-            let positions: Vec<Position> = pending
-                .into_iter()
-                .map(|append| append.wait().expect("durable"))
-                .collect();
+            let positions = append_own(&topic, 10);
             let (applied, origins) = (Mutex::default(), Mutex::default());
             let mut tracked = HashMap::new();
             let remotes = [b];
