@@ -1571,7 +1571,7 @@ fn read_states(
                     }
                     let walked = walk(topic, (&cursor, seen, version), local_cluster, entry, map);
                     refresh_received(seen, entry);
-                    walked.map(|()| false)
+                    walked
                 }
                 None => Err(BrokerError::SubscriptionNotFound {
                     topic: topic.log().name().to_string(),
@@ -1766,7 +1766,8 @@ fn only_mirrored_since_walked(
 }
 
 /// The subscription's state in origin coordinates, into `tracked.walked`; walks again only
-/// when the cursor moved, reading from the log only entries no walk read before.
+/// when the cursor moved, reading from the log only entries no walk read before. Returns
+/// whether the state is the last walk's.
 /// `state`: the cursor as read at once (with the received states it held), and its version.
 fn walk(
     topic: &Topic,
@@ -1774,7 +1775,7 @@ fn walk(
     local_cluster: &str,
     tracked: &mut Tracked,
     map: &mut OriginMap,
-) -> Result<()> {
+) -> Result<bool> {
     let log = topic.log();
     if let Some(walked) = &mut tracked.walked {
         if walked.mark_delete == state.mark_delete
@@ -1782,7 +1783,7 @@ fn walk(
             && walked.partial == batch_acks::decode(&state.properties)
         {
             walked.version = version;
-            return Ok(());
+            return Ok(true);
         }
     }
     let local_from = local_stored_from(state);
@@ -1806,7 +1807,7 @@ fn walk(
     }
     tracked.frontier = Some(frontier);
     tracked.walked = Some(Walked { version, ..walked });
-    Ok(())
+    Ok(false)
 }
 
 /// How a state reached a remote cluster.
