@@ -1586,7 +1586,7 @@ fn read_states(
                     }
                     let walked = walk(topic, (&cursor, seen, version), local_cluster, entry, map);
                     refresh_received(seen, entry);
-                    walked.map(|()| false)
+                    walked
                 }
                 None => Err(BrokerError::SubscriptionNotFound {
                     topic: topic.log().name().to_string(),
@@ -1787,7 +1787,8 @@ fn only_mirrored_since_walked(
 }
 
 /// The subscription's state in origin coordinates, into `tracked.walked`; walks again only
-/// when the cursor moved, reading from the log only entries no walk read before.
+/// when the cursor moved, reading from the log only entries no walk read before. Returns
+/// whether the state is the last walk's.
 /// `state`: the cursor as read at once (with the received states it held), and its version.
 fn walk(
     topic: &Topic,
@@ -1795,7 +1796,7 @@ fn walk(
     local_cluster: &str,
     tracked: &mut Tracked,
     map: &mut OriginMap,
-) -> Result<()> {
+) -> Result<bool> {
     let log = topic.log();
     if let Some(walked) = &mut tracked.walked {
         if walked.mark_delete == state.mark_delete
@@ -1803,7 +1804,7 @@ fn walk(
             && walked.partial == batch_acks::decode(&state.properties)
         {
             walked.version = version;
-            return Ok(());
+            return Ok(true);
         }
     }
     let local_from = local_stored_from(state);
@@ -1827,7 +1828,7 @@ fn walk(
     }
     tracked.frontier = Some(frontier);
     tracked.walked = Some(Walked { version, ..walked });
-    Ok(())
+    Ok(false)
 }
 
 /// How a state reached a remote cluster.
@@ -3145,6 +3146,17 @@ mod tests {
         from_b(origins, reset_at, Some(seq))
     }
 
+    /// Appends `count` entries of this cluster's own to `topic`; returns their positions.
+    fn append_own(topic: &Topic, count: usize) -> Vec<Position> {
+        let pending: Vec<_> = (0..count)
+            .map(|_| topic.log().append(entry(None), 1).expect("append"))
+            .collect();
+        pending
+            .into_iter()
+            .map(|append| append.wait().expect("durable"))
+            .collect()
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_state_a_reset_dropped_while_it_was_being_applied_acknowledges_nothing() {
         let directory = tempfile::tempdir().expect("tempdir");
@@ -3154,13 +3166,7 @@ mod tests {
         let topic = broker.topic(&name, true).await.expect("topic");
         // The sync's work runs on blocking threads.
         tokio::task::block_in_place(|| {
-            let pending: Vec<_> = (0..10)
-                .map(|_| topic.log().append(entry(None), 1).expect("append"))
-                .collect();
-            let positions: Vec<Position> = pending
-                .into_iter()
-                .map(|append| append.wait().expect("durable"))
-                .collect();
+            let positions = append_own(&topic, 10);
             // b's consumers acknowledged all ten.
             let after_last = Position::new(positions[9].ledger_id, positions[9].entry_id + 1);
             let everything = state_from_b(positions[0], after_last, None, 1);
@@ -3222,13 +3228,7 @@ mod tests {
             tls: Default::default(),
         };
         tokio::task::block_in_place(|| {
-            let pending: Vec<_> = (0..10)
-                .map(|_| topic.log().append(entry(None), 1).expect("append"))
-                .collect();
-            let positions: Vec<Position> = pending
-                .into_iter()
-                .map(|append| append.wait().expect("durable"))
-                .collect();
+            let positions = append_own(&topic, 10);
             let (applied, origins) = (Mutex::default(), Mutex::default());
             let mut tracked = HashMap::new();
             let remotes = [b];
