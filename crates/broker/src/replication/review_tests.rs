@@ -716,3 +716,31 @@ async fn a_state_confirmed_30_s_ago_is_sent_again_while_walks_are_skipped() {
         assert!(only_repeats(&body, &again), "{again:?}");
     });
 }
+
+/// As [`a_sender_whose_acknowledgements_went_back_is_told_them_again`], with the receiver's
+/// walk after b's acknowledgements were mirrored here: the walk that b's going back causes
+/// finds the cursor as the last one saw it, and the state is still an echo of b's older state
+/// only, no longer of what b holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sender_whose_acknowledgements_went_back_after_the_walk_is_told_them_again() {
+    let (_directory, _broker, topic) = test_topic("went-back-walked").await;
+    tokio::task::block_in_place(|| {
+        let positions = append_ten(&topic);
+        let remotes = [remote("b")];
+        let mut ticks = Ticks::default();
+        let six = state_from("b", (positions[0], positions[6]), 1);
+        deliver(&topic, &six);
+        let (body, _) = ticks.tick(&topic, &remotes, "sub");
+        let body = body.expect("the first tick walks");
+        assert!(only_repeats(&body, &six), "an echo: {body:?}");
+        assert_eq!(ticks.tick(&topic, &remotes, "sub").0, None, "settled");
+
+        let empty = state_from("b", (positions[0], positions[0]), 2);
+        deliver(&topic, &empty);
+        let body = (0..3)
+            .find_map(|_| ticks.tick(&topic, &remotes, "sub").0)
+            .expect("a state for b, which no longer holds the first six");
+        assert!(!only_repeats(&body, &empty), "not sent: {body:?}");
+        assert!(only_repeats(&six, &body), "{body:?}");
+    });
+}

@@ -1241,20 +1241,29 @@ struct Tracked {
 #[derive(Debug, Clone)]
 struct Settled {
     seq: u64,
+    /// The cursor's version when it settled: a target that held all of the state settled
+    /// only until the subscription's next own change (see `receive`: a sender whose state went
+    /// back no longer holds it).
+    version: u64,
     /// Per target, until when it stands (`None`: the target held all of the state itself).
     until: Vec<(String, Option<Instant>)>,
 }
 
 impl Tracked {
-    /// Whether every one of `targets` settled on the state `seq` and still stands by it.
-    fn settled_with(&self, seq: u64, targets: &[RemoteCluster]) -> bool {
+    /// Whether every one of `targets` settled on the state `seq` and still stands by it, the
+    /// cursor at `version`.
+    fn settled_with(&self, (seq, version): (u64, u64), targets: &[RemoteCluster]) -> bool {
         let now = Instant::now();
         self.settled.as_ref().is_some_and(|settled| {
             settled.seq == seq
                 && settled.until.len() == targets.len()
                 && targets.iter().all(|target| {
                     settled.until.iter().any(|(name, until)| {
-                        *name == target.name && until.is_none_or(|until| now < until)
+                        *name == target.name
+                            && match until {
+                                Some(until) => now < *until,
+                                None => settled.version == version,
+                            }
                     })
                 })
         })
@@ -1471,6 +1480,7 @@ fn settle(entry: &mut Tracked, body: &SyncedAcks, targets: &[RemoteCluster]) -> 
     let now = Instant::now();
     let mut settled = Some(Settled {
         seq: body.seq.unwrap_or_default(),
+        version: entry.walked.as_ref().map_or(0, |walked| walked.version),
         until: Vec::with_capacity(targets.len()),
     });
     let verdicts = targets
@@ -1615,7 +1625,7 @@ fn read_states(
         let targets = targets(topic, remotes, &walked.acks, local_cluster);
         let seq = entry.seq_for(&walked.acks, reset_at);
         // The state every target settled on, unchanged: nothing to compare or send.
-        let settled = unchanged && entry.settled_with(seq, &targets);
+        let settled = unchanged && entry.settled_with((seq, walked.version), &targets);
         let body = (!settled).then(|| SyncedAcks {
             cluster: local_cluster.to_string(),
             acks: walked.acks.clone(),
