@@ -950,11 +950,18 @@ pub fn receive(
     // makes what this cluster mirrored from the older one news to the sender: a change of
     // this subscription's own, so that the sync task walks again and tells it (skipping the
     // walk is right only while the sender holds all it ever sent).
+    // (The previous state as this broker last received it, else decoded from the cursor.)
+    let sync = topic.subscription_sync();
     let went_back = properties.get(&key).is_some_and(|previous| {
-        serde_json::from_str::<SyncedAcks>(previous).map_or(true, |previous| {
-            !replicated_subscriptions::only_repeats(&previous, &acks)
-        })
+        let previous = sync
+            .as_ref()
+            .and_then(|sync| sync.take_last_received(name, &acks.cluster, stored_seq))
+            .or_else(|| serde_json::from_str::<SyncedAcks>(previous).ok());
+        previous.is_none_or(|previous| !replicated_subscriptions::only_repeats(&previous, &acks))
     });
+    if let Some(sync) = &sync {
+        sync.note_last_received(name, acks.clone());
+    }
     properties.insert(key.clone(), raw);
     properties.insert(
         format!("{RECEIVED_AT_PROPERTY_PREFIX}{}", acks.cluster),
@@ -1041,6 +1048,9 @@ pub struct SubscriptionSync {
     /// topic has a replicated subscription (`recording`).
     written: Mutex<Written>,
     recording: AtomicBool,
+    /// By (subscription, sending cluster), the state last received, decoded (so that the
+    /// next one is compared with it without decoding it again from the cursor).
+    last_received: Mutex<HashMap<(String, String), SyncedAcks>>,
 }
 
 /// Runs `f` with the origin map of subscription `name`, after every map of the topic learned
@@ -1101,7 +1111,31 @@ impl SubscriptionSync {
             origins,
             written: Mutex::new(Written::default()),
             recording: AtomicBool::new(false),
+            last_received: Mutex::default(),
         }
+    }
+
+    /// Takes the state last received from `cluster` for `subscription` if it is the one with
+    /// `seq` (the one its cursor holds).
+    fn take_last_received(
+        &self,
+        subscription: &str,
+        cluster: &str,
+        seq: Option<u64>,
+    ) -> Option<SyncedAcks> {
+        let mut last = self
+            .last_received
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        last.remove(&(subscription.to_string(), cluster.to_string()))
+            .filter(|state| seq.is_some() && state.seq == seq)
+    }
+
+    fn note_last_received(&self, subscription: &str, state: SyncedAcks) {
+        self.last_received
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .insert((subscription.to_string(), state.cluster.clone()), state);
     }
 
     /// Notes that the replicated entry from `origin` was just appended at `position` (called
