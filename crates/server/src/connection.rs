@@ -453,7 +453,7 @@ impl Connection {
     }
 
     /// Encodes `command` at once and returns the future that queues it: an `async fn` would
-    /// keep the `BaseCommand` (several KiB) in its state, and so in every handler's future that
+    /// keep the `BaseCommand` (about 1 KiB) in its state, and so in every handler's future that
     /// awaits it, which is moved whole for every frame (issue 16). Callers bind the returned
     /// future in a statement of its own (`let sending = self.send_command(…); sending.await;`):
     /// written as one statement, the `BaseCommand` temporary would live across the await.
@@ -463,10 +463,10 @@ impl Connection {
 
     async fn success(&self, request_id: u64) {
         let sending = self.send_command(BaseCommand {
-            success: Some(CommandSuccess {
+            success: Some(Box::new(CommandSuccess {
                 request_id,
                 schema: None,
-            }),
+            })),
             ..command(Type::Success)
         });
         sending.await;
@@ -474,11 +474,11 @@ impl Connection {
 
     async fn error(&self, request_id: u64, error: ServerError, message: impl Into<String>) {
         let sending = self.send_command(BaseCommand {
-            error: Some(CommandError {
+            error: Some(Box::new(CommandError {
                 request_id,
                 error: error as i32,
                 message: message.into(),
-            }),
+            })),
             ..command(Type::Error)
         });
         sending.await;
@@ -569,8 +569,9 @@ impl Connection {
     /// take them). SEND and pings are handled here, the others in [`Self::handle_other`]
     /// behind a box: this future is created for every frame, and its size is the union of
     /// what the handlers it awaits keep across their awaits — with every handler and a
-    /// `BaseCommand` (several KiB) held by value in it, creating it cost a memmove of that size
-    /// per frame, a third of the broker's CPU per delivered message (issue 16).
+    /// `BaseCommand` (4 KiB before its large commands were boxed) held by value in it, creating
+    /// it cost a memmove of that size per frame, a third of the broker's CPU per delivered
+    /// message (issue 16).
     async fn handle(&mut self, frame: Frame) -> Result<(), Close> {
         let kind = command_type(frame.command());
         if self.protocol_version.is_none() && kind != Some(Type::Connect) {
@@ -617,14 +618,14 @@ impl Connection {
                     partitioned_metadata: Some(request),
                     ..
                 },
-            ) => self.handle_partitioned_metadata(request).await,
+            ) => self.handle_partitioned_metadata(*request).await,
             (
                 Some(Type::Lookup),
                 BaseCommand {
                     lookup: Some(request),
                     ..
                 },
-            ) => self.handle_lookup(request).await,
+            ) => self.handle_lookup(*request).await,
             (Some(Type::Producer), base) => self.handle_producer(base).await,
             (
                 Some(Type::CloseProducer),
@@ -632,7 +633,7 @@ impl Connection {
                     close_producer: Some(request),
                     ..
                 },
-            ) => self.handle_close_producer(request).await,
+            ) => self.handle_close_producer(*request).await,
             (
                 Some(Type::Subscribe),
                 BaseCommand {
@@ -640,7 +641,7 @@ impl Connection {
                     ..
                 },
             ) => {
-                self.handle_subscribe(request).await;
+                self.handle_subscribe(*request).await;
                 Ok(())
             }
             (
@@ -649,7 +650,10 @@ impl Connection {
                     redeliver_unacknowledged_messages: Some(request),
                     ..
                 },
-            ) => self.handle_redeliver_unacknowledged_messages(request).await,
+            ) => {
+                self.handle_redeliver_unacknowledged_messages(*request)
+                    .await
+            }
             (
                 Some(Type::Unsubscribe),
                 BaseCommand {
@@ -663,14 +667,14 @@ impl Connection {
                     close_consumer: Some(request),
                     ..
                 },
-            ) => self.handle_close_consumer(request).await,
+            ) => self.handle_close_consumer(*request).await,
             (
                 Some(Type::Seek),
                 BaseCommand {
                     seek: Some(request),
                     ..
                 },
-            ) => self.handle_seek(request).await,
+            ) => self.handle_seek(*request).await,
             (
                 Some(Type::GetLastMessageId),
                 BaseCommand {
@@ -684,21 +688,21 @@ impl Connection {
                     get_topics_of_namespace: Some(request),
                     ..
                 },
-            ) => self.handle_get_topics_of_namespace(request).await,
+            ) => self.handle_get_topics_of_namespace(*request).await,
             (
                 Some(Type::GetSchema),
                 BaseCommand {
                     get_schema: Some(request),
                     ..
                 },
-            ) => self.handle_get_schema(request).await,
+            ) => self.handle_get_schema(*request).await,
             (
                 Some(Type::GetOrCreateSchema),
                 BaseCommand {
                     get_or_create_schema: Some(request),
                     ..
                 },
-            ) => self.handle_get_or_create_schema(request).await,
+            ) => self.handle_get_or_create_schema(*request).await,
             (Some(Type::AuthResponse), base) => self.handle_auth_response(base).await,
             (
                 Some(Type::ReplicatedSubscriptionState),
@@ -712,7 +716,7 @@ impl Connection {
                 match self.authorize_replication("REPLICATED_SUBSCRIPTION_STATE", &request.topic) {
                     Ok(()) => {
                         let (broker, outbound) = (self.broker.clone(), self.outbound.clone());
-                        received_state::take_command(broker, request, outbound).await;
+                        received_state::take_command(broker, *request, outbound).await;
                     }
                     Err(reason) => {
                         let refusal = received_state::refusal(
@@ -775,7 +779,7 @@ impl Connection {
             },
         };
         let sending = self.send_command(BaseCommand {
-            partitioned_metadata_response: Some(response),
+            partitioned_metadata_response: Some(Box::new(response)),
             ..command(Type::PartitionedMetadataResponse)
         });
         sending.await;
@@ -820,7 +824,7 @@ impl Connection {
             },
         };
         let sending = self.send_command(BaseCommand {
-            lookup_response: Some(response),
+            lookup_response: Some(Box::new(response)),
             ..command(Type::LookupResponse)
         });
         sending.await;
@@ -845,10 +849,10 @@ impl Connection {
         drop(receipts);
         let outbound = self.outbound.clone();
         let success = command_frame(&BaseCommand {
-            success: Some(CommandSuccess {
+            success: Some(Box::new(CommandSuccess {
                 request_id: request.request_id,
                 schema: None,
-            }),
+            })),
             ..command(Type::Success)
         });
         tokio::spawn(async move {
@@ -996,11 +1000,11 @@ impl Connection {
                 ..Default::default()
             });
         let sending = self.send_command(BaseCommand {
-            get_last_message_id_response: Some(CommandGetLastMessageIdResponse {
+            get_last_message_id_response: Some(Box::new(CommandGetLastMessageIdResponse {
                 last_message_id,
                 request_id: request.request_id,
                 consumer_mark_delete_position: mark_delete,
-            }),
+            })),
             ..command(Type::GetLastMessageIdResponse)
         });
         sending.await;
@@ -1019,13 +1023,15 @@ impl Connection {
         match self.broker.topics_of_namespace(&request.namespace) {
             Ok(topics) => {
                 self.send_command(BaseCommand {
-                    get_topics_of_namespace_response: Some(CommandGetTopicsOfNamespaceResponse {
-                        request_id: request.request_id,
-                        topics,
-                        filtered: Some(false),
-                        topics_hash: None,
-                        changed: Some(true),
-                    }),
+                    get_topics_of_namespace_response: Some(Box::new(
+                        CommandGetTopicsOfNamespaceResponse {
+                            request_id: request.request_id,
+                            topics,
+                            filtered: Some(false),
+                            topics_hash: None,
+                            changed: Some(true),
+                        },
+                    )),
                     ..command(Type::GetTopicsOfNamespaceResponse)
                 })
                 .await
@@ -1064,7 +1070,7 @@ impl Connection {
             },
         };
         let sending = self.send_command(BaseCommand {
-            get_schema_response: Some(response),
+            get_schema_response: Some(Box::new(response)),
             ..command(Type::GetSchemaResponse)
         });
         sending.await;
@@ -1095,7 +1101,7 @@ impl Connection {
             },
         };
         let sending = self.send_command(BaseCommand {
-            get_or_create_schema_response: Some(response),
+            get_or_create_schema_response: Some(Box::new(response)),
             ..command(Type::GetOrCreateSchemaResponse)
         });
         sending.await;
@@ -1118,7 +1124,7 @@ impl Connection {
         self.client_version = truncated(&connect.client_version, CLIENT_NAME_MAX_BYTES);
         tracing::debug!(peer = %self.peer, client = %connect.client_version, version, "client connected");
         let sending = self.send_command(BaseCommand {
-            connected: Some(CommandConnected {
+            connected: Some(Box::new(CommandConnected {
                 server_version: SERVER_VERSION.into(),
                 protocol_version: Some(version),
                 max_message_size: Some(self.broker.config().max_message_size as i32),
@@ -1137,7 +1143,7 @@ impl Connection {
                     ),
                     ..Default::default()
                 }),
-            }),
+            })),
             ..command(Type::Connected)
         });
         sending.await;
@@ -1167,7 +1173,7 @@ impl Connection {
                     ..Default::default()
                 };
                 let sending = self.send_command(BaseCommand {
-                    producer_success: Some(response),
+                    producer_success: Some(Box::new(response)),
                     ..command(Type::ProducerSuccess)
                 });
                 sending.await;
@@ -1306,14 +1312,14 @@ impl Connection {
             },
         );
         let success = |ready: bool| BaseCommand {
-            producer_success: Some(CommandProducerSuccess {
+            producer_success: Some(Box::new(CommandProducerSuccess {
                 request_id: request.request_id,
                 producer_name: grant.name.clone(),
                 last_sequence_id: Some(grant.last_sequence_id),
                 schema_version: schema_version.clone().map(Into::into),
                 topic_epoch: None,
                 producer_ready: Some(ready),
-            }),
+            })),
             ..command(Type::ProducerSuccess)
         };
         match grant.ready {
@@ -1339,12 +1345,12 @@ impl Connection {
     ) -> Result<(), Close> {
         let Some(producer) = self.producers.get(&send.producer_id) else {
             let sending = self.send_command(BaseCommand {
-                send_error: Some(CommandSendError {
+                send_error: Some(Box::new(CommandSendError {
                     producer_id: send.producer_id,
                     sequence_id: send.sequence_id,
                     error: ServerError::NotAllowedError as i32,
                     message: "no producer with this id on this connection".into(),
-                }),
+                })),
                 ..command(Type::SendError)
             });
             sending.await;
@@ -1699,13 +1705,13 @@ impl Connection {
             Err((error, message)) => (Some(error as i32), Some(message)),
         };
         Some(command_frame(&BaseCommand {
-            ack_response: Some(CommandAckResponse {
+            ack_response: Some(Box::new(CommandAckResponse {
                 consumer_id: request.consumer_id,
                 error,
                 message,
                 request_id: Some(request_id),
                 ..Default::default()
-            }),
+            })),
             ..command(Type::AckResponse)
         }))
     }
@@ -1891,12 +1897,12 @@ fn send_error(
     message: String,
 ) -> BaseCommand {
     BaseCommand {
-        send_error: Some(CommandSendError {
+        send_error: Some(Box::new(CommandSendError {
             producer_id,
             sequence_id,
             error: error as i32,
             message,
-        }),
+        })),
         ..command(Type::SendError)
     }
 }
