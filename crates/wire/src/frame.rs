@@ -16,7 +16,7 @@ use prost::Message;
 
 use crate::entry::{parse_entry, ParsedEntry};
 use crate::error::FrameError;
-use crate::proto::{base_command, BaseCommand};
+use crate::proto::{base_command, BaseCommand, CommandAck};
 use crate::read;
 
 /// Bytes of the `total_size` field that starts every frame.
@@ -178,6 +178,108 @@ pub fn decode_frame(
             parse_frame(frame).map(Some)
         }
     }
+}
+
+/// What [`decode_frame_or_ack`] takes off a read buffer.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Decoded {
+    /// A frame whose command is an ACK and nothing else, the shape every client sends.
+    Ack(CommandAck),
+    /// Any other frame, as [`decode_frame`] returns it.
+    Frame(Frame),
+}
+
+impl Decoded {
+    /// As a [`Frame`] (an ACK in its `BaseCommand`).
+    pub fn into_frame(self) -> Frame {
+        match self {
+            Decoded::Ack(ack) => Frame::Simple(Box::new(BaseCommand {
+                r#type: base_command::Type::Ack as i32,
+                ack: Some(ack),
+                ..BaseCommand::default()
+            })),
+            Decoded::Frame(frame) => frame,
+        }
+    }
+}
+
+/// [`decode_frame`] for a broker: an ACK frame (one per acknowledged message from many
+/// clients, so the most common frame a broker reads) comes back as its `CommandAck` alone,
+/// decoded without building and dropping a `BaseCommand` around it (issue 16). The result is
+/// what [`decode_frame`] would give: any frame that is not exactly a command type of ACK and
+/// one ACK body, or whose ACK does not decode, goes through [`parse_frame`].
+pub fn decode_frame_or_ack(
+    buffer: &mut BytesMut,
+    max_frame_size: usize,
+) -> Result<Option<Decoded>, FrameError> {
+    match check_frame(buffer, max_frame_size)? {
+        FrameCheck::Incomplete { .. } => Ok(None),
+        FrameCheck::Complete { frame_length } => {
+            let frame = buffer.split_to(frame_length).freeze();
+            if let Some(ack) = ack_alone(&frame) {
+                return Ok(Some(Decoded::Ack(ack)));
+            }
+            parse_frame(frame).map(|frame| Some(Decoded::Frame(frame)))
+        }
+    }
+}
+
+/// The ACK of a whole frame whose command has exactly two fields, `type` = ACK and `ack`, and
+/// nothing after the command; `None` for anything else (including bytes that do not decode),
+/// which [`parse_frame`] then judges.
+fn ack_alone(frame: &Bytes) -> Option<CommandAck> {
+    /// Key of `BaseCommand.type`: field 1, varint.
+    const TYPE_KEY: u8 = 1 << 3;
+    /// Key of `BaseCommand.ack`: field 10, length-delimited.
+    const ACK_KEY: u8 = (10 << 3) | 2;
+    let total_length = read::size(read::u32_at(frame, 0)?).checked_add(TOTAL_SIZE_LENGTH)?;
+    let command_end = HEADER_LENGTH.checked_add(read::size(read::u32_at(frame, 4)?))?;
+    // The command must fill the frame: a payload after it is parse_frame's error to report.
+    if total_length != frame.len() || command_end != frame.len() {
+        return None;
+    }
+    let mut at = HEADER_LENGTH;
+    let mut kind = None;
+    let mut body = None;
+    while at < command_end {
+        let key = *frame.get(at)?;
+        at += 1;
+        let (value, length) = varint(frame.get(at..command_end)?)?;
+        at += length;
+        match key {
+            TYPE_KEY if kind.is_none() => kind = Some(value),
+            ACK_KEY if body.is_none() => {
+                let end = at.checked_add(usize::try_from(value).ok()?)?;
+                if end > command_end {
+                    return None;
+                }
+                body = Some(at..end);
+                at = end;
+            }
+            _ => return None,
+        }
+    }
+    if kind? != base_command::Type::Ack as u64 {
+        return None;
+    }
+    CommandAck::decode(frame.slice(body?)).ok()
+}
+
+/// A base-128 varint at the start of `bytes`: its value and its length, or `None` if it is
+/// cut short, longer than ten bytes or beyond 64 bits.
+fn varint(bytes: &[u8]) -> Option<(u64, usize)> {
+    let mut value = 0u64;
+    for (index, byte) in bytes.iter().take(10).enumerate() {
+        // The tenth byte holds the 64th bit alone.
+        if index == 9 && *byte > 1 {
+            return None;
+        }
+        value |= u64::from(byte & 0x7f) << (7 * index);
+        if byte & 0x80 == 0 {
+            return Some((value, index + 1));
+        }
+    }
+    None
 }
 
 /// Whether frames of this command type carry an entry after the command.
