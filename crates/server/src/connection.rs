@@ -131,9 +131,10 @@ struct Close(String);
 /// colliding ones slows down only its own connection.
 type IdMap<V> = HashMap<u64, V, BuildHasherDefault<IdHasher>>;
 
-/// Fibonacci hashing of a `u64` id: a multiplication by 2^64 divided by the golden ratio (odd,
-/// so distinct ids keep distinct low bits, which pick the bucket; the high bits, which
-/// hashbrown keeps as tags, depend on every bit of the id).
+/// Hashes a `u64` id with one full multiplication by 2^64 divided by the golden ratio, the two
+/// halves of the 128-bit product folded together: every bit of the hash depends on the id's
+/// low bits and on its high bits, so ids that differ only in their high bits (say `n << 40`)
+/// still spread over the buckets (picked by the low bits) and tags (the high bits).
 #[derive(Default)]
 struct IdHasher(u64);
 
@@ -145,7 +146,9 @@ impl Hasher for IdHasher {
     }
 
     fn write_u64(&mut self, id: u64) {
-        self.0 = (self.0 ^ id).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        let product = u128::from(self.0 ^ id) * 0x9e37_79b9_7f4a_7c15;
+        // Truncations meant: the low and the high half of the product.
+        self.0 = (product as u64) ^ ((product >> 64) as u64);
     }
 
     fn finish(&self) -> u64 {
@@ -2029,6 +2032,25 @@ mod tests {
         MessageMetadata {
             num_messages_in_batch: count,
             ..Default::default()
+        }
+    }
+
+    /// Ids a client may pick (counting up, or counting in a high field) spread over the buckets
+    /// at least as well as random hashes would: the low 10 bits of 1,024 such ids' hashes take
+    /// 658–961 distinct values (1,024 random values take about 647).
+    #[test]
+    fn ids_counting_in_any_bits_spread_over_the_buckets() {
+        use std::hash::BuildHasher;
+        let hasher = BuildHasherDefault::<IdHasher>::default();
+        for shift in [0, 20, 40, 54] {
+            let buckets: std::collections::HashSet<u64> = (0..1024u64)
+                .map(|n| hasher.hash_one(n << shift) & 1023)
+                .collect();
+            assert!(
+                buckets.len() >= 600,
+                "shift {shift}: {} buckets",
+                buckets.len()
+            );
         }
     }
 
