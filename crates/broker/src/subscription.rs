@@ -767,11 +767,11 @@ impl Subscription {
             consumer.closed.store(true, Ordering::SeqCst);
             let command = BaseCommand {
                 r#type: base_command::Type::CloseConsumer as i32,
-                close_consumer: Some(CommandCloseConsumer {
+                close_consumer: Some(Box::new(CommandCloseConsumer {
                     consumer_id: consumer.consumer_id,
                     request_id: 0,
                     ..CommandCloseConsumer::default()
-                }),
+                })),
                 ..BaseCommand::default()
             };
             frames.push((consumer.sink.clone(), command_frame(&command)));

@@ -1211,11 +1211,11 @@ fn recover_dedup(log: &Arc<Log>) -> Result<Dedup> {
 fn close_producer(producer_id: u64) -> BaseCommand {
     BaseCommand {
         r#type: base_command::Type::CloseProducer as i32,
-        close_producer: Some(CommandCloseProducer {
+        close_producer: Some(Box::new(CommandCloseProducer {
             producer_id,
             request_id: 0,
             ..CommandCloseProducer::default()
-        }),
+        })),
         ..BaseCommand::default()
     }
 }
@@ -1229,12 +1229,12 @@ pub(crate) fn topic_migrated(
 ) -> BaseCommand {
     BaseCommand {
         r#type: base_command::Type::TopicMigrated as i32,
-        topic_migrated: Some(CommandTopicMigrated {
+        topic_migrated: Some(Box::new(CommandTopicMigrated {
             resource_id,
             resource_type: resource_type as i32,
             broker_service_url: Some(broker_service_url.to_string()),
             broker_service_url_tls: None,
-        }),
+        })),
         ..BaseCommand::default()
     }
 }

@@ -402,11 +402,11 @@ impl Connection {
     pub(crate) async fn close_producer(&self, producer_id: u64) -> Result<()> {
         let request_id = self.next_request_id.fetch_add(1, Ordering::Relaxed);
         self.send_command(&BaseCommand {
-            close_producer: Some(meridian_wire::proto::CommandCloseProducer {
+            close_producer: Some(Box::new(meridian_wire::proto::CommandCloseProducer {
                 producer_id,
                 request_id,
                 ..Default::default()
-            }),
+            })),
             ..command(CommandType::CloseProducer)
         })
         .await
@@ -559,7 +559,7 @@ async fn handshake(
     };
     let (auth_method_name, auth_data) = credentials(auth_token);
     let connect = BaseCommand {
-        connect: Some(CommandConnect {
+        connect: Some(Box::new(CommandConnect {
             client_version: CLIENT_VERSION.to_string(),
             protocol_version: Some(PROTOCOL_VERSION),
             auth_method_name: Some(auth_method_name),
@@ -572,7 +572,7 @@ async fn handshake(
                 ..FeatureFlags::default()
             }),
             ..CommandConnect::default()
-        }),
+        })),
         ..command(CommandType::Connect)
     };
     writer
@@ -591,7 +591,7 @@ async fn handshake(
                 let reply = frame.command().clone();
                 match (command_type(&reply), reply.connected, reply.error) {
                     (Some(CommandType::Connected), Some(connected), _) => {
-                        return Ok((connected, buffer))
+                        return Ok((*connected, buffer))
                     }
                     (Some(CommandType::Error), _, Some(error)) => {
                         return Err(Error::server(error.error, error.message))
@@ -927,7 +927,7 @@ fn dispatch_command(
         }
         CommandType::SendError => {
             let error = base.send_error.ok_or_else(|| missing_body(kind))?;
-            deliver_to_producer(shared, error.producer_id, ProducerEvent::SendError(error))
+            deliver_to_producer(shared, error.producer_id, ProducerEvent::SendError(*error))
         }
         CommandType::CloseProducer => {
             let close = base.close_producer.ok_or_else(|| missing_body(kind))?;
@@ -971,14 +971,14 @@ fn dispatch_command(
             // Answer with the client's credentials (the empty "none" ones without a token).
             let (auth_method_name, auth_data) = credentials(shared.auth_token.as_deref());
             let response = BaseCommand {
-                auth_response: Some(CommandAuthResponse {
+                auth_response: Some(Box::new(CommandAuthResponse {
                     client_version: Some(CLIENT_VERSION.to_string()),
                     response: Some(AuthData {
                         auth_method_name: Some(auth_method_name),
                         auth_data: Some(auth_data),
                     }),
                     protocol_version: Some(PROTOCOL_VERSION),
-                }),
+                })),
                 ..command(CommandType::AuthResponse)
             };
             let _ = outbound.try_send(Outbound::Frame(encode(&response)?));

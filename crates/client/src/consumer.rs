@@ -673,7 +673,7 @@ async fn subscribe_once(request: SubscribeRequest) -> Result<ConsumerLink> {
             "subscribe",
             Some(connection.operation_timeout()),
             |request_id| BaseCommand {
-                subscribe: Some(CommandSubscribe {
+                subscribe: Some(Box::new(CommandSubscribe {
                     topic: request.topic.clone(),
                     subscription: config.subscription.clone(),
                     sub_type: config.sub_type.wire(),
@@ -712,7 +712,7 @@ async fn subscribe_once(request: SubscribeRequest) -> Result<ConsumerLink> {
                     }),
                     consumer_epoch: Some(request.epoch),
                     ..CommandSubscribe::default()
-                }),
+                })),
                 ..command(CommandType::Subscribe)
             },
         )
@@ -1158,11 +1158,13 @@ impl ConsumerEngine {
             "redelivering negatively acknowledged messages"
         );
         self.send_to_broker(BaseCommand {
-            redeliver_unacknowledged_messages: Some(CommandRedeliverUnacknowledgedMessages {
-                consumer_id: self.consumer_id,
-                message_ids,
-                consumer_epoch: Some(self.epoch),
-            }),
+            redeliver_unacknowledged_messages: Some(Box::new(
+                CommandRedeliverUnacknowledgedMessages {
+                    consumer_id: self.consumer_id,
+                    message_ids,
+                    consumer_epoch: Some(self.epoch),
+                },
+            )),
             ..command(CommandType::RedeliverUnacknowledgedMessages)
         })
         .await;
@@ -1186,7 +1188,7 @@ impl ConsumerEngine {
         connection
             .request("seek", Some(connection.operation_timeout()), |request_id| {
                 BaseCommand {
-                    seek: Some(CommandSeek {
+                    seek: Some(Box::new(CommandSeek {
                         consumer_id,
                         request_id,
                         message_id: match target {
@@ -1197,7 +1199,7 @@ impl ConsumerEngine {
                             SeekTarget::MessageId(_) => None,
                             SeekTarget::PublishTime(time) => Some(time),
                         },
-                    }),
+                    })),
                     ..command(CommandType::Seek)
                 }
             })
@@ -1338,11 +1340,11 @@ impl ConsumerEngine {
                 "close consumer",
                 Some(link.connection.operation_timeout()),
                 |request_id| BaseCommand {
-                    close_consumer: Some(CommandCloseConsumer {
+                    close_consumer: Some(Box::new(CommandCloseConsumer {
                         consumer_id,
                         request_id,
                         ..CommandCloseConsumer::default()
-                    }),
+                    })),
                     ..command(CommandType::CloseConsumer)
                 },
             )

@@ -145,11 +145,11 @@ impl ConnectionPool {
                 "partitioned metadata",
                 Some(self.operation_timeout()),
                 |request_id| meridian_wire::BaseCommand {
-                    partitioned_metadata: Some(CommandPartitionedTopicMetadata {
+                    partitioned_metadata: Some(Box::new(CommandPartitionedTopicMetadata {
                         topic: topic.to_string(),
                         request_id,
                         ..CommandPartitionedTopicMetadata::default()
-                    }),
+                    })),
                     ..command(CommandType::PartitionedMetadata)
                 },
             )
@@ -182,12 +182,12 @@ impl ConnectionPool {
             let reply = connection
                 .request("lookup", Some(self.operation_timeout()), |request_id| {
                     meridian_wire::BaseCommand {
-                        lookup: Some(CommandLookupTopic {
+                        lookup: Some(Box::new(CommandLookupTopic {
                             topic: topic.to_string(),
                             request_id,
                             authoritative: Some(authoritative),
                             ..CommandLookupTopic::default()
-                        }),
+                        })),
                         ..command(CommandType::Lookup)
                     }
                 })

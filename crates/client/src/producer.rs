@@ -641,7 +641,7 @@ async fn connect_producer(request: ConnectRequest) -> Result<Established> {
         .then(|| connection.operation_timeout());
     let reply = connection
         .request("create producer", timeout, |request_id| BaseCommand {
-            producer: Some(CommandProducer {
+            producer: Some(Box::new(CommandProducer {
                 topic: request.topic.clone(),
                 producer_id: request.producer_id,
                 request_id,
@@ -658,7 +658,7 @@ async fn connect_producer(request: ConnectRequest) -> Result<Established> {
                     })
                     .collect(),
                 ..CommandProducer::default()
-            }),
+            })),
             ..command(CommandType::Producer)
         })
         .await;
@@ -1322,11 +1322,11 @@ impl ProducerEngine {
             let closed = link
                 .connection
                 .request("close producer", Some(timeout), |request_id| BaseCommand {
-                    close_producer: Some(CommandCloseProducer {
+                    close_producer: Some(Box::new(CommandCloseProducer {
                         producer_id,
                         request_id,
                         ..CommandCloseProducer::default()
-                    }),
+                    })),
                     ..command(CommandType::CloseProducer)
                 })
                 .await;

@@ -150,15 +150,17 @@ impl Client {
                 "replicated subscription state",
                 Some(timeout),
                 |request_id| meridian_wire::BaseCommand {
-                    replicated_subscription_state: Some(CommandReplicatedSubscriptionState {
-                        request_id,
-                        topic: topic.to_string(),
-                        subscription: subscription.to_string(),
-                        state,
-                        // Absent for JSON: what a broker from before the field reads.
-                        format: (format == StateFormat::Compact)
-                            .then_some(MeridianStateFormat::Compact as i32),
-                    }),
+                    replicated_subscription_state: Some(Box::new(
+                        CommandReplicatedSubscriptionState {
+                            request_id,
+                            topic: topic.to_string(),
+                            subscription: subscription.to_string(),
+                            state,
+                            // Absent for JSON: what a broker from before the field reads.
+                            format: (format == StateFormat::Compact)
+                                .then_some(MeridianStateFormat::Compact as i32),
+                        },
+                    )),
                     ..command(CommandType::ReplicatedSubscriptionState)
                 },
             )

@@ -96,34 +96,36 @@ fn standard(address: &str, frame: &Frame) -> Vec<Action> {
     let base = frame.command();
     let reply = match command_type(base) {
         Some(CommandType::Connect) => BaseCommand {
-            connected: Some(CommandConnected {
+            connected: Some(Box::new(CommandConnected {
                 server_version: "fake".into(),
                 protocol_version: Some(20),
                 max_message_size: Some(1 << 20),
                 feature_flags: None,
-            }),
+            })),
             ..command(CommandType::Connected)
         },
         Some(CommandType::PartitionedMetadata) => BaseCommand {
-            partitioned_metadata_response: Some(CommandPartitionedTopicMetadataResponse {
-                partitions: Some(0),
-                request_id: base
-                    .partitioned_metadata
-                    .as_ref()
-                    .map_or(0, |m| m.request_id),
-                response: Some(0),
-                ..Default::default()
-            }),
+            partitioned_metadata_response: Some(Box::new(
+                CommandPartitionedTopicMetadataResponse {
+                    partitions: Some(0),
+                    request_id: base
+                        .partitioned_metadata
+                        .as_ref()
+                        .map_or(0, |m| m.request_id),
+                    response: Some(0),
+                    ..Default::default()
+                },
+            )),
             ..command(CommandType::PartitionedMetadataResponse)
         },
         Some(CommandType::Lookup) => lookup_reply(base, LookupType::Connect, address, true),
         Some(CommandType::Producer) => BaseCommand {
-            producer_success: Some(CommandProducerSuccess {
+            producer_success: Some(Box::new(CommandProducerSuccess {
                 request_id: base.producer.as_ref().map_or(0, |p| p.request_id),
                 producer_name: "fake-producer".into(),
                 last_sequence_id: Some(-1),
                 ..Default::default()
-            }),
+            })),
             ..command(CommandType::ProducerSuccess)
         },
         Some(CommandType::Ping) => BaseCommand {
@@ -131,10 +133,10 @@ fn standard(address: &str, frame: &Frame) -> Vec<Action> {
             ..command(CommandType::Pong)
         },
         Some(CommandType::CloseProducer) => BaseCommand {
-            success: Some(CommandSuccess {
+            success: Some(Box::new(CommandSuccess {
                 request_id: base.close_producer.as_ref().map_or(0, |c| c.request_id),
                 schema: None,
-            }),
+            })),
             ..command(CommandType::Success)
         },
         _ => return Vec::new(),
@@ -149,13 +151,13 @@ fn lookup_reply(
     authoritative: bool,
 ) -> BaseCommand {
     BaseCommand {
-        lookup_response: Some(CommandLookupTopicResponse {
+        lookup_response: Some(Box::new(CommandLookupTopicResponse {
             broker_service_url: Some(format!("pulsar://{target}")),
             response: Some(response as i32),
             request_id: base.lookup.as_ref().map_or(0, |l| l.request_id),
             authoritative: Some(authoritative),
             ..Default::default()
-        }),
+        })),
         ..command(CommandType::LookupResponse)
     }
 }
@@ -324,12 +326,12 @@ async fn a_send_error_recreates_only_that_producer_and_resends() {
         count_close_producer(&counted, frame);
         match record_send(&recorded, connection, frame) {
             Some(sequence_id) if first_send(&recorded) => vec![Action::Reply(BaseCommand {
-                send_error: Some(CommandSendError {
+                send_error: Some(Box::new(CommandSendError {
                     producer_id: 0,
                     sequence_id,
                     error: ServerError::PersistenceError as i32,
                     message: "disk on fire".into(),
-                }),
+                })),
                 ..command(CommandType::SendError)
             })],
             Some(sequence_id) => vec![receipt(sequence_id, 9)],
@@ -358,12 +360,12 @@ async fn a_checksum_error_fails_only_that_message() {
                 .map_or(0, |send| send.sequence_id);
             if sequence_id == 0 {
                 vec![Action::Reply(BaseCommand {
-                    send_error: Some(CommandSendError {
+                    send_error: Some(Box::new(CommandSendError {
                         producer_id: 0,
                         sequence_id,
                         error: ServerError::ChecksumError as i32,
                         message: "corrupt".into(),
-                    }),
+                    })),
                     ..command(CommandType::SendError)
                 })]
             } else {

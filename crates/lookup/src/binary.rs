@@ -164,12 +164,12 @@ impl Connection {
                     self.connected = true;
                     let version = connect.protocol_version().clamp(0, PROTOCOL_VERSION);
                     self.reply(BaseCommand {
-                        connected: Some(CommandConnected {
+                        connected: Some(Box::new(CommandConnected {
                             server_version: SERVER_VERSION.into(),
                             protocol_version: Some(version),
                             max_message_size: Some(meridian_wire::DEFAULT_MAX_MESSAGE_SIZE as i32),
                             feature_flags: Some(FeatureFlags::default()),
-                        }),
+                        })),
                         ..command(CommandType::Connected)
                     })
                     .await
@@ -289,7 +289,7 @@ fn lookup_response(
         }
     };
     BaseCommand {
-        lookup_response: Some(response),
+        lookup_response: Some(Box::new(response)),
         ..command(CommandType::LookupResponse)
     }
 }
@@ -314,18 +314,18 @@ fn metadata_response(request_id: u64, partitions: Result<u32, crate::LookupError
         }
     };
     BaseCommand {
-        partitioned_metadata_response: Some(response),
+        partitioned_metadata_response: Some(Box::new(response)),
         ..command(CommandType::PartitionedMetadataResponse)
     }
 }
 
 fn error(request_id: u64, code: ServerError, message: String) -> BaseCommand {
     BaseCommand {
-        error: Some(CommandError {
+        error: Some(Box::new(CommandError {
             request_id,
             error: code as i32,
             message,
-        }),
+        })),
         ..command(CommandType::Error)
     }
 }

@@ -104,12 +104,12 @@ fn reply_to(request: BaseCommand, port: u16) -> Option<BaseCommand> {
         return Some(command(
             CommandType::Connected,
             BaseCommand {
-                connected: Some(CommandConnected {
+                connected: Some(Box::new(CommandConnected {
                     server_version: "meridian-stub".into(),
                     protocol_version: Some(connect.protocol_version().min(20)),
                     max_message_size: Some(5 * 1024 * 1024),
                     ..CommandConnected::default()
-                }),
+                })),
                 ..BaseCommand::default()
             },
         ));
@@ -118,12 +118,14 @@ fn reply_to(request: BaseCommand, port: u16) -> Option<BaseCommand> {
         return Some(command(
             CommandType::PartitionedMetadataResponse,
             BaseCommand {
-                partitioned_metadata_response: Some(CommandPartitionedTopicMetadataResponse {
-                    partitions: Some(0),
-                    request_id: metadata.request_id,
-                    response: Some(MetadataLookup::Success as i32),
-                    ..CommandPartitionedTopicMetadataResponse::default()
-                }),
+                partitioned_metadata_response: Some(Box::new(
+                    CommandPartitionedTopicMetadataResponse {
+                        partitions: Some(0),
+                        request_id: metadata.request_id,
+                        response: Some(MetadataLookup::Success as i32),
+                        ..CommandPartitionedTopicMetadataResponse::default()
+                    },
+                )),
                 ..BaseCommand::default()
             },
         ));
@@ -132,13 +134,13 @@ fn reply_to(request: BaseCommand, port: u16) -> Option<BaseCommand> {
         return Some(command(
             CommandType::LookupResponse,
             BaseCommand {
-                lookup_response: Some(CommandLookupTopicResponse {
+                lookup_response: Some(Box::new(CommandLookupTopicResponse {
                     broker_service_url: Some(format!("pulsar://127.0.0.1:{port}")),
                     response: Some(LookupType::Connect as i32),
                     request_id: lookup.request_id,
                     authoritative: Some(true),
                     ..CommandLookupTopicResponse::default()
-                }),
+                })),
                 ..BaseCommand::default()
             },
         ));
@@ -147,7 +149,7 @@ fn reply_to(request: BaseCommand, port: u16) -> Option<BaseCommand> {
         return Some(command(
             CommandType::ProducerSuccess,
             BaseCommand {
-                producer_success: Some(CommandProducerSuccess {
+                producer_success: Some(Box::new(CommandProducerSuccess {
                     request_id: producer.request_id,
                     producer_name: producer
                         .producer_name
@@ -155,7 +157,7 @@ fn reply_to(request: BaseCommand, port: u16) -> Option<BaseCommand> {
                     last_sequence_id: Some(-1),
                     producer_ready: Some(true),
                     ..CommandProducerSuccess::default()
-                }),
+                })),
                 ..BaseCommand::default()
             },
         ));
@@ -164,10 +166,10 @@ fn reply_to(request: BaseCommand, port: u16) -> Option<BaseCommand> {
         return Some(command(
             CommandType::Success,
             BaseCommand {
-                success: Some(CommandSuccess {
+                success: Some(Box::new(CommandSuccess {
                     request_id: close.request_id,
                     schema: None,
-                }),
+                })),
                 ..BaseCommand::default()
             },
         ));

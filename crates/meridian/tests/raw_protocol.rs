@@ -36,11 +36,11 @@ impl RawConnection {
         connection.write(&command(
             Type::Connect,
             BaseCommand {
-                connect: Some(CommandConnect {
+                connect: Some(Box::new(CommandConnect {
                     client_version: "raw-protocol-test".into(),
                     protocol_version: Some(20),
                     ..Default::default()
-                }),
+                })),
                 ..Default::default()
             },
         ));
@@ -88,13 +88,13 @@ impl RawConnection {
             self.write(&command(
                 Type::Producer,
                 BaseCommand {
-                    producer: Some(CommandProducer {
+                    producer: Some(Box::new(CommandProducer {
                         topic: topic.into(),
                         producer_id: 1,
                         request_id,
                         producer_name: Some(name.into()),
                         ..Default::default()
-                    }),
+                    })),
                     ..Default::default()
                 },
             ));
@@ -226,11 +226,11 @@ fn closing_a_producer_answers_after_the_receipts_of_its_sends_in_flight() {
     frames.extend(command(
         Type::CloseProducer,
         BaseCommand {
-            close_producer: Some(CommandCloseProducer {
+            close_producer: Some(Box::new(CommandCloseProducer {
                 producer_id: 1,
                 request_id: CLOSE_REQUEST,
                 ..Default::default()
-            }),
+            })),
             ..Default::default()
         },
     ));

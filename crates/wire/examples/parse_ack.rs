@@ -1,4 +1,5 @@
-//! Times `decode_frame` on ACK frames (one per message, as the `pulsar` crate sends them).
+//! Times `decode_frame` on ACK frames (one per message, as the `pulsar` crate sends them);
+//! with `ALONE=1`, `decode_frame_or_ack`, which the broker uses.
 use bytes::BytesMut;
 use meridian_wire::proto::{
     base_command::Type, command_ack, BaseCommand, CommandAck, MessageIdData,
@@ -31,6 +32,7 @@ fn main() {
         .ok()
         .and_then(|r| r.parse().ok())
         .unwrap_or(2_000_000);
+    let alone = std::env::var("ALONE").is_ok_and(|value| value == "1");
     let mut buffer = BytesMut::with_capacity(frame.len() * 1000);
     let started = std::time::Instant::now();
     let mut decoded = 0;
@@ -38,9 +40,20 @@ fn main() {
         for _ in 0..1000 {
             buffer.extend_from_slice(&frame);
         }
-        while let Some(frame) = meridian_wire::decode_frame(&mut buffer, 5 << 20).expect("decode") {
-            decoded += 1;
-            std::hint::black_box(frame);
+        if alone {
+            while let Some(decoded_ack) =
+                meridian_wire::decode_frame_or_ack(&mut buffer, 5 << 20).expect("decode")
+            {
+                decoded += 1;
+                std::hint::black_box(decoded_ack);
+            }
+        } else {
+            while let Some(frame) =
+                meridian_wire::decode_frame(&mut buffer, 5 << 20).expect("decode")
+            {
+                decoded += 1;
+                std::hint::black_box(frame);
+            }
         }
     }
     let elapsed = started.elapsed();

@@ -319,13 +319,13 @@ impl Connection {
 
     pub(super) async fn deny_lookup(&self, request_id: u64, reason: String) {
         self.send_command(BaseCommand {
-            lookup_response: Some(CommandLookupTopicResponse {
+            lookup_response: Some(Box::new(CommandLookupTopicResponse {
                 response: Some(command_lookup_topic_response::LookupType::Failed as i32),
                 request_id,
                 error: Some(ServerError::AuthorizationError as i32),
                 message: Some(reason),
                 ..Default::default()
-            }),
+            })),
             ..command(Type::LookupResponse)
         })
         .await;
@@ -333,15 +333,17 @@ impl Connection {
 
     pub(super) async fn deny_partitioned_metadata(&self, request_id: u64, reason: String) {
         self.send_command(BaseCommand {
-            partitioned_metadata_response: Some(CommandPartitionedTopicMetadataResponse {
-                request_id,
-                response: Some(
-                    command_partitioned_topic_metadata_response::LookupType::Failed as i32,
-                ),
-                error: Some(ServerError::AuthorizationError as i32),
-                message: Some(reason),
-                ..Default::default()
-            }),
+            partitioned_metadata_response: Some(Box::new(
+                CommandPartitionedTopicMetadataResponse {
+                    request_id,
+                    response: Some(
+                        command_partitioned_topic_metadata_response::LookupType::Failed as i32,
+                    ),
+                    error: Some(ServerError::AuthorizationError as i32),
+                    message: Some(reason),
+                    ..Default::default()
+                },
+            )),
             ..command(Type::PartitionedMetadataResponse)
         })
         .await;
@@ -369,11 +371,11 @@ impl Connection {
                     &reason,
                 );
                 self.send_command(BaseCommand {
-                    close_producer: Some(CommandCloseProducer {
+                    close_producer: Some(Box::new(CommandCloseProducer {
                         producer_id: id,
                         request_id: 0,
                         ..Default::default()
-                    }),
+                    })),
                     ..command(Type::CloseProducer)
                 })
                 .await;
@@ -401,11 +403,11 @@ impl Connection {
                     &reason,
                 );
                 self.send_command(BaseCommand {
-                    close_consumer: Some(CommandCloseConsumer {
+                    close_consumer: Some(Box::new(CommandCloseConsumer {
                         consumer_id: id,
                         request_id: 0,
                         ..Default::default()
-                    }),
+                    })),
                     ..command(Type::CloseConsumer)
                 })
                 .await;
@@ -432,14 +434,14 @@ impl Connection {
         }
         self.auth.refresh_pending = true;
         self.send_command(BaseCommand {
-            auth_challenge: Some(CommandAuthChallenge {
+            auth_challenge: Some(Box::new(CommandAuthChallenge {
                 server_version: Some(SERVER_VERSION.into()),
                 challenge: Some(AuthData {
                     auth_method_name: Some("token".into()),
                     auth_data: Some(bytes::Bytes::from_static(REFRESH_AUTH_DATA)),
                 }),
                 protocol_version: Some(self.protocol_version.unwrap_or(PROTOCOL_VERSION)),
-            }),
+            })),
             ..command(Type::AuthChallenge)
         })
         .await;
