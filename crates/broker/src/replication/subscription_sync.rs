@@ -1497,6 +1497,12 @@ async fn run(
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
             .retain(|cursor, _| replicated.contains(cursor));
+        if let Some(sync) = topic.subscription_sync() {
+            sync.last_received
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .retain(|(cursor, _), _| replicated.contains(cursor));
+        }
         sending
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
