@@ -530,17 +530,9 @@ async fn test_topic(name: &str) -> (tempfile::TempDir, Arc<crate::broker::Broker
 
 /// Ten entries stored here, on a test broker's topic `name`.
 fn append_ten(topic: &Topic) -> Vec<Position> {
-    let pending: Vec<_> = (0..10)
-        .map(|_| {
-            let data =
-                meridian_wire::encode_entry(&metadata_of(None, false, &[]), b"x").expect("encode");
-            topic.log().append(data, 1).expect("append")
-        })
-        .collect();
-    pending
-        .into_iter()
-        .map(|append| append.wait().expect("durable"))
-        .collect()
+    super::subscription_sync::review_hooks::append_own(topic, 10, || {
+        meridian_wire::encode_entry(&metadata_of(None, false, &[]), b"x").expect("encode")
+    })
 }
 
 /// b's acknowledgements go back without a reset (its subscription deleted and created again,

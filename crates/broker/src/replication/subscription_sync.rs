@@ -2043,6 +2043,22 @@ fn http_agent() -> &'static crate::peer::PeerAgent {
 pub(super) mod review_hooks {
     use super::*;
 
+    /// Appends `count` entries made by `entry` to `topic` as this cluster's own, and waits
+    /// until they are durable; returns their positions.
+    pub(crate) fn append_own(
+        topic: &Topic,
+        count: usize,
+        entry: impl Fn() -> bytes::Bytes,
+    ) -> Vec<Position> {
+        let pending: Vec<_> = (0..count)
+            .map(|_| topic.log().append(entry(), 1).expect("append"))
+            .collect();
+        pending
+            .into_iter()
+            .map(|append| append.wait().expect("durable"))
+            .collect()
+    }
+
     /// A sync task's memory between ticks.
     #[derive(Default)]
     pub(crate) struct Ticks {
@@ -3198,13 +3214,7 @@ mod tests {
 
     /// Appends `count` entries of this cluster's own to `topic`; returns their positions.
     fn append_own(topic: &Topic, count: usize) -> Vec<Position> {
-        let pending: Vec<_> = (0..count)
-            .map(|_| topic.log().append(entry(None), 1).expect("append"))
-            .collect();
-        pending
-            .into_iter()
-            .map(|append| append.wait().expect("durable"))
-            .collect()
+        review_hooks::append_own(topic, count, || entry(None))
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
