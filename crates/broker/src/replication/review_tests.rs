@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use meridian_storage::{FlushPolicy, InitialPosition, Log, Position, Storage, StorageConfig};
+use meridian_storage::{InitialPosition, Log, Position};
 use meridian_wire::proto::KeyValue;
 use meridian_wire::MessageMetadata;
 
@@ -108,13 +108,7 @@ fn near(next: &mut dyn FnMut(u64) -> u64, base: Position) -> Position {
 #[test]
 fn hostile_covering_agrees_with_the_per_entry_rule() {
     let directory = tempfile::tempdir().expect("tempdir");
-    let config = StorageConfig {
-        flush_policy: FlushPolicy::RelaxedWriteOnly {
-            fsync_interval: Duration::from_secs(1),
-        },
-        ..StorageConfig::default()
-    };
-    let storage = Storage::open(directory.path(), config).expect("storage");
+    let storage = relaxed_storage(directory.path());
     let name = "persistent://t/n/review";
     let mut next = generator(0x9e37_79b9_7f4a_7c15);
     let mut origin_next = BTreeMap::from([
@@ -472,22 +466,10 @@ fn the_seq_read_from_a_stored_state_is_the_decoded_one_in_every_layout() {
 
 use std::sync::Arc;
 
-use super::remote::RemoteCluster;
 use super::replicated_subscriptions::only_repeats;
-use super::subscription_sync::{receive, review_hooks::Ticks};
+use super::subscription_sync::receive;
+use super::subscription_sync::review_hooks::{relaxed_storage, remote, test_topic, Ticks};
 use crate::topic::Topic;
-use crate::topic_name::TopicName;
-
-fn remote(name: &str) -> RemoteCluster {
-    RemoteCluster {
-        name: name.to_string(),
-        service_url: None,
-        broker_service_url: "pulsar://127.0.0.1:1".to_string(),
-        proxy_service_url: None,
-        auth_token: None,
-        tls: Default::default(),
-    }
-}
 
 /// `cluster`'s state for subscription `sub`: this cluster's entries below `below` acknowledged
 /// (stored there from `first`).
@@ -510,22 +492,6 @@ fn state_from(cluster: &str, (first, below): (Position, Position), seq: u64) -> 
 fn deliver(topic: &Arc<Topic>, state: &SyncedAcks) {
     let raw = serde_json::to_string(state).expect("encoded");
     receive(topic, "sub", (state.clone(), raw), "standalone").expect("received");
-}
-
-/// Topic `persistent://t/n/<name>` of a test broker (keep the directory and broker alive).
-async fn test_topic(name: &str) -> (tempfile::TempDir, Arc<crate::broker::Broker>, Arc<Topic>) {
-    let directory = tempfile::tempdir().expect("tempdir");
-    let config = StorageConfig {
-        flush_policy: FlushPolicy::RelaxedWriteOnly {
-            fsync_interval: Duration::from_secs(1),
-        },
-        ..StorageConfig::default()
-    };
-    let storage = Storage::open(directory.path().join("storage"), config).expect("storage");
-    let broker = crate::broker::test_broker(directory.path(), storage);
-    let name = TopicName::parse(&format!("persistent://t/n/{name}")).expect("name");
-    let topic = broker.topic(&name, true).await.expect("topic");
-    (directory, broker, topic)
 }
 
 /// Ten entries stored here, on a test broker's topic `name`.

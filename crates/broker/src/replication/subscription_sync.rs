@@ -2042,6 +2042,7 @@ fn http_agent() -> &'static crate::peer::PeerAgent {
 #[cfg(test)]
 pub(super) mod review_hooks {
     use super::*;
+    use meridian_storage::{FlushPolicy, Storage, StorageConfig};
 
     /// Appends `count` entries made by `entry` to `topic` as this cluster's own, and waits
     /// until they are durable; returns their positions.
@@ -2057,6 +2058,42 @@ pub(super) mod review_hooks {
             .into_iter()
             .map(|append| append.wait().expect("durable"))
             .collect()
+    }
+
+    /// Storage in `directory` that does not fsync at every append (the tests' logs).
+    pub(crate) fn relaxed_storage(directory: &std::path::Path) -> Storage {
+        let config = StorageConfig {
+            flush_policy: FlushPolicy::RelaxedWriteOnly {
+                fsync_interval: Duration::from_secs(1),
+            },
+            ..StorageConfig::default()
+        };
+        Storage::open(directory, config).expect("storage")
+    }
+
+    /// A test broker (in a directory kept as long as the handle) and its topic
+    /// `persistent://t/n/<name>`.
+    pub(crate) async fn test_topic(
+        name: &str,
+    ) -> (tempfile::TempDir, Arc<crate::broker::Broker>, Arc<Topic>) {
+        let directory = tempfile::tempdir().expect("tempdir");
+        let storage = relaxed_storage(&directory.path().join("storage"));
+        let broker = crate::broker::test_broker(directory.path(), storage);
+        let name = TopicName::parse(&format!("persistent://t/n/{name}")).expect("name");
+        let topic = broker.topic(&name, true).await.expect("topic");
+        (directory, broker, topic)
+    }
+
+    /// A remote cluster `name` for the tests (nothing listens at its address).
+    pub(crate) fn remote(name: &str) -> RemoteCluster {
+        RemoteCluster {
+            name: name.to_string(),
+            service_url: None,
+            broker_service_url: "pulsar://127.0.0.1:1".to_string(),
+            proxy_service_url: None,
+            auth_token: None,
+            tls: Default::default(),
+        }
     }
 
     /// A sync task's memory between ticks.
@@ -2102,6 +2139,20 @@ pub(super) mod review_hooks {
             )
         }
 
+        /// Whether every target of `cursor` settled on its last state.
+        pub(crate) fn settled(&self, cursor: &str) -> bool {
+            self.tracked
+                .get(cursor)
+                .is_some_and(|entry| entry.settled.is_some())
+        }
+
+        /// Forgets that the targets of `cursor` settled (as a failed post would).
+        pub(crate) fn unsettle(&mut self, cursor: &str) {
+            if let Some(entry) = self.tracked.get_mut(cursor) {
+                entry.settled = None;
+            }
+        }
+
         /// `remote` confirmed `body`, `ago` before now.
         pub(crate) fn confirm(
             &mut self,
@@ -2122,6 +2173,7 @@ pub(super) mod review_hooks {
 
 #[cfg(test)]
 mod tests {
+    use super::review_hooks::relaxed_storage;
     use super::*;
     use meridian_storage::{FlushPolicy, InitialPosition, Storage, StorageConfig};
     use meridian_wire::proto::KeyValue;
@@ -2147,16 +2199,6 @@ mod tests {
             .map(|append| append.wait().expect("durable"))
             .collect();
         (log, positions)
-    }
-
-    fn relaxed_storage(directory: &std::path::Path) -> Storage {
-        let config = StorageConfig {
-            flush_policy: FlushPolicy::RelaxedWriteOnly {
-                fsync_interval: Duration::from_secs(1),
-            },
-            ..StorageConfig::default()
-        };
-        Storage::open(directory, config).expect("storage")
     }
 
     /// A log of 200 entries in stretches: 0..40 stored here, 40..80 replicated from c at
@@ -3219,11 +3261,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_state_a_reset_dropped_while_it_was_being_applied_acknowledges_nothing() {
-        let directory = tempfile::tempdir().expect("tempdir");
-        let storage = relaxed_storage(&directory.path().join("storage"));
-        let broker = crate::broker::test_broker(directory.path(), storage);
-        let name = TopicName::parse("persistent://t/n/reset").expect("name");
-        let topic = broker.topic(&name, true).await.expect("topic");
+        let (_directory, _broker, topic) = review_hooks::test_topic("reset").await;
         // The sync's work runs on blocking threads.
         tokio::task::block_in_place(|| {
             let positions = append_own(&topic, 10);
@@ -3274,39 +3312,15 @@ mod tests {
     /// walk runs at every change (what one sent reaches the others through this state).
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_receiver_walks_again_after_its_own_changes_not_after_mirrored_ones() {
-        let directory = tempfile::tempdir().expect("tempdir");
-        let storage = relaxed_storage(&directory.path().join("storage"));
-        let broker = crate::broker::test_broker(directory.path(), storage);
-        let name = TopicName::parse("persistent://t/n/mirrored").expect("name");
-        let topic = broker.topic(&name, true).await.expect("topic");
-        let b = RemoteCluster {
-            name: "b".to_string(),
-            service_url: None,
-            broker_service_url: "pulsar://127.0.0.1:1".to_string(),
-            proxy_service_url: None,
-            auth_token: None,
-            tls: Default::default(),
-        };
+        let (_directory, _broker, topic) = review_hooks::test_topic("mirrored").await;
         tokio::task::block_in_place(|| {
             let positions = append_own(&topic, 10);
-            let (applied, origins) = (Mutex::default(), Mutex::default());
-            let mut tracked = HashMap::new();
-            let remotes = [b];
-            let tick = |tracked: &mut HashMap<String, Tracked>| {
-                let (_, mut outgoing) = read_states(
-                    &topic,
-                    "standalone",
-                    &remotes,
-                    tracked,
-                    (&applied, &origins),
-                );
-                assert_eq!(outgoing.len(), 1, "one replicated subscription");
-                let Outgoing { body, targets, .. } = outgoing.remove(0);
-                // What the task's loop does with it: were no post needed, the state settles.
-                if let Some(body) = &body {
-                    let entry = tracked.get_mut("sub").expect("tracked");
-                    settle(entry, body, &targets);
-                }
+            let mut ticks = review_hooks::Ticks::default();
+            let remotes = [review_hooks::remote("b")];
+            // One replicated subscription, whose state goes to b.
+            let tick = |ticks: &mut review_hooks::Ticks| {
+                let (body, targets) = ticks.tick(&topic, &remotes, "sub");
+                assert_eq!(targets, ["b"]);
                 body
             };
             let from_b = |below: usize, seq: u64| {
@@ -3318,33 +3332,29 @@ mod tests {
             // b's consumers acknowledged the first three: the first walk makes a state that
             // only repeats b's, which b need not be sent.
             let first = from_b(3, 1);
-            let walked = tick(&mut tracked).expect("the first tick walks");
+            let walked = tick(&mut ticks).expect("the first tick walks");
             assert!(replicated_subscriptions::only_repeats(&walked, &first));
-            assert!(tracked["sub"].settled.is_some(), "an echo settles");
+            assert!(ticks.settled("sub"), "an echo settles");
             // Then the first six: mirrored here, nothing to walk, compare or send.
             from_b(6, 2);
             assert_eq!(
                 topic.log().cursor("sub").expect("cursor").mark_delete,
                 Some(positions[5])
             );
-            assert_eq!(tick(&mut tracked), None);
+            assert_eq!(tick(&mut ticks), None);
 
             // A consumer here acknowledges the ninth: the next state says so.
             topic
                 .log()
                 .acknowledge("sub", &[positions[8]])
                 .expect("acknowledged");
-            let own = tick(&mut tracked).expect("an own acknowledgement is walked");
+            let own = tick(&mut ticks).expect("an own acknowledgement is walked");
             let latest = state_from_b(positions[0], positions[6], None, 2);
             assert!(
                 !replicated_subscriptions::only_repeats(&own, &latest),
                 "the acknowledgement made here is not in the state: {own:?}"
             );
-            assert_eq!(
-                tick(&mut tracked),
-                Some(own.clone()),
-                "sent until confirmed"
-            );
+            assert_eq!(tick(&mut ticks), Some(own.clone()), "sent until confirmed");
 
             // With a state from c as well, every change is walked again.
             let from_c = SyncedAcks {
@@ -3352,10 +3362,10 @@ mod tests {
                 ..state_from_b(positions[0], positions[1], None, 1)
             };
             receive(&topic, "sub", as_received(from_c), "standalone").expect("received");
-            tick(&mut tracked);
-            tracked.get_mut("sub").expect("tracked").settled = None;
+            tick(&mut ticks);
+            ticks.unsettle("sub");
             from_b(7, 3);
-            let walked = tick(&mut tracked).expect("walked with two senders");
+            let walked = tick(&mut ticks).expect("walked with two senders");
             assert_ne!(
                 walked.acks, own.acks,
                 "b's seventh is not in the state: {walked:?}"
