@@ -196,6 +196,7 @@ pub struct StorageSection {
     pub cursor_max_persisted_ranges: usize,
     pub cursor_max_ranges: usize,
     pub trim_interval_ms: u64,
+    pub recycled_segments_max: usize,
 }
 
 impl Default for Config {
@@ -301,6 +302,7 @@ impl Default for StorageSection {
             cursor_max_persisted_ranges: storage.cursor_max_persisted_ranges,
             cursor_max_ranges: storage.cursor_max_ranges,
             trim_interval_ms: storage.trim_interval.as_millis() as u64,
+            recycled_segments_max: storage.recycled_segments_max,
         }
     }
 }
@@ -565,6 +567,7 @@ impl Config {
             cursor_max_persisted_ranges: storage.cursor_max_persisted_ranges,
             cursor_max_ranges: storage.cursor_max_ranges,
             trim_interval: Duration::from_millis(storage.trim_interval_ms),
+            recycled_segments_max: storage.recycled_segments_max,
         }
     }
 

@@ -123,7 +123,7 @@ pub fn summarize_closed_log(root: &Path, name: &str) -> Result<Option<ClosedLogS
                 }
             }
             _ => {
-                let (bytes, _) = walk_segment(path, *ledger, |position, record_len| {
+                let (bytes, _) = walk_segment(path, *ledger, *first, |position, record_len| {
                     summary.entries += 1;
                     last_entry = Some(position);
                     for cursor in summary.cursors.values_mut() {
@@ -161,6 +161,7 @@ pub fn closed_log_cursors(root: &Path, name: &str) -> Result<BTreeMap<String, Cu
 fn walk_segment(
     path: &Path,
     ledger_id: u64,
+    first_entry_id: u64,
     on_entry: impl FnMut(Position, u64),
 ) -> Result<(u64, u64)> {
     let file = match File::open(path) {
@@ -174,7 +175,7 @@ fn walk_segment(
         .map_err(|error| StorageError::io("stat", path, error))?
         .len();
     let reader = BufReader::with_capacity(64 * 1024, file);
-    let entries = walk_records(reader, length, ledger_id, on_entry)
+    let entries = walk_records(reader, length, ledger_id, first_entry_id, on_entry)
         .map_err(|error| StorageError::io("read", path, error))?;
     Ok((length, entries))
 }
@@ -183,10 +184,13 @@ fn walk_segment(
 /// was when the walk began); returns the number of entries. The file may be cut shorter
 /// meanwhile (an open truncating a torn tail or cutting a seal off, relaxed mode cutting unsynced
 /// bytes off): its end is then taken for a torn tail, as an open would, rather than failing.
+/// Checksums are not verified: a record whose entry id does not follow the one before (the
+/// earlier life of a recycled file, after a crash) ends the walk too.
 fn walk_records<R: Read + Seek>(
     mut reader: BufReader<R>,
     length: u64,
     ledger_id: u64,
+    first_entry_id: u64,
     mut on_entry: impl FnMut(Position, u64),
 ) -> std::io::Result<u64> {
     reader.seek(SeekFrom::Start(HEADER_LEN))?;
@@ -202,7 +206,7 @@ fn walk_records<R: Read + Seek>(
         let body_len = u64::from(u32::from_le_bytes([head[0], head[1], head[2], head[3]]));
         let entry_id = u64::from_le_bytes(head[8..16].try_into().expect("8 bytes"));
         let record_len = RECORD_FRAMING_LEN + body_len;
-        if body_len < 16 || entry_id == u64::MAX || offset + record_len > length {
+        if body_len < 16 || entry_id != first_entry_id + entries || offset + record_len > length {
             break; // a seal, or a torn tail
         }
         on_entry(Position::new(ledger_id, entry_id), record_len);
@@ -443,7 +447,7 @@ mod tests {
             let reader =
                 BufReader::with_capacity(16, std::io::Cursor::new(file[..cut as usize].to_vec()));
             let mut seen = Vec::new();
-            let entries = walk_records(reader, full, 5, |position, _| seen.push(position))
+            let entries = walk_records(reader, full, 5, 0, |position, _| seen.push(position))
                 .expect("the walk ends at the cut");
             assert_eq!(entries, 2, "cut at {cut}");
             assert_eq!(seen, vec![Position::new(5, 0), Position::new(5, 1)]);

@@ -64,6 +64,12 @@ pub struct StorageConfig {
     pub cursor_max_ranges: usize,
     /// How often retention and trimming run.
     pub trim_interval: Duration,
+    /// Trimmed segment files a log keeps to write its next segments into instead of deleting
+    /// them (0: delete every trimmed segment). Overwriting a file that already has its blocks
+    /// spares each fdatasync the journal commit of a growing file and trimming the removal of
+    /// a large file (both stall appends on ext4); each kept file holds up to `segment_max_bytes`
+    /// of disk until it is reused, or until the log closes.
+    pub recycled_segments_max: usize,
 }
 
 impl Default for StorageConfig {
@@ -79,6 +85,7 @@ impl Default for StorageConfig {
             cursor_max_persisted_ranges: 100_000,
             cursor_max_ranges: 100_000,
             trim_interval: Duration::from_secs(1),
+            recycled_segments_max: 2,
         }
     }
 }

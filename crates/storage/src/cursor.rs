@@ -276,14 +276,15 @@ impl CursorJournal {
             Err(error) => return Err(error),
         };
         let mut recovered = BTreeMap::new();
-        let scan = format::scan_records(file.as_ref(), &path, HEADER_LEN, file_len, |_, body| {
-            let (name, state) = decode_record(body)?;
-            match state {
-                Some(state) => recovered.insert(name, state),
-                None => recovered.remove(&name),
-            };
-            Ok(())
-        })?;
+        let scan =
+            format::scan_records(file.as_ref(), &path, HEADER_LEN, file_len, 0, |_, body| {
+                let (name, state) = decode_record(body)?;
+                match state {
+                    Some(state) => recovered.insert(name, state),
+                    None => recovered.remove(&name),
+                };
+                Ok(())
+            })?;
         let length = match scan {
             // Records written but never fsynced (a process killed in between) become durable
             // before the cursors they describe are used to trim or to skip entries.
@@ -293,10 +294,14 @@ impl CursorJournal {
                 file_len
             }
             ScanEnd::Damaged { offset, reason } => {
-                let follows =
-                    format::valid_record_follows(file.as_ref(), &path, offset, file_len, |body| {
-                        matches!(body.first(), Some(&RECORD_SNAPSHOT) | Some(&RECORD_DELETED))
-                    })?;
+                let follows = format::valid_record_follows(
+                    file.as_ref(),
+                    &path,
+                    offset,
+                    file_len,
+                    0,
+                    |body| matches!(body.first(), Some(&RECORD_SNAPSHOT) | Some(&RECORD_DELETED)),
+                )?;
                 if let Some(valid_at) = follows {
                     return Err(StorageError::corrupted(
                         &path,
@@ -332,6 +337,7 @@ impl CursorJournal {
         let header = FileHeader {
             kind: FileKind::CursorJournal,
             fields: [generation, 0, 0, 0, 0],
+            salt: 0,
         };
         format::create_file(shared.io.as_ref(), &path, header)?;
         Ok(CursorJournal {
@@ -459,6 +465,7 @@ impl CursorJournal {
         let header = FileHeader {
             kind: FileKind::CursorJournal,
             fields: [generation, 0, 0, 0, 0],
+            salt: 0,
         };
         let file = format::create_file(io, &rewrite_path, header)?;
         let mut bytes = Vec::new();
@@ -560,7 +567,7 @@ fn after_in_ledger(mark_delete: Option<Position>, ledger: u64, first: u64) -> Op
 
 /// A generation for a new journal file: random (the hasher state of `RandomState` is seeded
 /// per process), never 0 (the generation of journals written before generations existed).
-fn fresh_generation() -> u64 {
+pub(crate) fn fresh_generation() -> u64 {
     use std::hash::{BuildHasher, Hasher};
     static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     loop {

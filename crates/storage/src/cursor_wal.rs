@@ -133,7 +133,7 @@ impl CursorWal {
             }
             let mut records = Vec::new();
             let scan =
-                format::scan_records(file.as_ref(), &path, HEADER_LEN, length, |_, body| {
+                format::scan_records(file.as_ref(), &path, HEADER_LEN, length, 0, |_, body| {
                     records.push(WalRecord::decode(body)?);
                     Ok(())
                 })?;
@@ -311,6 +311,7 @@ fn create_wal(io: &dyn Io, root: &Path, sequence: u64) -> Result<(Arc<dyn IoFile
     let header = FileHeader {
         kind: FileKind::CursorWal,
         fields: [0; 5],
+        salt: 0,
     };
     Ok((format::create_file(io, &path, header)?, HEADER_LEN))
 }

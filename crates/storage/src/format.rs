@@ -4,9 +4,9 @@
 //! little-endian and fixed-width except inside cursor snapshots, which use LEB128 varints.
 //!
 //! ```text
-//! file header (64 bytes): magic[8] version:u16 header_len:u16 reserved:u32
+//! file header (64 bytes): magic[8] version:u16 header_len:u16 salt:u32
 //!                         field0:u64 ... field4:u64 zero[4] crc32c(bytes 0..60):u32
-//! record:                 body_len:u32 crc32c(body):u32 body[body_len]
+//! record:                 body_len:u32 crc32c(body, seeded with the salt):u32 body[body_len]
 //! ```
 
 use std::path::Path;
@@ -15,8 +15,11 @@ use std::sync::Arc;
 use crate::error::{Result, StorageError};
 use crate::io::IoFile;
 
-/// Version of the on-disk format written by this build.
+/// Version of the on-disk format written by this build for files without a salt.
 pub const FORMAT_VERSION: u16 = 1;
+/// Version of a file with a salt (a segment written into a recycled file): its records'
+/// checksums are seeded with the salt, which builds before it do not know.
+pub const SALTED_FORMAT_VERSION: u16 = 2;
 /// Length of every file header.
 pub const HEADER_LEN: u64 = 64;
 /// Length of a record's framing (length + checksum) before its body.
@@ -51,14 +54,24 @@ impl FileKind {
 pub struct FileHeader {
     pub kind: FileKind,
     pub fields: [u64; 5],
+    /// Seeds the CRC32C of every record of the file (0: none, as in every file of version 1).
+    /// A segment written into a recycled file gets a random non-zero salt, so that the records
+    /// of the file's earlier life, still on disk beyond the new ones, never pass as its own.
+    pub salt: u32,
 }
 
 impl FileHeader {
     pub fn encode(&self) -> [u8; HEADER_LEN as usize] {
         let mut bytes = [0u8; HEADER_LEN as usize];
         bytes[0..8].copy_from_slice(self.kind.magic());
-        bytes[8..10].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
+        let version = if self.salt == 0 {
+            FORMAT_VERSION
+        } else {
+            SALTED_FORMAT_VERSION
+        };
+        bytes[8..10].copy_from_slice(&version.to_le_bytes());
         bytes[10..12].copy_from_slice(&(HEADER_LEN as u16).to_le_bytes());
+        bytes[12..16].copy_from_slice(&self.salt.to_le_bytes());
         for (index, field) in self.fields.iter().enumerate() {
             let start = 16 + index * 8;
             bytes[start..start + 8].copy_from_slice(&field.to_le_bytes());
@@ -91,11 +104,18 @@ impl FileHeader {
             return Err(StorageError::corrupted(path, 0, "header checksum mismatch"));
         }
         let version = u16::from_le_bytes([bytes[8], bytes[9]]);
-        if version != FORMAT_VERSION {
+        let salt = u32::from_le_bytes([bytes[12], bytes[13], bytes[14], bytes[15]]);
+        // Version 1 has zeros where the salt is; version 2 a salt that is not zero.
+        let known = match version {
+            FORMAT_VERSION => salt == 0,
+            SALTED_FORMAT_VERSION => salt != 0,
+            _ => false,
+        };
+        if !known {
             return Err(StorageError::UnsupportedFormat {
                 path: path.to_path_buf(),
                 found: version,
-                supported: FORMAT_VERSION,
+                supported: SALTED_FORMAT_VERSION,
             });
         }
         let mut fields = [0u64; 5];
@@ -105,14 +125,19 @@ impl FileHeader {
             word.copy_from_slice(&bytes[start..start + 8]);
             *field = u64::from_le_bytes(word);
         }
-        Ok(FileHeader { kind, fields })
+        Ok(FileHeader { kind, fields, salt })
     }
 }
 
 /// Appends one record (framing + the concatenation of `body_parts`) to `out`.
 pub fn encode_record(out: &mut Vec<u8>, body_parts: &[&[u8]]) {
+    encode_salted_record(out, 0, body_parts);
+}
+
+/// [`encode_record`] for a file whose header has salt `salt`.
+pub fn encode_salted_record(out: &mut Vec<u8>, salt: u32, body_parts: &[&[u8]]) {
     let body_len: usize = body_parts.iter().map(|part| part.len()).sum();
-    let mut checksum = 0u32;
+    let mut checksum = salt;
     for part in body_parts {
         checksum = crc32c::crc32c_append(checksum, part);
     }
@@ -189,6 +214,11 @@ const fn multiply_mod_crc32c(mut a: u32, mut b: u32) -> u32 {
 
 /// Validates one record held entirely in `bytes` and returns its body.
 pub fn decode_record(bytes: &[u8]) -> std::result::Result<&[u8], String> {
+    decode_salted_record(bytes, 0)
+}
+
+/// [`decode_record`] for a file whose header has salt `salt`.
+pub fn decode_salted_record(bytes: &[u8], salt: u32) -> std::result::Result<&[u8], String> {
     let framing = bytes
         .get(..RECORD_FRAMING_LEN as usize)
         .ok_or_else(|| "record shorter than its framing".to_string())?;
@@ -197,7 +227,7 @@ pub fn decode_record(bytes: &[u8]) -> std::result::Result<&[u8], String> {
     let body = bytes
         .get(RECORD_FRAMING_LEN as usize..RECORD_FRAMING_LEN as usize + body_len)
         .ok_or_else(|| format!("record body of {body_len} bytes runs past the end"))?;
-    if crc32c::crc32c(body) != stored_checksum {
+    if crc32c::crc32c_append(salt, body) != stored_checksum {
         return Err("record checksum mismatch".to_string());
     }
     Ok(body)
@@ -218,12 +248,14 @@ pub enum ScanEnd {
 ///
 /// Validity depends only on the bytes and the file, never on today's configuration: a record
 /// written under a larger entry limit than the one configured now is as valid as it was then.
-/// A length field of garbage cannot make the scan allocate more than the file holds.
+/// A length field of garbage cannot make the scan allocate more than the file holds. `salt` is
+/// the file header's.
 pub fn scan_records(
     file: &dyn IoFile,
     path: &Path,
     start: u64,
     end: u64,
+    salt: u32,
     mut on_record: impl FnMut(u64, &[u8]) -> std::result::Result<(), String>,
 ) -> Result<ScanEnd> {
     const CHUNK: u64 = 1 << 20;
@@ -270,7 +302,7 @@ pub fn scan_records(
         }
         let at = (offset - buffer_start) as usize;
         let record = &buffer[at..at + record_len as usize];
-        let body = match decode_record(record) {
+        let body = match decode_salted_record(record, salt) {
             Ok(body) => body,
             Err(reason) => return Ok(ScanEnd::Damaged { offset, reason }),
         };
@@ -296,6 +328,7 @@ pub fn valid_record_follows(
     path: &Path,
     damaged_at: u64,
     end: u64,
+    salt: u32,
     plausible: impl Fn(&[u8]) -> bool,
 ) -> Result<Option<u64>> {
     if damaged_at + RECORD_FRAMING_LEN > end {
@@ -321,7 +354,9 @@ pub fn valid_record_follows(
         let Some(body) = bytes.get(body_start..body_start.saturating_add(body_len as usize)) else {
             continue;
         };
-        if plausible(body) && decode_record(&bytes[at..body_start + body.len()]).is_ok() {
+        if plausible(body)
+            && decode_salted_record(&bytes[at..body_start + body.len()], salt).is_ok()
+        {
             return Ok(Some(first + at as u64));
         }
     }
@@ -455,6 +490,7 @@ mod tests {
         let header = FileHeader {
             kind: FileKind::Segment,
             fields: [7, 42, 1_700_000_000_000, 6, 99],
+            salt: 0,
         };
         let io = crate::SimIo::new();
         let path = Path::new("/x/header");

@@ -143,6 +143,12 @@ pub(crate) struct Segment {
     continues: Option<Position>,
     /// Wall-clock time of the last append, for time-based retention.
     last_write_ms: u64,
+    /// Seeds the checksums of this segment's records (its header's salt; 0 in a file that was
+    /// not recycled).
+    salt: u32,
+    /// A trimmed segment's file (`*.free`) this segment is to be written into; taken when the
+    /// segment's file is created.
+    recycle_from: Option<PathBuf>,
 }
 
 impl Segment {
@@ -159,7 +165,19 @@ impl Segment {
             synced_end: 0,
             continues: None,
             last_write_ms: now_ms(),
+            salt: 0,
+            recycle_from: None,
         }
+    }
+
+    /// A segment to be written into the trimmed segment file at `free`: its records get a
+    /// random non-zero salt, so that those of the file's earlier life never pass for its own.
+    fn recycling(directory: &Path, ledger_id: u64, first_entry_id: u64, free: PathBuf) -> Segment {
+        let mut segment = Segment::new(directory, ledger_id, first_entry_id);
+        let random = crate::cursor::fresh_generation();
+        segment.salt = ((random >> 32) as u32 ^ random as u32).max(1);
+        segment.recycle_from = Some(free);
+        segment
     }
 
     /// The file, if the log holds it open.
@@ -344,6 +362,14 @@ pub(crate) fn parse_segment_file_name(name: &str) -> Option<(u64, u64)> {
     Some((ledger.parse().ok()?, entry.parse().ok()?))
 }
 
+/// Suffix of a trimmed segment's file kept for reuse (`<segment name without .segment>.free`).
+const FREE_SUFFIX: &str = ".free";
+
+/// Where a trimmed segment's file waits to be written into again.
+fn free_file_path(segment_path: &Path) -> PathBuf {
+    segment_path.with_extension(&FREE_SUFFIX[1..])
+}
+
 /// The CRC32C of an entry's bytes from `offset` to the end, computed (and checked) by whoever
 /// hands the entry to [`Log::append_with_checksum`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -472,6 +498,9 @@ pub(crate) struct LogState {
     stats: LogStats,
     /// Where appends are also committed (cluster mode); `None` for the local engine alone.
     remote: Option<Arc<dyn RemoteLog>>,
+    /// Trimmed segment files (`*.free`) that the next segments are written into, at most
+    /// `recycled_segments_max`.
+    free_files: Vec<PathBuf>,
 }
 
 /// Told once, with the `StorageError::Poisoned` error, when a log is poisoned, and once, with
@@ -535,6 +564,7 @@ enum ReadPart {
         file: Option<Arc<dyn IoFile>>,
         path: PathBuf,
         ledger_id: u64,
+        salt: u32,
         first_entry_id: u64,
         ranges: Vec<(u64, u64)>,
     },
@@ -544,6 +574,7 @@ enum ReadPart {
         file: Option<Arc<dyn IoFile>>,
         path: PathBuf,
         ledger_id: u64,
+        salt: u32,
         /// The segment's first entry id.
         first_entry_id: u64,
         from_index: usize,
@@ -579,6 +610,7 @@ impl DiskRun {
                 file: segment.open_file(),
                 path: segment.path.clone(),
                 ledger_id: segment.ledger_id,
+                salt: segment.salt,
                 first_entry_id: segment.first_entry_id + first as u64,
                 ranges: std::mem::take(&mut self.ranges),
             });
@@ -589,6 +621,7 @@ impl DiskRun {
             file: segment.open_file(),
             path: segment.path.clone(),
             ledger_id: segment.ledger_id,
+            salt: segment.salt,
             first_entry_id: segment.first_entry_id,
             from_index,
             from_offset,
@@ -735,6 +768,20 @@ impl Log {
             .filter_map(|name| parse_segment_file_name(name))
             .collect();
         segment_keys.sort_unstable();
+        // Trimmed files kept for reuse (what they hold does not matter): the newest few stay.
+        let mut free_files: Vec<PathBuf> = names
+            .iter()
+            .filter(|name| name.ends_with(FREE_SUFFIX))
+            .map(|name| directory.join(name))
+            .collect();
+        free_files.sort_unstable();
+        let extra = free_files
+            .len()
+            .saturating_sub(shared.config.recycled_segments_max);
+        for path in free_files.drain(..extra) {
+            io.remove_file(&path)
+                .map_err(|error| StorageError::io("remove", &path, error))?;
+        }
 
         let mut segments = Vec::with_capacity(segment_keys.len() + 1);
         let last_index = segment_keys.len().checked_sub(1);
@@ -773,6 +820,7 @@ impl Log {
         let header = FileHeader {
             kind: FileKind::Segment,
             fields: [ledger_id, 0, now_ms(), continues[0], continues[1]],
+            salt: 0,
         };
         match format::create_file(io.as_ref(), &active.path, header) {
             Ok(file) => {
@@ -845,6 +893,7 @@ impl Log {
                 retention: Retention::default(),
                 stats: LogStats::default(),
                 remote: None,
+                free_files,
             }),
             shared,
             flush_finished: Condvar::new(),
@@ -999,9 +1048,11 @@ impl Log {
             active.entry_count() > 0 && active.end + record_len > config.segment_max_bytes
         });
         if needs_roll {
-            state
-                .segments
-                .push(Segment::new(&self.directory, ledger_id, entry_id));
+            let next = match state.free_files.pop() {
+                Some(free) => Segment::recycling(&self.directory, ledger_id, entry_id, free),
+                None => Segment::new(&self.directory, ledger_id, entry_id),
+            };
+            state.segments.push(next);
             rolled = true;
         }
         let Some(active) = state.segments.last_mut() else {
@@ -1018,6 +1069,7 @@ impl Log {
         active.end += record_len;
         active.last_write_ms = now_ms();
         let segment_first_entry_id = active.first_entry_id;
+        let salt = active.salt;
         let joins_last_batch = !create
             && state.pending.back().is_some_and(|batch| {
                 batch.ledger_id == ledger_id
@@ -1044,13 +1096,14 @@ impl Log {
         let mut header = [0u8; ENTRY_HEADER_LEN as usize];
         header[..8].copy_from_slice(&entry_id.to_le_bytes());
         header[8..].copy_from_slice(&publish_time_ms.to_le_bytes());
+        let header_checksum = crc32c::crc32c_append(salt, &header);
         let checksum = match known.filter(|known| known.offset <= data.len()) {
             Some(known) => format::crc32c_combine(
-                crc32c::crc32c_append(crc32c::crc32c(&header), &data[..known.offset]),
+                crc32c::crc32c_append(header_checksum, &data[..known.offset]),
                 known.crc32c,
                 data.len() - known.offset,
             ),
-            None => crc32c::crc32c_append(crc32c::crc32c(&header), &data),
+            None => crc32c::crc32c_append(header_checksum, &data),
         };
         let framing = format::record_framing(header.len() + data.len(), checksum);
         batch.bytes.push_record(&framing, &header, &data);
@@ -1084,7 +1137,7 @@ impl Log {
     /// queues itself again behind the other logs waiting for a flush thread, so that a busy
     /// log cannot keep a thread to itself while other logs' appends wait.
     pub(crate) fn flush(self: &Arc<Self>) {
-        let (mut batch, file, path, continues) = {
+        let (mut batch, file, path, new_segment) = {
             let mut state = self.lock();
             if let Some(error) = state.failure.clone() {
                 let abandoned: Vec<PendingBatch> = state.pending.drain(..).collect();
@@ -1107,16 +1160,34 @@ impl Log {
                 self.flush_finished.notify_all();
                 return;
             };
-            let segment = state.segment_for_batch(&batch);
-            let file = segment.and_then(Segment::open_file);
-            let path = segment
-                .map(|segment| segment.path.clone())
-                .unwrap_or_else(|| self.directory.clone());
-            let continues = segment.and_then(|segment| segment.continues);
-            (batch, file, path, continues)
+            let index = state.segment_index_for_batch(&batch);
+            // The segment before a new one: its file may be a recycled one, longer than its
+            // records (cut to them before the new segment exists).
+            let previous = index
+                .filter(|_| batch.create)
+                .and_then(|index| index.checked_sub(1))
+                .and_then(|previous| {
+                    let segment = &state.segments[previous];
+                    Some((segment.open_file()?, segment.flushed_end))
+                });
+            let segment = index.map(|index| &mut state.segments[index]);
+            let (file, path, new_segment) = match segment {
+                Some(segment) => (
+                    segment.open_file(),
+                    segment.path.clone(),
+                    NewSegment {
+                        continues: segment.continues,
+                        salt: segment.salt,
+                        recycle_from: segment.recycle_from.take(),
+                        previous,
+                    },
+                ),
+                None => (None, self.directory.clone(), NewSegment::default()),
+            };
+            (batch, file, path, new_segment)
         };
 
-        let outcome = self.write_batch(&batch, file, &path, continues);
+        let outcome = self.write_batch(&batch, file, &path, new_segment);
         // With a remote log the batch is durable only once every entry of it is committed
         // there too (waited for off the lock; the log's next flush waits behind this one).
         let outcome = match outcome {
@@ -1232,7 +1303,7 @@ impl Log {
         batch: &PendingBatch,
         file: Option<Arc<dyn IoFile>>,
         path: &Path,
-        continues: Option<Position>,
+        new_segment: NewSegment,
     ) -> std::result::Result<Arc<dyn IoFile>, (FlushStage, StorageError)> {
         let io = self.shared.io.as_ref();
         let file = match file {
@@ -1249,9 +1320,20 @@ impl Log {
                     self.sync_written()
                         .map_err(|error| (FlushStage::Sync, error))?;
                 }
+                // Only the newest segment may hold bytes beyond its records (a recycled file's
+                // earlier life): recovery reads an older one to its end.
+                if let Some((previous, records_end)) = &new_segment.previous {
+                    cut_to_records(previous.as_ref(), *records_end).map_err(|error| {
+                        (
+                            FlushStage::Create,
+                            StorageError::io("truncate", path, error),
+                        )
+                    })?;
+                }
                 // A roll continues the same ledger at the entry it starts with; the first segment
                 // of a ledger, where the previous ledger ended.
-                let continues = continues
+                let continues = new_segment
+                    .continues
                     .unwrap_or(Position::new(batch.ledger_id, batch.segment_first_entry_id));
                 let header = FileHeader {
                     kind: FileKind::Segment,
@@ -1262,9 +1344,16 @@ impl Log {
                         continues.ledger_id,
                         continues.entry_id,
                     ],
+                    salt: new_segment.salt,
                 };
-                format::create_file(io, path, header)
-                    .map_err(|error| (FlushStage::Create, error))?
+                let recycled = new_segment
+                    .recycle_from
+                    .and_then(|free| self.recycle_file(&free, path, header));
+                match recycled {
+                    Some(file) => file,
+                    None => format::create_file(io, path, header)
+                        .map_err(|error| (FlushStage::Create, error))?,
+                }
             }
         };
         file.write_all_vectored_at(&batch.bytes.slices(), batch.file_offset)
@@ -1274,6 +1363,40 @@ impl Log {
                 .map_err(|error| (FlushStage::Sync, StorageError::io("fsync", path, error)))?;
         }
         Ok(file)
+    }
+
+    /// Makes the trimmed segment file `free` the segment file `path` with `header`: the header
+    /// is written and synced while the file still has its free name (a crash leaves a free file
+    /// with a new header, still free), then the file is renamed, durably. The bytes after the
+    /// header stay as they were: records of the file's earlier life, which fail the checksums
+    /// of the new salt. `None` (with a WARN) if any step failed: the caller creates a new file;
+    /// the free one is removed if it is still there.
+    fn recycle_file(
+        &self,
+        free: &Path,
+        path: &Path,
+        header: FileHeader,
+    ) -> Option<Arc<dyn IoFile>> {
+        let io = self.shared.io.as_ref();
+        let recycled = io.open(free).and_then(|file| {
+            file.write_all_at(&header.encode(), 0)?;
+            file.sync()?;
+            io.rename(free, path)?;
+            io.sync_dir(&self.directory)?;
+            Ok(file)
+        });
+        match recycled {
+            Ok(file) => Some(file),
+            Err(error) => {
+                tracing::warn!(log = %self.name, free = %free.display(), %error, "could not write a segment into a recycled file; creating a new one");
+                if io.exists(free) {
+                    let _ = io.remove_file(free);
+                }
+                // A rename that happened but could not be made durable leaves the segment's
+                // name taken: `create` below fails on it, and the append with it.
+                None
+            }
+        }
     }
 
     /// After a "disk full" failure, removes the failed batch's bytes from the file so that the
@@ -1565,6 +1688,7 @@ impl Log {
                 file,
                 path,
                 ledger_id,
+                salt,
                 first_entry_id,
                 ranges,
             } => {
@@ -1581,7 +1705,8 @@ impl Log {
                     let entry_id = first_entry_id + index as u64;
                     let at = (record_start - start_offset) as usize;
                     let record = buffer.slice(at..(record_end - start_offset) as usize);
-                    self.push_decoded(read, &path, ledger_id, entry_id, *record_start, record)?;
+                    let at = (ledger_id, salt, entry_id, *record_start);
+                    self.push_decoded(read, &path, at, record)?;
                 }
                 Ok(())
             }
@@ -1589,6 +1714,7 @@ impl Log {
                 file,
                 path,
                 ledger_id,
+                salt,
                 first_entry_id,
                 from_index,
                 from_offset,
@@ -1621,7 +1747,8 @@ impl Log {
                             .get(offset, record_len)
                             .map_err(|error| self.refuse_corrupted(error))?;
                         let entry_id = first_entry_id + index as u64;
-                        self.push_decoded(read, &path, ledger_id, entry_id, offset, record)?;
+                        let at = (ledger_id, salt, entry_id, offset);
+                        self.push_decoded(read, &path, at, record)?;
                     }
                     offset += record_len;
                 }
@@ -1642,18 +1769,17 @@ impl Log {
         }
     }
 
-    /// Decodes the record of entry `entry_id` into `read`; a bad record marks the log
-    /// corrupted.
+    /// Decodes the record of entry `entry_id` (of ledger `ledger_id`, in a segment with salt
+    /// `salt`, at `offset`) into `read`; a bad record marks the log corrupted, unless its
+    /// segment was trimmed while it was being read (its file may then have been recycled).
     fn push_decoded(
         &self,
         read: &mut ReadBudget,
         path: &Path,
-        ledger_id: u64,
-        entry_id: u64,
-        offset: u64,
+        (ledger_id, salt, entry_id, offset): (u64, u32, u64, u64),
         record: Bytes,
     ) -> Result<()> {
-        match decode_entry(&record, entry_id) {
+        match decode_entry(&record, entry_id, salt) {
             Ok((publish_time_ms, data_start)) => {
                 read.bytes += record.len();
                 read.entries.push(Entry {
@@ -1664,6 +1790,17 @@ impl Log {
                 Ok(())
             }
             Err(reason) => {
+                let position = Position::new(ledger_id, entry_id);
+                if self.first_position().is_none_or(|first| position < first) {
+                    return Err(StorageError::io(
+                        "read",
+                        path,
+                        std::io::Error::new(
+                            std::io::ErrorKind::NotFound,
+                            "the segment was trimmed while it was being read",
+                        ),
+                    ));
+                }
                 Err(self.refuse_corrupted(StorageError::corrupted(path, offset, reason)))
             }
         }
@@ -2013,16 +2150,27 @@ impl Log {
             return Ok((remote, 0));
         }
         // Oldest first, each removal durable before the next: a crash part-way leaves a log
-        // that starts at a later segment, never one with a hole in the middle.
+        // that starts at a later segment, never one with a hole in the middle. A large file is
+        // kept (renamed `*.free`) while the log has room for one more to write into again.
         let mut freed = 0;
+        let io = self.shared.io.as_ref();
         for segment in &removed {
-            let io = self.shared.io.as_ref();
-            io.remove_file(&segment.path)
-                .map_err(|error| StorageError::io("remove segment", &segment.path, error))?;
+            let recycle = segment.size_bytes() >= self.shared.config.segment_max_bytes / 2
+                && self.lock().free_files.len() < self.shared.config.recycled_segments_max;
+            let free = free_file_path(&segment.path);
+            if recycle {
+                io.rename(&segment.path, &free)
+            } else {
+                io.remove_file(&segment.path)
+            }
+            .map_err(|error| StorageError::io("remove segment", &segment.path, error))?;
             io.sync_dir(&self.directory)
                 .map_err(|error| StorageError::io("fsync directory", &self.directory, error))?;
+            if recycle {
+                self.lock().free_files.push(free);
+            }
             freed += segment.size_bytes();
-            tracing::debug!(log = %self.name, path = %segment.path.display(), "segment trimmed");
+            tracing::debug!(log = %self.name, path = %segment.path.display(), recycle, "segment trimmed");
         }
         Ok((remote, freed))
     }
@@ -2047,6 +2195,7 @@ impl Log {
         if synced.is_ok() {
             self.seal();
         }
+        self.remove_free_files();
         let persisted = self.persist_cursors();
         // The last write to this log's journal: a handle that outlives the close (the log may
         // be deleted and created again under the same name) must not write into its successor.
@@ -2092,21 +2241,51 @@ impl Log {
                     segment.path.clone(),
                     segment.flushed_end,
                     segment.synced_end,
+                    segment.salt,
                 ))
             })
         };
-        let Some((file, path, flushed_end, synced_end)) = target else {
+        let Some((file, path, flushed_end, synced_end, salt)) = target else {
             return;
         };
         if flushed_end != synced_end || flushed_end < HEADER_LEN {
             return;
         }
+        // The seal must be the file's last bytes: a recycled file is cut after it.
         let sealed = file
-            .write_all_at(&encode_seal(flushed_end), flushed_end)
-            .and_then(|()| file.sync());
+            .write_all_at(&encode_seal(flushed_end, salt), flushed_end)
+            .and_then(|()| {
+                let sealed_len = flushed_end + SEAL_RECORD_LEN;
+                if file.size()? > sealed_len {
+                    file.set_len(sealed_len)?;
+                }
+                file.sync()
+            });
         if let Err(error) = sealed {
             tracing::warn!(log = %self.name, path = %path.display(), %error, "could not seal the newest segment; it will be recovered as after a crash");
             let _ = file.set_len(flushed_end);
+        }
+    }
+
+    /// Removes the trimmed files kept for reuse (a closed log holds no disk it does not use).
+    /// Best effort: one left behind is adopted or removed by the next open.
+    fn remove_free_files(&self) {
+        let free: Vec<PathBuf> = {
+            let mut state = self.lock();
+            let reserved: Vec<PathBuf> = state
+                .segments
+                .iter_mut()
+                .filter_map(|segment| segment.recycle_from.take())
+                .collect();
+            std::mem::take(&mut state.free_files)
+                .into_iter()
+                .chain(reserved)
+                .collect()
+        };
+        for path in free {
+            if let Err(error) = self.shared.io.remove_file(&path) {
+                tracing::warn!(log = %self.name, path = %path.display(), %error, "could not remove a recycled segment file");
+            }
         }
     }
 
@@ -2131,18 +2310,17 @@ impl Log {
 }
 
 impl LogState {
-    fn segment_for_batch(&self, batch: &PendingBatch) -> Option<&Segment> {
-        self.segments.iter().rev().find(|segment| {
+    /// Index in `segments` of the segment `batch` is written to.
+    fn segment_index_for_batch(&self, batch: &PendingBatch) -> Option<usize> {
+        self.segments.iter().rposition(|segment| {
             segment.ledger_id == batch.ledger_id
                 && segment.first_entry_id == batch.segment_first_entry_id
         })
     }
 
     fn segment_for_batch_mut(&mut self, batch: &PendingBatch) -> Option<&mut Segment> {
-        self.segments.iter_mut().rev().find(|segment| {
-            segment.ledger_id == batch.ledger_id
-                && segment.first_entry_id == batch.segment_first_entry_id
-        })
+        let index = self.segment_index_for_batch(batch)?;
+        Some(&mut self.segments[index])
     }
 
     /// Forgets every entry at or after `first_removed` (all of them in the current ledger and
@@ -2255,8 +2433,9 @@ fn complete(waiters: Vec<oneshot::Sender<Result<()>>>, result: Result<()>) {
 fn decode_entry(
     record: &[u8],
     expected_entry_id: u64,
+    salt: u32,
 ) -> std::result::Result<(u64, usize), String> {
-    let body = format::decode_record(record)?;
+    let body = format::decode_salted_record(record, salt)?;
     if body.len() < ENTRY_HEADER_LEN as usize {
         return Err("entry record shorter than its header".into());
     }
@@ -2279,10 +2458,11 @@ const SEAL_ENTRY_ID: u64 = u64::MAX;
 /// A seal record: framing, then its entry id and its own file offset.
 const SEAL_RECORD_LEN: u64 = RECORD_FRAMING_LEN + 16;
 
-fn encode_seal(entries_end: u64) -> Vec<u8> {
+fn encode_seal(entries_end: u64, salt: u32) -> Vec<u8> {
     let mut bytes = Vec::with_capacity(SEAL_RECORD_LEN as usize);
-    format::encode_record(
+    format::encode_salted_record(
         &mut bytes,
+        salt,
         &[&SEAL_ENTRY_ID.to_le_bytes(), &entries_end.to_le_bytes()],
     );
     bytes
@@ -2290,7 +2470,7 @@ fn encode_seal(entries_end: u64) -> Vec<u8> {
 
 /// Where the entries of a segment sealed by a clean close end: the offset of the seal record
 /// that makes up its last bytes (`None`: not sealed, or the seal itself is damaged).
-fn sealed_end(file: &dyn IoFile, path: &Path, file_len: u64) -> Result<Option<u64>> {
+fn sealed_end(file: &dyn IoFile, path: &Path, file_len: u64, salt: u32) -> Result<Option<u64>> {
     let Some(at) = file_len
         .checked_sub(SEAL_RECORD_LEN)
         .filter(|at| *at >= HEADER_LEN)
@@ -2300,7 +2480,7 @@ fn sealed_end(file: &dyn IoFile, path: &Path, file_len: u64) -> Result<Option<u6
     let mut bytes = [0u8; SEAL_RECORD_LEN as usize];
     file.read_exact_at(&mut bytes, at)
         .map_err(|error| StorageError::io("read", path, error))?;
-    let Ok(body) = format::decode_record(&bytes) else {
+    let Ok(body) = format::decode_salted_record(&bytes, salt) else {
         return Ok(None);
     };
     let mut reader = format::ByteReader::new(body);
@@ -2308,6 +2488,27 @@ fn sealed_end(file: &dyn IoFile, path: &Path, file_len: u64) -> Result<Option<u6
         return Ok(None);
     };
     Ok((entry_id == SEAL_ENTRY_ID && offset == at && reader.is_empty()).then_some(at))
+}
+
+/// What the flush that creates a segment's file needs of it.
+#[derive(Default)]
+struct NewSegment {
+    /// The position the segment continues (its header's fields 3 and 4).
+    continues: Option<Position>,
+    salt: u32,
+    /// A trimmed segment file to write the segment into.
+    recycle_from: Option<PathBuf>,
+    /// The previous segment's open file and the end of its records.
+    previous: Option<(Arc<dyn IoFile>, u64)>,
+}
+
+/// Cuts a file that is longer than its records (a recycled one) to their end, durably.
+fn cut_to_records(file: &dyn IoFile, records_end: u64) -> std::io::Result<()> {
+    if file.size()? > records_end {
+        file.set_len(records_end)?;
+        file.sync()?;
+    }
+    Ok(())
 }
 
 /// A remote log and the first entry its local log still holds after a trim.
@@ -2417,18 +2618,20 @@ fn recover_segment(
         ));
     }
     segment.last_write_ms = header.fields[2];
+    segment.salt = header.salt;
     if header.fields[3] != 0 {
         segment.continues = Some(Position::new(header.fields[3], header.fields[4]));
     }
     // A clean close sealed the newest segment: its records end before the seal, and damage in
     // them is corruption, never a torn write. (A sealed segment is no longer the newest only if
     // the file created after it was torn while being created and removed just now.)
-    let sealed = sealed_end(file.as_ref(), &path, file_len)?;
+    let sealed = sealed_end(file.as_ref(), &path, file_len, header.salt)?;
     let scan = format::scan_records(
         file.as_ref(),
         &path,
         HEADER_LEN,
         sealed.unwrap_or(file_len),
+        header.salt,
         |offset, body| {
             let mut reader = format::ByteReader::new(body);
             let entry_id = reader.u64()?;
@@ -2470,8 +2673,13 @@ fn recover_segment(
                 ));
             }
             let next_entry = first_entry_id + segment.entry_count();
-            let follows =
-                format::valid_record_follows(file.as_ref(), &path, offset, file_len, |body| {
+            let follows = format::valid_record_follows(
+                file.as_ref(),
+                &path,
+                offset,
+                file_len,
+                header.salt,
+                |body| {
                     body.len() >= ENTRY_HEADER_LEN as usize
                         && body[..8]
                             .try_into()
@@ -2479,7 +2687,8 @@ fn recover_segment(
                             .is_ok_and(|entry_id| {
                                 entry_id >= next_entry && entry_id < next_entry + (1 << 20)
                             })
-                })?;
+                },
+            )?;
             if let Some(valid_at) = follows {
                 return Err(StorageError::corrupted(
                     &path,

@@ -153,7 +153,12 @@ fn directory_bytes(path: &Path) -> u64 {
 #[test]
 fn trimming_deletes_consumed_segments_and_frees_disk() {
     let root = tempfile::tempdir().expect("tempdir");
-    let storage = Storage::open(root.path(), config()).expect("open");
+    // Trimmed files are deleted, not kept for reuse (tests/recycling.rs).
+    let config = StorageConfig {
+        recycled_segments_max: 0,
+        ..config()
+    };
+    let storage = Storage::open(root.path(), config).expect("open");
     let log = storage.open_log("t").expect("log");
     log.open_cursor("slow", InitialPosition::Earliest)
         .expect("cursor");
