@@ -2673,22 +2673,32 @@ fn recover_segment(
                 ));
             }
             let next_entry = first_entry_id + segment.entry_count();
-            let follows = format::valid_record_follows(
-                file.as_ref(),
-                &path,
-                offset,
-                file_len,
-                header.salt,
-                |body| {
-                    body.len() >= ENTRY_HEADER_LEN as usize
-                        && body[..8]
-                            .try_into()
-                            .map(u64::from_le_bytes)
-                            .is_ok_and(|entry_id| {
-                                entry_id >= next_entry && entry_id < next_entry + (1 << 20)
-                            })
-                },
-            )?;
+            // A recycled file (salted) is written over its earlier life, not appended to: a
+            // power cut may keep the pages of its last writes that lie past its old end, or any
+            // other of them, and lose those before: valid records after the damage are then a
+            // torn write, not corruption. (Nothing after the first damage was acknowledged
+            // under the fsync policy: every acknowledged batch was synced whole before the
+            // next one was written.) Nor is its earlier life searched, up to a whole segment.
+            let follows = if header.salt != 0 {
+                None
+            } else {
+                format::valid_record_follows(
+                    file.as_ref(),
+                    &path,
+                    offset,
+                    file_len,
+                    header.salt,
+                    |body| {
+                        body.len() >= ENTRY_HEADER_LEN as usize
+                            && body[..8]
+                                .try_into()
+                                .map(u64::from_le_bytes)
+                                .is_ok_and(|entry_id| {
+                                    entry_id >= next_entry && entry_id < next_entry + (1 << 20)
+                                })
+                    },
+                )?
+            };
             if let Some(valid_at) = follows {
                 return Err(StorageError::corrupted(
                     &path,
