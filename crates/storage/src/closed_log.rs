@@ -11,12 +11,12 @@
 
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::io::{BufReader, Read, Seek, SeekFrom};
+use std::io::{BufReader, Read, Seek};
 use std::path::Path;
 
 use crate::cursor::{decode_record as decode_journal_record, CursorState};
 use crate::error::{Result, StorageError};
-use crate::format::{decode_record, HEADER_LEN, RECORD_FRAMING_LEN};
+use crate::format::{decode_record, HEADER_LEN, RECORD_FRAMING_LEN, SALTED_FORMAT_VERSION};
 use crate::position::Position;
 
 /// What a log's files hold.
@@ -184,8 +184,10 @@ fn walk_segment(
 /// was when the walk began); returns the number of entries. The file may be cut shorter
 /// meanwhile (an open truncating a torn tail or cutting a seal off, relaxed mode cutting unsynced
 /// bytes off): its end is then taken for a torn tail, as an open would, rather than failing.
-/// Checksums are not verified: a record whose entry id does not follow the one before (the
-/// earlier life of a recycled file, after a crash) ends the walk too.
+/// Checksums are not verified, except in a recycled file (a salt in its header): beyond its
+/// records lies its earlier life, which may hold, at the very offsets, the entry ids that come
+/// next (an earlier ledger's); only the checksum tells them apart. A record whose entry id
+/// does not follow the one before ends the walk too.
 fn walk_records<R: Read + Seek>(
     mut reader: BufReader<R>,
     length: u64,
@@ -193,7 +195,15 @@ fn walk_records<R: Read + Seek>(
     first_entry_id: u64,
     mut on_entry: impl FnMut(Position, u64),
 ) -> std::io::Result<u64> {
-    reader.seek(SeekFrom::Start(HEADER_LEN))?;
+    let mut header = [0u8; HEADER_LEN as usize];
+    match reader.read_exact(&mut header) {
+        Ok(()) => {}
+        Err(error) if error.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(0),
+        Err(error) => return Err(error),
+    }
+    let salt = (u16::from_le_bytes([header[8], header[9]]) == SALTED_FORMAT_VERSION)
+        .then(|| u32::from_le_bytes([header[12], header[13], header[14], header[15]]));
+    let mut body = Vec::new();
     let mut offset = HEADER_LEN;
     let mut entries = 0;
     let mut head = [0u8; 16];
@@ -209,11 +219,24 @@ fn walk_records<R: Read + Seek>(
         if body_len < 16 || entry_id != first_entry_id + entries || offset + record_len > length {
             break; // a seal, or a torn tail
         }
+        if let Some(salt) = salt {
+            body.resize((body_len - 8) as usize, 0);
+            match reader.read_exact(&mut body) {
+                Ok(()) => {}
+                Err(error) if error.kind() == std::io::ErrorKind::UnexpectedEof => break,
+                Err(error) => return Err(error),
+            }
+            let stored = u32::from_le_bytes([head[4], head[5], head[6], head[7]]);
+            if crc32c::crc32c_append(crc32c::crc32c_append(salt, &head[8..16]), &body) != stored {
+                break; // the file's earlier life, or a torn tail
+            }
+        } else {
+            // Past the end is allowed: the next read finds it.
+            reader.seek_relative((body_len - 8) as i64)?;
+        }
         on_entry(Position::new(ledger_id, entry_id), record_len);
         entries += 1;
         offset += record_len;
-        // Past the end is allowed: the next read finds it.
-        reader.seek_relative((body_len - 8) as i64)?;
     }
     Ok(entries)
 }
