@@ -1735,18 +1735,16 @@ impl Log {
                     if index >= wanted_index && read.exhausted() {
                         break;
                     }
-                    let framing = chunks
-                        .get(offset, RECORD_FRAMING_LEN)
-                        .map_err(|error| self.refuse_corrupted(error))?;
+                    let entry_id = first_entry_id + index as u64;
+                    // A recycled file's bytes may be anything here (see `bad_record`).
+                    let bad = |error| self.bad_record(&path, (ledger_id, entry_id), error);
+                    let framing = chunks.get(offset, RECORD_FRAMING_LEN).map_err(bad)?;
                     let body_len = u64::from(u32::from_le_bytes([
                         framing[0], framing[1], framing[2], framing[3],
                     ]));
                     let record_len = RECORD_FRAMING_LEN + body_len;
                     if index >= wanted_index {
-                        let record = chunks
-                            .get(offset, record_len)
-                            .map_err(|error| self.refuse_corrupted(error))?;
-                        let entry_id = first_entry_id + index as u64;
+                        let record = chunks.get(offset, record_len).map_err(bad)?;
                         let at = (ledger_id, salt, entry_id, offset);
                         self.push_decoded(read, &path, at, record)?;
                     }
@@ -1789,21 +1787,36 @@ impl Log {
                 });
                 Ok(())
             }
-            Err(reason) => {
-                let position = Position::new(ledger_id, entry_id);
-                if self.first_position().is_none_or(|first| position < first) {
-                    return Err(StorageError::io(
-                        "read",
-                        path,
-                        std::io::Error::new(
-                            std::io::ErrorKind::NotFound,
-                            "the segment was trimmed while it was being read",
-                        ),
-                    ));
-                }
-                Err(self.refuse_corrupted(StorageError::corrupted(path, offset, reason)))
-            }
+            Err(reason) => Err(self.bad_record(
+                path,
+                (ledger_id, entry_id),
+                StorageError::corrupted(path, offset, reason),
+            )),
         }
+    }
+
+    /// The error of a read that found a bad record (or record framing) of entry `entry_id` of
+    /// ledger `ledger_id` in `path`: NotFound if the entry was trimmed while it was being read
+    /// (its segment's file may have been recycled: written into by a newer segment), else
+    /// `error`, which marks the log corrupted.
+    fn bad_record(
+        &self,
+        path: &Path,
+        (ledger_id, entry_id): (u64, u64),
+        error: StorageError,
+    ) -> StorageError {
+        let position = Position::new(ledger_id, entry_id);
+        if self.first_position().is_none_or(|first| position < first) {
+            return StorageError::io(
+                "read",
+                path,
+                std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    "the segment was trimmed while it was being read",
+                ),
+            );
+        }
+        self.refuse_corrupted(error)
     }
 
     /// A read found corrupted bytes: the log refuses reads and appends from now on. Reported

@@ -2,12 +2,15 @@
 //! into again): power cuts that keep part of what was written into a recycled file, the
 //! summary of a log that is not open, and reads racing a trim that recycles the file they read.
 
-use std::path::Path;
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use meridian_storage::{CrashMode, FlushPolicy, Log, SimIo, Storage, StorageConfig};
+use meridian_storage::{
+    CrashMode, FlushPolicy, Io, IoFile, Log, Position, SimIo, Storage, StorageConfig,
+};
 
 const HEADER_LEN: u64 = 64;
 /// Record framing (8) + entry header (16).
@@ -47,8 +50,14 @@ fn payload(run: &str, index: u64) -> Bytes {
 }
 
 fn append(log: &Arc<Log>, run: &str, indexes: std::ops::Range<u64>) {
+    append_sized(log, run, indexes, PAYLOAD_LEN);
+}
+
+fn append_sized(log: &Arc<Log>, run: &str, indexes: std::ops::Range<u64>, len: usize) {
     for index in indexes {
-        log.append(payload(run, index), index)
+        let mut data = payload(run, index).to_vec();
+        data.resize(len, b'.');
+        log.append(Bytes::from(data), index)
             .expect("append")
             .wait()
             .expect("durable");
@@ -175,4 +184,158 @@ fn the_summary_of_a_log_that_is_not_open_does_not_count_a_recycled_files_earlier
     let log = storage.open_log("t").expect("log");
     assert_eq!(read_all(&log).len(), 22);
     assert_eq!(summary.entries, 22, "{summary:?}");
+}
+
+/// Where a read of the file it is armed for stops (once), until the test lets it go on.
+#[derive(Default)]
+struct Gate {
+    armed: Mutex<Option<PathBuf>>,
+    reached: Mutex<Option<Sender<()>>>,
+    release: Mutex<Option<Receiver<()>>>,
+}
+
+impl Gate {
+    /// Makes the first read of a file opened at `path` from now on wait for the sender
+    /// returned; `reached` hears when it does.
+    fn arm(&self, path: PathBuf) -> (Receiver<()>, Sender<()>) {
+        let (reached_sender, reached) = channel();
+        let (release, release_receiver) = channel();
+        *self.reached.lock().unwrap() = Some(reached_sender);
+        *self.release.lock().unwrap() = Some(release_receiver);
+        *self.armed.lock().unwrap() = Some(path);
+        (reached, release)
+    }
+}
+
+/// `SimIo` whose files opened at the gate's path stop at their first read.
+struct GatedIo {
+    inner: SimIo,
+    gate: Arc<Gate>,
+}
+
+struct GatedFile {
+    inner: Arc<dyn IoFile>,
+    gate: Option<Arc<Gate>>,
+}
+
+impl IoFile for GatedFile {
+    fn read_exact_at(&self, buffer: &mut [u8], offset: u64) -> std::io::Result<()> {
+        if let Some(gate) = &self.gate {
+            let reached = gate.reached.lock().unwrap().take();
+            let release = gate.release.lock().unwrap().take();
+            if let (Some(reached), Some(release)) = (reached, release) {
+                reached.send(()).unwrap();
+                release.recv().unwrap();
+            }
+        }
+        self.inner.read_exact_at(buffer, offset)
+    }
+    fn write_all_at(&self, bytes: &[u8], offset: u64) -> std::io::Result<()> {
+        self.inner.write_all_at(bytes, offset)
+    }
+    fn sync(&self) -> std::io::Result<()> {
+        self.inner.sync()
+    }
+    fn size(&self) -> std::io::Result<u64> {
+        self.inner.size()
+    }
+    fn set_len(&self, length: u64) -> std::io::Result<()> {
+        self.inner.set_len(length)
+    }
+}
+
+impl Io for GatedIo {
+    fn create_dir_all(&self, path: &Path) -> std::io::Result<()> {
+        self.inner.create_dir_all(path)
+    }
+    fn list_dir(&self, path: &Path) -> std::io::Result<Vec<String>> {
+        self.inner.list_dir(path)
+    }
+    fn exists(&self, path: &Path) -> bool {
+        self.inner.exists(path)
+    }
+    fn open(&self, path: &Path) -> std::io::Result<Arc<dyn IoFile>> {
+        let inner = self.inner.open(path)?;
+        let armed = {
+            let mut armed = self.gate.armed.lock().unwrap();
+            if armed.as_deref() == Some(path) {
+                armed.take()
+            } else {
+                None
+            }
+        };
+        Ok(Arc::new(GatedFile {
+            inner,
+            gate: armed.map(|_| self.gate.clone()),
+        }))
+    }
+    fn create(&self, path: &Path) -> std::io::Result<Arc<dyn IoFile>> {
+        self.inner.create(path)
+    }
+    fn remove_file(&self, path: &Path) -> std::io::Result<()> {
+        self.inner.remove_file(path)
+    }
+    fn remove_dir_all(&self, path: &Path) -> std::io::Result<()> {
+        self.inner.remove_dir_all(path)
+    }
+    fn rename(&self, from: &Path, to: &Path) -> std::io::Result<()> {
+        self.inner.rename(from, to)
+    }
+    fn sync_dir(&self, path: &Path) -> std::io::Result<()> {
+        self.inner.sync_dir(path)
+    }
+}
+
+/// A read of a sealed segment that opened its file just before a trim kept the file for reuse
+/// and the log wrote a new segment into it reads that new segment's bytes. It must fail as a
+/// read of trimmed entries does, and the log must not take those bytes for corruption (which
+/// refuses every read and append until the log is reopened).
+#[test]
+fn a_read_of_a_segment_recycled_meanwhile_does_not_mark_the_log_corrupted() {
+    let sim = SimIo::new();
+    let gate = Arc::new(Gate::default());
+    let io = GatedIo {
+        inner: sim.clone(),
+        gate: gate.clone(),
+    };
+    // No cache: reads go to the files.
+    let config = StorageConfig {
+        cache_max_bytes: 0,
+        ..config(10)
+    };
+    let storage = Storage::open_with_io(Path::new("/data"), config, Arc::new(io)).expect("open");
+    let log = storage.open_log("t").expect("log");
+    // Entries 0..10, 10..20, 20..30: the first two segments are sealed.
+    append(&log, "first", 0..30);
+    let mut segments: Vec<PathBuf> = sim
+        .paths()
+        .into_iter()
+        .filter(|path| path.to_string_lossy().ends_with(".segment"))
+        .collect();
+    segments.sort();
+    let (reached, release) = gate.arm(segments[0].clone());
+    let ledger = log.current_ledger_id();
+    // From entry 5: the read walks the record headers of entries 0..5 first.
+    let reader = {
+        let log = log.clone();
+        std::thread::spawn(move || log.read_from(Position::new(ledger, 5), 5, usize::MAX))
+    };
+    // (A bound only so that a failure cannot hang the test run.)
+    reached
+        .recv_timeout(Duration::from_secs(60))
+        .expect("the read opened the first segment");
+    // Both sealed segments are trimmed into free files; smaller entries fill the one that was
+    // 10..20 (14 of them) and the 15th starts a segment in the file being read.
+    log.trim().expect("trim");
+    append_sized(&log, "second", 30..45, 60);
+    assert_eq!(count_files(&sim, ".free"), 0, "{:?}", sim.paths());
+    release.send(()).expect("release");
+    let read = reader.join().expect("reader");
+    assert!(
+        read.as_ref().map_or(true, |entries| entries.is_empty()),
+        "trimmed entries served: {read:?}"
+    );
+    assert!(log.corruption().is_none(), "{:?}", log.corruption());
+    append_sized(&log, "third", 0..1, 60);
+    assert_eq!(read_all(&log).len(), 10 + 15 + 1);
 }
