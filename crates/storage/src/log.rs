@@ -2283,19 +2283,24 @@ impl Log {
     /// Removes the trimmed files kept for reuse (a closed log holds no disk it does not use).
     /// Best effort: one left behind is adopted or removed by the next open.
     fn remove_free_files(&self) {
-        let free: Vec<PathBuf> = {
+        {
             let mut state = self.lock();
-            let reserved: Vec<PathBuf> = state
-                .segments
-                .iter_mut()
-                .filter_map(|segment| segment.recycle_from.take())
-                .collect();
-            std::mem::take(&mut state.free_files)
-                .into_iter()
-                .chain(reserved)
-                .collect()
+            state.free_files.clear();
+            for segment in &mut state.segments {
+                segment.recycle_from = None;
+            }
+        }
+        // Every one the directory holds: one that a roll took and failed before writing into
+        // it (a failed sync of the segment before) is in neither list.
+        let names = match self.shared.io.list_dir(&self.directory) {
+            Ok(names) => names,
+            Err(error) => {
+                tracing::warn!(log = %self.name, %error, "could not list the log's directory to remove its recycled segment files");
+                return;
+            }
         };
-        for path in free {
+        for name in names.iter().filter(|name| name.ends_with(FREE_SUFFIX)) {
+            let path = self.directory.join(name);
             if let Err(error) = self.shared.io.remove_file(&path) {
                 tracing::warn!(log = %self.name, path = %path.display(), %error, "could not remove a recycled segment file");
             }
@@ -2343,7 +2348,11 @@ impl LogState {
         while let Some(segment) = self.segments.last_mut() {
             if matches!(segment.file, SegmentFile::NotCreated) && segment.first_entry_id > 0 {
                 // A roll never created, so it holds only entries of failed batches. (The first
-                // segment of the ledger stays, empty: the next append creates it.)
+                // segment of the ledger stays, empty: the next append creates it.) The free
+                // file it was to be written into is the log's again.
+                if let Some(free) = segment.recycle_from.take() {
+                    self.free_files.push(free);
+                }
                 self.segments.pop();
                 continue;
             }

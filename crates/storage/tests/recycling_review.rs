@@ -186,28 +186,48 @@ fn the_summary_of_a_log_that_is_not_open_does_not_count_a_recycled_files_earlier
     assert_eq!(summary.entries, 22, "{summary:?}");
 }
 
-/// Where a read of the file it is armed for stops (once), until the test lets it go on.
+/// What a gated file stops at.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Step {
+    Read,
+    Sync,
+}
+
+type Armed = (PathBuf, Step, Sender<()>, Receiver<()>);
+
+/// Where the next read or sync of a file at the path it is armed for stops (once), until the
+/// test lets it go on.
 #[derive(Default)]
 struct Gate {
-    armed: Mutex<Option<PathBuf>>,
-    reached: Mutex<Option<Sender<()>>>,
-    release: Mutex<Option<Receiver<()>>>,
+    armed: Mutex<Option<Armed>>,
 }
 
 impl Gate {
-    /// Makes the first read of a file opened at `path` from now on wait for the sender
-    /// returned; `reached` hears when it does.
-    fn arm(&self, path: PathBuf) -> (Receiver<()>, Sender<()>) {
+    /// Makes the next `step` of a file at `path` wait for the sender returned; the receiver
+    /// returned hears when it does.
+    fn arm(&self, path: PathBuf, step: Step) -> (Receiver<()>, Sender<()>) {
         let (reached_sender, reached) = channel();
         let (release, release_receiver) = channel();
-        *self.reached.lock().unwrap() = Some(reached_sender);
-        *self.release.lock().unwrap() = Some(release_receiver);
-        *self.armed.lock().unwrap() = Some(path);
+        *self.armed.lock().unwrap() = Some((path, step, reached_sender, release_receiver));
         (reached, release)
+    }
+
+    fn pass(&self, path: &Path, step: Step) {
+        let hit = {
+            let mut armed = self.armed.lock().unwrap();
+            match &*armed {
+                Some((at, armed_step, ..)) if at == path && *armed_step == step => armed.take(),
+                _ => None,
+            }
+        };
+        if let Some((_, _, reached, release)) = hit {
+            reached.send(()).unwrap();
+            release.recv().unwrap();
+        }
     }
 }
 
-/// `SimIo` whose files opened at the gate's path stop at their first read.
+/// `SimIo` whose files stop where the gate says.
 struct GatedIo {
     inner: SimIo,
     gate: Arc<Gate>,
@@ -215,25 +235,20 @@ struct GatedIo {
 
 struct GatedFile {
     inner: Arc<dyn IoFile>,
-    gate: Option<Arc<Gate>>,
+    path: PathBuf,
+    gate: Arc<Gate>,
 }
 
 impl IoFile for GatedFile {
     fn read_exact_at(&self, buffer: &mut [u8], offset: u64) -> std::io::Result<()> {
-        if let Some(gate) = &self.gate {
-            let reached = gate.reached.lock().unwrap().take();
-            let release = gate.release.lock().unwrap().take();
-            if let (Some(reached), Some(release)) = (reached, release) {
-                reached.send(()).unwrap();
-                release.recv().unwrap();
-            }
-        }
+        self.gate.pass(&self.path, Step::Read);
         self.inner.read_exact_at(buffer, offset)
     }
     fn write_all_at(&self, bytes: &[u8], offset: u64) -> std::io::Result<()> {
         self.inner.write_all_at(bytes, offset)
     }
     fn sync(&self) -> std::io::Result<()> {
+        self.gate.pass(&self.path, Step::Sync);
         self.inner.sync()
     }
     fn size(&self) -> std::io::Result<u64> {
@@ -241,6 +256,16 @@ impl IoFile for GatedFile {
     }
     fn set_len(&self, length: u64) -> std::io::Result<()> {
         self.inner.set_len(length)
+    }
+}
+
+impl GatedIo {
+    fn wrap(&self, inner: Arc<dyn IoFile>, path: &Path) -> Arc<dyn IoFile> {
+        Arc::new(GatedFile {
+            inner,
+            path: path.to_path_buf(),
+            gate: self.gate.clone(),
+        })
     }
 }
 
@@ -255,22 +280,10 @@ impl Io for GatedIo {
         self.inner.exists(path)
     }
     fn open(&self, path: &Path) -> std::io::Result<Arc<dyn IoFile>> {
-        let inner = self.inner.open(path)?;
-        let armed = {
-            let mut armed = self.gate.armed.lock().unwrap();
-            if armed.as_deref() == Some(path) {
-                armed.take()
-            } else {
-                None
-            }
-        };
-        Ok(Arc::new(GatedFile {
-            inner,
-            gate: armed.map(|_| self.gate.clone()),
-        }))
+        Ok(self.wrap(self.inner.open(path)?, path))
     }
     fn create(&self, path: &Path) -> std::io::Result<Arc<dyn IoFile>> {
-        self.inner.create(path)
+        Ok(self.wrap(self.inner.create(path)?, path))
     }
     fn remove_file(&self, path: &Path) -> std::io::Result<()> {
         self.inner.remove_file(path)
@@ -286,34 +299,42 @@ impl Io for GatedIo {
     }
 }
 
-/// A read of a sealed segment that opened its file just before a trim kept the file for reuse
-/// and the log wrote a new segment into it reads that new segment's bytes. It must fail as a
-/// read of trimmed entries does, and the log must not take those bytes for corruption (which
-/// refuses every read and append until the log is reopened).
-#[test]
-fn a_read_of_a_segment_recycled_meanwhile_does_not_mark_the_log_corrupted() {
+fn gated_storage(config: StorageConfig) -> (SimIo, Arc<Gate>, Storage) {
     let sim = SimIo::new();
     let gate = Arc::new(Gate::default());
     let io = GatedIo {
         inner: sim.clone(),
         gate: gate.clone(),
     };
-    // No cache: reads go to the files.
-    let config = StorageConfig {
-        cache_max_bytes: 0,
-        ..config(10)
-    };
     let storage = Storage::open_with_io(Path::new("/data"), config, Arc::new(io)).expect("open");
-    let log = storage.open_log("t").expect("log");
-    // Entries 0..10, 10..20, 20..30: the first two segments are sealed.
-    append(&log, "first", 0..30);
-    let mut segments: Vec<PathBuf> = sim
+    (sim, gate, storage)
+}
+
+fn segment_files(io: &SimIo) -> Vec<PathBuf> {
+    let mut segments: Vec<PathBuf> = io
         .paths()
         .into_iter()
         .filter(|path| path.to_string_lossy().ends_with(".segment"))
         .collect();
     segments.sort();
-    let (reached, release) = gate.arm(segments[0].clone());
+    segments
+}
+
+/// A read of a sealed segment that opened its file just before a trim kept the file for reuse
+/// and the log wrote a new segment into it reads that new segment's bytes. It must fail as a
+/// read of trimmed entries does, and the log must not take those bytes for corruption (which
+/// refuses every read and append until the log is reopened).
+#[test]
+fn a_read_of_a_segment_recycled_meanwhile_does_not_mark_the_log_corrupted() {
+    // No cache: reads go to the files.
+    let (sim, gate, storage) = gated_storage(StorageConfig {
+        cache_max_bytes: 0,
+        ..config(10)
+    });
+    let log = storage.open_log("t").expect("log");
+    // Entries 0..10, 10..20, 20..30: the first two segments are sealed.
+    append(&log, "first", 0..30);
+    let (reached, release) = gate.arm(segment_files(&sim)[0].clone(), Step::Read);
     let ledger = log.current_ledger_id();
     // From entry 5: the read walks the record headers of entries 0..5 first.
     let reader = {
@@ -547,4 +568,56 @@ fn a_power_cut_at_any_step_of_recycling_in_relaxed_mode_leaves_a_log_without_gap
     recycling_crash_at_every_step(FlushPolicy::RelaxedWriteOnly {
         fsync_interval: Duration::from_secs(3600),
     });
+}
+
+/// Appends that fail for want of space are rolled back, and with them a roll into a free file
+/// that was not made yet: the free file is still the log's, written into by a later roll or
+/// removed when the log closes, never left behind holding a segment's worth of disk.
+#[test]
+fn a_roll_into_a_free_file_rolled_back_for_want_of_space_leaves_no_file_behind() {
+    let (sim, gate, storage) = gated_storage(config(10));
+    let log = storage.open_log("t").expect("log");
+    append(&log, "first", 0..25);
+    log.trim().expect("trim");
+    assert_eq!(count_files(&sim, ".free"), 2);
+    // Entry 25 is being synced while 26..30 wait behind it, and 30 rolls into a free file.
+    let active = segment_files(&sim).pop().expect("the active segment");
+    let (reached, release) = gate.arm(active, Step::Sync);
+    let first = log.append(payload("first", 25), 25).expect("append");
+    reached
+        .recv_timeout(Duration::from_secs(60))
+        .expect("the flush syncs entry 25");
+    let pending: Vec<_> = (26..31)
+        .map(|index| log.append(payload("first", index), index).expect("append"))
+        .collect();
+    // The disk is full: the batch of 26..30 fails, and the roll with it.
+    sim.set_capacity(Some(sim.used_bytes()));
+    release.send(()).expect("release");
+    first.wait().expect("entry 25 is durable");
+    for append in pending {
+        assert!(append.wait().is_err(), "appended on a full disk");
+    }
+    sim.set_capacity(None);
+    append(&log, "second", 0..3);
+    drop(log);
+    storage.close_log("t").expect("close");
+    assert_eq!(count_files(&sim, ".free"), 0, "{:?}", sim.paths());
+}
+
+/// A roll into a free file that fails before the file is written into (here the sync of the
+/// earlier segments, relaxed mode) poisons the log; closing it still removes the free file.
+#[test]
+fn a_free_file_taken_by_a_roll_that_failed_is_removed_when_the_log_closes() {
+    let io = SimIo::new();
+    let storage = open(&io, relaxed(config(10)));
+    let log = storage.open_log("t").expect("log");
+    append(&log, "first", 0..30);
+    log.trim().expect("trim");
+    assert_eq!(count_files(&io, ".free"), 2);
+    io.fail_syncs(1);
+    let rolled = log.append(payload("first", 30), 30).expect("append");
+    assert!(rolled.wait().is_err(), "the roll's sync failed");
+    drop(log);
+    let _ = storage.close_log("t");
+    assert_eq!(count_files(&io, ".free"), 0, "{:?}", io.paths());
 }
