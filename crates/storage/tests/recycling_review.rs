@@ -208,21 +208,21 @@ impl Gate {
     fn arm(&self, path: PathBuf, step: Step) -> (Receiver<()>, Sender<()>) {
         let (reached_sender, reached) = channel();
         let (release, release_receiver) = channel();
-        *self.armed.lock().unwrap() = Some((path, step, reached_sender, release_receiver));
+        *self.armed.lock().expect("gate") = Some((path, step, reached_sender, release_receiver));
         (reached, release)
     }
 
     fn pass(&self, path: &Path, step: Step) {
         let hit = {
-            let mut armed = self.armed.lock().unwrap();
+            let mut armed = self.armed.lock().expect("gate");
             match &*armed {
                 Some((at, armed_step, ..)) if at == path && *armed_step == step => armed.take(),
                 _ => None,
             }
         };
         if let Some((_, _, reached, release)) = hit {
-            reached.send(()).unwrap();
-            release.recv().unwrap();
+            reached.send(()).expect("the test waits");
+            release.recv().expect("the test releases");
         }
     }
 }
