@@ -11,7 +11,7 @@
 
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::io::{BufReader, Read, Seek};
+use std::io::{BufReader, Read, Seek, SeekFrom};
 use std::path::Path;
 
 use crate::cursor::{decode_record as decode_journal_record, CursorState};
@@ -203,6 +203,12 @@ fn walk_records<R: Read + Seek>(
     }
     let salt = (u16::from_le_bytes([header[8], header[9]]) == SALTED_FORMAT_VERSION)
         .then(|| u32::from_le_bytes([header[12], header[13], header[14], header[15]]));
+    // A clean close cut a recycled segment after its seal: nothing of its earlier life is
+    // left, and its bodies need not be read.
+    let salt = match salt {
+        Some(salt) if ends_in_seal(&mut reader, length, salt)? => None,
+        salt => salt,
+    };
     let mut body = Vec::new();
     let mut offset = HEADER_LEN;
     let mut entries = 0;
@@ -239,6 +245,36 @@ fn walk_records<R: Read + Seek>(
         offset += record_len;
     }
     Ok(entries)
+}
+
+/// Whether the file (`length` bytes long) ends in a seal record checksummed with `salt`;
+/// leaves `reader` at the first record.
+fn ends_in_seal<R: Read + Seek>(
+    reader: &mut BufReader<R>,
+    length: u64,
+    salt: u32,
+) -> std::io::Result<bool> {
+    let seal_len = RECORD_FRAMING_LEN + 16;
+    let Some(at) = length.checked_sub(seal_len).filter(|at| *at >= HEADER_LEN) else {
+        return Ok(false);
+    };
+    let mut seal = [0u8; 24];
+    reader.seek(SeekFrom::Start(at))?;
+    let read = reader.read_exact(&mut seal);
+    reader.seek(SeekFrom::Start(HEADER_LEN))?;
+    match read {
+        Ok(()) => {}
+        // Cut shorter meanwhile.
+        Err(error) if error.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(false),
+        Err(error) => return Err(error),
+    }
+    let word = |at: usize| u64::from_le_bytes(seal[at..at + 8].try_into().expect("8 bytes"));
+    let body_len = u32::from_le_bytes([seal[0], seal[1], seal[2], seal[3]]);
+    let stored = u32::from_le_bytes([seal[4], seal[5], seal[6], seal[7]]);
+    Ok(body_len == 16
+        && crc32c::crc32c_append(salt, &seal[8..]) == stored
+        && word(8) == u64::MAX
+        && word(16) == at)
 }
 
 /// The cursors a journal holds (the last record of each name wins; deleted ones left out).

@@ -184,6 +184,22 @@ fn the_summary_of_a_log_that_is_not_open_does_not_count_a_recycled_files_earlier
     let log = storage.open_log("t").expect("log");
     assert_eq!(read_all(&log).len(), 22);
     assert_eq!(summary.entries, 22, "{summary:?}");
+
+    // After a clean close that cut the newest segment, a recycled one, after its seal: its
+    // earlier life is gone, and a seal ends the walk.
+    append(&log, "third", 0..30);
+    log.trim().expect("trim");
+    append(&log, "fourth", 0..5);
+    assert_eq!(count_files(&crashed_again, ".free"), 1);
+    let expected = read_all(&log).len() as u64;
+    drop(log);
+    storage.close().expect("close");
+    let root = tempfile::tempdir().expect("tempdir");
+    copy_to_disk(&crashed_again, root.path());
+    let summary = meridian_storage::closed_log::summarize_closed_log(root.path(), "t")
+        .expect("summary")
+        .expect("the log exists");
+    assert_eq!(summary.entries, expected, "{summary:?}");
 }
 
 /// What a gated file stops at.
