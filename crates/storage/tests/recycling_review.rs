@@ -637,3 +637,101 @@ fn a_free_file_taken_by_a_roll_that_failed_is_removed_when_the_log_closes() {
     let _ = storage.close_log("t");
     assert_eq!(count_files(&io, ".free"), 0, "{:?}", io.paths());
 }
+
+/// A full disk while writing into a recycled file: the records that fit within the file's old
+/// length need no space, the first that would grow it fails with `DiskFull` and is rolled
+/// back (never a poisoned log); once there is space appends go on, and a power cut keeps
+/// every acknowledged entry.
+#[test]
+fn a_full_disk_while_writing_into_a_recycled_file_rolls_back_and_recovers() {
+    let free = short_free_files();
+    let io = free.crash(CrashMode::LoseUnsynced, 0);
+    let storage = open(&io, config(10));
+    let log = storage.open_log("t").expect("log");
+    append(&log, "second", 0..10);
+    io.set_capacity(Some(io.used_bytes()));
+    // Entry 10 rolls into a free file of 684 bytes: five records fit in it.
+    append(&log, "second", 10..15);
+    let error = log
+        .append(payload("second", 15), 15)
+        .expect("append")
+        .wait()
+        .expect_err("the file would grow on a full disk");
+    assert!(
+        matches!(error, meridian_storage::StorageError::DiskFull { .. }),
+        "{error}"
+    );
+    io.set_capacity(None);
+    append(&log, "second", 15..25);
+    let expected: Vec<Bytes> = (10..15)
+        .map(|index| payload("first", index))
+        .chain((0..25).map(|index| payload("second", index)))
+        .collect();
+    assert_eq!(read_all(&log), expected);
+    let crashed = io.crash(CrashMode::TornWithGarbage, 5);
+    drop(log);
+    drop(storage);
+    let storage = open(&crashed, config(10));
+    let log = storage.open_log("t").expect("log after the crash");
+    assert_eq!(read_all(&log), expected);
+}
+
+/// The same tear under the fsync policy: a batch of several entries written into a recycled
+/// file across its old end, and the power cut comes before its fsync.
+#[test]
+fn a_recycled_segment_torn_before_a_batchs_fsync_opens_with_every_acknowledged_entry() {
+    for seed in 0..8 {
+        let sim = short_free_files();
+        let gate = Arc::new(Gate::default());
+        let io = GatedIo {
+            inner: sim.clone(),
+            gate: gate.clone(),
+        };
+        let storage =
+            Storage::open_with_io(Path::new("/data"), config(10), Arc::new(io)).expect("open");
+        let log = storage.open_log("t").expect("log");
+        // Entry 10 rolls into a free file of 684 bytes: the newest one (its handle keeps
+        // the name it was opened under).
+        let mut free: Vec<PathBuf> = sim
+            .paths()
+            .into_iter()
+            .filter(|path| path.to_string_lossy().ends_with(".free"))
+            .collect();
+        free.sort();
+        let recycled = free.pop().expect("a free file");
+        append(&log, "second", 0..11);
+        let (reached, release) = gate.arm(recycled.clone(), Step::Sync);
+        let eleven = log.append(payload("second", 11), 11).expect("append");
+        let wait = |reached: &Receiver<()>| {
+            reached
+                .recv_timeout(Duration::from_secs(60))
+                .expect("the flush syncs");
+        };
+        wait(&reached);
+        // Entries 12..20 wait behind it: one batch, written over 312..1304.
+        let batch: Vec<_> = (12..20)
+            .map(|index| log.append(payload("second", index), index).expect("append"))
+            .collect();
+        let (reached_batch, release_batch) = gate.arm(recycled, Step::Sync);
+        release.send(()).expect("release");
+        eleven.wait().expect("entry 11 is durable");
+        wait(&reached_batch);
+        let crashed = sim.crash(CrashMode::TornPrefix, seed);
+        release_batch.send(()).expect("release");
+        for append in batch {
+            append.wait().expect("durable");
+        }
+        drop(log);
+        drop(storage);
+
+        let storage = open(&crashed, config(10));
+        let log = storage
+            .open_log("t")
+            .unwrap_or_else(|error| panic!("seed {seed}: the log refuses to open: {error}"));
+        let expected: Vec<Bytes> = (10..15)
+            .map(|index| payload("first", index))
+            .chain((0..12).map(|index| payload("second", index)))
+            .collect();
+        assert_eq!(read_all(&log), expected, "seed {seed}");
+    }
+}
