@@ -735,3 +735,85 @@ fn a_recycled_segment_torn_before_a_batchs_fsync_opens_with_every_acknowledged_e
         assert_eq!(read_all(&log), expected, "seed {seed}");
     }
 }
+
+/// The directory sync after a free file took its segment's name fails: the append fails (the
+/// log is poisoned, as when creating a new file fails), and the log opens again, with or
+/// without a power cut, holding every acknowledged entry.
+#[test]
+fn a_failed_directory_sync_while_recycling_fails_the_append_and_the_log_opens_again() {
+    for crash in [false, true] {
+        let io = SimIo::new();
+        let storage = open(&io, config(10));
+        let log = storage.open_log("t").expect("log");
+        append(&log, "first", 0..30);
+        log.trim().expect("trim");
+        io.fail_nth_dir_sync(1);
+        let rolled = log.append(payload("first", 30), 30).expect("append");
+        assert!(rolled.wait().is_err(), "the roll's directory sync failed");
+        let reopened = if crash {
+            io.crash(CrashMode::TornPrefix, 7)
+        } else {
+            drop(log);
+            let _ = storage.close_log("t");
+            io.clone()
+        };
+        let storage = open(&reopened, config(10));
+        let log = storage.open_log("t").expect("the log opens again");
+        let expected: Vec<Bytes> = (20..30).map(|index| payload("first", index)).collect();
+        assert_eq!(read_all(&log), expected, "crash: {crash}");
+        append(&log, "second", 0..12);
+        assert_eq!(read_all(&log).len(), 22, "crash: {crash}");
+    }
+}
+
+/// A log emptied by trimming, reopened after a power cut with its free files, started at a
+/// later entry (cluster mode) and rolled into them: the log and the summary of it agree.
+#[test]
+fn a_log_started_at_a_later_entry_writes_into_adopted_free_files() {
+    let io = SimIo::new();
+    let storage = open(&io, config(10));
+    let log = storage.open_log("t").expect("log");
+    append(&log, "first", 0..30);
+    log.trim().expect("trim");
+    let crashed = io.crash(CrashMode::LoseUnsynced, 3);
+    drop(log);
+    drop(storage);
+    // The crashed log still holds entries 20..30; a new directory is what `start_at` needs.
+    let fresh = SimIo::new();
+    for path in crashed.paths() {
+        if path.to_string_lossy().ends_with(".free") {
+            let bytes = crashed.read_file(&path).expect("read");
+            let directory = path.parent().expect("parent");
+            fresh.create_dir_all(directory).expect("mkdir");
+            let file = fresh.create(&path).expect("create");
+            file.write_all_at(&bytes, 0).expect("write");
+            file.sync().expect("sync");
+            for ancestor in path.ancestors().skip(1) {
+                fresh.sync_dir(ancestor).expect("sync dir");
+            }
+        }
+    }
+    let storage = open(&fresh, config(10));
+    let log = storage.open_log("t").expect("log");
+    log.start_at(1_000).expect("start at 1000");
+    append(&log, "second", 0..25);
+    assert_eq!(count_files(&fresh, ".free"), 0, "{:?}", fresh.paths());
+    let again = fresh.crash(CrashMode::TornWithGarbage, 9);
+    drop(log);
+    drop(storage);
+    let root = tempfile::tempdir().expect("tempdir");
+    copy_to_disk(&again, root.path());
+    let summary = meridian_storage::closed_log::summarize_closed_log(root.path(), "t")
+        .expect("summary")
+        .expect("the log exists");
+    let storage = open(&again, config(10));
+    let log = storage.open_log("t").expect("log after the crash");
+    let entries = read_all(&log);
+    let expected: Vec<Bytes> = (0..25).map(|index| payload("second", index)).collect();
+    assert_eq!(entries, expected);
+    assert_eq!(summary.entries, 25);
+    assert_eq!(
+        log.first_position().map(|position| position.entry_id),
+        Some(1_000)
+    );
+}
