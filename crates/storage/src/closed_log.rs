@@ -123,7 +123,11 @@ pub fn summarize_closed_log(root: &Path, name: &str) -> Result<Option<ClosedLogS
                 }
             }
             _ => {
-                let (bytes, _) = walk_segment(path, *ledger, *first, |position, record_len| {
+                // Only the log's newest segment file can hold bytes of a recycled file's
+                // earlier life (after a crash): every older one was cut to its records.
+                let newest = index + 1 == segments.len();
+                let walked = (*ledger, *first, newest);
+                let (bytes, _) = walk_segment(path, walked, |position, record_len| {
                     summary.entries += 1;
                     last_entry = Some(position);
                     for cursor in summary.cursors.values_mut() {
@@ -160,8 +164,7 @@ pub fn closed_log_cursors(root: &Path, name: &str) -> Result<BTreeMap<String, Cu
 /// length and the number of entries. Stops at a seal record or a torn tail.
 fn walk_segment(
     path: &Path,
-    ledger_id: u64,
-    first_entry_id: u64,
+    (ledger_id, first_entry_id, newest): (u64, u64, bool),
     on_entry: impl FnMut(Position, u64),
 ) -> Result<(u64, u64)> {
     let file = match File::open(path) {
@@ -175,7 +178,8 @@ fn walk_segment(
         .map_err(|error| StorageError::io("stat", path, error))?
         .len();
     let reader = BufReader::with_capacity(64 * 1024, file);
-    let entries = walk_records(reader, length, ledger_id, first_entry_id, on_entry)
+    let walked = (ledger_id, first_entry_id, newest);
+    let entries = walk_records(reader, length, walked, on_entry)
         .map_err(|error| StorageError::io("read", path, error))?;
     Ok((length, entries))
 }
@@ -184,15 +188,15 @@ fn walk_segment(
 /// was when the walk began); returns the number of entries. The file may be cut shorter
 /// meanwhile (an open truncating a torn tail or cutting a seal off, relaxed mode cutting unsynced
 /// bytes off): its end is then taken for a torn tail, as an open would, rather than failing.
-/// Checksums are not verified, except in a recycled file (a salt in its header): beyond its
-/// records lies its earlier life, which may hold, at the very offsets, the entry ids that come
-/// next (an earlier ledger's); only the checksum tells them apart. A record whose entry id
-/// does not follow the one before ends the walk too.
+/// Checksums are not verified, except in the log's `newest` segment if it is a recycled file
+/// (a salt in its header) that no seal ends: beyond its records lies its earlier life, which
+/// may hold, at the very offsets, the entry ids that come next (an earlier ledger's); only the
+/// checksum tells them apart. A record whose entry id does not follow the one before ends the
+/// walk too.
 fn walk_records<R: Read + Seek>(
     mut reader: BufReader<R>,
     length: u64,
-    ledger_id: u64,
-    first_entry_id: u64,
+    (ledger_id, first_entry_id, newest): (u64, u64, bool),
     mut on_entry: impl FnMut(Position, u64),
 ) -> std::io::Result<u64> {
     let mut header = [0u8; HEADER_LEN as usize];
@@ -201,7 +205,7 @@ fn walk_records<R: Read + Seek>(
         Err(error) if error.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(0),
         Err(error) => return Err(error),
     }
-    let salt = (u16::from_le_bytes([header[8], header[9]]) == SALTED_FORMAT_VERSION)
+    let salt = (newest && u16::from_le_bytes([header[8], header[9]]) == SALTED_FORMAT_VERSION)
         .then(|| u32::from_le_bytes([header[12], header[13], header[14], header[15]]));
     // A clean close cut a recycled segment after its seal: nothing of its earlier life is
     // left, and its bodies need not be read.
@@ -506,8 +510,10 @@ mod tests {
             let reader =
                 BufReader::with_capacity(16, std::io::Cursor::new(file[..cut as usize].to_vec()));
             let mut seen = Vec::new();
-            let entries = walk_records(reader, full, 5, 0, |position, _| seen.push(position))
-                .expect("the walk ends at the cut");
+            let entries = walk_records(reader, full, (5, 0, true), |position, _| {
+                seen.push(position)
+            })
+            .expect("the walk ends at the cut");
             assert_eq!(entries, 2, "cut at {cut}");
             assert_eq!(seen, vec![Position::new(5, 0), Position::new(5, 1)]);
         }
