@@ -16,7 +16,7 @@ use std::path::Path;
 
 use crate::cursor::{decode_record as decode_journal_record, CursorState};
 use crate::error::{Result, StorageError};
-use crate::format::{decode_record, HEADER_LEN, RECORD_FRAMING_LEN};
+use crate::format::{decode_record, HEADER_LEN, RECORD_FRAMING_LEN, SALTED_FORMAT_VERSION};
 use crate::position::Position;
 
 /// What a log's files hold.
@@ -123,7 +123,11 @@ pub fn summarize_closed_log(root: &Path, name: &str) -> Result<Option<ClosedLogS
                 }
             }
             _ => {
-                let (bytes, _) = walk_segment(path, *ledger, *first, |position, record_len| {
+                // Only the log's newest segment file can hold bytes of a recycled file's
+                // earlier life (after a crash): every older one was cut to its records.
+                let newest = index + 1 == segments.len();
+                let walked = (*ledger, *first, newest);
+                let (bytes, _) = walk_segment(path, walked, |position, record_len| {
                     summary.entries += 1;
                     last_entry = Some(position);
                     for cursor in summary.cursors.values_mut() {
@@ -160,8 +164,7 @@ pub fn closed_log_cursors(root: &Path, name: &str) -> Result<BTreeMap<String, Cu
 /// length and the number of entries. Stops at a seal record or a torn tail.
 fn walk_segment(
     path: &Path,
-    ledger_id: u64,
-    first_entry_id: u64,
+    (ledger_id, first_entry_id, newest): (u64, u64, bool),
     on_entry: impl FnMut(Position, u64),
 ) -> Result<(u64, u64)> {
     let file = match File::open(path) {
@@ -175,7 +178,8 @@ fn walk_segment(
         .map_err(|error| StorageError::io("stat", path, error))?
         .len();
     let reader = BufReader::with_capacity(64 * 1024, file);
-    let entries = walk_records(reader, length, ledger_id, first_entry_id, on_entry)
+    let walked = (ledger_id, first_entry_id, newest);
+    let entries = walk_records(reader, length, walked, on_entry)
         .map_err(|error| StorageError::io("read", path, error))?;
     Ok((length, entries))
 }
@@ -184,16 +188,32 @@ fn walk_segment(
 /// was when the walk began); returns the number of entries. The file may be cut shorter
 /// meanwhile (an open truncating a torn tail or cutting a seal off, relaxed mode cutting unsynced
 /// bytes off): its end is then taken for a torn tail, as an open would, rather than failing.
-/// Checksums are not verified: a record whose entry id does not follow the one before (the
-/// earlier life of a recycled file, after a crash) ends the walk too.
+/// Checksums are not verified, except in the log's `newest` segment if it is a recycled file
+/// (a salt in its header) that no seal ends: beyond its records lies its earlier life, which
+/// may hold, at the very offsets, the entry ids that come next (an earlier ledger's); only the
+/// checksum tells them apart. A record whose entry id does not follow the one before ends the
+/// walk too.
 fn walk_records<R: Read + Seek>(
     mut reader: BufReader<R>,
     length: u64,
-    ledger_id: u64,
-    first_entry_id: u64,
+    (ledger_id, first_entry_id, newest): (u64, u64, bool),
     mut on_entry: impl FnMut(Position, u64),
 ) -> std::io::Result<u64> {
-    reader.seek(SeekFrom::Start(HEADER_LEN))?;
+    let mut header = [0u8; HEADER_LEN as usize];
+    match reader.read_exact(&mut header) {
+        Ok(()) => {}
+        Err(error) if error.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(0),
+        Err(error) => return Err(error),
+    }
+    let salt = (newest && u16::from_le_bytes([header[8], header[9]]) == SALTED_FORMAT_VERSION)
+        .then(|| u32::from_le_bytes([header[12], header[13], header[14], header[15]]));
+    // A clean close cut a recycled segment after its seal: nothing of its earlier life is
+    // left, and its bodies need not be read.
+    let salt = match salt {
+        Some(salt) if ends_in_seal(&mut reader, length, salt)? => None,
+        salt => salt,
+    };
+    let mut body = Vec::new();
     let mut offset = HEADER_LEN;
     let mut entries = 0;
     let mut head = [0u8; 16];
@@ -209,13 +229,56 @@ fn walk_records<R: Read + Seek>(
         if body_len < 16 || entry_id != first_entry_id + entries || offset + record_len > length {
             break; // a seal, or a torn tail
         }
+        if let Some(salt) = salt {
+            body.resize((body_len - 8) as usize, 0);
+            match reader.read_exact(&mut body) {
+                Ok(()) => {}
+                Err(error) if error.kind() == std::io::ErrorKind::UnexpectedEof => break,
+                Err(error) => return Err(error),
+            }
+            let stored = u32::from_le_bytes([head[4], head[5], head[6], head[7]]);
+            if crc32c::crc32c_append(crc32c::crc32c_append(salt, &head[8..16]), &body) != stored {
+                break; // the file's earlier life, or a torn tail
+            }
+        } else {
+            // Past the end is allowed: the next read finds it.
+            reader.seek_relative((body_len - 8) as i64)?;
+        }
         on_entry(Position::new(ledger_id, entry_id), record_len);
         entries += 1;
         offset += record_len;
-        // Past the end is allowed: the next read finds it.
-        reader.seek_relative((body_len - 8) as i64)?;
     }
     Ok(entries)
+}
+
+/// Whether the file (`length` bytes long) ends in a seal record checksummed with `salt`;
+/// leaves `reader` at the first record.
+fn ends_in_seal<R: Read + Seek>(
+    reader: &mut BufReader<R>,
+    length: u64,
+    salt: u32,
+) -> std::io::Result<bool> {
+    let seal_len = RECORD_FRAMING_LEN + 16;
+    let Some(at) = length.checked_sub(seal_len).filter(|at| *at >= HEADER_LEN) else {
+        return Ok(false);
+    };
+    let mut seal = [0u8; 24];
+    reader.seek(SeekFrom::Start(at))?;
+    let read = reader.read_exact(&mut seal);
+    reader.seek(SeekFrom::Start(HEADER_LEN))?;
+    match read {
+        Ok(()) => {}
+        // Cut shorter meanwhile.
+        Err(error) if error.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(false),
+        Err(error) => return Err(error),
+    }
+    let word = |at: usize| u64::from_le_bytes(seal[at..at + 8].try_into().expect("8 bytes"));
+    let body_len = u32::from_le_bytes([seal[0], seal[1], seal[2], seal[3]]);
+    let stored = u32::from_le_bytes([seal[4], seal[5], seal[6], seal[7]]);
+    Ok(body_len == 16
+        && crc32c::crc32c_append(salt, &seal[8..]) == stored
+        && word(8) == u64::MAX
+        && word(16) == at)
 }
 
 /// The cursors a journal holds (the last record of each name wins; deleted ones left out).
@@ -447,8 +510,10 @@ mod tests {
             let reader =
                 BufReader::with_capacity(16, std::io::Cursor::new(file[..cut as usize].to_vec()));
             let mut seen = Vec::new();
-            let entries = walk_records(reader, full, 5, 0, |position, _| seen.push(position))
-                .expect("the walk ends at the cut");
+            let entries = walk_records(reader, full, (5, 0, true), |position, _| {
+                seen.push(position)
+            })
+            .expect("the walk ends at the cut");
             assert_eq!(entries, 2, "cut at {cut}");
             assert_eq!(seen, vec![Position::new(5, 0), Position::new(5, 1)]);
         }

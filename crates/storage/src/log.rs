@@ -1735,18 +1735,16 @@ impl Log {
                     if index >= wanted_index && read.exhausted() {
                         break;
                     }
-                    let framing = chunks
-                        .get(offset, RECORD_FRAMING_LEN)
-                        .map_err(|error| self.refuse_corrupted(error))?;
+                    let entry_id = first_entry_id + index as u64;
+                    // A recycled file's bytes may be anything here (see `bad_record`).
+                    let bad = |error| self.bad_record(&path, (ledger_id, entry_id), error);
+                    let framing = chunks.get(offset, RECORD_FRAMING_LEN).map_err(bad)?;
                     let body_len = u64::from(u32::from_le_bytes([
                         framing[0], framing[1], framing[2], framing[3],
                     ]));
                     let record_len = RECORD_FRAMING_LEN + body_len;
                     if index >= wanted_index {
-                        let record = chunks
-                            .get(offset, record_len)
-                            .map_err(|error| self.refuse_corrupted(error))?;
-                        let entry_id = first_entry_id + index as u64;
+                        let record = chunks.get(offset, record_len).map_err(bad)?;
                         let at = (ledger_id, salt, entry_id, offset);
                         self.push_decoded(read, &path, at, record)?;
                     }
@@ -1789,21 +1787,36 @@ impl Log {
                 });
                 Ok(())
             }
-            Err(reason) => {
-                let position = Position::new(ledger_id, entry_id);
-                if self.first_position().is_none_or(|first| position < first) {
-                    return Err(StorageError::io(
-                        "read",
-                        path,
-                        std::io::Error::new(
-                            std::io::ErrorKind::NotFound,
-                            "the segment was trimmed while it was being read",
-                        ),
-                    ));
-                }
-                Err(self.refuse_corrupted(StorageError::corrupted(path, offset, reason)))
-            }
+            Err(reason) => Err(self.bad_record(
+                path,
+                (ledger_id, entry_id),
+                StorageError::corrupted(path, offset, reason),
+            )),
         }
+    }
+
+    /// The error of a read that found a bad record (or record framing) of entry `entry_id` of
+    /// ledger `ledger_id` in `path`: NotFound if the entry was trimmed while it was being read
+    /// (its segment's file may have been recycled: written into by a newer segment), else
+    /// `error`, which marks the log corrupted.
+    fn bad_record(
+        &self,
+        path: &Path,
+        (ledger_id, entry_id): (u64, u64),
+        error: StorageError,
+    ) -> StorageError {
+        let position = Position::new(ledger_id, entry_id);
+        if self.first_position().is_none_or(|first| position < first) {
+            return StorageError::io(
+                "read",
+                path,
+                std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    "the segment was trimmed while it was being read",
+                ),
+            );
+        }
+        self.refuse_corrupted(error)
     }
 
     /// A read found corrupted bytes: the log refuses reads and appends from now on. Reported
@@ -2270,19 +2283,24 @@ impl Log {
     /// Removes the trimmed files kept for reuse (a closed log holds no disk it does not use).
     /// Best effort: one left behind is adopted or removed by the next open.
     fn remove_free_files(&self) {
-        let free: Vec<PathBuf> = {
+        {
             let mut state = self.lock();
-            let reserved: Vec<PathBuf> = state
-                .segments
-                .iter_mut()
-                .filter_map(|segment| segment.recycle_from.take())
-                .collect();
-            std::mem::take(&mut state.free_files)
-                .into_iter()
-                .chain(reserved)
-                .collect()
+            state.free_files.clear();
+            for segment in &mut state.segments {
+                segment.recycle_from = None;
+            }
+        }
+        // Every one the directory holds: one that a roll took and failed before writing into
+        // it (a failed sync of the segment before) is in neither list.
+        let names = match self.shared.io.list_dir(&self.directory) {
+            Ok(names) => names,
+            Err(error) => {
+                tracing::warn!(log = %self.name, %error, "could not list the log's directory to remove its recycled segment files");
+                return;
+            }
         };
-        for path in free {
+        for name in names.iter().filter(|name| name.ends_with(FREE_SUFFIX)) {
+            let path = self.directory.join(name);
             if let Err(error) = self.shared.io.remove_file(&path) {
                 tracing::warn!(log = %self.name, path = %path.display(), %error, "could not remove a recycled segment file");
             }
@@ -2330,7 +2348,11 @@ impl LogState {
         while let Some(segment) = self.segments.last_mut() {
             if matches!(segment.file, SegmentFile::NotCreated) && segment.first_entry_id > 0 {
                 // A roll never created, so it holds only entries of failed batches. (The first
-                // segment of the ledger stays, empty: the next append creates it.)
+                // segment of the ledger stays, empty: the next append creates it.) The free
+                // file it was to be written into is the log's again.
+                if let Some(free) = segment.recycle_from.take() {
+                    self.free_files.push(free);
+                }
                 self.segments.pop();
                 continue;
             }
@@ -2673,22 +2695,32 @@ fn recover_segment(
                 ));
             }
             let next_entry = first_entry_id + segment.entry_count();
-            let follows = format::valid_record_follows(
-                file.as_ref(),
-                &path,
-                offset,
-                file_len,
-                header.salt,
-                |body| {
-                    body.len() >= ENTRY_HEADER_LEN as usize
-                        && body[..8]
-                            .try_into()
-                            .map(u64::from_le_bytes)
-                            .is_ok_and(|entry_id| {
-                                entry_id >= next_entry && entry_id < next_entry + (1 << 20)
-                            })
-                },
-            )?;
+            // A recycled file (salted) is written over its earlier life, not appended to: a
+            // power cut may keep the pages of its last writes that lie past its old end, or any
+            // other of them, and lose those before: valid records after the damage are then a
+            // torn write, not corruption. (Nothing after the first damage was acknowledged
+            // under the fsync policy: every acknowledged batch was synced whole before the
+            // next one was written.) Nor is its earlier life searched, up to a whole segment.
+            let follows = if header.salt != 0 {
+                None
+            } else {
+                format::valid_record_follows(
+                    file.as_ref(),
+                    &path,
+                    offset,
+                    file_len,
+                    header.salt,
+                    |body| {
+                        body.len() >= ENTRY_HEADER_LEN as usize
+                            && body[..8]
+                                .try_into()
+                                .map(u64::from_le_bytes)
+                                .is_ok_and(|entry_id| {
+                                    entry_id >= next_entry && entry_id < next_entry + (1 << 20)
+                                })
+                    },
+                )?
+            };
             if let Some(valid_at) = follows {
                 return Err(StorageError::corrupted(
                     &path,
