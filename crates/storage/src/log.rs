@@ -779,8 +779,10 @@ impl Log {
             .len()
             .saturating_sub(shared.config.recycled_segments_max);
         for path in free_files.drain(..extra) {
-            io.remove_file(&path)
-                .map_err(|error| StorageError::io("remove", &path, error))?;
+            // Not a reason to refuse the log: the next open or close tries again.
+            if let Err(error) = io.remove_file(&path) {
+                tracing::warn!(log = %name, path = %path.display(), %error, "could not remove a recycled segment file");
+            }
         }
 
         let mut segments = Vec::with_capacity(segment_keys.len() + 1);
