@@ -15,10 +15,11 @@ per entry) or `perf record -g` (a profile).
     python3 scripts/bench/produce_cpu.py --no-build --meridian /tmp/meridian-before   # another build
     python3 scripts/bench/produce_cpu.py --no-build --fill 200000     # consume: CPU per delivered message
     python3 scripts/bench/produce_cpu.py --no-build --rate 40000       # produce + consume: p50/p99 latency
+    python3 scripts/bench/produce_cpu.py --no-build --partitions 16    # one topic of 16 partitions
 
 Temporary directories go under --tmp (default /tmp/pt-perf) and are removed afterwards.
 """
-import argparse, json, os, shutil, signal, socket, statistics, subprocess, sys, tempfile, time
+import argparse, json, os, shutil, signal, socket, statistics, subprocess, sys, tempfile, time, urllib.request
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -53,6 +54,15 @@ def round_(args, attach=None, wrapper=()):
         stdout=subprocess.DEVNULL, stderr=open(os.path.join(work, 'broker.log'), 'w'))
     try:
         wait_for_port(broker_port, broker, timeout=120)
+        if args.partitions:
+            # Each of the generator's topics becomes a partitioned topic; the `pulsar` crate's
+            # producer sends its messages to the partitions in turn.
+            for topic in range(args.topics):
+                request = urllib.request.Request(
+                    'http://127.0.0.1:%d/admin/v2/persistent/public/default/produce-cpu-%d/partitions'
+                    % (web_port, topic), data=str(args.partitions).encode(), method='PUT',
+                    headers={'Content-Type': 'application/json'})
+                urllib.request.urlopen(request, timeout=30).close()
         generator = subprocess.Popen(
             [os.path.join(args.target, 'examples', 'pulsar_produce'),
              '--url', 'pulsar://127.0.0.1:%d' % broker_port, '--broker-pid', str(broker.pid),
@@ -92,6 +102,8 @@ def main():
     parser.add_argument('--warmup', type=float, default=3)
     parser.add_argument('--size', type=int, default=1024)
     parser.add_argument('--topics', type=int, default=1)
+    parser.add_argument('--partitions', type=int, default=0,
+                        help='make each topic a partitioned topic of this many partitions')
     parser.add_argument('--fill', type=int, default=0,
                         help='consume mode: produce FILL messages unmeasured, then measure one consumer per '
                              'topic reading them back from the earliest position (cached entries)')

@@ -79,6 +79,14 @@ impl Shared {
             .insert(Arc::as_ptr(log) as usize, Arc::downgrade(log));
     }
 
+    /// Removes the recycled segment files every open log keeps: the disk is full, and appends
+    /// need the space more than rolls need the files.
+    pub(crate) fn release_free_files(&self) {
+        for log in self.live_logs() {
+            log.remove_free_files();
+        }
+    }
+
     pub(crate) fn unregister_live_log(&self, log: &Log) {
         self.live_logs
             .lock()

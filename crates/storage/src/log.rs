@@ -1291,6 +1291,10 @@ impl Log {
                 if cut {
                     self.cut_back_to_synced();
                 }
+                if rolled_back {
+                    // Files kept for reuse hold disk that appends now need.
+                    self.shared.release_free_files();
+                }
                 self.lock().flush_scheduled = false;
                 self.flush_finished.notify_all();
                 for batch in failed {
@@ -2284,7 +2288,7 @@ impl Log {
 
     /// Removes the trimmed files kept for reuse (a closed log holds no disk it does not use).
     /// Best effort: one left behind is adopted or removed by the next open.
-    fn remove_free_files(&self) {
+    pub(crate) fn remove_free_files(&self) {
         {
             let mut state = self.lock();
             state.free_files.clear();

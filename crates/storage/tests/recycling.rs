@@ -208,3 +208,35 @@ fn a_free_file_a_crash_left_behind_is_adopted_and_the_extra_ones_removed() {
     assert!(files_ending(&crashed, ".free").is_empty());
     assert_eq!(read_all(&log).len(), 10 + 11);
 }
+
+#[test]
+fn a_full_disk_takes_back_the_space_of_every_logs_free_files() {
+    let io = SimIo::new();
+    let storage = open(&io, config());
+    let kept = storage.open_log("kept").expect("log");
+    append(&kept, "kept", 0..30, PAYLOAD_LEN);
+    kept.trim().expect("trim");
+    assert_eq!(files_ending(&io, ".free").len(), 2);
+    let full = storage.open_log("full").expect("log");
+    // Room for four more entries, not for the fifth.
+    io.set_capacity(Some(
+        io.used_bytes() + 4 * (RECORD_OVERHEAD + PAYLOAD_LEN as u64) + 50,
+    ));
+    append(&full, "full", 0..4, PAYLOAD_LEN);
+    let refused = full
+        .append(payload("full", 4, PAYLOAD_LEN), 4)
+        .expect("append")
+        .wait();
+    assert!(
+        matches!(
+            refused,
+            Err(meridian_storage::StorageError::DiskFull { .. })
+        ),
+        "{refused:?}"
+    );
+    // The other log's kept files were given back, and the append goes through when retried.
+    assert!(files_ending(&io, ".free").is_empty(), "{:?}", io.paths());
+    append(&full, "full", 4..8, PAYLOAD_LEN);
+    assert_eq!(read_all(&full).len(), 8);
+    assert_eq!(read_all(&kept).len(), 10);
+}
