@@ -258,11 +258,11 @@ fn ends_in_seal<R: Read + Seek>(
     length: u64,
     salt: u32,
 ) -> std::io::Result<bool> {
-    let seal_len = RECORD_FRAMING_LEN + 16;
+    let seal_len = crate::log::SEAL_RECORD_LEN;
     let Some(at) = length.checked_sub(seal_len).filter(|at| *at >= HEADER_LEN) else {
         return Ok(false);
     };
-    let mut seal = [0u8; 24];
+    let mut seal = [0u8; crate::log::SEAL_RECORD_LEN as usize];
     reader.seek(SeekFrom::Start(at))?;
     let read = reader.read_exact(&mut seal);
     reader.seek(SeekFrom::Start(HEADER_LEN))?;
@@ -272,13 +272,7 @@ fn ends_in_seal<R: Read + Seek>(
         Err(error) if error.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(false),
         Err(error) => return Err(error),
     }
-    let word = |at: usize| u64::from_le_bytes(seal[at..at + 8].try_into().expect("8 bytes"));
-    let body_len = u32::from_le_bytes([seal[0], seal[1], seal[2], seal[3]]);
-    let stored = u32::from_le_bytes([seal[4], seal[5], seal[6], seal[7]]);
-    Ok(body_len == 16
-        && crc32c::crc32c_append(salt, &seal[8..]) == stored
-        && word(8) == u64::MAX
-        && word(16) == at)
+    Ok(crate::log::is_seal_at(&seal, at, salt))
 }
 
 /// The cursors a journal holds (the last record of each name wins; deleted ones left out).

@@ -2484,7 +2484,7 @@ fn decode_entry(
 /// Entry id of a seal record, which no entry has.
 const SEAL_ENTRY_ID: u64 = u64::MAX;
 /// A seal record: framing, then its entry id and its own file offset.
-const SEAL_RECORD_LEN: u64 = RECORD_FRAMING_LEN + 16;
+pub(crate) const SEAL_RECORD_LEN: u64 = RECORD_FRAMING_LEN + 16;
 
 fn encode_seal(entries_end: u64, salt: u32) -> Vec<u8> {
     let mut bytes = Vec::with_capacity(SEAL_RECORD_LEN as usize);
@@ -2508,14 +2508,20 @@ fn sealed_end(file: &dyn IoFile, path: &Path, file_len: u64, salt: u32) -> Resul
     let mut bytes = [0u8; SEAL_RECORD_LEN as usize];
     file.read_exact_at(&mut bytes, at)
         .map_err(|error| StorageError::io("read", path, error))?;
-    let Ok(body) = format::decode_salted_record(&bytes, salt) else {
-        return Ok(None);
+    Ok(is_seal_at(&bytes, at, salt).then_some(at))
+}
+
+/// Whether `bytes` (the last `SEAL_RECORD_LEN` bytes of a segment file, at offset `at`) are a
+/// valid seal record naming its own offset, checksummed with `salt`.
+pub(crate) fn is_seal_at(bytes: &[u8], at: u64, salt: u32) -> bool {
+    let Ok(body) = format::decode_salted_record(bytes, salt) else {
+        return false;
     };
     let mut reader = format::ByteReader::new(body);
     let (Ok(entry_id), Ok(offset)) = (reader.u64(), reader.u64()) else {
-        return Ok(None);
+        return false;
     };
-    Ok((entry_id == SEAL_ENTRY_ID && offset == at && reader.is_empty()).then_some(at))
+    entry_id == SEAL_ENTRY_ID && offset == at && reader.is_empty()
 }
 
 /// What the flush that creates a segment's file needs of it.
