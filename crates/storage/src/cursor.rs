@@ -294,14 +294,10 @@ impl CursorJournal {
                 file_len
             }
             ScanEnd::Damaged { offset, reason } => {
-                let follows = format::valid_record_follows(
-                    file.as_ref(),
-                    &path,
-                    offset,
-                    file_len,
-                    0,
-                    |body| matches!(body.first(), Some(&RECORD_SNAPSHOT) | Some(&RECORD_DELETED)),
-                )?;
+                let follows =
+                    format::valid_record_follows(file.as_ref(), &path, offset, file_len, |body| {
+                        matches!(body.first(), Some(&RECORD_SNAPSHOT) | Some(&RECORD_DELETED))
+                    })?;
                 if let Some(valid_at) = follows {
                     return Err(StorageError::corrupted(
                         &path,

@@ -328,7 +328,6 @@ pub fn valid_record_follows(
     path: &Path,
     damaged_at: u64,
     end: u64,
-    salt: u32,
     plausible: impl Fn(&[u8]) -> bool,
 ) -> Result<Option<u64>> {
     if damaged_at + RECORD_FRAMING_LEN > end {
@@ -354,9 +353,7 @@ pub fn valid_record_follows(
         let Some(body) = bytes.get(body_start..body_start.saturating_add(body_len as usize)) else {
             continue;
         };
-        if plausible(body)
-            && decode_salted_record(&bytes[at..body_start + body.len()], salt).is_ok()
-        {
+        if plausible(body) && decode_record(&bytes[at..body_start + body.len()]).is_ok() {
             return Ok(Some(first + at as u64));
         }
     }

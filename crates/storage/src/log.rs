@@ -2716,22 +2716,15 @@ fn recover_segment(
             let follows = if header.salt != 0 {
                 None
             } else {
-                format::valid_record_follows(
-                    file.as_ref(),
-                    &path,
-                    offset,
-                    file_len,
-                    header.salt,
-                    |body| {
-                        body.len() >= ENTRY_HEADER_LEN as usize
-                            && body[..8]
-                                .try_into()
-                                .map(u64::from_le_bytes)
-                                .is_ok_and(|entry_id| {
-                                    entry_id >= next_entry && entry_id < next_entry + (1 << 20)
-                                })
-                    },
-                )?
+                format::valid_record_follows(file.as_ref(), &path, offset, file_len, |body| {
+                    body.len() >= ENTRY_HEADER_LEN as usize
+                        && body[..8]
+                            .try_into()
+                            .map(u64::from_le_bytes)
+                            .is_ok_and(|entry_id| {
+                                entry_id >= next_entry && entry_id < next_entry + (1 << 20)
+                            })
+                })?
             };
             if let Some(valid_at) = follows {
                 return Err(StorageError::corrupted(
