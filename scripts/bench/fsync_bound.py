@@ -52,6 +52,42 @@ def flush_thread_io(pid):
     return calls, written
 
 
+def thread_counters(pid):
+    """{thread name: [threads, voluntary switches, involuntary switches, CPU ticks]} of the
+    process's threads so far (names are cut to 15 bytes by the kernel)."""
+    counters = {}
+    for tid in os.listdir('/proc/%d/task' % pid):
+        try:
+            with open('/proc/%d/task/%s/status' % (pid, tid)) as f:
+                status = dict(line.split(':\t', 1) for line in f.read().splitlines() if ':\t' in line)
+            with open('/proc/%d/task/%s/stat' % (pid, tid)) as f:
+                fields = f.read().rsplit(')', 1)[1].split()
+        except OSError:
+            continue
+        name = status['Name'].strip()
+        entry = counters.setdefault(name, [0, 0, 0, 0])
+        entry[0] += 1
+        entry[1] += int(status['voluntary_ctxt_switches'])
+        entry[2] += int(status['nonvoluntary_ctxt_switches'])
+        entry[3] += int(fields[11]) + int(fields[12])  # utime + stime, in clock ticks
+    return counters
+
+
+def per_thread(before, after, messages):
+    """Switches and CPU per message of each thread group between two `thread_counters`."""
+    tick_us = 1e6 / os.sysconf('SC_CLK_TCK')
+    report = {}
+    for name, (threads, voluntary, involuntary, ticks) in sorted(after.items()):
+        was = before.get(name, [0, 0, 0, 0])
+        report[name] = {
+            'threads': threads,
+            'voluntary_per_msg': round((voluntary - was[1]) / messages, 3),
+            'involuntary_per_msg': round((involuntary - was[2]) / messages, 3),
+            'cpu_us_per_msg': round((ticks - was[3]) * tick_us / messages, 3),
+        }
+    return report
+
+
 def count_fdatasyncs(pid, directory):
     """Starts counting the process's fdatasync calls; returns a function that stops and
     returns the count."""
@@ -100,6 +136,7 @@ def round_(args):
         wait_for_port(broker_port, broker)
         stop_counting = count_fdatasyncs(broker.pid, work)
         before = flush_thread_io(broker.pid)
+        threads_before = thread_counters(broker.pid)
         perf = subprocess.run(
             [binary, 'perf', 'produce', '--url', 'pulsar://127.0.0.1:%d' % broker_port,
              '--admin-url', 'http://127.0.0.1:%d' % web_port, '--topic-prefix', 'fsync-bound',
@@ -109,6 +146,7 @@ def round_(args):
              '--output', 'json'],
             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, check=True)
         after = flush_thread_io(broker.pid)
+        threads_after = thread_counters(broker.pid)
         fsyncs = max(stop_counting(), 1)
         summary = json.loads(perf.stdout)
         eventfd_writes = max(after[0] - before[0] - fsyncs, 0)
@@ -131,6 +169,9 @@ def round_(args):
             'publish_ms_p99': summary['publish_latency_ms']['p99'],
             'broker_us_per_msg': cpu.get('us_per_message'),
             'broker_switches_per_msg': [per.get('voluntary_switches'), per.get('involuntary_switches')],
+            'fsyncs_per_msg': round(fsyncs / summary['sent'], 3),
+            # Over the whole perf run (warm-up included), per message sent.
+            'threads': per_thread(threads_before, threads_after, summary['sent']) if args.threads else None,
         }
     finally:
         stop(broker)
@@ -144,6 +185,8 @@ def main():
     parser.add_argument('--size', type=int, default=1024)
     parser.add_argument('--duration', type=int, default=10)
     parser.add_argument('--warmup', type=int, default=2)
+    parser.add_argument('--threads', action='store_true',
+                        help="add each broker thread group's switches and CPU per message")
     parser.add_argument('--no-build', action='store_true')
     parser.add_argument('--target', default=os.path.join(ROOT, 'target', 'release'))
     parser.add_argument('--meridian', help='the broker and perf binary (default: <target>/meridian)')

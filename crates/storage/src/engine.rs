@@ -125,6 +125,15 @@ impl Shared {
     pub(crate) fn schedule_flush(&self, log: Arc<Log>) {
         self.flush_queue.push(Some(log));
     }
+
+    /// Queues a log's next flush from the flush thread that has just finished its previous
+    /// one, without waking another thread: the caller takes the queue's next log as soon as
+    /// it has completed its waiters (issue 16: handing every flush of a busy log to another
+    /// thread cost a futex wake and a task switch per flush). A thread that is awake anyway
+    /// may still take it first.
+    pub(crate) fn requeue_flush(&self, log: Arc<Log>) {
+        self.flush_queue.push_quietly(Some(log));
+    }
 }
 
 /// Logs waiting for a flush thread (`None` tells one thread to stop). A log is in it at most
@@ -139,11 +148,16 @@ struct FlushQueue {
 
 impl FlushQueue {
     fn push(&self, item: Option<Arc<Log>>) {
+        self.push_quietly(item);
+        self.ready.notify_one();
+    }
+
+    /// Queues an item without waking a thread: for a flush thread about to `pop`.
+    fn push_quietly(&self, item: Option<Arc<Log>>) {
         self.logs
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
             .push_back(item);
-        self.ready.notify_one();
     }
 
     /// The next log to flush, or `None` when the thread is to stop.

@@ -1242,7 +1242,9 @@ impl Log {
                 let closing = state.closed;
                 drop(state);
                 if more {
-                    self.shared.schedule_flush(self.clone());
+                    // This thread is a flush thread (the only callers of `flush`): it pops
+                    // the queue once the waiters below are completed.
+                    self.shared.requeue_flush(self.clone());
                 } else if closing {
                     self.flush_finished.notify_all();
                 }
