@@ -589,14 +589,26 @@ impl Subscription {
 
     /// [`Subscription::acknowledge`], for the users `kind` names (see [`ChangeKind`]).
     pub fn acknowledge_as(&self, positions: &[Position], kind: ChangeKind) -> Result<()> {
-        let here: Vec<Position> = positions
-            .iter()
-            .map(|position| self.position_here(*position))
-            .collect();
+        // One position (an ACK of one message, the common case) needs no `Vec`.
+        let one: [Position; 1];
+        let many: Vec<Position>;
+        let here: &[Position] = match positions {
+            [position] => {
+                one = [self.position_here(*position)];
+                &one
+            }
+            _ => {
+                many = positions
+                    .iter()
+                    .map(|position| self.position_here(*position))
+                    .collect();
+                &many
+            }
+        };
         // Clients acknowledge a batch message by message (the `pulsar` crate sends one ACK per
         // message, each naming the batch's entry): once the entry is acknowledged the others
         // change nothing in the cursor, and one look under the log's lock settles them.
-        if self.log.all_acknowledged(&self.cursor, &here) {
+        if self.log.all_acknowledged(&self.cursor, here) {
             let changed = {
                 let mut state = self.lock();
                 here.iter().fold(false, |changed, position| {
@@ -611,7 +623,8 @@ impl Subscription {
             return Ok(());
         }
         let existing: Vec<Position> = here
-            .into_iter()
+            .iter()
+            .copied()
             .filter(|position| entry_exists(&self.log, *position))
             .collect();
         if existing.len() < positions.len() {
@@ -1273,7 +1286,11 @@ impl Subscription {
                 }
                 continue;
             };
-            let redelivery_count = state.redelivery_counts.get(&position).copied().unwrap_or(0);
+            let redelivery_count = if state.redelivery_counts.is_empty() {
+                0
+            } else {
+                state.redelivery_counts.get(&position).copied().unwrap_or(0)
+            };
             let consumer = &mut state.consumers[consumer_index];
             consumer.permits -= i64::from(messages);
             consumer.unacked_messages += u64::from(messages);
@@ -1406,7 +1423,10 @@ fn forget_pending(state: &mut DispatchState, position: Position) -> bool {
                 .saturating_sub(u64::from(pending.messages));
         }
     }
-    state.redelivery_counts.remove(&position).is_some() | pending.is_some()
+    // Usually empty (only negative acknowledgements and redeliveries fill it): not hashed then.
+    let counted =
+        !state.redelivery_counts.is_empty() && state.redelivery_counts.remove(&position).is_some();
+    counted | pending.is_some()
 }
 
 /// Moves a consumer's pending entries (all, or the listed ones) to the replay set.

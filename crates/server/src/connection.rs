@@ -529,10 +529,16 @@ impl Connection {
 
     /// Handles every complete frame in the buffer.
     async fn handle_buffered(&mut self, buffer: &mut BytesMut) -> Result<(), Close> {
+        // The frames of one read arrived together: the clock is read once for them, not once
+        // per frame (about one ACK per delivered message; issue 16).
+        let mut stamped = false;
         loop {
             match meridian_wire::decode_frame_or_ack(buffer, self.config.max_frame_size) {
                 Ok(Some(decoded)) => {
-                    self.last_frame = Instant::now();
+                    if !stamped {
+                        self.last_frame = Instant::now();
+                        stamped = true;
+                    }
                     // ACK and FLOW (about one per message) without a future; for the other
                     // commands `handle`'s future is moved once, into a box, and kept small
                     // (about 2 KiB; see `handle`).

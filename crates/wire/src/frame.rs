@@ -356,13 +356,17 @@ impl<'a> Fields<'a> {
 
 /// A base-128 varint at the start of `bytes`: its value and its length, or `None` if it is
 /// cut short, longer than ten bytes or beyond 64 bits.
+#[inline]
 fn varint(bytes: &[u8]) -> Option<(u64, usize)> {
-    // Keys and small values take one byte.
-    if let Some(&byte) = bytes.first() {
-        if byte < 0x80 {
-            return Some((u64::from(byte), 1));
-        }
+    // Keys and small values take one byte: inlined; longer ones call out.
+    match bytes.first() {
+        Some(&byte) if byte < 0x80 => Some((u64::from(byte), 1)),
+        _ => long_varint(bytes),
     }
+}
+
+/// [`varint`] of two bytes or more (or none).
+fn long_varint(bytes: &[u8]) -> Option<(u64, usize)> {
     let mut value = 0u64;
     for (index, byte) in bytes.iter().take(10).enumerate() {
         // The tenth byte holds the 64th bit alone.
