@@ -1297,8 +1297,19 @@ impl Log {
                     // Files kept for reuse hold disk that appends now need.
                     self.shared.release_free_files();
                 }
-                self.lock().flush_scheduled = false;
-                self.flush_finished.notify_all();
+                // After a rollback the log takes appends again, and one made since the lock
+                // was dropped above found the flush role taken and queued nothing: this
+                // thread keeps the role and queues the log for it.
+                let more = {
+                    let mut state = self.lock();
+                    state.flush_scheduled = !state.pending.is_empty();
+                    state.flush_scheduled
+                };
+                if more {
+                    self.shared.schedule_flush(self.clone());
+                } else {
+                    self.flush_finished.notify_all();
+                }
                 for batch in failed {
                     complete(batch.waiters, Err(error.clone()));
                 }

@@ -1,0 +1,500 @@
+//! Review of issue 16's flush-thread change: a flush thread that finishes a log's batch while
+//! the log has more pending appends queues the log again *without waking another thread*,
+//! because it pops the queue itself right after. These tests try to lose that flush: with one
+//! flush thread and many, with one log and many, while logs are closed or deleted and the
+//! engine stops, and after failed flushes (a full disk, a failed fsync). Each waits for the
+//! outcome of appends with a generous timeout that only a real stall exceeds.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use meridian_storage::{
+    Io, IoFile, Log, PendingAppend, Position, SimIo, Storage, StorageConfig, StorageError,
+};
+
+/// Long enough that only a stall (a log nobody will flush) exceeds it.
+const STALL: Duration = Duration::from_secs(60);
+
+fn config(flush_threads: usize) -> StorageConfig {
+    StorageConfig {
+        segment_max_bytes: 64 * 1024,
+        entry_max_bytes: 4096,
+        flush_threads,
+        cursor_persist_interval: Duration::from_secs(3600),
+        trim_interval: Duration::from_secs(3600),
+        ..StorageConfig::default()
+    }
+}
+
+fn entry(log: u64, sequence: u64) -> Bytes {
+    let mut bytes = format!("{log}:{sequence}:").into_bytes();
+    bytes.resize(32 + (sequence % 200) as usize, b'.');
+    Bytes::from(bytes)
+}
+
+/// The outcome of `pending`, delivered once it completes (waited for on a thread of its own,
+/// so that a test can bound the wait).
+fn outcome(pending: PendingAppend) -> Receiver<meridian_storage::Result<Position>> {
+    let (sender, receiver) = channel();
+    std::thread::spawn(move || {
+        let _ = sender.send(pending.wait());
+    });
+    receiver
+}
+
+/// Waits for an append's outcome; fails the test if it never comes (a lost flush).
+fn settled(
+    receiver: &Receiver<meridian_storage::Result<Position>>,
+    what: &str,
+) -> meridian_storage::Result<Position> {
+    receiver
+        .recv_timeout(STALL)
+        .unwrap_or_else(|_| panic!("{what}: the append never completed (its flush was lost)"))
+}
+
+// A file system whose operations can be stopped at a chosen point: the test learns that a
+// flush thread got there, changes things, then lets it continue.
+
+struct Gate {
+    operation: &'static str,
+    path_part: String,
+    reached: Sender<()>,
+    release: Receiver<()>,
+}
+
+type GateSlot = Arc<Mutex<Option<Gate>>>;
+
+fn pass(gate: &GateSlot, operation: &'static str, path: &Path) {
+    let armed = {
+        let mut slot = gate.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let matches = slot.as_ref().is_some_and(|gate| {
+            gate.operation == operation && path.to_string_lossy().contains(&gate.path_part)
+        });
+        if matches {
+            slot.take()
+        } else {
+            None
+        }
+    };
+    if let Some(gate) = armed {
+        let _ = gate.reached.send(());
+        let _ = gate.release.recv();
+    }
+}
+
+struct GatedIo {
+    inner: SimIo,
+    gate: GateSlot,
+}
+
+impl GatedIo {
+    /// Arms a one-shot gate: the next `operation` ("sync", "list_dir") on a path containing
+    /// `path_part` signals the returned receiver, then waits until the returned sender sends
+    /// or is dropped.
+    fn arm(&self, operation: &'static str, path_part: &str) -> (Receiver<()>, Sender<()>) {
+        let (reached_tx, reached_rx) = channel();
+        let (release_tx, release_rx) = channel();
+        *self.gate.lock().expect("gate") = Some(Gate {
+            operation,
+            path_part: path_part.to_string(),
+            reached: reached_tx,
+            release: release_rx,
+        });
+        (reached_rx, release_tx)
+    }
+
+    fn wrap(&self, path: &Path, file: Arc<dyn IoFile>) -> Arc<dyn IoFile> {
+        Arc::new(GatedFile {
+            inner: file,
+            path: path.to_path_buf(),
+            gate: self.gate.clone(),
+        })
+    }
+}
+
+struct GatedFile {
+    inner: Arc<dyn IoFile>,
+    path: std::path::PathBuf,
+    gate: GateSlot,
+}
+
+impl IoFile for GatedFile {
+    fn read_exact_at(&self, buffer: &mut [u8], offset: u64) -> std::io::Result<()> {
+        self.inner.read_exact_at(buffer, offset)
+    }
+    fn write_all_at(&self, bytes: &[u8], offset: u64) -> std::io::Result<()> {
+        self.inner.write_all_at(bytes, offset)
+    }
+    fn sync(&self) -> std::io::Result<()> {
+        pass(&self.gate, "sync", &self.path);
+        self.inner.sync()
+    }
+    fn size(&self) -> std::io::Result<u64> {
+        self.inner.size()
+    }
+    fn set_len(&self, length: u64) -> std::io::Result<()> {
+        self.inner.set_len(length)
+    }
+}
+
+impl Io for GatedIo {
+    fn create_dir_all(&self, path: &Path) -> std::io::Result<()> {
+        self.inner.create_dir_all(path)
+    }
+    fn list_dir(&self, path: &Path) -> std::io::Result<Vec<String>> {
+        pass(&self.gate, "list_dir", path);
+        self.inner.list_dir(path)
+    }
+    fn exists(&self, path: &Path) -> bool {
+        self.inner.exists(path)
+    }
+    fn open(&self, path: &Path) -> std::io::Result<Arc<dyn IoFile>> {
+        let file = self.inner.open(path)?;
+        Ok(self.wrap(path, file))
+    }
+    fn create(&self, path: &Path) -> std::io::Result<Arc<dyn IoFile>> {
+        let file = self.inner.create(path)?;
+        Ok(self.wrap(path, file))
+    }
+    fn remove_file(&self, path: &Path) -> std::io::Result<()> {
+        self.inner.remove_file(path)
+    }
+    fn remove_dir_all(&self, path: &Path) -> std::io::Result<()> {
+        self.inner.remove_dir_all(path)
+    }
+    fn rename(&self, from: &Path, to: &Path) -> std::io::Result<()> {
+        self.inner.rename(from, to)
+    }
+    fn sync_dir(&self, path: &Path) -> std::io::Result<()> {
+        self.inner.sync_dir(path)
+    }
+}
+
+/// The engine of one test. A failing test (a lost flush) leaks it rather than stop it: the
+/// stop would wait for that flush forever.
+struct Engine(Option<Arc<Storage>>);
+
+impl std::ops::Deref for Engine {
+    type Target = Storage;
+    fn deref(&self) -> &Storage {
+        self.0.as_ref().expect("open")
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        if let Some(storage) = self.0.take() {
+            if std::thread::panicking() {
+                std::mem::forget(storage);
+            } else {
+                close_within(Arc::into_inner(storage).expect("no other user of the engine"));
+            }
+        }
+    }
+}
+
+impl Engine {
+    fn new(storage: Storage) -> Engine {
+        Engine(Some(Arc::new(storage)))
+    }
+
+    fn close(mut self) {
+        let storage = self.0.take().expect("open");
+        close_within(Arc::into_inner(storage).expect("no other user of the engine"));
+    }
+
+    /// Runs `operation` on the engine, failing the test if it waits for a lost flush.
+    fn within<T: Send + 'static>(
+        &self,
+        what: &str,
+        operation: impl FnOnce(&Storage) -> T + Send + 'static,
+    ) -> T {
+        let storage = self.0.clone().expect("open");
+        let (done_tx, done_rx) = channel();
+        std::thread::spawn(move || {
+            let result = operation(&storage);
+            drop(storage);
+            let _ = done_tx.send(result);
+        });
+        done_rx
+            .recv_timeout(STALL)
+            .unwrap_or_else(|_| panic!("{what} never finished (it waits for a lost flush)"))
+    }
+}
+
+/// Stops the engine, failing the test if that waits for a flush nobody does.
+fn close_within(storage: Storage) {
+    let (done_tx, done_rx) = channel();
+    std::thread::spawn(move || {
+        let _ = done_tx.send(storage.close());
+    });
+    done_rx
+        .recv_timeout(STALL)
+        .expect("the engine stops (no log waits for a lost flush)")
+        .expect("close");
+}
+
+fn gated(flush_threads: usize) -> (SimIo, Arc<GatedIo>, Engine) {
+    let sim = SimIo::new();
+    let io = Arc::new(GatedIo {
+        inner: sim.clone(),
+        gate: Arc::new(Mutex::new(None)),
+    });
+    let storage =
+        Storage::open_with_io("/data", config(flush_threads), io.clone()).expect("open storage");
+    (sim, io, Engine::new(storage))
+}
+
+/// Appends `count` entries to `log` at once (one batch if no flush runs meanwhile) and returns
+/// their outcomes.
+fn append_many(
+    log: &Arc<Log>,
+    tag: u64,
+    sequences: std::ops::Range<u64>,
+) -> Vec<Receiver<meridian_storage::Result<Position>>> {
+    sequences
+        .map(|sequence| outcome(log.append(entry(tag, sequence), 0).expect("append")))
+        .collect()
+}
+
+/// The core of the change: a flush thread finishes a batch while the log has another one
+/// pending (appended during the fsync), queues the log quietly, and must flush it itself —
+/// no other append, log or timer comes to wake anyone. With one flush thread and with several
+/// (the others asleep).
+#[test]
+fn a_batch_appended_during_the_fsync_of_the_previous_one_is_flushed_with_any_thread_count() {
+    for flush_threads in [1, 2, 4] {
+        let (_sim, io, storage) = gated(flush_threads);
+        let log = storage.open_log("busy").expect("log");
+        let (reached, release) = io.arm("sync", "/logs/busy/");
+        let first = append_many(&log, 0, 0..3);
+        reached
+            .recv_timeout(STALL)
+            .expect("the first batch reaches its fsync");
+        // Appended while the first batch's fsync runs: a second batch, which nobody schedules
+        // (the log's flush is in flight).
+        let second = append_many(&log, 0, 3..10);
+        drop(release);
+        for (index, receiver) in first.iter().chain(&second).enumerate() {
+            let position = settled(receiver, &format!("{flush_threads} threads, entry {index}"))
+                .expect("durable");
+            assert_eq!(position.entry_id, index as u64);
+        }
+        storage.close();
+    }
+}
+
+/// Fairness with the quiet requeue: a busy log that has more to flush goes behind the log that
+/// was waiting, with a single flush thread. The busy log's second fsync is held: if the thread
+/// took the busy log again before the quiet one, the quiet log's append would wait for it.
+#[test]
+fn a_busy_log_requeued_quietly_still_lets_the_waiting_log_flush_first() {
+    let (_sim, io, storage) = gated(1);
+    let busy = storage.open_log("busy").expect("busy log");
+    let quiet = storage.open_log("quiet").expect("quiet log");
+    // The segment files exist: from now on each batch is one write and one fsync.
+    for (tag, log) in [&busy, &quiet].into_iter().enumerate() {
+        for receiver in append_many(log, tag as u64, 0..1) {
+            settled(&receiver, "warm-up").expect("durable");
+        }
+    }
+    // One entry: the flush thread takes it as a batch of its own at once.
+    let (reached, release) = io.arm("sync", "/logs/busy/");
+    let first = append_many(&busy, 0, 1..2);
+    reached
+        .recv_timeout(STALL)
+        .expect("the busy log's first batch reaches its fsync");
+    let second = append_many(&busy, 0, 2..6);
+    let waiting = append_many(&quiet, 1, 1..2);
+    // Hold the busy log's next fsync too: the quiet log must not need it.
+    let (second_reached, second_release) = io.arm("sync", "/logs/busy/");
+    drop(release);
+    for receiver in &first {
+        settled(receiver, "busy log, first batch").expect("durable");
+    }
+    settled(&waiting[0], "quiet log waiting behind the busy one").expect("durable");
+    // Only now may the busy log's second batch get its turn.
+    second_reached
+        .recv_timeout(STALL)
+        .expect("the busy log's second batch reaches its fsync");
+    drop(second_release);
+    for receiver in &second {
+        settled(receiver, "busy log, second batch").expect("durable");
+    }
+    storage.close();
+}
+
+/// Disk full: the failed batch is rolled back and the log accepts appends again at once. The
+/// flush thread still holds the log's flush role while it removes the recycled segment files
+/// (`release_free_files`, after it dropped the log's lock): an append made then finds the
+/// flush "scheduled", so it schedules nothing; the thread must not drop the role with that
+/// append left pending. (Pre-existing: not introduced by issue 16's change, but one of the
+/// promises it was to keep.)
+#[test]
+fn an_append_made_while_a_full_disk_rollback_finishes_is_flushed() {
+    for flush_threads in [1, 3] {
+        let (sim, io, storage) = gated(flush_threads);
+        let log = storage.open_log("full").expect("log");
+        for receiver in append_many(&log, 0, 0..3) {
+            settled(&receiver, "before the disk fills").expect("durable");
+        }
+        sim.set_capacity(Some(sim.used_bytes()));
+        // The rollback lists the log's directory to remove its recycled files: stop there.
+        let (reached, release) = io.arm("list_dir", "/logs/full");
+        let failed = append_many(&log, 0, 3..4);
+        reached
+            .recv_timeout(STALL)
+            .expect("the failed flush reaches the removal of recycled files");
+        sim.set_capacity(None);
+        let after = append_many(&log, 0, 3..5);
+        drop(release);
+        let error =
+            settled(&failed[0], "the append that filled the disk").expect_err("the disk was full");
+        assert!(matches!(error, StorageError::DiskFull { .. }), "{error}");
+        for (index, receiver) in after.iter().enumerate() {
+            let position = settled(
+                receiver,
+                &format!("{flush_threads} threads: append {index} made during the rollback"),
+            )
+            .expect("durable once there is space");
+            assert_eq!(position.entry_id, 3 + index as u64);
+        }
+        storage.close();
+    }
+}
+
+/// A failed fsync poisons the busy log and fails its pending batch (no requeue), while the log
+/// waiting behind it is still flushed and later appends to it succeed.
+#[test]
+fn a_failed_fsync_of_a_busy_log_with_more_pending_does_not_hold_up_the_others() {
+    for flush_threads in [1, 2] {
+        let (sim, io, storage) = gated(flush_threads);
+        let busy = storage.open_log("busy").expect("busy log");
+        let other = storage.open_log("other").expect("other log");
+        let (reached, release) = io.arm("sync", "/logs/busy/");
+        let first = append_many(&busy, 0, 0..3);
+        reached
+            .recv_timeout(STALL)
+            .expect("the busy log's first batch reaches its fsync");
+        let second = append_many(&busy, 0, 3..6);
+        sim.fail_syncs(1);
+        drop(release);
+        for receiver in first.iter().chain(&second) {
+            settled(receiver, "busy log after the failed fsync").expect_err("the fsync failed");
+        }
+        for receiver in append_many(&other, 1, 0..5) {
+            settled(&receiver, "other log after the failure").expect("durable");
+        }
+        assert!(
+            busy.append(entry(0, 9), 0).is_err(),
+            "a poisoned log refuses appends"
+        );
+        drop(storage);
+    }
+}
+
+/// Closing one busy log, deleting another and stopping the engine while writers keep appending
+/// to every log: each append either is refused at once or completes (durable or failed);
+/// none is left waiting for a flush that no thread will do — in particular none behind a stop
+/// marker a flush thread popped right after it requeued a log quietly.
+#[test]
+fn closing_deleting_and_stopping_under_load_leaves_no_append_waiting() {
+    for flush_threads in [1, 2, 3] {
+        let sim = SimIo::new();
+        let storage = Engine::new(
+            Storage::open_with_io("/data", config(flush_threads), Arc::new(sim.clone()))
+                .expect("open storage"),
+        );
+        let logs: Vec<Arc<Log>> = ["a", "b", "c", "d"]
+            .iter()
+            .map(|name| storage.open_log(name).expect("log"))
+            .collect();
+        let (outcomes_tx, outcomes_rx) = channel();
+        let (warm_tx, warm_rx) = channel();
+        let stop = Arc::new(AtomicBool::new(false));
+        let writers: Vec<_> = logs
+            .iter()
+            .enumerate()
+            .map(|(tag, log)| {
+                let log = log.clone();
+                let outcomes = outcomes_tx.clone();
+                let warm = warm_tx.clone();
+                let stop = stop.clone();
+                // Waits for this writer's appends in order, off the writer, so that the
+                // writer appends as fast as it can (batches form during flushes).
+                let (pending_tx, pending_rx) = channel::<PendingAppend>();
+                std::thread::spawn(move || {
+                    for (index, pending) in pending_rx.into_iter().enumerate() {
+                        let result = pending.wait();
+                        if index == 200 {
+                            let _ = warm.send(());
+                        }
+                        let _ = outcomes.send(result);
+                    }
+                });
+                std::thread::spawn(move || {
+                    let mut accepted = 0u64;
+                    for sequence in 0.. {
+                        if stop.load(Ordering::Relaxed) {
+                            break;
+                        }
+                        match log.append(entry(tag as u64, sequence), 0) {
+                            Ok(pending) => {
+                                accepted += 1;
+                                let _ = pending_tx.send(pending);
+                            }
+                            // Refused at once: too much pending (retried), or closed/deleted.
+                            Err(StorageError::TooManyPendingBytes { .. }) => {
+                                std::thread::yield_now()
+                            }
+                            Err(_) => break,
+                        }
+                    }
+                    accepted
+                })
+            })
+            .collect();
+        drop(outcomes_tx);
+        drop(warm_tx);
+        // Every log has made appends durable and keeps appending: the operations below meet
+        // logs with a flush in flight and more pending.
+        for _ in &logs {
+            warm_rx
+                .recv_timeout(STALL)
+                .expect("every log makes its first 200 entries durable");
+        }
+        storage
+            .within("closing a busy log", |storage| storage.close_log("a"))
+            .expect("close a busy log");
+        storage
+            .within("deleting a busy log", |storage| storage.delete_log("b"))
+            .expect("delete a busy log");
+        storage.close();
+        stop.store(true, Ordering::Relaxed);
+        let accepted: u64 = writers
+            .into_iter()
+            .map(|writer| writer.join().expect("writer"))
+            .sum();
+        let mut durable = 0u64;
+        for index in 0..accepted {
+            let result = outcomes_rx.recv_timeout(STALL).unwrap_or_else(|_| {
+                panic!("{flush_threads} threads: append {index} of {accepted} never completed")
+            });
+            durable += u64::from(result.is_ok());
+        }
+        assert!(durable >= 4 * 200, "{durable} durable");
+        let stats: Vec<_> = logs.iter().map(|log| log.stats()).collect();
+        // Batches of several entries formed: appends came in while flushes ran, so flushes
+        // ended with more pending and requeued their log quietly.
+        assert!(
+            stats
+                .iter()
+                .any(|stats| stats.flushes < stats.entries_appended),
+            "{stats:?}"
+        );
+    }
+}
