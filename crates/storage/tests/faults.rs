@@ -1,6 +1,8 @@
 //! Injected faults on the crash-simulating file system: power cuts at random moments under
 //! concurrent load, failing writes and fsyncs, and a full disk.
 
+mod support;
+
 use std::collections::HashSet;
 use std::path::Path;
 use std::sync::mpsc::{channel, Receiver, Sender};
@@ -9,8 +11,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use meridian_storage::{
-    CrashMode, InitialPosition, Io, IoFile, Position, SimIo, Storage, StorageConfig, StorageError,
+    CrashMode, InitialPosition, Io, Position, SimIo, Storage, StorageConfig, StorageError,
 };
+use support::gated_io::GatedIo;
 
 const LOG: &str = "persistent://public/default/faults";
 
@@ -539,137 +542,6 @@ fn append_all(log: &Arc<meridian_storage::Log>, indexes: std::ops::Range<u64>) -
                 .expect("durable")
         })
         .collect()
-}
-
-struct Gate {
-    operation: &'static str,
-    path_suffix: String,
-    reached: Sender<()>,
-    release: Receiver<()>,
-}
-
-type GateSlot = Arc<Mutex<Option<Gate>>>;
-
-struct GatedIo {
-    inner: SimIo,
-    gate: GateSlot,
-}
-
-/// Stops here if the armed gate is for `operation` on `path`.
-fn pass(gate: &GateSlot, operation: &'static str, path: &Path) {
-    let gate = {
-        let mut slot = gate.lock().expect("gate");
-        let matches = slot.as_ref().is_some_and(|gate| {
-            gate.operation == operation
-                && path.to_string_lossy().ends_with(gate.path_suffix.as_str())
-        });
-        if matches {
-            slot.take()
-        } else {
-            None
-        }
-    };
-    if let Some(gate) = gate {
-        let _ = gate.reached.send(());
-        let _ = gate.release.recv();
-    }
-}
-
-impl GatedIo {
-    fn new(inner: SimIo) -> Arc<GatedIo> {
-        Arc::new(GatedIo {
-            inner,
-            gate: Arc::new(Mutex::new(None)),
-        })
-    }
-
-    /// Arms a one-shot gate: the next `operation` on a path ending in `path_suffix` signals
-    /// `reached` and then waits for `release` (or for the sender to be dropped). Operations:
-    /// "create", "list_dir", "write", "sync" (before they run), "write_failed" (after a write
-    /// that returned an error).
-    fn arm(&self, operation: &'static str, path_suffix: &str) -> (Receiver<()>, Sender<()>) {
-        let (reached_tx, reached_rx) = channel();
-        let (release_tx, release_rx) = channel();
-        *self.gate.lock().expect("gate") = Some(Gate {
-            operation,
-            path_suffix: path_suffix.to_string(),
-            reached: reached_tx,
-            release: release_rx,
-        });
-        (reached_rx, release_tx)
-    }
-
-    fn wrap(&self, path: &Path, file: Arc<dyn IoFile>) -> Arc<dyn IoFile> {
-        Arc::new(GatedFile {
-            inner: file,
-            path: path.to_path_buf(),
-            gate: self.gate.clone(),
-        })
-    }
-}
-
-struct GatedFile {
-    inner: Arc<dyn IoFile>,
-    path: std::path::PathBuf,
-    gate: GateSlot,
-}
-
-impl IoFile for GatedFile {
-    fn read_exact_at(&self, buffer: &mut [u8], offset: u64) -> std::io::Result<()> {
-        self.inner.read_exact_at(buffer, offset)
-    }
-    fn write_all_at(&self, bytes: &[u8], offset: u64) -> std::io::Result<()> {
-        pass(&self.gate, "write", &self.path);
-        let result = self.inner.write_all_at(bytes, offset);
-        if result.is_err() {
-            pass(&self.gate, "write_failed", &self.path);
-        }
-        result
-    }
-    fn sync(&self) -> std::io::Result<()> {
-        pass(&self.gate, "sync", &self.path);
-        self.inner.sync()
-    }
-    fn size(&self) -> std::io::Result<u64> {
-        self.inner.size()
-    }
-    fn set_len(&self, length: u64) -> std::io::Result<()> {
-        self.inner.set_len(length)
-    }
-}
-
-impl Io for GatedIo {
-    fn create_dir_all(&self, path: &Path) -> std::io::Result<()> {
-        self.inner.create_dir_all(path)
-    }
-    fn list_dir(&self, path: &Path) -> std::io::Result<Vec<String>> {
-        pass(&self.gate, "list_dir", path);
-        self.inner.list_dir(path)
-    }
-    fn exists(&self, path: &Path) -> bool {
-        self.inner.exists(path)
-    }
-    fn open(&self, path: &Path) -> std::io::Result<Arc<dyn IoFile>> {
-        let file = self.inner.open(path)?;
-        Ok(self.wrap(path, file))
-    }
-    fn create(&self, path: &Path) -> std::io::Result<Arc<dyn IoFile>> {
-        pass(&self.gate, "create", path);
-        let file = self.inner.create(path)?;
-        Ok(self.wrap(path, file))
-    }
-    fn remove_file(&self, path: &Path) -> std::io::Result<()> {
-        self.inner.remove_file(path)
-    }
-    fn remove_dir_all(&self, path: &Path) -> std::io::Result<()> {
-        self.inner.remove_dir_all(path)
-    }
-    fn rename(&self, from: &Path, to: &Path) -> std::io::Result<()> {
-        self.inner.rename(from, to)
-    }
-    fn sync_dir(&self, path: &Path) -> std::io::Result<()> {
-        self.inner.sync_dir(path)
-    }
 }
 
 /// A log whose first segment (entries 0..7) is full and acknowledged by cursor `sub`

@@ -5,16 +5,16 @@
 //! engine stops, and after failed flushes (a full disk, a failed fsync). Each waits for the
 //! outcome of appends with a generous timeout that only a real stall exceeds.
 
-use std::path::Path;
+mod support;
+
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{channel, Receiver, Sender};
-use std::sync::{Arc, Mutex};
+use std::sync::mpsc::{channel, Receiver};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use meridian_storage::{
-    Io, IoFile, Log, PendingAppend, Position, SimIo, Storage, StorageConfig, StorageError,
-};
+use meridian_storage::{Log, PendingAppend, Position, SimIo, Storage, StorageConfig, StorageError};
+use support::gated_io::GatedIo;
 
 /// Long enough that only a stall (a log nobody will flush) exceeds it.
 const STALL: Duration = Duration::from_secs(60);
@@ -54,124 +54,6 @@ fn settled(
     receiver
         .recv_timeout(STALL)
         .unwrap_or_else(|_| panic!("{what}: the append never completed (its flush was lost)"))
-}
-
-// A file system whose operations can be stopped at a chosen point: the test learns that a
-// flush thread got there, changes things, then lets it continue.
-
-struct Gate {
-    operation: &'static str,
-    path_part: String,
-    reached: Sender<()>,
-    release: Receiver<()>,
-}
-
-type GateSlot = Arc<Mutex<Option<Gate>>>;
-
-fn pass(gate: &GateSlot, operation: &'static str, path: &Path) {
-    let armed = {
-        let mut slot = gate.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        let matches = slot.as_ref().is_some_and(|gate| {
-            gate.operation == operation && path.to_string_lossy().contains(&gate.path_part)
-        });
-        if matches {
-            slot.take()
-        } else {
-            None
-        }
-    };
-    if let Some(gate) = armed {
-        let _ = gate.reached.send(());
-        let _ = gate.release.recv();
-    }
-}
-
-struct GatedIo {
-    inner: SimIo,
-    gate: GateSlot,
-}
-
-impl GatedIo {
-    /// Arms a one-shot gate: the next `operation` ("sync", "list_dir") on a path containing
-    /// `path_part` signals the returned receiver, then waits until the returned sender sends
-    /// or is dropped.
-    fn arm(&self, operation: &'static str, path_part: &str) -> (Receiver<()>, Sender<()>) {
-        let (reached_tx, reached_rx) = channel();
-        let (release_tx, release_rx) = channel();
-        *self.gate.lock().expect("gate") = Some(Gate {
-            operation,
-            path_part: path_part.to_string(),
-            reached: reached_tx,
-            release: release_rx,
-        });
-        (reached_rx, release_tx)
-    }
-
-    fn wrap(&self, path: &Path, file: Arc<dyn IoFile>) -> Arc<dyn IoFile> {
-        Arc::new(GatedFile {
-            inner: file,
-            path: path.to_path_buf(),
-            gate: self.gate.clone(),
-        })
-    }
-}
-
-struct GatedFile {
-    inner: Arc<dyn IoFile>,
-    path: std::path::PathBuf,
-    gate: GateSlot,
-}
-
-impl IoFile for GatedFile {
-    fn read_exact_at(&self, buffer: &mut [u8], offset: u64) -> std::io::Result<()> {
-        self.inner.read_exact_at(buffer, offset)
-    }
-    fn write_all_at(&self, bytes: &[u8], offset: u64) -> std::io::Result<()> {
-        self.inner.write_all_at(bytes, offset)
-    }
-    fn sync(&self) -> std::io::Result<()> {
-        pass(&self.gate, "sync", &self.path);
-        self.inner.sync()
-    }
-    fn size(&self) -> std::io::Result<u64> {
-        self.inner.size()
-    }
-    fn set_len(&self, length: u64) -> std::io::Result<()> {
-        self.inner.set_len(length)
-    }
-}
-
-impl Io for GatedIo {
-    fn create_dir_all(&self, path: &Path) -> std::io::Result<()> {
-        self.inner.create_dir_all(path)
-    }
-    fn list_dir(&self, path: &Path) -> std::io::Result<Vec<String>> {
-        pass(&self.gate, "list_dir", path);
-        self.inner.list_dir(path)
-    }
-    fn exists(&self, path: &Path) -> bool {
-        self.inner.exists(path)
-    }
-    fn open(&self, path: &Path) -> std::io::Result<Arc<dyn IoFile>> {
-        let file = self.inner.open(path)?;
-        Ok(self.wrap(path, file))
-    }
-    fn create(&self, path: &Path) -> std::io::Result<Arc<dyn IoFile>> {
-        let file = self.inner.create(path)?;
-        Ok(self.wrap(path, file))
-    }
-    fn remove_file(&self, path: &Path) -> std::io::Result<()> {
-        self.inner.remove_file(path)
-    }
-    fn remove_dir_all(&self, path: &Path) -> std::io::Result<()> {
-        self.inner.remove_dir_all(path)
-    }
-    fn rename(&self, from: &Path, to: &Path) -> std::io::Result<()> {
-        self.inner.rename(from, to)
-    }
-    fn sync_dir(&self, path: &Path) -> std::io::Result<()> {
-        self.inner.sync_dir(path)
-    }
 }
 
 /// The engine of one test. A failing test (a lost flush) leaks it rather than stop it: the
@@ -240,10 +122,7 @@ fn close_within(storage: Storage) {
 
 fn gated(flush_threads: usize) -> (SimIo, Arc<GatedIo>, Engine) {
     let sim = SimIo::new();
-    let io = Arc::new(GatedIo {
-        inner: sim.clone(),
-        gate: Arc::new(Mutex::new(None)),
-    });
+    let io = GatedIo::new(sim.clone());
     let storage =
         Storage::open_with_io("/data", config(flush_threads), io.clone()).expect("open storage");
     (sim, io, Engine::new(storage))
@@ -270,7 +149,7 @@ fn a_batch_appended_during_the_fsync_of_the_previous_one_is_flushed_with_any_thr
     for flush_threads in [1, 2, 4] {
         let (_sim, io, storage) = gated(flush_threads);
         let log = storage.open_log("busy").expect("log");
-        let (reached, release) = io.arm("sync", "/logs/busy/");
+        let (reached, release) = io.arm_containing("sync", "/logs/busy/");
         let first = append_many(&log, 0, 0..3);
         reached
             .recv_timeout(STALL)
@@ -303,7 +182,7 @@ fn a_busy_log_requeued_quietly_still_lets_the_waiting_log_flush_first() {
         }
     }
     // One entry: the flush thread takes it as a batch of its own at once.
-    let (reached, release) = io.arm("sync", "/logs/busy/");
+    let (reached, release) = io.arm_containing("sync", "/logs/busy/");
     let first = append_many(&busy, 0, 1..2);
     reached
         .recv_timeout(STALL)
@@ -311,7 +190,7 @@ fn a_busy_log_requeued_quietly_still_lets_the_waiting_log_flush_first() {
     let second = append_many(&busy, 0, 2..6);
     let waiting = append_many(&quiet, 1, 1..2);
     // Hold the busy log's next fsync too: the quiet log must not need it.
-    let (second_reached, second_release) = io.arm("sync", "/logs/busy/");
+    let (second_reached, second_release) = io.arm_containing("sync", "/logs/busy/");
     drop(release);
     for receiver in &first {
         settled(receiver, "busy log, first batch").expect("durable");
@@ -344,7 +223,7 @@ fn an_append_made_while_a_full_disk_rollback_finishes_is_flushed() {
         }
         sim.set_capacity(Some(sim.used_bytes()));
         // The rollback lists the log's directory to remove its recycled files: stop there.
-        let (reached, release) = io.arm("list_dir", "/logs/full");
+        let (reached, release) = io.arm_containing("list_dir", "/logs/full");
         let failed = append_many(&log, 0, 3..4);
         reached
             .recv_timeout(STALL)
@@ -375,7 +254,7 @@ fn a_failed_fsync_of_a_busy_log_with_more_pending_does_not_hold_up_the_others() 
         let (sim, io, storage) = gated(flush_threads);
         let busy = storage.open_log("busy").expect("busy log");
         let other = storage.open_log("other").expect("other log");
-        let (reached, release) = io.arm("sync", "/logs/busy/");
+        let (reached, release) = io.arm_containing("sync", "/logs/busy/");
         let first = append_many(&busy, 0, 0..3);
         reached
             .recv_timeout(STALL)

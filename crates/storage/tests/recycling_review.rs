@@ -2,15 +2,16 @@
 //! into again): power cuts that keep part of what was written into a recycled file, the
 //! summary of a log that is not open, and reads racing a trim that recycles the file they read.
 
+mod support;
+
 use std::path::{Path, PathBuf};
-use std::sync::mpsc::{channel, Receiver, Sender};
-use std::sync::{Arc, Mutex};
+use std::sync::mpsc::Receiver;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use meridian_storage::{
-    CrashMode, FlushPolicy, Io, IoFile, Log, Position, SimIo, Storage, StorageConfig,
-};
+use meridian_storage::{CrashMode, FlushPolicy, Io, Log, Position, SimIo, Storage, StorageConfig};
+use support::gated_io::GatedIo;
 
 const HEADER_LEN: u64 = 64;
 /// Record framing (8) + entry header (16).
@@ -202,127 +203,10 @@ fn the_summary_of_a_log_that_is_not_open_does_not_count_a_recycled_files_earlier
     assert_eq!(summary.entries, expected, "{summary:?}");
 }
 
-/// What a gated file stops at.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Step {
-    Read,
-    Sync,
-}
-
-type Armed = (PathBuf, Step, Sender<()>, Receiver<()>);
-
-/// Where the next read or sync of a file at the path it is armed for stops (once), until the
-/// test lets it go on.
-#[derive(Default)]
-struct Gate {
-    armed: Mutex<Option<Armed>>,
-}
-
-impl Gate {
-    /// Makes the next `step` of a file at `path` wait for the sender returned; the receiver
-    /// returned hears when it does.
-    fn arm(&self, path: PathBuf, step: Step) -> (Receiver<()>, Sender<()>) {
-        let (reached_sender, reached) = channel();
-        let (release, release_receiver) = channel();
-        *self.armed.lock().expect("gate") = Some((path, step, reached_sender, release_receiver));
-        (reached, release)
-    }
-
-    fn pass(&self, path: &Path, step: Step) {
-        let hit = {
-            let mut armed = self.armed.lock().expect("gate");
-            match &*armed {
-                Some((at, armed_step, ..)) if at == path && *armed_step == step => armed.take(),
-                _ => None,
-            }
-        };
-        if let Some((_, _, reached, release)) = hit {
-            reached.send(()).expect("the test waits");
-            release.recv().expect("the test releases");
-        }
-    }
-}
-
-/// `SimIo` whose files stop where the gate says.
-struct GatedIo {
-    inner: SimIo,
-    gate: Arc<Gate>,
-}
-
-struct GatedFile {
-    inner: Arc<dyn IoFile>,
-    path: PathBuf,
-    gate: Arc<Gate>,
-}
-
-impl IoFile for GatedFile {
-    fn read_exact_at(&self, buffer: &mut [u8], offset: u64) -> std::io::Result<()> {
-        self.gate.pass(&self.path, Step::Read);
-        self.inner.read_exact_at(buffer, offset)
-    }
-    fn write_all_at(&self, bytes: &[u8], offset: u64) -> std::io::Result<()> {
-        self.inner.write_all_at(bytes, offset)
-    }
-    fn sync(&self) -> std::io::Result<()> {
-        self.gate.pass(&self.path, Step::Sync);
-        self.inner.sync()
-    }
-    fn size(&self) -> std::io::Result<u64> {
-        self.inner.size()
-    }
-    fn set_len(&self, length: u64) -> std::io::Result<()> {
-        self.inner.set_len(length)
-    }
-}
-
-impl GatedIo {
-    fn wrap(&self, inner: Arc<dyn IoFile>, path: &Path) -> Arc<dyn IoFile> {
-        Arc::new(GatedFile {
-            inner,
-            path: path.to_path_buf(),
-            gate: self.gate.clone(),
-        })
-    }
-}
-
-impl Io for GatedIo {
-    fn create_dir_all(&self, path: &Path) -> std::io::Result<()> {
-        self.inner.create_dir_all(path)
-    }
-    fn list_dir(&self, path: &Path) -> std::io::Result<Vec<String>> {
-        self.inner.list_dir(path)
-    }
-    fn exists(&self, path: &Path) -> bool {
-        self.inner.exists(path)
-    }
-    fn open(&self, path: &Path) -> std::io::Result<Arc<dyn IoFile>> {
-        Ok(self.wrap(self.inner.open(path)?, path))
-    }
-    fn create(&self, path: &Path) -> std::io::Result<Arc<dyn IoFile>> {
-        Ok(self.wrap(self.inner.create(path)?, path))
-    }
-    fn remove_file(&self, path: &Path) -> std::io::Result<()> {
-        self.inner.remove_file(path)
-    }
-    fn remove_dir_all(&self, path: &Path) -> std::io::Result<()> {
-        self.inner.remove_dir_all(path)
-    }
-    fn rename(&self, from: &Path, to: &Path) -> std::io::Result<()> {
-        self.inner.rename(from, to)
-    }
-    fn sync_dir(&self, path: &Path) -> std::io::Result<()> {
-        self.inner.sync_dir(path)
-    }
-}
-
-fn gated_storage(config: StorageConfig) -> (SimIo, Arc<Gate>, Storage) {
+fn gated_storage(config: StorageConfig) -> (SimIo, Arc<GatedIo>, Storage) {
     let sim = SimIo::new();
-    let gate = Arc::new(Gate::default());
-    let io = GatedIo {
-        inner: sim.clone(),
-        gate: gate.clone(),
-    };
-    let storage = Storage::open_with_io(Path::new("/data"), config, Arc::new(io)).expect("open");
+    let gate = GatedIo::new(sim.clone());
+    let storage = Storage::open_with_io(Path::new("/data"), config, gate.clone()).expect("open");
     (sim, gate, storage)
 }
 
@@ -350,7 +234,7 @@ fn a_read_of_a_segment_recycled_meanwhile_does_not_mark_the_log_corrupted() {
     let log = storage.open_log("t").expect("log");
     // Entries 0..10, 10..20, 20..30: the first two segments are sealed.
     append(&log, "first", 0..30);
-    let (reached, release) = gate.arm(segment_files(&sim)[0].clone(), Step::Read);
+    let (reached, release) = gate.arm_exactly("read", &segment_files(&sim)[0]);
     let ledger = log.current_ledger_id();
     // From entry 5: the read walks the record headers of entries 0..5 first.
     let reader = {
@@ -598,7 +482,7 @@ fn a_roll_into_a_free_file_rolled_back_for_want_of_space_leaves_no_file_behind()
     assert_eq!(count_files(&sim, ".free"), 2);
     // Entry 25 is being synced while 26..30 wait behind it, and 30 rolls into a free file.
     let active = segment_files(&sim).pop().expect("the active segment");
-    let (reached, release) = gate.arm(active, Step::Sync);
+    let (reached, release) = gate.arm_exactly("sync", &active);
     let first = log.append(payload("first", 25), 25).expect("append");
     reached
         .recv_timeout(Duration::from_secs(60))
@@ -682,13 +566,9 @@ fn a_full_disk_while_writing_into_a_recycled_file_rolls_back_and_recovers() {
 fn a_recycled_segment_torn_before_a_batchs_fsync_opens_with_every_acknowledged_entry() {
     for seed in 0..8 {
         let sim = short_free_files();
-        let gate = Arc::new(Gate::default());
-        let io = GatedIo {
-            inner: sim.clone(),
-            gate: gate.clone(),
-        };
+        let gate = GatedIo::new(sim.clone());
         let storage =
-            Storage::open_with_io(Path::new("/data"), config(10), Arc::new(io)).expect("open");
+            Storage::open_with_io(Path::new("/data"), config(10), gate.clone()).expect("open");
         let log = storage.open_log("t").expect("log");
         // Entry 10 rolls into a free file of 684 bytes: the newest one (its handle keeps
         // the name it was opened under).
@@ -700,7 +580,7 @@ fn a_recycled_segment_torn_before_a_batchs_fsync_opens_with_every_acknowledged_e
         free.sort();
         let recycled = free.pop().expect("a free file");
         append(&log, "second", 0..11);
-        let (reached, release) = gate.arm(recycled.clone(), Step::Sync);
+        let (reached, release) = gate.arm_exactly("sync", &recycled);
         let eleven = log.append(payload("second", 11), 11).expect("append");
         let wait = |reached: &Receiver<()>| {
             reached
@@ -712,7 +592,7 @@ fn a_recycled_segment_torn_before_a_batchs_fsync_opens_with_every_acknowledged_e
         let batch: Vec<_> = (12..20)
             .map(|index| log.append(payload("second", index), index).expect("append"))
             .collect();
-        let (reached_batch, release_batch) = gate.arm(recycled, Step::Sync);
+        let (reached_batch, release_batch) = gate.arm_exactly("sync", &recycled);
         release.send(()).expect("release");
         eleven.wait().expect("entry 11 is durable");
         wait(&reached_batch);
