@@ -560,11 +560,20 @@ fn outage_under_load(outage: Outage) {
         Outage::Etcd => etcd.restart(),
     }
     if outage == Outage::ObjectStore {
-        // Not fenced nor uncertain: the same topics take appends again.
+        // Not fenced nor uncertain: the same topics take appends again. The store just
+        // relaunched may still be slow to answer on a busy machine: an append may fail as
+        // unavailable (past its deadline) until it does, but with nothing else.
         for (log, _) in &results {
-            log.append(Bytes::from_static(b"resumed"), 1)
-                .and_then(PendingAppend::wait)
-                .expect("appends resume after the outage");
+            wait_until("appends to resume after the outage", || {
+                match log
+                    .append(Bytes::from_static(b"resumed"), 1)
+                    .and_then(PendingAppend::wait)
+                {
+                    Ok(position) => Some(position),
+                    Err(ObjectLogError::Unavailable { .. }) => None,
+                    Err(error) => panic!("{}: appends do not resume: {error}", log.name()),
+                }
+            });
         }
     }
     drop(writer);
