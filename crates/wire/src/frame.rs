@@ -11,7 +11,7 @@
 //! must not. Frames whose type this crate does not know are returned as
 //! simple commands if nothing follows them.
 
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use prost::Message;
 
 use crate::entry::{parse_entry, ParsedEntry};
@@ -215,10 +215,13 @@ pub fn decode_frame_or_ack(
     match check_frame(buffer, max_frame_size)? {
         FrameCheck::Incomplete { .. } => Ok(None),
         FrameCheck::Complete { frame_length } => {
-            let frame = buffer.split_to(frame_length).freeze();
-            if let Some(ack) = ack_alone(&frame) {
+            // An ACK is decoded from the buffer in place: its bytes are not kept, so they need
+            // not be split off into a `Bytes` of their own.
+            if let Some(ack) = ack_alone(&buffer[..frame_length]) {
+                buffer.advance(frame_length);
                 return Ok(Some(Decoded::Ack(ack)));
             }
+            let frame = buffer.split_to(frame_length).freeze();
             parse_frame(frame).map(|frame| Some(Decoded::Frame(frame)))
         }
     }
@@ -227,7 +230,7 @@ pub fn decode_frame_or_ack(
 /// The ACK of a whole frame whose command has exactly two fields, `type` = ACK and `ack`, and
 /// nothing after the command; `None` for anything else (including bytes that do not decode),
 /// which [`parse_frame`] then judges.
-fn ack_alone(frame: &Bytes) -> Option<CommandAck> {
+fn ack_alone(frame: &[u8]) -> Option<CommandAck> {
     /// Key of `BaseCommand.type`: field 1, varint.
     const TYPE_KEY: u8 = 1 << 3;
     /// Key of `BaseCommand.ack`: field 10, length-delimited.
@@ -263,10 +266,8 @@ fn ack_alone(frame: &Bytes) -> Option<CommandAck> {
         return None;
     }
     let body = body?;
-    frame
-        .get(body.clone())
-        .and_then(ack_by_hand)
-        .or_else(|| CommandAck::decode(frame.slice(body)).ok())
+    let body = frame.get(body)?;
+    ack_by_hand(body).or_else(|| CommandAck::decode(body).ok())
 }
 
 /// A `CommandAck` with only the fields clients send for a plain acknowledgement (consumer id,
