@@ -25,7 +25,7 @@ use crate::cursor::UnwrittenJournalBytes;
 use crate::cursor_wal::{CursorWal, WalRecord};
 use crate::error::{Result, StorageError};
 use crate::io::Io;
-use crate::log::Log;
+use crate::log::{AfterFlush, Log};
 
 /// Longest encoded log name accepted: it must fit a file name (255 bytes on common file systems).
 pub const ENCODED_LOG_NAME_MAX_BYTES: usize = 250;
@@ -125,15 +125,6 @@ impl Shared {
     pub(crate) fn schedule_flush(&self, log: Arc<Log>) {
         self.flush_queue.push(Some(log));
     }
-
-    /// Queues a log's next flush from the flush thread that has just finished its previous
-    /// one, without waking another thread: the caller takes the queue's next log as soon as
-    /// it has completed its waiters (issue 16: handing every flush of a busy log to another
-    /// thread cost a futex wake and a task switch per flush). A thread that is awake anyway
-    /// may still take it first.
-    pub(crate) fn requeue_flush(&self, log: Arc<Log>) {
-        self.flush_queue.push_quietly(Some(log));
-    }
 }
 
 /// Logs waiting for a flush thread (`None` tells one thread to stop). A log is in it at most
@@ -152,7 +143,7 @@ impl FlushQueue {
         self.ready.notify_one();
     }
 
-    /// Queues an item without waking a thread: for a flush thread about to `pop`.
+    /// Queues an item without waking a thread: only for a flush thread about to `pop`.
     fn push_quietly(&self, item: Option<Arc<Log>>) {
         self.logs
             .lock()
@@ -290,7 +281,10 @@ impl Storage {
                 .name(format!("meridian-storage-flush-{index}"))
                 .spawn(move || {
                     while let Some(log) = shared.flush_queue.pop() {
-                        log.flush();
+                        if log.flush() == AfterFlush::Again {
+                            // Popped again right below, by this thread or one awake anyway.
+                            shared.flush_queue.push_quietly(Some(log));
+                        }
                     }
                 })
                 .map_err(|error| StorageError::io("spawn flush thread", "", error))?;

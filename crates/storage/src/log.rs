@@ -378,6 +378,19 @@ pub struct KnownChecksum {
     pub crc32c: u32,
 }
 
+/// What a flush thread does with a log after [`Log::flush`].
+#[must_use]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum AfterFlush {
+    /// Nothing is pending, or the log failed: another append schedules it again.
+    Idle,
+    /// More is pending and the log is still this thread's to flush: it queues the log again
+    /// (behind the other logs waiting) without waking another thread, and takes the queue's
+    /// next log itself (issue 16: handing every flush of a busy log to another thread cost a
+    /// futex wake and a task switch per flush).
+    Again,
+}
+
 /// Appended records waiting for the flusher, all for one segment.
 struct PendingBatch {
     ledger_id: u64,
@@ -1135,10 +1148,11 @@ impl Log {
     }
 
     /// Writes (and fsyncs) the oldest pending batch. Runs on a flush thread; at most one call
-    /// per log is active (guarded by `flush_scheduled`). If more batches are pending, the log
-    /// queues itself again behind the other logs waiting for a flush thread, so that a busy
-    /// log cannot keep a thread to itself while other logs' appends wait.
-    pub(crate) fn flush(self: &Arc<Self>) {
+    /// per log is active (guarded by `flush_scheduled`). [`AfterFlush::Again`] if more batches
+    /// are pending: the log is still the calling thread's to flush, and the thread queues it
+    /// again behind the other logs waiting for a flush thread, so that a busy log cannot keep
+    /// a thread to itself while other logs' appends wait.
+    pub(crate) fn flush(self: &Arc<Self>) -> AfterFlush {
         let (mut batch, file, path, new_segment) = {
             let mut state = self.lock();
             if let Some(error) = state.failure.clone() {
@@ -1154,13 +1168,13 @@ impl Log {
                 for batch in abandoned {
                     complete(batch.waiters, Err(error.clone()));
                 }
-                return;
+                return AfterFlush::Idle;
             }
             let Some(batch) = state.pending.pop_front() else {
                 state.flush_scheduled = false;
                 drop(state);
                 self.flush_finished.notify_all();
-                return;
+                return AfterFlush::Idle;
             };
             let index = state.segment_index_for_batch(&batch);
             // The segment before a new one: its file may be a recycled one, longer than its
@@ -1241,11 +1255,7 @@ impl Log {
                 // lock: without it, nobody is waiting (a notification is a system call).
                 let closing = state.closed;
                 drop(state);
-                if more {
-                    // This thread is a flush thread (the only callers of `flush`): it pops
-                    // the queue once the waiters below are completed.
-                    self.shared.requeue_flush(self.clone());
-                } else if closing {
+                if !more && closing {
                     self.flush_finished.notify_all();
                 }
                 self.durable.send_replace(Some(batch.last));
@@ -1256,6 +1266,11 @@ impl Log {
                     if state.spare_batch.is_none() {
                         state.spare_batch = Some(spare);
                     }
+                }
+                if more {
+                    AfterFlush::Again
+                } else {
+                    AfterFlush::Idle
                 }
             }
             Err((stage, error)) => {
@@ -1305,13 +1320,16 @@ impl Log {
                     state.flush_scheduled = !state.pending.is_empty();
                     state.flush_scheduled
                 };
-                if more {
-                    self.shared.schedule_flush(self.clone());
-                } else {
+                if !more {
                     self.flush_finished.notify_all();
                 }
                 for batch in failed {
                     complete(batch.waiters, Err(error.clone()));
+                }
+                if more {
+                    AfterFlush::Again
+                } else {
+                    AfterFlush::Idle
                 }
             }
         }
