@@ -1229,7 +1229,8 @@ impl Log {
             }
             (outcome, _) => outcome,
         };
-        match outcome {
+        // Whether more is pending and the log is still this thread's to flush.
+        let more = match outcome {
             Ok(file) => {
                 let fsynced = matches!(self.shared.config.flush_policy, FlushPolicy::Fsync);
                 if let Some(segment) = state.segment_for_batch_mut(&batch) {
@@ -1267,11 +1268,7 @@ impl Log {
                         state.spare_batch = Some(spare);
                     }
                 }
-                if more {
-                    AfterFlush::Again
-                } else {
-                    AfterFlush::Idle
-                }
+                more
             }
             Err((stage, error)) => {
                 let rolled_back = matches!(stage, FlushStage::Create | FlushStage::Write)
@@ -1326,12 +1323,13 @@ impl Log {
                 for batch in failed {
                     complete(batch.waiters, Err(error.clone()));
                 }
-                if more {
-                    AfterFlush::Again
-                } else {
-                    AfterFlush::Idle
-                }
+                more
             }
+        };
+        if more {
+            AfterFlush::Again
+        } else {
+            AfterFlush::Idle
         }
     }
 
