@@ -19,6 +19,15 @@ use std::sync::Arc;
 pub trait IoFile: Send + Sync {
     /// Reads exactly `buffer.len()` bytes at `offset`, or fails with `UnexpectedEof`.
     fn read_exact_at(&self, buffer: &mut [u8], offset: u64) -> io::Result<()>;
+    /// Appends exactly `len` bytes read at `offset` to `buffer`, or fails with `UnexpectedEof`
+    /// (then `buffer` may hold part of them). The default zeroes the room first and reads
+    /// into it; [`RealIo`]'s files read into the vector's spare capacity as it is: a read of
+    /// megabytes for a consumer catching up is not preceded by a pass writing zeros.
+    fn read_exact_at_into(&self, buffer: &mut Vec<u8>, len: usize, offset: u64) -> io::Result<()> {
+        let start = buffer.len();
+        buffer.resize(start + len, 0);
+        self.read_exact_at(&mut buffer[start..], offset)
+    }
     /// Writes all of `bytes` at `offset`.
     fn write_all_at(&self, bytes: &[u8], offset: u64) -> io::Result<()>;
     /// Writes the concatenation of `parts` at `offset`, as [`IoFile::write_all_at`] would
@@ -63,6 +72,25 @@ struct RealFile {
 impl IoFile for RealFile {
     fn read_exact_at(&self, buffer: &mut [u8], offset: u64) -> io::Result<()> {
         self.file.read_exact_at(buffer, offset)
+    }
+
+    fn read_exact_at_into(&self, buffer: &mut Vec<u8>, len: usize, offset: u64) -> io::Result<()> {
+        let start = buffer.len();
+        let target = start + len;
+        buffer.reserve(len);
+        while buffer.len() < target {
+            // The spare capacity may be larger than asked: a read may go past `len` (within
+            // the file), and the surplus is cut off below.
+            let at = offset + (buffer.len() - start) as u64;
+            match rustix::io::pread(&self.file, rustix::buffer::spare_capacity(buffer), at) {
+                Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+                Ok(_) => {}
+                Err(rustix::io::Errno::INTR) => {}
+                Err(error) => return Err(error.into()),
+            }
+        }
+        buffer.truncate(target);
+        Ok(())
     }
 
     fn write_all_at(&self, bytes: &[u8], offset: u64) -> io::Result<()> {

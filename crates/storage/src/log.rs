@@ -41,6 +41,9 @@ const SPARSE_INDEX_ENTRIES: u32 = 64;
 /// ...and at least one per this many bytes of records; a read scans forward from the nearest
 /// kept offset, so it reads at most this much (plus one record) more than it returns.
 const SPARSE_INDEX_BYTES: u32 = 64 * 1024;
+/// The most a read of a sealed segment fetches ahead of the record it needs, whatever the
+/// read's byte budget.
+const MAX_READ_AHEAD_BYTES: u64 = 8 * 1024 * 1024;
 
 /// An entry read back from a log: exactly the bytes that were appended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -686,6 +689,27 @@ impl OffsetLookup {
     }
 }
 
+/// How many bytes a read of the sealed-segment run `records` (`span` bytes of records) wants
+/// from the run's start: the records before `wanted` (walked to find it), then as many as the
+/// budget still takes, estimated at the run's average record size, and the next framing.
+fn read_ahead(
+    read: &ReadBudget,
+    records: std::ops::RangeInclusive<usize>,
+    wanted: usize,
+    span: u64,
+) -> u64 {
+    let count = (records.end() + 1 - records.start()) as u64;
+    let average = span / count.max(1);
+    let skipped = average * (wanted.saturating_sub(*records.start()) as u64);
+    let entries_left = read.max_entries.saturating_sub(read.entries.len()) as u64;
+    let bytes_left = read.max_bytes.saturating_sub(read.bytes) as u64;
+    let wanted_bytes = average.saturating_mul(entries_left).min(bytes_left);
+    skipped
+        .saturating_add(wanted_bytes)
+        .saturating_add(RECORD_FRAMING_LEN)
+        .min(MAX_READ_AHEAD_BYTES)
+}
+
 /// Reads a segment's records forward in chunks.
 struct ChunkReader<'a> {
     file: &'a dyn IoFile,
@@ -695,6 +719,9 @@ struct ChunkReader<'a> {
     /// File offset of `buffer`.
     start: u64,
     buffer: Bytes,
+    /// Up to where the reader expects to need the records (by the read's budget): the first
+    /// read fetches up to there, so that a run of records comes in one read.
+    until: u64,
 }
 
 impl ChunkReader<'_> {
@@ -710,11 +737,21 @@ impl ChunkReader<'_> {
         let buffered_end = self.start + self.buffer.len() as u64;
         if offset < self.start || offset + len > buffered_end {
             let read_len = len
+                .max(self.until.saturating_sub(offset))
                 .max(2 * u64::from(SPARSE_INDEX_BYTES))
                 .min(self.end - offset);
-            let mut buffer = vec![0u8; read_len as usize];
+            // What is already buffered from `offset` on (typically the head of a record whose
+            // framing was read at the end of the previous chunk) is kept, not read again.
+            let kept = if (self.start..buffered_end).contains(&offset) {
+                &self.buffer[(offset - self.start) as usize..]
+            } else {
+                &[]
+            };
+            let mut buffer = Vec::with_capacity(read_len as usize);
+            buffer.extend_from_slice(kept);
+            let missing = read_len as usize - kept.len();
             self.file
-                .read_exact_at(&mut buffer, offset)
+                .read_exact_at_into(&mut buffer, missing, offset + kept.len() as u64)
                 .map_err(|error| StorageError::io("read", self.path, error))?;
             self.start = offset;
             self.buffer = Bytes::from(buffer);
@@ -1732,9 +1769,13 @@ impl Log {
                 };
                 let (start_offset, end_offset) = (first.0, last.1);
                 let file = self.segment_file(file, &path)?;
-                let mut buffer = vec![0u8; (end_offset - start_offset) as usize];
-                file.read_exact_at(&mut buffer, start_offset)
-                    .map_err(|error| StorageError::io("read", &path, error))?;
+                let mut buffer = Vec::new();
+                file.read_exact_at_into(
+                    &mut buffer,
+                    (end_offset - start_offset) as usize,
+                    start_offset,
+                )
+                .map_err(|error| StorageError::io("read", &path, error))?;
                 let buffer = Bytes::from(buffer);
                 for (index, (record_start, record_end)) in ranges.iter().enumerate() {
                     let entry_id = first_entry_id + index as u64;
@@ -1764,6 +1805,13 @@ impl Log {
                     end: end_offset,
                     start: from_offset,
                     buffer: Bytes::new(),
+                    until: from_offset
+                        + read_ahead(
+                            read,
+                            from_index..=last_index,
+                            wanted_index,
+                            end_offset - from_offset,
+                        ),
                 };
                 let mut offset = from_offset;
                 for index in from_index..=last_index {

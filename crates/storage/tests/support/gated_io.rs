@@ -3,6 +3,7 @@
 //! (frees space, appends, closes), then lets the thread go on.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex};
 
@@ -60,9 +61,11 @@ fn pass(gate: &GateSlot, operation: &'static str, path: &Path) {
 
 /// A [`SimIo`] with a gate. Operations that can be stopped: "create", "list_dir", "read",
 /// "write", "sync" (before they run) and "write_failed" (after a write that returned an error).
+/// It also counts the bytes read from files.
 pub struct GatedIo {
     inner: SimIo,
     gate: GateSlot,
+    bytes_read: Arc<AtomicU64>,
 }
 
 impl GatedIo {
@@ -70,7 +73,13 @@ impl GatedIo {
         Arc::new(GatedIo {
             inner,
             gate: Arc::new(Mutex::new(None)),
+            bytes_read: Arc::default(),
         })
+    }
+
+    /// Bytes read from every file so far.
+    pub fn bytes_read(&self) -> u64 {
+        self.bytes_read.load(Ordering::Relaxed)
     }
 
     /// Arms a one-shot gate: the next `operation` on a path ending in `path_suffix` signals the
@@ -113,6 +122,7 @@ impl GatedIo {
             inner: file,
             path: path.to_path_buf(),
             gate: self.gate.clone(),
+            bytes_read: self.bytes_read.clone(),
         })
     }
 }
@@ -121,11 +131,14 @@ struct GatedFile {
     inner: Arc<dyn IoFile>,
     path: PathBuf,
     gate: GateSlot,
+    bytes_read: Arc<AtomicU64>,
 }
 
 impl IoFile for GatedFile {
     fn read_exact_at(&self, buffer: &mut [u8], offset: u64) -> std::io::Result<()> {
         pass(&self.gate, "read", &self.path);
+        self.bytes_read
+            .fetch_add(buffer.len() as u64, Ordering::Relaxed);
         self.inner.read_exact_at(buffer, offset)
     }
     fn write_all_at(&self, bytes: &[u8], offset: u64) -> std::io::Result<()> {

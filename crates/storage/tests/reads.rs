@@ -1,0 +1,101 @@
+//! What a read of sealed segments costs in bytes read from disk: a consumer catching up on a
+//! backlog of large entries (a full batch of 128 messages of 1 KiB is a 132 KiB entry) should
+//! read each record once, not once for its framing and again for its body.
+
+mod support;
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use meridian_storage::{Position, SimIo, Storage, StorageConfig};
+use support::gated_io::GatedIo;
+
+const ENTRY_BYTES: usize = 132 * 1024;
+const ENTRIES: u64 = 60;
+
+fn config() -> StorageConfig {
+    StorageConfig {
+        segment_max_bytes: 4 * 1024 * 1024,
+        entry_max_bytes: 200_000,
+        pending_max_bytes_per_log: 64 << 20,
+        // Nothing cached: every read goes to the files.
+        cache_max_bytes: 0,
+        ..StorageConfig::default()
+    }
+}
+
+fn payload(index: u64) -> Bytes {
+    let mut bytes = format!("entry-{index}-").into_bytes();
+    bytes.resize(ENTRY_BYTES, (index % 251) as u8);
+    Bytes::from(bytes)
+}
+
+/// A log of `ENTRIES` large entries written and the engine reopened (every segment sealed):
+/// the gated file system, the reopened engine and the entries' positions.
+fn sealed_log() -> (Arc<GatedIo>, Storage, Vec<Position>) {
+    let sim = SimIo::new();
+    let io = GatedIo::new(sim);
+    let positions = {
+        let storage = Storage::open_with_io("/data", config(), io.clone()).expect("open");
+        let log = storage.open_log("t").expect("log");
+        let appends: Vec<_> = (0..ENTRIES)
+            .map(|index| log.append(payload(index), 1_000).expect("append"))
+            .collect();
+        let positions = appends
+            .into_iter()
+            .map(|append| append.wait().expect("durable"))
+            .collect();
+        drop(log);
+        storage.close().expect("close");
+        positions
+    };
+    let storage = Storage::open_with_io("/data", config(), io.clone()).expect("reopen");
+    (io, storage, positions)
+}
+
+#[test]
+fn a_catch_up_read_reads_each_record_of_a_sealed_segment_once() {
+    let (io, storage, positions) = sealed_log();
+    let log = storage.open_log("t").expect("log");
+    assert!(log.stats().segments >= 2, "{:?}", log.stats());
+    let before = io.bytes_read();
+    // As the dispatcher reads: up to 100 entries and 5 MiB at a time.
+    let mut next = positions[0];
+    let mut read = Vec::new();
+    while read.len() < positions.len() {
+        let entries = log.read_from(next, 100, 5 * 1024 * 1024).expect("read");
+        let last = entries.last().expect("entries left").position;
+        read.extend(entries);
+        next = Position::new(last.ledger_id, last.entry_id + 1);
+        if !positions.contains(&next) {
+            // The next segment starts a ledger of its own.
+            next = positions[read.len().min(positions.len() - 1)];
+        }
+    }
+    for (index, entry) in read.iter().enumerate() {
+        assert_eq!(entry.position, positions[index]);
+        assert!(entry.data == payload(index as u64), "entry {index}");
+    }
+    let bytes_read = io.bytes_read() - before;
+    let records = ENTRIES * (ENTRY_BYTES as u64 + 24);
+    assert!(
+        bytes_read < records + records / 10,
+        "{bytes_read} bytes read for {records} bytes of records"
+    );
+}
+
+#[test]
+fn a_read_of_one_entry_reads_about_one_record() {
+    let (io, storage, positions) = sealed_log();
+    let log = storage.open_log("t").expect("log");
+    for index in [0, 1, 17, 30, 59] {
+        let before = io.bytes_read();
+        let entry = log.read(positions[index]).expect("read");
+        assert!(entry.data == payload(index as u64), "entry {index}");
+        let bytes_read = io.bytes_read() - before;
+        assert!(
+            bytes_read < (ENTRY_BYTES + ENTRY_BYTES / 2) as u64,
+            "{bytes_read} bytes read for entry {index} of {ENTRY_BYTES} bytes"
+        );
+    }
+}
