@@ -157,6 +157,40 @@ struct DispatchState {
     ring: Vec<(u16, u64)>,
     /// Bumped by seek: reads planned before it are discarded.
     generation: u64,
+    /// Messages per entry lately, to turn permits (messages) into entries to read.
+    messages_per_entry: MessagesPerEntry,
+}
+
+/// A moving average of the messages per entry dispatched (batches make an entry many
+/// messages), as Pulsar's dispatchers keep one: a consumer's permits count messages, and a
+/// read of as many entries as it has permits would fetch, for 1,000 permits and batches of
+/// 128 messages, 100 entries of which 8 go out — the rest went back to the replay set and were
+/// read again, one at a time, in later rounds (issue 16).
+#[derive(Clone, Copy, Debug)]
+struct MessagesPerEntry {
+    /// In 1/16 of a message.
+    sixteenths: u64,
+}
+
+impl Default for MessagesPerEntry {
+    /// One message per entry until entries are seen: never fewer entries read than before.
+    fn default() -> Self {
+        MessagesPerEntry { sixteenths: 16 }
+    }
+}
+
+impl MessagesPerEntry {
+    /// Counts an entry of `messages` messages: each moves the average by a tenth of the way.
+    fn record(&mut self, messages: u32) {
+        let sample = u64::from(messages.max(1)) * 16;
+        self.sixteenths = ((self.sixteenths * 9 + sample) / 10).max(16);
+    }
+
+    /// Entries to read for `permits` messages: enough to use them all (the last entry may
+    /// take the consumer's permits below zero, as a whole batch goes out), at least one.
+    fn entries_for(self, permits: u64) -> u64 {
+        (permits * 16).div_ceil(self.sixteenths).max(1)
+    }
 }
 
 /// What one dispatch round reads.
@@ -278,6 +312,7 @@ impl Subscription {
                 active: None,
                 ring: Vec::new(),
                 generation: 0,
+                messages_per_entry: MessagesPerEntry::default(),
             }),
             log,
             config,
@@ -971,8 +1006,11 @@ impl Subscription {
                 );
                 return Round::Idle { wake_at_ms };
             }
-            let max_entries =
-                permits.min(self.config.dispatch_max_entries_per_read as u64) as usize;
+            let max_entries = state
+                .messages_per_entry
+                .entries_for(permits)
+                .min(self.config.dispatch_max_entries_per_read as u64)
+                as usize;
             let replay = self.replay_to_send(&state, max_entries);
             let plan = if !replay.is_empty() {
                 ReadPlan::Replay(replay)
@@ -1291,6 +1329,7 @@ impl Subscription {
             } else {
                 state.redelivery_counts.get(&position).copied().unwrap_or(0)
             };
+            state.messages_per_entry.record(messages);
             let consumer = &mut state.consumers[consumer_index];
             consumer.permits -= i64::from(messages);
             consumer.unacked_messages += u64::from(messages);
@@ -1538,4 +1577,30 @@ fn check_sticky_ranges(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::MessagesPerEntry;
+
+    #[test]
+    fn permits_become_entries_by_the_messages_per_entry_seen() {
+        let mut average = MessagesPerEntry::default();
+        // Unbatched until entries are seen: one entry per permit.
+        assert_eq!(average.entries_for(1000), 1000);
+        assert_eq!(average.entries_for(0), 1);
+        for _ in 0..60 {
+            average.record(128);
+        }
+        // 1,000 permits take 8 batches of 128 (the eighth takes the permits below zero).
+        assert_eq!(average.entries_for(1000), 8);
+        assert_eq!(average.entries_for(1), 1);
+        // Back to single messages: the average follows within tens of entries.
+        for _ in 0..60 {
+            average.record(1);
+        }
+        assert_eq!(average.entries_for(1000), 1000);
+        average.record(0);
+        assert_eq!(average.entries_for(5), 5);
+    }
 }

@@ -599,6 +599,8 @@ enum ReadPart {
         last_index: usize,
         /// Where the segment's records end.
         end_offset: u64,
+        /// The segment's mean record size (from its first indexed record to its end).
+        mean_record: u64,
     },
 }
 
@@ -644,6 +646,10 @@ impl DiskRun {
             wanted_index: first,
             last_index: end - 1,
             end_offset: segment.end,
+            mean_record: {
+                let (_, first_offset) = segment.indexed_at_or_before(0);
+                segment.end.saturating_sub(first_offset) / segment.entry_count().max(1)
+            },
         });
         Some(Position::new(
             segment.ledger_id,
@@ -689,21 +695,17 @@ impl OffsetLookup {
     }
 }
 
-/// How many bytes a read of the sealed-segment run `records` (`span` bytes of records) wants
-/// from the run's start: the records before `wanted` (walked to find it), then as many as the
-/// budget still takes, estimated at the run's average record size, and the next framing.
-fn read_ahead(
-    read: &ReadBudget,
-    records: std::ops::RangeInclusive<usize>,
-    wanted: usize,
-    span: u64,
-) -> u64 {
-    let count = (records.end() + 1 - records.start()) as u64;
-    let average = span / count.max(1);
-    let skipped = average * (wanted.saturating_sub(*records.start()) as u64);
-    let entries_left = read.max_entries.saturating_sub(read.entries.len()) as u64;
-    let bytes_left = read.max_bytes.saturating_sub(read.bytes) as u64;
-    let wanted_bytes = average.saturating_mul(entries_left).min(bytes_left);
+/// How many bytes a read of a sealed segment's records `from..=last` wants from record
+/// `from` on: the records before `wanted` (walked to find it), then as many as the budget still
+/// takes, both estimated at the segment's mean record size, and the next framing.
+fn read_ahead(read: &ReadBudget, from: usize, wanted: usize, last: usize, mean_record: u64) -> u64 {
+    let skipped = mean_record * (wanted.saturating_sub(from) as u64);
+    let records_left = (last + 1).saturating_sub(wanted) as u64;
+    let entries_left =
+        (read.max_entries.saturating_sub(read.entries.len()) as u64).min(records_left);
+    // The budget always admits one entry, however large.
+    let bytes_left = (read.max_bytes.saturating_sub(read.bytes) as u64).max(mean_record);
+    let wanted_bytes = mean_record.saturating_mul(entries_left).min(bytes_left);
     skipped
         .saturating_add(wanted_bytes)
         .saturating_add(RECORD_FRAMING_LEN)
@@ -1797,6 +1799,7 @@ impl Log {
                 wanted_index,
                 last_index,
                 end_offset,
+                mean_record,
             } => {
                 let file = self.segment_file(file, &path)?;
                 let mut chunks = ChunkReader {
@@ -1806,12 +1809,7 @@ impl Log {
                     start: from_offset,
                     buffer: Bytes::new(),
                     until: from_offset
-                        + read_ahead(
-                            read,
-                            from_index..=last_index,
-                            wanted_index,
-                            end_offset - from_offset,
-                        ),
+                        + read_ahead(read, from_index, wanted_index, last_index, mean_record),
                 };
                 let mut offset = from_offset;
                 for index in from_index..=last_index {
