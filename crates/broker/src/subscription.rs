@@ -1042,19 +1042,7 @@ impl Subscription {
         let read = tokio::task::spawn_blocking(
             move || -> meridian_storage::Result<Vec<meridian_storage::Entry>> {
                 match plan {
-                    ReadPlan::Replay(positions) => {
-                        let mut entries = Vec::with_capacity(positions.len());
-                        for position in positions {
-                            match log.read(position) {
-                                Ok(entry) => entries.push(entry),
-                                Err(meridian_storage::StorageError::PositionNotFound {
-                                    ..
-                                }) => {}
-                                Err(error) => return Err(error),
-                            }
-                        }
-                        Ok(entries)
-                    }
+                    ReadPlan::Replay(positions) => log.read_positions(&positions),
                     ReadPlan::New { from, max_entries } => {
                         log.read_from(from, max_entries, max_bytes)
                     }

@@ -41,6 +41,9 @@ const SPARSE_INDEX_ENTRIES: u32 = 64;
 /// ...and at least one per this many bytes of records; a read scans forward from the nearest
 /// kept offset, so it reads at most this much (plus one record) more than it returns.
 const SPARSE_INDEX_BYTES: u32 = 64 * 1024;
+/// The least a read of a sealed segment fetches (unless the records end sooner): past what the
+/// read expected to need, its walk over the records goes on in reads of at least this size.
+const MIN_READ_BYTES: u64 = 16 * 1024;
 /// The most a read of a sealed segment fetches ahead of the record it needs, whatever the
 /// read's byte budget.
 const MAX_READ_AHEAD_BYTES: u64 = 8 * 1024 * 1024;
@@ -740,7 +743,7 @@ impl ChunkReader<'_> {
         if offset < self.start || offset + len > buffered_end {
             let read_len = len
                 .max(self.until.saturating_sub(offset))
-                .max(2 * u64::from(SPARSE_INDEX_BYTES))
+                .max(MIN_READ_BYTES)
                 .min(self.end - offset);
             // What is already buffered from `offset` on (typically the head of a record whose
             // framing was read at the end of the previous chunk) is kept, not read again.
@@ -1640,6 +1643,31 @@ impl Log {
                 }
             }
         }
+    }
+
+    /// Reads the durable entries at `positions` (ascending), leaving out those that do not
+    /// exist (trimmed): consecutive positions of a ledger are read together, as `read_from`
+    /// reads a range, not one `read` each (a dispatcher's replay set is mostly such runs).
+    pub fn read_positions(&self, positions: &[Position]) -> Result<Vec<Entry>> {
+        let mut entries = Vec::with_capacity(positions.len());
+        let mut rest = positions;
+        while let Some(&first) = rest.first() {
+            let run = 1 + rest
+                .windows(2)
+                .take_while(|pair| {
+                    pair[1].ledger_id == pair[0].ledger_id
+                        && pair[1].entry_id == pair[0].entry_id + 1
+                })
+                .count();
+            let (wanted, after) = rest.split_at(run);
+            entries.extend(
+                self.read_from(first, run, usize::MAX)?
+                    .into_iter()
+                    .filter(|entry| wanted.binary_search(&entry.position).is_ok()),
+            );
+            rest = after;
+        }
+        Ok(entries)
     }
 
     /// Reads the entry at `position`.

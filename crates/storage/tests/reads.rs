@@ -104,3 +104,62 @@ fn a_read_of_one_entry_reads_about_one_record() {
         );
     }
 }
+
+/// A sealed log of 2,000 unbatched messages of about 1 KiB: the file system, the reopened
+/// engine and the positions.
+fn sealed_log_of_small_entries() -> (Arc<GatedIo>, Storage, Vec<Position>) {
+    let io = GatedIo::new(SimIo::new());
+    let positions = {
+        let storage = Storage::open_with_io("/data", config(), io.clone()).expect("open");
+        let log = storage.open_log("small").expect("log");
+        let appends: Vec<_> = (0..2_000u64)
+            .map(|index| {
+                let mut bytes = format!("message-{index}-").into_bytes();
+                bytes.resize(1_000, (index % 251) as u8);
+                log.append(Bytes::from(bytes), 1_000).expect("append")
+            })
+            .collect();
+        let positions = appends
+            .into_iter()
+            .map(|append| append.wait().expect("durable"))
+            .collect();
+        drop(log);
+        storage.close().expect("close");
+        positions
+    };
+    let storage = Storage::open_with_io("/data", config(), io.clone()).expect("reopen");
+    (io, storage, positions)
+}
+
+#[test]
+fn redelivered_runs_of_small_entries_are_read_together() {
+    // A dispatcher's replay set (messages of a consumer that left, negatively acknowledged,
+    // or read beyond the permits) is read by position: 100 consecutive small entries must not
+    // cost 100 reads of a large chunk each.
+    let (io, storage, positions) = sealed_log_of_small_entries();
+    let log = storage.open_log("small").expect("log");
+    let wanted: Vec<Position> = positions[500..600]
+        .iter()
+        .chain(&positions[1200..1210])
+        .copied()
+        .collect();
+    let before = io.bytes_read();
+    let entries = log.read_positions(&wanted).expect("read");
+    let bytes_read = io.bytes_read() - before;
+    let read: Vec<Position> = entries.iter().map(|entry| entry.position).collect();
+    assert_eq!(read, wanted);
+    let records = wanted.len() as u64 * (1_000 + 24);
+    assert!(
+        bytes_read < 2 * records + 64 * 1024,
+        "{bytes_read} bytes read for {records} bytes of records"
+    );
+    // One small entry alone: not a chunk of 128 KiB.
+    let before = io.bytes_read();
+    let entry = log.read(positions[1_500]).expect("read");
+    assert!(entry.data.starts_with(b"message-1500-"));
+    let bytes_read = io.bytes_read() - before;
+    assert!(
+        bytes_read <= 64 * 1024,
+        "{bytes_read} bytes read for one entry of 1 KiB"
+    );
+}
