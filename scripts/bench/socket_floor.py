@@ -9,6 +9,7 @@ the floor under the broker's system time per delivered 1 KiB message.
 
     python3 scripts/bench/socket_floor.py                            # 730 KiB writes, fast reader
     python3 scripts/bench/socket_floor.py --pause 0.0005 --read 65536 # a slow reader
+    python3 scripts/bench/socket_floor.py --source-mib 200            # from 200 MiB of memory
 """
 import argparse
 import os
@@ -22,6 +23,13 @@ def main():
     parser.add_argument("--mib", type=int, default=400, help="MiB sent in all")
     parser.add_argument("--read", type=int, default=1 << 20, help="bytes per read")
     parser.add_argument("--pause", type=float, default=0.0, help="seconds the reader sleeps after each read")
+    parser.add_argument(
+        "--source-mib",
+        type=int,
+        default=0,
+        help="send successive slices of a buffer this large (cold memory, as a drain's entries) "
+        "instead of the same chunk again",
+    )
     options = parser.parse_args()
 
     server = socket.socket()
@@ -37,12 +45,17 @@ def main():
                 time.sleep(options.pause)
         os._exit(0)
     connection, _ = server.accept()
-    data = b"x" * options.chunk
+    source_len = max(options.source_mib * 1024 * 1024, options.chunk)
+    source = memoryview(bytearray(os.urandom(1024)) * (source_len // 1024 + 1))
     total = options.mib * 1024 * 1024
     before = os.times()
     sent = 0
+    at = 0
     while sent < total:
-        connection.sendall(data)
+        if at + options.chunk > source_len:
+            at = 0
+        connection.sendall(source[at : at + options.chunk])
+        at += options.chunk
         sent += options.chunk
     after = os.times()
     connection.close()
