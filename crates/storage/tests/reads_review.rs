@@ -179,3 +179,161 @@ fn an_empty_budget_reads_nothing() {
     assert!(entries.is_empty());
     assert_eq!(io.bytes_read(), before);
 }
+
+/// Segment files under `root`, oldest first (by name: ledger, then first entry).
+fn segment_files(root: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut files = Vec::new();
+    let mut directories = vec![root.to_path_buf()];
+    while let Some(directory) = directories.pop() {
+        for item in std::fs::read_dir(&directory).expect("list") {
+            let path = item.expect("item").path();
+            if path.is_dir() {
+                directories.push(path);
+            } else if path
+                .extension()
+                .is_some_and(|extension| extension == "segment")
+            {
+                files.push(path);
+            }
+        }
+    }
+    files.sort();
+    files
+}
+
+fn real_config() -> StorageConfig {
+    StorageConfig {
+        // Ten records of 1,000-byte payloads per segment.
+        segment_max_bytes: 64 + 10 * (1000 + 24),
+        entry_max_bytes: 1000,
+        cache_max_bytes: 0,
+        trim_interval: Duration::from_secs(3600),
+        ..StorageConfig::default()
+    }
+}
+
+fn labelled(run: &str, index: u64, len: usize) -> Bytes {
+    let mut bytes = format!("{run}:{index}:").into_bytes();
+    bytes.resize(len, b'.');
+    Bytes::from(bytes)
+}
+
+/// On real files (reads into spare capacity): a sealed segment written into a recycled file
+/// holds its earlier life's records past its own; no read, whatever its budget, returns them.
+#[test]
+fn reads_of_a_sealed_segment_in_a_recycled_file_return_only_its_own_records() {
+    let directory = tempfile::tempdir().expect("tempdir");
+    let new_positions: Vec<Position> = {
+        let storage = Storage::open(directory.path(), real_config()).expect("open");
+        let log = storage.open_log("t").expect("log");
+        for index in 0..30 {
+            log.append(labelled("old", index, 1000), 1_000)
+                .expect("append")
+                .wait()
+                .expect("durable");
+        }
+        // No cursor: all but the newest segment are trimmed into free files.
+        log.trim().expect("trim");
+        let positions = (0..20)
+            .map(|index| {
+                log.append(labelled("new", index, 100), 1_000)
+                    .expect("append")
+                    .wait()
+                    .expect("durable")
+            })
+            .collect();
+        drop(log);
+        storage.close().expect("close");
+        positions
+    };
+    let storage = Storage::open(directory.path(), real_config()).expect("reopen");
+    let log = storage.open_log("t").expect("log");
+    let new = |index: usize| labelled("new", index as u64, 100);
+    for (start, max_entries, max_bytes) in [
+        (0, usize::MAX, usize::MAX),
+        (0, 100, 5 * 1024 * 1024),
+        (5, 1, 1),
+        (19, 100, usize::MAX),
+        (10, 8, 1000),
+    ] {
+        let entries = log
+            .read_from(new_positions[start], max_entries, max_bytes)
+            .expect("read");
+        let mut expected = Vec::new();
+        let mut bytes = 0;
+        for index in start..new_positions.len() {
+            if expected.len() >= max_entries || (!expected.is_empty() && bytes >= max_bytes) {
+                break;
+            }
+            bytes += 100 + 24;
+            expected.push(index);
+        }
+        let got: Vec<(Position, Bytes)> = entries
+            .into_iter()
+            .map(|entry| (entry.position, entry.data))
+            .collect();
+        let want: Vec<(Position, Bytes)> = expected
+            .iter()
+            .map(|index| (new_positions[*index], new(*index)))
+            .collect();
+        assert_eq!(
+            got, want,
+            "read from {start}: {max_entries} entries, {max_bytes} bytes"
+        );
+    }
+}
+
+/// On real files: a sealed segment cut short under the log (by hand, or a failing disk) makes
+/// the reads of what it lost fail (once: the log then refuses service); they neither wait for
+/// bytes that never come nor return others.
+#[test]
+fn a_read_of_a_segment_cut_short_fails() {
+    let directory = tempfile::tempdir().expect("tempdir");
+    let config = StorageConfig {
+        segment_max_bytes: 64 * 1024 * 1024,
+        entry_max_bytes: HUGE_BYTES,
+        ..real_config()
+    };
+    let positions: Vec<Position> = {
+        let storage = Storage::open(directory.path(), config.clone()).expect("open");
+        let log = storage.open_log("t").expect("log");
+        let positions = (0..300)
+            .map(|index| {
+                let len = if index % 100 == 99 { 300_000 } else { 1000 };
+                log.append(labelled("e", index, len), 1_000)
+                    .expect("append")
+                    .wait()
+                    .expect("durable")
+            })
+            .collect();
+        drop(log);
+        storage.close().expect("close");
+        positions
+    };
+    let storage = Storage::open(directory.path(), config).expect("reopen");
+    let log = storage.open_log("t").expect("log");
+    let sealed = segment_files(directory.path())
+        .into_iter()
+        .find(|path| std::fs::metadata(path).expect("metadata").len() > 1_000_000)
+        .expect("the sealed segment");
+    let length = std::fs::metadata(&sealed).expect("metadata").len();
+    // Cut in the middle of the record of entry 150: 99 records of 1,024 bytes, a huge one and
+    // 50 more come before.
+    let cut = 64 + 99 * 1024 + 300_024 + 50 * 1024 + 500;
+    assert!(cut < length);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&sealed)
+        .expect("open the segment")
+        .set_len(cut)
+        .expect("cut");
+    // Well before the cut (more than a read's 128 KiB chunk): whole.
+    let entries = log.read_from(positions[20], 20, usize::MAX).expect("read");
+    assert_eq!(entries.len(), 20);
+    for (offset, entry) in entries.iter().enumerate() {
+        assert_eq!(entry.data, labelled("e", 20 + offset as u64, 1000));
+    }
+    // Across the cut: an error, whatever the budget.
+    assert!(log.read_from(positions[140], 100, usize::MAX).is_err());
+    assert!(log.read(positions[200]).is_err());
+}
