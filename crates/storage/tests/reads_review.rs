@@ -337,3 +337,90 @@ fn a_read_of_a_segment_cut_short_fails() {
     assert!(log.read_from(positions[140], 100, usize::MAX).is_err());
     assert!(log.read(positions[200]).is_err());
 }
+
+/// A read that kept the head of a huge record from its first chunk and reads the rest of it
+/// after a trim recycled the file (a new segment written over it) must not serve the record
+/// (head of one life, tail of another) nor take it for corruption: it fails as a read of
+/// trimmed entries does.
+#[test]
+fn the_rest_of_a_record_read_after_its_file_was_recycled_is_not_served() {
+    const SMALL: usize = 100;
+    const LARGE: usize = 300 * 1024;
+    const FILLER: usize = 50 * 1024;
+    let config = StorageConfig {
+        // Segment 1's entries fill 324 KiB of it, and six filler entries fill a segment.
+        segment_max_bytes: 340 * 1024,
+        entry_max_bytes: LARGE,
+        cache_max_bytes: 0,
+        flush_threads: 1,
+        trim_interval: Duration::from_secs(3600),
+        cursor_persist_interval: Duration::from_secs(3600),
+        ..StorageConfig::default()
+    };
+    let sim = SimIo::new();
+    let gate = GatedIo::new(sim.clone());
+    let storage = Storage::open_with_io("/data", config, gate.clone()).expect("open");
+    let log = storage.open_log("t").expect("log");
+    let append = |data: Bytes| {
+        log.append(data, 1_000)
+            .expect("append")
+            .wait()
+            .expect("durable")
+    };
+    // Segment 1: 200 small entries, then a large one (the mean record, 1.6 KiB, says nothing
+    // of it); the next entry starts segment 2 and seals segment 1.
+    let mut positions: Vec<Position> = (0..200)
+        .map(|index| append(labelled("small", index, SMALL)))
+        .collect();
+    positions.push(append(labelled("large", 200, LARGE)));
+    append(labelled("filler", 0, FILLER));
+    let first_segment = {
+        let mut segments: Vec<std::path::PathBuf> = sim
+            .paths()
+            .into_iter()
+            .filter(|path| path.to_string_lossy().ends_with(".segment"))
+            .collect();
+        segments.sort();
+        segments[0].clone()
+    };
+    // The read of the large entry: its first read (a chunk from the indexed entry 192 on) gets
+    // the head of the large record; its second read gets the rest.
+    let (first_reached, first_release) = gate.arm_exactly("read", &first_segment);
+    let reader = {
+        let log = log.clone();
+        let position = positions[200];
+        std::thread::spawn(move || log.read_from(position, 1, usize::MAX))
+    };
+    // (Bounds only so that a failure cannot hang the test run.)
+    first_reached
+        .recv_timeout(Duration::from_secs(60))
+        .expect("the first read");
+    let (second_reached, second_release) = gate.arm_exactly("read", &first_segment);
+    first_release.send(()).expect("release the first read");
+    second_reached
+        .recv_timeout(Duration::from_secs(60))
+        .expect("the second read: the record's rest");
+    // Segment 1 is trimmed into a free file; segment 2 fills, and segment 3 is written into
+    // segment 1's file, over the large record.
+    log.trim().expect("trim");
+    for index in 1..16 {
+        append(labelled("filler", index, FILLER));
+    }
+    assert!(
+        !sim.paths()
+            .iter()
+            .any(|path| path.to_string_lossy().ends_with(".free")),
+        "the free file was reused: {:?}",
+        sim.paths()
+    );
+    second_release.send(()).expect("release the second read");
+    let read = reader.join().expect("reader");
+    match &read {
+        Ok(entries) => assert!(entries.is_empty(), "trimmed entries served: {entries:?}"),
+        Err(error) => assert!(
+            error.to_string().contains("trimmed"),
+            "not the error of a trimmed read: {error}"
+        ),
+    }
+    assert!(log.corruption().is_none(), "{:?}", log.corruption());
+}
