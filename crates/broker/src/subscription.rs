@@ -189,7 +189,8 @@ impl MessagesPerEntry {
     /// Entries to read for `permits` messages: enough to use them all (the last entry may
     /// take the consumer's permits below zero, as a whole batch goes out), at least one.
     fn entries_for(self, permits: u64) -> u64 {
-        (permits * 16).div_ceil(self.sixteenths).max(1)
+        // Flows add up (saturating) to far more permits than anyone sends messages for.
+        permits.saturating_mul(16).div_ceil(self.sixteenths).max(1)
     }
 }
 
@@ -1076,6 +1077,7 @@ impl Subscription {
         if state.generation != generation {
             return Round::Progress;
         }
+        let replay_before = state.replay.len();
         // Planned entries that no longer exist (trimmed) leave the replay set.
         let read: HashSet<Position> = entries.iter().map(|entry| entry.position).collect();
         for position in &planned_replay {
@@ -1083,9 +1085,12 @@ impl Subscription {
                 state.replay.remove(position);
             }
         }
-        let queued = self.assign(&mut state, entries, is_replay);
-        if queued == 0 && is_replay {
-            // Nothing from the replay set could go out: wait for permits, acks or room.
+        self.assign(&mut state, entries, is_replay);
+        if is_replay && state.replay.len() >= replay_before {
+            // Nothing left the replay set (each entry read went back to it: nobody could take
+            // it): wait for permits, acks or room. Entries that left it without going out
+            // (acknowledged meanwhile by an admin's skip or expiry, or another cluster; trimmed)
+            // are progress: the replay entries after them, and new ones, are for the next round.
             return Round::Idle {
                 wake_at_ms: state.delayed.keys().next().map(|(at, _)| *at),
             };
@@ -1590,5 +1595,7 @@ mod tests {
         assert_eq!(average.entries_for(1000), 1000);
         average.record(0);
         assert_eq!(average.entries_for(5), 5);
+        // A client's flows may add up to any count of permits.
+        assert_eq!(average.entries_for(u64::MAX), 1 << 60);
     }
 }

@@ -276,6 +276,36 @@ impl Segment {
         }
     }
 
+    /// Where the record of entry `index` ends at the latest, by the index alone. A sparse
+    /// index keeps the offset of every entry that starts `SPARSE_INDEX_BYTES` or more after
+    /// the last kept one, so an entry it does not keep starts less than that after the kept one
+    /// before it.
+    fn record_end_at_most(&self, index: usize) -> u64 {
+        match &self.index {
+            EntryIndex::Dense(offsets) => offsets
+                .get(index + 1)
+                .map(|offset| u64::from(*offset))
+                .unwrap_or(self.end),
+            EntryIndex::Sparse { count, points } => {
+                if index + 1 >= *count {
+                    return self.end;
+                }
+                let at = points.partition_point(|(entry, _)| *entry as usize <= index);
+                match points.get(at) {
+                    Some((entry, offset)) if *entry as usize == index + 1 => u64::from(*offset),
+                    next => {
+                        // Entry `index + 1` is not kept: it starts within the group of
+                        // the kept entry at or before `index`.
+                        let (_, group_start) = points[at - 1];
+                        let bound = u64::from(group_start) + u64::from(SPARSE_INDEX_BYTES);
+                        next.map_or(self.end, |(_, offset)| u64::from(*offset))
+                            .min(bound)
+                    }
+                }
+            }
+        }
+    }
+
     /// Keeps only a sparse index: the segment is sealed (no entry is appended or rolled back
     /// any more), so the offsets of its other entries are found by reading forward.
     fn seal_index(&mut self) {
@@ -604,6 +634,9 @@ enum ReadPart {
         end_offset: u64,
         /// The segment's mean record size (from its first indexed record to its end).
         mean_record: u64,
+        /// Where the records `wanted_index..=last_index` end at the latest (by the index): the
+        /// read-ahead never goes past it, however large the mean record is.
+        last_end_bound: u64,
     },
 }
 
@@ -653,6 +686,7 @@ impl DiskRun {
                 let (_, first_offset) = segment.indexed_at_or_before(0);
                 segment.end.saturating_sub(first_offset) / segment.entry_count().max(1)
             },
+            last_end_bound: segment.record_end_at_most(end - 1),
         });
         Some(Position::new(
             segment.ledger_id,
@@ -1828,6 +1862,7 @@ impl Log {
                 last_index,
                 end_offset,
                 mean_record,
+                last_end_bound,
             } => {
                 let file = self.segment_file(file, &path)?;
                 let mut chunks = ChunkReader {
@@ -1836,8 +1871,11 @@ impl Log {
                     end: end_offset,
                     start: from_offset,
                     buffer: Bytes::new(),
-                    until: from_offset
-                        + read_ahead(read, from_index, wanted_index, last_index, mean_record),
+                    // The mean misleads where small and huge records mix: the run's records
+                    // are known to end by `last_end_bound`.
+                    until: (from_offset
+                        + read_ahead(read, from_index, wanted_index, last_index, mean_record))
+                    .min(last_end_bound),
                 };
                 let mut offset = from_offset;
                 for index in from_index..=last_index {
