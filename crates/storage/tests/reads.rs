@@ -5,9 +5,10 @@
 mod support;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
-use meridian_storage::{Position, SimIo, Storage, StorageConfig};
+use meridian_storage::{Position, Storage, StorageConfig};
 use support::gated_io::GatedIo;
 
 const ENTRY_BYTES: usize = 132 * 1024;
@@ -20,6 +21,8 @@ fn config() -> StorageConfig {
         pending_max_bytes_per_log: 64 << 20,
         // Nothing cached: every read goes to the files.
         cache_max_bytes: 0,
+        // No cursor: retention would trim the entries while the test reads them.
+        trim_interval: Duration::from_secs(3600),
         ..StorageConfig::default()
     }
 }
@@ -33,24 +36,7 @@ fn payload(index: u64) -> Bytes {
 /// A log of `ENTRIES` large entries written and the engine reopened (every segment sealed):
 /// the gated file system, the reopened engine and the entries' positions.
 fn sealed_log() -> (Arc<GatedIo>, Storage, Vec<Position>) {
-    let sim = SimIo::new();
-    let io = GatedIo::new(sim);
-    let positions = {
-        let storage = Storage::open_with_io("/data", config(), io.clone()).expect("open");
-        let log = storage.open_log("t").expect("log");
-        let appends: Vec<_> = (0..ENTRIES)
-            .map(|index| log.append(payload(index), 1_000).expect("append"))
-            .collect();
-        let positions = appends
-            .into_iter()
-            .map(|append| append.wait().expect("durable"))
-            .collect();
-        drop(log);
-        storage.close().expect("close");
-        positions
-    };
-    let storage = Storage::open_with_io("/data", config(), io.clone()).expect("reopen");
-    (io, storage, positions)
+    support::gated_io::sealed_log(config(), "t", (0..ENTRIES).map(payload))
 }
 
 #[test]
@@ -108,27 +94,12 @@ fn a_read_of_one_entry_reads_about_one_record() {
 /// A sealed log of 2,000 unbatched messages of about 1 KiB: the file system, the reopened
 /// engine and the positions.
 fn sealed_log_of_small_entries() -> (Arc<GatedIo>, Storage, Vec<Position>) {
-    let io = GatedIo::new(SimIo::new());
-    let positions = {
-        let storage = Storage::open_with_io("/data", config(), io.clone()).expect("open");
-        let log = storage.open_log("small").expect("log");
-        let appends: Vec<_> = (0..2_000u64)
-            .map(|index| {
-                let mut bytes = format!("message-{index}-").into_bytes();
-                bytes.resize(1_000, (index % 251) as u8);
-                log.append(Bytes::from(bytes), 1_000).expect("append")
-            })
-            .collect();
-        let positions = appends
-            .into_iter()
-            .map(|append| append.wait().expect("durable"))
-            .collect();
-        drop(log);
-        storage.close().expect("close");
-        positions
-    };
-    let storage = Storage::open_with_io("/data", config(), io.clone()).expect("reopen");
-    (io, storage, positions)
+    let messages = (0..2_000u64).map(|index| {
+        let mut bytes = format!("message-{index}-").into_bytes();
+        bytes.resize(1_000, (index % 251) as u8);
+        Bytes::from(bytes)
+    });
+    support::gated_io::sealed_log(config(), "small", messages)
 }
 
 #[test]

@@ -48,23 +48,7 @@ fn payload(index: u64) -> Bytes {
 /// One sealed segment of many tiny entries followed by a few huge ones: its mean record size
 /// (25 KiB) is 200 times that of the tiny records.
 fn mixed_log() -> (Arc<GatedIo>, Storage, Vec<Position>) {
-    let io = GatedIo::new(SimIo::new());
-    let positions = {
-        let storage = Storage::open_with_io("/data", config(), io.clone()).expect("open");
-        let log = storage.open_log("t").expect("log");
-        let appends: Vec<_> = (0..HUGE_ENTRIES + TINY_ENTRIES)
-            .map(|index| log.append(payload(index), 1_000).expect("append"))
-            .collect();
-        let positions = appends
-            .into_iter()
-            .map(|append| append.wait().expect("durable"))
-            .collect();
-        drop(log);
-        storage.close().expect("close");
-        positions
-    };
-    let storage = Storage::open_with_io("/data", config(), io.clone()).expect("reopen");
-    (io, storage, positions)
+    support::gated_io::sealed_log(config(), "t", (0..HUGE_ENTRIES + TINY_ENTRIES).map(payload))
 }
 
 #[test]

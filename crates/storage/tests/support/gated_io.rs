@@ -7,7 +7,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex};
 
-use meridian_storage::{Io, IoFile, SimIo};
+use bytes::Bytes;
+use meridian_storage::{Io, IoFile, Position, SimIo, Storage, StorageConfig};
 
 /// Which paths an armed gate stops.
 enum PathMatch {
@@ -193,4 +194,31 @@ impl Io for GatedIo {
     fn sync_dir(&self, path: &Path) -> std::io::Result<()> {
         self.inner.sync_dir(path)
     }
+}
+
+/// Appends `payloads` to log `name` of an engine on a fresh gated [`SimIo`] (at `/data`),
+/// closes the engine and opens it again, every segment sealed: the file system, the reopened
+/// engine and the entries' positions.
+pub fn sealed_log(
+    config: StorageConfig,
+    name: &str,
+    payloads: impl Iterator<Item = Bytes>,
+) -> (Arc<GatedIo>, Storage, Vec<Position>) {
+    let io = GatedIo::new(SimIo::new());
+    let positions = {
+        let storage = Storage::open_with_io("/data", config.clone(), io.clone()).expect("open");
+        let log = storage.open_log(name).expect("log");
+        let appends: Vec<_> = payloads
+            .map(|payload| log.append(payload, 1_000).expect("append"))
+            .collect();
+        let positions = appends
+            .into_iter()
+            .map(|append| append.wait().expect("durable"))
+            .collect();
+        drop(log);
+        storage.close().expect("close");
+        positions
+    };
+    let storage = Storage::open_with_io("/data", config, io.clone()).expect("reopen");
+    (io, storage, positions)
 }
