@@ -23,6 +23,22 @@ def admin_post(broker, path: str) -> None:
         assert 200 <= response.status < 300, f"POST {path}: {response.status}"
 
 
+def subscribe(client, topic: str, consumer_type):
+    return client.subscribe(
+        topic, "work", consumer_type=consumer_type, receiver_queue_size=1000
+    )
+
+
+def batched_producer(client, topic: str):
+    """A producer whose batches close only when full (or flushed)."""
+    return client.create_producer(
+        topic,
+        batching_enabled=True,
+        batching_max_messages=BATCH,
+        batching_max_publish_delay_ms=60_000,
+    )
+
+
 def send_batches(producer, label: str, batches: int) -> list[bytes]:
     """`batches` entries of `BATCH` messages each (one flush per batch)."""
     sent = []
@@ -44,15 +60,8 @@ def test_redeliveries_go_out_after_the_head_of_the_redelivery_set_was_skipped(
     broker, client, topic, consumer_type
 ):
     name = topic.removeprefix("persistent://")
-    first = client.subscribe(
-        topic, "work", consumer_type=consumer_type, receiver_queue_size=1000
-    )
-    producer = client.create_producer(
-        topic,
-        batching_enabled=True,
-        batching_max_messages=BATCH,
-        batching_max_publish_delay_ms=60_000,
-    )
+    first = subscribe(client, topic, consumer_type)
+    producer = batched_producer(client, topic)
     # 20 batches the first consumer receives and does not acknowledge; an operator skips them
     # (the subscription's cursor moves past them, the broker's redelivery bookkeeping does not).
     old = send_batches(producer, "old", 20)
@@ -66,9 +75,7 @@ def test_redeliveries_go_out_after_the_head_of_the_redelivery_set_was_skipped(
     # It goes away: its 24 entries are to be redelivered, the 20 skipped ones first.
     first.close()
 
-    second = client.subscribe(
-        topic, "work", consumer_type=consumer_type, receiver_queue_size=1000
-    )
+    second = subscribe(client, topic, consumer_type)
     again = receive_n(second, len(new))
     # One consumer: in the order they were published.
     assert [message.data() for message in again] == new
@@ -79,15 +86,8 @@ def test_redeliveries_go_out_after_the_head_of_the_redelivery_set_was_skipped(
 
 def test_new_entries_go_out_after_skipped_redeliveries(broker, client, topic):
     name = topic.removeprefix("persistent://")
-    first = client.subscribe(
-        topic, "work", consumer_type=Type.Shared, receiver_queue_size=1000
-    )
-    producer = client.create_producer(
-        topic,
-        batching_enabled=True,
-        batching_max_messages=BATCH,
-        batching_max_publish_delay_ms=60_000,
-    )
+    first = subscribe(client, topic, Type.Shared)
+    producer = batched_producer(client, topic)
     old = send_batches(producer, "old", 20)
     received = receive_n(first, len(old))
     assert sorted(message.data() for message in received) == sorted(old)
@@ -97,9 +97,7 @@ def test_new_entries_go_out_after_skipped_redeliveries(broker, client, topic):
     admin_post(broker, f"/admin/v2/persistent/{name}/subscription/work/skip_all")
     new = send_batches(producer, "new", 2)
 
-    second = client.subscribe(
-        topic, "work", consumer_type=Type.Shared, receiver_queue_size=1000
-    )
+    second = subscribe(client, topic, Type.Shared)
     got = receive_n(second, len(new))
     assert sorted(message.data() for message in got) == sorted(new)
     for message in got:
