@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use meridian_storage::{Position, SimIo, Storage, StorageConfig};
+use meridian_storage::{Log, Position, SimIo, Storage, StorageConfig};
 use support::gated_io::GatedIo;
 
 /// A huge entry: the largest a producer may send (5 MiB).
@@ -196,6 +196,18 @@ fn real_config() -> StorageConfig {
     }
 }
 
+/// Appends each payload and waits until it is durable before the next: their positions.
+fn append_each(log: &Arc<Log>, payloads: impl Iterator<Item = Bytes>) -> Vec<Position> {
+    payloads
+        .map(|payload| {
+            log.append(payload, 1_000)
+                .expect("append")
+                .wait()
+                .expect("durable")
+        })
+        .collect()
+}
+
 fn labelled(run: &str, index: u64, len: usize) -> Bytes {
     let mut bytes = format!("{run}:{index}:").into_bytes();
     bytes.resize(len, b'.');
@@ -210,22 +222,10 @@ fn reads_of_a_sealed_segment_in_a_recycled_file_return_only_its_own_records() {
     let new_positions: Vec<Position> = {
         let storage = Storage::open(directory.path(), real_config()).expect("open");
         let log = storage.open_log("t").expect("log");
-        for index in 0..30 {
-            log.append(labelled("old", index, 1000), 1_000)
-                .expect("append")
-                .wait()
-                .expect("durable");
-        }
+        append_each(&log, (0..30).map(|index| labelled("old", index, 1000)));
         // No cursor: all but the newest segment are trimmed into free files.
         log.trim().expect("trim");
-        let positions = (0..20)
-            .map(|index| {
-                log.append(labelled("new", index, 100), 1_000)
-                    .expect("append")
-                    .wait()
-                    .expect("durable")
-            })
-            .collect();
+        let positions = append_each(&log, (0..20).map(|index| labelled("new", index, 100)));
         drop(log);
         storage.close().expect("close");
         positions
@@ -281,15 +281,13 @@ fn a_read_of_a_segment_cut_short_fails() {
     let positions: Vec<Position> = {
         let storage = Storage::open(directory.path(), config.clone()).expect("open");
         let log = storage.open_log("t").expect("log");
-        let positions = (0..300)
-            .map(|index| {
+        let positions = append_each(
+            &log,
+            (0..300).map(|index| {
                 let len = if index % 100 == 99 { 300_000 } else { 1000 };
-                log.append(labelled("e", index, len), 1_000)
-                    .expect("append")
-                    .wait()
-                    .expect("durable")
-            })
-            .collect();
+                labelled("e", index, len)
+            }),
+        );
         drop(log);
         storage.close().expect("close");
         positions
