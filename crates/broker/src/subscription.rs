@@ -1210,14 +1210,13 @@ impl Subscription {
     }
 
     /// Assigns entries to consumers and queues their MESSAGE frames (never waiting: a consumer
-    /// is chosen only while its connection has room); returns how many were queued.
+    /// is chosen only while its connection has room).
     fn assign(
         &self,
         state: &mut DispatchState,
         entries: Vec<meridian_storage::Entry>,
         is_replay: bool,
-    ) -> usize {
-        let mut queued = 0;
+    ) {
         let now = now_ms();
         // Key_Shared: keys with an earlier message waiting for replay must not be overtaken.
         let mut blocked_hashes: HashSet<u16> = if is_replay {
@@ -1349,7 +1348,6 @@ impl Subscription {
                 Ok(frame) => {
                     // A closed connection drops its consumers, which puts their messages back.
                     let _ = consumer.sink.push(Outbound::Payload(frame));
-                    queued += 1;
                 }
                 Err(error) => {
                     tracing::error!(topic = %self.topic, %error, "encoding MESSAGE failed")
@@ -1372,7 +1370,6 @@ impl Subscription {
                 }
             }
         }
-        queued
     }
 
     /// The index of the consumer that gets `position`, if one can take it now.
