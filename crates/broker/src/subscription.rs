@@ -1040,17 +1040,31 @@ impl Subscription {
             ReadPlan::New { .. } => Vec::new(),
         };
         let is_replay = !planned_replay.is_empty();
-        let read = tokio::task::spawn_blocking(
-            move || -> meridian_storage::Result<Vec<meridian_storage::Entry>> {
-                match plan {
-                    ReadPlan::Replay(positions) => log.read_positions(&positions),
-                    ReadPlan::New { from, max_entries } => {
-                        log.read_from(from, max_entries, max_bytes)
-                    }
-                }
-            },
-        )
-        .await;
+        // Entries still in the cache are taken here; a blocking thread (a hand-off and a
+        // wake-up each way) is only for reads from the files.
+        let cached = match &plan {
+            ReadPlan::Replay(positions) => log.read_positions_cached(positions),
+            ReadPlan::New { from, max_entries } => {
+                log.read_from_cached(*from, *max_entries, max_bytes)
+            }
+        };
+        let read = match cached {
+            Ok(Some(entries)) => Ok(Ok(entries)),
+            Err(error) => Ok(Err(error)),
+            Ok(None) => {
+                tokio::task::spawn_blocking(
+                    move || -> meridian_storage::Result<Vec<meridian_storage::Entry>> {
+                        match plan {
+                            ReadPlan::Replay(positions) => log.read_positions(&positions),
+                            ReadPlan::New { from, max_entries } => {
+                                log.read_from(from, max_entries, max_bytes)
+                            }
+                        }
+                    },
+                )
+                .await
+            }
+        };
         let entries = match read {
             Ok(Ok(entries)) => entries,
             Ok(Err(error)) => {

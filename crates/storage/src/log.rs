@@ -605,6 +605,14 @@ impl ReadBudget {
 }
 
 /// One step of a read, planned under the log's lock and done after it is released.
+/// Where a read may take its entries from.
+#[derive(Debug, Clone, Copy)]
+enum Source {
+    Anywhere,
+    /// The entry cache alone: a read that would touch a file is not made.
+    CacheOnly,
+}
+
 enum ReadPart {
     Cached(Entry),
     /// Consecutive records of a segment whose index has every offset.
@@ -1683,6 +1691,22 @@ impl Log {
     /// exist (trimmed): consecutive positions of a ledger are read together, as `read_from`
     /// reads a range, not one `read` each (a dispatcher's replay set is mostly such runs).
     pub fn read_positions(&self, positions: &[Position]) -> Result<Vec<Entry>> {
+        self.read_positions_from(positions, Source::Anywhere)
+            .map(|entries| entries.unwrap_or_default())
+    }
+
+    /// [`Log::read_positions`] if every entry it reads is in the entry cache, without touching
+    /// the files: `None` if one would be read from a file. (A caller on an async runtime reads
+    /// cached entries in place and sends only file reads to a blocking thread.)
+    pub fn read_positions_cached(&self, positions: &[Position]) -> Result<Option<Vec<Entry>>> {
+        self.read_positions_from(positions, Source::CacheOnly)
+    }
+
+    fn read_positions_from(
+        &self,
+        positions: &[Position],
+        source: Source,
+    ) -> Result<Option<Vec<Entry>>> {
         let mut entries = Vec::with_capacity(positions.len());
         let mut rest = positions;
         while let Some(&first) = rest.first() {
@@ -1694,14 +1718,16 @@ impl Log {
                 })
                 .count();
             let (wanted, after) = rest.split_at(run);
+            let Some(read) = self.read_range(first, run, usize::MAX, source)? else {
+                return Ok(None);
+            };
             entries.extend(
-                self.read_from(first, run, usize::MAX)?
-                    .into_iter()
+                read.into_iter()
                     .filter(|entry| wanted.binary_search(&entry.position).is_ok()),
             );
             rest = after;
         }
-        Ok(entries)
+        Ok(Some(entries))
     }
 
     /// Reads the entry at `position`.
@@ -1725,6 +1751,30 @@ impl Log {
         max_entries: usize,
         max_bytes: usize,
     ) -> Result<Vec<Entry>> {
+        self.read_range(start, max_entries, max_bytes, Source::Anywhere)
+            .map(|entries| entries.unwrap_or_default())
+    }
+
+    /// [`Log::read_from`] if every entry it reads is in the entry cache, without touching the
+    /// files: `None` if one would be read from a file.
+    pub fn read_from_cached(
+        &self,
+        start: Position,
+        max_entries: usize,
+        max_bytes: usize,
+    ) -> Result<Option<Vec<Entry>>> {
+        self.read_range(start, max_entries, max_bytes, Source::CacheOnly)
+    }
+
+    /// `None` only for [`Source::CacheOnly`], when a planned part is not in the cache (checked
+    /// before any part is read: nothing of the range is read then).
+    fn read_range(
+        &self,
+        start: Position,
+        max_entries: usize,
+        max_bytes: usize,
+        source: Source,
+    ) -> Result<Option<Vec<Entry>>> {
         let mut read = ReadBudget {
             entries: Vec::new(),
             bytes: 0,
@@ -1739,12 +1789,19 @@ impl Log {
                 break;
             }
             let (parts, resume) = self.plan_read(start, &read)?;
+            if matches!(source, Source::CacheOnly)
+                && parts
+                    .iter()
+                    .any(|part| !matches!(part, ReadPart::Cached(_)))
+            {
+                return Ok(None);
+            }
             for part in parts {
                 self.read_part(part, &mut read)?;
             }
             next = resume;
         }
-        Ok(read.entries)
+        Ok(Some(read.entries))
     }
 
     /// Under the lock: what to read from where, starting at `start`, within what is left of

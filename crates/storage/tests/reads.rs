@@ -134,3 +134,69 @@ fn redelivered_runs_of_small_entries_are_read_together() {
         "{bytes_read} bytes read for one entry of 1 KiB"
     );
 }
+
+/// The dispatcher takes cached entries on its own thread and sends only reads from the files
+/// to a blocking thread: a cache-only read must return exactly what a read returns when every
+/// entry it reads is cached, and touch no file otherwise.
+#[test]
+fn a_cache_only_read_returns_cached_entries_and_never_reads_a_file() {
+    let io = GatedIo::new(meridian_storage::SimIo::new());
+    let storage = Storage::open_with_io(
+        "/data",
+        StorageConfig {
+            // Room for the newest 8 entries only.
+            cache_max_bytes: 8 * (ENTRY_BYTES as u64 + 64),
+            ..config()
+        },
+        io.clone(),
+    )
+    .expect("open");
+    let log = storage.open_log("t").expect("log");
+    let appends: Vec<_> = (0..20)
+        .map(|index| log.append(payload(index), 1_000).expect("append"))
+        .collect();
+    let positions: Vec<Position> = appends
+        .into_iter()
+        .map(|append| append.wait().expect("durable"))
+        .collect();
+    let before = io.bytes_read();
+
+    // The newest entries are cached: the same entries as a read, without reading a file.
+    let newest = &positions[14..];
+    let cached = log
+        .read_from_cached(newest[0], 100, usize::MAX)
+        .expect("read")
+        .expect("all cached");
+    assert_eq!(
+        cached
+            .iter()
+            .map(|entry| entry.position)
+            .collect::<Vec<_>>(),
+        newest
+    );
+    assert!(cached
+        .iter()
+        .zip(14..)
+        .all(|(entry, index)| entry.data == payload(index)));
+    let replayed = log
+        .read_positions_cached(&[newest[0], newest[2], newest[3]])
+        .expect("read")
+        .expect("all cached");
+    assert_eq!(replayed.len(), 3);
+    assert_eq!(io.bytes_read(), before, "a cached read read a file");
+
+    // The oldest were evicted: a cache-only read of a range or of positions that includes one
+    // of them reads nothing, and says so; the ordinary read then reads them from the file.
+    assert!(log
+        .read_from_cached(positions[0], 100, usize::MAX)
+        .expect("read")
+        .is_none());
+    assert!(log
+        .read_positions_cached(&[positions[0], newest[0]])
+        .expect("read")
+        .is_none());
+    assert_eq!(io.bytes_read(), before, "a cache-only read read a file");
+    let all = log.read_from(positions[0], 100, usize::MAX).expect("read");
+    assert_eq!(all.len(), positions.len());
+    assert!(io.bytes_read() > before);
+}
