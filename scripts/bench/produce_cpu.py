@@ -16,6 +16,15 @@ per entry) or `perf record -g` (a profile).
     python3 scripts/bench/produce_cpu.py --no-build --fill 200000     # consume: CPU per delivered message
     python3 scripts/bench/produce_cpu.py --no-build --rate 40000       # produce + consume: p50/p99 latency
     python3 scripts/bench/produce_cpu.py --no-build --partitions 16    # one topic of 16 partitions
+    python3 scripts/bench/produce_cpu.py --no-build --pulsar-lite <pulsar-lite binary>
+        # each round also runs pulsar-lite (which does not fsync) under the same generator,
+        # right after Meridian; prints both and Meridian's CPU per message over pulsar-lite's
+
+pulsar-lite is PyPI's `pulsar-lite` (0.2.0, as `scripts/test.sh` installs it into
+target/pulsar-lite-venv); its binary is `bin/pulsar-lite` inside the installed package:
+
+    python3 -m venv /tmp/pl && /tmp/pl/bin/pip install pulsar-lite==0.2.0
+    /tmp/pl/bin/python -c 'import os, pulsar_lite; print(os.path.join(os.path.dirname(pulsar_lite.__file__), "bin", "pulsar-lite"))'
 
 Temporary directories go under --tmp (default /tmp/pt-perf) and are removed afterwards.
 """
@@ -43,14 +52,24 @@ def wait_for_port(port, process, timeout=30):
     sys.exit('broker did not accept connections within %d s' % timeout)
 
 
-def round_(args, attach=None, wrapper=()):
-    """One round against a fresh broker. `attach(pid)` starts a tracer for the window and
-    returns a function that stops it; `wrapper` runs the broker under another program."""
+def round_(args, attach=None, wrapper=(), lite=False):
+    """One round against a fresh broker (pulsar-lite's binary, `args.pulsar_lite`, if `lite`).
+    `attach(pid)` starts a tracer for the window and returns a function that stops it;
+    `wrapper` runs the broker under another program."""
     work = tempfile.mkdtemp(prefix='produce-cpu-', dir=args.tmp)
     broker_port, web_port = free_port(), free_port()
+    if lite:
+        config = os.path.join(work, 'pulsar-lite.toml')
+        with open(config, 'w') as f:
+            f.write('[metrics]\nenabled = false\n')
+        command = [args.pulsar_lite, '--config', config, '--addr', '127.0.0.1:%d' % broker_port,
+                   '--db-path', os.path.join(work, 'db')]
+    else:
+        command = [args.meridian or os.path.join(args.target, 'meridian'), 'standalone',
+                   '--data-dir', os.path.join(work, 'data'),
+                   '--broker-port', str(broker_port), '--web-port', str(web_port)]
     broker = subprocess.Popen(
-        list(wrapper) + [args.meridian or os.path.join(args.target, 'meridian'), 'standalone', '--data-dir', os.path.join(work, 'data'),
-         '--broker-port', str(broker_port), '--web-port', str(web_port)],
+        list(wrapper) + command,
         stdout=subprocess.DEVNULL, stderr=open(os.path.join(work, 'broker.log'), 'w'))
     try:
         wait_for_port(broker_port, broker, timeout=120)
@@ -114,26 +133,40 @@ def main():
     parser.add_argument('--target', default=os.path.join(ROOT, 'target', 'release'))
     parser.add_argument('--meridian', help='the broker binary (default: <target>/meridian)')
     parser.add_argument('--tmp', default='/tmp/pt-perf')
+    parser.add_argument('--pulsar-lite', metavar='BIN',
+                        help="also run each round against pulsar-lite's binary BIN, right after Meridian")
     parser.add_argument('--strace', action='store_true', help='one more round under strace -c -f')
     parser.add_argument('--perf', metavar='FILE', help='one more round under perf record -g into FILE')
     parser.add_argument('--callgrind', action='store_true',
                         help='one more round with the broker under callgrind: user-space instructions per message')
     args = parser.parse_args()
+    if args.pulsar_lite and args.partitions:
+        parser.error('--partitions creates the topics through the admin API, which pulsar-lite has not')
     os.makedirs(args.tmp, exist_ok=True)
     if not args.no_build:
         subprocess.run(['cargo', 'build', '--release', '-p', 'meridian', '--bin', 'meridian',
                         '--example', 'pulsar_produce'], cwd=ROOT, check=True)
 
-    results = []
+    results, lite_results = [], []
     for index in range(args.rounds):
         result = round_(args)
         results.append(result)
         print('round %d: %s' % (index + 1, json.dumps(result)), flush=True)
-    if results:
-        cpu = [r['broker_cpu_us_per_msg'] for r in results]
-        print('broker CPU µs/msg: %s (median %.3f, spread %.0f%%)' % (
-            ', '.join('%.3f' % c for c in cpu), statistics.median(cpu),
-            100 * (max(cpu) - min(cpu)) / statistics.median(cpu)))
+        if args.pulsar_lite:
+            result = round_(args, lite=True)
+            lite_results.append(result)
+            print('round %d, pulsar-lite: %s' % (index + 1, json.dumps(result)), flush=True)
+    for name, runs in (('broker', results), ('pulsar-lite', lite_results)):
+        if runs:
+            cpu = [r['broker_cpu_us_per_msg'] for r in runs]
+            print('%s CPU µs/msg: %s (median %.3f, spread %.0f%%)' % (
+                name, ', '.join('%.3f' % c for c in cpu), statistics.median(cpu),
+                100 * (max(cpu) - min(cpu)) / statistics.median(cpu)))
+    if results and lite_results:
+        ratios = [m['broker_cpu_us_per_msg'] / l['broker_cpu_us_per_msg']
+                  for m, l in zip(results, lite_results)]
+        print('Meridian / pulsar-lite, CPU per message, round by round: %s (median %.2f)' % (
+            ', '.join('%.2f' % r for r in ratios), statistics.median(ratios)))
 
     if args.strace:
         counts = os.path.join(args.tmp, 'strace-%d.txt' % os.getpid())
