@@ -120,6 +120,9 @@ pub(crate) struct Connection {
     last_frame: Instant,
     /// Who the connection speaks for, and its credentials' refresh (see `auth`).
     auth: auth::AuthState,
+    /// The last ACK handled, given back to the decoder to decode the next one into (its list
+    /// of message ids reused: about one ACK per delivered message).
+    spare_ack: Option<CommandAck>,
 }
 
 /// Why a connection ends early.
@@ -246,6 +249,7 @@ async fn run_halves<R, W>(
         consumers: IdMap::default(),
         last_frame: Instant::now(),
         auth: auth::AuthState::with_certificate_role(certificate_role),
+        spare_ack: None,
     };
     let mut buffer = BytesMut::with_capacity(UNRESERVED_FRAME_BYTES);
     // The small-frame buffer, kept while a large frame is read into a buffer of its own, and
@@ -533,7 +537,11 @@ impl Connection {
         // per frame (about one ACK per delivered message; issue 16).
         let mut stamped = false;
         loop {
-            match meridian_wire::decode_frame_or_ack(buffer, self.config.max_frame_size) {
+            match meridian_wire::decode_frame_or_ack_reusing(
+                buffer,
+                self.config.max_frame_size,
+                &mut self.spare_ack,
+            ) {
                 Ok(Some(decoded)) => {
                     if !stamped {
                         self.last_frame = Instant::now();
@@ -596,13 +604,17 @@ impl Connection {
         }
         let frame = match decoded {
             // Most ACK frames: decoded without a `BaseCommand` (`decode_frame_or_ack`).
-            Decoded::Ack(ack) => return Ok(self.handle_ack(ack)),
+            Decoded::Ack(ack) => {
+                let response = self.handle_ack(&ack);
+                self.spare_ack = Some(ack);
+                return Ok(response);
+            }
             Decoded::Frame(frame) => frame,
         };
         match frame {
             Frame::Simple(mut command) => match command_type(&command) {
                 Some(Type::Ack) if command.ack.is_some() => {
-                    Ok(self.handle_ack(command.ack.take().expect("checked above")))
+                    Ok(self.handle_ack(command.ack.as_ref().expect("checked above")))
                 }
                 Some(Type::Flow) if command.flow.is_some() => {
                     self.handle_flow(command.flow.take().expect("checked above"));
@@ -1680,7 +1692,7 @@ impl Connection {
 
     /// Applies an acknowledgement at once; returns the ACK_RESPONSE to send if the client asked
     /// for one (a request id).
-    fn handle_ack(&mut self, request: CommandAck) -> Option<Outbound> {
+    fn handle_ack(&mut self, request: &CommandAck) -> Option<Outbound> {
         let result = match self.live_consumer(request.consumer_id) {
             None => Err((
                 ServerError::ConsumerNotFound,

@@ -212,12 +212,24 @@ pub fn decode_frame_or_ack(
     buffer: &mut BytesMut,
     max_frame_size: usize,
 ) -> Result<Option<Decoded>, FrameError> {
+    decode_frame_or_ack_reusing(buffer, max_frame_size, &mut None)
+}
+
+/// [`decode_frame_or_ack`] that decodes an ACK into `spare` (taken; an ACK handled before,
+/// given back by the caller), reusing its list of message ids: a connection that gives each
+/// ACK back once handled decodes a stream of ACKs without allocating. Every field of `spare`
+/// is replaced: the result is the same as [`decode_frame_or_ack`]'s.
+pub fn decode_frame_or_ack_reusing(
+    buffer: &mut BytesMut,
+    max_frame_size: usize,
+    spare: &mut Option<CommandAck>,
+) -> Result<Option<Decoded>, FrameError> {
     match check_frame(buffer, max_frame_size)? {
         FrameCheck::Incomplete { .. } => Ok(None),
         FrameCheck::Complete { frame_length } => {
             // An ACK is decoded from the buffer in place: its bytes are not kept, so they need
             // not be split off into a `Bytes` of their own.
-            if let Some(ack) = ack_alone(&buffer[..frame_length]) {
+            if let Some(ack) = ack_alone(&buffer[..frame_length], spare) {
                 buffer.advance(frame_length);
                 return Ok(Some(Decoded::Ack(ack)));
             }
@@ -230,7 +242,7 @@ pub fn decode_frame_or_ack(
 /// The ACK of a whole frame whose command has exactly two fields, `type` = ACK and `ack`, and
 /// nothing after the command; `None` for anything else (including bytes that do not decode),
 /// which [`parse_frame`] then judges.
-fn ack_alone(frame: &[u8]) -> Option<CommandAck> {
+fn ack_alone(frame: &[u8], spare: &mut Option<CommandAck>) -> Option<CommandAck> {
     /// Key of `BaseCommand.type`: field 1, varint.
     const TYPE_KEY: u8 = 1 << 3;
     /// Key of `BaseCommand.ack`: field 10, length-delimited.
@@ -267,15 +279,21 @@ fn ack_alone(frame: &[u8]) -> Option<CommandAck> {
     }
     let body = body?;
     let body = frame.get(body)?;
-    ack_by_hand(body).or_else(|| CommandAck::decode(body).ok())
+    ack_by_hand(body, spare).or_else(|| CommandAck::decode(body).ok())
 }
 
 /// A `CommandAck` with only the fields clients send for a plain acknowledgement (consumer id,
 /// ack type, message ids, request id), decoded field by field as prost would decode it, at a
 /// fraction of prost's cost (issue 16); `None` for any other field or bytes that do not decode,
 /// which prost then judges.
-fn ack_by_hand(bytes: &[u8]) -> Option<CommandAck> {
-    let mut ack = CommandAck::default();
+fn ack_by_hand(bytes: &[u8], spare: &mut Option<CommandAck>) -> Option<CommandAck> {
+    // Only the list's allocation is kept from the spare: every field starts as the default.
+    let mut message_id = spare.take().map(|ack| ack.message_id).unwrap_or_default();
+    message_id.clear();
+    let mut ack = CommandAck {
+        message_id,
+        ..CommandAck::default()
+    };
     let mut fields = Fields { bytes };
     while let Some(field) = fields.next()? {
         // Scalars are cast as prost casts them: the varint truncated to the field's width.
@@ -484,7 +502,7 @@ mod tests {
                 ..CommandAck::default()
             };
             let bytes = ack.encode_to_vec();
-            assert_eq!(ack_by_hand(&bytes), Some(ack.clone()));
+            assert_eq!(ack_by_hand(&bytes, &mut None), Some(ack.clone()));
             assert_eq!(CommandAck::decode(&bytes[..]).expect("decode"), ack);
         }
         // A field the hand decoder leaves to prost.
@@ -492,7 +510,10 @@ mod tests {
             txnid_least_bits: Some(1),
             ..CommandAck::default()
         };
-        assert_eq!(ack_by_hand(&with_transaction.encode_to_vec()), None);
+        assert_eq!(
+            ack_by_hand(&with_transaction.encode_to_vec(), &mut None),
+            None
+        );
     }
 
     #[test]

@@ -110,8 +110,8 @@ pub use entry::{
 };
 pub use error::{EncodeError, EntryError, FrameError};
 pub use frame::{
-    check_frame, decode_frame, decode_frame_or_ack, parse_frame, Decoded, Frame, FrameCheck,
-    PayloadCommand,
+    check_frame, decode_frame, decode_frame_or_ack, decode_frame_or_ack_reusing, parse_frame,
+    Decoded, Frame, FrameCheck, PayloadCommand,
 };
 pub use proto::base_command::Type as CommandType;
 pub use proto::{
