@@ -959,7 +959,10 @@ impl Subscription {
             let notified = self.wake.notified();
             durable.borrow_and_update();
             match self.dispatch_round().await {
-                Round::Progress => continue,
+                // A round served from the entry cache awaits nothing: without this, a
+                // subscription catching up on a cached backlog would keep its worker thread
+                // (and every task queued behind it) until the backlog is out.
+                Round::Progress => tokio::task::yield_now().await,
                 Round::Idle { wake_at_ms } => {
                     let sleep = wake_at_ms
                         .map(|at| Duration::from_millis(at.saturating_sub(now_ms()).max(1)));
@@ -1585,7 +1588,129 @@ fn check_sticky_ranges(
 
 #[cfg(test)]
 mod tests {
-    use super::MessagesPerEntry;
+    use std::sync::atomic::AtomicBool;
+    use std::sync::{Arc, Mutex};
+
+    use meridian_storage::{InitialPosition, Storage, StorageConfig};
+    use meridian_wire::proto::MessageMetadata;
+
+    use super::{MessagesPerEntry, NewConsumer, StartPosition, Subscription, SubscriptionType};
+    use crate::config::BrokerConfig;
+    use crate::outbound::{outbound_queue, Outbound, OutboundReceiver};
+
+    /// Subscription `name` of `log` with one Exclusive consumer (key 1) whose connection has
+    /// room for everything: its dispatcher task is started, the connection's receiving end
+    /// is returned.
+    fn subscribed(
+        log: &Arc<meridian_storage::Log>,
+        name: &str,
+    ) -> (Arc<Subscription>, OutboundReceiver) {
+        let subscription = Subscription::open(
+            name.to_string(),
+            name.to_string(),
+            true,
+            SubscriptionType::Exclusive,
+            StartPosition::Initial(InitialPosition::Earliest),
+            "persistent://t/n/fair".to_string(),
+            -1,
+            log.clone(),
+            Arc::new(BrokerConfig::default()),
+            Arc::new(AtomicBool::new(false)),
+            Arc::new(Mutex::new(())),
+            false,
+        )
+        .expect("subscription");
+        let (sink, receiver) = outbound_queue(256 << 20);
+        subscription
+            .add_consumer(
+                1,
+                NewConsumer {
+                    consumer_id: 1,
+                    name: format!("{name}-consumer"),
+                    priority: 0,
+                    kind: SubscriptionType::Exclusive,
+                    sink,
+                    closed: Arc::new(AtomicBool::new(false)),
+                    sticky_ranges: Vec::new(),
+                    allow_out_of_order: false,
+                    replicate_state: false,
+                    address: "127.0.0.1:1".to_string(),
+                    client_version: "test".to_string(),
+                    protocol_version: 21,
+                },
+            )
+            .expect("consumer");
+        (subscription, receiver)
+    }
+
+    fn messages_queued(receiver: &mut OutboundReceiver) -> usize {
+        std::iter::from_fn(|| receiver.try_recv())
+            .filter(|frame| matches!(frame, Outbound::Payload(_)))
+            .count()
+    }
+
+    /// A dispatcher whose reads are all served from the entry cache never waits for anything:
+    /// one subscription catching up on a cached backlog must still let the runtime's other
+    /// tasks run between its read rounds (here, on one thread, another subscription's
+    /// dispatcher), rather than deliver its whole backlog before anybody else gets a message.
+    #[tokio::test]
+    async fn a_dispatcher_reading_from_the_cache_lets_other_subscriptions_deliver_between_rounds() {
+        const ENTRIES: usize = 2_000;
+        let directory = tempfile::tempdir().expect("directory");
+        let storage = Storage::open(directory.path(), StorageConfig::default()).expect("storage");
+        let log = storage.open_log("fair").expect("log");
+        let appends: Vec<_> = (0..ENTRIES)
+            .map(|index| {
+                let metadata = MessageMetadata {
+                    producer_name: "p".to_string(),
+                    sequence_id: index as u64,
+                    publish_time: 1,
+                    ..MessageMetadata::default()
+                };
+                let entry = meridian_wire::encode_entry(&metadata, b"payload").expect("encodes");
+                log.append(entry, 1).expect("appends")
+            })
+            .collect();
+        for append in appends {
+            append.await.expect("durable");
+        }
+        let (first, mut first_receiver) = subscribed(&log, "first");
+        let (second, mut second_receiver) = subscribed(&log, "second");
+        // Both consumers ask for the whole backlog; the first subscription's dispatcher is
+        // woken first.
+        first.flow(1, ENTRIES as u32);
+        second.flow(1, ENTRIES as u32);
+
+        // The second subscription's first message...
+        loop {
+            match second_receiver.recv().await.expect("connection open") {
+                Outbound::Payload(_) => break,
+                Outbound::Frame(_) => continue,
+            }
+        }
+        // ...did not have to wait for the first subscription's whole backlog to go out.
+        let delivered_first = messages_queued(&mut first_receiver);
+        assert!(
+            delivered_first < ENTRIES,
+            "the first subscription delivered all its {delivered_first} messages before the \
+             second one delivered any"
+        );
+        // Nothing is lost: both get everything once the runtime lets them finish.
+        let mut first_total = delivered_first;
+        while first_total < ENTRIES {
+            if let Some(Outbound::Payload(_)) = first_receiver.recv().await {
+                first_total += 1;
+            }
+        }
+        let mut second_total = 1;
+        while second_total < ENTRIES {
+            if let Some(Outbound::Payload(_)) = second_receiver.recv().await {
+                second_total += 1;
+            }
+        }
+        first.stop();
+        second.stop();
+    }
 
     #[test]
     fn permits_become_entries_by_the_messages_per_entry_seen() {
