@@ -604,7 +604,6 @@ impl ReadBudget {
     }
 }
 
-/// One step of a read, planned under the log's lock and done after it is released.
 /// Where a read may take its entries from.
 #[derive(Debug, Clone, Copy)]
 enum Source {
@@ -613,6 +612,7 @@ enum Source {
     CacheOnly,
 }
 
+/// One step of a read, planned under the log's lock and done after it is released.
 enum ReadPart {
     Cached(Entry),
     /// Consecutive records of a segment whose index has every offset.
@@ -1324,9 +1324,13 @@ impl Log {
                         segment.synced_end = segment.flushed_end;
                     }
                 }
-                if batch.create {
-                    state.close_sealed_files();
-                }
+                // Closed once the lock is released (a close is a system call, which may wait
+                // for the file system; readers wait for this lock, some on async workers).
+                let closed_files = if batch.create {
+                    state.close_sealed_files()
+                } else {
+                    Vec::new()
+                };
                 debug_assert!(state.last_durable < Some(batch.first));
                 state.last_durable = Some(batch.last);
                 state.pending_bytes -= batch.bytes.len();
@@ -1340,6 +1344,7 @@ impl Log {
                 // lock: without it, nobody is waiting (a notification is a system call).
                 let closing = state.closed;
                 drop(state);
+                drop(closed_files);
                 if !more && closing {
                     self.flush_finished.notify_all();
                 }
@@ -1788,14 +1793,13 @@ impl Log {
             if read.exhausted() {
                 break;
             }
-            let (parts, resume) = self.plan_read(start, &read)?;
-            if matches!(source, Source::CacheOnly)
-                && parts
-                    .iter()
-                    .any(|part| !matches!(part, ReadPart::Cached(_)))
-            {
+            let Some((parts, resume)) = self.plan_read(start, &read, source)? else {
                 return Ok(None);
-            }
+            };
+            debug_assert!(
+                matches!(source, Source::Anywhere)
+                    || parts.iter().all(|part| matches!(part, ReadPart::Cached(_)))
+            );
             for part in parts {
                 self.read_part(part, &mut read)?;
             }
@@ -1806,19 +1810,22 @@ impl Log {
 
     /// Under the lock: what to read from where, starting at `start`, within what is left of
     /// the budget. Returns the parts and, if the plan stopped after a run of a sealed segment,
-    /// the position after that run.
+    /// the position after that run. `None` ([`Source::CacheOnly`] only) at the first entry that
+    /// is not cached: no file handle is taken, so none is ever closed by the caller (on an async
+    /// worker) after the log let go of it.
     fn plan_read(
         &self,
         start: Position,
         read: &ReadBudget,
-    ) -> Result<(Vec<ReadPart>, Option<Position>)> {
+        source: Source,
+    ) -> Result<Option<(Vec<ReadPart>, Option<Position>)>> {
         let mut parts = Vec::new();
         let state = self.lock();
         if let Some(error) = &state.corruption {
             return Err(error.clone());
         }
         let Some(last_durable) = state.last_durable else {
-            return Ok((parts, None));
+            return Ok(Some((parts, None)));
         };
         let mut count = read.entries.len();
         let mut bytes = read.bytes;
@@ -1843,17 +1850,20 @@ impl Log {
                     || (count > 0 && bytes >= read.max_bytes)
                 {
                     let resume = run.close(&mut parts, segment, index);
-                    return Ok((parts, resume));
+                    return Ok(Some((parts, resume)));
                 }
                 if let Some(entry) = state.cache.get(position) {
                     if let Some(resume) = run.close(&mut parts, segment, index) {
                         // The run's size is unknown until it is read: plan again after it.
-                        return Ok((parts, Some(resume)));
+                        return Ok(Some((parts, Some(resume))));
                     }
                     count += 1;
                     bytes += entry.data.len();
                     parts.push(ReadPart::Cached(entry.clone()));
                     continue;
+                }
+                if matches!(source, Source::CacheOnly) {
+                    return Ok(None);
                 }
                 count += 1;
                 run.first.get_or_insert(index);
@@ -1863,10 +1873,10 @@ impl Log {
                 }
             }
             if let Some(resume) = run.close(&mut parts, segment, segment.index.len()) {
-                return Ok((parts, Some(resume)));
+                return Ok(Some((parts, Some(resume))));
             }
         }
-        Ok((parts, None))
+        Ok(Some((parts, None)))
     }
 
     /// Reads one planned part into `read`, within its budget.
@@ -2573,18 +2583,26 @@ impl LogState {
     }
 
     /// Closes the files of sealed segments, once a newer segment exists and every byte of
-    /// theirs is durable (under the relaxed policy, sealing syncs them).
-    fn close_sealed_files(&mut self) {
+    /// theirs is durable (under the relaxed policy, sealing syncs them): returns the log's
+    /// handles of them, for the caller to drop once it released the lock.
+    #[must_use]
+    fn close_sealed_files(&mut self) -> Vec<Arc<dyn IoFile>> {
         let sealed = self.segments.len().saturating_sub(1);
+        let mut closed = Vec::new();
         for segment in &mut self.segments[..sealed] {
             if matches!(segment.file, SegmentFile::Open(_))
                 && segment.synced_end == segment.flushed_end
                 && segment.flushed_end == segment.end
             {
-                segment.file = SegmentFile::Closed;
+                if let SegmentFile::Open(file) =
+                    std::mem::replace(&mut segment.file, SegmentFile::Closed)
+                {
+                    closed.push(file);
+                }
                 segment.seal_index();
             }
         }
+        closed
     }
 
     pub(crate) fn next_position(&self, position: Position) -> Position {
