@@ -385,6 +385,9 @@ fn truncated(text: &str, limit: usize) -> String {
     text[..end].to_string()
 }
 
+/// The most message ids a handled ACK may have room for to be kept for the next one.
+const MAX_SPARE_ACK_IDS: usize = 64;
+
 /// Frames up to this size are read without a reservation from the inbound budget; a larger
 /// one is read only once its whole size is reserved.
 const UNRESERVED_FRAME_BYTES: usize = 64 * 1024;
@@ -603,10 +606,14 @@ impl Connection {
             return Err(decoded.into_frame());
         }
         let frame = match decoded {
-            // Most ACK frames: decoded without a `BaseCommand` (`decode_frame_or_ack`).
+            // Most ACK frames: decoded without a `BaseCommand` (`decode_frame_or_ack_reusing`).
             Decoded::Ack(ack) => {
                 let response = self.handle_ack(&ack);
-                self.spare_ack = Some(ack);
+                // Kept only if small: an ACK of many ids (a frame may hold hundreds of
+                // thousands) is not held for the life of the connection.
+                if ack.message_id.capacity() <= MAX_SPARE_ACK_IDS {
+                    self.spare_ack = Some(ack);
+                }
                 return Ok(response);
             }
             Decoded::Frame(frame) => frame,
