@@ -263,6 +263,10 @@ pub enum StartPosition {
     At(Position),
 }
 
+/// Dispatch rounds that made progress, one after the other, after which a dispatcher lets the
+/// runtime's other tasks run (see `dispatch_loop`).
+const ROUNDS_BEFORE_YIELD: u32 = 4;
+
 impl Subscription {
     /// Opens (or creates) the subscription's cursor and starts its dispatcher task.
     #[allow(clippy::too_many_arguments)]
@@ -951,6 +955,7 @@ impl Subscription {
 
     async fn dispatch_loop(self: Arc<Self>) {
         let mut durable = self.log.watch_durable();
+        let mut progress_in_a_row: u32 = 0;
         loop {
             if self.stopped.load(Ordering::SeqCst) {
                 return;
@@ -959,11 +964,19 @@ impl Subscription {
             let notified = self.wake.notified();
             durable.borrow_and_update();
             match self.dispatch_round().await {
-                // A round served from the entry cache awaits nothing: without this, a
+                // A round served from the entry cache awaits nothing: without a yield, a
                 // subscription catching up on a cached backlog would keep its worker thread
-                // (and every task queued behind it) until the backlog is out.
-                Round::Progress => tokio::task::yield_now().await,
+                // (and every task queued behind it) until the backlog is out. Not after every
+                // round: a consumer keeping up mostly gets one round per flow of permits, and
+                // a yield there only delays it.
+                Round::Progress => {
+                    progress_in_a_row += 1;
+                    if progress_in_a_row.is_multiple_of(ROUNDS_BEFORE_YIELD) {
+                        tokio::task::yield_now().await;
+                    }
+                }
                 Round::Idle { wake_at_ms } => {
+                    progress_in_a_row = 0;
                     let sleep = wake_at_ms
                         .map(|at| Duration::from_millis(at.saturating_sub(now_ms()).max(1)));
                     tokio::select! {
