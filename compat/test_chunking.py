@@ -72,6 +72,9 @@ def test_chunked_messages_cross_geo_replication_whole_and_once(clusters_factory,
         producer.send_async(payload, lambda result, _id: results.append(result))
     for producer in producers:
         producer.flush()
+    # The client may run a send's callback just after `flush` returns (seen once in CI): await
+    # both results; a lost or failed receipt still fails here.
+    wait_until(lambda: len(results) == 2, "both large messages have their send result")
     assert results == [pulsar.Result.Ok] * 2, results
     for i, producer in enumerate(producers):
         producer.send(f"small {i}".encode())

@@ -192,9 +192,10 @@ def test_memory_per_slow_consumer_is_bounded_in_bytes(broker_factory, client_fac
 
     wait_until(every_never_reader_got_a_queue_full, "each never-reader was sent more than its queue holds")
     # Per never-reader: its queue (the limit plus the one frame that may overshoot it) and a
-    # dispatch read (5 MiB); plus the cache and 64 MiB of slack. Measured: about 95 MiB here,
-    # about 600 MiB with the queue bounded by frames (every reader held the whole backlog).
-    bound = baseline + readers * (outbound_limit + mib + 5 * mib) + 4 * mib + 64 * mib
+    # dispatch read (5 MiB); plus the cache and 96 MiB of slack for what glibc's malloc keeps of
+    # freed reads in its per-thread arenas. Measured: 21-139 MiB above the baseline here, about
+    # 600 MiB with the queue bounded by frames (every reader held the whole backlog).
+    bound = baseline + readers * (outbound_limit + mib + 5 * mib) + 4 * mib + 96 * mib
     rss = rss_bytes(broker.pid)
     assert rss <= bound, f"broker RSS {rss // mib} MiB exceeds {bound // mib} MiB (baseline {baseline // mib} MiB)"
     # The queues' own count, as /metrics shows it: within the limit plus one frame each.

@@ -28,7 +28,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use meridian_storage::{ChangeKind, InitialPosition, Log, Position};
+use meridian_storage::{ChangeKind, Entry, InitialPosition, Log, Position};
 use meridian_wire::proto::{
     base_command, BaseCommand, CommandActiveConsumerChange, CommandCloseConsumer, CommandMessage,
     CommandReachedEndOfTopic, IntRange, MessageIdData,
@@ -198,6 +198,30 @@ impl MessagesPerEntry {
 enum ReadPlan {
     Replay(Vec<Position>),
     New { from: Position, max_entries: usize },
+}
+
+impl ReadPlan {
+    /// The planned entries if the log's cache holds them all (`None`: they need the files).
+    fn read_cached(
+        &self,
+        log: &Log,
+        max_bytes: usize,
+    ) -> meridian_storage::Result<Option<Vec<Entry>>> {
+        match self {
+            ReadPlan::Replay(positions) => log.read_positions_cached(positions),
+            ReadPlan::New { from, max_entries } => {
+                log.read_from_cached(*from, *max_entries, max_bytes)
+            }
+        }
+    }
+
+    /// The planned entries, from the files where the cache no longer holds them (blocking).
+    fn read(&self, log: &Log, max_bytes: usize) -> meridian_storage::Result<Vec<Entry>> {
+        match self {
+            ReadPlan::Replay(positions) => log.read_positions(positions),
+            ReadPlan::New { from, max_entries } => log.read_from(*from, *max_entries, max_bytes),
+        }
+    }
 }
 
 /// The outcome of one dispatch round.
@@ -1058,28 +1082,10 @@ impl Subscription {
         let is_replay = !planned_replay.is_empty();
         // Entries still in the cache are taken here; a blocking thread (a hand-off and a
         // wake-up each way) is only for reads from the files.
-        let cached = match &plan {
-            ReadPlan::Replay(positions) => log.read_positions_cached(positions),
-            ReadPlan::New { from, max_entries } => {
-                log.read_from_cached(*from, *max_entries, max_bytes)
-            }
-        };
-        let read = match cached {
+        let read = match plan.read_cached(&log, max_bytes) {
             Ok(Some(entries)) => Ok(Ok(entries)),
             Err(error) => Ok(Err(error)),
-            Ok(None) => {
-                tokio::task::spawn_blocking(
-                    move || -> meridian_storage::Result<Vec<meridian_storage::Entry>> {
-                        match plan {
-                            ReadPlan::Replay(positions) => log.read_positions(&positions),
-                            ReadPlan::New { from, max_entries } => {
-                                log.read_from(from, max_entries, max_bytes)
-                            }
-                        }
-                    },
-                )
-                .await
-            }
+            Ok(None) => tokio::task::spawn_blocking(move || plan.read(&log, max_bytes)).await,
         };
         let entries = match read {
             Ok(Ok(entries)) => entries,
@@ -1241,12 +1247,7 @@ impl Subscription {
 
     /// Assigns entries to consumers and queues their MESSAGE frames (never waiting: a consumer
     /// is chosen only while its connection has room).
-    fn assign(
-        &self,
-        state: &mut DispatchState,
-        entries: Vec<meridian_storage::Entry>,
-        is_replay: bool,
-    ) {
+    fn assign(&self, state: &mut DispatchState, entries: Vec<Entry>, is_replay: bool) {
         let now = now_ms();
         // Key_Shared: keys with an earlier message waiting for replay must not be overtaken.
         let mut blocked_hashes: HashSet<u16> = if is_replay {
