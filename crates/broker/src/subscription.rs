@@ -1082,10 +1082,18 @@ impl Subscription {
         let is_replay = !planned_replay.is_empty();
         // Entries still in the cache are taken here; a blocking thread (a hand-off and a
         // wake-up each way) is only for reads from the files.
-        let read = match plan.read_cached(&log, max_bytes) {
-            Ok(Some(entries)) => Ok(Ok(entries)),
-            Err(error) => Ok(Err(error)),
-            Ok(None) => tokio::task::spawn_blocking(move || plan.read(&log, max_bytes)).await,
+        // A read that panics (a bug) costs this round, as on a blocking thread, and not the
+        // dispatcher task: the round is retried like a failed read.
+        let cached = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            plan.read_cached(&log, max_bytes)
+        }));
+        let read = match cached {
+            Ok(Ok(Some(entries))) => Ok(Ok(entries)),
+            Ok(Err(error)) => Ok(Err(error)),
+            Ok(Ok(None)) => tokio::task::spawn_blocking(move || plan.read(&log, max_bytes))
+                .await
+                .map_err(|error| error.to_string()),
+            Err(_) => Err("the read from the cache panicked".to_string()),
         };
         let entries = match read {
             Ok(Ok(entries)) => entries,
