@@ -197,6 +197,7 @@ pub struct StorageSection {
     pub cursor_max_ranges: usize,
     pub trim_interval_ms: u64,
     pub recycled_segments_max: usize,
+    pub entry_wal: bool,
 }
 
 impl Default for Config {
@@ -303,6 +304,7 @@ impl Default for StorageSection {
             cursor_max_ranges: storage.cursor_max_ranges,
             trim_interval_ms: storage.trim_interval.as_millis() as u64,
             recycled_segments_max: storage.recycled_segments_max,
+            entry_wal: storage.entry_wal,
         }
     }
 }
@@ -568,6 +570,7 @@ impl Config {
             cursor_max_ranges: storage.cursor_max_ranges,
             trim_interval: Duration::from_millis(storage.trim_interval_ms),
             recycled_segments_max: storage.recycled_segments_max,
+            entry_wal: storage.entry_wal,
         }
     }
 

@@ -70,6 +70,11 @@ pub struct StorageConfig {
     /// a large file (both stall appends on ext4); each kept file holds up to `segment_max_bytes`
     /// of disk until it is reused, or until the log closes.
     pub recycled_segments_max: usize,
+    /// Under the `Fsync` policy: a flush thread that finds several logs waiting makes their
+    /// batches durable together, with one write and one fsync of the engine's entry
+    /// write-ahead log, instead of one fsync per log (their segments are fsynced at
+    /// checkpoints). A log alone is flushed with its own fsync either way.
+    pub entry_wal: bool,
 }
 
 impl Default for StorageConfig {
@@ -86,6 +91,7 @@ impl Default for StorageConfig {
             cursor_max_ranges: 100_000,
             trim_interval: Duration::from_secs(1),
             recycled_segments_max: 2,
+            entry_wal: true,
         }
     }
 }

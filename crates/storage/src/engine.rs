@@ -23,6 +23,7 @@ use std::time::Instant;
 use crate::config::{FlushPolicy, StorageConfig};
 use crate::cursor::UnwrittenJournalBytes;
 use crate::cursor_wal::{CursorWal, WalRecord};
+use crate::entry_wal::{self, EntryWal, GroupCommit};
 use crate::error::{Result, StorageError};
 use crate::io::Io;
 use crate::log::{AfterFlush, Log};
@@ -46,6 +47,9 @@ pub(crate) struct Shared {
     flush_queue: FlushQueue,
     /// The cursor write-ahead log of every persistence pass.
     cursor_wal: Mutex<CursorWal>,
+    /// The entry write-ahead log that groups of logs are flushed through (`None`: disabled,
+    /// or the relaxed policy).
+    pub(crate) entry_wal: Option<GroupCommit>,
     /// A log was closed while its journal still had bytes only the WAL holds (its last write
     /// failed): the WAL files up to this sequence are kept until the next start replays them.
     pub(crate) cursor_wal_pinned: AtomicU64,
@@ -118,6 +122,10 @@ impl Shared {
         };
         if dropped {
             self.pin_cursor_wal();
+            // Its segments may hold bytes only the entry WAL made durable.
+            if let Some(wal) = &self.entry_wal {
+                wal.pin();
+            }
         }
         logs
     }
@@ -133,8 +141,15 @@ impl Shared {
 /// switches per flush on a busy machine, and a flush thread waits for the disk anyway.
 #[derive(Default)]
 struct FlushQueue {
-    logs: Mutex<std::collections::VecDeque<Option<Arc<Log>>>>,
+    logs: Mutex<QueuedLogs>,
     ready: Condvar,
+}
+
+#[derive(Default)]
+struct QueuedLogs {
+    logs: std::collections::VecDeque<Option<Arc<Log>>>,
+    /// Set by [`Storage::pause_flushes`]: nothing is popped until it is cleared.
+    paused: bool,
 }
 
 impl FlushQueue {
@@ -148,7 +163,31 @@ impl FlushQueue {
         self.logs
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .logs
             .push_back(item);
+    }
+
+    fn set_paused(&self, paused: bool) {
+        self.logs
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .paused = paused;
+        self.ready.notify_all();
+    }
+
+    /// Moves logs waiting into `group` until it holds `max` (without waiting for any).
+    fn pop_waiting(&self, group: &mut Vec<Arc<Log>>, max: usize) {
+        let mut logs = self
+            .logs
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        while group.len() < max {
+            match logs.logs.front() {
+                Some(Some(_)) => group.extend(logs.logs.pop_front().flatten()),
+                // Empty, or a thread is to stop: that one is left for `pop`.
+                Some(None) | None => break,
+            }
+        }
     }
 
     /// The next log to flush, or `None` when the thread is to stop.
@@ -158,8 +197,10 @@ impl FlushQueue {
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         loop {
-            if let Some(item) = logs.pop_front() {
-                return item;
+            if !logs.paused {
+                if let Some(item) = logs.logs.pop_front() {
+                    return item;
+                }
             }
             logs = self
                 .ready
@@ -189,6 +230,8 @@ struct Inner {
     wake: Condvar,
     /// The cursor WAL checkpoint running in the background, if any.
     checkpoint: Mutex<Option<JoinHandle<()>>>,
+    /// The entry WAL checkpoint running in the background, if any.
+    entry_checkpoint: Mutex<Option<JoinHandle<()>>>,
 }
 
 impl Inner {
@@ -231,6 +274,12 @@ impl Storage {
             .map_err(|error| StorageError::io("create directory", &logs_directory, error))?;
         remove_stale_ledger_floor_temporary(io.as_ref(), &root)?;
         remove_tombstones(io.as_ref(), &logs_directory)?;
+        // Before any log opens: their newest segments must hold what the WAL made durable.
+        let entry_wal = if config.entry_wal && matches!(config.flush_policy, FlushPolicy::Fsync) {
+            Some(GroupCommit::new(EntryWal::recover(io.as_ref(), &root)?))
+        } else {
+            None
+        };
         // Before any log opens: their journals must hold what the WAL made durable.
         let mut cursor_wal = CursorWal::recover(io.as_ref(), &root)?;
         let unwritten: HashMap<PathBuf, UnwrittenJournalBytes> =
@@ -260,6 +309,7 @@ impl Storage {
                 ledger_floor_update: Mutex::new(()),
                 flush_queue: FlushQueue::default(),
                 cursor_wal: Mutex::new(cursor_wal),
+                entry_wal,
                 cursor_wal_pinned: AtomicU64::new(pinned),
                 unwritten_journal_bytes: Mutex::new(unwritten),
                 live_logs: Mutex::new(HashMap::new()),
@@ -273,6 +323,7 @@ impl Storage {
             }),
             wake: Condvar::new(),
             checkpoint: Mutex::new(None),
+            entry_checkpoint: Mutex::new(None),
         });
         let mut threads = Vec::new();
         for index in 0..flush_threads {
@@ -280,11 +331,20 @@ impl Storage {
             let thread = std::thread::Builder::new()
                 .name(format!("meridian-storage-flush-{index}"))
                 .spawn(move || {
+                    // Popped again right below, by this thread or one awake anyway.
+                    let again = |log| shared.flush_queue.push_quietly(Some(log));
                     while let Some(log) = shared.flush_queue.pop() {
-                        if log.flush() == AfterFlush::Again {
-                            // Popped again right below, by this thread or one awake anyway.
-                            shared.flush_queue.push_quietly(Some(log));
-                        }
+                        let Some(wal) = &shared.entry_wal else {
+                            if log.flush() == AfterFlush::Again {
+                                again(log);
+                            }
+                            continue;
+                        };
+                        let mut group = vec![log];
+                        shared
+                            .flush_queue
+                            .pop_waiting(&mut group, entry_wal::GROUP_MAX_LOGS);
+                        wal.flush_group(shared.io.as_ref(), group, &again);
                     }
                 })
                 .map_err(|error| StorageError::io("spawn flush thread", "", error))?;
@@ -530,6 +590,26 @@ impl Storage {
     }
 
     /// Root directory of the engine.
+    /// Makes the flush threads take no log until [`Storage::resume_flushes`]: appends made
+    /// meanwhile wait, in the order they were made, so that tests can line several logs up
+    /// for one flush thread.
+    #[doc(hidden)]
+    pub fn pause_flushes(&self) {
+        self.inner.shared.flush_queue.set_paused(true);
+    }
+
+    #[doc(hidden)]
+    pub fn resume_flushes(&self) {
+        self.inner.shared.flush_queue.set_paused(false);
+    }
+
+    /// Runs an entry WAL checkpoint now (the maintenance thread runs one once the WAL holds
+    /// 64 MiB): groups from now on go to a new WAL file, every segment file the live logs hold
+    /// open is fsynced, and the older WAL files are removed.
+    pub fn checkpoint_entries(&self) -> Result<()> {
+        checkpoint_entries(&self.inner.shared)
+    }
+
     pub fn root(&self) -> &Path {
         &self.inner.root
     }
@@ -548,6 +628,8 @@ impl Storage {
             registry.stopping = true;
             registry.logs.drain().map(|(_, log)| log).collect()
         };
+        // Paused flush threads would keep the closes below waiting.
+        self.inner.shared.flush_queue.set_paused(false);
         self.inner.wake.notify_all();
         let mut first_error = None;
         for log in logs {
@@ -570,6 +652,24 @@ impl Storage {
             .take();
         if let Some(checkpoint) = checkpoint {
             let _ = checkpoint.join();
+        }
+        let entry_checkpoint = self
+            .inner
+            .entry_checkpoint
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .take();
+        if let Some(checkpoint) = entry_checkpoint {
+            let _ = checkpoint.join();
+        }
+        if let Some(wal) = &self.inner.shared.entry_wal {
+            // Every log closed fsynced its segments; one still open (closing on another
+            // thread) may need the WAL's records.
+            if self.inner.shared.live_logs().is_empty() {
+                if let Err(error) = wal.retire_all(self.inner.shared.io.as_ref()) {
+                    tracing::warn!(%error, "could not remove the entry WAL files; the next start replays them");
+                }
+            }
         }
         match first_error {
             Some(error) => Err(error),
@@ -631,6 +731,7 @@ fn maintenance(inner: &Arc<Inner>) {
         }
         persist_cursors_of(&inner.shared, &logs);
         start_checkpoint_if_due(inner);
+        start_entry_checkpoint_if_due(inner);
         if trim_now {
             for log in &logs {
                 log.evict_consumed_cache();
@@ -758,6 +859,63 @@ fn start_checkpoint_if_due(inner: &Arc<Inner>) {
         Ok(thread) => *checkpoint = Some(thread),
         Err(error) => tracing::error!(%error, "could not start the cursor WAL checkpoint"),
     }
+}
+
+/// Starts an entry WAL checkpoint in the background once the WAL is large enough and none is
+/// running: groups from then on go to a new WAL file, every segment file the live logs hold
+/// open is fsynced, and the older WAL files are removed.
+fn start_entry_checkpoint_if_due(inner: &Arc<Inner>) {
+    let Some(wal) = &inner.shared.entry_wal else {
+        return;
+    };
+    let due = wal.checkpoint_due();
+    if !due {
+        return;
+    }
+    let mut checkpoint = inner
+        .entry_checkpoint
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    if checkpoint
+        .as_ref()
+        .is_some_and(|running| !running.is_finished())
+    {
+        return;
+    }
+    if let Some(finished) = checkpoint.take() {
+        let _ = finished.join();
+    }
+    let shared = inner.shared.clone();
+    match std::thread::Builder::new()
+        .name("meridian-storage-entry-checkpoint".into())
+        .spawn(move || {
+            if let Err(error) = checkpoint_entries(&shared) {
+                tracing::error!(%error, "entry WAL checkpoint failed; will retry");
+            }
+        }) {
+        Ok(thread) => *checkpoint = Some(thread),
+        Err(error) => tracing::error!(%error, "could not start the entry WAL checkpoint"),
+    }
+}
+
+fn checkpoint_entries(shared: &Shared) -> Result<()> {
+    let Some(wal) = &shared.entry_wal else {
+        return Ok(());
+    };
+    let io = shared.io.as_ref();
+    let previous = wal.start_checkpoint(io)?;
+    // A group that wrote into the previous file wrote its segments first: fsyncing every
+    // segment file held open now covers its batches, finished or not. A log that closed since
+    // fsynced its own.
+    let mut failed = false;
+    for log in shared.live_logs() {
+        // A failure pins the WAL (and is reported) where it happens.
+        failed |= log.sync_for_wal().is_err();
+    }
+    if failed {
+        return Ok(());
+    }
+    wal.retire(io, previous)
 }
 
 /// Passes from now on go to a new WAL file; the bytes the previous files hold are written into

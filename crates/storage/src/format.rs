@@ -37,6 +37,8 @@ pub enum FileKind {
     CursorJournal,
     /// The engine's cursor write-ahead log (`<root>/cursors-<sequence>.wal`). Fields: unused.
     CursorWal,
+    /// The engine's entry write-ahead log (`<root>/entries-<sequence>.wal`). Fields: unused.
+    EntryWal,
 }
 
 impl FileKind {
@@ -45,6 +47,7 @@ impl FileKind {
             FileKind::Segment => b"MRDNSEG\x01",
             FileKind::CursorJournal => b"MRDNCUR\x01",
             FileKind::CursorWal => b"MRDNWAL\x01",
+            FileKind::EntryWal => b"MRDNEWL\x01",
         }
     }
 }
@@ -421,6 +424,11 @@ impl<'a> ByteReader<'a> {
 
     pub fn is_empty(&self) -> bool {
         self.bytes.is_empty()
+    }
+
+    /// The bytes not read yet.
+    pub fn rest(self) -> &'a [u8] {
+        self.bytes
     }
 
     fn take(&mut self, count: usize) -> std::result::Result<&'a [u8], String> {

@@ -25,6 +25,7 @@ pub mod config;
 pub mod cursor;
 mod cursor_wal;
 pub mod engine;
+mod entry_wal;
 mod error;
 pub mod format;
 pub mod io;

@@ -443,6 +443,61 @@ struct PendingBatch {
     remote: Vec<Box<dyn RemoteCommit>>,
 }
 
+/// A pending batch taken by the thread that holds the log's flush role, with what writing it
+/// needs.
+struct TakenBatch {
+    batch: PendingBatch,
+    /// The segment's file, `None` if the batch creates it.
+    file: Option<Arc<dyn IoFile>>,
+    path: PathBuf,
+    new_segment: NewSegment,
+}
+
+/// What [`Log::flush_unsynced`] did.
+// Returned once per flush and moved on at once: a box would only add an allocation.
+#[allow(clippy::large_enum_variant)]
+pub(crate) enum Flushing {
+    /// Nothing to make durable through the WAL: the flush is over (or there was none).
+    Done(AfterFlush),
+    /// Written into the segment, not fsynced: the entry WAL makes it durable.
+    Written(WrittenBatch),
+}
+
+/// A batch written into its segment and waiting for the entry WAL's fsync. The log's flush
+/// role stays with the thread holding this until [`Log::finish_written`].
+pub(crate) struct WrittenBatch {
+    batch: PendingBatch,
+    path: PathBuf,
+    file: Arc<dyn IoFile>,
+}
+
+impl WrittenBatch {
+    /// The segment this batch went into: its ledger id and first entry id (its file name).
+    pub(crate) fn segment(&self) -> (u64, u64) {
+        (self.batch.ledger_id, self.batch.segment_first_entry_id)
+    }
+
+    /// Where in the segment's file the batch starts.
+    pub(crate) fn file_offset(&self) -> u64 {
+        self.batch.file_offset
+    }
+
+    /// The batch's bytes, as written into the segment.
+    pub(crate) fn slices(&self) -> Vec<&[u8]> {
+        self.batch.bytes.slices()
+    }
+
+    /// Makes the batch durable with its segment's own fsync (no entry WAL to use).
+    pub(crate) fn sync_segment(&self) -> std::result::Result<(), (FlushStage, StorageError)> {
+        self.file.sync().map_err(|error| {
+            (
+                FlushStage::Sync,
+                StorageError::io("fsync", &self.path, error),
+            )
+        })
+    }
+}
+
 /// Entries of at most this many bytes are copied into a batch; larger ones are written from
 /// the bytes the caller handed over (the received frame), without a copy.
 const INLINE_ENTRY_MAX_BYTES: usize = 4096;
@@ -808,10 +863,14 @@ impl ChunkReader<'_> {
     }
 }
 
-enum FlushStage {
+#[derive(Clone, Copy)]
+pub(crate) enum FlushStage {
     Create,
     Write,
     Sync,
+    /// The fsync of the segment before the one the batch starts failed (the log is poisoned
+    /// already; the batch's own file holds nothing to cut).
+    SyncPrevious,
     /// The remote log did not commit the batch.
     Remote,
 }
@@ -1237,7 +1296,61 @@ impl Log {
     /// again behind the other logs waiting for a flush thread, so that a busy log cannot keep
     /// a thread to itself while other logs' appends wait.
     pub(crate) fn flush(self: &Arc<Self>) -> AfterFlush {
-        let (mut batch, file, path, new_segment) = {
+        match self.take_batch() {
+            Ok(taken) => self.flush_taken(taken),
+            Err(after) => after,
+        }
+    }
+
+    /// Writes the oldest pending batch into its segment without an fsync, for the entry WAL
+    /// to make durable ([`Log::finish_written`] once it did or failed). A batch that starts a
+    /// segment, or that a remote log commits too, is flushed whole here instead (with its own
+    /// fsync): the WAL covers only appends to a segment whose file exists.
+    pub(crate) fn flush_unsynced(self: &Arc<Self>) -> Flushing {
+        let taken = match self.take_batch() {
+            Ok(taken) => taken,
+            Err(after) => return Flushing::Done(after),
+        };
+        if taken.batch.create || !taken.batch.remote.is_empty() {
+            return Flushing::Done(self.flush_taken(taken));
+        }
+        let TakenBatch {
+            batch,
+            file,
+            path,
+            new_segment,
+        } = taken;
+        match self.write_batch(&batch, file, &path, new_segment, false) {
+            Ok(file) => Flushing::Written(WrittenBatch { batch, path, file }),
+            Err(error) => Flushing::Done(self.finish_flush(batch, &path, Err(error), false)),
+        }
+    }
+
+    /// Completes a batch [`Log::flush_unsynced`] wrote, once the entry WAL made it durable (or
+    /// failed to: then as if the segment's own write or fsync had failed).
+    /// `synced`: the segment's own fsync made it durable ([`WrittenBatch::sync_segment`]).
+    pub(crate) fn finish_written(
+        self: &Arc<Self>,
+        written: WrittenBatch,
+        outcome: std::result::Result<(), (FlushStage, StorageError)>,
+        synced: bool,
+    ) -> AfterFlush {
+        let WrittenBatch { batch, path, file } = written;
+        self.finish_flush(batch, &path, outcome.map(|()| file), synced)
+    }
+
+    /// The name of the log's directory under `logs/`.
+    pub(crate) fn directory_name(&self) -> &str {
+        self.directory
+            .file_name()
+            .and_then(|name| name.to_str())
+            .unwrap_or_default()
+    }
+
+    /// The flush role is this thread's (`flush_scheduled`): takes the oldest pending batch
+    /// with what writing it needs, or says what the thread does with the log instead.
+    fn take_batch(self: &Arc<Self>) -> std::result::Result<TakenBatch, AfterFlush> {
+        let (batch, file, path, new_segment) = {
             let mut state = self.lock();
             if let Some(error) = state.failure.clone() {
                 let abandoned: Vec<PendingBatch> = state.pending.drain(..).collect();
@@ -1252,13 +1365,13 @@ impl Log {
                 for batch in abandoned {
                     complete(batch.waiters, Err(error.clone()));
                 }
-                return AfterFlush::Idle;
+                return Err(AfterFlush::Idle);
             }
             let Some(batch) = state.pending.pop_front() else {
                 state.flush_scheduled = false;
                 drop(state);
                 self.flush_finished.notify_all();
-                return AfterFlush::Idle;
+                return Err(AfterFlush::Idle);
             };
             let index = state.segment_index_for_batch(&batch);
             // The segment before a new one: its file may be a recycled one, longer than its
@@ -1287,7 +1400,23 @@ impl Log {
             (batch, file, path, new_segment)
         };
 
-        let outcome = self.write_batch(&batch, file, &path, new_segment);
+        Ok(TakenBatch {
+            batch,
+            file,
+            path,
+            new_segment,
+        })
+    }
+
+    /// Writes, fsyncs (and with a remote log, commits there) a taken batch, then completes it.
+    fn flush_taken(self: &Arc<Self>, taken: TakenBatch) -> AfterFlush {
+        let TakenBatch {
+            mut batch,
+            file,
+            path,
+            new_segment,
+        } = taken;
+        let outcome = self.write_batch(&batch, file, &path, new_segment, true);
         // With a remote log the batch is durable only once every entry of it is committed
         // there too (waited for off the lock; the log's next flush waits behind this one).
         let outcome = match outcome {
@@ -1299,7 +1428,20 @@ impl Log {
             }
             outcome => outcome,
         };
+        self.finish_flush(batch, &path, outcome, true)
+    }
 
+    /// Records the outcome of a batch's flush: on success the log's durable end moves and the
+    /// batch's appends complete; on failure they fail (rolled back on a full disk, else the log
+    /// is poisoned). `synced`: the segment's fsync covered the batch (not so when the entry WAL
+    /// made it durable).
+    fn finish_flush(
+        self: &Arc<Self>,
+        batch: PendingBatch,
+        path: &Path,
+        outcome: std::result::Result<Arc<dyn IoFile>, (FlushStage, StorageError)>,
+        synced: bool,
+    ) -> AfterFlush {
         let mut state = self.lock();
         let outcome = match (outcome, state.failure.clone()) {
             // A relaxed periodic fsync failed while this batch was being written: it is not
@@ -1316,7 +1458,8 @@ impl Log {
         // Whether more is pending and the log is still this thread's to flush.
         let more = match outcome {
             Ok(file) => {
-                let fsynced = matches!(self.shared.config.flush_policy, FlushPolicy::Fsync);
+                let fsynced =
+                    synced && matches!(self.shared.config.flush_policy, FlushPolicy::Fsync);
                 if let Some(segment) = state.segment_for_batch_mut(&batch) {
                     segment.file = SegmentFile::Open(file);
                     segment.flushed_end = batch.file_offset + batch.bytes.len();
@@ -1362,7 +1505,7 @@ impl Log {
             Err((stage, error)) => {
                 let rolled_back = matches!(stage, FlushStage::Create | FlushStage::Write)
                     && matches!(error, StorageError::DiskFull { .. })
-                    && self.undo_partial_write(&batch, &path);
+                    && self.undo_partial_write(&batch, path);
                 let mut failed = vec![batch];
                 if rolled_back {
                     tracing::warn!(log = %self.name, %error, "append failed, disk full; rolled back");
@@ -1381,7 +1524,7 @@ impl Log {
                     if matches!(stage, FlushStage::Sync)
                         && matches!(self.shared.config.flush_policy, FlushPolicy::Fsync)
                     {
-                        self.cut_back_unsynced(&failed[0], &path);
+                        self.cut_back_unsynced(&failed[0], path);
                     }
                     if state.failure.is_none() {
                         state.failure = Some(self.poisoned(error.to_string()));
@@ -1422,12 +1565,15 @@ impl Log {
         }
     }
 
+    /// Writes `batch` into its segment (creating the file first if the batch starts it), and
+    /// fsyncs it if `sync` (under the `Fsync` policy).
     fn write_batch(
         &self,
         batch: &PendingBatch,
         file: Option<Arc<dyn IoFile>>,
         path: &Path,
         new_segment: NewSegment,
+        sync: bool,
     ) -> std::result::Result<Arc<dyn IoFile>, (FlushStage, StorageError)> {
         let io = self.shared.io.as_ref();
         let file = match file {
@@ -1443,6 +1589,11 @@ impl Log {
                 ) {
                     self.sync_written()
                         .map_err(|error| (FlushStage::Sync, error))?;
+                } else if self.shared.entry_wal.is_some() {
+                    // Likewise for the bytes the entry WAL made durable: its replay writes
+                    // only into a log's newest segment.
+                    self.sync_for_wal()
+                        .map_err(|error| (FlushStage::SyncPrevious, error))?;
                 }
                 // Only the newest segment may hold bytes beyond its records (a recycled file's
                 // earlier life): recovery reads an older one to its end.
@@ -1482,7 +1633,7 @@ impl Log {
         };
         file.write_all_vectored_at(&batch.bytes.slices(), batch.file_offset)
             .map_err(|error| (FlushStage::Write, StorageError::io("write", path, error)))?;
-        if matches!(self.shared.config.flush_policy, FlushPolicy::Fsync) {
+        if sync && matches!(self.shared.config.flush_policy, FlushPolicy::Fsync) {
             file.sync()
                 .map_err(|error| (FlushStage::Sync, StorageError::io("fsync", path, error)))?;
         }
@@ -1608,6 +1759,48 @@ impl Log {
                     && segment.first_entry_id == target.first_entry_id
             }) {
                 segment.synced_end = segment.synced_end.max(target.flushed_end);
+            }
+        }
+        Ok(())
+    }
+
+    /// With the entry WAL: fsyncs every segment file the log holds open, so that the WAL's
+    /// records for them are no longer needed (a checkpoint, a close, a roll). A failure poisons
+    /// the log and pins the WAL: its files stay until the next start replays them, which
+    /// restores what the failed fsync may not have written. Nothing is cut back: the appends
+    /// are durable in the WAL.
+    pub(crate) fn sync_for_wal(&self) -> Result<()> {
+        let targets: Vec<(Arc<dyn IoFile>, PathBuf, u64)> = self
+            .lock()
+            .segments
+            .iter()
+            .filter_map(|segment| {
+                Some((
+                    segment.open_file()?,
+                    segment.path.clone(),
+                    segment.flushed_end,
+                ))
+            })
+            .collect();
+        for (file, path, flushed_end) in targets {
+            if let Err(error) = file.sync() {
+                let error = StorageError::io("fsync", &path, error);
+                if let Some(wal) = &self.shared.entry_wal {
+                    wal.pin();
+                }
+                let mut state = self.lock();
+                if state.failure.is_none() {
+                    state.failure = Some(self.poisoned(error.to_string()));
+                }
+                return Err(error);
+            }
+            let mut state = self.lock();
+            if let Some(segment) = state
+                .segments
+                .iter_mut()
+                .find(|segment| segment.path == path)
+            {
+                segment.synced_end = segment.synced_end.max(flushed_end);
             }
         }
         Ok(())
@@ -2417,6 +2610,9 @@ impl Log {
         }
         let synced = match self.shared.config.flush_policy {
             FlushPolicy::RelaxedWriteOnly { .. } => self.sync_written(),
+            // The entry WAL's records for this log are needed only until its segments are
+            // fsynced: after the close, no checkpoint sees the log.
+            FlushPolicy::Fsync if self.shared.entry_wal.is_some() => self.sync_for_wal(),
             FlushPolicy::Fsync => Ok(()),
         };
         if synced.is_ok() {

@@ -98,6 +98,31 @@ impl History {
                 .push((io.operation_count(), name, index, position));
         }
     }
+
+    /// Appends `indexes` to each of `logs` in turn while the flush thread is held, so that it
+    /// finds them all waiting and flushes them together (through the entry WAL under `Fsync`).
+    fn append_together(
+        &mut self,
+        io: &SimIo,
+        storage: &Storage,
+        logs: &[(&Arc<Log>, &'static str)],
+        indexes: std::ops::Range<u64>,
+    ) {
+        storage.pause_flushes();
+        let mut appends = Vec::new();
+        for index in indexes {
+            for (log, name) in logs {
+                let append = log.append(payload(name, index), index).expect("append");
+                appends.push((*name, index, append));
+            }
+        }
+        storage.resume_flushes();
+        for (name, index, append) in appends {
+            let position = append.wait().expect("durable");
+            self.acknowledged
+                .push((io.operation_count(), name, index, position));
+        }
+    }
 }
 
 fn workload(io: &SimIo, flush_policy: FlushPolicy) -> History {
@@ -117,6 +142,13 @@ fn workload(io: &SimIo, flush_policy: FlushPolicy) -> History {
     storage.close_log("a").expect("close a");
     let a = storage.open_log("a").expect("log a again");
     a.trim().expect("trim");
+    // Two logs flushed together, across segment rolls, before and after an entry WAL
+    // checkpoint.
+    let c = storage.open_log("c").expect("log c");
+    history.append_together(io, &storage, &[(&a, "a"), (&c, "c")], 20..24);
+    storage.checkpoint_entries().expect("entry checkpoint");
+    history.append_together(io, &storage, &[(&a, "a"), (&c, "c")], 24..28);
+    drop(c);
     let b = storage.open_log("b").expect("log b");
     history.append(io, &b, "b", 0..20);
     // Deleted while the WAL holds bytes of its journal.
@@ -134,7 +166,7 @@ fn workload(io: &SimIo, flush_policy: FlushPolicy) -> History {
     history.cursor.push((io.operation_count(), consumed));
     // The WAL's bytes go into the journal, a new WAL file starts, the old one is removed.
     storage.checkpoint_cursors().expect("checkpoint");
-    history.append(io, &a, "a", 20..30);
+    history.append(io, &a, "a", 28..30);
     storage.close().expect("close");
     history
 }
@@ -145,7 +177,10 @@ fn verify(crashed: &SimIo, history: &History, crash_point: u64, flush_policy: Fl
     let storage = open(crashed, flush_policy).expect("the data directory opens");
     let names = storage.log_names().expect("log names");
     for name in &names {
-        assert!(name == "a" || name == "b", "unknown log {name:?}");
+        assert!(
+            name == "a" || name == "b" || name == "c",
+            "unknown log {name:?}"
+        );
     }
     if history
         .deleted

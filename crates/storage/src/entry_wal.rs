@@ -1,0 +1,668 @@
+//! The engine's entry write-ahead log: one file that the appends of many logs are made durable
+//! in together, so that a flush thread serving many logs at once pays one write request and one
+//! `fdatasync` for all of them instead of one of each per log (issue 16: with 100 topics the
+//! per-log fsyncs cost three times the CPU per message of one topic).
+//!
+//! A flush thread that finds several logs waiting takes them as a group: it writes each log's
+//! pending batch into its segment without an fsync, appends one WAL record per batch (the log's
+//! directory name, the segment's ledger and first entry ids, the file offset and the batch's
+//! bytes) with one vectored write, fsyncs the WAL once and completes every batch. A log alone
+//! in the queue is flushed as before: its own write and fsync.
+//!
+//! A checkpoint (once the WAL holds [`ENTRY_WAL_CHECKPOINT_BYTES`]) starts a new WAL file,
+//! fsyncs every segment file the live logs hold open and removes the older WAL files. A log
+//! fsyncs its segments when it closes and before it starts a new segment, so a WAL record is
+//! only ever needed for the newest segment of its log.
+//!
+//! At start, before any log opens, the WAL files are replayed: for each log's newest segment,
+//! the records for it, in the order they were written (a record at or before an earlier one's
+//! end supersedes it from there on: its log rolled appends back after a failed flush and wrote
+//! the same positions again), are written where the segment's valid records end. A record
+//! whose bytes the segment already holds is skipped; one whose start the segment's valid bytes
+//! cover with other bytes is stale (a failed flush's, replaced by a durable write) and skipped.
+//! See `docs/durability.md` and `docs/storage-format.md`.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use crate::error::{Result, StorageError};
+use crate::format::{self, ByteReader, ByteWriter, FileHeader, FileKind, ScanEnd, HEADER_LEN};
+use crate::io::{Io, IoFile};
+use crate::log::{AfterFlush, FlushStage, Flushing, Log, WrittenBatch};
+
+const RECORD_BATCH: u8 = 1;
+
+/// A checkpoint starts once the WAL file holds this much.
+pub(crate) const ENTRY_WAL_CHECKPOINT_BYTES: u64 = 64 << 20;
+
+/// Past this (a checkpoint that cannot keep up), groups are flushed log by log until one has
+/// retired the WAL's older files: the WAL, and what a replay reads, stays bounded.
+const ENTRY_WAL_MAX_BYTES: u64 = 4 * ENTRY_WAL_CHECKPOINT_BYTES;
+
+/// Logs a flush thread takes from the queue at once, at most.
+pub(crate) const GROUP_MAX_LOGS: usize = 64;
+
+fn wal_path(root: &Path, sequence: u64) -> PathBuf {
+    root.join(format!("entries-{sequence:020}.wal"))
+}
+
+fn parse_wal_name(name: &str) -> Option<u64> {
+    name.strip_prefix("entries-")?
+        .strip_suffix(".wal")?
+        .parse()
+        .ok()
+}
+
+/// The WAL files of an engine: the one groups append to, and older ones whose checkpoint has
+/// not finished.
+pub(crate) struct EntryWal {
+    root: PathBuf,
+    sequence: u64,
+    /// `None` if it could not be created (then `broken`).
+    file: Option<Arc<dyn IoFile>>,
+    length: u64,
+    /// Bytes in the older files still needed.
+    older_bytes: u64,
+    older: Vec<u64>,
+    /// A write or fsync failed (or the file could not be created): its tail is unknown, so
+    /// nothing more is appended to it. The next group starts a new file; until one can be
+    /// created, groups are flushed log by log.
+    broken: bool,
+    /// A segment's fsync failed after its WAL records were written (a checkpoint's, or a
+    /// close's): only the WAL holds those bytes for sure. Every WAL file is kept until the next
+    /// start replays it, and groups are flushed log by log for the rest of this run.
+    pinned: bool,
+}
+
+impl EntryWal {
+    /// Replays every WAL file under `root` into the segments, makes them durable, removes the
+    /// files and starts an empty WAL. Runs before any log is opened.
+    pub(crate) fn recover(io: &dyn Io, root: &Path) -> Result<EntryWal> {
+        let names = io
+            .list_dir(root)
+            .map_err(|error| StorageError::io("list directory", root, error))?;
+        let mut sequences: Vec<u64> = names
+            .iter()
+            .filter_map(|name| parse_wal_name(name))
+            .collect();
+        sequences.sort_unstable();
+        let mut files = Vec::with_capacity(sequences.len());
+        let mut plans: BTreeMap<SegmentKey, Vec<Planned>> = BTreeMap::new();
+        for sequence in &sequences {
+            let path = wal_path(root, *sequence);
+            let file = io
+                .open(&path)
+                .map_err(|error| StorageError::io("open", &path, error))?;
+            let length = file
+                .size()
+                .map_err(|error| StorageError::io("stat", &path, error))?;
+            match FileHeader::read(file.as_ref(), &path, FileKind::EntryWal) {
+                Ok(_) => {}
+                // Torn while being created: records are appended only after the header is
+                // durable, so it held none.
+                Err(StorageError::Corrupted { .. }) if length <= HEADER_LEN => continue,
+                Err(error) => return Err(error),
+            }
+            let index = files.len();
+            let scan =
+                format::scan_records(file.as_ref(), &path, HEADER_LEN, length, 0, |at, body| {
+                    let record = decode(body)?;
+                    let body_start = at + format::RECORD_FRAMING_LEN;
+                    let planned = Planned {
+                        start: record.offset,
+                        end: record.offset + record.bytes.len() as u64,
+                        file: index,
+                        at: body_start + (body.len() - record.bytes.len()) as u64,
+                    };
+                    plan(plans.entry(record.key).or_default(), planned);
+                    Ok(())
+                })?;
+            if let ScanEnd::Damaged { offset, reason } = scan {
+                // The unsynced end of the last write: a group whose fsync never returned (or
+                // failed), so no append relied on it.
+                tracing::warn!(path = %path.display(), offset, %reason, "ignoring the torn tail of the entry WAL");
+            }
+            files.push((path, file));
+        }
+        for (key, planned) in &plans {
+            redo(io, root, key, planned, &files)?;
+        }
+        drop(files);
+        // The new file first: a crash before the old ones are gone replays them again, which
+        // writes nothing new (the segments hold every record's bytes by then).
+        let sequence = sequences.last().map_or(1, |last| last + 1);
+        let (file, broken) = match create_wal(io, root, sequence) {
+            Ok(file) => (Some(file), false),
+            Err(StorageError::DiskFull { .. }) => {
+                tracing::warn!(root = %root.display(), "disk full: no entry WAL; logs are flushed one by one until one can be created");
+                (None, true)
+            }
+            Err(error) => return Err(error),
+        };
+        for old in sequences {
+            let path = wal_path(root, old);
+            io.remove_file(&path)
+                .map_err(|error| StorageError::io("remove", &path, error))?;
+        }
+        io.sync_dir(root)
+            .map_err(|error| StorageError::io("fsync directory", root, error))?;
+        Ok(EntryWal {
+            root: root.to_path_buf(),
+            sequence,
+            file,
+            length: HEADER_LEN,
+            older_bytes: 0,
+            older: Vec::new(),
+            broken,
+            pinned: false,
+        })
+    }
+
+    /// Whether groups can go through the WAL now (else they are flushed log by log).
+    fn usable(&mut self, io: &dyn Io) -> bool {
+        if self.pinned || self.length + self.older_bytes > ENTRY_WAL_MAX_BYTES {
+            return false;
+        }
+        if self.broken {
+            match self.rotate(io) {
+                Ok(_) => {
+                    tracing::info!(sequence = self.sequence, "entry WAL in use again");
+                    self.broken = false;
+                }
+                Err(error) => {
+                    tracing::debug!(%error, "the entry WAL cannot be started again yet");
+                    return false;
+                }
+            }
+        }
+        true
+    }
+
+    /// Appends the group's records and fsyncs: once this returns `Ok`, the batches survive a
+    /// crash. A failure breaks the file (see `broken`).
+    fn append(&mut self, group: &EncodedGroup, batches: &[(Arc<Log>, WrittenBatch)]) -> Result<()> {
+        let path = wal_path(&self.root, self.sequence);
+        let Some(file) = &self.file else {
+            self.broken = true;
+            return Err(StorageError::io(
+                "append",
+                path,
+                std::io::Error::other("no entry WAL file"),
+            ));
+        };
+        let mut parts: Vec<&[u8]> = Vec::with_capacity(batches.len() * 4);
+        for ((start, end), (_, batch)) in group.heads.iter().zip(batches) {
+            parts.push(&group.bytes[*start..*end]);
+            parts.extend(batch.slices());
+        }
+        let written = file
+            .write_all_vectored_at(&parts, self.length)
+            .map_err(|error| StorageError::io("write", &path, error))
+            .and_then(|()| {
+                file.sync()
+                    .map_err(|error| StorageError::io("fsync", &path, error))
+            });
+        match written {
+            Ok(()) => {
+                self.length += group.len;
+                Ok(())
+            }
+            Err(error) => {
+                tracing::error!(%error, "the entry WAL failed; a new WAL file is started for the next group");
+                self.broken = true;
+                Err(error)
+            }
+        }
+    }
+
+    /// Starts a new file for the groups to come; returns the sequence of the one it replaces,
+    /// which stays until [`EntryWal::retire`].
+    fn rotate(&mut self, io: &dyn Io) -> Result<u64> {
+        let file = create_wal(io, &self.root, self.sequence + 1)?;
+        let previous = self.sequence;
+        self.older.push(previous);
+        self.older_bytes += self.length;
+        self.sequence += 1;
+        self.file = Some(file);
+        self.length = HEADER_LEN;
+        Ok(previous)
+    }
+
+    /// Removes every older file up to and including `sequence` (durably): a checkpoint made
+    /// their records durable in the segments. Nothing while pinned.
+    fn retire(&mut self, io: &dyn Io, sequence: u64) -> Result<()> {
+        if self.pinned {
+            return Ok(());
+        }
+        let (done, kept): (Vec<u64>, Vec<u64>) =
+            self.older.iter().partition(|older| **older <= sequence);
+        for old in &done {
+            let path = wal_path(&self.root, *old);
+            match io.remove_file(&path) {
+                Ok(()) => {}
+                Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+                Err(error) => return Err(StorageError::io("remove", &path, error)),
+            }
+        }
+        self.older = kept;
+        if self.older.is_empty() {
+            self.older_bytes = 0;
+        }
+        io.sync_dir(&self.root)
+            .map_err(|error| StorageError::io("fsync directory", &self.root, error))
+    }
+
+    /// Keeps every WAL file until the next start, and stops using the WAL (see `pinned`).
+    pub(crate) fn pin(&mut self) {
+        if !self.pinned {
+            tracing::error!(root = %self.root.display(), "a segment's fsync failed after its entry WAL records were written: the WAL files are kept until the next start replays them, and logs are flushed one by one until then");
+        }
+        self.pinned = true;
+    }
+
+    /// Whether a checkpoint is due.
+    pub(crate) fn checkpoint_due(&self) -> bool {
+        !self.pinned && self.length > ENTRY_WAL_CHECKPOINT_BYTES
+    }
+}
+
+/// The heads of a group's WAL records (framing, then what the batch is for), each followed in
+/// the file by its batch's bytes; encoded before the WAL's lock is taken (the checksums cover
+/// every byte of the batches).
+struct EncodedGroup {
+    bytes: Vec<u8>,
+    heads: Vec<(usize, usize)>,
+    /// Bytes of the records together.
+    len: u64,
+}
+
+fn encode_group(batches: &[(Arc<Log>, WrittenBatch)]) -> EncodedGroup {
+    let mut group = EncodedGroup {
+        bytes: Vec::with_capacity(batches.len() * 64),
+        heads: Vec::with_capacity(batches.len()),
+        len: 0,
+    };
+    for (log, batch) in batches {
+        let (ledger_id, first_entry_id) = batch.segment();
+        let mut head = ByteWriter::default();
+        head.u8(RECORD_BATCH);
+        head.bytes(log.directory_name().as_bytes());
+        head.u64(ledger_id);
+        head.u64(first_entry_id);
+        head.u64(batch.file_offset());
+        let mut checksum = crc32c::crc32c(&head.bytes);
+        let mut body_len = head.bytes.len();
+        for slice in batch.slices() {
+            checksum = crc32c::crc32c_append(checksum, slice);
+            body_len += slice.len();
+        }
+        let start = group.bytes.len();
+        group
+            .bytes
+            .extend_from_slice(&format::record_framing(body_len, checksum));
+        group.bytes.extend_from_slice(&head.bytes);
+        group.heads.push((start, group.bytes.len()));
+        group.len += format::RECORD_FRAMING_LEN + body_len as u64;
+    }
+    group
+}
+
+/// The entry WAL with the batches waiting for it: flush threads hand their written batches
+/// over and go back to the flush queue; one of them at a time (the leader) writes everything
+/// handed over with one write and one fsync, completes it, and goes on while more was handed
+/// over meanwhile. So the batches written while one fsync runs share the next.
+pub(crate) struct GroupCommit {
+    wal: Mutex<EntryWal>,
+    waiting: Mutex<Waiting>,
+    /// Flush threads between taking logs from the queue and handing their batches over.
+    flushing: AtomicUsize,
+}
+
+#[derive(Default)]
+struct Waiting {
+    batches: Vec<(Arc<Log>, WrittenBatch)>,
+    /// A thread is writing and completing batches: others only add theirs.
+    leader: bool,
+}
+
+impl GroupCommit {
+    pub(crate) fn new(wal: EntryWal) -> GroupCommit {
+        GroupCommit {
+            wal: Mutex::new(wal),
+            waiting: Mutex::new(Waiting::default()),
+            flushing: AtomicUsize::new(0),
+        }
+    }
+
+    fn wal(&self) -> std::sync::MutexGuard<'_, EntryWal> {
+        self.wal
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn waiting(&self) -> std::sync::MutexGuard<'_, Waiting> {
+        self.waiting
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// See [`EntryWal::pin`].
+    pub(crate) fn pin(&self) {
+        self.wal().pin();
+    }
+
+    pub(crate) fn checkpoint_due(&self) -> bool {
+        self.wal().checkpoint_due()
+    }
+
+    /// Starts a new WAL file and returns the sequence of the previous one, for
+    /// [`GroupCommit::retire`] once every segment file the live logs hold open is fsynced.
+    pub(crate) fn start_checkpoint(&self, io: &dyn Io) -> Result<u64> {
+        self.wal().rotate(io)
+    }
+
+    /// Removes the WAL files up to `sequence` (see [`EntryWal::retire`]).
+    pub(crate) fn retire(&self, io: &dyn Io, sequence: u64) -> Result<()> {
+        self.wal().retire(io, sequence)
+    }
+
+    /// At a clean shutdown, once every log closed (and fsynced its segments): removes every
+    /// WAL file, the current one too. Nothing while pinned.
+    pub(crate) fn retire_all(&self, io: &dyn Io) -> Result<()> {
+        let mut wal = self.wal();
+        if wal.pinned {
+            return Ok(());
+        }
+        let current = wal.sequence;
+        wal.older.push(current);
+        wal.file = None;
+        wal.broken = true;
+        wal.retire(io, current)
+    }
+
+    /// Flushes `logs` (each with its flush role taken): each one's oldest pending batch is
+    /// written into its segment; then, if other flushes are under way (or several logs were
+    /// taken), the batches go to the WAL, else the one batch gets its segment's own fsync.
+    /// Logs with more pending are handed to `again`.
+    pub(crate) fn flush_group(&self, io: &dyn Io, logs: Vec<Arc<Log>>, again: &impl Fn(Arc<Log>)) {
+        let others = self.flushing.fetch_add(1, Ordering::SeqCst) > 0;
+        let mut written = Vec::with_capacity(logs.len());
+        for log in logs {
+            match log.flush_unsynced() {
+                Flushing::Done(AfterFlush::Again) => again(log),
+                Flushing::Done(AfterFlush::Idle) => {}
+                Flushing::Written(batch) => written.push((log, batch)),
+            }
+        }
+        let mut waiting = self.waiting();
+        if written.len() == 1 && !others && !waiting.leader && waiting.batches.is_empty() {
+            // Alone: the segment's own fsync costs what the WAL's would, without writing the
+            // bytes twice. Still counted in `flushing`, so that a flush starting meanwhile
+            // goes to the WAL, where the next ones can join it.
+            drop(waiting);
+            let (log, batch) = written.pop().expect("one batch");
+            let synced = batch.sync_segment();
+            let after = log.finish_written(batch, synced, true);
+            self.flushing.fetch_sub(1, Ordering::SeqCst);
+            if after == AfterFlush::Again {
+                again(log);
+            }
+            return;
+        }
+        waiting.batches.append(&mut written);
+        let lead = !waiting.batches.is_empty() && !std::mem::replace(&mut waiting.leader, true);
+        drop(waiting);
+        self.flushing.fetch_sub(1, Ordering::SeqCst);
+        if lead {
+            self.lead(io, again);
+        }
+    }
+
+    /// Writes and completes the batches handed over until none is left.
+    fn lead(&self, io: &dyn Io, again: &impl Fn(Arc<Log>)) {
+        loop {
+            let batches = {
+                let mut waiting = self.waiting();
+                if waiting.batches.is_empty() {
+                    waiting.leader = false;
+                    return;
+                }
+                std::mem::take(&mut waiting.batches)
+            };
+            let encoded = encode_group(&batches);
+            let outcome = {
+                let mut wal = self.wal();
+                if wal.usable(io) {
+                    Some(wal.append(&encoded, &batches).map_err(|error| {
+                        let stage = match error {
+                            StorageError::DiskFull { .. } => FlushStage::Write,
+                            _ => FlushStage::Sync,
+                        };
+                        (stage, error)
+                    }))
+                } else {
+                    None
+                }
+            };
+            for (log, batch) in batches {
+                let after = match &outcome {
+                    Some(outcome) => log.finish_written(batch, outcome.clone(), false),
+                    // No WAL to use: each segment's own fsync.
+                    None => {
+                        let synced = batch.sync_segment();
+                        log.finish_written(batch, synced, true)
+                    }
+                };
+                if after == AfterFlush::Again {
+                    again(log);
+                }
+            }
+        }
+    }
+}
+
+fn create_wal(io: &dyn Io, root: &Path, sequence: u64) -> Result<Arc<dyn IoFile>> {
+    let path = wal_path(root, sequence);
+    if io.exists(&path) {
+        io.remove_file(&path)
+            .map_err(|error| StorageError::io("remove", &path, error))?;
+    }
+    let header = FileHeader {
+        kind: FileKind::EntryWal,
+        fields: [0; 5],
+        salt: 0,
+    };
+    format::create_file(io, &path, header)
+}
+
+/// The segment a record is for: the log's directory name, the ledger id and the first entry id.
+type SegmentKey = (String, u64, u64);
+
+struct Decoded<'a> {
+    key: SegmentKey,
+    offset: u64,
+    bytes: &'a [u8],
+}
+
+fn decode(body: &[u8]) -> std::result::Result<Decoded<'_>, String> {
+    let mut reader = ByteReader::new(body);
+    let kind = reader.u8()?;
+    if kind != RECORD_BATCH {
+        return Err(format!("unknown entry WAL record kind {kind}"));
+    }
+    let directory =
+        String::from_utf8(reader.bytes()?.to_vec()).map_err(|_| "directory name is not UTF-8")?;
+    let ledger_id = reader.u64()?;
+    let first_entry_id = reader.u64()?;
+    let offset = reader.u64()?;
+    Ok(Decoded {
+        key: (directory, ledger_id, first_entry_id),
+        offset,
+        bytes: reader.rest(),
+    })
+}
+
+/// A record's bytes for one segment: `[start, end)` of the segment file, found at `at` in the
+/// WAL file `file`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Planned {
+    start: u64,
+    end: u64,
+    file: usize,
+    at: u64,
+}
+
+/// Adds a record to a segment's plan: it supersedes what earlier records said from its start
+/// on (their log rolled those appends back and wrote the positions again).
+fn plan(planned: &mut Vec<Planned>, record: Planned) {
+    planned.retain(|earlier| earlier.start < record.start);
+    if let Some(last) = planned.last_mut() {
+        last.end = last.end.min(record.start);
+    }
+    planned.push(record);
+}
+
+/// Writes a segment's planned records where its valid records end, and fsyncs it. Only the
+/// newest segment of a log is written to: an older one was fsynced before its successor was
+/// started, and one that is gone was trimmed, or its log deleted.
+fn redo(
+    io: &dyn Io,
+    root: &Path,
+    key: &SegmentKey,
+    planned: &[Planned],
+    files: &[(PathBuf, Arc<dyn IoFile>)],
+) -> Result<()> {
+    let (directory_name, ledger_id, first_entry_id) = key;
+    let directory = root.join("logs").join(directory_name);
+    if !io.exists(&directory) {
+        return Ok(());
+    }
+    let names = io
+        .list_dir(&directory)
+        .map_err(|error| StorageError::io("list directory", &directory, error))?;
+    let newest = names
+        .iter()
+        .filter_map(|name| crate::log::parse_segment_file_name(name))
+        .max();
+    if newest != Some((*ledger_id, *first_entry_id)) {
+        return Ok(());
+    }
+    let path = directory.join(crate::log::segment_file_name(*ledger_id, *first_entry_id));
+    let segment = io
+        .open(&path)
+        .map_err(|error| StorageError::io("open", &path, error))?;
+    let header = match FileHeader::read(segment.as_ref(), &path, FileKind::Segment) {
+        Ok(header) => header,
+        // Torn while being created: no batch was written into it (recovery removes it).
+        Err(StorageError::Corrupted { .. }) => return Ok(()),
+        Err(error) => return Err(error),
+    };
+    let Some(first) = planned.first() else {
+        return Ok(());
+    };
+    let length = segment
+        .size()
+        .map_err(|error| StorageError::io("stat", &path, error))?;
+    if first.start > length {
+        // Everything before a record's start was durable before it was written.
+        return Err(StorageError::corrupted(
+            &path,
+            length,
+            format!(
+                "the entry WAL holds bytes for offset {} of this segment, which ends at {length}",
+                first.start
+            ),
+        ));
+    }
+    // Where the segment's valid records end, from the first record's start on (a batch starts
+    // where a record does).
+    let mut valid_end = match format::scan_records(
+        segment.as_ref(),
+        &path,
+        first.start,
+        length,
+        header.salt,
+        |_, _| Ok(()),
+    )? {
+        ScanEnd::Clean => length,
+        ScanEnd::Damaged { offset, .. } => offset,
+    };
+    let mut wrote = false;
+    for record in planned {
+        if record.end <= valid_end {
+            // The segment holds it (or durable bytes that replaced it).
+            continue;
+        }
+        if record.start > valid_end {
+            return Err(StorageError::corrupted(
+                &path,
+                valid_end,
+                format!(
+                    "the entry WAL's bytes for this segment start at {}, after where its records end",
+                    record.start
+                ),
+            ));
+        }
+        let (wal_path, wal) = &files[record.file];
+        let mut bytes = vec![0u8; (record.end - record.start) as usize];
+        wal.read_exact_at(&mut bytes, record.at)
+            .map_err(|error| StorageError::io("read", wal_path, error))?;
+        // The segment's valid bytes from the record's start on must be the record's own (the
+        // part of the batch that reached the disk); other bytes replaced a failed flush's.
+        let held = (valid_end - record.start) as usize;
+        if held > 0 {
+            let mut existing = vec![0u8; held];
+            segment
+                .read_exact_at(&mut existing, record.start)
+                .map_err(|error| StorageError::io("read", &path, error))?;
+            if existing != bytes[..held] {
+                continue;
+            }
+        }
+        segment
+            .write_all_at(&bytes[held..], valid_end)
+            .map_err(|error| StorageError::io("write", &path, error))?;
+        valid_end = record.end;
+        wrote = true;
+    }
+    if wrote {
+        tracing::info!(path = %path.display(), "restored appends from the entry WAL");
+        segment
+            .sync()
+            .map_err(|error| StorageError::io("fsync", &path, error))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(start: u64, end: u64) -> Planned {
+        Planned {
+            start,
+            end,
+            file: 0,
+            at: 0,
+        }
+    }
+
+    #[test]
+    fn a_record_supersedes_earlier_ones_from_its_start_on() {
+        let mut planned = Vec::new();
+        plan(&mut planned, record(64, 100));
+        plan(&mut planned, record(100, 150));
+        plan(&mut planned, record(150, 200));
+        // Rolled back to 100 and written again, shorter.
+        plan(&mut planned, record(100, 120));
+        assert_eq!(planned, vec![record(64, 100), record(100, 120)]);
+        // Rolled back into the middle of a record's span is cut there.
+        plan(&mut planned, record(110, 130));
+        assert_eq!(
+            planned,
+            vec![record(64, 100), record(100, 110), record(110, 130)]
+        );
+    }
+}
