@@ -316,8 +316,8 @@ fn encode_group(batches: &[(Arc<Log>, WrittenBatch)]) -> EncodedGroup {
 pub(crate) struct GroupCommit {
     wal: Mutex<EntryWal>,
     waiting: Mutex<Waiting>,
-    /// Flush threads between taking logs from the queue and handing their batches over.
-    flushing: AtomicUsize,
+    /// Segment fsyncs of lone batches under way (see [`GroupCommit::flush_group`]).
+    syncing: AtomicUsize,
 }
 
 #[derive(Default)]
@@ -332,7 +332,7 @@ impl GroupCommit {
         GroupCommit {
             wal: Mutex::new(wal),
             waiting: Mutex::new(Waiting::default()),
-            flushing: AtomicUsize::new(0),
+            syncing: AtomicUsize::new(0),
         }
     }
 
@@ -383,11 +383,11 @@ impl GroupCommit {
     }
 
     /// Flushes `logs` (each with its flush role taken): each one's oldest pending batch is
-    /// written into its segment; then, if other flushes are under way (or several logs were
-    /// taken), the batches go to the WAL, else the one batch gets its segment's own fsync.
+    /// written into its segment; then a lone batch gets its segment's own fsync if no other
+    /// fsync is under way (it costs what the WAL's would, without writing the bytes twice),
+    /// and otherwise the batches go to the WAL, where the ones written meanwhile join them.
     /// Logs with more pending are handed to `again`.
     pub(crate) fn flush_group(&self, io: &dyn Io, logs: Vec<Arc<Log>>, again: &impl Fn(Arc<Log>)) {
-        let others = self.flushing.fetch_add(1, Ordering::SeqCst) > 0;
         let mut written = Vec::with_capacity(logs.len());
         for log in logs {
             match log.flush_unsynced() {
@@ -397,16 +397,20 @@ impl GroupCommit {
             }
         }
         let mut waiting = self.waiting();
-        if written.len() == 1 && !others && !waiting.leader && waiting.batches.is_empty() {
-            // Alone: the segment's own fsync costs what the WAL's would, without writing the
-            // bytes twice. Still counted in `flushing`, so that a flush starting meanwhile
-            // goes to the WAL, where the next ones can join it.
+        let alone = written.len() == 1
+            && !waiting.leader
+            && waiting.batches.is_empty()
+            && self.syncing.load(Ordering::SeqCst) == 0;
+        if alone {
+            // Counted before the lock is released, so that a flush deciding meanwhile goes to
+            // the WAL. Not counted while the appends complete: a log appended to one batch at
+            // a time takes the same path every time.
+            self.syncing.fetch_add(1, Ordering::SeqCst);
             drop(waiting);
             let (log, batch) = written.pop().expect("one batch");
             let synced = batch.sync_segment();
-            let after = log.finish_written(batch, synced, true);
-            self.flushing.fetch_sub(1, Ordering::SeqCst);
-            if after == AfterFlush::Again {
+            self.syncing.fetch_sub(1, Ordering::SeqCst);
+            if log.finish_written(batch, synced, true) == AfterFlush::Again {
                 again(log);
             }
             return;
@@ -414,7 +418,6 @@ impl GroupCommit {
         waiting.batches.append(&mut written);
         let lead = !waiting.batches.is_empty() && !std::mem::replace(&mut waiting.leader, true);
         drop(waiting);
-        self.flushing.fetch_sub(1, Ordering::SeqCst);
         if lead {
             self.lead(io, again);
         }

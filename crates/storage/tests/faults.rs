@@ -479,12 +479,12 @@ fn a_log_keeps_one_segment_file_open_however_many_segments_it_retains() {
         "{} segments",
         log.stats().segments
     );
-    // The engine's cursor WAL, and the log's active segment.
-    assert_eq!(io.open_files(), 2, "only the active segment is open");
+    // The engine's cursor WAL and entry WAL, and the log's active segment.
+    assert_eq!(io.open_files(), 3, "only the active segment is open");
     check_history(&read_everything(&storage), &acknowledged);
     assert_eq!(
         io.open_files(),
-        2,
+        3,
         "files opened for reading are closed again"
     );
     storage.close().expect("close");
@@ -492,7 +492,7 @@ fn a_log_keeps_one_segment_file_open_however_many_segments_it_retains() {
 
     let storage = open(&io);
     check_history(&read_everything(&storage), &acknowledged);
-    assert_eq!(io.open_files(), 2, "after recovery too");
+    assert_eq!(io.open_files(), 3, "after recovery too");
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -121,10 +121,13 @@ fn close_within(storage: Storage) {
 }
 
 fn gated(flush_threads: usize) -> (SimIo, Arc<GatedIo>, Engine) {
+    gated_with(config(flush_threads))
+}
+
+fn gated_with(config: StorageConfig) -> (SimIo, Arc<GatedIo>, Engine) {
     let sim = SimIo::new();
     let io = GatedIo::new(sim.clone());
-    let storage =
-        Storage::open_with_io("/data", config(flush_threads), io.clone()).expect("open storage");
+    let storage = Storage::open_with_io("/data", config, io.clone()).expect("open storage");
     (sim, io, Engine::new(storage))
 }
 
@@ -172,7 +175,12 @@ fn a_batch_appended_during_the_fsync_of_the_previous_one_is_flushed_with_any_thr
 /// took the busy log again before the quiet one, the quiet log's append would wait for it.
 #[test]
 fn a_busy_log_requeued_quietly_still_lets_the_waiting_log_flush_first() {
-    let (_sim, io, storage) = gated(1);
+    // Each log with its own fsync, as without the entry WAL: with it, the thread takes both
+    // logs at once and one WAL fsync makes both batches durable (`tests/entry_wal.rs`).
+    let (_sim, io, storage) = gated_with(StorageConfig {
+        entry_wal: false,
+        ..config(1)
+    });
     let busy = storage.open_log("busy").expect("busy log");
     let quiet = storage.open_log("quiet").expect("quiet log");
     // The segment files exist: from now on each batch is one write and one fsync.
