@@ -19,6 +19,7 @@ use crate::cursor::UnwrittenJournalBytes;
 use crate::error::{Result, StorageError};
 use crate::format::{self, ByteReader, ByteWriter, FileHeader, FileKind, ScanEnd, HEADER_LEN};
 use crate::io::{Io, IoFile};
+use crate::wal_files::{ReplayFile, WalFiles};
 
 const RECORD_JOURNAL_BYTES: u8 = 1;
 
@@ -65,15 +66,13 @@ impl WalRecord {
     }
 }
 
-fn wal_path(root: &Path, sequence: u64) -> PathBuf {
-    root.join(format!("cursors-{sequence:020}.wal"))
-}
+const FILES: WalFiles = WalFiles {
+    prefix: "cursors",
+    kind: FileKind::CursorWal,
+};
 
-fn parse_wal_name(name: &str) -> Option<u64> {
-    name.strip_prefix("cursors-")?
-        .strip_suffix(".wal")?
-        .parse()
-        .ok()
+fn wal_path(root: &Path, sequence: u64) -> PathBuf {
+    FILES.path(root, sequence)
 }
 
 /// The WAL files of an engine: the one passes append to, and older ones whose checkpoint has
@@ -103,34 +102,16 @@ impl CursorWal {
     /// Replays every WAL file under `root` into the journals, makes them durable, and starts
     /// an empty WAL. Runs before any log is opened.
     pub(crate) fn recover(io: &dyn Io, root: &Path) -> Result<CursorWal> {
-        let names = io
-            .list_dir(root)
-            .map_err(|error| StorageError::io("list directory", root, error))?;
-        let mut sequences: Vec<u64> = names
-            .iter()
-            .filter_map(|name| parse_wal_name(name))
-            .collect();
-        sequences.sort_unstable();
+        let sequences = FILES.sequences(io, root)?;
         let mut touched: BTreeMap<PathBuf, (Arc<dyn IoFile>, u64)> = BTreeMap::new();
         // Directories of journals whose bytes were skipped because another generation is
         // under the name (see `redo`).
         let mut superseded: BTreeSet<PathBuf> = BTreeSet::new();
         let mut unwritten: BTreeMap<PathBuf, UnwrittenJournalBytes> = BTreeMap::new();
         for sequence in &sequences {
-            let path = wal_path(root, *sequence);
-            let file = io
-                .open(&path)
-                .map_err(|error| StorageError::io("open", &path, error))?;
-            let length = file
-                .size()
-                .map_err(|error| StorageError::io("stat", &path, error))?;
-            match FileHeader::read(file.as_ref(), &path, FileKind::CursorWal) {
-                Ok(_) => {}
-                // Torn while being created: records are appended only after the header is
-                // durable, so it held none.
-                Err(StorageError::Corrupted { .. }) if length <= HEADER_LEN => continue,
-                Err(error) => return Err(error),
-            }
+            let Some(ReplayFile { path, file, length }) = FILES.open(io, root, *sequence)? else {
+                continue;
+            };
             let mut records = Vec::new();
             let scan =
                 format::scan_records(file.as_ref(), &path, HEADER_LEN, length, 0, |_, body| {
@@ -161,8 +142,8 @@ impl CursorWal {
         // The new file first: a crash before the old ones are gone replays them again, which
         // writes the same bytes again.
         let sequence = sequences.last().map_or(1, |last| last + 1);
-        let (file, length, broken) = match create_wal(io, root, sequence) {
-            Ok((file, length)) => (Some(file), length, false),
+        let (file, length, broken) = match FILES.create(io, root, sequence) {
+            Ok(file) => (Some(file), HEADER_LEN, false),
             Err(StorageError::DiskFull { .. }) => {
                 // Cursors are then persisted journal by journal (their appends fail until
                 // there is space, and are retried); the engine still opens.
@@ -171,20 +152,14 @@ impl CursorWal {
             }
             Err(error) => return Err(error),
         };
-        let pinned = if unwritten.is_empty() {
-            for old in sequences {
-                let path = wal_path(root, old);
-                io.remove_file(&path)
-                    .map_err(|error| StorageError::io("remove", &path, error))?;
-            }
-            0
+        let (removed, pinned): (&[u64], u64) = if unwritten.is_empty() {
+            (&sequences, 0)
         } else {
             // A full disk: some journals lack bytes only these files hold.
             tracing::warn!(journals = unwritten.len(), "disk full: cursor WAL bytes not written into their journals yet; the logs concerned open once there is space");
-            sequences.last().copied().unwrap_or(0)
+            (&[], sequences.last().copied().unwrap_or(0))
         };
-        io.sync_dir(root)
-            .map_err(|error| StorageError::io("fsync directory", root, error))?;
+        FILES.remove(io, root, removed)?;
         Ok(CursorWal {
             root: root.to_path_buf(),
             sequence,
@@ -225,14 +200,7 @@ impl CursorWal {
                 std::io::Error::other("no cursor WAL file"),
             ));
         };
-        let written = file
-            .write_all_at(&bytes, self.length)
-            .map_err(|error| StorageError::io("write", &path, error))
-            .and_then(|()| {
-                file.sync()
-                    .map_err(|error| StorageError::io("fsync", &path, error))
-            });
-        match written {
+        match WalFiles::append(file.as_ref(), &path, &[&bytes], self.length) {
             Ok(()) => {
                 self.length += bytes.len() as u64;
                 Ok(())
@@ -248,7 +216,8 @@ impl CursorWal {
     /// Starts a new file for the passes to come; returns the sequence of the one it replaces,
     /// which stays until [`CursorWal::retire`] (after the journals were made durable).
     pub(crate) fn rotate(&mut self, io: &dyn Io) -> Result<u64> {
-        let (file, length) = create_wal(io, &self.root, self.sequence + 1)?;
+        let file = FILES.create(io, &self.root, self.sequence + 1)?;
+        let length = HEADER_LEN;
         let previous = self.sequence;
         self.older.push(previous);
         self.sequence += 1;
@@ -287,33 +256,11 @@ impl CursorWal {
             .older
             .iter()
             .partition(|older| **older <= sequence && **older > pinned);
-        for old in &done {
-            let path = wal_path(&self.root, *old);
-            match io.remove_file(&path) {
-                Ok(()) => {}
-                // Never created (a full disk at start).
-                Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
-                Err(error) => return Err(StorageError::io("remove", &path, error)),
-            }
-        }
+        // (One never created: a full disk at start.)
+        FILES.remove(io, &self.root, &done)?;
         self.older = kept;
-        io.sync_dir(&self.root)
-            .map_err(|error| StorageError::io("fsync directory", &self.root, error))
+        Ok(())
     }
-}
-
-fn create_wal(io: &dyn Io, root: &Path, sequence: u64) -> Result<(Arc<dyn IoFile>, u64)> {
-    let path = wal_path(root, sequence);
-    if io.exists(&path) {
-        io.remove_file(&path)
-            .map_err(|error| StorageError::io("remove", &path, error))?;
-    }
-    let header = FileHeader {
-        kind: FileKind::CursorWal,
-        fields: [0; 5],
-        salt: 0,
-    };
-    Ok((format::create_file(io, &path, header)?, HEADER_LEN))
 }
 
 /// Journals a replay holds open at once, at most.

@@ -823,7 +823,8 @@ fn persist_each(logs: &[&Arc<Log>]) {
     });
 }
 
-/// Starts a checkpoint in the background once the WAL is large enough and none is running.
+/// Starts a cursor WAL checkpoint in the background once the WAL is large enough and none is
+/// running.
 fn start_checkpoint_if_due(inner: &Arc<Inner>) {
     let due = inner
         .shared
@@ -832,32 +833,11 @@ fn start_checkpoint_if_due(inner: &Arc<Inner>) {
         .unwrap_or_else(|poisoned| poisoned.into_inner())
         .length()
         > CURSOR_WAL_CHECKPOINT_BYTES;
-    if !due {
-        return;
-    }
-    let mut checkpoint = inner
-        .checkpoint
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner());
-    if checkpoint
-        .as_ref()
-        .is_some_and(|running| !running.is_finished())
-    {
-        return;
-    }
-    if let Some(finished) = checkpoint.take() {
-        let _ = finished.join();
-    }
-    let checkpoint_inner = inner.clone();
-    match std::thread::Builder::new()
-        .name("meridian-storage-checkpoint".into())
-        .spawn(move || {
-            if let Err(error) = checkpoint_cursors(&checkpoint_inner) {
-                tracing::error!(%error, "cursor WAL checkpoint failed; will retry");
-            }
-        }) {
-        Ok(thread) => *checkpoint = Some(thread),
-        Err(error) => tracing::error!(%error, "could not start the cursor WAL checkpoint"),
+    if due {
+        let checkpoint_inner = inner.clone();
+        start_in_background(&inner.checkpoint, "cursor WAL checkpoint", move || {
+            checkpoint_cursors(&checkpoint_inner)
+        });
     }
 }
 
@@ -865,36 +845,41 @@ fn start_checkpoint_if_due(inner: &Arc<Inner>) {
 /// running: groups from then on go to a new WAL file, every segment file the live logs hold
 /// open is fsynced, and the older WAL files are removed.
 fn start_entry_checkpoint_if_due(inner: &Arc<Inner>) {
-    let Some(wal) = &inner.shared.entry_wal else {
-        return;
-    };
-    let due = wal.checkpoint_due();
-    if !due {
-        return;
-    }
-    let mut checkpoint = inner
-        .entry_checkpoint
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner());
-    if checkpoint
+    if inner
+        .shared
+        .entry_wal
         .as_ref()
-        .is_some_and(|running| !running.is_finished())
+        .is_some_and(GroupCommit::checkpoint_due)
     {
+        let shared = inner.shared.clone();
+        start_in_background(&inner.entry_checkpoint, "entry WAL checkpoint", move || {
+            checkpoint_entries(&shared)
+        });
+    }
+}
+
+/// Runs `work` on a thread of its own, kept in `slot`, unless the one there still runs (an
+/// error is logged; the next call tries again).
+fn start_in_background(
+    slot: &Mutex<Option<JoinHandle<()>>>,
+    what: &'static str,
+    work: impl FnOnce() -> Result<()> + Send + 'static,
+) {
+    let mut running = slot.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    if running.as_ref().is_some_and(|thread| !thread.is_finished()) {
         return;
     }
-    if let Some(finished) = checkpoint.take() {
+    if let Some(finished) = running.take() {
         let _ = finished.join();
     }
-    let shared = inner.shared.clone();
-    match std::thread::Builder::new()
-        .name("meridian-storage-entry-checkpoint".into())
-        .spawn(move || {
-            if let Err(error) = checkpoint_entries(&shared) {
-                tracing::error!(%error, "entry WAL checkpoint failed; will retry");
-            }
-        }) {
-        Ok(thread) => *checkpoint = Some(thread),
-        Err(error) => tracing::error!(%error, "could not start the entry WAL checkpoint"),
+    let name = format!("meridian-storage-{}", what.replace(' ', "-").to_lowercase());
+    match std::thread::Builder::new().name(name).spawn(move || {
+        if let Err(error) = work() {
+            tracing::error!(%error, "{what} failed; will retry");
+        }
+    }) {
+        Ok(thread) => *running = Some(thread),
+        Err(error) => tracing::error!(%error, "could not start the {what}"),
     }
 }
 

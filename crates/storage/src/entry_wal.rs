@@ -31,6 +31,7 @@ use crate::error::{Result, StorageError};
 use crate::format::{self, ByteReader, ByteWriter, FileHeader, FileKind, ScanEnd, HEADER_LEN};
 use crate::io::{Io, IoFile};
 use crate::log::{AfterFlush, FlushStage, Flushing, Log, WrittenBatch};
+use crate::wal_files::{ReplayFile, WalFiles};
 
 const RECORD_BATCH: u8 = 1;
 
@@ -44,16 +45,10 @@ const ENTRY_WAL_MAX_BYTES: u64 = 4 * ENTRY_WAL_CHECKPOINT_BYTES;
 /// Logs a flush thread takes from the queue at once, at most.
 pub(crate) const GROUP_MAX_LOGS: usize = 64;
 
-fn wal_path(root: &Path, sequence: u64) -> PathBuf {
-    root.join(format!("entries-{sequence:020}.wal"))
-}
-
-fn parse_wal_name(name: &str) -> Option<u64> {
-    name.strip_prefix("entries-")?
-        .strip_suffix(".wal")?
-        .parse()
-        .ok()
-}
+const FILES: WalFiles = WalFiles {
+    prefix: "entries",
+    kind: FileKind::EntryWal,
+};
 
 /// The WAL files of an engine: the one groups append to, and older ones whose checkpoint has
 /// not finished.
@@ -80,31 +75,13 @@ impl EntryWal {
     /// Replays every WAL file under `root` into the segments, makes them durable, removes the
     /// files and starts an empty WAL. Runs before any log is opened.
     pub(crate) fn recover(io: &dyn Io, root: &Path) -> Result<EntryWal> {
-        let names = io
-            .list_dir(root)
-            .map_err(|error| StorageError::io("list directory", root, error))?;
-        let mut sequences: Vec<u64> = names
-            .iter()
-            .filter_map(|name| parse_wal_name(name))
-            .collect();
-        sequences.sort_unstable();
+        let sequences = FILES.sequences(io, root)?;
         let mut files = Vec::with_capacity(sequences.len());
         let mut plans: BTreeMap<SegmentKey, Vec<Planned>> = BTreeMap::new();
         for sequence in &sequences {
-            let path = wal_path(root, *sequence);
-            let file = io
-                .open(&path)
-                .map_err(|error| StorageError::io("open", &path, error))?;
-            let length = file
-                .size()
-                .map_err(|error| StorageError::io("stat", &path, error))?;
-            match FileHeader::read(file.as_ref(), &path, FileKind::EntryWal) {
-                Ok(_) => {}
-                // Torn while being created: records are appended only after the header is
-                // durable, so it held none.
-                Err(StorageError::Corrupted { .. }) if length <= HEADER_LEN => continue,
-                Err(error) => return Err(error),
-            }
+            let Some(ReplayFile { path, file, length }) = FILES.open(io, root, *sequence)? else {
+                continue;
+            };
             let index = files.len();
             let scan =
                 format::scan_records(file.as_ref(), &path, HEADER_LEN, length, 0, |at, body| {
@@ -133,7 +110,7 @@ impl EntryWal {
         // The new file first: a crash before the old ones are gone replays them again, which
         // writes nothing new (the segments hold every record's bytes by then).
         let sequence = sequences.last().map_or(1, |last| last + 1);
-        let (file, broken) = match create_wal(io, root, sequence) {
+        let (file, broken) = match FILES.create(io, root, sequence) {
             Ok(file) => (Some(file), false),
             Err(StorageError::DiskFull { .. }) => {
                 tracing::warn!(root = %root.display(), "disk full: no entry WAL; logs are flushed one by one until one can be created");
@@ -141,13 +118,7 @@ impl EntryWal {
             }
             Err(error) => return Err(error),
         };
-        for old in sequences {
-            let path = wal_path(root, old);
-            io.remove_file(&path)
-                .map_err(|error| StorageError::io("remove", &path, error))?;
-        }
-        io.sync_dir(root)
-            .map_err(|error| StorageError::io("fsync directory", root, error))?;
+        FILES.remove(io, root, &sequences)?;
         Ok(EntryWal {
             root: root.to_path_buf(),
             sequence,
@@ -183,7 +154,7 @@ impl EntryWal {
     /// Appends the group's records and fsyncs: once this returns `Ok`, the batches survive a
     /// crash. A failure breaks the file (see `broken`).
     fn append(&mut self, group: &EncodedGroup, batches: &[(Arc<Log>, WrittenBatch)]) -> Result<()> {
-        let path = wal_path(&self.root, self.sequence);
+        let path = FILES.path(&self.root, self.sequence);
         let Some(file) = &self.file else {
             self.broken = true;
             return Err(StorageError::io(
@@ -197,14 +168,7 @@ impl EntryWal {
             parts.push(&group.bytes[*start..*end]);
             parts.extend(batch.slices());
         }
-        let written = file
-            .write_all_vectored_at(&parts, self.length)
-            .map_err(|error| StorageError::io("write", &path, error))
-            .and_then(|()| {
-                file.sync()
-                    .map_err(|error| StorageError::io("fsync", &path, error))
-            });
-        match written {
+        match WalFiles::append(file.as_ref(), &path, &parts, self.length) {
             Ok(()) => {
                 self.length += group.len;
                 Ok(())
@@ -220,7 +184,7 @@ impl EntryWal {
     /// Starts a new file for the groups to come; returns the sequence of the one it replaces,
     /// which stays until [`EntryWal::retire`].
     fn rotate(&mut self, io: &dyn Io) -> Result<u64> {
-        let file = create_wal(io, &self.root, self.sequence + 1)?;
+        let file = FILES.create(io, &self.root, self.sequence + 1)?;
         let previous = self.sequence;
         self.older.push(previous);
         self.older_bytes += self.length;
@@ -238,20 +202,12 @@ impl EntryWal {
         }
         let (done, kept): (Vec<u64>, Vec<u64>) =
             self.older.iter().partition(|older| **older <= sequence);
-        for old in &done {
-            let path = wal_path(&self.root, *old);
-            match io.remove_file(&path) {
-                Ok(()) => {}
-                Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
-                Err(error) => return Err(StorageError::io("remove", &path, error)),
-            }
-        }
+        FILES.remove(io, &self.root, &done)?;
         self.older = kept;
         if self.older.is_empty() {
             self.older_bytes = 0;
         }
-        io.sync_dir(&self.root)
-            .map_err(|error| StorageError::io("fsync directory", &self.root, error))
+        Ok(())
     }
 
     /// Keeps every WAL file until the next start, and stops using the WAL (see `pinned`).
@@ -464,20 +420,6 @@ impl GroupCommit {
             }
         }
     }
-}
-
-fn create_wal(io: &dyn Io, root: &Path, sequence: u64) -> Result<Arc<dyn IoFile>> {
-    let path = wal_path(root, sequence);
-    if io.exists(&path) {
-        io.remove_file(&path)
-            .map_err(|error| StorageError::io("remove", &path, error))?;
-    }
-    let header = FileHeader {
-        kind: FileKind::EntryWal,
-        fields: [0; 5],
-        salt: 0,
-    };
-    format::create_file(io, &path, header)
 }
 
 /// The segment a record is for: the log's directory name, the ledger id and the first entry id.

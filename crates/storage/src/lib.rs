@@ -34,6 +34,7 @@ mod position;
 pub mod range_set;
 pub mod remote;
 mod sim;
+mod wal_files;
 
 pub use config::{FlushPolicy, Retention, StorageConfig};
 pub use cursor::{ChangeKind, CursorState, InitialPosition};

@@ -1,0 +1,113 @@
+//! What the engine's two write-ahead logs (cursors, entries) share about their files: each is a
+//! series `<root>/<prefix>-<20-digit sequence>.wal` of files with a header of their kind,
+//! replayed in sequence order at start, removed once what they hold is durable elsewhere.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::error::{Result, StorageError};
+use crate::format::{self, FileHeader, FileKind, HEADER_LEN};
+use crate::io::{Io, IoFile};
+
+/// The files of one write-ahead log.
+#[derive(Clone, Copy)]
+pub(crate) struct WalFiles {
+    pub(crate) prefix: &'static str,
+    pub(crate) kind: FileKind,
+}
+
+/// A WAL file opened for replay.
+pub(crate) struct ReplayFile {
+    pub(crate) path: PathBuf,
+    pub(crate) file: Arc<dyn IoFile>,
+    pub(crate) length: u64,
+}
+
+impl WalFiles {
+    pub(crate) fn path(self, root: &Path, sequence: u64) -> PathBuf {
+        root.join(format!("{}-{sequence:020}.wal", self.prefix))
+    }
+
+    fn parse(self, name: &str) -> Option<u64> {
+        name.strip_prefix(self.prefix)?
+            .strip_prefix('-')?
+            .strip_suffix(".wal")?
+            .parse()
+            .ok()
+    }
+
+    /// The sequences of the files under `root`, oldest first.
+    pub(crate) fn sequences(self, io: &dyn Io, root: &Path) -> Result<Vec<u64>> {
+        let names = io
+            .list_dir(root)
+            .map_err(|error| StorageError::io("list directory", root, error))?;
+        let mut sequences: Vec<u64> = names.iter().filter_map(|name| self.parse(name)).collect();
+        sequences.sort_unstable();
+        Ok(sequences)
+    }
+
+    /// Opens file `sequence` for replay; `None` if it was torn while being created (records
+    /// are appended only after the header is durable, so it held none).
+    pub(crate) fn open(
+        self,
+        io: &dyn Io,
+        root: &Path,
+        sequence: u64,
+    ) -> Result<Option<ReplayFile>> {
+        let path = self.path(root, sequence);
+        let file = io
+            .open(&path)
+            .map_err(|error| StorageError::io("open", &path, error))?;
+        let length = file
+            .size()
+            .map_err(|error| StorageError::io("stat", &path, error))?;
+        match FileHeader::read(file.as_ref(), &path, self.kind) {
+            Ok(_) => Ok(Some(ReplayFile { path, file, length })),
+            Err(StorageError::Corrupted { .. }) if length <= HEADER_LEN => Ok(None),
+            Err(error) => Err(error),
+        }
+    }
+
+    /// Creates file `sequence` (replacing a leftover one) with its header, durably.
+    pub(crate) fn create(self, io: &dyn Io, root: &Path, sequence: u64) -> Result<Arc<dyn IoFile>> {
+        let path = self.path(root, sequence);
+        if io.exists(&path) {
+            io.remove_file(&path)
+                .map_err(|error| StorageError::io("remove", &path, error))?;
+        }
+        let header = FileHeader {
+            kind: self.kind,
+            fields: [0; 5],
+            salt: 0,
+        };
+        format::create_file(io, &path, header)
+    }
+
+    /// Removes the files `sequences` (one never created is fine), then fsyncs `root`.
+    pub(crate) fn remove(self, io: &dyn Io, root: &Path, sequences: &[u64]) -> Result<()> {
+        for sequence in sequences {
+            let path = self.path(root, *sequence);
+            match io.remove_file(&path) {
+                Ok(()) => {}
+                Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+                Err(error) => return Err(StorageError::io("remove", &path, error)),
+            }
+        }
+        io.sync_dir(root)
+            .map_err(|error| StorageError::io("fsync directory", root, error))
+    }
+
+    /// Writes `parts` at `offset` of a WAL file and fsyncs it: what survives a crash once this
+    /// returns `Ok`.
+    pub(crate) fn append(
+        file: &dyn IoFile,
+        path: &Path,
+        parts: &[&[u8]],
+        offset: u64,
+    ) -> Result<()> {
+        file.write_all_vectored_at(parts, offset)
+            .map_err(|error| StorageError::io("write", path, error))?;
+        file.sync()
+            .map_err(|error| StorageError::io("fsync", path, error))
+    }
+}
