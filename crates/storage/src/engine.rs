@@ -274,9 +274,11 @@ impl Storage {
             .map_err(|error| StorageError::io("create directory", &logs_directory, error))?;
         remove_stale_ledger_floor_temporary(io.as_ref(), &root)?;
         remove_tombstones(io.as_ref(), &logs_directory)?;
-        // Before any log opens: their newest segments must hold what the WAL made durable.
+        // Before any log opens: their segments must hold what the entry WAL made durable (also
+        // when this run does not use the WAL: an earlier one may have).
+        EntryWal::recover(io.as_ref(), &root)?;
         let entry_wal = if config.entry_wal && matches!(config.flush_policy, FlushPolicy::Fsync) {
-            Some(GroupCommit::new(EntryWal::recover(io.as_ref(), &root)?))
+            Some(GroupCommit::new(EntryWal::start(io.as_ref(), &root)?))
         } else {
             None
         };

@@ -72,9 +72,10 @@ pub(crate) struct EntryWal {
 }
 
 impl EntryWal {
-    /// Replays every WAL file under `root` into the segments, makes them durable, removes the
-    /// files and starts an empty WAL. Runs before any log is opened.
-    pub(crate) fn recover(io: &dyn Io, root: &Path) -> Result<EntryWal> {
+    /// Replays every WAL file under `root` into the segments, makes them durable and removes
+    /// the files. Runs at every start before any log is opened, whether the WAL is used in
+    /// this run or not (an earlier run may have used it).
+    pub(crate) fn recover(io: &dyn Io, root: &Path) -> Result<()> {
         let sequences = FILES.sequences(io, root)?;
         let mut files = Vec::with_capacity(sequences.len());
         let mut plans: BTreeMap<SegmentKey, Vec<Planned>> = BTreeMap::new();
@@ -107,9 +108,14 @@ impl EntryWal {
             redo(io, root, key, planned, &files)?;
         }
         drop(files);
-        // The new file first: a crash before the old ones are gone replays them again, which
-        // writes nothing new (the segments hold every record's bytes by then).
-        let sequence = sequences.last().map_or(1, |last| last + 1);
+        // A crash before they are gone replays them again, which writes nothing new (the
+        // segments hold every record's bytes by then).
+        FILES.remove(io, root, &sequences)
+    }
+
+    /// Starts an empty WAL (after [`EntryWal::recover`]).
+    pub(crate) fn start(io: &dyn Io, root: &Path) -> Result<EntryWal> {
+        let sequence = 1;
         let (file, broken) = match FILES.create(io, root, sequence) {
             Ok(file) => (Some(file), false),
             Err(StorageError::DiskFull { .. }) => {
@@ -118,7 +124,6 @@ impl EntryWal {
             }
             Err(error) => return Err(error),
         };
-        FILES.remove(io, root, &sequences)?;
         Ok(EntryWal {
             root: root.to_path_buf(),
             sequence,
@@ -176,7 +181,18 @@ impl EntryWal {
             Err(error) => {
                 tracing::error!(%error, "the entry WAL failed; a new WAL file is started for the next group");
                 self.broken = true;
-                Err(error)
+                // The group's records, whole or in part, may be on disk: cut them off durably,
+                // so that no replay brings back appends that are reported failed (and whose
+                // positions a rollback gives again).
+                let cut = file.set_len(self.length).and_then(|()| file.sync());
+                match cut {
+                    Ok(()) => Err(error),
+                    Err(cut_error) => {
+                        tracing::error!(%cut_error, path = %path.display(), "could not cut the failed group off the entry WAL; its logs are poisoned rather than rolled back");
+                        // Not `DiskFull`: the group's logs must not give these positions again.
+                        Err(StorageError::io("truncate", &path, cut_error))
+                    }
+                }
             }
         }
     }
@@ -469,9 +485,10 @@ fn plan(planned: &mut Vec<Planned>, record: Planned) {
     planned.push(record);
 }
 
-/// Writes a segment's planned records where its valid records end, and fsyncs it. Only the
-/// newest segment of a log is written to: an older one was fsynced before its successor was
-/// started, and one that is gone was trimmed, or its log deleted.
+/// Writes a segment's planned records where its valid records end, and fsyncs it. A segment
+/// that is gone was trimmed, or its log deleted. (Usually only a log's newest segment lacks
+/// bytes the WAL holds; an older one does if its fsync at a roll, close or checkpoint failed,
+/// which pinned the WAL, and its log was opened again and rolled on.)
 fn redo(
     io: &dyn Io,
     root: &Path,
@@ -480,21 +497,13 @@ fn redo(
     files: &[(PathBuf, Arc<dyn IoFile>)],
 ) -> Result<()> {
     let (directory_name, ledger_id, first_entry_id) = key;
-    let directory = root.join("logs").join(directory_name);
-    if !io.exists(&directory) {
+    let path = root
+        .join("logs")
+        .join(directory_name)
+        .join(crate::log::segment_file_name(*ledger_id, *first_entry_id));
+    if !io.exists(&path) {
         return Ok(());
     }
-    let names = io
-        .list_dir(&directory)
-        .map_err(|error| StorageError::io("list directory", &directory, error))?;
-    let newest = names
-        .iter()
-        .filter_map(|name| crate::log::parse_segment_file_name(name))
-        .max();
-    if newest != Some((*ledger_id, *first_entry_id)) {
-        return Ok(());
-    }
-    let path = directory.join(crate::log::segment_file_name(*ledger_id, *first_entry_id));
     let segment = io
         .open(&path)
         .map_err(|error| StorageError::io("open", &path, error))?;
