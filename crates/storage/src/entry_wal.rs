@@ -4,22 +4,24 @@
 //! per-log fsyncs cost three times the CPU per message of one topic).
 //!
 //! A flush thread that finds several logs waiting takes them as a group: it writes each log's
-//! pending batch into its segment without an fsync, appends one WAL record per batch (the log's
-//! directory name, the segment's ledger and first entry ids, the file offset and the batch's
-//! bytes) with one vectored write, fsyncs the WAL once and completes every batch. A log alone
-//! in the queue is flushed as before: its own write and fsync.
+//! pending batch into its segment without an fsync and hands the batches to [`GroupCommit`],
+//! whose leader appends one WAL record per batch (the log's directory name, the segment's
+//! ledger and first entry ids, the file offset and the batch's bytes) with one vectored write,
+//! fsyncs the WAL once and completes every batch. A lone batch (no other fsync under way) is flushed as before: its own write and fsync. A failed WAL
+//! write or fsync fails the group and is cut off the WAL, so that no replay brings it back.
 //!
 //! A checkpoint (once the WAL holds [`ENTRY_WAL_CHECKPOINT_BYTES`]) starts a new WAL file,
 //! fsyncs every segment file the live logs hold open and removes the older WAL files. A log
 //! fsyncs its segments when it closes and before it starts a new segment, so a WAL record is
-//! only ever needed for the newest segment of its log.
+//! normally needed only for the newest segment of its log.
 //!
-//! At start, before any log opens, the WAL files are replayed: for each log's newest segment,
-//! the records for it, in the order they were written (a record at or before an earlier one's
-//! end supersedes it from there on: its log rolled appends back after a failed flush and wrote
-//! the same positions again), are written where the segment's valid records end. A record
-//! whose bytes the segment already holds is skipped; one whose start the segment's valid bytes
-//! cover with other bytes is stale (a failed flush's, replaced by a durable write) and skipped.
+//! At every start, before any log opens, the WAL files are replayed: for each segment that
+//! still exists, the records for it, in the order they were written (a record at or before an
+//! earlier one's end supersedes it from there on: its log rolled appends back after a failed
+//! flush and wrote the same positions again), are written where the segment's valid records
+//! end. A record whose bytes the segment already holds is skipped; one whose start the
+//! segment's valid bytes cover with other bytes is stale (a failed flush's that could not be
+//! cut off the WAL, replaced by a durable write) and skipped.
 //! See `docs/durability.md` and `docs/storage-format.md`.
 
 use std::collections::BTreeMap;
