@@ -23,7 +23,7 @@ use std::time::Instant;
 use crate::config::{FlushPolicy, StorageConfig};
 use crate::cursor::UnwrittenJournalBytes;
 use crate::cursor_wal::{CursorWal, WalRecord};
-use crate::entry_wal::{self, EntryWal, GroupCommit};
+use crate::entry_wal::{self, DeferredReplay, EntryWal, GroupCommit};
 use crate::error::{Result, StorageError};
 use crate::io::Io;
 use crate::log::{AfterFlush, Log};
@@ -50,6 +50,9 @@ pub(crate) struct Shared {
     /// The entry write-ahead log that groups of logs are flushed through (`None`: disabled,
     /// or the relaxed policy).
     pub(crate) entry_wal: Option<GroupCommit>,
+    /// Logs whose entry WAL replay failed at start (a full disk, damage), by directory name:
+    /// tried again when the log opens, which fails until it succeeds.
+    entry_replay_deferred: Mutex<HashMap<String, DeferredReplay>>,
     /// A log was closed while its journal still had bytes only the WAL holds (its last write
     /// failed): the WAL files up to this sequence are kept until the next start replays them.
     pub(crate) cursor_wal_pinned: AtomicU64,
@@ -276,9 +279,13 @@ impl Storage {
         remove_tombstones(io.as_ref(), &logs_directory)?;
         // Before any log opens: their segments must hold what the entry WAL made durable (also
         // when this run does not use the WAL: an earlier one may have).
-        EntryWal::recover(io.as_ref(), &root)?;
+        let replayed = EntryWal::recover(io.as_ref(), &root)?;
         let entry_wal = if config.entry_wal && matches!(config.flush_policy, FlushPolicy::Fsync) {
-            Some(GroupCommit::new(EntryWal::start(io.as_ref(), &root)?))
+            Some(GroupCommit::new(EntryWal::start(
+                io.as_ref(),
+                &root,
+                replayed.next_sequence,
+            )?))
         } else {
             None
         };
@@ -312,6 +319,7 @@ impl Storage {
                 flush_queue: FlushQueue::default(),
                 cursor_wal: Mutex::new(cursor_wal),
                 entry_wal,
+                entry_replay_deferred: Mutex::new(replayed.deferred),
                 cursor_wal_pinned: AtomicU64::new(pinned),
                 unwritten_journal_bytes: Mutex::new(unwritten),
                 live_logs: Mutex::new(HashMap::new()),
@@ -365,6 +373,25 @@ impl Storage {
         })
     }
 
+    /// Writes the entry WAL bytes whose replay failed at start into the segments of the log
+    /// in `directory` (see `Shared::entry_replay_deferred`).
+    fn replay_deferred(&self, directory: &Path) -> Result<()> {
+        let shared = &self.inner.shared;
+        let mut deferred = shared
+            .entry_replay_deferred
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let Some(name) = directory.file_name().and_then(|name| name.to_str()) else {
+            return Ok(());
+        };
+        let Some(replay) = deferred.get_mut(name) else {
+            return Ok(());
+        };
+        replay.retry(shared.io.as_ref(), &self.inner.root)?;
+        deferred.remove(name);
+        Ok(())
+    }
+
     pub fn config(&self) -> &StorageConfig {
         &self.inner.shared.config
     }
@@ -388,6 +415,7 @@ impl Storage {
             if let Some(log) = self.registered_log(name)? {
                 return Ok(log);
             }
+            self.replay_deferred(&directory)?;
             let log = Log::open(
                 self.inner.shared.clone(),
                 name.to_string(),

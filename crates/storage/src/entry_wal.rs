@@ -24,7 +24,7 @@
 //! cut off the WAL, replaced by a durable write) and skipped.
 //! See `docs/durability.md` and `docs/storage-format.md`.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -76,8 +76,11 @@ pub(crate) struct EntryWal {
 impl EntryWal {
     /// Replays every WAL file under `root` into the segments, makes them durable and removes
     /// the files. Runs at every start before any log is opened, whether the WAL is used in
-    /// this run or not (an earlier run may have used it).
-    pub(crate) fn recover(io: &dyn Io, root: &Path) -> Result<()> {
+    /// this run or not (an earlier run may have used it). A segment that cannot take its bytes
+    /// (a full disk, damage) does not stop the engine: its log's replay is deferred to its
+    /// open, which fails until the replay succeeds, and the WAL files are kept until the next
+    /// start.
+    pub(crate) fn recover(io: &dyn Io, root: &Path) -> Result<Recovered> {
         let sequences = FILES.sequences(io, root)?;
         let mut files = Vec::with_capacity(sequences.len());
         let mut plans: BTreeMap<SegmentKey, Vec<Planned>> = BTreeMap::new();
@@ -106,18 +109,40 @@ impl EntryWal {
             }
             files.push((path, file));
         }
-        for (key, planned) in &plans {
-            redo(io, root, key, planned, &files)?;
+        let files = Arc::new(files);
+        let mut deferred: HashMap<String, DeferredReplay> = HashMap::new();
+        for (key, planned) in plans {
+            if let Err(error) = redo(io, root, &key, &planned, &files) {
+                tracing::error!(log_directory = %key.0, %error, "could not replay the entry WAL into this log's segment; the log refuses to open until it can");
+                let replay = deferred
+                    .entry(key.0.clone())
+                    .or_insert_with(|| DeferredReplay {
+                        segments: Vec::new(),
+                        files: files.clone(),
+                    });
+                replay.segments.push((key, planned));
+            }
+        }
+        if !deferred.is_empty() {
+            // Kept until the next start: the deferred logs need them.
+            let next_sequence = sequences.last().map_or(1, |last| last + 1);
+            return Ok(Recovered {
+                deferred,
+                next_sequence,
+            });
         }
         drop(files);
         // A crash before they are gone replays them again, which writes nothing new (the
         // segments hold every record's bytes by then).
-        FILES.remove(io, root, &sequences)
+        FILES.remove(io, root, &sequences)?;
+        Ok(Recovered {
+            deferred,
+            next_sequence: 1,
+        })
     }
 
-    /// Starts an empty WAL (after [`EntryWal::recover`]).
-    pub(crate) fn start(io: &dyn Io, root: &Path) -> Result<EntryWal> {
-        let sequence = 1;
+    /// Starts an empty WAL (after [`EntryWal::recover`]) at file `sequence`.
+    pub(crate) fn start(io: &dyn Io, root: &Path, sequence: u64) -> Result<EntryWal> {
         let (file, broken) = match FILES.create(io, root, sequence) {
             Ok(file) => (Some(file), false),
             Err(StorageError::DiskFull { .. }) => {
@@ -442,6 +467,30 @@ impl GroupCommit {
 
 /// The segment a record is for: the log's directory name, the ledger id and the first entry id.
 type SegmentKey = (String, u64, u64);
+
+/// What a start's replay left: the logs whose replay is deferred to their open, by directory
+/// name, and the sequence the WAL of this run starts at (after the files kept for them).
+pub(crate) struct Recovered {
+    pub(crate) deferred: HashMap<String, DeferredReplay>,
+    pub(crate) next_sequence: u64,
+}
+
+/// A log's replay that failed at start: tried again when the log opens.
+pub(crate) struct DeferredReplay {
+    segments: Vec<(SegmentKey, Vec<Planned>)>,
+    files: Arc<Vec<(PathBuf, Arc<dyn IoFile>)>>,
+}
+
+impl DeferredReplay {
+    /// Writes the log's WAL bytes into its segments; an error leaves it to be tried again.
+    pub(crate) fn retry(&mut self, io: &dyn Io, root: &Path) -> Result<()> {
+        while let Some((key, planned)) = self.segments.last() {
+            redo(io, root, key, planned, &self.files)?;
+            self.segments.pop();
+        }
+        Ok(())
+    }
+}
 
 struct Decoded<'a> {
     key: SegmentKey,
