@@ -2,78 +2,13 @@
 //! one write and one fsync of the WAL, and what it made durable survives a power cut, also
 //! after the WAL failed in the middle of a group (a full disk, a failed fsync).
 
+mod support;
+
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
 
-use bytes::Bytes;
-use meridian_storage::{
-    CrashMode, Log, PendingAppend, Position, SimIo, Storage, StorageConfig, StorageError,
-};
-
-fn config() -> StorageConfig {
-    StorageConfig {
-        flush_threads: 1,
-        cursor_persist_interval: Duration::from_secs(3600),
-        trim_interval: Duration::from_secs(3600),
-        ..StorageConfig::default()
-    }
-}
-
-fn open(io: &SimIo) -> Storage {
-    Storage::open_with_io(Path::new("/data"), config(), Arc::new(io.clone())).expect("open")
-}
-
-fn payload(log: usize, index: u64, tag: &str) -> Bytes {
-    let mut bytes = format!("{log}:{index}:{tag}:").into_bytes();
-    bytes.resize(500, b'.');
-    Bytes::from(bytes)
-}
-
-/// Appends `count` entries to each log in turn while the flush thread is held, so that it
-/// flushes them together.
-fn append_together(
-    storage: &Storage,
-    logs: &[Arc<Log>],
-    count: u64,
-    tag: &str,
-) -> Vec<(usize, u64, PendingAppend)> {
-    storage.pause_flushes();
-    let mut appends = Vec::new();
-    for index in 0..count {
-        for (number, log) in logs.iter().enumerate() {
-            let append = log
-                .append(payload(number, index, tag), index)
-                .expect("append");
-            appends.push((number, index, append));
-        }
-    }
-    storage.resume_flushes();
-    appends
-}
-
-fn all(log: &Log) -> Vec<Bytes> {
-    match log.first_position() {
-        Some(first) => log
-            .read_from(first, usize::MAX, usize::MAX)
-            .expect("read")
-            .into_iter()
-            .map(|entry| entry.data)
-            .collect(),
-        None => Vec::new(),
-    }
-}
-
-fn wal_bytes(io: &SimIo) -> u64 {
-    let storage_root = Path::new("/data");
-    let mut total = 0;
-    for name in meridian_storage::Io::list_dir(io, storage_root).expect("list") {
-        if name.starts_with("entries-") {
-            total += io.read_file(&storage_root.join(name)).expect("read").len() as u64;
-        }
-    }
-    total
-}
+use meridian_storage::{CrashMode, Log, Position, SimIo, Storage, StorageConfig};
+use support::entry_wal::*;
 
 #[test]
 fn logs_waiting_together_share_one_fsync_and_survive_a_power_cut() {
@@ -115,40 +50,6 @@ fn logs_waiting_together_share_one_fsync_and_survive_a_power_cut() {
     }
     storage.close().expect("close");
     assert_eq!(wal_bytes(&crashed), 0, "a clean close leaves no WAL file");
-}
-
-/// Entry bytes in a segment and in the WAL: the entry, its 16-byte header and 8-byte framing.
-const RECORD_BYTES: u64 = 500 + 16 + 8;
-
-/// Three logs with two durable entries each, whose next group of two entries each fails with
-/// a full disk in the middle of the WAL's write: the first log's WAL record is written whole,
-/// the second's in part. Every append of the group fails, and is rolled back; the records are
-/// cut off the WAL again, durably.
-fn a_group_refused_midway_through_the_wal(io: &SimIo, storage: &Storage) -> Vec<Arc<Log>> {
-    let logs: Vec<Arc<Log>> = (0..3)
-        .map(|number| storage.open_log(&format!("t{number}")).expect("log"))
-        .collect();
-    for (_, _, append) in append_together(storage, &logs, 2, "kept") {
-        append.wait().expect("durable");
-    }
-    let wal_before = wal_bytes(io);
-    // Room for the segments' writes and one log's WAL record (its head: under 100 bytes).
-    let segments = 3 * 2 * RECORD_BYTES;
-    let one_record = 2 * RECORD_BYTES + 100;
-    io.set_capacity(Some(io.used_bytes() + segments + one_record));
-    for (_, _, append) in append_together(storage, &logs, 2, "refused") {
-        match append.wait() {
-            Err(StorageError::DiskFull { .. }) => {}
-            other => panic!("expected DiskFull, got {other:?}"),
-        }
-    }
-    io.set_capacity(None);
-    assert_eq!(
-        wal_bytes(io),
-        wal_before,
-        "the refused group's records are cut off the WAL"
-    );
-    logs
 }
 
 /// After a power cut that keeps any part of what was not fsynced, each log holds its

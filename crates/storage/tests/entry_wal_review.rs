@@ -5,6 +5,8 @@
 //! segment that cannot take them refuses only its log); where the fix changed what a test
 //! can expect, the test says so.
 
+mod support;
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,100 +16,7 @@ use meridian_storage::{
     CrashMode, FlushPolicy, Log, PendingAppend, Position, SimIo, Storage, StorageConfig,
     StorageError,
 };
-
-fn config() -> StorageConfig {
-    StorageConfig {
-        flush_threads: 1,
-        cursor_persist_interval: Duration::from_secs(3600),
-        trim_interval: Duration::from_secs(3600),
-        ..StorageConfig::default()
-    }
-}
-
-fn open_with(io: &SimIo, config: StorageConfig) -> meridian_storage::Result<Storage> {
-    Storage::open_with_io(Path::new("/data"), config, Arc::new(io.clone()))
-}
-
-fn open(io: &SimIo) -> Storage {
-    open_with(io, config()).expect("open")
-}
-
-fn payload(log: usize, index: u64, tag: &str) -> Bytes {
-    let mut bytes = format!("{log}:{index}:{tag}:").into_bytes();
-    bytes.resize(500, b'.');
-    Bytes::from(bytes)
-}
-
-fn append_together(
-    storage: &Storage,
-    logs: &[Arc<Log>],
-    count: u64,
-    tag: &str,
-) -> Vec<(usize, u64, PendingAppend)> {
-    storage.pause_flushes();
-    let mut appends = Vec::new();
-    for index in 0..count {
-        for (number, log) in logs.iter().enumerate() {
-            let append = log
-                .append(payload(number, index, tag), index)
-                .expect("append");
-            appends.push((number, index, append));
-        }
-    }
-    storage.resume_flushes();
-    appends
-}
-
-fn all(log: &Log) -> Vec<Bytes> {
-    match log.first_position() {
-        Some(first) => log
-            .read_from(first, usize::MAX, usize::MAX)
-            .expect("read")
-            .into_iter()
-            .map(|entry| entry.data)
-            .collect(),
-        None => Vec::new(),
-    }
-}
-
-fn wal_bytes(io: &SimIo) -> u64 {
-    let root = Path::new("/data");
-    let mut total = 0;
-    for name in meridian_storage::Io::list_dir(io, root).expect("list") {
-        if name.starts_with("entries-") {
-            total += io.read_file(&root.join(name)).expect("read").len() as u64;
-        }
-    }
-    total
-}
-
-const RECORD_BYTES: u64 = 500 + 16 + 8;
-
-/// Same set-up as `tests/entry_wal.rs`: three logs with two durable entries each; the next
-/// group of two entries each is refused with DiskFull midway through the WAL write (the first
-/// log's WAL record is written whole, unsynced). Every append of the group fails (rolled back).
-fn a_group_refused_midway_through_the_wal(io: &SimIo, storage: &Storage) -> Vec<Arc<Log>> {
-    let logs: Vec<Arc<Log>> = (0..3)
-        .map(|number| storage.open_log(&format!("t{number}")).expect("log"))
-        .collect();
-    for (_, _, append) in append_together(storage, &logs, 2, "kept") {
-        append.wait().expect("durable");
-    }
-    let wal_before = wal_bytes(io);
-    let segments = 3 * 2 * RECORD_BYTES;
-    let one_record = 2 * RECORD_BYTES + 100;
-    io.set_capacity(Some(io.used_bytes() + segments + one_record));
-    for (_, _, append) in append_together(storage, &logs, 2, "refused") {
-        match append.wait() {
-            Err(StorageError::DiskFull { .. }) => {}
-            other => panic!("expected DiskFull, got {other:?}"),
-        }
-    }
-    io.set_capacity(None);
-    // Since the review: the refused group's records are cut off the WAL again.
-    assert_eq!(wal_bytes(io), wal_before);
-    logs
-}
+use support::entry_wal::*;
 
 fn crashes(io: &SimIo) -> Vec<(String, SimIo)> {
     let mut crashes = vec![(
