@@ -109,12 +109,18 @@ impl CursorWal {
         let mut superseded: BTreeSet<PathBuf> = BTreeSet::new();
         let mut unwritten: BTreeMap<PathBuf, UnwrittenJournalBytes> = BTreeMap::new();
         for sequence in &sequences {
-            let Some(ReplayFile { path, file, length }) = FILES.open(io, root, *sequence)? else {
+            let Some(ReplayFile {
+                path,
+                file,
+                length,
+                salt,
+            }) = FILES.open(io, root, *sequence)?
+            else {
                 continue;
             };
             let mut records = Vec::new();
             let scan =
-                format::scan_records(file.as_ref(), &path, HEADER_LEN, length, 0, |_, body| {
+                format::scan_records(file.as_ref(), &path, HEADER_LEN, length, salt, |_, body| {
                     records.push(WalRecord::decode(body)?);
                     Ok(())
                 })?;

@@ -86,11 +86,14 @@ impl Shared {
             .insert(Arc::as_ptr(log) as usize, Arc::downgrade(log));
     }
 
-    /// Removes the recycled segment files every open log keeps: the disk is full, and appends
-    /// need the space more than rolls need the files.
+    /// Removes the recycled segment files every open log keeps, and the entry WAL's: the disk
+    /// is full, and appends need the space more than rolls need the files.
     pub(crate) fn release_free_files(&self) {
         for log in self.live_logs() {
             log.remove_free_files();
+        }
+        if let Some(wal) = &self.entry_wal {
+            wal.release_free_files(self.io.as_ref());
         }
     }
 
@@ -635,7 +638,8 @@ impl Storage {
 
     /// Runs an entry WAL checkpoint now (the maintenance thread runs one once the WAL holds
     /// 64 MiB): groups from now on go to a new WAL file, every segment file the live logs hold
-    /// open is fsynced, and the older WAL files are removed.
+    /// open is fsynced, and the older WAL files are retired (up to two kept to be written over
+    /// by the next files, the others removed).
     pub fn checkpoint_entries(&self) -> Result<()> {
         checkpoint_entries(&self.inner.shared)
     }

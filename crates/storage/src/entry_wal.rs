@@ -11,7 +11,9 @@
 //! write or fsync fails the group and is cut off the WAL, so that no replay brings it back.
 //!
 //! A checkpoint (once the WAL holds [`ENTRY_WAL_CHECKPOINT_BYTES`]) starts a new WAL file,
-//! fsyncs every segment file the live logs hold open and removes the older WAL files. A log
+//! fsyncs every segment file the live logs hold open and retires the older WAL files: up to
+//! [`FREE_FILES_MAX`] of them are kept, and the next files are written over them (with a new
+//! salt), so that a WAL fsync writes the records alone, not a grown file's metadata as well. A log
 //! fsyncs its segments when it closes and before it starts a new segment, so a WAL record is
 //! normally needed only for the newest segment of its log.
 //!
@@ -44,6 +46,9 @@ pub(crate) const ENTRY_WAL_CHECKPOINT_BYTES: u64 = 64 << 20;
 /// retired the WAL's older files: the WAL, and what a replay reads, stays bounded.
 const ENTRY_WAL_MAX_BYTES: u64 = 4 * ENTRY_WAL_CHECKPOINT_BYTES;
 
+/// Retired WAL files kept to be written over by the next ones, at most.
+const FREE_FILES_MAX: usize = 2;
+
 /// Logs a flush thread takes from the queue at once, at most.
 pub(crate) const GROUP_MAX_LOGS: usize = 64;
 
@@ -51,6 +56,9 @@ const FILES: WalFiles = WalFiles {
     prefix: "entries",
     kind: FileKind::EntryWal,
 };
+
+/// An older WAL file still needed: its sequence and length.
+type OlderFile = (u64, u64);
 
 /// The WAL files of an engine: the one groups append to, and older ones whose checkpoint has
 /// not finished.
@@ -60,9 +68,12 @@ pub(crate) struct EntryWal {
     /// `None` if it could not be created (then `broken`).
     file: Option<Arc<dyn IoFile>>,
     length: u64,
-    /// Bytes in the older files still needed.
-    older_bytes: u64,
-    older: Vec<u64>,
+    /// The current file's salt (0 in a new file; see [`WalFiles::recycle`]).
+    salt: u32,
+    older: Vec<OlderFile>,
+    /// Retired files kept to be written over (see [`WalFiles::recycle`]), at most
+    /// [`FREE_FILES_MAX`]; removed at a clean shutdown and at start.
+    free: Vec<PathBuf>,
     /// A write or fsync failed (or the file could not be created): its tail is unknown, so
     /// nothing more is appended to it. The next group starts a new file; until one can be
     /// created, groups are flushed log by log.
@@ -85,12 +96,23 @@ impl EntryWal {
         let mut files = Vec::with_capacity(sequences.len());
         let mut plans: BTreeMap<SegmentKey, Vec<Planned>> = BTreeMap::new();
         for sequence in &sequences {
-            let Some(ReplayFile { path, file, length }) = FILES.open(io, root, *sequence)? else {
+            let Some(ReplayFile {
+                path,
+                file,
+                length,
+                salt,
+            }) = FILES.open(io, root, *sequence)?
+            else {
                 continue;
             };
             let index = files.len();
-            let scan =
-                format::scan_records(file.as_ref(), &path, HEADER_LEN, length, 0, |at, body| {
+            let scan = format::scan_records(
+                file.as_ref(),
+                &path,
+                HEADER_LEN,
+                length,
+                salt,
+                |at, body| {
                     let record = decode(body)?;
                     let body_start = at + format::RECORD_FRAMING_LEN;
                     let planned = Planned {
@@ -101,11 +123,19 @@ impl EntryWal {
                     };
                     plan(plans.entry(record.key).or_default(), planned);
                     Ok(())
-                })?;
-            if let ScanEnd::Damaged { offset, reason } = scan {
+                },
+            )?;
+            match scan {
+                // A file written over ends where the records of its earlier life start.
+                ScanEnd::Damaged { offset, .. } if salt != 0 => {
+                    tracing::debug!(path = %path.display(), offset, "the entry WAL's records end");
+                }
                 // The unsynced end of the last write: a group whose fsync never returned (or
                 // failed), so no append relied on it.
-                tracing::warn!(path = %path.display(), offset, %reason, "ignoring the torn tail of the entry WAL");
+                ScanEnd::Damaged { offset, reason } => {
+                    tracing::warn!(path = %path.display(), offset, %reason, "ignoring the torn tail of the entry WAL");
+                }
+                ScanEnd::Clean => {}
             }
             files.push((path, file));
         }
@@ -135,6 +165,8 @@ impl EntryWal {
         // A crash before they are gone replays them again, which writes nothing new (the
         // segments hold every record's bytes by then).
         FILES.remove(io, root, &sequences)?;
+        // An earlier run's retired files (it crashed): this run keeps its own.
+        FILES.remove_free(io, root)?;
         Ok(Recovered {
             deferred,
             next_sequence: 1,
@@ -156,8 +188,9 @@ impl EntryWal {
             sequence,
             file,
             length: HEADER_LEN,
-            older_bytes: 0,
+            salt: 0,
             older: Vec::new(),
+            free: Vec::new(),
             broken,
             pinned: false,
         })
@@ -165,7 +198,8 @@ impl EntryWal {
 
     /// Whether groups can go through the WAL now (else they are flushed log by log).
     fn usable(&mut self, io: &dyn Io) -> bool {
-        if self.pinned || self.length + self.older_bytes > ENTRY_WAL_MAX_BYTES {
+        let older_bytes: u64 = self.older.iter().map(|(_, length)| length).sum();
+        if self.pinned || self.length + older_bytes > ENTRY_WAL_MAX_BYTES {
             return false;
         }
         if self.broken {
@@ -185,8 +219,16 @@ impl EntryWal {
 
     /// Appends the group's records and fsyncs: once this returns `Ok`, the batches survive a
     /// crash. A failure breaks the file (see `broken`).
-    fn append(&mut self, group: &EncodedGroup, batches: &[(Arc<Log>, WrittenBatch)]) -> Result<()> {
+    fn append(
+        &mut self,
+        group: &mut EncodedGroup,
+        batches: &[(Arc<Log>, WrittenBatch)],
+    ) -> Result<()> {
         let path = FILES.path(&self.root, self.sequence);
+        if group.salt != self.salt {
+            // A new file was started since the group was encoded.
+            *group = encode_group(batches, self.salt);
+        }
         let Some(file) = &self.file else {
             self.broken = true;
             return Err(StorageError::io(
@@ -227,30 +269,72 @@ impl EntryWal {
     /// Starts a new file for the groups to come; returns the sequence of the one it replaces,
     /// which stays until [`EntryWal::retire`].
     fn rotate(&mut self, io: &dyn Io) -> Result<u64> {
-        let file = FILES.create(io, &self.root, self.sequence + 1)?;
+        let sequence = self.sequence + 1;
+        let (file, salt) = match self.free.pop() {
+            Some(free) => {
+                let salt = format::fresh_salt();
+                match FILES.recycle(io, &self.root, &free, sequence, salt) {
+                    Ok(file) => (file, salt),
+                    Err(error) => {
+                        tracing::warn!(free = %free.display(), %error, "could not write the entry WAL over a retired file; creating a new one");
+                        if io.exists(&free) {
+                            let _ = io.remove_file(&free);
+                        }
+                        (FILES.create(io, &self.root, sequence)?, 0)
+                    }
+                }
+            }
+            None => (FILES.create(io, &self.root, sequence)?, 0),
+        };
         let previous = self.sequence;
-        self.older.push(previous);
-        self.older_bytes += self.length;
-        self.sequence += 1;
+        self.older.push((previous, self.length));
+        self.sequence = sequence;
         self.file = Some(file);
+        self.salt = salt;
         self.length = HEADER_LEN;
         Ok(previous)
     }
 
-    /// Removes every older file up to and including `sequence` (durably): a checkpoint made
-    /// their records durable in the segments. Nothing while pinned.
+    /// Retires every older file up to and including `sequence` (durably): a checkpoint made
+    /// their records durable in the segments. Up to [`FREE_FILES_MAX`] are kept to be written
+    /// over, the others removed. Nothing while pinned.
     fn retire(&mut self, io: &dyn Io, sequence: u64) -> Result<()> {
         if self.pinned {
             return Ok(());
         }
-        let (done, kept): (Vec<u64>, Vec<u64>) =
-            self.older.iter().partition(|older| **older <= sequence);
-        FILES.remove(io, &self.root, &done)?;
-        self.older = kept;
-        if self.older.is_empty() {
-            self.older_bytes = 0;
+        let (done, kept): (Vec<OlderFile>, Vec<OlderFile>) =
+            self.older.iter().partition(|(older, _)| *older <= sequence);
+        let mut freed = Vec::new();
+        let mut removed = Vec::new();
+        for (older, _) in done {
+            if self.free.len() + freed.len() >= FREE_FILES_MAX {
+                removed.push(older);
+                continue;
+            }
+            let (path, free) = (
+                FILES.path(&self.root, older),
+                FILES.free_path(&self.root, older),
+            );
+            match io.rename(&path, &free) {
+                Ok(()) => freed.push(free),
+                // Retired already by an earlier call that failed later.
+                Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+                Err(error) => return Err(StorageError::io("rename", &path, error)),
+            }
         }
+        // Also makes the renames durable: a free file is written over only once its old name
+        // is gone for good.
+        FILES.remove(io, &self.root, &removed)?;
+        self.free.extend(freed);
+        self.older = kept;
         Ok(())
+    }
+
+    /// Removes the retired files kept to be written over (durably): the disk is full, or the
+    /// engine stops.
+    fn remove_free(&mut self, io: &dyn Io) -> Result<()> {
+        self.free.clear();
+        FILES.remove_free(io, &self.root)
     }
 
     /// Keeps every WAL file until the next start, and stops using the WAL (see `pinned`).
@@ -269,16 +353,18 @@ impl EntryWal {
 
 /// The heads of a group's WAL records (framing, then what the batch is for), each followed in
 /// the file by its batch's bytes; encoded before the WAL's lock is taken (the checksums cover
-/// every byte of the batches).
+/// every byte of the batches), for the file whose salt is `salt`.
 struct EncodedGroup {
+    salt: u32,
     bytes: Vec<u8>,
     heads: Vec<(usize, usize)>,
     /// Bytes of the records together.
     len: u64,
 }
 
-fn encode_group(batches: &[(Arc<Log>, WrittenBatch)]) -> EncodedGroup {
+fn encode_group(batches: &[(Arc<Log>, WrittenBatch)], salt: u32) -> EncodedGroup {
     let mut group = EncodedGroup {
+        salt,
         bytes: Vec::with_capacity(batches.len() * 64),
         heads: Vec::with_capacity(batches.len()),
         len: 0,
@@ -291,7 +377,7 @@ fn encode_group(batches: &[(Arc<Log>, WrittenBatch)]) -> EncodedGroup {
         head.u64(ledger_id);
         head.u64(first_entry_id);
         head.u64(batch.file_offset());
-        let mut checksum = crc32c::crc32c(&head.bytes);
+        let mut checksum = crc32c::crc32c_append(salt, &head.bytes);
         let mut body_len = head.bytes.len();
         for slice in batch.slices() {
             checksum = crc32c::crc32c_append(checksum, slice);
@@ -374,11 +460,20 @@ impl GroupCommit {
         if wal.pinned {
             return Ok(());
         }
-        let current = wal.sequence;
+        let current = (wal.sequence, wal.length);
         wal.older.push(current);
         wal.file = None;
         wal.broken = true;
-        wal.retire(io, current)
+        wal.retire(io, current.0)?;
+        wal.remove_free(io)
+    }
+
+    /// Removes the retired files kept to be written over: the disk is full, and appends need
+    /// the space more than the WAL needs the files.
+    pub(crate) fn release_free_files(&self, io: &dyn Io) {
+        if let Err(error) = self.wal().remove_free(io) {
+            tracing::warn!(%error, "could not remove the entry WAL's retired files");
+        }
     }
 
     /// Flushes `logs` (each with its flush role taken): each one's oldest pending batch is
@@ -433,11 +528,12 @@ impl GroupCommit {
                 }
                 std::mem::take(&mut waiting.batches)
             };
-            let encoded = encode_group(&batches);
+            let salt = self.wal().salt;
+            let mut encoded = encode_group(&batches, salt);
             let outcome = {
                 let mut wal = self.wal();
                 if wal.usable(io) {
-                    Some(wal.append(&encoded, &batches).map_err(|error| {
+                    Some(wal.append(&mut encoded, &batches).map_err(|error| {
                         let stage = match error {
                             StorageError::DiskFull { .. } => FlushStage::Write,
                             _ => FlushStage::Sync,

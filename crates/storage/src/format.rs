@@ -363,6 +363,13 @@ pub fn valid_record_follows(
     Ok(None)
 }
 
+/// A random non-zero salt for a file written over its earlier life (a recycled segment, an
+/// entry WAL file), so that the records of that life never pass for its own.
+pub(crate) fn fresh_salt() -> u32 {
+    let random = crate::cursor::fresh_generation();
+    ((random >> 32) as u32 ^ random as u32).max(1)
+}
+
 /// Creates a file with `header`, makes it and its directory entry durable, and returns it.
 pub fn create_file(
     io: &dyn crate::io::Io,

@@ -180,8 +180,7 @@ impl Segment {
     /// random non-zero salt, so that those of the file's earlier life never pass for its own.
     fn recycling(directory: &Path, ledger_id: u64, first_entry_id: u64, free: PathBuf) -> Segment {
         let mut segment = Segment::new(directory, ledger_id, first_entry_id);
-        let random = crate::cursor::fresh_generation();
-        segment.salt = ((random >> 32) as u32 ^ random as u32).max(1);
+        segment.salt = format::fresh_salt();
         segment.recycle_from = Some(free);
         segment
     }

@@ -1,6 +1,9 @@
 //! What the engine's two write-ahead logs (cursors, entries) share about their files: each is a
 //! series `<root>/<prefix>-<20-digit sequence>.wal` of files with a header of their kind,
-//! replayed in sequence order at start, removed once what they hold is durable elsewhere.
+//! replayed in sequence order at start, removed once what they hold is durable elsewhere. A
+//! retired file may instead be kept as `<prefix>-<sequence>.free` and written over by a later
+//! file of the series ([`WalFiles::recycle`]): its records get a new salt, so that the bytes of
+//! its earlier life end the replay instead of passing for records.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -8,6 +11,9 @@ use std::sync::Arc;
 use crate::error::{Result, StorageError};
 use crate::format::{self, FileHeader, FileKind, HEADER_LEN};
 use crate::io::{Io, IoFile};
+
+/// The name's end of a retired file kept to be written over.
+const FREE_SUFFIX: &str = ".free";
 
 /// The files of one write-ahead log.
 #[derive(Clone, Copy)]
@@ -21,6 +27,8 @@ pub(crate) struct ReplayFile {
     pub(crate) path: PathBuf,
     pub(crate) file: Arc<dyn IoFile>,
     pub(crate) length: u64,
+    /// The header's salt: the records' checksums are seeded with it (see [`WalFiles::recycle`]).
+    pub(crate) salt: u32,
 }
 
 impl WalFiles {
@@ -28,22 +36,46 @@ impl WalFiles {
         root.join(format!("{}-{sequence:020}.wal", self.prefix))
     }
 
-    fn parse(self, name: &str) -> Option<u64> {
+    /// Where retired file `sequence` is kept to be written over (see [`WalFiles::recycle`]).
+    pub(crate) fn free_path(self, root: &Path, sequence: u64) -> PathBuf {
+        root.join(format!("{}-{sequence:020}{FREE_SUFFIX}", self.prefix))
+    }
+
+    fn parse(self, name: &str, suffix: &str) -> Option<u64> {
         name.strip_prefix(self.prefix)?
             .strip_prefix('-')?
-            .strip_suffix(".wal")?
+            .strip_suffix(suffix)?
             .parse()
             .ok()
     }
 
     /// The sequences of the files under `root`, oldest first.
     pub(crate) fn sequences(self, io: &dyn Io, root: &Path) -> Result<Vec<u64>> {
+        self.list(io, root, ".wal")
+    }
+
+    fn list(self, io: &dyn Io, root: &Path, suffix: &str) -> Result<Vec<u64>> {
         let names = io
             .list_dir(root)
             .map_err(|error| StorageError::io("list directory", root, error))?;
-        let mut sequences: Vec<u64> = names.iter().filter_map(|name| self.parse(name)).collect();
+        let mut sequences: Vec<u64> = names
+            .iter()
+            .filter_map(|name| self.parse(name, suffix))
+            .collect();
         sequences.sort_unstable();
         Ok(sequences)
+    }
+
+    /// Removes the retired files kept to be written over (an earlier run's, at start: each run
+    /// keeps its own), then fsyncs `root`.
+    pub(crate) fn remove_free(self, io: &dyn Io, root: &Path) -> Result<()> {
+        for sequence in self.list(io, root, FREE_SUFFIX)? {
+            let path = self.free_path(root, sequence);
+            io.remove_file(&path)
+                .map_err(|error| StorageError::io("remove", &path, error))?;
+        }
+        io.sync_dir(root)
+            .map_err(|error| StorageError::io("fsync directory", root, error))
     }
 
     /// Opens file `sequence` for replay; `None` if it was torn while being created (records
@@ -62,7 +94,12 @@ impl WalFiles {
             .size()
             .map_err(|error| StorageError::io("stat", &path, error))?;
         match FileHeader::read(file.as_ref(), &path, self.kind) {
-            Ok(_) => Ok(Some(ReplayFile { path, file, length })),
+            Ok(header) => Ok(Some(ReplayFile {
+                path,
+                file,
+                length,
+                salt: header.salt,
+            })),
             Err(StorageError::Corrupted { .. }) if length <= HEADER_LEN => Ok(None),
             Err(error) => Err(error),
         }
@@ -81,6 +118,41 @@ impl WalFiles {
             salt: 0,
         };
         format::create_file(io, &path, header)
+    }
+
+    /// Makes the retired file `free` file `sequence`, to be written over from its header on:
+    /// the new header, with `salt`, is written and synced while the file still has its free
+    /// name (a crash leaves a free file, which the next start removes), then the file is
+    /// renamed, durably. The records of its earlier life stay after the header; they fail the
+    /// checksums of the new salt, so a replay ends at the first of them. An append that writes
+    /// over allocated blocks leaves the file's size alone, so its fsync writes the data alone,
+    /// not the file's metadata too (issue 16).
+    pub(crate) fn recycle(
+        self,
+        io: &dyn Io,
+        root: &Path,
+        free: &Path,
+        sequence: u64,
+        salt: u32,
+    ) -> Result<Arc<dyn IoFile>> {
+        let path = self.path(root, sequence);
+        let header = FileHeader {
+            kind: self.kind,
+            fields: [0; 5],
+            salt,
+        };
+        let file = io
+            .open(free)
+            .map_err(|error| StorageError::io("open", free, error))?;
+        file.write_all_at(&header.encode(), 0)
+            .map_err(|error| StorageError::io("write header", free, error))?;
+        file.sync()
+            .map_err(|error| StorageError::io("fsync", free, error))?;
+        io.rename(free, &path)
+            .map_err(|error| StorageError::io("rename", free, error))?;
+        io.sync_dir(root)
+            .map_err(|error| StorageError::io("fsync directory", root, error))?;
+        Ok(file)
     }
 
     /// Removes the files `sequences` (one never created is fine), then fsyncs `root`.

@@ -160,6 +160,123 @@ fn a_failed_wal_fsync_fails_the_group_and_loses_nothing_acknowledged() {
     }
 }
 
+/// The names of the entry WAL's files under the storage root, sorted.
+fn wal_files(io: &SimIo) -> Vec<String> {
+    let mut names: Vec<String> = meridian_storage::Io::list_dir(io, Path::new("/data"))
+        .expect("list")
+        .into_iter()
+        .filter(|name| name.starts_with("entries-"))
+        .collect();
+    names.sort();
+    names
+}
+
+#[test]
+fn a_wal_file_written_over_replays_only_its_own_records_after_a_power_cut() {
+    let io = SimIo::new();
+    let storage = open(&io);
+    let logs: Vec<Arc<Log>> = (0..2)
+        .map(|number| storage.open_log(&format!("t{number}")).expect("log"))
+        .collect();
+    // The first appends create the segments; "a" and "b" go through the first WAL file, one
+    // record per log each, all of one size.
+    for tag in ["first", "a", "b"] {
+        for (_, _, append) in append_together(&storage, &logs, 1, tag) {
+            append.wait().expect("durable");
+        }
+    }
+    let first_file_bytes = wal_bytes(&io);
+    // The first checkpoint starts a new file and retires the first; the second writes the
+    // next file over the first one.
+    storage.checkpoint_entries().expect("checkpoint");
+    storage.checkpoint_entries().expect("checkpoint");
+    assert_eq!(
+        wal_files(&io),
+        vec![
+            "entries-00000000000000000002.free".to_string(),
+            "entries-00000000000000000003.wal".to_string(),
+        ],
+        "the second file retired and kept, the first written over as the third"
+    );
+    assert_eq!(
+        wal_bytes(&io)
+            - io.read_file(Path::new("/data/entries-00000000000000000002.free"))
+                .expect("read")
+                .len() as u64,
+        first_file_bytes,
+        "the third file is the first, its size unchanged"
+    );
+    // "new" lands where "a" was in the file, and is followed by the records of "b": same
+    // segments, earlier positions. Only the segments' writes are unsynced.
+    for (_, _, append) in append_together(&storage, &logs, 1, "new") {
+        append.wait().expect("durable");
+    }
+    drop(logs);
+    let mut crashes = vec![io.crash(CrashMode::LoseUnsynced, 0)];
+    for seed in 0..8 {
+        crashes.push(io.crash(CrashMode::TornPrefix, seed));
+        crashes.push(io.crash(CrashMode::TornWithGarbage, seed));
+    }
+    drop(storage);
+    for (crash, crashed) in crashes.iter().enumerate() {
+        let storage = open(crashed);
+        for number in 0..2 {
+            let log = storage.open_log(&format!("t{number}")).expect("log");
+            assert_eq!(
+                all(&log),
+                ["first", "a", "b", "new"].map(|tag| payload(number, 0, tag)),
+                "power cut {crash}, log t{number}: the records of the file's earlier life are \
+                 not replayed over its own"
+            );
+        }
+        storage.close().expect("close");
+        assert_eq!(
+            wal_files(crashed),
+            Vec::<String>::new(),
+            "the start removes the crashed run's retired file, a clean close every WAL file"
+        );
+    }
+}
+
+#[test]
+fn a_full_disk_removes_the_retired_wal_files_kept_to_be_written_over() {
+    let io = SimIo::new();
+    let storage = open(&io);
+    let logs: Vec<Arc<Log>> = (0..2)
+        .map(|number| storage.open_log(&format!("t{number}")).expect("log"))
+        .collect();
+    for tag in ["first", "a"] {
+        for (_, _, append) in append_together(&storage, &logs, 1, tag) {
+            append.wait().expect("durable");
+        }
+    }
+    storage.checkpoint_entries().expect("checkpoint");
+    storage.checkpoint_entries().expect("checkpoint");
+    assert!(wal_files(&io).iter().any(|name| name.ends_with(".free")));
+    io.set_capacity(Some(io.used_bytes() + 100));
+    for (_, _, append) in append_together(&storage, &logs, 1, "refused") {
+        assert!(matches!(
+            append.wait(),
+            Err(meridian_storage::StorageError::DiskFull { .. })
+        ));
+    }
+    assert_eq!(
+        wal_files(&io),
+        vec!["entries-00000000000000000003.wal".to_string()],
+        "the retired file is removed: appends need the space"
+    );
+    io.set_capacity(None);
+    for (_, _, append) in append_together(&storage, &logs, 1, "b") {
+        append.wait().expect("durable");
+    }
+    for (number, log) in logs.iter().enumerate() {
+        assert_eq!(
+            all(log),
+            ["first", "a", "b"].map(|tag| payload(number, 0, tag))
+        );
+    }
+}
+
 #[test]
 fn a_restart_without_the_entry_wal_still_replays_what_an_earlier_run_made_durable_in_it() {
     let io = SimIo::new();
