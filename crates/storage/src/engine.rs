@@ -877,7 +877,7 @@ fn start_checkpoint_if_due(inner: &Arc<Inner>) {
 
 /// Starts an entry WAL checkpoint in the background once the WAL is large enough and none is
 /// running: groups from then on go to a new WAL file, every segment file the live logs hold
-/// open is fsynced, and the older WAL files are removed.
+/// open is fsynced, and the older WAL files are retired.
 fn start_entry_checkpoint_if_due(inner: &Arc<Inner>) {
     if inner
         .shared
