@@ -348,7 +348,9 @@ struct Fields<'a> {
 
 impl<'a> Fields<'a> {
     /// `Some(None)` at the end, `None` on bytes that do not decode or a field of another wire
-    /// type.
+    /// type. Inlined into the decoders' loops: a call per field cost more than the field's
+    /// decoding (issue 16).
+    #[inline(always)]
     fn next(&mut self) -> Option<Option<Field<'a>>> {
         if self.bytes.is_empty() {
             return Some(None);
