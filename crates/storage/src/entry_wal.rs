@@ -92,6 +92,9 @@ impl EntryWal {
     /// open, which fails until the replay succeeds, and the WAL files are kept until the next
     /// start.
     pub(crate) fn recover(io: &dyn Io, root: &Path) -> Result<Recovered> {
+        // An earlier run's retired files (it crashed) are never replayed, and this run keeps
+        // its own. Removed first: a replay may need their space.
+        FILES.remove_free(io, root)?;
         let sequences = FILES.sequences(io, root)?;
         let mut files = Vec::with_capacity(sequences.len());
         let mut plans: BTreeMap<SegmentKey, Vec<Planned>> = BTreeMap::new();
@@ -165,8 +168,6 @@ impl EntryWal {
         // A crash before they are gone replays them again, which writes nothing new (the
         // segments hold every record's bytes by then).
         FILES.remove(io, root, &sequences)?;
-        // An earlier run's retired files (it crashed): this run keeps its own.
-        FILES.remove_free(io, root)?;
         Ok(Recovered {
             deferred,
             next_sequence: 1,
@@ -307,17 +308,26 @@ impl EntryWal {
         let mut freed = Vec::new();
         let mut removed = Vec::new();
         for (older, _) in done {
-            if self.free.len() + freed.len() >= FREE_FILES_MAX {
-                removed.push(older);
-                continue;
-            }
             let (path, free) = (
                 FILES.path(&self.root, older),
                 FILES.free_path(&self.root, older),
             );
+            // A call that failed after its renames (at the directory's fsync) left free files
+            // not counted yet: this one counts them, or removes them over the limit.
+            let renamed_before = io.exists(&free);
+            if self.free.len() + freed.len() >= FREE_FILES_MAX {
+                if renamed_before {
+                    io.remove_file(&free)
+                        .map_err(|error| StorageError::io("remove", &free, error))?;
+                }
+                removed.push(older);
+                continue;
+            }
             match io.rename(&path, &free) {
                 Ok(()) => freed.push(free),
-                // Retired already by an earlier call that failed later.
+                Err(error) if error.kind() == std::io::ErrorKind::NotFound && renamed_before => {
+                    freed.push(free)
+                }
                 Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
                 Err(error) => return Err(StorageError::io("rename", &path, error)),
             }
