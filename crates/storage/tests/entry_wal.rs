@@ -160,17 +160,6 @@ fn a_failed_wal_fsync_fails_the_group_and_loses_nothing_acknowledged() {
     }
 }
 
-/// The names of the entry WAL's files under the storage root, sorted.
-fn wal_files(io: &SimIo) -> Vec<String> {
-    let mut names: Vec<String> = meridian_storage::Io::list_dir(io, Path::new("/data"))
-        .expect("list")
-        .into_iter()
-        .filter(|name| name.starts_with("entries-"))
-        .collect();
-    names.sort();
-    names
-}
-
 #[test]
 fn a_wal_file_written_over_replays_only_its_own_records_after_a_power_cut() {
     let io = SimIo::new();

@@ -19,40 +19,11 @@ const MODES: [CrashMode; 3] = [
     CrashMode::TornWithGarbage,
 ];
 
-/// The names of the entry WAL's files under the storage root, sorted.
-fn wal_files(io: &SimIo) -> Vec<String> {
-    let mut names: Vec<String> = meridian_storage::Io::list_dir(io, Path::new("/data"))
-        .expect("list")
-        .into_iter()
-        .filter(|name| name.starts_with("entries-"))
-        .collect();
-    names.sort();
-    names
-}
-
 fn free_files(io: &SimIo) -> Vec<String> {
     wal_files(io)
         .into_iter()
         .filter(|name| name.ends_with(".free"))
         .collect()
-}
-
-fn crashes(io: &SimIo) -> Vec<(String, SimIo)> {
-    let mut crashes = vec![(
-        "LoseUnsynced".to_string(),
-        io.crash(CrashMode::LoseUnsynced, 0),
-    )];
-    for seed in 0..12 {
-        crashes.push((
-            format!("TornPrefix/{seed}"),
-            io.crash(CrashMode::TornPrefix, seed),
-        ));
-        crashes.push((
-            format!("TornWithGarbage/{seed}"),
-            io.crash(CrashMode::TornWithGarbage, seed),
-        ));
-    }
-    crashes
 }
 
 /// What the workload appended, per log, in order: (payload, acknowledged, refused).
@@ -154,6 +125,18 @@ fn verify(crashed: &SimIo, history: &History, crash_point: u64, logs: usize, wha
         wal_files(crashed),
         Vec::<String>::new(),
         "{what}: a clean close leaves no WAL file"
+    );
+}
+
+/// Asserts that log `t<number>`'s `entries` begin with `want`, in order (`what`: the crash).
+fn assert_begins_with(entries: &[Bytes], want: &[&Bytes], what: &str, number: usize) {
+    assert!(
+        entries.len() >= want.len() && entries.iter().zip(want).all(|(entry, want)| entry == *want),
+        "{what}: t{number}: {:?}",
+        entries
+            .iter()
+            .map(|entry| String::from_utf8_lossy(&entry[..10]).into_owned())
+            .collect::<Vec<_>>()
     );
 }
 
@@ -304,7 +287,7 @@ fn recycling_setup(io: &SimIo, checkpoints: u64) -> (Storage, Vec<Arc<Log>>, His
 
 fn verify_crashes(io: &SimIo, history: &History) {
     let point = io.operation_count();
-    for (name, crashed) in crashes(io) {
+    for (name, crashed) in crashes(io, 12) {
         verify(&crashed, history, point, 2, &name);
     }
 }
@@ -432,7 +415,7 @@ fn a_failed_wal_fsync_in_a_recycled_file_then_a_rotate_from_usable() {
     }
     eprintln!("{files_before:?} -> {:?}", wal_files(&io));
     let point = io.operation_count();
-    for (name, crashed) in crashes(&io) {
+    for (name, crashed) in crashes(&io, 12) {
         let storage = open_with(&crashed, config())
             .unwrap_or_else(|error| panic!("{name}: the engine does not open: {error}"));
         for number in 0..4 {
@@ -451,14 +434,7 @@ fn a_failed_wal_fsync_in_a_recycled_file_then_a_rotate_from_usable() {
                         .map(|(_, payload, _, _)| payload.clone()),
                 );
             }
-            assert!(
-                entries.len() >= want.len() && entries[..want.len()] == want[..],
-                "{name}: log t{number}: {:?}",
-                entries
-                    .iter()
-                    .map(|entry| String::from_utf8_lossy(&entry[..12]).into_owned())
-                    .collect::<Vec<_>>()
-            );
+            assert_begins_with(&entries, &want.iter().collect::<Vec<_>>(), &name, number);
         }
         storage.close().expect("close");
     }
@@ -674,18 +650,7 @@ fn recycle_crash_loop_with_a_failed_wal_fsync_in_a_recycled_file() {
                     .filter(|(log, _, done)| *log == number && *done <= crash_point)
                     .map(|(_, payload, _)| payload)
                     .collect();
-                assert!(
-                    entries.len() >= want.len()
-                        && entries
-                            .iter()
-                            .zip(&want)
-                            .all(|(entry, want)| entry == *want),
-                    "{what}: t{number}: {:?}",
-                    entries
-                        .iter()
-                        .map(|entry| String::from_utf8_lossy(&entry[..10]).into_owned())
-                        .collect::<Vec<_>>()
-                );
+                assert_begins_with(&entries, &want, &what, number);
             }
             storage.close().expect("close");
         }

@@ -18,24 +18,6 @@ use meridian_storage::{
 };
 use support::entry_wal::*;
 
-fn crashes(io: &SimIo) -> Vec<(String, SimIo)> {
-    let mut crashes = vec![(
-        "LoseUnsynced".to_string(),
-        io.crash(CrashMode::LoseUnsynced, 0),
-    )];
-    for seed in 0..16 {
-        crashes.push((
-            format!("TornPrefix/{seed}"),
-            io.crash(CrashMode::TornPrefix, seed),
-        ));
-        crashes.push((
-            format!("TornWithGarbage/{seed}"),
-            io.crash(CrashMode::TornWithGarbage, seed),
-        ));
-    }
-    crashes
-}
-
 /// ATTACK 1. DiskFull in the middle of the WAL write: the group is rolled back (segments cut
 /// back and fsynced) and every append reported `DiskFull`. Nothing more is appended. A power
 /// cut that keeps the unsynced WAL record (the broken WAL file is never truncated) lets the
@@ -53,7 +35,7 @@ fn review_a_refused_group_stays_refused_after_a_power_cut_with_no_later_append()
         );
     }
     drop(logs);
-    let crashes = crashes(&io);
+    let crashes = crashes(&io, 16);
     drop(storage);
     let mut resurrected = Vec::new();
     for (mode, crashed) in &crashes {
@@ -87,7 +69,7 @@ fn review_retrying_a_prefix_of_a_refused_batch_does_not_bring_the_rest_back() {
         .wait()
         .expect("durable");
     drop(logs);
-    let crashes = crashes(&io);
+    let crashes = crashes(&io, 16);
     drop(storage);
     let mut resurrected = Vec::new();
     for (mode, crashed) in &crashes {
@@ -1009,7 +991,7 @@ fn review_disk_full_at_every_byte_of_a_group_flush() {
             ));
         }
         drop(logs);
-        let crashes = crashes(&io);
+        let crashes = crashes(&io, 16);
         drop(storage);
         for (mode, crashed) in &crashes {
             cases += 1;

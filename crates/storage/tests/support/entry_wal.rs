@@ -1,11 +1,14 @@
-//! What the entry WAL's tests share (`tests/entry_wal.rs`, `tests/entry_wal_review.rs`).
+//! What the entry WAL's tests share (`tests/entry_wal.rs`, `tests/entry_wal_review.rs`,
+//! `tests/entry_wal_recycle_review.rs`).
 
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use meridian_storage::{Log, PendingAppend, SimIo, Storage, StorageConfig, StorageError};
+use meridian_storage::{
+    CrashMode, Log, PendingAppend, SimIo, Storage, StorageConfig, StorageError,
+};
 
 pub fn config() -> StorageConfig {
     StorageConfig {
@@ -65,6 +68,37 @@ pub fn all(log: &Log) -> Vec<Bytes> {
             .collect(),
         None => Vec::new(),
     }
+}
+
+/// The names of the entry WAL's files under the storage root, sorted.
+pub fn wal_files(io: &SimIo) -> Vec<String> {
+    let mut names: Vec<String> = meridian_storage::Io::list_dir(io, Path::new("/data"))
+        .expect("list")
+        .into_iter()
+        .filter(|name| name.starts_with("entries-"))
+        .collect();
+    names.sort();
+    names
+}
+
+/// The power cuts a test's storage is tried after, each with its name: losing what was not
+/// synced, and `seeds` torn writes of each kind.
+pub fn crashes(io: &SimIo, seeds: u64) -> Vec<(String, SimIo)> {
+    let mut crashes = vec![(
+        "LoseUnsynced".to_string(),
+        io.crash(CrashMode::LoseUnsynced, 0),
+    )];
+    for seed in 0..seeds {
+        crashes.push((
+            format!("TornPrefix/{seed}"),
+            io.crash(CrashMode::TornPrefix, seed),
+        ));
+        crashes.push((
+            format!("TornWithGarbage/{seed}"),
+            io.crash(CrashMode::TornWithGarbage, seed),
+        ));
+    }
+    crashes
 }
 
 pub fn wal_bytes(io: &SimIo) -> u64 {
