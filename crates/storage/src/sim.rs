@@ -88,6 +88,15 @@ impl NameChange {
         }
     }
 
+    /// Whether every name this change touches is below `directory`.
+    fn is_below(&self, directory: &Path) -> bool {
+        let below = |path: &Path| path != directory && path.starts_with(directory);
+        match self {
+            NameChange::Create { path, .. } | NameChange::Remove { path } => below(path),
+            NameChange::Rename { from, to, .. } => below(from) && below(to),
+        }
+    }
+
     fn apply(&self, names: &mut BTreeMap<PathBuf, Node>) {
         match self {
             NameChange::Create { path, node } => {
@@ -688,13 +697,34 @@ impl Io for SimIo {
                 return Err(injected("directory fsync"));
             }
         }
-        let (synced, pending): (Vec<NameChange>, Vec<NameChange>) =
-            std::mem::take(&mut state.pending_changes)
-                .into_iter()
-                .partition(|change| change.is_in(path));
-        for change in &synced {
+        // A directory whose removal is made durable here takes the changes below it made
+        // before that removal: no sync can reach them any more (a test that creates and
+        // deletes a log in a loop would otherwise pile them up and slow every step down), and
+        // none can come back into a later directory of the same name.
+        let changes = std::mem::take(&mut state.pending_changes);
+        let mut gone: Vec<(usize, PathBuf)> = Vec::new();
+        for (index, change) in changes.iter().enumerate() {
+            if !change.is_in(path) {
+                continue;
+            }
+            if let NameChange::Remove { path: removed } = change {
+                if state.durable_names.get(removed) == Some(&Node::Directory) {
+                    gone.push((index, removed.clone()));
+                }
+            }
             change.apply(&mut state.durable_names);
         }
+        let pending = changes
+            .into_iter()
+            .enumerate()
+            .filter(|(index, change)| {
+                !change.is_in(path)
+                    && !gone
+                        .iter()
+                        .any(|(removal, directory)| index < removal && change.is_below(directory))
+            })
+            .map(|(_, change)| change)
+            .collect();
         state.pending_changes = pending;
         Ok(())
     }
