@@ -271,20 +271,18 @@ impl EntryWal {
     /// which stays until [`EntryWal::retire`].
     fn rotate(&mut self, io: &dyn Io) -> Result<u64> {
         let sequence = self.sequence + 1;
-        let (file, salt) = match self.free.pop() {
-            Some(free) => {
-                let salt = format::fresh_salt();
-                match FILES.recycle(io, &self.root, &free, sequence, salt) {
-                    Ok(file) => (file, salt),
-                    Err(error) => {
-                        tracing::warn!(free = %free.display(), %error, "could not write the entry WAL over a retired file; creating a new one");
-                        if io.exists(&free) {
-                            let _ = io.remove_file(&free);
-                        }
-                        (FILES.create(io, &self.root, sequence)?, 0)
-                    }
-                }
-            }
+        let recycled = self.free.pop().and_then(|free| {
+            let salt = format::fresh_salt();
+            FILES
+                .recycle(io, &self.root, &free, sequence, salt)
+                .inspect_err(|error| {
+                    tracing::warn!(free = %free.display(), %error, "could not write the entry WAL over a retired file; creating a new one");
+                })
+                .ok()
+                .map(|file| (file, salt))
+        });
+        let (file, salt) = match recycled {
+            Some(recycled) => recycled,
             None => (FILES.create(io, &self.root, sequence)?, 0),
         };
         let previous = self.sequence;

@@ -389,6 +389,40 @@ pub fn create_file(
     Ok(file)
 }
 
+/// Makes the retired file `free` the file `path` with `header`, to be written over from the
+/// header on: the header is written and synced while the file still has its free name (a crash
+/// leaves a free file), then the file is renamed, durably. The bytes after the header stay as
+/// they were, records of the file's earlier life, which fail the checksums of the new header's
+/// salt. If a step fails, the free file is removed if it is still there, and the caller
+/// creates a new file (a rename that happened but could not be made durable leaves `path`
+/// taken: the creation fails on it).
+pub(crate) fn recycle_file(
+    io: &dyn crate::io::Io,
+    free: &Path,
+    path: &Path,
+    header: FileHeader,
+) -> Result<Arc<dyn IoFile>> {
+    let recycled = (|| {
+        let file = io
+            .open(free)
+            .map_err(|error| StorageError::io("open", free, error))?;
+        file.write_all_at(&header.encode(), 0)
+            .map_err(|error| StorageError::io("write header", free, error))?;
+        file.sync()
+            .map_err(|error| StorageError::io("fsync", free, error))?;
+        io.rename(free, path)
+            .map_err(|error| StorageError::io("rename", free, error))?;
+        let directory = crate::io::parent_dir(path);
+        io.sync_dir(&directory)
+            .map_err(|error| StorageError::io("fsync directory", &directory, error))?;
+        Ok(file)
+    })();
+    if recycled.is_err() && io.exists(free) {
+        let _ = io.remove_file(free);
+    }
+    recycled
+}
+
 /// Little-endian and varint encoding into a byte vector.
 #[derive(Default)]
 pub struct ByteWriter {

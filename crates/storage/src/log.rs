@@ -1639,38 +1639,20 @@ impl Log {
         Ok(file)
     }
 
-    /// Makes the trimmed segment file `free` the segment file `path` with `header`: the header
-    /// is written and synced while the file still has its free name (a crash leaves a free file
-    /// with a new header, still free), then the file is renamed, durably. The bytes after the
-    /// header stay as they were: records of the file's earlier life, which fail the checksums
-    /// of the new salt. `None` (with a WARN) if any step failed: the caller creates a new file;
-    /// the free one is removed if it is still there.
+    /// Makes the trimmed segment file `free` the segment file `path` with `header`
+    /// ([`format::recycle_file`]). `None` (with a WARN) if any step failed: the caller creates
+    /// a new file.
     fn recycle_file(
         &self,
         free: &Path,
         path: &Path,
         header: FileHeader,
     ) -> Option<Arc<dyn IoFile>> {
-        let io = self.shared.io.as_ref();
-        let recycled = io.open(free).and_then(|file| {
-            file.write_all_at(&header.encode(), 0)?;
-            file.sync()?;
-            io.rename(free, path)?;
-            io.sync_dir(&self.directory)?;
-            Ok(file)
-        });
-        match recycled {
-            Ok(file) => Some(file),
-            Err(error) => {
+        format::recycle_file(self.shared.io.as_ref(), free, path, header)
+            .inspect_err(|error| {
                 tracing::warn!(log = %self.name, free = %free.display(), %error, "could not write a segment into a recycled file; creating a new one");
-                if io.exists(free) {
-                    let _ = io.remove_file(free);
-                }
-                // A rename that happened but could not be made durable leaves the segment's
-                // name taken: `create` below fails on it, and the append with it.
-                None
-            }
-        }
+            })
+            .ok()
     }
 
     /// After a "disk full" failure, removes the failed batch's bytes from the file so that the

@@ -112,21 +112,14 @@ impl WalFiles {
             io.remove_file(&path)
                 .map_err(|error| StorageError::io("remove", &path, error))?;
         }
-        let header = FileHeader {
-            kind: self.kind,
-            fields: [0; 5],
-            salt: 0,
-        };
-        format::create_file(io, &path, header)
+        format::create_file(io, &path, self.header(0))
     }
 
-    /// Makes the retired file `free` file `sequence`, to be written over from its header on:
-    /// the new header, with `salt`, is written and synced while the file still has its free
-    /// name (a crash leaves a free file, which the next start removes), then the file is
-    /// renamed, durably. The records of its earlier life stay after the header; they fail the
-    /// checksums of the new salt, so a replay ends at the first of them. An append that writes
-    /// over allocated blocks leaves the file's size alone, so its fsync writes the data alone,
-    /// not the file's metadata too (issue 16).
+    /// Makes the retired file `free` file `sequence`, its records' checksums seeded with
+    /// `salt` ([`format::recycle_file`]: a crash midway leaves a free file, which the next start
+    /// removes; a replay ends at the first record of the file's earlier life). An append that
+    /// writes over allocated blocks leaves the file's size alone, so its fsync writes the data
+    /// alone, not the file's metadata too (issue 16).
     pub(crate) fn recycle(
         self,
         io: &dyn Io,
@@ -135,24 +128,16 @@ impl WalFiles {
         sequence: u64,
         salt: u32,
     ) -> Result<Arc<dyn IoFile>> {
-        let path = self.path(root, sequence);
-        let header = FileHeader {
+        format::recycle_file(io, free, &self.path(root, sequence), self.header(salt))
+    }
+
+    /// The header of a file of this WAL whose records' checksums are seeded with `salt`.
+    fn header(self, salt: u32) -> FileHeader {
+        FileHeader {
             kind: self.kind,
             fields: [0; 5],
             salt,
-        };
-        let file = io
-            .open(free)
-            .map_err(|error| StorageError::io("open", free, error))?;
-        file.write_all_at(&header.encode(), 0)
-            .map_err(|error| StorageError::io("write header", free, error))?;
-        file.sync()
-            .map_err(|error| StorageError::io("fsync", free, error))?;
-        io.rename(free, &path)
-            .map_err(|error| StorageError::io("rename", free, error))?;
-        io.sync_dir(root)
-            .map_err(|error| StorageError::io("fsync directory", root, error))?;
-        Ok(file)
+        }
     }
 
     /// Removes the files `sequences` (one never created is fine), then fsyncs `root`.
