@@ -198,6 +198,7 @@ pub struct StorageSection {
     pub trim_interval_ms: u64,
     pub recycled_segments_max: usize,
     pub entry_wal: bool,
+    pub entry_wal_group_wait_us: u64,
 }
 
 impl Default for Config {
@@ -305,6 +306,7 @@ impl Default for StorageSection {
             trim_interval_ms: storage.trim_interval.as_millis() as u64,
             recycled_segments_max: storage.recycled_segments_max,
             entry_wal: storage.entry_wal,
+            entry_wal_group_wait_us: storage.entry_wal_group_wait.as_micros() as u64,
         }
     }
 }
@@ -571,6 +573,7 @@ impl Config {
             trim_interval: Duration::from_millis(storage.trim_interval_ms),
             recycled_segments_max: storage.recycled_segments_max,
             entry_wal: storage.entry_wal,
+            entry_wal_group_wait: Duration::from_micros(storage.entry_wal_group_wait_us),
         }
     }
 

@@ -75,6 +75,15 @@ pub struct StorageConfig {
     /// write-ahead log, instead of one fsync per log (their segments are fsynced at
     /// checkpoints). A log alone is flushed with its own fsync either way.
     pub entry_wal: bool,
+    /// How long a group of the entry WAL may wait for more logs' batches before its write and
+    /// fsync, counted from its oldest batch (a group of 512 KiB goes at once; zero: no wait;
+    /// no wait either with one flush thread, which no other could help fill the group).
+    /// Fewer, larger groups cost less CPU per message when many logs are written at once, at
+    /// up to this much more latency for their receipts. A log written alone keeps its
+    /// segment's own fsync and never waits, unless a group went through the WAL within the
+    /// last `entry_wal_group_wait` (other logs are being written: it joins the next group).
+    /// A bookie's `journalMaxGroupWaitMSec` plays the same part.
+    pub entry_wal_group_wait: Duration,
 }
 
 impl Default for StorageConfig {
@@ -92,6 +101,7 @@ impl Default for StorageConfig {
             trim_interval: Duration::from_secs(1),
             recycled_segments_max: 2,
             entry_wal: true,
+            entry_wal_group_wait: Duration::from_millis(1),
         }
     }
 }

@@ -284,11 +284,16 @@ impl Storage {
         // when this run does not use the WAL: an earlier one may have).
         let replayed = EntryWal::recover(io.as_ref(), &root)?;
         let entry_wal = if config.entry_wal && matches!(config.flush_policy, FlushPolicy::Fsync) {
-            Some(GroupCommit::new(EntryWal::start(
-                io.as_ref(),
-                &root,
-                replayed.next_sequence,
-            )?))
+            // With one flush thread nobody could add to a group while its leader waits.
+            let group_wait = if config.flush_threads > 1 {
+                config.entry_wal_group_wait
+            } else {
+                std::time::Duration::ZERO
+            };
+            Some(GroupCommit::new(
+                EntryWal::start(io.as_ref(), &root, replayed.next_sequence)?,
+                group_wait,
+            ))
         } else {
             None
         };

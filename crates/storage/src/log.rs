@@ -481,6 +481,11 @@ impl WrittenBatch {
         self.batch.file_offset
     }
 
+    /// Bytes of the batch.
+    pub(crate) fn len(&self) -> u64 {
+        self.batch.bytes.len()
+    }
+
     /// The batch's bytes, as written into the segment.
     pub(crate) fn slices(&self) -> Vec<&[u8]> {
         self.batch.bytes.slices()

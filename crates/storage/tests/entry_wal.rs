@@ -6,9 +6,12 @@ mod support;
 
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
+use bytes::Bytes;
 use meridian_storage::{CrashMode, Log, Position, SimIo, Storage, StorageConfig};
 use support::entry_wal::*;
+use support::gated_io::GatedIo;
 
 #[test]
 fn logs_waiting_together_share_one_fsync_and_survive_a_power_cut() {
@@ -336,4 +339,156 @@ fn a_log_whose_close_could_not_fsync_its_segment_keeps_its_appends_after_reopeni
             payload(0, 0, "third")
         ]
     );
+}
+
+/// Runs `work` on its own thread and fails the test if it has not finished within `limit`
+/// (a wait that never ends is the failure these tests look for). Fails by aborting the test
+/// process: a panic would unwind into the engine's close, which waits for the stuck flush.
+fn finishes_within<T: Send + 'static>(
+    limit: Duration,
+    work: impl FnOnce() -> T + Send + 'static,
+) -> T {
+    let (done, finished) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = done.send(work());
+    });
+    match finished.recv_timeout(limit) {
+        Ok(result) => result,
+        Err(_) => {
+            eprintln!("not finished within {limit:?}: a flush waited for a group that never came");
+            std::process::abort();
+        }
+    }
+}
+
+fn entry_of(log: usize, tag: &str, len: usize) -> Bytes {
+    let mut bytes = payload(log, 0, tag).to_vec();
+    bytes.resize(len, b'.');
+    Bytes::from(bytes)
+}
+
+#[test]
+fn a_group_waits_for_the_batches_other_logs_write_meanwhile_and_shares_one_fsync() {
+    let sim = SimIo::new();
+    let io = GatedIo::new(sim.clone());
+    let long_wait = StorageConfig {
+        flush_threads: 3,
+        // Only a full group (512 KiB) ends this wait in the test's time.
+        entry_wal_group_wait: Duration::from_secs(3600),
+        ..config()
+    };
+    let storage = Storage::open_with_io("/data", long_wait, io.clone()).expect("open");
+    let logs: Vec<Arc<Log>> = (0..8)
+        .map(|number| storage.open_log(&format!("t{number}")).expect("log"))
+        .collect();
+    // Their first appends create their segments (each with its own fsync).
+    for (number, log) in logs.iter().enumerate() {
+        log.append(payload(number, 0, "first"), 0)
+            .expect("append")
+            .wait()
+            .expect("durable");
+    }
+    // t0's next batch is alone: its segment's own fsync, held here, so that the batches
+    // after it go to the WAL.
+    let (reached, release) = io.arm_containing("sync", "/logs/t0/");
+    let held = logs[0].append(payload(0, 1, "held"), 0).expect("append");
+    reached.recv().expect("t0's fsync reached");
+    let syncs = sim.sync_count();
+    // Seven batches of 80 KiB, one after the other: the group fills (512 KiB) with the last.
+    let size = 80 * 1024;
+    let mut appends = Vec::new();
+    for (number, log) in logs.iter().enumerate().skip(1) {
+        appends.push(
+            log.append(entry_of(number, "grouped", size), 0)
+                .expect("append"),
+        );
+    }
+    let positions = finishes_within(Duration::from_secs(60), move || {
+        appends
+            .into_iter()
+            .map(|append| append.wait().expect("durable"))
+            .collect::<Vec<Position>>()
+    });
+    assert_eq!(
+        sim.sync_count() - syncs,
+        1,
+        "seven logs written one after the other made durable with one fsync"
+    );
+    drop(release);
+    held.wait().expect("t0's batch durable");
+
+    drop(logs);
+    let crashed = sim.crash(CrashMode::LoseUnsynced, 0);
+    drop(storage);
+    let storage = open(&crashed);
+    for (number, position) in positions.iter().enumerate() {
+        let number = number + 1;
+        let log = storage.open_log(&format!("t{number}")).expect("log");
+        assert_eq!(
+            all(&log),
+            vec![
+                payload(number, 0, "first"),
+                entry_of(number, "grouped", size)
+            ],
+            "log t{number} after the power cut"
+        );
+        assert_eq!(log.last_position(), Some(*position));
+    }
+}
+
+#[test]
+fn a_log_written_alone_never_waits_for_a_group_and_a_group_that_never_fills_is_written() {
+    let io = SimIo::new();
+    let long_wait = StorageConfig {
+        flush_threads: 2,
+        entry_wal_group_wait: Duration::from_secs(3600),
+        ..config()
+    };
+    let storage = open_with(&io, long_wait).expect("open");
+    let log = storage.open_log("alone").expect("log");
+    let wal_before = wal_bytes(&io);
+    // One append at a time, each waited for: each batch is alone, with its segment's fsync.
+    finishes_within(Duration::from_secs(60), move || {
+        for index in 0..50 {
+            log.append(payload(0, index, "alone"), 0)
+                .expect("append")
+                .wait()
+                .expect("durable");
+        }
+    });
+    assert_eq!(wal_bytes(&io), wal_before, "nothing went through the WAL");
+
+    // A batch that goes to the WAL (another log's fsync is under way) starts a group that
+    // nothing else fills: written once its wait has passed.
+    let sim = SimIo::new();
+    let io = GatedIo::new(sim.clone());
+    let short_wait = StorageConfig {
+        flush_threads: 2,
+        entry_wal_group_wait: Duration::from_millis(50),
+        ..config()
+    };
+    let storage = Storage::open_with_io("/data", short_wait, io.clone()).expect("open");
+    let logs: Vec<Arc<Log>> = (0..2)
+        .map(|number| storage.open_log(&format!("t{number}")).expect("log"))
+        .collect();
+    for (number, log) in logs.iter().enumerate() {
+        log.append(payload(number, 0, "first"), 0)
+            .expect("append")
+            .wait()
+            .expect("durable");
+    }
+    let (reached, release) = io.arm_containing("sync", "/logs/t0/");
+    let held = logs[0].append(payload(0, 1, "held"), 0).expect("append");
+    reached.recv().expect("t0's fsync reached");
+    let wal_before = wal_bytes(&sim);
+    let grouped = logs[1].append(payload(1, 1, "grouped"), 0).expect("append");
+    finishes_within(Duration::from_secs(60), move || {
+        grouped.wait().expect("durable")
+    });
+    assert!(
+        wal_bytes(&sim) > wal_before,
+        "the group went through the WAL"
+    );
+    drop(release);
+    held.wait().expect("t0's batch durable");
 }
