@@ -80,8 +80,9 @@ pub struct StorageConfig {
     /// no wait either with one flush thread, which no other could help fill the group).
     /// Fewer, larger groups cost less CPU per message when many logs are written at once, at
     /// up to this much more latency for their receipts. A log written alone keeps its
-    /// segment's own fsync and never waits, unless a group went through the WAL within the
-    /// last `entry_wal_group_wait` (other logs are being written: it joins the next group).
+    /// segment's own fsync and never waits, unless a group of several logs' batches went
+    /// through the WAL within the last `entry_wal_group_wait` (other logs are being written:
+    /// it joins the next group). At most an hour.
     /// A bookie's `journalMaxGroupWaitMSec` plays the same part.
     pub entry_wal_group_wait: Duration,
 }
@@ -124,6 +125,9 @@ impl StorageConfig {
                 "segment_max_bytes ({}) must be below 4 GiB",
                 self.segment_max_bytes
             ));
+        }
+        if self.entry_wal_group_wait > Duration::from_secs(3600) {
+            return Err("entry_wal_group_wait must be at most an hour".into());
         }
         if self.flush_threads == 0 {
             return Err("flush_threads must be at least 1".into());

@@ -410,12 +410,13 @@ fn encode_group(batches: &[(Arc<Log>, WrittenBatch)], salt: u32) -> EncodedGroup
 ///
 /// Before it writes, the leader lets the group fill: until `group_wait` has passed since its
 /// oldest batch was handed over, or until it holds [`GROUP_FULL_BYTES`] (as a bookie waits up
-/// to its `journalMaxGroupWaitMSec` or `journalBufferedWritesThreshold`). Batches that already
-/// waited through an fsync go at once. Each fsync costs tens of microseconds of CPU on top of
+/// to its `journalMaxGroupWaitMSec` or `journalBufferedWritesThreshold`). The wait counts from
+/// the hand-over, so batches handed over during an fsync wait only what is left of it after
+/// the fsync (nothing once the fsync took as long). Each fsync costs tens of microseconds of CPU on top of
 /// the disk's time, so with many logs fewer, larger groups cost less per message. A log
 /// written alone never waits: its batches take their segment's own fsync, unless a group went
-/// through the WAL within the last `group_wait` (other logs are busy: it joins their group,
-/// rather than adding an fsync beside theirs).
+/// through the WAL, with batches of several logs, within the last `group_wait` (other logs
+/// are busy: it joins their group, rather than adding an fsync beside theirs).
 pub(crate) struct GroupCommit {
     wal: Mutex<EntryWal>,
     waiting: Mutex<Waiting>,
@@ -437,7 +438,7 @@ struct Waiting {
     bytes: u64,
     /// When the oldest of `batches` was handed over.
     since: Option<Instant>,
-    /// When the last group went through the WAL.
+    /// When the last group of several batches went through the WAL.
     grouped: Option<Instant>,
     /// A thread is writing and completing batches: others only add theirs.
     leader: bool,
@@ -570,8 +571,12 @@ impl GroupCommit {
                     waiting.leader = false;
                     return;
                 }
-                if let Some(since) = waiting.since {
-                    let deadline = since + self.group_wait;
+                // `validate` bounds the wait; a deadline past the clock's range would only
+                // wait for the group to fill.
+                if let Some(deadline) = waiting
+                    .since
+                    .and_then(|since| since.checked_add(self.group_wait))
+                {
                     loop {
                         let now = Instant::now();
                         if waiting.bytes >= GROUP_FULL_BYTES || now >= deadline {
@@ -586,7 +591,6 @@ impl GroupCommit {
                 }
                 waiting.since = None;
                 waiting.bytes = 0;
-                waiting.grouped = Some(Instant::now());
                 std::mem::take(&mut waiting.batches)
             };
             let salt = self.wal().salt;
@@ -605,6 +609,12 @@ impl GroupCommit {
                     None
                 }
             };
+            // Other logs are being written: lone batches join the groups for a while. Not
+            // for a group of one (a log written alone would keep itself waiting), nor for
+            // a group the WAL did not take.
+            if outcome.is_some() && batches.len() > 1 {
+                self.waiting().grouped = Some(Instant::now());
+            }
             for (log, batch) in batches {
                 let after = match &outcome {
                     Some(outcome) => log.finish_written(batch, outcome.clone(), false),

@@ -1,0 +1,321 @@
+//! Hostile review of the entry WAL's group wait (commit 86d63d0: a group waits up to
+//! `entry_wal_group_wait` or 512 KiB before its write and fsync; a lone batch keeps its
+//! segment's own fsync unless a group went through the WAL within the last group wait).
+//!
+//! Every wait that could hang is bounded ([`within`]). On a timeout the test fails by leaking
+//! the engine and its logs, then panicking (`fail_leaking`): a panic that unwound into the
+//! engine's close would wait for the stuck flush, and an abort would take the other tests of
+//! this file down with it.
+
+mod support;
+
+use std::sync::mpsc::{Receiver, Sender};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use meridian_storage::{Log, PendingAppend, Position, SimIo, Storage, StorageConfig};
+use support::entry_wal::*;
+use support::gated_io::GatedIo;
+
+/// Far longer than anything these tests do when nothing is stuck.
+const LIMIT: Duration = Duration::from_secs(20);
+
+/// Runs `work` on its own thread: `None` if it has not finished within `limit`.
+fn within<T: Send + 'static>(
+    limit: Duration,
+    work: impl FnOnce() -> T + Send + 'static,
+) -> Option<T> {
+    let (done, finished) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = done.send(work());
+    });
+    finished.recv_timeout(limit).ok()
+}
+
+/// Fails the test without running the engine's close (which would wait for the stuck flush).
+fn fail_leaking(storage: Storage, logs: Vec<Arc<Log>>, message: &str) -> ! {
+    std::mem::forget(logs);
+    std::mem::forget(storage);
+    panic!("{message}");
+}
+
+fn wait_durable(
+    storage: Storage,
+    logs: &[Arc<Log>],
+    append: PendingAppend,
+    what: &str,
+) -> (Storage, Position) {
+    match within(LIMIT, move || append.wait()) {
+        Some(result) => (
+            storage,
+            result.unwrap_or_else(|error| panic!("{what}: {error}")),
+        ),
+        None => fail_leaking(
+            storage,
+            logs.to_vec(),
+            &format!("{what}: not completed within {LIMIT:?}"),
+        ),
+    }
+}
+
+fn entry(log: usize, tag: &str, len: usize) -> Bytes {
+    let mut bytes = payload(log, 0, tag).to_vec();
+    bytes.resize(len, b'.');
+    Bytes::from(bytes)
+}
+
+/// A batch this large fills a group alone (`GROUP_FULL_BYTES`, 512 KiB): it goes at once,
+/// however long the group wait.
+const FULL: usize = 600 * 1024;
+
+fn open_gated(sim: &SimIo, flush_threads: usize, group_wait: Duration) -> (Arc<GatedIo>, Storage) {
+    let io = GatedIo::new(sim.clone());
+    let config = StorageConfig {
+        flush_threads,
+        entry_wal_group_wait: group_wait,
+        ..config()
+    };
+    let storage = Storage::open_with_io("/data", config, io.clone()).expect("open");
+    (io, storage)
+}
+
+/// Opens `count` logs `t0`, `t1`, ... and makes one append to each, one at a time (each alone:
+/// it creates the segment, with its own fsync).
+fn logs_with_segments(storage: &Storage, count: usize) -> Vec<Arc<Log>> {
+    let logs: Vec<Arc<Log>> = (0..count)
+        .map(|number| storage.open_log(&format!("t{number}")).expect("log"))
+        .collect();
+    for (number, log) in logs.iter().enumerate() {
+        log.append(payload(number, 0, "first"), 0)
+            .expect("append")
+            .wait()
+            .expect("durable");
+    }
+    logs
+}
+
+/// `t0`'s next batch, alone, takes its segment's own fsync, held here: from now on no batch is
+/// alone (another fsync is under way), so the next ones go to the WAL path.
+fn hold_t0_fsync(io: &GatedIo, logs: &[Arc<Log>]) -> (PendingAppend, Sender<()>) {
+    let (reached, release): (Receiver<()>, Sender<()>) = io.arm_containing("sync", "/logs/t0/");
+    let held = logs[0].append(payload(0, 1, "held"), 0).expect("append");
+    reached.recv_timeout(LIMIT).expect("t0's own fsync reached");
+    (held, release)
+}
+
+/// PROMISE 3. One group goes through the WAL; then only `t1` is written, one append at a
+/// time. The first of its batches may join the WAL (a group went through it within the group
+/// wait), but that batch is itself taken for "a group" (`Waiting::grouped` is set for every
+/// group, a group of one lone batch too): the next batch finds a group within the group wait
+/// again, and so on. A log written alone waits the whole group wait for a group that never
+/// comes, at every append, for as long as its appends follow each other within the wait.
+#[test]
+fn review_a_log_written_alone_after_a_group_goes_back_to_its_own_fsync() {
+    let sim = SimIo::new();
+    let group_wait = Duration::from_millis(300);
+    let (io, storage) = open_gated(&sim, 2, group_wait);
+    let logs = logs_with_segments(&storage, 2);
+    let (held, release) = hold_t0_fsync(&io, &logs);
+    let wal_before_group = wal_bytes(&sim);
+    let grouped = logs[1].append(payload(1, 1, "grouped"), 0).expect("append");
+    let (storage, _) = wait_durable(storage, &logs, grouped, "t1's grouped batch");
+    assert!(
+        wal_bytes(&sim) > wal_before_group,
+        "t1's batch went through the WAL"
+    );
+    drop(release);
+    let (storage, _) = wait_durable(storage, &logs, held, "t0's held batch");
+
+    // Only t1 from now on, each append waited for before the next.
+    let wal_before = wal_bytes(&sim);
+    let mut storage = storage;
+    for index in 2..7 {
+        let append = logs[1]
+            .append(payload(1, index, "alone"), 0)
+            .expect("append");
+        storage = wait_durable(storage, &logs, append, "t1's lone batch").0;
+    }
+    let through_wal = (wal_bytes(&sim) - wal_before) / RECORD_BYTES;
+    assert!(
+        through_wal <= 1,
+        "a log written alone (nothing else written since the group) went through the WAL \
+         {through_wal} times out of 5, each time after waiting the group wait ({group_wait:?}) \
+         for other logs: its own group of one keeps `grouped` fresh"
+    );
+    drop(logs);
+    storage.close().expect("close");
+}
+
+/// PROMISE 3. The WAL is pinned (a close could not fsync its segment): every group is
+/// flushed log by log, nothing goes through the WAL for the rest of the run. Yet such a group
+/// still sets `Waiting::grouped`, so a log written alone afterwards does not take its own
+/// fsync at once: it leads a group of one and waits the whole group wait (here an hour), then
+/// is flushed log by log anyway.
+#[test]
+fn review_a_log_written_alone_never_waits_after_groups_that_did_not_go_through_the_wal() {
+    let sim = SimIo::new();
+    let (io, storage) = open_gated(&sim, 3, Duration::from_secs(3600));
+    let logs = logs_with_segments(&storage, 3);
+    // Pins the WAL: t2's close cannot fsync its segment.
+    sim.fail_syncs(1);
+    assert!(storage.close_log("t2").is_err(), "t2's close fsync failed");
+    let logs: Vec<Arc<Log>> = logs[..2].to_vec();
+    let wal_before = wal_bytes(&sim);
+
+    // A group (t1's batch, full: it goes at once) while t0's own fsync is under way.
+    let (held, release) = hold_t0_fsync(&io, &logs);
+    let grouped = logs[1]
+        .append(entry(1, "grouped", FULL), 0)
+        .expect("append");
+    let (storage, _) = wait_durable(storage, &logs, grouped, "t1's full group");
+    drop(release);
+    let (storage, _) = wait_durable(storage, &logs, held, "t0's held batch");
+    assert_eq!(wal_bytes(&sim), wal_before, "the pinned WAL took nothing");
+
+    // t1 alone: nothing else is written, and no group went through the WAL.
+    let alone = logs[1].append(payload(1, 2, "alone"), 0).expect("append");
+    let (storage, _) = wait_durable(
+        storage,
+        &logs,
+        alone,
+        "a log written alone after a group that was flushed log by log (pinned WAL) waited \
+         for a group: its batch should have taken its segment's own fsync at once",
+    );
+    drop(logs);
+    let _ = storage.close();
+}
+
+/// PROMISE 2. A group wait the clock cannot add to an `Instant` (`Duration::MAX`, a
+/// library user's "wait until the group is full") is accepted by `StorageConfig::validate`;
+/// the first leader then panics on `since + group_wait` holding the `waiting` lock, with
+/// `leader` still set and its batches in `Waiting::batches`: no thread writes them, nor any
+/// batch handed over after them, ever. Even a full group (which "goes at once, however
+/// young") is never written.
+#[test]
+fn review_a_group_wait_too_long_for_the_clock_is_refused_or_never_stalls_a_full_group() {
+    let sim = SimIo::new();
+    let io = GatedIo::new(sim.clone());
+    let config = StorageConfig {
+        flush_threads: 3,
+        entry_wal_group_wait: Duration::MAX,
+        ..config()
+    };
+    let storage = match Storage::open_with_io("/data", config, io.clone()) {
+        Ok(storage) => storage,
+        // Refusing the setting is a fix.
+        Err(meridian_storage::StorageError::InvalidConfig(_)) => return,
+        Err(error) => panic!("open: {error}"),
+    };
+    let logs = logs_with_segments(&storage, 2);
+    let (held, release) = hold_t0_fsync(&io, &logs);
+    let full = logs[1].append(entry(1, "full", FULL), 0).expect("append");
+    let (storage, _) = wait_durable(
+        storage,
+        &logs,
+        full,
+        "a full group under a group wait of Duration::MAX (the leader panicked: \
+         `since + group_wait` overflows an Instant; leader left set, batch left waiting)",
+    );
+    drop(release);
+    let (storage, _) = wait_durable(storage, &logs, held, "t0's held batch");
+    drop(logs);
+    storage.close().expect("close");
+}
+
+/// Held (kept as a regression test): a checkpoint runs while a group waits to fill; the
+/// group then goes to the new WAL file, and after a power cut every acknowledged append is
+/// there.
+#[test]
+fn review_a_checkpoint_while_a_group_waits_loses_nothing_acknowledged() {
+    let sim = SimIo::new();
+    let (io, storage) = open_gated(&sim, 3, Duration::from_secs(3600));
+    let logs = logs_with_segments(&storage, 3);
+    let (held, release) = hold_t0_fsync(&io, &logs);
+    // Two half groups: whichever is handed over first waits (an hour) for the other, which
+    // fills the group. The checkpoint runs in between.
+    let half = 300 * 1024;
+    let first = logs[1].append(entry(1, "half", half), 0).expect("append");
+    storage.checkpoint_entries().expect("checkpoint");
+    let second = logs[2].append(entry(2, "half", half), 0).expect("append");
+    let (storage, _) = wait_durable(storage, &logs, first, "t1's half group");
+    let (storage, _) = wait_durable(storage, &logs, second, "t2's half group");
+    drop(release);
+    let (storage, _) = wait_durable(storage, &logs, held, "t0's held batch");
+    drop(logs);
+    let crashed = crashes(&sim, 4);
+    drop(storage);
+    for (name, crashed) in crashed {
+        let storage = open(&crashed);
+        for number in 1..3 {
+            let log = storage.open_log(&format!("t{number}")).expect("log");
+            assert_eq!(
+                all(&log),
+                vec![payload(number, 0, "first"), entry(number, "half", half)],
+                "{name}: log t{number}"
+            );
+        }
+        let log = storage.open_log("t0").expect("log");
+        assert_eq!(
+            all(&log),
+            vec![payload(0, 0, "first"), payload(0, 1, "held")],
+            "{name}: log t0"
+        );
+    }
+}
+
+/// Held (kept as a regression test): a log deleted while its batch waits in a group: the
+/// deletion waits for the group, which another log's batch fills; both appends are durable,
+/// and after a power cut the deleted log's WAL record is replayed into nothing (the log stays
+/// deleted) and the other log holds its entry.
+#[test]
+fn review_a_log_deleted_while_its_batch_waits_in_a_group() {
+    let sim = SimIo::new();
+    let (io, storage) = open_gated(&sim, 3, Duration::from_secs(3600));
+    let logs = logs_with_segments(&storage, 3);
+    let (held, release) = hold_t0_fsync(&io, &logs);
+    let half = 300 * 1024;
+    let doomed = logs[1].append(entry(1, "half", half), 0).expect("append");
+    let storage = Arc::new(storage);
+    let deleting = {
+        let storage = storage.clone();
+        std::thread::spawn(move || storage.delete_log("t1"))
+    };
+    let kept = logs[2].append(entry(2, "half", half), 0).expect("append");
+    let outcome = within(LIMIT, move || {
+        let kept = kept.wait();
+        let doomed = doomed.wait();
+        let deleted = deleting.join().expect("delete thread");
+        (kept, doomed, deleted)
+    });
+    let Some((kept, doomed, deleted)) = outcome else {
+        std::mem::forget(logs);
+        std::mem::forget(storage);
+        panic!("a deletion while its log's batch waited in a group: not finished within {LIMIT:?}");
+    };
+    kept.expect("t2's batch durable");
+    doomed.expect("t1's batch durable before its deletion");
+    deleted.expect("t1 deleted");
+    drop(release);
+    held.wait().expect("t0's held batch");
+    let Ok(storage) = Arc::try_unwrap(storage) else {
+        panic!("the storage is still shared");
+    };
+    drop(logs);
+    let crashed = crashes(&sim, 4);
+    drop(storage);
+    for (name, crashed) in crashed {
+        let storage = open(&crashed);
+        assert_eq!(
+            storage.log_names().expect("names"),
+            vec!["t0".to_string(), "t2".to_string()],
+            "{name}: t1 stays deleted"
+        );
+        let log = storage.open_log("t2").expect("log");
+        assert_eq!(
+            all(&log),
+            vec![payload(2, 0, "first"), entry(2, "half", half)],
+            "{name}: log t2"
+        );
+    }
+}
