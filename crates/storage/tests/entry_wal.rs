@@ -8,10 +8,8 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
 use meridian_storage::{CrashMode, Log, Position, SimIo, Storage, StorageConfig};
 use support::entry_wal::*;
-use support::gated_io::GatedIo;
 
 #[test]
 fn logs_waiting_together_share_one_fsync_and_survive_a_power_cut() {
@@ -361,38 +359,13 @@ fn finishes_within<T: Send + 'static>(
     }
 }
 
-fn entry_of(log: usize, tag: &str, len: usize) -> Bytes {
-    let mut bytes = payload(log, 0, tag).to_vec();
-    bytes.resize(len, b'.');
-    Bytes::from(bytes)
-}
-
 #[test]
 fn a_group_waits_for_the_batches_other_logs_write_meanwhile_and_shares_one_fsync() {
     let sim = SimIo::new();
-    let io = GatedIo::new(sim.clone());
-    let long_wait = StorageConfig {
-        flush_threads: 3,
-        // Only a full group (512 KiB) ends this wait in the test's time.
-        entry_wal_group_wait: Duration::from_secs(3600),
-        ..config()
-    };
-    let storage = Storage::open_with_io("/data", long_wait, io.clone()).expect("open");
-    let logs: Vec<Arc<Log>> = (0..8)
-        .map(|number| storage.open_log(&format!("t{number}")).expect("log"))
-        .collect();
-    // Their first appends create their segments (each with its own fsync).
-    for (number, log) in logs.iter().enumerate() {
-        log.append(payload(number, 0, "first"), 0)
-            .expect("append")
-            .wait()
-            .expect("durable");
-    }
-    // t0's next batch is alone: its segment's own fsync, held here, so that the batches
-    // after it go to the WAL.
-    let (reached, release) = io.arm_containing("sync", "/logs/t0/");
-    let held = logs[0].append(payload(0, 1, "held"), 0).expect("append");
-    reached.recv().expect("t0's fsync reached");
+    // Only a full group (512 KiB) ends this wait in the test's time.
+    let (io, storage) = open_gated(&sim, 3, Duration::from_secs(3600));
+    let logs = logs_with_segments(&storage, 8);
+    let (held, release) = hold_t0_fsync(&io, &logs);
     let syncs = sim.sync_count();
     // Seven batches of 80 KiB, one after the other: the group fills (512 KiB) with the last.
     let size = 80 * 1024;
@@ -461,25 +434,9 @@ fn a_log_written_alone_never_waits_for_a_group_and_a_group_that_never_fills_is_w
     // A batch that goes to the WAL (another log's fsync is under way) starts a group that
     // nothing else fills: written once its wait has passed.
     let sim = SimIo::new();
-    let io = GatedIo::new(sim.clone());
-    let short_wait = StorageConfig {
-        flush_threads: 2,
-        entry_wal_group_wait: Duration::from_millis(50),
-        ..config()
-    };
-    let storage = Storage::open_with_io("/data", short_wait, io.clone()).expect("open");
-    let logs: Vec<Arc<Log>> = (0..2)
-        .map(|number| storage.open_log(&format!("t{number}")).expect("log"))
-        .collect();
-    for (number, log) in logs.iter().enumerate() {
-        log.append(payload(number, 0, "first"), 0)
-            .expect("append")
-            .wait()
-            .expect("durable");
-    }
-    let (reached, release) = io.arm_containing("sync", "/logs/t0/");
-    let held = logs[0].append(payload(0, 1, "held"), 0).expect("append");
-    reached.recv().expect("t0's fsync reached");
+    let (io, storage) = open_gated(&sim, 2, Duration::from_millis(50));
+    let logs = logs_with_segments(&storage, 2);
+    let (held, release) = hold_t0_fsync(&io, &logs);
     let wal_before = wal_bytes(&sim);
     let grouped = logs[1].append(payload(1, 1, "grouped"), 0).expect("append");
     finishes_within(Duration::from_secs(60), move || {

@@ -9,11 +9,9 @@
 
 mod support;
 
-use std::sync::mpsc::{Receiver, Sender};
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
 use meridian_storage::{Log, PendingAppend, Position, SimIo, Storage, StorageConfig};
 use support::entry_wal::*;
 use support::gated_io::GatedIo;
@@ -59,50 +57,9 @@ fn wait_durable(
     }
 }
 
-fn entry(log: usize, tag: &str, len: usize) -> Bytes {
-    let mut bytes = payload(log, 0, tag).to_vec();
-    bytes.resize(len, b'.');
-    Bytes::from(bytes)
-}
-
 /// A batch this large fills a group alone (`GROUP_FULL_BYTES`, 512 KiB): it goes at once,
 /// however long the group wait.
 const FULL: usize = 600 * 1024;
-
-fn open_gated(sim: &SimIo, flush_threads: usize, group_wait: Duration) -> (Arc<GatedIo>, Storage) {
-    let io = GatedIo::new(sim.clone());
-    let config = StorageConfig {
-        flush_threads,
-        entry_wal_group_wait: group_wait,
-        ..config()
-    };
-    let storage = Storage::open_with_io("/data", config, io.clone()).expect("open");
-    (io, storage)
-}
-
-/// Opens `count` logs `t0`, `t1`, ... and makes one append to each, one at a time (each alone:
-/// it creates the segment, with its own fsync).
-fn logs_with_segments(storage: &Storage, count: usize) -> Vec<Arc<Log>> {
-    let logs: Vec<Arc<Log>> = (0..count)
-        .map(|number| storage.open_log(&format!("t{number}")).expect("log"))
-        .collect();
-    for (number, log) in logs.iter().enumerate() {
-        log.append(payload(number, 0, "first"), 0)
-            .expect("append")
-            .wait()
-            .expect("durable");
-    }
-    logs
-}
-
-/// `t0`'s next batch, alone, takes its segment's own fsync, held here: from now on no batch is
-/// alone (another fsync is under way), so the next ones go to the WAL path.
-fn hold_t0_fsync(io: &GatedIo, logs: &[Arc<Log>]) -> (PendingAppend, Sender<()>) {
-    let (reached, release): (Receiver<()>, Sender<()>) = io.arm_containing("sync", "/logs/t0/");
-    let held = logs[0].append(payload(0, 1, "held"), 0).expect("append");
-    reached.recv_timeout(LIMIT).expect("t0's own fsync reached");
-    (held, release)
-}
 
 /// PROMISE 3. One group goes through the WAL; then only `t1` is written, one append at a
 /// time. The first of its batches may join the WAL (a group went through it within the group
@@ -166,7 +123,7 @@ fn review_a_log_written_alone_never_waits_after_groups_that_did_not_go_through_t
     // A group (t1's batch, full: it goes at once) while t0's own fsync is under way.
     let (held, release) = hold_t0_fsync(&io, &logs);
     let grouped = logs[1]
-        .append(entry(1, "grouped", FULL), 0)
+        .append(entry_of(1, "grouped", FULL), 0)
         .expect("append");
     let (storage, _) = wait_durable(storage, &logs, grouped, "t1's full group");
     drop(release);
@@ -209,7 +166,9 @@ fn review_a_group_wait_too_long_for_the_clock_is_refused_or_never_stalls_a_full_
     };
     let logs = logs_with_segments(&storage, 2);
     let (held, release) = hold_t0_fsync(&io, &logs);
-    let full = logs[1].append(entry(1, "full", FULL), 0).expect("append");
+    let full = logs[1]
+        .append(entry_of(1, "full", FULL), 0)
+        .expect("append");
     let (storage, _) = wait_durable(
         storage,
         &logs,
@@ -235,9 +194,13 @@ fn review_a_checkpoint_while_a_group_waits_loses_nothing_acknowledged() {
     // Two half groups: whichever is handed over first waits (an hour) for the other, which
     // fills the group. The checkpoint runs in between.
     let half = 300 * 1024;
-    let first = logs[1].append(entry(1, "half", half), 0).expect("append");
+    let first = logs[1]
+        .append(entry_of(1, "half", half), 0)
+        .expect("append");
     storage.checkpoint_entries().expect("checkpoint");
-    let second = logs[2].append(entry(2, "half", half), 0).expect("append");
+    let second = logs[2]
+        .append(entry_of(2, "half", half), 0)
+        .expect("append");
     let (storage, _) = wait_durable(storage, &logs, first, "t1's half group");
     let (storage, _) = wait_durable(storage, &logs, second, "t2's half group");
     drop(release);
@@ -251,7 +214,7 @@ fn review_a_checkpoint_while_a_group_waits_loses_nothing_acknowledged() {
             let log = storage.open_log(&format!("t{number}")).expect("log");
             assert_eq!(
                 all(&log),
-                vec![payload(number, 0, "first"), entry(number, "half", half)],
+                vec![payload(number, 0, "first"), entry_of(number, "half", half)],
                 "{name}: log t{number}"
             );
         }
@@ -275,13 +238,17 @@ fn review_a_log_deleted_while_its_batch_waits_in_a_group() {
     let logs = logs_with_segments(&storage, 3);
     let (held, release) = hold_t0_fsync(&io, &logs);
     let half = 300 * 1024;
-    let doomed = logs[1].append(entry(1, "half", half), 0).expect("append");
+    let doomed = logs[1]
+        .append(entry_of(1, "half", half), 0)
+        .expect("append");
     let storage = Arc::new(storage);
     let deleting = {
         let storage = storage.clone();
         std::thread::spawn(move || storage.delete_log("t1"))
     };
-    let kept = logs[2].append(entry(2, "half", half), 0).expect("append");
+    let kept = logs[2]
+        .append(entry_of(2, "half", half), 0)
+        .expect("append");
     let outcome = within(LIMIT, move || {
         let kept = kept.wait();
         let doomed = doomed.wait();
@@ -314,7 +281,7 @@ fn review_a_log_deleted_while_its_batch_waits_in_a_group() {
         let log = storage.open_log("t2").expect("log");
         assert_eq!(
             all(&log),
-            vec![payload(2, 0, "first"), entry(2, "half", half)],
+            vec![payload(2, 0, "first"), entry_of(2, "half", half)],
             "{name}: log t2"
         );
     }

@@ -2,6 +2,7 @@
 //! `tests/entry_wal_recycle_review.rs`).
 
 use std::path::Path;
+use std::sync::mpsc::Sender;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -9,6 +10,8 @@ use bytes::Bytes;
 use meridian_storage::{
     CrashMode, Log, PendingAppend, SimIo, Storage, StorageConfig, StorageError,
 };
+
+use super::gated_io::GatedIo;
 
 pub fn config() -> StorageConfig {
     StorageConfig {
@@ -141,4 +144,55 @@ pub fn a_group_refused_midway_through_the_wal(io: &SimIo, storage: &Storage) -> 
         "the refused group's records are cut off the WAL"
     );
     logs
+}
+
+/// An entry of `len` bytes that starts like [`payload`]`(log, 0, tag)`.
+pub fn entry_of(log: usize, tag: &str, len: usize) -> Bytes {
+    let mut bytes = payload(log, 0, tag).to_vec();
+    bytes.resize(len, b'.');
+    Bytes::from(bytes)
+}
+
+/// An engine on a gated view of `sim` (at `/data`) with `flush_threads` and the entry WAL's
+/// group wait `group_wait`.
+pub fn open_gated(
+    sim: &SimIo,
+    flush_threads: usize,
+    group_wait: Duration,
+) -> (Arc<GatedIo>, Storage) {
+    let io = GatedIo::new(sim.clone());
+    let config = StorageConfig {
+        flush_threads,
+        entry_wal_group_wait: group_wait,
+        ..config()
+    };
+    let storage = Storage::open_with_io("/data", config, io.clone()).expect("open");
+    (io, storage)
+}
+
+/// Opens `count` logs `t0`, `t1`, ... and makes one append to each, one at a time (each alone:
+/// it creates the segment, with its own fsync).
+pub fn logs_with_segments(storage: &Storage, count: usize) -> Vec<Arc<Log>> {
+    let logs: Vec<Arc<Log>> = (0..count)
+        .map(|number| storage.open_log(&format!("t{number}")).expect("log"))
+        .collect();
+    for (number, log) in logs.iter().enumerate() {
+        log.append(payload(number, 0, "first"), 0)
+            .expect("append")
+            .wait()
+            .expect("durable");
+    }
+    logs
+}
+
+/// `t0`'s next batch, alone, takes its segment's own fsync, held here until the returned
+/// sender sends or is dropped: meanwhile no batch is alone (another fsync is under way), so
+/// the next ones go to the WAL path.
+pub fn hold_t0_fsync(io: &GatedIo, logs: &[Arc<Log>]) -> (PendingAppend, Sender<()>) {
+    let (reached, release) = io.arm_containing("sync", "/logs/t0/");
+    let held = logs[0].append(payload(0, 1, "held"), 0).expect("append");
+    reached
+        .recv_timeout(Duration::from_secs(60))
+        .expect("t0's own fsync reached");
+    (held, release)
 }
