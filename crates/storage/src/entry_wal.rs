@@ -412,11 +412,12 @@ fn encode_group(batches: &[(Arc<Log>, WrittenBatch)], salt: u32) -> EncodedGroup
 /// oldest batch was handed over, or until it holds [`GROUP_FULL_BYTES`] (as a bookie waits up
 /// to its `journalMaxGroupWaitMSec` or `journalBufferedWritesThreshold`). The wait counts from
 /// the hand-over, so batches handed over during an fsync wait only what is left of it after
-/// the fsync (nothing once the fsync took as long). Each fsync costs tens of microseconds of CPU on top of
-/// the disk's time, so with many logs fewer, larger groups cost less per message. A log
-/// written alone never waits: its batches take their segment's own fsync, unless a group went
-/// through the WAL, with batches of several logs, within the last `group_wait` (other logs
-/// are busy: it joins their group, rather than adding an fsync beside theirs).
+/// the fsync (nothing once the fsync took as long). Each fsync costs tens of microseconds of
+/// CPU on top of the disk's time, so with many logs fewer, larger groups cost less per
+/// message. A log written alone never waits: its batches take their segment's own fsync,
+/// unless a group went through the WAL, with batches of several logs, within the last
+/// `group_wait` (other logs are busy: it joins their group, rather than adding an fsync
+/// beside theirs).
 pub(crate) struct GroupCommit {
     wal: Mutex<EntryWal>,
     waiting: Mutex<Waiting>,
@@ -429,7 +430,7 @@ pub(crate) struct GroupCommit {
 }
 
 /// A group this large is written at once, however young.
-pub(crate) const GROUP_FULL_BYTES: u64 = 512 * 1024;
+const GROUP_FULL_BYTES: u64 = 512 * 1024;
 
 #[derive(Default)]
 struct Waiting {
@@ -512,10 +513,10 @@ impl GroupCommit {
 
     /// Flushes `logs` (each with its flush role taken): each one's oldest pending batch is
     /// written into its segment; then a lone batch gets its segment's own fsync if no other
-    /// fsync is under way and no group went through the WAL within the group wait (it costs
-    /// what the WAL's would, without writing the bytes twice), and otherwise the batches go
-    /// to the WAL, where the ones written meanwhile join them. Logs with more pending are
-    /// handed to `again`.
+    /// fsync is under way and no group of several logs went through the WAL within the group
+    /// wait (it costs what the WAL's would, without writing the bytes twice), and otherwise
+    /// the batches go to the WAL, where the ones written meanwhile join them. Logs with more
+    /// pending are handed to `again`.
     pub(crate) fn flush_group(&self, io: &dyn Io, logs: Vec<Arc<Log>>, again: &impl Fn(Arc<Log>)) {
         let mut written = Vec::with_capacity(logs.len());
         for log in logs {

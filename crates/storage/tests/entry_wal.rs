@@ -346,17 +346,10 @@ fn finishes_within<T: Send + 'static>(
     limit: Duration,
     work: impl FnOnce() -> T + Send + 'static,
 ) -> T {
-    let (done, finished) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = done.send(work());
-    });
-    match finished.recv_timeout(limit) {
-        Ok(result) => result,
-        Err(_) => {
-            eprintln!("not finished within {limit:?}: a flush waited for a group that never came");
-            std::process::abort();
-        }
-    }
+    within(limit, work).unwrap_or_else(|| {
+        eprintln!("not finished within {limit:?}: a flush waited for a group that never came");
+        std::process::abort();
+    })
 }
 
 #[test]

@@ -196,3 +196,16 @@ pub fn hold_t0_fsync(io: &GatedIo, logs: &[Arc<Log>]) -> (PendingAppend, Sender<
         .expect("t0's own fsync reached");
     (held, release)
 }
+
+/// Runs `work` on its own thread: `None` if it has not finished within `limit` (a flush that
+/// waits for a group that never comes is what the group wait's tests look for).
+pub fn within<T: Send + 'static>(
+    limit: Duration,
+    work: impl FnOnce() -> T + Send + 'static,
+) -> Option<T> {
+    let (done, finished) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = done.send(work());
+    });
+    finished.recv_timeout(limit).ok()
+}
