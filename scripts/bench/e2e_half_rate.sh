@@ -6,6 +6,7 @@
 #
 #   BIN=target/release/meridian scripts/bench/e2e_half_rate.sh 1
 #   ROUNDS=3 DURATION=8 RATE=80000 BIN=... scripts/bench/e2e_half_rate.sh 2
+#   PERF_ARGS="--topics 10" RATE=40000 BIN=... scripts/bench/e2e_half_rate.sh 3   # more perf flags
 #
 # <n> numbers the run: its directory (/tmp/e2e/run<n>) and ports (17500 + 10 n).
 set -u
@@ -22,7 +23,7 @@ for k in $(seq 600); do curl -sf http://127.0.0.1:$wp/admin/v2/brokers/health >/
 run() { # <topic prefix> <rate>
   $bin perf end-to-end --url pulsar://127.0.0.1:$bp --admin-url http://127.0.0.1:$wp \
     --topic-prefix "$1" --rate "$2" --duration ${DURATION:-8} --warmup 2 --broker-pid $bpid \
-    --output json 2> $work/$1.lines > $work/$1.json
+    --output json ${PERF_ARGS:-} 2> $work/$1.lines > $work/$1.json
   jq -r --arg rate "$2" '"rate \($rate): \(.receive.msg_per_s | floor) msg/s, e2e p50 \(.end_to_end_latency_ms.p50) p95 \(.end_to_end_latency_ms.p95) p99 \(.end_to_end_latency_ms.p99) p99.9 \(.end_to_end_latency_ms.p99_9) max \(.end_to_end_latency_ms.max) ms, broker \(.broker_cpu.us_per_message * 100 | round / 100) us/msg, \(.broker_cpu.per_message.voluntary_switches * 1000 | round / 1000) vol. switches/msg"' $work/$1.json
 }
 

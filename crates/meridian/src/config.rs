@@ -199,6 +199,7 @@ pub struct StorageSection {
     pub recycled_segments_max: usize,
     pub entry_wal: bool,
     pub entry_wal_group_wait_us: u64,
+    pub entry_wal_group_idle_us: u64,
 }
 
 impl Default for Config {
@@ -307,6 +308,7 @@ impl Default for StorageSection {
             recycled_segments_max: storage.recycled_segments_max,
             entry_wal: storage.entry_wal,
             entry_wal_group_wait_us: storage.entry_wal_group_wait.as_micros() as u64,
+            entry_wal_group_idle_us: storage.entry_wal_group_idle.as_micros() as u64,
         }
     }
 }
@@ -574,6 +576,7 @@ impl Config {
             recycled_segments_max: storage.recycled_segments_max,
             entry_wal: storage.entry_wal,
             entry_wal_group_wait: Duration::from_micros(storage.entry_wal_group_wait_us),
+            entry_wal_group_idle: Duration::from_micros(storage.entry_wal_group_idle_us),
         }
     }
 

@@ -85,6 +85,11 @@ pub struct StorageConfig {
     /// it joins the next group). At most an hour.
     /// A bookie's `journalMaxGroupWaitMSec` plays the same part.
     pub entry_wal_group_wait: Duration,
+    /// A waiting group of the entry WAL is written once no batch has joined it for this long,
+    /// even before `entry_wal_group_wait` has passed: when the producers have sent all they
+    /// may and await these receipts, waiting longer only delays them. Zero: no wait. At most
+    /// an hour.
+    pub entry_wal_group_idle: Duration,
 }
 
 impl Default for StorageConfig {
@@ -103,6 +108,7 @@ impl Default for StorageConfig {
             recycled_segments_max: 2,
             entry_wal: true,
             entry_wal_group_wait: Duration::from_millis(1),
+            entry_wal_group_idle: Duration::from_micros(250),
         }
     }
 }
@@ -128,6 +134,9 @@ impl StorageConfig {
         }
         if self.entry_wal_group_wait > Duration::from_secs(3600) {
             return Err("entry_wal_group_wait must be at most an hour".into());
+        }
+        if self.entry_wal_group_idle > Duration::from_secs(3600) {
+            return Err("entry_wal_group_idle must be at most an hour".into());
         }
         if self.flush_threads == 0 {
             return Err("flush_threads must be at least 1".into());

@@ -293,6 +293,7 @@ impl Storage {
             Some(GroupCommit::new(
                 EntryWal::start(io.as_ref(), &root, replayed.next_sequence)?,
                 group_wait,
+                config.entry_wal_group_idle,
             ))
         } else {
             None

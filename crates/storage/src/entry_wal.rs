@@ -409,10 +409,11 @@ fn encode_group(batches: &[(Arc<Log>, WrittenBatch)], salt: u32) -> EncodedGroup
 /// over meanwhile. So the batches written while one fsync runs share the next.
 ///
 /// Before it writes, the leader lets the group fill: until `group_wait` has passed since its
-/// oldest batch was handed over, or until it holds [`GROUP_FULL_BYTES`] (as a bookie waits up
-/// to its `journalMaxGroupWaitMSec` or `journalBufferedWritesThreshold`). The wait counts from
-/// the hand-over, so batches handed over during an fsync wait only what is left of it after
-/// the fsync (nothing once the fsync took as long). Each fsync costs tens of microseconds of
+/// oldest batch was handed over, or `group_idle` since its newest (no more are coming: the
+/// producers are waiting for these receipts), or until it holds [`GROUP_FULL_BYTES`] (as a
+/// bookie waits up to its `journalMaxGroupWaitMSec` or `journalBufferedWritesThreshold`). The
+/// waits count from the hand-overs, so batches handed over during an fsync wait only what is
+/// left of them after the fsync (nothing once the fsync took as long). Each fsync costs tens of microseconds of
 /// CPU on top of the disk's time, so with many logs fewer, larger groups cost less per
 /// message. A log written alone never waits: its batches take their segment's own fsync,
 /// unless a group went through the WAL, with batches of several logs, within the last
@@ -425,6 +426,8 @@ pub(crate) struct GroupCommit {
     full: Condvar,
     /// How long a group may wait to fill (zero: it is written at once).
     group_wait: Duration,
+    /// How long a waiting group may go without a new batch.
+    group_idle: Duration,
     /// Segment fsyncs of lone batches under way (see [`GroupCommit::flush_group`]).
     syncing: AtomicUsize,
 }
@@ -439,6 +442,8 @@ struct Waiting {
     bytes: u64,
     /// When the oldest of `batches` was handed over.
     since: Option<Instant>,
+    /// When the newest of `batches` was handed over.
+    latest: Option<Instant>,
     /// When the last group of several batches went through the WAL.
     grouped: Option<Instant>,
     /// A thread is writing and completing batches: others only add theirs.
@@ -446,12 +451,13 @@ struct Waiting {
 }
 
 impl GroupCommit {
-    pub(crate) fn new(wal: EntryWal, group_wait: Duration) -> GroupCommit {
+    pub(crate) fn new(wal: EntryWal, group_wait: Duration, group_idle: Duration) -> GroupCommit {
         GroupCommit {
             wal: Mutex::new(wal),
             waiting: Mutex::new(Waiting::default()),
             full: Condvar::new(),
             group_wait,
+            group_idle,
             syncing: AtomicUsize::new(0),
         }
     }
@@ -549,7 +555,9 @@ impl GroupCommit {
             return;
         }
         if !written.is_empty() {
-            waiting.since.get_or_insert_with(Instant::now);
+            let now = Instant::now();
+            waiting.since.get_or_insert(now);
+            waiting.latest = Some(now);
             waiting.bytes += written.iter().map(|(_, batch)| batch.len()).sum::<u64>();
             waiting.batches.append(&mut written);
             if waiting.leader && waiting.bytes >= GROUP_FULL_BYTES {
@@ -563,6 +571,18 @@ impl GroupCommit {
         }
     }
 
+    /// When the waiting group is to be written unless it fills first: `group_wait` after its
+    /// oldest batch or `group_idle` after its newest, whichever comes first. `validate`
+    /// bounds both; a deadline past the clock's range would only wait for the group to fill.
+    fn deadline(&self, waiting: &Waiting) -> Option<Instant> {
+        let oldest = waiting.since?.checked_add(self.group_wait);
+        let newest = waiting.latest?.checked_add(self.group_idle);
+        match (oldest, newest) {
+            (Some(oldest), Some(newest)) => Some(oldest.min(newest)),
+            (oldest, newest) => oldest.or(newest),
+        }
+    }
+
     /// Writes and completes the batches handed over until none is left.
     fn lead(&self, io: &dyn Io, again: &impl Fn(Arc<Log>)) {
         loop {
@@ -572,25 +592,21 @@ impl GroupCommit {
                     waiting.leader = false;
                     return;
                 }
-                // `validate` bounds the wait; a deadline past the clock's range would only
-                // wait for the group to fill.
-                if let Some(deadline) = waiting
-                    .since
-                    .and_then(|since| since.checked_add(self.group_wait))
-                {
-                    loop {
-                        let now = Instant::now();
-                        if waiting.bytes >= GROUP_FULL_BYTES || now >= deadline {
-                            break;
-                        }
-                        waiting = self
-                            .full
-                            .wait_timeout(waiting, deadline - now)
-                            .unwrap_or_else(|poisoned| poisoned.into_inner())
-                            .0;
+                // Batches handed over meanwhile move the idle deadline on: checked again
+                // after each wake-up.
+                while let Some(deadline) = self.deadline(&waiting) {
+                    let now = Instant::now();
+                    if waiting.bytes >= GROUP_FULL_BYTES || now >= deadline {
+                        break;
                     }
+                    waiting = self
+                        .full
+                        .wait_timeout(waiting, deadline - now)
+                        .unwrap_or_else(|poisoned| poisoned.into_inner())
+                        .0;
                 }
                 waiting.since = None;
+                waiting.latest = None;
                 waiting.bytes = 0;
                 std::mem::take(&mut waiting.batches)
             };

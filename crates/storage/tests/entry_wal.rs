@@ -408,6 +408,7 @@ fn a_log_written_alone_never_waits_for_a_group_and_a_group_that_never_fills_is_w
     let long_wait = StorageConfig {
         flush_threads: 2,
         entry_wal_group_wait: Duration::from_secs(3600),
+        entry_wal_group_idle: Duration::from_secs(3600),
         ..config()
     };
     let storage = open_with(&io, long_wait).expect("open");
@@ -431,6 +432,35 @@ fn a_log_written_alone_never_waits_for_a_group_and_a_group_that_never_fills_is_w
     let logs = logs_with_segments(&storage, 2);
     let (held, release) = hold_t0_fsync(&io, &logs);
     let wal_before = wal_bytes(&sim);
+    let grouped = logs[1].append(payload(1, 1, "grouped"), 0).expect("append");
+    finishes_within(Duration::from_secs(60), move || {
+        grouped.wait().expect("durable")
+    });
+    assert!(
+        wal_bytes(&sim) > wal_before,
+        "the group went through the WAL"
+    );
+    drop(release);
+    held.wait().expect("t0's batch durable");
+}
+
+#[test]
+fn a_group_no_batch_joins_is_written_once_idle_however_long_its_wait() {
+    let sim = SimIo::new();
+    let (io, storage) = open_gated_with(
+        &sim,
+        StorageConfig {
+            flush_threads: 2,
+            entry_wal_group_wait: Duration::from_secs(3600),
+            entry_wal_group_idle: Duration::from_millis(20),
+            ..config()
+        },
+    );
+    let logs = logs_with_segments(&storage, 2);
+    let (held, release) = hold_t0_fsync(&io, &logs);
+    let wal_before = wal_bytes(&sim);
+    // t0's fsync is under way: t1's batch goes to the WAL and leads a group that nothing
+    // joins. Without the idle limit it would wait its hour.
     let grouped = logs[1].append(payload(1, 1, "grouped"), 0).expect("append");
     finishes_within(Duration::from_secs(60), move || {
         grouped.wait().expect("durable")

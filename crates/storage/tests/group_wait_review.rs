@@ -272,16 +272,21 @@ fn review_a_log_deleted_while_its_batch_waits_in_a_group() {
     }
 }
 
-/// The group wait's bound is an hour: an hour is accepted, a nanosecond more refused.
+/// The group wait's bound (and its idle limit's) is an hour: an hour is accepted, a nanosecond
+/// more refused.
 #[test]
 fn a_group_wait_of_an_hour_is_accepted_and_one_nanosecond_more_refused() {
-    let with_wait = |group_wait| StorageConfig {
+    let with_wait: fn(Duration) -> StorageConfig = |group_wait| StorageConfig {
         entry_wal_group_wait: group_wait,
         ..config()
     };
+    let with_idle: fn(Duration) -> StorageConfig = |group_idle| StorageConfig {
+        entry_wal_group_idle: group_idle,
+        ..config()
+    };
     let hour = Duration::from_secs(3600);
-    assert_eq!(with_wait(hour).validate(), Ok(()));
-    assert!(with_wait(hour + Duration::from_nanos(1))
-        .validate()
-        .is_err());
+    for with in [with_wait, with_idle] {
+        assert_eq!(with(hour).validate(), Ok(()));
+        assert!(with(hour + Duration::from_nanos(1)).validate().is_err());
+    }
 }

@@ -154,18 +154,25 @@ pub fn entry_of(log: usize, tag: &str, len: usize) -> Bytes {
 }
 
 /// An engine on a gated view of `sim` (at `/data`) with `flush_threads` and the entry WAL's
-/// group wait `group_wait`.
+/// group wait `group_wait` (also its idle limit: a group waits `group_wait` however long no
+/// batch joins it).
 pub fn open_gated(
     sim: &SimIo,
     flush_threads: usize,
     group_wait: Duration,
 ) -> (Arc<GatedIo>, Storage) {
-    let io = GatedIo::new(sim.clone());
     let config = StorageConfig {
         flush_threads,
         entry_wal_group_wait: group_wait,
+        entry_wal_group_idle: group_wait,
         ..config()
     };
+    open_gated_with(sim, config)
+}
+
+/// An engine on a gated view of `sim` (at `/data`) with `config`.
+pub fn open_gated_with(sim: &SimIo, config: StorageConfig) -> (Arc<GatedIo>, Storage) {
+    let io = GatedIo::new(sim.clone());
     let storage = Storage::open_with_io("/data", config, io.clone()).expect("open");
     (io, storage)
 }
