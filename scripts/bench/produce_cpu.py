@@ -16,6 +16,7 @@ per entry) or `perf record -g` (a profile).
     python3 scripts/bench/produce_cpu.py --no-build --fill 200000     # consume: CPU per delivered message
     python3 scripts/bench/produce_cpu.py --no-build --rate 40000       # produce + consume: p50/p99 latency
     python3 scripts/bench/produce_cpu.py --no-build --partitions 16    # one topic of 16 partitions
+    python3 scripts/bench/produce_cpu.py --no-build --batch-max-messages 20   # smaller batches
     python3 scripts/bench/produce_cpu.py --no-build --pulsar-lite <pulsar-lite binary>
         # each round also runs pulsar-lite (which does not fsync) under the same generator,
         # right after Meridian; prints both and Meridian's CPU per message over pulsar-lite's
@@ -87,7 +88,8 @@ def round_(args, attach=None, wrapper=(), lite=False):
              '--url', 'pulsar://127.0.0.1:%d' % broker_port, '--broker-pid', str(broker.pid),
              '--size', str(args.size), '--topics', str(args.topics),
              '--warmup', str(args.warmup), '--duration', str(args.duration),
-             '--fill', str(args.fill), '--rate', str(args.rate)],
+             '--fill', str(args.fill), '--rate', str(args.rate),
+             '--batch-max-messages', str(args.batch_max_messages)],
             stdout=subprocess.PIPE, text=True)
         stop_tracer = None
         if attach:
@@ -121,6 +123,8 @@ def main():
     parser.add_argument('--warmup', type=float, default=3)
     parser.add_argument('--size', type=int, default=1024)
     parser.add_argument('--topics', type=int, default=1)
+    parser.add_argument('--batch-max-messages', type=int, default=1000,
+                        help="the generator's batches hold at most this many messages (and 128 KiB)")
     parser.add_argument('--partitions', type=int, default=0,
                         help='make each topic a partitioned topic of this many partitions')
     parser.add_argument('--fill', type=int, default=0,
