@@ -136,19 +136,22 @@ fn broker_counters(pid: u32) -> BrokerCounters {
 #[derive(Default)]
 struct Window {
     messages: AtomicU64,
-    /// (topic, ledger id, entry id): ledger ids of different topics may be equal.
-    entries: Mutex<HashSet<(usize, u64, u64)>>,
+    /// (topic, which partition, ledger id, entry id): ledger ids of different topics, or of
+    /// a partitioned topic's partitions, may be equal. The partition is told by the receipt's
+    /// producer id (a partitioned producer has one per partition; receipts carry no
+    /// partition) or by the delivered message's id.
+    entries: Mutex<HashSet<(usize, u64, u64, u64)>>,
     /// Latency mode: publish-to-delivery latencies in µs.
     latencies: Mutex<Vec<u64>>,
 }
 
 impl Window {
-    fn count(&self, topic: usize, ledger_id: u64, entry_id: u64) {
+    fn count(&self, topic: usize, partition: u64, ledger_id: u64, entry_id: u64) {
         self.messages.fetch_add(1, Ordering::Relaxed);
         self.entries
             .lock()
             .expect("entries")
-            .insert((topic, ledger_id, entry_id));
+            .insert((topic, partition, ledger_id, entry_id));
     }
 }
 
@@ -178,7 +181,8 @@ async fn consume(
         received += 1;
         if measuring.load(Ordering::Relaxed) {
             let id = &message.message_id.id;
-            window.count(topic, id.ledger_id, id.entry_id);
+            let partition = id.partition.unwrap_or(-1) as u64;
+            window.count(topic, partition, id.ledger_id, id.entry_id);
             if timed {
                 let data = &message.payload.data;
                 let sent = u64::from_le_bytes(data[..8].try_into().expect("timestamp"));
@@ -292,7 +296,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 produced.fetch_add(1, Ordering::Relaxed);
                 if count_receipts && measuring.load(Ordering::Relaxed) {
                     if let Some(id) = receipt.message_id {
-                        window.count(topic, id.ledger_id, id.entry_id);
+                        window.count(topic, receipt.producer_id, id.ledger_id, id.entry_id);
                     }
                 }
             };
