@@ -573,7 +573,8 @@ impl GroupCommit {
 
     /// When the waiting group is to be written unless it fills first: `group_wait` after its
     /// oldest batch or `group_idle` after its newest, whichever comes first. `validate`
-    /// bounds both; a deadline past the clock's range would only wait for the group to fill.
+    /// bounds both; a limit past the clock's range leaves the other one, and with neither
+    /// (`None`) the group is written at once.
     fn deadline(&self, waiting: &Waiting) -> Option<Instant> {
         let oldest = waiting.since?.checked_add(self.group_wait);
         let newest = waiting.latest?.checked_add(self.group_idle);

@@ -20,30 +20,17 @@ use support::gated_io::GatedIo;
 /// Far longer than anything these tests do when nothing is stuck.
 const LIMIT: Duration = Duration::from_secs(20);
 
-/// Fails the test without running the engine's close (which would wait for the stuck flush).
-fn fail_leaking(storage: Storage, logs: Vec<Arc<Log>>, message: &str) -> ! {
-    std::mem::forget(logs);
-    std::mem::forget(storage);
-    panic!("{message}");
-}
-
 fn wait_durable(
     storage: Storage,
     logs: &[Arc<Log>],
     append: PendingAppend,
     what: &str,
 ) -> (Storage, Position) {
-    match within(LIMIT, move || append.wait()) {
-        Some(result) => (
-            storage,
-            result.unwrap_or_else(|error| panic!("{what}: {error}")),
-        ),
-        None => fail_leaking(
-            storage,
-            logs.to_vec(),
-            &format!("{what}: not completed within {LIMIT:?}"),
-        ),
-    }
+    let (storage, result) = settle_within(LIMIT, storage, logs, append, what);
+    (
+        storage,
+        result.unwrap_or_else(|error| panic!("{what}: {error}")),
+    )
 }
 
 /// A batch this large fills a group alone (`GROUP_FULL_BYTES`, 512 KiB): it goes at once,
@@ -193,23 +180,20 @@ fn review_a_checkpoint_while_a_group_waits_loses_nothing_acknowledged() {
     drop(logs);
     let crashed = crashes(&sim, 4);
     drop(storage);
-    for (name, crashed) in crashed {
-        let storage = open(&crashed);
-        for number in 1..3 {
-            let log = storage.open_log(&format!("t{number}")).expect("log");
-            assert_eq!(
-                all(&log),
-                vec![payload(number, 0, "first"), entry_of(number, "half", half)],
-                "{name}: log t{number}"
-            );
-        }
-        let log = storage.open_log("t0").expect("log");
-        assert_eq!(
-            all(&log),
-            vec![payload(0, 0, "first"), payload(0, 1, "held")],
-            "{name}: log t0"
-        );
-    }
+    assert_logs_after_power_cuts(
+        crashed,
+        &[
+            ("t0", vec![payload(0, 0, "first"), payload(0, 1, "held")]),
+            (
+                "t1",
+                vec![payload(1, 0, "first"), entry_of(1, "half", half)],
+            ),
+            (
+                "t2",
+                vec![payload(2, 0, "first"), entry_of(2, "half", half)],
+            ),
+        ],
+    );
 }
 
 /// Held (kept as a regression test): a log deleted while its batch waits in a group: the
@@ -256,20 +240,17 @@ fn review_a_log_deleted_while_its_batch_waits_in_a_group() {
     drop(logs);
     let crashed = crashes(&sim, 4);
     drop(storage);
-    for (name, crashed) in crashed {
-        let storage = open(&crashed);
-        assert_eq!(
-            storage.log_names().expect("names"),
-            vec!["t0".to_string(), "t2".to_string()],
-            "{name}: t1 stays deleted"
-        );
-        let log = storage.open_log("t2").expect("log");
-        assert_eq!(
-            all(&log),
-            vec![payload(2, 0, "first"), entry_of(2, "half", half)],
-            "{name}: log t2"
-        );
-    }
+    // t1 stays deleted: its WAL record is replayed into nothing.
+    assert_logs_after_power_cuts(
+        crashed,
+        &[
+            ("t0", vec![payload(0, 0, "first"), payload(0, 1, "held")]),
+            (
+                "t2",
+                vec![payload(2, 0, "first"), entry_of(2, "half", half)],
+            ),
+        ],
+    );
 }
 
 /// The group wait's bound (and its idle limit's) is an hour: an hour is accepted, a nanosecond

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use meridian_storage::{
-    CrashMode, Log, PendingAppend, SimIo, Storage, StorageConfig, StorageError,
+    CrashMode, Log, PendingAppend, Position, SimIo, Storage, StorageConfig, StorageError,
 };
 
 use super::gated_io::GatedIo;
@@ -215,4 +215,52 @@ pub fn within<T: Send + 'static>(
         let _ = done.send(work());
     });
     finished.recv_timeout(limit).ok()
+}
+
+/// Fails the test without running the engine's close, which would wait for a stuck flush (or
+/// a fsync the test still holds): leaks `storage` and `logs`, then panics. A panic keeps the
+/// other tests of the file running, where an abort would take them down.
+pub fn fail_leaking<S>(storage: S, logs: Vec<Arc<Log>>, message: &str) -> ! {
+    std::mem::forget(logs);
+    std::mem::forget(storage);
+    panic!("{message}");
+}
+
+/// Waits for `append` within `limit`: the engine back, with the append's result. A wait past
+/// `limit` (a group leader stuck) fails the test by [`fail_leaking`].
+pub fn settle_within<S>(
+    limit: Duration,
+    storage: S,
+    logs: &[Arc<Log>],
+    append: PendingAppend,
+    what: &str,
+) -> (S, meridian_storage::Result<Position>) {
+    match within(limit, move || append.wait()) {
+        Some(result) => (storage, result),
+        None => fail_leaking(
+            storage,
+            logs.to_vec(),
+            &format!("{what}: not completed within {limit:?} (a group leader is stuck)"),
+        ),
+    }
+}
+
+/// Each engine `crashed` left (see [`crashes`]), reopened, holds exactly the logs `expected`
+/// names, each with exactly its entries.
+pub fn assert_logs_after_power_cuts(
+    crashed: Vec<(String, SimIo)>,
+    expected: &[(&str, Vec<Bytes>)],
+) {
+    let mut names: Vec<String> = expected.iter().map(|(name, _)| name.to_string()).collect();
+    names.sort();
+    for (cut, crashed) in crashed {
+        let storage = open(&crashed);
+        let mut found = storage.log_names().expect("names");
+        found.sort();
+        assert_eq!(found, names, "{cut}: the logs");
+        for (name, entries) in expected {
+            let log = storage.open_log(name).expect("log");
+            assert_eq!(&all(&log), entries, "{cut}: log {name}");
+        }
+    }
 }
