@@ -413,11 +413,11 @@ fn encode_group(batches: &[(Arc<Log>, WrittenBatch)], salt: u32) -> EncodedGroup
 /// producers are waiting for these receipts), or until it holds [`GROUP_FULL_BYTES`] (as a
 /// bookie waits up to its `journalMaxGroupWaitMSec` or `journalBufferedWritesThreshold`). The
 /// waits count from the hand-overs, so batches handed over during an fsync wait only what is
-/// left of them after the fsync (nothing once the fsync took as long). Each fsync costs tens of microseconds of
-/// CPU on top of the disk's time, so with many logs fewer, larger groups cost less per
-/// message. A log written alone never waits: its batches take their segment's own fsync,
-/// unless a group went through the WAL, with batches of several logs, within the last
-/// `group_wait` (other logs are busy: it joins their group, rather than adding an fsync
+/// left of them after the fsync (nothing once the fsync took as long). Each fsync costs tens
+/// of microseconds of CPU on top of the disk's time, so with many logs fewer, larger groups
+/// cost less per message. A log written alone never waits: its batches take their segment's
+/// own fsync, unless a group went through the WAL, with batches of several logs, within the
+/// last `group_wait` (other logs are busy: it joins their group, rather than adding an fsync
 /// beside theirs).
 pub(crate) struct GroupCommit {
     wal: Mutex<EntryWal>,

@@ -425,10 +425,20 @@ fn a_log_written_alone_never_waits_for_a_group_and_a_group_that_never_fills_is_w
     });
     assert_eq!(wal_bytes(&io), wal_before, "nothing went through the WAL");
 
-    // A batch that goes to the WAL (another log's fsync is under way) starts a group that
-    // nothing else fills: written once its wait has passed.
+    // A group that nothing else fills is written once its wait has passed.
+    a_group_nothing_joins_is_written(StorageConfig {
+        flush_threads: 2,
+        entry_wal_group_wait: Duration::from_millis(50),
+        entry_wal_group_idle: Duration::from_millis(50),
+        ..config()
+    });
+}
+
+/// A batch that goes to the WAL (another log's fsync is under way) starts a group that nothing
+/// else joins: it is written, through the WAL, under `config`'s limits (a hang is the failure).
+fn a_group_nothing_joins_is_written(config: StorageConfig) {
     let sim = SimIo::new();
-    let (io, storage) = open_gated(&sim, 2, Duration::from_millis(50));
+    let (io, storage) = open_gated_with(&sim, config);
     let logs = logs_with_segments(&storage, 2);
     let (held, release) = hold_t0_fsync(&io, &logs);
     let wal_before = wal_bytes(&sim);
@@ -446,29 +456,11 @@ fn a_log_written_alone_never_waits_for_a_group_and_a_group_that_never_fills_is_w
 
 #[test]
 fn a_group_no_batch_joins_is_written_once_idle_however_long_its_wait() {
-    let sim = SimIo::new();
-    let (io, storage) = open_gated_with(
-        &sim,
-        StorageConfig {
-            flush_threads: 2,
-            entry_wal_group_wait: Duration::from_secs(3600),
-            entry_wal_group_idle: Duration::from_millis(20),
-            ..config()
-        },
-    );
-    let logs = logs_with_segments(&storage, 2);
-    let (held, release) = hold_t0_fsync(&io, &logs);
-    let wal_before = wal_bytes(&sim);
-    // t0's fsync is under way: t1's batch goes to the WAL and leads a group that nothing
-    // joins. Without the idle limit it would wait its hour.
-    let grouped = logs[1].append(payload(1, 1, "grouped"), 0).expect("append");
-    finishes_within(Duration::from_secs(60), move || {
-        grouped.wait().expect("durable")
+    // Without the idle limit it would wait its hour.
+    a_group_nothing_joins_is_written(StorageConfig {
+        flush_threads: 2,
+        entry_wal_group_wait: Duration::from_secs(3600),
+        entry_wal_group_idle: Duration::from_millis(20),
+        ..config()
     });
-    assert!(
-        wal_bytes(&sim) > wal_before,
-        "the group went through the WAL"
-    );
-    drop(release);
-    held.wait().expect("t0's batch durable");
 }
