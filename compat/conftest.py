@@ -375,9 +375,13 @@ def pytest_runtest_call(item):
             item.add_report_section("call", f"broker log tail {broker.name}", broker.log_tail())
         clients = getattr(item, "compat_clients", None)
         if clients is not None:
-            clients.close_all()  # the client's file logger writes its buffer out on close
-            for path in clients.log_paths:
-                item.add_report_section("call", f"client log tail {path.name}", _tail(path))
+            try:
+                clients.close_all()  # the client's file logger writes its buffer out on close
+            finally:
+                # Attached even when a close does not return (or the test's timeout strikes
+                # while closing): what the logger wrote by then is the client's side of it.
+                for path in clients.log_paths:
+                    item.add_report_section("call", f"client log tail {path.name}", _tail(path))
         raise
     failures = []
     for broker in list(broker_process.KNOWN_BROKERS):

@@ -56,6 +56,14 @@ def client_names(stats: dict) -> tuple[list, int]:
     return producers, consumers
 
 
+def clients_are(clusters, cluster: str, topic: str, expected: tuple[list, int]) -> bool:
+    """True once `topic` on `cluster` has exactly the `expected` clients; otherwise the
+    assertion names those of both clusters (the wait's failure shows the last one)."""
+    seen = {name: client_names(clusters.stats(name, topic)) for name in ("a", "b")}
+    assert seen[cluster] == expected, f"producers and consumer count seen: {seen}"
+    return True
+
+
 def test_live_producers_and_consumers_follow_their_tenant_exactly_once(clusters_factory):
     clusters, tenant, namespace = two_clusters_and_a_tenant_on_a(clusters_factory)
     shared_topic = f"persistent://{namespace}/work"
@@ -141,7 +149,7 @@ def test_live_producers_and_consumers_follow_their_tenant_exactly_once(clusters_
         (partition, "keyed", 2) for partition in keyed_partitions
     ]:
         await_condition(
-            lambda: client_names(clusters.stats("b", topic)) == ([producer], consumer_count),
+            lambda: clients_are(clusters, "b", topic, ([producer], consumer_count)),
             REPLICATION_TIMEOUT_S,
             f"{topic}'s clients to be on b",
         )

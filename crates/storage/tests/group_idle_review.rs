@@ -255,27 +255,75 @@ fn review_a_batch_handed_over_while_the_wal_fsyncs_goes_once_idle() {
     }
 }
 
+/// An engine with three logs, `t0`'s own fsync held (see [`hold_t0_fsync`]), and a group
+/// that goes to the WAL alone: `t1`'s next batch, `tag`, handed over once `fault` is set up
+/// (under an idle limit of 10 ms and a wait of an hour). Returns the engine, the logs, `t0`'s
+/// held batch and its release, and the group's result.
+fn a_lone_group_after(sim: &SimIo, fault: impl FnOnce(&SimIo), tag: &str) -> HeldGroup {
+    let (io, storage) = open_gated_engine(sim, with(3, HOUR, Duration::from_millis(10)));
+    let logs = logs_with_segments(&storage, 3);
+    let (held, release) = hold_t0_fsync(&io, &logs);
+    fault(sim);
+    let append = logs[1].append(payload(1, 1, tag), 0).expect("append");
+    let (storage, result) = settle(storage, &logs, append, "t1's group");
+    HeldGroup {
+        storage,
+        logs,
+        held,
+        release,
+        result,
+    }
+}
+
+struct HeldGroup {
+    storage: Engine,
+    logs: Vec<Arc<Log>>,
+    held: PendingAppend,
+    release: std::sync::mpsc::Sender<()>,
+    result: meridian_storage::Result<Position>,
+}
+
+impl HeldGroup {
+    /// Releases `t0`'s held fsync, waits for its batch, and takes power cuts (three of each
+    /// crash mode) of what the engine then holds.
+    fn power_cuts(self, sim: &SimIo) -> Vec<(String, SimIo)> {
+        let HeldGroup {
+            storage,
+            logs,
+            held,
+            release,
+            ..
+        } = self;
+        drop(release);
+        let storage = durable(storage, &logs, held, "t0's held batch");
+        drop(logs);
+        let crashed = crashes(sim, 3);
+        drop(storage);
+        crashed
+    }
+}
+
 /// A group whose WAL fsync fails, under an idle limit and a wait of an hour: its append fails,
 /// the leader role is released (the next group is written), and after power cuts nothing
 /// acknowledged is lost.
 #[test]
 fn review_a_failed_wal_fsync_in_an_idle_group_releases_the_leader() {
     let sim = SimIo::new();
-    let (io, storage) = open_gated_engine(&sim, with(3, HOUR, Duration::from_millis(10)));
-    let logs = logs_with_segments(&storage, 3);
-    let (held, release) = hold_t0_fsync(&io, &logs);
-    sim.fail_syncs(1);
-    let failing = logs[1].append(payload(1, 1, "failed"), 0).expect("append");
-    let (storage, result) = settle(storage, &logs, failing, "t1's group");
-    assert!(result.is_err(), "an append whose WAL fsync failed fails");
-    let after = logs[2].append(payload(2, 1, "after"), 0).expect("append");
-    let storage = durable(storage, &logs, after, "the group after a failed WAL fsync");
-    drop(release);
-    let storage = durable(storage, &logs, held, "t0's held batch");
-    drop(logs);
-    let crashed = crashes(&sim, 3);
-    drop(storage);
-    for (name, crashed) in crashed {
+    let mut group = a_lone_group_after(&sim, |sim| sim.fail_syncs(1), "failed");
+    assert!(
+        group.result.is_err(),
+        "an append whose WAL fsync failed fails"
+    );
+    let after = group.logs[2]
+        .append(payload(2, 1, "after"), 0)
+        .expect("append");
+    group.storage = durable(
+        group.storage,
+        &group.logs,
+        after,
+        "the group after a failed WAL fsync",
+    );
+    for (name, crashed) in group.power_cuts(&sim) {
         let storage = open(&crashed);
         let t0 = all(&storage.open_log("t0").expect("log"));
         assert_eq!(
@@ -300,30 +348,27 @@ fn review_a_failed_wal_fsync_in_an_idle_group_releases_the_leader() {
 #[test]
 fn review_a_full_disk_in_an_idle_group_releases_the_leader() {
     let sim = SimIo::new();
-    let (io, storage) = open_gated_engine(&sim, with(3, HOUR, Duration::from_millis(10)));
-    let logs = logs_with_segments(&storage, 3);
-    let (held, release) = hold_t0_fsync(&io, &logs);
     // Room for t1's segment write, not for its WAL record as well.
-    sim.set_capacity(Some(sim.used_bytes() + RECORD_BYTES + 16));
-    let refused = logs[1].append(payload(1, 1, "refused"), 0).expect("append");
-    let (storage, result) = settle(storage, &logs, refused, "t1's group on a full disk");
-    match result {
+    let fill = |sim: &SimIo| sim.set_capacity(Some(sim.used_bytes() + RECORD_BYTES + 16));
+    let mut group = a_lone_group_after(&sim, fill, "refused");
+    match &group.result {
         Err(StorageError::DiskFull { .. }) => {}
         other => panic!("expected DiskFull, got {other:?}"),
     }
     sim.set_capacity(None);
-    let mut storage = storage;
-    for (number, log) in logs.iter().enumerate().skip(1) {
-        let append = log.append(payload(number, 1, "after"), 0).expect("append");
-        storage = durable(storage, &logs, append, "a group after the full disk");
+    for number in 1..3 {
+        let append = group.logs[number]
+            .append(payload(number, 1, "after"), 0)
+            .expect("append");
+        group.storage = durable(
+            group.storage,
+            &group.logs,
+            append,
+            "a group after the full disk",
+        );
     }
-    drop(release);
-    let storage = durable(storage, &logs, held, "t0's held batch");
-    drop(logs);
-    let crashed = crashes(&sim, 3);
-    drop(storage);
     assert_logs_after_power_cuts(
-        crashed,
+        group.power_cuts(&sim),
         &[
             ("t0", vec![payload(0, 0, "first"), payload(0, 1, "held")]),
             ("t1", vec![payload(1, 0, "first"), payload(1, 1, "after")]),
@@ -338,47 +383,9 @@ fn review_a_full_disk_in_an_idle_group_releases_the_leader() {
 #[test]
 fn review_a_log_deleted_while_its_batch_waits_for_the_idle_limit() {
     let sim = SimIo::new();
-    let (io, storage) = open_gated_engine(&sim, with(3, HOUR, Duration::from_millis(200)));
-    let logs = logs_with_segments(&storage, 3);
-    let (held, release) = hold_t0_fsync(&io, &logs);
-    let doomed = logs[1].append(payload(1, 1, "doomed"), 0).expect("append");
-    let kept = logs[2].append(payload(2, 1, "kept"), 0).expect("append");
-    let storage = Arc::new(storage);
-    let deleting = {
-        let storage = storage.clone();
-        std::thread::spawn(move || storage.delete_log("t1"))
-    };
-    let outcome = within(LIMIT, move || {
-        let doomed = doomed.wait();
-        let kept = kept.wait();
-        (doomed, kept, deleting.join().expect("delete thread"))
-    });
-    let Some((doomed, kept, deleted)) = outcome else {
-        fail_leaking(
-            storage,
-            logs,
-            "a deletion while its batch waited for the idle limit",
-        );
-    };
-    doomed.expect("t1's batch durable before its deletion");
-    kept.expect("t2's batch durable");
-    deleted.expect("t1 deleted");
-    drop(release);
-    held.wait().expect("t0's held batch");
-    let Ok(storage) = Arc::try_unwrap(storage) else {
-        panic!("the storage is still shared");
-    };
-    drop(logs);
-    let crashed = crashes(&sim, 3);
-    drop(storage);
-    // t1 stays deleted.
-    assert_logs_after_power_cuts(
-        crashed,
-        &[
-            ("t0", vec![payload(0, 0, "first"), payload(0, 1, "held")]),
-            ("t2", vec![payload(2, 0, "first"), payload(2, 1, "kept")]),
-        ],
-    );
+    let (io, storage) = open_gated_with(&sim, with(3, HOUR, Duration::from_millis(200)));
+    let batches = (payload(1, 1, "doomed"), payload(2, 1, "kept"));
+    assert_a_log_deleted_while_its_batch_waits(&sim, &io, storage, batches, 3, LIMIT);
 }
 
 /// A checkpoint between two hand-overs of a group that the idle limit ends: the group goes to

@@ -204,53 +204,9 @@ fn review_a_checkpoint_while_a_group_waits_loses_nothing_acknowledged() {
 fn review_a_log_deleted_while_its_batch_waits_in_a_group() {
     let sim = SimIo::new();
     let (io, storage) = open_gated(&sim, 3, Duration::from_secs(3600));
-    let logs = logs_with_segments(&storage, 3);
-    let (held, release) = hold_t0_fsync(&io, &logs);
     let half = 300 * 1024;
-    let doomed = logs[1]
-        .append(entry_of(1, "half", half), 0)
-        .expect("append");
-    let storage = Arc::new(storage);
-    let deleting = {
-        let storage = storage.clone();
-        std::thread::spawn(move || storage.delete_log("t1"))
-    };
-    let kept = logs[2]
-        .append(entry_of(2, "half", half), 0)
-        .expect("append");
-    let outcome = within(LIMIT, move || {
-        let kept = kept.wait();
-        let doomed = doomed.wait();
-        let deleted = deleting.join().expect("delete thread");
-        (kept, doomed, deleted)
-    });
-    let Some((kept, doomed, deleted)) = outcome else {
-        std::mem::forget(logs);
-        std::mem::forget(storage);
-        panic!("a deletion while its log's batch waited in a group: not finished within {LIMIT:?}");
-    };
-    kept.expect("t2's batch durable");
-    doomed.expect("t1's batch durable before its deletion");
-    deleted.expect("t1 deleted");
-    drop(release);
-    held.wait().expect("t0's held batch");
-    let Ok(storage) = Arc::try_unwrap(storage) else {
-        panic!("the storage is still shared");
-    };
-    drop(logs);
-    let crashed = crashes(&sim, 4);
-    drop(storage);
-    // t1 stays deleted: its WAL record is replayed into nothing.
-    assert_logs_after_power_cuts(
-        crashed,
-        &[
-            ("t0", vec![payload(0, 0, "first"), payload(0, 1, "held")]),
-            (
-                "t2",
-                vec![payload(2, 0, "first"), entry_of(2, "half", half)],
-            ),
-        ],
-    );
+    let halves = (entry_of(1, "half", half), entry_of(2, "half", half));
+    assert_a_log_deleted_while_its_batch_waits(&sim, &io, storage, halves, 4, LIMIT);
 }
 
 /// The group wait's bound (and its idle limit's) is an hour: an hour is accepted, a nanosecond

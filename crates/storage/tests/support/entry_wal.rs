@@ -264,3 +264,57 @@ pub fn assert_logs_after_power_cuts(
         }
     }
 }
+
+/// A log deleted while its batch waits in a WAL group: with `t0`'s own fsync held (so the next
+/// batches go to the WAL), `t1` hands over `doomed`, its deletion starts, then `t2` hands over
+/// `kept`. Within `limit` both batches are durable and the deletion is done; after power cuts
+/// (`seeds` of each crash mode) `t1` stays deleted (its WAL record replays into nothing) and
+/// `t0` and `t2` hold what they acknowledged.
+pub fn assert_a_log_deleted_while_its_batch_waits(
+    sim: &SimIo,
+    io: &GatedIo,
+    storage: Storage,
+    (doomed, kept): (Bytes, Bytes),
+    seeds: u64,
+    limit: Duration,
+) {
+    let logs = logs_with_segments(&storage, 3);
+    let (held, release) = hold_t0_fsync(io, &logs);
+    let doomed = logs[1].append(doomed, 0).expect("append");
+    let storage = Arc::new(storage);
+    let deleting = {
+        let storage = storage.clone();
+        std::thread::spawn(move || storage.delete_log("t1"))
+    };
+    let kept_append = logs[2].append(kept.clone(), 0).expect("append");
+    let outcome = within(limit, move || {
+        let kept = kept_append.wait();
+        let doomed = doomed.wait();
+        (kept, doomed, deleting.join().expect("delete thread"))
+    });
+    let Some((kept_result, doomed, deleted)) = outcome else {
+        fail_leaking(
+            storage,
+            logs,
+            &format!("a deletion while its log's batch waited in a group: not done in {limit:?}"),
+        );
+    };
+    kept_result.expect("t2's batch durable");
+    doomed.expect("t1's batch durable before its deletion");
+    deleted.expect("t1 deleted");
+    drop(release);
+    held.wait().expect("t0's held batch");
+    let Ok(storage) = Arc::try_unwrap(storage) else {
+        panic!("the storage is still shared");
+    };
+    drop(logs);
+    let crashed = crashes(sim, seeds);
+    drop(storage);
+    assert_logs_after_power_cuts(
+        crashed,
+        &[
+            ("t0", vec![payload(0, 0, "first"), payload(0, 1, "held")]),
+            ("t2", vec![payload(2, 0, "first"), kept]),
+        ],
+    );
+}
