@@ -1,0 +1,46 @@
+#!/usr/bin/env python3
+"""Broker CPU per delivered message with the official Python client (`pulsar-client`, the C++
+client underneath) as the consumer: it acknowledges a batch once all its messages are, and
+groups acknowledgements (100 ms by default), as Pulsar users' consumers do.
+
+Against a broker whose topic already holds the messages in subscription `drain` (as
+`drain_perf.sh` leaves it with KEEP=1):
+
+    compat/.venv/bin/python scripts/bench/drain_python.py --url pulsar://127.0.0.1:18010 \
+        --topic persistent://public/default/drain-0 --broker-pid <pid> --messages 200000
+"""
+import argparse, json, time
+
+import pulsar
+
+
+def cpu_seconds(pid):
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / 100.0  # utime + stime, in USER_HZ ticks
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--url", required=True)
+    parser.add_argument("--topic", required=True)
+    parser.add_argument("--subscription", default="drain")
+    parser.add_argument("--broker-pid", type=int, required=True)
+    parser.add_argument("--messages", type=int, default=200000)
+    args = parser.parse_args()
+    client = pulsar.Client(args.url, logger=pulsar.ConsoleLogger(pulsar.LoggerLevel.Error))
+    consumer = client.subscribe(args.topic, args.subscription, receiver_queue_size=1000)
+    before, started = cpu_seconds(args.broker_pid), time.monotonic()
+    for _ in range(args.messages):
+        consumer.acknowledge(consumer.receive())
+    seconds = time.monotonic() - started
+    # The grouped acknowledgements go out on close: count the broker's CPU for them too.
+    consumer.close()
+    used = cpu_seconds(args.broker_pid) - before
+    client.close()
+    print(json.dumps({"messages": args.messages, "seconds": round(seconds, 3),
+                      "msg_per_s": round(args.messages / seconds), "broker_cpu_s": round(used, 2),
+                      "broker_cpu_us_per_msg": round(1e6 * used / args.messages, 3)}))
+
+
+if __name__ == "__main__":
+    main()
