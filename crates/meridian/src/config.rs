@@ -497,6 +497,34 @@ impl Config {
                 self.storage.flush_policy
             );
         }
+        // The storage engine checks its configuration again in its own terms (durations, not
+        // these keys' units); the refusals here name the key the operator set.
+        let storage = &self.storage;
+        for (key, micros) in [
+            (
+                "storage.entry_wal_group_wait_us",
+                storage.entry_wal_group_wait_us,
+            ),
+            (
+                "storage.entry_wal_group_idle_us",
+                storage.entry_wal_group_idle_us,
+            ),
+        ] {
+            if micros > 3_600_000_000 {
+                bail!("{key} must be at most 3600000000 (an hour), not {micros}");
+            }
+        }
+        for (key, millis) in [
+            (
+                "storage.cursor_persist_interval_ms",
+                storage.cursor_persist_interval_ms,
+            ),
+            ("storage.trim_interval_ms", storage.trim_interval_ms),
+        ] {
+            if millis == 0 {
+                bail!("{key} must be positive");
+            }
+        }
         self.storage_config()
             .validate()
             .map_err(|reason| anyhow::anyhow!("storage: {reason}"))?;
@@ -729,5 +757,38 @@ mod tests {
         std::fs::write(&path, "[storage]\nflush_policy = \"sometimes\"\n").expect("write");
         let error = Config::load(Some(&path), std::iter::empty()).expect_err("bad value");
         assert!(format!("{error:#}").contains("flush_policy"), "{error:#}");
+    }
+
+    /// A storage setting out of range is refused naming the key as the operator wrote it (with
+    /// its unit), not the storage engine's field; the bound itself is accepted.
+    #[test]
+    fn storage_settings_out_of_range_name_their_keys() {
+        let directory = tempfile::tempdir().expect("tempdir");
+        let path = directory.path().join("meridian.toml");
+        for (setting, key) in [
+            (
+                "entry_wal_group_wait_us = 3600000001",
+                "storage.entry_wal_group_wait_us",
+            ),
+            (
+                "entry_wal_group_idle_us = 3600000001",
+                "storage.entry_wal_group_idle_us",
+            ),
+            (
+                "cursor_persist_interval_ms = 0",
+                "storage.cursor_persist_interval_ms",
+            ),
+            ("trim_interval_ms = 0", "storage.trim_interval_ms"),
+        ] {
+            std::fs::write(&path, format!("[storage]\n{setting}\n")).expect("write");
+            let error = Config::load(Some(&path), std::iter::empty()).expect_err(setting);
+            assert!(format!("{error:#}").contains(key), "{setting}: {error:#}");
+        }
+        std::fs::write(
+            &path,
+            "[storage]\nentry_wal_group_wait_us = 3600000000\nentry_wal_group_idle_us = 3600000000\n",
+        )
+        .expect("write");
+        Config::load(Some(&path), std::iter::empty()).expect("an hour is accepted");
     }
 }
