@@ -1,8 +1,9 @@
 #!/bin/bash
 # One drain round on a fresh `meridian standalone`, through Meridian's own client
 # (`meridian perf`), which acknowledges a batch's entry in one ACK frame once every message of
-# it is acknowledged, as the official Java and C++/Python clients do (drain_round.sh's `pulsar`
-# crate sends one ACK frame per message). A subscription is created, FILL 1 KiB messages
+# it is acknowledged (the official Java and C++/Python clients do that too, and also group the
+# ACKs of 100 ms into one frame; drain_round.sh's `pulsar` crate sends one ACK frame per
+# message). A subscription is created, FILL 1 KiB messages
 # (default 200,000; batches of up to 1000 messages / 128 KiB) are published, then one
 # consumer receives them all; prints `meridian perf consume`'s JSON summary (with the broker's
 # CPU per delivered message).
@@ -13,7 +14,7 @@
 #                                # another consumer (scripts/bench/drain_python.py)
 #
 # <n> numbers the round: its directory (/tmp/drain-perf/round<n>) and ports (18000 + 10 n).
-set -eu
+set -euo pipefail
 i=$1
 bin=${BIN:-$(cd "$(dirname "$0")/../.." && pwd)/target/release/meridian}
 work=/tmp/drain-perf/round$i; rm -rf "$work"; mkdir -p "$work"
@@ -25,13 +26,13 @@ for _ in $(seq 600); do curl -sf http://127.0.0.1:$wp/admin/v2/brokers/health > 
 topic=persistent://public/default/drain
 curl -sf -X PUT http://127.0.0.1:$wp/admin/v2/persistent/public/default/drain-0/subscription/drain > /dev/null
 fill=${FILL:-200000}
-"$bin" perf produce --url pulsar://127.0.0.1:$bp --admin-url http://127.0.0.1:$wp \
+timeout 120 "$bin" perf produce --url pulsar://127.0.0.1:$bp --admin-url http://127.0.0.1:$wp \
     --topic-prefix $topic --messages "$fill" --warmup 0 --output json > "$work/fill.json" 2> "$work/fill.err"
 if [ -n "${KEEP:-}" ]; then
     trap - EXIT
     echo "broker pid $bpid, pulsar://127.0.0.1:$bp, topic $topic-0, subscription drain, $fill messages"
     exit 0
 fi
-"$bin" perf consume --url pulsar://127.0.0.1:$bp --admin-url http://127.0.0.1:$wp \
+timeout 120 "$bin" perf consume --url pulsar://127.0.0.1:$bp --admin-url http://127.0.0.1:$wp \
     --topic-prefix $topic --subscription drain --messages "$fill" --warmup 0 \
     --broker-pid $bpid --output json 2> "$work/drain.err" | tee "$work/drain.json"

@@ -26,12 +26,20 @@ def main():
     parser.add_argument("--subscription", default="drain")
     parser.add_argument("--broker-pid", type=int, required=True)
     parser.add_argument("--messages", type=int, default=200000)
+    parser.add_argument("--rate", type=float, default=0,
+                        help="messages per second at most (0: as fast as the client goes), e.g. the "
+                        "pulsar crate's drain rate, to compare at the same rate")
     args = parser.parse_args()
     client = pulsar.Client(args.url, logger=pulsar.ConsoleLogger(pulsar.LoggerLevel.Error))
     consumer = client.subscribe(args.topic, args.subscription, receiver_queue_size=1000)
     before, started = cpu_seconds(args.broker_pid), time.monotonic()
-    for _ in range(args.messages):
-        consumer.acknowledge(consumer.receive())
+    for index in range(args.messages):
+        if args.rate:
+            ahead = index / args.rate - (time.monotonic() - started)
+            if ahead > 0:
+                time.sleep(ahead)
+        # A backlog shorter than --messages fails here instead of waiting forever.
+        consumer.acknowledge(consumer.receive(timeout_millis=30000))
     seconds = time.monotonic() - started
     # The grouped acknowledgements go out on close: count the broker's CPU for them too.
     consumer.close()

@@ -10,7 +10,8 @@ per 1 KiB message with the broker's (`produce_cpu.py`, user + sys per message) i
     python3 scripts/bench/produce_floor.py --mode prealloc     # overwriting a zero-filled file
     python3 scripts/bench/produce_floor.py --zero-fill-mib 256  # what zero-filling costs per batch
     python3 scripts/bench/produce_floor.py --mode wal --batch 22528 --group 11 --in-flight 44
-        # 100 topics' entries (22 messages) through the entry WAL, 11 per fdatasync
+        # 100 topics' entries (22 messages) through the entry WAL, 11 per fdatasync, in turn
+        # into 100 segment files
 
 The file is written in --dir (default /tmp: the file system of the data directory) and removed.
 """
@@ -20,13 +21,13 @@ from multiprocessing import Process, Pipe
 RECEIPT = b"r" * 48
 
 
-def server(listener, batch, directory, conn, mode, wrap, chunk, group):
+def server(listener, batch, directory, conn, mode, wrap, chunk, group, files):
     sock, _ = listener.accept()
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     path = os.path.join(directory, "produce-floor-%d.dat" % os.getpid())
     flags = os.O_RDWR | os.O_CREAT | os.O_EXCL
     if mode == "wal":
-        return wal_server(sock, batch, path, conn, wrap, group)
+        return wal_server(sock, batch, path, conn, wrap, group, files)
     if mode in ("prealloc", "direct"):
         # Zero-filled and made durable before the window: appends then overwrite written blocks
         # (no block allocation, no size change for fdatasync to journal).
@@ -91,15 +92,23 @@ def zero_filled(path, size):
     return fd
 
 
-def wal_server(sock, batch, path, conn, wrap, group):
-    """The entry WAL's path: each batch is appended to its segment file (no fsync), and every
-    `group` batches go to the WAL (a zero-filled file written over, as the broker's recycled WAL
-    files are) with one vectored write and one `fdatasync`; then their receipts are sent."""
-    segment = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+# The broker checkpoints its entry WAL every 64 MiB: each open segment file is fsynced then.
+CHECKPOINT_BYTES = 64 << 20
+
+
+def wal_server(sock, batch, path, conn, wrap, group, files):
+    """The entry WAL's path: each batch is appended to the next of `files` segment files (one
+    per topic, in turn) without an fsync, and every `group` batches go to the WAL (a
+    zero-filled file written over, as the broker's recycled WAL files are) with one vectored
+    write and one `fdatasync`; then their receipts are sent. Every 64 MiB of WAL every segment
+    file is fsynced, as the broker's checkpoint does."""
+    paths = ["%s.%d" % (path, number) for number in range(files)]
+    segments = [os.open(name, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644) for name in paths]
+    offsets = [0] * files
     wal_path = path + ".wal"
     wal = zero_filled(wal_path, wrap)
     buffers = [memoryview(bytearray(batch)) for _ in range(group)]
-    segment_offset = wal_offset = 0
+    wal_offset = since_checkpoint = 0
     batches = 0
     usage = None
     try:
@@ -111,8 +120,10 @@ def wal_server(sock, batch, path, conn, wrap, group):
                     if n == 0:
                         raise EOFError
                     got += n
-                os.pwrite(segment, view, segment_offset)
-                segment_offset += batch
+                number = batches % files
+                os.pwrite(segments[number], view, offsets[number])
+                offsets[number] += batch
+                batches += 1
             if usage is None and batches >= 200:  # warm-up over: start the window
                 usage, started, first = resource.getrusage(resource.RUSAGE_SELF), time.monotonic(), batches
             if wal_offset + batch * group > wrap:
@@ -121,15 +132,19 @@ def wal_server(sock, batch, path, conn, wrap, group):
             os.fdatasync(wal)
             wal_offset += batch * group
             sock.sendall(RECEIPT * group)
-            batches += group
+            since_checkpoint += batch * group
+            if since_checkpoint >= CHECKPOINT_BYTES:
+                for fd in segments:
+                    os.fdatasync(fd)
+                since_checkpoint = 0
     except (EOFError, ConnectionError):
         pass
     finally:
         end = resource.getrusage(resource.RUSAGE_SELF)
-        for fd in (segment, wal):
+        for fd in segments + [wal]:
             os.close(fd)
-        os.remove(path)
-        os.remove(wal_path)
+        for name in paths + [wal_path]:
+            os.remove(name)
     counted = batches - first
     conn.send({
         "batches": counted,
@@ -190,8 +205,11 @@ def main():
                         help="append: grow the file (as the broker does); prealloc: overwrite a zero-filled "
                         "file; direct: the same with O_DIRECT (no page cache); chunked: grow the file by "
                         "--chunk-kib of zeros written after a batch, which the next batches overwrite; "
-                        "wal: the entry WAL's path (each batch appended to a segment file without fsync, "
-                        "every --group batches written to a WAL file with one fdatasync)")
+                        "wal: the entry WAL's path (each batch appended to one of --files segment files "
+                        "without fsync, every --group batches written to a WAL file with one fdatasync, "
+                        "every segment file fsynced every 64 MiB of WAL)")
+    parser.add_argument("--files", type=int, default=100,
+                        help="wal mode: segment files the batches are appended to in turn (one per topic)")
     parser.add_argument("--group", type=int, default=11,
                         help="wal mode: batches per WAL write and fdatasync (the broker's groups held 11 "
                         "at 100 topics)")
@@ -201,6 +219,8 @@ def main():
     parser.add_argument("--zero-fill-mib", type=int, default=0,
                         help="instead: measure what zero-filling this many MiB costs (preparing a preallocated file)")
     args = parser.parse_args()
+    if args.mode == "wal" and args.in_flight < args.group:
+        parser.error("--in-flight must be at least --group: a group is written once it is complete")
     if args.zero_fill_mib:
         zero_fill_cost(args.dir, args.zero_fill_mib, args.batch)
         return
@@ -209,7 +229,7 @@ def main():
         listener.bind(("127.0.0.1", 0))
         listener.listen(1)
         ours, theirs = Pipe()
-        process = Process(target=server, args=(listener, args.batch, args.dir, theirs, args.mode, args.wrap_mib << 20, args.chunk_kib << 10, args.group))
+        process = Process(target=server, args=(listener, args.batch, args.dir, theirs, args.mode, args.wrap_mib << 20, args.chunk_kib << 10, args.group, args.files))
         process.start()
         client(listener.getsockname()[1], args.batch, args.in_flight, args.seconds)
         result = ours.recv()
