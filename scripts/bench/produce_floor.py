@@ -49,12 +49,7 @@ def server(listener, batch, directory, conn, mode, wrap, chunk, group, files):
     usage = None
     try:
         while True:
-            got = 0
-            while got < batch:
-                n = sock.recv_into(view[got:], batch - got)
-                if n == 0:
-                    raise EOFError
-                got += n
+            receive_batch(sock, view)
             if usage is None and batches == 200:  # warm-up over: start the window
                 usage, started, first = resource.getrusage(resource.RUSAGE_SELF), time.monotonic(), batches
             if mode == "chunked" and offset + batch > allocated:
@@ -73,7 +68,22 @@ def server(listener, batch, directory, conn, mode, wrap, chunk, group, files):
         end = resource.getrusage(resource.RUSAGE_SELF)
         os.close(fd)
         os.remove(path)
-    counted = batches - first
+    report(conn, batches - first, started, usage, end)
+
+
+def receive_batch(sock, view):
+    """Fills `view` from the socket; EOFError once the client is done."""
+    got = 0
+    while got < len(view):
+        n = sock.recv_into(view[got:], len(view) - got)
+        if n == 0:
+            raise EOFError
+        got += n
+
+
+def report(conn, counted, started, usage, end):
+    """Sends the measured window's figures to the parent: `counted` batches since `started`,
+    with the process's resource usage at its start and end."""
     conn.send({
         "batches": counted,
         "seconds": time.monotonic() - started,
@@ -114,12 +124,7 @@ def wal_server(sock, batch, path, conn, wrap, group, files):
     try:
         while True:
             for view in buffers:
-                got = 0
-                while got < batch:
-                    n = sock.recv_into(view[got:], batch - got)
-                    if n == 0:
-                        raise EOFError
-                    got += n
+                receive_batch(sock, view)
                 number = batches % files
                 os.pwrite(segments[number], view, offsets[number])
                 offsets[number] += batch
@@ -145,13 +150,7 @@ def wal_server(sock, batch, path, conn, wrap, group, files):
             os.close(fd)
         for name in paths + [wal_path]:
             os.remove(name)
-    counted = batches - first
-    conn.send({
-        "batches": counted,
-        "seconds": time.monotonic() - started,
-        "sys_us_per_batch": 1e6 * (end.ru_stime - usage.ru_stime) / counted,
-        "voluntary_switches_per_batch": (end.ru_nvcsw - usage.ru_nvcsw) / counted,
-    })
+    report(conn, batches - first, started, usage, end)
 
 
 def client(port, batch, in_flight, seconds):
