@@ -510,8 +510,12 @@ impl Config {
                 storage.entry_wal_group_idle_us,
             ),
         ] {
-            if micros > 3_600_000_000 {
-                bail!("{key} must be at most 3600000000 (an hour), not {micros}");
+            let max = meridian_storage::ENTRY_WAL_GROUP_LIMIT_MAX;
+            if Duration::from_micros(micros) > max {
+                bail!(
+                    "{key} must be at most {} (an hour), not {micros}",
+                    max.as_micros()
+                );
             }
         }
         for (key, millis) in [

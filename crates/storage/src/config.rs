@@ -33,6 +33,9 @@ impl Default for Retention {
     }
 }
 
+/// The most `entry_wal_group_wait` and `entry_wal_group_idle` may be: an hour.
+pub const ENTRY_WAL_GROUP_LIMIT_MAX: Duration = Duration::from_secs(3600);
+
 /// Engine-wide settings.
 #[derive(Debug, Clone)]
 pub struct StorageConfig {
@@ -132,10 +135,10 @@ impl StorageConfig {
                 self.segment_max_bytes
             ));
         }
-        if self.entry_wal_group_wait > Duration::from_secs(3600) {
+        if self.entry_wal_group_wait > ENTRY_WAL_GROUP_LIMIT_MAX {
             return Err("entry_wal_group_wait must be at most an hour".into());
         }
-        if self.entry_wal_group_idle > Duration::from_secs(3600) {
+        if self.entry_wal_group_idle > ENTRY_WAL_GROUP_LIMIT_MAX {
             return Err("entry_wal_group_idle must be at most an hour".into());
         }
         if self.flush_threads == 0 {

@@ -36,7 +36,7 @@ pub mod remote;
 mod sim;
 mod wal_files;
 
-pub use config::{FlushPolicy, Retention, StorageConfig};
+pub use config::{FlushPolicy, Retention, StorageConfig, ENTRY_WAL_GROUP_LIMIT_MAX};
 pub use cursor::{ChangeKind, CursorState, InitialPosition};
 pub use engine::Storage;
 pub use error::{Result, StorageError};
