@@ -8,10 +8,10 @@ use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
-use common::BrokerProcess;
+use common::{Admin, BrokerProcess};
 use meridian_wire::proto::{
-    base_command::Type, CommandCloseProducer, CommandConnect, CommandProducer, CommandSend,
-    MessageMetadata,
+    base_command::Type, command_ack, CommandAck, CommandCloseProducer, CommandConnect,
+    CommandProducer, CommandSend, CommandSubscribe, MessageIdData, MessageMetadata,
 };
 use meridian_wire::{
     decode_frame, encode_command, encode_send_frame, BaseCommand, Frame, ServerError,
@@ -112,6 +112,25 @@ impl RawConnection {
             );
         }
         unreachable!()
+    }
+
+    /// Subscribes (Exclusive) and waits for the broker's SUCCESS.
+    fn subscribe(&mut self, topic: &str, subscription: &str, consumer_id: u64) {
+        self.write(&command(
+            Type::Subscribe,
+            BaseCommand {
+                subscribe: Some(Box::new(CommandSubscribe {
+                    topic: topic.into(),
+                    subscription: subscription.into(),
+                    consumer_id,
+                    request_id: 100 + consumer_id,
+                    ..Default::default()
+                })),
+                ..Default::default()
+            },
+        ));
+        let reply = self.read();
+        assert!(reply.success.is_some(), "SUBSCRIBE refused: {reply:?}");
     }
 }
 
@@ -253,4 +272,85 @@ fn closing_a_producer_answers_after_the_receipts_of_its_sends_in_flight() {
         "the close was answered before the receipts of the sends made before it"
     );
     broker.assert_no_errors();
+}
+
+/// The `pulsar` crate acknowledges a batch message by message, each ACK naming the batch's
+/// entry, and the broker settles the repeats of one read without its locks. ACKs written
+/// together must still each count for the consumer and the entry they name: two subscriptions'
+/// ACKs of the same entry, and one consumer's ACKs of two entries, each repeated.
+#[test]
+fn acknowledgements_written_together_count_for_each_consumer_and_entry_they_name() {
+    let broker = BrokerProcess::start(&[]);
+    let admin = Admin::new(&broker);
+    let topic = "persistent://public/default/acks-written-together";
+    let name = "acked-producer";
+
+    let mut connection = RawConnection::connect(&broker);
+    for (consumer_id, subscription) in [(1, "a"), (2, "b")] {
+        connection.subscribe(topic, subscription, consumer_id);
+    }
+    connection.create_producer(topic, name);
+    let mut entries = Vec::new();
+    for sequence in 0..3 {
+        connection.write(&send_frame(name, sequence));
+        let receipt = connection.read().send_receipt.expect("a receipt");
+        let id = receipt.message_id.expect("the stored message's id");
+        entries.push((id.ledger_id, id.entry_id));
+    }
+    let [first, second, _third] = entries[..] else {
+        unreachable!()
+    };
+
+    // Subscription a acknowledges the first entry; b the first two. Each ACK names one message
+    // of a batch of 3 (as the crate's do), all in one write: b's ACKs of the first entry follow
+    // a's of the same entry, and b's of the second follow its own of the first.
+    let mut frames = Vec::new();
+    for (consumer_id, entry) in [(1, first), (2, first), (2, second)] {
+        for batch_index in 0..3 {
+            frames.extend(ack_frame(consumer_id, entry, batch_index, None));
+        }
+    }
+    // Answered once the broker has handled everything before it (and changes nothing).
+    frames.extend(ack_frame(1, first, 0, Some(7)));
+    connection.write(&frames);
+    let response = connection.read().ack_response.expect("ACK_RESPONSE");
+    assert_eq!((response.request_id, response.error), (Some(7), None));
+
+    let stats =
+        admin.ok(admin.get("/admin/v2/persistent/public/default/acks-written-together/stats"));
+    let backlog = |subscription: &str| stats["subscriptions"][subscription]["msgBacklog"].clone();
+    assert_eq!(
+        (backlog("a"), backlog("b")),
+        (serde_json::json!(2), serde_json::json!(1)),
+        "backlogs of a and b after a acknowledged one entry of three and b two: {stats}"
+    );
+    broker.assert_no_errors();
+}
+
+/// An individual ACK of one message of a batch entry, with a request id if given.
+fn ack_frame(
+    consumer_id: u64,
+    (ledger_id, entry_id): (u64, u64),
+    batch_index: i32,
+    request_id: Option<u64>,
+) -> Vec<u8> {
+    command(
+        Type::Ack,
+        BaseCommand {
+            ack: Some(CommandAck {
+                consumer_id,
+                ack_type: command_ack::AckType::Individual as i32,
+                message_id: vec![MessageIdData {
+                    ledger_id,
+                    entry_id,
+                    batch_index: Some(batch_index),
+                    batch_size: Some(3),
+                    ..Default::default()
+                }],
+                request_id,
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+    )
 }

@@ -123,6 +123,10 @@ pub(crate) struct Connection {
     /// The last ACK handled, given back to the decoder to decode the next one into (its list
     /// of message ids reused: about one ACK per delivered message).
     spare_ack: Option<CommandAck>,
+    /// The whole entry the last frame of this read acknowledged, if that frame was an
+    /// individual ACK of one entry, without a request id, and was applied: `(consumer id,
+    /// position)`. See [`Connection::handle_at_once`].
+    last_whole_ack: Option<(u64, Position)>,
 }
 
 /// Why a connection ends early.
@@ -168,6 +172,20 @@ fn command(kind: Type) -> BaseCommand {
 
 fn message_id_of(id: &MessageIdData) -> Position {
     Position::new(id.ledger_id, id.entry_id)
+}
+
+/// `(consumer id, position)` if `ack` acknowledges one entry whole, individually, without
+/// asking for a response: what the `pulsar` crate sends for each message of a batch.
+fn whole_entry_ack(ack: &CommandAck) -> Option<(u64, Position)> {
+    match &ack.message_id[..] {
+        [id] if ack.ack_type == command_ack::AckType::Individual as i32
+            && ack.request_id.is_none()
+            && id.ack_set.iter().all(|word| *word == 0) =>
+        {
+            Some((ack.consumer_id, message_id_of(id)))
+        }
+        _ => None,
+    }
 }
 
 /// Runs one plain TCP connection until the client leaves, a frame is bad, or the server shuts
@@ -250,6 +268,7 @@ async fn run_halves<R, W>(
         last_frame: Instant::now(),
         auth: auth::AuthState::with_certificate_role(certificate_role),
         spare_ack: None,
+        last_whole_ack: None,
     };
     let mut buffer = BytesMut::with_capacity(UNRESERVED_FRAME_BYTES);
     // The small-frame buffer, kept while a large frame is read into a buffer of its own, and
@@ -539,6 +558,7 @@ impl Connection {
         // The frames of one read arrived together: the clock is read once for them, not once
         // per frame (about one ACK per delivered message; issue 16).
         let mut stamped = false;
+        self.last_whole_ack = None;
         loop {
             match meridian_wire::decode_frame_or_ack_reusing(
                 buffer,
@@ -556,6 +576,7 @@ impl Connection {
                     match self.handle_at_once(decoded) {
                         Ok(None) => {}
                         Ok(Some(response)) => {
+                            self.last_whole_ack = None;
                             within_keep_alive(&self.config, async {
                                 self.send(response).await;
                                 Ok(())
@@ -563,6 +584,7 @@ impl Connection {
                             .await?
                         }
                         Err(frame) => {
+                            self.last_whole_ack = None;
                             // `handle` borrows the connection mutably.
                             let config = self.config.clone();
                             within_keep_alive(&config, Box::pin(self.handle(frame))).await?;
@@ -608,7 +630,19 @@ impl Connection {
         let frame = match decoded {
             // Most ACK frames: decoded without a `BaseCommand` (`decode_frame_or_ack_reusing`).
             Decoded::Ack(ack) => {
-                let response = self.handle_ack(&ack);
+                // The `pulsar` crate acknowledges a batch message by message, each ACK naming
+                // the batch's entry whole: the first acknowledges the entry, and the next ones,
+                // read with it, change nothing. They are settled here, as if handled at the
+                // same instant as the first (this read, with nothing awaited in between),
+                // without the subscription's and the log's locks.
+                let whole = whole_entry_ack(&ack);
+                let response = if whole.is_some() && whole == self.last_whole_ack {
+                    None
+                } else {
+                    let (applied, response) = self.handle_ack(&ack);
+                    self.last_whole_ack = whole.filter(|_| applied);
+                    response
+                };
                 // Kept only if small: an ACK of many ids (a frame may hold hundreds of
                 // thousands) is not held for the life of the connection.
                 if ack.message_id.capacity() <= MAX_SPARE_ACK_IDS {
@@ -621,9 +655,13 @@ impl Connection {
         match frame {
             Frame::Simple(mut command) => match command_type(&command) {
                 Some(Type::Ack) if command.ack.is_some() => {
-                    Ok(self.handle_ack(command.ack.as_ref().expect("checked above")))
+                    self.last_whole_ack = None;
+                    Ok(self
+                        .handle_ack(command.ack.as_ref().expect("checked above"))
+                        .1)
                 }
                 Some(Type::Flow) if command.flow.is_some() => {
+                    self.last_whole_ack = None;
                     self.handle_flow(command.flow.take().expect("checked above"));
                     Ok(None)
                 }
@@ -1697,9 +1735,9 @@ impl Connection {
         }
     }
 
-    /// Applies an acknowledgement at once; returns the ACK_RESPONSE to send if the client asked
-    /// for one (a request id).
-    fn handle_ack(&mut self, request: &CommandAck) -> Option<Outbound> {
+    /// Applies an acknowledgement at once; returns whether it was applied, and the
+    /// ACK_RESPONSE to send if the client asked for one (a request id).
+    fn handle_ack(&mut self, request: &CommandAck) -> (bool, Option<Outbound>) {
         let result = match self.live_consumer(request.consumer_id) {
             None => Err((
                 ServerError::ConsumerNotFound,
@@ -1780,12 +1818,14 @@ impl Connection {
         if let Err((_, message)) = &result {
             tracing::debug!(peer = %self.peer, %message, "acknowledgement refused");
         }
-        let request_id = request.request_id?;
+        let Some(request_id) = request.request_id else {
+            return (result.is_ok(), None);
+        };
         let (error, message) = match result {
             Ok(()) => (None, None),
             Err((error, message)) => (Some(error as i32), Some(message)),
         };
-        Some(command_frame(&BaseCommand {
+        let response = command_frame(&BaseCommand {
             ack_response: Some(Box::new(CommandAckResponse {
                 consumer_id: request.consumer_id,
                 error,
@@ -1794,7 +1834,8 @@ impl Connection {
                 ..Default::default()
             })),
             ..command(Type::AckResponse)
-        }))
+        });
+        (error.is_none(), Some(response))
     }
 
     /// The consumer with this id, unless the broker closed it (seek, unload).
