@@ -432,6 +432,13 @@ impl Subscription {
         &self.cursor
     }
 
+    /// Whether the subscription has acknowledged the entry at `position` (a message id as
+    /// its consumers know it).
+    pub fn is_acknowledged(&self, position: Position) -> bool {
+        self.log
+            .is_acknowledged(&self.cursor, self.position_here(position))
+    }
+
     pub fn kind(&self) -> SubscriptionType {
         self.lock().kind
     }

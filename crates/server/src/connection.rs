@@ -123,10 +123,19 @@ pub(crate) struct Connection {
     /// The last ACK handled, given back to the decoder to decode the next one into (its list
     /// of message ids reused: about one ACK per delivered message).
     spare_ack: Option<CommandAck>,
-    /// The whole entry the last frame of this read acknowledged, if that frame was an
-    /// individual ACK of one entry, without a request id, and was applied: `(consumer id,
-    /// position)`. See [`Connection::handle_at_once`].
-    last_whole_ack: Option<(u64, Position)>,
+    /// The last frame of this read, if it was an individual ACK of one whole entry without a
+    /// request id. See [`Connection::handle_at_once`].
+    last_whole_ack: Option<RememberedAck>,
+}
+
+/// An individual ACK of one whole entry, remembered for the next frame of the same read.
+#[derive(Clone, Copy)]
+struct RememberedAck {
+    /// `(consumer id, position)`.
+    whole: (u64, Position),
+    /// Whether the entry is known to be acknowledged since: looked up at the first repeat,
+    /// not at each ACK (most clients send one per entry, and repeat none).
+    acknowledged: bool,
 }
 
 /// Why a connection ends early.
@@ -576,7 +585,6 @@ impl Connection {
                     match self.handle_at_once(decoded) {
                         Ok(None) => {}
                         Ok(Some(response)) => {
-                            self.last_whole_ack = None;
                             within_keep_alive(&self.config, async {
                                 self.send(response).await;
                                 Ok(())
@@ -584,7 +592,6 @@ impl Connection {
                             .await?
                         }
                         Err(frame) => {
-                            self.last_whole_ack = None;
                             // `handle` borrows the connection mutably.
                             let config = self.config.clone();
                             within_keep_alive(&config, Box::pin(self.handle(frame))).await?;
@@ -594,6 +601,7 @@ impl Connection {
                 Ok(None) => return Ok(()),
                 Err(FrameError::InvalidEntry { command, source }) => {
                     self.last_frame = Instant::now();
+                    self.last_whole_ack = None;
                     // A SEND whose entry does not parse: refuse that message, keep the order.
                     if let Some(send) = command.send.as_ref() {
                         if let Some(producer) = self.producers.get(&send.producer_id) {
@@ -624,6 +632,8 @@ impl Connection {
     /// `handle`'s future: `Ok` with the response to send, if any; `Err` gives any other frame
     /// back (and every frame before CONNECT, which `handle` refuses).
     fn handle_at_once(&mut self, decoded: Decoded) -> Result<Option<Outbound>, Frame> {
+        // Remembered only from one frame to the next: every other frame forgets it.
+        let remembered = self.last_whole_ack.take();
         if self.protocol_version.is_none() {
             return Err(decoded.into_frame());
         }
@@ -635,13 +645,29 @@ impl Connection {
                 // read with it, change nothing. They are settled here, as if handled at the
                 // same instant as the first (this read, with nothing awaited in between),
                 // without the subscription's and the log's locks.
+                // Only once the entry is acknowledged: one refused (at `cursor_max_ranges`) or
+                // not written yet is tried again by the next ACK naming it.
                 let whole = whole_entry_ack(&ack);
-                let response = if whole.is_some() && whole == self.last_whole_ack {
-                    None
-                } else {
-                    let (applied, response) = self.handle_ack(&ack);
-                    self.last_whole_ack = whole.filter(|_| applied);
-                    response
+                let settled = remembered.filter(|remembered| {
+                    whole == Some(remembered.whole)
+                        && (remembered.acknowledged || self.acknowledged(remembered.whole))
+                });
+                let response = match settled {
+                    Some(remembered) => {
+                        self.last_whole_ack = Some(RememberedAck {
+                            acknowledged: true,
+                            ..remembered
+                        });
+                        None
+                    }
+                    None => {
+                        let response = self.handle_ack(&ack);
+                        self.last_whole_ack = whole.map(|whole| RememberedAck {
+                            whole,
+                            acknowledged: false,
+                        });
+                        response
+                    }
                 };
                 // Kept only if small: an ACK of many ids (a frame may hold hundreds of
                 // thousands) is not held for the life of the connection.
@@ -655,13 +681,9 @@ impl Connection {
         match frame {
             Frame::Simple(mut command) => match command_type(&command) {
                 Some(Type::Ack) if command.ack.is_some() => {
-                    self.last_whole_ack = None;
-                    Ok(self
-                        .handle_ack(command.ack.as_ref().expect("checked above"))
-                        .1)
+                    Ok(self.handle_ack(command.ack.as_ref().expect("checked above")))
                 }
                 Some(Type::Flow) if command.flow.is_some() => {
-                    self.last_whole_ack = None;
                     self.handle_flow(command.flow.take().expect("checked above"));
                     Ok(None)
                 }
@@ -1735,9 +1757,9 @@ impl Connection {
         }
     }
 
-    /// Applies an acknowledgement at once; returns whether it was applied, and the
-    /// ACK_RESPONSE to send if the client asked for one (a request id).
-    fn handle_ack(&mut self, request: &CommandAck) -> (bool, Option<Outbound>) {
+    /// Applies an acknowledgement at once; returns the ACK_RESPONSE to send if the client asked
+    /// for one (a request id).
+    fn handle_ack(&mut self, request: &CommandAck) -> Option<Outbound> {
         let result = match self.live_consumer(request.consumer_id) {
             None => Err((
                 ServerError::ConsumerNotFound,
@@ -1818,14 +1840,12 @@ impl Connection {
         if let Err((_, message)) = &result {
             tracing::debug!(peer = %self.peer, %message, "acknowledgement refused");
         }
-        let Some(request_id) = request.request_id else {
-            return (result.is_ok(), None);
-        };
+        let request_id = request.request_id?;
         let (error, message) = match result {
             Ok(()) => (None, None),
             Err((error, message)) => (Some(error as i32), Some(message)),
         };
-        let response = command_frame(&BaseCommand {
+        Some(command_frame(&BaseCommand {
             ack_response: Some(Box::new(CommandAckResponse {
                 consumer_id: request.consumer_id,
                 error,
@@ -1834,8 +1854,14 @@ impl Connection {
                 ..Default::default()
             })),
             ..command(Type::AckResponse)
-        });
-        (error.is_none(), Some(response))
+        }))
+    }
+
+    /// Whether the subscription of consumer `consumer_id` has acknowledged the entry at
+    /// `position` (false without such a consumer).
+    fn acknowledged(&self, (consumer_id, position): (u64, Position)) -> bool {
+        self.live_consumer(consumer_id)
+            .is_some_and(|consumer| consumer.subscription.is_acknowledged(position))
     }
 
     /// The consumer with this id, unless the broker closed it (seek, unload).
