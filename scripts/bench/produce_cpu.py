@@ -17,6 +17,7 @@ per entry) or `perf record -g` (a profile).
     python3 scripts/bench/produce_cpu.py --no-build --rate 40000       # produce + consume: p50/p99 latency
     python3 scripts/bench/produce_cpu.py --no-build --partitions 16    # one topic of 16 partitions
     python3 scripts/bench/produce_cpu.py --no-build --batch-max-messages 20   # smaller batches
+    python3 scripts/bench/produce_cpu.py --no-build --topics 100 --batch-max-delay-ms 200   # fuller batches
     python3 scripts/bench/produce_cpu.py --no-build --pulsar-lite <pulsar-lite binary>
         # each round also runs pulsar-lite (which does not fsync) under the same generator,
         # right after Meridian; prints both and Meridian's CPU per message over pulsar-lite's
@@ -89,7 +90,8 @@ def round_(args, attach=None, wrapper=(), lite=False):
              '--size', str(args.size), '--topics', str(args.topics),
              '--warmup', str(args.warmup), '--duration', str(args.duration),
              '--fill', str(args.fill), '--rate', str(args.rate),
-             '--batch-max-messages', str(args.batch_max_messages)],
+             '--batch-max-messages', str(args.batch_max_messages),
+             '--batch-max-delay-ms', str(args.batch_max_delay_ms)],
             stdout=subprocess.PIPE, text=True)
         stop_tracer = None
         if attach:
@@ -125,6 +127,9 @@ def main():
     parser.add_argument('--topics', type=int, default=1)
     parser.add_argument('--batch-max-messages', type=int, default=1000,
                         help="the generator's batches hold at most this many messages (and 128 KiB)")
+    parser.add_argument('--batch-max-delay-ms', type=float, default=1,
+                        help="the generator's producers send a batch at the latest this long after its first "
+                             "message")
     parser.add_argument('--partitions', type=int, default=0,
                         help='make each topic a partitioned topic of this many partitions')
     parser.add_argument('--fill', type=int, default=0,

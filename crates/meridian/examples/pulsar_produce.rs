@@ -33,6 +33,8 @@ struct Options {
     duration: f64,
     batch_messages: u32,
     batch_bytes: usize,
+    /// The producers' batch timeout.
+    batch_delay: Duration,
     max_pending: usize,
     topic_prefix: String,
     /// Drain mode: produce this many messages (not measured), then measure one consumer per
@@ -53,6 +55,7 @@ fn parse() -> Options {
         duration: 10.0,
         batch_messages: 1000,
         batch_bytes: 128 * 1024,
+        batch_delay: Duration::from_millis(1),
         max_pending: 2000,
         topic_prefix: "persistent://public/default/produce-cpu".into(),
         fill: 0,
@@ -77,6 +80,7 @@ fn parse() -> Options {
             "--duration" => options.duration = number(),
             "--batch-max-messages" => options.batch_messages = number() as u32,
             "--batch-max-bytes" => options.batch_bytes = number() as usize,
+            "--batch-max-delay-ms" => options.batch_delay = Duration::from_secs_f64(number() / 1e3),
             "--max-pending" => options.max_pending = number() as usize,
             "--topic-prefix" => options.topic_prefix = value.clone(),
             "--fill" => options.fill = number() as u64,
@@ -290,7 +294,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             .with_options(ProducerOptions {
                 batch_size: Some(options.batch_messages),
                 batch_byte_size: Some(options.batch_bytes),
-                batch_timeout: Some(Duration::from_millis(1)),
+                batch_timeout: Some(options.batch_delay),
                 ..Default::default()
             })
             .build()
