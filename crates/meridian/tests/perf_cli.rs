@@ -262,6 +262,14 @@ fn the_broker_cpu_and_its_system_calls_are_reported_per_message() {
         "{cpu}"
     );
     assert!(cpu["us_per_message"].as_f64().is_some(), "{cpu}");
+    // Its threads' time on a CPU, in nanoseconds: never 0 for a broker that handled 500
+    // messages (the ticks may be, over a window this short).
+    assert!(
+        cpu["running_us_per_message"]
+            .as_f64()
+            .is_some_and(|micros| micros > 0.0),
+        "{cpu}"
+    );
     // What the broker did for them: it wrote receipts and deliveries (writev), and slept
     // between frames.
     assert!(

@@ -10,6 +10,11 @@
 //! `/proc/PID/io` count only the read and write families (`read`, `pread64`, `readv`, `write`,
 //! `pwritev`, `writev`, ...), not `recvfrom`, `fdatasync`, `futex` or `epoll_wait`; reading
 //! that file needs the right to trace the process, so those two are optional.
+//!
+//! Over a short window (a drain of a second) the ticks are coarse, so the time each thread
+//! spent on a CPU is also summed from `/proc/PID/task/TID/schedstat`, in nanoseconds: precise,
+//! but, as the switches, without the threads that exited during the window (the sample keeps
+//! the thread ids, so that the report can say how many did).
 
 use anyhow::{bail, Context};
 
@@ -17,10 +22,14 @@ use anyhow::{bail, Context};
 const TICKS_PER_SECOND: f64 = 100.0;
 
 /// The counters of one process at one moment.
-#[derive(Clone, Copy, Debug, Default, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct BrokerSample {
     /// User plus system CPU time so far, in seconds.
     pub cpu_seconds: f64,
+    /// Time on a CPU so far of the threads alive now (`schedstat`), in seconds.
+    pub running_seconds: f64,
+    /// The ids of those threads.
+    pub threads: Vec<u32>,
     pub minor_faults: u64,
     pub voluntary_switches: u64,
     pub involuntary_switches: u64,
@@ -42,14 +51,27 @@ pub fn sample(pid: u32) -> anyhow::Result<BrokerSample> {
     };
     let tasks = format!("/proc/{pid}/task");
     for task in std::fs::read_dir(&tasks).with_context(|| format!("reading {tasks}"))? {
-        // A thread that exits meanwhile has no status to read any more: it is skipped.
-        let Ok(status) = task.and_then(|task| std::fs::read_to_string(task.path().join("status")))
-        else {
+        // A thread that exits meanwhile has no files to read any more: it is skipped.
+        let Ok(task) = task else {
+            continue;
+        };
+        let read = |name: &str| std::fs::read_to_string(task.path().join(name));
+        let (Ok(status), Ok(schedstat)) = (read("status"), read("schedstat")) else {
             continue;
         };
         sample.voluntary_switches += field_value(&status, "voluntary_ctxt_switches:").unwrap_or(0);
         sample.involuntary_switches +=
             field_value(&status, "nonvoluntary_ctxt_switches:").unwrap_or(0);
+        // Its first field: nanoseconds on a CPU.
+        let running_ns = schedstat
+            .split_whitespace()
+            .next()
+            .and_then(|ns| ns.parse::<u64>().ok())
+            .unwrap_or(0);
+        sample.running_seconds += running_ns as f64 / 1e9;
+        if let Some(id) = task.file_name().to_str().and_then(|id| id.parse().ok()) {
+            sample.threads.push(id);
+        }
     }
     if let Ok(io) = std::fs::read_to_string(format!("/proc/{pid}/io")) {
         sample.read_syscalls = field_value(&io, "syscr:");
@@ -116,6 +138,16 @@ mod tests {
             "{own} {second:?}"
         );
         assert!(second.cpu_seconds >= first.cpu_seconds);
+        // This thread is among those read, and has run.
+        let own = std::fs::read_to_string("/proc/thread-self/stat").expect("own stat");
+        let own: u32 = own
+            .split_whitespace()
+            .next()
+            .expect("tid")
+            .parse()
+            .expect("tid");
+        assert!(second.threads.contains(&own), "{own} {second:?}");
+        assert!(second.running_seconds > 0.0, "{second:?}");
         assert!(
             second.read_syscalls > first.read_syscalls,
             "{first:?} {second:?}"

@@ -117,6 +117,11 @@ pub struct BrokerCpu {
     /// Per message of the measured window (sent for produce and end-to-end, received for
     /// consume); `None` without messages.
     pub us_per_message: Option<f64>,
+    /// Time on a CPU by the threads' `schedstat`, in nanoseconds where `seconds` counts 10 ms
+    /// ticks; without the threads that ended within the window (`threads_ended`).
+    pub running_seconds: f64,
+    pub running_us_per_message: Option<f64>,
+    pub threads_ended: usize,
     pub voluntary_switches: u64,
     pub involuntary_switches: u64,
     /// `syscr` + `syscw` of `/proc/PID/io` (the read and write families of system calls:
@@ -151,11 +156,21 @@ impl BrokerCpu {
             .zip(syscalls(before))
             .map(|(after, before)| after.saturating_sub(before));
         let minor_faults = after.minor_faults.saturating_sub(before.minor_faults);
+        let running_seconds = (after.running_seconds - before.running_seconds).max(0.0);
+        let threads_ended = before
+            .threads
+            .iter()
+            .filter(|thread| !after.threads.contains(thread))
+            .count();
         let per = |count: u64| count as f64 / messages as f64;
+        let us_per_message = |seconds: f64| (messages > 0).then(|| seconds * 1e6 / messages as f64);
         BrokerCpu {
             pid,
             seconds,
-            us_per_message: (messages > 0).then(|| seconds * 1e6 / messages as f64),
+            us_per_message: us_per_message(seconds),
+            running_seconds,
+            running_us_per_message: us_per_message(running_seconds),
+            threads_ended,
             voluntary_switches,
             involuntary_switches,
             read_write_syscalls,
@@ -276,6 +291,17 @@ impl<C: Serialize> Summary<C> {
             if let Some(per_message) = cpu.us_per_message {
                 let _ = write!(out, ", {per_message:.2} µs per message");
             }
+            let _ = write!(out, "; on a CPU {:.3} s", cpu.running_seconds);
+            if let Some(per_message) = cpu.running_us_per_message {
+                let _ = write!(out, ", {per_message:.3} µs per message");
+            }
+            match cpu.threads_ended {
+                0 => {}
+                1 => out.push_str(" (without 1 thread that ended meanwhile)"),
+                ended => {
+                    let _ = write!(out, " (without {ended} threads that ended meanwhile)");
+                }
+            }
             out.push('\n');
             let syscalls = cpu
                 .read_write_syscalls
@@ -392,6 +418,8 @@ mod tests {
     fn the_broker_counters_are_reported_per_message() {
         let before = BrokerSample {
             cpu_seconds: 1.0,
+            running_seconds: 0.75,
+            threads: vec![10, 11, 12],
             minor_faults: 100,
             voluntary_switches: 1_000,
             involuntary_switches: 10,
@@ -400,6 +428,8 @@ mod tests {
         };
         let after = BrokerSample {
             cpu_seconds: 1.5,
+            running_seconds: 1.1875,
+            threads: vec![10, 12, 13],
             minor_faults: 300,
             voluntary_switches: 5_000,
             involuntary_switches: 410,
@@ -409,6 +439,8 @@ mod tests {
         let cpu = BrokerCpu::between(7, &before, &after, 1_000);
         let json = serde_json::to_value(&cpu).expect("serializes");
         assert_eq!(json["us_per_message"], 500.0);
+        assert_eq!(json["running_us_per_message"], 437.5);
+        assert_eq!(json["threads_ended"], 1);
         assert_eq!(json["read_write_syscalls"], 2_000);
         assert_eq!(json["per_message"]["voluntary_switches"], 4.0);
         assert_eq!(json["per_message"]["involuntary_switches"], 0.4);
@@ -418,6 +450,12 @@ mod tests {
         let text = summary.text("meridian perf produce");
         assert!(
             text.contains("4000 voluntary + 400 involuntary context switches, 2000 read/write syscalls, 200 minor faults; per message 4.000 + 0.400, 2.000, 0.200"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "on a CPU 0.438 s, 437.500 µs per message (without 1 thread that ended meanwhile)"
+            ),
             "{text}"
         );
         // Without /proc/PID/io (no right to trace the broker) the rest is still reported.
