@@ -10,6 +10,7 @@
 #
 #   BIN=target/release/meridian scripts/bench/drain_perf.sh 1
 #
+#   PRODUCE_ARGS="--batch-max-messages 0" ... drain_perf.sh 1   # unbatched: an entry per message
 #   KEEP=1 ... drain_perf.sh 1   # fill only, and leave the broker running (its pid printed), for
 #                                # another consumer (scripts/bench/drain_python.py)
 #
@@ -27,7 +28,8 @@ topic=persistent://public/default/drain
 curl -sf -X PUT http://127.0.0.1:$wp/admin/v2/persistent/public/default/drain-0/subscription/drain > /dev/null
 fill=${FILL:-200000}
 timeout 120 "$bin" perf produce --url pulsar://127.0.0.1:$bp --admin-url http://127.0.0.1:$wp \
-    --topic-prefix $topic --messages "$fill" --warmup 0 --output json > "$work/fill.json" 2> "$work/fill.err"
+    --topic-prefix $topic --messages "$fill" --warmup 0 --output json ${PRODUCE_ARGS:-} \
+    > "$work/fill.json" 2> "$work/fill.err"
 if [ -n "${KEEP:-}" ]; then
     trap - EXIT
     echo "broker pid $bpid, pulsar://127.0.0.1:$bp, topic $topic-0, subscription drain, $fill messages"
