@@ -1271,15 +1271,16 @@ impl Subscription {
             state.replay.values().flatten().copied().collect()
         };
         let mut last_read = None;
-        for entry in entries {
+        // Looked up for the whole round under one hold of the log's lock, not once per entry.
+        let positions: Vec<Position> = entries.iter().map(|entry| entry.position).collect();
+        let acknowledged = self.log.acknowledged_each(&self.cursor, &positions);
+        for (entry, acknowledged) in entries.into_iter().zip(acknowledged) {
             let position = entry.position;
             last_read = Some(position);
             if is_replay {
                 state.replay.remove(&position);
             }
-            if state.pending.contains_key(&position)
-                || self.log.is_acknowledged(&self.cursor, position)
-            {
+            if acknowledged || state.pending.contains_key(&position) {
                 continue;
             }
             // Storage verified its own checksum on read; the producer's was verified on publish.

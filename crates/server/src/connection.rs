@@ -503,11 +503,14 @@ async fn write_all_vectored<W: AsyncWrite + Unpin>(
     writer: &mut W,
     parts: &[Bytes],
 ) -> std::io::Result<()> {
-    let mut slices: Vec<IoSlice<'_>> = parts
-        .iter()
-        .filter(|part| !part.is_empty())
-        .map(|part| IoSlice::new(part))
-        .collect();
+    // Sized first: collected from a filter, the list would grow step by step.
+    let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(parts.len());
+    slices.extend(
+        parts
+            .iter()
+            .filter(|part| !part.is_empty())
+            .map(|part| IoSlice::new(part)),
+    );
     let mut remaining = &mut slices[..];
     while !remaining.is_empty() {
         let written = writer.write_vectored(remaining).await?;

@@ -706,6 +706,19 @@ impl Log {
             .is_some_and(|slot| slot.state.is_acknowledged(position))
     }
 
+    /// For each of `positions`, whether cursor `name` has acknowledged it, under one lock
+    /// (all false if the cursor does not exist).
+    pub fn acknowledged_each(&self, name: &str, positions: &[Position]) -> Vec<bool> {
+        let state = self.lock();
+        match state.cursors.get(name) {
+            Some(slot) => positions
+                .iter()
+                .map(|position| slot.state.is_acknowledged(*position))
+                .collect(),
+            None => vec![false; positions.len()],
+        }
+    }
+
     /// Whether cursor `name` has acknowledged every one of `positions`, under one lock (false
     /// if the cursor does not exist).
     pub fn all_acknowledged(&self, name: &str, positions: &[Position]) -> bool {

@@ -656,7 +656,20 @@ struct ReadBudget {
     max_bytes: usize,
 }
 
+/// Room reserved up front for the entries of one read (and for the parts of one plan), so
+/// that a dispatch round of hundreds of small entries does not grow its lists from one entry
+/// up; larger reads grow past it. Small enough that neither list starts beyond glibc's mmap
+/// threshold (a mapping, and its page faults, per read).
+const READ_ENTRIES_RESERVED: usize = 256;
+
 impl ReadBudget {
+    /// Entries a read may still gather, as far as room is reserved for them.
+    fn room(&self) -> usize {
+        self.max_entries
+            .saturating_sub(self.entries.len())
+            .min(READ_ENTRIES_RESERVED)
+    }
+
     fn exhausted(&self) -> bool {
         self.entries.len() >= self.max_entries
             || (!self.entries.is_empty() && self.bytes >= self.max_bytes)
@@ -1960,7 +1973,7 @@ impl Log {
         source: Source,
     ) -> Result<Option<Vec<Entry>>> {
         let mut read = ReadBudget {
-            entries: Vec::new(),
+            entries: Vec::with_capacity(max_entries.min(READ_ENTRIES_RESERVED)),
             bytes: 0,
             max_entries,
             max_bytes,
@@ -1998,7 +2011,7 @@ impl Log {
         read: &ReadBudget,
         source: Source,
     ) -> Result<Option<(Vec<ReadPart>, Option<Position>)>> {
-        let mut parts = Vec::new();
+        let mut parts = Vec::with_capacity(read.room());
         let state = self.lock();
         if let Some(error) = &state.corruption {
             return Err(error.clone());

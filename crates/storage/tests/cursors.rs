@@ -1121,7 +1121,7 @@ fn a_run_that_would_exceed_the_range_limit_is_refused_whole() {
 }
 
 #[test]
-fn all_acknowledged_answers_for_every_position_given() {
+fn all_acknowledged_and_acknowledged_each_answer_for_every_position_given() {
     let root = tempfile::tempdir().expect("tempdir");
     let storage = Storage::open(root.path(), config()).expect("open");
     let log = storage.open_log("t").expect("log");
@@ -1139,6 +1139,18 @@ fn all_acknowledged_answers_for_every_position_given() {
     assert!(!log.all_acknowledged("sub", &[positions[5], positions[6]]));
     assert!(!log.all_acknowledged("sub", &[positions[3]]));
     assert!(!log.all_acknowledged("missing", &[positions[0]]));
+    // The same, position by position.
+    assert_eq!(
+        log.acknowledged_each(
+            "sub",
+            &[positions[1], positions[3], positions[5], positions[6]]
+        ),
+        [true, false, true, false]
+    );
+    assert_eq!(
+        log.acknowledged_each("missing", &[positions[0], positions[1]]),
+        [false, false]
+    );
 }
 
 #[test]

@@ -64,13 +64,9 @@ impl PayloadFrame {
     }
 }
 
-/// Builds a payload frame: a header for `command` in front of `entry`, which
-/// is not copied or inspected.
-pub fn encode_payload_frame(
-    command: &BaseCommand,
-    entry: Bytes,
-) -> Result<PayloadFrame, EncodeError> {
-    let command_length = command.encoded_len();
+/// The start of a payload frame's header, `[total_size][command_size]`, in a buffer with room
+/// for the command (`command_length` bytes) that follows it, in front of `entry`.
+fn payload_frame_sizes(command_length: usize, entry: &[u8]) -> Result<BytesMut, EncodeError> {
     let command_size = wire_size("command", command_length)?;
     let total_length = command_length
         .checked_add(4)
@@ -80,12 +76,22 @@ pub fn encode_payload_frame(
             length: usize::MAX,
         })?;
     let total_size = wire_size("frame", total_length)?;
-
     let mut header = BytesMut::with_capacity(command_length.saturating_add(8));
     header.put_u32(total_size);
     header.put_u32(command_size);
+    Ok(header)
+}
+
+/// Builds a payload frame: a header for `command` in front of `entry`, which
+/// is not copied or inspected.
+pub fn encode_payload_frame(
+    command: &BaseCommand,
+    entry: Bytes,
+) -> Result<PayloadFrame, EncodeError> {
+    let command_length = command.encoded_len();
+    let mut header = payload_frame_sizes(command_length, &entry)?;
     command.encode(&mut header)?;
-    debug_assert_eq!(header.len() + entry.len(), total_length + 4);
+    debug_assert_eq!(header.len(), command_length + 8);
     Ok(PayloadFrame {
         header: header.freeze(),
         entry,
@@ -94,16 +100,36 @@ pub fn encode_payload_frame(
 
 /// Builds the MESSAGE frame a broker sends to a consumer: a new header in
 /// front of the stored entry, which goes out byte for byte as it was stored.
+///
+/// The command, `BaseCommand { type: MESSAGE, message }`, is written field by field, the
+/// bytes prost would write for it: `BaseCommand`'s own encoder visits each of its dozens of
+/// optional fields twice (length, then bytes), once per delivered entry (issue 16).
 pub fn encode_message_frame(
     message: CommandMessage,
     entry: Bytes,
 ) -> Result<PayloadFrame, EncodeError> {
-    let command = BaseCommand {
-        r#type: base_command::Type::Message as i32,
-        message: Some(message),
-        ..BaseCommand::default()
-    };
-    encode_payload_frame(&command, entry)
+    /// Key of `BaseCommand.type`: field 1, varint.
+    const TYPE_KEY: u8 = 1 << 3;
+    /// Key of `BaseCommand.message`: field 9, length-delimited.
+    const MESSAGE_KEY: u8 = (9 << 3) | 2;
+    const MESSAGE_TYPE: u64 = base_command::Type::Message as u64;
+    let message_length = message.encoded_len();
+    let command_length = 1
+        + prost::encoding::encoded_len_varint(MESSAGE_TYPE)
+        + 1
+        + prost::encoding::encoded_len_varint(message_length as u64)
+        + message_length;
+    let mut header = payload_frame_sizes(command_length, &entry)?;
+    header.put_u8(TYPE_KEY);
+    prost::encoding::encode_varint(MESSAGE_TYPE, &mut header);
+    header.put_u8(MESSAGE_KEY);
+    prost::encoding::encode_varint(message_length as u64, &mut header);
+    message.encode(&mut header)?;
+    debug_assert_eq!(header.len(), command_length + 8);
+    Ok(PayloadFrame {
+        header: header.freeze(),
+        entry,
+    })
 }
 
 /// Builds the SEND frame a producer sends, with the 0x0e01 checksum block.
