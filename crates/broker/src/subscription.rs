@@ -1271,15 +1271,24 @@ impl Subscription {
             state.replay.values().flatten().copied().collect()
         };
         let mut last_read = None;
-        // Looked up for the whole round under one hold of the log's lock, not once per entry.
-        let positions: Vec<Position> = entries.iter().map(|entry| entry.position).collect();
-        let acknowledged = self.log.acknowledged_each(&self.cursor, &positions);
-        for (entry, acknowledged) in entries.into_iter().zip(acknowledged) {
+        // New entries' acknowledgements looked up for the whole round under one hold of the
+        // log's lock, not once per entry. Replayed ones were delivered before, and may be
+        // acknowledged while the round goes on: each is looked up at its turn, so that one
+        // acknowledged meanwhile is not delivered again.
+        let round_lookup = (!is_replay).then(|| {
+            let positions: Vec<Position> = entries.iter().map(|entry| entry.position).collect();
+            self.log.acknowledged_each(&self.cursor, &positions)
+        });
+        for (index, entry) in entries.into_iter().enumerate() {
             let position = entry.position;
             last_read = Some(position);
             if is_replay {
                 state.replay.remove(&position);
             }
+            let acknowledged = match &round_lookup {
+                Some(acknowledged) => acknowledged[index],
+                None => self.log.is_acknowledged(&self.cursor, position),
+            };
             if acknowledged || state.pending.contains_key(&position) {
                 continue;
             }

@@ -2011,7 +2011,11 @@ impl Log {
         read: &ReadBudget,
         source: Source,
     ) -> Result<Option<(Vec<ReadPart>, Option<Position>)>> {
-        let mut parts = Vec::with_capacity(read.room());
+        // A plan from the cache has a part per entry; one from the files a part per run.
+        let mut parts = match source {
+            Source::CacheOnly => Vec::with_capacity(read.room()),
+            Source::Anywhere => Vec::new(),
+        };
         let state = self.lock();
         if let Some(error) = &state.corruption {
             return Err(error.clone());
