@@ -664,13 +664,71 @@ fn plain_ports_can_be_turned_off() {
         ),
     )
     .expect("config");
-    let (_broker, broker_port, web_port) = Broker::start(home, &config, "standalone");
-    let accepts = |port: u16| std::net::TcpStream::connect(("127.0.0.1", port)).is_ok();
+    let (broker, broker_port, web_port) = Broker::start(home, &config, "standalone");
+    // The broker's own listening sockets: the plain ports it was given are free numbers that
+    // another test's broker may take meanwhile, so a connection to them proves nothing.
     let deadline = Instant::now() + Duration::from_secs(60);
-    while !(accepts(broker_tls) && accepts(web_tls)) {
+    let listening = loop {
+        let listening = listening_ports(broker.0.id());
+        if listening.contains(&broker_tls) && listening.contains(&web_tls) {
+            break listening;
+        }
         assert!(Instant::now() < deadline, "the TLS ports never opened");
         std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(
+        !listening.contains(&broker_port),
+        "the plain protocol port is open: {listening:?}"
+    );
+    assert!(
+        !listening.contains(&web_port),
+        "the plain web port is open: {listening:?}"
+    );
+}
+
+/// The TCP ports process `pid` listens on: its sockets' inodes (`/proc/<pid>/fd`) among the
+/// listening sockets of `/proc/net/tcp` and `tcp6`.
+fn listening_ports(pid: u32) -> Vec<u16> {
+    let inodes: std::collections::HashSet<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("the broker's file descriptors")
+        .filter_map(|fd| std::fs::read_link(fd.ok()?.path()).ok())
+        .filter_map(|target| {
+            let target = target.to_str()?;
+            Some(
+                target
+                    .strip_prefix("socket:[")?
+                    .strip_suffix(']')?
+                    .to_string(),
+            )
+        })
+        .collect();
+    let mut ports = Vec::new();
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let Ok(text) = std::fs::read_to_string(table) else {
+            continue;
+        };
+        // `sl local_address rem_address st ... inode`: the state 0A is LISTEN, the local
+        // address ends in `:<port in hex>`, the inode is the tenth field.
+        for fields in text
+            .lines()
+            .skip(1)
+            .map(|line| line.split_whitespace().collect::<Vec<_>>())
+        {
+            let (Some(local), Some(state), Some(inode)) =
+                (fields.get(1), fields.get(3), fields.get(9))
+            else {
+                continue;
+            };
+            if *state != "0A" || !inodes.contains(*inode) {
+                continue;
+            }
+            if let Some(port) = local
+                .rsplit_once(':')
+                .and_then(|(_, port)| u16::from_str_radix(port, 16).ok())
+            {
+                ports.push(port);
+            }
+        }
     }
-    assert!(!accepts(broker_port), "the plain protocol port is open");
-    assert!(!accepts(web_port), "the plain web port is open");
+    ports
 }
