@@ -10,7 +10,8 @@ use prost::Message;
 
 use crate::error::EncodeError;
 use crate::proto::{
-    base_command, BaseCommand, BrokerEntryMetadata, CommandMessage, CommandSend, MessageMetadata,
+    base_command, BaseCommand, BrokerEntryMetadata, CommandMessage, CommandSend, MessageIdData,
+    MessageMetadata,
 };
 use crate::{BROKER_ENTRY_METADATA_MAGIC, CHECKSUM_MAGIC};
 
@@ -103,7 +104,8 @@ pub fn encode_payload_frame(
 ///
 /// The command, `BaseCommand { type: MESSAGE, message }`, is written field by field, the
 /// bytes prost would write for it: `BaseCommand`'s own encoder visits each of its dozens of
-/// optional fields twice (length, then bytes), once per delivered entry (issue 16).
+/// optional fields twice (length, then bytes), once per delivered entry (issue 16), and
+/// `CommandMessage`'s computes its message id's length twice.
 pub fn encode_message_frame(
     message: CommandMessage,
     entry: Bytes,
@@ -113,7 +115,8 @@ pub fn encode_message_frame(
     /// Key of `BaseCommand.message`: field 9, length-delimited.
     const MESSAGE_KEY: u8 = (9 << 3) | 2;
     const MESSAGE_TYPE: u64 = base_command::Type::Message as u64;
-    let message_length = message.encoded_len();
+    let id_length = message_id_length(&message.message_id);
+    let message_length = command_message_length(&message, id_length);
     let command_length = 1
         + prost::encoding::encoded_len_varint(MESSAGE_TYPE)
         + 1
@@ -124,12 +127,109 @@ pub fn encode_message_frame(
     prost::encoding::encode_varint(MESSAGE_TYPE, &mut header);
     header.put_u8(MESSAGE_KEY);
     prost::encoding::encode_varint(message_length as u64, &mut header);
-    message.encode(&mut header)?;
+    put_command_message(&mut header, &message, id_length);
     debug_assert_eq!(header.len(), command_length + 8);
     Ok(PayloadFrame {
         header: header.freeze(),
         entry,
     })
+}
+
+// `CommandMessage` and its `MessageIdData` written by hand, fields in tag order as prost writes
+// them (every field number is below 16, so each key is one byte). prost's encoder computes a
+// nested message's length once for the length and again inside it, per delivered entry.
+
+/// The key of field `field` with wire type `wire_type` (0 varint, 2 length-delimited).
+const fn key(field: u8, wire_type: u8) -> u8 {
+    (field << 3) | wire_type
+}
+
+/// An `int32`'s varint: negative values take ten bytes, sign-extended, as protobuf says.
+fn int32_varint(value: i32) -> u64 {
+    i64::from(value) as u64
+}
+
+/// Length of a varint field: its key and its value.
+fn varint_field_length(value: u64) -> usize {
+    1 + prost::encoding::encoded_len_varint(value)
+}
+
+fn put_varint_field(buffer: &mut BytesMut, field: u8, value: u64) {
+    buffer.put_u8(key(field, 0));
+    prost::encoding::encode_varint(value, buffer);
+}
+
+fn message_id_length(id: &MessageIdData) -> usize {
+    let optional =
+        |value: Option<i32>| value.map_or(0, |value| varint_field_length(int32_varint(value)));
+    varint_field_length(id.ledger_id)
+        + varint_field_length(id.entry_id)
+        + optional(id.partition)
+        + optional(id.batch_index)
+        + id.ack_set
+            .iter()
+            .map(|word| varint_field_length(*word as u64))
+            .sum::<usize>()
+        + optional(id.batch_size)
+        + id.first_chunk_message_id.as_deref().map_or(0, |first| {
+            let length = message_id_length(first);
+            1 + prost::encoding::encoded_len_varint(length as u64) + length
+        })
+}
+
+fn put_message_id(buffer: &mut BytesMut, id: &MessageIdData) {
+    put_varint_field(buffer, 1, id.ledger_id);
+    put_varint_field(buffer, 2, id.entry_id);
+    if let Some(partition) = id.partition {
+        put_varint_field(buffer, 3, int32_varint(partition));
+    }
+    if let Some(batch_index) = id.batch_index {
+        put_varint_field(buffer, 4, int32_varint(batch_index));
+    }
+    for word in &id.ack_set {
+        put_varint_field(buffer, 5, *word as u64);
+    }
+    if let Some(batch_size) = id.batch_size {
+        put_varint_field(buffer, 6, int32_varint(batch_size));
+    }
+    if let Some(first) = id.first_chunk_message_id.as_deref() {
+        buffer.put_u8(key(7, 2));
+        prost::encoding::encode_varint(message_id_length(first) as u64, buffer);
+        put_message_id(buffer, first);
+    }
+}
+
+/// Length of `message` encoded, its message id being `id_length` bytes.
+fn command_message_length(message: &CommandMessage, id_length: usize) -> usize {
+    varint_field_length(message.consumer_id)
+        + 1
+        + prost::encoding::encoded_len_varint(id_length as u64)
+        + id_length
+        + message
+            .redelivery_count
+            .map_or(0, |count| varint_field_length(u64::from(count)))
+        + message
+            .ack_set
+            .iter()
+            .map(|word| varint_field_length(*word as u64))
+            .sum::<usize>()
+        + message.consumer_epoch.map_or(0, varint_field_length)
+}
+
+fn put_command_message(buffer: &mut BytesMut, message: &CommandMessage, id_length: usize) {
+    put_varint_field(buffer, 1, message.consumer_id);
+    buffer.put_u8(key(2, 2));
+    prost::encoding::encode_varint(id_length as u64, buffer);
+    put_message_id(buffer, &message.message_id);
+    if let Some(count) = message.redelivery_count {
+        put_varint_field(buffer, 3, u64::from(count));
+    }
+    for word in &message.ack_set {
+        put_varint_field(buffer, 4, *word as u64);
+    }
+    if let Some(epoch) = message.consumer_epoch {
+        put_varint_field(buffer, 5, epoch);
+    }
 }
 
 /// Builds the SEND frame a producer sends, with the 0x0e01 checksum block.
