@@ -44,6 +44,26 @@ use crate::outbound::{command_frame, Outbound, OutboundSender};
 use crate::replication::subscription_sync::{self, SyncedAcks};
 use crate::stats::{ConsumerStats, Meter, SubscriptionStats};
 
+/// The fields of an entry's metadata that dispatch reads for every entry, with their tags in
+/// `MessageMetadata`: decoding only these skips allocating (and dropping) the producer name and
+/// the rest, once per delivered entry. Keys are read as bytes (a string on the wire is the same
+/// bytes), taken from the entry without a copy.
+#[derive(Clone, PartialEq, prost::Message)]
+struct DispatchFields {
+    #[prost(string, optional, tag = "5")]
+    replicated_from: Option<String>,
+    #[prost(bytes = "bytes", optional, tag = "6")]
+    partition_key: Option<bytes::Bytes>,
+    #[prost(int32, optional, tag = "11")]
+    num_messages_in_batch: Option<i32>,
+    #[prost(bytes = "bytes", optional, tag = "18")]
+    ordering_key: Option<bytes::Bytes>,
+    #[prost(int64, optional, tag = "19")]
+    deliver_at_time: Option<i64>,
+    #[prost(int32, optional, tag = "20")]
+    marker_type: Option<i32>,
+}
+
 /// Pulsar's subscription types (wire values 0..=3).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SubscriptionType {
@@ -693,15 +713,8 @@ impl Subscription {
             }
             return Ok(());
         }
-        let existing: Vec<Position> = here
-            .iter()
-            .copied()
-            .filter(|position| entry_exists(&self.log, *position))
-            .collect();
-        if existing.len() < positions.len() {
-            tracing::debug!(topic = %self.topic, subscription = %self.name, ignored = positions.len() - existing.len(), "acknowledgement of entries that do not exist ignored");
-        }
-        let mut positions = &existing[..];
+        // The log ignores positions where it holds no entry (a client's bad message id).
+        let mut positions = here;
         let accepted: Vec<Position>;
         match self.log.acknowledge_as(&self.cursor, positions, kind) {
             Ok(_) => {}
@@ -1130,10 +1143,12 @@ impl Subscription {
         }
         let replay_before = state.replay.len();
         // Planned entries that no longer exist (trimmed) leave the replay set.
-        let read: HashSet<Position> = entries.iter().map(|entry| entry.position).collect();
-        for position in &planned_replay {
-            if !read.contains(position) {
-                state.replay.remove(position);
+        if is_replay {
+            let read: HashSet<Position> = entries.iter().map(|entry| entry.position).collect();
+            for position in &planned_replay {
+                if !read.contains(position) {
+                    state.replay.remove(position);
+                }
             }
         }
         self.assign(&mut state, entries, is_replay);
@@ -1275,6 +1290,12 @@ impl Subscription {
         // log's lock, not once per entry. Replayed ones were delivered before, and may be
         // acknowledged while the round goes on: each is looked up at its turn, so that one
         // acknowledged meanwhile is not delivered again.
+        // Whether other clusters' acknowledgements are known here (replicated subscriptions).
+        let acknowledged_elsewhere = !self
+            .acknowledged_elsewhere
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .is_empty();
         let round_lookup = (!is_replay).then(|| {
             let positions: Vec<Position> = entries.iter().map(|entry| entry.position).collect();
             self.log.acknowledged_each(&self.cursor, &positions)
@@ -1293,35 +1314,38 @@ impl Subscription {
                 continue;
             }
             // Storage verified its own checksum on read; the producer's was verified on publish.
-            let parsed = meridian_wire::entry_metadata(entry.data.clone());
-            let (messages, hash, deliver_at, is_marker) = match &parsed {
-                Ok(metadata) => {
-                    let messages = metadata.num_messages_in_batch.unwrap_or(1).max(1) as u32;
-                    let key: &[u8] = match (&metadata.ordering_key, &metadata.partition_key) {
-                        (Some(ordering_key), _) if !ordering_key.is_empty() => ordering_key,
-                        (_, Some(partition_key)) if !partition_key.is_empty() => {
-                            partition_key.as_bytes()
-                        }
-                        _ => b"NONE_KEY",
-                    };
-                    (
-                        messages,
-                        sticky_key_hash(key),
-                        metadata
-                            .deliver_at_time
-                            .filter(|at| *at > 0)
-                            .map(|at| at as u64),
-                        metadata.marker_type.is_some(),
-                    )
-                }
-                Err(error) => {
-                    tracing::warn!(topic = %self.topic, %position, %error, "entry metadata does not decode; delivering it as one message");
-                    (1, sticky_key_hash(b"NONE_KEY"), None, false)
-                }
-            };
+            let (messages, hash, deliver_at, is_marker, replicated) =
+                match meridian_wire::entry_metadata_fields::<DispatchFields>(entry.data.clone()) {
+                    Ok(fields) => {
+                        let key: &[u8] = match (&fields.ordering_key, &fields.partition_key) {
+                            (Some(ordering_key), _) if !ordering_key.is_empty() => ordering_key,
+                            (_, Some(partition_key)) if !partition_key.is_empty() => partition_key,
+                            _ => b"NONE_KEY",
+                        };
+                        (
+                            fields.num_messages_in_batch.unwrap_or(1).max(1) as u32,
+                            sticky_key_hash(key),
+                            fields
+                                .deliver_at_time
+                                .filter(|at| *at > 0)
+                                .map(|at| at as u64),
+                            fields.marker_type.is_some(),
+                            fields.replicated_from.is_some(),
+                        )
+                    }
+                    Err(error) => {
+                        tracing::warn!(topic = %self.topic, %position, %error, "entry metadata does not decode; delivering it as one message");
+                        (1, sticky_key_hash(b"NONE_KEY"), None, false, false)
+                    }
+                };
+            // The whole metadata only where replication needs it: to strip a replicated
+            // entry's origin, or to match the entry against other clusters' states.
+            let parsed = (replicated || acknowledged_elsewhere)
+                .then(|| meridian_wire::entry_metadata(entry.data.clone()).ok())
+                .flatten();
             let covered_elsewhere = parsed
                 .as_ref()
-                .is_ok_and(|metadata| self.is_acknowledged_elsewhere(position, metadata));
+                .is_some_and(|metadata| self.is_acknowledged_elsewhere(position, metadata));
             // A batch another cluster acknowledged in part (its state may arrive before the
             // batch does): its messages acknowledged there are skipped here too, at once, not
             // only after the sync task's next tick records them.
@@ -1329,7 +1353,6 @@ impl Subscription {
             if !covered_elsewhere {
                 if let Some(words) = parsed
                     .as_ref()
-                    .ok()
                     .and_then(|metadata| self.acknowledged_in_part_elsewhere(position, metadata))
                 {
                     let local = (!ack_set.is_empty()).then(|| batch_acks::from_wire(&ack_set));
@@ -1397,8 +1420,8 @@ impl Subscription {
                 ..CommandMessage::default()
             };
             let data = match &parsed {
-                Ok(metadata) => crate::replication::chain::without_origin(metadata, entry.data),
-                Err(_) => entry.data,
+                Some(metadata) => crate::replication::chain::without_origin(metadata, entry.data),
+                None => entry.data,
             };
             match meridian_wire::encode_message_frame(command, data) {
                 Ok(frame) => {
@@ -1484,13 +1507,6 @@ impl Subscription {
             }
         }
     }
-}
-
-/// Whether the log holds an entry at `position`: it is the entry before the one that follows
-/// it (a position in a gap or beyond the end is not).
-fn entry_exists(log: &Log, position: Position) -> bool {
-    log.last_position().is_some_and(|last| position <= last)
-        && log.previous_position(log.next_position(position)) == Some(position)
 }
 
 /// Drops the pending record of an acknowledged entry; true if there was one (or a

@@ -639,18 +639,22 @@ impl LogState {
                 log: log.to_string(),
             });
         }
-        let Some(mut slot) = self.cursors.remove(name) else {
-            return Err(StorageError::CursorNotFound {
-                log: log.to_string(),
-                cursor: name.to_string(),
-            });
+        let not_found = || StorageError::CursorNotFound {
+            log: log.to_string(),
+            cursor: name.to_string(),
         };
-        let result = change(self, &mut slot.state);
+        // The state is taken out of its slot for `change`, which reads the rest of the log's
+        // state beside it (taking the slot out of the map instead would cost the name's
+        // allocation for putting it back, on every acknowledgement).
+        let mut cursor =
+            std::mem::take(&mut self.cursors.get_mut(name).ok_or_else(not_found)?.state);
+        let result = change(self, &mut cursor);
+        let slot = self.cursors.get_mut(name).ok_or_else(not_found)?;
+        slot.state = cursor;
         slot.dirty = true;
         if kind == ChangeKind::Own {
             slot.version = new_cursor_version();
         }
-        self.cursors.insert(name.to_string(), slot);
         Ok(result)
     }
 }
@@ -846,8 +850,9 @@ impl Log {
         Ok(())
     }
 
-    /// Acknowledges individual entries. Positions at or before the mark-delete position, or
-    /// beyond the last durable entry, are ignored. Returns the new mark-delete position.
+    /// Acknowledges individual entries. Positions at or before the mark-delete position,
+    /// beyond the last durable entry, or where the log holds no entry (a gap between ledgers,
+    /// a trimmed entry) are ignored. Returns the new mark-delete position.
     ///
     /// The cursor holds at most `cursor_max_ranges` ranges of individually acknowledged
     /// entries: an acknowledgement that would start another one (it neither extends a range
@@ -871,12 +876,24 @@ impl Log {
         let (mark_delete, refused) =
             state.update_cursor(self.name(), (name, kind), |log, cursor| {
                 let mut refused = Vec::new();
+                let mut ignored = 0_usize;
                 // The mark-delete position moves once, at the end (finding the entry after it
                 // costs a walk over the segments): until then, the range starting at `next`
-                // is in the set, but it is not counted, since the end absorbs it.
-                let next = log.position_after(cursor.mark_delete);
+                // is in the set, but it is not counted, since the end absorbs it. Only the
+                // entry right after it, with nothing acknowledged beyond, moves it at once:
+                // acknowledgements in order, the common case, then leave the set alone.
+                let mut next = log.position_after(cursor.mark_delete);
                 for position in positions {
-                    if Some(*position) > last_durable || cursor.is_acknowledged(*position) {
+                    if cursor.is_acknowledged(*position) {
+                        continue;
+                    }
+                    if Some(*position) > last_durable || !log.holds_entry(*position) {
+                        ignored += 1;
+                        continue;
+                    }
+                    if *position == next && cursor.acknowledged.is_empty() {
+                        cursor.mark_delete = Some(next);
+                        next = log.next_position(next);
                         continue;
                     }
                     let joins = *position == next
@@ -895,6 +912,9 @@ impl Log {
                         continue;
                     }
                     cursor.acknowledged.insert(*position);
+                }
+                if ignored > 0 {
+                    tracing::debug!(log = %self.name(), cursor = name, ignored, "acknowledgement of entries the log does not hold ignored");
                 }
                 log.advance_mark_delete(cursor);
                 (cursor.mark_delete, refused)

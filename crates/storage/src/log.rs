@@ -2804,6 +2804,17 @@ impl LogState {
         closed
     }
 
+    /// Whether an entry of this log is at `position` (durable or not yet): not in a gap
+    /// between ledgers, not trimmed, not beyond the end.
+    pub(crate) fn holds_entry(&self, position: Position) -> bool {
+        // Segments are in log order; the one that may hold `position` is the last one that
+        // starts at or before it.
+        let after = self.segments.partition_point(|segment| {
+            Position::new(segment.ledger_id, segment.first_entry_id) <= position
+        });
+        after > 0 && self.segments[after - 1].contains(position)
+    }
+
     pub(crate) fn next_position(&self, position: Position) -> Position {
         for segment in &self.segments {
             let Some(last) = segment.last_position() else {

@@ -1207,3 +1207,46 @@ fn a_cursor_version_changes_with_its_own_changes_only() {
         .expect("cursor");
     changed(&log);
 }
+
+#[test]
+fn acknowledgements_of_positions_the_log_does_not_hold_change_nothing() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let storage = Storage::open(root.path(), config()).expect("open");
+    let log = storage.open_log("t").expect("log");
+    let first = append(&log, 10);
+    storage.close().expect("close");
+    // A second ledger (a new one after each open): the ids after the first one's end are a gap.
+    let storage = Storage::open(root.path(), config()).expect("reopen");
+    let log = storage.open_log("t").expect("log");
+    let second = append(&log, 10);
+    log.open_cursor("sub", InitialPosition::Earliest)
+        .expect("cursor");
+    let in_gap = Position::new(first[9].ledger_id, first[9].entry_id + 1);
+    let beyond_end = Position::new(second[9].ledger_id, second[9].entry_id + 1);
+
+    log.acknowledge("sub", &[in_gap, beyond_end])
+        .expect("ignored, not refused");
+    assert!(!log.is_acknowledged("sub", in_gap));
+    assert_eq!(log.acknowledged_range_count("sub"), 0);
+    assert_eq!(log.mark_delete_position("sub"), Some(None));
+
+    // In order, the gap's position among them: the mark-delete position follows the entries.
+    let mut batch = first.clone();
+    batch.push(in_gap);
+    log.acknowledge("sub", &batch).expect("ack");
+    assert_eq!(log.mark_delete_position("sub"), Some(Some(first[9])));
+    assert_eq!(log.acknowledged_range_count("sub"), 0);
+    // Across the ledgers, then out of order.
+    log.acknowledge("sub", &[second[0], second[2]])
+        .expect("ack");
+    assert_eq!(log.mark_delete_position("sub"), Some(Some(second[0])));
+    assert_eq!(log.acknowledged_range_count("sub"), 1);
+    log.acknowledge("sub", &[second[1]]).expect("ack");
+    assert_eq!(log.mark_delete_position("sub"), Some(Some(second[2])));
+    assert_eq!(log.acknowledged_range_count("sub"), 0);
+    assert_eq!(log.backlog_entries("sub"), Some(7));
+    // A later entry appended at the end position is not acknowledged by the earlier attempt.
+    let third = append(&log, 1);
+    assert_eq!(third[0], beyond_end);
+    assert!(!log.is_acknowledged("sub", beyond_end));
+}
