@@ -44,6 +44,9 @@ use crate::outbound::{command_frame, Outbound, OutboundSender};
 use crate::replication::subscription_sync::{self, SyncedAcks};
 use crate::stats::{ConsumerStats, Meter, SubscriptionStats};
 
+mod in_flight;
+use in_flight::InFlight;
+
 /// The fields of an entry's metadata that dispatch reads for every entry, with their tags in
 /// `MessageMetadata`: decoding only these skips allocating (and dropping) the producer name and
 /// the rest, once per delivered entry. Keys are read as bytes (a string on the wire is the same
@@ -167,7 +170,7 @@ struct DispatchState {
     read_position: Position,
     /// Entries to send again before new ones, with their sticky-key hash if known.
     replay: BTreeMap<Position, Option<u16>>,
-    pending: BTreeMap<Position, Pending>,
+    pending: InFlight<Pending>,
     redelivery_counts: HashMap<Position, u32>,
     /// Delayed messages by (deliver-at time in ms, position).
     delayed: BTreeMap<(u64, Position), Option<u16>>,
@@ -355,7 +358,7 @@ impl Subscription {
                 round_robin: 0,
                 read_position,
                 replay: BTreeMap::new(),
-                pending: BTreeMap::new(),
+                pending: InFlight::default(),
                 redelivery_counts: HashMap::new(),
                 delayed: BTreeMap::new(),
                 active: None,
@@ -801,11 +804,7 @@ impl Subscription {
         self.log.acknowledge_cumulative(&self.cursor, position)?;
         {
             let mut state = self.lock();
-            let acknowledged: Vec<Position> = state
-                .pending
-                .range(..=position)
-                .map(|(position, _)| *position)
-                .collect();
+            let acknowledged = state.pending.positions_up_to(position);
             for acknowledged in acknowledged {
                 forget_pending(&mut state, acknowledged);
             }
@@ -873,9 +872,9 @@ impl Subscription {
             };
             frames.push((consumer.sink.clone(), command_frame(&command)));
         }
-        let pending: Vec<Position> = state.pending.keys().copied().collect();
+        let pending: Vec<Position> = state.pending.iter().map(|(position, _)| position).collect();
         for position in pending {
-            state.pending.remove(&position);
+            state.pending.remove(position);
             state.replay.insert(position, None);
         }
         state.active = None;
@@ -1310,7 +1309,7 @@ impl Subscription {
                 Some(acknowledged) => acknowledged[index],
                 None => self.log.is_acknowledged(&self.cursor, position),
             };
-            if acknowledged || state.pending.contains_key(&position) {
+            if acknowledged || state.pending.contains(position) {
                 continue;
             }
             // Storage verified its own checksum on read; the producer's was verified on publish.
@@ -1494,8 +1493,9 @@ impl Subscription {
                     .iter()
                     .position(|consumer| consumer.key == owner)?;
                 if let Some(held_from) = state.consumers[index].held_from {
-                    let earlier_in_flight = state.pending.range(..held_from).next().is_some()
-                        || state.replay.range(..held_from).next().is_some();
+                    let earlier_in_flight =
+                        state.pending.first().is_some_and(|first| first < held_from)
+                            || state.replay.range(..held_from).next().is_some();
                     if earlier_in_flight && position >= held_from {
                         return None;
                     }
@@ -1512,7 +1512,7 @@ impl Subscription {
 /// Drops the pending record of an acknowledged entry; true if there was one (or a
 /// redelivery count).
 fn forget_pending(state: &mut DispatchState, position: Position) -> bool {
-    let pending = state.pending.remove(&position);
+    let pending = state.pending.remove(position);
     if let Some(pending) = &pending {
         if let Some(consumer) = state
             .consumers
@@ -1543,7 +1543,7 @@ fn redeliver_pending_of(
             .filter(|position| {
                 state
                     .pending
-                    .get(position)
+                    .get(*position)
                     .is_some_and(|pending| pending.consumer_key == key)
             })
             .collect(),
@@ -1551,11 +1551,11 @@ fn redeliver_pending_of(
             .pending
             .iter()
             .filter(|(_, pending)| pending.consumer_key == key)
-            .map(|(position, _)| *position)
+            .map(|(position, _)| position)
             .collect(),
     };
     for position in chosen {
-        if let Some(pending) = state.pending.remove(&position) {
+        if let Some(pending) = state.pending.remove(position) {
             if let Some(consumer) = state
                 .consumers
                 .iter_mut()
