@@ -50,17 +50,17 @@ use in_flight::InFlight;
 /// The fields of an entry's metadata that dispatch reads for every entry, with their tags in
 /// `MessageMetadata`: decoding only these skips allocating (and dropping) the producer name and
 /// the rest, once per delivered entry. Keys are read as bytes (a string on the wire is the same
-/// bytes), taken from the entry without a copy.
+/// bytes).
 #[derive(Clone, PartialEq, prost::Message)]
 struct DispatchFields {
     #[prost(string, optional, tag = "5")]
     replicated_from: Option<String>,
-    #[prost(bytes = "bytes", optional, tag = "6")]
-    partition_key: Option<bytes::Bytes>,
+    #[prost(bytes = "vec", optional, tag = "6")]
+    partition_key: Option<Vec<u8>>,
     #[prost(int32, optional, tag = "11")]
     num_messages_in_batch: Option<i32>,
-    #[prost(bytes = "bytes", optional, tag = "18")]
-    ordering_key: Option<bytes::Bytes>,
+    #[prost(bytes = "vec", optional, tag = "18")]
+    ordering_key: Option<Vec<u8>>,
     #[prost(int64, optional, tag = "19")]
     deliver_at_time: Option<i64>,
     #[prost(int32, optional, tag = "20")]
@@ -1314,7 +1314,7 @@ impl Subscription {
             }
             // Storage verified its own checksum on read; the producer's was verified on publish.
             let (messages, hash, deliver_at, is_marker, replicated) =
-                match meridian_wire::entry_metadata_fields::<DispatchFields>(entry.data.clone()) {
+                match meridian_wire::entry_metadata_fields::<DispatchFields>(&entry.data) {
                     Ok(fields) => {
                         let key: &[u8] = match (&fields.ordering_key, &fields.partition_key) {
                             (Some(ordering_key), _) if !ordering_key.is_empty() => ordering_key,

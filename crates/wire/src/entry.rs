@@ -13,6 +13,8 @@
 //!
 //! Everything here slices the input [`Bytes`]; nothing is copied.
 
+use std::ops::Range;
+
 use bytes::Bytes;
 use prost::Message;
 
@@ -147,9 +149,10 @@ fn split_entry(entry: Bytes) -> Result<EntryParts, EntryError> {
 /// Decodes only the fields of an entry's metadata that `M` declares (a message with some of
 /// [`MessageMetadata`]'s fields, same tags), **without** verifying its checksum: for a reader
 /// that needs a few fields of many entries and should not pay for the others' allocations.
-pub fn entry_metadata_fields<M: Message + Default>(entry: Bytes) -> Result<M, EntryError> {
-    let sections = sections(entry)?;
-    M::decode(sections.metadata()).map_err(EntryError::InvalidMetadata)
+/// Reads the entry in place: nothing of it is sliced, decoded or counted but the metadata.
+pub fn entry_metadata_fields<M: Message + Default>(entry: &[u8]) -> Result<M, EntryError> {
+    let layout = layout(entry)?;
+    M::decode(&entry[layout.metadata]).map_err(EntryError::InvalidMetadata)
 }
 
 /// Where an entry's parts lie, its metadata not decoded yet.
@@ -170,25 +173,63 @@ impl Sections {
 }
 
 fn sections(entry: Bytes) -> Result<Sections, EntryError> {
-    let (broker_entry_metadata, bytes) = split_broker_entry_metadata(entry)?;
+    let layout = layout(&entry)?;
+    let broker_entry_metadata = layout
+        .broker_entry_metadata
+        .map(|block| {
+            BrokerEntryMetadata::decode(&entry[block])
+                .map_err(EntryError::InvalidBrokerEntryMetadata)
+        })
+        .transpose()?;
+    let checksummed = entry.slice(layout.checksummed..);
+    Ok(Sections {
+        broker_entry_metadata,
+        bytes: entry.slice(layout.after_broker_entry_metadata..),
+        stored_checksum: layout.stored_checksum,
+        metadata_end: layout.metadata.end - layout.checksummed,
+        checksummed,
+    })
+}
 
-    let (stored_checksum, checksummed) = if read::u16_at(&bytes, 0) == Some(CHECKSUM_MAGIC) {
-        let stored = read::u32_at(&bytes, 2).ok_or(EntryError::Truncated {
+/// Where an entry's parts lie, as offsets into it; nothing decoded.
+struct Layout {
+    /// The 0x0e02 block's `BrokerEntryMetadata`, if there is one.
+    broker_entry_metadata: Option<Range<usize>>,
+    /// Where what follows that block starts (0 without it).
+    after_broker_entry_metadata: usize,
+    stored_checksum: Option<u32>,
+    /// Where what the checksum covers starts: `[metadata_size][metadata][payload]`.
+    checksummed: usize,
+    /// The `MessageMetadata`.
+    metadata: Range<usize>,
+}
+
+fn layout(entry: &[u8]) -> Result<Layout, EntryError> {
+    let broker_entry_metadata = broker_entry_metadata_block(entry)?;
+    let after_broker_entry_metadata = broker_entry_metadata.as_ref().map_or(0, |block| block.end);
+    let bytes = &entry[after_broker_entry_metadata..];
+
+    let (stored_checksum, checksummed) = if read::u16_at(bytes, 0) == Some(CHECKSUM_MAGIC) {
+        let stored = read::u32_at(bytes, 2).ok_or(EntryError::Truncated {
             section: "checksum block",
             needed: CHECKSUM_BLOCK_LENGTH,
             available: bytes.len(),
         })?;
-        (Some(stored), bytes.slice(CHECKSUM_BLOCK_LENGTH..))
+        (
+            Some(stored),
+            after_broker_entry_metadata + CHECKSUM_BLOCK_LENGTH,
+        )
     } else {
-        (None, bytes.clone())
+        (None, after_broker_entry_metadata)
     };
 
-    let metadata_size = read::u32_at(&checksummed, 0).ok_or(EntryError::Truncated {
+    let covered = &entry[checksummed..];
+    let metadata_size = read::u32_at(covered, 0).ok_or(EntryError::Truncated {
         section: "metadata size",
         needed: 4,
-        available: checksummed.len(),
+        available: covered.len(),
     })?;
-    let after_size = checksummed.len() - 4;
+    let after_size = covered.len() - 4;
     let metadata_length = read::size(metadata_size);
     if metadata_length > after_size {
         return Err(EntryError::MetadataSizeOutOfBounds {
@@ -196,13 +237,14 @@ fn sections(entry: Bytes) -> Result<Sections, EntryError> {
             available: after_size,
         });
     }
-    // 4 + metadata_length <= checksummed.len(), so neither bound overflows.
-    Ok(Sections {
+    // 4 + metadata_length <= covered.len(), so neither bound overflows.
+    let metadata_start = checksummed + 4;
+    Ok(Layout {
         broker_entry_metadata,
-        bytes,
+        after_broker_entry_metadata,
         stored_checksum,
         checksummed,
-        metadata_end: 4 + metadata_length,
+        metadata: metadata_start..metadata_start + metadata_length,
     })
 }
 
@@ -217,10 +259,20 @@ pub fn strip_broker_entry_metadata(entry: Bytes) -> Result<Bytes, EntryError> {
 fn split_broker_entry_metadata(
     entry: Bytes,
 ) -> Result<(Option<BrokerEntryMetadata>, Bytes), EntryError> {
-    if read::u16_at(&entry, 0) != Some(BROKER_ENTRY_METADATA_MAGIC) {
+    let Some(block) = broker_entry_metadata_block(&entry)? else {
         return Ok((None, entry));
+    };
+    let metadata = BrokerEntryMetadata::decode(&entry[block.clone()])
+        .map_err(EntryError::InvalidBrokerEntryMetadata)?;
+    Ok((Some(metadata), entry.slice(block.end..)))
+}
+
+/// Where a leading 0x0e02 block's `BrokerEntryMetadata` lies, if there is such a block.
+fn broker_entry_metadata_block(entry: &[u8]) -> Result<Option<Range<usize>>, EntryError> {
+    if read::u16_at(entry, 0) != Some(BROKER_ENTRY_METADATA_MAGIC) {
+        return Ok(None);
     }
-    let size = read::u32_at(&entry, 2).ok_or(EntryError::Truncated {
+    let size = read::u32_at(entry, 2).ok_or(EntryError::Truncated {
         section: "broker entry metadata block",
         needed: 6,
         available: entry.len(),
@@ -230,10 +282,7 @@ fn split_broker_entry_metadata(
     if length > available {
         return Err(EntryError::BrokerEntryMetadataSizeOutOfBounds { size, available });
     }
-    let end = 6 + length;
-    let metadata = BrokerEntryMetadata::decode(entry.slice(6..end))
-        .map_err(EntryError::InvalidBrokerEntryMetadata)?;
-    Ok((Some(metadata), entry.slice(end..)))
+    Ok(Some(6..6 + length))
 }
 
 /// One message of a batch.

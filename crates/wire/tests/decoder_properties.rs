@@ -4,14 +4,15 @@
 
 use bytes::{Bytes, BytesMut};
 use meridian_wire::proto::{
-    command_ack, CommandAck, CommandFlow, CommandMessage, CommandSend, KeyLongValue, KeyValue,
-    SingleMessageMetadata,
+    command_ack, BrokerEntryMetadata, CommandAck, CommandFlow, CommandMessage, CommandSend,
+    KeyLongValue, KeyValue, SingleMessageMetadata,
 };
 use meridian_wire::{
     batch_messages, check_frame, decode_frame, decode_frame_or_ack, decode_frame_or_ack_reusing,
-    encode_command, encode_message_frame, encode_payload_frame, encode_send_frame, BaseCommand,
-    ChecksumStatus, CommandType, Decoded, Frame, FrameCheck, MessageIdData, MessageMetadata,
-    DEFAULT_MAX_FRAME_SIZE,
+    encode_command, encode_entry, encode_entry_without_checksum, encode_message_frame,
+    encode_payload_frame, encode_send_frame, entry_metadata, entry_metadata_fields,
+    prepend_broker_entry_metadata, BaseCommand, ChecksumStatus, CommandType, Decoded, EntryError,
+    Frame, FrameCheck, MessageIdData, MessageMetadata, DEFAULT_MAX_FRAME_SIZE,
 };
 use proptest::collection::vec;
 use proptest::prelude::*;
@@ -289,6 +290,72 @@ proptest! {
             .expect("encode")
             .to_bytes();
         decode_everything(&frame, DEFAULT_MAX_FRAME_SIZE);
+    }
+
+    /// The metadata read in place (`entry_metadata_fields`, dispatch's path) is what the
+    /// whole parse of the entry reads, with or without the broker's and the producer's blocks,
+    /// and a cut or damaged entry is refused by both; only the broker's block is skipped in
+    /// place without being decoded.
+    #[test]
+    fn metadata_read_in_place_is_what_the_whole_parse_reads(
+        producer_name in "[a-z]{0,12}",
+        sequence_id in any::<u64>(),
+        partition_key in prop::option::of("[a-z0-9]{0,16}"),
+        ordering_key in prop::option::of(vec(any::<u8>(), 0..16)),
+        num_messages in prop::option::of(1..1_000_i32),
+        payload in vec(any::<u8>(), 0..64),
+        checksum in any::<bool>(),
+        broker_index in prop::option::of(any::<u64>()),
+        cut in prop::option::of(0..256_usize),
+        flip in prop::option::of((0..256_usize, 1..=255_u8)),
+    ) {
+        let metadata = MessageMetadata {
+            producer_name,
+            sequence_id,
+            partition_key,
+            ordering_key: ordering_key.map(Bytes::from),
+            num_messages_in_batch: num_messages,
+            ..MessageMetadata::default()
+        };
+        let entry = if checksum {
+            encode_entry(&metadata, &payload)
+        } else {
+            encode_entry_without_checksum(&metadata, &payload)
+        }
+        .expect("encode");
+        let entry = match broker_index {
+            Some(index) => prepend_broker_entry_metadata(
+                &BrokerEntryMetadata { index: Some(index), ..BrokerEntryMetadata::default() },
+                &entry,
+            )
+            .expect("prepend"),
+            None => entry,
+        };
+        let mut entry = entry.to_vec();
+        if let Some(cut) = cut {
+            entry.truncate(cut);
+        }
+        if let Some((at, bits)) = flip {
+            if let Some(byte) = entry.get_mut(at) {
+                *byte ^= bits;
+            }
+        }
+        let in_place = entry_metadata_fields::<MessageMetadata>(&entry);
+        let mut whole = entry_metadata(Bytes::from(entry.clone()));
+        if let Err(EntryError::InvalidBrokerEntryMetadata(_)) = whole {
+            // The broker's block is skipped, not decoded, in place: what follows it must be
+            // read alike.
+            let size = u32::from_be_bytes(entry[2..6].try_into().expect("4 bytes")) as usize;
+            whole = entry_metadata(Bytes::copy_from_slice(&entry[6 + size..]));
+        }
+        match (&in_place, &whole) {
+            (Ok(a), Ok(b)) => prop_assert_eq!(a, b),
+            (Err(_), Err(_)) => {}
+            _ => prop_assert!(false, "in place {:?}, whole parse {:?}", in_place, whole),
+        }
+        if cut.is_none() && flip.is_none() {
+            prop_assert_eq!(in_place.expect("whole entry"), metadata);
+        }
     }
 
     #[test]

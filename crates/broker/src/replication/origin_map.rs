@@ -350,7 +350,7 @@ impl OriginMap {
                 self.entries_read += 1;
                 let position = entry.position;
                 let (origin, replicate_to) =
-                    match meridian_wire::entry_metadata_fields::<OriginFields>(entry.data) {
+                    match meridian_wire::entry_metadata_fields::<OriginFields>(&entry.data) {
                         Ok(fields) => (
                             origin_from(
                                 local_cluster,
