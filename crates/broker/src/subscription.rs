@@ -701,26 +701,12 @@ impl Subscription {
         };
         // Clients acknowledge a batch message by message (the `pulsar` crate sends one ACK per
         // message, each naming the batch's entry): once the entry is acknowledged the others
-        // change nothing in the cursor, and one look under the log's lock settles them.
-        if self.log.all_acknowledged(&self.cursor, here) {
-            let changed = {
-                let mut state = self.lock();
-                here.iter().fold(false, |changed, position| {
-                    forget_pending(&mut state, *position)
-                        | state.replay.remove(position).is_some()
-                        | changed
-                })
-            };
-            if changed {
-                self.wake.notify_one();
-            }
-            return Ok(());
-        }
-        // The log ignores positions where it holds no entry (a client's bad message id).
+        // change nothing in the cursor, and the log tells so without touching it. The log
+        // ignores positions where it holds no entry (a client's bad message id).
         let mut positions = here;
         let accepted: Vec<Position>;
-        match self.log.acknowledge_as(&self.cursor, positions, kind) {
-            Ok(_) => {}
+        let cursor_changed = match self.log.acknowledge_changed(&self.cursor, positions, kind) {
+            Ok(changed) => changed,
             Err(meridian_storage::StorageError::TooManyAcknowledgedRanges {
                 refused,
                 limit,
@@ -736,17 +722,21 @@ impl Subscription {
                     .filter(|position| !refused.contains(position))
                     .collect();
                 positions = &accepted[..];
+                true
             }
             Err(error) => return Err(error.into()),
-        }
-        {
+        };
+        let forgotten = {
             let mut state = self.lock();
-            for position in positions {
-                forget_pending(&mut state, *position);
-                state.replay.remove(position);
-            }
+            positions.iter().fold(false, |forgotten, position| {
+                forget_pending(&mut state, *position)
+                    | state.replay.remove(position).is_some()
+                    | forgotten
+            })
+        };
+        if cursor_changed || forgotten {
+            self.wake.notify_one();
         }
-        self.wake.notify_one();
         Ok(())
     }
 

@@ -723,16 +723,6 @@ impl Log {
         }
     }
 
-    /// Whether cursor `name` has acknowledged every one of `positions`, under one lock (false
-    /// if the cursor does not exist).
-    pub fn all_acknowledged(&self, name: &str, positions: &[Position]) -> bool {
-        self.lock().cursors.get(name).is_some_and(|slot| {
-            positions
-                .iter()
-                .all(|position| slot.state.is_acknowledged(*position))
-        })
-    }
-
     /// The mark-delete position of cursor `name` as last made durable (what a crash would
     /// bring back, and what trimming goes by); `None` if the cursor does not exist.
     pub fn persisted_mark_delete_position(&self, name: &str) -> Option<Option<Position>> {
@@ -870,12 +860,48 @@ impl Log {
         positions: &[Position],
         kind: ChangeKind,
     ) -> Result<Option<Position>> {
+        self.acknowledge_telling(name, positions, kind)
+            .map(|(mark_delete, _)| mark_delete)
+    }
+
+    /// [`Log::acknowledge_as`], telling whether the cursor changed: `false` if every position
+    /// was acknowledged already (then the cursor is left as it was, not even marked for
+    /// persistence) or is not an entry of the log. One hold of the log's lock.
+    pub fn acknowledge_changed(
+        &self,
+        name: &str,
+        positions: &[Position],
+        kind: ChangeKind,
+    ) -> Result<bool> {
+        self.acknowledge_telling(name, positions, kind)
+            .map(|(_, changed)| changed)
+    }
+
+    fn acknowledge_telling(
+        &self,
+        name: &str,
+        positions: &[Position],
+        kind: ChangeKind,
+    ) -> Result<(Option<Position>, bool)> {
         let max_ranges = self.shared.config.cursor_max_ranges;
         let mut state = self.lock();
+        // Acknowledgements that change nothing (a client acknowledging again, or message by
+        // message a batch whose entry is acknowledged) leave the cursor untouched.
+        if !state.closed {
+            if let Some(slot) = state.cursors.get(name) {
+                if positions
+                    .iter()
+                    .all(|position| slot.state.is_acknowledged(*position))
+                {
+                    return Ok((slot.state.mark_delete, false));
+                }
+            }
+        }
         let last_durable = state.last_durable();
-        let (mark_delete, refused) =
+        let (mark_delete, refused, applied) =
             state.update_cursor(self.name(), (name, kind), |log, cursor| {
                 let mut refused = Vec::new();
+                let mut applied = 0_usize;
                 let mut ignored = 0_usize;
                 // The mark-delete position moves once, at the end (finding the entry after it
                 // costs a walk over the segments): until then, the range starting at `next`
@@ -891,6 +917,7 @@ impl Log {
                         ignored += 1;
                         continue;
                     }
+                    applied += 1;
                     if *position == next && cursor.acknowledged.is_empty() {
                         cursor.mark_delete = Some(next);
                         next = log.next_position(next);
@@ -908,6 +935,7 @@ impl Log {
                     let ranges = cursor.acknowledged.range_count()
                         - usize::from(cursor.acknowledged.contains(next));
                     if !joins && ranges >= max_ranges {
+                        applied -= 1;
                         refused.push(*position);
                         continue;
                     }
@@ -917,9 +945,10 @@ impl Log {
                     tracing::debug!(log = %self.name(), cursor = name, ignored, "acknowledgement of entries the log does not hold ignored");
                 }
                 log.advance_mark_delete(cursor);
-                (cursor.mark_delete, refused)
+                (cursor.mark_delete, refused, applied)
             })?;
         self.unless_refused(name, mark_delete, refused, max_ranges)
+            .map(|mark_delete| (mark_delete, applied > 0))
     }
 
     /// [`Log::acknowledge`] for positions that come mostly in runs of consecutive entries (in

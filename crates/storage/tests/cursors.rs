@@ -1121,7 +1121,7 @@ fn a_run_that_would_exceed_the_range_limit_is_refused_whole() {
 }
 
 #[test]
-fn all_acknowledged_and_acknowledged_each_answer_for_every_position_given() {
+fn acknowledged_each_answers_for_every_position_given() {
     let root = tempfile::tempdir().expect("tempdir");
     let storage = Storage::open(root.path(), config()).expect("open");
     let log = storage.open_log("t").expect("log");
@@ -1134,12 +1134,6 @@ fn all_acknowledged_and_acknowledged_each_answer_for_every_position_given() {
         &[positions[0], positions[1], positions[2], positions[5]],
     )
     .expect("ack");
-    assert!(log.all_acknowledged("sub", &[positions[1], positions[5]]));
-    assert!(log.all_acknowledged("sub", &[]));
-    assert!(!log.all_acknowledged("sub", &[positions[5], positions[6]]));
-    assert!(!log.all_acknowledged("sub", &[positions[3]]));
-    assert!(!log.all_acknowledged("missing", &[positions[0]]));
-    // The same, position by position.
     assert_eq!(
         log.acknowledged_each(
             "sub",
@@ -1249,4 +1243,49 @@ fn acknowledgements_of_positions_the_log_does_not_hold_change_nothing() {
     let third = append(&log, 1);
     assert_eq!(third[0], beyond_end);
     assert!(!log.is_acknowledged("sub", beyond_end));
+}
+
+#[test]
+fn an_acknowledgement_that_changes_nothing_leaves_the_cursor_untouched() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let storage = Storage::open(root.path(), config()).expect("open");
+    let log = storage.open_log("t").expect("log");
+    let positions = append(&log, 10);
+    log.open_cursor("sub", InitialPosition::Earliest)
+        .expect("cursor");
+    assert!(log
+        .acknowledge_changed("sub", &[positions[0], positions[5]], ChangeKind::Own)
+        .expect("ack"));
+    let (_, version) = log.cursor_versioned("sub").expect("cursor");
+    // Again, below the mark-delete position, none at all: nothing changes, not even the
+    // version (which replicated-subscription sync watches), and the cursor is not marked for
+    // persistence.
+    log.persist_cursors().expect("persist");
+    let persisted = directory_bytes(log.directory());
+    for again in [&[positions[5]][..], &[positions[0], positions[5]], &[]] {
+        assert!(!log
+            .acknowledge_changed("sub", again, ChangeKind::Own)
+            .expect("ack"));
+    }
+    assert_eq!(log.cursor_versioned("sub").expect("cursor").1, version);
+    log.persist_cursors().expect("persist");
+    assert_eq!(
+        directory_bytes(log.directory()),
+        persisted,
+        "nothing to persist"
+    );
+    // One new among them changes it.
+    assert!(log
+        .acknowledge_changed("sub", &[positions[5], positions[1]], ChangeKind::Own)
+        .expect("ack"));
+    assert_eq!(log.mark_delete_position("sub"), Some(Some(positions[1])));
+    assert_ne!(log.cursor_versioned("sub").expect("cursor").1, version);
+    log.persist_cursors().expect("persist");
+    assert!(
+        directory_bytes(log.directory()) > persisted,
+        "the change is persisted"
+    );
+    assert!(log
+        .acknowledge_changed("missing", &[positions[0]], ChangeKind::Own)
+        .is_err());
 }
