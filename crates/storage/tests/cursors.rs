@@ -35,6 +35,25 @@ fn append(log: &Arc<meridian_storage::Log>, count: u64) -> Vec<Position> {
         .collect()
 }
 
+/// A fresh engine in a temporary directory (kept alive by the first value) with log `t` of
+/// `count` entries and cursor `sub` at its start.
+fn log_with_cursor(
+    count: u64,
+) -> (
+    tempfile::TempDir,
+    Storage,
+    Arc<meridian_storage::Log>,
+    Vec<Position>,
+) {
+    let root = tempfile::tempdir().expect("tempdir");
+    let storage = Storage::open(root.path(), config()).expect("open");
+    let log = storage.open_log("t").expect("log");
+    let positions = append(&log, count);
+    log.open_cursor("sub", InitialPosition::Earliest)
+        .expect("cursor");
+    (root, storage, log, positions)
+}
+
 #[test]
 fn cursor_state_survives_a_restart() {
     let root = tempfile::tempdir().expect("tempdir");
@@ -201,12 +220,7 @@ fn trimming_deletes_consumed_segments_and_frees_disk() {
 
 #[test]
 fn retention_keeps_consumed_data_by_size_and_time() {
-    let root = tempfile::tempdir().expect("tempdir");
-    let storage = Storage::open(root.path(), config()).expect("open");
-    let log = storage.open_log("t").expect("log");
-    let positions = append(&log, 400);
-    log.open_cursor("sub", InitialPosition::Earliest)
-        .expect("cursor");
+    let (_root, _storage, log, positions) = log_with_cursor(400);
     log.acknowledge_cumulative("sub", positions[399])
         .expect("ack");
     log.persist_cursors().expect("persist");
@@ -1122,12 +1136,7 @@ fn a_run_that_would_exceed_the_range_limit_is_refused_whole() {
 
 #[test]
 fn acknowledged_each_answers_for_every_position_given() {
-    let root = tempfile::tempdir().expect("tempdir");
-    let storage = Storage::open(root.path(), config()).expect("open");
-    let log = storage.open_log("t").expect("log");
-    let positions = append(&log, 10);
-    log.open_cursor("sub", InitialPosition::Earliest)
-        .expect("cursor");
+    let (_root, _storage, log, positions) = log_with_cursor(10);
     // 0..=2 below the mark-delete position, 5 acknowledged on its own.
     log.acknowledge(
         "sub",
@@ -1149,12 +1158,7 @@ fn acknowledged_each_answers_for_every_position_given() {
 
 #[test]
 fn a_cursor_version_changes_with_its_own_changes_only() {
-    let root = tempfile::tempdir().expect("tempdir");
-    let storage = Storage::open(root.path(), config()).expect("open");
-    let log = storage.open_log("t").expect("log");
-    let positions = append(&log, 10);
-    log.open_cursor("sub", InitialPosition::Earliest)
-        .expect("cursor");
+    let (_root, _storage, log, positions) = log_with_cursor(10);
     let version = |log: &meridian_storage::Log| log.cursor_versioned("sub").expect("cursor").1;
     let start = version(&log);
 
@@ -1247,12 +1251,7 @@ fn acknowledgements_of_positions_the_log_does_not_hold_change_nothing() {
 
 #[test]
 fn an_acknowledgement_that_changes_nothing_leaves_the_cursor_untouched() {
-    let root = tempfile::tempdir().expect("tempdir");
-    let storage = Storage::open(root.path(), config()).expect("open");
-    let log = storage.open_log("t").expect("log");
-    let positions = append(&log, 10);
-    log.open_cursor("sub", InitialPosition::Earliest)
-        .expect("cursor");
+    let (_root, _storage, log, positions) = log_with_cursor(10);
     assert!(log
         .acknowledge_changed("sub", &[positions[0], positions[5]], ChangeKind::Own)
         .expect("ack"));
