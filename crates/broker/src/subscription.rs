@@ -1275,16 +1275,16 @@ impl Subscription {
             state.replay.values().flatten().copied().collect()
         };
         let mut last_read = None;
-        // New entries' acknowledgements looked up for the whole round under one hold of the
-        // log's lock, not once per entry. Replayed ones were delivered before, and may be
-        // acknowledged while the round goes on: each is looked up at its turn, so that one
-        // acknowledged meanwhile is not delivered again.
         // Whether other clusters' acknowledgements are known here (replicated subscriptions).
         let acknowledged_elsewhere = !self
             .acknowledged_elsewhere
             .read()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
             .is_empty();
+        // New entries' acknowledgements looked up for the whole round under one hold of the
+        // log's lock, not once per entry. Replayed ones were delivered before, and may be
+        // acknowledged while the round goes on: each is looked up at its turn, so that one
+        // acknowledged meanwhile is not delivered again.
         let round_lookup = (!is_replay).then(|| {
             let positions: Vec<Position> = entries.iter().map(|entry| entry.position).collect();
             self.log.acknowledged_each(&self.cursor, &positions)

@@ -79,18 +79,10 @@ impl<V> InFlight<V> {
             *held = value;
             return;
         }
-        match self.slots.back() {
-            None => {
-                self.slots.push_back((position, Some(value)));
-                self.live += 1;
-                return;
-            }
-            Some((last, _)) if *last < position => {
-                self.slots.push_back((position, Some(value)));
-                self.live += 1;
-                return;
-            }
-            Some(_) => {}
+        if self.slots.back().is_none_or(|(last, _)| *last < position) {
+            self.slots.push_back((position, Some(value)));
+            self.live += 1;
+            return;
         }
         match self
             .slots
@@ -115,11 +107,7 @@ impl<V> InFlight<V> {
 
     pub(super) fn remove(&mut self, position: Position) -> Option<V> {
         let Some(index) = self.slot(position) else {
-            return if self.between.is_empty() {
-                None
-            } else {
-                self.between.remove(&position)
-            };
+            return self.between.remove(&position);
         };
         let value = self.slots[index].1.take()?;
         self.live -= 1;
