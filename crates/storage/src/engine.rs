@@ -15,7 +15,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
 use std::thread::JoinHandle;
 use std::time::Instant;
@@ -136,9 +136,31 @@ impl Shared {
         logs
     }
 
-    pub(crate) fn schedule_flush(&self, log: Arc<Log>) {
+    /// Has `log`'s pending batch flushed: by the WAL group's leader if one is waiting for its
+    /// group to fill (it writes the batch into its segment when it wakes up, and the batch
+    /// joins the group as if a flush thread had handed it over, with no thread woken for it),
+    /// otherwise by a flush thread. A batch flushed whole (a new segment, a remote log) always
+    /// goes to a flush thread: the leader must not hold its group for that.
+    pub(crate) fn schedule_flush(&self, log: Arc<Log>, flush: ScheduledFlush) {
+        let log = match &self.entry_wal {
+            Some(wal) if !flush.whole && !self.flush_queue.is_paused() => {
+                match wal.absorb(log, flush.bytes) {
+                    Ok(()) => return,
+                    Err(log) => log,
+                }
+            }
+            _ => log,
+        };
         self.flush_queue.push(Some(log));
     }
+}
+
+/// What the append that makes a log need a flush tells [`Shared::schedule_flush`].
+pub(crate) struct ScheduledFlush {
+    /// The bytes appended.
+    pub(crate) bytes: u64,
+    /// The batch is flushed whole, with an fsync of its own (see `Log::flush_unsynced`).
+    pub(crate) whole: bool,
 }
 
 /// Logs waiting for a flush thread (`None` tells one thread to stop). A log is in it at most
@@ -149,6 +171,8 @@ impl Shared {
 struct FlushQueue {
     logs: Mutex<QueuedLogs>,
     ready: Condvar,
+    /// `QueuedLogs::paused`, readable without the lock.
+    paused: AtomicBool,
 }
 
 #[derive(Default)]
@@ -174,11 +198,18 @@ impl FlushQueue {
     }
 
     fn set_paused(&self, paused: bool) {
-        self.logs
+        let mut logs = self
+            .logs
             .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .paused = paused;
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        logs.paused = paused;
+        self.paused.store(paused, Ordering::SeqCst);
+        drop(logs);
         self.ready.notify_all();
+    }
+
+    fn is_paused(&self) -> bool {
+        self.paused.load(Ordering::SeqCst)
     }
 
     /// Moves logs waiting into `group` until it holds `max` (without waiting for any).
@@ -640,6 +671,17 @@ impl Storage {
     #[doc(hidden)]
     pub fn resume_flushes(&self) {
         self.inner.shared.flush_queue.set_paused(false);
+    }
+
+    /// Whether the entry WAL group's leader is waiting for its group to fill (and would take
+    /// the next log needing a flush itself), for tests that line appends up behind it.
+    #[doc(hidden)]
+    pub fn entry_wal_leader_gathering(&self) -> bool {
+        self.inner
+            .shared
+            .entry_wal
+            .as_ref()
+            .is_some_and(|wal| wal.gathering())
     }
 
     /// Runs an entry WAL checkpoint now (the maintenance thread runs one once the WAL holds

@@ -448,6 +448,13 @@ struct Waiting {
     grouped: Option<Instant>,
     /// A thread is writing and completing batches: others only add theirs.
     leader: bool,
+    /// The leader is waiting for its group to fill: logs that need a flush meanwhile are
+    /// left in `absorbed` for it, instead of waking a flush thread each.
+    gathering: bool,
+    /// Logs whose oldest pending batch the leader writes into its segment when it wakes up.
+    absorbed: Vec<Arc<Log>>,
+    /// The bytes appended to `absorbed`'s logs when each was left there.
+    absorbed_bytes: u64,
 }
 
 impl GroupCommit {
@@ -524,14 +531,7 @@ impl GroupCommit {
     /// the batches go to the WAL, where the ones written meanwhile join them. Logs with more
     /// pending are handed to `again`.
     pub(crate) fn flush_group(&self, io: &dyn Io, logs: Vec<Arc<Log>>, again: &impl Fn(Arc<Log>)) {
-        let mut written = Vec::with_capacity(logs.len());
-        for log in logs {
-            match log.flush_unsynced() {
-                Flushing::Done(AfterFlush::Again) => again(log),
-                Flushing::Done(AfterFlush::Idle) => {}
-                Flushing::Written(batch) => written.push((log, batch)),
-            }
-        }
+        let mut written = write_unsynced(logs, again);
         let mut waiting = self.waiting();
         let alone = written.len() == 1
             && !waiting.leader
@@ -571,6 +571,29 @@ impl GroupCommit {
         }
     }
 
+    /// Leaves `log` (whose flush role the caller holds) to the leader if one is waiting for
+    /// its group to fill and has room for it (see `Shared::schedule_flush`); gives it back
+    /// otherwise. `bytes`, what was appended, counts toward a full group, and the group's idle
+    /// deadline moves on as for a batch handed over.
+    pub(crate) fn absorb(&self, log: Arc<Log>, bytes: u64) -> std::result::Result<(), Arc<Log>> {
+        let mut waiting = self.waiting();
+        if !waiting.gathering || waiting.absorbed.len() >= GROUP_MAX_LOGS {
+            return Err(log);
+        }
+        waiting.absorbed.push(log);
+        waiting.absorbed_bytes += bytes;
+        waiting.latest = Some(Instant::now());
+        if waiting.bytes + waiting.absorbed_bytes >= GROUP_FULL_BYTES {
+            self.full.notify_one();
+        }
+        Ok(())
+    }
+
+    /// See `Storage::entry_wal_leader_gathering`.
+    pub(crate) fn gathering(&self) -> bool {
+        self.waiting().gathering
+    }
+
     /// When the waiting group is to be written unless it fills first: `group_wait` after its
     /// oldest batch or `group_idle` after its newest, whichever comes first. `validate`
     /// bounds both; a limit past the clock's range leaves the other one, and with neither
@@ -593,18 +616,32 @@ impl GroupCommit {
                     waiting.leader = false;
                     return;
                 }
-                // Batches handed over meanwhile move the idle deadline on: checked again
-                // after each wake-up.
-                while let Some(deadline) = self.deadline(&waiting) {
+                // Batches handed over or absorbed meanwhile move the idle deadline on: checked
+                // again after each wake-up.
+                loop {
+                    if !waiting.absorbed.is_empty() {
+                        let logs = std::mem::take(&mut waiting.absorbed);
+                        waiting.absorbed_bytes = 0;
+                        drop(waiting);
+                        let mut written = write_unsynced(logs, again);
+                        waiting = self.waiting();
+                        waiting.bytes += written.iter().map(|(_, batch)| batch.len()).sum::<u64>();
+                        waiting.batches.append(&mut written);
+                    }
+                    let Some(deadline) = self.deadline(&waiting) else {
+                        break;
+                    };
                     let now = Instant::now();
                     if waiting.bytes >= GROUP_FULL_BYTES || now >= deadline {
                         break;
                     }
+                    waiting.gathering = true;
                     waiting = self
                         .full
                         .wait_timeout(waiting, deadline - now)
                         .unwrap_or_else(|poisoned| poisoned.into_inner())
                         .0;
+                    waiting.gathering = false;
                 }
                 waiting.since = None;
                 waiting.latest = None;
@@ -648,6 +685,20 @@ impl GroupCommit {
             }
         }
     }
+}
+
+/// Writes each log's oldest pending batch into its segment without an fsync (the caller holds
+/// each one's flush role); logs with more pending go to `again`.
+fn write_unsynced(logs: Vec<Arc<Log>>, again: &impl Fn(Arc<Log>)) -> Vec<(Arc<Log>, WrittenBatch)> {
+    let mut written = Vec::with_capacity(logs.len());
+    for log in logs {
+        match log.flush_unsynced() {
+            Flushing::Done(AfterFlush::Again) => again(log),
+            Flushing::Done(AfterFlush::Idle) => {}
+            Flushing::Written(batch) => written.push((log, batch)),
+        }
+    }
+    written
 }
 
 /// The segment a record is for: the log's directory name, the ledger id and the first entry id.

@@ -25,7 +25,7 @@ use tokio::sync::{oneshot, watch};
 use crate::cache::EntryCache;
 use crate::config::{FlushPolicy, Retention};
 use crate::cursor::{CursorJournal, CursorSlot};
-use crate::engine::Shared;
+use crate::engine::{ScheduledFlush, Shared};
 use crate::error::{Result, StorageError};
 use crate::format::{self, FileHeader, FileKind, ScanEnd, HEADER_LEN, RECORD_FRAMING_LEN};
 use crate::io::IoFile;
@@ -1285,6 +1285,11 @@ impl Log {
         batch.last = position;
         batch.waiters.push(sender);
         batch.remote.extend(remote_commit);
+        // What the flush this append may schedule has to do: see `Shared::schedule_flush`.
+        let flush = ScheduledFlush {
+            bytes: record_len,
+            whole: batch.create || !batch.remote.is_empty(),
+        };
         state.next_entry_id += 1;
         state.pending_bytes += record_len;
         state.stats.entries_appended += 1;
@@ -1302,7 +1307,7 @@ impl Log {
         state.flush_scheduled = true;
         drop(guard);
         if schedule {
-            self.shared.schedule_flush(self.clone());
+            self.shared.schedule_flush(self.clone(), flush);
         }
         Ok(PendingAppend { position, receiver })
     }

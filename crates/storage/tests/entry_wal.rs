@@ -354,16 +354,40 @@ fn finishes_within<T: Send + 'static>(
 
 #[test]
 fn a_group_waits_for_the_batches_other_logs_write_meanwhile_and_shares_one_fsync() {
+    // A third flush thread is free to write the batches and hand them over.
+    seven_batches_fill_one_group(3);
+}
+
+#[test]
+fn a_waiting_leader_writes_the_batches_appended_meanwhile_itself() {
+    // One thread is stuck in t0's fsync and the other leads the group: only the leader can
+    // write the batches appended while it waits. Without that, they would wait for a flush
+    // thread until its hour has passed.
+    seven_batches_fill_one_group(2);
+}
+
+/// With `flush_threads` (at least two): t0's fsync held, t1's batch starts a WAL group that
+/// only a full group (512 KiB) ends in the test's time, and six more logs' batches, appended
+/// once its leader waits, fill it. The seven share one fsync and survive a power cut.
+fn seven_batches_fill_one_group(flush_threads: usize) {
     let sim = SimIo::new();
-    // Only a full group (512 KiB) ends this wait in the test's time.
-    let (io, storage) = open_gated(&sim, 3, Duration::from_secs(3600));
+    let (io, storage) = open_gated(&sim, flush_threads, Duration::from_secs(3600));
     let logs = logs_with_segments(&storage, 8);
     let (held, release) = hold_t0_fsync(&io, &logs);
     let syncs = sim.sync_count();
     // Seven batches of 80 KiB, one after the other: the group fills (512 KiB) with the last.
     let size = 80 * 1024;
-    let mut appends = Vec::new();
-    for (number, log) in logs.iter().enumerate().skip(1) {
+    let mut appends = vec![logs[1]
+        .append(entry_of(1, "grouped", size), 0)
+        .expect("append")];
+    let storage = Arc::new(storage);
+    let gathering = storage.clone();
+    finishes_within(Duration::from_secs(60), move || {
+        while !gathering.entry_wal_leader_gathering() {
+            std::thread::yield_now();
+        }
+    });
+    for (number, log) in logs.iter().enumerate().skip(2) {
         appends.push(
             log.append(entry_of(number, "grouped", size), 0)
                 .expect("append"),
@@ -400,6 +424,66 @@ fn a_group_waits_for_the_batches_other_logs_write_meanwhile_and_shares_one_fsync
         );
         assert_eq!(log.last_position(), Some(*position));
     }
+}
+
+#[test]
+fn a_batch_that_starts_a_segment_is_flushed_by_a_free_thread_not_a_waiting_leader() {
+    // Creating a segment takes an fsync of its own: a leader that did it would keep its
+    // group waiting for it.
+    let sim = SimIo::new();
+    let config = StorageConfig {
+        flush_threads: 3,
+        entry_wal_group_wait: Duration::from_secs(3600),
+        entry_wal_group_idle: Duration::from_secs(3600),
+        entry_max_bytes: 700 * 1024,
+        segment_max_bytes: 1024 * 1024,
+        ..config()
+    };
+    let (io, storage) = open_gated_with(&sim, config);
+    let logs = logs_with_segments(&storage, 4);
+    // t3's segment has room for no second batch this large: the next one starts a segment.
+    let large = 600 * 1024;
+    logs[3]
+        .append(entry_of(3, "first large", large), 0)
+        .expect("append")
+        .wait()
+        .expect("durable");
+    let (held, release) = hold_t0_fsync(&io, &logs);
+    let grouped = logs[1].append(payload(1, 1, "grouped"), 0).expect("append");
+    let storage = Arc::new(storage);
+    let gathering = storage.clone();
+    finishes_within(Duration::from_secs(60), move || {
+        while !gathering.entry_wal_leader_gathering() {
+            std::thread::yield_now();
+        }
+    });
+    let (reached, release_rolled) = io.arm_containing("sync", "/logs/t3/");
+    let rolled = logs[3]
+        .append(entry_of(3, "rolls", large), 0)
+        .expect("append");
+    // The third thread creates the segment while the leader still waits (an hour, or a full
+    // group): a leader that had taken it would not reach this fsync.
+    if reached.recv_timeout(Duration::from_secs(60)).is_err() {
+        eprintln!("the new segment's fsync was not reached: a waiting leader took its batch");
+        std::process::abort();
+    }
+    assert!(
+        storage.entry_wal_leader_gathering(),
+        "the group still waits"
+    );
+    drop(release_rolled);
+    finishes_within(Duration::from_secs(60), move || rolled.wait())
+        .expect("the new segment's entry durable");
+    // A batch that fills the group ends its wait.
+    let filling = logs[2]
+        .append(entry_of(2, "fills", large), 0)
+        .expect("append");
+    finishes_within(Duration::from_secs(60), move || {
+        grouped.wait().expect("t1's batch durable");
+        filling.wait().expect("t2's batch durable");
+    });
+    drop(release);
+    held.wait().expect("t0's batch durable");
 }
 
 #[test]
