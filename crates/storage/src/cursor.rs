@@ -646,11 +646,15 @@ impl LogState {
         // The state is taken out of its slot for `change`, which reads the rest of the log's
         // state beside it (taking the slot out of the map instead would cost the name's
         // allocation for putting it back, on every acknowledgement).
+        // Should `change` panic (a lock recovered after a panic is used again), the state goes
+        // back as `change` left it, not as the empty one the slot holds meanwhile.
         let mut cursor =
             std::mem::take(&mut self.cursors.get_mut(name).ok_or_else(not_found)?.state);
-        let result = change(self, &mut cursor);
+        let outcome =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| change(self, &mut cursor)));
         let slot = self.cursors.get_mut(name).ok_or_else(not_found)?;
         slot.state = cursor;
+        let result = outcome.unwrap_or_else(|panic| std::panic::resume_unwind(panic));
         slot.dirty = true;
         if kind == ChangeKind::Own {
             slot.version = new_cursor_version();
@@ -885,19 +889,22 @@ impl Log {
     ) -> Result<(Option<Position>, bool)> {
         let max_ranges = self.shared.config.cursor_max_ranges;
         let mut state = self.lock();
+        let last_durable = state.last_durable();
         // Acknowledgements that change nothing (a client acknowledging again, or message by
-        // message a batch whose entry is acknowledged) leave the cursor untouched.
+        // message a batch whose entry is acknowledged, or a bad message id) leave the cursor
+        // untouched: neither its version nor its journal changes.
         if !state.closed {
             if let Some(slot) = state.cursors.get(name) {
-                if positions
-                    .iter()
-                    .all(|position| slot.state.is_acknowledged(*position))
-                {
+                let unchanged = |position: &Position| {
+                    slot.state.is_acknowledged(*position)
+                        || Some(*position) > last_durable
+                        || !state.holds_entry(*position)
+                };
+                if positions.iter().all(unchanged) {
                     return Ok((slot.state.mark_delete, false));
                 }
             }
         }
-        let last_durable = state.last_durable();
         let (mark_delete, refused, applied) =
             state.update_cursor(self.name(), (name, kind), |log, cursor| {
                 let mut refused = Vec::new();
@@ -907,7 +914,9 @@ impl Log {
                 // costs a walk over the segments): until then, the range starting at `next`
                 // is in the set, but it is not counted, since the end absorbs it. Only the
                 // entry right after it, with nothing acknowledged beyond, moves it at once:
-                // acknowledgements in order, the common case, then leave the set alone.
+                // acknowledgements in order, the common case, then leave the set alone. (So an
+                // in-order run never counts toward `cursor_max_ranges`, even one that crosses
+                // into the next ledger, where a range of the set would end.)
                 let mut next = log.position_after(cursor.mark_delete);
                 for position in positions {
                     if cursor.is_acknowledged(*position) {
@@ -945,6 +954,11 @@ impl Log {
                     tracing::debug!(log = %self.name(), cursor = name, ignored, "acknowledgement of entries the log does not hold ignored");
                 }
                 log.advance_mark_delete(cursor);
+                // A position given twice may have been refused, then joined a range that a
+                // position between its two mentions extended.
+                refused.retain(|position| !cursor.is_acknowledged(*position));
+                refused.sort_unstable();
+                refused.dedup();
                 (cursor.mark_delete, refused, applied)
             })?;
         self.unless_refused(name, mark_delete, refused, max_ranges)

@@ -2821,7 +2821,16 @@ impl LogState {
     }
 
     pub(crate) fn next_position(&self, position: Position) -> Position {
-        for segment in &self.segments {
+        // Segments are in log order: those before the last one that starts at or before
+        // `position` end before it, so the walk starts there (an in-order acknowledgement asks
+        // this for each entry, whatever the number of segments the log retains).
+        let from = self
+            .segments
+            .partition_point(|segment| {
+                Position::new(segment.ledger_id, segment.first_entry_id) <= position
+            })
+            .saturating_sub(1);
+        for segment in &self.segments[from..] {
             let Some(last) = segment.last_position() else {
                 continue;
             };

@@ -1261,7 +1261,15 @@ fn an_acknowledgement_that_changes_nothing_leaves_the_cursor_untouched() {
     // persistence.
     log.persist_cursors().expect("persist");
     let persisted = directory_bytes(log.directory());
-    for again in [&[positions[5]][..], &[positions[0], positions[5]], &[]] {
+    // A position the log does not hold (a client's bad message id) changes nothing either.
+    let beyond = Position::new(positions[9].ledger_id, positions[9].entry_id + 5);
+    for again in [
+        &[positions[5]][..],
+        &[positions[0], positions[5]],
+        &[],
+        &[beyond],
+        &[positions[5], beyond],
+    ] {
         assert!(!log
             .acknowledge_changed("sub", again, ChangeKind::Own)
             .expect("ack"));
@@ -1287,4 +1295,63 @@ fn an_acknowledgement_that_changes_nothing_leaves_the_cursor_untouched() {
     assert!(log
         .acknowledge_changed("missing", &[positions[0]], ChangeKind::Own)
         .is_err());
+}
+
+#[test]
+fn a_position_given_twice_is_refused_only_if_it_stays_unacknowledged() {
+    let limited = StorageConfig {
+        cursor_max_ranges: 1,
+        ..config()
+    };
+    let io = SimIo::new();
+    let storage = open_sim(&io, limited);
+    let log = storage.open_log("t").expect("log");
+    let positions = append(&log, 10);
+    log.open_cursor("sub", InitialPosition::Earliest)
+        .expect("cursor");
+    log.acknowledge("sub", &[positions[2]]).expect("one range");
+    // 4 would start a second range, but 3 joins 2 and then 4 joins them: taken.
+    log.acknowledge("sub", &[positions[4], positions[3], positions[4]])
+        .expect("every position taken");
+    assert!(log.is_acknowledged("sub", positions[4]));
+    assert_eq!(log.acknowledged_range_count("sub"), 1);
+    // 6 and 8 start ranges whatever the order: each is refused, and named once.
+    match log.acknowledge("sub", &[positions[8], positions[6], positions[8]]) {
+        Err(meridian_storage::StorageError::TooManyAcknowledgedRanges { refused, .. }) => {
+            assert_eq!(refused, vec![positions[6], positions[8]]);
+        }
+        other => panic!("expected a refusal: {other:?}"),
+    }
+    assert!(!log.is_acknowledged("sub", positions[6]));
+    assert!(!log.is_acknowledged("sub", positions[8]));
+}
+
+/// A change that panics (here a debug assertion on a reversed run, a caller's mistake) leaves
+/// the cursor as it was: the log's lock is recovered and used again, and the next change must
+/// not persist an empty cursor in its place.
+#[cfg(debug_assertions)]
+#[test]
+fn a_cursor_change_that_panics_leaves_the_cursor_as_it_was() {
+    let io = SimIo::new();
+    let storage = open_sim(&io, config());
+    let log = storage.open_log("t").expect("log");
+    let positions = append(&log, 10);
+    log.open_cursor("sub", InitialPosition::Earliest)
+        .expect("cursor");
+    log.acknowledge_cumulative("sub", positions[7])
+        .expect("ack");
+    let before = log.cursor("sub").expect("cursor");
+    let ledger = positions[8].ledger_id;
+    let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let _ = log.acknowledge_ranges("sub", &[(ledger, 9, 8)], ChangeKind::Own);
+    }));
+    assert!(panicked.is_err(), "a reversed run is a debug assertion");
+    assert_eq!(log.cursor("sub"), Some(before));
+    log.acknowledge("sub", &[positions[8]]).expect("ack");
+    log.persist_cursors().expect("persist");
+    drop(log);
+    storage.close().expect("close");
+    let storage = open_sim(&io.crash(CrashMode::LoseUnsynced, 0), config());
+    let log = storage.open_log("t").expect("log");
+    assert_eq!(log.mark_delete_position("sub"), Some(Some(positions[8])));
 }

@@ -16,6 +16,10 @@ use meridian_storage::Position;
 /// Holes kept before the buffer is squeezed, beyond one per entry in flight.
 const SLACK: usize = 64;
 
+/// Slots of room the buffer keeps whatever it holds; beyond that, room for four times what it
+/// holds at most (a burst's buffer is given back once the burst is acknowledged).
+const ROOM_KEPT: usize = 1024;
+
 pub(super) struct InFlight<V> {
     /// Sorted by position; `None` is a hole. The front is never a hole.
     slots: VecDeque<(Position, Option<V>)>,
@@ -117,6 +121,9 @@ impl<V> InFlight<V> {
         if self.slots.len() - self.live > self.live + SLACK {
             self.slots.retain(|(_, value)| value.is_some());
         }
+        if self.slots.capacity() > ROOM_KEPT.max(4 * self.slots.len()) {
+            self.slots.shrink_to(ROOM_KEPT.max(2 * self.slots.len()));
+        }
         Some(value)
     }
 
@@ -160,6 +167,11 @@ impl<V> InFlight<V> {
     #[cfg(test)]
     fn slots_held(&self) -> usize {
         self.slots.len()
+    }
+
+    #[cfg(test)]
+    fn room(&self) -> usize {
+        self.slots.capacity()
     }
 }
 
@@ -237,5 +249,27 @@ mod tests {
         }
         assert_eq!(in_flight.len(), 1);
         assert_eq!(in_flight.first(), Some(Position::new(1, 0)));
+    }
+
+    #[test]
+    fn the_room_a_burst_took_is_given_back_once_it_is_acknowledged() {
+        let mut in_flight = InFlight::default();
+        for entry in 0..100_000 {
+            in_flight.insert(Position::new(1, entry), ());
+        }
+        assert!(in_flight.room() >= 100_000);
+        // All but the last ten acknowledged, in order.
+        for entry in 0..99_990 {
+            in_flight.remove(Position::new(1, entry));
+        }
+        assert_eq!(in_flight.len(), 10);
+        assert!(
+            in_flight.room() <= ROOM_KEPT,
+            "room for {} slots kept",
+            in_flight.room()
+        );
+        // What is left still answers in order.
+        assert_eq!(in_flight.first(), Some(Position::new(1, 99_990)));
+        assert_eq!(in_flight.remove(Position::new(1, 99_999)), Some(()));
     }
 }
