@@ -8,17 +8,18 @@
 //! mark-delete position must sit at the end of the acknowledged prefix, and the cursor must
 //! hold no position that is not an entry.
 
+mod support;
+
 use std::collections::BTreeSet;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
 use meridian_storage::{
-    ChangeKind, CrashMode, InitialPosition, Log, Position, SimIo, Storage, StorageConfig,
-    StorageError,
+    ChangeKind, CrashMode, InitialPosition, Position, SimIo, Storage, StorageConfig, StorageError,
 };
 use proptest::prelude::*;
+use support::cursors::append;
 
 fn config(max_ranges: usize) -> StorageConfig {
     StorageConfig {
@@ -36,19 +37,6 @@ fn config(max_ranges: usize) -> StorageConfig {
 fn open(io: &SimIo, max_ranges: usize) -> Storage {
     Storage::open_with_io(Path::new("/data"), config(max_ranges), Arc::new(io.clone()))
         .expect("open")
-}
-
-fn append(log: &Arc<Log>, count: u64) -> Vec<Position> {
-    let pending: Vec<_> = (0..count)
-        .map(|index| {
-            log.append(Bytes::from(vec![index as u8; 200]), index)
-                .expect("append")
-        })
-        .collect();
-    pending
-        .into_iter()
-        .map(|append| append.wait().expect("durable"))
-        .collect()
 }
 
 #[derive(Debug, Clone)]

@@ -1,6 +1,8 @@
 //! Durable cursors (mark-delete, individual acks, properties) across restarts and crashes, and
 //! trimming that really frees disk space.
 
+mod support;
+
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
@@ -10,6 +12,7 @@ use bytes::Bytes;
 use meridian_storage::{
     ChangeKind, CrashMode, InitialPosition, Position, Retention, SimIo, Storage, StorageConfig,
 };
+use support::cursors::append;
 
 fn config() -> StorageConfig {
     StorageConfig {
@@ -20,19 +23,6 @@ fn config() -> StorageConfig {
         trim_interval: Duration::from_secs(3600),
         ..StorageConfig::default()
     }
-}
-
-fn append(log: &Arc<meridian_storage::Log>, count: u64) -> Vec<Position> {
-    let pending: Vec<_> = (0..count)
-        .map(|index| {
-            log.append(Bytes::from(vec![index as u8; 200]), index)
-                .expect("append")
-        })
-        .collect();
-    pending
-        .into_iter()
-        .map(|append| append.wait().expect("durable"))
-        .collect()
 }
 
 /// A fresh engine in a temporary directory (kept alive by the first value) with log `t` of
@@ -302,11 +292,7 @@ fn trimming_after_a_backward_seek_keeps_what_the_cursor_needs_even_if_persisting
     // fsync of the journal): the cursor needs the earlier entries again, so trimming must not
     // go by the stale, later persisted position.
     let io = SimIo::new();
-    let storage = open_sim(&io, config());
-    let log = storage.open_log("t").expect("log");
-    let positions = append(&log, 200);
-    log.open_cursor("sub", InitialPosition::Earliest)
-        .expect("cursor");
+    let (_storage, log, positions) = sim_log_with_cursor(&io, config(), 200);
     log.acknowledge_cumulative("sub", positions[149])
         .expect("ack");
     log.persist_cursors().expect("persist");
@@ -331,13 +317,23 @@ fn open_sim(io: &SimIo, config: StorageConfig) -> Storage {
     Storage::open_with_io(Path::new("/data"), config, Arc::new(io.clone())).expect("open")
 }
 
-/// A log of 100 entries on `io` whose cursor `sub` has persisted acknowledging the first ten.
-fn log_with_a_persisted_cursor(io: &SimIo) -> (Storage, Arc<meridian_storage::Log>, Vec<Position>) {
-    let storage = open_sim(io, config());
+/// An engine on `io` with `config`, log `t` of `count` entries and cursor `sub` at its start.
+fn sim_log_with_cursor(
+    io: &SimIo,
+    config: StorageConfig,
+    count: u64,
+) -> (Storage, Arc<meridian_storage::Log>, Vec<Position>) {
+    let storage = open_sim(io, config);
     let log = storage.open_log("t").expect("log");
-    let positions = append(&log, 100);
+    let positions = append(&log, count);
     log.open_cursor("sub", InitialPosition::Earliest)
         .expect("cursor");
+    (storage, log, positions)
+}
+
+/// A log of 100 entries on `io` whose cursor `sub` has persisted acknowledging the first ten.
+fn log_with_a_persisted_cursor(io: &SimIo) -> (Storage, Arc<meridian_storage::Log>, Vec<Position>) {
+    let (storage, log, positions) = sim_log_with_cursor(io, config(), 100);
     log.acknowledge_cumulative("sub", positions[9])
         .expect("ack");
     log.persist_cursors().expect("persist");
@@ -461,11 +457,7 @@ fn acknowledgements_beyond_the_persisted_range_cap_are_redelivered_after_a_resta
         ..config()
     };
     let io = SimIo::new();
-    let storage = open_sim(&io, capped.clone());
-    let log = storage.open_log("t").expect("log");
-    let positions = append(&log, 100);
-    log.open_cursor("sub", InitialPosition::Earliest)
-        .expect("cursor");
+    let (storage, log, positions) = sim_log_with_cursor(&io, capped.clone(), 100);
     // Entries 1, 3, 5, ... 59: thirty ranges.
     acknowledge_every_other(&log, &positions[..60], 1);
     assert_eq!(
@@ -635,11 +627,7 @@ fn acknowledgements_that_would_exceed_the_range_limit_are_refused_and_stay_unack
         ..config()
     };
     let io = SimIo::new();
-    let storage = open_sim(&io, limited.clone());
-    let log = storage.open_log("t").expect("log");
-    let positions = append(&log, 20);
-    log.open_cursor("sub", InitialPosition::Earliest)
-        .expect("cursor");
+    let (storage, log, positions) = sim_log_with_cursor(&io, limited.clone(), 20);
     let ranges = |log: &Arc<meridian_storage::Log>| log.acknowledged_range_count("sub");
     // 1, 3, 5, 7 start four ranges; 9 would start a fifth.
     let every_other: Vec<Position> = [1, 3, 5, 7, 9]
@@ -687,11 +675,7 @@ fn a_log_deleted_and_created_again_never_gets_its_predecessors_cursors_from_the_
     // log of the same name is created; replaying them after a power cut must not give the
     // new log the old one's cursor (its journal is another generation).
     let io = SimIo::new();
-    let storage = open_sim(&io, config());
-    let log = storage.open_log("t").expect("log");
-    let positions = append(&log, 10);
-    log.open_cursor("sub", InitialPosition::Earliest)
-        .expect("cursor");
+    let (storage, log, positions) = sim_log_with_cursor(&io, config(), 10);
     log.acknowledge_cumulative("sub", positions[9])
         .expect("ack");
     storage.persist_cursors();
@@ -770,11 +754,7 @@ fn a_checkpoint_after_a_journal_rewrite_whose_directory_sync_failed_keeps_the_wa
     // bytes the old journal lacks: the old code did, and after a power cut the cursor was
     // back before its last completed persistence pass.
     let io = SimIo::new();
-    let storage = open_sim(&io, config());
-    let log = storage.open_log("t").expect("log");
-    let positions = append(&log, 30);
-    log.open_cursor("sub", InitialPosition::Earliest)
-        .expect("cursor");
+    let (storage, log, positions) = sim_log_with_cursor(&io, config(), 30);
     log.acknowledge_cumulative("sub", positions[9])
         .expect("ack");
     // A completed pass: durable through the WAL only.
@@ -814,11 +794,7 @@ fn a_restart_that_skips_wal_bytes_for_a_rewritten_journal_makes_the_rewrite_dura
     // it makes the rename durable first, a power cut afterwards brings back the old journal
     // without those bytes (the old code: the cursor was gone).
     let io = SimIo::new();
-    let storage = open_sim(&io, config());
-    let log = storage.open_log("t").expect("log");
-    let positions = append(&log, 30);
-    log.open_cursor("sub", InitialPosition::Earliest)
-        .expect("cursor");
+    let (storage, log, positions) = sim_log_with_cursor(&io, config(), 30);
     log.acknowledge_cumulative("sub", positions[9])
         .expect("ack");
     storage.persist_cursors();
@@ -858,11 +834,7 @@ fn an_acknowledgement_of_the_next_entry_leaves_room_for_one_more_range_in_the_sa
         ..config()
     };
     let io = SimIo::new();
-    let storage = open_sim(&io, limited);
-    let log = storage.open_log("t").expect("log");
-    let positions = append(&log, 20);
-    log.open_cursor("sub", InitialPosition::Earliest)
-        .expect("cursor");
+    let (_storage, log, positions) = sim_log_with_cursor(&io, limited, 20);
     log.acknowledge("sub", &[positions[5]]).expect("ack");
     log.acknowledge("sub", &[positions[0], positions[10]])
         .expect("within the limit: nothing refused");
@@ -890,11 +862,7 @@ fn a_restart_on_a_full_disk_opens_the_engine_even_if_the_wal_cannot_be_replayed_
         ..config()
     };
     let io = SimIo::new();
-    let storage = open_sim(&io, config());
-    let log = storage.open_log("t").expect("log");
-    let positions = append(&log, 30);
-    log.open_cursor("sub", InitialPosition::Earliest)
-        .expect("cursor");
+    let (storage, log, positions) = sim_log_with_cursor(&io, config(), 30);
     let other = storage.open_log("u").expect("log");
     append(&other, 3);
     log.acknowledge_cumulative("sub", positions[9])
@@ -1304,11 +1272,7 @@ fn a_position_given_twice_is_refused_only_if_it_stays_unacknowledged() {
         ..config()
     };
     let io = SimIo::new();
-    let storage = open_sim(&io, limited);
-    let log = storage.open_log("t").expect("log");
-    let positions = append(&log, 10);
-    log.open_cursor("sub", InitialPosition::Earliest)
-        .expect("cursor");
+    let (_storage, log, positions) = sim_log_with_cursor(&io, limited, 10);
     log.acknowledge("sub", &[positions[2]]).expect("one range");
     // 4 would start a second range, but 3 joins 2 and then 4 joins them: taken.
     log.acknowledge("sub", &[positions[4], positions[3], positions[4]])
@@ -1333,11 +1297,7 @@ fn a_position_given_twice_is_refused_only_if_it_stays_unacknowledged() {
 #[test]
 fn a_cursor_change_that_panics_leaves_the_cursor_as_it_was() {
     let io = SimIo::new();
-    let storage = open_sim(&io, config());
-    let log = storage.open_log("t").expect("log");
-    let positions = append(&log, 10);
-    log.open_cursor("sub", InitialPosition::Earliest)
-        .expect("cursor");
+    let (storage, log, positions) = sim_log_with_cursor(&io, config(), 10);
     log.acknowledge_cumulative("sub", positions[7])
         .expect("ack");
     let before = log.cursor("sub").expect("cursor");

@@ -2,5 +2,6 @@
 //! Each test file is its own crate and uses only some of them.
 #![allow(dead_code)]
 
+pub mod cursors;
 pub mod entry_wal;
 pub mod gated_io;
