@@ -442,6 +442,14 @@ struct PendingBatch {
     remote: Vec<Box<dyn RemoteCommit>>,
 }
 
+impl PendingBatch {
+    /// Whether the batch is flushed whole, with its own fsync, instead of through the entry
+    /// WAL: a batch that starts a segment, or that a remote log commits too.
+    fn flushed_whole(&self) -> bool {
+        self.create || !self.remote.is_empty()
+    }
+}
+
 /// A pending batch taken by the thread that holds the log's flush role, with what writing it
 /// needs.
 struct TakenBatch {
@@ -1288,7 +1296,7 @@ impl Log {
         // What the flush this append may schedule has to do: see `Shared::schedule_flush`.
         let flush = ScheduledFlush {
             bytes: record_len,
-            whole: batch.create || !batch.remote.is_empty(),
+            whole: batch.flushed_whole(),
         };
         state.next_entry_id += 1;
         state.pending_bytes += record_len;
@@ -1333,7 +1341,7 @@ impl Log {
             Ok(taken) => taken,
             Err(after) => return Flushing::Done(after),
         };
-        if taken.batch.create || !taken.batch.remote.is_empty() {
+        if taken.batch.flushed_whole() {
             return Flushing::Done(self.flush_taken(taken));
         }
         let TakenBatch {
@@ -2812,24 +2820,24 @@ impl LogState {
     /// Whether an entry of this log is at `position` (durable or not yet): not in a gap
     /// between ledgers, not trimmed, not beyond the end.
     pub(crate) fn holds_entry(&self, position: Position) -> bool {
-        // Segments are in log order; the one that may hold `position` is the last one that
-        // starts at or before it.
+        self.segment_at(position)
+            .is_some_and(|at| self.segments[at].contains(position))
+    }
+
+    /// The index of the last segment that starts at or before `position`: the only one that
+    /// may hold it, since segments are in log order. `None` if every segment starts after it.
+    fn segment_at(&self, position: Position) -> Option<usize> {
         let after = self.segments.partition_point(|segment| {
             Position::new(segment.ledger_id, segment.first_entry_id) <= position
         });
-        after > 0 && self.segments[after - 1].contains(position)
+        after.checked_sub(1)
     }
 
     pub(crate) fn next_position(&self, position: Position) -> Position {
         // Segments are in log order: those before the last one that starts at or before
         // `position` end before it, so the walk starts there (an in-order acknowledgement asks
         // this for each entry, whatever the number of segments the log retains).
-        let from = self
-            .segments
-            .partition_point(|segment| {
-                Position::new(segment.ledger_id, segment.first_entry_id) <= position
-            })
-            .saturating_sub(1);
+        let from = self.segment_at(position).unwrap_or(0);
         for segment in &self.segments[from..] {
             let Some(last) = segment.last_position() else {
                 continue;
