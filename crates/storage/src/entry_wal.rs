@@ -609,6 +609,7 @@ impl GroupCommit {
 
     /// Writes and completes the batches handed over until none is left.
     fn lead(&self, io: &dyn Io, again: &impl Fn(Arc<Log>)) {
+        let _role = LeaderRole(self);
         loop {
             let batches = {
                 let mut waiting = self.waiting();
@@ -683,6 +684,23 @@ impl GroupCommit {
                     again(log);
                 }
             }
+        }
+    }
+}
+
+/// The leader's role while [`GroupCommit::lead`] runs. A panic there (a bug in the engine's
+/// own code; a poison listener's panic is caught where it is called) loses what the leader
+/// had taken: the batches it was completing, whose appends then fail, and the absorbed logs
+/// it was writing, whose flushes stop. But it gives the role up, so that the next batch handed
+/// over leads what is left, instead of every later group waiting for a leader that is gone.
+struct LeaderRole<'a>(&'a GroupCommit);
+
+impl Drop for LeaderRole<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let mut waiting = self.0.waiting();
+            waiting.leader = false;
+            waiting.gathering = false;
         }
     }
 }

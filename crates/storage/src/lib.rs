@@ -41,7 +41,7 @@ pub use cursor::{ChangeKind, CursorState, InitialPosition};
 pub use engine::Storage;
 pub use error::{Result, StorageError};
 pub use io::{Io, IoFile, RealIo};
-pub use log::{Entry, KnownChecksum, Log, LogStats, PendingAppend};
+pub use log::{Entry, KnownChecksum, Log, LogStats, PendingAppend, PoisonListener};
 pub use position::Position;
 pub use range_set::RangeSet;
 pub use remote::{RemoteCommit, RemoteLog};

@@ -909,7 +909,7 @@ impl Log {
 
     /// Sets who reports this log's poisoning or a corruption a read finds (once; later calls
     /// are ignored). The listener may be called with the log's state locked: it must not call
-    /// back into the log.
+    /// back into the log. A panic in it is caught and logged.
     pub fn on_poisoned(&self, listener: PoisonListener) {
         let _ = self.poison_listener.set(listener);
     }
@@ -921,13 +921,25 @@ impl Log {
             log: self.name.clone(),
             cause,
         };
-        match self.poison_listener.get() {
-            Some(listener) => listener(&error),
-            None => {
-                tracing::error!(log = %self.name, %error, "log poisoned; appends refused until it is reopened")
-            }
+        if !self.tell_listener(&error) {
+            tracing::error!(log = %self.name, %error, "log poisoned; appends refused until it is reopened");
         }
         error
+    }
+
+    /// Tells the poison listener about `error`; false without one. The listener runs on the
+    /// thread that found the error, often a flush thread that also leads an entry WAL group
+    /// for other logs: a listener that panics is logged here rather than unwinding through
+    /// that group.
+    fn tell_listener(&self, error: &StorageError) -> bool {
+        let Some(listener) = self.poison_listener.get() else {
+            return false;
+        };
+        let told = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| listener(error)));
+        if told.is_err() {
+            tracing::error!(log = %self.name, %error, "the log's poison listener panicked");
+        }
+        true
     }
 
     /// Opens (recovering if needed) or creates the log in `directory` and starts a new ledger
@@ -2254,13 +2266,8 @@ impl Log {
                 }
                 first
             };
-            if first {
-                match self.poison_listener.get() {
-                    Some(listener) => listener(&error),
-                    None => {
-                        tracing::error!(log = %self.name, %error, "read found corrupted data; log refuses service")
-                    }
-                }
+            if first && !self.tell_listener(&error) {
+                tracing::error!(log = %self.name, %error, "read found corrupted data; log refuses service");
             }
         }
         error
