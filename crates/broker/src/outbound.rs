@@ -42,8 +42,9 @@ pub enum Outbound {
     Payload(PayloadFrame),
 }
 
-/// Memory a queued frame takes beyond its bytes (its allocation, the queue's slot; about 120
-/// bytes measured), counted against the limit: a queue of 30-byte receipts (for a producer
+/// Memory a queued frame takes beyond its bytes (the queue's slot, which holds a MESSAGE
+/// frame's header inline, and a command frame's allocation; about 120 bytes), counted
+/// against the limit: a queue of 30-byte receipts (for a producer
 /// that never reads them) would otherwise hold about five times its limit in memory.
 pub const FRAME_OVERHEAD_BYTES: usize = 128;
 

@@ -30,7 +30,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::{Bytes, BytesMut};
+use bytes::BytesMut;
 use meridian_broker::batch_acks;
 use meridian_broker::dedup::is_replication_key;
 use meridian_broker::outbound::{
@@ -462,7 +462,7 @@ async fn write_loop<W: AsyncWrite + Unpin>(
     mut frames: OutboundReceiver,
     failed: CancellationToken,
 ) {
-    let mut parts: Vec<Bytes> = Vec::with_capacity(MAX_WRITE_SLICES);
+    let mut batch: Vec<Outbound> = Vec::with_capacity(MAX_WRITE_SLICES);
     while let Some(frame) = frames.recv().await {
         // Let the tasks that are ready now queue their frames first (issue 16): the receipts
         // of one flush come from as many producers' receipt tasks, each of which wakes this
@@ -472,45 +472,53 @@ async fn write_loop<W: AsyncWrite + Unpin>(
         tokio::task::yield_now().await;
         let mut bytes = 0;
         let mut charged = 0;
+        let mut slices = 0;
         let mut next = Some(frame);
         while let Some(frame) = next.take() {
             bytes += frame.len();
             charged += frame.charge();
-            match frame {
-                Outbound::Frame(frame) => parts.push(frame),
-                Outbound::Payload(payload) => {
-                    parts.push(payload.header);
-                    parts.push(payload.entry);
-                }
-            }
-            if parts.len() + 2 > MAX_WRITE_SLICES || bytes >= MAX_WRITE_BYTES {
+            slices += match frame {
+                Outbound::Frame(_) => 1,
+                Outbound::Payload(_) => 2,
+            };
+            batch.push(frame);
+            if slices + 2 > MAX_WRITE_SLICES || bytes >= MAX_WRITE_BYTES {
                 break;
             }
             next = frames.try_recv();
         }
-        if write_all_vectored(&mut writer, &parts).await.is_err() {
+        if write_all_vectored(&mut writer, &batch, slices)
+            .await
+            .is_err()
+        {
             failed.cancel();
             return;
         }
         frames.written(charged);
-        parts.clear();
+        batch.clear();
     }
     let _ = writer.shutdown().await;
 }
 
-/// Writes every part, in order, with as few `writev` calls as the socket allows.
+/// Writes every frame, in order, with as few `writev` calls as the socket allows; `parts` is
+/// how many slices the frames make (a payload frame's header and entry are two).
 async fn write_all_vectored<W: AsyncWrite + Unpin>(
     writer: &mut W,
-    parts: &[Bytes],
+    frames: &[Outbound],
+    parts: usize,
 ) -> std::io::Result<()> {
     // Sized first: collected from a filter, the list would grow step by step.
-    let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(parts.len());
-    slices.extend(
-        parts
-            .iter()
-            .filter(|part| !part.is_empty())
-            .map(|part| IoSlice::new(part)),
-    );
+    let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(parts);
+    for frame in frames {
+        match frame {
+            Outbound::Frame(frame) => slices.push(IoSlice::new(frame)),
+            Outbound::Payload(payload) => {
+                slices.push(IoSlice::new(&payload.header));
+                slices.push(IoSlice::new(&payload.entry));
+            }
+        }
+    }
+    slices.retain(|slice| !slice.is_empty());
     let mut remaining = &mut slices[..];
     while !remaining.is_empty() {
         let written = writer.write_vectored(remaining).await?;

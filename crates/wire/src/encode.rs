@@ -1,8 +1,8 @@
 //! Encoding frames and entries.
 //!
-//! A payload frame is returned as two [`Bytes`]: a freshly encoded header and
-//! the entry, untouched. A broker dispatching a stored entry therefore never
-//! copies or re-encodes it; the connection writes both parts (vectored, or
+//! A payload frame is returned as two parts: a freshly encoded header (a [`FrameHeader`],
+//! inline when it is short) and the entry, untouched. A broker dispatching a stored entry
+//! therefore never copies or re-encodes it; the connection writes both parts (vectored, or
 //! one after the other) with [`PayloadFrame::write_to`] as the fallback.
 
 use bytes::{BufMut, Bytes, BytesMut};
@@ -35,11 +35,108 @@ pub fn encode_command(command: &BaseCommand, buffer: &mut BytesMut) -> Result<()
     Ok(())
 }
 
+/// A payload frame's header, `[total_size][command_size][BaseCommand]`. A header of up to
+/// [`FrameHeader::INLINE`] bytes (a MESSAGE frame's, unless it carries a long ack set) is
+/// kept in the value itself: a broker delivering an entry then allocates nothing for its
+/// header, where an allocation per delivered entry, made on the dispatching task and freed by
+/// the connection's writer, was the largest one of unbatched delivery (issue 16).
+#[derive(Clone)]
+pub struct FrameHeader(HeaderBytes);
+
+#[derive(Clone)]
+enum HeaderBytes {
+    Inline {
+        length: u8,
+        bytes: [u8; FrameHeader::INLINE],
+    },
+    Shared(Bytes),
+}
+
+impl FrameHeader {
+    /// The longest header kept inline (a `SendError` of an outbound frame stays within
+    /// clippy's bound for an error variant).
+    pub const INLINE: usize = 72;
+
+    /// Whether the header is kept in the value itself, not in an allocation of its own.
+    pub fn is_inline(&self) -> bool {
+        matches!(self.0, HeaderBytes::Inline { .. })
+    }
+}
+
+impl std::ops::Deref for FrameHeader {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        match &self.0 {
+            HeaderBytes::Inline { length, bytes } => &bytes[..usize::from(*length)],
+            HeaderBytes::Shared(bytes) => bytes,
+        }
+    }
+}
+
+impl From<Vec<u8>> for FrameHeader {
+    fn from(header: Vec<u8>) -> FrameHeader {
+        FrameHeader(HeaderBytes::Shared(Bytes::from(header)))
+    }
+}
+
+impl PartialEq for FrameHeader {
+    fn eq(&self, other: &FrameHeader) -> bool {
+        self[..] == other[..]
+    }
+}
+
+impl Eq for FrameHeader {}
+
+impl std::fmt::Debug for FrameHeader {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter
+            .debug_tuple("FrameHeader")
+            .field(&&self[..])
+            .finish()
+    }
+}
+
+/// Where a MESSAGE frame's header is written: an inline [`FrameHeader`] being filled, or a
+/// `Vec` for a longer one.
+trait HeaderOut {
+    fn push(&mut self, byte: u8);
+    fn extend_from_slice(&mut self, bytes: &[u8]);
+}
+
+impl HeaderOut for Vec<u8> {
+    fn push(&mut self, byte: u8) {
+        Vec::push(self, byte);
+    }
+
+    fn extend_from_slice(&mut self, bytes: &[u8]) {
+        Vec::extend_from_slice(self, bytes);
+    }
+}
+
+/// An inline header being written; the caller checked that the header fits.
+struct InlineHeader {
+    length: usize,
+    bytes: [u8; FrameHeader::INLINE],
+}
+
+impl HeaderOut for InlineHeader {
+    fn push(&mut self, byte: u8) {
+        self.bytes[self.length] = byte;
+        self.length += 1;
+    }
+
+    fn extend_from_slice(&mut self, bytes: &[u8]) {
+        self.bytes[self.length..self.length + bytes.len()].copy_from_slice(bytes);
+        self.length += bytes.len();
+    }
+}
+
 /// A payload frame (SEND or MESSAGE) as its two parts.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PayloadFrame {
     /// `[total_size][command_size][BaseCommand]`.
-    pub header: Bytes,
+    pub header: FrameHeader,
     /// The entry, exactly as it was given.
     pub entry: Bytes,
 }
@@ -67,7 +164,9 @@ impl PayloadFrame {
 
 /// The start of a payload frame's header, `[total_size][command_size]`, in a buffer with room
 /// for the command (`command_length` bytes) that follows it, in front of `entry`.
-fn payload_frame_sizes(command_length: usize, entry: &[u8]) -> Result<Vec<u8>, EncodeError> {
+/// A payload frame's two sizes, `[total_size][command_size]`, for a command of
+/// `command_length` bytes in front of `entry`.
+fn payload_frame_sizes(command_length: usize, entry: &[u8]) -> Result<[u8; 8], EncodeError> {
     let command_size = wire_size("command", command_length)?;
     let total_length = command_length
         .checked_add(4)
@@ -77,12 +176,10 @@ fn payload_frame_sizes(command_length: usize, entry: &[u8]) -> Result<Vec<u8>, E
             length: usize::MAX,
         })?;
     let total_size = wire_size("frame", total_length)?;
-    // A `Vec` of the exact size becomes a `Bytes` without another allocation, and takes
-    // single bytes faster than a `BytesMut` (the varints below are written byte by byte).
-    let mut header = Vec::with_capacity(command_length.saturating_add(8));
-    header.extend_from_slice(&total_size.to_be_bytes());
-    header.extend_from_slice(&command_size.to_be_bytes());
-    Ok(header)
+    let mut sizes = [0; 8];
+    sizes[..4].copy_from_slice(&total_size.to_be_bytes());
+    sizes[4..].copy_from_slice(&command_size.to_be_bytes());
+    Ok(sizes)
 }
 
 /// Builds a payload frame: a header for `command` in front of `entry`, which
@@ -92,11 +189,12 @@ pub fn encode_payload_frame(
     entry: Bytes,
 ) -> Result<PayloadFrame, EncodeError> {
     let command_length = command.encoded_len();
-    let mut header = payload_frame_sizes(command_length, &entry)?;
+    let mut header = Vec::with_capacity(command_length.saturating_add(8));
+    header.extend_from_slice(&payload_frame_sizes(command_length, &entry)?);
     command.encode(&mut header)?;
     debug_assert_eq!(header.len(), command_length + 8);
     Ok(PayloadFrame {
-        header: Bytes::from(header),
+        header: FrameHeader::from(header),
         entry,
     })
 }
@@ -112,11 +210,6 @@ pub fn encode_message_frame(
     message: CommandMessage,
     entry: Bytes,
 ) -> Result<PayloadFrame, EncodeError> {
-    /// Key of `BaseCommand.type`: field 1, varint.
-    const TYPE_KEY: u8 = 1 << 3;
-    /// Key of `BaseCommand.message`: field 9, length-delimited.
-    const MESSAGE_KEY: u8 = (9 << 3) | 2;
-    const MESSAGE_TYPE: u64 = base_command::Type::Message as u64;
     let id_length = message_id_length(&message.message_id);
     let message_length = command_message_length(&message, id_length);
     let command_length = 1
@@ -124,19 +217,49 @@ pub fn encode_message_frame(
         + 1
         + prost::encoding::encoded_len_varint(message_length as u64)
         + message_length;
-    let mut header = payload_frame_sizes(command_length, &entry)?;
-    header.push(TYPE_KEY);
-    put_varint(&mut header, MESSAGE_TYPE);
-    header.push(MESSAGE_KEY);
-    put_varint(&mut header, message_length as u64);
-    put_command_message(&mut header, &message, id_length);
-    debug_assert_eq!(header.len(), command_length + 8);
-    debug_assert_eq!(header.len(), header.capacity());
-    Ok(PayloadFrame {
-        header: Bytes::from(header),
-        entry,
-    })
+    let sizes = payload_frame_sizes(command_length, &entry)?;
+    let header = if command_length + 8 <= FrameHeader::INLINE {
+        let mut inline = InlineHeader {
+            length: 0,
+            bytes: [0; FrameHeader::INLINE],
+        };
+        put_message_header(&mut inline, sizes, message_length, &message, id_length);
+        debug_assert_eq!(inline.length, command_length + 8);
+        FrameHeader(HeaderBytes::Inline {
+            length: inline.length as u8,
+            bytes: inline.bytes,
+        })
+    } else {
+        let mut header = Vec::with_capacity(command_length + 8);
+        put_message_header(&mut header, sizes, message_length, &message, id_length);
+        debug_assert_eq!(header.len(), command_length + 8);
+        FrameHeader::from(header)
+    };
+    Ok(PayloadFrame { header, entry })
 }
+
+/// A MESSAGE frame's header: its sizes, then `BaseCommand { type: MESSAGE, message }` of
+/// `message_length` bytes.
+fn put_message_header<H: HeaderOut>(
+    header: &mut H,
+    sizes: [u8; 8],
+    message_length: usize,
+    message: &CommandMessage,
+    id_length: usize,
+) {
+    /// Key of `BaseCommand.type`: field 1, varint.
+    const TYPE_KEY: u8 = 1 << 3;
+    /// Key of `BaseCommand.message`: field 9, length-delimited.
+    const MESSAGE_KEY: u8 = (9 << 3) | 2;
+    header.extend_from_slice(&sizes);
+    header.push(TYPE_KEY);
+    put_varint(header, MESSAGE_TYPE);
+    header.push(MESSAGE_KEY);
+    put_varint(header, message_length as u64);
+    put_command_message(header, message, id_length);
+}
+
+const MESSAGE_TYPE: u64 = base_command::Type::Message as u64;
 
 // `CommandMessage` and its `MessageIdData` written by hand, fields in tag order as prost writes
 // them (every field number is below 16, so each key is one byte). prost's encoder computes a
@@ -159,7 +282,7 @@ fn varint_field_length(value: u64) -> usize {
 
 /// Appends `value` as a varint: seven bits per byte, low bits first, the high bit set on all
 /// but the last byte.
-fn put_varint(buffer: &mut Vec<u8>, mut value: u64) {
+fn put_varint<H: HeaderOut>(buffer: &mut H, mut value: u64) {
     while value >= 0x80 {
         buffer.push(value as u8 | 0x80);
         value >>= 7;
@@ -167,7 +290,7 @@ fn put_varint(buffer: &mut Vec<u8>, mut value: u64) {
     buffer.push(value as u8);
 }
 
-fn put_varint_field(buffer: &mut Vec<u8>, field: u8, value: u64) {
+fn put_varint_field<H: HeaderOut>(buffer: &mut H, field: u8, value: u64) {
     buffer.push(key(field, 0));
     put_varint(buffer, value);
 }
@@ -190,7 +313,7 @@ fn message_id_length(id: &MessageIdData) -> usize {
         })
 }
 
-fn put_message_id(buffer: &mut Vec<u8>, id: &MessageIdData) {
+fn put_message_id<H: HeaderOut>(buffer: &mut H, id: &MessageIdData) {
     put_varint_field(buffer, 1, id.ledger_id);
     put_varint_field(buffer, 2, id.entry_id);
     if let Some(partition) = id.partition {
@@ -229,7 +352,7 @@ fn command_message_length(message: &CommandMessage, id_length: usize) -> usize {
         + message.consumer_epoch.map_or(0, varint_field_length)
 }
 
-fn put_command_message(buffer: &mut Vec<u8>, message: &CommandMessage, id_length: usize) {
+fn put_command_message<H: HeaderOut>(buffer: &mut H, message: &CommandMessage, id_length: usize) {
     put_varint_field(buffer, 1, message.consumer_id);
     buffer.push(key(2, 2));
     put_varint(buffer, id_length as u64);

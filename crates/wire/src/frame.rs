@@ -701,6 +701,22 @@ mod tests {
     }
 
     #[test]
+    fn a_delivered_entry_header_is_inline_and_a_long_ack_set_is_not() {
+        let stored = encode_entry(&metadata(1), b"stored payload").expect("entry");
+        let long = CommandMessage {
+            ack_set: vec![-1; 16],
+            ..message_command()
+        };
+        for (message, inline) in [(message_command(), true), (long, false)] {
+            let encoded = encode_message_frame(message.clone(), stored.clone()).expect("encode");
+            assert_eq!(encoded.header.is_inline(), inline, "{message:?}");
+            let payload_command = expect_payload(parse_frame(encoded.to_bytes()).expect("parse"));
+            assert_eq!(payload_command.command.message, Some(message));
+            assert_eq!(payload_command.entry.bytes, stored);
+        }
+    }
+
+    #[test]
     fn message_frame_with_broker_entry_metadata_round_trips() {
         let stored = encode_entry(&metadata(1), b"with index").expect("entry");
         let broker_metadata = BrokerEntryMetadata {

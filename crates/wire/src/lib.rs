@@ -102,7 +102,8 @@ pub mod proto {
 
 pub use encode::{
     encode_command, encode_entry, encode_entry_without_checksum, encode_message_frame,
-    encode_payload_frame, encode_send_frame, prepend_broker_entry_metadata, PayloadFrame,
+    encode_payload_frame, encode_send_frame, prepend_broker_entry_metadata, FrameHeader,
+    PayloadFrame,
 };
 pub use entry::{
     batch_messages, entry_metadata, entry_metadata_fields, entry_parts, parse_entry,
