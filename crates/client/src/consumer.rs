@@ -118,6 +118,8 @@ pub(crate) struct ConsumerConfig {
     pub(crate) start: Option<MessageId>,
     pub(crate) start_inclusive: bool,
     pub(crate) negative_ack_delay: Duration,
+    /// How long individual acknowledgements wait to go out together; zero sends each at once.
+    pub(crate) ack_group_time: Duration,
     pub(crate) read_compacted: bool,
     pub(crate) replicate_subscription_state: Option<bool>,
     pub(crate) properties: BTreeMap<String, String>,
@@ -148,6 +150,7 @@ impl ConsumerBuilder {
                 start: None,
                 start_inclusive: false,
                 negative_ack_delay: Duration::from_secs(60),
+                ack_group_time: Duration::from_millis(100),
                 read_compacted: false,
                 replicate_subscription_state: None,
                 properties: BTreeMap::new(),
@@ -195,6 +198,17 @@ impl ConsumerBuilder {
     /// Delay before negatively acknowledged messages are redelivered. Default 60 s.
     pub fn negative_ack_redelivery_delay(mut self, delay: Duration) -> Self {
         self.config.negative_ack_delay = delay;
+        self
+    }
+
+    /// How long individual acknowledgements wait to be sent together, in one ACK frame of up
+    /// to 1000 message ids (sent at once when it is full). Default 100 ms, as the official
+    /// Java and C++ clients do; zero sends each acknowledgement at once. Cumulative
+    /// acknowledgements, seeks, negative acknowledgements and the consumer's close send the
+    /// waiting ones first. A process that ends without closing the consumer loses them, and
+    /// the broker delivers those messages again (at-least-once is kept).
+    pub fn ack_group_time(mut self, time: Duration) -> Self {
+        self.config.ack_group_time = time;
         self
     }
 
@@ -577,6 +591,8 @@ impl PartitionConsumer {
             trackers: BTreeMap::new(),
             nacks: VecDeque::new(),
             unsent_acks: Vec::new(),
+            grouped_acks: Vec::new(),
+            grouped_until: None,
             unsent_cumulative: None,
             max_message_size: link.connection.max_message_size(),
         };
@@ -800,12 +816,19 @@ struct ConsumerEngine {
     /// Acknowledgements made while disconnected, sent after resubscribing.
     unsent_acks: Vec<MessageIdData>,
     unsent_cumulative: Option<MessageIdData>,
+    /// Individual acknowledgements waiting to go out together (`ack_group_time`), and when
+    /// they go at the latest.
+    grouped_acks: Vec<MessageIdData>,
+    grouped_until: Option<Instant>,
     max_message_size: usize,
 }
 
 /// Acknowledgements kept while disconnected; beyond this the oldest are
 /// dropped (the broker redelivers them: at-least-once is kept).
 const MAX_UNSENT_ACKS: usize = 10_000;
+
+/// Individual acknowledgements sent together at most (the official clients' default).
+const MAX_GROUPED_ACKS: usize = 1000;
 
 async fn next_event(link: &mut Option<ConsumerLink>) -> Option<ConsumerEvent> {
     match link {
@@ -896,6 +919,7 @@ impl ConsumerEngine {
                     self.reconnecting = Some(Box::pin(subscribe_once(self.subscribe_request())));
                 },
                 () = sleep_until(nack_deadline) => self.redeliver_due().await,
+                () = sleep_until(self.grouped_until) => self.send_grouped_acks().await,
                 () = self.queue.flow.notified() => self.send_flow().await,
             }
         }
@@ -993,6 +1017,16 @@ impl ConsumerEngine {
 
     /// Handles a command; returns `true` when the consumer is done.
     async fn on_command(&mut self, command: ConsumerCommand) -> bool {
+        // What the broker is asked next comes after the acknowledgements made before it; a
+        // question about the topic's last message does not need them.
+        if !matches!(
+            command,
+            ConsumerCommand::Ack(_)
+                | ConsumerCommand::LastMessageId(_)
+                | ConsumerCommand::HasMessageAvailable(_)
+        ) {
+            self.send_grouped_acks().await;
+        }
         match command {
             ConsumerCommand::Ack(id) => self.ack(id).await,
             ConsumerCommand::AckCumulative(id) => self.ack_cumulative(id).await,
@@ -1092,8 +1126,24 @@ impl ConsumerEngine {
             }
         }
         self.forget_nacks(|nacked| nacked.entry_key() == id.entry_key());
-        self.send_ack(AckType::Individual, vec![id.entry_data()], None)
-            .await;
+        if self.config.ack_group_time.is_zero() {
+            self.send_ack(AckType::Individual, vec![id.entry_data()], None)
+                .await;
+            return;
+        }
+        self.grouped_acks.push(id.entry_data());
+        if self.grouped_acks.len() >= MAX_GROUPED_ACKS {
+            self.send_grouped_acks().await;
+        } else if self.grouped_until.is_none() {
+            self.grouped_until = Some(Instant::now() + self.config.ack_group_time);
+        }
+    }
+
+    /// Sends the individual acknowledgements waiting to go out together, in one ACK frame.
+    async fn send_grouped_acks(&mut self) {
+        self.grouped_until = None;
+        let ids = std::mem::take(&mut self.grouped_acks);
+        self.send_ack(AckType::Individual, ids, None).await;
     }
 
     async fn ack_cumulative(&mut self, id: MessageId) {
@@ -1332,6 +1382,7 @@ impl ConsumerEngine {
     }
 
     async fn close_on_broker(&mut self) {
+        self.send_grouped_acks().await;
         let Some(link) = self.link.take() else { return };
         let consumer_id = self.consumer_id;
         let closed = link

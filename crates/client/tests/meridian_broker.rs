@@ -891,3 +891,79 @@ async fn consumers_and_readers_resubscribe_after_a_broker_restart() {
     // The reader resumes after the last message it read, not at its start.
     assert_eq!(text(&read(&reader).await), "after");
 }
+
+/// The subscription's backlog, from the broker's topic stats.
+fn backlog(broker: &BrokerProcess, topic: &str) -> u64 {
+    let path = format!(
+        "/admin/v2/persistent/public/default/{}/stats",
+        topic.rsplit('/').next().expect("local name")
+    );
+    let stats = broker.admin_get(&path).expect("topic stats");
+    let (_, after) = stats.split_once("\"msgBacklog\":").expect("a backlog");
+    let digits: String = after.chars().take_while(char::is_ascii_digit).collect();
+    digits.parse().expect("a number")
+}
+
+/// Individual acknowledgements wait to go out together: none reaches the broker before the
+/// group time (an hour here) unless 1000 are waiting, and a close sends the waiting ones.
+/// (Sent one at a time, most of 999 acknowledgements have reached the broker by the time a
+/// later request is answered: with grouping turned off, this test saw a backlog of 46.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledgements_go_out_together_and_a_close_sends_the_waiting_ones() {
+    let broker = BrokerProcess::start();
+    let client = client(&broker).await;
+    let topic = unique_topic("grouped-acks");
+    let consumer = client
+        .consumer(&topic)
+        .subscription("s")
+        .initial_position(InitialPosition::Earliest)
+        .ack_group_time(Duration::from_secs(3600))
+        .subscribe()
+        .await
+        .expect("subscribe");
+    let producer = client.producer(&topic).create().await.expect("producer");
+    for index in 0..1005 {
+        let _receipt = producer.send(format!("m{index}")).await.expect("enqueue");
+    }
+    producer.flush().await.expect("flush");
+    let mut received = Vec::new();
+    for _ in 0..1003 {
+        received.push(receive(&consumer).await);
+    }
+    for message in &received[..999] {
+        consumer.ack(message).await.expect("ack");
+    }
+    consumer.has_message_available().await.expect("a request");
+    assert_eq!(backlog(&broker, &topic), 1005, "999 acknowledgements wait");
+    consumer.ack(&received[999]).await.expect("ack");
+    wait_until(
+        "the 1000th acknowledgement sends the group",
+        PATIENCE,
+        || backlog(&broker, &topic) == 5,
+    )
+    .await;
+    for message in &received[1000..] {
+        consumer.ack(message).await.expect("ack");
+    }
+    consumer.close().await.expect("close");
+    wait_until(
+        "the close sends the waiting acknowledgements",
+        PATIENCE,
+        || backlog(&broker, &topic) == 2,
+    )
+    .await;
+
+    // The default group time: the acknowledgements go out by themselves.
+    let consumer = subscribe(&client, &topic, "s", SubscriptionType::Exclusive).await;
+    for expected in ["m1003", "m1004"] {
+        let message = receive(&consumer).await;
+        assert_eq!(text(&message), expected);
+        consumer.ack(&message).await.expect("ack");
+    }
+    wait_until(
+        "the grouped acknowledgements reach the broker",
+        PATIENCE,
+        || backlog(&broker, &topic) == 0,
+    )
+    .await;
+}
