@@ -201,8 +201,8 @@ impl ConsumerBuilder {
         self
     }
 
-    /// How long individual acknowledgements wait to be sent together, in one ACK frame of up
-    /// to 1000 message ids (sent at once when it is full). Default 100 ms, as the official
+    /// How long individual acknowledgements wait to be sent together, in one ACK frame (sent
+    /// at once when it acknowledges 1000 messages). Default 100 ms, as the official
     /// Java and C++ clients do; zero sends each acknowledgement at once. Cumulative
     /// acknowledgements, seeks, negative acknowledgements and the consumer's close send the
     /// waiting ones first. A process that ends without closing the consumer loses them, and
@@ -592,6 +592,7 @@ impl PartitionConsumer {
             nacks: VecDeque::new(),
             unsent_acks: Vec::new(),
             grouped_acks: Vec::new(),
+            grouped_messages: 0,
             grouped_until: None,
             unsent_cumulative: None,
             max_message_size: link.connection.max_message_size(),
@@ -819,6 +820,8 @@ struct ConsumerEngine {
     /// Individual acknowledgements waiting to go out together (`ack_group_time`), and when
     /// they go at the latest.
     grouped_acks: Vec<MessageIdData>,
+    /// The messages `grouped_acks` stand for (a batch entry's acknowledgement, all of them).
+    grouped_messages: usize,
     grouped_until: Option<Instant>,
     max_message_size: usize,
 }
@@ -827,8 +830,11 @@ struct ConsumerEngine {
 /// dropped (the broker redelivers them: at-least-once is kept).
 const MAX_UNSENT_ACKS: usize = 10_000;
 
-/// Individual acknowledgements sent together at most (the official clients' default).
-const MAX_GROUPED_ACKS: usize = 1000;
+/// Grouped acknowledgements go out at once when they stand for this many messages (1000
+/// unbatched messages, as the official clients' limit of ids; fewer entries of a batched
+/// topic, so that a group never holds back a consumer that the broker's limit of
+/// unacknowledged messages per consumer would stop).
+const MAX_GROUPED_MESSAGES: usize = 1000;
 
 async fn next_event(link: &mut Option<ConsumerLink>) -> Option<ConsumerEvent> {
     match link {
@@ -1116,12 +1122,15 @@ impl ConsumerEngine {
     }
 
     async fn ack(&mut self, id: MessageId) {
+        // The messages the entry's acknowledgement stands for.
+        let mut messages = 1;
         if id.batch_index >= 0 {
             if let Some(tracker) = self.trackers.get_mut(&id.entry_key()) {
                 tracker.ack(id.batch_index);
                 if !tracker.is_complete() {
                     return;
                 }
+                messages = tracker.size as usize;
                 self.trackers.remove(&id.entry_key());
             }
         }
@@ -1132,7 +1141,8 @@ impl ConsumerEngine {
             return;
         }
         self.grouped_acks.push(id.entry_data());
-        if self.grouped_acks.len() >= MAX_GROUPED_ACKS {
+        self.grouped_messages += messages;
+        if self.grouped_messages >= MAX_GROUPED_MESSAGES {
             self.send_grouped_acks().await;
         } else if self.grouped_until.is_none() {
             self.grouped_until = Some(Instant::now() + self.config.ack_group_time);
@@ -1142,6 +1152,7 @@ impl ConsumerEngine {
     /// Sends the individual acknowledgements waiting to go out together, in one ACK frame.
     async fn send_grouped_acks(&mut self) {
         self.grouped_until = None;
+        self.grouped_messages = 0;
         let ids = std::mem::take(&mut self.grouped_acks);
         self.send_ack(AckType::Individual, ids, None).await;
     }

@@ -967,3 +967,52 @@ async fn acknowledgements_go_out_together_and_a_close_sends_the_waiting_ones() {
     )
     .await;
 }
+
+/// Acknowledgements of batch entries go out as soon as they stand for 1000 messages, however
+/// few entries that is: a group of ids never waits while the broker's limit of unacknowledged
+/// messages per consumer holds the consumer's deliveries back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledgements_of_batches_go_out_once_they_cover_1000_messages() {
+    let broker = BrokerProcess::start();
+    let client = client(&broker).await;
+    let topic = unique_topic("grouped-batch-acks");
+    let consumer = client
+        .consumer(&topic)
+        .subscription("s")
+        .initial_position(InitialPosition::Earliest)
+        .ack_group_time(Duration::from_secs(3600))
+        .subscribe()
+        .await
+        .expect("subscribe");
+    let producer = client
+        .producer(&topic)
+        .batching(100, 1 << 20, Duration::from_secs(3600))
+        .create()
+        .await
+        .expect("producer");
+    for index in 0..1100 {
+        let _receipt = producer.send(format!("m{index}")).await.expect("enqueue");
+    }
+    producer.flush().await.expect("flush");
+    let mut received = Vec::new();
+    for _ in 0..1000 {
+        received.push(receive(&consumer).await);
+    }
+    let full = backlog(&broker, &topic);
+    for message in &received[..999] {
+        consumer.ack(message).await.expect("ack");
+    }
+    consumer.has_message_available().await.expect("a request");
+    assert_eq!(
+        backlog(&broker, &topic),
+        full,
+        "9 entries' acknowledgements wait"
+    );
+    consumer.ack(&received[999]).await.expect("ack");
+    wait_until(
+        "the 1000th message's acknowledgement sends the group",
+        PATIENCE,
+        || backlog(&broker, &topic) < full,
+    )
+    .await;
+}
