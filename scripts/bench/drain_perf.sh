@@ -1,9 +1,10 @@
 #!/bin/bash
 # One drain round on a fresh `meridian standalone`, through Meridian's own client
-# (`meridian perf`), which acknowledges a batch's entry in one ACK frame once every message of
-# it is acknowledged (the official Java and C++/Python clients do that too, and also group the
-# ACKs of 100 ms into one frame; drain_round.sh's `pulsar` crate sends one ACK frame per
-# message). A subscription is created, FILL 1 KiB messages
+# (`meridian perf`), which acknowledges a batch's entry once every message of it is
+# acknowledged and, as the official Java and C++/Python clients do, groups acknowledgements
+# into one ACK frame for up to 100 ms or 1000 messages (CONSUME_ARGS="--ack-group-ms 0": one
+# ACK frame per entry; drain_round.sh's `pulsar` crate sends one ACK frame per message).
+# A subscription is created, FILL 1 KiB messages
 # (default 200,000; batches of up to 1000 messages / 128 KiB) are published, then one
 # consumer receives them all; prints `meridian perf consume`'s JSON summary (with the broker's
 # CPU per delivered message).
@@ -11,6 +12,7 @@
 #   BIN=target/release/meridian scripts/bench/drain_perf.sh 1
 #
 #   PRODUCE_ARGS="--batch-max-messages 0" ... drain_perf.sh 1   # unbatched: an entry per message
+#   CONSUME_ARGS="--ack-group-ms 0" ... drain_perf.sh 1          # an ACK frame per entry
 #   KEEP=1 ... drain_perf.sh 1   # fill only, and leave the broker running (its pid printed), for
 #                                # another consumer (scripts/bench/drain_python.py)
 #
@@ -37,4 +39,4 @@ if [ -n "${KEEP:-}" ]; then
 fi
 timeout 120 "$bin" perf consume --url pulsar://127.0.0.1:$bp --admin-url http://127.0.0.1:$wp \
     --topic-prefix $topic --subscription drain --messages "$fill" --warmup 0 \
-    --broker-pid $bpid --output json 2> "$work/drain.err" | tee "$work/drain.json"
+    --broker-pid $bpid --output json ${CONSUME_ARGS:-} 2> "$work/drain.err" | tee "$work/drain.json"
