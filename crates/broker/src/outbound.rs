@@ -42,11 +42,11 @@ pub enum Outbound {
     Payload(PayloadFrame),
 }
 
-/// Memory a queued frame takes beyond its bytes (the queue's slot, which holds a MESSAGE
-/// frame's header inline, and a command frame's allocation; about 120 bytes), counted
-/// against the limit: a queue of 30-byte receipts (for a producer
-/// that never reads them) would otherwise hold about five times its limit in memory.
-pub const FRAME_OVERHEAD_BYTES: usize = 128;
+/// Memory a queued frame takes beyond its bytes, counted against the limit: the queue's slot
+/// (an `Outbound`, 112 bytes: it holds a MESSAGE frame's header inline) and a command frame's
+/// allocation (its header and rounding, up to 64 bytes). A queue of 30-byte receipts (for a
+/// producer that never reads them) would otherwise hold about six times its limit in memory.
+pub const FRAME_OVERHEAD_BYTES: usize = std::mem::size_of::<Outbound>() + 64;
 
 impl Outbound {
     /// Bytes this frame takes on the wire.

@@ -462,7 +462,8 @@ async fn write_loop<W: AsyncWrite + Unpin>(
     mut frames: OutboundReceiver,
     failed: CancellationToken,
 ) {
-    let mut batch: Vec<Outbound> = Vec::with_capacity(MAX_WRITE_SLICES);
+    // Grown as the connection's writes need it and kept: an idle connection holds none.
+    let mut batch: Vec<Outbound> = Vec::new();
     while let Some(frame) = frames.recv().await {
         // Let the tasks that are ready now queue their frames first (issue 16): the receipts
         // of one flush come from as many producers' receipt tasks, each of which wakes this
