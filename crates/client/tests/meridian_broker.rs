@@ -904,6 +904,19 @@ fn backlog(broker: &BrokerProcess, topic: &str) -> u64 {
     digits.parse().expect("a number")
 }
 
+/// A consumer of subscription `s` from the earliest message whose acknowledgements wait an
+/// hour to go out together.
+async fn consumer_grouping_for_an_hour(client: &Client, topic: &str) -> Consumer {
+    client
+        .consumer(topic)
+        .subscription("s")
+        .initial_position(InitialPosition::Earliest)
+        .ack_group_time(Duration::from_secs(3600))
+        .subscribe()
+        .await
+        .expect("subscribe")
+}
+
 /// Individual acknowledgements wait to go out together: none reaches the broker before the
 /// group time (an hour here) unless 1000 are waiting, and a close sends the waiting ones.
 /// (Sent one at a time, most of 999 acknowledgements have reached the broker by the time a
@@ -913,14 +926,7 @@ async fn acknowledgements_go_out_together_and_a_close_sends_the_waiting_ones() {
     let broker = BrokerProcess::start();
     let client = client(&broker).await;
     let topic = unique_topic("grouped-acks");
-    let consumer = client
-        .consumer(&topic)
-        .subscription("s")
-        .initial_position(InitialPosition::Earliest)
-        .ack_group_time(Duration::from_secs(3600))
-        .subscribe()
-        .await
-        .expect("subscribe");
+    let consumer = consumer_grouping_for_an_hour(&client, &topic).await;
     let producer = client.producer(&topic).create().await.expect("producer");
     for index in 0..1005 {
         let _receipt = producer.send(format!("m{index}")).await.expect("enqueue");
@@ -976,14 +982,7 @@ async fn acknowledgements_of_batches_go_out_once_they_cover_1000_messages() {
     let broker = BrokerProcess::start();
     let client = client(&broker).await;
     let topic = unique_topic("grouped-batch-acks");
-    let consumer = client
-        .consumer(&topic)
-        .subscription("s")
-        .initial_position(InitialPosition::Earliest)
-        .ack_group_time(Duration::from_secs(3600))
-        .subscribe()
-        .await
-        .expect("subscribe");
+    let consumer = consumer_grouping_for_an_hour(&client, &topic).await;
     let producer = client
         .producer(&topic)
         .batching(100, 1 << 20, Duration::from_secs(3600))
