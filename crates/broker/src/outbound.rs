@@ -315,7 +315,7 @@ mod tests {
     #[test]
     fn tiny_frames_count_their_overhead() {
         // A producer that never reads its receipts: 30-byte frames fill a 1 MiB queue after
-        // about 6,600 of them, not 35,000 (each takes about 150 bytes of memory).
+        // about 5,100 of them, not 35,000 (each takes about 160 bytes of memory).
         let limit = 1024 * 1024;
         let (sender, _receiver) = outbound_queue(limit);
         let receipt = || Outbound::Frame(Bytes::from(vec![0u8; 30]));
