@@ -57,6 +57,14 @@ impl Outbound {
         }
     }
 
+    /// The slices a vectored write of this frame takes: a MESSAGE's header and entry are two.
+    pub fn slices(&self) -> usize {
+        match self {
+            Outbound::Frame(_) => 1,
+            Outbound::Payload(_) => 2,
+        }
+    }
+
     /// What this frame counts against its queue's limit: its bytes plus
     /// [`FRAME_OVERHEAD_BYTES`].
     pub fn charge(&self) -> usize {

@@ -478,10 +478,7 @@ async fn write_loop<W: AsyncWrite + Unpin>(
         while let Some(frame) = next.take() {
             bytes += frame.len();
             charged += frame.charge();
-            slices += match frame {
-                Outbound::Frame(_) => 1,
-                Outbound::Payload(_) => 2,
-            };
+            slices += frame.slices();
             batch.push(frame);
             if slices + 2 > MAX_WRITE_SLICES || bytes >= MAX_WRITE_BYTES {
                 break;
@@ -502,7 +499,8 @@ async fn write_loop<W: AsyncWrite + Unpin>(
 }
 
 /// Writes every frame, in order, with as few `writev` calls as the socket allows; `parts` is
-/// how many slices the frames make (a payload frame's header and entry are two).
+/// how many slices the frames make ([`Outbound::slices`], counted by the caller as it
+/// gathered them).
 async fn write_all_vectored<W: AsyncWrite + Unpin>(
     writer: &mut W,
     frames: &[Outbound],
