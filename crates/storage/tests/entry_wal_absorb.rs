@@ -117,6 +117,23 @@ fn gathering(sim: &SimIo, config: StorageConfig, count: usize) -> Gathering {
     }
 }
 
+/// Lets `t0`'s held fsync go; its append is durable.
+fn release_t0(release: Sender<()>, held: PendingAppend) {
+    drop(release);
+    result_within(LIMIT, held)
+        .expect("t0 in time")
+        .expect("t0 durable");
+}
+
+/// Engines after power cuts of the running one (see `crashes`), which is then dropped.
+fn power_cuts(sim: &SimIo, engine: Engine, logs: Vec<Arc<Log>>) -> Vec<(String, SimIo)> {
+    let storage = engine.into_storage();
+    let crashed = crashes(sim, 3);
+    drop(logs);
+    drop(storage);
+    crashed
+}
+
 /// An absorbed log whose segment write fails (I/O error, in the leader): that append fails,
 /// the log is poisoned; the group's other batches (handed over and absorbed) are durable, a
 /// later group gets its leader, and after power cuts the logs hold exactly what was
@@ -181,14 +198,8 @@ fn a_failed_absorbed_write(flush_threads: usize, listener: Option<PoisonListener
     result_within(LIMIT, later)
         .expect("a later group in time")
         .expect("a later group durable");
-    drop(g.release_t0);
-    result_within(LIMIT, g.held)
-        .expect("t0 in time")
-        .expect("t0 durable");
-    let storage = g.engine.into_storage();
-    let crashed = crashes(&sim, 3);
-    drop(logs);
-    drop(storage);
+    release_t0(g.release_t0, g.held);
+    let crashed = power_cuts(&sim, g.engine, logs);
     assert_logs_after_power_cuts(
         crashed,
         &[
@@ -245,10 +256,7 @@ fn an_absorbed_write_on_a_full_disk_is_rolled_back_and_the_group_completes() {
         matches!(r2, Err(StorageError::DiskFull { .. })),
         "t2 refused with DiskFull, got {r2:?}"
     );
-    drop(g.release_t0);
-    result_within(LIMIT, g.held)
-        .expect("t0 in time")
-        .expect("t0 durable");
+    release_t0(g.release_t0, g.held);
     // A full batch: a lone small one would wait for a group (the hour) after a group of
     // several logs went through the WAL.
     let again = g.logs[2]
@@ -257,10 +265,7 @@ fn an_absorbed_write_on_a_full_disk_is_rolled_back_and_the_group_completes() {
     result_within(LIMIT, again)
         .expect("t2's next append in time")
         .expect("t2's next append durable");
-    let storage = g.engine.into_storage();
-    let crashed = crashes(&sim, 3);
-    drop(logs);
-    drop(storage);
+    let crashed = power_cuts(&sim, g.engine, logs);
     assert_logs_after_power_cuts(
         crashed,
         &[
@@ -326,14 +331,8 @@ fn absorbed_logs_can_be_closed_and_deleted() {
     results.3.expect("t4");
     results.4.expect("close t2");
     results.5.expect("delete t3");
-    drop(g.release_t0);
-    result_within(LIMIT, g.held)
-        .expect("t0 in time")
-        .expect("t0");
-    let storage = g.engine.into_storage();
-    drop(logs);
-    let crashed = crashes(&sim, 3);
-    drop(storage);
+    release_t0(g.release_t0, g.held);
+    let crashed = power_cuts(&sim, g.engine, logs);
     assert_logs_after_power_cuts(
         crashed,
         &[
