@@ -11,6 +11,11 @@
 //! - [`OutboundSender::try_send`] for small control frames, which may use a little headroom
 //!   beyond the limit so that CLOSE_CONSUMER or a PING still reaches a connection full of
 //!   messages, and are dropped beyond it.
+//!
+//! A dispatch round's MESSAGE frames for one consumer go through [`Staged`]: each counts
+//! against the limit as it is added, as if pushed, and the round's frames are handed to the
+//! writer together, as one [`Outbound::Payloads`] (one hand-off through the channel per round
+//! instead of one per message; issue 16).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
@@ -33,13 +38,33 @@ pub fn queued_bytes_all_connections() -> usize {
 /// Headroom beyond the byte limit for control frames ([`OutboundSender::try_send`]).
 pub const CONTROL_HEADROOM_BYTES: usize = 64 * 1024;
 
-/// One frame to write to a client, already encoded.
+/// MESSAGE frames queued together in one [`Outbound::Payloads`] at most: their slices
+/// (two each) fit in one vectored write of the connection's writer.
+pub const MAX_STAGED_FRAMES: usize = 128;
+
+/// One frame, or a run of MESSAGE frames, to write to a client, already encoded.
 #[derive(Debug, Clone)]
 pub enum Outbound {
     /// A simple command frame.
     Frame(Bytes),
     /// A MESSAGE: a fresh header in front of a stored entry (never copied).
     Payload(PayloadFrame),
+    /// MESSAGE frames of one dispatch round, in order ([`Staged`]; at most
+    /// [`MAX_STAGED_FRAMES`]).
+    Payloads(Payloads),
+}
+
+/// MESSAGE frames written one after the other, with their length on the wire.
+#[derive(Debug, Clone, Default)]
+pub struct Payloads {
+    frames: Vec<PayloadFrame>,
+    bytes: usize,
+}
+
+impl Payloads {
+    pub fn frames(&self) -> &[PayloadFrame] {
+        &self.frames
+    }
 }
 
 /// Memory a queued frame takes beyond its bytes, counted against the limit: the queue's slot
@@ -54,21 +79,32 @@ impl Outbound {
         match self {
             Outbound::Frame(frame) => frame.len(),
             Outbound::Payload(payload) => payload.frame_length(),
+            Outbound::Payloads(payloads) => payloads.bytes,
         }
     }
 
-    /// The slices a vectored write of this frame takes: a MESSAGE's header and entry are two.
+    /// The MESSAGE frames this item holds.
+    pub fn messages(&self) -> usize {
+        match self {
+            Outbound::Frame(_) => 0,
+            Outbound::Payload(_) => 1,
+            Outbound::Payloads(payloads) => payloads.frames.len(),
+        }
+    }
+
+    /// The slices a vectored write of this item takes: a MESSAGE's header and entry are two.
     pub fn slices(&self) -> usize {
         match self {
             Outbound::Frame(_) => 1,
             Outbound::Payload(_) => 2,
+            Outbound::Payloads(payloads) => 2 * payloads.frames.len(),
         }
     }
 
-    /// What this frame counts against its queue's limit: its bytes plus
-    /// [`FRAME_OVERHEAD_BYTES`].
+    /// What this item counts against its queue's limit: its bytes plus
+    /// [`FRAME_OVERHEAD_BYTES`] for each frame in it.
     pub fn charge(&self) -> usize {
-        self.len() + FRAME_OVERHEAD_BYTES
+        self.len() + FRAME_OVERHEAD_BYTES * self.messages().max(1)
     }
 
     pub fn is_empty(&self) -> bool {
@@ -157,8 +193,19 @@ impl OutboundSender {
     /// [`has_room`](Self::has_room) and must not wait on one client.
     pub fn push(&self, frame: Outbound) -> Result<(), SendError<Outbound>> {
         let length = frame.charge();
+        self.count(length);
+        self.send_counted(frame, length)
+    }
+
+    /// Counts `length` bytes against the queue (and the total over all connections).
+    fn count(&self, length: usize) {
         self.queue.queued_bytes.fetch_add(length, Ordering::SeqCst);
         QUEUED_BYTES_ALL_CONNECTIONS.fetch_add(length, Ordering::Relaxed);
+    }
+
+    /// Hands the writer a frame already [`count`](Self::count)ed as `length` bytes; a closed
+    /// queue gives it back and its bytes leave the count.
+    fn send_counted(&self, frame: Outbound, length: usize) -> Result<(), SendError<Outbound>> {
         self.frames.send(frame).inspect_err(|_| {
             self.queue.queued_bytes.fetch_sub(length, Ordering::SeqCst);
             QUEUED_BYTES_ALL_CONNECTIONS.fetch_sub(length, Ordering::Relaxed);
@@ -224,6 +271,53 @@ impl OutboundSender {
         if self.has_room() && !self.frames.is_closed() {
             self.queue.wake_everybody();
         }
+    }
+}
+
+/// A dispatch round's MESSAGE frames for one consumer on their way to its connection's queue.
+/// Each counts against the queue's limit as it is [`push`](Self::push)ed, so that
+/// [`OutboundSender::has_room`] stops the round exactly as when every frame was queued on its
+/// own; the writer gets them together when the round ends (the `Staged` is dropped) or when
+/// [`MAX_STAGED_FRAMES`] have gathered.
+pub struct Staged {
+    sink: OutboundSender,
+    payloads: Payloads,
+}
+
+impl Staged {
+    pub fn new(sink: &OutboundSender) -> Staged {
+        Staged {
+            sink: sink.clone(),
+            payloads: Payloads::default(),
+        }
+    }
+
+    /// Adds a MESSAGE frame, counted against the queue at once.
+    pub fn push(&mut self, frame: PayloadFrame) {
+        let length = frame.frame_length();
+        self.sink.count(length + FRAME_OVERHEAD_BYTES);
+        self.payloads.bytes += length;
+        self.payloads.frames.push(frame);
+        if self.payloads.frames.len() >= MAX_STAGED_FRAMES {
+            self.hand_over();
+        }
+    }
+
+    /// Queues the frames gathered so far. (A closed connection drops its consumers, which puts
+    /// their messages back: frames it refuses are only taken off the count.)
+    fn hand_over(&mut self) {
+        if self.payloads.frames.is_empty() {
+            return;
+        }
+        let payloads = Outbound::Payloads(std::mem::take(&mut self.payloads));
+        let length = payloads.charge();
+        let _ = self.sink.send_counted(payloads, length);
+    }
+}
+
+impl Drop for Staged {
+    fn drop(&mut self) {
+        self.hand_over();
     }
 }
 
@@ -333,6 +427,56 @@ mod tests {
             queued += 1;
         }
         assert_eq!(queued, limit.div_ceil(30 + FRAME_OVERHEAD_BYTES));
+    }
+
+    fn message(length: usize) -> PayloadFrame {
+        let command = meridian_wire::proto::CommandMessage::default();
+        meridian_wire::encode_message_frame(command, Bytes::from(vec![7u8; length]))
+            .expect("encodes")
+    }
+
+    /// A dispatch round stops at a full connection as when it queued each frame on its own:
+    /// staged frames count at once, and reach the writer together when the round ends.
+    #[test]
+    fn staged_frames_count_against_the_limit_as_they_are_added() {
+        let (sender, mut receiver) = outbound_queue(10 * 1024);
+        let mut staged = Staged::new(&sender);
+        let mut count = 0;
+        while sender.has_room() {
+            staged.push(message(1000));
+            count += 1;
+        }
+        let one = message(1000).frame_length() + FRAME_OVERHEAD_BYTES;
+        assert_eq!(count, (10 * 1024usize).div_ceil(one));
+        assert_eq!(sender.queued_bytes(), count * one);
+        assert!(
+            receiver.try_recv().is_none(),
+            "nothing reaches the writer before the end"
+        );
+        drop(staged);
+        let run = receiver.try_recv().expect("the round's frames");
+        assert_eq!((run.messages(), run.charge()), (count, count * one));
+        assert!(receiver.try_recv().is_none(), "in one item");
+        receiver.written(run.charge());
+        assert_eq!(sender.queued_bytes(), 0);
+
+        // A long round goes to the writer in runs of at most MAX_STAGED_FRAMES.
+        let mut staged = Staged::new(&sender);
+        for _ in 0..MAX_STAGED_FRAMES + 1 {
+            staged.push(message(1));
+        }
+        drop(staged);
+        let runs: Vec<usize> = std::iter::from_fn(|| receiver.try_recv())
+            .map(|run| run.messages())
+            .collect();
+        assert_eq!(runs, [MAX_STAGED_FRAMES, 1]);
+
+        // A closed connection's refused frames leave the count.
+        drop(receiver);
+        let mut staged = Staged::new(&sender);
+        staged.push(message(100));
+        drop(staged);
+        assert_eq!(sender.queued_bytes(), 0);
     }
 
     #[test]

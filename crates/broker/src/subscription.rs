@@ -40,7 +40,7 @@ use crate::batch_acks;
 use crate::clock::now_ms;
 use crate::config::BrokerConfig;
 use crate::error::{BrokerError, Result};
-use crate::outbound::{command_frame, Outbound, OutboundSender};
+use crate::outbound::{command_frame, Outbound, OutboundSender, Staged};
 use crate::replication::subscription_sync::{self, SyncedAcks};
 use crate::stats::{ConsumerStats, Meter, SubscriptionStats};
 
@@ -1285,6 +1285,9 @@ impl Subscription {
         // log's lock, not once per entry. Replayed ones were delivered before, and may be
         // acknowledged while the round goes on: each is looked up at its turn, so that one
         // acknowledged meanwhile is not delivered again.
+        // Each consumer's frames go to its connection together (counted against the
+        // connection's limit one by one, as `can_take` looks at it): when this is dropped.
+        let mut staged: Vec<Option<Staged>> = state.consumers.iter().map(|_| None).collect();
         let round_lookup = (!is_replay).then(|| {
             let positions: Vec<Position> = entries.iter().map(|entry| entry.position).collect();
             self.log.acknowledged_each(&self.cursor, &positions)
@@ -1413,10 +1416,9 @@ impl Subscription {
                 None => entry.data,
             };
             match meridian_wire::encode_message_frame(command, data) {
-                Ok(frame) => {
-                    // A closed connection drops its consumers, which puts their messages back.
-                    let _ = consumer.sink.push(Outbound::Payload(frame));
-                }
+                Ok(frame) => staged[consumer_index]
+                    .get_or_insert_with(|| Staged::new(&consumer.sink))
+                    .push(frame),
                 Err(error) => {
                     tracing::error!(topic = %self.topic, %error, "encoding MESSAGE failed")
                 }
@@ -1641,7 +1643,7 @@ mod tests {
 
     use super::{MessagesPerEntry, NewConsumer, StartPosition, Subscription, SubscriptionType};
     use crate::config::BrokerConfig;
-    use crate::outbound::{outbound_queue, Outbound, OutboundReceiver};
+    use crate::outbound::{outbound_queue, OutboundReceiver};
 
     /// Subscription `name` of `log` with one Exclusive consumer (key 1) whose connection has
     /// room for everything: its dispatcher task is started, the connection's receiving end
@@ -1690,8 +1692,8 @@ mod tests {
 
     fn messages_queued(receiver: &mut OutboundReceiver) -> usize {
         std::iter::from_fn(|| receiver.try_recv())
-            .filter(|frame| matches!(frame, Outbound::Payload(_)))
-            .count()
+            .map(|frame| frame.messages())
+            .sum()
     }
 
     /// A dispatcher whose reads are all served from the entry cache never waits for anything:
@@ -1727,11 +1729,9 @@ mod tests {
         second.flow(1, ENTRIES as u32);
 
         // The second subscription's first message...
-        loop {
-            match second_receiver.recv().await.expect("connection open") {
-                Outbound::Payload(_) => break,
-                Outbound::Frame(_) => continue,
-            }
+        let mut second_total = 0;
+        while second_total == 0 {
+            second_total += second_receiver.recv().await.expect("open").messages();
         }
         // ...did not have to wait for the first subscription's whole backlog to go out.
         let delivered_first = messages_queued(&mut first_receiver);
@@ -1743,15 +1743,10 @@ mod tests {
         // Nothing is lost: both get everything once the runtime lets them finish.
         let mut first_total = delivered_first;
         while first_total < ENTRIES {
-            if let Some(Outbound::Payload(_)) = first_receiver.recv().await {
-                first_total += 1;
-            }
+            first_total += first_receiver.recv().await.expect("open").messages();
         }
-        let mut second_total = 1;
         while second_total < ENTRIES {
-            if let Some(Outbound::Payload(_)) = second_receiver.recv().await {
-                second_total += 1;
-            }
+            second_total += second_receiver.recv().await.expect("open").messages();
         }
         first.stop();
         second.stop();

@@ -58,7 +58,7 @@ use meridian_wire::proto::{
     FeatureFlags, KeySharedMode, MessageIdData, MessageMetadata, ServerError,
     SingleMessageMetadata,
 };
-use meridian_wire::{command_type, ChecksumStatus, Decoded, Frame, FrameError};
+use meridian_wire::{command_type, ChecksumStatus, Decoded, Frame, FrameError, PayloadFrame};
 use prost::Message;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -449,7 +449,8 @@ async fn within_keep_alive<T>(
         })
 }
 
-/// Frames gathered into one vectored write at most (Linux allows 1024 slices per `writev`).
+/// Slices gathered into one vectored write at most (Linux allows 1024 per `writev`; a queued
+/// run of MESSAGE frames takes at most `2 × MAX_STAGED_FRAMES` = 256).
 const MAX_WRITE_SLICES: usize = 512;
 /// Bytes gathered into one vectored write at most.
 const MAX_WRITE_BYTES: usize = 1024 * 1024;
@@ -464,23 +465,39 @@ async fn write_loop<W: AsyncWrite + Unpin>(
 ) {
     // Grown as the connection's writes need it and kept: an idle connection holds none.
     let mut batch: Vec<Outbound> = Vec::new();
-    while let Some(frame) = frames.recv().await {
-        // Let the tasks that are ready now queue their frames first (issue 16): the receipts
-        // of one flush come from as many producers' receipt tasks, each of which wakes this
-        // writer, and tokio runs the task woken last right after the one that woke it; without
-        // the yield most of those receipts went out in a `writev` of their own. The yield
-        // lasts until this worker's run queue is empty, or 61 tasks at the most.
-        tokio::task::yield_now().await;
+    // An item received that did not fit in the previous write: the next one starts with it.
+    let mut carried: Option<Outbound> = None;
+    loop {
+        let first = match carried.take() {
+            Some(frame) => frame,
+            None => {
+                let Some(frame) = frames.recv().await else {
+                    break;
+                };
+                // Let the tasks that are ready now queue their frames first (issue 16): the
+                // receipts of one flush come from as many producers' receipt tasks, each of
+                // which wakes this writer, and tokio runs the task woken last right after the
+                // one that woke it; without the yield most of those receipts went out in a
+                // `writev` of their own. The yield lasts until this worker's run queue is
+                // empty, or 61 tasks at the most.
+                tokio::task::yield_now().await;
+                frame
+            }
+        };
         let mut bytes = 0;
         let mut charged = 0;
         let mut slices = 0;
-        let mut next = Some(frame);
+        let mut next = Some(first);
         while let Some(frame) = next.take() {
+            if !batch.is_empty() && slices + frame.slices() > MAX_WRITE_SLICES {
+                carried = Some(frame);
+                break;
+            }
             bytes += frame.len();
             charged += frame.charge();
             slices += frame.slices();
             batch.push(frame);
-            if slices + 2 > MAX_WRITE_SLICES || bytes >= MAX_WRITE_BYTES {
+            if slices >= MAX_WRITE_SLICES || bytes >= MAX_WRITE_BYTES {
                 break;
             }
             next = frames.try_recv();
@@ -508,12 +525,18 @@ async fn write_all_vectored<W: AsyncWrite + Unpin>(
 ) -> std::io::Result<()> {
     // Sized first: collected from a filter, the list would grow step by step.
     let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(parts);
+    fn message<'a>(slices: &mut Vec<IoSlice<'a>>, message: &'a PayloadFrame) {
+        slices.push(IoSlice::new(&message.header));
+        slices.push(IoSlice::new(&message.entry));
+    }
     for frame in frames {
         match frame {
             Outbound::Frame(frame) => slices.push(IoSlice::new(frame)),
-            Outbound::Payload(payload) => {
-                slices.push(IoSlice::new(&payload.header));
-                slices.push(IoSlice::new(&payload.entry));
+            Outbound::Payload(one) => message(&mut slices, one),
+            Outbound::Payloads(run) => {
+                for one in run.frames() {
+                    message(&mut slices, one);
+                }
             }
         }
     }
@@ -2160,6 +2183,151 @@ mod tests {
                 buckets.len()
             );
         }
+    }
+
+    /// What a [`Trickle`] socket was given.
+    #[derive(Default)]
+    struct Seen {
+        written: Vec<u8>,
+        most_slices: usize,
+    }
+
+    /// A socket that takes at most `chunk` bytes per write and remembers how many slices each
+    /// vectored write was given.
+    struct Trickle {
+        seen: Arc<std::sync::Mutex<Seen>>,
+        chunk: usize,
+    }
+
+    impl AsyncWrite for Trickle {
+        fn poll_write(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            buffer: &[u8],
+        ) -> std::task::Poll<std::io::Result<usize>> {
+            let length = buffer.len().min(self.chunk);
+            let mut seen = self.seen.lock().expect("not poisoned");
+            seen.written.extend_from_slice(&buffer[..length]);
+            std::task::Poll::Ready(Ok(length))
+        }
+
+        fn poll_write_vectored(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            slices: &[IoSlice<'_>],
+        ) -> std::task::Poll<std::io::Result<usize>> {
+            let mut seen = self.seen.lock().expect("not poisoned");
+            seen.most_slices = seen.most_slices.max(slices.len());
+            let mut written = 0;
+            for slice in slices {
+                let length = slice.len().min(self.chunk - written);
+                seen.written.extend_from_slice(&slice[..length]);
+                written += length;
+                if written == self.chunk {
+                    break;
+                }
+            }
+            std::task::Poll::Ready(Ok(written))
+        }
+
+        fn is_write_vectored(&self) -> bool {
+            true
+        }
+
+        fn poll_flush(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+
+        fn poll_shutdown(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+    }
+
+    /// Dispatch rounds' runs of MESSAGE frames, single frames between them, and runs that do
+    /// not fit in the write begun: everything reaches the socket byte for byte, in the order
+    /// queued, no write is given more slices than the limit, and the queue's count goes back
+    /// to nothing.
+    #[tokio::test]
+    async fn runs_of_messages_reach_the_socket_in_order_within_the_slice_limit() {
+        use bytes::Bytes;
+        use meridian_broker::outbound::{outbound_queue, Staged, MAX_STAGED_FRAMES};
+        use meridian_wire::proto::CommandMessage;
+        let (sender, receiver) = outbound_queue(64 * 1024 * 1024);
+        let mut expected = Vec::new();
+        let mut sequence = 0u64;
+        let mut message = |expected: &mut Vec<u8>| {
+            sequence += 1;
+            let entry = Bytes::from(vec![sequence as u8; (1 + sequence % 7) as usize * 50]);
+            let command = CommandMessage {
+                consumer_id: sequence,
+                message_id: MessageIdData {
+                    ledger_id: 1,
+                    entry_id: sequence,
+                    ..Default::default()
+                },
+                ..Default::default()
+            };
+            let frame = meridian_wire::encode_message_frame(command, entry).expect("encodes");
+            expected.extend_from_slice(&frame.to_bytes());
+            frame
+        };
+        let command = |expected: &mut Vec<u8>| {
+            let frame = command_frame(&BaseCommand {
+                ping: Some(CommandPing {}),
+                ..command(Type::Ping)
+            });
+            let Outbound::Frame(bytes) = &frame else {
+                unreachable!("a command is one frame")
+            };
+            expected.extend_from_slice(bytes);
+            frame
+        };
+        sender.push(command(&mut expected)).expect("queued");
+        for run in [
+            MAX_STAGED_FRAMES + 3,
+            1,
+            MAX_STAGED_FRAMES,
+            MAX_STAGED_FRAMES,
+            40,
+        ] {
+            let mut staged = Staged::new(&sender);
+            for _ in 0..run {
+                staged.push(message(&mut expected));
+            }
+            drop(staged);
+            sender
+                .push(Outbound::Payload(message(&mut expected)))
+                .expect("queued");
+        }
+        sender.push(command(&mut expected)).expect("queued");
+        assert!(sender.queued_bytes() > expected.len());
+
+        let seen = Arc::new(std::sync::Mutex::new(Seen::default()));
+        let socket = Trickle {
+            seen: seen.clone(),
+            chunk: 1000,
+        };
+        let writer = tokio::spawn(write_loop(socket, receiver, CancellationToken::new()));
+        // Bytes leave the count once written.
+        tokio::time::timeout(Duration::from_secs(60), async {
+            while sender.queued_bytes() != 0 {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("everything queued is written");
+        drop(sender);
+        writer.await.expect("the writer ends with its queue");
+        let seen = seen.lock().expect("not poisoned");
+        assert_eq!(seen.written.len(), expected.len());
+        assert!(seen.written == expected, "the bytes differ");
+        assert!(seen.most_slices <= MAX_WRITE_SLICES, "{}", seen.most_slices);
     }
 
     #[test]
