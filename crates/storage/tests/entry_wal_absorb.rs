@@ -15,9 +15,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use meridian_storage::{
-    FlushPolicy, Log, PendingAppend, PoisonListener, Position, SimIo, Storage, StorageConfig,
-    StorageError,
+    FlushPolicy, Log, PendingAppend, PoisonListener, Position, SimIo, StorageConfig, StorageError,
 };
+use support::engine::Engine;
 use support::entry_wal::*;
 use support::gated_io::GatedIo;
 
@@ -33,37 +33,6 @@ fn with(flush_threads: usize, group_wait: Duration, group_idle: Duration) -> Sto
         entry_wal_group_idle: group_idle,
         entry_max_bytes: 700 * 1024,
         ..config()
-    }
-}
-
-/// A shared engine that is leaked, not closed, if the test panics.
-struct Engine(Option<Arc<Storage>>);
-
-impl Engine {
-    fn get(&self) -> Arc<Storage> {
-        self.0.clone().expect("engine")
-    }
-    fn into_storage(mut self) -> Storage {
-        let arc = self.0.take().expect("engine");
-        match Arc::try_unwrap(arc) {
-            Ok(storage) => storage,
-            Err(_) => panic!("the engine is still shared"),
-        }
-    }
-}
-
-impl std::ops::Deref for Engine {
-    type Target = Storage;
-    fn deref(&self) -> &Storage {
-        self.0.as_ref().expect("engine")
-    }
-}
-
-impl Drop for Engine {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            std::mem::forget(self.0.take());
-        }
     }
 }
 
@@ -102,7 +71,7 @@ struct Gathering {
 
 fn gathering(sim: &SimIo, config: StorageConfig, count: usize) -> Gathering {
     let (io, storage) = open_gated_with(sim, config);
-    let engine = Engine(Some(Arc::new(storage)));
+    let engine = Engine::new(storage);
     let logs = logs_with_segments(&engine, count);
     let (held, release_t0) = hold_t0_fsync(&io, &logs);
     let t1 = logs[1].append(payload(1, 1, "grouped"), 0).expect("append");

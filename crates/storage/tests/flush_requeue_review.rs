@@ -14,6 +14,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use meridian_storage::{Log, PendingAppend, Position, SimIo, Storage, StorageConfig, StorageError};
+use support::engine::Engine;
+use support::entry_wal::within;
 use support::gated_io::GatedIo;
 
 /// Long enough that only a stall (a log nobody will flush) exceeds it.
@@ -54,70 +56,6 @@ fn settled(
     receiver
         .recv_timeout(STALL)
         .unwrap_or_else(|_| panic!("{what}: the append never completed (its flush was lost)"))
-}
-
-/// The engine of one test. A failing test (a lost flush) leaks it rather than stop it: the
-/// stop would wait for that flush forever.
-struct Engine(Option<Arc<Storage>>);
-
-impl std::ops::Deref for Engine {
-    type Target = Storage;
-    fn deref(&self) -> &Storage {
-        self.0.as_ref().expect("open")
-    }
-}
-
-impl Drop for Engine {
-    fn drop(&mut self) {
-        if let Some(storage) = self.0.take() {
-            if std::thread::panicking() {
-                std::mem::forget(storage);
-            } else {
-                close_within(Arc::into_inner(storage).expect("no other user of the engine"));
-            }
-        }
-    }
-}
-
-impl Engine {
-    fn new(storage: Storage) -> Engine {
-        Engine(Some(Arc::new(storage)))
-    }
-
-    fn close(mut self) {
-        let storage = self.0.take().expect("open");
-        close_within(Arc::into_inner(storage).expect("no other user of the engine"));
-    }
-
-    /// Runs `operation` on the engine, failing the test if it waits for a lost flush.
-    fn within<T: Send + 'static>(
-        &self,
-        what: &str,
-        operation: impl FnOnce(&Storage) -> T + Send + 'static,
-    ) -> T {
-        let storage = self.0.clone().expect("open");
-        let (done_tx, done_rx) = channel();
-        std::thread::spawn(move || {
-            let result = operation(&storage);
-            drop(storage);
-            let _ = done_tx.send(result);
-        });
-        done_rx
-            .recv_timeout(STALL)
-            .unwrap_or_else(|_| panic!("{what} never finished (it waits for a lost flush)"))
-    }
-}
-
-/// Stops the engine, failing the test if that waits for a flush nobody does.
-fn close_within(storage: Storage) {
-    let (done_tx, done_rx) = channel();
-    std::thread::spawn(move || {
-        let _ = done_tx.send(storage.close());
-    });
-    done_rx
-        .recv_timeout(STALL)
-        .expect("the engine stops (no log waits for a lost flush)")
-        .expect("close");
 }
 
 fn gated(flush_threads: usize) -> (SimIo, Arc<GatedIo>, Engine) {
@@ -166,7 +104,7 @@ fn a_batch_appended_during_the_fsync_of_the_previous_one_is_flushed_with_any_thr
                 .expect("durable");
             assert_eq!(position.entry_id, index as u64);
         }
-        storage.close();
+        storage.close().expect("close");
     }
 }
 
@@ -212,7 +150,7 @@ fn a_busy_log_requeued_quietly_still_lets_the_waiting_log_flush_first() {
     for receiver in &second {
         settled(receiver, "busy log, second batch").expect("durable");
     }
-    storage.close();
+    storage.close().expect("close");
 }
 
 /// Disk full: the failed batch is rolled back and the log accepts appends again at once. The
@@ -250,7 +188,7 @@ fn an_append_made_while_a_full_disk_rollback_finishes_is_flushed() {
             .expect("durable once there is space");
             assert_eq!(position.entry_id, 3 + index as u64);
         }
-        storage.close();
+        storage.close().expect("close");
     }
 }
 
@@ -354,13 +292,15 @@ fn closing_deleting_and_stopping_under_load_leaves_no_append_waiting() {
                 .recv_timeout(STALL)
                 .expect("every log makes its first 200 entries durable");
         }
-        storage
-            .within("closing a busy log", |storage| storage.close_log("a"))
+        let engine = storage.get();
+        within(STALL, move || engine.close_log("a"))
+            .expect("closing a busy log finishes (it waits for no lost flush)")
             .expect("close a busy log");
-        storage
-            .within("deleting a busy log", |storage| storage.delete_log("b"))
+        let engine = storage.get();
+        within(STALL, move || engine.delete_log("b"))
+            .expect("deleting a busy log finishes (it waits for no lost flush)")
             .expect("delete a busy log");
-        storage.close();
+        storage.close().expect("close");
         stop.store(true, Ordering::Relaxed);
         let accepted: u64 = writers
             .into_iter()

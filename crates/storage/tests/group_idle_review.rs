@@ -14,8 +14,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use meridian_storage::{
-    CrashMode, Log, PendingAppend, Position, SimIo, Storage, StorageConfig, StorageError,
+    CrashMode, Log, PendingAppend, Position, SimIo, StorageConfig, StorageError,
 };
+use support::engine::Engine;
 use support::entry_wal::*;
 
 /// Far longer than anything these tests do when nothing is stuck.
@@ -25,36 +26,12 @@ const HOUR: Duration = Duration::from_secs(3600);
 /// A batch this large fills a group alone (512 KiB).
 const FULL: usize = 600 * 1024;
 
-/// An engine that is not closed when the test panics (its close could wait forever).
-struct Engine(Option<Storage>);
-
-impl Engine {
-    fn close(mut self) -> meridian_storage::Result<()> {
-        self.0.take().expect("engine").close()
-    }
-}
-
-impl std::ops::Deref for Engine {
-    type Target = Storage;
-    fn deref(&self) -> &Storage {
-        self.0.as_ref().expect("engine")
-    }
-}
-
-impl Drop for Engine {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            std::mem::forget(self.0.take());
-        }
-    }
-}
-
 fn open_gated_engine(
     sim: &SimIo,
     config: StorageConfig,
 ) -> (Arc<support::gated_io::GatedIo>, Engine) {
     let (io, storage) = open_gated_with(sim, config);
-    (io, Engine(Some(storage)))
+    (io, Engine::new(storage))
 }
 
 /// Waits for `append` (bounded by [`LIMIT`]): the engine back, and the append's result.
@@ -426,13 +403,13 @@ fn review_power_cuts_mid_run_lose_nothing_acknowledged_with_the_idle_limit() {
     const LOGS: usize = 8;
     const APPENDS: u64 = 200;
     let sim = SimIo::new();
-    let storage = Engine(Some(
+    let storage = Engine::new(
         open_with(
             &sim,
             with(3, Duration::from_millis(2), Duration::from_micros(100)),
         )
         .expect("open"),
-    ));
+    );
     let logs: Vec<Arc<Log>> = (0..LOGS)
         .map(|number| storage.open_log(&format!("t{number}")).expect("log"))
         .collect();

@@ -3,5 +3,6 @@
 #![allow(dead_code)]
 
 pub mod cursors;
+pub mod engine;
 pub mod entry_wal;
 pub mod gated_io;
