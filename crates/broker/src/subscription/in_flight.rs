@@ -55,10 +55,11 @@ impl<V> InFlight<V> {
     }
 
     fn slot(&self, position: Position) -> Option<usize> {
-        // Acknowledgements in order find their entry at the front.
-        match self.slots.front() {
-            Some((first, _)) if *first == position => Some(0),
-            Some((first, _)) if *first > position => None,
+        // Acknowledgements in order find their entry at the front; entries about to go out
+        // (looked up before they are sent) are past the back.
+        match (self.slots.front(), self.slots.back()) {
+            (Some((first, _)), _) if *first == position => Some(0),
+            (Some((first, _)), Some((last, _))) if *first > position || *last < position => None,
             _ => self
                 .slots
                 .binary_search_by_key(&position, |(position, _)| *position)
