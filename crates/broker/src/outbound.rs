@@ -42,6 +42,12 @@ pub const CONTROL_HEADROOM_BYTES: usize = 64 * 1024;
 /// (two each) fit in one vectored write of the connection's writer.
 pub const MAX_STAGED_FRAMES: usize = 128;
 
+/// Bytes after which a [`Staged`] run goes to the writer (it ends with the frame that crossed
+/// it). The writer frees a queue's room after each of its writes, about 1 MiB at most: a run
+/// of a whole round (up to 5 MiB) would hold the room back until all of it is on the socket,
+/// and a slow but reading client's answers would wait for room that long.
+pub const MAX_STAGED_BYTES: usize = 256 * 1024;
+
 /// One frame, or a run of MESSAGE frames, to write to a client, already encoded.
 #[derive(Debug, Clone)]
 pub enum Outbound {
@@ -278,7 +284,7 @@ impl OutboundSender {
 /// Each counts against the queue's limit as it is [`push`](Self::push)ed, so that
 /// [`OutboundSender::has_room`] stops the round exactly as when every frame was queued on its
 /// own; the writer gets them together when the round ends (the `Staged` is dropped) or when
-/// [`MAX_STAGED_FRAMES`] have gathered.
+/// [`MAX_STAGED_FRAMES`] or [`MAX_STAGED_BYTES`] have gathered.
 pub struct Staged {
     sink: OutboundSender,
     payloads: Payloads,
@@ -298,7 +304,9 @@ impl Staged {
         self.sink.count(length + FRAME_OVERHEAD_BYTES);
         self.payloads.bytes += length;
         self.payloads.frames.push(frame);
-        if self.payloads.frames.len() >= MAX_STAGED_FRAMES {
+        if self.payloads.frames.len() >= MAX_STAGED_FRAMES
+            || self.payloads.bytes >= MAX_STAGED_BYTES
+        {
             self.hand_over();
         }
     }
@@ -460,16 +468,25 @@ mod tests {
         receiver.written(run.charge());
         assert_eq!(sender.queued_bytes(), 0);
 
-        // A long round goes to the writer in runs of at most MAX_STAGED_FRAMES.
-        let mut staged = Staged::new(&sender);
-        for _ in 0..MAX_STAGED_FRAMES + 1 {
-            staged.push(message(1));
-        }
-        drop(staged);
-        let runs: Vec<usize> = std::iter::from_fn(|| receiver.try_recv())
-            .map(|run| run.messages())
-            .collect();
-        assert_eq!(runs, [MAX_STAGED_FRAMES, 1]);
+        // A long round goes to the writer in runs of at most MAX_STAGED_FRAMES, or of the
+        // frame that crosses MAX_STAGED_BYTES.
+        let runs = |count: usize, length: usize, receiver: &mut OutboundReceiver| {
+            let mut staged = Staged::new(&sender);
+            for _ in 0..count {
+                staged.push(message(length));
+            }
+            drop(staged);
+            let runs: Vec<usize> = std::iter::from_fn(|| receiver.try_recv())
+                .map(|run| run.messages())
+                .collect();
+            runs
+        };
+        assert_eq!(
+            runs(MAX_STAGED_FRAMES + 1, 1, &mut receiver),
+            [MAX_STAGED_FRAMES, 1]
+        );
+        let per_run = MAX_STAGED_BYTES.div_ceil(message(64 * 1024).frame_length());
+        assert_eq!(runs(per_run + 1, 64 * 1024, &mut receiver), [per_run, 1]);
 
         // A closed connection's refused frames leave the count.
         drop(receiver);

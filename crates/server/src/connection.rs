@@ -452,7 +452,8 @@ async fn within_keep_alive<T>(
 /// Slices gathered into one vectored write at most (Linux allows 1024 per `writev`; a queued
 /// run of MESSAGE frames takes at most `2 × MAX_STAGED_FRAMES` = 256).
 const MAX_WRITE_SLICES: usize = 512;
-/// Bytes gathered into one vectored write at most.
+/// Bytes gathered into one vectored write at most (unless its one frame or run is larger):
+/// the queue's room is freed after each write.
 const MAX_WRITE_BYTES: usize = 1024 * 1024;
 
 /// Drains the outbound queue into the socket: whatever is queued (up to the limits above) goes
@@ -489,7 +490,10 @@ async fn write_loop<W: AsyncWrite + Unpin>(
         let mut slices = 0;
         let mut next = Some(first);
         while let Some(frame) = next.take() {
-            if !batch.is_empty() && slices + frame.slices() > MAX_WRITE_SLICES {
+            if !batch.is_empty()
+                && (slices + frame.slices() > MAX_WRITE_SLICES
+                    || bytes + frame.len() > MAX_WRITE_BYTES)
+            {
                 carried = Some(frame);
                 break;
             }
@@ -2143,6 +2147,7 @@ async fn lookup_in_cluster(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use meridian_broker::outbound::{outbound_queue, OutboundSender, Staged, MAX_STAGED_FRAMES};
 
     fn batch(messages: &[&[u8]]) -> Vec<u8> {
         let mut bytes = Vec::new();
@@ -2190,6 +2195,8 @@ mod tests {
     struct Seen {
         written: Vec<u8>,
         most_slices: usize,
+        /// The most bytes one vectored write was offered.
+        most_bytes: usize,
     }
 
     /// A socket that takes at most `chunk` bytes per write and remembers how many slices each
@@ -2218,6 +2225,8 @@ mod tests {
         ) -> std::task::Poll<std::io::Result<usize>> {
             let mut seen = self.seen.lock().expect("not poisoned");
             seen.most_slices = seen.most_slices.max(slices.len());
+            let offered = slices.iter().map(|slice| slice.len()).sum();
+            seen.most_bytes = seen.most_bytes.max(offered);
             let mut written = 0;
             for slice in slices {
                 let length = slice.len().min(self.chunk - written);
@@ -2249,31 +2258,56 @@ mod tests {
         }
     }
 
+    /// A MESSAGE frame for entry `sequence` of `length` bytes.
+    fn message_frame(sequence: u64, length: usize) -> PayloadFrame {
+        let command = meridian_wire::proto::CommandMessage {
+            consumer_id: sequence,
+            message_id: MessageIdData {
+                ledger_id: 1,
+                entry_id: sequence,
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let entry = bytes::Bytes::from(vec![sequence as u8; length]);
+        meridian_wire::encode_message_frame(command, entry).expect("encodes")
+    }
+
+    /// Runs the writer over `receiver` into a socket taking 1,000 bytes per write until the
+    /// queue's count is back to nothing (bytes leave it once written) and every sender is
+    /// gone; what the socket saw.
+    async fn written_through(sender: OutboundSender, receiver: OutboundReceiver) -> Seen {
+        let seen = Arc::new(std::sync::Mutex::new(Seen::default()));
+        let socket = Trickle {
+            seen: seen.clone(),
+            chunk: 1000,
+        };
+        let writer = tokio::spawn(write_loop(socket, receiver, CancellationToken::new()));
+        tokio::time::timeout(Duration::from_secs(60), async {
+            while sender.queued_bytes() != 0 {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("everything queued is written");
+        drop(sender);
+        writer.await.expect("the writer ends with its queue");
+        let seen = std::mem::take(&mut *seen.lock().expect("not poisoned"));
+        seen
+    }
+
     /// Dispatch rounds' runs of MESSAGE frames, single frames between them, and runs that do
     /// not fit in the write begun: everything reaches the socket byte for byte, in the order
     /// queued, no write is given more slices than the limit, and the queue's count goes back
     /// to nothing.
     #[tokio::test]
     async fn runs_of_messages_reach_the_socket_in_order_within_the_slice_limit() {
-        use bytes::Bytes;
-        use meridian_broker::outbound::{outbound_queue, Staged, MAX_STAGED_FRAMES};
-        use meridian_wire::proto::CommandMessage;
         let (sender, receiver) = outbound_queue(64 * 1024 * 1024);
         let mut expected = Vec::new();
         let mut sequence = 0u64;
         let mut message = |expected: &mut Vec<u8>| {
             sequence += 1;
-            let entry = Bytes::from(vec![sequence as u8; (1 + sequence % 7) as usize * 50]);
-            let command = CommandMessage {
-                consumer_id: sequence,
-                message_id: MessageIdData {
-                    ledger_id: 1,
-                    entry_id: sequence,
-                    ..Default::default()
-                },
-                ..Default::default()
-            };
-            let frame = meridian_wire::encode_message_frame(command, entry).expect("encodes");
+            let frame = message_frame(sequence, (1 + sequence % 7) as usize * 50);
             expected.extend_from_slice(&frame.to_bytes());
             frame
         };
@@ -2308,26 +2342,35 @@ mod tests {
         sender.push(command(&mut expected)).expect("queued");
         assert!(sender.queued_bytes() > expected.len());
 
-        let seen = Arc::new(std::sync::Mutex::new(Seen::default()));
-        let socket = Trickle {
-            seen: seen.clone(),
-            chunk: 1000,
-        };
-        let writer = tokio::spawn(write_loop(socket, receiver, CancellationToken::new()));
-        // Bytes leave the count once written.
-        tokio::time::timeout(Duration::from_secs(60), async {
-            while sender.queued_bytes() != 0 {
-                tokio::task::yield_now().await;
-            }
-        })
-        .await
-        .expect("everything queued is written");
-        drop(sender);
-        writer.await.expect("the writer ends with its queue");
-        let seen = seen.lock().expect("not poisoned");
+        let seen = written_through(sender, receiver).await;
         assert_eq!(seen.written.len(), expected.len());
         assert!(seen.written == expected, "the bytes differ");
         assert!(seen.most_slices <= MAX_WRITE_SLICES, "{}", seen.most_slices);
+    }
+
+    /// A round of large messages (64 KiB each, up to the default 8 MiB limit) goes out in
+    /// writes of at most about 1 MiB, each of which frees its room: a slow but reading
+    /// client's answers wait for room for about 1 MiB of writing, not for the whole round.
+    /// (From a hostile review: a round's frames in one run were offered whole to one write.)
+    #[tokio::test]
+    async fn a_round_of_large_messages_frees_room_write_by_write() {
+        let (sender, receiver) = outbound_queue(8 * 1024 * 1024);
+        let mut staged = Staged::new(&sender);
+        let (mut sequence, mut queued) = (0, 0);
+        while sender.has_room() {
+            sequence += 1;
+            let frame = message_frame(sequence, 64 * 1024);
+            queued += frame.frame_length();
+            staged.push(frame);
+        }
+        drop(staged);
+        let seen = written_through(sender, receiver).await;
+        assert_eq!(seen.written.len(), queued);
+        assert!(
+            seen.most_bytes <= MAX_WRITE_BYTES,
+            "one write was offered {} bytes",
+            seen.most_bytes
+        );
     }
 
     #[test]
