@@ -53,10 +53,8 @@ pub const MAX_STAGED_BYTES: usize = 256 * 1024;
 pub enum Outbound {
     /// A simple command frame.
     Frame(Bytes),
-    /// A MESSAGE: a fresh header in front of a stored entry (never copied).
-    Payload(PayloadFrame),
     /// MESSAGE frames of one dispatch round, in order ([`Staged`]; at most
-    /// [`MAX_STAGED_FRAMES`]).
+    /// [`MAX_STAGED_FRAMES`]), each a fresh header in front of a stored entry (never copied).
     Payloads(Payloads),
 }
 
@@ -84,7 +82,6 @@ impl Outbound {
     pub fn len(&self) -> usize {
         match self {
             Outbound::Frame(frame) => frame.len(),
-            Outbound::Payload(payload) => payload.frame_length(),
             Outbound::Payloads(payloads) => payloads.bytes,
         }
     }
@@ -93,7 +90,6 @@ impl Outbound {
     pub fn messages(&self) -> usize {
         match self {
             Outbound::Frame(_) => 0,
-            Outbound::Payload(_) => 1,
             Outbound::Payloads(payloads) => payloads.frames.len(),
         }
     }
@@ -102,7 +98,6 @@ impl Outbound {
     pub fn slices(&self) -> usize {
         match self {
             Outbound::Frame(_) => 1,
-            Outbound::Payload(_) => 2,
             Outbound::Payloads(payloads) => 2 * payloads.frames.len(),
         }
     }

@@ -1281,13 +1281,13 @@ impl Subscription {
             .read()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
             .is_empty();
+        // Each consumer's frames go to its connection together (counted against the
+        // connection's limit one by one, as `can_take` looks at it): when this is dropped.
+        let mut staged: Vec<Option<Staged>> = state.consumers.iter().map(|_| None).collect();
         // New entries' acknowledgements looked up for the whole round under one hold of the
         // log's lock, not once per entry. Replayed ones were delivered before, and may be
         // acknowledged while the round goes on: each is looked up at its turn, so that one
         // acknowledged meanwhile is not delivered again.
-        // Each consumer's frames go to its connection together (counted against the
-        // connection's limit one by one, as `can_take` looks at it): when this is dropped.
-        let mut staged: Vec<Option<Staged>> = state.consumers.iter().map(|_| None).collect();
         let round_lookup = (!is_replay).then(|| {
             let positions: Vec<Position> = entries.iter().map(|entry| entry.position).collect();
             self.log.acknowledged_each(&self.cursor, &positions)

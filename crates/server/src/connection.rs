@@ -58,7 +58,7 @@ use meridian_wire::proto::{
     FeatureFlags, KeySharedMode, MessageIdData, MessageMetadata, ServerError,
     SingleMessageMetadata,
 };
-use meridian_wire::{command_type, ChecksumStatus, Decoded, Frame, FrameError, PayloadFrame};
+use meridian_wire::{command_type, ChecksumStatus, Decoded, Frame, FrameError};
 use prost::Message;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -529,17 +529,13 @@ async fn write_all_vectored<W: AsyncWrite + Unpin>(
 ) -> std::io::Result<()> {
     // Sized first: collected from a filter, the list would grow step by step.
     let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(parts);
-    fn message<'a>(slices: &mut Vec<IoSlice<'a>>, message: &'a PayloadFrame) {
-        slices.push(IoSlice::new(&message.header));
-        slices.push(IoSlice::new(&message.entry));
-    }
     for frame in frames {
         match frame {
             Outbound::Frame(frame) => slices.push(IoSlice::new(frame)),
-            Outbound::Payload(one) => message(&mut slices, one),
             Outbound::Payloads(run) => {
-                for one in run.frames() {
-                    message(&mut slices, one);
+                for message in run.frames() {
+                    slices.push(IoSlice::new(&message.header));
+                    slices.push(IoSlice::new(&message.entry));
                 }
             }
         }
@@ -2148,6 +2144,7 @@ async fn lookup_in_cluster(
 mod tests {
     use super::*;
     use meridian_broker::outbound::{outbound_queue, OutboundSender, Staged, MAX_STAGED_FRAMES};
+    use meridian_wire::PayloadFrame;
 
     fn batch(messages: &[&[u8]]) -> Vec<u8> {
         let mut bytes = Vec::new();
@@ -2296,7 +2293,7 @@ mod tests {
         seen
     }
 
-    /// Dispatch rounds' runs of MESSAGE frames, single frames between them, and runs that do
+    /// Dispatch rounds' runs of MESSAGE frames, one-frame runs between them, and runs that do
     /// not fit in the write begun: everything reaches the socket byte for byte, in the order
     /// queued, no write is given more slices than the limit, and the queue's count goes back
     /// to nothing.
@@ -2335,9 +2332,7 @@ mod tests {
                 staged.push(message(&mut expected));
             }
             drop(staged);
-            sender
-                .push(Outbound::Payload(message(&mut expected)))
-                .expect("queued");
+            Staged::new(&sender).push(message(&mut expected));
         }
         sender.push(command(&mut expected)).expect("queued");
         assert!(sender.queued_bytes() > expected.len());
